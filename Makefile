@@ -1,0 +1,35 @@
+# Entry points. Each target bootstraps what it needs (uv, the locked env, system packages).
+.PHONY: bootstrap demo test lint types unit bench protos clean
+
+UV = $(shell scripts/bootstrap.sh)
+
+bootstrap:
+	@scripts/bootstrap.sh >/dev/null
+
+## make demo: the main job (see README)
+demo:
+	$(UV) run --locked dna demo
+
+## make test: lint, types and the whole pytest suite
+test:
+	$(MAKE) --no-print-directory lint types unit UV=$(UV)
+
+lint:
+	$(UV) run --locked ruff check .
+	$(UV) run --locked ruff format --check .
+
+types:
+	$(UV) run --locked mypy libs/core/src services bench scripts
+
+unit:
+	$(UV) run --locked pytest
+
+## make bench: every benchmark (JSON lines, see shared BENCH.md)
+bench:
+	$(UV) run --locked python -m bench
+
+protos:
+	$(UV) run --locked python scripts/gen_protos.py
+
+clean:
+	rm -rf .venv .tools .mypy_cache .ruff_cache .pytest_cache .hypothesis

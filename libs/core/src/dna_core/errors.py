@@ -1,0 +1,50 @@
+"""The error types of DNA Messenger, mapped to wire codes in one place.
+
+``ProtocolError`` and its subclasses mean *the other side broke the contract*
+(bytes from the network or a file that do not parse, verify or fit). Every
+decoder in ``dna_core`` either returns a validated object or raises one of these,
+never anything else. Each carries a human ``reason`` and the gRPC status name an
+adapter should answer with.
+"""
+
+from __future__ import annotations
+
+
+class DnaError(Exception):
+    """Base of every error raised on purpose by DNA Messenger code."""
+
+
+class ProtocolError(DnaError):
+    """Input from elsewhere is invalid; ``reason`` says why. Nothing was changed."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class MalformedError(ProtocolError):
+    """The bytes do not decode: bad encoding, wrong sizes, unknown version, over a cap."""
+
+
+class VerificationError(ProtocolError):
+    """Decodes, but a signature, AEAD tag, fingerprint, key proof or proof of work fails."""
+
+    grpc_code = "PERMISSION_DENIED"
+
+
+class ExpiredError(ProtocolError):
+    """Outside its validity window (expired, or timestamped too far in the future)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class ReplayError(ProtocolError):
+    """Authentic, but already seen: a replay presented as new."""
+
+    grpc_code = "ALREADY_EXISTS"
+
+
+class WrongPassphraseError(DnaError):
+    """The passphrase does not open this key file (or the file was altered)."""

@@ -1,0 +1,1 @@
+"""Operational helpers shared by every service: node keys and the service CLI skeleton."""

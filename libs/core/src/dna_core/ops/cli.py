@@ -1,0 +1,56 @@
+"""The command-line skeleton every service shares (`keygen`, `version`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from dna_core import __version__
+from dna_core.crypto.node import DEFAULT_PUZZLE_BITS
+from dna_core.errors import DnaError
+from dna_core.ops.node_key import create_node_key
+
+
+def service_parser(
+    prog: str, description: str
+) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:  # type: ignore[type-arg]
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--version", action="version", version=f"{prog} {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    keygen = sub.add_parser("keygen", help="mint a node key that solves the ID puzzle")
+    keygen.add_argument("--out", type=Path, required=True, help="where to write the key (0600)")
+    keygen.add_argument("--puzzle-bits", type=int, default=DEFAULT_PUZZLE_BITS)
+    keygen.set_defaults(handler=_keygen)
+    return parser, sub
+
+
+def _keygen(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    node, attempts = create_node_key(args.out, args.puzzle_bits)
+    print(
+        json.dumps(
+            {
+                "node_id": node.node_id.hex(),
+                "public_key": node.public_key.hex(),
+                "puzzle_bits": args.puzzle_bits,
+                "keys_tried": attempts,
+                "seconds": round(time.perf_counter() - started, 3),
+                "path": str(args.out),
+            }
+        )
+    )
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse and dispatch; a DnaError or OSError becomes one clear line and exit code 1."""
+    args = parser.parse_args(argv)
+    try:
+        args.handler(args)
+    except (DnaError, OSError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0

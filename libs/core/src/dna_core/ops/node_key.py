@@ -1,0 +1,27 @@
+"""A node's key on disk: the 32-byte Ed25519 seed, readable by its owner only."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dna_core.crypto.node import NodeIdentity, puzzle_bits
+from dna_core.errors import MalformedError
+
+
+def create_node_key(path: Path, puzzle: int) -> tuple[NodeIdentity, int]:
+    """Mint a node key solving ``puzzle`` bits and write it to ``path`` (mode 0600)."""
+    node, attempts = NodeIdentity.generate(puzzle)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(node.seed())
+    return node, attempts
+
+
+def load_node_key(path: Path, puzzle: int) -> NodeIdentity:
+    """Read a node key and check it still solves the network's puzzle."""
+    node = NodeIdentity(path.read_bytes())
+    if puzzle_bits(node.node_id) < puzzle:
+        raise MalformedError(f"{path}: node ID does not solve the {puzzle}-bit puzzle")
+    return node

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Bring a fresh machine (only Python 3.11+) to a working checkout: uv, the locked
+# environment, and the system packages the tests need. Idempotent; prints the uv path.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+UV_VERSION="0.13.9"
+uv_bin() {
+  if command -v uv >/dev/null 2>&1; then command -v uv; return; fi
+  if [ ! -x .tools/bin/uv ]; then
+    echo "bootstrap: installing uv ${UV_VERSION} into .tools/" >&2
+    python3 -m venv .tools >&2
+    .tools/bin/python -m pip install --quiet "uv==${UV_VERSION}" >&2
+  fi
+  echo "$PWD/.tools/bin/uv"
+}
+
+# Debian packages the test suite starts itself (servers are launched by the tests' fixtures).
+APT_PACKAGES=()
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "bootstrap: installing ${missing[*]}" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >&2
+fi
+
+UV="$(uv_bin)"
+"$UV" sync --locked --quiet >&2
+echo "$UV"

@@ -1,0 +1,1 @@
+"""dna_peer: the client peer library (identities, keyserver, messaging) and the `dna` CLI."""
