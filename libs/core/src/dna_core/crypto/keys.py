@@ -47,7 +47,7 @@ class PublicKeySet:
     ml_kem_768: bytes
     x25519: bytes
     suite: int = p.SUITE_HYBRID_V1
-    _cache: dict[str, object] = field(default_factory=dict, repr=False, compare=False)
+    _cache: dict[str, object] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.suite != p.SUITE_HYBRID_V1:

@@ -1,0 +1,1 @@
+"""Benchmarks of DNA Messenger against raw baselines (conventions: shared BENCH.md)."""

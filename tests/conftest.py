@@ -1,0 +1,29 @@
+"""Session fixtures: deterministic identities (seeded), so failures replay."""
+
+from __future__ import annotations
+
+import pytest
+from dna_core.crypto import Identity
+from hypothesis import settings
+from support import seeded_identity
+
+
+@pytest.fixture(scope="session")
+def alice() -> Identity:
+    return seeded_identity("alice")
+
+
+@pytest.fixture(scope="session")
+def bob() -> Identity:
+    return seeded_identity("bob")
+
+
+@pytest.fixture(scope="session")
+def carol() -> Identity:
+    return seeded_identity("carol")
+
+
+# Hypothesis: no per-example deadline (2 shared cores are noisy); failures print the
+# seed and a reproduction blob (`--hypothesis-seed=N` replays a run).
+settings.register_profile("dna", deadline=None, print_blob=True)
+settings.load_profile("dna")

@@ -1,0 +1,74 @@
+"""Proof of work: bound to payload and time, O(1) verification, attempts reported."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from dna_core.crypto import pow
+from dna_core.crypto.pow import Proof
+from dna_core.errors import ExpiredError, MalformedError, VerificationError
+from dna_core.wire.gen.dna.v1 import common_pb2
+
+NOW = 1_780_000_000_000
+PAYLOAD = hashlib.sha256(b"an envelope").digest()
+
+
+def test_solve_and_verify() -> None:
+    proof, attempts = pow.solve(PAYLOAD, 12, now_ms=NOW)
+    assert attempts >= 1
+    assert proof.difficulty == 12 and proof.timestamp_ms == NOW
+    pow.verify(proof, PAYLOAD, required=12, now_ms=NOW)
+    pow.verify(proof, PAYLOAD, required=8, now_ms=NOW)
+
+
+def test_attempts_scale_with_difficulty() -> None:
+    """Over 40 solves the mean attempts at 10 bits is near 2^10 (a loose 3x band)."""
+    total = sum(pow.solve(bytes([i]) * 32, 10, now_ms=NOW)[1] for i in range(40))
+    assert 1024 / 3 < total / 40 < 1024 * 3
+
+
+def test_proof_is_bound_to_the_payload() -> None:
+    proof, _ = pow.solve(PAYLOAD, 16, now_ms=NOW)
+    other = hashlib.sha256(b"another envelope").digest()
+    with pytest.raises(VerificationError, match="does not meet"):
+        pow.verify(proof, other, required=16, now_ms=NOW)
+
+
+def test_proof_is_bound_to_its_timestamp_and_nonce() -> None:
+    proof, _ = pow.solve(PAYLOAD, 16, now_ms=NOW)
+    for forged in (
+        Proof(16, proof.timestamp_ms + 1, proof.nonce),
+        Proof(16, proof.timestamp_ms, proof.nonce + 1),
+    ):
+        with pytest.raises(VerificationError):
+            pow.verify(forged, PAYLOAD, required=16, now_ms=NOW)
+
+
+def test_too_little_work_is_refused() -> None:
+    proof, _ = pow.solve(PAYLOAD, 4, now_ms=NOW)
+    with pytest.raises(VerificationError, match="required 20"):
+        pow.verify(proof, PAYLOAD, required=20, now_ms=NOW)
+    inflated = Proof(20, proof.timestamp_ms, proof.nonce)  # claims more than it did
+    with pytest.raises(VerificationError):
+        pow.verify(inflated, PAYLOAD, required=20, now_ms=NOW)
+
+
+def test_stale_and_future_proofs_are_refused() -> None:
+    proof, _ = pow.solve(PAYLOAD, 8, now_ms=NOW)
+    with pytest.raises(ExpiredError, match="too old"):
+        pow.verify(proof, PAYLOAD, required=8, now_ms=NOW + 11 * 60_000)
+    with pytest.raises(ExpiredError, match="future"):
+        pow.verify(proof, PAYLOAD, required=8, now_ms=NOW - 2 * 60_000)
+
+
+def test_proto_round_trip_and_cap() -> None:
+    proof, _ = pow.solve(PAYLOAD, 8, now_ms=NOW)
+    assert Proof.from_proto(proof.to_proto()) == proof
+    with pytest.raises(MalformedError):
+        Proof.from_proto(common_pb2.ProofOfWork(difficulty=65))
+
+
+def test_solver_refuses_impossible_difficulty() -> None:
+    with pytest.raises(ValueError):
+        pow.solve(PAYLOAD, 65, now_ms=NOW)

@@ -1,0 +1,29 @@
+"""Helpers shared by tests (importable as `support`: tests/ is on pytest's pythonpath)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator
+
+from dna_core.crypto import Identity
+from dna_core.crypto.keys import SEEDS_SIZE
+
+
+def seeded_identity(name: str) -> Identity:
+    """An identity derived from a name: the same keys every run."""
+    return Identity(hashlib.shake_256(f"dna-test-identity/{name}".encode()).digest(SEEDS_SIZE))
+
+
+def single_byte_tampers(data: bytes, *, limit: int | None = None, seed: int = 0) -> Iterator[bytes]:
+    """Every copy of ``data`` with one byte changed (XOR 0x01 and, for variety, a random
+    nonzero mask), or ``limit`` positions sampled with ``seed`` when given."""
+    positions = list(range(len(data)))
+    rng = random.Random(seed)
+    if limit is not None and limit < len(positions):
+        positions = sorted(rng.sample(positions, limit))
+    for i in positions:
+        for mask in {0x01, rng.randrange(1, 256)}:
+            out = bytearray(data)
+            out[i] ^= mask
+            yield bytes(out)
