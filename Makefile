@@ -19,7 +19,7 @@ lint:
 	$(UV) run --locked ruff format --check .
 
 types:
-	$(UV) run --locked mypy libs/core/src services bench scripts tests
+	$(UV) run --locked mypy libs/core/src services tools bench scripts tests
 
 unit:
 	$(UV) run --locked pytest

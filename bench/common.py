@@ -3,7 +3,7 @@
 * ``print_machine()`` prints the machine line (nproc, Python, platform, library
   versions) once per process, before the first figure.
 * ``measure()`` times our function and its baselines side by side: a warm-up, then
-  several rounds that alternate which one runs first, keeping the median round.
+  several rounds in which they take turns every few calls, keeping the median round.
 * ``report()`` prints one figure as one JSON line in BENCH.md's format;
   ``report_comparison()`` prints the throughput and the p50/p99 latency lines of a
   ``measure()`` result.
@@ -19,7 +19,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -138,22 +138,39 @@ def _percentile(sorted_ns: list[int], q: float) -> float:
     return float(sorted_ns[index])
 
 
-def _run_round(fn: Op, n: int, per_call: bool) -> tuple[int, list[int]]:
-    """Run ``fn`` n times; return the round's wall time and, if per_call, each call's time."""
+def _time_chunk(fn: Op, k: int, samples: list[int] | None) -> int:
+    """Run ``fn`` k times; return the elapsed ns, appending each call's ns to ``samples``."""
     clock = time.perf_counter_ns
-    gc.collect()  # start every round from the same heap state; GC during the round counts
-    if not per_call:
+    if samples is None:
         start = clock()
-        for _ in range(n):
+        for _ in range(k):
             fn()
-        return clock() - start, []
-    samples = [0] * n
+        return clock() - start
     start = clock()
-    for i in range(n):
+    for _ in range(k):
         t0 = clock()
         fn()
-        samples[i] = clock() - t0
-    return clock() - start, samples
+        samples.append(clock() - t0)
+    return clock() - start
+
+
+def _run_round(
+    contenders: Sequence[tuple[str, Op]], n: int, chunk: int, per_call: bool
+) -> dict[str, tuple[int, list[int]]]:
+    """One round: n calls of each contender, interleaved chunk by chunk.
+
+    Returns each contender's elapsed ns (its own chunks only) and per-call samples.
+    """
+    elapsed = dict.fromkeys((name for name, _ in contenders), 0)
+    samples: dict[str, list[int]] = {name: [] for name, _ in contenders}
+    gc.collect()  # start every round from the same heap state; GC during the round counts
+    done = 0
+    while done < n:
+        k = min(chunk, n - done)
+        for name, fn in contenders:
+            elapsed[name] += _time_chunk(fn, k, samples[name] if per_call else None)
+        done += k
+    return {name: (max(elapsed[name], 1), samples[name]) for name, _ in contenders}
 
 
 def measure(
@@ -163,44 +180,49 @@ def measure(
     baselines: Mapping[str, Op] | None = None,
     rounds: int = DEFAULT_ROUNDS,
     warmup: int | None = None,
+    chunk: int | None = None,
     per_call: bool = True,
 ) -> Comparison:
     """Time ``fn`` (ours) and each baseline: ``rounds`` rounds of ``n`` calls each.
 
     All functions are warmed up first (``warmup`` calls each, default n // 10, at least 2).
-    Within a round each function runs its n calls in turn, and the order alternates from
-    one round to the next (ours first, then baselines first, ...), so drift on a noisy
-    machine hits both sides alike. The throughput reported is that of the median round.
+    Within a round the contenders alternate every ``chunk`` calls (default n // 50, so
+    ~50 turns a round), and which one goes first alternates from round to round: load
+    from other processes on a shared machine then falls on ours and the baselines alike.
+    A contender's round time is the sum of its own chunks; the throughput reported is
+    that of its median round.
 
-    With ``per_call`` (the default) each call is timed too, for p50/p99 latencies; the
-    two clock reads cost ~0.1 µs per call, which only matters for sub-10 µs operations:
-    time those with ``per_call=False``.
+    With ``per_call`` (the default) each call is also timed on its own, for p50/p99
+    latencies (medians over rounds of each round's percentile). The two clock reads cost
+    ~0.1 µs a call, which only matters for operations under ~10 µs: time those with
+    ``per_call=False`` (throughput only).
     """
+    if n < 1 or rounds < 1:
+        raise ValueError("n and rounds must be at least 1")
     contenders: list[tuple[str, Op]] = [("ours", fn), *(baselines or {}).items()]
     warm = max(2, n // 10) if warmup is None else warmup
     for _ in range(warm):
         for _, f in contenders:
             f()
+    step = max(1, n // 50) if chunk is None else max(1, chunk)
     wall: dict[str, list[int]] = {name: [] for name, _ in contenders}
     p50: dict[str, list[float]] = {name: [] for name, _ in contenders}
     p99: dict[str, list[float]] = {name: [] for name, _ in contenders}
     for r in range(rounds):
         order = contenders if r % 2 == 0 else contenders[::-1]
-        for name, f in order:
-            elapsed, samples = _run_round(f, n, per_call)
-            wall[name].append(max(elapsed, 1))
+        for name, (elapsed, samples) in _run_round(order, n, step, per_call).items():
+            wall[name].append(elapsed)
             if samples:
                 samples.sort()
                 p50[name].append(_percentile(samples, 0.50) / 1e3)
                 p99[name].append(_percentile(samples, 0.99) / 1e3)
 
     def timing(name: str) -> Timing:
-        per_round = tuple(n * 1e9 / ns for ns in wall[name])
         return Timing(
             ops_per_s=n * 1e9 / statistics.median(wall[name]),
             p50_us=statistics.median(p50[name]) if p50[name] else None,
             p99_us=statistics.median(p99[name]) if p99[name] else None,
-            round_ops_per_s=per_round,
+            round_ops_per_s=tuple(n * 1e9 / ns for ns in wall[name]),
         )
 
     return Comparison(timing("ours"), {name: timing(name) for name, _ in contenders[1:]})

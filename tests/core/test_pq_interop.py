@@ -34,7 +34,7 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import mldsa, mlkem
 from dilithium_py.ml_dsa import ML_DSA_65
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from kyber_py.ml_kem import ML_KEM_768
 
@@ -51,8 +51,16 @@ MLDSA65_PK_LEN = 1952
 MLDSA65_SIG_LEN = 3309
 
 # Hypothesis: the references are pure Python (a few ms to ~100 ms per operation), so keep the
-# example count small; no deadline (timing varies by machine); no example database on disk.
-PROPERTY_SETTINGS = settings(max_examples=8, deadline=None, database=None)
+# example count small; no deadline (timing varies by machine); no example database on disk; and no
+# shrinking: random key/seed bytes do not shrink to anything more readable, and shrinking through
+# the slow references would turn one failure into minutes of runtime (the failing example is still
+# reported verbatim).
+PROPERTY_SETTINGS = settings(
+    max_examples=8,
+    deadline=None,
+    database=None,
+    phases=(Phase.explicit, Phase.generate),
+)
 
 # --- fixed inputs --------------------------------------------------------------------------------
 

@@ -46,5 +46,17 @@ class ReplayError(ProtocolError):
     grpc_code = "ALREADY_EXISTS"
 
 
+class ConflictError(ProtocolError):
+    """Valid, but loses to what is held: a lower sequence number, a name already taken."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class CapacityError(ProtocolError):
+    """Refused for lack of room or budget (store full, rate or quota exceeded)."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
 class WrongPassphraseError(DnaError):
     """The passphrase does not open this key file (or the file was altered)."""

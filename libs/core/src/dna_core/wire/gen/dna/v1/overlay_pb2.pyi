@@ -27,9 +27,11 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class Datagram(_message.Message):
     """One UDP datagram. A response echoes request_id and is accepted only from the
     address the request went to. A node never answers an address that has not
-    proved it receives (no valid token) with much more than it was sent: it answers
-    with a small TokenReply, the requester retries with the token (BEP 5 / QUIC
-    address validation), so the overlay cannot amplify reflected traffic.
+    proved it receives (a valid token) with more than 3x the bytes it was sent
+    (QUIC's limit, RFC 9000 §8.1): it answers with a small TokenReply and the
+    requester retries with the token (BEP 5-style address validation), or the
+    requester pads its first request. So the overlay cannot amplify reflected
+    traffic. Every response carries a fresh token for the requester's address.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -38,6 +40,7 @@ class Datagram(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     SENDER_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
+    PADDING_FIELD_NUMBER: _builtins.int
     PING_FIELD_NUMBER: _builtins.int
     PONG_FIELD_NUMBER: _builtins.int
     FIND_NODE_FIELD_NUMBER: _builtins.int
@@ -47,7 +50,9 @@ class Datagram(_message.Message):
     version: _builtins.int
     request_id: _builtins.int
     token: _builtins.bytes
-    """address-validation token, opaque to the receiver of it"""
+    """in a request: proof of address; in a response: a token for next time"""
+    padding: _builtins.bytes
+    """zeros; lets a first request earn a full-size answer"""
     @_builtins.property
     def sender(self) -> _common_pb2.NodeContact:
         """absent in client mode: clients are never inserted"""
@@ -71,6 +76,7 @@ class Datagram(_message.Message):
         request_id: _builtins.int = ...,
         sender: _common_pb2.NodeContact | None = ...,
         token: _builtins.bytes = ...,
+        padding: _builtins.bytes = ...,
         ping: Global___Ping | None = ...,
         pong: Global___Pong | None = ...,
         find_node: Global___FindNodeRequest | None = ...,
@@ -80,7 +86,7 @@ class Datagram(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "find_node", b"find_node", "kind", b"kind", "nodes", b"nodes", "ping", b"ping", "pong", b"pong", "sender", b"sender", "token_reply", b"token_reply"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "find_node", b"find_node", "kind", b"kind", "nodes", b"nodes", "ping", b"ping", "pong", b"pong", "request_id", b"request_id", "sender", b"sender", "token", b"token", "token_reply", b"token_reply", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "find_node", b"find_node", "kind", b"kind", "nodes", b"nodes", "padding", b"padding", "ping", b"ping", "pong", b"pong", "request_id", b"request_id", "sender", b"sender", "token", b"token", "token_reply", b"token_reply", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["ping", "pong", "find_node", "nodes", "token_reply", "error"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015

@@ -1,0 +1,176 @@
+"""The overlay's wire codec: UDP datagrams and node contacts.
+
+The one place where overlay protobufs become domain objects. Contacts are
+admitted only with a valid node-key proof (ID = SHA-256 of the key, plus the
+network's static puzzle); datagrams are capped at 1,200 bytes, so they fit the
+minimum IPv6 path MTU minus headers and never fragment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from dna_core.crypto.node import verify_node_key
+from dna_core.errors import MalformedError
+from dna_core.overlay.contact import ID_BYTES, Contact, Endpoint
+from dna_core.wire import decode_message, encode_message
+from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2
+
+DATAGRAM_VERSION = 1
+MAX_DATAGRAM = 1200
+MAX_ENDPOINTS = 4
+MAX_CLOSER = 20
+MAX_REASON = 200
+KNOWN_ROLES = frozenset(common_pb2.NodeRole.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    observed: Endpoint | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FindNode:
+    target: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Nodes:
+    closer: tuple[Contact, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenReply:
+    pass  # the token itself rides in Datagram.token
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    code: int
+    reason: str
+
+
+Body = Ping | Pong | FindNode | Nodes | TokenReply | ErrorReply
+REQUESTS = (Ping, FindNode)
+
+
+@dataclass(frozen=True, slots=True)
+class Datagram:
+    request_id: int
+    body: Body
+    sender: Contact | None = None
+    token: bytes = b""
+    padding: int = 0
+
+    @property
+    def is_request(self) -> bool:
+        return isinstance(self.body, REQUESTS)
+
+
+# -- contacts -----------------------------------------------------------------
+
+
+def endpoint_to_proto(ep: Endpoint) -> common_pb2.Endpoint:
+    return common_pb2.Endpoint(
+        ip=ipaddress.ip_address(ep.ip).packed, udp_port=ep.udp_port, grpc_port=ep.grpc_port
+    )
+
+
+def endpoint_from_proto(msg: common_pb2.Endpoint) -> Endpoint:
+    if len(msg.ip) not in (4, 16):
+        raise MalformedError(f"endpoint: IP address of {len(msg.ip)} bytes")
+    if not 0 < msg.udp_port < 65536 or msg.grpc_port >= 65536:
+        raise MalformedError("endpoint: port out of range")
+    return Endpoint(str(ipaddress.ip_address(msg.ip)), msg.udp_port, msg.grpc_port)
+
+
+def contact_to_proto(contact: Contact) -> common_pb2.NodeContact:
+    return common_pb2.NodeContact(
+        public_key=contact.public_key,
+        endpoints=[endpoint_to_proto(e) for e in contact.endpoints],
+        role=contact.role,  # type: ignore[arg-type]
+    )
+
+
+def contact_from_proto(msg: common_pb2.NodeContact, puzzle_bits: int) -> Contact:
+    """Validate a contact, including its node-key proof; raises a ProtocolError."""
+    if not 0 < len(msg.endpoints) <= MAX_ENDPOINTS:
+        raise MalformedError(f"contact: {len(msg.endpoints)} endpoints (1..{MAX_ENDPOINTS})")
+    if msg.role not in KNOWN_ROLES:
+        raise MalformedError(f"contact: unknown role {msg.role}")
+    node_id = verify_node_key(msg.public_key, puzzle_bits)
+    endpoints = tuple(endpoint_from_proto(e) for e in msg.endpoints)
+    return Contact(node_id, msg.public_key, endpoints, msg.role)
+
+
+# -- datagrams ----------------------------------------------------------------
+
+
+def encode_datagram(dgram: Datagram) -> bytes:
+    msg = overlay_pb2.Datagram(version=DATAGRAM_VERSION, request_id=dgram.request_id)
+    if dgram.sender is not None:
+        msg.sender.CopyFrom(contact_to_proto(dgram.sender))
+    msg.token = dgram.token
+    msg.padding = bytes(dgram.padding)
+    _set_body(msg, dgram.body)
+    data = encode_message(msg)
+    if len(data) > MAX_DATAGRAM:
+        raise ValueError(f"datagram of {len(data)} bytes exceeds {MAX_DATAGRAM}")
+    return data
+
+
+def _set_body(msg: overlay_pb2.Datagram, body: Body) -> None:
+    match body:
+        case Ping():
+            msg.ping.SetInParent()
+        case Pong(observed):
+            msg.pong.SetInParent()
+            if observed is not None:
+                msg.pong.observed.CopyFrom(endpoint_to_proto(observed))
+        case FindNode(target):
+            msg.find_node.target = target
+        case Nodes(closer):
+            msg.nodes.closer.extend(contact_to_proto(c) for c in closer)
+        case TokenReply():
+            msg.token_reply.SetInParent()
+        case ErrorReply(code, reason):
+            msg.error.code, msg.error.reason = code, reason
+
+
+def decode_datagram(data: bytes, *, puzzle_bits: int) -> Datagram:
+    """Validate a datagram from the network; raises a ProtocolError subclass."""
+    msg = decode_message(overlay_pb2.Datagram, data, max_size=MAX_DATAGRAM, what="datagram")
+    if msg.version != DATAGRAM_VERSION:
+        raise MalformedError(f"datagram: unknown version {msg.version}")
+    if msg.padding.strip(b"\0"):
+        raise MalformedError("datagram: padding must be zeros")
+    sender = contact_from_proto(msg.sender, puzzle_bits) if msg.HasField("sender") else None
+    return Datagram(msg.request_id, _body(msg, puzzle_bits), sender, msg.token, len(msg.padding))
+
+
+def _body(msg: overlay_pb2.Datagram, puzzle_bits: int) -> Body:
+    kind = msg.WhichOneof("kind")
+    if kind == "ping":
+        return Ping()
+    if kind == "pong":
+        observed = msg.pong.observed
+        return Pong(endpoint_from_proto(observed) if msg.pong.HasField("observed") else None)
+    if kind == "find_node":
+        if len(msg.find_node.target) != ID_BYTES:
+            raise MalformedError("find-node: target is not 32 bytes")
+        return FindNode(msg.find_node.target)
+    if kind == "nodes":
+        if len(msg.nodes.closer) > MAX_CLOSER:
+            raise MalformedError(f"nodes: more than {MAX_CLOSER} contacts")
+        return Nodes(tuple(contact_from_proto(c, puzzle_bits) for c in msg.nodes.closer))
+    if kind == "token_reply":
+        return TokenReply()
+    if kind == "error":
+        return ErrorReply(msg.error.code, msg.error.reason[:MAX_REASON])
+    raise MalformedError("datagram: no body")

@@ -1,0 +1,258 @@
+"""The Kademlia routing table (sans-I/O: `now` is passed in, nothing is sent).
+
+Invariants the table keeps:
+
+* bucket ``i`` holds contacts at XOR distance ``[2^i, 2^(i+1))`` from the local
+  ID, at most ``k`` of them, least recently seen first;
+* a bucket holds at most ``subnet_limit`` contacts of one /24 (IPv4) or /48
+  (IPv6), so one operator with one subnet cannot fill it (Sybil/eclipse
+  resistance); loopback is exempt only when the table is configured for a
+  local testnet;
+* a full bucket never drops a live contact for a new one (old nodes are the
+  most likely to stay, Kademlia §2.2): the newcomer waits in a bounded
+  replacement cache while the least-recently-seen entry is liveness-checked,
+  and only replaces it if the check fails;
+* a contact that fails a request is evicted at once when a replacement is
+  waiting, otherwise after ``max_failures`` consecutive failures.
+
+Contacts enter only through the codec (which verified the node-key proof) or
+the simulator; the table trusts them.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from dna_core.overlay.contact import ID_BITS, Contact, id_int
+
+K = 20
+
+
+class Admission(enum.Enum):
+    SELF = "self"
+    UPDATED = "updated"
+    INSERTED = "inserted"
+    CHECK_PENDING = "check_pending"  # bucket full: `check` must be pinged
+    CACHED = "cached"  # bucket full, a check already runs: newcomer waits
+    REJECTED_SUBNET = "rejected_subnet"
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    admission: Admission
+    check: Contact | None = None  # ping this contact, then call on_check_result
+
+
+@dataclass(slots=True)
+class _Entry:
+    contact: Contact
+    last_seen: float
+    failures: int = 0
+
+
+class _Bucket:
+    __slots__ = ("entries", "last_refresh", "pending", "replacements", "subnets")
+
+    def __init__(self) -> None:
+        self.entries: OrderedDict[bytes, _Entry] = OrderedDict()  # LRS first
+        self.subnets: Counter[str] = Counter()
+        self.replacements: OrderedDict[bytes, Contact] = OrderedDict()  # newest last
+        self.pending: bytes | None = None  # node ID under liveness check
+        self.last_refresh = 0.0
+
+
+class RoutingTable:
+    def __init__(
+        self,
+        local_id: bytes,
+        *,
+        k: int = K,
+        subnet_limit: int = 2,
+        allow_loopback: bool = False,
+        max_failures: int = 2,
+    ) -> None:
+        self.local_id = local_id
+        self.local_key = id_int(local_id)
+        self.k = k
+        self.subnet_limit = subnet_limit
+        self.allow_loopback = allow_loopback
+        self.max_failures = max_failures
+        self._buckets = [_Bucket() for _ in range(ID_BITS)]
+        self._size = 0
+
+    # -- queries --------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __contains__(self, node_id: bytes) -> bool:
+        return node_id in self._buckets[self.bucket_index(node_id)].entries
+
+    def get(self, node_id: bytes) -> Contact | None:
+        entry = self._buckets[self.bucket_index(node_id)].entries.get(node_id)
+        return entry.contact if entry else None
+
+    def contacts(self) -> Iterator[Contact]:
+        for bucket in self._buckets:
+            for entry in bucket.entries.values():
+                yield entry.contact
+
+    def bucket_index(self, node_id: bytes) -> int:
+        """Index of the bucket for ``node_id``; -1 for the local ID itself."""
+        return (id_int(node_id) ^ self.local_key).bit_length() - 1
+
+    def bucket_sizes(self) -> dict[int, int]:
+        return {i: len(b.entries) for i, b in enumerate(self._buckets) if b.entries}
+
+    def closest(self, target: bytes, count: int | None = None) -> list[Contact]:
+        """The ``count`` (default k) known contacts closest to ``target``, closest first.
+
+        Buckets are visited in increasing order of the distances they can hold
+        from ``target`` (see ``_bucket_order``), so only a few are touched.
+        """
+        count = self.k if count is None else count
+        t = id_int(target)
+        found: list[Contact] = []
+        for i in _bucket_order(t ^ self.local_key):
+            entries = self._buckets[i].entries
+            if entries:
+                found.extend(sorted((e.contact for e in entries.values()), key=lambda c: c.key ^ t))
+                if len(found) >= count:
+                    break
+        return found[:count]
+
+    # -- updates --------------------------------------------------------------
+
+    def observe(self, contact: Contact, now: float) -> Observed:
+        """We heard from ``contact`` (it answered us, or sent us a request)."""
+        index = self.bucket_index(contact.node_id)
+        if index < 0:
+            return Observed(Admission.SELF)
+        bucket = self._buckets[index]
+        entry = bucket.entries.get(contact.node_id)
+        if entry is not None:
+            entry.last_seen, entry.failures = now, 0
+            bucket.entries.move_to_end(contact.node_id)
+            return Observed(Admission.UPDATED)
+        if not self._subnet_allows(bucket, contact):
+            return Observed(Admission.REJECTED_SUBNET)
+        if len(bucket.entries) < self.k:
+            self._insert(bucket, contact, now)
+            return Observed(Admission.INSERTED)
+        bucket.replacements.pop(contact.node_id, None)
+        bucket.replacements[contact.node_id] = contact
+        while len(bucket.replacements) > self.k:
+            bucket.replacements.popitem(last=False)
+        if bucket.pending is not None:
+            return Observed(Admission.CACHED)
+        oldest = next(iter(bucket.entries.values()))
+        bucket.pending = oldest.contact.node_id
+        return Observed(Admission.CHECK_PENDING, oldest.contact)
+
+    def on_check_result(self, node_id: bytes, alive: bool, now: float) -> None:
+        """The liveness check asked for by ``observe`` finished."""
+        bucket = self._buckets[self.bucket_index(node_id)]
+        if bucket.pending == node_id:
+            bucket.pending = None
+        if alive:
+            entry = bucket.entries.get(node_id)
+            if entry is not None:
+                entry.last_seen, entry.failures = now, 0
+                bucket.entries.move_to_end(node_id)
+        else:
+            self._evict(bucket, node_id, now)
+
+    def on_failure(self, node_id: bytes, now: float) -> None:
+        """A request to ``node_id`` failed or timed out."""
+        index = self.bucket_index(node_id)
+        if index < 0:
+            return
+        bucket = self._buckets[index]
+        entry = bucket.entries.get(node_id)
+        if entry is None:
+            bucket.replacements.pop(node_id, None)
+            return
+        entry.failures += 1
+        if bucket.replacements or entry.failures >= self.max_failures:
+            self._evict(bucket, node_id, now)
+
+    def remove(self, node_id: bytes) -> bool:
+        bucket = self._buckets[self.bucket_index(node_id)]
+        return self._drop(bucket, node_id)
+
+    # -- refresh --------------------------------------------------------------
+
+    def mark_refreshed(self, target: bytes, now: float) -> None:
+        index = self.bucket_index(target)
+        if index >= 0:
+            self._buckets[index].last_refresh = now
+
+    def refresh_targets(self, now: float, interval: float, rng: random.Random) -> list[bytes]:
+        """A random ID in each bucket not looked up within ``interval``.
+
+        Buckets closer than the nearest non-empty one are skipped: in a network
+        of N nodes only about log2(N) of the farthest buckets can hold anyone.
+        """
+        nearest = next((i for i, b in enumerate(self._buckets) if b.entries), ID_BITS)
+        return [
+            self.random_id_in_bucket(i, rng)
+            for i in range(nearest, ID_BITS)
+            if now - self._buckets[i].last_refresh >= interval
+        ]
+
+    def random_id_in_bucket(self, index: int, rng: random.Random) -> bytes:
+        offset = (1 << index) | rng.getrandbits(index) if index > 0 else 1
+        return (self.local_key ^ offset).to_bytes(ID_BITS // 8, "big")
+
+    # -- internals ------------------------------------------------------------
+
+    def _insert(self, bucket: _Bucket, contact: Contact, now: float) -> None:
+        bucket.entries[contact.node_id] = _Entry(contact, now)
+        bucket.subnets[contact.subnet] += 1
+        self._size += 1
+
+    def _drop(self, bucket: _Bucket, node_id: bytes) -> bool:
+        entry = bucket.entries.pop(node_id, None)
+        if entry is None:
+            return False
+        bucket.subnets[entry.contact.subnet] -= 1
+        self._size -= 1
+        return True
+
+    def _evict(self, bucket: _Bucket, node_id: bytes, now: float) -> None:
+        self._drop(bucket, node_id)
+        while bucket.replacements and len(bucket.entries) < self.k:
+            _, candidate = bucket.replacements.popitem(last=True)  # most recently heard
+            if self._subnet_allows(bucket, candidate):
+                self._insert(bucket, candidate, now)
+
+    def _subnet_allows(self, bucket: _Bucket, contact: Contact) -> bool:
+        if self.allow_loopback and contact.loopback:
+            return True
+        return bucket.subnets[contact.subnet] < self.subnet_limit
+
+
+def _bucket_order(x: int) -> Iterator[int]:
+    """Bucket indices ordered by the distance their contacts can have from a
+    target ``t`` with ``x = t ^ local`` (lazy: callers usually stop early).
+
+    With ``b`` the top bit of ``x``: bucket ``b`` holds distances below ``2^b``;
+    a bucket ``j < b`` holds distances with bit ``b`` set whose bit ``j`` is
+    ``x_j ^ 1``, so buckets with ``x_j = 1`` come first (highest ``j`` first),
+    then those with ``x_j = 0`` (lowest first); buckets above ``b`` come last,
+    in increasing order.
+    """
+    b = x.bit_length() - 1
+    if b >= 0:
+        yield b
+    for j in range(b - 1, -1, -1):
+        if x >> j & 1:
+            yield j
+    for j in range(b):
+        if not x >> j & 1:
+            yield j
+    yield from range(b + 1, ID_BITS)

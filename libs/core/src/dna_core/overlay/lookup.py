@@ -1,0 +1,247 @@
+"""Iterative lookups (sans-I/O), in the style of rust-libp2p's ``ClosestPeersIter``.
+
+The caller drives the iterator: ``next(now)`` says whom to query (``Query``),
+that nothing can be sent until a response or a deadline (``Wait``), or that the
+lookup is over (``Finished``); the caller reports ``on_response(peer, closer)``
+and ``on_failure(peer)``.
+
+Invariants:
+
+* at most ``alpha`` queries are in flight; a query past its deadline stops
+  counting as in flight (the peer is *unresponsive*) so a dead node never holds
+  a slot longer than its timeout, yet its late answer is still used;
+* responses from peers that were not queried are ignored (unsolicited);
+* the lookup finishes when the ``k`` closest peers known have all answered, with
+  no closer peer left unqueried, or when nobody is left to ask.
+
+``DisjointLookup`` runs ``d`` such iterators over node-disjoint paths
+(S/Kademlia §4.4): no peer is queried by two paths, so one adversary-free path
+is enough to find the true closest nodes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from dna_core.overlay.contact import Contact, id_int
+
+
+class _State(enum.Enum):
+    NOT_CONTACTED = 0
+    WAITING = 1
+    SUCCEEDED = 2
+    FAILED = 3
+    UNRESPONSIVE = 4
+    CLAIMED_ELSEWHERE = 5  # queried by another disjoint path
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    contact: Contact
+    deadline: float
+    path: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    until: float | None  # call next() again by then (or on any response)
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    pass
+
+
+Step = Query | Wait | Finished
+FINISHED = Finished()
+
+
+@dataclass(slots=True)
+class _Peer:
+    contact: Contact
+    state: _State = _State.NOT_CONTACTED
+    deadline: float = 0.0
+
+
+class ClosestPeersIter:
+    def __init__(
+        self,
+        target: bytes,
+        seeds: Iterable[Contact],
+        *,
+        k: int = 20,
+        alpha: int = 3,
+        timeout: float = 1.0,
+        local_id: bytes | None = None,
+        claimed: set[bytes] | None = None,
+        path: int = 0,
+    ) -> None:
+        self.target = id_int(target)
+        self.k, self.alpha, self.timeout = k, alpha, timeout
+        self.path = path
+        self._local_id = local_id
+        self._claimed = claimed  # shared between disjoint paths
+        self._peers: dict[bytes, _Peer] = {}
+        self._order: list[tuple[int, bytes]] = []
+        self._waiting: dict[bytes, float] = {}
+        self._finished = False
+        self.queries = self.responses = self.failures = 0
+        self._add(seeds)
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def next(self, now: float) -> Step:
+        if self._finished:
+            return FINISHED
+        self._expire(now)
+        successes = 0
+        for _, node_id in self._order:
+            peer = self._peers[node_id]
+            if peer.state is _State.SUCCEEDED:
+                successes += 1
+                if successes >= self.k:
+                    return self._finish()
+            elif peer.state is _State.NOT_CONTACTED:
+                if len(self._waiting) >= self.alpha:
+                    return Wait(min(self._waiting.values()))
+                if self._claimed is not None:
+                    if node_id in self._claimed:
+                        peer.state = _State.CLAIMED_ELSEWHERE
+                        continue
+                    self._claimed.add(node_id)
+                return self._query(peer, now)
+        if not self._waiting:
+            return self._finish()
+        return Wait(min(self._waiting.values()))
+
+    def on_response(self, node_id: bytes, closer: Iterable[Contact]) -> bool:
+        """``node_id`` answered with ``closer``; False if we never asked it."""
+        peer = self._peers.get(node_id)
+        if peer is None or peer.state not in (_State.WAITING, _State.UNRESPONSIVE):
+            return False
+        self._waiting.pop(node_id, None)
+        peer.state = _State.SUCCEEDED
+        self.responses += 1
+        if not self._finished:
+            self._add(closer)
+        return True
+
+    def on_failure(self, node_id: bytes) -> bool:
+        peer = self._peers.get(node_id)
+        if peer is None or peer.state not in (_State.WAITING, _State.UNRESPONSIVE):
+            return False
+        self._waiting.pop(node_id, None)
+        peer.state = _State.FAILED
+        self.failures += 1
+        return True
+
+    def result(self) -> list[Contact]:
+        """The (up to) k closest peers that answered, closest first."""
+        found = [
+            self._peers[n].contact
+            for _, n in self._order
+            if self._peers[n].state is _State.SUCCEEDED
+        ]
+        return found[: self.k]
+
+    def asked(self, node_id: bytes) -> bool:
+        peer = self._peers.get(node_id)
+        return peer is not None and peer.state in (_State.WAITING, _State.UNRESPONSIVE)
+
+    def _query(self, peer: _Peer, now: float) -> Query:
+        peer.state = _State.WAITING
+        peer.deadline = now + self.timeout
+        self._waiting[peer.contact.node_id] = peer.deadline
+        self.queries += 1
+        return Query(peer.contact, peer.deadline, self.path)
+
+    def _expire(self, now: float) -> None:
+        for node_id, deadline in list(self._waiting.items()):
+            if now >= deadline:
+                del self._waiting[node_id]
+                self._peers[node_id].state = _State.UNRESPONSIVE
+
+    def _finish(self) -> Finished:
+        self._finished = True
+        return FINISHED
+
+    def _add(self, contacts: Iterable[Contact]) -> None:
+        for contact in contacts:
+            node_id = contact.node_id
+            if node_id in self._peers or node_id == self._local_id:
+                continue
+            self._peers[node_id] = _Peer(contact)
+            bisect.insort(self._order, (contact.key ^ self.target, node_id))
+
+
+class DisjointLookup:
+    """``d`` node-disjoint ClosestPeersIter paths over one shared claim set."""
+
+    def __init__(
+        self,
+        target: bytes,
+        seeds: Iterable[Contact],
+        *,
+        paths: int = 3,
+        k: int = 20,
+        alpha: int = 3,
+        timeout: float = 1.0,
+        local_id: bytes | None = None,
+    ) -> None:
+        seeds = list(seeds)
+        claimed: set[bytes] = set()
+        self.k = k
+        self.target = id_int(target)
+        self.paths = [
+            ClosestPeersIter(
+                target, seeds[i::paths], k=k, alpha=alpha, timeout=timeout,
+                local_id=local_id, claimed=claimed, path=i,
+            )
+            for i in range(paths)
+        ]  # fmt: skip
+        self._turn = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(p.finished for p in self.paths)
+
+    @property
+    def timeout(self) -> float:
+        return self.paths[0].timeout
+
+    @timeout.setter
+    def timeout(self, value: float) -> None:
+        for p in self.paths:
+            p.timeout = value
+
+    def next(self, now: float) -> Step:
+        """A query from the next path that has one, round robin."""
+        until: float | None = None
+        for offset in range(len(self.paths)):
+            path = self.paths[(self._turn + offset) % len(self.paths)]
+            step = path.next(now)
+            if isinstance(step, Query):
+                self._turn = (path.path + 1) % len(self.paths)
+                return step
+            if isinstance(step, Wait) and step.until is not None:
+                until = step.until if until is None else min(until, step.until)
+        return FINISHED if self.finished else Wait(until)
+
+    def on_response(self, node_id: bytes, closer: Iterable[Contact]) -> bool:
+        return any(p.on_response(node_id, closer) for p in self.paths if p.asked(node_id))
+
+    def on_failure(self, node_id: bytes) -> bool:
+        return any(p.on_failure(node_id) for p in self.paths if p.asked(node_id))
+
+    def result(self) -> list[Contact]:
+        merged = {c.node_id: c for p in self.paths for c in p.result()}
+        return sorted(merged.values(), key=lambda c: c.key ^ self.target)[: self.k]
+
+    @property
+    def queries(self) -> int:
+        return sum(p.queries for p in self.paths)

@@ -1,0 +1,150 @@
+"""The overlay's datagram protocol, sans-I/O: answering requests, matching responses.
+
+Rules this module enforces:
+
+* **No amplification.** An answer to an address that has not proved it
+  receives (no valid token) is at most 3x the request's bytes (RFC 9000 §8.1);
+  a find-node that would earn more gets a small TokenReply instead. Requesters
+  either retry with that token or pad their first request.
+* **Only proven addresses enter routing tables.** A requester is observed only
+  when its token is valid and its source address is one of its contact's
+  endpoints; a responder only when it answers a request we sent to that address.
+* **Responses match requests** by request ID *and* source address; anything
+  else is unsolicited and dropped.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from dna_core.overlay.codec import (
+    Body,
+    Datagram,
+    FindNode,
+    Nodes,
+    Ping,
+    Pong,
+    TokenReply,
+    encode_datagram,
+)
+from dna_core.overlay.contact import Contact, Endpoint
+from dna_core.overlay.kbucket import Observed, RoutingTable
+from dna_core.overlay.tokens import AddressTokens
+
+AMPLIFICATION_FACTOR = 3
+FIRST_REQUEST_PADDING = 400  # 3 x (request + padding) >= a full 1,200-byte answer
+
+Addr = tuple[str, int]
+
+
+def proves_address(contact: Contact, addr: Addr) -> bool:
+    return any(ep.udp == addr for ep in contact.endpoints)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What to do with an incoming request."""
+
+    reply: bytes | None
+    outcome: str  # for metrics: "ok", "token_required", "ignored"
+    observed: Observed | None = None
+
+
+class Responder:
+    """Answers ping and find-node for one node (server mode) or none (client mode)."""
+
+    def __init__(
+        self,
+        *,
+        local: Contact | None,
+        table: RoutingTable | None,
+        tokens: AddressTokens,
+        k: int = 20,
+    ) -> None:
+        self.local, self.table, self.tokens, self.k = local, table, tokens, k
+
+    def answer(self, dgram: Datagram, addr: Addr, size: int, now: float) -> Answer:
+        if self.local is None or not dgram.is_request:
+            return Answer(None, "ignored")
+        proven = self.tokens.valid(dgram.token, addr, now)
+        observed = None
+        sender, table = dgram.sender, self.table
+        if proven and sender is not None and table is not None and proves_address(sender, addr):
+            observed = table.observe(sender, now)
+        body = self._body(dgram, addr)
+        reply = self._encode(dgram.request_id, body, addr, now)
+        if not proven and len(reply) > AMPLIFICATION_FACTOR * size:
+            reply = self._encode(dgram.request_id, TokenReply(), addr, now)
+            return Answer(reply, "token_required", observed)
+        return Answer(reply, "ok", observed)
+
+    def _body(self, dgram: Datagram, addr: Addr) -> Body:
+        if isinstance(dgram.body, FindNode) and self.table is not None:
+            exclude = dgram.sender.node_id if dgram.sender else None
+            closer = [
+                c for c in self.table.closest(dgram.body.target, self.k + 1) if c.node_id != exclude
+            ]
+            return Nodes(tuple(closer[: self.k]))
+        return Pong(Endpoint(addr[0], addr[1]))
+
+    def _encode(self, request_id: int, body: Body, addr: Addr, now: float) -> bytes:
+        token = self.tokens.issue(addr, now)
+        return encode_datagram(Datagram(request_id, body, self.local, token))
+
+
+@dataclass(slots=True)
+class Pending:
+    request_id: int
+    addr: Addr
+    body: Body
+    deadline: float
+    sent_at: float
+    node_id: bytes | None = None
+    retried: bool = False
+    context: object = field(default=None, compare=False)
+
+
+class RequestTracker:
+    """Outstanding requests, keyed by (request ID, address)."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+        self._pending: dict[tuple[int, Addr], Pending] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def start(
+        self, addr: Addr, body: Body, now: float, timeout: float, node_id: bytes | None = None
+    ) -> Pending:
+        while True:
+            request_id = self._rng.getrandbits(64)
+            if (request_id, addr) not in self._pending:
+                break
+        pending = Pending(request_id, addr, body, now + timeout, now, node_id)
+        self._pending[(request_id, addr)] = pending
+        return pending
+
+    def match(self, dgram: Datagram, addr: Addr) -> Pending | None:
+        """The request this response answers, or None (unsolicited or spoofed)."""
+        if dgram.is_request:
+            return None
+        return self._pending.pop((dgram.request_id, addr), None)
+
+    def expire(self, now: float) -> list[Pending]:
+        gone = [p for p in self._pending.values() if p.deadline <= now]
+        for p in gone:
+            del self._pending[(p.request_id, p.addr)]
+        return gone
+
+    def next_deadline(self) -> float | None:
+        return min((p.deadline for p in self._pending.values()), default=None)
+
+
+def request_datagram(pending: Pending, sender: Contact | None, token: bytes | None) -> bytes:
+    """Encode a request; without a token a find-node is padded to earn a full answer."""
+    padding = 0 if token or isinstance(pending.body, Ping) else FIRST_REQUEST_PADDING
+    return encode_datagram(
+        Datagram(pending.request_id, pending.body, sender, token or b"", padding)
+    )

@@ -1,0 +1,1 @@
+"""dna_sim: a seeded, deterministic simulation of the DNA overlay."""
