@@ -76,6 +76,7 @@ DSA_SEEDS: list[bytes] = [
     b"\xff" * MLDSA_SEED_LEN,
     hashlib.sha3_256(b"dna-messenger/tests/pq-interop/mldsa65").digest(),
 ]
+SEED_IDS = ["zeros", "counting", "ones", "sha3-derived"]
 # Encapsulation randomness m for the reference's deterministic (internal) encapsulation.
 ENCAPS_RANDOMNESS = hashlib.sha3_256(b"dna-messenger/tests/pq-interop/encaps-m").digest()
 
@@ -160,7 +161,7 @@ def crypto_dsa_verifies(pk: bytes, msg: bytes, sig: bytes, ctx: bytes) -> bool:
 # --- ML-KEM-768 ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed", KEM_SEEDS)
+@pytest.mark.parametrize("seed", KEM_SEEDS, ids=SEED_IDS)
 def test_mlkem768_same_seed_gives_identical_encapsulation_key(seed: bytes) -> None:
     crypto_key = mlkem.MLKEM768PrivateKey.from_seed_bytes(seed)
     ref_ek, _ = ref_kem_keys(seed)
@@ -171,7 +172,7 @@ def test_mlkem768_same_seed_gives_identical_encapsulation_key(seed: bytes) -> No
     assert crypto_ek == ref_ek
 
 
-@pytest.mark.parametrize("seed", KEM_SEEDS)
+@pytest.mark.parametrize("seed", KEM_SEEDS, ids=SEED_IDS)
 def test_mlkem768_same_seed_gives_interchangeable_decapsulation_keys(seed: bytes) -> None:
     crypto_key = mlkem.MLKEM768PrivateKey.from_seed_bytes(seed)
     ref_ek, ref_dk = ref_kem_keys(seed)
@@ -188,7 +189,7 @@ def test_mlkem768_same_seed_gives_interchangeable_decapsulation_keys(seed: bytes
     assert crypto_key.decapsulate(ref_ciphertext) == ref_secret
 
 
-@pytest.mark.parametrize("seed", KEM_SEEDS)
+@pytest.mark.parametrize("seed", KEM_SEEDS, ids=SEED_IDS)
 def test_mlkem768_cryptography_encapsulates_reference_decapsulates(seed: bytes) -> None:
     ref_ek, ref_dk = ref_kem_keys(seed)
     public_key = mlkem.MLKEM768PublicKey.from_public_bytes(ref_ek)
@@ -202,7 +203,7 @@ def test_mlkem768_cryptography_encapsulates_reference_decapsulates(seed: bytes) 
 
 
 @pytest.mark.parametrize("deterministic", [True, False], ids=["fixed-m", "random-m"])
-@pytest.mark.parametrize("seed", KEM_SEEDS)
+@pytest.mark.parametrize("seed", KEM_SEEDS, ids=SEED_IDS)
 def test_mlkem768_reference_encapsulates_cryptography_decapsulates(
     seed: bytes, deterministic: bool
 ) -> None:
@@ -229,7 +230,7 @@ def test_mlkem768_reference_encapsulates_to_generated_cryptography_key() -> None
 
 
 @pytest.mark.parametrize("position", CT_FLIP_POSITIONS)
-@pytest.mark.parametrize("seed", KEM_SEEDS)
+@pytest.mark.parametrize("seed", KEM_SEEDS, ids=SEED_IDS)
 def test_mlkem768_implicit_rejection_agrees(seed: bytes, position: int) -> None:
     crypto_key = mlkem.MLKEM768PrivateKey.from_seed_bytes(seed)
     _, ref_dk = ref_kem_keys(seed)
@@ -280,7 +281,7 @@ def test_mlkem768_agrees_with_reference_on_random_seeds(
 # --- ML-DSA-65 -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed", DSA_SEEDS)
+@pytest.mark.parametrize("seed", DSA_SEEDS, ids=SEED_IDS)
 def test_mldsa65_same_seed_gives_identical_public_key(seed: bytes) -> None:
     crypto_key = mldsa.MLDSA65PrivateKey.from_seed_bytes(seed)
     ref_pk, _ = ref_dsa_keys(seed)
@@ -292,7 +293,7 @@ def test_mldsa65_same_seed_gives_identical_public_key(seed: bytes) -> None:
 
 
 @pytest.mark.parametrize("ctx", CONTEXTS, ids=CONTEXT_IDS)
-@pytest.mark.parametrize("seed", DSA_SEEDS)
+@pytest.mark.parametrize("seed", DSA_SEEDS, ids=SEED_IDS)
 def test_mldsa65_cryptography_signs_reference_verifies(seed: bytes, ctx: bytes) -> None:
     crypto_key = mldsa.MLDSA65PrivateKey.from_seed_bytes(seed)
     pk = crypto_key.public_key().public_bytes_raw()
@@ -305,7 +306,7 @@ def test_mldsa65_cryptography_signs_reference_verifies(seed: bytes, ctx: bytes) 
 
 @pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "hedged"])
 @pytest.mark.parametrize("ctx", CONTEXTS, ids=CONTEXT_IDS)
-@pytest.mark.parametrize("seed", DSA_SEEDS)
+@pytest.mark.parametrize("seed", DSA_SEEDS, ids=SEED_IDS)
 def test_mldsa65_reference_signs_cryptography_verifies(
     seed: bytes, ctx: bytes, deterministic: bool
 ) -> None:
@@ -346,7 +347,7 @@ def _signatures_from_both(seed: bytes, msg: bytes, ctx: bytes) -> tuple[bytes, d
 
 
 @pytest.mark.parametrize("ctx", CONTEXTS, ids=CONTEXT_IDS)
-@pytest.mark.parametrize("seed", DSA_SEEDS[:2])
+@pytest.mark.parametrize("seed", DSA_SEEDS[:2], ids=SEED_IDS[:2])
 def test_mldsa65_wrong_context_rejected_by_both(seed: bytes, ctx: bytes) -> None:
     pk, signatures = _signatures_from_both(seed, MESSAGE, ctx)
     wrong_contexts = {other_context(ctx), ctx + b"\x00"} - {ctx}
@@ -358,7 +359,7 @@ def test_mldsa65_wrong_context_rejected_by_both(seed: bytes, ctx: bytes) -> None
 
 
 @pytest.mark.parametrize("ctx", CONTEXTS, ids=CONTEXT_IDS)
-@pytest.mark.parametrize("seed", DSA_SEEDS[:2])
+@pytest.mark.parametrize("seed", DSA_SEEDS[:2], ids=SEED_IDS[:2])
 def test_mldsa65_wrong_message_rejected_by_both(seed: bytes, ctx: bytes) -> None:
     pk, signatures = _signatures_from_both(seed, MESSAGE, ctx)
     wrong_messages = [MESSAGE + b"\x00", MESSAGE[:-1], flip_byte(MESSAGE, 0, 0x01), b""]
@@ -370,7 +371,7 @@ def test_mldsa65_wrong_message_rejected_by_both(seed: bytes, ctx: bytes) -> None
 
 
 @pytest.mark.parametrize("ctx", CONTEXTS, ids=CONTEXT_IDS)
-@pytest.mark.parametrize("seed", DSA_SEEDS[:2])
+@pytest.mark.parametrize("seed", DSA_SEEDS[:2], ids=SEED_IDS[:2])
 def test_mldsa65_flipped_signature_byte_rejected_by_both(seed: bytes, ctx: bytes) -> None:
     pk, signatures = _signatures_from_both(seed, MESSAGE, ctx)
 

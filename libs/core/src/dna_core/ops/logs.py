@@ -48,7 +48,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str, ensure_ascii=False)
 
 
-class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _JsonHandler(logging.StreamHandler[TextIO]):
     """Marks the handler we installed, so configuring twice replaces it instead of doubling."""
 
 

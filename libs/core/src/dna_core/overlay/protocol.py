@@ -132,6 +132,10 @@ class RequestTracker:
             return None
         return self._pending.pop((dgram.request_id, addr), None)
 
+    def forget(self, pending: Pending) -> bool:
+        """Drop a request that timed out; False if it was answered meanwhile."""
+        return self._pending.pop((pending.request_id, pending.addr), None) is not None
+
     def expire(self, now: float) -> list[Pending]:
         gone = [p for p in self._pending.values() if p.deadline <= now]
         for p in gone:

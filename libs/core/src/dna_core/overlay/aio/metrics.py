@@ -1,0 +1,35 @@
+"""Prometheus metrics of one overlay node, in the node's own registry
+(many nodes run in one process: nothing global)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class OverlayMetrics:
+    def __init__(self, registry: CollectorRegistry, table_size: Callable[[], int]) -> None:
+        self.registry = registry
+        self.table_size = Gauge(
+            "dna_overlay_routing_table_size", "Contacts in the routing table", registry=registry
+        )
+        self.table_size.set_function(table_size)
+        self.rpcs = Counter(
+            "dna_overlay_rpcs",
+            "Overlay RPCs by direction, method and outcome",
+            ["direction", "method", "outcome"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "dna_overlay_rejected",
+            "Datagrams, contacts and records refused, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.lookup_seconds = Histogram(
+            "dna_overlay_lookup_seconds",
+            "Iterative lookup latency",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=registry,
+        )

@@ -1,0 +1,180 @@
+"""Signed records over gRPC: the Overlay service (server side) and its client.
+
+Records carry ML-DSA keys and signatures (several KB), too big for a datagram,
+so find-value and store ride gRPC; routing stays on UDP. Errors leave as gRPC
+statuses carrying the ProtocolError's reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+from dna_core.crypto.records import VerifiedRecord, open_record
+from dna_core.errors import MalformedError, ProtocolError
+from dna_core.overlay.codec import contact_from_proto, contact_to_proto
+from dna_core.overlay.contact import Contact
+from dna_core.overlay.records import RecordStore, select_best
+from dna_core.wire import decode_message, encode_message
+from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
+
+MAX_GRPC_MESSAGE = 64 * 1024
+KEY_SIZE = 32
+Clock = Callable[[], int]
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def abort_with(context: Ctx, exc: ProtocolError) -> None:
+    code = getattr(grpc.StatusCode, exc.grpc_code)
+    await context.abort(code, exc.reason)
+
+
+class OverlayService(overlay_pb2_grpc.OverlayServicer):
+    """Answers find-value and store from the node's RecordStore, and gRPC ping/find-node."""
+
+    def __init__(
+        self,
+        *,
+        store: RecordStore,
+        closest: Callable[[bytes, int], list[Contact]],
+        local: Callable[[], Contact],
+        k: int = 20,
+        clock: Clock = wall_ms,
+        on_rejected: Callable[[str], None] = lambda reason: None,
+    ) -> None:
+        self.store, self.closest, self.local, self.k = store, closest, local, k
+        self.clock, self.on_rejected = clock, on_rejected
+
+    async def Ping(  # noqa: N802 (gRPC method names)
+        self,
+        request: overlay_pb2.OverlayPingRequest,
+        context: Ctx,
+    ) -> overlay_pb2.OverlayPingResponse:
+        return overlay_pb2.OverlayPingResponse(responder=contact_to_proto(self.local()))
+
+    async def FindNode(  # noqa: N802
+        self,
+        request: overlay_pb2.OverlayFindNodeRequest,
+        context: Ctx,
+    ) -> overlay_pb2.OverlayFindNodeResponse:
+        if len(request.target) != KEY_SIZE:
+            await self._refuse(context, MalformedError("find-node: target is not 32 bytes"))
+        closer = self.closest(request.target, self.k)
+        return overlay_pb2.OverlayFindNodeResponse(closer=[contact_to_proto(c) for c in closer])
+
+    async def FindValue(  # noqa: N802
+        self,
+        request: overlay_pb2.FindValueRequest,
+        context: Ctx,
+    ) -> overlay_pb2.FindValueResponse:
+        if len(request.key) != KEY_SIZE:
+            await self._refuse(context, MalformedError("find-value: key is not 32 bytes"))
+        response = overlay_pb2.FindValueResponse()
+        held = self.store.get(request.key, self.clock())
+        if held is not None and request.kind in (0, held.body.kind):
+            response.records.append(common_pb2.SignedRecord.FromString(held.raw))
+        else:
+            response.closer.extend(contact_to_proto(c) for c in self.closest(request.key, self.k))
+        return response
+
+    async def Store(  # noqa: N802
+        self, request: overlay_pb2.StoreRequest, context: Ctx
+    ) -> overlay_pb2.StoreResponse:
+        try:
+            result = self.store.put(encode_message(request.record), self.clock())
+        except ProtocolError as exc:
+            await self._refuse(context, exc)
+        return overlay_pb2.StoreResponse(stored_seq=result.seq)
+
+    async def _refuse(self, context: Ctx, exc: ProtocolError) -> None:
+        self.on_rejected(f"record_{type(exc).__name__}")
+        await abort_with(context, exc)
+
+
+class ChannelPool:
+    """One gRPC channel per target, reused (a new channel costs a TCP+HTTP/2 handshake)."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, target: str) -> grpc.aio.Channel:
+        channel = self._channels.get(target)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(
+                target,
+                options=[
+                    ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE),
+                    ("grpc.max_send_message_length", MAX_GRPC_MESSAGE),
+                ],
+            )
+            self._channels[target] = channel
+        return channel
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        await asyncio.gather(*(c.close() for c in channels))
+
+
+class RecordClient:
+    """Store and fetch signed records on the nodes a lookup found."""
+
+    def __init__(
+        self, pool: ChannelPool, *, puzzle_bits: int, timeout: float = 3.0, clock: Clock = wall_ms
+    ) -> None:
+        self.pool, self.puzzle_bits, self.timeout, self.clock = pool, puzzle_bits, timeout, clock
+
+    def _stub(self, contact: Contact) -> overlay_pb2_grpc.OverlayAsyncStub:
+        return overlay_pb2_grpc.OverlayStub(self.pool.get(contact.endpoint.grpc_target))
+
+    async def store(self, record: bytes, replicas: Sequence[Contact]) -> int:
+        """Send ``record`` to every replica; returns how many accepted it."""
+        msg = overlay_pb2.StoreRequest(record=common_pb2.SignedRecord.FromString(record))
+        results = await asyncio.gather(
+            *(self._stub(c).Store(msg, timeout=self.timeout) for c in replicas),
+            return_exceptions=True,
+        )
+        return sum(isinstance(r, overlay_pb2.StoreResponse) for r in results)
+
+    async def find_value(self, key: bytes, holders: Sequence[Contact]) -> VerifiedRecord | None:
+        """Ask ``holders`` in parallel; verify every answer and keep the best."""
+        msg = overlay_pb2.FindValueRequest(key=key)
+        answers = await asyncio.gather(
+            *(self._stub(c).FindValue(msg, timeout=self.timeout) for c in holders),
+            return_exceptions=True,
+        )
+        found = []
+        for answer in answers:
+            if not isinstance(answer, overlay_pb2.FindValueResponse):
+                continue
+            for rec in answer.records[:4]:
+                verified = self._verify(encode_message(rec), key)
+                if verified is not None:
+                    found.append(verified)
+        return select_best(found)
+
+    def _verify(self, raw: bytes, key: bytes) -> VerifiedRecord | None:
+        try:
+            rec = open_record(raw, now_ms=self.clock())
+        except ProtocolError:
+            return None  # a node served a bad record: ignore it, others may be honest
+        return rec if rec.body.key == key else None
+
+    async def ping(self, contact: Contact) -> Contact | None:
+        try:
+            resp = await self._stub(contact).Ping(
+                overlay_pb2.OverlayPingRequest(), timeout=self.timeout
+            )
+            return contact_from_proto(resp.responder, self.puzzle_bits)
+        except (grpc.aio.AioRpcError, ProtocolError):
+            return None
+
+
+def decode_signed_record(data: bytes) -> common_pb2.SignedRecord:
+    return decode_message(common_pb2.SignedRecord, data, max_size=MAX_GRPC_MESSAGE, what="record")

@@ -1,0 +1,284 @@
+"""Node configuration: defaults < TOML file < environment, and every way it can be wrong."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from dna_core.errors import DnaError
+from dna_core.ops.config import ConfigError, dump_config, load_config
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    ttl_days: int = 30
+    quota_mb: float = 64.0
+    dir: Path = Path("/var/lib/dna")
+    backends: tuple[str, ...] = ("sqlite",)
+
+
+@dataclass(frozen=True)
+class Http:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    access_log: bool = False
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str = "node"
+    bootstrap: list[str] = field(default_factory=list)
+    redis_password: str = field(default="", metadata={"secret": True})
+    mailbox: Mailbox = field(default_factory=Mailbox)
+    http: Http = field(default_factory=lambda: Http(port=9100))
+
+
+@dataclass(frozen=True)
+class Required:
+    key_file: Path
+
+
+@dataclass(frozen=True)
+class Checked:
+    port: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port {self.port} out of range")
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    anything: dict[str, str] = field(default_factory=dict)
+
+
+def toml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    return path
+
+
+def load(path: Path | None = None, **env: str) -> NodeConfig:
+    return load_config(NodeConfig, path, env_prefix="DNA", env=env)
+
+
+def error(path: Path | None = None, **env: str) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load(path, **env)
+    return info.value
+
+
+# --- values and precedence ----------------------------------------------------------------------
+
+
+def test_defaults_only() -> None:
+    cfg = load()
+    assert cfg == NodeConfig()
+    assert cfg.http.port == 9100  # the enclosing default instance, not Http()'s own default
+
+
+def test_file_overrides_defaults(tmp_path: Path) -> None:
+    path = toml(
+        tmp_path,
+        """
+        name = "storage-1"
+        bootstrap = ["10.0.0.1:4000", "10.0.0.2:4000"]
+        [mailbox]
+        ttl_days = 7
+        quota_mb = 128        # an int where a float is expected widens
+        dir = "/srv/dna"
+        backends = ["sqlite", "redis"]
+        [http]
+        access_log = true
+        """,
+    )
+    cfg = load(path)
+    assert cfg.name == "storage-1"
+    assert cfg.bootstrap == ["10.0.0.1:4000", "10.0.0.2:4000"]
+    assert cfg.mailbox == Mailbox(7, 128.0, Path("/srv/dna"), ("sqlite", "redis"))
+    assert isinstance(cfg.mailbox.quota_mb, float)
+    assert cfg.http == Http(port=9100, access_log=True)  # unset fields keep their default
+
+
+def test_env_overrides_file(tmp_path: Path) -> None:
+    path = toml(tmp_path, 'name = "from-file"\n[mailbox]\nttl_days = 7\nquota_mb = 1.5\n')
+    cfg = load(
+        path,
+        DNA__NAME="from-env",
+        DNA__MAILBOX__TTL_DAYS="3",
+        DNA__BOOTSTRAP=" a:1, b:2 ,,",
+        DNA__MAILBOX__BACKENDS="redis",
+        DNA__MAILBOX__DIR="/data",
+        DNA__HTTP__ACCESS_LOG="yes",
+        DNA__REDIS_PASSWORD="hunter2",
+    )
+    assert cfg.name == "from-env"
+    assert cfg.mailbox.ttl_days == 3
+    assert cfg.mailbox.quota_mb == 1.5  # from the file, env did not touch it
+    assert cfg.mailbox.backends == ("redis",)
+    assert cfg.mailbox.dir == Path("/data")
+    assert cfg.bootstrap == ["a:1", "b:2"]
+    assert cfg.http.access_log is True
+    assert cfg.redis_password == "hunter2"
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("true", True), ("TRUE", True), ("1", True), ("yes", True)]
+    + [("false", False), ("0", False), ("No", False), (" no ", False)],
+)
+def test_env_booleans(text: str, value: bool) -> None:
+    assert load(DNA__HTTP__ACCESS_LOG=text).http.access_log is value
+
+
+def test_env_without_our_prefix_is_ignored() -> None:
+    cfg = load(DNA_OTHER__NAME="x", DNAX__NAME="y", PATH="/bin", dna__name="lower")
+    assert cfg == NodeConfig()
+
+
+def test_empty_list_from_env() -> None:
+    assert load(DNA__BOOTSTRAP="").bootstrap == []
+
+
+def test_prefix_is_matched_upper_case() -> None:
+    cfg = load_config(NodeConfig, None, env_prefix="dna_storage", env={"DNA_STORAGE__NAME": "s"})
+    assert cfg.name == "s"
+
+
+def test_required_field_from_env() -> None:
+    cfg = load_config(Required, None, env_prefix="N", env={"N__KEY_FILE": "/k"})
+    assert cfg.key_file == Path("/k")
+
+
+def test_is_a_dna_error() -> None:
+    assert issubclass(ConfigError, DnaError)
+
+
+# --- errors: each names the key and where it came from -------------------------------------------
+
+
+def test_unknown_key_in_file(tmp_path: Path) -> None:
+    path = toml(tmp_path, "[mailbox]\nttl_dayz = 3\n")
+    err = error(path)
+    assert (err.source, err.key) == (str(path), "mailbox.ttl_dayz")
+    assert str(path) in str(err)
+    assert "unknown key" in str(err)
+    assert "mailbox.ttl_days" in str(err)  # the message lists what is known
+
+
+def test_unknown_section_in_file(tmp_path: Path) -> None:
+    err = error(toml(tmp_path, "[mailbx]\nttl_days = 3\n"))
+    assert err.key == "mailbx"
+    assert "unknown key" in err.problem
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "expected"),
+    [
+        ('[mailbox]\nttl_days = "7"\n', "mailbox.ttl_days", "expected int, got str '7'"),
+        ("[mailbox]\nttl_days = 7.0\n", "mailbox.ttl_days", "expected int, got float"),
+        ("[mailbox]\nttl_days = true\n", "mailbox.ttl_days", "expected int, got bool"),
+        ("[mailbox]\nquota_mb = true\n", "mailbox.quota_mb", "expected float, got bool"),
+        ('[http]\naccess_log = "yes"\n', "http.access_log", "expected bool, got str"),
+        ("name = 5\n", "name", "expected str, got int"),
+        ("[mailbox]\ndir = 5\n", "mailbox.dir", "expected Path, got int"),
+        ('[mailbox]\ndir = ""\n', "mailbox.dir", "empty path"),
+        ('bootstrap = "a,b"\n', "bootstrap", "expected an array (list[str]), got str"),
+        ("bootstrap = [1, 2]\n", "bootstrap", "expected str, got int"),
+        ("mailbox = 3\n", "mailbox", "expected a table [mailbox], got int"),
+        ("[name]\nx = 1\n", "name", "expected str, got dict"),
+    ],
+)
+def test_wrong_type_in_file(tmp_path: Path, text: str, key: str, expected: str) -> None:
+    path = toml(tmp_path, text)
+    err = error(path)
+    assert (err.source, err.key) == (str(path), key)
+    assert expected in err.problem
+
+
+def test_invalid_toml(tmp_path: Path) -> None:
+    path = toml(tmp_path, "name = \n")
+    err = error(path)
+    assert err.source == str(path)
+    assert "invalid TOML" in str(err)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    err = error(tmp_path / "nope.toml")
+    assert str(tmp_path / "nope.toml") in str(err)
+    assert "not found" in str(err)
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    err = error(tmp_path)  # a directory: open() fails with an OSError
+    assert "cannot read" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "key", "expected"),
+    [
+        ("DNA__MAILBOX__TTL_DAYS", "seven", "mailbox.ttl_days", "cannot parse 'seven' as int"),
+        ("DNA__MAILBOX__QUOTA_MB", "lots", "mailbox.quota_mb", "cannot parse 'lots' as float"),
+        ("DNA__HTTP__ACCESS_LOG", "maybe", "http.access_log", "cannot parse 'maybe' as bool"),
+        ("DNA__MAILBOX__DIR", "", "mailbox.dir", "empty path"),
+        ("DNA__MAILBOX__TTL_DAYZ", "3", "mailbox.ttl_dayz", "unknown key (known: mailbox."),
+        ("DNA__MAILBX__TTL_DAYS", "3", "mailbx", "unknown key (known: name,"),
+        ("DNA__NAMES", "x", "names", "unknown key"),
+        ("DNA__NAME__X", "x", "name.x", "name is a str, not a section"),
+        ("DNA__MAILBOX", "x", "mailbox", "is a section: set DNA__MAILBOX__<FIELD>"),
+        ("DNA__", "x", "", "unknown key"),
+    ],
+)
+def test_bad_env(var: str, value: str, key: str, expected: str) -> None:
+    err = error(**{var: value})
+    assert (err.source, err.key) == (var, key)
+    assert expected in err.problem
+    assert str(err).startswith(f"{var}: ")
+
+
+def test_missing_required_value() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(Required, None, env_prefix="N", env={})
+    assert info.value.key == "key_file"
+    assert "N__KEY_FILE" in str(info.value)
+
+
+def test_dataclass_validation_becomes_config_error() -> None:
+    with pytest.raises(ConfigError, match="port 0 out of range"):
+        load_config(Checked, None, env_prefix="N", env={"N__PORT": "0"})
+
+
+def test_unsupported_annotation_is_a_programming_error() -> None:
+    with pytest.raises(TypeError, match="unsupported config field type"):
+        load_config(Unsupported, None, env_prefix="N", env={})
+
+
+def test_not_a_dataclass() -> None:
+    with pytest.raises(TypeError):
+        load_config(dict, None, env_prefix="N", env={})
+
+
+# --- dump ---------------------------------------------------------------------------------------
+
+
+def test_dump_is_json_ready_and_masks_secrets() -> None:
+    cfg = load(DNA__REDIS_PASSWORD="hunter2", DNA__BOOTSTRAP="a:1")
+    dumped = dump_config(cfg)
+    assert json.loads(json.dumps(dumped)) == dumped
+    assert dumped["redis_password"] == "***"
+    assert "hunter2" not in json.dumps(dumped)
+    assert dumped["mailbox"] == {
+        "ttl_days": 30,
+        "quota_mb": 64.0,
+        "dir": "/var/lib/dna",
+        "backends": ["sqlite"],
+    }
+    assert dumped["bootstrap"] == ["a:1"]
+    assert dumped["http"]["port"] == 9100
+
+
+def test_dump_rejects_non_dataclasses() -> None:
+    with pytest.raises(TypeError):
+        dump_config({"a": 1})
