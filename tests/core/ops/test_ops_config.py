@@ -126,8 +126,10 @@ def test_env_overrides_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("true", True), ("TRUE", True), ("1", True), ("yes", True)]
-    + [("false", False), ("0", False), ("No", False), (" no ", False)],
+    [
+        *[("true", True), ("TRUE", True), ("1", True), ("yes", True)],
+        *[("false", False), ("0", False), ("No", False), (" no ", False)],
+    ],
 )
 def test_env_booleans(text: str, value: bool) -> None:
     assert load(DNA__HTTP__ACCESS_LOG=text).http.access_log is value
@@ -232,7 +234,9 @@ def test_unreadable_file(tmp_path: Path) -> None:
     ],
 )
 def test_bad_env(var: str, value: str, key: str, expected: str) -> None:
-    err = error(**{var: value})
+    with pytest.raises(ConfigError) as info:
+        load_config(NodeConfig, None, env_prefix="DNA", env={var: value})
+    err = info.value
     assert (err.source, err.key) == (var, key)
     assert expected in err.problem
     assert str(err).startswith(f"{var}: ")

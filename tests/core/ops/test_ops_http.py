@@ -1,4 +1,4 @@
-"""The ops HTTP server, started for real on 127.0.0.1:0 inside an event loop and queried by httpx."""
+"""The ops HTTP server, run for real on 127.0.0.1:0 inside an event loop, queried by httpx."""
 
 from __future__ import annotations
 
@@ -15,8 +15,20 @@ from typing import Any
 import httpx
 import pytest
 from dna_core.ops.http import OpsServer, build_ops_app
-from dna_core.ops.logs import JsonFormatter, configure_logging
+from dna_core.ops.logs import JsonFormatter, configure_logging, node_logger
 from prometheus_client import CollectorRegistry, Counter
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    root = logging.getLogger()
+    level = root.level
+    out = io.StringIO()
+    configure_logging("info", out)
+    yield out
+    for handler in [h for h in root.handlers if isinstance(h.formatter, JsonFormatter)]:
+        root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @dataclass
@@ -64,7 +76,10 @@ def test_probes_flip_with_node_state() -> None:
         health = await client.get("/healthz")
         assert (health.status_code, health.json()) == (200, {"ok": True})
         ready = await client.get("/readyz")
-        assert (ready.status_code, ready.json()) == (503, {"ready": False, "reason": "joining overlay"})
+        assert (ready.status_code, ready.json()) == (
+            503,
+            {"ready": False, "reason": "joining overlay"},
+        )
 
         node.ready, node.reason = True, "serving"
         ready = await client.get("/readyz")
@@ -116,7 +131,7 @@ def test_status_json() -> None:
     serve(FakeNode(), body)
 
 
-def test_a_probe_that_raises_is_failing_not_crashing() -> None:
+def test_a_probe_that_raises_is_failing_not_crashing(log_stream: io.StringIO) -> None:
     def broken() -> bool:
         raise RuntimeError("store unreachable")
 
@@ -124,10 +139,12 @@ def test_a_probe_that_raises_is_failing_not_crashing() -> None:
         raise RuntimeError("store unreachable")
 
     async def main() -> None:
+        log = node_logger("dna.test", node_id="ab12")
+        registry = CollectorRegistry()
         app = build_ops_app(
-            health=broken, ready=broken_ready, status=dict, registry=CollectorRegistry()
+            health=broken, ready=broken_ready, status=dict, registry=registry, log=log
         )
-        server = OpsServer(app)
+        server = OpsServer(app, log=log)
         await server.start("127.0.0.1", 0)
         try:
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
@@ -139,6 +156,11 @@ def test_a_probe_that_raises_is_failing_not_crashing() -> None:
             await server.stop()
 
     asyncio.run(main())
+    lines = [json.loads(line) for line in log_stream.getvalue().splitlines()]
+    raised = [line for line in lines if line["msg"] == "ops probe raised"]
+    assert [line["probe"] for line in raised] == ["broken", "broken_ready"]
+    assert all(line["node_id"] == "ab12" for line in raised)
+    assert "RuntimeError: store unreachable" in raised[0]["exc"]
 
 
 def test_two_nodes_in_one_process_keep_their_metrics_apart() -> None:
@@ -212,18 +234,6 @@ def test_uvicorn_leaves_signals_to_the_node() -> None:
     asyncio.run(main())
 
 
-@pytest.fixture
-def log_stream() -> Iterator[io.StringIO]:
-    root = logging.getLogger()
-    level = root.level
-    out = io.StringIO()
-    configure_logging("info", out)
-    yield out
-    for handler in [h for h in root.handlers if isinstance(h.formatter, JsonFormatter)]:
-        root.removeHandler(handler)
-    root.setLevel(level)
-
-
 def test_server_logs_are_json_and_no_access_log(log_stream: io.StringIO) -> None:
     ports: list[int] = []
 
@@ -238,3 +248,4 @@ def test_server_logs_are_json_and_no_access_log(log_stream: io.StringIO) -> None
     assert listening[0]["port"] == ports[0]
     assert [line["logger"] for line in lines if "/healthz" in line["msg"]] == ["httpx"] * 3
     assert lines[-1]["msg"] == "ops http stopped"
+    assert not [line for line in lines if "color_message" in line]

@@ -41,19 +41,22 @@ def build_ops_app(
     ready: Callable[[], tuple[bool, str]],
     status: Callable[[], dict[str, Any]],
     registry: CollectorRegistry,
+    log: Log | None = None,
 ) -> FastAPI:
     """The ops app of one node. ``health``: is the process alive and sane (restart me if not);
-    ``ready``: should traffic come here now, and if not why; ``status``: a JSON snapshot."""
+    ``ready``: should traffic come here now, and if not why; ``status``: a JSON snapshot.
+    ``log`` (the node's logger) records probes that raise."""
+    probe_log = log if log is not None else logging.getLogger(__name__)
     app = FastAPI(title="dna node ops", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        ok = _safely(health, False)
+        ok = _safely(health, False, probe_log)
         return JSONResponse({"ok": ok}, status_code=200 if ok else 503)
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        is_ready, reason = _safely(ready, (False, "readiness check failed"))
+        is_ready, reason = _safely(ready, (False, "readiness check failed"), probe_log)
         body = {"ready": is_ready, "reason": reason}
         return JSONResponse(body, status_code=200 if is_ready else 503)
 
@@ -70,12 +73,12 @@ def build_ops_app(
     return app
 
 
-def _safely(check: Callable[[], T], failed: T) -> T:
+def _safely(check: Callable[[], T], failed: T, log: Log) -> T:
     """A probe that raises is a failing probe (503), not a 500 with a stack trace."""
     try:
         return check()
     except Exception:
-        logging.getLogger(__name__).exception("ops probe %s raised", check)
+        log.exception("ops probe raised", extra={"probe": getattr(check, "__name__", "?")})
         return failed
 
 

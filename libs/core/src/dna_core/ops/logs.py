@@ -25,6 +25,8 @@ _RECORD_ATTRS = frozenset(
     logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys()
     | {"message", "asctime", "taskName"}
 )
+# Extras that only make sense on a terminal (uvicorn's ANSI-coloured copy of each message).
+_DROPPED_EXTRAS = frozenset({"color_message"})
 
 
 class JsonFormatter(logging.Formatter):
@@ -32,7 +34,9 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            key: value for key, value in record.__dict__.items() if key not in _RECORD_ATTRS
+            key: value
+            for key, value in record.__dict__.items()
+            if key not in _RECORD_ATTRS and key not in _DROPPED_EXTRAS
         }
         # The four core fields win over extras of the same name: the schema is a contract.
         line.update(

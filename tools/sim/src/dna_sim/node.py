@@ -1,0 +1,384 @@
+"""A simulated overlay member: the lead's sans-I/O cores behind a message pump.
+
+A ``SimNode`` does what the real UDP adapter will do, minus the sockets:
+
+* it answers find-node with ``RoutingTable.closest(target)`` and pings with pongs;
+* it observes every requester and every matched responder (so tables evolve as in a live
+  network) and pings the contact a full bucket asks it to check (``Observed.check``);
+* it matches a response by request ID *and* source, and ignores anything unsolicited;
+* it drives lookups (``LookupRun``): every ``Query`` becomes a datagram with a deadline
+  timer, and ``next()`` is called again on each response and each deadline.
+
+Two deadlines per request. The lookup's is adaptive: one RTT estimator per node, as TCP
+does (RFC 6298 §2), gives ``clamp(srtt + 4 * rttvar)``, so a dead peer holds a lookup
+slot for a few RTTs, not a fixed second (the ``kademlia`` package's 5 s p50 with half its
+nodes gone is what this avoids). Past it the lookup moves on but still takes a late
+answer. The table's is the ceiling: only a request unanswered that long counts as a
+failure (``on_failure``, or a failed liveness check), because a false "dead" evicts a live
+contact while nothing waits on that verdict.
+
+Adversarial nodes answer find-node with the colluding nodes closest to the target only,
+which looks plausible (they are close) but leads a single-path lookup into the coalition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from dna_core.overlay.contact import Contact
+from dna_core.overlay.kbucket import Admission, RoutingTable
+from dna_core.overlay.lookup import ClosestPeersIter, DisjointLookup, Finished, Query
+
+from dna_sim.network import FIND_NODE, NODES, PING, PONG, Message, SimNetwork
+from dna_sim.xor import xor_closest
+
+Lookup = ClosestPeersIter | DisjointLookup
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    k: int = 20
+    alpha: int = 3
+    rto_initial: float = 1.0  # RFC 6298 §2.1: 1 s before any RTT sample
+    rto_floor: float = 0.100
+    rto_ceiling: float = 2.0  # also when a request counts as failed for the table
+    fresh: float = 900.0  # BEP 5: a node heard from within 15 min is "good", no ping needed
+    drain: bool = True  # see LookupRun._finish
+
+
+class RttEstimator:
+    """Smoothed RTT and its variation (RFC 6298 §2, alpha = 1/8, beta = 1/4)."""
+
+    __slots__ = ("ceiling", "floor", "initial", "rttvar", "srtt")
+
+    def __init__(self, initial: float, floor: float, ceiling: float) -> None:
+        self.initial, self.floor, self.ceiling = initial, floor, ceiling
+        self.srtt = 0.0
+        self.rttvar = 0.0
+
+    def sample(self, rtt: float) -> None:
+        if self.srtt == 0.0:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar += (abs(self.srtt - rtt) - self.rttvar) / 4
+            self.srtt += (rtt - self.srtt) / 8
+
+    def timeout(self) -> float:
+        if self.srtt == 0.0:
+            return self.initial
+        return min(self.ceiling, max(self.floor, self.srtt + 4 * self.rttvar))
+
+
+class AddressBook:
+    """Maps contacts to node indices: the simulator's stand-in for UDP addressing."""
+
+    __slots__ = ("contacts", "index_of")
+
+    def __init__(self, contacts: Sequence[Contact]) -> None:
+        self.contacts = list(contacts)
+        self.index_of = {c.node_id: i for i, c in enumerate(self.contacts)}
+
+
+class Coalition:
+    """The adversarial nodes, colluding: each knows every member."""
+
+    __slots__ = ("contacts", "keys")
+
+    def __init__(self, members: Sequence[Contact]) -> None:
+        ordered = sorted(members, key=lambda c: c.key)
+        self.contacts = ordered
+        self.keys = [c.key for c in ordered]
+
+    def closest(self, target: bytes, count: int) -> list[Contact]:
+        picked = xor_closest(self.keys, int.from_bytes(target, "big"), count)
+        return [self.contacts[i] for i in picked]
+
+
+class Pending:
+    """A request in flight, until answered or ``rto_ceiling`` after it was sent. A late
+    answer still reaches its lookup (the iterator's UNRESPONSIVE state accepts it) unless
+    the lookup has ended (``lookup`` is then None)."""
+
+    __slots__ = ("answered", "kind", "lookup", "peer", "req_id", "sent", "timed_out")
+
+    def __init__(
+        self, req_id: int, kind: int, peer: Contact, sent: float, lookup: LookupRun | None
+    ) -> None:
+        self.req_id = req_id
+        self.kind = kind
+        self.peer = peer
+        self.sent = sent
+        self.lookup = lookup
+        self.answered = False
+        self.timed_out = False
+
+
+class SimNode:
+    def __init__(
+        self,
+        index: int,
+        contact: Contact,
+        net: SimNetwork,
+        book: AddressBook,
+        config: NodeConfig,
+        coalition: Coalition | None = None,
+    ) -> None:
+        self.index = index
+        self.contact = contact
+        self.net = net
+        self.book = book
+        self.config = config
+        self.coalition = coalition  # set on adversarial nodes only
+        self.table = RoutingTable(contact.node_id, k=config.k)
+        self.rtt = RttEstimator(config.rto_initial, config.rto_floor, config.rto_ceiling)
+        self.pending: dict[int, Pending] = {}
+        self.heard: dict[bytes, float] = {}  # when each contact last sent us anything
+        self.maintenance_messages = 0  # liveness pings and pongs this node sent
+        self._next_req = 0
+
+    @property
+    def adversarial(self) -> bool:
+        return self.coalition is not None
+
+    # -- inbound ----------------------------------------------------------------
+
+    def receive(self, msg: Message) -> None:
+        kind = msg.kind
+        if kind == FIND_NODE:
+            self._on_find_node(msg)
+        elif kind == NODES or kind == PONG:
+            self._on_response(msg)
+        elif kind == PING:
+            self.observe(self.book.contacts[msg.src])
+            self.maintenance_messages += 1
+            self.net.send(Message(PONG, self.index, msg.src, msg.req_id))
+
+    def _on_find_node(self, msg: Message) -> None:
+        if self.coalition is not None:
+            closer = self.coalition.closest(msg.target, self.config.k)
+        else:
+            self.observe(self.book.contacts[msg.src])
+            closer = self.table.closest(msg.target)
+        self.net.send(Message(NODES, self.index, msg.src, msg.req_id, contacts=closer))
+
+    def _on_response(self, msg: Message) -> None:
+        pending = self.pending.get(msg.req_id)
+        if pending is None or self.book.index_of[pending.peer.node_id] != msg.src:
+            return  # unsolicited, spoofed or too late: a real node drops it unread
+        del self.pending[msg.req_id]
+        pending.answered = True
+        self.rtt.sample(self.net.now - pending.sent)
+        self.observe(pending.peer)
+        if pending.kind == PING:
+            self.table.on_check_result(pending.peer.node_id, True, self.net.now)
+        elif pending.lookup is not None:
+            pending.lookup.on_reply(pending, msg.contacts)
+
+    def _expire(self, pending: Pending) -> None:
+        if pending.answered:
+            return
+        del self.pending[pending.req_id]
+        if pending.kind == PING:
+            self.table.on_check_result(pending.peer.node_id, False, self.net.now)
+        else:
+            self.table.on_failure(pending.peer.node_id, self.net.now)
+
+    # -- routing table upkeep -----------------------------------------------------
+
+    def observe(self, contact: Contact) -> None:
+        now = self.net.now
+        self.heard[contact.node_id] = now
+        check = self.table.observe(contact, now).check
+        if check is None:
+            return
+        # The table asks for a ping of its least-recently-seen entry on *every* newcomer to
+        # a full bucket. Pinging each time starts a cascade (the pinged node observes us,
+        # pings its own LRS entry, ...): 20 pings per lookup message at 10,000 nodes. Like
+        # BEP 5, take recent traffic as the answer and ping only contacts gone quiet.
+        if now - self.heard.get(check.node_id, -self.config.fresh) < self.config.fresh:
+            self.table.on_check_result(check.node_id, True, now)
+        else:
+            self._ping(check)
+
+    def admit(self, contact: Contact) -> bool:
+        """Offer ``contact`` to the table as if just heard from (the oracle fill); True
+        if it was inserted."""
+        self.heard[contact.node_id] = self.net.now
+        return self.table.observe(contact, self.net.now).admission is Admission.INSERTED
+
+    def _ping(self, contact: Contact) -> None:
+        self.request(PING, contact, b"", None)
+        self.maintenance_messages += 1
+
+    def warm_up(self, count: int) -> None:
+        """Ping ``count`` table contacts: the RTT samples a running node has from its
+        periodic liveness checks, which an oracle-filled table never produced."""
+        contacts = list(self.table.contacts())
+        for contact in self.net.rng.sample(contacts, min(count, len(contacts))):
+            self._ping(contact)
+
+    # -- outbound -----------------------------------------------------------------
+
+    def request(self, kind: int, peer: Contact, target: bytes, lookup: LookupRun | None) -> Pending:
+        self._next_req += 1
+        net = self.net
+        pending = Pending(self._next_req, kind, peer, net.now, lookup)
+        self.pending[pending.req_id] = pending
+        net.send(Message(kind, self.index, self.book.index_of[peer.node_id], pending.req_id, target))
+        net.call_at(net.now + self.config.rto_ceiling, self._expire, pending)
+        return pending
+
+    def lookup(
+        self, target: bytes, on_done: Callable[[LookupRun], None], *, paths: int = 0
+    ) -> LookupRun:
+        """Start an iterative find-node for ``target``; ``paths`` > 0 = that many disjoint
+        paths (seeded with k contacts per path, so each path starts as well seeded as a
+        single-path lookup)."""
+        k, alpha = self.config.k, self.config.alpha
+        local_id = self.contact.node_id
+        it: Lookup
+        if paths > 0:
+            seeds = self.table.closest(target, k * paths)
+            it = DisjointLookup(target, seeds, paths=paths, k=k, alpha=alpha, local_id=local_id)
+        else:
+            seeds = self.table.closest(target)
+            it = ClosestPeersIter(target, seeds, k=k, alpha=alpha, local_id=local_id)
+        run = LookupRun(self, it, target, on_done)
+        run.pump()
+        return run
+
+
+class LookupRun:
+    """Drives one lookup iterator over the network and keeps its statistics.
+
+    Hops: the longest chain of sequential round trips behind the result. A contact from
+    the local table is 1 hop away; one first learned from a contact at ``h`` hops is at
+    ``h + 1``; the lookup's figure is the maximum over the contacts in its result.
+    Messages: requests sent plus responses received before the lookup ended.
+    """
+
+    __slots__ = (
+        "depth",
+        "done",
+        "draining",
+        "ended",
+        "it",
+        "messages",
+        "node",
+        "on_done",
+        "outstanding",
+        "requests",
+        "started",
+        "target",
+        "target_key",
+        "timeouts",
+    )
+
+    def __init__(
+        self,
+        node: SimNode,
+        it: Lookup,
+        target: bytes,
+        on_done: Callable[[LookupRun], None],
+    ) -> None:
+        self.node = node
+        self.it = it
+        self.target = target
+        self.target_key = int.from_bytes(target, "big")
+        self.on_done = on_done
+        self.started = node.net.now
+        self.ended = 0.0
+        self.outstanding: dict[bytes, Pending] = {}  # in flight and before its deadline
+        self.requests: list[Pending] = []
+        self.depth: dict[bytes, int] = {}
+        self.messages = 0
+        self.timeouts = 0
+        self.draining = False
+        self.done = False
+
+    def pump(self) -> None:
+        node, it = self.node, self.it
+        while True:
+            # The core takes one timeout per iterator; set it from this node's current
+            # estimate before every step, so each new query gets an up-to-date deadline.
+            it.timeout = node.rtt.timeout()
+            step = it.next(node.net.now)
+            if type(step) is Query:
+                self._send(step)
+            elif isinstance(step, Finished):
+                self._finish()
+                return
+            else:
+                return  # Wait: its `until` is always a deadline we hold a timer for
+
+    def _send(self, query: Query) -> None:
+        peer = query.contact
+        pending = self.node.request(FIND_NODE, peer, self.target, self)
+        self.requests.append(pending)
+        self.outstanding[peer.node_id] = pending
+        self.depth.setdefault(peer.node_id, 1)
+        self.messages += 1
+        self.node.net.call_at(query.deadline, self._on_deadline, pending)
+
+    def on_reply(self, pending: Pending, closer: Sequence[Contact]) -> None:
+        if self.done:
+            return
+        self.messages += 1
+        peer_id = pending.peer.node_id
+        self.outstanding.pop(peer_id, None)
+        self.it.on_response(peer_id, closer)
+        hop = self.depth[peer_id] + 1
+        setdefault = self.depth.setdefault
+        for contact in closer:
+            setdefault(contact.node_id, hop)
+        self._advance()
+
+    def _on_deadline(self, pending: Pending) -> None:
+        if self.done or pending.answered:
+            return
+        pending.timed_out = True
+        self.timeouts += 1
+        self.outstanding.pop(pending.peer.node_id, None)
+        self._advance()
+
+    def _advance(self) -> None:
+        if not self.draining:
+            self.pump()
+        elif not self._must_wait():
+            self._end()
+
+    def _finish(self) -> None:
+        """The iterator says it is done. Work around lookup.py's early termination: its
+        ``next()`` counts k successes past a closer peer still in flight (rust-libp2p's
+        ``ClosestPeersIter`` stops counting at such a peer), so a top-k peer that has not
+        answered *yet* would be missing from the result. Wait for those answers (until
+        their deadlines) before taking the result; the iterator still records them."""
+        if self.node.config.drain and self._must_wait():
+            self.draining = True
+        else:
+            self._end()
+
+    def _must_wait(self) -> bool:
+        if not self.outstanding:
+            return False
+        result = self.it.result()
+        if len(result) < self.it.k:
+            return True
+        kth = result[-1].key ^ self.target_key
+        return any(p.peer.key ^ self.target_key < kth for p in self.outstanding.values())
+
+    def _end(self) -> None:
+        self.done = True
+        self.ended = self.node.net.now
+        for request in self.requests:
+            request.lookup = None  # a late answer still updates the table, not the result
+        self.requests = []
+        self.outstanding.clear()
+        self.on_done(self)
+
+    def result(self) -> list[Contact]:
+        return self.it.result()
+
+    def hops(self, result: Sequence[Contact]) -> int:
+        return max((self.depth.get(c.node_id, 1) for c in result), default=0)
