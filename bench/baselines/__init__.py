@@ -217,6 +217,31 @@ class Deadline:
         return child
 
 
+class TableWatch:
+    """Decides when routing tables have settled, from per-node contact counts.
+
+    Settled: every node has ``want`` contacts, or every node has at least ``floor`` and
+    no count has changed for ``stable_s`` (small networks, where some tables stay short).
+    """
+
+    def __init__(self, want: int, *, floor: int = 1, stable_s: float = 2.0) -> None:
+        self.want = want
+        self.floor = min(floor, want)
+        self.stable_s = stable_s
+        self._last: list[int] | None = None
+        self._since = time.monotonic()
+
+    def settled(self, counts: list[int]) -> bool:
+        now = time.monotonic()
+        if counts != self._last:
+            self._last, self._since = list(counts), now
+        if not counts:
+            return False
+        if min(counts) >= self.want:
+            return True
+        return min(counts) >= self.floor and now - self._since >= self.stable_s
+
+
 # ---------------------------------------------------------------------------- command line
 
 

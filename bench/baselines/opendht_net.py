@@ -31,8 +31,10 @@ about it:
   (``rate_limit=False``, as OpenDHT's own benchmarks and tests do).
 * ``join()`` holds the GIL while it waits for the node's threads, so a Python callback
   still due on that node deadlocks it (e.g. ``shutdown()`` then ``join()`` right away).
-  :meth:`OpenDhtNet.close` waits for every outstanding callback, shuts every node down
-  with a callback and waits for those, and only then joins.
+  :meth:`OpenDhtNet.close` waits (bounded) for outstanding callbacks, shuts every node
+  down with a callback and waits for those, then joins each node with no callback due;
+  any other is kept alive (never destroyed: its destructor joins) and the CLI leaves with
+  ``os._exit``. A ``faulthandler`` watchdog ends the CLI if all else hangs.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from bench.baselines import (
     BatchResult,
     Deadline,
     Figure,
+    TableWatch,
     Workload,
     arg_parser,
     make_figure,
@@ -75,6 +78,7 @@ HOST = "127.0.0.1"
 PROBE_TIMEOUT_S = 2.0  # per probe op while waiting for the network to be usable
 NETWORK_ID = 0x444E41  # "DNA": keeps these nodes apart from any other OpenDHT network
 TARGET_NODES = 8  # OpenDHT stores each value on the 8 closest nodes
+AF_INET = 2
 
 Item = tuple[Any, bytes]  # (opendht.InfoHash, value bytes)
 Done = Callable[[bool], None]
@@ -96,30 +100,37 @@ def version() -> str:
 
 
 class _Pending:
-    """Native callbacks still due (counted per op, whether or not the batch gave up on it)."""
+    """Native callbacks still due, per runner (whether or not the batch gave up on the op).
+
+    Callbacks run on the thread of the runner the op was issued on: a runner with none due
+    can be joined safely.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._count = 0
+        self._due: dict[int, int] = {}  # id(runner) -> callbacks due
 
-    def add(self) -> None:
+    def add(self, runner: object) -> None:
         with self._cond:
-            self._count += 1
+            self._due[id(runner)] = self._due.get(id(runner), 0) + 1
 
-    def done(self) -> None:
+    def done(self, runner: object) -> None:
         with self._cond:
-            self._count -= 1
-            if self._count <= 0:
+            self._due[id(runner)] -= 1
+            if not self.count:
                 self._cond.notify_all()
 
     @property
     def count(self) -> int:
+        return sum(self._due.values())
+
+    def due(self, runner: object) -> int:
         with self._cond:
-            return self._count
+            return self._due.get(id(runner), 0)
 
     def drain(self, timeout_s: float) -> bool:
         with self._cond:
-            return self._cond.wait_for(lambda: self._count <= 0, timeout=timeout_s)
+            return self._cond.wait_for(lambda: not self.count, timeout=timeout_s)
 
 
 def _run_batch(
@@ -224,7 +235,8 @@ class OpenDhtNet:
     def start(self, ready_timeout_s: float = 15.0, probes: int = 5) -> float:
         """Start the nodes; return once the network is usable (seconds it took).
 
-        Usable: every node has ``min(N - 1, 8)`` good nodes in its routing table, and then
+        Usable: every node has ``min(N - 1, 8)`` nodes in its routing table (or at least 2,
+        and no table changed for 3 s: :class:`~bench.baselines.TableWatch`), then
         ``probes`` fresh keys in a row can be put by one node and read by another (nodes 1
         and 2, not client pair 0 unless N is tiny).
         Raises ``TimeoutError`` (after closing the nodes) past ``ready_timeout_s``.
@@ -251,11 +263,13 @@ class OpenDhtNet:
         return self.converge_s
 
     def _wait_ready(self, deadline: Deadline, probes: int) -> None:
-        want = min(self.size - 1, TARGET_NODES)
-        while min(self.good_nodes()) < want:
+        # Joining nodes know only the bootstrap node for ~4 s, until their first table
+        # maintenance fills them: wait for that, not for a few seconds of stillness.
+        watch = TableWatch(min(self.size - 1, TARGET_NODES), floor=2, stable_s=3.0)
+        while not watch.settled(self.contacts()):
             if deadline.expired():
-                raise TimeoutError(f"routing tables not filled: {sorted(self.good_nodes())[:5]}")
-            time.sleep(0.02)
+                raise TimeoutError(f"routing tables not filled: {sorted(self.contacts())[:5]}")
+            time.sleep(0.05)
         streak = 0
         while streak < probes:
             if deadline.expired():
@@ -266,16 +280,16 @@ class OpenDhtNet:
             _, read = self._get(stored, [reader], 1, deadline, PROBE_TIMEOUT_S)
             streak = streak + 1 if len(read) == 1 else 0
 
-    def good_nodes(self) -> list[int]:
-        """Good nodes in each node's IPv4 routing table (parsed from its log dump)."""
-        return [r.getRoutingTablesLog(2).count("[good]") for r in self.runners]
+    def contacts(self) -> list[int]:
+        """Nodes (good or dubious) in each node's IPv4 routing table, from its log dump."""
+        return [r.getRoutingTablesLog(AF_INET).count("    Node ") for r in self.runners]
 
     def close(self, timeout_s: float = 8.0) -> bool:
         """Shut every node down and join it; False if some could not be (kept alive)."""
         if not self.runners:
             return True
         deadline = Deadline(timeout_s)
-        clean = self._pending.drain(deadline.remaining() / 2)
+        self._pending.drain(deadline.remaining() / 2)
         events: list[threading.Event] = []
         for runner in self.runners:
             event = threading.Event()
@@ -284,20 +298,21 @@ class OpenDhtNet:
                 runner.shutdown(event.set)
             except Exception:
                 event.set()
+        stuck = 0
         for runner, event in zip(self.runners, events, strict=True):
-            if clean and event.wait(deadline.remaining()):
+            if event.wait(deadline.remaining()) and not self._pending.due(runner):
                 runner.join()
             else:
                 _STUCK.append(runner)
-        ok = clean and all(e.is_set() for e in events)
-        if not ok:
+                stuck += 1
+        if stuck:
             print(
-                f"opendht: {len(_STUCK)} node(s) not joined, {self._pending.count} "
-                "callback(s) still due",
+                f"opendht: {stuck} node(s) not joined (kept alive), "
+                f"{self._pending.count} callback(s) still due",
                 file=sys.stderr,
             )
         self.runners = []
-        return ok
+        return not stuck
 
     def __enter__(self) -> OpenDhtNet:
         if not self.runners:
@@ -376,14 +391,14 @@ class OpenDhtNet:
             writer = writers[i % len(writers)]
 
             def on_done(ok: bool, _nodes: object) -> None:
-                pending.done()
+                pending.done(writer)
                 done(bool(ok))
 
-            pending.add()
+            pending.add(writer)
             try:
                 writer.put(key, dht.Value(data), on_done)
             except BaseException:
-                pending.done()
+                pending.done(writer)
                 raise
 
         return self._batch("put", issue, items, concurrency, deadline, op_timeout_s)
@@ -411,14 +426,14 @@ class OpenDhtNet:
                 return True
 
             def on_done(ok: bool, _nodes: object) -> None:
-                pending.done()
+                pending.done(reader)
                 done(bool(ok) and found)
 
-            pending.add()
+            pending.add(reader)
             try:
                 reader.get(key, on_value, on_done)
             except BaseException:
-                pending.done()
+                pending.done(reader)
                 raise
 
         return self._batch("get", issue, items, concurrency, deadline, op_timeout_s)

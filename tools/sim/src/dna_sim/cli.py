@@ -22,7 +22,7 @@ from typing import Any
 from dna_sim.scenario import Scenario, Simulation, summary
 
 _FRACTIONS = ("adversarial", "crash", "kill_during", "partition", "loss")
-_REPLAY_IGNORED = ("wall_seconds",)  # the one figure a replay cannot reproduce
+_REPLAY_IGNORED = ("wall_seconds", "cpu_seconds")  # what a replay cannot reproduce
 
 
 def _fraction(text: str) -> float:
@@ -40,26 +40,59 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--alpha", type=int, default=3)
     p.add_argument("--disjoint", type=int, default=0, metavar="D", help="disjoint paths")
-    p.add_argument("--adversarial", type=_fraction, default=0.0, metavar="FRACTION",
-                   help="colluding nodes; runs single-path and disjoint lookups side by side")
-    p.add_argument("--crash", type=_fraction, default=0.0, metavar="FRACTION",
-                   help="nodes crashed before the lookups (still in routing tables)")
-    p.add_argument("--kill-during", type=_fraction, default=0.0, metavar="FRACTION",
-                   help="a healthy phase, then kill FRACTION of the nodes, then a second phase")
-    p.add_argument("--partition", type=_fraction, default=0.0, metavar="FRACTION",
-                   help="cut FRACTION of the nodes off for a first phase, heal for a second")
+    p.add_argument(
+        "--adversarial",
+        type=_fraction,
+        default=0.0,
+        metavar="FRACTION",
+        help="colluding nodes; runs single-path and disjoint lookups side by side",
+    )
+    p.add_argument(
+        "--crash",
+        type=_fraction,
+        default=0.0,
+        metavar="FRACTION",
+        help="nodes crashed before the lookups (still in routing tables)",
+    )
+    p.add_argument(
+        "--kill-during",
+        type=_fraction,
+        default=0.0,
+        metavar="FRACTION",
+        help="a healthy phase, then kill FRACTION of the nodes, then a second phase",
+    )
+    p.add_argument(
+        "--partition",
+        type=_fraction,
+        default=0.0,
+        metavar="FRACTION",
+        help="cut FRACTION of the nodes off for a first phase, heal for a second",
+    )
     p.add_argument("--loss", type=_fraction, default=0.0, metavar="P")
     p.add_argument("--latency-ms", type=float, default=20.0, help="mean one-way pair base")
     p.add_argument("--jitter-ms", type=float, default=5.0, help="per-message ± jitter")
     p.add_argument("--join", choices=("oracle", "real"), default="oracle")
     p.add_argument("--warmup", type=int, default=3, help="pings per node after an oracle fill")
     p.add_argument("--spacing-ms", type=float, default=10.0, help="virtual ms between lookups")
-    p.add_argument("--no-drain", dest="drain", action="store_false",
-                   help="take the core iterator's result as soon as it says Finished")
+    p.add_argument(
+        "--rto-floor-ms",
+        type=float,
+        default=100.0,
+        help="lower bound of the adaptive lookup timeout",
+    )
+    p.add_argument(
+        "--unpatched-core",
+        dest="unpatched",
+        action="store_true",
+        help="run kbucket/lookup as they are, without dna_sim.patches",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    p.add_argument("--replay", metavar="SUMMARY",
-                   help="a JSON summary (or a file whose last line is one): rerun it and compare")
-    return p  # fmt: skip
+    p.add_argument(
+        "--replay",
+        metavar="SUMMARY",
+        help="a JSON summary (or a file whose last line is one): rerun it and compare",
+    )
+    return p
 
 
 def _scenario_from(args: argparse.Namespace) -> Scenario:
@@ -84,13 +117,13 @@ def command_line(scenario: Scenario) -> str:
     parts = ["dna-sim", f"--nodes {scenario.nodes}", f"--lookups {scenario.lookups}"]
     parts.append(f"--seed {scenario.seed}")
     for f in fields(Scenario):
-        if f.name in ("nodes", "lookups", "seed", "drain"):
+        if f.name in ("nodes", "lookups", "seed", "unpatched"):
             continue
         value = getattr(scenario, f.name)
         if value != getattr(default, f.name):
             parts.append(f"--{f.name.replace('_', '-')} {value}")
-    if not scenario.drain:
-        parts.append("--no-drain")
+    if scenario.unpatched:
+        parts.append("--unpatched-core")
     return " ".join(parts)
 
 
@@ -109,7 +142,11 @@ def run(scenario: Scenario, *, quiet: bool = False) -> dict[str, Any]:
 
     print(f"seed: {scenario.seed}", flush=True)
     print(f"replay: {command_line(scenario)}", flush=True)
-    t0 = time.perf_counter()
+    if scenario.unpatched:
+        print("core: kbucket/lookup as they are (--unpatched-core)")
+    else:
+        print("core: with dna_sim.patches (faster closest(), lookup termination fix)")
+    t0, cpu0 = time.perf_counter(), time.process_time()
     sim = Simulation(scenario, progress)
     world = sim.build()
     how = "oracle fill (tables filled from the ID list, not by joins)"
@@ -125,9 +162,9 @@ def run(scenario: Scenario, *, quiet: bool = False) -> dict[str, Any]:
                 f"hops median {m['hops_median']}, {m['messages_per_lookup']} msgs/lookup, "
                 f"latency p50 {m['latency_ms_p50']} ms p99 {m['latency_ms_p99']} ms"
             )
-    wall = time.perf_counter() - t0
-    print(f"wall: {wall:.1f} s")
-    return summary(sim, wall)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    print(f"wall: {wall:.1f} s (cpu {cpu:.1f} s)")
+    return summary(sim, wall, cpu)
 
 
 def main(argv: list[str] | None = None) -> None:

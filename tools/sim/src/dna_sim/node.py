@@ -1,21 +1,21 @@
 """A simulated overlay member: the lead's sans-I/O cores behind a message pump.
 
-A ``SimNode`` does what the real UDP adapter will do, minus the sockets:
+A ``SimNode`` does what the asyncio adapter (``dna_core.overlay.aio.node``) does, minus
+the sockets:
 
 * it answers find-node with ``RoutingTable.closest(target)`` and pings with pongs;
 * it observes every requester and every matched responder (so tables evolve as in a live
-  network) and pings the contact a full bucket asks it to check (``Observed.check``);
-* it matches a response by request ID *and* source, and ignores anything unsolicited;
+  network) and answers the liveness checks a full bucket asks for (``Observed.check``);
+* it matches a response by request ID *and* source, and drops anything else;
 * it drives lookups (``LookupRun``): every ``Query`` becomes a datagram with a deadline
   timer, and ``next()`` is called again on each response and each deadline.
 
-Two deadlines per request. The lookup's is adaptive: one RTT estimator per node, as TCP
-does (RFC 6298 §2), gives ``clamp(srtt + 4 * rttvar)``, so a dead peer holds a lookup
-slot for a few RTTs, not a fixed second (the ``kademlia`` package's 5 s p50 with half its
-nodes gone is what this avoids). Past it the lookup moves on but still takes a late
-answer. The table's is the ceiling: only a request unanswered that long counts as a
-failure (``on_failure``, or a failed liveness check), because a false "dead" evicts a live
-contact while nothing waits on that verdict.
+Two deadlines per request, as in the adapter. The lookup's is adaptive: the node's
+``RttEstimator`` (RFC 6298 §2) gives ``clamp(srtt + 4 * rttvar)``, so a dead peer holds a
+lookup slot for a few RTTs, not a fixed second (the ``kademlia`` package's 5 s p50 with
+half its nodes gone is what this avoids); past it the lookup moves on but still takes a
+late answer. The hard one, ``rto_ceiling``, decides failure (``it.on_failure``,
+``table.on_failure``, a failed liveness check).
 
 Adversarial nodes answer find-node with the colluding nodes closest to the target only,
 which looks plausible (they are close) but leads a single-path lookup into the coalition.
@@ -29,8 +29,10 @@ from dataclasses import dataclass
 from dna_core.overlay.contact import Contact
 from dna_core.overlay.kbucket import Admission, RoutingTable
 from dna_core.overlay.lookup import ClosestPeersIter, DisjointLookup, Finished, Query
+from dna_core.overlay.rtt import RttEstimator
 
 from dna_sim.network import FIND_NODE, NODES, PING, PONG, Message, SimNetwork
+from dna_sim.patches import PatchedClosestPeersIter, PatchedDisjointLookup, SimRoutingTable
 from dna_sim.xor import xor_closest
 
 Lookup = ClosestPeersIter | DisjointLookup
@@ -40,34 +42,14 @@ Lookup = ClosestPeersIter | DisjointLookup
 class NodeConfig:
     k: int = 20
     alpha: int = 3
-    rto_initial: float = 1.0  # RFC 6298 §2.1: 1 s before any RTT sample
+    rto_initial: float = 0.5  # the adapter's RttEstimator default
+    # The adapter's floor is 50 ms. One estimator per node averages over paths of 20-70 ms
+    # RTT here, and at 50 ms 0.07 live peers per lookup miss their deadline (and drop out
+    # of the result); at 100 ms none do.
     rto_floor: float = 0.100
-    rto_ceiling: float = 2.0  # also when a request counts as failed for the table
-    fresh: float = 900.0  # BEP 5: a node heard from within 15 min is "good", no ping needed
-    drain: bool = True  # see LookupRun._finish
-
-
-class RttEstimator:
-    """Smoothed RTT and its variation (RFC 6298 §2, alpha = 1/8, beta = 1/4)."""
-
-    __slots__ = ("ceiling", "floor", "initial", "rttvar", "srtt")
-
-    def __init__(self, initial: float, floor: float, ceiling: float) -> None:
-        self.initial, self.floor, self.ceiling = initial, floor, ceiling
-        self.srtt = 0.0
-        self.rttvar = 0.0
-
-    def sample(self, rtt: float) -> None:
-        if self.srtt == 0.0:
-            self.srtt, self.rttvar = rtt, rtt / 2
-        else:
-            self.rttvar += (abs(self.srtt - rtt) - self.rttvar) / 4
-            self.srtt += (rtt - self.srtt) / 8
-
-    def timeout(self) -> float:
-        if self.srtt == 0.0:
-            return self.initial
-        return min(self.ceiling, max(self.floor, self.srtt + 4 * self.rttvar))
+    rto_ceiling: float = 2.0  # the adapter's request_timeout: a request has failed
+    fresh: float = 900.0  # BEP 5: a node heard from within 15 min is good, no ping needed
+    unpatched: bool = False  # True: the core's own closest() and lookup iterators
 
 
 class AddressBook:
@@ -100,7 +82,7 @@ class Pending:
     answer still reaches its lookup (the iterator's UNRESPONSIVE state accepts it) unless
     the lookup has ended (``lookup`` is then None)."""
 
-    __slots__ = ("answered", "kind", "lookup", "peer", "req_id", "sent", "timed_out")
+    __slots__ = ("answered", "kind", "lookup", "peer", "req_id", "sent")
 
     def __init__(
         self, req_id: int, kind: int, peer: Contact, sent: float, lookup: LookupRun | None
@@ -111,7 +93,6 @@ class Pending:
         self.sent = sent
         self.lookup = lookup
         self.answered = False
-        self.timed_out = False
 
 
 class SimNode:
@@ -130,16 +111,16 @@ class SimNode:
         self.book = book
         self.config = config
         self.coalition = coalition  # set on adversarial nodes only
-        self.table = RoutingTable(contact.node_id, k=config.k)
-        self.rtt = RttEstimator(config.rto_initial, config.rto_floor, config.rto_ceiling)
+        table_type = RoutingTable if config.unpatched else SimRoutingTable
+        self.table = table_type(contact.node_id, k=config.k)
+        self.rtt = RttEstimator(
+            initial=config.rto_initial, floor=config.rto_floor, ceiling=config.rto_ceiling
+        )
         self.pending: dict[int, Pending] = {}
-        self.heard: dict[bytes, float] = {}  # when each contact last sent us anything
+        # When each contact last sent us anything; absent = not since the oracle fill (t=0).
+        self.heard: dict[bytes, float] = {}
         self.maintenance_messages = 0  # liveness pings and pongs this node sent
         self._next_req = 0
-
-    @property
-    def adversarial(self) -> bool:
-        return self.coalition is not None
 
     # -- inbound ----------------------------------------------------------------
 
@@ -176,13 +157,17 @@ class SimNode:
             pending.lookup.on_reply(pending, msg.contacts)
 
     def _expire(self, pending: Pending) -> None:
+        """The hard deadline: the request has failed."""
         if pending.answered:
             return
         del self.pending[pending.req_id]
+        now = self.net.now
         if pending.kind == PING:
-            self.table.on_check_result(pending.peer.node_id, False, self.net.now)
-        else:
-            self.table.on_failure(pending.peer.node_id, self.net.now)
+            self.table.on_check_result(pending.peer.node_id, False, now)
+            return
+        self.table.on_failure(pending.peer.node_id, now)
+        if pending.lookup is not None:
+            pending.lookup.on_failure(pending)
 
     # -- routing table upkeep -----------------------------------------------------
 
@@ -194,29 +179,26 @@ class SimNode:
             return
         # The table asks for a ping of its least-recently-seen entry on *every* newcomer to
         # a full bucket. Pinging each time starts a cascade (the pinged node observes us,
-        # pings its own LRS entry, ...): 20 pings per lookup message at 10,000 nodes. Like
-        # BEP 5, take recent traffic as the answer and ping only contacts gone quiet.
-        if now - self.heard.get(check.node_id, -self.config.fresh) < self.config.fresh:
+        # pings its own LRS entry, ...): ~17 pings per lookup message at 10,000 nodes. As
+        # in BEP 5, recent traffic is the answer; only a contact gone quiet is pinged.
+        if now - self.heard.get(check.node_id, 0.0) < self.config.fresh:
             self.table.on_check_result(check.node_id, True, now)
         else:
             self._ping(check)
 
     def admit(self, contact: Contact) -> bool:
-        """Offer ``contact`` to the table as if just heard from (the oracle fill); True
-        if it was inserted."""
-        self.heard[contact.node_id] = self.net.now
+        """Offer ``contact`` to the table (the oracle fill); True if it was inserted."""
         return self.table.observe(contact, self.net.now).admission is Admission.INSERTED
+
+    def warm_up(self, contacts: Sequence[Contact]) -> None:
+        """Ping ``contacts``: the RTT samples a running node has from its periodic
+        liveness checks, which an oracle-filled table never produced."""
+        for contact in contacts:
+            self._ping(contact)
 
     def _ping(self, contact: Contact) -> None:
         self.request(PING, contact, b"", None)
         self.maintenance_messages += 1
-
-    def warm_up(self, count: int) -> None:
-        """Ping ``count`` table contacts: the RTT samples a running node has from its
-        periodic liveness checks, which an oracle-filled table never produced."""
-        contacts = list(self.table.contacts())
-        for contact in self.net.rng.sample(contacts, min(count, len(contacts))):
-            self._ping(contact)
 
     # -- outbound -----------------------------------------------------------------
 
@@ -230,20 +212,21 @@ class SimNode:
         return pending
 
     def lookup(
-        self, target: bytes, on_done: Callable[[LookupRun], None], *, paths: int = 0
+        self, target: bytes, on_done: Callable[[LookupRun], None], *, paths: int = 1
     ) -> LookupRun:
-        """Start an iterative find-node for ``target``; ``paths`` > 0 = that many disjoint
-        paths (seeded with k contacts per path, so each path starts as well seeded as a
-        single-path lookup)."""
+        """Start an iterative find-node for ``target`` over ``paths`` disjoint paths, seeded
+        with k contacts per path (as the adapter's ``find_node`` does)."""
         k, alpha = self.config.k, self.config.alpha
         local_id = self.contact.node_id
+        seeds = self.table.closest(target, k * max(1, paths))
+        unpatched = self.config.unpatched
         it: Lookup
-        if paths > 0:
-            seeds = self.table.closest(target, k * paths)
-            it = DisjointLookup(target, seeds, paths=paths, k=k, alpha=alpha, local_id=local_id)
+        if paths > 1:
+            disjoint = DisjointLookup if unpatched else PatchedDisjointLookup
+            it = disjoint(target, seeds, paths=paths, k=k, alpha=alpha, local_id=local_id)
         else:
-            seeds = self.table.closest(target)
-            it = ClosestPeersIter(target, seeds, k=k, alpha=alpha, local_id=local_id)
+            single = ClosestPeersIter if unpatched else PatchedClosestPeersIter
+            it = single(target, seeds, k=k, alpha=alpha, local_id=local_id)
         run = LookupRun(self, it, target, on_done)
         run.pump()
         return run
@@ -256,18 +239,17 @@ class LookupRun:
     the local table is 1 hop away; one first learned from a contact at ``h`` hops is at
     ``h + 1``; the lookup's figure is the maximum over the contacts in its result.
     Messages: requests sent plus responses received before the lookup ended.
+    Timeouts: queries that missed their (adaptive) lookup deadline.
     """
 
     __slots__ = (
         "depth",
         "done",
-        "draining",
         "ended",
         "it",
         "messages",
         "node",
         "on_done",
-        "outstanding",
         "requests",
         "started",
         "target",
@@ -289,25 +271,23 @@ class LookupRun:
         self.on_done = on_done
         self.started = node.net.now
         self.ended = 0.0
-        self.outstanding: dict[bytes, Pending] = {}  # in flight and before its deadline
         self.requests: list[Pending] = []
         self.depth: dict[bytes, int] = {}
         self.messages = 0
         self.timeouts = 0
-        self.draining = False
         self.done = False
 
     def pump(self) -> None:
         node, it = self.node, self.it
         while True:
-            # The core takes one timeout per iterator; set it from this node's current
-            # estimate before every step, so each new query gets an up-to-date deadline.
-            it.timeout = node.rtt.timeout()
+            # One timeout per iterator in the core: refresh it from the node's estimate
+            # before every step, so each new query gets a current deadline.
+            it.timeout = node.rtt.timeout
             step = it.next(node.net.now)
             if type(step) is Query:
                 self._send(step)
             elif isinstance(step, Finished):
-                self._finish()
+                self._end()
                 return
             else:
                 return  # Wait: its `until` is always a deadline we hold a timer for
@@ -316,57 +296,29 @@ class LookupRun:
         peer = query.contact
         pending = self.node.request(FIND_NODE, peer, self.target, self)
         self.requests.append(pending)
-        self.outstanding[peer.node_id] = pending
         self.depth.setdefault(peer.node_id, 1)
         self.messages += 1
         self.node.net.call_at(query.deadline, self._on_deadline, pending)
 
     def on_reply(self, pending: Pending, closer: Sequence[Contact]) -> None:
-        if self.done:
-            return
         self.messages += 1
         peer_id = pending.peer.node_id
-        self.outstanding.pop(peer_id, None)
         self.it.on_response(peer_id, closer)
         hop = self.depth[peer_id] + 1
         setdefault = self.depth.setdefault
         for contact in closer:
             setdefault(contact.node_id, hop)
-        self._advance()
+        self.pump()
+
+    def on_failure(self, pending: Pending) -> None:
+        self.it.on_failure(pending.peer.node_id)
+        self.pump()
 
     def _on_deadline(self, pending: Pending) -> None:
         if self.done or pending.answered:
             return
-        pending.timed_out = True
         self.timeouts += 1
-        self.outstanding.pop(pending.peer.node_id, None)
-        self._advance()
-
-    def _advance(self) -> None:
-        if not self.draining:
-            self.pump()
-        elif not self._must_wait():
-            self._end()
-
-    def _finish(self) -> None:
-        """The iterator says it is done. Work around lookup.py's early termination: its
-        ``next()`` counts k successes past a closer peer still in flight (rust-libp2p's
-        ``ClosestPeersIter`` stops counting at such a peer), so a top-k peer that has not
-        answered *yet* would be missing from the result. Wait for those answers (until
-        their deadlines) before taking the result; the iterator still records them."""
-        if self.node.config.drain and self._must_wait():
-            self.draining = True
-        else:
-            self._end()
-
-    def _must_wait(self) -> bool:
-        if not self.outstanding:
-            return False
-        result = self.it.result()
-        if len(result) < self.it.k:
-            return True
-        kth = result[-1].key ^ self.target_key
-        return any(p.peer.key ^ self.target_key < kth for p in self.outstanding.values())
+        self.pump()  # next() marks the peer unresponsive and frees its slot
 
     def _end(self) -> None:
         self.done = True
@@ -374,7 +326,6 @@ class LookupRun:
         for request in self.requests:
             request.lookup = None  # a late answer still updates the table, not the result
         self.requests = []
-        self.outstanding.clear()
         self.on_done(self)
 
     def result(self) -> list[Contact]:

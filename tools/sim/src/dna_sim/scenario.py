@@ -38,7 +38,7 @@ class Scenario:
     seed: int = 0
     k: int = 20
     alpha: int = 3
-    disjoint: int = 0  # 0 = single path (or DEFAULT_DISJOINT beside it when adversarial)
+    disjoint: int = 0  # paths; < 2 = single path (DEFAULT_DISJOINT beside it if adversarial)
     adversarial: float = 0.0
     crash: float = 0.0  # crashed before any lookup
     kill_during: float = 0.0  # killed between a healthy phase and a second phase
@@ -49,15 +49,16 @@ class Scenario:
     join: str = "oracle"
     warmup: int = 3
     spacing_ms: float = 10.0
-    drain: bool = True
+    rto_floor_ms: float = 100.0
+    unpatched: bool = False  # the core as it is, without dna_sim.patches
 
     def variants(self) -> list[tuple[str, int]]:
-        """(name, disjoint paths) of the lookup kinds to run in every phase."""
+        """(name, paths) of the lookup kinds to run in every phase."""
         if self.adversarial > 0:
-            return [("single", 0), ("disjoint", self.disjoint or DEFAULT_DISJOINT)]
-        if self.disjoint > 0:
+            return [("single", 1), ("disjoint", max(2, self.disjoint or DEFAULT_DISJOINT))]
+        if self.disjoint > 1:
             return [("disjoint", self.disjoint)]
-        return [("single", 0)]
+        return [("single", 1)]
 
     def world_config(self) -> WorldConfig:
         return WorldConfig(
@@ -69,7 +70,12 @@ class Scenario:
                 jitter=self.jitter_ms / 1000,
                 loss=self.loss,
             ),
-            node=NodeConfig(k=self.k, alpha=self.alpha, drain=self.drain),
+            node=NodeConfig(
+                k=self.k,
+                alpha=self.alpha,
+                rto_floor=self.rto_floor_ms / 1000,
+                unpatched=self.unpatched,
+            ),
         )
 
 
@@ -256,7 +262,7 @@ def _gc_young_only() -> Iterator[None]:
         gc.set_threshold(*before)
 
 
-def summary(sim: Simulation, wall_seconds: float) -> dict[str, Any]:
+def summary(sim: Simulation, wall_seconds: float, cpu_seconds: float) -> dict[str, Any]:
     """The one-line JSON summary: the configuration, the headline figures (last phase,
     its disjoint variant when both ran), every phase, and the issue-3 target checks."""
     scenario, world = sim.scenario, sim.world
@@ -279,7 +285,8 @@ def summary(sim: Simulation, wall_seconds: float) -> dict[str, Any]:
         "loss": scenario.loss,
         "latency_ms": scenario.latency_ms,
         "jitter_ms": scenario.jitter_ms,
-        "drain": scenario.drain,
+        "rto_floor_ms": scenario.rto_floor_ms,
+        "unpatched": scenario.unpatched,
         "phase": phase_name,
         "variant": variant,
         **phase[variant],
@@ -297,6 +304,7 @@ def summary(sim: Simulation, wall_seconds: float) -> dict[str, Any]:
     out["virtual_seconds"] = round(world.net.now, 3)
     out["phases"] = sim.phases
     out["wall_seconds"] = round(wall_seconds, 2)
+    out["cpu_seconds"] = round(cpu_seconds, 2)
     return out
 
 

@@ -13,7 +13,7 @@ Two ways to fill the routing tables:
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from dna_core.overlay.contact import ID_BITS, ID_BYTES, Contact, Endpoint
@@ -68,33 +68,48 @@ class World:
     # -- table filling ------------------------------------------------------------
 
     def oracle_fill(self) -> None:
+        warmup = self.config.warmup
         for node in self.nodes:
-            self._fill_table(node)
-        if self.config.warmup:
-            for node in self.nodes:
-                node.warm_up(self.config.warmup)
-            self.net.run()
+            inserted = self._fill_table(node)
+            if warmup:
+                picks = self.rng.sample(inserted, min(warmup, len(inserted)))
+                node.warm_up([self.contacts[i] for i in picks])
+        self.net.run()
 
-    def _fill_table(self, node: SimNode) -> None:
-        keys, k, rng = self.keys, self.k, self.rng
+    def _fill_table(self, node: SimNode) -> list[int]:
+        """Fill ``node``'s table bucket by bucket; the indices of the inserted nodes."""
+        keys, k = self.keys, self.k
         local = node.contact.key
+        inserted: list[int] = []
         for index in range(ID_BITS - 1, -1, -1):
             start, end = bucket_range(keys, local, index)
-            if end - start > k:
-                # Twice k candidates: a few may be refused by the per-/24 limit.
-                candidates: Sequence[int] = rng.sample(range(start, end), min(end - start, 2 * k))
-            else:
-                candidates = range(start, end)
-            inserted = 0
-            for i in candidates:
+            in_bucket = 0
+            for i in self._candidates(start, end):
                 if node.admit(self.contacts[i]):
-                    inserted += 1
-                    if inserted == k:
+                    inserted.append(i)
+                    in_bucket += 1
+                    if in_bucket == k:
                         break
             # Own half at this level holds only us: every closer bucket is empty.
             own_start, own_end = prefix_range(keys, local, index)
             if own_end - own_start <= 1:
                 break
+        return inserted
+
+    def _candidates(self, start: int, end: int) -> Iterator[int]:
+        """The indices ``start..end-1``: all in order when at most 2k (a few may be refused
+        by the per-/24 limit), else distinct random picks until the caller stops."""
+        size = end - start
+        if size <= 2 * self.k:
+            yield from range(start, end)
+            return
+        rand = self.rng.random
+        seen: dict[int, None] = {}  # ordered, unlike a set: replays identically
+        while len(seen) < size:
+            i = start + int(rand() * size)
+            if i not in seen:
+                seen[i] = None
+                yield i
 
     def join(self) -> None:
         """Real joins: a random order, the first node is the bootstrap everyone knows."""

@@ -25,3 +25,10 @@ def load_node_key(path: Path, puzzle: int) -> NodeIdentity:
     if puzzle_bits(node.node_id) < puzzle:
         raise MalformedError(f"{path}: node ID does not solve the {puzzle}-bit puzzle")
     return node
+
+
+def load_or_create_node_key(path: Path, puzzle: int) -> tuple[NodeIdentity, bool]:
+    """The node's key, minted on first start; returns (key, created)."""
+    if path.exists():
+        return load_node_key(path, puzzle), False
+    return create_node_key(path, puzzle)[0], True

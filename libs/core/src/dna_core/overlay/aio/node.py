@@ -54,6 +54,8 @@ from .records_rpc import ChannelPool, RecordClient
 
 log = logging.getLogger("dna.overlay")
 TOKEN_CACHE_SIZE = 4096
+SUSPECT_SECONDS = 30.0  # a node that just failed us is not asked again for this long
+SUSPECT_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,9 @@ class OverlayNode:
         self.contact: Contact | None = None
         self.responder: Responder | None = None
         self._token_cache: OrderedDict[Addr, bytes] = OrderedDict()
+        # Other nodes keep dead contacts until their own checks run; without this memory every
+        # lookup would rediscover them from responses and wait out their timeouts again.
+        self._suspects: OrderedDict[bytes, float] = OrderedDict()
         self._inflight: dict[tuple[int, Addr], _Inflight] = {}
         self._transport: asyncio.DatagramTransport | None = None
         self._tasks: set[asyncio.Task[object]] = set()
@@ -285,7 +290,7 @@ class OverlayNode:
     async def find_node(self, target: bytes, *, paths: int = 1) -> list[Contact]:
         """Iterative lookup of the k closest nodes to ``target``."""
         started = time.monotonic()
-        seeds = self.table.closest(target, self.config.k * paths)
+        seeds = self._trusted(self.table.closest(target, self.config.k * paths))
         it: ClosestPeersIter | DisjointLookup
         if paths > 1:
             it = DisjointLookup(
@@ -326,11 +331,11 @@ class OverlayNode:
             dgram = await self.request(peer.endpoint.udp, FindNode(target), node_id=peer.node_id)
         except (TimeoutError, ProtocolError):
             it.on_failure(peer.node_id)
-            self.table.on_failure(peer.node_id, time.monotonic())
+            self._suspect(peer.node_id)
         else:
             if isinstance(dgram.body, Nodes):
                 closer = [c for c in dgram.body.closer if c.node_id != self.node_id]
-                it.on_response(peer.node_id, closer)
+                it.on_response(peer.node_id, self._trusted(closer))
             else:
                 it.on_failure(peer.node_id)
         wake.set()
@@ -343,6 +348,20 @@ class OverlayNode:
         """The best verified record for ``key`` among the closest nodes' answers."""
         closest = await self.find_node(key)
         return await self.records.find_value(key, closest[:holders])
+
+    def _suspect(self, node_id: bytes) -> None:
+        now = time.monotonic()
+        self.table.on_failure(node_id, now)
+        self._suspects[node_id] = now + SUSPECT_SECONDS
+        self._suspects.move_to_end(node_id)
+        while len(self._suspects) > SUSPECT_CACHE_SIZE:
+            self._suspects.popitem(last=False)
+
+    def _trusted(self, contacts: list[Contact]) -> list[Contact]:
+        if not self._suspects:
+            return contacts
+        now = time.monotonic()
+        return [c for c in contacts if self._suspects.get(c.node_id, 0.0) <= now]
 
     async def refresh(self, interval: float | None = None) -> int:
         """Look up a random ID in every stale bucket; returns how many lookups ran."""
