@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from cluster import NodeProcess, make_cluster, stop_all, wait_ready
@@ -21,6 +22,7 @@ from dna_core.overlay.records import record_key
 from dna_core.wire.gen.dna.v1 import common_pb2, records_pb2
 from support import seeded_identity
 
+T = TypeVar("T")
 NODES = 20
 IDENTITY = common_pb2.RECORD_KIND_IDENTITY
 
@@ -47,7 +49,7 @@ def _record(who: Identity, seq: int = 1) -> tuple[bytes, bytes]:
     return key, raw
 
 
-async def _with_client(entry: tuple[str, int], work):  # type: ignore[no-untyped-def]
+async def _with_client(entry: tuple[str, int], work: Callable[[OverlayNode], Awaitable[T]]) -> T:
     client = OverlayNode(
         NodeIdentity.generate(0)[0],
         NodeConfig(host="127.0.0.1", puzzle_bits=4, client_mode=True, allow_loopback=True),
