@@ -16,7 +16,7 @@ uv_bin() {
 }
 
 # Debian packages the test suite starts itself (servers are launched by the tests' fixtures).
-APT_PACKAGES=()
+APT_PACKAGES=(redis-server)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

@@ -1,0 +1,115 @@
+"""The mailbox storage interface every backend implements.
+
+Model (docs/storage.md): a mailbox is a grow-only set of immutable,
+content-addressed blobs (blob ID = SHA-256 of the blob) plus delete tombstones.
+Replicas merge by union, so every operation here is idempotent:
+
+* ``put`` of a blob already held is a no-op (``DUPLICATE``); of a blob with a
+  live tombstone is refused (``TOMBSTONED``): deleted data never comes back
+  through repair or a late replay;
+* ``delete`` stores tombstones and drops the blobs they name; a tombstone
+  outlives the blob it deletes (its ``expires_ms`` is later);
+* ``expire`` removes expired blobs and expired tombstones, a bounded batch at a
+  time (incremental GC), and nothing expired is ever returned by a read;
+* an acknowledged write is durable (SQLite ``synchronous=FULL``; Redis with
+  AOF ``appendfsync always`` when configured for durability).
+
+Each blob gets a per-node, per-mailbox increasing ``seq`` at first store: the
+fetch cursor. Cursors are local to one replica (clients keep one per replica).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class PutOutcome(enum.Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    TOMBSTONED = "tombstoned"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBlob:
+    mailbox_id: bytes
+    blob_id: bytes
+    blob: bytes
+    stored_ms: int
+    expires_ms: int
+    seq: int = 0  # assigned by the backend
+
+
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    mailbox_id: bytes
+    blob_id: bytes
+    deleted_ms: int
+    expires_ms: int
+    authorization: bytes  # the owner's signed DeleteRequest, checked again by peers in repair
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    blobs: list[StoredBlob]
+    next_cursor: int  # pass back to fetch the next page
+    more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    blobs: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxDigest:
+    mailbox_id: bytes
+    digest: bytes  # SHA-256 over the sorted blob IDs then the sorted tombstone IDs
+    blobs: int
+    tombstones: int
+
+
+class MailboxBackend(Protocol):
+    async def put_many(self, blobs: Sequence[StoredBlob], now_ms: int) -> list[PutOutcome]:
+        """Store blobs durably in one transaction (group commit); one outcome per blob."""
+        ...
+
+    async def fetch(self, mailbox_id: bytes, cursor: int, limit: int, now_ms: int) -> Page:
+        """Unexpired blobs with seq > cursor, in seq order, at most ``limit``."""
+        ...
+
+    async def get_blobs(
+        self, mailbox_id: bytes, blob_ids: Sequence[bytes], now_ms: int
+    ) -> list[StoredBlob]:
+        """The unexpired blobs among ``blob_ids`` (for replica pulls)."""
+        ...
+
+    async def delete(self, tombstones: Sequence[Tombstone], now_ms: int) -> int:
+        """Store tombstones, drop the blobs they name; returns blobs removed."""
+        ...
+
+    async def ids(self, mailbox_id: bytes, now_ms: int) -> tuple[list[bytes], list[Tombstone]]:
+        """Sorted unexpired blob IDs and the live tombstones of a mailbox (for anti-entropy)."""
+        ...
+
+    async def digests(self, start: bytes, end: bytes, now_ms: int) -> list[MailboxDigest]:
+        """Digests of every non-empty mailbox with ``start <= mailbox_id < end``."""
+        ...
+
+    async def usage(self, mailbox_id: bytes, now_ms: int) -> Usage:
+        """What a mailbox holds now (for quotas)."""
+        ...
+
+    async def totals(self) -> Usage:
+        """What the whole node holds (for metrics and the disk high-water mark)."""
+        ...
+
+    async def expire(self, now_ms: int, limit: int) -> int:
+        """Remove up to ``limit`` expired blobs and tombstones; returns how many."""
+        ...
+
+    async def close(self) -> None: ...

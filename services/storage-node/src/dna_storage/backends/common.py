@@ -1,0 +1,67 @@
+"""Rules every backend shares, kept in one place so the backends cannot drift apart.
+
+The interface (``base.py``) leaves a few things open; these are the answers both backends
+(and the contract suite's reference model) implement:
+
+* **Expired means absent.** A blob or tombstone with ``expires_ms <= now_ms`` is invisible to
+  every read and to every write decision, exactly as if ``expire`` had already removed it.
+  ``expire`` only reclaims space; it never changes what a read returns.
+* **Tombstones outlive what they delete.** A tombstone that drops a live blob is stored with
+  ``expires_ms = max(tombstone.expires_ms, blob.expires_ms)``, so the blob cannot come back
+  through repair once the tombstone is gone. A tombstone already expired on arrival is ignored
+  (it deletes nothing: a live blob would have extended it). Of two tombstones for the same
+  blob the one expiring later wins; on a tie the stored one stays.
+* **A re-put after expiry is a new store** (new ``seq``): the old copy is absent, and the seq
+  counter never goes back, so existing cursors stay valid.
+* **GC order** is oldest expiry first, then blobs before tombstones, then mailbox ID, then blob
+  ID: the same victims on every backend for the same ``limit``.
+* **Digest** framing is fixed here (``mailbox_digest``): replicas on different backends must
+  compute equal digests for equal content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+from dna_storage.backends.base import MailboxDigest
+
+DIGEST_DOMAIN = b"dna-mailbox-digest/v1"
+
+
+def mailbox_digest(
+    mailbox_id: bytes, blob_ids: Iterable[bytes], tombstone_ids: Iterable[bytes]
+) -> MailboxDigest:
+    """SHA-256 over the sorted blob IDs, then the sorted tombstone IDs.
+
+    Each section starts with its count and each ID with its length, so "blob X" and
+    "tombstone X" (or two IDs glued together) never hash alike.
+    """
+    blobs = sorted(blob_ids)
+    tombs = sorted(tombstone_ids)
+    h = hashlib.sha256(DIGEST_DOMAIN)
+    for section in (blobs, tombs):
+        h.update(len(section).to_bytes(4, "big"))
+        for item in section:
+            h.update(len(item).to_bytes(2, "big"))
+            h.update(item)
+    return MailboxDigest(mailbox_id, h.digest(), len(blobs), len(tombs))
+
+
+def in_range(mailbox_id: bytes, start: bytes, end: bytes) -> bool:
+    """``start <= mailbox_id < end``; an empty ``end`` means "no upper bound".
+
+    (With 32-byte IDs no ``end`` could otherwise include ``ff..ff``.)
+    """
+    return mailbox_id >= start and (not end or mailbox_id < end)
+
+
+def check_limit(limit: int) -> None:
+    """A page must hold at least one blob, or a cursor could never advance."""
+    if limit < 1:
+        raise ValueError(f"fetch limit must be >= 1, got {limit}")
+
+
+def unique(items: Iterable[bytes]) -> list[bytes]:
+    """Items in first-seen order without repeats (``get_blobs`` answers each ID once)."""
+    return list(dict.fromkeys(items))

@@ -1,0 +1,359 @@
+"""Redis mailbox backend, for operators who already run Redis.
+
+How expiry is decided: by the ``expires_ms`` stored in the index, compared with the caller's
+``now_ms`` on every read and write, exactly as in SQLite (``common.py``). Blob and tombstone
+keys also get a native ``PEXPIREAT`` at their expiry: that only *reclaims space* (payloads
+vanish on time even when GC lags). If the Redis server's clock runs ahead of the node's, a key
+can vanish a little before ``now_ms`` reaches its expiry; reads then treat it as gone and
+lazily clean its index entries. Durability comes from the server: AOF with
+``appendfsync always`` (which Redis already group-commits per event-loop turn).
+
+Layout (``P`` = prefix, IDs hex-encoded, ``M`` = mailbox, ``B`` = blob ID):
+
+* ``P b:M:B`` hash ``d`` payload, ``s`` stored_ms, ``e`` expires_ms, ``q`` seq (native TTL)
+* ``P t:M:B`` hash ``d`` deleted_ms, ``e`` expires_ms, ``a`` authorization (native TTL)
+* ``P s:M`` zset B -> seq (cursor fetch); ``P e:M`` zset B -> expires_ms (usage, liveness)
+* ``P z:M`` hash B -> size; ``P u:M`` hash ``bytes`` (usage without reading payloads)
+* ``P ti:M`` zset B -> tombstone expires_ms; ``P q:M`` seq counter (INCR, never reset)
+* ``P x`` zset ``b:M:B`` / ``t:M:B`` -> expires_ms: the node-wide GC queue
+* ``P m`` zset of mailbox IDs, score 0 (lexicographic range scans for digests)
+* ``P totals`` hash ``blobs``, ``bytes``
+
+Every write is one Lua script (atomic: a put cannot slip past a concurrent delete, and a
+duplicate never takes a seq). Scripts build key names from the prefix, so this backend targets
+a standalone Redis (or one hash slot), not Redis Cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from dna_storage.backends.base import (
+    MailboxDigest,
+    Page,
+    PutOutcome,
+    StoredBlob,
+    Tombstone,
+    Usage,
+)
+from dna_storage.backends.common import check_limit, in_range, mailbox_digest, unique
+
+_OUTCOMES = [PutOutcome.STORED, PutOutcome.DUPLICATE, PutOutcome.TOMBSTONED, PutOutcome.EXPIRED]
+_PIPELINE_CHUNK = 256  # commands per pipeline round trip
+_SCAN_CHUNK = 64  # index entries per fetch round trip (beyond limit + 1)
+
+# Helpers shared by every script: ARGV[1] is always the prefix.
+_PRELUDE = """
+local P = ARGV[1]
+local function bkey(mb, id) return P .. 'b:' .. mb .. ':' .. id end
+local function tkey(mb, id) return P .. 't:' .. mb .. ':' .. id end
+local function drop_blob(mb, id)
+  local size = tonumber(redis.call('HGET', P .. 'z:' .. mb, id) or '0')
+  if redis.call('ZREM', P .. 'e:' .. mb, id) == 1 then
+    redis.call('HINCRBY', P .. 'u:' .. mb, 'bytes', -size)
+    redis.call('HINCRBY', P .. 'totals', 'blobs', -1)
+    redis.call('HINCRBY', P .. 'totals', 'bytes', -size)
+  end
+  redis.call('ZREM', P .. 's:' .. mb, id)
+  redis.call('HDEL', P .. 'z:' .. mb, id)
+  redis.call('ZREM', P .. 'x', 'b:' .. mb .. ':' .. id)
+  redis.call('DEL', bkey(mb, id))
+end
+local function drop_tomb(mb, id)
+  redis.call('ZREM', P .. 'ti:' .. mb, id)
+  redis.call('ZREM', P .. 'x', 't:' .. mb .. ':' .. id)
+  redis.call('DEL', tkey(mb, id))
+end
+local function prune_mailbox(mb)
+  if redis.call('ZCARD', P .. 'e:' .. mb) == 0 and redis.call('ZCARD', P .. 'ti:' .. mb) == 0 then
+    redis.call('ZREM', P .. 'm', mb)
+    redis.call('DEL', P .. 'u:' .. mb, P .. 'z:' .. mb, P .. 's:' .. mb)
+  end
+end
+"""
+
+# ARGV: prefix, now, then (mailbox, blob_id, blob, stored_ms, expires_ms) per blob.
+# Returns one code per blob: 0 stored, 1 duplicate, 2 tombstoned, 3 expired.
+_PUT = """
+local now = tonumber(ARGV[2])
+local function put_one(mb, id, blob, stored, expires)
+  if tonumber(expires) <= now then return 3 end
+  local texp = redis.call('ZSCORE', P .. 'ti:' .. mb, id)
+  if texp and tonumber(texp) > now then return 2 end
+  local held = redis.call('ZSCORE', P .. 'e:' .. mb, id)
+  if held then
+    if tonumber(held) > now and redis.call('EXISTS', bkey(mb, id)) == 1 then return 1 end
+    drop_blob(mb, id)
+  end
+  local seq = redis.call('INCR', P .. 'q:' .. mb)
+  redis.call('HSET', bkey(mb, id), 'd', blob, 's', stored, 'e', expires, 'q', seq)
+  redis.call('PEXPIREAT', bkey(mb, id), expires)
+  redis.call('ZADD', P .. 's:' .. mb, seq, id)
+  redis.call('ZADD', P .. 'e:' .. mb, expires, id)
+  redis.call('HSET', P .. 'z:' .. mb, id, #blob)
+  redis.call('HINCRBY', P .. 'u:' .. mb, 'bytes', #blob)
+  redis.call('HINCRBY', P .. 'totals', 'blobs', 1)
+  redis.call('HINCRBY', P .. 'totals', 'bytes', #blob)
+  redis.call('ZADD', P .. 'x', expires, 'b:' .. mb .. ':' .. id)
+  redis.call('ZADD', P .. 'm', 0, mb)
+  return 0
+end
+local out = {}
+for i = 3, #ARGV, 5 do
+  out[#out + 1] = put_one(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
+end
+return out
+"""
+
+# ARGV: prefix, now, then (mailbox, blob_id, deleted_ms, expires_ms, authorization) each.
+# Returns how many live blobs were dropped.
+_DELETE = """
+local now = tonumber(ARGV[2])
+local function delete_one(mb, id, deleted, expires, auth)
+  local removed = 0
+  local held = redis.call('ZSCORE', P .. 'e:' .. mb, id)
+  if held then
+    if tonumber(held) > now and redis.call('EXISTS', bkey(mb, id)) == 1 then
+      removed = 1
+      if tonumber(held) > tonumber(expires) then expires = held end
+    end
+    drop_blob(mb, id)
+  end
+  if tonumber(expires) <= now then
+    prune_mailbox(mb)
+    return removed
+  end
+  local old = redis.call('ZSCORE', P .. 'ti:' .. mb, id)
+  if (not old) or tonumber(old) < tonumber(expires) then
+    redis.call('DEL', tkey(mb, id))
+    redis.call('HSET', tkey(mb, id), 'd', deleted, 'e', expires, 'a', auth)
+    redis.call('PEXPIREAT', tkey(mb, id), expires)
+    redis.call('ZADD', P .. 'ti:' .. mb, expires, id)
+    redis.call('ZADD', P .. 'x', expires, 't:' .. mb .. ':' .. id)
+    redis.call('ZADD', P .. 'm', 0, mb)
+  end
+  return removed
+end
+local removed = 0
+for i = 3, #ARGV, 5 do
+  removed = removed + delete_one(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
+end
+return removed
+"""
+
+# ARGV: prefix, now, limit. Oldest expiry first; ties: blobs ('b:') before tombstones ('t:').
+_EXPIRE = """
+local items = redis.call('ZRANGEBYSCORE', P .. 'x', '-inf', ARGV[2], 'LIMIT', 0, ARGV[3])
+for _, item in ipairs(items) do
+  local kind, mb, id = string.match(item, '^(%a):(%x*):(%x*)$')
+  if kind == 'b' then drop_blob(mb, id) else drop_tomb(mb, id) end
+  redis.call('ZREM', P .. 'x', item)
+  prune_mailbox(mb)
+end
+return #items
+"""
+
+# ARGV: prefix, mailbox, then blob IDs whose payload key a read found missing.
+# Drops them only if the key is still missing (a concurrent re-put may have restored it).
+_CLEAN = """
+local mb = ARGV[2]
+local cleaned = 0
+for i = 3, #ARGV do
+  if redis.call('EXISTS', bkey(mb, ARGV[i])) == 0 then
+    drop_blob(mb, ARGV[i])
+    cleaned = cleaned + 1
+  end
+end
+prune_mailbox(mb)
+return cleaned
+"""
+
+# ARGV: prefix, mailbox, now. Returns {live blobs, their bytes}.
+_USAGE = """
+local mb, now = ARGV[2], ARGV[3]
+local count = redis.call('ZCOUNT', P .. 'e:' .. mb, '(' .. now, '+inf')
+local bytes = tonumber(redis.call('HGET', P .. 'u:' .. mb, 'bytes') or '0')
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'e:' .. mb, '-inf', now)) do
+  bytes = bytes - tonumber(redis.call('HGET', P .. 'z:' .. mb, id) or '0')
+end
+return {count, bytes}
+"""
+
+
+def _hex(data: bytes) -> str:
+    return data.hex()
+
+
+def _unhex(member: bytes | str) -> bytes:
+    """An ID back from a hex zset member (bytes with this client; str tolerated)."""
+    return bytes.fromhex(member.decode() if isinstance(member, bytes) else member)
+
+
+def _ids_of(reply: Iterable[Any]) -> list[bytes]:
+    return [_unhex(m) for m in reply]
+
+
+class RedisBackend:
+    """``MailboxBackend`` on a Redis server (see the module docstring for the layout)."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+        self._r = client
+        self._p = prefix
+        self._put = client.register_script(_PRELUDE + _PUT)
+        self._delete = client.register_script(_PRELUDE + _DELETE)
+        self._expire = client.register_script(_PRELUDE + _EXPIRE)
+        self._clean = client.register_script(_PRELUDE + _CLEAN)
+        self._usage = client.register_script(_PRELUDE + _USAGE)
+
+    @classmethod
+    async def connect(cls, url: str, *, prefix: str = "dna:") -> RedisBackend:
+        """Connect and check the server answers (fail at startup, not on the first put)."""
+        client = aioredis.Redis.from_url(url, decode_responses=False)
+        try:
+            await client.ping()
+        except BaseException:
+            await client.aclose()
+            raise
+        return cls(client, prefix)
+
+    def _key(self, kind: str, mailbox_id: bytes, blob_id: bytes | None = None) -> str:
+        tail = "" if blob_id is None else ":" + _hex(blob_id)
+        return f"{self._p}{kind}:{_hex(mailbox_id)}{tail}"
+
+    async def put_many(self, blobs: Sequence[StoredBlob], now_ms: int) -> list[PutOutcome]:
+        if not blobs:
+            return []
+        args: list[Any] = [self._p, now_ms]
+        for b in blobs:
+            args += [_hex(b.mailbox_id), _hex(b.blob_id), b.blob, b.stored_ms, b.expires_ms]
+        codes = await self._put(keys=[], args=args)
+        return [_OUTCOMES[int(c)] for c in codes]
+
+    async def delete(self, tombstones: Sequence[Tombstone], now_ms: int) -> int:
+        if not tombstones:
+            return 0
+        args: list[Any] = [self._p, now_ms]
+        for t in tombstones:
+            args += [_hex(t.mailbox_id), _hex(t.blob_id), t.deleted_ms, t.expires_ms]
+            args.append(t.authorization)
+        return int(await self._delete(keys=[], args=args))
+
+    async def expire(self, now_ms: int, limit: int) -> int:
+        if limit < 1:
+            return 0
+        return int(await self._expire(keys=[], args=[self._p, now_ms, limit]))
+
+    async def fetch(self, mailbox_id: bytes, cursor: int, limit: int, now_ms: int) -> Page:
+        """Walk the seq index in chunks until ``limit + 1`` live blobs are found or it ends."""
+        check_limit(limit)
+        live: list[StoredBlob] = []
+        position = cursor
+        while len(live) <= limit:
+            want = limit + 1 - len(live) + _SCAN_CHUNK
+            reply: list[Any] = await self._r.zrangebyscore(
+                self._key("s", mailbox_id), f"({position}", "+inf", 0, want, withscores=True
+            )
+            chunk = [(_unhex(member), int(score)) for member, score in reply]
+            if chunk:
+                live += await self._load(mailbox_id, chunk, now_ms)
+                position = chunk[-1][1]
+            if len(chunk) < want:
+                break
+        page = live[:limit]
+        return Page(page, page[-1].seq if page else cursor, len(live) > limit)
+
+    async def _load(
+        self, mailbox_id: bytes, entries: list[tuple[bytes, int]], now_ms: int
+    ) -> list[StoredBlob]:
+        """Read index entries' payloads; skip expired ones, clean the ones whose key is gone."""
+        fields = await self._hmget_all(
+            [self._key("b", mailbox_id, blob_id) for blob_id, _ in entries], ["d", "s", "e", "q"]
+        )
+        live: list[StoredBlob] = []
+        gone: list[str] = []
+        for (blob_id, seq), (blob, stored, expires, stored_seq) in zip(
+            entries, fields, strict=True
+        ):
+            if blob is None:
+                gone.append(_hex(blob_id))
+            elif int(expires) > now_ms and int(stored_seq) == seq:
+                live.append(StoredBlob(mailbox_id, blob_id, blob, int(stored), int(expires), seq))
+        if gone:
+            await self._clean(keys=[], args=[self._p, _hex(mailbox_id), *gone])
+        return live
+
+    async def _hmget_all(self, keys: list[str], names: list[str]) -> list[list[Any]]:
+        out: list[list[Any]] = []
+        for i in range(0, len(keys), _PIPELINE_CHUNK):
+            async with self._r.pipeline(transaction=False) as pipe:
+                for key in keys[i : i + _PIPELINE_CHUNK]:
+                    pipe.hmget(key, names)
+                out += await pipe.execute()
+        return out
+
+    async def get_blobs(
+        self, mailbox_id: bytes, blob_ids: Sequence[bytes], now_ms: int
+    ) -> list[StoredBlob]:
+        wanted = unique(blob_ids)
+        fields = await self._hmget_all(
+            [self._key("b", mailbox_id, i) for i in wanted], ["d", "s", "e", "q"]
+        )
+        return [
+            StoredBlob(mailbox_id, blob_id, blob, int(stored), int(expires), int(seq))
+            for blob_id, (blob, stored, expires, seq) in zip(wanted, fields, strict=True)
+            if blob is not None and int(expires) > now_ms
+        ]
+
+    async def ids(self, mailbox_id: bytes, now_ms: int) -> tuple[list[bytes], list[Tombstone]]:
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.zrangebyscore(self._key("e", mailbox_id), f"({now_ms}", "+inf")
+            pipe.zrangebyscore(self._key("ti", mailbox_id), f"({now_ms}", "+inf")
+            blob_members, tomb_members = await pipe.execute()
+        blob_ids = sorted(_ids_of(blob_members))
+        tomb_ids = sorted(_ids_of(tomb_members))
+        fields = await self._hmget_all(
+            [self._key("t", mailbox_id, i) for i in tomb_ids], ["d", "e", "a"]
+        )
+        tombs = [
+            Tombstone(mailbox_id, blob_id, int(deleted), int(expires), auth)
+            for blob_id, (deleted, expires, auth) in zip(tomb_ids, fields, strict=True)
+            if auth is not None and int(expires) > now_ms
+        ]
+        return blob_ids, tombs
+
+    async def digests(self, start: bytes, end: bytes, now_ms: int) -> list[MailboxDigest]:
+        if end and start >= end:
+            return []
+        low = f"[{_hex(start)}" if start else "-"
+        high = f"({_hex(end)}" if end else "+"
+        mailboxes = _ids_of(await self._r.zrangebylex(self._p + "m", low, high))
+        out: list[MailboxDigest] = []
+        for i in range(0, len(mailboxes), _PIPELINE_CHUNK):
+            out += await self._digest_chunk(mailboxes[i : i + _PIPELINE_CHUNK], now_ms)
+        return [d for d in out if (d.blobs or d.tombstones) and in_range(d.mailbox_id, start, end)]
+
+    async def _digest_chunk(self, mailboxes: list[bytes], now_ms: int) -> list[MailboxDigest]:
+        async with self._r.pipeline(transaction=True) as pipe:
+            for m in mailboxes:
+                pipe.zrangebyscore(self._key("e", m), f"({now_ms}", "+inf")
+                pipe.zrangebyscore(self._key("ti", m), f"({now_ms}", "+inf")
+            replies = await pipe.execute()
+        return [
+            mailbox_digest(m, _ids_of(replies[2 * k]), _ids_of(replies[2 * k + 1]))
+            for k, m in enumerate(mailboxes)
+        ]
+
+    async def usage(self, mailbox_id: bytes, now_ms: int) -> Usage:
+        count, size = await self._usage(keys=[], args=[self._p, _hex(mailbox_id), now_ms])
+        return Usage(int(count), int(size))
+
+    async def totals(self) -> Usage:
+        """Everything held, expired-but-not-yet-collected blobs included (it is memory used)."""
+        blobs, size = await self._r.hmget(self._p + "totals", ["blobs", "bytes"])
+        return Usage(int(blobs or 0), int(size or 0))
+
+    async def close(self) -> None:
+        await self._r.aclose()

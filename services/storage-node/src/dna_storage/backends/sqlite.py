@@ -1,0 +1,548 @@
+"""SQLite mailbox backend: the embedded default.
+
+Durability: WAL with ``synchronous=FULL``, so a write is acknowledged only after its commit
+reached the disk. A FULL commit costs ~260 us here, so paying it per write would cap a node at
+a few thousand writes a second; instead all writes go through ONE writer thread that does
+*group commit*: every write request that queued up while the previous transaction was being
+committed joins the next transaction (one savepoint each, so one failing request does not sink
+the others), and all of them are answered after that single commit. Reads run on a second
+connection in their own thread (WAL lets them proceed during a commit). The asyncio loop only
+enqueues work and awaits futures: it never blocks on SQLite.
+
+Semantics beyond ``base.py`` (expiry, tombstone lifetime, GC order, digests) are the shared
+rules of ``common.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dna_storage.backends.base import (
+    MailboxDigest,
+    Page,
+    PutOutcome,
+    StoredBlob,
+    Tombstone,
+    Usage,
+)
+from dna_storage.backends.common import check_limit, in_range, mailbox_digest, unique
+
+SCHEMA_VERSION = 1
+MAX_JOBS_PER_COMMIT = 256  # bounds one transaction's size and the latency it adds
+_IN_CHUNK = 500  # IDs per `IN (...)` query, well under SQLite's variable limit
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS mailboxes (
+    mailbox_id BLOB PRIMARY KEY,
+    last_seq INTEGER NOT NULL          -- never decreases: cursors stay valid after GC
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blobs (     -- payload last: scans of the other columns skip it
+    mailbox_id BLOB NOT NULL,
+    blob_id BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    stored_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    blob BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS blobs_cursor ON blobs (mailbox_id, seq);
+CREATE UNIQUE INDEX IF NOT EXISTS blobs_id ON blobs (mailbox_id, blob_id);
+CREATE INDEX IF NOT EXISTS blobs_usage ON blobs (mailbox_id, expires_ms, size);
+CREATE INDEX IF NOT EXISTS blobs_expiry ON blobs (expires_ms, mailbox_id, blob_id);
+CREATE TABLE IF NOT EXISTS tombstones ( -- rowid table: authorizations are kilobytes
+    mailbox_id BLOB NOT NULL,
+    blob_id BLOB NOT NULL,
+    deleted_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    authorization BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS tombstones_id ON tombstones (mailbox_id, blob_id);
+CREATE INDEX IF NOT EXISTS tombstones_expiry ON tombstones (expires_ms, mailbox_id, blob_id);
+CREATE TABLE IF NOT EXISTS totals (     -- kept by triggers: O(1) metrics on a million blobs
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    blobs INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO totals VALUES (0, 0, 0);
+CREATE TRIGGER IF NOT EXISTS blobs_added AFTER INSERT ON blobs BEGIN
+    UPDATE totals SET blobs = blobs + 1, bytes = bytes + NEW.size WHERE id = 0;
+END;
+CREATE TRIGGER IF NOT EXISTS blobs_removed AFTER DELETE ON blobs BEGIN
+    UPDATE totals SET blobs = blobs - 1, bytes = bytes - OLD.size WHERE id = 0;
+END;
+"""
+
+_BLOB_COLUMNS = "mailbox_id, blob_id, blob, stored_ms, expires_ms, seq"
+
+
+@dataclass(slots=True)
+class _Job:
+    fn: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+_STOP = object()
+
+
+def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    """Runs on the event loop: hand a result over unless the caller gave up waiting."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+def _deliver(job: _Job, value: Any, error: BaseException | None) -> None:
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+        job.loop.call_soon_threadsafe(_settle, job.future, value, error)
+
+
+def _connect(path: Path, *, writer: bool) -> sqlite3.Connection:
+    """Open a connection in autocommit mode (we issue BEGIN/COMMIT ourselves)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 10000")
+    if writer:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise sqlite3.OperationalError(f"cannot enable WAL on {path}: journal_mode={mode}")
+        conn.execute("PRAGMA synchronous = FULL")  # acknowledged == on disk
+        conn.executescript(SCHEMA)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    else:
+        conn.execute("PRAGMA query_only = ON")
+    return conn
+
+
+@dataclass
+class _Worker:
+    """One thread owning one connection, fed by a queue.
+
+    The writer (``group_commit=True``) runs every job it can drain from the queue in a single
+    transaction; the reader runs each job in its own read transaction (one snapshot per call).
+    """
+
+    name: str
+    connect: Callable[[], sqlite3.Connection]
+    group_commit: bool
+    commits: int = 0
+    jobs_done: int = 0
+    _queue: queue.SimpleQueue[_Job | object] = field(default_factory=queue.SimpleQueue)
+    _thread: threading.Thread | None = None
+    _closed: bool = False
+
+    async def start(self) -> None:
+        """Start the thread and wait until its connection is open (or raise why not)."""
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[Any] = loop.create_future()
+        self._thread = threading.Thread(
+            target=self._main, args=(_Job(lambda c: None, ready, loop),), name=self.name
+        )
+        self._thread.daemon = True
+        self._thread.start()
+        await ready
+
+    def submit(self, fn: Callable[[sqlite3.Connection], Any]) -> asyncio.Future[Any]:
+        if self._closed:
+            raise RuntimeError("storage backend is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.put(_Job(fn, future, loop))
+        return future
+
+    async def stop(self) -> None:
+        """Finish queued jobs, close the connection, join the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    def _main(self, ready: _Job) -> None:
+        try:
+            conn = self.connect()
+        except BaseException as exc:
+            _deliver(ready, None, exc)
+            return
+        _deliver(ready, None, None)
+        run = self._run_batch if self.group_commit else self._run_reads
+        try:
+            while (batch := self._next_batch()) is not None:
+                run(conn, batch)
+        finally:
+            self._closed = True  # a dead worker must refuse work, not leave callers hanging
+            self._fail_queued()
+            conn.close()
+
+    def _fail_queued(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Job):
+                _deliver(item, None, RuntimeError("storage backend is closed"))
+
+    def _next_batch(self) -> list[_Job] | None:
+        """Block for one job, then take whatever else is already waiting (the group)."""
+        first = self._queue.get()
+        if first is _STOP:
+            return None
+        assert isinstance(first, _Job)
+        batch = [first]
+        limit = MAX_JOBS_PER_COMMIT if self.group_commit else 1
+        while len(batch) < limit:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                self._queue.put(_STOP)  # seen again after this batch
+                break
+            assert isinstance(item, _Job)
+            batch.append(item)
+        return batch
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        """One transaction for the whole group; answers go out only after COMMIT."""
+        results: list[tuple[_Job, Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            results = [_run_in_savepoint(conn, job) for job in batch]
+            conn.execute("COMMIT")
+        except Exception as exc:  # BEGIN or COMMIT failed: nothing of the group is durable
+            _rollback(conn)
+            results = [(job, None, exc) for job in batch]
+        else:
+            self.commits += 1
+        self.jobs_done += len(batch)
+        for job, value, error in results:
+            _deliver(job, value, error)
+
+    def _run_reads(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        """Each read in its own read transaction: one consistent snapshot per call."""
+        for job in batch:
+            value: Any = None
+            error: Exception | None = None
+            try:
+                conn.execute("BEGIN")
+                value = job.fn(conn)
+                conn.execute("COMMIT")
+            except Exception as exc:
+                _rollback(conn)
+                error = exc
+            self.jobs_done += 1
+            _deliver(job, value, error)
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Leave no transaction open after a failure (SQLite may have rolled back already)."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+def _run_in_savepoint(
+    conn: sqlite3.Connection, job: _Job
+) -> tuple[_Job, Any, BaseException | None]:
+    """Run one request so that its failure undoes only its own changes."""
+    conn.execute("SAVEPOINT job")
+    try:
+        value = job.fn(conn)
+    except Exception as exc:
+        conn.execute("ROLLBACK TO job")
+        conn.execute("RELEASE job")
+        return job, None, exc
+    conn.execute("RELEASE job")
+    return job, value, None
+
+
+class SqliteBackend:
+    """``MailboxBackend`` on one SQLite file (see the module docstring for the threading)."""
+
+    def __init__(self, path: Path, writer: _Worker, reader: _Worker) -> None:
+        self.path = path
+        self._writer = writer
+        self._reader = reader
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteBackend:
+        """Open (creating if needed) the database at ``path``."""
+        path = Path(path)
+        writer = _Worker(f"sqlite-writer:{path.name}", lambda: _connect(path, writer=True), True)
+        await writer.start()
+        reader = _Worker(f"sqlite-reader:{path.name}", lambda: _connect(path, writer=False), False)
+        try:
+            await reader.start()
+        except BaseException:
+            await writer.stop()
+            raise
+        return cls(path, writer, reader)
+
+    @property
+    def commits(self) -> int:
+        """Write transactions committed so far (group commit makes this < writes)."""
+        return self._writer.commits
+
+    @property
+    def writes(self) -> int:
+        """Write requests (put_many/delete/expire calls) processed so far."""
+        return self._writer.jobs_done
+
+    async def put_many(self, blobs: Sequence[StoredBlob], now_ms: int) -> list[PutOutcome]:
+        if not blobs:
+            return []
+        batch = list(blobs)
+        result: list[PutOutcome] = await self._writer.submit(
+            lambda c: [_put_one(c, b, now_ms) for b in batch]
+        )
+        return result
+
+    async def delete(self, tombstones: Sequence[Tombstone], now_ms: int) -> int:
+        if not tombstones:
+            return 0
+        batch = list(tombstones)
+        removed: int = await self._writer.submit(
+            lambda c: sum(_delete_one(c, t, now_ms) for t in batch)
+        )
+        return removed
+
+    async def expire(self, now_ms: int, limit: int) -> int:
+        if limit < 1:
+            return 0
+        removed: int = await self._writer.submit(lambda c: _expire(c, now_ms, limit))
+        return removed
+
+    async def fetch(self, mailbox_id: bytes, cursor: int, limit: int, now_ms: int) -> Page:
+        check_limit(limit)
+        rows: list[StoredBlob] = await self._reader.submit(
+            lambda c: _blobs(
+                c,
+                f"SELECT {_BLOB_COLUMNS} FROM blobs WHERE mailbox_id = ? AND seq > ?"
+                " AND expires_ms > ? ORDER BY seq LIMIT ?",
+                (mailbox_id, cursor, now_ms, limit + 1),
+            )
+        )
+        page = rows[:limit]
+        return Page(page, page[-1].seq if page else cursor, len(rows) > limit)
+
+    async def get_blobs(
+        self, mailbox_id: bytes, blob_ids: Sequence[bytes], now_ms: int
+    ) -> list[StoredBlob]:
+        wanted = unique(blob_ids)
+        found: dict[bytes, StoredBlob] = await self._reader.submit(
+            lambda c: _blobs_by_id(c, mailbox_id, wanted, now_ms)
+        )
+        return [found[i] for i in wanted if i in found]
+
+    async def ids(self, mailbox_id: bytes, now_ms: int) -> tuple[list[bytes], list[Tombstone]]:
+        result: tuple[list[bytes], list[Tombstone]] = await self._reader.submit(
+            lambda c: _ids(c, mailbox_id, now_ms)
+        )
+        return result
+
+    async def digests(self, start: bytes, end: bytes, now_ms: int) -> list[MailboxDigest]:
+        if end and start >= end:
+            return []
+        result: list[MailboxDigest] = await self._reader.submit(
+            lambda c: _digests(c, start, end, now_ms)
+        )
+        return result
+
+    async def usage(self, mailbox_id: bytes, now_ms: int) -> Usage:
+        row = await self._reader.submit(
+            lambda c: c.execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM blobs"
+                " WHERE mailbox_id = ? AND expires_ms > ?",
+                (mailbox_id, now_ms),
+            ).fetchone()
+        )
+        return Usage(int(row[0]), int(row[1]))
+
+    async def totals(self) -> Usage:
+        """Everything held, expired-but-not-yet-collected blobs included (it is disk used)."""
+        row = await self._reader.submit(
+            lambda c: c.execute("SELECT blobs, bytes FROM totals WHERE id = 0").fetchone()
+        )
+        return Usage(int(row[0]), int(row[1]))
+
+    async def integrity_ok(self) -> bool:
+        """``PRAGMA integrity_check`` says "ok" (run after a crash, before serving).
+
+        A check that trips over a malformed page is a failed check, not an error; an
+        operational failure (locked, I/O) still raises: it says nothing about integrity.
+        """
+        try:
+            rows = await self._reader.submit(
+                lambda c: c.execute("PRAGMA integrity_check").fetchall()
+            )
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError:
+            return False
+        return bool(rows == [("ok",)])
+
+    async def close(self) -> None:
+        """Close the reader first, so the writer's close is the last one and checkpoints."""
+        await self._reader.stop()
+        await self._writer.stop()
+
+
+# --- work done on the writer connection ------------------------------------------------------
+
+
+def _put_one(conn: sqlite3.Connection, blob: StoredBlob, now_ms: int) -> PutOutcome:
+    """Decide and apply one put, in the order EXPIRED, TOMBSTONED, DUPLICATE, STORED."""
+    key = (blob.mailbox_id, blob.blob_id)
+    if blob.expires_ms <= now_ms:
+        return PutOutcome.EXPIRED
+    if conn.execute(
+        "SELECT 1 FROM tombstones WHERE mailbox_id = ? AND blob_id = ? AND expires_ms > ?",
+        (*key, now_ms),
+    ).fetchone():
+        return PutOutcome.TOMBSTONED
+    held = _held_expiry(conn, key)
+    if held is not None:
+        if held > now_ms:
+            return PutOutcome.DUPLICATE
+        conn.execute("DELETE FROM blobs WHERE mailbox_id = ? AND blob_id = ?", key)
+    seq = conn.execute(
+        "INSERT INTO mailboxes (mailbox_id, last_seq) VALUES (?, 1) ON CONFLICT (mailbox_id)"
+        " DO UPDATE SET last_seq = last_seq + 1 RETURNING last_seq",
+        (blob.mailbox_id,),
+    ).fetchone()[0]
+    conn.execute(
+        "INSERT INTO blobs (mailbox_id, blob_id, seq, stored_ms, expires_ms, size, blob)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (*key, seq, blob.stored_ms, blob.expires_ms, len(blob.blob), blob.blob),
+    )
+    return PutOutcome.STORED
+
+
+def _held_expiry(conn: sqlite3.Connection, key: tuple[bytes, bytes]) -> int | None:
+    row = conn.execute(
+        "SELECT expires_ms FROM blobs WHERE mailbox_id = ? AND blob_id = ?", key
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _delete_one(conn: sqlite3.Connection, tomb: Tombstone, now_ms: int) -> int:
+    """Drop the blob; store the tombstone, extended to outlive it (common.py rules)."""
+    key = (tomb.mailbox_id, tomb.blob_id)
+    expires = tomb.expires_ms
+    removed = 0
+    held = _held_expiry(conn, key)
+    if held is not None:
+        conn.execute("DELETE FROM blobs WHERE mailbox_id = ? AND blob_id = ?", key)
+        if held > now_ms:
+            removed = 1
+            expires = max(expires, held)
+    if expires <= now_ms:
+        return removed
+    row = conn.execute(
+        "SELECT expires_ms FROM tombstones WHERE mailbox_id = ? AND blob_id = ?", key
+    ).fetchone()
+    if row is None or row[0] < expires:
+        conn.execute("DELETE FROM tombstones WHERE mailbox_id = ? AND blob_id = ?", key)
+        conn.execute(
+            "INSERT INTO tombstones (mailbox_id, blob_id, deleted_ms, expires_ms, authorization)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (*key, tomb.deleted_ms, expires, tomb.authorization),
+        )
+    return removed
+
+
+def _expire(conn: sqlite3.Connection, now_ms: int, limit: int) -> int:
+    """Remove the ``limit`` oldest-expired rows of both tables (common.py GC order)."""
+    candidates = [
+        (row[0], kind, row[1], row[2], row[3])
+        for kind, table in ((0, "blobs"), (1, "tombstones"))
+        for row in conn.execute(
+            f"SELECT expires_ms, mailbox_id, blob_id, rowid FROM {table} WHERE expires_ms <= ?"
+            " ORDER BY expires_ms, mailbox_id, blob_id LIMIT ?",
+            (now_ms, limit),
+        )
+    ]
+    victims = sorted(candidates)[:limit]
+    for kind, table in ((0, "blobs"), (1, "tombstones")):
+        conn.executemany(
+            f"DELETE FROM {table} WHERE rowid = ?", [(v[4],) for v in victims if v[1] == kind]
+        )
+    return len(victims)
+
+
+# --- work done on the reader connection ------------------------------------------------------
+
+
+def _blobs(conn: sqlite3.Connection, sql: str, params: Iterable[Any]) -> list[StoredBlob]:
+    return [StoredBlob(*row) for row in conn.execute(sql, tuple(params))]
+
+
+def _blobs_by_id(
+    conn: sqlite3.Connection, mailbox_id: bytes, wanted: list[bytes], now_ms: int
+) -> dict[bytes, StoredBlob]:
+    found: dict[bytes, StoredBlob] = {}
+    for i in range(0, len(wanted), _IN_CHUNK):
+        chunk = wanted[i : i + _IN_CHUNK]
+        marks = ", ".join("?" * len(chunk))
+        for blob in _blobs(
+            conn,
+            f"SELECT {_BLOB_COLUMNS} FROM blobs WHERE mailbox_id = ? AND blob_id IN ({marks})"
+            " AND expires_ms > ?",
+            (mailbox_id, *chunk, now_ms),
+        ):
+            found[blob.blob_id] = blob
+    return found
+
+
+def _ids(
+    conn: sqlite3.Connection, mailbox_id: bytes, now_ms: int
+) -> tuple[list[bytes], list[Tombstone]]:
+    blob_ids = [
+        row[0]
+        for row in conn.execute(
+            "SELECT blob_id FROM blobs WHERE mailbox_id = ? AND expires_ms > ? ORDER BY blob_id",
+            (mailbox_id, now_ms),
+        )
+    ]
+    tombs = [
+        Tombstone(*row)
+        for row in conn.execute(
+            "SELECT mailbox_id, blob_id, deleted_ms, expires_ms, authorization FROM tombstones"
+            " WHERE mailbox_id = ? AND expires_ms > ? ORDER BY blob_id",
+            (mailbox_id, now_ms),
+        )
+    ]
+    return blob_ids, tombs
+
+
+def _digests(
+    conn: sqlite3.Connection, start: bytes, end: bytes, now_ms: int
+) -> list[MailboxDigest]:
+    """Group the live IDs of every mailbox in range (one index range scan per table)."""
+    bound = " AND mailbox_id < ?" if end else ""
+    params = (start, end, now_ms) if end else (start, now_ms)
+    groups: dict[bytes, tuple[list[bytes], list[bytes]]] = {}
+    for slot, table in ((0, "blobs"), (1, "tombstones")):
+        for mailbox_id, blob_id in conn.execute(
+            f"SELECT mailbox_id, blob_id FROM {table} WHERE mailbox_id >= ?{bound}"
+            " AND expires_ms > ?",
+            params,
+        ):
+            groups.setdefault(mailbox_id, ([], []))[slot].append(blob_id)
+    return [
+        mailbox_digest(m, blobs, tombs)
+        for m, (blobs, tombs) in sorted(groups.items())
+        if in_range(m, start, end)
+    ]

@@ -1,0 +1,48 @@
+"""The per-test harness behind the ``stores`` fixture (a module of its own so tests can
+import the type; importing from a conftest is fragile)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dna_storage.backends.base import MailboxBackend
+from dna_storage.backends.redis import RedisBackend
+from dna_storage.backends.sqlite import SqliteBackend
+
+T = TypeVar("T")
+
+
+class Stores:
+    """Opens isolated backends of either kind inside this test's event loop."""
+
+    def __init__(self, redis_url: Callable[[], str], tmp_path: Path) -> None:
+        self._redis_url = redis_url
+        self._tmp = tmp_path
+        self._runner = asyncio.Runner()
+        self._opened: list[MailboxBackend] = []
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._runner.run(coro)
+
+    async def open(self, kind: str) -> MailboxBackend:
+        backend: MailboxBackend
+        if kind == "sqlite":
+            backend = await SqliteBackend.open(self._tmp / f"store-{uuid.uuid4().hex}.db")
+        elif kind == "redis":
+            prefix = f"t{uuid.uuid4().hex}:"
+            backend = await RedisBackend.connect(self._redis_url(), prefix=prefix)
+        else:
+            raise ValueError(kind)
+        self._opened.append(backend)
+        return backend
+
+    def close(self) -> None:
+        try:
+            for backend in self._opened:
+                self._runner.run(backend.close())
+        finally:
+            self._runner.close()

@@ -1,0 +1,488 @@
+"""The mailbox backend contract: every test runs against SQLite (a real file) and Redis (a real
+``redis-server``), and a Hypothesis test holds both to one in-memory reference model.
+
+Time: ``now_ms`` is injected. Expiry is decided by the stored ``expires_ms`` against ``now_ms``
+on every read (Redis' native TTL only reclaims space), so the tests move ``now_ms`` instead of
+sleeping. ``T0`` lies ten days ahead of the wall clock, so the real ``PEXPIREAT`` Redis sets on
+each key never fires during a run and the injected clock alone decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+
+import pytest
+from dna_storage.backends.base import (
+    MailboxBackend,
+    MailboxDigest,
+    PutOutcome,
+    StoredBlob,
+    Tombstone,
+    Usage,
+)
+from dna_storage.backends.common import mailbox_digest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from storage.storage_harness import Stores
+
+T0 = (int(time.time()) + 10 * 86_400) * 1000
+DAY = 86_400_000
+STORED, DUPLICATE, TOMBSTONED, EXPIRED = (
+    PutOutcome.STORED,
+    PutOutcome.DUPLICATE,
+    PutOutcome.TOMBSTONED,
+    PutOutcome.EXPIRED,
+)
+
+Scenario = Callable[[MailboxBackend], Awaitable[None]]
+
+
+def run_scenario(stores: Stores, kind: str, scenario: Scenario) -> None:
+    async def main() -> None:
+        await scenario(await stores.open(kind))
+
+    stores.run(main())
+
+
+def mbox(n: int) -> bytes:
+    return hashlib.sha256(b"mailbox %d" % n).digest()
+
+
+def blob(mailbox: bytes, payload: bytes, *, at: int = T0, ttl: int = DAY) -> StoredBlob:
+    return StoredBlob(mailbox, hashlib.sha256(payload).digest(), payload, at, at + ttl)
+
+
+def tomb(mailbox: bytes, blob_id: bytes, *, at: int = T0, ttl: int = 2 * DAY) -> Tombstone:
+    return Tombstone(mailbox, blob_id, at, at + ttl, b"signed-delete:" + blob_id[:4])
+
+
+async def fetch_all(
+    b: MailboxBackend, mailbox: bytes, now: int, limit: int = 2
+) -> list[StoredBlob]:
+    """Every page from cursor 0, checking the paging invariants on the way."""
+    out: list[StoredBlob] = []
+    cursor = 0
+    while True:
+        page = await b.fetch(mailbox, cursor, limit, now)
+        assert len(page.blobs) <= limit
+        assert [x.seq for x in page.blobs] == sorted(x.seq for x in page.blobs)
+        assert all(x.seq > cursor for x in page.blobs)
+        out += page.blobs
+        assert page.next_cursor == (page.blobs[-1].seq if page.blobs else cursor)
+        if not page.more:
+            return out
+        assert len(page.blobs) == limit
+        cursor = page.next_cursor
+
+
+# --- put / fetch ----------------------------------------------------------------------------
+
+
+def test_round_trip_with_cursors_and_paging(stores: Stores, kind: str) -> None:
+    async def scenario(b: MailboxBackend) -> None:
+        m = mbox(0)
+        blobs = [blob(m, b"message %d" % i * (i + 1)) for i in range(7)]
+        assert await b.put_many(blobs, T0) == [STORED] * 7
+        expected = [replace(x, seq=i + 1) for i, x in enumerate(blobs)]
+        pages = []
+        cursor = 0
+        for _ in range(3):
+            page = await b.fetch(m, cursor, 3, T0)
+            pages.append(page)
+            cursor = page.next_cursor
+        assert [p.blobs for p in pages] == [expected[:3], expected[3:6], expected[6:]]
+        assert [p.more for p in pages] == [True, True, False]
+        assert [p.next_cursor for p in pages] == [3, 6, 7]
+        tail = await b.fetch(m, 7, 3, T0)
+        assert (tail.blobs, tail.next_cursor, tail.more) == ([], 7, False)
+        assert (await b.fetch(m, 5, 100, T0)).blobs == expected[5:]
+        assert (await b.fetch(mbox(1), 0, 10, T0)).blobs == []  # mailboxes are separate
+        with pytest.raises(ValueError):
+            await b.fetch(m, 0, 0, T0)
+
+    run_scenario(stores, kind, scenario)
+
+
+def test_duplicates_are_no_ops_and_take_no_seq(stores: Stores, kind: str) -> None:
+    async def scenario(b: MailboxBackend) -> None:
+        m = mbox(0)
+        first, second = blob(m, b"one"), blob(m, b"two")
+        assert await b.put_many([first, first, second], T0) == [STORED, DUPLICATE, STORED]
+        later_copy = replace(first, stored_ms=T0 + 5, expires_ms=T0 + 3 * DAY)
+        assert await b.put_many([later_copy], T0 + 5) == [DUPLICATE]
+        assert await fetch_all(b, m, T0 + 5) == [replace(first, seq=1), replace(second, seq=2)]
+        assert await b.put_many([blob(m, b"three")], T0) == [STORED]
+        assert [x.seq for x in await fetch_all(b, m, T0)] == [1, 2, 3]
+        # The same bytes in another mailbox are another blob.
+        assert await b.put_many([replace(first, mailbox_id=mbox(1))], T0) == [STORED]
+        assert await b.put_many([], T0) == []
+
+    run_scenario(stores, kind, scenario)
+
+
+def test_concurrent_puts_keep_seq_unique_and_increasing(stores: Stores, kind: str) -> None:
+    async def scenario(b: MailboxBackend) -> None:
+        m = mbox(0)
+        batches = [[blob(m, b"task %d part %d" % (t, j)) for j in range(3)] for t in range(40)]
+        results = await asyncio.gather(*(b.put_many(x, T0) for x in batches))
+        assert all(r == [STORED] * 3 for r in results)
+        held = await fetch_all(b, m, T0, limit=1000)
+        assert [x.seq for x in held] == list(range(1, 121))
+        seq_of = {x.blob_id: x.seq for x in held}
+        for batch in batches:  # within one put_many, seqs follow the input order
+            seqs = [seq_of[x.blob_id] for x in batch]
+            assert seqs == sorted(seqs)
+
+    run_scenario(stores, kind, scenario)
+
+
+# --- delete and tombstones -------------------------------------------------------------------
+
+
+def test_deleted_blobs_are_gone_and_tombstoned_blobs_refused(stores: Stores, kind: str) -> None:
+    async def scenario(b: MailboxBackend) -> None:
+        m = mbox(0)
+        a, keep, never = blob(m, b"a"), blob(m, b"keep"), blob(m, b"never stored")
+        await b.put_many([a, keep], T0)
+        removed = await b.delete([tomb(m, a.blob_id), tomb(m, a.blob_id)], T0 + 1)
+        assert removed == 1
+        assert await fetch_all(b, m, T0 + 1) == [replace(keep, seq=2)]
+        assert await b.get_blobs(m, [a.blob_id], T0 + 1) == []
+        assert await b.put_many([a], T0 + 2) == [TOMBSTONED]
+        # A tombstone for a blob not (yet) held still refuses a late put or replay.
+        assert await b.delete([tomb(m, never.blob_id)], T0 + 2) == 0
+        assert await b.put_many([never], T0 + 3) == [TOMBSTONED]
+        assert await b.delete([tomb(m, a.blob_id)], T0 + 3) == 0
+        assert await b.delete([], T0 + 3) == 0
+        blob_ids, tombs = await b.ids(m, T0 + 3)
+        assert blob_ids == [keep.blob_id]
+        assert [t.blob_id for t in tombs] == sorted([a.blob_id, never.blob_id])
+        assert await b.usage(m, T0 + 3) == Usage(1, len(keep.blob))
+
+    run_scenario(stores, kind, scenario)
+
+
+def test_tombstones_outlive_the_blobs_they_delete(stores: Stores, kind: str) -> None:
+    async def scenario(b: MailboxBackend) -> None:
+        m = mbox(0)
+        a = blob(m, b"a", ttl=100)
+        await b.put_many([a], T0)
+        short = Tombstone(m, a.blob_id, T0 + 10, T0 + 50, b"auth-1")
+        assert await b.delete([short], T0 + 10) == 1
+        _, tombs = await b.ids(m, T0 + 10)
+        assert tombs == [replace(short, expires_ms=a.expires_ms)]  # extended to the blob's
+        revived = blob(m, b"a", at=T0 + 75, ttl=1000)
+        assert await b.put_many([revived], T0 + 75) == [TOMBSTONED]
+        # The later-expiring of two tombstones wins; an earlier one changes nothing.
+        longer = Tombstone(m, a.blob_id, T0 + 80, T0 + 500, b"auth-2")
+        await b.delete([longer, replace(longer, expires_ms=T0 + 200, authorization=b"x")], T0 + 80)
+        assert (await b.ids(m, T0 + 80))[1] == [longer]
+        assert await b.put_many([revived], T0 + 499) == [TOMBSTONED]
+        assert await b.put_many([revived], T0 + 500) == [STORED]  # tombstone expired
+
+    run_scenario(stores, kind, scenario)
+
+
+def test_expired_tombstones_are_removed(stores: Stores, kind: str) -> None:
+    async def scenario(b: MailboxBackend) -> None:
+        m = mbox(0)
+        x = blob(m, b"x", at=T0 + 100)
+        await b.delete([tomb(m, x.blob_id, ttl=100)], T0)
+        assert await b.put_many([x], T0 + 99) == [TOMBSTONED]
+        assert await b.ids(m, T0 + 100) == ([], [])
+        assert await b.digests(b"", b"", T0 + 100) == []
+        # Already expired on arrival and deleting nothing live: ignored.
+        assert await b.delete([tomb(m, b"\x01" * 32, ttl=0)], T0 + 100) == 0
+        assert await b.expire(T0 + 99, 10) == 0
+        assert await b.expire(T0 + 100, 10) == 1
+        assert await b.put_many([x], T0 + 100) == [STORED]
+        assert await b.ids(m, T0 + 100) == ([x.blob_id], [])
+
+    run_scenario(stores, kind, scenario)
+
+
+# --- expiry ----------------------------------------------------------------------------------
+
+
+def test_expired_blobs_never_returned_and_removed_by_expire(stores: Stores, kind: str) -> None:
+    async def scenario(b: MailboxBackend) -> None:
+        m = mbox(0)
+        a, c, d = (blob(m, p, ttl=t) for p, t in ((b"a", 100), (b"cc", 200), (b"ddd", 300)))
+        await b.put_many([a, c, d], T0)
+        now = T0 + 150
+        assert await fetch_all(b, m, now) == [replace(c, seq=2), replace(d, seq=3)]
+        assert [x.blob_id for x in await b.get_blobs(m, [a.blob_id, c.blob_id], now)] == [c.blob_id]
+        assert (await b.ids(m, now))[0] == sorted([c.blob_id, d.blob_id])
+        assert await b.usage(m, now) == Usage(2, 5)
+        assert await b.totals() == Usage(3, 6)  # held until collected
+        assert await b.put_many([blob(m, b"late", ttl=150)], now) == [EXPIRED]
+        assert await b.totals() == Usage(3, 6)
+        now = T0 + 250
+        assert [await b.expire(now, 1) for _ in range(3)] == [1, 1, 0]  # bounded batches
+        assert await b.totals() == Usage(1, 3)
+        again = blob(m, b"a", at=now)  # a re-put after expiry is a new store, with a new seq
+        assert await b.put_many([again], now) == [STORED]
+        assert await fetch_all(b, m, now) == [replace(d, seq=3), replace(again, seq=4)]
+
+    run_scenario(stores, kind, scenario)
+
+
+def test_seq_never_reused_after_everything_expired(stores: Stores, kind: str) -> None:
+    async def scenario(b: MailboxBackend) -> None:
+        m = mbox(0)
+        await b.put_many([blob(m, b"%d" % i, ttl=10) for i in range(3)], T0)
+        assert await b.expire(T0 + 10, 100) == 3
+        assert await b.digests(b"", b"", T0 + 10) == []
+        await b.put_many([blob(m, b"new", at=T0 + 10)], T0 + 10)
+        assert [x.seq for x in await fetch_all(b, m, T0 + 10)] == [4]
+
+    run_scenario(stores, kind, scenario)
+
+
+def test_expire_order_oldest_first_blobs_before_tombstones(stores: Stores, kind: str) -> None:
+    async def scenario(b: MailboxBackend) -> None:
+        m = mbox(0)
+        await b.put_many([blob(m, b"big blob", ttl=50), blob(m, b"s", ttl=40)], T0)
+        await b.delete([tomb(m, b"\x07" * 32, ttl=30), tomb(m, b"\x08" * 32, ttl=50)], T0)
+        now = T0 + 60
+        assert await b.expire(now, 1) == 1
+        assert await b.totals() == Usage(2, 9)  # the tombstone expiring first went first
+        assert await b.expire(now, 1) == 1
+        assert await b.totals() == Usage(1, 8)
+        assert await b.expire(now, 1) == 1
+        assert await b.totals() == Usage(0, 0)  # the blob, not the tombstone, at equal expiry
+        assert await b.expire(now, 0) == 0
+        assert await b.expire(now, 5) == 1
+        assert await b.expire(now, 5) == 0
+
+    run_scenario(stores, kind, scenario)
+
+
+# --- anti-entropy reads: ids, get_blobs, digests -----------------------------------------------
+
+
+def test_ids_and_get_blobs(stores: Stores, kind: str) -> None:
+    async def scenario(b: MailboxBackend) -> None:
+        m = mbox(0)
+        blobs = [blob(m, b"payload %d" % i) for i in range(5)]
+        await b.put_many(blobs, T0)
+        await b.delete([tomb(m, blobs[4].blob_id)], T0)
+        by_id = {x.blob_id: replace(x, seq=i + 1) for i, x in enumerate(blobs)}
+        blob_ids, tombs = await b.ids(m, T0)
+        assert blob_ids == sorted(x.blob_id for x in blobs[:4])
+        assert tombs == [tomb(m, blobs[4].blob_id)]
+        ask = [blobs[3].blob_id, b"\x00" * 32, blobs[0].blob_id, blobs[3].blob_id, blobs[4].blob_id]
+        got = await b.get_blobs(m, ask, T0)
+        assert got == [by_id[blobs[3].blob_id], by_id[blobs[0].blob_id]]  # asked order, once
+        assert await b.get_blobs(mbox(1), ask, T0) == []
+        assert await b.get_blobs(m, [], T0) == []
+        assert await b.ids(mbox(1), T0) == ([], [])
+
+    run_scenario(stores, kind, scenario)
+
+
+def expected_digest(blob_ids: list[bytes], tomb_ids: list[bytes]) -> bytes:
+    """The digest framing, restated independently of the implementation."""
+    h = hashlib.sha256(b"dna-mailbox-digest/v1")
+    for section in (sorted(blob_ids), sorted(tomb_ids)):
+        h.update(len(section).to_bytes(4, "big"))
+        for item in section:
+            h.update(len(item).to_bytes(2, "big") + item)
+    return h.digest()
+
+
+def test_digests_and_range_filtering(stores: Stores, kind: str) -> None:
+    async def scenario(b: MailboxBackend) -> None:
+        m0, m1, m2, m3 = sorted(mbox(i) for i in range(4))
+        x, y = blob(m0, b"x"), blob(m0, b"y")
+        await b.put_many([x, y, blob(m1, b"z"), blob(m3, b"gone", ttl=10)], T0)
+        await b.delete([tomb(m2, b"\x05" * 32)], T0)
+        now = T0 + 10  # m3 holds only an expired blob: not listed
+        everything = await b.digests(b"", b"", now)
+        assert [d.mailbox_id for d in everything] == [m0, m1, m2]
+        assert everything[0] == MailboxDigest(m0, expected_digest([x.blob_id, y.blob_id], []), 2, 0)
+        assert everything[2] == MailboxDigest(m2, expected_digest([], [b"\x05" * 32]), 0, 1)
+        assert await b.digests(m1, m2, now) == [everything[1]]
+        assert await b.digests(m0, m1, now) == [everything[0]]
+        assert await b.digests(m1, b"", now) == everything[1:]
+        assert await b.digests(m2, m1, now) == []
+        assert await b.digests(m1, m1, now) == []
+        await b.delete([tomb(m0, x.blob_id)], now)
+        assert (await b.digests(m0, m1, now))[0].digest == expected_digest([y.blob_id], [x.blob_id])
+
+    run_scenario(stores, kind, scenario)
+
+
+def test_digest_equal_across_backends(stores: Stores) -> None:
+    async def main() -> None:
+        sqlite, redis = await stores.open("sqlite"), await stores.open("redis")
+        for b in (sqlite, redis):
+            for i in range(3):
+                m = mbox(i)
+                await b.put_many([blob(m, b"%d-%d" % (i, j)) for j in range(4)], T0)
+                await b.delete([tomb(m, hashlib.sha256(b"%d-0" % i).digest())], T0 + 1)
+        for start, end in ((b"", b""), (mbox(1), b""), (b"", mbox(2))):
+            assert await sqlite.digests(start, end, T0 + 1) == await redis.digests(
+                start, end, T0 + 1
+            )
+        assert len(await sqlite.digests(b"", b"", T0 + 1)) == 3
+        assert await sqlite.ids(mbox(0), T0 + 1) == await redis.ids(mbox(0), T0 + 1)
+
+    stores.run(main())
+
+
+def test_usage_and_totals(stores: Stores, kind: str) -> None:
+    async def scenario(b: MailboxBackend) -> None:
+        m0, m1 = mbox(0), mbox(1)
+        assert await b.totals() == Usage(0, 0)
+        assert await b.usage(m0, T0) == Usage(0, 0)
+        await b.put_many([blob(m0, b"x" * 100), blob(m0, b"y" * 50), blob(m1, b"z" * 7)], T0)
+        await b.put_many([blob(m0, b"x" * 100)], T0)  # duplicate: counted once
+        assert await b.usage(m0, T0) == Usage(2, 150)
+        assert await b.usage(m1, T0) == Usage(1, 7)
+        assert await b.totals() == Usage(3, 157)
+        await b.delete([tomb(m0, hashlib.sha256(b"y" * 50).digest())], T0)
+        assert await b.usage(m0, T0) == Usage(1, 100)
+        assert await b.totals() == Usage(2, 107)
+
+    run_scenario(stores, kind, scenario)
+
+
+# --- the reference model ---------------------------------------------------------------------
+
+Key = tuple[bytes, bytes]
+
+
+@dataclass
+class Model:
+    """The contract in a few lines of Python (rules: dna_storage/backends/common.py)."""
+
+    blobs: dict[Key, StoredBlob] = field(default_factory=dict)  # physically held
+    tombs: dict[Key, Tombstone] = field(default_factory=dict)
+    seqs: dict[bytes, int] = field(default_factory=dict)
+
+    def put(self, b: StoredBlob, now: int) -> PutOutcome:
+        key = (b.mailbox_id, b.blob_id)
+        t, held = self.tombs.get(key), self.blobs.get(key)
+        if b.expires_ms <= now:
+            return EXPIRED
+        if t is not None and t.expires_ms > now:
+            return TOMBSTONED
+        if held is not None and held.expires_ms > now:
+            return DUPLICATE
+        self.seqs[b.mailbox_id] = seq = self.seqs.get(b.mailbox_id, 0) + 1
+        self.blobs[key] = replace(b, seq=seq)
+        return STORED
+
+    def delete(self, t: Tombstone, now: int) -> int:
+        key = (t.mailbox_id, t.blob_id)
+        held = self.blobs.pop(key, None)
+        live = held is not None and held.expires_ms > now
+        expires = max(t.expires_ms, held.expires_ms) if held is not None and live else t.expires_ms
+        old = self.tombs.get(key)
+        if expires > now and (old is None or old.expires_ms < expires):
+            self.tombs[key] = replace(t, expires_ms=expires)
+        return int(live)
+
+    def expire(self, now: int, limit: int) -> int:
+        due = [(b.expires_ms, 0, k) for k, b in self.blobs.items() if b.expires_ms <= now]
+        due += [(t.expires_ms, 1, k) for k, t in self.tombs.items() if t.expires_ms <= now]
+        victims = sorted(due)[: max(limit, 0)]  # oldest first, blobs first, then by IDs
+        for _, kind, key in victims:
+            if kind == 0:
+                del self.blobs[key]
+            else:
+                del self.tombs[key]
+        return len(victims)
+
+    def live(self, mailbox: bytes, now: int) -> list[StoredBlob]:
+        found = [b for (m, _), b in self.blobs.items() if m == mailbox and b.expires_ms > now]
+        return sorted(found, key=lambda b: b.seq)
+
+    def ids(self, mailbox: bytes, now: int) -> tuple[list[bytes], list[Tombstone]]:
+        tombs = [t for (m, _), t in self.tombs.items() if m == mailbox and t.expires_ms > now]
+        tombs.sort(key=lambda t: t.blob_id)
+        return sorted(b.blob_id for b in self.live(mailbox, now)), tombs
+
+    def digests(self, now: int) -> list[MailboxDigest]:
+        mailboxes = sorted({m for m, _ in self.blobs} | {m for m, _ in self.tombs})
+        out = []
+        for m in mailboxes:
+            blob_ids, tombs = self.ids(m, now)
+            out.append(mailbox_digest(m, blob_ids, [t.blob_id for t in tombs]))
+        return [d for d in out if d.blobs or d.tombstones]
+
+    def totals(self) -> Usage:
+        return Usage(len(self.blobs), sum(len(b.blob) for b in self.blobs.values()))
+
+
+MAILBOXES = [mbox(0), mbox(1)]
+PAYLOADS = [b"p%d" % i * (i + 1) for i in range(5)]  # distinct sizes
+IDS = [hashlib.sha256(p).digest() for p in PAYLOADS]
+_slot = st.tuples(st.integers(0, 1), st.integers(0, 4))
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), st.lists(st.tuples(_slot, st.sampled_from([0, 30, 100, 400])),
+                                           min_size=1, max_size=3)),
+        st.tuples(st.just("delete"), st.lists(st.tuples(_slot, st.sampled_from([0, 20, 200])),
+                                              min_size=1, max_size=2)),
+        st.tuples(st.just("tick"), st.sampled_from([1, 25, 90, 300])),
+        st.tuples(st.just("expire"), st.sampled_from([1, 2, 100])),
+    ),
+    max_size=18,
+)  # fmt: skip
+
+
+async def apply(b: MailboxBackend, model: Model, op: tuple[str, object], now: int) -> int:
+    """Apply one op to both; check the answers agree; return the new clock."""
+    name, arg = op
+    if name == "tick":
+        assert isinstance(arg, int)
+        return now + arg
+    if name == "expire":
+        assert isinstance(arg, int)
+        assert await b.expire(now, arg) == model.expire(now, arg)
+    elif name == "put":
+        assert isinstance(arg, list)
+        batch = [blob(MAILBOXES[m], PAYLOADS[i], at=now, ttl=ttl) for (m, i), ttl in arg]
+        assert await b.put_many(batch, now) == [model.put(x, now) for x in batch]
+    else:
+        assert isinstance(arg, list)
+        tombs = [tomb(MAILBOXES[m], IDS[i], at=now, ttl=ttl) for (m, i), ttl in arg]
+        assert await b.delete(tombs, now) == sum(model.delete(t, now) for t in tombs)
+    return now
+
+
+async def check_reads(b: MailboxBackend, model: Model, now: int) -> None:
+    for m in MAILBOXES:
+        assert await fetch_all(b, m, now) == model.live(m, now)
+        assert await b.ids(m, now) == model.ids(m, now)
+        live = model.live(m, now)
+        assert await b.usage(m, now) == Usage(len(live), sum(len(x.blob) for x in live))
+        assert await b.get_blobs(m, IDS, now) == sorted(live, key=lambda x: IDS.index(x.blob_id))
+    digests, split = model.digests(now), max(MAILBOXES)
+    assert await b.digests(b"", b"", now) == digests
+    assert await b.digests(b"", split, now) == [d for d in digests if d.mailbox_id < split]
+    assert await b.digests(split, b"", now) == [d for d in digests if d.mailbox_id >= split]
+    assert await b.totals() == model.totals()
+
+
+@settings(max_examples=20, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+def test_backend_matches_reference_model(
+    stores: Stores, kind: str, ops: list[tuple[str, object]]
+) -> None:
+    async def main() -> None:
+        b, model, now = await stores.open(kind), Model(), T0
+        try:
+            for op in ops:
+                now = await apply(b, model, op, now)
+                await check_reads(b, model, now)
+        finally:
+            await b.close()
+
+    stores.run(main())

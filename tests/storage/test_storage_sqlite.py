@@ -1,0 +1,203 @@
+"""SQLite-only guarantees: durability across reopen and SIGKILL, group commit, integrity."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+import pytest
+from dna_storage.backends.base import PutOutcome, StoredBlob, Tombstone, Usage
+from dna_storage.backends.sqlite import SqliteBackend
+
+T0 = 1_700_000_000_000
+DAY = 86_400_000
+WRITER = Path(__file__).with_name("storage_crash_writer.py")
+
+
+def blob(n: int, mailbox: bytes = b"\x01" * 32, size: int = 64) -> StoredBlob:
+    payload = (b"blob %d " % n * size)[:size]
+    return StoredBlob(mailbox, hashlib.sha256(payload).digest(), payload, T0, T0 + DAY)
+
+
+def test_durable_across_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "mail.db"
+    m = b"\x01" * 32
+
+    async def write() -> None:
+        b = await SqliteBackend.open(path)
+        await b.put_many([blob(i) for i in range(5)], T0)
+        await b.delete([Tombstone(m, blob(0).blob_id, T0, T0 + 2 * DAY, b"auth")], T0)
+        await b.close()
+
+    async def read() -> None:
+        b = await SqliteBackend.open(path)
+        try:
+            page = await b.fetch(m, 0, 100, T0)
+            assert [x.seq for x in page.blobs] == [2, 3, 4, 5]
+            assert await b.put_many([blob(0)], T0) == [PutOutcome.TOMBSTONED]
+            assert await b.put_many([blob(9)], T0) == [PutOutcome.STORED]
+            assert (await b.fetch(m, 5, 10, T0)).blobs[0].seq == 6  # the counter persisted
+            assert await b.totals() == Usage(5, 5 * 64)
+            assert await b.integrity_ok()
+        finally:
+            await b.close()
+
+    asyncio.run(write())
+    asyncio.run(read())
+
+
+def test_group_commit_batches_concurrent_writes(tmp_path: Path) -> None:
+    """N concurrent puts share commits; every one is still acknowledged only after its commit."""
+
+    async def main() -> tuple[int, int]:
+        b = await SqliteBackend.open(tmp_path / "mail.db")
+        try:
+            n = 200
+            before = b.commits
+            results = await asyncio.gather(*(b.put_many([blob(i)], T0) for i in range(n)))
+            assert results == [[PutOutcome.STORED]] * n
+            assert (await b.usage(b"\x01" * 32, T0)).blobs == n
+            return b.commits - before, n
+        finally:
+            await b.close()
+
+    commits, n = asyncio.run(main())
+    assert 1 <= commits < n / 4, f"{commits} commits for {n} concurrent puts"
+
+
+def test_sequential_writes_commit_one_by_one(tmp_path: Path) -> None:
+    async def main() -> None:
+        b = await SqliteBackend.open(tmp_path / "mail.db")
+        try:
+            before = b.commits
+            for i in range(10):
+                await b.put_many([blob(i)], T0)
+            assert b.commits - before == 10
+            assert b.writes >= 10
+        finally:
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_a_failing_request_does_not_sink_its_group(tmp_path: Path) -> None:
+    """Each request runs in its own savepoint: a failure undoes that request only, wholly."""
+
+    async def main() -> None:
+        b = await SqliteBackend.open(tmp_path / "mail.db")
+        try:
+            broken = StoredBlob(b"\x01" * 32, b"\x02" * 32, None, T0, T0 + DAY)  # type: ignore[arg-type]
+            results = await asyncio.gather(
+                b.put_many([blob(1)], T0),
+                b.put_many([blob(2), broken], T0),  # atomic: blob(2) must not stay
+                b.put_many([blob(3)], T0),
+                return_exceptions=True,
+            )
+            assert results[0] == results[2] == [PutOutcome.STORED]
+            assert isinstance(results[1], TypeError)
+            page = await b.fetch(b"\x01" * 32, 0, 10, T0)
+            assert [x.blob_id for x in page.blobs] == [blob(1).blob_id, blob(3).blob_id]
+            assert [x.seq for x in page.blobs] == [1, 2]  # the failed put consumed no seq
+        finally:
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_closed_backend_refuses_work(tmp_path: Path) -> None:
+    async def main() -> None:
+        b = await SqliteBackend.open(tmp_path / "mail.db")
+        await b.close()
+        await b.close()  # idempotent
+        with pytest.raises(RuntimeError, match="closed"):
+            await b.put_many([blob(1)], T0)
+        with pytest.raises(RuntimeError, match="closed"):
+            await b.totals()
+
+    asyncio.run(main())
+
+
+def test_integrity_ok_detects_corruption(tmp_path: Path) -> None:
+    path = tmp_path / "mail.db"
+
+    async def fill() -> bool:
+        b = await SqliteBackend.open(path)
+        try:
+            await b.put_many([blob(i, size=3000) for i in range(200)], T0)
+            return await b.integrity_ok()
+        finally:
+            await b.close()
+
+    async def check() -> bool:
+        b = await SqliteBackend.open(path)
+        try:
+            return await b.integrity_ok()
+        finally:
+            await b.close()
+
+    assert asyncio.run(fill())
+    data = bytearray(path.read_bytes())
+    page = 4096
+    for offset in range(len(data) // 2 // page * page, len(data) // 2 // page * page + page):
+        data[offset] = 0xA5  # one page in the middle: payload or index, never the schema
+    path.write_bytes(bytes(data))
+    assert not asyncio.run(check())
+
+
+def _read_lines(stream: IO[str], into: list[str]) -> None:
+    into.extend(stream)
+
+
+def _kill_writer_mid_run(db: Path, after_lines: int) -> set[tuple[str, str]]:
+    """Run the writer until it acknowledged ``after_lines`` blobs, SIGKILL it, return the acks."""
+    lines: list[str] = []
+    with subprocess.Popen(
+        [sys.executable, str(WRITER), str(db)], stdout=subprocess.PIPE, text=True
+    ) as proc:
+        assert proc.stdout is not None
+        reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines))
+        reader.start()
+        deadline = time.monotonic() + 20
+        while len(lines) < after_lines and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.kill()
+        proc.wait()
+        reader.join()
+    assert lines and lines[0] == "READY\n", lines[:3]
+    assert len(lines) >= after_lines, f"writer stalled or died after {len(lines)} lines"
+    acked = [line.split() for line in lines[1:] if line.endswith("\n")]  # whole lines only
+    return {(m, b) for m, b in acked}
+
+
+async def _all_present(db: Path, acked: set[tuple[str, str]]) -> None:
+    b = await SqliteBackend.open(db)
+    try:
+        assert await b.integrity_ok()
+        by_mailbox: dict[str, list[bytes]] = {}
+        for m, i in acked:
+            by_mailbox.setdefault(m, []).append(bytes.fromhex(i))
+        now = int(time.time() * 1000)
+        missing = 0
+        for m, ids in by_mailbox.items():
+            found = await b.get_blobs(bytes.fromhex(m), ids, now)
+            missing += len(ids) - len(found)
+        assert missing == 0, f"{missing} of {len(acked)} acknowledged blobs lost"
+        assert (await b.totals()).blobs >= len(acked)
+    finally:
+        await b.close()
+
+
+def test_sigkill_loses_no_acknowledged_blob(tmp_path: Path) -> None:
+    """Kill the writer mid-run three times: integrity holds and every acked blob is there."""
+    db = tmp_path / "crash.db"
+    acked: set[tuple[str, str]] = set()
+    for round_ in range(3):
+        acked |= _kill_writer_mid_run(db, after_lines=300 + 97 * round_)
+        asyncio.run(_all_present(db, acked))
+    assert len(acked) >= 900
