@@ -244,7 +244,7 @@ def _emit(obj: Mapping[str, Any]) -> None:
     print(json.dumps(obj, ensure_ascii=False), flush=True)
 
 
-def report(  # noqa: PLR0917 - the signature every bench module uses
+def report(
     bench: str,
     unit: str,
     ours: float,

@@ -140,7 +140,7 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[index]
 
 
-def make_figure(  # noqa: PLR0917 - one call site per baseline, all positional is clearest
+def make_figure(
     baseline: str,
     op: str,
     concurrency: int,

@@ -438,7 +438,7 @@ class OpenDhtNet:
 
         return self._batch("get", issue, items, concurrency, deadline, op_timeout_s)
 
-    def _batch(  # noqa: PLR0917
+    def _batch(
         self,
         op: str,
         issue: Issue,

@@ -39,3 +39,51 @@ def test_crypto_bench_quick_prints_bench_md_json_lines() -> None:
         if figure["unit"] == "ops/s":
             throughputs.add(figure["bench"])
     assert throughputs == FIGURES
+
+
+OVERLAY_FIGURES = {
+    f"overlay.{op}{suffix}" for op in ("put", "get") for suffix in ("", ".p50", ".p99")
+}
+
+
+def test_overlay_bench_quick_runs_ours_and_baselines_and_cleans_up() -> None:
+    """12 nodes in 2 worker processes, OpenDHT and kademlia beside them, 1 round (~15 s)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.overlay", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert "machine" in lines[0]
+    figures = [line for line in lines if "bench" in line]
+    others = [line for line in lines[1:] if "bench" not in line]
+    assert all(set(line) == {"detail"} for line in others), others
+    assert {f["bench"] for f in figures} == OVERLAY_FIGURES
+    seen = set()
+    for figure in figures:
+        assert set(figure) == KEYS, figure
+        assert figure["ours"] > 0, figure
+        assert set(figure["baseline"]) == {"opendht", "kademlia"}, figure
+        assert all(value > 0 for value in figure["baseline"].values()), figure
+        assert figure["ratio"] > 0, figure
+        params = figure["params"]
+        assert params["failures"]["ours"] == 0, figure  # every get returned the record put
+        seen.add((figure["bench"], params["mode"], params["replicas"]))
+    assert len(seen) == len(OVERLAY_FIGURES) * 2 * 2  # seq/c32 x 20/8 replicas
+    setup = next(line["detail"]["setup"] for line in others if "setup" in line["detail"])
+    assert setup["node_tables_min"] > 0
+    for pid in setup["worker_pids"]:  # the node workers were stopped and reaped
+        assert not _is_overlay_worker(pid), pid
+
+
+def _is_overlay_worker(pid: int) -> bool:
+    """Whether ``pid`` is (still) a bench.overlay_nodes process."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"bench.overlay_nodes" in cmdline

@@ -145,7 +145,9 @@ def test_bad_records_over_grpc_get_clear_statuses(node: NodeProcess, tmp_path: P
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.FindValue(overlay_pb2.FindValueRequest(key=b"short"), timeout=3)
             codes.append(err.value.code())
-            raw = channel.unary_unary("/dna.v1.Overlay/Store")
+            raw: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                "/dna.v1.Overlay/Store"
+            )
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await raw(b"\xff\xff\xff garbage", timeout=3)
             codes.append(err.value.code())

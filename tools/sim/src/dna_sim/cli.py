@@ -32,10 +32,17 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dna-sim", description=__doc__.split("\n")[0])
-    p.add_argument("--nodes", type=int, default=1000)
-    p.add_argument("--lookups", type=int, default=1000, help="lookups per phase")
+    p.add_argument("--nodes", type=_positive, default=1000)
+    p.add_argument("--lookups", type=_positive, default=1000, help="lookups per phase")
     p.add_argument("--seed", type=int, help="default: a random seed, printed")
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--alpha", type=int, default=3)
@@ -72,19 +79,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-ms", type=float, default=20.0, help="mean one-way pair base")
     p.add_argument("--jitter-ms", type=float, default=5.0, help="per-message ± jitter")
     p.add_argument("--join", choices=("oracle", "real"), default="oracle")
-    p.add_argument("--warmup", type=int, default=3, help="pings per node after an oracle fill")
+    p.add_argument(
+        "--keepalive",
+        type=int,
+        metavar="N",
+        help="each node pings its N closest neighbours before the lookups, after --crash "
+        "(default: 3, or 3k with --crash)",
+    )
     p.add_argument("--spacing-ms", type=float, default=10.0, help="virtual ms between lookups")
     p.add_argument(
         "--rto-floor-ms",
         type=float,
-        default=100.0,
+        default=70.0,
         help="lower bound of the adaptive lookup timeout",
-    )
-    p.add_argument(
-        "--unpatched-core",
-        dest="unpatched",
-        action="store_true",
-        help="run kbucket/lookup as they are, without dna_sim.patches",
     )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument(
@@ -108,6 +115,9 @@ def _scenario_from_summary(recorded: dict[str, Any]) -> Scenario:
     values = {f.name: recorded[f.name] for f in fields(Scenario) if f.name in recorded}
     variants: dict[str, int] = recorded.get("variants", {})
     values["disjoint"] = variants.get("disjoint", 0)
+    scenario = Scenario(**{**values, "keepalive": None})
+    if scenario.keepalive_count() == values.get("keepalive"):
+        return scenario  # the default: keep the replay command as short as the original
     return Scenario(**values)
 
 
@@ -117,13 +127,11 @@ def command_line(scenario: Scenario) -> str:
     parts = ["dna-sim", f"--nodes {scenario.nodes}", f"--lookups {scenario.lookups}"]
     parts.append(f"--seed {scenario.seed}")
     for f in fields(Scenario):
-        if f.name in ("nodes", "lookups", "seed", "unpatched"):
+        if f.name in ("nodes", "lookups", "seed"):
             continue
         value = getattr(scenario, f.name)
         if value != getattr(default, f.name):
             parts.append(f"--{f.name.replace('_', '-')} {value}")
-    if scenario.unpatched:
-        parts.append("--unpatched-core")
     return " ".join(parts)
 
 
@@ -142,10 +150,6 @@ def run(scenario: Scenario, *, quiet: bool = False) -> dict[str, Any]:
 
     print(f"seed: {scenario.seed}", flush=True)
     print(f"replay: {command_line(scenario)}", flush=True)
-    if scenario.unpatched:
-        print("core: kbucket/lookup as they are (--unpatched-core)")
-    else:
-        print("core: with dna_sim.patches (faster closest(), lookup termination fix)")
     t0, cpu0 = time.perf_counter(), time.process_time()
     sim = Simulation(scenario, progress)
     world = sim.build()

@@ -48,6 +48,7 @@ class Message:
         src: int,
         dst: int,
         req_id: int,
+        *,
         target: bytes = b"",
         contacts: Sequence[Contact] = (),
     ) -> None:

@@ -47,10 +47,9 @@ class Scenario:
     latency_ms: float = 20.0
     jitter_ms: float = 5.0
     join: str = "oracle"
-    warmup: int = 3
+    keepalive: int | None = None  # see keepalive_count
     spacing_ms: float = 10.0
-    rto_floor_ms: float = 100.0
-    unpatched: bool = False  # the core as it is, without dna_sim.patches
+    rto_floor_ms: float = 70.0
 
     def variants(self) -> list[tuple[str, int]]:
         """(name, paths) of the lookup kinds to run in every phase."""
@@ -60,11 +59,24 @@ class Scenario:
             return [("disjoint", self.disjoint)]
         return [("single", 1)]
 
+    def keepalive_count(self) -> int:
+        """Neighbours each live node pings before the lookups (``World.keepalive``).
+
+        By default 3 for RTT samples; after ``--crash``, 3k: the crash is then in the past,
+        and the nodes have done the upkeep a running overlay does around itself (a
+        neighbour that stopped answering is evicted). With k, 12% of lookups miss one of
+        the k closest at 20% crashed (responders' k-contact answers still list dead
+        nodes just past their own k closest); with 3k none do. ``--keepalive 0`` = a
+        crash just now (``--kill-during`` is that too, measured against a healthy phase).
+        """
+        if self.keepalive is not None:
+            return self.keepalive
+        return 3 * self.k if self.crash > 0 else 3
+
     def world_config(self) -> WorldConfig:
         return WorldConfig(
             nodes=self.nodes,
             adversarial=self.adversarial,
-            warmup=self.warmup if self.join == "oracle" else 0,
             net=NetConfig(
                 base_latency=self.latency_ms / 1000,
                 jitter=self.jitter_ms / 1000,
@@ -74,7 +86,6 @@ class Scenario:
                 k=self.k,
                 alpha=self.alpha,
                 rto_floor=self.rto_floor_ms / 1000,
-                unpatched=self.unpatched,
             ),
         )
 
@@ -123,9 +134,11 @@ class Simulation:
                 world.join()
             else:
                 world.oracle_fill()
+            if scenario.crash > 0:
+                world.crash(scenario.crash)
+            if scenario.keepalive_count() > 0:
+                world.keepalive(scenario.keepalive_count())
         self.world = world
-        if scenario.crash > 0:
-            world.crash(scenario.crash)
         return world
 
     # -- phases -------------------------------------------------------------------
@@ -201,15 +214,18 @@ class _Phase:
         got = [c.key for c in result]
         want = truth.alive.closest(target, k, besides=origin)
         best_honest = truth.honest.closest(target, 1, besides=origin)
-        same_side = got == want
+        same_side, cross_side = got == want, False
         group = self.world.net.group
         if group is not None:
-            side = truth.sides[group[run.node.index]]
-            same_side = got == side.closest(target, k, besides=origin)
+            own = group[run.node.index]
+            same_side = got == truth.sides[own].closest(target, k, besides=origin)
+            index_of = self.world.book.index_of
+            cross_side = any(group[index_of[c.node_id]] != own for c in result)
         return LookupRecord(
             exact=got == want,
             closest_found=bool(best_honest) and best_honest[0] in got,
             same_side=same_side,
+            cross_side=cross_side,
             recall=len(set(got) & set(want)) / max(1, len(want)),
             complete=len(got) >= k,
             hops=run.hops(result),
@@ -285,8 +301,8 @@ def summary(sim: Simulation, wall_seconds: float, cpu_seconds: float) -> dict[st
         "loss": scenario.loss,
         "latency_ms": scenario.latency_ms,
         "jitter_ms": scenario.jitter_ms,
+        "keepalive": scenario.keepalive_count(),
         "rto_floor_ms": scenario.rto_floor_ms,
-        "unpatched": scenario.unpatched,
         "phase": phase_name,
         "variant": variant,
         **phase[variant],
@@ -295,7 +311,7 @@ def summary(sim: Simulation, wall_seconds: float, cpu_seconds: float) -> dict[st
         out["single_path_success_rate"] = phase["single"]["success_rate"]
         out["single_path_closest_found_rate"] = phase["single"]["closest_found_rate"]
     if scenario.kill_during > 0:
-        before = sim.phases[list(sim.phases)[0]][variant]["latency_ms_p50"]
+        before = sim.phases[next(iter(sim.phases))][variant]["latency_ms_p50"]
         out["latency_p50_ratio_killed_vs_healthy"] = round(out["latency_ms_p50"] / before, 3)
     out["targets"] = targets(sim, out)
     out["messages_total"] = world.net.sent
@@ -313,7 +329,7 @@ def targets(sim: Simulation, out: dict[str, Any]) -> dict[str, bool]:
     separately: it is the one figure a replay cannot reproduce)."""
     scenario = sim.scenario
     checks: dict[str, bool] = {}
-    first = sim.phases[list(sim.phases)[0]]
+    first = sim.phases[next(iter(sim.phases))]
     faults = scenario.crash or scenario.adversarial or scenario.loss or scenario.partition
     if not faults:
         healthy = first[out["variant"]]

@@ -13,6 +13,7 @@ class LookupRecord:
     exact: bool  # the result is exactly the k closest alive nodes
     closest_found: bool  # the result holds the closest alive honest node
     same_side: bool  # exact against only the nodes the origin can reach (partitions)
+    cross_side: bool  # the result holds a node the origin cannot reach (partitions)
     recall: float  # share of the true k closest in the result
     complete: bool  # the result holds k contacts
     hops: int
@@ -60,6 +61,7 @@ def summarize(records: Sequence[LookupRecord], *, partitioned: bool = False) -> 
     }
     if partitioned:
         out["same_side_success_rate"] = _rate(sum(r.same_side for r in records), n)
+        out["cross_side_result_rate"] = _rate(sum(r.cross_side for r in records), n)
     return out
 
 

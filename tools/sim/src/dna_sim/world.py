@@ -34,7 +34,6 @@ _JOIN_SPACING = 0.25  # virtual seconds between two joins
 class WorldConfig:
     nodes: int
     adversarial: float = 0.0  # fraction of nodes in the colluding coalition
-    warmup: int = 3  # liveness pings per node after an oracle fill (RTT samples)
     net: NetConfig = field(default_factory=NetConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
 
@@ -56,7 +55,9 @@ class World:
         self.adversarial = bytearray(1 if i in bad else 0 for i in range(len(contacts)))
         coalition = Coalition([contacts[i] for i in sorted(bad)]) if bad else None
         self.nodes = [
-            SimNode(i, c, self.net, self.book, config.node, coalition if i in bad else None)
+            SimNode(i, c, self.net, self.book, config=config.node, coalition=coalition)
+            if i in bad
+            else SimNode(i, c, self.net, self.book, config=config.node)
             for i, c in enumerate(contacts)
         ]
         self.net.handlers = [node.receive for node in self.nodes]
@@ -68,33 +69,35 @@ class World:
     # -- table filling ------------------------------------------------------------
 
     def oracle_fill(self) -> None:
-        warmup = self.config.warmup
         for node in self.nodes:
-            inserted = self._fill_table(node)
-            if warmup:
-                picks = self.rng.sample(inserted, min(warmup, len(inserted)))
-                node.warm_up([self.contacts[i] for i in picks])
-        self.net.run()
+            self._fill_table(node)
 
-    def _fill_table(self, node: SimNode) -> list[int]:
-        """Fill ``node``'s table bucket by bucket; the indices of the inserted nodes."""
+    def _fill_table(self, node: SimNode) -> None:
         keys, k = self.keys, self.k
         local = node.contact.key
-        inserted: list[int] = []
         for index in range(ID_BITS - 1, -1, -1):
             start, end = bucket_range(keys, local, index)
-            in_bucket = 0
+            inserted = 0
             for i in self._candidates(start, end):
                 if node.admit(self.contacts[i]):
-                    inserted.append(i)
-                    in_bucket += 1
-                    if in_bucket == k:
+                    inserted += 1
+                    if inserted == k:
                         break
             # Own half at this level holds only us: every closer bucket is empty.
             own_start, own_end = prefix_range(keys, local, index)
             if own_end - own_start <= 1:
                 break
-        return inserted
+
+    def keepalive(self, count: int) -> None:
+        """Every live node pings its ``count`` closest contacts once and the network runs
+        until quiet: the neighbourhood upkeep a running overlay does all the time (storage
+        replicas talk to their replica set). It gives each node RTT samples, and a
+        neighbour that does not answer is evicted (a failed liveness check)."""
+        crashed = self.net.crashed
+        for node in self.nodes:
+            if not crashed[node.index]:
+                node.warm_up(node.table.closest(node.contact.node_id, count))
+        self.net.run()
 
     def _candidates(self, start: int, end: int) -> Iterator[int]:
         """The indices ``start..end-1``: all in order when at most 2k (a few may be refused

@@ -11,7 +11,9 @@ Invariants the table keeps:
 * a full bucket never drops a live contact for a new one (old nodes are the
   most likely to stay, Kademlia §2.2): the newcomer waits in a bounded
   replacement cache while the least-recently-seen entry is liveness-checked,
-  and only replaces it if the check fails;
+  and only replaces it if the check fails; an entry heard from within
+  ``good_for`` (15 min, as BEP 5's "good" nodes) is not checked at all, which
+  keeps a busy node from pinging on every newcomer;
 * a contact that fails a request is evicted at once when a replacement is
   waiting, otherwise after ``max_failures`` consecutive failures.
 
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from dna_core.overlay.contact import ID_BITS, Contact, id_int
 
 K = 20
+GOOD_FOR = 900.0  # a contact heard from this recently is not pinged to make room (BEP 5)
 
 
 class Admission(enum.Enum):
@@ -65,6 +68,9 @@ class _Bucket:
         self.last_refresh = 0.0
 
 
+_EMPTY = _Bucket()
+
+
 class RoutingTable:
     def __init__(
         self,
@@ -74,6 +80,7 @@ class RoutingTable:
         subnet_limit: int = 2,
         allow_loopback: bool = False,
         max_failures: int = 2,
+        good_for: float = GOOD_FOR,
     ) -> None:
         self.local_id = local_id
         self.local_key = id_int(local_id)
@@ -81,7 +88,10 @@ class RoutingTable:
         self.subnet_limit = subnet_limit
         self.allow_loopback = allow_loopback
         self.max_failures = max_failures
-        self._buckets = [_Bucket() for _ in range(ID_BITS)]
+        self.good_for = good_for
+        # Created on first use: a table of a 10,000-node network fills ~14 of 256 buckets.
+        self._buckets: list[_Bucket | None] = [None] * ID_BITS
+        self._low = ID_BITS  # lowest non-empty bucket: closest() never looks below it
         self._size = 0
 
     # -- queries --------------------------------------------------------------
@@ -90,23 +100,26 @@ class RoutingTable:
         return self._size
 
     def __contains__(self, node_id: bytes) -> bool:
-        return node_id in self._buckets[self.bucket_index(node_id)].entries
+        bucket = self._existing(node_id)
+        return bucket is not None and node_id in bucket.entries
 
     def get(self, node_id: bytes) -> Contact | None:
-        entry = self._buckets[self.bucket_index(node_id)].entries.get(node_id)
+        bucket = self._existing(node_id)
+        entry = bucket.entries.get(node_id) if bucket is not None else None
         return entry.contact if entry else None
 
     def contacts(self) -> Iterator[Contact]:
         for bucket in self._buckets:
-            for entry in bucket.entries.values():
-                yield entry.contact
+            if bucket is not None:
+                for entry in bucket.entries.values():
+                    yield entry.contact
 
     def bucket_index(self, node_id: bytes) -> int:
         """Index of the bucket for ``node_id``; -1 for the local ID itself."""
         return (id_int(node_id) ^ self.local_key).bit_length() - 1
 
     def bucket_sizes(self) -> dict[int, int]:
-        return {i: len(b.entries) for i, b in enumerate(self._buckets) if b.entries}
+        return {i: len(b.entries) for i, b in enumerate(self._buckets) if b and b.entries}
 
     def closest(self, target: bytes, count: int | None = None) -> list[Contact]:
         """The ``count`` (default k) known contacts closest to ``target``, closest first.
@@ -117,26 +130,29 @@ class RoutingTable:
         count = self.k if count is None else count
         t = id_int(target)
         found: list[Contact] = []
-        for i in _bucket_order(t ^ self.local_key):
-            entries = self._buckets[i].entries
-            if entries:
-                found.extend(sorted((e.contact for e in entries.values()), key=lambda c: c.key ^ t))
+        for i in _bucket_order(t ^ self.local_key, self._low):
+            bucket = self._buckets[i]
+            if bucket is not None and bucket.entries:
+                found.extend([e.contact for e in bucket.entries.values()])
                 if len(found) >= count:
                     break
+        # Bucket distance ranges do not overlap, so one sort equals a sort per bucket.
+        found.sort(key=lambda c: c.key ^ t)
         return found[:count]
 
     # -- updates --------------------------------------------------------------
 
     def observe(self, contact: Contact, now: float) -> Observed:
         """We heard from ``contact`` (it answered us, or sent us a request)."""
-        index = self.bucket_index(contact.node_id)
+        index = (contact.key ^ self.local_key).bit_length() - 1
         if index < 0:
             return Observed(Admission.SELF)
-        bucket = self._buckets[index]
+        bucket = self._bucket(index)
         entry = bucket.entries.get(contact.node_id)
         if entry is not None:
             entry.last_seen, entry.failures = now, 0
             bucket.entries.move_to_end(contact.node_id)
+            self._update_contact(bucket, entry, contact)
             return Observed(Admission.UPDATED)
         if not self._subnet_allows(bucket, contact):
             return Observed(Admission.REJECTED_SUBNET)
@@ -147,15 +163,17 @@ class RoutingTable:
         bucket.replacements[contact.node_id] = contact
         while len(bucket.replacements) > self.k:
             bucket.replacements.popitem(last=False)
-        if bucket.pending is not None:
-            return Observed(Admission.CACHED)
         oldest = next(iter(bucket.entries.values()))
+        if bucket.pending is not None or now - oldest.last_seen < self.good_for:
+            return Observed(Admission.CACHED)
         bucket.pending = oldest.contact.node_id
         return Observed(Admission.CHECK_PENDING, oldest.contact)
 
     def on_check_result(self, node_id: bytes, alive: bool, now: float) -> None:
         """The liveness check asked for by ``observe`` finished."""
-        bucket = self._buckets[self.bucket_index(node_id)]
+        bucket = self._existing(node_id)
+        if bucket is None:
+            return
         if bucket.pending == node_id:
             bucket.pending = None
         if alive:
@@ -168,10 +186,9 @@ class RoutingTable:
 
     def on_failure(self, node_id: bytes, now: float) -> None:
         """A request to ``node_id`` failed or timed out."""
-        index = self.bucket_index(node_id)
-        if index < 0:
+        bucket = self._existing(node_id)
+        if bucket is None:
             return
-        bucket = self._buckets[index]
         entry = bucket.entries.get(node_id)
         if entry is None:
             bucket.replacements.pop(node_id, None)
@@ -181,15 +198,16 @@ class RoutingTable:
             self._evict(bucket, node_id, now)
 
     def remove(self, node_id: bytes) -> bool:
-        bucket = self._buckets[self.bucket_index(node_id)]
-        return self._drop(bucket, node_id)
+        """Forget a contact; its slot waits for the next node heard from."""
+        bucket = self._existing(node_id)
+        return bucket is not None and self._drop(bucket, node_id)
 
     # -- refresh --------------------------------------------------------------
 
     def mark_refreshed(self, target: bytes, now: float) -> None:
         index = self.bucket_index(target)
         if index >= 0:
-            self._buckets[index].last_refresh = now
+            self._bucket(index).last_refresh = now
 
     def refresh_targets(self, now: float, interval: float, rng: random.Random) -> list[bytes]:
         """A random ID in each bucket not looked up within ``interval``.
@@ -197,11 +215,10 @@ class RoutingTable:
         Buckets closer than the nearest non-empty one are skipped: in a network
         of N nodes only about log2(N) of the farthest buckets can hold anyone.
         """
-        nearest = next((i for i, b in enumerate(self._buckets) if b.entries), ID_BITS)
         return [
             self.random_id_in_bucket(i, rng)
-            for i in range(nearest, ID_BITS)
-            if now - self._buckets[i].last_refresh >= interval
+            for i in range(self._low, ID_BITS)
+            if now - self._bucket(i).last_refresh >= interval
         ]
 
     def random_id_in_bucket(self, index: int, rng: random.Random) -> bytes:
@@ -210,10 +227,32 @@ class RoutingTable:
 
     # -- internals ------------------------------------------------------------
 
+    def _existing(self, node_id: bytes) -> _Bucket | None:
+        index = self.bucket_index(node_id)
+        return self._buckets[index] if index >= 0 else None
+
+    def _bucket(self, index: int) -> _Bucket:
+        bucket = self._buckets[index]
+        if bucket is None:
+            bucket = self._buckets[index] = _Bucket()
+        return bucket
+
+    def _update_contact(self, bucket: _Bucket, entry: _Entry, contact: Contact) -> None:
+        """A known node answered from new addresses (only proven addresses are observed)."""
+        old = entry.contact
+        if contact == old:
+            return
+        bucket.subnets[old.subnet] -= 1
+        if self._subnet_allows(bucket, contact):
+            entry.contact = contact
+        bucket.subnets[entry.contact.subnet] += 1
+
     def _insert(self, bucket: _Bucket, contact: Contact, now: float) -> None:
+        bucket.replacements.pop(contact.node_id, None)
         bucket.entries[contact.node_id] = _Entry(contact, now)
         bucket.subnets[contact.subnet] += 1
         self._size += 1
+        self._low = min(self._low, (contact.key ^ self.local_key).bit_length() - 1)
 
     def _drop(self, bucket: _Bucket, node_id: bytes) -> bool:
         entry = bucket.entries.pop(node_id, None)
@@ -221,6 +260,8 @@ class RoutingTable:
             return False
         bucket.subnets[entry.contact.subnet] -= 1
         self._size -= 1
+        while self._low < ID_BITS and not (self._buckets[self._low] or _EMPTY).entries:
+            self._low += 1
         return True
 
     def _evict(self, bucket: _Bucket, node_id: bytes, now: float) -> None:
@@ -236,9 +277,10 @@ class RoutingTable:
         return bucket.subnets[contact.subnet] < self.subnet_limit
 
 
-def _bucket_order(x: int) -> Iterator[int]:
+def _bucket_order(x: int, low: int = 0) -> Iterator[int]:
     """Bucket indices ordered by the distance their contacts can have from a
-    target ``t`` with ``x = t ^ local`` (lazy: callers usually stop early).
+    target ``t`` with ``x = t ^ local`` (lazy: callers usually stop early),
+    skipping buckets below ``low`` (known to be empty).
 
     With ``b`` the top bit of ``x``: bucket ``b`` holds distances below ``2^b``;
     a bucket ``j < b`` holds distances with bit ``b`` set whose bit ``j`` is
@@ -249,10 +291,10 @@ def _bucket_order(x: int) -> Iterator[int]:
     b = x.bit_length() - 1
     if b >= 0:
         yield b
-    for j in range(b - 1, -1, -1):
+    for j in range(b - 1, low - 1, -1):
         if x >> j & 1:
             yield j
-    for j in range(b):
+    for j in range(low, b):
         if not x >> j & 1:
             yield j
     yield from range(b + 1, ID_BITS)

@@ -10,9 +10,14 @@ Invariants:
 * at most ``alpha`` queries are in flight; a query past its deadline stops
   counting as in flight (the peer is *unresponsive*) so a dead node never holds
   a slot longer than its timeout, yet its late answer is still used;
+* when ``alpha`` answers in a row bring no peer closer than the closest known,
+  the lookup is *stalled* and may have ``k`` queries in flight until progress
+  resumes (rust-libp2p's rule: it stops a lookup from crawling past dead nodes
+  three at a time);
 * responses from peers that were not queried are ignored (unsolicited);
-* the lookup finishes when the ``k`` closest peers known have all answered, with
-  no closer peer left unqueried, or when nobody is left to ask.
+* the lookup finishes when the ``k`` closest peers known have all answered,
+  with no closer peer left unqueried or still in flight, or when nobody is left
+  to ask.
 
 ``DisjointLookup`` runs ``d`` such iterators over node-disjoint paths
 (S/Kademlia §4.4): no peer is queried by two paths, so one adversary-free path
@@ -88,6 +93,7 @@ class ClosestPeersIter:
         self._order: list[tuple[int, bytes]] = []
         self._waiting: dict[bytes, float] = {}
         self._finished = False
+        self._no_progress = 0  # answers in a row that brought nothing closer
         self.queries = self.responses = self.failures = 0
         self._add(seeds)
 
@@ -99,24 +105,37 @@ class ClosestPeersIter:
         if self._finished:
             return FINISHED
         self._expire(now)
+        step = self._scan(now)
+        if step is not None:
+            return step
+        return self._wait() if self._waiting else self._finish()
+
+    def _scan(self, now: float) -> Step | None:
+        """Walk peers closest first: query, wait, or finish; None when the list runs out."""
         successes = 0
+        closer_in_flight = False
+        parallelism = self.k if self.stalled else self.alpha
         for _, node_id in self._order:
             peer = self._peers[node_id]
             if peer.state is _State.SUCCEEDED:
                 successes += 1
                 if successes >= self.k:
-                    return self._finish()
+                    # A closer peer still in flight may change the k closest: wait for it.
+                    return self._wait() if closer_in_flight else self._finish()
+            elif peer.state is _State.WAITING:
+                closer_in_flight = True
             elif peer.state is _State.NOT_CONTACTED:
-                if len(self._waiting) >= self.alpha:
-                    return Wait(min(self._waiting.values()))
+                if len(self._waiting) >= parallelism:
+                    return self._wait()
                 if self._claimed is not None:
                     if node_id in self._claimed:
                         peer.state = _State.CLAIMED_ELSEWHERE
                         continue
                     self._claimed.add(node_id)
                 return self._query(peer, now)
-        if not self._waiting:
-            return self._finish()
+        return None
+
+    def _wait(self) -> Wait:
         return Wait(min(self._waiting.values()))
 
     def on_response(self, node_id: bytes, closer: Iterable[Contact]) -> bool:
@@ -128,8 +147,15 @@ class ClosestPeersIter:
         peer.state = _State.SUCCEEDED
         self.responses += 1
         if not self._finished:
+            before = self._order[0][0] if self._order else None
             self._add(closer)
+            progressed = self._order and self._order[0][0] != before
+            self._no_progress = 0 if progressed else self._no_progress + 1
         return True
+
+    @property
+    def stalled(self) -> bool:
+        return self._no_progress >= self.alpha
 
     def on_failure(self, node_id: bytes) -> bool:
         peer = self._peers.get(node_id)

@@ -34,6 +34,7 @@ from dna_core.overlay.tokens import AddressTokens
 
 AMPLIFICATION_FACTOR = 3
 FIRST_REQUEST_PADDING = 400  # 3 x (request + padding) >= a full 1,200-byte answer
+FIRST_PING_PADDING = 32  # 3 x a padded ping >= a pong that carries a contact
 
 Addr = tuple[str, int]
 
@@ -72,25 +73,32 @@ class Responder:
         sender, table = dgram.sender, self.table
         if proven and sender is not None and table is not None and proves_address(sender, addr):
             observed = table.observe(sender, now)
-        body = self._body(dgram, addr)
-        reply = self._encode(dgram.request_id, body, addr, now)
-        if not proven and len(reply) > AMPLIFICATION_FACTOR * size:
-            reply = self._encode(dgram.request_id, TokenReply(), addr, now)
-            return Answer(reply, "token_required", observed)
-        return Answer(reply, "ok", observed)
-
-    def _body(self, dgram: Datagram, addr: Addr) -> Body:
-        if isinstance(dgram.body, FindNode) and self.table is not None:
-            exclude = dgram.sender.node_id if dgram.sender else None
-            closer = [
-                c for c in self.table.closest(dgram.body.target, self.k + 1) if c.node_id != exclude
-            ]
-            return Nodes(tuple(closer[: self.k]))
-        return Pong(Endpoint(addr[0], addr[1]))
-
-    def _encode(self, request_id: int, body: Body, addr: Addr, now: float) -> bytes:
+        reply = self._reply(dgram, addr, now)
+        if proven or len(reply) <= AMPLIFICATION_FACTOR * size:
+            return Answer(reply, "ok", observed)
+        # Unproven and too big: a bare token (no contact) if even that stays within 3x.
         token = self.tokens.issue(addr, now)
-        return encode_datagram(Datagram(request_id, body, self.local, token))
+        reply = encode_datagram(Datagram(dgram.request_id, TokenReply(), None, token))
+        if len(reply) > AMPLIFICATION_FACTOR * size:
+            return Answer(None, "too_small", observed)
+        return Answer(reply, "token_required", observed)
+
+    def _reply(self, dgram: Datagram, addr: Addr, now: float) -> bytes:
+        token = self.tokens.issue(addr, now)
+        if not isinstance(dgram.body, FindNode) or self.table is None:
+            pong = Pong(Endpoint(addr[0], addr[1]))
+            return encode_datagram(Datagram(dgram.request_id, pong, self.local, token))
+        exclude = dgram.sender.node_id if dgram.sender else None
+        closest = self.table.closest(dgram.body.target, self.k + 1)
+        closer = [c for c in closest if c.node_id != exclude][: self.k]
+        # Contacts with many or IPv6 endpoints may not all fit: drop the farthest.
+        while True:
+            try:
+                return encode_datagram(
+                    Datagram(dgram.request_id, Nodes(tuple(closer)), self.local, token)
+                )
+            except ValueError:
+                closer.pop()
 
 
 @dataclass(slots=True)
@@ -147,8 +155,11 @@ class RequestTracker:
 
 
 def request_datagram(pending: Pending, sender: Contact | None, token: bytes | None) -> bytes:
-    """Encode a request; without a token a find-node is padded to earn a full answer."""
-    padding = 0 if token or isinstance(pending.body, Ping) else FIRST_REQUEST_PADDING
+    """Encode a request; without a token it is padded to earn a full answer at once."""
+    if token:
+        padding = 0
+    else:
+        padding = FIRST_PING_PADDING if isinstance(pending.body, Ping) else FIRST_REQUEST_PADDING
     return encode_datagram(
         Datagram(pending.request_id, pending.body, sender, token or b"", padding)
     )

@@ -104,7 +104,9 @@ class RecordStore:
             if held.record.raw == rec.raw:
                 return StoreResult(rec.body.seq, changed=False)
             _check_replaces(held.record, rec)
-        elif len(self._held) >= self.max_records or self._bytes + len(data) > self.max_bytes:
+        freed = len(held.record.raw) if held is not None else 0
+        full = held is None and len(self._held) >= self.max_records
+        if full or self._bytes - freed + len(rec.raw) > self.max_bytes:
             raise CapacityError("record store is full")
         self._replace(rec, now_ms)
         return StoreResult(rec.body.seq, changed=True)
@@ -191,9 +193,6 @@ def _check_replaces(held: VerifiedRecord, new: VerifiedRecord) -> None:
 
 
 def select_best(records: Iterable[VerifiedRecord]) -> VerifiedRecord | None:
-    """Of several verified answers for one key: highest seq, then latest, then lowest bytes."""
-    return max(
-        records,
-        key=lambda r: (r.body.seq, r.body.created_ms, bytes(255 - b for b in r.raw[:32])),
-        default=None,
-    )
+    """Of several verified answers for one key: highest seq, then latest, then lowest bytes
+    (a total order, so every reader picks the same record whatever order answers came in)."""
+    return min(records, key=lambda r: (-r.body.seq, -r.body.created_ms, r.raw), default=None)

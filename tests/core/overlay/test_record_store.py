@@ -1,0 +1,629 @@
+"""Record store policy (dna_core.overlay.records): what a node accepts, keeps, replaces,
+expires and hands back for republishing; every refusal raises the documented
+ProtocolError subclass and leaves the store exactly as it was.
+
+Records are really signed (seeded identities alice, bob, carol); time is fixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import pytest
+from dna_core.crypto import Identity, open_record, pow, sign_record, signature
+from dna_core.crypto.records import VerifiedRecord
+from dna_core.errors import (
+    CapacityError,
+    ConflictError,
+    ExpiredError,
+    MalformedError,
+    ProtocolError,
+    VerificationError,
+)
+from dna_core.overlay.records import (
+    HOUR_MS,
+    MAX_PRESENCE_TTL_MS,
+    MAX_TTL_MS,
+    RecordStore,
+    StoreResult,
+    name_key,
+    name_pow_hash,
+    normalize_name,
+    record_key,
+    rotation_accept_message,
+    select_best,
+)
+from dna_core.wire import encode_message
+from dna_core.wire.gen.dna.v1 import common_pb2, records_pb2
+
+NOW = 1_780_000_000_000
+DAY_MS = 24 * HOUR_MS
+BITS = 4  # name proof of work, kept small for speed
+IDENTITY = common_pb2.RECORD_KIND_IDENTITY
+PRESENCE = common_pb2.RECORD_KIND_PRESENCE
+ROTATION = common_pb2.RECORD_KIND_KEY_ROTATION
+NAME = common_pb2.RECORD_KIND_NAME_CLAIM
+
+
+def store(**limits: int) -> RecordStore:
+    return RecordStore(name_pow_bits=BITS, **limits)
+
+
+# -- record builders -------------------------------------------------------------------
+
+
+def identity_rec(
+    who: Identity,
+    *,
+    seq: int = 1,
+    at: int = NOW,
+    ttl: int = DAY_MS,
+    key: bytes | None = None,
+    display: str = "someone",
+) -> bytes:
+    payload = encode_message(records_pb2.IdentityRecord(display_name=display))
+    key = record_key(IDENTITY, who.fingerprint) if key is None else key
+    return sign_record(who, kind=IDENTITY, key=key, seq=seq, now_ms=at, ttl_ms=ttl, payload=payload)
+
+
+def presence_rec(
+    who: Identity,
+    *,
+    seq: int = 1,
+    at: int = NOW,
+    ttl: int = HOUR_MS,
+    key: bytes | None = None,
+    padding: int = 0,
+) -> bytes:
+    msg = records_pb2.PresenceRecord(
+        status=records_pb2.PRESENCE_STATUS_ONLINE,
+        last_seen_ms=at,
+        sealed_candidates=[b"c" * padding],
+    )
+    key = record_key(PRESENCE, who.fingerprint) if key is None else key
+    return sign_record(
+        who, kind=PRESENCE, key=key, seq=seq, now_ms=at, ttl_ms=ttl, payload=encode_message(msg)
+    )
+
+
+def solve(name: str, fingerprint: bytes, *, at: int = NOW, bits: int = BITS) -> pow.Proof:
+    proof, _ = pow.solve(name_pow_hash(name, fingerprint), bits, now_ms=at)
+    return proof
+
+
+def failing_proof(name: str, fingerprint: bytes, proof: pow.Proof) -> pow.Proof:
+    """``proof`` with the nonce moved until it no longer meets its difficulty for this claim."""
+    for delta in range(1, 10_000):
+        candidate = pow.Proof(proof.difficulty, proof.timestamp_ms, proof.nonce + delta)
+        try:
+            pow.verify(
+                candidate, name_pow_hash(name, fingerprint), required=0, now_ms=NOW,
+                max_age_ms=MAX_TTL_MS,
+            )  # fmt: skip
+        except VerificationError:
+            return candidate
+    raise AssertionError("every nonce met the difficulty")
+
+
+def proof_not_for(name: str, fingerprint: bytes, make: Callable[[], pow.Proof]) -> pow.Proof:
+    """A proof from ``make`` that does not happen to meet its difficulty for this claim
+    too (a proof for other data passes with probability 2^-bits)."""
+    for _ in range(100):
+        proof = make()
+        try:
+            pow.verify(proof, name_pow_hash(name, fingerprint), required=0, now_ms=NOW)
+        except VerificationError:
+            return proof
+    raise AssertionError("every proof also fit this claim")
+
+
+def name_rec(
+    who: Identity,
+    name: str,
+    *,
+    seq: int = 1,
+    at: int = NOW,
+    ttl: int = DAY_MS,
+    key: bytes | None = None,
+    claimed_name: str | None = None,
+    fingerprint: bytes | None = None,
+    proof: pow.Proof | None = None,
+) -> bytes:
+    fingerprint = who.fingerprint if fingerprint is None else fingerprint
+    claimed = name if claimed_name is None else claimed_name
+    proof = solve(claimed, fingerprint, at=at) if proof is None else proof
+    claim = records_pb2.NameClaim(name=claimed, fingerprint=fingerprint, pow=proof.to_proto())
+    key = name_key(name) if key is None else key
+    return sign_record(
+        who, kind=NAME, key=key, seq=seq, now_ms=at, ttl_ms=ttl, payload=encode_message(claim)
+    )
+
+
+def rotation_rec(
+    old: Identity,
+    new: Identity,
+    *,
+    seq: int = 1,
+    at: int = NOW,
+    cosigner: Identity | None = None,
+    accept: bytes | None = None,
+    old_fp: bytes | None = None,
+    key: bytes | None = None,
+    sig: bytes | None = None,
+) -> bytes:
+    old_fp = old.fingerprint if old_fp is None else old_fp
+    accept = rotation_accept_message(old_fp, new.fingerprint) if accept is None else accept
+    if sig is None:
+        sig = signature.sign(new if cosigner is None else cosigner, b"rotation-accept", accept)
+    rot = records_pb2.KeyRotation(
+        old_fingerprint=old_fp,
+        new_keys=new.public.to_proto(),
+        effective_ms=at,
+        new_key_signature=sig,
+        reason="device lost",
+    )
+    key = record_key(ROTATION, old.fingerprint) if key is None else key
+    return sign_record(
+        old, kind=ROTATION, key=key, seq=seq, now_ms=at, ttl_ms=DAY_MS, payload=encode_message(rot)
+    )
+
+
+# -- the no-change check -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    size: int
+    bytes_held: int
+    held: tuple[bytes | None, ...]
+
+
+def snapshot(s: RecordStore, keys: Iterable[bytes], now: int = NOW) -> Snapshot:
+    held = tuple(r.raw if (r := s.get(k, now)) else None for k in keys)
+    return Snapshot(len(s), s.bytes_held, held)
+
+
+def refused(
+    s: RecordStore,
+    data: bytes,
+    error: type[ProtocolError],
+    keys: Iterable[bytes],
+    now: int = NOW,
+) -> ProtocolError:
+    keys = list(keys)
+    before = snapshot(s, keys, now)
+    with pytest.raises(ProtocolError) as info:
+        s.put(data, now)
+    assert type(info.value) is error, f"{type(info.value).__name__}: {info.value.reason}"
+    assert info.value.reason
+    assert snapshot(s, keys, now) == before
+    return info.value
+
+
+def all_keys(*who: Identity, names: Iterable[str] = ("alice", "bob")) -> list[bytes]:
+    keys = [record_key(kind, w.fingerprint) for w in who for kind in (IDENTITY, PRESENCE, ROTATION)]
+    return keys + [name_key(n) for n in names]
+
+
+# -- where records live --------------------------------------------------------------------
+
+
+def test_identity_bound_records_live_under_their_derived_key(
+    alice: Identity, carol: Identity
+) -> None:
+    s = store()
+    for kind, data in (
+        (IDENTITY, identity_rec(alice)),
+        (PRESENCE, presence_rec(alice)),
+        (ROTATION, rotation_rec(alice, carol)),
+    ):
+        assert s.put(data, NOW) == StoreResult(1, changed=True)
+        held = s.get(record_key(kind, alice.fingerprint), NOW)
+        assert held is not None and held.raw == data
+    assert len(s) == 3
+    assert s.bytes_held == sum(
+        len(r.raw) for k in all_keys(alice) if (r := s.get(k, NOW)) is not None
+    )
+    assert len({record_key(k, alice.fingerprint) for k in (IDENTITY, PRESENCE, ROTATION)}) == 3
+
+
+@pytest.mark.parametrize("kind", [IDENTITY, PRESENCE])
+@pytest.mark.parametrize("where", ["other identity", "other kind", "name key", "arbitrary"])
+def test_identity_bound_records_elsewhere_are_refused(
+    alice: Identity, bob: Identity, kind: int, where: str
+) -> None:
+    s = store()
+    s.put(identity_rec(bob), NOW)
+    key = {
+        "other identity": record_key(kind, bob.fingerprint),
+        "other kind": record_key(PRESENCE if kind == IDENTITY else IDENTITY, alice.fingerprint),
+        "name key": name_key("alice"),
+        "arbitrary": bytes(32),
+    }[where]
+    build = identity_rec if kind == IDENTITY else presence_rec
+    refused(s, build(alice, key=key), VerificationError, all_keys(alice, bob))
+
+
+def test_rotation_under_another_identity_key_is_refused(
+    alice: Identity, bob: Identity, carol: Identity
+) -> None:
+    s = store()
+    refused(
+        s,
+        rotation_rec(alice, carol, key=record_key(ROTATION, bob.fingerprint)),
+        VerificationError,
+        all_keys(alice, bob),
+    )
+
+
+# -- lifetimes -------------------------------------------------------------------------------
+
+
+def test_presence_lives_at_most_an_hour(alice: Identity) -> None:
+    s = store()
+    refused(s, presence_rec(alice, ttl=MAX_PRESENCE_TTL_MS + 1), MalformedError, all_keys(alice))
+    refused(s, presence_rec(alice, ttl=2 * HOUR_MS), MalformedError, all_keys(alice))
+    assert s.put(presence_rec(alice, ttl=MAX_PRESENCE_TTL_MS), NOW).changed
+
+
+def test_other_records_live_at_most_a_year(alice: Identity) -> None:
+    s = store()
+    refused(s, identity_rec(alice, ttl=MAX_TTL_MS + 1), MalformedError, all_keys(alice))
+    refused(s, name_rec(alice, "alice", ttl=MAX_TTL_MS + 1), MalformedError, all_keys(alice))
+    assert s.put(identity_rec(alice, ttl=MAX_TTL_MS), NOW).changed
+    assert s.put(name_rec(alice, "alice", ttl=MAX_TTL_MS), NOW).changed
+
+
+def test_expired_records_vanish(alice: Identity, bob: Identity) -> None:
+    s = store()
+    short = presence_rec(alice, ttl=60_000)
+    long = identity_rec(bob)
+    s.put(short, NOW)
+    s.put(long, NOW)
+    key = record_key(PRESENCE, alice.fingerprint)
+    assert s.get(key, NOW + 59_999) is not None
+    assert s.get(key, NOW + 60_000) is None  # past expiry, even before expire() ran
+    assert len(s) == 2
+    assert s.expire(NOW + 59_999) == 0
+    assert s.expire(NOW + 60_000) == 1
+    assert len(s) == 1 and s.bytes_held == len(long)
+    assert s.get(key, NOW) is None  # really gone, whatever time is asked about
+    assert s.expire(NOW + 60_000) == 0
+    assert s.expire(NOW + DAY_MS) == 1
+    assert len(s) == 0 and s.bytes_held == 0
+
+
+def test_an_expired_record_is_refused(alice: Identity) -> None:
+    s = store()
+    refused(s, presence_rec(alice, ttl=60_000), ExpiredError, all_keys(alice), now=NOW + 60_000)
+
+
+def test_a_tampered_record_is_refused(alice: Identity) -> None:
+    s = store()
+    data = bytearray(identity_rec(alice, display="before"))
+    data[data.index(b"before")] ^= 1
+    refused(s, bytes(data), VerificationError, all_keys(alice))
+    refused(s, b"\xff" * 10, MalformedError, all_keys(alice))
+
+
+# -- name claims -----------------------------------------------------------------------------
+
+
+def test_valid_name_claim_is_accepted(alice: Identity) -> None:
+    s = store()
+    data = name_rec(alice, "alice.w-1_x")
+    assert s.put(data, NOW) == StoreResult(1, changed=True)
+    held = s.get(name_key("Alice.W-1_X"), NOW)  # looked up by any spelling of the name
+    assert held is not None and held.raw == data and held.body.kind == NAME
+
+
+def test_name_normalization() -> None:
+    assert normalize_name("\uff21\uff2c\uff29\uff23\uff25") == "alice"  # fullwidth, NFKC
+    assert normalize_name("Straße") == "strasse"  # casefold
+    assert name_key("Alice") == name_key("alice") != name_key("alice2")
+    for bad in ("ab", "a" * 33, "al ice", "alice!", "", "ali\u200bce"):
+        with pytest.raises(MalformedError):
+            normalize_name(bad)
+
+
+def _garbage_claim(alice: Identity, bob: Identity) -> bytes:
+    return sign_record(
+        alice, kind=NAME, key=name_key("alice"), seq=1, now_ms=NOW, ttl_ms=DAY_MS,
+        payload=b"\xff\xff",
+    )  # fmt: skip
+
+
+def _good(alice: Identity) -> pow.Proof:
+    return solve("alice", alice.fingerprint)
+
+
+Claim = Callable[[Identity, Identity], bytes]  # (alice, bob) -> alice's bad claim to "alice"
+BAD_CLAIMS: dict[str, tuple[Claim, type[ProtocolError]]] = {
+    "not normalized": (lambda a, b: name_rec(a, "alice", claimed_name="Alice"), MalformedError),
+    "too short": (
+        lambda a, b: name_rec(a, "alice", claimed_name="al", proof=_good(a)),
+        MalformedError,
+    ),
+    "bad character": (
+        lambda a, b: name_rec(a, "alice", claimed_name="alice!", proof=_good(a)),
+        MalformedError,
+    ),
+    "key of another name": (
+        lambda a, b: name_rec(a, "alice", key=name_key("alicia")),
+        VerificationError,
+    ),
+    "claims another fingerprint": (
+        lambda a, b: name_rec(a, "alice", fingerprint=b.fingerprint),
+        VerificationError,
+    ),
+    "difficulty below required": (
+        lambda a, b: name_rec(a, "alice", proof=solve("alice", a.fingerprint, bits=BITS - 2)),
+        VerificationError,
+    ),
+    "hash misses its difficulty": (
+        lambda a, b: name_rec(a, "alice", proof=failing_proof("alice", a.fingerprint, _good(a))),
+        VerificationError,
+    ),
+    "proof for another fingerprint": (
+        lambda a, b: name_rec(
+            a,
+            "alice",
+            proof=proof_not_for("alice", a.fingerprint, lambda: solve("alice", b.fingerprint)),
+        ),
+        VerificationError,
+    ),
+    "proof for another name": (
+        lambda a, b: name_rec(
+            a,
+            "alice",
+            proof=proof_not_for("alice", a.fingerprint, lambda: solve("alicia", a.fingerprint)),
+        ),
+        VerificationError,
+    ),
+    "proof too old": (
+        lambda a, b: name_rec(
+            a, "alice", proof=solve("alice", a.fingerprint, at=NOW - MAX_TTL_MS - 1)
+        ),
+        ExpiredError,
+    ),
+    "proof from the future": (
+        lambda a, b: name_rec(a, "alice", proof=solve("alice", a.fingerprint, at=NOW + 61_000)),
+        ExpiredError,
+    ),
+    "difficulty over 64": (
+        lambda a, b: name_rec(a, "alice", proof=pow.Proof(65, NOW, 0)),
+        MalformedError,
+    ),
+    "payload not a claim": (_garbage_claim, MalformedError),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CLAIMS))
+def test_bad_name_claims_are_refused(alice: Identity, bob: Identity, case: str) -> None:
+    make, error = BAD_CLAIMS[case]
+    refused(store(), make(alice, bob), error, all_keys(alice, bob))
+
+
+def test_a_held_name_cannot_be_claimed_by_another_identity(alice: Identity, bob: Identity) -> None:
+    s = store()
+    first = name_rec(alice, "alice")
+    s.put(first, NOW)
+    for seq in (1, 2, 1000):
+        refused(s, name_rec(bob, "alice", seq=seq, at=NOW + 1), ConflictError, all_keys(alice, bob))
+    assert s.put(name_rec(alice, "alice", seq=2), NOW).changed  # the owner updates it
+    held = s.get(name_key("alice"), NOW)
+    assert held is not None and held.body.signer_fingerprint == alice.fingerprint
+
+
+def test_an_expired_claim_can_be_taken_by_anyone(alice: Identity, bob: Identity) -> None:
+    s = store()
+    s.put(name_rec(alice, "alice", seq=9, ttl=HOUR_MS), NOW)
+    later = NOW + HOUR_MS
+    taken = name_rec(bob, "alice", seq=1, at=later)
+    assert s.put(taken, later) == StoreResult(1, changed=True)
+    held = s.get(name_key("alice"), later)
+    assert held is not None and held.raw == taken
+    assert len(s) == 1 and s.bytes_held == len(taken)
+    # and now alice is the one refused
+    refused(s, name_rec(alice, "alice", seq=10, at=later), ConflictError, all_keys(alice), later)
+
+
+# -- sequence numbers --------------------------------------------------------------------------
+
+
+def test_sequence_rules(alice: Identity) -> None:
+    s = store()
+    keys = all_keys(alice)
+    key = record_key(IDENTITY, alice.fingerprint)
+    v5 = identity_rec(alice, seq=5, display="five")
+    assert s.put(v5, NOW) == StoreResult(5, changed=True)
+    assert s.put(v5, NOW + 1) == StoreResult(5, changed=False)  # the same bytes again
+    assert len(s) == 1 and s.bytes_held == len(v5)
+    refused(s, identity_rec(alice, seq=4), ConflictError, keys)  # rollback
+    refused(s, identity_rec(alice, seq=0), ConflictError, keys)
+    refused(s, identity_rec(alice, seq=5, display="other five"), ConflictError, keys)
+    refused(s, identity_rec(alice, seq=5, display="five", at=NOW + 1), ConflictError, keys)
+    v6 = identity_rec(alice, seq=6, display="six, a longer display name")
+    assert s.put(v6, NOW) == StoreResult(6, changed=True)
+    held = s.get(key, NOW)
+    assert held is not None and held.raw == v6
+    assert len(s) == 1 and s.bytes_held == len(v6)
+    v100 = identity_rec(alice, seq=100)
+    assert s.put(v100, NOW).changed and s.bytes_held == len(v100)
+
+
+def test_rollback_after_expiry_is_accepted(alice: Identity) -> None:
+    """Expiry ends what the store remembers: a lower seq is fine once the holder expired."""
+    s = store()
+    s.put(presence_rec(alice, seq=50, ttl=60_000), NOW)
+    later = NOW + 60_000
+    assert s.put(presence_rec(alice, seq=1, at=later), later) == StoreResult(1, changed=True)
+
+
+# -- capacity ----------------------------------------------------------------------------------
+
+
+def test_record_count_limit(alice: Identity, bob: Identity, carol: Identity) -> None:
+    s = store(max_records=2)
+    s.put(identity_rec(alice), NOW)
+    s.put(identity_rec(bob), NOW)
+    keys = all_keys(alice, bob, carol)
+    refused(s, identity_rec(carol), CapacityError, keys)
+    refused(s, name_rec(alice, "alice"), CapacityError, keys)
+    # a newer version of a held record is not a new record
+    assert s.put(identity_rec(alice, seq=2), NOW).changed
+    assert len(s) == 2
+
+
+def test_byte_limit(alice: Identity, bob: Identity) -> None:
+    first = identity_rec(alice)
+    s = store(max_bytes=len(first) + 100)
+    s.put(first, NOW)
+    refused(s, identity_rec(bob), CapacityError, all_keys(alice, bob))
+    assert s.bytes_held == len(first) <= s.max_bytes
+
+
+def test_replacing_with_a_larger_record_respects_the_byte_limit(alice: Identity) -> None:
+    small = presence_rec(alice, seq=1)
+    s = store(max_bytes=len(small) + 100)
+    s.put(small, NOW)
+    big = presence_rec(alice, seq=2, padding=4000)
+    keys = all_keys(alice)
+    before = snapshot(s, keys)
+    try:
+        s.put(big, NOW)
+    except CapacityError:
+        assert snapshot(s, keys) == before
+    assert s.bytes_held <= s.max_bytes, f"{s.bytes_held} bytes held, cap {s.max_bytes}"
+
+
+def test_a_full_store_replaces_an_expired_record_in_place(alice: Identity) -> None:
+    s = store(max_records=1)
+    s.put(presence_rec(alice, seq=1, ttl=60_000), NOW)
+    later = NOW + 120_000
+    fresh = presence_rec(alice, seq=2, at=later)
+    assert s.put(fresh, later) == StoreResult(2, changed=True)  # one record in, one out
+    assert len(s) == 1 and s.bytes_held == len(fresh)
+
+
+# -- rotation ----------------------------------------------------------------------------------
+
+
+def test_cross_signed_rotation_is_accepted(alice: Identity, carol: Identity) -> None:
+    s = store()
+    data = rotation_rec(alice, carol)
+    assert s.put(data, NOW).changed
+    held = s.get(record_key(ROTATION, alice.fingerprint), NOW)
+    assert held is not None and held.raw == data
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "accepted by the old key",
+        "accepted by a third key",
+        "accept message reversed",
+        "accept message for another identity",
+        "no accept signature",
+        "old fingerprint is not the signer",
+    ],
+)
+def test_rotation_without_a_valid_cross_signature_is_refused(
+    alice: Identity, bob: Identity, carol: Identity, case: str
+) -> None:
+    if case == "accepted by the old key":
+        data = rotation_rec(alice, carol, cosigner=alice)
+    elif case == "accepted by a third key":
+        data = rotation_rec(alice, carol, cosigner=bob)
+    elif case == "accept message reversed":
+        data = rotation_rec(
+            alice, carol, accept=rotation_accept_message(carol.fingerprint, alice.fingerprint)
+        )
+    elif case == "accept message for another identity":
+        data = rotation_rec(
+            alice, carol, accept=rotation_accept_message(bob.fingerprint, carol.fingerprint)
+        )
+    elif case == "no accept signature":
+        data = rotation_rec(alice, carol, sig=b"")
+    else:
+        data = rotation_rec(alice, carol, old_fp=bob.fingerprint)
+    refused(store(), data, VerificationError, all_keys(alice, bob, carol))
+
+
+def test_rotation_with_garbage_new_keys_is_refused(alice: Identity) -> None:
+    rot = records_pb2.KeyRotation(
+        old_fingerprint=alice.fingerprint,
+        new_keys=common_pb2.PublicKeySet(ed25519=b"short"),
+        new_key_signature=b"x",
+    )
+    data = sign_record(
+        alice, kind=ROTATION, key=record_key(ROTATION, alice.fingerprint), seq=1, now_ms=NOW,
+        ttl_ms=DAY_MS, payload=encode_message(rot),
+    )  # fmt: skip
+    refused(store(), data, MalformedError, all_keys(alice))
+
+
+# -- republishing ------------------------------------------------------------------------------
+
+
+def test_republish_due(alice: Identity, bob: Identity) -> None:
+    s = store()
+    interval = 10 * 60_000
+    a = identity_rec(alice)
+    b = presence_rec(bob, ttl=HOUR_MS)
+    s.put(a, NOW)
+    s.put(b, NOW + 1000)
+
+    def due(at: int) -> list[bytes]:
+        return sorted(r.raw for r in s.republish_due(at, interval))
+
+    assert due(NOW + interval - 1) == []
+    assert due(NOW + interval) == [a]  # b arrived a second later
+    assert due(NOW + interval) == []  # marked
+    assert due(NOW + interval + 1000) == [b]
+    assert due(NOW + 2 * interval) == [a]
+    assert due(NOW + HOUR_MS + 1000) == [a]  # b expired at NOW+1000+1h: not republished
+    assert due(NOW + 5 * HOUR_MS) == [a]
+    assert len(s) == 2  # republish_due does not expire anything
+
+
+def test_replacing_a_record_restarts_its_republish_clock(alice: Identity) -> None:
+    s = store()
+    interval = 60_000
+    s.put(identity_rec(alice, seq=1), NOW)
+    s.put(identity_rec(alice, seq=2), NOW + 50_000)
+    assert s.republish_due(NOW + interval, interval) == []
+    assert [r.body.seq for r in s.republish_due(NOW + 50_000 + interval, interval)] == [2]
+
+
+# -- choosing among answers --------------------------------------------------------------------
+
+
+def opened(data: bytes) -> VerifiedRecord:
+    return open_record(data, now_ms=NOW + 10)
+
+
+def test_select_best_picks_the_highest_seq(alice: Identity) -> None:
+    recs = [opened(identity_rec(alice, seq=s, at=NOW - s)) for s in (3, 9, 1, 7)]
+    best = select_best(recs)
+    assert best is not None and best.body.seq == 9
+    assert select_best(reversed(recs)) == best
+    assert select_best([]) is None
+
+
+def test_select_best_breaks_ties_by_creation_time(alice: Identity) -> None:
+    older, newer = (
+        opened(identity_rec(alice, seq=4, at=NOW)),
+        opened(identity_rec(alice, seq=4, at=NOW + 5)),
+    )
+    assert select_best([older, newer]) == newer == select_best([newer, older])
+
+
+def test_select_best_breaks_full_ties_by_lowest_bytes_in_any_order(alice: Identity) -> None:
+    """Same seq, same creation time, different content: every replica must pick the same
+    one ("then lowest bytes"), whatever order the answers arrived in."""
+    recs = [opened(identity_rec(alice, seq=4, display=f"variant {i}")) for i in range(4)]
+    lowest = min(recs, key=lambda r: r.raw)
+    for order in (recs, recs[::-1], recs[1:] + recs[:1]):
+        assert select_best(order) == lowest
