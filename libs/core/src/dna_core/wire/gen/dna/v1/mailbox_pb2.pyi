@@ -36,7 +36,7 @@ class PutRequest(_message.Message):
     COORDINATE_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     mailbox_id: _builtins.bytes
-    """SHA-256("dna/v1/mailbox" || owner fingerprint)"""
+    """SHA-256(label("mailbox") || owner fingerprint), docs/crypto.md"""
     blob: _builtins.bytes
     """a serialized Envelope; opaque to the node"""
     ttl_s: _builtins.int
@@ -45,7 +45,7 @@ class PutRequest(_message.Message):
     """ask this node to fan the write out to the replica set"""
     @_builtins.property
     def pow(self) -> _common_pb2.ProofOfWork:
-        """bound to SHA-256(mailbox_id || blob)"""
+        """bound to SHA-256(label("mailbox-put") || mailbox_id || SHA-256(blob))"""
 
     def __init__(
         self,
@@ -100,7 +100,7 @@ class OwnerAuth(_message.Message):
     OWNER_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     signature: _builtins.bytes
-    """hybrid signature over "dna/v1/mailbox-auth" || body"""
+    """hybrid signature, domain "mailbox-fetch" or "mailbox-delete", over body"""
     @_builtins.property
     def owner(self) -> _common_pb2.PublicKeySet:
         """SHA-256 of its fingerprint gives the mailbox ID"""

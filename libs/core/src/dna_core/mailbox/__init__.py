@@ -1,0 +1,24 @@
+"""Mailbox contracts shared by storage nodes and peers: identifiers, proof-of-work
+binding, and owner-signed fetch/delete requests with replay protection."""
+
+from dna_core.mailbox.auth import (
+    NonceCache,
+    OwnerRequest,
+    sign_delete,
+    sign_fetch,
+    verify_delete,
+    verify_fetch,
+)
+from dna_core.mailbox.ids import blob_id, mailbox_id, put_pow_hash
+
+__all__ = [
+    "NonceCache",
+    "OwnerRequest",
+    "blob_id",
+    "mailbox_id",
+    "put_pow_hash",
+    "sign_delete",
+    "sign_fetch",
+    "verify_delete",
+    "verify_fetch",
+]
