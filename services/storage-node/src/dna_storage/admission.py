@@ -1,0 +1,528 @@
+"""Admission control for mailbox puts (sans-I/O): size, proof of work, rate limits, quotas, disk.
+
+Every entry point takes the time from the caller; nothing here sleeps, reads a clock or does
+I/O, and all state lives in instances. Two clocks are used on purpose: ``now_s`` is the
+node's *monotonic* clock in seconds (rate limits, load tracking: never steps back when NTP
+adjusts the wall clock) and ``now_ms`` is *wall-clock* milliseconds (a proof of work carries a
+wall-clock timestamp, docs/crypto.md "Proof of work").
+
+`Admission.admit_put` either returns (the put is admitted and its rate tokens are spent) or
+raises one distinct `ProtocolError` per reason, leaving every piece of state as it was:
+
+1. disk high-water  -> `NodeFullError` (RESOURCE_EXHAUSTED; metrics label ``disk``)
+2. blob size        -> `MalformedError` "blob too large" (INVALID_ARGUMENT; ``size``)
+3. PoW difficulty   -> `PowRequired` with ``required_bits`` (PERMISSION_DENIED; ``pow``)
+4. rate limits      -> `RateLimited` with ``retry_after_s`` (RESOURCE_EXHAUSTED; ``rate``),
+                       per source address and per mailbox
+5. PoW hash and age -> `VerificationError` (PERMISSION_DENIED) or `ExpiredError`
+                       (FAILED_PRECONDITION), from `dna_core.crypto.pow.verify` (``pow``)
+6. mailbox quota    -> `CapacityError` (RESOURCE_EXHAUSTED; ``quota``)
+
+Why this order: cheapest first, so junk is turned away before it costs anything. 1-3 are
+integer comparisons (3 after summing the PoW policy's small ring of load counters); 4 parses
+the address and does two dictionary look-ups; 5 is one SHA-256, the only CPU a request can
+make us spend, and only once it is within its rate budget; 6 needs the mailbox's stored
+usage, the one input that comes from the backend. Rate tokens are spent last, once every
+check has passed: a request refused for size, proof of work or quota is one the client has
+to redo, and charging it a token would turn a difficulty raise under load into a cascade of
+rate refusals on the retries. Not charging a bad-PoW request costs us at most one hash, far
+below the transport's own cost per call (~590 µs for a ``grpc.aio`` unary call here).
+
+Invariants kept:
+
+* a refused request changes no state (no token spent, no key inserted or reordered, no put
+  counted towards the load that drives the PoW difficulty);
+* memory is bounded by configuration: ``max_keys`` buckets per limiter, ``window_s``
+  counters in the PoW policy;
+* over any interval ``[t0, t1]`` a key is admitted at most ``burst + rate * (t1 - t0)``
+  puts (the token-bucket bound, property-tested).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from dna_core.crypto import pow
+from dna_core.crypto.pow import Proof
+from dna_core.errors import (
+    CapacityError,
+    ExpiredError,
+    MalformedError,
+    ProtocolError,
+    VerificationError,
+)
+
+from dna_storage.backends.base import Usage
+
+__all__ = [
+    "Admission",
+    "AdmissionConfig",
+    "HighWaterMark",
+    "NodeFullError",
+    "PowPolicy",
+    "PowRequired",
+    "Quota",
+    "RateLimited",
+    "RateLimiter",
+    "TokenBucket",
+    "rejection_reason",
+    "source_key",
+]
+
+KIB = 1024
+MIB = 1024 * KIB
+
+# Float rounding tolerance, in tokens. A client that waits exactly the retry-after it was
+# given must be admitted, but `now + wait - last` rounds at the ulp of `now` (~2e-9 s for a
+# monotonic clock at 1e7 s of uptime). 1e-6 token absorbs that and gives away nothing real.
+_TOKEN_EPSILON = 1e-6
+_MAX_WINDOW_S = 3600  # a PoW load window longer than an hour would not react to load at all
+_NEVER = -(1 << 62)  # the "second" of a ring slot that has never been written
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+class RateLimited(CapacityError):  # noqa: N818 (names a status, like the gRPC codes)
+    """Over a token-bucket rate limit; ``retry_after_s`` (> 0) says when a retry can pass.
+
+    Adapters answer RESOURCE_EXHAUSTED with the retry-after (rounded up) in the trailers.
+    """
+
+    def __init__(self, reason: str, retry_after_s: float) -> None:
+        super().__init__(reason)
+        self.retry_after_s = retry_after_s
+
+
+class PowRequired(VerificationError):  # noqa: N818
+    """The proof of work is missing or below the difficulty currently required.
+
+    ``required_bits`` is the difficulty to solve for on the retry (it rises under load).
+    """
+
+    def __init__(self, reason: str, required_bits: int) -> None:
+        super().__init__(reason)
+        self.required_bits = required_bits
+
+
+class NodeFullError(CapacityError):
+    """The node's disk is over its high-water mark: it takes no writes (try another replica)."""
+
+
+def rejection_reason(error: ProtocolError) -> str:
+    """The metrics label of an admission refusal: size, pow, rate, quota, disk (or other)."""
+    if isinstance(error, RateLimited):
+        return "rate"
+    if isinstance(error, NodeFullError):
+        return "disk"
+    if isinstance(error, CapacityError):
+        return "quota"
+    if isinstance(error, VerificationError | ExpiredError):
+        return "pow"
+    if isinstance(error, MalformedError):
+        return "size"
+    return "other"
+
+
+# --- token buckets ---------------------------------------------------------------------------
+
+
+class TokenBucket:
+    """A token bucket: holds up to ``burst`` tokens, refilled at ``rate`` tokens per second.
+
+    It starts full. `take` spends ``cost`` tokens if it can and returns 0.0, or returns the
+    exact number of seconds after which the same `take` would succeed and changes nothing.
+    Time going backwards (an injected clock, a bug) neither refills nor crashes.
+    """
+
+    __slots__ = ("_burst", "_last", "_rate", "_tokens")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        if not (math.isfinite(rate) and rate > 0):
+            raise ValueError(f"token bucket rate must be > 0, got {rate}")
+        if not (math.isfinite(burst) and burst >= 1):
+            raise ValueError(f"token bucket burst must be >= 1, got {burst}")
+        self._rate = float(rate)
+        self._burst = float(burst)
+        self._tokens = self._burst
+        self._last: float | None = None  # when _tokens was last brought up to date
+
+    @property
+    def rate(self) -> float:
+        return self._rate
+
+    @property
+    def burst(self) -> float:
+        return self._burst
+
+    def tokens(self, now: float) -> float:
+        """Tokens available at ``now`` (read-only)."""
+        if self._last is None:
+            return self._burst
+        elapsed = now - self._last
+        if elapsed <= 0:
+            return self._tokens
+        return min(self._burst, self._tokens + elapsed * self._rate)
+
+    def peek(self, now: float, cost: float = 1.0) -> float:
+        """What `take` would return, without taking anything."""
+        if not 0 < cost <= self._burst:
+            raise ValueError(f"cost must be in (0, burst={self._burst}], got {cost}")
+        deficit = cost - self.tokens(now)
+        if deficit <= _TOKEN_EPSILON:
+            return 0.0
+        return deficit / self._rate
+
+    def take(self, now: float, cost: float = 1.0) -> float:
+        """Spend ``cost`` tokens and return 0.0, or return the seconds to wait (no change)."""
+        wait = self.peek(now, cost)
+        if wait > 0:
+            return wait
+        self._tokens = max(0.0, self.tokens(now) - cost)
+        self._last = now if self._last is None else max(self._last, now)
+        return 0.0
+
+
+Key = str | bytes
+
+
+class RateLimiter:
+    """One `TokenBucket` per key (a source address string, a mailbox ID), at most ``max_keys``.
+
+    Memory is bounded by evicting the least recently used key; an evicted key comes back
+    with a full bucket. That is acceptable because a bucket left alone for ``burst / rate``
+    seconds is full anyway, so eviction only gives tokens away if ``max_keys`` other keys
+    were used within that time. Keys are inserted only by admitted requests (`check`), so
+    that takes more than ``max_keys * rate / burst`` admissions per second, e.g. 65,536
+    mailboxes in 5 s = 13,000 puts/s, well above what one node admits. Even then the gift
+    is at most ``burst`` tokens to a key that has itself waited behind ``max_keys`` others.
+
+    Recency is refreshed by every `check` (admitted or not): a key hammering the limiter
+    holds the emptiest bucket, the one most worth remembering. `peek` touches nothing.
+    """
+
+    def __init__(self, rate: float, burst: float, max_keys: int) -> None:
+        TokenBucket(rate, burst)  # validates rate and burst
+        if max_keys < 1:
+            raise ValueError(f"max_keys must be >= 1, got {max_keys}")
+        self._rate = rate
+        self._burst = burst
+        self._max_keys = max_keys
+        self._buckets: OrderedDict[Key, TokenBucket] = OrderedDict()
+
+    @property
+    def rate(self) -> float:
+        return self._rate
+
+    @property
+    def burst(self) -> float:
+        return self._burst
+
+    @property
+    def max_keys(self) -> int:
+        return self._max_keys
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._buckets
+
+    def by_recency(self) -> list[Key]:
+        """The keys held, least recently used first (the next to be evicted)."""
+        return list(self._buckets)
+
+    def tokens(self, key: Key, now: float) -> float:
+        """Tokens ``key`` has at ``now`` (``burst`` for a key not held); read-only."""
+        bucket = self._buckets.get(key)
+        return self._burst if bucket is None else bucket.tokens(now)
+
+    def peek(self, key: Key, now: float) -> float:
+        """What `check` would return, changing nothing (not even recency)."""
+        bucket = self._buckets.get(key)
+        return 0.0 if bucket is None else bucket.peek(now)
+
+    def check(self, key: Key, now: float) -> float:
+        """Spend one token of ``key`` and return 0.0, or return the retry-after in seconds."""
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            self._buckets.move_to_end(key)
+            return bucket.take(now)
+        bucket = TokenBucket(self._rate, self._burst)
+        wait = bucket.take(now)  # a fresh bucket is full and burst >= 1: always admitted
+        self._buckets[key] = bucket
+        if len(self._buckets) > self._max_keys:
+            self._buckets.popitem(last=False)
+        return wait
+
+
+def source_key(source_ip: str, *, ipv6_prefix_len: int = 64) -> str:
+    """The rate-limit key of a client address.
+
+    An IPv6 host is routinely given a whole /64 (RFC 4291 §2.5.4, SLAAC), so per-address
+    limits would be per-/64 anyway for an honest host and worthless against a dishonest
+    one: IPv6 addresses are grouped by ``ipv6_prefix_len``. IPv4-mapped IPv6 addresses
+    count as their IPv4 address. Anything that is not an IP address is used as given.
+    """
+    try:
+        addr = ipaddress.ip_address(source_ip)
+    except ValueError:
+        return source_ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        host_bits = 128 - ipv6_prefix_len
+        network = (int(addr) >> host_bits) << host_bits  # drops any %scope too
+        return f"{ipaddress.IPv6Address(network)}/{ipv6_prefix_len}"
+    return str(addr)
+
+
+# --- adaptive proof of work ------------------------------------------------------------------
+
+
+class PowPolicy:
+    """The proof-of-work difficulty a put needs, raised automatically under load.
+
+    The policy counts admitted puts in a ring of ``window_s`` per-second counters (bounded
+    memory whatever the load) and takes the observed rate as their sum over the window
+    divided by ``window_s``. ``required = base_bits + extra``, where ``extra`` is one bit
+    per full doubling of the observed rate over the target (0 below twice the target, 1
+    from 2x, 2 from 4x...), capped at ``max_bits``. Each extra bit doubles a sender's cost,
+    so a hash-bound flood of admitted puts settles near the target rate. As load falls,
+    old seconds leave the window and the difficulty steps back down to ``base_bits``
+    within ``window_s`` seconds.
+
+    Only admitted puts count: floods that the rate limits refuse cost nothing and must not
+    raise everyone's price; what the PoW prices is aggregate write load from many sources
+    each within its own limit. `required` is a pure query.
+    """
+
+    def __init__(
+        self, base_bits: int, max_bits: int, target_puts_per_s: float, window_s: int
+    ) -> None:
+        if not 0 <= base_bits <= max_bits <= pow.MAX_DIFFICULTY:
+            raise ValueError(
+                f"need 0 <= base_bits ({base_bits}) <= max_bits ({max_bits}) "
+                f"<= {pow.MAX_DIFFICULTY}"
+            )
+        if not (math.isfinite(target_puts_per_s) and target_puts_per_s > 0):
+            raise ValueError(f"target_puts_per_s must be > 0, got {target_puts_per_s}")
+        if not 1 <= window_s <= _MAX_WINDOW_S:
+            raise ValueError(f"window_s must be 1..{_MAX_WINDOW_S}, got {window_s}")
+        self.base_bits = base_bits
+        self.max_bits = max_bits
+        self.target_puts_per_s = float(target_puts_per_s)
+        self.window_s = window_s
+        self._second = [_NEVER] * window_s  # which second each slot counts
+        self._count = [0] * window_s
+        self._latest = _NEVER  # latest second seen; an earlier `now` is counted there
+
+    def record_put(self, now: float) -> None:
+        """Count one admitted put at ``now``."""
+        second = max(math.floor(now), self._latest)
+        self._latest = second
+        slot = second % self.window_s
+        if self._second[slot] != second:
+            self._second[slot] = second
+            self._count[slot] = 0
+        self._count[slot] += 1
+
+    def puts_in_window(self, now: float) -> int:
+        """Admitted puts counted in the ``window_s`` seconds up to and including ``now``."""
+        second = max(math.floor(now), self._latest)
+        oldest = second - self.window_s
+        return sum(c for s, c in zip(self._second, self._count, strict=True) if s > oldest)
+
+    def observed_rate(self, now: float) -> float:
+        """Admitted puts per second, averaged over the window."""
+        return self.puts_in_window(now) / self.window_s
+
+    def required(self, now: float) -> int:
+        """The difficulty (leading zero bits) a put must carry at ``now``."""
+        ratio = self.puts_in_window(now) / (self.target_puts_per_s * self.window_s)
+        # frexp gives ratio = m * 2**e with 0.5 <= m < 1, so floor(log2(ratio)) == e - 1
+        # exactly, with no float log at the doubling boundaries (frexp(0) gives e = 0).
+        extra = max(0, math.frexp(ratio)[1] - 1)
+        return min(self.max_bits, self.base_bits + extra)
+
+
+# --- quota and disk --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """Per-mailbox limits on what is held: blob count and total blob bytes."""
+
+    max_blobs: int
+    max_bytes: int
+
+    def __post_init__(self) -> None:
+        if self.max_blobs < 1 or self.max_bytes < 1:
+            raise ValueError("quota limits must be >= 1")
+
+    def check_quota(self, usage_blobs: int, usage_bytes: int, new_bytes: int) -> None:
+        """Raise `CapacityError` unless one more blob of ``new_bytes`` fits the mailbox."""
+        if usage_blobs + 1 > self.max_blobs:
+            raise CapacityError(
+                f"mailbox quota: holds {usage_blobs} blobs, the limit is {self.max_blobs}"
+            )
+        if usage_bytes + new_bytes > self.max_bytes:
+            raise CapacityError(
+                f"mailbox quota: {usage_bytes} bytes held + {new_bytes} new "
+                f"is over the limit of {self.max_bytes} bytes"
+            )
+
+
+class HighWaterMark:
+    """Trips when the disk is ``limit_fraction`` full; clears below ``resume_fraction``.
+
+    A tripped node refuses writes (`NodeFullError`) and reports itself unready, but keeps
+    serving fetches, deletes and repair reads (deletes and GC are what free space). The
+    gap between the two fractions (2 points by default) stops readiness from flapping
+    while GC and writes hover around the mark. An unknown capacity (<= 0, a failed
+    ``statvfs``) counts as full: refusing writes is the safe side.
+    """
+
+    def __init__(self, limit_fraction: float, *, resume_fraction: float | None = None) -> None:
+        if not 0 < limit_fraction <= 1:
+            raise ValueError(f"limit_fraction must be in (0, 1], got {limit_fraction}")
+        if resume_fraction is None:
+            resume_fraction = max(0.0, limit_fraction - 0.02)
+        if not 0 <= resume_fraction <= limit_fraction:
+            raise ValueError(f"resume_fraction must be in [0, {limit_fraction}]")
+        self.limit_fraction = limit_fraction
+        self.resume_fraction = resume_fraction
+        self.used_fraction = 0.0
+        self._tripped = False
+
+    @property
+    def tripped(self) -> bool:
+        return self._tripped
+
+    def update(self, used_bytes: int, capacity_bytes: int) -> bool:
+        """Take a new disk reading; returns `tripped`."""
+        self.used_fraction = used_bytes / capacity_bytes if capacity_bytes > 0 else 1.0
+        if self._tripped:
+            self._tripped = self.used_fraction >= self.resume_fraction
+        else:
+            self._tripped = self.used_fraction >= self.limit_fraction
+        return self._tripped
+
+
+# --- composition -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionConfig:
+    """Admission parameters (the ``[admission]`` section of the node's config)."""
+
+    max_blob_bytes: int = 256 * KIB
+    ip_rate_per_s: float = 20.0
+    ip_burst: float = 40.0
+    ip_max_keys: int = 65_536
+    ipv6_prefix_len: int = 64
+    mailbox_rate_per_s: float = 10.0
+    mailbox_burst: float = 50.0
+    mailbox_max_keys: int = 65_536
+    pow_base_bits: int = 12
+    pow_max_bits: int = 24
+    pow_target_puts_per_s: float = 200.0
+    pow_window_s: int = 10
+    quota_max_blobs: int = 10_000
+    quota_max_bytes: int = 64 * MIB
+    disk_high_water: float = 0.90
+
+    def __post_init__(self) -> None:
+        if self.max_blob_bytes < 1:
+            raise ValueError(f"max_blob_bytes must be >= 1, got {self.max_blob_bytes}")
+        if not 0 <= self.ipv6_prefix_len <= 128:
+            raise ValueError(f"ipv6_prefix_len must be 0..128, got {self.ipv6_prefix_len}")
+
+
+class Admission:
+    """The admission decision for puts: composes the checks above in cheapest-first order.
+
+    Quota caveat: ``usage`` is read by the caller before the put is stored, so puts to one
+    mailbox admitted concurrently can overshoot the quota by the number in flight, unless
+    the adapter counts its in-flight puts into ``usage``.
+    A put of a blob already held is judged like a new one (conservative at the limit).
+    """
+
+    def __init__(self, config: AdmissionConfig | None = None) -> None:
+        c = config if config is not None else AdmissionConfig()
+        self.config = c
+        self.per_ip = RateLimiter(c.ip_rate_per_s, c.ip_burst, c.ip_max_keys)
+        self.per_mailbox = RateLimiter(c.mailbox_rate_per_s, c.mailbox_burst, c.mailbox_max_keys)
+        self.pow = PowPolicy(
+            c.pow_base_bits, c.pow_max_bits, c.pow_target_puts_per_s, c.pow_window_s
+        )
+        self.quota = Quota(c.quota_max_blobs, c.quota_max_bytes)
+        self.high_water = HighWaterMark(c.disk_high_water)
+
+    @property
+    def ready(self) -> bool:
+        """False while the disk is over its high-water mark (``/readyz`` answers 503)."""
+        return not self.high_water.tripped
+
+    def required_bits(self, now_s: float) -> int:
+        """The PoW difficulty a put needs now (for status pages and client hints)."""
+        return self.pow.required(now_s)
+
+    def admit_put(
+        self,
+        *,
+        source_ip: str,
+        mailbox_id: bytes,
+        blob_len: int,
+        proof: Proof | None,
+        payload_hash: bytes,
+        now_s: float,
+        now_ms: int,
+        usage: Usage,
+    ) -> None:
+        """Admit one put or raise why not (module docstring: order, errors, invariants).
+
+        ``payload_hash`` is what the proof is bound to, SHA-256(mailbox_id || blob);
+        ``now_s`` is the monotonic clock, ``now_ms`` the wall clock; ``usage`` is what the
+        mailbox holds now. On return the put's rate tokens are spent and it counts as load.
+        Keyword-only: two of the arguments are 32-byte strings that must not be swapped.
+        """
+        c = self.config
+        # 1. A full disk refuses everything, whatever the request.
+        if self.high_water.tripped:
+            raise NodeFullError(
+                "storage node is over its disk high-water mark; try another replica"
+            )
+        # 2. Size: an integer comparison.
+        if blob_len > c.max_blob_bytes:
+            raise MalformedError(f"blob too large: {blob_len} bytes > {c.max_blob_bytes}")
+        # 3. The proof's claimed difficulty: an integer comparison, no hashing yet.
+        required = self.pow.required(now_s)
+        if proof is None or proof.difficulty < required:
+            have = "missing" if proof is None else f"{proof.difficulty} bits"
+            raise PowRequired(f"proof of work: {required} bits required, proof {have}", required)
+        # 4. Rate limits: peeked, both of them, and spent only at the end.
+        ip_key = source_key(source_ip, ipv6_prefix_len=c.ipv6_prefix_len)
+        ip_wait = self.per_ip.peek(ip_key, now_s)
+        mailbox_wait = self.per_mailbox.peek(mailbox_id, now_s)
+        if ip_wait > 0 or mailbox_wait > 0:
+            which = "source" if ip_wait >= mailbox_wait else "mailbox"
+            limiter = self.per_ip if which == "source" else self.per_mailbox
+            wait = max(ip_wait, mailbox_wait)  # the retry has to pass both
+            raise RateLimited(
+                f"rate limit: {which} over {limiter.rate:g} puts/s (burst {limiter.burst:g}); "
+                f"retry after {wait:.3f} s",
+                wait,
+            )
+        # 5. The proof itself: one SHA-256, plus its freshness (ExpiredError) and hash
+        # (VerificationError) as pow.verify judges them.
+        pow.verify(proof, payload_hash, required=required, now_ms=now_ms)
+        # 6. Quota: the only check that depends on what the backend holds.
+        self.quota.check_quota(usage.blobs, usage.bytes, blob_len)
+        # Admitted: now, and only now, change state.
+        self.per_ip.check(ip_key, now_s)
+        self.per_mailbox.check(mailbox_id, now_s)
+        self.pow.record_put(now_s)
