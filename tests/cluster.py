@@ -29,6 +29,7 @@ class NodeProcess:
     bootstraps: list[str]
     puzzle_bits: int = 4
     command: str = "dna-bootstrap"
+    extra_toml: str = ""  # more sections, e.g. [storage] for dna-storage-node
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -50,6 +51,7 @@ class NodeProcess:
             f'grpc_port = {GRPC_PORT}\nkey_file = "{self.root / (self.name + ".key")}"\n'
             f"puzzle_bits = {self.puzzle_bits}\n[overlay]\nbootstrap = [{seeds}]\n"
             f'allow_loopback = true\n[ops]\nhttp_host = "{self.ip}"\nhttp_port = {HTTP_PORT}\n'
+            + self.extra_toml
         )
 
     def start(self) -> None:

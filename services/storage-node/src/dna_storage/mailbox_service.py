@@ -1,0 +1,200 @@
+"""The Mailbox gRPC service of a storage node: put, fetch since a cursor, delete.
+
+Every request passes the same gates before it touches storage: strict decoding,
+envelope-to-mailbox binding (a put must carry an envelope addressed to the
+owner of that mailbox), admission (size, proof of work, rate, quota, disk),
+owner signatures with a time window and nonce cache for fetch and delete. A
+refused request changes nothing and gets a distinct status with a reason;
+rate limits add `retry-after-ms`, proof-of-work refusals `dna-pow-required`
+(trailing metadata) so clients can retry.
+
+Replication to the other replicas and anti-entropy come next (docs/storage.md).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import grpc
+from dna_core.crypto.envelope import decode_envelope
+from dna_core.crypto.pow import Proof
+from dna_core.errors import ConflictError, MalformedError, ProtocolError
+from dna_core.mailbox import (
+    NonceCache,
+    blob_id,
+    mailbox_id,
+    put_pow_hash,
+    verify_delete,
+    verify_fetch,
+)
+from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
+
+from dna_storage.admission import Admission, PowRequired, RateLimited, rejection_reason
+from dna_storage.backends.base import MailboxBackend, PutOutcome, StoredBlob, Tombstone
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+DAY_S = 86_400
+PUT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Retention:
+    default_ttl_s: int = 30 * DAY_S
+    max_ttl_s: int = 30 * DAY_S
+
+    @property
+    def tombstone_ttl_ms(self) -> int:
+        """Tombstones outlive any blob they can delete, so repair never resurrects it."""
+        return (self.max_ttl_s + DAY_S) * 1000
+
+    def expiry_ms(self, requested_s: int, now_ms: int) -> int:
+        ttl = min(requested_s or self.default_ttl_s, self.max_ttl_s)
+        return now_ms + ttl * 1000
+
+
+def encode_cursor(seq: int) -> bytes:
+    return seq.to_bytes(8, "big")
+
+
+def decode_cursor(cursor: bytes) -> int:
+    if cursor and len(cursor) != 8:
+        raise MalformedError("fetch: cursor is not one this node issued")
+    return int.from_bytes(cursor, "big") if cursor else 0
+
+
+def peer_ip(context: Ctx) -> str:
+    """`ipv4:1.2.3.4:5` / `ipv6:[::1]:5` -> the address part."""
+    peer = context.peer() or "unknown"
+    _, _, rest = peer.partition(":")
+    host = rest.rpartition(":")[0]
+    return host.strip("[]") or peer
+
+
+class MailboxService(mailbox_pb2_grpc.MailboxServicer):
+    def __init__(
+        self,
+        backend: MailboxBackend,
+        admission: Admission,
+        *,
+        retention: Retention | None = None,
+        nonces: NonceCache | None = None,
+        wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        monotonic: Callable[[], float] = time.monotonic,
+        on_outcome: Callable[[str, str], None] = lambda method, outcome: None,
+    ) -> None:
+        self.backend, self.admission = backend, admission
+        self.retention = retention or Retention()
+        self.nonces = nonces or NonceCache()
+        self.wall_ms, self.monotonic, self.on_outcome = wall_ms, monotonic, on_outcome
+
+    async def Put(  # noqa: N802 (gRPC method names)
+        self, request: mailbox_pb2.PutRequest, context: Ctx
+    ) -> mailbox_pb2.PutResponse:
+        now_ms = self.wall_ms()
+        try:
+            self._check_put(request)
+            usage = await self.backend.usage(request.mailbox_id, now_ms)
+            proof = Proof.from_proto(request.pow) if request.HasField("pow") else None
+            self.admission.admit_put(
+                source_ip=peer_ip(context), mailbox_id=request.mailbox_id,
+                blob_len=len(request.blob), proof=proof,
+                payload_hash=put_pow_hash(request.mailbox_id, request.blob),
+                now_s=self.monotonic(), now_ms=now_ms, usage=usage,
+            )  # fmt: skip
+        except ProtocolError as exc:
+            await self._refuse(context, "put", exc)
+        blob = StoredBlob(
+            request.mailbox_id, blob_id(request.blob), request.blob, now_ms,
+            self.retention.expiry_ms(request.ttl_s, now_ms),
+        )  # fmt: skip
+        (outcome,) = await self.backend.put_many([blob], now_ms)
+        if outcome is PutOutcome.TOMBSTONED:
+            await self._refuse(context, "put", ConflictError("blob was deleted by its owner"))
+        self.on_outcome("put", "ok")
+        return mailbox_pb2.PutResponse(
+            blob_id=blob.blob_id, acknowledged_replicas=1, expires_ms=blob.expires_ms
+        )
+
+    def _check_put(self, request: mailbox_pb2.PutRequest) -> None:
+        if request.version != PUT_VERSION:
+            raise MalformedError(f"put: unknown version {request.version}")
+        if len(request.mailbox_id) != 32:
+            raise MalformedError("put: mailbox ID is not 32 bytes")
+        envelope = decode_envelope(request.blob)  # cheap: parse and sizes, no crypto
+        if mailbox_id(envelope.recipient) != request.mailbox_id:
+            raise MalformedError("put: the envelope is addressed to another mailbox")
+
+    async def Fetch(  # noqa: N802
+        self, request: mailbox_pb2.FetchRequest, context: Ctx
+    ) -> mailbox_pb2.FetchResponse:
+        now_ms = self.wall_ms()
+        try:
+            owner, body = verify_fetch(request, now_ms=now_ms, nonces=self.nonces)
+            cursor = decode_cursor(body.cursor)
+        except ProtocolError as exc:
+            await self._refuse(context, "fetch", exc)
+        page = await self.backend.fetch(owner.mailbox_id, cursor, body.limit, now_ms)
+        self.on_outcome("fetch", "ok")
+        return mailbox_pb2.FetchResponse(
+            blobs=[
+                mailbox_pb2.StoredBlob(
+                    blob_id=b.blob_id, blob=b.blob, stored_ms=b.stored_ms, expires_ms=b.expires_ms
+                )
+                for b in page.blobs
+            ],
+            next_cursor=encode_cursor(page.next_cursor),
+            more=page.more,
+        )
+
+    async def Delete(  # noqa: N802
+        self, request: mailbox_pb2.DeleteRequest, context: Ctx
+    ) -> mailbox_pb2.DeleteResponse:
+        now_ms = self.wall_ms()
+        try:
+            owner, body = verify_delete(request, now_ms=now_ms, nonces=self.nonces)
+        except ProtocolError as exc:
+            await self._refuse(context, "delete", exc)
+        authorization = request.SerializeToString(deterministic=True)
+        expires = now_ms + self.retention.tombstone_ttl_ms
+        tombstones = [
+            Tombstone(owner.mailbox_id, bid, now_ms, expires, authorization)
+            for bid in body.blob_ids
+        ]
+        deleted = await self.backend.delete(tombstones, now_ms)
+        self.on_outcome("delete", "ok")
+        return mailbox_pb2.DeleteResponse(deleted=deleted)
+
+    # Replica anti-entropy (node-authenticated digests, lists, pulls) lands with
+    # replication; until then a peer asking for it learns so explicitly.
+    async def SyncDigest(  # noqa: N802
+        self, request: mailbox_pb2.SyncDigestRequest, context: Ctx
+    ) -> mailbox_pb2.SyncDigestResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "replica sync is not enabled yet")
+        raise AssertionError("abort returned")
+
+    async def SyncList(  # noqa: N802
+        self, request: mailbox_pb2.SyncListRequest, context: Ctx
+    ) -> mailbox_pb2.SyncListResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "replica sync is not enabled yet")
+        raise AssertionError("abort returned")
+
+    async def SyncPull(  # noqa: N802
+        self, request: mailbox_pb2.SyncPullRequest, context: Ctx
+    ) -> mailbox_pb2.SyncPullResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "replica sync is not enabled yet")
+        raise AssertionError("abort returned")
+
+    async def _refuse(self, context: Ctx, method: str, exc: ProtocolError) -> NoReturn:
+        self.on_outcome(method, rejection_reason(exc) if method == "put" else "refused")
+        metadata: list[tuple[str, str]] = []
+        if isinstance(exc, RateLimited):
+            metadata.append(("retry-after-ms", str(max(1, round(exc.retry_after_s * 1000)))))
+        if isinstance(exc, PowRequired):
+            metadata.append(("dna-pow-required", str(exc.required_bits)))
+        if metadata:
+            context.set_trailing_metadata(tuple(metadata))
+        await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.reason)
+        raise AssertionError("abort returned")  # grpc's abort always raises

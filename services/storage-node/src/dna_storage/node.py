@@ -1,0 +1,105 @@
+"""A storage node process: an overlay member that also serves the Mailbox service.
+
+Composition: the shared OverlayServer (UDP routing, gRPC Overlay service with
+records, health, reflection, ops HTTP) plus the Mailbox gRPC service over a
+backend (SQLite by default, Redis optionally), an admission controller and a
+garbage-collection loop that expires blobs and tombstones incrementally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from dna_core.overlay.aio.node import OverlayNode
+from dna_core.overlay.aio.server import OverlayServer, OverlayServiceConfig
+from dna_core.wire.gen.dna.v1 import common_pb2, mailbox_pb2_grpc
+
+from dna_storage.admission import Admission, AdmissionConfig
+from dna_storage.backends.base import MailboxBackend
+from dna_storage.backends.redis import RedisBackend
+from dna_storage.backends.sqlite import SqliteBackend
+from dna_storage.mailbox_service import DAY_S, MailboxService, Retention
+
+log = logging.getLogger("dna.storage")
+MAILBOX_SERVICE = "dna.v1.Mailbox"
+
+
+@dataclass(frozen=True)
+class StorageSection:
+    backend: str = "sqlite"  # or "redis"
+    data_dir: Path = Path("data")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    ttl_days: int = 30  # default blob lifetime
+    max_ttl_days: int = 30  # the most a client may ask for
+    gc_interval_s: float = 30.0
+    gc_batch: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("sqlite", "redis"):
+            raise ValueError(f"backend must be sqlite or redis, got {self.backend!r}")
+        if not 0 < self.ttl_days <= self.max_ttl_days:
+            raise ValueError("ttl_days must be > 0 and <= max_ttl_days")
+
+
+@dataclass(frozen=True)
+class StorageNodeConfig(OverlayServiceConfig):
+    storage: StorageSection = field(default_factory=StorageSection)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+
+
+async def open_backend(section: StorageSection) -> MailboxBackend:
+    if section.backend == "redis":
+        return await RedisBackend.connect(section.redis_url)
+    section.data_dir.mkdir(parents=True, exist_ok=True)
+    return await SqliteBackend.open(section.data_dir / "mailboxes.sqlite3")
+
+
+class StorageNode:
+    def __init__(self, config: StorageNodeConfig) -> None:
+        self.config = config
+        self.backend: MailboxBackend | None = None
+        self.server: OverlayServer | None = None
+        self.admission = Admission(config.admission)
+        self._gc: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        section = self.config.storage
+        self.backend = backend = await open_backend(section)
+        retention = Retention(section.ttl_days * DAY_S, section.max_ttl_days * DAY_S)
+
+        def add_mailbox(server: grpc.aio.Server, node: OverlayNode) -> list[str]:
+            service = MailboxService(backend, self.admission, retention=retention)
+            mailbox_pb2_grpc.add_MailboxServicer_to_server(service, server)
+            return [MAILBOX_SERVICE]
+
+        self.server = OverlayServer(
+            self.config, role=common_pb2.NODE_ROLE_STORAGE, extra_services=add_mailbox
+        )
+        await self.server.start()
+        self._gc = asyncio.create_task(self._collect_garbage(backend))
+
+    async def _collect_garbage(self, backend: MailboxBackend) -> None:
+        """Expire in bounded batches so GC never stalls the node."""
+        section = self.config.storage
+        while True:
+            removed = await backend.expire(time.time_ns() // 1_000_000, section.gc_batch)
+            if removed:
+                log.info("expired", extra={"removed": removed})
+            if removed < section.gc_batch:
+                await asyncio.sleep(section.gc_interval_s)
+
+    async def stop(self) -> None:
+        if self._gc is not None:
+            self._gc.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gc
+        if self.server is not None:
+            await self.server.stop()
+        if self.backend is not None:
+            await self.backend.close()
