@@ -46,7 +46,7 @@ def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProce
                 [seed],
                 command="dna-storage-node",
                 extra_toml=toml,
-            )  # fmt: skip
+            )
         )
     try:
         for node in nodes:
@@ -122,7 +122,7 @@ def test_writes_survive_two_dead_replicas_by_hand_off(network: list[NodeProcess]
 def test_too_few_storage_nodes_is_a_clear_error(network: list[NodeProcess]) -> None:
     async def work(client: MailboxClient) -> None:
         client.write_quorum = STORAGE + 1
-        with pytest.raises(QuorumError, match="storage nodes|replicas"):
+        with pytest.raises(QuorumError, match=r"storage nodes|replicas"):
             await client.put(
                 BOBS[0].fingerprint, seal(ALICE, BOBS[0].public, b"x", now_ms=now_ms())
             )
