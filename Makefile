@@ -8,7 +8,7 @@ bootstrap:
 
 ## make demo: the main job (see README)
 demo:
-	$(UV) run --locked dna demo
+	$(UV) run --locked dna-testnet demo
 
 ## make test: lint, types and the whole pytest suite
 test:

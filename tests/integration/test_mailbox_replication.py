@@ -37,7 +37,7 @@ def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProce
     seed = f"127.0.0.80:{UDP_PORT}"
     nodes = [NodeProcess("boot", "127.0.0.80", root, [seed])]
     for i in range(STORAGE):
-        toml = f'[storage]\ndata_dir = "{root}/data{i}"\n[admission]\npow_base_bits = 8\n'
+        toml = "[admission]\npow_base_bits = 8\n"
         nodes.append(
             NodeProcess(
                 f"store{i}",

@@ -21,8 +21,6 @@ IP = "127.0.0.70"
 POW_BITS = 8
 ALICE, BOB = seeded_identity("storage-alice"), seeded_identity("storage-bob")
 STORAGE_TOML = f"""
-[storage]
-data_dir = "{{root}}/data"
 [admission]
 pow_base_bits = {POW_BITS}
 ip_rate_per_s = 5.0
@@ -39,7 +37,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     root = tmp_path_factory.mktemp("storage")
     proc = NodeProcess(
         "storage", IP, root, [], command="dna-storage-node",
-        extra_toml=STORAGE_TOML.format(root=root),
+        extra_toml=STORAGE_TOML,
     )  # fmt: skip
     proc.start()
     try:
@@ -162,6 +160,7 @@ def test_data_survives_sigkill_and_holds_no_plaintext(node: NodeProcess, tmp_pat
     node.start()
     wait_ready([node])
     assert env in [b.blob for b in fetch(BOB).blobs]
-    for path in (node.root / "data").rglob("*"):
-        if path.is_file():
-            assert secret not in path.read_bytes(), path
+    files = [p for p in (node.root / f"{node.name}-data").rglob("*") if p.is_file()]
+    assert files, "the data directory holds the mailbox database"
+    for path in files:
+        assert secret not in path.read_bytes(), path

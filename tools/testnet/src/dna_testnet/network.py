@@ -1,0 +1,175 @@
+"""Real node processes on distinct loopback addresses (127.0.0.x), each with its own
+TOML file, key file, data directory and log under one state directory.
+
+Used by `dna-testnet` (up, status, down, demo) and by the integration tests,
+which SIGKILL, SIGTERM and restart nodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+BIN = Path(sys.executable).parent
+UDP_PORT, GRPC_PORT, HTTP_PORT = 7400, 7401, 7480
+
+
+@dataclass
+class LocalNode:
+    name: str
+    ip: str
+    root: Path
+    bootstraps: list[str]
+    command: str = "dna-bootstrap"  # or dna-storage-node
+    puzzle_bits: int = 4
+    extra_toml: str = ""  # more sections, e.g. [admission]
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def role(self) -> str:
+        return "storage" if self.command == "dna-storage-node" else "bootstrap"
+
+    @property
+    def udp(self) -> tuple[str, int]:
+        return (self.ip, UDP_PORT)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / f"{self.name}.toml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / f"{self.name}.log"
+
+    def write_config(self) -> None:
+        seeds = ", ".join(f'"{b}"' for b in self.bootstraps)
+        storage = f'[storage]\ndata_dir = "{self.root / self.name}-data"\n'
+        self.config_path.write_text(
+            f'log_level = "info"\n[node]\nhost = "{self.ip}"\nudp_port = {UDP_PORT}\n'
+            f'grpc_port = {GRPC_PORT}\nkey_file = "{self.root / (self.name + ".key")}"\n'
+            f"puzzle_bits = {self.puzzle_bits}\n[overlay]\nbootstrap = [{seeds}]\n"
+            f'allow_loopback = true\n[ops]\nhttp_host = "{self.ip}"\nhttp_port = {HTTP_PORT}\n'
+            + (storage if self.role == "storage" else "")
+            + self.extra_toml
+        )
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.write_config()
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [str(BIN / self.command), "run", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={k: v for k, v in os.environ.items() if not k.startswith("DNA_")},
+                start_new_session=True,  # the testnet outlives `dna-testnet up`
+            )
+
+    def http(self, path: str) -> httpx.Response:
+        return httpx.get(f"http://{self.ip}:{HTTP_PORT}{path}", timeout=2.0)
+
+    def status(self) -> dict[str, Any]:
+        data: dict[str, Any] = self.http("/status").json()
+        return data
+
+    def is_ready(self) -> bool:
+        try:
+            return self.http("/readyz").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, no cleanup."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+            self.proc = None
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self.proc = None
+        return code
+
+    def tail(self, lines: int = 20) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def wait_ready(nodes: list[LocalNode], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    pending = list(nodes)
+    while pending and time.monotonic() < deadline:
+        for node in list(pending):
+            if node.proc is not None and not node.alive():
+                raise RuntimeError(f"{node.name} exited:\n{node.tail()}")
+            if node.is_ready():
+                pending.remove(node)
+        time.sleep(0.2)
+    if pending:
+        raise RuntimeError(f"not ready: {[n.name for n in pending]}\n{pending[0].tail()}")
+
+
+class Testnet:
+    """``bootstraps`` bootstrap nodes then ``storage`` storage nodes from 127.0.0.``first``."""
+
+    def __init__(self, root: Path, *, bootstraps: int = 3, storage: int = 6, first: int = 2):
+        self.root = root
+        ips = [f"127.0.0.{first + i}" for i in range(bootstraps + storage)]
+        seeds = [f"{ip}:{UDP_PORT}" for ip in ips[:bootstraps]]
+        self.nodes = [
+            LocalNode(f"bootstrap{i}", ip, root, seeds) for i, ip in enumerate(ips[:bootstraps])
+        ] + [
+            LocalNode(f"storage{i}", ip, root, seeds, command="dna-storage-node")
+            for i, ip in enumerate(ips[bootstraps:])
+        ]
+
+    @property
+    def seeds(self) -> list[tuple[str, int]]:
+        return [n.udp for n in self.nodes if n.role == "bootstrap"]
+
+    def up(self, timeout: float = 90.0) -> None:
+        for node in self.nodes:
+            node.start()
+        wait_ready(self.nodes, timeout)
+        self._save()
+
+    def down(self) -> None:
+        """SIGTERM every node (ours, or the PIDs recorded by an earlier `up`)."""
+        for node in self.nodes:
+            if node.alive():
+                node.terminate()
+        for pid in self._load_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        (self.root / "state.json").unlink(missing_ok=True)
+
+    def kill_all(self) -> None:
+        for node in self.nodes:
+            if node.alive():
+                node.kill()
+
+    def _save(self) -> None:
+        pids = {n.name: n.proc.pid for n in self.nodes if n.proc is not None}
+        (self.root / "state.json").write_text(json.dumps({"pids": pids}))
+
+    def _load_pids(self) -> list[int]:
+        state = self.root / "state.json"
+        if not state.exists():
+            return []
+        return list(json.loads(state.read_text())["pids"].values())
