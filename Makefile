@@ -2,6 +2,7 @@
 .PHONY: bootstrap demo test lint types unit bench protos clean
 
 UV = $(shell scripts/bootstrap.sh)
+UV_TEST = $(shell scripts/bootstrap.sh test)
 
 bootstrap:
 	@scripts/bootstrap.sh >/dev/null
@@ -12,7 +13,7 @@ demo:
 
 ## make test: lint, types and the whole pytest suite
 test:
-	$(MAKE) --no-print-directory lint types unit UV=$(UV)
+	$(MAKE) --no-print-directory lint types unit UV=$(UV_TEST)
 
 lint:
 	$(UV) run --locked ruff check .

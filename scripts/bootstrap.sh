@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Bring a fresh machine (only Python 3.11+) to a working checkout: uv, the locked
-# environment, and the system packages the tests need. Idempotent; prints the uv path.
+# Bring a fresh machine (only Python 3.11+) to a working checkout: uv and the locked
+# environment; with `test`, also the Debian packages the tests start themselves
+# (needs root or sudo). Idempotent; prints the uv path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +17,8 @@ uv_bin() {
 }
 
 # Debian packages the test suite starts itself (servers are launched by the tests' fixtures).
-APT_PACKAGES=(redis-server)
+APT_PACKAGES=()
+[ "${1:-}" = "test" ] && APT_PACKAGES=(redis-server)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
