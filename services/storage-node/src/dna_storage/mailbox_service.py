@@ -8,7 +8,7 @@ refused request changes nothing and gets a distinct status with a reason;
 rate limits add `retry-after-ms`, proof-of-work refusals `dna-pow-required`
 (trailing metadata) so clients can retry.
 
-Replication to the other replicas and anti-entropy come next (docs/storage.md).
+The Sync* RPCs serve replica anti-entropy between storage nodes (replication.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 import grpc
 from dna_core.crypto.envelope import decode_envelope
 from dna_core.crypto.pow import Proof
-from dna_core.errors import ConflictError, MalformedError, ProtocolError
+from dna_core.errors import ConflictError, MalformedError, ProtocolError, VerificationError
 from dna_core.mailbox import (
     NonceCache,
     blob_id,
@@ -34,6 +34,13 @@ from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 
 from dna_storage.admission import Admission, PowRequired, RateLimited, rejection_reason
 from dna_storage.backends.base import MailboxBackend, PutOutcome, StoredBlob, Tombstone
+from dna_storage.replication import (
+    MAX_SYNC_ITEMS,
+    accept,
+    blob_proto,
+    tombstone_proto,
+    verify_proof,
+)
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 DAY_S = 86_400
@@ -84,11 +91,13 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         monotonic: Callable[[], float] = time.monotonic,
         on_outcome: Callable[[str, str], None] = lambda method, outcome: None,
+        sync_puzzle_bits: int | None = None,
     ) -> None:
         self.backend, self.admission = backend, admission
         self.retention = retention or Retention()
         self.nonces = nonces or NonceCache()
         self.wall_ms, self.monotonic, self.on_outcome = wall_ms, monotonic, on_outcome
+        self.sync_puzzle_bits = sync_puzzle_bits  # None: refuse replica sync
 
     async def Put(  # noqa: N802 (gRPC method names)
         self, request: mailbox_pb2.PutRequest, context: Ctx
@@ -167,25 +176,69 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         self.on_outcome("delete", "ok")
         return mailbox_pb2.DeleteResponse(deleted=deleted)
 
-    # Replica anti-entropy (node-authenticated digests, lists, pulls) lands with
-    # replication; until then a peer asking for it learns so explicitly.
+    # -- replica sync (node-authenticated; see replication.py) -----------------------
+
+    def _sync_peer(self, proof: mailbox_pb2.NodeProof, method: str, subject: bytes) -> None:
+        if self.sync_puzzle_bits is None:
+            raise VerificationError("replica sync is disabled on this node")
+        verify_proof(proof, method, subject, puzzle_bits=self.sync_puzzle_bits)
+
     async def SyncDigest(  # noqa: N802
         self, request: mailbox_pb2.SyncDigestRequest, context: Ctx
     ) -> mailbox_pb2.SyncDigestResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "replica sync is not enabled yet")
-        raise AssertionError("abort returned")
+        subject = request.range_start + request.range_end
+        try:
+            self._sync_peer(getattr(request, "from"), "SyncDigest", subject)
+        except ProtocolError as exc:
+            await self._refuse(context, "sync", exc)
+        digests = await self.backend.digests(request.range_start, request.range_end, self.wall_ms())
+        return mailbox_pb2.SyncDigestResponse(
+            mailboxes=[
+                mailbox_pb2.MailboxDigest(
+                    mailbox_id=d.mailbox_id,
+                    digest=d.digest,
+                    blobs=d.blobs,
+                    tombstones=d.tombstones,
+                )
+                for d in digests[:MAX_SYNC_ITEMS]
+            ]
+        )
 
     async def SyncList(  # noqa: N802
         self, request: mailbox_pb2.SyncListRequest, context: Ctx
     ) -> mailbox_pb2.SyncListResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "replica sync is not enabled yet")
-        raise AssertionError("abort returned")
+        try:
+            self._sync_peer(getattr(request, "from"), "SyncList", request.mailbox_id)
+        except ProtocolError as exc:
+            await self._refuse(context, "sync", exc)
+        ids, tombstones = await self.backend.ids(request.mailbox_id, self.wall_ms())
+        return mailbox_pb2.SyncListResponse(
+            blob_ids=ids, tombstones=[tombstone_proto(t) for t in tombstones]
+        )
 
     async def SyncPull(  # noqa: N802
         self, request: mailbox_pb2.SyncPullRequest, context: Ctx
     ) -> mailbox_pb2.SyncPullResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "replica sync is not enabled yet")
-        raise AssertionError("abort returned")
+        try:
+            self._sync_peer(getattr(request, "from"), "SyncPull", request.mailbox_id)
+        except ProtocolError as exc:
+            await self._refuse(context, "sync", exc)
+        ids = list(request.blob_ids)[:MAX_SYNC_ITEMS]
+        blobs = await self.backend.get_blobs(request.mailbox_id, ids, self.wall_ms())
+        return mailbox_pb2.SyncPullResponse(blobs=[blob_proto(b) for b in blobs])
+
+    async def SyncPush(  # noqa: N802
+        self, request: mailbox_pb2.SyncPushRequest, context: Ctx
+    ) -> mailbox_pb2.SyncPushResponse:
+        try:
+            self._sync_peer(getattr(request, "from"), "SyncPush", request.mailbox_id)
+        except ProtocolError as exc:
+            await self._refuse(context, "sync", exc)
+        stored, tombed = await accept(
+            self.backend, request.mailbox_id, request.blobs, request.tombstones,
+            self.retention.max_ttl_s * 1000,
+        )  # fmt: skip
+        return mailbox_pb2.SyncPushResponse(stored=stored, tombstoned=tombed)
 
     async def _refuse(self, context: Ctx, method: str, exc: ProtocolError) -> NoReturn:
         self.on_outcome(method, rejection_reason(exc) if method == "put" else "refused")

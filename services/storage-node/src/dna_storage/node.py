@@ -25,6 +25,7 @@ from dna_storage.backends.base import MailboxBackend
 from dna_storage.backends.redis import RedisBackend
 from dna_storage.backends.sqlite import SqliteBackend
 from dna_storage.mailbox_service import DAY_S, MailboxService, Retention
+from dna_storage.replication import Repairer
 
 log = logging.getLogger("dna.storage")
 MAILBOX_SERVICE = "dna.v1.Mailbox"
@@ -39,6 +40,7 @@ class StorageSection:
     max_ttl_days: int = 30  # the most a client may ask for
     gc_interval_s: float = 30.0
     gc_batch: int = 1000
+    repair_interval_s: float = 60.0  # anti-entropy pass over every mailbox held
 
     def __post_init__(self) -> None:
         if self.backend not in ("sqlite", "redis"):
@@ -66,7 +68,8 @@ class StorageNode:
         self.backend: MailboxBackend | None = None
         self.server: OverlayServer | None = None
         self.admission = Admission(config.admission)
-        self._gc: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.repairer: Repairer | None = None
 
     async def start(self) -> None:
         section = self.config.storage
@@ -74,7 +77,10 @@ class StorageNode:
         retention = Retention(section.ttl_days * DAY_S, section.max_ttl_days * DAY_S)
 
         def add_mailbox(server: grpc.aio.Server, node: OverlayNode) -> list[str]:
-            service = MailboxService(backend, self.admission, retention=retention)
+            service = MailboxService(
+                backend, self.admission, retention=retention,
+                sync_puzzle_bits=self.config.node.puzzle_bits,
+            )  # fmt: skip
             mailbox_pb2_grpc.add_MailboxServicer_to_server(service, server)
             return [MAILBOX_SERVICE]
 
@@ -82,7 +88,16 @@ class StorageNode:
             self.config, role=common_pb2.NODE_ROLE_STORAGE, extra_services=add_mailbox
         )
         await self.server.start()
-        self._gc = asyncio.create_task(self._collect_garbage(backend))
+        node = self.server.node
+        assert node is not None
+        self.repairer = Repairer(
+            node, backend, max_ttl_ms=retention.max_ttl_s * 1000,
+            registry=self.server.registry, interval_s=section.repair_interval_s,
+        )  # fmt: skip
+        self._tasks = [
+            asyncio.create_task(self._collect_garbage(backend)),
+            asyncio.create_task(self.repairer.run_forever()),
+        ]
 
     async def _collect_garbage(self, backend: MailboxBackend) -> None:
         """Expire in bounded batches so GC never stalls the node."""
@@ -95,10 +110,10 @@ class StorageNode:
                 await asyncio.sleep(section.gc_interval_s)
 
     async def stop(self) -> None:
-        if self._gc is not None:
-            self._gc.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._gc
+                await task
         if self.server is not None:
             await self.server.stop()
         if self.backend is not None:

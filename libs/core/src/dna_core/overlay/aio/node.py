@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import random
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
@@ -54,7 +55,7 @@ from .records_rpc import ChannelPool, RecordClient
 
 log = logging.getLogger("dna.overlay")
 TOKEN_CACHE_SIZE = 4096
-SUSPECT_SECONDS = 30.0  # a node that just failed us is not asked again for this long
+SUSPECT_SECONDS = 10.0  # a node that just failed us is not asked again for this long
 SUSPECT_CACHE_SIZE = 4096
 
 
@@ -72,6 +73,10 @@ class NodeConfig:
     refresh_interval: float = 600.0
     request_timeout: float = 2.0  # hard limit per datagram request
     rpc_timeout: float = 3.0  # gRPC deadline
+    # The OS default (~208 KB, ~90 full answers) overflows when a busy node has dozens of
+    # lookups in flight; drops become timeouts, then suspects. The kernel caps it at
+    # net.core.rmem_max. 0 keeps the OS default.
+    udp_rcvbuf: int = 4 << 20
 
 
 @dataclass
@@ -134,6 +139,10 @@ class OverlayNode:
             local_addr=(self.config.host, self.config.udp_port),
         )
         self._transport = transport
+        if self.config.udp_rcvbuf > 0:
+            sock = transport.get_extra_info("socket")
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.config.udp_rcvbuf)
         udp_port = transport.get_extra_info("sockname")[1]
         endpoint = Endpoint(self.config.host, udp_port, grpc_port or self.config.grpc_port)
         self.contact = Contact(
@@ -189,6 +198,8 @@ class OverlayNode:
     def _answer(self, dgram: Datagram, addr: Addr, size: int, now: float) -> None:
         assert self.responder is not None and self._transport is not None
         answer = self.responder.answer(dgram, addr, size, now)
+        if answer.observed is not None and dgram.sender is not None:
+            self._suspects.pop(dgram.sender.node_id, None)  # it is back: it just spoke
         method = type(dgram.body).__name__.lower()
         self.metrics.rpcs.labels(direction="in", method=method, outcome=answer.outcome).inc()
         if answer.reply is not None:
@@ -207,6 +218,8 @@ class OverlayNode:
         if dgram.token:
             self._remember_token(addr, dgram.token)
         sender = dgram.sender
+        if sender is not None and proves_address(sender, addr):
+            self._suspects.pop(sender.node_id, None)
         if sender is not None and proves_address(sender, addr) and not self.config.client_mode:
             self._follow_up(self.table.observe(sender, now))
         elif sender is not None and proves_address(sender, addr):
@@ -303,11 +316,12 @@ class OverlayNode:
                 timeout=self.rtt.timeout, local_id=self.node_id,
             )  # fmt: skip
         wake = asyncio.Event()
+        queries: list[asyncio.Task[object]] = []
         while True:
             it.timeout = self.rtt.timeout
             step = it.next(time.monotonic())
             if isinstance(step, Query):
-                self.spawn(self._query_peer(it, step, target, wake))
+                queries.append(self.spawn(self._query_peer(it, step, target, wake)))
                 continue
             if isinstance(step, Finished):
                 break
@@ -315,6 +329,13 @@ class OverlayNode:
             delay = None if step.until is None else max(0.0, step.until - time.monotonic())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), delay)
+        late = [q for q in queries if not q.done()]
+        if late and len(it.result()) < self.config.k:
+            # The iterator gave up on peers past their adaptive deadline but their requests
+            # are still open: under load that deadline is often just too short, and a put
+            # would land on 3 replicas instead of k. One more timeout for them (a late
+            # answer still counts: on_response accepts unresponsive peers).
+            await asyncio.wait(late, timeout=self.rtt.timeout)
         self.table.mark_refreshed(target, time.monotonic())
         self.metrics.lookup_seconds.observe(time.monotonic() - started)
         return it.result()
@@ -361,7 +382,10 @@ class OverlayNode:
         if not self._suspects:
             return contacts
         now = time.monotonic()
-        return [c for c in contacts if self._suspects.get(c.node_id, 0.0) <= now]
+        trusted = [c for c in contacts if self._suspects.get(c.node_id, 0.0) <= now]
+        # Timeouts from our own overload (a full socket buffer, a busy loop) make everyone
+        # suspect at once; asking suspects beats failing every lookup until they clear.
+        return trusted if len(trusted) >= min(len(contacts), self.config.alpha) else contacts
 
     async def refresh(self, interval: float | None = None) -> int:
         """Look up a random ID in every stale bucket; returns how many lookups ran."""

@@ -150,11 +150,16 @@ class RecordClient:
             return_exceptions=True,
         )
         found = []
+        seen: set[bytes] = set()  # holders mostly return the same bytes: verify them once
         for answer in answers:
             if not isinstance(answer, overlay_pb2.FindValueResponse):
                 continue
             for rec in answer.records[:4]:
-                verified = self._verify(encode_message(rec), key)
+                raw = encode_message(rec)
+                if raw in seen:
+                    continue
+                seen.add(raw)
+                verified = self._verify(raw, key)
                 if verified is not None:
                     found.append(verified)
         return select_best(found)

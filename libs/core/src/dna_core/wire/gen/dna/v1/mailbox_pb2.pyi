@@ -344,6 +344,10 @@ Global___Tombstone: _TypeAlias = Tombstone  # noqa: Y015
 
 @_typing.final
 class NodeProof(_message.Message):
+    """Authenticates replica sync between storage nodes: the sender's node key signs
+    (domain "mailbox-sync") method || mailbox ID (or range start || end) || timestamp_ms.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SENDER_FIELD_NUMBER: _builtins.int
@@ -351,7 +355,6 @@ class NodeProof(_message.Message):
     SIGNATURE_FIELD_NUMBER: _builtins.int
     timestamp_ms: _builtins.int
     signature: _builtins.bytes
-    """Ed25519 by the node key over the request body"""
     @_builtins.property
     def sender(self) -> _common_pb2.NodeContact: ...
     def __init__(
@@ -529,3 +532,53 @@ class SyncPullResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SyncPullResponse: _TypeAlias = SyncPullResponse  # noqa: Y015
+
+@_typing.final
+class SyncPushRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_FIELD_NUMBER: _builtins.int
+    MAILBOX_ID_FIELD_NUMBER: _builtins.int
+    BLOBS_FIELD_NUMBER: _builtins.int
+    TOMBSTONES_FIELD_NUMBER: _builtins.int
+    mailbox_id: _builtins.bytes
+    @_builtins.property
+    def blobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredBlob]: ...
+    @_builtins.property
+    def tombstones(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tombstone]: ...
+    def __init__(
+        self,
+        *,
+        mailbox_id: _builtins.bytes = ...,
+        blobs: _abc.Iterable[Global___StoredBlob] | None = ...,
+        tombstones: _abc.Iterable[Global___Tombstone] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["from", b"from"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blobs", b"blobs", "from", b"from", "mailbox_id", b"mailbox_id", "tombstones", b"tombstones"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncPushRequest: _TypeAlias = SyncPushRequest  # noqa: Y015
+
+@_typing.final
+class SyncPushResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STORED_FIELD_NUMBER: _builtins.int
+    TOMBSTONED_FIELD_NUMBER: _builtins.int
+    stored: _builtins.int
+    tombstoned: _builtins.int
+    def __init__(
+        self,
+        *,
+        stored: _builtins.int = ...,
+        tombstoned: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stored", b"stored", "tombstoned", b"tombstoned"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncPushResponse: _TypeAlias = SyncPushResponse  # noqa: Y015

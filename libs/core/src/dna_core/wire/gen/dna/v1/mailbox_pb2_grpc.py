@@ -65,6 +65,11 @@ class MailboxStub:
                 request_serializer=dna_dot_v1_dot_mailbox__pb2.SyncPullRequest.SerializeToString,
                 response_deserializer=dna_dot_v1_dot_mailbox__pb2.SyncPullResponse.FromString,
                 _registered_method=True)
+        self.SyncPush = channel.unary_unary(
+                '/dna.v1.Mailbox/SyncPush',
+                request_serializer=dna_dot_v1_dot_mailbox__pb2.SyncPushRequest.SerializeToString,
+                response_deserializer=dna_dot_v1_dot_mailbox__pb2.SyncPushResponse.FromString,
+                _registered_method=True)
 
 
 class MailboxServicer:
@@ -107,6 +112,13 @@ class MailboxServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SyncPush(self, request, context):
+        """Hand data to a replica that lacks it (hinted hand-off, new replica set members).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MailboxServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +151,11 @@ def add_MailboxServicer_to_server(servicer, server):
                     servicer.SyncPull,
                     request_deserializer=dna_dot_v1_dot_mailbox__pb2.SyncPullRequest.FromString,
                     response_serializer=dna_dot_v1_dot_mailbox__pb2.SyncPullResponse.SerializeToString,
+            ),
+            'SyncPush': grpc.unary_unary_rpc_method_handler(
+                    servicer.SyncPush,
+                    request_deserializer=dna_dot_v1_dot_mailbox__pb2.SyncPushRequest.FromString,
+                    response_serializer=dna_dot_v1_dot_mailbox__pb2.SyncPushResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -303,6 +320,33 @@ class Mailbox:
             '/dna.v1.Mailbox/SyncPull',
             dna_dot_v1_dot_mailbox__pb2.SyncPullRequest.SerializeToString,
             dna_dot_v1_dot_mailbox__pb2.SyncPullResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SyncPush(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dna.v1.Mailbox/SyncPush',
+            dna_dot_v1_dot_mailbox__pb2.SyncPushRequest.SerializeToString,
+            dna_dot_v1_dot_mailbox__pb2.SyncPushResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,8 @@ class MailboxStub:
     """Replica anti-entropy: compare digests, list what differs, pull it."""
     SyncList: _grpc.UnaryUnaryMultiCallable[_mailbox_pb2.SyncListRequest, _mailbox_pb2.SyncListResponse]
     SyncPull: _grpc.UnaryUnaryMultiCallable[_mailbox_pb2.SyncPullRequest, _mailbox_pb2.SyncPullResponse]
+    SyncPush: _grpc.UnaryUnaryMultiCallable[_mailbox_pb2.SyncPushRequest, _mailbox_pb2.SyncPushResponse]
+    """Hand data to a replica that lacks it (hinted hand-off, new replica set members)."""
 
 @_typing.type_check_only
 class MailboxAsyncStub(MailboxStub):
@@ -54,6 +56,8 @@ class MailboxAsyncStub(MailboxStub):
     """Replica anti-entropy: compare digests, list what differs, pull it."""
     SyncList: _aio.UnaryUnaryMultiCallable[_mailbox_pb2.SyncListRequest, _mailbox_pb2.SyncListResponse]  # type: ignore[assignment]
     SyncPull: _aio.UnaryUnaryMultiCallable[_mailbox_pb2.SyncPullRequest, _mailbox_pb2.SyncPullResponse]  # type: ignore[assignment]
+    SyncPush: _aio.UnaryUnaryMultiCallable[_mailbox_pb2.SyncPushRequest, _mailbox_pb2.SyncPushResponse]  # type: ignore[assignment]
+    """Hand data to a replica that lacks it (hinted hand-off, new replica set members)."""
 
 class MailboxServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -98,5 +102,13 @@ class MailboxServicer(metaclass=_abc_1.ABCMeta):
         request: _mailbox_pb2.SyncPullRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_mailbox_pb2.SyncPullResponse, _abc.Awaitable[_mailbox_pb2.SyncPullResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SyncPush(
+        self,
+        request: _mailbox_pb2.SyncPushRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mailbox_pb2.SyncPushResponse, _abc.Awaitable[_mailbox_pb2.SyncPushResponse]]:
+        """Hand data to a replica that lacks it (hinted hand-off, new replica set members)."""
 
 def add_MailboxServicer_to_server(servicer: MailboxServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

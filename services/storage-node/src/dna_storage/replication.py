@@ -1,0 +1,259 @@
+"""Replica anti-entropy between storage nodes.
+
+Every ``interval`` a node walks the mailboxes it holds. For each, it finds the
+R = 5 storage nodes closest to the mailbox (its rightful replicas) and, with
+each of them: lists what the peer holds, pulls blobs and tombstones it lacks,
+and pushes what the peer lacks. Pulling alone would never reach a replica that
+lost everything (it does not know the mailbox exists); pushing alone would
+never reach a node that was down when the data arrived. A node that took a
+write by hinted hand-off pushes it to the rightful replicas the same way.
+
+Everything received is checked as if it came from a client: the blob must hash
+to its ID and be an envelope for that mailbox; a tombstone must carry the
+owner's signed delete naming it. Sync requests are signed by the sender's node
+key (domain ``mailbox-sync``) and accepted only from storage nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from dna_core.crypto.envelope import decode_envelope
+from dna_core.crypto.node import NodeIdentity, verify_node_signature
+from dna_core.crypto.primitives import u64
+from dna_core.errors import ExpiredError, MalformedError, ProtocolError, VerificationError
+from dna_core.mailbox import blob_id, mailbox_id, verify_delete
+from dna_core.overlay.aio.node import OverlayNode
+from dna_core.overlay.codec import contact_from_proto, contact_to_proto
+from dna_core.overlay.contact import Contact
+from dna_core.wire import decode_message
+from dna_core.wire.gen.dna.v1 import common_pb2, mailbox_pb2, mailbox_pb2_grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from dna_storage.backends.base import MailboxBackend, StoredBlob, Tombstone
+
+log = logging.getLogger("dna.storage.repair")
+SYNC_DOMAIN = b"mailbox-sync"
+SYNC_WINDOW_MS = 5 * 60_000
+MAX_SYNC_ITEMS = 500
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _signed(method: str, subject: bytes, timestamp_ms: int) -> bytes:
+    return method.encode() + b"\0" + subject + u64(timestamp_ms)
+
+
+def sign_proof(
+    identity: NodeIdentity, contact: Contact, method: str, subject: bytes
+) -> mailbox_pb2.NodeProof:
+    now = _now_ms()
+    return mailbox_pb2.NodeProof(
+        sender=contact_to_proto(contact),
+        timestamp_ms=now,
+        signature=identity.sign(SYNC_DOMAIN, _signed(method, subject, now)),
+    )
+
+
+def verify_proof(
+    proof: mailbox_pb2.NodeProof, method: str, subject: bytes, *, puzzle_bits: int
+) -> Contact:
+    """The authenticated storage node behind a sync request, or a ProtocolError."""
+    sender = contact_from_proto(proof.sender, puzzle_bits)
+    if sender.role != common_pb2.NODE_ROLE_STORAGE:
+        raise VerificationError("sync: only storage nodes may sync replicas")
+    if abs(proof.timestamp_ms - _now_ms()) > SYNC_WINDOW_MS:
+        raise ExpiredError("sync: proof timestamp outside the window")
+    message = _signed(method, subject, proof.timestamp_ms)
+    verify_node_signature(sender.public_key, SYNC_DOMAIN, message, proof.signature)
+    return sender
+
+
+def check_blob(
+    box: bytes, stored: mailbox_pb2.StoredBlob, now_ms: int, max_ttl_ms: int
+) -> StoredBlob:
+    """A blob from another replica, held to the same rules as a client's put."""
+    if blob_id(stored.blob) != stored.blob_id:
+        raise VerificationError("sync: blob does not hash to its ID")
+    if mailbox_id(decode_envelope(stored.blob).recipient) != box:
+        raise MalformedError("sync: the envelope is addressed to another mailbox")
+    expires = min(stored.expires_ms, now_ms + max_ttl_ms)
+    return StoredBlob(box, stored.blob_id, stored.blob, stored.stored_ms, expires)
+
+
+def check_tombstone(box: bytes, tomb: mailbox_pb2.Tombstone) -> Tombstone:
+    """A tombstone is only as good as the owner's signed delete it carries."""
+    request = decode_message(
+        mailbox_pb2.DeleteRequest, tomb.authorization, max_size=64 * 1024, what="tombstone"
+    )
+    owner, body = verify_delete(request, now_ms=tomb.deleted_ms, nonces=None)
+    if owner.mailbox_id != box or tomb.blob_id not in body.blob_ids:
+        raise VerificationError("sync: tombstone not authorized by the mailbox owner")
+    return Tombstone(box, tomb.blob_id, tomb.deleted_ms, tomb.expires_ms, tomb.authorization)
+
+
+def tombstone_proto(t: Tombstone) -> mailbox_pb2.Tombstone:
+    return mailbox_pb2.Tombstone(
+        blob_id=t.blob_id, deleted_ms=t.deleted_ms, expires_ms=t.expires_ms,
+        authorization=t.authorization,
+    )  # fmt: skip
+
+
+def blob_proto(b: StoredBlob) -> mailbox_pb2.StoredBlob:
+    return mailbox_pb2.StoredBlob(
+        blob_id=b.blob_id, blob=b.blob, stored_ms=b.stored_ms, expires_ms=b.expires_ms
+    )
+
+
+async def accept(
+    backend: MailboxBackend,
+    box: bytes,
+    blobs: Sequence[mailbox_pb2.StoredBlob],
+    tombstones: Sequence[mailbox_pb2.Tombstone],
+    max_ttl_ms: int,
+) -> tuple[int, int]:
+    """Store what passes the checks (the rest is dropped and logged); (blobs, tombstones)."""
+    now = _now_ms()
+    good_blobs, good_tombs = [], []
+    for stored in blobs[:MAX_SYNC_ITEMS]:
+        try:
+            good_blobs.append(check_blob(box, stored, now, max_ttl_ms))
+        except ProtocolError as exc:
+            log.warning("refused a synced blob: %s", exc.reason)
+    for tomb in tombstones[:MAX_SYNC_ITEMS]:
+        try:
+            good_tombs.append(check_tombstone(box, tomb))
+        except ProtocolError as exc:
+            log.warning("refused a synced tombstone: %s", exc.reason)
+    if good_tombs:
+        await backend.delete(good_tombs, now)
+    outcomes = await backend.put_many(good_blobs, now) if good_blobs else []
+    return sum(o.value == "stored" for o in outcomes), len(good_tombs)
+
+
+@dataclass
+class RepairMetrics:
+    passes: Counter
+    pulled: Counter
+    pushed: Counter
+    last_pass: Gauge
+    pass_seconds: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> RepairMetrics:
+        return cls(
+            Counter("dna_storage_repair_passes", "Anti-entropy passes", registry=registry),
+            Counter("dna_storage_repair_pulled", "Blobs and tombstones pulled", registry=registry),
+            Counter("dna_storage_repair_pushed", "Blobs and tombstones pushed", registry=registry),
+            Gauge("dna_storage_repair_last_pass", "Unix time of the last pass", registry=registry),
+            Gauge("dna_storage_repair_lag_seconds", "Duration of the last pass", registry=registry),
+        )
+
+
+class Repairer:
+    def __init__(
+        self,
+        node: OverlayNode,
+        backend: MailboxBackend,
+        *,
+        max_ttl_ms: int,
+        registry: CollectorRegistry,
+        replicas: int = 5,
+        interval_s: float = 60.0,
+        timeout_s: float = 5.0,
+    ) -> None:
+        self.node, self.backend = node, backend
+        self.max_ttl_ms, self.replicas = max_ttl_ms, replicas
+        self.interval_s, self.timeout_s = interval_s, timeout_s
+        self.metrics = RepairMetrics.create(registry)
+
+    async def run_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.repair_once()
+            except (grpc.aio.AioRpcError, ProtocolError, OSError) as exc:
+                log.warning("repair pass failed: %s", exc)
+            except Exception:  # a bug must not stop repair for good: log it, try next pass
+                log.exception("repair pass crashed")
+
+    async def repair_once(self) -> int:
+        """One pass over every mailbox held; returns how many were synced."""
+        started = time.monotonic()
+        held = await self.backend.digests(b"", b"", _now_ms())
+        for digest in held:
+            await self.sync_mailbox(digest.mailbox_id)
+        self.metrics.passes.inc()
+        self.metrics.last_pass.set(time.time())
+        self.metrics.pass_seconds.set(time.monotonic() - started)
+        return len(held)
+
+    async def sync_mailbox(self, box: bytes) -> None:
+        found = await self.node.find_node(box)
+        storage = [c for c in found if c.role == common_pb2.NODE_ROLE_STORAGE]
+        peers = [c for c in storage[: self.replicas] if c.node_id != self.node.node_id]
+        await asyncio.gather(*(self._sync_with(peer, box) for peer in peers))
+
+    def _stub(self, peer: Contact) -> mailbox_pb2_grpc.MailboxAsyncStub:
+        return mailbox_pb2_grpc.MailboxStub(self.node.channels.get(peer.endpoint.grpc_target))
+
+    def _proof(self, method: str, box: bytes) -> mailbox_pb2.NodeProof:
+        assert self.node.contact is not None
+        return sign_proof(self.node.identity, self.node.contact, method, box)
+
+    async def _sync_with(self, peer: Contact, box: bytes) -> None:
+        stub = self._stub(peer)
+        try:
+            theirs = await stub.SyncList(
+                mailbox_pb2.SyncListRequest(
+                    **{"from": self._proof("SyncList", box)}, mailbox_id=box
+                ),
+                timeout=self.timeout_s,
+            )
+        except grpc.aio.AioRpcError as err:
+            # Down or refusing: the next pass tries again.
+            log.info("sync with %s failed: %s %s", peer.short(), err.code().name, err.details())
+            return
+        our_ids, our_tombs = await self.backend.ids(box, _now_ms())
+        their_tombs = {t.blob_id for t in theirs.tombstones}
+        dead = their_tombs | {t.blob_id for t in our_tombs}
+        await self._pull(stub, box, set(theirs.blob_ids) - set(our_ids) - dead, theirs, our_tombs)
+        push_ids = [b for b in our_ids if b not in set(theirs.blob_ids) and b not in dead]
+        push_tombs = [t for t in our_tombs if t.blob_id not in their_tombs]
+        if push_ids or push_tombs:
+            blobs = await self.backend.get_blobs(box, push_ids[:MAX_SYNC_ITEMS], _now_ms())
+            request = mailbox_pb2.SyncPushRequest(
+                **{"from": self._proof("SyncPush", box)}, mailbox_id=box,
+                blobs=[blob_proto(b) for b in blobs],
+                tombstones=[tombstone_proto(t) for t in push_tombs[:MAX_SYNC_ITEMS]],
+            )  # fmt: skip
+            await stub.SyncPush(request, timeout=self.timeout_s)
+            self.metrics.pushed.inc(len(blobs) + len(push_tombs))
+
+    async def _pull(
+        self,
+        stub: mailbox_pb2_grpc.MailboxAsyncStub,
+        box: bytes,
+        missing: set[bytes],
+        theirs: mailbox_pb2.SyncListResponse,
+        our_tombs: list[Tombstone],
+    ) -> None:
+        known = {t.blob_id for t in our_tombs}
+        new_tombs = [t for t in theirs.tombstones if t.blob_id not in known]
+        blobs: Sequence[mailbox_pb2.StoredBlob] = []
+        if missing:
+            request = mailbox_pb2.SyncPullRequest(
+                **{"from": self._proof("SyncPull", box)}, mailbox_id=box,
+                blob_ids=sorted(missing)[:MAX_SYNC_ITEMS],
+            )  # fmt: skip
+            blobs = (await stub.SyncPull(request, timeout=self.timeout_s)).blobs
+        if blobs or new_tombs:
+            stored, tombed = await accept(self.backend, box, blobs, new_tombs, self.max_ttl_ms)
+            self.metrics.pulled.inc(stored + tombed)
