@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
-from dna_testnet.network import GRPC_PORT, UDP_PORT, LocalNode, wait_ready
+from dna_testnet.network import GRPC_PORT, UDP_PORT, LocalNode, client_node, wait_ready
 
 NodeProcess = LocalNode
-__all__ = ["GRPC_PORT", "UDP_PORT", "NodeProcess", "make_cluster", "stop_all", "wait_ready"]
+__all__ = [
+    "GRPC_PORT",
+    "UDP_PORT",
+    "NodeProcess",
+    "client_node",
+    "make_cluster",
+    "running",
+    "stop_all",
+    "wait_ready",
+]
 
 
 def make_cluster(root: Path, count: int, bootstraps: int = 3) -> list[LocalNode]:
@@ -21,3 +32,15 @@ def stop_all(nodes: list[LocalNode]) -> None:
     for node in nodes:
         if node.alive():
             node.kill()
+
+
+@contextlib.contextmanager
+def running(nodes: list[LocalNode]) -> Iterator[list[LocalNode]]:
+    """Start ``nodes``, wait until all are ready, SIGKILL whatever is left at the end."""
+    try:
+        for node in nodes:
+            node.start()
+        wait_ready(nodes)
+        yield nodes
+    finally:
+        stop_all(nodes)

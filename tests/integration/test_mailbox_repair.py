@@ -11,12 +11,11 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from cluster import UDP_PORT, NodeProcess, stop_all, wait_ready
+from cluster import UDP_PORT, NodeProcess, client_node, running, wait_ready
 from dna_core.crypto import seal
-from dna_core.crypto.node import NodeIdentity
 from dna_core.mailbox import mailbox_id, sign_fetch
 from dna_core.mailbox.client import MailboxClient
-from dna_core.overlay.aio import NodeConfig, OverlayNode
+from dna_core.overlay.aio import OverlayNode
 from dna_core.overlay.contact import Contact
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 from support import seeded_identity
@@ -36,24 +35,12 @@ def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProce
         store.command = "dna-storage-node"
         store.extra_toml = "repair_interval_s = 1.0\n[admission]\npow_base_bits = 8\n"
         nodes.append(store)
-    try:
-        for node in nodes:
-            node.start()
-        wait_ready(nodes)
+    with running(nodes):
         yield nodes
-    finally:
-        stop_all(nodes)
 
 
 async def _client() -> OverlayNode:
-    node = OverlayNode(
-        NodeIdentity.generate(0)[0],
-        NodeConfig(host="127.0.0.1", puzzle_bits=4, client_mode=True, allow_loopback=True),
-    )
-    await node.start()
-    assert await node.join([("127.0.0.100", UDP_PORT)]) > 0
-    await node.refresh(0)
-    return node
+    return await client_node([("127.0.0.100", UDP_PORT)])
 
 
 async def _held_by(node: OverlayNode, replica: Contact) -> set[bytes]:

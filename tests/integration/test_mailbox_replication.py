@@ -13,12 +13,10 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import pytest
-from cluster import UDP_PORT, NodeProcess, stop_all, wait_ready
+from cluster import UDP_PORT, NodeProcess, client_node, running, wait_ready
 from dna_core.crypto import seal
-from dna_core.crypto.node import NodeIdentity
 from dna_core.mailbox.client import MailboxClient, QuorumError
 from dna_core.mailbox.ids import blob_id, mailbox_id
-from dna_core.overlay.aio import NodeConfig, OverlayNode
 from support import seeded_identity
 
 T = TypeVar("T")
@@ -48,25 +46,14 @@ def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProce
                 extra_toml=toml,
             )
         )
-    try:
-        for node in nodes:
-            node.start()
-        wait_ready(nodes)
+    with running(nodes):
         yield nodes
-    finally:
-        stop_all(nodes)
 
 
 def with_client(work: Callable[[MailboxClient], Awaitable[T]]) -> T:
     async def go() -> T:
-        node = OverlayNode(
-            NodeIdentity.generate(0)[0],
-            NodeConfig(host="127.0.0.1", puzzle_bits=4, client_mode=True, allow_loopback=True),
-        )
-        await node.start()
+        node = await client_node([("127.0.0.80", UDP_PORT)])
         try:
-            assert await node.join([("127.0.0.80", UDP_PORT)]) > 0
-            await node.refresh(0)
             return await work(MailboxClient(node, pow_bits=8))
         finally:
             await node.stop()

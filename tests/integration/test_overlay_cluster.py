@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from cluster import NodeProcess, make_cluster, stop_all, wait_ready
+from cluster import NodeProcess, client_node, make_cluster, running, wait_ready
 from dna_core.crypto import Identity, sign_record
-from dna_core.crypto.node import NodeIdentity
-from dna_core.overlay.aio import NodeConfig, OverlayNode
+from dna_core.overlay.aio import OverlayNode
 from dna_core.overlay.records import record_key
 from dna_core.wire.gen.dna.v1 import common_pb2, records_pb2
 from support import seeded_identity
@@ -30,13 +29,8 @@ IDENTITY = common_pb2.RECORD_KIND_IDENTITY
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProcess]]:
     nodes = make_cluster(tmp_path_factory.mktemp("cluster"), NODES)
-    try:
-        for node in nodes:
-            node.start()
-        wait_ready(nodes)
+    with running(nodes):
         yield nodes
-    finally:
-        stop_all(nodes)
 
 
 def _record(who: Identity, seq: int = 1) -> tuple[bytes, bytes]:
@@ -50,13 +44,8 @@ def _record(who: Identity, seq: int = 1) -> tuple[bytes, bytes]:
 
 
 async def _with_client(entry: tuple[str, int], work: Callable[[OverlayNode], Awaitable[T]]) -> T:
-    client = OverlayNode(
-        NodeIdentity.generate(0)[0],
-        NodeConfig(host="127.0.0.1", puzzle_bits=4, client_mode=True, allow_loopback=True),
-    )
-    await client.start()
+    client = await client_node([entry])
     try:
-        assert await client.join([entry]) > 0, f"could not join through {entry}"
         return await work(client)
     finally:
         await client.stop()

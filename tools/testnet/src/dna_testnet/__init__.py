@@ -1,5 +1,5 @@
 """dna_testnet: a local DNA network of real node processes on loopback addresses."""
 
-from dna_testnet.network import LocalNode, Testnet, wait_ready
+from dna_testnet.network import LocalNode, Testnet, client_node, wait_ready
 
-__all__ = ["LocalNode", "Testnet", "wait_ready"]
+__all__ = ["LocalNode", "Testnet", "client_node", "wait_ready"]

@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import TypeVar
 
 from dna_core.crypto import Identity, ReplayGuard, open_envelope, seal, sign_record
-from dna_core.crypto.node import NodeIdentity
 from dna_core.mailbox.client import MailboxClient
-from dna_core.overlay.aio import NodeConfig, OverlayNode
+from dna_core.overlay.aio import OverlayNode
 from dna_core.overlay.records import record_key
 from dna_core.wire.gen.dna.v1 import common_pb2, envelope_pb2, records_pb2
 
-from dna_testnet.network import Testnet
+from dna_testnet.network import Testnet, client_node
 
 T = TypeVar("T")
 IDENTITY = common_pb2.RECORD_KIND_IDENTITY
@@ -41,19 +40,6 @@ async def _step(title: str, work: Awaitable[T]) -> T:
     return result
 
 
-async def _client(seeds: list[tuple[str, int]]) -> OverlayNode:
-    """A peer's overlay node: client mode, it queries but is never routed through."""
-    node = OverlayNode(
-        NodeIdentity.generate(0)[0],
-        NodeConfig(host="127.0.0.1", puzzle_bits=4, client_mode=True, allow_loopback=True),
-    )
-    await node.start()
-    if not await node.join(seeds):
-        raise RuntimeError("no bootstrap node answered")
-    await node.refresh(0)
-    return node
-
-
 async def _publish(node: OverlayNode, who: Identity, name: str) -> int:
     payload = records_pb2.IdentityRecord(display_name=name).SerializeToString()
     key = record_key(IDENTITY, who.fingerprint)
@@ -66,8 +52,10 @@ async def _publish(node: OverlayNode, who: Identity, name: str) -> int:
 async def _flow(net: Testnet) -> None:
     alice, bob = Identity.generate(), Identity.generate()
     print(f"  alice {alice.fingerprint.hex()[:24]}…  bob {bob.fingerprint.hex()[:24]}…")
-    alice_node = await _step("alice's device joins the overlay (client mode)", _client(net.seeds))
-    bob_node = await _step("bob's device joins the overlay", _client(net.seeds))
+    alice_node = await _step(
+        "alice's device joins the overlay (client mode)", client_node(net.seeds)
+    )
+    bob_node = await _step("bob's device joins the overlay", client_node(net.seeds))
     stored = await _step("bob publishes his identity record", _publish(bob_node, bob, "bob"))
     print(f"    signed record held by {stored} nodes")
     await _step("bob goes offline", bob_node.stop())
@@ -90,7 +78,7 @@ async def _flow(net: Testnet) -> None:
     print(f"    {len(envelope)} bytes on {replicas} storage nodes, {bits}-bit proof of work")
     await alice_node.stop()
 
-    bob_node = await _step("bob comes back online", _client(net.seeds))
+    bob_node = await _step("bob comes back online", client_node(net.seeds))
     inbox = MailboxClient(bob_node, pow_bits=DEMO_POW_BITS)
     blobs, _ = await _step("bob fetches his mailbox from every replica", inbox.fetch(bob))
     guard = ReplayGuard()
