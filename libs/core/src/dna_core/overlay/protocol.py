@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from dna_core.overlay.codec import (
     Body,
+    ContactCache,
     Datagram,
     FindNode,
     Nodes,
@@ -62,8 +63,10 @@ class Responder:
         table: RoutingTable | None,
         tokens: AddressTokens,
         k: int = 20,
+        cache: ContactCache | None = None,
     ) -> None:
         self.local, self.table, self.tokens, self.k = local, table, tokens, k
+        self.cache = cache
 
     def answer(self, dgram: Datagram, addr: Addr, size: int, now: float) -> Answer:
         if self.local is None or not dgram.is_request:
@@ -87,7 +90,7 @@ class Responder:
         token = self.tokens.issue(addr, now)
         if not isinstance(dgram.body, FindNode) or self.table is None:
             pong = Pong(Endpoint(addr[0], addr[1]))
-            return encode_datagram(Datagram(dgram.request_id, pong, self.local, token))
+            return encode_datagram(Datagram(dgram.request_id, pong, self.local, token), self.cache)
         exclude = dgram.sender.node_id if dgram.sender else None
         closest = self.table.closest(dgram.body.target, self.k + 1)
         closer = [c for c in closest if c.node_id != exclude][: self.k]
@@ -95,7 +98,7 @@ class Responder:
         while True:
             try:
                 return encode_datagram(
-                    Datagram(dgram.request_id, Nodes(tuple(closer)), self.local, token)
+                    Datagram(dgram.request_id, Nodes(tuple(closer)), self.local, token), self.cache
                 )
             except ValueError:
                 closer.pop()
@@ -154,12 +157,14 @@ class RequestTracker:
         return min((p.deadline for p in self._pending.values()), default=None)
 
 
-def request_datagram(pending: Pending, sender: Contact | None, token: bytes | None) -> bytes:
+def request_datagram(
+    pending: Pending, sender: Contact | None, token: bytes | None, cache: ContactCache | None = None
+) -> bytes:
     """Encode a request; without a token it is padded to earn a full answer at once."""
     if token:
         padding = 0
     else:
         padding = FIRST_PING_PADDING if isinstance(pending.body, Ping) else FIRST_REQUEST_PADDING
     return encode_datagram(
-        Datagram(pending.request_id, pending.body, sender, token or b"", padding)
+        Datagram(pending.request_id, pending.body, sender, token or b"", padding), cache
     )

@@ -26,6 +26,7 @@ from dna_core.crypto.records import VerifiedRecord
 from dna_core.errors import ProtocolError
 from dna_core.overlay.codec import (
     Body,
+    ContactCache,
     Datagram,
     FindNode,
     Nodes,
@@ -77,6 +78,7 @@ class NodeConfig:
     # lookups in flight; drops become timeouts, then suspects. The kernel caps it at
     # net.core.rmem_max. 0 keeps the OS default.
     udp_rcvbuf: int = 4 << 20
+    fast_holders: int = 2  # get_record asks this many known closest nodes before a lookup
 
 
 @dataclass
@@ -114,6 +116,7 @@ class OverlayNode:
         self.store = store
         self.tracker = RequestTracker(self.rng)
         self.tokens = AddressTokens(os.urandom(32))
+        self.contacts = ContactCache()
         self.rtt = RttEstimator(ceiling=config.request_timeout)
         self.metrics = OverlayMetrics(registry or CollectorRegistry(), lambda: len(self.table))
         self.contact: Contact | None = None
@@ -150,7 +153,7 @@ class OverlayNode:
         )
         local = None if self.config.client_mode else self.contact
         self.responder = Responder(
-            local=local, table=self.table, tokens=self.tokens, k=self.config.k
+            local=local, table=self.table, tokens=self.tokens, k=self.config.k, cache=self.contacts
         )
 
     async def stop(self) -> None:
@@ -185,7 +188,7 @@ class OverlayNode:
     def _on_datagram(self, data: bytes, addr: Addr) -> None:
         now = time.monotonic()
         try:
-            dgram = decode_datagram(data, puzzle_bits=self.config.puzzle_bits)
+            dgram = decode_datagram(data, puzzle_bits=self.config.puzzle_bits, cache=self.contacts)
         except ProtocolError as exc:
             self.metrics.rejected.labels(reason=f"datagram_{type(exc).__name__}").inc()
             log.debug("refused datagram from %s: %s", addr, exc.reason)
@@ -259,7 +262,7 @@ class OverlayNode:
         timeout = timeout or self.config.request_timeout
         pending = self.tracker.start(addr, body, time.monotonic(), timeout, node_id)
         sender = None if self.config.client_mode else self.contact
-        data = request_datagram(pending, sender, self._token_cache.get(addr))
+        data = request_datagram(pending, sender, self._token_cache.get(addr), self.contacts)
         key = (pending.request_id, addr)
         inflight = _Inflight(pending, loop.create_future())
         inflight.timer = loop.call_later(timeout, self._timed_out, key)
@@ -366,7 +369,18 @@ class OverlayNode:
         return await self.records.store(record, await self.find_node(key))
 
     async def get_record(self, key: bytes, *, holders: int = 5) -> VerifiedRecord | None:
-        """The best verified record for ``key`` among the closest nodes' answers."""
+        """The best verified record for ``key``.
+
+        First from the ``fast_holders`` closest nodes this node already knows: with k
+        replicas they usually hold it, and asking them costs no lookup (OpenDHT and
+        the kademlia package also stop at the first holder). Only when none of them
+        answers with a valid record are the k closest looked up and ``holders`` asked.
+        """
+        known = self._trusted(self.table.closest(key, self.config.fast_holders))
+        if known:
+            found = await self.records.find_value(key, known)
+            if found is not None:
+                return found
         closest = await self.find_node(key)
         return await self.records.find_value(key, closest[:holders])
 
