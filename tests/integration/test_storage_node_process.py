@@ -164,3 +164,14 @@ def test_data_survives_sigkill_and_holds_no_plaintext(node: NodeProcess, tmp_pat
     assert files, "the data directory holds the mailbox database"
     for path in files:
         assert secret not in path.read_bytes(), path
+
+
+def test_metrics_count_outcomes_and_holdings(node: NodeProcess) -> None:
+    box = mailbox_id(BOB.fingerprint)
+    env = seal(ALICE, BOB.public, b"counted", now_ms=now_ms())
+    assert call("Put", put_request(env, box)).blob_id == blob_id(env)
+    refused(call("Put", put_request(env, box, bits=None)), grpc.StatusCode.PERMISSION_DENIED)
+    text = node.http("/metrics").text
+    assert 'dna_storage_requests_total{method="put",outcome="ok"} 1.0' in text
+    assert 'dna_storage_requests_total{method="put",outcome="pow"} 1.0' in text
+    assert "dna_storage_blobs " in text and "dna_storage_repair_passes_total" in text

@@ -19,6 +19,7 @@ import grpc
 from dna_core.overlay.aio.node import OverlayNode
 from dna_core.overlay.aio.server import OverlayServer, OverlayServiceConfig
 from dna_core.wire.gen.dna.v1 import common_pb2, mailbox_pb2_grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from dna_storage.admission import Admission, AdmissionConfig
 from dna_storage.backends.base import MailboxBackend
@@ -62,12 +63,31 @@ async def open_backend(section: StorageSection) -> MailboxBackend:
     return await SqliteBackend.open(section.data_dir / "mailboxes.sqlite3")
 
 
+class StorageMetrics:
+    """The storage node's own series, in the node's registry (docs/storage.md)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "dna_storage_requests",
+            "Mailbox requests by method and outcome (ok, size, pow, rate, quota, disk, ...)",
+            ["method", "outcome"],
+            registry=registry,
+        )
+        self.blobs = Gauge("dna_storage_blobs", "Blobs stored (incl. expired not yet collected)",
+                           registry=registry)  # fmt: skip
+        self.bytes = Gauge("dna_storage_bytes", "Bytes of blobs stored", registry=registry)
+        self.gc_removed = Counter(
+            "dna_storage_gc_removed", "Expired blobs and tombstones removed", registry=registry
+        )
+
+
 class StorageNode:
     def __init__(self, config: StorageNodeConfig) -> None:
         self.config = config
         self.backend: MailboxBackend | None = None
         self.server: OverlayServer | None = None
         self.admission = Admission(config.admission)
+        self.metrics = StorageMetrics(CollectorRegistry())  # replaced by the server's at start
         self._tasks: list[asyncio.Task[None]] = []
         self.repairer: Repairer | None = None
 
@@ -80,6 +100,9 @@ class StorageNode:
             service = MailboxService(
                 backend, self.admission, retention=retention,
                 sync_puzzle_bits=self.config.node.puzzle_bits,
+                on_outcome=lambda method, outcome: self.metrics.requests.labels(
+                    method=method, outcome=outcome
+                ).inc(),
             )  # fmt: skip
             mailbox_pb2_grpc.add_MailboxServicer_to_server(service, server)
             return [MAILBOX_SERVICE]
@@ -87,6 +110,7 @@ class StorageNode:
         self.server = OverlayServer(
             self.config, role=common_pb2.NODE_ROLE_STORAGE, extra_services=add_mailbox
         )
+        self.metrics = StorageMetrics(self.server.registry)
         await self.server.start()
         node = self.server.node
         assert node is not None
@@ -104,7 +128,11 @@ class StorageNode:
         section = self.config.storage
         while True:
             removed = await backend.expire(time.time_ns() // 1_000_000, section.gc_batch)
+            totals = await backend.totals()
+            self.metrics.blobs.set(totals.blobs)
+            self.metrics.bytes.set(totals.bytes)
             if removed:
+                self.metrics.gc_removed.inc(removed)
                 log.info("expired", extra={"removed": removed})
             if removed < section.gc_batch:
                 await asyncio.sleep(section.gc_interval_s)
