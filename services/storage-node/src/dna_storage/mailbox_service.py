@@ -33,7 +33,7 @@ from dna_core.mailbox import (
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 
 from dna_storage.admission import Admission, PowRequired, RateLimited, rejection_reason
-from dna_storage.backends.base import MailboxBackend, PutOutcome, StoredBlob, Tombstone
+from dna_storage.backends.base import MailboxBackend, Page, PutOutcome, StoredBlob, Tombstone
 from dna_storage.replication import (
     MAX_SYNC_ITEMS,
     accept,
@@ -45,6 +45,7 @@ from dna_storage.replication import (
 Ctx = grpc.aio.ServicerContext[Any, Any]
 DAY_S = 86_400
 PUT_VERSION = 1
+PAGE_BYTES = 2 * 1024 * 1024  # half the gRPC message limit: room for framing
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,19 @@ class Retention:
     def expiry_ms(self, requested_s: int, now_ms: int) -> int:
         ttl = min(requested_s or self.default_ttl_s, self.max_ttl_s)
         return now_ms + ttl * 1000
+
+
+def _cut_by_bytes(page: Page, budget: int) -> tuple[list[StoredBlob], int, bool]:
+    """The page's first blobs that fit ``budget`` bytes (always at least one), so a
+    response never outgrows the gRPC message limit; the cursor stops where it was cut."""
+    taken: list[StoredBlob] = []
+    size = 0
+    for blob in page.blobs:
+        if taken and size + len(blob.blob) > budget:
+            return taken, taken[-1].seq, True
+        taken.append(blob)
+        size += len(blob.blob)
+    return taken, page.next_cursor, page.more
 
 
 def encode_cursor(seq: int) -> bytes:
@@ -146,16 +160,12 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         except ProtocolError as exc:
             await self._refuse(context, "fetch", exc)
         page = await self.backend.fetch(owner.mailbox_id, cursor, body.limit, now_ms)
+        blobs, next_cursor, more = _cut_by_bytes(page, PAGE_BYTES)
         self.on_outcome("fetch", "ok")
         return mailbox_pb2.FetchResponse(
-            blobs=[
-                mailbox_pb2.StoredBlob(
-                    blob_id=b.blob_id, blob=b.blob, stored_ms=b.stored_ms, expires_ms=b.expires_ms
-                )
-                for b in page.blobs
-            ],
-            next_cursor=encode_cursor(page.next_cursor),
-            more=page.more,
+            blobs=[blob_proto(b) for b in blobs],
+            next_cursor=encode_cursor(next_cursor),
+            more=more,
         )
 
     async def Delete(  # noqa: N802

@@ -18,10 +18,11 @@ from dna_core.errors import MalformedError, ProtocolError
 from dna_core.overlay.codec import contact_from_proto, contact_to_proto
 from dna_core.overlay.contact import Contact
 from dna_core.overlay.records import RecordStore, select_best
-from dna_core.wire import decode_message, encode_message
+from dna_core.wire import encode_message
 from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
 
-MAX_GRPC_MESSAGE = 64 * 1024
+# Large enough for a fetch page of envelopes (each up to 256 KiB); pages are cut by bytes.
+MAX_GRPC_MESSAGE = 4 * 1024 * 1024
 KEY_SIZE = 32
 Clock = Callable[[], int]
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -179,7 +180,3 @@ class RecordClient:
             return contact_from_proto(resp.responder, self.puzzle_bits)
         except (grpc.aio.AioRpcError, ProtocolError):
             return None
-
-
-def decode_signed_record(data: bytes) -> common_pb2.SignedRecord:
-    return decode_message(common_pb2.SignedRecord, data, max_size=MAX_GRPC_MESSAGE, what="record")
