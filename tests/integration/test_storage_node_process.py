@@ -4,12 +4,14 @@ fetch and delete, every refusal with its distinct status, durability across rest
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from cluster import GRPC_PORT, NodeProcess, wait_ready
 from dna_core.crypto import Identity, ReplayGuard, open_envelope, pow, seal
@@ -175,3 +177,23 @@ def test_metrics_count_outcomes_and_holdings(node: NodeProcess) -> None:
     assert 'dna_storage_requests_total{method="put",outcome="ok"} 1.0' in text
     assert 'dna_storage_requests_total{method="put",outcome="pow"} 1.0' in text
     assert "dna_storage_blobs " in text and "dna_storage_repair_passes_total" in text
+
+
+def test_over_the_disk_high_water_mark_the_node_is_unready_and_refuses_writes(
+    tmp_path: Path,
+) -> None:
+    full = NodeProcess("full", "127.0.0.75", tmp_path, [], command="dna-storage-node")
+    full.extra_toml = "[admission]\npow_base_bits = 8\ndisk_high_water = 0.000001\n"
+    full.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # up, joined (a lone seed), disk checked
+            with contextlib.suppress(httpx.HTTPError):
+                if full.status()["ready"]:
+                    break
+            time.sleep(0.2)
+        readyz = full.http("/readyz")
+        assert readyz.status_code == 503 and "high-water" in readyz.json()["reason"]
+        assert full.http("/healthz").status_code == 200  # alive, just not taking writes
+    finally:
+        full.kill()

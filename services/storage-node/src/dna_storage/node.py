@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +109,10 @@ class StorageNode:
             return [MAILBOX_SERVICE]
 
         self.server = OverlayServer(
-            self.config, role=common_pb2.NODE_ROLE_STORAGE, extra_services=add_mailbox
+            self.config,
+            role=common_pb2.NODE_ROLE_STORAGE,
+            extra_services=add_mailbox,
+            extra_readiness=self._disk_readiness,
         )
         self.metrics = StorageMetrics(self.server.registry)
         await self.server.start()
@@ -128,6 +132,7 @@ class StorageNode:
         section = self.config.storage
         while True:
             removed = await backend.expire(time.time_ns() // 1_000_000, section.gc_batch)
+            self._check_disk()
             totals = await backend.totals()
             self.metrics.blobs.set(totals.blobs)
             self.metrics.bytes.set(totals.bytes)
@@ -136,6 +141,18 @@ class StorageNode:
                 log.info("expired", extra={"removed": removed})
             if removed < section.gc_batch:
                 await asyncio.sleep(section.gc_interval_s)
+
+    def _check_disk(self) -> None:
+        """Over the high-water mark the node refuses writes and turns unready, but keeps
+        serving reads and repair (docs/storage.md)."""
+        if self.config.storage.backend == "sqlite":
+            usage = shutil.disk_usage(self.config.storage.data_dir)
+            self.admission.high_water.update(usage.used, usage.total)
+
+    def _disk_readiness(self) -> tuple[bool, str]:
+        if self.admission.high_water.tripped:
+            return False, "disk over the high-water mark: refusing writes"
+        return True, "disk ok"
 
     async def stop(self) -> None:
         for task in self._tasks:

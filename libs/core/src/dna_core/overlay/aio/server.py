@@ -84,9 +84,11 @@ class OverlayServer:
         *,
         role: int,
         extra_services: ExtraServices | None = None,
+        extra_readiness: Callable[[], tuple[bool, str]] | None = None,
     ) -> None:
         self.config, self.role = config, role
         self._extra = extra_services
+        self._extra_ready = extra_readiness  # e.g. a storage node over its disk high-water mark
         self.registry = CollectorRegistry()
         self.started_at = time.time()
         self.ready = False
@@ -167,6 +169,10 @@ class OverlayServer:
             return False, "shutting down"
         if not self.ready:
             return False, "joining the overlay: routing table not usable yet"
+        if self._extra_ready is not None:
+            ready, reason = self._extra_ready()
+            if not ready:
+                return False, reason
         return True, f"{len(_require(self.node).table)} contacts"
 
     async def _join_and_refresh(self) -> None:
