@@ -188,19 +188,22 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
 
     # -- replica sync (node-authenticated; see replication.py) -----------------------
 
-    def _sync_peer(self, proof: mailbox_pb2.NodeProof, method: str, subject: bytes) -> None:
-        if self.sync_puzzle_bits is None:
-            raise VerificationError("replica sync is disabled on this node")
-        verify_proof(proof, method, subject, puzzle_bits=self.sync_puzzle_bits)
+    async def _authorize_sync(
+        self, context: Ctx, proof: mailbox_pb2.NodeProof, method: str, subject: bytes
+    ) -> None:
+        """Only storage nodes, proving their node key for this method and subject."""
+        try:
+            if self.sync_puzzle_bits is None:
+                raise VerificationError("replica sync is disabled on this node")
+            verify_proof(proof, method, subject, puzzle_bits=self.sync_puzzle_bits)
+        except ProtocolError as exc:
+            await self._refuse(context, "sync", exc)
 
     async def SyncDigest(  # noqa: N802
         self, request: mailbox_pb2.SyncDigestRequest, context: Ctx
     ) -> mailbox_pb2.SyncDigestResponse:
         subject = request.range_start + request.range_end
-        try:
-            self._sync_peer(getattr(request, "from"), "SyncDigest", subject)
-        except ProtocolError as exc:
-            await self._refuse(context, "sync", exc)
+        await self._authorize_sync(context, getattr(request, "from"), "SyncDigest", subject)
         digests = await self.backend.digests(request.range_start, request.range_end, self.wall_ms())
         return mailbox_pb2.SyncDigestResponse(
             mailboxes=[
@@ -217,10 +220,9 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
     async def SyncList(  # noqa: N802
         self, request: mailbox_pb2.SyncListRequest, context: Ctx
     ) -> mailbox_pb2.SyncListResponse:
-        try:
-            self._sync_peer(getattr(request, "from"), "SyncList", request.mailbox_id)
-        except ProtocolError as exc:
-            await self._refuse(context, "sync", exc)
+        await self._authorize_sync(
+            context, getattr(request, "from"), "SyncList", request.mailbox_id
+        )
         ids, tombstones = await self.backend.ids(request.mailbox_id, self.wall_ms())
         return mailbox_pb2.SyncListResponse(
             blob_ids=ids, tombstones=[tombstone_proto(t) for t in tombstones]
@@ -229,10 +231,9 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
     async def SyncPull(  # noqa: N802
         self, request: mailbox_pb2.SyncPullRequest, context: Ctx
     ) -> mailbox_pb2.SyncPullResponse:
-        try:
-            self._sync_peer(getattr(request, "from"), "SyncPull", request.mailbox_id)
-        except ProtocolError as exc:
-            await self._refuse(context, "sync", exc)
+        await self._authorize_sync(
+            context, getattr(request, "from"), "SyncPull", request.mailbox_id
+        )
         ids = list(request.blob_ids)[:MAX_SYNC_ITEMS]
         blobs = await self.backend.get_blobs(request.mailbox_id, ids, self.wall_ms())
         return mailbox_pb2.SyncPullResponse(blobs=[blob_proto(b) for b in blobs])
@@ -240,10 +241,9 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
     async def SyncPush(  # noqa: N802
         self, request: mailbox_pb2.SyncPushRequest, context: Ctx
     ) -> mailbox_pb2.SyncPushResponse:
-        try:
-            self._sync_peer(getattr(request, "from"), "SyncPush", request.mailbox_id)
-        except ProtocolError as exc:
-            await self._refuse(context, "sync", exc)
+        await self._authorize_sync(
+            context, getattr(request, "from"), "SyncPush", request.mailbox_id
+        )
         stored, tombed = await accept(
             self.backend, request.mailbox_id, request.blobs, request.tombstones,
             self.retention.max_ttl_s * 1000,
