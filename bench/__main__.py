@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 # Every benchmark module, in run order. Each exposes ``main(argv) -> int``.
-MODULES: tuple[str, ...] = ("crypto", "overlay")
+MODULES: tuple[str, ...] = ("crypto", "overlay", "storage")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

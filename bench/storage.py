@@ -1,0 +1,627 @@
+"""Our replicated mailboxes against OpenDHT and Redis: put and fetch on a loopback network.
+
+``uv run python -m bench.storage [--ops N] [--rounds R] [--pending P] [--redis-n N] [--quick]``
+
+What runs (issue 4, "Benchmarks"; conventions: shared design/BENCH.md), all in one run:
+
+* **Ours.** 1 bootstrap and 10 ``dna-storage-node`` processes (``LocalNode``, real TOML
+  configs) on ``127.0.0.160``..``170`` in a temporary directory. Every storage node gets
+  ``[admission]`` with ``pow_base_bits = 8`` and rate limits far above what this client
+  sends (``ADMISSION_TOML``; reported in ``params``), so that the figures measure the put
+  path, not the throttle. The client is a client-mode ``OverlayNode`` (``client_node``)
+  with a ``MailboxClient`` (R = 5, W = 3, PoW 8 bits solved per put, as the client does):
+
+  - ``put``: ``MailboxClient.put`` of envelopes sealed before any timing (sender Alice, 10
+    recipient mailboxes in turn): a lookup, then ``Put`` on the 5 replicas (each checks
+    the PoW and stores in SQLite); fails unless W replicas stored it.
+  - ``fetch``: ``MailboxClient.fetch`` of one mailbox's pending blobs from a fresh cursor
+    (10 other mailboxes, each loaded with ``--pending`` blobs before timing): a lookup,
+    then a signed ``Fetch`` to each of the 9 candidate nodes, merged by blob ID; fails
+    unless exactly the pending blobs come back.
+* **Baselines.** ``opendht``: 10 C++ OpenDHT nodes in this process
+  (:class:`bench.baselines.opendht_net.OpenDhtNet`), put/get of values of the envelopes'
+  size, the same op counts, fresh client pairs per (round, mode). ``redis``: a
+  ``redis-server`` (no persistence) on a free loopback port, measured with
+  ``redis-benchmark -t set,get -n N -d <envelope size> -c <1 or 32> -q --csv``: the ceiling
+  of a single in-memory server (no replication, no PoW, no lookups).
+
+Each round runs seq (one op at a time) then c32 (32 in flight); within a mode the
+contenders take turns in an order that reverses every round. A figure is the median round:
+ops/s and the medians of each round's p50/p99 latency (ms). ``ratio`` is ours / OpenDHT for
+ops/s, OpenDHT / ours for latencies. ``{"detail": ...}`` lines give setup and failures.
+The whole run is bounded by ``--budget`` (default 170 s); every process is stopped in
+``finally``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import faulthandler
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dna_core.crypto import Identity, seal
+from dna_core.mailbox.client import REPLICAS, WRITE_QUORUM, MailboxClient
+from dna_core.mailbox.ids import blob_id
+from dna_core.overlay.aio import OverlayNode
+from dna_testnet.network import UDP_PORT, LocalNode, client_node, wait_ready
+
+from bench import common
+from bench.baselines import Deadline, Figure, Workload, make_figure
+from bench.overlay import run_batch
+
+OURS, OPENDHT, REDIS = "ours", "opendht", "redis"
+STORAGE_NODES = 10
+FIRST_IP = 160  # bootstrap on .160, storage nodes on .161-.170
+MAILBOXES = 10
+CONCURRENCY = 32
+POW_BITS = 8
+PAYLOAD_BYTES = 128  # the sealed envelope is ~4.7 kB (ML-KEM + ML-DSA overhead)
+OP_TIMEOUT_S = 5.0
+BATCH_TIMEOUT_S = 20.0
+READY_TIMEOUT_S = 45.0
+BUDGET_S = 170.0
+DEFAULT_OPS, QUICK_OPS = 200, 20
+DEFAULT_ROUNDS, QUICK_ROUNDS = 5, 1
+DEFAULT_WARMUP, QUICK_WARMUP = 20, 5
+DEFAULT_REDIS_N, QUICK_REDIS_N = 20_000, 2_000
+MS = "ms"
+
+ADMISSION: dict[str, float | int] = {
+    "pow_base_bits": POW_BITS,
+    "ip_rate_per_s": 1_000_000.0,
+    "ip_burst": 1_000_000.0,
+    "mailbox_rate_per_s": 1_000_000.0,
+    "mailbox_burst": 1_000_000.0,
+}
+ADMISSION_TOML = "[admission]\n" + "".join(f"{k} = {v}\n" for k, v in ADMISSION.items())
+
+
+def detail(obj: dict[str, Any]) -> None:
+    print(json.dumps({"detail": obj}, ensure_ascii=False), flush=True)
+
+
+def mode_name(concurrency: int) -> str:
+    return "seq" if concurrency == 1 else f"c{concurrency}"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# ---------------------------------------------------------------------------- our network
+
+
+class StorageFleet:
+    """1 bootstrap + ``count`` storage node processes on 127.0.0.160.. under ``root``."""
+
+    def __init__(self, root: Path, count: int = STORAGE_NODES) -> None:
+        boot_ip = f"127.0.0.{FIRST_IP}"
+        self.seeds = [(boot_ip, UDP_PORT)]
+        seed = [f"{boot_ip}:{UDP_PORT}"]
+        self.nodes = [LocalNode("boot", boot_ip, root, seed)] + [
+            LocalNode(
+                f"store{i}",
+                f"127.0.0.{FIRST_IP + 1 + i}",
+                root,
+                seed,
+                command="dna-storage-node",
+                extra_toml=ADMISSION_TOML,
+            )
+            for i in range(count)
+        ]
+
+    def start(self, timeout_s: float) -> None:
+        for node in self.nodes:
+            node.start()
+        wait_ready(self.nodes, timeout_s)
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            if node.alive():
+                with contextlib.suppress(Exception):
+                    node.kill()
+
+    def pids(self) -> list[int]:
+        return [n.proc.pid for n in self.nodes if n.proc is not None]
+
+
+class OurClient:
+    """The measuring client: ``client_node`` plus a ``MailboxClient`` in this process."""
+
+    def __init__(self, node: OverlayNode) -> None:
+        self.node = node
+        self.mailbox = MailboxClient(node, pow_bits=POW_BITS, timeout=OP_TIMEOUT_S)
+        self.errors: Counter[str] = Counter()
+
+    async def put_batch(
+        self, items: Sequence[tuple[bytes, bytes]], concurrency: int, deadline: Deadline
+    ) -> Figure:
+        async def op(i: int) -> bool:
+            fp, env = items[i]
+            result = await self.mailbox.put(fp, env)
+            return len(result.stored_on) >= WRITE_QUORUM
+
+        res = await run_batch(op, len(items), concurrency, OP_TIMEOUT_S, deadline, self.errors)
+        return make_figure(
+            OURS, "put", concurrency, res.latencies, res.failures, len(items),
+            STORAGE_NODES, res.wall_s, finished_s=res.finished_s,
+        )  # fmt: skip
+
+    async def fetch_batch(
+        self,
+        owners: Sequence[Identity],
+        expected: dict[bytes, set[bytes]],
+        count: int,
+        concurrency: int,
+        deadline: Deadline,
+    ) -> Figure:
+        async def op(i: int) -> bool:
+            owner = owners[i % len(owners)]
+            blobs, _ = await self.mailbox.fetch(owner)
+            return {b.blob_id for b in blobs} == expected[owner.fingerprint]
+
+        res = await run_batch(op, count, concurrency, OP_TIMEOUT_S, deadline, self.errors)
+        return make_figure(
+            OURS, "fetch", concurrency, res.latencies, res.failures, count,
+            STORAGE_NODES, res.wall_s, finished_s=res.finished_s,
+        )  # fmt: skip
+
+
+def seal_envelopes(sender: Identity, recipients: Sequence[Identity], count: int) -> list[bytes]:
+    """``count`` envelopes, recipient i % len(recipients), distinct payloads."""
+    return [
+        seal(
+            sender,
+            recipients[i % len(recipients)].public,
+            i.to_bytes(8, "big") + os.urandom(PAYLOAD_BYTES - 8),
+            now_ms=now_ms(),
+        )
+        for i in range(count)
+    ]
+
+
+# ---------------------------------------------------------------------------- redis
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisCeiling:
+    """A throw-away ``redis-server`` (no persistence) measured with ``redis-benchmark``."""
+
+    HOST = "127.0.0.1"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port(self.HOST)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.bench_bin = shutil.which("redis-benchmark")
+        self.server_bin = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+    async def start(self, timeout_s: float = 10.0) -> None:
+        if self.bench_bin is None:
+            raise RuntimeError("redis-benchmark not found")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.proc = await asyncio.create_subprocess_exec(
+            self.server_bin, "--port", str(self.port), "--bind", self.HOST,
+            "--save", "", "--appendonly", "no", "--dir", str(self.root),
+            "--daemonize", "no", "--protected-mode", "no",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = Deadline(timeout_s)
+        while not deadline.expired():
+            if await self._command(b"PING\r\n") == b"+PONG\r\n":
+                return
+            await asyncio.sleep(0.05)
+        raise TimeoutError("redis-server did not answer PING")
+
+    async def _command(self, raw: bytes) -> bytes:
+        try:
+            reader, writer = await asyncio.open_connection(self.HOST, self.port)
+        except OSError:
+            return b""
+        try:
+            writer.write(raw)
+            await writer.drain()
+            return await asyncio.wait_for(reader.readline(), 2.0)
+        except (OSError, TimeoutError):
+            return b""
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    def version(self) -> str:
+        return "redis-server (Debian), redis-benchmark " + str(self.bench_bin)
+
+    async def measure(self, n: int, size: int, concurrency: int) -> dict[str, Figure]:
+        """One ``redis-benchmark`` run of SET and GET: figures keyed "put"/"fetch"."""
+        assert self.bench_bin is not None
+        proc = await asyncio.create_subprocess_exec(
+            self.bench_bin, "-h", self.HOST, "-p", str(self.port), "-t", "set,get",
+            "-n", str(n), "-d", str(size), "-c", str(concurrency), "-q", "--csv",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), BATCH_TIMEOUT_S)
+        if proc.returncode != 0:
+            raise RuntimeError(f"redis-benchmark failed: {err.decode(errors='replace')}")
+        figures: dict[str, Figure] = {}
+        header: list[str] = []
+        for line in out.decode().splitlines():
+            cells = [c.strip('"') for c in line.strip().split(",")]
+            if cells and cells[0] == "test":
+                header = cells
+                continue
+            if not header or len(cells) != len(header) or cells[0] not in ("SET", "GET"):
+                continue
+            row = dict(zip(header, cells, strict=True))
+            rps = float(row["rps"])
+            figures["put" if cells[0] == "SET" else "fetch"] = Figure(
+                baseline=REDIS, op="put" if cells[0] == "SET" else "fetch",
+                mode=mode_name(concurrency), ops_per_s=rps,
+                p50_ms=float(row["p50_latency_ms"]) if "p50_latency_ms" in row else None,
+                p99_ms=float(row["p99_latency_ms"]) if "p99_latency_ms" in row else None,
+                failures=0, n=n, nodes=1, requested=n, elapsed_s=n / rps if rps else 0.0,
+            )  # fmt: skip
+        if set(figures) != {"put", "fetch"}:
+            raise RuntimeError(f"unexpected redis-benchmark output: {out[:200]!r}")
+        return figures
+
+    async def close(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        await self._command(b"SHUTDOWN NOSAVE\r\n")
+        try:
+            await asyncio.wait_for(proc.wait(), 5.0)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class Config:
+    ops: int
+    rounds: int
+    warmup: int
+    pending: int
+    redis_n: int
+    budget_s: float
+    quick: bool
+
+
+@dataclass
+class Results:
+    figures: dict[tuple[str, str, str], list[Figure]] = field(default_factory=dict)
+
+    def add(self, fig: Figure) -> None:
+        self.figures.setdefault((fig.baseline, fig.op, fig.mode), []).append(fig)
+
+    def median(self, name: str, op: str, mode: str) -> dict[str, Any] | None:
+        figs = self.figures.get((name, op, mode))
+        if not figs:
+            return None
+        p50 = [f.p50_ms for f in figs if f.p50_ms is not None]
+        p99 = [f.p99_ms for f in figs if f.p99_ms is not None]
+        return {
+            "ops_per_s": statistics.median(f.ops_per_s for f in figs),
+            "p50_ms": statistics.median(p50) if p50 else None,
+            "p99_ms": statistics.median(p99) if p99 else None,
+            "failures": sum(f.failures for f in figs),
+            "rounds": len(figs),
+            "rounds_ops_per_s": [round(f.ops_per_s, 1) for f in figs],
+        }
+
+
+@dataclass
+class Workloads:
+    """Everything sealed before timing: put envelopes and the fetch mailboxes' contents."""
+
+    recipients: list[Identity]
+    owners: list[Identity]  # fetch mailboxes
+    puts: list[tuple[bytes, bytes]]
+    fetch_blobs: list[tuple[bytes, bytes]]
+    expected: dict[bytes, set[bytes]]
+    envelope_bytes: int
+
+    def take(self, count: int) -> list[tuple[bytes, bytes]]:
+        items, self.puts = self.puts[:count], self.puts[count:]
+        return items
+
+
+def build_workloads(cfg: Config) -> Workloads:
+    sender = Identity.generate()
+    recipients = [Identity.generate() for _ in range(MAILBOXES)]
+    owners = [Identity.generate() for _ in range(MAILBOXES)]
+    total = 2 * cfg.warmup + 2 * cfg.rounds * cfg.ops
+    envs = seal_envelopes(sender, recipients, total)
+    puts = [(recipients[i % MAILBOXES].fingerprint, e) for i, e in enumerate(envs)]
+    fetch_envs = seal_envelopes(sender, owners, cfg.pending * MAILBOXES)
+    fetch_blobs = [(owners[i % MAILBOXES].fingerprint, e) for i, e in enumerate(fetch_envs)]
+    expected: dict[bytes, set[bytes]] = {o.fingerprint: set() for o in owners}
+    for fp, env in fetch_blobs:
+        expected[fp].add(blob_id(env))
+    size = round(statistics.median(len(e) for e in envs))
+    return Workloads(recipients, owners, puts, fetch_blobs, expected, size)
+
+
+class Contenders:
+    """Our client, OpenDHT and Redis, up for the whole run."""
+
+    def __init__(self, client: OurClient, work: Workloads, cfg: Config) -> None:
+        self.client, self.work, self.cfg = client, work, cfg
+        self.opendht: Any = None
+        self.redis: RedisCeiling | None = None
+        self.names: list[str] = [OURS]
+        self.setup: dict[str, Any] = {}
+
+    async def start_baselines(self, root: Path, timeout_s: float) -> None:
+        try:
+            from bench.baselines.opendht_net import OpenDhtNet
+            from bench.baselines.opendht_net import version as opendht_version
+
+            size = self.work.envelope_bytes
+            net = OpenDhtNet(
+                STORAGE_NODES, op_timeout_s=OP_TIMEOUT_S, workload=Workload(size, size)
+            )
+            converge = await asyncio.to_thread(net.start, timeout_s)
+            self.opendht = net
+            self.names.append(OPENDHT)
+            self.setup[OPENDHT] = {"version": opendht_version(), "converge_s": round(converge, 2)}
+        except Exception as exc:  # a missing baseline is reported, not fatal
+            self.setup[OPENDHT] = {"error": repr(exc)}
+        redis = RedisCeiling(root / "redis")
+        try:
+            await redis.start()
+            self.redis = redis
+            self.names.append(REDIS)
+            self.setup[REDIS] = {"port": redis.port, "bench": redis.bench_bin}
+        except Exception as exc:
+            await redis.close()
+            self.setup[REDIS] = {"error": repr(exc)}
+
+    async def measure(
+        self, name: str, ops: int, concurrency: int, pair: int, deadline: Deadline
+    ) -> list[Figure]:
+        if name == OURS:
+            put = await self.client.put_batch(self.work.take(ops), concurrency, deadline)
+            fetch = await self.client.fetch_batch(
+                self.work.owners, self.work.expected, ops, concurrency, deadline
+            )
+            return [put, fetch]
+        if name == OPENDHT:
+            net = self.opendht
+            put, stored = await asyncio.to_thread(
+                net.put_batch, net.new_items(ops), concurrency, deadline, pairs=(pair,)
+            )
+            get, _ = await asyncio.to_thread(
+                net.get_batch, stored, concurrency, deadline, pairs=(pair,)
+            )
+            return [put, dataclasses.replace(get, op="fetch")]  # compared with our fetch
+        assert self.redis is not None
+        n = self.cfg.redis_n if ops > self.cfg.warmup else max(100, ops)
+        figs = await self.redis.measure(n, self.work.envelope_bytes, concurrency)
+        return [figs["put"], figs["fetch"]]
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            redis, self.redis = self.redis, None
+            await redis.close()
+        if self.opendht is not None:
+            net, self.opendht = self.opendht, None
+            await asyncio.to_thread(net.close)
+
+
+async def preload(client: OurClient, work: Workloads) -> None:
+    """Store the fetch mailboxes' pending blobs (not timed)."""
+    deadline = Deadline(BATCH_TIMEOUT_S)
+    fig = await client.put_batch(work.fetch_blobs, CONCURRENCY, deadline)
+    if fig.failures:
+        raise RuntimeError(f"preload: {fig.failures} puts failed: {dict(client.errors)}")
+
+
+async def measure_rounds(con: Contenders, cfg: Config, budget: Deadline) -> Results:
+    results = Results()
+    # Warm-up: every contender, both modes, not reported.
+    for concurrency in (1, CONCURRENCY):
+        for name in con.names:
+            await con.measure(name, cfg.warmup, concurrency, 0, budget.sub(BATCH_TIMEOUT_S, 15))
+    con.client.errors.clear()
+    last_round_s = 0.0
+    for r in range(cfg.rounds):
+        if r and budget.remaining() < last_round_s * 1.2 + 15.0:
+            detail({"warning": f"time budget: stopped after {r} of {cfg.rounds} rounds"})
+            break
+        t0 = time.perf_counter()
+        order = con.names if r % 2 == 0 else con.names[::-1]
+        for m, concurrency in enumerate((1, CONCURRENCY)):
+            pair = 1 + 2 * r + m  # pair 0 did the warm-up
+            for name in order:
+                deadline = budget.sub(BATCH_TIMEOUT_S, reserve=15.0)
+                for fig in await con.measure(name, cfg.ops, concurrency, pair, deadline):
+                    results.add(fig)
+        last_round_s = time.perf_counter() - t0
+    return results
+
+
+def report(results: Results, cfg: Config, con: Contenders) -> list[dict[str, Any]]:
+    lines: list[dict[str, Any]] = []
+    baselines = [n for n in con.names if n != OURS]
+    for op in ("put", "fetch"):
+        for concurrency in (1, CONCURRENCY):
+            mode = mode_name(concurrency)
+            ours = results.median(OURS, op, mode)
+            if ours is None:
+                continue
+            base = {n: results.median(n, op, mode) for n in baselines}
+            failures = {OURS: ours["failures"]}
+            failures.update({n: b["failures"] for n, b in base.items() if b is not None})
+            params: dict[str, Any] = {
+                "nodes": STORAGE_NODES, "mode": mode, "replicas": REPLICAS,
+                "write_quorum": WRITE_QUORUM, "pow_bits": POW_BITS,
+                "envelope_bytes": con.work.envelope_bytes, "mailboxes": MAILBOXES,
+                "admission": ADMISSION, "rounds": ours["rounds"], "failures": failures,
+                "baseline_ops": {OPENDHT: cfg.ops, REDIS: cfg.redis_n},
+                "baseline_ops_name": {OPENDHT: "put" if op == "put" else "get",
+                                      REDIS: "SET" if op == "put" else "GET"},
+            }  # fmt: skip
+            if op == "fetch":
+                params["pending_blobs"] = cfg.pending
+            figures: tuple[tuple[str, str, common.Kind], ...] = (
+                ("ops/s", "ops_per_s", "throughput"),
+                (MS, "p50_ms", "latency"),
+                (MS, "p99_ms", "latency"),
+            )
+            for unit, key, kind in figures:
+                bench = f"storage.{op}" if kind == "throughput" else f"storage.{op}.{key[:3]}"
+                theirs = {
+                    n: b[key] for n, b in base.items() if b is not None and b[key] is not None
+                }
+                if ours[key] is None:
+                    continue
+                if theirs:
+                    lines.append(
+                        common.report(bench, unit, ours[key], theirs, cfg.ops, params, kind)
+                    )
+                    continue
+                line = {"bench": bench, "unit": unit, "ours": round(ours[key], 3), "baseline": {},
+                        "ratio": None, "n": cfg.ops, "params": params}  # fmt: skip
+                print(json.dumps(line, ensure_ascii=False), flush=True)
+                lines.append(line)
+    for name in con.names:
+        for op in ("put", "fetch"):
+            for concurrency in (1, CONCURRENCY):
+                med = results.median(name, op, mode_name(concurrency))
+                if med is not None:
+                    detail({"contender": name, "op": op, "mode": mode_name(concurrency), **med})
+    return lines
+
+
+async def run(cfg: Config) -> int:
+    budget = Deadline(cfg.budget_s)
+    t0 = time.perf_counter()
+    root = Path(tempfile.mkdtemp(prefix="dna-bench-storage-"))
+    fleet = StorageFleet(root)
+    node: OverlayNode | None = None
+    con: Contenders | None = None
+    lines: list[dict[str, Any]] = []
+    try:
+        fleet_up = asyncio.create_task(asyncio.to_thread(fleet.start, READY_TIMEOUT_S))
+        work = await asyncio.to_thread(build_workloads, cfg)  # seals while the nodes boot
+        sealed_s = time.perf_counter() - t0
+        await fleet_up
+        ready_s = time.perf_counter() - t0
+        node = await client_node(fleet.seeds)
+        client = OurClient(node)
+        await preload(client, work)
+        con = Contenders(client, work, cfg)
+        await con.start_baselines(root, min(20.0, budget.remaining()))
+        detail(
+            {
+                "setup": {
+                    "root": str(root), "node_pids": fleet.pids(), "ops": cfg.ops,
+                    "rounds": cfg.rounds, "warmup": cfg.warmup, "concurrency": CONCURRENCY,
+                    "pending": cfg.pending, "redis_n": cfg.redis_n,
+                    "envelope_bytes": work.envelope_bytes, "sealed_s": round(sealed_s, 2),
+                    "ours_ready_s": round(ready_s, 2), "baselines": con.setup,
+                    "loadavg": [round(x, 2) for x in os.getloadavg()],
+                }
+            }
+        )  # fmt: skip
+        results = await measure_rounds(con, cfg, budget)
+        lines = report(results, cfg, con)
+        detail(
+            {
+                "elapsed_s": round(time.perf_counter() - t0, 1),
+                "our_errors": dict(client.errors),
+                "loadavg": [round(x, 2) for x in os.getloadavg()],
+            }
+        )
+    finally:
+        if con is not None:
+            await con.close()
+        if node is not None:
+            with contextlib.suppress(Exception):
+                await node.stop()
+        fleet.kill()
+        shutil.rmtree(root, ignore_errors=True)
+    failed = any(line["params"]["failures"].get(OURS) for line in lines)
+    return 1 if failed or not lines else 0
+
+
+def parse_args(argv: Sequence[str] | None) -> Config:
+    parser = common.arg_parser("Our mailboxes vs OpenDHT and Redis: put/fetch on loopback.")
+    parser.add_argument(
+        "--ops", type=int, default=None, help=f"ops per figure and round (default {DEFAULT_OPS})"
+    )
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up ops per figure")
+    parser.add_argument(
+        "--pending", type=int, default=1, help="blobs pending in each fetched mailbox"
+    )
+    parser.add_argument(
+        "--redis-n", type=int, default=None, help=f"redis-benchmark -n (default {DEFAULT_REDIS_N})"
+    )
+    parser.add_argument("--budget", type=float, default=BUDGET_S, help="s for the whole run")
+    args: argparse.Namespace = parser.parse_args(argv)
+    quick: bool = args.quick
+    ops = args.ops or args.n or (QUICK_OPS if quick else DEFAULT_OPS)
+    rounds = args.rounds or (QUICK_ROUNDS if quick else DEFAULT_ROUNDS)
+    warmup = args.warmup if args.warmup is not None else (QUICK_WARMUP if quick else DEFAULT_WARMUP)
+    redis_n = args.redis_n or (QUICK_REDIS_N if quick else DEFAULT_REDIS_N)
+    if ops < 1 or rounds < 1 or warmup < 1 or args.pending < 1 or redis_n < 1:
+        raise SystemExit("--ops, --rounds, --warmup, --pending and --redis-n must be >= 1")
+    return Config(ops, rounds, warmup, args.pending, redis_n, args.budget, quick)
+
+
+async def _main(cfg: Config) -> int:
+    """``run`` with SIGTERM turned into cancellation, so the clean-up still runs."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return await run(cfg)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    common.print_machine()
+    faulthandler.dump_traceback_later(cfg.budget_s + 60, exit=True)
+    try:
+        status = asyncio.run(_main(cfg))
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        print("bench.storage: interrupted (nodes stopped)", file=sys.stderr)
+        status = 130
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    module = sys.modules.get("bench.baselines.opendht_net")
+    if module is not None and getattr(module, "_STUCK", None):
+        sys.stdout.flush()  # runners not joined must not be destroyed: leave as overlay does
+        os._exit(status)
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
