@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
+from dna_core.crypto import Identity
+from dna_core.mailbox import sign_fetch
+from dna_core.overlay.aio import OverlayNode
+from dna_core.overlay.contact import Contact
+from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 from dna_testnet.network import GRPC_PORT, UDP_PORT, LocalNode, client_node, wait_ready
 
 NodeProcess = LocalNode
 __all__ = [
+    "FAST_REPAIR",
     "GRPC_PORT",
     "UDP_PORT",
     "NodeProcess",
     "client_node",
+    "held_by",
     "make_cluster",
     "running",
     "stop_all",
+    "storage_network",
     "wait_ready",
 ]
 
@@ -44,3 +54,39 @@ def running(nodes: list[LocalNode]) -> Iterator[list[LocalNode]]:
         yield nodes
     finally:
         stop_all(nodes)
+
+
+FAST_REPAIR = "repair_interval_s = 1.0\n[admission]\npow_base_bits = 8\n"
+
+
+def storage_network(root: Path, first: int, storage: int, extra_toml: str) -> list[LocalNode]:
+    """A bootstrap on 127.0.0.``first`` and ``storage`` storage nodes on the next addresses."""
+    seed = f"127.0.0.{first}:{UDP_PORT}"
+    nodes = [LocalNode("boot", f"127.0.0.{first}", root, [seed])]
+    for i in range(storage):
+        ip = f"127.0.0.{first + 1 + i}"
+        nodes.append(
+            LocalNode(
+                f"store{i}", ip, root, [seed], command="dna-storage-node", extra_toml=extra_toml
+            )
+        )
+    return nodes
+
+
+async def held_by(node: OverlayNode, owner: Identity, replica: Contact) -> set[bytes]:
+    """Blob IDs one replica holds for ``owner``'s mailbox (empty when it does not answer)."""
+    stub = mailbox_pb2_grpc.MailboxStub(node.channels.get(replica.endpoint.grpc_target))
+    held: set[bytes] = set()
+    cursor = b""
+    while True:
+        req = mailbox_pb2.FetchRequest.FromString(
+            sign_fetch(owner, cursor=cursor, limit=1000, now_ms=time.time_ns() // 10**6)
+        )
+        try:
+            page = await stub.Fetch(req, timeout=3)
+        except grpc.aio.AioRpcError:
+            return held
+        held |= {b.blob_id for b in page.blobs}
+        cursor = page.next_cursor
+        if not page.more:
+            return held

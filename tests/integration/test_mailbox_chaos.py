@@ -11,7 +11,14 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from cluster import UDP_PORT, NodeProcess, client_node, running, wait_ready
+from cluster import (
+    UDP_PORT,
+    NodeProcess,
+    client_node,
+    running,
+    storage_network,
+    wait_ready,
+)
 from dna_core.crypto import seal
 from dna_core.mailbox.client import MailboxClient, QuorumError
 from support import seeded_identity
@@ -26,13 +33,9 @@ BOBS = [seeded_identity(f"chaos-bob-{i}") for i in range(4)]
 @pytest.fixture(scope="module")
 def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProcess]]:
     root = tmp_path_factory.mktemp("chaos")
-    seed = f"127.0.0.120:{UDP_PORT}"
-    nodes = [NodeProcess("boot", "127.0.0.120", root, [seed])]
-    for i in range(STORAGE):
-        store = NodeProcess(f"store{i}", f"127.0.0.{121 + i}", root, [seed])
-        store.command = "dna-storage-node"
-        store.extra_toml = "repair_interval_s = 1.0\n[admission]\npow_base_bits = 8\n"
-        nodes.append(store)
+    nodes = storage_network(
+        root, 120, STORAGE, "repair_interval_s = 1.0\n[admission]\npow_base_bits = 8\n"
+    )
     with running(nodes):
         yield nodes
 

@@ -9,15 +9,20 @@ import shutil
 import time
 from collections.abc import Iterator
 
-import grpc
 import pytest
-from cluster import UDP_PORT, NodeProcess, client_node, running, wait_ready
+from cluster import (
+    UDP_PORT,
+    NodeProcess,
+    client_node,
+    held_by,
+    running,
+    storage_network,
+    wait_ready,
+)
 from dna_core.crypto import seal
-from dna_core.mailbox import mailbox_id, sign_fetch
+from dna_core.mailbox import mailbox_id
 from dna_core.mailbox.client import MailboxClient
 from dna_core.overlay.aio import OverlayNode
-from dna_core.overlay.contact import Contact
-from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 from support import seeded_identity
 
 STORAGE = 7
@@ -28,31 +33,15 @@ ALICE, BOB = seeded_identity("repair-alice"), seeded_identity("repair-bob")
 @pytest.fixture(scope="module")
 def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProcess]]:
     root = tmp_path_factory.mktemp("repair")
-    seed = f"127.0.0.100:{UDP_PORT}"
-    nodes = [NodeProcess("boot", "127.0.0.100", root, [seed])]
-    for i in range(STORAGE):
-        store = NodeProcess(f"store{i}", f"127.0.0.{101 + i}", root, [seed])
-        store.command = "dna-storage-node"
-        store.extra_toml = "repair_interval_s = 1.0\n[admission]\npow_base_bits = 8\n"
-        nodes.append(store)
+    nodes = storage_network(
+        root, 100, STORAGE, "repair_interval_s = 1.0\n[admission]\npow_base_bits = 8\n"
+    )
     with running(nodes):
         yield nodes
 
 
 async def _client() -> OverlayNode:
     return await client_node([("127.0.0.100", UDP_PORT)])
-
-
-async def _held_by(node: OverlayNode, replica: Contact) -> set[bytes]:
-    stub = mailbox_pb2_grpc.MailboxStub(node.channels.get(replica.endpoint.grpc_target))
-    req = mailbox_pb2.FetchRequest.FromString(
-        sign_fetch(BOB, cursor=b"", limit=1000, now_ms=time.time_ns() // 1_000_000)
-    )
-    try:
-        page = await stub.Fetch(req, timeout=3)
-    except grpc.aio.AioRpcError:
-        return set()
-    return {b.blob_id for b in page.blobs}
 
 
 def test_four_of_five_replicas_lost_then_repaired(network: list[NodeProcess]) -> None:
@@ -84,7 +73,7 @@ def test_four_of_five_replicas_lost_then_repaired(network: list[NodeProcess]) ->
         client = await _client()
         started = time.monotonic()
         while time.monotonic() - started < REPAIR_BOUND_S:
-            holdings = [await _held_by(client, r) for r in replicas]
+            holdings = [await held_by(client, BOB, r) for r in replicas]
             if all(h >= sent for h in holdings):
                 break
             await asyncio.sleep(0.5)

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import pytest
-from cluster import UDP_PORT, NodeProcess, client_node, running, wait_ready
+from cluster import UDP_PORT, NodeProcess, client_node, running, storage_network, wait_ready
 from dna_core.crypto import seal
 from dna_core.mailbox.client import MailboxClient, QuorumError
 from dna_core.mailbox.ids import blob_id, mailbox_id
@@ -32,20 +32,7 @@ def now_ms() -> int:
 @pytest.fixture(scope="module")
 def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProcess]]:
     root = tmp_path_factory.mktemp("replication")
-    seed = f"127.0.0.80:{UDP_PORT}"
-    nodes = [NodeProcess("boot", "127.0.0.80", root, [seed])]
-    for i in range(STORAGE):
-        toml = "[admission]\npow_base_bits = 8\n"
-        nodes.append(
-            NodeProcess(
-                f"store{i}",
-                f"127.0.0.{81 + i}",
-                root,
-                [seed],
-                command="dna-storage-node",
-                extra_toml=toml,
-            )
-        )
+    nodes = storage_network(root, 80, STORAGE, "[admission]\npow_base_bits = 8\n")
     with running(nodes):
         yield nodes
 

@@ -14,55 +14,38 @@ import shutil
 import time
 from collections.abc import Iterator
 
-import grpc
 import pytest
-from cluster import UDP_PORT, NodeProcess, client_node, running, wait_ready
+from cluster import (
+    UDP_PORT,
+    NodeProcess,
+    client_node,
+    held_by,
+    running,
+    storage_network,
+    wait_ready,
+)
 from dna_core.crypto import Identity, seal
-from dna_core.mailbox import mailbox_id, sign_fetch
+from dna_core.mailbox import mailbox_id
 from dna_core.mailbox.client import MailboxClient
-from dna_core.overlay.aio import OverlayNode
 from dna_core.overlay.contact import Contact
-from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 from support import seeded_identity
 
 STORAGE = 10
 REPAIR_BOUND_S = 60.0  # with repair_interval_s = 1: a pass over 50 mailboxes takes ~1 s
 ALICE = seeded_identity("resilience-alice")
 SEED = ("127.0.0.140", UDP_PORT)
+STORAGE_TOML = (
+    "repair_interval_s = 1.0\n[admission]\npow_base_bits = 8\n"
+    "ip_rate_per_s = 1000.0\nip_burst = 2000.0\nmailbox_burst = 100.0\n"
+)
 
 
 @pytest.fixture(scope="module")
 def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProcess]]:
     root = tmp_path_factory.mktemp("resilience")
-    nodes = [NodeProcess("boot", SEED[0], root, [f"{SEED[0]}:{UDP_PORT}"])]
-    for i in range(STORAGE):
-        store = NodeProcess(f"store{i}", f"127.0.0.{141 + i}", root, [f"{SEED[0]}:{UDP_PORT}"])
-        store.command = "dna-storage-node"
-        store.extra_toml = (
-            "repair_interval_s = 1.0\n[admission]\npow_base_bits = 8\n"
-            "ip_rate_per_s = 1000.0\nip_burst = 2000.0\nmailbox_burst = 100.0\n"
-        )
-        nodes.append(store)
+    nodes = storage_network(root, 140, STORAGE, STORAGE_TOML)
     with running(nodes):
         yield nodes
-
-
-async def _holds(node: OverlayNode, owner: Identity, replica: Contact) -> set[bytes]:
-    stub = mailbox_pb2_grpc.MailboxStub(node.channels.get(replica.endpoint.grpc_target))
-    held: set[bytes] = set()
-    cursor = b""
-    while True:
-        req = mailbox_pb2.FetchRequest.FromString(
-            sign_fetch(owner, cursor=cursor, limit=1000, now_ms=time.time_ns() // 10**6)
-        )
-        try:
-            page = await stub.Fetch(req, timeout=3)
-        except grpc.aio.AioRpcError:
-            return held
-        held |= {b.blob_id for b in page.blobs}
-        cursor = page.next_cursor
-        if not page.more:
-            return held
 
 
 @pytest.mark.parametrize(
@@ -126,7 +109,7 @@ async def _until_whole(
         pending = list(owners)
         while pending and time.monotonic() - started < REPAIR_BOUND_S:
             owner = pending[0]
-            holdings = [await _holds(client, owner, r) for r in replicas[owner.fingerprint]]
+            holdings = [await held_by(client, owner, r) for r in replicas[owner.fingerprint]]
             if all(h >= acked[owner.fingerprint] for h in holdings):
                 pending.pop(0)
             else:
