@@ -280,6 +280,37 @@ def report(
     return line
 
 
+def report_operation(
+    prefix: str,
+    ours: Mapping[str, Any],
+    baselines: Mapping[str, Mapping[str, Any] | None],
+    n: int,
+    params: Mapping[str, Any],
+) -> list[dict[str, Any]]:
+    """The throughput, p50 and p99 lines of one operation from per-contender figures
+    (keys ``ops_per_s``, ``p50_ms``, ``p99_ms``). A baseline without a value is left
+    out; a figure with no baseline left (``--skip-baselines``) prints without a ratio."""
+    lines = []
+    figures: tuple[tuple[str, str, Kind], ...] = (
+        ("ops/s", "ops_per_s", "throughput"),
+        ("ms", "p50_ms", "latency"),
+        ("ms", "p99_ms", "latency"),
+    )
+    for unit, key, kind in figures:
+        if ours[key] is None:
+            continue
+        bench = prefix if kind == "throughput" else f"{prefix}.{key[:3]}"
+        theirs = {name: b[key] for name, b in baselines.items() if b and b[key] is not None}
+        if theirs:
+            lines.append(report(bench, unit, ours[key], theirs, n, params, kind))
+            continue
+        line = {"bench": bench, "unit": unit, "ours": _rounded(ours[key]), "baseline": {},
+                "ratio": None, "n": n, "params": dict(params)}  # fmt: skip
+        _emit(line)
+        lines.append(line)
+    return lines
+
+
 def report_comparison(
     bench: str,
     result: Comparison,

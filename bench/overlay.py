@@ -114,7 +114,6 @@ READY_TIMEOUT_S = 30.0
 BUDGET_S = 165.0  # the whole run, start-up and shut-down included, stays under 3 min
 OURS, OPENDHT, KADEMLIA = "ours", "opendht", "kademlia"
 BASELINES = (OPENDHT, KADEMLIA)
-MS = "ms"
 RPC_METRIC = "dna_overlay_rpcs_total"
 
 Op = Callable[[int], Awaitable[bool]]
@@ -732,37 +731,8 @@ def report(results: Results, cfg: Config, baselines: Sequence[str]) -> list[dict
                 }  # fmt: skip
                 if op == "get":
                     params["holders"] = GET_HOLDERS
-                figures: tuple[tuple[str, str, common.Kind], ...] = (
-                    ("ops/s", "ops_per_s", "throughput"),
-                    (MS, "p50_ms", "latency"),
-                    (MS, "p99_ms", "latency"),
-                )
-                for unit, key, kind in figures:
-                    bench = f"overlay.{op}" if kind == "throughput" else f"overlay.{op}.{key[:3]}"
-                    theirs = {
-                        n: b[key] for n, b in base.items() if b is not None and b[key] is not None
-                    }
-                    if ours[key] is None:
-                        continue
-                    lines.append(_figure(bench, unit, ours[key], theirs, cfg.ops, params, kind))
+                lines += common.report_operation(f"overlay.{op}", ours, base, cfg.ops, params)
     return lines
-
-
-def _figure(
-    bench: str,
-    unit: str,
-    ours: float,
-    baselines: dict[str, float],
-    n: int,
-    params: dict[str, Any],
-    kind: common.Kind,
-) -> dict[str, Any]:
-    if baselines:
-        return common.report(bench, unit, ours, baselines, n, params, kind)
-    line = {"bench": bench, "unit": unit, "ours": round(ours, 3), "baseline": {}, "ratio": None,
-            "n": n, "params": params}  # fmt: skip
-    print(json.dumps(line, ensure_ascii=False), flush=True)
-    return line
 
 
 def report_details(results: Results, contenders: Sequence[str]) -> None:

@@ -80,7 +80,6 @@ DEFAULT_OPS, QUICK_OPS = 200, 20
 DEFAULT_ROUNDS, QUICK_ROUNDS = 5, 1
 DEFAULT_WARMUP, QUICK_WARMUP = 20, 5
 DEFAULT_REDIS_N, QUICK_REDIS_N = 20_000, 2_000
-MS = "ms"
 
 ADMISSION: dict[str, float | int] = {
     "pow_base_bits": POW_BITS,
@@ -491,27 +490,7 @@ def report(results: Results, cfg: Config, con: Contenders) -> list[dict[str, Any
             }  # fmt: skip
             if op == "fetch":
                 params["pending_blobs"] = cfg.pending
-            figures: tuple[tuple[str, str, common.Kind], ...] = (
-                ("ops/s", "ops_per_s", "throughput"),
-                (MS, "p50_ms", "latency"),
-                (MS, "p99_ms", "latency"),
-            )
-            for unit, key, kind in figures:
-                bench = f"storage.{op}" if kind == "throughput" else f"storage.{op}.{key[:3]}"
-                theirs = {
-                    n: b[key] for n, b in base.items() if b is not None and b[key] is not None
-                }
-                if ours[key] is None:
-                    continue
-                if theirs:
-                    lines.append(
-                        common.report(bench, unit, ours[key], theirs, cfg.ops, params, kind)
-                    )
-                    continue
-                line = {"bench": bench, "unit": unit, "ours": round(ours[key], 3), "baseline": {},
-                        "ratio": None, "n": cfg.ops, "params": params}  # fmt: skip
-                print(json.dumps(line, ensure_ascii=False), flush=True)
-                lines.append(line)
+            lines += common.report_operation(f"storage.{op}", ours, base, cfg.ops, params)
     for name in con.names:
         for op in ("put", "fetch"):
             for concurrency in (1, CONCURRENCY):
