@@ -19,8 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from dna_core.crypto.node import NodeIdentity
-from dna_core.overlay.aio import NodeConfig, OverlayNode
+from dna_peer.network import join_overlay as client_node
+
+__all__ = [
+    "GRPC_PORT",
+    "HTTP_PORT",
+    "UDP_PORT",
+    "LocalNode",
+    "Testnet",
+    "client_node",
+    "wait_ready",
+]
 
 BIN = Path(sys.executable).parent
 UDP_PORT, GRPC_PORT, HTTP_PORT = 7400, 7401, 7480
@@ -175,20 +184,3 @@ class Testnet:
         if not state.exists():
             return []
         return list(json.loads(state.read_text())["pids"].values())
-
-
-async def client_node(seeds: list[tuple[str, int]], *, puzzle_bits: int = 4) -> OverlayNode:
-    """A peer's overlay node: client mode (it queries, is never routed through), joined
-    through ``seeds`` and with its buckets refreshed."""
-    node = OverlayNode(
-        NodeIdentity.generate(0)[0],
-        NodeConfig(
-            host="127.0.0.1", puzzle_bits=puzzle_bits, client_mode=True, allow_loopback=True
-        ),
-    )
-    await node.start()
-    if not await node.join(seeds):
-        await node.stop()
-        raise RuntimeError(f"no bootstrap node answered among {seeds}")
-    await node.refresh(0)
-    return node

@@ -118,6 +118,9 @@ class Payload(_message.Message):
     SYNC_FIELD_NUMBER: _builtins.int
     READ_FIELD_NUMBER: _builtins.int
     LINK_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    ACK_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def text(self) -> Global___Text: ...
     @_builtins.property
@@ -128,6 +131,12 @@ class Payload(_message.Message):
     def read(self) -> Global___ReadMarker: ...
     @_builtins.property
     def link(self) -> Global___DeviceLink: ...
+    @_builtins.property
+    def device(self) -> Global___DeviceHello: ...
+    @_builtins.property
+    def ack(self) -> Global___DeviceAck: ...
+    @_builtins.property
+    def history(self) -> Global___History: ...
     def __init__(
         self,
         *,
@@ -136,12 +145,15 @@ class Payload(_message.Message):
         sync: Global___SyncTranscript | None = ...,
         read: Global___ReadMarker | None = ...,
         link: Global___DeviceLink | None = ...,
+        device: Global___DeviceHello | None = ...,
+        ack: Global___DeviceAck | None = ...,
+        history: Global___History | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "link", b"link", "read", b"read", "receipt", b"receipt", "sync", b"sync", "text", b"text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "device", b"device", "history", b"history", "kind", b"kind", "link", b"link", "read", b"read", "receipt", b"receipt", "sync", b"sync", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "link", b"link", "read", b"read", "receipt", b"receipt", "sync", b"sync", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "device", b"device", "history", b"history", "kind", b"kind", "link", b"link", "read", b"read", "receipt", b"receipt", "sync", b"sync", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["text", "receipt", "sync", "read", "link"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["text", "receipt", "sync", "read", "link", "device", "ack", "history"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -201,11 +213,16 @@ class SyncTranscript(_message.Message):
     ORIGINAL_MESSAGE_ID_FIELD_NUMBER: _builtins.int
     ORIGINAL_TIMESTAMP_MS_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
+    ORIGINAL_SENDER_FIELD_NUMBER: _builtins.int
     original_recipient: _builtins.bytes
     original_message_id: _builtins.bytes
     original_timestamp_ms: _builtins.int
     payload: _builtins.bytes
     """the serialized Payload that was sent"""
+    original_sender: _builtins.bytes
+    """Set in History transfers, where received messages travel too; empty means
+    this identity sent it.
+    """
     def __init__(
         self,
         *,
@@ -213,10 +230,11 @@ class SyncTranscript(_message.Message):
         original_message_id: _builtins.bytes = ...,
         original_timestamp_ms: _builtins.int = ...,
         payload: _builtins.bytes = ...,
+        original_sender: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["original_message_id", b"original_message_id", "original_recipient", b"original_recipient", "original_timestamp_ms", b"original_timestamp_ms", "payload", b"payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["original_message_id", b"original_message_id", "original_recipient", b"original_recipient", "original_sender", b"original_sender", "original_timestamp_ms", b"original_timestamp_ms", "payload", b"payload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -256,19 +274,134 @@ class DeviceLink(_message.Message):
 
     ENCRYPTED_IDENTITY_FIELD_NUMBER: _builtins.int
     DEVICE_NAME_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
     encrypted_identity: _builtins.bytes
     """an EncryptedIdentity"""
     device_name: _builtins.str
+    device_id: _builtins.bytes
+    """16 bytes, chosen by the linking device"""
     def __init__(
         self,
         *,
         encrypted_identity: _builtins.bytes = ...,
         device_name: _builtins.str = ...,
+        device_id: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_name", b"device_name", "encrypted_identity", b"encrypted_identity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "device_name", b"device_name", "encrypted_identity", b"encrypted_identity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeviceLink: _TypeAlias = DeviceLink  # noqa: Y015
+
+@_typing.final
+class DeviceHello(_message.Message):
+    """Announces a device of this identity to its other devices (own mailbox only)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_NAME_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.bytes
+    device_name: _builtins.str
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.bytes = ...,
+        device_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "device_name", b"device_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceHello: _TypeAlias = DeviceHello  # noqa: Y015
+
+@_typing.final
+class DeviceAck(_message.Message):
+    """"This device holds these mailbox blobs" (own mailbox only). A blob is deleted
+    from the storage nodes once every known device acknowledged it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    BLOB_IDS_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.bytes
+    @_builtins.property
+    def blob_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.bytes = ...,
+        blob_ids: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_ids", b"blob_ids", "device_id", b"device_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceAck: _TypeAlias = DeviceAck  # noqa: Y015
+
+@_typing.final
+class ContactCard(_message.Message):
+    """A contact as one device tells another (History)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    VERIFIED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    verified: _builtins.bool
+    @_builtins.property
+    def keys(self) -> _common_pb2.PublicKeySet: ...
+    def __init__(
+        self,
+        *,
+        keys: _common_pb2.PublicKeySet | None = ...,
+        name: _builtins.str = ...,
+        verified: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "name", b"name", "verified", b"verified"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContactCard: _TypeAlias = ContactCard  # noqa: Y015
+
+@_typing.final
+class History(_message.Message):
+    """A device's history, sent to the own mailbox for a newly linked device (in
+    chunks that fit an envelope).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    READ_FIELD_NUMBER: _builtins.int
+    CONTACTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___SyncTranscript]: ...
+    @_builtins.property
+    def read(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReadMarker]: ...
+    @_builtins.property
+    def contacts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContactCard]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___SyncTranscript] | None = ...,
+        read: _abc.Iterable[Global___ReadMarker] | None = ...,
+        contacts: _abc.Iterable[Global___ContactCard] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contacts", b"contacts", "messages", b"messages", "read", b"read"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___History: _TypeAlias = History  # noqa: Y015

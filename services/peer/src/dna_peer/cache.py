@@ -1,0 +1,455 @@
+"""The encrypted local cache: a device's history, contacts and sync state.
+
+SQLCipher 4 (AES-256 pages, HMAC per page) keyed with a raw 32-byte key that is
+derived from the identity's seeds and this device's ID (`cache_key`), so it
+can only be opened after the passphrase unlocked the key file (Argon2id,
+memory-hard). The cache is the source of truth for the UI; everything in it
+can be rebuilt from the network (the own mailbox and the other devices).
+
+Crash safety: every unit of work (one fetched blob and its effects, a cursor
+advance) is one transaction, and messages are keyed by their envelope message
+ID and blobs by their content ID, so a process killed mid-sync leaves either
+the whole unit or nothing, and redoing it adds no duplicates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlcipher3.dbapi2 as sqlcipher
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from dna_core.crypto import Identity, PublicKeySet
+from dna_core.crypto import primitives as p
+from dna_core.errors import WrongPassphraseError
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS contacts(
+  fingerprint BLOB PRIMARY KEY,
+  keys BLOB NOT NULL,
+  name TEXT,
+  verified INTEGER NOT NULL DEFAULT 0,
+  pinned_ms INTEGER NOT NULL,
+  conversation BLOB NOT NULL,
+  replaced_by BLOB
+);
+CREATE UNIQUE INDEX IF NOT EXISTS contacts_by_name ON contacts(name) WHERE name IS NOT NULL;
+CREATE TABLE IF NOT EXISTS conversations(
+  id BLOB PRIMARY KEY,
+  peer BLOB NOT NULL,
+  last_ms INTEGER NOT NULL DEFAULT 0,
+  read_up_to_ms INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS messages(
+  message_id BLOB PRIMARY KEY,
+  conversation BLOB NOT NULL,
+  sender BLOB NOT NULL,
+  recipient BLOB NOT NULL,
+  timestamp_ms INTEGER NOT NULL,
+  body TEXT NOT NULL,
+  outgoing INTEGER NOT NULL,
+  delivered INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation, timestamp_ms);
+CREATE VIRTUAL TABLE IF NOT EXISTS messages_text USING fts5(
+  body, content='messages', content_rowid='rowid'
+);
+CREATE TRIGGER IF NOT EXISTS messages_text_add AFTER INSERT ON messages BEGIN
+  INSERT INTO messages_text(rowid, body) VALUES (new.rowid, new.body);
+END;
+CREATE TABLE IF NOT EXISTS groups(
+  id BLOB PRIMARY KEY,
+  title TEXT NOT NULL,
+  members BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS blobs(
+  blob_id BLOB PRIMARY KEY,
+  outcome TEXT NOT NULL,
+  seen_ms INTEGER NOT NULL,
+  deleted INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS envelopes_seen(
+  message_id BLOB PRIMARY KEY,
+  timestamp_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS devices(
+  device_id BLOB PRIMARY KEY,
+  name TEXT NOT NULL,
+  added_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS acks(
+  blob_id BLOB NOT NULL,
+  device_id BLOB NOT NULL,
+  PRIMARY KEY (blob_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS ack_blobs(
+  ack_blob BLOB NOT NULL,
+  covers BLOB NOT NULL,
+  PRIMARY KEY (ack_blob, covers)
+);
+CREATE TABLE IF NOT EXISTS cursors(
+  node_id BLOB PRIMARY KEY,
+  cursor BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS state(
+  key TEXT PRIMARY KEY,
+  value BLOB NOT NULL
+);
+"""
+
+
+def cache_key(identity: Identity, device_id: bytes) -> bytes:
+    """The raw SQLCipher key: HKDF over the identity seeds, salted per device."""
+    hkdf = HKDF(hashes.SHA256(), 32, salt=device_id, info=p.label("cache-key"))
+    return hkdf.derive(identity.seeds())
+
+
+@dataclass(frozen=True, slots=True)
+class Contact:
+    fingerprint: bytes
+    keys: PublicKeySet
+    name: str | None
+    verified: bool
+    pinned_ms: int
+    conversation: bytes
+    replaced_by: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    message_id: bytes
+    conversation: bytes
+    sender: bytes
+    recipient: bytes
+    timestamp_ms: int
+    body: str
+    outgoing: bool
+    delivered: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    id: bytes
+    peer: bytes
+    last_ms: int
+    read_up_to_ms: int
+    unread: int
+
+
+class Cache:
+    """One SQLCipher database file; methods that change state commit before returning,
+    except inside `transaction()`, which commits once at its end."""
+
+    def __init__(self, conn: Any) -> None:
+        self._db = conn
+        self._depth = 0
+
+    @classmethod
+    def open(cls, path: Path, key: bytes) -> Cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlcipher.connect(str(path), isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA cipher_log_level = NONE")  # a wrong key is our error, not a log line
+        conn.execute(f"PRAGMA key = \"x'{key.hex()}'\"")
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlcipher.DatabaseError:
+            conn.close()
+            raise WrongPassphraseError(
+                f"{path}: cannot open the cache (wrong key or not a cache file)"
+            ) from None
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS), so no transaction needed
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        return cls(conn)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All-or-nothing; nests (the outermost commits)."""
+        if self._depth == 0:
+            self._db.execute("BEGIN IMMEDIATE")
+        self._depth += 1
+        try:
+            yield
+        except BaseException:
+            self._depth -= 1
+            if self._depth == 0:
+                self._db.execute("ROLLBACK")
+            raise
+        self._depth -= 1
+        if self._depth == 0:
+            self._db.execute("COMMIT")
+
+    def _write(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        with self.transaction():
+            cur = self._db.execute(sql, params)
+            return int(cur.rowcount)
+
+    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return list(self._db.execute(sql, params).fetchall())
+
+    def integrity_check(self) -> str:
+        return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])
+
+    # -- state ---------------------------------------------------------------------
+
+    def get_state(self, key: str) -> bytes | None:
+        rows = self._rows("SELECT value FROM state WHERE key = ?", (key,))
+        return bytes(rows[0][0]) if rows else None
+
+    def set_state(self, key: str, value: bytes) -> None:
+        self._write("INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)", (key, value))
+
+    # -- contacts ------------------------------------------------------------------
+
+    def pin(self, contact: Contact) -> None:
+        """Remember a contact's keys the first time they are seen (TOFU)."""
+        with self.transaction():
+            self._db.execute(
+                "INSERT INTO contacts(fingerprint, keys, name, verified, pinned_ms, conversation,"
+                " replaced_by) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    contact.fingerprint, contact.keys.encode(), contact.name,
+                    int(contact.verified), contact.pinned_ms, contact.conversation,
+                    contact.replaced_by,
+                ),
+            )  # fmt: skip
+            self._db.execute(
+                "INSERT OR IGNORE INTO conversations(id, peer) VALUES (?, ?)",
+                (contact.conversation, contact.fingerprint),
+            )
+
+    def contact(self, fingerprint: bytes) -> Contact | None:
+        rows = self._rows(f"SELECT {_CONTACT_COLUMNS} FROM contacts WHERE fingerprint = ?",
+                          (fingerprint,))  # fmt: skip
+        return _contact(rows[0]) if rows else None
+
+    def contact_named(self, name: str) -> Contact | None:
+        rows = self._rows(f"SELECT {_CONTACT_COLUMNS} FROM contacts WHERE name = ?", (name,))
+        return _contact(rows[0]) if rows else None
+
+    def contacts(self) -> list[Contact]:
+        rows = self._rows(
+            f"SELECT {_CONTACT_COLUMNS} FROM contacts WHERE replaced_by IS NULL"
+            " ORDER BY coalesce(name, hex(fingerprint))"
+        )
+        return [_contact(r) for r in rows]
+
+    def set_contact_name(self, fingerprint: bytes, name: str) -> None:
+        self._write("UPDATE contacts SET name = ? WHERE fingerprint = ?", (name, fingerprint))
+
+    def set_verified(self, fingerprint: bytes, verified: bool) -> None:
+        self._write(
+            "UPDATE contacts SET verified = ? WHERE fingerprint = ?", (int(verified), fingerprint)
+        )
+
+    def replace_contact(self, old: Contact, new_keys: PublicKeySet, now_ms: int) -> Contact:
+        """A verified key rotation: the new keys take over the name and the conversation."""
+        new = Contact(
+            new_keys.fingerprint, new_keys, old.name, False, now_ms, old.conversation, None
+        )
+        with self.transaction():
+            self._db.execute(
+                "UPDATE contacts SET name = NULL, replaced_by = ? WHERE fingerprint = ?",
+                (new.fingerprint, old.fingerprint),
+            )
+            if self.contact(new.fingerprint) is None:
+                self.pin(new)
+            self._db.execute(
+                "UPDATE conversations SET peer = ? WHERE id = ?",
+                (new.fingerprint, old.conversation),
+            )
+        return new
+
+    # -- messages ------------------------------------------------------------------
+
+    def add_message(self, msg: Message) -> bool:
+        """Store a message; False (and nothing changes) when its ID is already held."""
+        with self.transaction():
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO messages(message_id, conversation, sender, recipient,"
+                " timestamp_ms, body, outgoing, delivered) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    msg.message_id, msg.conversation, msg.sender, msg.recipient,
+                    msg.timestamp_ms, msg.body, int(msg.outgoing), int(msg.delivered),
+                ),
+            )  # fmt: skip
+            if cur.rowcount == 0:
+                return False
+            self._db.execute(
+                "INSERT OR IGNORE INTO conversations(id, peer) VALUES (?, ?)",
+                (msg.conversation, msg.recipient if msg.outgoing else msg.sender),
+            )
+            self._db.execute(
+                "UPDATE conversations SET last_ms = max(last_ms, ?) WHERE id = ?",
+                (msg.timestamp_ms, msg.conversation),
+            )
+            return True
+
+    def mark_delivered(self, message_ids: list[bytes], *, recipient: bytes) -> int:
+        """Receipts count only for messages sent to the identity that sent the receipt."""
+        sql = (
+            "UPDATE messages SET delivered = 1 WHERE message_id = ? AND recipient = ?"
+            " AND outgoing = 1 AND delivered = 0"
+        )
+        with self.transaction():
+            return sum(int(self._db.execute(sql, (m, recipient)).rowcount) for m in message_ids)
+
+    def messages(self, conversation: bytes | None = None, *, limit: int = 10_000) -> list[Message]:
+        where, params = ("WHERE conversation = ?", (conversation,)) if conversation else ("", ())
+        rows = self._rows(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages {where}"
+            " ORDER BY timestamp_ms, message_id LIMIT ?",
+            (*params, limit),
+        )
+        return [_message(r) for r in rows]
+
+    def message_count(self) -> int:
+        return int(self._rows("SELECT count(*) FROM messages")[0][0])
+
+    def search(self, text: str, *, limit: int = 100) -> list[Message]:
+        """Full-text search over message bodies (FTS5 inside the encrypted file)."""
+        query = " ".join('"' + word.replace('"', '""') + '"' for word in text.split())
+        if not query:
+            return []
+        rows = self._rows(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE rowid IN"
+            " (SELECT rowid FROM messages_text WHERE messages_text MATCH ?)"
+            " ORDER BY timestamp_ms LIMIT ?",
+            (query, limit),
+        )
+        return [_message(r) for r in rows]
+
+    # -- conversations and read state -------------------------------------------------
+
+    def conversations(self) -> list[Conversation]:
+        rows = self._rows(
+            "SELECT c.id, c.peer, c.last_ms, c.read_up_to_ms, (SELECT count(*) FROM messages m"
+            " WHERE m.conversation = c.id AND m.outgoing = 0 AND m.timestamp_ms > c.read_up_to_ms)"
+            " FROM conversations c ORDER BY c.last_ms DESC"
+        )
+        return [Conversation(bytes(r[0]), bytes(r[1]), r[2], r[3], r[4]) for r in rows]
+
+    def mark_read(self, conversation: bytes, up_to_ms: int) -> bool:
+        """Read state only moves forward (so devices converge on the maximum)."""
+        changed = self._write(
+            "UPDATE conversations SET read_up_to_ms = ? WHERE id = ? AND read_up_to_ms < ?",
+            (up_to_ms, conversation, up_to_ms),
+        )
+        return changed > 0
+
+    def read_state(self) -> dict[bytes, int]:
+        rows = self._rows("SELECT id, read_up_to_ms FROM conversations WHERE read_up_to_ms > 0")
+        return {bytes(r[0]): r[1] for r in rows}
+
+    # -- mailbox bookkeeping ----------------------------------------------------------
+
+    def blob_outcome(self, blob_id: bytes) -> str | None:
+        rows = self._rows("SELECT outcome FROM blobs WHERE blob_id = ?", (blob_id,))
+        return str(rows[0][0]) if rows else None
+
+    def record_blob(self, blob_id: bytes, outcome: str, now_ms: int) -> None:
+        self._write(
+            "INSERT OR IGNORE INTO blobs(blob_id, outcome, seen_ms) VALUES (?, ?, ?)",
+            (blob_id, outcome, now_ms),
+        )
+
+    def seen_envelope(self, message_id: bytes) -> bool:
+        return bool(self._rows("SELECT 1 FROM envelopes_seen WHERE message_id = ?", (message_id,)))
+
+    def remember_envelope(self, message_id: bytes, timestamp_ms: int) -> None:
+        self._write(
+            "INSERT OR IGNORE INTO envelopes_seen(message_id, timestamp_ms) VALUES (?, ?)",
+            (message_id, timestamp_ms),
+        )
+
+    def forget_envelopes_before(self, cutoff_ms: int) -> None:
+        """Beyond the replay window an envelope is refused by its timestamp anyway."""
+        self._write("DELETE FROM envelopes_seen WHERE timestamp_ms < ?", (cutoff_ms,))
+
+    def cursors(self) -> dict[bytes, bytes]:
+        return {bytes(r[0]): bytes(r[1]) for r in self._rows("SELECT node_id, cursor FROM cursors")}
+
+    def save_cursors(self, cursors: dict[bytes, bytes]) -> None:
+        with self.transaction():
+            for node_id, cursor in cursors.items():
+                self._db.execute(
+                    "INSERT OR REPLACE INTO cursors(node_id, cursor) VALUES (?, ?)",
+                    (node_id, cursor),
+                )
+
+    # -- devices and the acknowledgements that decide deletion ---------------------------
+
+    def add_device(self, device_id: bytes, name: str, now_ms: int) -> bool:
+        return (
+            self._write(
+                "INSERT OR IGNORE INTO devices(device_id, name, added_ms) VALUES (?, ?, ?)",
+                (device_id, name, now_ms),
+            )
+            > 0
+        )
+
+    def devices(self) -> dict[bytes, str]:
+        return {bytes(r[0]): str(r[1]) for r in self._rows("SELECT device_id, name FROM devices")}
+
+    def add_acks(self, device_id: bytes, blob_ids: list[bytes], ack_blob: bytes | None) -> None:
+        with self.transaction():
+            for blob in blob_ids:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO acks(blob_id, device_id) VALUES (?, ?)",
+                    (blob, device_id),
+                )
+                if ack_blob is not None:
+                    self._db.execute(
+                        "INSERT OR IGNORE INTO ack_blobs(ack_blob, covers) VALUES (?, ?)",
+                        (ack_blob, blob),
+                    )
+
+    def deletable_blobs(self) -> list[bytes]:
+        """Blobs every known device acknowledged, and acknowledgements that only cover such
+        blobs (once every device holds a blob, nobody needs to hear who holds it)."""
+        done = (
+            "SELECT blob_id FROM acks GROUP BY blob_id"
+            " HAVING count(DISTINCT device_id) >= (SELECT count(*) FROM devices)"
+        )
+        rows = self._rows(
+            f"SELECT blob_id FROM blobs WHERE deleted = 0 AND blob_id IN ({done})"
+            " UNION SELECT ack_blob FROM ack_blobs a WHERE NOT EXISTS (SELECT 1 FROM ack_blobs b"
+            f" WHERE b.ack_blob = a.ack_blob AND b.covers NOT IN ({done}))"
+            " AND a.ack_blob IN (SELECT blob_id FROM blobs WHERE deleted = 0)"
+        )
+        return [bytes(r[0]) for r in rows]
+
+    def mark_deleted(self, blob_ids: list[bytes]) -> None:
+        with self.transaction():
+            for blob in blob_ids:
+                self._db.execute("UPDATE blobs SET deleted = 1 WHERE blob_id = ?", (blob,))
+
+
+_CONTACT_COLUMNS = "fingerprint, keys, name, verified, pinned_ms, conversation, replaced_by"
+_MESSAGE_COLUMNS = (
+    "message_id, conversation, sender, recipient, timestamp_ms, body, outgoing, delivered"
+)
+
+
+def _contact(row: tuple[Any, ...]) -> Contact:
+    return Contact(
+        bytes(row[0]), PublicKeySet.decode(bytes(row[1])), row[2], bool(row[3]), row[4],
+        bytes(row[5]), bytes(row[6]) if row[6] is not None else None,
+    )  # fmt: skip
+
+
+def _message(row: tuple[Any, ...]) -> Message:
+    return Message(
+        bytes(row[0]), bytes(row[1]), bytes(row[2]), bytes(row[3]), row[4], row[5],
+        bool(row[6]), bool(row[7]),
+    )  # fmt: skip

@@ -1,0 +1,131 @@
+"""The DHT keyserver: identity records, name claims and key rotations on the overlay.
+
+Everything here is a signed record (`dna_core.crypto.records`) that overlay nodes
+verify before storing (`dna_core.overlay.records`) and that we verify again after
+fetching, so a lying node can withhold a record but not forge one. Sequence
+numbers are the creation time in ms, so any device of an identity can republish
+without coordinating a counter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from dna_core.crypto import Identity, PublicKeySet, sign_record, signature
+from dna_core.crypto import pow as pow_
+from dna_core.crypto import primitives as p
+from dna_core.errors import VerificationError
+from dna_core.overlay.aio import OverlayNode
+from dna_core.overlay.records import (
+    name_key,
+    name_pow_hash,
+    normalize_name,
+    record_key,
+    rotation_accept_message,
+)
+from dna_core.wire import decode_message
+from dna_core.wire.gen.dna.v1 import common_pb2, records_pb2
+
+IDENTITY = common_pb2.RECORD_KIND_IDENTITY
+NAME_CLAIM = common_pb2.RECORD_KIND_NAME_CLAIM
+ROTATION = common_pb2.RECORD_KIND_KEY_ROTATION
+RECORD_TTL_MS = 30 * 86_400_000
+NAME_POW_BITS = 16  # what overlay nodes require by default (overlay.name_pow_bits)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def publish_identity(node: OverlayNode, identity: Identity, display_name: str) -> int:
+    """Store the identity record; returns how many overlay nodes took it."""
+    payload = records_pb2.IdentityRecord(display_name=display_name).SerializeToString()
+    return await _publish(node, identity, IDENTITY, record_key(IDENTITY, identity.fingerprint),
+                          payload)  # fmt: skip
+
+
+async def claim_name(
+    node: OverlayNode, identity: Identity, name: str, *, pow_bits: int = NAME_POW_BITS
+) -> int:
+    """Claim ``name`` for this identity (first come, first served; costs proof of work)."""
+    norm = normalize_name(name)
+    proof, _ = pow_.solve(name_pow_hash(norm, identity.fingerprint), pow_bits, now_ms=now_ms())
+    claim = records_pb2.NameClaim(name=norm, fingerprint=identity.fingerprint,
+                                  pow=proof.to_proto())  # fmt: skip
+    return await _publish(node, identity, NAME_CLAIM, name_key(norm), claim.SerializeToString())
+
+
+async def _publish(
+    node: OverlayNode, identity: Identity, kind: int, key: bytes, payload: bytes
+) -> int:
+    created = now_ms()
+    record = sign_record(identity, kind=kind, key=key, seq=created, now_ms=created,
+                         ttl_ms=RECORD_TTL_MS, payload=payload)  # fmt: skip
+    return await node.put_record(record, key)
+
+
+async def lookup_keys(node: OverlayNode, fingerprint: bytes) -> PublicKeySet | None:
+    """The key set behind a fingerprint, from its identity record (None: not published)."""
+    found = await node.get_record(record_key(IDENTITY, fingerprint))
+    if found is None or found.signer.fingerprint != fingerprint:
+        return None
+    return found.signer
+
+
+async def lookup_name(node: OverlayNode, name: str) -> bytes | None:
+    """The fingerprint that claimed ``name`` (None: unclaimed)."""
+    found = await node.get_record(name_key(name))
+    if found is None:
+        return None
+    claim = decode_message(records_pb2.NameClaim, found.body.payload, max_size=1024,
+                           what="name claim")  # fmt: skip
+    if claim.fingerprint != found.signer.fingerprint or claim.name != normalize_name(name):
+        raise VerificationError("name claim: does not bind this name to its signer")
+    return bytes(claim.fingerprint)
+
+
+def rotation_record(old: Identity, new: Identity, *, reason: str = "") -> bytes:
+    """A rotation statement: signed by the old key, cross-signed by the new one."""
+    accept = signature.sign(
+        new, b"rotation-accept", rotation_accept_message(old.fingerprint, new.fingerprint)
+    )
+    payload = records_pb2.KeyRotation(
+        old_fingerprint=old.fingerprint, new_keys=new.public.to_proto(),
+        effective_ms=now_ms(), new_key_signature=accept, reason=reason,
+    )  # fmt: skip
+    created = now_ms()
+    return sign_record(old, kind=ROTATION, key=record_key(ROTATION, old.fingerprint), seq=created,
+                       now_ms=created, ttl_ms=365 * 86_400_000,
+                       payload=payload.SerializeToString())  # fmt: skip
+
+
+async def publish_rotation(node: OverlayNode, old: Identity, new: Identity, reason: str) -> int:
+    return await node.put_record(
+        rotation_record(old, new, reason=reason), record_key(ROTATION, old.fingerprint)
+    )
+
+
+async def lookup_rotation(node: OverlayNode, old: PublicKeySet) -> PublicKeySet | None:
+    """The keys ``old`` rotated to, if a statement signed by ``old`` exists."""
+    found = await node.get_record(record_key(ROTATION, old.fingerprint))
+    if found is None or found.signer != old:
+        return None  # only the old key itself may speak for a rotation
+    rot = decode_message(records_pb2.KeyRotation, found.body.payload, max_size=8192,
+                         what="key rotation")  # fmt: skip
+    new = PublicKeySet.from_proto(rot.new_keys)
+    signature.verify(new, b"rotation-accept",
+                     rotation_accept_message(old.fingerprint, new.fingerprint),
+                     rot.new_key_signature)  # fmt: skip
+    return new
+
+
+def safety_number(a: bytes, b: bytes) -> str:
+    """60 digits both sides compute from the two fingerprints, to compare out of band.
+
+    Each 5-digit group comes from 5 bytes of SHA-512 (mod 100000, as Signal does),
+    so the number has about 199 bits and does not depend on who computes it.
+    """
+    digest = hashlib.sha512(p.label("safety-number") + b"".join(sorted((a, b)))).digest()
+    groups = [int.from_bytes(digest[i : i + 5], "big") % 100_000 for i in range(0, 60, 5)]
+    return " ".join(f"{g:05d}" for g in groups)

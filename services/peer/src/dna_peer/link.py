@@ -1,0 +1,143 @@
+"""Linking a new device with a one-time code.
+
+The existing device makes a random 80-bit code and derives from it (Argon2id,
+memory-hard, so guessing codes is slow) a throwaway identity. It seals a
+DeviceLink (the identity, locked under the code, and the new device's ID) to
+that throwaway identity, signed by the real identity with its keys inside, and
+puts it in the throwaway identity's mailbox for an hour. The new device derives
+the same throwaway identity from the typed code, fetches and opens the
+envelope, checks that the identity inside is the one that signed it, deletes
+the blob and starts with that identity. The existing device announces both
+devices to the own mailbox and posts its history there, so the new device
+converges and deletions wait for its acknowledgements from now on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import time
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+from dna_core.crypto import Identity, ReplayGuard, keystore, open_envelope, seal
+from dna_core.crypto import primitives as p
+from dna_core.crypto.keys import SEEDS_SIZE
+from dna_core.errors import DnaError, ProtocolError, VerificationError
+from dna_core.mailbox.client import MailboxClient
+from dna_core.wire import decode_message
+from dna_core.wire.gen.dna.v1 import envelope_pb2
+
+from dna_peer.keyserver import now_ms
+from dna_peer.network import join_overlay
+from dna_peer.peer import Peer
+from dna_peer.profile import DEVICE_ID_SIZE, Device, Profile
+
+CODE_BYTES = 10  # 80 bits, 16 base32 characters
+LINK_TTL_S = 3600
+
+
+class LinkError(DnaError):
+    """The code found no link offer, or the offer did not check out."""
+
+
+@dataclass(frozen=True)
+class LinkOffer:
+    code: str
+    device_id: bytes
+    history_chunks: int
+
+
+def new_code() -> str:
+    raw = base64.b32encode(os.urandom(CODE_BYTES)).decode()
+    return "-".join(raw[i : i + 4] for i in range(0, len(raw), 4))
+
+
+def link_identity(code: str) -> Identity:
+    """The throwaway identity both devices derive from the code."""
+    norm = code.replace("-", "").replace(" ", "").upper()
+    if len(norm) != CODE_BYTES * 8 // 5:
+        raise LinkError("a link code has 16 letters and digits, like ABCD-EFGH-IJKL-MNOP")
+    stretched = keystore.KdfParams().derive(norm, p.sha256(p.label("device-link"))[:16])
+    seeds = HKDFExpand(hashes.SHA256(), SEEDS_SIZE, info=p.label("link-identity"))
+    return Identity(seeds.derive(stretched))
+
+
+async def offer_link(peer: Peer, device_name: str) -> LinkOffer:
+    """On the existing device: publish a link offer and return its code."""
+    code = new_code()
+    temp = link_identity(code)
+    device_id = os.urandom(DEVICE_ID_SIZE)
+    link = envelope_pb2.DeviceLink(
+        encrypted_identity=keystore.lock(peer.identity, code),
+        device_name=device_name,
+        device_id=device_id,
+    )
+    envelope = seal(peer.identity, temp.public, envelope_pb2.Payload(link=link).SerializeToString(),
+                    now_ms=now_ms(), include_sender_keys=True)  # fmt: skip
+    await peer.mail.put(temp.fingerprint, envelope, ttl_s=LINK_TTL_S)
+    peer.cache.add_device(device_id, device_name, now_ms())
+    for dev_id, name in ((peer.device.device_id, peer.device.name), (device_id, device_name)):
+        hello = envelope_pb2.DeviceHello(device_id=dev_id, device_name=name)
+        await peer.post_to_devices(envelope_pb2.Payload(device=hello))
+    chunks = await peer.send_history()
+    return LinkOffer(code, device_id, chunks)
+
+
+async def accept_link(
+    profile: Profile,
+    code: str,
+    passphrase: str,
+    seeds: list[tuple[str, int]],
+    *,
+    timeout: float = 60.0,
+    pow_bits: int = 12,
+) -> Peer:
+    """On the new device: fetch the offer, check it, and create the profile from it."""
+    temp = link_identity(code)
+    node = await join_overlay(seeds)
+    try:
+        mail = MailboxClient(node, pow_bits=pow_bits)
+        link, identity, blob_ids = await _receive_offer(mail, temp, code, timeout)
+        await mail.delete(temp, blob_ids)
+        device = profile.create(identity, passphrase, Device(link.device_id, link.device_name))
+        peer = Peer(identity, profile.open_cache(identity), node, device, pow_bits)
+    except BaseException:
+        await node.stop()
+        raise
+    hello = envelope_pb2.DeviceHello(device_id=device.device_id, device_name=device.name)
+    await peer.post_to_devices(envelope_pb2.Payload(device=hello))
+    return peer
+
+
+async def _receive_offer(
+    mail: MailboxClient, temp: Identity, code: str, timeout: float
+) -> tuple[envelope_pb2.DeviceLink, Identity, list[bytes]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        blobs, _ = await mail.fetch(temp)
+        for stored in blobs:
+            try:
+                return (*_open_offer(stored.blob, temp, code), [b.blob_id for b in blobs])
+            except ProtocolError:
+                continue  # not a valid offer (garbage in the mailbox): keep looking
+        if time.monotonic() > deadline:
+            raise LinkError("no link offer found for this code (expired, or mistyped?)")
+        await asyncio.sleep(1.0)
+
+
+def _open_offer(blob: bytes, temp: Identity, code: str) -> tuple[envelope_pb2.DeviceLink, Identity]:
+    opened = open_envelope(blob, temp, now_ms=now_ms(), replay_guard=ReplayGuard())
+    payload = decode_message(envelope_pb2.Payload, opened.payload, max_size=256 * 1024,
+                             what="link payload")  # fmt: skip
+    if payload.WhichOneof("kind") != "link" or len(payload.link.device_id) != DEVICE_ID_SIZE:
+        raise VerificationError("link: not a device link")
+    try:
+        identity = keystore.unlock(payload.link.encrypted_identity, code)
+    except DnaError as exc:
+        raise VerificationError(f"link: identity does not unlock with the code: {exc}") from None
+    if identity.public != opened.sender:
+        raise VerificationError("link: the identity inside is not the one that signed the offer")
+    return payload.link, identity

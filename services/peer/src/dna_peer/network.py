@@ -1,0 +1,52 @@
+"""How a peer reaches the network: an overlay node in client mode joined through seeds."""
+
+from __future__ import annotations
+
+import os
+
+from dna_core.crypto.node import NodeIdentity
+from dna_core.errors import DnaError
+from dna_core.overlay.aio import NodeConfig, OverlayNode
+
+# The local testnet's bootstrap nodes (`dna-testnet up`): the embedded default.
+TESTNET_SEEDS = (("127.0.0.2", 7400), ("127.0.0.3", 7400), ("127.0.0.4", 7400))
+SEEDS_ENV = "DNA_BOOTSTRAP"
+
+
+class NetworkUnreachableError(DnaError):
+    """No bootstrap node answered."""
+
+
+def parse_seeds(text: str) -> list[tuple[str, int]]:
+    """``"host:port,host:port"`` -> addresses (IPv6 as ``[addr]:port``)."""
+    seeds = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            raise DnaError(f"bootstrap address {item!r} is not host:port")
+        seeds.append((host.strip("[]"), int(port)))
+    return seeds
+
+
+def default_seeds() -> list[tuple[str, int]]:
+    return parse_seeds(os.environ[SEEDS_ENV]) if SEEDS_ENV in os.environ else list(TESTNET_SEEDS)
+
+
+async def join_overlay(
+    seeds: list[tuple[str, int]], *, host: str = "127.0.0.1", puzzle_bits: int = 4
+) -> OverlayNode:
+    """A peer's overlay node: client mode (it queries and is never routed through),
+    joined through ``seeds`` with its buckets refreshed."""
+    node = OverlayNode(
+        NodeIdentity.generate(0)[0],
+        NodeConfig(host=host, puzzle_bits=puzzle_bits, client_mode=True, allow_loopback=True),
+    )
+    await node.start()
+    if not await node.join(seeds):
+        await node.stop()
+        raise NetworkUnreachableError(
+            f"no bootstrap node answered among {', '.join(f'{h}:{p}' for h, p in seeds)}"
+            " (is the network up? `dna-testnet up` starts a local one)"
+        )
+    await node.refresh(0)
+    return node

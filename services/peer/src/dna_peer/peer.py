@@ -1,0 +1,289 @@
+"""A person's device on the network: contacts (TOFU), sending, syncing, devices.
+
+`Peer` ties one unlocked identity, its encrypted cache and a client-mode overlay
+node together. Sending seals an envelope to the contact's pinned keys and puts
+it on the recipient's mailbox replicas (`MailboxClient`: W of 5, proof of work,
+hand-off). Syncing fetches the own mailbox from its replicas, and handles each
+new blob in one cache transaction (`inbox.handle_blob`): messages, receipts, and
+what the identity's other devices post there (sync transcripts, read state,
+device announcements, acknowledgements, history). A blob is deleted from the
+storage nodes with a signed delete once every known device acknowledged it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dna_core.crypto import Identity, PublicKeySet, seal
+from dna_core.crypto.envelope import decode_envelope
+from dna_core.errors import DnaError
+from dna_core.mailbox.client import FetchState, MailboxClient
+from dna_core.overlay.aio import OverlayNode
+from dna_core.overlay.records import normalize_name
+from dna_core.wire.gen.dna.v1 import envelope_pb2
+
+from dna_peer import keyserver
+from dna_peer.cache import Cache, Contact, Message
+from dna_peer.inbox import Inbox, SyncReport
+from dna_peer.keyserver import now_ms
+from dna_peer.network import join_overlay
+from dna_peer.profile import Device, Profile
+
+log = logging.getLogger("dna.peer")
+HISTORY_CHUNK_BYTES = 150 * 1024  # a History payload stays under the 192 KiB envelope cap
+Progress = Callable[[int, int], None]  # (done, total)
+
+
+class UnknownContactError(DnaError):
+    """No contact, name or fingerprint matches."""
+
+
+class KeyChangedError(DnaError):
+    """A contact's key changed without a rotation statement signed by the pinned key."""
+
+
+@dataclass(frozen=True)
+class SentMessage:
+    message_id: bytes
+    stored_on: int  # replicas that acknowledged
+
+
+@dataclass
+class Peer:
+    identity: Identity
+    cache: Cache
+    node: OverlayNode
+    device: Device
+    pow_bits: int = 12
+    mail: MailboxClient = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.mail = MailboxClient(self.node, pow_bits=self.pow_bits)
+        if self.cache.add_device(self.device.device_id, self.device.name, now_ms()):
+            log.info("device %s registered in its cache", self.device.device_id.hex()[:8])
+
+    async def close(self) -> None:
+        await self.node.stop()
+        self.cache.close()
+
+    @property
+    def fingerprint(self) -> bytes:
+        return self.identity.fingerprint
+
+    # -- identity and contacts -------------------------------------------------------
+
+    async def publish(self, display_name: str, name: str | None = None) -> int:
+        """Publish the identity record (and claim ``name``); returns overlay copies stored."""
+        stored = await keyserver.publish_identity(self.node, self.identity, display_name)
+        if name is not None:
+            await keyserver.claim_name(self.node, self.identity, name)
+        return stored
+
+    async def add_contact(self, query: str) -> Contact:
+        """Pin a contact found by name or fingerprint (hex); idempotent; TOFU on names."""
+        fingerprint = _parse_fingerprint(query)
+        name = None if fingerprint else normalize_name(query)
+        if name is not None:
+            fingerprint = await keyserver.lookup_name(self.node, name)
+            if fingerprint is None:
+                raise UnknownContactError(f"nobody has claimed the name {name!r}")
+            pinned = self.cache.contact_named(name)
+            if pinned is not None and pinned.fingerprint != fingerprint:
+                return await self._follow_rotation(pinned, fingerprint)
+        assert fingerprint is not None
+        known = self.cache.contact(fingerprint)
+        if known is not None:
+            if name and known.name != name:
+                self.cache.set_contact_name(fingerprint, name)
+            return self.cache.contact(fingerprint) or known
+        keys = await keyserver.lookup_keys(self.node, fingerprint)
+        if keys is None:
+            raise UnknownContactError(f"no identity record for {fingerprint.hex()[:16]}…")
+        contact = Contact(fingerprint, keys, name, False, now_ms(), fingerprint)
+        self.cache.pin(contact)
+        return contact
+
+    async def _follow_rotation(self, pinned: Contact, claimed: bytes) -> Contact:
+        """Accept a changed key only through a rotation statement signed by the pinned key."""
+        new_keys = await keyserver.lookup_rotation(self.node, pinned.keys)
+        if new_keys is None or new_keys.fingerprint != claimed:
+            log.warning(
+                "KEY CHANGED for %s: pinned %s, network says %s, no rotation signed by the"
+                " pinned key; refusing", pinned.name, pinned.fingerprint.hex(), claimed.hex()
+            )  # fmt: skip
+            raise KeyChangedError(
+                f"the key of {pinned.name!r} changed from {pinned.fingerprint.hex()[:16]}… to"
+                f" {claimed.hex()[:16]}… without a rotation signed by the old key; refusing"
+                " (verify with them out of band, then `dna contacts forget` and add again)"
+            )
+        log.warning("%s rotated keys to %s (signed by the pinned key)", pinned.name, claimed.hex())
+        return self.cache.replace_contact(pinned, new_keys, now_ms())
+
+    async def refresh_contact(self, contact: Contact) -> Contact:
+        """Follow a rotation the contact published (signed by the pinned key), if any."""
+        new_keys = await keyserver.lookup_rotation(self.node, contact.keys)
+        if new_keys is None:
+            return contact
+        return await self._follow_rotation(contact, new_keys.fingerprint)
+
+    def find_contact(self, query: str) -> Contact:
+        """A pinned contact by name, fingerprint or fingerprint prefix (hex)."""
+        found = self.cache.contact_named(query.casefold())
+        if found is not None:
+            return found
+        matches = [c for c in self.cache.contacts() if c.fingerprint.hex().startswith(query)]
+        if len(query) >= 8 and len(matches) == 1:
+            return matches[0]
+        raise UnknownContactError(f"no contact {query!r}: add one with `dna contacts add NAME`")
+
+    def safety_number(self, contact: Contact) -> str:
+        return keyserver.safety_number(self.fingerprint, contact.fingerprint)
+
+    # -- sending ---------------------------------------------------------------------
+
+    async def send(self, contact: Contact, body: str) -> SentMessage:
+        payload = envelope_pb2.Payload(text=envelope_pb2.Text(body=body)).SerializeToString()
+        sent = await self.send_payload(contact.keys, payload, with_keys=True)
+        header = decode_envelope(sent.envelope)
+        self.cache.add_message(Message(
+            header.message_id, contact.conversation, self.fingerprint, contact.fingerprint,
+            header.timestamp_ms, body, outgoing=True,
+        ))  # fmt: skip
+        if self._has_other_devices():
+            transcript = envelope_pb2.SyncTranscript(
+                original_recipient=contact.fingerprint, original_message_id=header.message_id,
+                original_timestamp_ms=header.timestamp_ms, payload=payload,
+            )  # fmt: skip
+            await self.post_to_devices(envelope_pb2.Payload(sync=transcript))
+        return SentMessage(header.message_id, sent.stored_on)
+
+    async def send_payload(self, to: PublicKeySet, payload: bytes, *, with_keys: bool) -> _Sent:
+        envelope = seal(self.identity, to, payload, now_ms=now_ms(), include_sender_keys=with_keys)
+        put = await self.mail.put(to.fingerprint, envelope)
+        return _Sent(envelope, len(put.stored_on))
+
+    async def post_to_devices(self, payload: envelope_pb2.Payload) -> None:
+        """Put a payload in the own mailbox, for this identity's other devices."""
+        await self.send_payload(self.identity.public, payload.SerializeToString(), with_keys=False)
+
+    def _has_other_devices(self) -> bool:
+        return len(self.cache.devices()) > 1
+
+    async def mark_read(self, contact: Contact) -> bool:
+        """Mark a conversation read up to its newest message, on every device."""
+        messages = self.cache.messages(contact.conversation)
+        newest = messages[-1].timestamp_ms if messages else 0
+        if not self.cache.mark_read(contact.conversation, newest):
+            return False
+        if self._has_other_devices():
+            marker = envelope_pb2.ReadMarker(
+                conversation_id=contact.conversation, read_up_to_ms=newest
+            )
+            await self.post_to_devices(envelope_pb2.Payload(read=marker))
+        return True
+
+    # -- receiving ---------------------------------------------------------------------
+
+    async def sync(self, progress: Progress | None = None) -> SyncReport:
+        """Fetch the own mailbox, handle what is new, acknowledge, receipt, clean up."""
+        state = FetchState(cursors=self.cache.cursors())
+        blobs, state = await self.mail.fetch(self.identity, state)
+        inbox = Inbox(self)
+        for done, stored in enumerate(blobs, 1):
+            await inbox.handle_blob(stored.blob_id, stored.blob)
+            if progress:
+                progress(done, len(blobs))
+        self.cache.save_cursors(state.cursors)
+        await inbox.send_receipts()
+        await self._acknowledge(inbox.report.held)
+        inbox.report.deleted = await self._clean_up()
+        return inbox.report
+
+    async def _acknowledge(self, blob_ids: list[bytes]) -> None:
+        if not blob_ids:
+            return
+        self.cache.add_acks(self.device.device_id, blob_ids, None)
+        if self._has_other_devices():
+            ack = envelope_pb2.DeviceAck(device_id=self.device.device_id, blob_ids=blob_ids)
+            await self.post_to_devices(envelope_pb2.Payload(ack=ack))
+
+    async def _clean_up(self) -> int:
+        """Signed deletes for what every device holds."""
+        deletable = self.cache.deletable_blobs()
+        if not deletable:
+            return 0
+        if await self.mail.delete(self.identity, deletable) >= self.mail.write_quorum:
+            self.cache.mark_deleted(deletable)
+            return len(deletable)
+        return 0
+
+    async def watch(self, on_report: Callable[[SyncReport], None], interval: float = 1.0) -> None:
+        """Sync forever (until cancelled), reporting each round that brought something."""
+        while True:
+            report = await self.sync()
+            if report.new_messages or report.receipts:
+                on_report(report)
+            await asyncio.sleep(interval)
+
+    # -- history, for a newly linked device --------------------------------------------
+
+    async def send_history(self) -> int:
+        """Post the whole cache (messages, read state, contacts) to the own mailbox."""
+        chunks = list(_history_chunks(self.cache, self.fingerprint))
+        for chunk in chunks:
+            await self.post_to_devices(envelope_pb2.Payload(history=chunk))
+        return len(chunks)
+
+
+@dataclass(frozen=True)
+class _Sent:
+    envelope: bytes
+    stored_on: int
+
+
+def _parse_fingerprint(query: str) -> bytes | None:
+    if len(query) == 64:
+        try:
+            return bytes.fromhex(query)
+        except ValueError:
+            return None
+    return None
+
+
+def _history_chunks(cache: Cache, own: bytes) -> list[envelope_pb2.History]:
+    contacts = [
+        envelope_pb2.ContactCard(keys=c.keys.to_proto(), name=c.name or "", verified=c.verified)
+        for c in cache.contacts()
+    ]
+    read = [envelope_pb2.ReadMarker(conversation_id=conv, read_up_to_ms=ms)
+            for conv, ms in cache.read_state().items()]  # fmt: skip
+    chunks = [envelope_pb2.History(contacts=contacts, read=read)]
+    for msg in cache.messages():
+        item = envelope_pb2.SyncTranscript(
+            original_recipient=msg.recipient, original_message_id=msg.message_id,
+            original_timestamp_ms=msg.timestamp_ms,
+            payload=envelope_pb2.Payload(text=envelope_pb2.Text(
+                body=msg.body, conversation_id=msg.conversation)).SerializeToString(),
+            original_sender=b"" if msg.sender == own else msg.sender,
+        )  # fmt: skip
+        if chunks[-1].ByteSize() + item.ByteSize() > HISTORY_CHUNK_BYTES:
+            chunks.append(envelope_pb2.History())
+        chunks[-1].messages.append(item)
+    return chunks
+
+
+async def open_peer(
+    profile: Profile, passphrase: str, seeds: list[tuple[str, int]], *, pow_bits: int = 12
+) -> Peer:
+    """Unlock the profile's identity and cache and join the overlay."""
+    identity = profile.unlock(passphrase)
+    cache = profile.open_cache(identity)
+    try:
+        node = await join_overlay(seeds)
+    except BaseException:
+        cache.close()
+        raise
+    return Peer(identity, cache, node, profile.device(), pow_bits)

@@ -1,0 +1,84 @@
+"""One device's files: the locked identity, the device ID and the encrypted cache.
+
+$DNA_HOME/identity.key   Argon2id + AES-256-GCM key file (dna_core.crypto.keystore)
+$DNA_HOME/device.json    this device's random ID and name (not secret)
+$DNA_HOME/cache.db       SQLCipher cache (dna_peer.cache)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from dna_core.crypto import Identity, keystore
+from dna_core.errors import DnaError
+
+from dna_peer.cache import Cache, cache_key
+
+DEVICE_ID_SIZE = 16
+
+
+class NoIdentityError(DnaError):
+    """The profile has no identity yet."""
+
+
+@dataclass(frozen=True)
+class Device:
+    device_id: bytes
+    name: str
+
+
+@dataclass(frozen=True)
+class Profile:
+    home: Path
+
+    @classmethod
+    def default(cls) -> Profile:
+        return cls(Path(os.environ.get("DNA_HOME", Path.home() / ".dna")))
+
+    @property
+    def keyfile(self) -> Path:
+        return self.home / "identity.key"
+
+    @property
+    def cache_path(self) -> Path:
+        return self.home / "cache.db"
+
+    def exists(self) -> bool:
+        return self.keyfile.exists()
+
+    def create(self, identity: Identity, passphrase: str, device: Device | None = None) -> Device:
+        """Write a new identity (refusing to overwrite one) and this device's ID."""
+        if self.exists():
+            raise DnaError(f"{self.keyfile} exists; refusing to overwrite an identity")
+        self.home.mkdir(parents=True, exist_ok=True)
+        device = device or Device(os.urandom(DEVICE_ID_SIZE), socket.gethostname())
+        _write_private(
+            self.home / "device.json",
+            json.dumps({"id": device.device_id.hex(), "name": device.name}).encode(),
+        )
+        _write_private(self.keyfile, keystore.lock(identity, passphrase))  # fmt: skip
+        return device
+
+    def device(self) -> Device:
+        data = json.loads((self.home / "device.json").read_text())
+        return Device(bytes.fromhex(data["id"]), str(data["name"]))
+
+    def unlock(self, passphrase: str) -> Identity:
+        if not self.exists():
+            raise NoIdentityError(f"no identity in {self.home}: run `dna identity create` first")
+        return keystore.unlock(self.keyfile.read_bytes(), passphrase)
+
+    def open_cache(self, identity: Identity) -> Cache:
+        return Cache.open(self.cache_path, cache_key(identity, self.device().device_id))
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
