@@ -1,20 +1,51 @@
-"""`dna`: the command line for a person. Identities today; messaging with its issue."""
+"""`dna`: the command line for a person.
+
+    dna identity create --name alice      a new identity, published to the network
+    dna identity show | export | publish
+    dna identity link                     on this device: print a one-time code
+    dna identity link CODE                on a new device: become a device of that identity
+    dna contacts add bob | list | verify bob [--confirm]
+    dna send bob "hello"
+    dna inbox [bob]                       sync, then show conversations (or one of them)
+    dna watch                             print messages as they arrive
+    dna sync                              fetch the mailbox, with a progress bar
+
+The profile lives in $DNA_HOME (default ~/.dna), the passphrase comes from a
+prompt or $DNA_PASSPHRASE, the network from --bootstrap or $DNA_BOOTSTRAP
+(default: the local testnet of `dna-testnet up`). `--json` prints one JSON
+document per command (one per message for `watch`) for scripts.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import datetime
 import getpass
 import json
+import logging
 import os
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from dna_core import __version__
-from dna_core.crypto import Identity, PublicKeySet, keystore
+from dna_core.crypto import Identity, keystore
 from dna_core.errors import DnaError
+from dna_core.overlay.records import normalize_name
+
+from dna_peer.cache import Contact, Message
+from dna_peer.inbox import SyncReport
+from dna_peer.link import accept_link, offer_link
+from dna_peer.network import default_seeds, parse_seeds
+from dna_peer.peer import Peer, open_peer
+from dna_peer.profile import NoIdentityError, Profile
 
 PASSPHRASE_ENV = "DNA_PASSPHRASE"
+Info = dict[str, Any]
 
 
 def _passphrase(confirm: bool) -> str:
@@ -29,38 +60,242 @@ def _passphrase(confirm: bool) -> str:
     return first
 
 
-def _describe(keys: PublicKeySet) -> dict[str, str | int]:
-    return {"fingerprint": keys.fingerprint.hex(), "public_key_set_bytes": len(keys.encode())}
-
-
-def _emit(args: argparse.Namespace, info: dict[str, str | int]) -> None:
+def _emit(args: argparse.Namespace, info: Info) -> None:
     if args.json:
-        print(json.dumps(info))
+        print(json.dumps(info), flush=True)
     else:
         for k, v in info.items():
             print(f"{k:>22}: {v}")
 
 
+def _with_peer(args: argparse.Namespace, work: Callable[[Peer], Awaitable[None]]) -> None:
+    """Unlock, join the network, run ``work``, leave."""
+
+    async def run() -> None:
+        peer = await open_peer(args.profile, _passphrase(confirm=False), args.seeds)
+        try:
+            await work(peer)
+        finally:
+            await peer.close()
+
+    asyncio.run(run())
+
+
+# -- identity -----------------------------------------------------------------------
+
+
 def _create(args: argparse.Namespace) -> None:
-    if args.keyfile.exists():
-        raise DnaError(f"{args.keyfile} exists; refusing to overwrite an identity")
     identity = Identity.generate()
-    data = keystore.lock(identity, _passphrase(confirm=True))
-    args.keyfile.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(args.keyfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    _emit(args, {**_describe(identity.public), "keyfile": str(args.keyfile)})
+    passphrase = _passphrase(confirm=True)
+    args.profile.create(identity, passphrase)
+    info: Info = {"fingerprint": identity.fingerprint.hex(), "home": str(args.profile.home)}
+    if args.offline:
+        _emit(args, {**info, "published": False})
+        return
+    os.environ.setdefault(PASSPHRASE_ENV, passphrase)  # one prompt for create and publish
+    _emit(args, info)
+    _publish(args)
+
+
+def _publish(args: argparse.Namespace) -> None:
+    async def work(peer: Peer) -> None:
+        display = args.display_name or args.name or socket.gethostname()
+        stored = await peer.publish(display, args.name)
+        info: Info = {"published_on": stored, "display_name": display}
+        if args.name:
+            info["name"] = normalize_name(args.name)
+        _emit(args, info)
+
+    _with_peer(args, work)
 
 
 def _show(args: argparse.Namespace) -> None:
-    _emit(args, _describe(keystore.read_public(args.keyfile.read_bytes())))
+    if not args.profile.exists():
+        raise NoIdentityError(f"no identity in {args.profile.home}: run `dna identity create`")
+    keys = keystore.read_public(args.profile.keyfile.read_bytes())
+    _emit(args, {"fingerprint": keys.fingerprint.hex(), "home": str(args.profile.home),
+                 "device": args.profile.device().name})  # fmt: skip
 
 
 def _export(args: argparse.Namespace) -> None:
-    identity = keystore.unlock(args.keyfile.read_bytes(), _passphrase(confirm=False))
+    identity = args.profile.unlock(_passphrase(confirm=False))
     args.out.write_bytes(identity.public.encode())
-    _emit(args, {**_describe(identity.public), "exported_to": str(args.out)})
+    _emit(args, {"fingerprint": identity.fingerprint.hex(), "exported_to": str(args.out)})
+
+
+def _link(args: argparse.Namespace) -> None:
+    if args.code:
+        _accept(args)
+        return
+
+    async def work(peer: Peer) -> None:
+        offer = await offer_link(peer, args.device_name)
+        if not args.json:
+            print(f"On the new device run:  dna identity link {offer.code}")
+            print("The code works once, for an hour. Anyone with it becomes you: keep it secret.")
+        _emit(args, {"code": offer.code, "device_id": offer.device_id.hex(),
+                     "history_chunks": offer.history_chunks})  # fmt: skip
+
+    _with_peer(args, work)
+
+
+def _accept(args: argparse.Namespace) -> None:
+    async def run() -> None:
+        peer = await accept_link(args.profile, args.code, _passphrase(confirm=True), args.seeds)
+        try:
+            report = await peer.sync()
+            _emit(args, {"fingerprint": peer.fingerprint.hex(), "device": peer.device.name,
+                         "messages": peer.cache.message_count(),
+                         "new": len(report.new_messages)})  # fmt: skip
+        finally:
+            await peer.close()
+
+    asyncio.run(run())
+
+
+# -- contacts -----------------------------------------------------------------------
+
+
+def _contact_info(peer: Peer, c: Contact) -> Info:
+    return {"name": c.name, "fingerprint": c.fingerprint.hex(), "verified": c.verified,
+            "safety_number": peer.safety_number(c)}  # fmt: skip
+
+
+def _contacts_add(args: argparse.Namespace) -> None:
+    async def work(peer: Peer) -> None:
+        _emit(args, _contact_info(peer, await peer.add_contact(args.who)))
+
+    _with_peer(args, work)
+
+
+def _contacts_list(args: argparse.Namespace) -> None:
+    async def work(peer: Peer) -> None:
+        contacts = [_contact_info(peer, c) for c in peer.cache.contacts()]
+        if args.json:
+            print(json.dumps(contacts))
+            return
+        for c in contacts:
+            mark = "verified" if c["verified"] else "unverified"
+            print(f"{c['name'] or '(no name)':<20} {c['fingerprint'][:32]}…  {mark}")
+
+    _with_peer(args, work)
+
+
+def _contacts_verify(args: argparse.Namespace) -> None:
+    async def work(peer: Peer) -> None:
+        contact = await peer.refresh_contact(peer.find_contact(args.who))
+        if args.confirm:
+            peer.cache.set_verified(contact.fingerprint, True)
+            contact = peer.cache.contact(contact.fingerprint) or contact
+        elif not args.json:
+            print("Compare this number with your contact (in person or on a call);")
+            print(f"if it matches, run: dna contacts verify {args.who} --confirm")
+        _emit(args, _contact_info(peer, contact))
+
+    _with_peer(args, work)
+
+
+# -- messages -----------------------------------------------------------------------
+
+
+def _send(args: argparse.Namespace) -> None:
+    async def work(peer: Peer) -> None:
+        contact = peer.find_contact(args.to)
+        sent = await peer.send(contact, " ".join(args.text))
+        _emit(args, {"to": contact.name or contact.fingerprint.hex(),
+                     "message_id": sent.message_id.hex(), "replicas": sent.stored_on})  # fmt: skip
+
+    _with_peer(args, work)
+
+
+def _message_info(peer: Peer, m: Message) -> Info:
+    other = peer.cache.contact(m.recipient if m.outgoing else m.sender)
+    name = (other.name if other else None) or (m.recipient if m.outgoing else m.sender).hex()[:16]
+    return {"message_id": m.message_id.hex(), "from": "you" if m.outgoing else name,
+            "to": name if m.outgoing else "you", "time_ms": m.timestamp_ms, "text": m.body,
+            "delivered": m.delivered}  # fmt: skip
+
+
+def _print_message(info: Info) -> None:
+    when = datetime.datetime.fromtimestamp(info["time_ms"] / 1000).strftime("%Y-%m-%d %H:%M:%S")
+    tick = " ✓" if info["delivered"] else ""
+    print(f"[{when}] {info['from']} → {info['to']}: {info['text']}{tick}")
+
+
+def _inbox(args: argparse.Namespace) -> None:
+    async def work(peer: Peer) -> None:
+        if not args.offline:
+            await peer.sync()
+        if args.contact:
+            await _show_conversation(args, peer, peer.find_contact(args.contact))
+        else:
+            _show_conversations(args, peer)
+
+    _with_peer(args, work)
+
+
+async def _show_conversation(args: argparse.Namespace, peer: Peer, contact: Contact) -> None:
+    messages = [_message_info(peer, m) for m in peer.cache.messages(contact.conversation)]
+    if args.json:
+        print(json.dumps(messages))
+    else:
+        for info in messages:
+            _print_message(info)
+    await peer.mark_read(contact)  # what was shown is read, on every device
+
+
+def _show_conversations(args: argparse.Namespace, peer: Peer) -> None:
+    rows = []
+    for conv in peer.cache.conversations():
+        contact = peer.cache.contact(conv.peer)
+        last = peer.cache.messages(conv.id)[-1:] or None
+        rows.append({"contact": (contact.name if contact else None) or conv.peer.hex()[:16],
+                     "unread": conv.unread, "last": last and last[0].body})  # fmt: skip
+    if args.json:
+        print(json.dumps(rows))
+        return
+    if not rows:
+        print("no conversations yet")
+    for row in rows:
+        print(f"{row['contact']:<20} {row['unread']:>3} unread   {row['last'] or ''}")
+
+
+def _watch(args: argparse.Namespace) -> None:
+    async def work(peer: Peer) -> None:
+        def show(report: SyncReport) -> None:
+            for m in report.new_messages:
+                info = _message_info(peer, m)
+                if args.json:
+                    print(json.dumps(info), flush=True)
+                else:
+                    _print_message(info)
+
+        if not args.json:
+            print("watching for messages (Ctrl-C to stop)", flush=True)
+        with contextlib.suppress(asyncio.CancelledError):
+            await peer.watch(show, interval=args.interval)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        _with_peer(args, work)
+
+
+def _sync(args: argparse.Namespace) -> None:
+    def bar(done: int, total: int) -> None:
+        if args.json or (not sys.stderr.isatty() and done != total):
+            return
+        filled = 30 * done // max(total, 1)
+        print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} blobs", end="",
+              file=sys.stderr, flush=True)  # fmt: skip
+        if done == total:
+            print(file=sys.stderr)
+
+    async def work(peer: Peer) -> None:
+        report = await peer.sync(progress=bar)
+        _emit(args, {"new_messages": len(report.new_messages), "receipts": report.receipts,
+                     "rejected": len(report.rejected), "deleted_from_network": report.deleted,
+                     "messages_in_cache": peer.cache.message_count()})  # fmt: skip
+
+    _with_peer(args, work)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -69,31 +304,70 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo()
 
 
+# -- parser -------------------------------------------------------------------------
+
+
+def _add(sub: Any, name: str, handler: Callable[[argparse.Namespace], None], text: str) -> Any:
+    cmd = sub.add_parser(name, help=text, description=text)
+    cmd.set_defaults(handler=handler)
+    return cmd
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dna", description="DNA Messenger v2 client.")
     parser.add_argument("--version", action="version", version=f"dna {__version__}")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--home", type=Path, help="profile directory (default $DNA_HOME, ~/.dna)")
+    parser.add_argument("--bootstrap", help="host:port[,host:port] (default $DNA_BOOTSTRAP or"
+                        " the local testnet)")  # fmt: skip
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     sub = parser.add_subparsers(dest="command", required=True)
-    ident = sub.add_parser("identity", help="create, show or export your identity")
-    isub = ident.add_subparsers(dest="action", required=True)
-    default_key = Path(os.environ.get("DNA_HOME", Path.home() / ".dna")) / "identity.key"
-    for name, handler, text in (
-        ("create", _create, "create a new identity, locked with a passphrase"),
-        ("show", _show, "show the fingerprint (no passphrase needed)"),
-        ("export", _export, "write your public key set for others to import"),
-    ):
-        cmd = isub.add_parser(name, help=text)
-        cmd.add_argument("--keyfile", type=Path, default=default_key)
-        cmd.set_defaults(handler=handler)
-        if name == "export":
-            cmd.add_argument("--out", type=Path, required=True)
-    sub.add_parser("demo", help="run the demonstration").set_defaults(handler=_demo)
+
+    ident = sub.add_parser("identity", help="your identity and devices").add_subparsers(
+        dest="action", required=True
+    )
+    create = _add(ident, "create", _create, "create an identity and publish it")
+    publish = _add(ident, "publish", _publish, "(re)publish your identity record and name")
+    for cmd in (create, publish):
+        cmd.add_argument("--name", help="a unique name others can find you by (proof of work)")
+        cmd.add_argument("--display-name", help="shown to contacts (default: the name)")
+    create.add_argument("--offline", action="store_true", help="do not publish yet")
+    _add(ident, "show", _show, "show the fingerprint (no passphrase needed)")
+    export = _add(ident, "export", _export, "write your public key set for others to import")
+    export.add_argument("--out", type=Path, required=True)
+    link = _add(ident, "link", _link, "link a new device: without CODE print one, with it use it")
+    link.add_argument("code", nargs="?", help="the code shown on your existing device")
+    link.add_argument("--device-name", default="new device", help="name of the new device")
+
+    contacts = sub.add_parser("contacts", help="your contacts").add_subparsers(
+        dest="action", required=True
+    )
+    _add(contacts, "add", _contacts_add, "find someone by name or fingerprint and pin their key"
+         ).add_argument("who")  # fmt: skip
+    _add(contacts, "list", _contacts_list, "list contacts")
+    verify = _add(contacts, "verify", _contacts_verify, "show the safety number to compare")
+    verify.add_argument("who")
+    verify.add_argument("--confirm", action="store_true", help="it matched: mark verified")
+
+    send = _add(sub, "send", _send, "send a message")
+    send.add_argument("to")
+    send.add_argument("text", nargs="+")
+    inbox = _add(sub, "inbox", _inbox, "sync and show conversations, or one conversation")
+    inbox.add_argument("contact", nargs="?")
+    inbox.add_argument("--offline", action="store_true", help="show the cache without syncing")
+    watch = _add(sub, "watch", _watch, "print messages as they arrive")
+    watch.add_argument("--interval", type=float, default=1.0, help="seconds between syncs")
+    _add(sub, "sync", _sync, "fetch your mailbox now")
+    _add(sub, "demo", _demo, "run the in-process crypto demonstration")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    args.profile = Profile(args.home) if args.home else Profile.default()
+    args.seeds = parse_seeds(args.bootstrap) if args.bootstrap else default_seeds()
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="dna: %(levelname)s %(message)s")  # fmt: skip
     try:
         args.handler(args)
     except (DnaError, OSError) as exc:
