@@ -209,6 +209,9 @@ class Cache:
     def set_state(self, key: str, value: bytes) -> None:
         self._write("INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)", (key, value))
 
+    def clear_state(self, key: str) -> None:
+        self._write("DELETE FROM state WHERE key = ?", (key,))
+
     # -- contacts ------------------------------------------------------------------
 
     def pin(self, contact: Contact) -> None:

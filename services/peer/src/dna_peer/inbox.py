@@ -25,6 +25,8 @@ from dna_peer import keyserver
 from dna_peer.cache import Contact, Message
 from dna_peer.keyserver import now_ms
 
+RECOVERING = "recovering"  # cache state: lost and not yet told the device list
+
 if TYPE_CHECKING:
     from dna_peer.peer import Peer
 
@@ -49,6 +51,7 @@ class Inbox:
         self.report = SyncReport()
         self._guard = ReplayGuard()
         self._receipts: dict[bytes, tuple[PublicKeySet, list[bytes]]] = {}
+        self.history_wanted = False  # another device lost its cache
 
     async def handle_blob(self, blob_id: bytes, blob: bytes) -> None:
         if self.cache.blob_outcome(blob_id) is not None:
@@ -169,19 +172,11 @@ class Inbox:
         if kind == "sync":
             return await self._plan_transcripts([payload.sync], [], [], kind)
         if kind == "history":
-            h = payload.history
-            return await self._plan_transcripts(list(h.messages), list(h.read),
-                                                list(h.contacts), kind)  # fmt: skip
+            return await self._plan_history(payload.history)
         if kind == "read":
             return await self._plan_transcripts([], [payload.read], [], kind)
         if kind == "device":
-            hello = payload.device
-
-            def apply_hello() -> str:
-                self.cache.add_device(hello.device_id, hello.device_name, now_ms())
-                return "device"
-
-            return apply_hello
+            return self._plan_hello(payload.device)
         ack = payload.ack
 
         def apply_ack() -> str:
@@ -189,6 +184,29 @@ class Inbox:
             return "ack"
 
         return apply_ack
+
+    async def _plan_history(self, history: envelope_pb2.History) -> Apply:
+        transcripts = await self._plan_transcripts(
+            list(history.messages), list(history.read), list(history.contacts), "history"
+        )
+
+        def apply() -> str:
+            for hello in history.devices:
+                self.cache.add_device(hello.device_id, hello.device_name, now_ms())
+            if history.devices:  # the device list is known again: deletes are safe
+                self.cache.clear_state(RECOVERING)
+            return transcripts()
+
+        return apply
+
+    def _plan_hello(self, hello: envelope_pb2.DeviceHello) -> Apply:
+        def apply() -> str:
+            self.cache.add_device(hello.device_id, hello.device_name, now_ms())
+            if hello.wants_history and hello.device_id != self.peer.device.device_id:
+                self.history_wanted = True
+            return "device"
+
+        return apply
 
     async def _plan_transcripts(
         self,

@@ -79,9 +79,9 @@ async def offer_link(peer: Peer, device_name: str) -> LinkOffer:
                     now_ms=now_ms(), include_sender_keys=True)  # fmt: skip
     await peer.mail.put(temp.fingerprint, envelope, ttl_s=LINK_TTL_S)
     peer.cache.add_device(device_id, device_name, now_ms())
-    for dev_id, name in ((peer.device.device_id, peer.device.name), (device_id, device_name)):
-        hello = envelope_pb2.DeviceHello(device_id=dev_id, device_name=name)
-        await peer.post_to_devices(envelope_pb2.Payload(device=hello))
+    await peer.announce()
+    hello = envelope_pb2.DeviceHello(device_id=device_id, device_name=device_name)
+    await peer.post_to_devices(envelope_pb2.Payload(device=hello))
     chunks = await peer.send_history()
     return LinkOffer(code, device_id, chunks)
 
@@ -107,8 +107,7 @@ async def accept_link(
     except BaseException:
         await node.stop()
         raise
-    hello = envelope_pb2.DeviceHello(device_id=device.device_id, device_name=device.name)
-    await peer.post_to_devices(envelope_pb2.Payload(device=hello))
+    await peer.announce()
     return peer
 
 

@@ -27,7 +27,7 @@ from dna_core.wire.gen.dna.v1 import envelope_pb2
 
 from dna_peer import keyserver
 from dna_peer.cache import Cache, Contact, Message
-from dna_peer.inbox import Inbox, SyncReport
+from dna_peer.inbox import RECOVERING, Inbox, SyncReport
 from dna_peer.keyserver import now_ms
 from dna_peer.network import join_overlay
 from dna_peer.profile import Device, Profile
@@ -95,10 +95,12 @@ class Peer:
                 return await self._follow_rotation(pinned, fingerprint)
         assert fingerprint is not None
         known = self.cache.contact(fingerprint)
+        while known is not None and known.replaced_by:  # rotated since: the new keys speak
+            known = self.cache.contact(known.replaced_by)
         if known is not None:
             if name and known.name != name:
-                self.cache.set_contact_name(fingerprint, name)
-            return self.cache.contact(fingerprint) or known
+                self.cache.set_contact_name(known.fingerprint, name)
+            return self.cache.contact(known.fingerprint) or known
         keys = await keyserver.lookup_keys(self.node, fingerprint)
         if keys is None:
             raise UnknownContactError(f"no identity record for {fingerprint.hex()[:16]}…")
@@ -198,6 +200,8 @@ class Peer:
                 progress(done, len(blobs))
         self.cache.save_cursors(state.cursors)
         await inbox.send_receipts()
+        if inbox.history_wanted:
+            await self.send_history()
         await self._acknowledge(inbox.report.held)
         inbox.report.deleted = await self._clean_up()
         return inbox.report
@@ -211,7 +215,14 @@ class Peer:
             await self.post_to_devices(envelope_pb2.Payload(ack=ack))
 
     async def _clean_up(self) -> int:
-        """Signed deletes for what every device holds."""
+        """Signed deletes for what every device holds.
+
+        A device that lost its cache also lost the list of devices, so it deletes
+        nothing until another device's history told it the list again (or the
+        storage TTL cleans up, for an identity with one device).
+        """
+        if self.cache.get_state(RECOVERING):
+            return 0
         deletable = self.cache.deletable_blobs()
         if not deletable:
             return 0
@@ -229,6 +240,13 @@ class Peer:
             await asyncio.sleep(interval)
 
     # -- history, for a newly linked device --------------------------------------------
+
+    async def announce(self, *, wants_history: bool = False) -> None:
+        """Tell the other devices about this one (and, after a lost cache, ask for history)."""
+        hello = envelope_pb2.DeviceHello(device_id=self.device.device_id,
+                                         device_name=self.device.name,
+                                         wants_history=wants_history)  # fmt: skip
+        await self.post_to_devices(envelope_pb2.Payload(device=hello))
 
     async def send_history(self) -> int:
         """Post the whole cache (messages, read state, contacts) to the own mailbox."""
@@ -260,7 +278,9 @@ def _history_chunks(cache: Cache, own: bytes) -> list[envelope_pb2.History]:
     ]
     read = [envelope_pb2.ReadMarker(conversation_id=conv, read_up_to_ms=ms)
             for conv, ms in cache.read_state().items()]  # fmt: skip
-    chunks = [envelope_pb2.History(contacts=contacts, read=read)]
+    devices = [envelope_pb2.DeviceHello(device_id=d, device_name=name)
+               for d, name in cache.devices().items()]  # fmt: skip
+    chunks = [envelope_pb2.History(contacts=contacts, read=read, devices=devices)]
     for msg in cache.messages():
         item = envelope_pb2.SyncTranscript(
             original_recipient=msg.recipient, original_message_id=msg.message_id,
@@ -280,10 +300,15 @@ async def open_peer(
 ) -> Peer:
     """Unlock the profile's identity and cache and join the overlay."""
     identity = profile.unlock(passphrase)
+    lost_cache = not profile.cache_path.exists()
     cache = profile.open_cache(identity)
     try:
         node = await join_overlay(seeds)
     except BaseException:
         cache.close()
         raise
-    return Peer(identity, cache, node, profile.device(), pow_bits)
+    peer = Peer(identity, cache, node, profile.device(), pow_bits)
+    if lost_cache:  # the other devices post their history to the mailbox
+        cache.set_state(RECOVERING, b"1")
+        await peer.announce(wants_history=True)
+    return peer

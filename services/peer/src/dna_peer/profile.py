@@ -61,6 +61,7 @@ class Profile:
             json.dumps({"id": device.device_id.hex(), "name": device.name}).encode(),
         )
         _write_private(self.keyfile, keystore.lock(identity, passphrase))  # fmt: skip
+        self.open_cache(identity).close()  # from now on a missing cache means a lost one
         return device
 
     def device(self) -> Device:

@@ -15,16 +15,28 @@ from pathlib import Path
 import httpx
 
 from dna_testnet.demo import run_demo
-from dna_testnet.network import Testnet
+from dna_testnet.network import LocalNode, Testnet
+
+
+def _stored_blobs(node: LocalNode) -> str:
+    """A storage node's blob count from its metrics (updated each GC pass)."""
+    if node.role != "storage":
+        return "-"
+    for line in node.http("/metrics").text.splitlines():
+        if line.startswith("dna_storage_blobs "):
+            return str(int(float(line.split()[1])))
+    return "?"
 
 
 def _status(net: Testnet) -> None:
-    print(f"{'node':<12}{'role':<11}{'udp':<18}{'ready':<7}{'contacts':>9}{'records':>9}")
+    print(f"{'node':<12}{'role':<11}{'udp':<18}{'ready':<7}{'contacts':>9}{'records':>9}"
+          f"{'blobs':>8}")  # fmt: skip
     for node in net.nodes:
         try:
             info = node.status()
             ready = "yes" if node.is_ready() else "no"
-            line = f"{ready:<7}{info['routing_table_size']:>9}{info['records']:>9}"
+            line = (f"{ready:<7}{info['routing_table_size']:>9}{info['records']:>9}"
+                    f"{_stored_blobs(node):>8}")  # fmt: skip
         except httpx.HTTPError:
             line = "down"
         print(f"{node.name:<12}{node.role:<11}{node.ip + ':7400':<18}{line}")

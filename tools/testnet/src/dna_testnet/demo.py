@@ -1,10 +1,14 @@
-"""`dna-testnet demo`: the store-and-forward flow on a real local network.
+"""`dna-testnet demo`: the whole flow of the messenger on a real local network.
 
-3 bootstrap and 6 storage node processes start on 127.0.0.2-10; alice and bob
-publish their identity records to the overlay keyserver; bob is offline; alice
-looks bob up, seals a message and writes it to the 5 storage nodes closest to
-bob's mailbox (done at 3); bob comes online, fetches from every replica,
-verifies and decrypts, and deletes what he read. Every step prints its timing.
+3 bootstrap and 6 storage node processes start on 127.0.0.2-10. Alice and bob
+create identities (keys locked with a passphrase, an encrypted cache each) and
+publish them to the DHT keyserver with name claims. Bob goes offline; alice
+finds bob by name (pinning his key), seals a message and stores it on the 5
+storage nodes closest to bob's mailbox. Bob comes back, fetches, verifies,
+decrypts, and a delivery receipt reaches alice. Bob links a second device with
+a one-time code; it receives the history, both devices get alice's next
+message, the laptop's reply is mirrored to the phone, and both devices end with
+the same history. Every step prints its timing.
 """
 
 from __future__ import annotations
@@ -16,96 +20,100 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
-from dna_core.crypto import Identity, ReplayGuard, open_envelope, seal, sign_record
-from dna_core.mailbox.client import MailboxClient
-from dna_core.overlay.aio import OverlayNode
-from dna_core.overlay.records import record_key
-from dna_core.wire.gen.dna.v1 import common_pb2, envelope_pb2, records_pb2
+from dna_core.crypto import Identity
+from dna_peer.link import accept_link, offer_link
+from dna_peer.peer import Peer, open_peer
+from dna_peer.profile import Profile
 
-from dna_testnet.network import Testnet, client_node
+from dna_testnet.network import Testnet
 
 T = TypeVar("T")
-IDENTITY = common_pb2.RECORD_KIND_IDENTITY
-DEMO_POW_BITS = 12
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
+PASSPHRASE = "demo passphrase"
 
 
 async def _step(title: str, work: Awaitable[T]) -> T:
     started = time.perf_counter()
     result = await work
-    print(f"  {title:<62} {1000 * (time.perf_counter() - started):8.1f} ms", flush=True)
+    print(f"  {title:<64} {1000 * (time.perf_counter() - started):8.1f} ms", flush=True)
     return result
 
 
-async def _publish(node: OverlayNode, who: Identity, name: str) -> int:
-    payload = records_pb2.IdentityRecord(display_name=name).SerializeToString()
-    key = record_key(IDENTITY, who.fingerprint)
-    record = sign_record(
-        who, kind=IDENTITY, key=key, seq=1, now_ms=_now_ms(), ttl_ms=86_400_000, payload=payload
-    )
-    return await node.put_record(record, key)
+def _history(peer: Peer) -> list[str]:
+    return [f"{'me' if m.outgoing else 'them'}: {m.body}" for m in peer.cache.messages()]
 
 
-async def _flow(net: Testnet) -> None:
-    alice, bob = Identity.generate(), Identity.generate()
-    print(f"  alice {alice.fingerprint.hex()[:24]}…  bob {bob.fingerprint.hex()[:24]}…")
-    alice_node = await _step(
-        "alice's device joins the overlay (client mode)", client_node(net.seeds)
-    )
-    bob_node = await _step("bob's device joins the overlay", client_node(net.seeds))
-    stored = await _step("bob publishes his identity record", _publish(bob_node, bob, "bob"))
-    print(f"    signed record held by {stored} nodes")
-    await _step("bob goes offline", bob_node.stop())
+async def _new_peer(root: Path, who: str, seeds: list[tuple[str, int]]) -> Peer:
+    profile = Profile(root / who)
+    profile.create(Identity.generate(), PASSPHRASE)
+    peer = await open_peer(profile, PASSPHRASE, seeds)
+    await peer.publish(who.capitalize(), who)
+    return peer
 
-    found = await _step(
-        "alice looks bob up in the DHT keyserver",
-        alice_node.get_record(record_key(IDENTITY, bob.fingerprint)),
-    )
-    assert found is not None and found.signer.fingerprint == bob.fingerprint
-    print(f"    found bob's keys, fingerprint checks out: {found.signer == bob.public}")
-    text = envelope_pb2.Payload(text=envelope_pb2.Text(body="Hi Bob! Sent while you were away."))
-    envelope = seal(
-        alice, found.signer, text.SerializeToString(), now_ms=_now_ms(), include_sender_keys=True
-    )
-    mail = MailboxClient(alice_node, pow_bits=DEMO_POW_BITS)
-    put = await _step(
-        "alice stores it on bob's mailbox replicas (W=3 of 5)", mail.put(bob.fingerprint, envelope)
-    )
-    replicas, bits = len(put.stored_on), put.pow_bits
-    print(f"    {len(envelope)} bytes on {replicas} storage nodes, {bits}-bit proof of work")
-    await alice_node.stop()
 
-    bob_node = await _step("bob comes back online", client_node(net.seeds))
-    inbox = MailboxClient(bob_node, pow_bits=DEMO_POW_BITS)
-    blobs, _ = await _step("bob fetches his mailbox from every replica", inbox.fetch(bob))
-    guard = ReplayGuard()
-    for stored_blob in blobs:
-        opened = open_envelope(stored_blob.blob, bob, now_ms=_now_ms(), replay_guard=guard)
-        body = envelope_pb2.Payload.FromString(opened.payload).text.body
-        sender = "alice" if opened.sender == alice.public else opened.sender.fingerprint.hex()[:16]
-        print(f"    from {sender}, verified and decrypted: {body!r}")
-    deleted = await _step(
-        "bob deletes what he read (signed delete)", inbox.delete(bob, [b.blob_id for b in blobs])
-    )
-    print(f"    tombstoned on {deleted} replicas")
-    await bob_node.stop()
+async def _flow(net: Testnet, root: Path) -> None:
+    seeds = net.seeds
+    alice = await _step("alice creates an identity, publishes it, claims 'alice'",
+                        _new_peer(root, "alice", seeds))  # fmt: skip
+    bob = await _step("bob does the same and claims 'bob'", _new_peer(root, "bob", seeds))
+    print(f"    alice {alice.fingerprint.hex()[:24]}…  bob {bob.fingerprint.hex()[:24]}…")
+    await _step("bob goes offline", bob.close())
+
+    contact = await _step("alice looks up 'bob' in the DHT keyserver, pins his key",
+                          alice.add_contact("bob"))  # fmt: skip
+    print(f"    safety number: {alice.safety_number(contact)}")
+    sent = await _step("alice sends (sealed, PoW, stored on bob's replicas)",
+                       alice.send(contact, "Hi Bob! Sent while you were away."))  # fmt: skip
+    print(f"    stored on {sent.stored_on} of 5 replicas (done at a quorum of 3)")
+
+    bob = await _step("bob comes back online", open_peer(Profile(root / "bob"), PASSPHRASE, seeds))
+    report = await _step("bob syncs: fetch, verify, decrypt, receipt", bob.sync())
+    for msg in report.new_messages:
+        print(f"    bob got: {msg.body!r}")
+    await _step("bob adds alice by name (matches the key he was sent from)",
+                bob.add_contact("alice"))  # fmt: skip
+    report = await _step("alice syncs: the delivery receipt arrives", alice.sync())
+    print(f"    delivered: {alice.cache.messages()[-1].delivered}")
+
+    offer = await _step("bob's phone offers a link to a new device", offer_link(bob, "laptop"))
+    print(f"    one-time code: {offer.code}")
+    laptop = await _step("bob's laptop uses the code and syncs the history",
+                         _linked(root, offer.code, seeds))  # fmt: skip
+    await _step("alice sends another message", alice.send(contact, "Welcome to the laptop!"))
+    await _step("bob's laptop receives it", laptop.sync())
+    await _step("bob's phone receives it", bob.sync())
+    reply = laptop.find_contact("alice")
+    await _step("bob replies from the laptop", laptop.send(reply, "Got it on both devices."))
+    await _step("the phone syncs the laptop's transcript", bob.sync())
+    await _step("alice gets the reply", alice.sync())
+    print(f"    phone:  {_history(bob)}")
+    print(f"    laptop: {_history(laptop)}")
+    same = _history(bob) == _history(laptop)
+    print(f"    both devices hold the same history: {same}")
+    for peer in (alice, bob, laptop):
+        await peer.close()
+    if not same:
+        raise SystemExit("demo failed: the devices did not converge")
+
+
+async def _linked(root: Path, code: str, seeds: list[tuple[str, int]]) -> Peer:
+    laptop = await accept_link(Profile(root / "bob-laptop"), code, PASSPHRASE, seeds)
+    await laptop.sync()
+    return laptop
 
 
 def run_demo(root: Path | None = None) -> None:
-    print("DNA Messenger v2 demo: store-and-forward on a local decentralized network\n")
+    print("DNA Messenger v2 demo: post-quantum messaging on a local decentralized network\n")
     with tempfile.TemporaryDirectory(prefix="dna-testnet-") as tmp:
-        net = Testnet(root or Path(tmp))
+        base = root or Path(tmp)
+        net = Testnet(base / "network")
         started = time.perf_counter()
         try:
             net.up()
             print(
-                f"  3 bootstrap + 6 storage nodes up on 127.0.0.2-10"
-                f"{'':<21} {1000 * (time.perf_counter() - started):8.1f} ms"
+                f"  {'3 bootstrap + 6 storage node processes up on 127.0.0.2-10':<64}"
+                f" {1000 * (time.perf_counter() - started):8.1f} ms"
             )
-            asyncio.run(_flow(net))
+            asyncio.run(_flow(net, base / "people"))
         finally:
             net.down()
     print("\ndemo complete")

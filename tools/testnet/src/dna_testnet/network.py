@@ -139,6 +139,8 @@ def wait_ready(nodes: list[LocalNode], timeout: float = 60.0) -> None:
 class Testnet:
     """``bootstraps`` bootstrap nodes then ``storage`` storage nodes from 127.0.0.``first``."""
 
+    __test__ = False  # not a pytest test class despite the name
+
     def __init__(self, root: Path, *, bootstraps: int = 3, storage: int = 6, first: int = 2):
         self.root = root
         ips = [f"127.0.0.{first + i}" for i in range(bootstraps + storage)]

@@ -303,17 +303,21 @@ class DeviceHello(_message.Message):
 
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     DEVICE_NAME_FIELD_NUMBER: _builtins.int
+    WANTS_HISTORY_FIELD_NUMBER: _builtins.int
     device_id: _builtins.bytes
     device_name: _builtins.str
+    wants_history: _builtins.bool
+    """its cache was lost: the other devices post their history"""
     def __init__(
         self,
         *,
         device_id: _builtins.bytes = ...,
         device_name: _builtins.str = ...,
+        wants_history: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "device_name", b"device_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "device_name", b"device_name", "wants_history", b"wants_history"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -385,22 +389,28 @@ class History(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     READ_FIELD_NUMBER: _builtins.int
     CONTACTS_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___SyncTranscript]: ...
     @_builtins.property
     def read(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReadMarker]: ...
     @_builtins.property
     def contacts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContactCard]: ...
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceHello]:
+        """every device the sender knows"""
+
     def __init__(
         self,
         *,
         messages: _abc.Iterable[Global___SyncTranscript] | None = ...,
         read: _abc.Iterable[Global___ReadMarker] | None = ...,
         contacts: _abc.Iterable[Global___ContactCard] | None = ...,
+        devices: _abc.Iterable[Global___DeviceHello] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["contacts", b"contacts", "messages", b"messages", "read", b"read"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contacts", b"contacts", "devices", b"devices", "messages", b"messages", "read", b"read"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from dna_core.wire.gen.dna.v1 import common_pb2 as dna_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64na/v1/mailbox.proto\x12\x06\x64na.v1\x1a\x13\x64na/v1/common.proto\"\x84\x01\n\nPutRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\x0c\n\x04\x62lob\x18\x03 \x01(\x0c\x12 \n\x03pow\x18\x04 \x01(\x0b\x32\x13.dna.v1.ProofOfWork\x12\r\n\x05ttl_s\x18\x05 \x01(\x04\x12\x12\n\ncoordinate\x18\x06 \x01(\x08\"Q\n\x0bPutResponse\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\x0c\x12\x1d\n\x15\x61\x63knowledged_replicas\x18\x02 \x01(\r\x12\x12\n\nexpires_ms\x18\x03 \x01(\x04\"C\n\tOwnerAuth\x12#\n\x05owner\x18\x01 \x01(\x0b\x32\x14.dna.v1.PublicKeySet\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"t\n\tFetchBody\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\x0c\x12\r\n\x05limit\x18\x04 \x01(\r\x12\x14\n\x0ctimestamp_ms\x18\x05 \x01(\x04\x12\r\n\x05nonce\x18\x06 \x01(\x0c\"=\n\x0c\x46\x65tchRequest\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x1f\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x11.dna.v1.OwnerAuth\"R\n\nStoredBlob\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\x0c\x12\x0c\n\x04\x62lob\x18\x02 \x01(\x0c\x12\x11\n\tstored_ms\x18\x03 \x01(\x04\x12\x12\n\nexpires_ms\x18\x04 \x01(\x04\"U\n\rFetchResponse\x12!\n\x05\x62lobs\x18\x01 \x03(\x0b\x32\x12.dna.v1.StoredBlob\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\x0c\x12\x0c\n\x04more\x18\x03 \x01(\x08\"h\n\nDeleteBody\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\x10\n\x08\x62lob_ids\x18\x03 \x03(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x04\x12\r\n\x05nonce\x18\x05 \x01(\x0c\">\n\rDeleteRequest\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x1f\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x11.dna.v1.OwnerAuth\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"[\n\tTombstone\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\x0c\x12\x12\n\ndeleted_ms\x18\x02 \x01(\x04\x12\x12\n\nexpires_ms\x18\x03 \x01(\x04\x12\x15\n\rauthorization\x18\x04 \x01(\x0c\"Y\n\tNodeProof\x12#\n\x06sender\x18\x01 \x01(\x0b\x32\x13.dna.v1.NodeContact\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x04\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"V\n\rMailboxDigest\x12\x12\n\nmailbox_id\x18\x01 \x01(\x0c\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x0c\x12\r\n\x05\x62lobs\x18\x03 \x01(\r\x12\x12\n\ntombstones\x18\x04 \x01(\r\"\\\n\x11SyncDigestRequest\x12\x1f\n\x04\x66rom\x18\x01 \x01(\x0b\x32\x11.dna.v1.NodeProof\x12\x13\n\x0brange_start\x18\x02 \x01(\x0c\x12\x11\n\trange_end\x18\x03 \x01(\x0c\">\n\x12SyncDigestResponse\x12(\n\tmailboxes\x18\x01 \x03(\x0b\x32\x15.dna.v1.MailboxDigest\"F\n\x0fSyncListRequest\x12\x1f\n\x04\x66rom\x18\x01 \x01(\x0b\x32\x11.dna.v1.NodeProof\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\"K\n\x10SyncListResponse\x12\x10\n\x08\x62lob_ids\x18\x01 \x03(\x0c\x12%\n\ntombstones\x18\x02 \x03(\x0b\x32\x11.dna.v1.Tombstone\"X\n\x0fSyncPullRequest\x12\x1f\n\x04\x66rom\x18\x01 \x01(\x0b\x32\x11.dna.v1.NodeProof\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\x10\n\x08\x62lob_ids\x18\x03 \x03(\x0c\"5\n\x10SyncPullResponse\x12!\n\x05\x62lobs\x18\x01 \x03(\x0b\x32\x12.dna.v1.StoredBlob\"\x90\x01\n\x0fSyncPushRequest\x12\x1f\n\x04\x66rom\x18\x01 \x01(\x0b\x32\x11.dna.v1.NodeProof\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12!\n\x05\x62lobs\x18\x03 \x03(\x0b\x32\x12.dna.v1.StoredBlob\x12%\n\ntombstones\x18\x04 \x03(\x0b\x32\x11.dna.v1.Tombstone\"6\n\x10SyncPushResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x12\n\ntombstoned\x18\x02 \x01(\r2\xaa\x03\n\x07Mailbox\x12.\n\x03Put\x12\x12.dna.v1.PutRequest\x1a\x13.dna.v1.PutResponse\x12\x34\n\x05\x46\x65tch\x12\x14.dna.v1.FetchRequest\x1a\x15.dna.v1.FetchResponse\x12\x37\n\x06\x44\x65lete\x12\x15.dna.v1.DeleteRequest\x1a\x16.dna.v1.DeleteResponse\x12\x43\n\nSyncDigest\x12\x19.dna.v1.SyncDigestRequest\x1a\x1a.dna.v1.SyncDigestResponse\x12=\n\x08SyncList\x12\x17.dna.v1.SyncListRequest\x1a\x18.dna.v1.SyncListResponse\x12=\n\x08SyncPull\x12\x17.dna.v1.SyncPullRequest\x1a\x18.dna.v1.SyncPullResponse\x12=\n\x08SyncPush\x12\x17.dna.v1.SyncPushRequest\x1a\x18.dna.v1.SyncPushResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64na/v1/mailbox.proto\x12\x06\x64na.v1\x1a\x13\x64na/v1/common.proto\"\x84\x01\n\nPutRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\x0c\n\x04\x62lob\x18\x03 \x01(\x0c\x12 \n\x03pow\x18\x04 \x01(\x0b\x32\x13.dna.v1.ProofOfWork\x12\r\n\x05ttl_s\x18\x05 \x01(\x04\x12\x12\n\ncoordinate\x18\x06 \x01(\x08\"Q\n\x0bPutResponse\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\x0c\x12\x1d\n\x15\x61\x63knowledged_replicas\x18\x02 \x01(\r\x12\x12\n\nexpires_ms\x18\x03 \x01(\x04\"C\n\tOwnerAuth\x12#\n\x05owner\x18\x01 \x01(\x0b\x32\x14.dna.v1.PublicKeySet\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\x9e\x01\n\tFetchBody\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\x0c\x12\r\n\x05limit\x18\x04 \x01(\r\x12\x14\n\x0ctimestamp_ms\x18\x05 \x01(\x04\x12\r\n\x05nonce\x18\x06 \x01(\x0c\x12(\n\x0cnode_cursors\x18\x07 \x03(\x0b\x32\x12.dna.v1.NodeCursor\"-\n\nNodeCursor\x12\x0f\n\x07node_id\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x0c\"=\n\x0c\x46\x65tchRequest\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x1f\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x11.dna.v1.OwnerAuth\"R\n\nStoredBlob\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\x0c\x12\x0c\n\x04\x62lob\x18\x02 \x01(\x0c\x12\x11\n\tstored_ms\x18\x03 \x01(\x04\x12\x12\n\nexpires_ms\x18\x04 \x01(\x04\"U\n\rFetchResponse\x12!\n\x05\x62lobs\x18\x01 \x03(\x0b\x32\x12.dna.v1.StoredBlob\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\x0c\x12\x0c\n\x04more\x18\x03 \x01(\x08\"h\n\nDeleteBody\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\x10\n\x08\x62lob_ids\x18\x03 \x03(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x04\x12\r\n\x05nonce\x18\x05 \x01(\x0c\">\n\rDeleteRequest\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x1f\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x11.dna.v1.OwnerAuth\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"[\n\tTombstone\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\x0c\x12\x12\n\ndeleted_ms\x18\x02 \x01(\x04\x12\x12\n\nexpires_ms\x18\x03 \x01(\x04\x12\x15\n\rauthorization\x18\x04 \x01(\x0c\"Y\n\tNodeProof\x12#\n\x06sender\x18\x01 \x01(\x0b\x32\x13.dna.v1.NodeContact\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x04\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"V\n\rMailboxDigest\x12\x12\n\nmailbox_id\x18\x01 \x01(\x0c\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x0c\x12\r\n\x05\x62lobs\x18\x03 \x01(\r\x12\x12\n\ntombstones\x18\x04 \x01(\r\"\\\n\x11SyncDigestRequest\x12\x1f\n\x04\x66rom\x18\x01 \x01(\x0b\x32\x11.dna.v1.NodeProof\x12\x13\n\x0brange_start\x18\x02 \x01(\x0c\x12\x11\n\trange_end\x18\x03 \x01(\x0c\">\n\x12SyncDigestResponse\x12(\n\tmailboxes\x18\x01 \x03(\x0b\x32\x15.dna.v1.MailboxDigest\"F\n\x0fSyncListRequest\x12\x1f\n\x04\x66rom\x18\x01 \x01(\x0b\x32\x11.dna.v1.NodeProof\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\"K\n\x10SyncListResponse\x12\x10\n\x08\x62lob_ids\x18\x01 \x03(\x0c\x12%\n\ntombstones\x18\x02 \x03(\x0b\x32\x11.dna.v1.Tombstone\"X\n\x0fSyncPullRequest\x12\x1f\n\x04\x66rom\x18\x01 \x01(\x0b\x32\x11.dna.v1.NodeProof\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\x10\n\x08\x62lob_ids\x18\x03 \x03(\x0c\"5\n\x10SyncPullResponse\x12!\n\x05\x62lobs\x18\x01 \x03(\x0b\x32\x12.dna.v1.StoredBlob\"\x90\x01\n\x0fSyncPushRequest\x12\x1f\n\x04\x66rom\x18\x01 \x01(\x0b\x32\x11.dna.v1.NodeProof\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12!\n\x05\x62lobs\x18\x03 \x03(\x0b\x32\x12.dna.v1.StoredBlob\x12%\n\ntombstones\x18\x04 \x03(\x0b\x32\x11.dna.v1.Tombstone\"6\n\x10SyncPushResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x12\n\ntombstoned\x18\x02 \x01(\r2\xaa\x03\n\x07Mailbox\x12.\n\x03Put\x12\x12.dna.v1.PutRequest\x1a\x13.dna.v1.PutResponse\x12\x34\n\x05\x46\x65tch\x12\x14.dna.v1.FetchRequest\x1a\x15.dna.v1.FetchResponse\x12\x37\n\x06\x44\x65lete\x12\x15.dna.v1.DeleteRequest\x1a\x16.dna.v1.DeleteResponse\x12\x43\n\nSyncDigest\x12\x19.dna.v1.SyncDigestRequest\x1a\x1a.dna.v1.SyncDigestResponse\x12=\n\x08SyncList\x12\x17.dna.v1.SyncListRequest\x1a\x18.dna.v1.SyncListResponse\x12=\n\x08SyncPull\x12\x17.dna.v1.SyncPullRequest\x1a\x18.dna.v1.SyncPullResponse\x12=\n\x08SyncPush\x12\x17.dna.v1.SyncPushRequest\x1a\x18.dna.v1.SyncPushResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,42 +39,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUTRESPONSE']._serialized_end=269
   _globals['_OWNERAUTH']._serialized_start=271
   _globals['_OWNERAUTH']._serialized_end=338
-  _globals['_FETCHBODY']._serialized_start=340
-  _globals['_FETCHBODY']._serialized_end=456
-  _globals['_FETCHREQUEST']._serialized_start=458
-  _globals['_FETCHREQUEST']._serialized_end=519
-  _globals['_STOREDBLOB']._serialized_start=521
-  _globals['_STOREDBLOB']._serialized_end=603
-  _globals['_FETCHRESPONSE']._serialized_start=605
-  _globals['_FETCHRESPONSE']._serialized_end=690
-  _globals['_DELETEBODY']._serialized_start=692
-  _globals['_DELETEBODY']._serialized_end=796
-  _globals['_DELETEREQUEST']._serialized_start=798
-  _globals['_DELETEREQUEST']._serialized_end=860
-  _globals['_DELETERESPONSE']._serialized_start=862
-  _globals['_DELETERESPONSE']._serialized_end=895
-  _globals['_TOMBSTONE']._serialized_start=897
-  _globals['_TOMBSTONE']._serialized_end=988
-  _globals['_NODEPROOF']._serialized_start=990
-  _globals['_NODEPROOF']._serialized_end=1079
-  _globals['_MAILBOXDIGEST']._serialized_start=1081
-  _globals['_MAILBOXDIGEST']._serialized_end=1167
-  _globals['_SYNCDIGESTREQUEST']._serialized_start=1169
-  _globals['_SYNCDIGESTREQUEST']._serialized_end=1261
-  _globals['_SYNCDIGESTRESPONSE']._serialized_start=1263
-  _globals['_SYNCDIGESTRESPONSE']._serialized_end=1325
-  _globals['_SYNCLISTREQUEST']._serialized_start=1327
-  _globals['_SYNCLISTREQUEST']._serialized_end=1397
-  _globals['_SYNCLISTRESPONSE']._serialized_start=1399
-  _globals['_SYNCLISTRESPONSE']._serialized_end=1474
-  _globals['_SYNCPULLREQUEST']._serialized_start=1476
-  _globals['_SYNCPULLREQUEST']._serialized_end=1564
-  _globals['_SYNCPULLRESPONSE']._serialized_start=1566
-  _globals['_SYNCPULLRESPONSE']._serialized_end=1619
-  _globals['_SYNCPUSHREQUEST']._serialized_start=1622
-  _globals['_SYNCPUSHREQUEST']._serialized_end=1766
-  _globals['_SYNCPUSHRESPONSE']._serialized_start=1768
-  _globals['_SYNCPUSHRESPONSE']._serialized_end=1822
-  _globals['_MAILBOX']._serialized_start=1825
-  _globals['_MAILBOX']._serialized_end=2251
+  _globals['_FETCHBODY']._serialized_start=341
+  _globals['_FETCHBODY']._serialized_end=499
+  _globals['_NODECURSOR']._serialized_start=501
+  _globals['_NODECURSOR']._serialized_end=546
+  _globals['_FETCHREQUEST']._serialized_start=548
+  _globals['_FETCHREQUEST']._serialized_end=609
+  _globals['_STOREDBLOB']._serialized_start=611
+  _globals['_STOREDBLOB']._serialized_end=693
+  _globals['_FETCHRESPONSE']._serialized_start=695
+  _globals['_FETCHRESPONSE']._serialized_end=780
+  _globals['_DELETEBODY']._serialized_start=782
+  _globals['_DELETEBODY']._serialized_end=886
+  _globals['_DELETEREQUEST']._serialized_start=888
+  _globals['_DELETEREQUEST']._serialized_end=950
+  _globals['_DELETERESPONSE']._serialized_start=952
+  _globals['_DELETERESPONSE']._serialized_end=985
+  _globals['_TOMBSTONE']._serialized_start=987
+  _globals['_TOMBSTONE']._serialized_end=1078
+  _globals['_NODEPROOF']._serialized_start=1080
+  _globals['_NODEPROOF']._serialized_end=1169
+  _globals['_MAILBOXDIGEST']._serialized_start=1171
+  _globals['_MAILBOXDIGEST']._serialized_end=1257
+  _globals['_SYNCDIGESTREQUEST']._serialized_start=1259
+  _globals['_SYNCDIGESTREQUEST']._serialized_end=1351
+  _globals['_SYNCDIGESTRESPONSE']._serialized_start=1353
+  _globals['_SYNCDIGESTRESPONSE']._serialized_end=1415
+  _globals['_SYNCLISTREQUEST']._serialized_start=1417
+  _globals['_SYNCLISTREQUEST']._serialized_end=1487
+  _globals['_SYNCLISTRESPONSE']._serialized_start=1489
+  _globals['_SYNCLISTRESPONSE']._serialized_end=1564
+  _globals['_SYNCPULLREQUEST']._serialized_start=1566
+  _globals['_SYNCPULLREQUEST']._serialized_end=1654
+  _globals['_SYNCPULLRESPONSE']._serialized_start=1656
+  _globals['_SYNCPULLRESPONSE']._serialized_end=1709
+  _globals['_SYNCPUSHREQUEST']._serialized_start=1712
+  _globals['_SYNCPUSHREQUEST']._serialized_end=1856
+  _globals['_SYNCPUSHRESPONSE']._serialized_start=1858
+  _globals['_SYNCPUSHRESPONSE']._serialized_end=1912
+  _globals['_MAILBOX']._serialized_start=1915
+  _globals['_MAILBOX']._serialized_end=2341
 # @@protoc_insertion_point(module_scope)

@@ -121,6 +121,13 @@ Global___OwnerAuth: _TypeAlias = OwnerAuth  # noqa: Y015
 
 @_typing.final
 class FetchBody(_message.Message):
+    """Version 1: `cursor` applies on whichever node receives the request.
+    Version 2: one signature for several replicas. `node_cursors` names each node the request
+    is for with its cursor there; a node reads from its own entry and refuses a request that
+    does not name it. `cursor` stays empty. Nonce caches are per node, so the same request
+    at each named node is not a replay at any of them.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     VERSION_FIELD_NUMBER: _builtins.int
@@ -129,6 +136,7 @@ class FetchBody(_message.Message):
     LIMIT_FIELD_NUMBER: _builtins.int
     TIMESTAMP_MS_FIELD_NUMBER: _builtins.int
     NONCE_FIELD_NUMBER: _builtins.int
+    NODE_CURSORS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     mailbox_id: _builtins.bytes
     cursor: _builtins.bytes
@@ -137,6 +145,10 @@ class FetchBody(_message.Message):
     timestamp_ms: _builtins.int
     nonce: _builtins.bytes
     """16 bytes; the node keeps a replay cache within the time window"""
+    @_builtins.property
+    def node_cursors(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeCursor]:
+        """version 2 only: 1..16 distinct nodes"""
+
     def __init__(
         self,
         *,
@@ -146,14 +158,39 @@ class FetchBody(_message.Message):
         limit: _builtins.int = ...,
         timestamp_ms: _builtins.int = ...,
         nonce: _builtins.bytes = ...,
+        node_cursors: _abc.Iterable[Global___NodeCursor] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "limit", b"limit", "mailbox_id", b"mailbox_id", "nonce", b"nonce", "timestamp_ms", b"timestamp_ms", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "limit", b"limit", "mailbox_id", b"mailbox_id", "node_cursors", b"node_cursors", "nonce", b"nonce", "timestamp_ms", b"timestamp_ms", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FetchBody: _TypeAlias = FetchBody  # noqa: Y015
+
+@_typing.final
+class NodeCursor(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.bytes
+    """32 bytes"""
+    cursor: _builtins.bytes
+    """as FetchBody.cursor, for that node"""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.bytes = ...,
+        cursor: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeCursor: _TypeAlias = NodeCursor  # noqa: Y015
 
 @_typing.final
 class FetchRequest(_message.Message):

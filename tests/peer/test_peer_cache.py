@@ -1,0 +1,107 @@
+"""The encrypted cache on a real SQLCipher file: encryption, dedupe, search, read state,
+and the acknowledgement rule that decides what may be deleted from the network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from dna_core.crypto import Identity
+from dna_core.errors import WrongPassphraseError
+from dna_peer.cache import Cache, Contact, Message, cache_key
+
+DEVICE_A, DEVICE_B = b"a" * 16, b"b" * 16
+
+
+@pytest.fixture
+def me() -> Identity:
+    return Identity.generate()
+
+
+@pytest.fixture
+def cache(tmp_path: Path, me: Identity) -> Cache:
+    return Cache.open(tmp_path / "cache.db", cache_key(me, DEVICE_A))
+
+
+def incoming(sender: Identity, me: Identity, body: str, ts: int, mid: bytes) -> Message:
+    return Message(mid, sender.fingerprint, sender.fingerprint, me.fingerprint, ts, body, False)
+
+
+def test_nothing_readable_on_disk_and_a_wrong_key_changes_nothing(
+    tmp_path: Path, me: Identity, cache: Cache, bob: Identity
+) -> None:
+    cache.pin(Contact(bob.fingerprint, bob.public, "bob", False, 1, bob.fingerprint))
+    cache.add_message(incoming(bob, me, "attack at dawn", 5, b"m" * 16))
+    cache.close()
+    path = tmp_path / "cache.db"
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert b"attack at dawn" not in raw and b"bob" not in raw
+    assert not path.read_bytes().startswith(b"SQLite format 3")
+    before = path.read_bytes()
+    with pytest.raises(WrongPassphraseError):
+        Cache.open(path, cache_key(me, DEVICE_B))  # same identity, other device: other key
+    assert path.read_bytes() == before
+    reopened = Cache.open(path, cache_key(me, DEVICE_A))
+    assert [m.body for m in reopened.messages()] == ["attack at dawn"]
+    assert reopened.integrity_check() == "ok"
+
+
+def test_messages_are_kept_once_and_searchable(cache: Cache, me: Identity, bob: Identity) -> None:
+    cache.pin(Contact(bob.fingerprint, bob.public, "bob", False, 1, bob.fingerprint))
+    first = incoming(bob, me, "the quick brown fox", 10, b"1" * 16)
+    assert cache.add_message(first) is True
+    assert cache.add_message(first) is False  # same message ID: a duplicate
+    cache.add_message(incoming(bob, me, "lazy dogs sleep", 20, b"2" * 16))
+    assert [m.body for m in cache.search("brown fox")] == ["the quick brown fox"]
+    # a stray quote is searched for literally, it cannot break the query syntax
+    assert [m.body for m in cache.search('dogs "')] == ["lazy dogs sleep"]
+    assert cache.message_count() == 2
+    (conv,) = cache.conversations()
+    assert conv.unread == 2 and conv.last_ms == 20
+
+
+def test_read_state_only_moves_forward(cache: Cache, me: Identity, bob: Identity) -> None:
+    cache.pin(Contact(bob.fingerprint, bob.public, "bob", False, 1, bob.fingerprint))
+    for ts in (10, 20, 30):
+        cache.add_message(incoming(bob, me, f"m{ts}", ts, bytes([ts]) * 16))
+    assert cache.mark_read(bob.fingerprint, 20) is True
+    assert cache.mark_read(bob.fingerprint, 10) is False  # an older marker from another device
+    assert cache.conversations()[0].unread == 1
+    assert cache.read_state() == {bob.fingerprint: 20}
+
+
+def test_receipts_count_only_from_the_recipient(
+    cache: Cache, me: Identity, bob: Identity, carol: Identity
+) -> None:
+    sent = Message(b"s" * 16, bob.fingerprint, me.fingerprint, bob.fingerprint, 1, "hi", True)
+    cache.add_message(sent)
+    assert cache.mark_delivered([sent.message_id], recipient=carol.fingerprint) == 0
+    assert cache.mark_delivered([sent.message_id], recipient=bob.fingerprint) == 1
+    assert cache.messages()[0].delivered
+
+
+def test_blobs_are_deletable_once_every_device_acknowledged(cache: Cache) -> None:
+    cache.add_device(DEVICE_A, "phone", 1)
+    cache.add_device(DEVICE_B, "laptop", 1)
+    for blob in (b"x", b"y", b"ack1", b"ack2"):
+        cache.record_blob(blob, "message", 1)
+    cache.add_acks(DEVICE_A, [b"x", b"y"], None)
+    assert cache.deletable_blobs() == []  # the laptop has not said it holds them
+    cache.add_acks(DEVICE_B, [b"x"], b"ack1")
+    # x is everywhere, so the acknowledgement that only covers x is not needed either
+    assert sorted(cache.deletable_blobs()) == [b"ack1", b"x"]
+    cache.mark_deleted([b"x", b"ack1"])
+    cache.add_acks(DEVICE_B, [b"y", b"z"], b"ack2")  # z: a blob device A has not seen yet
+    assert cache.deletable_blobs() == [b"y"]  # ack2 still tells A that B holds z
+    cache.mark_deleted([b"y"])
+    cache.add_acks(DEVICE_A, [b"z"], None)
+    cache.record_blob(b"z", "message", 1)
+    assert sorted(cache.deletable_blobs()) == [b"ack2", b"z"]
+
+
+def test_a_failed_transaction_leaves_nothing(cache: Cache, me: Identity, bob: Identity) -> None:
+    with pytest.raises(RuntimeError), cache.transaction():
+        cache.add_message(incoming(bob, me, "half done", 1, b"h" * 16))
+        cache.record_blob(b"blob", "message", 1)
+        raise RuntimeError("crash in the middle")
+    assert cache.message_count() == 0 and cache.blob_outcome(b"blob") is None

@@ -1,0 +1,209 @@
+"""Seed scenarios 2 and 3 and the trust rules, with real peers on a real local testnet."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from dna_core.crypto import Identity, seal
+from dna_core.wire.gen.dna.v1 import envelope_pb2
+from dna_peer import keyserver
+from dna_peer.cache import Contact
+from dna_peer.inbox import RECOVERING, Inbox
+from dna_peer.keyserver import now_ms
+from dna_peer.link import accept_link, offer_link
+from dna_peer.peer import KeyChangedError, Peer
+from dna_testnet.network import Testnet
+from peers import PASSPHRASE, People
+
+Scenario = Callable[[People], Awaitable[None]]
+
+
+def run(testnet: Testnet, tmp_path: Path, scenario: Scenario) -> None:
+    asyncio.run(scenario(People(tmp_path, testnet.seeds)))
+
+
+def history(peer: Peer) -> list[tuple[bytes, bool, str]]:
+    return [(m.message_id, m.outgoing, m.body) for m in peer.cache.messages()]
+
+
+async def mailbox_size(peer: Peer) -> int:
+    blobs, _ = await peer.mail.fetch(peer.identity)
+    return len(blobs)
+
+
+def test_offline_recipient_receives_and_the_sender_gets_a_receipt(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    async def scenario(people: People) -> None:
+        alice, bob = await people.new("alice"), await people.new("bob")
+        await bob.close()  # bob is offline
+        contact = await alice.add_contact(people.name("bob"))
+        assert contact.fingerprint == bob.fingerprint
+        sent = await alice.send(contact, "hello while you were away")
+        assert sent.stored_on >= 3
+        bob = await people.open("bob")
+        report = await bob.sync()
+        assert [m.body for m in report.new_messages] == ["hello while you were away"]
+        assert report.new_messages[0].sender == alice.fingerprint
+        assert report.deleted == 1  # bob is his only device: read means deletable
+        assert (await bob.sync()).new_messages == []  # nothing twice
+        assert await mailbox_size(bob) == 0
+        receipts = await alice.sync()
+        assert receipts.receipts == 1 and alice.cache.messages()[0].delivered
+        await asyncio.gather(alice.close(), bob.close())
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_a_linked_device_converges_and_read_state_syncs(testnet: Testnet, tmp_path: Path) -> None:
+    async def scenario(people: People) -> None:
+        alice, phone = await people.new("alice"), await people.new("bob")
+        to_bob = await alice.add_contact(people.name("bob"))
+        await alice.send(to_bob, "before the laptop")
+        await phone.sync()
+        offer = await offer_link(phone, "laptop")
+        laptop = await accept_link(people.profile("laptop"), offer.code, PASSPHRASE,
+                                   people.seeds)  # fmt: skip
+        assert laptop.fingerprint == phone.fingerprint
+        assert laptop.device.device_id == offer.device_id
+        await laptop.sync()
+        assert [b for _, _, b in history(laptop)] == ["before the laptop"]  # from history
+
+        await alice.send(to_bob, "to both devices")
+        to_alice = laptop.find_contact(alice.fingerprint.hex()[:16])
+        await laptop.sync()
+        await laptop.send(to_alice, "sent from the laptop")
+        await phone.sync()
+        assert await phone.mark_read(phone.find_contact(alice.fingerprint.hex()))
+        for device in (laptop, phone, laptop, phone):  # acknowledgements travel both ways
+            await device.sync()
+        assert history(phone) == history(laptop)
+        assert [b for _, _, b in history(phone)] == [
+            "before the laptop", "to both devices", "sent from the laptop",
+        ]  # fmt: skip
+        assert phone.cache.read_state() == laptop.cache.read_state() != {}
+        assert set(phone.cache.devices()) == set(laptop.cache.devices())
+        assert len(phone.cache.devices()) == 2
+        assert await mailbox_size(phone) == 0  # every blob reached both, then was deleted
+        got = await alice.sync()
+        assert [m.body for m in got.new_messages] == ["sent from the laptop"]
+        await asyncio.gather(alice.close(), phone.close(), laptop.close())
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_a_lost_cache_is_rebuilt_from_another_device(testnet: Testnet, tmp_path: Path) -> None:
+    async def scenario(people: People) -> None:
+        alice, phone = await people.new("alice"), await people.new("bob")
+        to_bob = await alice.add_contact(people.name("bob"))
+        offer = await offer_link(phone, "laptop")
+        laptop = await accept_link(people.profile("laptop"), offer.code, PASSPHRASE,
+                                   people.seeds)  # fmt: skip
+        for text in ("one", "two", "three"):
+            await alice.send(to_bob, text)
+        for device in (laptop, phone, laptop, phone):
+            await device.sync()
+        assert await mailbox_size(phone) == 0
+        expected = history(laptop)
+        await laptop.close()
+        people.profile("laptop").cache_path.unlink()  # the laptop's disk lost the cache
+
+        laptop = await people.open("laptop")
+        assert laptop.cache.get_state(RECOVERING) == b"1"
+        assert (await laptop.sync()).deleted == 0  # knows no device list yet: deletes nothing
+        await phone.sync()  # answers the request with its history
+        await laptop.sync()
+        assert history(laptop) == expected
+        assert laptop.cache.get_state(RECOVERING) is None
+        assert len(laptop.cache.devices()) == 2
+        await asyncio.gather(alice.close(), phone.close(), laptop.close())
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_a_changed_key_is_refused_and_a_signed_rotation_followed(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    async def scenario(people: People) -> None:
+        alice, bob = await people.new("alice"), await people.new("bob")
+        mallory = Identity.generate()
+        # alice once pinned "bob-…" to another key (e.g. before an attack or a mix-up)
+        name = people.name("bob")
+        alice.cache.pin(Contact(mallory.fingerprint, mallory.public, name, False, now_ms(),
+                                mallory.fingerprint))  # fmt: skip
+        with pytest.raises(KeyChangedError, match="without a rotation signed by the old key"):
+            await alice.add_contact(name)
+        assert alice.cache.contact_named(name).fingerprint == mallory.fingerprint  # type: ignore[union-attr]
+        alice.cache.pin(Contact(bob.fingerprint, bob.identity.public, None, False, now_ms(),
+                                bob.fingerprint))  # fmt: skip
+        contact = alice.cache.contact(bob.fingerprint)
+        assert contact is not None
+
+        new_bob = Identity.generate()
+        await keyserver.publish_rotation(bob.node, bob.identity, new_bob, "new phone")
+        followed = await alice.refresh_contact(contact)
+        assert followed.fingerprint == new_bob.fingerprint
+        assert followed.conversation == contact.conversation  # same conversation
+        assert alice.cache.contact(bob.fingerprint).replaced_by == new_bob.fingerprint  # type: ignore[union-attr]
+        # a rotation statement by anyone but the pinned key is not followed
+        assert await alice.refresh_contact(followed) == followed
+        await asyncio.gather(alice.close(), bob.close())
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_bad_envelopes_are_dropped_with_a_reason(
+    testnet: Testnet, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario(people: People) -> None:
+        alice, bob = await people.new("alice"), await people.new("bob")
+        carol = await people.new("carol", publish=False)  # never published her keys
+        to_bob = await alice.add_contact(people.name("bob"))
+        good = seal(alice.identity, bob.identity.public, text("real"), now_ms=now_ms(),
+                    include_sender_keys=True)  # fmt: skip
+        tampered = bytearray(good)
+        tampered[-40] ^= 0x01
+        stranger = seal(carol.identity, bob.identity.public, text("who am I"), now_ms=now_ms())
+        sync_from_alice = seal(alice.identity, bob.identity.public, read_marker(),
+                               now_ms=now_ms(), include_sender_keys=True)  # fmt: skip
+        for blob in (good, bytes(tampered), stranger, sync_from_alice):
+            await alice.mail.put(bob.fingerprint, blob)
+        with caplog.at_level(logging.WARNING, logger="dna.peer.inbox"):
+            report = await bob.sync()
+        assert [m.body for m in report.new_messages] == ["real"]
+        reasons = sorted(reason for _, reason in report.rejected)
+        assert len(reasons) == 3
+        assert any("authentication failed" in r for r in reasons)
+        assert any("unknown sender" in r for r in reasons)
+        assert any("read is not accepted from another identity" in r for r in reasons)
+        assert sum("dropped mailbox blob" in r.message for r in caplog.records) == 3
+
+        # what only a storage node could do: hand back the same envelope under another
+        # ID (a replay), or an envelope for someone else
+        inbox = Inbox(bob)
+        await inbox.handle_blob(b"\x01" * 32, good)
+        for_alice = seal(carol.identity, alice.identity.public, text("misrouted"),
+                         now_ms=now_ms(), include_sender_keys=True)  # fmt: skip
+        await inbox.handle_blob(b"\x02" * 32, for_alice)
+        assert [r for _, r in inbox.report.rejected] == [
+            "envelope: message ID already received (replay)",
+            "envelope: addressed to another identity",
+        ]
+        assert [m.body for m in bob.cache.messages()] == ["real"]
+        assert to_bob.fingerprint == bob.fingerprint
+        await asyncio.gather(alice.close(), bob.close(), carol.close())
+
+    run(testnet, tmp_path, scenario)
+
+
+def text(body: str) -> bytes:
+    return envelope_pb2.Payload(text=envelope_pb2.Text(body=body)).SerializeToString()
+
+
+def read_marker() -> bytes:
+    marker = envelope_pb2.ReadMarker(conversation_id=b"x" * 32, read_up_to_ms=1)
+    return envelope_pb2.Payload(read=marker).SerializeToString()
