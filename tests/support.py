@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 from dna_core.crypto import Identity
 from dna_core.crypto.keys import SEEDS_SIZE
@@ -27,3 +31,19 @@ def single_byte_tampers(data: bytes, *, limit: int | None = None, seed: int = 0)
             out = bytearray(data)
             out[i] ^= mask
             yield bytes(out)
+
+
+BIN = Path(sys.executable).parent
+
+
+def run_script(
+    cmd: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run a console script as a person would, with no terminal: secrets and settings come
+    only from ``env`` (the test's own DNA_* variables are dropped)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DNA_")}
+    return subprocess.run(
+        [str(BIN / cmd), *args],
+        check=False, capture_output=True, text=True, timeout=timeout,
+        env={**base, **(env or {})}, stdin=subprocess.DEVNULL,
+    )  # fmt: skip

@@ -34,3 +34,14 @@ def test_up_status_down(tmp_path: Path) -> None:
     assert down.returncode == 0, down.stderr
     after = run("status", cwd=tmp_path)
     assert all(line.endswith("down") for line in after.stdout.splitlines()[1:]), after.stdout
+
+
+def test_demo_runs_the_whole_flow(tmp_path: Path) -> None:
+    demo = run("demo", cwd=tmp_path)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    out = demo.stdout
+    assert "bob got: 'Hi Bob! Sent while you were away.'" in out
+    assert "delivered: True" in out
+    assert "both devices hold the same history: True" in out
+    assert out.rstrip().endswith("demo complete")
+    assert not any(tmp_path.iterdir())  # the network lived in a temporary directory

@@ -93,20 +93,20 @@ def _create(args: argparse.Namespace) -> None:
         _emit(args, {**info, "published": False})
         return
     os.environ.setdefault(PASSPHRASE_ENV, passphrase)  # one prompt for create and publish
-    _emit(args, info)
-    _publish(args)
+    _with_peer(args, lambda peer: _publish_as(args, peer, info))
 
 
 def _publish(args: argparse.Namespace) -> None:
-    async def work(peer: Peer) -> None:
-        display = args.display_name or args.name or socket.gethostname()
-        stored = await peer.publish(display, args.name)
-        info: Info = {"published_on": stored, "display_name": display}
-        if args.name:
-            info["name"] = normalize_name(args.name)
-        _emit(args, info)
+    _with_peer(args, lambda peer: _publish_as(args, peer, {}))
 
-    _with_peer(args, work)
+
+async def _publish_as(args: argparse.Namespace, peer: Peer, info: Info) -> None:
+    display = args.display_name or args.name or socket.gethostname()
+    stored = await peer.publish(display, args.name)
+    info = {**info, "published_on": stored, "display_name": display}
+    if args.name:
+        info["name"] = normalize_name(args.name)
+    _emit(args, info)
 
 
 def _show(args: argparse.Namespace) -> None:

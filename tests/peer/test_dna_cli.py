@@ -1,0 +1,105 @@
+"""`dna` as a person runs it: real processes, against a real local testnet."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from dna_core.crypto import PublicKeySet
+from dna_testnet.network import Testnet
+from support import BIN, run_script
+
+PASS = {"DNA_PASSPHRASE": "correct horse"}
+
+
+def dna(home: Path, *args: str, net: Testnet | None = None, env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    seeds = ["--bootstrap", ",".join(f"{h}:{p}" for h, p in net.seeds)] if net else []
+    return run_script("dna", "--home", str(home), *seeds, *args, env={**PASS, **(env or {})})
+
+
+def ok(out: subprocess.CompletedProcess[str]) -> dict:  # type: ignore[type-arg]
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def test_identity_create_show_export_offline(tmp_path: Path) -> None:
+    home = tmp_path / "me"
+    info = ok(dna(home, "--json", "identity", "create", "--offline"))
+    assert info["published"] is False
+    assert (home / "identity.key").stat().st_mode & 0o777 == 0o600
+    assert ok(dna(home, "--json", "identity", "show"))["fingerprint"] == info["fingerprint"]
+    pub = tmp_path / "me.pub"
+    ok(dna(home, "--json", "identity", "export", "--out", str(pub)))
+    assert PublicKeySet.decode(pub.read_bytes()).fingerprint.hex() == info["fingerprint"]
+    again = dna(home, "identity", "create", "--offline")
+    assert again.returncode == 1 and "refusing to overwrite" in again.stderr
+
+
+def test_errors_are_one_clear_line(tmp_path: Path) -> None:
+    home = tmp_path / "me"
+    ok(dna(home, "--json", "identity", "create", "--offline"))
+    wrong = dna(home, "sync", env={"DNA_PASSPHRASE": "wrong"})
+    assert wrong.returncode == 1
+    assert wrong.stderr.strip() == "dna: error: wrong passphrase (or the key file was altered)"
+    no_pass = run_script("dna", "--home", str(home), "sync")
+    assert no_pass.returncode == 1 and "DNA_PASSPHRASE" in no_pass.stderr
+    missing = dna(tmp_path / "nobody", "identity", "show")
+    assert missing.returncode == 1 and "run `dna identity create`" in missing.stderr
+    unreachable = dna(home, "--bootstrap", "127.0.0.250:7400", "sync")
+    assert unreachable.returncode == 1
+    assert "no bootstrap node answered among 127.0.0.250:7400" in unreachable.stderr
+    unknown = dna(home, "--bootstrap", "127.0.0.250:7400", "send", "zed", "hi")
+    assert unknown.returncode == 1 and "dna: error:" in unknown.stderr
+
+
+def test_the_crypto_demo_runs() -> None:
+    out = run_script("dna", "demo")
+    assert out.returncode == 0, out.stderr
+    assert "refused: the same envelope replayed" in out.stdout
+    assert out.stdout.rstrip().endswith("demo complete")
+
+
+def test_two_people_and_a_second_device(testnet: Testnet, tmp_path: Path) -> None:
+    suffix = str(time.time_ns())[-6:]
+    alice, bob, laptop = tmp_path / "alice", tmp_path / "bob", tmp_path / "laptop"
+    ok(dna(alice, "--json", "identity", "create", "--name", f"alice{suffix}", net=testnet))
+    ok(dna(bob, "--json", "identity", "create", "--name", f"bob{suffix}", net=testnet))
+    added = ok(dna(alice, "--json", "contacts", "add", f"bob{suffix}", net=testnet))
+    assert len(added["safety_number"].split()) == 12 and added["verified"] is False
+    unknown = dna(alice, "send", "nobody", "hi", net=testnet)
+    assert unknown.returncode == 1 and "no contact 'nobody'" in unknown.stderr
+    sent = ok(dna(alice, "--json", "send", f"bob{suffix}", "hello", "bob", net=testnet))
+    assert sent["replicas"] >= 3
+
+    ok(dna(bob, "--json", "contacts", "add", f"alice{suffix}", net=testnet))
+    (conv,) = ok(dna(bob, "--json", "inbox", net=testnet))
+    assert conv == {"contact": f"alice{suffix}", "unread": 1, "last": "hello bob"}
+    (msg,) = ok(dna(bob, "--json", "inbox", f"alice{suffix}", net=testnet))
+    assert msg["text"] == "hello bob" and msg["from"] == f"alice{suffix}"
+    assert ok(dna(bob, "--json", "inbox", "--offline", net=testnet))[0]["unread"] == 0
+    verified = ok(dna(bob, "--json", "contacts", "verify", f"alice{suffix}", "--confirm",
+                      net=testnet))  # fmt: skip
+    assert verified["verified"] is True and verified["safety_number"] == added["safety_number"]
+
+    code = ok(dna(bob, "--json", "identity", "link", "--device-name", "laptop", net=testnet))
+    linked = ok(dna(laptop, "--json", "identity", "link", code["code"], net=testnet))
+    assert linked["messages"] == 1
+    watcher = subprocess.Popen(
+        [str(BIN / "dna"), "--home", str(laptop), "--json", "--bootstrap",
+         ",".join(f"{h}:{p}" for h, p in testnet.seeds), "watch", "--interval", "0.3"],
+        stdout=subprocess.PIPE, text=True, env={**PASS, "PATH": str(BIN)},
+    )  # fmt: skip
+    try:
+        time.sleep(2)
+        ok(dna(alice, "--json", "send", f"bob{suffix}", "live", net=testnet))
+        assert watcher.stdout is not None
+        assert json.loads(watcher.stdout.readline())["text"] == "live"
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(10) == 0
+    synced = ok(dna(bob, "--json", "sync", net=testnet))
+    assert synced["messages_in_cache"] == 2
