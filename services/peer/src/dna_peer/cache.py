@@ -162,6 +162,7 @@ class Cache:
             raise WrongPassphraseError(
                 f"{path}: cannot open the cache (wrong key or not a cache file)"
             ) from None
+        conn.execute("PRAGMA busy_timeout = 10000")  # `dna watch` and `dna send` may overlap
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from dna_core.crypto import Identity, PublicKeySet, seal
 from dna_core.crypto.envelope import decode_envelope
 from dna_core.errors import DnaError
-from dna_core.mailbox.client import FetchState, MailboxClient
+from dna_core.mailbox.client import FetchState, MailboxClient, QuorumError
 from dna_core.overlay.aio import OverlayNode
 from dna_core.overlay.records import normalize_name
 from dna_core.wire.gen.dna.v1 import envelope_pb2
@@ -33,6 +33,7 @@ from dna_peer.network import join_overlay
 from dna_peer.profile import Device, Profile
 
 log = logging.getLogger("dna.peer")
+SEND_ATTEMPTS = 4  # over about 3.5 s: rides out a replica restarting
 HISTORY_CHUNK_BYTES = 150 * 1024  # a History payload stays under the 192 KiB envelope cap
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -164,8 +165,18 @@ class Peer:
 
     async def send_payload(self, to: PublicKeySet, payload: bytes, *, with_keys: bool) -> _Sent:
         envelope = seal(self.identity, to, payload, now_ms=now_ms(), include_sender_keys=with_keys)
-        put = await self.mail.put(to.fingerprint, envelope)
-        return _Sent(envelope, len(put.stored_on))
+        for attempt in range(SEND_ATTEMPTS):
+            try:
+                put = await self.mail.put(to.fingerprint, envelope)
+                return _Sent(envelope, len(put.stored_on))
+            except QuorumError as exc:
+                # Retry the same envelope: a partial write then merges with it (same
+                # blob, same message ID) instead of arriving as a second copy.
+                if attempt == SEND_ATTEMPTS - 1:
+                    raise
+                log.info("send retry %d after: %s", attempt + 1, exc)
+                await asyncio.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
 
     async def post_to_devices(self, payload: envelope_pb2.Payload) -> None:
         """Put a payload in the own mailbox, for this identity's other devices."""

@@ -33,6 +33,11 @@ __all__ = [
 
 BIN = Path(sys.executable).parent
 UDP_PORT, GRPC_PORT, HTTP_PORT = 7400, 7401, 7480
+# Every client of a local testnet comes from 127.0.0.1, so the per-address rate limit
+# (20 puts/s for one person's address on a public network) would be shared by everyone
+# on the machine; a testnet allows what 50 people would. The per-mailbox limits, PoW and
+# quotas stay as on a public network.
+TESTNET_ADMISSION = "[admission]\nip_rate_per_s = 1000.0\nip_burst = 2000.0\n"
 
 
 @dataclass
@@ -148,7 +153,14 @@ class Testnet:
         self.nodes = [
             LocalNode(f"bootstrap{i}", ip, root, seeds) for i, ip in enumerate(ips[:bootstraps])
         ] + [
-            LocalNode(f"storage{i}", ip, root, seeds, command="dna-storage-node")
+            LocalNode(
+                f"storage{i}",
+                ip,
+                root,
+                seeds,
+                command="dna-storage-node",
+                extra_toml=TESTNET_ADMISSION,
+            )
             for i, ip in enumerate(ips[bootstraps:])
         ]
 
