@@ -103,3 +103,5 @@ def test_two_people_and_a_second_device(testnet: Testnet, tmp_path: Path) -> Non
         assert watcher.wait(10) == 0
     synced = ok(dna(bob, "--json", "sync", net=testnet))
     assert synced["messages_in_cache"] == 2
+    (hit,) = ok(dna(laptop, "--json", "search", "LIVE"))  # from the cache, offline
+    assert hit["text"] == "live"

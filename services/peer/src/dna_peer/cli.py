@@ -9,6 +9,7 @@
     dna inbox [bob]                       sync, then show conversations (or one of them)
     dna watch                             print messages as they arrive
     dna sync                              fetch the mailbox, with a progress bar
+    dna search WORDS                      full-text search in the local cache
 
 The profile lives in $DNA_HOME (default ~/.dna), the passphrase comes from a
 prompt or $DNA_PASSPHRASE, the network from --bootstrap or $DNA_BOOTSTRAP
@@ -37,7 +38,7 @@ from dna_core.crypto import Identity, keystore
 from dna_core.errors import DnaError
 from dna_core.overlay.records import normalize_name
 
-from dna_peer.cache import Contact, Message
+from dna_peer.cache import Cache, Contact, Message
 from dna_peer.inbox import SyncReport
 from dna_peer.link import accept_link, offer_link
 from dna_peer.network import default_seeds, parse_seeds
@@ -209,7 +210,11 @@ def _send(args: argparse.Namespace) -> None:
 
 
 def _message_info(peer: Peer, m: Message) -> Info:
-    other = peer.cache.contact(m.recipient if m.outgoing else m.sender)
+    return _message_info_from(peer.cache, m)
+
+
+def _message_info_from(cache: Cache, m: Message) -> Info:
+    other = cache.contact(m.recipient if m.outgoing else m.sender)
     name = (other.name if other else None) or (m.recipient if m.outgoing else m.sender).hex()[:16]
     return {"message_id": m.message_id.hex(), "from": "you" if m.outgoing else name,
             "to": name if m.outgoing else "you", "time_ms": m.timestamp_ms, "text": m.body,
@@ -258,6 +263,20 @@ def _show_conversations(args: argparse.Namespace, peer: Peer) -> None:
         print("no conversations yet")
     for row in rows:
         print(f"{row['contact']:<20} {row['unread']:>3} unread   {row['last'] or ''}")
+
+
+def _search(args: argparse.Namespace) -> None:
+    identity = args.profile.unlock(_passphrase(confirm=False))
+    cache = args.profile.open_cache(identity)  # the cache alone: no network needed
+    try:
+        found = [_message_info_from(cache, m)
+                 for m in cache.search(" ".join(args.words))]  # fmt: skip
+    finally:
+        cache.close()
+    if args.json:
+        print(json.dumps(found))
+    for info in [] if args.json else found:
+        _print_message(info)
 
 
 def _watch(args: argparse.Namespace) -> None:
@@ -358,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch = _add(sub, "watch", _watch, "print messages as they arrive")
     watch.add_argument("--interval", type=float, default=1.0, help="seconds between syncs")
     _add(sub, "sync", _sync, "fetch your mailbox now")
+    _add(sub, "search", _search, "search your messages (offline)").add_argument("words", nargs="+")
     _add(sub, "demo", _demo, "run the in-process crypto demonstration")
     return parser
 
