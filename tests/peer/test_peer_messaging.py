@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from dna_core.crypto import Identity, seal
+from dna_core.overlay.records import record_key
 from dna_core.wire.gen.dna.v1 import envelope_pb2
 from dna_peer import keyserver
 from dna_peer.cache import Contact
 from dna_peer.inbox import RECOVERING, Inbox
 from dna_peer.keyserver import now_ms
 from dna_peer.link import accept_link, offer_link
-from dna_peer.peer import KeyChangedError, Peer
+from dna_peer.peer import PUBLISHED, REPUBLISH_AFTER_MS, KeyChangedError, Peer
 from dna_testnet.network import Testnet
 from peers import PASSPHRASE, People
 
@@ -207,3 +209,22 @@ def text(body: str) -> bytes:
 def read_marker() -> bytes:
     marker = envelope_pb2.ReadMarker(conversation_id=b"x" * 32, read_up_to_ms=1)
     return envelope_pb2.Payload(read=marker).SerializeToString()
+
+
+def test_records_are_republished_before_they_expire(testnet: Testnet, tmp_path: Path) -> None:
+    async def scenario(people: People) -> None:
+        alice = await people.new("alice")
+        key = record_key(keyserver.IDENTITY, alice.fingerprint)
+        first = await alice.node.get_record(key)
+        assert first is not None and not await alice.republish_if_due()  # fresh: nothing due
+        state = json.loads(alice.cache.get_state(PUBLISHED) or b"{}")
+        day_old = {**state, "ms": state["ms"] - REPUBLISH_AFTER_MS}
+        alice.cache.set_state(PUBLISHED, json.dumps(day_old).encode())
+        await alice.sync()
+        again = await alice.node.get_record(key)
+        assert again is not None and again.body.seq > first.body.seq
+        assert again.body.expires_ms > first.body.expires_ms
+        assert await keyserver.lookup_name(alice.node, people.name("alice")) == alice.fingerprint
+        await alice.close()
+
+    run(testnet, tmp_path, scenario)

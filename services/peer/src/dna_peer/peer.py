@@ -13,6 +13,7 @@ storage nodes with a signed delete once every known device acknowledged it.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from dna_peer.network import join_overlay
 from dna_peer.profile import Device, Profile
 
 log = logging.getLogger("dna.peer")
+PUBLISHED = "published"  # cache state: what was last published, and when
+REPUBLISH_AFTER_MS = 86_400_000  # daily, well inside the 30-day record TTL
 SEND_ATTEMPTS = 4  # over about 3.5 s: rides out a replica restarting
 HISTORY_CHUNK_BYTES = 150 * 1024  # a History payload stays under the 192 KiB envelope cap
 Progress = Callable[[int, int], None]  # (done, total)
@@ -81,7 +84,20 @@ class Peer:
         stored = await keyserver.publish_identity(self.node, self.identity, display_name)
         if name is not None:
             await keyserver.claim_name(self.node, self.identity, name)
+        published = json.dumps({"display_name": display_name, "name": name, "ms": now_ms()})
+        self.cache.set_state(PUBLISHED, published.encode())
         return stored
+
+    async def republish_if_due(self) -> bool:
+        """Records expire (30 days) unless their owner signs them again: any device does."""
+        raw = self.cache.get_state(PUBLISHED)
+        if raw is None:
+            return False
+        last = json.loads(raw)
+        if now_ms() - last["ms"] < REPUBLISH_AFTER_MS:
+            return False
+        await self.publish(last["display_name"], last["name"])
+        return True
 
     async def add_contact(self, query: str) -> Contact:
         """Pin a contact found by name or fingerprint (hex); idempotent; TOFU on names."""
@@ -202,6 +218,7 @@ class Peer:
 
     async def sync(self, progress: Progress | None = None) -> SyncReport:
         """Fetch the own mailbox, handle what is new, acknowledge, receipt, clean up."""
+        await self.republish_if_due()
         state = FetchState(cursors=self.cache.cursors())
         blobs, state = await self.mail.fetch(self.identity, state)
         inbox = Inbox(self)
