@@ -251,6 +251,10 @@ class Cache:
     def set_contact_name(self, fingerprint: bytes, name: str) -> None:
         self._write("UPDATE contacts SET name = ? WHERE fingerprint = ?", (name, fingerprint))
 
+    def forget_contact(self, fingerprint: bytes) -> bool:
+        """Unpin (the conversation and its messages stay); the next add pins afresh."""
+        return self._write("DELETE FROM contacts WHERE fingerprint = ?", (fingerprint,)) > 0
+
     def set_verified(self, fingerprint: bytes, verified: bool) -> None:
         self._write(
             "UPDATE contacts SET verified = ? WHERE fingerprint = ?", (int(verified), fingerprint)

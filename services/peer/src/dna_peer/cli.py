@@ -4,7 +4,7 @@
     dna identity show | export | publish
     dna identity link                     on this device: print a one-time code
     dna identity link CODE                on a new device: become a device of that identity
-    dna contacts add bob | list | verify bob [--confirm]
+    dna contacts add bob | list | verify bob [--confirm] | forget bob
     dna send bob "hello"
     dna inbox [bob]                       sync, then show conversations (or one of them)
     dna watch                             print messages as they arrive
@@ -196,6 +196,15 @@ def _contacts_verify(args: argparse.Namespace) -> None:
     _with_peer(args, work)
 
 
+def _contacts_forget(args: argparse.Namespace) -> None:
+    async def work(peer: Peer) -> None:
+        contact = peer.find_contact(args.who)
+        peer.cache.forget_contact(contact.fingerprint)
+        _emit(args, {"forgotten": contact.name or contact.fingerprint.hex()})
+
+    _with_peer(args, work)
+
+
 # -- messages -----------------------------------------------------------------------
 
 
@@ -367,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify = _add(contacts, "verify", _contacts_verify, "show the safety number to compare")
     verify.add_argument("who")
     verify.add_argument("--confirm", action="store_true", help="it matched: mark verified")
+    _add(contacts, "forget", _contacts_forget, "unpin a contact's key (history stays)"
+         ).add_argument("who")  # fmt: skip
 
     send = _add(sub, "send", _send, "send a message")
     send.add_argument("to")
