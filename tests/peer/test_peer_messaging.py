@@ -157,6 +157,13 @@ def test_a_changed_key_is_refused_and_a_signed_rotation_followed(
         assert alice.cache.contact(bob.fingerprint).replaced_by == new_bob.fingerprint  # type: ignore[union-attr]
         # a rotation statement by anyone but the pinned key is not followed
         assert await alice.refresh_contact(followed) == followed
+        # bob's name still points at his old key (claims are first come, first served):
+        # adding him by name finds the old key, follows its rotation, no KEY CHANGED
+        carol_view = await people.new("carol")
+        via_name = await carol_view.add_contact(people.name("bob"))
+        assert via_name.fingerprint == new_bob.fingerprint and via_name.name == people.name("bob")
+        assert await carol_view.add_contact(people.name("bob")) == via_name
+        await carol_view.close()
         await asyncio.gather(alice.close(), bob.close())
 
     run(testnet, tmp_path, scenario)

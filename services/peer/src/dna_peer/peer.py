@@ -109,15 +109,25 @@ class Peer:
                 raise UnknownContactError(f"nobody has claimed the name {name!r}")
             pinned = self.cache.contact_named(name)
             if pinned is not None and pinned.fingerprint != fingerprint:
+                if self._current(fingerprint) == pinned:
+                    return pinned  # the name still points at the key that rotated to this one
                 return await self._follow_rotation(pinned, fingerprint)
         assert fingerprint is not None
+        known = self._current(fingerprint)
+        if known is None:
+            return await self.refresh_contact(await self._pin_new(fingerprint, name))
+        if name and known.name != name:
+            self.cache.set_contact_name(known.fingerprint, name)
+        return self.cache.contact(known.fingerprint) or known
+
+    def _current(self, fingerprint: bytes) -> Contact | None:
+        """The pinned contact for a fingerprint, after the rotations it went through."""
         known = self.cache.contact(fingerprint)
-        while known is not None and known.replaced_by:  # rotated since: the new keys speak
+        while known is not None and known.replaced_by:
             known = self.cache.contact(known.replaced_by)
-        if known is not None:
-            if name and known.name != name:
-                self.cache.set_contact_name(known.fingerprint, name)
-            return self.cache.contact(known.fingerprint) or known
+        return known
+
+    async def _pin_new(self, fingerprint: bytes, name: str | None) -> Contact:
         keys = await keyserver.lookup_keys(self.node, fingerprint)
         if keys is None:
             raise UnknownContactError(f"no identity record for {fingerprint.hex()[:16]}…")
