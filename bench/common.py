@@ -12,14 +12,18 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import faulthandler
 import gc
 import importlib.metadata
 import json
 import os
 import platform
+import signal
 import statistics
+import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -344,3 +348,35 @@ def report_comparison(
             continue
         lines.append(report(f"{bench}.{pct}", US, ours, base, n, full, kind="latency"))
     return lines
+
+
+def exit_status(lines: Sequence[Mapping[str, Any]], ours: str) -> int:
+    """1 when nothing was measured or any of our figures had failures, else 0."""
+    failed = any(line["params"]["failures"].get(ours) for line in lines)
+    return 1 if failed or not lines else 0
+
+
+def run_main(name: str, bench: Callable[[], Coroutine[Any, Any, int]], watchdog_s: float) -> int:
+    """Run a benchmark's coroutine as a CLI: SIGTERM and Ctrl-C cancel it (so its clean-ups
+    run), a wedged run dumps every stack after ``watchdog_s`` and exits, and OpenDHT runners
+    that could not be joined are never destroyed (their destructor joins holding the GIL)."""
+
+    async def cancellable() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await bench()
+
+    faulthandler.dump_traceback_later(watchdog_s, exit=True)
+    try:
+        status = asyncio.run(cancellable())
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        print(f"{name}: interrupted (nodes stopped)", file=sys.stderr)
+        status = 130
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    opendht = sys.modules.get("bench.baselines.opendht_net")
+    if opendht is not None and getattr(opendht, "_STUCK", None):
+        sys.stdout.flush()
+        os._exit(status)
+    return status

@@ -58,7 +58,6 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
-import faulthandler
 import json
 import os
 import signal
@@ -808,8 +807,7 @@ async def run(cfg: Config) -> int:
             await client.stop()
         await baselines.close()
         await fleet.close()
-    failed = any(line["params"]["failures"].get(OURS) for line in lines)
-    return 1 if failed or not lines else 0
+    return common.exit_status(lines, OURS)
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
@@ -849,14 +847,6 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     return Config(nodes, ops, rounds, warmup, args.workers, args.rcvbuf, names, args.budget, quick)
 
 
-async def _main(cfg: Config) -> int:
-    """``run`` with SIGTERM turned into cancellation, so the clean-up still runs."""
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    return await run(cfg)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
     common.print_machine()
@@ -864,27 +854,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     profile_dir = os.environ.get(PROFILE_ENV)
     if profile_dir:
         Path(profile_dir).mkdir(parents=True, exist_ok=True)
-    # Last resort if something wedges: dump the stacks and exit (the workers see their
-    # stdin close and stop on their own).
-    faulthandler.dump_traceback_later(cfg.budget_s + 60, exit=True)
-    try:
-        status = asyncio.run(_main(cfg))
-    except (asyncio.CancelledError, KeyboardInterrupt):
-        print("bench.overlay: interrupted (nodes stopped)", file=sys.stderr)
-        status = 130
-    finally:
-        faulthandler.cancel_dump_traceback_later()
-    if OPENDHT in cfg.baselines and _opendht_stuck():
-        # Runners that could not be joined must not be destroyed (their destructor joins
-        # holding the GIL): leave without running destructors, as the harness's CLI does.
-        sys.stdout.flush()
-        os._exit(status)
-    return status
-
-
-def _opendht_stuck() -> bool:
-    module = sys.modules.get("bench.baselines.opendht_net")
-    return bool(module is not None and getattr(module, "_STUCK", None))
+    # A wedged run dumps its stacks and exits (the workers see their stdin close and stop).
+    return common.run_main("bench.overlay", lambda: run(cfg), cfg.budget_s + 60)
 
 
 if __name__ == "__main__":

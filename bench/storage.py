@@ -1,8 +1,17 @@
 """Our replicated mailboxes against OpenDHT and Redis: put and fetch on a loopback network.
 
-``uv run python -m bench.storage [--ops N] [--rounds R] [--pending P] [--redis-n N] [--quick]``
+``uv run python -m bench.storage [--ops N] [--rounds R] [--pending P] [--redis-n N] [--quick]
+[--sections throughput,flood,memory]``
 
-What runs (issue 4, "Benchmarks"; conventions: shared design/BENCH.md), all in one run:
+Sections (``--sections``, run in the order given; default ``flood,throughput``, ~4 min):
+
+* ``flood``: flood fairness, :mod:`bench.storage_flood` (~1.5 min).
+* ``throughput``: this module, below.
+* ``memory``: a node holding 1,000,000 small blobs, :mod:`bench.storage_memory` (opt-in,
+  ~3 min: ``--sections memory``; ``--memory-blobs``, ``--memory-blob-bytes``).
+
+What the throughput section runs (issue 4, "Benchmarks"; conventions: shared
+design/BENCH.md), all in one run:
 
 * **Ours.** 1 bootstrap and 10 ``dna-storage-node`` processes (``LocalNode``, real TOML
   configs) on ``127.0.0.160``..``170`` in a temporary directory. Every storage node gets
@@ -12,12 +21,13 @@ What runs (issue 4, "Benchmarks"; conventions: shared design/BENCH.md), all in o
   with a ``MailboxClient`` (R = 5, W = 3, PoW 8 bits solved per put, as the client does):
 
   - ``put``: ``MailboxClient.put`` of envelopes sealed before any timing (sender Alice, 10
-    recipient mailboxes in turn): a lookup, then ``Put`` on the 5 replicas (each checks
-    the PoW and stores in SQLite); fails unless W replicas stored it.
+    recipient mailboxes in turn): the mailbox's candidates (a lookup, or the client's 30 s
+    cache), then ``Put`` on the 5 replicas (each checks the PoW and stores in SQLite);
+    fails unless W replicas stored it.
   - ``fetch``: ``MailboxClient.fetch`` of one mailbox's pending blobs from a fresh cursor
-    (10 other mailboxes, each loaded with ``--pending`` blobs before timing): a lookup,
-    then a signed ``Fetch`` to each of the 9 candidate nodes, merged by blob ID; fails
-    unless exactly the pending blobs come back.
+    (10 other mailboxes, each loaded with ``--pending`` blobs before timing): the
+    candidates (lookup or cache), then one signed ``Fetch`` request sent to the 5
+    replicas, merged by blob ID; fails unless exactly the pending blobs come back.
 * **Baselines.** ``opendht``: 10 C++ OpenDHT nodes in this process
   (:class:`bench.baselines.opendht_net.OpenDhtNet`), put/get of values of the envelopes'
   size, the same op counts, fresh client pairs per (round, mode). ``redis``: a
@@ -39,18 +49,15 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import faulthandler
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +68,7 @@ from dna_core.mailbox.ids import blob_id
 from dna_core.overlay.aio import OverlayNode
 from dna_testnet.network import UDP_PORT, LocalNode, client_node, wait_ready
 
-from bench import common
+from bench import common, storage_flood, storage_memory
 from bench.baselines import Deadline, Figure, Workload, make_figure
 from bench.overlay import run_batch
 
@@ -80,6 +87,12 @@ DEFAULT_OPS, QUICK_OPS = 200, 20
 DEFAULT_ROUNDS, QUICK_ROUNDS = 5, 1
 DEFAULT_WARMUP, QUICK_WARMUP = 20, 5
 DEFAULT_REDIS_N, QUICK_REDIS_N = 20_000, 2_000
+SECTIONS = ("throughput", "flood", "memory")
+# Flood first: it measures small latency differences, and the throughput section leaves the
+# machine loaded for a while (and may leave OpenDHT threads behind in this process).
+DEFAULT_SECTIONS = ("flood", "throughput")  # memory is opt-in: its fill takes minutes
+DEFAULT_MEMORY_BLOBS, QUICK_MEMORY_BLOBS = 1_000_000, 10_000
+DEFAULT_MEMORY_BLOB_BYTES = 512
 
 ADMISSION: dict[str, float | int] = {
     "pow_base_bits": POW_BITS,
@@ -311,6 +324,9 @@ class Config:
     redis_n: int
     budget_s: float
     quick: bool
+    sections: tuple[str, ...] = DEFAULT_SECTIONS
+    memory_blobs: int = DEFAULT_MEMORY_BLOBS
+    memory_blob_bytes: int = DEFAULT_MEMORY_BLOB_BYTES
 
 
 @dataclass
@@ -548,8 +564,7 @@ async def run(cfg: Config) -> int:
                 await node.stop()
         fleet.kill()
         shutil.rmtree(root, ignore_errors=True)
-    failed = any(line["params"]["failures"].get(OURS) for line in lines)
-    return 1 if failed or not lines else 0
+    return common.exit_status(lines, OURS)
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
@@ -564,7 +579,20 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument(
         "--redis-n", type=int, default=None, help=f"redis-benchmark -n (default {DEFAULT_REDIS_N})"
     )
-    parser.add_argument("--budget", type=float, default=BUDGET_S, help="s for the whole run")
+    parser.add_argument(
+        "--budget", type=float, default=BUDGET_S, help="s for the throughput section"
+    )
+    parser.add_argument(
+        "--sections",
+        default=",".join(DEFAULT_SECTIONS),
+        help=f"comma-separated, of {', '.join(SECTIONS)} (default: {','.join(DEFAULT_SECTIONS)})",
+    )
+    parser.add_argument(
+        "--memory-blobs", type=int, default=None, help="blobs held by the memory section's node"
+    )
+    parser.add_argument(
+        "--memory-blob-bytes", type=int, default=DEFAULT_MEMORY_BLOB_BYTES, help="their size"
+    )
     args: argparse.Namespace = parser.parse_args(argv)
     quick: bool = args.quick
     ops = args.ops or args.n or (QUICK_OPS if quick else DEFAULT_OPS)
@@ -573,33 +601,55 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     redis_n = args.redis_n or (QUICK_REDIS_N if quick else DEFAULT_REDIS_N)
     if ops < 1 or rounds < 1 or warmup < 1 or args.pending < 1 or redis_n < 1:
         raise SystemExit("--ops, --rounds, --warmup, --pending and --redis-n must be >= 1")
-    return Config(ops, rounds, warmup, args.pending, redis_n, args.budget, quick)
+    sections = tuple(s for s in args.sections.split(",") if s)
+    if not sections or set(sections) - set(SECTIONS):
+        raise SystemExit(f"--sections: choose from {', '.join(SECTIONS)}")
+    blobs = args.memory_blobs or (QUICK_MEMORY_BLOBS if quick else DEFAULT_MEMORY_BLOBS)
+    return Config(
+        ops, rounds, warmup, args.pending, redis_n, args.budget, quick,
+        sections, blobs, args.memory_blob_bytes,
+    )  # fmt: skip
 
 
-async def _main(cfg: Config) -> int:
-    """``run`` with SIGTERM turned into cancellation, so the clean-up still runs."""
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    return await run(cfg)
+async def in_tempdir(section: Callable[[Path], Awaitable[int]]) -> int:
+    root = Path(tempfile.mkdtemp(prefix="dna-bench-storage-"))
+    try:
+        return await section(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def run_section(name: str, cfg: Config) -> int:
+    if name == "throughput":
+        return await run(cfg)
+    if name == "flood":
+        phase_s = storage_flood.QUICK_PHASE_S if cfg.quick else storage_flood.PHASE_S
+        flood_cfg = storage_flood.FloodConfig(cfg.rounds, phase_s)
+        return await in_tempdir(lambda root: storage_flood.run(root, flood_cfg))
+    memory_cfg = storage_memory.MemoryConfig(
+        cfg.memory_blobs, cfg.memory_blob_bytes, cfg.ops, cfg.rounds
+    )
+    return await in_tempdir(lambda root: storage_memory.run(root, memory_cfg))
+
+
+async def run_sections(cfg: Config) -> int:
+    """The sections in turn; the worst status wins."""
+    status = 0
+    for name in cfg.sections:
+        status = max(status, await run_section(name, cfg))
+    return status
+
+
+def watchdog_s(cfg: Config) -> float:
+    """When a hung run is stopped (with every thread's traceback): generous per section."""
+    allowance = {"throughput": cfg.budget_s + 60, "flood": 600.0, "memory": 3600.0}
+    return sum(allowance[name] for name in cfg.sections)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
     common.print_machine()
-    faulthandler.dump_traceback_later(cfg.budget_s + 60, exit=True)
-    try:
-        status = asyncio.run(_main(cfg))
-    except (asyncio.CancelledError, KeyboardInterrupt):
-        print("bench.storage: interrupted (nodes stopped)", file=sys.stderr)
-        status = 130
-    finally:
-        faulthandler.cancel_dump_traceback_later()
-    module = sys.modules.get("bench.baselines.opendht_net")
-    if module is not None and getattr(module, "_STUCK", None):
-        sys.stdout.flush()  # runners not joined must not be destroyed: leave as overlay does
-        os._exit(status)
-    return status
+    return common.run_main("bench.storage", lambda: run_sections(cfg), watchdog_s(cfg))
 
 
 if __name__ == "__main__":

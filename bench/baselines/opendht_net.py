@@ -42,6 +42,7 @@ from __future__ import annotations
 import faulthandler
 import importlib.metadata
 import os
+import queue
 import sys
 import threading
 import time
@@ -437,6 +438,80 @@ class OpenDhtNet:
                 raise
 
         return self._batch("get", issue, items, concurrency, deadline, op_timeout_s)
+
+    def round_trip_batch(
+        self,
+        items: Sequence[Item],
+        concurrency: int,
+        deadline: Deadline,
+        *,
+        pair: int = 0,
+        op_timeout_s: float | None = None,
+    ) -> tuple[Figure, list[float]]:
+        """Put-then-get round trips (``bench.e2e``'s baseline), ``concurrency`` in flight.
+
+        Pair ``pair``'s writer puts an item; once the put is acknowledged, the pair's reader
+        gets it; the op succeeds when the reader sees the exact value. Returns the figure
+        (op ``"put_get"``) and the put part of every round trip whose put succeeded (s).
+
+        The gets are issued from a plain thread rather than from inside the put's callback
+        (which runs on the writer's native thread, holding the GIL).
+        """
+        timeout = self.op_timeout_s if op_timeout_s is None else op_timeout_s
+        writer, reader = self.writer(pair), self.reader(pair)
+        pending = self._pending
+        put_s: list[float] = []
+        gets: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+
+        def issue_gets() -> None:
+            while (get := gets.get()) is not None:
+                get()
+
+        def issue(i: int, done: Done) -> None:
+            key, data = items[i]
+            t0 = time.perf_counter()
+            found = False
+
+            def on_value(value: Any) -> bool:
+                nonlocal found
+                found = found or value.data == data
+                return not found  # stop the search once the value is seen
+
+            def on_get_done(ok: bool, _nodes: object) -> None:
+                pending.done(reader)
+                done(bool(ok) and found)
+
+            def get() -> None:
+                pending.add(reader)
+                try:
+                    reader.get(key, on_value, on_get_done)
+                except BaseException:
+                    pending.done(reader)
+                    done(False)
+
+            def on_put_done(ok: bool, _nodes: object) -> None:
+                pending.done(writer)
+                if ok:
+                    put_s.append(time.perf_counter() - t0)
+                    gets.put(get)
+                else:
+                    done(False)
+
+            pending.add(writer)
+            try:
+                writer.put(key, dht.Value(data), on_put_done)
+            except BaseException:
+                pending.done(writer)
+                raise
+
+        getter = threading.Thread(target=issue_gets, name="opendht-gets", daemon=True)
+        getter.start()
+        try:
+            fig, _ = self._batch("put_get", issue, items, concurrency, deadline, timeout)
+        finally:
+            gets.put(None)
+            getter.join()
+        return fig, put_s
 
     def _batch(
         self,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from dna_core.crypto import Identity
+from dna_core.crypto import Identity, signature
 from dna_core.errors import (
     ExpiredError,
     MalformedError,
@@ -14,6 +14,7 @@ from dna_core.errors import (
 from dna_core.mailbox import (
     NonceCache,
     blob_id,
+    fetch_cursor,
     mailbox_id,
     put_pow_hash,
     sign_delete,
@@ -21,6 +22,7 @@ from dna_core.mailbox import (
     verify_delete,
     verify_fetch,
 )
+from dna_core.mailbox.auth import MAX_FETCH_NODES
 from dna_core.wire import decode_message, encode_message
 from dna_core.wire.gen.dna.v1 import mailbox_pb2
 from hypothesis import given
@@ -136,3 +138,83 @@ def test_random_bytes_raise_only_protocol_errors(blob: bytes) -> None:
             check()
         except ProtocolError as exc:
             assert exc.reason
+
+
+# --- one signed fetch for several named nodes (version 2) -----------------------------------
+
+NODE_A, NODE_B, NODE_C = b"\xaa" * 32, b"\xbb" * 32, b"\xcc" * 32
+
+
+def _fetch_for(owner: Identity, cursors: dict[bytes, bytes]) -> mailbox_pb2.FetchRequest:
+    return _fetch(sign_fetch(owner, limit=10, now_ms=NOW, node_cursors=cursors))
+
+
+def test_one_signed_fetch_serves_each_named_node_from_its_own_cursor(alice: Identity) -> None:
+    req = _fetch_for(alice, {NODE_A: b"\x01", NODE_B: b""})
+    for node, cursor in ((NODE_A, b"\x01"), (NODE_B, b"")):
+        owner, body = verify_fetch(req, now_ms=NOW, nonces=NonceCache(), node_id=node)
+        assert body.version == 2 and owner.owner == alice.public
+        assert fetch_cursor(body, node) == cursor
+
+
+def test_a_named_fetch_replays_at_no_node_and_reaches_no_other(alice: Identity) -> None:
+    req = _fetch_for(alice, {NODE_A: b"", NODE_B: b""})
+    at_a = NonceCache()
+    verify_fetch(req, now_ms=NOW, nonces=at_a, node_id=NODE_A)
+    with pytest.raises(ReplayError):
+        verify_fetch(req, now_ms=NOW, nonces=at_a, node_id=NODE_A)
+    for node in (NODE_C, None):  # unnamed, or a node without an ID
+        with pytest.raises(VerificationError, match="not addressed to this node"):
+            verify_fetch(req, now_ms=NOW, nonces=NonceCache(), node_id=node)
+
+
+def test_an_unnamed_node_refuses_before_any_signature_work(alice: Identity) -> None:
+    """A forged signature is not even looked at, and the nonce is not spent there."""
+    req = _fetch_for(alice, {NODE_A: b""})
+    req.auth.signature = b"\x00" * len(req.auth.signature)
+    nonces = NonceCache()
+    with pytest.raises(VerificationError, match="not addressed"):
+        verify_fetch(req, now_ms=NOW, nonces=nonces, node_id=NODE_B)
+    assert len(nonces) == 0
+    with pytest.raises(VerificationError, match="signature"):
+        verify_fetch(req, now_ms=NOW, nonces=nonces, node_id=NODE_A)
+
+
+def test_version_one_fetches_still_serve_any_node(alice: Identity) -> None:
+    req = _fetch(sign_fetch(alice, cursor=b"\x07", limit=10, now_ms=NOW))
+    _, body = verify_fetch(req, now_ms=NOW, nonces=NonceCache(), node_id=NODE_C)
+    assert body.version == 1 and fetch_cursor(body, NODE_C) == b"\x07"
+
+
+def _resigned(owner: Identity, body: mailbox_pb2.FetchBody) -> mailbox_pb2.FetchRequest:
+    raw = encode_message(body)
+    return mailbox_pb2.FetchRequest(
+        body=raw,
+        auth=mailbox_pb2.OwnerAuth(
+            owner=owner.public.to_proto(), signature=signature.sign(owner, b"mailbox-fetch", raw)
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    "bend",
+    ["shared cursor", "duplicate node", "short node ID", "long cursor", "too many", "v1 + nodes"],
+)
+def test_malformed_named_fetches_are_refused(alice: Identity, bend: str) -> None:
+    body = mailbox_pb2.FetchBody.FromString(_fetch_for(alice, {NODE_A: b""}).body)
+    if bend == "shared cursor":
+        body.cursor = b"\x01"
+    elif bend == "duplicate node":
+        body.node_cursors.add(node_id=NODE_A)
+    elif bend == "short node ID":
+        body.node_cursors[0].node_id = b"\xaa" * 31
+    elif bend == "long cursor":
+        body.node_cursors[0].cursor = b"\x00" * 65
+    elif bend == "too many":
+        body.node_cursors.extend(
+            mailbox_pb2.NodeCursor(node_id=bytes([i]) * 32) for i in range(MAX_FETCH_NODES)
+        )
+    else:
+        body.version = 1
+    with pytest.raises(MalformedError):
+        verify_fetch(_resigned(alice, body), now_ms=NOW, nonces=NonceCache(), node_id=NODE_A)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dna_core.crypto import Identity, seal
@@ -21,7 +22,7 @@ from dna_peer.peer import PUBLISHED, REPUBLISH_AFTER_MS, KeyChangedError, Peer
 from dna_testnet.network import Testnet
 from peers import PASSPHRASE, People
 
-Scenario = Callable[[People], Awaitable[None]]
+Scenario = Callable[[People], Coroutine[Any, Any, None]]
 
 
 def run(testnet: Testnet, tmp_path: Path, scenario: Scenario) -> None:

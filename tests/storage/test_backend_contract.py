@@ -352,6 +352,28 @@ def test_usage_and_totals(stores: Stores, kind: str) -> None:
     run_scenario(stores, kind, scenario)
 
 
+def test_forget_drops_copies_without_tombstones(stores: Stores, kind: str) -> None:
+    """A hand-off copy confirmed elsewhere: gone from every read, not deleted for good."""
+
+    async def scenario(b: MailboxBackend) -> None:
+        m0, m1 = mbox(0), mbox(1)
+        x, y, z = blob(m0, b"x" * 10), blob(m0, b"y" * 20), blob(m1, b"z" * 5)
+        await b.put_many([x, y, z], T0)
+        await b.delete([tomb(m0, b"\x09" * 32)], T0)
+        unknown = b"\x0a" * 32
+        assert await b.forget(m0, [x.blob_id, unknown, x.blob_id], [b"\x09" * 32]) == 2
+        assert await b.ids(m0, T0) == ([y.blob_id], [])
+        assert await b.totals() == Usage(2, 25)
+        assert await b.forget(m0, [y.blob_id], []) == 1
+        assert [d.mailbox_id for d in await b.digests(b"", b"", T0)] == [m1]  # m0 held nothing
+        assert await b.forget(m1, [], []) == 0
+        assert await b.forget(m1, [], [z.blob_id]) == 0  # a blob is not a tombstone
+        assert await b.put_many([x], T0) == [STORED]  # no tombstone was left behind
+        assert [s.seq for s in await fetch_all(b, m0, T0)] == [3]  # the seq counter stayed
+
+    run_scenario(stores, kind, scenario)
+
+
 # --- the reference model ---------------------------------------------------------------------
 
 Key = tuple[bytes, bytes]
@@ -387,6 +409,10 @@ class Model:
         if expires > now and (old is None or old.expires_ms < expires):
             self.tombs[key] = replace(t, expires_ms=expires)
         return int(live)
+
+    def forget(self, mailbox: bytes, blob_ids: list[bytes], tomb_ids: list[bytes]) -> int:
+        blobs = sum(self.blobs.pop((mailbox, i), None) is not None for i in set(blob_ids))
+        return blobs + sum(self.tombs.pop((mailbox, i), None) is not None for i in set(tomb_ids))
 
     def expire(self, now: int, limit: int) -> int:
         due = [(b.expires_ms, 0, k) for k, b in self.blobs.items() if b.expires_ms <= now]
@@ -432,6 +458,8 @@ OPS = st.lists(
                                               min_size=1, max_size=2)),
         st.tuples(st.just("tick"), st.sampled_from([1, 25, 90, 300])),
         st.tuples(st.just("expire"), st.sampled_from([1, 2, 100])),
+        st.tuples(st.just("forget"), st.tuples(st.integers(0, 1), st.lists(st.integers(0, 4)),
+                                               st.lists(st.integers(0, 4)))),
     ),
     max_size=18,
 )  # fmt: skip
@@ -446,6 +474,10 @@ async def apply(b: MailboxBackend, model: Model, op: tuple[str, object], now: in
     if name == "expire":
         assert isinstance(arg, int)
         assert await b.expire(now, arg) == model.expire(now, arg)
+    elif name == "forget":
+        assert isinstance(arg, tuple)
+        m, blobs, tombs = MAILBOXES[arg[0]], [IDS[i] for i in arg[1]], [IDS[i] for i in arg[2]]
+        assert await b.forget(m, blobs, tombs) == model.forget(m, blobs, tombs)
     elif name == "put":
         assert isinstance(arg, list)
         batch = [blob(MAILBOXES[m], PAYLOADS[i], at=now, ttl=ttl) for (m, i), ttl in arg]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from dna_core.crypto import pow
@@ -621,16 +622,23 @@ REFUSALS: dict[str, Refusal] = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(REFUSALS))
-def test_every_refusal_leaves_state_unchanged(case: str) -> None:
+def drained(case: str) -> Admission:
+    """An admission where LIMITED_IP and FULL_MAILBOX are out of tokens (and, for "disk",
+    the disk is over its high-water mark)."""
     adm = Admission(SMALL)
     for i in range(3):
         put(adm, ip=LIMITED_IP, mailbox=mbox(10 + i))  # drains the source
         put(adm, ip=f"192.0.2.{10 + i}", mailbox=FULL_MAILBOX)  # drains the mailbox
     put(adm, ip="192.0.2.50", mailbox=mbox(30))  # a partly spent key, the most recent one
-    error, refused_put = REFUSALS[case]
     if case == "disk":
         adm.high_water.update(95, 100)
+    return adm
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_every_refusal_leaves_state_unchanged(case: str) -> None:
+    adm = drained(case)
+    error, refused_put = REFUSALS[case]
     now = T0 + 0.25
     before = snapshot(adm, now)
     with pytest.raises(error) as raised:
@@ -638,6 +646,32 @@ def test_every_refusal_leaves_state_unchanged(case: str) -> None:
     assert type(raised.value) is error
     assert snapshot(adm, now) == before
     assert rejection_reason(raised.value) == case.partition("-")[0]
+
+
+PRECHECKED = {"size", "pow-missing", "pow-low", "rate-ip", "rate-mailbox", "disk"}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_the_precheck_refuses_all_that_needs_no_hash_nor_storage_read(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the service asks before it reads the mailbox's usage: a flood refused for its
+    rate costs no storage read. The rest (proof hash and age, quota) is left to admit_put."""
+    adm = drained(case)
+    error, refused_put = REFUSALS[case]
+    now = T0 + 0.25
+    before = snapshot(adm, now)
+
+    def precheck_only(*, payload_hash: bytes, now_ms: int, usage: Usage, **cheap: Any) -> None:
+        adm.precheck_put(**cheap)
+
+    monkeypatch.setattr(adm, "admit_put", precheck_only)
+    if case in PRECHECKED:
+        with pytest.raises(error):
+            refused_put(adm, now)
+    else:
+        refused_put(adm, now)
+    assert snapshot(adm, now) == before
 
 
 def test_rejection_reasons_for_metrics() -> None:

@@ -1,14 +1,17 @@
-"""Redis-only behaviour: native TTLs reclaim space; reads survive keys that already vanished."""
+"""Redis-only behaviour: native TTLs reclaim space; reads survive keys that already vanished;
+a server not configured for durable writes is reported at connect."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 
+import pytest
 import redis.asyncio as aioredis
 from dna_storage.backends.base import StoredBlob, Tombstone, Usage
-from dna_storage.backends.redis import RedisBackend
+from dna_storage.backends.redis import RedisBackend, durability_problems
 
 T0 = (int(time.time()) + 10 * 86_400) * 1000  # ahead of the wall clock: TTLs don't fire
 M = hashlib.sha256(b"redis mailbox").digest()
@@ -62,3 +65,25 @@ def test_fetch_skips_and_cleans_blobs_whose_key_vanished(redis_url: str) -> None
             await b.close()
 
     asyncio.run(main())
+
+
+def test_a_server_not_configured_for_durable_writes_is_reported(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The session's server runs AOF with fsync always; weaken it for a moment."""
+
+    async def main() -> None:
+        raw = aioredis.Redis.from_url(redis_url)
+        try:
+            assert await durability_problems(raw) == []
+            await raw.config_set("appendfsync", "everysec")
+            try:
+                with caplog.at_level(logging.WARNING, logger="dna.storage.redis"):
+                    await (await RedisBackend.connect(redis_url, prefix="durable:")).close()
+            finally:
+                await raw.config_set("appendfsync", "always")
+        finally:
+            await raw.aclose()
+
+    asyncio.run(main())
+    assert "appendfsync is 'everysec', not 'always'" in caplog.text

@@ -471,6 +471,14 @@ class Admission:
         """The PoW difficulty a put needs now (for status pages and client hints)."""
         return self.pow.required(now_s)
 
+    def precheck_put(
+        self, *, source_ip: str, mailbox_id: bytes, blob_len: int, proof: Proof | None, now_s: float
+    ) -> None:
+        """Checks 1-4 alone: no I/O, no state change. The service runs them before it reads
+        the mailbox's usage from the backend, so a flood refused for its rate costs no
+        storage read; ``admit_put`` runs them again (integer comparisons and look-ups)."""
+        self._cheap_checks(source_ip, mailbox_id, blob_len, proof, now_s)
+
     def admit_put(
         self,
         *,
@@ -490,6 +498,22 @@ class Admission:
         mailbox holds now. On return the put's rate tokens are spent and it counts as load.
         Keyword-only: two of the arguments are 32-byte strings that must not be swapped.
         """
+        required, ip_key = self._cheap_checks(source_ip, mailbox_id, blob_len, proof, now_s)
+        assert proof is not None  # _cheap_checks refuses a missing proof
+        # 5. The proof itself: one SHA-256, plus its freshness (ExpiredError) and hash
+        # (VerificationError) as pow.verify judges them.
+        pow.verify(proof, payload_hash, required=required, now_ms=now_ms)
+        # 6. Quota: the only check that depends on what the backend holds.
+        self.quota.check_quota(usage.blobs, usage.bytes, blob_len)
+        # Admitted: now, and only now, change state.
+        self.per_ip.check(ip_key, now_s)
+        self.per_mailbox.check(mailbox_id, now_s)
+        self.pow.record_put(now_s)
+
+    def _cheap_checks(
+        self, source_ip: str, mailbox_id: bytes, blob_len: int, proof: Proof | None, now_s: float
+    ) -> tuple[int, str]:
+        """Checks 1-4; returns the required PoW bits and the source's rate-limit key."""
         c = self.config
         # 1. A full disk refuses everything, whatever the request.
         if self.high_water.tripped:
@@ -504,7 +528,7 @@ class Admission:
         if proof is None or proof.difficulty < required:
             have = "missing" if proof is None else f"{proof.difficulty} bits"
             raise PowRequired(f"proof of work: {required} bits required, proof {have}", required)
-        # 4. Rate limits: peeked, both of them, and spent only at the end.
+        # 4. Rate limits: peeked, both of them, and spent only at the end of admit_put.
         ip_key = source_key(source_ip, ipv6_prefix_len=c.ipv6_prefix_len)
         ip_wait = self.per_ip.peek(ip_key, now_s)
         mailbox_wait = self.per_mailbox.peek(mailbox_id, now_s)
@@ -517,12 +541,4 @@ class Admission:
                 f"retry after {wait:.3f} s",
                 wait,
             )
-        # 5. The proof itself: one SHA-256, plus its freshness (ExpiredError) and hash
-        # (VerificationError) as pow.verify judges them.
-        pow.verify(proof, payload_hash, required=required, now_ms=now_ms)
-        # 6. Quota: the only check that depends on what the backend holds.
-        self.quota.check_quota(usage.blobs, usage.bytes, blob_len)
-        # Admitted: now, and only now, change state.
-        self.per_ip.check(ip_key, now_s)
-        self.per_mailbox.check(mailbox_id, now_s)
-        self.pow.record_put(now_s)
+        return required, ip_key

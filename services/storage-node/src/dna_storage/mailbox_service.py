@@ -25,6 +25,7 @@ from dna_core.errors import ConflictError, MalformedError, ProtocolError, Verifi
 from dna_core.mailbox import (
     NonceCache,
     blob_id,
+    fetch_cursor,
     mailbox_id,
     put_pow_hash,
     verify_delete,
@@ -106,12 +107,14 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         monotonic: Callable[[], float] = time.monotonic,
         on_outcome: Callable[[str, str], None] = lambda method, outcome: None,
         sync_puzzle_bits: int | None = None,
+        node_id: bytes | None = None,
     ) -> None:
         self.backend, self.admission = backend, admission
         self.retention = retention or Retention()
         self.nonces = nonces or NonceCache()
         self.wall_ms, self.monotonic, self.on_outcome = wall_ms, monotonic, on_outcome
         self.sync_puzzle_bits = sync_puzzle_bits  # None: refuse replica sync
+        self.node_id = node_id  # None: refuse fetches addressed to named nodes
 
     async def Put(  # noqa: N802 (gRPC method names)
         self, request: mailbox_pb2.PutRequest, context: Ctx
@@ -119,8 +122,12 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         now_ms = self.wall_ms()
         try:
             self._check_put(request)
-            usage = await self.backend.usage(request.mailbox_id, now_ms)
             proof = Proof.from_proto(request.pow) if request.HasField("pow") else None
+            self.admission.precheck_put(
+                source_ip=peer_ip(context), mailbox_id=request.mailbox_id,
+                blob_len=len(request.blob), proof=proof, now_s=self.monotonic(),
+            )  # fmt: skip
+            usage = await self.backend.usage(request.mailbox_id, now_ms)  # not for a flood
             self.admission.admit_put(
                 source_ip=peer_ip(context), mailbox_id=request.mailbox_id,
                 blob_len=len(request.blob), proof=proof,
@@ -155,8 +162,10 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
     ) -> mailbox_pb2.FetchResponse:
         now_ms = self.wall_ms()
         try:
-            owner, body = verify_fetch(request, now_ms=now_ms, nonces=self.nonces)
-            cursor = decode_cursor(body.cursor)
+            owner, body = verify_fetch(
+                request, now_ms=now_ms, nonces=self.nonces, node_id=self.node_id
+            )
+            cursor = decode_cursor(fetch_cursor(body, self.node_id))
         except ProtocolError as exc:
             await self._refuse(context, "fetch", exc)
         page = await self.backend.fetch(owner.mailbox_id, cursor, body.limit, now_ms)

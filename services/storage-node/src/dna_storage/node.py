@@ -100,7 +100,7 @@ class StorageNode:
         def add_mailbox(server: grpc.aio.Server, node: OverlayNode) -> list[str]:
             service = MailboxService(
                 backend, self.admission, retention=retention,
-                sync_puzzle_bits=self.config.node.puzzle_bits,
+                sync_puzzle_bits=self.config.node.puzzle_bits, node_id=node.node_id,
                 on_outcome=lambda method, outcome: self.metrics.requests.labels(
                     method=method, outcome=outcome
                 ).inc(),

@@ -4,6 +4,7 @@ binding, and owner-signed fetch/delete requests with replay protection."""
 from dna_core.mailbox.auth import (
     NonceCache,
     OwnerRequest,
+    fetch_cursor,
     sign_delete,
     sign_fetch,
     verify_delete,
@@ -15,6 +16,7 @@ __all__ = [
     "NonceCache",
     "OwnerRequest",
     "blob_id",
+    "fetch_cursor",
     "mailbox_id",
     "put_pow_hash",
     "sign_delete",

@@ -12,12 +12,21 @@ A storage node accepts it only if:
 
 So a captured request can be replayed neither later (timestamp) nor within the
 window (nonce); storage nodes still never hold a key that decrypts anything.
+
+A fetch is either for any node (version 1: one ``cursor``) or for named nodes
+(version 2: ``node_cursors``, node ID -> cursor): the client signs once for all
+the replicas it asks, each node reads from its own cursor and refuses a request
+that does not name it. Nonce caches are per node, so the same request at each
+named node is a first use at each; a replica that forwards it elsewhere reaches
+only nodes the owner was asking anyway (and can at worst spend the nonce there
+first: the client then asks another node, see ``MailboxClient.fetch``).
 """
 
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from dna_core.crypto import Identity, PublicKeySet, signature
@@ -27,12 +36,16 @@ from dna_core.wire import decode_message, encode_message
 from dna_core.wire.gen.dna.v1 import mailbox_pb2
 
 BODY_VERSION = 1
+FETCH_NAMED_NODES_VERSION = 2
+MAX_FETCH_NODES = 16
+MAX_CURSOR_BYTES = 64
 NONCE_SIZE = 16
 MAX_BODY_BYTES = 64 * 1024
 MAX_DELETE_IDS = 1000
 MAX_FETCH_LIMIT = 1000
 WINDOW_MS = 5 * 60_000
 _FETCH, _DELETE = b"mailbox-fetch", b"mailbox-delete"
+_VERSIONS = {_FETCH: (BODY_VERSION, FETCH_NAMED_NODES_VERSION), _DELETE: (BODY_VERSION,)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,12 +97,23 @@ def _auth(owner: Identity, domain: bytes, body: bytes) -> mailbox_pb2.OwnerAuth:
     )
 
 
-def sign_fetch(owner: Identity, *, cursor: bytes, limit: int, now_ms: int) -> bytes:
-    """A FetchRequest for the owner's mailbox from ``cursor``."""
+def sign_fetch(
+    owner: Identity,
+    *,
+    cursor: bytes = b"",
+    limit: int,
+    now_ms: int,
+    node_cursors: Mapping[bytes, bytes] | None = None,
+) -> bytes:
+    """A FetchRequest for the owner's mailbox: from ``cursor`` on whichever node receives
+    it, or, with ``node_cursors`` (node ID -> cursor), one request for exactly those nodes,
+    each reading from its own cursor (one signature instead of one per replica)."""
+    named = [mailbox_pb2.NodeCursor(node_id=n, cursor=c) for n, c in (node_cursors or {}).items()]
     body = encode_message(
         mailbox_pb2.FetchBody(
-            version=BODY_VERSION, mailbox_id=mailbox_id(owner.fingerprint), cursor=cursor,
-            limit=limit, timestamp_ms=now_ms, nonce=os.urandom(NONCE_SIZE),
+            version=FETCH_NAMED_NODES_VERSION if named else BODY_VERSION,
+            mailbox_id=mailbox_id(owner.fingerprint), cursor=cursor, limit=limit,
+            timestamp_ms=now_ms, nonce=os.urandom(NONCE_SIZE), node_cursors=named,
         )
     )  # fmt: skip
     return encode_message(mailbox_pb2.FetchRequest(body=body, auth=_auth(owner, _FETCH, body)))
@@ -107,15 +131,54 @@ def sign_delete(owner: Identity, blob_ids: list[bytes], *, now_ms: int) -> bytes
 
 
 def verify_fetch(
-    request: mailbox_pb2.FetchRequest, *, now_ms: int, nonces: NonceCache
+    request: mailbox_pb2.FetchRequest,
+    *,
+    now_ms: int,
+    nonces: NonceCache,
+    node_id: bytes | None = None,
 ) -> tuple[OwnerRequest, mailbox_pb2.FetchBody]:
+    """Verify a fetch received by the node ``node_id`` (``fetch_cursor`` then gives the
+    cursor to read from); a request naming other nodes only is refused before any
+    signature work and without spending its nonce here."""
     body = decode_message(
         mailbox_pb2.FetchBody, request.body, max_size=MAX_BODY_BYTES, what="fetch body"
     )
-    if not 0 < body.limit <= MAX_FETCH_LIMIT or len(body.cursor) > 64:
-        raise MalformedError(f"fetch: limit must be 1..{MAX_FETCH_LIMIT}, cursor <= 64 bytes")
+    if not 0 < body.limit <= MAX_FETCH_LIMIT or len(body.cursor) > MAX_CURSOR_BYTES:
+        raise MalformedError(
+            f"fetch: limit must be 1..{MAX_FETCH_LIMIT}, cursor <= {MAX_CURSOR_BYTES} bytes"
+        )
+    fetch_cursor(body, node_id)
     owner = _verify(request.body, request.auth, _FETCH, body, now_ms, nonces)
     return owner, body
+
+
+def fetch_cursor(body: mailbox_pb2.FetchBody, node_id: bytes | None) -> bytes:
+    """Where the node ``node_id`` reads from: ``cursor`` (version 1), or its own entry of
+    ``node_cursors`` (version 2); a version 2 request that does not name it is refused."""
+    if body.version != FETCH_NAMED_NODES_VERSION:
+        if body.node_cursors:
+            raise MalformedError("fetch: node cursors need version 2")
+        return body.cursor
+    _check_node_cursors(body)
+    for entry in body.node_cursors:
+        if entry.node_id == node_id:
+            return entry.cursor
+    raise VerificationError("fetch: the request is not addressed to this node")
+
+
+def _check_node_cursors(body: mailbox_pb2.FetchBody) -> None:
+    ids = [entry.node_id for entry in body.node_cursors]
+    if (
+        body.cursor
+        or not 0 < len(ids) <= MAX_FETCH_NODES
+        or len(set(ids)) != len(ids)
+        or any(len(i) != 32 for i in ids)
+        or any(len(entry.cursor) > MAX_CURSOR_BYTES for entry in body.node_cursors)
+    ):
+        raise MalformedError(
+            f"fetch: version 2 names 1..{MAX_FETCH_NODES} distinct 32-byte node IDs, "
+            f"each cursor <= {MAX_CURSOR_BYTES} bytes, and no shared cursor"
+        )
 
 
 def verify_delete(
@@ -140,7 +203,7 @@ def _verify(
     now_ms: int,
     nonces: NonceCache | None,
 ) -> OwnerRequest:
-    if body.version != BODY_VERSION:
+    if body.version not in _VERSIONS[domain]:
         raise MalformedError(f"{domain.decode()}: unknown version {body.version}")
     if len(body.nonce) != NONCE_SIZE or len(body.mailbox_id) != 32:
         raise MalformedError(f"{domain.decode()}: nonce or mailbox ID has the wrong size")

@@ -5,14 +5,21 @@ of them in parallel with one proof of work (it is bound to mailbox and blob,
 not to a node) and succeeds once W = 3 stored it durably. When replicas are
 down or refuse, the next-closest storage nodes take the write instead (hinted
 hand-off: anti-entropy moves it to the rightful replicas later). A fetch asks
-every replica from its own cursor and merges by blob ID.
+the replicas, each from its own cursor, with one signed request naming them
+all, and asks a hand-off candidate only in place of a replica that did not
+answer; results merge by blob ID.
+
+The candidates of a mailbox (replicas, then hand-off candidates) are cached for
+``replica_set_ttl_s`` (30 s), so repeated puts and fetches to one mailbox skip
+the overlay lookup; any candidate failing drops the entry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -30,6 +37,8 @@ REPLICAS = 5
 WRITE_QUORUM = 3
 HANDOFF_CANDIDATES = 4  # further storage nodes that may take writes for absent replicas
 MAX_POW_BITS = 28  # a client does not solve harder than this: ~0.3 G hashes
+REPLICA_SET_TTL_S = 30.0  # how long a lookup's answer is reused (membership changes slowly)
+REPLICA_SET_CACHE_SIZE = 1024  # mailboxes remembered; least recently used go first
 
 
 class QuorumError(DnaError):
@@ -54,6 +63,63 @@ def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+class ReplicaSetCache:
+    """Per mailbox, the storage nodes a lookup found, for ``ttl_s`` (bounded, LRU)."""
+
+    def __init__(
+        self,
+        ttl_s: float = REPLICA_SET_TTL_S,
+        size: int = REPLICA_SET_CACHE_SIZE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl_s, self.size, self.clock = ttl_s, size, clock
+        self._entries: OrderedDict[bytes, tuple[float, list[Contact]]] = OrderedDict()
+
+    def get(self, box: bytes) -> list[Contact] | None:
+        entry = self._entries.get(box)
+        if entry is None or self.clock() - entry[0] >= self.ttl_s:
+            self._entries.pop(box, None)
+            return None
+        self._entries.move_to_end(box)
+        return entry[1]
+
+    def put(self, box: bytes, contacts: list[Contact]) -> None:
+        self._entries[box] = (self.clock(), contacts)
+        self._entries.move_to_end(box)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def forget(self, box: bytes) -> None:
+        self._entries.pop(box, None)
+
+
+def _merge(
+    merged: dict[bytes, mailbox_pb2.StoredBlob], blobs: Iterable[mailbox_pb2.StoredBlob]
+) -> None:
+    for stored in blobs:
+        if blob_id(stored.blob) == stored.blob_id:  # a replica cannot alter a blob
+            merged.setdefault(stored.blob_id, stored)
+
+
+def _absorb(
+    merged: dict[bytes, mailbox_pb2.StoredBlob],
+    state: FetchState,
+    asked: Sequence[Contact],
+    pages: Sequence[mailbox_pb2.FetchResponse | None],
+) -> list[Contact]:
+    """Merge one round's pages and move the cursors; returns the nodes with more to fetch
+    (a node whose cursor does not advance is not asked again: no endless paging)."""
+    more = []
+    for contact, page in zip(asked, pages, strict=True):
+        if page is None:
+            continue
+        _merge(merged, page.blobs)
+        if page.more and page.next_cursor != state.cursors.get(contact.node_id):
+            more.append(contact)
+        state.cursors[contact.node_id] = page.next_cursor
+    return more
+
+
 class MailboxClient:
     def __init__(
         self,
@@ -63,15 +129,26 @@ class MailboxClient:
         write_quorum: int = WRITE_QUORUM,
         pow_bits: int = 12,
         timeout: float = 5.0,
+        replica_set_ttl_s: float = REPLICA_SET_TTL_S,
     ) -> None:
         self.node, self.replicas, self.write_quorum = node, replicas, write_quorum
         self.pow_bits, self.timeout = pow_bits, timeout
+        self.replica_sets = ReplicaSetCache(replica_set_ttl_s)
 
     async def storage_nodes(self, box: bytes, count: int) -> list[Contact]:
-        """The ``count`` storage nodes closest to a mailbox, closest first."""
+        """The ``count`` storage nodes closest to a mailbox, closest first (a fresh lookup)."""
         found = await self.node.find_node(box)
         storage = [c for c in found if c.role == common_pb2.NODE_ROLE_STORAGE]
         return storage[:count]
+
+    async def candidates(self, box: bytes) -> list[Contact]:
+        """The replicas, then the hand-off candidates, of a mailbox (cached lookup)."""
+        cached = self.replica_sets.get(box)
+        if cached is None:
+            cached = await self.storage_nodes(box, self.replicas + HANDOFF_CANDIDATES)
+            if cached:
+                self.replica_sets.put(box, cached)
+        return cached
 
     def _stub(self, contact: Contact) -> mailbox_pb2_grpc.MailboxAsyncStub:
         return mailbox_pb2_grpc.MailboxStub(self.node.channels.get(contact.endpoint.grpc_target))
@@ -80,8 +157,9 @@ class MailboxClient:
 
     async def put(self, recipient_fp: bytes, blob: bytes, *, ttl_s: int = 0) -> PutResult:
         box = mailbox_id(recipient_fp)
-        candidates = await self.storage_nodes(box, self.replicas + HANDOFF_CANDIDATES)
+        candidates = await self.candidates(box)
         if len(candidates) < self.write_quorum:
+            self.replica_sets.forget(box)
             raise QuorumError(f"only {len(candidates)} storage nodes found for the mailbox")
         request = self._put_request(box, blob, ttl_s, self.pow_bits)
         primary, spare = candidates[: self.replicas], list(candidates[self.replicas :])
@@ -90,6 +168,8 @@ class MailboxClient:
         while pending:
             results = await asyncio.gather(*(self._put_one(c, request) for c in pending))
             stored += [c.node_id for c, ok in zip(pending, results, strict=True) if ok is True]
+            if any(r is False for r in results):
+                self.replica_sets.forget(box)
             harder = max((r for r in results if isinstance(r, int)), default=0)
             if harder > request.pow.difficulty and harder <= MAX_POW_BITS:
                 request = self._put_request(box, blob, ttl_s, harder)  # node raised the bar
@@ -130,49 +210,64 @@ class MailboxClient:
     async def fetch(
         self, owner: Identity, state: FetchState | None = None, *, limit: int = 200
     ) -> tuple[list[mailbox_pb2.StoredBlob], FetchState]:
-        """New blobs from every replica (each from its own cursor), merged by blob ID."""
+        """New blobs since each node's cursor, merged by blob ID.
+
+        The replicas are asked first; a hand-off candidate only in place of one that did
+        not answer (down, or refusing: also a nonce another node spent first). Each round
+        (the first, then nodes with more pages) is one signed request naming its nodes.
+        """
         state = state or FetchState()
         box = mailbox_id(owner.fingerprint)
-        replicas = await self.storage_nodes(box, self.replicas + HANDOFF_CANDIDATES)
-        pages = await asyncio.gather(*(self._fetch_all(owner, c, state, limit) for c in replicas))
+        candidates = await self.candidates(box)
+        asking, spare = candidates[: self.replicas], candidates[self.replicas :]
         merged: dict[bytes, mailbox_pb2.StoredBlob] = {}
-        for page in pages:
-            for stored in page:
-                if blob_id(stored.blob) == stored.blob_id:  # a replica cannot alter a blob
-                    merged.setdefault(stored.blob_id, stored)
+        while asking:
+            request = self._fetch_request(owner, asking, state, limit)
+            pages = await asyncio.gather(*(self._fetch_page(c, request) for c in asking))
+            more = _absorb(merged, state, asking, pages)
+            failed = pages.count(None)
+            if failed:
+                self.replica_sets.forget(box)
+            asking, spare = more + spare[:failed], spare[failed:]
         return sorted(merged.values(), key=lambda b: (b.stored_ms, b.blob_id)), state
 
-    async def _fetch_all(
-        self, owner: Identity, contact: Contact, state: FetchState, limit: int
-    ) -> list[mailbox_pb2.StoredBlob]:
-        blobs: list[mailbox_pb2.StoredBlob] = []
-        while True:
-            cursor = state.cursors.get(contact.node_id, b"")
-            req = mailbox_pb2.FetchRequest.FromString(
-                sign_fetch(owner, cursor=cursor, limit=limit, now_ms=_wall_ms())
+    def _fetch_request(
+        self, owner: Identity, nodes: Sequence[Contact], state: FetchState, limit: int
+    ) -> mailbox_pb2.FetchRequest:
+        """One signature for every node asked in a round, each with its own cursor."""
+        cursors = {c.node_id: state.cursors.get(c.node_id, b"") for c in nodes}
+        signed = sign_fetch(owner, limit=limit, now_ms=_wall_ms(), node_cursors=cursors)
+        return mailbox_pb2.FetchRequest.FromString(signed)
+
+    async def _fetch_page(
+        self, contact: Contact, request: mailbox_pb2.FetchRequest
+    ) -> mailbox_pb2.FetchResponse | None:
+        try:
+            response: mailbox_pb2.FetchResponse = await self._stub(contact).Fetch(
+                request, timeout=self.timeout
             )
-            try:
-                page = await self._stub(contact).Fetch(req, timeout=self.timeout)
-            except grpc.aio.AioRpcError:
-                return blobs  # a replica down: the others have the data
-            blobs += page.blobs
-            state.cursors[contact.node_id] = page.next_cursor
-            if not page.more:
-                return blobs
+        except grpc.aio.AioRpcError:
+            return None
+        return response
 
     async def delete(self, owner: Identity, blob_ids: Sequence[bytes]) -> int:
-        """Tombstone blobs on every replica; returns how many replicas accepted."""
+        """Tombstone blobs on the replicas and the hand-off candidates (a hand-off copy
+        must not outlive the delete); returns how many nodes accepted. One signed request
+        serves them all: it names no node, and every replica receives it anyway as the
+        tombstone's authorization."""
         box = mailbox_id(owner.fingerprint)
-        replicas = await self.storage_nodes(box, self.replicas + HANDOFF_CANDIDATES)
+        candidates = await self.candidates(box)
+        request = mailbox_pb2.DeleteRequest.FromString(
+            sign_delete(owner, list(blob_ids), now_ms=_wall_ms())
+        )
+        accepted = await asyncio.gather(*(self._delete_one(c, request) for c in candidates))
+        if not all(accepted):
+            self.replica_sets.forget(box)
+        return sum(accepted)
 
-        async def one(contact: Contact) -> bool:
-            req = mailbox_pb2.DeleteRequest.FromString(
-                sign_delete(owner, list(blob_ids), now_ms=_wall_ms())
-            )
-            try:
-                await self._stub(contact).Delete(req, timeout=self.timeout)
-            except grpc.aio.AioRpcError:
-                return False
-            return True
-
-        return sum(await asyncio.gather(*(one(c) for c in replicas)))
+    async def _delete_one(self, contact: Contact, request: mailbox_pb2.DeleteRequest) -> bool:
+        try:
+            await self._stub(contact).Delete(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError:
+            return False
+        return True

@@ -11,6 +11,8 @@ Replicas merge by union, so every operation here is idempotent:
   outlives the blob it deletes (its ``expires_ms`` is later);
 * ``expire`` removes expired blobs and expired tombstones, a bounded batch at a
   time (incremental GC), and nothing expired is ever returned by a read;
+* ``forget`` removes this node's copies without a tombstone: only for a hinted
+  hand-off copy that every rightful replica confirmed (replication.py);
 * an acknowledged write is durable (SQLite ``synchronous=FULL``; Redis with
   AOF ``appendfsync always`` when configured for durability).
 
@@ -90,6 +92,14 @@ class MailboxBackend(Protocol):
 
     async def delete(self, tombstones: Sequence[Tombstone], now_ms: int) -> int:
         """Store tombstones, drop the blobs they name; returns blobs removed."""
+        ...
+
+    async def forget(
+        self, mailbox_id: bytes, blob_ids: Sequence[bytes], tombstone_ids: Sequence[bytes]
+    ) -> int:
+        """Remove the local copies of these blobs and tombstones, leaving no tombstone; the
+        mailbox's seq counter is kept (a later put still gets a higher seq). Returns how
+        many entries were held and removed."""
         ...
 
     async def ids(self, mailbox_id: bytes, now_ms: int) -> tuple[list[bytes], list[Tombstone]]:

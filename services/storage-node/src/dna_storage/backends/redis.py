@@ -6,7 +6,9 @@ keys also get a native ``PEXPIREAT`` at their expiry: that only *reclaims space*
 vanish on time even when GC lags). If the Redis server's clock runs ahead of the node's, a key
 can vanish a little before ``now_ms`` reaches its expiry; reads then treat it as gone and
 lazily clean its index entries. Durability comes from the server: AOF with
-``appendfsync always`` (which Redis already group-commits per event-loop turn).
+``appendfsync always`` (which Redis already group-commits per event-loop turn), and no key
+eviction; ``connect`` logs a warning when the server is configured otherwise
+(docs/operations.md, "Redis backend").
 
 Layout (``P`` = prefix, IDs hex-encoded, ``M`` = mailbox, ``B`` = blob ID):
 
@@ -26,10 +28,12 @@ a standalone Redis (or one hash slot), not Redis Cluster.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from dna_storage.backends.base import (
     MailboxDigest,
@@ -41,6 +45,13 @@ from dna_storage.backends.base import (
 )
 from dna_storage.backends.common import check_limit, in_range, mailbox_digest, unique
 
+log = logging.getLogger("dna.storage.redis")
+# What "acknowledged = durable" needs from the server, and why (docs/operations.md).
+DURABLE_CONFIG = {
+    "appendonly": ("yes", "without the AOF, writes since the last snapshot die with the server"),
+    "appendfsync": ("always", "otherwise the last ~1 s of acknowledged writes can be lost"),
+    "maxmemory-policy": ("noeviction", "an evicting policy silently drops stored blobs"),
+}
 _OUTCOMES = [PutOutcome.STORED, PutOutcome.DUPLICATE, PutOutcome.TOMBSTONED, PutOutcome.EXPIRED]
 _PIPELINE_CHUNK = 256  # commands per pipeline round trip
 _SCAN_CHUNK = 64  # index entries per fetch round trip (beyond limit + 1)
@@ -156,6 +167,25 @@ end
 return #items
 """
 
+# ARGV: prefix, mailbox, number of blob IDs, the blob IDs, then the tombstone IDs.
+# Drops them without a tombstone; the seq counter stays. Returns how many were held.
+_FORGET = """
+local mb, blobs = ARGV[2], tonumber(ARGV[3])
+local removed = 0
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  if i < 4 + blobs then
+    if redis.call('ZSCORE', P .. 'e:' .. mb, id) then removed = removed + 1 end
+    drop_blob(mb, id)
+  else
+    if redis.call('ZSCORE', P .. 'ti:' .. mb, id) then removed = removed + 1 end
+    drop_tomb(mb, id)
+  end
+end
+prune_mailbox(mb)
+return removed
+"""
+
 # ARGV: prefix, mailbox, then blob IDs whose payload key a read found missing.
 # Drops them only if the key is still missing (a concurrent re-put may have restored it).
 _CLEAN = """
@@ -183,6 +213,21 @@ return {count, bytes}
 """
 
 
+async def durability_problems(client: aioredis.Redis) -> list[str]:
+    """What in the server's configuration breaks "an acknowledged write is durable"."""
+    problems = []
+    for name, (wanted, why) in DURABLE_CONFIG.items():
+        try:
+            reply: dict[Any, Any] = await client.config_get(name)
+        except ResponseError as exc:  # CONFIG renamed or forbidden (managed Redis)
+            return [f"cannot read the configuration ({exc}); check {', '.join(DURABLE_CONFIG)}"]
+        raw = next(iter(reply.values()), b"")
+        value = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if value != wanted:
+            problems.append(f"{name} is {value!r}, not {wanted!r}: {why}")
+    return problems
+
+
 def _hex(data: bytes) -> str:
     return data.hex()
 
@@ -206,6 +251,7 @@ class RedisBackend:
         self._delete = client.register_script(_PRELUDE + _DELETE)
         self._expire = client.register_script(_PRELUDE + _EXPIRE)
         self._clean = client.register_script(_PRELUDE + _CLEAN)
+        self._forget = client.register_script(_PRELUDE + _FORGET)
         self._usage = client.register_script(_PRELUDE + _USAGE)
 
     @classmethod
@@ -217,6 +263,8 @@ class RedisBackend:
         except BaseException:
             await client.aclose()
             raise
+        for problem in await durability_problems(client):
+            log.warning("redis is not configured for durable writes: %s", problem)
         return cls(client, prefix)
 
     def _key(self, kind: str, mailbox_id: bytes, blob_id: bytes | None = None) -> str:
@@ -245,6 +293,14 @@ class RedisBackend:
         if limit < 1:
             return 0
         return int(await self._expire(keys=[], args=[self._p, now_ms, limit]))
+
+    async def forget(
+        self, mailbox_id: bytes, blob_ids: Sequence[bytes], tombstone_ids: Sequence[bytes]
+    ) -> int:
+        blobs = unique(blob_ids)
+        ids = [_hex(i) for i in (*blobs, *unique(tombstone_ids))]
+        args: list[Any] = [self._p, _hex(mailbox_id), len(blobs), *ids]
+        return int(await self._forget(keys=[], args=args))
 
     async def fetch(self, mailbox_id: bytes, cursor: int, limit: int, now_ms: int) -> Page:
         """Walk the seq index in chunks until ``limit + 1`` live blobs are found or it ends."""

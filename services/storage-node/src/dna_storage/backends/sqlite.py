@@ -20,7 +20,7 @@ import contextlib
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,6 +324,15 @@ class SqliteBackend:
         removed: int = await self._writer.submit(lambda c: _expire(c, now_ms, limit))
         return removed
 
+    async def forget(
+        self, mailbox_id: bytes, blob_ids: Sequence[bytes], tombstone_ids: Sequence[bytes]
+    ) -> int:
+        blobs, tombs = unique(blob_ids), unique(tombstone_ids)
+        if not blobs and not tombs:
+            return 0
+        removed: int = await self._writer.submit(lambda c: _forget(c, mailbox_id, blobs, tombs))
+        return removed
+
     async def fetch(self, mailbox_id: bytes, cursor: int, limit: int, now_ms: int) -> Page:
         check_limit(limit)
         rows: list[StoredBlob] = await self._reader.submit(
@@ -463,6 +472,20 @@ def _delete_one(conn: sqlite3.Connection, tomb: Tombstone, now_ms: int) -> int:
     return removed
 
 
+def _forget(
+    conn: sqlite3.Connection, mailbox_id: bytes, blob_ids: list[bytes], tomb_ids: list[bytes]
+) -> int:
+    """Delete rows outright: no tombstone, and ``mailboxes.last_seq`` stays."""
+    removed = 0
+    for table, ids in (("blobs", blob_ids), ("tombstones", tomb_ids)):
+        for chunk, marks in _in_chunks(ids):
+            removed += conn.execute(
+                f"DELETE FROM {table} WHERE mailbox_id = ? AND blob_id IN ({marks})",
+                (mailbox_id, *chunk),
+            ).rowcount
+    return removed
+
+
 def _expire(conn: sqlite3.Connection, now_ms: int, limit: int) -> int:
     """Remove the ``limit`` oldest-expired rows of both tables (common.py GC order)."""
     candidates = [
@@ -482,6 +505,13 @@ def _expire(conn: sqlite3.Connection, now_ms: int, limit: int) -> int:
     return len(victims)
 
 
+def _in_chunks(ids: list[bytes]) -> Iterator[tuple[list[bytes], str]]:
+    """``ids`` in chunks that fit one ``IN (...)``, each with its placeholders."""
+    for i in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[i : i + _IN_CHUNK]
+        yield chunk, ", ".join("?" * len(chunk))
+
+
 # --- work done on the reader connection ------------------------------------------------------
 
 
@@ -493,9 +523,7 @@ def _blobs_by_id(
     conn: sqlite3.Connection, mailbox_id: bytes, wanted: list[bytes], now_ms: int
 ) -> dict[bytes, StoredBlob]:
     found: dict[bytes, StoredBlob] = {}
-    for i in range(0, len(wanted), _IN_CHUNK):
-        chunk = wanted[i : i + _IN_CHUNK]
-        marks = ", ".join("?" * len(chunk))
+    for chunk, marks in _in_chunks(wanted):
         for blob in _blobs(
             conn,
             f"SELECT {_BLOB_COLUMNS} FROM blobs WHERE mailbox_id = ? AND blob_id IN ({marks})"

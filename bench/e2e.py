@@ -1,0 +1,826 @@
+"""End to end on the local testnet: a message from send to the recipient's cache, vs OpenDHT.
+
+``uv run python -m bench.e2e [--messages N] [--rt-messages N] [--senders 10] [--rounds R]
+[--poll-interval S] [--first-ip 220] [--shipped-admission] [--profile FILE] [--quick]``
+
+What runs (issue 5, "Benchmark"; conventions: shared design/BENCH.md), all in one run:
+
+* **The network.** ``dna_testnet.Testnet``: 3 ``dna-bootstrap`` and 6 ``dna-storage-node``
+  processes on ``127.0.0.<first-ip>``..``+8`` (default 220-228), in a temporary directory.
+  The storage nodes keep the shipped proof of work (12 bits, raised under load) but get
+  per-IP and per-mailbox rate limits far above what the run sends (``ADMISSION``): every
+  identity of the run sends from 127.0.0.1, where the per-IP limit (20 puts/s) would
+  measure the throttle, not the system. ``--shipped-admission`` keeps the shipped limits.
+* **The recipient** (:mod:`bench.e2e_recipient`) is a separate process, so its CPU is not
+  the senders' event loop's time but still shares the machine's cores: a ``dna_peer``
+  ``Peer`` calling ``sync()`` in a loop (back to back by default, ``--poll-interval``).
+  A message counts as delivered when the cache transaction that stored it has committed.
+* **The senders** are ``--senders`` (10) ``Peer`` objects in this process (``Profile`` +
+  ``open_peer``, as the CLI opens one), each with its own client overlay node, all sending
+  to the recipient: ``Peer.send`` seals (sender keys included, so the envelope is ~7.9 kB),
+  solves the proof of work, looks up the mailbox's replicas and puts on all 5 (done at 3),
+  then stores the outgoing message in its own cache.
+
+Our figures, each round (send start to the recipient's commit, on ``time.monotonic_ns``,
+which every process of the machine shares):
+
+* ``e2e.rt``: one message at a time (send, wait until delivered, next): unloaded latency.
+* ``e2e.seq``: one sender, ``--messages`` sequential sends (each awaited, delivery not),
+  counted until the recipient holds them all: delivered messages/s and their latencies.
+* ``e2e.c10``: the senders at once, ``--messages`` in all, as ``e2e.seq``.
+* ``e2e.send.seq``/``e2e.send.c10``: the sends alone (``Peer.send`` returned): messages/s
+  and latencies.
+
+**Baseline**, in the same process: 9 C++ OpenDHT nodes (``bench.baselines.opendht_net``,
+the same node count as the testnet; rate limits off), values of the envelope's size.
+A round trip is a put from a writer node then, once acknowledged, a get of it by a
+reader node (``OpenDhtNet.round_trip_batch``), one at a time (compared with ``rt`` and
+``seq``) or ``--senders`` in flight (``c10``); ``send.*`` latencies are compared with the
+put part. OpenDHT stores a value on 8 nodes, so with 9 nodes the reader nearly always holds
+it already: its get is a local hit, and the round trip is about the put.
+
+Our network and OpenDHT take turns every round, in an order that reverses from round to
+round; the recipient stops polling during OpenDHT's turns. A figure is the median round.
+``ratio`` is ours / OpenDHT for throughputs, OpenDHT / ours for latencies (above 1.0: we
+are ahead). ``{"detail": ...}`` lines give the setup, the CPU each side spent per message
+(senders, recipient, the 9 node processes) and failures. ``--profile FILE`` runs cProfile
+on this process over the first timed ``seq`` sends, writes the stats to FILE and prints the
+CPU per send of its main parts. Everything is stopped in ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import cProfile
+import json
+import os
+import pstats
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dna_core.crypto import Identity, PublicKeySet, seal
+from dna_core.mailbox.client import REPLICAS, WRITE_QUORUM
+from dna_core.wire.gen.dna.v1 import envelope_pb2
+from dna_peer.cache import Contact
+from dna_peer.peer import Peer, open_peer
+from dna_peer.profile import Profile
+from dna_testnet.network import Testnet
+
+from bench import common
+from bench.baselines import Deadline, Figure, Workload, make_figure, mode_name, percentile
+
+OURS, OPENDHT = "ours", "opendht"
+NODES = 9  # the testnet's 3 bootstrap + 6 storage node processes
+FIRST_IP = 220  # 127.0.0.220-228; the test suite uses other ranges
+PASSPHRASE = "bench passphrase"
+POW_BITS = 12  # open_peer's and the storage nodes' default
+BODY_CHARS = 100
+DEFAULT_SENDERS = 10
+DEFAULT_MESSAGES, QUICK_MESSAGES = 200, 6
+DEFAULT_RT, QUICK_RT = 30, 2
+DEFAULT_ROUNDS, QUICK_ROUNDS = 5, 1
+DEFAULT_WARMUP, QUICK_WARMUP = 10, 1
+SEND_TIMEOUT_S = 15.0
+DELIVERY_TIMEOUT_S = 30.0
+OPENDHT_OP_TIMEOUT_S = 5.0
+READY_TIMEOUT_S = 60.0
+BUDGET_S = 170.0
+ADMISSION: dict[str, float] = {
+    "ip_rate_per_s": 1_000_000.0,
+    "ip_burst": 1_000_000.0,
+    "mailbox_rate_per_s": 1_000_000.0,
+    "mailbox_burst": 1_000_000.0,
+}
+ADMISSION_TOML = "[admission]\n" + "".join(f"{k} = {v}\n" for k, v in ADMISSION.items())
+PROFILED = (  # (label, file suffix, function): CPU per send in --profile's summary
+    ("send", "dna_peer/peer.py", "send"),
+    ("pow", "dna_core/crypto/pow.py", "solve"),
+    ("seal", "dna_core/crypto/envelope.py", "seal"),
+    ("lookup", "dna_core/mailbox/client.py", "storage_nodes"),
+    ("put", "dna_core/mailbox/client.py", "put"),
+    ("cache", "dna_peer/cache.py", "add_message"),
+)
+
+
+def detail(obj: dict[str, Any]) -> None:
+    print(json.dumps({"detail": obj}, ensure_ascii=False), flush=True)
+
+
+def ns_to_s(ns: int) -> float:
+    return ns / 1e9
+
+
+# ---------------------------------------------------------------------------- CPU accounting
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (0 once it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": fields from "state" on
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """CPU seconds so far of this process (senders), the recipient and the node processes."""
+
+    senders: float
+    recipient: float
+    nodes: float
+
+    @classmethod
+    def take(cls, recipient_pid: int, node_pids: Sequence[int]) -> CpuSample:
+        times = os.times()
+        return cls(
+            times.user + times.system,
+            process_cpu_s(recipient_pid),
+            sum(process_cpu_s(pid) for pid in node_pids),
+        )
+
+    def ms_per_message(self, before: CpuSample, messages: int) -> dict[str, float]:
+        per = 1e3 / max(1, messages)
+        return {
+            "senders": round((self.senders - before.senders) * per, 2),
+            "recipient": round((self.recipient - before.recipient) * per, 2),
+            "nodes": round((self.nodes - before.nodes) * per, 2),
+        }
+
+
+# ---------------------------------------------------------------------------- the recipient
+
+
+class RecipientProcess:
+    """``bench.e2e_recipient`` in a subprocess: when each message reached its cache."""
+
+    def __init__(self, root: Path, seeds: Sequence[tuple[str, int]], count: int, poll_s: float):
+        self.root, self.seeds, self.count, self.poll_s = root, seeds, count, poll_s
+        self.proc: asyncio.subprocess.Process | None = None
+        self.cached: dict[bytes, int] = {}  # message ID -> monotonic ns in the cache
+        self.reported: dict[bytes, int] = {}  # message ID -> monotonic ns sync returned it
+        self.fingerprints: list[str] = []
+        self.setup_s = 0.0
+        self._arrived = asyncio.Condition()
+        self._replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else 0
+
+    async def start(self, timeout_s: float) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / "recipient.log").open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bench.e2e_recipient", "--root", str(self.root),
+                "--seeds", ",".join(f"{h}:{p}" for h, p in self.seeds),
+                "--recipients", str(self.count), "--poll-interval", str(self.poll_s),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
+                cwd=Path(__file__).resolve().parents[1], limit=1 << 22,
+            )  # fmt: skip
+        self._reader = asyncio.create_task(self._read_lines())
+        ready = await asyncio.wait_for(self._replies.get(), timeout_s)
+        if "ready" not in ready:
+            raise RuntimeError(f"recipient process: {ready}")
+        self.fingerprints = list(ready["ready"]["fingerprints"])
+        self.setup_s = float(ready["ready"]["setup_s"])
+
+    async def _read_lines(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            obj = json.loads(line)
+            if "got" not in obj:
+                await self._replies.put(obj)
+                continue
+            async with self._arrived:
+                for message_id, cached_ns, reported_ns in obj["got"]:
+                    self.cached[bytes.fromhex(message_id)] = int(cached_ns)
+                    self.reported[bytes.fromhex(message_id)] = int(reported_ns)
+                self._arrived.notify_all()
+        await self._replies.put({"exited": self.proc.returncode, "log": self.log_tail()})
+
+    def log_tail(self, lines: int = 20) -> str:
+        log = self.root / "recipient.log"
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+    async def wait_for(self, message_ids: set[bytes], timeout_s: float) -> bool:
+        """Until the recipient holds every message; False if some are missing at the timeout."""
+        async with self._arrived:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._arrived.wait_for(lambda: message_ids <= self.cached.keys())
+            return message_ids <= self.cached.keys()
+
+    async def command(self, name: str, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Send a command; its reply's stats (see ``bench.e2e_recipient``)."""
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(f"{name}\n".encode())
+        await self.proc.stdin.drain()
+        reply = await asyncio.wait_for(self._replies.get(), timeout_s)
+        if name not in reply:
+            raise RuntimeError(f"recipient process: {reply}")
+        stats: dict[str, Any] = reply[name]
+        return stats
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.returncode is None and proc.stdin is not None:
+            with contextlib.suppress(Exception):
+                proc.stdin.write(b"stop\n")
+                proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), timeout_s)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+
+# ---------------------------------------------------------------------------- the senders
+
+
+@dataclass
+class Sender:
+    peer: Peer
+    contact: Contact  # the recipient it sends to
+
+
+def create_profiles(root: Path, count: int) -> list[tuple[Profile, Identity]]:
+    """New sender identities, locked at rest (Argon2id): run in a thread during start-up."""
+    made = []
+    for i in range(count):
+        identity = Identity.generate()
+        profile = Profile(root / f"sender{i}")
+        profile.create(identity, PASSPHRASE)
+        made.append((profile, identity))
+    return made
+
+
+async def open_senders(
+    profiles: Sequence[tuple[Profile, Identity]],
+    seeds: list[tuple[str, int]],
+    recipients: Sequence[str],
+) -> list[Sender]:
+    """Open every sender on the network; sender i pins recipient i mod len(recipients)."""
+    senders: list[Sender] = []
+    try:
+        for i, (profile, _) in enumerate(profiles):
+            peer = await open_peer(profile, PASSPHRASE, seeds, pow_bits=POW_BITS)
+            senders.append(Sender(peer, await peer.add_contact(recipients[i % len(recipients)])))
+    except BaseException:
+        await close_senders(senders)
+        raise
+    return senders
+
+
+async def close_senders(senders: Sequence[Sender]) -> None:
+    for sender in senders:
+        with contextlib.suppress(Exception):
+            await sender.peer.close()
+
+
+def body(tag: str, i: int) -> str:
+    return f"{tag} {i:06d} ".ljust(BODY_CHARS, ".")
+
+
+def envelope_bytes(sender: Identity, recipient: PublicKeySet) -> int:
+    """The size of what ``Peer.send`` stores for one of this run's messages."""
+    payload = envelope_pb2.Payload(text=envelope_pb2.Text(body=body("size", 0)))
+    now_ms = time.time_ns() // 1_000_000
+    envelope = seal(sender, recipient, payload.SerializeToString(), now_ms=now_ms,
+                    include_sender_keys=True)  # fmt: skip
+    return len(envelope)
+
+
+# ---------------------------------------------------------------------------- our phases
+
+
+@dataclass
+class Sends:
+    """What a phase sent: when each send started, how long each took, what failed."""
+
+    started_ns: int
+    sent_at: dict[bytes, int] = field(default_factory=dict)  # message ID -> send start ns
+    send_s: list[float] = field(default_factory=list)
+    failures: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    done_ns: int = 0
+
+    async def send(self, sender: Sender, text: str) -> bytes | None:
+        t0 = time.monotonic_ns()
+        try:
+            sent = await asyncio.wait_for(sender.peer.send(sender.contact, text), SEND_TIMEOUT_S)
+        except Exception as exc:  # a failed send is counted; the phase goes on
+            self.failures += 1
+            self.errors[type(exc).__name__] += 1
+            return None
+        self.send_s.append(ns_to_s(time.monotonic_ns() - t0))
+        self.sent_at[sent.message_id] = t0
+        return sent.message_id
+
+
+@dataclass
+class PhaseResult:
+    delivered: Figure
+    send: Figure | None
+    sync_return_p50_ms: float | None
+    cpu_ms_per_message: dict[str, float]
+    errors: dict[str, int]
+
+
+PhaseRun = Callable[[], Awaitable[PhaseResult]]
+
+
+class OurNetwork:
+    """The senders and the recipient process, with the phases that measure them."""
+
+    def __init__(
+        self, senders: list[Sender], recipient: RecipientProcess, node_pids: list[int]
+    ) -> None:
+        self.senders, self.recipient, self.node_pids = senders, recipient, node_pids
+        self.sequence = 0  # message bodies stay distinct over the whole run
+
+    def cpu(self) -> CpuSample:
+        return CpuSample.take(self.recipient.pid, self.node_pids)
+
+    def next_body(self, tag: str) -> str:
+        self.sequence += 1
+        return body(tag, self.sequence)
+
+    async def round_trips(self, count: int) -> PhaseResult:
+        """``count`` messages one at a time: the next is sent once the previous is held."""
+        cpu0, sends = self.cpu(), Sends(time.monotonic_ns())
+        sender, missing = self.senders[0], 0
+        for _ in range(count):
+            message_id = await sends.send(sender, self.next_body("rt"))
+            if message_id is not None:
+                ok = await self.recipient.wait_for({message_id}, DELIVERY_TIMEOUT_S)
+                missing += not ok
+        wall_s = ns_to_s(time.monotonic_ns() - sends.started_ns)
+        return self.result(sends, 1, count, cpu0, missing, wall_s, with_send=False)
+
+    async def pipelined(self, senders: Sequence[Sender], count: int) -> PhaseResult:
+        """``count`` messages over ``senders`` at once, each sender's sends one after another,
+        counted until the recipient holds every message sent."""
+        cpu0, sends = self.cpu(), Sends(time.monotonic_ns())
+        shares = [count // len(senders) + (i < count % len(senders)) for i in range(len(senders))]
+
+        async def send_share(sender: Sender, share: int) -> None:
+            for _ in range(share):
+                await sends.send(sender, self.next_body("msg"))
+
+        await asyncio.gather(*(send_share(s, n) for s, n in zip(senders, shares, strict=True)))
+        sends.done_ns = time.monotonic_ns()
+        await self.recipient.wait_for(set(sends.sent_at), DELIVERY_TIMEOUT_S)
+        held = [self.recipient.cached[m] for m in sends.sent_at if m in self.recipient.cached]
+        missing = len(sends.sent_at) - len(held)
+        wall_s = ns_to_s(max(held, default=sends.done_ns) - sends.started_ns)
+        return self.result(sends, len(senders), count, cpu0, missing, wall_s, with_send=True)
+
+    def result(
+        self,
+        sends: Sends,
+        concurrency: int,
+        count: int,
+        cpu0: CpuSample,
+        missing: int,
+        wall_s: float,
+        *,
+        with_send: bool,
+    ) -> PhaseResult:
+        cached, reported = self.recipient.cached, self.recipient.reported
+        held = [m for m in sends.sent_at if m in cached]
+        latencies = [ns_to_s(cached[m] - sends.sent_at[m]) for m in held]
+        delivered = make_figure(OURS, "deliver", concurrency, latencies,
+                                sends.failures + missing, count, NODES, wall_s)  # fmt: skip
+        send = None
+        if with_send:
+            send_wall_s = ns_to_s(sends.done_ns - sends.started_ns)
+            send = make_figure(OURS, "send", concurrency, sends.send_s, sends.failures, count,
+                               NODES, send_wall_s)  # fmt: skip
+        returned = sorted(ns_to_s(reported[m] - sends.sent_at[m]) for m in held)
+        errors = dict(sends.errors)
+        if missing:
+            errors["undelivered"] = missing
+        return PhaseResult(
+            delivered,
+            send,
+            round(percentile(returned, 0.5) * 1e3, 2) if returned else None,
+            self.cpu().ms_per_message(cpu0, len(held)),
+            errors,
+        )
+
+
+# ---------------------------------------------------------------------------- OpenDHT
+
+
+class OpenDhtBaseline:
+    """9 OpenDHT nodes in this process; put-then-get round trips from one client pair."""
+
+    def __init__(self, value_bytes: int) -> None:
+        from bench.baselines.opendht_net import OpenDhtNet
+
+        self.net = OpenDhtNet(NODES, op_timeout_s=OPENDHT_OP_TIMEOUT_S,
+                              workload=Workload(value_bytes, value_bytes))  # fmt: skip
+
+    async def start(self, timeout_s: float) -> float:
+        return await asyncio.to_thread(self.net.start, timeout_s)
+
+    async def round_trips(
+        self, count: int, concurrency: int, pair: int, deadline: Deadline
+    ) -> tuple[Figure, Figure]:
+        """The round trips' figure and their put part's (latencies only)."""
+        items = self.net.new_items(count)
+        fig, put_s = await asyncio.to_thread(
+            self.net.round_trip_batch, items, concurrency, deadline, pair=pair
+        )
+        extra = {"max_ms": round(max(put_s, default=0.0) * 1e3, 1)}
+        put = make_figure(OPENDHT, "put", concurrency, put_s, 0, count, NODES, fig.elapsed_s, extra)
+        return fig, put
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.net.close)
+
+
+# ---------------------------------------------------------------------------- rounds
+
+
+@dataclass(frozen=True)
+class Config:
+    messages: int
+    rt_messages: int
+    senders: int
+    recipients: int
+    rounds: int
+    warmup: int
+    poll_interval: float
+    first_ip: int
+    shipped_admission: bool
+    budget_s: float
+    profile: Path | None
+    quick: bool
+
+    @property
+    def concurrent(self) -> str:
+        return mode_name(self.senders)
+
+
+@dataclass
+class Results:
+    """Per-round figures by key (e.g. ``("ours", "seq")``) and per-phase details."""
+
+    figures: dict[tuple[str, str], list[Figure]] = field(default_factory=dict)
+    details: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, contender: str, key: str, fig: Figure | None) -> None:
+        if fig is not None:
+            self.figures.setdefault((contender, key), []).append(fig)
+
+    def median(self, contender: str, key: str, *, throughput: bool = True) -> dict[str, Any]:
+        figs = self.figures.get((contender, key), [])
+        if not figs:
+            return {"ops_per_s": None, "p50_ms": None, "p99_ms": None, "failures": 0}
+
+        def med(values: list[float | None]) -> float | None:
+            present = [v for v in values if v is not None]
+            return statistics.median(present) if present else None
+
+        return {
+            "ops_per_s": med([f.ops_per_s for f in figs]) if throughput else None,
+            "p50_ms": med([f.p50_ms for f in figs]),
+            "p99_ms": med([f.p99_ms for f in figs]),
+            "failures": sum(f.failures for f in figs),
+            "rounds": len(figs),
+        }
+
+
+class Run:
+    """Everything up for the whole run: our network, OpenDHT, the results."""
+
+    def __init__(self, cfg: Config, ours: OurNetwork, opendht: OpenDhtBaseline | None) -> None:
+        self.cfg, self.ours, self.opendht = cfg, ours, opendht
+        self.results = Results()
+        self.pair = 0
+        self.round = -1  # -1: the warm-up
+
+    async def rounds(self, budget: Deadline) -> None:
+        """The warm-up, then ``rounds`` rounds. In each, every mode runs ours and OpenDHT back
+        to back (which goes first alternates), so load from elsewhere hits both alike."""
+        cfg = self.cfg
+        await self.one_round(cfg.warmup, cfg.warmup, budget, record=False)
+        last_round_s = 0.0
+        for r in range(cfg.rounds):
+            if r and budget.remaining() < last_round_s * 1.2 + 15.0:
+                detail({"warning": f"time budget: stopped after {r} of {cfg.rounds} rounds"})
+                break
+            t0 = time.perf_counter()
+            self.round = r
+            await self.one_round(cfg.messages, cfg.rt_messages, budget, record=True)
+            last_round_s = time.perf_counter() - t0
+
+    async def one_round(self, messages: int, rt: int, budget: Deadline, *, record: bool) -> None:
+        ours, senders = self.ours, self.ours.senders
+        modes: tuple[tuple[int, list[tuple[str, PhaseRun]]], ...] = (
+            (1, [("rt", lambda: ours.round_trips(rt)),
+                 ("seq", lambda: self.profiled(ours.pipelined(senders[:1], messages), record))]),
+            (self.cfg.senders, [(self.cfg.concurrent, lambda: ours.pipelined(senders, messages))]),
+        )  # fmt: skip
+        ours_first = self.round % 2 == 0
+        for concurrency, phases in modes:
+            if ours_first:
+                await self.our_turn(phases, record)
+            await self.opendht_turn(messages, concurrency, budget, record)
+            if not ours_first:
+                await self.our_turn(phases, record)
+
+    async def our_turn(self, phases: list[tuple[str, PhaseRun]], record: bool) -> None:
+        await self.ours.recipient.command("resume")
+        for key, phase in phases:
+            result = await phase()
+            if record:
+                self.results.add(OURS, key, result.delivered)
+                self.results.add(OURS, f"send.{key}", result.send)
+                self.results.details.append(
+                    {"round": self.round, "ours": key,
+                     "sync_return_p50_ms": result.sync_return_p50_ms,
+                     "cpu_ms_per_message": result.cpu_ms_per_message, "errors": result.errors}
+                )  # fmt: skip
+        await self.ours.recipient.command("pause")  # quiet while OpenDHT runs
+
+    async def profiled(self, phase: Awaitable[PhaseResult], record: bool) -> PhaseResult:
+        """Run a phase, under cProfile if ``--profile`` asked and not done yet."""
+        if self.cfg.profile is None or not record or self.results.figures.get((OURS, "seq")):
+            return await phase
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            result = await phase
+        finally:
+            profiler.disable()
+        profiler.dump_stats(self.cfg.profile)
+        detail({"profile": profile_summary(profiler, result.send, self.cfg.profile)})
+        return result
+
+    async def opendht_turn(
+        self, messages: int, concurrency: int, budget: Deadline, record: bool
+    ) -> None:
+        if self.opendht is None:
+            return
+        self.pair += 1  # a fresh writer/reader pair (they wrap around): see opendht_net
+        deadline = budget.sub(DELIVERY_TIMEOUT_S, reserve=10.0)
+        fig, put = await self.opendht.round_trips(messages, concurrency, self.pair, deadline)
+        if record:
+            key = mode_name(concurrency)
+            self.results.add(OPENDHT, key, fig)
+            self.results.add(OPENDHT, f"send.{key}", put)
+            what = {"round": self.round, "opendht": key, "put_max_ms": put.extra.get("max_ms")}
+            self.results.details.append({**what, **fig.extra})
+
+
+def profile_summary(profiler: cProfile.Profile, send: Figure | None, path: Path) -> dict[str, Any]:
+    """CPU per send (ms) in this process of ``PROFILED``'s functions, and the top 8 by self
+    time. Coroutines count only while they run: their waits on the network are not in here."""
+    stats = pstats.Stats(profiler)
+    sends = max(1, send.n - send.failures if send else 1)
+    raw: dict[tuple[str, int, str], tuple[Any, ...]] = stats.stats  # type: ignore[attr-defined]
+    cumulative = {label: 0.0 for label, _, _ in PROFILED}
+    for (filename, _, func), (_, _, _, cum, _) in raw.items():
+        for label, suffix, name in PROFILED:
+            if func == name and filename.endswith(suffix):
+                cumulative[label] += cum
+    top = sorted(raw.items(), key=lambda kv: kv[1][2], reverse=True)[:8]
+    return {
+        "path": str(path),
+        "sends": sends,
+        "cpu_ms_per_send": {k: round(v * 1e3 / sends, 3) for k, v in cumulative.items()},
+        "top_self_ms_per_send": {
+            f"{Path(f).name}:{line}:{func}": round(v[2] * 1e3 / sends, 3)
+            for (f, line, func), v in top
+        },
+    }
+
+
+# ---------------------------------------------------------------------------- reporting
+
+
+def report(run: Run, envelope: int) -> list[dict[str, Any]]:
+    cfg, results = run.cfg, run.results
+    conc = cfg.concurrent
+    params: dict[str, Any] = {
+        "nodes": NODES, "storage_nodes": 6, "replicas": REPLICAS, "write_quorum": WRITE_QUORUM,
+        "pow_bits": POW_BITS, "envelope_bytes": envelope, "opendht_value_bytes": envelope,
+        "recipients": cfg.recipients, "poll_interval_s": cfg.poll_interval,
+        "admission": "shipped" if cfg.shipped_admission else "rate limits off",
+    }  # fmt: skip
+    figures = (  # (bench name, our key, OpenDHT key, messages per round, senders, what)
+        ("e2e.rt", "rt", "seq", cfg.rt_messages, 1, "one at a time, send to cache"),
+        ("e2e.seq", "seq", "seq", cfg.messages, 1, "sequential sends, until all held"),
+        (f"e2e.{conc}", conc, conc, cfg.messages, cfg.senders, "concurrent senders"),
+        ("e2e.send.seq", "send.seq", "send.seq", cfg.messages, 1, "Peer.send vs OpenDHT put"),
+        (f"e2e.send.{conc}", f"send.{conc}", f"send.{conc}", cfg.messages, cfg.senders,
+         "Peer.send vs OpenDHT put"),
+    )  # fmt: skip
+    lines: list[dict[str, Any]] = []
+    for name, ours_key, base_key, n, senders, what in figures:
+        # One at a time, the next send waits for the sync to return (receipts, deletes
+        # done), not for the commit: e2e.rt is a latency figure only.
+        ours = results.median(OURS, ours_key, throughput=ours_key != "rt")
+        if ours["p50_ms"] is None:
+            continue
+        base = results.median(OPENDHT, base_key, throughput=not base_key.startswith("send."))
+        fig_params = {
+            **params, "mode": ours_key, "senders": senders, "what": what,
+            "opendht_op": "put" if base_key.startswith("send.") else "put_then_get",
+            "opendht_in_flight": 1 if base_key.endswith("seq") else cfg.senders,
+            "rounds": ours["rounds"],
+            "failures": {OURS: ours["failures"], OPENDHT: base["failures"]},
+        }  # fmt: skip
+        theirs = {OPENDHT: base} if base["p50_ms"] is not None else {}
+        lines += common.report_operation(name, ours, theirs, n, fig_params)
+    for line in results.details:
+        detail(line)
+    return lines
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def start_testnet(root: Path, cfg: Config) -> Testnet:
+    net = Testnet(root, first=cfg.first_ip)
+    if not cfg.shipped_admission:
+        for node in net.nodes:
+            if node.role == "storage":
+                node.extra_toml = ADMISSION_TOML
+    try:
+        net.up(READY_TIMEOUT_S)
+    except BaseException:
+        net.kill_all()
+        raise
+    return net
+
+
+async def start_opendht(value_bytes: int, setup: dict[str, Any]) -> OpenDhtBaseline | None:
+    """OpenDHT's 9 nodes, or None (reported in the setup line) if they cannot start."""
+    try:
+        from bench.baselines.opendht_net import version
+
+        baseline = OpenDhtBaseline(value_bytes)
+        setup[OPENDHT] = {"version": version(), "converge_s": round(await baseline.start(20.0), 2)}
+        return baseline
+    except Exception as exc:  # a missing baseline is reported, not fatal
+        setup[OPENDHT] = {"error": repr(exc)}
+        return None
+
+
+async def run(cfg: Config) -> int:
+    budget = Deadline(cfg.budget_s)
+    t0 = time.perf_counter()
+    root = Path(tempfile.mkdtemp(prefix="dna-bench-e2e-"))
+    net: Testnet | None = None
+    recipient: RecipientProcess | None = None
+    senders: list[Sender] = []
+    opendht: OpenDhtBaseline | None = None
+    lines: list[dict[str, Any]] = []
+    try:
+        net_up = asyncio.create_task(asyncio.to_thread(start_testnet, root / "net", cfg))
+        profiles = await asyncio.to_thread(create_profiles, root / "people", cfg.senders)
+        net = await net_up
+        ready_s = time.perf_counter() - t0
+        recipient = RecipientProcess(root / "people", net.seeds, cfg.recipients, cfg.poll_interval)
+        await recipient.start(READY_TIMEOUT_S)
+        senders = await open_senders(profiles, net.seeds, recipient.fingerprints)
+        envelope = envelope_bytes(profiles[0][1], senders[0].contact.keys)
+        setup: dict[str, Any] = {}
+        opendht = await start_opendht(envelope, setup)
+        node_pids = [n.proc.pid for n in net.nodes if n.proc is not None]
+        ours = OurNetwork(senders, recipient, node_pids)
+        detail({"setup": {
+            "root": str(root), "ips": f"127.0.0.{cfg.first_ip}-{cfg.first_ip + NODES - 1}",
+            "node_pids": node_pids, "recipient_pid": recipient.pid,
+            "senders": cfg.senders, "recipients": cfg.recipients, "messages": cfg.messages,
+            "rt_messages": cfg.rt_messages, "rounds": cfg.rounds, "warmup": cfg.warmup,
+            "envelope_bytes": envelope, "testnet_ready_s": round(ready_s, 2),
+            "admission": "shipped" if cfg.shipped_admission else ADMISSION,
+            "poll_interval_s": cfg.poll_interval,
+            "recipient_setup_s": recipient.setup_s, "baselines": setup,
+            "ready_s": round(time.perf_counter() - t0, 2),
+            "loadavg": [round(x, 2) for x in os.getloadavg()],
+        }})  # fmt: skip
+        bench_run = Run(cfg, ours, opendht)
+        await bench_run.rounds(budget)
+        lines = report(bench_run, envelope)
+        stats = await recipient.command("stats")
+        detail({"elapsed_s": round(time.perf_counter() - t0, 1), "recipient": stats,
+                "loadavg": [round(x, 2) for x in os.getloadavg()]})  # fmt: skip
+    finally:
+        await close_senders(senders)
+        if recipient is not None:
+            await recipient.close()
+        if opendht is not None:
+            await opendht.close()
+        if net is not None:
+            net.kill_all()
+        shutil.rmtree(root, ignore_errors=True)
+    return common.exit_status(lines, OURS)
+
+
+def parse_args(argv: Sequence[str] | None) -> Config:
+    parser = common.arg_parser("End to end on the local testnet (send to cache) vs OpenDHT.")
+    parser.add_argument(
+        "--messages",
+        type=int,
+        default=None,
+        help=f"messages per seq/cN figure and round (default {DEFAULT_MESSAGES})",
+    )
+    parser.add_argument(
+        "--rt-messages",
+        type=int,
+        default=None,
+        help=f"messages per rt figure and round (default {DEFAULT_RT})",
+    )
+    parser.add_argument(
+        "--senders",
+        type=int,
+        default=DEFAULT_SENDERS,
+        help="concurrent sender identities (the cN figures)",
+    )
+    parser.add_argument(
+        "--recipients",
+        type=int,
+        default=1,
+        help="recipient identities; sender i sends to recipient i mod this",
+    )
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up messages per phase")
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=0.0,
+        help="s between the recipient's syncs (default 0: back to back)",
+    )
+    parser.add_argument(
+        "--first-ip",
+        type=int,
+        default=FIRST_IP,
+        help="the testnet's first address is 127.0.0.<this> (9 in a row)",
+    )
+    parser.add_argument(
+        "--shipped-admission",
+        action="store_true",
+        help="keep the storage nodes' shipped rate limits (per IP: 20 puts/s)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="cProfile the first timed seq sends into this file",
+    )
+    parser.add_argument("--budget", type=float, default=BUDGET_S, help="s for the whole run")
+    args = parser.parse_args(argv)
+    quick: bool = args.quick
+    default_warmup = QUICK_WARMUP if quick else DEFAULT_WARMUP
+    cfg = Config(
+        messages=args.messages or args.n or (QUICK_MESSAGES if quick else DEFAULT_MESSAGES),
+        rt_messages=args.rt_messages or (QUICK_RT if quick else DEFAULT_RT),
+        senders=args.senders,
+        recipients=args.recipients,
+        rounds=args.rounds or (QUICK_ROUNDS if quick else DEFAULT_ROUNDS),
+        warmup=default_warmup if args.warmup is None else args.warmup,
+        poll_interval=args.poll_interval,
+        first_ip=args.first_ip,
+        shipped_admission=args.shipped_admission,
+        budget_s=args.budget,
+        profile=args.profile,
+        quick=quick,
+    )
+    if min(cfg.messages, cfg.rt_messages, cfg.senders, cfg.recipients, cfg.rounds) < 1:
+        raise SystemExit("--messages, --rt-messages, --senders, --recipients, --rounds >= 1")
+    if cfg.senders < 2 or cfg.warmup < 1:
+        raise SystemExit("need --senders >= 2 and --warmup >= 1")
+    if not 1 <= cfg.first_ip <= 255 - NODES:
+        raise SystemExit(f"--first-ip must leave room for {NODES} addresses")
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    common.print_machine()
+    return common.run_main("bench.e2e", lambda: run(cfg), cfg.budget_s + 60)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,219 @@
+"""Recipient process for ``bench.e2e``: peers that sync their mailbox in a loop.
+
+``python -m bench.e2e_recipient --root DIR --seeds IP:PORT,... [--recipients 1]
+[--poll-interval 0]``
+
+It runs apart from the sending benchmark so that, as on a real network, the recipient's
+CPU (fetching, opening envelopes, the cache, delivery receipts, signed deletes) is not
+the senders' event loop's time, while the machine's cores are still shared by everyone.
+
+Each recipient is a ``dna_peer`` device: a new identity under ``DIR/recipient<i>``,
+opened with ``open_peer`` and published (identity record, no name claim). Then every
+recipient calls ``Peer.sync()`` in a loop, ``--poll-interval`` seconds apart (default 0:
+back to back, the closest a polling client gets to a push).
+
+Lines on stdout are JSON objects:
+
+* ``{"ready": {"fingerprints": [hex, ...], "setup_s": s}}`` once every recipient is up;
+* ``{"got": [[message_id_hex, cached_ns, reported_ns], ...]}`` after each sync that
+  brought messages: ``cached_ns`` is when the message's cache transaction had committed
+  (from ``sync``'s progress callback), ``reported_ns`` when ``sync`` returned it (after
+  its receipts and deletes), both ``time.monotonic_ns()`` (CLOCK_MONOTONIC, the same clock
+  in every process of the machine);
+* one reply per command read on stdin: ``pause`` (no new syncs; replies once the running
+  ones are done), ``resume``, ``stats``, ``stop`` (closes the peers, then exits); each
+  reply is ``{"<command>": {stats}}``. End of stdin and SIGTERM stop it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dna_core.crypto import Identity
+from dna_peer.network import parse_seeds
+from dna_peer.peer import Peer, open_peer
+from dna_peer.profile import Profile
+
+PASSPHRASE = "bench passphrase"
+ERROR_BACKOFF_S = 0.2
+
+
+def emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+@dataclass
+class Stats:
+    syncs: int = 0
+    sync_errors: int = 0
+    sync_s: float = 0.0
+    messages: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        times = os.times()
+        return {
+            "syncs": self.syncs,
+            "sync_errors": self.sync_errors,
+            "sync_s": round(self.sync_s, 3),
+            "messages": self.messages,
+            "cpu_s": round(times.user + times.system, 3),
+        }
+
+
+async def new_recipient(root: Path, index: int, seeds: list[tuple[str, int]]) -> Peer:
+    profile = Profile(root / f"recipient{index}")
+    profile.create(Identity.generate(), PASSPHRASE)
+    peer = await open_peer(profile, PASSPHRASE, seeds)
+    await peer.publish(f"Recipient {index}")
+    return peer
+
+
+async def timed_sync(peer: Peer) -> list[list[Any]]:
+    """One sync; each new message with when it was in the cache and when sync returned."""
+    before = peer.cache.message_count()
+    progress: list[tuple[int, int]] = []  # (ns, messages held) after each handled blob
+
+    def on_blob(_done: int, _total: int) -> None:
+        progress.append((time.monotonic_ns(), peer.cache.message_count()))
+
+    report = await peer.sync(on_blob)
+    returned = time.monotonic_ns()
+    got = []
+    for k, msg in enumerate(report.new_messages):
+        # The k-th new message was committed by the first blob after which the cache
+        # held k + 1 more messages than before the sync.
+        cached = next((ns for ns, held in progress if held - before > k), returned)
+        got.append([msg.message_id.hex(), cached, returned])
+    return got
+
+
+class Poller:
+    """Every recipient syncing in a loop, with pause/resume for the baselines' turns."""
+
+    def __init__(self, peers: list[Peer], interval_s: float) -> None:
+        self.peers, self.interval_s = peers, interval_s
+        self.stats = Stats()
+        self.running = asyncio.Event()
+        self.running.set()
+        self.active = 0
+        self.idle = asyncio.Condition()
+        self.tasks = [asyncio.create_task(self.poll(p)) for p in peers]
+
+    async def poll(self, peer: Peer) -> None:
+        while True:
+            await self.running.wait()
+            self.active += 1
+            try:
+                await self.sync_once(peer)
+            finally:
+                self.active -= 1
+                async with self.idle:
+                    self.idle.notify_all()
+            await asyncio.sleep(self.interval_s)
+
+    async def sync_once(self, peer: Peer) -> None:
+        t0 = time.perf_counter()
+        try:
+            got = await timed_sync(peer)
+        except Exception as exc:  # a sync that failed is retried; count it, keep going
+            self.stats.sync_errors += 1
+            logging.getLogger("bench.e2e_recipient").warning("sync failed: %r", exc)
+            await asyncio.sleep(ERROR_BACKOFF_S)
+            return
+        self.stats.syncs += 1
+        self.stats.sync_s += time.perf_counter() - t0
+        if got:
+            self.stats.messages += len(got)
+            emit({"got": got})
+
+    async def pause(self) -> None:
+        self.running.clear()
+        async with self.idle:
+            await self.idle.wait_for(lambda: self.active == 0)
+
+    async def stop(self) -> None:
+        await self.pause()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def stdin_reader() -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    return reader
+
+
+async def serve(poller: Poller) -> None:
+    """Answer commands until ``stop``, end of stdin or SIGTERM."""
+    reader = await stdin_reader()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    while not stop.is_set():
+        line_task = asyncio.ensure_future(reader.readline())
+        stop_task = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({line_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        stop_task.cancel()
+        if not line_task.done():
+            line_task.cancel()
+            break
+        command = line_task.result().decode().strip()
+        if command in ("", "stop"):
+            break
+        if command == "pause":
+            await poller.pause()
+        elif command == "resume":
+            poller.running.set()
+        emit({command: poller.stats.to_json()})
+    await poller.stop()
+
+
+async def run(args: argparse.Namespace) -> None:
+    t0 = time.perf_counter()
+    seeds = parse_seeds(args.seeds)
+    root = Path(args.root)
+    peers = list(
+        await asyncio.gather(*(new_recipient(root, i, seeds) for i in range(args.recipients)))
+    )
+    try:
+        emit({"ready": {"fingerprints": [p.fingerprint.hex() for p in peers],
+                        "setup_s": round(time.perf_counter() - t0, 3)}})  # fmt: skip
+        poller = Poller(peers, args.poll_interval)
+        await serve(poller)
+        emit({"stop": poller.stats.to_json()})
+    finally:
+        for peer in peers:
+            with contextlib.suppress(Exception):
+                await peer.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="bench.e2e's recipient process")
+    parser.add_argument("--root", required=True, help="directory for the recipients' profiles")
+    parser.add_argument("--seeds", required=True, help="bootstrap nodes, IP:PORT,...")
+    parser.add_argument("--recipients", type=int, default=1, help="recipient identities")
+    parser.add_argument(
+        "--poll-interval", type=float, default=0.0, help="s between one's syncs (0: back to back)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    asyncio.run(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""Smoke run of the end-to-end benchmark: a tiny run on its own addresses, output format only.
+
+The testnet goes on 127.0.0.230-238, away from the benchmark's default (220-228) and from
+the ranges the other tests use, so a benchmark run and the suite can share the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+KEYS = {"bench", "unit", "ours", "baseline", "ratio", "n", "params"}
+SENDERS = 3
+LATENCIES = {f"e2e.{m}.{p}" for m in ("rt", "seq", f"c{SENDERS}") for p in ("p50", "p99")}
+SEND_LATENCIES = {f"e2e.send.{m}.{p}" for m in ("seq", f"c{SENDERS}") for p in ("p50", "p99")}
+THROUGHPUTS = {"e2e.seq", f"e2e.c{SENDERS}"}
+SEND_THROUGHPUTS = {"e2e.send.seq", f"e2e.send.c{SENDERS}"}
+
+
+def test_e2e_bench_quick_prints_figures_beside_opendht_and_cleans_up() -> None:
+    """9 node processes, a recipient process, 3 senders, OpenDHT beside them (~20 s)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.e2e", "--quick", "--first-ip", "230",
+         "--senders", str(SENDERS), "--budget", "90"],
+        cwd=ROOT, capture_output=True, text=True, timeout=150, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert "machine" in lines[0]
+    assert "elapsed_s" in lines[-1]["detail"], lines[-1]  # ran to the end
+    figures = {line["bench"]: line for line in lines if "bench" in line}
+    assert set(figures) == LATENCIES | SEND_LATENCIES | THROUGHPUTS | SEND_THROUGHPUTS
+    for name, figure in figures.items():
+        assert set(figure) == KEYS, figure
+        assert figure["ours"] > 0, figure
+        assert figure["params"]["failures"]["ours"] == 0, figure  # every message arrived
+        if name in SEND_THROUGHPUTS:  # OpenDHT's put has no throughput of its own here
+            assert figure["baseline"] == {} and figure["ratio"] is None, figure
+            continue
+        assert set(figure["baseline"]) == {"opendht"}, figure
+        assert figure["baseline"]["opendht"] > 0 and figure["ratio"] > 0, figure
+    setup = next(line["detail"]["setup"] for line in lines if "setup" in line.get("detail", {}))
+    assert setup["ips"] == "127.0.0.230-238"
+    for pid in [*setup["node_pids"], setup["recipient_pid"]]:  # every process was stopped
+        assert not _running(pid), pid
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie left unreaped counts as stopped)."""
+    try:
+        os.kill(pid, 0)
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

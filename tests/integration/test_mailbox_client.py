@@ -1,0 +1,185 @@
+"""What `MailboxClient` costs on real processes (1 bootstrap + 7 storage nodes on
+127.0.0.180-187): a fetch signs once (per round of pages) and asks the 5 replicas only, a
+hand-off candidate only in place of a replica that does not answer; the candidates of a
+mailbox are cached (no lookup for repeated puts and fetches) until they expire or one
+fails. A storage node serves a fetch signed for several nodes only if it is one of them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+from cluster import (
+    GRPC_PORT,
+    UDP_PORT,
+    NodeProcess,
+    client_node,
+    now_ms,
+    sample_value,
+    scrape,
+    storage_network_fixture,
+    wait_ready,
+)
+from dna_core.crypto import seal
+from dna_core.mailbox import client as client_module
+from dna_core.mailbox import mailbox_id, sign_fetch
+from dna_core.mailbox.client import MailboxClient
+from dna_core.overlay.contact import Contact
+from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
+from support import seeded_identity
+
+FIRST_IP = 180
+STORAGE = 7
+SEED = (f"127.0.0.{FIRST_IP}", UDP_PORT)
+ALICE = seeded_identity("client-alice")
+
+network = storage_network_fixture("client", FIRST_IP, STORAGE)
+
+
+class Counted:
+    """Wraps a callable and counts its calls."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+def fetches_served(network: list[NodeProcess]) -> dict[str, float]:
+    """Fetches each storage node served so far, by node name."""
+    return {
+        n.name: sample_value(scrape(n), "dna_storage_requests_total", method="fetch", outcome="ok")
+        for n in network
+        if n.role == "storage"
+    }
+
+
+def with_client(work: Callable[[MailboxClient], Awaitable[None]], **options: Any) -> None:
+    async def go() -> None:
+        node = await client_node([SEED])
+        try:
+            await work(MailboxClient(node, pow_bits=8, **options))
+        finally:
+            await node.stop()
+
+    asyncio.run(go())
+
+
+def test_a_fetch_signs_once_and_asks_only_the_replicas(
+    network: list[NodeProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bob = seeded_identity("client-bob-healthy")
+    by_ip = {n.ip: n.name for n in network}
+    signs = Counted(sign_fetch)
+    monkeypatch.setattr(client_module, "sign_fetch", signs)
+
+    async def work(mail: MailboxClient) -> None:
+        sent = {(await mail.put(bob.fingerprint, seal(ALICE, bob.public, b"hi", now_ms=now_ms())))
+                .blob_id}  # fmt: skip
+        replicas = await mail.storage_nodes(mailbox_id(bob.fingerprint), 5)
+        before = fetches_served(network)
+        blobs, _ = await mail.fetch(bob)
+        after = fetches_served(network)
+        assert {b.blob_id for b in blobs} == sent
+        assert signs.calls == 1
+        asked = {name for name in after if after[name] > before[name]}
+        assert asked == {by_ip[c.endpoint.ip] for c in replicas}
+
+    with_client(work)
+
+
+def test_a_replica_that_does_not_answer_is_replaced_by_a_hand_off_candidate(
+    network: list[NodeProcess],
+) -> None:
+    bob = seeded_identity("client-bob-one-down")
+    by_ip = {n.ip: n for n in network}
+
+    async def work(mail: MailboxClient) -> None:
+        sent = set()
+        for i in range(3):
+            env = seal(ALICE, bob.public, b"m%d" % i, now_ms=now_ms())
+            sent.add((await mail.put(bob.fingerprint, env)).blob_id)
+        candidates = await mail.candidates(mailbox_id(bob.fingerprint))  # cached by the puts
+        down = by_ip[candidates[0].endpoint.ip]
+        down.kill()
+        try:
+            before = fetches_served([n for n in network if n is not down])
+            blobs, _ = await mail.fetch(bob)  # the cached set still lists the dead replica
+            after = fetches_served([n for n in network if n is not down])
+        finally:
+            down.start()
+            wait_ready([down])
+        assert {b.blob_id for b in blobs} == sent
+        asked = {name for name in after if after[name] > before[name]}
+        assert asked == {by_ip[c.endpoint.ip].name for c in candidates[1:6]}
+        assert mail.replica_sets.get(mailbox_id(bob.fingerprint)) is None  # looked up afresh
+
+    with_client(work)
+
+
+def test_repeated_puts_and_fetches_reuse_the_lookup_until_it_expires(
+    network: list[NodeProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bob = seeded_identity("client-bob-cache")
+
+    async def work(mail: MailboxClient) -> None:
+        lookups = Counted(mail.node.find_node)
+        monkeypatch.setattr(mail.node, "find_node", lookups)
+        for i in range(3):
+            await mail.put(bob.fingerprint, seal(ALICE, bob.public, b"%d" % i, now_ms=now_ms()))
+        blobs, state = await mail.fetch(bob)
+        assert len(blobs) == 3 and lookups.calls == 1
+        await asyncio.sleep(1.1)  # past the TTL below
+        assert (await mail.fetch(bob, state))[0] == []
+        assert lookups.calls == 2
+
+    with_client(work, replica_set_ttl_s=1.0)
+
+
+async def _fetch_at(contact: Contact, request: mailbox_pb2.FetchRequest) -> Any:
+    async with grpc.aio.insecure_channel(f"{contact.endpoint.ip}:{GRPC_PORT}") as channel:
+        try:
+            return await mailbox_pb2_grpc.MailboxStub(channel).Fetch(request, timeout=5)
+        except grpc.aio.AioRpcError as err:
+            return err.code()
+
+
+def test_a_node_serves_a_fetch_signed_for_other_nodes_only_if_it_is_named(
+    network: list[NodeProcess],
+) -> None:
+    bob = seeded_identity("client-bob-named")
+
+    async def work(mail: MailboxClient) -> None:
+        named, other = (await mail.storage_nodes(mailbox_id(bob.fingerprint), 2))[:2]
+        request = mailbox_pb2.FetchRequest.FromString(
+            sign_fetch(bob, limit=10, now_ms=now_ms(), node_cursors={named.node_id: b""})
+        )
+        assert await _fetch_at(other, request) == grpc.StatusCode.PERMISSION_DENIED
+        assert isinstance(await _fetch_at(named, request), mailbox_pb2.FetchResponse)
+        assert await _fetch_at(named, request) == grpc.StatusCode.ALREADY_EXISTS
+
+    with_client(work)
+
+
+def test_pages_beyond_the_first_cost_one_signature_per_round(
+    network: list[NodeProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bob = seeded_identity("client-bob-pages")
+    signs = Counted(sign_fetch)
+    monkeypatch.setattr(client_module, "sign_fetch", signs)
+
+    async def work(mail: MailboxClient) -> None:
+        sent = set()
+        for i in range(5):
+            env = seal(ALICE, bob.public, b"page %d" % i, now_ms=now_ms())
+            sent.add((await mail.put(bob.fingerprint, env)).blob_id)
+        blobs, _ = await mail.fetch(bob, limit=2)
+        assert {b.blob_id for b in blobs} == sent
+        assert signs.calls == 3  # pages of 2, 2 and 1 blobs, each round for all 5 replicas
+
+    with_client(work)
