@@ -57,6 +57,12 @@ def test_offline_recipient_receives_and_the_sender_gets_a_receipt(
         assert await mailbox_size(bob) == 0
         receipts = await alice.sync()
         assert receipts.receipts == 1 and alice.cache.messages()[0].delivered
+        # bob has alice's keys now (his receipt proved it): they stop riding along
+        assert alice.cache.has_our_keys(bob.fingerprint)
+        await alice.send(contact, "short one")
+        (stored,) = (await bob.mail.fetch(bob.identity))[0]
+        assert len(stored.blob) < 5_000  # ~4.7 KB without the 3.2 KB key set
+        assert [m.body for m in (await bob.sync()).new_messages] == ["short one"]
         await asyncio.gather(alice.close(), bob.close())
 
     run(testnet, tmp_path, scenario)

@@ -321,6 +321,13 @@ class Cache:
         )
         return [_message(r) for r in rows]
 
+    def has_our_keys(self, peer: bytes) -> bool:
+        """Did ``peer`` prove it holds our keys (it wrote to us, or receipted a message)?"""
+        return bool(self._rows(
+            "SELECT 1 FROM messages WHERE (sender = ? AND outgoing = 0)"
+            " OR (recipient = ? AND outgoing = 1 AND delivered = 1) LIMIT 1", (peer, peer),
+        ))  # fmt: skip
+
     def message_count(self) -> int:
         return int(self._rows("SELECT count(*) FROM messages")[0][0])
 

@@ -134,6 +134,7 @@ class MailboxClient:
         self.node, self.replicas, self.write_quorum = node, replicas, write_quorum
         self.pow_bits, self.timeout = pow_bits, timeout
         self.replica_sets = ReplicaSetCache(replica_set_ttl_s)
+        self._writes: set[asyncio.Task[PutResult]] = set()  # puts still reaching replicas
 
     async def storage_nodes(self, box: bytes, count: int) -> list[Contact]:
         """The ``count`` storage nodes closest to a mailbox, closest first (a fresh lookup)."""
@@ -155,19 +156,57 @@ class MailboxClient:
 
     # -- put ---------------------------------------------------------------------
 
-    async def put(self, recipient_fp: bytes, blob: bytes, *, ttl_s: int = 0) -> PutResult:
+    async def put(
+        self, recipient_fp: bytes, blob: bytes, *, ttl_s: int = 0, return_at_quorum: bool = False
+    ) -> PutResult:
+        """Store ``blob`` on the mailbox's replicas; done once W stored it durably.
+
+        By default the call returns when every replica (or its hand-off stand-in) has
+        answered; with ``return_at_quorum`` it returns as soon as W have, and the rest of
+        the write goes on in the background (`drain` waits for it)."""
         box = mailbox_id(recipient_fp)
         candidates = await self.candidates(box)
         if len(candidates) < self.write_quorum:
             self.replica_sets.forget(box)
             raise QuorumError(f"only {len(candidates)} storage nodes found for the mailbox")
+        quorum: asyncio.Future[PutResult] = asyncio.get_running_loop().create_future()
+        write = asyncio.create_task(self._replicate(box, blob, ttl_s, candidates, quorum))
+        self._writes.add(write)
+        write.add_done_callback(self._writes.discard)
+        if not return_at_quorum:
+            return await write
+        await asyncio.wait((quorum, write), return_when=asyncio.FIRST_COMPLETED)
+        return quorum.result() if quorum.done() else write.result()
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Wait (bounded) for writes still reaching their last replicas."""
+        if self._writes:
+            await asyncio.wait(set(self._writes), timeout=timeout)
+
+    async def _replicate(
+        self,
+        box: bytes,
+        blob: bytes,
+        ttl_s: int,
+        candidates: list[Contact],
+        quorum: asyncio.Future[PutResult],
+    ) -> PutResult:
         request = self._put_request(box, blob, ttl_s, self.pow_bits)
         primary, spare = candidates[: self.replicas], list(candidates[self.replicas :])
         stored: list[bytes] = []
+
+        async def one(contact: Contact) -> bool | int:
+            result = await self._put_one(contact, request)
+            if result is True:
+                stored.append(contact.node_id)
+                if len(stored) == self.write_quorum and not quorum.done():
+                    done = PutResult(blob_id(blob), tuple(stored), request.pow.difficulty)
+                    quorum.set_result(done)
+            return result
+
         pending = list(primary)
         while pending:
-            results = await asyncio.gather(*(self._put_one(c, request) for c in pending))
-            stored += [c.node_id for c, ok in zip(pending, results, strict=True) if ok is True]
+            results = await asyncio.gather(*(one(c) for c in pending))
             if any(r is False for r in results):
                 self.replica_sets.forget(box)
             harder = max((r for r in results if isinstance(r, int)), default=0)
