@@ -17,6 +17,7 @@ from cluster import (
     UDP_PORT,
     NodeProcess,
     client_node,
+    held_by,
     now_ms,
     sample_value,
     scrape,
@@ -181,5 +182,22 @@ def test_pages_beyond_the_first_cost_one_signature_per_round(
         blobs, _ = await mail.fetch(bob, limit=2)
         assert {b.blob_id for b in blobs} == sent
         assert signs.calls == 3  # pages of 2, 2 and 1 blobs, each round for all 5 replicas
+
+    with_client(work)
+
+
+def test_a_put_can_return_at_the_quorum_and_finish_in_the_background(
+    network: list[NodeProcess],
+) -> None:
+    bob = seeded_identity("client-bob-quorum")
+
+    async def work(client: MailboxClient) -> None:
+        blob = seal(ALICE, bob.public, b"early", now_ms=now_ms())
+        result = await client.put(bob.fingerprint, blob, return_at_quorum=True)
+        assert len(result.stored_on) >= client.write_quorum
+        await client.drain()
+        replicas = (await client.candidates(mailbox_id(bob.fingerprint)))[: client.replicas]
+        holding = [await held_by(client.node, bob, r, strict=True) for r in replicas]
+        assert all(result.blob_id in held for held in holding)  # all 5 after the drain
 
     with_client(work)
