@@ -105,3 +105,19 @@ def test_a_failed_transaction_leaves_nothing(cache: Cache, me: Identity, bob: Id
         cache.record_blob(b"blob", "message", 1)
         raise RuntimeError("crash in the middle")
     assert cache.message_count() == 0 and cache.blob_outcome(b"blob") is None
+
+
+def test_pruning_forgets_only_what_cannot_matter_any_more(cache: Cache) -> None:
+    cache.add_device(DEVICE_A, "phone", 1)
+    for blob, seen in ((b"old-deleted", 10), (b"old-kept", 10), (b"new-deleted", 500)):
+        cache.record_blob(blob, "message", seen)
+    cache.add_acks(DEVICE_A, [b"old-deleted", b"old-kept", b"new-deleted"], b"ack")
+    cache.mark_deleted([b"old-deleted", b"new-deleted"])
+    cache.remember_envelope(b"e-old", 10)
+    cache.remember_envelope(b"e-new", 500)
+    cache.prune(envelopes_before_ms=100, deleted_blobs_before_ms=100)
+    assert cache.blob_outcome(b"old-deleted") is None
+    assert cache.blob_outcome(b"old-kept") == "message"  # other devices may still need it
+    assert cache.blob_outcome(b"new-deleted") == "message"
+    assert not cache.seen_envelope(b"e-old") and cache.seen_envelope(b"e-new")
+    assert cache.deletable_blobs() == [b"old-kept"]  # its acknowledgement survived

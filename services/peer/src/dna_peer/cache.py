@@ -387,9 +387,20 @@ class Cache:
             (message_id, timestamp_ms),
         )
 
-    def forget_envelopes_before(self, cutoff_ms: int) -> None:
-        """Beyond the replay window an envelope is refused by its timestamp anyway."""
-        self._write("DELETE FROM envelopes_seen WHERE timestamp_ms < ?", (cutoff_ms,))
+    def prune(self, *, envelopes_before_ms: int, deleted_blobs_before_ms: int) -> None:
+        """Forget what can no longer matter: envelope IDs older than the replay window (such
+        an envelope is refused by its timestamp anyway) and deleted blobs, with their
+        acknowledgements, seen before anything could bring them back (blob TTL, tombstones)."""
+        old = "SELECT blob_id FROM blobs WHERE deleted = 1 AND seen_ms < ?"
+        with self.transaction():
+            self._db.execute("DELETE FROM envelopes_seen WHERE timestamp_ms < ?",
+                             (envelopes_before_ms,))  # fmt: skip
+            cutoff = (deleted_blobs_before_ms,)
+            self._db.execute(f"DELETE FROM acks WHERE blob_id IN ({old})", cutoff)
+            self._db.execute(
+                f"DELETE FROM ack_blobs WHERE ack_blob IN ({old}) OR covers IN ({old})", cutoff * 2
+            )
+            self._db.execute(f"DELETE FROM blobs WHERE blob_id IN ({old})", cutoff)
 
     def cursors(self) -> dict[bytes, bytes]:
         return {bytes(r[0]): bytes(r[1]) for r in self._rows("SELECT node_id, cursor FROM cursors")}

@@ -18,7 +18,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dna_core.crypto import Identity, PublicKeySet, seal
+import grpc
+from dna_core.crypto import Identity, PublicKeySet, ReplayGuard, seal
 from dna_core.crypto.envelope import decode_envelope
 from dna_core.errors import DnaError
 from dna_core.mailbox.client import FetchState, MailboxClient, QuorumError
@@ -36,6 +37,10 @@ from dna_peer.profile import Device, Profile
 log = logging.getLogger("dna.peer")
 PUBLISHED = "published"  # cache state: what was last published, and when
 REPUBLISH_AFTER_MS = 86_400_000  # daily, well inside the 30-day record TTL
+PRUNED = "pruned"  # cache state: when the bookkeeping was last pruned
+REPLAY_WINDOW_MS = ReplayGuard().max_age_ms + 86_400_000  # what open_envelope accepts, + a day
+BLOB_MEMORY_MS = 32 * 86_400_000  # a deleted blob cannot come back after its TTL (30 days)
+WATCH_BACKOFF_S = 5.0
 SEND_ATTEMPTS = 4  # over about 3.5 s: rides out a replica restarting
 HISTORY_CHUNK_BYTES = 150 * 1024  # a History payload stays under the 192 KiB envelope cap
 Progress = Callable[[int, int], None]  # (done, total)
@@ -88,6 +93,15 @@ class Peer:
         published = json.dumps({"display_name": display_name, "name": name, "ms": now_ms()})
         self.cache.set_state(PUBLISHED, published.encode())
         return stored
+
+    async def daily_upkeep(self) -> None:
+        """Republish the records and prune the cache's bookkeeping, once a day."""
+        await self.republish_if_due()
+        last = int(self.cache.get_state(PRUNED) or b"0")
+        if now_ms() - last >= REPUBLISH_AFTER_MS:
+            self.cache.prune(envelopes_before_ms=now_ms() - REPLAY_WINDOW_MS,
+                             deleted_blobs_before_ms=now_ms() - BLOB_MEMORY_MS)  # fmt: skip
+            self.cache.set_state(PRUNED, str(now_ms()).encode())
 
     async def republish_if_due(self) -> bool:
         """Records expire (30 days) unless their owner signs them again: any device does."""
@@ -232,7 +246,7 @@ class Peer:
 
     async def sync(self, progress: Progress | None = None) -> SyncReport:
         """Fetch the own mailbox, handle what is new, acknowledge, receipt, clean up."""
-        await self.republish_if_due()
+        await self.daily_upkeep()
         state = FetchState(cursors=self.cache.cursors())
         blobs, state = await self.mail.fetch(self.identity, state)
         inbox = Inbox(self)
@@ -276,7 +290,12 @@ class Peer:
     async def watch(self, on_report: Callable[[SyncReport], None], interval: float = 1.0) -> None:
         """Sync forever (until cancelled), reporting each round that brought something."""
         while True:
-            report = await self.sync()
+            try:
+                report = await self.sync()
+            except (DnaError, grpc.aio.AioRpcError) as exc:  # the network comes and goes
+                log.warning("sync failed, retrying in %.0f s: %s", WATCH_BACKOFF_S, exc)
+                await asyncio.sleep(WATCH_BACKOFF_S)
+                continue
             if report.new_messages or report.receipts:
                 on_report(report)
             await asyncio.sleep(interval)
