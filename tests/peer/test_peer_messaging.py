@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -244,5 +245,51 @@ def test_records_are_republished_before_they_expire(testnet: Testnet, tmp_path: 
         assert again.body.expires_ms > first.body.expires_ms
         assert await keyserver.lookup_name(alice.node, people.name("alice")) == alice.fingerprint
         await alice.close()
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_three_devices_converge_whatever_their_offline_periods(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    """A seeded random schedule: alice and bob's devices send, sync, go offline and come
+    back in any order; at the end every device holds the same history, once each."""
+
+    async def scenario(people: People) -> None:
+        rng = random.Random(2026)
+        alice, phone = await people.new("alice"), await people.new("bob")
+        devices: dict[str, Peer | None] = {"bob": phone}  # by profile name
+        for name in ("laptop", "tablet"):
+            offer = await offer_link(phone, name)
+            devices[name] = await accept_link(people.profile(name), offer.code, PASSPHRASE,
+                                              people.seeds)  # fmt: skip
+        to_bob = await alice.add_contact(people.name("bob"))
+        sent = []
+        for step in range(40):
+            name = rng.choice(sorted(devices))
+            device, action = devices[name], rng.random()
+            if device is None:  # offline: maybe come back
+                if action < 0.5:
+                    devices[name] = await people.open(name)
+            elif action < 0.25:
+                await device.close()
+                devices[name] = None
+            elif action < 0.55:
+                sent.append(f"alice {step}")
+                await alice.send(to_bob, sent[-1])
+            elif action < 0.75:
+                sent.append(f"{name} {step}")
+                await device.send(await device.add_contact(alice.fingerprint.hex()), sent[-1])
+            else:
+                await device.sync()
+        online = [await people.open(n) if d is None else d for n, d in devices.items()]
+        for _ in range(2):  # two rounds: transcripts, then the acknowledgements
+            for device in online:
+                await device.sync()
+        histories = [history(d) for d in online]
+        assert all(h == histories[0] for h in histories), [[b for _, _, b in h] for h in histories]
+        assert sorted(b for _, _, b in histories[0]) == sorted(sent)
+        assert await mailbox_size(online[0]) == 0
+        await asyncio.gather(alice.close(), *(d.close() for d in online))
 
     run(testnet, tmp_path, scenario)

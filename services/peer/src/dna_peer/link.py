@@ -70,15 +70,18 @@ async def offer_link(peer: Peer, device_name: str) -> LinkOffer:
     code = new_code()
     temp = link_identity(code)
     device_id = os.urandom(DEVICE_ID_SIZE)
+    devices = {**peer.cache.devices(), device_id: device_name}
     link = envelope_pb2.DeviceLink(
         encrypted_identity=keystore.lock(peer.identity, code),
         device_name=device_name,
         device_id=device_id,
-    )
+        devices=[envelope_pb2.DeviceHello(device_id=d, device_name=name)
+                 for d, name in devices.items()],
+    )  # fmt: skip
     envelope = seal(peer.identity, temp.public, envelope_pb2.Payload(link=link).SerializeToString(),
                     now_ms=now_ms(), include_sender_keys=True)  # fmt: skip
     await peer.mail.put(temp.fingerprint, envelope, ttl_s=LINK_TTL_S)
-    peer.cache.add_device(device_id, device_name, now_ms())
+    peer.cache.add_device(device_id, device_name, now_ms())  # its acks count from now on
     await peer.announce()
     hello = envelope_pb2.DeviceHello(device_id=device_id, device_name=device_name)
     await peer.post_to_devices(envelope_pb2.Payload(device=hello))
@@ -104,6 +107,8 @@ async def accept_link(
         await mail.delete(temp, blob_ids)
         device = profile.create(identity, passphrase, Device(link.device_id, link.device_name))
         peer = Peer(identity, profile.open_cache(identity), node, device, pow_bits)
+        for known in link.devices:
+            peer.cache.add_device(known.device_id, known.device_name, now_ms())
     except BaseException:
         await node.stop()
         raise

@@ -275,21 +275,29 @@ class DeviceLink(_message.Message):
     ENCRYPTED_IDENTITY_FIELD_NUMBER: _builtins.int
     DEVICE_NAME_FIELD_NUMBER: _builtins.int
     DEVICE_ID_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
     encrypted_identity: _builtins.bytes
     """an EncryptedIdentity"""
     device_name: _builtins.str
     device_id: _builtins.bytes
     """16 bytes, chosen by the linking device"""
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceHello]:
+        """Every device of the identity the linking device knows (the new one included), so
+        the new device mirrors what it sends from its first message on.
+        """
+
     def __init__(
         self,
         *,
         encrypted_identity: _builtins.bytes = ...,
         device_name: _builtins.str = ...,
         device_id: _builtins.bytes = ...,
+        devices: _abc.Iterable[Global___DeviceHello] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "device_name", b"device_name", "encrypted_identity", b"encrypted_identity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "device_name", b"device_name", "devices", b"devices", "encrypted_identity", b"encrypted_identity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
