@@ -19,7 +19,13 @@ from dna_peer.cache import Contact
 from dna_peer.inbox import RECOVERING, Inbox
 from dna_peer.keyserver import now_ms
 from dna_peer.link import accept_link, offer_link
-from dna_peer.peer import PUBLISHED, REPUBLISH_AFTER_MS, KeyChangedError, Peer
+from dna_peer.peer import (
+    PUBLISHED,
+    REPUBLISH_AFTER_MS,
+    KeyChangedError,
+    Peer,
+    UnknownContactError,
+)
 from dna_testnet.network import Testnet
 from peers import PASSPHRASE, People
 
@@ -47,6 +53,8 @@ def test_offline_recipient_receives_and_the_sender_gets_a_receipt(
         await bob.close()  # bob is offline
         contact = await alice.add_contact(people.name("bob"))
         assert contact.fingerprint == bob.fingerprint
+        with pytest.raises(UnknownContactError, match="that is you"):
+            await alice.add_contact(people.name("alice"))
         sent = await alice.send(contact, "hello while you were away")
         assert sent.stored_on >= 3
         bob = await people.open("bob")

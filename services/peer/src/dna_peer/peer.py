@@ -128,6 +128,8 @@ class Peer:
                     return pinned  # the name still points at the key that rotated to this one
                 return await self._follow_rotation(pinned, fingerprint)
         assert fingerprint is not None
+        if fingerprint == self.fingerprint:
+            raise UnknownContactError("that is you: your own devices sync through `dna sync`")
         known = self._current(fingerprint)
         if known is None:
             return await self.refresh_contact(await self._pin_new(fingerprint, name))
