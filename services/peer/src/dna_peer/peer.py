@@ -35,11 +35,12 @@ from dna_peer.network import join_overlay
 from dna_peer.profile import Device, Profile
 
 log = logging.getLogger("dna.peer")
+DAY_MS = 86_400_000
 PUBLISHED = "published"  # cache state: what was last published, and when
-REPUBLISH_AFTER_MS = 86_400_000  # daily, well inside the 30-day record TTL
+REPUBLISH_AFTER_MS = DAY_MS  # well inside the 30-day record TTL
 PRUNED = "pruned"  # cache state: when the bookkeeping was last pruned
-REPLAY_WINDOW_MS = ReplayGuard().max_age_ms + 86_400_000  # what open_envelope accepts, + a day
-BLOB_MEMORY_MS = 32 * 86_400_000  # a deleted blob cannot come back after its TTL (30 days)
+REPLAY_WINDOW_MS = ReplayGuard().max_age_ms + DAY_MS  # what open_envelope accepts, + a day
+BLOB_MEMORY_MS = 32 * DAY_MS  # a deleted blob cannot come back after its TTL (30 days)
 WATCH_BACKOFF_S = 5.0
 SEND_ATTEMPTS = 4  # over about 3.5 s: rides out a replica restarting
 HISTORY_CHUNK_BYTES = 150 * 1024  # a History payload stays under the 192 KiB envelope cap
@@ -98,13 +99,14 @@ class Peer:
         """Republish the records and prune the cache's bookkeeping, once a day."""
         await self.republish_if_due()
         last = int(self.cache.get_state(PRUNED) or b"0")
-        if now_ms() - last >= REPUBLISH_AFTER_MS:
+        if now_ms() - last >= DAY_MS:
             self.cache.prune(envelopes_before_ms=now_ms() - REPLAY_WINDOW_MS,
                              deleted_blobs_before_ms=now_ms() - BLOB_MEMORY_MS)  # fmt: skip
             self.cache.set_state(PRUNED, str(now_ms()).encode())
 
     async def republish_if_due(self) -> bool:
-        """Records expire (30 days) unless their owner signs them again: any device does."""
+        """Records expire (30 days) unless their owner signs them again: the device that
+        published them does (its cache remembers what and when)."""
         raw = self.cache.get_state(PUBLISHED)
         if raw is None:
             return False
