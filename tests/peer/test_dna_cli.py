@@ -38,6 +38,21 @@ def test_identity_create_show_export_offline(tmp_path: Path) -> None:
     again = dna(home, "identity", "create", "--offline")
     assert again.returncode == 1 and "refusing to overwrite" in again.stderr
 
+    backup = tmp_path / "backup.key"
+    ok(dna(home, "--json", "identity", "export", "--private", "--out", str(backup)))
+    assert backup.stat().st_mode & 0o777 == 0o600
+    assert b"correct horse" not in backup.read_bytes()  # still locked
+    restored = tmp_path / "restored"
+    wrong = dna(restored, "identity", "import", str(backup), env={"DNA_PASSPHRASE": "nope"})
+    assert wrong.returncode == 1 and not restored.exists()  # nothing written
+    assert (
+        ok(dna(restored, "--json", "identity", "import", str(backup)))["fingerprint"]
+        == (info["fingerprint"])
+    )
+    assert ok(dna(restored, "--json", "identity", "show"))["fingerprint"] == info["fingerprint"]
+    # a restore has no cache yet: its first open asks the other devices for the history
+    assert not (restored / "cache.db").exists()
+
 
 def test_errors_are_one_clear_line(tmp_path: Path) -> None:
     home = tmp_path / "me"

@@ -1,7 +1,7 @@
 """`dna`: the command line for a person.
 
     dna identity create --name alice      a new identity, published to the network
-    dna identity show | export | publish
+    dna identity show | export [--private] | import FILE | publish
     dna identity link                     on this device: print a one-time code
     dna identity link CODE                on a new device: become a device of that identity
     dna contacts add bob | list | verify bob [--confirm] | forget bob
@@ -120,8 +120,20 @@ def _show(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     identity = args.profile.unlock(_passphrase(confirm=False))
-    args.out.write_bytes(identity.public.encode())
-    _emit(args, {"fingerprint": identity.fingerprint.hex(), "exported_to": str(args.out)})
+    if args.private:  # the key file itself: still locked under the passphrase
+        data = args.profile.keyfile.read_bytes()
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    else:
+        args.out.write_bytes(identity.public.encode())
+    _emit(args, {"fingerprint": identity.fingerprint.hex(), "exported_to": str(args.out),
+                 "private": args.private})  # fmt: skip
+
+
+def _import(args: argparse.Namespace) -> None:
+    identity = args.profile.restore(args.file.read_bytes(), _passphrase(confirm=False))
+    _emit(args, {"fingerprint": identity.fingerprint.hex(), "home": str(args.profile.home)})
 
 
 def _link(args: argparse.Namespace) -> None:
@@ -361,8 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--display-name", help="shown to contacts (default: the name)")
     create.add_argument("--offline", action="store_true", help="do not publish yet")
     _add(ident, "show", _show, "show the fingerprint (no passphrase needed)")
-    export = _add(ident, "export", _export, "write your public key set for others to import")
+    export = _add(ident, "export", _export, "write your public key set (or, with --private,"
+                  " a backup of your locked key file)")  # fmt: skip
     export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--private", action="store_true", help="the locked key file, a backup")
+    _add(ident, "import", _import, "start this device from a key file backup"
+         ).add_argument("file", type=Path)  # fmt: skip
     link = _add(ident, "link", _link, "link a new device: without CODE print one, with it use it")
     link.add_argument("code", nargs="?", help="the code shown on your existing device")
     link.add_argument("--device-name", default="new device", help="name of the new device")

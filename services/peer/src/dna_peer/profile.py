@@ -52,6 +52,19 @@ class Profile:
 
     def create(self, identity: Identity, passphrase: str, device: Device | None = None) -> Device:
         """Write a new identity (refusing to overwrite one) and this device's ID."""
+        device = self._write(keystore.lock(identity, passphrase), device)
+        self.open_cache(identity).close()  # from now on a missing cache means a lost one
+        return device
+
+    def restore(self, keyfile: bytes, passphrase: str) -> Identity:
+        """Start a device from a key file backup (checked with its passphrase). No cache is
+        made: the first open takes the lost-cache path (history from the other devices, no
+        deletes until the device list is known), which is what a restore is."""
+        identity = keystore.unlock(keyfile, passphrase)
+        self._write(keyfile, None)
+        return identity
+
+    def _write(self, keyfile: bytes, device: Device | None) -> Device:
         if self.exists():
             raise DnaError(f"{self.keyfile} exists; refusing to overwrite an identity")
         self.home.mkdir(parents=True, exist_ok=True)
@@ -60,8 +73,7 @@ class Profile:
             self.home / "device.json",
             json.dumps({"id": device.device_id.hex(), "name": device.name}).encode(),
         )
-        _write_private(self.keyfile, keystore.lock(identity, passphrase))  # fmt: skip
-        self.open_cache(identity).close()  # from now on a missing cache means a lost one
+        _write_private(self.keyfile, keyfile)
         return device
 
     def device(self) -> Device:
