@@ -21,6 +21,7 @@ from dna_peer.keyserver import now_ms
 from dna_peer.link import accept_link, offer_link
 from dna_peer.peer import (
     PUBLISHED,
+    RECOVERY_WAIT_MS,
     REPUBLISH_AFTER_MS,
     KeyChangedError,
     Peer,
@@ -131,7 +132,7 @@ def test_a_lost_cache_is_rebuilt_from_another_device(testnet: Testnet, tmp_path:
         people.profile("laptop").cache_path.unlink()  # the laptop's disk lost the cache
 
         laptop = await people.open("laptop")
-        assert laptop.cache.get_state(RECOVERING) == b"1"
+        assert laptop.cache.get_state(RECOVERING) is not None
         assert (await laptop.sync()).deleted == 0  # knows no device list yet: deletes nothing
         await phone.sync()  # answers the request with its history
         await laptop.sync()
@@ -139,6 +140,29 @@ def test_a_lost_cache_is_rebuilt_from_another_device(testnet: Testnet, tmp_path:
         assert laptop.cache.get_state(RECOVERING) is None
         assert len(laptop.cache.devices()) == 2
         await asyncio.gather(alice.close(), phone.close(), laptop.close())
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_a_lone_device_with_a_lost_cache_cleans_up_after_a_week(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    async def scenario(people: People) -> None:
+        alice, bob = await people.new("alice"), await people.new("bob")
+        to_bob = await alice.add_contact(people.name("bob"))
+        await bob.close()
+        people.profile("bob").cache_path.unlink()
+        bob = await people.open("bob")  # asks for a history nobody will send
+        await alice.send(to_bob, "anyone there?")
+        report = await bob.sync()
+        assert [m.body for m in report.new_messages] == ["anyone there?"]
+        assert report.deleted == 0  # another device might still need it
+        week_ago = now_ms() - RECOVERY_WAIT_MS - 1
+        bob.cache.set_state(RECOVERING, str(week_ago).encode())
+        assert (await bob.sync()).deleted >= 2  # the message and bob's own request
+        assert bob.cache.get_state(RECOVERING) is None
+        assert await mailbox_size(bob) == 0
+        await asyncio.gather(alice.close(), bob.close())
 
     run(testnet, tmp_path, scenario)
 

@@ -41,6 +41,7 @@ REPUBLISH_AFTER_MS = DAY_MS  # well inside the 30-day record TTL
 PRUNED = "pruned"  # cache state: when the bookkeeping was last pruned
 REPLAY_WINDOW_MS = ReplayGuard().max_age_ms + DAY_MS  # what open_envelope accepts, + a day
 BLOB_MEMORY_MS = 32 * DAY_MS  # a deleted blob cannot come back after its TTL (30 days)
+RECOVERY_WAIT_MS = 7 * DAY_MS  # a device silent this long after a history request is gone
 WATCH_BACKOFF_S = 5.0
 SEND_ATTEMPTS = 4  # over about 3.5 s: rides out a replica restarting
 HISTORY_CHUNK_BYTES = 150 * 1024  # a History payload stays under the 192 KiB envelope cap
@@ -278,11 +279,15 @@ class Peer:
         """Signed deletes for what every device holds.
 
         A device that lost its cache also lost the list of devices, so it deletes
-        nothing until another device's history told it the list again (or the
-        storage TTL cleans up, for an identity with one device).
+        nothing until another device's history told it the list again, or a week
+        passed with no answer (an identity with one device).
         """
-        if self.cache.get_state(RECOVERING):
-            return 0
+        recovering_since = self.cache.get_state(RECOVERING)
+        if recovering_since is not None:
+            if now_ms() - int(recovering_since) < RECOVERY_WAIT_MS:
+                return 0
+            log.warning("no other device answered in a week: assuming this one is alone")
+            self.cache.clear_state(RECOVERING)
         deletable = self.cache.deletable_blobs()
         if not deletable:
             return 0
@@ -374,6 +379,6 @@ async def open_peer(
         raise
     peer = Peer(identity, cache, node, profile.device(), pow_bits)
     if lost_cache:  # the other devices post their history to the mailbox
-        cache.set_state(RECOVERING, b"1")
+        cache.set_state(RECOVERING, str(now_ms()).encode())
         await peer.announce(wants_history=True)
     return peer
