@@ -43,7 +43,7 @@ from dna_peer.inbox import SyncReport
 from dna_peer.link import accept_link, offer_link
 from dna_peer.network import default_seeds, parse_seeds
 from dna_peer.peer import Peer, open_peer
-from dna_peer.profile import NoIdentityError, Profile
+from dna_peer.profile import NoIdentityError, Profile, write_private
 
 PASSPHRASE_ENV = "DNA_PASSPHRASE"
 Info = dict[str, Any]
@@ -121,10 +121,7 @@ def _show(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     identity = args.profile.unlock(_passphrase(confirm=False))
     if args.private:  # the key file itself: still locked under the passphrase
-        data = args.profile.keyfile.read_bytes()
-        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        write_private(args.out, args.profile.keyfile.read_bytes())
     else:
         args.out.write_bytes(identity.public.encode())
     _emit(args, {"fingerprint": identity.fingerprint.hex(), "exported_to": str(args.out),

@@ -216,14 +216,12 @@ class Inbox:
         outcome: str,
     ) -> Apply:
         contacts = [PublicKeySet.from_proto(card.keys) for card in cards]
+        names = {keys.fingerprint: card.name for keys, card in zip(contacts, cards, strict=True)}
         peers = {t.original_sender or t.original_recipient for t in items}
-        unknown = {fp for fp in peers if self.cache.contact(fp) is None} - {
-            k.fingerprint for k in contacts
-        }
+        unknown = {fp for fp in peers if self.cache.contact(fp) is None} - names.keys()
         for fp in unknown:  # keys of a peer only another device knew
             keys = await keyserver.lookup_keys(self.peer.node, fp)
             contacts += [keys] if keys else []
-        names = {PublicKeySet.from_proto(c.keys).fingerprint: c.name for c in cards}
         texts = [
             decode_message(envelope_pb2.Payload, item.payload, max_size=MAX_PAYLOAD,
                            what="transcript payload").text

@@ -18,11 +18,13 @@ from dna_core.crypto import primitives as p
 from dna_core.errors import VerificationError
 from dna_core.overlay.aio import OverlayNode
 from dna_core.overlay.records import (
+    ROTATION_ACCEPT_DOMAIN,
     name_key,
     name_pow_hash,
     normalize_name,
     record_key,
     rotation_accept_message,
+    rotation_target,
 )
 from dna_core.wire import decode_message
 from dna_core.wire.gen.dna.v1 import common_pb2, records_pb2
@@ -88,7 +90,7 @@ async def lookup_name(node: OverlayNode, name: str) -> bytes | None:
 def rotation_record(old: Identity, new: Identity, *, reason: str = "") -> bytes:
     """A rotation statement: signed by the old key, cross-signed by the new one."""
     accept = signature.sign(
-        new, b"rotation-accept", rotation_accept_message(old.fingerprint, new.fingerprint)
+        new, ROTATION_ACCEPT_DOMAIN, rotation_accept_message(old.fingerprint, new.fingerprint)
     )
     payload = records_pb2.KeyRotation(
         old_fingerprint=old.fingerprint, new_keys=new.public.to_proto(),
@@ -111,13 +113,7 @@ async def lookup_rotation(node: OverlayNode, old: PublicKeySet) -> PublicKeySet 
     found = await node.get_record(record_key(ROTATION, old.fingerprint))
     if found is None or found.signer != old:
         return None  # only the old key itself may speak for a rotation
-    rot = decode_message(records_pb2.KeyRotation, found.body.payload, max_size=8192,
-                         what="key rotation")  # fmt: skip
-    new = PublicKeySet.from_proto(rot.new_keys)
-    signature.verify(new, b"rotation-accept",
-                     rotation_accept_message(old.fingerprint, new.fingerprint),
-                     rot.new_key_signature)  # fmt: skip
-    return new
+    return rotation_target(found)
 
 
 def safety_number(a: bytes, b: bytes) -> str:

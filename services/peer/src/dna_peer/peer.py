@@ -320,7 +320,7 @@ class Peer:
 
     async def send_history(self) -> int:
         """Post the whole cache (messages, read state, contacts) to the own mailbox."""
-        chunks = list(_history_chunks(self.cache, self.fingerprint))
+        chunks = _history_chunks(self.cache, self.fingerprint)
         for chunk in chunks:
             await self.post_to_devices(envelope_pb2.Payload(history=chunk))
         return len(chunks)

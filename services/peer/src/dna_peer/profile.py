@@ -69,11 +69,11 @@ class Profile:
             raise DnaError(f"{self.keyfile} exists; refusing to overwrite an identity")
         self.home.mkdir(parents=True, exist_ok=True)
         device = device or Device(os.urandom(DEVICE_ID_SIZE), socket.gethostname())
-        _write_private(
+        write_private(
             self.home / "device.json",
             json.dumps({"id": device.device_id.hex(), "name": device.name}).encode(),
         )
-        _write_private(self.keyfile, keyfile)
+        write_private(self.keyfile, keyfile)
         return device
 
     def device(self) -> Device:
@@ -89,7 +89,8 @@ class Profile:
         return Cache.open(self.cache_path, cache_key(identity, self.device().device_id))
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
+    """Create ``path`` (never overwrite) readable by its owner only, and make it durable."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)

@@ -63,6 +63,9 @@ def name_pow_hash(name: str, fingerprint: bytes) -> bytes:
     return p.sha256(p.label("name-pow"), normalize_name(name).encode(), fingerprint)
 
 
+ROTATION_ACCEPT_DOMAIN = b"rotation-accept"  # the new key's cross-signature
+
+
 def rotation_accept_message(old_fp: bytes, new_fp: bytes) -> bytes:
     return old_fp + new_fp
 
@@ -151,7 +154,7 @@ class RecordStore:
         if body.key != record_key(body.kind, body.signer_fingerprint):
             raise VerificationError("record: stored under a key its signer does not own")
         if body.kind == common_pb2.RECORD_KIND_KEY_ROTATION:
-            _check_rotation(rec)
+            rotation_target(rec)
 
     def _check_name_claim(self, rec: VerifiedRecord) -> None:
         claim = decode_message(
@@ -168,7 +171,9 @@ class RecordStore:
         )  # fmt: skip
 
 
-def _check_rotation(rec: VerifiedRecord) -> None:
+def rotation_target(rec: VerifiedRecord) -> PublicKeySet:
+    """The keys a rotation record moves to, after checking that the record is signed by the
+    old key it names and cross-signed by the new one; raises a ProtocolError otherwise."""
     rot = decode_message(
         records_pb2.KeyRotation, rec.body.payload, max_size=8192, what="key rotation"
     )
@@ -177,10 +182,11 @@ def _check_rotation(rec: VerifiedRecord) -> None:
     new_keys = PublicKeySet.from_proto(rot.new_keys)
     signature.verify(
         new_keys,
-        b"rotation-accept",
+        ROTATION_ACCEPT_DOMAIN,
         rotation_accept_message(rot.old_fingerprint, new_keys.fingerprint),
         rot.new_key_signature,
     )
+    return new_keys
 
 
 def _check_replaces(held: VerifiedRecord, new: VerifiedRecord) -> None:
