@@ -201,3 +201,34 @@ def test_a_put_can_return_at_the_quorum_and_finish_in_the_background(
         assert all(result.blob_id in held for held in holding)  # all 5 after the drain
 
     with_client(work)
+
+
+def test_puts_in_flight_to_one_node_travel_together_and_all_land(
+    network: list[NodeProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bob = seeded_identity("client-bob-batched")
+    batches: list[int] = []
+    call = client_module.NodeBatcher._call
+
+    async def counted(self: client_module.NodeBatcher, requests: list[Any]) -> Any:
+        batches.append(len(requests))
+        return await call(self, requests)
+
+    monkeypatch.setattr(client_module.NodeBatcher, "_call", counted)
+
+    async def work(client: MailboxClient) -> None:
+        blob = seal(ALICE, bob.public, b"alone", now_ms=now_ms())
+        await client.put(bob.fingerprint, blob)
+        assert batches == [1] * client.replicas  # one at a time: one put per call
+        # 24: within the nodes' per-source burst (40), so no put waits for a rate limit
+        blobs = [seal(ALICE, bob.public, b"%d" % i, now_ms=now_ms()) for i in range(24)]
+        results = await asyncio.gather(*(client.put(bob.fingerprint, b) for b in blobs))
+        assert all(len(r.stored_on) == client.replicas for r in results)
+        assert sum(batches) == client.replicas * 25  # every replica write, once
+        assert len(batches) < client.replicas * 25 / 3, batches  # in few calls
+        replicas = (await client.candidates(mailbox_id(bob.fingerprint)))[: client.replicas]
+        for replica in replicas:
+            held = await held_by(client.node, bob, replica, strict=True)
+            assert {r.blob_id for r in results} <= set(held)
+
+    with_client(work)

@@ -22,6 +22,7 @@ from support import seeded_identity
 IP = "127.0.0.70"
 POW_BITS = 8
 ALICE, BOB = seeded_identity("storage-alice"), seeded_identity("storage-bob")
+CAROL = seeded_identity("storage-carol")
 STORAGE_TOML = f"""
 [admission]
 pow_base_bits = {POW_BITS}
@@ -121,6 +122,41 @@ def test_each_bad_put_gets_its_own_status(node: NodeProcess) -> None:
     assert list(fetch(BOB).blobs) == []  # nothing above was stored
 
 
+def test_put_many_judges_each_put_alone_and_stores_only_the_admitted(
+    node: NodeProcess,
+) -> None:
+    box = mailbox_id(CAROL.fingerprint)
+    good = [seal(ALICE, CAROL.public, bytes([i]), now_ms=now_ms()) for i in range(3)]
+    stale = put_request(good[2], box)
+    stale.pow.timestamp_ms -= 3_600_000
+    puts = [
+        put_request(good[0], box),
+        put_request(good[1], box, bits=None),  # no proof
+        put_request(good[1], mailbox_id(ALICE.fingerprint)),  # addressed to another mailbox
+        put_request(b"not an envelope", box),
+        stale,
+        put_request(good[1], box),
+        put_request(good[0], box),  # the same blob again: idempotent
+    ]
+    response = call("PutMany", mailbox_pb2.PutManyRequest(puts=puts))
+    codes = [grpc.StatusCode.OK, grpc.StatusCode.PERMISSION_DENIED]
+    codes += [grpc.StatusCode.INVALID_ARGUMENT] * 2
+    codes += [grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OK, grpc.StatusCode.OK]
+    assert [o.code for o in response.outcomes] == [c.value[0] for c in codes]
+    assert all(o.reason for o, c in zip(response.outcomes, codes, strict=True) if c.value[0])
+    assert response.outcomes[1].pow_required == POW_BITS
+    assert [o.blob_id for o in response.outcomes if not o.code] == [
+        blob_id(good[0]), blob_id(good[1]), blob_id(good[0])
+    ]
+    stored = [b.blob for b in fetch(CAROL).blobs]
+    assert sorted(stored) == sorted(good[:2])  # the refused ones changed nothing
+
+    for empty_or_too_many in ([], [put_request(good[2], box)] * 65):
+        result = call("PutMany", mailbox_pb2.PutManyRequest(puts=empty_or_too_many))
+        refused(result, grpc.StatusCode.INVALID_ARGUMENT)
+    assert sorted(b.blob for b in fetch(CAROL).blobs) == sorted(good[:2])
+
+
 def test_only_the_owner_reads_and_replays_are_refused(node: NodeProcess) -> None:
     req = mailbox_pb2.FetchRequest.FromString(
         sign_fetch(BOB, cursor=b"", limit=10, now_ms=now_ms())
@@ -150,6 +186,18 @@ def test_flood_is_rate_limited_with_retry_after(node: NodeProcess) -> None:
     assert limited, "40 puts at once from one address must hit a 30-burst limit"
     err = refused(limited[0], grpc.StatusCode.RESOURCE_EXHAUSTED)
     assert int(dict(err.trailing_metadata() or ())["retry-after-ms"]) > 0
+
+
+def test_put_many_spends_a_rate_token_per_put(node: NodeProcess) -> None:
+    box = mailbox_id(ALICE.fingerprint)
+    puts = [
+        put_request(seal(BOB, ALICE.public, b"batched %d" % i, now_ms=now_ms()), box)
+        for i in range(40)
+    ]
+    outcomes = call("PutMany", mailbox_pb2.PutManyRequest(puts=puts)).outcomes
+    limited = [o for o in outcomes if o.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]]
+    assert len(limited) >= 40 - 30, "a batch must not pass more puts than the 30-burst"
+    assert all(o.retry_after_ms > 0 and "rate limit" in o.reason for o in limited)
 
 
 def test_data_survives_sigkill_and_holds_no_plaintext(node: NodeProcess, tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ Invariants kept:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 from collections import OrderedDict
@@ -259,6 +260,7 @@ class RateLimiter:
         return wait
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function, asked once per put
 def source_key(source_ip: str, *, ipv6_prefix_len: int = 64) -> str:
     """The rate-limit key of a client address.
 
@@ -319,6 +321,7 @@ class PowPolicy:
         self._second = [_NEVER] * window_s  # which second each slot counts
         self._count = [0] * window_s
         self._latest = _NEVER  # latest second seen; an earlier `now` is counted there
+        self._sum = (_NEVER, 0)  # (second, puts in the window up to it): summed once a second
 
     def record_put(self, now: float) -> None:
         """Count one admitted put at ``now``."""
@@ -329,12 +332,17 @@ class PowPolicy:
             self._second[slot] = second
             self._count[slot] = 0
         self._count[slot] += 1
+        if self._sum[0] == second:
+            self._sum = (second, self._sum[1] + 1)
 
     def puts_in_window(self, now: float) -> int:
         """Admitted puts counted in the ``window_s`` seconds up to and including ``now``."""
         second = max(math.floor(now), self._latest)
-        oldest = second - self.window_s
-        return sum(c for s, c in zip(self._second, self._count, strict=True) if s > oldest)
+        if self._sum[0] != second:
+            oldest = second - self.window_s
+            total = sum(c for s, c in zip(self._second, self._count, strict=True) if s > oldest)
+            self._sum = (second, total)
+        return self._sum[1]
 
     def observed_rate(self, now: float) -> float:
         """Admitted puts per second, averaged over the window."""

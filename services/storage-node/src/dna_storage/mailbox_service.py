@@ -34,7 +34,14 @@ from dna_core.mailbox import (
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 
 from dna_storage.admission import Admission, PowRequired, RateLimited, rejection_reason
-from dna_storage.backends.base import MailboxBackend, Page, PutOutcome, StoredBlob, Tombstone
+from dna_storage.backends.base import (
+    MailboxBackend,
+    Page,
+    PutOutcome,
+    StoredBlob,
+    Tombstone,
+    Usage,
+)
 from dna_storage.replication import (
     MAX_SYNC_ITEMS,
     accept,
@@ -47,6 +54,7 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 DAY_S = 86_400
 PUT_VERSION = 1
 PAGE_BYTES = 2 * 1024 * 1024  # half the gRPC message limit: room for framing
+MAX_PUT_BATCH = 64  # puts per PutMany call
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,14 @@ def _cut_by_bytes(page: Page, budget: int) -> tuple[list[StoredBlob], int, bool]
         taken.append(blob)
         size += len(blob.blob)
     return taken, page.next_cursor, page.more
+
+
+def _deleted() -> ConflictError:
+    return ConflictError("blob was deleted by its owner")
+
+
+def _retry_after_ms(exc: RateLimited) -> int:
+    return max(1, round(exc.retry_after_s * 1000))
 
 
 def encode_cursor(seq: int) -> bytes:
@@ -121,31 +137,85 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
     ) -> mailbox_pb2.PutResponse:
         now_ms = self.wall_ms()
         try:
-            self._check_put(request)
-            proof = Proof.from_proto(request.pow) if request.HasField("pow") else None
-            self.admission.precheck_put(
-                source_ip=peer_ip(context), mailbox_id=request.mailbox_id,
-                blob_len=len(request.blob), proof=proof, now_s=self.monotonic(),
-            )  # fmt: skip
-            usage = await self.backend.usage(request.mailbox_id, now_ms)  # not for a flood
-            self.admission.admit_put(
-                source_ip=peer_ip(context), mailbox_id=request.mailbox_id,
-                blob_len=len(request.blob), proof=proof,
-                payload_hash=put_pow_hash(request.mailbox_id, request.blob),
-                now_s=self.monotonic(), now_ms=now_ms, usage=usage,
-            )  # fmt: skip
+            blob = await self._admit(request, peer_ip(context), now_ms, {})
         except ProtocolError as exc:
             await self._refuse(context, "put", exc)
-        blob = StoredBlob(
-            request.mailbox_id, blob_id(request.blob), request.blob, now_ms,
-            self.retention.expiry_ms(request.ttl_s, now_ms),
-        )  # fmt: skip
         (outcome,) = await self.backend.put_many([blob], now_ms)
         if outcome is PutOutcome.TOMBSTONED:
-            await self._refuse(context, "put", ConflictError("blob was deleted by its owner"))
+            await self._refuse(context, "put", _deleted())
         self.on_outcome("put", "ok")
         return mailbox_pb2.PutResponse(
             blob_id=blob.blob_id, acknowledged_replicas=1, expires_ms=blob.expires_ms
+        )
+
+    async def PutMany(  # noqa: N802
+        self, request: mailbox_pb2.PutManyRequest, context: Ctx
+    ) -> mailbox_pb2.PutManyResponse:
+        """Each put judged as `Put` judges it, in order (so the rate limits and quotas
+        count the earlier ones); the admitted ones stored in one backend call, which the
+        SQLite backend commits as one group."""
+        now_ms = self.wall_ms()
+        if not 1 <= len(request.puts) <= MAX_PUT_BATCH:
+            exc = MalformedError(f"put many: {len(request.puts)} puts, not 1..{MAX_PUT_BATCH}")
+            await self._refuse(context, "put", exc)
+        source = peer_ip(context)
+        outcomes: list[mailbox_pb2.PutOutcome] = []
+        admitted: list[tuple[mailbox_pb2.PutOutcome, StoredBlob]] = []
+        in_call: dict[bytes, Usage] = {}  # usage after this call's earlier puts
+        for put in request.puts:
+            try:
+                blob = await self._admit(put, source, now_ms, in_call)
+            except ProtocolError as exc:
+                outcomes.append(self._refused(exc))
+                continue
+            outcomes.append(mailbox_pb2.PutOutcome())
+            admitted.append((outcomes[-1], blob))
+        stored = await self.backend.put_many([blob for _, blob in admitted], now_ms)
+        for (result, blob), outcome in zip(admitted, stored, strict=True):
+            if outcome is PutOutcome.TOMBSTONED:
+                result.CopyFrom(self._refused(_deleted()))
+                continue
+            result.blob_id, result.expires_ms = blob.blob_id, blob.expires_ms
+            self.on_outcome("put", "ok")
+        return mailbox_pb2.PutManyResponse(outcomes=outcomes)
+
+    async def _admit(
+        self,
+        request: mailbox_pb2.PutRequest,
+        source_ip: str,
+        now_ms: int,
+        in_call: dict[bytes, Usage],
+    ) -> StoredBlob:
+        """One put through every gate (module docstring), or raise why not. ``in_call``
+        carries a mailbox's usage between the puts of one PutMany: read once, then counted
+        forward, so the quota sees the earlier puts of the same call."""
+        self._check_put(request)
+        box = request.mailbox_id
+        proof = Proof.from_proto(request.pow) if request.HasField("pow") else None
+        self.admission.precheck_put(
+            source_ip=source_ip, mailbox_id=box, blob_len=len(request.blob),
+            proof=proof, now_s=self.monotonic(),
+        )  # fmt: skip
+        usage = in_call.get(box) or await self.backend.usage(box, now_ms)  # not for a flood
+        self.admission.admit_put(
+            source_ip=source_ip, mailbox_id=box, blob_len=len(request.blob), proof=proof,
+            payload_hash=put_pow_hash(box, request.blob),
+            now_s=self.monotonic(), now_ms=now_ms, usage=usage,
+        )  # fmt: skip
+        in_call[box] = Usage(usage.blobs + 1, usage.bytes + len(request.blob))
+        return StoredBlob(
+            box, blob_id(request.blob), request.blob, now_ms,
+            self.retention.expiry_ms(request.ttl_s, now_ms),
+        )  # fmt: skip
+
+    def _refused(self, exc: ProtocolError) -> mailbox_pb2.PutOutcome:
+        """A put's refusal inside PutMany: what `_refuse` puts in status and metadata."""
+        self.on_outcome("put", rejection_reason(exc))
+        return mailbox_pb2.PutOutcome(
+            code=getattr(grpc.StatusCode, exc.grpc_code).value[0],
+            reason=exc.reason,
+            pow_required=exc.required_bits if isinstance(exc, PowRequired) else 0,
+            retry_after_ms=_retry_after_ms(exc) if isinstance(exc, RateLimited) else 0,
         )
 
     def _check_put(self, request: mailbox_pb2.PutRequest) -> None:
@@ -263,7 +333,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         self.on_outcome(method, rejection_reason(exc) if method == "put" else "refused")
         metadata: list[tuple[str, str]] = []
         if isinstance(exc, RateLimited):
-            metadata.append(("retry-after-ms", str(max(1, round(exc.retry_after_s * 1000)))))
+            metadata.append(("retry-after-ms", str(_retry_after_ms(exc))))
         if isinstance(exc, PowRequired):
             metadata.append(("dna-pow-required", str(exc.required_bits)))
         if metadata:

@@ -12,6 +12,12 @@ answer; results merge by blob ID.
 The candidates of a mailbox (replicas, then hand-off candidates) are cached for
 ``replica_set_ttl_s`` (30 s), so repeated puts and fetches to one mailbox skip
 the overlay lookup; any candidate failing drops the entry.
+
+Puts to one node travel in ``PutMany`` calls: the first goes out at once, and the
+puts that arrive while a call to that node is in flight leave together in the
+next one (`NodeBatcher`). One put at a time costs one call, as a plain ``Put``
+would; many in flight cost a few calls per node instead of one each, which is
+where a client's CPU went (~0.26 ms of gRPC per call, 5 calls per put).
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ HANDOFF_CANDIDATES = 4  # further storage nodes that may take writes for absent 
 MAX_POW_BITS = 28  # a client does not solve harder than this: ~0.3 G hashes
 REPLICA_SET_TTL_S = 30.0  # how long a lookup's answer is reused (membership changes slowly)
 REPLICA_SET_CACHE_SIZE = 1024  # mailboxes remembered; least recently used go first
+MAX_PUT_BATCH = 64  # puts per PutMany call (the node's limit)
+MAX_PUT_BATCH_BYTES = 2 * 1024 * 1024  # half the node's 4 MiB message limit
 
 
 class QuorumError(DnaError):
@@ -93,6 +101,64 @@ class ReplicaSetCache:
         self._entries.pop(box, None)
 
 
+Outcome = mailbox_pb2.PutOutcome | None  # None: the call itself failed
+
+
+class NodeBatcher:
+    """Coalesces the puts in flight to one node into ``PutMany`` calls, no timer: a put
+    that finds no call in flight is sent at once; the ones that arrive meanwhile are
+    sent together when it returns (up to ``MAX_PUT_BATCH`` puts and
+    ``MAX_PUT_BATCH_BYTES``)."""
+
+    def __init__(self, stub: Callable[[], mailbox_pb2_grpc.MailboxAsyncStub], timeout: float):
+        self._stub, self.timeout = stub, timeout
+        self._waiting: list[tuple[mailbox_pb2.PutRequest, asyncio.Future[Outcome]]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    async def put(self, request: mailbox_pb2.PutRequest) -> Outcome:
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._waiting.append((request, future))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send_all())
+        return await future
+
+    async def _send_all(self) -> None:
+        try:
+            while self._waiting:
+                batch = self._take()
+                outcomes = await self._call([request for request, _ in batch])
+                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                    if not future.done():  # its put may have been cancelled
+                        future.set_result(outcome)
+        finally:
+            self._sender = None
+            for _, future in self._waiting:  # only after a bug or cancellation
+                if not future.done():
+                    future.set_result(None)
+            self._waiting.clear()
+
+    def _take(self) -> list[tuple[mailbox_pb2.PutRequest, asyncio.Future[Outcome]]]:
+        size, count = 0, 0
+        for request, _ in self._waiting[:MAX_PUT_BATCH]:
+            size += len(request.blob)
+            if count and size > MAX_PUT_BATCH_BYTES:
+                break
+            count += 1
+        batch, self._waiting = self._waiting[:count], self._waiting[count:]
+        return batch
+
+    async def _call(self, requests: list[mailbox_pb2.PutRequest]) -> list[Outcome]:
+        try:
+            response = await self._stub().PutMany(
+                mailbox_pb2.PutManyRequest(puts=requests), timeout=self.timeout
+            )
+        except grpc.aio.AioRpcError:
+            return [None] * len(requests)
+        if len(response.outcomes) != len(requests):  # a broken node: trust none of it
+            return [None] * len(requests)
+        return list(response.outcomes)
+
+
 def _merge(
     merged: dict[bytes, mailbox_pb2.StoredBlob], blobs: Iterable[mailbox_pb2.StoredBlob]
 ) -> None:
@@ -134,6 +200,7 @@ class MailboxClient:
         self.node, self.replicas, self.write_quorum = node, replicas, write_quorum
         self.pow_bits, self.timeout = pow_bits, timeout
         self.replica_sets = ReplicaSetCache(replica_set_ttl_s)
+        self._batchers: dict[str, NodeBatcher] = {}  # by gRPC target
         self._writes: set[asyncio.Task[PutResult]] = set()  # puts still reaching replicas
 
     async def storage_nodes(self, box: bytes, count: int) -> list[Contact]:
@@ -231,18 +298,26 @@ class MailboxClient:
     async def _put_one(self, contact: Contact, request: mailbox_pb2.PutRequest) -> bool | int:
         """True when stored; the required PoW bits when the node wants more; else False."""
         for attempt in range(3):
-            try:
-                await self._stub(contact).Put(request, timeout=self.timeout)
-                return True
-            except grpc.aio.AioRpcError as err:
-                meta = dict(err.trailing_metadata() or ())
-                if "dna-pow-required" in meta:
-                    return int(meta["dna-pow-required"])
-                if "retry-after-ms" in meta and attempt < 2:
-                    await asyncio.sleep(min(2.0, int(meta["retry-after-ms"]) / 1000))
-                    continue
+            outcome = await self._batcher(contact).put(request)
+            if outcome is None:
                 return False
+            if outcome.code == grpc.StatusCode.OK.value[0]:
+                return True
+            if outcome.pow_required:
+                return outcome.pow_required
+            if outcome.retry_after_ms and attempt < 2:
+                await asyncio.sleep(min(2.0, outcome.retry_after_ms / 1000))
+                continue
+            return False
         return False
+
+    def _batcher(self, contact: Contact) -> NodeBatcher:
+        target = contact.endpoint.grpc_target
+        batcher = self._batchers.get(target)
+        if batcher is None:
+            batcher = NodeBatcher(lambda: self._stub(contact), self.timeout)
+            self._batchers[target] = batcher
+        return batcher
 
     # -- fetch and delete ---------------------------------------------------------
 

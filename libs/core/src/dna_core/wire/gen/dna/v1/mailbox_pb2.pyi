@@ -92,6 +92,90 @@ class PutResponse(_message.Message):
 Global___PutResponse: _TypeAlias = PutResponse  # noqa: Y015
 
 @_typing.final
+class PutManyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def puts(self) -> _containers.RepeatedCompositeFieldContainer[Global___PutRequest]:
+        """1..64; all of them within the node's message limit"""
+
+    def __init__(
+        self,
+        *,
+        puts: _abc.Iterable[Global___PutRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["puts", b"puts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutManyRequest: _TypeAlias = PutManyRequest  # noqa: Y015
+
+@_typing.final
+class PutOutcome(_message.Message):
+    """One put's outcome in a PutManyResponse: what a Put would have returned or refused with."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    BLOB_ID_FIELD_NUMBER: _builtins.int
+    EXPIRES_MS_FIELD_NUMBER: _builtins.int
+    POW_REQUIRED_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """a gRPC status code: 0 = stored durably"""
+    reason: _builtins.str
+    """why it was refused (empty when stored)"""
+    blob_id: _builtins.bytes
+    expires_ms: _builtins.int
+    pow_required: _builtins.int
+    """set with a proof-of-work refusal: the bits to solve"""
+    retry_after_ms: _builtins.int
+    """set with a rate-limit refusal"""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        blob_id: _builtins.bytes = ...,
+        expires_ms: _builtins.int = ...,
+        pow_required: _builtins.int = ...,
+        retry_after_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_id", b"blob_id", "code", b"code", "expires_ms", b"expires_ms", "pow_required", b"pow_required", "reason", b"reason", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutOutcome: _TypeAlias = PutOutcome  # noqa: Y015
+
+@_typing.final
+class PutManyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___PutOutcome]:
+        """one per put, in request order"""
+
+    def __init__(
+        self,
+        *,
+        outcomes: _abc.Iterable[Global___PutOutcome] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcomes", b"outcomes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutManyResponse: _TypeAlias = PutManyResponse  # noqa: Y015
+
+@_typing.final
 class OwnerAuth(_message.Message):
     """A request signed by the mailbox owner: `body` holds the exact signed bytes."""
 

@@ -40,6 +40,11 @@ class MailboxStub:
                 request_serializer=dna_dot_v1_dot_mailbox__pb2.PutRequest.SerializeToString,
                 response_deserializer=dna_dot_v1_dot_mailbox__pb2.PutResponse.FromString,
                 _registered_method=True)
+        self.PutMany = channel.unary_unary(
+                '/dna.v1.Mailbox/PutMany',
+                request_serializer=dna_dot_v1_dot_mailbox__pb2.PutManyRequest.SerializeToString,
+                response_deserializer=dna_dot_v1_dot_mailbox__pb2.PutManyResponse.FromString,
+                _registered_method=True)
         self.Fetch = channel.unary_unary(
                 '/dna.v1.Mailbox/Fetch',
                 request_serializer=dna_dot_v1_dot_mailbox__pb2.FetchRequest.SerializeToString,
@@ -77,6 +82,14 @@ class MailboxServicer:
 
     def Put(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutMany(self, request, context):
+        """Several puts in one call (a client coalesces the puts it has in flight to one node);
+        each is judged exactly as a Put and gets its own result.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -126,6 +139,11 @@ def add_MailboxServicer_to_server(servicer, server):
                     servicer.Put,
                     request_deserializer=dna_dot_v1_dot_mailbox__pb2.PutRequest.FromString,
                     response_serializer=dna_dot_v1_dot_mailbox__pb2.PutResponse.SerializeToString,
+            ),
+            'PutMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutMany,
+                    request_deserializer=dna_dot_v1_dot_mailbox__pb2.PutManyRequest.FromString,
+                    response_serializer=dna_dot_v1_dot_mailbox__pb2.PutManyResponse.SerializeToString,
             ),
             'Fetch': grpc.unary_unary_rpc_method_handler(
                     servicer.Fetch,
@@ -185,6 +203,33 @@ class Mailbox:
             '/dna.v1.Mailbox/Put',
             dna_dot_v1_dot_mailbox__pb2.PutRequest.SerializeToString,
             dna_dot_v1_dot_mailbox__pb2.PutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dna.v1.Mailbox/PutMany',
+            dna_dot_v1_dot_mailbox__pb2.PutManyRequest.SerializeToString,
+            dna_dot_v1_dot_mailbox__pb2.PutManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,10 @@ class MailboxStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> MailboxAsyncStub: ...
     Put: _grpc.UnaryUnaryMultiCallable[_mailbox_pb2.PutRequest, _mailbox_pb2.PutResponse]
+    PutMany: _grpc.UnaryUnaryMultiCallable[_mailbox_pb2.PutManyRequest, _mailbox_pb2.PutManyResponse]
+    """Several puts in one call (a client coalesces the puts it has in flight to one node);
+    each is judged exactly as a Put and gets its own result.
+    """
     Fetch: _grpc.UnaryUnaryMultiCallable[_mailbox_pb2.FetchRequest, _mailbox_pb2.FetchResponse]
     Delete: _grpc.UnaryUnaryMultiCallable[_mailbox_pb2.DeleteRequest, _mailbox_pb2.DeleteResponse]
     SyncDigest: _grpc.UnaryUnaryMultiCallable[_mailbox_pb2.SyncDigestRequest, _mailbox_pb2.SyncDigestResponse]
@@ -50,6 +54,10 @@ class MailboxStub:
 class MailboxAsyncStub(MailboxStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Put: _aio.UnaryUnaryMultiCallable[_mailbox_pb2.PutRequest, _mailbox_pb2.PutResponse]  # type: ignore[assignment]
+    PutMany: _aio.UnaryUnaryMultiCallable[_mailbox_pb2.PutManyRequest, _mailbox_pb2.PutManyResponse]  # type: ignore[assignment]
+    """Several puts in one call (a client coalesces the puts it has in flight to one node);
+    each is judged exactly as a Put and gets its own result.
+    """
     Fetch: _aio.UnaryUnaryMultiCallable[_mailbox_pb2.FetchRequest, _mailbox_pb2.FetchResponse]  # type: ignore[assignment]
     Delete: _aio.UnaryUnaryMultiCallable[_mailbox_pb2.DeleteRequest, _mailbox_pb2.DeleteResponse]  # type: ignore[assignment]
     SyncDigest: _aio.UnaryUnaryMultiCallable[_mailbox_pb2.SyncDigestRequest, _mailbox_pb2.SyncDigestResponse]  # type: ignore[assignment]
@@ -66,6 +74,16 @@ class MailboxServicer(metaclass=_abc_1.ABCMeta):
         request: _mailbox_pb2.PutRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_mailbox_pb2.PutResponse, _abc.Awaitable[_mailbox_pb2.PutResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PutMany(
+        self,
+        request: _mailbox_pb2.PutManyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mailbox_pb2.PutManyResponse, _abc.Awaitable[_mailbox_pb2.PutManyResponse]]:
+        """Several puts in one call (a client coalesces the puts it has in flight to one node);
+        each is judged exactly as a Put and gets its own result.
+        """
 
     @_abc_1.abstractmethod
     def Fetch(
