@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from dna_core.crypto import Identity, signature
 from dna_core.errors import (
@@ -12,11 +14,16 @@ from dna_core.errors import (
     VerificationError,
 )
 from dna_core.mailbox import (
+    FetchSession,
     NonceCache,
+    SessionStore,
     blob_id,
+    fetch_body,
     fetch_cursor,
     mailbox_id,
+    open_session,
     put_pow_hash,
+    session_fetch,
     sign_delete,
     sign_fetch,
     verify_delete,
@@ -218,3 +225,64 @@ def test_malformed_named_fetches_are_refused(alice: Identity, bend: str) -> None
         body.version = 1
     with pytest.raises(MalformedError):
         verify_fetch(_resigned(alice, body), now_ms=NOW, nonces=NonceCache(), node_id=NODE_A)
+
+
+NODE = bytes(range(32))
+
+
+def _session_request(session: FetchSession, now: int = NOW) -> mailbox_pb2.FetchRequest:
+    body = fetch_body(session.mailbox_id, limit=5, now_ms=now, node_cursors={NODE: b""})
+    return session_fetch(session, body)
+
+
+def test_a_granted_session_verifies_with_a_mac_and_only_its_owner_can_open_it(
+    alice: Identity, bob: Identity
+) -> None:
+    store = SessionStore()
+    grant = store.grant(alice.public, NOW)
+    session = open_session(alice, grant)
+    owner, _ = verify_fetch(
+        _session_request(session), now_ms=NOW, nonces=NonceCache(), node_id=NODE, sessions=store
+    )
+    assert owner.mailbox_id == mailbox_id(alice.fingerprint) and owner.owner == alice.public
+    wrong = open_session(bob, grant)  # ML-KEM implicit rejection: a different key
+    assert wrong.key != session.key
+    wrong = dataclasses.replace(wrong, mailbox_id=session.mailbox_id)  # Bob claims Alice's
+    with pytest.raises(VerificationError, match="MAC"):
+        verify_fetch(
+            _session_request(wrong), now_ms=NOW, nonces=NonceCache(), node_id=NODE, sessions=store
+        )
+
+
+def test_sessions_expire_and_the_store_stays_bounded(alice: Identity) -> None:
+    store = SessionStore(ttl_ms=1_000, max_size=3)
+    sessions = [open_session(alice, store.grant(alice.public, NOW)) for _ in range(4)]
+    assert len(store) == 3
+    for session, now in [(sessions[0], NOW), (sessions[3], NOW + 1_000)]:  # evicted, expired
+        with pytest.raises(VerificationError, match="unknown or expired"):
+            verify_fetch(
+                _session_request(session, now), now_ms=now, nonces=NonceCache(),
+                node_id=NODE, sessions=store,
+            )  # fmt: skip
+    verify_fetch(
+        _session_request(sessions[2]), now_ms=NOW, nonces=NonceCache(), node_id=NODE,
+        sessions=store,
+    )  # fmt: skip
+
+
+def test_a_session_request_may_neither_carry_a_signature_nor_open_a_session(
+    alice: Identity,
+) -> None:
+    store = SessionStore()
+    session = open_session(alice, store.grant(alice.public, NOW))
+    signed = _fetch(sign_fetch(alice, limit=5, now_ms=NOW, node_cursors={NODE: b""}))
+    both = _session_request(session)
+    both.auth.CopyFrom(signed.auth)
+    opening = fetch_body(
+        session.mailbox_id, limit=5, now_ms=NOW, node_cursors={NODE: b""}, open_session=True
+    )
+    for request in (both, session_fetch(session, opening)):
+        with pytest.raises(MalformedError):
+            verify_fetch(request, now_ms=NOW, nonces=NonceCache(), node_id=NODE, sessions=store)
+    with pytest.raises(VerificationError, match="grants no sessions"):
+        verify_fetch(_session_request(session), now_ms=NOW, nonces=NonceCache(), node_id=NODE)

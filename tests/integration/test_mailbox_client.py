@@ -26,7 +26,7 @@ from cluster import (
 )
 from dna_core.crypto import seal
 from dna_core.mailbox import client as client_module
-from dna_core.mailbox import mailbox_id, sign_fetch
+from dna_core.mailbox import fetch_body, mailbox_id, session_fetch, sign_fetch
 from dna_core.mailbox.client import MailboxClient
 from dna_core.overlay.contact import Contact
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
@@ -167,7 +167,7 @@ def test_a_node_serves_a_fetch_signed_for_other_nodes_only_if_it_is_named(
     with_client(work)
 
 
-def test_pages_beyond_the_first_cost_one_signature_per_round(
+def test_only_the_first_round_is_signed_then_sessions_carry_the_rest(
     network: list[NodeProcess], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bob = seeded_identity("client-bob-pages")
@@ -179,9 +179,76 @@ def test_pages_beyond_the_first_cost_one_signature_per_round(
         for i in range(5):
             env = seal(ALICE, bob.public, b"page %d" % i, now_ms=now_ms())
             sent.add((await mail.put(bob.fingerprint, env)).blob_id)
-        blobs, _ = await mail.fetch(bob, limit=2)
+        blobs, state = await mail.fetch(bob, limit=2)
         assert {b.blob_id for b in blobs} == sent
-        assert signs.calls == 3  # pages of 2, 2 and 1 blobs, each round for all 5 replicas
+        assert signs.calls == 1  # pages of 2, 2 and 1 blobs: rounds 2 and 3 in sessions
+        env = seal(ALICE, bob.public, b"later", now_ms=now_ms())
+        late = (await mail.put(bob.fingerprint, env)).blob_id
+        assert [b.blob_id for b in (await mail.fetch(bob, state))[0]] == [late]
+        assert signs.calls == 1  # polling costs no signature
+
+    with_client(work)
+
+
+def test_a_node_that_forgot_its_sessions_is_asked_again_signed(
+    network: list[NodeProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bob = seeded_identity("client-bob-restart")
+    by_ip = {n.ip: n for n in network}
+    signs = Counted(sign_fetch)
+    monkeypatch.setattr(client_module, "sign_fetch", signs)
+
+    async def work(mail: MailboxClient) -> None:
+        env = seal(ALICE, bob.public, b"before", now_ms=now_ms())
+        first = (await mail.put(bob.fingerprint, env)).blob_id
+        await mail.fetch(bob)  # opens a session with every replica
+        replica = (await mail.candidates(mailbox_id(bob.fingerprint)))[0]
+        restarted = by_ip[replica.endpoint.ip]
+        restarted.kill()
+        restarted.start()
+        wait_ready([restarted])
+        before = fetches_served(network)
+        blobs, _ = await mail.fetch(bob)  # from scratch: every replica holds `first`
+        after = fetches_served(network)
+        assert [b.blob_id for b in blobs] == [first]
+        assert signs.calls == 2  # the restarted node alone, signed again
+        assert after[restarted.name] == before[restarted.name] + 1  # it was not replaced
+
+    with_client(work)
+
+
+def test_a_session_serves_only_its_mailbox_its_node_and_an_intact_body(
+    network: list[NodeProcess],
+) -> None:
+    bob, eve = seeded_identity("client-bob-session"), seeded_identity("client-eve-session")
+
+    async def work(mail: MailboxClient) -> None:
+        await mail.fetch(bob)
+        await mail.fetch(eve)
+        box = mailbox_id(bob.fingerprint)
+        node, other = (await mail.candidates(box))[:2]
+        session = mail._sessions[(box, node.node_id)]
+
+        def request(to: Contact, **changes: Any) -> mailbox_pb2.FetchRequest:
+            body = fetch_body(box, limit=10, now_ms=now_ms(), node_cursors={to.node_id: b""})
+            req = session_fetch(session, body)
+            for field, value in changes.items():
+                setattr(req, field, value)
+            return req
+
+        good = request(node)
+        assert isinstance(await _fetch_at(node, good), mailbox_pb2.FetchResponse)
+        assert await _fetch_at(node, good) == grpc.StatusCode.ALREADY_EXISTS  # replay
+        assert await _fetch_at(other, request(other)) == grpc.StatusCode.PERMISSION_DENIED
+        tampered = request(node)
+        tampered.mac = bytes(32)
+        assert await _fetch_at(node, tampered) == grpc.StatusCode.PERMISSION_DENIED
+        eve_box = mailbox_id(eve.fingerprint)
+        eve_body = fetch_body(eve_box, limit=10, now_ms=now_ms(), node_cursors={node.node_id: b""})
+        stolen = session_fetch(session, eve_body)  # Bob's session, Eve's mailbox
+        assert await _fetch_at(node, stolen) == grpc.StatusCode.PERMISSION_DENIED
+        unknown = request(node, session_id=bytes(16))
+        assert await _fetch_at(node, unknown) == grpc.StatusCode.PERMISSION_DENIED
 
     with_client(work)
 

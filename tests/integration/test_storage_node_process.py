@@ -146,7 +146,9 @@ def test_put_many_judges_each_put_alone_and_stores_only_the_admitted(
     assert all(o.reason for o, c in zip(response.outcomes, codes, strict=True) if c.value[0])
     assert response.outcomes[1].pow_required == POW_BITS
     assert [o.blob_id for o in response.outcomes if not o.code] == [
-        blob_id(good[0]), blob_id(good[1]), blob_id(good[0])
+        blob_id(good[0]),
+        blob_id(good[1]),
+        blob_id(good[0]),
     ]
     stored = [b.blob for b in fetch(CAROL).blobs]
     assert sorted(stored) == sorted(good[:2])  # the refused ones changed nothing

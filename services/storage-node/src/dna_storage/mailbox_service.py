@@ -24,6 +24,7 @@ from dna_core.crypto.pow import Proof
 from dna_core.errors import ConflictError, MalformedError, ProtocolError, VerificationError
 from dna_core.mailbox import (
     NonceCache,
+    SessionStore,
     blob_id,
     fetch_cursor,
     mailbox_id,
@@ -119,6 +120,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         *,
         retention: Retention | None = None,
         nonces: NonceCache | None = None,
+        sessions: SessionStore | None = None,
         wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         monotonic: Callable[[], float] = time.monotonic,
         on_outcome: Callable[[str, str], None] = lambda method, outcome: None,
@@ -128,6 +130,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         self.backend, self.admission = backend, admission
         self.retention = retention or Retention()
         self.nonces = nonces or NonceCache()
+        self.sessions = sessions if sessions is not None else SessionStore()
         self.wall_ms, self.monotonic, self.on_outcome = wall_ms, monotonic, on_outcome
         self.sync_puzzle_bits = sync_puzzle_bits  # None: refuse replica sync
         self.node_id = node_id  # None: refuse fetches addressed to named nodes
@@ -233,19 +236,23 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         now_ms = self.wall_ms()
         try:
             owner, body = verify_fetch(
-                request, now_ms=now_ms, nonces=self.nonces, node_id=self.node_id
-            )
+                request, now_ms=now_ms, nonces=self.nonces, node_id=self.node_id,
+                sessions=self.sessions,
+            )  # fmt: skip
             cursor = decode_cursor(fetch_cursor(body, self.node_id))
         except ProtocolError as exc:
             await self._refuse(context, "fetch", exc)
         page = await self.backend.fetch(owner.mailbox_id, cursor, body.limit, now_ms)
         blobs, next_cursor, more = _cut_by_bytes(page, PAGE_BYTES)
         self.on_outcome("fetch", "ok")
-        return mailbox_pb2.FetchResponse(
+        response = mailbox_pb2.FetchResponse(
             blobs=[blob_proto(b) for b in blobs],
             next_cursor=encode_cursor(next_cursor),
             more=more,
         )
+        if body.open_session:  # only a signed request may ask (verify_fetch)
+            response.session.CopyFrom(self.sessions.grant(owner.owner, now_ms))
+        return response
 
     async def Delete(  # noqa: N802
         self, request: mailbox_pb2.DeleteRequest, context: Ctx

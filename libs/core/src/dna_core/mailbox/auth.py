@@ -13,6 +13,17 @@ A storage node accepts it only if:
 So a captured request can be replayed neither later (timestamp) nor within the
 window (nonce); storage nodes still never hold a key that decrypts anything.
 
+Fetch sessions make polling cheap: a signed fetch may ask for one
+(``open_session``), and the node answers with a session ID and a hybrid KEM
+ciphertext to the owner's keys; the session key is that KEM secret expanded
+with HKDF over the session ID, so only the owner and that node hold it. Later
+fetches to that node carry the session ID and an HMAC-SHA256 of the body under
+the key instead of a signature (~2 µs instead of ~0.8 ms to sign and ~0.27 ms
+to verify); the body, its timestamp window and nonce are checked as before. A
+session serves one mailbox at one node for ``SESSION_TTL_MS``; the node keeps
+at most ``max_size`` sessions (least recently used go first) and forgets them
+all on restart, and the client then signs again. Deletes are always signed.
+
 A fetch is either for any node (version 1: one ``cursor``) or for named nodes
 (version 2: ``node_cursors``, node ID -> cursor): the client signs once for all
 the replicas it asks, each node reads from its own cursor and refuses a request
@@ -24,12 +35,17 @@ first: the client then asks another node, see ``MailboxClient.fetch``).
 
 from __future__ import annotations
 
+import hmac
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from dna_core.crypto import Identity, PublicKeySet, signature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from dna_core.crypto import Identity, PublicKeySet, kem, signature
+from dna_core.crypto import primitives as p
 from dna_core.errors import ExpiredError, MalformedError, ReplayError, VerificationError
 from dna_core.mailbox.ids import mailbox_id
 from dna_core.wire import decode_message, encode_message
@@ -44,7 +60,11 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_DELETE_IDS = 1000
 MAX_FETCH_LIMIT = 1000
 WINDOW_MS = 5 * 60_000
+SESSION_ID_SIZE = 16
+SESSION_TTL_MS = 30 * 60_000
+MAX_SESSIONS = 100_000  # per node: ~200 bytes each
 _FETCH, _DELETE = b"mailbox-fetch", b"mailbox-delete"
+_SESSION_KEY, _SESSION_MAC = p.label("mailbox-fetch-session-key"), p.label("mailbox-fetch-session")
 _VERSIONS = {_FETCH: (BODY_VERSION, FETCH_NAMED_NODES_VERSION), _DELETE: (BODY_VERSION,)}
 
 
@@ -91,10 +111,98 @@ class NonceCache:
             del self._seen[key]
 
 
+@dataclass(frozen=True, slots=True)
+class FetchSession:
+    """One side's view of a fetch session: the node's (with the owner it serves) or the
+    client's (``owner`` None)."""
+
+    session_id: bytes
+    key: bytes
+    mailbox_id: bytes
+    expires_ms: int
+    owner: PublicKeySet | None = None
+
+    def mac(self, body: bytes) -> bytes:
+        return hmac.digest(self.key, _SESSION_MAC + body, "sha256")
+
+
+def _session_key(secret: bytes, session_id: bytes) -> bytes:
+    hkdf = HKDF(hashes.SHA256(), 32, salt=_SESSION_KEY, info=session_id)
+    return hkdf.derive(secret)
+
+
+class SessionStore:
+    """A node's fetch sessions by ID: bounded, least recently used go first, expired
+    ones are refused (and dropped) when asked for."""
+
+    def __init__(self, *, ttl_ms: int = SESSION_TTL_MS, max_size: int = MAX_SESSIONS) -> None:
+        self.ttl_ms, self.max_size = ttl_ms, max_size
+        self._sessions: OrderedDict[bytes, FetchSession] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def grant(self, owner: PublicKeySet, now_ms: int) -> mailbox_pb2.FetchSession:
+        """A new session for ``owner``'s mailbox (its signed request was verified)."""
+        session_id = os.urandom(SESSION_ID_SIZE)
+        secret, ciphertext, ephemeral = kem.encapsulate(owner)
+        expires_ms = now_ms + self.ttl_ms
+        self._sessions[session_id] = FetchSession(
+            session_id, _session_key(secret, session_id), mailbox_id(owner.fingerprint),
+            expires_ms, owner,
+        )  # fmt: skip
+        while len(self._sessions) > self.max_size:
+            self._sessions.popitem(last=False)
+        return mailbox_pb2.FetchSession(
+            session_id=session_id, kem_ciphertext=ciphertext, kem_ephemeral=ephemeral,
+            expires_ms=expires_ms,
+        )  # fmt: skip
+
+    def get(self, session_id: bytes, now_ms: int) -> FetchSession:
+        session = self._sessions.get(session_id)
+        if session is None or session.expires_ms <= now_ms:
+            self._sessions.pop(session_id, None)
+            raise VerificationError("fetch: unknown or expired session (sign again)")
+        self._sessions.move_to_end(session_id)
+        return session
+
+
+def open_session(owner: Identity, grant: mailbox_pb2.FetchSession) -> FetchSession:
+    """The client's side of a node's grant (a wrong ciphertext gives a wrong key, which
+    the node then refuses: the client signs again)."""
+    if len(grant.session_id) != SESSION_ID_SIZE:
+        raise MalformedError("fetch session: the ID has the wrong size")
+    secret = kem.decapsulate(owner, grant.kem_ciphertext, grant.kem_ephemeral)
+    return FetchSession(
+        grant.session_id, _session_key(secret, grant.session_id),
+        mailbox_id(owner.fingerprint), grant.expires_ms,
+    )  # fmt: skip
+
+
 def _auth(owner: Identity, domain: bytes, body: bytes) -> mailbox_pb2.OwnerAuth:
     return mailbox_pb2.OwnerAuth(
         owner=owner.public.to_proto(), signature=signature.sign(owner, domain, body)
     )
+
+
+def fetch_body(
+    box: bytes,
+    *,
+    cursor: bytes = b"",
+    limit: int,
+    now_ms: int,
+    node_cursors: Mapping[bytes, bytes] | None = None,
+    open_session: bool = False,
+) -> bytes:
+    """The serialized FetchBody of a request for mailbox ``box`` (see `sign_fetch`)."""
+    named = [mailbox_pb2.NodeCursor(node_id=n, cursor=c) for n, c in (node_cursors or {}).items()]
+    return encode_message(
+        mailbox_pb2.FetchBody(
+            version=FETCH_NAMED_NODES_VERSION if named else BODY_VERSION,
+            mailbox_id=box, cursor=cursor, limit=limit, timestamp_ms=now_ms,
+            nonce=os.urandom(NONCE_SIZE), node_cursors=named, open_session=open_session,
+        )
+    )  # fmt: skip
 
 
 def sign_fetch(
@@ -104,19 +212,21 @@ def sign_fetch(
     limit: int,
     now_ms: int,
     node_cursors: Mapping[bytes, bytes] | None = None,
+    open_session: bool = False,
 ) -> bytes:
     """A FetchRequest for the owner's mailbox: from ``cursor`` on whichever node receives
     it, or, with ``node_cursors`` (node ID -> cursor), one request for exactly those nodes,
     each reading from its own cursor (one signature instead of one per replica)."""
-    named = [mailbox_pb2.NodeCursor(node_id=n, cursor=c) for n, c in (node_cursors or {}).items()]
-    body = encode_message(
-        mailbox_pb2.FetchBody(
-            version=FETCH_NAMED_NODES_VERSION if named else BODY_VERSION,
-            mailbox_id=mailbox_id(owner.fingerprint), cursor=cursor, limit=limit,
-            timestamp_ms=now_ms, nonce=os.urandom(NONCE_SIZE), node_cursors=named,
-        )
+    body = fetch_body(
+        mailbox_id(owner.fingerprint), cursor=cursor, limit=limit, now_ms=now_ms,
+        node_cursors=node_cursors, open_session=open_session,
     )  # fmt: skip
     return encode_message(mailbox_pb2.FetchRequest(body=body, auth=_auth(owner, _FETCH, body)))
+
+
+def session_fetch(session: FetchSession, body: bytes) -> mailbox_pb2.FetchRequest:
+    """A FetchRequest authenticated within ``session`` (for the node that granted it)."""
+    return mailbox_pb2.FetchRequest(body=body, session_id=session.session_id, mac=session.mac(body))
 
 
 def sign_delete(owner: Identity, blob_ids: list[bytes], *, now_ms: int) -> bytes:
@@ -136,10 +246,12 @@ def verify_fetch(
     now_ms: int,
     nonces: NonceCache,
     node_id: bytes | None = None,
+    sessions: SessionStore | None = None,
 ) -> tuple[OwnerRequest, mailbox_pb2.FetchBody]:
     """Verify a fetch received by the node ``node_id`` (``fetch_cursor`` then gives the
     cursor to read from); a request naming other nodes only is refused before any
-    signature work and without spending its nonce here."""
+    signature work and without spending its nonce here. A request carrying a session ID
+    is checked against ``sessions`` (None: this node grants none) instead of a signature."""
     body = decode_message(
         mailbox_pb2.FetchBody, request.body, max_size=MAX_BODY_BYTES, what="fetch body"
     )
@@ -148,8 +260,33 @@ def verify_fetch(
             f"fetch: limit must be 1..{MAX_FETCH_LIMIT}, cursor <= {MAX_CURSOR_BYTES} bytes"
         )
     fetch_cursor(body, node_id)
+    if request.session_id or request.mac:
+        return _verify_session(request, body, now_ms, nonces, sessions), body
     owner = _verify(request.body, request.auth, _FETCH, body, now_ms, nonces)
     return owner, body
+
+
+def _verify_session(
+    request: mailbox_pb2.FetchRequest,
+    body: mailbox_pb2.FetchBody,
+    now_ms: int,
+    nonces: NonceCache,
+    sessions: SessionStore | None,
+) -> OwnerRequest:
+    if request.HasField("auth") or body.open_session:
+        raise MalformedError("fetch: a session request carries no signature, opens nothing")
+    if sessions is None:
+        raise VerificationError("fetch: this node grants no sessions")
+    if body.version not in _VERSIONS[_FETCH] or len(body.nonce) != NONCE_SIZE:
+        raise MalformedError("fetch: unknown version, or a nonce of the wrong size")
+    session = sessions.get(request.session_id, now_ms)
+    if session.mailbox_id != body.mailbox_id:
+        raise VerificationError("fetch: the session is for another mailbox")
+    if not hmac.compare_digest(session.mac(request.body), request.mac):
+        raise VerificationError("fetch: session MAC does not verify")
+    nonces.check(body.mailbox_id + body.nonce, body.timestamp_ms, now_ms)
+    assert session.owner is not None  # a node's sessions always know their owner
+    return OwnerRequest(body.mailbox_id, session.owner, body.timestamp_ms, body.nonce)
 
 
 def fetch_cursor(body: mailbox_pb2.FetchBody, node_id: bytes | None) -> bytes:

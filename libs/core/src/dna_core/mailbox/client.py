@@ -23,6 +23,7 @@ where a client's CPU went (~0.26 ms of gRPC per call, 5 calls per put).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -32,8 +33,15 @@ import grpc
 
 from dna_core.crypto import Identity
 from dna_core.crypto import pow as pow_
-from dna_core.errors import DnaError
-from dna_core.mailbox.auth import sign_delete, sign_fetch
+from dna_core.errors import DnaError, ProtocolError
+from dna_core.mailbox.auth import (
+    FetchSession,
+    fetch_body,
+    open_session,
+    session_fetch,
+    sign_delete,
+    sign_fetch,
+)
 from dna_core.mailbox.ids import blob_id, mailbox_id, put_pow_hash
 from dna_core.overlay.aio.node import OverlayNode
 from dna_core.overlay.contact import Contact
@@ -45,6 +53,7 @@ HANDOFF_CANDIDATES = 4  # further storage nodes that may take writes for absent 
 MAX_POW_BITS = 28  # a client does not solve harder than this: ~0.3 G hashes
 REPLICA_SET_TTL_S = 30.0  # how long a lookup's answer is reused (membership changes slowly)
 REPLICA_SET_CACHE_SIZE = 1024  # mailboxes remembered; least recently used go first
+SESSION_MARGIN_MS = 60_000  # a session this close to expiry is not used: sign instead
 MAX_PUT_BATCH = 64  # puts per PutMany call (the node's limit)
 MAX_PUT_BATCH_BYTES = 2 * 1024 * 1024  # half the node's 4 MiB message limit
 
@@ -201,6 +210,7 @@ class MailboxClient:
         self.pow_bits, self.timeout = pow_bits, timeout
         self.replica_sets = ReplicaSetCache(replica_set_ttl_s)
         self._batchers: dict[str, NodeBatcher] = {}  # by gRPC target
+        self._sessions: dict[tuple[bytes, bytes], FetchSession] = {}  # (mailbox, node ID)
         self._writes: set[asyncio.Task[PutResult]] = set()  # puts still reaching replicas
 
     async def storage_nodes(self, box: bytes, count: int) -> list[Contact]:
@@ -328,7 +338,10 @@ class MailboxClient:
 
         The replicas are asked first; a hand-off candidate only in place of one that did
         not answer (down, or refusing: also a nonce another node spent first). Each round
-        (the first, then nodes with more pages) is one signed request naming its nodes.
+        (the first, then nodes with more pages) costs at most one signature: nodes that
+        granted this client a fetch session get a MAC instead, the others one signed
+        request naming them all, which asks each of them for a session. A node refusing
+        its session (restarted, or the session expired there) is asked again, signed.
         """
         state = state or FetchState()
         box = mailbox_id(owner.fingerprint)
@@ -336,22 +349,65 @@ class MailboxClient:
         asking, spare = candidates[: self.replicas], candidates[self.replicas :]
         merged: dict[bytes, mailbox_pb2.StoredBlob] = {}
         while asking:
-            request = self._fetch_request(owner, asking, state, limit)
-            pages = await asyncio.gather(*(self._fetch_page(c, request) for c in asking))
+            requests = self._fetch_requests(owner, box, asking, state, limit)
+            pages = await asyncio.gather(
+                *(self._fetch_page(c, requests[c.node_id]) for c in asking)
+            )
+            retry = self._keep_sessions(owner, box, asking, requests, pages)
             more = _absorb(merged, state, asking, pages)
-            failed = pages.count(None)
+            failed = pages.count(None) - len(retry)
             if failed:
                 self.replica_sets.forget(box)
-            asking, spare = more + spare[:failed], spare[failed:]
+            asking, spare = more + retry + spare[:failed], spare[failed:]
         return sorted(merged.values(), key=lambda b: (b.stored_ms, b.blob_id)), state
 
-    def _fetch_request(
-        self, owner: Identity, nodes: Sequence[Contact], state: FetchState, limit: int
-    ) -> mailbox_pb2.FetchRequest:
-        """One signature for every node asked in a round, each with its own cursor."""
+    def _fetch_requests(
+        self, owner: Identity, box: bytes, nodes: Sequence[Contact], state: FetchState, limit: int
+    ) -> dict[bytes, mailbox_pb2.FetchRequest]:
+        """Per node ID: a request within its session, or the round's one signed request."""
+        now = _wall_ms()
         cursors = {c.node_id: state.cursors.get(c.node_id, b"") for c in nodes}
-        signed = sign_fetch(owner, limit=limit, now_ms=_wall_ms(), node_cursors=cursors)
-        return mailbox_pb2.FetchRequest.FromString(signed)
+        sessions = {n: s for n in cursors if (s := self._session(box, n, now)) is not None}
+        requests: dict[bytes, mailbox_pb2.FetchRequest] = {}
+        if sessions:
+            named = {n: cursors[n] for n in sessions}
+            body = fetch_body(box, limit=limit, now_ms=now, node_cursors=named)
+            requests = {n: session_fetch(s, body) for n, s in sessions.items()}
+        unsigned = {n: c for n, c in cursors.items() if n not in sessions}
+        if unsigned:
+            signed = sign_fetch(
+                owner, limit=limit, now_ms=now, node_cursors=unsigned, open_session=True
+            )
+            requests |= dict.fromkeys(unsigned, mailbox_pb2.FetchRequest.FromString(signed))
+        return requests
+
+    def _session(self, box: bytes, node_id: bytes, now_ms: int) -> FetchSession | None:
+        session = self._sessions.get((box, node_id))
+        if session is not None and session.expires_ms - SESSION_MARGIN_MS <= now_ms:
+            del self._sessions[(box, node_id)]
+            return None
+        return session
+
+    def _keep_sessions(
+        self,
+        owner: Identity,
+        box: bytes,
+        asked: Sequence[Contact],
+        requests: dict[bytes, mailbox_pb2.FetchRequest],
+        pages: Sequence[mailbox_pb2.FetchResponse | None],
+    ) -> list[Contact]:
+        """Keep the sessions granted; drop the ones refused and return their nodes (to be
+        asked again, signed)."""
+        refused = []
+        for contact, page in zip(asked, pages, strict=True):
+            key = (box, contact.node_id)
+            if page is None and requests[contact.node_id].session_id:
+                self._sessions.pop(key, None)
+                refused.append(contact)
+            elif page is not None and page.HasField("session"):
+                with contextlib.suppress(ProtocolError):  # a bad grant: sign next time
+                    self._sessions[key] = open_session(owner, page.session)
+        return refused
 
     async def _fetch_page(
         self, contact: Contact, request: mailbox_pb2.FetchRequest

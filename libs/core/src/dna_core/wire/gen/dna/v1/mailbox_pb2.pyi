@@ -221,6 +221,7 @@ class FetchBody(_message.Message):
     TIMESTAMP_MS_FIELD_NUMBER: _builtins.int
     NONCE_FIELD_NUMBER: _builtins.int
     NODE_CURSORS_FIELD_NUMBER: _builtins.int
+    OPEN_SESSION_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     mailbox_id: _builtins.bytes
     cursor: _builtins.bytes
@@ -229,6 +230,8 @@ class FetchBody(_message.Message):
     timestamp_ms: _builtins.int
     nonce: _builtins.bytes
     """16 bytes; the node keeps a replay cache within the time window"""
+    open_session: _builtins.bool
+    """signed requests only: ask for a FetchSession in the response"""
     @_builtins.property
     def node_cursors(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeCursor]:
         """version 2 only: 1..16 distinct nodes"""
@@ -243,10 +246,11 @@ class FetchBody(_message.Message):
         timestamp_ms: _builtins.int = ...,
         nonce: _builtins.bytes = ...,
         node_cursors: _abc.Iterable[Global___NodeCursor] | None = ...,
+        open_session: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "limit", b"limit", "mailbox_id", b"mailbox_id", "node_cursors", b"node_cursors", "nonce", b"nonce", "timestamp_ms", b"timestamp_ms", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "limit", b"limit", "mailbox_id", b"mailbox_id", "node_cursors", b"node_cursors", "nonce", b"nonce", "open_session", b"open_session", "timestamp_ms", b"timestamp_ms", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -278,12 +282,22 @@ Global___NodeCursor: _TypeAlias = NodeCursor  # noqa: Y015
 
 @_typing.final
 class FetchRequest(_message.Message):
+    """Authenticated either by the owner's signature (`auth`) or, cheaply, within a fetch
+    session a node granted after a signed request: `session_id` and
+    `mac` = HMAC-SHA256(session key, label("mailbox-fetch-session") || body).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BODY_FIELD_NUMBER: _builtins.int
     AUTH_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    MAC_FIELD_NUMBER: _builtins.int
     body: _builtins.bytes
     """serialized FetchBody"""
+    session_id: _builtins.bytes
+    """16 bytes; set together with `mac`, and then `auth` is unset"""
+    mac: _builtins.bytes
     @_builtins.property
     def auth(self) -> Global___OwnerAuth: ...
     def __init__(
@@ -291,14 +305,51 @@ class FetchRequest(_message.Message):
         *,
         body: _builtins.bytes = ...,
         auth: Global___OwnerAuth | None = ...,
+        session_id: _builtins.bytes = ...,
+        mac: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "body", b"body"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "body", b"body", "mac", b"mac", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FetchRequest: _TypeAlias = FetchRequest  # noqa: Y015
+
+@_typing.final
+class FetchSession(_message.Message):
+    """A node's grant of a fetch session to the owner of a mailbox: the session key is the
+    hybrid KEM secret (ML-KEM-768 + X25519, encapsulated to the owner's keys) expanded
+    with HKDF over the session ID, so only the owner and this node hold it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    KEM_CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    KEM_EPHEMERAL_FIELD_NUMBER: _builtins.int
+    EXPIRES_MS_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.bytes
+    kem_ciphertext: _builtins.bytes
+    """ML-KEM-768"""
+    kem_ephemeral: _builtins.bytes
+    """X25519 ephemeral public key"""
+    expires_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.bytes = ...,
+        kem_ciphertext: _builtins.bytes = ...,
+        kem_ephemeral: _builtins.bytes = ...,
+        expires_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_ms", b"expires_ms", "kem_ciphertext", b"kem_ciphertext", "kem_ephemeral", b"kem_ephemeral", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchSession: _TypeAlias = FetchSession  # noqa: Y015
 
 @_typing.final
 class StoredBlob(_message.Message):
@@ -335,20 +386,26 @@ class FetchResponse(_message.Message):
     BLOBS_FIELD_NUMBER: _builtins.int
     NEXT_CURSOR_FIELD_NUMBER: _builtins.int
     MORE_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
     next_cursor: _builtins.bytes
     more: _builtins.bool
     @_builtins.property
     def blobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredBlob]: ...
+    @_builtins.property
+    def session(self) -> Global___FetchSession:
+        """when the signed request asked for one"""
+
     def __init__(
         self,
         *,
         blobs: _abc.Iterable[Global___StoredBlob] | None = ...,
         next_cursor: _builtins.bytes = ...,
         more: _builtins.bool = ...,
+        session: Global___FetchSession | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blobs", b"blobs", "more", b"more", "next_cursor", b"next_cursor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blobs", b"blobs", "more", b"more", "next_cursor", b"next_cursor", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
