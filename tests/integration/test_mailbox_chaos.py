@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import sqlite3
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -107,7 +108,10 @@ def test_no_acknowledged_write_is_lost_under_sigkill_loop(network: list[NodeProc
     assert verdict["lost"] == 0, verdict
 
     for store in stores:
-        store.terminate()
+        try:
+            store.terminate()
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{store.name} ignored SIGTERM for 15 s:\n{store.tail(40)}")
         db = store.root / f"{store.name}-data" / "mailboxes.sqlite3"
         with sqlite3.connect(db) as conn:
             assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",), store.name

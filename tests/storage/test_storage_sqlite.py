@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import IO
 
 import pytest
+from dna_storage.backends import sqlite as sqlite_backend
 from dna_storage.backends.base import PutOutcome, StoredBlob, Tombstone, Usage
 from dna_storage.backends.sqlite import SqliteBackend
 
@@ -201,3 +203,55 @@ def test_sigkill_loses_no_acknowledged_blob(tmp_path: Path) -> None:
         acked |= _kill_writer_mid_run(db, after_lines=300 + 97 * round_)
         asyncio.run(_all_present(db, acked))
     assert len(acked) >= 900
+
+
+V1_MAILBOXES = """CREATE TABLE mailboxes (
+    mailbox_id BLOB PRIMARY KEY,
+    last_seq INTEGER NOT NULL
+) WITHOUT ROWID;"""
+
+
+def _version_1_file(path: Path, m: bytes) -> None:
+    """A data file as a schema version 1 node left it: no per-mailbox counters."""
+    schema = sqlite_backend.SCHEMA.split("CREATE TABLE IF NOT EXISTS blobs")[1]
+    with sqlite3.connect(path) as conn:
+        conn.executescript(V1_MAILBOXES + "CREATE TABLE IF NOT EXISTS blobs" + schema)
+        conn.execute("INSERT INTO mailboxes VALUES (?, 3)", (m,))
+        for n, expires in [(1, T0 + DAY), (2, T0 + DAY), (3, T0 + 10)]:
+            b = blob(n, m)
+            conn.execute(
+                "INSERT INTO blobs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (m, b.blob_id, n, T0, expires, len(b.blob), b.blob),
+            )
+        conn.execute("PRAGMA user_version = 1")
+
+
+def test_a_version_1_file_gains_counters_and_usage_stays_exact(tmp_path: Path) -> None:
+    path, m = tmp_path / "old.db", b"\x07" * 32
+    _version_1_file(path, m)
+
+    async def go() -> None:
+        b = await SqliteBackend.open(path)
+        try:
+            assert await b.usage(m, T0) == Usage(3, 3 * 64)
+            assert await b.usage(m, T0 + 10) == Usage(2, 2 * 64)  # one expired, not collected
+            await b.put_many([blob(4, m)], T0)
+            await b.delete([Tombstone(m, blob(1, m).blob_id, T0, T0 + 2 * DAY, b"auth")], T0)
+            assert await b.expire(T0 + 11, 100) == 1
+            assert await b.usage(m, T0 + 11) == Usage(2, 2 * 64)  # blobs 2 and 4
+            assert await b.usage(b"\x08" * 32, T0) == Usage(0, 0)
+            assert await b.integrity_ok()
+        finally:
+            await b.close()
+
+    asyncio.run(go())
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (sqlite_backend.SCHEMA_VERSION,)
+
+
+def test_a_file_from_a_newer_node_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "new.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {sqlite_backend.SCHEMA_VERSION + 1}")
+    with pytest.raises(sqlite3.OperationalError, match="newer"):
+        asyncio.run(SqliteBackend.open(path))

@@ -35,14 +35,16 @@ from dna_storage.backends.base import (
 )
 from dna_storage.backends.common import check_limit, in_range, mailbox_digest, unique
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: per-mailbox blob and byte counters (usage in O(expired), not O(held))
 MAX_JOBS_PER_COMMIT = 256  # bounds one transaction's size and the latency it adds
 _IN_CHUNK = 500  # IDs per `IN (...)` query, well under SQLite's variable limit
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS mailboxes (
     mailbox_id BLOB PRIMARY KEY,
-    last_seq INTEGER NOT NULL          -- never decreases: cursors stay valid after GC
+    last_seq INTEGER NOT NULL,         -- never decreases: cursors stay valid after GC
+    blobs INTEGER NOT NULL DEFAULT 0,  -- held, expired-but-not-collected included:
+    bytes INTEGER NOT NULL DEFAULT 0   -- kept by the triggers below
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS blobs (     -- payload last: scans of the other columns skip it
     mailbox_id BLOB NOT NULL,
@@ -79,6 +81,29 @@ CREATE TRIGGER IF NOT EXISTS blobs_removed AFTER DELETE ON blobs BEGIN
     UPDATE totals SET blobs = blobs - 1, bytes = bytes - OLD.size WHERE id = 0;
 END;
 """
+
+# Counters per mailbox; created after MIGRATIONS so that a version 1 file gets its columns
+# first. A blob is only ever inserted after its mailbox's row (`_put_one`).
+MAILBOX_COUNTERS = """
+CREATE TRIGGER IF NOT EXISTS mailbox_blob_added AFTER INSERT ON blobs BEGIN
+    UPDATE mailboxes SET blobs = blobs + 1, bytes = bytes + NEW.size
+    WHERE mailbox_id = NEW.mailbox_id;
+END;
+CREATE TRIGGER IF NOT EXISTS mailbox_blob_removed AFTER DELETE ON blobs BEGIN
+    UPDATE mailboxes SET blobs = blobs - 1, bytes = bytes - OLD.size
+    WHERE mailbox_id = OLD.mailbox_id;
+END;
+"""
+
+MIGRATIONS = {  # from user_version N to N + 1, in one transaction with the version bump
+    1: """
+ALTER TABLE mailboxes ADD COLUMN blobs INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE mailboxes ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
+UPDATE mailboxes SET
+    blobs = (SELECT count(*) FROM blobs b WHERE b.mailbox_id = mailboxes.mailbox_id),
+    bytes = (SELECT coalesce(sum(size), 0) FROM blobs b WHERE b.mailbox_id = mailboxes.mailbox_id);
+""",
+}
 
 _BLOB_COLUMNS = "mailbox_id, blob_id, blob, stored_ms, expires_ms, seq"
 
@@ -117,11 +142,47 @@ def _connect(path: Path, *, writer: bool) -> sqlite3.Connection:
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"cannot enable WAL on {path}: journal_mode={mode}")
         conn.execute("PRAGMA synchronous = FULL")  # acknowledged == on disk
-        conn.executescript(SCHEMA)
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        _migrate(conn)
     else:
         conn.execute("PRAGMA query_only = ON")
     return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Create the schema, or bring an older file's up to ``SCHEMA_VERSION``."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise sqlite3.OperationalError(
+            f"data file has schema version {version}, newer than this node's {SCHEMA_VERSION}"
+        )
+    fresh = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if not fresh:
+            for step in range(max(version, 1), SCHEMA_VERSION):
+                for statement in MIGRATIONS[step].split(";\n"):
+                    if statement.strip():
+                        conn.execute(statement)
+        for script in (SCHEMA, MAILBOX_COUNTERS):
+            for statement in _statements(script):
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+
+
+def _statements(script: str) -> list[str]:
+    """Split a schema script into statements (``executescript`` would commit our
+    transaction; trigger bodies hold semicolons, so split on complete statements)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    return [s for s in statements if s]
 
 
 @dataclass
@@ -370,13 +431,9 @@ class SqliteBackend:
         return result
 
     async def usage(self, mailbox_id: bytes, now_ms: int) -> Usage:
-        row = await self._reader.submit(
-            lambda c: c.execute(
-                "SELECT count(*), coalesce(sum(size), 0) FROM blobs"
-                " WHERE mailbox_id = ? AND expires_ms > ?",
-                (mailbox_id, now_ms),
-            ).fetchone()
-        )
+        """The mailbox's counters minus its expired blobs not yet collected: a read of
+        what GC has not reached (usually nothing), not of everything held."""
+        row = await self._reader.submit(lambda c: _usage(c, mailbox_id, now_ms))
         return Usage(int(row[0]), int(row[1]))
 
     async def totals(self) -> Usage:
@@ -437,6 +494,20 @@ def _put_one(conn: sqlite3.Connection, blob: StoredBlob, now_ms: int) -> PutOutc
         (*key, seq, blob.stored_ms, blob.expires_ms, len(blob.blob), blob.blob),
     )
     return PutOutcome.STORED
+
+
+def _usage(conn: sqlite3.Connection, mailbox_id: bytes, now_ms: int) -> tuple[int, int]:
+    held = conn.execute(
+        "SELECT blobs, bytes FROM mailboxes WHERE mailbox_id = ?", (mailbox_id,)
+    ).fetchone()
+    if held is None:
+        return 0, 0
+    expired = conn.execute(
+        "SELECT count(*), coalesce(sum(size), 0) FROM blobs"
+        " WHERE mailbox_id = ? AND expires_ms <= ?",
+        (mailbox_id, now_ms),
+    ).fetchone()
+    return held[0] - expired[0], held[1] - expired[1]
 
 
 def _held_expiry(conn: sqlite3.Connection, key: tuple[bytes, bytes]) -> int | None:
