@@ -54,6 +54,7 @@ MAX_POW_BITS = 28  # a client does not solve harder than this: ~0.3 G hashes
 REPLICA_SET_TTL_S = 30.0  # how long a lookup's answer is reused (membership changes slowly)
 REPLICA_SET_CACHE_SIZE = 1024  # mailboxes remembered; least recently used go first
 SESSION_MARGIN_MS = 60_000  # a session this close to expiry is not used: sign instead
+MAX_SESSIONS = 4096  # (mailbox, node) sessions a client keeps; the oldest go first
 MAX_PUT_BATCH = 64  # puts per PutMany call (the node's limit)
 MAX_PUT_BATCH_BYTES = 2 * 1024 * 1024  # half the node's 4 MiB message limit
 
@@ -132,6 +133,7 @@ class NodeBatcher:
         return await future
 
     async def _send_all(self) -> None:
+        batch: list[tuple[mailbox_pb2.PutRequest, asyncio.Future[Outcome]]] = []
         try:
             while self._waiting:
                 batch = self._take()
@@ -139,9 +141,10 @@ class NodeBatcher:
                 for (_, future), outcome in zip(batch, outcomes, strict=True):
                     if not future.done():  # its put may have been cancelled
                         future.set_result(outcome)
+                batch = []
         finally:
             self._sender = None
-            for _, future in self._waiting:  # only after a bug or cancellation
+            for _, future in batch + self._waiting:  # only after a bug or cancellation
                 if not future.done():
                     future.set_result(None)
             self._waiting.clear()
@@ -407,6 +410,8 @@ class MailboxClient:
             elif page is not None and page.HasField("session"):
                 with contextlib.suppress(ProtocolError):  # a bad grant: sign next time
                     self._sessions[key] = open_session(owner, page.session)
+                while len(self._sessions) > MAX_SESSIONS:
+                    del self._sessions[next(iter(self._sessions))]
         return refused
 
     async def _fetch_page(
