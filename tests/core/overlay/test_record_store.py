@@ -21,6 +21,7 @@ from dna_core.errors import (
     ProtocolError,
     VerificationError,
 )
+from dna_core.overlay.aio.records_rpc import ChannelPool, RecordClient
 from dna_core.overlay.records import (
     HOUR_MS,
     MAX_PRESENCE_TTL_MS,
@@ -627,3 +628,28 @@ def test_select_best_breaks_full_ties_by_lowest_bytes_in_any_order(alice: Identi
     lowest = min(recs, key=lambda r: r.raw)
     for order in (recs, recs[::-1], recs[1:] + recs[:1]):
         assert select_best(order) == lowest
+
+
+def test_readers_drop_answers_no_honest_store_would_hold(
+    alice: Identity, bob: Identity, carol: Identity
+) -> None:
+    """One dishonest node must not win `select_best` with a record the store policy
+    refuses: a higher sequence number does not make up for a missing proof of work or
+    cross-signature."""
+    reader = RecordClient(ChannelPool(), puzzle_bits=4, name_pow_bits=BITS, clock=lambda: NOW)
+    honest = name_rec(alice, "alice")
+    no_work = name_rec(
+        bob,
+        "alice",
+        seq=9,
+        proof=failing_proof("alice", bob.fingerprint, solve("alice", bob.fingerprint)),
+    )
+    answers = [reader._verify(raw, name_key("alice")) for raw in (honest, no_work)]
+    assert answers[1] is None
+    best = select_best(a for a in answers if a is not None)
+    assert best is not None and best.raw == honest
+    uncrossed = rotation_rec(alice, carol, cosigner=bob)  # not signed by the new key
+    assert reader._verify(uncrossed, record_key(ROTATION, alice.fingerprint)) is None
+    long_presence = presence_rec(alice, ttl=2 * HOUR_MS)
+    assert reader._verify(long_presence, record_key(PRESENCE, alice.fingerprint)) is None
+    assert reader._verify(identity_rec(alice), record_key(IDENTITY, alice.fingerprint))

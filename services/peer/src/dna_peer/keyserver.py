@@ -18,6 +18,7 @@ from dna_core.crypto import primitives as p
 from dna_core.errors import VerificationError
 from dna_core.overlay.aio import OverlayNode
 from dna_core.overlay.records import (
+    DEFAULT_NAME_POW_BITS,
     ROTATION_ACCEPT_DOMAIN,
     name_key,
     name_pow_hash,
@@ -33,7 +34,7 @@ IDENTITY = common_pb2.RECORD_KIND_IDENTITY
 NAME_CLAIM = common_pb2.RECORD_KIND_NAME_CLAIM
 ROTATION = common_pb2.RECORD_KIND_KEY_ROTATION
 RECORD_TTL_MS = 30 * 86_400_000
-NAME_POW_BITS = 16  # what overlay nodes require by default (overlay.name_pow_bits)
+NAME_POW_BITS = DEFAULT_NAME_POW_BITS  # what overlay nodes require by default
 
 
 def now_ms() -> int:

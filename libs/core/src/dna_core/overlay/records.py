@@ -14,6 +14,11 @@ What a node accepts, keeps and hands out for a key:
 * presence records live at most an hour, everything else at most a year;
 * expired records disappear (`expire`) and held records are handed back for
   republishing on a timer (`republish_due`).
+
+Readers apply the same per-record rules (`check_policy`) to every answer before
+`select_best` picks one: otherwise a single dishonest node could answer with a
+record no honest node would hold (a name claim without its proof of work, a
+rotation without its cross-signature) and a higher sequence number, and win.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ HOUR_MS = 3_600_000
 MAX_TTL_MS = 365 * 24 * HOUR_MS
 MAX_PRESENCE_TTL_MS = HOUR_MS
 NAME_MIN, NAME_MAX = 3, 32
+DEFAULT_NAME_POW_BITS = 16  # a name claim's proof of work (overlay.name_pow_bits)
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-")
 _KIND_LABEL: dict[int, str] = {
     common_pb2.RECORD_KIND_IDENTITY: "identity",
@@ -84,7 +90,11 @@ class _Held:
 
 class RecordStore:
     def __init__(
-        self, *, name_pow_bits: int = 16, max_records: int = 100_000, max_bytes: int = 256 << 20
+        self,
+        *,
+        name_pow_bits: int = DEFAULT_NAME_POW_BITS,
+        max_records: int = 100_000,
+        max_bytes: int = 256 << 20,
     ) -> None:
         self.name_pow_bits = name_pow_bits
         self.max_records, self.max_bytes = max_records, max_bytes
@@ -143,32 +153,40 @@ class RecordStore:
         self._bytes += len(rec.raw)
 
     def _check_policy(self, rec: VerifiedRecord) -> None:
-        body = rec.body
-        ttl = body.expires_ms - body.created_ms
-        limit = MAX_PRESENCE_TTL_MS if body.kind == common_pb2.RECORD_KIND_PRESENCE else MAX_TTL_MS
-        if ttl > limit:
-            raise MalformedError(f"record: lifetime over {limit // HOUR_MS} h for its kind")
-        if body.kind == common_pb2.RECORD_KIND_NAME_CLAIM:
-            self._check_name_claim(rec)
-            return
-        if body.key != record_key(body.kind, body.signer_fingerprint):
-            raise VerificationError("record: stored under a key its signer does not own")
-        if body.kind == common_pb2.RECORD_KIND_KEY_ROTATION:
-            rotation_target(rec)
+        check_policy(rec, name_pow_bits=self.name_pow_bits)
 
-    def _check_name_claim(self, rec: VerifiedRecord) -> None:
-        claim = decode_message(
-            records_pb2.NameClaim, rec.body.payload, max_size=1024, what="name claim"
-        )
-        if normalize_name(claim.name) != claim.name:
-            raise MalformedError("name claim: name is not in normal form")
-        if rec.body.key != name_key(claim.name) or claim.fingerprint != rec.body.signer_fingerprint:
-            raise VerificationError("name claim: key or fingerprint does not match the claim")
-        proof = pow.Proof.from_proto(claim.pow)
-        pow.verify(
-            proof, name_pow_hash(claim.name, claim.fingerprint), required=self.name_pow_bits,
-            now_ms=rec.body.created_ms, max_age_ms=MAX_TTL_MS,
-        )  # fmt: skip
+
+def check_policy(rec: VerifiedRecord, *, name_pow_bits: int) -> None:
+    """The rules of one record on its own (module docstring), for stores and readers
+    alike; raises a ProtocolError. What depends on what is held (sequence numbers, first
+    come first served) is the store's alone."""
+    body = rec.body
+    ttl = body.expires_ms - body.created_ms
+    limit = MAX_PRESENCE_TTL_MS if body.kind == common_pb2.RECORD_KIND_PRESENCE else MAX_TTL_MS
+    if ttl > limit:
+        raise MalformedError(f"record: lifetime over {limit // HOUR_MS} h for its kind")
+    if body.kind == common_pb2.RECORD_KIND_NAME_CLAIM:
+        _check_name_claim(rec, name_pow_bits)
+        return
+    if body.key != record_key(body.kind, body.signer_fingerprint):
+        raise VerificationError("record: stored under a key its signer does not own")
+    if body.kind == common_pb2.RECORD_KIND_KEY_ROTATION:
+        rotation_target(rec)
+
+
+def _check_name_claim(rec: VerifiedRecord, name_pow_bits: int) -> None:
+    claim = decode_message(
+        records_pb2.NameClaim, rec.body.payload, max_size=1024, what="name claim"
+    )
+    if normalize_name(claim.name) != claim.name:
+        raise MalformedError("name claim: name is not in normal form")
+    if rec.body.key != name_key(claim.name) or claim.fingerprint != rec.body.signer_fingerprint:
+        raise VerificationError("name claim: key or fingerprint does not match the claim")
+    proof = pow.Proof.from_proto(claim.pow)
+    pow.verify(
+        proof, name_pow_hash(claim.name, claim.fingerprint), required=name_pow_bits,
+        now_ms=rec.body.created_ms, max_age_ms=MAX_TTL_MS,
+    )  # fmt: skip
 
 
 def rotation_target(rec: VerifiedRecord) -> PublicKeySet:

@@ -45,7 +45,7 @@ from dna_core.overlay.protocol import (
     proves_address,
     request_datagram,
 )
-from dna_core.overlay.records import RecordStore
+from dna_core.overlay.records import DEFAULT_NAME_POW_BITS, RecordStore
 from dna_core.overlay.rtt import RttEstimator
 from dna_core.overlay.tokens import AddressTokens
 from dna_core.wire.gen.dna.v1 import common_pb2
@@ -79,6 +79,7 @@ class NodeConfig:
     # net.core.rmem_max. 0 keeps the OS default.
     udp_rcvbuf: int = 4 << 20
     fast_holders: int = 2  # get_record asks this many known closest nodes before a lookup
+    name_pow_bits: int = DEFAULT_NAME_POW_BITS  # readers check name claims as stores do
 
 
 @dataclass
@@ -130,8 +131,9 @@ class OverlayNode:
         self._tasks: set[asyncio.Task[object]] = set()
         self.channels = ChannelPool()
         self.records = RecordClient(
-            self.channels, puzzle_bits=config.puzzle_bits, timeout=config.rpc_timeout
-        )
+            self.channels, puzzle_bits=config.puzzle_bits, timeout=config.rpc_timeout,
+            name_pow_bits=config.name_pow_bits,
+        )  # fmt: skip
 
     # -- lifecycle ------------------------------------------------------------
 

@@ -17,7 +17,12 @@ from dna_core.crypto.records import VerifiedRecord, open_record
 from dna_core.errors import MalformedError, ProtocolError
 from dna_core.overlay.codec import contact_from_proto, contact_to_proto
 from dna_core.overlay.contact import Contact
-from dna_core.overlay.records import RecordStore, select_best
+from dna_core.overlay.records import (
+    DEFAULT_NAME_POW_BITS,
+    RecordStore,
+    check_policy,
+    select_best,
+)
 from dna_core.wire import encode_message
 from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
 
@@ -127,9 +132,16 @@ class RecordClient:
     """Store and fetch signed records on the nodes a lookup found."""
 
     def __init__(
-        self, pool: ChannelPool, *, puzzle_bits: int, timeout: float = 3.0, clock: Clock = wall_ms
+        self,
+        pool: ChannelPool,
+        *,
+        puzzle_bits: int,
+        name_pow_bits: int = DEFAULT_NAME_POW_BITS,
+        timeout: float = 3.0,
+        clock: Clock = wall_ms,
     ) -> None:
         self.pool, self.puzzle_bits, self.timeout, self.clock = pool, puzzle_bits, timeout, clock
+        self.name_pow_bits = name_pow_bits
 
     def _stub(self, contact: Contact) -> overlay_pb2_grpc.OverlayAsyncStub:
         return overlay_pb2_grpc.OverlayStub(self.pool.get(contact.endpoint.grpc_target))
@@ -166,11 +178,17 @@ class RecordClient:
         return select_best(found)
 
     def _verify(self, raw: bytes, key: bytes) -> VerifiedRecord | None:
+        """The record if an honest node could hold it at ``key`` (signature, size, expiry
+        and the store's per-record rules), else None: a node served a bad record, and
+        others may be honest."""
         try:
             rec = open_record(raw, now_ms=self.clock())
+            if rec.body.key != key:
+                return None
+            check_policy(rec, name_pow_bits=self.name_pow_bits)
         except ProtocolError:
-            return None  # a node served a bad record: ignore it, others may be honest
-        return rec if rec.body.key == key else None
+            return None
+        return rec
 
     async def ping(self, contact: Contact) -> Contact | None:
         try:

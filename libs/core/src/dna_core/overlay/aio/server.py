@@ -24,7 +24,7 @@ from dna_core.ops.http import OpsServer, build_ops_app
 from dna_core.ops.logs import node_logger
 from dna_core.ops.node_key import load_or_create_node_key
 from dna_core.overlay.protocol import Addr
-from dna_core.overlay.records import RecordStore
+from dna_core.overlay.records import DEFAULT_NAME_POW_BITS, RecordStore
 from dna_core.wire.gen.dna.v1 import overlay_pb2_grpc
 from prometheus_client import CollectorRegistry
 
@@ -53,7 +53,7 @@ class OverlaySection:
     allow_loopback: bool = False  # local testnets only: lifts the per-/24 limit for 127/8
     refresh_interval: float = 600.0
     republish_interval: float = 3600.0
-    name_pow_bits: int = 16
+    name_pow_bits: int = DEFAULT_NAME_POW_BITS
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,7 @@ class OverlayServer:
             role=self.role, puzzle_bits=cfg.node.puzzle_bits, k=cfg.overlay.k,
             alpha=cfg.overlay.alpha, allow_loopback=cfg.overlay.allow_loopback,
             refresh_interval=cfg.overlay.refresh_interval,
+            name_pow_bits=cfg.overlay.name_pow_bits,
         )  # fmt: skip
 
     async def _start_grpc(self, node: OverlayNode, store: RecordStore) -> int:
