@@ -26,6 +26,8 @@ MAX_DATAGRAM = 1200
 MAX_ENDPOINTS = 4
 MAX_CLOSER = 20
 MAX_REASON = 200
+CHALLENGE_BYTES = 16  # Ping.challenge
+PROOF_BYTES = 64  # Pong.proof: an Ed25519 signature
 KNOWN_ROLES = frozenset(common_pb2.NodeRole.values())
 K = TypeVar("K")
 V = TypeVar("V")
@@ -33,12 +35,13 @@ V = TypeVar("V")
 
 @dataclass(frozen=True, slots=True)
 class Ping:
-    pass
+    challenge: bytes = b""  # asks for a Pong.proof (key possession)
 
 
 @dataclass(frozen=True, slots=True)
 class Pong:
     observed: Endpoint | None = None
+    proof: bytes = b""  # node-key signature over the ping's challenge
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,10 +184,12 @@ def _set_body(
     encode: Callable[[Contact], common_pb2.NodeContact],
 ) -> None:
     match body:
-        case Ping():
+        case Ping(challenge):
             msg.ping.SetInParent()
-        case Pong(observed):
+            msg.ping.challenge = challenge
+        case Pong(observed, proof):
             msg.pong.SetInParent()
+            msg.pong.proof = proof
             if observed is not None:
                 msg.pong.observed.CopyFrom(endpoint_to_proto(observed))
         case FindNode(target):
@@ -215,10 +220,15 @@ def decode_datagram(
 def _body(msg: overlay_pb2.Datagram, decode: Callable[[common_pb2.NodeContact], Contact]) -> Body:
     kind = msg.WhichOneof("kind")
     if kind == "ping":
-        return Ping()
+        if len(msg.ping.challenge) not in (0, CHALLENGE_BYTES):
+            raise MalformedError(f"ping: a challenge is {CHALLENGE_BYTES} bytes")
+        return Ping(msg.ping.challenge)
     if kind == "pong":
+        if len(msg.pong.proof) not in (0, PROOF_BYTES):
+            raise MalformedError(f"pong: a proof is {PROOF_BYTES} bytes")
         observed = msg.pong.observed
-        return Pong(endpoint_from_proto(observed) if msg.pong.HasField("observed") else None)
+        endpoint = endpoint_from_proto(observed) if msg.pong.HasField("observed") else None
+        return Pong(endpoint, msg.pong.proof)
     if kind == "find_node":
         if len(msg.find_node.target) != ID_BYTES:
             raise MalformedError("find-node: target is not 32 bytes")

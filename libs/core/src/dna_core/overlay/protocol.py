@@ -9,6 +9,12 @@ Rules this module enforces:
 * **Only proven addresses enter routing tables.** A requester is observed only
   when its token is valid and its source address is one of its contact's
   endpoints; a responder only when it answers a request we sent to that address.
+  The address it spoke from becomes its first endpoint, the one the table uses.
+* **Only proven keys enter routing tables.** A node ID is a hash of a public key
+  anyone can copy, so a contact is observed only once it answered a ping
+  challenge from that address with its node key's signature (``key_proven``;
+  the aio node keeps which ID was proven at which address). Otherwise anyone
+  with an address could claim a known node's ID and move it to that address.
 * **Responses match requests** by request ID *and* source address; anything
   else is unsolicited and dropped.
 """
@@ -16,6 +22,7 @@ Rules this module enforces:
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dna_core.overlay.codec import (
@@ -40,8 +47,23 @@ FIRST_PING_PADDING = 32  # 3 x a padded ping >= a pong that carries a contact
 Addr = tuple[str, int]
 
 
+PONG_DOMAIN = b"overlay-pong"  # what a node signs to answer a ping's challenge
+
+
 def proves_address(contact: Contact, addr: Addr) -> bool:
     return any(ep.udp == addr for ep in contact.endpoints)
+
+
+def proven_contact(contact: Contact, addr: Addr) -> Contact | None:
+    """``contact`` with the endpoint ``addr`` (the one it spoke from) first, as the one
+    routing tables use and count for the subnet limit; None if it does not list it."""
+    if contact.endpoints and contact.endpoints[0].udp == addr:
+        return contact
+    spoke = [ep for ep in contact.endpoints if ep.udp == addr]
+    if not spoke:
+        return None
+    rest = tuple(ep for ep in contact.endpoints if ep.udp != addr)
+    return Contact(contact.node_id, contact.public_key, (spoke[0], *rest), contact.role)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,9 +86,13 @@ class Responder:
         tokens: AddressTokens,
         k: int = 20,
         cache: ContactCache | None = None,
+        sign: Callable[[bytes], bytes] | None = None,
+        key_proven: Callable[[Contact, Addr], bool] = lambda contact, addr: True,
     ) -> None:
         self.local, self.table, self.tokens, self.k = local, table, tokens, k
         self.cache = cache
+        self.sign = sign  # answers ping challenges (None: challenges go unanswered)
+        self.key_proven = key_proven  # whether a sender may enter the table yet
 
     def answer(self, dgram: Datagram, addr: Addr, size: int, now: float) -> Answer:
         if self.local is None or not dgram.is_request:
@@ -74,8 +100,9 @@ class Responder:
         proven = self.tokens.valid(dgram.token, addr, now)
         observed = None
         sender, table = dgram.sender, self.table
-        if proven and sender is not None and table is not None and proves_address(sender, addr):
-            observed = table.observe(sender, now)
+        contact = proven_contact(sender, addr) if proven and sender is not None else None
+        if contact is not None and table is not None and self.key_proven(contact, addr):
+            observed = table.observe(contact, now)
         reply = self._reply(dgram, addr, now)
         if proven or len(reply) <= AMPLIFICATION_FACTOR * size:
             return Answer(reply, "ok", observed)
@@ -89,7 +116,9 @@ class Responder:
     def _reply(self, dgram: Datagram, addr: Addr, now: float) -> bytes:
         token = self.tokens.issue(addr, now)
         if not isinstance(dgram.body, FindNode) or self.table is None:
-            pong = Pong(Endpoint(addr[0], addr[1]))
+            challenge = dgram.body.challenge if isinstance(dgram.body, Ping) else b""
+            proof = self.sign(challenge) if challenge and self.sign is not None else b""
+            pong = Pong(Endpoint(addr[0], addr[1]), proof)
             return encode_datagram(Datagram(dgram.request_id, pong, self.local, token), self.cache)
         exclude = dgram.sender.node_id if dgram.sender else None
         closest = self.table.closest(dgram.body.target, self.k + 1)

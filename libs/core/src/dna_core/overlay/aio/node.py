@@ -21,16 +21,18 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dna_core.crypto.node import NodeIdentity
+from dna_core.crypto.node import NodeIdentity, verify_node_signature
 from dna_core.crypto.records import VerifiedRecord
 from dna_core.errors import ProtocolError
 from dna_core.overlay.codec import (
+    CHALLENGE_BYTES,
     Body,
     ContactCache,
     Datagram,
     FindNode,
     Nodes,
     Ping,
+    Pong,
     TokenReply,
     decode_datagram,
 )
@@ -38,11 +40,12 @@ from dna_core.overlay.contact import Contact, Endpoint
 from dna_core.overlay.kbucket import Observed, RoutingTable
 from dna_core.overlay.lookup import ClosestPeersIter, DisjointLookup, Finished, Query
 from dna_core.overlay.protocol import (
+    PONG_DOMAIN,
     Addr,
     Pending,
     RequestTracker,
     Responder,
-    proves_address,
+    proven_contact,
     request_datagram,
 )
 from dna_core.overlay.records import DEFAULT_NAME_POW_BITS, RecordStore
@@ -58,6 +61,8 @@ log = logging.getLogger("dna.overlay")
 TOKEN_CACHE_SIZE = 4096
 SUSPECT_SECONDS = 10.0  # a node that just failed us is not asked again for this long
 SUSPECT_CACHE_SIZE = 4096
+PROVEN_KEYS_SIZE = 8192  # node ID -> the address it proved its key from
+MAX_KEY_PROOFS = 256  # challenges in flight at once; beyond, senders wait for the next time
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,8 @@ class OverlayNode:
         # Other nodes keep dead contacts until their own checks run; without this memory every
         # lookup would rediscover them from responses and wait out their timeouts again.
         self._suspects: OrderedDict[bytes, float] = OrderedDict()
+        self._proven_keys: OrderedDict[bytes, Addr] = OrderedDict()
+        self._proving: set[tuple[bytes, Addr]] = set()
         self._inflight: dict[tuple[int, Addr], _Inflight] = {}
         self._transport: asyncio.DatagramTransport | None = None
         self._tasks: set[asyncio.Task[object]] = set()
@@ -155,8 +162,10 @@ class OverlayNode:
         )
         local = None if self.config.client_mode else self.contact
         self.responder = Responder(
-            local=local, table=self.table, tokens=self.tokens, k=self.config.k, cache=self.contacts
-        )
+            local=local, table=self.table, tokens=self.tokens, k=self.config.k,
+            cache=self.contacts, sign=lambda challenge: self.identity.sign(PONG_DOMAIN, challenge),
+            key_proven=self._key_proven,
+        )  # fmt: skip
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -223,12 +232,12 @@ class OverlayNode:
         if dgram.token:
             self._remember_token(addr, dgram.token)
         sender = dgram.sender
-        if sender is not None and proves_address(sender, addr):
-            self._suspects.pop(sender.node_id, None)
-        if sender is not None and proves_address(sender, addr) and not self.config.client_mode:
-            self._follow_up(self.table.observe(sender, now))
-        elif sender is not None and proves_address(sender, addr):
-            self.table.observe(sender, now)  # clients route through what answered them
+        contact = proven_contact(sender, addr) if sender is not None else None
+        if contact is not None:
+            self._suspects.pop(contact.node_id, None)
+            answers_challenge = isinstance(dgram.body, Pong) and dgram.body.proof
+            if not answers_challenge and self._key_proven(contact, addr):
+                self._observe(contact)  # (a challenge's answer is judged by `ping`)
         if not inflight.future.done():
             inflight.future.set_result(dgram)
 
@@ -237,6 +246,24 @@ class OverlayNode:
         self._token_cache.move_to_end(addr)
         while len(self._token_cache) > TOKEN_CACHE_SIZE:
             self._token_cache.popitem(last=False)
+
+    def _observe(self, contact: Contact) -> None:
+        observed = self.table.observe(contact, time.monotonic())
+        if not self.config.client_mode:  # clients route through what answered them, no checks
+            self._follow_up(observed)
+
+    def _key_proven(self, contact: Contact, addr: Addr) -> bool:
+        """Whether ``contact`` proved its node key from ``addr``; if not, challenge it
+        (once at a time): `ping` observes it when it answers."""
+        if self._proven_keys.get(contact.node_id) == addr:
+            self._proven_keys.move_to_end(contact.node_id)
+            return True
+        key = (contact.node_id, addr)
+        if key not in self._proving and len(self._proving) < MAX_KEY_PROOFS:
+            self._proving.add(key)
+            task = self.spawn(self.ping(addr))
+            task.add_done_callback(lambda _: self._proving.discard(key))
+        return False
 
     def _follow_up(self, observed: Observed | None) -> None:
         if observed is not None and observed.check is not None:
@@ -290,12 +317,27 @@ class OverlayNode:
     # -- overlay operations ---------------------------------------------------
 
     async def ping(self, addr: Addr, timeout: float | None = None) -> Contact | None:
-        """The responder's contact, or None if it did not answer."""
+        """The responder's contact once it proved its node key (it signed our challenge)
+        and entered the routing table, or None if it did not answer or could not prove."""
+        challenge = os.urandom(CHALLENGE_BYTES)
         try:
-            dgram = await self.request(addr, Ping(), timeout=timeout)
+            dgram = await self.request(addr, Ping(challenge), timeout=timeout)
         except (TimeoutError, ProtocolError):
             return None
-        return dgram.sender
+        contact = proven_contact(dgram.sender, addr) if dgram.sender is not None else None
+        try:
+            if contact is None or not isinstance(dgram.body, Pong):
+                raise ProtocolError("ping: the answer carries no contact for its address")
+            verify_node_signature(contact.public_key, PONG_DOMAIN, challenge, dgram.body.proof)
+        except ProtocolError:
+            self.metrics.rejected.labels(reason="key_unproven").inc()
+            return None
+        self._proven_keys[contact.node_id] = addr
+        self._proven_keys.move_to_end(contact.node_id)
+        while len(self._proven_keys) > PROVEN_KEYS_SIZE:
+            self._proven_keys.popitem(last=False)
+        self._observe(contact)
+        return contact
 
     async def join(self, bootstraps: Iterable[Addr]) -> int:
         """Enter the overlay through ``bootstraps``; returns the routing table size."""

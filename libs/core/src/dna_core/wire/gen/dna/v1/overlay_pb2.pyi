@@ -96,14 +96,24 @@ Global___Datagram: _TypeAlias = Datagram  # noqa: Y015
 
 @_typing.final
 class Ping(_message.Message):
+    """A ping with a challenge asks the answerer to prove it holds the key of the node ID it
+    claims: a node enters a routing table (or moves to a new address there) only after it
+    answered a challenge from that address.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
+    CHALLENGE_FIELD_NUMBER: _builtins.int
+    challenge: _builtins.bytes
+    """empty, or 16 random bytes"""
     def __init__(
         self,
+        *,
+        challenge: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge", b"challenge"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -114,6 +124,9 @@ class Pong(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OBSERVED_FIELD_NUMBER: _builtins.int
+    PROOF_FIELD_NUMBER: _builtins.int
+    proof: _builtins.bytes
+    """for a challenge: the sender's node-key signature (domain"""
     @_builtins.property
     def observed(self) -> _common_pb2.Endpoint:
         """the sender's address as this node sees it"""
@@ -122,10 +135,11 @@ class Pong(_message.Message):
         self,
         *,
         observed: _common_pb2.Endpoint | None = ...,
+        proof: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["observed", b"observed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["observed", b"observed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["observed", b"observed", "proof", b"proof"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
