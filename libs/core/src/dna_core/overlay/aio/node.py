@@ -248,9 +248,10 @@ class OverlayNode:
             self._token_cache.popitem(last=False)
 
     def _observe(self, contact: Contact) -> None:
-        observed = self.table.observe(contact, time.monotonic())
-        if not self.config.client_mode:  # clients route through what answered them, no checks
-            self._follow_up(observed)
+        """Into the routing table (clients too: they route through what answered them);
+        a full bucket's oldest contact gets its liveness check, or the bucket would wait
+        for it forever."""
+        self._follow_up(self.table.observe(contact, time.monotonic()))
 
     def _key_proven(self, contact: Contact, addr: Addr) -> bool:
         """Whether ``contact`` proved its node key from ``addr``; if not, challenge it
