@@ -353,10 +353,11 @@ class MailboxClient:
         merged: dict[bytes, mailbox_pb2.StoredBlob] = {}
         while asking:
             requests = self._fetch_requests(owner, box, asking, state, limit)
+            denied: set[bytes] = set()
             pages = await asyncio.gather(
-                *(self._fetch_page(c, requests[c.node_id]) for c in asking)
+                *(self._fetch_page(c, requests[c.node_id], denied) for c in asking)
             )
-            retry = self._keep_sessions(owner, box, asking, requests, pages)
+            retry = self._keep_sessions(owner, box, asking, requests, pages, denied)
             more = _absorb(merged, state, asking, pages)
             failed = pages.count(None) - len(retry)
             if failed:
@@ -398,16 +399,19 @@ class MailboxClient:
         asked: Sequence[Contact],
         requests: dict[bytes, mailbox_pb2.FetchRequest],
         pages: Sequence[mailbox_pb2.FetchResponse | None],
+        denied: set[bytes],
     ) -> list[Contact]:
         """Keep the sessions granted; drop the ones refused and return their nodes (to be
-        asked again, signed)."""
+        asked again, signed; a node that did not answer is replaced as before)."""
         refused = []
         for contact, page in zip(asked, pages, strict=True):
             key = (box, contact.node_id)
-            if page is None and requests[contact.node_id].session_id:
+            if contact.node_id in denied and requests[contact.node_id].session_id:
                 self._sessions.pop(key, None)
                 refused.append(contact)
-            elif page is not None and page.HasField("session"):
+            elif page is None:
+                self._sessions.pop(key, None)  # down or restarted: its sessions may be gone
+            elif page.HasField("session"):
                 with contextlib.suppress(ProtocolError):  # a bad grant: sign next time
                     self._sessions[key] = open_session(owner, page.session)
                 while len(self._sessions) > MAX_SESSIONS:
@@ -415,13 +419,17 @@ class MailboxClient:
         return refused
 
     async def _fetch_page(
-        self, contact: Contact, request: mailbox_pb2.FetchRequest
+        self, contact: Contact, request: mailbox_pb2.FetchRequest, denied: set[bytes]
     ) -> mailbox_pb2.FetchResponse | None:
+        """The node's page, or None (``denied`` gets its ID if it refused the request's
+        authentication rather than failing to answer)."""
         try:
             response: mailbox_pb2.FetchResponse = await self._stub(contact).Fetch(
                 request, timeout=self.timeout
             )
-        except grpc.aio.AioRpcError:
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.PERMISSION_DENIED:
+                denied.add(contact.node_id)
             return None
         return response
 
