@@ -50,10 +50,6 @@ Addr = tuple[str, int]
 PONG_DOMAIN = b"overlay-pong"  # what a node signs to answer a ping's challenge
 
 
-def proves_address(contact: Contact, addr: Addr) -> bool:
-    return any(ep.udp == addr for ep in contact.endpoints)
-
-
 def proven_contact(contact: Contact, addr: Addr) -> Contact | None:
     """``contact`` with the endpoint ``addr`` (the one it spoke from) first, as the one
     routing tables use and count for the subnet limit; None if it does not list it."""

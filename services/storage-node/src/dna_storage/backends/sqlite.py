@@ -160,9 +160,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
     try:
         if not fresh:
             for step in range(max(version, 1), SCHEMA_VERSION):
-                for statement in MIGRATIONS[step].split(";\n"):
-                    if statement.strip():
-                        conn.execute(statement)
+                for statement in _statements(MIGRATIONS[step]):
+                    conn.execute(statement)
         for script in (SCHEMA, MAILBOX_COUNTERS):
             for statement in _statements(script):
                 conn.execute(statement)
