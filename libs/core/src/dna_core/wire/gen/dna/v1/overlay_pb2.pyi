@@ -209,6 +209,8 @@ Global___TokenReply: _TypeAlias = TokenReply  # noqa: Y015
 
 @_typing.final
 class ErrorReply(_message.Message):
+    """Decoded, but not sent by this implementation: a refused datagram gets no answer."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CODE_FIELD_NUMBER: _builtins.int
@@ -322,10 +324,10 @@ class FindValueRequest(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     key: _builtins.bytes
     kind: _common_pb2.RecordKind.ValueType
-    """UNSPECIFIED = any"""
+    """UNSPECIFIED (what this implementation sends) = any"""
     @_builtins.property
     def sender(self) -> _common_pb2.NodeContact:
-        """absent for clients"""
+        """not sent by this implementation (readers are clients)"""
 
     def __init__(
         self,
@@ -378,12 +380,14 @@ class StoreRequest(_message.Message):
     RECORD_FIELD_NUMBER: _builtins.int
     POW_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def sender(self) -> _common_pb2.NodeContact: ...
+    def sender(self) -> _common_pb2.NodeContact:
+        """not sent nor read by this implementation"""
+
     @_builtins.property
     def record(self) -> _common_pb2.SignedRecord: ...
     @_builtins.property
     def pow(self) -> _common_pb2.ProofOfWork:
-        """required where the node's admission policy asks"""
+        """reserved for an admission policy; not sent nor read yet"""
 
     def __init__(
         self,
