@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +29,8 @@ from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
 
 # Large enough for a fetch page of envelopes (each up to 256 KiB); pages are cut by bytes.
 MAX_GRPC_MESSAGE = 4 * 1024 * 1024
+MAX_CHANNELS = 256  # open channels per node; the least recently used is closed first
+CLOSE_GRACE_S = 5.0  # calls still on an evicted channel get this long to finish
 KEY_SIZE = 32
 Clock = Callable[[], int]
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -105,27 +108,42 @@ class OverlayService(overlay_pb2_grpc.OverlayServicer):
 
 
 class ChannelPool:
-    """One gRPC channel per target, reused (a new channel costs a TCP+HTTP/2 handshake)."""
+    """One gRPC channel per target, reused (a new channel costs a TCP+HTTP/2 handshake),
+    at most ``size`` of them: the least recently used is closed (calls still on it get
+    ``CLOSE_GRACE_S`` to finish), so a long-lived client that meets thousands of nodes
+    does not keep a connection to each."""
 
-    def __init__(self) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
+    def __init__(self, size: int = MAX_CHANNELS) -> None:
+        self.size = size
+        self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._channels)
 
     def get(self, target: str) -> grpc.aio.Channel:
         channel = self._channels.get(target)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(
-                target,
-                options=[
-                    ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE),
-                    ("grpc.max_send_message_length", MAX_GRPC_MESSAGE),
-                ],
-            )
-            self._channels[target] = channel
+        if channel is not None:
+            self._channels.move_to_end(target)
+            return channel
+        channel = grpc.aio.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE),
+                ("grpc.max_send_message_length", MAX_GRPC_MESSAGE),
+            ],
+        )
+        self._channels[target] = channel
+        while len(self._channels) > self.size:
+            _, oldest = self._channels.popitem(last=False)
+            task = asyncio.get_running_loop().create_task(oldest.close(grace=CLOSE_GRACE_S))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         return channel
 
     async def close(self) -> None:
-        channels, self._channels = list(self._channels.values()), {}
-        await asyncio.gather(*(c.close() for c in channels))
+        channels, self._channels = list(self._channels.values()), OrderedDict()
+        await asyncio.gather(*(c.close() for c in channels), *self._closing)
 
 
 class RecordClient:
