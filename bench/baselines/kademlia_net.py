@@ -10,9 +10,11 @@ How the package behaves (kademlia 2.2.3 over rpcudp 5), and what this module doe
   measure the package's CPU cost per op as much as its protocol. The loop must not be
   blocked by anything else while a batch runs.
 * ``Server.set(key, value)`` crawls for the k (``ksize``, default 20) closest nodes, then
-  STOREs on all of them (and on itself if it is one of them); it returns True if any STORE
-  was acknowledged. ``Server.get(key)`` returns the value straight from the node's own
-  storage if it has it, else crawls (alpha=3 RPCs at a time) until some node returns it.
+  STOREs on all of them (and on itself if it is one of them); it returns True whenever the
+  crawl found a node, even if every STORE timed out (``any()`` over (ok, value) tuples,
+  docs/overlay.md), so the bench cannot count failed puts. ``Server.get(key)`` returns the
+  value straight from the node's own storage if it has it, else crawls (alpha=3 RPCs at a
+  time) until some node returns it.
   With k=20 of 50 nodes, a node holds ~40% of all keys, so ~40% of gets are local (~20
   us): they stay in the figures (that is what the package does), are counted
   (``local_hits``), and the latency of the others is given too (``remote_p50_ms``/``p99``).
