@@ -92,3 +92,23 @@ def _is_overlay_worker(pid: int) -> bool:
     except OSError:
         return False
     return b"bench.overlay_nodes" in cmdline
+
+
+def test_transport_bench_quick_compares_every_transport_and_stops_its_server() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.transport", "--quick", "--n", "100", "--rounds", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Error" not in done.stderr, done.stderr  # the echo server stopped cleanly
+    figures = {f["bench"]: f for f in map(json.loads, done.stdout.splitlines()[1:])}
+    assert set(figures) == {f"transport.{m}.{s}" for m in ("seq", "c32") for s in (100, 4800)}
+    for name, figure in figures.items():
+        assert set(figure) == KEYS and figure["ours"] > 0, name
+        expected = {"grpc_stream", "tcp_framed"} | ({"udp"} if name.endswith(".100") else set())
+        assert set(figure["baseline"]) == expected, name
+        assert all(value > 0 for value in figure["baseline"].values()), name

@@ -1,0 +1,269 @@
+"""What one round trip costs between two processes, by transport: the numbers behind the
+choice of transport for the overlay and the mailbox data path.
+
+``uv run python -m bench.transport [--n N] [--rounds R] [--quick]``
+
+An echo server runs in a subprocess on 127.0.0.1 with four endpoints; this process sends
+``--n`` requests per figure and round and waits for each echo:
+
+* ``grpc_unary``: a ``grpc.aio`` unary call (what `Mailbox.Put`/`Fetch` and the overlay's
+  record RPCs are today): "ours".
+* ``grpc_stream``: messages on one ``grpc.aio`` bidirectional stream.
+* ``tcp_framed``: length-prefixed frames on one asyncio TCP connection (what a custom
+  framed transport would cost at least).
+* ``udp``: asyncio datagrams (what the overlay's ping and find-node use; small payload only:
+  a datagram stays under 1,200 bytes).
+
+Two payload sizes: 100 bytes (a routing message) and 4,800 bytes (a sealed envelope). Two
+modes: ``seq`` (one request at a time) and ``c32`` (32 outstanding: concurrent unary calls,
+pipelined frames). Contenders take turns within each round; a figure is the median round.
+``ratio`` = ours / the first baseline for ops/s (below 1.0: the alternative is faster).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import grpc
+
+from bench import common
+
+SIZES = (100, 4800)
+CONCURRENCY = 32
+WATCHDOG_S = float(os.environ.get("DNA_BENCH_WATCHDOG_S", "600"))
+DEFAULT_N, QUICK_N = 2000, 300
+_SERVICE = "dna.bench.Echo"
+_FRAME = struct.Struct(">I")
+
+
+def _same(data: bytes) -> bytes:
+    return data
+
+
+# -- the echo server (run with `python -m bench.transport --serve`) -------------------------
+
+
+class _EchoUdp(asyncio.DatagramProtocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.transport.sendto(data, addr)
+
+
+async def _echo_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            (size,) = _FRAME.unpack(await reader.readexactly(_FRAME.size))
+            writer.write(_FRAME.pack(size) + await reader.readexactly(size))
+    except (asyncio.IncompleteReadError, ConnectionError):  # the client went away
+        writer.close()
+
+
+async def serve() -> None:
+    async def unary(request: bytes, context: Any) -> bytes:
+        return request
+
+    async def stream(requests: Any, context: Any) -> Any:
+        async for request in requests:
+            yield request
+
+    server = grpc.aio.server()
+    handlers = {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary, _same, _same),
+        "Stream": grpc.stream_stream_rpc_method_handler(stream, _same, _same),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
+    grpc_port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    tcp = await asyncio.start_server(_echo_tcp, "127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    udp, _ = await loop.create_datagram_endpoint(_EchoUdp, local_addr=("127.0.0.1", 0))
+    ports = {
+        "grpc": grpc_port,
+        "tcp": tcp.sockets[0].getsockname()[1],
+        "udp": udp.get_extra_info("sockname")[1],
+    }
+    print(json.dumps(ports), flush=True)
+    await loop.run_in_executor(None, sys.stdin.read)  # until the parent closes our stdin
+    tcp.close()
+    udp.close()
+    await server.stop(1.0)
+
+
+# -- the clients -----------------------------------------------------------------------------
+
+
+Trip = Callable[[bytes], Awaitable[bytes]]
+
+
+class _Udp(asyncio.DatagramProtocol):
+    """Replies matched in order (loopback keeps order; a lost datagram fails the run)."""
+
+    def __init__(self) -> None:
+        self.waiting: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.waiting.put_nowait(data)
+
+
+class Clients:
+    def __init__(self, ports: dict[str, int]) -> None:
+        self.ports = ports
+
+    async def open(self) -> None:
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.ports['grpc']}")
+        self.unary = self.channel.unary_unary(f"/{_SERVICE}/Unary", _same, _same)
+        self.stream = self.channel.stream_stream(f"/{_SERVICE}/Stream", _same, _same)()
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.ports["tcp"])
+        loop = asyncio.get_running_loop()
+        self.udp, self.udp_proto = await loop.create_datagram_endpoint(
+            _Udp, remote_addr=("127.0.0.1", self.ports["udp"])
+        )
+
+    async def close(self) -> None:
+        await self.stream.done_writing()
+        self.writer.close()
+        await self.writer.wait_closed()
+        self.udp.close()
+        await self.channel.close()
+
+    async def seq(self, kind: str, payload: bytes, n: int) -> float:
+        """Seconds for ``n`` round trips, one at a time."""
+        start = time.perf_counter()
+        for _ in range(n):
+            await self._trip(kind, payload)
+        return time.perf_counter() - start
+
+    async def _trip(self, kind: str, payload: bytes) -> None:
+        if kind == "grpc_unary":
+            await self.unary(payload)
+        elif kind == "grpc_stream":
+            await self.stream.write(payload)
+            await self.stream.read()
+        elif kind == "tcp_framed":
+            self.writer.write(_FRAME.pack(len(payload)) + payload)
+            await self._tcp_read()
+        else:
+            self.udp.sendto(payload)
+            await asyncio.wait_for(self.udp_proto.waiting.get(), 2.0)  # a loss fails the run
+
+    async def _tcp_read(self) -> bytes:
+        (size,) = _FRAME.unpack(await self.reader.readexactly(_FRAME.size))
+        return await self.reader.readexactly(size)
+
+    async def concurrent(self, kind: str, payload: bytes, n: int) -> float:
+        """Seconds for ``n`` round trips with ``CONCURRENCY`` outstanding."""
+        start = time.perf_counter()
+        if kind == "grpc_unary":
+            sem = asyncio.Semaphore(CONCURRENCY)
+
+            async def one() -> None:
+                async with sem:
+                    await self.unary(payload)
+
+            await asyncio.gather(*(one() for _ in range(n)))
+        else:
+            await self._pipelined(kind, payload, n)
+        return time.perf_counter() - start
+
+    async def _pipelined(self, kind: str, payload: bytes, n: int) -> None:
+        window = asyncio.Semaphore(CONCURRENCY)
+
+        async def send() -> None:
+            for _ in range(n):
+                await window.acquire()
+                if kind == "grpc_stream":
+                    await self.stream.write(payload)
+                elif kind == "tcp_framed":
+                    self.writer.write(_FRAME.pack(len(payload)) + payload)
+                    await self.writer.drain()
+                else:
+                    self.udp.sendto(payload)
+
+        async def receive() -> None:
+            for _ in range(n):
+                if kind == "grpc_stream":
+                    await self.stream.read()
+                elif kind == "tcp_framed":
+                    await self._tcp_read()
+                else:
+                    await asyncio.wait_for(self.udp_proto.waiting.get(), 2.0)
+                window.release()
+
+        await asyncio.gather(send(), receive())
+
+
+def contenders(size: int) -> list[str]:
+    kinds = ["grpc_unary", "grpc_stream", "tcp_framed"]
+    return kinds + (["udp"] if size <= 1000 else [])
+
+
+async def measure(clients: Clients, n: int, rounds: int) -> list[dict[str, Any]]:
+    lines = []
+    for size in SIZES:
+        payload = os.urandom(size)
+        for mode in ("seq", f"c{CONCURRENCY}"):
+            run = clients.seq if mode == "seq" else clients.concurrent
+            per_round: dict[str, list[float]] = {k: [] for k in contenders(size)}
+            for r in range(rounds):
+                order = contenders(size) if r % 2 == 0 else contenders(size)[::-1]
+                for kind in order:
+                    await run(kind, payload, min(n, 100))  # warm this path up
+                    per_round[kind].append(n / await run(kind, payload, n))
+            ops = {k: statistics.median(v) for k, v in per_round.items()}
+            micros = {k: round(1e6 / v, 1) for k, v in ops.items()}
+            params = {"payload_bytes": size, "mode": mode, "rounds": rounds, "us_per_trip": micros}
+            ours = ops.pop("grpc_unary")
+            lines.append(common.report(f"transport.{mode}.{size}", "ops/s", ours, ops, n, params))
+    return lines
+
+
+async def run(n: int, rounds: int) -> int:
+    common.print_machine()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "bench.transport", "--serve"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        ports = json.loads(await asyncio.to_thread(server.stdout.readline))
+        clients = Clients(ports)
+        await clients.open()
+        try:
+            lines = await measure(clients, n, rounds)
+        finally:
+            await clients.close()
+    finally:
+        if server.stdin is not None:
+            server.stdin.close()
+        try:
+            server.wait(5)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    return 0 if lines else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--serve"]:
+        asyncio.run(serve())
+        return 0
+    parser = common.arg_parser("Round trips between two processes, by transport.")
+    args = parser.parse_args(argv)
+    n = common.n_from(args, DEFAULT_N, QUICK_N)
+    rounds = common.rounds_from(args)
+    return common.run_main("bench.transport", lambda: run(n, rounds), watchdog_s=WATCHDOG_S)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
