@@ -277,8 +277,7 @@ def _verify_session(
         raise MalformedError("fetch: a session request carries no signature, opens nothing")
     if sessions is None:
         raise VerificationError("fetch: this node grants no sessions")
-    if body.version not in _VERSIONS[_FETCH] or len(body.nonce) != NONCE_SIZE:
-        raise MalformedError("fetch: unknown version, or a nonce of the wrong size")
+    _check_shape(_FETCH, body)
     session = sessions.get(request.session_id, now_ms)
     if session.mailbox_id != body.mailbox_id:
         raise VerificationError("fetch: the session is for another mailbox")
@@ -332,6 +331,13 @@ def verify_delete(
     return owner, body
 
 
+def _check_shape(domain: bytes, body: mailbox_pb2.FetchBody | mailbox_pb2.DeleteBody) -> None:
+    if body.version not in _VERSIONS[domain]:
+        raise MalformedError(f"{domain.decode()}: unknown version {body.version}")
+    if len(body.nonce) != NONCE_SIZE or len(body.mailbox_id) != 32:
+        raise MalformedError(f"{domain.decode()}: nonce or mailbox ID has the wrong size")
+
+
 def _verify(
     raw: bytes,
     auth: mailbox_pb2.OwnerAuth,
@@ -340,10 +346,7 @@ def _verify(
     now_ms: int,
     nonces: NonceCache | None,
 ) -> OwnerRequest:
-    if body.version not in _VERSIONS[domain]:
-        raise MalformedError(f"{domain.decode()}: unknown version {body.version}")
-    if len(body.nonce) != NONCE_SIZE or len(body.mailbox_id) != 32:
-        raise MalformedError(f"{domain.decode()}: nonce or mailbox ID has the wrong size")
+    _check_shape(domain, body)
     owner = PublicKeySet.from_proto(auth.owner)
     if mailbox_id(owner.fingerprint) != body.mailbox_id:
         raise VerificationError(f"{domain.decode()}: signer does not own this mailbox")

@@ -111,7 +111,7 @@ class RecordStore:
     def put(self, data: bytes, now_ms: int) -> StoreResult:
         """Validate and store a SignedRecord; raises a ProtocolError and changes nothing."""
         rec = open_record(data, now_ms=now_ms)
-        self._check_policy(rec)
+        check_policy(rec, name_pow_bits=self.name_pow_bits)
         held = self._held.get(rec.body.key)
         if held is not None and held.record.body.expires_ms > now_ms:
             if held.record.raw == rec.raw:
@@ -151,9 +151,6 @@ class RecordStore:
             self._bytes -= len(old.record.raw)
         self._held[rec.body.key] = _Held(rec, now_ms)
         self._bytes += len(rec.raw)
-
-    def _check_policy(self, rec: VerifiedRecord) -> None:
-        check_policy(rec, name_pow_bits=self.name_pow_bits)
 
 
 def check_policy(rec: VerifiedRecord, *, name_pow_bits: int) -> None:
