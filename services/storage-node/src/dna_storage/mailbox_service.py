@@ -32,6 +32,7 @@ from dna_core.mailbox import (
     verify_delete,
     verify_fetch,
 )
+from dna_core.ratelimit import grpc_peer_ip
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 
 from dna_storage.admission import Admission, PowRequired, RateLimited, rejection_reason
@@ -105,11 +106,7 @@ def decode_cursor(cursor: bytes) -> int:
 
 
 def peer_ip(context: Ctx) -> str:
-    """`ipv4:1.2.3.4:5` / `ipv6:[::1]:5` -> the address part."""
-    peer = context.peer() or "unknown"
-    _, _, rest = peer.partition(":")
-    host = rest.rpartition(":")[0]
-    return host.strip("[]") or peer
+    return grpc_peer_ip(context.peer() or "unknown")
 
 
 class MailboxService(mailbox_pb2_grpc.MailboxServicer):
