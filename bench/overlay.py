@@ -88,6 +88,7 @@ from bench.baselines import (
     udp_rcvbuf_errors,
 )
 from bench.overlay_nodes import (
+    BENCH_POW_BITS,
     DEFAULT_RCVBUF,
     PATCH_ENV,
     PROFILE_ENV,
@@ -349,7 +350,7 @@ class OurClient:
             NodeIdentity.generate(0)[0],
             NodeConfig(
                 host="127.0.0.1", puzzle_bits=fleet.puzzle_bits, k=K, client_mode=True,
-                allow_loopback=True,
+                allow_loopback=True, identity_pow_bits=BENCH_POW_BITS,
             ),
         )  # fmt: skip
         self.profile_dir = os.environ.get(PROFILE_ENV) or None

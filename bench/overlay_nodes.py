@@ -52,7 +52,8 @@ from dna_core.overlay.aio import NodeConfig, OverlayNode
 from dna_core.overlay.aio.records_rpc import MAX_GRPC_MESSAGE, OverlayService
 from dna_core.overlay.contact import Contact
 from dna_core.overlay.protocol import Addr
-from dna_core.overlay.records import RecordStore, record_key
+from dna_core.overlay.records import RecordStore, identity_payload, record_key
+from dna_core.ratelimit import RateLimiter
 from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2_grpc
 
 HOST_BASE = 10  # node i listens on 127.0.0.(HOST_BASE + i)
@@ -65,6 +66,10 @@ JOIN_CONCURRENCY = 8
 DEFAULT_RCVBUF = 4 * 1024 * 1024
 STOP_GRACE_S = 0.5
 RECORD_TTL_MS = 3_600_000
+# The bench measures the overlay, not proof-of-work solving or per-source limits: its
+# records carry a 0-bit identity proof and its nodes take any rate from the one client.
+BENCH_POW_BITS = 0
+BENCH_LIMITER = (1e9, 1e9, 1024)  # rate, burst, sources
 PAYLOAD_MIN, PAYLOAD_MAX = 100, 200  # as the baselines' values (bench.baselines.Workload)
 IDENTITY = common_pb2.RECORD_KIND_IDENTITY
 
@@ -100,9 +105,12 @@ def sign_range(start: int, count: int, now_ms: int) -> list[Item]:
         who = Identity(seed)
         key = record_key(IDENTITY, who.fingerprint)
         size = random.Random(i).randint(PAYLOAD_MIN, PAYLOAD_MAX)
+        payload = identity_payload(
+            who.fingerprint, os.urandom(size).hex()[:size], pow_bits=BENCH_POW_BITS, now_ms=now_ms
+        )
         raw = sign_record(
             who, kind=IDENTITY, key=key, seq=1, now_ms=now_ms, ttl_ms=RECORD_TTL_MS,
-            payload=os.urandom(size),
+            payload=payload,
         )  # fmt: skip
         out.append((key, raw))
     return out
@@ -145,13 +153,14 @@ async def start_node(index: int, *, puzzle_bits: int, k: int, rcvbuf: int) -> Be
     """One member as ``OverlayServer.start`` builds it: node, record store, gRPC service."""
     identity, _ = NodeIdentity.generate(puzzle_bits)
     host = node_host(index)
-    store = RecordStore()
+    store = RecordStore(identity_pow_bits=BENCH_POW_BITS, max_records=10**7, max_bytes=1 << 40)
     config = NodeConfig(
         host=host,
         role=common_pb2.NODE_ROLE_STORAGE,
         puzzle_bits=puzzle_bits,
         k=k,
         allow_loopback=True,
+        identity_pow_bits=BENCH_POW_BITS,
     )
     node = OverlayNode(identity, config, store=store)
     server = grpc.aio.server(
@@ -170,6 +179,7 @@ async def start_node(index: int, *, puzzle_bits: int, k: int, rcvbuf: int) -> Be
         closest=node.table.closest,
         local=local,
         k=k,
+        limiter=RateLimiter(*BENCH_LIMITER),
         on_rejected=lambda reason: node.metrics.rejected.labels(reason=reason).inc(),
     )
     overlay_pb2_grpc.add_OverlayServicer_to_server(service, server)

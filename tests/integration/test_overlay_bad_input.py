@@ -17,7 +17,7 @@ from dna_core.crypto import sign_record
 from dna_core.crypto.node import NodeIdentity
 from dna_core.overlay.aio import NodeConfig, OverlayNode
 from dna_core.overlay.codec import Datagram, FindNode, Nodes, decode_datagram, encode_datagram
-from dna_core.overlay.records import record_key
+from dna_core.overlay.records import identity_payload, record_key
 from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
 from support import seeded_identity
 
@@ -120,8 +120,8 @@ def test_bad_records_over_grpc_get_clear_statuses(node: NodeProcess, tmp_path: P
     who = seeded_identity("bad-input")
     kind = common_pb2.RECORD_KIND_IDENTITY
     good = sign_record(
-        who, kind=kind, key=record_key(kind, who.fingerprint), seq=1,
-        now_ms=_now_ms(), ttl_ms=60_000, payload=b"",
+        who, kind=kind, key=record_key(kind, who.fingerprint), seq=1, now_ms=_now_ms(),
+        ttl_ms=60_000, payload=identity_payload(who.fingerprint, "", now_ms=_now_ms()),
     )  # fmt: skip
     forged = common_pb2.SignedRecord.FromString(good)
     forged.signature = bytes(3373)

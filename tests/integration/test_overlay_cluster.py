@@ -17,8 +17,8 @@ import pytest
 from cluster import NodeProcess, client_node, make_cluster, running, wait_ready
 from dna_core.crypto import Identity, sign_record
 from dna_core.overlay.aio import OverlayNode
-from dna_core.overlay.records import record_key
-from dna_core.wire.gen.dna.v1 import common_pb2, records_pb2
+from dna_core.overlay.records import identity_payload, record_key
+from dna_core.wire.gen.dna.v1 import common_pb2
 from support import seeded_identity
 
 T = TypeVar("T")
@@ -35,8 +35,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProce
 
 def _record(who: Identity, seq: int = 1) -> tuple[bytes, bytes]:
     key = record_key(IDENTITY, who.fingerprint)
-    payload = records_pb2.IdentityRecord(display_name="test").SerializeToString()
     now = time.time_ns() // 1_000_000
+    payload = identity_payload(who.fingerprint, "test", now_ms=now)
     raw = sign_record(
         who, kind=IDENTITY, key=key, seq=seq, now_ms=now, ttl_ms=3_600_000, payload=payload
     )

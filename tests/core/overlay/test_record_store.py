@@ -25,9 +25,12 @@ from dna_core.overlay.aio.records_rpc import ChannelPool, RecordClient
 from dna_core.overlay.records import (
     HOUR_MS,
     MAX_PRESENCE_TTL_MS,
+    MAX_ROTATION_TTL_MS,
     MAX_TTL_MS,
     RecordStore,
     StoreResult,
+    identity_payload,
+    identity_proof,
     name_key,
     name_pow_hash,
     normalize_name,
@@ -48,7 +51,7 @@ NAME = common_pb2.RECORD_KIND_NAME_CLAIM
 
 
 def store(**limits: int) -> RecordStore:
-    return RecordStore(name_pow_bits=BITS, **limits)
+    return RecordStore(name_pow_bits=BITS, identity_pow_bits=BITS, **limits)
 
 
 # -- record builders -------------------------------------------------------------------
@@ -63,7 +66,7 @@ def identity_rec(
     key: bytes | None = None,
     display: str = "someone",
 ) -> bytes:
-    payload = encode_message(records_pb2.IdentityRecord(display_name=display))
+    payload = identity_payload(who.fingerprint, display, pow_bits=BITS, now_ms=at)
     key = record_key(IDENTITY, who.fingerprint) if key is None else key
     return sign_record(who, kind=IDENTITY, key=key, seq=seq, now_ms=at, ttl_ms=ttl, payload=payload)
 
@@ -81,6 +84,7 @@ def presence_rec(
         status=records_pb2.PRESENCE_STATUS_ONLINE,
         last_seen_ms=at,
         sealed_candidates=[b"c" * padding],
+        pow=identity_proof(who.fingerprint, pow_bits=BITS, now_ms=at),
     )
     key = record_key(PRESENCE, who.fingerprint) if key is None else key
     return sign_record(
@@ -152,6 +156,7 @@ def rotation_rec(
     old_fp: bytes | None = None,
     key: bytes | None = None,
     sig: bytes | None = None,
+    ttl: int = DAY_MS,
 ) -> bytes:
     old_fp = old.fingerprint if old_fp is None else old_fp
     accept = rotation_accept_message(old_fp, new.fingerprint) if accept is None else accept
@@ -163,10 +168,11 @@ def rotation_rec(
         effective_ms=at,
         new_key_signature=sig,
         reason="device lost",
+        pow=identity_proof(old.fingerprint, pow_bits=BITS, now_ms=at),
     )
     key = record_key(ROTATION, old.fingerprint) if key is None else key
     return sign_record(
-        old, kind=ROTATION, key=key, seq=seq, now_ms=at, ttl_ms=DAY_MS, payload=encode_message(rot)
+        old, kind=ROTATION, key=key, seq=seq, now_ms=at, ttl_ms=ttl, payload=encode_message(rot)
     )
 
 
@@ -508,6 +514,65 @@ def test_a_full_store_replaces_an_expired_record_in_place(alice: Identity) -> No
     assert len(s) == 1 and s.bytes_held == len(fresh)
 
 
+def test_a_full_store_evicts_the_biggest_holder_and_never_the_newcomer_s_peers() -> None:
+    """Issue 10 defect 4: a flood from one source only ever displaces its own records."""
+    flood = [Identity.generate() for _ in range(4)]
+    s = store(max_records=4)
+    for who in flood:
+        assert s.put(identity_rec(who), NOW, "10.0.0.1").changed
+    # the flooder is full and holds everything: its next record is refused, nothing moves
+    with pytest.raises(CapacityError):
+        s.put(identity_rec(Identity.generate()), NOW, "10.0.0.1")
+    # someone else gets in by evicting the flooder's oldest record
+    alice, bob = Identity.generate(), Identity.generate()
+    result = s.put(identity_rec(alice), NOW, "192.0.2.7")
+    assert result.changed and result.evicted == (record_key(IDENTITY, flood[0].fingerprint),)
+    assert s.put(identity_rec(bob), NOW, "198.51.100.9").changed
+    assert len(s) == 4 and s.source_of(record_key(IDENTITY, alice.fingerprint)) == "192.0.2.7"
+    # once shares are even (2, 1, 1) nobody with a share as big as its own is displaced
+    with pytest.raises(CapacityError):
+        s.put(identity_rec(Identity.generate()), NOW, "192.0.2.7")
+
+
+def test_a_repeat_of_held_bytes_is_answered_without_verifying(alice: Identity) -> None:
+    s = store()
+    data = identity_rec(alice)
+    assert s.repeat(data, NOW) is None
+    s.put(data, NOW)
+    assert s.repeat(data, NOW) == StoreResult(1, changed=False)
+    assert s.repeat(data, NOW + DAY_MS) is None  # expired: no longer held
+
+
+@pytest.mark.parametrize("kind", ["identity", "presence", "rotation"])
+def test_identity_bound_records_need_a_proof_of_work(
+    kind: str, alice: Identity, carol: Identity
+) -> None:
+    """Issue 10 defect 4: a fresh identity's records cost 2^bits hashes to store."""
+    if kind == "identity":
+        payload = encode_message(records_pb2.IdentityRecord(display_name="free"))
+    elif kind == "presence":
+        payload = encode_message(records_pb2.PresenceRecord(last_seen_ms=NOW))
+    else:
+        payload = encode_message(records_pb2.KeyRotation(old_fingerprint=alice.fingerprint))
+    k = {"identity": IDENTITY, "presence": PRESENCE, "rotation": ROTATION}[kind]
+    data = sign_record(alice, kind=k, key=record_key(k, alice.fingerprint), seq=1, now_ms=NOW,
+                       ttl_ms=HOUR_MS, payload=payload)  # fmt: skip
+    refused(store(), data, VerificationError, all_keys(alice))
+    weak = identity_payload(alice.fingerprint, "weak", pow_bits=BITS - 1, now_ms=NOW)
+    data = sign_record(alice, kind=IDENTITY, key=record_key(IDENTITY, alice.fingerprint),
+                       seq=1, now_ms=NOW, ttl_ms=HOUR_MS, payload=weak)  # fmt: skip
+    s = RecordStore(name_pow_bits=BITS, identity_pow_bits=BITS + 8)
+    refused(s, data, VerificationError, all_keys(alice))
+
+
+def test_lifetimes_are_days_not_years(alice: Identity, carol: Identity) -> None:
+    s = store()
+    refused(s, rotation_rec(alice, carol, ttl=MAX_ROTATION_TTL_MS + 1), MalformedError,
+            all_keys(alice))  # fmt: skip
+    assert s.put(rotation_rec(alice, carol, ttl=MAX_ROTATION_TTL_MS), NOW).changed
+    assert MAX_TTL_MS <= 7 * DAY_MS and MAX_ROTATION_TTL_MS <= 30 * DAY_MS
+
+
 # -- rotation ----------------------------------------------------------------------------------
 
 
@@ -557,6 +622,7 @@ def test_rotation_with_garbage_new_keys_is_refused(alice: Identity) -> None:
         old_fingerprint=alice.fingerprint,
         new_keys=common_pb2.PublicKeySet(ed25519=b"short"),
         new_key_signature=b"x",
+        pow=identity_proof(alice.fingerprint, pow_bits=BITS, now_ms=NOW),
     )
     data = sign_record(
         alice, kind=ROTATION, key=record_key(ROTATION, alice.fingerprint), seq=1, now_ms=NOW,
@@ -636,7 +702,9 @@ def test_readers_drop_answers_no_honest_store_would_hold(
     """One dishonest node must not win `select_best` with a record the store policy
     refuses: a higher sequence number does not make up for a missing proof of work or
     cross-signature."""
-    reader = RecordClient(ChannelPool(), puzzle_bits=4, name_pow_bits=BITS, clock=lambda: NOW)
+    reader = RecordClient(
+        ChannelPool(), puzzle_bits=4, name_pow_bits=BITS, identity_pow_bits=BITS, clock=lambda: NOW
+    )
     honest = name_rec(alice, "alice")
     no_work = name_rec(
         bob,

@@ -19,7 +19,11 @@ from dna_core.errors import VerificationError
 from dna_core.overlay.aio import OverlayNode
 from dna_core.overlay.records import (
     DEFAULT_NAME_POW_BITS,
+    MAX_ROTATION_TTL_MS,
+    MAX_TTL_MS,
     ROTATION_ACCEPT_DOMAIN,
+    identity_payload,
+    identity_proof,
     name_key,
     name_pow_hash,
     normalize_name,
@@ -33,7 +37,7 @@ from dna_core.wire.gen.dna.v1 import common_pb2, records_pb2
 IDENTITY = common_pb2.RECORD_KIND_IDENTITY
 NAME_CLAIM = common_pb2.RECORD_KIND_NAME_CLAIM
 ROTATION = common_pb2.RECORD_KIND_KEY_ROTATION
-RECORD_TTL_MS = 30 * 86_400_000
+RECORD_TTL_MS = MAX_TTL_MS  # 7 days; the devices republish every few hours (peer.py)
 NAME_POW_BITS = DEFAULT_NAME_POW_BITS  # what overlay nodes require by default
 
 
@@ -43,7 +47,7 @@ def now_ms() -> int:
 
 async def publish_identity(node: OverlayNode, identity: Identity, display_name: str) -> int:
     """Store the identity record; returns how many overlay nodes took it."""
-    payload = records_pb2.IdentityRecord(display_name=display_name).SerializeToString()
+    payload = identity_payload(identity.fingerprint, display_name, now_ms=now_ms())
     return await _publish(node, identity, IDENTITY, record_key(IDENTITY, identity.fingerprint),
                           payload)  # fmt: skip
 
@@ -96,10 +100,11 @@ def rotation_record(old: Identity, new: Identity, *, reason: str = "") -> bytes:
     payload = records_pb2.KeyRotation(
         old_fingerprint=old.fingerprint, new_keys=new.public.to_proto(),
         effective_ms=now_ms(), new_key_signature=accept, reason=reason,
+        pow=identity_proof(old.fingerprint, now_ms=now_ms()),
     )  # fmt: skip
     created = now_ms()
     return sign_record(old, kind=ROTATION, key=record_key(ROTATION, old.fingerprint), seq=created,
-                       now_ms=created, ttl_ms=365 * 86_400_000,
+                       now_ms=created, ttl_ms=MAX_ROTATION_TTL_MS,
                        payload=payload.SerializeToString())  # fmt: skip
 
 

@@ -38,6 +38,8 @@ UDP_PORT, GRPC_PORT, HTTP_PORT = 7400, 7401, 7480
 # on the machine; a testnet allows what 50 people would. The per-mailbox limits, PoW and
 # quotas stay as on a public network.
 TESTNET_ADMISSION = "[admission]\nip_rate_per_s = 1000.0\nip_burst = 2000.0\n"
+# Likewise for record stores (a public node allows 30 at once, then 1/s, per address).
+TESTNET_RECORDS = "source_rate_per_s = 200.0\nsource_burst = 1000.0\n"
 
 
 @dataclass
@@ -49,6 +51,7 @@ class LocalNode:
     command: str = "dna-bootstrap"  # or dna-storage-node
     puzzle_bits: int = 4
     extra_toml: str = ""  # more sections, e.g. [admission]
+    records_toml: str = TESTNET_RECORDS  # more keys of the [records] section
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -75,6 +78,8 @@ class LocalNode:
             f'grpc_port = {GRPC_PORT}\nkey_file = "{self.root / (self.name + ".key")}"\n'
             f"puzzle_bits = {self.puzzle_bits}\n[overlay]\nbootstrap = [{seeds}]\n"
             f'allow_loopback = true\n[ops]\nhttp_host = "{self.ip}"\nhttp_port = {HTTP_PORT}\n'
+            + f'[records]\npath = "{self.root / self.name}-records.sqlite3"\n'
+            + self.records_toml
             + (storage if self.role == "storage" else "")
             + self.extra_toml
         )

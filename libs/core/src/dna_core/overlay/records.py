@@ -11,7 +11,16 @@ What a node accepts, keeps and hands out for a key:
   sequence with other bytes is refused (the first one stays); a name claimed by
   an unexpired record of another identity is refused (first come, first served);
 * a key rotation must be cross-signed by the new key;
-* presence records live at most an hour, everything else at most a year;
+* identity, presence and rotation records carry a proof of work over the signer's
+  fingerprint (``identity_pow_bits``): room in the overlay costs every fresh identity;
+* presence records live at most an hour, rotations 30 days, identities and name claims
+  7 days: their owners' devices sign them again well within that (`republish_due` only
+  spreads the same bytes, it never extends a life);
+* the store holds at most ``max_records`` records and ``max_bytes`` bytes. When a record
+  does not fit, the oldest record of the source (address) holding the most is evicted to
+  make room, unless that is the newcomer's own source or one holding no more than it:
+  then the newcomer is refused. So a flood from one place only ever displaces its own
+  records, and someone with a fair share always gets in;
 * expired records disappear (`expire`) and held records are handed back for
   republishing on a timer (`republish_due`).
 
@@ -25,7 +34,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dna_core.crypto import pow, signature
 from dna_core.crypto import primitives as p
@@ -36,10 +45,16 @@ from dna_core.wire import decode_message
 from dna_core.wire.gen.dna.v1 import common_pb2, records_pb2
 
 HOUR_MS = 3_600_000
-MAX_TTL_MS = 365 * 24 * HOUR_MS
+DAY_MS = 24 * HOUR_MS
+MAX_TTL_MS = 7 * DAY_MS  # identities and name claims; their devices republish daily
+MAX_ROTATION_TTL_MS = 30 * DAY_MS  # contacts offline for weeks still find the rotation
 MAX_PRESENCE_TTL_MS = HOUR_MS
 NAME_MIN, NAME_MAX = 3, 32
 DEFAULT_NAME_POW_BITS = 16  # a name claim's proof of work (overlay.name_pow_bits)
+DEFAULT_IDENTITY_POW_BITS = 16  # identity, presence, rotation (records.identity_pow_bits)
+DEFAULT_MAX_RECORDS = 20_000
+DEFAULT_MAX_BYTES = 64 << 20
+MAX_EVICTIONS = 8  # per put: a 16 KiB record displaces at most a few ~5 KiB ones
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-")
 _KIND_LABEL: dict[int, str] = {
     common_pb2.RECORD_KIND_IDENTITY: "identity",
@@ -69,6 +84,28 @@ def name_pow_hash(name: str, fingerprint: bytes) -> bytes:
     return p.sha256(p.label("name-pow"), normalize_name(name).encode(), fingerprint)
 
 
+def identity_pow_hash(fingerprint: bytes) -> bytes:
+    return p.sha256(p.label("identity-pow"), fingerprint)
+
+
+def identity_proof(
+    fingerprint: bytes, *, pow_bits: int = DEFAULT_IDENTITY_POW_BITS, now_ms: int
+) -> common_pb2.ProofOfWork:
+    """The proof of work identity, presence and rotation records of ``fingerprint`` carry."""
+    proof, _ = pow.solve(identity_pow_hash(fingerprint), pow_bits, now_ms=now_ms)
+    return proof.to_proto()
+
+
+def identity_payload(
+    fingerprint: bytes, display_name: str, *, pow_bits: int = DEFAULT_IDENTITY_POW_BITS,
+    now_ms: int,
+) -> bytes:  # fmt: skip
+    """An `IdentityRecord` payload with its proof of work (solving it takes ~2^pow_bits
+    hashes: about 0.3 s at the default 16 bits)."""
+    proof = identity_proof(fingerprint, pow_bits=pow_bits, now_ms=now_ms)
+    return records_pb2.IdentityRecord(display_name=display_name, pow=proof).SerializeToString()
+
+
 ROTATION_ACCEPT_DOMAIN = b"rotation-accept"  # the new key's cross-signature
 
 
@@ -80,12 +117,15 @@ def rotation_accept_message(old_fp: bytes, new_fp: bytes) -> bytes:
 class StoreResult:
     seq: int
     changed: bool  # False when the same record was already held
+    evicted: tuple[bytes, ...] = ()  # keys dropped to make room (the adapter counts them)
+    record: VerifiedRecord | None = field(default=None, compare=False)  # held now, if changed
 
 
 @dataclass(slots=True)
 class _Held:
     record: VerifiedRecord
     republished_ms: float
+    source: str
 
 
 class RecordStore:
@@ -93,12 +133,15 @@ class RecordStore:
         self,
         *,
         name_pow_bits: int = DEFAULT_NAME_POW_BITS,
-        max_records: int = 100_000,
-        max_bytes: int = 256 << 20,
+        identity_pow_bits: int = DEFAULT_IDENTITY_POW_BITS,
+        max_records: int = DEFAULT_MAX_RECORDS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
-        self.name_pow_bits = name_pow_bits
+        self.name_pow_bits, self.identity_pow_bits = name_pow_bits, identity_pow_bits
         self.max_records, self.max_bytes = max_records, max_bytes
         self._held: dict[bytes, _Held] = {}
+        self._by_raw: dict[bytes, bytes] = {}  # raw record -> key: repeats cost no verifying
+        self._by_source: dict[str, dict[bytes, None]] = {}  # source -> its keys, oldest first
         self._bytes = 0
 
     def __len__(self) -> int:
@@ -108,21 +151,30 @@ class RecordStore:
     def bytes_held(self) -> int:
         return self._bytes
 
-    def put(self, data: bytes, now_ms: int) -> StoreResult:
-        """Validate and store a SignedRecord; raises a ProtocolError and changes nothing."""
+    def repeat(self, data: bytes, now_ms: int) -> StoreResult | None:
+        """The unchanged result if exactly these bytes are held and unexpired (a republish
+        of what we have: a dictionary look-up, no signature to check, nothing to charge
+        the sender), else None."""
+        key = self._by_raw.get(data)
+        held = None if key is None else self.get(key, now_ms)
+        return None if held is None else StoreResult(held.body.seq, changed=False)
+
+    def put(self, data: bytes, now_ms: int, source: str = "") -> StoreResult:
+        """Validate and store a SignedRecord sent by ``source`` (the sender's address, for
+        fairness when full); raises a ProtocolError and changes nothing."""
         rec = open_record(data, now_ms=now_ms)
-        check_policy(rec, name_pow_bits=self.name_pow_bits)
+        check_policy(rec, name_pow_bits=self.name_pow_bits,
+                     identity_pow_bits=self.identity_pow_bits)  # fmt: skip
         held = self._held.get(rec.body.key)
         if held is not None and held.record.body.expires_ms > now_ms:
             if held.record.raw == rec.raw:
                 return StoreResult(rec.body.seq, changed=False)
             _check_replaces(held.record, rec)
-        freed = len(held.record.raw) if held is not None else 0
-        full = held is None and len(self._held) >= self.max_records
-        if full or self._bytes - freed + len(rec.raw) > self.max_bytes:
-            raise CapacityError("record store is full")
-        self._replace(rec, now_ms)
-        return StoreResult(rec.body.seq, changed=True)
+        victims = self._victims(rec, held, source)
+        for key in victims:
+            self._remove(key)
+        self._replace(rec, now_ms, source)
+        return StoreResult(rec.body.seq, changed=True, evicted=tuple(victims), record=rec)
 
     def get(self, key: bytes, now_ms: int) -> VerifiedRecord | None:
         held = self._held.get(key)
@@ -130,11 +182,19 @@ class RecordStore:
             return None
         return held.record
 
+    def source_of(self, key: bytes) -> str | None:
+        held = self._held.get(key)
+        return None if held is None else held.source
+
     def expire(self, now_ms: int) -> int:
+        return len(self.expire_keys(now_ms))
+
+    def expire_keys(self, now_ms: int) -> list[bytes]:
+        """Drop every expired record; returns their keys."""
         gone = [k for k, h in self._held.items() if h.record.body.expires_ms <= now_ms]
         for key in gone:
-            self._bytes -= len(self._held.pop(key).record.raw)
-        return len(gone)
+            self._remove(key)
+        return gone
 
     def republish_due(self, now_ms: int, interval_ms: int) -> list[VerifiedRecord]:
         """Records not republished within ``interval_ms``; marks them as republished now."""
@@ -145,30 +205,98 @@ class RecordStore:
                 due.append(held.record)
         return due
 
-    def _replace(self, rec: VerifiedRecord, now_ms: int) -> None:
-        old = self._held.get(rec.body.key)
-        if old is not None:
-            self._bytes -= len(old.record.raw)
-        self._held[rec.body.key] = _Held(rec, now_ms)
+    def _victims(self, rec: VerifiedRecord, held: _Held | None, source: str) -> list[bytes]:
+        """The keys to evict so that ``rec`` fits (module docstring), without changing
+        anything; raises CapacityError when it may not displace anyone."""
+        records = len(self._held) + (held is None)
+        size = self._bytes - (len(held.record.raw) if held is not None else 0) + len(rec.raw)
+        if len(rec.raw) > self.max_bytes:
+            raise CapacityError("record store is full")
+        counts = {s: len(keys) for s, keys in self._by_source.items()}
+        counts[source] = counts.get(source, 0) - (held is not None and held.source == source)
+        victims: list[bytes] = []
+        while records > self.max_records or size > self.max_bytes:
+            biggest = max(counts, key=lambda s: counts[s])
+            if biggest == source or counts[biggest] <= counts[source] + 1:
+                raise CapacityError("record store is full (this source holds its share)")
+            if len(victims) >= MAX_EVICTIONS:
+                raise CapacityError("record store is full")
+            key = next(
+                k for k in self._by_source[biggest] if k != rec.body.key and k not in victims
+            )
+            victims.append(key)
+            counts[biggest] -= 1
+            records -= 1
+            size -= len(self._held[key].record.raw)
+        return victims
+
+    def _remove(self, key: bytes) -> None:
+        held = self._held.pop(key)
+        self._bytes -= len(held.record.raw)
+        del self._by_raw[held.record.raw]
+        keys = self._by_source[held.source]
+        del keys[key]
+        if not keys:
+            del self._by_source[held.source]
+
+    def _replace(self, rec: VerifiedRecord, now_ms: int, source: str) -> None:
+        if rec.body.key in self._held:
+            self._remove(rec.body.key)
+        self._held[rec.body.key] = _Held(rec, now_ms, source)
+        self._by_raw[rec.raw] = rec.body.key
+        self._by_source.setdefault(source, {})[rec.body.key] = None
         self._bytes += len(rec.raw)
 
 
-def check_policy(rec: VerifiedRecord, *, name_pow_bits: int) -> None:
+_MAX_LIFETIME: dict[int, int] = {
+    common_pb2.RECORD_KIND_IDENTITY: MAX_TTL_MS,
+    common_pb2.RECORD_KIND_NAME_CLAIM: MAX_TTL_MS,
+    common_pb2.RECORD_KIND_PRESENCE: MAX_PRESENCE_TTL_MS,
+    common_pb2.RECORD_KIND_KEY_ROTATION: MAX_ROTATION_TTL_MS,
+}
+_IdentityBound = records_pb2.IdentityRecord | records_pb2.PresenceRecord | records_pb2.KeyRotation
+_IDENTITY_BOUND: dict[int, type[_IdentityBound]] = {  # payloads that carry an identity proof
+    common_pb2.RECORD_KIND_IDENTITY: records_pb2.IdentityRecord,
+    common_pb2.RECORD_KIND_PRESENCE: records_pb2.PresenceRecord,
+    common_pb2.RECORD_KIND_KEY_ROTATION: records_pb2.KeyRotation,
+}
+
+
+def max_lifetime_ms(kind: int) -> int:
+    return _MAX_LIFETIME[kind]
+
+
+def check_policy(
+    rec: VerifiedRecord, *, name_pow_bits: int,
+    identity_pow_bits: int = DEFAULT_IDENTITY_POW_BITS,
+) -> None:  # fmt: skip
     """The rules of one record on its own (module docstring), for stores and readers
     alike; raises a ProtocolError. What depends on what is held (sequence numbers, first
     come first served) is the store's alone."""
     body = rec.body
-    ttl = body.expires_ms - body.created_ms
-    limit = MAX_PRESENCE_TTL_MS if body.kind == common_pb2.RECORD_KIND_PRESENCE else MAX_TTL_MS
-    if ttl > limit:
+    limit = _MAX_LIFETIME[body.kind]
+    if body.expires_ms - body.created_ms > limit:
         raise MalformedError(f"record: lifetime over {limit // HOUR_MS} h for its kind")
     if body.kind == common_pb2.RECORD_KIND_NAME_CLAIM:
         _check_name_claim(rec, name_pow_bits)
         return
     if body.key != record_key(body.kind, body.signer_fingerprint):
         raise VerificationError("record: stored under a key its signer does not own")
+    _check_identity_pow(rec, identity_pow_bits, limit)
     if body.kind == common_pb2.RECORD_KIND_KEY_ROTATION:
         rotation_target(rec)
+
+
+def _check_identity_pow(rec: VerifiedRecord, bits: int, max_age_ms: int) -> None:
+    payload = decode_message(
+        _IDENTITY_BOUND[rec.body.kind], rec.body.payload, max_size=8192, what="record payload"
+    )
+    if not payload.HasField("pow"):
+        raise VerificationError(f"record: proof of work missing ({bits} bits required)")
+    pow.verify(
+        pow.Proof.from_proto(payload.pow), identity_pow_hash(rec.body.signer_fingerprint),
+        required=bits, now_ms=rec.body.created_ms, max_age_ms=max_age_ms,
+    )  # fmt: skip
 
 
 def _check_name_claim(rec: VerifiedRecord, name_pow_bits: int) -> None:

@@ -48,7 +48,11 @@ from dna_core.overlay.protocol import (
     proven_contact,
     request_datagram,
 )
-from dna_core.overlay.records import DEFAULT_NAME_POW_BITS, RecordStore
+from dna_core.overlay.records import (
+    DEFAULT_IDENTITY_POW_BITS,
+    DEFAULT_NAME_POW_BITS,
+    RecordStore,
+)
 from dna_core.overlay.rtt import RttEstimator
 from dna_core.overlay.tokens import AddressTokens
 from dna_core.wire.gen.dna.v1 import common_pb2
@@ -85,6 +89,7 @@ class NodeConfig:
     udp_rcvbuf: int = 4 << 20
     fast_holders: int = 2  # get_record asks this many known closest nodes before a lookup
     name_pow_bits: int = DEFAULT_NAME_POW_BITS  # readers check name claims as stores do
+    identity_pow_bits: int = DEFAULT_IDENTITY_POW_BITS  # and identity records' proofs
 
 
 @dataclass
@@ -139,7 +144,7 @@ class OverlayNode:
         self.channels = ChannelPool()
         self.records = RecordClient(
             self.channels, puzzle_bits=config.puzzle_bits, timeout=config.rpc_timeout,
-            name_pow_bits=config.name_pow_bits,
+            name_pow_bits=config.name_pow_bits, identity_pow_bits=config.identity_pow_bits,
         )  # fmt: skip
 
     # -- lifecycle ------------------------------------------------------------

@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from dna_core.crypto.records import VerifiedRecord, open_record
@@ -19,11 +19,14 @@ from dna_core.errors import MalformedError, ProtocolError
 from dna_core.overlay.codec import contact_from_proto, contact_to_proto
 from dna_core.overlay.contact import Contact
 from dna_core.overlay.records import (
+    DEFAULT_IDENTITY_POW_BITS,
     DEFAULT_NAME_POW_BITS,
     RecordStore,
+    StoreResult,
     check_policy,
     select_best,
 )
+from dna_core.ratelimit import RateLimited, RateLimiter, grpc_peer_ip, source_key
 from dna_core.wire import encode_message
 from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
 
@@ -45,8 +48,27 @@ async def abort_with(context: Ctx, exc: ProtocolError) -> None:
     await context.abort(code, exc.reason)
 
 
+# Stores per source address: a burst, then a steady rate (`[records]` in the node config).
+# A person publishes 2 records per node a few times a day; a node republishing what it
+# holds sends the same bytes again, which `RecordStore.holds` lets through uncharged.
+DEFAULT_SOURCE_RATE_PER_S = 1.0
+DEFAULT_SOURCE_BURST = 30.0
+DEFAULT_SOURCE_MAX_KEYS = 65_536
+
+
+class RecordJournal(Protocol):
+    """Where a node keeps its records across restarts (`record_file.RecordFile`)."""
+
+    def save(self, raw: bytes, key: bytes, source: str, expires_ms: int) -> None: ...
+
+    def delete(self, keys: Sequence[bytes]) -> None: ...
+
+
 class OverlayService(overlay_pb2_grpc.OverlayServicer):
-    """Answers find-value and store from the node's RecordStore, and gRPC ping/find-node."""
+    """Answers find-value and store from the node's RecordStore, and gRPC ping/find-node.
+
+    A store is charged to its source address (`dna_core.ratelimit`): one token per record
+    that has to be verified; a record already held byte for byte costs nothing."""
 
     def __init__(
         self,
@@ -56,10 +78,20 @@ class OverlayService(overlay_pb2_grpc.OverlayServicer):
         local: Callable[[], Contact],
         k: int = 20,
         clock: Clock = wall_ms,
+        monotonic: Callable[[], float] = time.monotonic,
+        limiter: RateLimiter | None = None,
+        journal: RecordJournal | None = None,
         on_rejected: Callable[[str], None] = lambda reason: None,
+        on_evicted: Callable[[int], None] = lambda count: None,
     ) -> None:
         self.store, self.closest, self.local, self.k = store, closest, local, k
-        self.clock, self.on_rejected = clock, on_rejected
+        self.clock, self.monotonic, self.journal = clock, monotonic, journal
+        if limiter is None:
+            limiter = RateLimiter(
+                DEFAULT_SOURCE_RATE_PER_S, DEFAULT_SOURCE_BURST, DEFAULT_SOURCE_MAX_KEYS
+            )
+        self.limiter = limiter
+        self.on_rejected, self.on_evicted = on_rejected, on_evicted
 
     async def Ping(  # noqa: N802 (gRPC method names)
         self,
@@ -96,11 +128,31 @@ class OverlayService(overlay_pb2_grpc.OverlayServicer):
     async def Store(  # noqa: N802
         self, request: overlay_pb2.StoreRequest, context: Ctx
     ) -> overlay_pb2.StoreResponse:
+        raw, now_ms = encode_message(request.record), self.clock()
         try:
-            result = self.store.put(encode_message(request.record), self.clock())
+            result = self._store(raw, source_key(grpc_peer_ip(context.peer() or "")), now_ms)
         except ProtocolError as exc:
             await self._refuse(context, exc)
         return overlay_pb2.StoreResponse(stored_seq=result.seq)
+
+    def _store(self, raw: bytes, source: str, now_ms: int) -> StoreResult:
+        repeated = self.store.repeat(raw, now_ms)
+        if repeated is not None:
+            return repeated
+        wait = self.limiter.check(source, self.monotonic())
+        if wait > 0:
+            raise RateLimited(
+                f"record store: source over {self.limiter.rate:g} records/s "
+                f"(burst {self.limiter.burst:g}); retry after {wait:.1f} s",
+                wait,
+            )
+        result = self.store.put(raw, now_ms, source)
+        if self.journal is not None and result.record is not None:
+            self.journal.delete(result.evicted)
+            self.journal.save(raw, result.record.body.key, source, result.record.body.expires_ms)
+        if result.evicted:
+            self.on_evicted(len(result.evicted))
+        return result
 
     async def _refuse(self, context: Ctx, exc: ProtocolError) -> None:
         self.on_rejected(f"record_{type(exc).__name__}")
@@ -155,11 +207,12 @@ class RecordClient:
         *,
         puzzle_bits: int,
         name_pow_bits: int = DEFAULT_NAME_POW_BITS,
+        identity_pow_bits: int = DEFAULT_IDENTITY_POW_BITS,
         timeout: float = 3.0,
         clock: Clock = wall_ms,
     ) -> None:
         self.pool, self.puzzle_bits, self.timeout, self.clock = pool, puzzle_bits, timeout, clock
-        self.name_pow_bits = name_pow_bits
+        self.name_pow_bits, self.identity_pow_bits = name_pow_bits, identity_pow_bits
 
     def _stub(self, contact: Contact) -> overlay_pb2_grpc.OverlayAsyncStub:
         return overlay_pb2_grpc.OverlayStub(self.pool.get(contact.endpoint.grpc_target))
@@ -203,7 +256,8 @@ class RecordClient:
             rec = open_record(raw, now_ms=self.clock())
             if rec.body.key != key:
                 return None
-            check_policy(rec, name_pow_bits=self.name_pow_bits)
+            check_policy(rec, name_pow_bits=self.name_pow_bits,
+                         identity_pow_bits=self.identity_pow_bits)  # fmt: skip
         except ProtocolError:
             return None
         return rec

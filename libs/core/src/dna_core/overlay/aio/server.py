@@ -24,12 +24,27 @@ from dna_core.ops.http import OpsServer, build_ops_app
 from dna_core.ops.logs import node_logger
 from dna_core.ops.node_key import load_or_create_node_key
 from dna_core.overlay.protocol import Addr
-from dna_core.overlay.records import DEFAULT_NAME_POW_BITS, RecordStore
+from dna_core.overlay.records import (
+    DEFAULT_IDENTITY_POW_BITS,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_RECORDS,
+    DEFAULT_NAME_POW_BITS,
+    RecordStore,
+)
+from dna_core.ratelimit import RateLimiter
 from dna_core.wire.gen.dna.v1 import overlay_pb2_grpc
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from .node import NodeConfig, OverlayNode
-from .records_rpc import MAX_GRPC_MESSAGE, OverlayService, wall_ms
+from .record_file import RecordFile
+from .records_rpc import (
+    DEFAULT_SOURCE_BURST,
+    DEFAULT_SOURCE_MAX_KEYS,
+    DEFAULT_SOURCE_RATE_PER_S,
+    MAX_GRPC_MESSAGE,
+    OverlayService,
+    wall_ms,
+)
 
 T = TypeVar("T")
 OVERLAY_SERVICE = "dna.v1.Overlay"
@@ -57,6 +72,23 @@ class OverlaySection:
 
 
 @dataclass(frozen=True)
+class RecordsSection:
+    """The record store: where it is kept, how big it may grow, what a sender may do."""
+
+    path: Path = Path("records.sqlite3")  # kept across restarts; one file per node
+    max_records: int = DEFAULT_MAX_RECORDS
+    max_bytes: int = DEFAULT_MAX_BYTES
+    source_rate_per_s: float = DEFAULT_SOURCE_RATE_PER_S  # new records per source address
+    source_burst: float = DEFAULT_SOURCE_BURST
+    source_max_keys: int = DEFAULT_SOURCE_MAX_KEYS
+    identity_pow_bits: int = DEFAULT_IDENTITY_POW_BITS
+
+    def __post_init__(self) -> None:
+        if self.max_records < 1 or self.max_bytes < 1:
+            raise ValueError("max_records and max_bytes must be >= 1")
+
+
+@dataclass(frozen=True)
 class OpsSection:
     http_host: str = "127.0.0.1"
     http_port: int = 7480
@@ -66,6 +98,7 @@ class OpsSection:
 class OverlayServiceConfig:
     node: NodeSection = field(default_factory=NodeSection)
     overlay: OverlaySection = field(default_factory=OverlaySection)
+    records: RecordsSection = field(default_factory=RecordsSection)
     ops: OpsSection = field(default_factory=OpsSection)
     log_level: str = "info"
 
@@ -98,6 +131,7 @@ class OverlayServer:
         self.health: HealthController | None = None
         self.grpc: grpc.aio.Server | None = None
         self.ops: OpsServer | None = None
+        self.record_file: RecordFile | None = None
         self.log = node_logger("dna.node", role=str(role))
 
     async def start(self) -> None:
@@ -106,7 +140,7 @@ class OverlayServer:
         self.log = node_logger("dna.node", role=str(self.role), node_id=identity.node_id.hex()[:16])
         if created:
             self.log.info("minted a new node key", extra={"key_file": str(cfg.node.key_file)})
-        store = RecordStore(name_pow_bits=cfg.overlay.name_pow_bits)
+        store = self._open_records()
         self.node = node = OverlayNode(
             identity, self._node_config(), store=store, registry=self.registry
         )
@@ -120,6 +154,23 @@ class OverlayServer:
         ]
         self.log.info("started", extra={"status": self.status()})
 
+    def _open_records(self) -> RecordStore:
+        """The record store, filled from the node's record file (each record verified again:
+        what expired while the node was down, or fails a rule, is dropped)."""
+        cfg = self.config
+        store = RecordStore(
+            name_pow_bits=cfg.overlay.name_pow_bits,
+            identity_pow_bits=cfg.records.identity_pow_bits,
+            max_records=cfg.records.max_records, max_bytes=cfg.records.max_bytes,
+        )  # fmt: skip
+        self.record_file = RecordFile(cfg.records.path)
+        loaded, dropped = self.record_file.load_into(store, wall_ms())
+        self.log.info(
+            "records loaded",
+            extra={"path": str(cfg.records.path), "loaded": loaded, "dropped": dropped},
+        )
+        return store
+
     def _node_config(self) -> NodeConfig:
         cfg = self.config
         return NodeConfig(
@@ -128,6 +179,7 @@ class OverlayServer:
             alpha=cfg.overlay.alpha, allow_loopback=cfg.overlay.allow_loopback,
             refresh_interval=cfg.overlay.refresh_interval,
             name_pow_bits=cfg.overlay.name_pow_bits,
+            identity_pow_bits=cfg.records.identity_pow_bits,
         )  # fmt: skip
 
     async def _start_grpc(self, node: OverlayNode, store: RecordStore) -> int:
@@ -137,12 +189,25 @@ class OverlayServer:
                 ("grpc.max_send_message_length", MAX_GRPC_MESSAGE),
             ]
         )
+        records = self.config.records
+        evicted = Counter("dna_overlay_records_evicted", "Records evicted to make room",
+                          registry=self.registry)  # fmt: skip
+        Gauge("dna_overlay_records", "Records held", registry=self.registry).set_function(
+            lambda: len(store)
+        )
+        Gauge("dna_overlay_record_bytes", "Bytes of records held",
+              registry=self.registry).set_function(lambda: store.bytes_held)  # fmt: skip
         service = OverlayService(
             store=store,
             closest=node.table.closest,
             local=lambda: _require(node.contact),
             k=self.config.overlay.k,
+            limiter=RateLimiter(
+                records.source_rate_per_s, records.source_burst, records.source_max_keys
+            ),
+            journal=self.record_file,
             on_rejected=lambda reason: node.metrics.rejected.labels(reason=reason).inc(),
+            on_evicted=evicted.inc,
         )
         overlay_pb2_grpc.add_OverlayServicer_to_server(service, server)
         names = [OVERLAY_SERVICE, *(self._extra(server, node) if self._extra else ())]
@@ -197,7 +262,7 @@ class OverlayServer:
         interval_ms = int(self.config.overlay.republish_interval * 1000)
         while True:
             await asyncio.sleep(60)
-            store.expire(wall_ms())
+            _require(self.record_file).delete(store.expire_keys(wall_ms()))
             for record in store.republish_due(wall_ms(), interval_ms):
                 node.spawn(node.put_record(record.raw, record.body.key))
 
@@ -221,6 +286,8 @@ class OverlayServer:
             await self.node.stop()
         if self.ops is not None:
             await self.ops.stop()
+        if self.record_file is not None:
+            self.record_file.close()
         self.log.info("stopped")
 
     def status(self) -> dict[str, Any]:
@@ -242,6 +309,7 @@ class OverlayServer:
                 "routing_table_size": len(node.table),
                 "buckets": node.table.bucket_sizes(),
                 "records": len(node.store) if node.store is not None else 0,
+                "record_bytes": node.store.bytes_held if node.store is not None else 0,
             }
         return info
 

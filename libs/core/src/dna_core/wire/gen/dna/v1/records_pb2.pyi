@@ -48,22 +48,28 @@ Global___PresenceStatus: _TypeAlias = PresenceStatus  # noqa: Y015
 class IdentityRecord(_message.Message):
     """Stored under key SHA-256(label("identity") || fingerprint). The identity's
     keys are the signer of the SignedRecord that carries this payload, so they are
-    not repeated here.
+    not repeated here. The proof of work is bound to SHA-256(label("identity-pow") ||
+    fingerprint): every fresh identity that wants room in the overlay's stores pays
+    for it (docs/overlay.md "Records").
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    POW_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     """self-asserted, not unique; names are NameClaims"""
+    @_builtins.property
+    def pow(self) -> _common_pb2.ProofOfWork: ...
     def __init__(
         self,
         *,
         display_name: _builtins.str = ...,
+        pow: _common_pb2.ProofOfWork | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pow", b"pow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "pow", b"pow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -109,6 +115,7 @@ class PresenceRecord(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     LAST_SEEN_MS_FIELD_NUMBER: _builtins.int
     SEALED_CANDIDATES_FIELD_NUMBER: _builtins.int
+    POW_FIELD_NUMBER: _builtins.int
     status: Global___PresenceStatus.ValueType
     last_seen_ms: _builtins.int
     @_builtins.property
@@ -118,16 +125,21 @@ class PresenceRecord(_message.Message):
         which holds one ~4.9 KB Envelope, not one per contact.
         """
 
+    @_builtins.property
+    def pow(self) -> _common_pb2.ProofOfWork:
+        """as IdentityRecord.pow, over the signer's fingerprint"""
+
     def __init__(
         self,
         *,
         status: Global___PresenceStatus.ValueType = ...,
         last_seen_ms: _builtins.int = ...,
         sealed_candidates: _abc.Iterable[_builtins.bytes] | None = ...,
+        pow: _common_pb2.ProofOfWork | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pow", b"pow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_seen_ms", b"last_seen_ms", "sealed_candidates", b"sealed_candidates", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_seen_ms", b"last_seen_ms", "pow", b"pow", "sealed_candidates", b"sealed_candidates", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -147,6 +159,7 @@ class KeyRotation(_message.Message):
     EFFECTIVE_MS_FIELD_NUMBER: _builtins.int
     NEW_KEY_SIGNATURE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    POW_FIELD_NUMBER: _builtins.int
     old_fingerprint: _builtins.bytes
     effective_ms: _builtins.int
     new_key_signature: _builtins.bytes
@@ -156,6 +169,10 @@ class KeyRotation(_message.Message):
     reason: _builtins.str
     @_builtins.property
     def new_keys(self) -> _common_pb2.PublicKeySet: ...
+    @_builtins.property
+    def pow(self) -> _common_pb2.ProofOfWork:
+        """as IdentityRecord.pow, over the old (signing) fingerprint"""
+
     def __init__(
         self,
         *,
@@ -164,10 +181,11 @@ class KeyRotation(_message.Message):
         effective_ms: _builtins.int = ...,
         new_key_signature: _builtins.bytes = ...,
         reason: _builtins.str = ...,
+        pow: _common_pb2.ProofOfWork | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["new_keys", b"new_keys"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["new_keys", b"new_keys", "pow", b"pow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective_ms", b"effective_ms", "new_key_signature", b"new_key_signature", "new_keys", b"new_keys", "old_fingerprint", b"old_fingerprint", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective_ms", b"effective_ms", "new_key_signature", b"new_key_signature", "new_keys", b"new_keys", "old_fingerprint", b"old_fingerprint", "pow", b"pow", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
