@@ -126,7 +126,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
     ) -> None:
         self.backend, self.admission = backend, admission
         self.retention = retention or Retention()
-        self.nonces = nonces or NonceCache()
+        self.nonces = nonces if nonces is not None else NonceCache()  # empty is falsy
         self.sessions = sessions if sessions is not None else SessionStore()
         self.wall_ms, self.monotonic, self.on_outcome = wall_ms, monotonic, on_outcome
         self.sync_puzzle_bits = sync_puzzle_bits  # None: refuse replica sync
