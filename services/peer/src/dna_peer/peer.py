@@ -37,7 +37,8 @@ from dna_peer.profile import Device, Profile
 log = logging.getLogger("dna.peer")
 DAY_MS = 86_400_000
 PUBLISHED = "published"  # cache state: what was last published, and when
-REPUBLISH_AFTER_MS = DAY_MS  # well inside the 30-day record TTL
+REPUBLISH_AFTER_MS = 6 * 3_600_000  # well inside the 7-day record lifetime
+CHECK_PUBLISHED_MS = 10 * 60_000  # how often a running device looks for its own records
 PRUNED = "pruned"  # cache state: when the bookkeeping was last pruned
 REPLAY_WINDOW_MS = ReplayGuard().max_age_ms + DAY_MS  # what open_envelope accepts, + a day
 BLOB_MEMORY_MS = 32 * DAY_MS  # a deleted blob cannot come back after its TTL (30 days)
@@ -70,6 +71,7 @@ class Peer:
     device: Device
     pow_bits: int = 12
     mail: MailboxClient = field(init=False)
+    _checked_ms: int = field(default=0, init=False)  # when the own records were last looked up
 
     def __post_init__(self) -> None:
         self.mail = MailboxClient(self.node, pow_bits=self.pow_bits)
@@ -92,7 +94,9 @@ class Peer:
         stored = await keyserver.publish_identity(self.node, self.identity, display_name)
         if name is not None:
             await keyserver.claim_name(self.node, self.identity, name)
-        published = json.dumps({"display_name": display_name, "name": name, "ms": now_ms()})
+        # stored nowhere (the network is away): due again at the next sync
+        published_ms = now_ms() if stored else 0
+        published = json.dumps({"display_name": display_name, "name": name, "ms": published_ms})
         self.cache.set_state(PUBLISHED, published.encode())
         return stored
 
@@ -106,16 +110,28 @@ class Peer:
             self.cache.set_state(PRUNED, str(now_ms()).encode())
 
     async def republish_if_due(self) -> bool:
-        """Records expire (30 days) unless their owner signs them again: the device that
-        published them does (its cache remembers what and when)."""
+        """Records expire (7 days) unless their owner signs them again: the device that
+        published them does (its cache remembers what and when), every 6 hours, and at
+        once when its records are missing from the network: looked up at the first sync
+        after the device (re)connects and every 10 minutes while it runs (a node wiped or
+        replaced loses what it held)."""
         raw = self.cache.get_state(PUBLISHED)
         if raw is None:
             return False
         last = json.loads(raw)
-        if now_ms() - last["ms"] < REPUBLISH_AFTER_MS:
+        due = now_ms() - last["ms"] >= REPUBLISH_AFTER_MS
+        if not due and now_ms() - self._checked_ms >= CHECK_PUBLISHED_MS:
+            self._checked_ms = now_ms()
+            due = not await self._own_records_found(last["name"])
+        if not due:
             return False
         await self.publish(last["display_name"], last["name"])
         return True
+
+    async def _own_records_found(self, name: str | None) -> bool:
+        if await keyserver.lookup_keys(self.node, self.fingerprint) != self.identity.public:
+            return False
+        return name is None or await keyserver.lookup_name(self.node, name) == self.fingerprint
 
     async def add_contact(self, query: str) -> Contact:
         """Pin a contact found by name or fingerprint (hex); idempotent; TOFU on names."""
@@ -303,6 +319,7 @@ class Peer:
                 report = await self.sync()
             except (DnaError, grpc.aio.AioRpcError) as exc:  # the network comes and goes
                 log.warning("sync failed, retrying in %.0f s: %s", WATCH_BACKOFF_S, exc)
+                self._checked_ms = 0  # back online: look for the own records at once
                 await asyncio.sleep(WATCH_BACKOFF_S)
                 continue
             if report.new_messages or report.receipts:
