@@ -40,8 +40,14 @@ from dna_core.overlay.records import normalize_name
 
 from dna_peer.cache import Cache, Contact, Message
 from dna_peer.inbox import SyncReport
+from dna_peer.keyserver import (
+    DISPLAY_NAME_MAX,
+    NameTakenError,
+    check_display_name,
+    check_name_free,
+)
 from dna_peer.link import accept_link, offer_link
-from dna_peer.network import default_seeds, parse_seeds
+from dna_peer.network import default_seeds, join_overlay, parse_seeds
 from dna_peer.peer import Peer, open_peer
 from dna_peer.profile import NoIdentityError, Profile, write_private
 
@@ -86,23 +92,50 @@ def _with_peer(args: argparse.Namespace, work: Callable[[Peer], Awaitable[None]]
 
 
 def _create(args: argparse.Namespace) -> None:
-    identity = Identity.generate()
+    """Every argument, the profile and the name are checked before anything is written,
+    so a refused create leaves nothing behind and can simply be run again."""
+    _check_publish_args(args)
+    if args.profile.exists():
+        raise DnaError(f"{args.profile.keyfile} exists; refusing to overwrite an identity")
     passphrase = _passphrase(confirm=True)
+    if args.name and not args.offline:
+        asyncio.run(_name_is_free(args.seeds, args.name))
+    identity = Identity.generate()
     args.profile.create(identity, passphrase)
     info: Info = {"fingerprint": identity.fingerprint.hex(), "home": str(args.profile.home)}
     if args.offline:
         _emit(args, {**info, "published": False})
         return
     os.environ.setdefault(PASSPHRASE_ENV, passphrase)  # one prompt for create and publish
-    _with_peer(args, lambda peer: _publish_as(args, peer, info))
+    try:
+        _with_peer(args, lambda peer: _publish_as(args, peer, info))
+    except NameTakenError as exc:  # claimed by someone else since the check above
+        raise DnaError(f"{exc}; your identity was created without a name: pick one with "
+                       "`dna identity publish --name`") from exc  # fmt: skip
 
 
 def _publish(args: argparse.Namespace) -> None:
+    _check_publish_args(args)
     _with_peer(args, lambda peer: _publish_as(args, peer, {}))
 
 
+def _check_publish_args(args: argparse.Namespace) -> None:
+    if args.name is not None:
+        normalize_name(args.name)
+    if args.display_name is not None:
+        check_display_name(args.display_name)
+
+
+async def _name_is_free(seeds: list[tuple[str, int]], name: str) -> None:
+    node = await join_overlay(seeds)
+    try:
+        await check_name_free(node, name, None)
+    finally:
+        await node.stop()
+
+
 async def _publish_as(args: argparse.Namespace, peer: Peer, info: Info) -> None:
-    display = args.display_name or args.name or socket.gethostname()
+    display = args.display_name or args.name or socket.gethostname()[:DISPLAY_NAME_MAX]
     stored = await peer.publish(display, args.name)
     info = {**info, "published_on": stored, "display_name": display}
     if args.name:

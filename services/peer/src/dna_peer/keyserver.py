@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import time
+import unicodedata
 
 from dna_core.crypto import Identity, PublicKeySet, sign_record, signature
 from dna_core.crypto import pow as pow_
 from dna_core.crypto import primitives as p
-from dna_core.errors import VerificationError
+from dna_core.errors import DnaError, MalformedError, VerificationError
 from dna_core.overlay.aio import OverlayNode
 from dna_core.overlay.records import (
     DEFAULT_NAME_POW_BITS,
@@ -41,8 +42,36 @@ RECORD_TTL_MS = MAX_TTL_MS  # 7 days; the devices republish every few hours (pee
 NAME_POW_BITS = DEFAULT_NAME_POW_BITS  # what overlay nodes require by default
 
 
+DISPLAY_NAME_MAX = 64
+
+
+class NameTakenError(DnaError):
+    """The name is claimed by another identity (first come, first served)."""
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def check_display_name(text: str) -> str:
+    """A display name: 1-64 characters, none of them control or format characters (they
+    would reach other people's terminals)."""
+    if not 1 <= len(text) <= DISPLAY_NAME_MAX:
+        raise MalformedError(f"display name must be 1-{DISPLAY_NAME_MAX} characters")
+    if any(unicodedata.category(c).startswith("C") for c in text):
+        raise MalformedError("display name must not contain control characters")
+    return text
+
+
+async def check_name_free(node: OverlayNode, name: str, fingerprint: bytes | None) -> None:
+    """Raise `NameTakenError` if ``name`` is claimed by an identity other than
+    ``fingerprint`` (None: anyone's claim counts)."""
+    owner = await lookup_name(node, name)
+    if owner is not None and owner != fingerprint:
+        raise NameTakenError(
+            f"the name {normalize_name(name)!r} is taken by another identity"
+            f" ({owner.hex()[:16]}…): choose another"
+        )
 
 
 async def publish_identity(node: OverlayNode, identity: Identity, display_name: str) -> int:

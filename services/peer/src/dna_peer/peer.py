@@ -91,9 +91,12 @@ class Peer:
 
     async def publish(self, display_name: str, name: str | None = None) -> int:
         """Publish the identity record (and claim ``name``); returns overlay copies stored."""
+        if name is not None:  # before anything is published: a taken name changes nothing
+            await keyserver.check_name_free(self.node, name, self.fingerprint)
         stored = await keyserver.publish_identity(self.node, self.identity, display_name)
-        if name is not None:
-            await keyserver.claim_name(self.node, self.identity, name)
+        if name is not None and not await keyserver.claim_name(self.node, self.identity, name):
+            await keyserver.check_name_free(self.node, name, self.fingerprint)  # lost a race
+            raise DnaError(f"no overlay node took the claim of {name!r}: try again")
         # stored nowhere (the network is away): due again at the next sync
         published_ms = now_ms() if stored else 0
         published = json.dumps({"display_name": display_name, "name": name, "ms": published_ms})
@@ -125,7 +128,11 @@ class Peer:
             due = not await self._own_records_found(last["name"])
         if not due:
             return False
-        await self.publish(last["display_name"], last["name"])
+        try:
+            await self.publish(last["display_name"], last["name"])
+        except keyserver.NameTakenError as exc:  # it expired and someone else took it
+            log.warning("%s; republishing the identity without it", exc)
+            await self.publish(last["display_name"], None)
         return True
 
     async def _own_records_found(self, name: str | None) -> bool:

@@ -1,0 +1,44 @@
+"""`dna identity create/publish --name` with a taken or invalid name (issue 11 item 3),
+as a person runs it: the real `dna` against a real local testnet."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from dna_testnet.network import Testnet
+from test_dna_cli import dna, ok
+
+
+def nothing_written(home: Path) -> bool:
+    return not (home / "identity.key").exists() and not (home / "cache.db").exists()
+
+
+def test_a_taken_name_is_an_error_and_writes_nothing(testnet: Testnet, tmp_path: Path) -> None:
+    bob_name = f"bob{str(time.time_ns())[-6:]}"
+    bob, eve = tmp_path / "bob", tmp_path / "eve"
+    bob_fp = ok(dna(bob, "--json", "identity", "create", "--name", bob_name, net=testnet))[
+        "fingerprint"
+    ]
+
+    taken = dna(eve, "identity", "create", "--name", bob_name.upper(), net=testnet)
+    assert taken.returncode == 1, taken.stdout
+    assert f"the name {bob_name!r} is taken" in taken.stderr
+    assert "name:" not in taken.stdout
+    assert nothing_written(eve)
+
+    for bad in (["--name", "b"], ["--name", "bad name!"], ["--display-name", "x" * 200],
+                ["--display-name", "\x1b[2Jboss"]):  # fmt: skip
+        refused = dna(eve, "identity", "create", *bad, net=testnet)
+        assert refused.returncode == 1 and refused.stderr.startswith("dna: error:"), bad
+        assert nothing_written(eve), bad
+
+    eve_fp = ok(dna(eve, "--json", "identity", "create", "--name", f"eve{bob_name}",
+                    net=testnet))["fingerprint"]  # fmt: skip
+    stolen = dna(eve, "identity", "publish", "--name", bob_name, net=testnet)
+    assert stolen.returncode == 1 and f"the name {bob_name!r} is taken" in stolen.stderr
+    assert ok(dna(eve, "--json", "contacts", "add", bob_name, net=testnet))["fingerprint"] == bob_fp
+    # her own name still works, and republishing it is fine
+    assert ok(dna(eve, "--json", "identity", "publish", "--name", f"eve{bob_name}",
+                  net=testnet))["name"] == f"eve{bob_name}"  # fmt: skip
+    assert eve_fp != bob_fp
