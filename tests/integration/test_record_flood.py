@@ -46,6 +46,9 @@ async def forwarder(target: tuple[str, int], source_ip: str) -> AsyncIterator[st
     """A TCP forwarder on 127.0.0.1 whose connections to ``target`` leave from ``source_ip``
     (what a second machine would look like to the node)."""
 
+    handlers: set[asyncio.Task[None]] = set()
+    writers: list[asyncio.StreamWriter] = []
+
     async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError):
             while data := await reader.read(65536):
@@ -54,7 +57,9 @@ async def forwarder(target: tuple[str, int], source_ip: str) -> AsyncIterator[st
         writer.close()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.add(asyncio.current_task())  # type: ignore[arg-type]
         up_reader, up_writer = await asyncio.open_connection(*target, local_addr=(source_ip, 0))
+        writers.extend((writer, up_writer))
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
@@ -63,6 +68,9 @@ async def forwarder(target: tuple[str, int], source_ip: str) -> AsyncIterator[st
         yield f"127.0.0.1:{port}"
     finally:
         server.close()
+        for writer in writers:  # EOF both ways: the handlers end on their own
+            writer.close()
+        await asyncio.gather(*handlers, return_exceptions=True)
 
 
 async def store_all(target: str, records: list[common_pb2.SignedRecord]) -> int:

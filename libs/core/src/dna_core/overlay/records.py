@@ -46,7 +46,7 @@ from dna_core.wire.gen.dna.v1 import common_pb2, records_pb2
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
-MAX_TTL_MS = 7 * DAY_MS  # identities and name claims; their devices republish daily
+MAX_TTL_MS = 7 * DAY_MS  # identities and name claims; their devices republish every 6 h
 MAX_ROTATION_TTL_MS = 30 * DAY_MS  # contacts offline for weeks still find the rotation
 MAX_PRESENCE_TTL_MS = HOUR_MS
 NAME_MIN, NAME_MAX = 3, 32
