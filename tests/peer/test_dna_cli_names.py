@@ -3,11 +3,26 @@ as a person runs it: the real `dna` against a real local testnet."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
+from dna_peer.link import new_code
 from dna_testnet.network import Testnet
-from test_dna_cli import dna, ok
+from support import run_script
+
+
+def dna(home: Path, *args: str, net: Testnet | None = None) -> subprocess.CompletedProcess[str]:
+    seeds = ["--bootstrap", ",".join(f"{h}:{p}" for h, p in net.seeds)] if net else []
+    return run_script("dna", "--home", str(home), *seeds, *args,
+                      env={"DNA_PASSPHRASE": "correct horse"})  # fmt: skip
+
+
+def ok(out: subprocess.CompletedProcess[str]) -> Any:
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
 
 
 def nothing_written(home: Path) -> bool:
@@ -42,3 +57,14 @@ def test_a_taken_name_is_an_error_and_writes_nothing(testnet: Testnet, tmp_path:
     assert ok(dna(eve, "--json", "identity", "publish", "--name", f"eve{bob_name}",
                   net=testnet))["name"] == f"eve{bob_name}"  # fmt: skip
     assert eve_fp != bob_fp
+
+
+def test_linking_into_an_existing_identity_fails_at_once(tmp_path: Path) -> None:
+    """The same class: `identity link CODE` checked the profile only after waiting a minute
+    for the offer; it is refused before any network wait (here, no network at all)."""
+    home = tmp_path / "me"
+    ok(dna(home, "--json", "identity", "create", "--offline"))
+    started = time.monotonic()
+    out = dna(home, "--bootstrap", "127.0.0.250:7400", "identity", "link", new_code())
+    assert out.returncode == 1 and "refusing to overwrite" in out.stderr, out.stderr
+    assert time.monotonic() - started < 15

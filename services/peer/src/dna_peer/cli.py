@@ -95,8 +95,7 @@ def _create(args: argparse.Namespace) -> None:
     """Every argument, the profile and the name are checked before anything is written,
     so a refused create leaves nothing behind and can simply be run again."""
     _check_publish_args(args)
-    if args.profile.exists():
-        raise DnaError(f"{args.profile.keyfile} exists; refusing to overwrite an identity")
+    args.profile.ensure_absent()
     passphrase = _passphrase(confirm=True)
     if args.name and not args.offline:
         asyncio.run(_name_is_free(args.seeds, args.name))

@@ -99,6 +99,7 @@ async def accept_link(
     pow_bits: int = 12,
 ) -> Peer:
     """On the new device: fetch the offer, check it, and create the profile from it."""
+    profile.ensure_absent()  # not after a minute of waiting for the offer
     temp = link_identity(code)
     node = await join_overlay(seeds)
     try:

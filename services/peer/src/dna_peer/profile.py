@@ -50,6 +50,12 @@ class Profile:
     def exists(self) -> bool:
         return self.keyfile.exists()
 
+    def ensure_absent(self) -> None:
+        """Refuse early, before any prompt, network wait or file write, to replace an
+        identity that is already here."""
+        if self.exists():
+            raise DnaError(f"{self.keyfile} exists; refusing to overwrite an identity")
+
     def create(self, identity: Identity, passphrase: str, device: Device | None = None) -> Device:
         """Write a new identity (refusing to overwrite one) and this device's ID."""
         device = self._write(keystore.lock(identity, passphrase), device)
@@ -65,8 +71,7 @@ class Profile:
         return identity
 
     def _write(self, keyfile: bytes, device: Device | None) -> Device:
-        if self.exists():
-            raise DnaError(f"{self.keyfile} exists; refusing to overwrite an identity")
+        self.ensure_absent()
         self.home.mkdir(parents=True, exist_ok=True)
         device = device or Device(os.urandom(DEVICE_ID_SIZE), socket.gethostname())
         write_private(
