@@ -40,6 +40,8 @@ from dna_core.overlay.records import (
 )
 from dna_core.wire import encode_message
 from dna_core.wire.gen.dna.v1 import common_pb2, records_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 NOW = 1_780_000_000_000
 DAY_MS = 24 * HOUR_MS
@@ -721,3 +723,54 @@ def test_readers_drop_answers_no_honest_store_would_hold(
     long_presence = presence_rec(alice, ttl=2 * HOUR_MS)
     assert reader._verify(long_presence, record_key(PRESENCE, alice.fingerprint)) is None
     assert reader._verify(identity_rec(alice), record_key(IDENTITY, alice.fingerprint))
+
+
+# -- fairness under any sequence of puts (property) --------------------------------------------
+
+_POOL: list[bytes] = []
+
+
+def _pool() -> list[bytes]:
+    """24 valid identity records of different sizes, signed once for every example."""
+    if not _POOL:
+        for i in range(24):
+            who = Identity.generate()
+            _POOL.append(identity_rec(who, display="d" * (i * 150)))
+    return _POOL
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    puts=st.lists(st.tuples(st.integers(0, 23), st.integers(0, 3)), max_size=40),
+    max_records=st.integers(1, 8),
+    max_kib=st.integers(6, 40),
+)
+def test_any_put_sequence_keeps_the_bounds_and_refuses_only_the_biggest_holders(
+    puts: list[tuple[int, int]], max_records: int, max_kib: int
+) -> None:
+    """Invariants: the store never exceeds its bounds; an eviction only ever takes from a
+    source holding at least two more than the newcomer (a flood displaces only its own);
+    when the record count is what binds, a refused record's source holds within one of
+    the biggest share; a refusal changes nothing."""
+    s = store(max_records=max_records, max_bytes=max_kib * 1024)
+    pool = _pool()
+    held_by: dict[bytes, str] = {}
+    for index, who in puts:
+        source = f"10.0.0.{who}"
+        counts = {src: list(held_by.values()).count(src) for src in set(held_by.values())}
+        mine = counts.get(source, 0)
+        before = (len(s), s.bytes_held)
+        try:
+            result = s.put(pool[index], NOW, source)
+        except CapacityError:
+            assert (len(s), s.bytes_held) == before  # a refusal changes nothing
+            if s.bytes_held + len(pool[index]) <= s.max_bytes:  # only the count binds
+                assert max(counts.values()) <= mine + 1
+            continue
+        for key in result.evicted:
+            assert counts[held_by[key]] >= mine + 2
+            del held_by[key]
+        if result.record is not None:
+            held_by[result.record.body.key] = source
+        assert len(s) <= s.max_records and s.bytes_held <= s.max_bytes
+        assert len(s) == len(held_by)

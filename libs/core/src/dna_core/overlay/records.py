@@ -20,7 +20,9 @@ What a node accepts, keeps and hands out for a key:
   does not fit, the oldest record of the source (address) holding the most is evicted to
   make room, unless that is the newcomer's own source or one holding no more than it:
   then the newcomer is refused. So a flood from one place only ever displaces its own
-  records, and someone with a fair share always gets in;
+  records, and a newcomer holding two fewer records than the biggest holder gets in
+  (when bytes bind, a big record may need several evictions and is refused once the
+  shares would even out);
 * expired records disappear (`expire`) and held records are handed back for
   republishing on a timer (`republish_due`).
 
