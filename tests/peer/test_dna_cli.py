@@ -120,3 +120,48 @@ def test_two_people_and_a_second_device(testnet: Testnet, tmp_path: Path) -> Non
     assert synced["messages_in_cache"] == 2
     (hit,) = ok(dna(laptop, "--json", "search", "LIVE"))  # from the cache, offline
     assert hit["text"] == "live"
+
+
+def _pair(testnet: Testnet, tmp_path: Path) -> tuple[Path, Path, str, str]:
+    """Alice and bob with claimed names, each the other's contact."""
+    suffix = str(time.time_ns())[-6:]
+    alice, bob = tmp_path / "alice", tmp_path / "bob"
+    ok(dna(alice, "--json", "identity", "create", "--name", f"alice{suffix}", net=testnet))
+    ok(dna(bob, "--json", "identity", "create", "--name", f"bob{suffix}", net=testnet))
+    ok(dna(alice, "--json", "contacts", "add", f"bob{suffix}", net=testnet))
+    ok(dna(bob, "--json", "contacts", "add", f"alice{suffix}", net=testnet))
+    return alice, bob, f"alice{suffix}", f"bob{suffix}"
+
+
+RAW_CONTROLS = ("\x1b", "\x07", "\r", "\x08", "\u202e")
+
+
+def test_control_characters_from_a_contact_are_shown_escaped(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    alice, bob, alice_name, bob_name = _pair(testnet, tmp_path)
+    evil = "\x1b[2J\x07hi\r[2000-01-01 00:00:00] mallory \u2192 you: \u202eevil\x08\nsecond line"
+    seeds = ",".join(f"{h}:{p}" for h, p in testnet.seeds)
+    watcher = subprocess.Popen(
+        [str(BIN / "dna"), "--home", str(bob), "--bootstrap", seeds, "watch", "--interval", "0.3"],
+        stdout=subprocess.PIPE, env={**PASS, "PATH": str(BIN)},
+    )  # fmt: skip
+    try:
+        assert watcher.stdout is not None
+        assert b"watching" in watcher.stdout.readline()
+        ok(dna(alice, "--json", "send", bob_name, evil, net=testnet))
+        time.sleep(3)
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        shown = watcher.communicate(timeout=10)[0].decode()
+    assert alice_name in shown, shown
+    listing = dna(bob, "inbox", "--offline", net=testnet).stdout
+    conversation = dna(bob, "inbox", alice_name, "--offline", net=testnet).stdout
+    for out in (shown, listing, conversation):
+        assert not any(c in out for c in RAW_CONTROLS), repr(out)
+        assert "\\x1b[2J\\x07hi\\x0d[2000" in out, repr(out)
+    for out in (shown, conversation):
+        assert "\\u202eevil\\x08\n    second line" in out, repr(out)  # continuation indented
+    # JSON keeps the text as it was sent (json escapes control characters itself)
+    (msg,) = ok(dna(bob, "--json", "inbox", alice_name, "--offline", net=testnet))
+    assert msg["text"] == evil

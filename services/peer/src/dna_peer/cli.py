@@ -44,6 +44,7 @@ from dna_peer.link import accept_link, offer_link
 from dna_peer.network import default_seeds, parse_seeds
 from dna_peer.peer import Peer, open_peer
 from dna_peer.profile import NoIdentityError, Profile, write_private
+from dna_peer.terminal import printable
 
 PASSPHRASE_ENV = "DNA_PASSPHRASE"
 Info = dict[str, Any]
@@ -65,8 +66,8 @@ def _emit(args: argparse.Namespace, info: Info) -> None:
     if args.json:
         print(json.dumps(info), flush=True)
     else:
-        for k, v in info.items():
-            print(f"{k:>22}: {v}")
+        for k, v in info.items():  # values may come from others (device names): escaped
+            print(f"{k:>22}: {printable(str(v))}")
 
 
 def _with_peer(args: argparse.Namespace, work: Callable[[Peer], Awaitable[None]]) -> None:
@@ -186,7 +187,7 @@ def _contacts_list(args: argparse.Namespace) -> None:
             return
         for c in contacts:
             mark = "verified" if c["verified"] else "unverified"
-            print(f"{c['name'] or '(no name)':<20} {c['fingerprint'][:32]}…  {mark}")
+            print(f"{printable(c['name'] or '(no name)'):<20} {c['fingerprint'][:32]}…  {mark}")
 
     _with_peer(args, work)
 
@@ -240,9 +241,13 @@ def _message_info_from(cache: Cache, m: Message) -> Info:
 
 
 def _print_message(info: Info) -> None:
+    """One message; what its sender controls (the text) is shown escaped, and its
+    continuation lines indented, so that it cannot pass for lines of our own."""
     when = datetime.datetime.fromtimestamp(info["time_ms"] / 1000).strftime("%Y-%m-%d %H:%M:%S")
     tick = " ✓" if info["delivered"] else ""
-    print(f"[{when}] {info['from']} → {info['to']}: {info['text']}{tick}")
+    text = printable(info["text"], newlines=True).replace("\n", "\n    ")
+    print(f"[{when}] {printable(info['from'])} → {printable(info['to'])}: {text}{tick}",
+          flush=True)  # fmt: skip
 
 
 def _inbox(args: argparse.Namespace) -> None:
@@ -280,7 +285,8 @@ def _show_conversations(args: argparse.Namespace, peer: Peer) -> None:
     if not rows:
         print("no conversations yet")
     for row in rows:
-        print(f"{row['contact']:<20} {row['unread']:>3} unread   {row['last'] or ''}")
+        text = printable(str(row["last"] or ""))
+        print(f"{printable(str(row['contact'])):<20} {row['unread']:>3} unread   {text}")
 
 
 def _search(args: argparse.Namespace) -> None:
@@ -339,6 +345,19 @@ def _demo(args: argparse.Namespace) -> None:
     from dna_peer.demo import run_demo
 
     run_demo()
+
+
+class _EscapingFormatter(logging.Formatter):
+    """Log lines can carry text from others (a reason, a device name): escaped too."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), newlines=True)
+
+
+def _log_to_stderr(verbose: bool) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(_EscapingFormatter("dna: %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
 
 
 # -- parser -------------------------------------------------------------------------
@@ -410,10 +429,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     args.profile = Profile(args.home) if args.home else Profile.default()
     args.seeds = parse_seeds(args.bootstrap) if args.bootstrap else default_seeds()
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="dna: %(levelname)s %(message)s")  # fmt: skip
+    _log_to_stderr(args.verbose)
     try:
         args.handler(args)
     except (DnaError, OSError) as exc:
-        print(f"dna: error: {exc}", file=sys.stderr)
+        print(f"dna: error: {printable(str(exc))}", file=sys.stderr)
         sys.exit(1)
