@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 from dna_core.crypto import PublicKeySet
+from dna_peer.armor import dearmor
 from dna_testnet.network import Testnet
 from support import BIN, run_script
 
@@ -34,7 +36,9 @@ def test_identity_create_show_export_offline(tmp_path: Path) -> None:
     assert ok(dna(home, "--json", "identity", "show"))["fingerprint"] == info["fingerprint"]
     pub = tmp_path / "me.pub"
     ok(dna(home, "--json", "identity", "export", "--out", str(pub)))
-    assert PublicKeySet.decode(pub.read_bytes()).fingerprint.hex() == info["fingerprint"]
+    kind, data = dearmor(pub.read_bytes())  # text, not binary
+    assert kind == "DNA PUBLIC KEY SET"
+    assert PublicKeySet.decode(data).fingerprint.hex() == info["fingerprint"]
     again = dna(home, "identity", "create", "--offline")
     assert again.returncode == 1 and "refusing to overwrite" in again.stderr
 
@@ -71,6 +75,46 @@ def test_errors_are_one_clear_line(tmp_path: Path) -> None:
     assert unknown.returncode == 1 and "dna: error:" in unknown.stderr
 
 
+def one_line_error(out: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.startswith("dna: error: "), out.stderr
+    for word in words:
+        assert word in out.stderr, out.stderr
+
+
+def test_bad_arguments_and_settings_are_one_line_errors(tmp_path: Path) -> None:
+    home = tmp_path / "me"
+    ok(dna(home, "--json", "identity", "create", "--offline"))
+    one_line_error(dna(home, "--bootstrap", "nonsense", "sync"), "'nonsense' is not host:port")
+    one_line_error(dna(home, "sync", env={"DNA_BOOTSTRAP": "garbage"}), "DNA_BOOTSTRAP", "garbage")
+    one_line_error(dna(home, "--bootstrap", "127.0.0.2:99999", "sync"), "port 99999")
+    zero = dna(home, "watch", "--interval", "0")  # a usage error: exit 2, with the usage
+    assert zero.returncode == 2 and "--interval: '0' is not a positive number" in zero.stderr
+    one_line_error(run_script("dna", "identity", "show", env={"DNA_HOME": ""}), "DNA_HOME")
+    # the message is checked before the passphrase, the network or the contact
+    big = "x" * (100 * 1024)
+    one_line_error(dna(home, "send", "zed", big, big), "192 KiB")
+    bad_utf8 = subprocess.run(
+        [str(BIN / "dna"), "--home", os.fsencode(home), "send", "zed", b"caf\xe9"],
+        capture_output=True, text=True, env={**PASS, "PATH": str(BIN)}, check=False,
+    )  # fmt: skip
+    one_line_error(bad_utf8, "UTF-8")
+    typo = dna(home, "sned", "bob", "hi")
+    assert typo.returncode == 2 and "did you mean 'send'" in typo.stderr, typo.stderr
+
+
+def test_a_closed_pipe_is_a_quiet_exit(tmp_path: Path) -> None:
+    for cmd in (["dna-testnet", "--dir", str(tmp_path), "status"],
+                ["dna", "demo"]):  # fmt: skip
+        proc = subprocess.Popen([str(BIN / cmd[0]), *cmd[1:]], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)  # fmt: skip
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # the reader (`| head -3`) has gone before anything is written
+        err = proc.stderr.read().decode()
+        assert proc.wait(30) == 141 and err == "", err
+
+
 def test_the_crypto_demo_runs() -> None:
     out = run_script("dna", "demo")
     assert out.returncode == 0, out.stderr
@@ -91,10 +135,15 @@ def test_two_people_and_a_second_device(testnet: Testnet, tmp_path: Path) -> Non
     assert sent["replicas"] >= 3
 
     ok(dna(bob, "--json", "contacts", "add", f"alice{suffix}", net=testnet))
+    alice_fp = ok(dna(alice, "--json", "identity", "show"))["fingerprint"]
+    bob_fp = ok(dna(bob, "--json", "identity", "show"))["fingerprint"]
     (conv,) = ok(dna(bob, "--json", "inbox", net=testnet))
-    assert conv == {"contact": f"alice{suffix}", "unread": 1, "last": "hello bob"}
-    (msg,) = ok(dna(bob, "--json", "inbox", f"alice{suffix}", net=testnet))
-    assert msg["text"] == "hello bob" and msg["from"] == f"alice{suffix}"
+    assert conv["contact"] == {"fingerprint": alice_fp, "name": f"alice{suffix}"}
+    assert conv["unread"] == 1 and conv["last"] == "hello bob"
+    (msg,) = ok(dna(bob, "inbox", f"alice{suffix}", "--json", net=testnet))  # flag after
+    assert msg["text"] == "hello bob" and msg["outgoing"] is False
+    assert msg["from"] == {"fingerprint": alice_fp, "name": f"alice{suffix}"}
+    assert msg["to"] == {"fingerprint": bob_fp, "name": None}
     assert ok(dna(bob, "--json", "inbox", "--offline", net=testnet))[0]["unread"] == 0
     verified = ok(dna(bob, "--json", "contacts", "verify", f"alice{suffix}", "--confirm",
                       net=testnet))  # fmt: skip

@@ -9,11 +9,22 @@ import sys
 import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from rich import box
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 # Characters that steer a terminal or reorder text rather than show: bidirectional
 # overrides and isolates (a name that reads backwards), and line/paragraph separators.
@@ -47,7 +58,13 @@ def console(*, stderr: bool = False) -> Console:
     when not a terminal, wide enough that tables never wrap (scripts split on spaces)."""
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() else 10_000
-    return Console(file=stream, width=width, highlight=False, emoji=False, soft_wrap=False)
+    return _Console(file=stream, width=width, highlight=False, emoji=False, soft_wrap=False)
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:  # rich's own exits with 1; ours as the rest of the CLI
+        self.quiet = True
+        _exit_on_broken_pipe()
 
 
 def table(out: Console, *columns: str) -> Table:
@@ -63,8 +80,10 @@ def table(out: Console, *columns: str) -> Table:
 def quiet_broken_pipe() -> Iterator[None]:
     """Exit quietly when stdout's reader has gone (`| head`), as `cat` does."""
     try:
-        yield
-        sys.stdout.flush()
+        try:
+            yield
+        finally:  # also on SystemExit (argparse's --help): what is buffered goes out now
+            sys.stdout.flush()
     except BrokenPipeError:
         _exit_on_broken_pipe()
 
@@ -76,7 +95,41 @@ def _exit_on_broken_pipe() -> NoReturn:
     sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a command killed by the pipe
 
 
-def run_main(body: Callable[[], Any]) -> None:
-    """Run a CLI's body with the broken-pipe exit."""
-    with quiet_broken_pipe():
-        body()
+class _RateColumn(ProgressColumn):
+    """Items per second (rich's own speed column counts bytes)."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed or 0:.0f} {self.unit}/s" if task.total else "")
+
+
+@contextmanager
+def progress_bar(phase: str, unit: str, *, enabled: bool) -> Iterator[Callable[[int, int], None]]:
+    """A progress display on stderr, only when it is a terminal and ``enabled``: ``phase``
+    with a spinner until the first ``update(done, total)``, then a bar with the count, the
+    rate and the time left. Gone when the work is done (the result is printed after)."""
+    if not enabled or not sys.stderr.isatty():
+        yield lambda done, total: None
+        return
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               MofNCompleteColumn(), _RateColumn(unit), TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=console(stderr=True), transient=True) as bar:
+        task = bar.add_task(phase, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, description=unit, completed=done, total=total)
+
+        yield update
+
+
+@contextmanager
+def phase_line(text: str, *, enabled: bool) -> Iterator[None]:
+    """A spinner with ``text`` on stderr while a slow step runs (a terminal only)."""
+    if not enabled or not sys.stderr.isatty():
+        yield
+        return
+    with console(stderr=True).status(text):
+        yield

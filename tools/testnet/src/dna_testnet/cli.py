@@ -110,6 +110,8 @@ def main() -> None:
     with quiet_broken_pipe():
         try:
             _run(args)
+        except BrokenPipeError:
+            raise  # quiet_broken_pipe's
         except (RuntimeError, OSError) as exc:
             if args.json:
                 print(json.dumps({"error": str(exc)}), file=sys.stderr)
