@@ -214,3 +214,54 @@ def test_control_characters_from_a_contact_are_shown_escaped(
     # JSON keeps the text as it was sent (json escapes control characters itself)
     (msg,) = ok(dna(bob, "--json", "inbox", alice_name, "--offline", net=testnet))
     assert msg["text"] == evil
+
+
+def dna_stdin(
+    home: Path, *args: str, stdin: bytes, net: Testnet
+) -> subprocess.CompletedProcess[str]:
+    """`dna` with ``stdin`` piped in (run_script gives it none)."""
+    seeds = ",".join(f"{h}:{p}" for h, p in net.seeds)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DNA_")}
+    done = subprocess.run(
+        [str(BIN / "dna"), "--home", str(home), "--bootstrap", seeds, *args], input=stdin,
+        capture_output=True, env={**base, **PASS}, timeout=120, check=False,
+    )  # fmt: skip
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(),
+                                       done.stderr.decode())  # fmt: skip
+
+
+def test_scripts_flags_anywhere_json_everywhere_text_from_stdin_or_file(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    alice, bob, alice_name, bob_name = _pair(testnet, tmp_path)
+    bob_fp = ok(dna(bob, "identity", "show", "--json"))["fingerprint"]  # a flag after
+    sent = ok(dna_stdin(alice, "send", bob_name, "-", "--json", stdin=b"from stdin\n", net=testnet))
+    assert sent["to"] == {"fingerprint": bob_fp, "name": bob_name} and sent["replicas"] >= 3
+    ok(dna_stdin(alice, "--json", "send", bob_name, stdin="piped, no dash ✓".encode(), net=testnet))
+    note = tmp_path / "note.txt"
+    note.write_text("line one\nline two\n")
+    ok(dna(alice, "send", bob_name, "--file", str(note), "--json", net=testnet))
+    texts = [m["text"] for m in ok(dna(bob, "inbox", alice_name, "--json", net=testnet))]
+    assert texts == ["from stdin", "piped, no dash ✓", "line one\nline two"]
+
+    # refused before anything is sent, with one clear line (JSON under --json)
+    huge = tmp_path / "huge.txt"
+    huge.write_bytes(b"x" * 10_000_000)
+    one_line_error(dna(alice, "send", bob_name, "--file", str(huge), net=testnet), "192 KiB")
+    one_line_error(dna(alice, "send", bob_name, "", net=testnet), "empty")
+    one_line_error(dna_stdin(alice, "send", bob_name, "-", stdin=b"\n", net=testnet), "empty")
+    as_json = dna(alice, "send", "nobody", "hi", "--json", net=testnet)
+    assert as_json.returncode == 1 and as_json.stdout == ""
+    assert "no contact 'nobody'" in json.loads(as_json.stderr)["error"]
+    usage = dna(alice, "--json", "inbox", "--frobnicate")
+    assert usage.returncode == 2 and "--frobnicate" in json.loads(usage.stderr)["error"]
+    assert len(ok(dna(bob, "inbox", alice_name, "--offline", "--json", net=testnet))) == 3
+
+
+def test_demo_honours_json() -> None:
+    out = run_script("dna", "demo", "--json")
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert {"step": "alice creates an identity"}.items() <= lines[1].items()
+    assert sum("refused" in line for line in lines) == 2
+    assert lines[-1] == {"complete": True}
