@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from dna_core.crypto import PublicKeySet
 from dna_peer.armor import dearmor
+from dna_peer.cli import build_parser
 from dna_testnet.network import Testnet
 from support import BIN, run_script
 
@@ -265,3 +268,65 @@ def test_demo_honours_json() -> None:
     assert {"step": "alice creates an identity"}.items() <= lines[1].items()
     assert sum("refused" in line for line in lines) == 2
     assert lines[-1] == {"complete": True}
+
+
+def test_help_for_a_new_user(tmp_path: Path) -> None:
+    bare = run_script("dna")
+    assert bare.returncode == 0 and bare.stdout.startswith("usage: dna"), bare.stderr
+    full = run_script("dna", "--help").stdout
+    for needed in ("examples:", "dna send bob", "DNA_HOME", "DNA_PASSPHRASE", "DNA_BOOTSTRAP",
+                   "NO_COLOR", "before or after"):  # fmt: skip
+        assert needed in full, needed
+    group = run_script("dna", "contacts")
+    assert group.returncode == 0 and "verify" in group.stdout
+    typo = run_script("dna", "contacts", "lst")
+    assert typo.returncode == 2 and "did you mean 'list'" in typo.stderr
+    # every argument of every command explains itself
+    undocumented = []
+    for path, parser in _all_parsers(build_parser()):
+        for action in parser._actions:
+            if action.help is None and not isinstance(action, argparse._SubParsersAction):
+                undocumented.append(f"dna {path} {'/'.join(action.option_strings) or action.dest}")
+    assert undocumented == []
+    send_help = run_script("dna", "send", "--help").stdout
+    assert "--file" in send_help and "stdin" in send_help
+
+
+def _all_parsers(parser: argparse.ArgumentParser, path: str = "") -> Iterator[
+    tuple[str, argparse.ArgumentParser]
+]:  # fmt: skip
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _all_parsers(sub, f"{path} {name}".strip())
+
+
+def test_human_output_export_import_and_empty_passphrase(tmp_path: Path) -> None:
+    home = tmp_path / "me"
+    created = dna(home, "identity", "create", "--offline", env={"DNA_PASSPHRASE": ""})
+    assert created.returncode == 0, created.stderr
+    assert "warning: an empty passphrase leaves your key file unprotected" in created.stderr
+    assert "published: no" in created.stdout
+    for raw in ("False", "True", "None", "published_on"):
+        assert raw not in created.stdout, created.stdout
+    fingerprint = ok(dna(home, "--json", "identity", "show", env={"DNA_PASSPHRASE": ""}))[
+        "fingerprint"
+    ]
+    public = dna(home, "identity", "export", env={"DNA_PASSPHRASE": ""})  # text on stdout
+    assert public.returncode == 0 and public.stdout.startswith("-----BEGIN DNA PUBLIC KEY SET")
+    assert f"fingerprint: {fingerprint}" in public.stdout
+    assert all(line.isprintable() for line in public.stdout.splitlines())
+    no_out = dna(home, "identity", "export", "--private", env={"DNA_PASSPHRASE": ""})
+    one_line_error(no_out, "--private needs --out")
+    backup = tmp_path / "backup.txt"
+    ok(dna(home, "--json", "identity", "export", "--private", "--out", str(backup),
+           env={"DNA_PASSPHRASE": ""}))  # fmt: skip
+    assert backup.read_text().startswith("-----BEGIN DNA LOCKED KEY FILE-----")
+    restored = ok(dna(tmp_path / "restored", "--json", "identity", "import", str(backup),
+                      env={"DNA_PASSPHRASE": ""}))  # fmt: skip
+    assert restored["fingerprint"] == fingerprint
+    pub = tmp_path / "me.pub"
+    pub.write_text(public.stdout)
+    wrong_kind = dna(tmp_path / "other", "identity", "import", str(pub))
+    one_line_error(wrong_kind, "public key set, not a backup")
