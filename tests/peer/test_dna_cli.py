@@ -328,5 +328,12 @@ def test_human_output_export_import_and_empty_passphrase(tmp_path: Path) -> None
     assert restored["fingerprint"] == fingerprint
     pub = tmp_path / "me.pub"
     pub.write_text(public.stdout)
+    keyfile = (home / "identity.key").read_bytes()  # --out never overwrites, the key least
+    for existing in (home / "identity.key", pub):
+        refused = dna(
+            home, "identity", "export", "--out", str(existing), env={"DNA_PASSPHRASE": ""}
+        )
+        one_line_error(refused, "exists; refusing to overwrite")
+    assert (home / "identity.key").read_bytes() == keyfile and pub.read_text() == public.stdout
     wrong_kind = dna(tmp_path / "other", "identity", "import", str(pub))
     one_line_error(wrong_kind, "public key set, not a backup")

@@ -182,16 +182,28 @@ def _export(args: argparse.Namespace) -> None:
     identity = args.profile.unlock(_passphrase(confirm=False))
     if args.private:
         data = armor(LOCKED_KEY_FILE, args.profile.keyfile.read_bytes(), identity.fingerprint)
-        write_private(args.out, data.encode())
+        _write_new(args.out, data, private=True)
     else:
         data = armor(PUBLIC, identity.public.encode(), identity.fingerprint)
         if args.out is None and not args.json:
             print(data, end="")
             return
         if args.out is not None:
-            args.out.write_text(data)
+            _write_new(args.out, data, private=False)
     info: Info = {"fingerprint": identity.fingerprint.hex(), "private": args.private}
     _emit(args, {**info, "exported_to": str(args.out)} if args.out else {**info, "armored": data})
+
+
+def _write_new(path: Path, text: str, *, private: bool) -> None:
+    """Create ``path``; an existing file (the key file itself, say) is never overwritten."""
+    try:
+        if private:
+            write_private(path, text.encode())
+        else:
+            with path.open("x", encoding="utf-8") as f:
+                f.write(text)
+    except FileExistsError:
+        raise DnaError(f"{path} exists; refusing to overwrite it") from None
 
 
 def _import(args: argparse.Namespace) -> None:
