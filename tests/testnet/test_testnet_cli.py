@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -106,3 +108,29 @@ def test_up_twice_is_refused_and_down_finds_every_node(tmp_path: Path) -> None:
     assert not any(_alive(pid) for pid in pids.values())
     nothing = run("down", cwd=tmp_path)
     assert nothing.returncode == 0 and "no testnet running" in nothing.stdout
+
+
+def _on_a_terminal(*args: str, env: dict[str, str]) -> str:
+    """Run ``dna-testnet`` with its stdout on a pseudo-terminal; what it wrote there."""
+    main, sub = pty.openpty()
+    base = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TERM")}
+    proc = subprocess.Popen([str(BIN / "dna-testnet"), *args], stdout=sub, stderr=sub,
+                            env={**base, "TERM": "xterm-256color", **env})  # fmt: skip
+    os.close(sub)
+    chunks = []
+    with contextlib.suppress(OSError):  # EIO once the process closed its end
+        while chunk := os.read(main, 65536):
+            chunks.append(chunk)
+    os.close(main)
+    assert proc.wait(60) == 0
+    return b"".join(chunks).decode()
+
+
+def test_tables_are_coloured_only_on_a_terminal_without_no_color(tmp_path: Path) -> None:
+    args = ("--dir", str(tmp_path / "net"), "status")  # nothing runs: every node "down"
+    coloured = _on_a_terminal(*args, env={})
+    assert "\x1b[" in coloured and "down" in coloured and "─" in coloured  # colour, lines
+    plain = _on_a_terminal(*args, env={"NO_COLOR": "1"})
+    assert "\x1b[3" not in plain and "down" in plain  # no colour (bold headers may stay)
+    piped = run(*args, cwd=tmp_path).stdout
+    assert "\x1b" not in piped and "─" not in piped and len(piped.splitlines()) == 10
