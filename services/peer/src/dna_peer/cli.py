@@ -688,6 +688,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         args.handler(args)
     except KeyboardInterrupt:
         sys.exit(130)
+    except EOFError:  # Ctrl-D at a prompt
+        _fail(args, "no answer (end of input): nothing was changed")
     except BrokenPipeError:
         raise  # quiet_broken_pipe's
     except (DnaError, OSError) as exc:
