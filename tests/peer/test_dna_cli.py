@@ -95,6 +95,9 @@ def test_bad_arguments_and_settings_are_one_line_errors(tmp_path: Path) -> None:
     zero = dna(home, "watch", "--interval", "0")  # a usage error: exit 2, with the usage
     assert zero.returncode == 2 and "--interval: '0' is not a positive number" in zero.stderr
     one_line_error(run_script("dna", "identity", "show", env={"DNA_HOME": ""}), "DNA_HOME")
+    for bad_device in ("", "x" * 65, "evil\x1b[2J"):
+        refused = dna(home, "identity", "link", "--device-name", bad_device)
+        assert refused.returncode == 2 and "a device name has 1-64 printable" in refused.stderr
     # the message is checked before the passphrase, the network or the contact
     big = "x" * (100 * 1024)
     one_line_error(dna(home, "send", "zed", big, big), "192 KiB")

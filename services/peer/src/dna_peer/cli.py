@@ -587,6 +587,19 @@ def _positive(text: str) -> float:
     return value
 
 
+DEVICE_NAME_MAX = 64
+
+
+def _device_name(text: str) -> str:
+    """A device name others see in device lists: 1-64 printable characters."""
+    name = text.strip()
+    if not 1 <= len(name) <= DEVICE_NAME_MAX or not name.isprintable():
+        raise argparse.ArgumentTypeError(
+            f"a device name has 1-{DEVICE_NAME_MAX} printable characters, not {text!r}"
+        )
+    return name
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dna", description="DNA Messenger v2: post-quantum, decentralized"
                      " messaging.", epilog=EXAMPLES,
@@ -620,7 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
          ).add_argument("file", type=Path, help="the backup file")  # fmt: skip
     link = _add(ident, "link", _link, "link a new device: without CODE print one, with it use it")
     link.add_argument("code", nargs="?", help="the code shown on your existing device")
-    link.add_argument("--device-name", default="new device", help="name of the new device")
+    link.add_argument("--device-name", type=_device_name, default="new device",
+                      help="name of the new device (1-64 printable characters)")  # fmt: skip
 
     contacts = _group(sub, "contacts", "your contacts")
     _add(contacts, "add", _contacts_add, "find someone by name or fingerprint and pin their key"
