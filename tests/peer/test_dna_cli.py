@@ -258,7 +258,8 @@ def test_scripts_flags_anywhere_json_everywhere_text_from_stdin_or_file(
     one_line_error(dna_stdin(alice, "send", bob_name, "-", stdin=b"\n", net=testnet), "empty")
     as_json = dna(alice, "send", "nobody", "hi", "--json", net=testnet)
     assert as_json.returncode == 1 and as_json.stdout == ""
-    assert "no contact 'nobody'" in json.loads(as_json.stderr)["error"]
+    error = json.loads(as_json.stderr)
+    assert "no contact 'nobody'" in error["error"] and error["kind"] == "UnknownContactError"
     usage = dna(alice, "--json", "inbox", "--frobnicate")
     assert usage.returncode == 2 and "--frobnicate" in json.loads(usage.stderr)["error"]
     assert len(ok(dna(bob, "inbox", alice_name, "--offline", "--json", net=testnet))) == 3

@@ -310,7 +310,8 @@ def _send(args: argparse.Namespace) -> None:
 
     async def work(peer: Peer) -> None:
         contact = peer.find_contact(args.to)
-        sent = await peer.send(contact, body)
+        with phase_line("sealing, proof of work, storing on the replicas…", enabled=not args.json):
+            sent = await peer.send(contact, body)
         _emit(args, {"to": _party(peer.cache, contact.fingerprint),
                      "message_id": sent.message_id.hex(), "replicas": sent.stored_on})  # fmt: skip
 
@@ -671,9 +672,11 @@ def _settle(args: argparse.Namespace) -> None:
     args.seeds = parse_seeds(args.bootstrap) if args.bootstrap is not None else default_seeds()
 
 
-def _fail(args: argparse.Namespace | None, message: str) -> NoReturn:
+def _fail(args: argparse.Namespace | None, message: str, kind: str = "DnaError") -> NoReturn:
+    """The one way out on failure: a line on stderr (under --json, an object whose ``kind``
+    is the error's class, e.g. UnknownContactError), exit code 1."""
     if args is not None and args.json:
-        print(json.dumps({"error": message}), file=sys.stderr)
+        print(json.dumps({"error": message, "kind": kind}), file=sys.stderr)
     else:
         print(f"dna: error: {printable(message)}", file=sys.stderr)
     sys.exit(1)
@@ -707,9 +710,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     except BrokenPipeError:
         raise  # quiet_broken_pipe's
     except (DnaError, OSError) as exc:
-        _fail(args, str(exc))
+        _fail(args, str(exc), type(exc).__name__)
     except Exception as exc:  # a defect: still one line, the traceback with -v
         if args.verbose:
             traceback.print_exc()
         _fail(args, f"internal error: {type(exc).__name__}: {exc}"
-              + ("" if args.verbose else " (run with -v for the traceback)"))  # fmt: skip
+              + ("" if args.verbose else " (run with -v for the traceback)"),
+              "InternalError")  # fmt: skip
