@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import pty
 import signal
 import subprocess
 import time
@@ -220,6 +222,28 @@ def test_control_characters_from_a_contact_are_shown_escaped(
     # JSON keeps the text as it was sent (json escapes control characters itself)
     (msg,) = ok(dna(bob, "--json", "inbox", alice_name, "--offline", net=testnet))
     assert msg["text"] == evil
+
+    # on a terminal, sync shows its phase, then a progress bar with the count (on stderr)
+    ok(dna(alice, "--json", "send", bob_name, "for the progress bar", net=testnet))
+    shown = _on_a_terminal(bob, "--bootstrap", seeds, "sync")
+    assert "1/1" in shown and "blobs" in shown and "new messages: 1" in shown, repr(shown)
+
+
+def _on_a_terminal(home: Path, *args: str) -> str:
+    """``dna`` with stdout and stderr on a pseudo-terminal; what it wrote there."""
+    main, sub = pty.openpty()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DNA_")}
+    proc = subprocess.Popen([str(BIN / "dna"), "--home", str(home), *args], stdout=sub,
+                            stderr=sub, stdin=subprocess.DEVNULL,
+                            env={**base, **PASS, "TERM": "xterm-256color"})  # fmt: skip
+    os.close(sub)
+    chunks = []
+    with contextlib.suppress(OSError):  # EIO once the process closed its end
+        while chunk := os.read(main, 65536):
+            chunks.append(chunk)
+    os.close(main)
+    assert proc.wait(60) == 0, b"".join(chunks)
+    return b"".join(chunks).decode()
 
 
 def dna_stdin(
