@@ -90,7 +90,7 @@ def _confirm_empty_passphrase() -> None:
         return
     answer = input(f"{EMPTY_PASSPHRASE}. Use no passphrase? [y/N] ")
     if answer.strip().lower() not in ("y", "yes"):
-        raise DnaError("no identity created: run it again and choose a passphrase")
+        raise DnaError("nothing was created: run it again and choose a passphrase")
 
 
 def _emit(args: argparse.Namespace, info: Info) -> None:
@@ -176,21 +176,26 @@ def _show(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     """Key material as armored text (see dna_peer.armor): the public key set to stdout or
-    --out; with --private, the still-locked key file, to a new owner-only --out file."""
+    --out (no passphrase needed); with --private, the still-locked key file, checked with
+    the passphrase, to a new owner-only --out file."""
     if args.private and args.out is None:
         raise DnaError("--private needs --out FILE (a backup file only you can read)")
-    identity = args.profile.unlock(_passphrase(confirm=False))
+    if not args.profile.exists():
+        raise NoIdentityError(f"no identity in {args.profile.home}: run `dna identity create`")
+    keyfile = args.profile.keyfile.read_bytes()
+    public = keystore.read_public(keyfile)
     if args.private:
-        data = armor(LOCKED_KEY_FILE, args.profile.keyfile.read_bytes(), identity.fingerprint)
+        args.profile.unlock(_passphrase(confirm=False))  # a backup that opens
+        data = armor(LOCKED_KEY_FILE, keyfile, public.fingerprint)
         _write_new(args.out, data, private=True)
     else:
-        data = armor(PUBLIC, identity.public.encode(), identity.fingerprint)
+        data = armor(PUBLIC, public.encode(), public.fingerprint)
         if args.out is None and not args.json:
             print(data, end="")
             return
         if args.out is not None:
             _write_new(args.out, data, private=False)
-    info: Info = {"fingerprint": identity.fingerprint.hex(), "private": args.private}
+    info: Info = {"fingerprint": public.fingerprint.hex(), "private": args.private}
     _emit(args, {**info, "exported_to": str(args.out)} if args.out else {**info, "armored": data})
 
 
