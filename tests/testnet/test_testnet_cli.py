@@ -25,27 +25,6 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def test_up_status_down(tmp_path: Path) -> None:
-    up = run("up", cwd=tmp_path)
-    try:
-        assert up.returncode == 0, up.stderr
-        status = run("status", cwd=tmp_path)
-        rows = [line.split() for line in status.stdout.splitlines()[1:]]
-        assert len(rows) == 9 and status.stdout.split()[:4] == ["node", "role", "udp", "pid"]
-        assert all(r[4] == "yes" and int(r[5]) > 0 for r in rows), status.stdout
-        nodes = json.loads(run("status", "--json", cwd=tmp_path).stdout)
-        assert [n["role"] for n in nodes].count("bootstrap") == 3
-        assert [n["role"] for n in nodes].count("storage") == 6
-        assert all(n["ready"] and n["contacts"] > 0 and n["pid"] > 0 for n in nodes), nodes
-        assert all(("blobs" in n) == (n["role"] == "storage") for n in nodes)
-        assert (tmp_path / ".dna-testnet" / "state.json").exists()
-    finally:
-        down = run("down", cwd=tmp_path)
-    assert down.returncode == 0, down.stderr
-    after = run("--json", "status", cwd=tmp_path)
-    assert not any(n["up"] or n["pid"] for n in json.loads(after.stdout)), after.stdout
-
-
 def test_demo_runs_the_whole_flow(tmp_path: Path) -> None:
     demo = run("demo", cwd=tmp_path)
     assert demo.returncode == 0, demo.stdout + demo.stderr
@@ -73,12 +52,26 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
-def test_up_twice_is_refused_and_down_finds_every_node(tmp_path: Path) -> None:
+def _check_status(cwd: Path) -> None:
+    """`status` of a running testnet: a table (bare columns in a pipe) and JSON."""
+    status = run("status", cwd=cwd)
+    rows = [line.split() for line in status.stdout.splitlines()[1:]]
+    assert len(rows) == 9 and status.stdout.split()[:4] == ["node", "role", "udp", "pid"]
+    assert all(r[4] == "yes" and int(r[5]) > 0 for r in rows), status.stdout
+    nodes = json.loads(run("status", "--json", cwd=cwd).stdout)
+    assert [n["role"] for n in nodes].count("bootstrap") == 3
+    assert [n["role"] for n in nodes].count("storage") == 6
+    assert all(n["ready"] and n["contacts"] > 0 and n["pid"] > 0 for n in nodes), nodes
+    assert all(("blobs" in n) == (n["role"] == "storage") for n in nodes)
+
+
+def test_up_status_twice_and_down_finds_every_node(tmp_path: Path) -> None:
     up = run("up", cwd=tmp_path)
     state = tmp_path / ".dna-testnet" / "state.json"
     hand_started = None
     try:
         assert up.returncode == 0, up.stderr
+        _check_status(tmp_path)
         pids = json.loads(state.read_text())["pids"]
         again = run("up", cwd=tmp_path)
         assert again.returncode == 1
@@ -106,6 +99,8 @@ def test_up_twice_is_refused_and_down_finds_every_node(tmp_path: Path) -> None:
     assert f"storage0 (pid {hand_started.pid})" in down.stdout, down.stdout
     assert hand_started.wait(20) == 0  # stopped by down, cleanly
     assert not any(_alive(pid) for pid in pids.values())
+    after = run("--json", "status", cwd=tmp_path)
+    assert not any(n["up"] or n["pid"] for n in json.loads(after.stdout)), after.stdout
     nothing = run("down", cwd=tmp_path)
     assert nothing.returncode == 0 and "no testnet running" in nothing.stdout
 
