@@ -208,6 +208,8 @@ class Testnet:
         """Node name -> PID of every live process running one of this testnet's config files,
         found by command line (so nodes restarted by hand or by tests count, not only the PIDs
         an earlier `up` recorded)."""
+        if not Path("/proc").is_dir():  # not Linux: only the PIDs `up` recorded
+            return {name: pid for name, pid in self._saved_pids().items() if _exists(pid)}
         owned = {node.config_path.resolve(): node.name for node in self.nodes}
         found: dict[str, int] = {}
         for pid, config in _node_processes():
@@ -247,6 +249,23 @@ class Testnet:
     def _save(self) -> None:
         pids = {n.name: n.proc.pid for n in self.nodes if n.proc is not None}
         (self.root / "state.json").write_text(json.dumps({"pids": pids}))
+
+    def _saved_pids(self) -> dict[str, int]:
+        state = self.root / "state.json"
+        if not state.exists():
+            return {}
+        pids: dict[str, int] = json.loads(state.read_text())["pids"]
+        return pids
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _node_processes() -> list[tuple[int, Path]]:
