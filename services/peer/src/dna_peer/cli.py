@@ -1,11 +1,11 @@
 """`dna`: the command line for a person.
 
     dna identity create --name alice      a new identity, published to the network
-    dna identity show | export [--private] | import FILE | publish
+    dna identity show | export [--private --out FILE] | import FILE | publish
     dna identity link                     on this device: print a one-time code
     dna identity link CODE                on a new device: become a device of that identity
     dna contacts add bob | list | verify bob [--confirm] | forget bob
-    dna send bob "hello"
+    dna send bob "hello"                  (or `-` / a pipe for stdin, or --file FILE)
     dna inbox [bob]                       sync, then show conversations (or one of them)
     dna watch                             print messages as they arrive
     dna sync                              fetch the mailbox, with a progress bar
@@ -14,7 +14,9 @@
 The profile lives in $DNA_HOME (default ~/.dna), the passphrase comes from a
 prompt or $DNA_PASSPHRASE, the network from --bootstrap or $DNA_BOOTSTRAP
 (default: the local testnet of `dna-testnet up`). `--json` prints one JSON
-document per command (one per message for `watch`) for scripts.
+document per command (one per message for `watch`) for scripts; the global options
+go before or after the command. All failures pass through one handler (`_run`): one
+line on stderr, or a JSON object under --json, and exit code 1.
 """
 
 from __future__ import annotations
