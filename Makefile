@@ -1,8 +1,10 @@
 # Entry points. Each target bootstraps what it needs (uv, the locked env, system packages).
 .PHONY: bootstrap demo test lint types unit bench protos clean
 
-UV = $(shell scripts/bootstrap.sh)
-UV_TEST = $(shell scripts/bootstrap.sh test)
+# scripts/bootstrap.sh prints the uv to use, or nothing when it failed: then stop here
+# rather than run the recipe with an empty command.
+UV = $(or $(shell scripts/bootstrap.sh),$(error scripts/bootstrap.sh failed (its message is above); nothing was run))
+UV_TEST = $(or $(shell scripts/bootstrap.sh test),$(error scripts/bootstrap.sh test failed (its message is above); nothing was run))
 
 bootstrap:
 	@scripts/bootstrap.sh >/dev/null

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
+import os
+import pty
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from dna_core.crypto import PublicKeySet
+from dna_peer.armor import dearmor
+from dna_peer.cli import build_parser
 from dna_testnet.network import Testnet
 from support import BIN, run_script
 
@@ -34,7 +41,9 @@ def test_identity_create_show_export_offline(tmp_path: Path) -> None:
     assert ok(dna(home, "--json", "identity", "show"))["fingerprint"] == info["fingerprint"]
     pub = tmp_path / "me.pub"
     ok(dna(home, "--json", "identity", "export", "--out", str(pub)))
-    assert PublicKeySet.decode(pub.read_bytes()).fingerprint.hex() == info["fingerprint"]
+    kind, data = dearmor(pub.read_bytes())  # text, not binary
+    assert kind == "DNA PUBLIC KEY SET"
+    assert PublicKeySet.decode(data).fingerprint.hex() == info["fingerprint"]
     again = dna(home, "identity", "create", "--offline")
     assert again.returncode == 1 and "refusing to overwrite" in again.stderr
 
@@ -71,6 +80,49 @@ def test_errors_are_one_clear_line(tmp_path: Path) -> None:
     assert unknown.returncode == 1 and "dna: error:" in unknown.stderr
 
 
+def one_line_error(out: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.startswith("dna: error: "), out.stderr
+    for word in words:
+        assert word in out.stderr, out.stderr
+
+
+def test_bad_arguments_and_settings_are_one_line_errors(tmp_path: Path) -> None:
+    home = tmp_path / "me"
+    ok(dna(home, "--json", "identity", "create", "--offline"))
+    one_line_error(dna(home, "--bootstrap", "nonsense", "sync"), "'nonsense' is not host:port")
+    one_line_error(dna(home, "sync", env={"DNA_BOOTSTRAP": "garbage"}), "DNA_BOOTSTRAP", "garbage")
+    one_line_error(dna(home, "--bootstrap", "127.0.0.2:99999", "sync"), "port 99999")
+    zero = dna(home, "watch", "--interval", "0")  # a usage error: exit 2, with the usage
+    assert zero.returncode == 2 and "--interval: '0' is not a positive number" in zero.stderr
+    one_line_error(run_script("dna", "identity", "show", env={"DNA_HOME": ""}), "DNA_HOME")
+    for bad_device in ("", "x" * 65, "evil\x1b[2J"):
+        refused = dna(home, "identity", "link", "--device-name", bad_device)
+        assert refused.returncode == 2 and "a device name has 1-64 printable" in refused.stderr
+    # the message is checked before the passphrase, the network or the contact
+    big = "x" * (100 * 1024)
+    one_line_error(dna(home, "send", "zed", big, big), "192 KiB")
+    bad_utf8 = subprocess.run(
+        [str(BIN / "dna"), "--home", os.fsencode(home), "send", "zed", b"caf\xe9"],
+        capture_output=True, text=True, env={**PASS, "PATH": str(BIN)}, check=False,
+    )  # fmt: skip
+    one_line_error(bad_utf8, "UTF-8")
+    typo = dna(home, "sned", "bob", "hi")
+    assert typo.returncode == 2 and "did you mean 'send'" in typo.stderr, typo.stderr
+
+
+def test_a_closed_pipe_is_a_quiet_exit(tmp_path: Path) -> None:
+    for cmd in (["dna-testnet", "--dir", str(tmp_path), "status"],
+                ["dna", "demo"]):  # fmt: skip
+        proc = subprocess.Popen([str(BIN / cmd[0]), *cmd[1:]], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)  # fmt: skip
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # the reader (`| head -3`) has gone before anything is written
+        err = proc.stderr.read().decode()
+        assert proc.wait(30) == 141 and err == "", err
+
+
 def test_the_crypto_demo_runs() -> None:
     out = run_script("dna", "demo")
     assert out.returncode == 0, out.stderr
@@ -91,10 +143,15 @@ def test_two_people_and_a_second_device(testnet: Testnet, tmp_path: Path) -> Non
     assert sent["replicas"] >= 3
 
     ok(dna(bob, "--json", "contacts", "add", f"alice{suffix}", net=testnet))
+    alice_fp = ok(dna(alice, "--json", "identity", "show"))["fingerprint"]
+    bob_fp = ok(dna(bob, "--json", "identity", "show"))["fingerprint"]
     (conv,) = ok(dna(bob, "--json", "inbox", net=testnet))
-    assert conv == {"contact": f"alice{suffix}", "unread": 1, "last": "hello bob"}
-    (msg,) = ok(dna(bob, "--json", "inbox", f"alice{suffix}", net=testnet))
-    assert msg["text"] == "hello bob" and msg["from"] == f"alice{suffix}"
+    assert conv["contact"] == {"fingerprint": alice_fp, "name": f"alice{suffix}"}
+    assert conv["unread"] == 1 and conv["last"] == "hello bob"
+    (msg,) = ok(dna(bob, "inbox", f"alice{suffix}", "--json", net=testnet))  # flag after
+    assert msg["text"] == "hello bob" and msg["outgoing"] is False
+    assert msg["from"] == {"fingerprint": alice_fp, "name": f"alice{suffix}"}
+    assert msg["to"] == {"fingerprint": bob_fp, "name": None}
     assert ok(dna(bob, "--json", "inbox", "--offline", net=testnet))[0]["unread"] == 0
     verified = ok(dna(bob, "--json", "contacts", "verify", f"alice{suffix}", "--confirm",
                       net=testnet))  # fmt: skip
@@ -120,3 +177,191 @@ def test_two_people_and_a_second_device(testnet: Testnet, tmp_path: Path) -> Non
     assert synced["messages_in_cache"] == 2
     (hit,) = ok(dna(laptop, "--json", "search", "LIVE"))  # from the cache, offline
     assert hit["text"] == "live"
+
+
+def _pair(testnet: Testnet, tmp_path: Path) -> tuple[Path, Path, str, str]:
+    """Alice and bob with claimed names, each the other's contact."""
+    suffix = str(time.time_ns())[-6:]
+    alice, bob = tmp_path / "alice", tmp_path / "bob"
+    ok(dna(alice, "--json", "identity", "create", "--name", f"alice{suffix}", net=testnet))
+    ok(dna(bob, "--json", "identity", "create", "--name", f"bob{suffix}", net=testnet))
+    ok(dna(alice, "--json", "contacts", "add", f"bob{suffix}", net=testnet))
+    ok(dna(bob, "--json", "contacts", "add", f"alice{suffix}", net=testnet))
+    return alice, bob, f"alice{suffix}", f"bob{suffix}"
+
+
+RAW_CONTROLS = ("\x1b", "\x07", "\r", "\x08", "\u202e")
+
+
+def test_control_characters_from_a_contact_are_shown_escaped(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    alice, bob, alice_name, bob_name = _pair(testnet, tmp_path)
+    evil = "\x1b[2J\x07hi\r[2000-01-01 00:00:00] mallory \u2192 you: \u202eevil\x08\nsecond line"
+    seeds = ",".join(f"{h}:{p}" for h, p in testnet.seeds)
+    watcher = subprocess.Popen(
+        [str(BIN / "dna"), "--home", str(bob), "--bootstrap", seeds, "watch", "--interval", "0.3"],
+        stdout=subprocess.PIPE, env={**PASS, "PATH": str(BIN)},
+    )  # fmt: skip
+    try:
+        assert watcher.stdout is not None
+        assert b"watching" in watcher.stdout.readline()
+        ok(dna(alice, "--json", "send", bob_name, evil, net=testnet))
+        time.sleep(3)
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        shown = watcher.communicate(timeout=10)[0].decode()
+    assert alice_name in shown, shown
+    listing = dna(bob, "inbox", "--offline", net=testnet).stdout
+    conversation = dna(bob, "inbox", alice_name, "--offline", net=testnet).stdout
+    for out in (shown, listing, conversation):
+        assert not any(c in out for c in RAW_CONTROLS), repr(out)
+        assert "\\x1b[2J\\x07hi\\x0d[2000" in out, repr(out)
+    for out in (shown, conversation):
+        assert "\\u202eevil\\x08\n    second line" in out, repr(out)  # continuation indented
+    # JSON keeps the text as it was sent (json escapes control characters itself)
+    (msg,) = ok(dna(bob, "--json", "inbox", alice_name, "--offline", net=testnet))
+    assert msg["text"] == evil
+
+    # on a terminal, sync shows its phase, then a progress bar with the count (on stderr)
+    ok(dna(alice, "--json", "send", bob_name, "for the progress bar", net=testnet))
+    shown = _on_a_terminal(bob, "--bootstrap", seeds, "sync")
+    assert "1/1" in shown and "blobs" in shown and "new messages: 1" in shown, repr(shown)
+
+
+def _on_a_terminal(home: Path, *args: str) -> str:
+    """``dna`` with stdout and stderr on a pseudo-terminal; what it wrote there."""
+    main, sub = pty.openpty()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DNA_")}
+    proc = subprocess.Popen([str(BIN / "dna"), "--home", str(home), *args], stdout=sub,
+                            stderr=sub, stdin=subprocess.DEVNULL,
+                            env={**base, **PASS, "TERM": "xterm-256color"})  # fmt: skip
+    os.close(sub)
+    chunks = []
+    with contextlib.suppress(OSError):  # EIO once the process closed its end
+        while chunk := os.read(main, 65536):
+            chunks.append(chunk)
+    os.close(main)
+    assert proc.wait(60) == 0, b"".join(chunks)
+    return b"".join(chunks).decode()
+
+
+def dna_stdin(
+    home: Path, *args: str, stdin: bytes, net: Testnet
+) -> subprocess.CompletedProcess[str]:
+    """`dna` with ``stdin`` piped in (run_script gives it none)."""
+    seeds = ",".join(f"{h}:{p}" for h, p in net.seeds)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DNA_")}
+    done = subprocess.run(
+        [str(BIN / "dna"), "--home", str(home), "--bootstrap", seeds, *args], input=stdin,
+        capture_output=True, env={**base, **PASS}, timeout=120, check=False,
+    )  # fmt: skip
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(),
+                                       done.stderr.decode())  # fmt: skip
+
+
+def test_scripts_flags_anywhere_json_everywhere_text_from_stdin_or_file(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    alice, bob, alice_name, bob_name = _pair(testnet, tmp_path)
+    bob_fp = ok(dna(bob, "identity", "show", "--json"))["fingerprint"]  # a flag after
+    sent = ok(dna_stdin(alice, "send", bob_name, "-", "--json", stdin=b"from stdin\n", net=testnet))
+    assert sent["to"] == {"fingerprint": bob_fp, "name": bob_name} and sent["replicas"] >= 3
+    ok(dna_stdin(alice, "--json", "send", bob_name, stdin="piped, no dash ✓".encode(), net=testnet))
+    note = tmp_path / "note.txt"
+    note.write_text("line one\nline two\n")
+    ok(dna(alice, "send", bob_name, "--file", str(note), "--json", net=testnet))
+    texts = [m["text"] for m in ok(dna(bob, "inbox", alice_name, "--json", net=testnet))]
+    assert texts == ["from stdin", "piped, no dash ✓", "line one\nline two"]
+
+    # refused before anything is sent, with one clear line (JSON under --json)
+    huge = tmp_path / "huge.txt"
+    huge.write_bytes(b"x" * 10_000_000)
+    one_line_error(dna(alice, "send", bob_name, "--file", str(huge), net=testnet), "192 KiB")
+    one_line_error(dna(alice, "send", bob_name, "", net=testnet), "empty")
+    one_line_error(dna_stdin(alice, "send", bob_name, "-", stdin=b"\n", net=testnet), "empty")
+    as_json = dna(alice, "send", "nobody", "hi", "--json", net=testnet)
+    assert as_json.returncode == 1 and as_json.stdout == ""
+    error = json.loads(as_json.stderr)
+    assert "no contact 'nobody'" in error["error"] and error["kind"] == "UnknownContactError"
+    usage = dna(alice, "--json", "inbox", "--frobnicate")
+    assert usage.returncode == 2 and "--frobnicate" in json.loads(usage.stderr)["error"]
+    assert len(ok(dna(bob, "inbox", alice_name, "--offline", "--json", net=testnet))) == 3
+
+
+def test_demo_honours_json() -> None:
+    out = run_script("dna", "demo", "--json")
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert {"step": "alice creates an identity"}.items() <= lines[1].items()
+    assert sum("refused" in line for line in lines) == 2
+    assert lines[-1] == {"complete": True}
+
+
+def test_help_for_a_new_user(tmp_path: Path) -> None:
+    bare = run_script("dna")
+    assert bare.returncode == 0 and bare.stdout.startswith("usage: dna"), bare.stderr
+    full = run_script("dna", "--help").stdout
+    for needed in ("examples:", "dna send bob", "DNA_HOME", "DNA_PASSPHRASE", "DNA_BOOTSTRAP",
+                   "NO_COLOR", "before or after"):  # fmt: skip
+        assert needed in full, needed
+    group = run_script("dna", "contacts")
+    assert group.returncode == 0 and "verify" in group.stdout
+    typo = run_script("dna", "contacts", "lst")
+    assert typo.returncode == 2 and "did you mean 'list'" in typo.stderr
+    # every argument of every command explains itself
+    undocumented = []
+    for path, parser in _all_parsers(build_parser()):
+        for action in parser._actions:
+            if action.help is None and not isinstance(action, argparse._SubParsersAction):
+                undocumented.append(f"dna {path} {'/'.join(action.option_strings) or action.dest}")
+    assert undocumented == []
+    send_help = run_script("dna", "send", "--help").stdout
+    assert "--file" in send_help and "stdin" in send_help
+
+
+def _all_parsers(parser: argparse.ArgumentParser, path: str = "") -> Iterator[
+    tuple[str, argparse.ArgumentParser]
+]:  # fmt: skip
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _all_parsers(sub, f"{path} {name}".strip())
+
+
+def test_human_output_export_import_and_empty_passphrase(tmp_path: Path) -> None:
+    home = tmp_path / "me"
+    created = dna(home, "identity", "create", "--offline", env={"DNA_PASSPHRASE": ""})
+    assert created.returncode == 0, created.stderr
+    assert "warning: an empty passphrase leaves your key file unprotected" in created.stderr
+    assert "published: no" in created.stdout
+    for raw in ("False", "True", "None", "published_on"):
+        assert raw not in created.stdout, created.stdout
+    fingerprint = ok(dna(home, "--json", "identity", "show", env={"DNA_PASSPHRASE": ""}))[
+        "fingerprint"
+    ]
+    public = run_script("dna", "--home", str(home), "identity", "export")  # no passphrase
+    assert public.returncode == 0 and public.stdout.startswith("-----BEGIN DNA PUBLIC KEY SET")
+    assert f"fingerprint: {fingerprint}" in public.stdout
+    assert all(line.isprintable() for line in public.stdout.splitlines())
+    no_out = dna(home, "identity", "export", "--private", env={"DNA_PASSPHRASE": ""})
+    one_line_error(no_out, "--private needs --out")
+    backup = tmp_path / "backup.txt"
+    ok(dna(home, "--json", "identity", "export", "--private", "--out", str(backup),
+           env={"DNA_PASSPHRASE": ""}))  # fmt: skip
+    assert backup.read_text().startswith("-----BEGIN DNA LOCKED KEY FILE-----")
+    restored = ok(dna(tmp_path / "restored", "--json", "identity", "import", str(backup),
+                      env={"DNA_PASSPHRASE": ""}))  # fmt: skip
+    assert restored["fingerprint"] == fingerprint
+    pub = tmp_path / "me.pub"
+    pub.write_text(public.stdout)
+    keyfile = (home / "identity.key").read_bytes()  # --out never overwrites, the key least
+    for existing in (home / "identity.key", pub):
+        refused = dna(
+            home, "identity", "export", "--out", str(existing), env={"DNA_PASSPHRASE": ""}
+        )
+        one_line_error(refused, "exists; refusing to overwrite")
+    assert (home / "identity.key").read_bytes() == keyfile and pub.read_text() == public.stdout
+    wrong_kind = dna(tmp_path / "other", "identity", "import", str(pub))
+    one_line_error(wrong_kind, "public key set, not a backup")

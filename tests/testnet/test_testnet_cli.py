@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import pty
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import httpx
 
 BIN = Path(sys.executable).parent
 
@@ -18,24 +25,6 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def test_up_status_down(tmp_path: Path) -> None:
-    up = run("up", cwd=tmp_path)
-    try:
-        assert up.returncode == 0, up.stderr
-        status = run("status", cwd=tmp_path)
-        rows = [line.split() for line in status.stdout.splitlines()[1:]]
-        assert len(rows) == 9
-        assert [r[1] for r in rows].count("bootstrap") == 3
-        assert [r[1] for r in rows].count("storage") == 6
-        assert all(r[3] == "yes" and int(r[4]) > 0 for r in rows), status.stdout
-        assert (tmp_path / ".dna-testnet" / "state.json").exists()
-    finally:
-        down = run("down", cwd=tmp_path)
-    assert down.returncode == 0, down.stderr
-    after = run("status", cwd=tmp_path)
-    assert all(line.endswith("down") for line in after.stdout.splitlines()[1:]), after.stdout
-
-
 def test_demo_runs_the_whole_flow(tmp_path: Path) -> None:
     demo = run("demo", cwd=tmp_path)
     assert demo.returncode == 0, demo.stdout + demo.stderr
@@ -45,3 +34,98 @@ def test_demo_runs_the_whole_flow(tmp_path: Path) -> None:
     assert "both devices hold the same history: True" in out
     assert out.rstrip().endswith("demo complete")
     assert not any(tmp_path.iterdir())  # the network lived in a temporary directory
+
+
+def _ready(ip: str) -> bool:
+    try:
+        return httpx.get(f"http://{ip}:7480/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by its parent) counts as gone
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def _check_status(cwd: Path) -> None:
+    """`status` of a running testnet: a table (bare columns in a pipe) and JSON."""
+    status = run("status", cwd=cwd)
+    rows = [line.split() for line in status.stdout.splitlines()[1:]]
+    assert len(rows) == 9 and status.stdout.split()[:4] == ["node", "role", "udp", "pid"]
+    assert all(r[4] == "yes" and int(r[5]) > 0 for r in rows), status.stdout
+    nodes = json.loads(run("status", "--json", cwd=cwd).stdout)
+    assert [n["role"] for n in nodes].count("bootstrap") == 3
+    assert [n["role"] for n in nodes].count("storage") == 6
+    assert all(n["ready"] and n["contacts"] > 0 and n["pid"] > 0 for n in nodes), nodes
+    assert all(("blobs" in n) == (n["role"] == "storage") for n in nodes)
+
+
+def test_up_status_twice_and_down_finds_every_node(tmp_path: Path) -> None:
+    up = run("up", cwd=tmp_path)
+    state = tmp_path / ".dna-testnet" / "state.json"
+    hand_started = None
+    try:
+        assert up.returncode == 0, up.stderr
+        _check_status(tmp_path)
+        pids = json.loads(state.read_text())["pids"]
+        again = run("up", cwd=tmp_path)
+        assert again.returncode == 1
+        assert "already running" in again.stderr and "dna-testnet down" in again.stderr
+        assert json.loads(state.read_text())["pids"] == pids  # the real nodes stay recorded
+        assert all(_alive(pid) for pid in pids.values())
+
+        # an operator restarts storage0 by hand (a relative --config, its own session)
+        os.kill(pids["storage0"], signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while _alive(pids["storage0"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        hand_started = subprocess.Popen(
+            [str(BIN / "dna-storage-node"), "run", "--config", ".dna-testnet/storage0.toml"],
+            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not _ready("127.0.0.5"):  # storage0
+            time.sleep(0.2)
+    finally:
+        down = run("down", cwd=tmp_path)
+    assert down.returncode == 0, down.stderr
+    assert "stopped 9 nodes" in down.stdout, down.stdout
+    assert f"storage0 (pid {hand_started.pid})" in down.stdout, down.stdout
+    assert hand_started.wait(20) == 0  # stopped by down, cleanly
+    assert not any(_alive(pid) for pid in pids.values())
+    after = run("--json", "status", cwd=tmp_path)
+    assert not any(n["up"] or n["pid"] for n in json.loads(after.stdout)), after.stdout
+    nothing = run("down", cwd=tmp_path)
+    assert nothing.returncode == 0 and "no testnet running" in nothing.stdout
+
+
+def _on_a_terminal(*args: str, env: dict[str, str]) -> str:
+    """Run ``dna-testnet`` with its stdout on a pseudo-terminal; what it wrote there."""
+    main, sub = pty.openpty()
+    base = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TERM")}
+    proc = subprocess.Popen([str(BIN / "dna-testnet"), *args], stdout=sub, stderr=sub,
+                            env={**base, "TERM": "xterm-256color", **env})  # fmt: skip
+    os.close(sub)
+    chunks = []
+    with contextlib.suppress(OSError):  # EIO once the process closed its end
+        while chunk := os.read(main, 65536):
+            chunks.append(chunk)
+    os.close(main)
+    assert proc.wait(60) == 0
+    return b"".join(chunks).decode()
+
+
+def test_tables_are_coloured_only_on_a_terminal_without_no_color(tmp_path: Path) -> None:
+    args = ("--dir", str(tmp_path / "net"), "status")  # nothing runs: every node "down"
+    coloured = _on_a_terminal(*args, env={})
+    assert "\x1b[" in coloured and "down" in coloured and "─" in coloured  # colour, lines
+    plain = _on_a_terminal(*args, env={"NO_COLOR": "1"})
+    assert "\x1b[3" not in plain and "down" in plain  # no colour (bold headers may stay)
+    piped = run(*args, cwd=tmp_path).stdout
+    assert "\x1b" not in piped and "─" not in piped and len(piped.splitlines()) == 10

@@ -1,11 +1,11 @@
 """`dna`: the command line for a person.
 
     dna identity create --name alice      a new identity, published to the network
-    dna identity show | export [--private] | import FILE | publish
+    dna identity show | export [--private --out FILE] | import FILE | publish
     dna identity link                     on this device: print a one-time code
     dna identity link CODE                on a new device: become a device of that identity
     dna contacts add bob | list | verify bob [--confirm] | forget bob
-    dna send bob "hello"
+    dna send bob "hello"                  (or `-` / a pipe for stdin, or --file FILE)
     dna inbox [bob]                       sync, then show conversations (or one of them)
     dna watch                             print messages as they arrive
     dna sync                              fetch the mailbox, with a progress bar
@@ -14,7 +14,9 @@
 The profile lives in $DNA_HOME (default ~/.dna), the passphrase comes from a
 prompt or $DNA_PASSPHRASE, the network from --bootstrap or $DNA_BOOTSTRAP
 (default: the local testnet of `dna-testnet up`). `--json` prints one JSON
-document per command (one per message for `watch`) for scripts.
+document per command (one per message for `watch`) for scripts; the global options
+go before or after the command. All failures pass through one handler (`_run`): one
+line on stderr, or a JSON object under --json, and exit code 1.
 """
 
 from __future__ import annotations
@@ -23,21 +25,26 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import difflib
 import getpass
 import json
 import logging
+import math
 import os
 import socket
 import sys
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from dna_core import __version__
 from dna_core.crypto import Identity, keystore
 from dna_core.errors import DnaError
 from dna_core.overlay.records import normalize_name
+from rich.text import Text
 
+from dna_peer.armor import LOCKED_KEY_FILE, PUBLIC, armor, dearmor, is_armored
 from dna_peer.cache import Cache, Contact, Message
 from dna_peer.inbox import SyncReport
 from dna_peer.keyserver import (
@@ -48,8 +55,16 @@ from dna_peer.keyserver import (
 )
 from dna_peer.link import accept_link, offer_link
 from dna_peer.network import default_seeds, join_overlay, parse_seeds
-from dna_peer.peer import Peer, open_peer
+from dna_peer.peer import MAX_TEXT_BYTES, InvalidMessageError, Peer, check_text, open_peer
 from dna_peer.profile import NoIdentityError, Profile, write_private
+from dna_peer.terminal import (
+    console,
+    phase_line,
+    printable,
+    progress_bar,
+    quiet_broken_pipe,
+    table,
+)
 
 PASSPHRASE_ENV = "DNA_PASSPHRASE"
 Info = dict[str, Any]
@@ -58,28 +73,71 @@ Info = dict[str, Any]
 def _passphrase(confirm: bool) -> str:
     """From $DNA_PASSPHRASE (scripts) or a prompt (people)."""
     if PASSPHRASE_ENV in os.environ:
+        if confirm and not os.environ[PASSPHRASE_ENV]:
+            _confirm_empty_passphrase()
         return os.environ[PASSPHRASE_ENV]
     if not sys.stdin.isatty():
         raise DnaError(f"no terminal to ask for a passphrase: set {PASSPHRASE_ENV}")
     first = getpass.getpass("passphrase: ")
     if confirm and getpass.getpass("again: ") != first:
         raise DnaError("the passphrases differ")
+    if confirm and not first:
+        _confirm_empty_passphrase()
     return first
 
 
+EMPTY_PASSPHRASE = (
+    "an empty passphrase leaves your key file unprotected: anyone who copies it becomes you"
+)
+
+
+def _confirm_empty_passphrase() -> None:
+    """A new key file without a passphrase: asked on a terminal, warned about in scripts."""
+    if not sys.stdin.isatty():
+        print(f"dna: warning: {EMPTY_PASSPHRASE}", file=sys.stderr)
+        return
+    answer = input(f"{EMPTY_PASSPHRASE}. Use no passphrase? [y/N] ")
+    if answer.strip().lower() not in ("y", "yes"):
+        raise DnaError("nothing was created: run it again and choose a passphrase")
+
+
 def _emit(args: argparse.Namespace, info: Info) -> None:
+    """One result: a JSON object for scripts, labelled lines for people."""
     if args.json:
         print(json.dumps(info), flush=True)
-    else:
-        for k, v in info.items():
-            print(f"{k:>22}: {v}")
+        return
+    shown = {k.replace("_", " "): _human(k, v) for k, v in info.items()}
+    width = max(map(len, shown), default=0)
+    for label, text in shown.items():
+        if text is not None:  # values may come from others (device names): escaped
+            print(f"{label:>{width}}: {printable(text)}")
+
+
+_UNITS = {"published_on": "storage nodes", "replicas": "storage nodes (of 5)",
+          "history_chunks": "chunks of history"}  # fmt: skip
+
+
+def _human(key: str, value: object) -> str | None:
+    """A value as a person reads it: yes/no, a name with its fingerprint, a count with
+    its unit; None (nothing to say) is left out."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict) and "fingerprint" in value:
+        name = value.get("name")
+        return f"{name} ({value['fingerprint']})" if name else str(value["fingerprint"])
+    unit = _UNITS.get(key)
+    return f"{value} {unit}" if unit else str(value)
 
 
 def _with_peer(args: argparse.Namespace, work: Callable[[Peer], Awaitable[None]]) -> None:
     """Unlock, join the network, run ``work``, leave."""
 
     async def run() -> None:
-        peer = await open_peer(args.profile, _passphrase(confirm=False), args.seeds)
+        passphrase = _passphrase(confirm=False)
+        with phase_line("unlocking, joining the network…", enabled=not args.json):
+            peer = await open_peer(args.profile, passphrase, args.seeds)
         try:
             await work(peer)
         finally:
@@ -151,17 +209,50 @@ def _show(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    identity = args.profile.unlock(_passphrase(confirm=False))
-    if args.private:  # the key file itself: still locked under the passphrase
-        write_private(args.out, args.profile.keyfile.read_bytes())
+    """Key material as armored text (see dna_peer.armor): the public key set to stdout or
+    --out (no passphrase needed); with --private, the still-locked key file, checked with
+    the passphrase, to a new owner-only --out file."""
+    if args.private and args.out is None:
+        raise DnaError("--private needs --out FILE (a backup file only you can read)")
+    if not args.profile.exists():
+        raise NoIdentityError(f"no identity in {args.profile.home}: run `dna identity create`")
+    keyfile = args.profile.keyfile.read_bytes()
+    public = keystore.read_public(keyfile)
+    if args.private:
+        args.profile.unlock(_passphrase(confirm=False))  # a backup that opens
+        data = armor(LOCKED_KEY_FILE, keyfile, public.fingerprint)
+        _write_new(args.out, data, private=True)
     else:
-        args.out.write_bytes(identity.public.encode())
-    _emit(args, {"fingerprint": identity.fingerprint.hex(), "exported_to": str(args.out),
-                 "private": args.private})  # fmt: skip
+        data = armor(PUBLIC, public.encode(), public.fingerprint)
+        if args.out is None and not args.json:
+            print(data, end="")
+            return
+        if args.out is not None:
+            _write_new(args.out, data, private=False)
+    info: Info = {"fingerprint": public.fingerprint.hex(), "private": args.private}
+    _emit(args, {**info, "exported_to": str(args.out)} if args.out else {**info, "armored": data})
+
+
+def _write_new(path: Path, text: str, *, private: bool) -> None:
+    """Create ``path``; an existing file (the key file itself, say) is never overwritten."""
+    try:
+        if private:
+            write_private(path, text.encode())
+        else:
+            with path.open("x", encoding="utf-8") as f:
+                f.write(text)
+    except FileExistsError:
+        raise DnaError(f"{path} exists; refusing to overwrite it") from None
 
 
 def _import(args: argparse.Namespace) -> None:
-    identity = args.profile.restore(args.file.read_bytes(), _passphrase(confirm=False))
+    data = args.file.read_bytes()
+    if is_armored(data):  # raw key files (older backups) are read as they are
+        kind, data = dearmor(data)
+        if kind != LOCKED_KEY_FILE:
+            raise DnaError(f"{args.file} holds a {kind.lower()}, not a backup: make one with"
+                           " `dna identity export --private --out FILE`")  # fmt: skip
+    identity = args.profile.restore(data, _passphrase(confirm=False))
     _emit(args, {"fingerprint": identity.fingerprint.hex(), "home": str(args.profile.home)})
 
 
@@ -216,9 +307,12 @@ def _contacts_list(args: argparse.Namespace) -> None:
         if args.json:
             print(json.dumps(contacts))
             return
+        out = console()
+        grid = table(out, "name", "fingerprint", "verified")
         for c in contacts:
-            mark = "verified" if c["verified"] else "unverified"
-            print(f"{c['name'] or '(no name)':<20} {c['fingerprint'][:32]}…  {mark}")
+            mark = Text("yes", style="green") if c["verified"] else Text("no", style="yellow")
+            grid.add_row(Text(printable(c["name"] or "(no name)")), c["fingerprint"], mark)
+        out.print(grid if contacts else "no contacts yet: `dna contacts add NAME`")
 
     _with_peer(args, work)
 
@@ -241,7 +335,7 @@ def _contacts_forget(args: argparse.Namespace) -> None:
     async def work(peer: Peer) -> None:
         contact = peer.find_contact(args.who)
         peer.cache.forget_contact(contact.fingerprint)
-        _emit(args, {"forgotten": contact.name or contact.fingerprint.hex()})
+        _emit(args, {"forgotten": _party(peer.cache, contact.fingerprint)})
 
     _with_peer(args, work)
 
@@ -250,13 +344,44 @@ def _contacts_forget(args: argparse.Namespace) -> None:
 
 
 def _send(args: argparse.Namespace) -> None:
+    body = _message_text(args)
+    check_text(body)  # before the passphrase, the network and the contact
+
     async def work(peer: Peer) -> None:
         contact = peer.find_contact(args.to)
-        sent = await peer.send(contact, " ".join(args.text))
-        _emit(args, {"to": contact.name or contact.fingerprint.hex(),
+        with phase_line("sealing, proof of work, storing on the replicas…", enabled=not args.json):
+            sent = await peer.send(contact, body)
+        _emit(args, {"to": _party(peer.cache, contact.fingerprint),
                      "message_id": sent.message_id.hex(), "replicas": sent.stored_on})  # fmt: skip
 
     _with_peer(args, work)
+
+
+def _message_text(args: argparse.Namespace) -> str:
+    """The text to send: the arguments, `-` or a piped stdin, or --file. A trailing line
+    break (from `echo` or an editor) is not part of the message."""
+    if args.file is not None and args.text:
+        raise DnaError("give the message as arguments or --file, not both")
+    if args.file is not None:
+        with args.file.open("rb") as f:
+            return _decoded(f.read(MAX_TEXT_BYTES + 1), str(args.file)).rstrip("\n")
+    if args.text == ["-"] or (not args.text and not sys.stdin.isatty()):
+        return _decoded(sys.stdin.buffer.read(MAX_TEXT_BYTES + 1), "stdin").rstrip("\n")
+    if not args.text:
+        raise DnaError("no message: give it as arguments, `-` for stdin, or --file FILE")
+    return " ".join(args.text)
+
+
+def _decoded(data: bytes, source: str) -> str:
+    if len(data) > MAX_TEXT_BYTES:
+        raise InvalidMessageError(
+            f"the message in {source} is over {MAX_TEXT_BYTES:,} bytes, the most that fit in"
+            " one message (the 192 KiB envelope cap less 1 KiB of framing)"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidMessageError(f"the message in {source} is not valid UTF-8 text") from None
 
 
 def _message_info(peer: Peer, m: Message) -> Info:
@@ -264,23 +389,41 @@ def _message_info(peer: Peer, m: Message) -> Info:
 
 
 def _message_info_from(cache: Cache, m: Message) -> Info:
-    other = cache.contact(m.recipient if m.outgoing else m.sender)
-    name = (other.name if other else None) or (m.recipient if m.outgoing else m.sender).hex()[:16]
-    return {"message_id": m.message_id.hex(), "from": "you" if m.outgoing else name,
-            "to": name if m.outgoing else "you", "time_ms": m.timestamp_ms, "text": m.body,
-            "delivered": m.delivered}  # fmt: skip
+    """A message for scripts: full fingerprints with the names we know them by."""
+    return {"message_id": m.message_id.hex(), "from": _party(cache, m.sender),
+            "to": _party(cache, m.recipient), "outgoing": m.outgoing, "time_ms": m.timestamp_ms,
+            "text": m.body, "delivered": m.delivered}  # fmt: skip
+
+
+def _party(cache: Cache, fingerprint: bytes) -> Info:
+    """Someone in a message: the fingerprint, and their name if they are a named contact
+    (None for ourselves and for senders not named yet)."""
+    contact = cache.contact(fingerprint)
+    return {"fingerprint": fingerprint.hex(), "name": contact.name if contact else None}
+
+
+def _who(party: Info, *, me: bool) -> str:
+    """How a person reads a party: "you", the contact's name, or a fingerprint prefix."""
+    return "you" if me else printable(party["name"] or party["fingerprint"][:16])
 
 
 def _print_message(info: Info) -> None:
+    """One message; what its sender controls (the text) is shown escaped, and its
+    continuation lines indented, so that it cannot pass for lines of our own."""
     when = datetime.datetime.fromtimestamp(info["time_ms"] / 1000).strftime("%Y-%m-%d %H:%M:%S")
     tick = " ✓" if info["delivered"] else ""
-    print(f"[{when}] {info['from']} → {info['to']}: {info['text']}{tick}")
+    text = printable(info["text"], newlines=True).replace("\n", "\n    ")
+    sender = _who(info["from"], me=info["outgoing"])
+    recipient = _who(info["to"], me=not info["outgoing"])
+    print(f"[{when}] {sender} → {recipient}: {text}{tick}", flush=True)
 
 
 def _inbox(args: argparse.Namespace) -> None:
     async def work(peer: Peer) -> None:
         if not args.offline:
-            await peer.sync()
+            phase = "looking up your mailbox replicas, fetching…"
+            with progress_bar(phase, "blobs", enabled=not args.json) as update:
+                await peer.sync(progress=update)
         if args.contact:
             await _show_conversation(args, peer, peer.find_contact(args.contact))
         else:
@@ -300,19 +443,25 @@ async def _show_conversation(args: argparse.Namespace, peer: Peer, contact: Cont
 
 
 def _show_conversations(args: argparse.Namespace, peer: Peer) -> None:
-    rows = []
+    rows: list[Info] = []
     for conv in peer.cache.conversations():
-        contact = peer.cache.contact(conv.peer)
-        last = peer.cache.messages(conv.id)[-1:] or None
-        rows.append({"contact": (contact.name if contact else None) or conv.peer.hex()[:16],
-                     "unread": conv.unread, "last": last and last[0].body})  # fmt: skip
+        last = peer.cache.messages(conv.id)[-1:]
+        rows.append({"contact": _party(peer.cache, conv.peer), "unread": conv.unread,
+                     "last": last[0].body if last else None,
+                     "last_time_ms": last[0].timestamp_ms if last else None})  # fmt: skip
     if args.json:
         print(json.dumps(rows))
         return
     if not rows:
         print("no conversations yet")
+        return
+    out = console()
+    grid = table(out, "contact", "unread", "last message")
     for row in rows:
-        print(f"{row['contact']:<20} {row['unread']:>3} unread   {row['last'] or ''}")
+        unread = Text(str(row["unread"]), style="bold" if row["unread"] else "")
+        first_line = (row["last"] or "").split("\n", 1)[0]
+        grid.add_row(Text(_who(row["contact"], me=False)), unread, Text(printable(first_line)))
+    out.print(grid)
 
 
 def _search(args: argparse.Namespace) -> None:
@@ -349,17 +498,10 @@ def _watch(args: argparse.Namespace) -> None:
 
 
 def _sync(args: argparse.Namespace) -> None:
-    def bar(done: int, total: int) -> None:
-        if args.json or (not sys.stderr.isatty() and done != total):
-            return
-        filled = 30 * done // max(total, 1)
-        print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} blobs", end="",
-              file=sys.stderr, flush=True)  # fmt: skip
-        if done == total:
-            print(file=sys.stderr)
-
     async def work(peer: Peer) -> None:
-        report = await peer.sync(progress=bar)
+        phase = "looking up your mailbox replicas, fetching…"
+        with progress_bar(phase, "blobs", enabled=not args.json) as update:
+            report = await peer.sync(progress=update)
         _emit(args, {"new_messages": len(report.new_messages), "receipts": report.receipts,
                      "rejected": len(report.rejected), "deleted_from_network": report.deleted,
                      "messages_in_cache": peer.cache.message_count()})  # fmt: skip
@@ -370,31 +512,143 @@ def _sync(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from dna_peer.demo import run_demo
 
-    run_demo()
+    run_demo(as_json=args.json)
+
+
+class _EscapingFormatter(logging.Formatter):
+    """Log lines can carry text from others (a reason, a device name): escaped too."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), newlines=True)
+
+
+def _log_to_stderr(verbose: bool) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(_EscapingFormatter("dna: %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
 
 
 # -- parser -------------------------------------------------------------------------
 
 
+EXAMPLES = """\
+examples:
+  dna identity create --name alice     a new identity, published, with the name "alice"
+  dna contacts add bob                 find bob and pin his key (trust on first use)
+  dna contacts verify bob              the safety number to compare with bob
+  dna send bob "hello"                 or: echo hello | dna send bob -   dna send bob --file F
+  dna inbox                            sync, then one line per conversation
+  dna inbox bob --json | jq .          one conversation, for scripts
+  dna watch                            print messages as they arrive (Ctrl-C to stop)
+  dna identity link                    a one-time code to link your next device
+
+environment:
+  DNA_HOME        the profile directory (default ~/.dna); --home overrides it
+  DNA_PASSPHRASE  the passphrase, for scripts (otherwise dna asks for it)
+  DNA_BOOTSTRAP   host:port[,host:port] of bootstrap nodes (default: the local
+                  testnet of `dna-testnet up`); --bootstrap overrides it
+  NO_COLOR        no colours (neither are used when the output is not a terminal)
+
+The global options (--json, -v, --home, --bootstrap) go before or after the
+command. Errors are one line on stderr (a JSON object under --json), exit code 1;
+usage errors exit 2. docs/peer.md has the whole guide.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with "did you mean" on a mistyped command, and usage errors as JSON under
+    --json."""
+
+    json_errors = False
+
+    def error(self, message: str) -> NoReturn:
+        if "invalid choice" in message:
+            wrong = message.split("'")[1] if "'" in message else ""
+            choices = [c for c in self._choices() if isinstance(c, str)]
+            close = difflib.get_close_matches(wrong, choices, n=1)
+            if close:
+                message = f"{message}; did you mean '{close[0]}'?"
+        if _Parser.json_errors:
+            print(json.dumps({"error": message, "usage": self.format_usage().strip()}),
+                  file=sys.stderr)  # fmt: skip
+            sys.exit(2)
+        super().error(message)
+
+    def _choices(self) -> list[object]:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return list(action.choices)
+        return []
+
+
+def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """The options every command takes, before or after it: the subcommands' copies
+    default to SUPPRESS so they never undo a value given before the command."""
+
+    def default(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
+    parser.add_argument("--json", action="store_true", default=default(False),
+                        help="machine-readable output: one JSON document (watch: one per"
+                        " message); errors as JSON on stderr")  # fmt: skip
+    parser.add_argument("--home", type=Path, default=default(None), metavar="DIR",
+                        help="profile directory (default $DNA_HOME, else ~/.dna)")  # fmt: skip
+    parser.add_argument("--bootstrap", default=default(None), metavar="HOST:PORT[,...]",
+                        help="bootstrap nodes to join through (default $DNA_BOOTSTRAP, else"
+                        " the local testnet)")  # fmt: skip
+    parser.add_argument("-v", "--verbose", action="store_true", default=default(False),
+                        help="log what happens (on stderr)")  # fmt: skip
+
+
+_GLOBALS = _Parser(add_help=False)
+_global_options(_GLOBALS, top=False)
+
+
 def _add(sub: Any, name: str, handler: Callable[[argparse.Namespace], None], text: str) -> Any:
-    cmd = sub.add_parser(name, help=text, description=text)
+    cmd = sub.add_parser(name, help=text, description=text, parents=[_GLOBALS])
     cmd.set_defaults(handler=handler)
     return cmd
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dna", description="DNA Messenger v2 client.")
-    parser.add_argument("--version", action="version", version=f"dna {__version__}")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--home", type=Path, help="profile directory (default $DNA_HOME, ~/.dna)")
-    parser.add_argument("--bootstrap", help="host:port[,host:port] (default $DNA_BOOTSTRAP or"
-                        " the local testnet)")  # fmt: skip
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _group(sub: Any, name: str, text: str) -> Any:
+    """A command with actions (identity, contacts); alone, it prints its help."""
+    group = sub.add_parser(name, help=text, description=text, parents=[_GLOBALS])
+    group.set_defaults(handler=lambda args: group.print_help())
+    return group.add_subparsers(dest="action", metavar="ACTION", title="actions")
 
-    ident = sub.add_parser("identity", help="your identity and devices").add_subparsers(
-        dest="action", required=True
-    )
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+DEVICE_NAME_MAX = 64
+
+
+def _device_name(text: str) -> str:
+    """A device name others see in device lists: 1-64 printable characters."""
+    name = text.strip()
+    if not 1 <= len(name) <= DEVICE_NAME_MAX or not name.isprintable():
+        raise argparse.ArgumentTypeError(
+            f"a device name has 1-{DEVICE_NAME_MAX} printable characters, not {text!r}"
+        )
+    return name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dna", description="DNA Messenger v2: post-quantum, decentralized"
+                     " messaging.", epilog=EXAMPLES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"dna {__version__}")
+    _global_options(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    ident = _group(sub, "identity", "your identity and devices")
     create = _add(ident, "create", _create, "create an identity and publish it")
     publish = _add(ident, "publish", _publish, "(re)publish your identity record and name")
     for cmd in (create, publish):
@@ -402,50 +656,103 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--display-name", help="shown to contacts (default: the name)")
     create.add_argument("--offline", action="store_true", help="do not publish yet")
     _add(ident, "show", _show, "show the fingerprint (no passphrase needed)")
-    export = _add(ident, "export", _export, "write your public key set (or, with --private,"
-                  " a backup of your locked key file)")  # fmt: skip
-    export.add_argument("--out", type=Path, required=True)
-    export.add_argument("--private", action="store_true", help="the locked key file, a backup")
-    _add(ident, "import", _import, "start this device from a key file backup"
-         ).add_argument("file", type=Path)  # fmt: skip
+    export = _add(ident, "export", _export, "print your public key set as text (or, with"
+                  " --private, write a backup of your locked key file)")  # fmt: skip
+    export.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="write to FILE instead of stdout (required with --private)",
+    )
+    export.add_argument(
+        "--private",
+        action="store_true",
+        help="the key file, still locked with your passphrase: a backup",
+    )
+    _add(ident, "import", _import, "start this device from a `identity export --private` backup"
+         ).add_argument("file", type=Path, help="the backup file")  # fmt: skip
     link = _add(ident, "link", _link, "link a new device: without CODE print one, with it use it")
     link.add_argument("code", nargs="?", help="the code shown on your existing device")
-    link.add_argument("--device-name", default="new device", help="name of the new device")
+    link.add_argument("--device-name", type=_device_name, default="new device",
+                      help="name of the new device (1-64 printable characters)")  # fmt: skip
 
-    contacts = sub.add_parser("contacts", help="your contacts").add_subparsers(
-        dest="action", required=True
-    )
+    contacts = _group(sub, "contacts", "your contacts")
     _add(contacts, "add", _contacts_add, "find someone by name or fingerprint and pin their key"
-         ).add_argument("who")  # fmt: skip
+         ).add_argument("who", help="a name or a 64-hex fingerprint")  # fmt: skip
     _add(contacts, "list", _contacts_list, "list contacts")
     verify = _add(contacts, "verify", _contacts_verify, "show the safety number to compare")
-    verify.add_argument("who")
+    verify.add_argument("who", help="a contact's name or fingerprint")
     verify.add_argument("--confirm", action="store_true", help="it matched: mark verified")
     _add(contacts, "forget", _contacts_forget, "unpin a contact's key (history stays)"
-         ).add_argument("who")  # fmt: skip
+         ).add_argument("who", help="a contact's name or fingerprint")  # fmt: skip
 
-    send = _add(sub, "send", _send, "send a message")
-    send.add_argument("to")
-    send.add_argument("text", nargs="+")
+    send = _add(sub, "send", _send, "send a message (from the arguments, stdin or a file)")
+    send.add_argument("to", help="a contact's name or fingerprint")
+    send.add_argument("text", nargs="*", help="the message; `-` (or nothing, with stdin not a"
+                      " terminal) reads it from stdin")  # fmt: skip
+    send.add_argument("--file", type=Path, help="read the message from FILE (UTF-8 text)")
     inbox = _add(sub, "inbox", _inbox, "sync and show conversations, or one conversation")
-    inbox.add_argument("contact", nargs="?")
+    inbox.add_argument("contact", nargs="?", help="show this contact's conversation")
     inbox.add_argument("--offline", action="store_true", help="show the cache without syncing")
     watch = _add(sub, "watch", _watch, "print messages as they arrive")
-    watch.add_argument("--interval", type=float, default=1.0, help="seconds between syncs")
+    watch.add_argument("--interval", type=_positive, default=1.0,
+                       help="seconds between syncs (default 1)")  # fmt: skip
     _add(sub, "sync", _sync, "fetch your mailbox now")
-    _add(sub, "search", _search, "search your messages (offline)").add_argument("words", nargs="+")
+    _add(sub, "search", _search, "search your messages (offline)").add_argument(
+        "words", nargs="+", help="words to find (full-text, any case)"
+    )
     _add(sub, "demo", _demo, "run the in-process crypto demonstration")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def _settle(args: argparse.Namespace) -> None:
+    """Arguments and environment read and checked before any command runs."""
     args.profile = Profile(args.home) if args.home else Profile.default()
-    args.seeds = parse_seeds(args.bootstrap) if args.bootstrap else default_seeds()
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="dna: %(levelname)s %(message)s")  # fmt: skip
+    args.seeds = parse_seeds(args.bootstrap) if args.bootstrap is not None else default_seeds()
+
+
+def _fail(args: argparse.Namespace | None, message: str, kind: str = "DnaError") -> NoReturn:
+    """The one way out on failure: a line on stderr (under --json, an object whose ``kind``
+    is the error's class, e.g. UnknownContactError), exit code 1."""
+    if args is not None and args.json:
+        print(json.dumps({"error": message, "kind": kind}), file=sys.stderr)
+    else:
+        print(f"dna: error: {printable(message)}", file=sys.stderr)
+    sys.exit(1)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    _Parser.json_errors = "--json" in argv
+    with quiet_broken_pipe():
+        if not argv:
+            parser.print_help()
+            return
+        args = parser.parse_args(argv)
+        _log_to_stderr(args.verbose)
+        _run(parser, args)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The one error handler: every failure is one line (JSON under --json), exit code 1."""
     try:
+        _settle(args)
+        if "handler" not in args:
+            parser.print_help()
+            return
         args.handler(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except EOFError:  # Ctrl-D at a prompt
+        _fail(args, "no answer (end of input): nothing was changed")
+    except BrokenPipeError:
+        raise  # quiet_broken_pipe's
     except (DnaError, OSError) as exc:
-        print(f"dna: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        _fail(args, str(exc), type(exc).__name__)
+    except Exception as exc:  # a defect: still one line, the traceback with -v
+        if args.verbose:
+            traceback.print_exc()
+        _fail(args, f"internal error: {type(exc).__name__}: {exc}"
+              + ("" if args.verbose else " (run with -v for the traceback)"),
+              "InternalError")  # fmt: skip

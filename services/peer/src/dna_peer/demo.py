@@ -9,6 +9,7 @@ storage nodes exist.)
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -31,10 +32,26 @@ T = TypeVar("T")
 POW_BITS = 16
 
 
+class _Out:
+    """Where the demo reports: lines for people, or (``--json``) one JSON object a line:
+    {"step", "ms"} per timed step, {"note"} per detail, {"refused", "error"} per attack
+    turned away, {"complete": true} at the end."""
+
+    json = False
+
+    @classmethod
+    def say(cls, text: str, **fields: object) -> None:
+        if cls.json:
+            print(json.dumps(fields or {"note": text.strip()}), flush=True)
+        else:
+            print(text, flush=True)
+
+
 def _step(title: str, fn: Callable[[], T]) -> T:
     started = time.perf_counter()
     result = fn()
-    print(f"  {title:<58} {1000 * (time.perf_counter() - started):8.2f} ms")
+    ms = 1000 * (time.perf_counter() - started)
+    _Out.say(f"  {title:<58} {ms:8.2f} ms", step=title, ms=round(ms, 3))
     return result
 
 
@@ -42,15 +59,16 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def run_demo() -> None:
-    print(
+def run_demo(*, as_json: bool = False) -> None:
+    _Out.json = as_json
+    _Out.say(
         "DNA Messenger v2 demo: post-quantum sealed envelopes"
         " (ML-KEM-768+X25519, ML-DSA-65+Ed25519)\n"
     )
     alice = _step("alice creates an identity", Identity.generate)
     bob = _step("bob creates an identity", Identity.generate)
-    print(f"    alice {alice.fingerprint.hex()[:32]}…  bob {bob.fingerprint.hex()[:32]}…")
-    print(f"    public key set: {len(bob.public.encode())} bytes, fingerprint 32 bytes")
+    _Out.say(f"    alice {alice.fingerprint.hex()[:32]}…  bob {bob.fingerprint.hex()[:32]}…")
+    _Out.say(f"    public key set: {len(bob.public.encode())} bytes, fingerprint 32 bytes")
 
     locked = _step(
         "bob locks his keys (Argon2id 64 MiB, AES-256-GCM)",
@@ -59,7 +77,7 @@ def run_demo() -> None:
     bob = _step(
         "bob unlocks them with his passphrase", lambda: keystore.unlock(locked, "correct horse")
     )
-    print(f"    key file: {len(locked)} bytes")
+    _Out.say(f"    key file: {len(locked)} bytes")
 
     payload = records_pb2.IdentityRecord(display_name="alice")
     record = _step(
@@ -75,7 +93,7 @@ def run_demo() -> None:
         ),
     )
     _step("anyone verifies it", lambda: open_record(record, now_ms=_now_ms()))
-    print(f"    signed record: {len(record)} bytes")
+    _Out.say(f"    signed record: {len(record)} bytes")
 
     text = envelope_pb2.Payload(
         text=envelope_pb2.Text(body="Hello Bob, this is post-quantum.")
@@ -88,7 +106,7 @@ def run_demo() -> None:
         "alice seals a second one (keys already known)",
         lambda: seal(alice, bob.public, text, now_ms=_now_ms()),
     )
-    print(
+    _Out.say(
         f"    envelope: {len(envelope)} bytes first contact, {len(later)} bytes after;"
         f" payload {len(text)} bytes"
     )
@@ -100,7 +118,7 @@ def run_demo() -> None:
         "a storage node verifies the proof (one hash)",
         lambda: pow.verify(proof, sha256(envelope), required=POW_BITS, now_ms=_now_ms()),
     )
-    print(f"    {attempts} hashes tried")
+    _Out.say(f"    {attempts} hashes tried")
 
     guard = ReplayGuard()
     opened = _step(
@@ -108,7 +126,7 @@ def run_demo() -> None:
         lambda: open_envelope(envelope, bob, now_ms=_now_ms(), replay_guard=guard),
     )
     body = envelope_pb2.Payload.FromString(opened.payload).text.body
-    print(
+    _Out.say(
         f"    from {opened.sender.fingerprint.hex()[:32]}…"
         f" (alice: {opened.sender == alice.public}): {body!r}"
     )
@@ -128,7 +146,8 @@ def run_demo() -> None:
                 resolve_sender={alice.fingerprint: alice.public}.get,
             )
         except ProtocolError as exc:
-            print(f"  refused: {title:<44} ({type(exc).__name__}: {exc.reason})")
+            _Out.say(f"  refused: {title:<44} ({type(exc).__name__}: {exc.reason})",
+                     refused=title, error=f"{type(exc).__name__}: {exc.reason}")  # fmt: skip
         else:
             raise SystemExit(f"demo failed: {title} was accepted")
-    print("\ndemo complete")
+    _Out.say("\ndemo complete", complete=True)

@@ -24,12 +24,22 @@ def parse_seeds(text: str) -> list[tuple[str, int]]:
         host, _, port = item.rpartition(":")
         if not host or not port.isdigit():
             raise DnaError(f"bootstrap address {item!r} is not host:port")
+        if not 1 <= int(port) <= 65535:
+            raise DnaError(f"bootstrap address {item!r}: port {port} is not in 1-65535")
         seeds.append((host.strip("[]"), int(port)))
+    if not seeds:
+        raise DnaError("no bootstrap address given (host:port[,host:port])")
     return seeds
 
 
 def default_seeds() -> list[tuple[str, int]]:
-    return parse_seeds(os.environ[SEEDS_ENV]) if SEEDS_ENV in os.environ else list(TESTNET_SEEDS)
+    """$DNA_BOOTSTRAP, else the local testnet's bootstrap nodes."""
+    if SEEDS_ENV not in os.environ:
+        return list(TESTNET_SEEDS)
+    try:
+        return parse_seeds(os.environ[SEEDS_ENV])
+    except DnaError as exc:
+        raise DnaError(f"{SEEDS_ENV}={os.environ[SEEDS_ENV]!r}: {exc}") from None
 
 
 async def join_overlay(

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from dna_core.crypto import Identity, PublicKeySet, ReplayGuard, seal
-from dna_core.crypto.envelope import decode_envelope
+from dna_core.crypto.envelope import MAX_PAYLOAD_BYTES, decode_envelope
 from dna_core.errors import DnaError
 from dna_core.mailbox.client import FetchState, MailboxClient, QuorumError
 from dna_core.overlay.aio import OverlayNode
@@ -47,10 +47,32 @@ WATCH_BACKOFF_S = 5.0
 SEND_ATTEMPTS = 4  # over about 3.5 s: rides out a replica restarting
 HISTORY_CHUNK_BYTES = 150 * 1024  # a History payload stays under the 192 KiB envelope cap
 Progress = Callable[[int, int], None]  # (done, total)
+# A text rides in a Payload, and to the own devices inside a SyncTranscript; both must stay
+# under the envelope's payload cap, so 1 KiB is left for their framing.
+MAX_TEXT_BYTES = MAX_PAYLOAD_BYTES - 1024
 
 
 class UnknownContactError(DnaError):
     """No contact, name or fingerprint matches."""
+
+
+class InvalidMessageError(DnaError):
+    """A text that cannot be sent: empty, not UTF-8, or over the size cap."""
+
+
+def check_text(body: str) -> None:
+    """Raise ``InvalidMessageError`` unless ``body`` can be sent as one message."""
+    try:
+        size = len(body.encode("utf-8"))
+    except UnicodeEncodeError:  # e.g. undecodable command-line bytes, kept as surrogates
+        raise InvalidMessageError("the message is not valid UTF-8 text") from None
+    if not body.strip():
+        raise InvalidMessageError("the message is empty")
+    if size > MAX_TEXT_BYTES:
+        raise InvalidMessageError(
+            f"the message is {size:,} bytes; at most {MAX_TEXT_BYTES:,} fit in one message"
+            " (the 192 KiB envelope cap less 1 KiB of framing)"
+        )
 
 
 class KeyChangedError(DnaError):
@@ -217,6 +239,7 @@ class Peer:
     # -- sending ---------------------------------------------------------------------
 
     async def send(self, contact: Contact, body: str) -> SentMessage:
+        check_text(body)
         payload = envelope_pb2.Payload(text=envelope_pb2.Text(body=body)).SerializeToString()
         # Our key set (3.2 KB) rides along until the contact showed it has it; after that
         # a recipient without it (a lost cache) finds it in the keyserver.

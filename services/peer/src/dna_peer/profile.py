@@ -37,7 +37,13 @@ class Profile:
 
     @classmethod
     def default(cls) -> Profile:
-        return cls(Path(os.environ.get("DNA_HOME", Path.home() / ".dna")))
+        """$DNA_HOME, else ~/.dna."""
+        home = os.environ.get("DNA_HOME")
+        if home is None:
+            return cls(Path.home() / ".dna")
+        if not home.strip():
+            raise DnaError("DNA_HOME is set but empty: unset it (for ~/.dna) or name a directory")
+        return cls(Path(home))
 
     @property
     def keyfile(self) -> Path:

@@ -1,64 +1,136 @@
 """`dna-testnet`: a local DNA network of real processes on 127.0.0.x.
 
-up       start 3 bootstrap and 6 storage nodes (state in --dir, default .dna-testnet)
-status   one line per node: role, address, health, routing table, blobs
-down     stop them (SIGTERM)
+up       start 3 bootstrap and 6 storage nodes (state in --dir, default .dna-testnet);
+         refused while they already run
+status   one line per node: role, address, PID, health, routing table, records, blobs
+down     stop every node of --dir (also ones restarted by hand), saying which
 demo     up, the store-and-forward flow, down (in a temporary directory)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
+from dna_peer.terminal import console, quiet_broken_pipe, table
 
 from dna_testnet.demo import run_demo
 from dna_testnet.network import LocalNode, Testnet
 
+EXAMPLES = """examples:
+  dna-testnet up                 start the network (about 5 s)
+  dna-testnet status --json      one JSON object per node, for scripts
+  dna-testnet down               stop it
+  dna-testnet up --dir /tmp/net  a second state directory (same addresses: one at a time)
+"""
 
-def _stored_blobs(node: LocalNode) -> str:
+
+def _stored_blobs(node: LocalNode) -> int | None:
     """A storage node's blob count from its metrics (updated each GC pass)."""
-    if node.role != "storage":
-        return "-"
     for line in node.http("/metrics").text.splitlines():
         if line.startswith("dna_storage_blobs "):
-            return str(int(float(line.split()[1])))
-    return "?"
+            return int(float(line.split()[1]))
+    return None
 
 
-def _status(net: Testnet) -> None:
-    print(f"{'node':<12}{'role':<11}{'udp':<18}{'ready':<7}{'contacts':>9}{'records':>9}"
-          f"{'blobs':>8}")  # fmt: skip
-    for node in net.nodes:
-        try:
-            info = node.status()
-            ready = "yes" if node.is_ready() else "no"
-            line = (f"{ready:<7}{info['routing_table_size']:>9}{info['records']:>9}"
-                    f"{_stored_blobs(node):>8}")  # fmt: skip
-        except httpx.HTTPError:
-            line = "down"
-        print(f"{node.name:<12}{node.role:<11}{node.ip + ':7400':<18}{line}")
+def _node_row(node: LocalNode, pid: int | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"node": node.name, "role": node.role, "udp": f"{node.ip}:7400",
+                           "pid": pid, "up": False, "ready": False}  # fmt: skip
+    try:
+        info = node.status()
+        row.update(up=True, ready=node.is_ready(), contacts=info["routing_table_size"],
+                   records=info["records"])  # fmt: skip
+        if node.role == "storage":
+            row["blobs"] = _stored_blobs(node)
+    except httpx.HTTPError:
+        pass
+    return row
+
+
+def _status(net: Testnet, as_json: bool) -> None:
+    pids = net.running()
+    rows = [_node_row(node, pids.get(node.name)) for node in net.nodes]
+    if as_json:
+        print(json.dumps(rows))
+        return
+    out = console()
+    grid = table(out, "node", "role", "udp", "pid", "ready", "contacts", "records", "blobs")
+    for r in rows:
+        if not r["up"]:
+            state = "[red]down[/red]" if r["pid"] is None else "[yellow]starting[/yellow]"
+            grid.add_row(r["node"], r["role"], r["udp"], str(r["pid"] or "-"), state, "-", "-",
+                         "-")  # fmt: skip
+            continue
+        ready = "[green]yes[/green]" if r["ready"] else "[yellow]no[/yellow]"
+        blobs = r.get("blobs")
+        grid.add_row(r["node"], r["role"], r["udp"], str(r["pid"] or "?"), ready,
+                     str(r["contacts"]), str(r["records"]),
+                     "-" if blobs is None else str(blobs))  # fmt: skip
+    out.print(grid)
+
+
+def _down(net: Testnet, as_json: bool) -> None:
+    stopped = net.down()
+    if as_json:
+        print(json.dumps({"stopped": [{"node": n, "pid": p} for n, p in stopped.items()]}))
+    elif stopped:
+        names = ", ".join(f"{name} (pid {pid})" for name, pid in stopped.items())
+        print(f"stopped {len(stopped)} nodes of {net.root}: {names}")
+    else:
+        print(f"no testnet running in {net.root}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dna-testnet", description=__doc__, epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("command", choices=["up", "status", "down", "demo"],
+                        help="what to do (see above)")  # fmt: skip
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=Path(".dna-testnet"),
+        help="state directory: configs, keys, data, logs (default .dna-testnet)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="machine-readable output (status, down; errors as JSON on stderr)",
+    )
+    return parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="dna-testnet", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["up", "status", "down", "demo"])
-    parser.add_argument("--dir", type=Path, default=Path(".dna-testnet"))
-    args = parser.parse_args()
+    args = build_parser().parse_args()
+    with quiet_broken_pipe():
+        try:
+            _run(args)
+        except BrokenPipeError:
+            raise  # quiet_broken_pipe's
+        except (RuntimeError, OSError) as exc:
+            if args.json:
+                print(json.dumps({"error": str(exc)}), file=sys.stderr)
+            else:
+                print(f"dna-testnet: error: {exc}", file=sys.stderr)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.command == "demo":
         run_demo()
         return
     net = Testnet(args.dir.resolve())
-    try:
-        if args.command == "up":
-            net.up()
-            _status(net)
-        elif args.command == "status":
-            _status(net)
-        else:
-            net.down()
-    except RuntimeError as exc:
-        print(f"dna-testnet: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    if args.command == "up":
+        net.up()
+        _status(net, args.json)
+    elif args.command == "status":
+        _status(net, args.json)
+    else:
+        _down(net, args.json)

@@ -27,6 +27,7 @@ __all__ = [
     "UDP_PORT",
     "LocalNode",
     "Testnet",
+    "TestnetRunningError",
     "client_node",
     "wait_ready",
 ]
@@ -40,6 +41,12 @@ UDP_PORT, GRPC_PORT, HTTP_PORT = 7400, 7401, 7480
 TESTNET_ADMISSION = "[admission]\nip_rate_per_s = 1000.0\nip_burst = 2000.0\n"
 # Likewise for record stores (a public node allows 30 at once, then 1/s, per address).
 TESTNET_RECORDS = "source_rate_per_s = 200.0\nsource_burst = 1000.0\n"
+
+
+class TestnetRunningError(RuntimeError):
+    """`up` while a testnet already runs on these addresses."""
+
+    __test__ = False
 
 
 @dataclass
@@ -110,6 +117,14 @@ class LocalNode:
         except httpx.HTTPError:
             return False
 
+    def answers(self) -> bool:
+        """Something (this node or another process) serves this node's HTTP address."""
+        try:
+            self.http("/readyz")
+        except httpx.HTTPError:
+            return False
+        return True
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -174,20 +189,62 @@ class Testnet:
         return [n.udp for n in self.nodes if n.role == "bootstrap"]
 
     def up(self, timeout: float = 90.0) -> None:
+        """Start every node; refused while any node of this state directory runs, or while
+        something else answers on one of its addresses (a testnet in another directory)."""
+        running = self.running()
+        if running:
+            names = ", ".join(f"{name} (pid {pid})" for name, pid in running.items())
+            raise TestnetRunningError(
+                f"a testnet is already running in {self.root}: {names}; `dna-testnet down` stops it"
+            )
+        taken = [n.name for n in self.nodes if n.answers()]
+        if taken:
+            raise TestnetRunningError(
+                f"another node already answers on the addresses of {', '.join(taken)}"
+                f" ({self.nodes[0].ip}...): a testnet from another directory?"
+                " Stop it with `dna-testnet down --dir ...`"
+            )
         for node in self.nodes:
             node.start()
         wait_ready(self.nodes, timeout)
         self._save()
 
-    def down(self) -> None:
-        """SIGTERM every node (ours, or the PIDs recorded by an earlier `up`)."""
+    def running(self) -> dict[str, int]:
+        """Node name -> PID of every live process running one of this testnet's config files,
+        found by command line (so nodes restarted by hand or by tests count, not only the PIDs
+        an earlier `up` recorded)."""
+        if not Path("/proc").is_dir():  # not Linux: only the PIDs `up` recorded
+            return {name: pid for name, pid in self._saved_pids().items() if _exists(pid)}
+        owned = {node.config_path.resolve(): node.name for node in self.nodes}
+        found: dict[str, int] = {}
+        for pid, config in _node_processes():
+            name = owned.get(config)
+            if name is not None:
+                found.setdefault(name, pid)
+        for node in self.nodes:  # started by this process: certain, even before /proc shows it
+            if node.alive() and node.proc is not None:
+                found[node.name] = node.proc.pid
+        return found
+
+    def down(self, timeout: float = 15.0) -> dict[str, int]:
+        """SIGTERM every node this state directory owns (then SIGKILL what outlives
+        ``timeout``); returns name -> PID of what was stopped."""
+        stopped = self.running()
         for node in self.nodes:
             if node.alive():
-                node.terminate()
-        for pid in self._load_pids():
+                node.terminate(timeout)
+        ours = {n.proc.pid for n in self.nodes if n.proc is not None}
+        for pid in set(stopped.values()) - ours:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in self.running().values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         (self.root / "state.json").unlink(missing_ok=True)
+        return {name: stopped[name] for name in (n.name for n in self.nodes) if name in stopped}
 
     def kill_all(self) -> None:
         for node in self.nodes:
@@ -198,8 +255,41 @@ class Testnet:
         pids = {n.name: n.proc.pid for n in self.nodes if n.proc is not None}
         (self.root / "state.json").write_text(json.dumps({"pids": pids}))
 
-    def _load_pids(self) -> list[int]:
+    def _saved_pids(self) -> dict[str, int]:
         state = self.root / "state.json"
         if not state.exists():
-            return []
-        return list(json.loads(state.read_text())["pids"].values())
+            return {}
+        pids: dict[str, int] = json.loads(state.read_text())["pids"]
+        return pids
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _node_processes() -> list[tuple[int, Path]]:
+    """(PID, resolved --config path) of every live `... run --config FILE` process (Linux
+    /proc; a relative path is taken from the process's working directory)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"--config" not in argv or b"run" not in argv:
+                continue
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # exited, waiting for its parent to reap it
+            config = Path(os.fsdecode(argv[argv.index(b"--config") + 1]))
+            if not config.is_absolute():
+                config = Path(os.readlink(entry / "cwd")) / config
+            found.append((int(entry.name), config.resolve()))
+        except (OSError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+    return found

@@ -1,0 +1,49 @@
+"""A fresh machine, as the README has a new user do it: the commands it shows exist
+after `make`, `make` stops when its setup fails, and setup leaves no untracked files."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from support import BIN
+
+ROOT = Path(__file__).resolve().parents[2]
+SHELL_WORDS = {"make", "export", ".", "source", "cd", "git"}
+
+
+def _readme_commands() -> list[str]:
+    blocks = re.findall(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    return [line.split("#")[0].strip() for block in blocks for line in block.splitlines()
+            if line.split("#")[0].strip()]  # fmt: skip
+
+
+def test_every_readme_command_runs_without_uv_on_the_path() -> None:
+    """uv is only in .tools/bin on a fresh machine: no command may start with `uv`."""
+    commands = _readme_commands()
+    assert len(commands) > 10
+    for command in commands:
+        words = [w for w in command.split() if not re.match(r"^[A-Z_]+=", w)]  # VAR=value
+        program = words[0]
+        assert program in SHELL_WORDS or (BIN / program).exists(), command
+
+
+def test_make_stops_when_setup_fails(tmp_path: Path) -> None:
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+    (tmp_path / "scripts").mkdir()
+    failing = tmp_path / "scripts" / "bootstrap.sh"
+    failing.write_text("#!/bin/sh\necho 'bootstrap: no network' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    for target in ("demo", "test"):
+        made = subprocess.run(["make", target], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60, check=False)  # fmt: skip
+        assert made.returncode != 0, made.stdout
+        assert "failed (its message is above); nothing was run" in made.stderr, made.stderr
+        assert "No such file" not in made.stderr and "run --locked" not in made.stdout
+
+
+def test_setup_directories_are_ignored() -> None:
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert ".tools/" in ignored and ".venv/" in ignored
