@@ -18,6 +18,11 @@ Replicas merge by union, so every operation here is idempotent:
 
 Each blob gets a per-node, per-mailbox increasing ``seq`` at first store: the
 fetch cursor. Cursors are local to one replica (clients keep one per replica).
+A put of a blob already held changes nothing of it (stored time, expiry, seq, proof):
+a replayed put never extends a blob's life.
+
+Every integer a backend stores fits a signed 64-bit column (``common.MAX_STORED_INT``);
+callers range-check what they decode before it gets here.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from dna_core.crypto.pow import Proof
 
 
 class PutOutcome(enum.Enum):
@@ -43,6 +50,9 @@ class StoredBlob:
     stored_ms: int
     expires_ms: int
     seq: int = 0  # assigned by the backend
+    # The put's proof of work, kept so that replicas can check it again in sync (and its
+    # timestamp bounds the expiry); None only for blobs stored before it was kept.
+    pow: Proof | None = None
 
 
 @dataclass(frozen=True, slots=True)

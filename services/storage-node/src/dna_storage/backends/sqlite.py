@@ -33,9 +33,18 @@ from dna_storage.backends.base import (
     Tombstone,
     Usage,
 )
-from dna_storage.backends.common import check_limit, in_range, mailbox_digest, unique
+from dna_storage.backends.common import (
+    check_limit,
+    decode_pow,
+    encode_pow,
+    in_range,
+    mailbox_digest,
+    unique,
+)
 
-SCHEMA_VERSION = 2  # 2: per-mailbox blob and byte counters (usage in O(expired), not O(held))
+# 2: per-mailbox blob and byte counters (usage in O(expired), not O(held));
+# 3: each blob keeps its put's proof of work (replicas check it again in sync)
+SCHEMA_VERSION = 3
 MAX_JOBS_PER_COMMIT = 256  # bounds one transaction's size and the latency it adds
 _IN_CHUNK = 500  # IDs per `IN (...)` query, well under SQLite's variable limit
 
@@ -53,6 +62,7 @@ CREATE TABLE IF NOT EXISTS blobs (     -- payload last: scans of the other colum
     stored_ms INTEGER NOT NULL,
     expires_ms INTEGER NOT NULL,
     size INTEGER NOT NULL,
+    pow BLOB,                          -- common.encode_pow; NULL: stored before version 3
     blob BLOB NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS blobs_cursor ON blobs (mailbox_id, seq);
@@ -103,9 +113,12 @@ UPDATE mailboxes SET
     blobs = (SELECT count(*) FROM blobs b WHERE b.mailbox_id = mailboxes.mailbox_id),
     bytes = (SELECT coalesce(sum(size), 0) FROM blobs b WHERE b.mailbox_id = mailboxes.mailbox_id);
 """,
+    2: """
+ALTER TABLE blobs ADD COLUMN pow BLOB;
+""",
 }
 
-_BLOB_COLUMNS = "mailbox_id, blob_id, blob, stored_ms, expires_ms, seq"
+_BLOB_COLUMNS = "mailbox_id, blob_id, blob, stored_ms, expires_ms, seq, pow"
 
 
 @dataclass(slots=True)
@@ -488,9 +501,17 @@ def _put_one(conn: sqlite3.Connection, blob: StoredBlob, now_ms: int) -> PutOutc
         (blob.mailbox_id,),
     ).fetchone()[0]
     conn.execute(
-        "INSERT INTO blobs (mailbox_id, blob_id, seq, stored_ms, expires_ms, size, blob)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (*key, seq, blob.stored_ms, blob.expires_ms, len(blob.blob), blob.blob),
+        "INSERT INTO blobs (mailbox_id, blob_id, seq, stored_ms, expires_ms, size, pow, blob)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            *key,
+            seq,
+            blob.stored_ms,
+            blob.expires_ms,
+            len(blob.blob),
+            encode_pow(blob.pow),
+            blob.blob,
+        ),
     )
     return PutOutcome.STORED
 
@@ -586,7 +607,11 @@ def _in_chunks(ids: list[bytes]) -> Iterator[tuple[list[bytes], str]]:
 
 
 def _blobs(conn: sqlite3.Connection, sql: str, params: Iterable[Any]) -> list[StoredBlob]:
-    return [StoredBlob(*row) for row in conn.execute(sql, tuple(params))]
+    """Rows of ``_BLOB_COLUMNS``."""
+    return [
+        StoredBlob(row[0], row[1], row[2], row[3], row[4], row[5], decode_pow(row[6]))
+        for row in conn.execute(sql, tuple(params))
+    ]
 
 
 def _blobs_by_id(
