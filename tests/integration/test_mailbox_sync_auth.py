@@ -3,9 +3,10 @@
 1 bootstrap + 7 storage nodes on 127.0.0.161-168, and an outsider on .169: a real overlay
 node that calls itself a storage node, with a valid node key (ground to be the farthest
 node from the victim's mailbox), joined to the network. With 8 storage nodes in all, the
-outsider is outside R + 2 = 7 (in a network of at most R + 2, every node is a replica). It must not read a mailbox through
-`SyncList`/`SyncPull`, list what a node holds (`SyncDigest` is gone), or store in it
-through `SyncPush` what a client put could not store (no proof of work).
+outsider is outside R + 2 = 7 (in a network of at most R + 2, every node is a replica).
+It must not read a mailbox through `SyncList`/`SyncPull`, list what a node holds
+(`SyncDigest` is gone), or store in it through `SyncPush` what a client put could not
+store (no proof of work).
 """
 
 from __future__ import annotations
