@@ -286,6 +286,13 @@ def test_ids_and_get_blobs(stores: Stores, kind: str) -> None:
         assert await b.get_blobs(mbox(1), ask, T0) == []
         assert await b.get_blobs(m, [], T0) == []
         assert await b.ids(mbox(1), T0) == ([], [])
+        assert await b.held(m, ask, T0) == (
+            {blobs[3].blob_id, blobs[0].blob_id},
+            {blobs[4].blob_id},
+        )
+        assert await b.held(m, ask, T0 + 10 * DAY) == (set(), set())  # all expired
+        assert await b.held(mbox(1), ask, T0) == (set(), set())
+        assert await b.held(m, [], T0) == (set(), set())
 
     run_scenario(stores, kind, scenario)
 

@@ -364,10 +364,9 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         got = await accept(self.backend, box, request.blobs, request.tombstones, self.sync_rules)
         blobs, tombs = set(got.held_blobs), set(got.held_tombstones)
         if request.offered_ids:
-            offered = set(request.offered_ids)
-            ids, tombstones = await self.backend.ids(box, self.wall_ms())
-            blobs |= offered.intersection(ids)
-            tombs |= offered.intersection(t.blob_id for t in tombstones)
+            offered = await self.backend.held(box, request.offered_ids, self.wall_ms())
+            blobs |= offered[0]
+            tombs |= offered[1]
         return mailbox_pb2.SyncPushResponse(
             stored=got.stored, tombstoned=got.tombstoned,
             blob_ids=sorted(blobs), tombstone_ids=sorted(tombs),

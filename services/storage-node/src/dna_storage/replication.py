@@ -75,6 +75,7 @@ ID_WIRE = 34  # a 32-byte ID with its tag and length
 BLOB_WIRE, TOMB_WIRE = 128, 64  # a blob's / tombstone's fields beside its payload
 REPAIR_RANGES = 256  # slices of the mailbox ID space a repair pass lists one at a time
 _PULL_CHUNK = 8  # blobs read from the backend at a time while filling a bounded answer
+_OFFER_AHEAD = 256  # a push longer than this offers IDs before sending their blobs
 _PING_EVERY_S = 60.0  # an unknown caller's key is challenged at most this often
 T = TypeVar("T")
 R = TypeVar(
@@ -676,13 +677,25 @@ class Repairer:
         tombs: list[Tombstone],
     ) -> Holdings:
         """Push everything given, in requests of at most ``SYNC_BYTES`` (halved each time
-        the peer refuses one as too large); what the peer reports holding of it."""
-        ids, pending = deque(blob_ids), deque(tombs)
+        the peer refuses one as too large); what the peer reports holding of it.
+
+        A long push (a replica that lost everything) is what every other replica is
+        sending it at the same time: each pusher goes in its own random order and offers
+        the next IDs before sending them, so the copies others delivered meanwhile are
+        not sent again (measured: 4 replicas repairing a wiped one, issue 10)."""
+        order = list(blob_ids)
+        long_push = len(order) > _OFFER_AHEAD
+        if long_push:
+            self.node.rng.shuffle(order)
+        ids, pending = deque(order), deque(tombs)
         held_blobs: set[bytes] = set()
         held_tombs: set[bytes] = set()
-        budget = SYNC_BYTES
+        budget, offered = SYNC_BYTES, 0
         while ids or pending:
+            if long_push and offered <= 0:
+                offered = await self._skip_held(stub, box, ids, held_blobs, held_tombs)
             piece_tombs, piece_blobs = await self._next_piece(box, ids, pending, budget)
+            offered -= len(piece_blobs)
             if not piece_tombs and not piece_blobs:
                 break  # the rest expired meanwhile
             request = mailbox_pb2.SyncPushRequest(
@@ -703,6 +716,26 @@ class Repairer:
             held_blobs |= set(answer.blob_ids)
             held_tombs |= set(answer.tombstone_ids)
         return Holdings(frozenset(held_blobs), frozenset(held_tombs))
+
+    async def _skip_held(
+        self,
+        stub: mailbox_pb2_grpc.MailboxAsyncStub,
+        box: bytes,
+        ids: deque[bytes],
+        held_blobs: set[bytes],
+        held_tombs: set[bytes],
+    ) -> int:
+        """Offer the next ``_OFFER_AHEAD`` IDs of ``ids`` and drop those the peer holds;
+        returns how many of the offered remain at the front."""
+        window = [ids.popleft() for _ in range(min(_OFFER_AHEAD, len(ids)))]
+        offer = mailbox_pb2.SyncPushRequest(mailbox_id=box, offered_ids=window)
+        answer = await stub.SyncPush(self._signed(offer, "SyncPush", box), timeout=self.timeout_s)
+        held_blobs |= set(answer.blob_ids)
+        held_tombs |= set(answer.tombstone_ids)
+        settled = held_blobs | held_tombs
+        keep = [i for i in window if i not in settled]
+        ids.extendleft(reversed(keep))
+        return len(keep)
 
     async def _next_piece(
         self, box: bytes, ids: deque[bytes], tombs: deque[Tombstone], budget: int

@@ -116,6 +116,13 @@ class MailboxBackend(Protocol):
         """Sorted unexpired blob IDs and the live tombstones of a mailbox (for anti-entropy)."""
         ...
 
+    async def held(
+        self, mailbox_id: bytes, ids: Sequence[bytes], now_ms: int
+    ) -> tuple[set[bytes], set[bytes]]:
+        """Of ``ids``, those held as unexpired blobs, and as live tombstones (answering a
+        sync offer without reading payloads or the whole mailbox)."""
+        ...
+
     async def digests(self, start: bytes, end: bytes, now_ms: int) -> list[MailboxDigest]:
         """Digests of every non-empty mailbox with ``start <= mailbox_id < end``."""
         ...

@@ -404,6 +404,28 @@ class RedisBackend:
         ]
         return blob_ids, tombs
 
+    async def held(
+        self, mailbox_id: bytes, ids: Sequence[bytes], now_ms: int
+    ) -> tuple[set[bytes], set[bytes]]:
+        """By the expiry indexes (a payload key that vanished early still counts as held
+        until a read cleans it: the next sync offer sees it gone)."""
+        wanted = unique(ids)
+        blobs: set[bytes] = set()
+        tombs: set[bytes] = set()
+        for i in range(0, len(wanted), _PIPELINE_CHUNK):
+            chunk = wanted[i : i + _PIPELINE_CHUNK]
+            async with self._r.pipeline(transaction=False) as pipe:
+                for blob_id in chunk:
+                    pipe.zscore(self._key("e", mailbox_id), _hex(blob_id))
+                    pipe.zscore(self._key("ti", mailbox_id), _hex(blob_id))
+                scores = await pipe.execute()
+            for k, blob_id in enumerate(chunk):
+                if scores[2 * k] is not None and scores[2 * k] > now_ms:
+                    blobs.add(blob_id)
+                if scores[2 * k + 1] is not None and scores[2 * k + 1] > now_ms:
+                    tombs.add(blob_id)
+        return blobs, tombs
+
     async def digests(self, start: bytes, end: bytes, now_ms: int) -> list[MailboxDigest]:
         if end and start >= end:
             return []

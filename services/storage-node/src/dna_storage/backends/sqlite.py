@@ -434,6 +434,20 @@ class SqliteBackend:
         )
         return result
 
+    async def held(
+        self, mailbox_id: bytes, ids: Sequence[bytes], now_ms: int
+    ) -> tuple[set[bytes], set[bytes]]:
+        wanted = unique(ids)
+        if not wanted:
+            return set(), set()
+        result: tuple[set[bytes], set[bytes]] = await self._reader.submit(
+            lambda c: (
+                _held_in(c, "blobs", mailbox_id, wanted, now_ms),
+                _held_in(c, "tombstones", mailbox_id, wanted, now_ms),
+            )
+        )
+        return result
+
     async def digests(self, start: bytes, end: bytes, now_ms: int) -> list[MailboxDigest]:
         if end and start >= end:
             return []
@@ -626,6 +640,22 @@ def _blobs_by_id(
             (mailbox_id, *chunk, now_ms),
         ):
             found[blob.blob_id] = blob
+    return found
+
+
+def _held_in(
+    conn: sqlite3.Connection, table: str, mailbox_id: bytes, ids: list[bytes], now_ms: int
+) -> set[bytes]:
+    found: set[bytes] = set()
+    for chunk, marks in _in_chunks(ids):
+        found.update(
+            row[0]
+            for row in conn.execute(
+                f"SELECT blob_id FROM {table} WHERE mailbox_id = ? AND blob_id IN ({marks})"
+                " AND expires_ms > ?",
+                (mailbox_id, *chunk, now_ms),
+            )
+        )
     return found
 
 
