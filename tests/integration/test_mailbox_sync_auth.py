@@ -51,21 +51,23 @@ def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProce
         yield nodes
 
 
-def far_identity(target: bytes) -> NodeIdentity:
-    """A testnet node key (4 puzzle bits) whose ID differs from ``target`` in its first 6
-    bits: farther from the mailbox than any of the 7 storage nodes, almost surely."""
+def far_identity(target: bytes, network: list[NodeProcess]) -> NodeIdentity:
+    """A testnet node key (4 puzzle bits) whose ID is farther from ``target`` than every
+    node of the network (about 8 tries of 16 keys)."""
+    ids = [bytes.fromhex(n.status()["node_id"]) for n in network]
+    farthest = max(distance(i, target) for i in ids)
     while True:
         identity, _ = NodeIdentity.generate(4)
-        if distance(identity.node_id, target) >> 250 == 0b111111:
+        if distance(identity.node_id, target) > farthest:
             return identity
 
 
-async def outsider() -> OverlayNode:
+async def outsider(network: list[NodeProcess]) -> OverlayNode:
     config = NodeConfig(
         host="127.0.0.169", role=common_pb2.NODE_ROLE_STORAGE, puzzle_bits=4,
         allow_loopback=True,
     )  # fmt: skip
-    node = OverlayNode(far_identity(BOX), config)
+    node = OverlayNode(far_identity(BOX, network), config)
     await node.start()
     await node.join([SEED])
     return node
@@ -93,7 +95,7 @@ def test_a_node_outside_the_replica_set_can_neither_read_nor_fill_a_mailbox(
         sent = (await mail.put(BOB.fingerprint, env)).blob_id
         replicas = await mail.storage_nodes(BOX, 5)
 
-        node = await outsider()
+        node = await outsider(network)
         assert node.contact is not None
         for replica in replicas:
             stub = mailbox_pb2_grpc.MailboxStub(node.channels.get(replica.endpoint.grpc_target))
@@ -165,7 +167,7 @@ def test_no_node_lists_every_mailbox_it_holds(network: list[NodeProcess]) -> Non
     Called raw, as an attacker would (field 1 = a valid NodeProof)."""
 
     async def scenario() -> None:
-        node = await outsider()
+        node = await outsider(network)
         assert node.contact is not None
         proof = sign_proof(node.identity, node.contact, "SyncDigest", b"").SerializeToString()
         request = b"\x0a" + varint(len(proof)) + proof

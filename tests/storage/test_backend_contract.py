@@ -22,6 +22,7 @@ from dna_storage.backends.base import (
     MailboxDigest,
     PutOutcome,
     StoredBlob,
+    SyncIndex,
     Tombstone,
     Usage,
 )
@@ -293,6 +294,12 @@ def test_ids_and_get_blobs(stores: Stores, kind: str) -> None:
         assert await b.held(m, ask, T0 + 10 * DAY) == (set(), set())  # all expired
         assert await b.held(mbox(1), ask, T0) == (set(), set())
         assert await b.held(m, [], T0) == (set(), set())
+        index = await b.sync_index(m, T0)
+        assert index.blob_ids == blob_ids
+        assert index.tombstones == [(blobs[4].blob_id, len(tombs[0].authorization))]
+        assert await b.get_tombstones(m, [blobs[4].blob_id, blobs[0].blob_id], T0) == tombs
+        assert await b.get_tombstones(m, [blobs[4].blob_id], T0 + 10 * DAY) == []
+        assert await b.sync_index(mbox(1), T0) == SyncIndex([], [])
 
     run_scenario(stores, kind, scenario)
 

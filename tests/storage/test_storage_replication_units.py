@@ -13,9 +13,10 @@ from dna_core.errors import ExpiredError, MalformedError, VerificationError
 from dna_core.mailbox import blob_id, mailbox_id, put_pow_hash, sign_delete
 from dna_core.wire.gen.dna.v1 import mailbox_pb2
 from dna_storage.admission import Quota
-from dna_storage.backends.base import Tombstone
+from dna_storage.backends.base import SyncIndex
 from dna_storage.backends.common import in_range
 from dna_storage.replication import (
+    MAX_SYNC_IDS,
     SYNC_BYTES,
     Holdings,
     SyncRules,
@@ -23,7 +24,7 @@ from dna_storage.replication import (
     blob_wire,
     copies,
     id_ranges,
-    list_page,
+    plan_page,
     pull_answer,
 )
 from hypothesis import given
@@ -144,22 +145,30 @@ def test_synced_blobs_count_against_the_mailbox_quota(stores: Stores, kind: str)
 
 
 def test_a_list_page_is_bounded_in_bytes_and_never_splits_an_id() -> None:
-    big = b"a" * (300 * 1024)  # tombstones carry whole signed deletes
-    tombs = [Tombstone(BOX, bytes([i]) * 32, 1, 2, big) for i in range(1, 9)]
-    ids = [bytes([i]) * 32 for i in range(1, 9)] + [bytes([200 + i]) * 32 for i in range(10)]
-    seen_blobs, seen_tombs, after, pages = [], [], b"", 0
+    big = 300 * 1024  # tombstones carry whole signed deletes
+    tombs = [(bytes([i]) * 32, big) for i in range(1, 9)]
+    ids = [bytes([i]) * 32 for i in range(1, 9)] + [
+        b"\xf0" + i.to_bytes(31, "big") for i in range(5000)
+    ]
+    index = SyncIndex(sorted(ids), tombs)
+    seen_blobs: list[bytes] = []
+    seen_tombs: list[bytes] = []
+    after, pages = b"", 0
     while True:
-        page = list_page(ids, tombs, after)
+        page = plan_page(index, after)
         pages += 1
-        assert page.ByteSize() <= SYNC_BYTES + len(big)
+        items = len(page.blob_ids) + len(page.tombstone_ids)
+        assert 34 * len(page.blob_ids) + big * len(page.tombstone_ids) <= SYNC_BYTES + big
+        assert items <= MAX_SYNC_IDS + 1
+        assert {b for b in page.blob_ids if b[0] < 9} == set(page.tombstone_ids)  # no split
         seen_blobs += page.blob_ids
-        seen_tombs += [t.blob_id for t in page.tombstones]
-        if not page.more:
+        seen_tombs += page.tombstone_ids
+        if page.next_after is None:
             break
-        assert set(page.blob_ids) <= {t.blob_id for t in page.tombstones} | set(ids[8:])
+        assert page.next_after > after
         after = page.next_after
-    assert sorted(seen_blobs) == sorted(ids) and sorted(seen_tombs) == [t.blob_id for t in tombs]
-    assert pages >= 3
+    assert seen_blobs == sorted(ids) and seen_tombs == [t for t, _ in tombs]
+    assert pages >= 4  # 8 x 300 KiB of tombstones, then 5,000 IDs over 4,096 a page
 
 
 def test_a_pull_answer_is_bounded_in_bytes_and_says_how_far_it_got(

@@ -66,7 +66,7 @@ from dna_storage.replication import (
     accept,
     blob_proto,
     check_mailbox_id,
-    list_page,
+    list_answer,
     pull_answer,
     verify_proof,
 )
@@ -335,8 +335,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         await self._authorize_sync(context, getattr(request, "from"), "SyncList", box, push=False)
         if request.after and len(request.after) != 32:
             await self._refuse(context, "sync", MalformedError("sync: `after` is not an ID"))
-        ids, tombstones = await self.backend.ids(box, self.wall_ms())
-        return list_page(ids, tombstones, request.after)
+        return await list_answer(self.backend, box, request.after, self.wall_ms())
 
     async def SyncPull(  # noqa: N802
         self, request: mailbox_pb2.SyncPullRequest, context: Ctx

@@ -18,8 +18,8 @@ mailbox's least-replicated item (``dna_storage_mailbox_replicas``).
 Who may sync (docs/storage.md, "Sync authorization and bounds"): requests are signed by
 the sender's node key (domain ``mailbox-sync``), and a node serves ``SyncList`` and
 ``SyncPull`` for a mailbox only to a caller that it itself finds among the closest
-R + ``SYNC_MARGIN`` storage nodes to that mailbox in its own routing table (whose
-entries proved their keys); it takes ``SyncPush`` from such a caller, or from anyone
+R + ``SYNC_MARGIN`` storage nodes to that mailbox in its own view (``ReplicaView``:
+routing table and its own lookup); it takes ``SyncPush`` from such a caller, or from anyone
 when it is itself among them (a hand-off holder pushing to a rightful replica). Every
 blob received is judged as a client's put is (``SyncRules``): size, proof of work
 bound to mailbox and blob, expiry no later than the proof's timestamp plus the
@@ -59,7 +59,13 @@ from dna_core.wire.gen.dna.v1 import common_pb2, mailbox_pb2, mailbox_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from dna_storage.admission import Quota, RateLimited, RateLimiter
-from dna_storage.backends.base import MailboxBackend, PutOutcome, StoredBlob, Tombstone
+from dna_storage.backends.base import (
+    MailboxBackend,
+    PutOutcome,
+    StoredBlob,
+    SyncIndex,
+    Tombstone,
+)
 from dna_storage.backends.common import MAX_STORED_INT
 
 log = logging.getLogger("dna.storage.repair")
@@ -76,7 +82,8 @@ BLOB_WIRE, TOMB_WIRE = 128, 64  # a blob's / tombstone's fields beside its paylo
 REPAIR_RANGES = 256  # slices of the mailbox ID space a repair pass lists one at a time
 _PULL_CHUNK = 8  # blobs read from the backend at a time while filling a bounded answer
 _OFFER_AHEAD = 256  # a push longer than this offers IDs before sending their blobs
-_PING_EVERY_S = 60.0  # an unknown caller's key is challenged at most this often
+LOOKUP_TTL_S = 60.0  # how long a lookup of a mailbox's neighbourhood serves authorization
+RELOOK_AFTER_S = 10.0  # a refusal on an older lookup looks again once (a node restarted)
 T = TypeVar("T")
 R = TypeVar(
     "R", mailbox_pb2.SyncListRequest, mailbox_pb2.SyncPullRequest, mailbox_pb2.SyncPushRequest
@@ -300,98 +307,109 @@ async def _within_quota(
 
 
 class ReplicaView:
-    """Who may sync a mailbox with this node, judged from its own routing table.
+    """Who may sync a mailbox with this node, judged from its own view of the network.
 
-    The ranking is of the storage nodes the table knows (each proved its key from its
-    address before it entered) plus this node, by XOR distance to the mailbox. A caller
-    ranked within R + ``SYNC_MARGIN`` is a replica; so is this node, under the same
-    bound. A caller the table does not know yet (a node just restarted) is challenged
-    once (a ping proves its key and adds it) when its ID would rank within the bound;
-    at most once a minute per ID, so a stream of requests cannot make us a ping source.
-    Per caller and per address, calls are rate-limited (``SYNC_CALLS_PER_S``)."""
+    The ranking is of the storage nodes this node knows near the mailbox, plus itself, by
+    XOR distance: those of its routing table (each proved its key from its address before
+    it entered) and those its own lookup of the mailbox found (cached ``LOOKUP_TTL_S`` per
+    mailbox). The lookup matters: a table right after a start knows few nodes, and a thin
+    view would rank anyone among the closest. A caller ranked within R + ``SYNC_MARGIN``
+    is a replica; so is this node, under the same bound. A caller refused on a lookup
+    older than ``RELOOK_AFTER_S`` (it may have just started) gets one fresh lookup.
+    An injected fake close ID can only push real nodes out (denying sync, counted as a
+    failure), never let a caller in: the caller must sign with the key of its ranked ID.
+    Calls are rate-limited per caller and per address first, before any lookup."""
 
     def __init__(self, node: OverlayNode, replicas: int = 5) -> None:
         self.node, self.bound = node, replicas + SYNC_MARGIN
         self.per_node = RateLimiter(SYNC_CALLS_PER_S, SYNC_CALL_BURST, 4096)
         self.per_address = RateLimiter(SYNC_CALLS_PER_S, SYNC_CALL_BURST, 4096)
-        self._challenged: OrderedDict[bytes, float] = OrderedDict()
+        self._lookups: OrderedDict[bytes, tuple[float, asyncio.Task[list[bytes]]]] = OrderedDict()
 
-    def ranking(self, box: bytes) -> list[bytes]:
-        """Node IDs of the closest storage nodes known (this node included), closest first:
-        at least ``bound`` of them when the table has that many."""
+    async def ranking(self, box: bytes, *, fresh: bool = False) -> list[bytes]:
+        """Node IDs of the ``bound`` closest storage nodes known (this node included)."""
         table = self.node.table
-        for count in (4 * self.bound, len(table)):
-            known = [c for c in table.closest(box, count) if c.role == common_pb2.NODE_ROLE_STORAGE]
-            if len(known) >= self.bound or count >= len(table):
-                break
-        ids = [c.node_id for c in known if c.node_id != self.node.node_id]
-        ids.append(self.node.node_id)
-        ids.sort(key=lambda i: distance(i, box))
-        return ids[: self.bound]
+        known = {
+            c.node_id
+            for c in table.closest(box, 4 * self.bound)
+            if c.role == common_pb2.NODE_ROLE_STORAGE
+        }
+        known |= set(await self._looked_up(box, fresh=fresh))
+        known.add(self.node.node_id)
+        return sorted(known, key=lambda i: distance(i, box))[: self.bound]
 
-    def is_replica(self, box: bytes, node_id: bytes) -> bool:
-        return node_id in self.ranking(box)
+    async def _looked_up(self, box: bytes, *, fresh: bool) -> list[bytes]:
+        now = time.monotonic()
+        cached = self._lookups.get(box)
+        if (
+            cached is None
+            or now - cached[0] > LOOKUP_TTL_S
+            or (fresh and now - cached[0] > RELOOK_AFTER_S)
+        ):
+            cached = (now, asyncio.ensure_future(self._lookup(box)))
+            self._lookups[box] = cached
+        self._lookups.move_to_end(box)
+        while len(self._lookups) > 4096:
+            self._lookups.popitem(last=False)
+        return await asyncio.shield(cached[1])
 
-    def would_rank(self, box: bytes, node_id: bytes) -> bool:
-        ranking = self.ranking(box)
-        return len(ranking) < self.bound or distance(node_id, box) < distance(ranking[-1], box)
+    async def _lookup(self, box: bytes) -> list[bytes]:
+        found = await self.node.find_node(box)
+        return [c.node_id for c in found if c.role == common_pb2.NODE_ROLE_STORAGE]
 
     async def authorize(self, box: bytes, caller: Contact, source_ip: str, *, push: bool) -> None:
         """Return if ``caller`` may make this call for ``box``, else raise why not."""
-        allowed = self.is_replica(box, caller.node_id) or (
-            push and self.is_replica(box, self.node.node_id)
-        )
-        if not allowed and not await self._learned(box, caller):
-            raise VerificationError(
-                "sync: the caller is not among this mailbox's replicas as this node sees them"
-            )
         now = time.monotonic()
         wait = max(self.per_node.check(caller.node_id, now), self.per_address.check(source_ip, now))
         if wait > 0:
             raise RateLimited(f"sync: over {SYNC_CALLS_PER_S:g} calls/s from this peer", wait)
-
-    async def _learned(self, box: bytes, caller: Contact) -> bool:
-        """Challenge an unknown caller that would rank within the bound, then judge again."""
-        if caller.node_id in self.node.table or not self.would_rank(box, caller.node_id):
-            return False
-        now = time.monotonic()
-        if self._challenged.get(caller.node_id, -_PING_EVERY_S) > now - _PING_EVERY_S:
-            return False
-        self._challenged[caller.node_id] = now
-        self._challenged.move_to_end(caller.node_id)
-        while len(self._challenged) > 4096:
-            self._challenged.popitem(last=False)
-        proven = await self.node.ping(caller.endpoint.udp)
-        return (
-            proven is not None
-            and proven.node_id == caller.node_id
-            and self.is_replica(box, caller.node_id)
+        for fresh in (False, True):
+            ranking = await self.ranking(box, fresh=fresh)
+            if caller.node_id in ranking or (push and self.node.node_id in ranking):
+                return
+        raise VerificationError(
+            "sync: the caller is not among this mailbox's replicas as this node sees them"
         )
 
 
-def list_page(
-    blob_ids: Sequence[bytes], tombstones: Sequence[Tombstone], after: bytes
-) -> mailbox_pb2.SyncListResponse:
+@dataclass(frozen=True)
+class PagePlan:
+    blob_ids: list[bytes]
+    tombstone_ids: list[bytes]
+    next_after: bytes | None  # None: this page reaches the end of the mailbox
+
+
+def plan_page(index: SyncIndex, after: bytes) -> PagePlan:
     """The items with ID > ``after``, in ID order, up to ``MAX_SYNC_IDS`` items and
-    ``SYNC_BYTES``; a page never splits the items of one ID (a blob and its tombstone)."""
-    items: list[tuple[bytes, int, Tombstone | None]] = sorted(
-        [(i, ID_WIRE, None) for i in blob_ids if i > after]
-        + [(t.blob_id, tomb_wire(t), t) for t in tombstones if t.blob_id > after],
-        key=lambda item: (item[0], item[2] is not None),
+    ``SYNC_BYTES``; a page never splits the items of one ID (a blob and its tombstone).
+    Tombstones count by their authorization's size."""
+    items = sorted(
+        [(i, False, ID_WIRE) for i in index.blob_ids if i > after]
+        + [(i, True, size + TOMB_WIRE) for i, size in index.tombstones if i > after]
     )
-    page = mailbox_pb2.SyncListResponse()
+    plan = PagePlan([], [], None)
     size = 0
-    for n, (item_id, wire, tomb) in enumerate(items):
+    for n, (item_id, is_tomb, wire) in enumerate(items):
         first_of_id = n == 0 or items[n - 1][0] != item_id
         full = n >= MAX_SYNC_IDS or (n > 0 and size + wire > SYNC_BYTES)
         if first_of_id and full:
-            page.more, page.next_after = True, items[n - 1][0]
-            break
-        if tomb is None:
-            page.blob_ids.append(item_id)
-        else:
-            page.tombstones.append(tombstone_proto(tomb))
+            return PagePlan(plan.blob_ids, plan.tombstone_ids, items[n - 1][0])
+        (plan.tombstone_ids if is_tomb else plan.blob_ids).append(item_id)
         size += wire
+    return plan
+
+
+async def list_answer(
+    backend: MailboxBackend, box: bytes, after: bytes, now_ms: int
+) -> mailbox_pb2.SyncListResponse:
+    """One page of the mailbox (``plan_page``), reading only that page's authorizations."""
+    plan = plan_page(await backend.sync_index(box, now_ms), after)
+    tombs = await backend.get_tombstones(box, plan.tombstone_ids, now_ms)
+    page = mailbox_pb2.SyncListResponse(
+        blob_ids=plan.blob_ids, tombstones=[tombstone_proto(t) for t in tombs]
+    )
+    if plan.next_after is not None:
+        page.more, page.next_after = True, plan.next_after
     return page
 
 

@@ -78,6 +78,15 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class SyncIndex:
+    """What a mailbox holds, without payloads or authorizations: what a sync list page
+    is cut from (a tombstone's signed delete can be tens of kilobytes)."""
+
+    blob_ids: list[bytes]  # sorted, unexpired
+    tombstones: list[tuple[bytes, int]]  # (blob ID, authorization bytes), sorted, live
+
+
+@dataclass(frozen=True, slots=True)
 class MailboxDigest:
     mailbox_id: bytes
     digest: bytes  # SHA-256 over the sorted blob IDs then the sorted tombstone IDs
@@ -114,6 +123,16 @@ class MailboxBackend(Protocol):
 
     async def ids(self, mailbox_id: bytes, now_ms: int) -> tuple[list[bytes], list[Tombstone]]:
         """Sorted unexpired blob IDs and the live tombstones of a mailbox (for anti-entropy)."""
+        ...
+
+    async def sync_index(self, mailbox_id: bytes, now_ms: int) -> SyncIndex:
+        """The mailbox's unexpired blob IDs and live tombstones' IDs and sizes."""
+        ...
+
+    async def get_tombstones(
+        self, mailbox_id: bytes, blob_ids: Sequence[bytes], now_ms: int
+    ) -> list[Tombstone]:
+        """The live tombstones among ``blob_ids``, in ID order."""
         ...
 
     async def held(

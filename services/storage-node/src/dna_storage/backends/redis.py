@@ -41,6 +41,7 @@ from dna_storage.backends.base import (
     Page,
     PutOutcome,
     StoredBlob,
+    SyncIndex,
     Tombstone,
     Usage,
 )
@@ -403,6 +404,36 @@ class RedisBackend:
             if auth is not None and int(expires) > now_ms
         ]
         return blob_ids, tombs
+
+    async def sync_index(self, mailbox_id: bytes, now_ms: int) -> SyncIndex:
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.zrangebyscore(self._key("e", mailbox_id), f"({now_ms}", "+inf")
+            pipe.zrangebyscore(self._key("ti", mailbox_id), f"({now_ms}", "+inf")
+            blob_members, tomb_members = await pipe.execute()
+        tomb_ids = sorted(_ids_of(tomb_members))
+        sizes: list[int] = []
+        for i in range(0, len(tomb_ids), _PIPELINE_CHUNK):
+            async with self._r.pipeline(transaction=False) as pipe:
+                for blob_id in tomb_ids[i : i + _PIPELINE_CHUNK]:
+                    pipe.hstrlen(self._key("t", mailbox_id, blob_id), "a")
+                sizes += await pipe.execute()
+        return SyncIndex(
+            sorted(_ids_of(blob_members)),
+            [(t, int(n)) for t, n in zip(tomb_ids, sizes, strict=True) if n],
+        )
+
+    async def get_tombstones(
+        self, mailbox_id: bytes, blob_ids: Sequence[bytes], now_ms: int
+    ) -> list[Tombstone]:
+        wanted = sorted(unique(blob_ids))
+        fields = await self._hmget_all(
+            [self._key("t", mailbox_id, i) for i in wanted], ["d", "e", "a"]
+        )
+        return [
+            Tombstone(mailbox_id, blob_id, int(deleted), int(expires), auth)
+            for blob_id, (deleted, expires, auth) in zip(wanted, fields, strict=True)
+            if auth is not None and int(expires) > now_ms
+        ]
 
     async def held(
         self, mailbox_id: bytes, ids: Sequence[bytes], now_ms: int

@@ -30,6 +30,7 @@ from dna_storage.backends.base import (
     Page,
     PutOutcome,
     StoredBlob,
+    SyncIndex,
     Tombstone,
     Usage,
 )
@@ -434,6 +435,19 @@ class SqliteBackend:
         )
         return result
 
+    async def sync_index(self, mailbox_id: bytes, now_ms: int) -> SyncIndex:
+        result: SyncIndex = await self._reader.submit(lambda c: _sync_index(c, mailbox_id, now_ms))
+        return result
+
+    async def get_tombstones(
+        self, mailbox_id: bytes, blob_ids: Sequence[bytes], now_ms: int
+    ) -> list[Tombstone]:
+        wanted = unique(blob_ids)
+        result: list[Tombstone] = await self._reader.submit(
+            lambda c: _tombstones_by_id(c, mailbox_id, wanted, now_ms)
+        )
+        return sorted(result, key=lambda t: t.blob_id)
+
     async def held(
         self, mailbox_id: bytes, ids: Sequence[bytes], now_ms: int
     ) -> tuple[set[bytes], set[bytes]]:
@@ -640,6 +654,38 @@ def _blobs_by_id(
             (mailbox_id, *chunk, now_ms),
         ):
             found[blob.blob_id] = blob
+    return found
+
+
+def _sync_index(conn: sqlite3.Connection, mailbox_id: bytes, now_ms: int) -> SyncIndex:
+    """``length()`` of a BLOB reads the record header, not the authorization itself."""
+    key = (mailbox_id, now_ms)
+    return SyncIndex(
+        [r[0] for r in conn.execute(
+            "SELECT blob_id FROM blobs WHERE mailbox_id = ? AND expires_ms > ? ORDER BY blob_id",
+            key,
+        )],
+        [(r[0], r[1]) for r in conn.execute(
+            "SELECT blob_id, length(authorization) FROM tombstones"
+            " WHERE mailbox_id = ? AND expires_ms > ? ORDER BY blob_id",
+            key,
+        )],
+    )  # fmt: skip
+
+
+def _tombstones_by_id(
+    conn: sqlite3.Connection, mailbox_id: bytes, ids: list[bytes], now_ms: int
+) -> list[Tombstone]:
+    found: list[Tombstone] = []
+    for chunk, marks in _in_chunks(ids):
+        found += [
+            Tombstone(*row)
+            for row in conn.execute(
+                "SELECT mailbox_id, blob_id, deleted_ms, expires_ms, authorization FROM tombstones"
+                f" WHERE mailbox_id = ? AND blob_id IN ({marks}) AND expires_ms > ?",
+                (mailbox_id, *chunk, now_ms),
+            )
+        ]
     return found
 
 
