@@ -3,22 +3,31 @@ synced blob or tombstone must pass, and how sync messages are bounded."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import logging
 import time
 
+import grpc
 import pytest
 from dna_core.crypto import pow, seal
+from dna_core.crypto.node import NodeIdentity
 from dna_core.crypto.pow import Proof
 from dna_core.errors import ExpiredError, MalformedError, VerificationError
 from dna_core.mailbox import blob_id, mailbox_id, put_pow_hash, sign_delete
+from dna_core.overlay.aio import OverlayNode
+from dna_core.overlay.aio.node import NodeConfig
+from dna_core.overlay.contact import Contact, Endpoint
 from dna_core.wire.gen.dna.v1 import mailbox_pb2
 from dna_storage.admission import Quota
 from dna_storage.backends.base import SyncIndex
 from dna_storage.backends.common import in_range
 from dna_storage.replication import (
     MAX_SYNC_IDS,
+    MIN_PIECE_BYTES,
     SYNC_BYTES,
     Holdings,
+    Repairer,
     SyncRules,
     accept,
     blob_wire,
@@ -29,6 +38,7 @@ from dna_storage.replication import (
 )
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 from storage.storage_harness import Stores
 from support import seeded_identity
 
@@ -188,3 +198,46 @@ def test_a_pull_answer_is_bounded_in_bytes_and_says_how_far_it_got(
         assert len(rest.blobs) == 1 and rest.answered == 1  # one item always goes
 
     stores.run(scenario())
+
+
+# --- a failed sync is loud, and a piece refused as too large is retried in halves ---------------
+
+
+def repairer() -> Repairer:
+    node = OverlayNode(NodeIdentity.generate(0)[0], NodeConfig())
+    return Repairer(node, None, rules=RULES, registry=CollectorRegistry())  # type: ignore[arg-type]
+
+
+def failures(r: Repairer, reason: str) -> float:
+    return r.metrics.failures.labels(reason=reason)._value.get()
+
+
+def test_a_piece_refused_as_too_large_is_retried_in_halves_down_to_a_floor() -> None:
+    r = repairer()
+    too_large = grpc.aio.AioRpcError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, details="Sent message larger than max (5 vs. 4)"
+    )
+    assert r._smaller(too_large, SYNC_BYTES) == SYNC_BYTES // 2
+    assert failures(r, "split") == 1
+    with pytest.raises(grpc.aio.AioRpcError):  # cannot shrink further: the exchange fails
+        r._smaller(too_large, MIN_PIECE_BYTES)
+    rate = grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, details="sync: over rate")
+    with pytest.raises(grpc.aio.AioRpcError):  # a rate limit is not a size problem
+        r._smaller(rate, SYNC_BYTES)
+
+
+def test_a_failed_exchange_is_counted_by_reason_and_logged_as_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    r = repairer()
+    peer = r.node.identity  # any contact will do: only its ID is logged
+    contact = Contact(peer.node_id, peer.public_key, (Endpoint("127.0.0.1", 1),))
+
+    async def refused() -> Holdings:
+        raise grpc.aio.AioRpcError(grpc.StatusCode.PERMISSION_DENIED, details="not a replica")
+
+    with caplog.at_level(logging.INFO, logger="dna.storage.repair"):
+        assert asyncio.run(r._guarded(contact, BOX, refused())) is None
+    assert failures(r, "permission_denied") == 1
+    (record,) = [rec for rec in caplog.records if "sync with" in rec.getMessage()]
+    assert record.levelno == logging.WARNING and "not a replica" in record.getMessage()
