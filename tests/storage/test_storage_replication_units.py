@@ -241,3 +241,18 @@ def test_a_failed_exchange_is_counted_by_reason_and_logged_as_a_warning(
     assert failures(r, "permission_denied") == 1
     (record,) = [rec for rec in caplog.records if "sync with" in rec.getMessage()]
     assert record.levelno == logging.WARNING and "not a replica" in record.getMessage()
+
+
+def test_blobs_already_held_do_not_count_against_the_quota_again(stores: Stores, kind: str) -> None:
+    """Four replicas push the same blobs to the one that lost them: near the quota the
+    copies must not crowd out the blobs still missing."""
+
+    async def scenario() -> None:
+        backend = await stores.open(kind)
+        now = now_ms()
+        pushed = [synced(bytes([i]), pow_at=now) for i in range(3)]
+        await accept(backend, BOX, pushed[:2], [], RULES)
+        got = await accept(backend, BOX, [*pushed[:2], pushed[2]], [], RULES)  # quota: 3
+        assert (got.stored, len(got.held_blobs)) == (1, 3)
+
+    stores.run(scenario())

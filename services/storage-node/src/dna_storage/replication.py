@@ -289,13 +289,19 @@ async def _within_quota(
     now_ms: int,
     refused: dict[str, int],
 ) -> list[StoredBlob]:
-    """The blobs, in order, that fit the mailbox's quota counted forward (as PutMany)."""
+    """The blobs, in order, that fit the mailbox's quota counted forward (as PutMany).
+    A blob already held passes without counting: several replicas push the same blobs
+    to a replica that lost them, and near the quota the copies would crowd out the rest."""
     if not blobs:
         return []
     usage = await backend.usage(box, now_ms)
+    held, _ = await backend.held(box, [b.blob_id for b in blobs], now_ms)
     count, size = usage.blobs, usage.bytes
     fitting = []
     for blob in blobs:
+        if blob.blob_id in held:
+            fitting.append(blob)  # a duplicate: stores nothing
+            continue
         try:
             quota.check_quota(count, size, len(blob.blob))
         except CapacityError:
