@@ -40,9 +40,11 @@ class PutRequest(_message.Message):
     blob: _builtins.bytes
     """a serialized Envelope; opaque to the node"""
     ttl_s: _builtins.int
-    """0 = node default (30 days); capped by the node"""
+    """0 = node default (30 days); capped by the node, at least the"""
     coordinate: _builtins.bool
-    """ask this node to fan the write out to the replica set"""
+    """proof-of-work window (10 min), counted from pow.timestamp_ms
+    ask this node to fan the write out to the replica set
+    """
     @_builtins.property
     def pow(self) -> _common_pb2.ProofOfWork:
         """bound to SHA-256(label("mailbox-put") || mailbox_id || SHA-256(blob))"""
