@@ -247,3 +247,44 @@ def test_over_the_disk_high_water_mark_the_node_is_unready_and_refuses_writes(
         assert full.http("/healthz").status_code == 200  # alive, just not taking writes
     finally:
         full.kill()
+
+
+def test_a_fetch_cursor_out_of_range_is_invalid_argument(node: NodeProcess) -> None:
+    """Issue 10, defect 9: a cursor >= 2^63 reached SQLite and answered UNKNOWN
+    (OverflowError). Every integer is range-checked where it is decoded."""
+    for cursor in ((1 << 63).to_bytes(8, "big"), b"\xff" * 8):
+        req = mailbox_pb2.FetchRequest.FromString(
+            sign_fetch(BOB, cursor=cursor, limit=10, now_ms=now_ms())
+        )
+        refused(call("Fetch", req), grpc.StatusCode.INVALID_ARGUMENT)
+    last = ((1 << 63) - 1).to_bytes(8, "big")  # the largest a node can issue: nothing after it
+    req = mailbox_pb2.FetchRequest.FromString(
+        sign_fetch(BOB, cursor=last, limit=10, now_ms=now_ms())
+    )
+    assert list(call("Fetch", req).blobs) == []
+
+
+def test_a_replayed_put_does_not_restamp_its_blob(node: NodeProcess) -> None:
+    """Issue 10, defect 10: replaying a put (same request, proof of work still fresh) must
+    not give its blob a new stored time, expiry or seq, nor bring it back once expired."""
+    dave = seeded_identity("storage-dave")
+    box = mailbox_id(dave.fingerprint)
+    env = seal(ALICE, dave.public, b"short-lived", now_ms=now_ms())
+    request = put_request(env, box)
+    request.ttl_s = 1
+    first = call("Put", request)
+    (held,) = fetch(dave).blobs
+    time.sleep(1.2)  # past the 1 s the put asked for, well within the proof's window
+    replay = call("Put", request)
+    assert replay.expires_ms == first.expires_ms
+    (again,) = fetch(dave).blobs
+    assert (again.stored_ms, again.expires_ms) == (held.stored_ms, held.expires_ms)
+    req = mailbox_pb2.FetchRequest.FromString(
+        sign_fetch(dave, cursor=b"", limit=10, now_ms=now_ms())
+    )
+    page = call("Fetch", req)
+    assert page.next_cursor == encode_seq(1), "the replay took a new seq"
+
+
+def encode_seq(seq: int) -> bytes:
+    return seq.to_bytes(8, "big")

@@ -16,11 +16,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
 import pytest
+from dna_core.crypto.pow import Proof
 from dna_storage.backends.base import (
     MailboxBackend,
     MailboxDigest,
     PutOutcome,
     StoredBlob,
+    SyncIndex,
     Tombstone,
     Usage,
 )
@@ -110,11 +112,15 @@ def test_round_trip_with_cursors_and_paging(stores: Stores, kind: str) -> None:
 def test_duplicates_are_no_ops_and_take_no_seq(stores: Stores, kind: str) -> None:
     async def scenario(b: MailboxBackend) -> None:
         m = mbox(0)
-        first, second = blob(m, b"one"), blob(m, b"two")
+        first = replace(blob(m, b"one"), pow=Proof(12, T0, (1 << 64) - 1))
+        second = blob(m, b"two")
         assert await b.put_many([first, first, second], T0) == [STORED, DUPLICATE, STORED]
-        later_copy = replace(first, stored_ms=T0 + 5, expires_ms=T0 + 3 * DAY)
+        # A replayed put (issue 10, defect 10) restamps nothing: stored time, expiry, seq
+        # and proof stay those of the first store.
+        later_copy = replace(first, stored_ms=T0 + 5, expires_ms=T0 + 3 * DAY, pow=Proof(9, T0, 1))
         assert await b.put_many([later_copy], T0 + 5) == [DUPLICATE]
         assert await fetch_all(b, m, T0 + 5) == [replace(first, seq=1), replace(second, seq=2)]
+        assert await b.get_blobs(m, [first.blob_id], T0 + 5) == [replace(first, seq=1)]
         assert await b.put_many([blob(m, b"three")], T0) == [STORED]
         assert [x.seq for x in await fetch_all(b, m, T0)] == [1, 2, 3]
         # The same bytes in another mailbox are another blob.
@@ -281,6 +287,19 @@ def test_ids_and_get_blobs(stores: Stores, kind: str) -> None:
         assert await b.get_blobs(mbox(1), ask, T0) == []
         assert await b.get_blobs(m, [], T0) == []
         assert await b.ids(mbox(1), T0) == ([], [])
+        assert await b.held(m, ask, T0) == (
+            {blobs[3].blob_id, blobs[0].blob_id},
+            {blobs[4].blob_id},
+        )
+        assert await b.held(m, ask, T0 + 10 * DAY) == (set(), set())  # all expired
+        assert await b.held(mbox(1), ask, T0) == (set(), set())
+        assert await b.held(m, [], T0) == (set(), set())
+        index = await b.sync_index(m, T0)
+        assert index.blob_ids == blob_ids
+        assert index.tombstones == [(blobs[4].blob_id, len(tombs[0].authorization))]
+        assert await b.get_tombstones(m, [blobs[4].blob_id, blobs[0].blob_id], T0) == tombs
+        assert await b.get_tombstones(m, [blobs[4].blob_id], T0 + 10 * DAY) == []
+        assert await b.sync_index(mbox(1), T0) == SyncIndex([], [])
 
     run_scenario(stores, kind, scenario)
 

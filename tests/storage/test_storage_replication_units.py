@@ -1,14 +1,46 @@
-"""Pure parts of the repairer: how a pass slices the ID space, how copies are counted."""
+"""Parts of the repairer: how a pass slices the ID space, how copies are counted, what a
+synced blob or tombstone must pass, and how sync messages are bounded."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import logging
+import time
 
+import grpc
 import pytest
+from dna_core.crypto import pow, seal
+from dna_core.crypto.node import NodeIdentity
+from dna_core.crypto.pow import Proof
+from dna_core.errors import ExpiredError, MalformedError, VerificationError
+from dna_core.mailbox import blob_id, mailbox_id, put_pow_hash, sign_delete
+from dna_core.overlay.aio import OverlayNode
+from dna_core.overlay.aio.node import NodeConfig
+from dna_core.overlay.contact import Contact, Endpoint
+from dna_core.wire.gen.dna.v1 import mailbox_pb2
+from dna_storage.admission import Quota
+from dna_storage.backends.base import SyncIndex
 from dna_storage.backends.common import in_range
-from dna_storage.replication import Holdings, copies, id_ranges
+from dna_storage.replication import (
+    MAX_SYNC_IDS,
+    MIN_PIECE_BYTES,
+    SYNC_BYTES,
+    Holdings,
+    Repairer,
+    SyncRules,
+    accept,
+    blob_wire,
+    copies,
+    id_ranges,
+    plan_page,
+    pull_answer,
+)
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+from storage.storage_harness import Stores
+from support import seeded_identity
 
 
 @given(mailbox=st.binary(min_size=32, max_size=32), count=st.integers(1, 256))
@@ -35,3 +67,192 @@ def test_copies_count_peers_holding_each_item_a_tombstone_settling_its_blob() ->
     ]
     assert copies(ours, peers) == ({b"a": 2, b"b": 2}, {b"t": 1})
     assert copies(ours, []) == ({b"a": 0, b"b": 0}, {b"t": 0})
+
+
+# --- what a synced blob or tombstone must pass (issue 10, defects 1, 2c, 2d) ------------------
+
+DAY_MS = 86_400_000
+ALICE, BOB = seeded_identity("units-alice"), seeded_identity("units-bob")
+BOX = mailbox_id(BOB.fingerprint)
+RULES = SyncRules(max_blob_bytes=64 * 1024, min_pow_bits=4, max_ttl_ms=30 * DAY_MS,
+                  quota=Quota(max_blobs=3, max_bytes=1 << 20))  # fmt: skip
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def synced(payload: bytes, *, pow_at: int, bits: int = 4, **fields: int) -> mailbox_pb2.StoredBlob:
+    env = seal(ALICE, BOB.public, payload, now_ms=now_ms())
+    proof, _ = pow.solve(put_pow_hash(BOX, env), bits, now_ms=pow_at)
+    out = mailbox_pb2.StoredBlob(
+        blob_id=blob_id(env), blob=env, stored_ms=pow_at, expires_ms=pow_at + DAY_MS
+    )
+    out.pow.CopyFrom(proof.to_proto())
+    for name, value in fields.items():
+        setattr(out, name, value)
+    return out
+
+
+def test_a_synced_blob_needs_the_proof_of_work_of_its_put() -> None:
+    now = now_ms()
+    good = synced(b"ok", pow_at=now)
+    assert RULES.check_blob(BOX, good, now).pow == Proof.from_proto(good.pow)
+    bare = mailbox_pb2.StoredBlob()
+    bare.CopyFrom(good)
+    bare.ClearField("pow")
+    with pytest.raises(VerificationError, match="no proof of work"):
+        RULES.check_blob(BOX, bare, now)
+    with pytest.raises(VerificationError):  # below the node's base difficulty
+        RULES.check_blob(BOX, synced(b"weak", pow_at=now, bits=0), now)
+
+
+def test_a_blob_expired_everywhere_cannot_come_back_with_a_fresh_expiry() -> None:
+    """2(c): the proof's timestamp bounds the expiry: at most max TTL after it."""
+    now = now_ms()
+    fresh_claim = synced(b"old", pow_at=now - 31 * DAY_MS, expires_ms=now + 30 * DAY_MS)
+    with pytest.raises(ExpiredError):
+        RULES.check_blob(BOX, fresh_claim, now)
+    stretched = synced(b"stretched", pow_at=now - DAY_MS, expires_ms=now + 60 * DAY_MS)
+    assert RULES.check_blob(BOX, stretched, now).expires_ms == now - DAY_MS + 30 * DAY_MS
+
+
+def test_times_out_of_range_are_invalid_argument_not_overflow() -> None:
+    """2(d): a stored time of 2^63 crashed the handler (OverflowError, UNKNOWN)."""
+    now = now_ms()
+    for fields in ({"stored_ms": 1 << 63}, {"expires_ms": 1 << 63}, {"stored_ms": (1 << 64) - 1}):
+        with pytest.raises(MalformedError):
+            RULES.check_blob(BOX, synced(b"x", pow_at=now, **fields), now)
+    tomb = mailbox_pb2.Tombstone(
+        blob_id=b"\x01" * 32, deleted_ms=1 << 63, expires_ms=1, authorization=b""
+    )
+    with pytest.raises(MalformedError):
+        RULES.check_tombstone(BOX, tomb, now)
+
+
+def test_a_synced_tombstone_lives_no_longer_than_a_deleted_blob_could() -> None:
+    now = now_ms()
+    target = b"\x02" * 32
+    auth = sign_delete(BOB, [target], now_ms=now)
+    tomb = mailbox_pb2.Tombstone(
+        blob_id=target, deleted_ms=now, expires_ms=(1 << 63) - 1, authorization=auth
+    )
+    assert RULES.check_tombstone(BOX, tomb, now).expires_ms == now + RULES.tombstone_ttl_ms
+
+
+def test_synced_blobs_count_against_the_mailbox_quota(stores: Stores, kind: str) -> None:
+    """2(b): sync filled a mailbox past its quota; now a push stores what a put could."""
+
+    async def scenario() -> None:
+        backend = await stores.open(kind)
+        now = now_ms()
+        pushed = [synced(bytes([i]), pow_at=now) for i in range(5)]
+        got = await accept(backend, BOX, pushed, [], RULES)
+        assert (got.stored, len(got.held_blobs)) == (3, 3)
+        assert (await backend.usage(BOX, now_ms())).blobs == 3
+
+    stores.run(scenario())
+
+
+def test_a_list_page_is_bounded_in_bytes_and_never_splits_an_id() -> None:
+    big = 300 * 1024  # tombstones carry whole signed deletes
+    tombs = [(bytes([i]) * 32, big) for i in range(1, 9)]
+    ids = [bytes([i]) * 32 for i in range(1, 9)] + [
+        b"\xf0" + i.to_bytes(31, "big") for i in range(5000)
+    ]
+    index = SyncIndex(sorted(ids), tombs)
+    seen_blobs: list[bytes] = []
+    seen_tombs: list[bytes] = []
+    after, pages = b"", 0
+    while True:
+        page = plan_page(index, after)
+        pages += 1
+        items = len(page.blob_ids) + len(page.tombstone_ids)
+        assert 34 * len(page.blob_ids) + big * len(page.tombstone_ids) <= SYNC_BYTES + big
+        assert items <= MAX_SYNC_IDS + 1
+        assert {b for b in page.blob_ids if b[0] < 9} == set(page.tombstone_ids)  # no split
+        seen_blobs += page.blob_ids
+        seen_tombs += page.tombstone_ids
+        if page.next_after is None:
+            break
+        assert page.next_after > after
+        after = page.next_after
+    assert seen_blobs == sorted(ids) and seen_tombs == [t for t, _ in tombs]
+    assert pages >= 4  # 8 x 300 KiB of tombstones, then 5,000 IDs over 4,096 a page
+
+
+def test_a_pull_answer_is_bounded_in_bytes_and_says_how_far_it_got(
+    stores: Stores, kind: str
+) -> None:
+    async def scenario() -> None:
+        backend = await stores.open(kind)
+        now = now_ms()
+        blobs = [RULES.check_blob(BOX, synced(bytes([i]) * 3000, pow_at=now), now)
+                 for i in range(3)]  # fmt: skip
+        await backend.put_many(blobs, now)
+        wanted = [b"\x00" * 32] + [b.blob_id for b in blobs]  # one it does not hold
+        two = blob_wire(blobs[0]) + blob_wire(blobs[1])
+        answer = await pull_answer(backend, BOX, wanted, two + 10, now)
+        assert len(answer.blobs) == 2 and answer.answered == 3
+        rest = await pull_answer(backend, BOX, wanted[answer.answered :], 1, now)
+        assert len(rest.blobs) == 1 and rest.answered == 1  # one item always goes
+
+    stores.run(scenario())
+
+
+# --- a failed sync is loud, and a piece refused as too large is retried in halves ---------------
+
+
+def repairer() -> Repairer:
+    node = OverlayNode(NodeIdentity.generate(0)[0], NodeConfig())
+    return Repairer(node, None, rules=RULES, registry=CollectorRegistry())  # type: ignore[arg-type]
+
+
+def failures(r: Repairer, reason: str) -> float:
+    return r.metrics.failures.labels(reason=reason)._value.get()
+
+
+def test_a_piece_refused_as_too_large_is_retried_in_halves_down_to_a_floor() -> None:
+    r = repairer()
+    too_large = grpc.aio.AioRpcError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, details="Sent message larger than max (5 vs. 4)"
+    )
+    assert r._smaller(too_large, SYNC_BYTES) == SYNC_BYTES // 2
+    assert failures(r, "split") == 1
+    with pytest.raises(grpc.aio.AioRpcError):  # cannot shrink further: the exchange fails
+        r._smaller(too_large, MIN_PIECE_BYTES)
+    rate = grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, details="sync: over rate")
+    with pytest.raises(grpc.aio.AioRpcError):  # a rate limit is not a size problem
+        r._smaller(rate, SYNC_BYTES)
+
+
+def test_a_failed_exchange_is_counted_by_reason_and_logged_as_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    r = repairer()
+    peer = r.node.identity  # any contact will do: only its ID is logged
+    contact = Contact(peer.node_id, peer.public_key, (Endpoint("127.0.0.1", 1),))
+
+    async def refused() -> Holdings:
+        raise grpc.aio.AioRpcError(grpc.StatusCode.PERMISSION_DENIED, details="not a replica")
+
+    with caplog.at_level(logging.INFO, logger="dna.storage.repair"):
+        assert asyncio.run(r._guarded(contact, BOX, refused())) is None
+    assert failures(r, "permission_denied") == 1
+    (record,) = [rec for rec in caplog.records if "sync with" in rec.getMessage()]
+    assert record.levelno == logging.WARNING and "not a replica" in record.getMessage()
+
+
+def test_blobs_already_held_do_not_count_against_the_quota_again(stores: Stores, kind: str) -> None:
+    """Four replicas push the same blobs to the one that lost them: near the quota the
+    copies must not crowd out the blobs still missing."""
+
+    async def scenario() -> None:
+        backend = await stores.open(kind)
+        now = now_ms()
+        pushed = [synced(bytes([i]), pow_at=now) for i in range(3)]
+        await accept(backend, BOX, pushed[:2], [], RULES)
+        got = await accept(backend, BOX, [*pushed[:2], pushed[2]], [], RULES)  # quota: 3
+        assert (got.stored, len(got.held_blobs)) == (1, 3)
+
+    stores.run(scenario())

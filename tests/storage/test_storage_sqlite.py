@@ -214,6 +214,9 @@ V1_MAILBOXES = """CREATE TABLE mailboxes (
 def _version_1_file(path: Path, m: bytes) -> None:
     """A data file as a schema version 1 node left it: no per-mailbox counters."""
     schema = sqlite_backend.SCHEMA.split("CREATE TABLE IF NOT EXISTS blobs")[1]
+    schema = "\n".join(  # without the `pow` column version 3 added
+        line for line in schema.splitlines() if not line.lstrip().startswith("pow BLOB")
+    )
     with sqlite3.connect(path) as conn:
         conn.executescript(V1_MAILBOXES + "CREATE TABLE IF NOT EXISTS blobs" + schema)
         conn.execute("INSERT INTO mailboxes VALUES (?, 3)", (m,))

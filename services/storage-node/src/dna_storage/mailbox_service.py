@@ -8,7 +8,13 @@ refused request changes nothing and gets a distinct status with a reason;
 rate limits add `retry-after-ms`, proof-of-work refusals `dna-pow-required`
 (trailing metadata) so clients can retry.
 
-The Sync* RPCs serve replica anti-entropy between storage nodes (replication.py).
+The Sync* RPCs serve replica anti-entropy between storage nodes (replication.py): only
+to the mailbox's replicas as this node sees them, bounded in bytes and items, and every
+blob pushed or pulled is judged as a put is.
+
+Integers from the wire are range-checked here, where they are decoded, before anything
+reaches a backend (signed 64-bit columns): a fetch cursor, a put's TTL (capped) and its
+proof of work's timestamp (within its window); sync times in ``SyncRules``.
 """
 
 from __future__ import annotations
@@ -19,9 +25,16 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
+from dna_core.crypto import pow
 from dna_core.crypto.envelope import decode_envelope
 from dna_core.crypto.pow import Proof
-from dna_core.errors import ConflictError, MalformedError, ProtocolError, VerificationError
+from dna_core.errors import (
+    ConflictError,
+    ExpiredError,
+    MalformedError,
+    ProtocolError,
+    VerificationError,
+)
 from dna_core.mailbox import (
     NonceCache,
     SessionStore,
@@ -44,11 +57,18 @@ from dna_storage.backends.base import (
     Tombstone,
     Usage,
 )
+from dna_storage.backends.common import MAX_STORED_INT
 from dna_storage.replication import (
+    MAX_SYNC_IDS,
     MAX_SYNC_ITEMS,
+    SYNC_BYTES,
+    ReplicaView,
+    SyncRules,
     accept,
     blob_proto,
-    tombstone_proto,
+    check_mailbox_id,
+    list_answer,
+    pull_answer,
     verify_proof,
 )
 
@@ -69,9 +89,13 @@ class Retention:
         """Tombstones outlive any blob they can delete, so repair never resurrects it."""
         return (self.max_ttl_s + DAY_S) * 1000
 
-    def expiry_ms(self, requested_s: int, now_ms: int) -> int:
-        ttl = min(requested_s or self.default_ttl_s, self.max_ttl_s)
-        return now_ms + ttl * 1000
+    def expiry_ms(self, requested_s: int, now_ms: int, proof_ms: int) -> int:
+        """Counted from the put's proof-of-work timestamp, not from its arrival: a replay of
+        the same put gets the same expiry, on every replica. At least the proof's own
+        lifetime, so no blob expires while its put can still be replayed (a replay would
+        store it again, with a new seq); never past ``max_ttl_s`` from now or the proof."""
+        ttl_ms = max(min(requested_s or self.default_ttl_s, self.max_ttl_s) * 1000, pow.MAX_AGE_MS)
+        return min(proof_ms + ttl_ms, now_ms + self.max_ttl_s * 1000)
 
 
 def _cut_by_bytes(page: Page, budget: int) -> tuple[list[StoredBlob], int, bool]:
@@ -87,8 +111,13 @@ def _cut_by_bytes(page: Page, budget: int) -> tuple[list[StoredBlob], int, bool]
     return taken, page.next_cursor, page.more
 
 
-def _deleted() -> ConflictError:
-    return ConflictError("blob was deleted by its owner")
+def _not_stored(outcome: PutOutcome) -> ProtocolError | None:
+    """Why an admitted put was still not stored (a duplicate was stored before: fine)."""
+    if outcome is PutOutcome.TOMBSTONED:
+        return ConflictError("blob was deleted by its owner")
+    if outcome is PutOutcome.EXPIRED:
+        return ExpiredError("blob expired: its proof of work is too old for its TTL")
+    return None
 
 
 def _retry_after_ms(exc: RateLimited) -> int:
@@ -100,9 +129,13 @@ def encode_cursor(seq: int) -> bytes:
 
 
 def decode_cursor(cursor: bytes) -> int:
+    """A fetch cursor: 8 bytes, at most the largest seq a backend can hold."""
     if cursor and len(cursor) != 8:
         raise MalformedError("fetch: cursor is not one this node issued")
-    return int.from_bytes(cursor, "big") if cursor else 0
+    seq = int.from_bytes(cursor, "big") if cursor else 0
+    if seq > MAX_STORED_INT:
+        raise MalformedError("fetch: cursor is not one this node issued")
+    return seq
 
 
 def peer_ip(context: Ctx) -> str:
@@ -122,6 +155,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         monotonic: Callable[[], float] = time.monotonic,
         on_outcome: Callable[[str, str], None] = lambda method, outcome: None,
         sync_puzzle_bits: int | None = None,
+        replica_view: ReplicaView | None = None,
         node_id: bytes | None = None,
     ) -> None:
         self.backend, self.admission = backend, admission
@@ -130,6 +164,11 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         self.sessions = sessions if sessions is not None else SessionStore()
         self.wall_ms, self.monotonic, self.on_outcome = wall_ms, monotonic, on_outcome
         self.sync_puzzle_bits = sync_puzzle_bits  # None: refuse replica sync
+        self.replica_view = replica_view  # None: refuse replica sync
+        self.sync_rules = SyncRules(
+            admission.config.max_blob_bytes, admission.config.pow_base_bits,
+            self.retention.max_ttl_s * 1000, admission.quota,
+        )  # fmt: skip
         self.node_id = node_id  # None: refuse fetches addressed to named nodes
 
     async def Put(  # noqa: N802 (gRPC method names)
@@ -141,8 +180,8 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         except ProtocolError as exc:
             await self._refuse(context, "put", exc)
         (outcome,) = await self.backend.put_many([blob], now_ms)
-        if outcome is PutOutcome.TOMBSTONED:
-            await self._refuse(context, "put", _deleted())
+        if (why := _not_stored(outcome)) is not None:
+            await self._refuse(context, "put", why)
         self.on_outcome("put", "ok")
         return mailbox_pb2.PutResponse(
             blob_id=blob.blob_id, acknowledged_replicas=1, expires_ms=blob.expires_ms
@@ -172,8 +211,8 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
             admitted.append((outcomes[-1], blob))
         stored = await self.backend.put_many([blob for _, blob in admitted], now_ms)
         for (result, blob), outcome in zip(admitted, stored, strict=True):
-            if outcome is PutOutcome.TOMBSTONED:
-                result.CopyFrom(self._refused(_deleted()))
+            if (why := _not_stored(outcome)) is not None:
+                result.CopyFrom(self._refused(why))
                 continue
             result.blob_id, result.expires_ms = blob.blob_id, blob.expires_ms
             self.on_outcome("put", "ok")
@@ -203,9 +242,10 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
             now_s=self.monotonic(), now_ms=now_ms, usage=usage,
         )  # fmt: skip
         in_call[box] = Usage(usage.blobs + 1, usage.bytes + len(request.blob))
+        assert proof is not None  # admit_put refuses a put without one
         return StoredBlob(
             box, blob_id(request.blob), request.blob, now_ms,
-            self.retention.expiry_ms(request.ttl_s, now_ms),
+            self.retention.expiry_ms(request.ttl_s, now_ms, proof.timestamp_ms), pow=proof,
         )  # fmt: skip
 
     def _refused(self, exc: ProtocolError) -> mailbox_pb2.PutOutcome:
@@ -269,69 +309,64 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         self.on_outcome("delete", "ok")
         return mailbox_pb2.DeleteResponse(deleted=deleted)
 
-    # -- replica sync (node-authenticated; see replication.py) -----------------------
+    # -- replica sync (replicas only, bounded; see replication.py) -------------------
 
     async def _authorize_sync(
-        self, context: Ctx, proof: mailbox_pb2.NodeProof, method: str, subject: bytes
+        self, context: Ctx, proof: mailbox_pb2.NodeProof, method: str, box: bytes, *, push: bool
     ) -> None:
-        """Only storage nodes, proving their node key for this method and subject."""
+        """A storage node's key signed this call, and this node finds the caller among the
+        mailbox's replicas (or, for a push, itself): ``ReplicaView.authorize``."""
         try:
-            if self.sync_puzzle_bits is None:
+            if self.sync_puzzle_bits is None or self.replica_view is None:
                 raise VerificationError("replica sync is disabled on this node")
-            verify_proof(proof, method, subject, puzzle_bits=self.sync_puzzle_bits)
+            check_mailbox_id(box)
+            caller = verify_proof(proof, method, box, puzzle_bits=self.sync_puzzle_bits)
+            await self.replica_view.authorize(box, caller, peer_ip(context), push=push)
         except ProtocolError as exc:
             await self._refuse(context, "sync", exc)
-
-    async def SyncDigest(  # noqa: N802
-        self, request: mailbox_pb2.SyncDigestRequest, context: Ctx
-    ) -> mailbox_pb2.SyncDigestResponse:
-        subject = request.range_start + request.range_end
-        await self._authorize_sync(context, getattr(request, "from"), "SyncDigest", subject)
-        digests = await self.backend.digests(request.range_start, request.range_end, self.wall_ms())
-        return mailbox_pb2.SyncDigestResponse(
-            mailboxes=[
-                mailbox_pb2.MailboxDigest(
-                    mailbox_id=d.mailbox_id,
-                    digest=d.digest,
-                    blobs=d.blobs,
-                    tombstones=d.tombstones,
-                )
-                for d in digests[:MAX_SYNC_ITEMS]
-            ]
-        )
 
     async def SyncList(  # noqa: N802
         self, request: mailbox_pb2.SyncListRequest, context: Ctx
     ) -> mailbox_pb2.SyncListResponse:
-        await self._authorize_sync(
-            context, getattr(request, "from"), "SyncList", request.mailbox_id
-        )
-        ids, tombstones = await self.backend.ids(request.mailbox_id, self.wall_ms())
-        return mailbox_pb2.SyncListResponse(
-            blob_ids=ids, tombstones=[tombstone_proto(t) for t in tombstones]
-        )
+        box = request.mailbox_id
+        await self._authorize_sync(context, getattr(request, "from"), "SyncList", box, push=False)
+        if request.after and len(request.after) != 32:
+            await self._refuse(context, "sync", MalformedError("sync: `after` is not an ID"))
+        return await list_answer(self.backend, box, request.after, self.wall_ms())
 
     async def SyncPull(  # noqa: N802
         self, request: mailbox_pb2.SyncPullRequest, context: Ctx
     ) -> mailbox_pb2.SyncPullResponse:
-        await self._authorize_sync(
-            context, getattr(request, "from"), "SyncPull", request.mailbox_id
-        )
-        ids = list(request.blob_ids)[:MAX_SYNC_ITEMS]
-        blobs = await self.backend.get_blobs(request.mailbox_id, ids, self.wall_ms())
-        return mailbox_pb2.SyncPullResponse(blobs=[blob_proto(b) for b in blobs])
+        box = request.mailbox_id
+        await self._authorize_sync(context, getattr(request, "from"), "SyncPull", box, push=False)
+        if not 1 <= len(request.blob_ids) <= MAX_SYNC_IDS:
+            exc = MalformedError(
+                f"sync: pull of {len(request.blob_ids)} IDs, not 1..{MAX_SYNC_IDS}"
+            )
+            await self._refuse(context, "sync", exc)
+        budget = min(request.max_bytes or SYNC_BYTES, SYNC_BYTES)
+        return await pull_answer(self.backend, box, request.blob_ids, budget, self.wall_ms())
 
     async def SyncPush(  # noqa: N802
         self, request: mailbox_pb2.SyncPushRequest, context: Ctx
     ) -> mailbox_pb2.SyncPushResponse:
-        await self._authorize_sync(
-            context, getattr(request, "from"), "SyncPush", request.mailbox_id
-        )
-        stored, tombed = await accept(
-            self.backend, request.mailbox_id, request.blobs, request.tombstones,
-            self.retention.max_ttl_s * 1000,
+        box = request.mailbox_id
+        await self._authorize_sync(context, getattr(request, "from"), "SyncPush", box, push=True)
+        counts = (len(request.blobs), len(request.tombstones), len(request.offered_ids))
+        if max(counts[:2]) > MAX_SYNC_ITEMS or counts[2] > MAX_SYNC_IDS:
+            limits = (MAX_SYNC_ITEMS, MAX_SYNC_ITEMS, MAX_SYNC_IDS)
+            exc = MalformedError(f"sync: push of {counts} (blobs, tombstones, IDs) over {limits}")
+            await self._refuse(context, "sync", exc)
+        got = await accept(self.backend, box, request.blobs, request.tombstones, self.sync_rules)
+        blobs, tombs = set(got.held_blobs), set(got.held_tombstones)
+        if request.offered_ids:
+            offered = await self.backend.held(box, request.offered_ids, self.wall_ms())
+            blobs |= offered[0]
+            tombs |= offered[1]
+        return mailbox_pb2.SyncPushResponse(
+            stored=got.stored, tombstoned=got.tombstoned,
+            blob_ids=sorted(blobs), tombstone_ids=sorted(tombs),
         )  # fmt: skip
-        return mailbox_pb2.SyncPushResponse(stored=stored, tombstoned=tombed)
 
     async def _refuse(self, context: Ctx, method: str, exc: ProtocolError) -> NoReturn:
         self.on_outcome(method, rejection_reason(exc) if method == "put" else "refused")

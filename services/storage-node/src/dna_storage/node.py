@@ -27,7 +27,7 @@ from dna_storage.backends.base import MailboxBackend
 from dna_storage.backends.redis import RedisBackend
 from dna_storage.backends.sqlite import SqliteBackend
 from dna_storage.mailbox_service import DAY_S, MailboxService, Retention
-from dna_storage.replication import Repairer
+from dna_storage.replication import Repairer, ReplicaView, SyncRules
 
 log = logging.getLogger("dna.storage")
 MAILBOX_SERVICE = "dna.v1.Mailbox"
@@ -96,15 +96,18 @@ class StorageNode:
         section = self.config.storage
         self.backend = backend = await open_backend(section)
         retention = Retention(section.ttl_days * DAY_S, section.max_ttl_days * DAY_S)
+        rules: list[SyncRules] = []  # the service's, for the repairer
 
         def add_mailbox(server: grpc.aio.Server, node: OverlayNode) -> list[str]:
             service = MailboxService(
                 backend, self.admission, retention=retention,
-                sync_puzzle_bits=self.config.node.puzzle_bits, node_id=node.node_id,
+                sync_puzzle_bits=self.config.node.puzzle_bits, replica_view=ReplicaView(node),
+                node_id=node.node_id,
                 on_outcome=lambda method, outcome: self.metrics.requests.labels(
                     method=method, outcome=outcome
                 ).inc(),
             )  # fmt: skip
+            rules.append(service.sync_rules)
             mailbox_pb2_grpc.add_MailboxServicer_to_server(service, server)
             return [MAILBOX_SERVICE]
 
@@ -119,7 +122,7 @@ class StorageNode:
         node = self.server.node
         assert node is not None
         self.repairer = Repairer(
-            node, backend, max_ttl_ms=retention.max_ttl_s * 1000,
+            node, backend, rules=rules[0],
             registry=self.server.registry, interval_s=section.repair_interval_s,
         )  # fmt: skip
         self._tasks = [

@@ -1,21 +1,30 @@
 """Replica anti-entropy between storage nodes.
 
 Every ``interval`` a node walks the mailboxes it holds. For each, it finds the
-R = 5 storage nodes closest to the mailbox (its rightful replicas) and, with
-each of them: lists what the peer holds, pulls blobs and tombstones it lacks,
-and pushes what the peer lacks. Pulling alone would never reach a replica that
-lost everything (it does not know the mailbox exists); pushing alone would
-never reach a node that was down when the data arrived. A node that took a
-write by hinted hand-off pushes it to the rightful replicas the same way, and
-drops its copy once all R of them report holding it.
+R = 5 storage nodes closest to the mailbox (its rightful replicas). A rightful
+replica, with each other one: lists what the peer holds a page at a time, pulls
+blobs and tombstones it lacks, and pushes what the peer lacks. Pulling alone would
+never reach a replica that lost everything (it does not know the mailbox exists);
+pushing alone would never reach a node that was down when the data arrived. A
+node outside the set that took a write by hinted hand-off only pushes: it offers
+the IDs it holds, pushes what a replica lacks, and drops its copy once all R of
+them report holding it. A pass keeps going with a peer until the mailbox is whole
+there; every message is bounded in bytes and items (``SYNC_BYTES``), and a piece
+refused as too large (RESOURCE_EXHAUSTED) is retried in halves.
 
 Each pass also observes, per mailbox held, how many of the replica set hold the
 mailbox's least-replicated item (``dna_storage_mailbox_replicas``).
 
-Everything received is checked as if it came from a client: the blob must hash
-to its ID and be an envelope for that mailbox; a tombstone must carry the
-owner's signed delete naming it. Sync requests are signed by the sender's node
-key (domain ``mailbox-sync``) and accepted only from storage nodes.
+Who may sync (docs/storage.md, "Sync authorization and bounds"): requests are signed by
+the sender's node key (domain ``mailbox-sync``), and a node serves ``SyncList`` and
+``SyncPull`` for a mailbox only to a caller that it itself finds among the closest
+R + ``SYNC_MARGIN`` storage nodes to that mailbox in its own view (``ReplicaView``:
+routing table and its own lookup); it takes ``SyncPush`` from such a caller, or from anyone
+when it is itself among them (a hand-off holder pushing to a rightful replica). Every
+blob received is judged as a client's put is (``SyncRules``): size, proof of work
+bound to mailbox and blob, expiry no later than the proof's timestamp plus the
+maximum TTL, not tombstoned, quota; a tombstone must carry the owner's signed delete
+naming it. Calls are rate-limited per peer.
 """
 
 from __future__ import annotations
@@ -23,15 +32,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
+from dna_core.crypto import pow
 from dna_core.crypto.envelope import decode_envelope
 from dna_core.crypto.node import NodeIdentity, verify_node_signature
+from dna_core.crypto.pow import Proof
 from dna_core.crypto.primitives import u64
-from dna_core.errors import ExpiredError, MalformedError, ProtocolError, VerificationError
-from dna_core.mailbox import blob_id, mailbox_id, verify_delete
+from dna_core.errors import (
+    CapacityError,
+    ExpiredError,
+    MalformedError,
+    ProtocolError,
+    VerificationError,
+)
+from dna_core.mailbox import blob_id, mailbox_id, put_pow_hash, verify_delete
 from dna_core.overlay.aio.node import OverlayNode
 from dna_core.overlay.codec import contact_from_proto, contact_to_proto
 from dna_core.overlay.contact import Contact, distance
@@ -39,13 +58,36 @@ from dna_core.wire import decode_message
 from dna_core.wire.gen.dna.v1 import common_pb2, mailbox_pb2, mailbox_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from dna_storage.backends.base import MailboxBackend, StoredBlob, Tombstone
+from dna_storage.admission import Quota, RateLimited, RateLimiter
+from dna_storage.backends.base import (
+    MailboxBackend,
+    PutOutcome,
+    StoredBlob,
+    SyncIndex,
+    Tombstone,
+)
+from dna_storage.backends.common import MAX_STORED_INT
 
 log = logging.getLogger("dna.storage.repair")
 SYNC_DOMAIN = b"mailbox-sync"
 SYNC_WINDOW_MS = 5 * 60_000
-MAX_SYNC_ITEMS = 500
+SYNC_MARGIN = 2  # replica-set views differ a little between nodes: R + 2 may sync
+SYNC_BYTES = 1 << 20  # per list page, pull answer and push request: a quarter of gRPC's cap
+MIN_PIECE_BYTES = 32 * 1024  # halving a refused piece stops here (a piece holds >= 1 item)
+MAX_SYNC_ITEMS = 500  # blobs, and tombstones, per SyncPush
+MAX_SYNC_IDS = 4096  # IDs per list page, pull request and push offer (~140 KB)
+SYNC_CALLS_PER_S, SYNC_CALL_BURST = 100.0, 1000.0  # per calling node and per address
+ID_WIRE = 34  # a 32-byte ID with its tag and length
+BLOB_WIRE, TOMB_WIRE = 128, 64  # a blob's / tombstone's fields beside its payload
 REPAIR_RANGES = 256  # slices of the mailbox ID space a repair pass lists one at a time
+_PULL_CHUNK = 8  # blobs read from the backend at a time while filling a bounded answer
+_OFFER_AHEAD = 256  # a push longer than this offers IDs before sending their blobs
+LOOKUP_TTL_S = 60.0  # how long a lookup of a mailbox's neighbourhood serves authorization
+RELOOK_AFTER_S = 10.0  # a refusal on an older lookup looks again once (a node restarted)
+T = TypeVar("T")
+R = TypeVar(
+    "R", mailbox_pb2.SyncListRequest, mailbox_pb2.SyncPullRequest, mailbox_pb2.SyncPushRequest
+)
 
 
 def _now_ms() -> int:
@@ -77,7 +119,9 @@ def sign_proof(
 def verify_proof(
     proof: mailbox_pb2.NodeProof, method: str, subject: bytes, *, puzzle_bits: int
 ) -> Contact:
-    """The authenticated storage node behind a sync request, or a ProtocolError."""
+    """The node behind a sync request (its key signed this method and subject), or a
+    ProtocolError. Whether it may sync this mailbox is ``ReplicaView.authorize``'s call:
+    the role in the contact is the caller's own claim."""
     sender = contact_from_proto(proof.sender, puzzle_bits)
     if sender.role != common_pb2.NODE_ROLE_STORAGE:
         raise VerificationError("sync: only storage nodes may sync replicas")
@@ -88,27 +132,77 @@ def verify_proof(
     return sender
 
 
-def check_blob(
-    box: bytes, stored: mailbox_pb2.StoredBlob, now_ms: int, max_ttl_ms: int
-) -> StoredBlob:
-    """A blob from another replica, held to the same rules as a client's put."""
-    if blob_id(stored.blob) != stored.blob_id:
-        raise VerificationError("sync: blob does not hash to its ID")
-    if mailbox_id(decode_envelope(stored.blob).recipient) != box:
-        raise MalformedError("sync: the envelope is addressed to another mailbox")
-    expires = min(stored.expires_ms, now_ms + max_ttl_ms)
-    return StoredBlob(box, stored.blob_id, stored.blob, stored.stored_ms, expires)
+def check_mailbox_id(box: bytes) -> bytes:
+    if len(box) != 32:
+        raise MalformedError("sync: mailbox ID is not 32 bytes")
+    return box
 
 
-def check_tombstone(box: bytes, tomb: mailbox_pb2.Tombstone) -> Tombstone:
-    """A tombstone is only as good as the owner's signed delete it carries."""
-    request = decode_message(
-        mailbox_pb2.DeleteRequest, tomb.authorization, max_size=64 * 1024, what="tombstone"
-    )
-    owner, body = verify_delete(request, now_ms=tomb.deleted_ms, nonces=None)
-    if owner.mailbox_id != box or tomb.blob_id not in body.blob_ids:
-        raise VerificationError("sync: tombstone not authorized by the mailbox owner")
-    return Tombstone(box, tomb.blob_id, tomb.deleted_ms, tomb.expires_ms, tomb.authorization)
+def _check_time(value: int, now_ms: int, what: str) -> int:
+    """A time a peer says something happened: not after now (plus the skew a proof of
+    work may have), which also keeps it inside a signed 64-bit column."""
+    if value > now_ms + pow.MAX_SKEW_MS:
+        raise MalformedError(f"sync: {what} {value} is in the future")
+    return value
+
+
+def _check_expiry(value: int, what: str) -> int:
+    if value > MAX_STORED_INT:
+        raise MalformedError(f"sync: {what} {value} out of range")
+    return value
+
+
+@dataclass(frozen=True)
+class SyncRules:
+    """What a blob or tombstone from another node must pass: what a client's write passes.
+
+    ``min_pow_bits`` is the node's base difficulty (a put admitted under load needed more,
+    but the load then is unknown here). The proof's timestamp proves when the blob was
+    first stored, within the proof's window: a blob lives at most ``max_ttl_ms`` from it,
+    so a blob that expired everywhere cannot come back with a fresh expiry."""
+
+    max_blob_bytes: int
+    min_pow_bits: int
+    max_ttl_ms: int
+    quota: Quota
+
+    @property
+    def tombstone_ttl_ms(self) -> int:
+        return self.max_ttl_ms + 86_400_000  # as Retention.tombstone_ttl_ms
+
+    def check_blob(self, box: bytes, stored: mailbox_pb2.StoredBlob, now_ms: int) -> StoredBlob:
+        """A blob from another replica, held to the same rules as a client's put."""
+        stored_ms = _check_time(stored.stored_ms, now_ms, "stored time")
+        _check_expiry(stored.expires_ms, "expiry")
+        if len(stored.blob) > self.max_blob_bytes:
+            raise MalformedError(f"sync: blob of {len(stored.blob)} bytes over the size cap")
+        if blob_id(stored.blob) != stored.blob_id:
+            raise VerificationError("sync: blob does not hash to its ID")
+        if mailbox_id(decode_envelope(stored.blob).recipient) != box:
+            raise MalformedError("sync: the envelope is addressed to another mailbox")
+        if not stored.HasField("pow"):
+            raise VerificationError("sync: blob carries no proof of work")
+        proof = Proof.from_proto(stored.pow)
+        pow.verify(
+            proof, put_pow_hash(box, stored.blob), required=self.min_pow_bits, now_ms=now_ms,
+            max_age_ms=self.max_ttl_ms,  # older: expired whatever the blob claims
+        )  # fmt: skip
+        expires = min(stored.expires_ms, proof.timestamp_ms + self.max_ttl_ms)
+        return StoredBlob(box, stored.blob_id, stored.blob, stored_ms, expires, pow=proof)
+
+    def check_tombstone(self, box: bytes, tomb: mailbox_pb2.Tombstone, now_ms: int) -> Tombstone:
+        """A tombstone is only as good as the owner's signed delete it carries; it lives
+        at most ``tombstone_ttl_ms`` from that delete."""
+        deleted = _check_time(tomb.deleted_ms, now_ms, "deletion time")
+        _check_expiry(tomb.expires_ms, "tombstone expiry")
+        request = decode_message(
+            mailbox_pb2.DeleteRequest, tomb.authorization, max_size=64 * 1024, what="tombstone"
+        )
+        owner, body = verify_delete(request, now_ms=deleted, nonces=None)
+        if owner.mailbox_id != box or tomb.blob_id not in body.blob_ids:
+            raise VerificationError("sync: tombstone not authorized by the mailbox owner")
+        expires = min(tomb.expires_ms, deleted + self.tombstone_ttl_ms)
+        return Tombstone(box, tomb.blob_id, deleted, expires, tomb.authorization)
 
 
 def tombstone_proto(t: Tombstone) -> mailbox_pb2.Tombstone:
@@ -119,9 +213,30 @@ def tombstone_proto(t: Tombstone) -> mailbox_pb2.Tombstone:
 
 
 def blob_proto(b: StoredBlob) -> mailbox_pb2.StoredBlob:
-    return mailbox_pb2.StoredBlob(
+    out = mailbox_pb2.StoredBlob(
         blob_id=b.blob_id, blob=b.blob, stored_ms=b.stored_ms, expires_ms=b.expires_ms
     )
+    if b.pow is not None:
+        out.pow.CopyFrom(b.pow.to_proto())
+    return out
+
+
+def blob_wire(b: StoredBlob) -> int:
+    return len(b.blob) + BLOB_WIRE
+
+
+def tomb_wire(t: Tombstone | mailbox_pb2.Tombstone) -> int:
+    return len(t.authorization) + TOMB_WIRE
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What a push or pull stored, and which of its blobs are now held here."""
+
+    stored: int
+    tombstoned: int
+    held_blobs: frozenset[bytes]
+    held_tombstones: frozenset[bytes]
 
 
 async def accept(
@@ -129,25 +244,201 @@ async def accept(
     box: bytes,
     blobs: Sequence[mailbox_pb2.StoredBlob],
     tombstones: Sequence[mailbox_pb2.Tombstone],
-    max_ttl_ms: int,
-) -> tuple[int, int]:
-    """Store what passes the checks (the rest is dropped and logged); (blobs, tombstones)."""
+    rules: SyncRules,
+) -> Accepted:
+    """Store what passes ``rules`` and fits the mailbox's quota; the rest is refused and
+    counted in one WARNING per call (a hostile peer must not flood the log)."""
     now = _now_ms()
-    good_blobs, good_tombs = [], []
-    for stored in blobs[:MAX_SYNC_ITEMS]:
-        try:
-            good_blobs.append(check_blob(box, stored, now, max_ttl_ms))
-        except ProtocolError as exc:
-            log.warning("refused a synced blob: %s", exc.reason)
-    for tomb in tombstones[:MAX_SYNC_ITEMS]:
-        try:
-            good_tombs.append(check_tombstone(box, tomb))
-        except ProtocolError as exc:
-            log.warning("refused a synced tombstone: %s", exc.reason)
+    refused: dict[str, int] = {}
+    good_tombs = _checked(tombstones, lambda t: rules.check_tombstone(box, t, now), refused)
+    good_blobs = _checked(blobs, lambda b: rules.check_blob(box, b, now), refused)
     if good_tombs:
         await backend.delete(good_tombs, now)
+    good_blobs = await _within_quota(backend, box, good_blobs, rules.quota, now, refused)
     outcomes = await backend.put_many(good_blobs, now) if good_blobs else []
-    return sum(o.value == "stored" for o in outcomes), len(good_tombs)
+    if refused:
+        log.warning("refused synced items", extra={"mailbox": box.hex(), "refused": refused})
+    held = {b.blob_id for b, o in zip(good_blobs, outcomes, strict=True) if _held(o)}
+    deleted = {b.blob_id for b, o in zip(good_blobs, outcomes, strict=True)
+               if o is PutOutcome.TOMBSTONED}  # fmt: skip
+    return Accepted(
+        sum(o is PutOutcome.STORED for o in outcomes), len(good_tombs),
+        frozenset(held), frozenset(deleted | {t.blob_id for t in good_tombs}),
+    )  # fmt: skip
+
+
+def _held(outcome: PutOutcome) -> bool:
+    return outcome in (PutOutcome.STORED, PutOutcome.DUPLICATE)
+
+
+def _checked(items: Sequence[Any], check: Callable[[Any], T], refused: dict[str, int]) -> list[T]:
+    good = []
+    for item in items:
+        try:
+            good.append(check(item))
+        except ProtocolError as exc:
+            refused[exc.reason] = refused.get(exc.reason, 0) + 1
+    return good
+
+
+async def _within_quota(
+    backend: MailboxBackend,
+    box: bytes,
+    blobs: list[StoredBlob],
+    quota: Quota,
+    now_ms: int,
+    refused: dict[str, int],
+) -> list[StoredBlob]:
+    """The blobs, in order, that fit the mailbox's quota counted forward (as PutMany).
+    A blob already held passes without counting: several replicas push the same blobs
+    to a replica that lost them, and near the quota the copies would crowd out the rest."""
+    if not blobs:
+        return []
+    usage = await backend.usage(box, now_ms)
+    held, _ = await backend.held(box, [b.blob_id for b in blobs], now_ms)
+    count, size = usage.blobs, usage.bytes
+    fitting = []
+    for blob in blobs:
+        if blob.blob_id in held:
+            fitting.append(blob)  # a duplicate: stores nothing
+            continue
+        try:
+            quota.check_quota(count, size, len(blob.blob))
+        except CapacityError:
+            refused["mailbox quota"] = refused.get("mailbox quota", 0) + 1
+            continue
+        fitting.append(blob)
+        count, size = count + 1, size + len(blob.blob)
+    return fitting
+
+
+class ReplicaView:
+    """Who may sync a mailbox with this node, judged from its own view of the network.
+
+    The ranking is of the storage nodes this node knows near the mailbox, plus itself, by
+    XOR distance: those of its routing table (each proved its key from its address before
+    it entered) and those its own lookup of the mailbox found (cached ``LOOKUP_TTL_S`` per
+    mailbox). The lookup matters: a table right after a start knows few nodes, and a thin
+    view would rank anyone among the closest. A caller ranked within R + ``SYNC_MARGIN``
+    is a replica; so is this node, under the same bound. A caller refused on a lookup
+    older than ``RELOOK_AFTER_S`` (it may have just started) gets one fresh lookup.
+    An injected fake close ID can only push real nodes out (denying sync, counted as a
+    failure), never let a caller in: the caller must sign with the key of its ranked ID.
+    Calls are rate-limited per caller and per address first, before any lookup."""
+
+    def __init__(self, node: OverlayNode, replicas: int = 5) -> None:
+        self.node, self.bound = node, replicas + SYNC_MARGIN
+        self.per_node = RateLimiter(SYNC_CALLS_PER_S, SYNC_CALL_BURST, 4096)
+        self.per_address = RateLimiter(SYNC_CALLS_PER_S, SYNC_CALL_BURST, 4096)
+        self._lookups: OrderedDict[bytes, tuple[float, asyncio.Task[list[bytes]]]] = OrderedDict()
+
+    async def ranking(self, box: bytes, *, fresh: bool = False) -> list[bytes]:
+        """Node IDs of the ``bound`` closest storage nodes known (this node included)."""
+        table = self.node.table
+        known = {
+            c.node_id
+            for c in table.closest(box, 4 * self.bound)
+            if c.role == common_pb2.NODE_ROLE_STORAGE
+        }
+        known |= set(await self._looked_up(box, fresh=fresh))
+        known.add(self.node.node_id)
+        return sorted(known, key=lambda i: distance(i, box))[: self.bound]
+
+    async def _looked_up(self, box: bytes, *, fresh: bool) -> list[bytes]:
+        now = time.monotonic()
+        cached = self._lookups.get(box)
+        if (
+            cached is None
+            or now - cached[0] > LOOKUP_TTL_S
+            or (fresh and now - cached[0] > RELOOK_AFTER_S)
+        ):
+            cached = (now, asyncio.ensure_future(self._lookup(box)))
+            self._lookups[box] = cached
+        self._lookups.move_to_end(box)
+        while len(self._lookups) > 4096:
+            self._lookups.popitem(last=False)
+        return await asyncio.shield(cached[1])
+
+    async def _lookup(self, box: bytes) -> list[bytes]:
+        found = await self.node.find_node(box)
+        return [c.node_id for c in found if c.role == common_pb2.NODE_ROLE_STORAGE]
+
+    async def authorize(self, box: bytes, caller: Contact, source_ip: str, *, push: bool) -> None:
+        """Return if ``caller`` may make this call for ``box``, else raise why not."""
+        now = time.monotonic()
+        wait = max(self.per_node.check(caller.node_id, now), self.per_address.check(source_ip, now))
+        if wait > 0:
+            raise RateLimited(f"sync: over {SYNC_CALLS_PER_S:g} calls/s from this peer", wait)
+        for fresh in (False, True):
+            ranking = await self.ranking(box, fresh=fresh)
+            if caller.node_id in ranking or (push and self.node.node_id in ranking):
+                return
+        raise VerificationError(
+            "sync: the caller is not among this mailbox's replicas as this node sees them"
+        )
+
+
+@dataclass(frozen=True)
+class PagePlan:
+    blob_ids: list[bytes]
+    tombstone_ids: list[bytes]
+    next_after: bytes | None  # None: this page reaches the end of the mailbox
+
+
+def plan_page(index: SyncIndex, after: bytes) -> PagePlan:
+    """The items with ID > ``after``, in ID order, up to ``MAX_SYNC_IDS`` items and
+    ``SYNC_BYTES``; a page never splits the items of one ID (a blob and its tombstone).
+    Tombstones count by their authorization's size."""
+    items = sorted(
+        [(i, False, ID_WIRE) for i in index.blob_ids if i > after]
+        + [(i, True, size + TOMB_WIRE) for i, size in index.tombstones if i > after]
+    )
+    plan = PagePlan([], [], None)
+    size = 0
+    for n, (item_id, is_tomb, wire) in enumerate(items):
+        first_of_id = n == 0 or items[n - 1][0] != item_id
+        full = n >= MAX_SYNC_IDS or (n > 0 and size + wire > SYNC_BYTES)
+        if first_of_id and full:
+            return PagePlan(plan.blob_ids, plan.tombstone_ids, items[n - 1][0])
+        (plan.tombstone_ids if is_tomb else plan.blob_ids).append(item_id)
+        size += wire
+    return plan
+
+
+async def list_answer(
+    backend: MailboxBackend, box: bytes, after: bytes, now_ms: int
+) -> mailbox_pb2.SyncListResponse:
+    """One page of the mailbox (``plan_page``), reading only that page's authorizations."""
+    plan = plan_page(await backend.sync_index(box, now_ms), after)
+    tombs = await backend.get_tombstones(box, plan.tombstone_ids, now_ms)
+    page = mailbox_pb2.SyncListResponse(
+        blob_ids=plan.blob_ids, tombstones=[tombstone_proto(t) for t in tombs]
+    )
+    if plan.next_after is not None:
+        page.more, page.next_after = True, plan.next_after
+    return page
+
+
+async def pull_answer(
+    backend: MailboxBackend, box: bytes, ids: Sequence[bytes], max_bytes: int, now_ms: int
+) -> mailbox_pb2.SyncPullResponse:
+    """The blobs held among the first IDs asked for, read a few at a time, until the next
+    one would pass ``max_bytes`` (the first one always goes: a piece holds one item)."""
+    answer = mailbox_pb2.SyncPullResponse()
+    size = 0
+    for start in range(0, len(ids), _PULL_CHUNK):
+        chunk = ids[start : start + _PULL_CHUNK]
+        found = {b.blob_id: b for b in await backend.get_blobs(box, chunk, now_ms)}
+        for offset, wanted in enumerate(chunk):
+            blob = found.get(wanted)
+            if blob is not None:
+                if answer.blobs and size + blob_wire(blob) > max_bytes:
+                    answer.answered = start + offset
+                    return answer
+                answer.blobs.append(blob_proto(blob))
+                size += blob_wire(blob)
+    answer.answered = len(ids)
+    return answer
 
 
 @dataclass(frozen=True)
@@ -178,6 +469,7 @@ class RepairMetrics:
     pass_seconds: Gauge
     replicas: Histogram
     handoff_dropped: Counter
+    failures: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry, replicas: int) -> RepairMetrics:
@@ -199,7 +491,18 @@ class RepairMetrics:
                 "Hand-off blobs and tombstones dropped once every rightful replica held them",
                 registry=registry,
             ),
+            Counter(
+                "dna_storage_repair_failures",
+                "Sync exchanges with a peer that failed, by reason (the gRPC status, lower "
+                "case; 'split' counts pieces refused as too large and retried in halves)",
+                ["reason"],
+                registry=registry,
+            ),
         )
+
+
+class RepairError(Exception):
+    """A peer's answers make no progress (it answered none of the IDs asked for)."""
 
 
 class Repairer:
@@ -208,14 +511,14 @@ class Repairer:
         node: OverlayNode,
         backend: MailboxBackend,
         *,
-        max_ttl_ms: int,
+        rules: SyncRules,
         registry: CollectorRegistry,
         replicas: int = 5,
         interval_s: float = 60.0,
-        timeout_s: float = 5.0,
+        timeout_s: float = 10.0,
     ) -> None:
-        self.node, self.backend = node, backend
-        self.max_ttl_ms, self.replicas = max_ttl_ms, replicas
+        self.node, self.backend, self.rules = node, backend, rules
+        self.replicas = replicas
         self.interval_s, self.timeout_s = interval_s, timeout_s
         self.metrics = RepairMetrics.create(registry, replicas)
 
@@ -262,8 +565,9 @@ class Repairer:
         peers, rightful = await self.replica_peers(box)
         our_ids, our_tombs = await self.backend.ids(box, _now_ms())
         ours = Holdings(frozenset(our_ids), frozenset(t.blob_id for t in our_tombs))
+        exchange = self._sync_with if rightful else self._hand_off
         views = await asyncio.gather(
-            *(self._sync_with(peer, box, our_ids, our_tombs) for peer in peers)
+            *(self._guarded(peer, box, exchange(peer, box, ours, our_tombs)) for peer in peers)
         )
         answered = [v for v in views if v is not None]
         blob_copies, tomb_copies = copies(ours, answered)
@@ -278,11 +582,29 @@ class Repairer:
                 [t for t, n in tomb_copies.items() if n == whole],
             )
 
+    async def _guarded(
+        self, peer: Contact, box: bytes, exchange: Awaitable[Holdings]
+    ) -> Holdings | None:
+        """One peer's exchange; a failure is counted and logged at WARNING (repair that
+        silently fails loses data later), and the next pass tries again."""
+        try:
+            return await exchange
+        except grpc.aio.AioRpcError as err:
+            reason, detail = err.code().name.lower(), err.details()
+        except RepairError as exc:
+            reason, detail = "no_progress", str(exc)
+        self.metrics.failures.labels(reason=reason).inc()
+        log.warning(
+            "sync with %s failed: %s %s", peer.short(), reason, detail,
+            extra={"mailbox": box.hex(), "peer": peer.node_id.hex()},
+        )  # fmt: skip
+        return None
+
     async def _drop_handoff(self, box: bytes, blob_ids: list[bytes], tomb_ids: list[bytes]) -> None:
         """A node outside the replica set holds a mailbox only as a hinted hand-off copy:
-        once all R rightful replicas report holding an item (their own SyncList answer,
-        after an earlier pass pushed it), the copy here is surplus. Items not yet
-        confirmed, and anything that arrived since the listing, stay for the next pass."""
+        once all R rightful replicas report holding an item (their own answer to this
+        pass's offer or push), the copy here is surplus. Items not yet confirmed, and
+        anything that arrived since, stay for the next pass."""
         if not blob_ids and not tomb_ids:
             return
         removed = await self.backend.forget(box, blob_ids, tomb_ids)
@@ -293,74 +615,210 @@ class Repairer:
     def _stub(self, peer: Contact) -> mailbox_pb2_grpc.MailboxAsyncStub:
         return mailbox_pb2_grpc.MailboxStub(self.node.channels.get(peer.endpoint.grpc_target))
 
-    def _proof(self, method: str, box: bytes) -> mailbox_pb2.NodeProof:
+    def _signed(self, request: R, method: str, box: bytes) -> R:
+        """``request`` with this node's proof for ``method`` on ``box`` in its ``from``."""
         assert self.node.contact is not None
-        return sign_proof(self.node.identity, self.node.contact, method, box)
+        proof = sign_proof(self.node.identity, self.node.contact, method, box)
+        getattr(request, "from").CopyFrom(proof)
+        return request
 
     async def _sync_with(
-        self, peer: Contact, box: bytes, our_ids: list[bytes], our_tombs: list[Tombstone]
-    ) -> Holdings | None:
-        """List, pull and push with one replica; what it held before this exchange, or None
-        when it did not answer (the next pass tries again)."""
+        self, peer: Contact, box: bytes, ours: Holdings, our_tombs: list[Tombstone]
+    ) -> Holdings:
+        """List, pull and push with one replica, a page of the peer's listing at a time,
+        until the whole mailbox is done; what the peer held before this exchange."""
         stub = self._stub(peer)
-        try:
-            theirs = await stub.SyncList(
-                mailbox_pb2.SyncListRequest(
-                    **{"from": self._proof("SyncList", box)}, mailbox_id=box
-                ),
-                timeout=self.timeout_s,
+        held_blobs: set[bytes] = set()
+        held_tombs: set[bytes] = set()
+        after = b""
+        while True:
+            request = mailbox_pb2.SyncListRequest(mailbox_id=box, after=after)
+            page = await stub.SyncList(
+                self._signed(request, "SyncList", box), timeout=self.timeout_s
             )
-            held = Holdings(
-                frozenset(theirs.blob_ids), frozenset(t.blob_id for t in theirs.tombstones)
+            theirs = Holdings(
+                frozenset(page.blob_ids), frozenset(t.blob_id for t in page.tombstones)
             )
-            dead = held.tombstone_ids | {t.blob_id for t in our_tombs}
-            await self._pull(stub, box, held.blob_ids - set(our_ids) - dead, theirs, our_tombs)
+            held_blobs |= theirs.blob_ids
+            held_tombs |= theirs.tombstone_ids
+            last = page.next_after if page.more else None
+
+            def in_page(item: bytes, start: bytes = after, end: bytes | None = last) -> bool:
+                return item > start and (end is None or item <= end)
+
+            dead = theirs.tombstone_ids | ours.tombstone_ids
+            await self._pull(stub, box, sorted(theirs.blob_ids - ours.blob_ids - dead))
+            new_tombs = [t for t in page.tombstones if t.blob_id not in ours.tombstone_ids]
+            if new_tombs:
+                got = await accept(self.backend, box, [], new_tombs, self.rules)
+                self.metrics.pulled.inc(got.tombstoned)
             await self._push(
-                stub,
-                box,
-                [b for b in our_ids if not held.settles_blob(b)],
-                [t for t in our_tombs if t.blob_id not in held.tombstone_ids],
+                stub, box,
+                [b for b in sorted(ours.blob_ids) if in_page(b) and not theirs.settles_blob(b)],
+                [t for t in our_tombs if in_page(t.blob_id)
+                 and t.blob_id not in theirs.tombstone_ids],
+            )  # fmt: skip
+            if last is None:
+                return Holdings(frozenset(held_blobs), frozenset(held_tombs))
+            if last <= after:
+                raise RepairError("SyncList page does not advance")
+            after = last
+
+    async def _hand_off(
+        self, peer: Contact, box: bytes, ours: Holdings, our_tombs: list[Tombstone]
+    ) -> Holdings:
+        """A hand-off holder's exchange with a rightful replica: offer the IDs held, push
+        what the replica lacks; what it holds of ours afterwards, by its own answers.
+        (Never a listing or a pull: outside the set, this node may only give.)"""
+        stub = self._stub(peer)
+        offered = sorted(ours.blob_ids | ours.tombstone_ids)
+        held_blobs: set[bytes] = set()
+        held_tombs: set[bytes] = set()
+        for start in range(0, len(offered), MAX_SYNC_IDS):
+            offer = mailbox_pb2.SyncPushRequest(
+                mailbox_id=box, offered_ids=offered[start : start + MAX_SYNC_IDS]
             )
-        except grpc.aio.AioRpcError as err:
-            log.info("sync with %s failed: %s %s", peer.short(), err.code().name, err.details())
-            return None
-        return held
+            answer = await stub.SyncPush(
+                self._signed(offer, "SyncPush", box), timeout=self.timeout_s
+            )
+            held_blobs |= set(answer.blob_ids)
+            held_tombs |= set(answer.tombstone_ids)
+        theirs = Holdings(frozenset(held_blobs), frozenset(held_tombs))
+        pushed = await self._push(
+            stub, box,
+            sorted(b for b in ours.blob_ids if not theirs.settles_blob(b)),
+            [t for t in our_tombs if t.blob_id not in theirs.tombstone_ids],
+        )  # fmt: skip
+        return Holdings(
+            theirs.blob_ids | pushed.blob_ids, theirs.tombstone_ids | pushed.tombstone_ids
+        )
 
     async def _push(
         self,
         stub: mailbox_pb2_grpc.MailboxAsyncStub,
         box: bytes,
-        push_ids: list[bytes],
-        push_tombs: list[Tombstone],
-    ) -> None:
-        if not push_ids and not push_tombs:
-            return
-        blobs = await self.backend.get_blobs(box, push_ids[:MAX_SYNC_ITEMS], _now_ms())
-        request = mailbox_pb2.SyncPushRequest(
-            **{"from": self._proof("SyncPush", box)}, mailbox_id=box,
-            blobs=[blob_proto(b) for b in blobs],
-            tombstones=[tombstone_proto(t) for t in push_tombs[:MAX_SYNC_ITEMS]],
-        )  # fmt: skip
-        await stub.SyncPush(request, timeout=self.timeout_s)
-        self.metrics.pushed.inc(len(blobs) + len(push_tombs[:MAX_SYNC_ITEMS]))
+        blob_ids: list[bytes],
+        tombs: list[Tombstone],
+    ) -> Holdings:
+        """Push everything given, in requests of at most ``SYNC_BYTES`` (halved each time
+        the peer refuses one as too large); what the peer reports holding of it.
 
-    async def _pull(
+        A long push (a replica that lost everything) is what every other replica is
+        sending it at the same time: each pusher goes in its own random order and offers
+        the next IDs before sending them, so the copies others delivered meanwhile are
+        not sent again (measured: 4 replicas repairing a wiped one, issue 10)."""
+        order = list(blob_ids)
+        long_push = len(order) > _OFFER_AHEAD
+        if long_push:
+            self.node.rng.shuffle(order)
+        ids, pending = deque(order), deque(tombs)
+        held_blobs: set[bytes] = set()
+        held_tombs: set[bytes] = set()
+        budget, offered = SYNC_BYTES, 0
+        while ids or pending:
+            if long_push and offered <= 0:
+                offered = await self._skip_held(stub, box, ids, held_blobs, held_tombs)
+            piece_tombs, piece_blobs = await self._next_piece(box, ids, pending, budget)
+            offered -= len(piece_blobs)
+            if not piece_tombs and not piece_blobs:
+                break  # the rest expired meanwhile
+            request = mailbox_pb2.SyncPushRequest(
+                mailbox_id=box,
+                blobs=[blob_proto(b) for b in piece_blobs],
+                tombstones=[tombstone_proto(t) for t in piece_tombs],
+            )
+            try:
+                answer = await stub.SyncPush(
+                    self._signed(request, "SyncPush", box), timeout=self.timeout_s
+                )
+            except grpc.aio.AioRpcError as err:
+                budget = self._smaller(err, budget)
+                ids.extendleft(reversed([b.blob_id for b in piece_blobs]))
+                pending.extendleft(reversed(piece_tombs))
+                continue
+            self.metrics.pushed.inc(answer.stored + answer.tombstoned)
+            held_blobs |= set(answer.blob_ids)
+            held_tombs |= set(answer.tombstone_ids)
+        return Holdings(frozenset(held_blobs), frozenset(held_tombs))
+
+    async def _skip_held(
         self,
         stub: mailbox_pb2_grpc.MailboxAsyncStub,
         box: bytes,
-        missing: Collection[bytes],
-        theirs: mailbox_pb2.SyncListResponse,
-        our_tombs: list[Tombstone],
+        ids: deque[bytes],
+        held_blobs: set[bytes],
+        held_tombs: set[bytes],
+    ) -> int:
+        """Offer the next ``_OFFER_AHEAD`` IDs of ``ids`` and drop those the peer holds;
+        returns how many of the offered remain at the front."""
+        window = [ids.popleft() for _ in range(min(_OFFER_AHEAD, len(ids)))]
+        offer = mailbox_pb2.SyncPushRequest(mailbox_id=box, offered_ids=window)
+        answer = await stub.SyncPush(self._signed(offer, "SyncPush", box), timeout=self.timeout_s)
+        held_blobs |= set(answer.blob_ids)
+        held_tombs |= set(answer.tombstone_ids)
+        settled = held_blobs | held_tombs
+        keep = [i for i in window if i not in settled]
+        ids.extendleft(reversed(keep))
+        return len(keep)
+
+    async def _next_piece(
+        self, box: bytes, ids: deque[bytes], tombs: deque[Tombstone], budget: int
+    ) -> tuple[list[Tombstone], list[StoredBlob]]:
+        """Take from the fronts of ``tombs`` and ``ids`` what fits ``budget`` bytes and the
+        item caps (at least one item); blobs are read a few at a time, and what was read
+        but does not fit goes back to the front of ``ids``."""
+        out_tombs: list[Tombstone] = []
+        out_blobs: list[StoredBlob] = []
+        size = 0
+        while tombs and len(out_tombs) < MAX_SYNC_ITEMS:
+            if out_tombs and size + tomb_wire(tombs[0]) > budget:
+                return out_tombs, out_blobs
+            size += tomb_wire(tombs[0])
+            out_tombs.append(tombs.popleft())
+        while ids and len(out_blobs) < MAX_SYNC_ITEMS:
+            chunk = [ids.popleft() for _ in range(min(_PULL_CHUNK, len(ids)))]
+            blobs = await self.backend.get_blobs(box, chunk, _now_ms())
+            for n, blob in enumerate(blobs):
+                full = len(out_blobs) >= MAX_SYNC_ITEMS
+                if full or ((out_blobs or out_tombs) and size + blob_wire(blob) > budget):
+                    ids.extendleft(reversed([b.blob_id for b in blobs[n:]]))
+                    return out_tombs, out_blobs
+                size += blob_wire(blob)
+                out_blobs.append(blob)
+        return out_tombs, out_blobs
+
+    async def _pull(
+        self, stub: mailbox_pb2_grpc.MailboxAsyncStub, box: bytes, missing: list[bytes]
     ) -> None:
-        known = {t.blob_id for t in our_tombs}
-        new_tombs = [t for t in theirs.tombstones if t.blob_id not in known]
-        blobs: Sequence[mailbox_pb2.StoredBlob] = []
-        if missing:
-            request = mailbox_pb2.SyncPullRequest(
-                **{"from": self._proof("SyncPull", box)}, mailbox_id=box,
-                blob_ids=sorted(missing)[:MAX_SYNC_ITEMS],
-            )  # fmt: skip
-            blobs = (await stub.SyncPull(request, timeout=self.timeout_s)).blobs
-        if blobs or new_tombs:
-            stored, tombed = await accept(self.backend, box, blobs, new_tombs, self.max_ttl_ms)
-            self.metrics.pulled.inc(stored + tombed)
+        """Pull ``missing`` blobs: each answer is bounded in bytes (a smaller bound asked
+        for after a RESOURCE_EXHAUSTED), and the next request asks for what it did not
+        answer."""
+        done, budget = 0, SYNC_BYTES
+        while done < len(missing):
+            ids = missing[done : done + MAX_SYNC_IDS]
+            request = mailbox_pb2.SyncPullRequest(mailbox_id=box, blob_ids=ids, max_bytes=budget)
+            try:
+                answer = await stub.SyncPull(
+                    self._signed(request, "SyncPull", box), timeout=self.timeout_s
+                )
+            except grpc.aio.AioRpcError as err:
+                budget = self._smaller(err, budget)
+                continue
+            if not 0 < answer.answered <= len(ids):
+                raise RepairError(f"SyncPull answered {answer.answered} of {len(ids)} IDs")
+            done += answer.answered
+            if answer.blobs:
+                got = await accept(self.backend, box, answer.blobs, [], self.rules)
+                self.metrics.pulled.inc(got.stored)
+
+    def _smaller(self, err: grpc.aio.AioRpcError, budget: int) -> int:
+        """The next piece's bound after ``err``: half, when the piece was refused as too
+        large and can still shrink; otherwise the error ends this exchange."""
+        too_large = err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate" not in (
+            err.details() or ""
+        )
+        if not too_large or budget <= MIN_PIECE_BYTES:
+            raise err
+        self.metrics.failures.labels(reason="split").inc()
+        log.warning("sync piece of %d bytes refused as too large; retrying in halves", budget)
+        return budget // 2

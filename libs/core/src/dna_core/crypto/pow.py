@@ -19,6 +19,8 @@ from dna_core.wire.gen.dna.v1 import common_pb2
 
 _LABEL = p.label("pow")
 MAX_DIFFICULTY = 64  # above this a proof could never be solved; refuse it as malformed
+MAX_AGE_MS = 10 * 60_000  # a proof older than this is stale: how long a put can be replayed
+MAX_SKEW_MS = 60_000  # how far in the future a proof's timestamp may be
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,8 @@ def verify(
     *,
     required: int,
     now_ms: int,
-    max_age_ms: int = 10 * 60_000,
-    max_skew_ms: int = 60_000,
+    max_age_ms: int = MAX_AGE_MS,
+    max_skew_ms: int = MAX_SKEW_MS,
 ) -> None:
     """Raise unless ``proof`` meets ``required`` bits for this payload and is fresh."""
     if proof.difficulty < required:

@@ -18,6 +18,11 @@ Replicas merge by union, so every operation here is idempotent:
 
 Each blob gets a per-node, per-mailbox increasing ``seq`` at first store: the
 fetch cursor. Cursors are local to one replica (clients keep one per replica).
+A put of a blob already held changes nothing of it (stored time, expiry, seq, proof):
+a replayed put never extends a blob's life.
+
+Every integer a backend stores fits a signed 64-bit column (``common.MAX_STORED_INT``);
+callers range-check what they decode before it gets here.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from dna_core.crypto.pow import Proof
 
 
 class PutOutcome(enum.Enum):
@@ -43,6 +50,9 @@ class StoredBlob:
     stored_ms: int
     expires_ms: int
     seq: int = 0  # assigned by the backend
+    # The put's proof of work, kept so that replicas can check it again in sync (and its
+    # timestamp bounds the expiry); None only for blobs stored before it was kept.
+    pow: Proof | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +75,15 @@ class Page:
 class Usage:
     blobs: int
     bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class SyncIndex:
+    """What a mailbox holds, without payloads or authorizations: what a sync list page
+    is cut from (a tombstone's signed delete can be tens of kilobytes)."""
+
+    blob_ids: list[bytes]  # sorted, unexpired
+    tombstones: list[tuple[bytes, int]]  # (blob ID, authorization bytes), sorted, live
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +123,23 @@ class MailboxBackend(Protocol):
 
     async def ids(self, mailbox_id: bytes, now_ms: int) -> tuple[list[bytes], list[Tombstone]]:
         """Sorted unexpired blob IDs and the live tombstones of a mailbox (for anti-entropy)."""
+        ...
+
+    async def sync_index(self, mailbox_id: bytes, now_ms: int) -> SyncIndex:
+        """The mailbox's unexpired blob IDs and live tombstones' IDs and sizes."""
+        ...
+
+    async def get_tombstones(
+        self, mailbox_id: bytes, blob_ids: Sequence[bytes], now_ms: int
+    ) -> list[Tombstone]:
+        """The live tombstones among ``blob_ids``, in ID order."""
+        ...
+
+    async def held(
+        self, mailbox_id: bytes, ids: Sequence[bytes], now_ms: int
+    ) -> tuple[set[bytes], set[bytes]]:
+        """Of ``ids``, those held as unexpired blobs, and as live tombstones (answering a
+        sync offer without reading payloads or the whole mailbox)."""
         ...
 
     async def digests(self, start: bytes, end: bytes, now_ms: int) -> list[MailboxDigest]:

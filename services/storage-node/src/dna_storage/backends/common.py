@@ -24,9 +24,30 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
+from dna_core.crypto.pow import Proof
+
 from dna_storage.backends.base import MailboxDigest
 
 DIGEST_DOMAIN = b"dna-mailbox-digest/v1"
+MAX_STORED_INT = (1 << 63) - 1  # SQLite INTEGER and Redis scores/INCR: signed 64-bit
+_POW_SIZE = 17  # difficulty (1 byte), timestamp_ms (8), nonce (8)
+
+
+def encode_pow(proof: Proof | None) -> bytes | None:
+    """A put's proof of work as stored beside its blob (None: none kept)."""
+    if proof is None:
+        return None
+    return (
+        bytes([proof.difficulty])
+        + proof.timestamp_ms.to_bytes(8, "big")
+        + proof.nonce.to_bytes(8, "big")
+    )
+
+
+def decode_pow(stored: bytes | None) -> Proof | None:
+    if not stored or len(stored) != _POW_SIZE:
+        return None
+    return Proof(stored[0], int.from_bytes(stored[1:9], "big"), int.from_bytes(stored[9:], "big"))
 
 
 def mailbox_digest(

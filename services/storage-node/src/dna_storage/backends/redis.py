@@ -12,7 +12,8 @@ eviction; ``connect`` logs a warning when the server is configured otherwise
 
 Layout (``P`` = prefix, IDs hex-encoded, ``M`` = mailbox, ``B`` = blob ID):
 
-* ``P b:M:B`` hash ``d`` payload, ``s`` stored_ms, ``e`` expires_ms, ``q`` seq (native TTL)
+* ``P b:M:B`` hash ``d`` payload, ``s`` stored_ms, ``e`` expires_ms, ``q`` seq, ``w`` the put's
+  proof of work (``common.encode_pow``; absent on blobs stored before it was kept) (native TTL)
 * ``P t:M:B`` hash ``d`` deleted_ms, ``e`` expires_ms, ``a`` authorization (native TTL)
 * ``P s:M`` zset B -> seq (cursor fetch); ``P e:M`` zset B -> expires_ms (usage, liveness)
 * ``P z:M`` hash B -> size; ``P u:M`` hash ``bytes`` (usage without reading payloads)
@@ -40,10 +41,18 @@ from dna_storage.backends.base import (
     Page,
     PutOutcome,
     StoredBlob,
+    SyncIndex,
     Tombstone,
     Usage,
 )
-from dna_storage.backends.common import check_limit, in_range, mailbox_digest, unique
+from dna_storage.backends.common import (
+    check_limit,
+    decode_pow,
+    encode_pow,
+    in_range,
+    mailbox_digest,
+    unique,
+)
 
 log = logging.getLogger("dna.storage.redis")
 # What "acknowledged = durable" needs from the server, and why (docs/operations.md).
@@ -55,6 +64,7 @@ DURABLE_CONFIG = {
 _OUTCOMES = [PutOutcome.STORED, PutOutcome.DUPLICATE, PutOutcome.TOMBSTONED, PutOutcome.EXPIRED]
 _PIPELINE_CHUNK = 256  # commands per pipeline round trip
 _SCAN_CHUNK = 64  # index entries per fetch round trip (beyond limit + 1)
+_BLOB_FIELDS = ["d", "s", "e", "q", "w"]
 
 # Helpers shared by every script: ARGV[1] is always the prefix.
 _PRELUDE = """
@@ -86,11 +96,12 @@ local function prune_mailbox(mb)
 end
 """
 
-# ARGV: prefix, now, then (mailbox, blob_id, blob, stored_ms, expires_ms) per blob.
+# ARGV: prefix, now, then (mailbox, blob_id, blob, stored_ms, expires_ms, pow) per blob
+# (pow: "" when none is kept).
 # Returns one code per blob: 0 stored, 1 duplicate, 2 tombstoned, 3 expired.
 _PUT = """
 local now = tonumber(ARGV[2])
-local function put_one(mb, id, blob, stored, expires)
+local function put_one(mb, id, blob, stored, expires, proof)
   if tonumber(expires) <= now then return 3 end
   local texp = redis.call('ZSCORE', P .. 'ti:' .. mb, id)
   if texp and tonumber(texp) > now then return 2 end
@@ -101,6 +112,7 @@ local function put_one(mb, id, blob, stored, expires)
   end
   local seq = redis.call('INCR', P .. 'q:' .. mb)
   redis.call('HSET', bkey(mb, id), 'd', blob, 's', stored, 'e', expires, 'q', seq)
+  if proof ~= '' then redis.call('HSET', bkey(mb, id), 'w', proof) end
   redis.call('PEXPIREAT', bkey(mb, id), expires)
   redis.call('ZADD', P .. 's:' .. mb, seq, id)
   redis.call('ZADD', P .. 'e:' .. mb, expires, id)
@@ -113,8 +125,8 @@ local function put_one(mb, id, blob, stored, expires)
   return 0
 end
 local out = {}
-for i = 3, #ARGV, 5 do
-  out[#out + 1] = put_one(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
+for i = 3, #ARGV, 6 do
+  out[#out + 1] = put_one(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5])
 end
 return out
 """
@@ -277,6 +289,7 @@ class RedisBackend:
         args: list[Any] = [self._p, now_ms]
         for b in blobs:
             args += [_hex(b.mailbox_id), _hex(b.blob_id), b.blob, b.stored_ms, b.expires_ms]
+            args.append(encode_pow(b.pow) or b"")
         codes = await self._put(keys=[], args=args)
         return [_OUTCOMES[int(c)] for c in codes]
 
@@ -326,17 +339,27 @@ class RedisBackend:
     ) -> list[StoredBlob]:
         """Read index entries' payloads; skip expired ones, clean the ones whose key is gone."""
         fields = await self._hmget_all(
-            [self._key("b", mailbox_id, blob_id) for blob_id, _ in entries], ["d", "s", "e", "q"]
+            [self._key("b", mailbox_id, blob_id) for blob_id, _ in entries], _BLOB_FIELDS
         )
         live: list[StoredBlob] = []
         gone: list[str] = []
-        for (blob_id, seq), (blob, stored, expires, stored_seq) in zip(
+        for (blob_id, seq), (blob, stored, expires, stored_seq, proof) in zip(
             entries, fields, strict=True
         ):
             if blob is None:
                 gone.append(_hex(blob_id))
             elif int(expires) > now_ms and int(stored_seq) == seq:
-                live.append(StoredBlob(mailbox_id, blob_id, blob, int(stored), int(expires), seq))
+                live.append(
+                    StoredBlob(
+                        mailbox_id,
+                        blob_id,
+                        blob,
+                        int(stored),
+                        int(expires),
+                        seq,
+                        decode_pow(proof),
+                    )
+                )
         if gone:
             await self._clean(keys=[], args=[self._p, _hex(mailbox_id), *gone])
         return live
@@ -355,11 +378,13 @@ class RedisBackend:
     ) -> list[StoredBlob]:
         wanted = unique(blob_ids)
         fields = await self._hmget_all(
-            [self._key("b", mailbox_id, i) for i in wanted], ["d", "s", "e", "q"]
+            [self._key("b", mailbox_id, i) for i in wanted], _BLOB_FIELDS
         )
         return [
-            StoredBlob(mailbox_id, blob_id, blob, int(stored), int(expires), int(seq))
-            for blob_id, (blob, stored, expires, seq) in zip(wanted, fields, strict=True)
+            StoredBlob(
+                mailbox_id, blob_id, blob, int(stored), int(expires), int(seq), decode_pow(proof)
+            )
+            for blob_id, (blob, stored, expires, seq, proof) in zip(wanted, fields, strict=True)
             if blob is not None and int(expires) > now_ms
         ]
 
@@ -379,6 +404,58 @@ class RedisBackend:
             if auth is not None and int(expires) > now_ms
         ]
         return blob_ids, tombs
+
+    async def sync_index(self, mailbox_id: bytes, now_ms: int) -> SyncIndex:
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.zrangebyscore(self._key("e", mailbox_id), f"({now_ms}", "+inf")
+            pipe.zrangebyscore(self._key("ti", mailbox_id), f"({now_ms}", "+inf")
+            blob_members, tomb_members = await pipe.execute()
+        tomb_ids = sorted(_ids_of(tomb_members))
+        sizes: list[int] = []
+        for i in range(0, len(tomb_ids), _PIPELINE_CHUNK):
+            async with self._r.pipeline(transaction=False) as pipe:
+                for blob_id in tomb_ids[i : i + _PIPELINE_CHUNK]:
+                    pipe.hstrlen(self._key("t", mailbox_id, blob_id), "a")
+                sizes += await pipe.execute()
+        return SyncIndex(
+            sorted(_ids_of(blob_members)),
+            [(t, int(n)) for t, n in zip(tomb_ids, sizes, strict=True) if n],
+        )
+
+    async def get_tombstones(
+        self, mailbox_id: bytes, blob_ids: Sequence[bytes], now_ms: int
+    ) -> list[Tombstone]:
+        wanted = sorted(unique(blob_ids))
+        fields = await self._hmget_all(
+            [self._key("t", mailbox_id, i) for i in wanted], ["d", "e", "a"]
+        )
+        return [
+            Tombstone(mailbox_id, blob_id, int(deleted), int(expires), auth)
+            for blob_id, (deleted, expires, auth) in zip(wanted, fields, strict=True)
+            if auth is not None and int(expires) > now_ms
+        ]
+
+    async def held(
+        self, mailbox_id: bytes, ids: Sequence[bytes], now_ms: int
+    ) -> tuple[set[bytes], set[bytes]]:
+        """By the expiry indexes (a payload key that vanished early still counts as held
+        until a read cleans it: the next sync offer sees it gone)."""
+        wanted = unique(ids)
+        blobs: set[bytes] = set()
+        tombs: set[bytes] = set()
+        for i in range(0, len(wanted), _PIPELINE_CHUNK):
+            chunk = wanted[i : i + _PIPELINE_CHUNK]
+            async with self._r.pipeline(transaction=False) as pipe:
+                for blob_id in chunk:
+                    pipe.zscore(self._key("e", mailbox_id), _hex(blob_id))
+                    pipe.zscore(self._key("ti", mailbox_id), _hex(blob_id))
+                scores = await pipe.execute()
+            for k, blob_id in enumerate(chunk):
+                if scores[2 * k] is not None and scores[2 * k] > now_ms:
+                    blobs.add(blob_id)
+                if scores[2 * k + 1] is not None and scores[2 * k + 1] > now_ms:
+                    tombs.add(blob_id)
+        return blobs, tombs
 
     async def digests(self, start: bytes, end: bytes, now_ms: int) -> list[MailboxDigest]:
         if end and start >= end:

@@ -30,12 +30,22 @@ from dna_storage.backends.base import (
     Page,
     PutOutcome,
     StoredBlob,
+    SyncIndex,
     Tombstone,
     Usage,
 )
-from dna_storage.backends.common import check_limit, in_range, mailbox_digest, unique
+from dna_storage.backends.common import (
+    check_limit,
+    decode_pow,
+    encode_pow,
+    in_range,
+    mailbox_digest,
+    unique,
+)
 
-SCHEMA_VERSION = 2  # 2: per-mailbox blob and byte counters (usage in O(expired), not O(held))
+# 2: per-mailbox blob and byte counters (usage in O(expired), not O(held));
+# 3: each blob keeps its put's proof of work (replicas check it again in sync)
+SCHEMA_VERSION = 3
 MAX_JOBS_PER_COMMIT = 256  # bounds one transaction's size and the latency it adds
 _IN_CHUNK = 500  # IDs per `IN (...)` query, well under SQLite's variable limit
 
@@ -53,6 +63,7 @@ CREATE TABLE IF NOT EXISTS blobs (     -- payload last: scans of the other colum
     stored_ms INTEGER NOT NULL,
     expires_ms INTEGER NOT NULL,
     size INTEGER NOT NULL,
+    pow BLOB,                          -- common.encode_pow; NULL: stored before version 3
     blob BLOB NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS blobs_cursor ON blobs (mailbox_id, seq);
@@ -103,9 +114,12 @@ UPDATE mailboxes SET
     blobs = (SELECT count(*) FROM blobs b WHERE b.mailbox_id = mailboxes.mailbox_id),
     bytes = (SELECT coalesce(sum(size), 0) FROM blobs b WHERE b.mailbox_id = mailboxes.mailbox_id);
 """,
+    2: """
+ALTER TABLE blobs ADD COLUMN pow BLOB;
+""",
 }
 
-_BLOB_COLUMNS = "mailbox_id, blob_id, blob, stored_ms, expires_ms, seq"
+_BLOB_COLUMNS = "mailbox_id, blob_id, blob, stored_ms, expires_ms, seq, pow"
 
 
 @dataclass(slots=True)
@@ -421,6 +435,33 @@ class SqliteBackend:
         )
         return result
 
+    async def sync_index(self, mailbox_id: bytes, now_ms: int) -> SyncIndex:
+        result: SyncIndex = await self._reader.submit(lambda c: _sync_index(c, mailbox_id, now_ms))
+        return result
+
+    async def get_tombstones(
+        self, mailbox_id: bytes, blob_ids: Sequence[bytes], now_ms: int
+    ) -> list[Tombstone]:
+        wanted = unique(blob_ids)
+        result: list[Tombstone] = await self._reader.submit(
+            lambda c: _tombstones_by_id(c, mailbox_id, wanted, now_ms)
+        )
+        return sorted(result, key=lambda t: t.blob_id)
+
+    async def held(
+        self, mailbox_id: bytes, ids: Sequence[bytes], now_ms: int
+    ) -> tuple[set[bytes], set[bytes]]:
+        wanted = unique(ids)
+        if not wanted:
+            return set(), set()
+        result: tuple[set[bytes], set[bytes]] = await self._reader.submit(
+            lambda c: (
+                _held_in(c, "blobs", mailbox_id, wanted, now_ms),
+                _held_in(c, "tombstones", mailbox_id, wanted, now_ms),
+            )
+        )
+        return result
+
     async def digests(self, start: bytes, end: bytes, now_ms: int) -> list[MailboxDigest]:
         if end and start >= end:
             return []
@@ -488,9 +529,17 @@ def _put_one(conn: sqlite3.Connection, blob: StoredBlob, now_ms: int) -> PutOutc
         (blob.mailbox_id,),
     ).fetchone()[0]
     conn.execute(
-        "INSERT INTO blobs (mailbox_id, blob_id, seq, stored_ms, expires_ms, size, blob)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (*key, seq, blob.stored_ms, blob.expires_ms, len(blob.blob), blob.blob),
+        "INSERT INTO blobs (mailbox_id, blob_id, seq, stored_ms, expires_ms, size, pow, blob)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            *key,
+            seq,
+            blob.stored_ms,
+            blob.expires_ms,
+            len(blob.blob),
+            encode_pow(blob.pow),
+            blob.blob,
+        ),
     )
     return PutOutcome.STORED
 
@@ -586,7 +635,11 @@ def _in_chunks(ids: list[bytes]) -> Iterator[tuple[list[bytes], str]]:
 
 
 def _blobs(conn: sqlite3.Connection, sql: str, params: Iterable[Any]) -> list[StoredBlob]:
-    return [StoredBlob(*row) for row in conn.execute(sql, tuple(params))]
+    """Rows of ``_BLOB_COLUMNS``."""
+    return [
+        StoredBlob(row[0], row[1], row[2], row[3], row[4], row[5], decode_pow(row[6]))
+        for row in conn.execute(sql, tuple(params))
+    ]
 
 
 def _blobs_by_id(
@@ -601,6 +654,54 @@ def _blobs_by_id(
             (mailbox_id, *chunk, now_ms),
         ):
             found[blob.blob_id] = blob
+    return found
+
+
+def _sync_index(conn: sqlite3.Connection, mailbox_id: bytes, now_ms: int) -> SyncIndex:
+    """``length()`` of a BLOB reads the record header, not the authorization itself."""
+    key = (mailbox_id, now_ms)
+    return SyncIndex(
+        [r[0] for r in conn.execute(
+            "SELECT blob_id FROM blobs WHERE mailbox_id = ? AND expires_ms > ? ORDER BY blob_id",
+            key,
+        )],
+        [(r[0], r[1]) for r in conn.execute(
+            "SELECT blob_id, length(authorization) FROM tombstones"
+            " WHERE mailbox_id = ? AND expires_ms > ? ORDER BY blob_id",
+            key,
+        )],
+    )  # fmt: skip
+
+
+def _tombstones_by_id(
+    conn: sqlite3.Connection, mailbox_id: bytes, ids: list[bytes], now_ms: int
+) -> list[Tombstone]:
+    found: list[Tombstone] = []
+    for chunk, marks in _in_chunks(ids):
+        found += [
+            Tombstone(*row)
+            for row in conn.execute(
+                "SELECT mailbox_id, blob_id, deleted_ms, expires_ms, authorization FROM tombstones"
+                f" WHERE mailbox_id = ? AND blob_id IN ({marks}) AND expires_ms > ?",
+                (mailbox_id, *chunk, now_ms),
+            )
+        ]
+    return found
+
+
+def _held_in(
+    conn: sqlite3.Connection, table: str, mailbox_id: bytes, ids: list[bytes], now_ms: int
+) -> set[bytes]:
+    found: set[bytes] = set()
+    for chunk, marks in _in_chunks(ids):
+        found.update(
+            row[0]
+            for row in conn.execute(
+                f"SELECT blob_id FROM {table} WHERE mailbox_id = ? AND blob_id IN ({marks})"
+                " AND expires_ms > ?",
+                (mailbox_id, *chunk, now_ms),
+            )
+        )
     return found
 
 

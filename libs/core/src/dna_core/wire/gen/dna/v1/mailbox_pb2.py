@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from dna_core.wire.gen.dna.v1 import common_pb2 as dna_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64na/v1/mailbox.proto\x12\x06\x64na.v1\x1a\x13\x64na/v1/common.proto\"\x84\x01\n\nPutRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\x0c\n\x04\x62lob\x18\x03 \x01(\x0c\x12 \n\x03pow\x18\x04 \x01(\x0b\x32\x13.dna.v1.ProofOfWork\x12\r\n\x05ttl_s\x18\x05 \x01(\x04\x12\x12\n\ncoordinate\x18\x06 \x01(\x08\"Q\n\x0bPutResponse\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\x0c\x12\x1d\n\x15\x61\x63knowledged_replicas\x18\x02 \x01(\r\x12\x12\n\nexpires_ms\x18\x03 \x01(\x04\"2\n\x0ePutManyRequest\x12 \n\x04puts\x18\x01 \x03(\x0b\x32\x12.dna.v1.PutRequest\"}\n\nPutOutcome\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07\x62lob_id\x18\x03 \x01(\x0c\x12\x12\n\nexpires_ms\x18\x04 \x01(\x04\x12\x14\n\x0cpow_required\x18\x05 \x01(\r\x12\x16\n\x0eretry_after_ms\x18\x06 \x01(\r\"7\n\x0fPutManyResponse\x12$\n\x08outcomes\x18\x01 \x03(\x0b\x32\x12.dna.v1.PutOutcome\"C\n\tOwnerAuth\x12#\n\x05owner\x18\x01 \x01(\x0b\x32\x14.dna.v1.PublicKeySet\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\xb4\x01\n\tFetchBody\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\x0c\x12\r\n\x05limit\x18\x04 \x01(\r\x12\x14\n\x0ctimestamp_ms\x18\x05 \x01(\x04\x12\r\n\x05nonce\x18\x06 \x01(\x0c\x12(\n\x0cnode_cursors\x18\x07 \x03(\x0b\x32\x12.dna.v1.NodeCursor\x12\x14\n\x0copen_session\x18\x08 \x01(\x08\"-\n\nNodeCursor\x12\x0f\n\x07node_id\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x0c\"^\n\x0c\x46\x65tchRequest\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x1f\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x11.dna.v1.OwnerAuth\x12\x12\n\nsession_id\x18\x03 \x01(\x0c\x12\x0b\n\x03mac\x18\x04 \x01(\x0c\"e\n\x0c\x46\x65tchSession\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x16\n\x0ekem_ciphertext\x18\x02 \x01(\x0c\x12\x15\n\rkem_ephemeral\x18\x03 \x01(\x0c\x12\x12\n\nexpires_ms\x18\x04 \x01(\x04\"R\n\nStoredBlob\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\x0c\x12\x0c\n\x04\x62lob\x18\x02 \x01(\x0c\x12\x11\n\tstored_ms\x18\x03 \x01(\x04\x12\x12\n\nexpires_ms\x18\x04 \x01(\x04\"|\n\rFetchResponse\x12!\n\x05\x62lobs\x18\x01 \x03(\x0b\x32\x12.dna.v1.StoredBlob\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\x0c\x12\x0c\n\x04more\x18\x03 \x01(\x08\x12%\n\x07session\x18\x04 \x01(\x0b\x32\x14.dna.v1.FetchSession\"h\n\nDeleteBody\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\x10\n\x08\x62lob_ids\x18\x03 \x03(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x04\x12\r\n\x05nonce\x18\x05 \x01(\x0c\">\n\rDeleteRequest\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x1f\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x11.dna.v1.OwnerAuth\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"[\n\tTombstone\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\x0c\x12\x12\n\ndeleted_ms\x18\x02 \x01(\x04\x12\x12\n\nexpires_ms\x18\x03 \x01(\x04\x12\x15\n\rauthorization\x18\x04 \x01(\x0c\"Y\n\tNodeProof\x12#\n\x06sender\x18\x01 \x01(\x0b\x32\x13.dna.v1.NodeContact\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x04\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"V\n\rMailboxDigest\x12\x12\n\nmailbox_id\x18\x01 \x01(\x0c\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x0c\x12\r\n\x05\x62lobs\x18\x03 \x01(\r\x12\x12\n\ntombstones\x18\x04 \x01(\r\"\\\n\x11SyncDigestRequest\x12\x1f\n\x04\x66rom\x18\x01 \x01(\x0b\x32\x11.dna.v1.NodeProof\x12\x13\n\x0brange_start\x18\x02 \x01(\x0c\x12\x11\n\trange_end\x18\x03 \x01(\x0c\">\n\x12SyncDigestResponse\x12(\n\tmailboxes\x18\x01 \x03(\x0b\x32\x15.dna.v1.MailboxDigest\"F\n\x0fSyncListRequest\x12\x1f\n\x04\x66rom\x18\x01 \x01(\x0b\x32\x11.dna.v1.NodeProof\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\"K\n\x10SyncListResponse\x12\x10\n\x08\x62lob_ids\x18\x01 \x03(\x0c\x12%\n\ntombstones\x18\x02 \x03(\x0b\x32\x11.dna.v1.Tombstone\"X\n\x0fSyncPullRequest\x12\x1f\n\x04\x66rom\x18\x01 \x01(\x0b\x32\x11.dna.v1.NodeProof\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\x10\n\x08\x62lob_ids\x18\x03 \x03(\x0c\"5\n\x10SyncPullResponse\x12!\n\x05\x62lobs\x18\x01 \x03(\x0b\x32\x12.dna.v1.StoredBlob\"\x90\x01\n\x0fSyncPushRequest\x12\x1f\n\x04\x66rom\x18\x01 \x01(\x0b\x32\x11.dna.v1.NodeProof\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12!\n\x05\x62lobs\x18\x03 \x03(\x0b\x32\x12.dna.v1.StoredBlob\x12%\n\ntombstones\x18\x04 \x03(\x0b\x32\x11.dna.v1.Tombstone\"6\n\x10SyncPushResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x12\n\ntombstoned\x18\x02 \x01(\r2\xe6\x03\n\x07Mailbox\x12.\n\x03Put\x12\x12.dna.v1.PutRequest\x1a\x13.dna.v1.PutResponse\x12:\n\x07PutMany\x12\x16.dna.v1.PutManyRequest\x1a\x17.dna.v1.PutManyResponse\x12\x34\n\x05\x46\x65tch\x12\x14.dna.v1.FetchRequest\x1a\x15.dna.v1.FetchResponse\x12\x37\n\x06\x44\x65lete\x12\x15.dna.v1.DeleteRequest\x1a\x16.dna.v1.DeleteResponse\x12\x43\n\nSyncDigest\x12\x19.dna.v1.SyncDigestRequest\x1a\x1a.dna.v1.SyncDigestResponse\x12=\n\x08SyncList\x12\x17.dna.v1.SyncListRequest\x1a\x18.dna.v1.SyncListResponse\x12=\n\x08SyncPull\x12\x17.dna.v1.SyncPullRequest\x1a\x18.dna.v1.SyncPullResponse\x12=\n\x08SyncPush\x12\x17.dna.v1.SyncPushRequest\x1a\x18.dna.v1.SyncPushResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64na/v1/mailbox.proto\x12\x06\x64na.v1\x1a\x13\x64na/v1/common.proto\"\x84\x01\n\nPutRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\x0c\n\x04\x62lob\x18\x03 \x01(\x0c\x12 \n\x03pow\x18\x04 \x01(\x0b\x32\x13.dna.v1.ProofOfWork\x12\r\n\x05ttl_s\x18\x05 \x01(\x04\x12\x12\n\ncoordinate\x18\x06 \x01(\x08\"Q\n\x0bPutResponse\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\x0c\x12\x1d\n\x15\x61\x63knowledged_replicas\x18\x02 \x01(\r\x12\x12\n\nexpires_ms\x18\x03 \x01(\x04\"2\n\x0ePutManyRequest\x12 \n\x04puts\x18\x01 \x03(\x0b\x32\x12.dna.v1.PutRequest\"}\n\nPutOutcome\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07\x62lob_id\x18\x03 \x01(\x0c\x12\x12\n\nexpires_ms\x18\x04 \x01(\x04\x12\x14\n\x0cpow_required\x18\x05 \x01(\r\x12\x16\n\x0eretry_after_ms\x18\x06 \x01(\r\"7\n\x0fPutManyResponse\x12$\n\x08outcomes\x18\x01 \x03(\x0b\x32\x12.dna.v1.PutOutcome\"C\n\tOwnerAuth\x12#\n\x05owner\x18\x01 \x01(\x0b\x32\x14.dna.v1.PublicKeySet\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\xb4\x01\n\tFetchBody\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\x0c\x12\r\n\x05limit\x18\x04 \x01(\r\x12\x14\n\x0ctimestamp_ms\x18\x05 \x01(\x04\x12\r\n\x05nonce\x18\x06 \x01(\x0c\x12(\n\x0cnode_cursors\x18\x07 \x03(\x0b\x32\x12.dna.v1.NodeCursor\x12\x14\n\x0copen_session\x18\x08 \x01(\x08\"-\n\nNodeCursor\x12\x0f\n\x07node_id\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x0c\"^\n\x0c\x46\x65tchRequest\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x1f\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x11.dna.v1.OwnerAuth\x12\x12\n\nsession_id\x18\x03 \x01(\x0c\x12\x0b\n\x03mac\x18\x04 \x01(\x0c\"e\n\x0c\x46\x65tchSession\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x16\n\x0ekem_ciphertext\x18\x02 \x01(\x0c\x12\x15\n\rkem_ephemeral\x18\x03 \x01(\x0c\x12\x12\n\nexpires_ms\x18\x04 \x01(\x04\"t\n\nStoredBlob\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\x0c\x12\x0c\n\x04\x62lob\x18\x02 \x01(\x0c\x12\x11\n\tstored_ms\x18\x03 \x01(\x04\x12\x12\n\nexpires_ms\x18\x04 \x01(\x04\x12 \n\x03pow\x18\x05 \x01(\x0b\x32\x13.dna.v1.ProofOfWork\"|\n\rFetchResponse\x12!\n\x05\x62lobs\x18\x01 \x03(\x0b\x32\x12.dna.v1.StoredBlob\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\x0c\x12\x0c\n\x04more\x18\x03 \x01(\x08\x12%\n\x07session\x18\x04 \x01(\x0b\x32\x14.dna.v1.FetchSession\"h\n\nDeleteBody\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\x10\n\x08\x62lob_ids\x18\x03 \x03(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x04\x12\r\n\x05nonce\x18\x05 \x01(\x0c\">\n\rDeleteRequest\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x1f\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x11.dna.v1.OwnerAuth\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"[\n\tTombstone\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\x0c\x12\x12\n\ndeleted_ms\x18\x02 \x01(\x04\x12\x12\n\nexpires_ms\x18\x03 \x01(\x04\x12\x15\n\rauthorization\x18\x04 \x01(\x0c\"Y\n\tNodeProof\x12#\n\x06sender\x18\x01 \x01(\x0b\x32\x13.dna.v1.NodeContact\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x04\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"U\n\x0fSyncListRequest\x12\x1f\n\x04\x66rom\x18\x01 \x01(\x0b\x32\x11.dna.v1.NodeProof\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\r\n\x05\x61\x66ter\x18\x03 \x01(\x0c\"m\n\x10SyncListResponse\x12\x10\n\x08\x62lob_ids\x18\x01 \x03(\x0c\x12%\n\ntombstones\x18\x02 \x03(\x0b\x32\x11.dna.v1.Tombstone\x12\x0c\n\x04more\x18\x03 \x01(\x08\x12\x12\n\nnext_after\x18\x04 \x01(\x0c\"k\n\x0fSyncPullRequest\x12\x1f\n\x04\x66rom\x18\x01 \x01(\x0b\x32\x11.dna.v1.NodeProof\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\x10\n\x08\x62lob_ids\x18\x03 \x03(\x0c\x12\x11\n\tmax_bytes\x18\x04 \x01(\r\"G\n\x10SyncPullResponse\x12!\n\x05\x62lobs\x18\x01 \x03(\x0b\x32\x12.dna.v1.StoredBlob\x12\x10\n\x08\x61nswered\x18\x02 \x01(\r\"\xa5\x01\n\x0fSyncPushRequest\x12\x1f\n\x04\x66rom\x18\x01 \x01(\x0b\x32\x11.dna.v1.NodeProof\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12!\n\x05\x62lobs\x18\x03 \x03(\x0b\x32\x12.dna.v1.StoredBlob\x12%\n\ntombstones\x18\x04 \x03(\x0b\x32\x11.dna.v1.Tombstone\x12\x13\n\x0boffered_ids\x18\x05 \x03(\x0c\"_\n\x10SyncPushResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x12\n\ntombstoned\x18\x02 \x01(\r\x12\x10\n\x08\x62lob_ids\x18\x03 \x03(\x0c\x12\x15\n\rtombstone_ids\x18\x04 \x03(\x0c\x32\xa1\x03\n\x07Mailbox\x12.\n\x03Put\x12\x12.dna.v1.PutRequest\x1a\x13.dna.v1.PutResponse\x12:\n\x07PutMany\x12\x16.dna.v1.PutManyRequest\x1a\x17.dna.v1.PutManyResponse\x12\x34\n\x05\x46\x65tch\x12\x14.dna.v1.FetchRequest\x1a\x15.dna.v1.FetchResponse\x12\x37\n\x06\x44\x65lete\x12\x15.dna.v1.DeleteRequest\x1a\x16.dna.v1.DeleteResponse\x12=\n\x08SyncList\x12\x17.dna.v1.SyncListRequest\x1a\x18.dna.v1.SyncListResponse\x12=\n\x08SyncPull\x12\x17.dna.v1.SyncPullRequest\x1a\x18.dna.v1.SyncPullResponse\x12=\n\x08SyncPush\x12\x17.dna.v1.SyncPushRequest\x1a\x18.dna.v1.SyncPushResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,37 +54,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FETCHSESSION']._serialized_start=902
   _globals['_FETCHSESSION']._serialized_end=1003
   _globals['_STOREDBLOB']._serialized_start=1005
-  _globals['_STOREDBLOB']._serialized_end=1087
-  _globals['_FETCHRESPONSE']._serialized_start=1089
-  _globals['_FETCHRESPONSE']._serialized_end=1213
-  _globals['_DELETEBODY']._serialized_start=1215
-  _globals['_DELETEBODY']._serialized_end=1319
-  _globals['_DELETEREQUEST']._serialized_start=1321
-  _globals['_DELETEREQUEST']._serialized_end=1383
-  _globals['_DELETERESPONSE']._serialized_start=1385
-  _globals['_DELETERESPONSE']._serialized_end=1418
-  _globals['_TOMBSTONE']._serialized_start=1420
-  _globals['_TOMBSTONE']._serialized_end=1511
-  _globals['_NODEPROOF']._serialized_start=1513
-  _globals['_NODEPROOF']._serialized_end=1602
-  _globals['_MAILBOXDIGEST']._serialized_start=1604
-  _globals['_MAILBOXDIGEST']._serialized_end=1690
-  _globals['_SYNCDIGESTREQUEST']._serialized_start=1692
-  _globals['_SYNCDIGESTREQUEST']._serialized_end=1784
-  _globals['_SYNCDIGESTRESPONSE']._serialized_start=1786
-  _globals['_SYNCDIGESTRESPONSE']._serialized_end=1848
-  _globals['_SYNCLISTREQUEST']._serialized_start=1850
-  _globals['_SYNCLISTREQUEST']._serialized_end=1920
-  _globals['_SYNCLISTRESPONSE']._serialized_start=1922
-  _globals['_SYNCLISTRESPONSE']._serialized_end=1997
-  _globals['_SYNCPULLREQUEST']._serialized_start=1999
-  _globals['_SYNCPULLREQUEST']._serialized_end=2087
-  _globals['_SYNCPULLRESPONSE']._serialized_start=2089
-  _globals['_SYNCPULLRESPONSE']._serialized_end=2142
-  _globals['_SYNCPUSHREQUEST']._serialized_start=2145
-  _globals['_SYNCPUSHREQUEST']._serialized_end=2289
-  _globals['_SYNCPUSHRESPONSE']._serialized_start=2291
-  _globals['_SYNCPUSHRESPONSE']._serialized_end=2345
-  _globals['_MAILBOX']._serialized_start=2348
-  _globals['_MAILBOX']._serialized_end=2834
+  _globals['_STOREDBLOB']._serialized_end=1121
+  _globals['_FETCHRESPONSE']._serialized_start=1123
+  _globals['_FETCHRESPONSE']._serialized_end=1247
+  _globals['_DELETEBODY']._serialized_start=1249
+  _globals['_DELETEBODY']._serialized_end=1353
+  _globals['_DELETEREQUEST']._serialized_start=1355
+  _globals['_DELETEREQUEST']._serialized_end=1417
+  _globals['_DELETERESPONSE']._serialized_start=1419
+  _globals['_DELETERESPONSE']._serialized_end=1452
+  _globals['_TOMBSTONE']._serialized_start=1454
+  _globals['_TOMBSTONE']._serialized_end=1545
+  _globals['_NODEPROOF']._serialized_start=1547
+  _globals['_NODEPROOF']._serialized_end=1636
+  _globals['_SYNCLISTREQUEST']._serialized_start=1638
+  _globals['_SYNCLISTREQUEST']._serialized_end=1723
+  _globals['_SYNCLISTRESPONSE']._serialized_start=1725
+  _globals['_SYNCLISTRESPONSE']._serialized_end=1834
+  _globals['_SYNCPULLREQUEST']._serialized_start=1836
+  _globals['_SYNCPULLREQUEST']._serialized_end=1943
+  _globals['_SYNCPULLRESPONSE']._serialized_start=1945
+  _globals['_SYNCPULLRESPONSE']._serialized_end=2016
+  _globals['_SYNCPUSHREQUEST']._serialized_start=2019
+  _globals['_SYNCPUSHREQUEST']._serialized_end=2184
+  _globals['_SYNCPUSHRESPONSE']._serialized_start=2186
+  _globals['_SYNCPUSHRESPONSE']._serialized_end=2281
+  _globals['_MAILBOX']._serialized_start=2284
+  _globals['_MAILBOX']._serialized_end=2701
 # @@protoc_insertion_point(module_scope)

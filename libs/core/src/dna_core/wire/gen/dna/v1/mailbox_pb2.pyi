@@ -40,9 +40,11 @@ class PutRequest(_message.Message):
     blob: _builtins.bytes
     """a serialized Envelope; opaque to the node"""
     ttl_s: _builtins.int
-    """0 = node default (30 days); capped by the node"""
+    """0 = node default (30 days); capped by the node, at least the"""
     coordinate: _builtins.bool
-    """ask this node to fan the write out to the replica set"""
+    """proof-of-work window (10 min), counted from pow.timestamp_ms
+    ask this node to fan the write out to the replica set
+    """
     @_builtins.property
     def pow(self) -> _common_pb2.ProofOfWork:
         """bound to SHA-256(label("mailbox-put") || mailbox_id || SHA-256(blob))"""
@@ -359,10 +361,19 @@ class StoredBlob(_message.Message):
     BLOB_FIELD_NUMBER: _builtins.int
     STORED_MS_FIELD_NUMBER: _builtins.int
     EXPIRES_MS_FIELD_NUMBER: _builtins.int
+    POW_FIELD_NUMBER: _builtins.int
     blob_id: _builtins.bytes
     blob: _builtins.bytes
     stored_ms: _builtins.int
     expires_ms: _builtins.int
+    """never later than pow.timestamp_ms + the node's max TTL"""
+    @_builtins.property
+    def pow(self) -> _common_pb2.ProofOfWork:
+        """The proof of work of the put that stored the blob, kept with it: a replica receiving
+        the blob through sync checks it again (bound to mailbox and blob), and its timestamp
+        bounds the expiry, so an expired blob cannot come back with a new life.
+        """
+
     def __init__(
         self,
         *,
@@ -370,10 +381,11 @@ class StoredBlob(_message.Message):
         blob: _builtins.bytes = ...,
         stored_ms: _builtins.int = ...,
         expires_ms: _builtins.int = ...,
+        pow: _common_pb2.ProofOfWork | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pow", b"pow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "blob_id", b"blob_id", "expires_ms", b"expires_ms", "stored_ms", b"stored_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "blob_id", b"blob_id", "expires_ms", b"expires_ms", "pow", b"pow", "stored_ms", b"stored_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -551,93 +563,29 @@ class NodeProof(_message.Message):
 Global___NodeProof: _TypeAlias = NodeProof  # noqa: Y015
 
 @_typing.final
-class MailboxDigest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    MAILBOX_ID_FIELD_NUMBER: _builtins.int
-    DIGEST_FIELD_NUMBER: _builtins.int
-    BLOBS_FIELD_NUMBER: _builtins.int
-    TOMBSTONES_FIELD_NUMBER: _builtins.int
-    mailbox_id: _builtins.bytes
-    digest: _builtins.bytes
-    """SHA-256 over sorted blob and tombstone IDs"""
-    blobs: _builtins.int
-    tombstones: _builtins.int
-    def __init__(
-        self,
-        *,
-        mailbox_id: _builtins.bytes = ...,
-        digest: _builtins.bytes = ...,
-        blobs: _builtins.int = ...,
-        tombstones: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blobs", b"blobs", "digest", b"digest", "mailbox_id", b"mailbox_id", "tombstones", b"tombstones"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___MailboxDigest: _TypeAlias = MailboxDigest  # noqa: Y015
-
-@_typing.final
-class SyncDigestRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    FROM_FIELD_NUMBER: _builtins.int
-    RANGE_START_FIELD_NUMBER: _builtins.int
-    RANGE_END_FIELD_NUMBER: _builtins.int
-    range_start: _builtins.bytes
-    """mailbox ID range [start, end) this node covers"""
-    range_end: _builtins.bytes
-    def __init__(
-        self,
-        *,
-        range_start: _builtins.bytes = ...,
-        range_end: _builtins.bytes = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["from", b"from"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from", b"from", "range_end", b"range_end", "range_start", b"range_start"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___SyncDigestRequest: _TypeAlias = SyncDigestRequest  # noqa: Y015
-
-@_typing.final
-class SyncDigestResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    MAILBOXES_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def mailboxes(self) -> _containers.RepeatedCompositeFieldContainer[Global___MailboxDigest]: ...
-    def __init__(
-        self,
-        *,
-        mailboxes: _abc.Iterable[Global___MailboxDigest] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mailboxes", b"mailboxes"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___SyncDigestResponse: _TypeAlias = SyncDigestResponse  # noqa: Y015
-
-@_typing.final
 class SyncListRequest(_message.Message):
+    """One page of what a node holds for a mailbox: the blob and tombstone IDs in
+    (after, next_after] when `more`, else in (after, end of the ID space]. A page is bounded
+    in items and bytes (a tombstone carries a whole signed delete).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     FROM_FIELD_NUMBER: _builtins.int
     MAILBOX_ID_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
     mailbox_id: _builtins.bytes
+    after: _builtins.bytes
+    """empty = from the first ID; else 32 bytes, the previous next_after"""
     def __init__(
         self,
         *,
         mailbox_id: _builtins.bytes = ...,
+        after: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["from", b"from"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from", b"from", "mailbox_id", b"mailbox_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "from", b"from", "mailbox_id", b"mailbox_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -649,6 +597,11 @@ class SyncListResponse(_message.Message):
 
     BLOB_IDS_FIELD_NUMBER: _builtins.int
     TOMBSTONES_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    NEXT_AFTER_FIELD_NUMBER: _builtins.int
+    more: _builtins.bool
+    next_after: _builtins.bytes
+    """set when `more`: the last ID this page covers"""
     @_builtins.property
     def blob_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
     @_builtins.property
@@ -658,10 +611,12 @@ class SyncListResponse(_message.Message):
         *,
         blob_ids: _abc.Iterable[_builtins.bytes] | None = ...,
         tombstones: _abc.Iterable[Global___Tombstone] | None = ...,
+        more: _builtins.bool = ...,
+        next_after: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_ids", b"blob_ids", "tombstones", b"tombstones"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_ids", b"blob_ids", "more", b"more", "next_after", b"next_after", "tombstones", b"tombstones"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -674,18 +629,24 @@ class SyncPullRequest(_message.Message):
     FROM_FIELD_NUMBER: _builtins.int
     MAILBOX_ID_FIELD_NUMBER: _builtins.int
     BLOB_IDS_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
     mailbox_id: _builtins.bytes
+    max_bytes: _builtins.int
+    """0 = the node's own bound; a smaller one is honoured"""
     @_builtins.property
-    def blob_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def blob_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """at most 4,096"""
+
     def __init__(
         self,
         *,
         mailbox_id: _builtins.bytes = ...,
         blob_ids: _abc.Iterable[_builtins.bytes] | None = ...,
+        max_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["from", b"from"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_ids", b"blob_ids", "from", b"from", "mailbox_id", b"mailbox_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_ids", b"blob_ids", "from", b"from", "mailbox_id", b"mailbox_id", "max_bytes", b"max_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -693,19 +654,26 @@ Global___SyncPullRequest: _TypeAlias = SyncPullRequest  # noqa: Y015
 
 @_typing.final
 class SyncPullResponse(_message.Message):
+    """The blobs held among the first `answered` IDs asked for, within the byte bound (always
+    at least one ID answered); ask again for the rest.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BLOBS_FIELD_NUMBER: _builtins.int
+    ANSWERED_FIELD_NUMBER: _builtins.int
+    answered: _builtins.int
     @_builtins.property
     def blobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredBlob]: ...
     def __init__(
         self,
         *,
         blobs: _abc.Iterable[Global___StoredBlob] | None = ...,
+        answered: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blobs", b"blobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered", b"answered", "blobs", b"blobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -719,21 +687,34 @@ class SyncPushRequest(_message.Message):
     MAILBOX_ID_FIELD_NUMBER: _builtins.int
     BLOBS_FIELD_NUMBER: _builtins.int
     TOMBSTONES_FIELD_NUMBER: _builtins.int
+    OFFERED_IDS_FIELD_NUMBER: _builtins.int
     mailbox_id: _builtins.bytes
     @_builtins.property
-    def blobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredBlob]: ...
+    def blobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredBlob]:
+        """at most 500"""
+
     @_builtins.property
-    def tombstones(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tombstone]: ...
+    def tombstones(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tombstone]:
+        """at most 500"""
+
+    @_builtins.property
+    def offered_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """IDs the sender holds (blobs or tombstones), to learn which of them this node holds
+        without listing the mailbox (how a hand-off holder outside the set confirms). At most
+        4,096; the answer covers only IDs the sender already knows.
+        """
+
     def __init__(
         self,
         *,
         mailbox_id: _builtins.bytes = ...,
         blobs: _abc.Iterable[Global___StoredBlob] | None = ...,
         tombstones: _abc.Iterable[Global___Tombstone] | None = ...,
+        offered_ids: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["from", b"from"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blobs", b"blobs", "from", b"from", "mailbox_id", b"mailbox_id", "tombstones", b"tombstones"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blobs", b"blobs", "from", b"from", "mailbox_id", b"mailbox_id", "offered_ids", b"offered_ids", "tombstones", b"tombstones"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -745,17 +726,27 @@ class SyncPushResponse(_message.Message):
 
     STORED_FIELD_NUMBER: _builtins.int
     TOMBSTONED_FIELD_NUMBER: _builtins.int
+    BLOB_IDS_FIELD_NUMBER: _builtins.int
+    TOMBSTONE_IDS_FIELD_NUMBER: _builtins.int
     stored: _builtins.int
     tombstoned: _builtins.int
+    @_builtins.property
+    def blob_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Of the IDs offered or pushed: those this node now holds as a blob, and as a tombstone."""
+
+    @_builtins.property
+    def tombstone_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
     def __init__(
         self,
         *,
         stored: _builtins.int = ...,
         tombstoned: _builtins.int = ...,
+        blob_ids: _abc.Iterable[_builtins.bytes] | None = ...,
+        tombstone_ids: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["stored", b"stored", "tombstoned", b"tombstoned"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_ids", b"blob_ids", "stored", b"stored", "tombstone_ids", b"tombstone_ids", "tombstoned", b"tombstoned"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -55,11 +55,6 @@ class MailboxStub:
                 request_serializer=dna_dot_v1_dot_mailbox__pb2.DeleteRequest.SerializeToString,
                 response_deserializer=dna_dot_v1_dot_mailbox__pb2.DeleteResponse.FromString,
                 _registered_method=True)
-        self.SyncDigest = channel.unary_unary(
-                '/dna.v1.Mailbox/SyncDigest',
-                request_serializer=dna_dot_v1_dot_mailbox__pb2.SyncDigestRequest.SerializeToString,
-                response_deserializer=dna_dot_v1_dot_mailbox__pb2.SyncDigestResponse.FromString,
-                _registered_method=True)
         self.SyncList = channel.unary_unary(
                 '/dna.v1.Mailbox/SyncList',
                 request_serializer=dna_dot_v1_dot_mailbox__pb2.SyncListRequest.SerializeToString,
@@ -106,15 +101,12 @@ class MailboxServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def SyncDigest(self, request, context):
-        """Replica anti-entropy: compare digests, list what differs, pull it.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def SyncList(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Replica anti-entropy (docs/storage.md, "Sync authorization and bounds"): list a
+        mailbox a page at a time, pull what is missing. Served only to callers the node itself
+        finds among the mailbox's replica set. (A SyncDigest listing every mailbox a node
+        held was removed: nothing needed it, and it told anyone what a node holds.)
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -126,7 +118,9 @@ class MailboxServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SyncPush(self, request, context):
-        """Hand data to a replica that lacks it (hinted hand-off, new replica set members).
+        """Hand data to a replica that lacks it (hinted hand-off, new replica set members); also
+        accepted from a hand-off holder outside the set when this node is in it. Every blob
+        is judged as a client's put would be.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -154,11 +148,6 @@ def add_MailboxServicer_to_server(servicer, server):
                     servicer.Delete,
                     request_deserializer=dna_dot_v1_dot_mailbox__pb2.DeleteRequest.FromString,
                     response_serializer=dna_dot_v1_dot_mailbox__pb2.DeleteResponse.SerializeToString,
-            ),
-            'SyncDigest': grpc.unary_unary_rpc_method_handler(
-                    servicer.SyncDigest,
-                    request_deserializer=dna_dot_v1_dot_mailbox__pb2.SyncDigestRequest.FromString,
-                    response_serializer=dna_dot_v1_dot_mailbox__pb2.SyncDigestResponse.SerializeToString,
             ),
             'SyncList': grpc.unary_unary_rpc_method_handler(
                     servicer.SyncList,
@@ -284,33 +273,6 @@ class Mailbox:
             '/dna.v1.Mailbox/Delete',
             dna_dot_v1_dot_mailbox__pb2.DeleteRequest.SerializeToString,
             dna_dot_v1_dot_mailbox__pb2.DeleteResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def SyncDigest(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/dna.v1.Mailbox/SyncDigest',
-            dna_dot_v1_dot_mailbox__pb2.SyncDigestRequest.SerializeToString,
-            dna_dot_v1_dot_mailbox__pb2.SyncDigestResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,12 +43,18 @@ class MailboxStub:
     """
     Fetch: _grpc.UnaryUnaryMultiCallable[_mailbox_pb2.FetchRequest, _mailbox_pb2.FetchResponse]
     Delete: _grpc.UnaryUnaryMultiCallable[_mailbox_pb2.DeleteRequest, _mailbox_pb2.DeleteResponse]
-    SyncDigest: _grpc.UnaryUnaryMultiCallable[_mailbox_pb2.SyncDigestRequest, _mailbox_pb2.SyncDigestResponse]
-    """Replica anti-entropy: compare digests, list what differs, pull it."""
     SyncList: _grpc.UnaryUnaryMultiCallable[_mailbox_pb2.SyncListRequest, _mailbox_pb2.SyncListResponse]
+    """Replica anti-entropy (docs/storage.md, "Sync authorization and bounds"): list a
+    mailbox a page at a time, pull what is missing. Served only to callers the node itself
+    finds among the mailbox's replica set. (A SyncDigest listing every mailbox a node
+    held was removed: nothing needed it, and it told anyone what a node holds.)
+    """
     SyncPull: _grpc.UnaryUnaryMultiCallable[_mailbox_pb2.SyncPullRequest, _mailbox_pb2.SyncPullResponse]
     SyncPush: _grpc.UnaryUnaryMultiCallable[_mailbox_pb2.SyncPushRequest, _mailbox_pb2.SyncPushResponse]
-    """Hand data to a replica that lacks it (hinted hand-off, new replica set members)."""
+    """Hand data to a replica that lacks it (hinted hand-off, new replica set members); also
+    accepted from a hand-off holder outside the set when this node is in it. Every blob
+    is judged as a client's put would be.
+    """
 
 @_typing.type_check_only
 class MailboxAsyncStub(MailboxStub):
@@ -60,12 +66,18 @@ class MailboxAsyncStub(MailboxStub):
     """
     Fetch: _aio.UnaryUnaryMultiCallable[_mailbox_pb2.FetchRequest, _mailbox_pb2.FetchResponse]  # type: ignore[assignment]
     Delete: _aio.UnaryUnaryMultiCallable[_mailbox_pb2.DeleteRequest, _mailbox_pb2.DeleteResponse]  # type: ignore[assignment]
-    SyncDigest: _aio.UnaryUnaryMultiCallable[_mailbox_pb2.SyncDigestRequest, _mailbox_pb2.SyncDigestResponse]  # type: ignore[assignment]
-    """Replica anti-entropy: compare digests, list what differs, pull it."""
     SyncList: _aio.UnaryUnaryMultiCallable[_mailbox_pb2.SyncListRequest, _mailbox_pb2.SyncListResponse]  # type: ignore[assignment]
+    """Replica anti-entropy (docs/storage.md, "Sync authorization and bounds"): list a
+    mailbox a page at a time, pull what is missing. Served only to callers the node itself
+    finds among the mailbox's replica set. (A SyncDigest listing every mailbox a node
+    held was removed: nothing needed it, and it told anyone what a node holds.)
+    """
     SyncPull: _aio.UnaryUnaryMultiCallable[_mailbox_pb2.SyncPullRequest, _mailbox_pb2.SyncPullResponse]  # type: ignore[assignment]
     SyncPush: _aio.UnaryUnaryMultiCallable[_mailbox_pb2.SyncPushRequest, _mailbox_pb2.SyncPushResponse]  # type: ignore[assignment]
-    """Hand data to a replica that lacks it (hinted hand-off, new replica set members)."""
+    """Hand data to a replica that lacks it (hinted hand-off, new replica set members); also
+    accepted from a hand-off holder outside the set when this node is in it. Every blob
+    is judged as a client's put would be.
+    """
 
 class MailboxServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -100,19 +112,16 @@ class MailboxServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_mailbox_pb2.DeleteResponse, _abc.Awaitable[_mailbox_pb2.DeleteResponse]]: ...
 
     @_abc_1.abstractmethod
-    def SyncDigest(
-        self,
-        request: _mailbox_pb2.SyncDigestRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_mailbox_pb2.SyncDigestResponse, _abc.Awaitable[_mailbox_pb2.SyncDigestResponse]]:
-        """Replica anti-entropy: compare digests, list what differs, pull it."""
-
-    @_abc_1.abstractmethod
     def SyncList(
         self,
         request: _mailbox_pb2.SyncListRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_mailbox_pb2.SyncListResponse, _abc.Awaitable[_mailbox_pb2.SyncListResponse]]: ...
+    ) -> _typing.Union[_mailbox_pb2.SyncListResponse, _abc.Awaitable[_mailbox_pb2.SyncListResponse]]:
+        """Replica anti-entropy (docs/storage.md, "Sync authorization and bounds"): list a
+        mailbox a page at a time, pull what is missing. Served only to callers the node itself
+        finds among the mailbox's replica set. (A SyncDigest listing every mailbox a node
+        held was removed: nothing needed it, and it told anyone what a node holds.)
+        """
 
     @_abc_1.abstractmethod
     def SyncPull(
@@ -127,6 +136,9 @@ class MailboxServicer(metaclass=_abc_1.ABCMeta):
         request: _mailbox_pb2.SyncPushRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_mailbox_pb2.SyncPushResponse, _abc.Awaitable[_mailbox_pb2.SyncPushResponse]]:
-        """Hand data to a replica that lacks it (hinted hand-off, new replica set members)."""
+        """Hand data to a replica that lacks it (hinted hand-off, new replica set members); also
+        accepted from a hand-off holder outside the set when this node is in it. Every blob
+        is judged as a client's put would be.
+        """
 
 def add_MailboxServicer_to_server(servicer: MailboxServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
