@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
+from dna_core.ops.grpc_gate import ServiceRegistrar
 from dna_core.overlay.aio.node import OverlayNode
 from dna_core.overlay.aio.server import OverlayServer, OverlayServiceConfig
-from dna_core.wire.gen.dna.v1 import common_pb2, mailbox_pb2_grpc
+from dna_core.wire.gen.dna.v1 import common_pb2, mailbox_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from dna_storage.admission import Admission, AdmissionConfig
@@ -30,7 +30,7 @@ from dna_storage.mailbox_service import DAY_S, MailboxService, Retention
 from dna_storage.replication import Repairer
 
 log = logging.getLogger("dna.storage")
-MAILBOX_SERVICE = "dna.v1.Mailbox"
+MAILBOX_DESCRIPTOR = mailbox_pb2.DESCRIPTOR.services_by_name["Mailbox"]
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class StorageNode:
         self.backend = backend = await open_backend(section)
         retention = Retention(section.ttl_days * DAY_S, section.max_ttl_days * DAY_S)
 
-        def add_mailbox(server: grpc.aio.Server, node: OverlayNode) -> list[str]:
+        def add_mailbox(register: ServiceRegistrar, node: OverlayNode) -> list[str]:
             service = MailboxService(
                 backend, self.admission, retention=retention,
                 sync_puzzle_bits=self.config.node.puzzle_bits, node_id=node.node_id,
@@ -105,8 +105,7 @@ class StorageNode:
                     method=method, outcome=outcome
                 ).inc(),
             )  # fmt: skip
-            mailbox_pb2_grpc.add_MailboxServicer_to_server(service, server)
-            return [MAILBOX_SERVICE]
+            return [register(service, MAILBOX_DESCRIPTOR)]
 
         self.server = OverlayServer(
             self.config,

@@ -19,21 +19,24 @@ from typing import Any, TypeVar
 import grpc
 from dna_core import __version__
 from dna_core.ops.config import dump_config
+from dna_core.ops.grpc_gate import GrpcGate, ServiceRegistrar
 from dna_core.ops.grpc_ops import HealthController, add_health_and_reflection
 from dna_core.ops.http import OpsServer, build_ops_app
 from dna_core.ops.logs import node_logger
 from dna_core.ops.node_key import load_or_create_node_key
 from dna_core.overlay.protocol import Addr
 from dna_core.overlay.records import DEFAULT_NAME_POW_BITS, RecordStore
-from dna_core.wire.gen.dna.v1 import overlay_pb2_grpc
+from dna_core.wire.gen.dna.v1 import overlay_pb2
 from prometheus_client import CollectorRegistry
 
 from .node import NodeConfig, OverlayNode
 from .records_rpc import MAX_GRPC_MESSAGE, OverlayService, wall_ms
 
 T = TypeVar("T")
-OVERLAY_SERVICE = "dna.v1.Overlay"
-ExtraServices = Callable[[grpc.aio.Server, OverlayNode], Sequence[str]]
+# Registers a role's own gRPC services (``registrar(servicer, service_descriptor)``, behind
+# the node's GrpcGate) and returns their full names for health and reflection.
+ExtraServices = Callable[[ServiceRegistrar, OverlayNode], Sequence[str]]
+OVERLAY_DESCRIPTOR = overlay_pb2.DESCRIPTOR.services_by_name["Overlay"]
 
 
 @dataclass(frozen=True)
@@ -144,9 +147,11 @@ class OverlayServer:
             k=self.config.overlay.k,
             on_rejected=lambda reason: node.metrics.rejected.labels(reason=reason).inc(),
         )
-        overlay_pb2_grpc.add_OverlayServicer_to_server(service, server)
-        names = [OVERLAY_SERVICE, *(self._extra(server, node) if self._extra else ())]
-        self.health = add_health_and_reflection(server, names)
+        gate = GrpcGate(max_message=MAX_GRPC_MESSAGE, registry=self.registry, log=self.log)
+        names = [gate.add(server, service, OVERLAY_DESCRIPTOR)]
+        if self._extra is not None:
+            names += self._extra(gate.registrar(server), node)
+        self.health = add_health_and_reflection(server, names, gate)
         port = server.add_insecure_port(f"{self.config.node.host}:{self.config.node.grpc_port}")
         if port == 0:
             raise OSError(
