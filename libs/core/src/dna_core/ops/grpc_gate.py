@@ -19,7 +19,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
@@ -37,6 +37,7 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 # Raised by context.abort (the status is already set) and by cancellation: pass through.
 _PASS_THROUGH = (grpc.aio.AbortError,)
 LOG_EVERY_S = 60.0  # at most one traceback per method per minute
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic in the stubs only
 ServiceRegistrar = Callable[[object, ServiceDescriptor], str]
 
 
@@ -87,7 +88,7 @@ class GrpcGate:
 
     # -- handlers ----------------------------------------------------------------------
 
-    def _handler(self, servicer: object, method: MethodDescriptor) -> grpc.RpcMethodHandler[Any, Any]:
+    def _handler(self, servicer: object, method: MethodDescriptor) -> Handler:
         behaviour = getattr(servicer, method.name)
         cls: type[Message] = GetMessageClass(method.input_type)
         name = f"/{method.containing_service.full_name}/{method.name}"
@@ -179,7 +180,7 @@ def _serialize(message: Message) -> bytes:
     return message.SerializeToString(deterministic=True)
 
 
-_HANDLER_KINDS: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
+_HANDLER_KINDS: dict[tuple[bool, bool], Callable[..., Handler]] = {
     (False, False): grpc.unary_unary_rpc_method_handler,
     (False, True): grpc.unary_stream_rpc_method_handler,
     (True, False): grpc.stream_unary_rpc_method_handler,

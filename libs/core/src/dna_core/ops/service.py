@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import resource
 from pathlib import Path
 from typing import Protocol
 
@@ -14,6 +15,19 @@ from dna_core.ops.logs import configure_logging
 class Service(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
+
+
+def raise_open_files_limit() -> int:
+    """Lift the soft limit on open files to the hard one: a node holds one descriptor per
+    connection, and distributions ship a soft limit of 1024. Returns the limit now set."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == soft:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):  # an unlimited hard limit is above the kernel's nr_open
+        return soft
+    return hard
 
 
 def add_run_command(
@@ -33,4 +47,5 @@ def add_run_command(
 def serve(service: Service, log_level: str) -> None:
     """Run ``service`` until SIGTERM/SIGINT, then stop it gracefully."""
     configure_logging(log_level)
+    raise_open_files_limit()
     asyncio.run(run_until_shutdown(service.start, service.stop, GracefulShutdown()))

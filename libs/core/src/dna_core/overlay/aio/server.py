@@ -21,7 +21,7 @@ from dna_core import __version__
 from dna_core.ops.config import dump_config
 from dna_core.ops.grpc_gate import GrpcGate, ServiceRegistrar
 from dna_core.ops.grpc_ops import HealthController, add_health_and_reflection
-from dna_core.ops.http import OpsServer, build_ops_app
+from dna_core.ops.http import HttpLimits, OpsServer, build_ops_app
 from dna_core.ops.logs import node_logger
 from dna_core.ops.node_key import load_or_create_node_key
 from dna_core.overlay.protocol import Addr
@@ -66,10 +66,57 @@ class OpsSection:
 
 
 @dataclass(frozen=True)
+class ConnectionsSection:
+    """Caps on inbound connections, so idle or hoarded ones cannot use up the node's file
+    descriptors (docs/operations.md). gRPC has no per-source cap in grpcio: a firewall
+    rule gives one."""
+
+    grpc_max_connections: int = 4096  # in total; over it a new connection is closed at once
+    grpc_handshake_timeout_s: float = 10.0  # to send the HTTP/2 preface and settings
+    grpc_idle_timeout_s: float = 300.0  # closed after this long without a call
+    grpc_max_age_s: float = 3600.0  # then GOAWAY: clients reconnect, calls get 30 s to end
+    grpc_max_streams: int = 100  # concurrent calls per connection
+    grpc_keepalive_s: float = 60.0  # ping a quiet connection to find dead peers
+    http_max_connections: int = 64
+    http_max_connections_per_source: int = 8
+    http_idle_timeout_s: float = 10.0  # to send a whole request head
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """grpcio's channel arguments for these caps (grpc_types.h)."""
+
+        def ms(seconds: float) -> int:
+            return int(seconds * 1000)
+
+        return [
+            ("grpc.max_allowed_incoming_connections", self.grpc_max_connections),
+            ("grpc.server_handshake_timeout_ms", ms(self.grpc_handshake_timeout_s)),
+            ("grpc.max_connection_idle_ms", ms(self.grpc_idle_timeout_s)),
+            ("grpc.max_connection_age_ms", ms(self.grpc_max_age_s)),
+            ("grpc.max_connection_age_grace_ms", 30_000),
+            ("grpc.max_concurrent_streams", self.grpc_max_streams),
+            ("grpc.keepalive_time_ms", ms(self.grpc_keepalive_s)),
+            ("grpc.keepalive_timeout_ms", 20_000),
+        ]
+
+    def http_limits(self) -> HttpLimits:
+        return HttpLimits(
+            max_connections=self.http_max_connections,
+            max_connections_per_source=self.http_max_connections_per_source,
+            idle_timeout_s=self.http_idle_timeout_s,
+        )
+
+
+@dataclass(frozen=True)
 class OverlayServiceConfig:
     node: NodeSection = field(default_factory=NodeSection)
     overlay: OverlaySection = field(default_factory=OverlaySection)
     ops: OpsSection = field(default_factory=OpsSection)
+    connections: ConnectionsSection = field(default_factory=ConnectionsSection)
     log_level: str = "info"
 
 
@@ -115,7 +162,7 @@ class OverlayServer:
         )
         grpc_port = await self._start_grpc(node, store)
         await node.start(grpc_port=grpc_port)
-        self.ops = OpsServer(self._ops_app(), log=self.log)
+        self.ops = OpsServer(self._ops_app(), log=self.log, limits=cfg.connections.http_limits())
         await self.ops.start(cfg.ops.http_host, cfg.ops.http_port)
         self._tasks = [
             asyncio.create_task(self._join_and_refresh()),
@@ -138,6 +185,7 @@ class OverlayServer:
             options=[
                 ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE),
                 ("grpc.max_send_message_length", MAX_GRPC_MESSAGE),
+                *self.config.connections.grpc_options(),
             ]
         )
         service = OverlayService(
