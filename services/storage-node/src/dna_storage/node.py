@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 from dna_core.ops.grpc_gate import ServiceRegistrar
 from dna_core.overlay.aio.node import OverlayNode
@@ -23,7 +27,7 @@ from dna_core.wire.gen.dna.v1 import common_pb2, mailbox_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from dna_storage.admission import Admission, AdmissionConfig
-from dna_storage.backends.base import MailboxBackend
+from dna_storage.backends.base import MailboxBackend, StorageFullError
 from dna_storage.backends.redis import RedisBackend
 from dna_storage.backends.sqlite import SqliteBackend
 from dna_storage.mailbox_service import DAY_S, MailboxService, Retention
@@ -80,6 +84,34 @@ class StorageMetrics:
         self.gc_removed = Counter(
             "dna_storage_gc_removed", "Expired blobs and tombstones removed", registry=registry
         )
+        self.no_room = Counter(
+            "dna_storage_write_no_room",
+            "Backend writes refused for lack of room (disk full, Redis out of memory)",
+            registry=registry,
+        )
+
+
+class _RoomWatch:
+    """The backend, tripping the node's high-water mark the moment a write finds no room,
+    so `/readyz` fails and admission refuses writes at once, not at the next disk reading."""
+
+    def __init__(self, backend: MailboxBackend, on_full: Callable[[], None]) -> None:
+        self._backend, self._on_full = backend, on_full
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._backend, name)
+        if not inspect.iscoroutinefunction(attr):
+            return attr
+
+        @functools.wraps(attr)
+        async def watched(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await attr(*args, **kwargs)
+            except StorageFullError:
+                self._on_full()
+                raise
+
+        return watched
 
 
 class StorageNode:
@@ -91,10 +123,12 @@ class StorageNode:
         self.metrics = StorageMetrics(CollectorRegistry())  # replaced by the server's at start
         self._tasks: list[asyncio.Task[None]] = []
         self.repairer: Repairer | None = None
+        self._full_by_write = False  # a write found no room since the last disk reading
 
     async def start(self) -> None:
         section = self.config.storage
-        self.backend = backend = await open_backend(section)
+        opened = await open_backend(section)
+        self.backend = backend = cast(MailboxBackend, _RoomWatch(opened, self._no_room))
         retention = Retention(section.ttl_days * DAY_S, section.max_ttl_days * DAY_S)
 
         def add_mailbox(register: ServiceRegistrar, node: OverlayNode) -> list[str]:
@@ -126,29 +160,57 @@ class StorageNode:
             asyncio.create_task(self.repairer.run_forever()),
         ]
 
+    def _no_room(self) -> None:
+        if not self._full_by_write:
+            log.warning("storage full: a write found no room; refusing writes")
+        self._full_by_write = True
+        self.metrics.no_room.inc()
+        self.admission.high_water.trip()
+
     async def _collect_garbage(self, backend: MailboxBackend) -> None:
-        """Expire in bounded batches so GC never stalls the node."""
+        """Expire in bounded batches so GC never stalls the node; a failed pass is retried
+        at the next interval (a full disk must not end GC: GC is what frees room)."""
         section = self.config.storage
         while True:
-            removed = await backend.expire(time.time_ns() // 1_000_000, section.gc_batch)
-            self._check_disk()
-            totals = await backend.totals()
-            self.metrics.blobs.set(totals.blobs)
-            self.metrics.bytes.set(totals.bytes)
-            if removed:
-                self.metrics.gc_removed.inc(removed)
-                log.info("expired", extra={"removed": removed})
+            try:
+                removed = await self._collect_once(backend)
+            except StorageFullError:
+                removed = 0
+            except Exception:
+                log.exception("garbage collection pass failed")
+                removed = 0
             if removed < section.gc_batch:
                 await asyncio.sleep(section.gc_interval_s)
 
+    async def _collect_once(self, backend: MailboxBackend) -> int:
+        section = self.config.storage
+        removed = await backend.expire(time.time_ns() // 1_000_000, section.gc_batch)
+        self._check_disk()
+        totals = await backend.totals()
+        self.metrics.blobs.set(totals.blobs)
+        self.metrics.bytes.set(totals.bytes)
+        if removed:
+            self.metrics.gc_removed.inc(removed)
+            log.info("expired", extra={"removed": removed})
+        return removed
+
     def _check_disk(self) -> None:
         """Over the high-water mark the node refuses writes and turns unready, but keeps
-        serving reads and repair (docs/storage.md)."""
+        serving reads and repair (docs/storage.md). A reading replaces a trip by a failed
+        write; Redis gives no reading, so there such a trip lasts until this pass."""
+        high_water = self.admission.high_water
         if self.config.storage.backend == "sqlite":
             usage = shutil.disk_usage(self.config.storage.data_dir)
-            self.admission.high_water.update(usage.used, usage.total)
+            high_water.update(usage.used, usage.total)
+        elif self._full_by_write:
+            high_water.update(0, 1)
+        if self._full_by_write and not high_water.tripped:
+            log.info("storage has room again: taking writes")
+        self._full_by_write = self._full_by_write and high_water.tripped
 
     def _disk_readiness(self) -> tuple[bool, str]:
+        if self._full_by_write:
+            return False, "storage full: a write found no room; refusing writes"
         if self.admission.high_water.tripped:
             return False, "disk over the high-water mark: refusing writes"
         return True, "disk ok"

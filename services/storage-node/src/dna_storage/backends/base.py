@@ -27,6 +27,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from dna_core.errors import CapacityError
+
+
+class StorageFullError(CapacityError):
+    """A write found no room: the disk is full (SQLite) or Redis is out of memory or
+    refusing writes. The write changed nothing; reads still work (RESOURCE_EXHAUSTED)."""
+
 
 class PutOutcome(enum.Enum):
     STORED = "stored"
