@@ -8,6 +8,7 @@ import asyncio
 import resource
 import select
 import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -206,3 +207,46 @@ def test_open_files_limit_is_raised_to_the_hard_limit(node: NodeProcess) -> None
     (line,) = [line for line in limits if line.startswith("Max open files")]
     soft, hard = line.split()[3:5]
     assert soft == hard, line
+
+
+REDIS_PASSWORD = "hunter2-not-for-logs"
+
+
+@pytest.fixture
+def redis_with_password(tmp_path: Path) -> Iterator[str]:
+    """A real redis-server that requires a password; yields the URL carrying it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--requirepass", REDIS_PASSWORD, "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        yield f"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_secrets_stay_out_of_status_and_logs(tmp_path: Path, redis_with_password: str) -> None:
+    settings = f'backend = "redis"\nredis_url = "{redis_with_password}"\n'
+    node = NodeProcess(
+        "redis-storage", "127.0.0.75", tmp_path, [], command="dna-storage-node",
+        extra_toml=settings,
+    )  # fmt: skip
+    node.start()
+    try:
+        wait_ready([node], timeout=30)
+        status = node.http("/status").text
+        storage = node.status()["config"]["storage"]
+    finally:
+        node.kill()
+    key_file = str(tmp_path / "redis-storage.key")
+    log = node.log_path.read_text()
+    for text in (status, log):
+        assert REDIS_PASSWORD not in text
+        assert key_file not in text
+    assert storage["redis_url"].startswith("redis://:***@127.0.0.1:")  # where, not how
+    assert '"started"' in log  # the startup line (with the configuration) was written

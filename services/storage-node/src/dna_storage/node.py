@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from dna_core.ops.config import SecretStr
 from dna_core.ops.grpc_gate import ServiceRegistrar
 from dna_core.overlay.aio.node import OverlayNode
 from dna_core.overlay.aio.server import OverlayServer, OverlayServiceConfig
@@ -41,7 +42,7 @@ MAILBOX_DESCRIPTOR = mailbox_pb2.DESCRIPTOR.services_by_name["Mailbox"]
 class StorageSection:
     backend: str = "sqlite"  # or "redis"
     data_dir: Path = Path("data")
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")  # may carry a password
     ttl_days: int = 30  # default blob lifetime
     max_ttl_days: int = 30  # the most a client may ask for
     gc_interval_s: float = 30.0
@@ -63,7 +64,7 @@ class StorageNodeConfig(OverlayServiceConfig):
 
 async def open_backend(section: StorageSection) -> MailboxBackend:
     if section.backend == "redis":
-        return await RedisBackend.connect(section.redis_url)
+        return await RedisBackend.connect(section.redis_url.reveal())
     section.data_dir.mkdir(parents=True, exist_ok=True)
     return await SqliteBackend.open(section.data_dir / "mailboxes.sqlite3")
 

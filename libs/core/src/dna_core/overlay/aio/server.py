@@ -44,7 +44,8 @@ class NodeSection:
     host: str = "127.0.0.1"
     udp_port: int = 7400
     grpc_port: int = 7401
-    key_file: Path = Path("node.key")
+    # Where the node's private key lives is nobody's business but the operator's.
+    key_file: Path = field(default=Path("node.key"), metadata={"secret": True})
     puzzle_bits: int = 8
 
 
@@ -155,7 +156,7 @@ class OverlayServer:
         identity, created = load_or_create_node_key(cfg.node.key_file, cfg.node.puzzle_bits)
         self.log = node_logger("dna.node", role=str(self.role), node_id=identity.node_id.hex()[:16])
         if created:
-            self.log.info("minted a new node key", extra={"key_file": str(cfg.node.key_file)})
+            self.log.info("minted a new node key (node.key_file)")
         store = RecordStore(name_pow_bits=cfg.overlay.name_pow_bits)
         self.node = node = OverlayNode(
             identity, self._node_config(), store=store, registry=self.registry
