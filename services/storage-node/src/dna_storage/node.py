@@ -14,18 +14,21 @@ import functools
 import inspect
 import logging
 import shutil
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from dna_core.errors import DnaError
 from dna_core.ops.config import SecretStr
 from dna_core.ops.grpc_gate import ServiceRegistrar
 from dna_core.overlay.aio.node import OverlayNode
 from dna_core.overlay.aio.server import OverlayServer, OverlayServiceConfig
 from dna_core.wire.gen.dna.v1 import common_pb2, mailbox_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from redis.exceptions import RedisError
 
 from dna_storage.admission import Admission, AdmissionConfig
 from dna_storage.backends.base import MailboxBackend, StorageFullError
@@ -63,10 +66,19 @@ class StorageNodeConfig(OverlayServiceConfig):
 
 
 async def open_backend(section: StorageSection) -> MailboxBackend:
+    """The configured backend, or a one-line ``DnaError`` saying why it cannot be used."""
     if section.backend == "redis":
-        return await RedisBackend.connect(section.redis_url.reveal())
-    section.data_dir.mkdir(parents=True, exist_ok=True)
-    return await SqliteBackend.open(section.data_dir / "mailboxes.sqlite3")
+        try:
+            return await RedisBackend.connect(section.redis_url.reveal())
+        except (RedisError, OSError) as exc:  # the URL is masked: it may carry a password
+            where = section.redis_url.masked()
+            raise DnaError(f"cannot use redis at {where}: {exc}") from None
+    path = section.data_dir / "mailboxes.sqlite3"
+    try:
+        section.data_dir.mkdir(parents=True, exist_ok=True)
+        return await SqliteBackend.open(path)
+    except (sqlite3.Error, OSError) as exc:
+        raise DnaError(f"cannot open {path}: {exc}") from None
 
 
 class StorageMetrics:
@@ -149,7 +161,11 @@ class StorageNode:
             extra_readiness=self._disk_readiness,
         )
         self.metrics = StorageMetrics(self.server.registry)
-        await self.server.start()
+        try:
+            await self.server.start()
+        except BaseException:
+            await opened.close()
+            raise
         node = self.server.node
         assert node is not None
         self.repairer = Repairer(

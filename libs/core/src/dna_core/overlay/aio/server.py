@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,6 +50,10 @@ class NodeSection:
     key_file: Path = field(default=Path("node.key"), metadata={"secret": True})
     puzzle_bits: int = 8
 
+    def __post_init__(self) -> None:
+        _check_port("udp_port", self.udp_port)
+        _check_port("grpc_port", self.grpc_port)
+
 
 @dataclass(frozen=True)
 class OverlaySection:
@@ -59,11 +65,18 @@ class OverlaySection:
     republish_interval: float = 3600.0
     name_pow_bits: int = DEFAULT_NAME_POW_BITS
 
+    def __post_init__(self) -> None:
+        for seed in self.bootstrap:
+            parse_addr(seed, key="bootstrap")  # a bad seed fails at start, not in a task
+
 
 @dataclass(frozen=True)
 class OpsSection:
     http_host: str = "127.0.0.1"
     http_port: int = 7480
+
+    def __post_init__(self) -> None:
+        _check_port("http_port", self.http_port)
 
 
 @dataclass(frozen=True)
@@ -120,12 +133,36 @@ class OverlayServiceConfig:
     connections: ConnectionsSection = field(default_factory=ConnectionsSection)
     log_level: str = "info"
 
+    def __post_init__(self) -> None:
+        levels = sorted(name.lower() for name in logging.getLevelNamesMapping())
+        if self.log_level.lower() not in levels:
+            raise ValueError(f"log_level {self.log_level!r} is not one of {', '.join(levels)}")
 
-def parse_addr(text: str) -> Addr:
+
+def parse_addr(text: str, key: str = "address") -> Addr:
     host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"address {text!r} is not host:port")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{key}: {text!r} is not host:port")
     return host.strip("[]"), int(port)
+
+
+def _check_port(key: str, port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{key} must be 0..65535, got {port}")
+
+
+async def _probe_tcp(host: str, port: int) -> None:
+    socket.create_server(
+        (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET
+    ).close()
+
+
+async def _listen(what: str, start: Awaitable[T]) -> T:
+    """``start`` a listener; a failure to bind names the listener and its address."""
+    try:
+        return await start
+    except OSError as exc:
+        raise OSError(f"cannot listen on {what}: {exc.strerror or exc}") from None
 
 
 class OverlayServer:
@@ -152,6 +189,8 @@ class OverlayServer:
         self.log = node_logger("dna.node", role=str(role))
 
     async def start(self) -> None:
+        """Bind gRPC, UDP and HTTP in that order; if one fails, close what was opened (so
+        nothing is left for interpreter exit to trip over) and raise naming the address."""
         cfg = self.config
         identity, created = load_or_create_node_key(cfg.node.key_file, cfg.node.puzzle_bits)
         self.log = node_logger("dna.node", role=str(self.role), node_id=identity.node_id.hex()[:16])
@@ -161,10 +200,18 @@ class OverlayServer:
         self.node = node = OverlayNode(
             identity, self._node_config(), store=store, registry=self.registry
         )
-        grpc_port = await self._start_grpc(node, store)
-        await node.start(grpc_port=grpc_port)
-        self.ops = OpsServer(self._ops_app(), log=self.log, limits=cfg.connections.http_limits())
-        await self.ops.start(cfg.ops.http_host, cfg.ops.http_port)
+        try:
+            grpc_port = await self._start_grpc(node, store)
+            udp = f"UDP {cfg.node.host}:{cfg.node.udp_port}"
+            await _listen(udp, node.start(grpc_port=grpc_port))
+            self.ops = OpsServer(
+                self._ops_app(), log=self.log, limits=cfg.connections.http_limits()
+            )
+            http = f"HTTP {cfg.ops.http_host}:{cfg.ops.http_port}"
+            await _listen(http, self.ops.start(cfg.ops.http_host, cfg.ops.http_port))
+        except BaseException:
+            await self._close_listeners()
+            raise
         self._tasks = [
             asyncio.create_task(self._join_and_refresh()),
             asyncio.create_task(self._upkeep()),
@@ -182,10 +229,13 @@ class OverlayServer:
         )  # fmt: skip
 
     async def _start_grpc(self, node: OverlayNode, store: RecordStore) -> int:
-        server = grpc.aio.server(
+        self.grpc = server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE),
                 ("grpc.max_send_message_length", MAX_GRPC_MESSAGE),
+                # grpcio sets SO_REUSEPORT by default: a second node on the same port would
+                # start and split the traffic with the first instead of failing to bind.
+                ("grpc.so_reuseport", 0),
                 *self.config.connections.grpc_options(),
             ]
         )
@@ -201,13 +251,19 @@ class OverlayServer:
         if self._extra is not None:
             names += self._extra(gate.registrar(server), node)
         self.health = add_health_and_reflection(server, names, gate)
-        port = server.add_insecure_port(f"{self.config.node.host}:{self.config.node.grpc_port}")
+        host, wanted = self.config.node.host, self.config.node.grpc_port
+        address = f"{host}:{wanted}"
+        if wanted:
+            # grpcio reports a failed bind as a C-level log line and a bare "Failed to bind":
+            # a bind of our own first gives the reason (in use, not an address of this host).
+            await _listen(f"gRPC {address}", _probe_tcp(host, wanted))
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError:  # grpcio says only "Failed to bind"; the usual cause is a taken port
+            port = 0
         if port == 0:
-            raise OSError(
-                f"cannot bind gRPC on {self.config.node.host}:{self.config.node.grpc_port}"
-            )
+            raise OSError(f"cannot listen on gRPC {address}: address in use or not available")
         await server.start()
-        self.grpc = server
         return port
 
     def _ops_app(self) -> Any:
@@ -259,6 +315,15 @@ class OverlayServer:
         self.ready = ready
         if self.health is not None:
             await self.health.set_serving(ready)
+
+    async def _close_listeners(self) -> None:
+        """Undo a start that failed part-way (each step copes with never having started)."""
+        if self.grpc is not None:
+            await self.grpc.stop(grace=None)
+        if self.node is not None:
+            await self.node.stop()
+        if self.ops is not None:
+            await self.ops.stop()
 
     async def stop(self) -> None:
         """Fail readiness, drain gRPC, then close everything."""
