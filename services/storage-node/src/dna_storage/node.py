@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.exceptions import RedisError
 
 from dna_storage.admission import Admission, AdmissionConfig
-from dna_storage.backends.base import MailboxBackend, StorageFullError
+from dna_storage.backends.base import MailboxBackend, StorageFullError, Usage
 from dna_storage.backends.redis import RedisBackend
 from dna_storage.backends.sqlite import SqliteBackend
 from dna_storage.mailbox_service import DAY_S, MailboxService, Retention
@@ -137,6 +137,7 @@ class StorageNode:
         self._tasks: list[asyncio.Task[None]] = []
         self.repairer: Repairer | None = None
         self._full_by_write = False  # a write found no room since the last disk reading
+        self._held = Usage(0, 0)  # blobs and bytes held, as of the last GC pass
 
     async def start(self) -> None:
         section = self.config.storage
@@ -159,6 +160,7 @@ class StorageNode:
             role=common_pb2.NODE_ROLE_STORAGE,
             extra_services=add_mailbox,
             extra_readiness=self._disk_readiness,
+            extra_status=self._status,
         )
         self.metrics = StorageMetrics(self.server.registry)
         try:
@@ -203,7 +205,7 @@ class StorageNode:
         section = self.config.storage
         removed = await backend.expire(time.time_ns() // 1_000_000, section.gc_batch)
         self._check_disk()
-        totals = await backend.totals()
+        self._held = totals = await backend.totals()
         self.metrics.blobs.set(totals.blobs)
         self.metrics.bytes.set(totals.bytes)
         if removed:
@@ -224,6 +226,27 @@ class StorageNode:
         if self._full_by_write and not high_water.tripped:
             log.info("storage has room again: taking writes")
         self._full_by_write = self._full_by_write and high_water.tripped
+
+    def _status(self) -> dict[str, Any]:
+        """The storage figures of `/status`: what is held (as of the last GC pass), the
+        disk, and whether writes are refused."""
+        section = self.config.storage
+        held = self._held
+        status: dict[str, Any] = {
+            "backend": section.backend,
+            "blobs": held.blobs,
+            "bytes": held.bytes,
+            "refusing_writes": self.admission.high_water.tripped,
+        }
+        if section.backend == "sqlite":
+            usage = shutil.disk_usage(section.data_dir)
+            status["disk"] = {
+                "used_bytes": usage.used,
+                "total_bytes": usage.total,
+                "used_fraction": round(usage.used / usage.total, 4) if usage.total else 1.0,
+                "high_water": self.config.admission.disk_high_water,
+            }
+        return status
 
     def _disk_readiness(self) -> tuple[bool, str]:
         if self._full_by_write:

@@ -23,6 +23,7 @@ type with ``metadata={"secret": True}`` (where a file lives that holds a key) is
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 import typing
@@ -34,7 +35,7 @@ from typing import Any, TypeVar
 
 from dna_core.errors import DnaError
 
-__all__ = ["ConfigError", "SecretStr", "dump_config", "load_config"]
+__all__ = ["ConfigError", "SecretStr", "default_toml", "dump_config", "load_config"]
 
 T = TypeVar("T")
 _SECRET_MASK = "***"
@@ -143,6 +144,39 @@ def dump_config(obj: object) -> dict[str, Any]:
         else:
             out[f.name] = _jsonable(value)
     return out
+
+
+def default_toml(cls: type) -> str:
+    """Every setting of ``cls`` with its default, as a TOML file ``load_config`` reads back
+    to the same config (defaults are not secrets, so they are shown as they are)."""
+    lines = _toml_section(cls(), "")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_section(obj: object, name: str) -> list[str]:
+    scalars = [f"[{name}]"] if name else []
+    sections: list[str] = []
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            sections += ["", *_toml_section(value, f"{name}.{f.name}" if name else f.name)]
+        else:
+            scalars.append(f"{f.name} = {_toml_literal(value)}")
+    return scalars + sections
+
+
+def _toml_literal(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, SecretStr):
+        value = value.reveal()
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))  # a JSON string is a TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_literal(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
 
 
 def _jsonable(value: object) -> object:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import time
@@ -28,8 +29,8 @@ from dna_core.ops.logs import node_logger
 from dna_core.ops.node_key import load_or_create_node_key
 from dna_core.overlay.protocol import Addr
 from dna_core.overlay.records import DEFAULT_NAME_POW_BITS, RecordStore
-from dna_core.wire.gen.dna.v1 import overlay_pb2
-from prometheus_client import CollectorRegistry
+from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2
+from prometheus_client import CollectorRegistry, Gauge, ProcessCollector
 
 from .node import NodeConfig, OverlayNode
 from .records_rpc import MAX_GRPC_MESSAGE, OverlayService, wall_ms
@@ -165,6 +166,22 @@ async def _listen(what: str, start: Awaitable[T]) -> T:
         raise OSError(f"cannot listen on {what}: {exc.strerror or exc}") from None
 
 
+def role_name(role: int) -> str:
+    """``NODE_ROLE_STORAGE`` (2) -> ``"storage"``: what logs and ``/status`` show."""
+    return common_pb2.NodeRole.Name(role).removeprefix("NODE_ROLE_").lower()  # type: ignore[arg-type]
+
+
+def config_warnings(config: OverlayServiceConfig) -> list[str]:
+    """Settings that work but are most likely a mistake on a public node."""
+    warnings = []
+    if ipaddress.ip_address(config.node.host).is_loopback and not config.overlay.allow_loopback:
+        warnings.append(
+            f"node.host is {config.node.host} (the default if left out): other machines "
+            "cannot reach this node; set [node] host to the address others reach"
+        )
+    return warnings
+
+
 class OverlayServer:
     def __init__(
         self,
@@ -173,11 +190,20 @@ class OverlayServer:
         role: int,
         extra_services: ExtraServices | None = None,
         extra_readiness: Callable[[], tuple[bool, str]] | None = None,
+        extra_status: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.config, self.role = config, role
         self._extra = extra_services
         self._extra_ready = extra_readiness  # e.g. a storage node over its disk high-water mark
+        self._extra_status = extra_status  # a role's own figures, under its role's name
         self.registry = CollectorRegistry()
+        # The process's CPU, memory and open files, and which build runs in which role.
+        ProcessCollector(registry=self.registry)
+        Gauge(
+            "dna_build_info", "Always 1: the running version and role", ["version", "role"],
+            registry=self.registry,
+        ).labels(version=__version__, role=role_name(role)).set(1)  # fmt: skip
+        self.warnings = config_warnings(config)
         self.started_at = time.time()
         self.ready = False
         self._stopping = False
@@ -186,14 +212,18 @@ class OverlayServer:
         self.health: HealthController | None = None
         self.grpc: grpc.aio.Server | None = None
         self.ops: OpsServer | None = None
-        self.log = node_logger("dna.node", role=str(role))
+        self.log = node_logger("dna.node", role=role_name(role))
 
     async def start(self) -> None:
         """Bind gRPC, UDP and HTTP in that order; if one fails, close what was opened (so
         nothing is left for interpreter exit to trip over) and raise naming the address."""
         cfg = self.config
         identity, created = load_or_create_node_key(cfg.node.key_file, cfg.node.puzzle_bits)
-        self.log = node_logger("dna.node", role=str(self.role), node_id=identity.node_id.hex()[:16])
+        self.log = node_logger(
+            "dna.node", role=role_name(self.role), node_id=identity.node_id.hex()[:16]
+        )
+        for warning in self.warnings:
+            self.log.warning(warning)
         if created:
             self.log.info("minted a new node key (node.key_file)")
         store = RecordStore(name_pow_bits=cfg.overlay.name_pow_bits)
@@ -346,7 +376,7 @@ class OverlayServer:
         node = self.node
         info: dict[str, Any] = {
             "version": __version__,
-            "role": self.role,
+            "role": role_name(self.role),
             "ready": self.ready,
             "uptime_s": round(time.time() - self.started_at, 1),
             "config": dump_config(self.config),
@@ -362,6 +392,10 @@ class OverlayServer:
                 "buckets": node.table.bucket_sizes(),
                 "records": len(node.store) if node.store is not None else 0,
             }
+        if self._extra_status is not None:
+            info[role_name(self.role)] = self._extra_status()
+        if self.warnings:
+            info["warnings"] = self.warnings
         return info
 
 
