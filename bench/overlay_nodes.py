@@ -48,13 +48,15 @@ import grpc
 from dna_core.crypto import Identity, sign_record
 from dna_core.crypto.keys import SEEDS_SIZE
 from dna_core.crypto.node import NodeIdentity
+from dna_core.ops.grpc_gate import GrpcGate
 from dna_core.overlay.aio import NodeConfig, OverlayNode
 from dna_core.overlay.aio.records_rpc import MAX_GRPC_MESSAGE, OverlayService
+from dna_core.overlay.aio.server import OVERLAY_DESCRIPTOR
 from dna_core.overlay.contact import Contact
 from dna_core.overlay.protocol import Addr
 from dna_core.overlay.records import RecordStore, identity_payload, record_key
 from dna_core.ratelimit import RateLimiter
-from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2_grpc
+from dna_core.wire.gen.dna.v1 import common_pb2
 
 HOST_BASE = 10  # node i listens on 127.0.0.(HOST_BASE + i)
 PROFILE_ENV = "DNA_BENCH_PROFILE"
@@ -182,7 +184,8 @@ async def start_node(index: int, *, puzzle_bits: int, k: int, rcvbuf: int) -> Be
         limiter=RateLimiter(*BENCH_LIMITER),
         on_rejected=lambda reason: node.metrics.rejected.labels(reason=reason).inc(),
     )
-    overlay_pb2_grpc.add_OverlayServicer_to_server(service, server)
+    # Behind the same gate as a real node, so the figures include strict decoding.
+    GrpcGate(max_message=MAX_GRPC_MESSAGE).add(server, service, OVERLAY_DESCRIPTOR)
     port = server.add_insecure_port(f"{host}:0")
     if port == 0:
         raise OSError(f"cannot bind gRPC on {host}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from dna_core.errors import DnaError
-from dna_core.ops.config import ConfigError, dump_config, load_config
+from dna_core.ops.config import ConfigError, SecretStr, dump_config, load_config
 
 
 @dataclass(frozen=True)
@@ -286,3 +286,22 @@ def test_dump_is_json_ready_and_masks_secrets() -> None:
 def test_dump_rejects_non_dataclasses() -> None:
     with pytest.raises(TypeError):
         dump_config({"a": 1})
+
+
+@dataclass(frozen=True)
+class WithSecret:
+    url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    token: SecretStr = SecretStr("")
+
+
+def test_a_secret_is_masked_however_the_config_is_printed(tmp_path: Path) -> None:
+    path = toml(tmp_path, 'url = "redis://user:pa55@db.internal:6380/2"\n')
+    config = load_config(WithSecret, path, env_prefix="T", env={"T__TOKEN": "tok3n"})
+    assert config.url.reveal() == "redis://user:pa55@db.internal:6380/2"
+    assert config.token.reveal() == "tok3n"
+    printed = [repr(config), str(config), json.dumps(dump_config(config)), f"{config.url}"]
+    for text in printed:
+        assert "pa55" not in text and "tok3n" not in text, text
+    assert dump_config(config) == {"url": "redis://user:***@db.internal:6380/2", "token": "***"}
+    # Nothing secret in a URL without a password: it is shown whole.
+    assert dump_config(WithSecret())["url"] == "redis://127.0.0.1:6379/0"

@@ -12,8 +12,8 @@ import sys
 
 from dna_core.ops.cli import run, service_parser
 from dna_core.ops.config import load_config
-from dna_core.ops.service import add_run_command, serve
-from dna_core.overlay.aio.server import OverlayServer, OverlayServiceConfig
+from dna_core.ops.service import add_config_commands, add_run_command, serve
+from dna_core.overlay.aio.server import OverlayServer, OverlayServiceConfig, config_warnings
 from dna_core.wire.gen.dna.v1 import common_pb2
 
 ENV_PREFIX = "DNA_BOOTSTRAP"
@@ -27,4 +27,5 @@ def _run(args: argparse.Namespace) -> None:
 def main() -> None:
     parser, sub = service_parser("dna-bootstrap", "Bootstrap node of the DNA overlay.")
     add_run_command(sub, _run, ENV_PREFIX)
+    add_config_commands(sub, OverlayServiceConfig, ENV_PREFIX, config_warnings)
     sys.exit(run(parser))

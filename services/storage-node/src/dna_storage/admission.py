@@ -239,6 +239,11 @@ class HighWaterMark:
     def tripped(self) -> bool:
         return self._tripped
 
+    def trip(self) -> None:
+        """A write found no room: tripped now, whatever the last reading said (the disk
+        filled between two readings); the next reading below ``resume_fraction`` clears it."""
+        self._tripped = True
+
     def update(self, used_bytes: int, capacity_bytes: int) -> bool:
         """Take a new disk reading; returns `tripped`."""
         self.used_fraction = used_bytes / capacity_bytes if capacity_bytes > 0 else 1.0

@@ -12,7 +12,8 @@ import sys
 
 from dna_core.ops.cli import run, service_parser
 from dna_core.ops.config import load_config
-from dna_core.ops.service import add_run_command, serve
+from dna_core.ops.service import add_config_commands, add_run_command, serve
+from dna_core.overlay.aio.server import config_warnings
 
 from dna_storage.node import StorageNode, StorageNodeConfig
 
@@ -27,4 +28,5 @@ def _run(args: argparse.Namespace) -> None:
 def main() -> None:
     parser, sub = service_parser("dna-storage-node", "Storage node of the DNA network.")
     add_run_command(sub, _run, ENV_PREFIX)
+    add_config_commands(sub, StorageNodeConfig, ENV_PREFIX, config_warnings)
     sys.exit(run(parser))

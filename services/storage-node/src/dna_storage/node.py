@@ -10,34 +10,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import logging
 import shutil
+import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
-import grpc
+from dna_core.errors import DnaError
+from dna_core.ops.config import SecretStr
+from dna_core.ops.grpc_gate import ServiceRegistrar
 from dna_core.overlay.aio.node import OverlayNode
 from dna_core.overlay.aio.server import OverlayServer, OverlayServiceConfig
-from dna_core.wire.gen.dna.v1 import common_pb2, mailbox_pb2_grpc
+from dna_core.wire.gen.dna.v1 import common_pb2, mailbox_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from redis.exceptions import RedisError
 
 from dna_storage.admission import Admission, AdmissionConfig
-from dna_storage.backends.base import MailboxBackend
+from dna_storage.backends.base import MailboxBackend, StorageFullError, Usage
 from dna_storage.backends.redis import RedisBackend
 from dna_storage.backends.sqlite import SqliteBackend
 from dna_storage.mailbox_service import DAY_S, MailboxService, Retention
 from dna_storage.replication import Repairer, ReplicaView, SyncRules
 
 log = logging.getLogger("dna.storage")
-MAILBOX_SERVICE = "dna.v1.Mailbox"
+MAILBOX_DESCRIPTOR = mailbox_pb2.DESCRIPTOR.services_by_name["Mailbox"]
 
 
 @dataclass(frozen=True)
 class StorageSection:
     backend: str = "sqlite"  # or "redis"
     data_dir: Path = Path("data")
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")  # may carry a password
     ttl_days: int = 30  # default blob lifetime
     max_ttl_days: int = 30  # the most a client may ask for
     gc_interval_s: float = 30.0
@@ -58,10 +66,19 @@ class StorageNodeConfig(OverlayServiceConfig):
 
 
 async def open_backend(section: StorageSection) -> MailboxBackend:
+    """The configured backend, or a one-line ``DnaError`` saying why it cannot be used."""
     if section.backend == "redis":
-        return await RedisBackend.connect(section.redis_url)
-    section.data_dir.mkdir(parents=True, exist_ok=True)
-    return await SqliteBackend.open(section.data_dir / "mailboxes.sqlite3")
+        try:
+            return await RedisBackend.connect(section.redis_url.reveal())
+        except (RedisError, OSError) as exc:  # the URL is masked: it may carry a password
+            where = section.redis_url.masked()
+            raise DnaError(f"cannot use redis at {where}: {exc}") from None
+    path = section.data_dir / "mailboxes.sqlite3"
+    try:
+        section.data_dir.mkdir(parents=True, exist_ok=True)
+        return await SqliteBackend.open(path)
+    except (sqlite3.Error, OSError) as exc:
+        raise DnaError(f"cannot open {path}: {exc}") from None
 
 
 class StorageMetrics:
@@ -80,6 +97,34 @@ class StorageMetrics:
         self.gc_removed = Counter(
             "dna_storage_gc_removed", "Expired blobs and tombstones removed", registry=registry
         )
+        self.no_room = Counter(
+            "dna_storage_write_no_room",
+            "Backend writes refused for lack of room (disk full, Redis out of memory)",
+            registry=registry,
+        )
+
+
+class _RoomWatch:
+    """The backend, tripping the node's high-water mark the moment a write finds no room,
+    so `/readyz` fails and admission refuses writes at once, not at the next disk reading."""
+
+    def __init__(self, backend: MailboxBackend, on_full: Callable[[], None]) -> None:
+        self._backend, self._on_full = backend, on_full
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._backend, name)
+        if not inspect.iscoroutinefunction(attr):
+            return attr
+
+        @functools.wraps(attr)
+        async def watched(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await attr(*args, **kwargs)
+            except StorageFullError:
+                self._on_full()
+                raise
+
+        return watched
 
 
 class StorageNode:
@@ -91,14 +136,17 @@ class StorageNode:
         self.metrics = StorageMetrics(CollectorRegistry())  # replaced by the server's at start
         self._tasks: list[asyncio.Task[None]] = []
         self.repairer: Repairer | None = None
+        self._full_by_write = False  # a write found no room since the last disk reading
+        self._held = Usage(0, 0)  # blobs and bytes held, as of the last GC pass
 
     async def start(self) -> None:
         section = self.config.storage
-        self.backend = backend = await open_backend(section)
+        opened = await open_backend(section)
+        self.backend = backend = cast(MailboxBackend, _RoomWatch(opened, self._no_room))
         retention = Retention(section.ttl_days * DAY_S, section.max_ttl_days * DAY_S)
         rules: list[SyncRules] = []  # the service's, for the repairer
 
-        def add_mailbox(server: grpc.aio.Server, node: OverlayNode) -> list[str]:
+        def add_mailbox(register: ServiceRegistrar, node: OverlayNode) -> list[str]:
             service = MailboxService(
                 backend, self.admission, retention=retention,
                 sync_puzzle_bits=self.config.node.puzzle_bits, replica_view=ReplicaView(node),
@@ -108,17 +156,21 @@ class StorageNode:
                 ).inc(),
             )  # fmt: skip
             rules.append(service.sync_rules)
-            mailbox_pb2_grpc.add_MailboxServicer_to_server(service, server)
-            return [MAILBOX_SERVICE]
+            return [register(service, MAILBOX_DESCRIPTOR)]
 
         self.server = OverlayServer(
             self.config,
             role=common_pb2.NODE_ROLE_STORAGE,
             extra_services=add_mailbox,
             extra_readiness=self._disk_readiness,
+            extra_status=self._status,
         )
         self.metrics = StorageMetrics(self.server.registry)
-        await self.server.start()
+        try:
+            await self.server.start()
+        except BaseException:
+            await opened.close()
+            raise
         node = self.server.node
         assert node is not None
         self.repairer = Repairer(
@@ -130,29 +182,78 @@ class StorageNode:
             asyncio.create_task(self.repairer.run_forever()),
         ]
 
+    def _no_room(self) -> None:
+        if not self._full_by_write:
+            log.warning("storage full: a write found no room; refusing writes")
+        self._full_by_write = True
+        self.metrics.no_room.inc()
+        self.admission.high_water.trip()
+
     async def _collect_garbage(self, backend: MailboxBackend) -> None:
-        """Expire in bounded batches so GC never stalls the node."""
+        """Expire in bounded batches so GC never stalls the node; a failed pass is retried
+        at the next interval (a full disk must not end GC: GC is what frees room)."""
         section = self.config.storage
         while True:
-            removed = await backend.expire(time.time_ns() // 1_000_000, section.gc_batch)
-            self._check_disk()
-            totals = await backend.totals()
-            self.metrics.blobs.set(totals.blobs)
-            self.metrics.bytes.set(totals.bytes)
-            if removed:
-                self.metrics.gc_removed.inc(removed)
-                log.info("expired", extra={"removed": removed})
+            try:
+                removed = await self._collect_once(backend)
+            except StorageFullError:
+                removed = 0
+            except Exception:
+                log.exception("garbage collection pass failed")
+                removed = 0
             if removed < section.gc_batch:
                 await asyncio.sleep(section.gc_interval_s)
 
+    async def _collect_once(self, backend: MailboxBackend) -> int:
+        section = self.config.storage
+        removed = await backend.expire(time.time_ns() // 1_000_000, section.gc_batch)
+        self._check_disk()
+        self._held = totals = await backend.totals()
+        self.metrics.blobs.set(totals.blobs)
+        self.metrics.bytes.set(totals.bytes)
+        if removed:
+            self.metrics.gc_removed.inc(removed)
+            log.info("expired", extra={"removed": removed})
+        return removed
+
     def _check_disk(self) -> None:
         """Over the high-water mark the node refuses writes and turns unready, but keeps
-        serving reads and repair (docs/storage.md)."""
+        serving reads and repair (docs/storage.md). A reading replaces a trip by a failed
+        write; Redis gives no reading, so there such a trip lasts until this pass."""
+        high_water = self.admission.high_water
         if self.config.storage.backend == "sqlite":
             usage = shutil.disk_usage(self.config.storage.data_dir)
-            self.admission.high_water.update(usage.used, usage.total)
+            high_water.update(usage.used, usage.total)
+        elif self._full_by_write:
+            high_water.update(0, 1)
+        if self._full_by_write and not high_water.tripped:
+            log.info("storage has room again: taking writes")
+        self._full_by_write = self._full_by_write and high_water.tripped
+
+    def _status(self) -> dict[str, Any]:
+        """The storage figures of `/status`: what is held (as of the last GC pass), the
+        disk, and whether writes are refused."""
+        section = self.config.storage
+        held = self._held
+        status: dict[str, Any] = {
+            "backend": section.backend,
+            "blobs": held.blobs,
+            "bytes": held.bytes,
+            "refusing_writes": self.admission.high_water.tripped,
+        }
+        if section.backend == "sqlite":
+            usage = shutil.disk_usage(section.data_dir)
+            status["disk"] = {
+                "used_bytes": usage.used,
+                "total_bytes": usage.total,
+                "used_fraction": round(usage.used / usage.total, 4) if usage.total else 1.0,
+                "high_water": self.config.admission.disk_high_water,
+            }
+        return status
 
     def _disk_readiness(self) -> tuple[bool, str]:
+        if self._full_by_write:
+            return False, "storage full: a write found no room; refusing writes"
         if self.admission.high_water.tripped:
             return False, "disk over the high-water mark: refusing writes"
         return True, "disk ok"

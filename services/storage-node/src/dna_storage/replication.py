@@ -477,8 +477,16 @@ class RepairMetrics:
             Counter("dna_storage_repair_passes", "Anti-entropy passes", registry=registry),
             Counter("dna_storage_repair_pulled", "Blobs and tombstones pulled", registry=registry),
             Counter("dna_storage_repair_pushed", "Blobs and tombstones pushed", registry=registry),
-            Gauge("dna_storage_repair_last_pass", "Unix time of the last pass", registry=registry),
-            Gauge("dna_storage_repair_lag_seconds", "Duration of the last pass", registry=registry),
+            Gauge(
+                "dna_storage_repair_last_pass_timestamp_seconds",
+                "When the last pass ended",
+                registry=registry,
+            ),
+            Gauge(
+                "dna_storage_repair_last_pass_duration_seconds",
+                "How long the last pass took",
+                registry=registry,
+            ),
             Histogram(
                 "dna_storage_mailbox_replicas",
                 "Per mailbox held, per repair pass: replicas of the mailbox's replica set found "

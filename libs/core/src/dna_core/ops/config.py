@@ -9,18 +9,25 @@ Nothing is guessed: an unknown key, a value of the wrong type or one that does n
 ``ConfigError`` naming the key and where it came from, because a typo that silently falls back to
 a default is the worst kind of misconfiguration on a node nobody watches.
 
-Supported field types: ``str``, ``int``, ``float``, ``bool``, ``Path``, ``list[X]`` and
-``tuple[X, ...]`` of those scalars (a TOML array, or comma-separated in the environment), and
-nested frozen dataclasses (TOML tables, "sections"). A field with ``metadata={"secret": True}``
-is masked by ``dump_config``.
+Supported field types: ``str``, ``int``, ``float``, ``bool``, ``Path``, ``SecretStr``,
+``list[X]`` and ``tuple[X, ...]`` of those scalars (a TOML array, or comma-separated in the
+environment), and nested frozen dataclasses (TOML tables, "sections").
+
+Secrets are marked in the model, so no way of printing a config shows them: a ``SecretStr``
+field (a password, a URL with credentials) prints masked everywhere (``str``, ``repr``, the
+dataclass's repr, ``dump_config``) and gives its value only to ``reveal()``; a field of any
+type with ``metadata={"secret": True}`` (where a file lives that holds a key) is masked by
+``dump_config``, which is what ``/status`` and the startup log line print.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 import typing
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING
 from pathlib import Path
@@ -28,14 +35,51 @@ from typing import Any, TypeVar
 
 from dna_core.errors import DnaError
 
-__all__ = ["ConfigError", "dump_config", "load_config"]
+__all__ = ["ConfigError", "SecretStr", "default_toml", "dump_config", "load_config"]
 
 T = TypeVar("T")
+_SECRET_MASK = "***"
 
-_SCALARS: tuple[type, ...] = (str, int, float, bool, Path)
+
+class SecretStr:
+    """A string that must not be printed. ``masked()`` (also ``str`` and ``repr``) hides it:
+    for a URL only its password (``redis://:***@db:6379/0`` still says where), else all."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The value itself: for the one call that needs it (connect), never for printing."""
+        return self._value
+
+    def masked(self) -> str:
+        parts = urllib.parse.urlsplit(self._value)
+        if not (parts.scheme and parts.netloc):
+            return _SECRET_MASK if self._value else ""
+        if parts.password is None:
+            return self._value
+        user = parts.username or ""
+        host = parts.netloc.rpartition("@")[2]
+        return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:{_SECRET_MASK}@{host}"))
+
+    def __str__(self) -> str:
+        return self.masked()
+
+    def __repr__(self) -> str:
+        return f"SecretStr({self.masked()!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SecretStr) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+_SCALARS: tuple[type, ...] = (str, int, float, bool, Path, SecretStr)
 _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no"})
-_SECRET_MASK = "***"
 
 
 class ConfigError(DnaError):
@@ -102,9 +146,44 @@ def dump_config(obj: object) -> dict[str, Any]:
     return out
 
 
+def default_toml(cls: type) -> str:
+    """Every setting of ``cls`` with its default, as a TOML file ``load_config`` reads back
+    to the same config (defaults are not secrets, so they are shown as they are)."""
+    lines = _toml_section(cls(), "")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_section(obj: object, name: str) -> list[str]:
+    scalars = [f"[{name}]"] if name else []
+    sections: list[str] = []
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            sections += ["", *_toml_section(value, f"{name}.{f.name}" if name else f.name)]
+        else:
+            scalars.append(f"{f.name} = {_toml_literal(value)}")
+    return scalars + sections
+
+
+def _toml_literal(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, SecretStr):
+        value = value.reveal()
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))  # a JSON string is a TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_literal(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
 def _jsonable(value: object) -> object:
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, SecretStr):
+        return value.masked()
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     return value
@@ -200,6 +279,8 @@ def _toml_scalar(kind: type, raw: object, source: str, key: str) -> object:
         return float(raw)
     elif kind is str and isinstance(raw, str):
         return raw
+    elif kind is SecretStr and isinstance(raw, str):
+        return SecretStr(raw)
     elif kind is Path and isinstance(raw, str):
         return _path(raw, source, key)
     raise ConfigError(source, key, f"expected {kind.__name__}, got {_shown(raw)}")
@@ -248,6 +329,7 @@ def _env_value(leaf: _Leaf, text: str, var: str, key: str) -> object:
 def _env_scalar(kind: type, text: str, var: str, key: str) -> object:
     parsers: dict[type, Callable[[str], object]] = {
         str: str,
+        SecretStr: SecretStr,
         int: lambda s: int(s.strip()),
         float: lambda s: float(s.strip()),
         bool: _bool,

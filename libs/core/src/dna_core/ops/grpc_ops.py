@@ -14,12 +14,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
+from grpc_health.v1 import health, health_pb2  # type: ignore[import-untyped]
 from grpc_health.v1._async import HealthServicer  # type: ignore[import-untyped]
-from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped]
+from grpc_reflection.v1alpha import reflection, reflection_pb2  # type: ignore[import-untyped]
+from grpc_reflection.v1alpha._async import ReflectionServicer  # type: ignore[import-untyped]
+
+from dna_core.ops.grpc_gate import GrpcGate
 
 __all__ = ["HealthController", "add_health_and_reflection"]
 
+DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024  # grpcio's default receive limit
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -61,16 +65,22 @@ class HealthController:
 
 
 def add_health_and_reflection(
-    server: grpc.aio.Server, service_full_names: Sequence[str]
+    server: grpc.aio.Server, service_full_names: Sequence[str], gate: GrpcGate | None = None
 ) -> HealthController:
-    """Register health and reflection on ``server`` (before ``server.start()``).
+    """Register health and reflection on ``server`` (before ``server.start()``), behind
+    ``gate`` like the node's own services (a private one if none is given).
 
     ``service_full_names`` are the node's own services (``"dna.v1.Mailbox"``); reflection lists
     them plus health and reflection themselves.
     """
+    gate = gate if gate is not None else GrpcGate(max_message=DEFAULT_MAX_MESSAGE)
     names = ("", *service_full_names)
     servicer = _NodeHealthServicer(names)
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    gate.add(server, servicer, health_pb2.DESCRIPTOR.services_by_name["Health"])
     reflected = [*service_full_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
-    reflection.enable_server_reflection(reflected, server)
+    gate.add(
+        server,
+        ReflectionServicer(reflected),
+        reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+    )
     return HealthController(servicer, names)

@@ -8,6 +8,12 @@ one process never share a metric.
 ``OpsServer`` runs uvicorn inside the caller's event loop. The node owns process signals
 (``lifecycle.GracefulShutdown``), so uvicorn's handlers are disabled, and uvicorn's logging
 config is skipped so its lines flow through the root logger (JSON, see ``logs``).
+
+Connections are guarded at accept (``HttpLimits``): uvicorn alone keeps a connection that
+never sends a request open forever, so one address could hold every file descriptor of the
+node. A connection over the per-source or total cap is closed at once, and one that has not
+sent a whole request head within ``idle_timeout_s`` (idle, or a request trickled byte by
+byte) is closed then.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import uvicorn
@@ -24,10 +32,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from dna_core.ops.logs import Log
 
-__all__ = ["OpsServer", "build_ops_app"]
+__all__ = ["HttpLimits", "OpsServer", "build_ops_app"]
 
 T = TypeVar("T")
 
@@ -82,6 +91,96 @@ def _safely(check: Callable[[], T], failed: T, log: Log) -> T:
         return failed
 
 
+@dataclass(frozen=True)
+class HttpLimits:
+    """Connection caps of the ops port; it serves operators and scrapers, not the public."""
+
+    max_connections: int = 64
+    max_connections_per_source: int = 8
+    idle_timeout_s: float = 10.0  # to send a whole request head, on a new or kept-alive one
+
+
+class _ConnectionGuard:
+    """Counts open connections per source address; ``admit`` says whether one more fits."""
+
+    def __init__(self, limits: HttpLimits) -> None:
+        self.limits = limits
+        self._by_source: Counter[str] = Counter()
+        self.refused = 0
+
+    def admit(self, source: str) -> bool:
+        total = self._by_source.total()
+        if (
+            total >= self.limits.max_connections
+            or self._by_source[source] >= self.limits.max_connections_per_source
+        ):
+            self.refused += 1
+            return False
+        self._by_source[source] += 1
+        return True
+
+    def release(self, source: str) -> None:
+        self._by_source[source] -= 1
+        if self._by_source[source] <= 0:
+            del self._by_source[source]
+
+
+class _GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol behind the guard, with a deadline for each request head."""
+
+    guard: _ConnectionGuard  # set on the per-server subclass (uvicorn builds the instances)
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._source = self.client[0] if self.client else "?"
+        self._admitted = self.guard.admit(self._source)
+        self._head_deadline: asyncio.TimerHandle | None = None
+        self._waiting_cycle: object = None
+        if not self._admitted:
+            transport.abort()  # over a cap: no response, no buffers, the fd back at once
+            return
+        self._arm_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._admitted:
+            self._admitted = False
+            self.guard.release(self._source)
+        self._disarm_head_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.cycle is not None and self.cycle is not self._waiting_cycle:
+            self._disarm_head_deadline()  # a whole request head arrived: a new cycle began
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        idle = self.cycle is None or self.cycle.response_complete  # not a pipelined request
+        if idle and not self.transport.is_closing():
+            self._arm_head_deadline()
+
+    def _arm_head_deadline(self) -> None:
+        self._disarm_head_deadline()
+        self._waiting_cycle = self.cycle
+        timeout = self.guard.limits.idle_timeout_s
+        self._head_deadline = self.loop.call_later(timeout, self._head_too_slow)
+
+    def _disarm_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def _guarded_protocol(limits: HttpLimits) -> type[_GuardedH11Protocol]:
+    """A protocol class bound to its own guard (one per server, not per process)."""
+    return type("GuardedH11Protocol", (_GuardedH11Protocol,), {"guard": _ConnectionGuard(limits)})
+
+
 class _EmbeddedServer(uvicorn.Server):
     """uvicorn without its signal handlers, reporting when it listens."""
 
@@ -102,8 +201,11 @@ class OpsServer:
     """Serves an ops app inside the running event loop: ``await start(host, port)``, then
     ``await stop()``. Port 0 picks a free port; ``port`` tells which."""
 
-    def __init__(self, app: FastAPI, *, log: Log | None = None) -> None:
+    def __init__(
+        self, app: FastAPI, *, log: Log | None = None, limits: HttpLimits | None = None
+    ) -> None:
         self._app = app
+        self._limits = limits if limits is not None else HttpLimits()
         self._log = log if log is not None else logging.getLogger(__name__)
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -131,6 +233,8 @@ class OpsServer:
             proxy_headers=False,
             server_header=False,
             timeout_graceful_shutdown=int(GRACEFUL_STOP_SECONDS),
+            http=_guarded_protocol(self._limits),
+            limit_concurrency=self._limits.max_connections,  # requests in flight, too
         )
         server = self._server = _EmbeddedServer(config)
         self._task = asyncio.create_task(server.serve(sockets=[sock]), name="ops-http")

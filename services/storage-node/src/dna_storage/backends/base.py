@@ -33,6 +33,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from dna_core.crypto.pow import Proof
+from dna_core.errors import CapacityError
+
+
+class StorageFullError(CapacityError):
+    """A write found no room: the disk is full (SQLite) or Redis is out of memory or
+    refusing writes. The write changed nothing; reads still work (RESOURCE_EXHAUSTED)."""
 
 
 class PutOutcome(enum.Enum):

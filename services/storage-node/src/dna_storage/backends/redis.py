@@ -34,12 +34,13 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from dna_storage.backends.base import (
     MailboxDigest,
     Page,
     PutOutcome,
+    StorageFullError,
     StoredBlob,
     SyncIndex,
     Tombstone,
@@ -62,6 +63,7 @@ DURABLE_CONFIG = {
     "maxmemory-policy": ("noeviction", "an evicting policy silently drops stored blobs"),
 }
 _OUTCOMES = [PutOutcome.STORED, PutOutcome.DUPLICATE, PutOutcome.TOMBSTONED, PutOutcome.EXPIRED]
+_NO_ROOM = ("OOM", "MISCONF")  # replies of a Redis that refuses writes for lack of room
 _PIPELINE_CHUNK = 256  # commands per pipeline round trip
 _SCAN_CHUNK = 64  # index entries per fetch round trip (beyond limit + 1)
 _BLOB_FIELDS = ["d", "s", "e", "q", "w"]
@@ -279,6 +281,16 @@ class RedisBackend:
             log.warning("redis is not configured for durable writes: %s", problem)
         return cls(client, prefix)
 
+    async def _write(self, script: Any, args: list[Any]) -> Any:
+        """Run a writing script; Redis out of memory (``maxmemory`` with ``noeviction``) or
+        refusing writes after a failed snapshot (MISCONF) is a lack of room, not a bug."""
+        try:
+            return await script(keys=[], args=args)
+        except ResponseError as exc:
+            if isinstance(exc, OutOfMemoryError) or str(exc).startswith(_NO_ROOM):
+                raise StorageFullError(f"storage is full: redis: {exc}") from exc
+            raise
+
     def _key(self, kind: str, mailbox_id: bytes, blob_id: bytes | None = None) -> str:
         tail = "" if blob_id is None else ":" + _hex(blob_id)
         return f"{self._p}{kind}:{_hex(mailbox_id)}{tail}"
@@ -290,7 +302,7 @@ class RedisBackend:
         for b in blobs:
             args += [_hex(b.mailbox_id), _hex(b.blob_id), b.blob, b.stored_ms, b.expires_ms]
             args.append(encode_pow(b.pow) or b"")
-        codes = await self._put(keys=[], args=args)
+        codes = await self._write(self._put, args)
         return [_OUTCOMES[int(c)] for c in codes]
 
     async def delete(self, tombstones: Sequence[Tombstone], now_ms: int) -> int:
@@ -300,12 +312,12 @@ class RedisBackend:
         for t in tombstones:
             args += [_hex(t.mailbox_id), _hex(t.blob_id), t.deleted_ms, t.expires_ms]
             args.append(t.authorization)
-        return int(await self._delete(keys=[], args=args))
+        return int(await self._write(self._delete, args))
 
     async def expire(self, now_ms: int, limit: int) -> int:
         if limit < 1:
             return 0
-        return int(await self._expire(keys=[], args=[self._p, now_ms, limit]))
+        return int(await self._write(self._expire, [self._p, now_ms, limit]))
 
     async def forget(
         self, mailbox_id: bytes, blob_ids: Sequence[bytes], tombstone_ids: Sequence[bytes]
@@ -313,7 +325,7 @@ class RedisBackend:
         blobs = unique(blob_ids)
         ids = [_hex(i) for i in (*blobs, *unique(tombstone_ids))]
         args: list[Any] = [self._p, _hex(mailbox_id), len(blobs), *ids]
-        return int(await self._forget(keys=[], args=args))
+        return int(await self._write(self._forget, args))
 
     async def fetch(self, mailbox_id: bytes, cursor: int, limit: int, now_ms: int) -> Page:
         """Walk the seq index in chunks until ``limit + 1`` live blobs are found or it ends."""

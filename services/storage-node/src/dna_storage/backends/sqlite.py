@@ -29,6 +29,7 @@ from dna_storage.backends.base import (
     MailboxDigest,
     Page,
     PutOutcome,
+    StorageFullError,
     StoredBlob,
     SyncIndex,
     Tombstone,
@@ -144,7 +145,18 @@ def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None
 
 def _deliver(job: _Job, value: Any, error: BaseException | None) -> None:
     with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-        job.loop.call_soon_threadsafe(_settle, job.future, value, error)
+        job.loop.call_soon_threadsafe(_settle, job.future, value, _storage_error(error))
+
+
+def _storage_error(error: BaseException | None) -> BaseException | None:
+    """SQLITE_FULL (the disk, or ``max_page_count``) is a lack of room, not a bug: the
+    transaction was rolled back, and the caller answers RESOURCE_EXHAUSTED."""
+    # Only errors SQLite itself raised carry a code (ours, raised by hand, do not).
+    if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        full = StorageFullError(f"storage is full: {error}")
+        full.__cause__ = error
+        return full
+    return error
 
 
 def _connect(path: Path, *, writer: bool) -> sqlite3.Connection:

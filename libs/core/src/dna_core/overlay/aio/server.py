@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import logging
+import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,8 +22,9 @@ from typing import Any, TypeVar
 import grpc
 from dna_core import __version__
 from dna_core.ops.config import dump_config
+from dna_core.ops.grpc_gate import GrpcGate, ServiceRegistrar
 from dna_core.ops.grpc_ops import HealthController, add_health_and_reflection
-from dna_core.ops.http import OpsServer, build_ops_app
+from dna_core.ops.http import HttpLimits, OpsServer, build_ops_app
 from dna_core.ops.logs import node_logger
 from dna_core.ops.node_key import load_or_create_node_key
 from dna_core.overlay.protocol import Addr
@@ -32,8 +36,8 @@ from dna_core.overlay.records import (
     RecordStore,
 )
 from dna_core.ratelimit import RateLimiter
-from dna_core.wire.gen.dna.v1 import overlay_pb2_grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 
 from .node import NodeConfig, OverlayNode
 from .record_file import RecordFile
@@ -47,8 +51,10 @@ from .records_rpc import (
 )
 
 T = TypeVar("T")
-OVERLAY_SERVICE = "dna.v1.Overlay"
-ExtraServices = Callable[[grpc.aio.Server, OverlayNode], Sequence[str]]
+# Registers a role's own gRPC services (``registrar(servicer, service_descriptor)``, behind
+# the node's GrpcGate) and returns their full names for health and reflection.
+ExtraServices = Callable[[ServiceRegistrar, OverlayNode], Sequence[str]]
+OVERLAY_DESCRIPTOR = overlay_pb2.DESCRIPTOR.services_by_name["Overlay"]
 
 
 @dataclass(frozen=True)
@@ -56,8 +62,13 @@ class NodeSection:
     host: str = "127.0.0.1"
     udp_port: int = 7400
     grpc_port: int = 7401
-    key_file: Path = Path("node.key")
+    # Where the node's private key lives is nobody's business but the operator's.
+    key_file: Path = field(default=Path("node.key"), metadata={"secret": True})
     puzzle_bits: int = 8
+
+    def __post_init__(self) -> None:
+        _check_port("udp_port", self.udp_port)
+        _check_port("grpc_port", self.grpc_port)
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,10 @@ class OverlaySection:
     refresh_interval: float = 600.0
     republish_interval: float = 3600.0
     name_pow_bits: int = DEFAULT_NAME_POW_BITS
+
+    def __post_init__(self) -> None:
+        for seed in self.bootstrap:
+            parse_addr(seed, key="bootstrap")  # a bad seed fails at start, not in a task
 
 
 @dataclass(frozen=True)
@@ -93,6 +108,55 @@ class OpsSection:
     http_host: str = "127.0.0.1"
     http_port: int = 7480
 
+    def __post_init__(self) -> None:
+        _check_port("http_port", self.http_port)
+
+
+@dataclass(frozen=True)
+class ConnectionsSection:
+    """Caps on inbound connections, so idle or hoarded ones cannot use up the node's file
+    descriptors (docs/operations.md). gRPC has no per-source cap in grpcio: a firewall
+    rule gives one."""
+
+    grpc_max_connections: int = 4096  # in total; over it a new connection is closed at once
+    grpc_handshake_timeout_s: float = 10.0  # to send the HTTP/2 preface and settings
+    grpc_idle_timeout_s: float = 300.0  # closed after this long without a call
+    grpc_max_age_s: float = 3600.0  # then GOAWAY: clients reconnect, calls get 30 s to end
+    grpc_max_streams: int = 100  # concurrent calls per connection
+    grpc_keepalive_s: float = 60.0  # ping a quiet connection to find dead peers
+    http_max_connections: int = 64
+    http_max_connections_per_source: int = 8
+    http_idle_timeout_s: float = 10.0  # to send a whole request head
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """grpcio's channel arguments for these caps (grpc_types.h)."""
+
+        def ms(seconds: float) -> int:
+            return int(seconds * 1000)
+
+        return [
+            ("grpc.max_allowed_incoming_connections", self.grpc_max_connections),
+            ("grpc.server_handshake_timeout_ms", ms(self.grpc_handshake_timeout_s)),
+            ("grpc.max_connection_idle_ms", ms(self.grpc_idle_timeout_s)),
+            ("grpc.max_connection_age_ms", ms(self.grpc_max_age_s)),
+            ("grpc.max_connection_age_grace_ms", 30_000),
+            ("grpc.max_concurrent_streams", self.grpc_max_streams),
+            ("grpc.keepalive_time_ms", ms(self.grpc_keepalive_s)),
+            ("grpc.keepalive_timeout_ms", 20_000),
+        ]
+
+    def http_limits(self) -> HttpLimits:
+        return HttpLimits(
+            max_connections=self.http_max_connections,
+            max_connections_per_source=self.http_max_connections_per_source,
+            idle_timeout_s=self.http_idle_timeout_s,
+        )
+
 
 @dataclass(frozen=True)
 class OverlayServiceConfig:
@@ -100,14 +164,55 @@ class OverlayServiceConfig:
     overlay: OverlaySection = field(default_factory=OverlaySection)
     records: RecordsSection = field(default_factory=RecordsSection)
     ops: OpsSection = field(default_factory=OpsSection)
+    connections: ConnectionsSection = field(default_factory=ConnectionsSection)
     log_level: str = "info"
 
+    def __post_init__(self) -> None:
+        levels = sorted(name.lower() for name in logging.getLevelNamesMapping())
+        if self.log_level.lower() not in levels:
+            raise ValueError(f"log_level {self.log_level!r} is not one of {', '.join(levels)}")
 
-def parse_addr(text: str) -> Addr:
+
+def parse_addr(text: str, key: str = "address") -> Addr:
     host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"address {text!r} is not host:port")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{key}: {text!r} is not host:port")
     return host.strip("[]"), int(port)
+
+
+def _check_port(key: str, port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{key} must be 0..65535, got {port}")
+
+
+async def _probe_tcp(host: str, port: int) -> None:
+    socket.create_server(
+        (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET
+    ).close()
+
+
+async def _listen(what: str, start: Awaitable[T]) -> T:
+    """``start`` a listener; a failure to bind names the listener and its address."""
+    try:
+        return await start
+    except OSError as exc:
+        raise OSError(f"cannot listen on {what}: {exc.strerror or exc}") from None
+
+
+def role_name(role: int) -> str:
+    """``NODE_ROLE_STORAGE`` (2) -> ``"storage"``: what logs and ``/status`` show."""
+    return common_pb2.NodeRole.Name(role).removeprefix("NODE_ROLE_").lower()  # type: ignore[arg-type]
+
+
+def config_warnings(config: OverlayServiceConfig) -> list[str]:
+    """Settings that work but are most likely a mistake on a public node."""
+    warnings = []
+    if ipaddress.ip_address(config.node.host).is_loopback and not config.overlay.allow_loopback:
+        warnings.append(
+            f"node.host is {config.node.host} (the default if left out): other machines "
+            "cannot reach this node; set [node] host to the address others reach"
+        )
+    return warnings
 
 
 class OverlayServer:
@@ -118,11 +223,20 @@ class OverlayServer:
         role: int,
         extra_services: ExtraServices | None = None,
         extra_readiness: Callable[[], tuple[bool, str]] | None = None,
+        extra_status: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.config, self.role = config, role
         self._extra = extra_services
         self._extra_ready = extra_readiness  # e.g. a storage node over its disk high-water mark
+        self._extra_status = extra_status  # a role's own figures, under its role's name
         self.registry = CollectorRegistry()
+        # The process's CPU, memory and open files, and which build runs in which role.
+        ProcessCollector(registry=self.registry)
+        Gauge(
+            "dna_build_info", "Always 1: the running version and role", ["version", "role"],
+            registry=self.registry,
+        ).labels(version=__version__, role=role_name(role)).set(1)  # fmt: skip
+        self.warnings = config_warnings(config)
         self.started_at = time.time()
         self.ready = False
         self._stopping = False
@@ -132,22 +246,36 @@ class OverlayServer:
         self.grpc: grpc.aio.Server | None = None
         self.ops: OpsServer | None = None
         self.record_file: RecordFile | None = None
-        self.log = node_logger("dna.node", role=str(role))
+        self.log = node_logger("dna.node", role=role_name(role))
 
     async def start(self) -> None:
+        """Bind gRPC, UDP and HTTP in that order; if one fails, close what was opened (so
+        nothing is left for interpreter exit to trip over) and raise naming the address."""
         cfg = self.config
         identity, created = load_or_create_node_key(cfg.node.key_file, cfg.node.puzzle_bits)
-        self.log = node_logger("dna.node", role=str(self.role), node_id=identity.node_id.hex()[:16])
+        self.log = node_logger(
+            "dna.node", role=role_name(self.role), node_id=identity.node_id.hex()[:16]
+        )
+        for warning in self.warnings:
+            self.log.warning(warning)
         if created:
-            self.log.info("minted a new node key", extra={"key_file": str(cfg.node.key_file)})
+            self.log.info("minted a new node key (node.key_file)")
         store = self._open_records()
         self.node = node = OverlayNode(
             identity, self._node_config(), store=store, registry=self.registry
         )
-        grpc_port = await self._start_grpc(node, store)
-        await node.start(grpc_port=grpc_port)
-        self.ops = OpsServer(self._ops_app(), log=self.log)
-        await self.ops.start(cfg.ops.http_host, cfg.ops.http_port)
+        try:
+            grpc_port = await self._start_grpc(node, store)
+            udp = f"UDP {cfg.node.host}:{cfg.node.udp_port}"
+            await _listen(udp, node.start(grpc_port=grpc_port))
+            self.ops = OpsServer(
+                self._ops_app(), log=self.log, limits=cfg.connections.http_limits()
+            )
+            http = f"HTTP {cfg.ops.http_host}:{cfg.ops.http_port}"
+            await _listen(http, self.ops.start(cfg.ops.http_host, cfg.ops.http_port))
+        except BaseException:
+            await self._close_listeners()
+            raise
         self._tasks = [
             asyncio.create_task(self._join_and_refresh()),
             asyncio.create_task(self._upkeep()),
@@ -183,10 +311,14 @@ class OverlayServer:
         )  # fmt: skip
 
     async def _start_grpc(self, node: OverlayNode, store: RecordStore) -> int:
-        server = grpc.aio.server(
+        self.grpc = server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE),
                 ("grpc.max_send_message_length", MAX_GRPC_MESSAGE),
+                # grpcio sets SO_REUSEPORT by default: a second node on the same port would
+                # start and split the traffic with the first instead of failing to bind.
+                ("grpc.so_reuseport", 0),
+                *self.config.connections.grpc_options(),
             ]
         )
         records = self.config.records
@@ -209,16 +341,24 @@ class OverlayServer:
             on_rejected=lambda reason: node.metrics.rejected.labels(reason=reason).inc(),
             on_evicted=evicted.inc,
         )
-        overlay_pb2_grpc.add_OverlayServicer_to_server(service, server)
-        names = [OVERLAY_SERVICE, *(self._extra(server, node) if self._extra else ())]
-        self.health = add_health_and_reflection(server, names)
-        port = server.add_insecure_port(f"{self.config.node.host}:{self.config.node.grpc_port}")
+        gate = GrpcGate(max_message=MAX_GRPC_MESSAGE, registry=self.registry, log=self.log)
+        names = [gate.add(server, service, OVERLAY_DESCRIPTOR)]
+        if self._extra is not None:
+            names += self._extra(gate.registrar(server), node)
+        self.health = add_health_and_reflection(server, names, gate)
+        host, wanted = self.config.node.host, self.config.node.grpc_port
+        address = f"{host}:{wanted}"
+        if wanted:
+            # grpcio reports a failed bind as a C-level log line and a bare "Failed to bind":
+            # a bind of our own first gives the reason (in use, not an address of this host).
+            await _listen(f"gRPC {address}", _probe_tcp(host, wanted))
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError:  # grpcio says only "Failed to bind"; the usual cause is a taken port
+            port = 0
         if port == 0:
-            raise OSError(
-                f"cannot bind gRPC on {self.config.node.host}:{self.config.node.grpc_port}"
-            )
+            raise OSError(f"cannot listen on gRPC {address}: address in use or not available")
         await server.start()
-        self.grpc = server
         return port
 
     def _ops_app(self) -> Any:
@@ -271,6 +411,15 @@ class OverlayServer:
         if self.health is not None:
             await self.health.set_serving(ready)
 
+    async def _close_listeners(self) -> None:
+        """Undo a start that failed part-way (each step copes with never having started)."""
+        if self.grpc is not None:
+            await self.grpc.stop(grace=None)
+        if self.node is not None:
+            await self.node.stop()
+        if self.ops is not None:
+            await self.ops.stop()
+
     async def stop(self) -> None:
         """Fail readiness, drain gRPC, then close everything."""
         self._stopping = True
@@ -294,7 +443,7 @@ class OverlayServer:
         node = self.node
         info: dict[str, Any] = {
             "version": __version__,
-            "role": self.role,
+            "role": role_name(self.role),
             "ready": self.ready,
             "uptime_s": round(time.time() - self.started_at, 1),
             "config": dump_config(self.config),
@@ -311,6 +460,10 @@ class OverlayServer:
                 "records": len(node.store) if node.store is not None else 0,
                 "record_bytes": node.store.bytes_held if node.store is not None else 0,
             }
+        if self._extra_status is not None:
+            info[role_name(self.role)] = self._extra_status()
+        if self.warnings:
+            info["warnings"] = self.warnings
         return info
 
 

@@ -1,0 +1,193 @@
+"""The gRPC edge of a node: every request body goes through the strict decoding gate.
+
+grpcio's generated registration (``add_XServicer_to_server``) parses requests with the lenient
+``FromString`` before our code runs, so a malformed body answered UNKNOWN with a Python
+exception name and logged a traceback per call. ``GrpcGate.add`` registers a servicer instead:
+handlers receive raw bytes (identity deserializer), which ``wire.codec.decode_message`` turns
+into the request (size cap, canonical form) or refuses with INVALID_ARGUMENT and a short
+reason, counted in ``dna_grpc_malformed_requests_total`` and never logged.
+
+It also owns what escapes a handler, so no exception of ours leaves as UNKNOWN: a
+``ProtocolError`` answers its own wire code, a ``CapacityError`` RESOURCE_EXHAUSTED, and
+anything else INTERNAL, counted in ``dna_grpc_internal_errors_total`` and logged with its
+traceback at most once per ``LOG_EVERY_S`` per method (a flood of one bug is one line a minute).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias
+
+import grpc
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
+from prometheus_client import CollectorRegistry, Counter
+
+from dna_core.errors import MalformedError, ProtocolError
+from dna_core.ops.logs import Log
+from dna_core.wire.codec import decode_message
+
+__all__ = ["GrpcGate", "ServiceRegistrar"]
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+# Raised by context.abort (the status is already set) and by cancellation: pass through.
+_PASS_THROUGH = (grpc.aio.AbortError,)
+LOG_EVERY_S = 60.0  # at most one traceback per method per minute
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic in the stubs only
+ServiceRegistrar = Callable[[object, ServiceDescriptor], str]
+
+
+class GrpcGate:
+    """Registers servicers on a grpc.aio server behind strict decoding and one error mapping.
+
+    ``max_message`` is the decode cap (the server's receive limit). Metrics go into
+    ``registry`` (the node's own), so nodes sharing a process never share a series.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_message: int,
+        registry: CollectorRegistry | None = None,
+        log: Log | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_message = max_message
+        self._log = log if log is not None else logging.getLogger(__name__)
+        self._clock = clock
+        self._last_logged: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self.malformed = Counter(
+            "dna_grpc_malformed_requests",
+            "gRPC requests refused at decoding (INVALID_ARGUMENT), by method",
+            ["method"],
+            registry=registry,
+        )
+        self.internal = Counter(
+            "dna_grpc_internal_errors",
+            "gRPC calls that failed with an unexpected exception (INTERNAL), by method",
+            ["method"],
+            registry=registry,
+        )
+
+    def add(self, server: grpc.aio.Server, servicer: object, service: ServiceDescriptor) -> str:
+        """Serve ``service``'s methods from ``servicer``'s coroutines of the same names;
+        returns the service's full name (for health and reflection)."""
+        handlers = {m.name: self._handler(servicer, m) for m in service.methods}
+        generic = grpc.method_handlers_generic_handler(service.full_name, handlers)
+        server.add_generic_rpc_handlers((generic,))
+        return service.full_name
+
+    def registrar(self, server: grpc.aio.Server) -> ServiceRegistrar:
+        """``add`` bound to ``server``, for code that only registers services."""
+        return lambda servicer, service: self.add(server, servicer, service)
+
+    # -- handlers ----------------------------------------------------------------------
+
+    def _handler(self, servicer: object, method: MethodDescriptor) -> Handler:
+        behaviour = getattr(servicer, method.name)
+        cls: type[Message] = GetMessageClass(method.input_type)
+        name = f"/{method.containing_service.full_name}/{method.name}"
+
+        async def decode_one(raw: bytes, context: Ctx) -> Any:
+            return await self.decode(context, cls, raw, name)
+
+        async def decode_each(raw: AsyncIterator[bytes], context: Ctx) -> AsyncIterator[Any]:
+            async def each() -> AsyncIterator[Any]:
+                async for item in raw:
+                    yield await self.decode(context, cls, item, name)
+
+            return each()
+
+        prepare = decode_each if method.client_streaming else decode_one
+        guarded = self._guard(behaviour, prepare, name)
+        make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        return make(guarded, response_serializer=_serialize)
+
+    def _guard(
+        self,
+        behaviour: Callable[..., Any],
+        prepare: Callable[[Any, Ctx], Awaitable[Any]],
+        name: str,
+    ) -> Callable[[Any, Ctx], Any]:
+        """``behaviour`` behind decoding and the error mapping, in its own shape: an async
+        generator stays one (streamed responses); a coroutine returns its response or
+        writes the stream itself (``context.write``, as the health servicer's Watch does)."""
+        if inspect.isasyncgenfunction(behaviour):
+
+            async def stream(raw: Any, context: Ctx) -> AsyncIterator[Any]:
+                request = await prepare(raw, context)
+                try:
+                    async for response in behaviour(request, context):
+                        yield response
+                except _PASS_THROUGH:
+                    raise
+                except Exception as exc:
+                    await self.fail(context, name, exc)
+
+            return stream
+
+        async def call(raw: Any, context: Ctx) -> Any:
+            request = await prepare(raw, context)
+            try:
+                return await behaviour(request, context)
+            except _PASS_THROUGH:
+                raise
+            except Exception as exc:
+                await self.fail(context, name, exc)
+
+        return call
+
+    async def decode(self, context: Ctx, cls: type[Message], raw: bytes, name: str) -> Any:
+        """The request, or abort INVALID_ARGUMENT with the gate's reason (counted)."""
+        try:
+            return decode_message(cls, raw, max_size=self.max_message, what=_short(name))
+        except MalformedError as exc:
+            self.malformed.labels(method=name).inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.reason)
+            raise AssertionError("abort returned") from None  # grpc's abort always raises
+
+    async def fail(self, context: Ctx, name: str, exc: Exception) -> None:
+        """Answer an exception that escaped a handler with a status of ours, never UNKNOWN."""
+        if isinstance(exc, ProtocolError):
+            await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.reason)
+        if isinstance(exc, NotImplementedError):  # the generated base servicer's methods
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{_short(name)}: not served here")
+        self.internal.labels(method=name).inc()
+        self._log_rate_limited(name, exc)
+        await context.abort(grpc.StatusCode.INTERNAL, f"{_short(name)}: internal error")
+
+    def _log_rate_limited(self, name: str, exc: Exception) -> None:
+        now = self._clock()
+        last = self._last_logged.get(name)
+        if last is not None and now - last < LOG_EVERY_S:
+            self._suppressed[name] = self._suppressed.get(name, 0) + 1
+            return
+        self._last_logged[name] = now
+        suppressed = self._suppressed.pop(name, 0)
+        self._log.error(
+            "grpc handler failed",
+            exc_info=exc,
+            extra={"method": name, "error": type(exc).__name__, "suppressed": suppressed},
+        )
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString(deterministic=True)
+
+
+_HANDLER_KINDS: dict[tuple[bool, bool], Callable[..., Handler]] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _short(name: str) -> str:
+    """``/dna.v1.Mailbox/Put`` -> ``Put``: what a refusal's reason starts with."""
+    return name.rpartition("/")[2]

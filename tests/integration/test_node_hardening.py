@@ -1,0 +1,252 @@
+"""A real `dna-storage-node` process under hostile input on its public ports (issue 10):
+malformed gRPC bodies on every method of every service, idle connections on both ports,
+and secrets kept out of `/status` and the logs."""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import select
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cluster import GRPC_PORT, NodeProcess, scrape, wait_ready
+from dna_core.wire.gen.dna.v1 import mailbox_pb2, overlay_pb2
+from dna_testnet.network import HTTP_PORT
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from grpc_health.v1 import health_pb2  # type: ignore[import-untyped]
+from grpc_reflection.v1alpha import reflection_pb2  # type: ignore[import-untyped]
+
+IP = "127.0.0.71"
+FLOODER = "127.0.0.72"  # one source address opening many idle connections
+LIMITS = """
+[connections]
+grpc_max_connections = 64
+grpc_handshake_timeout_s = 1.0
+http_max_connections = 32
+http_max_connections_per_source = 8
+http_idle_timeout_s = 1.0
+"""
+SERVICES: list[ServiceDescriptor] = [
+    mailbox_pb2.DESCRIPTOR.services_by_name["Mailbox"],
+    overlay_pb2.DESCRIPTOR.services_by_name["Overlay"],
+    health_pb2.DESCRIPTOR.services_by_name["Health"],
+    reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+]
+METHODS: list[MethodDescriptor] = [m for s in SERVICES for m in s.methods]
+GARBAGE = {
+    "not protobuf": b"\xff\xff\xff\xff\xff",
+    "truncated": b"\x0a\x05ab",
+    "unknown field": b"\xf8\x06\x01",  # field 99, varint 1: parses, but is not canonical
+}
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    root = tmp_path_factory.mktemp("hardening")
+    proc = NodeProcess("storage", IP, root, [], command="dna-storage-node", extra_toml=LIMITS)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))  # the node inherits it
+    try:
+        proc.start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        wait_ready([proc])
+        yield proc
+    finally:
+        proc.kill()
+
+
+async def raw_call(channel: grpc.aio.Channel, method: MethodDescriptor, body: bytes) -> None:
+    """Send ``body`` as the request of ``method`` with identity serializers, read the
+    answer to the end (raises the AioRpcError)."""
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    if method.client_streaming:
+
+        async def requests() -> AsyncIterator[bytes]:
+            yield body
+
+        if method.server_streaming:
+            async for _ in channel.stream_stream(path, _same, _same)(requests(), timeout=5):
+                pass
+        else:
+            await channel.stream_unary(path, _same, _same)(requests(), timeout=5)
+    elif method.server_streaming:
+        async for _ in channel.unary_stream(path, _same, _same)(body, timeout=5):
+            pass
+    else:
+        await channel.unary_unary(path, _same, _same)(body, timeout=5)
+
+
+def _same(data: bytes) -> bytes:
+    return data
+
+
+def log_lines(node: NodeProcess) -> list[str]:
+    return node.log_path.read_text(errors="replace").splitlines()
+
+
+@pytest.mark.parametrize("kind", sorted(GARBAGE))
+def test_malformed_bodies_answer_invalid_argument_without_a_traceback(
+    node: NodeProcess, kind: str
+) -> None:
+    before_log = len(log_lines(node))
+    before = malformed_total(node)
+
+    async def send_all() -> list[tuple[str, grpc.StatusCode, str]]:
+        answers = []
+        async with grpc.aio.insecure_channel(f"{IP}:{GRPC_PORT}") as channel:
+            for method in METHODS:
+                try:
+                    await raw_call(channel, method, GARBAGE[kind])
+                except grpc.aio.AioRpcError as err:
+                    answers.append((method.full_name, err.code(), err.details() or ""))
+                else:
+                    answers.append((method.full_name, grpc.StatusCode.OK, ""))
+        return answers
+
+    answers = asyncio.run(send_all())
+    wrong = [a for a in answers if a[1] != grpc.StatusCode.INVALID_ARGUMENT]
+    assert not wrong, wrong
+    for name, _, details in answers:
+        assert 0 < len(details) < 120 and "Error" not in details, (name, details)
+    new_lines = log_lines(node)[before_log:]
+    assert not [line for line in new_lines if "Traceback" in line or '"ERROR"' in line]
+    assert malformed_total(node) - before >= len(METHODS)
+
+
+def malformed_total(node: NodeProcess) -> float:
+    return sum(s.value for s in scrape(node) if s.name == "dna_grpc_malformed_requests_total")
+
+
+def open_idle(port: int, count: int, source: str = FLOODER) -> list[socket.socket]:
+    """``count`` TCP connections from ``source`` that never send a byte."""
+    conns = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind((source, 0))
+        sock.connect((IP, port))
+        sock.setblocking(False)
+        conns.append(sock)
+    return conns
+
+
+def closed_by_node(sock: socket.socket) -> bool:
+    """True once the node closed (or reset) the connection; never blocks."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return False
+    try:
+        while sock.recv(65536):  # a gRPC server may send its SETTINGS frame first
+            if not select.select([sock], [], [], 0)[0]:
+                return False
+    except ConnectionResetError:
+        return True
+    except BlockingIOError:
+        return False
+    return True
+
+
+def wait_all_closed(conns: list[socket.socket], timeout: float) -> float:
+    started = time.monotonic()
+    deadline = started + timeout
+    while time.monotonic() < deadline:
+        if all(closed_by_node(c) for c in conns):
+            return time.monotonic() - started
+        time.sleep(0.1)
+    still = sum(not closed_by_node(c) for c in conns)
+    raise AssertionError(f"{still} of {len(conns)} idle connections still open after {timeout} s")
+
+
+def grpc_health_ok() -> bool:
+    async def check() -> bool:
+        async with grpc.aio.insecure_channel(f"{IP}:{GRPC_PORT}") as channel:
+            call = channel.unary_unary("/grpc.health.v1.Health/Check", _same, _same)
+            await call(b"", timeout=5)
+            return True
+
+    return asyncio.run(check())
+
+
+def test_idle_grpc_connections_are_capped_and_closed(node: NodeProcess) -> None:
+    conns = open_idle(GRPC_PORT, 200)
+    try:
+        time.sleep(0.3)
+        assert sum(closed_by_node(c) for c in conns) >= 200 - 64  # over the total cap
+        assert node.http("/readyz").status_code == 200  # the node answers its probes
+        wait_all_closed(conns, timeout=5.0)  # no HTTP/2 preface within the handshake timeout
+        assert grpc_health_ok()
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_idle_http_connections_are_capped_per_source_and_closed(node: NodeProcess) -> None:
+    conns = open_idle(HTTP_PORT, 20)
+    slow = open_idle(HTTP_PORT, 1, source="127.0.0.73")[0]
+    slow.send(b"GET /readyz HTTP/1.1\r\nHost: x\r\n")  # a request head that never ends
+    try:
+        time.sleep(0.3)
+        assert sum(closed_by_node(c) for c in conns) >= 20 - 8  # over the per-source cap
+        assert node.http("/readyz").status_code == 200  # another source still gets in
+        wait_all_closed([*conns, slow], timeout=5.0)
+    finally:
+        for c in [*conns, slow]:
+            c.close()
+
+
+def test_open_files_limit_is_raised_to_the_hard_limit(node: NodeProcess) -> None:
+    assert node.proc is not None
+    limits = Path(f"/proc/{node.proc.pid}/limits").read_text().splitlines()
+    (line,) = [line for line in limits if line.startswith("Max open files")]
+    soft, hard = line.split()[3:5]
+    assert soft == hard, line
+
+
+REDIS_PASSWORD = "hunter2-not-for-logs"
+
+
+@pytest.fixture
+def redis_with_password(tmp_path: Path) -> Iterator[str]:
+    """A real redis-server that requires a password; yields the URL carrying it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--requirepass", REDIS_PASSWORD, "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        yield f"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_secrets_stay_out_of_status_and_logs(tmp_path: Path, redis_with_password: str) -> None:
+    settings = f'backend = "redis"\nredis_url = "{redis_with_password}"\n'
+    node = NodeProcess(
+        "redis-storage", "127.0.0.75", tmp_path, [], command="dna-storage-node",
+        extra_toml=settings,
+    )  # fmt: skip
+    node.start()
+    try:
+        wait_ready([node], timeout=30)
+        status = node.http("/status").text
+        storage = node.status()["config"]["storage"]
+    finally:
+        node.kill()
+    key_file = str(tmp_path / "redis-storage.key")
+    log = node.log_path.read_text()
+    for text in (status, log):
+        assert REDIS_PASSWORD not in text
+        assert key_file not in text
+    assert storage["redis_url"].startswith("redis://:***@127.0.0.1:")  # where, not how
+    assert '"started"' in log  # the startup line (with the configuration) was written

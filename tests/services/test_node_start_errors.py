@@ -1,0 +1,117 @@
+"""A node that cannot start says why in one line and exits 1 (issue 11 #5, #6): real
+`dna-bootstrap` / `dna-storage-node` processes, each with one thing wrong."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cluster import NodeProcess, wait_ready
+from support import run_script
+
+IP = "127.0.0.81"
+
+
+def config(tmp_path: Path, name: str, *, node: str = "", ops: str = "", top: str = "") -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(
+        f'log_level = "info"\n{top}\n[node]\nhost = "{IP}"\nkey_file = "{tmp_path / name}.key"\n'
+        f'puzzle_bits = 4\n{node}\n[ops]\nhttp_host = "{IP}"\n{ops}\n'
+    )
+    return path
+
+
+def one_line_error(out: subprocess.CompletedProcess[str], prog: str) -> str:
+    """The run failed with exactly one line that is not a JSON log line, and no traceback."""
+    assert out.returncode == 1, (out.returncode, out.stderr[-2000:])
+    text = out.stdout + out.stderr
+    assert "Traceback" not in text and "Exception ignored" not in text, text[-3000:]
+    plain = [line for line in text.splitlines() if line and not line.startswith("{")]
+    assert len(plain) == 1, plain
+    (line,) = plain
+    assert line.startswith(f"{prog}: error: "), line
+    for log_line in (line for line in text.splitlines() if line.startswith("{")):
+        json.loads(log_line)
+    return line
+
+
+def run(prog: str, path: Path) -> subprocess.CompletedProcess[str]:
+    return run_script(prog, "run", "--config", str(path), timeout=30)
+
+
+@pytest.fixture(scope="module")
+def first_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    """A bootstrap node on IP (UDP 7400, gRPC 7401, HTTP 7480)."""
+    node = NodeProcess("first", IP, tmp_path_factory.mktemp("first"), [])
+    node.start()
+    try:
+        wait_ready([node])
+        yield node
+    finally:
+        node.kill()
+
+
+def test_a_taken_grpc_port_is_refused_naming_it(tmp_path: Path, first_node: NodeProcess) -> None:
+    path = config(tmp_path, "second", node="udp_port = 7500", ops="http_port = 7580")
+    line = one_line_error(run("dna-bootstrap", path), "dna-bootstrap")
+    assert f"{IP}:7401" in line and "gRPC" in line, line
+    assert first_node.alive()
+
+
+@pytest.mark.parametrize(
+    ("node", "ops", "where"),
+    [
+        ("", "", f"{IP}:7401"),  # every port taken: gRPC is bound first
+        ("grpc_port = 7501", "", f"UDP {IP}:7400"),
+        ("grpc_port = 7501\nudp_port = 7500", "", f"HTTP {IP}:7480"),
+    ],
+)
+def test_each_taken_port_is_named(
+    tmp_path: Path, first_node: NodeProcess, node: str, ops: str, where: str
+) -> None:
+    path = config(tmp_path, "second", node=node, ops=ops)
+    line = one_line_error(run("dna-bootstrap", path), "dna-bootstrap")
+    assert where in line, line
+
+
+@pytest.mark.parametrize(
+    ("node", "top", "named"),
+    [
+        ("grpc_port = 99999", "", "grpc_port"),
+        ("udp_port = 99999", "", "udp_port"),
+        ("", 'log_level = "loud"', "log_level"),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_it(
+    tmp_path: Path, node: str, top: str, named: str
+) -> None:
+    path = config(tmp_path, "bad", node=node)
+    if top:
+        path.write_text(path.read_text().replace('log_level = "info"', top))
+    line = one_line_error(run("dna-bootstrap", path), "dna-bootstrap")
+    assert named in line, line
+
+
+def test_a_bad_bootstrap_address_is_one_line(tmp_path: Path) -> None:
+    path = config(tmp_path, "bad")
+    path.write_text(path.read_text() + '[overlay]\nbootstrap = ["nonsense"]\n')
+    line = one_line_error(run("dna-bootstrap", path), "dna-bootstrap")
+    assert "bootstrap" in line and "nonsense" in line, line
+
+
+def test_an_unreachable_redis_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = config(tmp_path, "store")
+    path.write_text(
+        path.read_text()
+        + f'[storage]\nbackend = "redis"\nredis_url = "redis://:pw@127.0.0.1:{port}/0"\n'
+    )
+    line = one_line_error(run("dna-storage-node", path), "dna-storage-node")
+    assert f"127.0.0.1:{port}" in line and "redis" in line.lower(), line
+    assert ":pw@" not in line
