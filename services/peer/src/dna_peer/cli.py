@@ -331,6 +331,8 @@ def _sync(args: argparse.Namespace) -> None:
         _emit(args, {"new_messages": len(report.new_messages), "receipts": report.receipts,
                      "rejected": len(report.rejected), "deleted_from_network": report.deleted,
                      "messages_in_cache": peer.cache.message_count()})  # fmt: skip
+        if report.cleanup_error:  # the mailbox is filling up: a script must notice
+            raise DnaError(report.cleanup_error)
 
     _with_peer(args, work)
 

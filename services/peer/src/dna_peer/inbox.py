@@ -43,6 +43,7 @@ class SyncReport:
     rejected: list[tuple[bytes, str]] = field(default_factory=list)
     held: list[bytes] = field(default_factory=list)  # blobs to acknowledge
     deleted: int = 0
+    cleanup_error: str | None = None  # storage nodes refused to delete (the user must know)
 
 
 class Inbox:

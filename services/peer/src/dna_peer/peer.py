@@ -264,7 +264,9 @@ class Peer:
         if inbox.history_wanted:
             await self.send_history()
         await self._acknowledge(inbox.report.held)
-        inbox.report.deleted = await self._clean_up()
+        inbox.report.deleted, inbox.report.cleanup_error = await self._clean_up()
+        if inbox.report.cleanup_error:
+            log.warning("%s", inbox.report.cleanup_error)
         return inbox.report
 
     async def _acknowledge(self, blob_ids: list[bytes]) -> None:
@@ -275,8 +277,9 @@ class Peer:
             ack = envelope_pb2.DeviceAck(device_id=self.device.device_id, blob_ids=blob_ids)
             await self.post_to_devices(envelope_pb2.Payload(ack=ack))
 
-    async def _clean_up(self) -> int:
-        """Signed deletes for what every device holds.
+    async def _clean_up(self) -> tuple[int, str | None]:
+        """Signed deletes for what every device holds; returns how many blobs were
+        deleted, and why the storage nodes refused the rest if they did.
 
         A device that lost its cache also lost the list of devices, so it deletes
         nothing until another device's history told it the list again, or a week
@@ -285,16 +288,21 @@ class Peer:
         recovering_since = self.cache.get_state(RECOVERING)
         if recovering_since is not None:
             if now_ms() - int(recovering_since) < RECOVERY_WAIT_MS:
-                return 0
+                return 0, None
             log.warning("no other device answered in a week: assuming this one is alone")
             self.cache.clear_state(RECOVERING)
         deletable = self.cache.deletable_blobs()
         if not deletable:
-            return 0
-        if await self.mail.delete(self.identity, deletable) >= self.mail.write_quorum:
-            self.cache.mark_deleted(deletable)
-            return len(deletable)
-        return 0
+            return 0, None
+        result = await self.mail.delete(self.identity, deletable)
+        self.cache.mark_deleted(result.deleted)
+        if not result.refusals:
+            return len(result.deleted), None
+        return len(result.deleted), (
+            f"storage nodes refused to delete {len(deletable) - len(result.deleted)} blobs"
+            f" from your mailbox ({'; '.join(result.refusals)}); they stay, and count"
+            " against its quota, until a delete is accepted"
+        )
 
     async def watch(self, on_report: Callable[[SyncReport], None], interval: float = 1.0) -> None:
         """Sync forever (until cancelled), reporting each round that brought something."""

@@ -35,6 +35,7 @@ from dna_core.crypto import Identity
 from dna_core.crypto import pow as pow_
 from dna_core.errors import DnaError, ProtocolError
 from dna_core.mailbox.auth import (
+    MAX_DELETE_IDS,
     FetchSession,
     fetch_body,
     open_session,
@@ -59,8 +60,27 @@ MAX_PUT_BATCH = 64  # puts per PutMany call (the node's limit)
 MAX_PUT_BATCH_BYTES = 2 * 1024 * 1024  # half the node's 4 MiB message limit
 
 
+# Blob IDs per signed delete (nodes accept MAX_DELETE_IDS). The request is 6.6 KB of key set
+# and signature plus 34 bytes per ID, 13.4 KB for 200, and every tombstone of the batch
+# stores all of it (and repair moves it): small batches keep tombstones small.
+DELETE_BATCH_IDS = 200
+DELETE_REQUEST_BYTES = 16 * 1024  # what a full batch's request stays under (tested)
+assert DELETE_BATCH_IDS <= MAX_DELETE_IDS
+_TRANSIENT = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+})  # fmt: skip
+_UNREACHABLE = "unreachable"
+
+
 class QuorumError(DnaError):
     """Fewer than W replicas stored the blob."""
+
+
+@dataclass
+class DeleteResult:
+    deleted: list[bytes] = field(default_factory=list)  # tombstoned on at least W nodes
+    refusals: list[str] = field(default_factory=list)  # why nodes refused a batch, if they did
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,24 +453,40 @@ class MailboxClient:
             return None
         return response
 
-    async def delete(self, owner: Identity, blob_ids: Sequence[bytes]) -> int:
+    async def delete(self, owner: Identity, blob_ids: Sequence[bytes]) -> DeleteResult:
         """Tombstone blobs on the replicas and the hand-off candidates (a hand-off copy
-        must not outlive the delete); returns how many nodes accepted. One signed request
-        serves them all: it names no node, and every replica receives it anyway as the
-        tombstone's authorization."""
+        must not outlive the delete), ``DELETE_BATCH_IDS`` per signed request. One
+        request serves every node: it names none, and every replica receives it anyway as
+        the tombstones' authorization. A batch counts as deleted once W nodes accepted it;
+        a batch the nodes refused stops the run (the next one would be refused alike: a
+        wrong clock, a changed limit) and says why."""
         box = mailbox_id(owner.fingerprint)
         candidates = await self.candidates(box)
-        request = mailbox_pb2.DeleteRequest.FromString(
-            sign_delete(owner, list(blob_ids), now_ms=_wall_ms())
-        )
-        accepted = await asyncio.gather(*(self._delete_one(c, request) for c in candidates))
-        if not all(accepted):
-            self.replica_sets.forget(box)
-        return sum(accepted)
+        result = DeleteResult()
+        for start in range(0, len(blob_ids), DELETE_BATCH_IDS):
+            batch = list(blob_ids[start : start + DELETE_BATCH_IDS])
+            request = mailbox_pb2.DeleteRequest.FromString(
+                sign_delete(owner, batch, now_ms=_wall_ms())
+            )
+            errors = await asyncio.gather(*(self._delete_one(c, request) for c in candidates))
+            if any(errors):
+                self.replica_sets.forget(box)
+            if errors.count(None) >= self.write_quorum:
+                result.deleted.extend(batch)
+                continue
+            refusals = sorted({e for e in errors if e and not e.startswith(_UNREACHABLE)})
+            if refusals:
+                result.refusals.extend(refusals)
+                break
+        return result
 
-    async def _delete_one(self, contact: Contact, request: mailbox_pb2.DeleteRequest) -> bool:
+    async def _delete_one(self, contact: Contact, request: mailbox_pb2.DeleteRequest) -> str | None:
+        """None when the node accepted; else why not (``_UNREACHABLE`` first when it did
+        not answer or could not do it now)."""
         try:
             await self._stub(contact).Delete(request, timeout=self.timeout)
-        except grpc.aio.AioRpcError:
-            return False
-        return True
+        except grpc.aio.AioRpcError as err:
+            if err.code() in _TRANSIENT:
+                return f"{_UNREACHABLE}: {err.code().name}"
+            return f"{err.code().name}: {err.details()}"
+        return None
