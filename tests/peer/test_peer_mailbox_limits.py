@@ -6,6 +6,7 @@ and a delete the nodes refuse is an error the owner sees."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +18,11 @@ from dna_core.mailbox import mailbox_id
 from dna_core.mailbox.auth import MAX_DELETE_IDS
 from dna_core.mailbox.client import QuorumError
 from dna_core.wire.gen.dna.v1 import envelope_pb2
+from dna_peer.cache import Contact, Message
+from dna_peer.inbox import Inbox
 from dna_peer.keyserver import now_ms
 from dna_peer.peer import Peer
-from peers import People
+from peers import PASSPHRASE, People
 
 FIRST_IP = 60
 QUOTA = MAX_DELETE_IDS + 50  # more than one delete request may name
@@ -106,5 +109,64 @@ def test_a_refused_delete_is_an_error_the_owner_sees(
         report = await alice.sync()  # the next sync deletes it
         assert report.deleted == 1 and report.cleanup_error is None
         await asyncio.gather(alice.close(), bob.close())
+
+    asyncio.run(scenario())
+
+
+def fill_cache(peer: Peer, contacts: int, messages: int) -> None:
+    """A long-used device: ``contacts`` pinned contacts and ``messages`` messages."""
+    people_ = [Identity.generate().public for _ in range(contacts)]
+    with peer.cache.transaction():
+        for keys in people_:
+            peer.cache.pin(Contact(keys.fingerprint, keys, None, False, now_ms(), keys.fingerprint))
+        for i in range(messages):
+            other = people_[i % contacts].fingerprint
+            outgoing = i % 2 == 0
+            peer.cache.add_message(Message(
+                os.urandom(16), other, peer.fingerprint if outgoing else other,
+                other if outgoing else peer.fingerprint, 1_700_000_000_000 + i,
+                f"message {i} " + "x" * 100, outgoing=outgoing,
+            ))  # fmt: skip
+
+
+def test_a_long_history_and_many_acknowledgements_reach_a_restored_device(
+    network: list[NodeProcess], tmp_path: Path
+) -> None:
+    """History, acknowledgements and receipts are lists: each goes in payloads under the
+    envelope cap, however long (here 80 contacts of 3.2 KB keys, 10,050 messages: more
+    than one query of the cache returns; 8,000 acknowledged blobs; 12,000 receipts)."""
+
+    async def scenario() -> None:
+        who = people(tmp_path)
+        phone = await who.new("alice", publish=False)
+        fill_cache(phone, 80, 10_050)
+        keyfile = who.profile("alice").keyfile.read_bytes()
+        who.profile("laptop").restore(keyfile, PASSPHRASE)
+        laptop = await who.open("laptop")  # no cache: asks the phone for the history
+        await phone.sync()  # answers with it
+        await laptop.sync()
+        assert laptop.cache.message_count() == 10_050
+        assert len(laptop.cache.contacts()) == 80
+        assert len(laptop.cache.devices()) == 2
+
+        held = [os.urandom(32) for _ in range(8_000)]
+        await phone._acknowledge(held)  # what a sync of 8,000 blobs does
+        await laptop.sync()
+        acked = laptop.cache._rows(
+            "SELECT count(*) FROM acks WHERE device_id = ?", (phone.device.device_id,)
+        )
+        assert acked[0][0] >= 8_000
+
+        bob = await who.new("bob", publish=False)
+        inbox = Inbox(bob)
+        inbox._receipts[phone.fingerprint] = (  # a sync of 12,000 messages
+            phone.identity.public,
+            [os.urandom(16) for _ in range(12_000)],
+        )
+        before = {b.blob_id for b in (await phone.mail.fetch(phone.identity))[0]}
+        await inbox.send_receipts()
+        after = {b.blob_id for b in (await phone.mail.fetch(phone.identity))[0]}
+        assert len(after - before) == 3  # 4,000 IDs each: none was dropped as too big
+        await asyncio.gather(phone.close(), laptop.close(), bob.close())
 
     asyncio.run(scenario())

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dna.peer.inbox")
 MAX_PAYLOAD = 192 * 1024
+RECEIPT_BATCH_IDS = 4_000  # message IDs per receipt: 72 KB, under the envelope cap
 OWN_DEVICE_KINDS = frozenset({"sync", "read", "device", "ack", "history"})
 Apply = Callable[[], str]  # the cache writes of one blob; returns its outcome
 
@@ -161,11 +162,15 @@ class Inbox:
     async def send_receipts(self) -> None:
         """One delivery receipt per sender for the messages this sync stored."""
         for keys, ids in self._receipts.values():
-            receipt = envelope_pb2.Payload(receipt=envelope_pb2.DeliveryReceipt(message_ids=ids))
-            try:
-                await self.peer.send_payload(keys, receipt.SerializeToString(), with_keys=False)
-            except Exception as exc:  # a receipt is best effort; the message is already held
-                log.warning("delivery receipt to %s failed: %s", keys.fingerprint.hex()[:16], exc)
+            for start in range(0, len(ids), RECEIPT_BATCH_IDS):
+                batch = ids[start : start + RECEIPT_BATCH_IDS]
+                receipt = envelope_pb2.DeliveryReceipt(message_ids=batch)
+                payload = envelope_pb2.Payload(receipt=receipt).SerializeToString()
+                try:
+                    await self.peer.send_payload(keys, payload, with_keys=False)
+                except Exception as exc:  # best effort; the message is already held
+                    log.warning("delivery receipt to %s failed: %s",
+                                keys.fingerprint.hex()[:16], exc)  # fmt: skip
 
     # -- from the identity's own devices ---------------------------------------------
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from dna_core.crypto import Identity, PublicKeySet, ReplayGuard, seal
-from dna_core.crypto.envelope import decode_envelope
+from dna_core.crypto.envelope import MAX_PAYLOAD_BYTES, decode_envelope
 from dna_core.errors import DnaError
 from dna_core.mailbox.client import FetchState, MailboxClient, QuorumError
 from dna_core.overlay.aio import OverlayNode
@@ -45,11 +46,20 @@ RECOVERY_WAIT_MS = 7 * DAY_MS  # a device silent this long after a history reque
 WATCH_BACKOFF_S = 5.0
 SEND_ATTEMPTS = 4  # over about 3.5 s: rides out a replica restarting
 HISTORY_CHUNK_BYTES = 150 * 1024  # a History payload stays under the 192 KiB envelope cap
+LIST_ITEM_OVERHEAD = 8  # a repeated field's tag and length prefix, at most
+# A text leaves room for what wraps it later: a SyncTranscript to the other devices and a
+# History item (recipient, sender, IDs, conversation: ~150 bytes).
+MAX_TEXT_PAYLOAD_BYTES = MAX_PAYLOAD_BYTES - 1024
+ACK_BATCH_IDS = 2_000  # blob IDs per DeviceAck: 68 KB, under the 192 KiB envelope cap
 Progress = Callable[[int, int], None]  # (done, total)
 
 
 class UnknownContactError(DnaError):
     """No contact, name or fingerprint matches."""
+
+
+class MessageTooLargeError(DnaError):
+    """A message too big for an envelope."""
 
 
 class KeyChangedError(DnaError):
@@ -195,6 +205,11 @@ class Peer:
 
     async def send(self, contact: Contact, body: str) -> SentMessage:
         payload = envelope_pb2.Payload(text=envelope_pb2.Text(body=body)).SerializeToString()
+        if len(payload) > MAX_TEXT_PAYLOAD_BYTES:
+            raise MessageTooLargeError(
+                f"message of {len(payload)} bytes; at most {MAX_TEXT_PAYLOAD_BYTES} fit"
+                " (the copy to your other devices and their history must fit an envelope too)"
+            )
         # Our key set (3.2 KB) rides along until the contact showed it has it; after that
         # a recipient without it (a lost cache) finds it in the keyserver.
         with_keys = not self.cache.has_our_keys(contact.fingerprint)
@@ -274,8 +289,9 @@ class Peer:
             return
         self.cache.add_acks(self.device.device_id, blob_ids, None)
         if self._has_other_devices():
-            ack = envelope_pb2.DeviceAck(device_id=self.device.device_id, blob_ids=blob_ids)
-            await self.post_to_devices(envelope_pb2.Payload(ack=ack))
+            for batch in _batches(blob_ids, ACK_BATCH_IDS):
+                ack = envelope_pb2.DeviceAck(device_id=self.device.device_id, blob_ids=batch)
+                await self.post_to_devices(envelope_pb2.Payload(ack=ack))
 
     async def _clean_up(self) -> tuple[int, str | None]:
         """Signed deletes for what every device holds; returns how many blobs were
@@ -350,16 +366,31 @@ def _parse_fingerprint(query: str) -> bytes | None:
 
 
 def _history_chunks(cache: Cache, own: bytes) -> list[envelope_pb2.History]:
-    contacts = [
-        envelope_pb2.ContactCard(keys=c.keys.to_proto(), name=c.name or "", verified=c.verified)
-        for c in cache.contacts()
-    ]
-    read = [envelope_pb2.ReadMarker(conversation_id=conv, read_up_to_ms=ms)
-            for conv, ms in cache.read_state().items()]  # fmt: skip
-    devices = [envelope_pb2.DeviceHello(device_id=d, device_name=name)
-               for d, name in cache.devices().items()]  # fmt: skip
-    chunks = [envelope_pb2.History(contacts=contacts, read=read, devices=devices)]
-    for msg in cache.messages():
+    """The cache as History payloads of at most ``HISTORY_CHUNK_BYTES`` each: the device
+    list first (it lets the receiver delete again), then contacts (3.2 KB of keys each),
+    read state and messages, each list split wherever a chunk fills."""
+    chunks = [envelope_pb2.History(devices=[
+        envelope_pb2.DeviceHello(device_id=d, device_name=name)
+        for d, name in cache.devices().items()
+    ])]  # fmt: skip
+    size = chunks[0].ByteSize()
+
+    def add(items: list[envelope_pb2.History], item: Any, field: str) -> None:
+        nonlocal size
+        item_size = item.ByteSize() + LIST_ITEM_OVERHEAD
+        if size + item_size > HISTORY_CHUNK_BYTES and size:
+            items.append(envelope_pb2.History())
+            size = 0
+        getattr(items[-1], field).append(item)
+        size += item_size
+
+    for c in cache.contacts():
+        card = envelope_pb2.ContactCard(keys=c.keys.to_proto(), name=c.name or "",
+                                        verified=c.verified)  # fmt: skip
+        add(chunks, card, "contacts")
+    for conv, ms in cache.read_state().items():
+        add(chunks, envelope_pb2.ReadMarker(conversation_id=conv, read_up_to_ms=ms), "read")
+    for msg in cache.messages(limit=-1):  # all of them (SQLite: a negative LIMIT is none)
         item = envelope_pb2.SyncTranscript(
             original_recipient=msg.recipient, original_message_id=msg.message_id,
             original_timestamp_ms=msg.timestamp_ms,
@@ -367,10 +398,12 @@ def _history_chunks(cache: Cache, own: bytes) -> list[envelope_pb2.History]:
                 body=msg.body, conversation_id=msg.conversation)).SerializeToString(),
             original_sender=b"" if msg.sender == own else msg.sender,
         )  # fmt: skip
-        if chunks[-1].ByteSize() + item.ByteSize() > HISTORY_CHUNK_BYTES:
-            chunks.append(envelope_pb2.History())
-        chunks[-1].messages.append(item)
+        add(chunks, item, "messages")
     return chunks
+
+
+def _batches(items: Sequence[bytes], size: int) -> list[list[bytes]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
 async def open_peer(

@@ -172,7 +172,7 @@ class NodeBatcher:
     def _take(self) -> list[tuple[mailbox_pb2.PutRequest, asyncio.Future[Outcome]]]:
         size, count = 0, 0
         for request, _ in self._waiting[:MAX_PUT_BATCH]:
-            size += len(request.blob)
+            size += request.ByteSize()  # the whole put (proof, IDs), not only its blob
             if count and size > MAX_PUT_BATCH_BYTES:
                 break
             count += 1
