@@ -170,3 +170,27 @@ def test_a_long_history_and_many_acknowledgements_reach_a_restored_device(
         await asyncio.gather(phone.close(), laptop.close(), bob.close())
 
     asyncio.run(scenario())
+
+
+def test_large_messages_past_a_page_and_through_a_history(
+    network: list[NodeProcess], tmp_path: Path
+) -> None:
+    """25 messages of ~188 KB (4.7 MB: more than one gRPC message) reach the recipient and,
+    through the history, the recipient's restored device."""
+
+    async def scenario() -> None:
+        who = people(tmp_path)
+        alice, bob = await who.new("alice", publish=False), await who.new("bob", publish=False)
+        bodies = [f"{i:02} " + "y" * 188_000 for i in range(25)]
+        for body in bodies:
+            await bob.send_payload(alice.identity.public, text(body), with_keys=True)
+        assert sorted(m.body for m in (await alice.sync()).new_messages) == bodies
+        keyfile = who.profile("alice").keyfile.read_bytes()
+        who.profile("laptop").restore(keyfile, PASSPHRASE)
+        laptop = await who.open("laptop")
+        await alice.sync()  # answers with the history: one large message per chunk
+        await laptop.sync()
+        assert sorted(m.body for m in laptop.cache.messages()) == bodies
+        await asyncio.gather(alice.close(), bob.close(), laptop.close())
+
+    asyncio.run(scenario())
