@@ -307,10 +307,13 @@ def _watch(args: argparse.Namespace) -> None:
                 else:
                     _print_message(info)
 
+        def network(text: str) -> None:  # outages and returns, on stderr (stdout: messages)
+            print(f"dna: {text}", file=sys.stderr, flush=True)
+
         if not args.json:
             print("watching for messages (Ctrl-C to stop)", flush=True)
         with contextlib.suppress(asyncio.CancelledError):
-            await peer.watch(show, interval=args.interval)
+            await peer.watch(show, interval=args.interval, on_network=network)
 
     with contextlib.suppress(KeyboardInterrupt):
         _with_peer(args, work)

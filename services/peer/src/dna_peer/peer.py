@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,7 @@ REPLAY_WINDOW_MS = ReplayGuard().max_age_ms + DAY_MS  # what open_envelope accep
 BLOB_MEMORY_MS = 32 * DAY_MS  # a deleted blob cannot come back after its TTL (30 days)
 RECOVERY_WAIT_MS = 7 * DAY_MS  # a device silent this long after a history request is gone
 WATCH_BACKOFF_S = 5.0
+DELETE_RETRY_S = 60.0  # after nodes refused a delete: `watch` does not ask every second
 SEND_ATTEMPTS = 4  # over about 3.5 s: rides out a replica restarting
 HISTORY_CHUNK_BYTES = 150 * 1024  # a History payload stays under the 192 KiB envelope cap
 LIST_ITEM_OVERHEAD = 8  # a repeated field's tag and length prefix, at most
@@ -79,7 +81,9 @@ class Peer:
     node: OverlayNode
     device: Device
     pow_bits: int = 12
+    seeds: list[tuple[str, int]] = field(default_factory=list)  # to rejoin after an outage
     mail: MailboxClient = field(init=False)
+    _deletes_refused_until: float = field(init=False, default=0.0)  # monotonic
 
     def __post_init__(self) -> None:
         self.mail = MailboxClient(self.node, pow_bits=self.pow_bits)
@@ -280,8 +284,6 @@ class Peer:
             await self.send_history()
         await self._acknowledge(inbox.report.held)
         inbox.report.deleted, inbox.report.cleanup_error = await self._clean_up()
-        if inbox.report.cleanup_error:
-            log.warning("%s", inbox.report.cleanup_error)
         return inbox.report
 
     async def _acknowledge(self, blob_ids: list[bytes]) -> None:
@@ -308,30 +310,63 @@ class Peer:
             log.warning("no other device answered in a week: assuming this one is alone")
             self.cache.clear_state(RECOVERING)
         deletable = self.cache.deletable_blobs()
-        if not deletable:
+        if not deletable or time.monotonic() < self._deletes_refused_until:
             return 0, None
         result = await self.mail.delete(self.identity, deletable)
         self.cache.mark_deleted(result.deleted)
         if not result.refusals:
             return len(result.deleted), None
-        return len(result.deleted), (
+        self._deletes_refused_until = time.monotonic() + DELETE_RETRY_S
+        error = (
             f"storage nodes refused to delete {len(deletable) - len(result.deleted)} blobs"
             f" from your mailbox ({'; '.join(result.refusals)}); they stay, and count"
             " against its quota, until a delete is accepted"
         )
+        log.warning("%s", error)
+        return len(result.deleted), error
 
-    async def watch(self, on_report: Callable[[SyncReport], None], interval: float = 1.0) -> None:
-        """Sync forever (until cancelled), reporting each round that brought something."""
+    async def watch(
+        self,
+        on_report: Callable[[SyncReport], None],
+        interval: float = 1.0,
+        on_network: Callable[[str], None] | None = None,
+    ) -> None:
+        """Sync forever (until cancelled), reporting each round that brought something.
+
+        A failed sync means the network (or the way to it) is down: ``on_network`` hears
+        it once when it goes and once when it comes back, and meanwhile the overlay is
+        rejoined through the seeds before each retry, since an outage longer than a few
+        lookups empties the routing table and nothing else would ever refill it."""
+        down_since: float | None = None
         while True:
             try:
                 report = await self.sync()
             except (DnaError, grpc.aio.AioRpcError) as exc:  # the network comes and goes
-                log.warning("sync failed, retrying in %.0f s: %s", WATCH_BACKOFF_S, exc)
+                if down_since is None:
+                    down_since = time.monotonic()
+                    _tell(on_network, f"network unreachable ({_reason(exc)}); retrying")
+                log.info("sync failed, retrying in %.0f s: %s", WATCH_BACKOFF_S, exc)
                 await asyncio.sleep(WATCH_BACKOFF_S)
+                await self.reconnect()
                 continue
+            if down_since is not None:
+                _tell(on_network, f"network back after {time.monotonic() - down_since:.0f} s")
+                down_since = None
             if report.new_messages or report.receipts:
                 on_report(report)
             await asyncio.sleep(interval)
+
+    async def reconnect(self) -> bool:
+        """Rejoin the overlay through the seeds, with fresh connections: after an outage
+        the routing table may be empty (every node failed its checks), the cached replica
+        sets name nodes that may have moved, and gRPC channels that failed sit in their
+        reconnect backoff (up to two minutes) refusing calls. True if a seed answered."""
+        self.mail.replica_sets.clear()
+        await self.node.channels.close()  # the pool opens new channels on the next call
+        if not self.seeds or not await self.node.join(self.seeds):
+            return False
+        await self.node.refresh(0)
+        return True
 
     # -- history, for a newly linked device --------------------------------------------
 
@@ -354,6 +389,18 @@ class Peer:
 class _Sent:
     envelope: bytes
     stored_on: int
+
+
+def _tell(listener: Callable[[str], None] | None, text: str) -> None:
+    log.info("%s", text)
+    if listener is not None:
+        listener(text)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc)
 
 
 def _parse_fingerprint(query: str) -> bytes | None:
@@ -418,7 +465,7 @@ async def open_peer(
     except BaseException:
         cache.close()
         raise
-    peer = Peer(identity, cache, node, profile.device(), pow_bits)
+    peer = Peer(identity, cache, node, profile.device(), pow_bits, seeds)
     if lost_cache:  # the other devices post their history to the mailbox
         cache.set_state(RECOVERING, str(now_ms()).encode())
         await peer.announce(wants_history=True)

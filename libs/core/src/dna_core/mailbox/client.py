@@ -77,6 +77,11 @@ class QuorumError(DnaError):
     """Fewer than W replicas stored the blob."""
 
 
+class UnreachableError(DnaError):
+    """No storage node of the mailbox was found or answered: the network (or this
+    device's connection to it) is down. Not the same as "nothing new"."""
+
+
 @dataclass
 class DeleteResult:
     deleted: list[bytes] = field(default_factory=list)  # tombstoned on at least W nodes
@@ -129,6 +134,9 @@ class ReplicaSetCache:
 
     def forget(self, box: bytes) -> None:
         self._entries.pop(box, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 Outcome = mailbox_pb2.PutOutcome | None  # None: the call itself failed
@@ -365,24 +373,31 @@ class MailboxClient:
         granted this client a fetch session get a MAC instead, the others one signed
         request naming them all, which asks each of them for a session. A node refusing
         its session (restarted, or the session expired there) is asked again, signed.
+        No node found, or none answering, is `UnreachableError`, not an empty mailbox.
         """
         state = state or FetchState()
         box = mailbox_id(owner.fingerprint)
         candidates = await self.candidates(box)
+        if not candidates:
+            raise UnreachableError("no storage node found for the mailbox (network down?)")
         asking, spare = candidates[: self.replicas], candidates[self.replicas :]
         merged: dict[bytes, mailbox_pb2.StoredBlob] = {}
+        answered = False
         while asking:
             requests = self._fetch_requests(owner, box, asking, state, limit)
             denied: set[bytes] = set()
             pages = await asyncio.gather(
                 *(self._fetch_page(c, requests[c.node_id], denied) for c in asking)
             )
+            answered = answered or bool(denied) or pages.count(None) < len(pages)
             retry = self._keep_sessions(owner, box, asking, requests, pages, denied)
             more = _absorb(merged, state, asking, pages)
             failed = pages.count(None) - len(retry)
             if failed:
                 self.replica_sets.forget(box)
             asking, spare = more + retry + spare[:failed], spare[failed:]
+        if not answered:
+            raise UnreachableError(f"no storage node answered ({len(candidates)} asked)")
         return sorted(merged.values(), key=lambda b: (b.stored_ms, b.blob_id)), state
 
     def _fetch_requests(
