@@ -246,11 +246,17 @@ class Inbox:
         return apply
 
     def _pin_card(self, keys: PublicKeySet, name: str | None) -> None:
-        if self.cache.contact(keys.fingerprint) is not None:
-            return
+        """A contact card from another device of this identity: pin its keys, and its name
+        unless this device gave the name to someone else. A contact already pinned without
+        a name (its message arrived before this card) takes the card's name too."""
         if name and self.cache.contact_named(name) is not None:
             name = None  # this device pinned the name to someone else: keep its pin
-        self.cache.pin(Contact(keys.fingerprint, keys, name, False, now_ms(), keys.fingerprint))
+        known = self.cache.contact(keys.fingerprint)
+        if known is None:
+            self.cache.pin(Contact(keys.fingerprint, keys, name, False, now_ms(),
+                                   keys.fingerprint))  # fmt: skip
+        elif name and not known.name:
+            self.cache.set_contact_name(keys.fingerprint, name)
 
     def _add_transcript(self, item: envelope_pb2.SyncTranscript, text: envelope_pb2.Text) -> None:
         own = self.peer.fingerprint

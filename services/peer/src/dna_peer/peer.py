@@ -48,6 +48,7 @@ WATCH_BACKOFF_S = 5.0
 DELETE_RETRY_S = 60.0  # after nodes refused a delete: `watch` does not ask every second
 SEND_ATTEMPTS = 4  # over about 3.5 s: rides out a replica restarting
 HISTORY_CHUNK_BYTES = 150 * 1024  # a History payload stays under the 192 KiB envelope cap
+DISPLAY_PREFIX = 16  # hex digits of a fingerprint the inbox shows for a contact without a name
 LIST_ITEM_OVERHEAD = 8  # a repeated field's tag and length prefix, at most
 # A text leaves room for what wraps it later: a SyncTranscript to the other devices and a
 # History item (recipient, sender, IDs, conversation: ~150 bytes).
@@ -132,8 +133,18 @@ class Peer:
         return True
 
     async def add_contact(self, query: str) -> Contact:
-        """Pin a contact found by name or fingerprint (hex); idempotent; TOFU on names."""
-        fingerprint = _parse_fingerprint(query)
+        """Pin a contact found by name or fingerprint (hex, or the 16-hex prefix the inbox
+        shows for someone already pinned); idempotent; TOFU on names. The identity's other
+        devices get the contact card (keys and name) too."""
+        contact = await self._add_contact(query)
+        if self._has_other_devices():
+            card = _contact_card(contact)
+            await self.post_to_devices(envelope_pb2.Payload(
+                history=envelope_pb2.History(contacts=[card])))  # fmt: skip
+        return contact
+
+    async def _add_contact(self, query: str) -> Contact:
+        fingerprint = _parse_fingerprint(query) or self._pinned_prefix(query, DISPLAY_PREFIX)
         name = None if fingerprint else normalize_name(query)
         if name is not None:
             fingerprint = await keyserver.lookup_name(self.node, name)
@@ -197,10 +208,20 @@ class Peer:
         found = self.cache.contact_named(query.casefold())
         if found is not None:
             return found
-        matches = [c for c in self.cache.contacts() if c.fingerprint.hex().startswith(query)]
-        if len(query) >= 8 and len(matches) == 1:
-            return matches[0]
+        fingerprint = self._pinned_prefix(query, 8)
+        found = self.cache.contact(fingerprint) if fingerprint else None
+        if found is not None:
+            return found
         raise UnknownContactError(f"no contact {query!r}: add one with `dna contacts add NAME`")
+
+    def _pinned_prefix(self, query: str, shortest: int) -> bytes | None:
+        """The one pinned contact whose fingerprint starts with ``query`` (hex, any case,
+        at least ``shortest`` digits), else None."""
+        prefix = query.strip().lower()
+        if not shortest <= len(prefix) <= 64 or prefix.strip("0123456789abcdef"):
+            return None
+        matches = [c for c in self.cache.contacts() if c.fingerprint.hex().startswith(prefix)]
+        return matches[0].fingerprint if len(matches) == 1 else None
 
     def safety_number(self, contact: Contact) -> str:
         return keyserver.safety_number(self.fingerprint, contact.fingerprint)
@@ -412,6 +433,11 @@ def _parse_fingerprint(query: str) -> bytes | None:
     return None
 
 
+def _contact_card(contact: Contact) -> envelope_pb2.ContactCard:
+    return envelope_pb2.ContactCard(keys=contact.keys.to_proto(), name=contact.name or "",
+                                    verified=contact.verified)  # fmt: skip
+
+
 def _history_chunks(cache: Cache, own: bytes) -> list[envelope_pb2.History]:
     """The cache as History payloads of at most ``HISTORY_CHUNK_BYTES`` each: the device
     list first (it lets the receiver delete again), then contacts (3.2 KB of keys each),
@@ -432,9 +458,7 @@ def _history_chunks(cache: Cache, own: bytes) -> list[envelope_pb2.History]:
         size += item_size
 
     for c in cache.contacts():
-        card = envelope_pb2.ContactCard(keys=c.keys.to_proto(), name=c.name or "",
-                                        verified=c.verified)  # fmt: skip
-        add(chunks, card, "contacts")
+        add(chunks, _contact_card(c), "contacts")
     for conv, ms in cache.read_state().items():
         add(chunks, envelope_pb2.ReadMarker(conversation_id=conv, read_up_to_ms=ms), "read")
     for msg in cache.messages(limit=-1):  # all of them (SQLite: a negative LIMIT is none)
