@@ -39,7 +39,7 @@ from dna_core.errors import DnaError
 from dna_core.overlay.records import normalize_name
 
 from dna_peer.cache import Cache, Contact, Message
-from dna_peer.inbox import SyncReport
+from dna_peer.inbox import RECOVERING, SyncReport
 from dna_peer.link import accept_link, offer_link
 from dna_peer.network import default_seeds, parse_seeds
 from dna_peer.peer import Peer, open_peer
@@ -151,7 +151,9 @@ def _link(args: argparse.Namespace) -> None:
 
 def _accept(args: argparse.Namespace) -> None:
     async def run() -> None:
-        peer = await accept_link(args.profile, args.code, _passphrase(confirm=True), args.seeds)
+        # the passphrase is asked once the code found its offer (a wrong code fails first)
+        peer = await accept_link(args.profile, args.code, lambda: _passphrase(confirm=True),
+                                 args.seeds)  # fmt: skip
         try:
             report = await peer.sync()
             _emit(args, {"fingerprint": peer.fingerprint.hex(), "device": peer.device.name,
@@ -279,6 +281,9 @@ def _show_conversations(args: argparse.Namespace, peer: Peer) -> None:
         return
     if not rows:
         print("no conversations yet")
+        if peer.cache.get_state(RECOVERING) is not None:
+            print("(this device is new or restored: your other devices send it the history"
+                  " when they next sync; run `dna sync` there)")  # fmt: skip
     for row in rows:
         print(f"{row['contact']:<20} {row['unread']:>3} unread   {row['last'] or ''}")
 
