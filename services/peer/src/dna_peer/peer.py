@@ -293,13 +293,18 @@ class Peer:
         """Fetch the own mailbox, handle what is new, acknowledge, receipt, clean up."""
         await self.daily_upkeep()
         state = FetchState(cursors=self.cache.cursors())
-        blobs, state = await self.mail.fetch(self.identity, state)
         inbox = Inbox(self)
-        for done, stored in enumerate(blobs, 1):
-            await inbox.handle_blob(stored.blob_id, stored.blob)
-            if progress:
-                progress(done, len(blobs))
-        self.cache.save_cursors(state.cursors)
+        done = 0
+        while True:  # a fetch holds a bounded number of bytes: a big mailbox takes several
+            blobs, state = await self.mail.fetch(self.identity, state)
+            for i, stored in enumerate(blobs, 1):
+                await inbox.handle_blob(stored.blob_id, stored.blob)
+                if progress:
+                    progress(done + i, done + len(blobs))
+            done += len(blobs)
+            self.cache.save_cursors(state.cursors)
+            if not state.more:
+                break
         await inbox.send_receipts()
         if inbox.history_wanted:
             await self.send_history()

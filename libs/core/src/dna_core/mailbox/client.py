@@ -58,6 +58,7 @@ SESSION_MARGIN_MS = 60_000  # a session this close to expiry is not used: sign i
 MAX_SESSIONS = 4096  # (mailbox, node) sessions a client keeps; the oldest go first
 MAX_PUT_BATCH = 64  # puts per PutMany call (the node's limit)
 MAX_PUT_BATCH_BYTES = 2 * 1024 * 1024  # half the node's 4 MiB message limit
+FETCH_BUDGET_BYTES = 16 * 1024 * 1024  # blobs one fetch holds before it returns for more
 
 
 # Blob IDs per signed delete (nodes accept MAX_DELETE_IDS). The request is 6.6 KB of key set
@@ -97,9 +98,11 @@ class PutResult:
 
 @dataclass
 class FetchState:
-    """Per-replica cursors of one mailbox (node ID -> opaque cursor)."""
+    """Per-replica cursors of one mailbox (node ID -> opaque cursor); ``more`` when the
+    last fetch stopped at its byte budget with pages left (fetch again from here)."""
 
     cursors: dict[bytes, bytes] = field(default_factory=dict)
+    more: bool = False
 
 
 def _wall_ms() -> int:
@@ -363,9 +366,17 @@ class MailboxClient:
     # -- fetch and delete ---------------------------------------------------------
 
     async def fetch(
-        self, owner: Identity, state: FetchState | None = None, *, limit: int = 200
+        self,
+        owner: Identity,
+        state: FetchState | None = None,
+        *,
+        limit: int = 200,
+        max_bytes: int | None = None,
     ) -> tuple[list[mailbox_pb2.StoredBlob], FetchState]:
-        """New blobs since each node's cursor, merged by blob ID.
+        """New blobs since each node's cursor, merged by blob ID, up to about
+        ``max_bytes`` (default ``FETCH_BUDGET_BYTES``) of them; past it ``state.more`` is
+        set: the caller handles these, keeps the cursors and fetches again (so a node
+        paging without end cannot make one fetch hold more than that).
 
         The replicas are asked first; a hand-off candidate only in place of one that did
         not answer (down, or refusing: also a nonce another node spent first). Each round
@@ -382,7 +393,8 @@ class MailboxClient:
             raise UnreachableError("no storage node found for the mailbox (network down?)")
         asking, spare = candidates[: self.replicas], candidates[self.replicas :]
         merged: dict[bytes, mailbox_pb2.StoredBlob] = {}
-        answered = False
+        answered, state.more = False, False
+        budget = FETCH_BUDGET_BYTES if max_bytes is None else max_bytes
         while asking:
             requests = self._fetch_requests(owner, box, asking, state, limit)
             denied: set[bytes] = set()
@@ -396,6 +408,8 @@ class MailboxClient:
             if failed:
                 self.replica_sets.forget(box)
             asking, spare = more + retry + spare[:failed], spare[failed:]
+            if more and sum(len(b.blob) for b in merged.values()) >= budget:
+                state.more, asking = True, []  # the rest next time, from these cursors
         if not answered:
             raise UnreachableError(f"no storage node answered ({len(candidates)} asked)")
         return sorted(merged.values(), key=lambda b: (b.stored_ms, b.blob_id)), state
