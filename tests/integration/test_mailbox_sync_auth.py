@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -106,15 +107,16 @@ def test_a_node_outside_the_replica_set_can_neither_read_nor_fill_a_mailbox(
 
             listed = await attempt(
                 stub.SyncList(
-                    mailbox_pb2.SyncListRequest(**{"from": proof("SyncList")}, mailbox_id=BOX),
+                    with_proof(mailbox_pb2.SyncListRequest(mailbox_id=BOX), proof("SyncList")),
                     timeout=5,
                 )
             )
             denied(listed)
             pulled = await attempt(
                 stub.SyncPull(
-                    mailbox_pb2.SyncPullRequest(
-                        **{"from": proof("SyncPull")}, mailbox_id=BOX, blob_ids=[sent]
+                    with_proof(
+                        mailbox_pb2.SyncPullRequest(mailbox_id=BOX, blob_ids=[sent]),
+                        proof("SyncPull"),
                     ),
                     timeout=5,
                 )
@@ -128,23 +130,26 @@ def test_a_node_outside_the_replica_set_can_neither_read_nor_fill_a_mailbox(
             now = time.time_ns() // 10**6
             pushed = await attempt(
                 stub.SyncPush(
-                    mailbox_pb2.SyncPushRequest(
-                        **{"from": proof("SyncPush")},
-                        mailbox_id=BOX,
-                        blobs=[
-                            mailbox_pb2.StoredBlob(
-                                blob_id=blob_id(j),
-                                blob=j,
-                                stored_ms=now,
-                                expires_ms=now + 86_400_000,
-                            )
-                            for j in junk
-                        ],
+                    with_proof(
+                        mailbox_pb2.SyncPushRequest(
+                            mailbox_id=BOX,
+                            blobs=[
+                                mailbox_pb2.StoredBlob(
+                                    blob_id=blob_id(j),
+                                    blob=j,
+                                    stored_ms=now,
+                                    expires_ms=now + 86_400_000,
+                                )
+                                for j in junk
+                            ],
+                        ),
+                        proof("SyncPush"),
                     ),
                     timeout=5,
                 )
             )
             if not isinstance(pushed, grpc.aio.AioRpcError):
+                assert isinstance(pushed, mailbox_pb2.SyncPushResponse)
                 assert pushed.stored == 0
             held = await held_by(client, BOB, replica, strict=True)
             assert held == {sent}, "an outsider's push must store nothing"
@@ -152,6 +157,16 @@ def test_a_node_outside_the_replica_set_can_neither_read_nor_fill_a_mailbox(
         await client.stop()
 
     asyncio.run(scenario())
+
+
+Req = TypeVar("Req", mailbox_pb2.SyncListRequest, mailbox_pb2.SyncPullRequest,
+              mailbox_pb2.SyncPushRequest)  # fmt: skip
+
+
+def with_proof(request: Req, proof: mailbox_pb2.NodeProof) -> Req:
+    """Set the `from` field (a Python keyword, so not a constructor argument)."""
+    getattr(request, "from").CopyFrom(proof)
+    return request
 
 
 def varint(n: int) -> bytes:
@@ -172,7 +187,9 @@ def test_no_node_lists_every_mailbox_it_holds(network: list[NodeProcess]) -> Non
         proof = sign_proof(node.identity, node.contact, "SyncDigest", b"").SerializeToString()
         request = b"\x0a" + varint(len(proof)) + proof
         target = f"127.0.0.{FIRST_IP + 1}:{GRPC_PORT}"
-        digest = node.channels.get(target).unary_unary("/dna.v1.Mailbox/SyncDigest")
+        digest: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = node.channels.get(
+            target
+        ).unary_unary("/dna.v1.Mailbox/SyncDigest")
         answer = await attempt(digest(request, timeout=5))
         assert isinstance(answer, grpc.aio.AioRpcError), "SyncDigest answered"
         assert answer.code() == grpc.StatusCode.UNIMPLEMENTED, answer.code()

@@ -209,7 +209,7 @@ def repairer() -> Repairer:
 
 
 def failures(r: Repairer, reason: str) -> float:
-    return r.metrics.failures.labels(reason=reason)._value.get()
+    return float(r.metrics.failures.labels(reason=reason)._value.get())
 
 
 def test_a_piece_refused_as_too_large_is_retried_in_halves_down_to_a_floor() -> None:

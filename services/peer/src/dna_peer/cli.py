@@ -46,7 +46,7 @@ from rich.text import Text
 
 from dna_peer.armor import LOCKED_KEY_FILE, PUBLIC, armor, dearmor, is_armored
 from dna_peer.cache import Cache, Contact, Message
-from dna_peer.inbox import SyncReport
+from dna_peer.inbox import RECOVERING, SyncReport
 from dna_peer.keyserver import (
     DISPLAY_NAME_MAX,
     NameTakenError,
@@ -274,7 +274,9 @@ def _link(args: argparse.Namespace) -> None:
 
 def _accept(args: argparse.Namespace) -> None:
     async def run() -> None:
-        peer = await accept_link(args.profile, args.code, _passphrase(confirm=True), args.seeds)
+        # the passphrase is asked once the code found its offer (a wrong code fails first)
+        peer = await accept_link(args.profile, args.code, lambda: _passphrase(confirm=True),
+                                 args.seeds)  # fmt: skip
         try:
             report = await peer.sync()
             _emit(args, {"fingerprint": peer.fingerprint.hex(), "device": peer.device.name,
@@ -454,6 +456,9 @@ def _show_conversations(args: argparse.Namespace, peer: Peer) -> None:
         return
     if not rows:
         print("no conversations yet")
+        if peer.cache.get_state(RECOVERING) is not None:
+            print("(this device is new or restored: your other devices send it the history"
+                  " when they next sync; run `dna sync` there)")  # fmt: skip
         return
     out = console()
     grid = table(out, "contact", "unread", "last message")
@@ -488,10 +493,13 @@ def _watch(args: argparse.Namespace) -> None:
                 else:
                     _print_message(info)
 
+        def network(text: str) -> None:  # outages and returns, on stderr (stdout: messages)
+            print(f"dna: {text}", file=sys.stderr, flush=True)
+
         if not args.json:
             print("watching for messages (Ctrl-C to stop)", flush=True)
         with contextlib.suppress(asyncio.CancelledError):
-            await peer.watch(show, interval=args.interval)
+            await peer.watch(show, interval=args.interval, on_network=network)
 
     with contextlib.suppress(KeyboardInterrupt):
         _with_peer(args, work)
@@ -505,6 +513,8 @@ def _sync(args: argparse.Namespace) -> None:
         _emit(args, {"new_messages": len(report.new_messages), "receipts": report.receipts,
                      "rejected": len(report.rejected), "deleted_from_network": report.deleted,
                      "messages_in_cache": peer.cache.message_count()})  # fmt: skip
+        if report.cleanup_error:  # the mailbox is filling up: a script must notice
+            raise DnaError(report.cleanup_error)
 
     _with_peer(args, work)
 

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dna.peer.inbox")
 MAX_PAYLOAD = 192 * 1024
+RECEIPT_BATCH_IDS = 4_000  # message IDs per receipt: 72 KB, under the envelope cap
 OWN_DEVICE_KINDS = frozenset({"sync", "read", "device", "ack", "history"})
 Apply = Callable[[], str]  # the cache writes of one blob; returns its outcome
 
@@ -43,6 +44,7 @@ class SyncReport:
     rejected: list[tuple[bytes, str]] = field(default_factory=list)
     held: list[bytes] = field(default_factory=list)  # blobs to acknowledge
     deleted: int = 0
+    cleanup_error: str | None = None  # storage nodes refused to delete (the user must know)
 
 
 class Inbox:
@@ -160,11 +162,15 @@ class Inbox:
     async def send_receipts(self) -> None:
         """One delivery receipt per sender for the messages this sync stored."""
         for keys, ids in self._receipts.values():
-            receipt = envelope_pb2.Payload(receipt=envelope_pb2.DeliveryReceipt(message_ids=ids))
-            try:
-                await self.peer.send_payload(keys, receipt.SerializeToString(), with_keys=False)
-            except Exception as exc:  # a receipt is best effort; the message is already held
-                log.warning("delivery receipt to %s failed: %s", keys.fingerprint.hex()[:16], exc)
+            for start in range(0, len(ids), RECEIPT_BATCH_IDS):
+                batch = ids[start : start + RECEIPT_BATCH_IDS]
+                receipt = envelope_pb2.DeliveryReceipt(message_ids=batch)
+                payload = envelope_pb2.Payload(receipt=receipt).SerializeToString()
+                try:
+                    await self.peer.send_payload(keys, payload, with_keys=False)
+                except Exception as exc:  # best effort; the message is already held
+                    log.warning("delivery receipt to %s failed: %s",
+                                keys.fingerprint.hex()[:16], exc)  # fmt: skip
 
     # -- from the identity's own devices ---------------------------------------------
 
@@ -240,11 +246,17 @@ class Inbox:
         return apply
 
     def _pin_card(self, keys: PublicKeySet, name: str | None) -> None:
-        if self.cache.contact(keys.fingerprint) is not None:
-            return
+        """A contact card from another device of this identity: pin its keys, and its name
+        unless this device gave the name to someone else. A contact already pinned without
+        a name (its message arrived before this card) takes the card's name too."""
         if name and self.cache.contact_named(name) is not None:
             name = None  # this device pinned the name to someone else: keep its pin
-        self.cache.pin(Contact(keys.fingerprint, keys, name, False, now_ms(), keys.fingerprint))
+        known = self.cache.contact(keys.fingerprint)
+        if known is None:
+            self.cache.pin(Contact(keys.fingerprint, keys, name, False, now_ms(),
+                                   keys.fingerprint))  # fmt: skip
+        elif name and not known.name:
+            self.cache.set_contact_name(keys.fingerprint, name)
 
     def _add_transcript(self, item: envelope_pb2.SyncTranscript, text: envelope_pb2.Text) -> None:
         own = self.peer.fingerprint

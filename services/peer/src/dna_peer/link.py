@@ -18,6 +18,7 @@ import asyncio
 import base64
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes
@@ -37,6 +38,9 @@ from dna_peer.profile import DEVICE_ID_SIZE, Device, Profile
 
 CODE_BYTES = 10  # 80 bits, 16 base32 characters
 LINK_TTL_S = 3600
+# The offer is on its replicas before the code is shown (the put waits for all of them), so
+# a code that finds nothing for a few seconds is wrong, used or expired: no minute-long wait.
+LINK_WAIT_S = 10.0
 
 
 class LinkError(DnaError):
@@ -92,22 +96,26 @@ async def offer_link(peer: Peer, device_name: str) -> LinkOffer:
 async def accept_link(
     profile: Profile,
     code: str,
-    passphrase: str,
+    passphrase: str | Callable[[], str],
     seeds: list[tuple[str, int]],
     *,
-    timeout: float = 60.0,
+    timeout: float = LINK_WAIT_S,
     pow_bits: int = 12,
 ) -> Peer:
-    """On the new device: fetch the offer, check it, and create the profile from it."""
+    """On the new device: fetch the offer, check it, and create the profile from it.
+
+    ``passphrase`` (for the new profile) may be a function: it is asked only once an
+    offer was found, so a wrong or used code fails before anyone types a passphrase."""
     profile.ensure_absent()  # not after a minute of waiting for the offer
     temp = link_identity(code)
     node = await join_overlay(seeds)
     try:
         mail = MailboxClient(node, pow_bits=pow_bits)
         link, identity, blob_ids = await _receive_offer(mail, temp, code, timeout)
+        secret = passphrase() if callable(passphrase) else passphrase
         await mail.delete(temp, blob_ids)
-        device = profile.create(identity, passphrase, Device(link.device_id, link.device_name))
-        peer = Peer(identity, profile.open_cache(identity), node, device, pow_bits)
+        device = profile.create(identity, secret, Device(link.device_id, link.device_name))
+        peer = Peer(identity, profile.open_cache(identity), node, device, pow_bits, seeds)
         for known in link.devices:
             peer.cache.add_device(known.device_id, known.device_name, now_ms())
     except BaseException:
@@ -129,7 +137,10 @@ async def _receive_offer(
             except ProtocolError:
                 continue  # not a valid offer (garbage in the mailbox): keep looking
         if time.monotonic() > deadline:
-            raise LinkError("no link offer found for this code (expired, or mistyped?)")
+            raise LinkError(
+                "no link offer found for this code: mistyped, already used, or older than"
+                " an hour (run `dna identity link` on your other device for a new one)"
+            )
         await asyncio.sleep(1.0)
 
 

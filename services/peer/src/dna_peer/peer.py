@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from dna_core.crypto import Identity, PublicKeySet, ReplayGuard, seal
@@ -44,11 +46,16 @@ REPLAY_WINDOW_MS = ReplayGuard().max_age_ms + DAY_MS  # what open_envelope accep
 BLOB_MEMORY_MS = 32 * DAY_MS  # a deleted blob cannot come back after its TTL (30 days)
 RECOVERY_WAIT_MS = 7 * DAY_MS  # a device silent this long after a history request is gone
 WATCH_BACKOFF_S = 5.0
+DELETE_RETRY_S = 60.0  # after nodes refused a delete: `watch` does not ask every second
 SEND_ATTEMPTS = 4  # over about 3.5 s: rides out a replica restarting
 HISTORY_CHUNK_BYTES = 150 * 1024  # a History payload stays under the 192 KiB envelope cap
+DISPLAY_PREFIX = 16  # hex digits of a fingerprint the inbox shows for a contact without a name
+LIST_ITEM_OVERHEAD = 8  # a repeated field's tag and length prefix, at most
+ACK_BATCH_IDS = 2_000  # blob IDs per DeviceAck: 68 KB, under the 192 KiB envelope cap
 Progress = Callable[[int, int], None]  # (done, total)
-# A text rides in a Payload, and to the own devices inside a SyncTranscript; both must stay
-# under the envelope's payload cap, so 1 KiB is left for their framing.
+# A text rides in a Payload, to the own devices inside a SyncTranscript, and later in a
+# History item (~150 bytes more); all must stay under the envelope's payload cap, so 1 KiB
+# is left for their framing.
 MAX_TEXT_BYTES = MAX_PAYLOAD_BYTES - 1024
 
 
@@ -92,8 +99,10 @@ class Peer:
     node: OverlayNode
     device: Device
     pow_bits: int = 12
+    seeds: list[tuple[str, int]] = field(default_factory=list)  # to rejoin after an outage
     mail: MailboxClient = field(init=False)
     _checked_ms: int = field(default=0, init=False)  # when the own records were last looked up
+    _deletes_refused_until: float = field(init=False, default=0.0)  # monotonic
 
     def __post_init__(self) -> None:
         self.mail = MailboxClient(self.node, pow_bits=self.pow_bits)
@@ -163,8 +172,18 @@ class Peer:
         return name is None or await keyserver.lookup_name(self.node, name) == self.fingerprint
 
     async def add_contact(self, query: str) -> Contact:
-        """Pin a contact found by name or fingerprint (hex); idempotent; TOFU on names."""
-        fingerprint = _parse_fingerprint(query)
+        """Pin a contact found by name or fingerprint (hex, or the 16-hex prefix the inbox
+        shows for someone already pinned); idempotent; TOFU on names. The identity's other
+        devices get the contact card (keys and name) too."""
+        contact = await self._add_contact(query)
+        if self._has_other_devices():
+            card = _contact_card(contact)
+            await self.post_to_devices(envelope_pb2.Payload(
+                history=envelope_pb2.History(contacts=[card])))  # fmt: skip
+        return contact
+
+    async def _add_contact(self, query: str) -> Contact:
+        fingerprint = _parse_fingerprint(query) or self._pinned_prefix(query, DISPLAY_PREFIX)
         name = None if fingerprint else normalize_name(query)
         if name is not None:
             fingerprint = await keyserver.lookup_name(self.node, name)
@@ -228,10 +247,20 @@ class Peer:
         found = self.cache.contact_named(query.casefold())
         if found is not None:
             return found
-        matches = [c for c in self.cache.contacts() if c.fingerprint.hex().startswith(query)]
-        if len(query) >= 8 and len(matches) == 1:
-            return matches[0]
+        fingerprint = self._pinned_prefix(query, 8)
+        found = self.cache.contact(fingerprint) if fingerprint else None
+        if found is not None:
+            return found
         raise UnknownContactError(f"no contact {query!r}: add one with `dna contacts add NAME`")
+
+    def _pinned_prefix(self, query: str, shortest: int) -> bytes | None:
+        """The one pinned contact whose fingerprint starts with ``query`` (hex, any case,
+        at least ``shortest`` digits), else None."""
+        prefix = query.strip().lower()
+        if not shortest <= len(prefix) <= 64 or prefix.strip("0123456789abcdef"):
+            return None
+        matches = [c for c in self.cache.contacts() if c.fingerprint.hex().startswith(prefix)]
+        return matches[0].fingerprint if len(matches) == 1 else None
 
     def safety_number(self, contact: Contact) -> str:
         return keyserver.safety_number(self.fingerprint, contact.fingerprint)
@@ -299,18 +328,23 @@ class Peer:
         """Fetch the own mailbox, handle what is new, acknowledge, receipt, clean up."""
         await self.daily_upkeep()
         state = FetchState(cursors=self.cache.cursors())
-        blobs, state = await self.mail.fetch(self.identity, state)
         inbox = Inbox(self)
-        for done, stored in enumerate(blobs, 1):
-            await inbox.handle_blob(stored.blob_id, stored.blob)
-            if progress:
-                progress(done, len(blobs))
-        self.cache.save_cursors(state.cursors)
+        done = 0
+        while True:  # a fetch holds a bounded number of bytes: a big mailbox takes several
+            blobs, state = await self.mail.fetch(self.identity, state)
+            for i, stored in enumerate(blobs, 1):
+                await inbox.handle_blob(stored.blob_id, stored.blob)
+                if progress:
+                    progress(done + i, done + len(blobs))
+            done += len(blobs)
+            self.cache.save_cursors(state.cursors)
+            if not state.more:
+                break
         await inbox.send_receipts()
         if inbox.history_wanted:
             await self.send_history()
         await self._acknowledge(inbox.report.held)
-        inbox.report.deleted = await self._clean_up()
+        inbox.report.deleted, inbox.report.cleanup_error = await self._clean_up()
         return inbox.report
 
     async def _acknowledge(self, blob_ids: list[bytes]) -> None:
@@ -318,11 +352,13 @@ class Peer:
             return
         self.cache.add_acks(self.device.device_id, blob_ids, None)
         if self._has_other_devices():
-            ack = envelope_pb2.DeviceAck(device_id=self.device.device_id, blob_ids=blob_ids)
-            await self.post_to_devices(envelope_pb2.Payload(ack=ack))
+            for batch in _batches(blob_ids, ACK_BATCH_IDS):
+                ack = envelope_pb2.DeviceAck(device_id=self.device.device_id, blob_ids=batch)
+                await self.post_to_devices(envelope_pb2.Payload(ack=ack))
 
-    async def _clean_up(self) -> int:
-        """Signed deletes for what every device holds.
+    async def _clean_up(self) -> tuple[int, str | None]:
+        """Signed deletes for what every device holds; returns how many blobs were
+        deleted, and why the storage nodes refused the rest if they did.
 
         A device that lost its cache also lost the list of devices, so it deletes
         nothing until another device's history told it the list again, or a week
@@ -331,30 +367,69 @@ class Peer:
         recovering_since = self.cache.get_state(RECOVERING)
         if recovering_since is not None:
             if now_ms() - int(recovering_since) < RECOVERY_WAIT_MS:
-                return 0
+                return 0, None
             log.warning("no other device answered in a week: assuming this one is alone")
             self.cache.clear_state(RECOVERING)
         deletable = self.cache.deletable_blobs()
-        if not deletable:
-            return 0
-        if await self.mail.delete(self.identity, deletable) >= self.mail.write_quorum:
-            self.cache.mark_deleted(deletable)
-            return len(deletable)
-        return 0
+        if not deletable or time.monotonic() < self._deletes_refused_until:
+            return 0, None
+        result = await self.mail.delete(self.identity, deletable)
+        self.cache.mark_deleted(result.deleted)
+        if not result.refusals:
+            return len(result.deleted), None
+        self._deletes_refused_until = time.monotonic() + DELETE_RETRY_S
+        error = (
+            f"storage nodes refused to delete {len(deletable) - len(result.deleted)} blobs"
+            f" from your mailbox ({'; '.join(result.refusals)}); they stay, and count"
+            " against its quota, until a delete is accepted"
+        )
+        log.warning("%s", error)
+        return len(result.deleted), error
 
-    async def watch(self, on_report: Callable[[SyncReport], None], interval: float = 1.0) -> None:
-        """Sync forever (until cancelled), reporting each round that brought something."""
+    async def watch(
+        self,
+        on_report: Callable[[SyncReport], None],
+        interval: float = 1.0,
+        on_network: Callable[[str], None] | None = None,
+    ) -> None:
+        """Sync forever (until cancelled), reporting each round that brought something.
+
+        A failed sync means the network (or the way to it) is down: ``on_network`` hears
+        it once when it goes and once when it comes back, and meanwhile the overlay is
+        rejoined through the seeds before each retry, since an outage longer than a few
+        lookups empties the routing table and nothing else would ever refill it."""
+        down_since: float | None = None
         while True:
             try:
                 report = await self.sync()
             except (DnaError, grpc.aio.AioRpcError) as exc:  # the network comes and goes
                 log.warning("sync failed, retrying in %.0f s: %s", WATCH_BACKOFF_S, exc)
                 self._checked_ms = 0  # back online: look for the own records at once
+                if down_since is None:
+                    down_since = time.monotonic()
+                    _tell(on_network, f"network unreachable ({_reason(exc)}); retrying")
+                log.info("sync failed, retrying in %.0f s: %s", WATCH_BACKOFF_S, exc)
                 await asyncio.sleep(WATCH_BACKOFF_S)
+                await self.reconnect()
                 continue
+            if down_since is not None:
+                _tell(on_network, f"network back after {time.monotonic() - down_since:.0f} s")
+                down_since = None
             if report.new_messages or report.receipts:
                 on_report(report)
             await asyncio.sleep(interval)
+
+    async def reconnect(self) -> bool:
+        """Rejoin the overlay through the seeds, with fresh connections: after an outage
+        the routing table may be empty (every node failed its checks), the cached replica
+        sets name nodes that may have moved, and gRPC channels that failed sit in their
+        reconnect backoff (up to two minutes) refusing calls. True if a seed answered."""
+        self.mail.replica_sets.clear()
+        await self.node.channels.close()  # the pool opens new channels on the next call
+        if not self.seeds or not await self.node.join(self.seeds):
+            return False
+        await self.node.refresh(0)
+        return True
 
     # -- history, for a newly linked device --------------------------------------------
 
@@ -379,6 +454,18 @@ class _Sent:
     stored_on: int
 
 
+def _tell(listener: Callable[[str], None] | None, text: str) -> None:
+    log.info("%s", text)
+    if listener is not None:
+        listener(text)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc)
+
+
 def _parse_fingerprint(query: str) -> bytes | None:
     if len(query) == 64:
         try:
@@ -388,17 +475,35 @@ def _parse_fingerprint(query: str) -> bytes | None:
     return None
 
 
+def _contact_card(contact: Contact) -> envelope_pb2.ContactCard:
+    return envelope_pb2.ContactCard(keys=contact.keys.to_proto(), name=contact.name or "",
+                                    verified=contact.verified)  # fmt: skip
+
+
 def _history_chunks(cache: Cache, own: bytes) -> list[envelope_pb2.History]:
-    contacts = [
-        envelope_pb2.ContactCard(keys=c.keys.to_proto(), name=c.name or "", verified=c.verified)
-        for c in cache.contacts()
-    ]
-    read = [envelope_pb2.ReadMarker(conversation_id=conv, read_up_to_ms=ms)
-            for conv, ms in cache.read_state().items()]  # fmt: skip
-    devices = [envelope_pb2.DeviceHello(device_id=d, device_name=name)
-               for d, name in cache.devices().items()]  # fmt: skip
-    chunks = [envelope_pb2.History(contacts=contacts, read=read, devices=devices)]
-    for msg in cache.messages():
+    """The cache as History payloads of at most ``HISTORY_CHUNK_BYTES`` each: the device
+    list first (it lets the receiver delete again), then contacts (3.2 KB of keys each),
+    read state and messages, each list split wherever a chunk fills."""
+    chunks = [envelope_pb2.History(devices=[
+        envelope_pb2.DeviceHello(device_id=d, device_name=name)
+        for d, name in cache.devices().items()
+    ])]  # fmt: skip
+    size = chunks[0].ByteSize()
+
+    def add(items: list[envelope_pb2.History], item: Any, field: str) -> None:
+        nonlocal size
+        item_size = item.ByteSize() + LIST_ITEM_OVERHEAD
+        if size + item_size > HISTORY_CHUNK_BYTES and size:
+            items.append(envelope_pb2.History())
+            size = 0
+        getattr(items[-1], field).append(item)
+        size += item_size
+
+    for c in cache.contacts():
+        add(chunks, _contact_card(c), "contacts")
+    for conv, ms in cache.read_state().items():
+        add(chunks, envelope_pb2.ReadMarker(conversation_id=conv, read_up_to_ms=ms), "read")
+    for msg in cache.messages(limit=-1):  # all of them (SQLite: a negative LIMIT is none)
         item = envelope_pb2.SyncTranscript(
             original_recipient=msg.recipient, original_message_id=msg.message_id,
             original_timestamp_ms=msg.timestamp_ms,
@@ -406,10 +511,12 @@ def _history_chunks(cache: Cache, own: bytes) -> list[envelope_pb2.History]:
                 body=msg.body, conversation_id=msg.conversation)).SerializeToString(),
             original_sender=b"" if msg.sender == own else msg.sender,
         )  # fmt: skip
-        if chunks[-1].ByteSize() + item.ByteSize() > HISTORY_CHUNK_BYTES:
-            chunks.append(envelope_pb2.History())
-        chunks[-1].messages.append(item)
+        add(chunks, item, "messages")
     return chunks
+
+
+def _batches(items: Sequence[bytes], size: int) -> list[list[bytes]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
 async def open_peer(
@@ -424,7 +531,7 @@ async def open_peer(
     except BaseException:
         cache.close()
         raise
-    peer = Peer(identity, cache, node, profile.device(), pow_bits)
+    peer = Peer(identity, cache, node, profile.device(), pow_bits, seeds)
     if lost_cache:  # the other devices post their history to the mailbox
         cache.set_state(RECOVERING, str(now_ms()).encode())
         await peer.announce(wants_history=True)

@@ -35,6 +35,7 @@ from dna_core.crypto import Identity
 from dna_core.crypto import pow as pow_
 from dna_core.errors import DnaError, ProtocolError
 from dna_core.mailbox.auth import (
+    MAX_DELETE_IDS,
     FetchSession,
     fetch_body,
     open_session,
@@ -57,10 +58,35 @@ SESSION_MARGIN_MS = 60_000  # a session this close to expiry is not used: sign i
 MAX_SESSIONS = 4096  # (mailbox, node) sessions a client keeps; the oldest go first
 MAX_PUT_BATCH = 64  # puts per PutMany call (the node's limit)
 MAX_PUT_BATCH_BYTES = 2 * 1024 * 1024  # half the node's 4 MiB message limit
+FETCH_BUDGET_BYTES = 16 * 1024 * 1024  # blobs one fetch holds before it returns for more
+
+
+# Blob IDs per signed delete (nodes accept MAX_DELETE_IDS). The request is 6.6 KB of key set
+# and signature plus 34 bytes per ID, 13.4 KB for 200, and every tombstone of the batch
+# stores all of it (and repair moves it): small batches keep tombstones small.
+DELETE_BATCH_IDS = 200
+DELETE_REQUEST_BYTES = 16 * 1024  # what a full batch's request stays under (tested)
+assert DELETE_BATCH_IDS <= MAX_DELETE_IDS
+_TRANSIENT = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+})  # fmt: skip
+_UNREACHABLE = "unreachable"
 
 
 class QuorumError(DnaError):
     """Fewer than W replicas stored the blob."""
+
+
+class UnreachableError(DnaError):
+    """No storage node of the mailbox was found or answered: the network (or this
+    device's connection to it) is down. Not the same as "nothing new"."""
+
+
+@dataclass
+class DeleteResult:
+    deleted: list[bytes] = field(default_factory=list)  # tombstoned on at least W nodes
+    refusals: list[str] = field(default_factory=list)  # why nodes refused a batch, if they did
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +98,11 @@ class PutResult:
 
 @dataclass
 class FetchState:
-    """Per-replica cursors of one mailbox (node ID -> opaque cursor)."""
+    """Per-replica cursors of one mailbox (node ID -> opaque cursor); ``more`` when the
+    last fetch stopped at its byte budget with pages left (fetch again from here)."""
 
     cursors: dict[bytes, bytes] = field(default_factory=dict)
+    more: bool = False
 
 
 def _wall_ms() -> int:
@@ -109,6 +137,9 @@ class ReplicaSetCache:
 
     def forget(self, box: bytes) -> None:
         self._entries.pop(box, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 Outcome = mailbox_pb2.PutOutcome | None  # None: the call itself failed
@@ -152,7 +183,7 @@ class NodeBatcher:
     def _take(self) -> list[tuple[mailbox_pb2.PutRequest, asyncio.Future[Outcome]]]:
         size, count = 0, 0
         for request, _ in self._waiting[:MAX_PUT_BATCH]:
-            size += len(request.blob)
+            size += request.ByteSize()  # the whole put (proof, IDs), not only its blob
             if count and size > MAX_PUT_BATCH_BYTES:
                 break
             count += 1
@@ -335,9 +366,17 @@ class MailboxClient:
     # -- fetch and delete ---------------------------------------------------------
 
     async def fetch(
-        self, owner: Identity, state: FetchState | None = None, *, limit: int = 200
+        self,
+        owner: Identity,
+        state: FetchState | None = None,
+        *,
+        limit: int = 200,
+        max_bytes: int | None = None,
     ) -> tuple[list[mailbox_pb2.StoredBlob], FetchState]:
-        """New blobs since each node's cursor, merged by blob ID.
+        """New blobs since each node's cursor, merged by blob ID, up to about
+        ``max_bytes`` (default ``FETCH_BUDGET_BYTES``) of them; past it ``state.more`` is
+        set: the caller handles these, keeps the cursors and fetches again (so a node
+        paging without end cannot make one fetch hold more than that).
 
         The replicas are asked first; a hand-off candidate only in place of one that did
         not answer (down, or refusing: also a nonce another node spent first). Each round
@@ -345,24 +384,34 @@ class MailboxClient:
         granted this client a fetch session get a MAC instead, the others one signed
         request naming them all, which asks each of them for a session. A node refusing
         its session (restarted, or the session expired there) is asked again, signed.
+        No node found, or none answering, is `UnreachableError`, not an empty mailbox.
         """
         state = state or FetchState()
         box = mailbox_id(owner.fingerprint)
         candidates = await self.candidates(box)
+        if not candidates:
+            raise UnreachableError("no storage node found for the mailbox (network down?)")
         asking, spare = candidates[: self.replicas], candidates[self.replicas :]
         merged: dict[bytes, mailbox_pb2.StoredBlob] = {}
+        answered, state.more = False, False
+        budget = FETCH_BUDGET_BYTES if max_bytes is None else max_bytes
         while asking:
             requests = self._fetch_requests(owner, box, asking, state, limit)
             denied: set[bytes] = set()
             pages = await asyncio.gather(
                 *(self._fetch_page(c, requests[c.node_id], denied) for c in asking)
             )
+            answered = answered or bool(denied) or pages.count(None) < len(pages)
             retry = self._keep_sessions(owner, box, asking, requests, pages, denied)
             more = _absorb(merged, state, asking, pages)
             failed = pages.count(None) - len(retry)
             if failed:
                 self.replica_sets.forget(box)
             asking, spare = more + retry + spare[:failed], spare[failed:]
+            if more and sum(len(b.blob) for b in merged.values()) >= budget:
+                state.more, asking = True, []  # the rest next time, from these cursors
+        if not answered:
+            raise UnreachableError(f"no storage node answered ({len(candidates)} asked)")
         return sorted(merged.values(), key=lambda b: (b.stored_ms, b.blob_id)), state
 
     def _fetch_requests(
@@ -433,24 +482,40 @@ class MailboxClient:
             return None
         return response
 
-    async def delete(self, owner: Identity, blob_ids: Sequence[bytes]) -> int:
+    async def delete(self, owner: Identity, blob_ids: Sequence[bytes]) -> DeleteResult:
         """Tombstone blobs on the replicas and the hand-off candidates (a hand-off copy
-        must not outlive the delete); returns how many nodes accepted. One signed request
-        serves them all: it names no node, and every replica receives it anyway as the
-        tombstone's authorization."""
+        must not outlive the delete), ``DELETE_BATCH_IDS`` per signed request. One
+        request serves every node: it names none, and every replica receives it anyway as
+        the tombstones' authorization. A batch counts as deleted once W nodes accepted it;
+        a batch the nodes refused stops the run (the next one would be refused alike: a
+        wrong clock, a changed limit) and says why."""
         box = mailbox_id(owner.fingerprint)
         candidates = await self.candidates(box)
-        request = mailbox_pb2.DeleteRequest.FromString(
-            sign_delete(owner, list(blob_ids), now_ms=_wall_ms())
-        )
-        accepted = await asyncio.gather(*(self._delete_one(c, request) for c in candidates))
-        if not all(accepted):
-            self.replica_sets.forget(box)
-        return sum(accepted)
+        result = DeleteResult()
+        for start in range(0, len(blob_ids), DELETE_BATCH_IDS):
+            batch = list(blob_ids[start : start + DELETE_BATCH_IDS])
+            request = mailbox_pb2.DeleteRequest.FromString(
+                sign_delete(owner, batch, now_ms=_wall_ms())
+            )
+            errors = await asyncio.gather(*(self._delete_one(c, request) for c in candidates))
+            if any(errors):
+                self.replica_sets.forget(box)
+            if errors.count(None) >= self.write_quorum:
+                result.deleted.extend(batch)
+                continue
+            refusals = sorted({e for e in errors if e and not e.startswith(_UNREACHABLE)})
+            if refusals:
+                result.refusals.extend(refusals)
+                break
+        return result
 
-    async def _delete_one(self, contact: Contact, request: mailbox_pb2.DeleteRequest) -> bool:
+    async def _delete_one(self, contact: Contact, request: mailbox_pb2.DeleteRequest) -> str | None:
+        """None when the node accepted; else why not (``_UNREACHABLE`` first when it did
+        not answer or could not do it now)."""
         try:
             await self._stub(contact).Delete(request, timeout=self.timeout)
-        except grpc.aio.AioRpcError:
-            return False
-        return True
+        except grpc.aio.AioRpcError as err:
+            if err.code() in _TRANSIENT:
+                return f"{_UNREACHABLE}: {err.code().name}"
+            return f"{err.code().name}: {err.details()}"
+        return None

@@ -34,6 +34,7 @@ from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
 MAX_GRPC_MESSAGE = 4 * 1024 * 1024
 MAX_CHANNELS = 256  # open channels per node; the least recently used is closed first
 CLOSE_GRACE_S = 5.0  # calls still on an evicted channel get this long to finish
+MAX_RECONNECT_BACKOFF_MS = 2_000  # a failed channel tries its node again this often, at most
 KEY_SIZE = 32
 Clock = Callable[[], int]
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -183,6 +184,11 @@ class ChannelPool:
             options=[
                 ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE),
                 ("grpc.max_send_message_length", MAX_GRPC_MESSAGE),
+                # gRPC's default backoff grows to 120 s, and a fail-fast call during it is
+                # refused without trying: a node back from a restart would be unreachable
+                # for up to two minutes through a channel that had failed.
+                ("grpc.initial_reconnect_backoff_ms", 500),
+                ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
             ],
         )
         self._channels[target] = channel

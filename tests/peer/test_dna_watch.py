@@ -1,0 +1,89 @@
+"""`dna watch` rides out a network restart (issue 11, item 1): the real `dna` CLI against a
+real testnet (1 bootstrap + 3 storage processes on 127.0.0.40-43) that is stopped and
+started again while it watches."""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+from dna_testnet.network import Testnet
+from support import BIN, run_script
+
+PASS = {"DNA_PASSPHRASE": "correct horse"}
+
+
+def dna(home: Path, net: Testnet, *args: str) -> dict:  # type: ignore[type-arg]
+    seeds = ",".join(f"{h}:{p}" for h, p in net.seeds)
+    out = run_script("dna", "--home", str(home), "--bootstrap", seeds, "--json", *args, env=PASS)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def lines(stream: IO[str]) -> queue.Queue[str]:
+    """A stream's lines as they come (read by a thread: no blocking readline in the test)."""
+    found: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        for line in stream:
+            found.put(line.rstrip("\n"))
+
+    threading.Thread(target=pump, daemon=True).start()
+    return found
+
+
+def wait_for(found: queue.Queue[str], text: str, timeout: float, seen: list[str]) -> str:
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = found.get(timeout=left)
+        except queue.Empty:
+            break
+        seen.append(line)
+        if text in line:
+            return line
+    raise AssertionError(f"no line with {text!r} within {timeout} s; saw {seen}")
+
+
+def test_watch_rides_out_a_network_restart(tmp_path: Path) -> None:
+    net = Testnet(tmp_path / "net", bootstraps=1, storage=3, first=40)
+    net.up()
+    watcher = None
+    try:
+        suffix = str(time.time_ns())[-6:]
+        alice, bob = tmp_path / "alice", tmp_path / "bob"
+        dna(alice, net, "identity", "create", "--name", f"alice{suffix}")
+        dna(bob, net, "identity", "create", "--name", f"bob{suffix}")
+        dna(bob, net, "contacts", "add", f"alice{suffix}")
+        watcher = subprocess.Popen(
+            [str(BIN / "dna"), "--home", str(alice), "--json", "--bootstrap",
+             ",".join(f"{h}:{p}" for h, p in net.seeds), "watch", "--interval", "0.3"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**PASS, "PATH": str(BIN)},
+        )  # fmt: skip
+        assert watcher.stdout is not None and watcher.stderr is not None
+        out, err = lines(watcher.stdout), lines(watcher.stderr)
+        seen: list[str] = []
+        dna(bob, net, "send", f"alice{suffix}", "before")
+        assert json.loads(wait_for(out, "before", 20, seen))["text"] == "before"
+
+        net.down()  # every node stops, as `dna-testnet down` does
+        wait_for(err, "network unreachable", 30, seen)
+        net.up()  # same keys, same data
+        wait_for(err, "network back", 40, seen)
+        dna(bob, net, "send", f"alice{suffix}", "after")
+        assert json.loads(wait_for(out, "after", 20, seen))["text"] == "after"
+    finally:
+        if watcher is not None:
+            watcher.send_signal(signal.SIGINT)
+            try:
+                assert watcher.wait(10) == 0  # Ctrl-C ends it cleanly
+            finally:
+                watcher.kill()
+        net.down()
