@@ -393,6 +393,21 @@ def test_forget_drops_copies_without_tombstones(stores: Stores, kind: str) -> No
     run_scenario(stores, kind, scenario)
 
 
+def test_incarnation_is_stable_and_new_for_a_new_store(stores: Stores, kind: str) -> None:
+    """What fetch cursors carry: 8 bytes, the same on every call while the data lives,
+    different for a store that starts empty (a wiped node)."""
+
+    async def main() -> None:
+        first, second = await stores.open(kind), await stores.open(kind)
+        incarnation = await first.incarnation()
+        assert len(incarnation) == 8
+        await first.put_many([blob(mbox(0), b"x")], T0)
+        assert await first.incarnation() == incarnation
+        assert await second.incarnation() != incarnation
+
+    stores.run(main())
+
+
 # --- the reference model ---------------------------------------------------------------------
 
 Key = tuple[bytes, bytes]

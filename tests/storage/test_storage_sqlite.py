@@ -31,15 +31,18 @@ def test_durable_across_close_and_reopen(tmp_path: Path) -> None:
     path = tmp_path / "mail.db"
     m = b"\x01" * 32
 
-    async def write() -> None:
+    async def write() -> bytes:
         b = await SqliteBackend.open(path)
         await b.put_many([blob(i) for i in range(5)], T0)
         await b.delete([Tombstone(m, blob(0).blob_id, T0, T0 + 2 * DAY, b"auth")], T0)
+        incarnation = await b.incarnation()
         await b.close()
+        return incarnation
 
-    async def read() -> None:
+    async def read(incarnation: bytes) -> None:
         b = await SqliteBackend.open(path)
         try:
+            assert await b.incarnation() == incarnation  # cursors issued before stay valid
             page = await b.fetch(m, 0, 100, T0)
             assert [x.seq for x in page.blobs] == [2, 3, 4, 5]
             assert await b.put_many([blob(0)], T0) == [PutOutcome.TOMBSTONED]
@@ -50,8 +53,7 @@ def test_durable_across_close_and_reopen(tmp_path: Path) -> None:
         finally:
             await b.close()
 
-    asyncio.run(write())
-    asyncio.run(read())
+    asyncio.run(read(asyncio.run(write())))
 
 
 def test_group_commit_batches_concurrent_writes(tmp_path: Path) -> None:

@@ -124,17 +124,25 @@ def _retry_after_ms(exc: RateLimited) -> int:
     return max(1, round(exc.retry_after_s * 1000))
 
 
-def encode_cursor(seq: int) -> bytes:
-    return seq.to_bytes(8, "big")
+def encode_cursor(seq: int, incarnation: bytes) -> bytes:
+    return incarnation + seq.to_bytes(8, "big")
 
 
-def decode_cursor(cursor: bytes) -> int:
-    """A fetch cursor: 8 bytes, at most the largest seq a backend can hold."""
-    if cursor and len(cursor) != 8:
+def decode_cursor(cursor: bytes, incarnation: bytes) -> int:
+    """The seq a fetch cursor stands for: ``incarnation || seq`` (16 bytes), or a bare
+    8-byte seq from nodes before incarnations. A cursor from an earlier incarnation of the
+    store (wiped and refilled by repair, its seqs counting from 1 again) reads from the
+    start: taken as is, it would hide every blob stored since, up to its old seq. The
+    client drops what it already has by blob ID."""
+    if not cursor:
+        return 0
+    if len(cursor) not in (8, 8 + len(incarnation)):
         raise MalformedError("fetch: cursor is not one this node issued")
-    seq = int.from_bytes(cursor, "big") if cursor else 0
+    seq = int.from_bytes(cursor[-8:], "big")
     if seq > MAX_STORED_INT:
         raise MalformedError("fetch: cursor is not one this node issued")
+    if len(cursor) > 8 and cursor[:-8] != incarnation:
+        return 0
     return seq
 
 
@@ -276,7 +284,12 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
                 request, now_ms=now_ms, nonces=self.nonces, node_id=self.node_id,
                 sessions=self.sessions,
             )  # fmt: skip
-            cursor = decode_cursor(fetch_cursor(body, self.node_id))
+            raw_cursor = fetch_cursor(body, self.node_id)
+        except ProtocolError as exc:
+            await self._refuse(context, "fetch", exc)
+        incarnation = await self.backend.incarnation()
+        try:
+            cursor = decode_cursor(raw_cursor, incarnation)
         except ProtocolError as exc:
             await self._refuse(context, "fetch", exc)
         page = await self.backend.fetch(owner.mailbox_id, cursor, body.limit, now_ms)
@@ -284,7 +297,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         self.on_outcome("fetch", "ok")
         response = mailbox_pb2.FetchResponse(
             blobs=[blob_proto(b) for b in blobs],
-            next_cursor=encode_cursor(next_cursor),
+            next_cursor=encode_cursor(next_cursor, incarnation),
             more=more,
         )
         if body.open_session:  # only a signed request may ask (verify_fetch)

@@ -164,4 +164,10 @@ class MailboxBackend(Protocol):
         """Remove up to ``limit`` expired blobs and tombstones; returns how many."""
         ...
 
+    async def incarnation(self) -> bytes:
+        """8 random bytes chosen when this store was created empty, the same for as long
+        as its data lives: fetch cursors carry it, so a cursor issued before a wipe is
+        not read as one of the new store's (whose seqs start again from 1)."""
+        ...
+
     async def close(self) -> None: ...

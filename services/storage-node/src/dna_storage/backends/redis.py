@@ -21,6 +21,7 @@ Layout (``P`` = prefix, IDs hex-encoded, ``M`` = mailbox, ``B`` = blob ID):
 * ``P x`` zset ``b:M:B`` / ``t:M:B`` -> expires_ms: the node-wide GC queue
 * ``P m`` zset of mailbox IDs, score 0 (lexicographic range scans for digests)
 * ``P totals`` hash ``blobs``, ``bytes``
+* ``P incarnation`` 8 random bytes, set when the first call finds none (fetch cursors)
 
 Every write is one Lua script (atomic: a put cannot slip past a concurrent delete, and a
 duplicate never takes a seq). Scripts build key names from the prefix, so this backend targets
@@ -30,6 +31,7 @@ a standalone Redis (or one hash slot), not Redis Cluster.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -280,6 +282,16 @@ class RedisBackend:
         for problem in await durability_problems(client):
             log.warning("redis is not configured for durable writes: %s", problem)
         return cls(client, prefix)
+
+    async def incarnation(self) -> bytes:
+        """Read on every call, not cached: a Redis flushed under a running node must not
+        keep answering with the incarnation of the data it lost."""
+        key = f"{self._p}incarnation"
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.set(key, os.urandom(8), nx=True)
+            pipe.get(key)
+            _, value = await pipe.execute()
+        return bytes(value)
 
     async def _write(self, script: Any, args: list[Any]) -> Any:
         """Run a writing script; Redis out of memory (``maxmemory`` with ``noeviction``) or

@@ -86,6 +86,8 @@ CREATE TABLE IF NOT EXISTS totals (     -- kept by triggers: O(1) metrics on a m
     bytes INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO totals VALUES (0, 0, 0);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+INSERT OR IGNORE INTO meta VALUES ('incarnation', randomblob(8));
 CREATE TRIGGER IF NOT EXISTS blobs_added AFTER INSERT ON blobs BEGIN
     UPDATE totals SET blobs = blobs + 1, bytes = bytes + NEW.size WHERE id = 0;
 END;
@@ -361,6 +363,7 @@ class SqliteBackend:
         self.path = path
         self._writer = writer
         self._reader = reader
+        self._incarnation: bytes | None = None
 
     @classmethod
     async def open(cls, path: Path) -> SqliteBackend:
@@ -375,6 +378,14 @@ class SqliteBackend:
             await writer.stop()
             raise
         return cls(path, writer, reader)
+
+    async def incarnation(self) -> bytes:
+        if self._incarnation is None:  # a file's incarnation never changes while it is open
+            row = await self._reader.submit(
+                lambda c: c.execute("SELECT value FROM meta WHERE key = 'incarnation'").fetchone()
+            )
+            self._incarnation = bytes(row[0])
+        return self._incarnation
 
     @property
     def commits(self) -> int:
