@@ -3,6 +3,7 @@ after `make`, `make` stops when its setup fails, and setup leaves no untracked f
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -36,9 +37,12 @@ def test_make_stops_when_setup_fails(tmp_path: Path) -> None:
     failing = tmp_path / "scripts" / "bootstrap.sh"
     failing.write_text("#!/bin/sh\necho 'bootstrap: no network' >&2\nexit 1\n")
     failing.chmod(0o755)
+    # Not the variables of a `make test` this suite may run under (MAKEFLAGS carries its
+    # UV=... to every make below it): a fresh machine has none.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     for target in ("demo", "test"):
         made = subprocess.run(["make", target], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=60, check=False)  # fmt: skip
+                              timeout=60, check=False, env=env)  # fmt: skip
         assert made.returncode != 0, made.stdout
         assert "failed (its message is above); nothing was run" in made.stderr, made.stderr
         assert "No such file" not in made.stderr and "run --locked" not in made.stdout
