@@ -173,6 +173,10 @@ class Cache:
     def close(self) -> None:
         self._db.close()
 
+    def rekey(self, key: bytes) -> None:
+        """Re-encrypt the cache under a new key (the identity rotated)."""
+        self._db.execute(f"PRAGMA rekey = \"x'{key.hex()}'\"")
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """All-or-nothing; nests (the outermost commits)."""
@@ -404,6 +408,9 @@ class Cache:
 
     def cursors(self) -> dict[bytes, bytes]:
         return {bytes(r[0]): bytes(r[1]) for r in self._rows("SELECT node_id, cursor FROM cursors")}
+
+    def clear_cursors(self) -> None:
+        self._write("DELETE FROM cursors")
 
     def save_cursors(self, cursors: dict[bytes, bytes]) -> None:
         with self.transaction():

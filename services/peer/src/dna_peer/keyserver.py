@@ -16,6 +16,7 @@ import unicodedata
 from dna_core.crypto import Identity, PublicKeySet, sign_record, signature
 from dna_core.crypto import pow as pow_
 from dna_core.crypto import primitives as p
+from dna_core.crypto.records import open_record
 from dna_core.errors import DnaError, MalformedError, VerificationError
 from dna_core.overlay.aio import OverlayNode
 from dna_core.overlay.records import (
@@ -137,10 +138,24 @@ def rotation_record(old: Identity, new: Identity, *, reason: str = "") -> bytes:
                        payload=payload.SerializeToString())  # fmt: skip
 
 
+def rotation_key(old: bytes) -> bytes:
+    return record_key(ROTATION, old)
+
+
 async def publish_rotation(node: OverlayNode, old: Identity, new: Identity, reason: str) -> int:
     return await node.put_record(
         rotation_record(old, new, reason=reason), record_key(ROTATION, old.fingerprint)
     )
+
+
+def rotation_statement_target(statement: bytes, old: bytes) -> PublicKeySet:
+    """The keys a rotation statement handed over in a message moves ``old`` to, after the
+    same checks as one fetched from the overlay: signed by ``old`` itself, cross-signed by
+    the new keys, unexpired. Raises a ProtocolError otherwise."""
+    rec = open_record(statement, now_ms=now_ms())
+    if rec.body.kind != ROTATION or rec.signer.fingerprint != old:
+        raise VerificationError("rotation: the statement is not signed by the rotating key")
+    return rotation_target(rec)
 
 
 async def lookup_rotation(node: OverlayNode, old: PublicKeySet) -> PublicKeySet | None:

@@ -28,7 +28,7 @@ from dna_core.overlay.records import normalize_name
 from dna_core.wire.gen.dna.v1 import envelope_pb2
 
 from dna_peer import keyserver
-from dna_peer.cache import Cache, Contact, Message
+from dna_peer.cache import Cache, Contact, Message, cache_key
 from dna_peer.inbox import RECOVERING, Inbox, SyncReport
 from dna_peer.keyserver import now_ms
 from dna_peer.network import join_overlay
@@ -45,6 +45,8 @@ BLOB_MEMORY_MS = 32 * DAY_MS  # a deleted blob cannot come back after its TTL (3
 RECOVERY_WAIT_MS = 7 * DAY_MS  # a device silent this long after a history request is gone
 WATCH_BACKOFF_S = 5.0
 SEND_ATTEMPTS = 4  # over about 3.5 s: rides out a replica restarting
+RETIRED = "retired"  # cache state: identities this one rotated away from, drained until
+RETIRED_GRACE_MS = 30 * DAY_MS  # = the rotation statement's lifetime and a blob's longest TTL
 HISTORY_CHUNK_BYTES = 150 * 1024  # a History payload stays under the 192 KiB envelope cap
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -72,6 +74,9 @@ class Peer:
     pow_bits: int = 12
     mail: MailboxClient = field(init=False)
     _checked_ms: int = field(default=0, init=False)  # when the own records were last looked up
+    # Writes a new identity to the profile's key file (set by open_peer, which holds the
+    # passphrase); without it this device cannot follow a rotation.
+    save_identity: Callable[[Identity], None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.mail = MailboxClient(self.node, pow_bits=self.pow_bits)
@@ -273,8 +278,18 @@ class Peer:
     # -- receiving ---------------------------------------------------------------------
 
     async def sync(self, progress: Progress | None = None) -> SyncReport:
-        """Fetch the own mailbox, handle what is new, acknowledge, receipt, clean up."""
+        """Fetch the own mailbox, handle what is new, acknowledge, receipt, clean up; then
+        what still arrives at a mailbox this identity rotated away from."""
         await self.daily_upkeep()
+        report, rotated_to = await self._sync_own(progress)
+        if rotated_to is not None:  # another device rotated: move over, read the new mailbox
+            self._adopt(rotated_to)
+            _merge(report, (await self._sync_own(progress))[0])
+        for old in self.retired():
+            _merge(report, await self._drain_retired(old))
+        return report
+
+    async def _sync_own(self, progress: Progress | None) -> tuple[SyncReport, Identity | None]:
         state = FetchState(cursors=self.cache.cursors())
         blobs, state = await self.mail.fetch(self.identity, state)
         inbox = Inbox(self)
@@ -288,6 +303,86 @@ class Peer:
             await self.send_history()
         await self._acknowledge(inbox.report.held)
         inbox.report.deleted = await self._clean_up()
+        return inbox.report, inbox.rotated_to
+
+    # -- rotation ------------------------------------------------------------------------
+
+    async def rotate(self, reason: str = "") -> Identity:
+        """Move this identity to a new key set: publish a rotation statement (signed by the
+        old keys, cross-signed by the new) and the new identity record, tell each contact
+        (from the old keys, so their pins follow without a key-change warning) and the
+        other devices (the new seeds, through the old own mailbox), then switch this
+        device over. The old mailbox is still drained for RETIRED_GRACE_MS."""
+        if self.save_identity is None:
+            raise DnaError("this device cannot rotate: its key file is not writable here")
+        old, new = self.identity, Identity.generate()
+        statement = keyserver.rotation_record(old, new, reason=reason)
+        if not await self.node.put_record(statement, keyserver.rotation_key(old.fingerprint)):
+            raise DnaError("no overlay node took the rotation statement: nothing changed")
+        notice = envelope_pb2.IdentityRotation(statement=statement)
+        for contact in self.cache.contacts():
+            if contact.replaced_by:
+                continue
+            try:
+                await self.send_payload(contact.keys, envelope_pb2.Payload(
+                    rotation=notice).SerializeToString(), with_keys=False)  # fmt: skip
+            except (DnaError, grpc.aio.AioRpcError) as exc:  # it finds the statement later
+                log.warning("rotation notice to %s failed: %s", contact.name, exc)
+        own = envelope_pb2.IdentityRotation(statement=statement, new_seeds=new.seeds())
+        await self.post_to_devices(envelope_pb2.Payload(rotation=own))
+        self._adopt(new)
+        await self._publish_after_rotation()
+        return new
+
+    def _adopt(self, new: Identity) -> None:
+        """Switch this device to ``new``: the old identity is kept (in the cache) to drain
+        its mailbox; cache and key file move to the new keys; the new mailbox starts from
+        no cursors."""
+        assert self.save_identity is not None
+        old = self.identity
+        retired = json.loads(self.cache.get_state(RETIRED) or b"[]")
+        retired.append({"seeds": old.seeds().hex(), "until_ms": now_ms() + RETIRED_GRACE_MS,
+                        "cursors": _hex_map(self.cache.cursors())})  # fmt: skip
+        with self.cache.transaction():
+            self.cache.set_state(RETIRED, json.dumps(retired).encode())
+            self.cache.clear_cursors()
+        self.cache.rekey(cache_key(new, self.device.device_id))
+        self.save_identity(new)
+        self.identity = new
+        self.mail = MailboxClient(self.node, pow_bits=self.pow_bits)
+        log.warning("identity rotated: %s -> %s", old.fingerprint.hex()[:16],
+                    new.fingerprint.hex()[:16])  # fmt: skip
+
+    async def _publish_after_rotation(self) -> None:
+        """The new identity record now; the name stays claimed by the old key (a claim
+        cannot move while it lives), and a contact who looks it up follows the rotation."""
+        raw = self.cache.get_state(PUBLISHED)
+        last = json.loads(raw) if raw else {"display_name": "", "name": None}
+        if last["display_name"]:
+            await self.publish(last["display_name"], None)
+            last = {**last, "ms": now_ms()}
+        self.cache.set_state(
+            PUBLISHED, json.dumps({**last, "name": None, "old_name": last["name"]}).encode()
+        )
+
+    def retired(self) -> list[Identity]:
+        """Identities this one rotated away from, still inside their grace period."""
+        entries = json.loads(self.cache.get_state(RETIRED) or b"[]")
+        return [Identity(bytes.fromhex(e["seeds"])) for e in entries if e["until_ms"] > now_ms()]
+
+    async def _drain_retired(self, old: Identity) -> SyncReport:
+        """Read what still arrives at an old mailbox. Nothing is deleted there: the blobs
+        expire with their TTL, within the grace period."""
+        entries = json.loads(self.cache.get_state(RETIRED) or b"[]")
+        entry = next(e for e in entries if e["seeds"] == old.seeds().hex())
+        state = FetchState(cursors=_unhex_map(entry["cursors"]))
+        blobs, state = await self.mail.fetch(old, state)
+        inbox = Inbox(self, identity=old)
+        for stored in blobs:
+            await inbox.handle_blob(stored.blob_id, stored.blob)
+        entry["cursors"] = _hex_map(state.cursors)
+        self.cache.set_state(RETIRED, json.dumps(entries).encode())
+        await inbox.send_receipts()
         return inbox.report
 
     async def _acknowledge(self, blob_ids: list[bytes]) -> None:
@@ -356,6 +451,21 @@ class _Sent:
     stored_on: int
 
 
+def _merge(into: SyncReport, more: SyncReport) -> None:
+    into.new_messages += more.new_messages
+    into.receipts += more.receipts
+    into.rejected += more.rejected
+    into.deleted += more.deleted
+
+
+def _hex_map(cursors: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.hex(): v.hex() for k, v in cursors.items()}
+
+
+def _unhex_map(cursors: dict[str, str]) -> dict[bytes, bytes]:
+    return {bytes.fromhex(k): bytes.fromhex(v) for k, v in cursors.items()}
+
+
 def _parse_fingerprint(query: str) -> bytes | None:
     if len(query) == 64:
         try:
@@ -402,6 +512,7 @@ async def open_peer(
         cache.close()
         raise
     peer = Peer(identity, cache, node, profile.device(), pow_bits)
+    peer.save_identity = lambda new: profile.replace_identity(new, passphrase)
     if lost_cache:  # the other devices post their history to the mailbox
         cache.set_state(RECOVERING, str(now_ms()).encode())
         await peer.announce(wants_history=True)

@@ -81,6 +81,14 @@ class Profile:
         write_private(self.keyfile, keyfile)
         return device
 
+    def replace_identity(self, identity: Identity, passphrase: str) -> None:
+        """After a rotation: the key file now holds the new identity (written beside the
+        old one, then renamed over it, so a crash leaves one or the other whole)."""
+        fresh = self.keyfile.with_name(self.keyfile.name + ".new")
+        fresh.unlink(missing_ok=True)
+        write_private(fresh, keystore.lock(identity, passphrase))
+        os.replace(fresh, self.keyfile)
+
     def device(self) -> Device:
         data = json.loads((self.home / "device.json").read_text())
         return Device(bytes.fromhex(data["id"]), str(data["name"]))
