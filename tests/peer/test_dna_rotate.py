@@ -5,12 +5,14 @@ arrives; Alice's linked laptop moves to the new keys at its next sync and keeps 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import time
 from pathlib import Path
 
-from dna_testnet.network import Testnet
+from dna_peer import keyserver
+from dna_testnet.network import Testnet, client_node
 from support import run_script
 
 PASS = {"DNA_PASSPHRASE": "correct horse"}
@@ -25,6 +27,14 @@ def ok(out: subprocess.CompletedProcess[str]) -> object:
     assert out.returncode == 0, out.stderr
     assert "KEY CHANGED" not in out.stderr, out.stderr
     return json.loads(out.stdout)
+
+
+async def name_owner(net: Testnet, name: str) -> bytes | None:
+    node = await client_node(net.seeds)
+    try:
+        return await keyserver.lookup_name(node, name)
+    finally:
+        await node.stop()
 
 
 def texts(home: Path, who: str, net: Testnet) -> list[str]:
@@ -65,6 +75,8 @@ def test_alice_rotates_and_bob_and_her_laptop_follow(testnet: Testnet, tmp_path:
     assert texts(alice, b_name, testnet) == ["to the old mailbox", "to the new mailbox"]
     again = ok(dna(bob, "contacts", "add", a_name, net=testnet))  # the name still resolves
     assert isinstance(again, dict) and again["fingerprint"] == rotated["fingerprint"]
+    # The name moved: the claim on the network is the new keys' now.
+    assert asyncio.run(name_owner(testnet, a_name)) == bytes.fromhex(rotated["fingerprint"])
 
     # The laptop learns of the rotation at its next sync and moves over.
     ok(dna(laptop, "sync", net=testnet))

@@ -45,6 +45,7 @@ BLOB_MEMORY_MS = 32 * DAY_MS  # a deleted blob cannot come back after its TTL (3
 RECOVERY_WAIT_MS = 7 * DAY_MS  # a device silent this long after a history request is gone
 WATCH_BACKOFF_S = 5.0
 SEND_ATTEMPTS = 4  # over about 3.5 s: rides out a replica restarting
+NAME_MOVE = "name-move"  # cache state: the old keys' signature handing the name over
 RETIRED = "retired"  # cache state: identities this one rotated away from, drained until
 RETIRED_GRACE_MS = 30 * DAY_MS  # = the rotation statement's lifetime and a blob's longest TTL
 HISTORY_CHUNK_BYTES = 150 * 1024  # a History payload stays under the 192 KiB envelope cap
@@ -96,17 +97,32 @@ class Peer:
 
     async def publish(self, display_name: str, name: str | None = None) -> int:
         """Publish the identity record (and claim ``name``); returns overlay copies stored."""
+        moved_from, moved_by = self._name_move(name)
         if name is not None:  # before anything is published: a taken name changes nothing
-            await keyserver.check_name_free(self.node, name, self.fingerprint)
+            await keyserver.check_name_free(self.node, name, self.fingerprint,
+                                            moved_from=moved_from)  # fmt: skip
         stored = await keyserver.publish_identity(self.node, self.identity, display_name)
-        if name is not None and not await keyserver.claim_name(self.node, self.identity, name):
-            await keyserver.check_name_free(self.node, name, self.fingerprint)  # lost a race
+        if name is not None and not await keyserver.claim_name(
+            self.node, self.identity, name, moved_by=moved_by
+        ):
+            await keyserver.check_name_free(
+                self.node, name, self.fingerprint, moved_from=moved_from
+            )  # lost a race; fmt: skip
             raise DnaError(f"no overlay node took the claim of {name!r}: try again")
         # stored nowhere (the network is away): due again at the next sync
         published_ms = now_ms() if stored else 0
         published = json.dumps({"display_name": display_name, "name": name, "ms": published_ms})
         self.cache.set_state(PUBLISHED, published.encode())
         return stored
+
+    def _name_move(self, name: str | None) -> tuple[bytes | None, bytes]:
+        """(old fingerprint, its signature) handing ``name`` to this identity, if it
+        rotated while holding it: the claim carries it so it replaces the old one."""
+        raw = self.cache.get_state(NAME_MOVE)
+        move = json.loads(raw) if raw else None
+        if name is None or move is None or move["name"] != normalize_name(name):
+            return None, b""
+        return bytes.fromhex(move["from"]), bytes.fromhex(move["signature"])
 
     async def daily_upkeep(self) -> None:
         """Republish the records and prune the cache's bookkeeping, once a day."""
@@ -331,7 +347,7 @@ class Peer:
         own = envelope_pb2.IdentityRotation(statement=statement, new_seeds=new.seeds())
         await self.post_to_devices(envelope_pb2.Payload(rotation=own))
         self._adopt(new)
-        await self._publish_after_rotation()
+        await self._publish_after_rotation(old)
         return new
 
     def _adopt(self, new: Identity) -> None:
@@ -353,17 +369,19 @@ class Peer:
         log.warning("identity rotated: %s -> %s", old.fingerprint.hex()[:16],
                     new.fingerprint.hex()[:16])  # fmt: skip
 
-    async def _publish_after_rotation(self) -> None:
-        """The new identity record now; the name stays claimed by the old key (a claim
-        cannot move while it lives), and a contact who looks it up follows the rotation."""
+    async def _publish_after_rotation(self, old: Identity) -> None:
+        """The new identity record, and the name moved to it: the old keys sign it over,
+        and the new claim (carrying that signature) replaces the old one."""
         raw = self.cache.get_state(PUBLISHED)
-        last = json.loads(raw) if raw else {"display_name": "", "name": None}
-        if last["display_name"]:
-            await self.publish(last["display_name"], None)
-            last = {**last, "ms": now_ms()}
-        self.cache.set_state(
-            PUBLISHED, json.dumps({**last, "name": None, "old_name": last["name"]}).encode()
-        )
+        if raw is None:
+            return  # another device publishes this identity
+        last = json.loads(raw)
+        if last["name"] is not None:
+            move = {"name": normalize_name(last["name"]), "from": old.fingerprint.hex(),
+                    "signature": keyserver.name_move_signature(
+                        old, last["name"], self.fingerprint).hex()}  # fmt: skip
+            self.cache.set_state(NAME_MOVE, json.dumps(move).encode())
+        await self.publish(last["display_name"], last["name"])
 
     def retired(self) -> list[Identity]:
         """Identities this one rotated away from, still inside their grace period."""
