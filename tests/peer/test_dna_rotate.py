@@ -65,8 +65,11 @@ def test_alice_rotates_and_bob_and_her_laptop_follow(testnet: Testnet, tmp_path:
     ok(dna(bob, "send", a_name, "to the old mailbox", net=testnet))
     assert texts(alice, b_name, testnet) == ["to the old mailbox"]
 
-    # Bob's next sync brings Alice's notice: his pin follows, no warning.
+    # Bob's next sync brings Alice's notice: his pin follows, no warning; and the receipt
+    # for what reached the old mailbox (signed by the old keys, whom he sent it to).
     ok(dna(bob, "sync", net=testnet))
+    sent = ok(dna(bob, "inbox", a_name, "--offline", net=testnet))
+    assert isinstance(sent, list) and [m["delivered"] for m in sent] == [True]
     contacts = ok(dna(bob, "contacts", "list", net=testnet))
     assert isinstance(contacts, list)
     (current,) = [c for c in contacts if c["name"] == a_name]

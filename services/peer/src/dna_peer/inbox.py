@@ -204,7 +204,9 @@ class Inbox:
         for keys, ids in self._receipts.values():
             receipt = envelope_pb2.Payload(receipt=envelope_pb2.DeliveryReceipt(message_ids=ids))
             try:
-                await self.peer.send_payload(keys, receipt.SerializeToString(), with_keys=False)
+                await self.peer.send_payload(
+                    keys, receipt.SerializeToString(), with_keys=False, sender=self.identity
+                )  # the keys it was sent to
             except Exception as exc:  # a receipt is best effort; the message is already held
                 log.warning("delivery receipt to %s failed: %s", keys.fingerprint.hex()[:16], exc)
 

@@ -256,8 +256,13 @@ class Peer:
             await self.post_to_devices(envelope_pb2.Payload(sync=transcript))
         return SentMessage(header.message_id, sent.stored_on)
 
-    async def send_payload(self, to: PublicKeySet, payload: bytes, *, with_keys: bool) -> _Sent:
-        envelope = seal(self.identity, to, payload, now_ms=now_ms(), include_sender_keys=with_keys)
+    async def send_payload(
+        self, to: PublicKeySet, payload: bytes, *, with_keys: bool, sender: Identity | None = None
+    ) -> _Sent:
+        """Seal and put; ``sender`` signs instead of this identity (a receipt for what
+        reached a mailbox this identity rotated away from)."""
+        envelope = seal(sender or self.identity, to, payload, now_ms=now_ms(),
+                        include_sender_keys=with_keys)  # fmt: skip
         for attempt in range(SEND_ATTEMPTS):
             try:
                 put = await self.mail.put(to.fingerprint, envelope, return_at_quorum=True)
