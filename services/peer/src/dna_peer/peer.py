@@ -391,7 +391,10 @@ class Peer:
     def retired(self) -> list[Identity]:
         """Identities this one rotated away from, still inside their grace period."""
         entries = json.loads(self.cache.get_state(RETIRED) or b"[]")
-        return [Identity(bytes.fromhex(e["seeds"])) for e in entries if e["until_ms"] > now_ms()]
+        live = [e for e in entries if e["until_ms"] > now_ms()]
+        if len(live) < len(entries):  # past the grace period: forget the old keys
+            self.cache.set_state(RETIRED, json.dumps(live).encode())
+        return [Identity(bytes.fromhex(e["seeds"])) for e in live]
 
     async def _drain_retired(self, old: Identity) -> SyncReport:
         """Read what still arrives at an old mailbox. Nothing is deleted there: the blobs
