@@ -13,16 +13,16 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from dna_core.crypto import Identity, seal
+from dna_core.crypto import Identity, keystore, seal
 from dna_core.crypto.node import NodeIdentity
 from dna_core.overlay.aio import NodeConfig, OverlayNode
 from dna_core.wire.gen.dna.v1 import envelope_pb2
 from dna_peer import keyserver
-from dna_peer.cache import Contact
+from dna_peer.cache import Contact, cache_key
 from dna_peer.inbox import Inbox
 from dna_peer.keyserver import now_ms
 from dna_peer.peer import RETIRED, Peer
-from dna_peer.profile import Profile
+from dna_peer.profile import Profile, write_private
 
 
 @asynccontextmanager
@@ -33,7 +33,7 @@ async def bob_peer(tmp_path: Path, bob: Identity) -> AsyncIterator[Peer]:
                                                                client_mode=True))  # fmt: skip
     await node.start()
     peer = Peer(bob, profile.open_cache(bob), node, profile.device())
-    peer.save_identity = lambda new: profile.replace_identity(new, "pw")
+    peer.save_identity = lambda new, rekey: profile.replace_identity(new, "pw", rekey)
     try:
         yield peer
     finally:
@@ -137,3 +137,24 @@ def test_the_old_mailbox_is_forgotten_after_the_grace_period(tmp_path: Path, bob
             assert json.loads(peer.cache.get_state(RETIRED) or b"") == []  # old seeds gone
 
     asyncio.run(go())
+
+
+def test_a_rotation_cut_short_is_finished_or_undone_at_the_next_unlock(
+    tmp_path: Path, alice: Identity
+) -> None:
+    """The key file and the cache move to the new keys in two steps; whichever step a
+    crash interrupts, the next unlock gives an identity whose cache opens."""
+    for rekeyed in (True, False):
+        profile = Profile(tmp_path / f"alice-{rekeyed}")
+        profile.create(alice, "pw")
+        new = Identity.generate()
+        cache = profile.open_cache(alice)
+        write_private(profile.fresh_keyfile, keystore.lock(new, "pw"))  # crashed after this
+        if rekeyed:  # ...or after this
+            cache.rekey(cache_key(new, profile.device().device_id))
+        cache.close()
+        unlocked = profile.unlock("pw")
+        assert unlocked.fingerprint == (new if rekeyed else alice).fingerprint
+        assert not profile.fresh_keyfile.exists()
+        profile.open_cache(unlocked).close()
+        assert profile.unlock("pw").fingerprint == unlocked.fingerprint

@@ -77,7 +77,9 @@ class Peer:
     _checked_ms: int = field(default=0, init=False)  # when the own records were last looked up
     # Writes a new identity to the profile's key file (set by open_peer, which holds the
     # passphrase); without it this device cannot follow a rotation.
-    save_identity: Callable[[Identity], None] | None = field(default=None, repr=False)
+    save_identity: Callable[[Identity, Callable[[], None]], None] | None = field(
+        default=None, repr=False
+    )  # (new identity, re-encrypt the cache): Profile.replace_identity
 
     def __post_init__(self) -> None:
         self.mail = MailboxClient(self.node, pow_bits=self.pow_bits)
@@ -367,8 +369,7 @@ class Peer:
         with self.cache.transaction():
             self.cache.set_state(RETIRED, json.dumps(retired).encode())
             self.cache.clear_cursors()
-        self.cache.rekey(cache_key(new, self.device.device_id))
-        self.save_identity(new)
+        self.save_identity(new, lambda: self.cache.rekey(cache_key(new, self.device.device_id)))
         self.identity = new
         self.mail = MailboxClient(self.node, pow_bits=self.pow_bits)
         log.warning("identity rotated: %s -> %s", old.fingerprint.hex()[:16],
@@ -538,7 +539,7 @@ async def open_peer(
         cache.close()
         raise
     peer = Peer(identity, cache, node, profile.device(), pow_bits)
-    peer.save_identity = lambda new: profile.replace_identity(new, passphrase)
+    peer.save_identity = lambda new, rekey: profile.replace_identity(new, passphrase, rekey)
     if lost_cache:  # the other devices post their history to the mailbox
         cache.set_state(RECOVERING, str(now_ms()).encode())
         await peer.announce(wants_history=True)
