@@ -361,7 +361,8 @@ class Peer:
         """Switch this device to ``new``: the old identity is kept (in the cache) to drain
         its mailbox; cache and key file move to the new keys; the new mailbox starts from
         no cursors."""
-        assert self.save_identity is not None
+        if self.save_identity is None:
+            raise DnaError("this device cannot change identity: no key file to write")
         old = self.identity
         retired = json.loads(self.cache.get_state(RETIRED) or b"[]")
         retired.append({"seeds": old.seeds().hex(), "until_ms": now_ms() + RETIRED_GRACE_MS,
