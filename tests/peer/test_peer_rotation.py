@@ -158,3 +158,28 @@ def test_a_rotation_cut_short_is_finished_or_undone_at_the_next_unlock(
         assert not profile.fresh_keyfile.exists()
         profile.open_cache(unlocked).close()
         assert profile.unlock("pw").fingerprint == unlocked.fingerprint
+
+
+def test_a_message_from_the_new_keys_before_the_notice_joins_the_conversation(
+    tmp_path: Path, alice: Identity, bob: Identity
+) -> None:
+    """Blobs come in any order: the new keys' first message may be handled before the
+    notice (a stranger then); the notice merges it into the named conversation."""
+
+    async def go() -> None:
+        async with bob_peer(tmp_path, bob) as peer:
+            pin(peer, alice, "alice")
+            new = Identity.generate()
+            text = envelope_pb2.Payload(text=envelope_pb2.Text(body="from the new keys"))
+            first = seal(new, bob.public, text.SerializeToString(), now_ms=now_ms(),
+                         include_sender_keys=True)  # fmt: skip
+            await handle(peer, first)
+            await handle(peer, notice(alice, bob, keyserver.rotation_record(alice, new)))
+            moved = peer.cache.contact_named("alice")
+            assert moved is not None and moved.fingerprint == new.fingerprint
+            assert [m.body for m in peer.cache.messages(moved.conversation)] == [
+                "from the new keys"
+            ]
+            assert [c.peer for c in peer.cache.conversations()] == [new.fingerprint]
+
+    asyncio.run(go())
