@@ -353,6 +353,7 @@ class Peer:
                 log.warning("rotation notice to %s failed: %s", contact.name, exc)
         own = envelope_pb2.IdentityRotation(statement=statement, new_seeds=new.seeds())
         await self.post_to_devices(envelope_pb2.Payload(rotation=own))
+        await self._clean_up()  # deletes still due on the old mailbox, signed by its keys
         self._adopt(new)
         await self._publish_after_rotation(old)
         return new
