@@ -11,8 +11,12 @@ import subprocess
 import time
 from pathlib import Path
 
+from dna_core.crypto import Identity
 from dna_peer import keyserver
+from dna_peer.cache import Contact
+from dna_peer.keyserver import now_ms
 from dna_testnet.network import Testnet, client_node
+from peers import People
 from support import run_script
 
 PASS = {"DNA_PASSPHRASE": "correct horse"}
@@ -90,3 +94,36 @@ def test_alice_rotates_and_bob_and_her_laptop_follow(testnet: Testnet, tmp_path:
     received = ok(dna(bob, "inbox", a_name, net=testnet))
     assert isinstance(received, list)
     assert [m["text"] for m in received if m["from"] == a_name] == ["from the laptop"]
+
+
+def test_a_contact_who_rotated_twice_is_followed_to_the_last_keys(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    """Alice pinned Bob's first keys and missed both notices: one refresh follows the
+    chain of statements (each signed by the keys before it) to his current keys."""
+
+    async def scenario() -> None:
+        people = People(tmp_path, testnet.seeds)
+        alice = await people.new("alice", publish=False)
+        first, second, third = (Identity.generate() for _ in range(3))
+        await keyserver.publish_identity(alice.node, first, "Bob")
+        await keyserver.publish_rotation(alice.node, first, second, "one")
+        await keyserver.publish_rotation(alice.node, second, third, "two")
+        alice.cache.pin(Contact(first.fingerprint, first.public, "bob", False, now_ms(),
+                                first.fingerprint))  # fmt: skip
+        pinned = alice.cache.contact(first.fingerprint)
+        assert pinned is not None
+        followed = await alice.refresh_contact(pinned)
+        assert followed.fingerprint == third.fingerprint and followed.name == "bob"
+        assert alice.find_contact("bob").fingerprint == third.fingerprint
+        # Carol pinned the first keys under Bob's name, which now points at the third:
+        # adding him by name follows both statements, no KEY CHANGED.
+        name = people.name("bob")
+        await keyserver.claim_name(alice.node, third, name)
+        carol = await people.new("carol", publish=False)
+        carol.cache.pin(Contact(first.fingerprint, first.public, name, False, now_ms(),
+                                first.fingerprint))  # fmt: skip
+        assert (await carol.add_contact(name)).fingerprint == third.fingerprint
+        await asyncio.gather(alice.close(), carol.close())
+
+    asyncio.run(scenario())

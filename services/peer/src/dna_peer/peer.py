@@ -45,6 +45,7 @@ BLOB_MEMORY_MS = 32 * DAY_MS  # a deleted blob cannot come back after its TTL (3
 RECOVERY_WAIT_MS = 7 * DAY_MS  # a device silent this long after a history request is gone
 WATCH_BACKOFF_S = 5.0
 SEND_ATTEMPTS = 4  # over about 3.5 s: rides out a replica restarting
+MAX_ROTATION_HOPS = 8  # statements followed in one refresh (a cycle cannot loop forever)
 NAME_MOVE = "name-move"  # cache state: the old keys' signature handing the name over
 RETIRED = "retired"  # cache state: identities this one rotated away from, drained until
 RETIRED_GRACE_MS = 30 * DAY_MS  # = the rotation statement's lifetime and a blob's longest TTL
@@ -175,7 +176,10 @@ class Peer:
             if pinned is not None and pinned.fingerprint != fingerprint:
                 if self._current(fingerprint) == pinned:
                     return pinned  # the name still points at the key that rotated to this one
-                return await self._follow_rotation(pinned, fingerprint)
+                followed = await self.refresh_contact(pinned)  # maybe several rotations
+                if followed.fingerprint == fingerprint:
+                    return followed
+                return await self._follow_rotation(followed, fingerprint)  # KEY CHANGED
         assert fingerprint is not None
         if fingerprint == self.fingerprint:
             raise UnknownContactError("that is you: your own devices sync through `dna sync`")
@@ -218,11 +222,14 @@ class Peer:
         return self.cache.replace_contact(pinned, new_keys, now_ms())
 
     async def refresh_contact(self, contact: Contact) -> Contact:
-        """Follow a rotation the contact published (signed by the pinned key), if any."""
-        new_keys = await keyserver.lookup_rotation(self.node, contact.keys)
-        if new_keys is None:
-            return contact
-        return await self._follow_rotation(contact, new_keys.fingerprint)
+        """Follow the rotations the contact published, each signed by the keys before it
+        (a contact may have rotated more than once while we were away)."""
+        for _ in range(MAX_ROTATION_HOPS):
+            new_keys = await keyserver.lookup_rotation(self.node, contact.keys)
+            if new_keys is None or new_keys.fingerprint == contact.fingerprint:
+                return contact
+            contact = await self._follow_rotation(contact, new_keys.fingerprint)
+        return contact
 
     def find_contact(self, query: str) -> Contact:
         """A pinned contact by name, fingerprint or fingerprint prefix (hex)."""
