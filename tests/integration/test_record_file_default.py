@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 from dna_core.overlay.aio.server import OverlayServiceConfig, RecordsSection
 from dna_storage.node import StorageNodeConfig, StorageSection
 from dna_testnet.network import BIN
@@ -49,6 +50,10 @@ def test_two_nodes_started_from_one_directory_keep_separate_record_files(
             assert all(p.poll() is None for p in procs), logs
             assert time.monotonic() < deadline, sorted(str(p) for p in tmp_path.rglob("*"))
             time.sleep(0.1)
+        for port, path in ((17402, "bootstrap-data/records.sqlite3"),
+                           (17412, "data/records.sqlite3")):  # fmt: skip
+            status = httpx.get(f"http://127.0.0.1:{port}/status", timeout=5).json()
+            assert status["record_file"] == path
     finally:
         for p in procs:
             p.terminate()

@@ -315,6 +315,7 @@ class OverlayServer:
             "ready": self.ready,
             "uptime_s": round(time.time() - self.started_at, 1),
             "config": dump_config(self.config),
+            "record_file": str(self.config.records_path()),  # the default resolved
         }
         if node is not None and node.contact is not None:
             ep = node.contact.endpoint
