@@ -27,11 +27,13 @@ from dna_core.overlay.records import (
     MAX_PRESENCE_TTL_MS,
     MAX_ROTATION_TTL_MS,
     MAX_TTL_MS,
+    NAME_MOVE_DOMAIN,
     RecordStore,
     StoreResult,
     identity_payload,
     identity_proof,
     name_key,
+    name_move_message,
     name_pow_hash,
     normalize_name,
     record_key,
@@ -774,3 +776,35 @@ def test_any_put_sequence_keeps_the_bounds_and_refuses_only_the_biggest_holders(
             held_by[result.record.body.key] = source
         assert len(s) <= s.max_records and s.bytes_held <= s.max_bytes
         assert len(s) == len(held_by)
+
+
+# -- a name moving to the holder's new keys (key rotation) ---------------------------------
+
+
+def moved_claim(new: Identity, name: str, signed_by: Identity, *, seq: int = 2) -> bytes:
+    """``new``'s claim of ``name``, carrying ``signed_by``'s signature moving it to ``new``."""
+    proof = solve(name, new.fingerprint, at=NOW + 1)
+    moved_by = signature.sign(signed_by, NAME_MOVE_DOMAIN, name_move_message(name, new.fingerprint))
+    claim = records_pb2.NameClaim(name=name, fingerprint=new.fingerprint, pow=proof.to_proto(),
+                                  moved_by=moved_by)  # fmt: skip
+    return sign_record(new, kind=NAME, key=name_key(name), seq=seq, now_ms=NOW + 1,
+                       ttl_ms=DAY_MS, payload=encode_message(claim))  # fmt: skip
+
+
+def test_a_name_moves_to_new_keys_signed_over_by_its_holder(alice: Identity, bob: Identity) -> None:
+    s = store()
+    s.put(name_rec(alice, "alice"), NOW)
+    new_alice = Identity.generate()
+    s.put(moved_claim(new_alice, "alice", alice), NOW + 1)
+    held = s.get(name_key("alice"), NOW + 1)
+    assert held is not None and held.signer.fingerprint == new_alice.fingerprint
+
+
+def test_a_name_move_not_signed_by_its_holder_is_refused(alice: Identity, bob: Identity) -> None:
+    s = store()
+    s.put(name_rec(alice, "alice"), NOW)
+    keys = all_keys(alice, bob)
+    refused(s, moved_claim(bob, "alice", bob), VerificationError, keys, NOW + 1)
+    mallory = Identity.generate()
+    refused(s, moved_claim(mallory, "alice", bob), VerificationError, keys, NOW + 1)
+    refused(s, moved_claim(bob, "alice", alice, seq=1), ConflictError, keys, NOW + 1)

@@ -173,6 +173,10 @@ class Cache:
     def close(self) -> None:
         self._db.close()
 
+    def rekey(self, key: bytes) -> None:
+        """Re-encrypt the cache under a new key (the identity rotated)."""
+        self._db.execute(f"PRAGMA rekey = \"x'{key.hex()}'\"")
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """All-or-nothing; nests (the outermost commits)."""
@@ -270,13 +274,33 @@ class Cache:
                 "UPDATE contacts SET name = NULL, replaced_by = ? WHERE fingerprint = ?",
                 (new.fingerprint, old.fingerprint),
             )
-            if self.contact(new.fingerprint) is None:
+            known = self.contact(new.fingerprint)
+            if known is None:
                 self.pin(new)
+            elif known.conversation != old.conversation:
+                self._merge_stranger(known, old)
             self._db.execute(
                 "UPDATE conversations SET peer = ? WHERE id = ?",
                 (new.fingerprint, old.conversation),
             )
-        return new
+        return self.contact(new.fingerprint) or new
+
+    def _merge_stranger(self, stranger: Contact, old: Contact) -> None:
+        """The new keys wrote before their rotation was known, and were pinned as a
+        stranger: their messages join the old conversation, and they take the name."""
+        self._db.execute(
+            "UPDATE messages SET conversation = ? WHERE conversation = ?",
+            (old.conversation, stranger.conversation),
+        )
+        self._db.execute(
+            "UPDATE conversations SET last_ms = max(last_ms, (SELECT last_ms FROM conversations"
+            " WHERE id = ?)) WHERE id = ?", (stranger.conversation, old.conversation),
+        )  # fmt: skip
+        self._db.execute("DELETE FROM conversations WHERE id = ?", (stranger.conversation,))
+        self._db.execute(
+            "UPDATE contacts SET conversation = ?, name = coalesce(name, ?), verified = 0"
+            " WHERE fingerprint = ?", (old.conversation, old.name, stranger.fingerprint),
+        )  # fmt: skip
 
     # -- messages ------------------------------------------------------------------
 
@@ -404,6 +428,9 @@ class Cache:
 
     def cursors(self) -> dict[bytes, bytes]:
         return {bytes(r[0]): bytes(r[1]) for r in self._rows("SELECT node_id, cursor FROM cursors")}
+
+    def clear_cursors(self) -> None:
+        self._write("DELETE FROM cursors")
 
     def save_cursors(self, cursors: dict[bytes, bytes]) -> None:
         with self.transaction():

@@ -4,6 +4,7 @@
     dna identity show | export [--private --out FILE] | import FILE | publish
     dna identity link                     on this device: print a one-time code
     dna identity link CODE                on a new device: become a device of that identity
+    dna identity rotate [--reason TEXT]   a new key set; contacts and your devices follow
     dna contacts add bob | list | verify bob [--confirm] | forget bob
     dna send bob "hello"                  (or `-` / a pipe for stdin, or --file FILE)
     dna inbox [bob]                       sync, then show conversations (or one of them)
@@ -268,6 +269,19 @@ def _link(args: argparse.Namespace) -> None:
             print("The code works once, for an hour. Anyone with it becomes you: keep it secret.")
         _emit(args, {"code": offer.code, "device_id": offer.device_id.hex(),
                      "history_chunks": offer.history_chunks})  # fmt: skip
+
+    _with_peer(args, work)
+
+
+def _rotate(args: argparse.Namespace) -> None:
+    """A new key set for this identity; contacts and the other devices follow."""
+
+    async def work(peer: Peer) -> None:
+        old = peer.fingerprint
+        new = await peer.rotate(args.reason)
+        _emit(args, {"old_fingerprint": old.hex(), "fingerprint": new.fingerprint.hex(),
+                     "contacts_told": len([c for c in peer.cache.contacts()
+                                           if c.replaced_by is None])})  # fmt: skip
 
     _with_peer(args, work)
 
@@ -685,6 +699,9 @@ def build_parser() -> argparse.ArgumentParser:
     link.add_argument("code", nargs="?", help="the code shown on your existing device")
     link.add_argument("--device-name", type=_device_name, default="new device",
                       help="name of the new device (1-64 printable characters)")  # fmt: skip
+    rotate = _add(ident, "rotate", _rotate, "move to a new key set (contacts and your other"
+                  " devices follow; the old mailbox is read for 30 more days)")  # fmt: skip
+    rotate.add_argument("--reason", default="", help="said in the rotation statement")
 
     contacts = _group(sub, "contacts", "your contacts")
     _add(contacts, "add", _contacts_add, "find someone by name or fingerprint and pin their key"

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from dna_core.crypto import OpenedMessage, PublicKeySet, ReplayGuard, open_envelope
+from dna_core.crypto import Identity, OpenedMessage, PublicKeySet, ReplayGuard, open_envelope
 from dna_core.errors import MalformedError, ProtocolError, ReplayError, VerificationError
 from dna_core.wire import decode_message
 from dna_core.wire.gen.dna.v1 import envelope_pb2
@@ -48,8 +48,13 @@ class SyncReport:
 
 
 class Inbox:
-    def __init__(self, peer: Peer) -> None:
+    """One mailbox's blobs: the identity's own, or (``identity`` given) a mailbox it had
+    before a rotation, drained for a grace period."""
+
+    def __init__(self, peer: Peer, identity: Identity | None = None) -> None:
         self.peer, self.cache = peer, peer.cache
+        self.identity = identity or peer.identity
+        self.rotated_to: Identity | None = None  # another device rotated the identity
         self.report = SyncReport()
         self._guard = ReplayGuard()
         self._receipts: dict[bytes, tuple[PublicKeySet, list[bytes]]] = {}
@@ -84,8 +89,8 @@ class Inbox:
         missing: list[bytes] = []
 
         def resolve(fingerprint: bytes) -> PublicKeySet | None:
-            if fingerprint == self.peer.fingerprint:
-                return self.peer.identity.public
+            if fingerprint == self.identity.fingerprint:
+                return self.identity.public
             contact = self.cache.contact(fingerprint)
             if contact is None:
                 missing.append(fingerprint)
@@ -111,16 +116,20 @@ class Inbox:
     def _open_with(
         self, blob: bytes, resolve: Callable[[bytes], PublicKeySet | None]
     ) -> OpenedMessage:
-        return open_envelope(blob, self.peer.identity, now_ms=now_ms(), replay_guard=self._guard,
+        return open_envelope(blob, self.identity, now_ms=now_ms(), replay_guard=self._guard,
                              resolve_sender=resolve)  # fmt: skip
 
     async def _plan(
         self, opened: OpenedMessage, payload: envelope_pb2.Payload, blob_id: bytes
     ) -> Apply:
         kind = payload.WhichOneof("kind")
-        own = opened.sender.fingerprint == self.peer.fingerprint
+        own = opened.sender.fingerprint == self.identity.fingerprint
         if own and kind in OWN_DEVICE_KINDS:
             return await self._plan_own(kind, payload, blob_id)
+        if kind == "rotation":
+            if own:
+                return self._plan_own_rotation(payload.rotation)
+            return self._plan_contact_rotation(opened.sender, payload.rotation)
         if not own and kind == "text":
             return self._plan_text(opened, payload.text)
         if not own and kind == "receipt":
@@ -159,6 +168,39 @@ class Inbox:
 
         return apply
 
+    def _plan_contact_rotation(
+        self, sender: PublicKeySet, rotation: envelope_pb2.IdentityRotation
+    ) -> Apply:
+        """A pinned contact rotated: its statement (signed by the pinned key, cross-signed
+        by the new one) moves the pin, the name and the conversation, with no warning."""
+        if self.cache.contact(sender.fingerprint) is None:
+            raise VerificationError("rotation: not from a pinned contact")
+        new_keys = keyserver.rotation_statement_target(rotation.statement, sender.fingerprint)
+
+        def apply() -> str:
+            pinned = self.cache.contact(sender.fingerprint)
+            if pinned is not None and not pinned.replaced_by:
+                self.cache.replace_contact(pinned, new_keys, now_ms())
+                log.info("%s rotated keys to %s (their statement, signed by the pinned key)",
+                         pinned.name, new_keys.fingerprint.hex()[:16])  # fmt: skip
+            return "rotation"
+
+        return apply
+
+    def _plan_own_rotation(self, rotation: envelope_pb2.IdentityRotation) -> Apply:
+        """Another device rotated this identity: move to the new keys after this sync."""
+        new = Identity(rotation.new_seeds) if len(rotation.new_seeds) else None
+        target = keyserver.rotation_statement_target(rotation.statement, self.identity.fingerprint)
+        if new is None or new.public != target:
+            raise VerificationError("rotation: the new keys are not the ones the statement names")
+
+        def apply() -> str:
+            if new.fingerprint != self.peer.fingerprint:  # not already there
+                self.rotated_to = new
+            return "rotation"
+
+        return apply
+
     async def send_receipts(self) -> None:
         """One delivery receipt per sender for the messages this sync stored."""
         for keys, ids in self._receipts.values():
@@ -167,7 +209,9 @@ class Inbox:
                 receipt = envelope_pb2.DeliveryReceipt(message_ids=batch)
                 payload = envelope_pb2.Payload(receipt=receipt).SerializeToString()
                 try:
-                    await self.peer.send_payload(keys, payload, with_keys=False)
+                    await self.peer.send_payload(
+                        keys, payload, with_keys=False, sender=self.identity
+                    )  # the keys it was sent to
                 except Exception as exc:  # best effort; the message is already held
                     log.warning("delivery receipt to %s failed: %s",
                                 keys.fingerprint.hex()[:16], exc)  # fmt: skip

@@ -16,16 +16,20 @@ import unicodedata
 from dna_core.crypto import Identity, PublicKeySet, sign_record, signature
 from dna_core.crypto import pow as pow_
 from dna_core.crypto import primitives as p
+from dna_core.crypto.records import open_record
 from dna_core.errors import DnaError, MalformedError, VerificationError
 from dna_core.overlay.aio import OverlayNode
 from dna_core.overlay.records import (
     DEFAULT_NAME_POW_BITS,
+    MAX_CLAIM_BYTES,
     MAX_ROTATION_TTL_MS,
     MAX_TTL_MS,
+    NAME_MOVE_DOMAIN,
     ROTATION_ACCEPT_DOMAIN,
     identity_payload,
     identity_proof,
     name_key,
+    name_move_message,
     name_pow_hash,
     normalize_name,
     record_key,
@@ -63,11 +67,14 @@ def check_display_name(text: str) -> str:
     return text
 
 
-async def check_name_free(node: OverlayNode, name: str, fingerprint: bytes | None) -> None:
+async def check_name_free(
+    node: OverlayNode, name: str, fingerprint: bytes | None, *, moved_from: bytes | None = None
+) -> None:
     """Raise `NameTakenError` if ``name`` is claimed by an identity other than
-    ``fingerprint`` (None: anyone's claim counts)."""
+    ``fingerprint`` (None: anyone's claim counts) or ``moved_from`` (the keys it rotated
+    away from, whose claim it may replace)."""
     owner = await lookup_name(node, name)
-    if owner is not None and owner != fingerprint:
+    if owner is not None and owner not in (fingerprint, moved_from):
         raise NameTakenError(
             f"the name {normalize_name(name)!r} is taken by another identity"
             f" ({owner.hex()[:16]}…): choose another"
@@ -82,13 +89,16 @@ async def publish_identity(node: OverlayNode, identity: Identity, display_name: 
 
 
 async def claim_name(
-    node: OverlayNode, identity: Identity, name: str, *, pow_bits: int = NAME_POW_BITS
-) -> int:
-    """Claim ``name`` for this identity (first come, first served; costs proof of work)."""
+    node: OverlayNode, identity: Identity, name: str, *, pow_bits: int = NAME_POW_BITS,
+    moved_by: bytes = b"",
+) -> int:  # fmt: skip
+    """Claim ``name`` for this identity (first come, first served; costs proof of work).
+    ``moved_by`` (`name_move_signature`) lets it replace the claim of the keys it rotated
+    away from."""
     norm = normalize_name(name)
     proof, _ = pow_.solve(name_pow_hash(norm, identity.fingerprint), pow_bits, now_ms=now_ms())
     claim = records_pb2.NameClaim(name=norm, fingerprint=identity.fingerprint,
-                                  pow=proof.to_proto())  # fmt: skip
+                                  pow=proof.to_proto(), moved_by=moved_by)  # fmt: skip
     return await _publish(node, identity, NAME_CLAIM, name_key(norm), claim.SerializeToString())
 
 
@@ -114,7 +124,7 @@ async def lookup_name(node: OverlayNode, name: str) -> bytes | None:
     found = await node.get_record(name_key(name))
     if found is None:
         return None
-    claim = decode_message(records_pb2.NameClaim, found.body.payload, max_size=1024,
+    claim = decode_message(records_pb2.NameClaim, found.body.payload, max_size=MAX_CLAIM_BYTES,
                            what="name claim")  # fmt: skip
     if claim.fingerprint != found.signer.fingerprint or claim.name != normalize_name(name):
         raise VerificationError("name claim: does not bind this name to its signer")
@@ -137,10 +147,30 @@ def rotation_record(old: Identity, new: Identity, *, reason: str = "") -> bytes:
                        payload=payload.SerializeToString())  # fmt: skip
 
 
+def name_move_signature(old: Identity, name: str, new_fp: bytes) -> bytes:
+    """The old keys hand ``name`` to ``new_fp`` (carried in the new keys' claim)."""
+    norm = normalize_name(name)
+    return signature.sign(old, NAME_MOVE_DOMAIN, name_move_message(norm, new_fp))
+
+
+def rotation_key(old: bytes) -> bytes:
+    return record_key(ROTATION, old)
+
+
 async def publish_rotation(node: OverlayNode, old: Identity, new: Identity, reason: str) -> int:
     return await node.put_record(
         rotation_record(old, new, reason=reason), record_key(ROTATION, old.fingerprint)
     )
+
+
+def rotation_statement_target(statement: bytes, old: bytes) -> PublicKeySet:
+    """The keys a rotation statement handed over in a message moves ``old`` to, after the
+    same checks as one fetched from the overlay: signed by ``old`` itself, cross-signed by
+    the new keys, unexpired. Raises a ProtocolError otherwise."""
+    rec = open_record(statement, now_ms=now_ms())
+    if rec.body.kind != ROTATION or rec.signer.fingerprint != old:
+        raise VerificationError("rotation: the statement is not signed by the rotating key")
+    return rotation_target(rec)
 
 
 async def lookup_rotation(node: OverlayNode, old: PublicKeySet) -> PublicKeySet | None:

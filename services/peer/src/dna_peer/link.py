@@ -116,6 +116,7 @@ async def accept_link(
         await mail.delete(temp, blob_ids)
         device = profile.create(identity, secret, Device(link.device_id, link.device_name))
         peer = Peer(identity, profile.open_cache(identity), node, device, pow_bits, seeds)
+        peer.save_identity = lambda new, rekey: profile.replace_identity(new, secret, rekey)
         for known in link.devices:
             peer.cache.add_device(known.device_id, known.device_name, now_ms())
     except BaseException:

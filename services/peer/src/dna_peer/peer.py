@@ -30,7 +30,7 @@ from dna_core.overlay.records import normalize_name
 from dna_core.wire.gen.dna.v1 import envelope_pb2
 
 from dna_peer import keyserver
-from dna_peer.cache import Cache, Contact, Message
+from dna_peer.cache import Cache, Contact, Message, cache_key
 from dna_peer.inbox import RECOVERING, Inbox, SyncReport
 from dna_peer.keyserver import now_ms
 from dna_peer.network import join_overlay
@@ -48,6 +48,10 @@ RECOVERY_WAIT_MS = 7 * DAY_MS  # a device silent this long after a history reque
 WATCH_BACKOFF_S = 5.0
 DELETE_RETRY_S = 60.0  # after nodes refused a delete: `watch` does not ask every second
 SEND_ATTEMPTS = 4  # over about 3.5 s: rides out a replica restarting
+MAX_ROTATION_HOPS = 8  # statements followed in one refresh (a cycle cannot loop forever)
+NAME_MOVE = "name-move"  # cache state: the old keys' signature handing the name over
+RETIRED = "retired"  # cache state: identities this one rotated away from, drained until
+RETIRED_GRACE_MS = 30 * DAY_MS  # = the rotation statement's lifetime and a blob's longest TTL
 HISTORY_CHUNK_BYTES = 150 * 1024  # a History payload stays under the 192 KiB envelope cap
 DISPLAY_PREFIX = 16  # hex digits of a fingerprint the inbox shows for a contact without a name
 LIST_ITEM_OVERHEAD = 8  # a repeated field's tag and length prefix, at most
@@ -103,6 +107,11 @@ class Peer:
     mail: MailboxClient = field(init=False)
     _checked_ms: int = field(default=0, init=False)  # when the own records were last looked up
     _deletes_refused_until: float = field(init=False, default=0.0)  # monotonic
+    # Writes a new identity to the profile's key file (set by open_peer, which holds the
+    # passphrase); without it this device cannot follow a rotation.
+    save_identity: Callable[[Identity, Callable[[], None]], None] | None = field(
+        default=None, repr=False
+    )  # (new identity, re-encrypt the cache): Profile.replace_identity
 
     def __post_init__(self) -> None:
         self.mail = MailboxClient(self.node, pow_bits=self.pow_bits)
@@ -122,17 +131,32 @@ class Peer:
 
     async def publish(self, display_name: str, name: str | None = None) -> int:
         """Publish the identity record (and claim ``name``); returns overlay copies stored."""
+        moved_from, moved_by = self._name_move(name)
         if name is not None:  # before anything is published: a taken name changes nothing
-            await keyserver.check_name_free(self.node, name, self.fingerprint)
+            await keyserver.check_name_free(self.node, name, self.fingerprint,
+                                            moved_from=moved_from)  # fmt: skip
         stored = await keyserver.publish_identity(self.node, self.identity, display_name)
-        if name is not None and not await keyserver.claim_name(self.node, self.identity, name):
-            await keyserver.check_name_free(self.node, name, self.fingerprint)  # lost a race
+        if name is not None and not await keyserver.claim_name(
+            self.node, self.identity, name, moved_by=moved_by
+        ):
+            await keyserver.check_name_free(
+                self.node, name, self.fingerprint, moved_from=moved_from
+            )  # lost a race; fmt: skip
             raise DnaError(f"no overlay node took the claim of {name!r}: try again")
         # stored nowhere (the network is away): due again at the next sync
         published_ms = now_ms() if stored else 0
         published = json.dumps({"display_name": display_name, "name": name, "ms": published_ms})
         self.cache.set_state(PUBLISHED, published.encode())
         return stored
+
+    def _name_move(self, name: str | None) -> tuple[bytes | None, bytes]:
+        """(old fingerprint, its signature) handing ``name`` to this identity, if it
+        rotated while holding it: the claim carries it so it replaces the old one."""
+        raw = self.cache.get_state(NAME_MOVE)
+        move = json.loads(raw) if raw else None
+        if name is None or move is None or move["name"] != normalize_name(name):
+            return None, b""
+        return bytes.fromhex(move["from"]), bytes.fromhex(move["signature"])
 
     async def daily_upkeep(self) -> None:
         """Republish the records and prune the cache's bookkeeping, once a day."""
@@ -193,7 +217,10 @@ class Peer:
             if pinned is not None and pinned.fingerprint != fingerprint:
                 if self._current(fingerprint) == pinned:
                     return pinned  # the name still points at the key that rotated to this one
-                return await self._follow_rotation(pinned, fingerprint)
+                followed = await self.refresh_contact(pinned)  # maybe several rotations
+                if followed.fingerprint == fingerprint:
+                    return followed
+                return await self._follow_rotation(followed, fingerprint)  # KEY CHANGED
         assert fingerprint is not None
         if fingerprint == self.fingerprint:
             raise UnknownContactError("that is you: your own devices sync through `dna sync`")
@@ -236,11 +263,14 @@ class Peer:
         return self.cache.replace_contact(pinned, new_keys, now_ms())
 
     async def refresh_contact(self, contact: Contact) -> Contact:
-        """Follow a rotation the contact published (signed by the pinned key), if any."""
-        new_keys = await keyserver.lookup_rotation(self.node, contact.keys)
-        if new_keys is None:
-            return contact
-        return await self._follow_rotation(contact, new_keys.fingerprint)
+        """Follow the rotations the contact published, each signed by the keys before it
+        (a contact may have rotated more than once while we were away)."""
+        for _ in range(MAX_ROTATION_HOPS):
+            new_keys = await keyserver.lookup_rotation(self.node, contact.keys)
+            if new_keys is None or new_keys.fingerprint == contact.fingerprint:
+                return contact
+            contact = await self._follow_rotation(contact, new_keys.fingerprint)
+        return contact
 
     def find_contact(self, query: str) -> Contact:
         """A pinned contact by name, fingerprint or fingerprint prefix (hex)."""
@@ -287,8 +317,13 @@ class Peer:
             await self.post_to_devices(envelope_pb2.Payload(sync=transcript))
         return SentMessage(header.message_id, sent.stored_on)
 
-    async def send_payload(self, to: PublicKeySet, payload: bytes, *, with_keys: bool) -> _Sent:
-        envelope = seal(self.identity, to, payload, now_ms=now_ms(), include_sender_keys=with_keys)
+    async def send_payload(
+        self, to: PublicKeySet, payload: bytes, *, with_keys: bool, sender: Identity | None = None
+    ) -> _Sent:
+        """Seal and put; ``sender`` signs instead of this identity (a receipt for what
+        reached a mailbox this identity rotated away from)."""
+        envelope = seal(sender or self.identity, to, payload, now_ms=now_ms(),
+                        include_sender_keys=with_keys)  # fmt: skip
         for attempt in range(SEND_ATTEMPTS):
             try:
                 put = await self.mail.put(to.fingerprint, envelope, return_at_quorum=True)
@@ -325,8 +360,18 @@ class Peer:
     # -- receiving ---------------------------------------------------------------------
 
     async def sync(self, progress: Progress | None = None) -> SyncReport:
-        """Fetch the own mailbox, handle what is new, acknowledge, receipt, clean up."""
+        """Fetch the own mailbox, handle what is new, acknowledge, receipt, clean up; then
+        what still arrives at a mailbox this identity rotated away from."""
         await self.daily_upkeep()
+        report, rotated_to = await self._sync_own(progress)
+        if rotated_to is not None:  # another device rotated: move over, read the new mailbox
+            self._adopt(rotated_to)
+            _merge(report, (await self._sync_own(progress))[0])
+        for old in self.retired():
+            _merge(report, await self._drain_retired(old))
+        return report
+
+    async def _sync_own(self, progress: Progress | None) -> tuple[SyncReport, Identity | None]:
         state = FetchState(cursors=self.cache.cursors())
         inbox = Inbox(self)
         done = 0
@@ -345,6 +390,92 @@ class Peer:
             await self.send_history()
         await self._acknowledge(inbox.report.held)
         inbox.report.deleted, inbox.report.cleanup_error = await self._clean_up()
+        return inbox.report, inbox.rotated_to
+
+    # -- rotation ------------------------------------------------------------------------
+
+    async def rotate(self, reason: str = "") -> Identity:
+        """Move this identity to a new key set: publish a rotation statement (signed by the
+        old keys, cross-signed by the new) and the new identity record, tell each contact
+        (from the old keys, so their pins follow without a key-change warning) and the
+        other devices (the new seeds, through the old own mailbox), then switch this
+        device over. The old mailbox is still drained for RETIRED_GRACE_MS."""
+        if self.save_identity is None:
+            raise DnaError("this device cannot rotate: its key file is not writable here")
+        old, new = self.identity, Identity.generate()
+        statement = keyserver.rotation_record(old, new, reason=reason)
+        if not await self.node.put_record(statement, keyserver.rotation_key(old.fingerprint)):
+            raise DnaError("no overlay node took the rotation statement: nothing changed")
+        notice = envelope_pb2.IdentityRotation(statement=statement)
+        for contact in self.cache.contacts():
+            if contact.replaced_by:
+                continue
+            try:
+                await self.send_payload(contact.keys, envelope_pb2.Payload(
+                    rotation=notice).SerializeToString(), with_keys=False)  # fmt: skip
+            except (DnaError, grpc.aio.AioRpcError) as exc:  # it finds the statement later
+                log.warning("rotation notice to %s failed: %s", contact.name, exc)
+        own = envelope_pb2.IdentityRotation(statement=statement, new_seeds=new.seeds())
+        await self.post_to_devices(envelope_pb2.Payload(rotation=own))
+        await self._clean_up()  # deletes still due on the old mailbox, signed by its keys
+        self._adopt(new)
+        await self._publish_after_rotation(old)
+        return new
+
+    def _adopt(self, new: Identity) -> None:
+        """Switch this device to ``new``: the old identity is kept (in the cache) to drain
+        its mailbox; cache and key file move to the new keys; the new mailbox starts from
+        no cursors."""
+        if self.save_identity is None:
+            raise DnaError("this device cannot change identity: no key file to write")
+        old = self.identity
+        retired = json.loads(self.cache.get_state(RETIRED) or b"[]")
+        retired.append({"seeds": old.seeds().hex(), "until_ms": now_ms() + RETIRED_GRACE_MS,
+                        "cursors": _hex_map(self.cache.cursors())})  # fmt: skip
+        with self.cache.transaction():
+            self.cache.set_state(RETIRED, json.dumps(retired).encode())
+            self.cache.clear_cursors()
+        self.save_identity(new, lambda: self.cache.rekey(cache_key(new, self.device.device_id)))
+        self.identity = new
+        self.mail = MailboxClient(self.node, pow_bits=self.pow_bits)
+        log.warning("identity rotated: %s -> %s", old.fingerprint.hex()[:16],
+                    new.fingerprint.hex()[:16])  # fmt: skip
+
+    async def _publish_after_rotation(self, old: Identity) -> None:
+        """The new identity record, and the name moved to it: the old keys sign it over,
+        and the new claim (carrying that signature) replaces the old one."""
+        raw = self.cache.get_state(PUBLISHED)
+        if raw is None:
+            return  # another device publishes this identity
+        last = json.loads(raw)
+        if last["name"] is not None:
+            move = {"name": normalize_name(last["name"]), "from": old.fingerprint.hex(),
+                    "signature": keyserver.name_move_signature(
+                        old, last["name"], self.fingerprint).hex()}  # fmt: skip
+            self.cache.set_state(NAME_MOVE, json.dumps(move).encode())
+        await self.publish(last["display_name"], last["name"])
+
+    def retired(self) -> list[Identity]:
+        """Identities this one rotated away from, still inside their grace period."""
+        entries = json.loads(self.cache.get_state(RETIRED) or b"[]")
+        live = [e for e in entries if e["until_ms"] > now_ms()]
+        if len(live) < len(entries):  # past the grace period: forget the old keys
+            self.cache.set_state(RETIRED, json.dumps(live).encode())
+        return [Identity(bytes.fromhex(e["seeds"])) for e in live]
+
+    async def _drain_retired(self, old: Identity) -> SyncReport:
+        """Read what still arrives at an old mailbox. Nothing is deleted there: the blobs
+        expire with their TTL, within the grace period."""
+        entries = json.loads(self.cache.get_state(RETIRED) or b"[]")
+        entry = next(e for e in entries if e["seeds"] == old.seeds().hex())
+        state = FetchState(cursors=_unhex_map(entry["cursors"]))
+        blobs, state = await self.mail.fetch(old, state)
+        inbox = Inbox(self, identity=old)
+        for stored in blobs:
+            await inbox.handle_blob(stored.blob_id, stored.blob)
+        entry["cursors"] = _hex_map(state.cursors)
+        self.cache.set_state(RETIRED, json.dumps(entries).encode())
+        await inbox.send_receipts()
         return inbox.report
 
     async def _acknowledge(self, blob_ids: list[bytes]) -> None:
@@ -466,6 +597,22 @@ def _reason(exc: BaseException) -> str:
     return str(exc)
 
 
+def _merge(into: SyncReport, more: SyncReport) -> None:
+    into.new_messages += more.new_messages
+    into.receipts += more.receipts
+    into.rejected += more.rejected
+    into.deleted += more.deleted
+    into.cleanup_error = into.cleanup_error or more.cleanup_error
+
+
+def _hex_map(cursors: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.hex(): v.hex() for k, v in cursors.items()}
+
+
+def _unhex_map(cursors: dict[str, str]) -> dict[bytes, bytes]:
+    return {bytes.fromhex(k): bytes.fromhex(v) for k, v in cursors.items()}
+
+
 def _parse_fingerprint(query: str) -> bytes | None:
     if len(query) == 64:
         try:
@@ -532,6 +679,7 @@ async def open_peer(
         cache.close()
         raise
     peer = Peer(identity, cache, node, profile.device(), pow_bits, seeds)
+    peer.save_identity = lambda new, rekey: profile.replace_identity(new, passphrase, rekey)
     if lost_cache:  # the other devices post their history to the mailbox
         cache.set_state(RECOVERING, str(now_ms()).encode())
         await peer.announce(wants_history=True)

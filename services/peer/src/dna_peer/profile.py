@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from dna_core.crypto import Identity, keystore
-from dna_core.errors import DnaError
+from dna_core.errors import DnaError, WrongPassphraseError
 
 from dna_peer.cache import Cache, cache_key
 
@@ -87,6 +88,32 @@ class Profile:
         write_private(self.keyfile, keyfile)
         return device
 
+    @property
+    def fresh_keyfile(self) -> Path:
+        return self.home / "identity.key.new"  # a rotation under way
+
+    def replace_identity(
+        self, identity: Identity, passphrase: str, rekey_cache: Callable[[], None]
+    ) -> None:
+        """After a rotation: the new identity is written beside the old one, the cache is
+        re-encrypted, then the new key file is renamed over the old. A crash in between is
+        finished (or undone) by the next `unlock`, whichever key the cache opens with."""
+        self.fresh_keyfile.unlink(missing_ok=True)
+        write_private(self.fresh_keyfile, keystore.lock(identity, passphrase))
+        rekey_cache()
+        os.replace(self.fresh_keyfile, self.keyfile)
+
+    def _finish_rotation(self, current: Identity, passphrase: str) -> Identity:
+        new = keystore.unlock(self.fresh_keyfile.read_bytes(), passphrase)
+        try:
+            if self.cache_path.exists():
+                self.open_cache(new).close()
+        except WrongPassphraseError:  # the cache was not re-encrypted: the old key stands
+            self.fresh_keyfile.unlink()
+            return current
+        os.replace(self.fresh_keyfile, self.keyfile)
+        return new
+
     def device(self) -> Device:
         data = json.loads((self.home / "device.json").read_text())
         return Device(bytes.fromhex(data["id"]), str(data["name"]))
@@ -94,7 +121,10 @@ class Profile:
     def unlock(self, passphrase: str) -> Identity:
         if not self.exists():
             raise NoIdentityError(f"no identity in {self.home}: run `dna identity create` first")
-        return keystore.unlock(self.keyfile.read_bytes(), passphrase)
+        identity = keystore.unlock(self.keyfile.read_bytes(), passphrase)
+        if self.fresh_keyfile.exists():
+            identity = self._finish_rotation(identity, passphrase)
+        return identity
 
     def open_cache(self, identity: Identity) -> Cache:
         return Cache.open(self.cache_path, cache_key(identity, self.device().device_id))

@@ -64,6 +64,10 @@ class StorageNodeConfig(OverlayServiceConfig):
     storage: StorageSection = field(default_factory=StorageSection)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
 
+    def data_dir(self) -> Path:
+        """The record file lives beside the mailboxes, in `[storage] data_dir`."""
+        return self.storage.data_dir
+
 
 async def open_backend(section: StorageSection) -> MailboxBackend:
     """The configured backend, or a one-line ``DnaError`` saying why it cannot be used."""

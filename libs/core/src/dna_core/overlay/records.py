@@ -9,7 +9,9 @@ What a node accepts, keeps and hands out for a key:
   ``H(label("name") || normalized name)`` and carries a valid proof of work;
 * a lower sequence number than the one held is refused (no rollback); the same
   sequence with other bytes is refused (the first one stays); a name claimed by
-  an unexpired record of another identity is refused (first come, first served);
+  an unexpired record of another identity is refused (first come, first served),
+  unless the new claim carries the holder's signature moving the name to it (after
+  the holder rotated its keys);
 * a key rotation must be cross-signed by the new key;
 * identity, presence and rotation records carry a proof of work over the signer's
   fingerprint (``identity_pow_bits``): room in the overlay costs every fresh identity;
@@ -113,6 +115,14 @@ ROTATION_ACCEPT_DOMAIN = b"rotation-accept"  # the new key's cross-signature
 
 def rotation_accept_message(old_fp: bytes, new_fp: bytes) -> bytes:
     return old_fp + new_fp
+
+
+NAME_MOVE_DOMAIN = b"name-move"  # a name's holder hands it to its new keys
+MAX_CLAIM_BYTES = 8192  # a claim with a move signature (3.4 KB) fits
+
+
+def name_move_message(name: str, new_fp: bytes) -> bytes:
+    return new_fp + name.encode()  # the fingerprint has a fixed length: unambiguous
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,7 +313,7 @@ def _check_identity_pow(rec: VerifiedRecord, bits: int, max_age_ms: int) -> None
 
 def _check_name_claim(rec: VerifiedRecord, name_pow_bits: int) -> None:
     claim = decode_message(
-        records_pb2.NameClaim, rec.body.payload, max_size=1024, what="name claim"
+        records_pb2.NameClaim, rec.body.payload, max_size=MAX_CLAIM_BYTES, what="name claim"
     )
     if normalize_name(claim.name) != claim.name:
         raise MalformedError("name claim: name is not in normal form")
@@ -335,12 +345,26 @@ def rotation_target(rec: VerifiedRecord) -> PublicKeySet:
 
 
 def _check_replaces(held: VerifiedRecord, new: VerifiedRecord) -> None:
-    if new.body.signer_fingerprint != held.body.signer_fingerprint:
+    if new.body.signer_fingerprint != held.body.signer_fingerprint and not _moves_name(held, new):
         raise ConflictError("record: key already held by another identity (name taken)")
     if new.body.seq < held.body.seq:
         raise ConflictError(f"record: sequence {new.body.seq} is lower than held {held.body.seq}")
     if new.body.seq == held.body.seq:
         raise ConflictError(f"record: a different record with sequence {new.body.seq} is held")
+
+
+def _moves_name(held: VerifiedRecord, new: VerifiedRecord) -> bool:
+    """Whether ``new`` is a name claim the holder of ``held`` signed over to it; a move
+    signature that does not verify is refused outright (VerificationError)."""
+    if new.body.kind != common_pb2.RECORD_KIND_NAME_CLAIM:
+        return False
+    claim = decode_message(records_pb2.NameClaim, new.body.payload, max_size=MAX_CLAIM_BYTES,
+                           what="name claim")  # fmt: skip
+    if not claim.moved_by:
+        return False
+    message = name_move_message(claim.name, bytes(claim.fingerprint))
+    signature.verify(held.signer, NAME_MOVE_DOMAIN, message, claim.moved_by)
+    return True
 
 
 def select_best(records: Iterable[VerifiedRecord]) -> VerifiedRecord | None:

@@ -55,6 +55,8 @@ T = TypeVar("T")
 # the node's GrpcGate) and returns their full names for health and reflection.
 ExtraServices = Callable[[ServiceRegistrar, OverlayNode], Sequence[str]]
 OVERLAY_DESCRIPTOR = overlay_pb2.DESCRIPTOR.services_by_name["Overlay"]
+BOOTSTRAP_DATA_DIR = "bootstrap-data"
+RECORD_FILE_NAME = "records.sqlite3"
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,10 @@ class OverlaySection:
 class RecordsSection:
     """The record store: where it is kept, how big it may grow, what a sender may do."""
 
-    path: Path = Path("records.sqlite3")  # kept across restarts; one file per node
+    # Kept across restarts, one file per node. Empty: `records.sqlite3` in the node's own
+    # data directory (OverlayServiceConfig.data_dir), so two nodes started from one working
+    # directory never share it.
+    path: Path = Path("")
     max_records: int = DEFAULT_MAX_RECORDS
     max_bytes: int = DEFAULT_MAX_BYTES
     source_rate_per_s: float = DEFAULT_SOURCE_RATE_PER_S  # new records per source address
@@ -171,6 +176,18 @@ class OverlayServiceConfig:
         levels = sorted(name.lower() for name in logging.getLevelNamesMapping())
         if self.log_level.lower() not in levels:
             raise ValueError(f"log_level {self.log_level!r} is not one of {', '.join(levels)}")
+
+    def data_dir(self) -> Path:
+        """Where this node keeps its files by default: a bootstrap node's own directory,
+        relative to the working directory like `node.key_file`; roles with a data
+        directory of their own (a storage node's `[storage] data_dir`) override it."""
+        return Path(BOOTSTRAP_DATA_DIR)
+
+    def records_path(self) -> Path:
+        """The record file: `[records] path` if given, else one in the node's data dir."""
+        if self.records.path != Path(""):
+            return self.records.path
+        return self.data_dir() / RECORD_FILE_NAME
 
 
 def parse_addr(text: str, key: str = "address") -> Addr:
@@ -291,11 +308,11 @@ class OverlayServer:
             identity_pow_bits=cfg.records.identity_pow_bits,
             max_records=cfg.records.max_records, max_bytes=cfg.records.max_bytes,
         )  # fmt: skip
-        self.record_file = RecordFile(cfg.records.path)
+        path = cfg.records_path()
+        self.record_file = RecordFile(path)
         loaded, dropped = self.record_file.load_into(store, wall_ms())
         self.log.info(
-            "records loaded",
-            extra={"path": str(cfg.records.path), "loaded": loaded, "dropped": dropped},
+            "records loaded", extra={"path": str(path), "loaded": loaded, "dropped": dropped}
         )
         return store
 
@@ -447,6 +464,7 @@ class OverlayServer:
             "ready": self.ready,
             "uptime_s": round(time.time() - self.started_at, 1),
             "config": dump_config(self.config),
+            "record_file": str(self.config.records_path()),  # the default resolved
         }
         if node is not None and node.contact is not None:
             ep = node.contact.endpoint

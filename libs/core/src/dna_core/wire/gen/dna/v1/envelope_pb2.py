@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from dna_core.wire.gen.dna.v1 import common_pb2 as dna_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64na/v1/envelope.proto\x12\x06\x64na.v1\x1a\x13\x64na/v1/common.proto\"\xbc\x01\n\x08\x45nvelope\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x1c\n\x05suite\x18\x02 \x01(\x0e\x32\r.dna.v1.Suite\x12\x11\n\trecipient\x18\x03 \x01(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x04\x12\x12\n\nmessage_id\x18\x05 \x01(\x0c\x12\x16\n\x0ekem_ciphertext\x18\x06 \x01(\x0c\x12\x18\n\x10\x65phemeral_x25519\x18\x07 \x01(\x0c\x12\x12\n\nciphertext\x18\x08 \x01(\x0c\"n\n\rSealedContent\x12\x0e\n\x06sender\x18\x01 \x01(\x0c\x12)\n\x0bsender_keys\x18\x02 \x01(\x0b\x32\x14.dna.v1.PublicKeySet\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"\xb8\x02\n\x07Payload\x12\x1c\n\x04text\x18\x01 \x01(\x0b\x32\x0c.dna.v1.TextH\x00\x12*\n\x07receipt\x18\x02 \x01(\x0b\x32\x17.dna.v1.DeliveryReceiptH\x00\x12&\n\x04sync\x18\x03 \x01(\x0b\x32\x16.dna.v1.SyncTranscriptH\x00\x12\"\n\x04read\x18\x04 \x01(\x0b\x32\x12.dna.v1.ReadMarkerH\x00\x12\"\n\x04link\x18\x05 \x01(\x0b\x32\x12.dna.v1.DeviceLinkH\x00\x12%\n\x06\x64\x65vice\x18\x06 \x01(\x0b\x32\x13.dna.v1.DeviceHelloH\x00\x12 \n\x03\x61\x63k\x18\x07 \x01(\x0b\x32\x11.dna.v1.DeviceAckH\x00\x12\"\n\x07history\x18\x08 \x01(\x0b\x32\x0f.dna.v1.HistoryH\x00\x42\x06\n\x04kind\"-\n\x04Text\x12\x0c\n\x04\x62ody\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\x0c\"&\n\x0f\x44\x65liveryReceipt\x12\x13\n\x0bmessage_ids\x18\x01 \x03(\x0c\"\x92\x01\n\x0eSyncTranscript\x12\x1a\n\x12original_recipient\x18\x01 \x01(\x0c\x12\x1b\n\x13original_message_id\x18\x02 \x01(\x0c\x12\x1d\n\x15original_timestamp_ms\x18\x03 \x01(\x04\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x17\n\x0foriginal_sender\x18\x05 \x01(\x0c\"<\n\nReadMarker\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\x0c\x12\x15\n\rread_up_to_ms\x18\x02 \x01(\x04\"v\n\nDeviceLink\x12\x1a\n\x12\x65ncrypted_identity\x18\x01 \x01(\x0c\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\x0c\x12$\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x13.dna.v1.DeviceHello\"L\n\x0b\x44\x65viceHello\x12\x11\n\tdevice_id\x18\x01 \x01(\x0c\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\x12\x15\n\rwants_history\x18\x03 \x01(\x08\"0\n\tDeviceAck\x12\x11\n\tdevice_id\x18\x01 \x01(\x0c\x12\x10\n\x08\x62lob_ids\x18\x02 \x03(\x0c\"Q\n\x0b\x43ontactCard\x12\"\n\x04keys\x18\x01 \x01(\x0b\x32\x14.dna.v1.PublicKeySet\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08verified\x18\x03 \x01(\x08\"\xa2\x01\n\x07History\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.dna.v1.SyncTranscript\x12 \n\x04read\x18\x02 \x03(\x0b\x32\x12.dna.v1.ReadMarker\x12%\n\x08\x63ontacts\x18\x03 \x03(\x0b\x32\x13.dna.v1.ContactCard\x12$\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x13.dna.v1.DeviceHellob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64na/v1/envelope.proto\x12\x06\x64na.v1\x1a\x13\x64na/v1/common.proto\"\xbc\x01\n\x08\x45nvelope\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x1c\n\x05suite\x18\x02 \x01(\x0e\x32\r.dna.v1.Suite\x12\x11\n\trecipient\x18\x03 \x01(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x04\x12\x12\n\nmessage_id\x18\x05 \x01(\x0c\x12\x16\n\x0ekem_ciphertext\x18\x06 \x01(\x0c\x12\x18\n\x10\x65phemeral_x25519\x18\x07 \x01(\x0c\x12\x12\n\nciphertext\x18\x08 \x01(\x0c\"n\n\rSealedContent\x12\x0e\n\x06sender\x18\x01 \x01(\x0c\x12)\n\x0bsender_keys\x18\x02 \x01(\x0b\x32\x14.dna.v1.PublicKeySet\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"\xe6\x02\n\x07Payload\x12\x1c\n\x04text\x18\x01 \x01(\x0b\x32\x0c.dna.v1.TextH\x00\x12*\n\x07receipt\x18\x02 \x01(\x0b\x32\x17.dna.v1.DeliveryReceiptH\x00\x12&\n\x04sync\x18\x03 \x01(\x0b\x32\x16.dna.v1.SyncTranscriptH\x00\x12\"\n\x04read\x18\x04 \x01(\x0b\x32\x12.dna.v1.ReadMarkerH\x00\x12\"\n\x04link\x18\x05 \x01(\x0b\x32\x12.dna.v1.DeviceLinkH\x00\x12%\n\x06\x64\x65vice\x18\x06 \x01(\x0b\x32\x13.dna.v1.DeviceHelloH\x00\x12 \n\x03\x61\x63k\x18\x07 \x01(\x0b\x32\x11.dna.v1.DeviceAckH\x00\x12\"\n\x07history\x18\x08 \x01(\x0b\x32\x0f.dna.v1.HistoryH\x00\x12,\n\x08rotation\x18\t \x01(\x0b\x32\x18.dna.v1.IdentityRotationH\x00\x42\x06\n\x04kind\"8\n\x10IdentityRotation\x12\x11\n\tstatement\x18\x01 \x01(\x0c\x12\x11\n\tnew_seeds\x18\x02 \x01(\x0c\"-\n\x04Text\x12\x0c\n\x04\x62ody\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\x0c\"&\n\x0f\x44\x65liveryReceipt\x12\x13\n\x0bmessage_ids\x18\x01 \x03(\x0c\"\x92\x01\n\x0eSyncTranscript\x12\x1a\n\x12original_recipient\x18\x01 \x01(\x0c\x12\x1b\n\x13original_message_id\x18\x02 \x01(\x0c\x12\x1d\n\x15original_timestamp_ms\x18\x03 \x01(\x04\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x17\n\x0foriginal_sender\x18\x05 \x01(\x0c\"<\n\nReadMarker\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\x0c\x12\x15\n\rread_up_to_ms\x18\x02 \x01(\x04\"v\n\nDeviceLink\x12\x1a\n\x12\x65ncrypted_identity\x18\x01 \x01(\x0c\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\x0c\x12$\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x13.dna.v1.DeviceHello\"L\n\x0b\x44\x65viceHello\x12\x11\n\tdevice_id\x18\x01 \x01(\x0c\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\x12\x15\n\rwants_history\x18\x03 \x01(\x08\"0\n\tDeviceAck\x12\x11\n\tdevice_id\x18\x01 \x01(\x0c\x12\x10\n\x08\x62lob_ids\x18\x02 \x03(\x0c\"Q\n\x0b\x43ontactCard\x12\"\n\x04keys\x18\x01 \x01(\x0b\x32\x14.dna.v1.PublicKeySet\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08verified\x18\x03 \x01(\x08\"\xa2\x01\n\x07History\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.dna.v1.SyncTranscript\x12 \n\x04read\x18\x02 \x03(\x0b\x32\x12.dna.v1.ReadMarker\x12%\n\x08\x63ontacts\x18\x03 \x03(\x0b\x32\x13.dna.v1.ContactCard\x12$\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x13.dna.v1.DeviceHellob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,23 +38,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEALEDCONTENT']._serialized_start=245
   _globals['_SEALEDCONTENT']._serialized_end=355
   _globals['_PAYLOAD']._serialized_start=358
-  _globals['_PAYLOAD']._serialized_end=670
-  _globals['_TEXT']._serialized_start=672
-  _globals['_TEXT']._serialized_end=717
-  _globals['_DELIVERYRECEIPT']._serialized_start=719
-  _globals['_DELIVERYRECEIPT']._serialized_end=757
-  _globals['_SYNCTRANSCRIPT']._serialized_start=760
-  _globals['_SYNCTRANSCRIPT']._serialized_end=906
-  _globals['_READMARKER']._serialized_start=908
-  _globals['_READMARKER']._serialized_end=968
-  _globals['_DEVICELINK']._serialized_start=970
-  _globals['_DEVICELINK']._serialized_end=1088
-  _globals['_DEVICEHELLO']._serialized_start=1090
-  _globals['_DEVICEHELLO']._serialized_end=1166
-  _globals['_DEVICEACK']._serialized_start=1168
-  _globals['_DEVICEACK']._serialized_end=1216
-  _globals['_CONTACTCARD']._serialized_start=1218
-  _globals['_CONTACTCARD']._serialized_end=1299
-  _globals['_HISTORY']._serialized_start=1302
-  _globals['_HISTORY']._serialized_end=1464
+  _globals['_PAYLOAD']._serialized_end=716
+  _globals['_IDENTITYROTATION']._serialized_start=718
+  _globals['_IDENTITYROTATION']._serialized_end=774
+  _globals['_TEXT']._serialized_start=776
+  _globals['_TEXT']._serialized_end=821
+  _globals['_DELIVERYRECEIPT']._serialized_start=823
+  _globals['_DELIVERYRECEIPT']._serialized_end=861
+  _globals['_SYNCTRANSCRIPT']._serialized_start=864
+  _globals['_SYNCTRANSCRIPT']._serialized_end=1010
+  _globals['_READMARKER']._serialized_start=1012
+  _globals['_READMARKER']._serialized_end=1072
+  _globals['_DEVICELINK']._serialized_start=1074
+  _globals['_DEVICELINK']._serialized_end=1192
+  _globals['_DEVICEHELLO']._serialized_start=1194
+  _globals['_DEVICEHELLO']._serialized_end=1270
+  _globals['_DEVICEACK']._serialized_start=1272
+  _globals['_DEVICEACK']._serialized_end=1320
+  _globals['_CONTACTCARD']._serialized_start=1322
+  _globals['_CONTACTCARD']._serialized_end=1403
+  _globals['_HISTORY']._serialized_start=1406
+  _globals['_HISTORY']._serialized_end=1568
 # @@protoc_insertion_point(module_scope)

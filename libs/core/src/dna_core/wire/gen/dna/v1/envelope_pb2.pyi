@@ -121,6 +121,7 @@ class Payload(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
     HISTORY_FIELD_NUMBER: _builtins.int
+    ROTATION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def text(self) -> Global___Text: ...
     @_builtins.property
@@ -137,6 +138,8 @@ class Payload(_message.Message):
     def ack(self) -> Global___DeviceAck: ...
     @_builtins.property
     def history(self) -> Global___History: ...
+    @_builtins.property
+    def rotation(self) -> Global___IdentityRotation: ...
     def __init__(
         self,
         *,
@@ -148,16 +151,46 @@ class Payload(_message.Message):
         device: Global___DeviceHello | None = ...,
         ack: Global___DeviceAck | None = ...,
         history: Global___History | None = ...,
+        rotation: Global___IdentityRotation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "device", b"device", "history", b"history", "kind", b"kind", "link", b"link", "read", b"read", "receipt", b"receipt", "sync", b"sync", "text", b"text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "device", b"device", "history", b"history", "kind", b"kind", "link", b"link", "read", b"read", "receipt", b"receipt", "rotation", b"rotation", "sync", b"sync", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "device", b"device", "history", b"history", "kind", b"kind", "link", b"link", "read", b"read", "receipt", b"receipt", "sync", b"sync", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "device", b"device", "history", b"history", "kind", b"kind", "link", b"link", "read", b"read", "receipt", b"receipt", "rotation", b"rotation", "sync", b"sync", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["text", "receipt", "sync", "read", "link", "device", "ack", "history"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["text", "receipt", "sync", "read", "link", "device", "ack", "history", "rotation"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___Payload: _TypeAlias = Payload  # noqa: Y015
+
+@_typing.final
+class IdentityRotation(_message.Message):
+    """Sent by the old identity when it rotates (`dna identity rotate`): to each contact
+    (who then follows the rotation without a key-change warning) and to the own mailbox
+    (where the identity's other devices find the new keys and move over).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATEMENT_FIELD_NUMBER: _builtins.int
+    NEW_SEEDS_FIELD_NUMBER: _builtins.int
+    statement: _builtins.bytes
+    """the signed KEY_ROTATION record (records.proto KeyRotation)"""
+    new_seeds: _builtins.bytes
+    """the new identity's seeds: own mailbox only, empty to contacts"""
+    def __init__(
+        self,
+        *,
+        statement: _builtins.bytes = ...,
+        new_seeds: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_seeds", b"new_seeds", "statement", b"statement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IdentityRotation: _TypeAlias = IdentityRotation  # noqa: Y015
 
 @_typing.final
 class Text(_message.Message):

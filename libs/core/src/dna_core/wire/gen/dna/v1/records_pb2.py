@@ -26,21 +26,21 @@ _sym_db = _symbol_database.Default()
 from dna_core.wire.gen.dna.v1 import common_pb2 as dna_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64na/v1/records.proto\x12\x06\x64na.v1\x1a\x13\x64na/v1/common.proto\"H\n\x0eIdentityRecord\x12\x14\n\x0c\x64isplay_name\x18\x01 \x01(\t\x12 \n\x03pow\x18\x02 \x01(\x0b\x32\x13.dna.v1.ProofOfWork\"P\n\tNameClaim\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\x0c\x12 \n\x03pow\x18\x03 \x01(\x0b\x32\x13.dna.v1.ProofOfWork\"\x8b\x01\n\x0ePresenceRecord\x12&\n\x06status\x18\x01 \x01(\x0e\x32\x16.dna.v1.PresenceStatus\x12\x14\n\x0clast_seen_ms\x18\x02 \x01(\x04\x12\x19\n\x11sealed_candidates\x18\x03 \x03(\x0c\x12 \n\x03pow\x18\x04 \x01(\x0b\x32\x13.dna.v1.ProofOfWork\"\xb1\x01\n\x0bKeyRotation\x12\x17\n\x0fold_fingerprint\x18\x01 \x01(\x0c\x12&\n\x08new_keys\x18\x02 \x01(\x0b\x32\x14.dna.v1.PublicKeySet\x12\x14\n\x0c\x65\x66\x66\x65\x63tive_ms\x18\x03 \x01(\x04\x12\x19\n\x11new_key_signature\x18\x04 \x01(\x0c\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12 \n\x03pow\x18\x06 \x01(\x0b\x32\x13.dna.v1.ProofOfWork*\x84\x01\n\x0ePresenceStatus\x12\x1f\n\x1bPRESENCE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16PRESENCE_STATUS_ONLINE\x10\x01\x12\x18\n\x14PRESENCE_STATUS_AWAY\x10\x02\x12\x1b\n\x17PRESENCE_STATUS_OFFLINE\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64na/v1/records.proto\x12\x06\x64na.v1\x1a\x13\x64na/v1/common.proto\"H\n\x0eIdentityRecord\x12\x14\n\x0c\x64isplay_name\x18\x01 \x01(\t\x12 \n\x03pow\x18\x02 \x01(\x0b\x32\x13.dna.v1.ProofOfWork\"b\n\tNameClaim\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\x0c\x12 \n\x03pow\x18\x03 \x01(\x0b\x32\x13.dna.v1.ProofOfWork\x12\x10\n\x08moved_by\x18\x04 \x01(\x0c\"\x8b\x01\n\x0ePresenceRecord\x12&\n\x06status\x18\x01 \x01(\x0e\x32\x16.dna.v1.PresenceStatus\x12\x14\n\x0clast_seen_ms\x18\x02 \x01(\x04\x12\x19\n\x11sealed_candidates\x18\x03 \x03(\x0c\x12 \n\x03pow\x18\x04 \x01(\x0b\x32\x13.dna.v1.ProofOfWork\"\xb1\x01\n\x0bKeyRotation\x12\x17\n\x0fold_fingerprint\x18\x01 \x01(\x0c\x12&\n\x08new_keys\x18\x02 \x01(\x0b\x32\x14.dna.v1.PublicKeySet\x12\x14\n\x0c\x65\x66\x66\x65\x63tive_ms\x18\x03 \x01(\x04\x12\x19\n\x11new_key_signature\x18\x04 \x01(\x0c\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12 \n\x03pow\x18\x06 \x01(\x0b\x32\x13.dna.v1.ProofOfWork*\x84\x01\n\x0ePresenceStatus\x12\x1f\n\x1bPRESENCE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16PRESENCE_STATUS_ONLINE\x10\x01\x12\x18\n\x14PRESENCE_STATUS_AWAY\x10\x02\x12\x1b\n\x17PRESENCE_STATUS_OFFLINE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dna_core.wire.gen.dna.v1.records_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRESENCESTATUS']._serialized_start=532
-  _globals['_PRESENCESTATUS']._serialized_end=664
+  _globals['_PRESENCESTATUS']._serialized_start=550
+  _globals['_PRESENCESTATUS']._serialized_end=682
   _globals['_IDENTITYRECORD']._serialized_start=53
   _globals['_IDENTITYRECORD']._serialized_end=125
   _globals['_NAMECLAIM']._serialized_start=127
-  _globals['_NAMECLAIM']._serialized_end=207
-  _globals['_PRESENCERECORD']._serialized_start=210
-  _globals['_PRESENCERECORD']._serialized_end=349
-  _globals['_KEYROTATION']._serialized_start=352
-  _globals['_KEYROTATION']._serialized_end=529
+  _globals['_NAMECLAIM']._serialized_end=225
+  _globals['_PRESENCERECORD']._serialized_start=228
+  _globals['_PRESENCERECORD']._serialized_end=367
+  _globals['_KEYROTATION']._serialized_start=370
+  _globals['_KEYROTATION']._serialized_end=547
 # @@protoc_insertion_point(module_scope)

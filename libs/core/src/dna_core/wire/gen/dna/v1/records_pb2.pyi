@@ -87,8 +87,13 @@ class NameClaim(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     FINGERPRINT_FIELD_NUMBER: _builtins.int
     POW_FIELD_NUMBER: _builtins.int
+    MOVED_BY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     fingerprint: _builtins.bytes
+    moved_by: _builtins.bytes
+    """After a key rotation: the previous holder's signature (domain "name-move") over
+    fingerprint || name, which lets this claim replace that holder's unexpired claim.
+    """
     @_builtins.property
     def pow(self) -> _common_pb2.ProofOfWork: ...
     def __init__(
@@ -97,10 +102,11 @@ class NameClaim(_message.Message):
         name: _builtins.str = ...,
         fingerprint: _builtins.bytes = ...,
         pow: _common_pb2.ProofOfWork | None = ...,
+        moved_by: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["pow", b"pow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "name", b"name", "pow", b"pow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "moved_by", b"moved_by", "name", b"name", "pow", b"pow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,185 @@
+"""Rotation notices in the inbox (issue 11 item 12), on a real peer (real cache, a real
+overlay node that joined no network): a contact's properly cross-signed statement moves
+the pin with no key-change warning; anything else is dropped with a reason and changes
+nothing; the own identity's notice moves this device; the old mailbox is forgotten
+after the grace period."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from dna_core.crypto import Identity, keystore, seal
+from dna_core.crypto.node import NodeIdentity
+from dna_core.overlay.aio import NodeConfig, OverlayNode
+from dna_core.wire.gen.dna.v1 import envelope_pb2
+from dna_peer import keyserver
+from dna_peer.cache import Contact, cache_key
+from dna_peer.inbox import Inbox
+from dna_peer.keyserver import now_ms
+from dna_peer.peer import RETIRED, Peer
+from dna_peer.profile import Profile, write_private
+
+
+@asynccontextmanager
+async def bob_peer(tmp_path: Path, bob: Identity) -> AsyncIterator[Peer]:
+    profile = Profile(tmp_path / "bob")
+    profile.create(bob, "pw")
+    node = OverlayNode(NodeIdentity.generate(0)[0], NodeConfig(host="127.0.0.1",
+                                                               client_mode=True))  # fmt: skip
+    await node.start()
+    peer = Peer(bob, profile.open_cache(bob), node, profile.device())
+    peer.save_identity = lambda new, rekey: profile.replace_identity(new, "pw", rekey)
+    try:
+        yield peer
+    finally:
+        await peer.close()
+
+
+def pin(peer: Peer, who: Identity, name: str) -> None:
+    peer.cache.pin(Contact(who.fingerprint, who.public, name, True, now_ms(), who.fingerprint))
+
+
+def notice(sender: Identity, to: Identity, statement: bytes, seeds: bytes = b"") -> bytes:
+    rotation = envelope_pb2.IdentityRotation(statement=statement, new_seeds=seeds)
+    payload = envelope_pb2.Payload(rotation=rotation).SerializeToString()
+    return seal(sender, to.public, payload, now_ms=now_ms(), include_sender_keys=True)
+
+
+async def handle(peer: Peer, blob: bytes) -> Inbox:
+    inbox = Inbox(peer)
+    await inbox.handle_blob(hashlib.sha256(blob).digest(), blob)
+    return inbox
+
+
+def test_a_cross_signed_rotation_moves_the_pin(
+    tmp_path: Path, alice: Identity, bob: Identity
+) -> None:
+    async def go() -> None:
+        async with bob_peer(tmp_path, bob) as peer:
+            pin(peer, alice, "alice")
+            new = Identity.generate()
+            inbox = await handle(peer, notice(alice, bob, keyserver.rotation_record(alice, new)))
+            assert inbox.report.rejected == []
+            moved = peer.cache.contact_named("alice")
+            assert moved is not None and moved.fingerprint == new.fingerprint
+            assert moved.conversation == alice.fingerprint and not moved.verified
+            assert (await peer.add_contact(new.fingerprint.hex())) == moved  # no warning
+
+    asyncio.run(go())
+
+
+Forge = Callable[[Identity, Identity, Identity], bytes]  # (alice, bob, mallory) -> blob
+FORGED: dict[str, tuple[Forge, str]] = {
+    "statement signed by another key": (
+        lambda a, b, m: notice(a, b, keyserver.rotation_record(m, Identity.generate())),
+        "rotation: the statement is not signed by the rotating key",
+    ),
+    "from a stranger": (
+        lambda a, b, m: notice(m, b, keyserver.rotation_record(m, Identity.generate())),
+        "rotation: not from a pinned contact",
+    ),
+    "not a record": (lambda a, b, m: notice(a, b, b"\x00garbage"), ""),
+}
+
+
+def test_forged_rotation_notices_are_dropped_and_change_nothing(
+    tmp_path: Path, alice: Identity, bob: Identity
+) -> None:
+    async def go() -> None:
+        async with bob_peer(tmp_path, bob) as peer:
+            pin(peer, alice, "alice")
+            mallory = Identity.generate()
+            before = peer.cache.contacts()
+            for case, (forge, reason) in FORGED.items():
+                inbox = await handle(peer, forge(alice, bob, mallory))
+                ((_, got),) = inbox.report.rejected
+                assert reason in got, case
+                assert peer.cache.contacts() == before, case
+
+    asyncio.run(go())
+
+
+def test_the_own_notice_moves_this_device_and_a_wrong_one_is_dropped(
+    tmp_path: Path, bob: Identity
+) -> None:
+    async def go() -> None:
+        async with bob_peer(tmp_path, bob) as peer:
+            new, other = Identity.generate(), Identity.generate()
+            statement = keyserver.rotation_record(bob, new)
+            wrong = await handle(peer, notice(bob, bob, statement, other.seeds()))
+            assert wrong.rotated_to is None
+            assert "not the ones the statement names" in wrong.report.rejected[0][1]
+            assert peer.identity == bob and peer.retired() == []
+            right = await handle(peer, notice(bob, bob, statement, new.seeds()))
+            assert right.rotated_to is not None
+            peer._adopt(right.rotated_to)
+            assert peer.fingerprint == new.fingerprint
+            assert [old.fingerprint for old in peer.retired()] == [bob.fingerprint]
+            unlocked = Profile(tmp_path / "bob").unlock("pw")
+            assert unlocked.fingerprint == new.fingerprint  # the key file moved too
+
+    asyncio.run(go())
+
+
+def test_the_old_mailbox_is_forgotten_after_the_grace_period(tmp_path: Path, bob: Identity) -> None:
+    async def go() -> None:
+        async with bob_peer(tmp_path, bob) as peer:
+            peer._adopt(Identity.generate())
+            assert len(peer.retired()) == 1
+            (entry,) = json.loads(peer.cache.get_state(RETIRED) or b"")
+            peer.cache.set_state(RETIRED, json.dumps([{**entry, "until_ms": now_ms()}]).encode())
+            assert peer.retired() == []
+            assert json.loads(peer.cache.get_state(RETIRED) or b"") == []  # old seeds gone
+
+    asyncio.run(go())
+
+
+def test_a_rotation_cut_short_is_finished_or_undone_at_the_next_unlock(
+    tmp_path: Path, alice: Identity
+) -> None:
+    """The key file and the cache move to the new keys in two steps; whichever step a
+    crash interrupts, the next unlock gives an identity whose cache opens."""
+    for rekeyed in (True, False):
+        profile = Profile(tmp_path / f"alice-{rekeyed}")
+        profile.create(alice, "pw")
+        new = Identity.generate()
+        cache = profile.open_cache(alice)
+        write_private(profile.fresh_keyfile, keystore.lock(new, "pw"))  # crashed after this
+        if rekeyed:  # ...or after this
+            cache.rekey(cache_key(new, profile.device().device_id))
+        cache.close()
+        unlocked = profile.unlock("pw")
+        assert unlocked.fingerprint == (new if rekeyed else alice).fingerprint
+        assert not profile.fresh_keyfile.exists()
+        profile.open_cache(unlocked).close()
+        assert profile.unlock("pw").fingerprint == unlocked.fingerprint
+
+
+def test_a_message_from_the_new_keys_before_the_notice_joins_the_conversation(
+    tmp_path: Path, alice: Identity, bob: Identity
+) -> None:
+    """Blobs come in any order: the new keys' first message may be handled before the
+    notice (a stranger then); the notice merges it into the named conversation."""
+
+    async def go() -> None:
+        async with bob_peer(tmp_path, bob) as peer:
+            pin(peer, alice, "alice")
+            new = Identity.generate()
+            text = envelope_pb2.Payload(text=envelope_pb2.Text(body="from the new keys"))
+            first = seal(new, bob.public, text.SerializeToString(), now_ms=now_ms(),
+                         include_sender_keys=True)  # fmt: skip
+            await handle(peer, first)
+            await handle(peer, notice(alice, bob, keyserver.rotation_record(alice, new)))
+            moved = peer.cache.contact_named("alice")
+            assert moved is not None and moved.fingerprint == new.fingerprint
+            assert [m.body for m in peer.cache.messages(moved.conversation)] == [
+                "from the new keys"
+            ]
+            assert [c.peer for c in peer.cache.conversations()] == [new.fingerprint]
+
+    asyncio.run(go())
