@@ -93,7 +93,7 @@ def test_alice_rotates_and_bob_and_her_laptop_follow(testnet: Testnet, tmp_path:
     ok(dna(laptop, "send", b_name, "from the laptop", net=testnet))
     received = ok(dna(bob, "inbox", a_name, net=testnet))
     assert isinstance(received, list)
-    assert [m["text"] for m in received if m["from"] == a_name] == ["from the laptop"]
+    assert [m["text"] for m in received if m["from"]["name"] == a_name] == ["from the laptop"]
 
 
 def test_a_contact_who_rotated_twice_is_followed_to_the_last_keys(
