@@ -393,6 +393,19 @@ def test_forget_drops_copies_without_tombstones(stores: Stores, kind: str) -> No
     run_scenario(stores, kind, scenario)
 
 
+def test_mailboxes_counts_those_holding_blobs_or_tombstones(stores: Stores, kind: str) -> None:
+    async def scenario(b: MailboxBackend) -> None:
+        assert await b.mailboxes() == 0
+        x = blob(mbox(0), b"x")
+        await b.put_many([x, blob(mbox(1), b"y")], T0)
+        await b.delete([tomb(mbox(2), b"\x07" * 32)], T0)  # a tombstone alone counts
+        assert await b.mailboxes() == 3
+        await b.forget(mbox(0), [x.blob_id], [])
+        assert await b.mailboxes() == 2
+
+    run_scenario(stores, kind, scenario)
+
+
 def test_incarnation_is_stable_and_new_for_a_new_store(stores: Stores, kind: str) -> None:
     """What fetch cursors carry: 8 bytes, the same on every call while the data lives,
     different for a store that starts empty (a wiped node)."""

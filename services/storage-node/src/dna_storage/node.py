@@ -98,6 +98,8 @@ class StorageMetrics:
         self.blobs = Gauge("dna_storage_blobs", "Blobs stored (incl. expired not yet collected)",
                            registry=registry)  # fmt: skip
         self.bytes = Gauge("dna_storage_bytes", "Bytes of blobs stored", registry=registry)
+        self.mailboxes = Gauge("dna_storage_mailboxes", "Mailboxes holding blobs or tombstones",
+                               registry=registry)  # fmt: skip
         self.gc_removed = Counter(
             "dna_storage_gc_removed", "Expired blobs and tombstones removed", registry=registry
         )
@@ -142,6 +144,7 @@ class StorageNode:
         self.repairer: Repairer | None = None
         self._full_by_write = False  # a write found no room since the last disk reading
         self._held = Usage(0, 0)  # blobs and bytes held, as of the last GC pass
+        self._mailboxes = 0  # mailboxes held, likewise
 
     async def start(self) -> None:
         section = self.config.storage
@@ -214,6 +217,8 @@ class StorageNode:
         self._check_disk()
         self._held = totals = await backend.totals()
         self.metrics.blobs.set(totals.blobs)
+        self._mailboxes = await backend.mailboxes()
+        self.metrics.mailboxes.set(self._mailboxes)
         self.metrics.bytes.set(totals.bytes)
         if removed:
             self.metrics.gc_removed.inc(removed)
@@ -241,6 +246,7 @@ class StorageNode:
         held = self._held
         status: dict[str, Any] = {
             "backend": section.backend,
+            "mailboxes": self._mailboxes,
             "blobs": held.blobs,
             "bytes": held.bytes,
             "refusing_writes": self.admission.high_water.tripped,

@@ -164,6 +164,11 @@ class MailboxBackend(Protocol):
         """Remove up to ``limit`` expired blobs and tombstones; returns how many."""
         ...
 
+    async def mailboxes(self) -> int:
+        """How many mailboxes hold blobs or tombstones (expired ones GC has not reached
+        included), for `/status` and metrics: a count over the store, not for hot paths."""
+        ...
+
     async def incarnation(self) -> bytes:
         """8 random bytes chosen when this store was created empty, the same for as long
         as its data lives: fetch cursors carry it, so a cursor issued before a wipe is

@@ -512,5 +512,8 @@ class RedisBackend:
         blobs, size = await self._r.hmget(self._p + "totals", ["blobs", "bytes"])
         return Usage(int(blobs or 0), int(size or 0))
 
+    async def mailboxes(self) -> int:
+        return int(await self._r.zcard(self._p + "m"))  # pruned once a mailbox is empty
+
     async def close(self) -> None:
         await self._r.aclose()

@@ -506,6 +506,13 @@ class SqliteBackend:
         )
         return Usage(int(row[0]), int(row[1]))
 
+    async def mailboxes(self) -> int:
+        count: int = await self._reader.submit(lambda c: c.execute(
+            "SELECT count(*) FROM (SELECT mailbox_id FROM mailboxes WHERE blobs > 0"
+            " UNION SELECT mailbox_id FROM tombstones)"
+        ).fetchone()[0])  # fmt: skip
+        return count
+
     async def integrity_ok(self) -> bool:
         """``PRAGMA integrity_check`` says "ok" (run after a crash, before serving).
 
