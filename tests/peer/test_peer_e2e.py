@@ -35,9 +35,9 @@ def test_a_thousand_messages_while_storage_nodes_die(testnet: Testnet, tmp_path:
             for other in range(PEOPLE):
                 if peers[other] is not peer:
                     await peer.add_contact(people.name(f"p{other}"))
-        stop = asyncio.Event()
-        churn = asyncio.create_task(_churn(storage, stop))
-        sent = await _exchange(peers, people, token)
+        stop, kills_so_far = asyncio.Event(), [0]
+        churn = asyncio.create_task(_churn(storage, stop, kills_so_far))
+        sent = await _exchange(peers, people, token, kills_so_far)
         kills = await _stop(churn, stop)
         received = await _drain(peers, sent)
         await asyncio.gather(*(p.close() for p in peers))
@@ -55,9 +55,13 @@ def test_a_thousand_messages_while_storage_nodes_die(testnet: Testnet, tmp_path:
     _assert_no_plaintext(testnet.root, token)
 
 
-async def _exchange(peers: list[Peer], people: People, token: str) -> dict[str, set[str]]:
+async def _exchange(
+    peers: list[Peer], people: People, token: str, kills: list[int]
+) -> dict[str, set[str]]:
     """Each person sends MESSAGES/PEOPLE messages to random others, all concurrently,
-    syncing now and then; returns the bodies each recipient must end up with."""
+    syncing now and then; returns the bodies each recipient must end up with. Each
+    sync waits for the churn to have killed one more node (at least 5 by the last), so
+    the sends span the churn however fast the machine sends."""
     sent: dict[str, set[str]] = {p.fingerprint.hex(): set() for p in peers}
     rng = random.Random(7)
 
@@ -69,6 +73,8 @@ async def _exchange(peers: list[Peer], people: People, token: str) -> dict[str, 
             await me.send(me.find_contact(people.name(_name_of(peers, to))), body)
             sent[to.fingerprint.hex()].add(body)
             if n % 25 == 24:
+                while kills[0] < n // 25 + 2:
+                    await asyncio.sleep(0.1)
                 await me.sync()
 
     await asyncio.gather(*(person(i) for i in range(PEOPLE)))
@@ -95,19 +101,19 @@ async def _drain(peers: list[Peer], sent: dict[str, set[str]]) -> dict[str, Coun
         await asyncio.sleep(0.5)
 
 
-async def _churn(storage: list[LocalNode], stop: asyncio.Event) -> int:
+async def _churn(storage: list[LocalNode], stop: asyncio.Event, kills: list[int]) -> int:
     """SIGKILL one storage node at a time and restart it (at most 1 of 6 down: never
-    more than 4 of any 5-node replica set)."""
-    kills, rng = 0, random.Random(11)
+    more than 4 of any 5-node replica set); ``kills[0]`` counts them as they happen."""
+    rng = random.Random(11)
     while not stop.is_set():
         victim = rng.choice(storage)
         victim.kill()
-        kills += 1
+        kills[0] += 1
         await asyncio.sleep(CHURN_PERIOD_S / 2)
         victim.start()
         await asyncio.to_thread(wait_ready, [victim], 30.0)
         await asyncio.sleep(CHURN_PERIOD_S / 2)
-    return kills
+    return kills[0]
 
 
 async def _stop(churn: asyncio.Task[int], stop: asyncio.Event) -> int:
