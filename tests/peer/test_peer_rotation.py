@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 from dna_core.crypto import Identity, keystore, seal
 from dna_core.crypto.node import NodeIdentity
 from dna_core.overlay.aio import NodeConfig, OverlayNode
@@ -183,3 +184,25 @@ def test_a_message_from_the_new_keys_before_the_notice_joins_the_conversation(
             assert [c.peer for c in peer.cache.conversations()] == [new.fingerprint]
 
     asyncio.run(go())
+
+
+@pytest.mark.timeout(20)
+def test_a_rotation_cycle_does_not_hang_the_client(
+    tmp_path: Path, alice: Identity, bob: Identity
+) -> None:
+    """A contact controls both ends of its rotation statements, so it can rotate A -> B
+    and then B -> A: following `replaced_by` must stop, not loop for ever."""
+    later = Identity.generate()
+
+    async def main() -> None:
+        async with bob_peer(tmp_path, bob) as peer:
+            pin(peer, alice, "alice")
+            first = peer.cache.contact(alice.fingerprint)
+            assert first is not None
+            moved = peer.cache.replace_contact(first, later.public, now_ms())
+            peer.cache.replace_contact(moved, alice.public, now_ms())  # and back again
+            found = peer.cache.current_contact(alice.fingerprint)
+            assert found is not None
+            assert found.fingerprint in (alice.fingerprint, later.fingerprint)
+
+    asyncio.run(main())

@@ -28,6 +28,7 @@ from dna_core.crypto import primitives as p
 from dna_core.errors import WrongPassphraseError
 
 SCHEMA_VERSION = 1
+MAX_ROTATION_HOPS = 8  # rotations followed for one contact (a chain, never a cycle, ends)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS contacts(
   fingerprint BLOB PRIMARY KEY,
@@ -240,6 +241,18 @@ class Cache:
         rows = self._rows(f"SELECT {_CONTACT_COLUMNS} FROM contacts WHERE fingerprint = ?",
                           (fingerprint,))  # fmt: skip
         return _contact(rows[0]) if rows else None
+
+    def current_contact(self, fingerprint: bytes) -> Contact | None:
+        """The pinned contact for a fingerprint, after the rotations it went through: at
+        most MAX_ROTATION_HOPS of them, and never round a cycle (a contact signs both ends
+        of its rotation statements, so it can rotate A -> B -> A)."""
+        known, seen = self.contact(fingerprint), {fingerprint}
+        while known is not None and known.replaced_by and len(seen) <= MAX_ROTATION_HOPS:
+            if known.replaced_by in seen:
+                return known
+            seen.add(known.replaced_by)
+            known = self.contact(known.replaced_by)
+        return known
 
     def contact_named(self, name: str) -> Contact | None:
         rows = self._rows(f"SELECT {_CONTACT_COLUMNS} FROM contacts WHERE name = ?", (name,))

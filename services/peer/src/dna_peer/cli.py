@@ -413,8 +413,9 @@ def _message_info_from(cache: Cache, m: Message) -> Info:
 
 def _party(cache: Cache, fingerprint: bytes) -> Info:
     """Someone in a message: the fingerprint, and their name if they are a named contact
-    (None for ourselves and for senders not named yet)."""
-    contact = cache.contact(fingerprint)
+    (None for ourselves and for senders not named yet); keys a contact rotated away from
+    carry the name of the contact they became."""
+    contact = cache.current_contact(fingerprint)
     return {"fingerprint": fingerprint.hex(), "name": contact.name if contact else None}
 
 

@@ -30,7 +30,7 @@ from dna_core.overlay.records import normalize_name
 from dna_core.wire.gen.dna.v1 import envelope_pb2
 
 from dna_peer import keyserver
-from dna_peer.cache import Cache, Contact, Message, cache_key
+from dna_peer.cache import MAX_ROTATION_HOPS, Cache, Contact, Message, cache_key
 from dna_peer.inbox import RECOVERING, Inbox, SyncReport
 from dna_peer.keyserver import now_ms
 from dna_peer.network import join_overlay
@@ -48,7 +48,6 @@ RECOVERY_WAIT_MS = 7 * DAY_MS  # a device silent this long after a history reque
 WATCH_BACKOFF_S = 5.0
 DELETE_RETRY_S = 60.0  # after nodes refused a delete: `watch` does not ask every second
 SEND_ATTEMPTS = 4  # over about 3.5 s: rides out a replica restarting
-MAX_ROTATION_HOPS = 8  # statements followed in one refresh (a cycle cannot loop forever)
 NAME_MOVE = "name-move"  # cache state: the old keys' signature handing the name over
 RETIRED = "retired"  # cache state: identities this one rotated away from, drained until
 RETIRED_GRACE_MS = 30 * DAY_MS  # = the rotation statement's lifetime and a blob's longest TTL
@@ -215,7 +214,7 @@ class Peer:
                 raise UnknownContactError(f"nobody has claimed the name {name!r}")
             pinned = self.cache.contact_named(name)
             if pinned is not None and pinned.fingerprint != fingerprint:
-                if self._current(fingerprint) == pinned:
+                if self.cache.current_contact(fingerprint) == pinned:
                     return pinned  # the name still points at the key that rotated to this one
                 followed = await self.refresh_contact(pinned)  # maybe several rotations
                 if followed.fingerprint == fingerprint:
@@ -224,19 +223,12 @@ class Peer:
         assert fingerprint is not None
         if fingerprint == self.fingerprint:
             raise UnknownContactError("that is you: your own devices sync through `dna sync`")
-        known = self._current(fingerprint)
+        known = self.cache.current_contact(fingerprint)
         if known is None:
             return await self.refresh_contact(await self._pin_new(fingerprint, name))
         if name and known.name != name:
             self.cache.set_contact_name(known.fingerprint, name)
         return self.cache.contact(known.fingerprint) or known
-
-    def _current(self, fingerprint: bytes) -> Contact | None:
-        """The pinned contact for a fingerprint, after the rotations it went through."""
-        known = self.cache.contact(fingerprint)
-        while known is not None and known.replaced_by:
-            known = self.cache.contact(known.replaced_by)
-        return known
 
     async def _pin_new(self, fingerprint: bytes, name: str | None) -> Contact:
         keys = await keyserver.lookup_keys(self.node, fingerprint)
