@@ -148,7 +148,7 @@ def test_a_sync_killed_mid_write_leaves_a_whole_cache(testnet: Testnet, tmp_path
     identity = bob.unlock(PASSPHRASE)
     killed_at = []
     for _ in range(3):  # three kills, each at a point where part of the mailbox is written
-        held = _kill_sync_midway(bob.home, testnet, lambda: _count(bob.open_cache(identity)))
+        held = _kill_sync_midway(bob.home, testnet, lambda: bob.open_cache(identity))
         killed_at.append(held)
         cache = bob.open_cache(identity)
         assert cache.integrity_check() == "ok"
@@ -180,19 +180,25 @@ def _sync(home: Path, net: Testnet) -> subprocess.Popen[bytes]:
     )  # fmt: skip
 
 
-def _kill_sync_midway(home: Path, net: Testnet, count: Callable[[], int]) -> int:
+def _kill_sync_midway(home: Path, net: Testnet, open_cache: Callable[[], Cache]) -> int:
     """Start `dna sync`, SIGKILL it once it has written some messages; returns how many
-    the cache holds afterwards."""
-    before = count()
-    proc = _sync(home, net)
-    deadline = time.monotonic() + 60
-    while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            if count() > before:
-                break
-        except DnaError:
-            pass  # the cache is being created or locked: look again
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(10)
-    return count()
+    the cache holds afterwards. One reader stays open while the sync runs (WAL: each
+    count sees the latest commit): opening the cache for every look took longer than a
+    sync of the whole mailbox, so the kill came after the last write."""
+    watcher = open_cache()
+    try:
+        before = watcher.message_count()
+        proc = _sync(home, net)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if watcher.message_count() > before:
+                    break
+            except DnaError:
+                pass  # the cache is being created or locked: look again
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        watcher.close()
+    return _count(open_cache())
