@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import pty
 import random
 import subprocess
 import sys
@@ -47,3 +49,20 @@ def run_script(
         check=False, capture_output=True, text=True, timeout=timeout,
         env={**base, **(env or {})}, stdin=subprocess.DEVNULL,
     )  # fmt: skip
+
+
+def on_a_terminal(argv: list[str], env: dict[str, str], timeout: float = 60) -> str:
+    """Run ``argv`` with stdout and stderr on a pseudo-terminal (TERM=xterm-256color);
+    what it wrote there. The process must exit 0."""
+    main, sub = pty.openpty()
+    proc = subprocess.Popen(argv, stdout=sub, stderr=sub, stdin=subprocess.DEVNULL,
+                            env={**env, "TERM": "xterm-256color"})  # fmt: skip
+    os.close(sub)
+    chunks = []
+    with contextlib.suppress(OSError):  # EIO once the process closed its end
+        while chunk := os.read(main, 65536):
+            chunks.append(chunk)
+    os.close(main)
+    output = b"".join(chunks)
+    assert proc.wait(timeout) == 0, output
+    return output.decode()

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import pty
 import signal
 import subprocess
 import time
@@ -17,7 +15,7 @@ from dna_core.crypto import PublicKeySet
 from dna_peer.armor import dearmor
 from dna_peer.cli import build_parser
 from dna_testnet.network import Testnet
-from support import BIN, run_script
+from support import BIN, on_a_terminal, run_script
 
 PASS = {"DNA_PASSPHRASE": "correct horse"}
 
@@ -231,19 +229,8 @@ def test_control_characters_from_a_contact_are_shown_escaped(
 
 def _on_a_terminal(home: Path, *args: str) -> str:
     """``dna`` with stdout and stderr on a pseudo-terminal; what it wrote there."""
-    main, sub = pty.openpty()
     base = {k: v for k, v in os.environ.items() if not k.startswith("DNA_")}
-    proc = subprocess.Popen([str(BIN / "dna"), "--home", str(home), *args], stdout=sub,
-                            stderr=sub, stdin=subprocess.DEVNULL,
-                            env={**base, **PASS, "TERM": "xterm-256color"})  # fmt: skip
-    os.close(sub)
-    chunks = []
-    with contextlib.suppress(OSError):  # EIO once the process closed its end
-        while chunk := os.read(main, 65536):
-            chunks.append(chunk)
-    os.close(main)
-    assert proc.wait(60) == 0, b"".join(chunks)
-    return b"".join(chunks).decode()
+    return on_a_terminal([str(BIN / "dna"), "--home", str(home), *args], {**base, **PASS})
 
 
 def dna_stdin(

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import pty
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
-
-BIN = Path(sys.executable).parent
+from support import BIN, on_a_terminal
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -107,18 +103,8 @@ def test_up_status_twice_and_down_finds_every_node(tmp_path: Path) -> None:
 
 def _on_a_terminal(*args: str, env: dict[str, str]) -> str:
     """Run ``dna-testnet`` with its stdout on a pseudo-terminal; what it wrote there."""
-    main, sub = pty.openpty()
     base = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TERM")}
-    proc = subprocess.Popen([str(BIN / "dna-testnet"), *args], stdout=sub, stderr=sub,
-                            env={**base, "TERM": "xterm-256color", **env})  # fmt: skip
-    os.close(sub)
-    chunks = []
-    with contextlib.suppress(OSError):  # EIO once the process closed its end
-        while chunk := os.read(main, 65536):
-            chunks.append(chunk)
-    os.close(main)
-    assert proc.wait(60) == 0
-    return b"".join(chunks).decode()
+    return on_a_terminal([str(BIN / "dna-testnet"), *args], {**base, **env})
 
 
 def test_tables_are_coloured_only_on_a_terminal_without_no_color(tmp_path: Path) -> None:
