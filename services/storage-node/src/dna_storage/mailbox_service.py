@@ -69,6 +69,7 @@ from dna_storage.replication import (
     check_mailbox_id,
     list_answer,
     pull_answer,
+    tombstone_ttl_ms,
     verify_proof,
 )
 
@@ -86,8 +87,7 @@ class Retention:
 
     @property
     def tombstone_ttl_ms(self) -> int:
-        """Tombstones outlive any blob they can delete, so repair never resurrects it."""
-        return (self.max_ttl_s + DAY_S) * 1000
+        return tombstone_ttl_ms(self.max_ttl_s * 1000)
 
     def expiry_ms(self, requested_s: int, now_ms: int, proof_ms: int) -> int:
         """Counted from the put's proof-of-work timestamp, not from its arrival: a replay of

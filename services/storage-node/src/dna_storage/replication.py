@@ -152,6 +152,12 @@ def _check_expiry(value: int, what: str) -> int:
     return value
 
 
+def tombstone_ttl_ms(max_ttl_ms: int) -> int:
+    """Tombstones outlive any blob they can delete (by a day), so repair never
+    resurrects it."""
+    return max_ttl_ms + 86_400_000
+
+
 @dataclass(frozen=True)
 class SyncRules:
     """What a blob or tombstone from another node must pass: what a client's write passes.
@@ -168,7 +174,7 @@ class SyncRules:
 
     @property
     def tombstone_ttl_ms(self) -> int:
-        return self.max_ttl_ms + 86_400_000  # as Retention.tombstone_ttl_ms
+        return tombstone_ttl_ms(self.max_ttl_ms)
 
     def check_blob(self, box: bytes, stored: mailbox_pb2.StoredBlob, now_ms: int) -> StoredBlob:
         """A blob from another replica, held to the same rules as a client's put."""
