@@ -364,19 +364,10 @@ class Peer:
         return report
 
     async def _sync_own(self, progress: Progress | None) -> tuple[SyncReport, Identity | None]:
-        state = FetchState(cursors=self.cache.cursors())
         inbox = Inbox(self)
-        done = 0
-        while True:  # a fetch holds a bounded number of bytes: a big mailbox takes several
-            blobs, state = await self.mail.fetch(self.identity, state)
-            for i, stored in enumerate(blobs, 1):
-                await inbox.handle_blob(stored.blob_id, stored.blob)
-                if progress:
-                    progress(done + i, done + len(blobs))
-            done += len(blobs)
-            self.cache.save_cursors(state.cursors)
-            if not state.more:
-                break
+        start = FetchState(cursors=self.cache.cursors())
+        save = lambda state: self.cache.save_cursors(state.cursors)  # noqa: E731
+        await self._read_mailbox(inbox, start, save, progress)
         await inbox.send_receipts()
         if inbox.history_wanted:
             await self.send_history()
@@ -460,15 +451,37 @@ class Peer:
         expire with their TTL, within the grace period."""
         entries = json.loads(self.cache.get_state(RETIRED) or b"[]")
         entry = next(e for e in entries if e["seeds"] == old.seeds().hex())
-        state = FetchState(cursors=_unhex_map(entry["cursors"]))
-        blobs, state = await self.mail.fetch(old, state)
+
+        def save(state: FetchState) -> None:
+            entry["cursors"] = _hex_map(state.cursors)
+            self.cache.set_state(RETIRED, json.dumps(entries).encode())
+
         inbox = Inbox(self, identity=old)
-        for stored in blobs:
-            await inbox.handle_blob(stored.blob_id, stored.blob)
-        entry["cursors"] = _hex_map(state.cursors)
-        self.cache.set_state(RETIRED, json.dumps(entries).encode())
+        await self._read_mailbox(inbox, FetchState(cursors=_unhex_map(entry["cursors"])), save)
         await inbox.send_receipts()
         return inbox.report
+
+    async def _read_mailbox(
+        self,
+        inbox: Inbox,
+        state: FetchState,
+        save: Callable[[FetchState], None],
+        progress: Progress | None = None,
+    ) -> None:
+        """Fetch the inbox's mailbox from ``state`` round after round (a fetch holds a
+        bounded number of bytes: a big mailbox takes several), handing each blob to the
+        inbox and saving the cursors after each round."""
+        done = 0
+        while True:
+            blobs, state = await self.mail.fetch(inbox.identity, state)
+            for i, stored in enumerate(blobs, 1):
+                await inbox.handle_blob(stored.blob_id, stored.blob)
+                if progress:
+                    progress(done + i, done + len(blobs))
+            done += len(blobs)
+            save(state)
+            if not state.more:
+                return
 
     async def _acknowledge(self, blob_ids: list[bytes]) -> None:
         if not blob_ids:
