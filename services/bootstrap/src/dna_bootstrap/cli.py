@@ -13,8 +13,8 @@ import sys
 from dna_core.ops.cli import run, service_parser
 from dna_core.ops.config import load_config
 from dna_core.ops.service import add_config_commands, add_run_command, serve
-from dna_core.overlay.aio.server import OverlayServer, OverlayServiceConfig, config_warnings
-from dna_core.wire.gen.dna.v1 import common_pb2
+from dna_core.overlay import OverlayServer, OverlayServiceConfig, config_warnings
+from dna_core.wire import common_pb2
 
 ENV_PREFIX = "DNA_BOOTSTRAP"
 

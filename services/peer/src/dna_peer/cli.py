@@ -42,7 +42,7 @@ from typing import Any, NoReturn
 from dna_core import __version__
 from dna_core.crypto import Identity, keystore
 from dna_core.errors import DnaError
-from dna_core.overlay.records import normalize_name
+from dna_core.overlay import normalize_name
 from rich.text import Text
 
 from dna_peer.armor import LOCKED_KEY_FILE, PUBLIC, armor, dearmor, is_armored

@@ -26,7 +26,7 @@ from dna_core.crypto import (
 )
 from dna_core.crypto.primitives import sha256
 from dna_core.errors import ProtocolError
-from dna_core.wire.gen.dna.v1 import common_pb2, envelope_pb2, records_pb2
+from dna_core.wire import common_pb2, envelope_pb2, records_pb2
 
 T = TypeVar("T")
 POW_BITS = 16

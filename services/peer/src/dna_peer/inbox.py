@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING
 
 from dna_core.crypto import Identity, OpenedMessage, PublicKeySet, ReplayGuard, open_envelope
 from dna_core.errors import MalformedError, ProtocolError, ReplayError, VerificationError
-from dna_core.wire import decode_message
-from dna_core.wire.gen.dna.v1 import envelope_pb2
+from dna_core.wire import decode_message, envelope_pb2
 
 from dna_peer import keyserver
 from dna_peer.cache import Contact, Message

@@ -18,14 +18,14 @@ from dna_core.crypto import pow as pow_
 from dna_core.crypto import primitives as p
 from dna_core.crypto.records import open_record
 from dna_core.errors import DnaError, MalformedError, VerificationError
-from dna_core.overlay.aio import OverlayNode
-from dna_core.overlay.records import (
+from dna_core.overlay import (
     DEFAULT_NAME_POW_BITS,
     MAX_CLAIM_BYTES,
     MAX_ROTATION_TTL_MS,
     MAX_TTL_MS,
     NAME_MOVE_DOMAIN,
     ROTATION_ACCEPT_DOMAIN,
+    OverlayNode,
     identity_payload,
     identity_proof,
     name_key,
@@ -36,8 +36,7 @@ from dna_core.overlay.records import (
     rotation_accept_message,
     rotation_target,
 )
-from dna_core.wire import decode_message
-from dna_core.wire.gen.dna.v1 import common_pb2, records_pb2
+from dna_core.wire import common_pb2, decode_message, records_pb2
 
 IDENTITY = common_pb2.RECORD_KIND_IDENTITY
 NAME_CLAIM = common_pb2.RECORD_KIND_NAME_CLAIM

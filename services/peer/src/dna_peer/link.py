@@ -28,8 +28,7 @@ from dna_core.crypto import primitives as p
 from dna_core.crypto.keys import SEEDS_SIZE
 from dna_core.errors import DnaError, ProtocolError, VerificationError
 from dna_core.mailbox.client import MailboxClient
-from dna_core.wire import decode_message
-from dna_core.wire.gen.dna.v1 import envelope_pb2
+from dna_core.wire import decode_message, envelope_pb2
 
 from dna_peer.keyserver import now_ms
 from dna_peer.network import join_overlay

@@ -6,7 +6,7 @@ import os
 
 from dna_core.crypto.node import NodeIdentity
 from dna_core.errors import DnaError
-from dna_core.overlay.aio import NodeConfig, OverlayNode
+from dna_core.overlay import NodeConfig, OverlayNode
 
 # The local testnet's bootstrap nodes (`dna-testnet up`): the embedded default.
 TESTNET_SEEDS = (("127.0.0.2", 7400), ("127.0.0.3", 7400), ("127.0.0.4", 7400))

@@ -25,9 +25,8 @@ from dna_core.crypto import Identity, PublicKeySet, ReplayGuard, seal
 from dna_core.crypto.envelope import MAX_PAYLOAD_BYTES, decode_envelope
 from dna_core.errors import DnaError
 from dna_core.mailbox.client import FetchState, MailboxClient, QuorumError
-from dna_core.overlay.aio import OverlayNode
-from dna_core.overlay.records import normalize_name
-from dna_core.wire.gen.dna.v1 import envelope_pb2
+from dna_core.overlay import OverlayNode, normalize_name
+from dna_core.wire import envelope_pb2
 
 from dna_peer import keyserver
 from dna_peer.cache import MAX_ROTATION_HOPS, Cache, Contact, Message, cache_key

@@ -13,7 +13,7 @@ import sys
 from dna_core.ops.cli import run, service_parser
 from dna_core.ops.config import load_config
 from dna_core.ops.service import add_config_commands, add_run_command, serve
-from dna_core.overlay.aio.server import config_warnings
+from dna_core.overlay import config_warnings
 
 from dna_storage.node import StorageNode, StorageNodeConfig
 

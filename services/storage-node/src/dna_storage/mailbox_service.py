@@ -46,7 +46,7 @@ from dna_core.mailbox import (
     verify_fetch,
 )
 from dna_core.ratelimit import grpc_peer_ip
-from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
+from dna_core.wire import mailbox_pb2, mailbox_pb2_grpc
 
 from dna_storage.admission import Admission, PowRequired, RateLimited, rejection_reason
 from dna_storage.backends.base import (

@@ -24,9 +24,8 @@ from typing import Any, cast
 from dna_core.errors import DnaError
 from dna_core.ops.config import SecretStr
 from dna_core.ops.grpc_gate import ServiceRegistrar
-from dna_core.overlay.aio.node import OverlayNode
-from dna_core.overlay.aio.server import OverlayServer, OverlayServiceConfig
-from dna_core.wire.gen.dna.v1 import common_pb2, mailbox_pb2
+from dna_core.overlay import OverlayNode, OverlayServer, OverlayServiceConfig
+from dna_core.wire import common_pb2, mailbox_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.exceptions import RedisError
 
@@ -91,7 +90,7 @@ class StorageMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
             "dna_storage_requests",
-            "Mailbox requests by method and outcome (ok, size, pow, rate, quota, disk, ...)",
+            "Mailbox requests by method and outcome (ok, or a refusal's kind: size, pow, ...)",
             ["method", "outcome"],
             registry=registry,
         )

@@ -51,11 +51,8 @@ from dna_core.errors import (
     VerificationError,
 )
 from dna_core.mailbox import blob_id, mailbox_id, put_pow_hash, verify_delete
-from dna_core.overlay.aio.node import OverlayNode
-from dna_core.overlay.codec import contact_from_proto, contact_to_proto
-from dna_core.overlay.contact import Contact, distance
-from dna_core.wire import decode_message
-from dna_core.wire.gen.dna.v1 import common_pb2, mailbox_pb2, mailbox_pb2_grpc
+from dna_core.overlay import Contact, OverlayNode, contact_from_proto, contact_to_proto, distance
+from dna_core.wire import common_pb2, decode_message, mailbox_pb2, mailbox_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from dna_storage.admission import Quota, RateLimited, RateLimiter

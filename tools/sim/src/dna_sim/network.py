@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from dna_core.overlay.contact import Contact
+from dna_core.overlay import Contact
 
 # Message kinds (plain ints: this is the simulator's hottest path).
 FIND_NODE: Final = 0

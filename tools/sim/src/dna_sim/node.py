@@ -26,10 +26,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from dna_core.overlay.contact import Contact
-from dna_core.overlay.kbucket import Admission, RoutingTable
-from dna_core.overlay.lookup import ClosestPeersIter, DisjointLookup, Finished, Query
-from dna_core.overlay.rtt import RttEstimator
+from dna_core.overlay import (
+    Admission,
+    ClosestPeersIter,
+    Contact,
+    DisjointLookup,
+    Finished,
+    Query,
+    RoutingTable,
+    RttEstimator,
+)
 
 from dna_sim.network import FIND_NODE, NODES, PING, PONG, Message, SimNetwork
 from dna_sim.xor import xor_closest

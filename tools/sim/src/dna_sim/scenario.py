@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from dna_core.overlay.contact import ID_BITS, ID_BYTES
+from dna_core.overlay import ID_BITS, ID_BYTES
 
 from dna_sim.network import NetConfig
 from dna_sim.node import LookupRun, NodeConfig

@@ -16,7 +16,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from dna_core.overlay.contact import ID_BITS, ID_BYTES, Contact, Endpoint
+from dna_core.overlay import ID_BITS, ID_BYTES, Contact, Endpoint
 
 from dna_sim.network import NetConfig, SimNetwork
 from dna_sim.node import AddressBook, Coalition, LookupRun, NodeConfig, SimNode

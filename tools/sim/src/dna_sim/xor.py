@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 
-from dna_core.overlay.contact import ID_BITS
+from dna_core.overlay import ID_BITS
 
 
 def xor_closest(keys: list[int], target: int, count: int) -> list[int]:

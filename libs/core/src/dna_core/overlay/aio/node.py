@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from dna_core.crypto.node import NodeIdentity, verify_node_signature
 from dna_core.crypto.records import VerifiedRecord
 from dna_core.errors import ProtocolError
@@ -56,7 +58,6 @@ from dna_core.overlay.records import (
 from dna_core.overlay.rtt import RttEstimator
 from dna_core.overlay.tokens import AddressTokens
 from dna_core.wire.gen.dna.v1 import common_pb2
-from prometheus_client import CollectorRegistry
 
 from .metrics import OverlayMetrics
 from .records_rpc import ChannelPool, RecordClient

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import grpc
+
 from dna_core.crypto.records import VerifiedRecord, open_record
 from dna_core.errors import MalformedError, ProtocolError
 from dna_core.overlay.codec import contact_from_proto, contact_to_proto

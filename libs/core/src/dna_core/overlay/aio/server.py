@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+
 from dna_core import __version__
 from dna_core.ops.config import dump_config
 from dna_core.ops.grpc_gate import GrpcGate, ServiceRegistrar
@@ -37,7 +39,6 @@ from dna_core.overlay.records import (
 )
 from dna_core.ratelimit import RateLimiter
 from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2
-from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 
 from .node import NodeConfig, OverlayNode
 from .record_file import RecordFile
