@@ -224,9 +224,16 @@ def test_metrics_count_outcomes_and_holdings(node: NodeProcess) -> None:
     env = seal(ALICE, BOB.public, b"counted", now_ms=now_ms())
     assert call("Put", put_request(env, box)).blob_id == blob_id(env)
     refused(call("Put", put_request(env, box, bits=None)), grpc.StatusCode.PERMISSION_DENIED)
+    elsewhere = put_request(env, mailbox_id(ALICE.fingerprint))  # bob's envelope
+    refused(call("Put", elsewhere), grpc.StatusCode.INVALID_ARGUMENT)
+    future = put_request(env, box)
+    future.version = 2
+    refused(call("Put", future), grpc.StatusCode.INVALID_ARGUMENT)
     text = node.http("/metrics").text
-    assert 'dna_storage_requests_total{method="put",outcome="ok"} 1.0' in text
-    assert 'dna_storage_requests_total{method="put",outcome="pow"} 1.0' in text
+    # each refusal under its own label (its error's kind), none of them under "size"
+    for outcome in ("ok", "pow", "mailbox", "version"):
+        assert f'dna_storage_requests_total{{method="put",outcome="{outcome}"}} 1.0' in text
+    assert 'outcome="size"' not in text
     assert "dna_storage_blobs " in text and "dna_storage_repair_passes_total" in text
 
 

@@ -35,10 +35,9 @@ from dna_storage.admission import (
     RateLimited,
     RateLimiter,
     TokenBucket,
-    rejection_reason,
     source_key,
 )
-from dna_storage.backends.base import Usage
+from dna_storage.backends.base import StorageFullError, Usage
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -645,7 +644,7 @@ def test_every_refusal_leaves_state_unchanged(case: str) -> None:
         refused_put(adm, now)
     assert type(raised.value) is error
     assert snapshot(adm, now) == before
-    assert rejection_reason(raised.value) == case.partition("-")[0]
+    assert raised.value.kind == case.partition("-")[0]  # its metrics label
 
 
 PRECHECKED = {"size", "pow-missing", "pow-low", "rate-ip", "rate-mailbox", "disk"}
@@ -674,15 +673,20 @@ def test_the_precheck_refuses_all_that_needs_no_hash_nor_storage_read(
     assert snapshot(adm, now) == before
 
 
-def test_rejection_reasons_for_metrics() -> None:
-    assert rejection_reason(RateLimited("r", 1.0)) == "rate"
-    assert rejection_reason(PowRequired("p", 12)) == "pow"
-    assert rejection_reason(ExpiredError("e")) == "pow"
-    assert rejection_reason(VerificationError("v")) == "pow"
-    assert rejection_reason(MalformedError("m")) == "size"
-    assert rejection_reason(CapacityError("c")) == "quota"
-    assert rejection_reason(NodeFullError("d")) == "disk"
-    assert rejection_reason(ProtocolError("x")) == "other"
+def test_a_refusal_class_names_its_kind_unless_the_raise_site_does() -> None:
+    """``kind`` is the metrics label (dna_core.errors); the service counts a refused put
+    under it (tests/storage/test_storage_refusal_labels.py)."""
+    assert RateLimited("r", 1.0).kind == "rate"
+    assert PowRequired("p", 12).kind == "pow"
+    assert NodeFullError("d").kind == "disk"
+    assert StorageFullError("s").kind == "disk"
+    assert CapacityError("c").kind == "capacity"
+    assert ExpiredError("e").kind == "expired"
+    assert VerificationError("v").kind == "verification"
+    assert MalformedError("m").kind == "malformed"
+    assert ProtocolError("x").kind == "other"
+    assert MalformedError("m", kind="size").kind == "size"
+    assert MalformedError("m").kind == "malformed"  # an instance's kind is its own
 
 
 def test_a_flood_at_ten_times_the_rate_does_not_spend_other_sources_tokens() -> None:

@@ -3,8 +3,11 @@
 ``ProtocolError`` and its subclasses mean *the other side broke the contract*
 (bytes from the network or a file that do not parse, verify or fit). Every
 decoder in ``dna_core`` either returns a validated object or raises one of these,
-never anything else. Each carries a human ``reason`` and the gRPC status name an
-adapter should answer with.
+never anything else. Each carries a human ``reason``, the gRPC status name an
+adapter should answer with, and a ``kind``: a short stable token naming the refusal, which
+adapters use as a metrics label (``reason`` is for people and varies; a label must not).
+A class gives its default ``kind``; a raise site that knows better passes its own
+(``MalformedError("blob too large: ...", kind="size")``).
 """
 
 from __future__ import annotations
@@ -18,44 +21,54 @@ class ProtocolError(DnaError):
     """Input from elsewhere is invalid; ``reason`` says why. Nothing was changed."""
 
     grpc_code = "INVALID_ARGUMENT"
+    kind = "other"
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, kind: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        if kind is not None:
+            self.kind = kind
 
 
 class MalformedError(ProtocolError):
     """The bytes do not decode: bad encoding, wrong sizes, unknown version, over a cap."""
+
+    kind = "malformed"
 
 
 class VerificationError(ProtocolError):
     """Decodes, but a signature, AEAD tag, fingerprint, key proof or proof of work fails."""
 
     grpc_code = "PERMISSION_DENIED"
+    kind = "verification"
 
 
 class ExpiredError(ProtocolError):
     """Outside its validity window (expired, or timestamped too far in the future)."""
 
     grpc_code = "FAILED_PRECONDITION"
+    kind = "expired"
 
 
 class ReplayError(ProtocolError):
     """Authentic, but already seen: a replay presented as new."""
 
     grpc_code = "ALREADY_EXISTS"
+    kind = "replay"
 
 
 class ConflictError(ProtocolError):
     """Valid, but loses to what is held: a lower sequence number, a name already taken."""
 
     grpc_code = "FAILED_PRECONDITION"
+    kind = "conflict"
 
 
 class CapacityError(ProtocolError):
     """Refused for lack of room or budget (store full, rate or quota exceeded)."""
 
     grpc_code = "RESOURCE_EXHAUSTED"
+    kind = "capacity"
 
 
 class WrongPassphraseError(DnaError):

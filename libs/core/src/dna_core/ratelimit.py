@@ -30,6 +30,8 @@ class RateLimited(CapacityError):  # noqa: N818 (names a status, like the gRPC c
     Adapters answer RESOURCE_EXHAUSTED with the retry-after (rounded up) in the trailers.
     """
 
+    kind = "rate"
+
     def __init__(self, reason: str, retry_after_s: float) -> None:
         super().__init__(reason)
         self.retry_after_s = retry_after_s

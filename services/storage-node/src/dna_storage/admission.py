@@ -7,9 +7,10 @@ adjusts the wall clock) and ``now_ms`` is *wall-clock* milliseconds (a proof of 
 wall-clock timestamp, docs/crypto.md "Proof of work").
 
 `Admission.admit_put` either returns (the put is admitted and its rate tokens are spent) or
-raises one distinct `ProtocolError` per reason, leaving every piece of state as it was:
+raises one distinct `ProtocolError` per reason, leaving every piece of state as it was (the
+last word in each bracket is the error's ``kind``, the service's metrics label):
 
-1. disk high-water  -> `NodeFullError` (RESOURCE_EXHAUSTED; metrics label ``disk``)
+1. disk high-water  -> `NodeFullError` (RESOURCE_EXHAUSTED; ``disk``)
 2. blob size        -> `MalformedError` "blob too large" (INVALID_ARGUMENT; ``size``)
 3. PoW difficulty   -> `PowRequired` with ``required_bits`` (PERMISSION_DENIED; ``pow``)
 4. rate limits      -> `RateLimited` with ``retry_after_s`` (RESOURCE_EXHAUSTED; ``rate``),
@@ -47,9 +48,7 @@ from dna_core.crypto import pow
 from dna_core.crypto.pow import Proof
 from dna_core.errors import (
     CapacityError,
-    ExpiredError,
     MalformedError,
-    ProtocolError,
     VerificationError,
 )
 from dna_core.ratelimit import RateLimited, RateLimiter, TokenBucket, source_key
@@ -67,7 +66,6 @@ __all__ = [
     "RateLimited",
     "RateLimiter",
     "TokenBucket",
-    "rejection_reason",
     "source_key",
 ]
 
@@ -87,6 +85,8 @@ class PowRequired(VerificationError):  # noqa: N818
     ``required_bits`` is the difficulty to solve for on the retry (it rises under load).
     """
 
+    kind = "pow"
+
     def __init__(self, reason: str, required_bits: int) -> None:
         super().__init__(reason)
         self.required_bits = required_bits
@@ -95,20 +95,7 @@ class PowRequired(VerificationError):  # noqa: N818
 class NodeFullError(CapacityError):
     """The node's disk is over its high-water mark: it takes no writes (try another replica)."""
 
-
-def rejection_reason(error: ProtocolError) -> str:
-    """The metrics label of an admission refusal: size, pow, rate, quota, disk (or other)."""
-    if isinstance(error, RateLimited):
-        return "rate"
-    if isinstance(error, NodeFullError):
-        return "disk"
-    if isinstance(error, CapacityError):
-        return "quota"
-    if isinstance(error, VerificationError | ExpiredError):
-        return "pow"
-    if isinstance(error, MalformedError):
-        return "size"
-    return "other"
+    kind = "disk"
 
 
 # --- adaptive proof of work ------------------------------------------------------------------
@@ -204,12 +191,14 @@ class Quota:
         """Raise `CapacityError` unless one more blob of ``new_bytes`` fits the mailbox."""
         if usage_blobs + 1 > self.max_blobs:
             raise CapacityError(
-                f"mailbox quota: holds {usage_blobs} blobs, the limit is {self.max_blobs}"
+                f"mailbox quota: holds {usage_blobs} blobs, the limit is {self.max_blobs}",
+                kind="quota",
             )
         if usage_bytes + new_bytes > self.max_bytes:
             raise CapacityError(
                 f"mailbox quota: {usage_bytes} bytes held + {new_bytes} new "
-                f"is over the limit of {self.max_bytes} bytes"
+                f"is over the limit of {self.max_bytes} bytes",
+                kind="quota",
             )
 
 
@@ -364,7 +353,9 @@ class Admission:
             )
         # 2. Size: an integer comparison.
         if blob_len > c.max_blob_bytes:
-            raise MalformedError(f"blob too large: {blob_len} bytes > {c.max_blob_bytes}")
+            raise MalformedError(
+                f"blob too large: {blob_len} bytes > {c.max_blob_bytes}", kind="size"
+            )
         # 3. The proof's claimed difficulty: an integer comparison, no hashing yet.
         required = self.pow.required(now_s)
         if proof is None or proof.difficulty < required:

@@ -48,7 +48,7 @@ from dna_core.mailbox import (
 from dna_core.ratelimit import grpc_peer_ip
 from dna_core.wire import mailbox_pb2, mailbox_pb2_grpc
 
-from dna_storage.admission import Admission, PowRequired, RateLimited, rejection_reason
+from dna_storage.admission import Admission, PowRequired, RateLimited
 from dna_storage.backends.base import (
     MailboxBackend,
     Page,
@@ -114,7 +114,7 @@ def _cut_by_bytes(page: Page, budget: int) -> tuple[list[StoredBlob], int, bool]
 def _not_stored(outcome: PutOutcome) -> ProtocolError | None:
     """Why an admitted put was still not stored (a duplicate was stored before: fine)."""
     if outcome is PutOutcome.TOMBSTONED:
-        return ConflictError("blob was deleted by its owner")
+        return ConflictError("blob was deleted by its owner", kind="deleted")
     if outcome is PutOutcome.EXPIRED:
         return ExpiredError("blob expired: its proof of work is too old for its TTL")
     return None
@@ -203,7 +203,9 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         SQLite backend commits as one group."""
         now_ms = self.wall_ms()
         if not 1 <= len(request.puts) <= MAX_PUT_BATCH:
-            exc = MalformedError(f"put many: {len(request.puts)} puts, not 1..{MAX_PUT_BATCH}")
+            exc = MalformedError(
+                f"put many: {len(request.puts)} puts, not 1..{MAX_PUT_BATCH}", kind="batch"
+            )
             await self._refuse(context, "put", exc)
         source = peer_ip(context)
         outcomes: list[mailbox_pb2.PutOutcome] = []
@@ -258,7 +260,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
 
     def _refused(self, exc: ProtocolError) -> mailbox_pb2.PutOutcome:
         """A put's refusal inside PutMany: what `_refuse` puts in status and metadata."""
-        self.on_outcome("put", rejection_reason(exc))
+        self.on_outcome("put", exc.kind)
         return mailbox_pb2.PutOutcome(
             code=getattr(grpc.StatusCode, exc.grpc_code).value[0],
             reason=exc.reason,
@@ -268,12 +270,14 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
 
     def _check_put(self, request: mailbox_pb2.PutRequest) -> None:
         if request.version != PUT_VERSION:
-            raise MalformedError(f"put: unknown version {request.version}")
+            raise MalformedError(f"put: unknown version {request.version}", kind="version")
         if len(request.mailbox_id) != 32:
-            raise MalformedError("put: mailbox ID is not 32 bytes")
+            raise MalformedError("put: mailbox ID is not 32 bytes", kind="mailbox")
         envelope = decode_envelope(request.blob)  # cheap: parse and sizes, no crypto
         if mailbox_id(envelope.recipient) != request.mailbox_id:
-            raise MalformedError("put: the envelope is addressed to another mailbox")
+            raise MalformedError(
+                "put: the envelope is addressed to another mailbox", kind="mailbox"
+            )
 
     async def Fetch(  # noqa: N802
         self, request: mailbox_pb2.FetchRequest, context: Ctx
@@ -382,7 +386,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         )  # fmt: skip
 
     async def _refuse(self, context: Ctx, method: str, exc: ProtocolError) -> NoReturn:
-        self.on_outcome(method, rejection_reason(exc) if method == "put" else "refused")
+        self.on_outcome(method, exc.kind if method == "put" else "refused")
         metadata: list[tuple[str, str]] = []
         if isinstance(exc, RateLimited):
             metadata.append(("retry-after-ms", str(_retry_after_ms(exc))))

@@ -38,7 +38,7 @@ class Proof:
     def from_proto(cls, msg: common_pb2.ProofOfWork) -> Proof:
         if msg.difficulty > MAX_DIFFICULTY:
             raise MalformedError(
-                f"proof of work: difficulty {msg.difficulty} over {MAX_DIFFICULTY}"
+                f"proof of work: difficulty {msg.difficulty} over {MAX_DIFFICULTY}", kind="pow"
             )
         return cls(msg.difficulty, msg.timestamp_ms, msg.nonce)
 
@@ -78,16 +78,17 @@ def verify(
     max_age_ms: int = MAX_AGE_MS,
     max_skew_ms: int = MAX_SKEW_MS,
 ) -> None:
-    """Raise unless ``proof`` meets ``required`` bits for this payload and is fresh."""
+    """Raise unless ``proof`` meets ``required`` bits for this payload and is fresh; every
+    refusal is of kind ``pow`` (its class says how it failed)."""
     if proof.difficulty < required:
         raise VerificationError(
-            f"proof of work: difficulty {proof.difficulty} < required {required}"
+            f"proof of work: difficulty {proof.difficulty} < required {required}", kind="pow"
         )
     if proof.timestamp_ms < now_ms - max_age_ms:
-        raise ExpiredError("proof of work: too old")
+        raise ExpiredError("proof of work: too old", kind="pow")
     if proof.timestamp_ms > now_ms + max_skew_ms:
-        raise ExpiredError("proof of work: timestamped in the future")
+        raise ExpiredError("proof of work: timestamped in the future", kind="pow")
     h = _prefix(payload_hash, proof.timestamp_ms)
     h.update(p.u64(proof.nonce))
     if p.leading_zero_bits(h.digest()) < proof.difficulty:
-        raise VerificationError("proof of work: hash does not meet its difficulty")
+        raise VerificationError("proof of work: hash does not meet its difficulty", kind="pow")

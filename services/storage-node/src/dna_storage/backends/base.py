@@ -40,6 +40,8 @@ class StorageFullError(CapacityError):
     """A write found no room: the disk is full (SQLite) or Redis is out of memory or
     refusing writes. The write changed nothing; reads still work (RESOURCE_EXHAUSTED)."""
 
+    kind = "disk"
+
 
 class PutOutcome(enum.Enum):
     STORED = "stored"
