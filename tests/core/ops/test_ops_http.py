@@ -203,8 +203,23 @@ def test_stop_closes_the_port_and_is_idempotent() -> None:
     asyncio.run(main())
 
 
-def test_stop_before_start_is_a_no_op() -> None:
-    asyncio.run(FakeNode().app_server().stop())
+def test_stop_before_start_is_a_no_op(log_stream: io.StringIO) -> None:
+    """Nothing to stop: it says nothing and leaves the server as new, so it starts after."""
+
+    async def main() -> None:
+        server = FakeNode().app_server()
+        await server.stop()
+        with pytest.raises(RuntimeError):
+            _ = server.port  # still not started
+        assert log_stream.getvalue() == ""  # no "ops http stopped" for what never ran
+        await server.start("127.0.0.1", 0)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+                assert (await client.get("/healthz")).status_code == 200
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
 
 
 def test_port_in_use_fails_start() -> None:
