@@ -56,9 +56,9 @@ def test_overlay_bench_quick_runs_ours_and_baselines_and_cleans_up() -> None:
         timeout=120,
         check=False,
     )
-    # Exit status 1 means some of our ops failed (counted in params.failures, e.g. puts that
-    # reached too few replicas under load): still a complete run, which is what this checks.
-    assert done.returncode in (0, 1), done.stderr[-3000:]
+    # Exit status 1 means some of our ops failed (params.failures): on 12 local nodes with
+    # no loss, that is a defect to look at, not a run to accept.
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert "machine" in lines[0]
@@ -76,7 +76,7 @@ def test_overlay_bench_quick_runs_ours_and_baselines_and_cleans_up() -> None:
         assert figure["ratio"] > 0, figure
         params = figure["params"]
         assert set(params["failures"]) == {"ours", "opendht", "kademlia"}, figure
-        assert params["failures"]["ours"] < figure["n"], figure  # most ops went through
+        assert params["failures"]["ours"] == 0, figure  # every op of ours went through
         seen.add((figure["bench"], params["mode"], params["replicas"]))
     assert len(seen) == len(OVERLAY_FIGURES) * 2 * 2  # seq/c32 x 20/8 replicas
     setup = next(line["detail"]["setup"] for line in others if "setup" in line["detail"])
