@@ -21,6 +21,21 @@ def seeded_identity(name: str) -> Identity:
     return Identity(hashlib.shake_256(f"dna-test-identity/{name}".encode()).digest(SEEDS_SIZE))
 
 
+SEED_VARIABLE = "DNA_TEST_SEED"
+
+
+def run_seed(default: int | None = None) -> int:
+    """The seed of a random test run: ``DNA_TEST_SEED`` when set (to replay a run it
+    printed), else ``default`` (a fixed seed), else a fresh random one. The caller prints it."""
+    raw = os.environ.get(SEED_VARIABLE, "").strip()
+    if raw:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{SEED_VARIABLE} must be an integer, got {raw!r}") from None
+    return default if default is not None else random.randrange(1 << 30)
+
+
 def single_byte_tampers(data: bytes, *, limit: int | None = None, seed: int = 0) -> Iterator[bytes]:
     """Every copy of ``data`` with one byte changed (XOR 0x01 and, for variety, a random
     nonzero mask), or ``limit`` positions sampled with ``seed`` when given."""

@@ -1,6 +1,9 @@
 """SIGKILL storage nodes in a loop while a client writes, then check every
 acknowledged write (Jepsen's set-full idea): each is classified present or lost,
-and lost must be 0; every SQLite file passes `PRAGMA integrity_check`."""
+and lost must be 0; every SQLite file passes `PRAGMA integrity_check`.
+
+Which node is killed when is drawn from a seed, printed first and in every failure;
+``DNA_TEST_SEED=N`` replays that sequence of victims (the timing is the wall clock's)."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from cluster import (
 )
 from dna_core.crypto import seal
 from dna_core.mailbox.client import MailboxClient, QuorumError
-from support import seeded_identity
+from support import run_seed, seeded_identity
 
 STORAGE = 6
 WRITE_SECONDS = 12.0
@@ -60,33 +63,37 @@ async def _write(acked: dict[bytes, bytes], attempted: list[int]) -> None:
     await client.stop()
 
 
-async def _kill_loop(stores: list[NodeProcess], rng: random.Random) -> int:
-    kills = 0
+async def _kill_loop(stores: list[NodeProcess], rng: random.Random) -> list[str]:
+    """Kill and restart one store every KILL_EVERY_S; the victims, in order."""
+    victims: list[str] = []
     deadline = time.monotonic() + WRITE_SECONDS
     while time.monotonic() < deadline:
         await asyncio.sleep(KILL_EVERY_S)
         victim = rng.choice(stores)
         victim.kill()
-        kills += 1
+        victims.append(victim.name)
         await asyncio.sleep(0.3)
         victim.start()  # same key and data: it comes back, possibly mid-write
-    return kills
+    return victims
 
 
 def test_no_acknowledged_write_is_lost_under_sigkill_loop(network: list[NodeProcess]) -> None:
     stores = [n for n in network if n.role == "storage"]
     acked: dict[bytes, bytes] = {}
     attempted = [0]
-    seed = random.randrange(1 << 30)
-    print(f"chaos seed {seed}")
+    seed = run_seed()
+    replay = f"chaos seed {seed} (replay: DNA_TEST_SEED={seed})"
+    print(replay)
 
-    async def chaos() -> int:
-        kills, _ = await asyncio.gather(
+    async def chaos() -> list[str]:
+        victims, _ = await asyncio.gather(
             _kill_loop(stores, random.Random(seed)), _write(acked, attempted)
         )
-        return kills
+        return victims
 
-    kills = asyncio.run(chaos())
+    victims = asyncio.run(chaos())
+    kills = len(victims)
+    print(f"killed in turn: {' '.join(victims)}")
     wait_ready(stores)
 
     async def check() -> dict[str, int]:
@@ -104,8 +111,8 @@ def test_no_acknowledged_write_is_lost_under_sigkill_loop(network: list[NodeProc
 
     verdict = asyncio.run(check())
     print(f"{kills} kills, {attempted[0]} writes attempted, {len(acked)} acknowledged: {verdict}")
-    assert kills >= 5 and len(acked) >= 20
-    assert verdict["lost"] == 0, verdict
+    assert kills >= 5 and len(acked) >= 20, replay
+    assert verdict["lost"] == 0, (verdict, replay)
 
     for store in stores:
         try:

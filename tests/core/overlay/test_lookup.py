@@ -8,7 +8,6 @@ the network tests on another seed.
 
 from __future__ import annotations
 
-import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -28,8 +27,9 @@ from dna_core.overlay.lookup import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import run_seed
 
-NET_SEED = int(os.environ.get("DNA_TEST_SEED", "20260611"))  # printed in failures
+NET_SEED = run_seed(20260611)  # printed in failures; DNA_TEST_SEED=N runs another
 NODES = 300
 K = 20
 ALPHA = 3

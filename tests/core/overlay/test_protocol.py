@@ -13,7 +13,6 @@ import random
 
 import pytest
 from dna_core.crypto.node import NodeIdentity, puzzle_bits
-from dna_core.errors import ProtocolError
 from dna_core.overlay.codec import (
     MAX_DATAGRAM,
     Datagram,
