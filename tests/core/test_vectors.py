@@ -18,6 +18,7 @@ from dna_core.crypto.kem import _combine
 from dna_core.crypto.node import NodeIdentity, puzzle_bits
 from dna_core.crypto.pow import Proof, verify
 from dna_core.crypto.primitives import ED25519_SIGNATURE, ML_DSA_65_SIGNATURE
+from dna_core.errors import VerificationError
 
 V: dict[str, Any] = json.loads((Path(__file__).parent / "vectors" / "v1.json").read_text())
 NOW = V["now_ms"]
@@ -90,7 +91,11 @@ def test_committed_key_file_unlocks(alice: Identity) -> None:
 def test_committed_proof_of_work_verifies() -> None:
     w = V["pow"]
     proof = Proof(w["difficulty"], w["timestamp_ms"], w["nonce"])
-    verify(proof, bytes.fromhex(w["payload_hash"]), required=w["difficulty"], now_ms=NOW)
+    payload_hash = bytes.fromhex(w["payload_hash"])
+    verify(proof, payload_hash, required=w["difficulty"], now_ms=NOW)
+    # bound to its payload: the same proof for another hash is refused
+    with pytest.raises(VerificationError):
+        verify(proof, bytes(32), required=w["difficulty"], now_ms=NOW)
 
 
 def test_node_identity() -> None:

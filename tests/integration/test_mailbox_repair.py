@@ -103,6 +103,7 @@ def test_a_mailbox_over_the_grpc_message_limit_is_repaired(network: list[NodePro
         client = await _client()
         mail = MailboxClient(client, pow_bits=8)
         replicas = await mail.storage_nodes(box, 5)
+        assert len(replicas) == 5  # else "every replica whole" holds of fewer than 5
         sent = set()
         for i in range(25):
             payload = bytes([i]) * 188_000

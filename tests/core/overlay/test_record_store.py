@@ -502,10 +502,9 @@ def test_replacing_with_a_larger_record_respects_the_byte_limit(alice: Identity)
     big = presence_rec(alice, seq=2, padding=4000)
     keys = all_keys(alice)
     before = snapshot(s, keys)
-    try:
+    with pytest.raises(CapacityError):  # it cannot fit even alone: refused, not swapped in
         s.put(big, NOW)
-    except CapacityError:
-        assert snapshot(s, keys) == before
+    assert snapshot(s, keys) == before
     assert s.bytes_held <= s.max_bytes, f"{s.bytes_held} bytes held, cap {s.max_bytes}"
 
 
