@@ -294,6 +294,7 @@ def test_puts_in_flight_to_one_node_travel_together_and_all_land(
         assert sum(batches) == client.replicas * 25  # every replica write, once
         assert len(batches) < client.replicas * 25 / 3, batches  # in few calls
         replicas = (await client.candidates(mailbox_id(bob.fingerprint)))[: client.replicas]
+        assert len(replicas) == client.replicas  # else the loop below proves less
         for replica in replicas:
             held = await held_by(client.node, bob, replica, strict=True)
             assert {r.blob_id for r in results} <= set(held)

@@ -95,6 +95,7 @@ def test_a_node_outside_the_replica_set_can_neither_read_nor_fill_a_mailbox(
         env = seal(ALICE, BOB.public, b"for bob only", now_ms=time.time_ns() // 10**6)
         sent = (await mail.put(BOB.fingerprint, env)).blob_id
         replicas = await mail.storage_nodes(BOX, 5)
+        assert len(replicas) == 5  # each must refuse the outsider below
 
         node = await outsider(network)
         assert node.contact is not None
