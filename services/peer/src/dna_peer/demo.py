@@ -26,6 +26,7 @@ from dna_core.crypto import (
 )
 from dna_core.crypto.primitives import sha256
 from dna_core.errors import ProtocolError
+from dna_core.overlay import record_key
 from dna_core.wire import common_pb2, envelope_pb2, records_pb2
 
 T = TypeVar("T")
@@ -85,7 +86,7 @@ def run_demo(*, as_json: bool = False) -> None:
         lambda: sign_record(
             alice,
             kind=common_pb2.RECORD_KIND_IDENTITY,
-            key=sha256(b"dna/v1/identity", alice.fingerprint),
+            key=record_key(common_pb2.RECORD_KIND_IDENTITY, alice.fingerprint),
             seq=1,
             now_ms=_now_ms(),
             ttl_ms=86_400_000,

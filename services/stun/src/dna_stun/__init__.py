@@ -1,1 +1,3 @@
-"""dna_stun: STUN binding (RFC 8489) and TURN relay (RFC 8656) service."""
+"""dna_stun: the STUN binding (RFC 8489) and TURN relay (RFC 8656) service to come.
+
+Today it serves nothing: ``dna-stun keygen`` mints a node key, like every service's CLI."""

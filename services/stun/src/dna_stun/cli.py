@@ -8,5 +8,7 @@ from dna_core.ops.cli import run, service_parser
 
 
 def main() -> None:
-    parser, _ = service_parser("dna-stun", "STUN/TURN relay of the DNA network.")
+    parser, _ = service_parser(
+        "dna-stun", "STUN/TURN relay of the DNA network (not served yet: node keys only)."
+    )
     sys.exit(run(parser))
