@@ -1,5 +1,5 @@
 # Entry points. Each target bootstraps what it needs (uv, the locked env, system packages).
-.PHONY: bootstrap demo test lint types unit bench protos clean
+.PHONY: bootstrap demo test check lint types unit fast bench protos clean
 
 # scripts/bootstrap.sh prints the uv to use, or nothing when it failed: then stop here
 # rather than run the recipe with an empty command.
@@ -17,6 +17,10 @@ demo:
 test:
 	$(MAKE) --no-print-directory lint types unit UV=$(UV_TEST)
 
+## make check: the fast inner loop: lint, types and the tests that start no process
+check:
+	$(MAKE) --no-print-directory lint types fast UV=$(UV)
+
 lint:
 	$(UV) run --locked ruff check .
 	$(UV) run --locked ruff format --check .
@@ -26,6 +30,11 @@ types:
 
 unit:
 	$(UV) run --locked pytest
+
+# Unit, property and in-process tests: every test not marked `process` (tests/process_mark.py
+# keeps the mark true: a test that starts a process unmarked fails).
+fast:
+	$(UV) run --locked pytest -q -m "not process and not slow"
 
 ## make bench: every benchmark (JSON lines, see shared BENCH.md)
 bench:

@@ -15,6 +15,7 @@ from dna_core.overlay.aio import OverlayNode
 from dna_core.overlay.contact import Contact
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 from dna_testnet.network import GRPC_PORT, UDP_PORT, LocalNode, client_node, wait_ready
+from process_mark import starts_processes
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -85,6 +86,7 @@ def storage_network_fixture(
     """A module-scoped ``network`` fixture: ``storage_network`` running for the module."""
 
     @pytest.fixture(scope="module")
+    @starts_processes
     def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[LocalNode]]:
         root = tmp_path_factory.mktemp(name)
         with running(storage_network(root, first, storage, extra_toml)) as nodes:

@@ -1,11 +1,30 @@
-"""Session fixtures: deterministic identities (seeded), so failures replay."""
+"""Session fixtures: deterministic identities (seeded), so failures replay. And the
+``process`` mark, kept true by tests/process_mark.py: set from the fixtures a test uses,
+enforced by refusing to start a process in a test that is not marked."""
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
+import process_mark
 import pytest
 from dna_core.crypto import Identity
 from hypothesis import Phase, settings
 from support import seeded_identity
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    process_mark.install()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    process_mark.mark_process_tests(items)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    with process_mark.guard(item):
+        return (yield)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.process  # every test runs a benchmark as a process
+
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = {"bench", "unit", "ours", "baseline", "ratio", "n", "params"}
 FIGURES = {"crypto.seal", "crypto.open", "crypto.sign", "crypto.verify", "crypto.pow_verify"}

@@ -25,6 +25,7 @@ from cluster import (
 )
 from dna_core.crypto import seal
 from dna_core.mailbox.client import MailboxClient, QuorumError
+from process_mark import starts_processes
 from support import run_seed, seeded_identity
 
 STORAGE = 6
@@ -35,6 +36,7 @@ BOBS = [seeded_identity(f"chaos-bob-{i}") for i in range(4)]
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProcess]]:
     root = tmp_path_factory.mktemp("chaos")
     nodes = storage_network(

@@ -24,6 +24,7 @@ from dna_core.mailbox import mailbox_id
 from dna_core.mailbox.client import MailboxClient
 from dna_core.overlay.aio import OverlayNode
 from dna_core.overlay.contact import Contact
+from process_mark import starts_processes
 from support import seeded_identity
 
 STORAGE = 7
@@ -32,6 +33,7 @@ ALICE, BOB = seeded_identity("repair-alice"), seeded_identity("repair-bob")
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProcess]]:
     root = tmp_path_factory.mktemp("repair")
     nodes = storage_network(

@@ -20,6 +20,7 @@ from cluster import wait_ready as wait_all_ready
 from dna_core.crypto import seal
 from dna_core.mailbox import mailbox_id
 from dna_core.mailbox.client import MailboxClient
+from process_mark import starts_processes
 from support import seeded_identity
 
 FIRST_IP = 191
@@ -40,6 +41,7 @@ ALICE, ERIN = seeded_identity("scale-alice"), seeded_identity("scale-erin")
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProcess]]:
     root = tmp_path_factory.mktemp("scale")
     with running(storage_network(root, FIRST_IP, 6, TOML)) as nodes:

@@ -17,6 +17,7 @@ from cluster import UDP_PORT, NodeProcess, client_node, running, storage_network
 from dna_core.crypto import seal
 from dna_core.mailbox.client import MailboxClient, QuorumError
 from dna_core.mailbox.ids import blob_id, mailbox_id
+from process_mark import starts_processes
 from support import seeded_identity
 
 T = TypeVar("T")
@@ -30,6 +31,7 @@ def now_ms() -> int:
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProcess]]:
     root = tmp_path_factory.mktemp("replication")
     nodes = storage_network(root, 80, STORAGE, "[admission]\npow_base_bits = 8\n")

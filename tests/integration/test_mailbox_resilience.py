@@ -28,6 +28,7 @@ from dna_core.crypto import Identity, seal
 from dna_core.mailbox import mailbox_id
 from dna_core.mailbox.client import MailboxClient
 from dna_core.overlay.contact import Contact
+from process_mark import starts_processes
 from support import seeded_identity
 
 STORAGE = 10
@@ -41,6 +42,7 @@ STORAGE_TOML = (
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProcess]]:
     root = tmp_path_factory.mktemp("resilience")
     nodes = storage_network(root, 140, STORAGE, STORAGE_TOML)

@@ -37,6 +37,7 @@ from dna_core.overlay.aio.node import NodeConfig
 from dna_core.overlay.contact import distance
 from dna_core.wire.gen.dna.v1 import common_pb2, mailbox_pb2, mailbox_pb2_grpc
 from dna_storage.replication import sign_proof
+from process_mark import starts_processes
 from support import seeded_identity
 
 FIRST_IP = 161
@@ -46,6 +47,7 @@ BOX = mailbox_id(BOB.fingerprint)
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProcess]]:
     root = tmp_path_factory.mktemp("syncauth")
     with running(storage_network(root, FIRST_IP, 7, FAST_REPAIR)) as nodes:

@@ -21,6 +21,7 @@ from dna_testnet.network import HTTP_PORT
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from grpc_health.v1 import health_pb2  # type: ignore[import-untyped]
 from grpc_reflection.v1alpha import reflection_pb2  # type: ignore[import-untyped]
+from process_mark import starts_processes
 
 IP = "127.0.0.71"
 FLOODER = "127.0.0.72"  # one source address opening many idle connections
@@ -47,6 +48,7 @@ GARBAGE = {
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     root = tmp_path_factory.mktemp("hardening")
     proc = NodeProcess("storage", IP, root, [], command="dna-storage-node", extra_toml=LIMITS)
@@ -213,6 +215,7 @@ REDIS_PASSWORD = "hunter2-not-for-logs"
 
 
 @pytest.fixture
+@starts_processes
 def redis_with_password(tmp_path: Path) -> Iterator[str]:
     """A real redis-server that requires a password; yields the URL carrying it."""
     with socket.socket() as s:

@@ -8,11 +8,13 @@ from collections.abc import Iterator
 
 import pytest
 from cluster import NodeProcess, scrape, wait_ready
+from process_mark import starts_processes
 
 IP = "127.0.0.76"
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     proc = NodeProcess(
         "storage", IP, tmp_path_factory.mktemp("operator"), [], command="dna-storage-node"

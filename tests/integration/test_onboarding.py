@@ -9,7 +9,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 from support import BIN
+
+pytestmark = pytest.mark.process  # every test runs make or a fresh-machine script
 
 ROOT = Path(__file__).resolve().parents[2]
 SHELL_WORDS = {"make", "export", ".", "source", "cd", "git"}

@@ -19,12 +19,14 @@ from dna_core.overlay.aio import NodeConfig, OverlayNode
 from dna_core.overlay.codec import Datagram, FindNode, Nodes, decode_datagram, encode_datagram
 from dna_core.overlay.records import identity_payload, record_key
 from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
+from process_mark import starts_processes
 from support import seeded_identity
 
 IP = "127.0.0.60"
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     proc = NodeProcess("target", IP, tmp_path_factory.mktemp("bad"), [])
     proc.start()

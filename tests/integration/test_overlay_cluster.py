@@ -19,6 +19,7 @@ from dna_core.crypto import Identity, sign_record
 from dna_core.overlay.aio import OverlayNode
 from dna_core.overlay.records import identity_payload, record_key
 from dna_core.wire.gen.dna.v1 import common_pb2
+from process_mark import starts_processes
 from support import seeded_identity
 
 T = TypeVar("T")
@@ -27,6 +28,7 @@ IDENTITY = common_pb2.RECORD_KIND_IDENTITY
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProcess]]:
     nodes = make_cluster(tmp_path_factory.mktemp("cluster"), NODES)
     with running(nodes):

@@ -14,9 +14,12 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from dna_core.overlay.aio.server import OverlayServiceConfig, RecordsSection
 from dna_storage.node import StorageNodeConfig, StorageSection
 from dna_testnet.network import BIN
+
+pytestmark = pytest.mark.process  # every test starts nodes
 
 
 def _start(command: str, prefix: str, cwd: Path, port: int) -> subprocess.Popen[bytes]:

@@ -16,10 +16,13 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
+import pytest
 from cluster import GRPC_PORT, NodeProcess, sample_value, scrape, wait_ready
 from dna_core.crypto import Identity, sign_record
 from dna_core.overlay.records import identity_payload, record_key
 from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
+
+pytestmark = pytest.mark.process  # every test starts nodes
 
 IDENTITY = common_pb2.RECORD_KIND_IDENTITY
 POW_BITS = 4  # the nodes below require this much of identity records (kept small for speed)

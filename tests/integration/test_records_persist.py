@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from dna_core.crypto import Identity
 from dna_peer import keyserver
 from dna_peer.profile import Profile
 from dna_testnet.network import Testnet, client_node
 from peers import PASSPHRASE, People
+
+pytestmark = pytest.mark.process  # every test starts nodes
 
 NAME = "persisted-alice"
 

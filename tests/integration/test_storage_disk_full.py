@@ -19,6 +19,7 @@ from cluster import GRPC_PORT, NodeProcess, wait_ready
 from dna_core.crypto import pow, seal
 from dna_core.mailbox import mailbox_id, put_pow_hash, sign_fetch
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
+from process_mark import starts_processes
 from support import seeded_identity
 
 IP = "127.0.0.74"
@@ -37,6 +38,7 @@ def now_ms() -> int:
 
 
 @pytest.fixture
+@starts_processes
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     mount = tmp_path / "disk"
     mount.mkdir()

@@ -18,6 +18,7 @@ from cluster import GRPC_PORT, NodeProcess, wait_ready
 from dna_core.crypto import Identity, ReplayGuard, open_envelope, pow, seal
 from dna_core.mailbox import blob_id, mailbox_id, put_pow_hash, sign_delete, sign_fetch
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
+from process_mark import starts_processes
 from support import seeded_identity
 
 IP = "127.0.0.70"
@@ -37,6 +38,7 @@ def now_ms() -> int:
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     root = tmp_path_factory.mktemp("storage")
     proc = NodeProcess(
@@ -237,6 +239,7 @@ def test_metrics_count_outcomes_and_holdings(node: NodeProcess) -> None:
     assert "dna_storage_blobs " in text and "dna_storage_repair_passes_total" in text
 
 
+@pytest.mark.process  # starts a process itself
 def test_over_the_disk_high_water_mark_the_node_is_unready_and_refuses_writes(
     tmp_path: Path,
 ) -> None:

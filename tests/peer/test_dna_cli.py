@@ -11,11 +11,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from dna_core.crypto import PublicKeySet
 from dna_peer.armor import dearmor
 from dna_peer.cli import build_parser
 from dna_testnet.network import Testnet
 from support import BIN, on_a_terminal, run_script
+
+pytestmark = pytest.mark.process  # every test runs the dna command
 
 PASS = {"DNA_PASSPHRASE": "correct horse"}
 

@@ -9,9 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from dna_peer.link import new_code
 from dna_testnet.network import Testnet
 from support import run_script
+
+pytestmark = pytest.mark.process  # every test runs the dna command
 
 
 def dna(home: Path, *args: str, net: Testnet | None = None) -> subprocess.CompletedProcess[str]:

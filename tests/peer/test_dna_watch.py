@@ -13,8 +13,11 @@ import time
 from pathlib import Path
 from typing import IO
 
+import pytest
 from dna_testnet.network import Testnet
 from support import BIN, run_script
+
+pytestmark = pytest.mark.process  # every test runs the dna command
 
 PASS = {"DNA_PASSPHRASE": "correct horse"}
 

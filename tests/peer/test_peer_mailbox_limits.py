@@ -23,6 +23,7 @@ from dna_peer.inbox import Inbox
 from dna_peer.keyserver import now_ms
 from dna_peer.peer import Peer
 from peers import PASSPHRASE, People
+from process_mark import starts_processes
 
 FIRST_IP = 60
 QUOTA = MAX_DELETE_IDS + 50  # more than one delete request may name
@@ -35,6 +36,7 @@ TOML = (
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProcess]]:
     root = tmp_path_factory.mktemp("limits")
     with running(storage_network(root, FIRST_IP, 5, TOML)) as nodes:

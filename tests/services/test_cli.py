@@ -9,6 +9,8 @@ import pytest
 from dna_core.crypto.node import puzzle_bits
 from support import run_script
 
+pytestmark = pytest.mark.process  # every test runs a service's command
+
 
 @pytest.mark.parametrize("service", ["dna-bootstrap", "dna-storage-node", "dna-stun"])
 def test_service_keygen_mints_a_puzzle_solving_key(service: str, tmp_path: Path) -> None:

@@ -19,6 +19,8 @@ from dna_storage.cli import ENV_PREFIX as STORAGE_ENV
 from dna_storage.node import StorageNodeConfig
 from support import BIN, run_script
 
+pytestmark = pytest.mark.process  # every test runs a service's command
+
 SERVICES = [
     ("dna-bootstrap", OverlayServiceConfig, BOOTSTRAP_ENV),
     ("dna-storage-node", StorageNodeConfig, STORAGE_ENV),

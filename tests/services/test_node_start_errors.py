@@ -13,6 +13,8 @@ import pytest
 from cluster import NodeProcess, wait_ready
 from support import run_script
 
+pytestmark = pytest.mark.process  # every test starts a node process
+
 IP = "127.0.0.81"
 
 

@@ -10,6 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+pytestmark = pytest.mark.process  # every test runs dna-sim
+
 BIN = Path(sys.executable).parent
 ARGS = ("--nodes", "200", "--lookups", "60", "--seed", "3", "--crash", "0.1", "--quiet")
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import redis
+from process_mark import starts_processes
 from storage.storage_harness import Stores
 
-KINDS = ["sqlite", "redis"]
 REDIS_SERVER = "/usr/bin/redis-server"
 
 
@@ -77,6 +77,7 @@ def _wait_for_ping(proc: subprocess.Popen[bytes], url: str) -> bool:
 
 
 @pytest.fixture(scope="session")
+@starts_processes
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc, url = _start_redis(tmp_path_factory.mktemp("redis"))
     yield url
@@ -95,7 +96,8 @@ def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stores]:
     s.close()
 
 
-@pytest.fixture(params=KINDS)
+# The redis kind starts the session's redis-server (redis_url): a process test.
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.process)])
 def kind(request: pytest.FixtureRequest) -> str:
     """Which backend a contract test runs against (every contract test runs on both)."""
     value: str = request.param

@@ -336,6 +336,7 @@ def test_digests_and_range_filtering(stores: Stores, kind: str) -> None:
     run_scenario(stores, kind, scenario)
 
 
+@pytest.mark.usefixtures("redis_url")  # opens a Redis backend: the session's redis-server
 def test_digest_equal_across_backends(stores: Stores) -> None:
     async def main() -> None:
         sqlite, redis = await stores.open("sqlite"), await stores.open("redis")

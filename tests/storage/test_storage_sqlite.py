@@ -197,6 +197,7 @@ async def _all_present(db: Path, acked: set[tuple[str, str]]) -> None:
         await b.close()
 
 
+@pytest.mark.process  # starts a process itself
 def test_sigkill_loses_no_acknowledged_blob(tmp_path: Path) -> None:
     """Kill the writer mid-run three times: integrity holds and every acked blob is there."""
     db = tmp_path / "crash.db"

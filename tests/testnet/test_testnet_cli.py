@@ -10,7 +10,10 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from support import BIN, on_a_terminal
+
+pytestmark = pytest.mark.process  # every test runs dna-testnet
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

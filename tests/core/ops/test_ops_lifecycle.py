@@ -53,6 +53,7 @@ def start_node(*args: str) -> subprocess.Popen[str]:
     return proc
 
 
+@pytest.mark.process  # starts a process itself
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_runs_stop_then_exits_zero(sig: signal.Signals) -> None:
     proc = start_node()
@@ -64,6 +65,7 @@ def test_signal_runs_stop_then_exits_zero(sig: signal.Signals) -> None:
     assert {"msg": "shutdown requested", "signal": sig.name}.items() <= logged[0].items()
 
 
+@pytest.mark.process  # starts a process itself
 def test_second_signal_kills_a_hanging_stop() -> None:
     proc = start_node("hang")
     assert proc.stdout is not None
