@@ -27,6 +27,18 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object
         return (yield)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    with process_mark.watch(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    with process_mark.watch(item):
+        return (yield)
+
+
 @pytest.fixture(scope="session")
 def alice() -> Identity:
     return seeded_identity("alice")

@@ -10,8 +10,10 @@ decides what the fast loop covers. It comes from where processes are started:
   ``pytestmark``).
 
 A test that starts a process without the mark fails (`guard`): ``subprocess``, ``os.fork``,
-``os.posix_spawn`` and the like refuse, with a message saying what to mark. So a new test
-cannot slip a process into `make check`, and the mark never claims less than the truth.
+``os.posix_spawn`` and the like refuse, with a message saying what to mark; and a process
+started by native code (protoc runs its plugins so) is seen afterwards, as a child this
+process reaped or still has (`watch`). So a new test cannot slip a process into
+`make check`, and the mark never claims less than the truth.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from __future__ import annotations
 import _posixsubprocess
 import contextlib
 import os
+import resource
 import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -87,6 +91,41 @@ def guard(item: pytest.Item) -> Iterator[None]:
         yield
     finally:
         _unmarked.pop()
+
+
+@contextlib.contextmanager
+def watch(item: pytest.Item) -> Iterator[None]:
+    """Around an unmarked test's setup or call: fail it if it started a process the
+    spawners did not see. (Not around teardown: tearing down a session fixture, such as
+    the redis-server, reaps a child during whichever test happens to run last.)"""
+    if item.get_closest_marker("process"):
+        yield
+        return
+    with no_new_children(item.nodeid):
+        yield
+
+
+@contextlib.contextmanager
+def no_new_children(nodeid: str) -> Iterator[None]:
+    before = _children_seen()
+    yield
+    if _children_seen() != before:
+        pytest.fail(
+            f"{nodeid} started a process (from native code: a child was reaped or is "
+            "still running) but is not marked `process`: mark it @pytest.mark.process",
+            pytrace=False,
+        )
+
+
+def _children_seen() -> tuple[object, ...]:
+    """What changes whenever this process gains a child: the resource use of the children
+    it reaped (a reaped process adds page faults at least) and the ones still running."""
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    running: list[int] = []
+    for task in Path("/proc/self/task").iterdir():  # children are listed per thread
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            running += map(int, (task / "children").read_text().split())
+    return (reaped.ru_minflt, reaped.ru_utime, reaped.ru_stime, sorted(running))
 
 
 def _refusing(spawn: Callable[..., Any], name: str) -> Callable[..., Any]:

@@ -4,11 +4,12 @@ enforced, so `make check` (``-m "not process"``) never starts a process."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import subprocess
 
 import pytest
-from process_mark import starts_processes
+from process_mark import no_new_children, starts_processes
 
 
 @pytest.fixture
@@ -52,3 +53,15 @@ def test_an_unmarked_test_may_not_start_a_process(request: pytest.FixtureRequest
 @pytest.mark.process
 def test_a_marked_test_may() -> None:
     assert subprocess.run(["true"], check=False).returncode == 0
+
+
+@pytest.mark.process  # it starts one, to see it noticed
+def test_a_process_started_by_native_code_is_noticed_afterwards() -> None:
+    libc = ctypes.CDLL(None)  # system(3) forks in C: no Python spawner is called
+    with (
+        pytest.raises(pytest.fail.Exception, match="from native code"),
+        no_new_children("a test"),
+    ):
+        assert libc.system(b"true") == 0
+    with no_new_children("a test"):  # and nothing is reported when nothing was started
+        pass

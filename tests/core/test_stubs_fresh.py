@@ -6,6 +6,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -26,6 +28,7 @@ def _sources(root: Path) -> dict[Path, bytes]:
     }
 
 
+@pytest.mark.process  # protoc runs its mypy plugins as processes (from native code)
 def test_committed_stubs_match_the_protos(tmp_path: Path) -> None:
     gen = _generator()
     gen.generate(tmp_path)  # type: ignore[attr-defined]
