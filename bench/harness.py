@@ -45,7 +45,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Literal, TypeVar
@@ -74,6 +74,11 @@ DRIFT_MIN_OPS = 100  # fewer successful ops: no first/last-tenth ops/s in a figu
 DEFAULT_RCVBUF = 4 * 1024 * 1024
 
 _machine_printed = False
+
+# Objects that must never be destroyed, as their destructor would hang (an OpenDHT runner
+# that could not be joined joins in its destructor, holding the GIL): with any here, a
+# benchmark command leaves through os._exit rather than a normal interpreter exit.
+KEPT_ALIVE: list[Any] = []
 
 
 # ---------------------------------------------------------------------------- output
@@ -246,8 +251,8 @@ def scratch_dir(bench: str) -> Iterator[Path]:
 
 def run_main(name: str, bench: Callable[[], Coroutine[Any, Any, int]], watchdog_s: float) -> int:
     """Run a benchmark's coroutine as a CLI: SIGTERM and Ctrl-C cancel it (so its clean-ups
-    run), a wedged run dumps every stack after ``watchdog_s`` and exits, and OpenDHT runners
-    that could not be joined are never destroyed (their destructor joins holding the GIL)."""
+    run), a wedged run dumps every stack after ``watchdog_s`` and exits, and what is in
+    ``KEPT_ALIVE`` is never destroyed."""
 
     async def cancellable() -> int:
         task = asyncio.current_task()
@@ -263,8 +268,7 @@ def run_main(name: str, bench: Callable[[], Coroutine[Any, Any, int]], watchdog_
         status = 130
     finally:
         faulthandler.cancel_dump_traceback_later()
-    opendht = sys.modules.get("bench.baselines.opendht_net")
-    if opendht is not None and getattr(opendht, "_STUCK", None):
+    if KEPT_ALIVE:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
@@ -1006,15 +1010,6 @@ class BaselineRun:
     converge_s: float
     figures: tuple[Figure, ...]
     setup: dict[str, Any] = field(default_factory=dict)
-
-    def figure(self, op: str, mode: str) -> Figure:
-        for fig in self.figures:
-            if fig.op == op and fig.mode == mode:
-                return fig
-        raise KeyError((op, mode))
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def network_arg_parser(description: str) -> argparse.ArgumentParser:

@@ -66,10 +66,6 @@ Done = Callable[[bool], None]
 Issue = Callable[[int, Done], None]
 NativeDone = Callable[[bool, object], None]  # the binding's done callback: (ok, nodes)
 
-# Runners that could not be shut down cleanly: kept alive so that their destructor (which
-# joins, holding the GIL) never runs while one of their callbacks is still due.
-_STUCK: list[Any] = []
-
 
 # ---------------------------------------------------------------------------- batches
 
@@ -226,7 +222,9 @@ class OpenDhtNet(LoopbackNet[Item]):
         return [r.getRoutingTablesLog(AF_INET).count("    Node ") for r in self.nodes]
 
     async def close(self, timeout_s: float = 8.0) -> None:
-        """Shut every node down and join it; one that cannot be is kept alive (``_STUCK``)."""
+        """Shut every node down and join it. One that cannot be is kept alive
+        (``harness.KEPT_ALIVE``), so that its destructor (which joins, holding the GIL)
+        never runs while one of its callbacks is still due."""
         if self.nodes:
             await asyncio.to_thread(self._close_runners, timeout_s)
 
@@ -246,7 +244,7 @@ class OpenDhtNet(LoopbackNet[Item]):
             if event.wait(deadline.remaining()) and not self._pending.due(runner):
                 runner.join()
             else:
-                _STUCK.append(runner)
+                harness.KEPT_ALIVE.append(runner)
                 stuck += 1
         if stuck:
             print(
