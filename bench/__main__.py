@@ -1,7 +1,7 @@
 """``python -m bench``: run every benchmark module in turn (``make bench``).
 
 Arguments are passed to each module unchanged, so only the options every module
-shares (``--rounds``, ``--n``, ``--quick``; see ``bench.common.arg_parser``) belong here.
+shares (``--rounds``, ``--n``, ``--quick``; see ``bench.harness.arg_parser``) belong here.
 The machine line is printed once, before the first figure.
 """
 

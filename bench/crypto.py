@@ -4,7 +4,7 @@
 
 Each figure runs our function and a baseline that makes the same primitive calls
 directly, with the same keys and the same input sizes, taking turns every few calls
-within each round (see ``bench.common.measure``). The baseline is what a minimal
+within each round (see ``bench.harness.measure``). The baseline is what a minimal
 hand-written implementation must pay: besides the listed calls it serializes the
 ephemeral X25519 key (seal), parses the received one (open) and joins the signature
 into the plaintext, but has no protobuf, headers, replay guard or checks.
@@ -43,14 +43,14 @@ from dna_core.crypto import primitives as p
 from dna_core.crypto.envelope import ReplayGuard
 from dna_core.crypto.keys import SEEDS_SIZE, Identity, PublicKeySet
 
-from bench import common
+from bench import harness
 
 PAYLOAD_SIZE = 256
 POW_DIFFICULTY = 16
 SIGN_DOMAIN = b"bench"
 CRYPTOGRAPHY = "cryptography"  # the baseline's name in the JSON lines
 SHA256 = "hashlib.sha256"
-Op = common.Op
+Op = harness.Op
 
 # Operations per round: (default, --quick). Sized for a ~35 s default run on 2 cores.
 # Seal and sign get the most calls: ML-DSA signing is hedged and rejection-sampled, so one
@@ -93,7 +93,7 @@ class Fixture:
 
 def make_fixture() -> Fixture:
     sender, recipient = seeded_identity("alice"), seeded_identity("bob")
-    now_ms = int(time.time() * 1000)
+    now_ms = harness.now_ms()
     payload = _filler(PAYLOAD_SIZE, b"payload")
     env = envelope.seal(sender, recipient.public, payload, now_ms=now_ms)
     # Sizes of what the suite feeds its primitives (private helpers: the exact layouts).
@@ -266,19 +266,19 @@ BUILDERS: tuple[Callable[[Fixture], dict[str, Figure]], ...] = (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = common.arg_parser(__doc__.splitlines()[0] if __doc__ else "crypto benchmark")
+    parser = harness.arg_parser(__doc__.splitlines()[0] if __doc__ else "crypto benchmark")
     args = parser.parse_args(argv)
-    rounds = common.rounds_from(args)
-    common.print_machine()
+    rounds = harness.rounds_from(args)
+    harness.print_machine()
     started = time.perf_counter()
     fx = make_fixture()
     for build in BUILDERS:
         for name, figure in build(fx).items():
-            n = common.n_from(args, *SIZES[name])
-            result = common.measure(
+            n = harness.n_from(args, *SIZES[name])
+            result = harness.measure(
                 figure.ours, n, baselines=figure.baselines, rounds=rounds, per_call=figure.per_call
             )
-            common.report_comparison(
+            harness.report_comparison(
                 f"crypto.{name}",
                 result,
                 n,

@@ -56,16 +56,13 @@ import cProfile
 import json
 import os
 import pstats
-import shutil
-import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dna_core.crypto import Identity, PublicKeySet, seal
 from dna_core.mailbox.client import REPLICAS, WRITE_QUORUM
@@ -75,8 +72,11 @@ from dna_peer.peer import Peer, open_peer
 from dna_peer.profile import Profile
 from dna_testnet.network import Testnet
 
-from bench import common
-from bench.baselines import Deadline, Figure, Workload, make_figure, mode_name, percentile
+from bench import harness
+from bench.harness import Deadline, Figure, Rounds, Workload
+
+if TYPE_CHECKING:  # imported on use (opendht_net): a missing baseline is reported, not fatal
+    from bench.baselines.opendht_net import OpenDhtNet
 
 OURS, OPENDHT = "ours", "opendht"
 NODES = 9  # the testnet's 3 bootstrap + 6 storage node processes
@@ -111,10 +111,6 @@ PROFILED = (  # (label, file suffix, function): CPU per send in --profile's summ
 )
 
 
-def detail(obj: dict[str, Any]) -> None:
-    print(json.dumps({"detail": obj}, ensure_ascii=False), flush=True)
-
-
 def ns_to_s(ns: int) -> float:
     return ns / 1e9
 
@@ -142,9 +138,8 @@ class CpuSample:
 
     @classmethod
     def take(cls, recipient_pid: int, node_pids: Sequence[int]) -> CpuSample:
-        times = os.times()
         return cls(
-            times.user + times.system,
+            harness.cpu_s(),
             process_cpu_s(recipient_pid),
             sum(process_cpu_s(pid) for pid in node_pids),
         )
@@ -301,9 +296,8 @@ def body(tag: str, i: int) -> str:
 def envelope_bytes(sender: Identity, recipient: PublicKeySet) -> int:
     """The size of what ``Peer.send`` stores for one of this run's messages."""
     payload = envelope_pb2.Payload(text=envelope_pb2.Text(body=body("size", 0)))
-    now_ms = time.time_ns() // 1_000_000
-    envelope = seal(sender, recipient, payload.SerializeToString(), now_ms=now_ms,
-                    include_sender_keys=True)  # fmt: skip
+    plaintext = payload.SerializeToString()
+    envelope = seal(sender, recipient, plaintext, now_ms=harness.now_ms(), include_sender_keys=True)
     return len(envelope)
 
 
@@ -406,13 +400,13 @@ class OurNetwork:
         cached, reported = self.recipient.cached, self.recipient.reported
         held = [m for m in sends.sent_at if m in cached]
         latencies = [ns_to_s(cached[m] - sends.sent_at[m]) for m in held]
-        delivered = make_figure(OURS, "deliver", concurrency, latencies,
-                                sends.failures + missing, count, NODES, wall_s)  # fmt: skip
+        delivered = harness.make_figure(OURS, "deliver", concurrency, latencies,
+                                        sends.failures + missing, count, NODES, wall_s)  # fmt: skip
         send = None
         if with_send:
             send_wall_s = ns_to_s(sends.done_ns - sends.started_ns)
-            send = make_figure(OURS, "send", concurrency, sends.send_s, sends.failures, count,
-                               NODES, send_wall_s)  # fmt: skip
+            send = harness.make_figure(OURS, "send", concurrency, sends.send_s, sends.failures,
+                                       count, NODES, send_wall_s)  # fmt: skip
         returned = sorted(ns_to_s(reported[m] - sends.sent_at[m]) for m in held)
         errors = dict(sends.errors)
         if missing:
@@ -420,7 +414,7 @@ class OurNetwork:
         return PhaseResult(
             delivered,
             send,
-            round(percentile(returned, 0.5) * 1e3, 2) if returned else None,
+            round(harness.percentile(returned, 0.5) * 1e3, 2) if returned else None,
             self.cpu().ms_per_message(cpu0, len(held)),
             errors,
         )
@@ -432,29 +426,29 @@ class OurNetwork:
 class OpenDhtBaseline:
     """9 OpenDHT nodes in this process; put-then-get round trips from one client pair."""
 
-    def __init__(self, value_bytes: int) -> None:
-        from bench.baselines.opendht_net import OpenDhtNet
-
-        self.net = OpenDhtNet(NODES, op_timeout_s=OPENDHT_OP_TIMEOUT_S,
-                              workload=Workload(value_bytes, value_bytes))  # fmt: skip
-
-    async def start(self, timeout_s: float) -> float:
-        return await asyncio.to_thread(self.net.start, timeout_s)
+    def __init__(self, net: OpenDhtNet) -> None:
+        self.net = net
 
     async def round_trips(
         self, count: int, concurrency: int, pair: int, deadline: Deadline
     ) -> tuple[Figure, Figure]:
         """The round trips' figure and their put part's (latencies only)."""
-        items = self.net.new_items(count)
-        fig, put_s = await asyncio.to_thread(
-            self.net.round_trip_batch, items, concurrency, deadline, pair=pair
-        )
+        fig, put_s = await self.net.round_trip_batch(count, concurrency, deadline, pair=pair)
         extra = {"max_ms": round(max(put_s, default=0.0) * 1e3, 1)}
-        put = make_figure(OPENDHT, "put", concurrency, put_s, 0, count, NODES, fig.elapsed_s, extra)
+        put = harness.make_figure(OPENDHT, "put", concurrency, put_s, 0, count, NODES,
+                                  fig.elapsed_s, extra)  # fmt: skip
         return fig, put
 
     async def close(self) -> None:
-        await asyncio.to_thread(self.net.close)
+        await self.net.close()
+
+
+def opendht_net(value_bytes: int) -> OpenDhtNet:
+    """OpenDHT's nodes, as many as ours, storing values of the envelope's size."""
+    from bench.baselines.opendht_net import OpenDhtNet  # on use: a missing one is reported
+
+    workload = Workload(value_bytes, value_bytes)
+    return OpenDhtNet(NODES, op_timeout_s=OPENDHT_OP_TIMEOUT_S, workload=workload)
 
 
 # ---------------------------------------------------------------------------- rounds
@@ -477,36 +471,22 @@ class Config:
 
     @property
     def concurrent(self) -> str:
-        return mode_name(self.senders)
+        return harness.mode_name(self.senders)
 
 
 @dataclass
-class Results:
-    """Per-round figures by key (e.g. ``("ours", "seq")``) and per-phase details."""
+class Results(Rounds):
+    """Per-round figures by ``(contender, key)`` (e.g. ``("ours", "seq")``), and per-phase
+    details."""
 
-    figures: dict[tuple[str, str], list[Figure]] = field(default_factory=dict)
     details: list[dict[str, Any]] = field(default_factory=list)
 
-    def add(self, contender: str, key: str, fig: Figure | None) -> None:
-        if fig is not None:
-            self.figures.setdefault((contender, key), []).append(fig)
-
-    def median(self, contender: str, key: str, *, throughput: bool = True) -> dict[str, Any]:
-        figs = self.figures.get((contender, key), [])
-        if not figs:
-            return {"ops_per_s": None, "p50_ms": None, "p99_ms": None, "failures": 0}
-
-        def med(values: list[float | None]) -> float | None:
-            present = [v for v in values if v is not None]
-            return statistics.median(present) if present else None
-
-        return {
-            "ops_per_s": med([f.ops_per_s for f in figs]) if throughput else None,
-            "p50_ms": med([f.p50_ms for f in figs]),
-            "p99_ms": med([f.p99_ms for f in figs]),
-            "failures": sum(f.failures for f in figs),
-            "rounds": len(figs),
-        }
+    def figure(self, contender: str, key: str, *, throughput: bool) -> dict[str, Any]:
+        """The figure over rounds (all None if there is none); no ops/s for a latency."""
+        med = self.median((contender, key)) or {
+            "ops_per_s": None, "p50_ms": None, "p99_ms": None, "failures": 0
+        }  # fmt: skip
+        return med if throughput else {**med, "ops_per_s": None}
 
 
 class Run:
@@ -523,15 +503,9 @@ class Run:
         to back (which goes first alternates), so load from elsewhere hits both alike."""
         cfg = self.cfg
         await self.one_round(cfg.warmup, cfg.warmup, budget, record=False)
-        last_round_s = 0.0
-        for r in range(cfg.rounds):
-            if r and budget.remaining() < last_round_s * 1.2 + 15.0:
-                detail({"warning": f"time budget: stopped after {r} of {cfg.rounds} rounds"})
-                break
-            t0 = time.perf_counter()
+        for r in harness.timed_rounds(cfg.rounds, budget, reserve_s=15.0):
             self.round = r
             await self.one_round(cfg.messages, cfg.rt_messages, budget, record=True)
-            last_round_s = time.perf_counter() - t0
 
     async def one_round(self, messages: int, rt: int, budget: Deadline, *, record: bool) -> None:
         ours, senders = self.ours, self.ours.senders
@@ -553,8 +527,8 @@ class Run:
         for key, phase in phases:
             result = await phase()
             if record:
-                self.results.add(OURS, key, result.delivered)
-                self.results.add(OURS, f"send.{key}", result.send)
+                self.results.add((OURS, key), result.delivered)
+                self.results.add((OURS, f"send.{key}"), result.send)
                 self.results.details.append(
                     {"round": self.round, "ours": key,
                      "sync_return_p50_ms": result.sync_return_p50_ms,
@@ -573,7 +547,7 @@ class Run:
         finally:
             profiler.disable()
         profiler.dump_stats(self.cfg.profile)
-        detail({"profile": profile_summary(profiler, result.send, self.cfg.profile)})
+        harness.detail({"profile": profile_summary(profiler, result.send, self.cfg.profile)})
         return result
 
     async def opendht_turn(
@@ -585,9 +559,9 @@ class Run:
         deadline = budget.sub(DELIVERY_TIMEOUT_S, reserve=10.0)
         fig, put = await self.opendht.round_trips(messages, concurrency, self.pair, deadline)
         if record:
-            key = mode_name(concurrency)
-            self.results.add(OPENDHT, key, fig)
-            self.results.add(OPENDHT, f"send.{key}", put)
+            key = harness.mode_name(concurrency)
+            self.results.add((OPENDHT, key), fig)
+            self.results.add((OPENDHT, f"send.{key}"), put)
             what = {"round": self.round, "opendht": key, "put_max_ms": put.extra.get("max_ms")}
             self.results.details.append({**what, **fig.extra})
 
@@ -639,10 +613,10 @@ def report(run: Run, envelope: int) -> list[dict[str, Any]]:
     for name, ours_key, base_key, n, senders, what in figures:
         # One at a time, the next send waits for the sync to return (receipts, deletes
         # done), not for the commit: e2e.rt is a latency figure only.
-        ours = results.median(OURS, ours_key, throughput=ours_key != "rt")
+        ours = results.figure(OURS, ours_key, throughput=ours_key != "rt")
         if ours["p50_ms"] is None:
             continue
-        base = results.median(OPENDHT, base_key, throughput=not base_key.startswith("send."))
+        base = results.figure(OPENDHT, base_key, throughput=not base_key.startswith("send."))
         fig_params = {
             **params, "mode": ours_key, "senders": senders, "what": what,
             "opendht_op": "put" if base_key.startswith("send.") else "put_then_get",
@@ -651,9 +625,9 @@ def report(run: Run, envelope: int) -> list[dict[str, Any]]:
             "failures": {OURS: ours["failures"], OPENDHT: base["failures"]},
         }  # fmt: skip
         theirs = {OPENDHT: base} if base["p50_ms"] is not None else {}
-        lines += common.report_operation(name, ours, theirs, n, fig_params)
+        lines += harness.report_operation(name, ours, theirs, n, fig_params)
     for line in results.details:
-        detail(line)
+        harness.detail(line)
     return lines
 
 
@@ -676,21 +650,19 @@ def start_testnet(root: Path, cfg: Config) -> Testnet:
 
 async def start_opendht(value_bytes: int, setup: dict[str, Any]) -> OpenDhtBaseline | None:
     """OpenDHT's 9 nodes, or None (reported in the setup line) if they cannot start."""
-    try:
-        from bench.baselines.opendht_net import version
-
-        baseline = OpenDhtBaseline(value_bytes)
-        setup[OPENDHT] = {"version": version(), "converge_s": round(await baseline.start(20.0), 2)}
-        return baseline
-    except Exception as exc:  # a missing baseline is reported, not fatal
-        setup[OPENDHT] = {"error": repr(exc)}
-        return None
+    net = await harness.start_baseline(OPENDHT, lambda: opendht_net(value_bytes), 20.0, setup)
+    return None if net is None else OpenDhtBaseline(net)
 
 
 async def run(cfg: Config) -> int:
+    with harness.scratch_dir("e2e") as root:
+        return await run_in(root, cfg)
+
+
+async def run_in(root: Path, cfg: Config) -> int:
+    """The whole run, every node's and person's files under ``root``."""
     budget = Deadline(cfg.budget_s)
     t0 = time.perf_counter()
-    root = Path(tempfile.mkdtemp(prefix="dna-bench-e2e-"))
     net: Testnet | None = None
     recipient: RecipientProcess | None = None
     senders: list[Sender] = []
@@ -709,7 +681,7 @@ async def run(cfg: Config) -> int:
         opendht = await start_opendht(envelope, setup)
         node_pids = [n.proc.pid for n in net.nodes if n.proc is not None]
         ours = OurNetwork(senders, recipient, node_pids)
-        detail({"setup": {
+        harness.detail({"setup": {
             "root": str(root), "ips": f"127.0.0.{cfg.first_ip}-{cfg.first_ip + NODES - 1}",
             "node_pids": node_pids, "recipient_pid": recipient.pid,
             "senders": cfg.senders, "recipients": cfg.recipients, "messages": cfg.messages,
@@ -719,14 +691,14 @@ async def run(cfg: Config) -> int:
             "poll_interval_s": cfg.poll_interval,
             "recipient_setup_s": recipient.setup_s, "baselines": setup,
             "ready_s": round(time.perf_counter() - t0, 2),
-            "loadavg": [round(x, 2) for x in os.getloadavg()],
+            "loadavg": harness.loadavg(),
         }})  # fmt: skip
         bench_run = Run(cfg, ours, opendht)
         await bench_run.rounds(budget)
         lines = report(bench_run, envelope)
         stats = await recipient.command("stats")
-        detail({"elapsed_s": round(time.perf_counter() - t0, 1), "recipient": stats,
-                "loadavg": [round(x, 2) for x in os.getloadavg()]})  # fmt: skip
+        harness.detail({"elapsed_s": round(time.perf_counter() - t0, 1), "recipient": stats,
+                        "loadavg": harness.loadavg()})  # fmt: skip
     finally:
         await close_senders(senders)
         if recipient is not None:
@@ -735,12 +707,11 @@ async def run(cfg: Config) -> int:
             await opendht.close()
         if net is not None:
             net.kill_all()
-        shutil.rmtree(root, ignore_errors=True)
-    return common.exit_status(lines, OURS)
+    return harness.exit_status(lines, OURS)
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
-    parser = common.arg_parser("End to end on the local testnet (send to cache) vs OpenDHT.")
+    parser = harness.arg_parser("End to end on the local testnet (send to cache) vs OpenDHT.")
     parser.add_argument(
         "--messages",
         type=int,
@@ -791,21 +762,19 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     )
     parser.add_argument("--budget", type=float, default=BUDGET_S, help="s for the whole run")
     args = parser.parse_args(argv)
-    quick: bool = args.quick
-    default_warmup = QUICK_WARMUP if quick else DEFAULT_WARMUP
     cfg = Config(
-        messages=args.messages or args.n or (QUICK_MESSAGES if quick else DEFAULT_MESSAGES),
-        rt_messages=args.rt_messages or (QUICK_RT if quick else DEFAULT_RT),
+        messages=harness.sized(args, args.messages or args.n, DEFAULT_MESSAGES, QUICK_MESSAGES),
+        rt_messages=harness.sized(args, args.rt_messages, DEFAULT_RT, QUICK_RT),
         senders=args.senders,
         recipients=args.recipients,
-        rounds=args.rounds or (QUICK_ROUNDS if quick else DEFAULT_ROUNDS),
-        warmup=default_warmup if args.warmup is None else args.warmup,
+        rounds=harness.sized(args, args.rounds, DEFAULT_ROUNDS, QUICK_ROUNDS),
+        warmup=harness.sized(args, args.warmup, DEFAULT_WARMUP, QUICK_WARMUP),
         poll_interval=args.poll_interval,
         first_ip=args.first_ip,
         shipped_admission=args.shipped_admission,
         budget_s=args.budget,
         profile=args.profile,
-        quick=quick,
+        quick=args.quick,
     )
     if min(cfg.messages, cfg.rt_messages, cfg.senders, cfg.recipients, cfg.rounds) < 1:
         raise SystemExit("--messages, --rt-messages, --senders, --recipients, --rounds >= 1")
@@ -818,8 +787,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
-    common.print_machine()
-    return common.run_main("bench.e2e", lambda: run(cfg), cfg.budget_s + 60)
+    harness.print_machine()
+    return harness.run_main("bench.e2e", lambda: run(cfg), cfg.budget_s + 60)
 
 
 if __name__ == "__main__":

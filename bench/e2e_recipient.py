@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -46,13 +44,10 @@ from dna_peer.network import parse_seeds
 from dna_peer.peer import Peer, open_peer
 from dna_peer.profile import Profile
 
+from bench.harness import cpu_s, emit
+
 PASSPHRASE = "bench passphrase"
 ERROR_BACKOFF_S = 0.2
-
-
-def emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
 
 
 @dataclass
@@ -63,13 +58,12 @@ class Stats:
     messages: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        times = os.times()
         return {
             "syncs": self.syncs,
             "sync_errors": self.sync_errors,
             "sync_s": round(self.sync_s, 3),
             "messages": self.messages,
-            "cpu_s": round(times.user + times.system, 3),
+            "cpu_s": round(cpu_s(), 3),
         }
 
 

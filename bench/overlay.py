@@ -26,7 +26,7 @@ What runs (issue 3, "Real overlay benchmark"; conventions: shared design/BENCH.m
   (gRPC calls, verification) are reported apart (``lookup_*_ms``/``rpc_*_ms`` in the
   detail lines), with the UDP queries per op, why ops failed, and the CPU each side
   (client process and its loop thread, node workers) spent per op.
-* **Baselines**, from the colleague harness (:mod:`bench.baselines`): the same node count
+* **Baselines**, the adapters in :mod:`bench.baselines`: the same node count
   of C++ OpenDHT nodes (``OpenDhtNet``, 8 replicas, no signatures) in this process's
   native threads, and of ``kademlia`` nodes (``KademliaNet``, k=20, one asyncio loop),
   the same number of ops per figure; puts from a writer node, gets of those keys from
@@ -58,6 +58,7 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import functools
 import json
 import os
 import signal
@@ -65,7 +66,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -77,19 +78,10 @@ from dna_core.overlay.aio import NodeConfig, OverlayNode
 from dna_core.overlay.contact import Contact
 from dna_core.overlay.protocol import Addr
 
-from bench import common
-from bench.baselines import (
-    BatchResult,
-    Deadline,
-    Figure,
-    make_figure,
-    percentile,
-    udp_drops_since,
-    udp_rcvbuf_errors,
-)
+from bench import harness
+from bench.harness import DEFAULT_RCVBUF, BatchOp, Deadline, Figure, LoopbackNet, Rounds
 from bench.overlay_nodes import (
     BENCH_POW_BITS,
-    DEFAULT_RCVBUF,
     PATCH_ENV,
     PROFILE_ENV,
     Item,
@@ -116,17 +108,6 @@ OURS, OPENDHT, KADEMLIA = "ours", "opendht", "kademlia"
 BASELINES = (OPENDHT, KADEMLIA)
 RPC_METRIC = "dna_overlay_rpcs_total"
 
-Op = Callable[[int], Awaitable[bool]]
-
-
-def detail(obj: dict[str, Any]) -> None:
-    """A ``{"detail": ...}`` line: setup and breakdowns, not a BENCH.md figure."""
-    print(json.dumps({"detail": obj}, ensure_ascii=False), flush=True)
-
-
-def mode_name(concurrency: int) -> str:
-    return "seq" if concurrency <= 1 else f"c{concurrency}"
-
 
 # ---------------------------------------------------------------------------- records
 
@@ -135,13 +116,15 @@ class RecordSigner:
     """Signs the run's records in a pool of spawned processes while the networks start."""
 
     def __init__(self, count: int, processes: int) -> None:
-        now_ms = time.time_ns() // 1_000_000
+        signed_at = harness.now_ms()
         workers = max(1, processes)
         chunk = max(1, -(-count // workers))
         self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
         loop = asyncio.get_running_loop()
         self._parts = [
-            loop.run_in_executor(self._pool, sign_range, start, min(chunk, count - start), now_ms)
+            loop.run_in_executor(
+                self._pool, sign_range, start, min(chunk, count - start), signed_at
+            )
             for start in range(0, count, chunk)
         ]
 
@@ -281,63 +264,14 @@ class OpTimes:
     accepted: list[int] = field(default_factory=list)
 
 
-async def run_batch(
-    op: Op,
-    count: int,
-    concurrency: int,
-    op_timeout_s: float,
-    deadline: Deadline,
-    errors: Counter[str] | None = None,
-) -> BatchResult:
-    """``op(i)`` for i < ``count``, ``concurrency`` at a time; as the baselines' batches.
-
-    An op not done within ``op_timeout_s`` is cancelled and fails; no op starts after
-    ``deadline``. ``errors`` counts why ops failed: the exception's class name, or
-    ``"refused"`` when the op returned False.
-    """
-    latencies: list[float] = []
-    succeeded: list[int] = []
-    finished: list[float] = []
-    failures = 0
-    clock = time.perf_counter
-    start = last = clock()
-    next_index = 0
-
-    async def worker() -> None:
-        nonlocal failures, last, next_index
-        while next_index < count and not deadline.expired():
-            i = next_index
-            next_index += 1
-            t0 = clock()
-            try:
-                async with asyncio.timeout(op_timeout_s):
-                    ok = await op(i)
-                reason = "refused"
-            except Exception as exc:  # TimeoutError included: the op failed, the batch goes on
-                ok, reason = False, type(exc).__name__
-            now = clock()
-            if ok:
-                latencies.append(now - t0)
-                succeeded.append(i)
-                finished.append(now - start)
-            else:
-                failures += 1
-                if errors is not None:
-                    errors[reason] += 1
-            last = now
-
-    await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, count)))))
-    return BatchResult(latencies, failures, max(last - start, 1e-9), sorted(succeeded), finished)
-
-
 def _ms_stats(prefix: str, seconds: Sequence[float]) -> dict[str, float]:
     if not seconds:
         return {}
     ordered = sorted(seconds)
     return {
         f"{prefix}_mean_ms": round(statistics.fmean(ordered) * 1e3, 3),
-        f"{prefix}_p50_ms": round(percentile(ordered, 0.5) * 1e3, 3),
-        f"{prefix}_p99_ms": round(percentile(ordered, 0.99) * 1e3, 3),
+        f"{prefix}_p50_ms": round(harness.percentile(ordered, 0.5) * 1e3, 3),
+        f"{prefix}_p99_ms": round(harness.percentile(ordered, 0.99) * 1e3, 3),
     }
 
 
@@ -452,7 +386,7 @@ class OurClient:
     async def _batch(
         self,
         name: str,
-        op: Op,
+        op: BatchOp,
         items: Sequence[Item],
         concurrency: int,
         deadline: Deadline,
@@ -463,10 +397,10 @@ class OurClient:
         if profile:
             await self.fleet.command_all({"cmd": "profile_start", "tag": tag})
         workers_cpu0 = await self.fleet.cpu_s()
-        udp0, drops0 = self._udp_counts(), udp_rcvbuf_errors()
+        udp0, drops0 = self._udp_counts(), harness.udp_rcvbuf_errors()
         cpu0, loop_cpu0 = time.process_time(), time.thread_time()
         errors: Counter[str] = Counter()
-        res = await run_batch(op, len(items), concurrency, OP_TIMEOUT_S, deadline, errors)
+        res = await harness.run_batch(op, len(items), concurrency, OP_TIMEOUT_S, deadline, errors)
         cpu1, loop_cpu1 = time.process_time(), time.thread_time()
         udp1 = self._udp_counts()
         workers_cpu = await self.fleet.cpu_s() - workers_cpu0
@@ -483,12 +417,12 @@ class OurClient:
             "client_cpu_ms_per_op": round((cpu1 - cpu0) * 1e3 / done, 3),
             "client_loop_cpu_ms_per_op": round((loop_cpu1 - loop_cpu0) * 1e3 / done, 3),
             "workers_cpu_ms_per_op": round(workers_cpu * 1e3 / done, 3),
-            **udp_drops_since(drops0),
+            **harness.udp_drops_since(drops0),
         }
         extra.update({f"failed_{reason}": n for reason, n in sorted(errors.items())})
         if times.accepted:
             extra["replicas_accepted_mean"] = round(statistics.fmean(times.accepted), 2)
-        fig = make_figure(
+        fig = harness.make_figure(
             OURS, name, concurrency, res.latencies, res.failures, len(items), self.fleet.nodes,
             res.wall_s, extra=extra, finished_s=res.finished_s,
         )  # fmt: skip
@@ -512,44 +446,23 @@ class OurClient:
 
 
 class Baselines:
-    """OpenDHT and kademlia networks from bench.baselines, up for the whole run."""
+    """OpenDHT and kademlia networks (bench.baselines), up for the whole run."""
 
     def __init__(self, nodes: int, names: Sequence[str]) -> None:
         self.nodes = nodes
         self.names = list(names)
-        self.opendht: Any = None
-        self.kademlia: Any = None
+        self.nets: dict[str, LoopbackNet[Any]] = {}
         self.setup: dict[str, Any] = {}
 
     async def start(self, timeout_s: float) -> None:
-        if OPENDHT in self.names:
-            try:
-                from bench.baselines.opendht_net import OpenDhtNet
-                from bench.baselines.opendht_net import version as opendht_version
-
-                net = OpenDhtNet(self.nodes, op_timeout_s=OP_TIMEOUT_S)
-                converge = await asyncio.to_thread(net.start, timeout_s)
-                self.opendht = net
-                self.setup[OPENDHT] = {"version": opendht_version(), "converge_s": converge}
-            except Exception as exc:  # a missing baseline is reported, not fatal
-                self.names.remove(OPENDHT)
-                self.setup[OPENDHT] = {"error": repr(exc)}
-        if KADEMLIA in self.names:
-            try:
-                from bench.baselines.kademlia_net import KademliaNet
-                from bench.baselines.kademlia_net import version as kademlia_version
-
-                knet = KademliaNet(self.nodes, op_timeout_s=OP_TIMEOUT_S)
-                converge = await knet.start(ready_timeout_s=timeout_s)
-                self.kademlia = knet
-                self.setup[KADEMLIA] = {"version": kademlia_version(), "converge_s": converge}
-            except Exception as exc:
-                self.names.remove(KADEMLIA)
-                self.setup[KADEMLIA] = {"error": repr(exc)}
-        for name in BASELINES:
-            info = self.setup.get(name, {})
-            if "converge_s" in info:
-                info["converge_s"] = round(info["converge_s"], 2)
+        for name in list(self.names):
+            net = await harness.start_baseline(
+                name, functools.partial(new_net, name, self.nodes), timeout_s, self.setup
+            )
+            if net is None:
+                self.names.remove(name)
+            else:
+                self.nets[name] = net
 
     def max_pairs(self) -> int:
         return max(1, (self.nodes - 1) // 2)
@@ -558,29 +471,26 @@ class Baselines:
         self, name: str, ops: int, concurrency: int, pair: int, deadline: Deadline
     ) -> tuple[Figure, Figure]:
         """Puts of ``ops`` fresh keys from pair ``pair``'s writer, then gets by its reader."""
-        pairs = (pair % self.max_pairs(),)
-        if name == OPENDHT:
-            net = self.opendht
-            items = net.new_items(ops)
-            put, stored = await asyncio.to_thread(
-                net.put_batch, items, concurrency, deadline, pairs=pairs
-            )
-            get, _ = await asyncio.to_thread(
-                net.get_batch, stored, concurrency, deadline, pairs=pairs
-            )
-            return put, get
-        knet = self.kademlia
-        put, stored = await knet.put_batch(knet.new_items(ops), concurrency, deadline, pairs=pairs)
-        get, _ = await knet.get_batch(stored, concurrency, deadline, pairs=pairs)
+        net, pairs = self.nets[name], (pair % self.max_pairs(),)
+        put, stored = await net.put_batch(ops, concurrency, deadline, pairs=pairs)
+        get, _ = await net.get_batch(stored, concurrency, deadline, pairs=pairs)
         return put, get
 
     async def close(self) -> None:
-        if self.kademlia is not None:
-            knet, self.kademlia = self.kademlia, None
-            await knet.close()
-        if self.opendht is not None:
-            net, self.opendht = self.opendht, None
-            await asyncio.to_thread(net.close)
+        nets, self.nets = self.nets, {}
+        for net in reversed(nets.values()):  # the last started first
+            await net.close()
+
+
+def new_net(name: str, nodes: int) -> LoopbackNet[Any]:
+    """A baseline network, imported on use: one whose package is missing is reported."""
+    if name == OPENDHT:
+        from bench.baselines.opendht_net import OpenDhtNet
+
+        return OpenDhtNet(nodes, op_timeout_s=OP_TIMEOUT_S)
+    from bench.baselines.kademlia_net import KademliaNet
+
+    return KademliaNet(nodes, op_timeout_s=OP_TIMEOUT_S)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -599,46 +509,6 @@ class Config:
     quick: bool
 
 
-@dataclass
-class Results:
-    """Per-round figures, keyed by (contender, op, mode); contender "ours-r20" etc."""
-
-    figures: dict[tuple[str, str, str], list[Figure]] = field(default_factory=dict)
-
-    def add(self, contender: str, fig: Figure) -> None:
-        self.figures.setdefault((contender, fig.op, fig.mode), []).append(fig)
-
-    def median(self, contender: str, op: str, mode: str) -> dict[str, Any] | None:
-        figs = self.figures.get((contender, op, mode))
-        if not figs:
-            return None
-        p50 = [f.p50_ms for f in figs if f.p50_ms is not None]
-        p99 = [f.p99_ms for f in figs if f.p99_ms is not None]
-        return {
-            "ops_per_s": statistics.median(f.ops_per_s for f in figs),
-            "p50_ms": statistics.median(p50) if p50 else None,
-            "p99_ms": statistics.median(p99) if p99 else None,
-            "failures": sum(f.failures for f in figs),
-            "ops": sum(f.n for f in figs),
-            "rounds": len(figs),
-            "extra": _median_extras([f.extra for f in figs]),
-        }
-
-
-def _median_extras(extras: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    keys = {k for e in extras for k, v in e.items() if isinstance(v, int | float)}
-    out: dict[str, Any] = {}
-    for key in sorted(keys):
-        values = [e[key] for e in extras if isinstance(e.get(key), int | float)]
-        if key in {"udp_drops", "udp_timeouts", "local_hits", "rpc_timeouts"} or key.startswith(
-            "failed_"
-        ):
-            out[key] = sum(values)
-        else:
-            out[key] = round(statistics.median(values), 3)
-    return out
-
-
 async def _ours_round(
     client: OurClient,
     *,
@@ -647,18 +517,18 @@ async def _ours_round(
     ops: int,
     concurrency: int,
     deadline: Deadline,
-    results: Results,
+    results: Rounds,
 ) -> None:
     items = records[replicas][:ops]
     del records[replicas][: len(items)]
-    mode = mode_name(concurrency)
+    mode = harness.mode_name(concurrency)
     contender = f"{OURS}-r{replicas}"
     put, stored = await client.put_batch(
         items, replicas, concurrency, deadline, f"put-{mode}-r{replicas}"
     )
     get, _ = await client.get_batch(stored, concurrency, deadline, f"get-{mode}-r{replicas}")
-    results.add(contender, put)
-    results.add(contender, get)
+    results.add((contender, "put", mode), put)
+    results.add((contender, "get", mode), get)
 
 
 async def warm_up(
@@ -682,15 +552,10 @@ async def measure_rounds(
     baselines: Baselines,
     cfg: Config,
     budget: Deadline,
-) -> Results:
-    results = Results()
+) -> Rounds:
+    results = Rounds()
     contenders: list[str] = [*(f"{OURS}-r{r}" for r in REPLICAS), *baselines.names]
-    last_round_s = 0.0
-    for r in range(cfg.rounds):
-        if r and budget.remaining() < last_round_s * 1.2 + 10.0:
-            detail({"warning": f"time budget: stopped after {r} of {cfg.rounds} rounds"})
-            break
-        round_start = time.perf_counter()
+    for r in harness.timed_rounds(cfg.rounds, budget, reserve_s=10.0):
         order = contenders if r % 2 == 0 else contenders[::-1]
         for m, concurrency in enumerate((1, CONCURRENCY)):
             pair = 1 + 2 * r + m  # pair 0 did the warm-up
@@ -706,20 +571,19 @@ async def measure_rounds(
                     put, get = await baselines.measure(
                         contender, cfg.ops, concurrency, pair, deadline
                     )
-                    results.add(contender, put)
-                    results.add(contender, get)
-        last_round_s = time.perf_counter() - round_start
+                    results.add((contender, "put", put.mode), put)
+                    results.add((contender, "get", get.mode), get)
     return results
 
 
-def report(results: Results, cfg: Config, baselines: Sequence[str]) -> list[dict[str, Any]]:
+def report(results: Rounds, cfg: Config, baselines: Sequence[str]) -> list[dict[str, Any]]:
     lines: list[dict[str, Any]] = []
     for op in ("put", "get"):
         for concurrency in (1, CONCURRENCY):
-            mode = mode_name(concurrency)
-            base = {name: results.median(name, op, mode) for name in baselines}
+            mode = harness.mode_name(concurrency)
+            base = {name: results.median((name, op, mode)) for name in baselines}
             for replicas in REPLICAS:
-                ours = results.median(f"{OURS}-r{replicas}", op, mode)
+                ours = results.median((f"{OURS}-r{replicas}", op, mode))
                 if ours is None:
                     continue
                 failures = {OURS: ours["failures"]}
@@ -731,16 +595,16 @@ def report(results: Results, cfg: Config, baselines: Sequence[str]) -> list[dict
                 }  # fmt: skip
                 if op == "get":
                     params["holders"] = GET_HOLDERS
-                lines += common.report_operation(f"overlay.{op}", ours, base, cfg.ops, params)
+                lines += harness.report_operation(f"overlay.{op}", ours, base, cfg.ops, params)
     return lines
 
 
-def report_details(results: Results, contenders: Sequence[str]) -> None:
+def report_details(results: Rounds, contenders: Sequence[str]) -> None:
     for op in ("put", "get"):
         for concurrency in (1, CONCURRENCY):
-            mode = mode_name(concurrency)
+            mode = harness.mode_name(concurrency)
             for name in contenders:
-                med = results.median(name, op, mode)
+                med = results.median((name, op, mode))
                 if med is None:
                     continue
                 summary = {
@@ -749,12 +613,10 @@ def report_details(results: Results, contenders: Sequence[str]) -> None:
                     "p50_ms": med["p50_ms"] and round(med["p50_ms"], 3),
                     "p99_ms": med["p99_ms"] and round(med["p99_ms"], 3),
                     "failures": med["failures"], "ops": med["ops"],
-                    "rounds_ops_per_s": [
-                        round(f.ops_per_s, 1) for f in results.figures[(name, op, mode)]
-                    ],
+                    "rounds_ops_per_s": med["rounds_ops_per_s"],
                     **med["extra"],
                 }  # fmt: skip
-                detail(summary)
+                harness.detail(summary)
 
 
 async def run(cfg: Config) -> int:
@@ -762,7 +624,7 @@ async def run(cfg: Config) -> int:
     t0 = time.perf_counter()
     per_round = cfg.rounds * 2  # modes
     wanted = {r: cfg.warmup * 2 + cfg.ops * per_round for r in REPLICAS}
-    signer = RecordSigner(sum(wanted.values()), common.machine_info()["nproc"] or 1)
+    signer = RecordSigner(sum(wanted.values()), harness.machine_info()["nproc"] or 1)
     fleet = OverlayFleet(cfg.nodes, cfg.workers, rcvbuf=cfg.rcvbuf)
     baselines = Baselines(cfg.nodes, cfg.baselines)
     client: OurClient | None = None
@@ -776,7 +638,7 @@ async def run(cfg: Config) -> int:
         setup_s = time.perf_counter() - t0
         await baselines.start(min(READY_TIMEOUT_S, budget.remaining()))
         stats = await fleet.command_all({"cmd": "stats"})
-        detail(
+        harness.detail(
             {
                 "setup": {
                     "nodes": cfg.nodes, "workers": len(fleet.procs),
@@ -785,7 +647,7 @@ async def run(cfg: Config) -> int:
                     "records_signed": len(signed), "ours_ready_s": round(setup_s, 2),
                     "client_table": table, "rcvbuf_bytes": client.rcvbuf,
                     "node_tables_min": min(t for s in stats for t in s["tables"]),
-                    "loadavg": [round(x, 2) for x in os.getloadavg()],
+                    "loadavg": harness.loadavg(),
                     "baselines": baselines.setup,
                     "patch": os.environ.get(PATCH_ENV),
                     "profile_dir": os.environ.get(PROFILE_ENV),
@@ -796,10 +658,10 @@ async def run(cfg: Config) -> int:
         results = await measure_rounds(client, records, baselines, cfg, budget)
         lines = report(results, cfg, baselines.names)
         report_details(results, [f"{OURS}-r{r}" for r in REPLICAS] + baselines.names)
-        detail(
+        harness.detail(
             {
                 "elapsed_s": round(time.perf_counter() - t0, 1),
-                "loadavg": [round(x, 2) for x in os.getloadavg()],
+                "loadavg": harness.loadavg(),
             }
         )
     finally:
@@ -808,11 +670,13 @@ async def run(cfg: Config) -> int:
             await client.stop()
         await baselines.close()
         await fleet.close()
-    return common.exit_status(lines, OURS)
+    return harness.exit_status(lines, OURS)
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
-    parser = common.arg_parser("Our overlay vs OpenDHT and kademlia: store/find-value on loopback.")
+    parser = harness.arg_parser(
+        "Our overlay vs OpenDHT and kademlia: store/find-value on loopback."
+    )
     parser.add_argument("--nodes", type=int, default=None, help=f"default {DEFAULT_NODES}")
     parser.add_argument(
         "--ops", type=int, default=None, help=f"ops per figure and round (default {DEFAULT_OPS})"
@@ -831,11 +695,10 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     )
     parser.add_argument("--budget", type=float, default=BUDGET_S, help="s for the whole run")
     args: argparse.Namespace = parser.parse_args(argv)
-    quick: bool = args.quick
-    nodes = args.nodes or (QUICK_NODES if quick else DEFAULT_NODES)
-    ops = args.ops or args.n or (QUICK_OPS if quick else DEFAULT_OPS)
-    rounds = args.rounds or (QUICK_ROUNDS if quick else DEFAULT_ROUNDS)
-    warmup = args.warmup if args.warmup is not None else (QUICK_WARMUP if quick else DEFAULT_WARMUP)
+    nodes = harness.sized(args, args.nodes, DEFAULT_NODES, QUICK_NODES)
+    ops = harness.sized(args, args.ops or args.n, DEFAULT_OPS, QUICK_OPS)
+    rounds = harness.sized(args, args.rounds, DEFAULT_ROUNDS, QUICK_ROUNDS)
+    warmup = harness.sized(args, args.warmup, DEFAULT_WARMUP, QUICK_WARMUP)
     if nodes < 3 or nodes > 240:
         raise SystemExit("--nodes must be 3..240 (node i listens on 127.0.0.(10+i))")
     if ops < 1 or rounds < 1 or warmup < 0:
@@ -845,18 +708,19 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         names = tuple(n for n in args.baselines.split(",") if n)
         if unknown := set(names) - set(BASELINES):
             raise SystemExit(f"unknown baseline(s): {sorted(unknown)}")
-    return Config(nodes, ops, rounds, warmup, args.workers, args.rcvbuf, names, args.budget, quick)
+    return Config(nodes, ops, rounds, warmup, args.workers, args.rcvbuf, names, args.budget,
+                  args.quick)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
-    common.print_machine()
+    harness.print_machine()
     apply_patch_hook()
     profile_dir = os.environ.get(PROFILE_ENV)
     if profile_dir:
         Path(profile_dir).mkdir(parents=True, exist_ok=True)
     # A wedged run dumps its stacks and exits (the workers see their stdin close and stop).
-    return common.run_main("bench.overlay", lambda: run(cfg), cfg.budget_s + 60)
+    return harness.run_main("bench.overlay", lambda: run(cfg), cfg.budget_s + 60)
 
 
 if __name__ == "__main__":

@@ -58,21 +58,19 @@ from dna_core.overlay.records import RecordStore, identity_payload, record_key
 from dna_core.ratelimit import RateLimiter
 from dna_core.wire.gen.dna.v1 import common_pb2
 
+from bench.harness import DEFAULT_RCVBUF, VALUE_MAX, VALUE_MIN, cpu_s, emit
+
 HOST_BASE = 10  # node i listens on 127.0.0.(HOST_BASE + i)
 PROFILE_ENV = "DNA_BENCH_PROFILE"
 PROFILE_CLOCK_ENV = "DNA_BENCH_PROFILE_CLOCK"  # "wall" (default) or "cpu"
 PATCH_ENV = "DNA_BENCH_PATCH"
 JOIN_CONCURRENCY = 8
-# SO_RCVBUF for every node's UDP socket, as bench.baselines.kademlia_net gives its nodes:
-# the OS default (~208 KB, ~90 full datagrams) overflows under 32 lookups in flight.
-DEFAULT_RCVBUF = 4 * 1024 * 1024
 STOP_GRACE_S = 0.5
 RECORD_TTL_MS = 3_600_000
 # The bench measures the overlay, not proof-of-work solving or per-source limits: its
 # records carry a 0-bit identity proof and its nodes take any rate from the one client.
 BENCH_POW_BITS = 0
 BENCH_LIMITER = (1e9, 1e9, 1024)  # rate, burst, sources
-PAYLOAD_MIN, PAYLOAD_MAX = 100, 200  # as the baselines' values (bench.baselines.Workload)
 IDENTITY = common_pb2.RECORD_KIND_IDENTITY
 
 Item = tuple[bytes, bytes]  # (record key, SignedRecord bytes)
@@ -106,7 +104,7 @@ def sign_range(start: int, count: int, now_ms: int) -> list[Item]:
         seed = hashlib.shake_256(f"dna-bench-overlay/{i}".encode()).digest(SEEDS_SIZE)
         who = Identity(seed)
         key = record_key(IDENTITY, who.fingerprint)
-        size = random.Random(i).randint(PAYLOAD_MIN, PAYLOAD_MAX)
+        size = random.Random(i).randint(VALUE_MIN, VALUE_MAX)  # the baselines' value sizes
         payload = identity_payload(
             who.fingerprint, os.urandom(size).hex()[:size], pow_bits=BENCH_POW_BITS, now_ms=now_ms
         )
@@ -137,11 +135,6 @@ def new_profile() -> cProfile.Profile:
     if os.environ.get(PROFILE_CLOCK_ENV, "wall") == "cpu":
         return cProfile.Profile(time.thread_time)
     return cProfile.Profile()
-
-
-def cpu_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
 
 
 @dataclass
@@ -250,15 +243,10 @@ class Worker:
 
     def stats(self) -> dict[str, Any]:
         return {
-            "cpu_s": round(cpu_seconds(), 3),
+            "cpu_s": round(cpu_s(), 3),
             "records": sum(len(n.store) for n in self.nodes),
             "tables": [len(n.node.table) for n in self.nodes],
         }
-
-
-def _reply(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
 
 
 async def _stdin_lines() -> asyncio.StreamReader:
@@ -282,7 +270,7 @@ async def serve(
         seeds = [bootstrap] if bootstrap is not None else [nodes[0].node.udp_addr]
         await join_all(nodes, seeds)
         worker = Worker(nodes, first)
-        _reply({"ready": [list(n.node.udp_addr) for n in nodes], "pid": os.getpid()})
+        emit({"ready": [list(n.node.udp_addr) for n in nodes], "pid": os.getpid()})
         reader = await _stdin_lines()
         while not stopping.is_set():
             line_task = asyncio.ensure_future(reader.readline())
@@ -303,10 +291,10 @@ async def serve(
             cmd = json.loads(line)
             if cmd.get("cmd") == "stop":
                 break
-            _reply(await worker.handle(cmd))
+            emit(await worker.handle(cmd))
     finally:
         await stop_nodes(nodes)
-    _reply({"ok": "stop"})
+    emit({"ok": "stop"})
 
 
 def _parse_addr(text: str) -> Addr:

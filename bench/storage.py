@@ -49,16 +49,15 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import json
+import functools
 import os
 import shutil
 import socket
 import statistics
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +67,8 @@ from dna_core.mailbox.ids import blob_id
 from dna_core.overlay.aio import OverlayNode
 from dna_testnet.network import UDP_PORT, LocalNode, client_node, wait_ready
 
-from bench import common, storage_flood, storage_memory
-from bench.baselines import Deadline, Figure, Workload, make_figure
-from bench.overlay import run_batch
+from bench import harness, storage_flood, storage_memory
+from bench.harness import BatchOp, Deadline, Figure, LoopbackNet, Rounds, Workload
 
 OURS, OPENDHT, REDIS = "ours", "opendht", "redis"
 STORAGE_NODES = 10
@@ -83,14 +81,15 @@ OP_TIMEOUT_S = 5.0
 BATCH_TIMEOUT_S = 20.0
 READY_TIMEOUT_S = 45.0
 BUDGET_S = 170.0
-DEFAULT_OPS, QUICK_OPS = 200, 20
-DEFAULT_ROUNDS, QUICK_ROUNDS = 5, 1
-DEFAULT_WARMUP, QUICK_WARMUP = 20, 5
-DEFAULT_REDIS_N, QUICK_REDIS_N = 20_000, 2_000
 SECTIONS = ("throughput", "flood", "memory")
 # Flood first: it measures small latency differences, and the throughput section leaves the
 # machine loaded for a while (and may leave OpenDHT threads behind in this process).
 DEFAULT_SECTIONS = ("flood", "throughput")  # memory is opt-in: its fill takes minutes
+# Sizes: (default, with --quick).
+DEFAULT_OPS, QUICK_OPS = 200, 20
+DEFAULT_ROUNDS, QUICK_ROUNDS = 5, 1
+DEFAULT_WARMUP, QUICK_WARMUP = 20, 5
+DEFAULT_REDIS_N, QUICK_REDIS_N = 20_000, 2_000
 DEFAULT_MEMORY_BLOBS, QUICK_MEMORY_BLOBS = 1_000_000, 10_000
 DEFAULT_MEMORY_BLOB_BYTES = 512
 
@@ -103,17 +102,8 @@ ADMISSION: dict[str, float | int] = {
 }
 ADMISSION_TOML = "[admission]\n" + "".join(f"{k} = {v}\n" for k, v in ADMISSION.items())
 
-
-def detail(obj: dict[str, Any]) -> None:
-    print(json.dumps({"detail": obj}, ensure_ascii=False), flush=True)
-
-
-def mode_name(concurrency: int) -> str:
-    return "seq" if concurrency == 1 else f"c{concurrency}"
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+# What a contender's harness.detail line gives of its figure over rounds (Rounds.median).
+DETAIL_KEYS = ("ops_per_s", "p50_ms", "p99_ms", "failures", "rounds", "rounds_ops_per_s")
 
 
 # ---------------------------------------------------------------------------- our network
@@ -169,11 +159,7 @@ class OurClient:
             result = await self.mailbox.put(fp, env)
             return len(result.stored_on) >= WRITE_QUORUM
 
-        res = await run_batch(op, len(items), concurrency, OP_TIMEOUT_S, deadline, self.errors)
-        return make_figure(
-            OURS, "put", concurrency, res.latencies, res.failures, len(items),
-            STORAGE_NODES, res.wall_s, finished_s=res.finished_s,
-        )  # fmt: skip
+        return await self._measure("put", op, len(items), concurrency, deadline)
 
     async def fetch_batch(
         self,
@@ -188,9 +174,14 @@ class OurClient:
             blobs, _ = await self.mailbox.fetch(owner)
             return {b.blob_id for b in blobs} == expected[owner.fingerprint]
 
-        res = await run_batch(op, count, concurrency, OP_TIMEOUT_S, deadline, self.errors)
-        return make_figure(
-            OURS, "fetch", concurrency, res.latencies, res.failures, count,
+        return await self._measure("fetch", op, count, concurrency, deadline)
+
+    async def _measure(
+        self, name: str, op: BatchOp, count: int, concurrency: int, deadline: Deadline
+    ) -> Figure:
+        res = await harness.run_batch(op, count, concurrency, OP_TIMEOUT_S, deadline, self.errors)
+        return harness.make_figure(
+            OURS, name, concurrency, res.latencies, res.failures, count,
             STORAGE_NODES, res.wall_s, finished_s=res.finished_s,
         )  # fmt: skip
 
@@ -202,7 +193,7 @@ def seal_envelopes(sender: Identity, recipients: Sequence[Identity], count: int)
             sender,
             recipients[i % len(recipients)].public,
             i.to_bytes(8, "big") + os.urandom(PAYLOAD_BYTES - 8),
-            now_ms=now_ms(),
+            now_ms=harness.now_ms(),
         )
         for i in range(count)
     ]
@@ -291,7 +282,7 @@ class RedisCeiling:
             rps = float(row["rps"])
             figures["put" if cells[0] == "SET" else "fetch"] = Figure(
                 baseline=REDIS, op="put" if cells[0] == "SET" else "fetch",
-                mode=mode_name(concurrency), ops_per_s=rps,
+                mode=harness.mode_name(concurrency), ops_per_s=rps,
                 p50_ms=float(row["p50_latency_ms"]) if "p50_latency_ms" in row else None,
                 p99_ms=float(row["p99_latency_ms"]) if "p99_latency_ms" in row else None,
                 failures=0, n=n, nodes=1, requested=n, elapsed_s=n / rps if rps else 0.0,
@@ -327,29 +318,6 @@ class Config:
     sections: tuple[str, ...] = DEFAULT_SECTIONS
     memory_blobs: int = DEFAULT_MEMORY_BLOBS
     memory_blob_bytes: int = DEFAULT_MEMORY_BLOB_BYTES
-
-
-@dataclass
-class Results:
-    figures: dict[tuple[str, str, str], list[Figure]] = field(default_factory=dict)
-
-    def add(self, fig: Figure) -> None:
-        self.figures.setdefault((fig.baseline, fig.op, fig.mode), []).append(fig)
-
-    def median(self, name: str, op: str, mode: str) -> dict[str, Any] | None:
-        figs = self.figures.get((name, op, mode))
-        if not figs:
-            return None
-        p50 = [f.p50_ms for f in figs if f.p50_ms is not None]
-        p99 = [f.p99_ms for f in figs if f.p99_ms is not None]
-        return {
-            "ops_per_s": statistics.median(f.ops_per_s for f in figs),
-            "p50_ms": statistics.median(p50) if p50 else None,
-            "p99_ms": statistics.median(p99) if p99 else None,
-            "failures": sum(f.failures for f in figs),
-            "rounds": len(figs),
-            "rounds_ops_per_s": [round(f.ops_per_s, 1) for f in figs],
-        }
 
 
 @dataclass
@@ -389,26 +357,16 @@ class Contenders:
 
     def __init__(self, client: OurClient, work: Workloads, cfg: Config) -> None:
         self.client, self.work, self.cfg = client, work, cfg
-        self.opendht: Any = None
+        self.opendht: LoopbackNet[Any] | None = None
         self.redis: RedisCeiling | None = None
         self.names: list[str] = [OURS]
         self.setup: dict[str, Any] = {}
 
     async def start_baselines(self, root: Path, timeout_s: float) -> None:
-        try:
-            from bench.baselines.opendht_net import OpenDhtNet
-            from bench.baselines.opendht_net import version as opendht_version
-
-            size = self.work.envelope_bytes
-            net = OpenDhtNet(
-                STORAGE_NODES, op_timeout_s=OP_TIMEOUT_S, workload=Workload(size, size)
-            )
-            converge = await asyncio.to_thread(net.start, timeout_s)
-            self.opendht = net
+        new_net = functools.partial(opendht_net, self.work.envelope_bytes)
+        self.opendht = await harness.start_baseline(OPENDHT, new_net, timeout_s, self.setup)
+        if self.opendht is not None:
             self.names.append(OPENDHT)
-            self.setup[OPENDHT] = {"version": opendht_version(), "converge_s": round(converge, 2)}
-        except Exception as exc:  # a missing baseline is reported, not fatal
-            self.setup[OPENDHT] = {"error": repr(exc)}
         redis = RedisCeiling(root / "redis")
         try:
             await redis.start()
@@ -430,12 +388,9 @@ class Contenders:
             return [put, fetch]
         if name == OPENDHT:
             net = self.opendht
-            put, stored = await asyncio.to_thread(
-                net.put_batch, net.new_items(ops), concurrency, deadline, pairs=(pair,)
-            )
-            get, _ = await asyncio.to_thread(
-                net.get_batch, stored, concurrency, deadline, pairs=(pair,)
-            )
+            assert net is not None
+            put, stored = await net.put_batch(ops, concurrency, deadline, pairs=(pair,))
+            get, _ = await net.get_batch(stored, concurrency, deadline, pairs=(pair,))
             return [put, dataclasses.replace(get, op="fetch")]  # compared with our fetch
         assert self.redis is not None
         n = self.cfg.redis_n if ops > self.cfg.warmup else max(100, ops)
@@ -448,7 +403,15 @@ class Contenders:
             await redis.close()
         if self.opendht is not None:
             net, self.opendht = self.opendht, None
-            await asyncio.to_thread(net.close)
+            await net.close()
+
+
+def opendht_net(value_bytes: int) -> LoopbackNet[Any]:
+    """OpenDHT's nodes, as many as ours, storing values of the envelopes' size."""
+    from bench.baselines.opendht_net import OpenDhtNet  # on use: a missing one is reported
+
+    workload = Workload(value_bytes, value_bytes)
+    return OpenDhtNet(STORAGE_NODES, op_timeout_s=OP_TIMEOUT_S, workload=workload)
 
 
 async def preload(client: OurClient, work: Workloads) -> None:
@@ -459,40 +422,34 @@ async def preload(client: OurClient, work: Workloads) -> None:
         raise RuntimeError(f"preload: {fig.failures} puts failed: {dict(client.errors)}")
 
 
-async def measure_rounds(con: Contenders, cfg: Config, budget: Deadline) -> Results:
-    results = Results()
+async def measure_rounds(con: Contenders, cfg: Config, budget: Deadline) -> Rounds:
+    results = Rounds()
     # Warm-up: every contender, both modes, not reported.
     for concurrency in (1, CONCURRENCY):
         for name in con.names:
             await con.measure(name, cfg.warmup, concurrency, 0, budget.sub(BATCH_TIMEOUT_S, 15))
     con.client.errors.clear()
-    last_round_s = 0.0
-    for r in range(cfg.rounds):
-        if r and budget.remaining() < last_round_s * 1.2 + 15.0:
-            detail({"warning": f"time budget: stopped after {r} of {cfg.rounds} rounds"})
-            break
-        t0 = time.perf_counter()
+    for r in harness.timed_rounds(cfg.rounds, budget, reserve_s=15.0):
         order = con.names if r % 2 == 0 else con.names[::-1]
         for m, concurrency in enumerate((1, CONCURRENCY)):
             pair = 1 + 2 * r + m  # pair 0 did the warm-up
             for name in order:
                 deadline = budget.sub(BATCH_TIMEOUT_S, reserve=15.0)
                 for fig in await con.measure(name, cfg.ops, concurrency, pair, deadline):
-                    results.add(fig)
-        last_round_s = time.perf_counter() - t0
+                    results.add((fig.baseline, fig.op, fig.mode), fig)
     return results
 
 
-def report(results: Results, cfg: Config, con: Contenders) -> list[dict[str, Any]]:
+def report(results: Rounds, cfg: Config, con: Contenders) -> list[dict[str, Any]]:
     lines: list[dict[str, Any]] = []
     baselines = [n for n in con.names if n != OURS]
     for op in ("put", "fetch"):
         for concurrency in (1, CONCURRENCY):
-            mode = mode_name(concurrency)
-            ours = results.median(OURS, op, mode)
+            mode = harness.mode_name(concurrency)
+            ours = results.median((OURS, op, mode))
             if ours is None:
                 continue
-            base = {n: results.median(n, op, mode) for n in baselines}
+            base = {n: results.median((n, op, mode)) for n in baselines}
             failures = {OURS: ours["failures"]}
             failures.update({n: b["failures"] for n, b in base.items() if b is not None})
             params: dict[str, Any] = {
@@ -506,20 +463,22 @@ def report(results: Results, cfg: Config, con: Contenders) -> list[dict[str, Any
             }  # fmt: skip
             if op == "fetch":
                 params["pending_blobs"] = cfg.pending
-            lines += common.report_operation(f"storage.{op}", ours, base, cfg.ops, params)
+            lines += harness.report_operation(f"storage.{op}", ours, base, cfg.ops, params)
     for name in con.names:
         for op in ("put", "fetch"):
             for concurrency in (1, CONCURRENCY):
-                med = results.median(name, op, mode_name(concurrency))
+                mode = harness.mode_name(concurrency)
+                med = results.median((name, op, mode))
                 if med is not None:
-                    detail({"contender": name, "op": op, "mode": mode_name(concurrency), **med})
+                    summary = {key: med[key] for key in DETAIL_KEYS}
+                    harness.detail({"contender": name, "op": op, "mode": mode, **summary})
     return lines
 
 
-async def run(cfg: Config) -> int:
+async def run(root: Path, cfg: Config) -> int:
+    """The throughput section, its nodes' files under ``root``."""
     budget = Deadline(cfg.budget_s)
     t0 = time.perf_counter()
-    root = Path(tempfile.mkdtemp(prefix="dna-bench-storage-"))
     fleet = StorageFleet(root)
     node: OverlayNode | None = None
     con: Contenders | None = None
@@ -535,7 +494,7 @@ async def run(cfg: Config) -> int:
         await preload(client, work)
         con = Contenders(client, work, cfg)
         await con.start_baselines(root, min(20.0, budget.remaining()))
-        detail(
+        harness.detail(
             {
                 "setup": {
                     "root": str(root), "node_pids": fleet.pids(), "ops": cfg.ops,
@@ -543,17 +502,17 @@ async def run(cfg: Config) -> int:
                     "pending": cfg.pending, "redis_n": cfg.redis_n,
                     "envelope_bytes": work.envelope_bytes, "sealed_s": round(sealed_s, 2),
                     "ours_ready_s": round(ready_s, 2), "baselines": con.setup,
-                    "loadavg": [round(x, 2) for x in os.getloadavg()],
+                    "loadavg": harness.loadavg(),
                 }
             }
         )  # fmt: skip
         results = await measure_rounds(con, cfg, budget)
         lines = report(results, cfg, con)
-        detail(
+        harness.detail(
             {
                 "elapsed_s": round(time.perf_counter() - t0, 1),
                 "our_errors": dict(client.errors),
-                "loadavg": [round(x, 2) for x in os.getloadavg()],
+                "loadavg": harness.loadavg(),
             }
         )
     finally:
@@ -563,12 +522,11 @@ async def run(cfg: Config) -> int:
             with contextlib.suppress(Exception):
                 await node.stop()
         fleet.kill()
-        shutil.rmtree(root, ignore_errors=True)
-    return common.exit_status(lines, OURS)
+    return harness.exit_status(lines, OURS)
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
-    parser = common.arg_parser("Our mailboxes vs OpenDHT and Redis: put/fetch on loopback.")
+    parser = harness.arg_parser("Our mailboxes vs OpenDHT and Redis: put/fetch on loopback.")
     parser.add_argument(
         "--ops", type=int, default=None, help=f"ops per figure and round (default {DEFAULT_OPS})"
     )
@@ -594,42 +552,34 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         "--memory-blob-bytes", type=int, default=DEFAULT_MEMORY_BLOB_BYTES, help="their size"
     )
     args: argparse.Namespace = parser.parse_args(argv)
-    quick: bool = args.quick
-    ops = args.ops or args.n or (QUICK_OPS if quick else DEFAULT_OPS)
-    rounds = args.rounds or (QUICK_ROUNDS if quick else DEFAULT_ROUNDS)
-    warmup = args.warmup if args.warmup is not None else (QUICK_WARMUP if quick else DEFAULT_WARMUP)
-    redis_n = args.redis_n or (QUICK_REDIS_N if quick else DEFAULT_REDIS_N)
+    ops = harness.sized(args, args.ops or args.n, DEFAULT_OPS, QUICK_OPS)
+    rounds = harness.sized(args, args.rounds, DEFAULT_ROUNDS, QUICK_ROUNDS)
+    warmup = harness.sized(args, args.warmup, DEFAULT_WARMUP, QUICK_WARMUP)
+    redis_n = harness.sized(args, args.redis_n, DEFAULT_REDIS_N, QUICK_REDIS_N)
     if ops < 1 or rounds < 1 or warmup < 1 or args.pending < 1 or redis_n < 1:
         raise SystemExit("--ops, --rounds, --warmup, --pending and --redis-n must be >= 1")
     sections = tuple(s for s in args.sections.split(",") if s)
     if not sections or set(sections) - set(SECTIONS):
         raise SystemExit(f"--sections: choose from {', '.join(SECTIONS)}")
-    blobs = args.memory_blobs or (QUICK_MEMORY_BLOBS if quick else DEFAULT_MEMORY_BLOBS)
+    blobs = harness.sized(args, args.memory_blobs, DEFAULT_MEMORY_BLOBS, QUICK_MEMORY_BLOBS)
     return Config(
-        ops, rounds, warmup, args.pending, redis_n, args.budget, quick,
+        ops, rounds, warmup, args.pending, redis_n, args.budget, args.quick,
         sections, blobs, args.memory_blob_bytes,
     )  # fmt: skip
 
 
-async def in_tempdir(section: Callable[[Path], Awaitable[int]]) -> int:
-    root = Path(tempfile.mkdtemp(prefix="dna-bench-storage-"))
-    try:
-        return await section(root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
 async def run_section(name: str, cfg: Config) -> int:
-    if name == "throughput":
-        return await run(cfg)
-    if name == "flood":
-        phase_s = storage_flood.QUICK_PHASE_S if cfg.quick else storage_flood.PHASE_S
-        flood_cfg = storage_flood.FloodConfig(cfg.rounds, phase_s)
-        return await in_tempdir(lambda root: storage_flood.run(root, flood_cfg))
-    memory_cfg = storage_memory.MemoryConfig(
-        cfg.memory_blobs, cfg.memory_blob_bytes, cfg.ops, cfg.rounds
-    )
-    return await in_tempdir(lambda root: storage_memory.run(root, memory_cfg))
+    """One section, in a temporary directory of its own."""
+    with harness.scratch_dir("storage") as root:
+        if name == "throughput":
+            return await run(root, cfg)
+        if name == "flood":
+            phase_s = storage_flood.QUICK_PHASE_S if cfg.quick else storage_flood.PHASE_S
+            return await storage_flood.run(root, storage_flood.FloodConfig(cfg.rounds, phase_s))
+        memory_cfg = storage_memory.MemoryConfig(
+            cfg.memory_blobs, cfg.memory_blob_bytes, cfg.ops, cfg.rounds
+        )
+        return await storage_memory.run(root, memory_cfg)
 
 
 async def run_sections(cfg: Config) -> int:
@@ -648,8 +598,8 @@ def watchdog_s(cfg: Config) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
-    common.print_machine()
-    return common.run_main("bench.storage", lambda: run_sections(cfg), watchdog_s(cfg))
+    harness.print_machine()
+    return harness.run_main("bench.storage", lambda: run_sections(cfg), watchdog_s(cfg))
 
 
 if __name__ == "__main__":

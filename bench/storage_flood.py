@@ -44,8 +44,8 @@ from dna_core.mailbox import mailbox_id, put_pow_hash, sign_fetch
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 from dna_testnet.network import GRPC_PORT, LocalNode, wait_ready
 
-from bench import common
-from bench.baselines import percentile
+from bench import harness
+from bench.harness import now_ms, percentile
 from bench.source_proxy import SourceProxy
 
 NODE_IP = "127.0.0.190"
@@ -64,10 +64,6 @@ MAX_IN_FLIGHT = 256
 OP_TIMEOUT_S = 5.0
 NODE_TOML = f"[admission]\npow_base_bits = {POW_BITS}\n"
 TARGET_SLOWDOWN = 1.5
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def put_request(sender: Identity, owner: Identity, payload: bytes) -> mailbox_pb2.PutRequest:
@@ -296,8 +292,8 @@ def report(
             "target_slowdown": TARGET_SLOWDOWN,
         }
         n = int(params["samples_per_phase"])
-        common.report(f"storage.flood.{pct}", "ms", loaded, {"unloaded": unloaded}, n, line,
-                      kind="latency")  # fmt: skip
+        harness.report(f"storage.flood.{pct}", "ms", loaded, {"unloaded": unloaded}, n, line,
+                       kind="latency")  # fmt: skip
     return 1 if errors else 0
 
 

@@ -45,8 +45,8 @@ from dna_storage.backends.sqlite import SqliteBackend
 from dna_testnet.network import GRPC_PORT, LocalNode, wait_ready
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench import common
-from bench.baselines import percentile
+from bench import harness
+from bench.harness import now_ms, percentile
 
 BIG_IP, SMALL_IP = "127.0.0.196", "127.0.0.197"
 BLOBS_PER_MAILBOX = 50
@@ -64,10 +64,6 @@ class MemoryConfig:
     blob_bytes: int
     ops: int  # fetches per node and round
     rounds: int
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def blobs_of(box: bytes, count: int, size: int, at_ms: int) -> list[StoredBlob]:
@@ -147,12 +143,8 @@ async def until_repaired(nodes: list[LocalNode], timeout_s: float) -> None:
 
 def memory_kib(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM of a process, in KiB."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0])
-    return fields
+    fields = harness.proc_status(pid)
+    return {key: int(fields[key].split()[0]) for key in ("VmRSS", "VmHWM")}
 
 
 async def fetch_chunk(
@@ -215,13 +207,13 @@ def report(
         "memory_kib": memory, "failures": failures,
     }  # fmt: skip
     big_mib, small_mib = memory["big"]["VmRSS"] / 1024, memory["small"]["VmRSS"] / 1024
-    common.report("storage.memory.rss", "MiB", big_mib, {"small_node": small_mib}, 1, params,
-                  kind="latency")  # fmt: skip
+    harness.report("storage.memory.rss", "MiB", big_mib, {"small_node": small_mib}, 1, params,
+                   kind="latency")  # fmt: skip
     for pct in ("p50", "p99"):
         ours = statistics.median(rounds["big"][pct])
         base = statistics.median(rounds["small"][pct])
-        common.report(f"storage.memory.fetch.{pct}", "ms", ours, {"small_node": base}, cfg.ops,
-                      params, kind="latency")  # fmt: skip
+        harness.report(f"storage.memory.fetch.{pct}", "ms", ours, {"small_node": base}, cfg.ops,
+                       params, kind="latency")  # fmt: skip
 
 
 async def run(root: Path, cfg: MemoryConfig) -> int:

@@ -35,7 +35,7 @@ from typing import Any, cast
 
 import grpc
 
-from bench import common
+from bench import harness
 
 SIZES = (100, 4800)
 CONCURRENCY = 32
@@ -224,12 +224,12 @@ async def measure(clients: Clients, n: int, rounds: int) -> list[dict[str, Any]]
             micros = {k: round(1e6 / v, 1) for k, v in ops.items()}
             params = {"payload_bytes": size, "mode": mode, "rounds": rounds, "us_per_trip": micros}
             ours = ops.pop("grpc_unary")
-            lines.append(common.report(f"transport.{mode}.{size}", "ops/s", ours, ops, n, params))
+            lines.append(harness.report(f"transport.{mode}.{size}", "ops/s", ours, ops, n, params))
     return lines
 
 
 async def run(n: int, rounds: int) -> int:
-    common.print_machine()
+    harness.print_machine()
     server = subprocess.Popen(
         [sys.executable, "-m", "bench.transport", "--serve"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -258,11 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv == ["--serve"]:
         asyncio.run(serve())
         return 0
-    parser = common.arg_parser("Round trips between two processes, by transport.")
+    parser = harness.arg_parser("Round trips between two processes, by transport.")
     args = parser.parse_args(argv)
-    n = common.n_from(args, DEFAULT_N, QUICK_N)
-    rounds = common.rounds_from(args)
-    return common.run_main("bench.transport", lambda: run(n, rounds), watchdog_s=WATCHDOG_S)
+    n = harness.n_from(args, DEFAULT_N, QUICK_N)
+    rounds = harness.rounds_from(args)
+    return harness.run_main("bench.transport", lambda: run(n, rounds), watchdog_s=WATCHDOG_S)
 
 
 if __name__ == "__main__":

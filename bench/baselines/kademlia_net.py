@@ -32,58 +32,29 @@ How the package behaves (kademlia 2.2.3 over rpcudp 5), and what this module doe
   exception handler (it sets the cancelled future): those are counted
   (``cancelled_rpc_timers``) and swallowed, any other loop error is passed on.
 * Puts come from a *writer* node, gets from a different *reader* node, as for OpenDHT
-  (same workload and client-pair layout, see :mod:`bench.baselines.opendht_net`).
+  (same workload and client-pair layout: :class:`bench.harness.LoopbackNet`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import faulthandler
-import importlib.metadata
 import logging
 import os
 import socket
-import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from types import TracebackType
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kademlia.network import Server  # type: ignore[import-untyped]
 from kademlia.utils import digest  # type: ignore[import-untyped]
 
-from bench.baselines import (
-    DEFAULT_CONCURRENCY,
-    DEFAULT_NODES,
-    DEFAULT_OPS,
-    DEFAULT_WARMUP,
-    VALUE_MAX,
-    VALUE_MIN,
-    BaselineRun,
-    BatchResult,
-    Deadline,
-    Figure,
-    TableWatch,
-    Workload,
-    arg_parser,
-    make_figure,
-    percentile,
-    print_run,
-    process_stats,
-    udp_drops_since,
-    udp_rcvbuf_errors,
-)
-from bench.common import print_machine
+from bench import harness
+from bench.harness import DEFAULT_RCVBUF, HOST, Batch, Deadline, Figure, LoopbackNet, Workload
 
 NAME = "kademlia"
-HOST = "127.0.0.1"
-PROBE_TIMEOUT_S = 2.0  # per probe op while waiting for the network to be usable
 KEY_BYTES = 20
-# SO_RCVBUF per node socket (module docstring); the kernel caps it at net.core.rmem_max.
-DEFAULT_RCVBUF = 4 * 1024 * 1024
 
 Item = tuple[bytes, bytes]  # (key, value)
-Op = Callable[[int], Awaitable[bool]]
 
 
 class _LibraryNoise(logging.Handler):
@@ -119,71 +90,15 @@ def _is_cancelled_rpc_timeout(context: dict[str, Any]) -> bool:
     return isinstance(exc, asyncio.InvalidStateError) and "RPCProtocol._timeout" in repr(handle)
 
 
-def version() -> str:
-    try:
-        return importlib.metadata.version("kademlia")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
-        return "unknown"
+class KademliaNet(LoopbackNet[Item]):
+    """N ``kademlia`` servers on loopback in the running loop, bootstrapped to the first,
+    with client pairs (layout and workload: :class:`bench.harness.LoopbackNet`)."""
 
-
-# ---------------------------------------------------------------------------- batches
-
-
-async def _run_batch(
-    op: Op, count: int, concurrency: int, op_timeout_s: float, deadline: Deadline
-) -> BatchResult:
-    """Run ``op(i)`` for i < ``count`` with ``concurrency`` workers; True means success.
-
-    An op not done within ``op_timeout_s`` is cancelled and fails; no op starts after
-    ``deadline``, so the batch ends by ``deadline + op_timeout_s``.
-    """
-    latencies: list[float] = []
-    succeeded: list[int] = []
-    finished: list[float] = []
-    failures = 0
-    clock = time.perf_counter
-    start = clock()
-    last = start
-    next_index = 0
-
-    async def worker() -> None:
-        nonlocal failures, last, next_index
-        while next_index < count and not deadline.expired():
-            i = next_index
-            next_index += 1
-            t0 = clock()
-            try:
-                async with asyncio.timeout(op_timeout_s):
-                    ok = await op(i)
-            except Exception:  # TimeoutError included: the op failed, the batch goes on
-                ok = False
-            now = clock()
-            if ok:
-                latencies.append(now - t0)
-                succeeded.append(i)
-                finished.append(now - start)
-            else:
-                failures += 1
-            last = now
-
-    await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, count)))))
-    return BatchResult(latencies, failures, max(last - start, 1e-9), sorted(succeeded), finished)
-
-
-# ---------------------------------------------------------------------------- the network
-
-
-class KademliaNet:
-    """N ``kademlia`` servers on loopback in the running loop, bootstrapped to the first.
-
-    Use as an async context manager or call :meth:`start` and :meth:`close`. Client pairs
-    are laid out as in :class:`bench.baselines.opendht_net.OpenDhtNet`: pair j writes from
-    node ``N-1-2j`` and reads from node ``N-2-2j``; the bootstrap node is never a client.
-    """
+    name = NAME
 
     def __init__(
         self,
-        nodes: int = DEFAULT_NODES,
+        nodes: int = harness.DEFAULT_NODES,
         *,
         ksize: int = 20,
         alpha: int = 3,
@@ -191,66 +106,49 @@ class KademliaNet:
         rcvbuf_bytes: int = DEFAULT_RCVBUF,
         workload: Workload | None = None,
     ) -> None:
-        if nodes < 3:
-            raise ValueError("need at least 3 nodes (bootstrap, writer, reader)")
-        self.size = nodes
+        super().__init__(nodes, op_timeout_s=op_timeout_s, workload=workload)
         self.ksize = ksize
         self.alpha = alpha
-        self.op_timeout_s = op_timeout_s
         self.rcvbuf_bytes = rcvbuf_bytes
-        self.workload = workload or Workload()
-        self.servers: list[Any] = []
-        self.converge_s = 0.0
         self.noise = _LibraryNoise()
         self.cancelled_rpc_timers = 0
         self._loggers: list[tuple[logging.Logger, bool]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._old_handler: Any = None
 
+    def setup(self) -> dict[str, Any]:
+        return {
+            "host": HOST,
+            "ksize": self.ksize,
+            "alpha": self.alpha,
+            "rcvbuf_bytes": self.rcvbuf_effective(),
+        }
+
+    def after_run(self) -> dict[str, Any]:
+        return {
+            "cancelled_rpc_timers": self.cancelled_rpc_timers,
+            "other_library_warnings": self.noise.other,
+        }
+
     # -- lifecycle
 
-    async def start(self, ready_timeout_s: float = 15.0, probes: int = 5) -> float:
-        """Start the nodes; return once the network is usable (seconds it took).
-
-        Each node after the first bootstraps to it in turn (a self-lookup crawl). Usable:
-        every node has ``min(N - 1, ksize)`` contacts (or at least one, and no table changed
-        for 2 s: :class:`~bench.baselines.TableWatch`), then ``probes`` fresh keys in a
-        row can be put by one node and read by another (nodes 1 and 2). Raises
-        ``TimeoutError`` (after closing the nodes) past ``ready_timeout_s``.
-        """
-        deadline = Deadline(ready_timeout_s)
-        t0 = time.perf_counter()
+    async def _launch(self, deadline: Deadline) -> None:
+        """Each node after the first bootstraps to it in turn (a self-lookup crawl)."""
         self._quiet_library()
-        try:
-            async with asyncio.timeout(ready_timeout_s):
-                for _ in range(self.size):
-                    server = Server(ksize=self.ksize, alpha=self.alpha)
-                    await server.listen(0, interface=HOST)
-                    self.servers.append(server)
-                    if self.rcvbuf_bytes > 0:
-                        sock = server.transport.get_extra_info("socket")
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf_bytes)
-                first = (HOST, self.port(0))
-                for server in self.servers[1:]:
-                    await server.bootstrap([first])
-                await self._wait_ready(deadline, probes)
-        except BaseException:
-            await self.close()
-            raise
-        self.converge_s = time.perf_counter() - t0
-        return self.converge_s
+        async with asyncio.timeout(deadline.remaining()):
+            for _ in range(self.size):
+                server = Server(ksize=self.ksize, alpha=self.alpha)
+                await server.listen(0, interface=HOST)
+                self.nodes.append(server)
+                if self.rcvbuf_bytes > 0:
+                    sock = server.transport.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf_bytes)
+            first = (HOST, self.port(0))
+            for server in self.nodes[1:]:
+                await server.bootstrap([first])
 
-    async def _wait_ready(self, deadline: Deadline, probes: int) -> None:
-        watch = TableWatch(min(self.size - 1, self.ksize))
-        while not watch.settled(self.contacts()):
-            await asyncio.sleep(0.02)
-        streak = 0
-        while streak < probes:
-            items = self.new_items(1)
-            writer, reader = self.servers[1], self.servers[2]
-            _, stored = await self._put(items, [writer], 1, deadline, PROBE_TIMEOUT_S)
-            _, read = await self._get(stored, [reader], 1, deadline, PROBE_TIMEOUT_S)
-            streak = streak + 1 if len(read) == 1 else 0
+    def _table_watch(self) -> harness.TableWatch:
+        return harness.TableWatch(min(self.size - 1, self.ksize))
 
     def _quiet_library(self) -> None:
         """Route the package's log lines to the counter, and swallow (counting them) the
@@ -284,24 +182,22 @@ class KademliaNet:
 
     def rcvbuf_effective(self) -> int | None:
         """SO_RCVBUF as the kernel reports it for node 0 (it doubles what was asked)."""
-        if not self.servers:
+        if not self.nodes:
             return None
-        sock = self.servers[0].transport.get_extra_info("socket")
+        sock = self.nodes[0].transport.get_extra_info("socket")
         return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
 
     def port(self, index: int) -> int:
-        return int(self.servers[index].transport.get_extra_info("sockname")[1])
+        return int(self.nodes[index].transport.get_extra_info("sockname")[1])
 
     def contacts(self) -> list[int]:
-        """Contacts in each node's routing table."""
         return [
-            sum(len(b) for b in s.protocol.router.buckets) if s.protocol else 0
-            for s in self.servers
+            sum(len(b) for b in s.protocol.router.buckets) if s.protocol else 0 for s in self.nodes
         ]
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float = 8.0) -> None:
         """Stop every node and drop its pending RPCs (their 5 s timers included)."""
-        for server in self.servers:
+        for server in self.nodes:
             server.stop()
             protocol = server.protocol
             if protocol is not None:
@@ -310,104 +206,35 @@ class KademliaNet:
                     if not future.done():
                         future.cancel()
                 protocol._outstanding.clear()
-        self.servers = []
+        self.nodes = []
         await asyncio.sleep(0.05)  # let the library's last callbacks run
         self._restore_library()
-
-    async def __aenter__(self) -> KademliaNet:
-        if not self.servers:
-            await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType
-    ) -> None:
-        await self.close()
-
-    @property
-    def max_pairs(self) -> int:
-        """Disjoint client pairs available (the bootstrap node is not a client)."""
-        return (self.size - 1) // 2
-
-    def writer(self, pair: int = 0) -> Any:
-        return self.servers[-1 - 2 * (pair % self.max_pairs)]
-
-    def reader(self, pair: int = 0) -> Any:
-        return self.servers[-2 - 2 * (pair % self.max_pairs)]
 
     # -- measuring
 
     def new_items(self, count: int) -> list[Item]:
-        """Distinct random keys with fresh random values."""
         return [(os.urandom(KEY_BYTES), self.workload.value()) for _ in range(count)]
 
-    async def put_batch(
-        self,
-        items: Sequence[Item],
-        concurrency: int,
-        deadline: Deadline,
-        *,
-        pairs: Sequence[int] = (0,),
-        op_timeout_s: float | None = None,
-    ) -> tuple[Figure, list[Item]]:
-        """The writers of ``pairs`` put every item, ``concurrency`` in flight in all.
+    async def _put(self, batch: Batch[Item]) -> tuple[Figure, list[Item]]:
+        """``set`` returns True whenever its crawl found a node (module docstring): a put
+        counts as stored then."""
 
-        Returns the figure and the items stored (``set`` returned True).
-        """
-        timeout = self.op_timeout_s if op_timeout_s is None else op_timeout_s
-        writers = [self.writer(j) for j in pairs]
-        return await self._put(items, writers, concurrency, deadline, timeout)
-
-    async def get_batch(
-        self,
-        items: Sequence[Item],
-        concurrency: int,
-        deadline: Deadline,
-        *,
-        pairs: Sequence[int] = (0,),
-        op_timeout_s: float | None = None,
-    ) -> tuple[Figure, list[Item]]:
-        """The readers of ``pairs`` get every key, ``concurrency`` in flight in all.
-
-        A get succeeds if it returns exactly the value put. The figure's ``local_hits``
-        counts gets the reader answered from its own storage. Returns the figure and the
-        items read back.
-        """
-        timeout = self.op_timeout_s if op_timeout_s is None else op_timeout_s
-        readers = [self.reader(j) for j in pairs]
-        return await self._get(items, readers, concurrency, deadline, timeout)
-
-    async def _put(
-        self,
-        items: Sequence[Item],
-        writers: Sequence[Any],
-        concurrency: int,
-        deadline: Deadline,
-        op_timeout_s: float,
-    ) -> tuple[Figure, list[Item]]:
         async def op(i: int) -> bool:
-            key, value = items[i]
-            return bool(await writers[i % len(writers)].set(key, value))
+            key, value = batch.items[i]
+            return bool(await batch.client(i).set(key, value))
 
-        before = self._counters()
-        res = await _run_batch(op, len(items), concurrency, op_timeout_s, deadline)
-        return self._figure("put", res, items, concurrency, self._counted(before))
+        return await self._batch("put", op, batch)
 
-    async def _get(
-        self,
-        items: Sequence[Item],
-        readers: Sequence[Any],
-        concurrency: int,
-        deadline: Deadline,
-        op_timeout_s: float,
-    ) -> tuple[Figure, list[Item]]:
+    async def _get(self, batch: Batch[Item]) -> tuple[Figure, list[Item]]:
+        """The figure's ``local_hits`` counts gets the reader answered from its own
+        storage; ``remote_p50_ms``/``remote_p99_ms`` are the latencies of the others."""
         local = 0
         remote: list[float] = []  # latencies of the successful gets that went to the network
 
         async def op(i: int) -> bool:
             nonlocal local
-            key, value = items[i]
-            reader = readers[i % len(readers)]
+            key, value = batch.items[i]
+            reader = batch.client(i)
             is_local = reader.storage.get(digest(key)) is not None
             local += is_local
             t0 = time.perf_counter()
@@ -416,135 +243,46 @@ class KademliaNet:
                 remote.append(time.perf_counter() - t0)
             return ok
 
-        before = self._counters()
-        res = await _run_batch(op, len(items), concurrency, op_timeout_s, deadline)
-        extra: dict[str, Any] = {"local_hits": local}
-        if remote:
-            remote.sort()
-            extra["remote_p50_ms"] = round(percentile(remote, 0.50) * 1e3, 3)
-            extra["remote_p99_ms"] = round(percentile(remote, 0.99) * 1e3, 3)
-        extra.update(self._counted(before))
-        return self._figure("get", res, items, concurrency, extra)
+        def extra() -> dict[str, Any]:
+            found: dict[str, Any] = {"local_hits": local}
+            if remote:
+                remote.sort()
+                found["remote_p50_ms"] = round(harness.percentile(remote, 0.50) * 1e3, 3)
+                found["remote_p99_ms"] = round(harness.percentile(remote, 0.99) * 1e3, 3)
+            return found
 
-    def _counters(self) -> tuple[int, int, int | None]:
-        return (*self.noise.snapshot(), udp_rcvbuf_errors())
+        return await self._batch("get", op, batch, extra)
 
-    def _counted(self, before: tuple[int, int, int | None]) -> dict[str, int]:
-        """RPC timeouts, contacts dropped and UDP drops since ``before``."""
-        timeouts, dropped = self.noise.snapshot()
-        return {
-            "rpc_timeouts": timeouts - before[0],
-            "contacts_dropped": dropped - before[1],
-            **udp_drops_since(before[2]),
-        }
-
-    def _figure(
+    async def _batch(
         self,
-        op: str,
-        res: BatchResult,
-        items: Sequence[Item],
-        concurrency: int,
-        extra: dict[str, Any],
+        name: str,
+        op: harness.BatchOp,
+        batch: Batch[Item],
+        extra: Callable[[], dict[str, Any]] | None = None,
     ) -> tuple[Figure, list[Item]]:
-        fig = make_figure(
-            NAME,
-            op,
-            concurrency,
-            res.latencies,
-            res.failures,
-            len(items),
-            self.size,
-            res.wall_s,
-            extra=extra,
-            finished_s=res.finished_s,
+        """One batch; its figure has ``extra()`` (if given) then the RPC timeouts, contacts
+        dropped and UDP drops during the batch."""
+        timeouts0, dropped0 = self.noise.snapshot()
+        drops0 = harness.udp_rcvbuf_errors()
+        res = await harness.run_batch(
+            op, len(batch.items), batch.concurrency, batch.op_timeout_s, batch.deadline
         )
-        return fig, [items[i] for i in res.succeeded]
-
-
-# ---------------------------------------------------------------------------- a whole run
-
-
-async def run_kademlia_async(
-    nodes: int = DEFAULT_NODES,
-    ops: int = DEFAULT_OPS,
-    *,
-    concurrency: int = DEFAULT_CONCURRENCY,
-    clients: int = 1,
-    warmup: int = DEFAULT_WARMUP,
-    value_min: int = VALUE_MIN,
-    value_max: int = VALUE_MAX,
-    op_timeout_s: float = 5.0,
-    batch_timeout_s: float = 12.0,
-    ready_timeout_s: float = 15.0,
-    budget_s: float = 80.0,
-    seed: int = 1,
-    ksize: int = 20,
-    alpha: int = 3,
-    rcvbuf_bytes: int = DEFAULT_RCVBUF,
-) -> BaselineRun:
-    """Start ``nodes`` kademlia servers, measure put/get seq and cN, close; in ``budget_s``.
-
-    Same schedule as :func:`bench.baselines.opendht_net.run_opendht`: per mode (seq, then
-    cN, each on its own ``clients`` client pairs) a warm-up, the puts of ``ops`` fresh
-    keys, then gets of the keys whose put succeeded. A figure stops issuing ops after
-    ``batch_timeout_s`` (or when the budget, less the time kept for closing, runs out).
-    """
-    budget = Deadline(budget_s)
-    net = KademliaNet(
-        nodes,
-        ksize=ksize,
-        alpha=alpha,
-        op_timeout_s=op_timeout_s,
-        rcvbuf_bytes=rcvbuf_bytes,
-        workload=Workload(value_min, value_max, seed),
-    )
-    await net.start(ready_timeout_s=min(ready_timeout_s, budget.remaining()))
-    puts: list[Figure] = []
-    gets: list[Figure] = []
-    setup: dict[str, Any] = {
-        "host": HOST,
-        "clients": clients,
-        "ksize": ksize,
-        "alpha": alpha,
-        "rcvbuf_bytes": net.rcvbuf_effective(),
-        **process_stats(),
-    }
-    try:
-
-        def window(seconds: float) -> Deadline:
-            return budget.sub(seconds, reserve=1.0 + op_timeout_s)
-
-        for k, c in enumerate((1, concurrency)):
-            pairs = range(k * clients, (k + 1) * clients)
-            if warmup > 0:
-                warm = window(batch_timeout_s / 4)
-                _, stored = await net.put_batch(net.new_items(warmup), c, warm, pairs=pairs)
-                await net.get_batch(stored, c, warm, pairs=pairs)
-            items = net.new_items(ops)
-            fig, stored = await net.put_batch(items, c, window(batch_timeout_s), pairs=pairs)
-            puts.append(fig)
-            fig, _ = await net.get_batch(stored, c, window(batch_timeout_s), pairs=pairs)
-            gets.append(fig)
-        setup.update({f"{k}_after": v for k, v in process_stats().items()})
-        setup["cancelled_rpc_timers"] = net.cancelled_rpc_timers
-        setup["other_library_warnings"] = net.noise.other
-    finally:
-        await net.close()
-    return BaselineRun(NAME, version(), nodes, net.converge_s, (*puts, *gets), setup)
-
-
-def run_kademlia(nodes: int = DEFAULT_NODES, ops: int = DEFAULT_OPS, **kwargs: Any) -> BaselineRun:
-    """:func:`run_kademlia_async` in a fresh event loop (not from inside a running loop)."""
-    return asyncio.run(run_kademlia_async(nodes, ops, **kwargs))
+        timeouts, dropped = self.noise.snapshot()
+        counted = {
+            **(extra() if extra is not None else {}),
+            "rpc_timeouts": timeouts - timeouts0,
+            "contacts_dropped": dropped - dropped0,
+            **harness.udp_drops_since(drops0),
+        }
+        return self._figure(name, res, batch, counted)
 
 
 # ---------------------------------------------------------------------------- command line
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = arg_parser("kademlia baseline: put/get throughput and latency on loopback.")
-    parser.add_argument(
-        "--clients", type=int, default=1, help="writer/reader pairs sharing each figure's ops"
+    parser = harness.network_arg_parser(
+        "kademlia baseline: put/get throughput and latency on loopback."
     )
     parser.add_argument("--ksize", type=int, default=20, help="k: replicas and bucket size")
     parser.add_argument("--alpha", type=int, default=3, help="lookup parallelism")
@@ -555,32 +293,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"SO_RCVBUF bytes for every node's socket, 0: OS default (default {DEFAULT_RCVBUF})",
     )
     args = parser.parse_args(argv)
-    # Last resort if the loop is wedged (a callback that never yields): dump and exit.
-    faulthandler.dump_traceback_later(args.budget + 20, exit=True)
-    print_machine()
-    try:
-        run = run_kademlia(
-            args.nodes,
-            args.ops,
-            concurrency=args.concurrency,
-            clients=args.clients,
-            warmup=args.warmup,
-            value_min=args.value_min,
-            value_max=args.value_max,
-            op_timeout_s=args.op_timeout,
-            batch_timeout_s=args.batch_timeout,
-            ready_timeout_s=args.ready_timeout,
-            budget_s=args.budget,
-            seed=args.seed,
-            ksize=args.ksize,
-            alpha=args.alpha,
-            rcvbuf_bytes=args.rcvbuf,
-        )
-    finally:
-        faulthandler.cancel_dump_traceback_later()
-    print_run(run)
-    sys.stdout.flush()
-    return 1 if any(f.failures for f in run.figures) else 0
+    net = KademliaNet(
+        args.nodes,
+        ksize=args.ksize,
+        alpha=args.alpha,
+        op_timeout_s=args.op_timeout,
+        rcvbuf_bytes=args.rcvbuf,
+        workload=Workload(args.value_min, args.value_max, args.seed),
+    )
+    return harness.network_main("bench.baselines.kademlia_net", net, args, close_reserve_s=1.0)
 
 
 if __name__ == "__main__":
