@@ -3,55 +3,61 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import pytest
 from dna_core.errors import DnaError
-from dna_core.ops.config import ConfigError, SecretStr, dump_config, load_config
+from dna_core.ops.config import (
+    ConfigError,
+    ConfigModel,
+    ConfigPath,
+    Secret,
+    SecretStr,
+    Strings,
+    dump_config,
+    load_config,
+)
+from pydantic import Field, model_validator
 
 
-@dataclass(frozen=True)
-class Mailbox:
+class Mailbox(ConfigModel):
     ttl_days: int = 30
     quota_mb: float = 64.0
-    dir: Path = Path("/var/lib/dna")
-    backends: tuple[str, ...] = ("sqlite",)
+    dir: ConfigPath = Path("/var/lib/dna")
+    backends: Strings = ("sqlite",)
 
 
-@dataclass(frozen=True)
-class Http:
+class Http(ConfigModel):
     host: str = "127.0.0.1"
     port: int = 8080
     access_log: bool = False
 
 
-@dataclass(frozen=True)
-class NodeConfig:
+class NodeConfig(ConfigModel):
     name: str = "node"
-    bootstrap: list[str] = field(default_factory=list)
-    redis_password: str = field(default="", metadata={"secret": True})
-    mailbox: Mailbox = field(default_factory=Mailbox)
-    http: Http = field(default_factory=lambda: Http(port=9100))
+    bootstrap: list[str] = Field(default_factory=list)
+    redis_password: Annotated[str, Secret()] = ""
+    mailbox: Mailbox = Mailbox()
+    http: Http = Http(port=9100)
 
 
-@dataclass(frozen=True)
-class Required:
-    key_file: Path
+class Required(ConfigModel):
+    key_file: ConfigPath
 
 
-@dataclass(frozen=True)
-class Checked:
+class Checked(ConfigModel):
     port: int = 1
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _in_range(self) -> Checked:
         if not 0 < self.port < 65536:
             raise ValueError(f"port {self.port} out of range")
+        return self
 
 
-@dataclass(frozen=True)
-class Unsupported:
-    anything: dict[str, str] = field(default_factory=dict)
+class Unsupported(ConfigModel):
+    anything: dict[str, str] = Field(default_factory=dict)
 
 
 def toml(tmp_path: Path, text: str) -> Path:
@@ -97,7 +103,9 @@ def test_file_overrides_defaults(tmp_path: Path) -> None:
     cfg = load(path)
     assert cfg.name == "storage-1"
     assert cfg.bootstrap == ["10.0.0.1:4000", "10.0.0.2:4000"]
-    assert cfg.mailbox == Mailbox(7, 128.0, Path("/srv/dna"), ("sqlite", "redis"))
+    assert cfg.mailbox == Mailbox(
+        ttl_days=7, quota_mb=128.0, dir=Path("/srv/dna"), backends=("sqlite", "redis")
+    )
     assert isinstance(cfg.mailbox.quota_mb, float)
     assert cfg.http == Http(port=9100, access_log=True)  # unset fields keep their default
 
@@ -259,9 +267,9 @@ def test_unsupported_annotation_is_a_programming_error() -> None:
         load_config(Unsupported, None, env_prefix="N", env={})
 
 
-def test_not_a_dataclass() -> None:
-    with pytest.raises(TypeError):
-        load_config(dict, None, env_prefix="N", env={})
+def test_not_a_config_model() -> None:
+    with pytest.raises(TypeError, match="needs a ConfigModel"):
+        load_config(dict, None, env_prefix="N", env={})  # type: ignore[type-var]
 
 
 # --- dump ---------------------------------------------------------------------------------------
@@ -283,13 +291,12 @@ def test_dump_is_json_ready_and_masks_secrets() -> None:
     assert dumped["http"]["port"] == 9100
 
 
-def test_dump_rejects_non_dataclasses() -> None:
+def test_dump_rejects_what_is_not_a_config_model() -> None:
     with pytest.raises(TypeError):
-        dump_config({"a": 1})
+        dump_config({"a": 1})  # type: ignore[arg-type]
 
 
-@dataclass(frozen=True)
-class WithSecret:
+class WithSecret(ConfigModel):
     url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     token: SecretStr = SecretStr("")
 
