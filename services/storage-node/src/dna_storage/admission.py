@@ -260,8 +260,8 @@ class HighWaterMark:
 
 
 class AdmissionConfig(ConfigModel):
-    """Admission parameters (the ``[admission]`` section of the node's config). The bounds
-    are those the checks above accept, so a bad value is refused naming its key."""
+    """How big, how often and how much a sender may put (docs/storage.md "Admission"). The
+    bounds are those the admission checks accept, so a bad value is refused naming its key."""
 
     max_blob_bytes: int = Field(default=256 * KIB, ge=1)
     """The largest blob (one envelope) a put may carry."""

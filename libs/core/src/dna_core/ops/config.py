@@ -73,8 +73,8 @@ __all__ = [
     "default_toml",
     "dump_config",
     "env_var",
-    "is_secret",
     "load_config",
+    "no_default_shown",
 ]
 
 M = TypeVar("M", bound="ConfigModel")
@@ -198,9 +198,10 @@ class ConfigModel(BaseModel):
     )
 
 
-def is_secret(field: Any) -> bool:
-    """Whether a model field (a pydantic ``FieldInfo``) is never to be printed."""
-    return field.annotation is SecretStr or any(isinstance(m, Secret) for m in field.metadata)
+def no_default_shown(schema: dict[str, Any]) -> None:
+    """``Field(json_schema_extra=no_default_shown)``: a default that stands for "unset" (the
+    node derives the value from other keys) is left out of the schema and shown as unset."""
+    schema.pop("default", None)
 
 
 def env_var(env_prefix: str, key: str) -> str:

@@ -11,16 +11,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import grpc
 from dna_core import __version__
-from dna_core.ops.config import ConfigModel, ConfigPath, Port, Secret, Strings, dump_config
+from dna_core.ops.config import (
+    ConfigModel,
+    ConfigPath,
+    Port,
+    Secret,
+    Strings,
+    dump_config,
+    no_default_shown,
+)
 from dna_core.ops.grpc_gate import GrpcGate, ServiceRegistrar
 from dna_core.ops.grpc_ops import HealthController, add_health_and_reflection
 from dna_core.ops.http import HttpLimits, OpsServer, build_ops_app
@@ -37,7 +44,7 @@ from dna_core.overlay.records import (
 from dna_core.ratelimit import RateLimiter
 from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator
 
 from .node import NodeConfig, OverlayNode
 from .record_file import RecordFile
@@ -105,8 +112,9 @@ class OverlaySection(ConfigModel):
 class RecordsSection(ConfigModel):
     """The record store: where it is kept, how big it may grow, what a sender may do."""
 
-    # Path("") is "unset": ConfigPath refuses an empty path from the file or environment.
-    path: ConfigPath = Path("")
+    # Path("") is "unset" (ConfigPath refuses an empty path from the file or environment), so
+    # the schema shows no default.
+    path: ConfigPath = Field(default=Path(""), json_schema_extra=no_default_shown)
     """The record file, kept across restarts and verified again on load. Unset: records.sqlite3
     in the node's own data directory (bootstrap-data/, or a storage node's storage.data_dir), so
     two nodes started from one working directory never share it."""
@@ -182,8 +190,12 @@ class ConnectionsSection(ConfigModel):
         )
 
 
-# Python's level names, either case (`configure_logging` takes both).
-LOG_LEVELS = sorted(name.lower() for name in logging.getLevelNamesMapping())
+# Python's level names (`logging.getLevelNamesMapping`), which `configure_logging` takes.
+LogLevel = Literal["critical", "fatal", "error", "warn", "warning", "info", "debug", "notset"]
+
+
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
 
 
 class OverlayServiceConfig(ConfigModel):
@@ -194,18 +206,8 @@ class OverlayServiceConfig(ConfigModel):
     records: RecordsSection = RecordsSection()
     ops: OpsSection = OpsSection()
     connections: ConnectionsSection = ConnectionsSection()
-    log_level: str = Field(
-        default="info",
-        json_schema_extra={"enum": [*LOG_LEVELS, *(level.upper() for level in LOG_LEVELS)]},
-    )
-    """Log lines below this level are dropped."""
-
-    @field_validator("log_level")
-    @classmethod
-    def _known_level(cls, level: str) -> str:
-        if level.lower() not in LOG_LEVELS:
-            raise ValueError(f"{level!r} is not one of {', '.join(LOG_LEVELS)}")
-        return level
+    log_level: Annotated[LogLevel, BeforeValidator(_lower)] = "info"
+    """Log lines below this level are dropped (any case: "INFO" is "info")."""
 
     def data_dir(self) -> Path:
         """Where this node keeps its files by default: a bootstrap node's own directory,
