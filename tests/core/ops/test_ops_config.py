@@ -18,7 +18,10 @@ from dna_core.ops.config import (
     dump_config,
     load_config,
 )
+from dna_storage.cli import ENV_PREFIX as STORAGE_ENV
+from dna_storage.node import StorageNodeConfig
 from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Mailbox(ConfigModel):
@@ -312,3 +315,35 @@ def test_a_secret_is_masked_however_the_config_is_printed(tmp_path: Path) -> Non
     assert dump_config(config) == {"url": "redis://user:***@db.internal:6380/2", "token": "***"}
     # Nothing secret in a URL without a password: it is shown whole.
     assert dump_config(WithSecret())["url"] == "redis://127.0.0.1:6379/0"
+
+
+# --- the names are pydantic-settings' own ------------------------------------------------------
+
+
+def test_our_variable_names_are_what_stock_pydantic_settings_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`DNA_STORAGE__SECTION__KEY` is pydantic-settings' form with env_prefix `DNA_STORAGE__`
+    and env_nested_delimiter `__`: a stock BaseSettings reads the same variables the same way
+    (a list as a JSON array, its form; ours also takes a comma-separated one)."""
+    env = {
+        "DNA_STORAGE__LOG_LEVEL": "debug",
+        "DNA_STORAGE__NODE__HOST": "203.0.113.7",
+        "DNA_STORAGE__NODE__UDP_PORT": "7500",
+        "DNA_STORAGE__OVERLAY__BOOTSTRAP": '["198.51.100.1:7400", "198.51.100.2:7400"]',
+        "DNA_STORAGE__OVERLAY__ALLOW_LOOPBACK": "true",
+        "DNA_STORAGE__STORAGE__REDIS_URL": "redis://:pw@db:6379/1",
+        "DNA_STORAGE__ADMISSION__DISK_HIGH_WATER": "0.5",
+    }
+
+    class Stock(StorageNodeConfig, BaseSettings):
+        model_config = SettingsConfigDict(env_prefix="DNA_STORAGE__", env_nested_delimiter="__")
+
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    stock = StorageNodeConfig.model_validate(dict(Stock()))
+    ours = load_config(StorageNodeConfig, None, env_prefix=STORAGE_ENV, env=env)
+    assert ours == stock
+    assert ours.node.udp_port == 7500 and ours.admission.disk_high_water == 0.5
+    assert ours.overlay.bootstrap == ("198.51.100.1:7400", "198.51.100.2:7400")
+    assert ours.storage.redis_url.reveal() == "redis://:pw@db:6379/1"

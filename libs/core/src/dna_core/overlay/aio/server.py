@@ -124,7 +124,7 @@ class RecordsSection(ConfigModel):
     """Bytes of records held at most (64 MiB: a full store measured 256 MB RSS)."""
     source_rate_per_s: float = Field(default=DEFAULT_SOURCE_RATE_PER_S, gt=0)
     """New records per second from one source address (IPv6: per /64)..."""
-    source_burst: float = Field(default=DEFAULT_SOURCE_BURST, gt=0)
+    source_burst: float = Field(default=DEFAULT_SOURCE_BURST, ge=1)
     """...after a burst of this many."""
     source_max_keys: int = Field(default=DEFAULT_SOURCE_MAX_KEYS, ge=1)
     """Source addresses the rate limiter remembers."""
