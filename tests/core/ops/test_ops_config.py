@@ -347,3 +347,36 @@ def test_our_variable_names_are_what_stock_pydantic_settings_reads(
     assert ours.node.udp_port == 7500 and ours.admission.disk_high_water == 0.5
     assert ours.overlay.bootstrap == ("198.51.100.1:7400", "198.51.100.2:7400")
     assert ours.storage.redis_url.reveal() == "redis://:pw@db:6379/1"
+
+
+class Vault(ConfigModel):
+    url: SecretStr = SecretStr("redis://:default-pw@db:6379/0")
+    key_file: Annotated[ConfigPath, Secret()] = Path("/keys/node.key")
+    note: str = ""
+
+
+class WithVault(ConfigModel):
+    vault: Vault = Vault(url=SecretStr("redis://:own-pw@db2:6379/1"), key_file=Path("/own.key"))
+
+
+def test_a_section_set_in_part_keeps_its_secret_defaults_unmasked(tmp_path: Path) -> None:
+    """The other keys of a [section] come from the enclosing default instance; a secret among
+    them is carried over as it is, not as its masked print."""
+    config = load_config(WithVault, toml(tmp_path, '[vault]\nnote = "x"\n'), env_prefix="T", env={})
+    assert config.vault.url.reveal() == "redis://:own-pw@db2:6379/1"
+    assert config.vault.key_file == Path("/own.key")
+    assert dump_config(config)["vault"] == {
+        "url": "redis://:***@db2:6379/1",
+        "key_file": "***",
+        "note": "x",
+    }
+
+
+def test_a_check_across_keys_names_the_section_and_each_source(tmp_path: Path) -> None:
+    path = toml(tmp_path, "[storage]\nttl_days = 10\n")
+    env = {"DNA_STORAGE__STORAGE__MAX_TTL_DAYS": "5"}
+    with pytest.raises(ConfigError) as info:
+        load_config(StorageNodeConfig, path, env_prefix=STORAGE_ENV, env=env)
+    err = info.value
+    assert (err.source, err.key) == (f"{path}, DNA_STORAGE__STORAGE__MAX_TTL_DAYS", "storage")
+    assert err.problem == "ttl_days must be > 0 and <= max_ttl_days"

@@ -292,7 +292,7 @@ class _Environment(EnvSettingsSource):
 
     def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str],
                  prefix: str) -> None:  # fmt: skip
-        self._env, self._start = env, prefix + _LEVEL
+        self._env, self._start = env, prefix + _LEVEL  # before super(): it reads them
         self.origins: dict[tuple[str, ...], str] = {}
         super().__init__(
             settings_cls, case_sensitive=True, env_prefix=self._start.lower(),
