@@ -1,5 +1,5 @@
 # Entry points. Each target bootstraps what it needs (uv, the locked env, system packages).
-.PHONY: bootstrap demo test check lint types unit fast bench protos clean
+.PHONY: bootstrap demo test check lint types unit fast bench protos config-docs clean
 
 # scripts/bootstrap.sh prints the uv to use, or nothing when it failed: then stop here
 # rather than run the recipe with an empty command.
@@ -42,6 +42,11 @@ bench:
 
 protos:
 	$(UV) run --locked python scripts/gen_protos.py
+
+## make config-docs: docs/configuration.md and deploy/config-schema/*.json from the config models
+## (a test in `make test` fails while the committed ones are not current)
+config-docs:
+	$(UV) run --locked python scripts/gen_config_docs.py
 
 clean:
 	rm -rf .venv .tools .mypy_cache .ruff_cache .pytest_cache .hypothesis

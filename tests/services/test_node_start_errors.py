@@ -41,8 +41,10 @@ def one_line_error(out: subprocess.CompletedProcess[str], prog: str) -> str:
     return line
 
 
-def run(prog: str, path: Path) -> subprocess.CompletedProcess[str]:
-    return run_script(prog, "run", "--config", str(path), timeout=30)
+def run(
+    prog: str, path: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return run_script(prog, "run", "--config", str(path), env=env, timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +97,30 @@ def test_a_bad_setting_is_one_line_naming_it(
     if top:
         path.write_text(path.read_text().replace('log_level = "info"', top))
     line = one_line_error(run("dna-bootstrap", path), "dna-bootstrap")
+    assert line.startswith(f"dna-bootstrap: error: {path}: "), line  # the source: the file
     assert named in line, line
+
+
+@pytest.mark.parametrize(
+    ("prog", "var", "value", "expected"),
+    [
+        ("dna-bootstrap", "DNA_BOOTSTRAP__NODE__UDP_PORT", "seven",
+         "node.udp_port: cannot parse 'seven' as int"),
+        ("dna-bootstrap", "DNA_BOOTSTRAP__NODE__UDP_PORTS", "7400",
+         "node.udp_ports: unknown key (known: node.host,"),
+        ("dna-storage-node", "DNA_STORAGE__ADMISSION__DISK_HIGH_WATER", "1.5",
+         "admission.disk_high_water: input should be less than or equal to 1, got 1.5"),
+        ("dna-storage-node", "DNA_STORAGE__STORAGE__BACKEND", "mysql",
+         "storage.backend: input should be 'sqlite' or 'redis', got 'mysql'"),
+    ],
+)  # fmt: skip
+def test_a_bad_environment_variable_is_one_line_naming_it_and_the_key(
+    tmp_path: Path, prog: str, var: str, value: str, expected: str
+) -> None:
+    """The variable wins over a good file, and the line names the variable, not the file."""
+    line = one_line_error(run(prog, config(tmp_path, "bad"), env={var: value}), prog)
+    assert line.startswith(f"{prog}: error: {var}: {expected}"), line
+    assert not (tmp_path / "bad.key").exists()  # refused before anything was made
 
 
 def test_a_bad_bootstrap_address_is_one_line(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ from dna_storage.admission import (
 from dna_storage.backends.base import StorageFullError, Usage
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 NOW_MS = 1_700_000_000_000  # wall clock of every proof unless a test says otherwise
 T0 = 1000.0  # monotonic seconds
@@ -449,8 +450,8 @@ def test_default_config_matches_the_design() -> None:
     assert (c.pow_base_bits, c.pow_max_bits, c.pow_target_puts_per_s) == (12, 24, 200.0)
     assert (c.quota_max_blobs, c.quota_max_bytes) == (10_000, 64 * 1024 * 1024)
     assert c.disk_high_water == 0.90
-    with pytest.raises(AttributeError):
-        c.max_blob_bytes = 1  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="frozen"):
+        c.max_blob_bytes = 1
     with pytest.raises(ValueError):
         AdmissionConfig(max_blob_bytes=0)
 

@@ -3,55 +3,64 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import pytest
 from dna_core.errors import DnaError
-from dna_core.ops.config import ConfigError, SecretStr, dump_config, load_config
+from dna_core.ops.config import (
+    ConfigError,
+    ConfigModel,
+    ConfigPath,
+    Secret,
+    SecretStr,
+    Strings,
+    dump_config,
+    load_config,
+)
+from dna_storage.cli import ENV_PREFIX as STORAGE_ENV
+from dna_storage.node import StorageNodeConfig
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-@dataclass(frozen=True)
-class Mailbox:
+class Mailbox(ConfigModel):
     ttl_days: int = 30
     quota_mb: float = 64.0
-    dir: Path = Path("/var/lib/dna")
-    backends: tuple[str, ...] = ("sqlite",)
+    dir: ConfigPath = Path("/var/lib/dna")
+    backends: Strings = ("sqlite",)
 
 
-@dataclass(frozen=True)
-class Http:
+class Http(ConfigModel):
     host: str = "127.0.0.1"
     port: int = 8080
     access_log: bool = False
 
 
-@dataclass(frozen=True)
-class NodeConfig:
+class NodeConfig(ConfigModel):
     name: str = "node"
-    bootstrap: list[str] = field(default_factory=list)
-    redis_password: str = field(default="", metadata={"secret": True})
-    mailbox: Mailbox = field(default_factory=Mailbox)
-    http: Http = field(default_factory=lambda: Http(port=9100))
+    bootstrap: list[str] = Field(default_factory=list)
+    redis_password: Annotated[str, Secret()] = ""
+    mailbox: Mailbox = Mailbox()
+    http: Http = Http(port=9100)
 
 
-@dataclass(frozen=True)
-class Required:
-    key_file: Path
+class Required(ConfigModel):
+    key_file: ConfigPath
 
 
-@dataclass(frozen=True)
-class Checked:
+class Checked(ConfigModel):
     port: int = 1
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _in_range(self) -> Checked:
         if not 0 < self.port < 65536:
             raise ValueError(f"port {self.port} out of range")
+        return self
 
 
-@dataclass(frozen=True)
-class Unsupported:
-    anything: dict[str, str] = field(default_factory=dict)
+class Unsupported(ConfigModel):
+    anything: dict[str, str] = Field(default_factory=dict)
 
 
 def toml(tmp_path: Path, text: str) -> Path:
@@ -97,7 +106,9 @@ def test_file_overrides_defaults(tmp_path: Path) -> None:
     cfg = load(path)
     assert cfg.name == "storage-1"
     assert cfg.bootstrap == ["10.0.0.1:4000", "10.0.0.2:4000"]
-    assert cfg.mailbox == Mailbox(7, 128.0, Path("/srv/dna"), ("sqlite", "redis"))
+    assert cfg.mailbox == Mailbox(
+        ttl_days=7, quota_mb=128.0, dir=Path("/srv/dna"), backends=("sqlite", "redis")
+    )
     assert isinstance(cfg.mailbox.quota_mb, float)
     assert cfg.http == Http(port=9100, access_log=True)  # unset fields keep their default
 
@@ -259,9 +270,9 @@ def test_unsupported_annotation_is_a_programming_error() -> None:
         load_config(Unsupported, None, env_prefix="N", env={})
 
 
-def test_not_a_dataclass() -> None:
-    with pytest.raises(TypeError):
-        load_config(dict, None, env_prefix="N", env={})
+def test_not_a_config_model() -> None:
+    with pytest.raises(TypeError, match="needs a ConfigModel"):
+        load_config(dict, None, env_prefix="N", env={})  # type: ignore[type-var]
 
 
 # --- dump ---------------------------------------------------------------------------------------
@@ -283,13 +294,12 @@ def test_dump_is_json_ready_and_masks_secrets() -> None:
     assert dumped["http"]["port"] == 9100
 
 
-def test_dump_rejects_non_dataclasses() -> None:
+def test_dump_rejects_what_is_not_a_config_model() -> None:
     with pytest.raises(TypeError):
-        dump_config({"a": 1})
+        dump_config({"a": 1})  # type: ignore[arg-type]
 
 
-@dataclass(frozen=True)
-class WithSecret:
+class WithSecret(ConfigModel):
     url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     token: SecretStr = SecretStr("")
 
@@ -305,3 +315,68 @@ def test_a_secret_is_masked_however_the_config_is_printed(tmp_path: Path) -> Non
     assert dump_config(config) == {"url": "redis://user:***@db.internal:6380/2", "token": "***"}
     # Nothing secret in a URL without a password: it is shown whole.
     assert dump_config(WithSecret())["url"] == "redis://127.0.0.1:6379/0"
+
+
+# --- the names are pydantic-settings' own ------------------------------------------------------
+
+
+def test_our_variable_names_are_what_stock_pydantic_settings_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`DNA_STORAGE__SECTION__KEY` is pydantic-settings' form with env_prefix `DNA_STORAGE__`
+    and env_nested_delimiter `__`: a stock BaseSettings reads the same variables the same way
+    (a list as a JSON array, its form; ours also takes a comma-separated one)."""
+    env = {
+        "DNA_STORAGE__LOG_LEVEL": "debug",
+        "DNA_STORAGE__NODE__HOST": "203.0.113.7",
+        "DNA_STORAGE__NODE__UDP_PORT": "7500",
+        "DNA_STORAGE__OVERLAY__BOOTSTRAP": '["198.51.100.1:7400", "198.51.100.2:7400"]',
+        "DNA_STORAGE__OVERLAY__ALLOW_LOOPBACK": "true",
+        "DNA_STORAGE__STORAGE__REDIS_URL": "redis://:pw@db:6379/1",
+        "DNA_STORAGE__ADMISSION__DISK_HIGH_WATER": "0.5",
+    }
+
+    class Stock(StorageNodeConfig, BaseSettings):
+        model_config = SettingsConfigDict(env_prefix="DNA_STORAGE__", env_nested_delimiter="__")
+
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    stock = StorageNodeConfig.model_validate(dict(Stock()))
+    ours = load_config(StorageNodeConfig, None, env_prefix=STORAGE_ENV, env=env)
+    assert ours == stock
+    assert ours.node.udp_port == 7500 and ours.admission.disk_high_water == 0.5
+    assert ours.overlay.bootstrap == ("198.51.100.1:7400", "198.51.100.2:7400")
+    assert ours.storage.redis_url.reveal() == "redis://:pw@db:6379/1"
+
+
+class Vault(ConfigModel):
+    url: SecretStr = SecretStr("redis://:default-pw@db:6379/0")
+    key_file: Annotated[ConfigPath, Secret()] = Path("/keys/node.key")
+    note: str = ""
+
+
+class WithVault(ConfigModel):
+    vault: Vault = Vault(url=SecretStr("redis://:own-pw@db2:6379/1"), key_file=Path("/own.key"))
+
+
+def test_a_section_set_in_part_keeps_its_secret_defaults_unmasked(tmp_path: Path) -> None:
+    """The other keys of a [section] come from the enclosing default instance; a secret among
+    them is carried over as it is, not as its masked print."""
+    config = load_config(WithVault, toml(tmp_path, '[vault]\nnote = "x"\n'), env_prefix="T", env={})
+    assert config.vault.url.reveal() == "redis://:own-pw@db2:6379/1"
+    assert config.vault.key_file == Path("/own.key")
+    assert dump_config(config)["vault"] == {
+        "url": "redis://:***@db2:6379/1",
+        "key_file": "***",
+        "note": "x",
+    }
+
+
+def test_a_check_across_keys_names_the_section_and_each_source(tmp_path: Path) -> None:
+    path = toml(tmp_path, "[storage]\nttl_days = 10\n")
+    env = {"DNA_STORAGE__STORAGE__MAX_TTL_DAYS": "5"}
+    with pytest.raises(ConfigError) as info:
+        load_config(StorageNodeConfig, path, env_prefix=STORAGE_ENV, env=env)
+    err = info.value
+    assert (err.source, err.key) == (f"{path}, DNA_STORAGE__STORAGE__MAX_TTL_DAYS", "storage")
+    assert err.problem == "ttl_days must be > 0 and <= max_ttl_days"

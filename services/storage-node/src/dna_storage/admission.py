@@ -51,7 +51,9 @@ from dna_core.errors import (
     MalformedError,
     VerificationError,
 )
+from dna_core.ops.config import ConfigModel
 from dna_core.ratelimit import RateLimited, RateLimiter, TokenBucket, source_key
+from pydantic import Field, model_validator
 
 from dna_storage.backends.base import Usage
 
@@ -246,31 +248,49 @@ class HighWaterMark:
 # --- composition -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class AdmissionConfig:
-    """Admission parameters (the ``[admission]`` section of the node's config)."""
+class AdmissionConfig(ConfigModel):
+    """How big, how often and how much a sender may put (docs/storage.md "Admission"). The
+    bounds are those the admission checks accept, so a bad value is refused naming its key."""
 
-    max_blob_bytes: int = 256 * KIB
-    ip_rate_per_s: float = 20.0
-    ip_burst: float = 40.0
-    ip_max_keys: int = 65_536
-    ipv6_prefix_len: int = 64
-    mailbox_rate_per_s: float = 10.0
-    mailbox_burst: float = 50.0
-    mailbox_max_keys: int = 65_536
-    pow_base_bits: int = 12
-    pow_max_bits: int = 24
-    pow_target_puts_per_s: float = 200.0
-    pow_window_s: int = 10
-    quota_max_blobs: int = 10_000
-    quota_max_bytes: int = 64 * MIB
-    disk_high_water: float = 0.90
+    max_blob_bytes: int = Field(default=256 * KIB, ge=1)
+    """The largest blob (one envelope) a put may carry."""
+    ip_rate_per_s: float = Field(default=20.0, gt=0)
+    """Puts per second from one source address (per ipv6_prefix_len for IPv6)..."""
+    ip_burst: float = Field(default=40.0, ge=1)
+    """...and the burst above it."""
+    ip_max_keys: int = Field(default=65_536, ge=1)
+    """Source addresses tracked (the least recently seen are forgotten)."""
+    ipv6_prefix_len: int = Field(default=64, ge=0, le=128)
+    """IPv6 sources are grouped by this prefix."""
+    mailbox_rate_per_s: float = Field(default=10.0, gt=0)
+    """Puts per second into one mailbox..."""
+    mailbox_burst: float = Field(default=50.0, ge=1)
+    """...and the burst above it."""
+    mailbox_max_keys: int = Field(default=65_536, ge=1)
+    """Mailboxes tracked by the rate limiter."""
+    pow_base_bits: int = Field(default=12, ge=0, le=pow.MAX_DIFFICULTY)
+    """Proof of work asked for when the node is not loaded."""
+    pow_max_bits: int = Field(default=24, ge=0, le=pow.MAX_DIFFICULTY)
+    """The most proof of work asked for under load."""
+    pow_target_puts_per_s: float = Field(default=200.0, gt=0)
+    """Load above which the difficulty rises (+1 bit per doubling)."""
+    pow_window_s: int = Field(default=10, ge=1, le=_MAX_WINDOW_S)
+    """Seconds the load is averaged over."""
+    quota_max_blobs: int = Field(default=10_000, ge=1)
+    """Blobs one mailbox may hold."""
+    quota_max_bytes: int = Field(default=64 * MIB, ge=1)
+    """Bytes one mailbox may hold."""
+    disk_high_water: float = Field(default=0.90, gt=0, le=1)
+    """Refuse writes and turn unready above this fraction of the disk used (SQLite)."""
 
-    def __post_init__(self) -> None:
-        if self.max_blob_bytes < 1:
-            raise ValueError(f"max_blob_bytes must be >= 1, got {self.max_blob_bytes}")
-        if not 0 <= self.ipv6_prefix_len <= 128:
-            raise ValueError(f"ipv6_prefix_len must be 0..128, got {self.ipv6_prefix_len}")
+    @model_validator(mode="after")
+    def _base_bits_at_most_max(self) -> AdmissionConfig:
+        if self.pow_base_bits > self.pow_max_bits:
+            raise ValueError(
+                f"pow_base_bits ({self.pow_base_bits}) must be <= pow_max_bits "
+                f"({self.pow_max_bits})"
+            )
+        return self
 
 
 class Admission:

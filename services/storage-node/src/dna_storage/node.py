@@ -17,16 +17,16 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from dna_core.errors import DnaError
-from dna_core.ops.config import SecretStr
+from dna_core.ops.config import ConfigModel, ConfigPath, SecretStr
 from dna_core.ops.grpc_gate import ServiceRegistrar
 from dna_core.overlay import OverlayNode, OverlayServer, OverlayServiceConfig
 from dna_core.wire import common_pb2, mailbox_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from pydantic import Field, model_validator
 from redis.exceptions import RedisError
 
 from dna_storage.admission import Admission, AdmissionConfig
@@ -40,28 +40,39 @@ log = logging.getLogger("dna.storage")
 MAILBOX_DESCRIPTOR = mailbox_pb2.DESCRIPTOR.services_by_name["Mailbox"]
 
 
-@dataclass(frozen=True)
-class StorageSection:
-    backend: str = "sqlite"  # or "redis"
-    data_dir: Path = Path("data")
-    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")  # may carry a password
-    ttl_days: int = 30  # default blob lifetime
-    max_ttl_days: int = 30  # the most a client may ask for
-    gc_interval_s: float = 30.0
-    gc_batch: int = 1000
-    repair_interval_s: float = 60.0  # anti-entropy pass over every mailbox held
+class StorageSection(ConfigModel):
+    """Where and how long mailboxes are kept (docs/storage.md)."""
 
-    def __post_init__(self) -> None:
-        if self.backend not in ("sqlite", "redis"):
-            raise ValueError(f"backend must be sqlite or redis, got {self.backend!r}")
+    backend: Literal["sqlite", "redis"] = "sqlite"
+    """Where mailboxes live: SQLite files in data_dir, or the Redis server at redis_url
+    (configured as docs/operations.md requires)."""
+    data_dir: ConfigPath = Path("data")
+    """SQLite's file (mailboxes.sqlite3), the record file by default, and the disk watched."""
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    """The Redis database of this node alone (backend = "redis"); may carry a password."""
+    ttl_days: int = 30
+    """A blob's lifetime when the client asks for none."""
+    max_ttl_days: int = 30
+    """The most a client may ask for."""
+    gc_interval_s: float = Field(default=30.0, gt=0)
+    """Seconds between expiry passes (and disk readings and held-figures refreshes)."""
+    gc_batch: int = Field(default=1000, ge=1)
+    """Blobs and tombstones expired per GC step."""
+    repair_interval_s: float = Field(default=60.0, gt=0)
+    """Seconds between anti-entropy passes over every mailbox held."""
+
+    @model_validator(mode="after")
+    def _ttl_within_max(self) -> StorageSection:
         if not 0 < self.ttl_days <= self.max_ttl_days:
             raise ValueError("ttl_days must be > 0 and <= max_ttl_days")
+        return self
 
 
-@dataclass(frozen=True)
 class StorageNodeConfig(OverlayServiceConfig):
-    storage: StorageSection = field(default_factory=StorageSection)
-    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    """A storage node's configuration: a bootstrap node's sections and its own."""
+
+    storage: StorageSection = StorageSection()
+    admission: AdmissionConfig = AdmissionConfig()
 
     def data_dir(self) -> Path:
         """The record file lives beside the mailboxes, in `[storage] data_dir`."""

@@ -2,8 +2,8 @@
 and reflection, the operator HTTP endpoints, joining, and background upkeep.
 
 Bootstrap nodes run exactly this; storage nodes run it with more gRPC services.
-Configuration is one frozen dataclass loaded from TOML + environment
-(`dna_core.ops.config`); see docs/operations.md.
+Configuration is one frozen model loaded from TOML + environment
+(`dna_core.ops.config`); every key is in docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -11,19 +11,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+from pydantic import BeforeValidator, Field, field_validator
 
 from dna_core import __version__
-from dna_core.ops.config import dump_config
+from dna_core.ops.config import (
+    ConfigModel,
+    ConfigPath,
+    Port,
+    Secret,
+    Strings,
+    dump_config,
+    no_default_shown,
+)
 from dna_core.ops.grpc_gate import GrpcGate, ServiceRegistrar
 from dna_core.ops.grpc_ops import HealthController, add_health_and_reflection
 from dna_core.ops.http import HttpLimits, OpsServer, build_ops_app
@@ -60,84 +67,104 @@ BOOTSTRAP_DATA_DIR = "bootstrap-data"
 RECORD_FILE_NAME = "records.sqlite3"
 
 
-@dataclass(frozen=True)
-class NodeSection:
+class NodeSection(ConfigModel):
+    """This node's addresses and identity."""
+
     host: str = "127.0.0.1"
-    udp_port: int = 7400
-    grpc_port: int = 7401
+    """The address others reach; UDP and gRPC bind here. Left at 127.0.0.1 no other machine
+    can reach the node (it warns at start)."""
+    udp_port: Port = 7400
+    """Routing (ping, find-node)."""
+    grpc_port: Port = 7401
+    """Records (find-value, store), health, reflection; a storage node's mailboxes too."""
     # Where the node's private key lives is nobody's business but the operator's.
-    key_file: Path = field(default=Path("node.key"), metadata={"secret": True})
-    puzzle_bits: int = 8
-
-    def __post_init__(self) -> None:
-        _check_port("udp_port", self.udp_port)
-        _check_port("grpc_port", self.grpc_port)
+    key_file: Annotated[ConfigPath, Secret()] = Path("node.key")
+    """The node's Ed25519 seed (mode 0600), minted on first start if absent."""
+    puzzle_bits: int = Field(default=8, ge=0)
+    """The static node-ID puzzle; must match the network."""
 
 
-@dataclass(frozen=True)
-class OverlaySection:
-    bootstrap: tuple[str, ...] = ()  # "host:udp_port" of well-known nodes
-    k: int = 20
-    alpha: int = 3
-    allow_loopback: bool = False  # local testnets only: lifts the per-/24 limit for 127/8
-    refresh_interval: float = 600.0
-    republish_interval: float = 3600.0
-    name_pow_bits: int = DEFAULT_NAME_POW_BITS
+class OverlaySection(ConfigModel):
+    """Joining and keeping up the overlay (docs/overlay.md)."""
 
-    def __post_init__(self) -> None:
-        for seed in self.bootstrap:
+    bootstrap: Strings = ()
+    """Well-known nodes to join through, as "host:udp_port"; empty: seed a new network."""
+    k: int = Field(default=20, ge=1)
+    """Bucket size and replication factor of the routing table."""
+    alpha: int = Field(default=3, ge=1)
+    """Lookups in flight at once."""
+    allow_loopback: bool = False
+    """Local testnets only: lifts the per-/24 limit for 127/8 and silences the host warning."""
+    refresh_interval: float = Field(default=600.0, gt=0)
+    """Seconds between refreshes of idle buckets."""
+    republish_interval: float = Field(default=3600.0, gt=0)
+    """Seconds between republishes of the records this node holds."""
+    name_pow_bits: int = Field(default=DEFAULT_NAME_POW_BITS, ge=0)
+    """Proof of work a name claim must carry."""
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _seeds_are_addresses(cls, seeds: tuple[str, ...]) -> tuple[str, ...]:
+        for seed in seeds:
             parse_addr(seed, key="bootstrap")  # a bad seed fails at start, not in a task
+        return seeds
 
 
-@dataclass(frozen=True)
-class RecordsSection:
+class RecordsSection(ConfigModel):
     """The record store: where it is kept, how big it may grow, what a sender may do."""
 
-    # Kept across restarts, one file per node. Empty: `records.sqlite3` in the node's own
-    # data directory (OverlayServiceConfig.data_dir), so two nodes started from one working
-    # directory never share it.
-    path: Path = Path("")
-    max_records: int = DEFAULT_MAX_RECORDS
-    max_bytes: int = DEFAULT_MAX_BYTES
-    source_rate_per_s: float = DEFAULT_SOURCE_RATE_PER_S  # new records per source address
-    source_burst: float = DEFAULT_SOURCE_BURST
-    source_max_keys: int = DEFAULT_SOURCE_MAX_KEYS
-    identity_pow_bits: int = DEFAULT_IDENTITY_POW_BITS
+    # Path("") is "unset" (ConfigPath refuses an empty path from the file or environment), so
+    # the schema shows no default.
+    path: ConfigPath = Field(default=Path(""), json_schema_extra=no_default_shown)
+    """The record file, kept across restarts and verified again on load. Unset: records.sqlite3
+    in the node's own data directory (bootstrap-data/, or a storage node's storage.data_dir), so
+    two nodes started from one working directory never share it."""
+    max_records: int = Field(default=DEFAULT_MAX_RECORDS, ge=1)
+    """Records held at most; when full, the biggest holder is evicted."""
+    max_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1)
+    """Bytes of records held at most (64 MiB: a full store measured 256 MB RSS)."""
+    source_rate_per_s: float = Field(default=DEFAULT_SOURCE_RATE_PER_S, gt=0)
+    """New records per second from one source address (IPv6: per /64)..."""
+    source_burst: float = Field(default=DEFAULT_SOURCE_BURST, ge=1)
+    """...after a burst of this many."""
+    source_max_keys: int = Field(default=DEFAULT_SOURCE_MAX_KEYS, ge=1)
+    """Source addresses the rate limiter remembers."""
+    identity_pow_bits: int = Field(default=DEFAULT_IDENTITY_POW_BITS, ge=0)
+    """Proof of work identity, presence and rotation records carry."""
 
-    def __post_init__(self) -> None:
-        if self.max_records < 1 or self.max_bytes < 1:
-            raise ValueError("max_records and max_bytes must be >= 1")
 
+class OpsSection(ConfigModel):
+    """The operator HTTP endpoints: /healthz, /readyz, /metrics, /status."""
 
-@dataclass(frozen=True)
-class OpsSection:
     http_host: str = "127.0.0.1"
-    http_port: int = 7480
+    """Where they listen: keep them private."""
+    http_port: Port = 7480
+    """Their TCP port."""
 
-    def __post_init__(self) -> None:
-        _check_port("http_port", self.http_port)
 
-
-@dataclass(frozen=True)
-class ConnectionsSection:
+class ConnectionsSection(ConfigModel):
     """Caps on inbound connections, so idle or hoarded ones cannot use up the node's file
     descriptors (docs/operations.md). gRPC has no per-source cap in grpcio: a firewall
     rule gives one."""
 
-    grpc_max_connections: int = 4096  # in total; over it a new connection is closed at once
-    grpc_handshake_timeout_s: float = 10.0  # to send the HTTP/2 preface and settings
-    grpc_idle_timeout_s: float = 300.0  # closed after this long without a call
-    grpc_max_age_s: float = 3600.0  # then GOAWAY: clients reconnect, calls get 30 s to end
-    grpc_max_streams: int = 100  # concurrent calls per connection
-    grpc_keepalive_s: float = 60.0  # ping a quiet connection to find dead peers
-    http_max_connections: int = 64
-    http_max_connections_per_source: int = 8
-    http_idle_timeout_s: float = 10.0  # to send a whole request head
-
-    def __post_init__(self) -> None:
-        for name, value in vars(self).items():
-            if value <= 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
+    grpc_max_connections: int = Field(default=4096, gt=0)
+    """gRPC connections in total; over it a new connection is closed at once."""
+    grpc_handshake_timeout_s: float = Field(default=10.0, gt=0)
+    """Seconds a new gRPC connection has to send the HTTP/2 preface and settings."""
+    grpc_idle_timeout_s: float = Field(default=300.0, gt=0)
+    """A gRPC connection without a call for this long is closed (GOAWAY)."""
+    grpc_max_age_s: float = Field(default=3600.0, gt=0)
+    """Then GOAWAY to every gRPC connection: clients reconnect, calls get 30 s to end."""
+    grpc_max_streams: int = Field(default=100, gt=0)
+    """Concurrent calls per gRPC connection."""
+    grpc_keepalive_s: float = Field(default=60.0, gt=0)
+    """Ping a quiet gRPC connection this often, to find dead peers."""
+    http_max_connections: int = Field(default=64, gt=0)
+    """Ops HTTP connections in total."""
+    http_max_connections_per_source: int = Field(default=8, gt=0)
+    """Ops HTTP connections from one address."""
+    http_idle_timeout_s: float = Field(default=10.0, gt=0)
+    """Seconds an ops HTTP connection has to send a whole request head."""
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """grpcio's channel arguments for these caps (grpc_types.h)."""
@@ -164,19 +191,24 @@ class ConnectionsSection:
         )
 
 
-@dataclass(frozen=True)
-class OverlayServiceConfig:
-    node: NodeSection = field(default_factory=NodeSection)
-    overlay: OverlaySection = field(default_factory=OverlaySection)
-    records: RecordsSection = field(default_factory=RecordsSection)
-    ops: OpsSection = field(default_factory=OpsSection)
-    connections: ConnectionsSection = field(default_factory=ConnectionsSection)
-    log_level: str = "info"
+# Python's level names (`logging.getLevelNamesMapping`), which `configure_logging` takes.
+LogLevel = Literal["critical", "fatal", "error", "warn", "warning", "info", "debug", "notset"]
 
-    def __post_init__(self) -> None:
-        levels = sorted(name.lower() for name in logging.getLevelNamesMapping())
-        if self.log_level.lower() not in levels:
-            raise ValueError(f"log_level {self.log_level!r} is not one of {', '.join(levels)}")
+
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
+class OverlayServiceConfig(ConfigModel):
+    """A bootstrap node's configuration; a storage node's adds its own sections."""
+
+    node: NodeSection = NodeSection()
+    overlay: OverlaySection = OverlaySection()
+    records: RecordsSection = RecordsSection()
+    ops: OpsSection = OpsSection()
+    connections: ConnectionsSection = ConnectionsSection()
+    log_level: Annotated[LogLevel, BeforeValidator(_lower)] = "info"
+    """Log lines below this level are dropped (any case: "INFO" is "info")."""
 
     def data_dir(self) -> Path:
         """Where this node keeps its files by default: a bootstrap node's own directory,
@@ -196,11 +228,6 @@ def parse_addr(text: str, key: str = "address") -> Addr:
     if not host or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"{key}: {text!r} is not host:port")
     return host.strip("[]"), int(port)
-
-
-def _check_port(key: str, port: int) -> None:
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{key} must be 0..65535, got {port}")
 
 
 async def _probe_tcp(host: str, port: int) -> None:
