@@ -253,6 +253,11 @@ class OverlayServer:
             "dna_build_info", "Always 1: the running version and role", ["version", "role"],
             registry=self.registry,
         ).labels(version=__version__, role=role_name(role)).set(1)  # fmt: skip
+        # What /readyz answers, as a series: alerts on readiness flapping need it in
+        # Prometheus, where neither compose nor a bare host has the kubelet's view.
+        Gauge(
+            "dna_ready", "1 while /readyz answers 200, else 0", registry=self.registry
+        ).set_function(lambda: 1.0 if self._readiness()[0] else 0.0)
         self.warnings = config_warnings(config)
         self.started_at = time.time()
         self.ready = False
