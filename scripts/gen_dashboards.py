@@ -42,7 +42,6 @@ QUORUM = 3
 LAST = common_builders.ReduceDataOptions().calcs(["lastNotNull"])
 
 
-
 def query(expr: str, legend: str = "", ref: str = "A") -> prom.Dataquery:
     q = prom.Dataquery().expr(expr).ref_id(ref).datasource(DATASOURCE)
     return q.legend_format(legend) if legend else q
@@ -98,9 +97,7 @@ def base(uid: str, title: str, description: str) -> db.Dashboard:
         .time("now-3h", "now")
         .timezone("browser")
         .tooltip(model.DashboardCursorSync.CROSSHAIR)
-        .with_variable(
-            db.DatasourceVariable("datasource").label("Data source").type("prometheus")
-        )
+        .with_variable(db.DatasourceVariable("datasource").label("Data source").type("prometheus"))
         .with_variable(
             db.QueryVariable("instance")
             .label("Node")
@@ -274,8 +271,7 @@ def overlay_dashboard() -> db.Dashboard:
     return d.with_panel(
         series(
             "Open files",
-            "Open file descriptors as a share of the limit (a node holds one per "
-            "connection).",
+            "Open file descriptors as a share of the limit (a node holds one per connection).",
             "percentunit",
             query(
                 f"process_open_fds{{{SEL}}} / process_max_fds{{{SEL}}}",
@@ -305,9 +301,7 @@ def replica_histogram() -> bargauge.Panel:
         .orientation(common.VizOrientation.VERTICAL)
         .display_mode(common.BarGaugeDisplayMode.BASIC)
         .reduce_options(LAST)
-        .with_target(
-            query(expr, "{{le}}").format(prom_model.PromQueryFormat.HEATMAP).instant()
-        )
+        .with_target(query(expr, "{{le}}").format(prom_model.PromQueryFormat.HEATMAP).instant())
     )
 
 
@@ -366,9 +360,7 @@ def storage_dashboard() -> db.Dashboard:
             "second.",
             "ops",
             query(f"sum(rate(dna_storage_repair_pulled_total{{{SEL}}}[{RATE}]))", "pulled"),
-            query(
-                f"sum(rate(dna_storage_repair_pushed_total{{{SEL}}}[{RATE}]))", "pushed", "B"
-            ),
+            query(f"sum(rate(dna_storage_repair_pushed_total{{{SEL}}}[{RATE}]))", "pushed", "B"),
             query(
                 f"sum(rate(dna_storage_handoff_dropped_total{{{SEL}}}[{RATE}]))",
                 "hand-off dropped",
@@ -451,9 +443,7 @@ def storage_dashboard() -> db.Dashboard:
             "(alerts DnaStorageDiskNearHighWater, DnaStorageRefusingWrites).",
             "percentunit",
             query(f"dna_storage_disk_used_ratio{{{SEL}}}", "used {{instance}}"),
-            query(
-                f"dna_storage_disk_high_water_ratio{{{SEL}}}", "high-water {{instance}}", "B"
-            ),
+            query(f"dna_storage_disk_high_water_ratio{{{SEL}}}", "high-water {{instance}}", "B"),
         )
     )
     return d.with_panel(
