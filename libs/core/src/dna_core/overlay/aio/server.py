@@ -197,6 +197,30 @@ def parse_addr(text: str, key: str = "address") -> Addr:
     return host.strip("[]"), int(port)
 
 
+async def resolve_seeds(
+    seeds: Sequence[str], family: socket.AddressFamily
+) -> tuple[list[Addr], list[str]]:
+    """The addresses of ``host:port`` seeds in ``family``: an IP as it is, a DNS name as
+    every address it has (so one service name can stand for several bootstrap nodes).
+    Seeds whose name does not resolve (yet) come back apart, for the caller to retry:
+    an overlay datagram's answer is matched by IP, so a name is never sent to as such."""
+    loop = asyncio.get_running_loop()
+    found: list[Addr] = []
+    unresolved: list[str] = []
+    for seed in seeds:
+        host, port = parse_addr(seed, key="bootstrap")
+        try:
+            infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
+        except OSError:  # socket.gaierror: no such name, no DNS answer
+            unresolved.append(seed)
+            continue
+        for info in infos:
+            addr = (str(info[4][0]), port)
+            if addr not in found:
+                found.append(addr)
+    return found, unresolved
+
+
 def _check_port(key: str, port: int) -> None:
     if not 0 <= port <= 65535:
         raise ValueError(f"{key} must be 0..65535, got {port}")
@@ -405,11 +429,21 @@ class OverlayServer:
 
     async def _join_and_refresh(self) -> None:
         node = _require(self.node)
-        seeds = [parse_addr(a) for a in self.config.overlay.bootstrap]
-        seeds = [a for a in seeds if a != node.udp_addr]
+        family = socket.AF_INET6 if ":" in self.config.node.host else socket.AF_INET
         delay = 0.5
-        while seeds and not await node.join(seeds):
-            self.log.warning("no bootstrap answered; retrying", extra={"retry_s": delay})
+        while True:
+            # Resolved again on every try: a name (a Kubernetes pod's, a compose service's)
+            # may not resolve yet, or point elsewhere after a restart.
+            found, unresolved = await resolve_seeds(self.config.overlay.bootstrap, family)
+            seeds = [a for a in found if a != node.udp_addr]
+            if not seeds and not unresolved:
+                break  # no other bootstrap configured: this node seeds the network
+            if seeds and await node.join(seeds):
+                break
+            self.log.warning(
+                "no bootstrap answered; retrying",
+                extra={"retry_s": delay, "unresolved": unresolved},
+            )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
         # A seed node (no other bootstrap configured) is usable as soon as it listens.
