@@ -26,6 +26,7 @@ from dna_core.crypto.envelope import MAX_PAYLOAD_BYTES, decode_envelope
 from dna_core.errors import DnaError
 from dna_core.mailbox.client import FetchState, MailboxClient, QuorumError
 from dna_core.overlay.aio import OverlayNode
+from dna_core.overlay.aio.seeds import resolve_seeds, seed_family
 from dna_core.overlay.records import normalize_name
 from dna_core.wire.gen.dna.v1 import envelope_pb2
 
@@ -562,7 +563,8 @@ class Peer:
         reconnect backoff (up to two minutes) refusing calls. True if a seed answered."""
         self.mail.replica_sets.clear()
         await self.node.channels.close()  # the pool opens new channels on the next call
-        if not self.seeds or not await self.node.join(self.seeds):
+        addrs, _ = await resolve_seeds(self.seeds, seed_family(self.seeds))
+        if not addrs or not await self.node.join(addrs):
             return False
         await self.node.refresh(0)
         return True

@@ -49,6 +49,7 @@ from .records_rpc import (
     OverlayService,
     wall_ms,
 )
+from .seeds import resolve_seeds
 
 T = TypeVar("T")
 # Registers a role's own gRPC services (``registrar(servicer, service_descriptor)``, behind
@@ -195,30 +196,6 @@ def parse_addr(text: str, key: str = "address") -> Addr:
     if not host or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"{key}: {text!r} is not host:port")
     return host.strip("[]"), int(port)
-
-
-async def resolve_seeds(
-    seeds: Sequence[str], family: socket.AddressFamily
-) -> tuple[list[Addr], list[str]]:
-    """The addresses of ``host:port`` seeds in ``family``: an IP as it is, a DNS name as
-    every address it has (so one service name can stand for several bootstrap nodes).
-    Seeds whose name does not resolve (yet) come back apart, for the caller to retry:
-    an overlay datagram's answer is matched by IP, so a name is never sent to as such."""
-    loop = asyncio.get_running_loop()
-    found: list[Addr] = []
-    unresolved: list[str] = []
-    for seed in seeds:
-        host, port = parse_addr(seed, key="bootstrap")
-        try:
-            infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
-        except OSError:  # socket.gaierror: no such name, no DNS answer
-            unresolved.append(seed)
-            continue
-        for info in infos:
-            addr = (str(info[4][0]), port)
-            if addr not in found:
-                found.append(addr)
-    return found, unresolved
 
 
 def _check_port(key: str, port: int) -> None:
@@ -434,7 +411,10 @@ class OverlayServer:
         while True:
             # Resolved again on every try: a name (a Kubernetes pod's, a compose service's)
             # may not resolve yet, or point elsewhere after a restart.
-            found, unresolved = await resolve_seeds(self.config.overlay.bootstrap, family)
+            configured = [
+                parse_addr(seed, key="bootstrap") for seed in self.config.overlay.bootstrap
+            ]
+            found, unresolved = await resolve_seeds(configured, family)
             seeds = [a for a in found if a != node.udp_addr]
             if not seeds and not unresolved:
                 break  # no other bootstrap configured: this node seeds the network
