@@ -1,5 +1,5 @@
 # Entry points. Each target bootstraps what it needs (uv, the locked env, system packages).
-.PHONY: bootstrap demo test check lint types unit fast bench protos config-docs clean
+.PHONY: bootstrap demo test check lint types unit fast bench protos config-docs dashboards chart-schema clean
 
 # scripts/bootstrap.sh prints the uv to use, or nothing when it failed: then stop here
 # rather than run the recipe with an empty command.
@@ -13,7 +13,8 @@ bootstrap:
 demo:
 	$(UV) run --locked dna-testnet demo
 
-## make test: lint, types and the whole pytest suite
+## make test: lint, types and the whole pytest suite (with the chart, alert rules and
+## dashboards in tests/deploy: `scripts/bootstrap.sh test` installs helm and promtool)
 test:
 	$(MAKE) --no-print-directory lint types unit UV=$(UV_TEST)
 
@@ -47,6 +48,14 @@ protos:
 ## (a test in `make test` fails while the committed ones are not current)
 config-docs:
 	$(UV) run --locked python scripts/gen_config_docs.py
+
+## make dashboards: regenerate deploy/grafana/dashboards/*.json from scripts/gen_dashboards.py
+dashboards:
+	$(UV) run --locked python scripts/gen_dashboards.py
+
+## make chart-schema: regenerate deploy/helm/dna/values.schema.json from the config models
+chart-schema:
+	$(UV) run --locked python scripts/gen_chart_schema.py
 
 clean:
 	rm -rf .venv .tools .mypy_cache .ruff_cache .pytest_cache .hypothesis

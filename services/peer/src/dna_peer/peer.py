@@ -25,7 +25,7 @@ from dna_core.crypto import Identity, PublicKeySet, ReplayGuard, seal
 from dna_core.crypto.envelope import MAX_PAYLOAD_BYTES, decode_envelope
 from dna_core.errors import DnaError
 from dna_core.mailbox.client import FetchState, MailboxClient, QuorumError
-from dna_core.overlay import OverlayNode, normalize_name
+from dna_core.overlay import OverlayNode, normalize_name, resolve_seeds, seed_family
 from dna_core.wire import envelope_pb2
 
 from dna_peer import keyserver
@@ -561,7 +561,8 @@ class Peer:
         reconnect backoff (up to two minutes) refusing calls. True if a seed answered."""
         self.mail.replica_sets.clear()
         await self.node.channels.close()  # the pool opens new channels on the next call
-        if not self.seeds or not await self.node.join(self.seeds):
+        addrs, _ = await resolve_seeds(self.seeds, seed_family(self.seeds))
+        if not addrs or not await self.node.join(addrs):
             return False
         await self.node.refresh(0)
         return True

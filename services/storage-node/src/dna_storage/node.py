@@ -118,6 +118,23 @@ class StorageMetrics:
             "Backend writes refused for lack of room (disk full, Redis out of memory)",
             registry=registry,
         )
+        self.disk_used = Gauge(
+            "dna_storage_disk_used_ratio",
+            "Used fraction of the data directory's file system, as of the last disk reading "
+            "(every GC interval; SQLite only: 0 on Redis)",
+            registry=registry,
+        )
+        self.disk_high_water = Gauge(
+            "dna_storage_disk_high_water_ratio",
+            "The configured disk high-water mark (admission.disk_high_water)",
+            registry=registry,
+        )
+        self.refusing_writes = Gauge(
+            "dna_storage_refusing_writes",
+            "1 while the node refuses writes (over the high-water mark, or a write found "
+            "no room), else 0",
+            registry=registry,
+        )
 
 
 class _RoomWatch:
@@ -183,6 +200,8 @@ class StorageNode:
             extra_status=self._status,
         )
         self.metrics = StorageMetrics(self.server.registry)
+        self.metrics.disk_high_water.set(self.config.admission.disk_high_water)
+        self.metrics.refusing_writes.set_function(lambda: float(self.admission.high_water.tripped))
         try:
             await self.server.start()
         except BaseException:
@@ -243,6 +262,7 @@ class StorageNode:
         if self.config.storage.backend == "sqlite":
             usage = shutil.disk_usage(self.config.storage.data_dir)
             high_water.update(usage.used, usage.total)
+            self.metrics.disk_used.set(usage.used / usage.total if usage.total else 1.0)
         elif self._full_by_write:
             high_water.update(0, 1)
         if self._full_by_write and not high_water.tripped:

@@ -42,6 +42,7 @@ from dna_core.overlay.rtt import RttEstimator
 
 if TYPE_CHECKING:
     from dna_core.overlay.aio.node import NodeConfig, OverlayNode
+    from dna_core.overlay.aio.seeds import local_host_for, resolve_seeds, seed_family
     from dna_core.overlay.aio.server import OverlayServer, OverlayServiceConfig, config_warnings
 
 # The asyncio adapter: name -> the module that defines it (loaded by __getattr__).
@@ -51,6 +52,9 @@ _ADAPTER = {
     "OverlayServer": "dna_core.overlay.aio.server",
     "OverlayServiceConfig": "dna_core.overlay.aio.server",
     "config_warnings": "dna_core.overlay.aio.server",
+    "local_host_for": "dna_core.overlay.aio.seeds",
+    "resolve_seeds": "dna_core.overlay.aio.seeds",
+    "seed_family": "dna_core.overlay.aio.seeds",
 }
 
 
@@ -94,11 +98,14 @@ __all__ = [
     "distance",
     "identity_payload",
     "identity_proof",
+    "local_host_for",
     "name_key",
     "name_move_message",
     "name_pow_hash",
     "normalize_name",
     "record_key",
+    "resolve_seeds",
     "rotation_accept_message",
     "rotation_target",
+    "seed_family",
 ]

@@ -57,6 +57,7 @@ from .records_rpc import (
     OverlayService,
     wall_ms,
 )
+from .seeds import resolve_seeds
 
 T = TypeVar("T")
 # Registers a role's own gRPC services (``registrar(servicer, service_descriptor)``, behind
@@ -281,6 +282,11 @@ class OverlayServer:
             "dna_build_info", "Always 1: the running version and role", ["version", "role"],
             registry=self.registry,
         ).labels(version=__version__, role=role_name(role)).set(1)  # fmt: skip
+        # What /readyz answers, as a series: alerts on readiness flapping need it in
+        # Prometheus, where neither compose nor a bare host has the kubelet's view.
+        Gauge(
+            "dna_ready", "1 while /readyz answers 200, else 0", registry=self.registry
+        ).set_function(lambda: 1.0 if self._readiness()[0] else 0.0)
         self.warnings = config_warnings(config)
         self.started_at = time.time()
         self.ready = False
@@ -428,11 +434,24 @@ class OverlayServer:
 
     async def _join_and_refresh(self) -> None:
         node = _require(self.node)
-        seeds = [parse_addr(a) for a in self.config.overlay.bootstrap]
-        seeds = [a for a in seeds if a != node.udp_addr]
+        family = socket.AF_INET6 if ":" in self.config.node.host else socket.AF_INET
         delay = 0.5
-        while seeds and not await node.join(seeds):
-            self.log.warning("no bootstrap answered; retrying", extra={"retry_s": delay})
+        while True:
+            # Resolved again on every try: a name (a Kubernetes pod's, a compose service's)
+            # may not resolve yet, or point elsewhere after a restart.
+            configured = [
+                parse_addr(seed, key="bootstrap") for seed in self.config.overlay.bootstrap
+            ]
+            found, unresolved = await resolve_seeds(configured, family)
+            seeds = [a for a in found if a != node.udp_addr]
+            if not seeds and not unresolved:
+                break  # no other bootstrap configured: this node seeds the network
+            if seeds and await node.join(seeds):
+                break
+            self.log.warning(
+                "no bootstrap answered; retrying",
+                extra={"retry_s": delay, "unresolved": unresolved},
+            )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
         # A seed node (no other bootstrap configured) is usable as soon as it listens.

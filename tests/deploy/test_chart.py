@@ -1,0 +1,332 @@
+"""The Helm chart (deploy/helm/dna), offline: no Kubernetes API server can run here, so it
+is linted (`helm lint --strict`), rendered with every value set in its ci/ directory and
+validated manifest by manifest with kubernetes-validate --strict against a recent
+Kubernetes; its node config is loaded by the real node binaries, and its `helm test`
+script sends a real message through a local testnet."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from deploy_files import CHART, ROOT, RULES, tool
+from dna_testnet.network import Testnet
+
+KUBERNETES = "1.35.0"  # a recent release kubernetes-validate ships schemas for
+OPERATOR_API = "monitoring.coreos.com/v1"
+VALUE_SETS = sorted((CHART / "ci").glob("*-values.yaml"))
+OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}  # CRDs: checked by hand below
+BIN = Path(sys.executable).parent
+
+
+def helm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [tool("helm"), *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def render(*args: str) -> list[dict[str, Any]]:
+    result = helm("template", "t", str(CHART), "--namespace", "dna", *args)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+def named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (doc,) = (d for d in by_kind(docs, kind) if d["metadata"]["name"] == name)
+    return doc
+
+
+@pytest.fixture(scope="module")
+def default() -> list[dict[str, Any]]:
+    return render()
+
+
+# --- lint, render, validate -----------------------------------------------------------
+
+
+def test_value_sets_exist() -> None:
+    names = {p.name for p in VALUE_SETS}
+    assert {"minimal-values.yaml", "monitoring-values.yaml", "public-values.yaml"} <= names
+
+
+@pytest.mark.parametrize("values", [None, *VALUE_SETS], ids=lambda v: v.name if v else "default")
+def test_chart_lints_strictly(values: Path | None) -> None:
+    result = helm("lint", "--strict", str(CHART), *(["-f", str(values)] if values else []))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize("values", [None, *VALUE_SETS], ids=lambda v: v.name if v else "default")
+def test_every_manifest_is_valid_kubernetes(values: Path | None) -> None:
+    docs = render("--api-versions", OPERATOR_API, *(["-f", str(values)] if values else []))
+    kinds = {doc["kind"] for doc in docs}
+    assert {"StatefulSet", "Service", "ConfigMap"} <= kinds
+    for doc in docs:
+        if doc["kind"] in OPERATOR_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{doc['kind']} {doc['metadata']['name']}: {exc.message} at {exc.path}")
+
+
+def test_the_validator_refuses_an_unknown_field(default: list[dict[str, Any]]) -> None:
+    """kubernetes-validate --strict catches a misspelt field (so the test above can fail)."""
+    sts = json.loads(json.dumps(named(default, "StatefulSet", "t-dna-storage")))
+    sts["spec"]["template"]["spec"]["containers"][0]["readOnlyRootFileSystem"] = True
+    with pytest.raises(kubernetes_validate.ValidationError, match="readOnlyRootFileSystem"):
+        kubernetes_validate.validate(sts, KUBERNETES, strict=True)
+
+
+# --- bad values -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("ports.grpc=70000", "ports.grpc: Must be less than or equal to 65535"),
+        ("storage.replicaz=3", "storage: Additional property replicaz is not allowed"),
+        (
+            "storage.config.storage.ttl_dayz=3",
+            "storage.config.storage: Additional property ttl_dayz is not allowed",
+        ),
+        (
+            "storage.config.admission.disk_high_water=full",
+            "storage.config.admission.disk_high_water: Invalid type. Expected: number",
+        ),
+        (  # the chart sets the node's address itself
+            "bootstrap.config.node.host=1.2.3.4",
+            "bootstrap.config.node: Additional property host is not allowed",
+        ),
+        ("image.tag=latest", "image.tag: Must not validate the schema"),
+        ("logLevel=loud", "logLevel: logLevel must be one of the following"),
+        ("bootstrap.replicas=0", "bootstrap.replicas: Must be greater than or equal to 1"),
+    ],
+)
+def test_a_bad_value_fails_naming_its_key(setting: str, message: str) -> None:
+    for command in (["template", "t"], ["lint", "--strict"]):
+        result = helm(*command, str(CHART), "--set", setting)
+        assert result.returncode != 0, f"{command[0]} accepted {setting}"
+        assert message in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+# --- what the manifests say -----------------------------------------------------------
+
+
+def _pods(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for sts in by_kind(docs, "StatefulSet"):
+        yield sts["metadata"]["name"], sts["spec"]["template"]["spec"]
+    for pod in by_kind(docs, "Pod"):
+        yield pod["metadata"]["name"], pod["spec"]
+
+
+def test_every_container_is_locked_down(default: list[dict[str, Any]]) -> None:
+    pods = dict(_pods(default))
+    assert set(pods) == {"t-dna-bootstrap", "t-dna-storage", "t-dna-test-send-message"}
+    for name, spec in pods.items():
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["securityContext"]["runAsUser"] != 0, name
+        assert spec["automountServiceAccountToken"] is False, name
+        for container in spec["containers"]:
+            sc = container["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True, name
+            assert sc["allowPrivilegeEscalation"] is False, name
+            assert sc["capabilities"] == {"drop": ["ALL"]}, name
+            assert container["resources"]["requests"] and container["resources"]["limits"]
+
+
+def test_nodes_are_probed_on_healthz_and_readyz(default: list[dict[str, Any]]) -> None:
+    for sts in by_kind(default, "StatefulSet"):
+        (container,) = sts["spec"]["template"]["spec"]["containers"]
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert sts["spec"]["podManagementPolicy"] == "Parallel"
+
+
+def test_bootstrap_nodes_have_stable_names_and_storage_nodes_volumes(
+    default: list[dict[str, Any]],
+) -> None:
+    boot = named(default, "StatefulSet", "t-dna-bootstrap")
+    headless = named(default, "Service", boot["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    store = named(default, "StatefulSet", "t-dna-storage")
+    (claim,) = store["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    assert store["spec"]["replicas"] == 6
+    budgets = {
+        pdb["metadata"]["name"]: pdb["spec"] for pdb in by_kind(default, "PodDisruptionBudget")
+    }
+    assert budgets == {
+        name: {
+            "maxUnavailable": 1,
+            "selector": named(default, "StatefulSet", name)["spec"]["selector"],
+        }
+        for name in ("t-dna-bootstrap", "t-dna-storage")
+    }
+
+
+def test_network_policy_lets_dns_and_the_overlay_through(default: list[dict[str, Any]]) -> None:
+    (policy,) = by_kind(default, "NetworkPolicy")
+    egress_ports = [p for rule in policy["spec"]["egress"] for p in rule["ports"]]
+    assert {"port": 53, "protocol": "UDP"} in egress_ports
+    assert {"port": 53, "protocol": "TCP"} in egress_ports
+    ops = [r for r in policy["spec"]["ingress"] if {"port": 7480, "protocol": "TCP"} in r["ports"]]
+    assert ops and all(rule.get("from") for rule in ops), "the ops port must not be open to all"
+
+
+def test_monitoring_objects_only_where_the_operator_api_exists() -> None:
+    monitoring = str(CHART / "ci" / "monitoring-values.yaml")
+    without = render("-f", monitoring)
+    assert not [d for d in without if d["kind"] in OPERATOR_KINDS]
+    docs = render("-f", monitoring, "--api-versions", OPERATOR_API)
+    (rule,) = by_kind(docs, "PrometheusRule")
+    assert rule["spec"]["groups"] == yaml.safe_load((RULES / "dna.yml").read_text())["groups"]
+    assert "{{ $labels.instance }}" in json.dumps(rule["spec"])  # not eaten by the template
+    (monitor,) = by_kind(docs, "ServiceMonitor")
+    selected = monitor["spec"]["selector"]["matchLabels"]
+    services = [
+        s for s in by_kind(docs, "Service") if selected.items() <= s["metadata"]["labels"].items()
+    ]
+    assert {s["metadata"]["name"] for s in services} == {"t-dna-bootstrap", "t-dna-storage"}
+    assert all(s["spec"].get("clusterIP") != "None" for s in services)  # not headless
+    dashboards = [
+        d for d in by_kind(docs, "ConfigMap") if "grafana_dashboard" in d["metadata"]["labels"]
+    ]
+    files = {key for d in dashboards for key in d["data"]}
+    assert files == {"dna-overlay.json", "dna-storage.json"}
+
+
+def test_per_pod_services_select_one_bootstrap_pod_each() -> None:
+    docs = render("-f", str(CHART / "ci" / "public-values.yaml"))
+    pods = {
+        s["metadata"]["name"]: s["spec"]
+        for s in by_kind(docs, "Service")
+        if "statefulset.kubernetes.io/pod-name" in s["spec"]["selector"]
+    }
+    assert set(pods) == {f"t-dna-bootstrap-{i}" for i in range(3)}
+    for name, spec in pods.items():
+        assert spec["selector"]["statefulset.kubernetes.io/pod-name"] == name
+        assert spec["type"] == "LoadBalancer"
+        assert {
+            "name": "overlay",
+            "port": 17400,
+            "targetPort": "overlay",
+            "protocol": "UDP",
+        } in spec["ports"]
+
+
+# --- the nodes accept the config the chart writes --------------------------------------
+
+
+def _pod_env(container: dict[str, Any], pod_ip: str) -> dict[str, str]:
+    """The container's plain env as the kubelet would expand it for ``pod_ip``."""
+    env = {"POD_IP": pod_ip}
+    for var in container["env"]:
+        if "value" in var:
+            env[var["name"]] = var["value"].replace("$(POD_IP)", pod_ip)
+    return env
+
+
+@pytest.mark.parametrize("values", [None, *VALUE_SETS], ids=lambda v: v.name if v else "default")
+def test_the_nodes_accept_the_chart_config(values: Path | None, tmp_path: Path) -> None:
+    docs = render(*(["-f", str(values)] if values else []))
+    for sts in by_kind(docs, "StatefulSet"):
+        (container,) = sts["spec"]["template"]["spec"]["containers"]
+        config = named(docs, "ConfigMap", sts["metadata"]["name"])["data"]["node.toml"]
+        path = tmp_path / f"{sts['metadata']['name']}.toml"
+        path.write_text(config)
+        binary, run, flag, _ = container["command"]
+        assert (run, flag) == ("run", "--config")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DNA_")}
+        result = subprocess.run(
+            [str(BIN / binary), "check-config", "--config", str(path)],
+            env={**env, **_pod_env(container, "10.1.2.3")},
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        effective = json.loads(result.stdout)
+        assert (
+            effective["node"]["host"] == "10.1.2.3" and effective["ops"]["http_host"] == "10.1.2.3"
+        )
+        seeds = effective["overlay"]["bootstrap"]
+        replicas = named(docs, "StatefulSet", "t-dna-bootstrap")["spec"]["replicas"]
+        assert len(seeds) == replicas and all(".svc." in seed for seed in seeds)
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert effective["node"]["udp_port"] == ports["overlay"]
+        assert effective["node"]["grpc_port"] == ports["grpc"]
+        assert effective["ops"]["http_port"] == ports["http"]
+
+
+def test_config_overrides_reach_the_node(tmp_path: Path) -> None:
+    docs = render("-f", str(CHART / "ci" / "public-values.yaml"))
+    config = named(docs, "ConfigMap", "t-dna-storage")["data"]["node.toml"]
+    parsed = tomllib.loads(config)
+    assert parsed["admission"]["disk_high_water"] == 0.85
+    assert (
+        parsed["storage"]["ttl_days"] == 14 and parsed["storage"]["data_dir"] == "/data/mailboxes"
+    )
+    assert parsed["log_level"] == "debug"
+
+
+# --- values.schema.json is generated ---------------------------------------------------
+
+
+def test_values_schema_is_what_the_generator_writes() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "gen_chart_schema", ROOT / "scripts" / "gen_chart_schema.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    committed = (CHART / "values.schema.json").read_text()
+    assert module.render() == committed, "stale values.schema.json: run `make chart-schema`"
+
+
+# --- the helm test hook sends a real message -------------------------------------------
+
+
+def test_the_helm_test_script_sends_a_message_through_a_real_network(
+    default: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """The hook pod's script, as rendered, run against a local testnet (3 bootstrap and 6
+    storage processes) instead of the cluster: the same `dna` commands."""
+    (pod,) = by_kind(default, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["metadata"]["annotations"]["helm.sh/hook-delete-policy"] == "before-hook-creation"
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == "dna-peer:local"
+    shell, flag, script = container["command"]
+    assert (shell, flag) == ("sh", "-c")
+    env = _pod_env(container, "10.1.2.3")
+    assert env["DNA_BOOTSTRAP"].startswith("t-dna-bootstrap-0.t-dna-bootstrap-hl.dna.svc.")
+    net = Testnet(tmp_path / "net", first=150)
+    try:
+        net.up()
+        seeds = ",".join(f"{host}:{port}" for host, port in net.seeds)
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("DNA_")}
+        result = subprocess.run(
+            ["sh", "-c", script],
+            env={**clean, **env, "DNA_BOOTSTRAP": seeds, "TMPDIR": str(tmp_path),
+                 "HOME": str(tmp_path), "PATH": f"{BIN}:{os.environ['PATH']}"},
+            capture_output=True, text=True, timeout=240, check=False,
+        )  # fmt: skip
+    finally:
+        net.down()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK: helm-b-" in result.stdout and "received" in result.stdout
