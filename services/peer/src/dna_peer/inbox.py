@@ -49,8 +49,8 @@ Clock = Callable[[], int]  # wall-clock milliseconds
 
 
 class Owner(Protocol):
-    """The device an inbox works for (a `Peer`): its current identity (the own mailbox's,
-    unless the inbox drains one it rotated away from), this device, and the keyserver."""
+    """The device an inbox works for (a `Peer`): its current identity (whose mailbox the
+    inbox reads, unless given an older one to drain), this device, and the keyserver."""
 
     @property
     def identity(self) -> Identity: ...
