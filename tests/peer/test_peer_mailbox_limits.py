@@ -19,7 +19,6 @@ from dna_core.mailbox.auth import MAX_DELETE_IDS
 from dna_core.mailbox.client import QuorumError
 from dna_core.wire.gen.dna.v1 import envelope_pb2
 from dna_peer.cache import Contact, Message
-from dna_peer.inbox import Inbox
 from dna_peer.keyserver import now_ms
 from dna_peer.peer import Peer
 from peers import PASSPHRASE, People
@@ -162,13 +161,11 @@ def test_a_long_history_and_many_acknowledgements_reach_a_restored_device(
         assert acked[0][0] >= 8_000
 
         bob = await who.new("bob", publish=False)
-        inbox = Inbox(bob)
-        inbox._receipts[phone.fingerprint] = (  # a sync of 12,000 messages
-            phone.identity.public,
-            [os.urandom(16) for _ in range(12_000)],
-        )
+        inbox = bob._inbox()
+        for _ in range(12_000):  # a sync of 12,000 messages from the phone's identity
+            inbox.owe_receipt(phone.identity.public, os.urandom(16))
         before = {b.blob_id for b in (await phone.mail.fetch(phone.identity))[0]}
-        await inbox.send_receipts()
+        await bob._send_receipts(inbox.report.receipts_due)
         after = {b.blob_id for b in (await phone.mail.fetch(phone.identity))[0]}
         assert len(after - before) == 3  # 4,000 IDs each: none was dropped as too big
         await asyncio.gather(phone.close(), laptop.close(), bob.close())

@@ -15,8 +15,7 @@ from dna_core.crypto import Identity, seal
 from dna_core.overlay.records import record_key
 from dna_core.wire.gen.dna.v1 import envelope_pb2
 from dna_peer import keyserver
-from dna_peer.cache import Contact
-from dna_peer.inbox import RECOVERING, Inbox
+from dna_peer.cache import RECOVERING, Contact
 from dna_peer.keyserver import now_ms
 from dna_peer.link import accept_link, offer_link
 from dna_peer.peer import (
@@ -237,7 +236,7 @@ def test_bad_envelopes_are_dropped_with_a_reason(
 
         # what only a storage node could do: hand back the same envelope under another
         # ID (a replay), or an envelope for someone else
-        inbox = Inbox(bob)
+        inbox = bob._inbox()
         await inbox.handle_blob(b"\x01" * 32, good)
         for_alice = seal(carol.identity, alice.identity.public, text("misrouted"),
                          now_ms=now_ms(), include_sender_keys=True)  # fmt: skip

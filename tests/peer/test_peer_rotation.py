@@ -52,7 +52,7 @@ def notice(sender: Identity, to: Identity, statement: bytes, seeds: bytes = b"")
 
 
 async def handle(peer: Peer, blob: bytes) -> Inbox:
-    inbox = Inbox(peer)
+    inbox = peer._inbox()
     await inbox.handle_blob(hashlib.sha256(blob).digest(), blob)
     return inbox
 
@@ -113,12 +113,12 @@ def test_the_own_notice_moves_this_device_and_a_wrong_one_is_dropped(
             new, other = Identity.generate(), Identity.generate()
             statement = keyserver.rotation_record(bob, new)
             wrong = await handle(peer, notice(bob, bob, statement, other.seeds()))
-            assert wrong.rotated_to is None
+            assert wrong.report.rotated_to is None
             assert "not the ones the statement names" in wrong.report.rejected[0][1]
             assert peer.identity == bob and peer.retired() == []
             right = await handle(peer, notice(bob, bob, statement, new.seeds()))
-            assert right.rotated_to is not None
-            peer._adopt(right.rotated_to)
+            assert right.report.rotated_to is not None
+            peer._adopt(right.report.rotated_to)
             assert peer.fingerprint == new.fingerprint
             assert [old.fingerprint for old in peer.retired()] == [bob.fingerprint]
             unlocked = Profile(tmp_path / "bob").unlock("pw")

@@ -8,6 +8,10 @@ adapter should answer with, and a ``kind``: a short stable token naming the refu
 adapters use as a metrics label (``reason`` is for people and varies; a label must not).
 A class gives its default ``kind``; a raise site that knows better passes its own
 (``MalformedError("blob too large: ...", kind="size")``).
+
+``RemoteError`` and its subclasses mean *a call to another node failed*: the
+clients (`dna_core.rpc_errors`) turn every gRPC failure into one of these, with
+the status name the call ended with, so code above them never sees grpc types.
 """
 
 from __future__ import annotations
@@ -69,6 +73,24 @@ class CapacityError(ProtocolError):
 
     grpc_code = "RESOURCE_EXHAUSTED"
     kind = "capacity"
+
+
+class RemoteError(DnaError):
+    """A call to another node failed; ``grpc_code`` is the gRPC status name it ended with
+    and ``details`` what the node (or the transport) said."""
+
+    def __init__(self, grpc_code: str, details: str) -> None:
+        super().__init__(f"{grpc_code}: {details}")
+        self.grpc_code, self.details = grpc_code, details
+
+
+class UnavailableError(RemoteError):
+    """The node did not answer, or could not serve now (down, timed out, cancelled, over
+    its rate or capacity): another node, or the same one later, may succeed."""
+
+
+class RefusedError(RemoteError):
+    """The node answered and refused the request: asked again, it would refuse again."""
 
 
 class WrongPassphraseError(DnaError):

@@ -29,6 +29,9 @@ from dna_core.errors import WrongPassphraseError
 
 SCHEMA_VERSION = 1
 MAX_ROTATION_HOPS = 8  # rotations followed for one contact (a chain, never a cycle, ends)
+# State key (`set_state`) written by the peer and cleared by the inbox: this device lost its
+# cache and no other device has told it the device list since (the value: when, in ms).
+RECOVERING = "recovering"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS contacts(
   fingerprint BLOB PRIMARY KEY,

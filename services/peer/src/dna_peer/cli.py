@@ -46,8 +46,8 @@ from dna_core.overlay import normalize_name
 from rich.text import Text
 
 from dna_peer.armor import LOCKED_KEY_FILE, PUBLIC, armor, dearmor, is_armored
-from dna_peer.cache import Cache, Contact, Message
-from dna_peer.inbox import RECOVERING, SyncReport
+from dna_peer.cache import RECOVERING, Cache, Contact, Message
+from dna_peer.inbox import SyncReport
 from dna_peer.keyserver import (
     DISPLAY_NAME_MAX,
     NameTakenError,

@@ -7,6 +7,12 @@ shown and never retried; it is acknowledged like any other blob so the mailbox
 is cleaned of it. Lookups that need the network (an unknown sender's keys) run
 before the transaction, so the transaction itself never waits on I/O and a
 crash leaves each blob either fully applied or not at all.
+
+The inbox sends nothing: what a sync owes others (delivery receipts, the history
+another device asked for, the move to keys another device rotated to) is left in
+its `SyncReport` for the peer to act on. It knows the device it works for only
+through `Owner` (identity, device, key lookup) and reads the time from an
+injected clock, so it runs without a network (tests/peer/test_inbox.py).
 """
 
 from __future__ import annotations
@@ -14,26 +20,61 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from dna_core.crypto import Identity, OpenedMessage, PublicKeySet, ReplayGuard, open_envelope
 from dna_core.errors import MalformedError, ProtocolError, ReplayError, VerificationError
-from dna_core.wire import decode_message, envelope_pb2
 
 from dna_peer import keyserver
-from dna_peer.cache import Contact, Message
-from dna_peer.keyserver import now_ms
-
-RECOVERING = "recovering"  # cache state: lost and not yet told the device list
-
-if TYPE_CHECKING:
-    from dna_peer.peer import Peer
+from dna_peer.cache import RECOVERING, Cache, Contact, Message
+from dna_peer.payloads import (
+    ContactCard,
+    DeviceAck,
+    DeviceHello,
+    History,
+    Payload,
+    ReadMarker,
+    Receipt,
+    Rotation,
+    Text,
+    Transcript,
+    decode_payload,
+)
+from dna_peer.profile import Device
 
 log = logging.getLogger("dna.peer.inbox")
-MAX_PAYLOAD = 192 * 1024
 RECEIPT_BATCH_IDS = 4_000  # message IDs per receipt: 72 KB, under the envelope cap
-OWN_DEVICE_KINDS = frozenset({"sync", "read", "device", "ack", "history"})
 Apply = Callable[[], str]  # the cache writes of one blob; returns its outcome
+Clock = Callable[[], int]  # wall-clock milliseconds
+
+
+class Owner(Protocol):
+    """The device an inbox works for (a `Peer`): its current identity (whose mailbox the
+    inbox reads, unless given an older one to drain), this device, and the keyserver."""
+
+    @property
+    def identity(self) -> Identity: ...
+
+    @property
+    def fingerprint(self) -> bytes: ...
+
+    @property
+    def device(self) -> Device: ...
+
+    async def lookup_keys(self, fingerprint: bytes) -> PublicKeySet | None:
+        """The published key set behind ``fingerprint`` (None: not published)."""
+        ...
+
+
+@dataclass
+class ReceiptDue:
+    """A delivery receipt a sync owes: ``message_ids`` (at most ``RECEIPT_BATCH_IDS``)
+    to the keys that sent them, sealed by the identity they reached (a retired one, for
+    what arrived at a mailbox it rotated away from)."""
+
+    to: PublicKeySet
+    signer: Identity
+    message_ids: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -44,42 +85,44 @@ class SyncReport:
     held: list[bytes] = field(default_factory=list)  # blobs to acknowledge
     deleted: int = 0
     cleanup_error: str | None = None  # storage nodes refused to delete (the user must know)
+    # What the peer does after handling a mailbox's blobs:
+    receipts_due: list[ReceiptDue] = field(default_factory=list)  # best effort
+    history_wanted: bool = False  # another device lost its cache: post the history
+    rotated_to: Identity | None = None  # another device rotated the identity: move over
 
 
 class Inbox:
     """One mailbox's blobs: the identity's own, or (``identity`` given) a mailbox it had
     before a rotation, drained for a grace period."""
 
-    def __init__(self, peer: Peer, identity: Identity | None = None) -> None:
-        self.peer, self.cache = peer, peer.cache
-        self.identity = identity or peer.identity
-        self.rotated_to: Identity | None = None  # another device rotated the identity
+    def __init__(
+        self, cache: Cache, owner: Owner, *, clock: Clock, identity: Identity | None = None
+    ) -> None:
+        self.cache, self.owner, self.clock = cache, owner, clock
+        self.identity = identity or owner.identity
         self.report = SyncReport()
         self._guard = ReplayGuard()
-        self._receipts: dict[bytes, tuple[PublicKeySet, list[bytes]]] = {}
-        self.history_wanted = False  # another device lost its cache
+        self._receipts: dict[bytes, ReceiptDue] = {}  # per sender: the batch being filled
 
     async def handle_blob(self, blob_id: bytes, blob: bytes) -> None:
         if self.cache.blob_outcome(blob_id) is not None:
             return  # handled in an earlier sync (or by another replica's copy)
         try:
             opened = await self._open(blob)
-            payload = decode_message(envelope_pb2.Payload, opened.payload, max_size=MAX_PAYLOAD,
-                                     what="payload")  # fmt: skip
-            apply = await self._plan(opened, payload, blob_id)
+            apply = await self._plan(opened, decode_payload(opened.payload), blob_id)
         except ProtocolError as err:
             self._reject(blob_id, err.reason)
             return
         with self.cache.transaction():
             outcome = apply()
             self.cache.remember_envelope(opened.message_id, opened.header.timestamp_ms)
-            self.cache.record_blob(blob_id, outcome, now_ms())
+            self.cache.record_blob(blob_id, outcome, self.clock())
         if outcome != "ack":
             self.report.held.append(blob_id)
 
     def _reject(self, blob_id: bytes, reason: str) -> None:
         log.warning("dropped mailbox blob %s: %s", blob_id.hex()[:16], reason)
-        self.cache.record_blob(blob_id, f"rejected: {reason}", now_ms())
+        self.cache.record_blob(blob_id, f"rejected: {reason}", self.clock())
         self.report.rejected.append((blob_id, reason))
         self.report.held.append(blob_id)
 
@@ -109,54 +152,70 @@ class Inbox:
         except VerificationError:
             if not missing:
                 raise
-        keys = await keyserver.lookup_keys(self.peer.node, missing[0])
+        keys = await self.owner.lookup_keys(missing[0])
         return self._open_with(blob, lambda fp: keys if keys and fp == keys.fingerprint else None)
 
     def _open_with(
         self, blob: bytes, resolve: Callable[[bytes], PublicKeySet | None]
     ) -> OpenedMessage:
-        return open_envelope(blob, self.identity, now_ms=now_ms(), replay_guard=self._guard,
+        return open_envelope(blob, self.identity, now_ms=self.clock(), replay_guard=self._guard,
                              resolve_sender=resolve)  # fmt: skip
 
-    async def _plan(
-        self, opened: OpenedMessage, payload: envelope_pb2.Payload, blob_id: bytes
-    ) -> Apply:
-        kind = payload.WhichOneof("kind")
+    async def _plan(self, opened: OpenedMessage, payload: Payload, blob_id: bytes) -> Apply:
+        """Who may send what: contacts texts, receipts and their rotations; the identity's
+        own devices transcripts, read state, announcements, acks, history and rotations."""
         own = opened.sender.fingerprint == self.identity.fingerprint
-        if own and kind in OWN_DEVICE_KINDS:
-            return await self._plan_own(kind, payload, blob_id)
-        if kind == "rotation":
+        if isinstance(payload, Rotation):
             if own:
-                return self._plan_own_rotation(payload.rotation)
-            return self._plan_contact_rotation(opened.sender, payload.rotation)
-        if not own and kind == "text":
-            return self._plan_text(opened, payload.text)
-        if not own and kind == "receipt":
-            return self._plan_receipt(opened.sender.fingerprint, list(payload.receipt.message_ids))
-        who = "own device" if own else "another identity"
-        raise MalformedError(f"payload: {kind or 'empty'} is not accepted from {who}")
+                return self._plan_own_rotation(payload)
+            return self._plan_contact_rotation(opened.sender, payload)
+        plan = (
+            await self._plan_own(payload, blob_id) if own else self._plan_contact(opened, payload)
+        )
+        if plan is None:
+            who = "own device" if own else "another identity"
+            raise MalformedError(f"payload: {payload.kind} is not accepted from {who}")
+        return plan
 
     # -- from contacts -----------------------------------------------------------------
 
-    def _plan_text(self, opened: OpenedMessage, text: envelope_pb2.Text) -> Apply:
+    def _plan_contact(self, opened: OpenedMessage, payload: Payload) -> Apply | None:
+        match payload:
+            case Text():
+                return self._plan_text(opened, payload)
+            case Receipt():
+                return self._plan_receipt(opened.sender.fingerprint, list(payload.message_ids))
+        return None
+
+    def _plan_text(self, opened: OpenedMessage, text: Text) -> Apply:
         sender = opened.sender
 
         def apply() -> str:
             contact = self.cache.contact(sender.fingerprint) or self._pin_stranger(sender)
             msg = Message(
                 opened.message_id, contact.conversation, sender.fingerprint,
-                self.peer.fingerprint, opened.header.timestamp_ms, text.body, outgoing=False,
+                self.owner.fingerprint, opened.header.timestamp_ms, text.body, outgoing=False,
             )  # fmt: skip
             if self.cache.add_message(msg):
                 self.report.new_messages.append(msg)
-            self._receipts.setdefault(sender.fingerprint, (sender, []))[1].append(msg.message_id)
+            self.owe_receipt(sender, msg.message_id)
             return "message"
 
         return apply
 
+    def owe_receipt(self, sender: PublicKeySet, message_id: bytes) -> None:
+        """Add ``message_id`` to the receipts due to ``sender`` (one per sender per sync,
+        split every ``RECEIPT_BATCH_IDS`` IDs so none outgrows an envelope)."""
+        due = self._receipts.get(sender.fingerprint)
+        if due is None or len(due.message_ids) >= RECEIPT_BATCH_IDS:
+            due = ReceiptDue(sender, self.identity)
+            self._receipts[sender.fingerprint] = due
+            self.report.receipts_due.append(due)
+        due.message_ids.append(message_id)
+
     def _pin_stranger(self, keys: PublicKeySet) -> Contact:
         """First contact from someone not in the address book: pin the keys (TOFU)."""
-        contact = Contact(keys.fingerprint, keys, None, False, now_ms(), keys.fingerprint)
+        contact = Contact(keys.fingerprint, keys, None, False, self.clock(), keys.fingerprint)
         self.cache.pin(contact)
         return contact
 
@@ -167,121 +226,107 @@ class Inbox:
 
         return apply
 
-    def _plan_contact_rotation(
-        self, sender: PublicKeySet, rotation: envelope_pb2.IdentityRotation
-    ) -> Apply:
+    def _plan_contact_rotation(self, sender: PublicKeySet, rotation: Rotation) -> Apply:
         """A pinned contact rotated: its statement (signed by the pinned key, cross-signed
         by the new one) moves the pin, the name and the conversation, with no warning."""
         if self.cache.contact(sender.fingerprint) is None:
             raise VerificationError("rotation: not from a pinned contact")
-        new_keys = keyserver.rotation_statement_target(rotation.statement, sender.fingerprint)
+        new_keys = keyserver.rotation_statement_target(
+            rotation.statement, sender.fingerprint, now_ms=self.clock()
+        )
 
         def apply() -> str:
             pinned = self.cache.contact(sender.fingerprint)
             if pinned is not None and not pinned.replaced_by:
-                self.cache.replace_contact(pinned, new_keys, now_ms())
+                self.cache.replace_contact(pinned, new_keys, self.clock())
                 log.info("%s rotated keys to %s (their statement, signed by the pinned key)",
                          pinned.name, new_keys.fingerprint.hex()[:16])  # fmt: skip
             return "rotation"
 
         return apply
 
-    def _plan_own_rotation(self, rotation: envelope_pb2.IdentityRotation) -> Apply:
+    def _plan_own_rotation(self, rotation: Rotation) -> Apply:
         """Another device rotated this identity: move to the new keys after this sync."""
         new = Identity(rotation.new_seeds) if len(rotation.new_seeds) else None
-        target = keyserver.rotation_statement_target(rotation.statement, self.identity.fingerprint)
+        target = keyserver.rotation_statement_target(
+            rotation.statement, self.identity.fingerprint, now_ms=self.clock()
+        )
         if new is None or new.public != target:
             raise VerificationError("rotation: the new keys are not the ones the statement names")
 
         def apply() -> str:
-            if new.fingerprint != self.peer.fingerprint:  # not already there
-                self.rotated_to = new
+            if new.fingerprint != self.owner.fingerprint:  # not already there
+                self.report.rotated_to = new
             return "rotation"
 
         return apply
 
-    async def send_receipts(self) -> None:
-        """One delivery receipt per sender for the messages this sync stored."""
-        for keys, ids in self._receipts.values():
-            for start in range(0, len(ids), RECEIPT_BATCH_IDS):
-                batch = ids[start : start + RECEIPT_BATCH_IDS]
-                receipt = envelope_pb2.DeliveryReceipt(message_ids=batch)
-                payload = envelope_pb2.Payload(receipt=receipt).SerializeToString()
-                try:
-                    await self.peer.send_payload(
-                        keys, payload, with_keys=False, sender=self.identity
-                    )  # the keys it was sent to
-                except Exception as exc:  # best effort; the message is already held
-                    log.warning("delivery receipt to %s failed: %s",
-                                keys.fingerprint.hex()[:16], exc)  # fmt: skip
-
     # -- from the identity's own devices ---------------------------------------------
 
-    async def _plan_own(self, kind: str, payload: envelope_pb2.Payload, blob_id: bytes) -> Apply:
-        if kind == "sync":
-            return await self._plan_transcripts([payload.sync], [], [], kind)
-        if kind == "history":
-            return await self._plan_history(payload.history)
-        if kind == "read":
-            return await self._plan_transcripts([], [payload.read], [], kind)
-        if kind == "device":
-            return self._plan_hello(payload.device)
-        ack = payload.ack
+    async def _plan_own(self, payload: Payload, blob_id: bytes) -> Apply | None:
+        match payload:
+            case Transcript():
+                return await self._plan_transcripts([payload], [], [], "sync")
+            case ReadMarker():
+                return await self._plan_transcripts([], [payload], [], "read")
+            case History():
+                return await self._plan_history(payload)
+            case DeviceHello():
+                return self._plan_hello(payload)
+            case DeviceAck():
+                return self._plan_ack(payload, blob_id)
+        return None
 
-        def apply_ack() -> str:
+    def _plan_ack(self, ack: DeviceAck, blob_id: bytes) -> Apply:
+        def apply() -> str:
             self.cache.add_acks(ack.device_id, list(ack.blob_ids), blob_id)
             return "ack"
 
-        return apply_ack
+        return apply
 
-    async def _plan_history(self, history: envelope_pb2.History) -> Apply:
+    async def _plan_history(self, history: History) -> Apply:
         transcripts = await self._plan_transcripts(
             list(history.messages), list(history.read), list(history.contacts), "history"
         )
 
         def apply() -> str:
             for hello in history.devices:
-                self.cache.add_device(hello.device_id, hello.device_name, now_ms())
+                self.cache.add_device(hello.device_id, hello.device_name, self.clock())
             if history.devices:  # the device list is known again: deletes are safe
                 self.cache.clear_state(RECOVERING)
             return transcripts()
 
         return apply
 
-    def _plan_hello(self, hello: envelope_pb2.DeviceHello) -> Apply:
+    def _plan_hello(self, hello: DeviceHello) -> Apply:
         def apply() -> str:
-            self.cache.add_device(hello.device_id, hello.device_name, now_ms())
-            if hello.wants_history and hello.device_id != self.peer.device.device_id:
-                self.history_wanted = True
+            self.cache.add_device(hello.device_id, hello.device_name, self.clock())
+            if hello.wants_history and hello.device_id != self.owner.device.device_id:
+                self.report.history_wanted = True
             return "device"
 
         return apply
 
     async def _plan_transcripts(
         self,
-        items: list[envelope_pb2.SyncTranscript],
-        read: list[envelope_pb2.ReadMarker],
-        cards: list[envelope_pb2.ContactCard],
+        items: list[Transcript],
+        read: list[ReadMarker],
+        cards: list[ContactCard],
         outcome: str,
     ) -> Apply:
-        contacts = [PublicKeySet.from_proto(card.keys) for card in cards]
-        names = {keys.fingerprint: card.name for keys, card in zip(contacts, cards, strict=True)}
+        contacts = [card.keys for card in cards]
+        names = {card.keys.fingerprint: card.name for card in cards}
         peers = {t.original_sender or t.original_recipient for t in items}
         unknown = {fp for fp in peers if self.cache.contact(fp) is None} - names.keys()
         for fp in unknown:  # keys of a peer only another device knew
-            keys = await keyserver.lookup_keys(self.peer.node, fp)
+            keys = await self.owner.lookup_keys(fp)
             contacts += [keys] if keys else []
-        texts = [
-            decode_message(envelope_pb2.Payload, item.payload, max_size=MAX_PAYLOAD,
-                           what="transcript payload").text
-            for item in items
-        ]  # fmt: skip
 
         def apply() -> str:
             for keys in contacts:
                 self._pin_card(keys, names.get(keys.fingerprint) or None)
-            for item, text in zip(items, texts, strict=True):
-                self._add_transcript(item, text)
+            for item in items:
+                self._add_transcript(item)
             for marker in read:
                 self.cache.mark_read(marker.conversation_id, marker.read_up_to_ms)
             return outcome
@@ -296,15 +341,16 @@ class Inbox:
             name = None  # this device pinned the name to someone else: keep its pin
         known = self.cache.contact(keys.fingerprint)
         if known is None:
-            self.cache.pin(Contact(keys.fingerprint, keys, name, False, now_ms(),
+            self.cache.pin(Contact(keys.fingerprint, keys, name, False, self.clock(),
                                    keys.fingerprint))  # fmt: skip
         elif name and not known.name:
             self.cache.set_contact_name(keys.fingerprint, name)
 
-    def _add_transcript(self, item: envelope_pb2.SyncTranscript, text: envelope_pb2.Text) -> None:
-        own = self.peer.fingerprint
+    def _add_transcript(self, item: Transcript) -> None:
+        own = self.owner.fingerprint
         peer = item.original_sender or item.original_recipient
         contact = self.cache.contact(peer)
+        text = item.text
         conversation = text.conversation_id or (contact.conversation if contact else peer)
         msg = Message(
             item.original_message_id, conversation, item.original_sender or own,

@@ -162,11 +162,11 @@ async def publish_rotation(node: OverlayNode, old: Identity, new: Identity, reas
     )
 
 
-def rotation_statement_target(statement: bytes, old: bytes) -> PublicKeySet:
+def rotation_statement_target(statement: bytes, old: bytes, *, now_ms: int) -> PublicKeySet:
     """The keys a rotation statement handed over in a message moves ``old`` to, after the
     same checks as one fetched from the overlay: signed by ``old`` itself, cross-signed by
-    the new keys, unexpired. Raises a ProtocolError otherwise."""
-    rec = open_record(statement, now_ms=now_ms())
+    the new keys, unexpired at ``now_ms``. Raises a ProtocolError otherwise."""
+    rec = open_record(statement, now_ms=now_ms)
     if rec.body.kind != ROTATION or rec.signer.fingerprint != old:
         raise VerificationError("rotation: the statement is not signed by the rotating key")
     return rotation_target(rec)

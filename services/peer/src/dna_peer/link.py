@@ -28,10 +28,11 @@ from dna_core.crypto import primitives as p
 from dna_core.crypto.keys import SEEDS_SIZE
 from dna_core.errors import DnaError, ProtocolError, VerificationError
 from dna_core.mailbox.client import MailboxClient
-from dna_core.wire import decode_message, envelope_pb2
+from dna_core.wire import envelope_pb2
 
 from dna_peer.keyserver import now_ms
 from dna_peer.network import join_overlay
+from dna_peer.payloads import DeviceLink, decode_payload
 from dna_peer.peer import Peer
 from dna_peer.profile import DEVICE_ID_SIZE, Device, Profile
 
@@ -40,6 +41,7 @@ LINK_TTL_S = 3600
 # The offer is on its replicas before the code is shown (the put waits for all of them), so
 # a code that finds nothing for a few seconds is wrong, used or expired: no minute-long wait.
 LINK_WAIT_S = 10.0
+MAX_LINK_PAYLOAD = 256 * 1024  # an offer is a few KB: the locked identity and the device list
 
 
 class LinkError(DnaError):
@@ -127,7 +129,7 @@ async def accept_link(
 
 async def _receive_offer(
     mail: MailboxClient, temp: Identity, code: str, timeout: float
-) -> tuple[envelope_pb2.DeviceLink, Identity, list[bytes]]:
+) -> tuple[DeviceLink, Identity, list[bytes]]:
     deadline = time.monotonic() + timeout
     while True:
         blobs, _ = await mail.fetch(temp)
@@ -144,16 +146,15 @@ async def _receive_offer(
         await asyncio.sleep(1.0)
 
 
-def _open_offer(blob: bytes, temp: Identity, code: str) -> tuple[envelope_pb2.DeviceLink, Identity]:
+def _open_offer(blob: bytes, temp: Identity, code: str) -> tuple[DeviceLink, Identity]:
     opened = open_envelope(blob, temp, now_ms=now_ms(), replay_guard=ReplayGuard())
-    payload = decode_message(envelope_pb2.Payload, opened.payload, max_size=256 * 1024,
-                             what="link payload")  # fmt: skip
-    if payload.WhichOneof("kind") != "link" or len(payload.link.device_id) != DEVICE_ID_SIZE:
+    link = decode_payload(opened.payload, max_size=MAX_LINK_PAYLOAD, what="link payload")
+    if not isinstance(link, DeviceLink) or len(link.device_id) != DEVICE_ID_SIZE:
         raise VerificationError("link: not a device link")
     try:
-        identity = keystore.unlock(payload.link.encrypted_identity, code)
+        identity = keystore.unlock(link.encrypted_identity, code)
     except DnaError as exc:
         raise VerificationError(f"link: identity does not unlock with the code: {exc}") from None
     if identity.public != opened.sender:
         raise VerificationError("link: the identity inside is not the one that signed the offer")
-    return payload.link, identity
+    return link, identity

@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 from dna_core.crypto import Identity, PublicKeySet, ReplayGuard, seal
 from dna_core.crypto.envelope import MAX_PAYLOAD_BYTES, decode_envelope
 from dna_core.errors import DnaError
@@ -29,8 +28,8 @@ from dna_core.overlay import OverlayNode, normalize_name, resolve_seeds, seed_fa
 from dna_core.wire import envelope_pb2
 
 from dna_peer import keyserver
-from dna_peer.cache import MAX_ROTATION_HOPS, Cache, Contact, Message, cache_key
-from dna_peer.inbox import RECOVERING, Inbox, SyncReport
+from dna_peer.cache import MAX_ROTATION_HOPS, RECOVERING, Cache, Contact, Message, cache_key
+from dna_peer.inbox import Inbox, ReceiptDue, SyncReport
 from dna_peer.keyserver import now_ms
 from dna_peer.network import join_overlay
 from dna_peer.profile import Device, Profile
@@ -188,8 +187,12 @@ class Peer:
             await self.publish(last["display_name"], None)
         return True
 
+    async def lookup_keys(self, fingerprint: bytes) -> PublicKeySet | None:
+        """The key set published for ``fingerprint`` (None: not published)."""
+        return await keyserver.lookup_keys(self.node, fingerprint)
+
     async def _own_records_found(self, name: str | None) -> bool:
-        if await keyserver.lookup_keys(self.node, self.fingerprint) != self.identity.public:
+        if await self.lookup_keys(self.fingerprint) != self.identity.public:
             return False
         return name is None or await keyserver.lookup_name(self.node, name) == self.fingerprint
 
@@ -354,25 +357,43 @@ class Peer:
         """Fetch the own mailbox, handle what is new, acknowledge, receipt, clean up; then
         what still arrives at a mailbox this identity rotated away from."""
         await self.daily_upkeep()
-        report, rotated_to = await self._sync_own(progress)
-        if rotated_to is not None:  # another device rotated: move over, read the new mailbox
-            self._adopt(rotated_to)
-            _merge(report, (await self._sync_own(progress))[0])
+        report = await self._sync_own(progress)
+        if report.rotated_to is not None:  # another device rotated: move over, read the new mailbox
+            self._adopt(report.rotated_to)
+            _merge(report, await self._sync_own(progress))
         for old in self.retired():
             _merge(report, await self._drain_retired(old))
         return report
 
-    async def _sync_own(self, progress: Progress | None) -> tuple[SyncReport, Identity | None]:
-        inbox = Inbox(self)
+    async def _sync_own(self, progress: Progress | None) -> SyncReport:
+        inbox = self._inbox()
         start = FetchState(cursors=self.cache.cursors())
         save = lambda state: self.cache.save_cursors(state.cursors)  # noqa: E731
         await self._read_mailbox(inbox, start, save, progress)
-        await inbox.send_receipts()
-        if inbox.history_wanted:
+        report = inbox.report
+        await self._send_receipts(report.receipts_due)
+        if report.history_wanted:
             await self.send_history()
-        await self._acknowledge(inbox.report.held)
-        inbox.report.deleted, inbox.report.cleanup_error = await self._clean_up()
-        return inbox.report, inbox.rotated_to
+        await self._acknowledge(report.held)
+        report.deleted, report.cleanup_error = await self._clean_up()
+        return report
+
+    def _inbox(self, identity: Identity | None = None) -> Inbox:
+        """An inbox for the own mailbox, or for ``identity``'s (one this identity rotated
+        away from)."""
+        return Inbox(self.cache, self, clock=now_ms, identity=identity)
+
+    async def _send_receipts(self, receipts: Sequence[ReceiptDue]) -> None:
+        """The delivery receipts a sync owes, best effort: the messages are already held,
+        and a lost receipt only leaves them undelivered in the sender's view."""
+        for due in receipts:
+            receipt = envelope_pb2.DeliveryReceipt(message_ids=due.message_ids)
+            payload = envelope_pb2.Payload(receipt=receipt).SerializeToString()
+            try:  # sealed by the identity the messages reached, to the keys that sent them
+                await self.send_payload(due.to, payload, with_keys=False, sender=due.signer)
+            except Exception as exc:  # any failure: no later sync retries it
+                log.warning("delivery receipt to %s failed: %s",
+                            due.to.fingerprint.hex()[:16], exc)  # fmt: skip
 
     # -- rotation ------------------------------------------------------------------------
 
@@ -395,7 +416,7 @@ class Peer:
             try:
                 await self.send_payload(contact.keys, envelope_pb2.Payload(
                     rotation=notice).SerializeToString(), with_keys=False)  # fmt: skip
-            except (DnaError, grpc.aio.AioRpcError) as exc:  # it finds the statement later
+            except DnaError as exc:  # it finds the statement later
                 log.warning("rotation notice to %s failed: %s", contact.name, exc)
         own = envelope_pb2.IdentityRotation(statement=statement, new_seeds=new.seeds())
         await self.post_to_devices(envelope_pb2.Payload(rotation=own))
@@ -455,9 +476,9 @@ class Peer:
             entry["cursors"] = _hex_map(state.cursors)
             self.cache.set_state(RETIRED, json.dumps(entries).encode())
 
-        inbox = Inbox(self, identity=old)
+        inbox = self._inbox(old)
         await self._read_mailbox(inbox, FetchState(cursors=_unhex_map(entry["cursors"])), save)
-        await inbox.send_receipts()
+        await self._send_receipts(inbox.report.receipts_due)
         return inbox.report
 
     async def _read_mailbox(
@@ -537,12 +558,12 @@ class Peer:
         while True:
             try:
                 report = await self.sync()
-            except (DnaError, grpc.aio.AioRpcError) as exc:  # the network comes and goes
+            except DnaError as exc:  # the network comes and goes
                 log.warning("sync failed, retrying in %.0f s: %s", WATCH_BACKOFF_S, exc)
                 self._checked_ms = 0  # back online: look for the own records at once
                 if down_since is None:
                     down_since = time.monotonic()
-                    _tell(on_network, f"network unreachable ({_reason(exc)}); retrying")
+                    _tell(on_network, f"network unreachable ({exc}); retrying")
                 log.info("sync failed, retrying in %.0f s: %s", WATCH_BACKOFF_S, exc)
                 await asyncio.sleep(WATCH_BACKOFF_S)
                 await self.reconnect()
@@ -594,12 +615,6 @@ def _tell(listener: Callable[[str], None] | None, text: str) -> None:
     log.info("%s", text)
     if listener is not None:
         listener(text)
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    return str(exc)
 
 
 def _merge(into: SyncReport, more: SyncReport) -> None:

@@ -33,7 +33,7 @@ import grpc
 
 from dna_core.crypto import Identity
 from dna_core.crypto import pow as pow_
-from dna_core.errors import DnaError, ProtocolError
+from dna_core.errors import DnaError, ProtocolError, RemoteError, UnavailableError
 from dna_core.mailbox.auth import (
     MAX_DELETE_IDS,
     FetchSession,
@@ -46,6 +46,7 @@ from dna_core.mailbox.auth import (
 from dna_core.mailbox.ids import blob_id, mailbox_id, put_pow_hash
 from dna_core.overlay.aio.node import OverlayNode
 from dna_core.overlay.contact import Contact
+from dna_core.rpc_errors import call
 from dna_core.wire.gen.dna.v1 import common_pb2, mailbox_pb2, mailbox_pb2_grpc
 
 REPLICAS = 5
@@ -67,10 +68,6 @@ FETCH_BUDGET_BYTES = 16 * 1024 * 1024  # blobs one fetch holds before it returns
 DELETE_BATCH_IDS = 200
 DELETE_REQUEST_BYTES = 16 * 1024  # what a full batch's request stays under (tested)
 assert DELETE_BATCH_IDS <= MAX_DELETE_IDS
-_TRANSIENT = frozenset({
-    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED,
-})  # fmt: skip
 _UNREACHABLE = "unreachable"
 
 
@@ -192,10 +189,10 @@ class NodeBatcher:
 
     async def _call(self, requests: list[mailbox_pb2.PutRequest]) -> list[Outcome]:
         try:
-            response = await self._stub().PutMany(
+            response = await call(self._stub().PutMany(
                 mailbox_pb2.PutManyRequest(puts=requests), timeout=self.timeout
-            )
-        except grpc.aio.AioRpcError:
+            ))  # fmt: skip
+        except RemoteError:
             return [None] * len(requests)
         if len(response.outcomes) != len(requests):  # a broken node: trust none of it
             return [None] * len(requests)
@@ -473,11 +470,11 @@ class MailboxClient:
         """The node's page, or None (``denied`` gets its ID if it refused the request's
         authentication rather than failing to answer)."""
         try:
-            response: mailbox_pb2.FetchResponse = await self._stub(contact).Fetch(
-                request, timeout=self.timeout
+            response: mailbox_pb2.FetchResponse = await call(
+                self._stub(contact).Fetch(request, timeout=self.timeout)
             )
-        except grpc.aio.AioRpcError as err:
-            if err.code() == grpc.StatusCode.PERMISSION_DENIED:
+        except RemoteError as err:
+            if err.grpc_code == grpc.StatusCode.PERMISSION_DENIED.name:
                 denied.add(contact.node_id)
             return None
         return response
@@ -513,9 +510,9 @@ class MailboxClient:
         """None when the node accepted; else why not (``_UNREACHABLE`` first when it did
         not answer or could not do it now)."""
         try:
-            await self._stub(contact).Delete(request, timeout=self.timeout)
-        except grpc.aio.AioRpcError as err:
-            if err.code() in _TRANSIENT:
-                return f"{_UNREACHABLE}: {err.code().name}"
-            return f"{err.code().name}: {err.details()}"
+            await call(self._stub(contact).Delete(request, timeout=self.timeout))
+        except UnavailableError as err:
+            return f"{_UNREACHABLE}: {err.grpc_code}"
+        except RemoteError as err:
+            return str(err)  # "CODE: details"
         return None

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import grpc
 
 from dna_core.crypto.records import VerifiedRecord, open_record
-from dna_core.errors import MalformedError, ProtocolError
+from dna_core.errors import MalformedError, ProtocolError, RemoteError
 from dna_core.overlay.codec import contact_from_proto, contact_to_proto
 from dna_core.overlay.contact import Contact
 from dna_core.overlay.records import (
@@ -28,6 +28,7 @@ from dna_core.overlay.records import (
     select_best,
 )
 from dna_core.ratelimit import RateLimited, RateLimiter, grpc_peer_ip, source_key
+from dna_core.rpc_errors import call
 from dna_core.wire import encode_message
 from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
 
@@ -228,7 +229,7 @@ class RecordClient:
         """Send ``record`` to every replica; returns how many accepted it."""
         msg = overlay_pb2.StoreRequest(record=common_pb2.SignedRecord.FromString(record))
         results = await asyncio.gather(
-            *(self._stub(c).Store(msg, timeout=self.timeout) for c in replicas),
+            *(call(self._stub(c).Store(msg, timeout=self.timeout)) for c in replicas),
             return_exceptions=True,
         )
         return sum(isinstance(r, overlay_pb2.StoreResponse) for r in results)
@@ -237,7 +238,7 @@ class RecordClient:
         """Ask ``holders`` in parallel; verify every answer and keep the best."""
         msg = overlay_pb2.FindValueRequest(key=key)
         answers = await asyncio.gather(
-            *(self._stub(c).FindValue(msg, timeout=self.timeout) for c in holders),
+            *(call(self._stub(c).FindValue(msg, timeout=self.timeout)) for c in holders),
             return_exceptions=True,
         )
         found = []
@@ -271,9 +272,9 @@ class RecordClient:
 
     async def ping(self, contact: Contact) -> Contact | None:
         try:
-            resp = await self._stub(contact).Ping(
-                overlay_pb2.OverlayPingRequest(), timeout=self.timeout
+            resp = await call(
+                self._stub(contact).Ping(overlay_pb2.OverlayPingRequest(), timeout=self.timeout)
             )
             return contact_from_proto(resp.responder, self.puzzle_bits)
-        except (grpc.aio.AioRpcError, ProtocolError):
+        except (RemoteError, ProtocolError):
             return None

@@ -1,0 +1,173 @@
+"""What an opened envelope carries, as typed values: the one place the peer decodes a
+`Payload` (envelope.proto) and the only one that sees its protobuf form.
+
+`decode_payload` checks the size cap and the canonical encoding (`decode_message`),
+then turns the one kind that is set into a frozen dataclass, the texts inside
+transcripts and the contact cards' key sets included; code past it matches on the type.
+A payload with no kind set is `Empty`: this version knows every kind a valid payload
+can carry (unknown fields are refused as non-canonical), so it is always refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from dna_core.crypto import PublicKeySet
+from dna_core.crypto.envelope import MAX_PAYLOAD_BYTES
+from dna_core.wire import decode_message, envelope_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    kind: ClassVar[str] = "text"
+    body: str
+    conversation_id: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """The recipient stored these messages."""
+
+    kind: ClassVar[str] = "receipt"
+    message_ids: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Transcript:
+    """A message another device of this identity sent (or, in a history, received);
+    ``original_sender`` empty means this identity sent it."""
+
+    kind: ClassVar[str] = "sync"
+    original_recipient: bytes
+    original_message_id: bytes
+    original_timestamp_ms: int
+    text: Text
+    original_sender: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadMarker:
+    kind: ClassVar[str] = "read"
+    conversation_id: bytes
+    read_up_to_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceHello:
+    kind: ClassVar[str] = "device"
+    device_id: bytes
+    device_name: str
+    wants_history: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceLink:
+    kind: ClassVar[str] = "link"
+    encrypted_identity: bytes
+    device_name: str
+    device_id: bytes
+    devices: tuple[DeviceHello, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceAck:
+    kind: ClassVar[str] = "ack"
+    device_id: bytes
+    blob_ids: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ContactCard:
+    keys: PublicKeySet
+    name: str
+    verified: bool
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    kind: ClassVar[str] = "history"
+    messages: tuple[Transcript, ...]
+    read: tuple[ReadMarker, ...]
+    contacts: tuple[ContactCard, ...]
+    devices: tuple[DeviceHello, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    """A rotation statement; ``new_seeds`` only in the one sent to the own mailbox."""
+
+    kind: ClassVar[str] = "rotation"
+    statement: bytes
+    new_seeds: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Empty:
+    kind: ClassVar[str] = "empty"
+
+
+Payload = (
+    Text | Receipt | Transcript | ReadMarker | DeviceLink | DeviceHello | DeviceAck | History
+    | Rotation | Empty
+)  # fmt: skip
+
+
+def decode_payload(
+    raw: bytes, *, max_size: int = MAX_PAYLOAD_BYTES, what: str = "payload"
+) -> Payload:
+    """The typed payload in ``raw``; raises MalformedError (as `decode_message`)."""
+    msg = decode_message(envelope_pb2.Payload, raw, max_size=max_size, what=what)
+    kind = msg.WhichOneof("kind")
+    return _DECODERS[kind](msg) if kind is not None else Empty()
+
+
+def _text(text: envelope_pb2.Text) -> Text:
+    return Text(text.body, text.conversation_id)
+
+
+def _read(marker: envelope_pb2.ReadMarker) -> ReadMarker:
+    return ReadMarker(marker.conversation_id, marker.read_up_to_ms)
+
+
+def _hello(hello: envelope_pb2.DeviceHello) -> DeviceHello:
+    return DeviceHello(hello.device_id, hello.device_name, hello.wants_history)
+
+
+def _transcript(item: envelope_pb2.SyncTranscript) -> Transcript:
+    # Only the text is read from the inner payload (another kind stands for an empty text):
+    # decoding it whole could recurse, transcript in transcript, as deep as 192 KiB allows.
+    inner = decode_message(envelope_pb2.Payload, item.payload, max_size=MAX_PAYLOAD_BYTES,
+                           what="transcript payload")  # fmt: skip
+    text = _text(inner.text)
+    return Transcript(item.original_recipient, item.original_message_id,
+                      item.original_timestamp_ms, text, item.original_sender)  # fmt: skip
+
+
+def _history(history: envelope_pb2.History) -> History:
+    cards = tuple(
+        ContactCard(PublicKeySet.from_proto(c.keys), c.name, c.verified) for c in history.contacts
+    )
+    return History(tuple(_transcript(t) for t in history.messages),
+                   tuple(_read(r) for r in history.read), cards,
+                   tuple(_hello(h) for h in history.devices))  # fmt: skip
+
+
+def _link(link: envelope_pb2.DeviceLink) -> DeviceLink:
+    return DeviceLink(link.encrypted_identity, link.device_name, link.device_id,
+                      tuple(_hello(h) for h in link.devices))  # fmt: skip
+
+
+# One converter per `Payload.kind` field (envelope.proto): the table is the whole codec.
+_DECODERS: dict[str, Callable[[envelope_pb2.Payload], Payload]] = {
+    "text": lambda m: _text(m.text),
+    "receipt": lambda m: Receipt(tuple(m.receipt.message_ids)),
+    "sync": lambda m: _transcript(m.sync),
+    "read": lambda m: _read(m.read),
+    "link": lambda m: _link(m.link),
+    "device": lambda m: _hello(m.device),
+    "ack": lambda m: DeviceAck(m.ack.device_id, tuple(m.ack.blob_ids)),
+    "history": lambda m: _history(m.history),
+    "rotation": lambda m: Rotation(m.rotation.statement, m.rotation.new_seeds),
+}

@@ -1,0 +1,102 @@
+"""The peer's one payload codec (issue 12 item 3): each kind becomes its typed value with
+every field, nothing else decodes, and nesting cannot make it recurse."""
+
+from __future__ import annotations
+
+import pytest
+from dna_core.crypto import Identity
+from dna_core.errors import MalformedError
+from dna_core.wire.gen.dna.v1 import envelope_pb2 as pb
+from dna_peer.payloads import (
+    ContactCard,
+    DeviceAck,
+    DeviceHello,
+    DeviceLink,
+    Empty,
+    History,
+    Payload,
+    ReadMarker,
+    Receipt,
+    Rotation,
+    Text,
+    Transcript,
+    decode_payload,
+)
+
+
+def raw(**kind: object) -> bytes:
+    return pb.Payload(**kind).SerializeToString()  # type: ignore[arg-type]
+
+
+def text(body: str, conversation: bytes = b"") -> bytes:
+    return raw(text=pb.Text(body=body, conversation_id=conversation))
+
+
+HELLO = pb.DeviceHello(device_id=b"d" * 16, device_name="phone", wants_history=True)
+SENT = pb.SyncTranscript(original_recipient=b"r" * 32, original_message_id=b"m" * 16,
+                         original_timestamp_ms=7, payload=text("hi", b"c" * 32),
+                         original_sender=b"s" * 32)  # fmt: skip
+TYPED_HELLO = DeviceHello(b"d" * 16, "phone", True)
+TYPED_SENT = Transcript(b"r" * 32, b"m" * 16, 7, Text("hi", b"c" * 32), b"s" * 32)
+
+
+def cases(alice: Identity) -> dict[str, tuple[bytes, Payload]]:
+    card = pb.ContactCard(keys=alice.public.to_proto(), name="alice", verified=True)
+    marker = pb.ReadMarker(conversation_id=b"c" * 32, read_up_to_ms=9)
+    return {
+        "text": (text("hi", b"c" * 32), Text("hi", b"c" * 32)),
+        "receipt": (raw(receipt=pb.DeliveryReceipt(message_ids=[b"1", b"2"])),
+                    Receipt((b"1", b"2"))),
+        "sync": (raw(sync=SENT), TYPED_SENT),
+        "read": (raw(read=marker), ReadMarker(b"c" * 32, 9)),
+        "link": (raw(link=pb.DeviceLink(encrypted_identity=b"e", device_name="new",
+                                        device_id=b"i" * 16, devices=[HELLO])),
+                 DeviceLink(b"e", "new", b"i" * 16, (TYPED_HELLO,))),
+        "device": (raw(device=HELLO), TYPED_HELLO),
+        "ack": (raw(ack=pb.DeviceAck(device_id=b"d" * 16, blob_ids=[b"b"])),
+                DeviceAck(b"d" * 16, (b"b",))),
+        "history": (raw(history=pb.History(messages=[SENT], read=[marker], contacts=[card],
+                                           devices=[HELLO])),
+                    History((TYPED_SENT,), (ReadMarker(b"c" * 32, 9),),
+                            (ContactCard(alice.public, "alice", True),), (TYPED_HELLO,))),
+        "rotation": (raw(rotation=pb.IdentityRotation(statement=b"s", new_seeds=b"n")),
+                     Rotation(b"s", b"n")),
+        "empty": (b"", Empty()),
+    }  # fmt: skip
+
+
+def test_every_kind_decodes_to_its_type_with_every_field(alice: Identity) -> None:
+    all_cases = cases(alice)
+    kinds = {f.name for f in pb.Payload.DESCRIPTOR.oneofs_by_name["kind"].fields} | {"empty"}
+    assert set(all_cases) == kinds  # a kind added to envelope.proto needs a case here
+    for kind, (data, typed) in all_cases.items():
+        assert decode_payload(data) == typed, kind
+        assert typed.kind == kind
+
+
+def test_a_transcript_of_another_kind_stands_for_an_empty_text() -> None:
+    inner = pb.SyncTranscript(original_message_id=b"m" * 16, payload=raw(read=pb.ReadMarker()))
+    decoded = decode_payload(raw(sync=inner))
+    assert isinstance(decoded, Transcript) and decoded.text == Text("")
+
+
+def test_transcripts_nested_deep_decode_one_level_only() -> None:
+    data = text("deep")
+    for _ in range(3_000):  # far past Python's recursion limit, well under the size cap
+        data = raw(sync=pb.SyncTranscript(payload=data))
+    decoded = decode_payload(data)
+    assert isinstance(decoded, Transcript) and decoded.text == Text("")
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"\xff", "payload: not a valid protobuf encoding"),
+        (raw(text=pb.Text(body="x")) + b"\x58\x01", "payload: non-canonical encoding"),
+        (b"\x00" * (192 * 1024 + 1), "bytes exceeds the 196608-byte cap"),
+        (raw(sync=pb.SyncTranscript(payload=b"\xff")), "transcript payload: not a valid"),
+    ],
+)
+def test_what_does_not_decode_is_malformed(data: bytes, reason: str) -> None:
+    with pytest.raises(MalformedError, match=reason):
+        decode_payload(data)
