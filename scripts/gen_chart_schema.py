@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import typing
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,10 @@ CHART_OWNED = {
     "storage.data_dir": "/data/mailboxes",
     "storage.redis_url": "not offered by the chart",
 }
+
+# The levels a node's log_level takes: the standard library's, as a fresh node process has
+# them (a library imported here, e.g. by a test run, may register more, like TRACE).
+LOG_LEVELS = ("CRITICAL", "FATAL", "ERROR", "WARN", "WARNING", "INFO", "DEBUG", "NOTSET")
 
 _JSON_TYPES: dict[Any, dict[str, Any]] = {
     str: {"type": "string"},
@@ -123,7 +126,7 @@ def probe(*keys: str) -> dict[str, Any]:
 
 
 def values_schema() -> dict[str, Any]:
-    levels = sorted(name.lower() for name in logging.getLevelNamesMapping())
+    levels = sorted(name.lower() for name in LOG_LEVELS)
     persistence = {
         "size": QUANTITY,
         "storageClassName": STRING,
