@@ -9,15 +9,10 @@ tests/deploy/test_chart.py checks the committed file is what this writes.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import typing
 from pathlib import Path
 from typing import Any
 
-from dna_core.ops.config import SecretStr
-from dna_core.overlay.aio.server import OverlayServiceConfig
-from dna_storage.node import StorageNodeConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ROOT / "deploy" / "helm" / "dna" / "values.schema.json"
@@ -44,44 +39,30 @@ CHART_OWNED = {
 # them (a library imported here, e.g. by a test run, may register more, like TRACE).
 LOG_LEVELS = ("CRITICAL", "FATAL", "ERROR", "WARN", "WARNING", "INFO", "DEBUG", "NOTSET")
 
-_JSON_TYPES: dict[Any, dict[str, Any]] = {
-    str: {"type": "string"},
-    Path: {"type": "string", "minLength": 1},
-    SecretStr: {"type": "string"},
-    int: {"type": "integer"},
-    float: {"type": "number"},
-    bool: {"type": "boolean"},
-}
+CONFIG_SCHEMAS = ROOT / "deploy" / "config-schema"  # written by scripts/gen_config_docs.py
 
 
-def _field_schema(annotation: Any, default: Any) -> dict[str, Any]:
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (list, tuple):
-        schema: dict[str, Any] = {"type": "array", "items": _JSON_TYPES[args[0]]}
-    else:
-        schema = dict(_JSON_TYPES[annotation])
-    if isinstance(default, bool | int | float | str):
-        schema["default"] = default
-    return schema
+def config_schema(role: str, prefix: str = "") -> dict[str, Any]:
+    """The overridable sections of ``role``'s node config, each closed to unknown keys: the
+    role's generated schema (deploy/config-schema, kept current by its own test) without
+    the settings the chart owns."""
+    schema = json.loads((CONFIG_SCHEMAS / f"{role}.schema.json").read_text())
+    return _without_chart_owned(schema, prefix)
 
 
-def config_schema(cls: type, prefix: str = "") -> dict[str, Any]:
-    """The overridable sections of a node config class, each closed to unknown keys."""
-    hints = typing.get_type_hints(cls)
-    defaults = cls()
+def _without_chart_owned(schema: dict[str, Any], prefix: str) -> dict[str, Any]:
     properties: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        key = prefix + f.name
-        value = getattr(defaults, f.name)
+    for name, value in schema.get("properties", {}).items():
+        key = prefix + name
         if key in CHART_OWNED:
             continue
-        if dataclasses.is_dataclass(hints[f.name]):
-            section = config_schema(hints[f.name], key + ".")
-            if section["properties"]:
-                properties[f.name] = section
-        else:
-            properties[f.name] = _field_schema(hints[f.name], value)
-    return {"type": "object", "additionalProperties": False, "properties": properties}
+        if value.get("type") == "object" and "properties" in value:
+            value = _without_chart_owned(value, key + ".")
+            if not value["properties"]:
+                continue
+        properties[name] = value
+    kept = {k: v for k, v in schema.items() if k not in ("$schema", "title", "properties")}
+    return {**kept, "type": "object", "additionalProperties": False, "properties": properties}
 
 
 def obj(properties: dict[str, Any], **more: Any) -> dict[str, Any]:
@@ -103,7 +84,7 @@ RESOURCES = obj(
 )
 
 
-def role_schema(config: type, *, replicas_min: int, extra: dict[str, Any]) -> dict[str, Any]:
+def role_schema(config: str, *, replicas_min: int, extra: dict[str, Any]) -> dict[str, Any]:
     return obj(
         {
             "replicas": {"type": "integer", "minimum": replicas_min},
@@ -157,7 +138,7 @@ def values_schema() -> dict[str, Any]:
                 "runAsUser": POSITIVE,
                 "runAsGroup": POSITIVE,
                 "bootstrap": role_schema(
-                    OverlayServiceConfig,
+                    "bootstrap",
                     replicas_min=1,
                     extra={
                         "perPodServices": obj(
@@ -171,7 +152,7 @@ def values_schema() -> dict[str, Any]:
                     },
                 ),
                 "storage": role_schema(
-                    StorageNodeConfig,
+                    "storage",
                     replicas_min=1,
                     extra={
                         "partition": {"type": "integer", "minimum": 0},
