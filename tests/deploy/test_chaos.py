@@ -9,8 +9,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from deploy_files import CHART, DEPLOY, tool
+
+pytestmark = pytest.mark.process  # helm, promtool, bash or node processes
 
 CHAOS = DEPLOY / "chaos"
 

@@ -22,6 +22,8 @@ import yaml
 from deploy_files import CHART, ROOT, RULES, tool
 from dna_testnet.network import Testnet
 
+pytestmark = pytest.mark.process  # helm, promtool, bash or node processes
+
 KUBERNETES = "1.35.0"  # a recent release kubernetes-validate ships schemas for
 OPERATOR_API = "monitoring.coreos.com/v1"
 VALUE_SETS = sorted((CHART / "ci").glob("*-values.yaml"))

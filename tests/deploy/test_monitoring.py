@@ -28,6 +28,8 @@ from deploy_files import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+pytestmark = pytest.mark.process  # helm, promtool, bash or node processes
+
 BOOTSTRAP_IP, STORAGE_IP = "127.0.0.185", "127.0.0.186"
 
 

@@ -17,6 +17,8 @@ from cluster import UDP_PORT, NodeProcess, running
 from dna_core.overlay.aio.seeds import local_host_for, resolve_seeds, seed_family
 from dna_peer.network import NetworkUnreachableError, join_overlay
 
+pytestmark = pytest.mark.process  # helm, promtool, bash or node processes
+
 UNRESOLVABLE = "no-such-node.invalid"
 
 

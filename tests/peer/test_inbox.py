@@ -96,6 +96,7 @@ def imported_modules(source: str) -> set[str]:
     return froms | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
 
 
+@pytest.mark.process  # a fresh interpreter, so no earlier import hides one
 def test_the_inbox_does_not_import_the_peer() -> None:
     """Not at run time (the issue's check, in a fresh interpreter), and not for the type
     checker either: the cycle used to hide behind ``TYPE_CHECKING``."""
