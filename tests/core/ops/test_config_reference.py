@@ -49,11 +49,13 @@ def check(root: Path) -> subprocess.CompletedProcess[str]:
 # --- the committed files ---------------------------------------------------------------------
 
 
+@pytest.mark.process  # runs the generator script
 def test_the_committed_reference_and_schemas_are_current() -> None:
     out = check(ROOT)
     assert (out.returncode, out.stderr) == (0, ""), out.stderr
 
 
+@pytest.mark.process  # runs the generator script
 def test_check_names_each_file_that_is_stale_or_missing(tmp_path: Path) -> None:
     assert check(tmp_path).returncode == 1  # nothing written yet: every file is missing
     written = subprocess.run(
