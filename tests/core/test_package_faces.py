@@ -34,7 +34,7 @@ def sources(*patterns: str) -> list[Path]:
 
 
 def test_the_rules_see_every_service_and_tool() -> None:
-    assert {"dna_bootstrap", "dna_peer", "dna_stun", "dna_storage"} == SERVICES
+    assert {"dna_bootstrap", "dna_peer", "dna_stun", "dna_storage"} <= SERVICES
     assert len(sources("services/*/src/**/*.py", "tools/*/src/**/*.py")) > 30
 
 
