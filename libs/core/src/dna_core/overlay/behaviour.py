@@ -265,7 +265,10 @@ class OverlayBehaviour:
 
     def poll(self) -> list[Command]:
         """The commands queued since the last poll, oldest first."""
-        out, self._out = self._out, []
+        out = self._out
+        if not out:
+            return []  # (most events queue nothing: keep the queue, it is empty)
+        self._out = []
         return out
 
     # -- operations -----------------------------------------------------------------------
@@ -323,7 +326,7 @@ class OverlayBehaviour:
             self._out.append(Rejected("unsolicited_response"))
             return
         self.rtt.sample(now - pending.sent_at)
-        self._out.append(RequestEnded(_method(pending.body), "ok"))
+        self._out.append(_ANSWERED[type(pending.body)])
         if dgram.token:
             _remember(self._tokens, addr, dgram.token, TOKEN_CACHE_SIZE)
         self._heard_from(dgram, addr, now)
@@ -406,7 +409,7 @@ class OverlayBehaviour:
     def _hard_deadline(self, pending: Pending, now: float) -> None:
         if not self.tracker.forget(pending):
             return  # answered in time
-        self._out.append(RequestEnded(_method(pending.body), "timeout"))
+        self._out.append(_TIMED_OUT[type(pending.body)])
         self._failed(pending, now)
 
     def _failed(self, pending: Pending, now: float) -> None:
@@ -497,8 +500,10 @@ class OverlayBehaviour:
             return  # a late answer: its sender is observed, the result is out
         body = dgram.body
         if type(body) is Nodes:
-            local = self.local_id
-            closer = self.trusted([c for c in body.closer if c.node_id != local], now)
+            closer: Sequence[Contact] = body.closer  # (the iterator skips the local ID)
+            if self._suspects:  # (without it, so it does not count as trusted)
+                local = self.local_id
+                closer = self.trusted([c for c in closer if c.node_id != local], now)
             lookup.messages += 1
             lookup.it.on_response(q.peer, closer)
             hop = lookup.depth.get(q.peer, 1) + 1
@@ -555,8 +560,9 @@ class OverlayBehaviour:
         _remember(self._suspects, node_id, now + SUSPECT_SECONDS, SUSPECT_CACHE_SIZE)
 
 
-def _method(body: Body) -> str:
-    return type(body).__name__.lower()
+_REQUESTS: tuple[type[Body], ...] = (Ping, FindNode)
+_ANSWERED = {kind: RequestEnded(kind.__name__.lower(), "ok") for kind in _REQUESTS}
+_TIMED_OUT = {kind: RequestEnded(kind.__name__.lower(), "timeout") for kind in _REQUESTS}
 
 
 def _signed(contact: Contact, op: PingOp, pong: Pong) -> bool:
