@@ -316,17 +316,18 @@ class Network:
         return [(now + delay, answer_to(send, reply, me), send.addr)]
 
 
-def network_of(size: int) -> tuple[list[Contact], Network]:
+def scripted(size: int, known: int, **config: Any) -> tuple[list[Contact], Network, Harness]:
+    """A network of ``size`` peers and a behaviour (``config``) that knows ``known`` of them."""
     everyone = [peer(i) for i in range(size)]
-    return everyone, Network(everyone)
+    net = Network(everyone)
+    b = behaviour(**config)
+    for c in everyone[:known]:
+        b.table.observe(c, NOW)
+    return everyone, net, Harness(b, net)
 
 
 def test_a_lookup_finds_the_true_k_closest_with_alpha_in_flight() -> None:
-    everyone, net = network_of(200)
-    b = behaviour()
-    for c in random.Random(5).sample(everyone, 30):  # a partial table: 30 random contacts
-        b.table.observe(c, NOW)
-    h = Harness(b, net)
+    everyone, _, h = scripted(200, known=30)  # a partial table
     target = hashlib.sha256(b"target").digest()
     lookup = h.lookup(target)
     assert len(h.sent) == 3  # alpha queries, then it waits for answers
@@ -337,22 +338,18 @@ def test_a_lookup_finds_the_true_k_closest_with_alpha_in_flight() -> None:
     # each query, and the answers taken before the end (those in flight then come later)
     assert lookup.queries + 20 <= lookup.messages < 2 * lookup.queries
     assert 2 <= lookup.hops(lookup.result()) <= 6
-    assert len(b.table) > 30  # those that answered were observed
+    assert len(h.b.table) > 30  # those that answered were observed
 
 
 def test_a_peer_that_fails_is_suspect_and_skipped_until_its_suspicion_runs_out() -> None:
-    everyone, net = network_of(40)
-    b = behaviour(alpha=3)
-    for c in everyone[:10]:
-        b.table.observe(c, NOW)
+    everyone, net, h = scripted(40, known=10, alpha=3)
     target = hashlib.sha256(b"x").digest()
     dead = closest_to(target, everyone[:10], 1)[0]
     net.dead.add(dead.endpoint.udp)
-    h = Harness(b, net)
     h.lookup(target)
     h.run()
     assert dead.endpoint.udp in {s.addr for s in h.sent}
-    assert dead.node_id in b.table  # one failure does not evict (no replacement waits)
+    assert dead.node_id in h.b.table  # one failure does not evict (no replacement waits)
 
     h.sent.clear()
     h.lookup(target)
@@ -367,12 +364,8 @@ def test_a_peer_that_fails_is_suspect_and_skipped_until_its_suspicion_runs_out()
 
 
 def test_suspects_are_asked_when_fewer_than_alpha_others_remain() -> None:
-    everyone, net = network_of(3)
-    b = behaviour(alpha=3)
-    for c in everyone:
-        b.table.observe(c, NOW)
-        net.dead.add(c.endpoint.udp)
-    h = Harness(b, net)
+    everyone, net, h = scripted(3, known=3, alpha=3)
+    net.dead.update(c.endpoint.udp for c in everyone)
     target = hashlib.sha256(b"y").digest()
     h.lookup(target)
     h.run()
@@ -383,13 +376,9 @@ def test_suspects_are_asked_when_fewer_than_alpha_others_remain() -> None:
 
 
 def test_a_lookup_short_of_k_waits_one_more_timeout_for_a_late_answer() -> None:
-    everyone, net = network_of(3)
-    b = behaviour(k=3, alpha=3, rto_initial=0.1)
-    for c in everyone:
-        b.table.observe(c, NOW)
+    everyone, net, h = scripted(3, known=3, k=3, alpha=3, rto_initial=0.1)
     slow = everyone[0]
     net.late[slow.endpoint.udp] = 0.15  # past its adaptive deadline, before the hard one
-    h = Harness(b, net)
     lookup = h.lookup(hashlib.sha256(b"z").digest())
     h.run()
     assert h.lookups_done() == [lookup]
@@ -399,13 +388,9 @@ def test_a_lookup_short_of_k_waits_one_more_timeout_for_a_late_answer() -> None:
 
 
 def test_a_lookup_short_of_k_ends_after_the_grace_without_the_silent_peer() -> None:
-    everyone, net = network_of(3)
-    b = behaviour(k=3, alpha=3, rto_initial=0.1)
-    for c in everyone:
-        b.table.observe(c, NOW)
+    everyone, net, h = scripted(3, known=3, k=3, alpha=3, rto_initial=0.1)
     silent = everyone[0]
     net.dead.add(silent.endpoint.udp)
-    h = Harness(b, net)
     lookup = h.lookup(hashlib.sha256(b"z").digest())
     h.run(until=NOW + 0.12)
     assert lookup.timeouts == 1
@@ -419,11 +404,7 @@ def test_a_lookup_short_of_k_ends_after_the_grace_without_the_silent_peer() -> N
 
 
 def test_a_disjoint_lookup_never_asks_a_peer_twice() -> None:
-    everyone, net = network_of(120)
-    b = behaviour()
-    for c in everyone[:60]:
-        b.table.observe(c, NOW)
-    h = Harness(b, net)
+    everyone, _, h = scripted(120, known=60)
     target = hashlib.sha256(b"d").digest()
     lookup = h.lookup(target, paths=3)
     h.run()
@@ -436,11 +417,8 @@ def test_a_disjoint_lookup_never_asks_a_peer_twice() -> None:
 
 
 def test_refresh_looks_up_every_stale_bucket_once_per_interval() -> None:
-    everyone, net = network_of(100)
-    b = behaviour()
-    for c in everyone:
-        b.table.observe(c, NOW)
-    h = Harness(b, net)
+    _, _, h = scripted(100, known=100)
+    b = h.b
     lookups = b.refresh(h.now, 600.0)
     h.run()
     low = min(b.table.bucket_sizes())
@@ -462,10 +440,8 @@ FATES = ("answer", "late", "after_deadline", "never", "spoofed", "token", "wrong
 def test_whatever_the_network_does_every_request_and_operation_ends_once(
     data: st.DataObject,
 ) -> None:
-    everyone, truth = network_of(30)
-    b = behaviour(alpha=3, rto_initial=0.1)
-    for c in everyone[:12]:
-        b.table.observe(c, NOW)
+    everyone, truth, h = scripted(30, known=12, alpha=3, rto_initial=0.1)
+    b = h.b
 
     def fate(send: Send, now: float) -> list[tuple[float, Datagram, Addr]]:
         answers = truth(send, now)
@@ -482,7 +458,7 @@ def test_whatever_the_network_does_every_request_and_operation_ends_once(
             "wrong_body": [(when, Datagram(dgram.request_id, Pong(), dgram.sender), addr)],
         }[how]
 
-    h = Harness(b, fate)
+    h.fate = fate
     lookups = [h.lookup(hashlib.sha256(bytes([i])).digest()) for i in range(3)]
     pings = [b.ping(c.endpoint.udp, h.now) for c in everyone[20:23]]
     h.run()
