@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ROOT / "deploy" / "helm" / "dna" / "values.schema.json"
 
@@ -52,15 +51,16 @@ def config_schema(role: str, prefix: str = "") -> dict[str, Any]:
 
 def _without_chart_owned(schema: dict[str, Any], prefix: str) -> dict[str, Any]:
     properties: dict[str, Any] = {}
-    for name, value in schema.get("properties", {}).items():
+    for name, field in schema.get("properties", {}).items():
         key = prefix + name
         if key in CHART_OWNED:
             continue
-        if value.get("type") == "object" and "properties" in value:
-            value = _without_chart_owned(value, key + ".")
-            if not value["properties"]:
-                continue
-        properties[name] = value
+        if field.get("type") == "object" and "properties" in field:
+            section = _without_chart_owned(field, key + ".")
+            if section["properties"]:
+                properties[name] = section
+            continue
+        properties[name] = field
     kept = {k: v for k, v in schema.items() if k not in ("$schema", "title", "properties")}
     return {**kept, "type": "object", "additionalProperties": False, "properties": properties}
 

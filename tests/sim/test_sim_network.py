@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import random
 
-from dna_sim.network import NODES, Message, NetConfig, SimNetwork
+from dna_core.overlay.codec import Datagram, Nodes
+from dna_sim.network import Message, NetConfig, SimNetwork
 
 
 def _net(size: int = 4, seed: int = 1, **config: float) -> tuple[SimNetwork, list[Message]]:
@@ -16,7 +17,11 @@ def _net(size: int = 4, seed: int = 1, **config: float) -> tuple[SimNetwork, lis
 
 
 def _send(net: SimNetwork, src: int, dst: int, req_id: int) -> None:
-    net.send(Message(NODES, src, dst, req_id))
+    net.send(Message(src, dst, Datagram(req_id, Nodes(()))))
+
+
+def _ids(messages: list[Message]) -> list[int]:
+    return [m.datagram.request_id for m in messages]
 
 
 def test_pair_base_is_stable_symmetric_and_in_range() -> None:
@@ -45,7 +50,7 @@ def test_jitter_reorders_messages_sent_together() -> None:
     for i in range(100):
         _send(net, 0, 1, i)
     net.run()
-    order = [m.req_id for m in received]
+    order = _ids(received)
     assert sorted(order) == list(range(100))
     assert order != list(range(100))
 
@@ -55,7 +60,7 @@ def test_no_jitter_keeps_order() -> None:
     for i in range(100):
         _send(net, 0, 1, i)
     net.run()
-    assert [m.req_id for m in received] == list(range(100))
+    assert _ids(received) == list(range(100))
 
 
 def test_loss_drops_about_its_share() -> None:
@@ -74,7 +79,7 @@ def test_crashed_node_receives_nothing() -> None:
     _send(net, 0, 2, 1)
     _send(net, 0, 1, 2)
     net.run()
-    assert [m.req_id for m in received] == [2]
+    assert _ids(received) == [2]
     assert net.dropped["crashed"] == 1
 
 
@@ -84,13 +89,13 @@ def test_partition_drops_across_groups_until_healed() -> None:
     _send(net, 0, 1, 1)  # same side
     _send(net, 0, 2, 2)  # across
     net.run()
-    assert [m.req_id for m in received] == [1]
+    assert _ids(received) == [1]
     assert net.dropped["partition"] == 1
     assert not net.reachable(1, 3)
     net.heal()
     _send(net, 0, 2, 3)
     net.run()
-    assert [m.req_id for m in received] == [1, 3]
+    assert _ids(received) == [1, 3]
 
 
 def test_clock_jumps_to_events_and_stops_at_until() -> None:
@@ -111,7 +116,7 @@ def test_same_seed_same_timeline() -> None:
     def timeline(seed: int) -> list[tuple[float, int]]:
         net, _ = _net(seed=seed, loss=0.1)
         out: list[tuple[float, int]] = []
-        net.handlers = [lambda m: out.append((net.now, m.req_id)) for _ in range(4)]
+        net.handlers = [lambda m: out.append((net.now, m.datagram.request_id)) for _ in range(4)]
         for i in range(300):
             _send(net, i % 4, (i + 1) % 4, i)
         net.run()

@@ -48,10 +48,16 @@ def test_kill_half_lookups_do_not_stall(simulate: Simulate) -> None:
 
 def test_partition_hides_the_other_side_until_healed(simulate: Simulate) -> None:
     sim = simulate(partition=0.3)
-    cut, healed = sim.phases["partitioned"]["single"], sim.phases["healed"]["single"]
+    phases = sim.phases
+    cut, healing = phases["partitioned"]["single"], phases["healing"]["single"]
+    healed = phases["healed"]["single"]
     assert cut["cross_side_result_rate"] == 0.0  # nothing across the cut ever answers
     assert cut["success_rate"] < 0.1  # the true k closest span both sides
     assert cut["timeouts_per_lookup"] > 5  # contacts across the cut time out
+    # Just healed: everyone answers, but what timed out during the cut is suspect for
+    # SUSPECT_SECONDS and is skipped, so some lookups miss one of the k closest.
+    assert healing["timeouts_per_lookup"] == 0
+    assert healing["success_rate"] < 1.0 and healing["recall_mean"] >= 0.9
     assert healed["success_rate"] == 1.0
     assert healed["timeouts_per_lookup"] == 0
 

@@ -73,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
         type=_fraction,
         default=0.0,
         metavar="FRACTION",
-        help="cut FRACTION of the nodes off for a first phase, heal for a second",
+        help="cut FRACTION of the nodes off for a first phase, then heal: a phase at once "
+        "and one once the cut's suspects have cleared",
     )
     p.add_argument("--loss", type=_fraction, default=0.0, metavar="P")
     p.add_argument("--latency-ms", type=float, default=20.0, help="mean one-way pair base")

@@ -24,40 +24,24 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from dna_core.overlay import Contact
-
-# Message kinds (plain ints: this is the simulator's hottest path).
-FIND_NODE: Final = 0
-NODES: Final = 1
-PING: Final = 2
-PONG: Final = 3
+from dna_core.overlay import (
+    Datagram,
+)
 
 _MASK64: Final = (1 << 64) - 1
 _MIN_DELAY: Final = 0.0005  # jitter never makes a message arrive before it was sent
 
 
 class Message:
-    """One datagram. ``src``/``dst`` are node indices: the simulator's stand-in for
-    UDP addresses (the address book maps a contact to its index)."""
+    """One datagram in flight: the codec's ``Datagram`` as an object (nothing is encoded).
+    ``src``/``dst`` are node indices; nodes see addresses (the address book maps them)."""
 
-    __slots__ = ("contacts", "dst", "kind", "req_id", "src", "target")
+    __slots__ = ("datagram", "dst", "src")
 
-    def __init__(
-        self,
-        kind: int,
-        src: int,
-        dst: int,
-        req_id: int,
-        *,
-        target: bytes = b"",
-        contacts: Sequence[Contact] = (),
-    ) -> None:
-        self.kind = kind
+    def __init__(self, src: int, dst: int, datagram: Datagram) -> None:
         self.src = src
         self.dst = dst
-        self.req_id = req_id
-        self.target = target
-        self.contacts = contacts
+        self.datagram = datagram
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,70 +1,78 @@
-"""A simulated overlay member: the lead's sans-I/O cores behind a message pump.
+"""A simulated overlay member: the nodes' own ``OverlayBehaviour`` behind a message pump.
 
-A ``SimNode`` does what the asyncio adapter (``dna_core.overlay.aio.node``) does, minus
-the sockets:
+``SimNode`` drives ``dna_core.overlay.behaviour.OverlayBehaviour`` as the asyncio node
+does, minus the sockets: datagrams travel over ``SimNetwork`` as objects (never encoded),
+timers are events on its heap, and the behaviour's commands (``Send``, ``StartTimer``,
+the ends of pings and lookups) are carried out there. So matching responses, observing
+responders and requesters, the liveness checks a full bucket asks for, lookups with their
+adaptive and hard deadlines, suspects and refresh are the code a real node runs.
 
-* it answers find-node with ``RoutingTable.closest(target)`` and pings with pongs;
-* it observes every requester and every matched responder (so tables evolve as in a live
-  network) and answers the liveness checks a full bucket asks for (``Observed.check``);
-* it matches a response by request ID *and* source, and drops anything else;
-* it drives lookups (``LookupRun``): every ``Query`` becomes a datagram with a deadline
-  timer, and ``next()`` is called again on each response and each deadline.
+What the simulator does itself:
 
-Two deadlines per request, as in the adapter. The lookup's is adaptive: the node's
-``RttEstimator`` (RFC 6298 §2) gives ``clamp(srtt + 4 * rttvar)``, so a dead peer holds a
-lookup slot for a few RTTs, not a fixed second (the ``kademlia`` package's 5 s p50 with
-half its nodes gone is what this avoids); past it the lookup moves on but still takes a
-late answer. The hard one, ``rto_ceiling``, decides failure (``it.on_failure``,
-``table.on_failure``, a failed liveness check).
-
-Adversarial nodes answer find-node with the colluding nodes closest to the target only,
-which looks plausible (they are close) but leads a single-path lookup into the coalition.
+* it answers: find-node with the Responder's own choice of contacts (``closer_nodes``),
+  ping with a pong, and hands every requester to the behaviour (``observe_requester``).
+  No tokens, amplification limits or bytes: that wire work is the Responder's, tested in
+  ``tests/core/overlay``;
+* node keys are not challenged (``prove_keys=False``): the simulator minted every contact,
+  so nobody claims another's ID;
+* adversarial nodes answer find-node with the colluding nodes closest to the target only,
+  which looks plausible (they are close) but leads a single-path lookup into the coalition.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from dna_core.overlay import (
+    Addr,
     Admission,
-    ClosestPeersIter,
+    BehaviourConfig,
     Contact,
-    DisjointLookup,
-    Finished,
-    Query,
-    RoutingTable,
-    RttEstimator,
+    Datagram,
+    FindNode,
+    Lookup,
+    LookupDone,
+    Nodes,
+    OverlayBehaviour,
+    Ping,
+    PingDone,
+    PingOp,
+    Pong,
+    Send,
+    StartTimer,
+    closer_nodes,
+    proven_contact,
 )
 
-from dna_sim.network import FIND_NODE, NODES, PING, PONG, Message, SimNetwork
+from dna_sim.network import Message, SimNetwork
 from dna_sim.xor import xor_closest
 
-Lookup = ClosestPeersIter | DisjointLookup
+# One estimator per node averages over paths of 15-70 ms RTT (NetConfig defaults), so
+# srtt + 4 * rttvar (~85 ms) sometimes dips under a slow path's RTT: with the adapter's
+# 50 ms floor, 0.05 live peers per lookup miss their deadline. A floor at the slowest
+# path's RTT (70 ms) removes that and costs dead peers nothing extra.
+RTO_FLOOR = 0.070
+
+LookupDoneCallback = Callable[["SimNode", Lookup], None]
+PingDoneCallback = Callable[["SimNode", Contact | None], None]
 
 
-@dataclass(frozen=True, slots=True)
-class NodeConfig:
-    k: int = 20
-    alpha: int = 3
-    rto_initial: float = 0.5  # the adapter's RttEstimator default
-    # One estimator per node averages over paths of 15-70 ms RTT (NetConfig defaults), so
-    # srtt + 4 * rttvar (~85 ms) sometimes dips under a slow path's RTT: with the
-    # adapter's 50 ms floor, 0.05 live peers per lookup miss their deadline. A floor at the
-    # slowest path's RTT (70 ms) removes that and costs dead peers nothing extra.
-    rto_floor: float = 0.070
-    rto_ceiling: float = 2.0  # the adapter's request_timeout: a request has failed
-    fresh: float = 900.0  # BEP 5: a node heard from within 15 min is good, no ping needed
+def node_config(*, k: int = 20, alpha: int = 3, rto_floor: float = RTO_FLOOR) -> BehaviourConfig:
+    """A simulated node's behaviour: a real node's, with the floor above and no key proofs."""
+    return BehaviourConfig(k=k, alpha=alpha, rto_floor=rto_floor, prove_keys=False)
 
 
 class AddressBook:
-    """Maps contacts to node indices: the simulator's stand-in for UDP addressing."""
+    """Contacts, their UDP addresses and node indices: how the simulator routes."""
 
-    __slots__ = ("contacts", "index_of")
+    __slots__ = ("addrs", "contacts", "index_at", "index_of")
 
     def __init__(self, contacts: Sequence[Contact]) -> None:
         self.contacts = list(contacts)
         self.index_of = {c.node_id: i for i, c in enumerate(self.contacts)}
+        self.addrs: list[Addr] = [c.endpoint.udp for c in self.contacts]
+        self.index_at = {addr: i for i, addr in enumerate(self.addrs)}
 
 
 class Coalition:
@@ -82,24 +90,6 @@ class Coalition:
         return [self.contacts[i] for i in picked]
 
 
-class Pending:
-    """A request in flight, until answered or ``rto_ceiling`` after it was sent. A late
-    answer still reaches its lookup (the iterator's UNRESPONSIVE state accepts it) unless
-    the lookup has ended (``lookup`` is then None)."""
-
-    __slots__ = ("answered", "kind", "lookup", "peer", "req_id", "sent")
-
-    def __init__(
-        self, req_id: int, kind: int, peer: Contact, sent: float, lookup: LookupRun | None
-    ) -> None:
-        self.req_id = req_id
-        self.kind = kind
-        self.peer = peer
-        self.sent = sent
-        self.lookup = lookup
-        self.answered = False
-
-
 class SimNode:
     def __init__(
         self,
@@ -108,231 +98,97 @@ class SimNode:
         net: SimNetwork,
         book: AddressBook,
         *,
-        config: NodeConfig,
+        config: BehaviourConfig,
+        rng: random.Random,
         coalition: Coalition | None = None,
     ) -> None:
         self.index = index
         self.contact = contact
         self.net = net
         self.book = book
-        self.config = config
         self.coalition = coalition  # set on adversarial nodes only
-        self.table = RoutingTable(contact.node_id, k=config.k, good_for=config.fresh)
-        self.rtt = RttEstimator(
-            initial=config.rto_initial, floor=config.rto_floor, ceiling=config.rto_ceiling
-        )
-        self.pending: dict[int, Pending] = {}
-        # When each contact last sent us anything; absent = not since the oracle fill (t=0).
-        self.heard: dict[bytes, float] = {}
-        self.maintenance_messages = 0  # liveness pings and pongs this node sent
-        self._next_req = 0
+        self.behaviour = OverlayBehaviour(contact.node_id, config, rng, sender=contact)
+        self.table = self.behaviour.table
+        self.maintenance_messages = 0  # pings and pongs this node sent (no lookup traffic)
+        self._lookups: dict[Lookup, LookupDoneCallback] = {}
+        self._pings: dict[PingOp, PingDoneCallback] = {}
 
-    # -- inbound ----------------------------------------------------------------
+    # -- operations -----------------------------------------------------------------
 
-    def receive(self, msg: Message) -> None:
-        kind = msg.kind
-        if kind == FIND_NODE:
-            self._on_find_node(msg)
-        elif kind in (NODES, PONG):
-            self._on_response(msg)
-        elif kind == PING:
-            self.observe(self.book.contacts[msg.src])
-            self.maintenance_messages += 1
-            self.net.send(Message(PONG, self.index, msg.src, msg.req_id))
+    def lookup(self, target: bytes, on_done: LookupDoneCallback, *, paths: int = 1) -> Lookup:
+        """The behaviour's lookup; ``on_done(node, lookup)`` when it ends."""
+        lookup = self.behaviour.lookup(target, self.net.now, paths=paths)
+        self._lookups[lookup] = on_done
+        self._flush()
+        return lookup
 
-    def _on_find_node(self, msg: Message) -> None:
-        if self.coalition is not None:
-            closer = self.coalition.closest(msg.target, self.config.k)
-        else:
-            self.observe(self.book.contacts[msg.src])
-            closer = self.table.closest(msg.target)
-        self.net.send(Message(NODES, self.index, msg.src, msg.req_id, contacts=closer))
+    def ping(self, addr: Addr, on_done: PingDoneCallback) -> None:
+        """The behaviour's ping; ``on_done(node, contact or None)`` when it ends."""
+        self._pings[self.behaviour.ping(addr, self.net.now)] = on_done
+        self._flush()
 
-    def _on_response(self, msg: Message) -> None:
-        pending = self.pending.get(msg.req_id)
-        if pending is None or self.book.index_of[pending.peer.node_id] != msg.src:
-            return  # unsolicited, spoofed or too late: a real node drops it unread
-        del self.pending[msg.req_id]
-        pending.answered = True
-        self.rtt.sample(self.net.now - pending.sent)
-        self.observe(pending.peer)
-        if pending.kind == PING:
-            self.table.on_check_result(pending.peer.node_id, True, self.net.now)
-        elif pending.lookup is not None:
-            pending.lookup.on_reply(pending, msg.contacts)
+    def refresh(self, interval: float, on_done: LookupDoneCallback) -> None:
+        for lookup in self.behaviour.refresh(self.net.now, interval):
+            self._lookups[lookup] = on_done
+        self._flush()
 
-    def _expire(self, pending: Pending) -> None:
-        """The hard deadline: the request has failed."""
-        if pending.answered:
-            return
-        del self.pending[pending.req_id]
-        now = self.net.now
-        if pending.kind == PING:
-            self.table.on_check_result(pending.peer.node_id, False, now)
-            return
-        self.table.on_failure(pending.peer.node_id, now)
-        if pending.lookup is not None:
-            pending.lookup.on_failure(pending)
-
-    # -- routing table upkeep -----------------------------------------------------
-
-    def observe(self, contact: Contact) -> None:
-        now = self.net.now
-        self.heard[contact.node_id] = now
-        check = self.table.observe(contact, now).check
-        if check is None:
-            return
-        # The table asks for a ping of its least-recently-seen entry on *every* newcomer to
-        # a full bucket. Pinging each time starts a cascade (the pinged node observes us,
-        # pings its own LRS entry, ...): 9.4M ping/pong messages beside 0.48M lookup
-        # messages for 10,000 lookups on 10,000 nodes. As in BEP 5, recent traffic is the
-        # answer; only a contact gone quiet for `fresh` seconds is pinged.
-        if now - self.heard.get(check.node_id, 0.0) < self.config.fresh:
-            self.table.on_check_result(check.node_id, True, now)
-        else:
-            self._ping(check)
+    def warm_up(self, contacts: Sequence[Contact]) -> None:
+        """Liveness checks of ``contacts``: a silent one is evicted."""
+        for contact in contacts:
+            self.behaviour.check_liveness(contact, self.net.now)
+        self._flush()
 
     def admit(self, contact: Contact) -> bool:
         """Offer ``contact`` to the table (the oracle fill); True if it was inserted."""
         return self.table.observe(contact, self.net.now).admission is Admission.INSERTED
 
-    def warm_up(self, contacts: Sequence[Contact]) -> None:
-        """Ping ``contacts`` (liveness checks: a silent one is evicted)."""
-        for contact in contacts:
-            self._ping(contact)
+    # -- inbound --------------------------------------------------------------------
 
-    def _ping(self, contact: Contact) -> None:
-        self.request(PING, contact, b"", None)
-        self.maintenance_messages += 1
-
-    # -- outbound -----------------------------------------------------------------
-
-    def request(self, kind: int, peer: Contact, target: bytes, lookup: LookupRun | None) -> Pending:
-        self._next_req += 1
-        net = self.net
-        pending = Pending(self._next_req, kind, peer, net.now, lookup)
-        self.pending[pending.req_id] = pending
-        dst = self.book.index_of[peer.node_id]
-        net.send(Message(kind, self.index, dst, pending.req_id, target=target))
-        net.call_at(net.now + self.config.rto_ceiling, self._expire, pending)
-        return pending
-
-    def lookup(
-        self, target: bytes, on_done: Callable[[LookupRun], None], *, paths: int = 1
-    ) -> LookupRun:
-        """Start an iterative find-node for ``target`` over ``paths`` disjoint paths, seeded
-        with k contacts per path (as the adapter's ``find_node`` does)."""
-        k, alpha = self.config.k, self.config.alpha
-        local_id = self.contact.node_id
-        seeds = self.table.closest(target, k * max(1, paths))
-        it: Lookup
-        if paths > 1:
-            it = DisjointLookup(target, seeds, paths=paths, k=k, alpha=alpha, local_id=local_id)
+    def receive(self, msg: Message) -> None:
+        dgram = msg.datagram
+        if dgram.is_request:
+            self._answer(dgram, msg.src)
         else:
-            it = ClosestPeersIter(target, seeds, k=k, alpha=alpha, local_id=local_id)
-        run = LookupRun(self, it, target, on_done)
-        run.pump()
-        return run
+            self.behaviour.on_response(dgram, self.book.addrs[msg.src], self.net.now)
+        self._flush()
 
-
-class LookupRun:
-    """Drives one lookup iterator over the network and keeps its statistics.
-
-    Hops: the longest chain of sequential round trips behind the result. A contact from
-    the local table is 1 hop away; one first learned from a contact at ``h`` hops is at
-    ``h + 1``; the lookup's figure is the maximum over the contacts in its result.
-    Messages: requests sent plus responses received before the lookup ended.
-    Timeouts: queries that missed their (adaptive) lookup deadline.
-    """
-
-    __slots__ = (
-        "depth",
-        "done",
-        "ended",
-        "it",
-        "messages",
-        "node",
-        "on_done",
-        "requests",
-        "started",
-        "target",
-        "target_key",
-        "timeouts",
-    )
-
-    def __init__(
-        self,
-        node: SimNode,
-        it: Lookup,
-        target: bytes,
-        on_done: Callable[[LookupRun], None],
-    ) -> None:
-        self.node = node
-        self.it = it
-        self.target = target
-        self.target_key = int.from_bytes(target, "big")
-        self.on_done = on_done
-        self.started = node.net.now
-        self.ended = 0.0
-        self.requests: list[Pending] = []
-        self.depth: dict[bytes, int] = {}
-        self.messages = 0
-        self.timeouts = 0
-        self.done = False
-
-    def pump(self) -> None:
-        node, it = self.node, self.it
-        while True:
-            # One timeout per iterator in the core: refresh it from the node's estimate
-            # before every step, so each new query gets a current deadline.
-            it.timeout = node.rtt.timeout
-            step = it.next(node.net.now)
-            if type(step) is Query:
-                self._send(step)
-            elif isinstance(step, Finished):
-                self._end()
-                return
+    def _answer(self, dgram: Datagram, src: int) -> None:
+        body = dgram.body
+        reply: Nodes | Pong
+        if type(body) is FindNode and self.coalition is not None:
+            reply = Nodes(tuple(self.coalition.closest(body.target, self.behaviour.config.k)))
+        else:
+            sender = dgram.sender
+            assert sender is not None  # simulated nodes are never clients
+            addr = self.book.addrs[src]
+            contact = proven_contact(sender, addr)
+            if contact is not None:
+                self.behaviour.observe_requester(contact, addr, self.net.now)
+            if type(body) is FindNode:
+                k = self.behaviour.config.k
+                reply = Nodes(tuple(closer_nodes(self.table, body.target, sender.node_id, k)))
             else:
-                return  # Wait: its `until` is always a deadline we hold a timer for
+                reply = Pong()
+                self.maintenance_messages += 1
+        self.net.send(Message(self.index, src, Datagram(dgram.request_id, reply, self.contact)))
 
-    def _send(self, query: Query) -> None:
-        peer = query.contact
-        pending = self.node.request(FIND_NODE, peer, self.target, self)
-        self.requests.append(pending)
-        self.depth.setdefault(peer.node_id, 1)
-        self.messages += 1
-        self.node.net.call_at(query.deadline, self._on_deadline, pending)
+    # -- the behaviour's commands ---------------------------------------------------------
 
-    def on_reply(self, pending: Pending, closer: Sequence[Contact]) -> None:
-        self.messages += 1
-        peer_id = pending.peer.node_id
-        self.it.on_response(peer_id, closer)
-        hop = self.depth[peer_id] + 1
-        setdefault = self.depth.setdefault
-        for contact in closer:
-            setdefault(contact.node_id, hop)
-        self.pump()
+    def _flush(self) -> None:
+        net, index_at = self.net, self.book.index_at
+        for command in self.behaviour.poll():
+            if isinstance(command, Send):
+                if type(command.datagram.body) is Ping:
+                    self.maintenance_messages += 1
+                net.send(Message(self.index, index_at[command.addr], command.datagram))
+            elif isinstance(command, StartTimer):
+                net.call_at(command.when, self._on_timer, command.timer)
+            elif isinstance(command, LookupDone):
+                self._lookups.pop(command.lookup)(self, command.lookup)
+            elif isinstance(command, PingDone):
+                self._pings.pop(command.ping)(self, command.contact)
+            # RequestEnded and Rejected: the summary counts what it needs itself
 
-    def on_failure(self, pending: Pending) -> None:
-        self.it.on_failure(pending.peer.node_id)
-        self.pump()
-
-    def _on_deadline(self, pending: Pending) -> None:
-        if self.done or pending.answered:
-            return
-        self.timeouts += 1
-        self.pump()  # next() marks the peer unresponsive and frees its slot
-
-    def _end(self) -> None:
-        self.done = True
-        self.ended = self.node.net.now
-        for request in self.requests:
-            request.lookup = None  # a late answer still updates the table, not the result
-        self.requests = []
-        self.on_done(self)
-
-    def result(self) -> list[Contact]:
-        return self.it.result()
-
-    def hops(self, result: Sequence[Contact]) -> int:
-        return max((self.depth.get(c.node_id, 1) for c in result), default=0)
+    def _on_timer(self, timer: object) -> None:
+        self.behaviour.on_timer(timer, self.net.now)
+        self._flush()

@@ -18,10 +18,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from dna_core.overlay import ID_BITS, ID_BYTES
+from dna_core.overlay import (
+    ID_BITS,
+    ID_BYTES,
+    SUSPECT_SECONDS,
+    Lookup,
+)
 
 from dna_sim.network import NetConfig
-from dna_sim.node import LookupRun, NodeConfig
+from dna_sim.node import SimNode, node_config
 from dna_sim.stats import LookupRecord, summarize
 from dna_sim.world import World, WorldConfig
 from dna_sim.xor import xor_closest
@@ -42,7 +47,7 @@ class Scenario:
     adversarial: float = 0.0
     crash: float = 0.0  # crashed before any lookup
     kill_during: float = 0.0  # killed between a healthy phase and a second phase
-    partition: float = 0.0  # cut off during a first phase, healed for a second
+    partition: float = 0.0  # cut off for a first phase; healed: at once, and settled
     loss: float = 0.0
     latency_ms: float = 20.0
     jitter_ms: float = 5.0
@@ -82,11 +87,7 @@ class Scenario:
                 jitter=self.jitter_ms / 1000,
                 loss=self.loss,
             ),
-            node=NodeConfig(
-                k=self.k,
-                alpha=self.alpha,
-                rto_floor=self.rto_floor_ms / 1000,
-            ),
+            node=node_config(k=self.k, alpha=self.alpha, rto_floor=self.rto_floor_ms / 1000),
         )
 
 
@@ -150,6 +151,11 @@ class Simulation:
             world.partition(scenario.partition)
             self.run_phase("partitioned")
             world.net.heal()
+            # Nodes skip peers that just failed them (suspects) unless that leaves fewer
+            # than alpha: right after the heal the other side is still avoided...
+            self.run_phase("healing")
+            # ...until the suspicions the cut raised have run out.
+            world.net.run(until=world.net.now + SUSPECT_SECONDS)
             self.run_phase("healed")
         elif scenario.kill_during > 0:
             self.run_phase("healthy" if scenario.crash == 0 else "crashed")
@@ -198,26 +204,26 @@ class _Phase:
         for variant, paths in self.scenario.variants():
             node.lookup(target, self._on_done_for(variant), paths=paths)
 
-    def _on_done_for(self, variant: str) -> Callable[[LookupRun], None]:
-        return lambda run: self._on_done(variant, run)
+    def _on_done_for(self, variant: str) -> Callable[[SimNode, Lookup], None]:
+        return lambda node, lookup: self._on_done(variant, node, lookup)
 
-    def _on_done(self, variant: str, run: LookupRun) -> None:
-        self.records[variant].append(self._record(run))
+    def _on_done(self, variant: str, node: SimNode, lookup: Lookup) -> None:
+        self.records[variant].append(self._record(node, lookup))
         self.done += 1
         if self.done % max(1, self.total // 10) == 0:
             self.sim.progress(f"{self.name}: {self.done}/{self.total} lookups")
 
-    def _record(self, run: LookupRun) -> LookupRecord:
-        truth, k, target = self.truth, self.world.k, run.target_key
-        origin = run.node.contact.key
-        result = run.result()
+    def _record(self, node: SimNode, lookup: Lookup) -> LookupRecord:
+        truth, k, target = self.truth, self.world.k, int.from_bytes(lookup.target, "big")
+        origin = node.contact.key
+        result = lookup.result()
         got = [c.key for c in result]
         want = truth.alive.closest(target, k, besides=origin)
         best_honest = truth.honest.closest(target, 1, besides=origin)
         same_side, cross_side = got == want, False
         group = self.world.net.group
         if group is not None:
-            own = group[run.node.index]
+            own = group[node.index]
             same_side = got == truth.sides[own].closest(target, k, besides=origin)
             index_of = self.world.book.index_of
             cross_side = any(group[index_of[c.node_id]] != own for c in result)
@@ -228,11 +234,11 @@ class _Phase:
             cross_side=cross_side,
             recall=len(set(got) & set(want)) / max(1, len(want)),
             complete=len(got) >= k,
-            hops=run.hops(result),
-            queries=run.it.queries,
-            messages=run.messages,
-            timeouts=run.timeouts,
-            latency=run.ended - run.started,
+            hops=lookup.hops(result),
+            queries=lookup.queries,
+            messages=lookup.messages,
+            timeouts=lookup.timeouts,
+            latency=lookup.ended - lookup.started,
         )
 
 

@@ -6,8 +6,8 @@ Two ways to fill the routing tables:
   up to k random nodes from the bucket's ID range go through ``RoutingTable.observe``, as if
   the network had been running for a while. IDs are kept sorted, so a bucket's range is a
   contiguous slice found with two bisections.
-* ``join`` (``--join real``, for small networks): nodes join one by one through a bootstrap,
-  each looking up its own ID and then refreshing its non-full buckets, like a real node.
+* ``join`` (``--join real``, for small networks): nodes join one by one through a bootstrap
+  as a real node does: ping it, look up their own ID, then refresh every bucket.
 """
 
 from __future__ import annotations
@@ -16,10 +16,17 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from dna_core.overlay import ID_BITS, ID_BYTES, Contact, Endpoint
+from dna_core.overlay import (
+    ID_BITS,
+    ID_BYTES,
+    BehaviourConfig,
+    Contact,
+    Endpoint,
+    Lookup,
+)
 
 from dna_sim.network import NetConfig, SimNetwork
-from dna_sim.node import AddressBook, Coalition, LookupRun, NodeConfig, SimNode
+from dna_sim.node import AddressBook, Coalition, SimNode, node_config
 from dna_sim.xor import bucket_range, prefix_range
 
 # 198.18.0.0/15 (RFC 2544 benchmarking space): 512 /24 subnets of 254 hosts, so the
@@ -28,6 +35,7 @@ _SUBNETS = 512
 _HOSTS = 254
 _PORT = 4433
 _JOIN_SPACING = 0.25  # virtual seconds between two joins
+_JOIN_RETRY = 0.5  # a joiner whose bootstrap did not answer asks again this much later
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +43,7 @@ class WorldConfig:
     nodes: int
     adversarial: float = 0.0  # fraction of nodes in the colluding coalition
     net: NetConfig = field(default_factory=NetConfig)
-    node: NodeConfig = field(default_factory=NodeConfig)
+    node: BehaviourConfig = field(default_factory=node_config)
 
 
 class World:
@@ -51,15 +59,17 @@ class World:
         self.keys = [c.key for c in contacts]
         self.book = AddressBook(contacts)
         self.net = SimNetwork(len(contacts), rng, config.net)
+        self._bootstrap = self.book.addrs[0]  # replaced by `join`
         bad = set(rng.sample(range(len(contacts)), round(config.adversarial * len(contacts))))
         self.adversarial = bytearray(1 if i in bad else 0 for i in range(len(contacts)))
         coalition = Coalition([contacts[i] for i in sorted(bad)]) if bad else None
         self.nodes = [
-            SimNode(i, c, self.net, self.book, config=config.node, coalition=coalition)
-            if i in bad
-            else SimNode(i, c, self.net, self.book, config=config.node)
+            SimNode(
+                i, c, self.net, self.book, config=config.node, rng=rng,
+                coalition=coalition if i in bad else None,
+            )
             for i, c in enumerate(contacts)
-        ]
+        ]  # fmt: skip
         self.net.handlers = [node.receive for node in self.nodes]
 
     @property
@@ -117,28 +127,25 @@ class World:
     def join(self) -> None:
         """Real joins: a random order, the first node is the bootstrap everyone knows."""
         order = self.rng.sample(range(len(self.nodes)), len(self.nodes))
-        bootstrap = self.nodes[order[0]].contact
+        self._bootstrap = self.book.addrs[order[0]]
         for position, i in enumerate(order[1:]):
-            self.net.call_at(position * _JOIN_SPACING, self._join_one, (i, bootstrap))
+            self.net.call_at(position * _JOIN_SPACING, self._join_one, self.nodes[i])
         self.net.run()
 
-    def _join_one(self, args: tuple[int, Contact]) -> None:
-        index, bootstrap = args
-        node = self.nodes[index]
-        node.observe(bootstrap)
+    def _join_one(self, node: SimNode) -> None:
+        node.ping(self._bootstrap, self._bootstrap_answered)
+
+    def _bootstrap_answered(self, node: SimNode, bootstrap: Contact | None) -> None:
+        """As ``OverlayNode.join``: once a bootstrap answered, look up the own ID."""
+        if bootstrap is None:
+            self.net.call_at(self.net.now + _JOIN_RETRY, self._join_one, node)
+            return
         node.lookup(node.contact.node_id, self._refresh_after_join)
 
-    def _refresh_after_join(self, run: LookupRun) -> None:
-        """Kademlia §2.3: after looking up its own ID a joining node refreshes the buckets
-        farther than its closest neighbour (here only those not yet full)."""
-        node, now = run.node, self.net.now
-        table = node.table
-        sizes = table.bucket_sizes()
-        for target in table.refresh_targets(now, 0.0, self.rng):
-            index = table.bucket_index(target)
-            if sizes.get(index, 0) < table.k:
-                table.mark_refreshed(target, now)
-                node.lookup(target, _ignore)
+    def _refresh_after_join(self, node: SimNode, _: Lookup) -> None:
+        """Kademlia §2.3: a joined node refreshes its buckets (as every role does after
+        ``join``: ``refresh(0)``)."""
+        node.refresh(0.0, _ignore)
 
     # -- faults -------------------------------------------------------------------
 
@@ -161,7 +168,7 @@ class World:
         return groups
 
 
-def _ignore(_: LookupRun) -> None:
+def _ignore(_node: SimNode, _lookup: Lookup) -> None:
     pass
 
 

@@ -16,10 +16,30 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from dna_core.overlay.codec import contact_from_proto, contact_to_proto
+from dna_core.overlay.behaviour import (
+    SUSPECT_SECONDS,
+    BehaviourConfig,
+    Lookup,
+    LookupDone,
+    OverlayBehaviour,
+    PingDone,
+    PingOp,
+    Send,
+    StartTimer,
+)
+from dna_core.overlay.codec import (
+    Datagram,
+    FindNode,
+    Nodes,
+    Ping,
+    Pong,
+    contact_from_proto,
+    contact_to_proto,
+)
 from dna_core.overlay.contact import ID_BITS, ID_BYTES, Contact, Endpoint, distance
 from dna_core.overlay.kbucket import Admission, Observed, RoutingTable
 from dna_core.overlay.lookup import ClosestPeersIter, DisjointLookup, Finished, Query, Wait
+from dna_core.overlay.protocol import Addr, closer_nodes, proven_contact
 from dna_core.overlay.records import (
     DEFAULT_IDENTITY_POW_BITS,
     DEFAULT_NAME_POW_BITS,
@@ -77,21 +97,37 @@ __all__ = [
     "MAX_TTL_MS",
     "NAME_MOVE_DOMAIN",
     "ROTATION_ACCEPT_DOMAIN",
+    "SUSPECT_SECONDS",
+    "Addr",
     "Admission",
+    "BehaviourConfig",
     "ClosestPeersIter",
     "Contact",
+    "Datagram",
     "DisjointLookup",
     "Endpoint",
+    "FindNode",
     "Finished",
+    "Lookup",
+    "LookupDone",
     "NodeConfig",
+    "Nodes",
     "Observed",
+    "OverlayBehaviour",
     "OverlayNode",
     "OverlayServer",
     "OverlayServiceConfig",
+    "Ping",
+    "PingDone",
+    "PingOp",
+    "Pong",
     "Query",
     "RoutingTable",
     "RttEstimator",
+    "Send",
+    "StartTimer",
     "Wait",
+    "closer_nodes",
     "config_warnings",
     "contact_from_proto",
     "contact_to_proto",
@@ -103,6 +139,7 @@ __all__ = [
     "name_move_message",
     "name_pow_hash",
     "normalize_name",
+    "proven_contact",
     "record_key",
     "resolve_seeds",
     "rotation_accept_message",

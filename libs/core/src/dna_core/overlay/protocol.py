@@ -12,9 +12,10 @@ Rules this module enforces:
   The address it spoke from becomes its first endpoint, the one the table uses.
 * **Only proven keys enter routing tables.** A node ID is a hash of a public key
   anyone can copy, so a contact is observed only once it answered a ping
-  challenge from that address with its node key's signature (``key_proven``;
-  the aio node keeps which ID was proven at which address). Otherwise anyone
-  with an address could claim a known node's ID and move it to that address.
+  challenge from that address with its node key's signature (the Responder's
+  ``observe`` hook: ``OverlayBehaviour.observe_requester`` keeps which ID was
+  proven at which address). Otherwise anyone with an address could claim a known
+  node's ID and move it to that address.
 * **Responses match requests** by request ID *and* source address; anything
   else is unsolicited and dropped.
 """
@@ -83,12 +84,14 @@ class Responder:
         k: int = 20,
         cache: ContactCache | None = None,
         sign: Callable[[bytes], bytes] | None = None,
-        key_proven: Callable[[Contact, Addr], bool] = lambda contact, addr: True,
+        observe: Callable[[Contact, Addr, float], Observed | None] | None = None,
     ) -> None:
         self.local, self.table, self.tokens, self.k = local, table, tokens, k
         self.cache = cache
         self.sign = sign  # answers ping challenges (None: challenges go unanswered)
-        self.key_proven = key_proven  # whether a sender may enter the table yet
+        # A requester whose address is proven; None: straight into the table. The node's
+        # behaviour passes its own, which first wants the key proven.
+        self.observe = observe
 
     def answer(self, dgram: Datagram, addr: Addr, size: int, now: float) -> Answer:
         if self.local is None or not dgram.is_request:
@@ -97,8 +100,11 @@ class Responder:
         observed = None
         sender, table = dgram.sender, self.table
         contact = proven_contact(sender, addr) if proven and sender is not None else None
-        if contact is not None and table is not None and self.key_proven(contact, addr):
-            observed = table.observe(contact, now)
+        if contact is not None and table is not None:
+            if self.observe is None:
+                observed = table.observe(contact, now)
+            else:
+                observed = self.observe(contact, addr, now)
         reply = self._reply(dgram, addr, now)
         if proven or len(reply) <= AMPLIFICATION_FACTOR * size:
             return Answer(reply, "ok", observed)
@@ -117,8 +123,7 @@ class Responder:
             pong = Pong(Endpoint(addr[0], addr[1]), proof)
             return encode_datagram(Datagram(dgram.request_id, pong, self.local, token), self.cache)
         exclude = dgram.sender.node_id if dgram.sender else None
-        closest = self.table.closest(dgram.body.target, self.k + 1)
-        closer = [c for c in closest if c.node_id != exclude][: self.k]
+        closer = closer_nodes(self.table, dgram.body.target, exclude, self.k)
         # Contacts with many or IPv6 endpoints may not all fit: drop the farthest.
         while True:
             try:
@@ -127,6 +132,15 @@ class Responder:
                 )
             except ValueError:
                 closer.pop()
+
+
+def closer_nodes(
+    table: RoutingTable, target: bytes, requester: bytes | None, k: int
+) -> list[Contact]:
+    """What a find-node for ``target`` is answered with: the ``k`` closest known contacts,
+    closest first, the requester left out (it knows itself)."""
+    closest = table.closest(target, k + 1)
+    return [c for c in closest if c.node_id != requester][:k]
 
 
 @dataclass(slots=True)
@@ -182,14 +196,17 @@ class RequestTracker:
         return min((p.deadline for p in self._pending.values()), default=None)
 
 
-def request_datagram(
-    pending: Pending, sender: Contact | None, token: bytes | None, cache: ContactCache | None = None
-) -> bytes:
-    """Encode a request; without a token it is padded to earn a full answer at once."""
+def request_for(pending: Pending, sender: Contact | None, token: bytes | None) -> Datagram:
+    """The request datagram; without a token it is padded to earn a full answer at once."""
     if token:
         padding = 0
     else:
         padding = FIRST_PING_PADDING if isinstance(pending.body, Ping) else FIRST_REQUEST_PADDING
-    return encode_datagram(
-        Datagram(pending.request_id, pending.body, sender, token or b"", padding), cache
-    )
+    return Datagram(pending.request_id, pending.body, sender, token or b"", padding)
+
+
+def request_datagram(
+    pending: Pending, sender: Contact | None, token: bytes | None, cache: ContactCache | None = None
+) -> bytes:
+    """``request_for``, encoded."""
+    return encode_datagram(request_for(pending, sender, token), cache)

@@ -1,0 +1,585 @@
+"""One overlay node's coordination, sans-I/O: what a node does with what it hears.
+
+The asyncio node (``aio/node.py``) and the simulator (``dna_sim``) drive this one class,
+as rust-libp2p's kad ``Behaviour`` is driven by its swarm and aioquic's connection by
+its asyncio adapter. They feed it events, each with ``now``:
+
+* a response datagram arrived (``on_response``); a request came from an address the
+  requester proved it receives at (``observe_requester``, the ``Responder``'s hook);
+* a timer it asked for fired (``on_timer``);
+* an operation is wanted: ``ping``, ``check_liveness``, ``lookup``, ``refresh``;
+
+and carry out what it queues, taken with ``poll()``: ``Send`` a request datagram to an
+address, ``StartTimer``; the ends of operations (``PingDone``, ``LookupDone``); and what
+adapters count (``RequestEnded``, ``Rejected``). Answering requests is not here: the
+``Responder`` (bytes, tokens, amplification) or the simulator's answerer does it.
+
+Invariants:
+
+* every request ends exactly once: answered (matched by request ID *and* address,
+  ``RequestTracker``) or failed at its hard deadline (``request_timeout``). A
+  ``TokenReply`` is followed by the same request once more, with the token; a second
+  one fails the request;
+* a contact is observed (offered to the routing table) only when it answers a request of
+  ours or sends one from a proven address, and only once it has proven its node key from
+  that address: one challenge per (ID, address) at a time, at most ``MAX_KEY_PROOFS`` at
+  once. ``prove_keys=False`` is for the simulator, whose contacts are minted, not claimed;
+* every liveness check a full bucket asks for (``Observed.check``) is pinged and its
+  result reported to the table, which evicts a silent contact for a waiting newcomer;
+* a lookup's query has two deadlines: the iterator's adaptive one (RTT, RFC 6298), past
+  which the peer no longer holds a slot, and the hard one, past which it has failed: the
+  iterator is told, the table counts a failure, and the peer is *suspect* for
+  ``SUSPECT_SECONDS``: not used as a seed or candidate, unless fewer than alpha would
+  remain. A lookup that finishes with fewer than k results while queries are open waits
+  one more adaptive timeout for them; then it marks its bucket refreshed and ends
+  (``LookupDone``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from dna_core.crypto.node import verify_node_signature
+from dna_core.errors import ProtocolError
+from dna_core.overlay.codec import (
+    CHALLENGE_BYTES,
+    Body,
+    Datagram,
+    FindNode,
+    Nodes,
+    Ping,
+    Pong,
+    TokenReply,
+)
+from dna_core.overlay.contact import Contact
+from dna_core.overlay.kbucket import GOOD_FOR, K, Observed, RoutingTable
+from dna_core.overlay.lookup import ClosestPeersIter, DisjointLookup, Finished, Query
+from dna_core.overlay.protocol import (
+    PONG_DOMAIN,
+    Addr,
+    Pending,
+    RequestTracker,
+    proven_contact,
+    request_for,
+)
+from dna_core.overlay.rtt import RttEstimator
+
+TOKEN_CACHE_SIZE = 4096  # addresses whose latest token is kept for the next request
+SUSPECT_SECONDS = 10.0  # a node that just failed us is not asked again for this long
+SUSPECT_CACHE_SIZE = 4096
+PROVEN_KEYS_SIZE = 8192  # node ID -> the address it proved its key from
+MAX_KEY_PROOFS = 256  # challenges in flight at once; beyond, senders wait for the next time
+
+KeyT = TypeVar("KeyT", bound=Hashable)
+ValueT = TypeVar("ValueT")
+
+
+@dataclass(frozen=True, slots=True)
+class BehaviourConfig:
+    k: int = K
+    alpha: int = 3
+    request_timeout: float = 2.0  # the hard deadline of a request, and the RTT ceiling
+    rto_initial: float = 0.5  # the adaptive timeout before the first round trip is measured
+    rto_floor: float = 0.05
+    good_for: float = GOOD_FOR  # a contact heard from this recently is not pinged for room
+    allow_loopback: bool = False  # local testnets: loopback peers skip the /24 limit
+    prove_keys: bool = True  # challenge contacts for their node key before observing them
+
+
+# -- commands: what the driver carries out ----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send this request datagram to ``addr`` (the aio node encodes it first)."""
+
+    addr: Addr
+    datagram: Datagram
+
+
+@dataclass(frozen=True, slots=True)
+class StartTimer:
+    """Call ``on_timer(timer, now)`` once ``when`` has come. Timers are never cancelled:
+    one whose work is done by then is ignored. Each ``timer`` object is started once."""
+
+    when: float
+    timer: object
+
+
+@dataclass(frozen=True, slots=True)
+class PingDone:
+    """A ``ping`` ended: ``contact`` answered and proved its key (it was observed), or
+    None (no answer in time, or no valid proof)."""
+
+    ping: PingOp
+    contact: Contact | None
+
+
+@dataclass(frozen=True, slots=True)
+class LookupDone:
+    lookup: Lookup
+
+
+@dataclass(frozen=True, slots=True)
+class RequestEnded:
+    """For the adapter's counters: one per request sent."""
+
+    method: str  # "ping" or "findnode"
+    outcome: str  # "ok" (answered) or "timeout"
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """For the adapter's counters: a response refused."""
+
+    reason: str  # "unsolicited_response" or "key_unproven"
+
+
+Command = Send | StartTimer | PingDone | LookupDone | RequestEnded | Rejected
+
+
+# -- operations in flight -----------------------------------------------------------------
+
+
+class PingOp:
+    """A ping in flight: asked for by the driver (``ping``), a liveness check of a table
+    entry (``check``), or a node-key challenge (``proving``)."""
+
+    __slots__ = ("addr", "asked", "challenge", "check", "proving")
+
+    def __init__(
+        self,
+        addr: Addr,
+        challenge: bytes,
+        *,
+        asked: bool = False,
+        check: Contact | None = None,
+        proving: tuple[bytes, Addr] | None = None,
+    ) -> None:
+        self.addr = addr
+        self.challenge = challenge
+        self.asked = asked
+        self.check = check
+        self.proving = proving
+
+
+class Lookup:
+    """An iterative find-node and its figures.
+
+    Hops: the longest chain of sequential round trips behind the result. A contact from
+    the local table is 1 hop away; one first learned from a contact at ``h`` hops is at
+    ``h + 1``; the lookup's figure is the maximum over the contacts in its result.
+    Messages: requests sent plus answers taken before the lookup ended.
+    Timeouts: queries that missed their adaptive deadline before the lookup ended.
+    """
+
+    __slots__ = (
+        "depth",
+        "done",
+        "ended",
+        "grace",
+        "it",
+        "messages",
+        "open",
+        "request",
+        "started",
+        "target",
+        "timeouts",
+    )
+
+    def __init__(self, target: bytes, it: ClosestPeersIter | DisjointLookup, now: float) -> None:
+        self.target = target
+        self.it = it
+        self.request = FindNode(target)
+        self.started = now
+        self.ended = 0.0
+        self.done = False
+        self.grace = False  # the iterator finished; open queries get one more timeout
+        self.open = 0  # queries neither answered nor failed
+        self.depth: dict[bytes, int] = {}
+        self.messages = 0
+        self.timeouts = 0
+
+    @property
+    def queries(self) -> int:
+        return self.it.queries
+
+    def result(self) -> list[Contact]:
+        """The (up to) k closest peers that answered, closest first."""
+        return self.it.result()
+
+    def hops(self, result: Sequence[Contact]) -> int:
+        return max((self.depth.get(c.node_id, 1) for c in result), default=0)
+
+
+class _Query:
+    """One find-node of a lookup; also the timer of its adaptive deadline."""
+
+    __slots__ = ("deadline", "done", "lookup", "peer")
+
+    def __init__(self, lookup: Lookup, peer: bytes, deadline: float) -> None:
+        self.lookup = lookup
+        self.peer = peer
+        self.deadline = deadline
+        self.done = False
+
+
+# -- the behaviour ------------------------------------------------------------------------
+
+
+class OverlayBehaviour:
+    def __init__(
+        self,
+        local_id: bytes,
+        config: BehaviourConfig,
+        rng: random.Random,
+        *,
+        sender: Contact | None = None,
+        entropy: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.local_id = local_id
+        self.config = config
+        self.rng = rng  # request IDs and refresh targets
+        # Our contact, sent with every request; None for a client (never observed by others).
+        self.sender = sender
+        self.table = RoutingTable(
+            local_id, k=config.k, allow_loopback=config.allow_loopback, good_for=config.good_for
+        )
+        self.rtt = RttEstimator(
+            initial=config.rto_initial, floor=config.rto_floor, ceiling=config.request_timeout
+        )
+        self.tracker = RequestTracker(rng)
+        self._entropy = entropy  # ping challenges: unpredictable, or answers could be replayed
+        self._out: list[Command] = []
+        self._tokens: OrderedDict[Addr, bytes] = OrderedDict()
+        # Other nodes keep dead contacts until their own checks run; without this memory every
+        # lookup would rediscover them from answers and wait out their timeouts again.
+        self._suspects: OrderedDict[bytes, float] = OrderedDict()
+        self._proven_keys: OrderedDict[bytes, Addr] = OrderedDict()
+        self._proving: set[tuple[bytes, Addr]] = set()
+
+    def poll(self) -> list[Command]:
+        """The commands queued since the last poll, oldest first."""
+        out = self._out
+        if not out:
+            return []  # (most events queue nothing: keep the queue, it is empty)
+        self._out = []
+        return out
+
+    # -- operations -----------------------------------------------------------------------
+
+    def ping(self, addr: Addr, now: float, *, timeout: float | None = None) -> PingOp:
+        """Ping ``addr`` with a key challenge; ends with ``PingDone``."""
+        op = PingOp(addr, self._challenge(), asked=True)
+        self._request(addr, Ping(op.challenge), now, op, timeout=timeout)
+        return op
+
+    def check_liveness(self, contact: Contact, now: float) -> None:
+        """Ping a table entry; the table learns whether it answered (a silent one goes)."""
+        op = PingOp(contact.endpoint.udp, self._challenge(), check=contact)
+        self._request(op.addr, Ping(op.challenge), now, op)
+
+    def lookup(self, target: bytes, now: float, *, paths: int = 1) -> Lookup:
+        """Start an iterative lookup of the k closest nodes to ``target`` over ``paths``
+        disjoint paths, seeded with k trusted contacts per path; ends with ``LookupDone``."""
+        config = self.config
+        seeds = self.trusted(self.table.closest(target, config.k * paths), now)
+        it: ClosestPeersIter | DisjointLookup
+        if paths > 1:
+            it = DisjointLookup(
+                target, seeds, paths=paths, k=config.k, alpha=config.alpha,
+                timeout=self.rtt.timeout, local_id=self.local_id,
+            )  # fmt: skip
+        else:
+            it = ClosestPeersIter(
+                target, seeds, k=config.k, alpha=config.alpha,
+                timeout=self.rtt.timeout, local_id=self.local_id,
+            )  # fmt: skip
+        lookup = Lookup(target, it, now)
+        self._pump(lookup, now)
+        return lookup
+
+    def refresh(self, now: float, interval: float) -> list[Lookup]:
+        """Look up a random ID in every bucket not looked up within ``interval``."""
+        return [self.lookup(t, now) for t in self.table.refresh_targets(now, interval, self.rng)]
+
+    def trusted(self, contacts: list[Contact], now: float) -> list[Contact]:
+        """``contacts`` without the suspects, unless fewer than alpha would remain."""
+        if not self._suspects:
+            return contacts
+        trusted = [c for c in contacts if self._suspects.get(c.node_id, 0.0) <= now]
+        # Timeouts from our own overload (a full socket buffer, a busy loop) make everyone
+        # suspect at once; asking suspects beats failing every lookup until they clear.
+        return trusted if len(trusted) >= min(len(contacts), self.config.alpha) else contacts
+
+    # -- events ---------------------------------------------------------------------------
+
+    def on_response(self, dgram: Datagram, addr: Addr, now: float) -> None:
+        """A response from ``addr``, decoded (the codec checked it)."""
+        pending = self.tracker.match(dgram, addr)
+        if pending is None:
+            self._out.append(Rejected("unsolicited_response"))
+            return
+        self.rtt.sample(now - pending.sent_at)
+        self._out.append(_ANSWERED[type(pending.body)])
+        if dgram.token:
+            _remember(self._tokens, addr, dgram.token, TOKEN_CACHE_SIZE)
+        self._heard_from(dgram, addr, now)
+        owner = pending.context
+        if isinstance(dgram.body, TokenReply):
+            self._token_required(pending, now)
+        elif type(owner) is _Query:
+            self._query_answered(owner, dgram, now)
+        else:
+            assert type(owner) is PingOp
+            self._ping_answered(owner, dgram, addr, now)
+
+    def observe_requester(self, contact: Contact, addr: Addr, now: float) -> Observed | None:
+        """``contact`` sent a request from ``addr``, an address it proved it receives at
+        (``proven_contact`` put it first): observe it, once its key is proven there."""
+        if not self.key_proven(contact, addr, now):
+            return None
+        self._suspects.pop(contact.node_id, None)  # it is back: it just spoke
+        return self._observe(contact, now)
+
+    def on_timer(self, timer: object, now: float) -> None:
+        """A timer of a ``StartTimer`` fired; its time has come, whatever ``now`` says."""
+        if type(timer) is Pending:
+            self._hard_deadline(timer, now)
+        elif type(timer) is _Query:
+            self._soft_deadline(timer, max(now, timer.deadline))
+        elif type(timer) is Lookup:
+            if not timer.done:
+                self._end(timer, now)  # the grace for its late queries is over
+        else:
+            raise TypeError(f"not a timer of this behaviour: {timer!r}")
+
+    def key_proven(self, contact: Contact, addr: Addr, now: float) -> bool:
+        """Whether ``contact`` proved its node key from ``addr``; if not, challenge it
+        (once at a time): the ping observes it when it answers."""
+        if not self.config.prove_keys:
+            return True
+        proven = self._proven_keys
+        if proven.get(contact.node_id) == addr:
+            proven.move_to_end(contact.node_id)
+            return True
+        key = (contact.node_id, addr)
+        if key not in self._proving and len(self._proving) < MAX_KEY_PROOFS:
+            self._proving.add(key)
+            op = PingOp(addr, self._challenge(), proving=key)
+            self._request(addr, Ping(op.challenge), now, op)
+        return False
+
+    # -- requests -------------------------------------------------------------------------
+
+    def _request(
+        self,
+        addr: Addr,
+        body: Body,
+        now: float,
+        owner: PingOp | _Query,
+        *,
+        node_id: bytes | None = None,
+        timeout: float | None = None,
+        retried: bool = False,
+    ) -> None:
+        timeout = timeout or self.config.request_timeout
+        pending = self.tracker.start(addr, body, now, timeout, node_id)
+        pending.context, pending.retried = owner, retried
+        datagram = request_for(pending, self.sender, self._tokens.get(addr))
+        self._out.append(Send(addr, datagram))
+        self._out.append(StartTimer(pending.deadline, pending))
+
+    def _token_required(self, pending: Pending, now: float) -> None:
+        """The responder wants proof of our address: the token just remembered is it."""
+        if pending.retried:  # it keeps asking: give up on it
+            self._failed(pending, now)
+            return
+        assert isinstance(pending.context, PingOp | _Query)
+        self._request(
+            pending.addr, pending.body, now, pending.context, node_id=pending.node_id,
+            timeout=pending.deadline - pending.sent_at, retried=True,
+        )  # fmt: skip
+
+    def _hard_deadline(self, pending: Pending, now: float) -> None:
+        if not self.tracker.forget(pending):
+            return  # answered in time
+        self._out.append(_TIMED_OUT[type(pending.body)])
+        self._failed(pending, now)
+
+    def _failed(self, pending: Pending, now: float) -> None:
+        owner = pending.context
+        if type(owner) is _Query:
+            self._query_failed(owner, now)
+        else:
+            assert type(owner) is PingOp
+            self._ping_ended(owner, None, now)
+
+    def _heard_from(self, dgram: Datagram, addr: Addr, now: float) -> None:
+        """A matched response: its sender is observed from the address it answered from
+        (a challenge's answer is judged by its ping)."""
+        sender = dgram.sender
+        contact = proven_contact(sender, addr) if sender is not None else None
+        if contact is None:
+            return
+        self._suspects.pop(contact.node_id, None)
+        answers_challenge = isinstance(dgram.body, Pong) and dgram.body.proof
+        if not answers_challenge and self.key_proven(contact, addr, now):
+            self._observe(contact, now)
+
+    def _observe(self, contact: Contact, now: float) -> Observed:
+        """Into the routing table (clients too: they route through what answered them);
+        a full bucket's oldest contact gets its liveness check, or the bucket would wait
+        for it forever."""
+        observed = self.table.observe(contact, now)
+        if observed.check is not None:
+            self.check_liveness(observed.check, now)
+        return observed
+
+    # -- pings ----------------------------------------------------------------------------
+
+    def _challenge(self) -> bytes:
+        return self._entropy(CHALLENGE_BYTES) if self.config.prove_keys else b""
+
+    def _ping_answered(self, op: PingOp, dgram: Datagram, addr: Addr, now: float) -> None:
+        contact = proven_contact(dgram.sender, addr) if dgram.sender is not None else None
+        body = dgram.body
+        if contact is None or not isinstance(body, Pong) or not _signed(contact, op, body):
+            self._out.append(Rejected("key_unproven"))
+            self._ping_ended(op, None, now)
+            return
+        if op.challenge:  # (unchallenged, it was observed as any responder is)
+            _remember(self._proven_keys, contact.node_id, addr, PROVEN_KEYS_SIZE)
+            self._observe(contact, now)
+        self._ping_ended(op, contact, now)
+
+    def _ping_ended(self, op: PingOp, contact: Contact | None, now: float) -> None:
+        if op.proving is not None:
+            self._proving.discard(op.proving)
+        if op.check is not None:
+            self.table.on_check_result(op.check.node_id, contact is not None, now)
+        if op.asked:
+            self._out.append(PingDone(op, contact))
+
+    # -- lookups --------------------------------------------------------------------------
+
+    def _pump(self, lookup: Lookup, now: float) -> None:
+        it, rtt = lookup.it, self.rtt
+        while True:
+            # One timeout per iterator in the core: refresh it from the estimate before
+            # every step, so each new query gets a current deadline.
+            it.timeout = rtt.timeout
+            step = it.next(now)
+            if type(step) is Query:
+                self._send_query(lookup, step, now)
+            elif type(step) is Finished:
+                self._finished(lookup, now)
+                return
+            else:
+                return  # Wait: its `until` is a query's deadline, which has its timer
+
+    def _send_query(self, lookup: Lookup, query: Query, now: float) -> None:
+        peer = query.contact
+        q = _Query(lookup, peer.node_id, query.deadline)
+        lookup.open += 1
+        lookup.messages += 1
+        lookup.depth.setdefault(peer.node_id, 1)
+        self._request(peer.endpoint.udp, lookup.request, now, q, node_id=peer.node_id)
+        self._out.append(StartTimer(query.deadline, q))
+
+    def _query_answered(self, q: _Query, dgram: Datagram, now: float) -> None:
+        q.done = True
+        lookup = q.lookup
+        lookup.open -= 1
+        if lookup.done:
+            return  # a late answer: its sender is observed, the result is out
+        body = dgram.body
+        if type(body) is Nodes:
+            closer: Sequence[Contact] = body.closer  # (the iterator skips the local ID)
+            if self._suspects:  # (without it, so it does not count as trusted)
+                local = self.local_id
+                closer = self.trusted([c for c in closer if c.node_id != local], now)
+            lookup.messages += 1
+            lookup.it.on_response(q.peer, closer)
+            hop = lookup.depth.get(q.peer, 1) + 1
+            setdefault = lookup.depth.setdefault
+            for contact in closer:
+                setdefault(contact.node_id, hop)
+        else:
+            lookup.it.on_failure(q.peer)
+        self._advance(lookup, now)
+
+    def _query_failed(self, q: _Query, now: float) -> None:
+        q.done = True
+        lookup = q.lookup
+        lookup.open -= 1
+        self._suspect(q.peer, now)
+        if lookup.done:
+            return
+        lookup.it.on_failure(q.peer)
+        self._advance(lookup, now)
+
+    def _soft_deadline(self, q: _Query, now: float) -> None:
+        lookup = q.lookup
+        if q.done or lookup.done:
+            return
+        lookup.timeouts += 1
+        if not lookup.grace:
+            self._pump(lookup, now)  # next() marks the peer unresponsive and frees its slot
+
+    def _advance(self, lookup: Lookup, now: float) -> None:
+        if not lookup.grace:
+            self._pump(lookup, now)
+        elif not lookup.open:
+            self._end(lookup, now)
+
+    def _finished(self, lookup: Lookup, now: float) -> None:
+        if lookup.open and len(lookup.it.result()) < self.config.k:
+            # The iterator gave up on peers past their adaptive deadline but their requests
+            # are still open: under load that deadline is often just too short, and a put
+            # would land on 3 replicas instead of k. One more timeout for them (a late
+            # answer still counts: on_response accepts unresponsive peers).
+            lookup.grace = True
+            self._out.append(StartTimer(now + self.rtt.timeout, lookup))
+        else:
+            self._end(lookup, now)
+
+    def _end(self, lookup: Lookup, now: float) -> None:
+        lookup.done = True
+        lookup.ended = now
+        self.table.mark_refreshed(lookup.target, now)
+        self._out.append(LookupDone(lookup))
+
+    def _suspect(self, node_id: bytes, now: float) -> None:
+        self.table.on_failure(node_id, now)
+        _remember(self._suspects, node_id, now + SUSPECT_SECONDS, SUSPECT_CACHE_SIZE)
+
+
+_REQUESTS: tuple[type[Body], ...] = (Ping, FindNode)
+_ANSWERED = {kind: RequestEnded(kind.__name__.lower(), "ok") for kind in _REQUESTS}
+_TIMED_OUT = {kind: RequestEnded(kind.__name__.lower(), "timeout") for kind in _REQUESTS}
+
+
+def _signed(contact: Contact, op: PingOp, pong: Pong) -> bool:
+    """Whether ``pong`` carries ``contact``'s node-key signature over the challenge (an
+    unchallenged ping needs none)."""
+    if not op.challenge:
+        return True
+    try:
+        verify_node_signature(contact.public_key, PONG_DOMAIN, op.challenge, pong.proof)
+    except ProtocolError:
+        return False
+    return True
+
+
+def _remember(cache: OrderedDict[KeyT, ValueT], key: KeyT, value: ValueT, size: int) -> None:
+    """Put ``key`` last (most recent) in ``cache``, dropping the oldest beyond ``size``."""
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > size:
+        cache.popitem(last=False)

@@ -1,0 +1,472 @@
+"""The overlay behaviour (dna_core.overlay.behaviour) without sockets: events in, commands
+out, time advanced by hand (aioquic's tests; trio's MockClock).
+
+Request matching and deadlines, token retries, observe -> liveness check -> keep or
+evict, key proofs, lookups (suspects, the grace for late answers, ground truth on a
+scripted network) and refresh; and a property: whatever the network does, every request
+ends exactly once and every operation ends exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import pytest
+from dna_core.crypto.node import NodeIdentity
+from dna_core.overlay.behaviour import (
+    SUSPECT_SECONDS,
+    BehaviourConfig,
+    Command,
+    Lookup,
+    LookupDone,
+    OverlayBehaviour,
+    PingDone,
+    Rejected,
+    RequestEnded,
+    Send,
+    StartTimer,
+)
+from dna_core.overlay.codec import Body, Datagram, FindNode, Nodes, Ping, Pong, TokenReply
+from dna_core.overlay.contact import Contact, Endpoint
+from dna_core.overlay.kbucket import GOOD_FOR, Admission
+from dna_core.overlay.protocol import FIRST_PING_PADDING, PONG_DOMAIN, Addr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+NOW = 1000.0
+LOCAL_ID = bytes(32)  # every ID below with its top bit set is in bucket 255
+TOKEN = b"t" * 16
+
+
+def far_id(i: int) -> bytes:
+    """A node ID in the local node's farthest bucket (255)."""
+    digest = hashlib.sha256(f"peer {i}".encode()).digest()
+    return bytes([digest[0] | 0x80]) + digest[1:]
+
+
+def peer(i: int, node_id: bytes | None = None) -> Contact:
+    """A minted contact (keys unproven: for behaviours with ``prove_keys=False``), each in
+    its own /24."""
+    endpoint = Endpoint(f"198.18.{i % 250}.{i // 250 + 1}", 4000)
+    return Contact(node_id or hashlib.sha256(f"peer {i}".encode()).digest(), b"", (endpoint,))
+
+
+def keyed_peer(i: int) -> tuple[Contact, NodeIdentity]:
+    identity = NodeIdentity.generate(0)[0]
+    endpoint = Endpoint(f"198.19.{i}.1", 4000)
+    return Contact(identity.node_id, identity.public_key, (endpoint,)), identity
+
+
+def behaviour(*, prove_keys: bool = False, seed: int = 1, **config: Any) -> OverlayBehaviour:
+    local = Contact(LOCAL_ID, b"", (Endpoint("198.51.100.1", 4000),))
+    return OverlayBehaviour(
+        LOCAL_ID, BehaviourConfig(prove_keys=prove_keys, **config), random.Random(seed),
+        sender=local, entropy=random.Random(seed).randbytes,
+    )  # fmt: skip
+
+
+def of_type(commands: list[Command], kind: type[Any]) -> list[Any]:
+    return [c for c in commands if isinstance(c, kind)]
+
+
+def answer_to(send: Send, body: Body, sender: Contact | None, token: bytes = b"") -> Datagram:
+    return Datagram(send.datagram.request_id, body, sender, token)
+
+
+# -- request matching and deadlines --------------------------------------------------------
+
+
+def test_a_response_matches_only_its_request_id_at_its_address() -> None:
+    b, responder = behaviour(), peer(1)
+    op = b.ping(responder.endpoint.udp, NOW)
+    [send] = of_type(b.poll(), Send)
+    assert send.addr == responder.endpoint.udp and isinstance(send.datagram.body, Ping)
+    right = answer_to(send, Pong(), responder)
+    wrong_id = Datagram(send.datagram.request_id ^ 1, Pong(), responder)
+    b.on_response(right, peer(2).endpoint.udp, NOW + 0.1)  # right ID, another address
+    b.on_response(wrong_id, responder.endpoint.udp, NOW + 0.1)
+    assert b.poll() == [Rejected("unsolicited_response")] * 2
+    assert responder.node_id not in b.table and len(b.tracker) == 1
+
+    b.on_response(right, responder.endpoint.udp, NOW + 0.1)
+    out = b.poll()
+    assert RequestEnded("ping", "ok") in out and PingDone(op, responder) in out
+    assert responder.node_id in b.table and len(b.tracker) == 0
+    b.on_response(right, responder.endpoint.udp, NOW + 0.2)  # answered once only
+    assert b.poll() == [Rejected("unsolicited_response")]
+
+
+def test_an_unanswered_request_fails_at_its_hard_deadline_and_a_late_answer_is_refused() -> None:
+    b, silent = behaviour(request_timeout=2.0), peer(1)
+    op = b.ping(silent.endpoint.udp, NOW)
+    out = b.poll()
+    [send], [timer] = of_type(out, Send), of_type(out, StartTimer)
+    assert timer.when == NOW + 2.0
+    b.on_timer(timer.timer, timer.when)
+    assert b.poll() == [RequestEnded("ping", "timeout"), PingDone(op, None)]
+    b.on_timer(timer.timer, timer.when + 1)  # a timer that fires twice changes nothing
+    assert b.poll() == []
+    b.on_response(answer_to(send, Pong(), silent), silent.endpoint.udp, NOW + 3)
+    assert b.poll() == [Rejected("unsolicited_response")]
+    assert silent.node_id not in b.table
+
+
+def test_a_timer_for_an_answered_request_is_ignored() -> None:
+    b, responder = behaviour(), peer(1)
+    b.ping(responder.endpoint.udp, NOW)
+    out = b.poll()
+    [send], [timer] = of_type(out, Send), of_type(out, StartTimer)
+    b.on_response(answer_to(send, Pong(), responder), responder.endpoint.udp, NOW + 0.05)
+    b.poll()
+    b.on_timer(timer.timer, timer.when)
+    assert b.poll() == []
+
+
+def test_a_token_reply_is_answered_by_one_retry_with_the_token_and_a_second_fails() -> None:
+    b, responder = behaviour(), peer(1)
+    op = b.ping(responder.endpoint.udp, NOW)
+    [first] = of_type(b.poll(), Send)
+    assert first.datagram.token == b"" and first.datagram.padding == FIRST_PING_PADDING
+    b.on_response(answer_to(first, TokenReply(), None, TOKEN), responder.endpoint.udp, NOW)
+    out = b.poll()
+    [retry] = of_type(out, Send)
+    assert of_type(out, PingDone) == []
+    assert retry.addr == first.addr and retry.datagram.body == first.datagram.body
+    assert retry.datagram.token == TOKEN and retry.datagram.padding == 0
+    b.on_response(answer_to(retry, TokenReply(), None, TOKEN), responder.endpoint.udp, NOW)
+    assert b.poll() == [RequestEnded("ping", "ok"), PingDone(op, None)]  # no third try
+    assert len(b.tracker) == 0
+
+
+# -- observe -> liveness check -> keep or evict ----------------------------------------------
+
+
+def full_bucket(b: OverlayBehaviour, at: float = 0.0) -> list[Contact]:
+    """Fill bucket 255 (k = 2) at time ``at``, oldest first."""
+    members = [peer(i, far_id(i)) for i in range(2)]
+    for m in members:
+        assert b.table.observe(m, at).admission is Admission.INSERTED
+    return members
+
+
+def newcomer_at(b: OverlayBehaviour, now: float) -> tuple[Contact, list[Command]]:
+    newcomer = peer(9, far_id(9))
+    b.observe_requester(newcomer, newcomer.endpoint.udp, now)
+    return newcomer, b.poll()
+
+
+def test_a_full_bucket_pings_its_oldest_contact_and_a_silent_one_is_replaced() -> None:
+    b = behaviour(k=2)
+    oldest, _ = full_bucket(b)
+    newcomer, out = newcomer_at(b, GOOD_FOR + 1)
+    [check], [deadline] = of_type(out, Send), of_type(out, StartTimer)
+    assert check.addr == oldest.endpoint.udp and isinstance(check.datagram.body, Ping)
+    assert newcomer.node_id not in b.table  # it waits while the check runs
+    b.on_timer(deadline.timer, deadline.when)
+    assert b.poll() == [RequestEnded("ping", "timeout")]
+    assert oldest.node_id not in b.table and newcomer.node_id in b.table
+
+
+def test_a_full_bucket_keeps_an_oldest_contact_that_answers_the_check() -> None:
+    b = behaviour(k=2)
+    oldest, second = full_bucket(b)
+    newcomer, out = newcomer_at(b, GOOD_FOR + 1)
+    [check] = of_type(out, Send)
+    b.on_response(answer_to(check, Pong(), oldest), oldest.endpoint.udp, GOOD_FOR + 1.1)
+    b.poll()
+    assert oldest.node_id in b.table and newcomer.node_id not in b.table
+    # The check made it the most recently seen: the next newcomer's check is the other one.
+    later = peer(10, far_id(10))
+    b.observe_requester(later, later.endpoint.udp, 2 * GOOD_FOR)
+    [next_check] = of_type(b.poll(), Send)
+    assert next_check.addr == second.endpoint.udp
+
+
+def test_a_full_bucket_heard_from_recently_is_not_pinged() -> None:
+    b = behaviour(k=2)
+    full_bucket(b, at=NOW)
+    newcomer, out = newcomer_at(b, NOW + GOOD_FOR - 1)
+    assert out == [] and newcomer.node_id not in b.table
+
+
+# -- key proofs ---------------------------------------------------------------------------
+
+
+def test_a_requester_enters_the_table_only_after_signing_the_challenge() -> None:
+    b = behaviour(prove_keys=True)
+    contact, identity = keyed_peer(1)
+    addr = contact.endpoint.udp
+    assert b.observe_requester(contact, addr, NOW) is None
+    assert b.observe_requester(contact, addr, NOW) is None  # one challenge at a time
+    [challenge] = of_type(b.poll(), Send)
+    ping = challenge.datagram.body
+    assert isinstance(ping, Ping) and len(ping.challenge) == 16
+    assert contact.node_id not in b.table
+    proof = identity.sign(PONG_DOMAIN, ping.challenge)
+    b.on_response(answer_to(challenge, Pong(None, proof), contact), addr, NOW + 0.1)
+    b.poll()
+    assert contact.node_id in b.table
+    observed = b.observe_requester(contact, addr, NOW + 1)  # proven: no new challenge
+    assert observed is not None and b.poll() == []
+
+
+def test_a_proof_by_another_key_is_refused_and_the_claim_stays_out() -> None:
+    b = behaviour(prove_keys=True)
+    victim, _ = keyed_peer(1)
+    impostor_key = NodeIdentity.generate(0)[0]
+    addr = ("203.0.113.9", 4000)  # the impostor's own address, the victim's ID and key
+    claim = Contact(victim.node_id, victim.public_key, (Endpoint(*addr),))
+    b.observe_requester(claim, addr, NOW)
+    [challenge] = of_type(b.poll(), Send)
+    assert isinstance(challenge.datagram.body, Ping)
+    forged = impostor_key.sign(PONG_DOMAIN, challenge.datagram.body.challenge)
+    b.on_response(answer_to(challenge, Pong(None, forged), claim), addr, NOW + 0.1)
+    assert Rejected("key_unproven") in b.poll()
+    assert victim.node_id not in b.table
+    b.observe_requester(claim, addr, NOW + 1)  # the failed challenge is over: a new one
+    assert len(of_type(b.poll(), Send)) == 1
+
+
+# -- a scripted network for lookups ---------------------------------------------------------
+
+
+Fate = Callable[[Send, float], list[tuple[float, Datagram, Addr]]]
+
+
+@dataclass
+class Harness:
+    """The test's driver: a virtual clock and a heap of timers and deliveries. ``fate``
+    says what the network does with each request sent: (when, datagram, from address)."""
+
+    b: OverlayBehaviour
+    fate: Fate
+    now: float = NOW
+    sent: list[Send] = field(default_factory=list)
+    ended: list[RequestEnded] = field(default_factory=list)
+    done: list[Command] = field(default_factory=list)
+    _heap: list[tuple[float, int, Callable[[float], None]]] = field(default_factory=list)
+    _seq: itertools.count[int] = field(default_factory=itertools.count)
+
+    def at(self, when: float, action: Callable[[float], None]) -> None:
+        heapq.heappush(self._heap, (when, next(self._seq), action))
+
+    def flush(self) -> None:
+        for command in self.b.poll():
+            if isinstance(command, Send):
+                self.sent.append(command)
+                for when, dgram, addr in self.fate(command, self.now):
+                    self.at(when, partial(self.b.on_response, dgram, addr))
+            elif isinstance(command, StartTimer):
+                self.at(command.when, partial(self.b.on_timer, command.timer))
+            elif isinstance(command, RequestEnded):
+                self.ended.append(command)
+            elif isinstance(command, LookupDone | PingDone):
+                self.done.append(command)
+
+    def run(self, until: float | None = None) -> None:
+        self.flush()
+        while self._heap and (until is None or self._heap[0][0] <= until):
+            when, _, action = heapq.heappop(self._heap)
+            self.now = when
+            action(when)
+            self.flush()
+
+    def lookup(self, target: bytes, **options: Any) -> Lookup:
+        lookup = self.b.lookup(target, self.now, **options)
+        self.flush()
+        return lookup
+
+    def lookups_done(self) -> list[Lookup]:
+        return [c.lookup for c in self.done if isinstance(c, LookupDone)]
+
+
+def closest_to(target: bytes, contacts: list[Contact], count: int) -> list[Contact]:
+    key = int.from_bytes(target, "big")
+    return sorted(contacts, key=lambda c: c.key ^ key)[:count]
+
+
+class Network:
+    """Everyone answers find-node with the true k closest (as full tables would), after
+    ``rtt`` seconds, unless it is in ``dead``."""
+
+    def __init__(self, everyone: list[Contact], k: int = 20, rtt: float = 0.02) -> None:
+        self.everyone, self.k, self.rtt = everyone, k, rtt
+        self.by_addr = {c.endpoint.udp: c for c in everyone}
+        self.dead: set[Addr] = set()
+        self.late: dict[Addr, float] = {}  # answers only after this many seconds
+
+    def __call__(self, send: Send, now: float) -> list[tuple[float, Datagram, Addr]]:
+        me = self.by_addr.get(send.addr)
+        if me is None or send.addr in self.dead:
+            return []
+        body = send.datagram.body
+        if isinstance(body, FindNode):
+            others = [c for c in self.everyone if c.node_id != me.node_id]
+            reply: Body = Nodes(tuple(closest_to(body.target, others, self.k)))
+        else:
+            reply = Pong()
+        delay = self.late.get(send.addr, self.rtt)
+        return [(now + delay, answer_to(send, reply, me), send.addr)]
+
+
+def scripted(size: int, known: int, **config: Any) -> tuple[list[Contact], Network, Harness]:
+    """A network of ``size`` peers and a behaviour (``config``) that knows ``known`` of them."""
+    everyone = [peer(i) for i in range(size)]
+    net = Network(everyone)
+    b = behaviour(**config)
+    for c in everyone[:known]:
+        b.table.observe(c, NOW)
+    return everyone, net, Harness(b, net)
+
+
+def test_a_lookup_finds_the_true_k_closest_with_alpha_in_flight() -> None:
+    everyone, _, h = scripted(200, known=30)  # a partial table
+    target = hashlib.sha256(b"target").digest()
+    lookup = h.lookup(target)
+    assert len(h.sent) == 3  # alpha queries, then it waits for answers
+    h.run()
+    assert h.lookups_done() == [lookup]
+    assert lookup.result() == closest_to(target, everyone, 20)
+    assert lookup.timeouts == 0 and lookup.queries == len(h.sent)
+    # each query, and the answers taken before the end (those in flight then come later)
+    assert lookup.queries + 20 <= lookup.messages < 2 * lookup.queries
+    assert 2 <= lookup.hops(lookup.result()) <= 6
+    assert len(h.b.table) > 30  # those that answered were observed
+
+
+def test_a_peer_that_fails_is_suspect_and_skipped_until_its_suspicion_runs_out() -> None:
+    everyone, net, h = scripted(40, known=10, alpha=3)
+    target = hashlib.sha256(b"x").digest()
+    dead = closest_to(target, everyone[:10], 1)[0]
+    net.dead.add(dead.endpoint.udp)
+    h.lookup(target)
+    h.run()
+    assert dead.endpoint.udp in {s.addr for s in h.sent}
+    assert dead.node_id in h.b.table  # one failure does not evict (no replacement waits)
+
+    h.sent.clear()
+    h.lookup(target)
+    h.run()
+    assert dead.endpoint.udp not in {s.addr for s in h.sent}  # suspect: skipped
+
+    h.now += SUSPECT_SECONDS
+    h.sent.clear()
+    h.lookup(target)
+    h.run()
+    assert dead.endpoint.udp in {s.addr for s in h.sent}  # asked again
+
+
+def test_suspects_are_asked_when_fewer_than_alpha_others_remain() -> None:
+    everyone, net, h = scripted(3, known=3, alpha=3)
+    net.dead.update(c.endpoint.udp for c in everyone)
+    target = hashlib.sha256(b"y").digest()
+    h.lookup(target)
+    h.run()
+    assert len(h.sent) == 3 and len(h.lookups_done()) == 1
+    h.sent.clear()
+    h.lookup(target)  # all three are suspect: asking them beats asking nobody
+    assert len(h.sent) == 3
+
+
+def test_a_lookup_short_of_k_waits_one_more_timeout_for_a_late_answer() -> None:
+    everyone, net, h = scripted(3, known=3, k=3, alpha=3, rto_initial=0.1)
+    slow = everyone[0]
+    net.late[slow.endpoint.udp] = 0.15  # past its adaptive deadline, before the hard one
+    lookup = h.lookup(hashlib.sha256(b"z").digest())
+    h.run()
+    assert h.lookups_done() == [lookup]
+    assert lookup.timeouts == 1  # it missed the adaptive deadline...
+    assert slow in lookup.result() and len(lookup.result()) == 3  # ...but its answer counted
+    assert lookup.ended == NOW + 0.15
+
+
+def test_a_lookup_short_of_k_ends_after_the_grace_without_the_silent_peer() -> None:
+    everyone, net, h = scripted(3, known=3, k=3, alpha=3, rto_initial=0.1)
+    silent = everyone[0]
+    net.dead.add(silent.endpoint.udp)
+    lookup = h.lookup(hashlib.sha256(b"z").digest())
+    h.run(until=NOW + 0.12)
+    assert lookup.timeouts == 1
+    assert h.lookups_done() == []  # finished, short of k, the silent query still open
+    h.run()
+    assert h.lookups_done() == [lookup]
+    assert silent not in lookup.result() and len(lookup.result()) == 2
+    # its deadline (0.1 s), then one more adaptive timeout: 50 ms, the floor, after two
+    # 20 ms round trips; not the 2 s hard deadline
+    assert lookup.ended == pytest.approx(NOW + 0.1 + 0.05)
+
+
+def test_a_disjoint_lookup_never_asks_a_peer_twice() -> None:
+    everyone, _, h = scripted(120, known=60)
+    target = hashlib.sha256(b"d").digest()
+    lookup = h.lookup(target, paths=3)
+    h.run()
+    asked = [s.addr for s in h.sent]
+    assert len(asked) == len(set(asked)) == lookup.queries
+    assert lookup.result() == closest_to(target, everyone, 20)
+
+
+# -- refresh ------------------------------------------------------------------------------
+
+
+def test_refresh_looks_up_every_stale_bucket_once_per_interval() -> None:
+    _, _, h = scripted(100, known=100)
+    b = h.b
+    lookups = b.refresh(h.now, 600.0)
+    h.run()
+    low = min(b.table.bucket_sizes())
+    assert len(lookups) == 256 - low  # a random ID in every bucket from the closest up
+    assert sorted(b.table.bucket_index(lk.target) for lk in lookups) == list(range(low, 256))
+    assert set(h.lookups_done()) == set(lookups)
+    assert b.refresh(h.now + 1, 600.0) == []  # each lookup marked its bucket refreshed
+    assert len(b.refresh(h.now + 601, 600.0)) == len(lookups)
+
+
+# -- every request and every operation ends exactly once -------------------------------------
+
+
+FATES = ("answer", "late", "after_deadline", "never", "spoofed", "token", "wrong_body")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_whatever_the_network_does_every_request_and_operation_ends_once(
+    data: st.DataObject,
+) -> None:
+    everyone, truth, h = scripted(30, known=12, alpha=3, rto_initial=0.1)
+    b = h.b
+
+    def fate(send: Send, now: float) -> list[tuple[float, Datagram, Addr]]:
+        answers = truth(send, now)
+        how = data.draw(st.sampled_from(FATES))
+        if how == "never" or not answers:
+            return []
+        when, dgram, addr = answers[0]
+        return {
+            "answer": [(when, dgram, addr)],
+            "late": [(now + 0.5, dgram, addr)],  # past the adaptive deadline
+            "after_deadline": [(now + 2.5, dgram, addr)],
+            "spoofed": [(when, dgram, ("192.0.2.66", 6666)), (when + 0.3, dgram, addr)],
+            "token": [(when, Datagram(dgram.request_id, TokenReply(), None, TOKEN), addr)],
+            "wrong_body": [(when, Datagram(dgram.request_id, Pong(), dgram.sender), addr)],
+        }[how]
+
+    h.fate = fate
+    lookups = [h.lookup(hashlib.sha256(bytes([i])).digest()) for i in range(3)]
+    pings = [b.ping(c.endpoint.udp, h.now) for c in everyone[20:23]]
+    h.run()
+    assert sorted(map(id, h.lookups_done())) == sorted(map(id, lookups))
+    ended_pings = [c.ping for c in h.done if isinstance(c, PingDone)]
+    assert sorted(map(id, ended_pings)) == sorted(map(id, pings))
+    assert len(h.ended) == len(h.sent)  # each request: answered or timed out, once
+    assert len(b.tracker) == 0
+    answered = {s.addr for s in h.sent}
+    for lookup in lookups:
+        assert lookup.done and all(c.endpoint.udp in answered for c in lookup.result())
