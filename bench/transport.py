@@ -29,6 +29,7 @@ directly; also 64 KiB payloads (a page of blobs), where ``mib_per_s`` counts bot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -37,6 +38,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -144,8 +147,8 @@ class _Udp(asyncio.DatagramProtocol):
 
 
 class Clients:
-    def __init__(self, ports: dict[str, int]) -> None:
-        self.ports = ports
+    def __init__(self, ports: dict[str, int], server_pid: int) -> None:
+        self.ports, self.server_pid = ports, server_pid
         self.channels: list[grpc.aio.Channel] = []
         self.unaries: dict[str, Any] = {}  # by kind: grpc_unary, grpc_unary_guarded
         self.streams: dict[str, Any] = {}  # one open bidi stream per kind
@@ -248,17 +251,43 @@ def contenders(size: int) -> list[str]:
     return kinds + (["udp"] if size <= 1000 else [])
 
 
+@dataclass
+class Figures:
+    """Per kind: round trips per second and CPU per round trip (µs, both processes), each
+    the median over rounds."""
+
+    ops: dict[str, float]
+    cpu_us: dict[str, float]
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time of every thread of ``pid`` (ns, /proc/PID/task/*/schedstat: exact, where
+    /proc/PID/stat counts 10 ms ticks)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+    return total
+
+
 async def median_ops(
     clients: Clients, kinds: list[str], payload: bytes, mode: str, n: int, rounds: int
-) -> dict[str, float]:
-    """Round trips per second of each kind, median over ``rounds`` in which they take turns."""
+) -> Figures:
+    """Each kind's figures over ``rounds`` in which the kinds take turns."""
     run = clients.seq if mode == "seq" else clients.concurrent
     per_round: dict[str, list[float]] = {k: [] for k in kinds}
+    cpu: dict[str, list[float]] = {k: [] for k in kinds}
     for r in range(rounds):
         for kind in kinds if r % 2 == 0 else kinds[::-1]:
             await run(kind, payload, min(n, 100))  # warm this path up
+            cpu0 = time.process_time_ns() + cpu_ns(clients.server_pid)
             per_round[kind].append(n / await run(kind, payload, n))
-    return {k: statistics.median(v) for k, v in per_round.items()}
+            used = time.process_time_ns() + cpu_ns(clients.server_pid) - cpu0
+            cpu[kind].append(used / n / 1000)
+    return Figures(
+        {k: statistics.median(v) for k, v in per_round.items()},
+        {k: round(statistics.median(v), 1) for k, v in cpu.items()},
+    )
 
 
 MODES = ("seq", f"c{CONCURRENCY}")
@@ -269,7 +298,7 @@ async def measure(clients: Clients, n: int, rounds: int) -> list[dict[str, Any]]
     for size in SIZES:
         payload = os.urandom(size)
         for mode in MODES:
-            ops = await median_ops(clients, contenders(size), payload, mode, n, rounds)
+            ops = (await median_ops(clients, contenders(size), payload, mode, n, rounds)).ops
             micros = {k: round(1e6 / v, 1) for k, v in ops.items()}
             params = {"payload_bytes": size, "mode": mode, "rounds": rounds, "us_per_trip": micros}
             ours = ops.pop("grpc_unary")
@@ -287,16 +316,20 @@ async def measure_guard(clients: Clients, n: int, rounds: int) -> list[dict[str,
             direct = f"grpc_{call}"
             for mode in MODES:
                 kinds = [direct + GUARDED, direct]
-                ops = await median_ops(clients, kinds, payload, mode, trips, rounds)
+                got = await median_ops(clients, kinds, payload, mode, trips, rounds)
+                ops = got.ops
                 params = {
                     "payload_bytes": size, "mode": mode, "rounds": rounds,
                     "us_per_trip": {k: round(1e6 / v, 1) for k, v in ops.items()},
                     "mib_per_s": {k: round(v * size * 2 / 2**20, 1) for k, v in ops.items()},
+                    "cpu_us_per_trip": got.cpu_us,
                 }  # fmt: skip
                 name = f"transport.guard.{call}.{mode}.{size}"
-                ours = ops.pop(direct + GUARDED)
-                lines.append(common.report(name, "ops/s", ours, {"direct": ops[direct]},
-                                           trips, params))  # fmt: skip
+                ours, direct_ops = ops[direct + GUARDED], {"direct": ops[direct]}
+                lines.append(common.report(name, "ops/s", ours, direct_ops, trips, params))
+                cpu_ours, cpu_direct = got.cpu_us[direct + GUARDED], {"direct": got.cpu_us[direct]}
+                lines.append(common.report(f"{name}.cpu", "µs", cpu_ours, cpu_direct, trips,
+                                           params, kind="latency"))  # fmt: skip
     return lines
 
 
@@ -309,7 +342,7 @@ async def run(n: int, rounds: int, sections: tuple[str, ...] = SECTIONS) -> int:
     try:
         assert server.stdout is not None
         ports = json.loads(await asyncio.to_thread(server.stdout.readline))
-        clients = Clients(ports)
+        clients = Clients(ports, server.pid)
         await clients.open()
         lines = []
         try:
