@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+import pytest
+from dna_core.ops import relay as relay_module
 from dna_core.ops.connections import ConnectionCaps, ConnectionLimits
 from dna_core.ops.grpc_gate import GrpcGate
 from dna_core.ops.relay import UPSTREAM_UNREACHABLE, TcpRelay
@@ -240,6 +242,36 @@ def test_close_cuts_every_link_and_stops_listening() -> None:
 
     cut, refused_after = asyncio.run(main())
     assert cut == [True, True, True] and refused_after
+
+
+def test_a_closed_link_names_its_client_for_a_while_then_is_forgotten(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A call whose bytes arrived before its client left must still see that client; the
+    entry is dropped after FORGET_AFTER_S, so a churn of connections leaves nothing."""
+    monkeypatch.setattr(relay_module, "FORGET_AFTER_S", 0.2)
+    ends: list[tuple[str, int]] = []
+
+    async def note_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ends.append(writer.get_extra_info("peername")[:2])  # the relay's upstream end
+        await echo(reader, writer)
+
+    async def main() -> tuple[int, str, str, str]:
+        async with upstream(note_peer) as port, relay_to(port) as relay:
+            reader, writer = await connect(relay, "127.0.0.81")
+            assert await echoes(reader, writer)
+            peer = "ipv4:{}:{}".format(*ends[0])
+            client_port = writer.get_extra_info("sockname")[1]
+            while_open = relay.grpc_peer(peer)
+            writer.close()
+            await until(lambda: relay.open == 0)
+            just_closed = relay.grpc_peer(peer)
+            await asyncio.sleep(0.4)
+            return client_port, while_open, just_closed, relay.grpc_peer(peer)
+
+    client_port, while_open, just_closed, later = asyncio.run(main())
+    assert while_open == just_closed == f"ipv4:127.0.0.81:{client_port}"
+    assert later.startswith("ipv4:127.0.0.1:")  # forgotten: the peer as gRPC gave it
 
 
 # -- gRPC behind the relay -------------------------------------------------------------------

@@ -37,7 +37,7 @@ __all__ = ["UPSTREAM_UNREACHABLE", "TcpRelay"]
 LINGER_S = 5.0  # how long a closed link may take to flush to a peer that reads slowly
 # How long a closed link's client is still named by `grpc_peer`: gRPC may run a call whose
 # bytes arrived before the close, and that call must see its client, not the relay.
-FORGET_AFTER_S = 30.0
+FORGET_AFTER_S = 10.0
 UPSTREAM_UNREACHABLE = "upstream_unreachable"  # the refusal reason when upstream is down
 # Bytes a side buffers for a slow reader before it pauses the other side. asyncio's 64 KiB
 # default would pause a bulk stream every few reads.
@@ -178,8 +178,8 @@ class TcpRelay:
         # every socket of this relay reads into this buffer: one event loop, one read at a time
         self.received = memoryview(bytearray(READ_SIZE))
         self._links: set[_Link] = set()
-        # upstream end (our address, port) -> the link: see `grpc_peer`
-        self._by_upstream_end: dict[Address, _Link] = {}
+        # upstream end (our address, port) -> the client's address: see `grpc_peer`
+        self._by_upstream_end: dict[Address, Address] = {}
 
     async def start(self, host: str = "127.0.0.1", port: int = 0, *, backlog: int = 1024) -> int:
         """Listen; returns the bound port. A bind failure raises ``OSError`` (the socket's
@@ -220,10 +220,10 @@ class TcpRelay:
         port = peer.rpartition(":")[2]
         if not port.isdigit():
             return peer
-        link = self._by_upstream_end.get((grpc_peer_ip(peer), int(port)))
-        if link is None:
+        client = self._by_upstream_end.get((grpc_peer_ip(peer), int(port)))
+        if client is None:
             return peer
-        host, client_port = link.address
+        host, client_port = client
         return f"ipv6:[{host}]:{client_port}" if ":" in host else f"ipv4:{host}:{client_port}"
 
     # -- called by the links ---------------------------------------------------------------
@@ -242,7 +242,7 @@ class TcpRelay:
             self._on_refused(reason)
 
     def relaying(self, upstream_end: Address, link: _Link) -> None:
-        self._by_upstream_end[upstream_end] = link
+        self._by_upstream_end[upstream_end] = link.address
 
     def closed(self, link: _Link) -> None:
         self._links.discard(link)
@@ -250,10 +250,12 @@ class TcpRelay:
             self.caps.release(link.address[0])
         if link.upstream_end is not None:
             loop = asyncio.get_running_loop()
-            loop.call_later(FORGET_AFTER_S, self._forget, link.upstream_end, link)
+            loop.call_later(FORGET_AFTER_S, self._forget, link.upstream_end, link.address)
 
-    def _forget(self, end: Address, link: _Link) -> None:
-        if self._by_upstream_end.get(end) is link:  # not a newer link on a reused port
+    def _forget(self, end: Address, client: Address) -> None:
+        # Only this link's entry (the very tuple), not a newer link's on a reused port. Only
+        # addresses wait here, not links: a churn of connections holds little memory.
+        if self._by_upstream_end.get(end) is client:
             del self._by_upstream_end[end]
 
     # -- shutdown --------------------------------------------------------------------------
