@@ -9,7 +9,7 @@ from dna_core.ops.connections import (
     ConnectionCaps,
     ConnectionLimits,
 )
-from dna_core.overlay.aio.server import ConnectionsSection
+from dna_core.overlay.aio.server import ConnectionsSection, OverlayServiceConfig, config_warnings
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -102,3 +102,13 @@ def test_the_connections_section_checks_its_caps_and_takes_the_guard_switch() ->
         ConnectionsSection(grpc_max_connections_per_source=0)
     limits = ConnectionsSection(grpc_max_connections=9, grpc_max_connections_per_source=3)
     assert limits.grpc_caps().limits == ConnectionLimits(9, 3)
+
+
+def test_a_node_warns_when_its_caps_need_more_descriptors_than_it_may_open() -> None:
+    guarded = OverlayServiceConfig(connections=ConnectionsSection(grpc_max_connections=4096))
+    assert guarded.connections.descriptors_needed() == 3 * 4096 + 64 + 256  # 3 fds a relayed one
+    (warning,) = [w for w in config_warnings(guarded, 4096) if "file descriptors" in w]
+    assert "12608" in warning and "4096" in warning
+    assert not [w for w in config_warnings(guarded, 20_000) if "file descriptors" in w]
+    unguarded = OverlayServiceConfig(connections=ConnectionsSection(grpc_connection_guard=False))
+    assert not [w for w in config_warnings(unguarded, 4800) if "file descriptors" in w]

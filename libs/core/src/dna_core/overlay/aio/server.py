@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import resource
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -59,6 +60,7 @@ ExtraServices = Callable[[ServiceRegistrar, OverlayNode], Sequence[str]]
 OVERLAY_DESCRIPTOR = overlay_pb2.DESCRIPTOR.services_by_name["Overlay"]
 BOOTSTRAP_DATA_DIR = "bootstrap-data"
 GUARDED_HOST = "127.0.0.1"  # where the gRPC server listens behind the connection guard
+FD_HEADROOM = 256  # descriptors a node holds besides connections (files, UDP, channels out)
 RECORD_FILE_NAME = "records.sqlite3"
 
 
@@ -145,6 +147,11 @@ class ConnectionsSection:
         for name, value in vars(self).items():
             if not isinstance(value, bool) and value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
+
+    def descriptors_needed(self) -> int:
+        """File descriptors the caps allow connections to hold, with room for the rest."""
+        per_grpc = 3 if self.grpc_connection_guard else 1  # client, relay upstream, grpc's
+        return per_grpc * self.grpc_max_connections + self.http_max_connections + FD_HEADROOM
 
     def grpc_caps(self) -> ConnectionCaps:
         return ConnectionCaps(
@@ -244,13 +251,23 @@ def role_name(role: int) -> str:
     return common_pb2.NodeRole.Name(role).removeprefix("NODE_ROLE_").lower()  # type: ignore[arg-type]
 
 
-def config_warnings(config: OverlayServiceConfig) -> list[str]:
-    """Settings that work but are most likely a mistake on a public node."""
+def config_warnings(config: OverlayServiceConfig, open_files_limit: int | None = None) -> list[str]:
+    """Settings that work but are most likely a mistake on a public node.
+    ``open_files_limit``: what the node raises its own to (default: the hard limit)."""
     warnings = []
     if ipaddress.ip_address(config.node.host).is_loopback and not config.overlay.allow_loopback:
         warnings.append(
             f"node.host is {config.node.host} (the default if left out): other machines "
             "cannot reach this node; set [node] host to the address others reach"
+        )
+    if open_files_limit is None:
+        open_files_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    needed = config.connections.descriptors_needed()
+    if open_files_limit != resource.RLIM_INFINITY and needed > open_files_limit:
+        warnings.append(
+            f"[connections] caps allow connections that need up to {needed} file descriptors "
+            f"but the open-files limit is {open_files_limit}: past it new connections fail; "
+            "raise the hard limit (systemd LimitNOFILE) or lower grpc_max_connections"
         )
     return warnings
 
