@@ -6,7 +6,7 @@
   ``127.0.0.190`` with the default admission limits (puts: 20/s burst 40 per source
   address, 10/s burst 50 per mailbox) and an 8-bit proof of work.
 * **Clients** (``CLIENTS``, in this process): each from its own source address
-  (``127.0.0.191``.. through a :class:`bench.source_proxy.SourceProxy`: gRPC cannot bind
+  (``127.0.0.191``.. through a :class:`dna_core.ops.relay.TcpRelay`: gRPC cannot bind
   a source address) and to its own mailbox, ``CYCLES_PER_S`` cycles a second, open loop:
   a put (envelope sealed and proof solved before timing) then a fetch from the client's last
   cursor (signed before timing). Every put and fetch latency is one sample.
@@ -41,12 +41,12 @@ import grpc
 from dna_core.crypto import Identity, seal
 from dna_core.crypto import pow as pow_
 from dna_core.mailbox import mailbox_id, put_pow_hash, sign_fetch
+from dna_core.ops.relay import TcpRelay
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 from dna_testnet.network import GRPC_PORT, LocalNode, wait_ready
 
 from bench import harness
 from bench.harness import now_ms, percentile
-from bench.source_proxy import SourceProxy
 
 NODE_IP = "127.0.0.190"
 CLIENT_IPS = tuple(f"127.0.0.{191 + i}" for i in range(4))
@@ -183,11 +183,11 @@ class Client:
     owner: Identity
     cursor: bytes = b""
     errors: Counter[str] = field(default_factory=Counter)
-    proxy: SourceProxy | None = None
+    proxy: TcpRelay | None = None
     stub: Any = None
 
     async def start(self) -> None:
-        self.proxy = SourceProxy(self.target, self.source_ip)
+        self.proxy = TcpRelay(self.target, upstream_source=self.source_ip)
         await self.proxy.start()
         self.stub = mailbox_pb2_grpc.MailboxStub(grpc.aio.insecure_channel(self.proxy.address))
 

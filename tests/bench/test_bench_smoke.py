@@ -110,9 +110,19 @@ def test_transport_bench_quick_compares_every_transport_and_stops_its_server() -
     assert done.returncode == 0, done.stderr
     assert "Error" not in done.stderr, done.stderr  # the echo server stopped cleanly
     figures = {f["bench"]: f for f in map(json.loads, done.stdout.splitlines()[1:])}
-    assert set(figures) == {f"transport.{m}.{s}" for m in ("seq", "c32") for s in (100, 4800)}
+    modes = ("seq", "c32")
+    transports = {f"transport.{m}.{s}" for m in modes for s in (100, 4800)}
+    guard = {
+        f"transport.guard.{call}.{m}.{s}{cpu}"
+        for call in ("unary", "stream") for m in modes for s in (100, 4800, 65536)
+        for cpu in ("", ".cpu")
+    }  # fmt: skip
+    assert set(figures) == transports | guard
     for name, figure in figures.items():
         assert set(figure) == KEYS and figure["ours"] > 0, name
-        expected = {"grpc_stream", "tcp_framed"} | ({"udp"} if name.endswith(".100") else set())
+        if name in guard:
+            expected = {"direct"}
+        else:
+            expected = {"grpc_stream", "tcp_framed"} | ({"udp"} if name.endswith(".100") else set())
         assert set(figure["baseline"]) == expected, name
         assert all(value > 0 for value in figure["baseline"].values()), name

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cluster import GRPC_PORT, NodeProcess, scrape, wait_ready
+from cluster import GRPC_PORT, NodeProcess, sample_value, scrape, wait_ready
+from dna_core.ops.relay import TcpRelay
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, overlay_pb2
 from dna_testnet.network import HTTP_PORT
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
@@ -25,10 +26,14 @@ from process_mark import starts_processes
 
 IP = "127.0.0.71"
 FLOODER = "127.0.0.72"  # one source address opening many idle connections
-LIMITS = """
-[connections]
-grpc_max_connections = 64
-grpc_handshake_timeout_s = 1.0
+OTHER = "127.0.0.73"  # a source that is not flooding
+# sources that each stay under the per-source cap, together over the total
+CROWD = [f"127.0.0.{i}" for i in range(80, 86)]
+GRPC_TOTAL, GRPC_PER_SOURCE = 32, 8
+LIMITS = f"""
+grpc_max_connections = {GRPC_TOTAL}
+grpc_max_connections_per_source = {GRPC_PER_SOURCE}
+grpc_handshake_timeout_s = 3.0
 http_max_connections = 32
 http_max_connections_per_source = 8
 http_idle_timeout_s = 1.0
@@ -51,7 +56,7 @@ GARBAGE = {
 @starts_processes
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     root = tmp_path_factory.mktemp("hardening")
-    proc = NodeProcess("storage", IP, root, [], command="dna-storage-node", extra_toml=LIMITS)
+    proc = NodeProcess("storage", IP, root, [], command="dna-storage-node", connections_toml=LIMITS)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))  # the node inherits it
     try:
@@ -127,13 +132,15 @@ def malformed_total(node: NodeProcess) -> float:
     return sum(s.value for s in scrape(node) if s.name == "dna_grpc_malformed_requests_total")
 
 
-def open_idle(port: int, count: int, source: str = FLOODER) -> list[socket.socket]:
+def open_idle(
+    port: int, count: int, source: str = FLOODER, target: str = IP
+) -> list[socket.socket]:
     """``count`` TCP connections from ``source`` that never send a byte."""
     conns = []
     for _ in range(count):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind((source, 0))
-        sock.connect((IP, port))
+        sock.connect((target, port))
         sock.setblocking(False)
         conns.append(sock)
     return conns
@@ -166,32 +173,86 @@ def wait_all_closed(conns: list[socket.socket], timeout: float) -> float:
     raise AssertionError(f"{still} of {len(conns)} idle connections still open after {timeout} s")
 
 
-def grpc_health_ok() -> bool:
+def grpc_health_ok(source: str = "127.0.0.1") -> bool:
+    """A gRPC health check of the node from ``source`` (through a relay bound to it: gRPC
+    Python cannot bind a channel's source address)."""
+
     async def check() -> bool:
-        async with grpc.aio.insecure_channel(f"{IP}:{GRPC_PORT}") as channel:
-            call = channel.unary_unary("/grpc.health.v1.Health/Check", _same, _same)
-            await call(b"", timeout=5)
+        async with TcpRelay((IP, GRPC_PORT), upstream_source=source) as via:
+            channel = grpc.aio.insecure_channel(via.address)
+            try:
+                call = channel.unary_unary("/grpc.health.v1.Health/Check", _same, _same)
+                await call(b"", timeout=5)
+            finally:
+                await channel.close()
             return True
 
     return asyncio.run(check())
 
 
-def test_idle_grpc_connections_are_capped_and_closed(node: NodeProcess) -> None:
-    conns = open_idle(GRPC_PORT, 200)
+def refused_connections(node: NodeProcess, reason: str) -> float:
+    return sample_value(scrape(node), "dna_grpc_connections_refused_total", reason=reason)
+
+
+def test_idle_grpc_connections_are_capped_in_total_and_closed(node: NodeProcess) -> None:
+    before = refused_connections(node, "total_cap")
+    conns = [c for source in CROWD for c in open_idle(GRPC_PORT, GRPC_PER_SOURCE, source)]
     try:
         time.sleep(0.3)
-        assert sum(closed_by_node(c) for c in conns) >= 200 - 64  # over the total cap
+        assert sum(closed_by_node(c) for c in conns) >= len(conns) - GRPC_TOTAL
+        assert refused_connections(node, "total_cap") - before >= len(conns) - GRPC_TOTAL
         assert node.http("/readyz").status_code == 200  # the node answers its probes
-        wait_all_closed(conns, timeout=5.0)  # no HTTP/2 preface within the handshake timeout
+        wait_all_closed(conns, timeout=8.0)  # no HTTP/2 preface within the handshake timeout
         assert grpc_health_ok()
     finally:
         for c in conns:
             c.close()
 
 
+def test_one_source_cannot_take_every_grpc_connection(node: NodeProcess) -> None:
+    """Issue 10 defect 5: one address held the whole gRPC connection budget. Its surplus is
+    now closed at accept, and another address still gets a call through while the flooder
+    holds all it may."""
+    flood = open_idle(GRPC_PORT, 5 * GRPC_PER_SOURCE)
+    try:
+        time.sleep(0.3)
+        closed = [closed_by_node(c) for c in flood]
+        assert sum(closed) == len(flood) - GRPC_PER_SOURCE
+        assert grpc_health_ok(source=OTHER)
+        assert node.http("/readyz").status_code == 200
+        held = [c for c, gone in zip(flood, closed, strict=True) if not gone]
+        assert not any(closed_by_node(c) for c in held)  # the call did not wait them out
+        assert refused_connections(node, "source_cap") >= len(flood) - GRPC_PER_SOURCE
+        wait_all_closed(held, timeout=8.0)
+    finally:
+        for c in flood:
+            c.close()
+
+
+def test_without_the_guard_grpc_listens_itself_and_caps_only_the_total(tmp_path: Path) -> None:
+    """`grpc_connection_guard = false`: for a node behind a firewall or load balancer that
+    caps connections per source; the node then applies grpcio's total cap alone."""
+    settings = "grpc_connection_guard = false\ngrpc_max_connections_per_source = 2\n"
+    node = NodeProcess("unguarded", "127.0.0.77", tmp_path, [], connections_toml=settings)
+    node.start()
+    try:
+        wait_ready([node])
+        conns = open_idle(GRPC_PORT, 5, target="127.0.0.77")
+        time.sleep(0.3)
+        still_open = sum(not closed_by_node(c) for c in conns)
+        names = {s.name for s in scrape(node)}
+        for c in conns:
+            c.close()
+    finally:
+        node.kill()
+    assert still_open == 5  # no per-source cap without the guard
+    assert "dna_grpc_connections" not in names
+    assert "dna_grpc_connections_refused_total" not in names
+
+
 def test_idle_http_connections_are_capped_per_source_and_closed(node: NodeProcess) -> None:
     conns = open_idle(HTTP_PORT, 20)
-    slow = open_idle(HTTP_PORT, 1, source="127.0.0.73")[0]
+    slow = open_idle(HTTP_PORT, 1, source=OTHER)[0]
     slow.send(b"GET /readyz HTTP/1.1\r\nHost: x\r\n")  # a request head that never ends
     try:
         time.sleep(0.3)

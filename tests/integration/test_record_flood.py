@@ -1,8 +1,9 @@
 """Issue 10 defect 4: a record store flooded by fresh identities, on a real node process.
 
 The flood comes from one source address (127.0.0.1) with a fresh identity per record, as in
-the report; a legitimate publish comes from another address through a plain TCP forwarder
-bound to that address, so the node sees two real sources. The store must stay bounded in
+the report; a legitimate publish comes from another address through a TCP relay bound to that
+address, so the node sees two real sources (both through the node's connection guard: the
+rate limit must see the client behind it, not the guard). The store must stay bounded in
 records and bytes, refuse or evict fairly (counted in metrics), and still take the real
 user's identity record.
 """
@@ -12,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from cluster import GRPC_PORT, NodeProcess, sample_value, scrape, wait_ready
 from dna_core.crypto import Identity, sign_record
+from dna_core.ops.relay import TcpRelay
 from dna_core.overlay.records import identity_payload, record_key
 from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
 
@@ -42,38 +44,6 @@ def identity_record(who: Identity, display: str) -> common_pb2.SignedRecord:
         now_ms=now, ttl_ms=3 * 86_400_000, payload=payload,
     )  # fmt: skip
     return common_pb2.SignedRecord.FromString(raw)
-
-
-@contextlib.asynccontextmanager
-async def forwarder(target: tuple[str, int], source_ip: str) -> AsyncIterator[str]:
-    """A TCP forwarder on 127.0.0.1 whose connections to ``target`` leave from ``source_ip``
-    (what a second machine would look like to the node)."""
-
-    handlers: set[asyncio.Task[None]] = set()
-    writers: list[asyncio.StreamWriter] = []
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        handlers.add(asyncio.current_task())  # type: ignore[arg-type]
-        up_reader, up_writer = await asyncio.open_connection(*target, local_addr=(source_ip, 0))
-        writers.extend((writer, up_writer))
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.close()
-        for writer in writers:  # EOF both ways: the handlers end on their own
-            writer.close()
-        await asyncio.gather(*handlers, return_exceptions=True)
 
 
 async def store_all(target: str, records: list[common_pb2.SignedRecord]) -> int:
@@ -118,8 +88,8 @@ def flood_and_publish(node: NodeProcess, legit: Identity) -> tuple[int, bool, fl
         started = time.monotonic()
         taken = await store_all(f"{node.ip}:{GRPC_PORT}", flood)
         elapsed = time.monotonic() - started
-        async with forwarder((node.ip, GRPC_PORT), "127.0.0.99") as via:
-            ok = await store_all(via, [identity_record(legit, "real user")])
+        async with TcpRelay((node.ip, GRPC_PORT), upstream_source="127.0.0.99") as via:
+            ok = await store_all(via.address, [identity_record(legit, "real user")])
         return taken, ok == 1, elapsed
 
     return asyncio.run(run())

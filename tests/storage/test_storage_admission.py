@@ -24,6 +24,7 @@ from dna_core.errors import (
     ProtocolError,
     VerificationError,
 )
+from dna_core.ratelimit import grpc_peer_ip
 from dna_storage.admission import (
     Admission,
     AdmissionConfig,
@@ -354,6 +355,15 @@ def test_source_key_groups_ipv6_by_prefix() -> None:
     assert source_key("::ffff:192.0.2.1") == "192.0.2.1"
     assert source_key("192.0.2.1") == "192.0.2.1"
     assert source_key("unix:/run/dna.sock") == "unix:/run/dna.sock"
+
+
+def test_grpc_peers_give_their_address_and_ipv6_ones_group_by_64() -> None:
+    assert grpc_peer_ip("ipv4:192.0.2.1:5000") == "192.0.2.1"
+    assert grpc_peer_ip("ipv6:[2001:db8:1:2::1]:5000") == "2001:db8:1:2::1"
+    # how grpcio writes an IPv6 peer: escaped, it was a rate-limit key per address
+    assert grpc_peer_ip("ipv6:%5B2001:db8:1:2::1%5D:5000") == "2001:db8:1:2::1"
+    assert source_key(grpc_peer_ip("ipv6:%5B2001:db8:1:2::77%5D:1")) == "2001:db8:1:2::/64"
+    assert grpc_peer_ip("unknown") == "unknown"
 
 
 # --- PowPolicy -------------------------------------------------------------------------------

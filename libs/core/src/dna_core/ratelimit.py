@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import math
+import urllib.parse
 from collections import OrderedDict
 
 from dna_core.errors import CapacityError
@@ -190,7 +191,9 @@ def source_key(source_ip: str, *, ipv6_prefix_len: int = 64) -> str:
 
 def grpc_peer_ip(peer: str) -> str:
     """The address part of a gRPC peer string: `ipv4:1.2.3.4:5` / `ipv6:[::1]:5` -> the
-    host (what `source_key` groups by); anything else is returned as given."""
-    _, _, rest = peer.partition(":")
+    host (what `source_key` groups by); anything else is returned as given. grpcio writes
+    IPv6 peers URI-escaped (`ipv6:%5B::1%5D:5`): left escaped, the address would not parse
+    and every address of one /64 would be a rate-limit key of its own."""
+    _, _, rest = urllib.parse.unquote(peer).partition(":")
     host = rest.rpartition(":")[0]
     return host.strip("[]") or peer

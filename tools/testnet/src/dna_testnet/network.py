@@ -41,6 +41,9 @@ UDP_PORT, GRPC_PORT, HTTP_PORT = 7400, 7401, 7480
 TESTNET_ADMISSION = "[admission]\nip_rate_per_s = 1000.0\nip_burst = 2000.0\n"
 # Likewise for record stores (a public node allows 30 at once, then 1/s, per address).
 TESTNET_RECORDS = "source_rate_per_s = 200.0\nsource_burst = 1000.0\n"
+# And for gRPC connections (a public node takes 64 from one address): every client and
+# every node of a testnet connects from 127.0.0.1, so only the total cap applies.
+TESTNET_CONNECTIONS = "grpc_max_connections_per_source = 4096\n"
 
 
 class TestnetRunningError(RuntimeError):
@@ -59,6 +62,7 @@ class LocalNode:
     puzzle_bits: int = 4
     extra_toml: str = ""  # more sections, e.g. [admission]
     records_toml: str = TESTNET_RECORDS  # more keys of the [records] section
+    connections_toml: str = TESTNET_CONNECTIONS  # keys of the [connections] section
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -87,6 +91,8 @@ class LocalNode:
             f'allow_loopback = true\n[ops]\nhttp_host = "{self.ip}"\nhttp_port = {HTTP_PORT}\n'
             + f'[records]\npath = "{self.root / self.name}-records.sqlite3"\n'
             + self.records_toml
+            + "[connections]\n"
+            + self.connections_toml
             + (storage if self.role == "storage" else "")
             + self.extra_toml
         )

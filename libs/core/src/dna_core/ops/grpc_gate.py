@@ -11,6 +11,10 @@ It also owns what escapes a handler, so no exception of ours leaves as UNKNOWN: 
 ``ProtocolError`` answers its own wire code, a ``CapacityError`` RESOURCE_EXHAUSTED, and
 anything else INTERNAL, counted in ``dna_grpc_internal_errors_total`` and logged with its
 traceback at most once per ``LOG_EVERY_S`` per method (a flood of one bug is one line a minute).
+
+Behind the connection guard (``dna_core.ops.relay``) grpc sees every client at the guard's
+loopback address; ``real_peer`` maps that back, and handlers get a context whose ``peer()``
+is the client's, so every rate limit and log by source needs nothing of its own.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
@@ -55,8 +59,10 @@ class GrpcGate:
         registry: CollectorRegistry | None = None,
         log: Log | None = None,
         clock: Callable[[], float] = time.monotonic,
+        real_peer: Callable[[str], str] | None = None,
     ) -> None:
         self.max_message = max_message
+        self._real_peer = real_peer
         self._log = log if log is not None else logging.getLogger(__name__)
         self._clock = clock
         self._last_logged: dict[str, float] = {}
@@ -120,6 +126,7 @@ class GrpcGate:
         if inspect.isasyncgenfunction(behaviour):
 
             async def stream(raw: Any, context: Ctx) -> AsyncIterator[Any]:
+                context = self._with_real_peer(context)
                 request = await prepare(raw, context)
                 try:
                     async for response in behaviour(request, context):
@@ -132,6 +139,7 @@ class GrpcGate:
             return stream
 
         async def call(raw: Any, context: Ctx) -> Any:
+            context = self._with_real_peer(context)
             request = await prepare(raw, context)
             try:
                 return await behaviour(request, context)
@@ -141,6 +149,14 @@ class GrpcGate:
                 await self.fail(context, name, exc)
 
         return call
+
+    def _with_real_peer(self, context: Ctx) -> Ctx:
+        """``context``, or one whose ``peer()`` is the client a relay carried the call for."""
+        if self._real_peer is None:
+            return context
+        peer = context.peer()
+        real = self._real_peer(peer)
+        return context if real == peer else cast(Ctx, _RelayedContext(context, real))
 
     async def decode(self, context: Ctx, cls: type[Message], raw: bytes, name: str) -> Any:
         """The request, or abort INVALID_ARGUMENT with the gate's reason (counted)."""
@@ -174,6 +190,22 @@ class GrpcGate:
             exc_info=exc,
             extra={"method": name, "error": type(exc).__name__, "suppressed": suppressed},
         )
+
+
+class _RelayedContext:
+    """A call's context with the client's peer in place of the relay's; the rest is the
+    call's own context."""
+
+    __slots__ = ("_context", "_peer")
+
+    def __init__(self, context: Ctx, peer: str) -> None:
+        self._context, self._peer = context, peer
+
+    def peer(self) -> str:
+        return self._peer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 def _serialize(message: Message) -> bytes:

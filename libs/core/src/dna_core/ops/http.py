@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -34,6 +33,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from dna_core.ops.connections import ConnectionCaps, ConnectionLimits
 from dna_core.ops.logs import Log
 
 __all__ = ["HttpLimits", "OpsServer", "build_ops_app"]
@@ -99,41 +99,22 @@ class HttpLimits:
     max_connections_per_source: int = 8
     idle_timeout_s: float = 10.0  # to send a whole request head, on a new or kept-alive one
 
-
-class _ConnectionGuard:
-    """Counts open connections per source address; ``admit`` says whether one more fits."""
-
-    def __init__(self, limits: HttpLimits) -> None:
-        self.limits = limits
-        self._by_source: Counter[str] = Counter()
-        self.refused = 0
-
-    def admit(self, source: str) -> bool:
-        total = self._by_source.total()
-        if (
-            total >= self.limits.max_connections
-            or self._by_source[source] >= self.limits.max_connections_per_source
-        ):
-            self.refused += 1
-            return False
-        self._by_source[source] += 1
-        return True
-
-    def release(self, source: str) -> None:
-        self._by_source[source] -= 1
-        if self._by_source[source] <= 0:
-            del self._by_source[source]
+    def caps(self) -> ConnectionCaps:
+        return ConnectionCaps(
+            ConnectionLimits(self.max_connections, self.max_connections_per_source)
+        )
 
 
 class _GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol behind the guard, with a deadline for each request head."""
+    """uvicorn's h11 protocol behind the connection caps, with a deadline for each request head."""
 
-    guard: _ConnectionGuard  # set on the per-server subclass (uvicorn builds the instances)
+    caps: ConnectionCaps  # set on the per-server subclass (uvicorn builds the instances)
+    idle_timeout_s: float
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._source = self.client[0] if self.client else "?"
-        self._admitted = self.guard.admit(self._source)
+        self._admitted = self.caps.admit(self._source) is None
         self._head_deadline: asyncio.TimerHandle | None = None
         self._waiting_cycle: object = None
         if not self._admitted:
@@ -144,7 +125,7 @@ class _GuardedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._admitted:
             self._admitted = False
-            self.guard.release(self._source)
+            self.caps.release(self._source)
         self._disarm_head_deadline()
         super().connection_lost(exc)
 
@@ -162,8 +143,7 @@ class _GuardedH11Protocol(H11Protocol):
     def _arm_head_deadline(self) -> None:
         self._disarm_head_deadline()
         self._waiting_cycle = self.cycle
-        timeout = self.guard.limits.idle_timeout_s
-        self._head_deadline = self.loop.call_later(timeout, self._head_too_slow)
+        self._head_deadline = self.loop.call_later(self.idle_timeout_s, self._head_too_slow)
 
     def _disarm_head_deadline(self) -> None:
         if self._head_deadline is not None:
@@ -177,8 +157,9 @@ class _GuardedH11Protocol(H11Protocol):
 
 
 def _guarded_protocol(limits: HttpLimits) -> type[_GuardedH11Protocol]:
-    """A protocol class bound to its own guard (one per server, not per process)."""
-    return type("GuardedH11Protocol", (_GuardedH11Protocol,), {"guard": _ConnectionGuard(limits)})
+    """A protocol class bound to its own caps (one per server, not per process)."""
+    own = {"caps": limits.caps(), "idle_timeout_s": limits.idle_timeout_s}
+    return type("GuardedH11Protocol", (_GuardedH11Protocol,), own)
 
 
 class _EmbeddedServer(uvicorn.Server):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import resource
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -31,11 +32,13 @@ from dna_core.ops.config import (
     dump_config,
     no_default_shown,
 )
+from dna_core.ops.connections import ConnectionCaps, ConnectionLimits
 from dna_core.ops.grpc_gate import GrpcGate, ServiceRegistrar
 from dna_core.ops.grpc_ops import HealthController, add_health_and_reflection
 from dna_core.ops.http import HttpLimits, OpsServer, build_ops_app
 from dna_core.ops.logs import node_logger
 from dna_core.ops.node_key import load_or_create_node_key
+from dna_core.ops.relay import TcpRelay
 from dna_core.overlay.protocol import Addr
 from dna_core.overlay.records import (
     DEFAULT_IDENTITY_POW_BITS,
@@ -65,6 +68,8 @@ T = TypeVar("T")
 ExtraServices = Callable[[ServiceRegistrar, OverlayNode], Sequence[str]]
 OVERLAY_DESCRIPTOR = overlay_pb2.DESCRIPTOR.services_by_name["Overlay"]
 BOOTSTRAP_DATA_DIR = "bootstrap-data"
+GUARDED_HOST = "127.0.0.1"  # where the gRPC server listens behind the connection guard
+FD_HEADROOM = 256  # descriptors a node holds besides connections (files, UDP, channels out)
 RECORD_FILE_NAME = "records.sqlite3"
 
 
@@ -145,11 +150,19 @@ class OpsSection(ConfigModel):
 
 class ConnectionsSection(ConfigModel):
     """Caps on inbound connections, so idle or hoarded ones cannot use up the node's file
-    descriptors (docs/operations.md). gRPC has no per-source cap in grpcio: a firewall
-    rule gives one."""
+    descriptors (docs/operations.md). grpcio has no per-source cap: the connection guard
+    (a relay in front of the gRPC server, `dna_core.ops.relay`) gives one."""
 
+    # The guard on the public gRPC port; off only where a firewall or load balancer in
+    # front of the node caps connections per source (behind a load balancer every client
+    # has the balancer's address, so a per-source cap here would cap them all together).
+    grpc_connection_guard: bool = True
+    """Relay the public gRPC port through the connection guard, which caps connections per
+    source; off only behind a firewall or load balancer that does."""
     grpc_max_connections: int = Field(default=4096, gt=0)
     """gRPC connections in total; over it a new connection is closed at once."""
+    grpc_max_connections_per_source: int = Field(default=64, gt=0)
+    """gRPC connections from one address (IPv6: per /64), with the guard on."""
     grpc_handshake_timeout_s: float = Field(default=10.0, gt=0)
     """Seconds a new gRPC connection has to send the HTTP/2 preface and settings."""
     grpc_idle_timeout_s: float = Field(default=300.0, gt=0)
@@ -166,6 +179,16 @@ class ConnectionsSection(ConfigModel):
     """Ops HTTP connections from one address."""
     http_idle_timeout_s: float = Field(default=10.0, gt=0)
     """Seconds an ops HTTP connection has to send a whole request head."""
+
+    def descriptors_needed(self) -> int:
+        """File descriptors the caps allow connections to hold, with room for the rest."""
+        per_grpc = 3 if self.grpc_connection_guard else 1  # client, relay upstream, grpc's
+        return per_grpc * self.grpc_max_connections + self.http_max_connections + FD_HEADROOM
+
+    def grpc_caps(self) -> ConnectionCaps:
+        return ConnectionCaps(
+            ConnectionLimits(self.grpc_max_connections, self.grpc_max_connections_per_source)
+        )
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """grpcio's channel arguments for these caps (grpc_types.h)."""
@@ -237,6 +260,16 @@ async def _probe_tcp(host: str, port: int) -> None:
     ).close()
 
 
+def _bind_grpc(server: grpc.aio.Server, address: str) -> int:
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio says only "Failed to bind"; the usual cause is a taken port
+        port = 0
+    if port == 0:
+        raise OSError(f"cannot listen on gRPC {address}: address in use or not available")
+    return port
+
+
 async def _listen(what: str, start: Awaitable[T]) -> T:
     """``start`` a listener; a failure to bind names the listener and its address."""
     try:
@@ -250,13 +283,23 @@ def role_name(role: int) -> str:
     return common_pb2.NodeRole.Name(role).removeprefix("NODE_ROLE_").lower()  # type: ignore[arg-type]
 
 
-def config_warnings(config: OverlayServiceConfig) -> list[str]:
-    """Settings that work but are most likely a mistake on a public node."""
+def config_warnings(config: OverlayServiceConfig, open_files_limit: int | None = None) -> list[str]:
+    """Settings that work but are most likely a mistake on a public node.
+    ``open_files_limit``: what the node raises its own to (default: the hard limit)."""
     warnings = []
     if ipaddress.ip_address(config.node.host).is_loopback and not config.overlay.allow_loopback:
         warnings.append(
             f"node.host is {config.node.host} (the default if left out): other machines "
             "cannot reach this node; set [node] host to the address others reach"
+        )
+    if open_files_limit is None:
+        open_files_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    needed = config.connections.descriptors_needed()
+    if open_files_limit != resource.RLIM_INFINITY and needed > open_files_limit:
+        warnings.append(
+            f"[connections] caps allow connections that need up to {needed} file descriptors "
+            f"but the open-files limit is {open_files_limit}: past it new connections fail; "
+            "raise the hard limit (systemd LimitNOFILE) or lower grpc_max_connections"
         )
     return warnings
 
@@ -295,6 +338,7 @@ class OverlayServer:
         self.node: OverlayNode | None = None
         self.health: HealthController | None = None
         self.grpc: grpc.aio.Server | None = None
+        self.guard: TcpRelay | None = None  # in front of the gRPC server, if configured
         self.ops: OpsServer | None = None
         self.record_file: RecordFile | None = None
         self.log = node_logger("dna.node", role=role_name(role))
@@ -362,6 +406,8 @@ class OverlayServer:
         )  # fmt: skip
 
     async def _start_grpc(self, node: OverlayNode, store: RecordStore) -> int:
+        """The gRPC server with every service, on the public address or, with the guard,
+        on loopback behind the guard; returns the public port."""
         self.grpc = server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE),
@@ -372,6 +418,47 @@ class OverlayServer:
                 *self.config.connections.grpc_options(),
             ]
         )
+        if self.config.connections.grpc_connection_guard:
+            self.guard = self._connection_guard(_bind_grpc(server, f"{GUARDED_HOST}:0"))
+        gate = GrpcGate(
+            max_message=MAX_GRPC_MESSAGE, registry=self.registry, log=self.log,
+            real_peer=None if self.guard is None else self.guard.grpc_peer,
+        )  # fmt: skip
+        names = [gate.add(server, self._overlay_service(node, store), OVERLAY_DESCRIPTOR)]
+        if self._extra is not None:
+            names += self._extra(gate.registrar(server), node)
+        self.health = add_health_and_reflection(server, names, gate)
+        host, wanted = self.config.node.host, self.config.node.grpc_port
+        address = f"gRPC {host}:{wanted}"
+        if self.guard is not None:
+            await server.start()
+            return await _listen(address, self.guard.start(host, wanted))
+        if wanted:
+            # grpcio reports a failed bind as a C-level log line and a bare "Failed to bind":
+            # a bind of our own first gives the reason (in use, not an address of this host).
+            await _listen(address, _probe_tcp(host, wanted))
+        port = _bind_grpc(server, f"{host}:{wanted}")
+        await server.start()
+        return port
+
+    def _connection_guard(self, grpc_port: int) -> TcpRelay:
+        """The relay that caps connections per source in front of ``grpc_port``."""
+        refused = Counter(
+            "dna_grpc_connections_refused",
+            "gRPC connections closed at accept by the connection guard, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        guard = TcpRelay(
+            (GUARDED_HOST, grpc_port),
+            caps=self.config.connections.grpc_caps(),
+            on_refused=lambda reason: refused.labels(reason=reason).inc(),
+        )
+        Gauge("dna_grpc_connections", "gRPC connections open through the connection guard",
+              registry=self.registry).set_function(lambda: guard.open)  # fmt: skip
+        return guard
+
+    def _overlay_service(self, node: OverlayNode, store: RecordStore) -> OverlayService:
         records = self.config.records
         evicted = Counter("dna_overlay_records_evicted", "Records evicted to make room",
                           registry=self.registry)  # fmt: skip
@@ -380,7 +467,7 @@ class OverlayServer:
         )
         Gauge("dna_overlay_record_bytes", "Bytes of records held",
               registry=self.registry).set_function(lambda: store.bytes_held)  # fmt: skip
-        service = OverlayService(
+        return OverlayService(
             store=store,
             closest=node.table.closest,
             local=lambda: _require(node.contact),
@@ -392,25 +479,6 @@ class OverlayServer:
             on_rejected=lambda reason: node.metrics.rejected.labels(reason=reason).inc(),
             on_evicted=evicted.inc,
         )
-        gate = GrpcGate(max_message=MAX_GRPC_MESSAGE, registry=self.registry, log=self.log)
-        names = [gate.add(server, service, OVERLAY_DESCRIPTOR)]
-        if self._extra is not None:
-            names += self._extra(gate.registrar(server), node)
-        self.health = add_health_and_reflection(server, names, gate)
-        host, wanted = self.config.node.host, self.config.node.grpc_port
-        address = f"{host}:{wanted}"
-        if wanted:
-            # grpcio reports a failed bind as a C-level log line and a bare "Failed to bind":
-            # a bind of our own first gives the reason (in use, not an address of this host).
-            await _listen(f"gRPC {address}", _probe_tcp(host, wanted))
-        try:
-            port = server.add_insecure_port(address)
-        except RuntimeError:  # grpcio says only "Failed to bind"; the usual cause is a taken port
-            port = 0
-        if port == 0:
-            raise OSError(f"cannot listen on gRPC {address}: address in use or not available")
-        await server.start()
-        return port
 
     def _ops_app(self) -> Any:
         return build_ops_app(
@@ -479,6 +547,8 @@ class OverlayServer:
         """Undo a start that failed part-way (each step copes with never having started)."""
         if self.grpc is not None:
             await self.grpc.stop(grace=None)
+        if self.guard is not None:
+            await self.guard.close()
         if self.node is not None:
             await self.node.stop()
         if self.ops is not None:
@@ -494,7 +564,9 @@ class OverlayServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self.grpc is not None:
-            await self.grpc.stop(grace=2.0)
+            await self.grpc.stop(grace=2.0)  # GOAWAY through the guard, then closes
+        if self.guard is not None:
+            await self.guard.close()
         if self.node is not None:
             await self.node.stop()
         if self.ops is not None:
