@@ -229,6 +229,7 @@ def test_one_source_cannot_take_every_grpc_connection(node: NodeProcess) -> None
             c.close()
 
 
+@pytest.mark.process
 def test_without_the_guard_grpc_listens_itself_and_caps_only_the_total(tmp_path: Path) -> None:
     """`grpc_connection_guard = false`: for a node behind a firewall or load balancer that
     caps connections per source; the node then applies grpcio's total cap alone."""
