@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Bring a fresh machine (only Python 3.11+) to a working checkout: uv and the locked
 # environment; with `test`, also the Debian packages the tests start themselves
-# (needs root or sudo). Idempotent; prints the uv path.
+# (needs root or sudo); with `images`, the container tools only. Idempotent; prints the uv path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,9 +16,16 @@ uv_bin() {
   echo "$PWD/.tools/bin/uv"
 }
 
-# Debian packages the test suite starts itself (servers are launched by the tests' fixtures).
+# Debian packages the test suite starts itself (servers are launched by the tests' fixtures);
+# `images` (make images) needs the container tools alone: the Docker engine and compose 1.29,
+# mmdebstrap for a base image where no registry answers, Prometheus (promtool, and the
+# compose testnet's monitoring image).
+CONTAINER_PACKAGES=(docker.io docker-compose mmdebstrap prometheus)
 APT_PACKAGES=()
-[ "${1:-}" = "test" ] && APT_PACKAGES=(redis-server)
+case "${1:-}" in
+  test) APT_PACKAGES=(redis-server "${CONTAINER_PACKAGES[@]}") ;;
+  images) APT_PACKAGES=("${CONTAINER_PACKAGES[@]}") ;;
+esac
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
