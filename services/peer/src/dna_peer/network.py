@@ -43,10 +43,12 @@ def default_seeds() -> list[tuple[str, int]]:
 
 
 async def join_overlay(
-    seeds: list[tuple[str, int]], *, host: str = "127.0.0.1", puzzle_bits: int = 4
+    seeds: list[tuple[str, int]], *, host: str = "0.0.0.0", puzzle_bits: int = 4
 ) -> OverlayNode:
     """A peer's overlay node: client mode (it queries and is never routed through),
-    joined through ``seeds`` with its buckets refreshed."""
+    joined through ``seeds`` with its buckets refreshed. It listens on every address
+    (``host``): a client is never contacted first, and bound to 127.0.0.1 it could reach a
+    local testnet only, not nodes on another interface (the compose testnet, a real one)."""
     node = OverlayNode(
         NodeIdentity.generate(0)[0],
         NodeConfig(host=host, puzzle_bits=puzzle_bits, client_mode=True, allow_loopback=True),
