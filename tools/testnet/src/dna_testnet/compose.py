@@ -29,7 +29,15 @@ from dna_testnet.topology import (
     node_toml,
 )
 
-__all__ = ["COMPOSE_FILE", "INTERNET", "ComposeNames", "node_address", "peer_lan", "render"]
+__all__ = [
+    "COMPOSE_FILE",
+    "INTERNET",
+    "ComposeNames",
+    "document",
+    "node_address",
+    "peer_lan",
+    "render",
+]
 
 COMPOSE_FILE = "docker-compose.yml"
 NODES_DIR = "deploy/compose/nodes"
@@ -131,18 +139,8 @@ def _node_config(topology: Topology, spec: NodeSpec) -> str:
 # --- docker-compose.yml ------------------------------------------------------------------
 
 
-def _compose_file(topology: Topology) -> str:
-    header = (
-        GENERATED
-        + "#\n# The DNA testnet on containers (docs/operations.md, \"Images and the compose testnet\"):\n"
-        "#   make images && docker-compose up -d     # up: nodes, Redis, NAT routers, alice and bob\n"
-        "#   docker-compose down -v                  # down, with every volume\n"
-        "# `--profile monitoring` adds Prometheus (127.0.0.1:${DNA_PROMETHEUS_PORT-19090}) and\n"
-        "# Grafana (127.0.0.1:${DNA_GRAFANA_PORT-13000}, dashboards from deploy/grafana/dashboards).\n"
-        "# alice and bob greet each other with the dna CLI (deploy/docker/dna-conversation) and\n"
-        "# then watch their mailboxes: `docker-compose logs -f alice bob`; to talk yourself:\n"
-        "#   docker-compose exec alice dna send bob 'hi'\n"
-    )
+def document(topology: Topology) -> dict[str, Any]:
+    """docker-compose.yml as data: services, networks, volumes."""
     services: dict[str, Any] = {}
     for spec in topology.nodes:
         services[spec.name] = _node_service(topology, spec)
@@ -159,14 +157,30 @@ def _compose_file(topology: Topology) -> str:
     volumes = [f"{n.name}-data" for n in topology.nodes]
     volumes += ["redis-data"] if "redis" in services else []
     volumes += [f"{p.name}-home" for p in topology.peers] + ["prometheus-data"]
+    return {"services": services, "networks": networks, "volumes": volumes}
+
+
+def _compose_file(topology: Topology) -> str:
+    header = (
+        GENERATED
+        + "#\n# The DNA testnet on containers (docs/operations.md, \"Images and the compose testnet\"):\n"
+        "#   make images && docker-compose up -d     # up: nodes, Redis, NAT routers, alice and bob\n"
+        "#   docker-compose down -v                  # down, with every volume\n"
+        "# `--profile monitoring` adds Prometheus (127.0.0.1:${DNA_PROMETHEUS_PORT-19090}) and\n"
+        "# Grafana (127.0.0.1:${DNA_GRAFANA_PORT-13000}, dashboards from deploy/grafana/dashboards).\n"
+        "# alice and bob greet each other with the dna CLI (deploy/docker/dna-conversation) and\n"
+        "# then watch their mailboxes: `docker-compose logs -f alice bob`; to talk yourself:\n"
+        "#   docker-compose exec alice dna send bob 'hi'\n"
+    )
+    doc = document(topology)
     return (
         header
         + "\nservices:\n"
-        + _yaml(services, 1)
+        + _yaml(doc["services"], 1)
         + "\nnetworks:\n"
-        + _yaml(networks, 1)
+        + _yaml(doc["networks"], 1)
         + "\nvolumes:\n"
-        + "".join(f"  {v}:\n" for v in volumes)
+        + "".join(f"  {v}:\n" for v in doc["volumes"])
     )
 
 
