@@ -11,7 +11,7 @@ import json
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class Compose:
 
     project: str
     env: dict[str, str]
+    _ids: dict[str, str] = field(default_factory=dict)
 
     def run(self, *args: str, timeout: float = 300, check: bool = True) -> str:
         done = subprocess.run(
@@ -67,9 +68,19 @@ class Compose:
         return done.stdout
 
     def container(self, service: str) -> str:
-        ids = self.run("ps", "-q", service).split()
-        assert ids, f"no container for {service}"
-        return ids[0]
+        """The service's container ID (looked up once: stop and start keep it; compose
+        1.29 takes a second or more to start, so each lookup would cost that)."""
+        if service not in self._ids:
+            self._ids.update(self._containers())
+        assert service in self._ids, f"no container for {service}"
+        return self._ids[service]
+
+    def _containers(self) -> dict[str, str]:
+        ids = self.run("ps", "-q").split()
+        if not ids:
+            return {}
+        label = '{{index .Config.Labels "com.docker.compose.service"}} {{.Id}}'
+        return dict(line.split() for line in docker("inspect", "-f", label, *ids).splitlines())
 
     def exec(self, service: str, *command: str, timeout: float = 120) -> str:
         return docker("exec", self.container(service), *command, timeout=timeout)
@@ -93,8 +104,10 @@ class Compose:
         deadline = time.monotonic() + timeout
         pending = list(services)
         while pending:
-            for service in list(pending):
-                state = self.state(service)
+            ids = [self.container(service) for service in pending]
+            states = [json.loads(line) for line in
+                      docker("inspect", "-f", "{{json .State}}", *ids).splitlines()]  # fmt: skip
+            for service, state in zip(list(pending), states, strict=True):
                 if not state["Running"]:
                     raise AssertionError(
                         f"{service} exited {state['ExitCode']}:\n{self.logs(service)[-3000:]}"

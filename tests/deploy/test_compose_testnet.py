@@ -56,8 +56,10 @@ def _refuse_a_running_testnet() -> None:
 
 @pytest.fixture(scope="module")
 def testnet() -> Iterator[Compose]:
+    start = time.monotonic()
     ensure_engine()
     build_images()
+    print(f"images built in {time.monotonic() - start:.0f} s")
     _refuse_a_running_testnet()
     # Prometheus on any free host port: the test reaches it through `docker exec`.
     env = dict(os.environ, DNA_PROMETHEUS_PORT="")
@@ -65,8 +67,11 @@ def testnet() -> Iterator[Compose]:
     compose.run("--profile", "monitoring", "down", "-v", "--remove-orphans")  # a crashed run
     services = _services(compose)
     try:
+        start = time.monotonic()
         compose.run("--profile", "monitoring", "up", "-d", *services, timeout=600)
+        print(f"compose up -d returned after {time.monotonic() - start:.0f} s")
         compose.wait_healthy(services)
+        print(f"every container healthy after {time.monotonic() - start:.0f} s")
         yield compose
     finally:
         for service in [*STORAGE, *PEERS]:
@@ -166,7 +171,7 @@ def test_bob_gets_what_alice_sent_while_his_container_was_stopped(testnet: Compo
 
 
 def test_a_storage_node_sigkilled_under_traffic_loses_nothing(testnet: Compose) -> None:
-    texts = [f"under fire {i} {uuid.uuid4().hex}" for i in range(8)]
+    texts = [f"under fire {i} {uuid.uuid4().hex}" for i in range(6)]
     acked: list[str] = []
     failures: list[str] = []
 
