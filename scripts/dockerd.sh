@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Make sure a Docker engine answers. Where none does (a machine without systemd), start
-# Debian's dockerd in the background (in the host's network namespace, also when called from
-# inside another one: containers need the host's network to build) and wait until
-# `docker info` answers. Silent on success; one line and exit 1 when it cannot.
+# Debian's dockerd in the background, in this network namespace (builds download through
+# it: start it from one with a route out), and wait until `docker info` answers. Silent on
+# success; one line and exit 1 when it cannot.
 # Prints nothing else; the engine's log goes to $DOCKERD_LOG (default /var/log/dna-dockerd.log).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,11 +18,7 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 log="${DOCKERD_LOG:-/var/log/dna-dockerd.log}"
-enter=()
-if [ "$(readlink /proc/1/ns/net)" != "$(readlink /proc/self/ns/net)" ]; then
-  enter=(nsenter --net=/proc/1/ns/net)
-fi
-setsid "${enter[@]}" dockerd >>"$log" 2>&1 </dev/null &
+setsid dockerd >>"$log" 2>&1 </dev/null &
 for _ in $(seq 120); do
   "$DOCKER" info >/dev/null 2>&1 && exit 0
   sleep 0.5

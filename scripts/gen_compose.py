@@ -10,26 +10,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from dna_testnet.compose import NODES_DIR, render
+from dna_testnet.compose import NODES_DIR, render, stale_files
 from dna_testnet.topology import TESTNET
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def stale_files(root: Path) -> list[str]:
-    """Generated files that differ from what the topology gives, or that it no longer gives."""
-    files = render(TESTNET)
-    stale = [path for path, text in files.items() if _read(root / path) != text]
-    stale += [
-        str(extra.relative_to(root))
-        for extra in sorted((root / NODES_DIR).glob("*.toml"))
-        if str(extra.relative_to(root)) not in files
-    ]
-    return stale
-
-
-def _read(path: Path) -> str | None:
-    return path.read_text() if path.exists() else None
 
 
 def main() -> None:
@@ -37,7 +21,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="only report stale files")
     args = parser.parse_args()
     if args.check:
-        stale = stale_files(ROOT)
+        stale = stale_files(ROOT, TESTNET)
         if stale:
             sys.exit(f"stale (run `make compose`): {', '.join(stale)}")
         return

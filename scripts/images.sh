@@ -40,14 +40,32 @@ MMDEBSTRAP_ARGS=(
   --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*'
 )
 
+# mmdebstrap downloads from the mirror: in the Docker engine's network namespace (where
+# the builds download too), also when this runs inside another one without a route out
+# (the tests' namespaces on a shared machine).
+HOST_NET=()
+engine="$(pgrep -o -x dockerd || true)"
+if [ -n "$engine" ] && [ "$(id -u)" -eq 0 ] \
+  && [ "$(readlink "/proc/$engine/ns/net")" != "$(readlink /proc/self/ns/net)" ]; then
+  HOST_NET=(nsenter "--net=/proc/$engine/ns/net")
+fi
+
 local_base() {
   local recipe name
   recipe="$(printf '%s\n' "${MMDEBSTRAP_ARGS[@]}"; apt_sources)"
   name="dna-base:bookworm-$(printf '%s' "$recipe" | sha256sum | cut -c1-12)"
   if ! "$DOCKER" image inspect "$name" >/dev/null 2>&1; then
     echo "images: no registry answers; making $name with mmdebstrap (about 30 s)" >&2
-    apt_sources | mmdebstrap --quiet "${MMDEBSTRAP_ARGS[@]}" bookworm - - \
-      | "$DOCKER" import --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' - "$name" >/dev/null
+    # Into a file first: piped, a failed mmdebstrap would still leave an (empty) image.
+    local tarball
+    tarball="$(mktemp --suffix=.tar)"
+    if ! apt_sources | "${HOST_NET[@]}" mmdebstrap --quiet "${MMDEBSTRAP_ARGS[@]}" bookworm "$tarball" -; then
+      rm -f "$tarball"
+      echo "images: mmdebstrap failed (its messages are above)" >&2
+      return 1
+    fi
+    "$DOCKER" import --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' "$tarball" "$name" >/dev/null
+    rm -f "$tarball"
   fi
   echo "$name"
 }
@@ -77,7 +95,7 @@ build_args() {  # one per line
   if [ -f "$ca" ]; then echo "--secret=id=cacert,src=$ca"; fi
 }
 
-base="$(pick_base)"
+base="$(pick_base)" || exit 1
 mapfile -t args < <(build_args)
 echo "images: base $base" >&2
 for target in "${TARGETS[@]}"; do
@@ -87,5 +105,7 @@ for target in "${TARGETS[@]}"; do
     -t "dna-$target:$TAG" -t "dna-$target:$VERSION" . >/dev/null
   echo "images: dna-$target:$TAG built ($((SECONDS - start)) s)" >&2
 done
+# The images these builds replaced (untagged now): ours only, by their label.
+"$DOCKER" image prune --force --filter 'label=org.opencontainers.image.vendor=DNA Messenger' >/dev/null
 "$DOCKER" image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' \
   | grep -E "^dna-($(IFS='|'; echo "${TARGETS[*]}")):$TAG " | sort

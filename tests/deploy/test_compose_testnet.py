@@ -77,7 +77,8 @@ def testnet() -> Iterator[Compose]:
         for service in [*STORAGE, *PEERS]:
             print(f"--- {service}\n{compose.logs(service)[-2000:]}")
         compose.run("--profile", "monitoring", "down", "-v", "--remove-orphans", timeout=300)
-    leftovers = docker("volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}")
+    project = f"label=com.docker.compose.project={PROJECT}"
+    leftovers = docker("volume", "ls", "-q", "--filter", project)
     assert leftovers.split() == [], leftovers
 
 
@@ -110,7 +111,7 @@ def test_alice_and_bob_greet_each_other_through_their_nats(testnet: Compose) -> 
     for peer in TESTNET.peers:
         greeting = f"hello {peer.name}, this is {peer.contact}"
         got = _wait_received(testnet, peer.name, {greeting})
-        assert greeting in got, f"{peer.name} never got {greeting!r}: {_received(testnet, peer.name)}"
+        assert greeting in got, f"{peer.name} got no {greeting!r}: {_received(testnet, peer.name)}"
         message = got[greeting]
         assert message["from"]["name"] == peer.contact and not message["outgoing"]
 
@@ -146,7 +147,7 @@ def test_the_routers_map_like_their_nat_kinds(testnet: Compose) -> None:
     docker("exec", "-d", testnet.container(echo_host), "python3", "-c", ECHO)
     time.sleep(1)
     for peer in TESTNET.peers:
-        router_ip = peer_lan(TESTNET, peer.name)[3]
+        router_ip = peer_lan(TESTNET, peer.name).router_internet
         seen = testnet.exec(f"{peer.name}-netns", "python3", "-c", PROBE, echo_ip).split()
         addresses = [s.rsplit(":", 1) for s in seen]
         assert [ip for ip, _ in addresses] == [router_ip, router_ip], seen
@@ -223,9 +224,7 @@ def _wait_query(testnet: Compose, promql: str, done: Any, timeout: float = 90) -
 
 def test_prometheus_scrapes_every_node_and_sees_full_replica_sets(testnet: Compose) -> None:
     every = {f"{name}:7480" for name in NODES}
-    up = _wait_query(
-        testnet, "up == 1", lambda r: {s["metric"]["instance"] for s in r} == every
-    )
+    up = _wait_query(testnet, "up == 1", lambda r: {s["metric"]["instance"] for s in r} == every)
     assert {s["metric"]["instance"] for s in up} == every
     # The replica-count histogram of the repair passes (every 10 s here): each storage node
     # exports it, and mailboxes held by all 5 of their replicas have been observed.
@@ -235,6 +234,6 @@ def test_prometheus_scrapes_every_node_and_sees_full_replica_sets(testnet: Compo
         testnet,
         'sum(dna_storage_mailbox_replicas_bucket{le="5.0"})'
         ' - sum(dna_storage_mailbox_replicas_bucket{le="4.0"}) > 0',
-        lambda r: bool(r),
+        bool,
     )
     assert full and float(full[0]["value"][1]) > 0, full

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dna_testnet.topology import (
@@ -33,10 +34,12 @@ __all__ = [
     "COMPOSE_FILE",
     "INTERNET",
     "ComposeNames",
+    "PeerLan",
     "document",
     "node_address",
     "peer_lan",
     "render",
+    "stale_files",
 ]
 
 COMPOSE_FILE = "docker-compose.yml"
@@ -104,10 +107,19 @@ def node_address(topology: Topology, name: str) -> str:
     return f"10.77.{index + 1}.10"
 
 
-def peer_lan(topology: Topology, peer: str) -> tuple[str, str, str, str]:
-    """(LAN subnet, router's LAN address, client's address, router's internet address)."""
-    index = [p.name for p in topology.peers].index(peer) + 1
-    return f"10.78.{index}.0/24", f"10.78.{index}.2", f"10.78.{index}.10", f"10.77.{200 + index}.10"
+@dataclass(frozen=True)
+class PeerLan:
+    """The addresses around one peer: the Nth peer's LAN is 10.78.N.0/24."""
+
+    subnet: str
+    router: str  # the router's address on the LAN
+    client: str  # the peer's
+    router_internet: str  # the router's address on the internet: what nodes see
+
+
+def peer_lan(topology: Topology, peer: str) -> PeerLan:
+    n = [p.name for p in topology.peers].index(peer) + 1
+    return PeerLan(f"10.78.{n}.0/24", f"10.78.{n}.2", f"10.78.{n}.10", f"10.77.{200 + n}.10")
 
 
 def seeds(topology: Topology) -> list[str]:
@@ -119,6 +131,21 @@ def redis_url(topology: Topology, spec: NodeSpec) -> str | None:
     (docs/operations.md: two nodes on one database would count one copy twice)."""
     on_redis = [n.name for n in topology.storage if n.backend == "redis"]
     return f"redis://redis:6379/{on_redis.index(spec.name)}" if spec.name in on_redis else None
+
+
+def stale_files(root: Path, topology: Topology) -> list[str]:
+    """Generated files under ``root`` that differ from what ``topology`` gives, or that it
+    no longer gives (a node file of a node removed)."""
+    files = render(topology)
+    stale = [path for path, text in files.items() if _read(root / path) != text]
+    for extra in sorted((root / NODES_DIR).glob("*.toml")):
+        if str(extra.relative_to(root)) not in files:
+            stale.append(str(extra.relative_to(root)))
+    return stale
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.exists() else None
 
 
 def render(topology: Topology) -> dict[str, str]:
@@ -160,7 +187,7 @@ def document(topology: Topology) -> dict[str, Any]:
     services["grafana"] = _grafana_service()
     networks: dict[str, Any] = {"internet": {"ipam": {"config": [{"subnet": INTERNET}]}}}
     for peer in topology.peers:
-        subnet = peer_lan(topology, peer.name)[0]
+        subnet = peer_lan(topology, peer.name).subnet
         networks[ComposeNames(peer.name).lan] = {"ipam": {"config": [{"subnet": subnet}]}}
     volumes = [f"{n.name}-data" for n in topology.nodes]
     volumes += ["redis-data"] if "redis" in services else []
@@ -171,11 +198,11 @@ def document(topology: Topology) -> dict[str, Any]:
 def _compose_file(topology: Topology) -> str:
     header = (
         GENERATED
-        + "#\n# The DNA testnet on containers (docs/operations.md, \"Images and the compose testnet\"):\n"
-        "#   make images && docker-compose up -d     # up: nodes, Redis, NAT routers, alice and bob\n"
-        "#   docker-compose down -v                  # down, with every volume\n"
-        "# `--profile monitoring` adds Prometheus (127.0.0.1:${DNA_PROMETHEUS_PORT-19090}) and\n"
-        "# Grafana (127.0.0.1:${DNA_GRAFANA_PORT-13000}, dashboards from deploy/grafana/dashboards).\n"
+        + '#\n# The DNA testnet on containers (docs/operations.md, "The compose testnet"):\n'
+        "#   make images && docker-compose up -d   # nodes, Redis, NAT routers, alice and bob\n"
+        "#   docker-compose down -v                # down, with every volume\n"
+        "# `--profile monitoring` adds Prometheus (127.0.0.1:${DNA_PROMETHEUS_PORT-19090})\n"
+        "# and Grafana (127.0.0.1:${DNA_GRAFANA_PORT-13000}; deploy/grafana/dashboards).\n"
         "# alice and bob greet each other with the dna CLI (deploy/docker/dna-conversation) and\n"
         "# then watch their mailboxes: `docker-compose logs -f alice bob`; to talk yourself:\n"
         "#   docker-compose exec alice dna send bob 'hi'\n"
@@ -232,7 +259,7 @@ def _redis_service() -> dict[str, Any]:
 
 def _peer_services(topology: Topology, peer: PeerSpec) -> dict[str, Any]:
     names = ComposeNames(peer.name)
-    subnet, router_lan, client, router_internet = peer_lan(topology, peer.name)
+    lan = peer_lan(topology, peer.name)
     ready = {"condition": "service_healthy"}
     router = {
         "image": f"dna-router:{IMAGE_TAG}",
@@ -241,16 +268,16 @@ def _peer_services(topology: Topology, peer: PeerSpec) -> dict[str, Any]:
         "cap_add": ["NET_ADMIN"],
         "sysctls": {"net.ipv4.ip_forward": "1"},
         "networks": {
-            "internet": {"ipv4_address": router_internet},
-            names.lan: {"ipv4_address": router_lan},
+            "internet": {"ipv4_address": lan.router_internet},
+            names.lan: {"ipv4_address": lan.router},
         },
     }
     netns = {
         "image": f"dna-router:{IMAGE_TAG}",
         "init": True,
-        "command": ["dna-lan-route", router_lan, INTERNET],
+        "command": ["dna-lan-route", lan.router, INTERNET],
         "cap_add": ["NET_ADMIN"],
-        "networks": {names.lan: {"ipv4_address": client}},
+        "networks": {names.lan: {"ipv4_address": lan.client}},
         "depends_on": {names.router: ready},
     }
     person = {
@@ -362,4 +389,3 @@ def _yaml(value: dict[str, Any], level: int) -> str:
         else:
             out.append(f"{pad}{key}: {_scalar(item)}\n")
     return "".join(out)
-

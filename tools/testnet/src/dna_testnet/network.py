@@ -29,6 +29,7 @@ from dna_testnet.topology import (
     UDP_PORT,
     NodePaths,
     NodeSpec,
+    Role,
     make_topology,
     node_toml,
 )
@@ -66,7 +67,7 @@ class LocalNode:
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
-    def role(self) -> str:
+    def role(self) -> Role:
         return "storage" if self.command == "dna-storage-node" else "bootstrap"
 
     @property

@@ -26,6 +26,7 @@ __all__ = [
     "NodePaths",
     "NodeSpec",
     "PeerSpec",
+    "Role",
     "Topology",
     "make_topology",
     "node_toml",
