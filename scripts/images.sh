@@ -84,9 +84,9 @@ pick_base() {
 VERSION="$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')"
 
 build_args() {  # one per line
-  echo "--build-arg=VERSION=$VERSION"
-  echo "--build-arg=REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)"
-  echo "--build-arg=SOURCE=$(git remote get-url origin 2>/dev/null || true)"
+  echo "--label=org.opencontainers.image.version=$VERSION"
+  echo "--label=org.opencontainers.image.revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  echo "--label=org.opencontainers.image.source=$(git remote get-url origin 2>/dev/null || true)"
   local index="${PIP_INDEX_URL:-$(python3 -m pip config get global.index-url 2>/dev/null || true)}"
   if [ -n "$index" ]; then echo "--build-arg=PIP_INDEX_URL=$index"; fi
   local uv_index="${UV_DEFAULT_INDEX:-${UV_INDEX_URL:-}}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 import time
 import uuid
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from containers import Compose, build_images, docker, ensure_engine
+from containers import DOCKER, Compose, build_images, docker, ensure_engine
 from dna_testnet.compose import INTERNET, peer_lan
 from dna_testnet.topology import TESTNET
 
@@ -55,11 +56,59 @@ def _refuse_a_running_testnet() -> None:
 
 
 @pytest.fixture(scope="module")
-def testnet() -> Iterator[Compose]:
+def images() -> str:
+    """`make images`' builds (cached); what it printed: each image with its size."""
     start = time.monotonic()
     ensure_engine()
-    build_images()
-    print(f"images built in {time.monotonic() - start:.0f} s")
+    built = build_images()
+    print(f"images built in {time.monotonic() - start:.0f} s\n{built}")
+    return built
+
+
+ROLE_IMAGES = {"dna-bootstrap": "bootstrap", "dna-storage": "storage", "dna-peer": "peer"}
+
+
+@pytest.mark.parametrize("image", sorted(ROLE_IMAGES))
+def test_a_role_image_is_small_non_root_labelled_and_checks_its_health(
+    images: str, image: str
+) -> None:
+    info = json.loads(docker("image", "inspect", f"{image}:local"))[0]
+    config = info["Config"]
+    assert config["User"] == "10001:10001"
+    assert config["Healthcheck"]["Test"][0] == "CMD"
+    assert "/var/lib/dna" in config["Volumes"]
+    labels = config["Labels"]
+    assert labels["org.opencontainers.image.title"] == image
+    assert (
+        labels["org.opencontainers.image.version"] and labels["org.opencontainers.image.revision"]
+    )
+    assert info["Size"] <= 250_000_000, f"{image}: {info['Size'] / 1e6:.0f} MB"
+    # Only the role's package (and dna-core) in its environment.
+    present = docker("run", "--rm", "--entrypoint", "ls", f"{image}:local", "/opt/venv/bin")
+    others = {"dna-bootstrap", "dna-storage-node", "dna-testnet", "dna-sim", "dna-stun"}
+    own = {"bootstrap": "dna-bootstrap", "storage": "dna-storage-node", "peer": "dna"}
+    assert set(present.split()) & others <= {own[ROLE_IMAGES[image]]}, present
+    assert own[ROLE_IMAGES[image]] in present.split()
+
+
+@pytest.mark.parametrize(("image", "prefix"), [("dna-bootstrap", "DNA_BOOTSTRAP"),
+                                               ("dna-storage", "DNA_STORAGE")])  # fmt: skip
+def test_a_node_container_with_a_bad_setting_exits_with_one_line(
+    images: str, image: str, prefix: str
+) -> None:
+    done = subprocess.run(
+        [DOCKER, "run", "--rm", "-e", f"{prefix}__NODE__GRPC_PORT=99999", f"{image}:local"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"{image.replace('dna-storage', 'dna-storage-node')}: error: config: node: grpc_port"
+        " must be 0..65535, got 99999"
+    ], done.stderr
+
+
+@pytest.fixture(scope="module")
+def testnet(images: str) -> Iterator[Compose]:
     _refuse_a_running_testnet()
     # Prometheus on any free host port: the test reaches it through `docker exec`.
     env = dict(os.environ, DNA_PROMETHEUS_PORT="")
