@@ -1,5 +1,5 @@
 # Entry points. Each target bootstraps what it needs (uv, the locked env, system packages).
-.PHONY: bootstrap demo test check lint types unit fast bench protos config-docs dashboards chart-schema clean
+.PHONY: bootstrap demo test check lint types unit fast bench protos config-docs dashboards chart-schema images compose clean
 
 # scripts/bootstrap.sh prints the uv to use, or nothing when it failed: then stop here
 # rather than run the recipe with an empty command.
@@ -56,6 +56,15 @@ dashboards:
 ## make chart-schema: regenerate deploy/helm/dna/values.schema.json from the config models
 chart-schema:
 	$(UV) run --locked python scripts/gen_chart_schema.py
+
+## make images: the container images dna-<role>:local (deploy/docker, docs/operations.md)
+images:
+	@scripts/bootstrap.sh images >/dev/null
+	scripts/images.sh
+
+## make compose: regenerate docker-compose.yml and deploy/compose/ from the testnet topology
+compose:
+	$(UV) run --locked python scripts/gen_compose.py
 
 clean:
 	rm -rf .venv .tools .mypy_cache .ruff_cache .pytest_cache .hypothesis

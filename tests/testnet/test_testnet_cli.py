@@ -78,24 +78,24 @@ def test_up_status_twice_and_down_finds_every_node(tmp_path: Path) -> None:
         assert json.loads(state.read_text())["pids"] == pids  # the real nodes stay recorded
         assert all(_alive(pid) for pid in pids.values())
 
-        # an operator restarts storage0 by hand (a relative --config, its own session)
-        os.kill(pids["storage0"], signal.SIGTERM)
+        # an operator restarts storage1 by hand (a relative --config, its own session)
+        os.kill(pids["storage1"], signal.SIGTERM)
         deadline = time.monotonic() + 15
-        while _alive(pids["storage0"]) and time.monotonic() < deadline:
+        while _alive(pids["storage1"]) and time.monotonic() < deadline:
             time.sleep(0.1)
         hand_started = subprocess.Popen(
-            [str(BIN / "dna-storage-node"), "run", "--config", ".dna-testnet/storage0.toml"],
+            [str(BIN / "dna-storage-node"), "run", "--config", ".dna-testnet/storage1.toml"],
             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
         )  # fmt: skip
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not _ready("127.0.0.5"):  # storage0
+        while time.monotonic() < deadline and not _ready("127.0.0.5"):  # storage1
             time.sleep(0.2)
     finally:
         down = run("down", cwd=tmp_path)
     assert down.returncode == 0, down.stderr
     assert "stopped 9 nodes" in down.stdout, down.stdout
-    assert f"storage0 (pid {hand_started.pid})" in down.stdout, down.stdout
+    assert f"storage1 (pid {hand_started.pid})" in down.stdout, down.stdout
     assert hand_started.wait(20) == 0  # stopped by down, cleanly
     assert not any(_alive(pid) for pid in pids.values())
     after = run("--json", "status", cwd=tmp_path)

@@ -21,6 +21,20 @@ from typing import Any
 import httpx
 from dna_peer.network import join_overlay as client_node
 
+from dna_testnet.topology import (
+    GRPC_PORT,
+    HTTP_PORT,
+    TESTNET_ADMISSION,
+    TESTNET_CONNECTIONS,
+    TESTNET_RECORDS,
+    UDP_PORT,
+    NodePaths,
+    NodeSpec,
+    Role,
+    make_topology,
+    node_toml,
+)
+
 __all__ = [
     "GRPC_PORT",
     "HTTP_PORT",
@@ -33,17 +47,6 @@ __all__ = [
 ]
 
 BIN = Path(sys.executable).parent
-UDP_PORT, GRPC_PORT, HTTP_PORT = 7400, 7401, 7480
-# Every client of a local testnet comes from 127.0.0.1, so the per-address rate limit
-# (20 puts/s for one person's address on a public network) would be shared by everyone
-# on the machine; a testnet allows what 50 people would. The per-mailbox limits, PoW and
-# quotas stay as on a public network.
-TESTNET_ADMISSION = "[admission]\nip_rate_per_s = 1000.0\nip_burst = 2000.0\n"
-# Likewise for record stores (a public node allows 30 at once, then 1/s, per address).
-TESTNET_RECORDS = "source_rate_per_s = 200.0\nsource_burst = 1000.0\n"
-# And for gRPC connections (a public node takes 64 from one address): every client and
-# every node of a testnet connects from 127.0.0.1, so only the total cap applies.
-TESTNET_CONNECTIONS = "grpc_max_connections_per_source = 4096\n"
 
 
 class TestnetRunningError(RuntimeError):
@@ -66,7 +69,7 @@ class LocalNode:
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
-    def role(self) -> str:
+    def role(self) -> Role:
         return "storage" if self.command == "dna-storage-node" else "bootstrap"
 
     @property
@@ -82,20 +85,18 @@ class LocalNode:
         return self.root / f"{self.name}.log"
 
     def write_config(self) -> None:
-        seeds = ", ".join(f'"{b}"' for b in self.bootstraps)
-        storage = f'[storage]\ndata_dir = "{self.root / self.name}-data"\n'
-        self.config_path.write_text(
-            f'log_level = "info"\n[node]\nhost = "{self.ip}"\nudp_port = {UDP_PORT}\n'
-            f'grpc_port = {GRPC_PORT}\nkey_file = "{self.root / (self.name + ".key")}"\n'
-            f"puzzle_bits = {self.puzzle_bits}\n[overlay]\nbootstrap = [{seeds}]\n"
-            f'allow_loopback = true\n[ops]\nhttp_host = "{self.ip}"\nhttp_port = {HTTP_PORT}\n'
-            + f'[records]\npath = "{self.root / self.name}-records.sqlite3"\n'
-            + self.records_toml
-            + "[connections]\n"
-            + self.connections_toml
-            + (storage if self.role == "storage" else "")
-            + self.extra_toml
+        spec = NodeSpec(self.name, self.role)
+        paths = NodePaths(
+            key_file=str(self.root / f"{self.name}.key"),
+            records=str(self.root / f"{self.name}-records.sqlite3"),
+            data_dir=str(self.root / f"{self.name}-data"),
         )
+        self.config_path.write_text(
+            node_toml(spec, host=self.ip, seeds=self.bootstraps, paths=paths, http_host=self.ip,
+                      allow_loopback=True, puzzle_bits=self.puzzle_bits,
+                      records_toml=self.records_toml, connections_toml=self.connections_toml,
+                      extra_toml=self.extra_toml)
+        )  # fmt: skip
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -168,26 +169,28 @@ def wait_ready(nodes: list[LocalNode], timeout: float = 60.0) -> None:
 
 
 class Testnet:
-    """``bootstraps`` bootstrap nodes then ``storage`` storage nodes from 127.0.0.``first``."""
+    """The testnet topology's nodes (``bootstraps`` bootstrap then ``storage`` storage nodes,
+    `topology.TESTNET` by default) as processes on 127.0.0.``first`` onwards. Every storage
+    node keeps its mailboxes in SQLite here: the compose testnet runs the topology's Redis
+    nodes on a Redis server."""
 
     __test__ = False  # not a pytest test class despite the name
 
     def __init__(self, root: Path, *, bootstraps: int = 3, storage: int = 6, first: int = 2):
         self.root = root
-        ips = [f"127.0.0.{first + i}" for i in range(bootstraps + storage)]
+        topology = make_topology(bootstraps, storage)
+        ips = [f"127.0.0.{first + i}" for i in range(len(topology.nodes))]
         seeds = [f"{ip}:{UDP_PORT}" for ip in ips[:bootstraps]]
         self.nodes = [
-            LocalNode(f"bootstrap{i}", ip, root, seeds) for i, ip in enumerate(ips[:bootstraps])
-        ] + [
             LocalNode(
-                f"storage{i}",
+                spec.name,
                 ip,
                 root,
                 seeds,
-                command="dna-storage-node",
-                extra_toml=TESTNET_ADMISSION,
+                command=spec.command,
+                extra_toml=TESTNET_ADMISSION if spec.role == "storage" else "",
             )
-            for i, ip in enumerate(ips[bootstraps:])
+            for spec, ip in zip(topology.nodes, ips, strict=True)
         ]
 
     @property
