@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import os
 import pty
 import random
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 from dna_core.crypto import Identity
 from dna_core.crypto.keys import SEEDS_SIZE
@@ -81,3 +83,15 @@ def on_a_terminal(argv: list[str], env: dict[str, str], timeout: float = 60) -> 
     output = b"".join(chunks)
     assert proc.wait(timeout) == 0, output
     return output.decode()
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` as a module (the generators are scripts, not a package), for
+    the tests that check what they write."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look their module up there
+    spec.loader.exec_module(module)
+    return module

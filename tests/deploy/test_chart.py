@@ -6,7 +6,6 @@ script sends a real message through a local testnet."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,8 +18,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from deploy_files import CHART, ROOT, RULES, tool
+from deploy_files import CHART, RULES, tool
 from dna_testnet.network import Testnet
+from support import load_script
 
 pytestmark = pytest.mark.process  # helm, promtool, bash or node processes
 
@@ -290,12 +290,7 @@ def test_config_overrides_reach_the_node(tmp_path: Path) -> None:
 
 
 def test_values_schema_is_what_the_generator_writes() -> None:
-    spec = importlib.util.spec_from_file_location(
-        "gen_chart_schema", ROOT / "scripts" / "gen_chart_schema.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("gen_chart_schema")
     committed = (CHART / "values.schema.json").read_text()
     assert module.render() == committed, "stale values.schema.json: run `make chart-schema`"
 

@@ -3,9 +3,7 @@ that real node processes export."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -16,7 +14,6 @@ import yaml
 from cluster import UDP_PORT, NodeProcess, running
 from deploy_files import (
     DASHBOARDS,
-    ROOT,
     RULE_TESTS,
     RULES,
     bucket_bounds,
@@ -27,6 +24,7 @@ from deploy_files import (
     tool,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from support import load_script
 
 pytestmark = pytest.mark.process  # helm, promtool, bash or node processes
 
@@ -34,13 +32,7 @@ BOOTSTRAP_IP, STORAGE_IP = "127.0.0.185", "127.0.0.186"
 
 
 def _generator() -> ModuleType:
-    path = ROOT / "scripts" / "gen_dashboards.py"
-    spec = importlib.util.spec_from_file_location("gen_dashboards", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gen_dashboards"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gen_dashboards")
 
 
 # --- alert rules ------------------------------------------------------------------------

@@ -3,7 +3,6 @@ them, and the schema accepts and refuses what the loader does."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import subprocess
@@ -20,18 +19,14 @@ from dna_core.ops.config_reference import Role, config_reference, config_schema
 from dna_core.overlay.aio.server import LogLevel
 from jsonschema import Draft7Validator
 from pydantic import BaseModel
+from support import load_script
 
 ROOT = Path(__file__).resolve().parents[3]
 SCRIPT = ROOT / "scripts" / "gen_config_docs.py"
 
 
 def _generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gen_config_docs", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gen_config_docs"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gen_config_docs")
 
 
 GEN = _generator()
