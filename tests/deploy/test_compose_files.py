@@ -24,6 +24,8 @@ from dna_testnet.compose import (
 from dna_testnet.network import Testnet
 from dna_testnet.topology import TESTNET, UDP_PORT, make_topology
 
+pytestmark = pytest.mark.process  # the generator and docker-compose
+
 # Where a node runs (addresses, paths) differs by driver by construction...
 LOCATION = {
     ("node", "host"), ("node", "key_file"), ("overlay", "bootstrap"),

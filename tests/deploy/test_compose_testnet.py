@@ -27,7 +27,7 @@ from dna_testnet.compose import INTERNET, peer_lan
 from dna_testnet.topology import TESTNET
 
 # A cold build (no cache, no base image) takes minutes; warm, the whole module ~3 minutes.
-pytestmark = pytest.mark.timeout(1500)
+pytestmark = [pytest.mark.timeout(1500), pytest.mark.process]  # docker, compose, images.sh
 
 PROJECT = "dnaci"
 GRAFANA = "grafana"  # pulled from a registry: not started here (none is reachable)
