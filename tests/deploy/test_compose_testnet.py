@@ -102,8 +102,8 @@ def test_a_node_container_with_a_bad_setting_exits_with_one_line(
     )  # fmt: skip
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip().splitlines() == [
-        f"{image.replace('dna-storage', 'dna-storage-node')}: error: config: node: grpc_port"
-        " must be 0..65535, got 99999"
+        f"{image.replace('dna-storage', 'dna-storage-node')}: error: {prefix}__NODE__GRPC_PORT:"
+        " node.grpc_port: input should be less than or equal to 65535, got 99999"
     ], done.stderr
 
 
