@@ -60,6 +60,12 @@ class _Side(asyncio.BufferedProtocol):
 
     def __init__(self, received: memoryview, link: _Link | None = None) -> None:
         self.received, self.link = received, link
+        # What arrived for this side before its socket was connected, and whether the
+        # other side ended meanwhile: held until `flush_early`. (A client's first bytes can
+        # beat the upstream connection: before Python 3.11.x a new transport starts reading
+        # even when connection_made paused it, as Debian's 3.11.2 in our images does.)
+        self.early: list[bytes] = []
+        self.early_eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -71,7 +77,30 @@ class _Side(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         # A copy: the transport may keep what it cannot send at once (Python 3.12+ keeps
         # the object itself), and the buffer is the next read's.
-        self.other.transport.write(bytes(self.received[:nbytes]))
+        self.other.send(bytes(self.received[:nbytes]))
+
+    def send(self, data: bytes) -> None:
+        """Write ``data`` to this side's socket, or hold it until the socket is connected
+        (then the sender stops reading: one read at most is held)."""
+        if hasattr(self, "transport"):
+            self.transport.write(data)
+        else:
+            self.early.append(data)
+            self.other.transport.pause_reading()
+
+    def send_eof(self) -> None:
+        if hasattr(self, "transport"):
+            self.transport.write_eof()
+        else:
+            self.early_eof = True
+
+    def flush_early(self) -> None:
+        """Send what was held for this side, now that its socket is connected."""
+        for data in self.early:
+            self.transport.write(data)
+        self.early.clear()
+        if self.early_eof:
+            self.transport.write_eof()
 
     def eof_received(self) -> bool:
         # The upstream ended: the link closes (after what is left reaches the client).
@@ -102,7 +131,7 @@ class _Accepted(_Side):
 
     def eof_received(self) -> bool:
         # The client's half-close is passed on: the upstream decides when the link ends.
-        self.other.transport.write_eof()
+        self.other.send_eof()
         return True
 
 
@@ -135,7 +164,8 @@ class _Link:
             return
         end = cast(Address, self.upstream.transport.get_extra_info("sockname")[:2])
         self.upstream_end = end
-        self.relay.relaying(end, self)
+        self.relay.relaying(end, self)  # before any byte reaches grpc
+        self.upstream.flush_early()
         self.client.transport.resume_reading()
 
     def close(self) -> None:
