@@ -103,7 +103,7 @@ def fetch_all(ip: str, cursor: bytes = b"") -> tuple[list[bytes], bytes]:
 def storage_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "dna-storage-node"), *map(str, args)],
-        capture_output=True, text=True, timeout=60,
+        check=False, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 
 

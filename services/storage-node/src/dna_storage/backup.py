@@ -102,9 +102,7 @@ def _manifest(config: StorageNodeConfig, staging: Path) -> dict[str, Any]:
         "schema_version": schema,
         "blobs": blobs,
         "bytes": size,
-        "files": {
-            path.name: _sha256(path) for path in sorted(staging.iterdir()) if path.is_file()
-        },
+        "files": {path.name: _sha256(path) for path in sorted(staging.iterdir()) if path.is_file()},
     }
 
 
@@ -159,7 +157,7 @@ def verify(source: Path, config: StorageNodeConfig) -> dict[str, Any]:
     """The backup's manifest, once every file is checked against it; else a DnaError
     naming the first thing wrong."""
     try:
-        manifest = json.loads((source / MANIFEST).read_text())
+        manifest: dict[str, Any] = json.loads((source / MANIFEST).read_text())
         files: dict[str, str] = manifest["files"]
         schema = int(manifest["schema_version"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
