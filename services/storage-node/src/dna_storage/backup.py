@@ -29,10 +29,11 @@ from dna_core.errors import DnaError
 from dna_core.ops.node_key import load_node_key
 
 from dna_storage.backends.sqlite import SCHEMA_VERSION
-from dna_storage.node import StorageNodeConfig
+from dna_storage.node import MAILBOX_FILE, StorageNodeConfig
 
 MANIFEST = "backup.json"
-MAILBOXES, RECORDS, NODE_KEY = "mailboxes.sqlite3", "records.sqlite3", "node.key"
+# Names in a backup; the mailbox database keeps the name it has on a node.
+MAILBOXES, RECORDS, NODE_KEY = MAILBOX_FILE, "records.sqlite3", "node.key"
 FORMAT = 1
 
 

@@ -38,6 +38,7 @@ from dna_storage.replication import Repairer, ReplicaView, SyncRules
 
 log = logging.getLogger("dna.storage")
 MAILBOX_DESCRIPTOR = mailbox_pb2.DESCRIPTOR.services_by_name["Mailbox"]
+MAILBOX_FILE = "mailboxes.sqlite3"  # the SQLite backend's database, in storage.data_dir
 
 
 class StorageSection(ConfigModel):
@@ -87,7 +88,7 @@ async def open_backend(section: StorageSection) -> MailboxBackend:
         except (RedisError, OSError) as exc:  # the URL is masked: it may carry a password
             where = section.redis_url.masked()
             raise DnaError(f"cannot use redis at {where}: {exc}") from None
-    path = section.data_dir / "mailboxes.sqlite3"
+    path = section.data_dir / MAILBOX_FILE
     try:
         section.data_dir.mkdir(parents=True, exist_ok=True)
         return await SqliteBackend.open(path)
