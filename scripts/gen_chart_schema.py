@@ -34,9 +34,6 @@ CHART_OWNED = {
     "storage.redis_url": "not offered by the chart",
 }
 
-# The levels a node's log_level takes: the standard library's, as a fresh node process has
-# them (a library imported here, e.g. by a test run, may register more, like TRACE).
-LOG_LEVELS = ("CRITICAL", "FATAL", "ERROR", "WARN", "WARNING", "INFO", "DEBUG", "NOTSET")
 
 CONFIG_SCHEMAS = ROOT / "deploy" / "config-schema"  # written by scripts/gen_config_docs.py
 
@@ -107,7 +104,9 @@ def probe(*keys: str) -> dict[str, Any]:
 
 
 def values_schema() -> dict[str, Any]:
-    levels = sorted(name.lower() for name in LOG_LEVELS)
+    # The levels a node's log_level takes, as its config model gives them (one list).
+    node_schema = json.loads((CONFIG_SCHEMAS / "bootstrap.schema.json").read_text())
+    levels = sorted(node_schema["properties"]["log_level"]["enum"])
     persistence = {
         "size": QUANTITY,
         "storageClassName": STRING,
