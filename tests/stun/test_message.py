@@ -86,7 +86,7 @@ def test_ipv4_response_decodes_the_mapped_address_and_is_re_encoded_byte_for_byt
         [(attr.SOFTWARE, b"test vector"), (attr.XOR_MAPPED_ADDRESS, xor)],
         fingerprint=False,
     )
-    expected = bytearray(SAMPLE_IPV4_RESPONSE[:56])
+    expected = bytearray(SAMPLE_IPV4_RESPONSE[:48])
     expected[35] = 0
     assert rebuilt[20:] == expected[20:]
     assert attr.encode_xor_address(("192.0.2.1", 32853), TID) == xor
