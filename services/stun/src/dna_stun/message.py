@@ -221,9 +221,10 @@ def encode(
     body = bytearray()
     for kind, value in attributes:
         body += ATTR_HEADER.pack(kind, len(value)) + value + bytes(_padded(len(value)) - len(value))
-    message = bytearray(
-        HEADER.pack(_message_type(method, cls), len(body), MAGIC_COOKIE, transaction_id)
-    ) + body
+    message = (
+        bytearray(HEADER.pack(_message_type(method, cls), len(body), MAGIC_COOKIE, transaction_id))
+        + body
+    )
     if key is not None:
         kind, size, digest = (
             (attr.MESSAGE_INTEGRITY_SHA256, 32, hashlib.sha256)

@@ -1,0 +1,97 @@
+"""Long-term credentials (RFC 8489 section 9.2): static users, time-limited shared-secret users,
+and the server's nonces.
+
+Time-limited credentials are coturn's ``use-auth-secret`` (the "TURN REST API" draft): an
+operator's service hands a client ``username = "<expiry-unix>:<user>"`` and
+``password = base64(HMAC-SHA1(secret, username))``; the server recomputes the password from the
+username, so it needs no user database, and refuses the username once its expiry has passed.
+
+Nonces are stateless: the expiry and an HMAC over (expiry, client IP) under a key only this
+process knows, so a flood of unauthenticated requests costs no memory, a nonce from another
+client address is refused, and a restart makes every old nonce stale (clients retry on 438).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from collections.abc import Iterable, Mapping
+
+from dna_stun.message import long_term_key
+
+__all__ = ["Credentials", "Nonces", "auth_secret_password", "userhash"]
+
+
+def auth_secret_password(secret: str, username: str) -> str:
+    """The password of a time-limited username (coturn's use-auth-secret)."""
+    mac = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
+    return base64.b64encode(mac).decode()
+
+
+def userhash(username: str, realm: str) -> bytes:
+    """USERHASH: SHA-256(username ":" realm) (RFC 8489 section 14.4)."""
+    return hashlib.sha256(f"{username}:{realm}".encode()).digest()
+
+
+class Credentials:
+    """The keys a username's messages may be signed with, or why there are none:
+    ``unknown_user`` or ``expired_credential``."""
+
+    def __init__(
+        self, realm: str, users: Mapping[str, str], auth_secrets: Iterable[str] = ()
+    ) -> None:
+        self.realm = realm
+        self._keys = {user: long_term_key(user, realm, pw) for user, pw in users.items()}
+        self._by_hash = {userhash(user, realm): user for user in users}
+        self._secrets = tuple(s for s in auth_secrets if s)
+
+    def keys_for(self, username: str, now: float) -> tuple[list[bytes], str]:
+        static = self._keys.get(username)
+        if static is not None:
+            return [static], ""
+        expiry, colon, _user = username.partition(":")
+        if not self._secrets or not colon or not expiry.isdigit() or len(expiry) > 12:
+            return [], "unknown_user"
+        if int(expiry) <= now:
+            return [], "expired_credential"
+        # One key per configured secret: an operator rotates by adding the new secret before
+        # the old one's last credentials expire; the integrity check finds which one signed.
+        return [
+            long_term_key(username, self.realm, auth_secret_password(secret, username))
+            for secret in self._secrets
+        ], ""
+
+    def user_for_hash(self, hashed: bytes) -> str | None:
+        """The static user behind a USERHASH (time-limited users cannot be found so: their
+        username is not known in advance)."""
+        return self._by_hash.get(hashed)
+
+
+class Nonces:
+    """Issues and checks nonces bound to a client IP and valid for ``lifetime`` seconds."""
+
+    def __init__(self, lifetime: float, key: bytes | None = None) -> None:
+        self.lifetime = lifetime
+        self._key = key if key is not None else secrets.token_bytes(32)
+
+    def _mac(self, expiry: int, client_ip: str) -> str:
+        mac = hmac.new(self._key, f"{expiry}|{client_ip}".encode(), hashlib.sha256)
+        return mac.hexdigest()[:24]
+
+    def issue(self, client_ip: str, now: float) -> str:
+        expiry = int(now + self.lifetime)
+        return f"{expiry:x}.{self._mac(expiry, client_ip)}"
+
+    def check(self, nonce: str, client_ip: str, now: float) -> bool:
+        expiry_hex, dot, mac = nonce.partition(".")
+        if not dot or not 0 < len(expiry_hex) <= 12:
+            return False
+        try:
+            expiry = int(expiry_hex, 16)
+        except ValueError:
+            return False
+        if not hmac.compare_digest(mac, self._mac(expiry, client_ip)):
+            return False
+        return now < expiry

@@ -1,0 +1,511 @@
+"""The STUN/TURN server as a sans-I/O state machine (RFC 8489 Binding, RFC 8656 relay).
+
+Datagrams go in with the time (``now``, Unix seconds); ``Send`` instructions come out: bytes to
+send to an address, from the listening socket (``via=None``) or from an allocation's relay
+socket (``via=`` its relay address). Only relay ports are a side effect, asked of ``RelayPorts``
+(the asyncio adapter binds sockets; tests hand out numbers). Nothing here raises on input: a
+malformed, unauthenticated or forbidden datagram gets its RFC error response or is dropped, and
+every refusal is counted by reason in ``stats``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+from dna_stun import attributes as attr
+from dna_stun.auth import Credentials, Nonces
+from dna_stun.errors import StunProtocolError
+from dna_stun.message import (
+    CHANNEL_MAX,
+    CHANNEL_MIN,
+    Class,
+    Message,
+    Method,
+    check_integrity,
+    encode,
+    error_response,
+    parse,
+)
+from dna_stun.policy import RelayPolicy
+
+__all__ = ["Addr", "Allocation", "Limits", "RelayPorts", "Send", "Stats", "TurnCore"]
+
+Addr = tuple[str, int]
+PERMISSION_LIFETIME = 300.0  # RFC 8656 section 9: fixed
+CHANNEL_LIFETIME = 600.0  # RFC 8656 section 12: fixed
+CHANNEL_HEADER = struct.Struct("!HH")
+
+KNOWN_ATTRIBUTES = frozenset(
+    {
+        attr.USERNAME, attr.MESSAGE_INTEGRITY, attr.MESSAGE_INTEGRITY_SHA256, attr.REALM,
+        attr.NONCE, attr.USERHASH, attr.PASSWORD_ALGORITHM, attr.LIFETIME,
+        attr.REQUESTED_TRANSPORT, attr.REQUESTED_ADDRESS_FAMILY, attr.EVEN_PORT,
+        attr.RESERVATION_TOKEN, attr.XOR_PEER_ADDRESS, attr.CHANNEL_NUMBER, attr.DATA,
+        attr.PRIORITY, attr.USE_CANDIDATE,
+    }
+)  # fmt: skip
+TURN_METHODS = {
+    Method.ALLOCATE: "allocate",
+    Method.REFRESH: "refresh",
+    Method.CREATE_PERMISSION: "create_permission",
+    Method.CHANNEL_BIND: "channel_bind",
+}
+
+
+class Send(NamedTuple):
+    via: Addr | None  # None: the listening socket; else the relay socket of this address
+    data: bytes
+    to: Addr
+
+
+class RelayPorts(Protocol):
+    def open(self, even: bool) -> Addr | None:
+        """A new relay socket's address (an even port if asked), or None if none is free."""
+
+    def close(self, relay: Addr) -> None: ...
+
+
+@dataclass(frozen=True)
+class Limits:
+    default_lifetime: int = 600
+    max_lifetime: int = 3600
+    max_allocations: int = 1000
+    max_allocations_per_user: int = 10
+    max_permissions: int = 64  # peer IPs per allocation
+    bandwidth_bytes_per_s: int = 0  # per allocation, both directions; 0: no cap
+
+
+@dataclass
+class Stats:
+    """What the service exports as metrics; plain numbers, cheap to bump per packet."""
+
+    refusals: Counter[str] = field(default_factory=Counter)
+    auth_failures: Counter[str] = field(default_factory=Counter)
+    requests: Counter[str] = field(default_factory=Counter)
+    relayed_packets: Counter[str] = field(default_factory=Counter)  # by direction
+    relayed_bytes: Counter[str] = field(default_factory=Counter)
+    allocations_created: int = 0
+
+
+@dataclass(eq=False)
+class Allocation:
+    client: Addr
+    relay: Addr
+    username: str
+    key: bytes
+    expires: float
+    allocate_tid: bytes
+    allocate_response: bytes
+    permissions: dict[str, float] = field(default_factory=dict)  # peer IP -> expiry
+    channels: dict[int, tuple[Addr, float]] = field(default_factory=dict)
+    peer_channels: dict[Addr, int] = field(default_factory=dict)
+    tokens: float = 0.0
+    tokens_at: float = 0.0
+
+
+class _RefusedError(Exception):
+    """An error response to send (already encoded) and the reason to count."""
+
+    def __init__(self, reason: str, response: bytes) -> None:
+        self.reason, self.response = reason, response
+
+
+@dataclass
+class _Auth:
+    username: str
+    key: bytes
+    sha256: bool
+
+
+class TurnCore:
+    def __init__(
+        self,
+        *,
+        credentials: Credentials,
+        nonces: Nonces,
+        policy: RelayPolicy,
+        ports: RelayPorts,
+        limits: Limits = Limits(),
+        relay_family: int = attr.FAMILY_IPV4,
+    ) -> None:
+        self.credentials, self.nonces, self.policy = credentials, nonces, policy
+        self.ports, self.limits, self.relay_family = ports, limits, relay_family
+        self.stats = Stats()
+        self.by_client: dict[Addr, Allocation] = {}
+        self.by_relay: dict[Addr, Allocation] = {}
+        self.per_user: Counter[str] = Counter()
+        self._requests: dict[int, Callable[[Message, Addr, _Auth, float], bytes]] = {
+            Method.ALLOCATE: self._allocate,
+            Method.REFRESH: self._refresh,
+            Method.CREATE_PERMISSION: self._create_permission,
+            Method.CHANNEL_BIND: self._channel_bind,
+        }
+
+    # --- datagrams in ------------------------------------------------------------------------
+
+    def on_client_datagram(self, data: bytes, client: Addr, now: float) -> list[Send]:
+        """A datagram on the listening port: STUN, or ChannelData from a client."""
+        if len(data) >= 4 and data[0] & 0xC0 == 0x40:
+            return self._channel_data(data, client, now)
+        try:
+            message = parse(data)
+        except StunProtocolError as exc:
+            return self._drop(exc.reason)
+        if message.cls == Class.REQUEST:
+            return [Send(None, self._request(message, client, now), client)]
+        if message.cls == Class.INDICATION and message.method == Method.SEND:
+            return self._send_indication(message, client, now)
+        return self._drop("unexpected_message")  # responses, other indications: not for us
+
+    def on_peer_datagram(self, data: bytes, relay: Addr, peer: Addr, now: float) -> list[Send]:
+        """A datagram a peer sent to an allocation's relay address."""
+        alloc = self.by_relay.get(relay)
+        if alloc is None or alloc.expires <= now:
+            return self._drop("no_allocation")
+        if alloc.permissions.get(peer[0], 0.0) <= now:
+            return self._drop("no_permission")
+        if not self._within_bandwidth(alloc, len(data), now):
+            return self._drop("bandwidth")
+        channel = alloc.peer_channels.get(peer)
+        if channel is not None and alloc.channels[channel][1] > now:
+            out = CHANNEL_HEADER.pack(channel, len(data)) + data
+        else:
+            tid = os.urandom(12)
+            out = encode(
+                Method.DATA, Class.INDICATION, tid,
+                [(attr.XOR_PEER_ADDRESS, attr.encode_xor_address(peer, tid)), (attr.DATA, data)],
+                fingerprint=False,
+            )  # fmt: skip
+        self.stats.relayed_packets["peer_to_client"] += 1
+        self.stats.relayed_bytes["peer_to_client"] += len(data)
+        return [Send(None, out, alloc.client)]
+
+    def expire(self, now: float) -> None:
+        """Drop expired allocations (closing their relay ports), permissions and channels."""
+        for alloc in [a for a in self.by_client.values() if a.expires <= now]:
+            self._delete(alloc)
+        for alloc in self.by_client.values():
+            for ip in [ip for ip, until in alloc.permissions.items() if until <= now]:
+                del alloc.permissions[ip]
+            for number in [n for n, (_, until) in alloc.channels.items() if until <= now]:
+                peer, _ = alloc.channels.pop(number)
+                alloc.peer_channels.pop(peer, None)
+
+    def close_all(self) -> None:
+        for alloc in list(self.by_client.values()):
+            self._delete(alloc)
+
+    # --- relaying ----------------------------------------------------------------------------
+
+    def _channel_data(self, data: bytes, client: Addr, now: float) -> list[Send]:
+        alloc = self.by_client.get(client)
+        if alloc is None or alloc.expires <= now:
+            return self._drop("no_allocation")
+        number, length = CHANNEL_HEADER.unpack_from(data)
+        if 4 + length > len(data):
+            return self._drop("malformed")
+        bound = alloc.channels.get(number)
+        if bound is None or bound[1] <= now:
+            return self._drop("unknown_channel")
+        peer = bound[0]
+        if alloc.permissions.get(peer[0], 0.0) <= now:
+            return self._drop("no_permission")
+        if not self._within_bandwidth(alloc, length, now):
+            return self._drop("bandwidth")
+        self.stats.relayed_packets["client_to_peer"] += 1
+        self.stats.relayed_bytes["client_to_peer"] += length
+        return [Send(alloc.relay, data[4 : 4 + length], peer)]
+
+    def _send_indication(self, message: Message, client: Addr, now: float) -> list[Send]:
+        alloc = self.by_client.get(client)
+        if alloc is None or alloc.expires <= now:
+            return self._drop("no_allocation")
+        peer_value, payload = message.get(attr.XOR_PEER_ADDRESS), message.get(attr.DATA)
+        if peer_value is None or payload is None:
+            return self._drop("bad_request")
+        try:
+            peer = attr.decode_xor_address(peer_value, message.transaction_id)
+        except StunProtocolError:
+            return self._drop("bad_request")
+        if alloc.permissions.get(peer[0], 0.0) <= now:
+            return self._drop("no_permission")
+        if not self._within_bandwidth(alloc, len(payload), now):
+            return self._drop("bandwidth")
+        self.stats.relayed_packets["client_to_peer"] += 1
+        self.stats.relayed_bytes["client_to_peer"] += len(payload)
+        return [Send(alloc.relay, payload, peer)]
+
+    def _within_bandwidth(self, alloc: Allocation, size: int, now: float) -> bool:
+        rate = self.limits.bandwidth_bytes_per_s
+        if not rate:
+            return True
+        # A token bucket holding one second of traffic: bursts up to the rate, then the rate.
+        alloc.tokens = min(float(rate), alloc.tokens + (now - alloc.tokens_at) * rate)
+        alloc.tokens_at = now
+        if alloc.tokens < size:
+            return False
+        alloc.tokens -= size
+        return True
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def _request(self, message: Message, client: Addr, now: float) -> bytes:
+        unknown = message.unknown_required(KNOWN_ATTRIBUTES)
+        if unknown:
+            self.stats.refusals["unknown_attribute"] += 1
+            extra = [(attr.UNKNOWN_ATTRIBUTES, attr.unknown_attributes(unknown))]
+            return error_response(message, 420, "Unknown Attribute", extra)
+        if message.method == Method.BINDING:
+            self.stats.requests["binding"] += 1
+            return self._binding(message, client, now)
+        handler = self._requests.get(message.method)
+        if handler is None:
+            self.stats.refusals["unknown_method"] += 1
+            return error_response(message, 400, "Unknown Method")
+        self.stats.requests[TURN_METHODS[message.method]] += 1
+        try:
+            auth = self._authenticate(message, client, now)
+            return handler(message, client, auth, now)
+        except _RefusedError as refused:
+            self.stats.refusals[refused.reason] += 1
+            return refused.response
+        except StunProtocolError:  # an attribute that does not decode
+            self.stats.refusals["bad_request"] += 1
+            return error_response(message, 400, "Bad Request")
+
+    def _binding(self, message: Message, client: Addr, now: float) -> bytes:
+        """Binding: the client's reflexive address. Unauthenticated requests are answered as
+        they are; one with credentials is checked and its answer signed with the same key."""
+        mapped = [
+            (attr.XOR_MAPPED_ADDRESS, attr.encode_xor_address(client, message.transaction_id))
+        ]
+        if message.find(attr.MESSAGE_INTEGRITY) is None and (
+            message.find(attr.MESSAGE_INTEGRITY_SHA256) is None
+        ):
+            return encode(Method.BINDING, Class.SUCCESS, message.transaction_id, mapped)
+        try:
+            auth = self._authenticate(message, client, now)
+        except _RefusedError as refused:
+            self.stats.refusals[refused.reason] += 1
+            return refused.response
+        except StunProtocolError:
+            self.stats.refusals["bad_request"] += 1
+            return error_response(message, 400, "Bad Request")
+        return encode(
+            Method.BINDING, Class.SUCCESS, message.transaction_id, mapped,
+            key=auth.key, sha256=auth.sha256,
+        )  # fmt: skip
+
+    def _challenge(self, message: Message, client: Addr, now: float, code: int, text: str) -> bytes:
+        nonce = self.nonces.issue(client[0], now).encode()
+        extra = [(attr.REALM, self.credentials.realm.encode()), (attr.NONCE, nonce)]
+        return error_response(message, code, text, extra)
+
+    def _authenticate(self, message: Message, client: Addr, now: float) -> _Auth:
+        """The long-term credential mechanism (RFC 8489 section 9.2.4), or ``_RefusedError``."""
+        integrity = message.find(attr.MESSAGE_INTEGRITY_SHA256) or message.find(
+            attr.MESSAGE_INTEGRITY
+        )
+        if integrity is None:
+            raise _RefusedError(
+                "unauthenticated", self._challenge(message, client, now, 401, "Unauthorized")
+            )
+        realm, nonce = message.get(attr.REALM), message.get(attr.NONCE)
+        username = self._username(message)
+        if realm is None or nonce is None or username is None:
+            self.stats.auth_failures["missing_attribute"] += 1
+            raise _RefusedError("bad_request", error_response(message, 400, "Bad Request"))
+        if realm.decode(errors="replace") != self.credentials.realm:
+            self.stats.auth_failures["wrong_realm"] += 1
+            raise _RefusedError(
+                "auth_failed", self._challenge(message, client, now, 401, "Unauthorized")
+            )
+        if not self.nonces.check(nonce.decode(errors="replace"), client[0], now):
+            raise _RefusedError(
+                "stale_nonce", self._challenge(message, client, now, 438, "Stale Nonce")
+            )
+        algorithm = message.get(attr.PASSWORD_ALGORITHM)
+        if algorithm is not None and attr.decode_password_algorithm(algorithm) != attr.PASSWORD_MD5:
+            self.stats.auth_failures["password_algorithm"] += 1
+            raise _RefusedError("bad_request", error_response(message, 400, "Bad Request"))
+        keys, why = self.credentials.keys_for(username, now)
+        for key in keys:
+            if check_integrity(message, key):
+                sha256 = integrity.type == attr.MESSAGE_INTEGRITY_SHA256
+                return _Auth(username, key, sha256)
+        self.stats.auth_failures[why or "bad_integrity"] += 1
+        raise _RefusedError(
+            "auth_failed", self._challenge(message, client, now, 401, "Unauthorized")
+        )
+
+    def _username(self, message: Message) -> str | None:
+        raw = message.get(attr.USERNAME)
+        if raw is not None:
+            return attr.decode_text(raw, attr.MAX_USERNAME_BYTES)
+        hashed = message.get(attr.USERHASH)
+        if hashed is not None:
+            return self.credentials.user_for_hash(attr.decode_userhash(hashed)) or ""
+        return None
+
+    def _signed(self, message: Message, auth: _Auth, attributes: list[tuple[int, bytes]]) -> bytes:
+        return encode(
+            message.method, Class.SUCCESS, message.transaction_id, attributes,
+            key=auth.key, sha256=auth.sha256,
+        )  # fmt: skip
+
+    def _refuse(
+        self, message: Message, auth: _Auth, code: int, text: str, reason: str
+    ) -> _RefusedError:
+        response = encode(
+            message.method, Class.ERROR, message.transaction_id,
+            [(attr.ERROR_CODE, attr.error_code(code, text))], key=auth.key, sha256=auth.sha256,
+        )  # fmt: skip
+        return _RefusedError(reason, response)
+
+    def _owned(self, message: Message, client: Addr, auth: _Auth, now: float) -> Allocation:
+        """The client's live allocation, made under the same username (RFC 8656 section 5)."""
+        alloc = self.by_client.get(client)
+        if alloc is None or alloc.expires <= now:
+            raise self._refuse(message, auth, 437, "Allocation Mismatch", "no_allocation")
+        if alloc.username != auth.username:
+            raise self._refuse(message, auth, 441, "Wrong Credentials", "wrong_credentials")
+        return alloc
+
+    # --- TURN methods ------------------------------------------------------------------------
+
+    def _allocate(self, message: Message, client: Addr, auth: _Auth, now: float) -> bytes:
+        existing = self.by_client.get(client)
+        if existing is not None and existing.expires > now:
+            if existing.allocate_tid == message.transaction_id:  # a retransmission
+                return existing.allocate_response
+            raise self._refuse(message, auth, 437, "Allocation Mismatch", "allocation_exists")
+        even = self._check_allocate_attributes(message, auth)
+        if self.per_user[auth.username] >= self.limits.max_allocations_per_user:
+            raise self._refuse(message, auth, 486, "Allocation Quota Reached", "quota_user")
+        if len(self.by_client) >= self.limits.max_allocations:
+            raise self._refuse(message, auth, 508, "Insufficient Capacity", "quota_total")
+        relay = self.ports.open(even)
+        if relay is None:
+            raise self._refuse(message, auth, 508, "Insufficient Capacity", "no_relay_port")
+        lifetime = self._lifetime(message)
+        response = self._signed(
+            message,
+            auth,
+            [
+                (attr.XOR_RELAYED_ADDRESS, attr.encode_xor_address(relay, message.transaction_id)),
+                (attr.LIFETIME, attr.uint32(lifetime)),
+                (attr.XOR_MAPPED_ADDRESS, attr.encode_xor_address(client, message.transaction_id)),
+            ],
+        )
+        alloc = Allocation(
+            client, relay, auth.username, auth.key, now + lifetime, message.transaction_id,
+            response, tokens=float(self.limits.bandwidth_bytes_per_s), tokens_at=now,
+        )  # fmt: skip
+        self.by_client[client], self.by_relay[relay] = alloc, alloc
+        self.per_user[auth.username] += 1
+        self.stats.allocations_created += 1
+        return response
+
+    def _check_allocate_attributes(self, message: Message, auth: _Auth) -> bool:
+        """Refuses what this server cannot give; returns whether an even port was asked."""
+        transport = message.get(attr.REQUESTED_TRANSPORT)
+        if transport is None:
+            raise self._refuse(message, auth, 400, "Bad Request", "bad_request")
+        if attr.decode_requested_transport(transport) != attr.UDP:
+            raise self._refuse(message, auth, 442, "Unsupported Transport Protocol", "transport")
+        family = message.get(attr.REQUESTED_ADDRESS_FAMILY)
+        if family is not None and attr.decode_family(family) != self.relay_family:
+            raise self._refuse(message, auth, 440, "Address Family not Supported", "family")
+        even_port, token = message.get(attr.EVEN_PORT), message.get(attr.RESERVATION_TOKEN)
+        if even_port is not None and token is not None:
+            raise self._refuse(message, auth, 400, "Bad Request", "bad_request")
+        if token is not None:  # this server never hands out reservations, so none is valid
+            attr.decode_reservation_token(token)
+            raise self._refuse(message, auth, 508, "Insufficient Capacity", "reservation")
+        if even_port is not None and attr.decode_even_port(even_port):
+            raise self._refuse(message, auth, 508, "Insufficient Capacity", "reservation")
+        return even_port is not None
+
+    def _lifetime(self, message: Message) -> int:
+        """RFC 8656 section 7.2: the requested lifetime, at least the default, at most the max."""
+        raw = message.get(attr.LIFETIME)
+        asked = self.limits.default_lifetime if raw is None else attr.decode_uint32(raw)
+        return max(self.limits.default_lifetime, min(asked, self.limits.max_lifetime))
+
+    def _refresh(self, message: Message, client: Addr, auth: _Auth, now: float) -> bytes:
+        alloc = self._owned(message, client, auth, now)
+        raw = message.get(attr.LIFETIME)
+        if raw is not None and attr.decode_uint32(raw) == 0:
+            self._delete(alloc)
+            return self._signed(message, auth, [(attr.LIFETIME, attr.uint32(0))])
+        lifetime = self._lifetime(message)
+        alloc.expires = now + lifetime
+        return self._signed(message, auth, [(attr.LIFETIME, attr.uint32(lifetime))])
+
+    def _peer(self, message: Message, auth: _Auth, value: bytes) -> Addr:
+        peer = attr.decode_xor_address(value, message.transaction_id)
+        family = attr.FAMILY_IPV6 if ":" in peer[0] else attr.FAMILY_IPV4
+        if family != self.relay_family:
+            raise self._refuse(message, auth, 443, "Peer Address Family Mismatch", "family")
+        reason = self.policy.check(*peer)
+        if reason is not None:
+            raise self._refuse(message, auth, 403, "Forbidden", reason)
+        return peer
+
+    def _create_permission(self, message: Message, client: Addr, auth: _Auth, now: float) -> bytes:
+        alloc = self._owned(message, client, auth, now)
+        values = message.get_all(attr.XOR_PEER_ADDRESS)
+        if not values:
+            raise self._refuse(message, auth, 400, "Bad Request", "bad_request")
+        # All or nothing (RFC 8656 section 9.2): every peer is checked before any is installed.
+        peers = [self._peer(message, auth, value) for value in values]
+        self._permit(message, auth, alloc, [ip for ip, _ in peers], now)
+        return self._signed(message, auth, [])
+
+    def _permit(
+        self, message: Message, auth: _Auth, alloc: Allocation, ips: list[str], now: float
+    ) -> None:
+        new = {ip for ip in ips if alloc.permissions.get(ip, 0.0) <= now}
+        live = sum(1 for until in alloc.permissions.values() if until > now)
+        if live + len(new) > self.limits.max_permissions:
+            raise self._refuse(message, auth, 508, "Insufficient Capacity", "quota_permissions")
+        for ip in ips:
+            alloc.permissions[ip] = now + PERMISSION_LIFETIME
+
+    def _channel_bind(self, message: Message, client: Addr, auth: _Auth, now: float) -> bytes:
+        alloc = self._owned(message, client, auth, now)
+        number_raw, peer_raw = message.get(attr.CHANNEL_NUMBER), message.get(attr.XOR_PEER_ADDRESS)
+        if number_raw is None or peer_raw is None:
+            raise self._refuse(message, auth, 400, "Bad Request", "bad_request")
+        number = attr.decode_channel_number(number_raw)
+        if not CHANNEL_MIN <= number <= CHANNEL_MAX:
+            raise self._refuse(message, auth, 400, "Bad Request", "bad_channel")
+        peer = self._peer(message, auth, peer_raw)
+        bound = alloc.channels.get(number)
+        other = alloc.peer_channels.get(peer)
+        if (bound is not None and bound[0] != peer) or (other is not None and other != number):
+            raise self._refuse(message, auth, 400, "Bad Request", "channel_in_use")
+        self._permit(message, auth, alloc, [peer[0]], now)
+        alloc.channels[number] = (peer, now + CHANNEL_LIFETIME)
+        alloc.peer_channels[peer] = number
+        return self._signed(message, auth, [])
+
+    # --- bookkeeping -------------------------------------------------------------------------
+
+    def _delete(self, alloc: Allocation) -> None:
+        if self.by_client.get(alloc.client) is alloc:
+            del self.by_client[alloc.client]
+        self.by_relay.pop(alloc.relay, None)
+        self.per_user[alloc.username] -= 1
+        if self.per_user[alloc.username] <= 0:
+            del self.per_user[alloc.username]
+        self.ports.close(alloc.relay)
+
+    def _drop(self, reason: str) -> list[Send]:
+        self.stats.refusals[reason] += 1
+        return []

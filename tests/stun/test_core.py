@@ -1,0 +1,464 @@
+"""The sans-I/O STUN/TURN core: Binding, the TURN methods, credentials, quotas, hardening."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from dna_stun import attributes as attr
+from dna_stun.auth import Credentials, Nonces, auth_secret_password
+from dna_stun.core import Limits, Send, TurnCore
+from dna_stun.message import (
+    Class,
+    Method,
+    channel_data,
+    check_integrity,
+    encode,
+    long_term_key,
+    parse,
+)
+from dna_stun.policy import RelayPolicy
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from turn_client import Client, error_code, is_success
+
+NOW = 1_800_000_000.0
+SERVER = ("198.51.100.1", 3478)
+CLIENT = ("203.0.113.5", 40000)
+PEER = ("203.0.113.77", 5000)
+REALM = "dna"
+SECRET = "s3cret"
+
+
+class Ports:
+    """Relay ports as numbers: what the asyncio adapter does with sockets."""
+
+    def __init__(self, free: int = 100) -> None:
+        self.next, self.free, self.open_now = 50000, free, set[tuple[str, int]]()
+
+    def open(self, even: bool) -> tuple[str, int] | None:
+        if len(self.open_now) >= self.free:
+            return None
+        self.next += 2 if even and self.next % 2 == 0 else 1
+        if even and self.next % 2:
+            self.next += 1
+        relay = (SERVER[0], self.next)
+        self.open_now.add(relay)
+        return relay
+
+    def close(self, relay: tuple[str, int]) -> None:
+        self.open_now.remove(relay)
+
+
+def make_core(
+    limits: Limits | None = None, allowed: tuple[str, ...] = (), free: int = 100
+) -> TurnCore:
+    policy = RelayPolicy(allowed=allowed)
+    policy.add_own_endpoint(SERVER)
+    return TurnCore(
+        credentials=Credentials(REALM, {"alice": "pw", "bob": "pw2"}, [SECRET]),
+        nonces=Nonces(600.0, key=b"k" * 32),
+        policy=policy,
+        ports=Ports(free),
+        limits=limits or Limits(),
+    )
+
+
+def one(out: list[Send]) -> bytes:
+    assert len(out) == 1 and out[0].via is None and out[0].to == CLIENT
+    return out[0].data
+
+
+def ask(core: TurnCore, client: Client, data: bytes, now: float = NOW, src=CLIENT):  # type: ignore[no-untyped-def]
+    return client.learn(one(core.on_client_datagram(data, src, now)))
+
+
+def allocate(core: TurnCore, client: Client, now: float = NOW) -> tuple[str, int]:
+    first = ask(core, client, client.request(Method.ALLOCATE, client.allocate_attrs()), now)
+    assert error_code(first) == 401
+    response = ask(core, client, client.request(Method.ALLOCATE, client.allocate_attrs()), now)
+    assert is_success(response, Method.ALLOCATE), error_code(response)
+    assert check_integrity(response, client.key)
+    value = response.get(attr.XOR_RELAYED_ADDRESS)
+    assert value is not None
+    return attr.decode_xor_address(value, response.transaction_id)
+
+
+def test_binding_answers_the_reflexive_address_with_a_fingerprint() -> None:
+    core, tid = make_core(), b"t" * 12
+    response = parse(
+        one(core.on_client_datagram(encode(Method.BINDING, Class.REQUEST, tid), CLIENT, NOW))
+    )
+    assert is_success(response, Method.BINDING)
+    assert attr.decode_xor_address(response.get(attr.XOR_MAPPED_ADDRESS) or b"", tid) == CLIENT
+    assert response.attributes[-1].type == attr.FINGERPRINT  # parse checked its value
+
+
+@pytest.mark.parametrize("sha256", [False, True])
+def test_authenticated_binding_is_signed_with_the_requests_algorithm(sha256: bool) -> None:
+    core, client = make_core(), Client("alice", "pw", sha256=sha256)
+    assert (
+        error_code(ask(core, client, client.request(Method.ALLOCATE, client.allocate_attrs())))
+        == 401
+    )
+    response = ask(core, client, client.request(Method.BINDING))
+    assert is_success(response, Method.BINDING)
+    wanted = attr.MESSAGE_INTEGRITY_SHA256 if sha256 else attr.MESSAGE_INTEGRITY
+    assert response.find(wanted) is not None and check_integrity(response, client.key)
+    client.password = "wrong"
+    refused = ask(core, client, client.request(Method.BINDING))
+    assert error_code(refused) == 401 and core.stats.auth_failures["bad_integrity"] == 1
+
+
+def test_relay_both_ways_over_channels_and_indications() -> None:
+    core, client = make_core(), Client("alice", "pw")
+    relay = allocate(core, client)
+    assert relay in core.by_relay
+    # Before a permission, nothing flows either way.
+    assert core.on_peer_datagram(b"early", relay, PEER, NOW) == []
+    assert core.stats.refusals["no_permission"] == 1
+    ok = ask(core, client, client.request(Method.CREATE_PERMISSION, peers=(PEER,)))
+    assert is_success(ok, Method.CREATE_PERMISSION) and check_integrity(ok, client.key)
+    peer_attr = (attr.XOR_PEER_ADDRESS, attr.encode_xor_address(PEER, b"i" * 12))
+    send = encode(Method.SEND, Class.INDICATION, b"i" * 12, [peer_attr, (attr.DATA, b"hello")])
+    assert core.on_client_datagram(send, CLIENT, NOW) == [Send(relay, b"hello", PEER)]
+    [back] = core.on_peer_datagram(b"hi there", relay, PEER, NOW)
+    data = parse(back.data)
+    assert (data.method, data.cls, back.to) == (Method.DATA, Class.INDICATION, CLIENT)
+    assert data.get(attr.DATA) == b"hi there"
+    assert (
+        attr.decode_xor_address(data.get(attr.XOR_PEER_ADDRESS) or b"", data.transaction_id) == PEER
+    )
+    number = [(attr.CHANNEL_NUMBER, attr.channel_number(0x4001))]
+    bound = ask(core, client, client.request(Method.CHANNEL_BIND, number, peers=(PEER,)))
+    assert is_success(bound, Method.CHANNEL_BIND)
+    assert core.on_client_datagram(channel_data(0x4001, b"x" * 120), CLIENT, NOW) == [
+        Send(relay, b"x" * 120, PEER)
+    ]
+    [back] = core.on_peer_datagram(b"y" * 7, relay, PEER, NOW)
+    assert back.data == struct.pack("!HH", 0x4001, 7) + b"y" * 7
+    assert core.stats.relayed_packets == {"client_to_peer": 2, "peer_to_client": 2}
+    assert core.stats.relayed_bytes["client_to_peer"] == 125
+    # An unbound channel, and a channel after its binding expired, are dropped.
+    assert core.on_client_datagram(channel_data(0x4002, b"z"), CLIENT, NOW) == []
+    assert core.on_client_datagram(channel_data(0x4001, b"z"), CLIENT, NOW + 601) == []
+    assert core.stats.refusals["unknown_channel"] == 1
+
+
+def test_permissions_expire_after_five_minutes() -> None:
+    core, client = make_core(), Client("alice", "pw")
+    relay = allocate(core, client)
+    ask(core, client, client.request(Method.CREATE_PERMISSION, peers=(PEER,)))
+    assert core.on_peer_datagram(b"a", relay, PEER, NOW + 299)
+    assert core.on_peer_datagram(b"a", relay, PEER, NOW + 301) == []
+
+
+def test_stale_nonce_gets_438_and_a_fresh_nonce() -> None:
+    core, client = make_core(), Client("alice", "pw")
+    allocate(core, client)
+    assert is_success(ask(core, client, client.request(Method.REFRESH), NOW + 300), Method.REFRESH)
+    old = client.nonce
+    stale = ask(core, client, client.request(Method.REFRESH), NOW + 601)
+    assert error_code(stale) == 438 and client.nonce != old
+    fresh = ask(core, client, client.request(Method.REFRESH), NOW + 601)
+    assert is_success(fresh, Method.REFRESH)
+    assert core.stats.refusals["stale_nonce"] == 1
+
+
+def test_a_nonce_from_another_address_is_stale() -> None:
+    core, client = make_core(), Client("alice", "pw")
+    allocate(core, client)
+    other = ("203.0.113.6", 40000)
+    reply = client.learn(
+        core.on_client_datagram(client.request(Method.BINDING), other, NOW)[0].data
+    )
+    assert error_code(reply) == 438
+
+
+def test_unknown_user_and_wrong_password_are_401_and_counted() -> None:
+    core = make_core()
+    for client, reason in (
+        (Client("mallory", "x"), "unknown_user"),
+        (Client("alice", "no"), "bad_integrity"),
+    ):
+        allocate_request = client.request(Method.ALLOCATE, client.allocate_attrs())
+        assert error_code(ask(core, client, allocate_request)) == 401
+        assert (
+            error_code(ask(core, client, client.request(Method.ALLOCATE, client.allocate_attrs())))
+            == 401
+        )
+        assert core.stats.auth_failures[reason] == 1
+    assert not core.by_client
+
+
+def test_time_limited_credentials_work_until_their_expiry() -> None:
+    core = make_core()
+    username = f"{int(NOW) + 60}:alice"
+    client = Client(username, auth_secret_password(SECRET, username))
+    allocate(core, client)
+    expired_name = f"{int(NOW) - 1}:alice"
+    expired = Client(expired_name, auth_secret_password(SECRET, expired_name))
+    ask(core, expired, expired.request(Method.BINDING, auth=False))
+    expired.learn(
+        one(
+            core.on_client_datagram(
+                expired.request(Method.ALLOCATE, expired.allocate_attrs()), CLIENT, NOW
+            )
+        )
+    )
+    reply = ask(core, expired, expired.request(Method.ALLOCATE, expired.allocate_attrs()))
+    assert error_code(reply) == 401 and core.stats.auth_failures["expired_credential"] == 1
+    forged = Client(f"{int(NOW) + 60}:bob", "guessed")
+    forged.realm, forged.nonce = client.realm, client.nonce
+    assert error_code(ask(core, forged, forged.request(Method.BINDING))) == 401
+
+
+def test_retransmitted_allocate_gets_the_same_answer_and_another_gets_437() -> None:
+    core, client = make_core(), Client("alice", "pw")
+    allocate(core, client)
+    again = core.by_client[CLIENT].allocate_response
+    tid = parse(again).transaction_id
+    credentials = [
+        (attr.USERNAME, b"alice"), (attr.REALM, client.realm.encode()), (attr.NONCE, client.nonce)
+    ]  # fmt: skip
+    retransmit = encode(
+        Method.ALLOCATE, Class.REQUEST, tid, client.allocate_attrs() + credentials, key=client.key
+    )
+    assert one(core.on_client_datagram(retransmit, CLIENT, NOW)) == again
+    second = ask(core, client, client.request(Method.ALLOCATE, client.allocate_attrs()))
+    assert error_code(second) == 437 and check_integrity(second, client.key)
+
+
+def test_refresh_to_zero_deletes_and_then_requests_get_437() -> None:
+    core, client = make_core(), Client("alice", "pw")
+    relay = allocate(core, client)
+    gone = ask(core, client, client.request(Method.REFRESH, [(attr.LIFETIME, attr.uint32(0))]))
+    assert is_success(gone, Method.REFRESH) and relay not in core.by_relay
+    assert relay not in core.ports.open_now  # type: ignore[attr-defined]
+    assert error_code(ask(core, client, client.request(Method.REFRESH))) == 437
+
+
+def test_allocations_expire_and_their_ports_close() -> None:
+    core, client = make_core(Limits(default_lifetime=600, max_lifetime=600)), Client("alice", "pw")
+    relay = allocate(core, client)
+    core.expire(NOW + 599)
+    assert relay in core.by_relay
+    core.expire(NOW + 601)
+    assert relay not in core.by_relay and not core.ports.open_now  # type: ignore[attr-defined]
+
+
+def test_lifetime_is_clamped_between_default_and_max() -> None:
+    core, client = make_core(Limits(default_lifetime=600, max_lifetime=3600)), Client("alice", "pw")
+    allocate(core, client)
+    for asked, granted in ((10, 600), (1200, 1200), (99999, 3600)):
+        reply = ask(
+            core, client, client.request(Method.REFRESH, [(attr.LIFETIME, attr.uint32(asked))])
+        )
+        assert attr.decode_uint32(reply.get(attr.LIFETIME) or b"") == granted
+
+
+def test_a_different_user_on_the_same_five_tuple_gets_441() -> None:
+    core, alice = make_core(), Client("alice", "pw")
+    allocate(core, alice)
+    bob = Client("bob", "pw2")
+    bob.realm, bob.nonce = alice.realm, alice.nonce
+    assert error_code(ask(core, bob, bob.request(Method.REFRESH))) == 441
+
+
+def test_per_user_and_total_quotas() -> None:
+    core = make_core(Limits(max_allocations_per_user=2, max_allocations=3))
+    for i in range(2):
+        allocate(core, Client("alice", "pw"), NOW) if i == 0 else None
+        if i:
+            client = Client("alice", "pw")
+            src = ("203.0.113.5", 40001)
+            client.learn(
+                core.on_client_datagram(
+                    client.request(Method.ALLOCATE, client.allocate_attrs()), src, NOW
+                )[0].data
+            )
+            reply = parse(
+                core.on_client_datagram(
+                    client.request(Method.ALLOCATE, client.allocate_attrs()), src, NOW
+                )[0].data
+            )
+            assert is_success(reply, Method.ALLOCATE)
+    third = Client("alice", "pw")
+    src = ("203.0.113.5", 40002)
+    third.learn(
+        core.on_client_datagram(third.request(Method.ALLOCATE, third.allocate_attrs()), src, NOW)[
+            0
+        ].data
+    )
+    reply = parse(
+        core.on_client_datagram(third.request(Method.ALLOCATE, third.allocate_attrs()), src, NOW)[
+            0
+        ].data
+    )
+    assert error_code(reply) == 486 and core.stats.refusals["quota_user"] == 1
+    bob = Client("bob", "pw2")
+    bob_src = ("203.0.113.9", 1)
+    bob.learn(
+        core.on_client_datagram(bob.request(Method.ALLOCATE, bob.allocate_attrs()), bob_src, NOW)[
+            0
+        ].data
+    )
+    assert is_success(
+        parse(
+            core.on_client_datagram(
+                bob.request(Method.ALLOCATE, bob.allocate_attrs()), bob_src, NOW
+            )[0].data
+        ),
+        Method.ALLOCATE,
+    )
+    carol_src = ("203.0.113.10", 1)
+    bob.learn(
+        core.on_client_datagram(bob.request(Method.ALLOCATE, bob.allocate_attrs()), carol_src, NOW)[
+            0
+        ].data
+    )
+    reply = parse(
+        core.on_client_datagram(bob.request(Method.ALLOCATE, bob.allocate_attrs()), carol_src, NOW)[
+            0
+        ].data
+    )
+    assert error_code(reply) == 508 and core.stats.refusals["quota_total"] == 1
+    assert len(core.by_client) == 3
+
+
+def test_bandwidth_cap_drops_what_is_over_the_rate() -> None:
+    core, client = make_core(Limits(bandwidth_bytes_per_s=1000)), Client("alice", "pw")
+    relay = allocate(core, client)
+    ask(
+        core,
+        client,
+        client.request(
+            Method.CHANNEL_BIND, [(attr.CHANNEL_NUMBER, attr.channel_number(0x4000))], peers=(PEER,)
+        ),
+    )
+    sent = sum(
+        len(core.on_client_datagram(channel_data(0x4000, b"x" * 100), CLIENT, NOW))
+        for _ in range(20)
+    )
+    assert sent == 10 and core.stats.refusals["bandwidth"] == 10
+    assert core.on_peer_datagram(b"y" * 100, relay, PEER, NOW + 0.5)  # half a second refills 500
+
+
+FORBIDDEN = [
+    "0.0.0.0", "10.1.2.3", "100.64.0.1", "127.0.0.1", "169.254.169.254", "172.16.0.1",
+    "192.168.1.1", "198.18.0.1", "224.0.0.1", "255.255.255.255", "::", "::1", "fc00::1",
+    "fe80::1", "ff02::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1", "::127.0.0.1", "2002:7f00:1::",
+    "64:ff9b::a00:1", "::ffff:0.0.0.0",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("host", FORBIDDEN)
+def test_relaying_to_forbidden_addresses_is_403(host: str) -> None:
+    policy = RelayPolicy()
+    assert policy.check(host, 5000) == "forbidden_peer"
+
+
+def test_forbidden_peer_is_refused_by_the_core_and_counted() -> None:
+    core, client = make_core(), Client("alice", "pw")
+    allocate(core, client)
+    for peer in (("127.0.0.1", 22), ("169.254.169.254", 80), SERVER, (SERVER[0], 22)):
+        reply = ask(core, client, client.request(Method.CREATE_PERMISSION, peers=(PEER, peer)))
+        assert error_code(reply) == 403
+    assert core.stats.refusals["forbidden_peer"] == 4
+    assert not core.by_client[CLIENT].permissions  # all or nothing: PEER was not installed
+
+
+def test_allow_list_opens_a_test_network_but_never_the_listening_port() -> None:
+    policy = RelayPolicy(allowed=("127.0.0.0/8",))
+    policy.add_own_endpoint(("127.0.0.1", 3478))
+    assert policy.check("127.0.0.2", 5000) is None
+    assert policy.check("::ffff:127.0.0.2", 5000) is None
+    assert policy.check("127.0.0.1", 3478) == "forbidden_peer"
+    assert policy.check("::ffff:127.0.0.1", 3478) == "forbidden_peer"
+    assert policy.check("127.0.0.1", 22) == "forbidden_peer"  # own address, not a relay port
+    assert policy.check("127.0.0.1", 50000) is None  # another allocation's relay
+    assert policy.check("10.0.0.1", 5000) == "forbidden_peer"
+
+
+def test_public_peers_are_allowed() -> None:
+    policy = RelayPolicy()
+    assert policy.check("203.0.113.77", 5000) is None
+    assert policy.check("2001:db8::1", 5000) is None
+
+
+def test_request_errors() -> None:
+    core, client = make_core(), Client("alice", "pw")
+    allocate(core, Client("alice", "pw"))
+    other = Client("alice", "pw")
+    src = ("203.0.113.5", 1)
+
+    def reply(data: bytes) -> int | None:
+        return error_code(other.learn(core.on_client_datagram(data, src, NOW)[0].data))
+
+    assert reply(other.request(Method.ALLOCATE)) == 401
+    assert reply(other.request(Method.ALLOCATE)) == 400  # no REQUESTED-TRANSPORT
+    tcp = [(attr.REQUESTED_TRANSPORT, attr.requested_transport(6))]
+    assert reply(other.request(Method.ALLOCATE, tcp)) == 442
+    v6 = [*other.allocate_attrs(), (attr.REQUESTED_ADDRESS_FAMILY, b"\x02\x00\x00\x00")]
+    assert reply(other.request(Method.ALLOCATE, v6)) == 440
+    dont_fragment = [*other.allocate_attrs(), (attr.DONT_FRAGMENT, b"")]
+    refused = other.learn(
+        core.on_client_datagram(other.request(Method.ALLOCATE, dont_fragment), src, NOW)[0].data
+    )
+    assert error_code(refused) == 420
+    assert attr.decode_unknown_attributes(refused.get(attr.UNKNOWN_ATTRIBUTES) or b"") == [
+        attr.DONT_FRAGMENT
+    ]
+    token = [*other.allocate_attrs(), (attr.RESERVATION_TOKEN, b"12345678")]
+    assert reply(other.request(Method.ALLOCATE, token)) == 508
+    assert reply(other.request(Method.CHANNEL_BIND)) == 437
+    assert reply(other.request(0x0FF)) == 400  # unknown method
+    assert not any(a.client == src for a in core.by_client.values())
+    del client
+
+
+def test_channel_bind_rules() -> None:
+    core, client = make_core(), Client("alice", "pw")
+    allocate(core, client)
+
+    def bind(number: int, peer: tuple[str, int]) -> int | None:
+        number_attr = [(attr.CHANNEL_NUMBER, attr.channel_number(number))]
+        request = client.request(Method.CHANNEL_BIND, number_attr, peers=(peer,))
+        return error_code(ask(core, client, request))
+
+    assert bind(0x3FFF, PEER) == 400
+    assert bind(0x4000, PEER) is None
+    assert bind(0x4000, PEER) is None  # a refresh of the same binding
+    assert bind(0x4001, PEER) == 400  # the peer is bound to another channel
+    assert bind(0x4000, ("203.0.113.78", 1)) == 400  # the channel is bound to another peer
+    assert bind(0x4002, ("10.0.0.1", 1)) == 403
+
+
+# --- bad input never raises and changes no state ----------------------------------------------
+
+
+def _snapshot(core: TurnCore) -> object:
+    return [
+        (a.client, a.relay, a.expires, dict(a.permissions), dict(a.channels))
+        for a in core.by_client.values()
+    ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.integers(0, 60))
+def test_garbage_datagrams_are_dropped_without_state_change(data: bytes, where: int) -> None:
+    core, client = make_core(), Client("alice", "pw")
+    relay = allocate(core, client)
+    before = _snapshot(core)
+    valid = client.request(Method.REFRESH)
+    mutated = bytearray(valid)
+    mutated[where % len(mutated)] ^= 0xFF
+    for datagram in (data, bytes(mutated), b"\x40" + data, valid[: where % len(valid)]):
+        out = core.on_client_datagram(datagram, CLIENT, NOW)
+        assert all(isinstance(s, Send) for s in out)
+    core.on_peer_datagram(data, relay, ("203.0.113.99", 1), NOW)
+    assert _snapshot(core) == before
+
+
+def test_long_term_key_derivation_matches_the_client() -> None:
+    assert Client("alice", "pw", realm=REALM).key == long_term_key("alice", REALM, "pw")
