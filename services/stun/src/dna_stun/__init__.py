@@ -1,3 +1,4 @@
-"""dna_stun: the STUN binding (RFC 8489) and TURN relay (RFC 8656) service to come.
+"""dna_stun: the STUN binding (RFC 8489) and TURN relay (RFC 8656) service, `dna-stun`.
 
-Today it serves nothing: ``dna-stun keygen`` mints a node key, like every service's CLI."""
+``message``/``attributes``: our codec; ``core``: the sans-I/O server; ``service``: the asyncio
+adapter and operator endpoints; ``config``: its settings. See docs/nat.md."""

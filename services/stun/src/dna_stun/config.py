@@ -1,0 +1,147 @@
+"""`dna-stun`'s configuration: TOML + ``DNA_STUN__SECTION__KEY`` variables."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated
+
+from dna_core.ops.config import ConfigModel, Port, SecretStr, Strings
+from dna_core.overlay.aio.server import LogLevel, OpsSection
+from pydantic import BeforeValidator, Field, Strict, field_validator, model_validator
+
+from dna_stun.policy import DEFAULT_DENIED
+
+__all__ = ["ENV_PREFIX", "AuthSection", "RelaySection", "StunNodeSection", "StunServiceConfig"]
+
+ENV_PREFIX = "DNA_STUN"
+SecretStrings = Annotated[tuple[SecretStr, ...], Strict(False)]
+
+
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
+class StunNodeSection(ConfigModel):
+    """Where the server listens and relays."""
+
+    host: str = "127.0.0.1"
+    """The address clients reach the STUN/TURN port at; the UDP socket binds here."""
+    udp_port: Port = 3478
+    """The STUN/TURN port (3478 is STUN's)."""
+    relay_host: str = ""
+    """The address relay sockets bind to and clients are told; unset: `host`."""
+    relay_port_min: Port = 49152
+    """Lowest relay port (RFC 8656 suggests the dynamic range 49152-65535)."""
+    relay_port_max: Port = 65535
+    """Highest relay port."""
+
+    @field_validator("host", "relay_host")
+    @classmethod
+    def _is_ip(cls, value: str) -> str:
+        if value:
+            ipaddress.ip_address(value)  # a name would be resolved by nobody: an IP only
+        return value
+
+    @model_validator(mode="after")
+    def _range(self) -> StunNodeSection:
+        if not 0 < self.relay_port_min <= self.relay_port_max:
+            raise ValueError("relay_port_min must be 1..relay_port_max")
+        return self
+
+    def relay_ip(self) -> str:
+        return self.relay_host or self.host
+
+
+class AuthSection(ConfigModel):
+    """Long-term credentials (RFC 8489 9.2): static users and/or a shared secret."""
+
+    realm: str = "dna"
+    """The realm clients hash into their key."""
+    users: SecretStrings = ()
+    """Static users, each "name:password"."""
+    auth_secret: SecretStr = SecretStr("")
+    """Time-limited credentials (coturn's use-auth-secret): a username "<expiry-unix>:<name>"
+    with password base64(HMAC-SHA1(auth_secret, username)) is valid until its expiry."""
+    previous_auth_secret: SecretStr = SecretStr("")
+    """During a rotation, the secret before `auth_secret`, still accepted."""
+    nonce_lifetime_s: float = Field(default=600.0, gt=0)
+    """Seconds a nonce stays valid; then the client gets 438 and retries."""
+
+    @field_validator("users")
+    @classmethod
+    def _users(cls, users: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for user in users:
+            name, colon, password = user.reveal().partition(":")
+            if not name or not colon or not password:
+                raise ValueError('each user is "name:password"')
+        return users
+
+    def user_passwords(self) -> dict[str, str]:
+        return dict(u.reveal().split(":", 1) for u in self.users)
+
+    def secrets(self) -> list[str]:
+        return [s.reveal() for s in (self.auth_secret, self.previous_auth_secret) if s.reveal()]
+
+
+class RelaySection(ConfigModel):
+    """Allocations: their lifetimes, quotas, bandwidth, and where they may relay to."""
+
+    default_lifetime_s: int = Field(default=600, ge=60)
+    """An allocation's lifetime unless the client asks for longer (RFC 8656: 600)."""
+    max_lifetime_s: int = Field(default=3600, ge=60)
+    """The longest lifetime granted per request (RFC 8656: 3600)."""
+    max_allocations: int = Field(default=1000, ge=1)
+    """Allocations at once in total; then 508."""
+    max_allocations_per_user: int = Field(default=10, ge=1)
+    """Allocations at once per username; then 486."""
+    max_permissions: int = Field(default=64, ge=1)
+    """Peer addresses one allocation may have permissions for."""
+    bandwidth_bytes_per_s: int = Field(default=1_000_000, ge=0)
+    """Relayed bytes per second per allocation, both directions; 0: no cap."""
+    allowed_peers: Strings = ()
+    """CIDRs relaying may reach even though they are denied by default (test networks only,
+    e.g. "127.0.0.0/8"); the server's own listening port is never allowed."""
+    denied_peers: Strings = ()
+    """CIDRs refused on top of the defaults (private, loopback, link-local, multicast, ...)."""
+
+    @field_validator("allowed_peers", "denied_peers")
+    @classmethod
+    def _cidrs(cls, cidrs: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in cidrs:
+            ipaddress.ip_network(cidr, strict=False)
+        return cidrs
+
+    @model_validator(mode="after")
+    def _lifetimes(self) -> RelaySection:
+        if self.default_lifetime_s > self.max_lifetime_s:
+            raise ValueError("default_lifetime_s must not exceed max_lifetime_s")
+        return self
+
+    def denied(self) -> tuple[str, ...]:
+        return DEFAULT_DENIED + self.denied_peers
+
+
+class StunServiceConfig(ConfigModel):
+    """A STUN/TURN node's configuration."""
+
+    node: StunNodeSection = StunNodeSection()
+    auth: AuthSection = AuthSection()
+    relay: RelaySection = RelaySection()
+    ops: OpsSection = OpsSection()
+    log_level: Annotated[LogLevel, BeforeValidator(_lower)] = "info"
+    """Log lines below this level are dropped (any case: "INFO" is "info")."""
+
+
+def config_warnings(config: StunServiceConfig) -> list[str]:
+    """Settings that work but are most likely a mistake on a public node."""
+    warnings = []
+    if not config.auth.users and not config.auth.secrets():
+        warnings.append("no [auth] users or auth_secret: every TURN request will be refused")
+    if config.relay.allowed_peers:
+        warnings.append(
+            f"[relay] allowed_peers opens {', '.join(config.relay.allowed_peers)} to relaying: "
+            "for test networks only"
+        )
+    if ipaddress.ip_address(config.node.host).is_loopback and not config.relay.allowed_peers:
+        warnings.append(f"node.host is {config.node.host}: other machines cannot reach it")
+    return warnings

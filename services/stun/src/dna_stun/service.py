@@ -1,0 +1,350 @@
+"""The STUN/TURN node as a service: the core (`dna_stun.core`) behind non-blocking UDP sockets
+on the event loop, the operator HTTP endpoints, and upkeep.
+
+The adapter is thin on purpose: each readable socket is drained (up to a batch, so one busy
+socket cannot starve the others), each datagram goes through the core with the wall-clock
+time, and the core's ``Send`` instructions go out on the listening socket or the named relay
+socket. Relay sockets are plain sockets registered with ``loop.add_reader``: binding one is
+synchronous, so the core learns the relay address in the same call that answers the Allocate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import random
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from dna_core import __version__
+from dna_core.ops.config import dump_config
+from dna_core.ops.http import HttpLimits, OpsServer, build_ops_app
+from dna_core.ops.logs import node_logger
+from prometheus_client import CollectorRegistry, Gauge, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from dna_stun import attributes as attr
+from dna_stun.auth import Credentials, Nonces
+from dna_stun.config import StunServiceConfig, config_warnings
+from dna_stun.core import Addr, Limits, Send, TurnCore
+from dna_stun.policy import RelayPolicy
+
+__all__ = ["StunServer"]
+
+BATCH = 256  # datagrams read from one socket before the loop serves the others
+UPKEEP_INTERVAL_S = 5.0
+BIND_TRIES = 64  # random ports tried before a relay is refused (508)
+SOCKET_BUFFER = 1 << 21
+
+
+def _udp_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _drain(sock: socket.socket) -> Iterator[tuple[bytes, Any]]:
+    for _ in range(BATCH):
+        try:
+            yield sock.recvfrom(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # ICMP errors surface here (port unreachable): not ours to act on
+            continue
+
+
+class RelaySockets:
+    """``RelayPorts`` with real sockets: one non-blocking UDP socket per allocation."""
+
+    def __init__(
+        self,
+        host: str,
+        port_range: tuple[int, int],
+        loop: asyncio.AbstractEventLoop,
+        on_datagram: Callable[[bytes, Addr, Addr], None],
+    ) -> None:
+        self.host, self.port_range, self.loop = host, port_range, loop
+        self.on_datagram = on_datagram
+        self.sockets: dict[Addr, socket.socket] = {}
+
+    def open(self, even: bool) -> Addr | None:
+        low, high = self.port_range
+        for _ in range(BIND_TRIES):
+            port = random.randint(low, high)
+            if even and port % 2:
+                port = port - 1 if port > low else port + 1
+            if not low <= port <= high:
+                continue
+            try:
+                sock = _udp_socket(self.host, port)
+            except OSError:
+                continue  # taken: try another
+            relay = (self.host, port)
+            self.sockets[relay] = sock
+            self.loop.add_reader(sock.fileno(), self._readable, sock, relay)
+            return relay
+        return None
+
+    def close(self, relay: Addr) -> None:
+        sock = self.sockets.pop(relay, None)
+        if sock is not None:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+
+    def sendto(self, relay: Addr, data: bytes, to: Addr) -> bool:
+        sock = self.sockets.get(relay)
+        if sock is None:
+            return False
+        try:
+            sock.sendto(data, to)
+        except OSError:  # a full buffer or an unreachable peer: UDP may drop
+            return False
+        return True
+
+    def _readable(self, sock: socket.socket, relay: Addr) -> None:
+        for data, peer in _drain(sock):
+            self.on_datagram(data, relay, (peer[0], peer[1]))
+
+    def close_all(self) -> None:
+        for relay in list(self.sockets):
+            self.close(relay)
+
+
+class _StatsCollector(Collector):
+    """The core's plain counters as Prometheus series, read at scrape time (no per-packet
+    metric calls on the hot path)."""
+
+    def __init__(self, core: Callable[[], TurnCore | None]) -> None:
+        self._core = core
+
+    def collect(self) -> Iterator[Any]:
+        core = self._core()
+        if core is None:
+            return
+        stats = core.stats
+        yield GaugeMetricFamily(
+            "dna_stun_allocations", "TURN allocations held", len(core.by_client)
+        )
+        yield CounterMetricFamily(
+            "dna_stun_allocations_created", "TURN allocations granted", stats.allocations_created
+        )
+        for name, help_text, label, counts in (
+            ("dna_stun_relayed_packets", "Datagrams relayed, by direction", "direction",
+             stats.relayed_packets),
+            ("dna_stun_relayed_bytes", "Payload bytes relayed, by direction", "direction",
+             stats.relayed_bytes),
+            ("dna_stun_auth_failures", "Requests whose credentials failed, by reason", "reason",
+             stats.auth_failures),
+            ("dna_stun_refusals", "Datagrams refused or dropped, by reason", "reason",
+             stats.refusals),
+            ("dna_stun_requests", "STUN/TURN requests, by method", "method", stats.requests),
+        ):  # fmt: skip
+            family = CounterMetricFamily(name, help_text, labels=[label])
+            for key, value in sorted(counts.items()):
+                family.add_metric([key], value)
+            yield family
+
+
+class StunServer:
+    def __init__(self, config: StunServiceConfig) -> None:
+        self.config = config
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        Gauge(
+            "dna_build_info", "Always 1: the running version and role", ["version", "role"],
+            registry=self.registry,
+        ).labels(version=__version__, role="stun").set(1)  # fmt: skip
+        Gauge("dna_ready", "1 while /readyz answers 200, else 0", registry=self.registry
+              ).set_function(lambda: 1.0 if self._readiness()[0] else 0.0)  # fmt: skip
+        self.core: TurnCore | None = None
+        self.registry.register(_StatsCollector(lambda: self.core))
+        self.warnings = config_warnings(config)
+        self.log = node_logger("dna.stun", role="stun")
+        self.started_at = time.time()
+        self.ready = False
+        self._stopping = False
+        self._sock: socket.socket | None = None
+        self._relays: RelaySockets | None = None
+        self._ops: OpsServer | None = None
+        self._upkeep: asyncio.Task[None] | None = None
+        self.udp_addr: Addr | None = None
+
+    @property
+    def http_port(self) -> int:
+        return self._ops.port if self._ops is not None else 0
+
+    def _make_core(self, loop: asyncio.AbstractEventLoop) -> TurnCore:
+        cfg = self.config
+        relay_ip = cfg.node.relay_ip()
+        self._relays = RelaySockets(
+            relay_ip, (cfg.node.relay_port_min, cfg.node.relay_port_max), loop, self._from_peer
+        )
+        policy = RelayPolicy(
+            denied=cfg.relay.denied(),
+            allowed=cfg.relay.allowed_peers,
+            relay_ports=(cfg.node.relay_port_min, cfg.node.relay_port_max),
+        )
+        policy.add_own_endpoint((cfg.node.host, cfg.node.udp_port))
+        policy.own_ips.add(str(ipaddress.ip_address(relay_ip)))
+        return TurnCore(
+            credentials=Credentials(cfg.auth.realm, cfg.auth.user_passwords(), cfg.auth.secrets()),
+            nonces=Nonces(cfg.auth.nonce_lifetime_s),
+            policy=policy,
+            ports=self._relays,
+            limits=Limits(
+                default_lifetime=cfg.relay.default_lifetime_s,
+                max_lifetime=cfg.relay.max_lifetime_s,
+                max_allocations=cfg.relay.max_allocations,
+                max_allocations_per_user=cfg.relay.max_allocations_per_user,
+                max_permissions=cfg.relay.max_permissions,
+                bandwidth_bytes_per_s=cfg.relay.bandwidth_bytes_per_s,
+            ),
+            relay_family=attr.FAMILY_IPV6 if ":" in relay_ip else attr.FAMILY_IPV4,
+        )
+
+    async def start(self) -> None:
+        """Bind UDP then HTTP; on failure close what was opened and raise naming the address."""
+        cfg, loop = self.config, asyncio.get_running_loop()
+        for warning in self.warnings:
+            self.log.warning(warning)
+        self.core = self._make_core(loop)
+        try:
+            try:
+                self._sock = _udp_socket(cfg.node.host, cfg.node.udp_port)
+            except OSError as exc:
+                where = f"UDP {cfg.node.host}:{cfg.node.udp_port}"
+                raise OSError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+            self.udp_addr = self._sock.getsockname()[:2]
+            if cfg.node.udp_port == 0:  # a test's ephemeral port: refuse relaying to it too
+                self.core.policy.add_own_endpoint(self.udp_addr)
+            loop.add_reader(self._sock.fileno(), self._readable)
+            self._ops = OpsServer(self._ops_app(), log=self.log, limits=HttpLimits())
+            try:
+                await self._ops.start(cfg.ops.http_host, cfg.ops.http_port)
+            except OSError as exc:
+                where = f"HTTP {cfg.ops.http_host}:{cfg.ops.http_port}"
+                raise OSError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+        except BaseException:
+            await self._close()
+            raise
+        self._upkeep = asyncio.create_task(self._expire_forever())
+        self.ready = True
+        self.log.info("started", extra={"status": self.status()})
+
+    # --- datagrams ---------------------------------------------------------------------------
+
+    def _readable(self) -> None:
+        assert self._sock is not None and self.core is not None
+        core, now = self.core, time.time()
+        for data, addr in _drain(self._sock):
+            try:
+                out = core.on_client_datagram(data, (addr[0], addr[1]), now)
+            except Exception:  # a bug must cost one datagram, not the server
+                self._internal_error()
+                continue
+            self._send(out)
+
+    def _from_peer(self, data: bytes, relay: Addr, peer: Addr) -> None:
+        assert self.core is not None
+        try:
+            out = self.core.on_peer_datagram(data, relay, peer, time.time())
+        except Exception:
+            self._internal_error()
+            return
+        self._send(out)
+
+    def _send(self, out: list[Send]) -> None:
+        sock, relays = self._sock, self._relays
+        assert sock is not None and relays is not None
+        for via, data, to in out:
+            if via is None:
+                with contextlib.suppress(OSError):  # a full buffer: UDP drops, so do we
+                    sock.sendto(data, to)
+            else:
+                relays.sendto(via, data, to)
+
+    def _internal_error(self) -> None:
+        self.log.exception("datagram handling failed")
+        if self.core is not None:
+            self.core.stats.refusals["internal_error"] += 1
+
+    async def _expire_forever(self) -> None:
+        while True:
+            await asyncio.sleep(UPKEEP_INTERVAL_S)
+            if self.core is not None:
+                self.core.expire(time.time())
+
+    # --- ops ---------------------------------------------------------------------------------
+
+    def _ops_app(self) -> Any:
+        return build_ops_app(
+            health=lambda: not self._stopping,
+            ready=self._readiness,
+            status=self.status,
+            registry=self.registry,
+            log=self.log,
+        )
+
+    def _readiness(self) -> tuple[bool, str]:
+        if self._stopping:
+            return False, "shutting down"
+        if not self.ready:
+            return False, "starting"
+        held = len(self.core.by_client) if self.core is not None else 0
+        return True, f"{held} allocations"
+
+    def status(self) -> dict[str, Any]:
+        core = self.core
+        info: dict[str, Any] = {
+            "version": __version__,
+            "role": "stun",
+            "ready": self.ready,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "config": dump_config(self.config),
+        }
+        if self.udp_addr is not None:
+            info["udp"] = f"{self.udp_addr[0]}:{self.udp_addr[1]}"
+            info["http"] = f"{self.config.ops.http_host}:{self.http_port}"
+        if core is not None:
+            info["allocations"] = len(core.by_client)
+            info["refusals"] = dict(core.stats.refusals)
+        return info
+
+    # --- stopping ----------------------------------------------------------------------------
+
+    async def _close(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.core is not None:
+            self.core.close_all()  # closes every relay socket through RelaySockets.close
+        if self._relays is not None:
+            self._relays.close_all()
+        if self._sock is not None:
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+        if self._ops is not None:
+            await self._ops.stop()
+
+    async def stop(self) -> None:
+        """Fail readiness, stop upkeep, then drop allocations and close every socket."""
+        self._stopping = True
+        if self._upkeep is not None:
+            self._upkeep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._upkeep
+        held = len(self.core.by_client) if self.core is not None else 0
+        await self._close()
+        self.log.info("stopped", extra={"allocations_dropped": held})

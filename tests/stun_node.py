@@ -1,0 +1,87 @@
+"""A `dna-stun` process for tests: its TOML file, start, readiness, metrics, SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+BIN = Path(sys.executable).parent
+
+
+def free_port(host: str, kind: int = socket.SOCK_DGRAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class StunNode:
+    proc: subprocess.Popen[bytes]
+    udp: tuple[str, int]
+    http: str
+    log: Path
+
+    def metric(self, name: str, **labels: str) -> float:
+        text = httpx.get(f"{self.http}/metrics", timeout=5).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    return float(sample.value)
+        return 0.0
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+def stun_toml(host: str, udp_port: int, http_port: int, extra_relay: str = "") -> str:
+    return (
+        f'log_level = "info"\n[node]\nhost = "{host}"\nudp_port = {udp_port}\n'
+        f'[auth]\nrealm = "test"\nusers = ["u:p"]\nauth_secret = "shared"\n'
+        f'[relay]\nallowed_peers = ["127.0.0.0/8"]\n{extra_relay}'
+        f'[ops]\nhttp_host = "{host}"\nhttp_port = {http_port}\n'
+    )
+
+
+@contextlib.contextmanager
+def stun_node(root: Path, host: str = "127.0.0.1", extra_relay: str = "") -> Iterator[StunNode]:
+    udp_port, http_port = free_port(host), free_port(host, socket.SOCK_STREAM)
+    config, log = root / "stun.toml", root / "stun.log"
+    config.write_text(stun_toml(host, udp_port, http_port, extra_relay))
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "dna-stun"), "run", "--config", str(config)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={k: v for k, v in os.environ.items() if not k.startswith("DNA_")},
+        )  # fmt: skip
+    node = StunNode(proc, (host, udp_port), f"http://{host}:{http_port}", log)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"dna-stun exited:\n{log.read_text()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{node.http}/readyz", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"dna-stun not ready:\n{log.read_text()}")
+            time.sleep(0.1)
+        yield node
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
