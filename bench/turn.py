@@ -13,10 +13,12 @@ for ``--seconds``:
 * ``down``: plain UDP from the peer to the relay address, relayed to the client as ChannelData.
 
 Payloads of 120 bytes (a chat message's ciphertext) and 1,200 bytes (a datagram near the safe
-MTU). Contenders alternate within each round; the figure is the median round. A window that
+MTU). Contenders alternate within each figure of each round (``SLICES`` turns each, so both
+see the same noise of a shared machine); the figure is the median round. A window that
 stalls for ``STALL_S`` counts its datagrams as lost and goes on. ``cpu_us_per_packet`` is the
-server process's CPU (user + system) per relayed packet. ``ratio`` = ours / coturn (the goal:
-at least 0.5). Bounded: under a minute with the defaults.
+server process's CPU (user + system) per relayed packet, also printed as a figure of its own
+(``.cpu``, packets per CPU-second): on a loaded machine it moves far less than packets/s.
+``ratio`` = ours / coturn (the goal: at least 0.5). Bounded: under a minute with the defaults.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ HOST, PEER_HOST = "127.0.0.1", "127.0.0.2"
 USER, PASSWORD, REALM = "u", "p", "test"
 WINDOW = 64  # datagrams in flight: enough to keep a server busy, few enough not to overrun it
 STALL_S = 0.2
+QUIET_S = 0.02
+SLICES = 5  # per figure and round, contenders alternate this often (the machine is noisy)
 CHANNEL = 0x4000
 SIZES = (120, 1200)
 DIRECTIONS = ("up", "down")
@@ -246,8 +250,9 @@ def _windowed(
             continue
         delivered += got
     elapsed = time.perf_counter() - started
-    time.sleep(STALL_S)  # what is still in flight arrives and is thrown away
-    _drain(recv, 1 << 20)
+    # What is still in flight arrives and is thrown away, so the next slice starts empty.
+    while select.select([receiver], [], [], QUIET_S)[0]:
+        _drain(recv, 1 << 20)
     return delivered, lost, elapsed
 
 
@@ -273,18 +278,42 @@ class Sample:
     cpu_us_per_packet: float | None
 
 
-def measure(
-    server: Server, session: TurnSession, direction: str, size: int, seconds: float
-) -> Sample:
-    cpu_before = server.cpu_s()
-    delivered, lost, elapsed = session.flow(direction, size, seconds)
-    cpu = server.cpu_s() - cpu_before
-    return Sample(
-        pps=delivered / elapsed,
-        mib_per_s=delivered * size / elapsed / (1 << 20),
-        lost=lost,
-        cpu_us_per_packet=cpu / delivered * 1e6 if delivered else None,
-    )
+@dataclass
+class Tally:
+    delivered: int = 0
+    lost: int = 0
+    elapsed: float = 0.0
+    cpu: float = 0.0
+
+    def add(self, server: Server, session: TurnSession, direction: str, size: int,
+            seconds: float) -> None:  # fmt: skip
+        cpu_before = server.cpu_s()
+        delivered, lost, elapsed = session.flow(direction, size, seconds)
+        self.cpu += server.cpu_s() - cpu_before
+        self.delivered, self.lost = self.delivered + delivered, self.lost + lost
+        self.elapsed += elapsed
+
+    def sample(self, size: int) -> Sample:
+        return Sample(
+            pps=self.delivered / self.elapsed,
+            mib_per_s=self.delivered * size / self.elapsed / (1 << 20),
+            lost=self.lost,
+            cpu_us_per_packet=self.cpu / self.delivered * 1e6 if self.delivered else None,
+        )
+
+
+def measure_figure(
+    running: list[Server], sessions: dict[str, TurnSession], direction: str, size: int,
+    seconds: float,
+) -> dict[str, Sample]:  # fmt: skip
+    """One round of one figure: the contenders take turns in ``SLICES`` slices."""
+    tallies = {server.name: Tally() for server in running}
+    for _ in range(SLICES):
+        for server in running:
+            tallies[server.name].add(
+                server, sessions[server.name], direction, size, seconds / SLICES
+            )
+    return {name: tally.sample(size) for name, tally in tallies.items()}
 
 
 def _median(samples: Sequence[Sample]) -> dict[str, Any]:
@@ -324,13 +353,12 @@ def run(rounds: int, seconds: float) -> int:
         for server in running:  # warm up: first packets, caches, the allocation's state
             sessions[server.name].flow("up", 120, min(0.3, seconds))
         results: dict[tuple[str, str, int], list[Sample]] = {}
-        per_round = len(running) * len(DIRECTIONS) * len(SIZES) * (seconds + STALL_S)
-        for _ in timed_rounds(rounds, budget, reserve_s=per_round):
+        for _ in timed_rounds(rounds, budget, reserve_s=2.0):
             for direction in DIRECTIONS:
                 for size in SIZES:
-                    for server in running:
-                        sample = measure(server, sessions[server.name], direction, size, seconds)
-                        results.setdefault((server.name, direction, size), []).append(sample)
+                    figure = measure_figure(running, sessions, direction, size, seconds)
+                    for name, sample in figure.items():
+                        results.setdefault((name, direction, size), []).append(sample)
         for session in sessions.values():
             session.close()
     return _report(results, rounds, seconds)
@@ -355,13 +383,21 @@ def _report(results: dict[tuple[str, str, int], list[Sample]], rounds: int, seco
             report(f"turn.relay.{direction}.{size}.throughput", "MiB/s", ours["mib_per_s"],
                    {"coturn": theirs["mib_per_s"]}, n, {"direction": direction,
                    "payload_bytes": size})  # fmt: skip
+            if ours["cpu_us_per_packet"] and theirs["cpu_us_per_packet"]:
+                # The server's own CPU per packet: what a busy machine's noise moves least.
+                per_cpu_s = {"coturn": 1e6 / theirs["cpu_us_per_packet"]}
+                report(f"turn.relay.{direction}.{size}.cpu", "packets/cpu-s",
+                       1e6 / ours["cpu_us_per_packet"], per_cpu_s, n,
+                       {"direction": direction, "payload_bytes": size})  # fmt: skip
     return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = arg_parser(__doc__.splitlines()[0] if __doc__ else "bench.turn")
-    parser.add_argument("--seconds", type=float, default=None,
-                        help="seconds of sending per figure and round (default 1.0, --quick 0.2)")  # fmt: skip
+    parser.add_argument(
+        "--seconds", type=float, default=None,
+        help="seconds of sending per contender, figure and round (default 1.0, --quick 0.2)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     seconds = args.seconds if args.seconds is not None else (0.2 if args.quick else 1.0)
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
