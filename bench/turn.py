@@ -115,7 +115,7 @@ def start_ours(root: Path) -> Server:
     port = free_port()
     config = root / "stun.toml"
     config.write_text(
-        f'log_level = "warning"\n[node]\nhost = "{HOST}"\nudp_port = {port}\n'
+        f'log_level = "warning"\n[server]\nhost = "{HOST}"\nudp_port = {port}\n'
         f'[auth]\nrealm = "{REALM}"\nusers = ["{USER}:{PASSWORD}"]\n'
         f'[relay]\nallowed_peers = ["127.0.0.0/8"]\nbandwidth_bytes_per_s = 0\n'
         f'[ops]\nhttp_host = "{HOST}"\nhttp_port = {free_port()}\n'

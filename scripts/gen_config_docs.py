@@ -21,11 +21,14 @@ from dna_core.ops.config_reference import SCHEMA_DIR, Role, config_reference, co
 from dna_core.overlay.aio.server import OverlayServiceConfig
 from dna_storage.cli import ENV_PREFIX as STORAGE_ENV
 from dna_storage.node import StorageNodeConfig
+from dna_stun.config import ENV_PREFIX as STUN_ENV
+from dna_stun.config import StunServiceConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 ROLES = (
     Role("bootstrap", "dna-bootstrap", OverlayServiceConfig, BOOTSTRAP_ENV),
     Role("storage", "dna-storage-node", StorageNodeConfig, STORAGE_ENV),
+    Role("stun", "dna-stun", StunServiceConfig, STUN_ENV),
 )
 REFERENCE = Path("docs/configuration.md")
 

@@ -50,7 +50,7 @@ class StunNode:
 
 def stun_toml(host: str, udp_port: int, http_port: int, extra_relay: str = "") -> str:
     return (
-        f'log_level = "info"\n[node]\nhost = "{host}"\nudp_port = {udp_port}\n'
+        f'log_level = "info"\n[server]\nhost = "{host}"\nudp_port = {udp_port}\n'
         f'[auth]\nrealm = "test"\nusers = ["u:p"]\nauth_secret = "shared"\n'
         f'[relay]\nallowed_peers = ["127.0.0.0/8"]\n{extra_relay}'
         f'[ops]\nhttp_host = "{host}"\nhttp_port = {http_port}\n'

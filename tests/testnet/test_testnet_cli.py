@@ -55,13 +55,20 @@ def _check_status(cwd: Path) -> None:
     """`status` of a running testnet: a table (bare columns in a pipe) and JSON."""
     status = run("status", cwd=cwd)
     rows = [line.split() for line in status.stdout.splitlines()[1:]]
-    assert len(rows) == 9 and status.stdout.split()[:4] == ["node", "role", "udp", "pid"]
-    assert all(r[4] == "yes" and int(r[5]) > 0 for r in rows), status.stdout
+    assert len(rows) == 10 and status.stdout.split()[:4] == ["node", "role", "udp", "pid"]
+    members = [r for r in rows if r[1] != "stun"]
+    assert all(r[4] == "yes" and int(r[5]) > 0 for r in members), status.stdout
+    assert [[*r[:3], r[4]] for r in rows if r[1] == "stun"] == [
+        ["stun1", "stun", "127.0.0.11:3478", "yes"]
+    ], status.stdout
     nodes = json.loads(run("status", "--json", cwd=cwd).stdout)
     assert [n["role"] for n in nodes].count("bootstrap") == 3
     assert [n["role"] for n in nodes].count("storage") == 6
-    assert all(n["ready"] and n["contacts"] > 0 and n["pid"] > 0 for n in nodes), nodes
+    overlay = [n for n in nodes if n["role"] != "stun"]
+    assert all(n["ready"] and n["contacts"] > 0 and n["pid"] > 0 for n in overlay), nodes
     assert all(("blobs" in n) == (n["role"] == "storage") for n in nodes)
+    [relay] = [n for n in nodes if n["role"] == "stun"]
+    assert relay["ready"] and relay["pid"] > 0 and relay["allocations"] == 0, relay
 
 
 def test_up_status_twice_and_down_finds_every_node(tmp_path: Path) -> None:
@@ -94,7 +101,7 @@ def test_up_status_twice_and_down_finds_every_node(tmp_path: Path) -> None:
     finally:
         down = run("down", cwd=tmp_path)
     assert down.returncode == 0, down.stderr
-    assert "stopped 9 nodes" in down.stdout, down.stdout
+    assert "stopped 10 nodes" in down.stdout, down.stdout
     assert f"storage1 (pid {hand_started.pid})" in down.stdout, down.stdout
     assert hand_started.wait(20) == 0  # stopped by down, cleanly
     assert not any(_alive(pid) for pid in pids.values())
@@ -117,4 +124,4 @@ def test_tables_are_coloured_only_on_a_terminal_without_no_color(tmp_path: Path)
     plain = _on_a_terminal(*args, env={"NO_COLOR": "1"})
     assert "\x1b[3" not in plain and "down" in plain  # no colour (bold headers may stay)
     piped = run(*args, cwd=tmp_path).stdout
-    assert "\x1b" not in piped and "─" not in piped and len(piped.splitlines()) == 10
+    assert "\x1b" not in piped and "─" not in piped and len(piped.splitlines()) == 11

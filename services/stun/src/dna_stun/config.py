@@ -5,13 +5,13 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated
 
-from dna_core.ops.config import ConfigModel, Port, SecretStr, Strings
+from dna_core.ops.config import ConfigModel, Port, Secret, SecretStr, Strings
 from dna_core.overlay.aio.server import LogLevel, OpsSection
 from pydantic import BeforeValidator, Field, Strict, field_validator, model_validator
 
 from dna_stun.policy import DEFAULT_DENIED
 
-__all__ = ["ENV_PREFIX", "AuthSection", "RelaySection", "StunNodeSection", "StunServiceConfig"]
+__all__ = ["ENV_PREFIX", "AuthSection", "RelaySection", "ServerSection", "StunServiceConfig"]
 
 ENV_PREFIX = "DNA_STUN"
 SecretStrings = Annotated[tuple[SecretStr, ...], Strict(False)]
@@ -21,7 +21,7 @@ def _lower(value: object) -> object:
     return value.lower() if isinstance(value, str) else value
 
 
-class StunNodeSection(ConfigModel):
+class ServerSection(ConfigModel):
     """Where the server listens and relays."""
 
     host: str = "127.0.0.1"
@@ -43,7 +43,7 @@ class StunNodeSection(ConfigModel):
         return value
 
     @model_validator(mode="after")
-    def _range(self) -> StunNodeSection:
+    def _range(self) -> ServerSection:
         if not 0 < self.relay_port_min <= self.relay_port_max:
             raise ValueError("relay_port_min must be 1..relay_port_max")
         return self
@@ -57,7 +57,7 @@ class AuthSection(ConfigModel):
 
     realm: str = "dna"
     """The realm clients hash into their key."""
-    users: SecretStrings = ()
+    users: Annotated[SecretStrings, Secret()] = ()
     """Static users, each "name:password"."""
     auth_secret: SecretStr = SecretStr("")
     """Time-limited credentials (coturn's use-auth-secret): a username "<expiry-unix>:<name>"
@@ -124,7 +124,7 @@ class RelaySection(ConfigModel):
 class StunServiceConfig(ConfigModel):
     """A STUN/TURN node's configuration."""
 
-    node: StunNodeSection = StunNodeSection()
+    server: ServerSection = ServerSection()
     auth: AuthSection = AuthSection()
     relay: RelaySection = RelaySection()
     ops: OpsSection = OpsSection()
@@ -142,6 +142,6 @@ def config_warnings(config: StunServiceConfig) -> list[str]:
             f"[relay] allowed_peers opens {', '.join(config.relay.allowed_peers)} to relaying: "
             "for test networks only"
         )
-    if ipaddress.ip_address(config.node.host).is_loopback and not config.relay.allowed_peers:
-        warnings.append(f"node.host is {config.node.host}: other machines cannot reach it")
+    if ipaddress.ip_address(config.server.host).is_loopback and not config.relay.allowed_peers:
+        warnings.append(f"server.host is {config.server.host}: other machines cannot reach it")
     return warnings

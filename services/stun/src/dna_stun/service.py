@@ -188,16 +188,16 @@ class StunServer:
 
     def _make_core(self, loop: asyncio.AbstractEventLoop) -> TurnCore:
         cfg = self.config
-        relay_ip = cfg.node.relay_ip()
+        relay_ip = cfg.server.relay_ip()
         self._relays = RelaySockets(
-            relay_ip, (cfg.node.relay_port_min, cfg.node.relay_port_max), loop, self._from_peer
+            relay_ip, (cfg.server.relay_port_min, cfg.server.relay_port_max), loop, self._from_peer
         )
         policy = RelayPolicy(
             denied=cfg.relay.denied(),
             allowed=cfg.relay.allowed_peers,
-            relay_ports=(cfg.node.relay_port_min, cfg.node.relay_port_max),
+            relay_ports=(cfg.server.relay_port_min, cfg.server.relay_port_max),
         )
-        policy.add_own_endpoint((cfg.node.host, cfg.node.udp_port))
+        policy.add_own_endpoint((cfg.server.host, cfg.server.udp_port))
         policy.own_ips.add(str(ipaddress.ip_address(relay_ip)))
         return TurnCore(
             credentials=Credentials(cfg.auth.realm, cfg.auth.user_passwords(), cfg.auth.secrets()),
@@ -223,12 +223,12 @@ class StunServer:
         self.core = self._make_core(loop)
         try:
             try:
-                self._sock = _udp_socket(cfg.node.host, cfg.node.udp_port)
+                self._sock = _udp_socket(cfg.server.host, cfg.server.udp_port)
             except OSError as exc:
-                where = f"UDP {cfg.node.host}:{cfg.node.udp_port}"
+                where = f"UDP {cfg.server.host}:{cfg.server.udp_port}"
                 raise OSError(f"cannot listen on {where}: {exc.strerror or exc}") from None
             self.udp_addr = self._sock.getsockname()[:2]
-            if cfg.node.udp_port == 0:  # a test's ephemeral port: refuse relaying to it too
+            if cfg.server.udp_port == 0:  # a test's ephemeral port: refuse relaying to it too
                 self.core.policy.add_own_endpoint(self.udp_addr)
             loop.add_reader(self._sock.fileno(), self._readable)
             self._ops = OpsServer(self._ops_app(), log=self.log, limits=HttpLimits())

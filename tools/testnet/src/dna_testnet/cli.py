@@ -1,7 +1,7 @@
 """`dna-testnet`: a local DNA network of real processes on 127.0.0.x.
 
-up       start 3 bootstrap and 6 storage nodes (state in --dir, default .dna-testnet);
-         refused while they already run
+up       start 3 bootstrap and 6 storage nodes and a STUN/TURN relay (state in --dir,
+         default .dna-testnet); refused while they already run
 status   one line per node: role, address, PID, health, routing table, records, blobs
 down     stop every node of --dir (also ones restarted by hand), saying which
 demo     up, the store-and-forward flow, down (in a temporary directory)
@@ -20,6 +20,7 @@ from dna_peer.terminal import console, quiet_broken_pipe, table
 
 from dna_testnet.demo import run_demo
 from dna_testnet.network import LocalNode, Testnet
+from dna_testnet.topology import TESTNET
 
 EXAMPLES = """examples:
   dna-testnet up                 start the network (about 5 s)
@@ -38,12 +39,16 @@ def _stored_blobs(node: LocalNode) -> int | None:
 
 
 def _node_row(node: LocalNode, pid: int | None) -> dict[str, Any]:
-    row: dict[str, Any] = {"node": node.name, "role": node.role, "udp": f"{node.ip}:7400",
+    ip, port = node.udp
+    row: dict[str, Any] = {"node": node.name, "role": node.role, "udp": f"{ip}:{port}",
                            "pid": pid, "up": False, "ready": False}  # fmt: skip
     try:
         info = node.status()
-        row.update(up=True, ready=node.is_ready(), contacts=info["routing_table_size"],
-                   records=info["records"])  # fmt: skip
+        row.update(up=True, ready=node.is_ready())
+        if node.role == "stun":  # a relay is no overlay member: its allocations instead
+            row["allocations"] = info["allocations"]
+            return row
+        row.update(contacts=info["routing_table_size"], records=info["records"])
         if node.role == "storage":
             row["blobs"] = _stored_blobs(node)
     except httpx.HTTPError:
@@ -53,7 +58,7 @@ def _node_row(node: LocalNode, pid: int | None) -> dict[str, Any]:
 
 def _status(net: Testnet, as_json: bool) -> None:
     pids = net.running()
-    rows = [_node_row(node, pids.get(node.name)) for node in net.nodes]
+    rows = [_node_row(node, pids.get(node.name)) for node in net.members]
     if as_json:
         print(json.dumps(rows))
         return
@@ -68,7 +73,7 @@ def _status(net: Testnet, as_json: bool) -> None:
         ready = "[green]yes[/green]" if r["ready"] else "[yellow]no[/yellow]"
         blobs = r.get("blobs")
         grid.add_row(r["node"], r["role"], r["udp"], str(r["pid"] or "?"), ready,
-                     str(r["contacts"]), str(r["records"]),
+                     str(r.get("contacts", "-")), str(r.get("records", "-")),
                      "-" if blobs is None else str(blobs))  # fmt: skip
     out.print(grid)
 
@@ -126,7 +131,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "demo":
         run_demo()
         return
-    net = Testnet(args.dir.resolve())
+    net = Testnet(args.dir.resolve(), stun=len(TESTNET.relays))
     if args.command == "up":
         net.up()
         _status(net, args.json)

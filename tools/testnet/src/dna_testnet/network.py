@@ -22,8 +22,10 @@ import httpx
 from dna_peer.network import join_overlay as client_node
 
 from dna_testnet.topology import (
+    COMMANDS,
     GRPC_PORT,
     HTTP_PORT,
+    STUN_PORT,
     TESTNET_ADMISSION,
     TESTNET_CONNECTIONS,
     TESTNET_RECORDS,
@@ -33,6 +35,7 @@ from dna_testnet.topology import (
     Role,
     make_topology,
     node_toml,
+    stun_toml,
 )
 
 __all__ = [
@@ -70,11 +73,11 @@ class LocalNode:
 
     @property
     def role(self) -> Role:
-        return "storage" if self.command == "dna-storage-node" else "bootstrap"
+        return next(role for role, command in COMMANDS.items() if command == self.command)
 
     @property
     def udp(self) -> tuple[str, int]:
-        return (self.ip, UDP_PORT)
+        return (self.ip, STUN_PORT if self.role == "stun" else UDP_PORT)
 
     @property
     def config_path(self) -> Path:
@@ -85,6 +88,10 @@ class LocalNode:
         return self.root / f"{self.name}.log"
 
     def write_config(self) -> None:
+        if self.role == "stun":  # the testnet's peers live on loopback addresses
+            text = stun_toml(self.ip, http_host=self.ip, allowed_peers=["127.0.0.0/8"])
+            self.config_path.write_text(text)
+            return
         spec = NodeSpec(self.name, self.role)
         paths = NodePaths(
             key_file=str(self.root / f"{self.name}.key"),
@@ -176,10 +183,12 @@ class Testnet:
 
     __test__ = False  # not a pytest test class despite the name
 
-    def __init__(self, root: Path, *, bootstraps: int = 3, storage: int = 6, first: int = 2):
+    def __init__(
+        self, root: Path, *, bootstraps: int = 3, storage: int = 6, stun: int = 0, first: int = 2
+    ):
         self.root = root
-        topology = make_topology(bootstraps, storage)
-        ips = [f"127.0.0.{first + i}" for i in range(len(topology.nodes))]
+        topology = make_topology(bootstraps, storage, stun=stun)
+        ips = [f"127.0.0.{first + i}" for i in range(len(topology.nodes) + len(topology.relays))]
         seeds = [f"{ip}:{UDP_PORT}" for ip in ips[:bootstraps]]
         self.nodes = [
             LocalNode(
@@ -190,8 +199,18 @@ class Testnet:
                 command=spec.command,
                 extra_toml=TESTNET_ADMISSION if spec.role == "storage" else "",
             )
-            for spec, ip in zip(topology.nodes, ips, strict=True)
+            for spec, ip in zip(topology.nodes, ips, strict=False)
         ]
+        # STUN/TURN relays, on the addresses after the overlay nodes.
+        self.relays = [
+            LocalNode(spec.name, ip, root, [], command=spec.command)
+            for spec, ip in zip(topology.relays, ips[len(self.nodes) :], strict=True)
+        ]
+
+    @property
+    def members(self) -> list[LocalNode]:
+        """Every process of the testnet: the overlay nodes, then the relays."""
+        return self.nodes + self.relays
 
     @property
     def seeds(self) -> list[tuple[str, int]]:
@@ -206,16 +225,16 @@ class Testnet:
             raise TestnetRunningError(
                 f"a testnet is already running in {self.root}: {names}; `dna-testnet down` stops it"
             )
-        taken = [n.name for n in self.nodes if n.answers()]
+        taken = [n.name for n in self.members if n.answers()]
         if taken:
             raise TestnetRunningError(
                 f"another node already answers on the addresses of {', '.join(taken)}"
                 f" ({self.nodes[0].ip}...): a testnet from another directory?"
                 " Stop it with `dna-testnet down --dir ...`"
             )
-        for node in self.nodes:
+        for node in self.members:
             node.start()
-        wait_ready(self.nodes, timeout)
+        wait_ready(self.members, timeout)
         self._save()
 
     def running(self) -> dict[str, int]:
@@ -224,13 +243,13 @@ class Testnet:
         an earlier `up` recorded)."""
         if not Path("/proc").is_dir():  # not Linux: only the PIDs `up` recorded
             return {name: pid for name, pid in self._saved_pids().items() if _exists(pid)}
-        owned = {node.config_path.resolve(): node.name for node in self.nodes}
+        owned = {node.config_path.resolve(): node.name for node in self.members}
         found: dict[str, int] = {}
         for pid, config in _node_processes():
             name = owned.get(config)
             if name is not None:
                 found.setdefault(name, pid)
-        for node in self.nodes:  # started by this process: certain, even before /proc shows it
+        for node in self.members:  # started by this process: certain, even before /proc shows it
             if node.alive() and node.proc is not None:
                 found[node.name] = node.proc.pid
         return found
@@ -239,10 +258,10 @@ class Testnet:
         """SIGTERM every node this state directory owns (then SIGKILL what outlives
         ``timeout``); returns name -> PID of what was stopped."""
         stopped = self.running()
-        for node in self.nodes:
+        for node in self.members:
             if node.alive():
                 node.terminate(timeout)
-        ours = {n.proc.pid for n in self.nodes if n.proc is not None}
+        ours = {n.proc.pid for n in self.members if n.proc is not None}
         for pid in set(stopped.values()) - ours:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -253,15 +272,15 @@ class Testnet:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         (self.root / "state.json").unlink(missing_ok=True)
-        return {name: stopped[name] for name in (n.name for n in self.nodes) if name in stopped}
+        return {name: stopped[name] for name in (n.name for n in self.members) if name in stopped}
 
     def kill_all(self) -> None:
-        for node in self.nodes:
+        for node in self.members:
             if node.alive():
                 node.kill()
 
     def _save(self) -> None:
-        pids = {n.name: n.proc.pid for n in self.nodes if n.proc is not None}
+        pids = {n.name: n.proc.pid for n in self.members if n.proc is not None}
         (self.root / "state.json").write_text(json.dumps({"pids": pids}))
 
     def _saved_pids(self) -> dict[str, int]:

@@ -19,6 +19,7 @@ __all__ = [
     "GRPC_PORT",
     "HTTP_PORT",
     "PUZZLE_BITS",
+    "STUN_PORT",
     "TESTNET",
     "TESTNET_ADMISSION",
     "TESTNET_CONNECTIONS",
@@ -31,9 +32,15 @@ __all__ = [
     "Topology",
     "make_topology",
     "node_toml",
+    "stun_toml",
 ]
 
 UDP_PORT, GRPC_PORT, HTTP_PORT = 7400, 7401, 7480
+STUN_PORT = 3478
+# The testnet's STUN/TURN credentials: one static user, and the shared secret that mints
+# time-limited ones (docs/nat.md). Public for a testnet; a real deployment keeps its own.
+TESTNET_TURN_USER, TESTNET_TURN_PASSWORD = "testnet", "testnet"
+TESTNET_TURN_SECRET = "dna-testnet-turn-secret"
 PUZZLE_BITS = 4  # the static ID puzzle: cheap on a testnet (a public network uses 8)
 # Every client of a local testnet comes from 127.0.0.1 (and every client of the compose
 # testnet from one of two NAT routers), so the per-address rate limit (20 puts/s for one
@@ -46,10 +53,14 @@ TESTNET_RECORDS = "source_rate_per_s = 200.0\nsource_burst = 1000.0\n"
 # every node of a local testnet connects from 127.0.0.1, so only the total cap applies.
 TESTNET_CONNECTIONS = "grpc_max_connections_per_source = 4096\n"
 
-Role = Literal["bootstrap", "storage"]
+Role = Literal["bootstrap", "storage", "stun"]
 Backend = Literal["sqlite", "redis"]
 Nat = Literal["port-preserving", "symmetric"]
-COMMANDS: dict[Role, str] = {"bootstrap": "dna-bootstrap", "storage": "dna-storage-node"}
+COMMANDS: dict[Role, str] = {
+    "bootstrap": "dna-bootstrap",
+    "storage": "dna-storage-node",
+    "stun": "dna-stun",
+}
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,9 @@ class PeerSpec:
 class Topology:
     nodes: tuple[NodeSpec, ...]
     peers: tuple[PeerSpec, ...] = ()
+    # STUN/TURN nodes: not overlay members (no seeds, no records). `dna-testnet` runs them;
+    # the compose testnet does not yet (its render takes `nodes` only).
+    relays: tuple[NodeSpec, ...] = ()
 
     @property
     def bootstraps(self) -> tuple[NodeSpec, ...]:
@@ -87,9 +101,15 @@ class Topology:
 
 
 def make_topology(
-    bootstraps: int, storage: int, *, redis: int = 0, peers: tuple[PeerSpec, ...] = ()
+    bootstraps: int,
+    storage: int,
+    *,
+    redis: int = 0,
+    stun: int = 0,
+    peers: tuple[PeerSpec, ...] = (),
 ) -> Topology:
-    """bootstrap1..N, storage1..M; the last ``redis`` storage nodes on the Redis backend."""
+    """bootstrap1..N, storage1..M; the last ``redis`` storage nodes on the Redis backend;
+    stun1..S STUN/TURN relays."""
     if not 0 <= redis <= storage:
         raise ValueError(f"redis must be 0..{storage} (the storage nodes), got {redis}")
     return Topology(
@@ -99,6 +119,7 @@ def make_topology(
             for i in range(1, storage + 1)
         ),
         peers,
+        tuple(NodeSpec(f"stun{i}", "stun") for i in range(1, stun + 1)),
     )
 
 
@@ -107,6 +128,7 @@ TESTNET = make_topology(
     3,
     6,
     redis=2,
+    stun=1,
     peers=(PeerSpec("alice", "bob", "port-preserving"), PeerSpec("bob", "alice", "symmetric")),
 )
 
@@ -153,3 +175,16 @@ def node_toml(
             text += f'backend = "redis"\nredis_url = "{redis_url}"\n'
         text += storage_toml
     return text + extra_toml
+
+
+def stun_toml(host: str, *, http_host: str, allowed_peers: Sequence[str] = ()) -> str:
+    """A STUN/TURN node's TOML file: the testnet's credentials, relaying to ``allowed_peers``
+    (CIDRs denied on a public node, such as the loopback or private network the testnet's
+    peers live on)."""
+    allowed = ", ".join(f'"{cidr}"' for cidr in allowed_peers)
+    return (
+        f'log_level = "info"\n[server]\nhost = "{host}"\nudp_port = {STUN_PORT}\n'
+        f'[auth]\nrealm = "dna-testnet"\nusers = ["{TESTNET_TURN_USER}:{TESTNET_TURN_PASSWORD}"]\n'
+        f'auth_secret = "{TESTNET_TURN_SECRET}"\n[relay]\nallowed_peers = [{allowed}]\n'
+        f'[ops]\nhttp_host = "{http_host}"\nhttp_port = {HTTP_PORT}\n'
+    )
