@@ -1,0 +1,48 @@
+"""`dna-stun`'s configuration: what it refuses, what it masks, what the environment sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from dna_core.ops.config import ConfigError, dump_config, load_config
+from dna_stun.config import ENV_PREFIX, StunServiceConfig, config_warnings
+
+
+def load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> StunServiceConfig:
+    path = tmp_path / "stun.toml"
+    path.write_text(text)
+    return load_config(StunServiceConfig, path, env_prefix=ENV_PREFIX, env=env or {})
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[auth]\nusers = ["no-colon"]\n', "auth.users"),
+        ('[auth]\nusers = [":nameless"]\n', "auth.users"),
+        ('[relay]\nallowed_peers = ["10.0.0.0/33"]\n', "relay.allowed_peers"),
+        ("[server]\nrelay_port_min = 6000\nrelay_port_max = 5000\n", "server"),
+        ('[server]\nhost = "stun.example.org"\n', "server.host"),
+        ("[relay]\ndefault_lifetime_s = 7200\n", "relay"),
+        ("[relay]\nbandwidth_bytes_per_s = -1\n", "relay.bandwidth_bytes_per_s"),
+    ],
+)
+def test_unusable_settings_name_their_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load(tmp_path, text)
+    assert raised.value.key == key
+
+
+def test_secrets_are_masked_and_the_environment_overrides(tmp_path: Path) -> None:
+    env = {"DNA_STUN__RELAY__ALLOWED_PEERS": "127.0.0.0/8,10.9.0.0/16"}
+    config = load(tmp_path, '[auth]\nusers = ["u:p"]\nauth_secret = "s"\n', env)
+    assert config.relay.allowed_peers == ("127.0.0.0/8", "10.9.0.0/16")
+    assert config.auth.user_passwords() == {"u": "p"} and config.auth.secrets() == ["s"]
+    dumped = dump_config(config)
+    assert dumped["auth"]["users"] == "***" and dumped["auth"]["auth_secret"] == "***"
+    assert any("allowed_peers" in w for w in config_warnings(config))
+
+
+def test_no_credentials_is_warned_about(tmp_path: Path) -> None:
+    warnings = config_warnings(load(tmp_path, ""))
+    assert any("every TURN request will be refused" in w for w in warnings)
