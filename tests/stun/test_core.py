@@ -462,3 +462,17 @@ def test_garbage_datagrams_are_dropped_without_state_change(data: bytes, where: 
 
 def test_long_term_key_derivation_matches_the_client() -> None:
     assert Client("alice", "pw", realm=REALM).key == long_term_key("alice", REALM, "pw")
+
+
+def test_time_limited_usernames_share_their_names_quota() -> None:
+    core = make_core(Limits(max_allocations_per_user=1))
+    for i, expected in ((1, None), (2, 486)):
+        username = f"{int(NOW) + 60 * i}:carol"  # fresh credentials, the same person
+        client = Client(username, auth_secret_password(SECRET, username))
+        src = ("203.0.113.20", i)
+        client.learn(core.on_client_datagram(client.request(Method.ALLOCATE), src, NOW)[0].data)
+        reply = core.on_client_datagram(
+            client.request(Method.ALLOCATE, client.allocate_attrs()), src, NOW
+        )
+        assert error_code(parse(reply[0].data)) == expected
+    assert core.per_user == {"carol": 1}

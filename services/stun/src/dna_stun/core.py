@@ -57,6 +57,13 @@ TURN_METHODS = {
 }
 
 
+def quota_key(username: str) -> str:
+    """Whose quota an allocation counts against: a time-limited username
+    ("<expiry>:<name>") counts against its name, so fresh credentials do not buy more."""
+    expiry, colon, name = username.partition(":")
+    return name if colon and expiry.isdigit() else username
+
+
 class Send(NamedTuple):
     via: Addr | None  # None: the listening socket; else the relay socket of this address
     data: bytes
@@ -385,7 +392,7 @@ class TurnCore:
                 return existing.allocate_response
             raise self._refuse(message, auth, 437, "Allocation Mismatch", "allocation_exists")
         even = self._check_allocate_attributes(message, auth)
-        if self.per_user[auth.username] >= self.limits.max_allocations_per_user:
+        if self.per_user[quota_key(auth.username)] >= self.limits.max_allocations_per_user:
             raise self._refuse(message, auth, 486, "Allocation Quota Reached", "quota_user")
         if len(self.by_client) >= self.limits.max_allocations:
             raise self._refuse(message, auth, 508, "Insufficient Capacity", "quota_total")
@@ -407,7 +414,7 @@ class TurnCore:
             response, tokens=float(self.limits.bandwidth_bytes_per_s), tokens_at=now,
         )  # fmt: skip
         self.by_client[client], self.by_relay[relay] = alloc, alloc
-        self.per_user[auth.username] += 1
+        self.per_user[quota_key(auth.username)] += 1
         self.stats.allocations_created += 1
         return response
 
@@ -501,9 +508,10 @@ class TurnCore:
         if self.by_client.get(alloc.client) is alloc:
             del self.by_client[alloc.client]
         self.by_relay.pop(alloc.relay, None)
-        self.per_user[alloc.username] -= 1
-        if self.per_user[alloc.username] <= 0:
-            del self.per_user[alloc.username]
+        key = quota_key(alloc.username)
+        self.per_user[key] -= 1
+        if self.per_user[key] <= 0:
+            del self.per_user[key]
         self.ports.close(alloc.relay)
 
     def _drop(self, reason: str) -> list[Send]:
