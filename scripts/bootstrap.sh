@@ -19,7 +19,8 @@ uv_bin() {
 # Debian packages the test suite starts itself (servers are launched by the tests' fixtures):
 # redis-server for the Redis backend; the container tools for the compose testnet (the
 # Docker engine, compose 1.29, mmdebstrap for a base image where no registry answers);
-# prometheus for `promtool test rules` and the compose testnet's monitoring image.
+# prometheus for `promtool test rules` and the compose testnet's monitoring image; coturn,
+# the reference TURN server that interop tests and `bench.turn` run beside `dna-stun`.
 # `images` (make images) needs the container tools alone. npm (for helm, below) only where
 # no Node.js is installed: the machine's own Node.js ships its npm, and Debian's npm
 # package conflicts with it.
@@ -27,7 +28,7 @@ CONTAINER_PACKAGES=(docker.io docker-compose mmdebstrap prometheus)
 APT_PACKAGES=()
 case "${1:-}" in
   test)
-    APT_PACKAGES=(redis-server "${CONTAINER_PACKAGES[@]}")
+    APT_PACKAGES=(redis-server coturn "${CONTAINER_PACKAGES[@]}")
     command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(npm)
     ;;
   images) APT_PACKAGES=("${CONTAINER_PACKAGES[@]}") ;;
