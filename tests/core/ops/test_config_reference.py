@@ -14,9 +14,15 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from dna_core.ops.config import ConfigError, ConfigModel, default_toml, env_var, load_config
+from dna_core.ops.config import (
+    ConfigError,
+    ConfigModel,
+    LogLevel,
+    default_toml,
+    env_var,
+    load_config,
+)
 from dna_core.ops.config_reference import Role, config_reference, config_schema
-from dna_core.overlay.aio.server import LogLevel
 from jsonschema import Draft7Validator
 from pydantic import BaseModel
 from support import load_script

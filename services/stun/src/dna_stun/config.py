@@ -5,9 +5,16 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated
 
-from dna_core.ops.config import ConfigModel, Port, Secret, SecretStr, Strings
-from dna_core.overlay.aio.server import LogLevel, OpsSection
-from pydantic import BeforeValidator, Field, Strict, field_validator, model_validator
+from dna_core.ops.config import (
+    ConfigModel,
+    LogLevelSetting,
+    OpsSection,
+    Port,
+    Secret,
+    SecretStr,
+    Strings,
+)
+from pydantic import Field, Strict, field_validator, model_validator
 
 from dna_stun.policy import DEFAULT_DENIED
 
@@ -15,10 +22,6 @@ __all__ = ["ENV_PREFIX", "AuthSection", "RelaySection", "ServerSection", "StunSe
 
 ENV_PREFIX = "DNA_STUN"
 SecretStrings = Annotated[tuple[SecretStr, ...], Strict(False)]
-
-
-def _lower(value: object) -> object:
-    return value.lower() if isinstance(value, str) else value
 
 
 class ServerSection(ConfigModel):
@@ -128,7 +131,7 @@ class StunServiceConfig(ConfigModel):
     auth: AuthSection = AuthSection()
     relay: RelaySection = RelaySection()
     ops: OpsSection = OpsSection()
-    log_level: Annotated[LogLevel, BeforeValidator(_lower)] = "info"
+    log_level: LogLevelSetting = "info"
     """Log lines below this level are dropped (any case: "INFO" is "info")."""
 
 

@@ -66,6 +66,9 @@ __all__ = [
     "ConfigError",
     "ConfigModel",
     "ConfigPath",
+    "LogLevel",
+    "LogLevelSetting",
+    "OpsSection",
     "Port",
     "Secret",
     "SecretStr",
@@ -207,6 +210,30 @@ def no_default_shown(schema: dict[str, Any]) -> None:
 def env_var(env_prefix: str, key: str) -> str:
     """The variable that sets ``key`` (``storage.ttl_days``): ``DNA_STORAGE__STORAGE__TTL_DAYS``."""
     return _LEVEL.join([env_prefix.upper(), *key.upper().split(".")])
+
+
+# --- sections every node has -----------------------------------------------------------------
+
+
+class OpsSection(ConfigModel):
+    """The operator HTTP endpoints: /healthz, /readyz, /metrics, /status."""
+
+    http_host: str = "127.0.0.1"
+    """Where they listen: keep them private."""
+    http_port: Port = 7480
+    """Their TCP port."""
+
+
+# Python's level names (`logging.getLevelNamesMapping`), which `configure_logging` takes.
+LogLevel = Literal["critical", "fatal", "error", "warn", "warning", "info", "debug", "notset"]
+
+
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
+# A node's `log_level`, in any case ("INFO" is "info").
+LogLevelSetting = Annotated[LogLevel, BeforeValidator(_lower)]
 
 
 # --- loading ---------------------------------------------------------------------------------

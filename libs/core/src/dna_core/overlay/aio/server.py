@@ -16,16 +16,18 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
-from pydantic import BeforeValidator, Field, field_validator
+from pydantic import Field, field_validator
 
 from dna_core import __version__
 from dna_core.ops.config import (
     ConfigModel,
     ConfigPath,
+    LogLevelSetting,
+    OpsSection,
     Port,
     Secret,
     Strings,
@@ -139,15 +141,6 @@ class RecordsSection(ConfigModel):
     """Proof of work identity, presence and rotation records carry."""
 
 
-class OpsSection(ConfigModel):
-    """The operator HTTP endpoints: /healthz, /readyz, /metrics, /status."""
-
-    http_host: str = "127.0.0.1"
-    """Where they listen: keep them private."""
-    http_port: Port = 7480
-    """Their TCP port."""
-
-
 class ConnectionsSection(ConfigModel):
     """Caps on inbound connections, so idle or hoarded ones cannot use up the node's file
     descriptors (docs/operations.md). grpcio has no per-source cap: the connection guard
@@ -215,14 +208,6 @@ class ConnectionsSection(ConfigModel):
         )
 
 
-# Python's level names (`logging.getLevelNamesMapping`), which `configure_logging` takes.
-LogLevel = Literal["critical", "fatal", "error", "warn", "warning", "info", "debug", "notset"]
-
-
-def _lower(value: object) -> object:
-    return value.lower() if isinstance(value, str) else value
-
-
 class OverlayServiceConfig(ConfigModel):
     """A bootstrap node's configuration; a storage node's adds its own sections."""
 
@@ -231,7 +216,7 @@ class OverlayServiceConfig(ConfigModel):
     records: RecordsSection = RecordsSection()
     ops: OpsSection = OpsSection()
     connections: ConnectionsSection = ConnectionsSection()
-    log_level: Annotated[LogLevel, BeforeValidator(_lower)] = "info"
+    log_level: LogLevelSetting = "info"
     """Log lines below this level are dropped (any case: "INFO" is "info")."""
 
     def data_dir(self) -> Path:
