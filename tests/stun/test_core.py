@@ -476,3 +476,13 @@ def test_time_limited_usernames_share_their_names_quota() -> None:
         )
         assert error_code(parse(reply[0].data)) == expected
     assert core.per_user == {"carol": 1}
+
+
+def test_binding_indications_are_keepalives_not_refusals() -> None:
+    core = make_core()
+    keepalive = encode(Method.BINDING, Class.INDICATION, b"k" * 12)
+    assert core.on_client_datagram(keepalive, CLIENT, NOW) == []
+    assert not core.stats.refusals and core.stats.requests["binding_indication"] == 1
+    response = encode(Method.BINDING, Class.SUCCESS, b"k" * 12)
+    assert core.on_client_datagram(response, CLIENT, NOW) == []
+    assert core.stats.refusals == {"unexpected_message": 1}

@@ -167,6 +167,9 @@ class TurnCore:
             return [Send(None, self._request(message, client, now), client)]
         if message.cls == Class.INDICATION and message.method == Method.SEND:
             return self._send_indication(message, client, now)
+        if message.cls == Class.INDICATION and message.method == Method.BINDING:
+            self.stats.requests["binding_indication"] += 1  # a NAT keepalive: no answer
+            return []
         return self._drop("unexpected_message")  # responses, other indications: not for us
 
     def on_peer_datagram(self, data: bytes, relay: Addr, peer: Addr, now: float) -> list[Send]:
