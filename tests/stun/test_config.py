@@ -23,6 +23,7 @@ def load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> StunSe
         ('[relay]\nallowed_peers = ["10.0.0.0/33"]\n', "relay.allowed_peers"),
         ("[server]\nrelay_port_min = 6000\nrelay_port_max = 5000\n", "server"),
         ('[server]\nhost = "stun.example.org"\n', "server.host"),
+        ('[server]\nhost = "0.0.0.0"\n', "server"),
         ("[relay]\ndefault_lifetime_s = 7200\n", "relay"),
         ("[relay]\nbandwidth_bytes_per_s = -1\n", "relay.bandwidth_bytes_per_s"),
     ],

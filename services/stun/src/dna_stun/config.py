@@ -28,7 +28,8 @@ class ServerSection(ConfigModel):
     """Where the server listens and relays."""
 
     host: str = "127.0.0.1"
-    """The address clients reach the STUN/TURN port at; the UDP socket binds here."""
+    """The address clients reach the STUN/TURN port at; the UDP socket binds here (a wildcard
+    such as 0.0.0.0 needs `relay_host`)."""
     udp_port: Port = 3478
     """The STUN/TURN port (3478 is STUN's)."""
     relay_host: str = ""
@@ -49,6 +50,9 @@ class ServerSection(ConfigModel):
     def _range(self) -> ServerSection:
         if not 0 < self.relay_port_min <= self.relay_port_max:
             raise ValueError("relay_port_min must be 1..relay_port_max")
+        # Clients are told the relay address: a wildcard would tell them nothing.
+        if ipaddress.ip_address(self.relay_ip()).is_unspecified:
+            raise ValueError("relay_host must be an address clients reach (host is a wildcard)")
         return self
 
     def relay_ip(self) -> str:
