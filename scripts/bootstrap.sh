@@ -22,12 +22,13 @@ uv_bin() {
 # prometheus for `promtool test rules` and the compose testnet's monitoring image.
 # `images` (make images) needs the container tools alone. npm (for helm, below) only where
 # no Node.js is installed: the machine's own Node.js ships its npm, and Debian's npm
-# package conflicts with it.
+# package conflicts with it. coturn (Debian's TURN server), iptables and iproute2 for the
+# peer's direct-path tests (our ICE against coturn, UDP blocked in a network namespace).
 CONTAINER_PACKAGES=(docker.io docker-compose mmdebstrap prometheus)
 APT_PACKAGES=()
 case "${1:-}" in
   test)
-    APT_PACKAGES=(redis-server "${CONTAINER_PACKAGES[@]}")
+    APT_PACKAGES=(redis-server coturn iptables iproute2 "${CONTAINER_PACKAGES[@]}")
     command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(npm)
     ;;
   images) APT_PACKAGES=("${CONTAINER_PACKAGES[@]}") ;;

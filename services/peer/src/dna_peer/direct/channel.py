@@ -127,8 +127,9 @@ class Channel:
         assert self.peer is not None
         self._ephemeral = Identity.generate()
         self._ss_static, ct_pq, ct_x = kem.encapsulate(self.peer)
+        ephemeral = self._ephemeral.public.canonical()
         body = (bytes([VERSION]) + self.identity.fingerprint + self.peer.fingerprint
-                + os.urandom(NONCE) + self._ephemeral.public.canonical() + ct_pq + ct_x)  # fmt: skip
+                + os.urandom(NONCE) + ephemeral + ct_pq + ct_x)  # fmt: skip
         self._hello = body + signature.sign(self.identity, HELLO_DOMAIN, body)
         return fragment(HELLO, self._transfer, self._hello)
 
@@ -138,9 +139,8 @@ class Channel:
         return fragment(HELLO, self._transfer, self._hello)
 
     def _on_hello(self, transfer: int, hello: bytes) -> Step:
-        if self.peer is not None and hello != self._hello:
-            if self._hello is None or self.established:  # an initiator, or a new session
-                raise VerificationError("direct: unexpected HELLO on an established channel")
+        if self.peer is not None and hello != self._hello:  # we dialled, or a second session
+            raise VerificationError("direct: unexpected HELLO on this channel")
         if hello == self._hello and self._welcome:
             return Step(send=list(self._welcome))  # our WELCOME was lost: the same again
         if len(hello) != HELLO_BODY + SIG or hello[0] != VERSION:
@@ -178,7 +178,9 @@ class Channel:
         body, sig = welcome[:WELCOME_BODY], welcome[WELCOME_BODY:]
         signature.verify(self.peer, WELCOME_DOMAIN, p.sha256(self._hello) + body, sig)
         at, ml = 1 + NONCE, p.ML_KEM_768_CIPHERTEXT
-        ss_static_i = kem.decapsulate(self.identity, body[at : at + ml], body[at + ml : at + KEM_CT])
+        ss_static_i = kem.decapsulate(
+            self.identity, body[at : at + ml], body[at + ml : at + KEM_CT]
+        )
         at += KEM_CT
         ss_eph = kem.decapsulate(self._ephemeral, body[at : at + ml], body[at + ml : at + KEM_CT])
         self._keys(self._ss_static + ss_static_i + ss_eph, self._hello, welcome, initiator=True)
@@ -266,9 +268,7 @@ def _keys_from_canonical(raw: bytes) -> PublicKeySet:
     """A key set from its fixed canonical layout (`PublicKeySet.canonical`)."""
     if len(raw) != KEYSET or int.from_bytes(raw[:2], "big") != p.SUITE_HYBRID_V1:
         raise MalformedError("direct: ephemeral key set of the wrong size or suite")
-    at = 2
-    parts = []
-    for size in (p.ML_DSA_65_PUBLIC, p.ED25519_PUBLIC, p.ML_KEM_768_PUBLIC, p.X25519_PUBLIC):
-        parts.append(raw[at : at + size])
-        at += size
-    return PublicKeySet(*parts)
+    a = 2 + p.ML_DSA_65_PUBLIC
+    b = a + p.ED25519_PUBLIC
+    c = b + p.ML_KEM_768_PUBLIC
+    return PublicKeySet(raw[2:a], raw[a:b], raw[b:c], raw[c:])

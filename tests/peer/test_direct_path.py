@@ -1,0 +1,170 @@
+"""Presence and direct messaging between real peers: a real local testnet (bootstrap and
+storage processes), real UDP sockets, real ICE (aioice), Debian's coturn for TURN.
+
+aioice skips loopback when it gathers host candidates, so the peers' ICE runs on a veth
+pair ``d-ice0``/``d-ice1`` (10.77.1.1 and 10.77.2.1) made in this network namespace for
+the module; coturn listens on 10.77.2.1. Blocking the direct path is an iptables DROP
+on 10.77.0.0/16 in this namespace, removed after the test (the overlay and the mailboxes
+stay on 127.0.0.x, untouched). Run it as root inside a network namespace (HELPERS.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dna_peer.direct.link import IceConfig
+from dna_peer.peer import DIRECT, STORED, Peer
+from dna_testnet.network import Testnet
+from peers import People
+from process_mark import starts_processes
+
+ICE_HOST, TURN_HOST, TURN_PORT = "10.77.1.1", "10.77.2.1", 3478
+IFACE, PEER_END = "d-ice0", "d-ice1"
+DROP_DIRECT = ["OUTPUT", "-p", "udp", "-d", "10.77.0.0/16", "-j", "DROP"]
+TURN_USER, TURN_PASSWORD = "u", "p"
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+@starts_processes
+def ice_interface() -> Iterator[str]:
+    subprocess.run(["ip", "link", "del", IFACE], capture_output=True)  # a crashed run's
+    _ip("link", "add", IFACE, "type", "veth", "peer", "name", PEER_END)
+    try:
+        _ip("addr", "add", f"{ICE_HOST}/24", "dev", IFACE)
+        _ip("addr", "add", f"{TURN_HOST}/24", "dev", PEER_END)
+        _ip("link", "set", IFACE, "up")
+        _ip("link", "set", PEER_END, "up")
+        yield ICE_HOST
+    finally:
+        _ip("link", "del", IFACE)
+
+
+@pytest.fixture
+@starts_processes
+def udp_blocked(ice_interface: str) -> Iterator[None]:
+    subprocess.run(["iptables", "-A", *DROP_DIRECT], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["iptables", "-D", *DROP_DIRECT], check=True)
+
+
+@pytest.fixture(scope="module")
+@starts_processes
+def coturn(ice_interface: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[IceConfig]:
+    turnserver = shutil.which("turnserver")
+    assert turnserver, "coturn is not installed (scripts/bootstrap.sh installs it)"
+    log = tmp_path_factory.mktemp("coturn") / "turn.log"
+    proc = subprocess.Popen(
+        [turnserver, "-n", f"--listening-ip={TURN_HOST}", f"--relay-ip={TURN_HOST}",
+         f"--listening-port={TURN_PORT}", "--lt-cred-mech", f"--user={TURN_USER}:{TURN_PASSWORD}",
+         "--realm=test", "--no-tls", "--no-dtls", "--allow-loopback-peers", "--no-cli",
+         f"--log-file={log}", "--simple-log", "--min-port=49152", "--max-port=49252"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_udp_listening(TURN_HOST, TURN_PORT)
+        yield IceConfig(turn=(TURN_HOST, TURN_PORT), turn_username=TURN_USER,
+                        turn_password=TURN_PASSWORD)  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _wait_udp_listening(host: str, port: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        out = subprocess.run(["ss", "-Hlun", f"src {host}:{port}"], capture_output=True, text=True)
+        if out.stdout.strip():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"coturn did not listen on {host}:{port}")
+
+
+async def _friends(people: People) -> tuple[Peer, Peer]:
+    """alice and bob, each pinned by the other (bob seals his presence to alice)."""
+    alice, bob = await people.new("alice"), await people.new("bob")
+    await alice.add_contact(people.name("bob"))
+    await bob.add_contact(people.name("alice"))
+    return alice, bob
+
+
+def _held(peer: Peer, message_id: bytes) -> int:
+    return sum(1 for m in peer.cache.messages(limit=-1) if m.message_id == message_id)
+
+
+def run(testnet: Testnet, tmp_path: Path, scenario: object) -> None:
+    asyncio.run(scenario(People(tmp_path, testnet.seeds)))  # type: ignore[operator]
+
+
+def test_present_contact_gets_the_message_directly_exactly_once(
+    testnet: Testnet, ice_interface: str, tmp_path: Path
+) -> None:
+    async def scenario(people: People) -> None:
+        alice, bob = await _friends(people)
+        await bob.go_direct(IceConfig(), listen=True)
+        await alice.go_direct(IceConfig(), listen=False)
+        contact = alice.find_contact(people.name("bob"))
+        sent = await alice.send(contact, "hello over the direct path")
+        assert sent.path == DIRECT and sent.stored_on == 0
+        assert _held(bob, sent.message_id) == 1
+        assert alice.cache.messages(contact.conversation)[-1].delivered  # the ACK
+        again = await alice.send(contact, "and again, over the same link")
+        assert again.path == DIRECT
+        report = await bob.sync()  # nothing went through the mailbox
+        assert report.new_messages == [] and _held(bob, sent.message_id) == 1
+        bodies = [m.body for m in bob.cache.messages(limit=-1)]
+        assert bodies == ["hello over the direct path", "and again, over the same link"]
+        await alice.close()
+        await bob.close()
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_blocked_udp_falls_back_to_store_and_forward_exactly_once(
+    testnet: Testnet, udp_blocked: None, tmp_path: Path
+) -> None:
+    async def scenario(people: People) -> None:
+        alice, bob = await _friends(people)
+        await bob.go_direct(IceConfig(), listen=True)
+        await alice.go_direct(IceConfig(), listen=False)
+        contact = alice.find_contact(people.name("bob"))
+        sent = await alice.send(contact, "through the mailbox")
+        assert sent.path == STORED and sent.stored_on >= 3
+        assert _held(bob, sent.message_id) == 0
+        report = await bob.sync()
+        assert [m.message_id for m in report.new_messages] == [sent.message_id]
+        assert _held(bob, sent.message_id) == 1
+        await alice.close()
+        await bob.close()
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_offline_contact_is_reached_by_store_and_forward_without_trying_ice(
+    testnet: Testnet, ice_interface: str, tmp_path: Path
+) -> None:
+    async def scenario(people: People) -> None:
+        alice, bob = await _friends(people)
+        await bob.go_direct(IceConfig(), listen=True)
+        await bob.close()  # withdraws the presence record
+        await alice.go_direct(IceConfig(), listen=False)
+        contact = alice.find_contact(people.name("bob"))
+        started = time.monotonic()
+        sent = await alice.send(contact, "you were here a moment ago")
+        assert sent.path == STORED
+        assert time.monotonic() - started < 2.0  # no ICE attempt against a withdrawn record
+        await alice.close()
+
+    run(testnet, tmp_path, scenario)
