@@ -11,7 +11,7 @@ stay on 127.0.0.x, untouched). Run it as root inside a network namespace (HELPER
 from __future__ import annotations
 
 import asyncio
-import logging
+import contextlib
 import shutil
 import subprocess
 import time
@@ -20,14 +20,21 @@ from pathlib import Path
 
 import pytest
 from dna_peer.direct.link import IceConfig
+from dna_peer.link import accept_link, offer_link
 from dna_peer.peer import DIRECT, STORED, Peer
 from dna_testnet.network import Testnet
-from peers import People
+from peers import PASSPHRASE, People
 from process_mark import starts_processes
 
 ICE_HOST, TURN_HOST, TURN_PORT = "10.77.1.1", "10.77.2.1", 3478
 IFACE, PEER_END = "d-ice0", "d-ice1"
 DROP_DIRECT = ["OUTPUT", "-p", "udp", "-d", "10.77.0.0/16", "-j", "DROP"]
+# Everything but coturn's traffic (its port, and its relay ports below the kernel's
+# ephemeral range, which the peers' sockets draw from): no host or reflexive pair works.
+RELAY_PORTS = (20000, 20100)
+TURN_PORTS = f"{TURN_PORT},{RELAY_PORTS[0]}:{RELAY_PORTS[1]}"
+DROP_ALL_BUT_TURN = ["OUTPUT", "-p", "udp", "-d", "10.77.0.0/16", "-m", "multiport", "!",
+                     "--ports", TURN_PORTS, "-j", "DROP"]  # fmt: skip
 TURN_USER, TURN_PASSWORD = "u", "p"
 
 
@@ -38,7 +45,9 @@ def _ip(*args: str) -> None:
 @pytest.fixture(scope="module")
 @starts_processes
 def ice_interface() -> Iterator[str]:
-    subprocess.run(["ip", "link", "del", IFACE], capture_output=True)  # a crashed run's
+    subprocess.run(
+        ["ip", "link", "del", IFACE], capture_output=True, check=False
+    )  # a crashed run's
     _ip("link", "add", IFACE, "type", "veth", "peer", "name", PEER_END)
     try:
         _ip("addr", "add", f"{ICE_HOST}/24", "dev", IFACE)
@@ -50,14 +59,27 @@ def ice_interface() -> Iterator[str]:
         _ip("link", "del", IFACE)
 
 
-@pytest.fixture
-@starts_processes
-def udp_blocked(ice_interface: str) -> Iterator[None]:
-    subprocess.run(["iptables", "-A", *DROP_DIRECT], check=True)
+@contextlib.contextmanager
+def _iptables(rule: list[str]) -> Iterator[None]:
+    subprocess.run(["iptables", "-A", *rule], check=True)
     try:
         yield
     finally:
-        subprocess.run(["iptables", "-D", *DROP_DIRECT], check=True)
+        subprocess.run(["iptables", "-D", *rule], check=True)
+
+
+@pytest.fixture
+@starts_processes
+def udp_blocked(ice_interface: str) -> Iterator[None]:
+    with _iptables(DROP_DIRECT):
+        yield
+
+
+@pytest.fixture
+@starts_processes
+def host_pairs_blocked(ice_interface: str) -> Iterator[None]:
+    with _iptables(DROP_ALL_BUT_TURN):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +92,8 @@ def coturn(ice_interface: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         [turnserver, "-n", f"--listening-ip={TURN_HOST}", f"--relay-ip={TURN_HOST}",
          f"--listening-port={TURN_PORT}", "--lt-cred-mech", f"--user={TURN_USER}:{TURN_PASSWORD}",
          "--realm=test", "--no-tls", "--no-dtls", "--allow-loopback-peers", "--no-cli",
-         f"--log-file={log}", "--simple-log", "--min-port=49152", "--max-port=49252"],
+         f"--log-file={log}", "--simple-log", f"--min-port={RELAY_PORTS[0]}",
+         f"--max-port={RELAY_PORTS[1]}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -85,7 +108,8 @@ def coturn(ice_interface: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
 def _wait_udp_listening(host: str, port: int) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        out = subprocess.run(["ss", "-Hlun", f"src {host}:{port}"], capture_output=True, text=True)
+        out = subprocess.run(["ss", "-Hlun", f"src {host}:{port}"], capture_output=True,
+                             text=True, check=True)  # fmt: skip
         if out.stdout.strip():
             return
         time.sleep(0.1)
@@ -165,6 +189,75 @@ def test_offline_contact_is_reached_by_store_and_forward_without_trying_ice(
         sent = await alice.send(contact, "you were here a moment ago")
         assert sent.path == STORED
         assert time.monotonic() - started < 2.0  # no ICE attempt against a withdrawn record
+        await alice.close()
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_relays_through_coturn_when_the_direct_pair_is_blocked(
+    testnet: Testnet, coturn: IceConfig, host_pairs_blocked: None, tmp_path: Path
+) -> None:
+    async def scenario(people: People) -> None:
+        alice, bob = await _friends(people)
+        await bob.go_direct(IceConfig(), listen=True)  # bob: host candidates only
+        await alice.go_direct(coturn, listen=False)  # alice: host and a relayed candidate
+        contact = alice.find_contact(people.name("bob"))
+        sent = await alice.send(contact, "through the TURN relay")
+        assert sent.path == DIRECT
+        assert alice.direct is not None
+        assert alice.direct.links[bob.fingerprint].route() == "relay->host"
+        assert _held(bob, sent.message_id) == 1
+        assert (await bob.sync()).new_messages == []
+        await alice.close()
+        await bob.close()
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_a_direct_channel_from_an_unpinned_key_is_refused(
+    testnet: Testnet, ice_interface: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """carol had bob's presence sealed to her; bob then forgot her: her ICE may connect,
+    her HELLO is refused with the reason logged, and her message goes to the mailbox."""
+
+    async def scenario(people: People) -> None:
+        bob, carol = await people.new("bob"), await people.new("carol")
+        await carol.add_contact(people.name("bob"))
+        await bob.add_contact(people.name("carol"))
+        await bob.go_direct(IceConfig(), listen=True)  # sealed to carol
+        assert bob.cache.forget_contact(carol.fingerprint)
+        await carol.go_direct(IceConfig(), listen=False)
+        sent = await carol.send(carol.find_contact(people.name("bob")), "let me in")
+        assert sent.path == STORED
+        assert "HELLO from unpinned key" in caplog.text
+        assert _held(bob, sent.message_id) == 0  # nothing reached bob over the channel
+        assert [m.message_id for m in (await bob.sync()).new_messages] == [sent.message_id]
+        await carol.close()
+        await bob.close()
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_a_second_device_converges_on_a_directly_delivered_message(
+    testnet: Testnet, ice_interface: str, tmp_path: Path
+) -> None:
+    async def scenario(people: People) -> None:
+        alice, bob = await _friends(people)
+        offer = await offer_link(bob, "laptop")
+        laptop = await accept_link(people.profile("laptop"), offer.code, PASSPHRASE,
+                                   people.seeds)  # fmt: skip
+        await laptop.sync()
+        await bob.sync()  # bob learns of the laptop (its hello)
+        await bob.go_direct(IceConfig(), listen=True)
+        await alice.go_direct(IceConfig(), listen=False)
+        sent = await alice.send(alice.find_contact(people.name("bob")), "to all of you")
+        assert sent.path == DIRECT
+        await bob.close()  # waits for the mirror (a sync transcript) to be put
+        report = await laptop.sync()
+        assert [m.message_id for m in report.new_messages] == [sent.message_id]
+        assert report.new_messages[0].sender == alice.fingerprint
+        assert _held(laptop, sent.message_id) == 1
+        await laptop.close()
         await alice.close()
 
     run(testnet, tmp_path, scenario)

@@ -149,6 +149,11 @@ class DirectLink:
     def peer(self) -> PublicKeySet | None:
         return self.channel.peer if self.channel.established else None
 
+    def route(self) -> str:
+        """The candidate types of the selected pair ("host->host", "relay->host", ...)."""
+        pair = getattr(self.agent, "_nominated", {}).get(1)  # aioice keeps the pair private
+        return f"{pair.local_candidate.type}->{pair.remote_candidate.type}" if pair else "none"
+
     @classmethod
     async def open(
         cls, agent: aioice.Connection, identity: Identity, peer: PublicKeySet,
