@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dna_peer.direct.link import IceConfig
@@ -25,6 +28,8 @@ from dna_peer.peer import DIRECT, STORED, Peer
 from dna_testnet.network import Testnet
 from peers import PASSPHRASE, People
 from process_mark import starts_processes
+from support import BIN, run_script
+from test_dna_watch import lines, wait_for
 
 ICE_HOST, TURN_HOST, TURN_PORT = "10.77.1.1", "10.77.2.1", 3478
 IFACE, PEER_END = "d-ice0", "d-ice1"
@@ -36,6 +41,7 @@ TURN_PORTS = f"{TURN_PORT},{RELAY_PORTS[0]}:{RELAY_PORTS[1]}"
 DROP_ALL_BUT_TURN = ["OUTPUT", "-p", "udp", "-d", "10.77.0.0/16", "-m", "multiport", "!",
                      "--ports", TURN_PORTS, "-j", "DROP"]  # fmt: skip
 TURN_USER, TURN_PASSWORD = "u", "p"
+ENV = {"DNA_PASSPHRASE": PASSPHRASE}
 
 
 def _ip(*args: str) -> None:
@@ -261,3 +267,52 @@ def test_a_second_device_converges_on_a_directly_delivered_message(
         await alice.close()
 
     run(testnet, tmp_path, scenario)
+
+
+def test_the_cli_shows_who_is_online_and_sends_directly(
+    testnet: Testnet, ice_interface: str, tmp_path: Path
+) -> None:
+    """`dna watch` publishes presence, `dna contacts list` shows it, `dna send` takes the
+    direct path and the watcher prints the message; stopping the watcher withdraws it."""
+    people = People(tmp_path, testnet.seeds)
+
+    async def setup() -> None:  # in-process: four CLI start-ups less
+        for peer in await _friends(people):
+            await peer.close()
+
+    asyncio.run(setup())
+    alice, bob = people.profile("alice").home, people.profile("bob").home
+    (before,) = cli(alice, testnet, "contacts", "list")
+    assert before["online"] is False
+    watcher = subprocess.Popen(
+        [str(BIN / "dna"), "--home", str(bob), "--json", "--bootstrap", seeds(testnet),
+         "watch", "--interval", "0.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**ENV, "PATH": str(BIN)},
+    )  # fmt: skip
+    try:
+        assert watcher.stdout is not None
+        out, seen = lines(watcher.stdout), []
+        deadline = time.monotonic() + 30
+        while not cli(alice, testnet, "contacts", "list")[0]["online"]:
+            assert time.monotonic() < deadline, "bob never showed up online"
+            time.sleep(0.5)
+        sent = cli(alice, testnet, "send", people.name("bob"), "hello bob, directly")
+        assert sent["path"] == "direct" and sent["replicas"] == 0
+        shown = json.loads(wait_for(out, "hello bob, directly", 20, seen))
+        assert shown["from"]["name"] == people.name("alice")
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(30) == 0
+    (after,) = cli(alice, testnet, "contacts", "list")
+    assert after["online"] is False  # withdrawn, not left to expire
+
+
+def seeds(net: Testnet) -> str:
+    return ",".join(f"{h}:{p}" for h, p in net.seeds)
+
+
+def cli(home: Path, net: Testnet, *args: str) -> Any:
+    out = run_script("dna", "--home", str(home), "--bootstrap", seeds(net), "--json", *args,
+                     env=ENV)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)

@@ -35,6 +35,7 @@ from dna_peer.direct.service import DirectService
 from dna_peer.inbox import Inbox, ReceiptDue, SyncReport
 from dna_peer.keyserver import now_ms
 from dna_peer.network import join_overlay
+from dna_peer.presence import Presence, lookup_presence
 from dna_peer.profile import Device, Profile
 
 log = logging.getLogger("dna.peer")
@@ -345,6 +346,10 @@ class Peer:
         if listen:
             await self.direct.start()
         return self.direct
+
+    async def presence_of(self, contact: Contact) -> Presence | None:
+        """The contact's fresh presence record (None: offline)."""
+        return await lookup_presence(self.node, contact.keys, self.identity, now_ms=now_ms())
 
     async def _receive_direct(
         self, sender: PublicKeySet, message_id: bytes, envelope: bytes

@@ -206,8 +206,8 @@ class DirectService:
             return link
         presence = await lookup_presence(self.owner.node, contact.keys, self.owner.identity,
                                          now_ms=now_ms())  # fmt: skip
-        if presence is None or presence.reach is None:
-            return None  # offline, or its record is not sealed to us
+        if presence is None or presence.reach is None or not presence.reach.candidates:
+            return None  # offline, its record is not sealed to us, or nowhere to dial
         r = presence.reach
         agent = await dial(self.config, r.ufrag, r.pwd, r.caller_ufrag, r.caller_pwd,
                            r.candidates, timeout=self.timeout_s)  # fmt: skip
