@@ -28,8 +28,7 @@ from dna_peer.peer import DIRECT, STORED, Peer
 from dna_testnet.network import Testnet
 from peers import PASSPHRASE, People
 from process_mark import starts_processes
-from support import BIN, run_script
-from test_dna_watch import lines, wait_for
+from support import BIN, lines, run_script, wait_for
 
 ICE_HOST, TURN_HOST, TURN_PORT = "10.77.1.1", "10.77.2.1", 3478
 IFACE, PEER_END = "d-ice0", "d-ice1"
@@ -291,7 +290,7 @@ def test_the_cli_shows_who_is_online_and_sends_directly(
     )  # fmt: skip
     try:
         assert watcher.stdout is not None
-        out, seen = lines(watcher.stdout), []
+        out, seen = lines(watcher.stdout), list[str]()
         deadline = time.monotonic() + 30
         while not cli(alice, testnet, "contacts", "list")[0]["online"]:
             assert time.monotonic() < deadline, "bob never showed up online"
