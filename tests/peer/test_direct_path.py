@@ -22,7 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dna_core.crypto import seal
+from dna_core.crypto.envelope import decode_envelope
+from dna_core.wire import envelope_pb2
 from dna_peer.direct.link import IceConfig
+from dna_peer.keyserver import now_ms
 from dna_peer.link import accept_link, offer_link
 from dna_peer.peer import DIRECT, STORED, Peer
 from dna_testnet.network import Testnet
@@ -155,6 +159,37 @@ def test_present_contact_gets_the_message_directly_exactly_once(
         assert report.new_messages == [] and _held(bob, sent.message_id) == 1
         bodies = [m.body for m in bob.cache.messages(limit=-1)]
         assert bodies == ["hello over the direct path", "and again, over the same link"]
+        await alice.close()
+        await bob.close()
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_a_copy_that_also_reaches_the_mailbox_is_dropped_as_a_replay(
+    testnet: Testnet, ice_interface: str, tmp_path: Path
+) -> None:
+    """The ACK of a direct delivery is lost, the sender falls back and puts the same
+    envelope (one message ID) on the mailbox: the recipient keeps one copy, and the
+    mailbox copy is refused as a replay, with the reason logged."""
+
+    async def scenario(people: People) -> None:
+        alice, bob = await _friends(people)
+        await bob.go_direct(IceConfig(), listen=True)
+        direct = await alice.go_direct(IceConfig(), listen=False)
+        contact = alice.find_contact(people.name("bob"))
+        payload = envelope_pb2.Payload(text=envelope_pb2.Text(body="twice?"))
+        envelope = seal(alice.identity, bob.identity.public, payload.SerializeToString(),
+                        now_ms=now_ms(), include_sender_keys=False)  # fmt: skip
+        message_id = decode_envelope(envelope).message_id
+        assert await direct.send(contact, message_id, envelope)
+        assert await direct.send(contact, message_id, envelope)  # resent: acked, not re-held
+        await alice._put(bob.fingerprint, envelope)  # the fallback after a lost ACK
+        report = await bob.sync()
+        assert report.new_messages == []
+        assert [reason for _, reason in report.rejected] == [
+            "envelope: message ID already received (replay)"
+        ]
+        assert _held(bob, message_id) == 1
         await alice.close()
         await bob.close()
 
