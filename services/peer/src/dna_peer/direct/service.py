@@ -75,8 +75,11 @@ class DirectService:
     async def start(self) -> None:
         """Publish a listener in a presence record and keep it fresh until `stop`."""
         await self._new_listener()
-        await self.publish()
         self.listening = True
+        try:
+            await self.publish()
+        except DnaError as exc:  # the network is away: the refresher tries again
+            log.warning("presence not published: %s", exc)
         self._refresher = asyncio.create_task(self._refresh())
 
     async def stop(self) -> None:
@@ -193,12 +196,20 @@ class DirectService:
         deadline = loop.time() + self.timeout_s
         try:
             link = await asyncio.wait_for(self._link_to(contact), self.timeout_s)
-        except (DirectError, TimeoutError) as exc:
+        except (DnaError, TimeoutError, OSError) as exc:  # DirectError, a network error, ...
             log.info("no direct path to %s: %s", contact.fingerprint.hex()[:16], exc)
             return False
         if link is None:
             return False
-        return await link.send(message_id, envelope, timeout=max(0.1, deadline - loop.time()))
+        left = max(0.1, deadline - loop.time())
+        if await link.send(message_id, envelope, timeout=left):
+            return True
+        # The contact's end went away (a restart, a new address): the next message
+        # looks its presence up again instead of waiting on this link.
+        log.info("direct link to %s lost; falling back", contact.fingerprint.hex()[:16])
+        self._forget(contact.fingerprint, link)
+        await link.close()
+        return False
 
     async def _link_to(self, contact: Contact) -> DirectLink | None:
         link = self.links.get(contact.fingerprint)
