@@ -23,12 +23,13 @@ uv_bin() {
 # the reference TURN server that interop tests and `bench.turn` run beside `dna-stun`.
 # `images` (make images) needs the container tools alone. npm (for helm, below) only where
 # no Node.js is installed: the machine's own Node.js ships its npm, and Debian's npm
-# package conflicts with it.
+# package conflicts with it. iptables and iproute2 for the peer's direct-path tests (veth
+# pairs and UDP blocked in network namespaces).
 CONTAINER_PACKAGES=(docker.io docker-compose mmdebstrap prometheus)
 APT_PACKAGES=()
 case "${1:-}" in
   test)
-    APT_PACKAGES=(redis-server coturn "${CONTAINER_PACKAGES[@]}")
+    APT_PACKAGES=(redis-server coturn iptables iproute2 "${CONTAINER_PACKAGES[@]}")
     command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(npm)
     ;;
   images) APT_PACKAGES=("${CONTAINER_PACKAGES[@]}") ;;

@@ -7,12 +7,16 @@ import hashlib
 import importlib.util
 import os
 import pty
+import queue
 import random
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import IO
 
 from dna_core.crypto import Identity
 from dna_core.crypto.keys import SEEDS_SIZE
@@ -95,3 +99,28 @@ def load_script(name: str) -> ModuleType:
     sys.modules[name] = module  # dataclasses and pickling look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def lines(stream: IO[str]) -> queue.Queue[str]:
+    """A stream's lines as they come (read by a thread: no blocking readline in the test)."""
+    found: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        for line in stream:
+            found.put(line.rstrip("\n"))
+
+    threading.Thread(target=pump, daemon=True).start()
+    return found
+
+
+def wait_for(found: queue.Queue[str], text: str, timeout: float, seen: list[str]) -> str:
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = found.get(timeout=left)
+        except queue.Empty:
+            break
+        seen.append(line)
+        if text in line:
+            return line
+    raise AssertionError(f"no line with {text!r} within {timeout} s; saw {seen}")

@@ -5,17 +5,14 @@ started again while it watches."""
 from __future__ import annotations
 
 import json
-import queue
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
-from typing import IO
 
 import pytest
 from dna_testnet.network import Testnet
-from support import BIN, run_script
+from support import BIN, lines, run_script, wait_for
 
 pytestmark = pytest.mark.process  # every test runs the dna command
 
@@ -27,31 +24,6 @@ def dna(home: Path, net: Testnet, *args: str) -> dict:  # type: ignore[type-arg]
     out = run_script("dna", "--home", str(home), "--bootstrap", seeds, "--json", *args, env=PASS)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)  # type: ignore[no-any-return]
-
-
-def lines(stream: IO[str]) -> queue.Queue[str]:
-    """A stream's lines as they come (read by a thread: no blocking readline in the test)."""
-    found: queue.Queue[str] = queue.Queue()
-
-    def pump() -> None:
-        for line in stream:
-            found.put(line.rstrip("\n"))
-
-    threading.Thread(target=pump, daemon=True).start()
-    return found
-
-
-def wait_for(found: queue.Queue[str], text: str, timeout: float, seen: list[str]) -> str:
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            line = found.get(timeout=left)
-        except queue.Empty:
-            break
-        seen.append(line)
-        if text in line:
-            return line
-    raise AssertionError(f"no line with {text!r} within {timeout} s; saw {seen}")
 
 
 def test_watch_rides_out_a_network_restart(tmp_path: Path) -> None:

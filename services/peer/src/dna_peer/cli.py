@@ -55,7 +55,13 @@ from dna_peer.keyserver import (
     check_name_free,
 )
 from dna_peer.link import accept_link, offer_link
-from dna_peer.network import default_seeds, join_overlay, parse_seeds
+from dna_peer.network import (
+    default_seeds,
+    direct_enabled,
+    ice_config,
+    join_overlay,
+    parse_seeds,
+)
 from dna_peer.peer import MAX_TEXT_BYTES, InvalidMessageError, Peer, check_text, open_peer
 from dna_peer.profile import NoIdentityError, Profile, write_private
 from dna_peer.terminal import (
@@ -319,15 +325,19 @@ def _contacts_add(args: argparse.Namespace) -> None:
 
 def _contacts_list(args: argparse.Namespace) -> None:
     async def work(peer: Peer) -> None:
-        contacts = [_contact_info(peer, c) for c in peer.cache.contacts()]
+        pinned = peer.cache.contacts()
+        found = await asyncio.gather(*(peer.presence_of(c) for c in pinned))  # a fresh record
+        contacts = [{**_contact_info(peer, c), "online": p is not None}
+                    for c, p in zip(pinned, found, strict=True)]  # fmt: skip
         if args.json:
             print(json.dumps(contacts))
             return
         out = console()
-        grid = table(out, "name", "fingerprint", "verified")
+        grid = table(out, "name", "fingerprint", "verified", "online")
         for c in contacts:
             mark = Text("yes", style="green") if c["verified"] else Text("no", style="yellow")
-            grid.add_row(Text(printable(c["name"] or "(no name)")), c["fingerprint"], mark)
+            online = Text("online", style="green") if c["online"] else Text("offline", style="dim")
+            grid.add_row(Text(printable(c["name"] or "(no name)")), c["fingerprint"], mark, online)
         out.print(grid if contacts else "no contacts yet: `dna contacts add NAME`")
 
     _with_peer(args, work)
@@ -365,10 +375,14 @@ def _send(args: argparse.Namespace) -> None:
 
     async def work(peer: Peer) -> None:
         contact = peer.find_contact(args.to)
-        with phase_line("sealing, proof of work, storing on the replicas…", enabled=not args.json):
+        if direct_enabled():
+            await peer.go_direct(ice_config(), listen=False)
+        with phase_line("sealing; direct if they are online, else storing on the replicas…",
+                        enabled=not args.json):  # fmt: skip
             sent = await peer.send(contact, body)
         _emit(args, {"to": _party(peer.cache, contact.fingerprint),
-                     "message_id": sent.message_id.hex(), "replicas": sent.stored_on})  # fmt: skip
+                     "message_id": sent.message_id.hex(), "path": sent.path,
+                     "replicas": sent.stored_on})  # fmt: skip
 
     _with_peer(args, work)
 
@@ -511,6 +525,9 @@ def _watch(args: argparse.Namespace) -> None:
         def network(text: str) -> None:  # outages and returns, on stderr (stdout: messages)
             print(f"dna: {text}", file=sys.stderr, flush=True)
 
+        if direct_enabled():  # online: presence published, contacts may connect directly
+            peer.on_direct = show
+            await peer.go_direct(ice_config(), listen=True)
         if not args.json:
             print("watching for messages (Ctrl-C to stop)", flush=True)
         with contextlib.suppress(asyncio.CancelledError):
@@ -572,6 +589,9 @@ environment:
   DNA_PASSPHRASE  the passphrase, for scripts (otherwise dna asks for it)
   DNA_BOOTSTRAP   host:port[,host:port] of bootstrap nodes (default: the local
                   testnet of `dna-testnet up`); --bootstrap overrides it
+  DNA_STUN, DNA_TURN  host:port of the STUN and TURN servers for direct messages
+                  (DNA_TURN_USER, DNA_TURN_PASSWORD: the TURN credentials)
+  DNA_DIRECT=0    never the direct path: every message through the storage nodes
   NO_COLOR        no colours (neither are used when the output is not a terminal)
 
 The global options (--json, -v, --home, --bootstrap) go before or after the

@@ -8,9 +8,14 @@ from dna_core.crypto.node import NodeIdentity
 from dna_core.errors import DnaError
 from dna_core.overlay import NodeConfig, OverlayNode, local_host_for, resolve_seeds, seed_family
 
+from dna_peer.direct.link import IceConfig
+
 # The local testnet's bootstrap nodes (`dna-testnet up`): the embedded default.
 TESTNET_SEEDS = (("127.0.0.2", 7400), ("127.0.0.3", 7400), ("127.0.0.4", 7400))
 SEEDS_ENV = "DNA_BOOTSTRAP"
+STUN_ENV, TURN_ENV = "DNA_STUN", "DNA_TURN"  # host:port of the STUN and TURN servers
+TURN_USER_ENV, TURN_PASSWORD_ENV = "DNA_TURN_USER", "DNA_TURN_PASSWORD"
+DIRECT_ENV = "DNA_DIRECT"  # "0": never the direct path, always store-and-forward
 
 
 class NetworkUnreachableError(DnaError):
@@ -66,3 +71,24 @@ async def join_overlay(
         )
     await node.refresh(0)
     return node
+
+
+def direct_enabled() -> bool:
+    return os.environ.get(DIRECT_ENV, "1") != "0"
+
+
+def ice_config() -> IceConfig:
+    """The STUN/TURN servers of the direct path, from $DNA_STUN, $DNA_TURN (host:port),
+    $DNA_TURN_USER and $DNA_TURN_PASSWORD (long-term or time-limited credentials)."""
+    servers: dict[str, tuple[str, int] | None] = {}
+    for env in (STUN_ENV, TURN_ENV):
+        text = os.environ.get(env, "").strip()
+        try:
+            servers[env] = parse_seeds(text)[0] if text else None
+        except DnaError as exc:
+            raise DnaError(f"{env}={text!r}: {exc}") from None
+    turn_user, turn_password = os.environ.get(TURN_USER_ENV), os.environ.get(TURN_PASSWORD_ENV)
+    if servers[TURN_ENV] is not None and not (turn_user and turn_password):
+        raise DnaError(f"{TURN_ENV} needs {TURN_USER_ENV} and {TURN_PASSWORD_ENV}")
+    return IceConfig(stun=servers[STUN_ENV], turn=servers[TURN_ENV], turn_username=turn_user,
+                     turn_password=turn_password)  # fmt: skip

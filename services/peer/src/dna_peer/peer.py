@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dna_core.crypto import Identity, PublicKeySet, ReplayGuard, seal
+from dna_core.crypto import primitives as p
 from dna_core.crypto.envelope import MAX_PAYLOAD_BYTES, decode_envelope
 from dna_core.errors import DnaError
 from dna_core.mailbox.client import FetchState, MailboxClient, QuorumError
@@ -29,9 +30,12 @@ from dna_core.wire import envelope_pb2
 
 from dna_peer import keyserver
 from dna_peer.cache import MAX_ROTATION_HOPS, RECOVERING, Cache, Contact, Message, cache_key
+from dna_peer.direct.link import IceConfig
+from dna_peer.direct.service import DirectService
 from dna_peer.inbox import Inbox, ReceiptDue, SyncReport
 from dna_peer.keyserver import now_ms
 from dna_peer.network import join_overlay
+from dna_peer.presence import Presence, lookup_presence
 from dna_peer.profile import Device, Profile
 
 log = logging.getLogger("dna.peer")
@@ -87,10 +91,14 @@ class KeyChangedError(DnaError):
     """A contact's key changed without a rotation statement signed by the pinned key."""
 
 
+DIRECT, STORED = "direct", "stored"  # the path a message took
+
+
 @dataclass(frozen=True)
 class SentMessage:
     message_id: bytes
-    stored_on: int  # replicas that acknowledged
+    stored_on: int  # replicas that acknowledged (0: delivered directly)
+    path: str = STORED  # DIRECT: the recipient's device acknowledged it over the direct path
 
 
 @dataclass
@@ -104,6 +112,9 @@ class Peer:
     mail: MailboxClient = field(init=False)
     _checked_ms: int = field(default=0, init=False)  # when the own records were last looked up
     _deletes_refused_until: float = field(init=False, default=0.0)  # monotonic
+    direct: DirectService | None = field(default=None, init=False)  # see `go_direct`
+    on_direct: Callable[[SyncReport], None] | None = field(default=None, init=False, repr=False)
+    _mirrors: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
     # Writes a new identity to the profile's key file (set by open_peer, which holds the
     # passphrase); without it this device cannot follow a rotation.
     save_identity: Callable[[Identity, Callable[[], None]], None] | None = field(
@@ -116,6 +127,10 @@ class Peer:
             log.info("device %s registered in its cache", self.device.device_id.hex()[:8])
 
     async def close(self) -> None:
+        if self.direct is not None:
+            await self.direct.stop()  # withdraws the presence record, if it published one
+        if self._mirrors:
+            await asyncio.gather(*self._mirrors, return_exceptions=True)
         await self.mail.drain()  # let writes past their quorum reach the other replicas
         await self.node.stop()
         self.cache.close()
@@ -292,24 +307,84 @@ class Peer:
     # -- sending ---------------------------------------------------------------------
 
     async def send(self, contact: Contact, body: str) -> SentMessage:
+        """Seal once, then deliver: over the direct path if the contact is present and a
+        pair comes up in time, else (any failure or the deadline) the same envelope, with
+        the same message ID, to the contact's mailbox; a copy arriving both ways is
+        dropped by the recipient as a replay of an ID it holds."""
         check_text(body)
         payload = envelope_pb2.Payload(text=envelope_pb2.Text(body=body)).SerializeToString()
         # Our key set (3.2 KB) rides along until the contact showed it has it; after that
         # a recipient without it (a lost cache) finds it in the keyserver.
         with_keys = not self.cache.has_our_keys(contact.fingerprint)
-        sent = await self.send_payload(contact.keys, payload, with_keys=with_keys)
-        header = decode_envelope(sent.envelope)
+        envelope = seal(self.identity, contact.keys, payload, now_ms=now_ms(),
+                        include_sender_keys=with_keys)  # fmt: skip
+        header = decode_envelope(envelope)
+        direct = self.direct is not None and await self.direct.send(
+            contact, header.message_id, envelope
+        )
+        stored_on = 0 if direct else (await self._put(contact.fingerprint, envelope)).stored_on
         self.cache.add_message(Message(
             header.message_id, contact.conversation, self.fingerprint, contact.fingerprint,
             header.timestamp_ms, body, outgoing=True,
         ))  # fmt: skip
+        if direct:  # the ACK says the contact's device stored it: that is the receipt
+            self.cache.mark_delivered([header.message_id], recipient=contact.fingerprint)
         if self._has_other_devices():
             transcript = envelope_pb2.SyncTranscript(
                 original_recipient=contact.fingerprint, original_message_id=header.message_id,
                 original_timestamp_ms=header.timestamp_ms, payload=payload,
             )  # fmt: skip
             await self.post_to_devices(envelope_pb2.Payload(sync=transcript))
-        return SentMessage(header.message_id, sent.stored_on)
+        return SentMessage(header.message_id, stored_on, DIRECT if direct else STORED)
+
+    # -- the direct path ----------------------------------------------------------------
+
+    async def go_direct(self, config: IceConfig, *, listen: bool) -> DirectService:
+        """Send over the direct path when a contact is present; with ``listen`` (this
+        device stays online: `dna watch`) also publish presence and accept contacts."""
+        self.direct = DirectService(self, config, self._receive_direct)
+        if listen:
+            await self.direct.start()
+        return self.direct
+
+    async def presence_of(self, contact: Contact) -> Presence | None:
+        """The contact's fresh presence record (None: offline)."""
+        return await lookup_presence(self.node, contact.keys, self.identity, now_ms=now_ms())
+
+    async def _receive_direct(
+        self, sender: PublicKeySet, message_id: bytes, envelope: bytes
+    ) -> None:
+        """A message that came over the direct path: handled by the inbox like a mailbox
+        blob (same checks, same replay memory), then mirrored to this identity's other
+        devices. Returning means stored (the channel then acknowledges); raising, not."""
+        if decode_envelope(envelope).message_id != message_id:
+            raise InvalidMessageError("direct: the frame's message ID is not the envelope's")
+        inbox = self._inbox()
+        # Not the mailbox blob ID: if the same envelope also reaches the mailbox (the
+        # sender fell back after a lost ACK), that copy is dropped as a replay and deleted.
+        await inbox.handle_blob(p.sha256(p.label("direct-blob"), envelope), envelope)
+        report = inbox.report
+        if report.new_messages and self._has_other_devices():
+            task = asyncio.create_task(self._mirror(report.new_messages))
+            self._mirrors.add(task)
+            task.add_done_callback(self._mirrors.discard)
+        if (report.new_messages or report.receipts) and self.on_direct is not None:
+            self.on_direct(report)
+
+    async def _mirror(self, messages: list[Message]) -> None:
+        """Sync transcripts of directly received messages, for the other devices (the
+        mailbox copy, which they would have read, never existed)."""
+        for msg in messages:
+            text = envelope_pb2.Text(body=msg.body, conversation_id=msg.conversation)
+            transcript = envelope_pb2.SyncTranscript(
+                original_recipient=msg.recipient, original_message_id=msg.message_id,
+                original_timestamp_ms=msg.timestamp_ms, original_sender=msg.sender,
+                payload=envelope_pb2.Payload(text=text).SerializeToString(),
+            )  # fmt: skip
+            try:
+                await self.post_to_devices(envelope_pb2.Payload(sync=transcript))
+            except DnaError as exc:
+                log.warning("mirroring direct message %s failed: %s", msg.message_id.hex(), exc)
 
     async def send_payload(
         self, to: PublicKeySet, payload: bytes, *, with_keys: bool, sender: Identity | None = None
@@ -318,9 +393,13 @@ class Peer:
         reached a mailbox this identity rotated away from)."""
         envelope = seal(sender or self.identity, to, payload, now_ms=now_ms(),
                         include_sender_keys=with_keys)  # fmt: skip
+        return await self._put(to.fingerprint, envelope)
+
+    async def _put(self, to: bytes, envelope: bytes) -> _Sent:
+        """Put a sealed envelope on ``to``'s mailbox replicas (retrying, see below)."""
         for attempt in range(SEND_ATTEMPTS):
             try:
-                put = await self.mail.put(to.fingerprint, envelope, return_at_quorum=True)
+                put = await self.mail.put(to, envelope, return_at_quorum=True)
                 return _Sent(envelope, len(put.stored_on))
             except QuorumError as exc:
                 # Retry the same envelope: a partial write then merges with it (same

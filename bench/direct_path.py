@@ -1,0 +1,107 @@
+"""The direct path beside store-and-forward, same run (docs/nat.md).
+
+Two in-process peers on a local testnet (3 bootstrap + 6 storage processes); the peers'
+ICE runs on a veth pair ``d-bench0``/``d-bench1`` (10.77.9.1) made for the run, since
+aioice gathers no host candidate on loopback: run it as root inside a network namespace,
+``ip netns exec NS uv run --locked python -m bench.direct_path``. Figures (latency, p50
+and p99 in ms, BENCH.md lines): the first direct message (presence lookup, ICE,
+handshake, ACK), then direct send -> stored in the recipient's cache -> ACK over the
+link, against store-and-forward put -> the recipient's next sync (the baseline)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from dna_peer.direct.link import IceConfig
+from dna_peer.peer import DIRECT, Peer
+from dna_testnet.network import Testnet
+
+from bench.harness import (
+    arg_parser,
+    detail,
+    n_from,
+    percentile,
+    print_machine,
+    report,
+    run_main,
+    scratch_dir,
+)
+
+VETH, VETH_PEER, ADDRESS = "d-bench0", "d-bench1", "10.77.9.1/24"
+FIRST_ADDRESS = 150  # testnet on 127.0.0.150-158
+
+
+@contextmanager
+def veth() -> Iterator[None]:
+    subprocess.run(["ip", "link", "del", VETH], capture_output=True, check=False)
+    subprocess.run(["ip", "link", "add", VETH, "type", "veth", "peer", "name", VETH_PEER],
+                   check=True)  # fmt: skip
+    try:
+        subprocess.run(["ip", "addr", "add", ADDRESS, "dev", VETH], check=True)
+        for end in (VETH, VETH_PEER):
+            subprocess.run(["ip", "link", "set", end, "up"], check=True)
+        yield
+    finally:
+        subprocess.run(["ip", "link", "del", VETH], check=False)
+
+
+async def friends(root: Path, net: Testnet) -> tuple[Peer, Peer]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from peers import People
+
+    people = People(root, net.seeds)
+    alice, bob = await people.new("alice"), await people.new("bob")
+    await alice.add_contact(people.name("bob"))
+    await bob.add_contact(people.name("alice"))
+    return alice, bob
+
+
+async def timed_sends(alice: Peer, bob: Peer, n: int, *, direct: bool) -> list[float]:
+    contact = alice.find_contact(bob.fingerprint.hex()[:16])
+    samples = []
+    for i in range(n):
+        started = time.perf_counter()
+        sent = await alice.send(contact, f"message {i}")
+        if direct:
+            assert sent.path == DIRECT, "the direct path went away mid-run"
+        else:
+            while sent.message_id not in {m.message_id for m in (await bob.sync()).new_messages}:
+                pass
+        samples.append((time.perf_counter() - started) * 1000)
+    return sorted(samples)
+
+
+async def bench() -> int:
+    args = arg_parser(__doc__ or "").parse_args()
+    n = n_from(args, default=50, quick=5)
+    print_machine()
+    with scratch_dir("direct") as root, veth():
+        net = Testnet(root / "net", first=FIRST_ADDRESS)
+        try:
+            net.up()
+            alice, bob = await friends(root, net)
+            await bob.go_direct(IceConfig(), listen=True)
+            await alice.go_direct(IceConfig(), listen=False)
+            first = await timed_sends(alice, bob, 1, direct=True)
+            detail({"first_direct_message_ms": round(first[0], 1)})
+            direct = await timed_sends(alice, bob, n, direct=True)
+            alice.direct = None  # the mailbox only, from here
+            stored = await timed_sends(alice, bob, n, direct=False)
+            for q, name in ((0.5, "p50"), (0.99, "p99")):
+                report(f"direct_path.send_to_stored.{name}", "ms", percentile(direct, q),
+                       {"store_and_forward": percentile(stored, q)}, n,
+                       {"mode": "seq"}, kind="latency")  # fmt: skip
+            await alice.close()
+            await bob.close()
+        finally:
+            net.down()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main("direct_path", bench, watchdog_s=600))

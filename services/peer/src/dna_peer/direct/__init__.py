@@ -1,0 +1,1 @@
+"""Direct messaging between two online peers: ICE (aioice) and an authenticated channel."""

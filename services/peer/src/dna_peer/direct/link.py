@@ -1,0 +1,250 @@
+"""The asyncio adapter of the direct path: aioice agents carrying a `Channel`.
+
+`IceConfig` says which STUN/TURN servers the agents use. A device that is online keeps a
+`Listener`: a controlled agent whose credentials and candidates it publishes in its
+presence record (sealed to its contacts), together with the credentials a caller must
+use. A contact dials it (`dial`): a controlling agent with those credentials, checks
+toward the published candidates (and, with TURN, from a relayed candidate), then the
+channel handshake over the selected pair. The listener starts its own half of ICE when
+the first authenticated check arrives (the caller's address is then a peer-reflexive
+candidate), so no answer has to travel back through the network before the path is up.
+A listener serves one caller; the device then publishes a fresh one.
+
+`DirectLink` moves datagrams between the agent and the channel, retransmits a message
+with growing gaps until its ACK arrives or the caller's deadline passes, and hands a
+received message to the owner before acknowledging it (an ACK means "stored").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aioice
+from dna_core.crypto import Identity, PublicKeySet
+from dna_core.errors import DnaError
+
+from dna_peer.direct.channel import Channel, Delivered, Established, Pinned, Received, Refused
+
+log = logging.getLogger("dna.peer.direct")
+FIRST_RTO_S = 0.25
+MAX_RTO_S = 2.0
+OnReceived = Callable[[PublicKeySet, bytes, bytes], Awaitable[None]]  # (sender, id, payload)
+
+
+class DirectError(DnaError):
+    """The direct path is not there (ICE failed, handshake refused, or a timeout)."""
+
+
+@dataclass(frozen=True)
+class IceConfig:
+    stun: tuple[str, int] | None = None
+    turn: tuple[str, int] | None = None
+    turn_username: str | None = None
+    turn_password: str | None = None
+    relay_only: bool = False  # tests and the paranoid: only the TURN-relayed candidate
+
+    def agent(self, *, controlling: bool, **credentials: Any) -> aioice.Connection:
+        return aioice.Connection(
+            ice_controlling=controlling, stun_server=self.stun, turn_server=self.turn,
+            turn_username=self.turn_username, turn_password=self.turn_password,
+            use_ipv6=False, transport_policy=(aioice.TransportPolicy.RELAY if self.relay_only
+                                              else aioice.TransportPolicy.ALL), **credentials,
+        )  # fmt: skip
+
+
+class _ListeningAgent(aioice.Connection):
+    """A controlled agent that notices the first authenticated check from its caller."""
+
+    def __init__(self, on_call: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._on_call: Callable[[], None] | None = on_call
+
+    def request_received(self, message: Any, addr: tuple[str, int], protocol: Any) -> None:
+        super().request_received(message, addr, protocol)
+        username = message.attributes.get("USERNAME", "")
+        if (
+            self._on_call is not None
+            and username == f"{self.local_username}:{self.remote_username}"
+            and message.check_message_integrity(self.local_password.encode())
+        ):
+            on_call, self._on_call = self._on_call, None
+            on_call()
+
+
+class Listener:
+    """A published listening agent (see the module docstring)."""
+
+    def __init__(self, config: IceConfig, on_call: Callable[[Listener], None]) -> None:
+        self.agent = _ListeningAgent(
+            lambda: on_call(self), ice_controlling=False, stun_server=config.stun,
+            turn_server=config.turn, turn_username=config.turn_username,
+            turn_password=config.turn_password, use_ipv6=False,
+        )  # fmt: skip
+        caller = aioice.Connection(ice_controlling=True)  # only to draw random credentials
+        self.caller_ufrag, self.caller_pwd = caller.local_username, caller.local_password
+        self.agent.remote_username, self.agent.remote_password = self.caller_ufrag, self.caller_pwd
+
+    async def gather(self) -> None:
+        await self.agent.gather_candidates()
+
+    def candidates(self) -> tuple[str, ...]:
+        return tuple(c.to_sdp() for c in self.agent.local_candidates)
+
+    async def close(self) -> None:
+        await self.agent.close()
+
+
+async def dial(
+    config: IceConfig, ufrag: str, pwd: str, caller_ufrag: str, caller_pwd: str,
+    candidates: tuple[str, ...], *, timeout: float,
+) -> aioice.Connection:  # fmt: skip
+    """A controlling agent connected to a published listener; raises `DirectError`."""
+    agent = config.agent(controlling=True, local_username=caller_ufrag, local_password=caller_pwd)
+    agent.remote_username, agent.remote_password = ufrag, pwd
+    try:
+        async with asyncio.timeout(timeout):
+            await agent.gather_candidates()
+            for sdp in candidates:
+                await agent.add_remote_candidate(aioice.Candidate.from_sdp(sdp))
+            await agent.add_remote_candidate(None)
+            await agent.connect()
+    except (TimeoutError, ConnectionError, ValueError, OSError) as exc:
+        await agent.close()
+        raise DirectError(f"ICE did not connect: {exc or type(exc).__name__}") from None
+    except BaseException:  # cancelled: no sockets left behind
+        await agent.close()
+        raise
+    return agent
+
+
+async def answer(agent: aioice.Connection, *, timeout: float) -> None:
+    """The listener's half of ICE, once its caller's first check arrived."""
+    try:
+        async with asyncio.timeout(timeout):
+            await agent.connect()
+    except (TimeoutError, ConnectionError) as exc:
+        raise DirectError(f"ICE did not connect: {exc or type(exc).__name__}") from None
+
+
+class DirectLink:
+    """One ICE connection and its channel, from either end."""
+
+    def __init__(self, agent: aioice.Connection, channel: Channel, on_received: OnReceived,
+                 on_closed: Callable[[DirectLink], None] | None = None) -> None:  # fmt: skip
+        self.agent, self.channel, self.on_received = agent, channel, on_received
+        self.on_closed = on_closed
+        self.established = asyncio.Event()
+        self.refused: list[str] = []
+        self._acks: dict[bytes, asyncio.Future[None]] = {}
+        self._reader = asyncio.create_task(self._read())
+        self.closed = False
+
+    @property
+    def peer(self) -> PublicKeySet | None:
+        return self.channel.peer if self.channel.established else None
+
+    def route(self) -> str:
+        """The candidate types of the selected pair ("host->host", "relay->host", ...)."""
+        pair = getattr(self.agent, "_nominated", {}).get(1)  # aioice keeps the pair private
+        return f"{pair.local_candidate.type}->{pair.remote_candidate.type}" if pair else "none"
+
+    @classmethod
+    async def open(
+        cls, agent: aioice.Connection, identity: Identity, peer: PublicKeySet,
+        on_received: OnReceived, *, timeout: float,
+    ) -> DirectLink:  # fmt: skip
+        """The initiator's side: the handshake, HELLO resent until the WELCOME."""
+        channel, hello = Channel.initiate(identity, peer)
+        link = cls(agent, channel, on_received)
+        deadline = time.monotonic() + timeout
+        rto = FIRST_RTO_S
+        while not link.established.is_set():
+            await link._send(hello)
+            left = deadline - time.monotonic()
+            if left <= 0 or link.closed:
+                await link.close()
+                raise DirectError("the direct channel handshake got no answer")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(link.established.wait(), min(rto, left))
+            hello, rto = channel.hello_datagrams(), min(rto * 2, MAX_RTO_S)
+        return link
+
+    @classmethod
+    def accept(cls, agent: aioice.Connection, identity: Identity, pinned: Pinned,
+               on_received: OnReceived) -> DirectLink:  # fmt: skip
+        return cls(agent, Channel.respond(identity, pinned), on_received)
+
+    async def send(self, message_id: bytes, payload: bytes, *, timeout: float) -> bool:
+        """Send until acknowledged (True) or ``timeout`` passes (False)."""
+        if self.closed or not self.channel.established:
+            return False
+        acked = self._acks.setdefault(message_id, asyncio.get_running_loop().create_future())
+        deadline, rto = time.monotonic() + timeout, FIRST_RTO_S
+        try:
+            while not acked.done():
+                left = deadline - time.monotonic()
+                if left <= 0 or self.closed:
+                    return False
+                await self._send(self.channel.seal_message(message_id, payload))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(acked), min(rto, left))
+                rto = min(rto * 2, MAX_RTO_S)
+            return True
+        finally:
+            self._acks.pop(message_id, None)
+
+    async def _send(self, datagrams: list[bytes]) -> None:
+        for datagram in datagrams:
+            try:
+                await self.agent.send(datagram)
+            except (ConnectionError, OSError) as exc:
+                log.info("direct send failed: %s", exc)
+                return
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                datagram = await self.agent.recv()
+                await self._handle(datagram)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        except Exception:  # a bug must not leave a half-dead link that swallows messages
+            log.exception("direct link reader failed")
+        finally:
+            self.closed = True
+            if self.on_closed is not None:
+                self.on_closed(self)
+
+    async def _handle(self, datagram: bytes) -> None:
+        step = self.channel.receive(datagram)
+        for event in step.events:
+            match event:
+                case Established():
+                    self.established.set()
+                case Delivered(message_id):
+                    future = self._acks.get(message_id)
+                    if future is not None and not future.done():
+                        future.set_result(None)
+                case Received(message_id, payload):
+                    assert self.channel.peer is not None
+                    try:
+                        await self.on_received(self.channel.peer, message_id, payload)
+                    except Exception as exc:  # not stored: no ACK, the sender falls back
+                        log.warning("direct message %s not stored: %s", message_id.hex(), exc)
+                        return
+                case Refused(reason):
+                    self.refused.append(reason)
+        await self._send(step.send)
+
+    async def close(self) -> None:
+        self.closed = True
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+        await self.agent.close()

@@ -1,0 +1,228 @@
+"""A device's direct messaging: its presence, its listener, and its links to contacts.
+
+`DirectService` runs beside a `Peer` while the device is online (`dna watch`): it keeps a
+`Listener` published in a presence record (sealed to the contacts written to most
+recently), refreshes the record every ``REFRESH_MS``, answers a contact that dials the
+listener (then publishes a fresh listener), and withdraws the record on `stop`. `send`
+is the sender's side: use a link that is up, or look up the contact's presence, dial
+it and handshake; any failure or the deadline returns False and the caller falls back
+to store-and-forward with the same envelope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from dna_core.crypto import Identity, PublicKeySet
+from dna_core.errors import DnaError
+from dna_core.overlay import OverlayNode, identity_proof
+from dna_core.wire import common_pb2
+
+from dna_peer.cache import Cache, Contact
+from dna_peer.direct.link import DirectError, DirectLink, IceConfig, Listener, answer, dial
+from dna_peer.keyserver import now_ms
+from dna_peer.presence import (
+    MAX_SEALED_CONTACTS,
+    REFRESH_MS,
+    Reach,
+    lookup_presence,
+    presence_key,
+    presence_record,
+)
+from dna_peer.profile import Device
+
+log = logging.getLogger("dna.peer.direct")
+DIRECT_TIMEOUT_S = 4.0  # ICE, handshake and ACK together; then store-and-forward
+PROOF_REUSE_MS = 30 * 60_000  # a presence proof of work stays valid for the kind's hour
+Deliver = Callable[[PublicKeySet, bytes, bytes], Awaitable[None]]  # (sender, id, envelope)
+
+
+class Owner(Protocol):
+    @property
+    def identity(self) -> Identity: ...
+
+    @property
+    def cache(self) -> Cache: ...
+
+    @property
+    def node(self) -> OverlayNode: ...
+
+    @property
+    def device(self) -> Device: ...
+
+
+@dataclass
+class DirectService:
+    owner: Owner
+    config: IceConfig
+    deliver: Deliver  # store a received envelope (the peer's inbox); raises if it cannot
+    timeout_s: float = DIRECT_TIMEOUT_S
+    links: dict[bytes, DirectLink] = field(default_factory=dict)  # contact fingerprint ->
+    listener: Listener | None = None
+    _refresher: asyncio.Task[None] | None = None
+    _proof: tuple[int, common_pb2.ProofOfWork] | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _republish: asyncio.Event = field(default_factory=asyncio.Event)
+    listening: bool = False  # published a presence record (so `stop` withdraws it)
+
+    # -- being reachable -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Publish a listener in a presence record and keep it fresh until `stop`."""
+        await self._new_listener()
+        self.listening = True
+        try:
+            await self.publish()
+        except DnaError as exc:  # the network is away: the refresher tries again
+            log.warning("presence not published: %s", exc)
+        self._refresher = asyncio.create_task(self._refresh())
+
+    async def stop(self) -> None:
+        """Withdraw the presence record and close everything."""
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        for task in list(self._tasks):
+            task.cancel()
+        if self.listening:  # a send-only process must not withdraw its identity's presence
+            try:
+                await self._put(None)
+            except DnaError as exc:  # it expires within its lifetime anyway
+                log.warning("presence withdrawal failed: %s", exc)
+        for link in list(self.links.values()):
+            await link.close()
+        self.links.clear()
+        if self.listener is not None:
+            await self.listener.close()
+
+    async def publish(self) -> int:
+        """Sign and put the presence record for the current listener."""
+        assert self.listener is not None
+        reach = Reach(self.owner.device.device_id, self.listener.agent.local_username,
+                      self.listener.agent.local_password, self.listener.caller_ufrag,
+                      self.listener.caller_pwd, self.listener.candidates())  # fmt: skip
+        return await self._put(reach)
+
+    async def _put(self, reach: Reach | None) -> int:
+        record = presence_record(self.owner.identity, self._sealed_to(), reach,
+                                 now_ms=now_ms(), proof=self._proof_of_work())  # fmt: skip
+        return await self.owner.node.put_record(
+            record, presence_key(self.owner.identity.fingerprint)
+        )
+
+    def _sealed_to(self) -> list[PublicKeySet]:
+        """The contacts written to most recently (a record holds MAX_SEALED_CONTACTS)."""
+        contacts = [c for c in self.owner.cache.contacts() if not c.replaced_by]
+        latest = {m.conversation: m.timestamp_ms for m in self.owner.cache.messages(limit=-1)}
+        contacts.sort(key=lambda c: latest.get(c.conversation, 0), reverse=True)
+        return [c.keys for c in contacts[:MAX_SEALED_CONTACTS]]
+
+    def _proof_of_work(self) -> common_pb2.ProofOfWork:
+        """The identity proof (~0.3 s of hashing), reused while it is young enough."""
+        if self._proof is None or now_ms() - self._proof[0] > PROOF_REUSE_MS:
+            made = now_ms()
+            self._proof = made, identity_proof(self.owner.identity.fingerprint, now_ms=made)
+        return self._proof[1]
+
+    async def _refresh(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._republish.wait(), REFRESH_MS / 1000)
+            self._republish.clear()
+            try:
+                await self.publish()
+            except DnaError as exc:
+                log.warning("presence refresh failed: %s", exc)
+
+    async def _new_listener(self) -> None:
+        listener = Listener(self.config, self._called)
+        await listener.gather()
+        self.listener = listener
+
+    def _called(self, listener: Listener) -> None:
+        """A contact dialled the published listener: answer it, publish a new one."""
+        task = asyncio.create_task(self._answer(listener))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, listener: Listener) -> None:
+        await self._new_listener()
+        self._republish.set()
+        try:
+            await answer(listener.agent, timeout=self.timeout_s)
+        except DirectError as exc:
+            log.info("a caller's ICE did not complete: %s", exc)
+            await listener.close()
+            return
+        link = DirectLink.accept(listener.agent, self.owner.identity, self._pinned, self.deliver)
+        try:
+            await asyncio.wait_for(link.established.wait(), self.timeout_s)
+        except TimeoutError:
+            log.warning("direct channel not established: %s", "; ".join(link.refused) or "no HELLO")
+            await link.close()
+            return
+        assert link.peer is not None
+        self._keep(link.peer.fingerprint, link)
+
+    def _pinned(self, fingerprint: bytes) -> PublicKeySet | None:
+        contact = self.owner.cache.contact(fingerprint)
+        return contact.keys if contact is not None and not contact.replaced_by else None
+
+    def _keep(self, fingerprint: bytes, link: DirectLink) -> None:
+        old = self.links.get(fingerprint)
+        self.links[fingerprint] = link
+        link.on_closed = lambda closed: self._forget(fingerprint, closed)
+        if old is not None and old is not link:
+            task = asyncio.create_task(old.close())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _forget(self, fingerprint: bytes, link: DirectLink) -> None:
+        if self.links.get(fingerprint) is link:
+            del self.links[fingerprint]
+
+    # -- sending -------------------------------------------------------------------------
+
+    async def send(self, contact: Contact, message_id: bytes, envelope: bytes) -> bool:
+        """Deliver ``envelope`` over the direct path within the deadline: True once the
+        contact's device acknowledged it (stored), False if there is no path now."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        try:
+            link = await asyncio.wait_for(self._link_to(contact), self.timeout_s)
+        except (DnaError, TimeoutError, OSError) as exc:  # DirectError, a network error, ...
+            log.info("no direct path to %s: %s", contact.fingerprint.hex()[:16], exc)
+            return False
+        if link is None:
+            return False
+        left = max(0.1, deadline - loop.time())
+        if await link.send(message_id, envelope, timeout=left):
+            return True
+        # The contact's end went away (a restart, a new address): the next message
+        # looks its presence up again instead of waiting on this link.
+        log.info("direct link to %s lost; falling back", contact.fingerprint.hex()[:16])
+        self._forget(contact.fingerprint, link)
+        await link.close()
+        return False
+
+    async def _link_to(self, contact: Contact) -> DirectLink | None:
+        link = self.links.get(contact.fingerprint)
+        if link is not None and not link.closed:
+            return link
+        presence = await lookup_presence(self.owner.node, contact.keys, self.owner.identity,
+                                         now_ms=now_ms())  # fmt: skip
+        if presence is None or presence.reach is None or not presence.reach.candidates:
+            return None  # offline, its record is not sealed to us, or nowhere to dial
+        r = presence.reach
+        agent = await dial(self.config, r.ufrag, r.pwd, r.caller_ufrag, r.caller_pwd,
+                           r.candidates, timeout=self.timeout_s)  # fmt: skip
+        link = await DirectLink.open(agent, self.owner.identity, contact.keys, self.deliver,
+                                     timeout=self.timeout_s)  # fmt: skip
+        self._keep(contact.fingerprint, link)
+        return link

@@ -1,0 +1,145 @@
+"""The direct channel's state machine alone (sans-I/O): handshake, pinning, records,
+acknowledgements, replays and garbage, with datagrams carried by hand."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from dna_core.crypto import Identity, PublicKeySet
+from dna_peer.direct.channel import (
+    Channel,
+    Delivered,
+    Established,
+    Received,
+    Refused,
+    Step,
+)
+from dna_peer.direct.frames import FRAGMENT_BYTES, MAX_PENDING, RECORD, Reassembler, fragment
+from hypothesis import given
+from hypothesis import strategies as st
+
+
+def pins(*keys: PublicKeySet) -> dict[bytes, PublicKeySet]:
+    return {k.fingerprint: k for k in keys}
+
+
+def deliver(to: Channel, datagrams: list[bytes]) -> Step:
+    """Feed ``datagrams`` to ``to``; what came out, merged."""
+    out = Step()
+    for datagram in datagrams:
+        step = to.receive(datagram)
+        out.send += step.send
+        out.events += step.events
+    return out
+
+
+def handshake(a: Identity, b: Identity) -> tuple[Channel, Channel]:
+    initiator, hello = Channel.initiate(a, b.public)
+    responder = Channel.respond(b, pins(a.public).get)
+    welcome = deliver(responder, hello)
+    assert welcome.events == [Established(a.public)]
+    assert deliver(initiator, welcome.send).events == [Established(b.public)]
+    return initiator, responder
+
+
+def test_pinned_identities_establish_and_exchange_acknowledged_messages(
+    alice: Identity, bob: Identity
+) -> None:
+    a, b = handshake(alice, bob)
+    sent = a.seal_message(b"m" * 16, b"x" * 5000)  # several fragments
+    assert len(sent) == 5
+    got = deliver(b, sent)
+    assert got.events == [Received(b"m" * 16, b"x" * 5000)]
+    assert deliver(a, got.send).events == [Delivered(b"m" * 16)]
+    back = deliver(a, b.seal_message(b"r" * 16, b"reply"))  # the other direction
+    assert back.events == [Received(b"r" * 16, b"reply")]
+
+
+def test_a_hello_from_an_unpinned_key_is_refused_and_logged(
+    alice: Identity, bob: Identity, carol: Identity, caplog: pytest.LogCaptureFixture
+) -> None:
+    responder = Channel.respond(bob, pins(alice.public).get)
+    _, hello = Channel.initiate(carol, bob.public)
+    with caplog.at_level(logging.WARNING, "dna.peer.direct"):
+        step = deliver(responder, hello)
+    assert step.send == [] and [type(e) for e in step.events] == [Refused]
+    assert "unpinned key" in caplog.text
+    assert not responder.established
+    _, pinned_hello = Channel.initiate(alice, bob.public)  # nothing changed: alice still gets in
+    assert deliver(responder, pinned_hello).events == [Established(alice.public)]
+
+
+def test_a_welcome_not_signed_by_the_pinned_key_is_refused(
+    alice: Identity, bob: Identity, carol: Identity
+) -> None:
+    initiator, hello = Channel.initiate(alice, bob.public)
+    impostor = Channel.respond(carol, pins(alice.public).get)  # carol answers for bob
+    refused = deliver(impostor, hello)  # addressed to bob: carol refuses it too
+    assert [type(e) for e in refused.events] == [Refused]
+    real = Channel.respond(bob, pins(alice.public).get)
+    welcome = deliver(real, hello).send
+    forged = [d[:-1] + bytes([d[-1] ^ 1]) for d in welcome]  # the signature's last byte
+    assert [type(e) for e in deliver(initiator, forged).events] == [Refused]
+    assert not initiator.established
+    assert deliver(initiator, welcome).events == [Established(bob.public)]
+
+
+def test_a_lost_welcome_is_answered_again_with_the_same_session(
+    alice: Identity, bob: Identity
+) -> None:
+    initiator, hello = Channel.initiate(alice, bob.public)
+    responder = Channel.respond(bob, pins(alice.public).get)
+    deliver(responder, hello)  # the WELCOME is lost
+    again = deliver(responder, initiator.hello_datagrams())
+    assert deliver(initiator, again.send).events == [Established(bob.public)]
+    assert deliver(responder, initiator.seal_message(b"i" * 16, b"ok")).events[0] == Received(
+        b"i" * 16, b"ok"
+    )
+
+
+def test_a_replayed_record_is_refused_and_logged_and_not_handed_up_twice(
+    alice: Identity, bob: Identity, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = handshake(alice, bob)
+    record = a.seal_message(b"m" * 16, b"once")
+    assert deliver(b, record).events == [Received(b"m" * 16, b"once")]
+    with caplog.at_level(logging.WARNING, "dna.peer.direct"):
+        replay = deliver(b, record)
+    assert replay.send == [] and replay.events == [Refused("direct: record 0 replayed")]
+    assert "replayed" in caplog.text
+    retransmitted = deliver(b, a.seal_message(b"m" * 16, b"once"))  # new counter, same ID
+    assert retransmitted.events == [] and len(retransmitted.send) == 1  # only the ACK again
+    assert deliver(a, retransmitted.send).events == [Delivered(b"m" * 16)]
+
+
+def test_a_tampered_record_is_refused(alice: Identity, bob: Identity) -> None:
+    a, b = handshake(alice, bob)
+    (record,) = a.seal_message(b"m" * 16, b"text")
+    tampered = record[:-3] + bytes([record[-3] ^ 0x40]) + record[-2:]
+    step = b.receive(tampered)
+    assert step.events == [Refused("direct: record does not authenticate")]
+    assert b.receive(record).events == [Received(b"m" * 16, b"text")]  # the real one still
+
+
+def test_records_before_the_handshake_are_refused(alice: Identity, bob: Identity) -> None:
+    responder = Channel.respond(bob, pins(alice.public).get)
+    step = responder.receive(fragment(RECORD, 0, b"\0" * 40)[0])
+    assert [type(e) for e in step.events] == [Refused]
+
+
+def test_reassembly_holds_a_bounded_number_of_unfinished_units() -> None:
+    frames = Reassembler()
+    for transfer in range(MAX_PENDING + 5):
+        assert frames.add(fragment(RECORD, transfer, b"x" * (FRAGMENT_BYTES + 1))[0]) is None
+    assert len(frames._pending) == MAX_PENDING  # the oldest were dropped
+
+
+_SOMEONE = Identity(bytes(160))
+
+
+@given(st.binary(max_size=2000))
+def test_garbage_is_refused_or_ignored_never_raised(data: bytes) -> None:
+    channel = Channel.respond(_SOMEONE, lambda fp: None)
+    step = channel.receive(data)
+    assert step.send == [] and all(isinstance(e, Refused) for e in step.events)

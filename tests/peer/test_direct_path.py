@@ -1,0 +1,352 @@
+"""Presence and direct messaging between real peers: a real local testnet (bootstrap and
+storage processes), real UDP sockets, real ICE (aioice), Debian's coturn for TURN.
+
+aioice skips loopback when it gathers host candidates, so the peers' ICE runs on a veth
+pair ``d-ice0``/``d-ice1`` (10.77.1.1 and 10.77.2.1) made in this network namespace for
+the module; coturn listens on 10.77.2.1. Blocking the direct path is an iptables DROP
+on 10.77.0.0/16 in this namespace, removed after the test (the overlay and the mailboxes
+stay on 127.0.0.x, untouched). Run it as root inside a network namespace (HELPERS.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dna_core.crypto import seal
+from dna_core.crypto.envelope import decode_envelope
+from dna_core.wire import envelope_pb2
+from dna_peer.direct.link import IceConfig
+from dna_peer.keyserver import now_ms
+from dna_peer.link import accept_link, offer_link
+from dna_peer.peer import DIRECT, STORED, Peer
+from dna_testnet.network import Testnet
+from peers import PASSPHRASE, People
+from process_mark import starts_processes
+from support import BIN, lines, run_script, wait_for
+
+ICE_HOST, TURN_HOST, TURN_PORT = "10.77.1.1", "10.77.2.1", 3478
+IFACE, PEER_END = "d-ice0", "d-ice1"
+DROP_DIRECT = ["OUTPUT", "-p", "udp", "-d", "10.77.0.0/16", "-j", "DROP"]
+# Everything but coturn's traffic (its port, and its relay ports below the kernel's
+# ephemeral range, which the peers' sockets draw from): no host or reflexive pair works.
+RELAY_PORTS = (20000, 20100)
+TURN_PORTS = f"{TURN_PORT},{RELAY_PORTS[0]}:{RELAY_PORTS[1]}"
+DROP_ALL_BUT_TURN = ["OUTPUT", "-p", "udp", "-d", "10.77.0.0/16", "-m", "multiport", "!",
+                     "--ports", TURN_PORTS, "-j", "DROP"]  # fmt: skip
+TURN_USER, TURN_PASSWORD = "u", "p"
+ENV = {"DNA_PASSPHRASE": PASSPHRASE}
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+@starts_processes
+def ice_interface() -> Iterator[str]:
+    subprocess.run(
+        ["ip", "link", "del", IFACE], capture_output=True, check=False
+    )  # a crashed run's
+    _ip("link", "add", IFACE, "type", "veth", "peer", "name", PEER_END)
+    try:
+        _ip("addr", "add", f"{ICE_HOST}/24", "dev", IFACE)
+        _ip("addr", "add", f"{TURN_HOST}/24", "dev", PEER_END)
+        _ip("link", "set", IFACE, "up")
+        _ip("link", "set", PEER_END, "up")
+        yield ICE_HOST
+    finally:
+        _ip("link", "del", IFACE)
+
+
+@contextlib.contextmanager
+def _iptables(rule: list[str]) -> Iterator[None]:
+    subprocess.run(["iptables", "-A", *rule], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["iptables", "-D", *rule], check=True)
+
+
+@pytest.fixture
+@starts_processes
+def udp_blocked(ice_interface: str) -> Iterator[None]:
+    with _iptables(DROP_DIRECT):
+        yield
+
+
+@pytest.fixture
+@starts_processes
+def host_pairs_blocked(ice_interface: str) -> Iterator[None]:
+    with _iptables(DROP_ALL_BUT_TURN):
+        yield
+
+
+@pytest.fixture(scope="module")
+@starts_processes
+def coturn(ice_interface: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[IceConfig]:
+    turnserver = shutil.which("turnserver")
+    assert turnserver, "coturn is not installed (scripts/bootstrap.sh installs it)"
+    log = tmp_path_factory.mktemp("coturn") / "turn.log"
+    proc = subprocess.Popen(
+        [turnserver, "-n", f"--listening-ip={TURN_HOST}", f"--relay-ip={TURN_HOST}",
+         f"--listening-port={TURN_PORT}", "--lt-cred-mech", f"--user={TURN_USER}:{TURN_PASSWORD}",
+         "--realm=test", "--no-tls", "--no-dtls", "--allow-loopback-peers", "--no-cli",
+         f"--log-file={log}", "--simple-log", f"--min-port={RELAY_PORTS[0]}",
+         f"--max-port={RELAY_PORTS[1]}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_udp_listening(TURN_HOST, TURN_PORT)
+        yield IceConfig(turn=(TURN_HOST, TURN_PORT), turn_username=TURN_USER,
+                        turn_password=TURN_PASSWORD)  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _wait_udp_listening(host: str, port: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        out = subprocess.run(["ss", "-Hlun", f"src {host}:{port}"], capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        if out.stdout.strip():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"coturn did not listen on {host}:{port}")
+
+
+async def _friends(people: People) -> tuple[Peer, Peer]:
+    """alice and bob, each pinned by the other (bob seals his presence to alice)."""
+    alice, bob = await people.new("alice"), await people.new("bob")
+    await alice.add_contact(people.name("bob"))
+    await bob.add_contact(people.name("alice"))
+    return alice, bob
+
+
+def _held(peer: Peer, message_id: bytes) -> int:
+    return sum(1 for m in peer.cache.messages(limit=-1) if m.message_id == message_id)
+
+
+def run(testnet: Testnet, tmp_path: Path, scenario: object) -> None:
+    asyncio.run(scenario(People(tmp_path, testnet.seeds)))  # type: ignore[operator]
+
+
+def test_present_contact_gets_the_message_directly_exactly_once(
+    testnet: Testnet, ice_interface: str, tmp_path: Path
+) -> None:
+    async def scenario(people: People) -> None:
+        alice, bob = await _friends(people)
+        await bob.go_direct(IceConfig(), listen=True)
+        await alice.go_direct(IceConfig(), listen=False)
+        contact = alice.find_contact(people.name("bob"))
+        sent = await alice.send(contact, "hello over the direct path")
+        assert sent.path == DIRECT and sent.stored_on == 0
+        assert _held(bob, sent.message_id) == 1
+        assert alice.cache.messages(contact.conversation)[-1].delivered  # the ACK
+        again = await alice.send(contact, "and again, over the same link")
+        assert again.path == DIRECT
+        report = await bob.sync()  # nothing went through the mailbox
+        assert report.new_messages == [] and _held(bob, sent.message_id) == 1
+        bodies = [m.body for m in bob.cache.messages(limit=-1)]
+        assert bodies == ["hello over the direct path", "and again, over the same link"]
+        await alice.close()
+        await bob.close()
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_a_copy_that_also_reaches_the_mailbox_is_dropped_as_a_replay(
+    testnet: Testnet, ice_interface: str, tmp_path: Path
+) -> None:
+    """The ACK of a direct delivery is lost, the sender falls back and puts the same
+    envelope (one message ID) on the mailbox: the recipient keeps one copy, and the
+    mailbox copy is refused as a replay, with the reason logged."""
+
+    async def scenario(people: People) -> None:
+        alice, bob = await _friends(people)
+        await bob.go_direct(IceConfig(), listen=True)
+        direct = await alice.go_direct(IceConfig(), listen=False)
+        contact = alice.find_contact(people.name("bob"))
+        payload = envelope_pb2.Payload(text=envelope_pb2.Text(body="twice?"))
+        envelope = seal(alice.identity, bob.identity.public, payload.SerializeToString(),
+                        now_ms=now_ms(), include_sender_keys=False)  # fmt: skip
+        message_id = decode_envelope(envelope).message_id
+        assert await direct.send(contact, message_id, envelope)
+        assert await direct.send(contact, message_id, envelope)  # resent: acked, not re-held
+        await alice._put(bob.fingerprint, envelope)  # the fallback after a lost ACK
+        report = await bob.sync()
+        assert report.new_messages == []
+        assert [reason for _, reason in report.rejected] == [
+            "envelope: message ID already received (replay)"
+        ]
+        assert _held(bob, message_id) == 1
+        await alice.close()
+        await bob.close()
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_blocked_udp_falls_back_to_store_and_forward_exactly_once(
+    testnet: Testnet, udp_blocked: None, tmp_path: Path
+) -> None:
+    async def scenario(people: People) -> None:
+        alice, bob = await _friends(people)
+        await bob.go_direct(IceConfig(), listen=True)
+        await alice.go_direct(IceConfig(), listen=False)
+        contact = alice.find_contact(people.name("bob"))
+        sent = await alice.send(contact, "through the mailbox")
+        assert sent.path == STORED and sent.stored_on >= 3
+        assert _held(bob, sent.message_id) == 0
+        report = await bob.sync()
+        assert [m.message_id for m in report.new_messages] == [sent.message_id]
+        assert _held(bob, sent.message_id) == 1
+        await alice.close()
+        await bob.close()
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_offline_contact_is_reached_by_store_and_forward_without_trying_ice(
+    testnet: Testnet, ice_interface: str, tmp_path: Path
+) -> None:
+    async def scenario(people: People) -> None:
+        alice, bob = await _friends(people)
+        await bob.go_direct(IceConfig(), listen=True)
+        await bob.close()  # withdraws the presence record
+        await alice.go_direct(IceConfig(), listen=False)
+        contact = alice.find_contact(people.name("bob"))
+        started = time.monotonic()
+        sent = await alice.send(contact, "you were here a moment ago")
+        assert sent.path == STORED
+        assert time.monotonic() - started < 2.0  # no ICE attempt against a withdrawn record
+        await alice.close()
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_relays_through_coturn_when_the_direct_pair_is_blocked(
+    testnet: Testnet, coturn: IceConfig, host_pairs_blocked: None, tmp_path: Path
+) -> None:
+    async def scenario(people: People) -> None:
+        alice, bob = await _friends(people)
+        await bob.go_direct(IceConfig(), listen=True)  # bob: host candidates only
+        await alice.go_direct(coturn, listen=False)  # alice: host and a relayed candidate
+        contact = alice.find_contact(people.name("bob"))
+        sent = await alice.send(contact, "through the TURN relay")
+        assert sent.path == DIRECT
+        assert alice.direct is not None
+        assert alice.direct.links[bob.fingerprint].route() == "relay->host"
+        assert _held(bob, sent.message_id) == 1
+        assert (await bob.sync()).new_messages == []
+        await alice.close()
+        await bob.close()
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_a_direct_channel_from_an_unpinned_key_is_refused(
+    testnet: Testnet, ice_interface: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """carol had bob's presence sealed to her; bob then forgot her: her ICE may connect,
+    her HELLO is refused with the reason logged, and her message goes to the mailbox."""
+
+    async def scenario(people: People) -> None:
+        bob, carol = await people.new("bob"), await people.new("carol")
+        await carol.add_contact(people.name("bob"))
+        await bob.add_contact(people.name("carol"))
+        await bob.go_direct(IceConfig(), listen=True)  # sealed to carol
+        assert bob.cache.forget_contact(carol.fingerprint)
+        await carol.go_direct(IceConfig(), listen=False)
+        sent = await carol.send(carol.find_contact(people.name("bob")), "let me in")
+        assert sent.path == STORED
+        assert "HELLO from unpinned key" in caplog.text
+        assert _held(bob, sent.message_id) == 0  # nothing reached bob over the channel
+        assert [m.message_id for m in (await bob.sync()).new_messages] == [sent.message_id]
+        await carol.close()
+        await bob.close()
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_a_second_device_converges_on_a_directly_delivered_message(
+    testnet: Testnet, ice_interface: str, tmp_path: Path
+) -> None:
+    async def scenario(people: People) -> None:
+        alice, bob = await _friends(people)
+        offer = await offer_link(bob, "laptop")
+        laptop = await accept_link(people.profile("laptop"), offer.code, PASSPHRASE,
+                                   people.seeds)  # fmt: skip
+        await laptop.sync()
+        await bob.sync()  # bob learns of the laptop (its hello)
+        await bob.go_direct(IceConfig(), listen=True)
+        await alice.go_direct(IceConfig(), listen=False)
+        sent = await alice.send(alice.find_contact(people.name("bob")), "to all of you")
+        assert sent.path == DIRECT
+        await bob.close()  # waits for the mirror (a sync transcript) to be put
+        report = await laptop.sync()
+        assert [m.message_id for m in report.new_messages] == [sent.message_id]
+        assert report.new_messages[0].sender == alice.fingerprint
+        assert _held(laptop, sent.message_id) == 1
+        await laptop.close()
+        await alice.close()
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_the_cli_shows_who_is_online_and_sends_directly(
+    testnet: Testnet, ice_interface: str, tmp_path: Path
+) -> None:
+    """`dna watch` publishes presence, `dna contacts list` shows it, `dna send` takes the
+    direct path and the watcher prints the message; stopping the watcher withdraws it."""
+    people = People(tmp_path, testnet.seeds)
+
+    async def setup() -> None:  # in-process: four CLI start-ups less
+        for peer in await _friends(people):
+            await peer.close()
+
+    asyncio.run(setup())
+    alice, bob = people.profile("alice").home, people.profile("bob").home
+    (before,) = cli(alice, testnet, "contacts", "list")
+    assert before["online"] is False
+    watcher = subprocess.Popen(
+        [str(BIN / "dna"), "--home", str(bob), "--json", "--bootstrap", seeds(testnet),
+         "watch", "--interval", "0.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**ENV, "PATH": str(BIN)},
+    )  # fmt: skip
+    try:
+        assert watcher.stdout is not None
+        out, seen = lines(watcher.stdout), list[str]()
+        deadline = time.monotonic() + 30
+        while not cli(alice, testnet, "contacts", "list")[0]["online"]:
+            assert time.monotonic() < deadline, "bob never showed up online"
+            time.sleep(0.5)
+        sent = cli(alice, testnet, "send", people.name("bob"), "hello bob, directly")
+        assert sent["path"] == "direct" and sent["replicas"] == 0
+        shown = json.loads(wait_for(out, "hello bob, directly", 20, seen))
+        assert shown["from"]["name"] == people.name("alice")
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(30) == 0
+    (after,) = cli(alice, testnet, "contacts", "list")
+    assert after["online"] is False  # withdrawn, not left to expire
+
+
+def seeds(net: Testnet) -> str:
+    return ",".join(f"{h}:{p}" for h, p in net.seeds)
+
+
+def cli(home: Path, net: Testnet, *args: str) -> Any:
+    out = run_script("dna", "--home", str(home), "--bootstrap", seeds(net), "--json", *args,
+                     env=ENV)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
