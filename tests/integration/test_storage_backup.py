@@ -19,7 +19,7 @@ from cluster import GRPC_PORT, NodeProcess, now_ms, wait_ready
 from dna_core.crypto import pow, seal
 from dna_core.mailbox import blob_id, mailbox_id, put_pow_hash, sign_fetch
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
-from dna_testnet.network import BIN
+from dna_testnet.harness.local import BIN
 from support import seeded_identity
 
 pytestmark = pytest.mark.process  # starts nodes and the backup/restore commands
