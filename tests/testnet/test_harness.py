@@ -88,20 +88,13 @@ EXAMPLES = {
     "tests/peer/test_dna_cli_names.py": "a bootstrap address nothing listens on",
     "tests/testnet/test_harness.py": "this rule's own pattern and allocator ranges",
 }
-# Not migrated yet: their own fixed ranges, documented in each module.
-NOT_YET = {
-    "bench/e2e.py": "--first-ip, a user option, and its smoke test",
-    "tests/bench/test_bench_e2e_smoke.py": "runs bench.e2e with --first-ip",
-    "bench/overlay.py": "worker processes compute node i's address from its index",
-    "bench/overlay_nodes.py": "as bench/overlay.py",
-}
 
 
 def test_no_test_or_bench_picks_a_loopback_address_by_hand() -> None:
     offenders = []
     for path in sorted([*ROOT.glob("tests/**/*.py"), *ROOT.glob("bench/**/*.py")]):
         relative = path.relative_to(ROOT).as_posix()
-        if relative in EXAMPLES or relative in NOT_YET:
+        if relative in EXAMPLES:
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if HAND_PICKED.search(line):

@@ -1,6 +1,6 @@
 """The one harness that starts nodes: an address allocator and a `Driver` per way of
 running them (local processes, compose containers, Kubernetes pods), behind `Cluster`.
-docs/testing.md, "Starting nodes", says which to use when."""
+docs/architecture.md, "Starting nodes: the harness", describes them."""
 
 from dna_testnet.harness.addresses import LOOPBACK, AddressesExhaustedError, LoopbackAllocator
 from dna_testnet.harness.driver import Cluster, Driver, NodeAddress, NotReadyError
