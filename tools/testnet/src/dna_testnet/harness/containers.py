@@ -17,8 +17,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from dna_testnet.harness.driver import Cluster, NodeAddress
 from dna_testnet.topology import Topology
 
@@ -104,9 +102,11 @@ class ComposeDriver:
         return bool(self.state(name)["Running"])
 
     def is_ready(self, name: str) -> bool:
-        """The container's healthcheck (the image's, on /readyz) says healthy."""
-        health: dict[str, Any] = self.state(name).get("Health", {})
-        return health.get("Status") == "healthy"
+        """The container's healthcheck (the image's, on /readyz) says healthy, and it is not
+        paused (a paused container's health keeps its last status: no check runs)."""
+        state = self.state(name)
+        health: dict[str, Any] = state.get("Health", {})
+        return not state["Paused"] and health.get("Status") == "healthy"
 
     def logs(self, name: str) -> str:
         """The container's stdout then its stderr (nodes log JSON lines on stderr)."""
@@ -141,20 +141,6 @@ class ComposeDriver:
 
     def exec(self, service: str, *command: str, timeout: float = 120) -> str:
         return docker("exec", self.container(service), *command, timeout=timeout)
-
-    def http(self, service: str, path: str, timeout: float = 30) -> httpx.Response:
-        """GET ``path`` on the node's HTTP port from inside its container (the host may not
-        reach container addresses: a network namespace, a remote engine)."""
-        script = (
-            "import sys, urllib.request, urllib.error\n"
-            "try:\n r = urllib.request.urlopen(sys.argv[1], timeout=10)\n"
-            "except urllib.error.HTTPError as e:\n r = e\n"
-            "print(r.status); sys.stdout.write(r.read().decode())\n"
-        )
-        url = f"http://127.0.0.1:{self.address(service).http_port}{path}"
-        status, _, body = self.exec(service, "python3", "-c", script, url,
-                                    timeout=timeout).partition("\n")  # fmt: skip
-        return httpx.Response(int(status), text=body)
 
     def state(self, service: str) -> dict[str, Any]:
         state: dict[str, Any] = json.loads(
