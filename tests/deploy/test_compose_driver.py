@@ -33,7 +33,7 @@ def _compose_file(project_dir: Path) -> None:
         "image": "dna-storage:local", "init": True, "read_only": True, "tmpfs": ["/tmp"],
         "volumes": ["./node.toml:/etc/dna/node.toml:ro", f"{NODE}-data:/var/lib/dna"],
         "networks": {"net": {"ipv4_address": ADDRESS}},
-        "healthcheck": {**NODE_HEALTHCHECK, "interval": "1s"},
+        "healthcheck": {**NODE_HEALTHCHECK, "interval": "2s"},
     }  # fmt: skip
     document = {
         "version": "2.4",

@@ -79,8 +79,18 @@ class ComposeDriver:
     def restart(self, name: str) -> None:
         self.run("restart", name)
 
-    def pause(self, name: str) -> None:
-        docker("pause", self.container(name))
+    def pause(self, name: str, attempts: int = 5) -> None:
+        """`docker pause`, tried again when the freeze fails: runc's cgroup freeze gives up
+        ("unable to freeze") when a process is being started in the container at that
+        moment, which the healthcheck's `exec` does every few seconds."""
+        for attempt in range(attempts):
+            try:
+                docker("pause", self.container(name))
+                return
+            except DockerError as error:
+                if "unable to freeze" not in str(error) or attempt == attempts - 1:
+                    raise
+                time.sleep(0.5)
 
     def resume(self, name: str) -> None:
         docker("unpause", self.container(name))
@@ -90,9 +100,10 @@ class ComposeDriver:
         creates a fresh container on an empty volume."""
         if self.state(name)["Running"]:
             raise DockerError(f"{name} is running: stop or kill it before wiping its disk")
+        volumes = self.volumes(name)  # read before the container that names them goes
         docker("rm", "-f", self.container(name))
         self._ids.pop(name)
-        for volume in self.volumes(name):
+        for volume in volumes:
             docker("volume", "rm", volume)
 
     def address(self, name: str) -> NodeAddress:
