@@ -76,9 +76,9 @@ def test_the_process_allocator_stays_off_dna_testnets_fixed_addresses() -> None:
     assert not LOOPBACK.one().startswith("127.0.0.")
 
 
-# Literal loopback addresses other than 127.0.0.1 (which is "this machine", not a pick):
-# "127.0.0.5", f"127.0.0.{first}" and the like.
-HAND_PICKED = re.compile(r"127\.0\.0\.(?!1(?!\d))(\d|\{)")
+# Literal loopback addresses other than 127.0.0.1 (which is "this machine", not a pick) and
+# the network 127.0.0.0/8: "127.0.0.5", f"127.0.0.{first}" and the like.
+HAND_PICKED = re.compile(r"127\.0\.0\.(?!1(?!\d)|0/)(\d|\{)")
 # Unit tests of pure functions, where an address is example data that nothing binds.
 EXAMPLES = {
     "tests/integration/test_bootstrap_names.py": "local_host_for and resolve_seeds inputs",
@@ -111,6 +111,7 @@ def test_the_rule_catches_a_hand_picked_address_and_lets_localhost_be() -> None:
     assert HAND_PICKED.search('"127.0.0.10"')
     assert not HAND_PICKED.search('host = "127.0.0.1"')
     assert not HAND_PICKED.search('("127.0.0.1", 0)')
+    assert not HAND_PICKED.search("all of 127.0.0.0/8")
 
 
 # --- the drivers ---------------------------------------------------------------------------
