@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from dna_testnet.harness.addresses import LOOPBACK, LoopbackAllocator
-from dna_testnet.harness.driver import Cluster, NodeAddress
+from dna_testnet.harness.driver import Cluster, NodeAddress, NotReadyError
 from dna_testnet.topology import (
     HTTP_PORT,
     TESTNET_CONNECTIONS,
@@ -171,17 +171,19 @@ class LocalNode:
 
 
 def wait_ready(nodes: list[LocalNode], timeout: float = 60.0) -> None:
+    """Every node of a list ready (`Cluster.wait_ready` for nodes outside a cluster); one
+    this process started that exits meanwhile fails the wait at once, with its log."""
     deadline = time.monotonic() + timeout
     pending = list(nodes)
     while pending and time.monotonic() < deadline:
         for node in list(pending):
             if node.proc is not None and not node.alive():
-                raise RuntimeError(f"{node.name} exited:\n{node.tail()}")
+                raise NotReadyError(f"{node.name} exited:\n{node.tail()}")
             if node.is_ready():
                 pending.remove(node)
         time.sleep(0.2)
     if pending:
-        raise RuntimeError(f"not ready: {[n.name for n in pending]}\n{pending[0].tail()}")
+        raise NotReadyError(f"not ready: {[n.name for n in pending]}\n{pending[0].tail()}")
 
 
 class LocalDriver:
