@@ -1,12 +1,13 @@
 """End to end on the local testnet: a message from send to the recipient's cache, vs OpenDHT.
 
 ``uv run python -m bench.e2e [--messages N] [--rt-messages N] [--senders 10] [--rounds R]
-[--poll-interval S] [--first-ip 220] [--shipped-admission] [--profile FILE] [--quick]``
+[--poll-interval S] [--shipped-admission] [--profile FILE] [--quick]``
 
 What runs (issue 5, "Benchmark"; conventions: shared design/BENCH.md), all in one run:
 
 * **The network.** ``dna_testnet.Testnet``: 3 ``dna-bootstrap`` and 6 ``dna-storage-node``
-  processes on ``127.0.0.<first-ip>``..``+8`` (default 220-228), in a temporary directory.
+  processes on loopback addresses from the harness's allocator (reported in the setup line),
+  in a temporary directory.
   The storage nodes keep the shipped proof of work (12 bits, raised under load) but get
   per-IP and per-mailbox rate limits far above what the run sends (``ADMISSION``): every
   identity of the run sends from 127.0.0.1, where the per-IP limit (20 puts/s) would
@@ -70,6 +71,7 @@ from dna_core.wire.gen.dna.v1 import envelope_pb2
 from dna_peer.cache import Contact
 from dna_peer.peer import Peer, open_peer
 from dna_peer.profile import Profile
+from dna_testnet.harness import LOOPBACK
 from dna_testnet.network import Testnet
 
 from bench import harness
@@ -80,7 +82,6 @@ if TYPE_CHECKING:  # imported on use (opendht_net): a missing baseline is report
 
 OURS, OPENDHT = "ours", "opendht"
 NODES = 9  # the testnet's 3 bootstrap + 6 storage node processes
-FIRST_IP = 220  # 127.0.0.220-228; the test suite uses other ranges
 PASSPHRASE = "bench passphrase"
 POW_BITS = 12  # open_peer's and the storage nodes' default
 BODY_CHARS = 100
@@ -463,7 +464,6 @@ class Config:
     rounds: int
     warmup: int
     poll_interval: float
-    first_ip: int
     shipped_admission: bool
     budget_s: float
     profile: Path | None
@@ -635,7 +635,7 @@ def report(run: Run, envelope: int) -> list[dict[str, Any]]:
 
 
 def start_testnet(root: Path, cfg: Config) -> Testnet:
-    net = Testnet(root, first=cfg.first_ip)
+    net = Testnet(root, addresses=LOOPBACK.take(NODES))
     if not cfg.shipped_admission:
         for node in net.nodes:
             if node.role == "storage":
@@ -682,7 +682,7 @@ async def run_in(root: Path, cfg: Config) -> int:
         node_pids = [n.proc.pid for n in net.nodes if n.proc is not None]
         ours = OurNetwork(senders, recipient, node_pids)
         harness.detail({"setup": {
-            "root": str(root), "ips": f"127.0.0.{cfg.first_ip}-{cfg.first_ip + NODES - 1}",
+            "root": str(root), "ips": [n.ip for n in net.nodes],
             "node_pids": node_pids, "recipient_pid": recipient.pid,
             "senders": cfg.senders, "recipients": cfg.recipients, "messages": cfg.messages,
             "rt_messages": cfg.rt_messages, "rounds": cfg.rounds, "warmup": cfg.warmup,
@@ -744,12 +744,6 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         help="s between the recipient's syncs (default 0: back to back)",
     )
     parser.add_argument(
-        "--first-ip",
-        type=int,
-        default=FIRST_IP,
-        help="the testnet's first address is 127.0.0.<this> (9 in a row)",
-    )
-    parser.add_argument(
         "--shipped-admission",
         action="store_true",
         help="keep the storage nodes' shipped rate limits (per IP: 20 puts/s)",
@@ -770,7 +764,6 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         rounds=harness.sized(args, args.rounds, DEFAULT_ROUNDS, QUICK_ROUNDS),
         warmup=harness.sized(args, args.warmup, DEFAULT_WARMUP, QUICK_WARMUP),
         poll_interval=args.poll_interval,
-        first_ip=args.first_ip,
         shipped_admission=args.shipped_admission,
         budget_s=args.budget,
         profile=args.profile,
@@ -780,8 +773,6 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         raise SystemExit("--messages, --rt-messages, --senders, --recipients, --rounds >= 1")
     if cfg.senders < 2 or cfg.warmup < 1:
         raise SystemExit("need --senders >= 2 and --warmup >= 1")
-    if not 1 <= cfg.first_ip <= 255 - NODES:
-        raise SystemExit(f"--first-ip must leave room for {NODES} addresses")
     return cfg
 
 

@@ -1,7 +1,8 @@
 """Worker process for ``bench.overlay``: hosts a slice of the benchmark's overlay nodes.
 
-``python -m bench.overlay_nodes --first I --count C [--bootstrap IP:PORT]`` starts nodes
-``I .. I+C-1``, node i on ``127.0.0.(10+i)``, each wired as ``dna_core.overlay.aio.server``
+``python -m bench.overlay_nodes --first I --hosts IP,IP,.. [--bootstrap IP:PORT]`` starts
+nodes ``I ..``, one on each loopback address given (the parent takes them from the node
+harness's allocator), each wired as ``dna_core.overlay.aio.server``
 wires a member (an ``OverlayNode`` in server mode and a ``grpc.aio`` server with the
 ``OverlayService`` over the node's ``RecordStore``), without the HTTP ops server, health,
 reflection or the background refresh/republish loops (the benchmark is short). Ports are
@@ -60,7 +61,6 @@ from dna_core.wire.gen.dna.v1 import common_pb2
 
 from bench.harness import DEFAULT_RCVBUF, VALUE_MAX, VALUE_MIN, cpu_s, emit
 
-HOST_BASE = 10  # node i listens on 127.0.0.(HOST_BASE + i)
 PROFILE_ENV = "DNA_BENCH_PROFILE"
 PROFILE_CLOCK_ENV = "DNA_BENCH_PROFILE_CLOCK"  # "wall" (default) or "cpu"
 PATCH_ENV = "DNA_BENCH_PATCH"
@@ -74,12 +74,6 @@ BENCH_LIMITER = (1e9, 1e9, 1024)  # rate, burst, sources
 IDENTITY = common_pb2.RECORD_KIND_IDENTITY
 
 Item = tuple[bytes, bytes]  # (record key, SignedRecord bytes)
-
-
-def node_host(index: int) -> str:
-    if not 0 <= HOST_BASE + index <= 254:
-        raise ValueError(f"node {index} has no 127.0.0.x address")
-    return f"127.0.0.{HOST_BASE + index}"
 
 
 def apply_patch_hook() -> None:
@@ -144,10 +138,9 @@ class BenchNode:
     store: RecordStore
 
 
-async def start_node(index: int, *, puzzle_bits: int, k: int, rcvbuf: int) -> BenchNode:
+async def start_node(host: str, *, puzzle_bits: int, k: int, rcvbuf: int) -> BenchNode:
     """One member as ``OverlayServer.start`` builds it: node, record store, gRPC service."""
     identity, _ = NodeIdentity.generate(puzzle_bits)
-    host = node_host(index)
     store = RecordStore(identity_pow_bits=BENCH_POW_BITS, max_records=10**7, max_bytes=1 << 40)
     config = NodeConfig(
         host=host,
@@ -257,7 +250,7 @@ async def _stdin_lines() -> asyncio.StreamReader:
 
 
 async def serve(
-    first: int, count: int, bootstrap: Addr | None, puzzle_bits: int, k: int, rcvbuf: int
+    first: int, hosts: list[str], bootstrap: Addr | None, puzzle_bits: int, k: int, rcvbuf: int
 ) -> None:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -265,8 +258,8 @@ async def serve(
         loop.add_signal_handler(sig, stopping.set)
     nodes: list[BenchNode] = []
     try:
-        for i in range(first, first + count):
-            nodes.append(await start_node(i, puzzle_bits=puzzle_bits, k=k, rcvbuf=rcvbuf))
+        for host in hosts:
+            nodes.append(await start_node(host, puzzle_bits=puzzle_bits, k=k, rcvbuf=rcvbuf))
         seeds = [bootstrap] if bootstrap is not None else [nodes[0].node.udp_addr]
         await join_all(nodes, seeds)
         worker = Worker(nodes, first)
@@ -305,7 +298,10 @@ def _parse_addr(text: str) -> Addr:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="host overlay nodes for bench.overlay")
     parser.add_argument("--first", type=int, required=True, help="index of the first node")
-    parser.add_argument("--count", type=int, required=True, help="nodes to host")
+    parser.add_argument(
+        "--hosts", type=lambda text: text.split(","), required=True,
+        help="one loopback address per node to host, comma-separated",
+    )  # fmt: skip
     parser.add_argument("--bootstrap", type=_parse_addr, default=None, help="IP:UDP_PORT")
     parser.add_argument("--puzzle-bits", type=int, default=4)
     parser.add_argument("--k", type=int, default=20)
@@ -314,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     apply_patch_hook()
     asyncio.run(
-        serve(args.first, args.count, args.bootstrap, args.puzzle_bits, args.k, args.rcvbuf)
+        serve(args.first, args.hosts, args.bootstrap, args.puzzle_bits, args.k, args.rcvbuf)
     )
     return 0
 

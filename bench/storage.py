@@ -14,7 +14,8 @@ What the throughput section runs (issue 4, "Benchmarks"; conventions: shared
 design/BENCH.md), all in one run:
 
 * **Ours.** 1 bootstrap and 10 ``dna-storage-node`` processes (``LocalNode``, real TOML
-  configs) on ``127.0.0.160``..``170`` in a temporary directory. Every storage node gets
+  configs) on loopback addresses from the harness's allocator
+  (``dna_testnet.harness``), in a temporary directory. Every storage node gets
   ``[admission]`` with ``pow_base_bits = 8`` and rate limits far above what this client
   sends (``ADMISSION_TOML``; reported in ``params``), so that the figures measure the put
   path, not the throttle. The client is a client-mode ``OverlayNode`` (``client_node``)
@@ -65,14 +66,15 @@ from dna_core.crypto import Identity, seal
 from dna_core.mailbox.client import REPLICAS, WRITE_QUORUM, MailboxClient
 from dna_core.mailbox.ids import blob_id
 from dna_core.overlay.aio import OverlayNode
-from dna_testnet.network import UDP_PORT, LocalNode, client_node, wait_ready
+from dna_testnet.harness import Cluster, LocalDriver, local_cluster
+from dna_testnet.network import client_node
+from dna_testnet.topology import NodeSpec, Topology
 
 from bench import harness, storage_flood, storage_memory
 from bench.harness import BatchOp, Deadline, Figure, LoopbackNet, Rounds, Workload
 
 OURS, OPENDHT, REDIS = "ours", "opendht", "redis"
 STORAGE_NODES = 10
-FIRST_IP = 160  # bootstrap on .160, storage nodes on .161-.170
 MAILBOXES = 10
 CONCURRENCY = 32
 POW_BITS = 8
@@ -110,34 +112,24 @@ DETAIL_KEYS = ("ops_per_s", "p50_ms", "p99_ms", "failures", "rounds", "rounds_op
 
 
 class StorageFleet:
-    """1 bootstrap + ``count`` storage node processes on 127.0.0.160.. under ``root``."""
+    """1 bootstrap + ``count`` storage node processes under ``root``: the harness's local
+    cluster, on addresses from its allocator."""
 
     def __init__(self, root: Path, count: int = STORAGE_NODES) -> None:
-        boot_ip = f"127.0.0.{FIRST_IP}"
-        self.seeds = [(boot_ip, UDP_PORT)]
-        seed = [f"{boot_ip}:{UDP_PORT}"]
-        self.nodes = [LocalNode("boot", boot_ip, root, seed)] + [
-            LocalNode(
-                f"store{i}",
-                f"127.0.0.{FIRST_IP + 1 + i}",
-                root,
-                seed,
-                command="dna-storage-node",
-                extra_toml=ADMISSION_TOML,
-            )
-            for i in range(count)
-        ]
+        stores = (NodeSpec(f"store{i}", "storage") for i in range(count))
+        topology = Topology((NodeSpec("boot", "bootstrap"), *stores))
+        self.cluster: Cluster[LocalDriver] = local_cluster(
+            root, topology, storage_toml=ADMISSION_TOML
+        )
+        self.nodes = self.cluster.driver.nodes
+        self.seeds = self.cluster.seeds
 
     def start(self, timeout_s: float) -> None:
-        for node in self.nodes:
-            node.start()
-        wait_ready(self.nodes, timeout_s)
+        self.cluster.start(timeout=timeout_s)
 
     def kill(self) -> None:
-        for node in self.nodes:
-            if node.alive():
-                with contextlib.suppress(Exception):
-                    node.kill()
+        with contextlib.suppress(Exception):
+            self.cluster.kill_all()
 
     def pids(self) -> list[int]:
         return [n.proc.pid for n in self.nodes if n.proc is not None]

@@ -2,14 +2,16 @@
 
 ``uv run python -m bench.storage --sections flood`` (part of the default run, ~1.5 min).
 
-* **Node.** One ``dna-storage-node`` process (SQLite, ``synchronous=FULL``) on
-  ``127.0.0.190`` with the default admission limits (puts: 20/s burst 40 per source
-  address, 10/s burst 50 per mailbox) and an 8-bit proof of work.
+* **Node.** One ``dna-storage-node`` process (SQLite, ``synchronous=FULL``) on a loopback
+  address of its own (``NODE_IP``, from the harness's allocator) with the default admission
+  limits (puts: 20/s burst 40 per source address, 10/s burst 50 per mailbox) and an 8-bit
+  proof of work.
 * **Clients** (``CLIENTS``, in this process): each from its own source address
-  (``127.0.0.191``.. through a :class:`dna_core.ops.relay.TcpRelay`: gRPC cannot bind
-  a source address) and to its own mailbox, ``CYCLES_PER_S`` cycles a second, open loop:
-  a put (envelope sealed and proof solved before timing) then a fetch from the client's last
-  cursor (signed before timing). Every put and fetch latency is one sample.
+  (``CLIENT_IPS``, from the same allocator, through a :class:`dna_core.ops.relay.TcpRelay`:
+  gRPC cannot bind a source address) and to its own mailbox, ``CYCLES_PER_S`` cycles a
+  second, open loop: a put (envelope sealed and proof solved before timing) then a fetch
+  from the client's last cursor (signed before timing). Every put and fetch latency is one
+  sample.
 * **Flooder**: a separate process (``python -m bench.storage_flood --target ...``) sending
   valid puts of distinct envelopes, spread over ``FLOOD_MAILBOXES`` mailboxes of its own
   (so the per-source limit is the one that binds), at ``FLOOD_FACTOR`` x the per-source
@@ -43,13 +45,14 @@ from dna_core.crypto import pow as pow_
 from dna_core.mailbox import mailbox_id, put_pow_hash, sign_fetch
 from dna_core.ops.relay import TcpRelay
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
+from dna_testnet.harness import LOOPBACK
 from dna_testnet.network import GRPC_PORT, LocalNode, wait_ready
 
 from bench import harness
 from bench.harness import now_ms, percentile
 
-NODE_IP = "127.0.0.190"
-CLIENT_IPS = tuple(f"127.0.0.{191 + i}" for i in range(4))
+NODE_IP, *_clients = LOOPBACK.take(5)  # the node, then one source address per client
+CLIENT_IPS = tuple(_clients)
 CLIENTS = len(CLIENT_IPS)
 CYCLES_PER_S = 5.0  # per client: 5 puts and 5 fetches a second, well under its limits
 IP_RATE_PER_S = 20.0  # the node's default per-source put limit (AdmissionConfig)

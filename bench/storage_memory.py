@@ -11,9 +11,9 @@
     mailboxes, ``OWNERS`` belong to identities of this process (fetches must be signed);
   - small (the baseline): only those ``OWNERS`` mailboxes, with the same blobs.
 
-  Then one ``dna-storage-node`` process is started on each directory (127.0.0.196 big,
-  .197 small, ``repair_interval_s = 5``) and measuring waits until each has finished a
-  repair pass (which walks every mailbox held).
+  Then one ``dna-storage-node`` process is started on each directory (on ``BIG_IP`` and
+  ``SMALL_IP``, from the harness's allocator; ``repair_interval_s = 5``) and measuring waits
+  until each has finished a repair pass (which walks every mailbox held).
 * **Fetch latency**: a ``Fetch`` of one measured mailbox from cursor 0 (all its blobs; the
   request signed before timing), on the big and the small node in alternating chunks,
   ``--rounds`` rounds; p50/p99 are medians of the rounds' percentiles.
@@ -42,13 +42,14 @@ from dna_core.mailbox import mailbox_id, sign_fetch
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 from dna_storage.backends.base import StoredBlob
 from dna_storage.backends.sqlite import SqliteBackend
+from dna_testnet.harness import LOOPBACK
 from dna_testnet.network import GRPC_PORT, LocalNode, wait_ready
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import harness
 from bench.harness import now_ms, percentile
 
-BIG_IP, SMALL_IP = "127.0.0.196", "127.0.0.197"
+BIG_IP, SMALL_IP = LOOPBACK.take(2)
 BLOBS_PER_MAILBOX = 50
 OWNERS = 20
 FILL_BATCH = 5_000

@@ -1,4 +1,5 @@
-"""Process clusters for integration tests, on the testnet's real node processes."""
+"""Process clusters for integration tests: real node processes on the harness's local
+driver, on addresses from its allocator (`dna_testnet.harness`; no test picks one)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -14,7 +16,9 @@ from dna_core.mailbox import sign_fetch
 from dna_core.overlay.aio import OverlayNode
 from dna_core.overlay.contact import Contact
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
-from dna_testnet.network import GRPC_PORT, UDP_PORT, LocalNode, client_node, wait_ready
+from dna_testnet.harness import LOOPBACK, LocalNode, local_cluster, wait_ready
+from dna_testnet.network import GRPC_PORT, UDP_PORT, client_node
+from dna_testnet.topology import NodeSpec, Topology
 from process_mark import starts_processes
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -26,8 +30,10 @@ __all__ = [
     "UDP_PORT",
     "NodeProcess",
     "client_node",
+    "free_ips",
     "held_by",
     "make_cluster",
+    "node_process",
     "now_ms",
     "running",
     "sample_value",
@@ -39,10 +45,24 @@ __all__ = [
 
 
 def make_cluster(root: Path, count: int, bootstraps: int = 3) -> list[LocalNode]:
-    """Nodes on 127.0.0.2, .3, ...; the first ``bootstraps`` are the well-known ones."""
-    ips = [f"127.0.0.{i + 2}" for i in range(count)]
-    seeds = [f"{ip}:{UDP_PORT}" for ip in ips[:bootstraps]]
-    return [LocalNode(f"node{i}", ip, root, seeds) for i, ip in enumerate(ips)]
+    """``count`` bootstrap processes node0.. on fresh addresses; the first ``bootstraps``
+    are the well-known ones every node starts from."""
+    topology = Topology(tuple(NodeSpec(f"node{i}", "bootstrap") for i in range(count)))
+    seeds = [f"node{i}" for i in range(bootstraps)]
+    return local_cluster(root, topology, seeds=seeds).driver.nodes
+
+
+def node_process(
+    name: str, root: Path, seeds: list[str] | None = None, **settings: Any
+) -> LocalNode:
+    """One node process on a fresh address (``settings``: `LocalNode`'s fields)."""
+    return LocalNode(name, LOOPBACK.one(), root, seeds or [], **settings)
+
+
+def free_ips(count: int) -> list[str]:
+    """Addresses for what is not a node (a client's source address, a node started by hand
+    with `dna-storage-node`), from the same allocator."""
+    return LOOPBACK.take(count)
 
 
 def stop_all(nodes: list[LocalNode]) -> None:
@@ -66,30 +86,29 @@ def running(nodes: list[LocalNode]) -> Iterator[list[LocalNode]]:
 FAST_REPAIR = "repair_interval_s = 1.0\n[admission]\npow_base_bits = 8\n"
 
 
-def storage_network(root: Path, first: int, storage: int, extra_toml: str) -> list[LocalNode]:
-    """A bootstrap on 127.0.0.``first`` and ``storage`` storage nodes on the next addresses."""
-    seed = f"127.0.0.{first}:{UDP_PORT}"
-    nodes = [LocalNode("boot", f"127.0.0.{first}", root, [seed])]
-    for i in range(storage):
-        ip = f"127.0.0.{first + 1 + i}"
-        nodes.append(
-            LocalNode(
-                f"store{i}", ip, root, [seed], command="dna-storage-node", extra_toml=extra_toml
-            )
-        )
-    return nodes
+def storage_network(
+    root: Path, storage: int, extra_toml: str, addresses: list[str] | None = None
+) -> list[LocalNode]:
+    """A bootstrap ("boot", first) and ``storage`` storage nodes (store0..) on
+    ``addresses`` (a module's block from `free_ips`, when its helpers need the bootstrap's
+    address before the network runs) or fresh ones; ``extra_toml`` goes in every storage
+    node's file."""
+    stores = (NodeSpec(f"store{i}", "storage") for i in range(storage))
+    topology = Topology((NodeSpec("boot", "bootstrap"), *stores))
+    return local_cluster(root, topology, addresses=addresses, storage_toml=extra_toml).driver.nodes
 
 
 def storage_network_fixture(
-    name: str, first: int, storage: int, extra_toml: str = FAST_REPAIR
+    name: str, addresses: list[str], extra_toml: str = FAST_REPAIR
 ) -> Callable[[pytest.TempPathFactory], Iterator[list[LocalNode]]]:
-    """A module-scoped ``network`` fixture: ``storage_network`` running for the module."""
+    """A module-scoped ``network`` fixture: ``storage_network`` on ``addresses`` (the
+    bootstrap's, then one per storage node) running for the module."""
 
     @pytest.fixture(scope="module")
     @starts_processes
     def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[LocalNode]]:
         root = tmp_path_factory.mktemp(name)
-        with running(storage_network(root, first, storage, extra_toml)) as nodes:
+        with running(storage_network(root, len(addresses) - 1, extra_toml, addresses)) as nodes:
             yield nodes
 
     return network

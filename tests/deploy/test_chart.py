@@ -18,6 +18,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from cluster import free_ips
 from deploy_files import CHART, RULES, tool
 from dna_testnet.network import Testnet
 from support import load_script
@@ -312,7 +313,7 @@ def test_the_helm_test_script_sends_a_message_through_a_real_network(
     assert (shell, flag) == ("sh", "-c")
     env = _pod_env(container, "10.1.2.3")
     assert env["DNA_BOOTSTRAP"].startswith("t-dna-bootstrap-0.t-dna-bootstrap-hl.dna.svc.")
-    net = Testnet(tmp_path / "net", first=150)
+    net = Testnet(tmp_path / "net", addresses=free_ips(9))
     try:
         net.up()
         seeds = ",".join(f"{host}:{port}" for host, port in net.seeds)

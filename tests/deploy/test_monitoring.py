@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from cluster import UDP_PORT, NodeProcess, running
+from cluster import UDP_PORT, NodeProcess, free_ips, running
 from deploy_files import (
     DASHBOARDS,
     RULE_TESTS,
@@ -28,7 +28,7 @@ from support import load_script
 
 pytestmark = pytest.mark.process  # helm, promtool, bash or node processes
 
-BOOTSTRAP_IP, STORAGE_IP = "127.0.0.185", "127.0.0.186"
+BOOTSTRAP_IP, STORAGE_IP = free_ips(2)
 
 
 def _generator() -> ModuleType:

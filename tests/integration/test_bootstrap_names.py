@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster import UDP_PORT, NodeProcess, running
+from cluster import UDP_PORT, NodeProcess, node_process, running
 from dna_core.overlay.aio.seeds import local_host_for, resolve_seeds, seed_family
 from dna_peer.network import NetworkUnreachableError, join_overlay
 
@@ -48,9 +48,7 @@ def boot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
 def test_a_storage_node_joins_through_a_bootstrap_named_by_dns(
     boot: NodeProcess, tmp_path: Path
 ) -> None:
-    store = NodeProcess(
-        "store", "127.0.0.187", tmp_path, [f"localhost:{UDP_PORT}"], command="dna-storage-node"
-    )
+    store = node_process("store", tmp_path, [f"localhost:{UDP_PORT}"], command="dna-storage-node")
     with running([store]):
         status = store.status()
         assert status["ready"] and status["routing_table_size"] >= 1, status
@@ -72,7 +70,7 @@ def test_a_peer_joins_through_a_name_and_from_every_interface(boot: NodeProcess)
 
 
 def test_a_name_that_does_not_resolve_keeps_the_node_joining(tmp_path: Path) -> None:
-    lonely = NodeProcess("lonely", "127.0.0.188", tmp_path, [f"{UNRESOLVABLE}:{UDP_PORT}"])
+    lonely = node_process("lonely", tmp_path, [f"{UNRESOLVABLE}:{UDP_PORT}"])
     lonely.start()
     try:
         deadline = time.monotonic() + 20

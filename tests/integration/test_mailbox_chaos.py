@@ -19,6 +19,7 @@ from cluster import (
     UDP_PORT,
     NodeProcess,
     client_node,
+    free_ips,
     running,
     storage_network,
     wait_ready,
@@ -29,6 +30,8 @@ from process_mark import starts_processes
 from support import run_seed, seeded_identity
 
 STORAGE = 6
+ADDRESSES = free_ips(1 + STORAGE)
+SEED = (ADDRESSES[0], UDP_PORT)
 WRITE_SECONDS = 12.0
 KILL_EVERY_S = 1.5
 ALICE = seeded_identity("chaos-alice")
@@ -39,15 +42,14 @@ BOBS = [seeded_identity(f"chaos-bob-{i}") for i in range(4)]
 @starts_processes
 def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProcess]]:
     root = tmp_path_factory.mktemp("chaos")
-    nodes = storage_network(
-        root, 120, STORAGE, "repair_interval_s = 1.0\n[admission]\npow_base_bits = 8\n"
-    )
+    toml = "repair_interval_s = 1.0\n[admission]\npow_base_bits = 8\n"
+    nodes = storage_network(root, STORAGE, toml, ADDRESSES)
     with running(nodes):
         yield nodes
 
 
 async def _write(acked: dict[bytes, bytes], attempted: list[int]) -> None:
-    client = await client_node([("127.0.0.120", UDP_PORT)])
+    client = await client_node([SEED])
     mail = MailboxClient(client, pow_bits=8, timeout=2.0)
     deadline = time.monotonic() + WRITE_SECONDS
     i = 0
@@ -99,7 +101,7 @@ def test_no_acknowledged_write_is_lost_under_sigkill_loop(network: list[NodeProc
     wait_ready(stores)
 
     async def check() -> dict[str, int]:
-        client = await client_node([("127.0.0.120", UDP_PORT)])
+        client = await client_node([SEED])
         mail = MailboxClient(client, pow_bits=8)
         present: set[bytes] = set()
         for bob in BOBS:

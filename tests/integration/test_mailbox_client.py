@@ -1,5 +1,5 @@
-"""What `MailboxClient` costs on real processes (1 bootstrap + 7 storage nodes on
-127.0.0.180-187): a fetch signs once (per round of pages) and asks the 5 replicas only, a
+"""What `MailboxClient` costs on real processes (1 bootstrap + 7 storage
+nodes): a fetch signs once (per round of pages) and asks the 5 replicas only, a
 hand-off candidate only in place of a replica that does not answer; the candidates of a
 mailbox are cached (no lookup for repeated puts and fetches) until they expire or one
 fails. A storage node serves a fetch signed for several nodes only if it is one of them."""
@@ -17,6 +17,7 @@ from cluster import (
     UDP_PORT,
     NodeProcess,
     client_node,
+    free_ips,
     held_by,
     now_ms,
     sample_value,
@@ -32,12 +33,12 @@ from dna_core.overlay.contact import Contact
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 from support import seeded_identity
 
-FIRST_IP = 180
 STORAGE = 7
-SEED = (f"127.0.0.{FIRST_IP}", UDP_PORT)
+ADDRESSES = free_ips(1 + STORAGE)
+SEED = (ADDRESSES[0], UDP_PORT)
 ALICE = seeded_identity("client-alice")
 
-network = storage_network_fixture("client", FIRST_IP, STORAGE)
+network = storage_network_fixture("client", ADDRESSES)
 
 
 class Counted:

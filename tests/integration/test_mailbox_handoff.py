@@ -1,5 +1,5 @@
-"""Replica counts and hand-off copies on real processes: 1 bootstrap + 7 storage nodes on
-127.0.0.171-178, repair every second.
+"""Replica counts and hand-off copies on real processes: 1 bootstrap + 7 storage nodes,
+repair every second.
 
 * Every repair pass observes, per mailbox a node holds, how many of the replica set hold
   its least-replicated item (`dna_storage_mailbox_replicas`, buckets 0..5).
@@ -19,6 +19,7 @@ from cluster import (
     UDP_PORT,
     NodeProcess,
     client_node,
+    free_ips,
     held_by,
     now_ms,
     sample_value,
@@ -33,14 +34,14 @@ from dna_core.overlay.contact import Contact
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 from support import seeded_identity
 
-FIRST_IP = 171
 STORAGE = 7
-SEED = (f"127.0.0.{FIRST_IP}", UDP_PORT)
+ADDRESSES = free_ips(1 + STORAGE)
+SEED = (ADDRESSES[0], UDP_PORT)
 BOUND_S = 30.0  # repair_interval_s = 1: a pass over a few mailboxes takes milliseconds
 ALICE = seeded_identity("handoff-alice")
 HISTOGRAM = "dna_storage_mailbox_replicas"
 
-network = storage_network_fixture("handoff", FIRST_IP, STORAGE)
+network = storage_network_fixture("handoff", ADDRESSES)
 
 
 def by_node_id(network: list[NodeProcess]) -> dict[bytes, NodeProcess]:

@@ -14,6 +14,7 @@ from cluster import (
     UDP_PORT,
     NodeProcess,
     client_node,
+    free_ips,
     held_by,
     running,
     storage_network,
@@ -28,6 +29,8 @@ from process_mark import starts_processes
 from support import seeded_identity
 
 STORAGE = 7
+ADDRESSES = free_ips(1 + STORAGE)
+SEED = (ADDRESSES[0], UDP_PORT)
 REPAIR_BOUND_S = 30.0  # repair_interval_s = 1 below; a pass per mailbox takes ~10 ms here
 ALICE, BOB = seeded_identity("repair-alice"), seeded_identity("repair-bob")
 
@@ -36,15 +39,14 @@ ALICE, BOB = seeded_identity("repair-alice"), seeded_identity("repair-bob")
 @starts_processes
 def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProcess]]:
     root = tmp_path_factory.mktemp("repair")
-    nodes = storage_network(
-        root, 100, STORAGE, "repair_interval_s = 1.0\n[admission]\npow_base_bits = 8\n"
-    )
+    toml = "repair_interval_s = 1.0\n[admission]\npow_base_bits = 8\n"
+    nodes = storage_network(root, STORAGE, toml, ADDRESSES)
     with running(nodes):
         yield nodes
 
 
 async def _client() -> OverlayNode:
-    return await client_node([("127.0.0.100", UDP_PORT)])
+    return await client_node([SEED])
 
 
 async def _until_whole(owner: Identity, replicas: list[Contact], sent: set[bytes]) -> float:

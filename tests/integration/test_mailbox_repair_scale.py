@@ -3,7 +3,7 @@ defect 1: it held 509 blobs after ~20 s and 1,500 after ~90 s, 500 per peer per 
 
 Slow (outside the default suite):
 `pytest -m slow -s tests/integration/test_mailbox_repair_scale.py`.
-1 bootstrap + 6 storage nodes on 127.0.0.191-197, a repair pass every 10 s.
+1 bootstrap + 6 storage nodes, a repair pass every 10 s.
 """
 
 from __future__ import annotations
@@ -15,7 +15,15 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
-from cluster import UDP_PORT, NodeProcess, client_node, held_by, running, storage_network
+from cluster import (
+    UDP_PORT,
+    NodeProcess,
+    client_node,
+    free_ips,
+    held_by,
+    running,
+    storage_network,
+)
 from cluster import wait_ready as wait_all_ready
 from dna_core.crypto import seal
 from dna_core.mailbox import mailbox_id
@@ -23,8 +31,8 @@ from dna_core.mailbox.client import MailboxClient
 from process_mark import starts_processes
 from support import seeded_identity
 
-FIRST_IP = 191
-SEED = (f"127.0.0.{FIRST_IP}", UDP_PORT)
+ADDRESSES = free_ips(1 + 6)
+SEED = (ADDRESSES[0], UDP_PORT)
 BLOBS = 10_000
 INTERVAL_S = 10.0
 BOUND_S = 6 * INTERVAL_S  # "whole within a few passes"
@@ -44,7 +52,7 @@ ALICE, ERIN = seeded_identity("scale-alice"), seeded_identity("scale-erin")
 @starts_processes
 def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProcess]]:
     root = tmp_path_factory.mktemp("scale")
-    with running(storage_network(root, FIRST_IP, 6, TOML)) as nodes:
+    with running(storage_network(root, 6, TOML, ADDRESSES)) as nodes:
         yield nodes
 
 

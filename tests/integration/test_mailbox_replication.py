@@ -1,4 +1,4 @@
-"""Replicated mailboxes on real processes: 1 bootstrap + 7 storage nodes on 127.0.0.x.
+"""Replicated mailboxes on real processes: 1 bootstrap + 7 storage nodes.
 
 The client writes each blob to the 5 storage nodes closest to the mailbox and
 succeeds at W = 3; with replicas down, the next-closest nodes take the writes
@@ -13,7 +13,15 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import pytest
-from cluster import UDP_PORT, NodeProcess, client_node, running, storage_network, wait_ready
+from cluster import (
+    UDP_PORT,
+    NodeProcess,
+    client_node,
+    free_ips,
+    running,
+    storage_network,
+    wait_ready,
+)
 from dna_core.crypto import seal
 from dna_core.mailbox.client import MailboxClient, QuorumError
 from dna_core.mailbox.ids import blob_id, mailbox_id
@@ -22,6 +30,8 @@ from support import seeded_identity
 
 T = TypeVar("T")
 STORAGE = 7
+ADDRESSES = free_ips(1 + STORAGE)
+SEED = (ADDRESSES[0], UDP_PORT)
 ALICE = seeded_identity("replication-alice")
 BOBS = [seeded_identity(f"replication-bob-{i}") for i in range(3)]
 
@@ -34,14 +44,14 @@ def now_ms() -> int:
 @starts_processes
 def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProcess]]:
     root = tmp_path_factory.mktemp("replication")
-    nodes = storage_network(root, 80, STORAGE, "[admission]\npow_base_bits = 8\n")
+    nodes = storage_network(root, STORAGE, "[admission]\npow_base_bits = 8\n", ADDRESSES)
     with running(nodes):
         yield nodes
 
 
 def with_client(work: Callable[[MailboxClient], Awaitable[T]]) -> T:
     async def go() -> T:
-        node = await client_node([("127.0.0.80", UDP_PORT)])
+        node = await client_node([SEED])
         try:
             return await work(MailboxClient(node, pow_bits=8))
         finally:

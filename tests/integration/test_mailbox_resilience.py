@@ -19,6 +19,7 @@ from cluster import (
     UDP_PORT,
     NodeProcess,
     client_node,
+    free_ips,
     held_by,
     running,
     storage_network,
@@ -34,7 +35,8 @@ from support import seeded_identity
 STORAGE = 10
 REPAIR_BOUND_S = 60.0  # with repair_interval_s = 1: a pass over 50 mailboxes takes ~1 s
 ALICE = seeded_identity("resilience-alice")
-SEED = ("127.0.0.140", UDP_PORT)
+ADDRESSES = free_ips(1 + STORAGE)
+SEED = (ADDRESSES[0], UDP_PORT)
 STORAGE_TOML = (
     "repair_interval_s = 1.0\n[admission]\npow_base_bits = 8\n"
     "ip_rate_per_s = 1000.0\nip_burst = 2000.0\nmailbox_burst = 100.0\n"
@@ -45,7 +47,7 @@ STORAGE_TOML = (
 @starts_processes
 def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProcess]]:
     root = tmp_path_factory.mktemp("resilience")
-    nodes = storage_network(root, 140, STORAGE, STORAGE_TOML)
+    nodes = storage_network(root, STORAGE, STORAGE_TOML, ADDRESSES)
     with running(nodes):
         yield nodes
 

@@ -1,6 +1,6 @@
 """Replica sync is between a mailbox's replicas, on real processes (issue 10, defect 2).
 
-1 bootstrap + 7 storage nodes on 127.0.0.161-168, and an outsider on .169: a real overlay
+1 bootstrap + 7 storage nodes, and an outsider on an address of its own: a real overlay
 node that calls itself a storage node, with a valid node key (ground to be the farthest
 node from the victim's mailbox), joined to the network. With 8 storage nodes in all, the
 outsider is outside R + 2 = 7 (in a network of at most R + 2, every node is a replica).
@@ -24,6 +24,7 @@ from cluster import (
     UDP_PORT,
     NodeProcess,
     client_node,
+    free_ips,
     held_by,
     running,
     storage_network,
@@ -40,8 +41,8 @@ from dna_storage.replication import sign_proof
 from process_mark import starts_processes
 from support import seeded_identity
 
-FIRST_IP = 161
-SEED = (f"127.0.0.{FIRST_IP}", UDP_PORT)
+ADDRESSES = free_ips(1 + 7 + 1)  # the bootstrap, 7 storage nodes, the outsider
+SEED = (ADDRESSES[0], UDP_PORT)
 ALICE, BOB = seeded_identity("syncauth-alice"), seeded_identity("syncauth-bob")
 BOX = mailbox_id(BOB.fingerprint)
 
@@ -50,7 +51,7 @@ BOX = mailbox_id(BOB.fingerprint)
 @starts_processes
 def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProcess]]:
     root = tmp_path_factory.mktemp("syncauth")
-    with running(storage_network(root, FIRST_IP, 7, FAST_REPAIR)) as nodes:
+    with running(storage_network(root, 7, FAST_REPAIR, ADDRESSES[:-1])) as nodes:
         yield nodes
 
 
@@ -67,7 +68,7 @@ def far_identity(target: bytes, network: list[NodeProcess]) -> NodeIdentity:
 
 async def outsider(network: list[NodeProcess]) -> OverlayNode:
     config = NodeConfig(
-        host="127.0.0.169", role=common_pb2.NODE_ROLE_STORAGE, puzzle_bits=4,
+        host=ADDRESSES[-1], role=common_pb2.NODE_ROLE_STORAGE, puzzle_bits=4,
         allow_loopback=True,
     )  # fmt: skip
     node = OverlayNode(far_identity(BOX, network), config)
@@ -189,7 +190,7 @@ def test_no_node_lists_every_mailbox_it_holds(network: list[NodeProcess]) -> Non
         assert node.contact is not None
         proof = sign_proof(node.identity, node.contact, "SyncDigest", b"").SerializeToString()
         request = b"\x0a" + varint(len(proof)) + proof
-        target = f"127.0.0.{FIRST_IP + 1}:{GRPC_PORT}"
+        target = f"{ADDRESSES[1]}:{GRPC_PORT}"
         digest: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = node.channels.get(
             target
         ).unary_unary("/dna.v1.Mailbox/SyncDigest")

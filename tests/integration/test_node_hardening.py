@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cluster import GRPC_PORT, NodeProcess, sample_value, scrape, wait_ready
+from cluster import GRPC_PORT, NodeProcess, free_ips, sample_value, scrape, wait_ready
 from dna_core.ops.relay import TcpRelay
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, overlay_pb2
 from dna_testnet.network import HTTP_PORT
@@ -24,11 +24,11 @@ from grpc_health.v1 import health_pb2  # type: ignore[import-untyped]
 from grpc_reflection.v1alpha import reflection_pb2  # type: ignore[import-untyped]
 from process_mark import starts_processes
 
-IP = "127.0.0.71"
-FLOODER = "127.0.0.72"  # one source address opening many idle connections
-OTHER = "127.0.0.73"  # a source that is not flooding
+IP, UNGUARDED_IP, REDIS_NODE_IP = free_ips(3)  # the nodes
+FLOODER = free_ips(1)[0]  # one source address opening many idle connections
+OTHER = free_ips(1)[0]  # a source that is not flooding
 # sources that each stay under the per-source cap, together over the total
-CROWD = [f"127.0.0.{i}" for i in range(80, 86)]
+CROWD = free_ips(6)
 GRPC_TOTAL, GRPC_PER_SOURCE = 32, 8
 LIMITS = f"""
 grpc_max_connections = {GRPC_TOTAL}
@@ -234,11 +234,11 @@ def test_without_the_guard_grpc_listens_itself_and_caps_only_the_total(tmp_path:
     """`grpc_connection_guard = false`: for a node behind a firewall or load balancer that
     caps connections per source; the node then applies grpcio's total cap alone."""
     settings = "grpc_connection_guard = false\ngrpc_max_connections_per_source = 2\n"
-    node = NodeProcess("unguarded", "127.0.0.77", tmp_path, [], connections_toml=settings)
+    node = NodeProcess("unguarded", UNGUARDED_IP, tmp_path, [], connections_toml=settings)
     node.start()
     try:
         wait_ready([node])
-        conns = open_idle(GRPC_PORT, 5, target="127.0.0.77")
+        conns = open_idle(GRPC_PORT, 5, target=UNGUARDED_IP)
         time.sleep(0.3)
         still_open = sum(not closed_by_node(c) for c in conns)
         names = {s.name for s in scrape(node)}
@@ -298,7 +298,7 @@ def redis_with_password(tmp_path: Path) -> Iterator[str]:
 def test_secrets_stay_out_of_status_and_logs(tmp_path: Path, redis_with_password: str) -> None:
     settings = f'backend = "redis"\nredis_url = "{redis_with_password}"\n'
     node = NodeProcess(
-        "redis-storage", "127.0.0.75", tmp_path, [], command="dna-storage-node",
+        "redis-storage", REDIS_NODE_IP, tmp_path, [], command="dna-storage-node",
         extra_toml=settings,
     )  # fmt: skip
     node.start()

@@ -7,10 +7,10 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from cluster import NodeProcess, scrape, wait_ready
+from cluster import NodeProcess, free_ips, scrape, wait_ready
 from process_mark import starts_processes
 
-IP = "127.0.0.76"
+IP = free_ips(1)[0]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cluster import GRPC_PORT, NodeProcess, wait_ready
+from cluster import GRPC_PORT, NodeProcess, free_ips, wait_ready
 from dna_core.crypto import sign_record
 from dna_core.crypto.node import NodeIdentity
 from dna_core.overlay.aio import NodeConfig, OverlayNode
@@ -22,7 +22,7 @@ from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
 from process_mark import starts_processes
 from support import seeded_identity
 
-IP = "127.0.0.60"
+IP = free_ips(1)[0]
 
 
 @pytest.fixture(scope="module")

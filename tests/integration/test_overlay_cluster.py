@@ -1,4 +1,4 @@
-"""20 real node processes on 127.0.0.2-21: join, store/find, SIGKILL half, restart, rejoin.
+"""20 real node processes: join, store/find, SIGKILL half, restart, rejoin.
 
 Records are stored and fetched by an in-test client (a real OverlayNode in client
 mode, UDP + gRPC) that enters the overlay through one node at a time, so every
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from cluster import NodeProcess, client_node, make_cluster, running, wait_ready
+from cluster import NodeProcess, client_node, make_cluster, node_process, running, wait_ready
 from dna_core.crypto import Identity, sign_record
 from dna_core.overlay.aio import OverlayNode
 from dna_core.overlay.records import identity_payload, record_key
@@ -107,7 +107,7 @@ def test_higher_sequence_replaces_and_lower_is_refused(cluster: list[NodeProcess
 
 
 def test_sigterm_stops_gracefully(cluster: list[NodeProcess], tmp_path: Path) -> None:
-    node = NodeProcess("lonely", "127.0.0.40", tmp_path, [])
+    node = node_process("lonely", tmp_path)
     node.start()
     wait_ready([node])
     assert node.terminate() == 0

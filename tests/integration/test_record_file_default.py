@@ -17,7 +17,7 @@ import httpx
 import pytest
 from dna_core.overlay.aio.server import OverlayServiceConfig, RecordsSection
 from dna_storage.node import StorageNodeConfig, StorageSection
-from dna_testnet.network import BIN
+from dna_testnet.harness.local import BIN
 
 pytestmark = pytest.mark.process  # every test starts nodes
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cluster import GRPC_PORT, NodeProcess, sample_value, scrape, wait_ready
+from cluster import GRPC_PORT, NodeProcess, free_ips, sample_value, scrape, wait_ready
 from dna_core.crypto import Identity, sign_record
 from dna_core.ops.relay import TcpRelay
 from dna_core.overlay.records import identity_payload, record_key
@@ -88,7 +88,7 @@ def flood_and_publish(node: NodeProcess, legit: Identity) -> tuple[int, bool, fl
         started = time.monotonic()
         taken = await store_all(f"{node.ip}:{GRPC_PORT}", flood)
         elapsed = time.monotonic() - started
-        async with TcpRelay((node.ip, GRPC_PORT), upstream_source="127.0.0.99") as via:
+        async with TcpRelay((node.ip, GRPC_PORT), upstream_source=free_ips(1)[0]) as via:
             ok = await store_all(via.address, [identity_record(legit, "real user")])
         return taken, ok == 1, elapsed
 
@@ -97,7 +97,7 @@ def flood_and_publish(node: NodeProcess, legit: Identity) -> tuple[int, bool, fl
 
 def test_one_source_is_rate_limited_and_a_real_user_still_publishes(tmp_path: Path) -> None:
     extra = f"identity_pow_bits = {POW_BITS}\n"  # the public defaults otherwise
-    with one_node(tmp_path, "127.0.0.61", extra) as node:
+    with one_node(tmp_path, free_ips(1)[0], extra) as node:
         taken, legit_ok, elapsed = flood_and_publish(node, Identity.generate())
         status = node.status()
         rejected = sample_value(scrape(node), "dna_overlay_rejected_total",
@@ -114,7 +114,7 @@ def test_a_full_store_stays_bounded_and_evicts_the_biggest_holder(tmp_path: Path
         f"identity_pow_bits = {POW_BITS}\nmax_records = 50\nmax_bytes = 1000000\n"
         "source_rate_per_s = 10000.0\nsource_burst = 10000.0\n"
     )
-    with one_node(tmp_path, "127.0.0.62", extra) as node:
+    with one_node(tmp_path, free_ips(1)[0], extra) as node:
         rss_before = rss_kib(node)
         taken, legit_ok, _ = flood_and_publish(node, Identity.generate())
         status = node.status()

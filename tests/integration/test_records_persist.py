@@ -11,6 +11,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from cluster import free_ips
 from dna_core.crypto import Identity
 from dna_peer import keyserver
 from dna_peer.profile import Profile
@@ -20,10 +21,11 @@ from peers import PASSPHRASE, People
 pytestmark = pytest.mark.process  # every test starts nodes
 
 NAME = "persisted-alice"
+ADDRESSES = free_ips(4)  # both tests; a testnet brought up again keeps its addresses
 
 
 def small_testnet(root: Path) -> Testnet:
-    return Testnet(root, bootstraps=1, storage=3, first=70)
+    return Testnet(root, bootstraps=1, storage=3, addresses=ADDRESSES)
 
 
 def test_names_and_identities_survive_a_testnet_down_and_up(tmp_path: Path) -> None:

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cluster import GRPC_PORT, NodeProcess, now_ms, wait_ready
+from cluster import GRPC_PORT, NodeProcess, free_ips, now_ms, wait_ready
 from dna_core.crypto import pow, seal
 from dna_core.mailbox import blob_id, mailbox_id, put_pow_hash, sign_fetch
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
-from dna_testnet.network import BIN
+from dna_testnet.harness.local import BIN
 from support import seeded_identity
 
 pytestmark = pytest.mark.process  # starts nodes and the backup/restore commands
 
-LIVE_IP, FRESH_IP = "127.0.0.240", "127.0.0.241"
+LIVE_IP, FRESH_IP = free_ips(2)
 POW_BITS = 4
 ALICE, BOB = seeded_identity("backup-alice"), seeded_identity("backup-bob")
 BOX = mailbox_id(BOB.fingerprint)

@@ -15,14 +15,14 @@ from typing import Any
 
 import grpc
 import pytest
-from cluster import GRPC_PORT, NodeProcess, wait_ready
+from cluster import GRPC_PORT, NodeProcess, free_ips, wait_ready
 from dna_core.crypto import pow, seal
 from dna_core.mailbox import mailbox_id, put_pow_hash, sign_fetch
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 from process_mark import starts_processes
 from support import seeded_identity
 
-IP = "127.0.0.74"
+IP = free_ips(1)[0]
 ALICE, BOB = seeded_identity("disk-alice"), seeded_identity("disk-bob")
 # No disk reading between start and the test's puts (gc_interval_s), and the mark at 100 %
 # so only the write itself can find the disk full.

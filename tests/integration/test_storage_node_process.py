@@ -14,14 +14,14 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from cluster import GRPC_PORT, NodeProcess, sample_value, scrape, wait_ready
+from cluster import GRPC_PORT, NodeProcess, free_ips, sample_value, scrape, wait_ready
 from dna_core.crypto import Identity, ReplayGuard, open_envelope, pow, seal
 from dna_core.mailbox import blob_id, mailbox_id, put_pow_hash, sign_delete, sign_fetch
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 from process_mark import starts_processes
 from support import seeded_identity
 
-IP = "127.0.0.70"
+IP, FULL_IP = free_ips(2)
 POW_BITS = 8
 ALICE, BOB = seeded_identity("storage-alice"), seeded_identity("storage-bob")
 CAROL = seeded_identity("storage-carol")
@@ -247,7 +247,7 @@ def test_metrics_count_outcomes_and_holdings(node: NodeProcess) -> None:
 def test_over_the_disk_high_water_mark_the_node_is_unready_and_refuses_writes(
     tmp_path: Path,
 ) -> None:
-    full = NodeProcess("full", "127.0.0.75", tmp_path, [], command="dna-storage-node")
+    full = NodeProcess("full", FULL_IP, tmp_path, [], command="dna-storage-node")
     full.extra_toml = "[admission]\npow_base_bits = 8\ndisk_high_water = 0.000001\n"
     full.start()
     try:

@@ -1,5 +1,5 @@
 """`dna watch` rides out a network restart (issue 11, item 1): the real `dna` CLI against a
-real testnet (1 bootstrap + 3 storage processes on 127.0.0.40-43) that is stopped and
+real testnet (1 bootstrap + 3 storage processes) that is stopped and
 started again while it watches."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cluster import free_ips
 from dna_testnet.network import Testnet
 from support import BIN, lines, run_script, wait_for
 
@@ -27,7 +28,7 @@ def dna(home: Path, net: Testnet, *args: str) -> dict:  # type: ignore[type-arg]
 
 
 def test_watch_rides_out_a_network_restart(tmp_path: Path) -> None:
-    net = Testnet(tmp_path / "net", bootstraps=1, storage=3, first=40)
+    net = Testnet(tmp_path / "net", bootstraps=1, storage=3, addresses=free_ips(4))
     net.up()
     watcher = None
     try:

@@ -1,5 +1,5 @@
 """A mailbox past the nodes' per-request limits, on real processes (1 bootstrap + 5 storage
-nodes on 127.0.0.60-65 with a small quota): an owner cleans more blobs than one delete may
+nodes with a small quota): an owner cleans more blobs than one delete may
 name (`MAX_DELETE_IDS`), a mailbox at its quota takes messages again once its owner synced,
 and a delete the nodes refuse is an error the owner sees."""
 
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster import UDP_PORT, NodeProcess, running, storage_network
+from cluster import UDP_PORT, NodeProcess, free_ips, running, storage_network
 from dna_core.crypto import Identity, seal
 from dna_core.mailbox import client as client_module
 from dna_core.mailbox import mailbox_id
@@ -24,7 +24,7 @@ from dna_peer.peer import Peer
 from peers import PASSPHRASE, People
 from process_mark import starts_processes
 
-FIRST_IP = 60
+ADDRESSES = free_ips(1 + 5)
 QUOTA = MAX_DELETE_IDS + 50  # more than one delete request may name
 # Floods from one test process: no rate limits, no adaptive proof of work; the quota stays.
 TOML = (
@@ -38,12 +38,12 @@ TOML = (
 @starts_processes
 def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProcess]]:
     root = tmp_path_factory.mktemp("limits")
-    with running(storage_network(root, FIRST_IP, 5, TOML)) as nodes:
+    with running(storage_network(root, 5, TOML, ADDRESSES)) as nodes:
         yield nodes
 
 
 def people(tmp_path: Path) -> People:
-    return People(tmp_path, [(f"127.0.0.{FIRST_IP}", UDP_PORT)])
+    return People(tmp_path, [(ADDRESSES[0], UDP_PORT)])
 
 
 def text(body: str) -> bytes:

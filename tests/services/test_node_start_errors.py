@@ -10,12 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster import NodeProcess, wait_ready
+from cluster import NodeProcess, free_ips, wait_ready
 from support import run_script
 
 pytestmark = pytest.mark.process  # every test starts a node process
 
-IP = "127.0.0.81"
+IP = free_ips(1)[0]
 
 
 def config(tmp_path: Path, name: str, *, node: str = "", ops: str = "", top: str = "") -> Path:

@@ -11,7 +11,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from dna_testnet.network import Testnet
 from support import BIN, on_a_terminal
+
+# Where `dna-testnet up` puts storage1 (its addresses are fixed, so `down` finds them).
+STORAGE1 = next(node.ip for node in Testnet(Path()).nodes if node.name == "storage1")
 
 pytestmark = pytest.mark.process  # every test runs dna-testnet
 
@@ -96,7 +100,7 @@ def test_up_status_twice_and_down_finds_every_node(tmp_path: Path) -> None:
             start_new_session=True,
         )  # fmt: skip
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not _ready("127.0.0.5"):  # storage1
+        while time.monotonic() < deadline and not _ready(STORAGE1):
             time.sleep(0.2)
     finally:
         down = run("down", cwd=tmp_path)

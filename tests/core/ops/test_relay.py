@@ -13,12 +13,16 @@ from typing import Any
 
 import grpc
 import pytest
+from cluster import free_ips
 from dna_core.ops import relay as relay_module
 from dna_core.ops.connections import ConnectionCaps, ConnectionLimits
 from dna_core.ops.grpc_gate import GrpcGate
 from dna_core.ops.relay import UPSTREAM_UNREACHABLE, TcpRelay
 from dna_core.ratelimit import grpc_peer_ip, source_key
 from dna_core.wire.gen.dna.v1 import overlay_pb2, overlay_pb2_grpc
+
+# Client source addresses, as separate machines would connect from.
+SOURCE_A, SOURCE_B, SOURCE_C, OUTSIDE = free_ips(4)
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OVERLAY = overlay_pb2.DESCRIPTOR.services_by_name["Overlay"]
@@ -136,11 +140,11 @@ def test_a_source_over_its_cap_is_closed_at_accept_and_another_source_gets_in() 
 
     async def main() -> tuple[bool, bool, bool, int]:
         async with upstream() as port, relay_to(port, per_source=2, refused=refused) as relay:
-            first = [await connect(relay, "127.0.0.81") for _ in range(2)]
-            third_reader, _ = await connect(relay, "127.0.0.81")
+            first = [await connect(relay, SOURCE_A) for _ in range(2)]
+            third_reader, _ = await connect(relay, SOURCE_A)
             third_closed = await closed_by_relay(third_reader)
             held_ok = all([await echoes(*conn) for conn in first])
-            other = await connect(relay, "127.0.0.82")
+            other = await connect(relay, SOURCE_B)
             other_ok = await echoes(*other)
             return third_closed, held_ok, other_ok, relay.open
 
@@ -155,9 +159,9 @@ def test_the_total_cap_binds_across_sources() -> None:
 
     async def main() -> bool:
         async with upstream() as port, relay_to(port, total=2, refused=refused) as relay:
-            held = [await connect(relay, source) for source in ("127.0.0.81", "127.0.0.82")]
+            held = [await connect(relay, source) for source in (SOURCE_A, SOURCE_B)]
             assert all([await echoes(*conn) for conn in held])
-            reader, _ = await connect(relay, "127.0.0.83")
+            reader, _ = await connect(relay, SOURCE_C)
             return await closed_by_relay(reader)
 
     assert asyncio.run(main())
@@ -167,11 +171,11 @@ def test_the_total_cap_binds_across_sources() -> None:
 def test_a_closed_connection_frees_its_slot() -> None:
     async def main() -> bool:
         async with upstream() as port, relay_to(port, per_source=1) as relay:
-            reader, writer = await connect(relay, "127.0.0.81")
+            reader, writer = await connect(relay, SOURCE_A)
             assert await echoes(reader, writer)
             writer.close()
             await until(lambda: relay.open == 0)
-            return await echoes(*await connect(relay, "127.0.0.81"))
+            return await echoes(*await connect(relay, SOURCE_A))
 
     assert asyncio.run(main())
 
@@ -183,7 +187,7 @@ def test_when_the_upstream_closes_the_client_is_closed_and_its_slot_freed() -> N
 
     async def main() -> tuple[bytes, int]:
         async with upstream(hang_up) as port, relay_to(port, per_source=1) as relay:
-            reader, _ = await connect(relay, "127.0.0.81")  # and never closes its end
+            reader, _ = await connect(relay, SOURCE_A)  # and never closes its end
             said = await asyncio.wait_for(reader.read(), 2.0)
             await until(lambda: relay.open == 0)
             return said, relay.open
@@ -258,7 +262,7 @@ def test_a_closed_link_names_its_client_for_a_while_then_is_forgotten(
 
     async def main() -> tuple[int, str, str, str]:
         async with upstream(note_peer) as port, relay_to(port) as relay:
-            reader, writer = await connect(relay, "127.0.0.81")
+            reader, writer = await connect(relay, SOURCE_A)
             assert await echoes(reader, writer)
             peer = "ipv4:{}:{}".format(*ends[0])
             client_port = writer.get_extra_info("sockname")[1]
@@ -270,7 +274,7 @@ def test_a_closed_link_names_its_client_for_a_while_then_is_forgotten(
             return client_port, while_open, just_closed, relay.grpc_peer(peer)
 
     client_port, while_open, just_closed, later = asyncio.run(main())
-    assert while_open == just_closed == f"ipv4:127.0.0.81:{client_port}"
+    assert while_open == just_closed == f"ipv4:{SOURCE_A}:{client_port}"
     assert later.startswith("ipv4:127.0.0.1:")  # forgotten: the peer as gRPC gave it
 
 
@@ -323,14 +327,14 @@ def test_grpc_handlers_behind_the_guard_see_the_client_address() -> None:
 
     async def main() -> None:
         async with guarded_grpc(servicer) as guard:
-            # the client leaves from 127.0.0.93, as a second machine would
-            async with TcpRelay(("127.0.0.1", guard.port), upstream_source="127.0.0.93") as via:
+            # the client leaves from OUTSIDE, as a second machine would
+            async with TcpRelay(("127.0.0.1", guard.port), upstream_source=OUTSIDE) as via:
                 await ping(via.address)
             await ping(guard.address)  # from 127.0.0.1, like the guard's own upstream end
 
     asyncio.run(main())
     first, second = servicer.peers
-    assert grpc_peer_ip(first) == "127.0.0.93"
+    assert grpc_peer_ip(first) == OUTSIDE
     assert grpc_peer_ip(second) == "127.0.0.1"
     assert first.startswith("ipv4:") and second.startswith("ipv4:")
 

@@ -1,6 +1,6 @@
 """A node enters a routing table only after proving its node key from its address:
-real nodes on loopback UDP (127.0.0.35-36) and a spoofer on a raw socket that claims
-a known node's ID (its public key is no secret) from its own address."""
+real nodes on loopback UDP (addresses from the harness allocator) and a spoofer on a raw
+socket that claims a known node's ID (its public key is no secret) from its own address."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 
+from cluster import free_ips
 from dna_core.crypto.node import NodeIdentity
 from dna_core.overlay.aio import NodeConfig, OverlayNode
 from dna_core.overlay.codec import (
@@ -89,7 +90,7 @@ class Spoofer:
 
 def with_pair(work: Callable[[OverlayNode, OverlayNode], Awaitable[None]]) -> None:
     async def go() -> None:
-        a, b = await started("127.0.0.35"), await started("127.0.0.36")
+        a, b = [await started(ip) for ip in free_ips(2)]
         try:
             await work(a, b)
         finally:

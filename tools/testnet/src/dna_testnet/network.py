@@ -1,8 +1,9 @@
-"""Real node processes on distinct loopback addresses (127.0.0.x), each with its own
-TOML file, key file, data directory and log under one state directory.
+"""`dna-testnet`'s network: the testnet topology on the harness's local driver (node
+processes on 127.0.0.2 onwards, under one state directory), and finding its processes
+again from another invocation (`status`, `down`).
 
-Used by `dna-testnet` (up, status, down, demo) and by the integration tests,
-which SIGKILL, SIGTERM and restart nodes.
+`LocalNode` and `wait_ready` live in `dna_testnet.harness.local`; they are re-exported
+here for the callers that import them from this module.
 """
 
 from __future__ import annotations
@@ -11,32 +12,15 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import httpx
 from dna_peer.network import join_overlay as client_node
 
-from dna_testnet.topology import (
-    COMMANDS,
-    GRPC_PORT,
-    HTTP_PORT,
-    STUN_PORT,
-    TESTNET_ADMISSION,
-    TESTNET_CONNECTIONS,
-    TESTNET_RECORDS,
-    UDP_PORT,
-    NodePaths,
-    NodeSpec,
-    Role,
-    make_topology,
-    node_toml,
-    stun_toml,
-)
+from dna_testnet.harness.addresses import LoopbackAllocator
+from dna_testnet.harness.local import LocalNode, local_cluster, wait_ready
+from dna_testnet.topology import GRPC_PORT, HTTP_PORT, TESTNET_ADMISSION, UDP_PORT, make_topology
 
 __all__ = [
     "GRPC_PORT",
@@ -49,8 +33,6 @@ __all__ = [
     "wait_ready",
 ]
 
-BIN = Path(sys.executable).parent
-
 
 class TestnetRunningError(RuntimeError):
     """`up` while a testnet already runs on these addresses."""
@@ -58,153 +40,43 @@ class TestnetRunningError(RuntimeError):
     __test__ = False
 
 
-@dataclass
-class LocalNode:
-    name: str
-    ip: str
-    root: Path
-    bootstraps: list[str]
-    command: str = "dna-bootstrap"  # or dna-storage-node
-    puzzle_bits: int = 4
-    extra_toml: str = ""  # more sections, e.g. [admission]
-    records_toml: str = TESTNET_RECORDS  # more keys of the [records] section
-    connections_toml: str = TESTNET_CONNECTIONS  # keys of the [connections] section
-    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-
-    @property
-    def role(self) -> Role:
-        return next(role for role, command in COMMANDS.items() if command == self.command)
-
-    @property
-    def udp(self) -> tuple[str, int]:
-        return (self.ip, STUN_PORT if self.role == "stun" else UDP_PORT)
-
-    @property
-    def config_path(self) -> Path:
-        return self.root / f"{self.name}.toml"
-
-    @property
-    def log_path(self) -> Path:
-        return self.root / f"{self.name}.log"
-
-    def write_config(self) -> None:
-        if self.role == "stun":  # the testnet's peers live on loopback addresses
-            text = stun_toml(self.ip, http_host=self.ip, allowed_peers=["127.0.0.0/8"])
-            self.config_path.write_text(text)
-            return
-        spec = NodeSpec(self.name, self.role)
-        paths = NodePaths(
-            key_file=str(self.root / f"{self.name}.key"),
-            records=str(self.root / f"{self.name}-records.sqlite3"),
-            data_dir=str(self.root / f"{self.name}-data"),
-        )
-        self.config_path.write_text(
-            node_toml(spec, host=self.ip, seeds=self.bootstraps, paths=paths, http_host=self.ip,
-                      allow_loopback=True, puzzle_bits=self.puzzle_bits,
-                      records_toml=self.records_toml, connections_toml=self.connections_toml,
-                      extra_toml=self.extra_toml)
-        )  # fmt: skip
-
-    def start(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.write_config()
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [str(BIN / self.command), "run", "--config", str(self.config_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={k: v for k, v in os.environ.items() if not k.startswith("DNA_")},
-                start_new_session=True,  # the testnet outlives `dna-testnet up`
-            )
-
-    def http(self, path: str) -> httpx.Response:
-        return httpx.get(f"http://{self.ip}:{HTTP_PORT}{path}", timeout=2.0)
-
-    def status(self) -> dict[str, Any]:
-        data: dict[str, Any] = self.http("/status").json()
-        return data
-
-    def is_ready(self) -> bool:
-        try:
-            return self.http("/readyz").status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def answers(self) -> bool:
-        """Something (this node or another process) serves this node's HTTP address."""
-        try:
-            self.http("/readyz")
-        except httpx.HTTPError:
-            return False
-        return True
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL: no goodbye, no cleanup."""
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-            self.proc = None
-
-    def terminate(self, timeout: float = 15.0) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
-        self.proc = None
-        return code
-
-    def tail(self, lines: int = 20) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
-def wait_ready(nodes: list[LocalNode], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    pending = list(nodes)
-    while pending and time.monotonic() < deadline:
-        for node in list(pending):
-            if node.proc is not None and not node.alive():
-                raise RuntimeError(f"{node.name} exited:\n{node.tail()}")
-            if node.is_ready():
-                pending.remove(node)
-        time.sleep(0.2)
-    if pending:
-        raise RuntimeError(f"not ready: {[n.name for n in pending]}\n{pending[0].tail()}")
-
-
 class Testnet:
     """The testnet topology's nodes (``bootstraps`` bootstrap then ``storage`` storage nodes,
-    `topology.TESTNET` by default) as processes on 127.0.0.``first`` onwards. Every storage
+    `topology.TESTNET` by default) as processes on 127.0.0.``first`` onwards, or on
+    ``addresses`` (tests take them from the harness's allocator). Every storage
     node keeps its mailboxes in SQLite here: the compose testnet runs the topology's Redis
     nodes on a Redis server."""
 
     __test__ = False  # not a pytest test class despite the name
 
     def __init__(
-        self, root: Path, *, bootstraps: int = 3, storage: int = 6, stun: int = 0, first: int = 2
+        self,
+        root: Path,
+        *,
+        bootstraps: int = 3,
+        storage: int = 6,
+        stun: int = 0,
+        first: int = 2,
+        addresses: Sequence[str] | None = None,
     ):
         self.root = root
         topology = make_topology(bootstraps, storage, stun=stun)
-        ips = [f"127.0.0.{first + i}" for i in range(len(topology.nodes) + len(topology.relays))]
-        seeds = [f"{ip}:{UDP_PORT}" for ip in ips[:bootstraps]]
-        self.nodes = [
-            LocalNode(
-                spec.name,
-                ip,
-                root,
-                seeds,
-                command=spec.command,
-                extra_toml=TESTNET_ADMISSION if spec.role == "storage" else "",
+        count = len(topology.nodes) + len(topology.relays)
+        if addresses is None:  # fixed, so `status` and `down` from another shell find them
+            addresses = LoopbackAllocator(f"127.0.0.{first}", probe=False).take(count)
+        if len(addresses) != count:
+            raise ValueError(
+                f"{count} nodes and relays need as many addresses, got {len(addresses)}"
             )
-            for spec, ip in zip(topology.nodes, ips, strict=False)
-        ]
-        # STUN/TURN relays, on the addresses after the overlay nodes.
+        overlay, relays = addresses[: len(topology.nodes)], addresses[len(topology.nodes) :]
+        self.cluster = local_cluster(
+            root, topology, addresses=overlay, storage_toml=TESTNET_ADMISSION
+        )
+        self.nodes = self.cluster.driver.nodes
+        # STUN/TURN relays, on the addresses after the overlay nodes: not overlay members.
         self.relays = [
             LocalNode(spec.name, ip, root, [], command=spec.command)
-            for spec, ip in zip(topology.relays, ips[len(self.nodes) :], strict=True)
+            for spec, ip in zip(topology.relays, relays, strict=True)
         ]
 
     @property

@@ -2,11 +2,13 @@
 peers and their NATs, the ports, and the settings a testnet changes from a public
 deployment; and `node_toml`, the one renderer of a node's configuration file.
 
-Two drivers run it: `dna-testnet` (processes on 127.0.0.x, `network.Testnet`) and the
-docker-compose testnet (`compose.render`, written to docker-compose.yml and
-deploy/compose/ by scripts/gen_compose.py). Both take their node names, roles, ports and
-settings from here; only the addresses and paths differ, and the local driver keeps every
-mailbox in SQLite (a Redis server is not assumed on a developer's machine).
+Two drivers of the node harness (`dna_testnet.harness`) run it: `dna-testnet` (processes on
+127.0.0.x, `network.Testnet` on the local driver) and the docker-compose testnet
+(`compose.render`, written to docker-compose.yml and deploy/compose/ by
+scripts/gen_compose.py; the compose driver acts on its containers). Both take their node
+names, roles, ports and settings from here; only the addresses and paths differ, and the
+local driver keeps every mailbox in SQLite (a Redis server is not assumed on a developer's
+machine).
 """
 
 from __future__ import annotations
