@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dna_peer.direct.link import IceConfig
 from dna_peer.peer import DIRECT, Peer
+from dna_testnet.harness import LOOPBACK
 from dna_testnet.network import Testnet
 
 from bench.harness import (
@@ -33,7 +34,6 @@ from bench.harness import (
 )
 
 VETH, VETH_PEER, ADDRESS = "d-bench0", "d-bench1", "10.77.9.1/24"
-FIRST_ADDRESS = 150  # testnet on 127.0.0.150-158
 
 
 @contextmanager
@@ -81,7 +81,7 @@ async def bench() -> int:
     n = n_from(args, default=50, quick=5)
     print_machine()
     with scratch_dir("direct") as root, veth():
-        net = Testnet(root / "net", first=FIRST_ADDRESS)
+        net = Testnet(root / "net", addresses=LOOPBACK.take(9))
         try:
             net.up()
             alice, bob = await friends(root, net)

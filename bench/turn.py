@@ -40,6 +40,7 @@ from typing import Any
 
 from dna_stun import attributes as attr
 from dna_stun.message import Class, Method, channel_data, encode, long_term_key, parse
+from dna_testnet.harness import LOOPBACK
 
 from bench.harness import (
     Deadline,
@@ -52,7 +53,7 @@ from bench.harness import (
     timed_rounds,
 )
 
-HOST, PEER_HOST = "127.0.0.1", "127.0.0.2"
+HOST = "127.0.0.1"
 USER, PASSWORD, REALM = "u", "p", "test"
 WINDOW = 64  # datagrams in flight: enough to keep a server busy, few enough not to overrun it
 STALL_S = 0.2
@@ -161,7 +162,7 @@ class TurnSession:
         self.client.bind((HOST, 0))
         self.client.connect(server)
         self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.peer.bind((PEER_HOST, 0))
+        self.peer.bind((LOOPBACK.one(), 0))  # not the server's address
         for sock in (self.client, self.peer):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
             sock.setblocking(False)

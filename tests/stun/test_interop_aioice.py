@@ -15,11 +15,12 @@ import pytest
 from aioice import stun
 from aioice.turn import TurnClientUdpProtocol, create_turn_endpoint
 from dna_stun.auth import auth_secret_password
+from dna_testnet.harness import LOOPBACK
 from stun_node import StunNode, stun_node
 
 pytestmark = pytest.mark.process
 
-PEER_HOST = "127.0.0.2"  # not the server's address: relaying there is allowed by the test config
+PEER_HOST = LOOPBACK.one()  # not the server's address: relaying there is allowed by the test config
 
 
 @pytest.fixture(scope="module")

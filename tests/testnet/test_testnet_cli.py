@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from ipaddress import ip_address
 from pathlib import Path
 
 import httpx
@@ -62,8 +63,11 @@ def _check_status(cwd: Path) -> None:
     assert len(rows) == 10 and status.stdout.split()[:4] == ["node", "role", "udp", "pid"]
     members = [r for r in rows if r[1] != "stun"]
     assert all(r[4] == "yes" and int(r[5]) > 0 for r in members), status.stdout
+    # the relay takes the address after the last storage node's, on the STUN port
+    [last_storage] = [r[2] for r in rows if r[0] == "storage6"]
+    relay_ip = ip_address(last_storage.split(":")[0]) + 1
     assert [[*r[:3], r[4]] for r in rows if r[1] == "stun"] == [
-        ["stun1", "stun", "127.0.0.11:3478", "yes"]
+        ["stun1", "stun", f"{relay_ip}:3478", "yes"]
     ], status.stdout
     nodes = json.loads(run("status", "--json", cwd=cwd).stdout)
     assert [n["role"] for n in nodes].count("bootstrap") == 3
