@@ -33,7 +33,13 @@ import grpc
 
 from dna_core.crypto import Identity
 from dna_core.crypto import pow as pow_
-from dna_core.errors import DnaError, ProtocolError, RemoteError, UnavailableError
+from dna_core.errors import (
+    DnaError,
+    ProtocolError,
+    RemoteError,
+    UnavailableError,
+    VerificationError,
+)
 from dna_core.mailbox.auth import (
     MAX_DELETE_IDS,
     FetchSession,
@@ -43,6 +49,7 @@ from dna_core.mailbox.auth import (
     sign_delete,
     sign_fetch,
 )
+from dna_core.mailbox.codec import StoredBlob, fetched_blob, put_request
 from dna_core.mailbox.ids import blob_id, mailbox_id, put_pow_hash
 from dna_core.overlay.aio.node import OverlayNode
 from dna_core.overlay.contact import Contact
@@ -200,15 +207,17 @@ class NodeBatcher:
 
 
 def _merge(
-    merged: dict[bytes, mailbox_pb2.StoredBlob], blobs: Iterable[mailbox_pb2.StoredBlob]
+    merged: dict[bytes, StoredBlob], box: bytes, blobs: Iterable[mailbox_pb2.StoredBlob]
 ) -> None:
     for stored in blobs:
-        if blob_id(stored.blob) == stored.blob_id:  # a replica cannot alter a blob
-            merged.setdefault(stored.blob_id, stored)
+        with contextlib.suppress(VerificationError):  # a replica cannot alter a blob
+            blob = fetched_blob(box, stored)
+            merged.setdefault(blob.blob_id, blob)
 
 
 def _absorb(
-    merged: dict[bytes, mailbox_pb2.StoredBlob],
+    merged: dict[bytes, StoredBlob],
+    box: bytes,
     state: FetchState,
     asked: Sequence[Contact],
     pages: Sequence[mailbox_pb2.FetchResponse | None],
@@ -219,7 +228,7 @@ def _absorb(
     for contact, page in zip(asked, pages, strict=True):
         if page is None:
             continue
-        _merge(merged, page.blobs)
+        _merge(merged, box, page.blobs)
         if page.more and page.next_cursor != state.cursors.get(contact.node_id):
             more.append(contact)
         state.cursors[contact.node_id] = page.next_cursor
@@ -332,9 +341,7 @@ class MailboxClient:
         self, box: bytes, blob: bytes, ttl_s: int, bits: int
     ) -> mailbox_pb2.PutRequest:
         proof, _ = pow_.solve(put_pow_hash(box, blob), bits, now_ms=_wall_ms())
-        return mailbox_pb2.PutRequest(
-            version=1, mailbox_id=box, blob=blob, pow=proof.to_proto(), ttl_s=ttl_s
-        )
+        return put_request(box, blob, proof, ttl_s)
 
     async def _put_one(self, contact: Contact, request: mailbox_pb2.PutRequest) -> bool | int:
         """True when stored; the required PoW bits when the node wants more; else False."""
@@ -369,7 +376,7 @@ class MailboxClient:
         *,
         limit: int = 200,
         max_bytes: int | None = None,
-    ) -> tuple[list[mailbox_pb2.StoredBlob], FetchState]:
+    ) -> tuple[list[StoredBlob], FetchState]:
         """New blobs since each node's cursor, merged by blob ID, up to about
         ``max_bytes`` (default ``FETCH_BUDGET_BYTES``) of them; past it ``state.more`` is
         set: the caller handles these, keeps the cursors and fetches again (so a node
@@ -389,7 +396,7 @@ class MailboxClient:
         if not candidates:
             raise UnreachableError("no storage node found for the mailbox (network down?)")
         asking, spare = candidates[: self.replicas], candidates[self.replicas :]
-        merged: dict[bytes, mailbox_pb2.StoredBlob] = {}
+        merged: dict[bytes, StoredBlob] = {}
         answered, state.more = False, False
         budget = FETCH_BUDGET_BYTES if max_bytes is None else max_bytes
         while asking:
@@ -400,7 +407,7 @@ class MailboxClient:
             )
             answered = answered or bool(denied) or pages.count(None) < len(pages)
             retry = self._keep_sessions(owner, box, asking, requests, pages, denied)
-            more = _absorb(merged, state, asking, pages)
+            more = _absorb(merged, box, state, asking, pages)
             failed = pages.count(None) - len(retry)
             if failed:
                 self.replica_sets.forget(box)
