@@ -37,7 +37,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import grpc
 from dna_core.crypto.node import NodeIdentity, verify_node_signature
 from dna_core.crypto.primitives import u64
 from dna_core.errors import (
@@ -45,10 +44,12 @@ from dna_core.errors import (
     ExpiredError,
     MalformedError,
     ProtocolError,
+    RemoteError,
     VerificationError,
 )
 from dna_core.mailbox import MailboxRules, StoredBlob, Tombstone, blob_proto, tombstone_proto
 from dna_core.overlay import Contact, OverlayNode, contact_from_proto, contact_to_proto, distance
+from dna_core.rpc_errors import call
 from dna_core.wire import common_pb2, mailbox_pb2, mailbox_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -447,7 +448,7 @@ class Repairer:
             await asyncio.sleep(self.interval_s)
             try:
                 await self.repair_once()
-            except (grpc.aio.AioRpcError, ProtocolError, OSError) as exc:
+            except (RemoteError, ProtocolError, OSError) as exc:
                 log.warning("repair pass failed: %s", exc)
             except Exception:  # a bug must not stop repair for good: log it, try next pass
                 log.exception("repair pass crashed")
@@ -509,8 +510,8 @@ class Repairer:
         silently fails loses data later), and the next pass tries again."""
         try:
             return await exchange
-        except grpc.aio.AioRpcError as err:
-            reason, detail = err.code().name.lower(), err.details()
+        except RemoteError as err:
+            reason, detail = err.grpc_code.lower(), err.details
         except RepairError as exc:
             reason, detail = "no_progress", str(exc)
         self.metrics.failures.labels(reason=reason).inc()
@@ -553,8 +554,8 @@ class Repairer:
         after = b""
         while True:
             request = mailbox_pb2.SyncListRequest(mailbox_id=box, after=after)
-            page = await stub.SyncList(
-                self._signed(request, "SyncList", box), timeout=self.timeout_s
+            page = await call(
+                stub.SyncList(self._signed(request, "SyncList", box), timeout=self.timeout_s)
             )
             theirs = Holdings(
                 frozenset(page.blob_ids), frozenset(t.blob_id for t in page.tombstones)
@@ -598,8 +599,8 @@ class Repairer:
             offer = mailbox_pb2.SyncPushRequest(
                 mailbox_id=box, offered_ids=offered[start : start + MAX_SYNC_IDS]
             )
-            answer = await stub.SyncPush(
-                self._signed(offer, "SyncPush", box), timeout=self.timeout_s
+            answer = await call(
+                stub.SyncPush(self._signed(offer, "SyncPush", box), timeout=self.timeout_s)
             )
             held_blobs |= set(answer.blob_ids)
             held_tombs |= set(answer.tombstone_ids)
@@ -648,10 +649,10 @@ class Repairer:
                 tombstones=[tombstone_proto(t) for t in piece_tombs],
             )
             try:
-                answer = await stub.SyncPush(
-                    self._signed(request, "SyncPush", box), timeout=self.timeout_s
+                answer = await call(
+                    stub.SyncPush(self._signed(request, "SyncPush", box), timeout=self.timeout_s)
                 )
-            except grpc.aio.AioRpcError as err:
+            except RemoteError as err:
                 budget = self._smaller(err, budget)
                 ids.extendleft(reversed([b.blob_id for b in piece_blobs]))
                 pending.extendleft(reversed(piece_tombs))
@@ -673,7 +674,9 @@ class Repairer:
         returns how many of the offered remain at the front."""
         window = [ids.popleft() for _ in range(min(_OFFER_AHEAD, len(ids)))]
         offer = mailbox_pb2.SyncPushRequest(mailbox_id=box, offered_ids=window)
-        answer = await stub.SyncPush(self._signed(offer, "SyncPush", box), timeout=self.timeout_s)
+        answer = await call(
+            stub.SyncPush(self._signed(offer, "SyncPush", box), timeout=self.timeout_s)
+        )
         held_blobs |= set(answer.blob_ids)
         held_tombs |= set(answer.tombstone_ids)
         settled = held_blobs | held_tombs
@@ -718,10 +721,10 @@ class Repairer:
             ids = missing[done : done + MAX_SYNC_IDS]
             request = mailbox_pb2.SyncPullRequest(mailbox_id=box, blob_ids=ids, max_bytes=budget)
             try:
-                answer = await stub.SyncPull(
-                    self._signed(request, "SyncPull", box), timeout=self.timeout_s
+                answer = await call(
+                    stub.SyncPull(self._signed(request, "SyncPull", box), timeout=self.timeout_s)
                 )
-            except grpc.aio.AioRpcError as err:
+            except RemoteError as err:
                 budget = self._smaller(err, budget)
                 continue
             if not 0 < answer.answered <= len(ids):
@@ -731,12 +734,10 @@ class Repairer:
                 got = await accept(self.backend, box, answer.blobs, [], self.rules)
                 self.metrics.pulled.inc(got.stored)
 
-    def _smaller(self, err: grpc.aio.AioRpcError, budget: int) -> int:
+    def _smaller(self, err: RemoteError, budget: int) -> int:
         """The next piece's bound after ``err``: half, when the piece was refused as too
         large and can still shrink; otherwise the error ends this exchange."""
-        too_large = err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate" not in (
-            err.details() or ""
-        )
+        too_large = err.grpc_code == "RESOURCE_EXHAUSTED" and "rate" not in err.details
         if not too_large or budget <= MIN_PIECE_BYTES:
             raise err
         self.metrics.failures.labels(reason="split").inc()
