@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dna_core.crypto import Identity, PublicKeySet, seal
-from dna_core.mailbox.client import REPLICAS, WRITE_QUORUM
+from dna_core.mailbox import REPLICAS, WRITE_QUORUM
 from dna_core.wire.gen.dna.v1 import envelope_pb2
 from dna_peer.cache import Contact
 from dna_peer.peer import Peer, open_peer

@@ -63,8 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from dna_core.crypto import Identity, seal
-from dna_core.mailbox.client import REPLICAS, WRITE_QUORUM, MailboxClient
-from dna_core.mailbox.ids import blob_id
+from dna_core.mailbox import REPLICAS, WRITE_QUORUM, MailboxClient, blob_id
 from dna_core.overlay.aio import OverlayNode
 from dna_testnet.harness import Cluster, LocalDriver, local_cluster
 from dna_testnet.network import client_node

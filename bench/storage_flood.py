@@ -42,8 +42,10 @@ from typing import Any
 import grpc
 from dna_core.crypto import Identity, seal
 from dna_core.crypto import pow as pow_
+from dna_core.errors import RemoteError
 from dna_core.mailbox import mailbox_id, put_pow_hash, sign_fetch
 from dna_core.ops.relay import TcpRelay
+from dna_core.rpc_errors import call
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 from dna_testnet.harness import LOOPBACK
 from dna_testnet.network import GRPC_PORT, LocalNode, wait_ready
@@ -93,10 +95,10 @@ async def flood(target: str, rate: float) -> None:
 
     async def one(request: mailbox_pb2.PutRequest) -> None:
         try:
-            await stub.Put(request, timeout=OP_TIMEOUT_S)
+            await call(stub.Put(request, timeout=OP_TIMEOUT_S))
             counts["ok"] += 1
-        except grpc.aio.AioRpcError as err:
-            counts[err.code().name] += 1
+        except RemoteError as err:
+            counts[err.grpc_code] += 1
 
     async def pump(stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -198,16 +200,16 @@ class Client:
         """A put then a fetch of what is new; each latency is one sample."""
         try:
             t0 = time.perf_counter()
-            await self.stub.Put(self.puts.pop(), timeout=OP_TIMEOUT_S)
+            await call(self.stub.Put(self.puts.pop(), timeout=OP_TIMEOUT_S))
             samples.append(time.perf_counter() - t0)
             raw = sign_fetch(self.owner, cursor=self.cursor, limit=100, now_ms=now_ms())
             request = mailbox_pb2.FetchRequest.FromString(raw)
             t0 = time.perf_counter()
-            page = await self.stub.Fetch(request, timeout=OP_TIMEOUT_S)
+            page = await call(self.stub.Fetch(request, timeout=OP_TIMEOUT_S))
             samples.append(time.perf_counter() - t0)
             self.cursor = page.next_cursor
-        except grpc.aio.AioRpcError as err:
-            self.errors[err.code().name] += 1
+        except RemoteError as err:
+            self.errors[err.grpc_code] += 1
 
     async def run(self, seconds: float, samples: list[float]) -> None:
         """Cycles on a fixed schedule (open loop: a slow answer does not delay the next)."""

@@ -1,7 +1,8 @@
 """Packages meet at their faces (docs/architecture.md "Rules"): services and tools import
-``dna_core.overlay`` and ``dna_core.wire`` from the package, never a module under it, and a
-service imports no other service. Read from the source files, so a new import that breaks
-the rule fails here whatever it is for."""
+``dna_core.overlay``, ``dna_core.wire`` and ``dna_core.mailbox`` from the package, never a
+module under it (benches too, for the mailbox), and a service imports no other service.
+Read from the source files, so a new import that breaks the rule fails here whatever it
+is for."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-FACES = ("dna_core.overlay", "dna_core.wire")
+FACES = ("dna_core.overlay", "dna_core.wire", "dna_core.mailbox")
 SERVICES = {p.name for p in (ROOT / "services").glob("*/src/dna_*")}
 
 
@@ -48,6 +49,16 @@ def test_services_and_tools_import_overlay_and_wire_only_from_their_faces() -> N
     assert deep == [], "import these from the package face instead:\n" + "\n".join(deep)
 
 
+def test_benches_import_the_mailbox_only_from_its_face() -> None:
+    deep = [
+        f"{path.relative_to(ROOT)}:{line}: {module}"
+        for path in sources("bench/**/*.py")
+        for line, module in imported_modules(path)
+        if module.startswith("dna_core.mailbox.")
+    ]
+    assert sources("bench/**/*.py") and deep == [], "\n".join(deep)
+
+
 def test_a_service_imports_no_other_service() -> None:
     crossing = [
         f"{path.relative_to(ROOT)}:{line}: {module}"
@@ -75,6 +86,23 @@ def test_the_overlay_cores_load_without_asyncio_or_grpc() -> None:
         "import sys, dna_core.overlay, dna_core.wire\n"
         "print(sorted(m for m in ('asyncio', 'grpc', 'fastapi') if m in sys.modules))\n"
         "dna_core.overlay.OverlayNode\n"
+        "print(sorted(m for m in ('asyncio', 'grpc') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[]", "['asyncio', 'grpc']"]
+
+
+@pytest.mark.process
+def test_the_mailbox_codec_and_planner_load_without_asyncio_or_grpc() -> None:
+    """The storage node's rules and the client's planner are sans-I/O: only the adapter
+    (`MailboxClient`, loaded on first use) brings asyncio and grpc in."""
+    probe = (
+        "import sys, dna_core.mailbox\n"
+        "print(sorted(m for m in ('asyncio', 'grpc') if m in sys.modules))\n"
+        "dna_core.mailbox.MailboxClient\n"
         "print(sorted(m for m in ('asyncio', 'grpc') if m in sys.modules))\n"
     )
     done = subprocess.run(

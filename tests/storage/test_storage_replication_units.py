@@ -13,11 +13,12 @@ import pytest
 from dna_core.crypto import pow, seal
 from dna_core.crypto.node import NodeIdentity
 from dna_core.crypto.pow import Proof
-from dna_core.errors import ExpiredError, MalformedError, VerificationError
+from dna_core.errors import ExpiredError, MalformedError, RemoteError, VerificationError
 from dna_core.mailbox import blob_id, mailbox_id, put_pow_hash, sign_delete
 from dna_core.overlay.aio import OverlayNode
 from dna_core.overlay.aio.node import NodeConfig
 from dna_core.overlay.contact import Contact, Endpoint
+from dna_core.rpc_errors import remote_error
 from dna_core.wire.gen.dna.v1 import mailbox_pb2
 from dna_storage.admission import Quota
 from dna_storage.backends.base import SyncIndex
@@ -214,15 +215,17 @@ def failures(r: Repairer, reason: str) -> float:
 
 def test_a_piece_refused_as_too_large_is_retried_in_halves_down_to_a_floor() -> None:
     r = repairer()
-    too_large = grpc.aio.AioRpcError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED, details="Sent message larger than max (5 vs. 4)"
-    )
+    too_large = remote_error(grpc.aio.AioRpcError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, None, None, "Sent message larger than max (5 vs. 4)"
+    ))  # fmt: skip
     assert r._smaller(too_large, SYNC_BYTES) == SYNC_BYTES // 2
     assert failures(r, "split") == 1
-    with pytest.raises(grpc.aio.AioRpcError):  # cannot shrink further: the exchange fails
+    with pytest.raises(RemoteError):  # cannot shrink further: the exchange fails
         r._smaller(too_large, MIN_PIECE_BYTES)
-    rate = grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, details="sync: over rate")
-    with pytest.raises(grpc.aio.AioRpcError):  # a rate limit is not a size problem
+    rate = remote_error(
+        grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, None, None, "sync: over rate")
+    )
+    with pytest.raises(RemoteError):  # a rate limit is not a size problem
         r._smaller(rate, SYNC_BYTES)
 
 
@@ -234,7 +237,9 @@ def test_a_failed_exchange_is_counted_by_reason_and_logged_as_a_warning(
     contact = Contact(peer.node_id, peer.public_key, (Endpoint("127.0.0.1", 1),))
 
     async def refused() -> Holdings:
-        raise grpc.aio.AioRpcError(grpc.StatusCode.PERMISSION_DENIED, details="not a replica")
+        raise remote_error(
+            grpc.aio.AioRpcError(grpc.StatusCode.PERMISSION_DENIED, None, None, "not a replica")
+        )  # what `call` raises for the failed gRPC call
 
     with caplog.at_level(logging.INFO, logger="dna.storage.repair"):
         assert asyncio.run(r._guarded(contact, BOX, refused())) is None

@@ -27,7 +27,7 @@ from dna_core.crypto import Identity, ReplayGuard, keystore, open_envelope, seal
 from dna_core.crypto import primitives as p
 from dna_core.crypto.keys import SEEDS_SIZE
 from dna_core.errors import DnaError, ProtocolError, VerificationError
-from dna_core.mailbox.client import MailboxClient
+from dna_core.mailbox import MailboxClient
 from dna_core.wire import envelope_pb2
 
 from dna_peer.keyserver import now_ms

@@ -24,7 +24,7 @@ from dna_core.crypto import Identity, PublicKeySet, ReplayGuard, seal
 from dna_core.crypto import primitives as p
 from dna_core.crypto.envelope import MAX_PAYLOAD_BYTES, decode_envelope
 from dna_core.errors import DnaError
-from dna_core.mailbox.client import FetchState, MailboxClient, QuorumError
+from dna_core.mailbox import FetchState, MailboxClient, QuorumError
 from dna_core.overlay import OverlayNode, normalize_name, resolve_seeds, seed_family
 from dna_core.wire import envelope_pb2
 

@@ -26,7 +26,6 @@ from typing import Any, NoReturn
 
 import grpc
 from dna_core.crypto import pow
-from dna_core.crypto.envelope import decode_envelope
 from dna_core.crypto.pow import Proof
 from dna_core.errors import (
     ConflictError,
@@ -36,12 +35,15 @@ from dna_core.errors import (
     VerificationError,
 )
 from dna_core.mailbox import (
+    MAX_STORED_INT,
     NonceCache,
     SessionStore,
     blob_id,
+    blob_proto,
+    check_put,
     fetch_cursor,
-    mailbox_id,
     put_pow_hash,
+    tombstone_ttl_ms,
     verify_delete,
     verify_fetch,
 )
@@ -57,7 +59,6 @@ from dna_storage.backends.base import (
     Tombstone,
     Usage,
 )
-from dna_storage.backends.common import MAX_STORED_INT
 from dna_storage.replication import (
     MAX_SYNC_IDS,
     MAX_SYNC_ITEMS,
@@ -65,17 +66,14 @@ from dna_storage.replication import (
     ReplicaView,
     SyncRules,
     accept,
-    blob_proto,
     check_mailbox_id,
     list_answer,
     pull_answer,
-    tombstone_ttl_ms,
     verify_proof,
 )
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 DAY_S = 86_400
-PUT_VERSION = 1
 PAGE_BYTES = 2 * 1024 * 1024  # half the gRPC message limit: room for framing
 MAX_PUT_BATCH = 64  # puts per PutMany call
 
@@ -238,7 +236,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         """One put through every gate (module docstring), or raise why not. ``in_call``
         carries a mailbox's usage between the puts of one PutMany: read once, then counted
         forward, so the quota sees the earlier puts of the same call."""
-        self._check_put(request)
+        check_put(request)
         box = request.mailbox_id
         proof = Proof.from_proto(request.pow) if request.HasField("pow") else None
         self.admission.precheck_put(
@@ -267,17 +265,6 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
             pow_required=exc.required_bits if isinstance(exc, PowRequired) else 0,
             retry_after_ms=_retry_after_ms(exc) if isinstance(exc, RateLimited) else 0,
         )
-
-    def _check_put(self, request: mailbox_pb2.PutRequest) -> None:
-        if request.version != PUT_VERSION:
-            raise MalformedError(f"put: unknown version {request.version}", kind="version")
-        if len(request.mailbox_id) != 32:
-            raise MalformedError("put: mailbox ID is not 32 bytes", kind="mailbox")
-        envelope = decode_envelope(request.blob)  # cheap: parse and sizes, no crypto
-        if mailbox_id(envelope.recipient) != request.mailbox_id:
-            raise MalformedError(
-                "put: the envelope is addressed to another mailbox", kind="mailbox"
-            )
 
     async def Fetch(  # noqa: N802
         self, request: mailbox_pb2.FetchRequest, context: Ctx

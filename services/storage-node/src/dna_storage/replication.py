@@ -37,33 +37,24 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import grpc
-from dna_core.crypto import pow
-from dna_core.crypto.envelope import decode_envelope
 from dna_core.crypto.node import NodeIdentity, verify_node_signature
-from dna_core.crypto.pow import Proof
 from dna_core.crypto.primitives import u64
 from dna_core.errors import (
     CapacityError,
     ExpiredError,
     MalformedError,
     ProtocolError,
+    RemoteError,
     VerificationError,
 )
-from dna_core.mailbox import blob_id, mailbox_id, put_pow_hash, verify_delete
+from dna_core.mailbox import MailboxRules, StoredBlob, Tombstone, blob_proto, tombstone_proto
 from dna_core.overlay import Contact, OverlayNode, contact_from_proto, contact_to_proto, distance
-from dna_core.wire import common_pb2, decode_message, mailbox_pb2, mailbox_pb2_grpc
+from dna_core.rpc_errors import call
+from dna_core.wire import common_pb2, mailbox_pb2, mailbox_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from dna_storage.admission import Quota, RateLimited, RateLimiter
-from dna_storage.backends.base import (
-    MailboxBackend,
-    PutOutcome,
-    StoredBlob,
-    SyncIndex,
-    Tombstone,
-)
-from dna_storage.backends.common import MAX_STORED_INT
+from dna_storage.backends.base import MailboxBackend, PutOutcome, SyncIndex
 
 log = logging.getLogger("dna.storage.repair")
 SYNC_DOMAIN = b"mailbox-sync"
@@ -135,93 +126,12 @@ def check_mailbox_id(box: bytes) -> bytes:
     return box
 
 
-def _check_time(value: int, now_ms: int, what: str) -> int:
-    """A time a peer says something happened: not after now (plus the skew a proof of
-    work may have), which also keeps it inside a signed 64-bit column."""
-    if value > now_ms + pow.MAX_SKEW_MS:
-        raise MalformedError(f"sync: {what} {value} is in the future")
-    return value
-
-
-def _check_expiry(value: int, what: str) -> int:
-    if value > MAX_STORED_INT:
-        raise MalformedError(f"sync: {what} {value} out of range")
-    return value
-
-
-def tombstone_ttl_ms(max_ttl_ms: int) -> int:
-    """Tombstones outlive any blob they can delete (by a day), so repair never
-    resurrects it."""
-    return max_ttl_ms + 86_400_000
-
-
 @dataclass(frozen=True)
-class SyncRules:
-    """What a blob or tombstone from another node must pass: what a client's write passes.
+class SyncRules(MailboxRules):
+    """What a blob or tombstone from another node must pass (``MailboxRules``, the
+    codec's), and the mailbox quota it must fit."""
 
-    ``min_pow_bits`` is the node's base difficulty (a put admitted under load needed more,
-    but the load then is unknown here). The proof's timestamp proves when the blob was
-    first stored, within the proof's window: a blob lives at most ``max_ttl_ms`` from it,
-    so a blob that expired everywhere cannot come back with a fresh expiry."""
-
-    max_blob_bytes: int
-    min_pow_bits: int
-    max_ttl_ms: int
     quota: Quota
-
-    @property
-    def tombstone_ttl_ms(self) -> int:
-        return tombstone_ttl_ms(self.max_ttl_ms)
-
-    def check_blob(self, box: bytes, stored: mailbox_pb2.StoredBlob, now_ms: int) -> StoredBlob:
-        """A blob from another replica, held to the same rules as a client's put."""
-        stored_ms = _check_time(stored.stored_ms, now_ms, "stored time")
-        _check_expiry(stored.expires_ms, "expiry")
-        if len(stored.blob) > self.max_blob_bytes:
-            raise MalformedError(f"sync: blob of {len(stored.blob)} bytes over the size cap")
-        if blob_id(stored.blob) != stored.blob_id:
-            raise VerificationError("sync: blob does not hash to its ID")
-        if mailbox_id(decode_envelope(stored.blob).recipient) != box:
-            raise MalformedError("sync: the envelope is addressed to another mailbox")
-        if not stored.HasField("pow"):
-            raise VerificationError("sync: blob carries no proof of work")
-        proof = Proof.from_proto(stored.pow)
-        pow.verify(
-            proof, put_pow_hash(box, stored.blob), required=self.min_pow_bits, now_ms=now_ms,
-            max_age_ms=self.max_ttl_ms,  # older: expired whatever the blob claims
-        )  # fmt: skip
-        expires = min(stored.expires_ms, proof.timestamp_ms + self.max_ttl_ms)
-        return StoredBlob(box, stored.blob_id, stored.blob, stored_ms, expires, pow=proof)
-
-    def check_tombstone(self, box: bytes, tomb: mailbox_pb2.Tombstone, now_ms: int) -> Tombstone:
-        """A tombstone is only as good as the owner's signed delete it carries; it lives
-        at most ``tombstone_ttl_ms`` from that delete."""
-        deleted = _check_time(tomb.deleted_ms, now_ms, "deletion time")
-        _check_expiry(tomb.expires_ms, "tombstone expiry")
-        request = decode_message(
-            mailbox_pb2.DeleteRequest, tomb.authorization, max_size=64 * 1024, what="tombstone"
-        )
-        owner, body = verify_delete(request, now_ms=deleted, nonces=None)
-        if owner.mailbox_id != box or tomb.blob_id not in body.blob_ids:
-            raise VerificationError("sync: tombstone not authorized by the mailbox owner")
-        expires = min(tomb.expires_ms, deleted + self.tombstone_ttl_ms)
-        return Tombstone(box, tomb.blob_id, deleted, expires, tomb.authorization)
-
-
-def tombstone_proto(t: Tombstone) -> mailbox_pb2.Tombstone:
-    return mailbox_pb2.Tombstone(
-        blob_id=t.blob_id, deleted_ms=t.deleted_ms, expires_ms=t.expires_ms,
-        authorization=t.authorization,
-    )  # fmt: skip
-
-
-def blob_proto(b: StoredBlob) -> mailbox_pb2.StoredBlob:
-    out = mailbox_pb2.StoredBlob(
-        blob_id=b.blob_id, blob=b.blob, stored_ms=b.stored_ms, expires_ms=b.expires_ms
-    )
-    if b.pow is not None:
-        out.pow.CopyFrom(b.pow.to_proto())
-    return out
 
 
 def blob_wire(b: StoredBlob) -> int:
@@ -538,7 +448,7 @@ class Repairer:
             await asyncio.sleep(self.interval_s)
             try:
                 await self.repair_once()
-            except (grpc.aio.AioRpcError, ProtocolError, OSError) as exc:
+            except (RemoteError, ProtocolError, OSError) as exc:
                 log.warning("repair pass failed: %s", exc)
             except Exception:  # a bug must not stop repair for good: log it, try next pass
                 log.exception("repair pass crashed")
@@ -600,8 +510,8 @@ class Repairer:
         silently fails loses data later), and the next pass tries again."""
         try:
             return await exchange
-        except grpc.aio.AioRpcError as err:
-            reason, detail = err.code().name.lower(), err.details()
+        except RemoteError as err:
+            reason, detail = err.grpc_code.lower(), err.details
         except RepairError as exc:
             reason, detail = "no_progress", str(exc)
         self.metrics.failures.labels(reason=reason).inc()
@@ -644,8 +554,8 @@ class Repairer:
         after = b""
         while True:
             request = mailbox_pb2.SyncListRequest(mailbox_id=box, after=after)
-            page = await stub.SyncList(
-                self._signed(request, "SyncList", box), timeout=self.timeout_s
+            page = await call(
+                stub.SyncList(self._signed(request, "SyncList", box), timeout=self.timeout_s)
             )
             theirs = Holdings(
                 frozenset(page.blob_ids), frozenset(t.blob_id for t in page.tombstones)
@@ -689,8 +599,8 @@ class Repairer:
             offer = mailbox_pb2.SyncPushRequest(
                 mailbox_id=box, offered_ids=offered[start : start + MAX_SYNC_IDS]
             )
-            answer = await stub.SyncPush(
-                self._signed(offer, "SyncPush", box), timeout=self.timeout_s
+            answer = await call(
+                stub.SyncPush(self._signed(offer, "SyncPush", box), timeout=self.timeout_s)
             )
             held_blobs |= set(answer.blob_ids)
             held_tombs |= set(answer.tombstone_ids)
@@ -739,10 +649,10 @@ class Repairer:
                 tombstones=[tombstone_proto(t) for t in piece_tombs],
             )
             try:
-                answer = await stub.SyncPush(
-                    self._signed(request, "SyncPush", box), timeout=self.timeout_s
+                answer = await call(
+                    stub.SyncPush(self._signed(request, "SyncPush", box), timeout=self.timeout_s)
                 )
-            except grpc.aio.AioRpcError as err:
+            except RemoteError as err:
                 budget = self._smaller(err, budget)
                 ids.extendleft(reversed([b.blob_id for b in piece_blobs]))
                 pending.extendleft(reversed(piece_tombs))
@@ -764,7 +674,9 @@ class Repairer:
         returns how many of the offered remain at the front."""
         window = [ids.popleft() for _ in range(min(_OFFER_AHEAD, len(ids)))]
         offer = mailbox_pb2.SyncPushRequest(mailbox_id=box, offered_ids=window)
-        answer = await stub.SyncPush(self._signed(offer, "SyncPush", box), timeout=self.timeout_s)
+        answer = await call(
+            stub.SyncPush(self._signed(offer, "SyncPush", box), timeout=self.timeout_s)
+        )
         held_blobs |= set(answer.blob_ids)
         held_tombs |= set(answer.tombstone_ids)
         settled = held_blobs | held_tombs
@@ -809,10 +721,10 @@ class Repairer:
             ids = missing[done : done + MAX_SYNC_IDS]
             request = mailbox_pb2.SyncPullRequest(mailbox_id=box, blob_ids=ids, max_bytes=budget)
             try:
-                answer = await stub.SyncPull(
-                    self._signed(request, "SyncPull", box), timeout=self.timeout_s
+                answer = await call(
+                    stub.SyncPull(self._signed(request, "SyncPull", box), timeout=self.timeout_s)
                 )
-            except grpc.aio.AioRpcError as err:
+            except RemoteError as err:
                 budget = self._smaller(err, budget)
                 continue
             if not 0 < answer.answered <= len(ids):
@@ -822,12 +734,10 @@ class Repairer:
                 got = await accept(self.backend, box, answer.blobs, [], self.rules)
                 self.metrics.pulled.inc(got.stored)
 
-    def _smaller(self, err: grpc.aio.AioRpcError, budget: int) -> int:
+    def _smaller(self, err: RemoteError, budget: int) -> int:
         """The next piece's bound after ``err``: half, when the piece was refused as too
         large and can still shrink; otherwise the error ends this exchange."""
-        too_large = err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate" not in (
-            err.details() or ""
-        )
+        too_large = err.grpc_code == "RESOURCE_EXHAUSTED" and "rate" not in err.details
         if not too_large or budget <= MIN_PIECE_BYTES:
             raise err
         self.metrics.failures.labels(reason="split").inc()

@@ -1,5 +1,12 @@
 """The client side of store-and-forward: replicated put, merged fetch, delete.
 
+This module is the asyncio adapter of the mailbox client: it looks the storage nodes up,
+solves proofs of work, signs, keeps fetch sessions and makes the gRPC calls. What to do
+next (replica choice, write quorum, hand-off, proof-of-work escalation, "retry after",
+merging pages by blob ID and moving cursors) is decided by the sans-I/O planner
+(planner.py), from what this adapter reports to it; the messages are the codec's
+(codec.py).
+
 A mailbox lives on the R = 5 storage nodes closest to its ID. A put goes to all
 of them in parallel with one proof of work (it is bound to mailbox and blob,
 not to a node) and succeeds once W = 3 stored it durably. When replicas are
@@ -25,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -33,7 +39,12 @@ import grpc
 
 from dna_core.crypto import Identity
 from dna_core.crypto import pow as pow_
-from dna_core.errors import DnaError, ProtocolError, RemoteError, UnavailableError
+from dna_core.errors import (
+    ProtocolError,
+    RemoteError,
+    UnavailableError,
+    VerificationError,
+)
 from dna_core.mailbox.auth import (
     MAX_DELETE_IDS,
     FetchSession,
@@ -43,23 +54,44 @@ from dna_core.mailbox.auth import (
     sign_delete,
     sign_fetch,
 )
+from dna_core.mailbox.codec import StoredBlob, fetched_blob, put_request
 from dna_core.mailbox.ids import blob_id, mailbox_id, put_pow_hash
+from dna_core.mailbox.planner import (
+    FETCH_BUDGET_BYTES,
+    HANDOFF_CANDIDATES,
+    MAX_POW_BITS,
+    REPLICA_SET_CACHE_SIZE,
+    REPLICA_SET_TTL_S,
+    REPLICAS,
+    WRITE_QUORUM,
+    Ask,
+    FetchState,
+    Finished,
+    Put,
+    PutResult,
+    QuorumError,
+    ReadPlan,
+    ReplicaSetCache,
+    UnreachableError,
+    WritePlan,
+    storage_candidates,
+)
 from dna_core.overlay.aio.node import OverlayNode
 from dna_core.overlay.contact import Contact
 from dna_core.rpc_errors import call
-from dna_core.wire.gen.dna.v1 import common_pb2, mailbox_pb2, mailbox_pb2_grpc
+from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 
-REPLICAS = 5
-WRITE_QUORUM = 3
-HANDOFF_CANDIDATES = 4  # further storage nodes that may take writes for absent replicas
-MAX_POW_BITS = 28  # a client does not solve harder than this: ~0.3 G hashes
-REPLICA_SET_TTL_S = 30.0  # how long a lookup's answer is reused (membership changes slowly)
-REPLICA_SET_CACHE_SIZE = 1024  # mailboxes remembered; least recently used go first
+__all__ = [
+    "DELETE_BATCH_IDS", "FETCH_BUDGET_BYTES", "HANDOFF_CANDIDATES", "MAX_POW_BITS",
+    "REPLICAS", "REPLICA_SET_CACHE_SIZE", "WRITE_QUORUM", "DeleteResult", "FetchState",
+    "MailboxClient", "NodeBatcher", "PutResult", "QuorumError", "ReplicaSetCache",
+    "UnreachableError",
+]  # fmt: skip
+
 SESSION_MARGIN_MS = 60_000  # a session this close to expiry is not used: sign instead
 MAX_SESSIONS = 4096  # (mailbox, node) sessions a client keeps; the oldest go first
 MAX_PUT_BATCH = 64  # puts per PutMany call (the node's limit)
 MAX_PUT_BATCH_BYTES = 2 * 1024 * 1024  # half the node's 4 MiB message limit
-FETCH_BUDGET_BYTES = 16 * 1024 * 1024  # blobs one fetch holds before it returns for more
 
 
 # Blob IDs per signed delete (nodes accept MAX_DELETE_IDS). The request is 6.6 KB of key set
@@ -71,72 +103,14 @@ assert DELETE_BATCH_IDS <= MAX_DELETE_IDS
 _UNREACHABLE = "unreachable"
 
 
-class QuorumError(DnaError):
-    """Fewer than W replicas stored the blob."""
-
-
-class UnreachableError(DnaError):
-    """No storage node of the mailbox was found or answered: the network (or this
-    device's connection to it) is down. Not the same as "nothing new"."""
-
-
 @dataclass
 class DeleteResult:
     deleted: list[bytes] = field(default_factory=list)  # tombstoned on at least W nodes
     refusals: list[str] = field(default_factory=list)  # why nodes refused a batch, if they did
 
 
-@dataclass(frozen=True, slots=True)
-class PutResult:
-    blob_id: bytes
-    stored_on: tuple[bytes, ...]  # node IDs that acknowledged
-    pow_bits: int
-
-
-@dataclass
-class FetchState:
-    """Per-replica cursors of one mailbox (node ID -> opaque cursor); ``more`` when the
-    last fetch stopped at its byte budget with pages left (fetch again from here)."""
-
-    cursors: dict[bytes, bytes] = field(default_factory=dict)
-    more: bool = False
-
-
 def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-class ReplicaSetCache:
-    """Per mailbox, the storage nodes a lookup found, for ``ttl_s`` (bounded, LRU)."""
-
-    def __init__(
-        self,
-        ttl_s: float = REPLICA_SET_TTL_S,
-        size: int = REPLICA_SET_CACHE_SIZE,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.ttl_s, self.size, self.clock = ttl_s, size, clock
-        self._entries: OrderedDict[bytes, tuple[float, list[Contact]]] = OrderedDict()
-
-    def get(self, box: bytes) -> list[Contact] | None:
-        entry = self._entries.get(box)
-        if entry is None or self.clock() - entry[0] >= self.ttl_s:
-            self._entries.pop(box, None)
-            return None
-        self._entries.move_to_end(box)
-        return entry[1]
-
-    def put(self, box: bytes, contacts: list[Contact]) -> None:
-        self._entries[box] = (self.clock(), contacts)
-        self._entries.move_to_end(box)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
-
-    def forget(self, box: bytes) -> None:
-        self._entries.pop(box, None)
-
-    def clear(self) -> None:
-        self._entries.clear()
 
 
 Outcome = mailbox_pb2.PutOutcome | None  # None: the call itself failed
@@ -199,31 +173,13 @@ class NodeBatcher:
         return list(response.outcomes)
 
 
-def _merge(
-    merged: dict[bytes, mailbox_pb2.StoredBlob], blobs: Iterable[mailbox_pb2.StoredBlob]
-) -> None:
+def _fetched(box: bytes, blobs: Iterable[mailbox_pb2.StoredBlob]) -> list[StoredBlob]:
+    """A page's blobs that hash to their IDs (a replica cannot alter a blob)."""
+    good = []
     for stored in blobs:
-        if blob_id(stored.blob) == stored.blob_id:  # a replica cannot alter a blob
-            merged.setdefault(stored.blob_id, stored)
-
-
-def _absorb(
-    merged: dict[bytes, mailbox_pb2.StoredBlob],
-    state: FetchState,
-    asked: Sequence[Contact],
-    pages: Sequence[mailbox_pb2.FetchResponse | None],
-) -> list[Contact]:
-    """Merge one round's pages and move the cursors; returns the nodes with more to fetch
-    (a node whose cursor does not advance is not asked again: no endless paging)."""
-    more = []
-    for contact, page in zip(asked, pages, strict=True):
-        if page is None:
-            continue
-        _merge(merged, page.blobs)
-        if page.more and page.next_cursor != state.cursors.get(contact.node_id):
-            more.append(contact)
-        state.cursors[contact.node_id] = page.next_cursor
-    return more
+        with contextlib.suppress(VerificationError):
+            good.append(fetched_blob(box, stored))
+    return good
 
 
 class MailboxClient:
@@ -246,9 +202,7 @@ class MailboxClient:
 
     async def storage_nodes(self, box: bytes, count: int) -> list[Contact]:
         """The ``count`` storage nodes closest to a mailbox, closest first (a fresh lookup)."""
-        found = await self.node.find_node(box)
-        storage = [c for c in found if c.role == common_pb2.NODE_ROLE_STORAGE]
-        return storage[:count]
+        return storage_candidates(await self.node.find_node(box), count)
 
     async def candidates(self, box: bytes) -> list[Contact]:
         """The replicas, then the hand-off candidates, of a mailbox (cached lookup)."""
@@ -299,58 +253,61 @@ class MailboxClient:
         candidates: list[Contact],
         quorum: asyncio.Future[PutResult],
     ) -> PutResult:
-        request = self._put_request(box, blob, ttl_s, self.pow_bits)
-        primary, spare = candidates[: self.replicas], list(candidates[self.replicas :])
-        stored: list[bytes] = []
+        """Drive the write's plan (planner.WritePlan): send what it says, report what
+        each node answered, until it is finished."""
+        plan = WritePlan(
+            candidates, replicas=self.replicas, write_quorum=self.write_quorum,
+            pow_bits=self.pow_bits, max_pow_bits=MAX_POW_BITS,
+        )  # fmt: skip
+        requests: dict[int, mailbox_pb2.PutRequest] = {}  # by proof-of-work bits
+        in_flight: dict[asyncio.Future[Outcome], bytes] = {}
+        loop = asyncio.get_running_loop()
+        try:
+            while not isinstance(step := plan.next(loop.time()), Finished):
+                if isinstance(step, Put):
+                    if step.pow_bits not in requests:
+                        requests[step.pow_bits] = self._put_request(box, blob, ttl_s, step.pow_bits)
+                    sending = self._batcher(step.contact).put(requests[step.pow_bits])
+                    in_flight[asyncio.ensure_future(sending)] = step.contact.node_id
+                    continue
+                timeout = None if step.until is None else max(0.0, step.until - loop.time())
+                if not in_flight:
+                    await asyncio.sleep(timeout or 0.0)  # only a "retry after" is due
+                    continue
+                done, _ = await asyncio.wait(
+                    in_flight, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                for sent in done:
+                    self._report(plan, box, in_flight.pop(sent), sent.result(), loop.time())
+                if plan.quorum_reached and not quorum.done():
+                    quorum.set_result(plan.result(blob_id(blob)))
+        finally:
+            for sent in in_flight:  # only when cancelled
+                sent.cancel()
+        return plan.result(blob_id(blob))
 
-        async def one(contact: Contact) -> bool | int:
-            result = await self._put_one(contact, request)
-            if result is True:
-                stored.append(contact.node_id)
-                if len(stored) == self.write_quorum and not quorum.done():
-                    done = PutResult(blob_id(blob), tuple(stored), request.pow.difficulty)
-                    quorum.set_result(done)
-            return result
-
-        pending = list(primary)
-        while pending:
-            results = await asyncio.gather(*(one(c) for c in pending))
-            if any(r is False for r in results):
-                self.replica_sets.forget(box)
-            harder = max((r for r in results if isinstance(r, int)), default=0)
-            if harder > request.pow.difficulty and harder <= MAX_POW_BITS:
-                request = self._put_request(box, blob, ttl_s, harder)  # node raised the bar
-                pending = [c for c, r in zip(pending, results, strict=True) if r is not True]
-                continue
-            missing = self.replicas - len(stored)
-            pending, spare = spare[:missing], spare[missing:]  # hinted hand-off
-        if len(stored) < self.write_quorum:
-            raise QuorumError(f"stored on {len(stored)} of {self.write_quorum} required replicas")
-        return PutResult(blob_id(blob), tuple(stored), request.pow.difficulty)
+    def _report(
+        self, plan: WritePlan, box: bytes, node_id: bytes, outcome: Outcome, now: float
+    ) -> None:
+        """One node's answer to a put, told to the plan."""
+        if outcome is None:
+            plan.on_failure(node_id)
+        elif outcome.code == grpc.StatusCode.OK.value[0]:
+            plan.on_stored(node_id)
+        elif outcome.pow_required:
+            plan.on_pow_required(node_id, outcome.pow_required)
+        elif outcome.retry_after_ms:
+            plan.on_retry_after(node_id, outcome.retry_after_ms, now)
+        else:
+            plan.on_failure(node_id)
+        if node_id in plan.failed:
+            self.replica_sets.forget(box)  # a candidate is down or refusing: look again
 
     def _put_request(
         self, box: bytes, blob: bytes, ttl_s: int, bits: int
     ) -> mailbox_pb2.PutRequest:
         proof, _ = pow_.solve(put_pow_hash(box, blob), bits, now_ms=_wall_ms())
-        return mailbox_pb2.PutRequest(
-            version=1, mailbox_id=box, blob=blob, pow=proof.to_proto(), ttl_s=ttl_s
-        )
-
-    async def _put_one(self, contact: Contact, request: mailbox_pb2.PutRequest) -> bool | int:
-        """True when stored; the required PoW bits when the node wants more; else False."""
-        for attempt in range(3):
-            outcome = await self._batcher(contact).put(request)
-            if outcome is None:
-                return False
-            if outcome.code == grpc.StatusCode.OK.value[0]:
-                return True
-            if outcome.pow_required:
-                return outcome.pow_required
-            if outcome.retry_after_ms and attempt < 2:
-                await asyncio.sleep(min(2.0, outcome.retry_after_ms / 1000))
-                continue
-            return False
-        return False
+        return put_request(box, blob, proof, ttl_s)
 
     def _batcher(self, contact: Contact) -> NodeBatcher:
         target = contact.endpoint.grpc_target
@@ -369,7 +326,7 @@ class MailboxClient:
         *,
         limit: int = 200,
         max_bytes: int | None = None,
-    ) -> tuple[list[mailbox_pb2.StoredBlob], FetchState]:
+    ) -> tuple[list[StoredBlob], FetchState]:
         """New blobs since each node's cursor, merged by blob ID, up to about
         ``max_bytes`` (default ``FETCH_BUDGET_BYTES``) of them; past it ``state.more`` is
         set: the caller handles these, keeps the cursors and fetches again (so a node
@@ -388,28 +345,45 @@ class MailboxClient:
         candidates = await self.candidates(box)
         if not candidates:
             raise UnreachableError("no storage node found for the mailbox (network down?)")
-        asking, spare = candidates[: self.replicas], candidates[self.replicas :]
-        merged: dict[bytes, mailbox_pb2.StoredBlob] = {}
-        answered, state.more = False, False
         budget = FETCH_BUDGET_BYTES if max_bytes is None else max_bytes
-        while asking:
-            requests = self._fetch_requests(owner, box, asking, state, limit)
-            denied: set[bytes] = set()
-            pages = await asyncio.gather(
-                *(self._fetch_page(c, requests[c.node_id], denied) for c in asking)
+        plan = ReadPlan(candidates, state, replicas=self.replicas, budget_bytes=budget)
+        while isinstance(step := plan.next(), Ask):
+            requests = self._fetch_requests(owner, box, step.contacts, state, limit)
+            answers = await asyncio.gather(
+                *(self._fetch_page(c, requests[c.node_id]) for c in step.contacts)
             )
-            answered = answered or bool(denied) or pages.count(None) < len(pages)
-            retry = self._keep_sessions(owner, box, asking, requests, pages, denied)
-            more = _absorb(merged, state, asking, pages)
-            failed = pages.count(None) - len(retry)
-            if failed:
-                self.replica_sets.forget(box)
-            asking, spare = more + retry + spare[:failed], spare[failed:]
-            if more and sum(len(b.blob) for b in merged.values()) >= budget:
-                state.more, asking = True, []  # the rest next time, from these cursors
-        if not answered:
-            raise UnreachableError(f"no storage node answered ({len(candidates)} asked)")
-        return sorted(merged.values(), key=lambda b: (b.stored_ms, b.blob_id)), state
+            for contact, answer in zip(step.contacts, answers, strict=True):  # in asked order
+                self._report_page(plan, owner, box, contact, requests[contact.node_id], answer)
+        if plan.failed:
+            self.replica_sets.forget(box)
+        return plan.result(), state
+
+    def _report_page(
+        self,
+        plan: ReadPlan,
+        owner: Identity,
+        box: bytes,
+        contact: Contact,
+        request: mailbox_pb2.FetchRequest,
+        answer: mailbox_pb2.FetchResponse | RemoteError,
+    ) -> None:
+        """One node's answer to a fetch, told to the plan; its session kept or dropped.
+        A node refusing a request made in a session (restarted, or the session expired
+        there) is asked again, signed; one that did not answer is replaced."""
+        node_id, key = contact.node_id, (box, contact.node_id)
+        if isinstance(answer, RemoteError):
+            self._sessions.pop(key, None)  # down or restarted: its sessions may be gone
+            if answer.grpc_code == grpc.StatusCode.PERMISSION_DENIED.name:
+                plan.on_refused(node_id, ask_again=bool(request.session_id))
+            else:
+                plan.on_failure(node_id)
+            return
+        plan.on_page(node_id, _fetched(box, answer.blobs), answer.next_cursor, answer.more)
+        if answer.HasField("session"):
+            with contextlib.suppress(ProtocolError):  # a bad grant: sign next time
+                self._sessions[key] = open_session(owner, answer.session)
+            while len(self._sessions) > MAX_SESSIONS:
+                del self._sessions[next(iter(self._sessions))]
 
     def _fetch_requests(
         self, owner: Identity, box: bytes, nodes: Sequence[Contact], state: FetchState, limit: int
@@ -438,45 +412,16 @@ class MailboxClient:
             return None
         return session
 
-    def _keep_sessions(
-        self,
-        owner: Identity,
-        box: bytes,
-        asked: Sequence[Contact],
-        requests: dict[bytes, mailbox_pb2.FetchRequest],
-        pages: Sequence[mailbox_pb2.FetchResponse | None],
-        denied: set[bytes],
-    ) -> list[Contact]:
-        """Keep the sessions granted; drop the ones refused and return their nodes (to be
-        asked again, signed; a node that did not answer is replaced as before)."""
-        refused = []
-        for contact, page in zip(asked, pages, strict=True):
-            key = (box, contact.node_id)
-            if contact.node_id in denied and requests[contact.node_id].session_id:
-                self._sessions.pop(key, None)
-                refused.append(contact)
-            elif page is None:
-                self._sessions.pop(key, None)  # down or restarted: its sessions may be gone
-            elif page.HasField("session"):
-                with contextlib.suppress(ProtocolError):  # a bad grant: sign next time
-                    self._sessions[key] = open_session(owner, page.session)
-                while len(self._sessions) > MAX_SESSIONS:
-                    del self._sessions[next(iter(self._sessions))]
-        return refused
-
     async def _fetch_page(
-        self, contact: Contact, request: mailbox_pb2.FetchRequest, denied: set[bytes]
-    ) -> mailbox_pb2.FetchResponse | None:
-        """The node's page, or None (``denied`` gets its ID if it refused the request's
-        authentication rather than failing to answer)."""
+        self, contact: Contact, request: mailbox_pb2.FetchRequest
+    ) -> mailbox_pb2.FetchResponse | RemoteError:
+        """The node's page, or why the call failed."""
         try:
             response: mailbox_pb2.FetchResponse = await call(
                 self._stub(contact).Fetch(request, timeout=self.timeout)
             )
         except RemoteError as err:
-            if err.grpc_code == grpc.StatusCode.PERMISSION_DENIED.name:
-                denied.add(contact.node_id)
-            return None
+            return err
         return response
 
     async def delete(self, owner: Identity, blob_ids: Sequence[bytes]) -> DeleteResult:

@@ -21,7 +21,7 @@ fetch cursor. Cursors are local to one replica (clients keep one per replica).
 A put of a blob already held changes nothing of it (stored time, expiry, seq, proof):
 a replayed put never extends a blob's life.
 
-Every integer a backend stores fits a signed 64-bit column (``common.MAX_STORED_INT``);
+Every integer a backend stores fits a signed 64-bit column (``dna_core.mailbox.MAX_STORED_INT``);
 callers range-check what they decode before it gets here.
 """
 
@@ -32,8 +32,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from dna_core.crypto.pow import Proof
 from dna_core.errors import CapacityError
+from dna_core.mailbox import StoredBlob, Tombstone
+
+# StoredBlob and Tombstone are the mailbox domain's (dna_core.mailbox.codec, shared with
+# clients), named here too so that a backend finds its whole interface in one module.
+__all__ = [
+    "MailboxBackend", "MailboxDigest", "Page", "PutOutcome", "StorageFullError",
+    "StoredBlob", "SyncIndex", "Tombstone", "Usage",
+]  # fmt: skip
 
 
 class StorageFullError(CapacityError):
@@ -48,28 +55,6 @@ class PutOutcome(enum.Enum):
     DUPLICATE = "duplicate"
     TOMBSTONED = "tombstoned"
     EXPIRED = "expired"
-
-
-@dataclass(frozen=True, slots=True)
-class StoredBlob:
-    mailbox_id: bytes
-    blob_id: bytes
-    blob: bytes
-    stored_ms: int
-    expires_ms: int
-    seq: int = 0  # assigned by the backend
-    # The put's proof of work, kept so that replicas can check it again in sync (and its
-    # timestamp bounds the expiry); None only for blobs stored before it was kept.
-    pow: Proof | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Tombstone:
-    mailbox_id: bytes
-    blob_id: bytes
-    deleted_ms: int
-    expires_ms: int
-    authorization: bytes  # the owner's signed DeleteRequest, checked again by peers in repair
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,6 @@ from dna_core.crypto.pow import Proof
 from dna_storage.backends.base import MailboxDigest
 
 DIGEST_DOMAIN = b"dna-mailbox-digest/v1"
-MAX_STORED_INT = (1 << 63) - 1  # SQLite INTEGER and Redis scores/INCR: signed 64-bit
 _POW_SIZE = 17  # difficulty (1 byte), timestamp_ms (8), nonce (8)
 
 
