@@ -59,9 +59,9 @@ async def _time_each_async(fn: Callable[[], Awaitable[object]], n: int) -> list[
     return out
 
 
-def crypto_ms(payload_bytes: int, n: int) -> tuple[float, float, int]:
-    """Median ms to seal (sender keys included, as ``Peer.send`` does) and to open one
-    envelope of ``payload_bytes`` of plaintext, and the envelope's size."""
+def crypto_ms(payload_bytes: int, n: int, sender_keys: bool) -> tuple[float, float, int]:
+    """Median ms to seal (``sender_keys``: the sender's keys included, as ``Peer.send``
+    does) and to open one envelope of ``payload_bytes`` of plaintext, and its size."""
     sender, recipient = Identity.generate(), Identity.generate()
     payload = os.urandom(payload_bytes)
     envelopes: list[bytes] = []
@@ -69,7 +69,7 @@ def crypto_ms(payload_bytes: int, n: int) -> tuple[float, float, int]:
     def seal_one() -> None:
         envelopes.append(
             seal(sender, recipient.public, payload, now_ms=harness.now_ms(),
-                 include_sender_keys=True)
+                 include_sender_keys=sender_keys)
         )  # fmt: skip
 
     seal_s = _time_each(seal_one, n)
@@ -78,6 +78,13 @@ def crypto_ms(payload_bytes: int, n: int) -> tuple[float, float, int]:
 
     def open_one() -> None:
         open_envelope(next(todo), recipient, now_ms=harness.now_ms(), replay_guard=guard)
+
+    if not sender_keys:  # the sender's keys come from the recipient's contacts instead
+        guard_resolver = {sender.fingerprint: sender.public}
+
+        def open_one() -> None:
+            open_envelope(next(todo), recipient, now_ms=harness.now_ms(), replay_guard=guard,
+                          resolve_sender=guard_resolver.get)  # fmt: skip
 
     open_s = _time_each(open_one, n)
     return _median_ms(seal_s), _median_ms(open_s), len(envelopes[0])
@@ -137,11 +144,13 @@ async def commit_ms(size: int, n: int) -> tuple[float, float]:
     return _median_ms(alone), _median_ms(shares)
 
 
-async def measure(payload_bytes: int, n: int = DEFAULT_N) -> dict[str, Any]:
+async def measure(
+    payload_bytes: int, n: int = DEFAULT_N, *, sender_keys: bool = True
+) -> dict[str, Any]:
     """The floor's components (ms) and sums: ``seq_ms`` (seal + stream round trip + one
     commit + open), ``c32_ms`` (the same with a 1/32 commit share), and ``put_seq_ms``/
     ``put_c32_ms`` (round trip + commit: a storage put of an envelope sealed beforehand)."""
-    seal_ms, open_ms, envelope = await asyncio.to_thread(crypto_ms, payload_bytes, n)
+    seal_ms, open_ms, envelope = await asyncio.to_thread(crypto_ms, payload_bytes, n, sender_keys)
     rt_ms = await stream_round_trip_ms(envelope, n)
     commit_alone_ms, commit_share_ms = await commit_ms(envelope, n)
     parts = {

@@ -28,8 +28,10 @@ about it:
   figures (``ops_per_s_first10pct``/``_last10pct`` show it); but so that one figure does
   not pay for the keys of the figure before, the seq and the cN figures use their own
   client nodes (``clients`` writer/reader pairs per figure, default one).
-* **Authenticated path** (``signed=True``, contender ``opendht-signed``): every node but
-  the bootstrap one is started with its own RSA-4096 identity
+* **Authenticated path** (``signed=True``, contender ``opendht-signed``): every client
+  node (the ``signed_pairs`` writer/reader pairs, default 4, and the probe nodes 1 and 2)
+  is started with its own RSA-4096 identity (~0.5-1 s each to generate, so not the
+  storing nodes, which need none)
   (``runner.run(id=dht.Identity.generate(), ...)``: setting it only through
   ``DhtConfig.setIdentity`` is not enough for ``putSigned``), puts are ``putSigned`` and a
   get succeeds only on a value that carries its owner's key (the reader's ``SecureDht``
@@ -214,10 +216,12 @@ class OpenDhtNet(LoopbackNet[Item]):
         op_timeout_s: float = 5.0,
         workload: Workload | None = None,
         signed: bool = False,
+        signed_pairs: int = 4,
     ) -> None:
         super().__init__(nodes, op_timeout_s=op_timeout_s, workload=workload)
         self.rate_limit = rate_limit
         self.signed = signed
+        self.signed_pairs = signed_pairs
         self.name = SIGNED_NAME if signed else NAME
         self._pending = _Pending()
 
@@ -226,6 +230,18 @@ class OpenDhtNet(LoopbackNet[Item]):
 
     def version(self) -> str:
         return str(importlib.metadata.version(NAME))
+
+    @property
+    def max_pairs(self) -> int:
+        """Signed: only the pairs with identities are clients (pairs wrap around)."""
+        pairs = super().max_pairs
+        return max(1, min(pairs, self.signed_pairs)) if self.signed else pairs
+
+    def _has_identity(self, index: int) -> bool:
+        """Whether node ``index`` is started with an identity: the probe nodes and the
+        client pairs' nodes (the last ``2 * signed_pairs``), when signed."""
+        clients = self.size - 2 * self.max_pairs
+        return self.signed and (index in (1, 2) or index >= clients)
 
     # -- lifecycle
 
@@ -239,7 +255,7 @@ class OpenDhtNet(LoopbackNet[Item]):
             config.setRateLimit(-1, -1)
         for i in range(self.size):
             runner = dht.DhtRunner()
-            if self.signed and i:  # the bootstrap node is never a client: no identity
+            if self._has_identity(i):
                 runner.run(id=dht.Identity.generate(), port=0, ipv4=harness.HOST, config=config)
             else:
                 runner.run(port=0, ipv4=harness.HOST, config=config)
