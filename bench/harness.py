@@ -1164,9 +1164,7 @@ class Goal:
         )
 
 
-def report_goals(
-    lines: Sequence[Mapping[str, Any]], goals: Sequence[Goal], extra: Mapping[str, Any] = {}
-) -> list[dict[str, Any]]:
+def report_goals(lines: Sequence[Mapping[str, Any]], goals: Sequence[Goal]) -> list[dict[str, Any]]:
     """One ``{"goal": ...}`` line per goal (the figure, baseline, ratio, target and
     ``PASS``/``MISS``; ``NO DATA`` when the run printed no such figure or baseline), and
     return them. A figure may appear under several params (e.g. our replica counts): the
@@ -1180,7 +1178,7 @@ def report_goals(
         entry: dict[str, Any] = {
             "bench": goal.bench, "mode": goal.mode, "baseline": goal.baseline,
             "ratio": None if ratio is None else round(ratio, 3), "target": goal.target,
-            "status": status, **extra,
+            "status": status,
         }  # fmt: skip
         if len(ratios) > 1:
             entry["other_ratios"] = [None if r is None else round(r, 3) for r in ratios[1:]]

@@ -45,7 +45,7 @@ the medians of each round's p50/p99 latency, in ms. ``ratio`` is ours / OpenDHT 
 OpenDHT / ours for latencies (above 1.0: we are ahead; the first baseline,
 ``opendht-signed``). ``overlay.{put,get}.cpu`` lines give the CPU ms per op summed over
 every process (ours: the client and the node workers; OpenDHT's: this process), and one
-``{"goal": ...}`` line per goal of issue 15 (our put/get, seq and c32, ≥ 1.0× OpenDHT's
+``{"goal": ...}`` line per goal of issue 15 (our put/get, seq and c32, ≥ 1.0x OpenDHT's
 ``putSigned`` and signed get) says ``PASS`` or ``MISS``. Besides the figure lines, a few
 ``{"detail": ...}`` lines give the setup, failures and the per-op breakdown.
 
@@ -606,14 +606,17 @@ def report(results: Rounds, cfg: Config, baselines: Sequence[str]) -> list[dict[
                 lines += harness.report_operation(f"overlay.{op}", ours, base, cfg.ops, params)
                 cpu = {n: b["extra"].get("cpu_ms_per_op") for n, b in base.items() if b}
                 lines += harness.report_cpu(
-                    f"overlay.{op}.cpu", ours["extra"].get("cpu_ms_per_op"), cpu, cfg.ops,
+                    f"overlay.{op}.cpu",
+                    ours["extra"].get("cpu_ms_per_op"),
+                    cpu,
+                    cfg.ops,
                     {**params, "what": "CPU ms per op, every process"},
                 )
     return lines
 
 
 def goals() -> list[Goal]:
-    """Issue 15's overlay goals: put and get, seq and c32, ≥ 1.0× OpenDHT's ``putSigned``
+    """Issue 15's overlay goals: put and get, seq and c32, ≥ 1.0x OpenDHT's ``putSigned``
     and signed get (judged on our default, k = 20 replicas: the first figure printed)."""
     return [
         Goal(f"overlay.{op}{figure}", OPENDHT_SIGNED, 1.0, harness.mode_name(concurrency))

@@ -459,9 +459,9 @@ async def measure_rounds(con: Contenders, cfg: Config, budget: Deadline) -> Roun
 
 
 def goals() -> list[Goal]:
-    """Issue 15's goals for this bench: every figure ≥ 1.0× OpenDHT's authenticated path;
-    against its unsigned path ≥ 0.5× one at a time and ≥ 1.0× 32 in flight; CPU per op
-    within 2× of its unsigned path."""
+    """Issue 15's goals for this bench: every figure ≥ 1.0x OpenDHT's authenticated path;
+    against its unsigned path ≥ 0.5x one at a time and ≥ 1.0x 32 in flight; CPU per op
+    within 2x of its unsigned path."""
     out = []
     for op in ("put", "fetch"):
         for concurrency in (1, CONCURRENCY):

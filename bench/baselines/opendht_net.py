@@ -57,9 +57,7 @@ about it:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import importlib.metadata
-import queue
 import sys
 import threading
 import time
@@ -246,17 +244,25 @@ class OpenDhtNet(LoopbackNet[Item]):
     # -- lifecycle
 
     async def _launch(self, deadline: Deadline) -> None:
-        await asyncio.to_thread(self._launch_runners)
+        # Generating the identities (RSA-4096, seconds on a loaded machine) is not the
+        # network coming up: the deadline for that is pushed back by the time it took.
+        t0 = time.monotonic()
+        identities = await asyncio.to_thread(self._identities)
+        deadline.at += time.monotonic() - t0
+        await asyncio.to_thread(self._launch_runners, identities)
 
-    def _launch_runners(self) -> None:
+    def _identities(self) -> dict[int, Any]:
+        return {i: dht.Identity.generate() for i in range(self.size) if self._has_identity(i)}
+
+    def _launch_runners(self, identities: dict[int, Any]) -> None:
         config = dht.DhtConfig()
         config.setNetwork(NETWORK_ID)
         if not self.rate_limit:
             config.setRateLimit(-1, -1)
         for i in range(self.size):
             runner = dht.DhtRunner()
-            if self._has_identity(i):
-                runner.run(id=dht.Identity.generate(), port=0, ipv4=harness.HOST, config=config)
+            if i in identities:
+                runner.run(id=identities[i], port=0, ipv4=harness.HOST, config=config)
             else:
                 runner.run(port=0, ipv4=harness.HOST, config=config)
             self.nodes.append(runner)
@@ -357,76 +363,27 @@ class OpenDhtNet(LoopbackNet[Item]):
     async def _get(self, batch: Batch[Item]) -> tuple[Figure, list[Item]]:
         return await asyncio.to_thread(self._measure, "get", self._get_issue(batch), batch)
 
-    async def round_trip_batch(
-        self, count: int, concurrency: int, deadline: Deadline, *, pair: int = 0
-    ) -> tuple[Figure, list[float]]:
-        """Put-then-get round trips of ``count`` fresh items (``bench.e2e``'s baseline),
-        ``concurrency`` in flight.
-
-        Pair ``pair``'s writer puts an item; once the put is acknowledged, the pair's reader
-        gets it; the op succeeds when the reader sees the exact value. Returns the figure
-        (op ``"put_get"``) and the put part of every round trip whose put succeeded (s).
-
-        The gets are issued from a plain thread rather than from inside the put's callback
-        (which runs on the writer's native thread, holding the GIL).
-        """
-        items = self.new_items(count)
-        puts = Batch(items, [self.writer(pair)], concurrency, deadline, self.op_timeout_s)
-        put_issue = self._put_issue(puts)
-        get_issue = self._get_issue(dataclasses.replace(puts, clients=[self.reader(pair)]))
-        put_s: list[float] = []
-        gets: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-
-        def issue_gets() -> None:
-            while (get := gets.get()) is not None:
-                get()
-
-        def issue(i: int, done: Done) -> None:
-            t0 = time.perf_counter()
-
-            def get() -> None:
-                try:
-                    get_issue(i, done)
-                except BaseException:
-                    done(False)
-
-            def put_done(ok: bool) -> None:
-                if not ok:
-                    done(False)
-                    return
-                put_s.append(time.perf_counter() - t0)
-                gets.put(get)
-
-            put_issue(i, put_done)
-
-        def round_trips() -> Figure:
-            getter = threading.Thread(target=issue_gets, name="opendht-gets", daemon=True)
-            getter.start()
-            try:
-                return self._measure("put_get", issue, puts)[0]
-            finally:
-                gets.put(None)
-                getter.join()
-
-        return await asyncio.to_thread(round_trips), put_s
-
     async def listen_batch(
         self, count: int, concurrency: int, deadline: Deadline, *, pair: int = 0
-    ) -> Figure:
+    ) -> tuple[Figure, list[float]]:
         """Messages through ``listen`` (``bench.e2e``'s baseline): pair ``pair``'s reader
         listens on a fresh inbox key, its writer puts ``count`` fresh values there,
         ``concurrency`` in flight; an op is done when the reader's listen callback gets
         its exact value. Unsigned: ``put``; signed: ``putEncrypted`` to the reader's
-        public key, so the callback gets the value decrypted. Figure op ``"put_listen"``
-        or ``"put_encrypted_listen"``."""
+        public key, so the callback gets the value decrypted. Returns the figure (op
+        ``"put_listen"`` or ``"put_encrypted_listen"``) and how long each successful put
+        took to be acknowledged (s)."""
         return await asyncio.to_thread(self._listen_batch, count, concurrency, deadline, pair)
 
-    def _listen_batch(self, count: int, concurrency: int, deadline: Deadline, pair: int) -> Figure:
+    def _listen_batch(
+        self, count: int, concurrency: int, deadline: Deadline, pair: int
+    ) -> tuple[Figure, list[float]]:
         writer, reader = self.writer(pair), self.reader(pair)
         inbox = dht.InfoHash.getRandom()
         items = [(inbox, data) for _, data in self.new_items(count)]
         waiting: dict[bytes, Done] = {}
         lock = threading.Lock()
+        put_s: list[float] = []
 
         def on_value(value: Any, expired: bool) -> bool:
             with lock:
@@ -443,9 +400,12 @@ class OpenDhtNet(LoopbackNet[Item]):
             data = items[i][1]
             with lock:
                 waiting[data] = done
+            t0 = time.perf_counter()
 
             def put_done(ok: bool) -> None:
-                if not ok:
+                if ok:
+                    put_s.append(time.perf_counter() - t0)
+                else:
                     with lock:
                         late = waiting.pop(data, None)
                     if late is not None:
@@ -462,7 +422,7 @@ class OpenDhtNet(LoopbackNet[Item]):
         op = "put_encrypted_listen" if self.signed else "put_listen"
         batch = Batch(items, [writer], concurrency, deadline, self.op_timeout_s)
         try:
-            return self._measure(op, issue, batch)[0]
+            return self._measure(op, issue, batch)[0], put_s
         finally:
             reader.cancelListen(token)
 
