@@ -29,12 +29,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import faulthandler
 import gc
 import importlib.metadata
 import json
 import os
 import platform
+import pstats
 import random
 import shutil
 import signal
@@ -1135,6 +1137,29 @@ def network_main(
 
     # The watchdog is the last resort if a native library or the loop hangs.
     return run_main(name, bench, args.budget + 20)
+
+
+# ---------------------------------------------------------------------------- profiles
+
+
+def profile_summary(
+    profiler: cProfile.Profile, ops: int, what: str, top: int = 12
+) -> dict[str, Any]:
+    """Stop ``profiler`` and sum it up per successful op (ms): the total CPU of the profiled
+    thread and the ``top`` functions by self time. Coroutines count only while they run."""
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    raw: dict[tuple[str, int, str], tuple[Any, ...]] = stats.stats  # type: ignore[attr-defined]
+    per = 1e3 / max(1, ops)
+    ranked = sorted(raw.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    return {
+        "what": what,
+        "ops": ops,
+        "cpu_ms_per_op": round(stats.total_tt * per, 3),  # type: ignore[attr-defined]
+        "top_self_ms_per_op": {
+            f"{Path(f).name}:{line}:{func}": round(v[2] * per, 3) for (f, line, func), v in ranked
+        },
+    }
 
 
 # ---------------------------------------------------------------------------- goals

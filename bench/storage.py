@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import dataclasses
 import functools
 import os
@@ -332,6 +333,7 @@ class Config:
     sections: tuple[str, ...] = DEFAULT_SECTIONS
     memory_blobs: int = DEFAULT_MEMORY_BLOBS
     memory_blob_bytes: int = DEFAULT_MEMORY_BLOB_BYTES
+    profile: bool = False  # cProfile the client's first timed batches (--profile)
 
 
 @dataclass
@@ -375,6 +377,17 @@ class Contenders:
         self.redis: RedisCeiling | None = None
         self.names: list[str] = [OURS]
         self.setup: dict[str, Any] = {}
+        self.profiled: set[str] = set()  # modes whose first timed batches were profiled
+
+    def _profiler(self, ops: int, concurrency: int) -> cProfile.Profile | None:
+        """With ``--profile``: a running cProfile of this (client) process for the first
+        timed batches of each mode (warm-ups are smaller than ``--ops``)."""
+        mode = harness.mode_name(concurrency)
+        if not self.cfg.profile or ops < self.cfg.ops or mode in self.profiled:
+            return None
+        profiler = cProfile.Profile()
+        profiler.enable()
+        return profiler
 
     async def start_baselines(self, root: Path, timeout_s: float) -> None:
         for name in OPENDHT_NETS:
@@ -399,10 +412,19 @@ class Contenders:
         self, name: str, ops: int, concurrency: int, pair: int, deadline: Deadline
     ) -> list[Figure]:
         if name == OURS:
+            profiler = self._profiler(ops, concurrency)
             put = await self.client.put_batch(self.work.take(ops), concurrency, deadline)
+            if profiler is not None:
+                put_stats = harness.profile_summary(profiler, put.n - put.failures, "put")
+                profiler = self._profiler(ops, concurrency)
             fetch = await self.client.fetch_batch(
                 self.work.owners, self.work.expected, ops, concurrency, deadline
             )
+            if profiler is not None:
+                fetch_stats = harness.profile_summary(profiler, fetch.n - fetch.failures, "fetch")
+                harness.detail({"profile": {"mode": put.mode, "put": put_stats,
+                                            "fetch": fetch_stats}})  # fmt: skip
+                self.profiled.add(put.mode)
             return [put, fetch]
         if name in self.opendht:
             net = self.opendht[name]
@@ -614,6 +636,11 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument(
         "--memory-blob-bytes", type=int, default=DEFAULT_MEMORY_BLOB_BYTES, help="their size"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile the client over its first timed put and fetch batches of each mode",
+    )
     args: argparse.Namespace = parser.parse_args(argv)
     ops = harness.sized(args, args.ops or args.n, DEFAULT_OPS, QUICK_OPS)
     rounds = harness.sized(args, args.rounds, DEFAULT_ROUNDS, QUICK_ROUNDS)
@@ -627,7 +654,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     blobs = harness.sized(args, args.memory_blobs, DEFAULT_MEMORY_BLOBS, QUICK_MEMORY_BLOBS)
     return Config(
         ops, rounds, warmup, args.pending, redis_n, args.budget, args.quick,
-        sections, blobs, args.memory_blob_bytes,
+        sections, blobs, args.memory_blob_bytes, args.profile,
     )  # fmt: skip
 
 
