@@ -425,6 +425,10 @@ class OpenDhtNet(LoopbackNet[Item]):
             return self._measure(op, issue, batch)[0], put_s
         finally:
             reader.cancelListen(token)
+            # cancelListen drops the binding's reference to the callback's context while a
+            # callback may still be on its way: the token holds the last one, so it is
+            # never destroyed (else that callback reads freed memory and the process dies).
+            harness.KEPT_ALIVE.append(token)
 
     def _measure(self, op: str, issue: Issue, batch: Batch[Item]) -> tuple[Figure, list[Item]]:
         """One batch on this thread (blocking until it is done): its figure and the items

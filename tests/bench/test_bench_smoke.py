@@ -63,7 +63,7 @@ def test_overlay_bench_quick_runs_ours_and_baselines_and_cleans_up() -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=200,
         check=False,
     )
     # Exit status 1 means some of our ops failed (params.failures): on 12 local nodes with
