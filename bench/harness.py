@@ -295,6 +295,7 @@ def run_main(name: str, bench: Callable[[], Coroutine[Any, Any, int]], watchdog_
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         return await bench()
 
+    faulthandler.enable()  # a crash in a native baseline prints every thread's stack
     faulthandler.dump_traceback_later(watchdog_s, exit=True)
     try:
         status = asyncio.run(cancellable())

@@ -222,6 +222,7 @@ class OpenDhtNet(LoopbackNet[Item]):
         self.signed_pairs = signed_pairs
         self.name = SIGNED_NAME if signed else NAME
         self._pending = _Pending()
+        self._listens: list[Any] = []  # listen tokens, never cancelled (see listen_batch)
 
     def setup(self) -> dict[str, Any]:
         return {"rate_limit": self.rate_limit, "host": harness.HOST, "signed": self.signed}
@@ -421,14 +422,12 @@ class OpenDhtNet(LoopbackNet[Item]):
 
         op = "put_encrypted_listen" if self.signed else "put_listen"
         batch = Batch(items, [writer], concurrency, deadline, self.op_timeout_s)
-        try:
-            return self._measure(op, issue, batch)[0], put_s
-        finally:
-            reader.cancelListen(token)
-            # cancelListen drops the binding's reference to the callback's context while a
-            # callback may still be on its way: the token holds the last one, so it is
-            # never destroyed (else that callback reads freed memory and the process dies).
-            harness.KEPT_ALIVE.append(token)
+        # The listen is never cancelled: in opendht 4.4.2 every ListenToken shares one
+        # ``_cb`` dict, so ``cancelListen`` releases the context of the *latest* listen, not
+        # this one's, and a later callback then reads freed memory (the run dies). Left
+        # alone, each listen keeps its own reference; its inbox gets no more values.
+        self._listens.append(token)
+        return self._measure(op, issue, batch)[0], put_s
 
     def _measure(self, op: str, issue: Issue, batch: Batch[Item]) -> tuple[Figure, list[Item]]:
         """One batch on this thread (blocking until it is done): its figure and the items
