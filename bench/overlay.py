@@ -515,6 +515,7 @@ class Config:
     baselines: tuple[str, ...]
     budget_s: float
     quick: bool
+    ready_timeout_s: float = READY_TIMEOUT_S
 
 
 async def _ours_round(
@@ -657,13 +658,13 @@ async def run(cfg: Config) -> int:
     client: OurClient | None = None
     lines: list[dict[str, Any]] = []
     try:
-        await fleet.start()
+        await fleet.start(cfg.ready_timeout_s)
         signed = await signer.result()
         records = {20: signed[: wanted[20]], 8: signed[wanted[20] :]}
         client = OurClient(fleet)
         table = await client.start()
         setup_s = time.perf_counter() - t0
-        await baselines.start(min(READY_TIMEOUT_S, budget.remaining()))
+        await baselines.start(min(cfg.ready_timeout_s, budget.remaining()))
         stats = await fleet.command_all({"cmd": "stats"})
         harness.detail(
             {
@@ -722,6 +723,12 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         "--baselines", default=",".join(BASELINES), help="comma-separated: opendht,kademlia"
     )
     parser.add_argument("--budget", type=float, default=BUDGET_S, help="s for the whole run")
+    parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=READY_TIMEOUT_S,
+        help="s for each network to come up (raise it on a heavily loaded machine)",
+    )
     args: argparse.Namespace = parser.parse_args(argv)
     nodes = harness.sized(args, args.nodes, DEFAULT_NODES, QUICK_NODES)
     ops = harness.sized(args, args.ops or args.n, DEFAULT_OPS, QUICK_OPS)
@@ -737,7 +744,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         if unknown := set(names) - set(BASELINES):
             raise SystemExit(f"unknown baseline(s): {sorted(unknown)}")
     return Config(nodes, ops, rounds, warmup, args.workers, args.rcvbuf, names, args.budget,
-                  args.quick)  # fmt: skip
+                  args.quick, args.ready_timeout)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
