@@ -164,16 +164,20 @@ class CpuMeter:
 
     def __init__(self, pids: Sequence[int] = ()) -> None:
         self.pids = list(pids)
-        self._t0 = 0.0
+        self._t0 = (0.0, 0.0)
+        self.split = (0.0, 0.0)  # the last measure: (this process, the others)
 
-    def now(self) -> float:
-        return cpu_s() + sum(process_cpu_s(pid) for pid in self.pids)
+    def now(self) -> tuple[float, float]:
+        return cpu_s(), sum(process_cpu_s(pid) for pid in self.pids)
 
     def start(self) -> None:
         self._t0 = self.now()
 
     def stop(self) -> float:
-        return self.now() - self._t0
+        """CPU seconds since :meth:`start`, every process (``split`` keeps the two parts)."""
+        ours, others = self.now()
+        self.split = (ours - self._t0[0], others - self._t0[1])
+        return sum(self.split)
 
 
 def cpu_ms_per_op(cpu_used_s: float, ops: int) -> dict[str, float]:
@@ -1143,11 +1147,19 @@ def network_main(
 # ---------------------------------------------------------------------------- profiles
 
 
+def cpu_profile() -> cProfile.Profile:
+    """A running cProfile timed on this thread's CPU clock: an event loop's idle waits
+    (``epoll``) and other threads' work do not count."""
+    profiler = cProfile.Profile(time.thread_time)
+    profiler.enable()
+    return profiler
+
+
 def profile_summary(
     profiler: cProfile.Profile, ops: int, what: str, top: int = 12
 ) -> dict[str, Any]:
-    """Stop ``profiler`` and sum it up per successful op (ms): the total CPU of the profiled
-    thread and the ``top`` functions by self time. Coroutines count only while they run."""
+    """Stop ``profiler`` and sum it up per successful op (ms): the total time of the profiled
+    thread (its CPU with :func:`cpu_profile`) and the ``top`` functions by self time."""
     profiler.disable()
     stats = pstats.Stats(profiler)
     raw: dict[tuple[str, int, str], tuple[Any, ...]] = stats.stats  # type: ignore[attr-defined]

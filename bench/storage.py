@@ -115,7 +115,7 @@ ADMISSION: dict[str, float | int] = {
 ADMISSION_TOML = "[admission]\n" + "".join(f"{k} = {v}\n" for k, v in ADMISSION.items())
 
 # What a contender's harness.detail line gives of its figure over rounds (Rounds.median).
-DETAIL_KEYS = ("ops_per_s", "p50_ms", "p99_ms", "failures", "rounds", "rounds_ops_per_s")
+DETAIL_KEYS = ("ops_per_s", "p50_ms", "p99_ms", "failures", "rounds", "rounds_ops_per_s", "extra")
 
 
 # ---------------------------------------------------------------------------- our network
@@ -194,7 +194,12 @@ class OurClient:
     ) -> Figure:
         self.cpu.start()
         res = await harness.run_batch(op, count, concurrency, OP_TIMEOUT_S, deadline, self.errors)
-        extra = harness.cpu_ms_per_op(self.cpu.stop(), len(res.succeeded))
+        ok = len(res.succeeded)
+        extra = harness.cpu_ms_per_op(self.cpu.stop(), ok)
+        if ok:  # where it went: this (client) process, the node processes
+            client_s, nodes_s = self.cpu.split
+            extra["client_cpu_ms_per_op"] = round(client_s * 1e3 / ok, 3)
+            extra["nodes_cpu_ms_per_op"] = round(nodes_s * 1e3 / ok, 3)
         return harness.make_figure(
             OURS, name, concurrency, res.latencies, res.failures, count,
             STORAGE_NODES, res.wall_s, extra=extra, finished_s=res.finished_s,
@@ -385,9 +390,7 @@ class Contenders:
         mode = harness.mode_name(concurrency)
         if not self.cfg.profile or ops < self.cfg.ops or mode in self.profiled:
             return None
-        profiler = cProfile.Profile()
-        profiler.enable()
-        return profiler
+        return harness.cpu_profile()
 
     async def start_baselines(self, root: Path, timeout_s: float) -> None:
         for name in OPENDHT_NETS:
