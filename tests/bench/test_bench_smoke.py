@@ -59,7 +59,7 @@ def test_overlay_bench_quick_runs_ours_and_baselines_and_cleans_up() -> None:
     """12 nodes in 2 worker processes, OpenDHT (authenticated and unsigned) and kademlia
     beside them, 1 round (~25 s): every figure, the CPU lines and a goal line per goal."""
     done = subprocess.run(
-        [sys.executable, "-m", "bench.overlay", "--quick"],
+        [sys.executable, "-m", "bench.overlay", "--quick", "--ready-timeout", "60"],
         cwd=ROOT,
         capture_output=True,
         text=True,
