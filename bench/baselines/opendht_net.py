@@ -427,7 +427,11 @@ class OpenDhtNet(LoopbackNet[Item]):
         # this one's, and a later callback then reads freed memory (the run dies). Left
         # alone, each listen keeps its own reference; its inbox gets no more values.
         self._listens.append(token)
-        return self._measure(op, issue, batch)[0], put_s
+        figure = self._measure(op, issue, batch)[0]
+        # A value often reaches the listener before its put is acknowledged: wait (bounded)
+        # for the acknowledgements, so that every put's time is in ``put_s``.
+        self._pending.drain(self.op_timeout_s)
+        return figure, list(put_s)
 
     def _measure(self, op: str, issue: Issue, batch: Batch[Item]) -> tuple[Figure, list[Item]]:
         """One batch on this thread (blocking until it is done): its figure and the items
