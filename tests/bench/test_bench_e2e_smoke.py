@@ -38,8 +38,8 @@ def test_e2e_bench_quick_prints_figures_beside_opendht_and_cleans_up() -> None:
     goal line per goal."""
     done = subprocess.run(
         [sys.executable, "-m", "bench.e2e", "--quick", "--first-ip", "230",
-         "--senders", str(SENDERS), "--budget", "120"],
-        cwd=ROOT, capture_output=True, text=True, timeout=200, check=False,
+         "--senders", str(SENDERS), "--budget", "180"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in done.stdout.splitlines()]
