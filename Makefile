@@ -1,5 +1,5 @@
 # Entry points. Each target bootstraps what it needs (uv, the locked env, system packages).
-.PHONY: bootstrap demo test check lint types unit fast bench protos config-docs dashboards chart-schema images compose clean
+.PHONY: bootstrap demo test check lint types unit fast bench protos config-docs metrics-docs dashboards chart-schema images compose clean
 
 # scripts/bootstrap.sh prints the uv to use, or nothing when it failed: then stop here
 # rather than run the recipe with an empty command.
@@ -48,6 +48,11 @@ protos:
 ## (a test in `make test` fails while the committed ones are not current)
 config-docs:
 	$(UV) run --locked python scripts/gen_config_docs.py
+
+## make metrics-docs: the metrics reference in docs/operations.md from the roles' registries
+## (a test in `make test` fails while the committed one is not current)
+metrics-docs:
+	$(UV) run --locked python scripts/gen_metrics_docs.py
 
 ## make dashboards: regenerate deploy/grafana/dashboards/*.json from scripts/gen_dashboards.py
 dashboards:

@@ -32,19 +32,27 @@ which every process of the machine shares):
 * ``e2e.send.seq``/``e2e.send.c10``: the sends alone (``Peer.send`` returned): messages/s
   and latencies.
 
-**Baseline**, in the same process: 9 C++ OpenDHT nodes (``bench.baselines.opendht_net``,
-the same node count as the testnet; rate limits off), values of the envelope's size.
-A round trip is a put from a writer node then, once acknowledged, a get of it by a
-reader node (``OpenDhtNet.round_trip_batch``), one at a time (compared with ``rt`` and
-``seq``) or ``--senders`` in flight (``c10``); ``send.*`` latencies are compared with the
-put part. OpenDHT stores a value on 8 nodes, so with 9 nodes the reader nearly always holds
-it already: its get is a local hit, and the round trip is about the put.
+**Baselines**, in the same process, in the order the goals judge them (issue 15): two
+networks of 9 C++ OpenDHT nodes each (``bench.baselines.opendht_net``, the same node count
+as the testnet; rate limits off), values of the envelope's size, messages through
+``listen`` (``OpenDhtNet.listen_batch``): the reader listens on an inbox key, the writer
+puts fresh values there, a message is delivered when the listen callback has it.
+``opendht-signed`` is OpenDHT's authenticated path, the way Jami's messages travel: the
+clients run with RSA-4096 identities and the writer ``putEncrypted``s to the reader's
+public key (the callback gets it decrypted and verified); ``opendht`` is the unsigned
+``put`` to ``listen``. One at a time (compared with ``rt`` and ``seq``) or ``--senders``
+in flight (``c10``); ``send.*`` latencies are compared with the put's acknowledgement.
 
 Our network and OpenDHT take turns every round, in an order that reverses from round to
 round; the recipient stops polling during OpenDHT's turns. A figure is the median round.
 ``ratio`` is ours / OpenDHT for throughputs, OpenDHT / ours for latencies (above 1.0: we
-are ahead). ``{"detail": ...}`` lines give the setup, the CPU each side spent per message
-(senders, recipient, the 9 node processes) and failures. ``--profile FILE`` runs cProfile
+are ahead). ``e2e.{seq,c10}.cpu`` lines give the CPU ms per delivered message summed over
+every process (ours: the senders' process, the recipient and the 9 node processes;
+OpenDHT's: this process, which runs its nodes), ``e2e.{rt,seq}.floor`` our p50 beside the
+floor of :mod:`bench.floor` (seal + stream round trip + commit + open), and one
+``{"goal": ...}`` line per goal of issue 15 says ``PASS`` or ``MISS``. ``{"detail": ...}``
+lines give the setup, the CPU each side spent per message (senders, recipient, the 9 node
+processes) and failures. ``--profile FILE`` runs cProfile
 on this process over the first timed ``seq`` sends, writes the stats to FILE and prints the
 CPU per send of its main parts. Everything is stopped in ``finally``.
 """
@@ -54,8 +62,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import cProfile
+import functools
 import json
-import os
 import pstats
 import sys
 import time
@@ -74,13 +82,14 @@ from dna_peer.profile import Profile
 from dna_testnet.harness import LOOPBACK
 from dna_testnet.network import Testnet
 
-from bench import harness
-from bench.harness import Deadline, Figure, Rounds, Workload
+from bench import floor, harness
+from bench.harness import Deadline, Figure, Goal, Rounds, Workload
 
 if TYPE_CHECKING:  # imported on use (opendht_net): a missing baseline is reported, not fatal
     from bench.baselines.opendht_net import OpenDhtNet
 
-OURS, OPENDHT = "ours", "opendht"
+OURS, OPENDHT, OPENDHT_SIGNED = "ours", "opendht", "opendht-signed"
+OPENDHT_NETS = (OPENDHT_SIGNED, OPENDHT)  # the first baseline is the goals' first judge
 NODES = 9  # the testnet's 3 bootstrap + 6 storage node processes
 PASSPHRASE = "bench passphrase"
 POW_BITS = 12  # open_peer's and the storage nodes' default
@@ -119,16 +128,6 @@ def ns_to_s(ns: int) -> float:
 # ---------------------------------------------------------------------------- CPU accounting
 
 
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (0 once it is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": fields from "state" on
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass(frozen=True)
 class CpuSample:
     """CPU seconds so far of this process (senders), the recipient and the node processes."""
@@ -141,8 +140,8 @@ class CpuSample:
     def take(cls, recipient_pid: int, node_pids: Sequence[int]) -> CpuSample:
         return cls(
             harness.cpu_s(),
-            process_cpu_s(recipient_pid),
-            sum(process_cpu_s(pid) for pid in node_pids),
+            harness.process_cpu_s(recipient_pid),
+            sum(harness.process_cpu_s(pid) for pid in node_pids),
         )
 
     def ms_per_message(self, before: CpuSample, messages: int) -> dict[str, float]:
@@ -401,8 +400,11 @@ class OurNetwork:
         cached, reported = self.recipient.cached, self.recipient.reported
         held = [m for m in sends.sent_at if m in cached]
         latencies = [ns_to_s(cached[m] - sends.sent_at[m]) for m in held]
+        cpu = self.cpu().ms_per_message(cpu0, len(held))
+        extra = {"cpu_ms_per_op": round(sum(cpu.values()), 3)} if held else {}
         delivered = harness.make_figure(OURS, "deliver", concurrency, latencies,
-                                        sends.failures + missing, count, NODES, wall_s)  # fmt: skip
+                                        sends.failures + missing, count, NODES, wall_s,
+                                        extra)  # fmt: skip
         send = None
         if with_send:
             send_wall_s = ns_to_s(sends.done_ns - sends.started_ns)
@@ -416,7 +418,7 @@ class OurNetwork:
             delivered,
             send,
             round(harness.percentile(returned, 0.5) * 1e3, 2) if returned else None,
-            self.cpu().ms_per_message(cpu0, len(held)),
+            cpu,
             errors,
         )
 
@@ -425,18 +427,22 @@ class OurNetwork:
 
 
 class OpenDhtBaseline:
-    """9 OpenDHT nodes in this process; put-then-get round trips from one client pair."""
+    """9 OpenDHT nodes in this process; messages put (or ``putEncrypted``) to a ``listen``."""
 
     def __init__(self, net: OpenDhtNet) -> None:
         self.net = net
 
+    @property
+    def name(self) -> str:
+        return self.net.name
+
     async def round_trips(
         self, count: int, concurrency: int, pair: int, deadline: Deadline
     ) -> tuple[Figure, Figure]:
-        """The round trips' figure and their put part's (latencies only)."""
-        fig, put_s = await self.net.round_trip_batch(count, concurrency, deadline, pair=pair)
+        """The deliveries' figure and their puts' (latencies only)."""
+        fig, put_s = await self.net.listen_batch(count, concurrency, deadline, pair=pair)
         extra = {"max_ms": round(max(put_s, default=0.0) * 1e3, 1)}
-        put = harness.make_figure(OPENDHT, "put", concurrency, put_s, 0, count, NODES,
+        put = harness.make_figure(self.name, "put", concurrency, put_s, 0, count, NODES,
                                   fig.elapsed_s, extra)  # fmt: skip
         return fig, put
 
@@ -444,12 +450,13 @@ class OpenDhtBaseline:
         await self.net.close()
 
 
-def opendht_net(value_bytes: int) -> OpenDhtNet:
-    """OpenDHT's nodes, as many as ours, storing values of the envelope's size."""
+def opendht_net(value_bytes: int, *, signed: bool = False) -> OpenDhtNet:
+    """OpenDHT's nodes, as many as ours, storing values of the envelope's size
+    (``signed``: clients with identities, for ``putEncrypted``)."""
     from bench.baselines.opendht_net import OpenDhtNet  # on use: a missing one is reported
 
     workload = Workload(value_bytes, value_bytes)
-    return OpenDhtNet(NODES, op_timeout_s=OPENDHT_OP_TIMEOUT_S, workload=workload)
+    return OpenDhtNet(NODES, op_timeout_s=OPENDHT_OP_TIMEOUT_S, workload=workload, signed=signed)
 
 
 # ---------------------------------------------------------------------------- rounds
@@ -492,8 +499,8 @@ class Results(Rounds):
 class Run:
     """Everything up for the whole run: our network, OpenDHT, the results."""
 
-    def __init__(self, cfg: Config, ours: OurNetwork, opendht: OpenDhtBaseline | None) -> None:
-        self.cfg, self.ours, self.opendht = cfg, ours, opendht
+    def __init__(self, cfg: Config, ours: OurNetwork, opendht: Sequence[OpenDhtBaseline]) -> None:
+        self.cfg, self.ours, self.opendht = cfg, ours, list(opendht)
         self.results = Results()
         self.pair = 0
         self.round = -1  # -1: the warm-up
@@ -553,17 +560,17 @@ class Run:
     async def opendht_turn(
         self, messages: int, concurrency: int, budget: Deadline, record: bool
     ) -> None:
-        if self.opendht is None:
-            return
         self.pair += 1  # a fresh writer/reader pair (they wrap around): see opendht_net
-        deadline = budget.sub(DELIVERY_TIMEOUT_S, reserve=10.0)
-        fig, put = await self.opendht.round_trips(messages, concurrency, self.pair, deadline)
-        if record:
-            key = harness.mode_name(concurrency)
-            self.results.add((OPENDHT, key), fig)
-            self.results.add((OPENDHT, f"send.{key}"), put)
-            what = {"round": self.round, "opendht": key, "put_max_ms": put.extra.get("max_ms")}
-            self.results.details.append({**what, **fig.extra})
+        for baseline in self.opendht:
+            deadline = budget.sub(DELIVERY_TIMEOUT_S, reserve=10.0)
+            fig, put = await baseline.round_trips(messages, concurrency, self.pair, deadline)
+            if record:
+                key = harness.mode_name(concurrency)
+                self.results.add((baseline.name, key), fig)
+                self.results.add((baseline.name, f"send.{key}"), put)
+                what = {"round": self.round, baseline.name: key,
+                        "put_max_ms": put.extra.get("max_ms")}  # fmt: skip
+                self.results.details.append({**what, **fig.extra})
 
 
 def profile_summary(profiler: cProfile.Profile, send: Figure | None, path: Path) -> dict[str, Any]:
@@ -592,8 +599,38 @@ def profile_summary(profiler: cProfile.Profile, send: Figure | None, path: Path)
 # ---------------------------------------------------------------------------- reporting
 
 
+def goals(concurrent: str) -> list[Goal]:
+    """Issue 15's end-to-end goals: p50 and p99 ≥ 1.0x OpenDHT's ``putEncrypted`` →
+    ``listen`` and ≥ 0.5x its unsigned ``put`` → ``listen``; CPU per delivered message
+    (every process) within 2x of the unsigned path."""
+    out = []
+    for mode in ("rt", "seq", concurrent):
+        for pct in ("p50", "p99"):
+            out.append(Goal(f"e2e.{mode}.{pct}", OPENDHT_SIGNED, 1.0))
+            out.append(Goal(f"e2e.{mode}.{pct}", OPENDHT, 0.5))
+    for mode in ("seq", concurrent):
+        out.append(Goal(f"e2e.{mode}.cpu", OPENDHT, 0.5))
+    return out
+
+
+def report_floor(results: Results, parts: dict[str, Any]) -> list[dict[str, Any]]:
+    """Our one-at-a-time p50s beside the floor (``bench.floor``): ratio = floor / ours."""
+    lines = []
+    for key in ("rt", "seq"):
+        ours = results.figure(OURS, key, throughput=False)
+        if ours["p50_ms"] is None:
+            continue
+        params = {"mode": key, "floor_parts": parts, "what": "seal + stream round trip + "
+                  "one commit + open", "failures": {OURS: ours["failures"]}}  # fmt: skip
+        lines.append(harness.report(f"e2e.{key}.floor", "ms", ours["p50_ms"],
+                                    {"floor": parts["seq_ms"]}, ours.get("ops", 0), params,
+                                    kind="latency"))  # fmt: skip
+    return lines
+
+
 def report(run: Run, envelope: int) -> list[dict[str, Any]]:
     cfg, results = run.cfg, run.results
+    names = [b.name for b in run.opendht]
     conc = cfg.concurrent
     params: dict[str, Any] = {
         "nodes": NODES, "storage_nodes": 6, "replicas": REPLICAS, "write_quorum": WRITE_QUORUM,
@@ -616,16 +653,30 @@ def report(run: Run, envelope: int) -> list[dict[str, Any]]:
         ours = results.figure(OURS, ours_key, throughput=ours_key != "rt")
         if ours["p50_ms"] is None:
             continue
-        base = results.figure(OPENDHT, base_key, throughput=not base_key.startswith("send."))
+        base = {b: results.figure(b, base_key, throughput=not base_key.startswith("send."))
+                for b in names}  # fmt: skip
+        failures = {OURS: ours["failures"], **{b: f["failures"] for b, f in base.items()}}
         fig_params = {
             **params, "mode": ours_key, "senders": senders, "what": what,
-            "opendht_op": "put" if base_key.startswith("send.") else "put_then_get",
+            "opendht_op": {OPENDHT_SIGNED: "putEncrypted" if base_key.startswith("send.")
+                           else "putEncrypted_then_listen",
+                           OPENDHT: "put" if base_key.startswith("send.") else "put_then_listen"},
             "opendht_in_flight": 1 if base_key.endswith("seq") else cfg.senders,
-            "rounds": ours["rounds"],
-            "failures": {OURS: ours["failures"], OPENDHT: base["failures"]},
+            "rounds": ours["rounds"], "failures": failures,
         }  # fmt: skip
-        theirs = {OPENDHT: base} if base["p50_ms"] is not None else {}
+        theirs = {b: f for b, f in base.items() if f["p50_ms"] is not None}
         lines += harness.report_operation(name, ours, theirs, n, fig_params)
+        if ours_key in ("seq", conc):
+            cpu = {b: (results.median((b, base_key)) or {"extra": {}})["extra"].get(
+                "cpu_ms_per_op") for b in names}  # fmt: skip
+            mine = (results.median((OURS, ours_key)) or {"extra": {}})["extra"]
+            lines += harness.report_cpu(
+                f"{name}.cpu",
+                mine.get("cpu_ms_per_op"),
+                cpu,
+                n,
+                {**fig_params, "what": "CPU ms per delivered message, every process"},
+            )
     for line in results.details:
         harness.detail(line)
     return lines
@@ -648,10 +699,16 @@ def start_testnet(root: Path, cfg: Config) -> Testnet:
     return net
 
 
-async def start_opendht(value_bytes: int, setup: dict[str, Any]) -> OpenDhtBaseline | None:
-    """OpenDHT's 9 nodes, or None (reported in the setup line) if they cannot start."""
-    net = await harness.start_baseline(OPENDHT, lambda: opendht_net(value_bytes), 20.0, setup)
-    return None if net is None else OpenDhtBaseline(net)
+async def start_opendht(value_bytes: int, setup: dict[str, Any]) -> list[OpenDhtBaseline]:
+    """OpenDHT's two networks of 9 nodes (authenticated, unsigned); one that cannot start
+    is left out (reported in the setup line)."""
+    out = []
+    for name in OPENDHT_NETS:
+        new_net = functools.partial(opendht_net, value_bytes, signed=name == OPENDHT_SIGNED)
+        net = await harness.start_baseline(name, new_net, 30.0, setup)
+        if net is not None:
+            out.append(OpenDhtBaseline(net))
+    return out
 
 
 async def run(cfg: Config) -> int:
@@ -666,7 +723,7 @@ async def run_in(root: Path, cfg: Config) -> int:
     net: Testnet | None = None
     recipient: RecipientProcess | None = None
     senders: list[Sender] = []
-    opendht: OpenDhtBaseline | None = None
+    opendht: list[OpenDhtBaseline] = []
     lines: list[dict[str, Any]] = []
     try:
         net_up = asyncio.create_task(asyncio.to_thread(start_testnet, root / "net", cfg))
@@ -679,6 +736,7 @@ async def run_in(root: Path, cfg: Config) -> int:
         envelope = envelope_bytes(profiles[0][1], senders[0].contact.keys)
         setup: dict[str, Any] = {}
         opendht = await start_opendht(envelope, setup)
+        floor_parts = await floor.measure(BODY_CHARS, n=50 if cfg.quick else 200)
         node_pids = [n.proc.pid for n in net.nodes if n.proc is not None]
         ours = OurNetwork(senders, recipient, node_pids)
         harness.detail({"setup": {
@@ -689,13 +747,15 @@ async def run_in(root: Path, cfg: Config) -> int:
             "envelope_bytes": envelope, "testnet_ready_s": round(ready_s, 2),
             "admission": "shipped" if cfg.shipped_admission else ADMISSION,
             "poll_interval_s": cfg.poll_interval,
-            "recipient_setup_s": recipient.setup_s, "baselines": setup,
+            "recipient_setup_s": recipient.setup_s, "baselines": setup, "floor": floor_parts,
             "ready_s": round(time.perf_counter() - t0, 2),
             "loadavg": harness.loadavg(),
         }})  # fmt: skip
         bench_run = Run(cfg, ours, opendht)
         await bench_run.rounds(budget)
         lines = report(bench_run, envelope)
+        lines += report_floor(bench_run.results, floor_parts)
+        harness.report_goals(lines, goals(cfg.concurrent))
         stats = await recipient.command("stats")
         harness.detail({"elapsed_s": round(time.perf_counter() - t0, 1), "recipient": stats,
                         "loadavg": harness.loadavg()})  # fmt: skip
@@ -703,8 +763,8 @@ async def run_in(root: Path, cfg: Config) -> int:
         await close_senders(senders)
         if recipient is not None:
             await recipient.close()
-        if opendht is not None:
-            await opendht.close()
+        for baseline in reversed(opendht):
+            await baseline.close()
         if net is not None:
             net.kill_all()
     return harness.exit_status(lines, OURS)

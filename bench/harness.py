@@ -29,12 +29,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import faulthandler
 import gc
 import importlib.metadata
 import json
 import os
 import platform
+import pstats
 import random
 import shutil
 import signal
@@ -141,9 +143,47 @@ def now_ms() -> int:
 
 
 def cpu_s() -> float:
-    """CPU seconds (user + system) this process has used so far."""
-    times = os.times()
-    return times.user + times.system
+    """CPU seconds (user + system, every thread) this process has used so far, to the
+    nanosecond (``os.times`` counts 10 ms ticks: too coarse for a few ops of OpenDHT's)."""
+    return time.process_time()
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of any process so far, every thread (0 once it is gone);
+    in 10 ms ticks, fine for node processes over a batch."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": fields from "state" on
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds used by this process plus ``pids`` (e.g. every node process) between
+    :meth:`start` and :meth:`stop`: the CPU an operation costs summed over every process."""
+
+    def __init__(self, pids: Sequence[int] = ()) -> None:
+        self.pids = list(pids)
+        self._t0 = (0.0, 0.0)
+        self.split = (0.0, 0.0)  # the last measure: (this process, the others)
+
+    def now(self) -> tuple[float, float]:
+        return cpu_s(), sum(process_cpu_s(pid) for pid in self.pids)
+
+    def start(self) -> None:
+        self._t0 = self.now()
+
+    def stop(self) -> float:
+        """CPU seconds since :meth:`start`, every process (``split`` keeps the two parts)."""
+        ours, others = self.now()
+        self.split = (ours - self._t0[0], others - self._t0[1])
+        return sum(self.split)
+
+
+def cpu_ms_per_op(cpu_used_s: float, ops: int) -> dict[str, float]:
+    """``{"cpu_ms_per_op": ...}`` for a figure's extras (empty with no successful op)."""
+    return {"cpu_ms_per_op": round(cpu_used_s * 1e3 / ops, 3)} if ops else {}
 
 
 def mode_name(concurrency: int) -> str:
@@ -260,6 +300,7 @@ def run_main(name: str, bench: Callable[[], Coroutine[Any, Any, int]], watchdog_
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         return await bench()
 
+    faulthandler.enable()  # a crash in a native baseline prints every thread's stack
     faulthandler.dump_traceback_later(watchdog_s, exit=True)
     try:
         status = asyncio.run(cancellable())
@@ -1102,3 +1143,105 @@ def network_main(
 
     # The watchdog is the last resort if a native library or the loop hangs.
     return run_main(name, bench, args.budget + 20)
+
+
+# ---------------------------------------------------------------------------- profiles
+
+
+def cpu_profile() -> cProfile.Profile:
+    """A running cProfile timed on this thread's CPU clock: an event loop's idle waits
+    (``epoll``) and other threads' work do not count."""
+    profiler = cProfile.Profile(time.thread_time)
+    profiler.enable()
+    return profiler
+
+
+def profile_summary(
+    profiler: cProfile.Profile, ops: int, what: str, top: int = 12
+) -> dict[str, Any]:
+    """Stop ``profiler`` and sum it up per successful op (ms): the total time of the profiled
+    thread (its CPU with :func:`cpu_profile`) and the ``top`` functions by self time."""
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    raw: dict[tuple[str, int, str], tuple[Any, ...]] = stats.stats  # type: ignore[attr-defined]
+    per = 1e3 / max(1, ops)
+    ranked = sorted(raw.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    return {
+        "what": what,
+        "ops": ops,
+        "cpu_ms_per_op": round(stats.total_tt * per, 3),  # type: ignore[attr-defined]
+        "top_self_ms_per_op": {
+            f"{Path(f).name}:{line}:{func}": round(v[2] * per, 3) for (f, line, func), v in ranked
+        },
+    }
+
+
+# ---------------------------------------------------------------------------- goals
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A goal of the issue that set it: the figure ``bench`` (in the mode ``mode``, when its
+    params have one) against ``baseline``, ratio at least ``target`` (above 1.0: ahead)."""
+
+    bench: str
+    baseline: str
+    target: float
+    mode: str | None = None
+
+    def ratio(self, line: Mapping[str, Any]) -> float | None:
+        """Ours against this goal's baseline in ``line``: ours / theirs for a throughput,
+        theirs / ours for a latency or a cost (None when either is missing)."""
+        theirs, ours = line["baseline"].get(self.baseline), line["ours"]
+        if not theirs or not ours:
+            return None
+        return float(ours / theirs if line["unit"] == "ops/s" else theirs / ours)
+
+    def matches(self, line: Mapping[str, Any]) -> bool:
+        return line.get("bench") == self.bench and (
+            self.mode is None or line["params"].get("mode") == self.mode
+        )
+
+
+def report_goals(lines: Sequence[Mapping[str, Any]], goals: Sequence[Goal]) -> list[dict[str, Any]]:
+    """One ``{"goal": ...}`` line per goal (the figure, baseline, ratio, target and
+    ``PASS``/``MISS``; ``NO DATA`` when the run printed no such figure or baseline), and
+    return them. A figure may appear under several params (e.g. our replica counts): the
+    first printed is the one judged, the others' ratios are listed beside it."""
+    out = []
+    for goal in goals:
+        found = [line for line in lines if goal.matches(line)]
+        ratios = [goal.ratio(line) for line in found]
+        ratio = ratios[0] if ratios else None
+        status = "NO DATA" if ratio is None else "PASS" if ratio >= goal.target else "MISS"
+        entry: dict[str, Any] = {
+            "bench": goal.bench, "mode": goal.mode, "baseline": goal.baseline,
+            "ratio": None if ratio is None else round(ratio, 3), "target": goal.target,
+            "status": status,
+        }  # fmt: skip
+        if len(ratios) > 1:
+            entry["other_ratios"] = [None if r is None else round(r, 3) for r in ratios[1:]]
+        emit({"goal": entry})
+        out.append(entry)
+    return out
+
+
+def report_cpu(
+    bench: str,
+    ours: float | None,
+    baselines: Mapping[str, float | None],
+    n: int,
+    params: Mapping[str, Any],
+) -> list[dict[str, Any]]:
+    """The ``<bench>`` line of CPU ms per op summed over every process (ours: client and
+    every node process; an in-process baseline: its process), ratio theirs / ours. Nothing
+    when ours was not measured."""
+    theirs = {name: v for name, v in baselines.items() if v}
+    if not ours:
+        return []
+    if not theirs:
+        line = {"bench": bench, "unit": "ms", "ours": rounded(ours), "baseline": {},
+                "ratio": None, "n": n, "params": dict(params)}  # fmt: skip
+        emit(line)
+        return [line]
+    return [report(bench, "ms", ours, theirs, n, params, kind="latency")]

@@ -27,9 +27,12 @@ What runs (issue 3, "Real overlay benchmark"; conventions: shared design/BENCH.m
   (gRPC calls, verification) are reported apart (``lookup_*_ms``/``rpc_*_ms`` in the
   detail lines), with the UDP queries per op, why ops failed, and the CPU each side
   (client process and its loop thread, node workers) spent per op.
-* **Baselines**, the adapters in :mod:`bench.baselines`: the same node count
-  of C++ OpenDHT nodes (``OpenDhtNet``, 8 replicas, no signatures) in this process's
-  native threads, and of ``kademlia`` nodes (``KademliaNet``, k=20, one asyncio loop),
+* **Baselines**, the adapters in :mod:`bench.baselines`, in the order the goals judge them
+  (issue 15): OpenDHT's authenticated path (``opendht-signed``: ``OpenDhtNet`` with
+  ``signed=True``, the clients started with RSA-4096 identities, ``putSigned`` and gets of
+  signed values), its unsigned path (``opendht``, a second network; 8 replicas, no
+  signatures), both the same node count of C++ nodes in this process's native threads,
+  and ``kademlia`` nodes (``KademliaNet``, k=20, one asyncio loop),
   the same number of ops per figure; puts from a writer node, gets of those keys from
   a different reader node (a kademlia get may be answered from the reader's own store:
   ``local_hits``).
@@ -40,7 +43,11 @@ gets of the keys it stored, in an order that reverses from one round to the next
 (round, mode) uses fresh baseline client pairs so no figure pays for the keys of the one
 before (see ``bench.baselines.opendht_net``). A figure is the median round: ops/s, and
 the medians of each round's p50/p99 latency, in ms. ``ratio`` is ours / OpenDHT for ops/s,
-OpenDHT / ours for latencies (above 1.0: we are ahead). Besides the figure lines, a few
+OpenDHT / ours for latencies (above 1.0: we are ahead; the first baseline,
+``opendht-signed``). ``overlay.{put,get}.cpu`` lines give the CPU ms per op summed over
+every process (ours: the client and the node workers; OpenDHT's: this process), and one
+``{"goal": ...}`` line per goal of issue 15 (our put/get, seq and c32, ≥ 1.0x OpenDHT's
+``putSigned`` and signed get) says ``PASS`` or ``MISS``. Besides the figure lines, a few
 ``{"detail": ...}`` lines give the setup, failures and the per-op breakdown.
 
 Profiling: with ``DNA_BENCH_PROFILE=DIR`` every process (client and workers) runs
@@ -81,7 +88,7 @@ from dna_core.overlay.protocol import Addr
 from dna_testnet.harness import LOOPBACK
 
 from bench import harness
-from bench.harness import DEFAULT_RCVBUF, BatchOp, Deadline, Figure, LoopbackNet, Rounds
+from bench.harness import DEFAULT_RCVBUF, BatchOp, Deadline, Figure, Goal, LoopbackNet, Rounds
 from bench.overlay_nodes import (
     BENCH_POW_BITS,
     PATCH_ENV,
@@ -106,8 +113,8 @@ OP_TIMEOUT_S = 5.0
 BATCH_TIMEOUT_S = 15.0
 READY_TIMEOUT_S = 30.0
 BUDGET_S = 165.0  # the whole run, start-up and shut-down included, stays under 3 min
-OURS, OPENDHT, KADEMLIA = "ours", "opendht", "kademlia"
-BASELINES = (OPENDHT, KADEMLIA)
+OURS, OPENDHT, OPENDHT_SIGNED, KADEMLIA = "ours", "opendht", "opendht-signed", "kademlia"
+BASELINES = (OPENDHT_SIGNED, OPENDHT, KADEMLIA)
 RPC_METRIC = "dna_overlay_rpcs_total"
 
 
@@ -420,6 +427,7 @@ class OurClient:
             "client_cpu_ms_per_op": round((cpu1 - cpu0) * 1e3 / done, 3),
             "client_loop_cpu_ms_per_op": round((loop_cpu1 - loop_cpu0) * 1e3 / done, 3),
             "workers_cpu_ms_per_op": round(workers_cpu * 1e3 / done, 3),
+            **harness.cpu_ms_per_op(cpu1 - cpu0 + workers_cpu, len(res.succeeded)),
             **harness.udp_drops_since(drops0),
         }
         extra.update({f"failed_{reason}": n for reason, n in sorted(errors.items())})
@@ -487,10 +495,10 @@ class Baselines:
 
 def new_net(name: str, nodes: int) -> LoopbackNet[Any]:
     """A baseline network, imported on use: one whose package is missing is reported."""
-    if name == OPENDHT:
+    if name in (OPENDHT, OPENDHT_SIGNED):
         from bench.baselines.opendht_net import OpenDhtNet
 
-        return OpenDhtNet(nodes, op_timeout_s=OP_TIMEOUT_S)
+        return OpenDhtNet(nodes, op_timeout_s=OP_TIMEOUT_S, signed=name == OPENDHT_SIGNED)
     from bench.baselines.kademlia_net import KademliaNet
 
     return KademliaNet(nodes, op_timeout_s=OP_TIMEOUT_S)
@@ -510,6 +518,7 @@ class Config:
     baselines: tuple[str, ...]
     budget_s: float
     quick: bool
+    ready_timeout_s: float = READY_TIMEOUT_S
 
 
 async def _ours_round(
@@ -593,13 +602,32 @@ def report(results: Rounds, cfg: Config, baselines: Sequence[str]) -> list[dict[
                 failures.update({n: b["failures"] for n, b in base.items() if b is not None})
                 params = {
                     "nodes": cfg.nodes, "mode": mode, "replicas": replicas,
-                    "baseline_replicas": {OPENDHT: 8, KADEMLIA: K},
+                    "baseline_replicas": {OPENDHT_SIGNED: 8, OPENDHT: 8, KADEMLIA: K},
                     "rounds": ours["rounds"], "failures": failures,
                 }  # fmt: skip
                 if op == "get":
                     params["holders"] = GET_HOLDERS
                 lines += harness.report_operation(f"overlay.{op}", ours, base, cfg.ops, params)
+                cpu = {n: b["extra"].get("cpu_ms_per_op") for n, b in base.items() if b}
+                lines += harness.report_cpu(
+                    f"overlay.{op}.cpu",
+                    ours["extra"].get("cpu_ms_per_op"),
+                    cpu,
+                    cfg.ops,
+                    {**params, "what": "CPU ms per op, every process"},
+                )
     return lines
+
+
+def goals() -> list[Goal]:
+    """Issue 15's overlay goals: put and get, seq and c32, ≥ 1.0x OpenDHT's ``putSigned``
+    and signed get (judged on our default, k = 20 replicas: the first figure printed)."""
+    return [
+        Goal(f"overlay.{op}{figure}", OPENDHT_SIGNED, 1.0, harness.mode_name(concurrency))
+        for op in ("put", "get")
+        for concurrency in (1, CONCURRENCY)
+        for figure in ("", ".p50", ".p99")
+    ]
 
 
 def report_details(results: Rounds, contenders: Sequence[str]) -> None:
@@ -633,13 +661,13 @@ async def run(cfg: Config) -> int:
     client: OurClient | None = None
     lines: list[dict[str, Any]] = []
     try:
-        await fleet.start()
+        await fleet.start(cfg.ready_timeout_s)
         signed = await signer.result()
         records = {20: signed[: wanted[20]], 8: signed[wanted[20] :]}
         client = OurClient(fleet)
         table = await client.start()
         setup_s = time.perf_counter() - t0
-        await baselines.start(min(READY_TIMEOUT_S, budget.remaining()))
+        await baselines.start(min(cfg.ready_timeout_s, budget.remaining()))
         stats = await fleet.command_all({"cmd": "stats"})
         harness.detail(
             {
@@ -660,6 +688,7 @@ async def run(cfg: Config) -> int:
         await warm_up(client, records, baselines, cfg)
         results = await measure_rounds(client, records, baselines, cfg, budget)
         lines = report(results, cfg, baselines.names)
+        harness.report_goals(lines, goals())
         report_details(results, [f"{OURS}-r{r}" for r in REPLICAS] + baselines.names)
         harness.detail(
             {
@@ -697,6 +726,12 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         "--baselines", default=",".join(BASELINES), help="comma-separated: opendht,kademlia"
     )
     parser.add_argument("--budget", type=float, default=BUDGET_S, help="s for the whole run")
+    parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=READY_TIMEOUT_S,
+        help="s for each network to come up (raise it on a heavily loaded machine)",
+    )
     args: argparse.Namespace = parser.parse_args(argv)
     nodes = harness.sized(args, args.nodes, DEFAULT_NODES, QUICK_NODES)
     ops = harness.sized(args, args.ops or args.n, DEFAULT_OPS, QUICK_OPS)
@@ -712,7 +747,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         if unknown := set(names) - set(BASELINES):
             raise SystemExit(f"unknown baseline(s): {sorted(unknown)}")
     return Config(nodes, ops, rounds, warmup, args.workers, args.rcvbuf, names, args.budget,
-                  args.quick)  # fmt: skip
+                  args.quick, args.ready_timeout)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

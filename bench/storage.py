@@ -29,9 +29,12 @@ design/BENCH.md), all in one run:
     (10 other mailboxes, each loaded with ``--pending`` blobs before timing): the
     candidates (lookup or cache), then one signed ``Fetch`` request sent to the 5
     replicas, merged by blob ID; fails unless exactly the pending blobs come back.
-* **Baselines.** ``opendht``: 10 C++ OpenDHT nodes in this process
-  (:class:`bench.baselines.opendht_net.OpenDhtNet`), put/get of values of the envelopes'
-  size, the same op counts, fresh client pairs per (round, mode). ``redis``: a
+* **Baselines**, in the order the goals judge them (issue 15): ``opendht-signed``,
+  OpenDHT's authenticated path: 10 C++ OpenDHT nodes in this process, the clients started
+  with RSA-4096 identities, ``putSigned`` and gets of signed values
+  (:class:`bench.baselines.opendht_net.OpenDhtNet`, ``signed=True``); ``opendht``: the
+  same unsigned (``put``/``get``), on a second network of 10 nodes; both with values of
+  the envelopes' size, the same op counts, fresh client pairs per (round, mode). ``redis``: a
   ``redis-server`` (no persistence) on a free loopback port, measured with
   ``redis-benchmark -t set,get -n N -d <envelope size> -c <1 or 32> -q --csv``: the ceiling
   of a single in-memory server (no replication, no PoW, no lookups).
@@ -39,7 +42,14 @@ design/BENCH.md), all in one run:
 Each round runs seq (one op at a time) then c32 (32 in flight); within a mode the
 contenders take turns in an order that reverses every round. A figure is the median round:
 ops/s and the medians of each round's p50/p99 latency (ms). ``ratio`` is ours / OpenDHT for
-ops/s, OpenDHT / ours for latencies. ``{"detail": ...}`` lines give setup and failures.
+ops/s, OpenDHT / ours for latencies (the first baseline: ``opendht-signed``).
+
+Also printed: ``storage.{put,fetch}.cpu``, the CPU ms per op summed over every process
+(ours: this client process and the 11 node processes, from ``/proc``; OpenDHT's: this
+process, which runs its nodes); ``storage.{put,fetch}.floor``, our p50 beside the floor
+of :mod:`bench.floor` (a stream round trip + a durable commit, alone or a 1/32 share);
+and one ``{"goal": ...}`` line per goal of issue 15 with ``PASS``/``MISS``.
+``{"detail": ...}`` lines give setup and failures.
 The whole run is bounded by ``--budget`` (default 170 s); every process is stopped in
 ``finally``.
 """
@@ -49,6 +59,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import dataclasses
 import functools
 import os
@@ -69,10 +80,11 @@ from dna_testnet.harness import Cluster, LocalDriver, local_cluster
 from dna_testnet.network import client_node
 from dna_testnet.topology import NodeSpec, Topology
 
-from bench import harness, storage_flood, storage_memory
-from bench.harness import BatchOp, Deadline, Figure, LoopbackNet, Rounds, Workload
+from bench import floor, harness, storage_flood, storage_memory
+from bench.harness import BatchOp, CpuMeter, Deadline, Figure, Goal, LoopbackNet, Rounds, Workload
 
-OURS, OPENDHT, REDIS = "ours", "opendht", "redis"
+OURS, OPENDHT, OPENDHT_SIGNED, REDIS = "ours", "opendht", "opendht-signed", "redis"
+OPENDHT_NETS = (OPENDHT_SIGNED, OPENDHT)  # the first baseline is the goals' first judge
 STORAGE_NODES = 10
 MAILBOXES = 10
 CONCURRENCY = 32
@@ -104,7 +116,7 @@ ADMISSION: dict[str, float | int] = {
 ADMISSION_TOML = "[admission]\n" + "".join(f"{k} = {v}\n" for k, v in ADMISSION.items())
 
 # What a contender's harness.detail line gives of its figure over rounds (Rounds.median).
-DETAIL_KEYS = ("ops_per_s", "p50_ms", "p99_ms", "failures", "rounds", "rounds_ops_per_s")
+DETAIL_KEYS = ("ops_per_s", "p50_ms", "p99_ms", "failures", "rounds", "rounds_ops_per_s", "extra")
 
 
 # ---------------------------------------------------------------------------- our network
@@ -137,10 +149,11 @@ class StorageFleet:
 class OurClient:
     """The measuring client: ``client_node`` plus a ``MailboxClient`` in this process."""
 
-    def __init__(self, node: OverlayNode) -> None:
+    def __init__(self, node: OverlayNode, node_pids: Sequence[int] = ()) -> None:
         self.node = node
         self.mailbox = MailboxClient(node, pow_bits=POW_BITS, timeout=OP_TIMEOUT_S)
         self.errors: Counter[str] = Counter()
+        self.cpu = CpuMeter(node_pids)  # this process and every node process
 
     async def put_batch(
         self, items: Sequence[tuple[bytes, bytes]], concurrency: int, deadline: Deadline
@@ -170,10 +183,17 @@ class OurClient:
     async def _measure(
         self, name: str, op: BatchOp, count: int, concurrency: int, deadline: Deadline
     ) -> Figure:
+        self.cpu.start()
         res = await harness.run_batch(op, count, concurrency, OP_TIMEOUT_S, deadline, self.errors)
+        ok = len(res.succeeded)
+        extra = harness.cpu_ms_per_op(self.cpu.stop(), ok)
+        if ok:  # where it went: this (client) process, the node processes
+            client_s, nodes_s = self.cpu.split
+            extra["client_cpu_ms_per_op"] = round(client_s * 1e3 / ok, 3)
+            extra["nodes_cpu_ms_per_op"] = round(nodes_s * 1e3 / ok, 3)
         return harness.make_figure(
             OURS, name, concurrency, res.latencies, res.failures, count,
-            STORAGE_NODES, res.wall_s, finished_s=res.finished_s,
+            STORAGE_NODES, res.wall_s, extra=extra, finished_s=res.finished_s,
         )  # fmt: skip
 
 
@@ -309,6 +329,7 @@ class Config:
     sections: tuple[str, ...] = DEFAULT_SECTIONS
     memory_blobs: int = DEFAULT_MEMORY_BLOBS
     memory_blob_bytes: int = DEFAULT_MEMORY_BLOB_BYTES
+    profile: bool = False  # cProfile the client's first timed batches (--profile)
 
 
 @dataclass
@@ -348,16 +369,29 @@ class Contenders:
 
     def __init__(self, client: OurClient, work: Workloads, cfg: Config) -> None:
         self.client, self.work, self.cfg = client, work, cfg
-        self.opendht: LoopbackNet[Any] | None = None
+        self.opendht: dict[str, LoopbackNet[Any]] = {}
         self.redis: RedisCeiling | None = None
         self.names: list[str] = [OURS]
         self.setup: dict[str, Any] = {}
+        self.profiled: set[str] = set()  # modes whose first timed batches were profiled
+
+    def _profiler(self, ops: int, concurrency: int) -> cProfile.Profile | None:
+        """With ``--profile``: a running cProfile of this (client) process for the first
+        timed batches of each mode (warm-ups are smaller than ``--ops``)."""
+        mode = harness.mode_name(concurrency)
+        if not self.cfg.profile or ops < self.cfg.ops or mode in self.profiled:
+            return None
+        return harness.cpu_profile()
 
     async def start_baselines(self, root: Path, timeout_s: float) -> None:
-        new_net = functools.partial(opendht_net, self.work.envelope_bytes)
-        self.opendht = await harness.start_baseline(OPENDHT, new_net, timeout_s, self.setup)
-        if self.opendht is not None:
-            self.names.append(OPENDHT)
+        for name in OPENDHT_NETS:
+            new_net = functools.partial(
+                opendht_net, self.work.envelope_bytes, signed=name == OPENDHT_SIGNED
+            )
+            net = await harness.start_baseline(name, new_net, timeout_s, self.setup)
+            if net is not None:
+                self.opendht[name] = net
+                self.names.append(name)
         redis = RedisCeiling(root / "redis")
         try:
             await redis.start()
@@ -372,14 +406,22 @@ class Contenders:
         self, name: str, ops: int, concurrency: int, pair: int, deadline: Deadline
     ) -> list[Figure]:
         if name == OURS:
+            profiler = self._profiler(ops, concurrency)
             put = await self.client.put_batch(self.work.take(ops), concurrency, deadline)
+            if profiler is not None:
+                put_stats = harness.profile_summary(profiler, put.n - put.failures, "put")
+                profiler = self._profiler(ops, concurrency)
             fetch = await self.client.fetch_batch(
                 self.work.owners, self.work.expected, ops, concurrency, deadline
             )
+            if profiler is not None:
+                fetch_stats = harness.profile_summary(profiler, fetch.n - fetch.failures, "fetch")
+                harness.detail({"profile": {"mode": put.mode, "put": put_stats,
+                                            "fetch": fetch_stats}})  # fmt: skip
+                self.profiled.add(put.mode)
             return [put, fetch]
-        if name == OPENDHT:
-            net = self.opendht
-            assert net is not None
+        if name in self.opendht:
+            net = self.opendht[name]
             put, stored = await net.put_batch(ops, concurrency, deadline, pairs=(pair,))
             get, _ = await net.get_batch(stored, concurrency, deadline, pairs=(pair,))
             return [put, dataclasses.replace(get, op="fetch")]  # compared with our fetch
@@ -392,17 +434,18 @@ class Contenders:
         if self.redis is not None:
             redis, self.redis = self.redis, None
             await redis.close()
-        if self.opendht is not None:
-            net, self.opendht = self.opendht, None
+        nets, self.opendht = self.opendht, {}
+        for net in reversed(nets.values()):
             await net.close()
 
 
-def opendht_net(value_bytes: int) -> LoopbackNet[Any]:
-    """OpenDHT's nodes, as many as ours, storing values of the envelopes' size."""
+def opendht_net(value_bytes: int, *, signed: bool = False) -> LoopbackNet[Any]:
+    """OpenDHT's nodes, as many as ours, storing values of the envelopes' size
+    (``signed``: its authenticated path)."""
     from bench.baselines.opendht_net import OpenDhtNet  # on use: a missing one is reported
 
     workload = Workload(value_bytes, value_bytes)
-    return OpenDhtNet(STORAGE_NODES, op_timeout_s=OP_TIMEOUT_S, workload=workload)
+    return OpenDhtNet(STORAGE_NODES, op_timeout_s=OP_TIMEOUT_S, workload=workload, signed=signed)
 
 
 async def preload(client: OurClient, work: Workloads) -> None:
@@ -431,6 +474,40 @@ async def measure_rounds(con: Contenders, cfg: Config, budget: Deadline) -> Roun
     return results
 
 
+def goals() -> list[Goal]:
+    """Issue 15's goals for this bench: every figure ≥ 1.0x OpenDHT's authenticated path;
+    against its unsigned path ≥ 0.5x one at a time and ≥ 1.0x 32 in flight; CPU per op
+    within 2x of its unsigned path."""
+    out = []
+    for op in ("put", "fetch"):
+        for concurrency in (1, CONCURRENCY):
+            mode = harness.mode_name(concurrency)
+            for figure in ("", ".p50", ".p99"):
+                bench = f"storage.{op}{figure}"
+                out.append(Goal(bench, OPENDHT_SIGNED, 1.0, mode))
+                out.append(Goal(bench, OPENDHT, 0.5 if concurrency == 1 else 1.0, mode))
+            out.append(Goal(f"storage.{op}.cpu", OPENDHT, 0.5, mode))
+    return out
+
+
+def report_floor(results: Rounds, work_floor: dict[str, Any]) -> list[dict[str, Any]]:
+    """Our p50 beside the floor (``bench.floor``): ratio = floor / ours."""
+    lines = []
+    for op in ("put", "fetch"):
+        for concurrency in (1, CONCURRENCY):
+            mode = harness.mode_name(concurrency)
+            ours = results.median((OURS, op, mode))
+            if ours is None or ours["p50_ms"] is None:
+                continue
+            key = "fetch_ms" if op == "fetch" else f"put_{mode}_ms"
+            params = {"mode": mode, "floor_parts": work_floor, "what": key,
+                      "failures": {OURS: ours["failures"]}}  # fmt: skip
+            lines.append(harness.report(f"storage.{op}.floor", "ms", ours["p50_ms"],
+                                        {"floor": work_floor[key]}, ours["ops"], params,
+                                        kind="latency"))  # fmt: skip
+    return lines
+
+
 def report(results: Rounds, cfg: Config, con: Contenders) -> list[dict[str, Any]]:
     lines: list[dict[str, Any]] = []
     baselines = [n for n in con.names if n != OURS]
@@ -448,13 +525,19 @@ def report(results: Rounds, cfg: Config, con: Contenders) -> list[dict[str, Any]
                 "write_quorum": WRITE_QUORUM, "pow_bits": POW_BITS,
                 "envelope_bytes": con.work.envelope_bytes, "mailboxes": MAILBOXES,
                 "admission": ADMISSION, "rounds": ours["rounds"], "failures": failures,
-                "baseline_ops": {OPENDHT: cfg.ops, REDIS: cfg.redis_n},
-                "baseline_ops_name": {OPENDHT: "put" if op == "put" else "get",
+                "baseline_ops": {OPENDHT_SIGNED: cfg.ops, OPENDHT: cfg.ops, REDIS: cfg.redis_n},
+                "baseline_ops_name": {OPENDHT_SIGNED: "putSigned" if op == "put" else "get",
+                                      OPENDHT: "put" if op == "put" else "get",
                                       REDIS: "SET" if op == "put" else "GET"},
             }  # fmt: skip
             if op == "fetch":
                 params["pending_blobs"] = cfg.pending
             lines += harness.report_operation(f"storage.{op}", ours, base, cfg.ops, params)
+            cpu = {n: b["extra"].get("cpu_ms_per_op") for n, b in base.items() if b is not None}
+            cpu_params = {"mode": mode, "what": "CPU ms per op, every process",
+                          "failures": failures}  # fmt: skip
+            lines += harness.report_cpu(f"storage.{op}.cpu", ours["extra"].get("cpu_ms_per_op"),
+                                        cpu, cfg.ops, cpu_params)  # fmt: skip
     for name in con.names:
         for op in ("put", "fetch"):
             for concurrency in (1, CONCURRENCY):
@@ -481,10 +564,13 @@ async def run(root: Path, cfg: Config) -> int:
         await fleet_up
         ready_s = time.perf_counter() - t0
         node = await client_node(fleet.seeds)
-        client = OurClient(node)
+        client = OurClient(node, fleet.pids())
         await preload(client, work)
         con = Contenders(client, work, cfg)
-        await con.start_baselines(root, min(20.0, budget.remaining()))
+        await con.start_baselines(root, min(40.0, budget.remaining()))
+        floor_parts = await floor.measure(
+            PAYLOAD_BYTES, n=max(30, min(200, cfg.ops)), sender_keys=False
+        )
         harness.detail(
             {
                 "setup": {
@@ -493,12 +579,14 @@ async def run(root: Path, cfg: Config) -> int:
                     "pending": cfg.pending, "redis_n": cfg.redis_n,
                     "envelope_bytes": work.envelope_bytes, "sealed_s": round(sealed_s, 2),
                     "ours_ready_s": round(ready_s, 2), "baselines": con.setup,
-                    "loadavg": harness.loadavg(),
+                    "loadavg": harness.loadavg(), "floor": floor_parts,
                 }
             }
         )  # fmt: skip
         results = await measure_rounds(con, cfg, budget)
         lines = report(results, cfg, con)
+        lines += report_floor(results, floor_parts)
+        harness.report_goals(lines, goals())
         harness.detail(
             {
                 "elapsed_s": round(time.perf_counter() - t0, 1),
@@ -542,6 +630,11 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument(
         "--memory-blob-bytes", type=int, default=DEFAULT_MEMORY_BLOB_BYTES, help="their size"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile the client over its first timed put and fetch batches of each mode",
+    )
     args: argparse.Namespace = parser.parse_args(argv)
     ops = harness.sized(args, args.ops or args.n, DEFAULT_OPS, QUICK_OPS)
     rounds = harness.sized(args, args.rounds, DEFAULT_ROUNDS, QUICK_ROUNDS)
@@ -555,7 +648,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     blobs = harness.sized(args, args.memory_blobs, DEFAULT_MEMORY_BLOBS, QUICK_MEMORY_BLOBS)
     return Config(
         ops, rounds, warmup, args.pending, redis_n, args.budget, args.quick,
-        sections, blobs, args.memory_blob_bytes,
+        sections, blobs, args.memory_blob_bytes, args.profile,
     )  # fmt: skip
 
 

@@ -28,6 +28,20 @@ about it:
   figures (``ops_per_s_first10pct``/``_last10pct`` show it); but so that one figure does
   not pay for the keys of the figure before, the seq and the cN figures use their own
   client nodes (``clients`` writer/reader pairs per figure, default one).
+* **Authenticated path** (``signed=True``, contender ``opendht-signed``): every client
+  node (the ``signed_pairs`` writer/reader pairs, default 4, and the probe nodes 1 and 2)
+  is started with its own RSA-4096 identity (~0.5-1 s each to generate, so not the
+  storing nodes, which need none)
+  (``runner.run(id=dht.Identity.generate(), ...)``: setting it only through
+  ``DhtConfig.setIdentity`` is not enough for ``putSigned``), puts are ``putSigned`` and a
+  get succeeds only on a value that carries its owner's key (the reader's ``SecureDht``
+  drops values whose signature does not verify before they reach the callback).
+  :meth:`OpenDhtNet.listen_batch` is the messaging path beside it: the reader ``listen``s
+  on an inbox key and the writer ``put``s (or, signed, ``putEncrypted`` to the reader's
+  ``PublicKey``, which is how Jami's messages travel) fresh values there; an op is done
+  when the reader's listen callback gets the value (decrypted, for the encrypted path).
+* Every figure carries ``cpu_ms_per_op``: this process's CPU (user + system, every
+  thread, so every node of the network) over the batch, per successful op.
 * Rate limits are on by default in OpenDHT and count per source IP: on loopback every node
   is 127.0.0.1, so they would throttle the whole network; they are disabled here
   (``rate_limit=False``, as OpenDHT's own benchmarks and tests do).
@@ -43,8 +57,7 @@ about it:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import queue
+import importlib.metadata
 import sys
 import threading
 import time
@@ -57,6 +70,7 @@ from bench import harness
 from bench.harness import Batch, Deadline, Figure, LoopbackNet, TableWatch, Workload
 
 NAME = "opendht"
+SIGNED_NAME = "opendht-signed"  # the same network, its clients with identities
 NETWORK_ID = 0x444E41  # "DNA": keeps these nodes apart from any other OpenDHT network
 TARGET_NODES = 8  # OpenDHT stores each value on the 8 closest nodes
 AF_INET = 2
@@ -105,15 +119,28 @@ class _Pending:
 
 
 class _Lookout:
-    """A get's value callback: it stops the search once the value put has been seen."""
+    """A get's value callback: it stops the search once the value put has been seen
+    (``signed``: only a value that carries its owner's key counts)."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, *, signed: bool = False) -> None:
         self.data = data
+        self.signed = signed
         self.found = False
 
     def on_value(self, value: Any) -> bool:
-        self.found = self.found or value.data == self.data
+        seen = value.data == self.data and (not self.signed or _has_owner(value))
+        self.found = self.found or seen
         return not self.found
+
+
+def _has_owner(value: Any) -> bool:
+    """Whether a value carries its owner's public key (a signed one): an unsigned value's
+    owner is an uninitialized key, whose ID raises."""
+    try:
+        value.owner.getId()
+    except ValueError:
+        return False
+    return True
 
 
 def _run_batch(issue: Issue, batch: Batch[Item]) -> harness.BatchResult:
@@ -186,27 +213,59 @@ class OpenDhtNet(LoopbackNet[Item]):
         rate_limit: bool = False,
         op_timeout_s: float = 5.0,
         workload: Workload | None = None,
+        signed: bool = False,
+        signed_pairs: int = 4,
     ) -> None:
         super().__init__(nodes, op_timeout_s=op_timeout_s, workload=workload)
         self.rate_limit = rate_limit
+        self.signed = signed
+        self.signed_pairs = signed_pairs
+        self.name = SIGNED_NAME if signed else NAME
         self._pending = _Pending()
+        self._listens: list[Any] = []  # listen tokens, never cancelled (see listen_batch)
 
     def setup(self) -> dict[str, Any]:
-        return {"rate_limit": self.rate_limit, "host": harness.HOST}
+        return {"rate_limit": self.rate_limit, "host": harness.HOST, "signed": self.signed}
+
+    def version(self) -> str:
+        return str(importlib.metadata.version(NAME))
+
+    @property
+    def max_pairs(self) -> int:
+        """Signed: only the pairs with identities are clients (pairs wrap around)."""
+        pairs = super().max_pairs
+        return max(1, min(pairs, self.signed_pairs)) if self.signed else pairs
+
+    def _has_identity(self, index: int) -> bool:
+        """Whether node ``index`` is started with an identity: the probe nodes and the
+        client pairs' nodes (the last ``2 * signed_pairs``), when signed."""
+        clients = self.size - 2 * self.max_pairs
+        return self.signed and (index in (1, 2) or index >= clients)
 
     # -- lifecycle
 
     async def _launch(self, deadline: Deadline) -> None:
-        await asyncio.to_thread(self._launch_runners)
+        # Generating the identities (RSA-4096, seconds on a loaded machine) is not the
+        # network coming up: the deadline for that is pushed back by the time it took.
+        t0 = time.monotonic()
+        identities = await asyncio.to_thread(self._identities)
+        deadline.at += time.monotonic() - t0
+        await asyncio.to_thread(self._launch_runners, identities)
 
-    def _launch_runners(self) -> None:
+    def _identities(self) -> dict[int, Any]:
+        return {i: dht.Identity.generate() for i in range(self.size) if self._has_identity(i)}
+
+    def _launch_runners(self, identities: dict[int, Any]) -> None:
         config = dht.DhtConfig()
         config.setNetwork(NETWORK_ID)
         if not self.rate_limit:
             config.setRateLimit(-1, -1)
-        for _ in range(self.size):
+        for i in range(self.size):
             runner = dht.DhtRunner()
-            runner.run(port=0, ipv4=harness.HOST, config=config)
+            if i in identities:
+                runner.run(id=identities[i], port=0, ipv4=harness.HOST, config=config)
+            else:
+                runner.run(port=0, ipv4=harness.HOST, config=config)
             self.nodes.append(runner)
         port = str(self.nodes[0].getBound().getPort())
         for runner in self.nodes[1:]:
@@ -279,7 +338,10 @@ class OpenDhtNet(LoopbackNet[Item]):
         def issue(i: int, done: Done) -> None:
             key, data = batch.items[i]
             writer = batch.client(i)
-            self._call(writer, lambda cb: writer.put(key, dht.Value(data), cb), done)
+            if self.signed:
+                self._call(writer, lambda cb: writer.putSigned(key, dht.Value(data), cb), done)
+            else:
+                self._call(writer, lambda cb: writer.put(key, dht.Value(data), cb), done)
 
         return issue
 
@@ -287,7 +349,7 @@ class OpenDhtNet(LoopbackNet[Item]):
         def issue(i: int, done: Done) -> None:
             key, data = batch.items[i]
             reader = batch.client(i)
-            lookout = _Lookout(data)
+            lookout = _Lookout(data, signed=self.signed)
 
             def start(callback: NativeDone) -> None:
                 reader.get(key, lookout.on_value, callback)
@@ -302,65 +364,84 @@ class OpenDhtNet(LoopbackNet[Item]):
     async def _get(self, batch: Batch[Item]) -> tuple[Figure, list[Item]]:
         return await asyncio.to_thread(self._measure, "get", self._get_issue(batch), batch)
 
-    async def round_trip_batch(
+    async def listen_batch(
         self, count: int, concurrency: int, deadline: Deadline, *, pair: int = 0
     ) -> tuple[Figure, list[float]]:
-        """Put-then-get round trips of ``count`` fresh items (``bench.e2e``'s baseline),
-        ``concurrency`` in flight.
+        """Messages through ``listen`` (``bench.e2e``'s baseline): pair ``pair``'s reader
+        listens on a fresh inbox key, its writer puts ``count`` fresh values there,
+        ``concurrency`` in flight; an op is done when the reader's listen callback gets
+        its exact value. Unsigned: ``put``; signed: ``putEncrypted`` to the reader's
+        public key, so the callback gets the value decrypted. Returns the figure (op
+        ``"put_listen"`` or ``"put_encrypted_listen"``) and how long each successful put
+        took to be acknowledged (s)."""
+        return await asyncio.to_thread(self._listen_batch, count, concurrency, deadline, pair)
 
-        Pair ``pair``'s writer puts an item; once the put is acknowledged, the pair's reader
-        gets it; the op succeeds when the reader sees the exact value. Returns the figure
-        (op ``"put_get"``) and the put part of every round trip whose put succeeded (s).
-
-        The gets are issued from a plain thread rather than from inside the put's callback
-        (which runs on the writer's native thread, holding the GIL).
-        """
-        items = self.new_items(count)
-        puts = Batch(items, [self.writer(pair)], concurrency, deadline, self.op_timeout_s)
-        put_issue = self._put_issue(puts)
-        get_issue = self._get_issue(dataclasses.replace(puts, clients=[self.reader(pair)]))
+    def _listen_batch(
+        self, count: int, concurrency: int, deadline: Deadline, pair: int
+    ) -> tuple[Figure, list[float]]:
+        writer, reader = self.writer(pair), self.reader(pair)
+        inbox = dht.InfoHash.getRandom()
+        items = [(inbox, data) for _, data in self.new_items(count)]
+        waiting: dict[bytes, Done] = {}
+        lock = threading.Lock()
         put_s: list[float] = []
-        gets: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
 
-        def issue_gets() -> None:
-            while (get := gets.get()) is not None:
-                get()
+        def on_value(value: Any, expired: bool) -> bool:
+            with lock:
+                done = None if expired else waiting.pop(value.data, None)
+            if done is not None:
+                done(True)
+            return True
+
+        token = reader.listen(inbox, on_value)
+        time.sleep(0.2)  # the listen reaches the inbox's nodes before the first put
+        to = reader.getPublicKey() if self.signed else None
 
         def issue(i: int, done: Done) -> None:
+            data = items[i][1]
+            with lock:
+                waiting[data] = done
             t0 = time.perf_counter()
 
-            def get() -> None:
-                try:
-                    get_issue(i, done)
-                except BaseException:
-                    done(False)
-
             def put_done(ok: bool) -> None:
-                if not ok:
-                    done(False)
-                    return
-                put_s.append(time.perf_counter() - t0)
-                gets.put(get)
+                if ok:
+                    put_s.append(time.perf_counter() - t0)
+                else:
+                    with lock:
+                        late = waiting.pop(data, None)
+                    if late is not None:
+                        late(False)
 
-            put_issue(i, put_done)
+            def start(callback: NativeDone) -> None:
+                if to is None:
+                    writer.put(inbox, dht.Value(data), callback)
+                else:
+                    writer.putEncrypted(inbox, dht.Value(data), to, callback)
 
-        def round_trips() -> Figure:
-            getter = threading.Thread(target=issue_gets, name="opendht-gets", daemon=True)
-            getter.start()
-            try:
-                return self._measure("put_get", issue, puts)[0]
-            finally:
-                gets.put(None)
-                getter.join()
+            self._call(writer, start, put_done)
 
-        return await asyncio.to_thread(round_trips), put_s
+        op = "put_encrypted_listen" if self.signed else "put_listen"
+        batch = Batch(items, [writer], concurrency, deadline, self.op_timeout_s)
+        # The listen is never cancelled: in opendht 4.4.2 every ListenToken shares one
+        # ``_cb`` dict, so ``cancelListen`` releases the context of the *latest* listen, not
+        # this one's, and a later callback then reads freed memory (the run dies). Left
+        # alone, each listen keeps its own reference; its inbox gets no more values.
+        self._listens.append(token)
+        figure = self._measure(op, issue, batch)[0]
+        # A value often reaches the listener before its put is acknowledged: wait (bounded)
+        # for the acknowledgements, so that every put's time is in ``put_s``.
+        self._pending.drain(self.op_timeout_s)
+        return figure, list(put_s)
 
     def _measure(self, op: str, issue: Issue, batch: Batch[Item]) -> tuple[Figure, list[Item]]:
         """One batch on this thread (blocking until it is done): its figure and the items
-        of its successful ops."""
+        of its successful ops, with this process's CPU per successful op."""
         drops = harness.udp_rcvbuf_errors()
+        cpu0 = harness.cpu_s()
         res = _run_batch(issue, batch)
-        return self._figure(op, res, batch, harness.udp_drops_since(drops))
+        extra = {**harness.udp_drops_since(drops),
+                 **harness.cpu_ms_per_op(harness.cpu_s() - cpu0, len(res.succeeded))}  # fmt: skip
+        return self._figure(op, res, batch, extra)
 
 
 # ---------------------------------------------------------------------------- command line
@@ -373,9 +454,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--rate-limit", action="store_true", help="keep OpenDHT's per-IP rate limits on"
     )
+    parser.add_argument(
+        "--signed", action="store_true", help="clients with identities: putSigned, signed gets"
+    )
     args = parser.parse_args(argv)
     net = OpenDhtNet(
         args.nodes,
+        signed=args.signed,
         rate_limit=args.rate_limit,
         op_timeout_s=args.op_timeout,
         workload=Workload(args.value_min, args.value_max, args.seed),

@@ -24,21 +24,32 @@ LATENCIES = {f"e2e.{m}.{p}" for m in ("rt", "seq", f"c{SENDERS}") for p in ("p50
 SEND_LATENCIES = {f"e2e.send.{m}.{p}" for m in ("seq", f"c{SENDERS}") for p in ("p50", "p99")}
 THROUGHPUTS = {"e2e.seq", f"e2e.c{SENDERS}"}
 SEND_THROUGHPUTS = {"e2e.send.seq", f"e2e.send.c{SENDERS}"}
+CPU = {"e2e.seq.cpu", f"e2e.c{SENDERS}.cpu"}
+FLOORS = {"e2e.rt.floor", "e2e.seq.floor"}
+BASELINES = ["opendht-signed", "opendht"]  # putEncrypted -> listen first: the goals' judge
+GOALS = {
+    (f"e2e.{m}.{p}", b) for m in ("rt", "seq", f"c{SENDERS}") for p in ("p50", "p99")
+    for b in BASELINES
+} | {(name, "opendht") for name in CPU}  # fmt: skip
 
 
 def test_e2e_bench_quick_prints_figures_beside_opendht_and_cleans_up() -> None:
-    """9 node processes, a recipient process, 3 senders, OpenDHT beside them (~20 s)."""
+    """9 node processes, a recipient process, 3 senders, OpenDHT's authenticated and
+    unsigned listen paths beside them (~40 s): every figure, the CPU and floor lines, a
+    goal line per goal."""
     done = subprocess.run(
         [sys.executable, "-m", "bench.e2e", "--quick", "--senders", str(SENDERS),
-         "--budget", "90"],
-        cwd=ROOT, capture_output=True, text=True, timeout=150, check=False,
+         "--budget", "180"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert "machine" in lines[0]
     assert "elapsed_s" in lines[-1]["detail"], lines[-1]  # ran to the end
     figures = {line["bench"]: line for line in lines if "bench" in line}
-    assert set(figures) == LATENCIES | SEND_LATENCIES | THROUGHPUTS | SEND_THROUGHPUTS
+    assert (
+        set(figures) == LATENCIES | SEND_LATENCIES | THROUGHPUTS | SEND_THROUGHPUTS | CPU | FLOORS
+    )
     for name, figure in figures.items():
         assert set(figure) == KEYS, figure
         assert figure["ours"] > 0, figure
@@ -46,8 +57,12 @@ def test_e2e_bench_quick_prints_figures_beside_opendht_and_cleans_up() -> None:
         if name in SEND_THROUGHPUTS:  # OpenDHT's put has no throughput of its own here
             assert figure["baseline"] == {} and figure["ratio"] is None, figure
             continue
-        assert set(figure["baseline"]) == {"opendht"}, figure
-        assert figure["baseline"]["opendht"] > 0 and figure["ratio"] > 0, figure
+        expected = ["floor"] if name in FLOORS else BASELINES
+        assert list(figure["baseline"]) == expected, figure
+        assert all(v > 0 for v in figure["baseline"].values()) and figure["ratio"] > 0, figure
+    goals = [line["goal"] for line in lines if "goal" in line]
+    assert {(g["bench"], g["baseline"]) for g in goals} == GOALS
+    assert all(g["status"] in ("PASS", "MISS") and g["ratio"] > 0 for g in goals), goals
     setup = next(line["detail"]["setup"] for line in lines if "setup" in line.get("detail", {}))
     # 9 addresses of the bench's own from the allocator, none of dna-testnet's 127.0.0.x
     ips = setup["ips"]
