@@ -118,8 +118,11 @@ class _Truth:
 
 
 class Simulation:
-    def __init__(self, scenario: Scenario, progress: Progress | None = None) -> None:
+    def __init__(
+        self, scenario: Scenario, progress: Progress | None = None, *, lazy: bool = False
+    ) -> None:
         self.scenario = scenario
+        self.lazy = lazy  # build nodes on first use (World): for networks of a million
         self.progress = progress or _silent
         self.rng = random.Random(scenario.seed)
         self.world: World | None = None
@@ -130,7 +133,7 @@ class Simulation:
     def build(self) -> World:
         scenario = self.scenario
         with _gc_paused():
-            world = World(scenario.world_config(), self.rng)
+            world = World(scenario.world_config(), self.rng, lazy=self.lazy)
             if scenario.join == "real":
                 world.join()
             else:
@@ -200,7 +203,7 @@ class _Phase:
 
     def _start(self, args: tuple[int, bytes]) -> None:
         origin, target = args
-        node = self.world.nodes[origin]
+        node = self.world.node(origin)
         for variant, paths in self.scenario.variants():
             node.lookup(target, self._on_done_for(variant), paths=paths)
 
