@@ -9,12 +9,13 @@ Two ways to fill the routing tables:
 * ``join`` (``--join real``, for small networks): nodes join one by one through a bootstrap
   as a real node does: ping it, look up their own ID, then refresh every bucket.
 
-A lazy world (``lazy=True``, for ``dna-sim scale``) holds only the sorted ID list until a
-node is first touched (it starts a lookup or a message reaches it): only then is its
-``SimNode`` built, its table oracle-filled and its keepalive pings sent. A million-node
-network with 10,000 lookups touches about a third of its nodes; the rest cost ~0.5 KB each
-(their contact) instead of a full routing table. Untouched nodes would answer exactly as
-filled ones, since nobody asks them anything.
+A lazy world (``lazy=True``, for healthy runs of ``dna-sim scale``) holds only the sorted
+ID list until a node is first touched (it starts a lookup or a message reaches it): only
+then is its ``SimNode`` built and its table oracle-filled. Only nodes about to start a
+lookup do the keepalive (``warm``, for their RTT samples): if every built node pinged its
+neighbours, each ping would build a few more nodes and a thousand lookups would build most
+of a network. A million-node network with 10,000 lookups touches about a third of its
+nodes; the rest cost their contact (~0.5 KB) instead of a routing table.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ class World:
         bad = set(rng.sample(range(len(contacts)), round(config.adversarial * len(contacts))))
         self.adversarial = bytearray(1 if i in bad else 0 for i in range(len(contacts)))
         self._coalition = Coalition([contacts[i] for i in sorted(bad)]) if bad else None
-        self._keepalive = 0  # lazy: neighbours a node pings when it is built
+        self._keepalive = 0  # lazy: neighbours a node pings before its first lookup
+        self._warm = bytearray(len(contacts))  # lazy: 1 = has done its keepalive
         self._nodes: list[SimNode | None] = [None] * len(contacts)
         if lazy:
             self.net.handlers = _LazyHandlers(self)
@@ -107,9 +109,15 @@ class World:
         if node is None:
             node = self._nodes[i] = self._new_node(i)
             self._fill_table(node)
-            if self._keepalive and not self.net.crashed[i]:
-                node.warm_up(node.table.closest(node.contact.node_id, self._keepalive))
         return node
+
+    def warm(self, i: int) -> None:
+        """Lazy: node ``i`` (built if need be) does its keepalive, once; an eager world
+        did every node's in ``keepalive``."""
+        if self.lazy and self._keepalive and not self._warm[i] and not self.net.crashed[i]:
+            self._warm[i] = 1
+            node = self.node(i)
+            node.warm_up(node.table.closest(node.contact.node_id, self._keepalive))
 
     @property
     def k(self) -> int:
@@ -144,9 +152,7 @@ class World:
         until quiet: the neighbourhood upkeep a running overlay does all the time (storage
         replicas talk to their replica set). It gives each node RTT samples, and a
         neighbour that does not answer is evicted (a failed liveness check). In a lazy
-        world each node does this when it is built (the pinged nodes are then built too:
-        XOR is an ultrametric, so the closest neighbours of a node's closest neighbours stay
-        within the smallest subtree holding ``count + 1`` nodes, and the chain stops)."""
+        world a node does it before its first lookup (``warm``)."""
         if self.lazy:
             self._keepalive = count
         crashed = self.net.crashed
