@@ -80,6 +80,10 @@ def test_scale_measures_one_size() -> None:
     assert m["queries_per_lookup_mean"] >= 20 and m["rss_gib"] > 0
     line = scale.bench_line(m)
     assert line["bench"] == "sim.scale" and line["unit"] == "s" and line["n"] == 40
+    assert "goals" not in line  # judged at 1,000,000 nodes and 10,000 lookups only
+    goal = scale.bench_line({**m, "nodes": scale.GOAL_NODES, "lookups": scale.GOAL_LOOKUPS})
+    assert goal["goals"][f"success_ge_{scale.GOAL_SUCCESS}"] is True
+    assert goal["goals"]["wall_under_30_min"] is (m["wall_seconds"] < 1800)
 
 
 @pytest.mark.process
