@@ -14,10 +14,11 @@ What runs (issue 3, "Real overlay benchmark"; conventions: shared design/BENCH.m
 
   - ``put``: stores pre-signed identity records (one identity per record: identity keys
     are bound to their signer; signing happens before any timing, in a process pool).
-    Default (``replicas`` 20): ``OverlayNode.put_record`` (a lookup, then
-    ``records.store`` on the k=20 nodes found); every replica verifies the hybrid
-    ML-DSA-65+Ed25519 signature. Variant ``replicas`` 8: ``records.store`` on the 8
-    closest the lookup found, as OpenDHT stores a value on 8 nodes (without signatures).
+    Default (``replicas`` 8): ``OverlayNode.put_record`` (a lookup, then
+    ``records.store`` on the ``RECORD_REPLICAS`` = 8 closest it found, as OpenDHT stores
+    a value on 8 nodes, without signatures); every replica verifies the hybrid
+    ML-DSA-65+Ed25519 signature. Variant ``replicas`` 20: ``records.store`` on all k=20
+    nodes found (the replica count before issue 15).
     A put fails unless a majority of the replicas it targeted accepted it.
   - ``get``: ``OverlayNode.get_record(key)`` (a lookup, then ``records.find_value`` on
     the 5 closest); it fails unless it returns the record put, byte for byte. The client
@@ -82,7 +83,7 @@ from pathlib import Path
 from typing import Any
 
 from dna_core.crypto.node import NodeIdentity
-from dna_core.overlay.aio import NodeConfig, OverlayNode
+from dna_core.overlay.aio import RECORD_REPLICAS, NodeConfig, OverlayNode
 from dna_core.overlay.contact import Contact
 from dna_core.overlay.protocol import Addr
 from dna_testnet.harness import LOOPBACK
@@ -105,8 +106,8 @@ DEFAULT_OPS, QUICK_OPS = 150, 12
 DEFAULT_ROUNDS, QUICK_ROUNDS = 3, 1
 DEFAULT_WARMUP, QUICK_WARMUP = 20, 4
 CONCURRENCY = 32
-REPLICAS = (20, 8)  # ours: k (put_record) and OpenDHT's 8
 K = 20
+REPLICAS = (RECORD_REPLICAS, K)  # ours (put_record, as OpenDHT: 8) and all k found
 GET_HOLDERS = 5  # OverlayNode.get_record's default
 PUZZLE_BITS = 4
 OP_TIMEOUT_S = 5.0
@@ -364,7 +365,7 @@ class OurClient:
             key, raw = items[i]
             self._lookup_s.pop(asyncio.current_task(), None)
             t0 = time.perf_counter()
-            if replicas == K:
+            if replicas == RECORD_REPLICAS:
                 accepted = await node.put_record(raw, key)
             else:
                 accepted = await node.records.store(raw, (await node.find_node(key))[:replicas])

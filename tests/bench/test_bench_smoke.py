@@ -95,7 +95,7 @@ def test_overlay_bench_quick_runs_ours_and_baselines_and_cleans_up() -> None:
         assert set(params["failures"]) == {"ours", *OVERLAY_BASELINES}, figure
         assert params["failures"]["ours"] == 0, figure  # every op of ours went through
         seen.add((figure["bench"], params["mode"], params["replicas"]))
-    assert len(seen) == len(OVERLAY_FIGURES) * 2 * 2  # seq/c32 x 20/8 replicas
+    assert len(seen) == len(OVERLAY_FIGURES) * 2 * 2  # seq/c32 x 8/20 replicas
     setup = next(line["detail"]["setup"] for line in others if "setup" in line["detail"])
     assert setup["node_tables_min"] > 0
     for pid in setup["worker_pids"]:  # the node workers were stopped and reaped

@@ -35,7 +35,9 @@ def test_pair_base_is_stable_symmetric_and_in_range() -> None:
 def test_delivery_time_is_base_plus_bounded_jitter() -> None:
     net, received = _net(jitter=0.005)
     arrivals: list[float] = []
-    net.handlers[1] = lambda msg: arrivals.append(net.now)
+    handlers = [received.append for _ in range(4)]
+    handlers[1] = lambda msg: arrivals.append(net.now)
+    net.handlers = handlers
     for i in range(200):
         _send(net, 0, 1, i)
     net.run()

@@ -658,6 +658,18 @@ def test_republish_due(alice: Identity, bob: Identity) -> None:
     assert len(s) == 2  # republish_due does not expire anything
 
 
+def test_a_repeat_restarts_the_republish_clock(alice: Identity) -> None:
+    """Another holder republished it to us: we skip our own republish for an interval."""
+    s = store()
+    interval = 60_000
+    data = identity_rec(alice)
+    s.put(data, NOW)
+    assert s.repeat(data, NOW + 40_000) is not None
+    assert s.republish_due(NOW + interval, interval) == []
+    assert [r.raw for r in s.republish_due(NOW + 40_000 + interval, interval)] == [data]
+    assert s.repeat(data, NOW + DAY_MS) is None  # expired: nothing held, nothing restarted
+
+
 def test_replacing_a_record_restarts_its_republish_clock(alice: Identity) -> None:
     s = store()
     interval = 60_000

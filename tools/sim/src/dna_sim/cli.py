@@ -3,6 +3,8 @@
     dna-sim --nodes 10000 --lookups 10000 --seed 7
     dna-sim --nodes 10000 --lookups 10000 --seed 7 --kill-during 0.5
     dna-sim --replay summary.json      # rerun a recorded summary, check it is identical
+    dna-sim scale --sizes 1000,10000,100000   # the scaling curve (dna_sim.scale)
+    dna-sim durability --replicas 5,8,12,20   # records under churn (dna_sim.durability)
 
 stdout: the seed and the command that replays the run, a line per phase, the JSON summary.
 stderr: progress (``--quiet`` silences it).
@@ -19,6 +21,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from dna_sim import durability, scale
 from dna_sim.scenario import Scenario, Simulation, summary
 
 _FRACTIONS = ("adversarial", "crash", "kill_during", "partition", "loss")
@@ -173,6 +176,13 @@ def run(scenario: Scenario, *, quiet: bool = False) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["scale"]:
+        scale.main(argv[1:])
+        return
+    if argv[:1] == ["durability"]:
+        durability.main(argv[1:])
+        return
     args = _parser().parse_args(argv)
     recorded = _load_summary(args.replay) if args.replay else None
     scenario = _scenario_from_summary(recorded) if recorded else _scenario_from(args)

@@ -22,7 +22,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from dna_core.overlay import (
     Datagram,
@@ -55,6 +55,12 @@ class NetConfig:
 Handler = Callable[[Message], None]
 
 
+class Handlers(Protocol):
+    """Who receives a message addressed to node ``index`` (a list, or a lazy world's)."""
+
+    def __getitem__(self, index: int, /) -> Handler: ...
+
+
 class SimNetwork:
     def __init__(self, size: int, rng: random.Random, config: NetConfig | None = None) -> None:
         self.config = config or NetConfig()
@@ -62,7 +68,7 @@ class SimNetwork:
         self.now = 0.0
         self.crashed = bytearray(size)  # 1 = crashed: drops everything addressed to it
         self.group: list[int] | None = None  # partition group per node; None = connected
-        self.handlers: list[Handler] = []
+        self.handlers: Handlers = []
         self.sent = 0
         self.dropped: Counter[str] = Counter()
         self._heap: list[tuple[float, int, Callable[[Any], None], Any]] = []

@@ -32,6 +32,7 @@ from dna_sim.world import World, WorldConfig
 from dna_sim.xor import xor_closest
 
 DEFAULT_DISJOINT = 3  # paths compared with single-path lookups under --adversarial
+_WARM_LEAD = 0.5  # virtual s: a lazy world's origin pings its neighbours this much earlier
 
 Progress = Callable[[str], None]
 
@@ -118,8 +119,11 @@ class _Truth:
 
 
 class Simulation:
-    def __init__(self, scenario: Scenario, progress: Progress | None = None) -> None:
+    def __init__(
+        self, scenario: Scenario, progress: Progress | None = None, *, lazy: bool = False
+    ) -> None:
         self.scenario = scenario
+        self.lazy = lazy  # build nodes on first use (World): for networks of a million
         self.progress = progress or _silent
         self.rng = random.Random(scenario.seed)
         self.world: World | None = None
@@ -130,7 +134,7 @@ class Simulation:
     def build(self) -> World:
         scenario = self.scenario
         with _gc_paused():
-            world = World(scenario.world_config(), self.rng)
+            world = World(scenario.world_config(), self.rng, lazy=self.lazy)
             if scenario.join == "real":
                 world.join()
             else:
@@ -194,13 +198,15 @@ class _Phase:
         for n in range(self.scenario.lookups):
             origin = rng.choice(origins)
             target = rng.getrandbits(ID_BITS).to_bytes(ID_BYTES, "big")
+            if world.lazy:  # its keepalive, answered well before its lookup starts
+                world.net.call_at(start + n * spacing - _WARM_LEAD, world.warm, origin)
             world.net.call_at(start + n * spacing, self._start, (origin, target))
         world.net.run()
         return self.records
 
     def _start(self, args: tuple[int, bytes]) -> None:
         origin, target = args
-        node = self.world.nodes[origin]
+        node = self.world.node(origin)
         for variant, paths in self.scenario.variants():
             node.lookup(target, self._on_done_for(variant), paths=paths)
 

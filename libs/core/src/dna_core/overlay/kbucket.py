@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import enum
 import random
-from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -58,12 +57,14 @@ class _Entry:
 
 
 class _Bucket:
-    __slots__ = ("entries", "last_refresh", "pending", "replacements", "subnets")
+    # Plain dicts (insertion-ordered) instead of OrderedDicts, and subnets counted over
+    # the <= k entries when a newcomer asks instead of kept in a Counter: a million-node
+    # simulation holds ~300 contacts in ~17 buckets per node (docs/performance.md).
+    __slots__ = ("entries", "last_refresh", "pending", "replacements")
 
     def __init__(self) -> None:
-        self.entries: OrderedDict[bytes, _Entry] = OrderedDict()  # LRS first
-        self.subnets: Counter[str] = Counter()
-        self.replacements: OrderedDict[bytes, Contact] = OrderedDict()  # newest last
+        self.entries: dict[bytes, _Entry] = {}  # LRS first
+        self.replacements: dict[bytes, Contact] = {}  # newest last
         self.pending: bytes | None = None  # node ID under liveness check
         self.last_refresh = 0.0
 
@@ -90,7 +91,7 @@ class RoutingTable:
         self.max_failures = max_failures
         self.good_for = good_for
         # Created on first use: a table of a 10,000-node network fills ~14 of 256 buckets.
-        self._buckets: list[_Bucket | None] = [None] * ID_BITS
+        self._buckets: dict[int, _Bucket] = {}
         self._low = ID_BITS  # lowest non-empty bucket: closest() never looks below it
         self._size = 0
 
@@ -109,17 +110,16 @@ class RoutingTable:
         return entry.contact if entry else None
 
     def contacts(self) -> Iterator[Contact]:
-        for bucket in self._buckets:
-            if bucket is not None:
-                for entry in bucket.entries.values():
-                    yield entry.contact
+        for index in sorted(self._buckets):
+            for entry in self._buckets[index].entries.values():
+                yield entry.contact
 
     def bucket_index(self, node_id: bytes) -> int:
         """Index of the bucket for ``node_id``; -1 for the local ID itself."""
         return (id_int(node_id) ^ self.local_key).bit_length() - 1
 
     def bucket_sizes(self) -> dict[int, int]:
-        return {i: len(b.entries) for i, b in enumerate(self._buckets) if b and b.entries}
+        return {i: len(b.entries) for i, b in sorted(self._buckets.items()) if b.entries}
 
     def closest(self, target: bytes, count: int | None = None) -> list[Contact]:
         """The ``count`` (default k) known contacts closest to ``target``, closest first.
@@ -130,8 +130,9 @@ class RoutingTable:
         count = self.k if count is None else count
         t = id_int(target)
         found: list[Contact] = []
+        buckets = self._buckets
         for i in _bucket_order(t ^ self.local_key, self._low):
-            bucket = self._buckets[i]
+            bucket = buckets.get(i)
             if bucket is not None and bucket.entries:
                 found.extend([e.contact for e in bucket.entries.values()])
                 if len(found) >= count:
@@ -151,7 +152,7 @@ class RoutingTable:
         entry = bucket.entries.get(contact.node_id)
         if entry is not None:
             entry.last_seen, entry.failures = now, 0
-            bucket.entries.move_to_end(contact.node_id)
+            bucket.entries[contact.node_id] = bucket.entries.pop(contact.node_id)  # to the end
             self._update_contact(bucket, entry, contact)
             return Observed(Admission.UPDATED)
         if not self._subnet_allows(bucket, contact):
@@ -162,7 +163,7 @@ class RoutingTable:
         bucket.replacements.pop(contact.node_id, None)
         bucket.replacements[contact.node_id] = contact
         while len(bucket.replacements) > self.k:
-            bucket.replacements.popitem(last=False)
+            del bucket.replacements[next(iter(bucket.replacements))]  # the oldest
         oldest = next(iter(bucket.entries.values()))
         if bucket.pending is not None or now - oldest.last_seen < self.good_for:
             return Observed(Admission.CACHED)
@@ -180,7 +181,7 @@ class RoutingTable:
             entry = bucket.entries.get(node_id)
             if entry is not None:
                 entry.last_seen, entry.failures = now, 0
-                bucket.entries.move_to_end(node_id)
+                bucket.entries[node_id] = bucket.entries.pop(node_id)  # to the end
         else:
             self._evict(bucket, node_id, now)
 
@@ -228,29 +229,24 @@ class RoutingTable:
     # -- internals ------------------------------------------------------------
 
     def _existing(self, node_id: bytes) -> _Bucket | None:
-        index = self.bucket_index(node_id)
-        return self._buckets[index] if index >= 0 else None
+        return self._buckets.get(self.bucket_index(node_id))
 
     def _bucket(self, index: int) -> _Bucket:
-        bucket = self._buckets[index]
+        bucket = self._buckets.get(index)
         if bucket is None:
             bucket = self._buckets[index] = _Bucket()
         return bucket
 
     def _update_contact(self, bucket: _Bucket, entry: _Entry, contact: Contact) -> None:
         """A known node answered from new addresses (only proven addresses are observed)."""
-        old = entry.contact
-        if contact == old:
+        if contact == entry.contact:
             return
-        bucket.subnets[old.subnet] -= 1
-        if self._subnet_allows(bucket, contact):
+        if self._subnet_allows(bucket, contact, besides=entry):
             entry.contact = contact
-        bucket.subnets[entry.contact.subnet] += 1
 
     def _insert(self, bucket: _Bucket, contact: Contact, now: float) -> None:
         bucket.replacements.pop(contact.node_id, None)
         bucket.entries[contact.node_id] = _Entry(contact, now)
-        bucket.subnets[contact.subnet] += 1
         self._size += 1
         self._low = min(self._low, (contact.key ^ self.local_key).bit_length() - 1)
 
@@ -258,23 +254,31 @@ class RoutingTable:
         entry = bucket.entries.pop(node_id, None)
         if entry is None:
             return False
-        bucket.subnets[entry.contact.subnet] -= 1
         self._size -= 1
-        while self._low < ID_BITS and not (self._buckets[self._low] or _EMPTY).entries:
+        while self._low < ID_BITS and not self._buckets.get(self._low, _EMPTY).entries:
             self._low += 1
         return True
 
     def _evict(self, bucket: _Bucket, node_id: bytes, now: float) -> None:
         self._drop(bucket, node_id)
         while bucket.replacements and len(bucket.entries) < self.k:
-            _, candidate = bucket.replacements.popitem(last=True)  # most recently heard
+            _, candidate = bucket.replacements.popitem()  # most recently heard
             if self._subnet_allows(bucket, candidate):
                 self._insert(bucket, candidate, now)
 
-    def _subnet_allows(self, bucket: _Bucket, contact: Contact) -> bool:
+    def _subnet_allows(
+        self, bucket: _Bucket, contact: Contact, besides: _Entry | None = None
+    ) -> bool:
+        """Room for ``contact``'s subnet among the entries (``besides`` one of them)."""
         if self.allow_loopback and contact.loopback:
             return True
-        return bucket.subnets[contact.subnet] < self.subnet_limit
+        subnet, room = contact.subnet, self.subnet_limit
+        for entry in bucket.entries.values():
+            if entry.contact.subnet == subnet and entry is not besides:
+                room -= 1
+                if not room:
+                    return False
+        return True
 
 
 def _bucket_order(x: int, low: int = 0) -> Iterator[int]:

@@ -166,10 +166,16 @@ class RecordStore:
     def repeat(self, data: bytes, now_ms: int) -> StoreResult | None:
         """The unchanged result if exactly these bytes are held and unexpired (a republish
         of what we have: a dictionary look-up, no signature to check, nothing to charge
-        the sender), else None."""
+        the sender), else None. It restarts the record's republish clock."""
         key = self._by_raw.get(data)
-        held = None if key is None else self.get(key, now_ms)
-        return None if held is None else StoreResult(held.body.seq, changed=False)
+        held = None if key is None else self._held.get(key)
+        if held is None or held.record.body.expires_ms <= now_ms:
+            return None
+        # Someone just stored it on the key's closest nodes, us among them: our own
+        # republish can wait an interval (Kademlia §2.5), so each record is republished
+        # by about one of its holders an interval instead of by every one.
+        held.republished_ms = now_ms
+        return StoreResult(held.record.body.seq, changed=False)
 
     def put(self, data: bytes, now_ms: int, source: str = "") -> StoreResult:
         """Validate and store a SignedRecord sent by ``source`` (the sender's address, for

@@ -98,7 +98,8 @@ class OverlaySection(ConfigModel):
     bootstrap: Strings = ()
     """Well-known nodes to join through, as "host:udp_port"; empty: seed a new network."""
     k: int = Field(default=20, ge=1)
-    """Bucket size and replication factor of the routing table."""
+    """Bucket size of the routing table and width of a lookup (records go to the first
+    `RECORD_REPLICAS` = 8 of a lookup's k, docs/overlay.md)."""
     alpha: int = Field(default=3, ge=1)
     """Lookups in flight at once."""
     allow_loopback: bool = False
@@ -514,7 +515,8 @@ class OverlayServer:
         await node.refresh_forever()
 
     async def _upkeep(self) -> None:
-        """Expire records every minute; republish held records to the current k closest."""
+        """Expire records every minute; republish held records to the key's current closest
+        nodes (`put_record`)."""
         node, store = _require(self.node), _require(_require(self.node).store)
         interval_ms = int(self.config.overlay.republish_interval * 1000)
         while True:
