@@ -44,6 +44,13 @@ from dna_core.mailbox.auth import (
     sign_fetch,
 )
 from dna_core.mailbox.ids import blob_id, mailbox_id, put_pow_hash
+from dna_core.mailbox.session import (
+    NodeSession,
+    NoSession,
+    SessionPool,
+    Subscription,
+    subscribe_nodes,
+)
 from dna_core.overlay.aio.node import OverlayNode
 from dna_core.overlay.contact import Contact
 from dna_core.rpc_errors import call
@@ -236,6 +243,7 @@ class MailboxClient:
         pow_bits: int = 12,
         timeout: float = 5.0,
         replica_set_ttl_s: float = REPLICA_SET_TTL_S,
+        sessions: bool = True,
     ) -> None:
         self.node, self.replicas, self.write_quorum = node, replicas, write_quorum
         self.pow_bits, self.timeout = pow_bits, timeout
@@ -243,6 +251,9 @@ class MailboxClient:
         self._batchers: dict[str, NodeBatcher] = {}  # by gRPC target
         self._sessions: dict[tuple[bytes, bytes], FetchSession] = {}  # (mailbox, node ID)
         self._writes: set[asyncio.Task[PutResult]] = set()  # puts still reaching replicas
+        # One stream per node for puts, fetches, deletes and subscriptions (session.py);
+        # None (or a node serving none): the unary calls.
+        self.session_pool = SessionPool(node.channels.get, timeout) if sessions else None
 
     async def storage_nodes(self, box: bytes, count: int) -> list[Contact]:
         """The ``count`` storage nodes closest to a mailbox, closest first (a fresh lookup)."""
@@ -339,7 +350,7 @@ class MailboxClient:
     async def _put_one(self, contact: Contact, request: mailbox_pb2.PutRequest) -> bool | int:
         """True when stored; the required PoW bits when the node wants more; else False."""
         for attempt in range(3):
-            outcome = await self._batcher(contact).put(request)
+            outcome = await self._put_call(contact, request)
             if outcome is None:
                 return False
             if outcome.code == grpc.StatusCode.OK.value[0]:
@@ -351,6 +362,25 @@ class MailboxClient:
                 continue
             return False
         return False
+
+    async def _put_call(self, contact: Contact, request: mailbox_pb2.PutRequest) -> Outcome:
+        try:
+            session = await self._session_to(contact)
+            if session is not None:
+                return await session.put(request)
+        except RemoteError:
+            return None
+        return await self._batcher(contact).put(request)
+
+    async def _session_to(self, contact: Contact) -> NodeSession | None:
+        """The session to a node, or None: sessions off, or the node serves none (then
+        the unary calls); `RemoteError` when it cannot be reached."""
+        if self.session_pool is None:
+            return None
+        try:
+            return await self.session_pool.get(contact.endpoint.grpc_target)
+        except NoSession:
+            return None
 
     def _batcher(self, contact: Contact) -> NodeBatcher:
         target = contact.endpoint.grpc_target
@@ -470,9 +500,11 @@ class MailboxClient:
         """The node's page, or None (``denied`` gets its ID if it refused the request's
         authentication rather than failing to answer)."""
         try:
-            response: mailbox_pb2.FetchResponse = await call(
-                self._stub(contact).Fetch(request, timeout=self.timeout)
-            )
+            session = await self._session_to(contact)
+            if session is not None:
+                response = (await session.request(fetch=request)).fetch
+            else:
+                response = await call(self._stub(contact).Fetch(request, timeout=self.timeout))
         except RemoteError as err:
             if err.grpc_code == grpc.StatusCode.PERMISSION_DENIED.name:
                 denied.add(contact.node_id)
@@ -510,9 +542,55 @@ class MailboxClient:
         """None when the node accepted; else why not (``_UNREACHABLE`` first when it did
         not answer or could not do it now)."""
         try:
-            await call(self._stub(contact).Delete(request, timeout=self.timeout))
+            session = await self._session_to(contact)
+            if session is not None:
+                await session.request(delete=request)
+            else:
+                await call(self._stub(contact).Delete(request, timeout=self.timeout))
         except UnavailableError as err:
             return f"{_UNREACHABLE}: {err.grpc_code}"
         except RemoteError as err:
             return str(err)  # "CODE: details"
         return None
+
+    # -- push ----------------------------------------------------------------------
+
+    async def subscribe(self, owner: Identity, state: FetchState | None = None) -> Subscription:
+        """Subscribe to the owner's mailbox on its replicas, each from its cursor in
+        ``state``: what they hold past it, then what they store later, arrives in the
+        returned `Subscription` (``wait``, ``take``; ``resubscribe`` the nodes it
+        ``dropped``). `UnreachableError` when no replica took the subscription (sessions
+        off, or no node serving them: poll with `fetch` instead)."""
+        if self.session_pool is None:
+            raise UnreachableError("sessions are off: no subscriptions")
+        box = mailbox_id(owner.fingerprint)
+        replicas = (await self.candidates(box))[: self.replicas]
+        subscription = Subscription(cursors=dict(state.cursors) if state else {})
+        nodes = [(c.node_id, c.endpoint.grpc_target) for c in replicas]
+        failed = await self._subscribe_nodes(owner, subscription, nodes)
+        if len(failed) == len(nodes):
+            raise UnreachableError(f"no replica took the subscription ({len(nodes)} asked)")
+        return subscription
+
+    async def resubscribe(self, owner: Identity, subscription: Subscription) -> list[bytes]:
+        """Subscribe again, from their cursors, on the nodes whose subscription dropped
+        (a restart, an outage); returns the IDs of those still not subscribed."""
+        nodes = [(n, subscription.feeds[n].target) for n in subscription.dropped()]
+        return await self._subscribe_nodes(owner, subscription, nodes) if nodes else []
+
+    async def _subscribe_nodes(
+        self, owner: Identity, subscription: Subscription, nodes: list[tuple[bytes, str]]
+    ) -> list[bytes]:
+        assert self.session_pool is not None
+
+        def request(node_ids: Sequence[bytes]) -> mailbox_pb2.FetchRequest:
+            cursors = {n: subscription.cursors.get(n, b"") for n in node_ids}
+            signed = sign_fetch(owner, limit=200, now_ms=_wall_ms(), node_cursors=cursors)
+            return mailbox_pb2.FetchRequest.FromString(signed)
+
+        return await subscribe_nodes(subscription, self.session_pool, nodes, request)
+
+    async def close(self) -> None:
+        """End the sessions (the overlay node's channels stay its own)."""
+        if self.session_pool is not None:
+            await self.session_pool.close()
