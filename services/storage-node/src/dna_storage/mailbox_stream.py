@@ -205,6 +205,7 @@ class MailboxSession:
         self.fetches = asyncio.Semaphore(FETCH_CONCURRENCY)
         self.tasks: set[asyncio.Task[None]] = set()
         self.received = 0
+        self.closed = False
 
     async def run(self, requests: AsyncIterator[mailbox_pb2.SessionRequest]) -> None:
         self.metrics.open.inc()
@@ -215,18 +216,25 @@ class MailboxSession:
         try:
             await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
             if reader.done():
-                reader.result()  # a cut, or the gate's abort of a frame that did not decode
+                reader.result()  # raises a cut
                 await self._finish(writer)  # the client closed its side
             writer.result()
         except SessionCutError as cut:
             self.metrics.refusals.labels(reason=cut.kind).inc()
-            await self.context.abort(cut.code, cut.reason)
-        except grpc.aio.AbortError:
-            if self.context.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                self.metrics.refusals.labels(reason="malformed").inc()
-            raise
+            # Free the session first: grpc sends the status only after the response a
+            # client that never reads left stuck in flow control, which may be never.
+            await self._close(reader, writer)
+            await self._abort(cut)
         finally:
             await self._close(reader, writer)
+
+    async def _abort(self, cut: SessionCutError) -> None:
+        try:
+            await self.context.abort(cut.code, cut.reason)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:  # grpc could not send it: the call is gone, nobody to tell
+            log.debug("session cut after its call ended", extra={"reason": cut.kind})
 
     async def _finish(self, writer: asyncio.Task[None]) -> None:
         """The client closed its side: answer what it asked, end the subscriptions."""
@@ -238,39 +246,52 @@ class MailboxSession:
         writer.cancel()
 
     async def _close(self, *tasks: asyncio.Task[None]) -> None:
+        if self.closed:
+            return
+        self.closed = True
         self._end_subscriptions()
         for task in (*tasks, *self.tasks):
             task.cancel()
         for task in (*tasks, *self.tasks):
             with contextlib.suppress(BaseException):
                 await task
+        while not self.out.empty():  # responses never to be written
+            self.out.get_nowait()
         self.metrics.open.dec()
         self.metrics.per_session.observe(self.received)
 
     # -- reading -----------------------------------------------------------------------
 
     async def _read(self, requests: AsyncIterator[mailbox_pb2.SessionRequest]) -> None:
-        async for request in requests:
-            self.received += 1
-            op = request.WhichOneof("op") or "none"
-            self.metrics.requests.labels(op=op).inc()
-            if op == "unsubscribe":
-                self._unsubscribe(request.unsubscribe.id)
-                continue
-            if len(self.unanswered) >= self.rules.window:
-                raise SessionCutError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"session: more than {self.rules.window} requests unanswered (the window)",
-                    "window",
-                )
-            if request.id in self.unanswered or request.id in self.subscriptions:
-                raise SessionCutError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"session: request ID {request.id} is still in use",
-                    "duplicate_id",
-                )
-            self.unanswered.add(request.id)
-            self._spawn(self._serve(request))
+        try:
+            async for request in requests:
+                self._take(request)
+        except MalformedError as exc:  # a frame that does not decode (the gRPC gate)
+            raise SessionCutError(
+                grpc.StatusCode.INVALID_ARGUMENT, exc.reason, "malformed"
+            ) from None
+
+    def _take(self, request: mailbox_pb2.SessionRequest) -> None:
+        self.received += 1
+        op = request.WhichOneof("op") or "none"
+        self.metrics.requests.labels(op=op).inc()
+        if op == "unsubscribe":
+            self._unsubscribe(request.unsubscribe.id)
+            return
+        if len(self.unanswered) >= self.rules.window:
+            raise SessionCutError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"session: more than {self.rules.window} requests unanswered (the window)",
+                "window",
+            )
+        if request.id in self.unanswered or request.id in self.subscriptions:
+            raise SessionCutError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"session: request ID {request.id} is still in use",
+                "duplicate_id",
+            )
+        self.unanswered.add(request.id)
+        self._spawn(self._serve(request))
 
     def _spawn(self, work: Any) -> asyncio.Task[None]:
         task = asyncio.create_task(work)
@@ -383,15 +404,24 @@ class MailboxSession:
     async def _write_out(self) -> None:
         while True:
             response, written = await self.out.get()
-            try:
-                await asyncio.wait_for(self.context.write(response), self.rules.stall_s)
-            except TimeoutError:
+            write = asyncio.ensure_future(self.context.write(response))
+            await asyncio.wait((write,), timeout=self.rules.stall_s)
+            if not write.done():
+                # Not cancelled: grpc fails a call whose write was cancelled under it, and
+                # the status must still follow this response out.
+                write.add_done_callback(_retrieve)
                 raise SessionCutError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"session: responses left unread for {self.rules.stall_s:g} s",
                     "stalled",
-                ) from None
+                )
+            write.result()
             written()
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # a write that ended with its call: nothing to say
 
 
 class MailboxSessionService(MailboxService):
