@@ -12,9 +12,9 @@ more than ``window`` requests unanswered (RESOURCE_EXHAUSTED), an ID still in us
 (INVALID_ARGUMENT), a frame that does not decode or is over the message limit (the gRPC
 gate's INVALID_ARGUMENT, grpc's RESOURCE_EXHAUSTED), or responses left unread for
 ``stall_s`` (RESOURCE_EXHAUSTED). So a session holds at most ``window`` requests and their
-responses (a put's blob is within the node's blob limit; fetch pages are read at most
-``FETCH_CONCURRENCY`` at a time) and one page per subscription: bounded memory, whatever
-the client does. Every cut is counted by reason.
+responses (a put's blob is within the node's blob limit) and at most ``PAGES_HELD`` fetch
+or push pages, from reading one until it is written: bounded memory, whatever the client
+does. Every cut is counted by reason.
 
 A subscription is authenticated as a fetch is (the owner's signature, or a fetch
 session), so nobody subscribes to a mailbox that is not theirs. Its pump reads the mailbox
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ log = logging.getLogger("dna.storage.session")
 WINDOW = 64  # unanswered requests a session may have
 STALL_S = 10.0  # how long a response may wait for the client to read it
 MAX_SUBSCRIPTIONS = 8  # per session: a device has one mailbox, plus retired ones
-FETCH_CONCURRENCY = 4  # fetch pages (up to 2 MiB each) a session reads at once
+PAGES_HELD = 4  # fetch and push pages (up to 2 MiB each) a session holds, read or queued
 MAX_GROUP = 64  # session puts written in one backend call
 PUSH_LIMIT = 200  # blobs per pushed page
 
@@ -202,7 +203,7 @@ class MailboxSession:
         self.out: asyncio.Queue[tuple[mailbox_pb2.SessionResponse, Callable[[], None]]] = (
             asyncio.Queue()
         )  # bounded by the window and the subscriptions (one page each)
-        self.fetches = asyncio.Semaphore(FETCH_CONCURRENCY)
+        self.pages = asyncio.Semaphore(PAGES_HELD)
         self.tasks: set[asyncio.Task[None]] = set()
         self.received = 0
         self.closed = False
@@ -302,6 +303,11 @@ class MailboxSession:
     # -- serving -----------------------------------------------------------------------
 
     async def _serve(self, request: mailbox_pb2.SessionRequest) -> None:
+        # A page (up to 2 MiB) holds a fetch slot until it is written, not only while it
+        # is read: what a session holds of pages is bounded, read or not.
+        paged = request.WhichOneof("op") in ("fetch", "subscribe")
+        if paged:
+            await self.pages.acquire()
         subscription: Subscription | None = None
         try:
             response, subscription = await self._answer(request)
@@ -313,7 +319,13 @@ class MailboxSession:
                 code=grpc.StatusCode.INTERNAL.value[0], reason="session: internal error"
             ))  # fmt: skip
         response.id = request.id
-        await self.out.put((response, lambda: self.unanswered.discard(request.id)))
+
+        def written() -> None:
+            self.unanswered.discard(request.id)
+            if paged:
+                self.pages.release()
+
+        await self.out.put((response, written))
         if subscription is not None:  # its pushes only after its first page
             subscription.pump = self._spawn(self._pump(request.id, subscription))
 
@@ -328,8 +340,7 @@ class MailboxSession:
             )
             return mailbox_pb2.SessionResponse(put=put), None
         if op == "fetch":
-            async with self.fetches:
-                fetched = await self.service.fetch_one(request.fetch, now_ms)
+            fetched = await self.service.fetch_one(request.fetch, now_ms)
             return mailbox_pb2.SessionResponse(fetch=fetched), None
         if op == "delete":
             deleted = await self.service.delete_one(request.delete, now_ms)
@@ -354,8 +365,7 @@ class MailboxSession:
         self.rules.subscribers.add(subscription.box, subscription.wake)
         self.subscriptions[sub_id] = subscription
         self.metrics.subscriptions.inc()
-        async with self.fetches:
-            page = await self._next_page(subscription, now_ms)
+        page = await self._next_page(subscription, now_ms)
         self.service.on_outcome("subscribe", "ok")
         if body.open_session:
             page.session.CopyFrom(self.service.sessions.grant(owner.owner, now_ms))
@@ -377,14 +387,24 @@ class MailboxSession:
         while True:
             await subscription.wake.wait()
             subscription.wake.clear()
-            async with self.fetches:
+            await self.pages.acquire()
+            try:
                 page = await self._next_page(subscription, self.service.wall_ms())
+            except BaseException:
+                self.pages.release()
+                raise
             if not page.blobs:
+                self.pages.release()
                 continue
             written = asyncio.Event()
-            await self.out.put((mailbox_pb2.SessionResponse(id=sub_id, push=page), written.set))
+            done = functools.partial(self._page_written, written)
+            await self.out.put((mailbox_pb2.SessionResponse(id=sub_id, push=page), done))
             self.metrics.pushes.inc(len(page.blobs))
             await written.wait()
+
+    def _page_written(self, written: asyncio.Event) -> None:
+        self.pages.release()
+        written.set()
 
     def _unsubscribe(self, sub_id: int) -> None:
         subscription = self.subscriptions.pop(sub_id, None)

@@ -26,8 +26,9 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 
@@ -56,6 +57,7 @@ from dna_core.overlay.contact import Contact
 from dna_core.rpc_errors import call
 from dna_core.wire.gen.dna.v1 import common_pb2, mailbox_pb2, mailbox_pb2_grpc
 
+T = TypeVar("T")
 REPLICAS = 5
 WRITE_QUORUM = 3
 HANDOFF_CANDIDATES = 4  # further storage nodes that may take writes for absent replicas
@@ -365,22 +367,18 @@ class MailboxClient:
 
     async def _put_call(self, contact: Contact, request: mailbox_pb2.PutRequest) -> Outcome:
         try:
-            session = await self._session_to(contact)
-            if session is not None:
-                return await session.put(request)
+            return await self._on_session(contact, lambda session: session.put(request))
+        except NoSession:
+            return await self._batcher(contact).put(request)
         except RemoteError:
             return None
-        return await self._batcher(contact).put(request)
 
-    async def _session_to(self, contact: Contact) -> NodeSession | None:
-        """The session to a node, or None: sessions off, or the node serves none (then
-        the unary calls); `RemoteError` when it cannot be reached."""
+    async def _on_session(self, contact: Contact, work: Callable[[NodeSession], Awaitable[T]]) -> T:
+        """``work`` on the session to a node; `NoSession` when sessions are off or the
+        node serves none (use the unary calls), `RemoteError` when it failed."""
         if self.session_pool is None:
-            return None
-        try:
-            return await self.session_pool.get(contact.endpoint.grpc_target)
-        except NoSession:
-            return None
+            raise NoSession
+        return await self.session_pool.call(contact.endpoint.grpc_target, work)
 
     def _batcher(self, contact: Contact) -> NodeBatcher:
         target = contact.endpoint.grpc_target
@@ -500,10 +498,10 @@ class MailboxClient:
         """The node's page, or None (``denied`` gets its ID if it refused the request's
         authentication rather than failing to answer)."""
         try:
-            session = await self._session_to(contact)
-            if session is not None:
-                response = (await session.request(fetch=request)).fetch
-            else:
+            try:
+                answer = await self._on_session(contact, lambda s: s.request(fetch=request))
+                response = answer.fetch
+            except NoSession:
                 response = await call(self._stub(contact).Fetch(request, timeout=self.timeout))
         except RemoteError as err:
             if err.grpc_code == grpc.StatusCode.PERMISSION_DENIED.name:
@@ -542,10 +540,9 @@ class MailboxClient:
         """None when the node accepted; else why not (``_UNREACHABLE`` first when it did
         not answer or could not do it now)."""
         try:
-            session = await self._session_to(contact)
-            if session is not None:
-                await session.request(delete=request)
-            else:
+            try:
+                await self._on_session(contact, lambda s: s.request(delete=request))
+            except NoSession:
                 await call(self._stub(contact).Delete(request, timeout=self.timeout))
         except UnavailableError as err:
             return f"{_UNREACHABLE}: {err.grpc_code}"

@@ -25,9 +25,9 @@ import contextlib
 import itertools
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -40,8 +40,14 @@ NO_SESSION_RETRY_S = 300.0  # how long a node that serves no sessions is asked u
 OPEN_TIMEOUT_S = 5.0  # for the node's hello
 SEEN_IDS = 65_536  # blob IDs a subscription remembers having handed out (replica copies)
 
+T = TypeVar("T")
 Channels = Callable[[str], grpc.aio.Channel]
 OnPush = Callable[[mailbox_pb2.FetchResponse | None], None]  # None: the session ended
+
+
+class StreamGoneError(UnavailableError):
+    """The session's stream had ended before the request could be sent: the node never
+    saw it, so it may be sent again on a new session."""
 
 
 class NoSession(Exception):  # noqa: N818 (a signal, not an error: use the unary call)
@@ -143,7 +149,7 @@ class NodeSession:
         """Send one request (``op``: its operation's field and message) and return the
         node's answer as it came, a refusal included."""
         if self.closed is not None:
-            raise self.closed
+            raise StreamGoneError(self.closed.grpc_code, self.closed.details)
         assert self._room is not None, "open the session first"
         await self._room.acquire()  # released when the answer arrives, not on a timeout
         request_id = next(self._ids) if request_id is None else request_id
@@ -155,6 +161,8 @@ class NodeSession:
             await self._call.write(mailbox_pb2.SessionRequest(id=request_id, **op))
         except (grpc.aio.AioRpcError, grpc.aio.UsageError) as err:
             self._end(err)
+            assert self.closed is not None
+            raise StreamGoneError(self.closed.grpc_code, self.closed.details) from None
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.timeout)
         except TimeoutError:
@@ -238,6 +246,19 @@ class SessionPool:
             self._opening[target] = opening
             opening.add_done_callback(lambda _: self._opening.pop(target, None))
         return await asyncio.shield(opening)
+
+    async def call(self, target: str, work: Callable[[NodeSession], Awaitable[T]]) -> T:
+        """``work`` on the session to ``target``, once more on a new session if the old
+        one's stream turned out to be gone (the node restarted since: the request never
+        left). `NoSession`: use the unary call."""
+        for attempt in range(2):
+            session = await self.get(target)
+            try:
+                return await work(session)
+            except StreamGoneError:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     async def _open(self, target: str) -> NodeSession:
         session = NodeSession(self._channels(target), self.timeout)
