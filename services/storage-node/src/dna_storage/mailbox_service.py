@@ -20,7 +20,7 @@ proof of work's timestamp (within its window); sync times in ``SyncRules``.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -374,6 +374,13 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         deleted = await self.backend.delete(tombstones, now_ms)
         self.on_outcome("delete", "ok")
         return mailbox_pb2.DeleteResponse(deleted=deleted)
+
+    # The node serves `mailbox_stream.MailboxSessionService`, which has sessions; this one
+    # (tests of the unary calls) says it has none, as an older node does.
+    async def Session(  # type: ignore[override]  # noqa: N802 (a coroutine: mailbox_stream)
+        self, requests: AsyncIterator[mailbox_pb2.SessionRequest], context: Ctx
+    ) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Session: not served here")
 
     # -- replica sync (replicas only, bounded; see replication.py) -------------------
 
