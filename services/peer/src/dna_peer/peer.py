@@ -589,10 +589,10 @@ class Peer:
                     if pushed is None or time.monotonic() - synced_at >= WATCH_FULL_SYNC_S:
                         report = await self.sync()
                         synced_at = time.monotonic()
-                        pushed = await self._subscribe(pushed)
+                        pushed = await self.subscribe(pushed)
                     else:
                         identity = self.identity
-                        report = await self._sync_pushed(pushed, interval)
+                        report = await self.receive_pushed(pushed, interval)
                         if self.identity is not identity:  # rotated: subscribe anew
                             await _unsubscribe(pushed)
                             pushed = None
@@ -617,8 +617,10 @@ class Peer:
         finally:
             await _unsubscribe(pushed)
 
-    async def _subscribe(self, old: Subscription | None) -> Subscription | None:
-        """A subscription to the own mailbox from the saved cursors, or None (poll)."""
+    async def subscribe(self, old: Subscription | None = None) -> Subscription | None:
+        """A subscription to the own mailbox from the saved cursors (ending ``old``), or
+        None when no replica takes one (then poll with `sync`). `receive_pushed` handles
+        what it brings."""
         await _unsubscribe(old)
         try:
             return await self.mail.subscribe(self.identity, FetchState(self.cache.cursors()))
@@ -626,7 +628,7 @@ class Peer:
             log.info("no subscription, polling: %s", exc)
             return None
 
-    async def _sync_pushed(self, pushed: Subscription, wait_s: float) -> SyncReport:
+    async def receive_pushed(self, pushed: Subscription, wait_s: float) -> SyncReport:
         """One round of push: wait up to ``wait_s`` for blobs, resubscribe the replicas
         that dropped, and handle what arrived as a sync would (acknowledge, receipt,
         clean up). `UnreachableError` when no replica's subscription is live."""
