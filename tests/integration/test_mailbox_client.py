@@ -299,4 +299,4 @@ def test_puts_in_flight_to_one_node_travel_together_and_all_land(
             held = await held_by(client.node, bob, replica, strict=True)
             assert {r.blob_id for r in results} <= set(held)
 
-    with_client(work, sessions=False)  # the unary path (nodes without sessions)
+    with_client(work)

@@ -157,6 +157,8 @@ def test_session_requests_answer_as_the_unary_calls_do(network: list[NodeProcess
             assert response.WhichOneof("result") == "error", op
             assert response.error.code == refused.value.code().value[0], op
             assert response.error.reason == refused.value.details(), op
+        batch = mailbox_pb2.PutManyRequest(puts=[request, no_proof])
+        assert (await session.request(put_many=batch)).put_many == await stub.PutMany(batch)
         # the session goes on after its refused requests
         assert (await session.put(put_request(bob, b"after"))).code == 0
         await session.close()
@@ -187,12 +189,13 @@ def test_the_client_puts_fetches_and_deletes_over_sessions(network: list[NodePro
     async def work(overlay: OverlayNode) -> None:
         mail = MailboxClient(overlay, pow_bits=8)
         unary = MailboxClient(overlay, pow_bits=8, sessions=False)
-        before = total(network, "dna_storage_session_requests_total", op="put")
+        before = total(network, "dna_storage_session_requests_total", op="put_many")
         sent = set()
         for i in range(3):
             env = seal(ALICE, bob.public, b"m%d" % i, now_ms=now_ms())
             sent.add((await mail.put(bob.fingerprint, env)).blob_id)
-        assert total(network, "dna_storage_session_requests_total", op="put") == before + 15
+        # one at a time: each is one request per replica (a batch of one, as unary PutMany)
+        assert total(network, "dna_storage_session_requests_total", op="put_many") == before + 15
         streamed, _ = await mail.fetch(bob)
         plain, _ = await unary.fetch(bob)
         assert {b.blob_id for b in streamed} == {b.blob_id for b in plain} == sent

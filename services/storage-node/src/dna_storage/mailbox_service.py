@@ -218,16 +218,25 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
     async def PutMany(  # noqa: N802
         self, request: mailbox_pb2.PutManyRequest, context: Ctx
     ) -> mailbox_pb2.PutManyResponse:
+        """Each put judged as `Put` judges it (`put_many_one`)."""
+        try:
+            return await self.put_many_one(request, peer_ip(context), self.wall_ms())
+        except ProtocolError as exc:
+            await self._refuse(context, "put", exc)
+
+    async def put_many_one(
+        self, request: mailbox_pb2.PutManyRequest, source: str, now_ms: int
+    ) -> mailbox_pb2.PutManyResponse:
         """Each put judged as `Put` judges it, in order (so the rate limits and quotas
         count the earlier ones); the admitted ones stored in one backend call, which the
-        SQLite backend commits as one group."""
-        now_ms = self.wall_ms()
+        SQLite backend commits as one group. A batch of 0 or over ``MAX_PUT_BATCH`` puts is
+        refused whole (raised, counted)."""
         if not 1 <= len(request.puts) <= MAX_PUT_BATCH:
             exc = MalformedError(
                 f"put many: {len(request.puts)} puts, not 1..{MAX_PUT_BATCH}", kind="batch"
             )
-            await self._refuse(context, "put", exc, counted=False)
-        source = peer_ip(context)
+            self.count_refusal("put", exc)
+            raise exc
         outcomes: list[mailbox_pb2.PutOutcome] = []
         admitted: list[tuple[mailbox_pb2.PutOutcome, StoredBlob]] = []
         in_call: dict[bytes, Usage] = {}  # usage after this call's earlier puts

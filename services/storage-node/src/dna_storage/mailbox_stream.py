@@ -13,8 +13,8 @@ more than ``window`` requests unanswered (RESOURCE_EXHAUSTED), an ID still in us
 gate's INVALID_ARGUMENT, grpc's RESOURCE_EXHAUSTED), or responses left unread for
 ``stall_s`` (RESOURCE_EXHAUSTED). So a session holds at most ``window`` requests and their
 responses (a put's blob is within the node's blob limit) and at most ``PAGES_HELD`` fetch
-or push pages, from reading one until it is written: bounded memory, whatever the client
-does. Every cut is counted by reason.
+or push pages and batches of puts, from reading one until it is answered: bounded
+memory, whatever the client does. Every cut is counted by reason.
 
 A subscription is authenticated as a fetch is (the owner's signature, or a fetch
 session), so nobody subscribes to a mailbox that is not theirs. Its pump reads the mailbox
@@ -46,7 +46,7 @@ log = logging.getLogger("dna.storage.session")
 WINDOW = 64  # unanswered requests a session may have
 STALL_S = 10.0  # how long a response may wait for the client to read it
 MAX_SUBSCRIPTIONS = 8  # per session: a device has one mailbox, plus retired ones
-PAGES_HELD = 4  # fetch and push pages (up to 2 MiB each) a session holds, read or queued
+PAGES_HELD = 4  # pages and put batches (up to 2, 4 MiB) a session holds, read or queued
 MAX_GROUP = 64  # session puts written in one backend call
 PUSH_LIMIT = 200  # blobs per pushed page
 
@@ -303,9 +303,10 @@ class MailboxSession:
     # -- serving -----------------------------------------------------------------------
 
     async def _serve(self, request: mailbox_pb2.SessionRequest) -> None:
-        # A page (up to 2 MiB) holds a fetch slot until it is written, not only while it
-        # is read: what a session holds of pages is bounded, read or not.
-        paged = request.WhichOneof("op") in ("fetch", "subscribe")
+        # A page (up to 2 MiB), or a batch of puts (up to the 4 MiB message limit), holds a
+        # slot until its answer is written, not only while it is served: what a session
+        # holds of them is bounded, read or not.
+        paged = request.WhichOneof("op") in ("fetch", "subscribe", "put_many")
         if paged:
             await self.pages.acquire()
         subscription: Subscription | None = None
@@ -339,6 +340,9 @@ class MailboxSession:
                 request.put, self.source_ip, now_ms, store=self.rules.writer.store
             )
             return mailbox_pb2.SessionResponse(put=put), None
+        if op == "put_many":
+            many = await self.service.put_many_one(request.put_many, self.source_ip, now_ms)
+            return mailbox_pb2.SessionResponse(put_many=many), None
         if op == "fetch":
             fetched = await self.service.fetch_one(request.fetch, now_ms)
             return mailbox_pb2.SessionResponse(fetch=fetched), None

@@ -157,8 +157,10 @@ class NodeBatcher:
     sent together when it returns (up to ``MAX_PUT_BATCH`` puts and
     ``MAX_PUT_BATCH_BYTES``)."""
 
-    def __init__(self, stub: Callable[[], mailbox_pb2_grpc.MailboxAsyncStub], timeout: float):
-        self._stub, self.timeout = stub, timeout
+    def __init__(
+        self, send: Callable[[mailbox_pb2.PutManyRequest], Awaitable[mailbox_pb2.PutManyResponse]]
+    ) -> None:
+        self._send = send  # a PutMany on the node's session, or the unary call
         self._waiting: list[tuple[mailbox_pb2.PutRequest, asyncio.Future[Outcome]]] = []
         self._sender: asyncio.Task[None] | None = None
 
@@ -198,9 +200,7 @@ class NodeBatcher:
 
     async def _call(self, requests: list[mailbox_pb2.PutRequest]) -> list[Outcome]:
         try:
-            response = await call(self._stub().PutMany(
-                mailbox_pb2.PutManyRequest(puts=requests), timeout=self.timeout
-            ))  # fmt: skip
+            response = await self._send(mailbox_pb2.PutManyRequest(puts=requests))
         except RemoteError:
             return [None] * len(requests)
         if len(response.outcomes) != len(requests):  # a broken node: trust none of it
@@ -352,7 +352,7 @@ class MailboxClient:
     async def _put_one(self, contact: Contact, request: mailbox_pb2.PutRequest) -> bool | int:
         """True when stored; the required PoW bits when the node wants more; else False."""
         for attempt in range(3):
-            outcome = await self._put_call(contact, request)
+            outcome = await self._batcher(contact).put(request)
             if outcome is None:
                 return False
             if outcome.code == grpc.StatusCode.OK.value[0]:
@@ -365,14 +365,6 @@ class MailboxClient:
             return False
         return False
 
-    async def _put_call(self, contact: Contact, request: mailbox_pb2.PutRequest) -> Outcome:
-        try:
-            return await self._on_session(contact, lambda session: session.put(request))
-        except NoSession:
-            return await self._batcher(contact).put(request)
-        except RemoteError:
-            return None
-
     async def _on_session(self, contact: Contact, work: Callable[[NodeSession], Awaitable[T]]) -> T:
         """``work`` on the session to a node; `NoSession` when sessions are off or the
         node serves none (use the unary calls), `RemoteError` when it failed."""
@@ -384,7 +376,15 @@ class MailboxClient:
         target = contact.endpoint.grpc_target
         batcher = self._batchers.get(target)
         if batcher is None:
-            batcher = NodeBatcher(lambda: self._stub(contact), self.timeout)
+
+            async def send(request: mailbox_pb2.PutManyRequest) -> mailbox_pb2.PutManyResponse:
+                try:
+                    answer = await self._on_session(contact, lambda s: s.request(put_many=request))
+                    return answer.put_many
+                except NoSession:
+                    return await call(self._stub(contact).PutMany(request, timeout=self.timeout))
+
+            batcher = NodeBatcher(send)
             self._batchers[target] = batcher
         return batcher
 

@@ -82,6 +82,7 @@ class SessionRequest(_message.Message):
     DELETE_FIELD_NUMBER: _builtins.int
     SUBSCRIBE_FIELD_NUMBER: _builtins.int
     UNSUBSCRIBE_FIELD_NUMBER: _builtins.int
+    PUT_MANY_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """chosen by the client; unique among its unanswered requests"""
     @_builtins.property
@@ -94,6 +95,10 @@ class SessionRequest(_message.Message):
     def subscribe(self) -> Global___Subscribe: ...
     @_builtins.property
     def unsubscribe(self) -> Global___Unsubscribe: ...
+    @_builtins.property
+    def put_many(self) -> Global___PutManyRequest:
+        """judged as the unary PutMany: one outcome per put"""
+
     def __init__(
         self,
         *,
@@ -103,12 +108,13 @@ class SessionRequest(_message.Message):
         delete: Global___DeleteRequest | None = ...,
         subscribe: Global___Subscribe | None = ...,
         unsubscribe: Global___Unsubscribe | None = ...,
+        put_many: Global___PutManyRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "fetch", b"fetch", "op", b"op", "put", b"put", "subscribe", b"subscribe", "unsubscribe", b"unsubscribe"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "fetch", b"fetch", "op", b"op", "put", b"put", "put_many", b"put_many", "subscribe", b"subscribe", "unsubscribe", b"unsubscribe"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "fetch", b"fetch", "id", b"id", "op", b"op", "put", b"put", "subscribe", b"subscribe", "unsubscribe", b"unsubscribe"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "fetch", b"fetch", "id", b"id", "op", b"op", "put", b"put", "put_many", b"put_many", "subscribe", b"subscribe", "unsubscribe", b"unsubscribe"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["put", "fetch", "delete", "subscribe", "unsubscribe"]  # noqa: Y015
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["put", "fetch", "delete", "subscribe", "unsubscribe", "put_many"]  # noqa: Y015
     _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
 
@@ -158,6 +164,7 @@ class SessionResponse(_message.Message):
     DELETE_FIELD_NUMBER: _builtins.int
     PUSH_FIELD_NUMBER: _builtins.int
     HELLO_FIELD_NUMBER: _builtins.int
+    PUT_MANY_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """the request's (for pushes: the subscription's)"""
     @_builtins.property
@@ -178,6 +185,8 @@ class SessionResponse(_message.Message):
     def hello(self) -> Global___SessionHello:
         """the first frame of a session"""
 
+    @_builtins.property
+    def put_many(self) -> Global___PutManyResponse: ...
     def __init__(
         self,
         *,
@@ -188,12 +197,13 @@ class SessionResponse(_message.Message):
         delete: Global___DeleteResponse | None = ...,
         push: Global___FetchResponse | None = ...,
         hello: Global___SessionHello | None = ...,
+        put_many: Global___PutManyResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "error", b"error", "fetch", b"fetch", "hello", b"hello", "push", b"push", "put", b"put", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "error", b"error", "fetch", b"fetch", "hello", b"hello", "push", b"push", "put", b"put", "put_many", b"put_many", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "error", b"error", "fetch", b"fetch", "hello", b"hello", "id", b"id", "push", b"push", "put", b"put", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "error", b"error", "fetch", b"fetch", "hello", b"hello", "id", b"id", "push", b"push", "put", b"put", "put_many", b"put_many", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["error", "put", "fetch", "delete", "push", "hello"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["error", "put", "fetch", "delete", "push", "hello", "put_many"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 
