@@ -73,6 +73,7 @@ class NodeSession:
         self.timeout = timeout
         self._call: Any = None
         self._room: asyncio.Semaphore | None = None
+        self._window = 0
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[mailbox_pb2.SessionResponse]] = {}
         self._subscribers: dict[int, OnPush] = {}
@@ -95,7 +96,8 @@ class NodeSession:
         if hello is grpc.aio.EOF or not hello.HasField("hello") or hello.hello.window < 1:
             self._call.cancel()
             raise UnavailableError("UNKNOWN", "session: the node did not say hello")
-        self._room = asyncio.Semaphore(hello.hello.window)
+        self._window = hello.hello.window
+        self._room = asyncio.Semaphore(self._window)
         self._reader = asyncio.create_task(self._read())
 
     async def request(self, **op: Any) -> mailbox_pb2.SessionResponse:
@@ -152,6 +154,9 @@ class NodeSession:
             raise StreamGoneError(self.closed.grpc_code, self.closed.details)
         assert self._room is not None, "open the session first"
         await self._room.acquire()  # released when the answer arrives, not on a timeout
+        if self.closed is not None:  # it ended while this request waited for room
+            self._room.release()
+            raise StreamGoneError(self.closed.grpc_code, self.closed.details)
         request_id = next(self._ids) if request_id is None else request_id
         future: asyncio.Future[mailbox_pb2.SessionResponse] = (
             asyncio.get_running_loop().create_future()
@@ -211,6 +216,9 @@ class NodeSession:
                 future.set_exception(self.closed)
                 future.exception()  # retrieved: a waiter that gave up must not log it
         self._pending.clear()
+        if self._room is not None:  # wake every request waiting for room: they fail now
+            for _ in range(self._window):
+                self._room.release()
         subscribers, self._subscribers = list(self._subscribers.values()), {}
         for on_push in subscribers:
             on_push(None)
