@@ -198,8 +198,11 @@ class MailboxSession:
         self.rules, self.service, self.context = rules, rules.service, context
         self.metrics = rules.metrics
         self.source_ip = peer_ip(context)
-        self.unanswered: set[int] = set()  # request IDs whose response is not written yet
+        self.unanswered: set[int] = set()  # request IDs whose response is not being written
         self.subscriptions: dict[int, Subscription] = {}
+        # Responses to write, each with what to do once written. A request counts against
+        # the window until the writer takes its response: before the write, so a client
+        # that read it and sends the next request never finds the node counting it still.
         self.out: asyncio.Queue[tuple[mailbox_pb2.SessionResponse, Callable[[], None]]] = (
             asyncio.Queue()
         )  # bounded by the window and the subscriptions (one page each)
@@ -322,7 +325,6 @@ class MailboxSession:
         response.id = request.id
 
         def written() -> None:
-            self.unanswered.discard(request.id)
             if paged:
                 self.pages.release()
 
@@ -428,6 +430,8 @@ class MailboxSession:
     async def _write_out(self) -> None:
         while True:
             response, written = await self.out.get()
+            if not response.HasField("push"):
+                self.unanswered.discard(response.id)
             write = asyncio.ensure_future(self.context.write(response))
             await asyncio.wait((write,), timeout=self.rules.stall_s)
             if not write.done():
