@@ -208,6 +208,25 @@ def test_the_client_puts_fetches_and_deletes_over_sessions(network: list[NodePro
     run(work)
 
 
+def test_many_requests_in_flight_fill_the_window_and_are_never_cut(
+    network: list[NodeProcess],
+) -> None:
+    bob = seeded_identity("session-bob-in-flight")
+
+    async def work(overlay: OverlayNode) -> None:
+        mail = MailboxClient(overlay, pow_bits=8)
+        env = seal(ALICE, bob.public, b"fetched many times", now_ms=now_ms())
+        sent = (await mail.put(bob.fingerprint, env)).blob_id
+        before = total(network, "dna_storage_session_refusals_total", reason="window")
+        # 4 windows' worth at once: the client waits for room, answers free it at once
+        results = await asyncio.gather(*(mail.fetch(bob) for _ in range(4 * WINDOW)))
+        assert all([b.blob_id for b in blobs] == [sent] for blobs, _ in results)
+        assert total(network, "dna_storage_session_refusals_total", reason="window") == before
+        await mail.close()
+
+    run(work)
+
+
 # -- sessions that break the rules ---------------------------------------------------------
 
 

@@ -44,7 +44,7 @@ from dna_storage.mailbox_service import Ctx, MailboxService, peer_ip, request_st
 
 log = logging.getLogger("dna.storage.session")
 WINDOW = 64  # unanswered requests a session may have
-STALL_S = 10.0  # how long a response may wait for the client to read it
+STALL_S = 30.0  # how long a response may wait for the client to read it (a busy client is slow)
 MAX_SUBSCRIPTIONS = 8  # per session: a device has one mailbox, plus retired ones
 PAGES_HELD = 4  # pages and put batches (up to 2, 4 MiB) a session holds, read or queued
 MAX_GROUP = 64  # session puts written in one backend call
