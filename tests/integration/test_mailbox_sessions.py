@@ -227,6 +227,25 @@ def test_many_requests_in_flight_fill_the_window_and_are_never_cut(
     run(work)
 
 
+def test_a_client_that_closes_its_side_gets_every_answer_then_ok(
+    network: list[NodeProcess],
+) -> None:
+    bob = seeded_identity("session-bob-half-close")
+
+    async def work(overlay: OverlayNode) -> None:
+        call = raw_session(overlay, storage(network)[1])
+        for i in range(3):
+            request = put_request(bob, b"closing %d" % i)
+            await call.write(mailbox_pb2.SessionRequest(id=i + 1, put=request).SerializeToString())
+        await call.done_writing()
+        answers = [mailbox_pb2.SessionResponse.FromString(raw) async for raw in call]
+        assert answers[0].HasField("hello")
+        assert sorted(a.id for a in answers[1:] if a.HasField("put")) == [1, 2, 3]
+        assert await call.code() == grpc.StatusCode.OK
+
+    run(work)
+
+
 # -- sessions that break the rules ---------------------------------------------------------
 
 

@@ -222,7 +222,8 @@ class MailboxSession:
             if reader.done():
                 reader.result()  # raises a cut
                 await self._finish(writer)  # the client closed its side
-            writer.result()
+            else:
+                writer.result()  # raises a cut
         except SessionCutError as cut:
             self.metrics.refusals.labels(reason=cut.kind).inc()
             # Free the session first: grpc sends the status only after the response a
@@ -245,8 +246,11 @@ class MailboxSession:
         self._end_subscriptions()
         while self.tasks:
             await asyncio.wait(set(self.tasks))
-        while self.unanswered and not writer.done():
-            await asyncio.wait((writer,), timeout=0.05)
+        written = asyncio.ensure_future(self.out.join())  # every answer out, then done
+        await asyncio.wait((written, writer), return_when=asyncio.FIRST_COMPLETED)
+        written.cancel()
+        if writer.done():
+            writer.result()  # a cut while answering
         writer.cancel()
 
     async def _close(self, *tasks: asyncio.Task[None]) -> None:
@@ -445,6 +449,7 @@ class MailboxSession:
                 )
             write.result()
             written()
+            self.out.task_done()
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

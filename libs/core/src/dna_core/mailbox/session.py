@@ -74,6 +74,7 @@ class NodeSession:
         self._call: Any = None
         self._room: asyncio.Semaphore | None = None
         self._window = 0
+        self._writing = asyncio.Lock()
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[mailbox_pb2.SessionResponse]] = {}
         self._subscribers: dict[int, OnPush] = {}
@@ -141,9 +142,10 @@ class NodeSession:
     async def unsubscribe(self, sub_id: int) -> None:
         if self._subscribers.pop(sub_id, None) is not None and self.closed is None:
             with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
-                await self._call.write(
-                    mailbox_pb2.SessionRequest(unsubscribe=mailbox_pb2.Unsubscribe(id=sub_id))
-                )
+                async with self._writing:
+                    await self._call.write(
+                        mailbox_pb2.SessionRequest(unsubscribe=mailbox_pb2.Unsubscribe(id=sub_id))
+                    )
 
     async def exchange(
         self, op: dict[str, Any], request_id: int | None = None
@@ -163,7 +165,8 @@ class NodeSession:
         )
         self._pending[request_id] = future
         try:
-            await self._call.write(mailbox_pb2.SessionRequest(id=request_id, **op))
+            async with self._writing:  # grpc takes one write at a time on a stream
+                await self._call.write(mailbox_pb2.SessionRequest(id=request_id, **op))
         except (grpc.aio.AioRpcError, grpc.aio.UsageError) as err:
             self._end(err)
             assert self.closed is not None
