@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dna_core.crypto import Identity, ReplayGuard, open_envelope, seal
-from dna_core.mailbox.ids import blob_id
+from dna_core.mailbox import blob_id
 from dna_storage.backends.base import StoredBlob
 from dna_storage.backends.sqlite import SqliteBackend
 

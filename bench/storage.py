@@ -1,7 +1,7 @@
 """Our replicated mailboxes against OpenDHT and Redis: put and fetch on a loopback network.
 
 ``uv run python -m bench.storage [--ops N] [--rounds R] [--pending P] [--redis-n N] [--quick]
-[--sections throughput,flood,memory]``
+[--sections throughput,flood,memory] [--unary]``
 
 Sections (``--sections``, run in the order given; default ``flood,throughput``, ~4 min):
 
@@ -19,7 +19,9 @@ design/BENCH.md), all in one run:
   ``[admission]`` with ``pow_base_bits = 8`` and rate limits far above what this client
   sends (``ADMISSION_TOML``; reported in ``params``), so that the figures measure the put
   path, not the throttle. The client is a client-mode ``OverlayNode`` (``client_node``)
-  with a ``MailboxClient`` (R = 5, W = 3, PoW 8 bits solved per put, as the client does):
+  with a ``MailboxClient`` (R = 5, W = 3, PoW 8 bits solved per put, as the client does),
+  on mailbox sessions (one stream per node), or with ``--unary`` on the unary calls
+  (``PutMany``, ``Fetch``, as before sessions):
 
   - ``put``: ``MailboxClient.put`` of envelopes sealed before any timing (sender Alice, 10
     recipient mailboxes in turn): the mailbox's candidates (a lookup, or the client's 30 s
@@ -149,9 +151,13 @@ class StorageFleet:
 class OurClient:
     """The measuring client: ``client_node`` plus a ``MailboxClient`` in this process."""
 
-    def __init__(self, node: OverlayNode, node_pids: Sequence[int] = ()) -> None:
+    def __init__(
+        self, node: OverlayNode, node_pids: Sequence[int] = (), *, unary: bool = False
+    ) -> None:
         self.node = node
-        self.mailbox = MailboxClient(node, pow_bits=POW_BITS, timeout=OP_TIMEOUT_S)
+        self.mailbox = MailboxClient(
+            node, pow_bits=POW_BITS, timeout=OP_TIMEOUT_S, sessions=not unary
+        )
         self.errors: Counter[str] = Counter()
         self.cpu = CpuMeter(node_pids)  # this process and every node process
 
@@ -330,6 +336,7 @@ class Config:
     memory_blobs: int = DEFAULT_MEMORY_BLOBS
     memory_blob_bytes: int = DEFAULT_MEMORY_BLOB_BYTES
     profile: bool = False  # cProfile the client's first timed batches (--profile)
+    unary: bool = False  # our client on the unary calls instead of sessions
 
 
 @dataclass
@@ -564,7 +571,7 @@ async def run(root: Path, cfg: Config) -> int:
         await fleet_up
         ready_s = time.perf_counter() - t0
         node = await client_node(fleet.seeds)
-        client = OurClient(node, fleet.pids())
+        client = OurClient(node, fleet.pids(), unary=cfg.unary)
         await preload(client, work)
         con = Contenders(client, work, cfg)
         await con.start_baselines(root, min(40.0, budget.remaining()))
@@ -577,6 +584,7 @@ async def run(root: Path, cfg: Config) -> int:
                     "root": str(root), "node_pids": fleet.pids(), "ops": cfg.ops,
                     "rounds": cfg.rounds, "warmup": cfg.warmup, "concurrency": CONCURRENCY,
                     "pending": cfg.pending, "redis_n": cfg.redis_n,
+                    "our_transport": "unary" if cfg.unary else "session",
                     "envelope_bytes": work.envelope_bytes, "sealed_s": round(sealed_s, 2),
                     "ours_ready_s": round(ready_s, 2), "baselines": con.setup,
                     "loadavg": harness.loadavg(), "floor": floor_parts,
@@ -635,6 +643,10 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         action="store_true",
         help="cProfile the client over its first timed put and fetch batches of each mode",
     )
+    parser.add_argument(
+        "--unary", action="store_true",
+        help="our client on the unary calls (PutMany, Fetch) instead of mailbox sessions",
+    )  # fmt: skip
     args: argparse.Namespace = parser.parse_args(argv)
     ops = harness.sized(args, args.ops or args.n, DEFAULT_OPS, QUICK_OPS)
     rounds = harness.sized(args, args.rounds, DEFAULT_ROUNDS, QUICK_ROUNDS)
@@ -648,7 +660,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     blobs = harness.sized(args, args.memory_blobs, DEFAULT_MEMORY_BLOBS, QUICK_MEMORY_BLOBS)
     return Config(
         ops, rounds, warmup, args.pending, redis_n, args.budget, args.quick,
-        sections, blobs, args.memory_blob_bytes, args.profile,
+        sections, blobs, args.memory_blob_bytes, args.profile, args.unary,
     )  # fmt: skip
 
 

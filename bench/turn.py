@@ -6,8 +6,8 @@ Debian's coturn, same client, same run.
 Both servers run as processes on 127.0.0.1 (coturn as ``turnserver -n --lt-cred-mech ...
 --allow-loopback-peers``; ours with ``allowed_peers = ["127.0.0.0/8"]`` and no bandwidth
 cap). One client in this process allocates on each (long-term credentials, ChannelBind to a
-peer socket on another loopback address) and, per figure, keeps a window of ``WINDOW`` datagrams in flight
-for ``--seconds``:
+peer socket on another loopback address) and, per figure, keeps a window of ``WINDOW``
+datagrams in flight for ``--seconds``:
 
 * ``up``: ChannelData from the client, relayed to the peer as plain UDP;
 * ``down``: plain UDP from the peer to the relay address, relayed to the client as ChannelData.

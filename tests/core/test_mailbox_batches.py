@@ -26,7 +26,7 @@ def test_a_full_delete_batch_is_a_small_request() -> None:
 
 
 def test_put_batches_count_whole_puts_against_their_byte_budget() -> None:
-    batcher = NodeBatcher(lambda: None, timeout=1.0)  # type: ignore[arg-type,return-value]
+    batcher = NodeBatcher(lambda request: None)  # type: ignore[arg-type,return-value]
     loop = asyncio.new_event_loop()
     try:
         for i in range(MAX_PUT_BATCH):

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster import free_ips
+from cluster import free_ips, sample_value, scrape
 from dna_testnet.network import Testnet
 from support import BIN, lines, run_script, wait_for
 
@@ -60,6 +60,52 @@ def test_watch_rides_out_a_network_restart(tmp_path: Path) -> None:
             watcher.send_signal(signal.SIGINT)
             try:
                 assert watcher.wait(10) == 0  # Ctrl-C ends it cleanly
+            finally:
+                watcher.kill()
+        net.down()
+
+
+def fetches(net: Testnet) -> float:
+    """Fetches the storage nodes served or refused, unary or on a session."""
+    return sum(
+        sample_value(scrape(node), "dna_storage_requests_total", method="fetch", outcome=outcome)
+        for node in net.nodes
+        if node.role == "storage"
+        for outcome in ("ok", "refused")
+    )
+
+
+def test_watch_receives_pushed_messages_without_fetching(tmp_path: Path) -> None:
+    net = Testnet(tmp_path / "net", bootstraps=1, storage=3, first=150)
+    net.up()
+    watcher = None
+    try:
+        suffix = str(time.time_ns())[-6:]
+        alice, bob = tmp_path / "alice", tmp_path / "bob"
+        dna(alice, net, "identity", "create", "--name", f"alice{suffix}")
+        dna(bob, net, "identity", "create", "--name", f"bob{suffix}")
+        dna(bob, net, "contacts", "add", f"alice{suffix}")
+        watcher = subprocess.Popen(
+            [str(BIN / "dna"), "--home", str(alice), "--json", "--bootstrap",
+             ",".join(f"{h}:{p}" for h, p in net.seeds), "watch", "--interval", "0.3"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**PASS, "PATH": str(BIN)},
+        )  # fmt: skip
+        assert watcher.stdout is not None
+        seen: list[str] = []
+        out = lines(watcher.stdout)
+        dna(bob, net, "send", f"alice{suffix}", "first")
+        wait_for(out, "first", 20, seen)
+        time.sleep(1.0)  # the watch is subscribed by now (it subscribes after its sync)
+        before = fetches(net)
+        dna(bob, net, "send", f"alice{suffix}", "pushed")
+        assert json.loads(wait_for(out, "pushed", 20, seen))["text"] == "pushed"
+        assert fetches(net) == before  # bob's send fetches nothing; alice's watch neither
+    finally:
+        if watcher is not None:
+            watcher.send_signal(signal.SIGINT)
+            try:
+                assert watcher.wait(10) == 0
             finally:
                 watcher.kill()
         net.down()

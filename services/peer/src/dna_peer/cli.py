@@ -744,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     inbox.add_argument("--offline", action="store_true", help="show the cache without syncing")
     watch = _add(sub, "watch", _watch, "print messages as they arrive")
     watch.add_argument("--interval", type=_positive, default=1.0,
-                       help="seconds between syncs (default 1)")  # fmt: skip
+                       help="seconds between syncs when nothing is pushed (default 1)")  # fmt: skip
     _add(sub, "sync", _sync, "fetch your mailbox now")
     _add(sub, "search", _search, "search your messages (offline)").add_argument(
         "words", nargs="+", help="words to find (full-text, any case)"

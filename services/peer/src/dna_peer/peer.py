@@ -24,7 +24,7 @@ from dna_core.crypto import Identity, PublicKeySet, ReplayGuard, seal
 from dna_core.crypto import primitives as p
 from dna_core.crypto.envelope import MAX_PAYLOAD_BYTES, decode_envelope
 from dna_core.errors import DnaError
-from dna_core.mailbox import FetchState, MailboxClient, QuorumError
+from dna_core.mailbox import FetchState, MailboxClient, QuorumError, Subscription, UnreachableError
 from dna_core.overlay import OverlayNode, normalize_name, resolve_seeds, seed_family
 from dna_core.wire import envelope_pb2
 
@@ -48,6 +48,7 @@ REPLAY_WINDOW_MS = ReplayGuard().max_age_ms + DAY_MS  # what open_envelope accep
 BLOB_MEMORY_MS = 32 * DAY_MS  # a deleted blob cannot come back after its TTL (30 days)
 RECOVERY_WAIT_MS = 7 * DAY_MS  # a device silent this long after a history request is gone
 WATCH_BACKOFF_S = 5.0
+WATCH_FULL_SYNC_S = 300.0  # a watch with live subscriptions still syncs (fetches) this often
 DELETE_RETRY_S = 60.0  # after nodes refused a delete: `watch` does not ask every second
 SEND_ATTEMPTS = 4  # over about 3.5 s: rides out a replica restarting
 NAME_MOVE = "name-move"  # cache state: the old keys' signature handing the name over
@@ -115,6 +116,7 @@ class Peer:
     direct: DirectService | None = field(default=None, init=False)  # see `go_direct`
     on_direct: Callable[[SyncReport], None] | None = field(default=None, init=False, repr=False)
     _mirrors: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
+    _retired_mail: list[MailboxClient] = field(init=False, default_factory=list)
     # Writes a new identity to the profile's key file (set by open_peer, which holds the
     # passphrase); without it this device cannot follow a rotation.
     save_identity: Callable[[Identity, Callable[[], None]], None] | None = field(
@@ -132,6 +134,8 @@ class Peer:
         if self._mirrors:
             await asyncio.gather(*self._mirrors, return_exceptions=True)
         await self.mail.drain()  # let writes past their quorum reach the other replicas
+        for mail in (self.mail, *self._retired_mail):
+            await mail.close()  # their sessions
         await self.node.stop()
         self.cache.close()
 
@@ -444,11 +448,15 @@ class Peer:
             _merge(report, await self._drain_retired(old))
         return report
 
-    async def _sync_own(self, progress: Progress | None) -> SyncReport:
+    async def _sync_own(
+        self, progress: Progress | None, pushed: Subscription | None = None
+    ) -> SyncReport:
+        """Handle the own mailbox's new blobs: fetched from the saved cursors, or (with
+        ``pushed``) those its replicas pushed since the last round, with no fetch."""
         inbox = self._inbox()
         start = FetchState(cursors=self.cache.cursors())
         save = lambda state: self.cache.save_cursors(state.cursors)  # noqa: E731
-        await self._read_mailbox(inbox, start, save, progress)
+        await self._read_mailbox(inbox, start, save, progress, pushed)
         report = inbox.report
         await self._send_receipts(report.receipts_due)
         if report.history_wanted:
@@ -519,6 +527,7 @@ class Peer:
             self.cache.clear_cursors()
         self.save_identity(new, lambda: self.cache.rekey(cache_key(new, self.device.device_id)))
         self.identity = new
+        self._retired_mail.append(self.mail)  # its sessions end with the peer (close)
         self.mail = MailboxClient(self.node, pow_bits=self.pow_bits)
         log.warning("identity rotated: %s -> %s", old.fingerprint.hex()[:16],
                     new.fingerprint.hex()[:16])  # fmt: skip
@@ -566,10 +575,18 @@ class Peer:
         state: FetchState,
         save: Callable[[FetchState], None],
         progress: Progress | None = None,
+        pushed: Subscription | None = None,
     ) -> None:
         """Fetch the inbox's mailbox from ``state`` round after round (a fetch holds a
         bounded number of bytes: a big mailbox takes several), handing each blob to the
-        inbox and saving the cursors after each round."""
+        inbox and saving the cursors after each round; with ``pushed``, one round of what
+        the subscription received instead (its cursors are where it got to)."""
+        if pushed is not None:
+            blobs = pushed.take()
+            for stored in blobs:
+                await inbox.handle_blob(stored.blob_id, stored.blob)
+            save(FetchState(cursors=state.cursors | pushed.cursors))
+            return
         done = 0
         while True:
             blobs, state = await self.mail.fetch(inbox.identity, state)
@@ -627,32 +644,84 @@ class Peer:
         interval: float = 1.0,
         on_network: Callable[[str], None] | None = None,
     ) -> None:
-        """Sync forever (until cancelled), reporting each round that brought something.
+        """Receive forever (until cancelled), reporting each round that brought something.
+
+        After a sync (which catches up from the saved cursors) the device subscribes to its
+        mailbox on the replicas: they push new blobs as they store them, and a round
+        handles what arrived, with no fetch. A replica whose subscription dropped (a
+        restart) is resubscribed from its cursor, so nothing is missed or handled twice;
+        when none takes it (an outage, or nodes serving no sessions) the watch falls back
+        to syncing every ``interval``, and a full sync runs every ``WATCH_FULL_SYNC_S``
+        regardless (it also drains a mailbox rotated away from).
 
         A failed sync means the network (or the way to it) is down: ``on_network`` hears
         it once when it goes and once when it comes back, and meanwhile the overlay is
         rejoined through the seeds before each retry, since an outage longer than a few
         lookups empties the routing table and nothing else would ever refill it."""
         down_since: float | None = None
-        while True:
-            try:
-                report = await self.sync()
-            except DnaError as exc:  # the network comes and goes
-                log.warning("sync failed, retrying in %.0f s: %s", WATCH_BACKOFF_S, exc)
-                self._checked_ms = 0  # back online: look for the own records at once
-                if down_since is None:
-                    down_since = time.monotonic()
-                    _tell(on_network, f"network unreachable ({exc}); retrying")
-                log.info("sync failed, retrying in %.0f s: %s", WATCH_BACKOFF_S, exc)
-                await asyncio.sleep(WATCH_BACKOFF_S)
-                await self.reconnect()
-                continue
-            if down_since is not None:
-                _tell(on_network, f"network back after {time.monotonic() - down_since:.0f} s")
-                down_since = None
-            if report.new_messages or report.receipts:
-                on_report(report)
-            await asyncio.sleep(interval)
+        pushed: Subscription | None = None
+        synced_at = 0.0
+        try:
+            while True:
+                try:
+                    if pushed is None or time.monotonic() - synced_at >= WATCH_FULL_SYNC_S:
+                        report = await self.sync()
+                        synced_at = time.monotonic()
+                        pushed = await self.subscribe(pushed)
+                    else:
+                        identity = self.identity
+                        report = await self.receive_pushed(pushed, interval)
+                        if self.identity is not identity:  # rotated: subscribe anew
+                            await _unsubscribe(pushed)
+                            pushed = None
+                except DnaError as exc:  # the network comes and goes
+                    await _unsubscribe(pushed)
+                    pushed = None
+                    self._checked_ms = 0  # back online: look for the own records at once
+                    if down_since is None:
+                        down_since = time.monotonic()
+                        _tell(on_network, f"network unreachable ({exc}); retrying")
+                    log.info("sync failed, retrying in %.0f s: %s", WATCH_BACKOFF_S, exc)
+                    await asyncio.sleep(WATCH_BACKOFF_S)
+                    await self.reconnect()
+                    continue
+                if down_since is not None:
+                    _tell(on_network, f"network back after {time.monotonic() - down_since:.0f} s")
+                    down_since = None
+                if report.new_messages or report.receipts:
+                    on_report(report)
+                if pushed is None:
+                    await asyncio.sleep(interval)
+        finally:
+            await _unsubscribe(pushed)
+
+    async def subscribe(self, old: Subscription | None = None) -> Subscription | None:
+        """A subscription to the own mailbox from the saved cursors (ending ``old``), or
+        None when no replica takes one (then poll with `sync`). `receive_pushed` handles
+        what it brings."""
+        await _unsubscribe(old)
+        try:
+            return await self.mail.subscribe(self.identity, FetchState(self.cache.cursors()))
+        except DnaError as exc:
+            log.info("no subscription, polling: %s", exc)
+            return None
+
+    async def receive_pushed(self, pushed: Subscription, wait_s: float) -> SyncReport:
+        """One round of push: wait up to ``wait_s`` for blobs, resubscribe the replicas
+        that dropped, and handle what arrived as a sync would (acknowledge, receipt,
+        clean up). `UnreachableError` when no replica's subscription is live."""
+        identity = self.identity
+        await pushed.wait(wait_s)
+        if pushed.dropped() and len(await self.mail.resubscribe(identity, pushed)) == len(
+            pushed.feeds
+        ):
+            raise UnreachableError("no replica of the mailbox takes the subscription")
+        await self.daily_upkeep()
+        report = await self._sync_own(None, pushed)
+        if report.rotated_to is not None:  # the next round syncs and subscribes anew
+            self._adopt(report.rotated_to)
+            _merge(report, await self._sync_own(None))
+        return report
 
     async def reconnect(self) -> bool:
         """Rejoin the overlay through the seeds, with fresh connections: after an outage
@@ -783,3 +852,9 @@ async def open_peer(
         cache.set_state(RECOVERING, str(now_ms()).encode())
         await peer.announce(wants_history=True)
     return peer
+
+
+async def _unsubscribe(pushed: Subscription | None) -> None:
+    """End a watch's subscription (best effort: its sessions may be gone already)."""
+    if pushed is not None:
+        await pushed.close()

@@ -20,7 +20,7 @@ proof of work's timestamp (within its window); sync times in ``SyncRules``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -37,6 +37,7 @@ from dna_core.errors import (
 from dna_core.mailbox import (
     MAX_STORED_INT,
     NonceCache,
+    OwnerRequest,
     SessionStore,
     blob_id,
     blob_proto,
@@ -180,32 +181,60 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
     async def Put(  # noqa: N802 (gRPC method names)
         self, request: mailbox_pb2.PutRequest, context: Ctx
     ) -> mailbox_pb2.PutResponse:
-        now_ms = self.wall_ms()
         try:
-            blob = await self._admit(request, peer_ip(context), now_ms, {})
+            return await self.put_one(request, peer_ip(context), self.wall_ms())
         except ProtocolError as exc:
             await self._refuse(context, "put", exc)
-        (outcome,) = await self.backend.put_many([blob], now_ms)
-        if (why := _not_stored(outcome)) is not None:
-            await self._refuse(context, "put", why)
+
+    async def put_one(
+        self,
+        request: mailbox_pb2.PutRequest,
+        source_ip: str,
+        now_ms: int,
+        store: Callable[[StoredBlob, int], Awaitable[PutOutcome]] | None = None,
+    ) -> mailbox_pb2.PutResponse:
+        """One put, as `Put` and a session judge it, or raise why not (counted).
+        ``store`` writes the admitted blob (default: a backend call of its own; a session
+        passes its group writer)."""
+        try:
+            blob = await self._admit(request, source_ip, now_ms, {})
+            outcome = await (store or self._store_alone)(blob, now_ms)
+            if (why := _not_stored(outcome)) is not None:
+                raise why
+        except ProtocolError as exc:
+            self.count_refusal("put", exc)
+            raise
         self.on_outcome("put", "ok")
         return mailbox_pb2.PutResponse(
             blob_id=blob.blob_id, acknowledged_replicas=1, expires_ms=blob.expires_ms
         )
 
+    async def _store_alone(self, blob: StoredBlob, now_ms: int) -> PutOutcome:
+        (outcome,) = await self.backend.put_many([blob], now_ms)
+        return outcome
+
     async def PutMany(  # noqa: N802
         self, request: mailbox_pb2.PutManyRequest, context: Ctx
     ) -> mailbox_pb2.PutManyResponse:
+        """Each put judged as `Put` judges it (`put_many_one`)."""
+        try:
+            return await self.put_many_one(request, peer_ip(context), self.wall_ms())
+        except ProtocolError as exc:
+            await self._refuse(context, "put", exc)
+
+    async def put_many_one(
+        self, request: mailbox_pb2.PutManyRequest, source: str, now_ms: int
+    ) -> mailbox_pb2.PutManyResponse:
         """Each put judged as `Put` judges it, in order (so the rate limits and quotas
         count the earlier ones); the admitted ones stored in one backend call, which the
-        SQLite backend commits as one group."""
-        now_ms = self.wall_ms()
+        SQLite backend commits as one group. A batch of 0 or over ``MAX_PUT_BATCH`` puts is
+        refused whole (raised, counted)."""
         if not 1 <= len(request.puts) <= MAX_PUT_BATCH:
             exc = MalformedError(
                 f"put many: {len(request.puts)} puts, not 1..{MAX_PUT_BATCH}", kind="batch"
             )
-            await self._refuse(context, "put", exc)
-        source = peer_ip(context)
+            self.count_refusal("put", exc)
+            raise exc
         outcomes: list[mailbox_pb2.PutOutcome] = []
         admitted: list[tuple[mailbox_pb2.PutOutcome, StoredBlob]] = []
         in_call: dict[bytes, Usage] = {}  # usage after this call's earlier puts
@@ -269,40 +298,69 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
     async def Fetch(  # noqa: N802
         self, request: mailbox_pb2.FetchRequest, context: Ctx
     ) -> mailbox_pb2.FetchResponse:
-        now_ms = self.wall_ms()
+        try:
+            return await self.fetch_one(request, self.wall_ms())
+        except ProtocolError as exc:
+            await self._refuse(context, "fetch", exc)
+
+    async def fetch_one(
+        self, request: mailbox_pb2.FetchRequest, now_ms: int, *, method: str = "fetch"
+    ) -> mailbox_pb2.FetchResponse:
+        """One fetch, as `Fetch` and a session judge it, or raise why not (counted under
+        ``method``: a subscription's first page is a "subscribe")."""
+        owner, body, cursor = await self.verify_fetch(request, now_ms, method=method)
+        response = await self.read_page(owner.mailbox_id, cursor, body.limit, now_ms)
+        self.on_outcome(method, "ok")
+        if body.open_session:  # only a signed request may ask (verify_fetch)
+            response.session.CopyFrom(self.sessions.grant(owner.owner, now_ms))
+        return response
+
+    async def verify_fetch(
+        self, request: mailbox_pb2.FetchRequest, now_ms: int, *, method: str = "fetch"
+    ) -> tuple[OwnerRequest, mailbox_pb2.FetchBody, int]:
+        """The owner, body and cursor (a seq here) of a fetch, or raise why not (counted)."""
         try:
             owner, body = verify_fetch(
                 request, now_ms=now_ms, nonces=self.nonces, node_id=self.node_id,
                 sessions=self.sessions,
             )  # fmt: skip
             raw_cursor = fetch_cursor(body, self.node_id)
+            cursor = decode_cursor(raw_cursor, await self.backend.incarnation())
         except ProtocolError as exc:
-            await self._refuse(context, "fetch", exc)
+            self.count_refusal(method, exc)
+            raise
+        return owner, body, cursor
+
+    async def read_page(
+        self, box: bytes, cursor: int, limit: int, now_ms: int
+    ) -> mailbox_pb2.FetchResponse:
+        """The blobs after ``cursor`` (a seq), cut to one response's bytes."""
         incarnation = await self.backend.incarnation()
-        try:
-            cursor = decode_cursor(raw_cursor, incarnation)
-        except ProtocolError as exc:
-            await self._refuse(context, "fetch", exc)
-        page = await self.backend.fetch(owner.mailbox_id, cursor, body.limit, now_ms)
+        page = await self.backend.fetch(box, cursor, limit, now_ms)
         blobs, next_cursor, more = _cut_by_bytes(page, PAGE_BYTES)
-        self.on_outcome("fetch", "ok")
-        response = mailbox_pb2.FetchResponse(
+        return mailbox_pb2.FetchResponse(
             blobs=[blob_proto(b) for b in blobs],
             next_cursor=encode_cursor(next_cursor, incarnation),
             more=more,
         )
-        if body.open_session:  # only a signed request may ask (verify_fetch)
-            response.session.CopyFrom(self.sessions.grant(owner.owner, now_ms))
-        return response
 
     async def Delete(  # noqa: N802
         self, request: mailbox_pb2.DeleteRequest, context: Ctx
     ) -> mailbox_pb2.DeleteResponse:
-        now_ms = self.wall_ms()
+        try:
+            return await self.delete_one(request, self.wall_ms())
+        except ProtocolError as exc:
+            await self._refuse(context, "delete", exc)
+
+    async def delete_one(
+        self, request: mailbox_pb2.DeleteRequest, now_ms: int
+    ) -> mailbox_pb2.DeleteResponse:
+        """One delete, as `Delete` and a session judge it, or raise why not (counted)."""
         try:
             owner, body = verify_delete(request, now_ms=now_ms, nonces=self.nonces)
         except ProtocolError as exc:
-            await self._refuse(context, "delete", exc)
+            self.count_refusal("delete", exc)
+            raise
         authorization = request.SerializeToString(deterministic=True)
         expires = now_ms + self.retention.tombstone_ttl_ms
         tombstones = [
@@ -312,6 +370,13 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         deleted = await self.backend.delete(tombstones, now_ms)
         self.on_outcome("delete", "ok")
         return mailbox_pb2.DeleteResponse(deleted=deleted)
+
+    # The node serves `mailbox_stream.MailboxSessionService`, which has sessions; this one
+    # (tests of the unary calls) says it has none, as an older node does.
+    async def Session(  # type: ignore[override]  # noqa: N802 (a coroutine: mailbox_stream)
+        self, requests: AsyncIterator[mailbox_pb2.SessionRequest], context: Ctx
+    ) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Session: not served here")
 
     # -- replica sync (replicas only, bounded; see replication.py) -------------------
 
@@ -327,7 +392,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
             caller = verify_proof(proof, method, box, puzzle_bits=self.sync_puzzle_bits)
             await self.replica_view.authorize(box, caller, peer_ip(context), push=push)
         except ProtocolError as exc:
-            await self._refuse(context, "sync", exc)
+            await self._refuse(context, "sync", exc, counted=False)
 
     async def SyncList(  # noqa: N802
         self, request: mailbox_pb2.SyncListRequest, context: Ctx
@@ -335,7 +400,8 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         box = request.mailbox_id
         await self._authorize_sync(context, getattr(request, "from"), "SyncList", box, push=False)
         if request.after and len(request.after) != 32:
-            await self._refuse(context, "sync", MalformedError("sync: `after` is not an ID"))
+            exc = MalformedError("sync: `after` is not an ID")
+            await self._refuse(context, "sync", exc, counted=False)
         return await list_answer(self.backend, box, request.after, self.wall_ms())
 
     async def SyncPull(  # noqa: N802
@@ -347,7 +413,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
             exc = MalformedError(
                 f"sync: pull of {len(request.blob_ids)} IDs, not 1..{MAX_SYNC_IDS}"
             )
-            await self._refuse(context, "sync", exc)
+            await self._refuse(context, "sync", exc, counted=False)
         budget = min(request.max_bytes or SYNC_BYTES, SYNC_BYTES)
         return await pull_answer(self.backend, box, request.blob_ids, budget, self.wall_ms())
 
@@ -360,7 +426,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         if max(counts[:2]) > MAX_SYNC_ITEMS or counts[2] > MAX_SYNC_IDS:
             limits = (MAX_SYNC_ITEMS, MAX_SYNC_ITEMS, MAX_SYNC_IDS)
             exc = MalformedError(f"sync: push of {counts} (blobs, tombstones, IDs) over {limits}")
-            await self._refuse(context, "sync", exc)
+            await self._refuse(context, "sync", exc, counted=False)
         got = await accept(self.backend, box, request.blobs, request.tombstones, self.sync_rules)
         blobs, tombs = set(got.held_blobs), set(got.held_tombstones)
         if request.offered_ids:
@@ -372,14 +438,40 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
             blob_ids=sorted(blobs), tombstone_ids=sorted(tombs),
         )  # fmt: skip
 
-    async def _refuse(self, context: Ctx, method: str, exc: ProtocolError) -> NoReturn:
+    def count_refusal(self, method: str, exc: ProtocolError) -> None:
+        """A refusal in the requests metric: a put's by its kind, the others as "refused"."""
         self.on_outcome(method, exc.kind if method == "put" else "refused")
-        metadata: list[tuple[str, str]] = []
-        if isinstance(exc, RateLimited):
-            metadata.append(("retry-after-ms", str(_retry_after_ms(exc))))
-        if isinstance(exc, PowRequired):
-            metadata.append(("dna-pow-required", str(exc.required_bits)))
-        if metadata:
-            context.set_trailing_metadata(tuple(metadata))
-        await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.reason)
+
+    async def _refuse(
+        self, context: Ctx, method: str, exc: ProtocolError, *, counted: bool = True
+    ) -> NoReturn:
+        """Abort the call with the refusal's status (counted now unless ``counted``: the
+        shared ``*_one`` handlers count their own)."""
+        if not counted:
+            self.count_refusal(method, exc)
+        await context.abort(*status_of(exc), trailing_metadata(exc))
         raise AssertionError("abort returned")  # grpc's abort always raises
+
+
+def status_of(exc: ProtocolError) -> tuple[grpc.StatusCode, str]:
+    return getattr(grpc.StatusCode, exc.grpc_code), exc.reason
+
+
+def trailing_metadata(exc: ProtocolError) -> tuple[tuple[str, str], ...]:
+    """What a client needs to retry a refusal: ``retry-after-ms``, ``dna-pow-required``."""
+    metadata: list[tuple[str, str]] = []
+    if isinstance(exc, RateLimited):
+        metadata.append(("retry-after-ms", str(_retry_after_ms(exc))))
+    if isinstance(exc, PowRequired):
+        metadata.append(("dna-pow-required", str(exc.required_bits)))
+    return tuple(metadata)
+
+
+def request_status(exc: ProtocolError) -> mailbox_pb2.RequestStatus:
+    """A refusal inside a session: what the unary call puts in its status and metadata."""
+    return mailbox_pb2.RequestStatus(
+        code=status_of(exc)[0].value[0],
+        reason=exc.reason,
+        pow_required=exc.required_bits if isinstance(exc, PowRequired) else 0,
+        retry_after_ms=_retry_after_ms(exc) if isinstance(exc, RateLimited) else 0,
+    )

@@ -33,7 +33,16 @@ from dna_storage.admission import Admission, AdmissionConfig
 from dna_storage.backends.base import MailboxBackend, StorageFullError, Usage
 from dna_storage.backends.redis import RedisBackend
 from dna_storage.backends.sqlite import SqliteBackend
-from dna_storage.mailbox_service import DAY_S, MailboxService, Retention
+from dna_storage.mailbox_service import DAY_S, Retention
+from dna_storage.mailbox_stream import (
+    STALL_S,
+    WINDOW,
+    MailboxSessionService,
+    NotifyingBackend,
+    SessionMetrics,
+    SessionRules,
+    Subscribers,
+)
 from dna_storage.replication import Repairer, ReplicaView, SyncRules
 
 log = logging.getLogger("dna.storage")
@@ -61,6 +70,11 @@ class StorageSection(ConfigModel):
     """Blobs and tombstones expired per GC step."""
     repair_interval_s: float = Field(default=60.0, gt=0)
     """Seconds between anti-entropy passes over every mailbox held."""
+    session_window: int = Field(default=WINDOW, ge=1, le=1024)
+    """Requests a mailbox session may have unanswered; a client sending more is cut."""
+    session_stall_s: float = Field(default=STALL_S, gt=0)
+    """Seconds a session's response may wait for the client to read it before the session
+    is cut (a client that never reads costs the node nothing more)."""
 
     @model_validator(mode="after")
     def _ttl_within_max(self) -> StorageSection:
@@ -177,12 +191,14 @@ class StorageNode:
     async def start(self) -> None:
         section = self.config.storage
         opened = await open_backend(section)
-        self.backend = backend = cast(MailboxBackend, _RoomWatch(opened, self._no_room))
+        subscribers = Subscribers()  # woken by every write that stores a blob (push)
+        watched = cast(MailboxBackend, _RoomWatch(opened, self._no_room))
+        self.backend = backend = cast(MailboxBackend, NotifyingBackend(watched, subscribers))
         retention = Retention(section.ttl_days * DAY_S, section.max_ttl_days * DAY_S)
         rules: list[SyncRules] = []  # the service's, for the repairer
 
         def add_mailbox(register: ServiceRegistrar, node: OverlayNode) -> list[str]:
-            service = MailboxService(
+            service = MailboxSessionService(
                 backend, self.admission, retention=retention,
                 sync_puzzle_bits=self.config.node.puzzle_bits, replica_view=ReplicaView(node),
                 node_id=node.node_id,
@@ -191,6 +207,11 @@ class StorageNode:
                 ).inc(),
             )  # fmt: skip
             rules.append(service.sync_rules)
+            assert self.server is not None
+            service.session_rules = SessionRules(
+                service, subscribers, SessionMetrics(self.server.registry),
+                window=section.session_window, stall_s=section.session_stall_s,
+            )  # fmt: skip
             return [register(service, MAILBOX_DESCRIPTOR)]
 
         self.server = OverlayServer(

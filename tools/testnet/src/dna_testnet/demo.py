@@ -7,8 +7,8 @@ finds bob by name (pinning his key), seals a message and stores it on the 5
 storage nodes closest to bob's mailbox. Bob comes back, fetches, verifies,
 decrypts, and a delivery receipt reaches alice. Bob links a second device with
 a one-time code; it receives the history, both devices get alice's next
-message, the laptop's reply is mirrored to the phone, and both devices end with
-the same history. Every step prints its timing.
+message, the laptop's reply is mirrored to the phone and pushed to alice, who
+subscribed to her mailbox, and both devices end with the same history. Every step prints its timing.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from dna_core.crypto import Identity
+from dna_core.mailbox import Subscription
 from dna_peer.link import accept_link, offer_link
 from dna_peer.peer import Peer, open_peer
 from dna_peer.profile import Profile
@@ -81,10 +82,16 @@ async def _flow(net: Testnet, root: Path) -> None:
     await _step("alice sends another message", alice.send(contact, "Welcome to the laptop!"))
     await _step("bob's laptop receives it", laptop.sync())
     await _step("bob's phone receives it", bob.sync())
+    pushed = await _step("alice subscribes to her mailbox on its replicas (push)",
+                         alice.subscribe())  # fmt: skip
     reply = laptop.find_contact("alice")
     await _step("bob replies from the laptop", laptop.send(reply, "Got it on both devices."))
     await _step("the phone syncs the laptop's transcript", bob.sync())
-    await _step("alice gets the reply", alice.sync())
+    if pushed is not None:
+        await _step("alice gets the reply, pushed to her (no fetch)", _until_pushed(alice, pushed))
+        await pushed.close()
+    else:  # no replica took the subscription: poll
+        await _step("alice gets the reply", alice.sync())
     print(f"    phone:  {_history(bob)}")
     print(f"    laptop: {_history(laptop)}")
     same = _history(bob) == _history(laptop)
@@ -93,6 +100,13 @@ async def _flow(net: Testnet, root: Path) -> None:
         await peer.close()
     if not same:
         raise SystemExit("demo failed: the devices did not converge")
+
+
+async def _until_pushed(peer: Peer, pushed: Subscription) -> None:
+    for _ in range(20):
+        if (await peer.receive_pushed(pushed, 0.5)).new_messages:
+            return
+    raise SystemExit("demo failed: the reply was not pushed within 10 s")
 
 
 async def _linked(root: Path, code: str, seeds: list[tuple[str, int]]) -> Peer:

@@ -1,7 +1,8 @@
 """Mailbox contracts shared by storage nodes and peers: identifiers, proof-of-work
 binding, owner-signed fetch/delete requests with replay protection, fetch sessions, the
 wire rules of blobs and tombstones (``codec``), the client's sans-I/O planner
-(``planner``) and its asyncio adapter, `MailboxClient` (``client``).
+(``planner``) and its asyncio adapter, `MailboxClient` (``client``), with its stream
+sessions and push subscriptions (``session``).
 
 Services, tools and benches import from ``dna_core.mailbox`` only, never a module under
 it (tests/core/test_package_faces.py keeps to that). The adapter's names load on first
@@ -63,12 +64,14 @@ from dna_core.mailbox.planner import (
 
 if TYPE_CHECKING:
     from dna_core.mailbox.client import DELETE_BATCH_IDS, DeleteResult, MailboxClient
+    from dna_core.mailbox.session import Subscription
 
 # The asyncio adapter: name -> the module that defines it (loaded by __getattr__).
 _ADAPTER = {
     "DELETE_BATCH_IDS": "dna_core.mailbox.client",
     "DeleteResult": "dna_core.mailbox.client",
     "MailboxClient": "dna_core.mailbox.client",
+    "Subscription": "dna_core.mailbox.session",
 }
 
 
@@ -106,6 +109,7 @@ __all__ = [
     "ReplicaSetCache",
     "SessionStore",
     "StoredBlob",
+    "Subscription",
     "Tombstone",
     "UnreachableError",
     "Wait",

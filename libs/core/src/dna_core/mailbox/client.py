@@ -32,8 +32,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 
@@ -76,6 +77,13 @@ from dna_core.mailbox.planner import (
     WritePlan,
     storage_candidates,
 )
+from dna_core.mailbox.session import (
+    NodeSession,
+    NoSession,
+    SessionPool,
+    Subscription,
+    subscribe_nodes,
+)
 from dna_core.overlay.aio.node import OverlayNode
 from dna_core.overlay.contact import Contact
 from dna_core.rpc_errors import call
@@ -88,6 +96,7 @@ __all__ = [
     "UnreachableError",
 ]  # fmt: skip
 
+T = TypeVar("T")
 SESSION_MARGIN_MS = 60_000  # a session this close to expiry is not used: sign instead
 MAX_SESSIONS = 4096  # (mailbox, node) sessions a client keeps; the oldest go first
 MAX_PUT_BATCH = 64  # puts per PutMany call (the node's limit)
@@ -122,8 +131,10 @@ class NodeBatcher:
     sent together when it returns (up to ``MAX_PUT_BATCH`` puts and
     ``MAX_PUT_BATCH_BYTES``)."""
 
-    def __init__(self, stub: Callable[[], mailbox_pb2_grpc.MailboxAsyncStub], timeout: float):
-        self._stub, self.timeout = stub, timeout
+    def __init__(
+        self, send: Callable[[mailbox_pb2.PutManyRequest], Awaitable[mailbox_pb2.PutManyResponse]]
+    ) -> None:
+        self._send = send  # a PutMany on the node's session, or the unary call
         self._waiting: list[tuple[mailbox_pb2.PutRequest, asyncio.Future[Outcome]]] = []
         self._sender: asyncio.Task[None] | None = None
 
@@ -163,9 +174,7 @@ class NodeBatcher:
 
     async def _call(self, requests: list[mailbox_pb2.PutRequest]) -> list[Outcome]:
         try:
-            response = await call(self._stub().PutMany(
-                mailbox_pb2.PutManyRequest(puts=requests), timeout=self.timeout
-            ))  # fmt: skip
+            response = await self._send(mailbox_pb2.PutManyRequest(puts=requests))
         except RemoteError:
             return [None] * len(requests)
         if len(response.outcomes) != len(requests):  # a broken node: trust none of it
@@ -192,6 +201,7 @@ class MailboxClient:
         pow_bits: int = 12,
         timeout: float = 5.0,
         replica_set_ttl_s: float = REPLICA_SET_TTL_S,
+        sessions: bool = True,
     ) -> None:
         self.node, self.replicas, self.write_quorum = node, replicas, write_quorum
         self.pow_bits, self.timeout = pow_bits, timeout
@@ -199,6 +209,9 @@ class MailboxClient:
         self._batchers: dict[str, NodeBatcher] = {}  # by gRPC target
         self._sessions: dict[tuple[bytes, bytes], FetchSession] = {}  # (mailbox, node ID)
         self._writes: set[asyncio.Task[PutResult]] = set()  # puts still reaching replicas
+        # One stream per node for puts, fetches, deletes and subscriptions (session.py);
+        # None (or a node serving none): the unary calls.
+        self.session_pool = SessionPool(node.channels.get, timeout) if sessions else None
 
     async def storage_nodes(self, box: bytes, count: int) -> list[Contact]:
         """The ``count`` storage nodes closest to a mailbox, closest first (a fresh lookup)."""
@@ -309,11 +322,26 @@ class MailboxClient:
         proof, _ = pow_.solve(put_pow_hash(box, blob), bits, now_ms=_wall_ms())
         return put_request(box, blob, proof, ttl_s)
 
+    async def _on_session(self, contact: Contact, work: Callable[[NodeSession], Awaitable[T]]) -> T:
+        """``work`` on the session to a node; `NoSession` when sessions are off or the
+        node serves none (use the unary calls), `RemoteError` when it failed."""
+        if self.session_pool is None:
+            raise NoSession
+        return await self.session_pool.call(contact.endpoint.grpc_target, work)
+
     def _batcher(self, contact: Contact) -> NodeBatcher:
         target = contact.endpoint.grpc_target
         batcher = self._batchers.get(target)
         if batcher is None:
-            batcher = NodeBatcher(lambda: self._stub(contact), self.timeout)
+
+            async def send(request: mailbox_pb2.PutManyRequest) -> mailbox_pb2.PutManyResponse:
+                try:
+                    answer = await self._on_session(contact, lambda s: s.request(put_many=request))
+                    return answer.put_many
+                except NoSession:
+                    return await call(self._stub(contact).PutMany(request, timeout=self.timeout))
+
+            batcher = NodeBatcher(send)
             self._batchers[target] = batcher
         return batcher
 
@@ -417,9 +445,11 @@ class MailboxClient:
     ) -> mailbox_pb2.FetchResponse | RemoteError:
         """The node's page, or why the call failed."""
         try:
-            response: mailbox_pb2.FetchResponse = await call(
-                self._stub(contact).Fetch(request, timeout=self.timeout)
-            )
+            try:
+                answer = await self._on_session(contact, lambda s: s.request(fetch=request))
+                response = answer.fetch
+            except NoSession:
+                response = await call(self._stub(contact).Fetch(request, timeout=self.timeout))
         except RemoteError as err:
             return err
         return response
@@ -455,9 +485,54 @@ class MailboxClient:
         """None when the node accepted; else why not (``_UNREACHABLE`` first when it did
         not answer or could not do it now)."""
         try:
-            await call(self._stub(contact).Delete(request, timeout=self.timeout))
+            try:
+                await self._on_session(contact, lambda s: s.request(delete=request))
+            except NoSession:
+                await call(self._stub(contact).Delete(request, timeout=self.timeout))
         except UnavailableError as err:
             return f"{_UNREACHABLE}: {err.grpc_code}"
         except RemoteError as err:
             return str(err)  # "CODE: details"
         return None
+
+    # -- push ----------------------------------------------------------------------
+
+    async def subscribe(self, owner: Identity, state: FetchState | None = None) -> Subscription:
+        """Subscribe to the owner's mailbox on its replicas, each from its cursor in
+        ``state``: what they hold past it, then what they store later, arrives in the
+        returned `Subscription` (``wait``, ``take``; ``resubscribe`` the nodes it
+        ``dropped``). `UnreachableError` when no replica took the subscription (sessions
+        off, or no node serving them: poll with `fetch` instead)."""
+        if self.session_pool is None:
+            raise UnreachableError("sessions are off: no subscriptions")
+        box = mailbox_id(owner.fingerprint)
+        replicas = (await self.candidates(box))[: self.replicas]
+        subscription = Subscription(box, cursors=dict(state.cursors) if state else {})
+        nodes = [(c.node_id, c.endpoint.grpc_target) for c in replicas]
+        failed = await self._subscribe_nodes(owner, subscription, nodes)
+        if len(failed) == len(nodes):
+            raise UnreachableError(f"no replica took the subscription ({len(nodes)} asked)")
+        return subscription
+
+    async def resubscribe(self, owner: Identity, subscription: Subscription) -> list[bytes]:
+        """Subscribe again, from their cursors, on the nodes whose subscription dropped
+        (a restart, an outage); returns the IDs of those still not subscribed."""
+        nodes = [(n, subscription.feeds[n].target) for n in subscription.dropped()]
+        return await self._subscribe_nodes(owner, subscription, nodes) if nodes else []
+
+    async def _subscribe_nodes(
+        self, owner: Identity, subscription: Subscription, nodes: list[tuple[bytes, str]]
+    ) -> list[bytes]:
+        assert self.session_pool is not None
+
+        def request(node_ids: Sequence[bytes]) -> mailbox_pb2.FetchRequest:
+            cursors = {n: subscription.cursors.get(n, b"") for n in node_ids}
+            signed = sign_fetch(owner, limit=200, now_ms=_wall_ms(), node_cursors=cursors)
+            return mailbox_pb2.FetchRequest.FromString(signed)
+
+        return await subscribe_nodes(subscription, self.session_pool, nodes, request)
+
+    async def close(self) -> None:
+        """End the sessions (the overlay node's channels stay its own)."""
+        if self.session_pool is not None:
+            await self.session_pool.close()

@@ -103,9 +103,13 @@ class GrpcGate:
             return await self.decode(context, cls, raw, name)
 
         async def decode_each(raw: AsyncIterator[bytes], context: Ctx) -> AsyncIterator[Any]:
+            # A frame that does not decode raises MalformedError (counted) to the handler,
+            # not an abort: a handler reading its stream in a task of its own must end the
+            # call itself (grpc fails an abort from another task); one that lets it escape
+            # gets INVALID_ARGUMENT from `fail`, as an abort would have answered.
             async def each() -> AsyncIterator[Any]:
                 async for item in raw:
-                    yield await self.decode(context, cls, item, name)
+                    yield self.decode_or_raise(cls, item, name)
 
             return each()
 
@@ -161,11 +165,18 @@ class GrpcGate:
     async def decode(self, context: Ctx, cls: type[Message], raw: bytes, name: str) -> Any:
         """The request, or abort INVALID_ARGUMENT with the gate's reason (counted)."""
         try:
-            return decode_message(cls, raw, max_size=self.max_message, what=_short(name))
+            return self.decode_or_raise(cls, raw, name)
         except MalformedError as exc:
-            self.malformed.labels(method=name).inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.reason)
             raise AssertionError("abort returned") from None  # grpc's abort always raises
+
+    def decode_or_raise(self, cls: type[Message], raw: bytes, name: str) -> Any:
+        """The request, or `MalformedError` with the gate's reason (counted)."""
+        try:
+            return decode_message(cls, raw, max_size=self.max_message, what=_short(name))
+        except MalformedError:
+            self.malformed.labels(method=name).inc()
+            raise
 
     async def fail(self, context: Ctx, name: str, exc: Exception) -> None:
         """Answer an exception that escaped a handler with a status of ours, never UNKNOWN."""

@@ -25,6 +25,212 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class Subscribe(_message.Message):
+    """A subscription to the owner's mailbox on this node: `fetch` is an ordinary fetch
+    request (signed by the owner, or within a fetch session), which authenticates the owner
+    and gives the cursor to start from. The node answers at once with what it holds after
+    that cursor, then pushes every blob stored later, each page with its next cursor, until
+    the session ends or the client cancels the subscription.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FETCH_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def fetch(self) -> Global___FetchRequest: ...
+    def __init__(
+        self,
+        *,
+        fetch: Global___FetchRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fetch", b"fetch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fetch", b"fetch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Subscribe: _TypeAlias = Subscribe  # noqa: Y015
+
+@_typing.final
+class Unsubscribe(_message.Message):
+    """Ends the subscription opened by the request `id`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Unsubscribe: _TypeAlias = Unsubscribe  # noqa: Y015
+
+@_typing.final
+class SessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PUT_FIELD_NUMBER: _builtins.int
+    FETCH_FIELD_NUMBER: _builtins.int
+    DELETE_FIELD_NUMBER: _builtins.int
+    SUBSCRIBE_FIELD_NUMBER: _builtins.int
+    UNSUBSCRIBE_FIELD_NUMBER: _builtins.int
+    PUT_MANY_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """chosen by the client; unique among its unanswered requests"""
+    @_builtins.property
+    def put(self) -> Global___PutRequest: ...
+    @_builtins.property
+    def fetch(self) -> Global___FetchRequest: ...
+    @_builtins.property
+    def delete(self) -> Global___DeleteRequest: ...
+    @_builtins.property
+    def subscribe(self) -> Global___Subscribe: ...
+    @_builtins.property
+    def unsubscribe(self) -> Global___Unsubscribe: ...
+    @_builtins.property
+    def put_many(self) -> Global___PutManyRequest:
+        """judged as the unary PutMany: one outcome per put"""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        put: Global___PutRequest | None = ...,
+        fetch: Global___FetchRequest | None = ...,
+        delete: Global___DeleteRequest | None = ...,
+        subscribe: Global___Subscribe | None = ...,
+        unsubscribe: Global___Unsubscribe | None = ...,
+        put_many: Global___PutManyRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "fetch", b"fetch", "op", b"op", "put", b"put", "put_many", b"put_many", "subscribe", b"subscribe", "unsubscribe", b"unsubscribe"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "fetch", b"fetch", "id", b"id", "op", b"op", "put", b"put", "put_many", b"put_many", "subscribe", b"subscribe", "unsubscribe", b"unsubscribe"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["put", "fetch", "delete", "subscribe", "unsubscribe", "put_many"]  # noqa: Y015
+    _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
+
+Global___SessionRequest: _TypeAlias = SessionRequest  # noqa: Y015
+
+@_typing.final
+class RequestStatus(_message.Message):
+    """A request's refusal: what the unary call would have answered as its status."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    POW_REQUIRED_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """a gRPC status code, never 0"""
+    reason: _builtins.str
+    pow_required: _builtins.int
+    """set with a proof-of-work refusal: the bits to solve"""
+    retry_after_ms: _builtins.int
+    """set with a rate-limit refusal"""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        pow_required: _builtins.int = ...,
+        retry_after_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "pow_required", b"pow_required", "reason", b"reason", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestStatus: _TypeAlias = RequestStatus  # noqa: Y015
+
+@_typing.final
+class SessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    PUT_FIELD_NUMBER: _builtins.int
+    FETCH_FIELD_NUMBER: _builtins.int
+    DELETE_FIELD_NUMBER: _builtins.int
+    PUSH_FIELD_NUMBER: _builtins.int
+    HELLO_FIELD_NUMBER: _builtins.int
+    PUT_MANY_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """the request's (for pushes: the subscription's)"""
+    @_builtins.property
+    def error(self) -> Global___RequestStatus: ...
+    @_builtins.property
+    def put(self) -> Global___PutResponse: ...
+    @_builtins.property
+    def fetch(self) -> Global___FetchResponse:
+        """to a fetch; to a subscribe: its first page"""
+
+    @_builtins.property
+    def delete(self) -> Global___DeleteResponse: ...
+    @_builtins.property
+    def push(self) -> Global___FetchResponse:
+        """blobs stored since the subscription's last page"""
+
+    @_builtins.property
+    def hello(self) -> Global___SessionHello:
+        """the first frame of a session"""
+
+    @_builtins.property
+    def put_many(self) -> Global___PutManyResponse: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        error: Global___RequestStatus | None = ...,
+        put: Global___PutResponse | None = ...,
+        fetch: Global___FetchResponse | None = ...,
+        delete: Global___DeleteResponse | None = ...,
+        push: Global___FetchResponse | None = ...,
+        hello: Global___SessionHello | None = ...,
+        put_many: Global___PutManyResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "error", b"error", "fetch", b"fetch", "hello", b"hello", "push", b"push", "put", b"put", "put_many", b"put_many", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "error", b"error", "fetch", b"fetch", "hello", b"hello", "id", b"id", "push", b"push", "put", b"put", "put_many", b"put_many", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["error", "put", "fetch", "delete", "push", "hello", "put_many"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___SessionResponse: _TypeAlias = SessionResponse  # noqa: Y015
+
+@_typing.final
+class SessionHello(_message.Message):
+    """How many requests the node lets a session have unanswered at once."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_FIELD_NUMBER: _builtins.int
+    window: _builtins.int
+    def __init__(
+        self,
+        *,
+        window: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionHello: _TypeAlias = SessionHello  # noqa: Y015
+
+@_typing.final
 class PutRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

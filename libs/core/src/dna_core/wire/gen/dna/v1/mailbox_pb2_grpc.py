@@ -70,6 +70,11 @@ class MailboxStub:
                 request_serializer=dna_dot_v1_dot_mailbox__pb2.SyncPushRequest.SerializeToString,
                 response_deserializer=dna_dot_v1_dot_mailbox__pb2.SyncPushResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/dna.v1.Mailbox/Session',
+                request_serializer=dna_dot_v1_dot_mailbox__pb2.SessionRequest.SerializeToString,
+                response_deserializer=dna_dot_v1_dot_mailbox__pb2.SessionResponse.FromString,
+                _registered_method=True)
 
 
 class MailboxServicer:
@@ -126,6 +131,18 @@ class MailboxServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """One long-lived session per client and node (docs/storage.md, "Sessions and push"):
+        many puts, fetches and deletes, each with the client's ID and judged exactly as the
+        unary call of the same name, answered in any order; and subscriptions, over which the
+        node pushes a mailbox's new blobs as they are stored. At most `window` requests may
+        be unanswered at once; a client that sends more, sends a frame that does not decode,
+        or stops reading its responses is cut with a status saying so.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MailboxServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +180,11 @@ def add_MailboxServicer_to_server(servicer, server):
                     servicer.SyncPush,
                     request_deserializer=dna_dot_v1_dot_mailbox__pb2.SyncPushRequest.FromString,
                     response_serializer=dna_dot_v1_dot_mailbox__pb2.SyncPushResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=dna_dot_v1_dot_mailbox__pb2.SessionRequest.FromString,
+                    response_serializer=dna_dot_v1_dot_mailbox__pb2.SessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +376,33 @@ class Mailbox:
             '/dna.v1.Mailbox/SyncPush',
             dna_dot_v1_dot_mailbox__pb2.SyncPushRequest.SerializeToString,
             dna_dot_v1_dot_mailbox__pb2.SyncPushResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/dna.v1.Mailbox/Session',
+            dna_dot_v1_dot_mailbox__pb2.SessionRequest.SerializeToString,
+            dna_dot_v1_dot_mailbox__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,14 @@ class MailboxStub:
     accepted from a hand-off holder outside the set when this node is in it. Every blob
     is judged as a client's put would be.
     """
+    Session: _grpc.StreamStreamMultiCallable[_mailbox_pb2.SessionRequest, _mailbox_pb2.SessionResponse]
+    """One long-lived session per client and node (docs/storage.md, "Sessions and push"):
+    many puts, fetches and deletes, each with the client's ID and judged exactly as the
+    unary call of the same name, answered in any order; and subscriptions, over which the
+    node pushes a mailbox's new blobs as they are stored. At most `window` requests may
+    be unanswered at once; a client that sends more, sends a frame that does not decode,
+    or stops reading its responses is cut with a status saying so.
+    """
 
 @_typing.type_check_only
 class MailboxAsyncStub(MailboxStub):
@@ -77,6 +85,14 @@ class MailboxAsyncStub(MailboxStub):
     """Hand data to a replica that lacks it (hinted hand-off, new replica set members); also
     accepted from a hand-off holder outside the set when this node is in it. Every blob
     is judged as a client's put would be.
+    """
+    Session: _aio.StreamStreamMultiCallable[_mailbox_pb2.SessionRequest, _mailbox_pb2.SessionResponse]  # type: ignore[assignment]
+    """One long-lived session per client and node (docs/storage.md, "Sessions and push"):
+    many puts, fetches and deletes, each with the client's ID and judged exactly as the
+    unary call of the same name, answered in any order; and subscriptions, over which the
+    node pushes a mailbox's new blobs as they are stored. At most `window` requests may
+    be unanswered at once; a client that sends more, sends a frame that does not decode,
+    or stops reading its responses is cut with a status saying so.
     """
 
 class MailboxServicer(metaclass=_abc_1.ABCMeta):
@@ -139,6 +155,20 @@ class MailboxServicer(metaclass=_abc_1.ABCMeta):
         """Hand data to a replica that lacks it (hinted hand-off, new replica set members); also
         accepted from a hand-off holder outside the set when this node is in it. Every blob
         is judged as a client's put would be.
+        """
+
+    @_abc_1.abstractmethod
+    def Session(
+        self,
+        request_iterator: _MaybeAsyncIterator[_mailbox_pb2.SessionRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_mailbox_pb2.SessionResponse], _abc.AsyncIterator[_mailbox_pb2.SessionResponse]]:
+        """One long-lived session per client and node (docs/storage.md, "Sessions and push"):
+        many puts, fetches and deletes, each with the client's ID and judged exactly as the
+        unary call of the same name, answered in any order; and subscriptions, over which the
+        node pushes a mailbox's new blobs as they are stored. At most `window` requests may
+        be unanswered at once; a client that sends more, sends a frame that does not decode,
+        or stops reading its responses is cut with a status saying so.
         """
 
 def add_MailboxServicer_to_server(servicer: MailboxServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

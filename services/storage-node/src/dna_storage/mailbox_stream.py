@@ -1,0 +1,473 @@
+"""Mailbox sessions: one long-lived bidirectional gRPC stream per client carrying many
+puts, fetches and deletes, and subscriptions with push delivery (docs/storage.md,
+"Sessions and push").
+
+Each request carries the client's ID and is judged by the same handlers as the unary
+call of the same name (``MailboxService.put_one``, ``fetch_one``, ``delete_one``): the same
+admission, authentication, proof of work, and a refusal is that request's `RequestStatus`
+with the unary call's code, reason, and retry hints; the session goes on.
+
+The session itself is cut, with a status saying why, when the client breaks its rules:
+more than ``window`` requests unanswered (RESOURCE_EXHAUSTED), an ID still in use
+(INVALID_ARGUMENT), a frame that does not decode or is over the message limit (the gRPC
+gate's INVALID_ARGUMENT, grpc's RESOURCE_EXHAUSTED), or responses left unread for
+``stall_s`` (RESOURCE_EXHAUSTED). So a session holds at most ``window`` requests and their
+responses (a put's blob is within the node's blob limit) and at most ``PAGES_HELD`` fetch
+or push pages and batches of puts, from reading one until it is answered: bounded
+memory, whatever the client does. Every cut is counted by reason.
+
+A subscription is authenticated as a fetch is (the owner's signature, or a fetch
+session), so nobody subscribes to a mailbox that is not theirs. Its pump reads the mailbox
+from the subscription's cursor whenever a put stores a blob there (any path: a client's
+put, a replica's push, repair: `NotifyingBackend`), and sends each page with its cursor
+after the last one was written: a slow reader slows its own pushes, and cursors make a
+resubscription after a reconnect resume exactly where the pushes stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from dna_core.errors import CapacityError, MalformedError, ProtocolError
+from dna_core.wire import mailbox_pb2
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from dna_storage.backends.base import MailboxBackend, PutOutcome, StoredBlob
+from dna_storage.mailbox_service import Ctx, MailboxService, peer_ip, request_status
+
+log = logging.getLogger("dna.storage.session")
+WINDOW = 64  # unanswered requests a session may have
+STALL_S = 30.0  # how long a response may wait for the client to read it (a busy client is slow)
+MAX_SUBSCRIPTIONS = 8  # per session: a device has one mailbox, plus retired ones
+PAGES_HELD = 4  # pages and put batches (up to 2, 4 MiB) a session holds, read or queued
+MAX_GROUP = 64  # session puts written in one backend call
+PUSH_LIMIT = 200  # blobs per pushed page
+
+
+class SessionCutError(Exception):
+    """The session breaks a rule: end it with ``code`` and ``reason`` (counted by kind)."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str, kind: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason, self.kind = code, reason, kind
+
+
+class SessionMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.open = Gauge("dna_storage_sessions_open", "Mailbox sessions open", registry=registry)
+        self.requests = Counter(
+            "dna_storage_session_requests",
+            "Requests received on mailbox sessions, by operation",
+            ["op"],
+            registry=registry,
+        )
+        self.per_session = Histogram(
+            "dna_storage_session_requests_per_session",
+            "Requests a mailbox session carried, observed when it ends",
+            buckets=(1, 10, 100, 1_000, 10_000, 100_000, float("inf")),
+            registry=registry,
+        )
+        self.refusals = Counter(
+            "dna_storage_session_refusals",
+            "Sessions cut (window, duplicate_id, malformed, stalled) and subscriptions "
+            "refused (subscribe_denied, subscriptions), by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.subscriptions = Gauge(
+            "dna_storage_subscriptions", "Mailbox subscriptions live", registry=registry
+        )
+        self.pushes = Counter(
+            "dna_storage_pushed_blobs", "Blobs pushed to subscribers", registry=registry
+        )
+
+
+class Subscribers:
+    """Per mailbox, the subscriptions to wake when a blob is stored there."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[bytes, set[asyncio.Event]] = {}
+
+    def add(self, box: bytes, wake: asyncio.Event) -> None:
+        self._waiting.setdefault(box, set()).add(wake)
+
+    def remove(self, box: bytes, wake: asyncio.Event) -> None:
+        waiting = self._waiting.get(box)
+        if waiting is not None:
+            waiting.discard(wake)
+            if not waiting:
+                del self._waiting[box]
+
+    def notify(self, boxes: set[bytes]) -> None:
+        for box in boxes:
+            for wake in self._waiting.get(box, ()):
+                wake.set()
+
+
+class NotifyingBackend:
+    """The backend, waking a mailbox's subscriptions after a write stored a blob there."""
+
+    def __init__(self, backend: MailboxBackend, subscribers: Subscribers) -> None:
+        self._backend, self._subscribers = backend, subscribers
+
+    async def put_many(self, blobs: Sequence[StoredBlob], now_ms: int) -> list[PutOutcome]:
+        outcomes = await self._backend.put_many(blobs, now_ms)
+        stored = {b.mailbox_id for b, o in zip(blobs, outcomes, strict=True)
+                  if o is PutOutcome.STORED}  # fmt: skip
+        self._subscribers.notify(stored)
+        return outcomes
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+
+class GroupWriter:
+    """Session puts, written in groups with no timer: a put that finds no write in flight
+    goes at once, the ones admitted meanwhile together when it returns (SQLite commits a
+    group as one transaction, as it does a PutMany)."""
+
+    def __init__(self, backend: MailboxBackend) -> None:
+        self._backend = backend
+        self._waiting: list[tuple[StoredBlob, int, asyncio.Future[PutOutcome]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def store(self, blob: StoredBlob, now_ms: int) -> PutOutcome:
+        future: asyncio.Future[PutOutcome] = asyncio.get_running_loop().create_future()
+        self._waiting.append((blob, now_ms, future))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_all())
+        return await future
+
+    async def _write_all(self) -> None:
+        try:
+            while self._waiting:
+                group, self._waiting = self._waiting[:MAX_GROUP], self._waiting[MAX_GROUP:]
+                now_ms = max(now for _, now, _ in group)
+                try:
+                    outcomes = await self._backend.put_many([b for b, _, _ in group], now_ms)
+                except Exception as exc:  # each put answers it (a full disk, a bug)
+                    for _, _, future in group:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, _, future), outcome in zip(group, outcomes, strict=True):
+                    if not future.done():
+                        future.set_result(outcome)
+        finally:
+            self._writer = None
+
+
+@dataclass
+class Subscription:
+    box: bytes
+    cursor: int  # the seq the last page ended at
+    limit: int
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    pump: asyncio.Task[None] | None = None
+
+
+class SessionRules:
+    """What every session of a node shares: its handlers, writer, subscribers, limits."""
+
+    def __init__(
+        self,
+        service: MailboxService,
+        subscribers: Subscribers,
+        metrics: SessionMetrics,
+        *,
+        window: int = WINDOW,
+        stall_s: float = STALL_S,
+    ) -> None:
+        self.service, self.subscribers, self.metrics = service, subscribers, metrics
+        self.writer = GroupWriter(service.backend)
+        self.window, self.stall_s = window, stall_s
+
+
+class MailboxSession:
+    """One client's session: reads requests, serves them concurrently, writes responses
+    and pushes in one stream (module docstring)."""
+
+    def __init__(self, rules: SessionRules, context: Ctx) -> None:
+        self.rules, self.service, self.context = rules, rules.service, context
+        self.metrics = rules.metrics
+        self.source_ip = peer_ip(context)
+        self.unanswered: set[int] = set()  # request IDs whose response is not being written
+        self.subscriptions: dict[int, Subscription] = {}
+        # Responses to write, each with what to do once written. A request counts against
+        # the window until the writer takes its response: before the write, so a client
+        # that read it and sends the next request never finds the node counting it still.
+        self.out: asyncio.Queue[tuple[mailbox_pb2.SessionResponse, Callable[[], None]]] = (
+            asyncio.Queue()
+        )  # bounded by the window and the subscriptions (one page each)
+        self.pages = asyncio.Semaphore(PAGES_HELD)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.received = 0
+        self.closed = False
+
+    async def run(self, requests: AsyncIterator[mailbox_pb2.SessionRequest]) -> None:
+        self.metrics.open.inc()
+        hello = mailbox_pb2.SessionHello(window=self.rules.window)
+        self.out.put_nowait((mailbox_pb2.SessionResponse(hello=hello), lambda: None))
+        writer = asyncio.create_task(self._write_out())
+        reader = asyncio.create_task(self._read(requests))
+        try:
+            await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
+            if reader.done():
+                reader.result()  # raises a cut
+                await self._finish(writer)  # the client closed its side
+            else:
+                writer.result()  # raises a cut
+        except SessionCutError as cut:
+            self.metrics.refusals.labels(reason=cut.kind).inc()
+            # Free the session first: grpc sends the status only after the response a
+            # client that never reads left stuck in flow control, which may be never.
+            await self._close(reader, writer)
+            await self._abort(cut)
+        finally:
+            await self._close(reader, writer)
+
+    async def _abort(self, cut: SessionCutError) -> None:
+        try:
+            await self.context.abort(cut.code, cut.reason)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:  # grpc could not send it: the call is gone, nobody to tell
+            log.debug("session cut after its call ended", extra={"reason": cut.kind})
+
+    async def _finish(self, writer: asyncio.Task[None]) -> None:
+        """The client closed its side: answer what it asked, end the subscriptions."""
+        self._end_subscriptions()
+        while self.tasks:
+            await asyncio.wait(set(self.tasks))
+        written = asyncio.ensure_future(self.out.join())  # every answer out, then done
+        await asyncio.wait((written, writer), return_when=asyncio.FIRST_COMPLETED)
+        written.cancel()
+        if writer.done():
+            writer.result()  # a cut while answering
+        writer.cancel()
+
+    async def _close(self, *tasks: asyncio.Task[None]) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._end_subscriptions()
+        for task in (*tasks, *self.tasks):
+            task.cancel()
+        for task in (*tasks, *self.tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        while not self.out.empty():  # responses never to be written
+            self.out.get_nowait()
+        self.metrics.open.dec()
+        self.metrics.per_session.observe(self.received)
+
+    # -- reading -----------------------------------------------------------------------
+
+    async def _read(self, requests: AsyncIterator[mailbox_pb2.SessionRequest]) -> None:
+        try:
+            async for request in requests:
+                self._take(request)
+        except MalformedError as exc:  # a frame that does not decode (the gRPC gate)
+            raise SessionCutError(
+                grpc.StatusCode.INVALID_ARGUMENT, exc.reason, "malformed"
+            ) from None
+
+    def _take(self, request: mailbox_pb2.SessionRequest) -> None:
+        self.received += 1
+        op = request.WhichOneof("op") or "none"
+        self.metrics.requests.labels(op=op).inc()
+        if op == "unsubscribe":
+            self._unsubscribe(request.unsubscribe.id)
+            return
+        if len(self.unanswered) >= self.rules.window:
+            raise SessionCutError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"session: more than {self.rules.window} requests unanswered (the window)",
+                "window",
+            )
+        if request.id in self.unanswered or request.id in self.subscriptions:
+            raise SessionCutError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"session: request ID {request.id} is still in use",
+                "duplicate_id",
+            )
+        self.unanswered.add(request.id)
+        self._spawn(self._serve(request))
+
+    def _spawn(self, work: Any) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # -- serving -----------------------------------------------------------------------
+
+    async def _serve(self, request: mailbox_pb2.SessionRequest) -> None:
+        # A page (up to 2 MiB), or a batch of puts (up to the 4 MiB message limit), holds a
+        # slot until its answer is written, not only while it is served: what a session
+        # holds of them is bounded, read or not.
+        paged = request.WhichOneof("op") in ("fetch", "subscribe", "put_many")
+        if paged:
+            await self.pages.acquire()
+        subscription: Subscription | None = None
+        try:
+            response, subscription = await self._answer(request)
+        except ProtocolError as exc:
+            response = mailbox_pb2.SessionResponse(error=request_status(exc))
+        except Exception:  # a bug answers this request, not the session
+            log.exception("session request failed")
+            response = mailbox_pb2.SessionResponse(error=mailbox_pb2.RequestStatus(
+                code=grpc.StatusCode.INTERNAL.value[0], reason="session: internal error"
+            ))  # fmt: skip
+        response.id = request.id
+
+        def written() -> None:
+            if paged:
+                self.pages.release()
+
+        await self.out.put((response, written))
+        if subscription is not None:  # its pushes only after its first page
+            subscription.pump = self._spawn(self._pump(request.id, subscription))
+
+    async def _answer(
+        self, request: mailbox_pb2.SessionRequest
+    ) -> tuple[mailbox_pb2.SessionResponse, Subscription | None]:
+        now_ms = self.service.wall_ms()
+        op = request.WhichOneof("op")
+        if op == "put":
+            put = await self.service.put_one(
+                request.put, self.source_ip, now_ms, store=self.rules.writer.store
+            )
+            return mailbox_pb2.SessionResponse(put=put), None
+        if op == "put_many":
+            many = await self.service.put_many_one(request.put_many, self.source_ip, now_ms)
+            return mailbox_pb2.SessionResponse(put_many=many), None
+        if op == "fetch":
+            fetched = await self.service.fetch_one(request.fetch, now_ms)
+            return mailbox_pb2.SessionResponse(fetch=fetched), None
+        if op == "delete":
+            deleted = await self.service.delete_one(request.delete, now_ms)
+            return mailbox_pb2.SessionResponse(delete=deleted), None
+        if op == "subscribe":
+            return await self._subscribe(request.id, request.subscribe.fetch, now_ms)
+        raise MalformedError("session: a request with no operation", kind="malformed")
+
+    async def _subscribe(
+        self, sub_id: int, fetch: mailbox_pb2.FetchRequest, now_ms: int
+    ) -> tuple[mailbox_pb2.SessionResponse, Subscription]:
+        if len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
+            self.metrics.refusals.labels(reason="subscriptions").inc()
+            raise CapacityError(f"session: at most {MAX_SUBSCRIPTIONS} subscriptions")
+        try:
+            owner, body, cursor = await self.service.verify_fetch(fetch, now_ms, method="subscribe")
+        except ProtocolError:
+            self.metrics.refusals.labels(reason="subscribe_denied").inc()
+            raise
+        subscription = Subscription(owner.mailbox_id, cursor, min(body.limit, PUSH_LIMIT))
+        # Listen before reading: a blob stored meanwhile wakes the pump, nothing is missed.
+        self.rules.subscribers.add(subscription.box, subscription.wake)
+        self.subscriptions[sub_id] = subscription
+        self.metrics.subscriptions.inc()
+        page = await self._next_page(subscription, now_ms)
+        self.service.on_outcome("subscribe", "ok")
+        if body.open_session:
+            page.session.CopyFrom(self.service.sessions.grant(owner.owner, now_ms))
+        return mailbox_pb2.SessionResponse(fetch=page), subscription
+
+    async def _next_page(
+        self, subscription: Subscription, now_ms: int
+    ) -> mailbox_pb2.FetchResponse:
+        page = await self.service.read_page(
+            subscription.box, subscription.cursor, subscription.limit, now_ms
+        )
+        subscription.cursor = int.from_bytes(page.next_cursor[-8:], "big")
+        if page.more:
+            subscription.wake.set()  # the rest right after this page
+        return page
+
+    async def _pump(self, sub_id: int, subscription: Subscription) -> None:
+        """Push what the mailbox gains, a page at a time, each after the last was written."""
+        while True:
+            await subscription.wake.wait()
+            subscription.wake.clear()
+            await self.pages.acquire()
+            try:
+                page = await self._next_page(subscription, self.service.wall_ms())
+            except BaseException:
+                self.pages.release()
+                raise
+            if not page.blobs:
+                self.pages.release()
+                continue
+            written = asyncio.Event()
+            done = functools.partial(self._page_written, written)
+            await self.out.put((mailbox_pb2.SessionResponse(id=sub_id, push=page), done))
+            self.metrics.pushes.inc(len(page.blobs))
+            await written.wait()
+
+    def _page_written(self, written: asyncio.Event) -> None:
+        self.pages.release()
+        written.set()
+
+    def _unsubscribe(self, sub_id: int) -> None:
+        subscription = self.subscriptions.pop(sub_id, None)
+        if subscription is None:
+            return
+        self.rules.subscribers.remove(subscription.box, subscription.wake)
+        self.metrics.subscriptions.dec()
+        if subscription.pump is not None:
+            subscription.pump.cancel()
+
+    def _end_subscriptions(self) -> None:
+        for sub_id in list(self.subscriptions):
+            self._unsubscribe(sub_id)
+
+    # -- writing -----------------------------------------------------------------------
+
+    async def _write_out(self) -> None:
+        while True:
+            response, written = await self.out.get()
+            if not response.HasField("push"):
+                self.unanswered.discard(response.id)
+            write = asyncio.ensure_future(self.context.write(response))
+            await asyncio.wait((write,), timeout=self.rules.stall_s)
+            if not write.done():
+                # Not cancelled: grpc fails a call whose write was cancelled under it, and
+                # the status must still follow this response out.
+                write.add_done_callback(_retrieve)
+                raise SessionCutError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"session: responses left unread for {self.rules.stall_s:g} s",
+                    "stalled",
+                )
+            write.result()
+            written()
+            self.out.task_done()
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # a write that ended with its call: nothing to say
+
+
+class MailboxSessionService(MailboxService):
+    """The Mailbox service with sessions (the storage node serves this one)."""
+
+    session_rules: SessionRules | None = None  # set by the node once its metrics exist
+
+    # A coroutine writing with ``context.write``, not the generator the stubs type: a write
+    # can then time out (a client that never reads), which a generator's yield cannot.
+    async def Session(  # type: ignore[override]  # noqa: N802
+        self, requests: AsyncIterator[mailbox_pb2.SessionRequest], context: Ctx
+    ) -> None:
+        if self.session_rules is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "session: not ready")
+            return
+        await MailboxSession(self.session_rules, context).run(requests)
