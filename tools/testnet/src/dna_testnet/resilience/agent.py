@@ -65,15 +65,18 @@ async def _send_one(peer: Peer, contact: Any, ident: str) -> None:
     except Exception as exc:  # any failure is this send's outcome, not the run's end
         emit(op="fail", id=ident, t=time.time(), error=f"{type(exc).__name__}: {exc}")
         return
-    emit(op="ack", id=ident, t=time.time(), message_id=sent.message_id.hex(),
-         replicas=sent.stored_on)  # fmt: skip
+    emit(
+        op="ack", id=ident, t=time.time(), message_id=sent.message_id.hex(), replicas=sent.stored_on
+    )
 
 
 async def replicas(contact_name: str) -> None:
     peer = await _peer()
     try:
         fingerprint = (
-            peer.fingerprint if contact_name == "self" else peer.find_contact(contact_name).fingerprint
+            peer.fingerprint
+            if contact_name == "self"
+            else peer.find_contact(contact_name).fingerprint
         )
         found = await peer.mail.storage_nodes(mailbox_id(fingerprint), peer.mail.replicas + 4)
         emit(replicas=[{"ip": c.endpoint.ip, "node_id": c.node_id.hex()} for c in found])
@@ -103,8 +106,12 @@ async def _held_by(mail: MailboxClient, identity: Any, contact: Any) -> list[str
     held: list[str] = []
     cursor = b""
     while True:
-        signed = sign_fetch(identity, limit=FETCH_LIMIT, now_ms=time.time_ns() // 1_000_000,
-                            node_cursors={contact.node_id: cursor})  # fmt: skip
+        signed = sign_fetch(
+            identity,
+            limit=FETCH_LIMIT,
+            now_ms=time.time_ns() // 1_000_000,
+            node_cursors={contact.node_id: cursor},
+        )
         try:
             page = await call(stub.Fetch(mailbox_pb2.FetchRequest.FromString(signed), timeout=10))
         except Exception:

@@ -22,7 +22,7 @@ Pure: no I/O, no clock. `check` takes plain records and returns the figures; the
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -63,12 +63,19 @@ class Verdict:
 
     def figures(self) -> dict[str, object]:
         return {
-            "acked": self.acked, "failed": self.failed, "pending": self.pending,
-            "present": self.present, "lost": len(self.lost), "never_read": len(self.never_read),
-            "stale": self.stale, "worst_stale_s": round(self.worst_stale_s, 1),
-            "duplicates": len(self.duplicates), "phantoms": len(self.phantoms),
-            "recovered": self.recovered, "valid": self.valid,
-        }  # fmt: skip
+            "acked": self.acked,
+            "failed": self.failed,
+            "pending": self.pending,
+            "present": self.present,
+            "lost": len(self.lost),
+            "never_read": len(self.never_read),
+            "stale": self.stale,
+            "worst_stale_s": round(self.worst_stale_s, 1),
+            "duplicates": len(self.duplicates),
+            "phantoms": len(self.phantoms),
+            "recovered": self.recovered,
+            "valid": self.valid,
+        }
 
 
 def check(sends: Iterable[Send], reads: Iterable[Read]) -> Verdict:
@@ -132,7 +139,9 @@ def _duplicates(reads: Sequence[Read]) -> dict[str, int]:
     return most
 
 
-def check_deleted(deleted: Iterable[str], holdings: dict[str, Sequence[str] | None]) -> list[str]:
+def check_deleted(
+    deleted: Iterable[str], holdings: Mapping[str, Sequence[str] | None]
+) -> list[str]:
     """Deleted messages a storage node still serves (``holdings``: node -> the IDs it
     serves, None if it did not answer), as "ID@node": after the replicas converged, a
     delete must hold everywhere (nothing deleted comes back)."""
