@@ -338,6 +338,13 @@ class ComposeDriver:
 
 # --- kubectl (deploy/chaos) ---------------------------------------------------------------
 
+# The faults a pod cannot do to itself, as Chaos Mesh objects in deploy/chaos/chaos-mesh.
+CHAOS_MANIFESTS = {
+    "pause": "frozen-replica.yaml",
+    "partition": "partition-halves.yaml",
+    "loss": "loss-to-storage.yaml",
+}
+
 
 @dataclass
 class KubectlDriver:
@@ -413,16 +420,16 @@ class KubectlDriver:
         self.applied.append(text)
 
     def pause(self, node: str) -> None:
-        self._apply("frozen-replica.yaml", {"TARGET_POD": node})
+        self._apply(CHAOS_MANIFESTS["pause"], {"TARGET_POD": node})
 
     def unpause(self, node: str) -> None:
         self.heal_all()
 
     def partition(self, side_a: Sequence[str], side_b: Sequence[str]) -> None:
-        self._apply("partition-halves.yaml", {})
+        self._apply(CHAOS_MANIFESTS["partition"], {})
 
     def lose(self, peers: Sequence[str], nodes: Sequence[str], probability: float) -> None:
-        self._apply("loss-to-storage.yaml", {"LOSS_PERCENT": str(round(probability * 100))})
+        self._apply(CHAOS_MANIFESTS["loss"], {"LOSS_PERCENT": str(round(probability * 100))})
 
     def heal_all(self) -> None:
         for text in reversed(self.applied):
