@@ -503,7 +503,7 @@ def compose_up(root: Path, project: str, topology: Topology = TESTNET) -> Compos
     compose(root, project, "up", "-d")
     driver = ComposeDriver(project, topology)
     driver.wait_healthy(
-        [n.name for n in topology.nodes] + [p.name for p in topology.peers], timeout=300
+        [n.name for n in topology.nodes] + [p.name for p in topology.peers], timeout=600
     )
     return driver
 
