@@ -11,8 +11,10 @@ HERE).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -78,6 +80,16 @@ def chosen(args: argparse.Namespace) -> list[Scenario]:
 
 
 def run_suite(args: argparse.Namespace) -> list[Outcome]:
+    """Run, print the progress and each scenario's report (on stderr under --json, where
+    stdout has only the JSON figures), then the summary."""
+    progress = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    with progress:
+        outcomes, seconds = _run(args)
+    _summary(outcomes, seconds, as_json=args.json)
+    return outcomes
+
+
+def _run(args: argparse.Namespace) -> tuple[list[Outcome], float]:
     try:
         scenarios = chosen(args)
     except ValueError as exc:
@@ -101,8 +113,7 @@ def run_suite(args: argparse.Namespace) -> list[Outcome]:
                 outcomes = _run_all(driver, scenarios, seed)
             finally:
                 compose_down(root, args.project)
-    _summary(outcomes, time.monotonic() - start, as_json=args.json)
-    return outcomes
+    return outcomes, time.monotonic() - start
 
 
 def _run_all(driver: ClusterDriver, scenarios: list[Scenario], seed: int) -> list[Outcome]:
