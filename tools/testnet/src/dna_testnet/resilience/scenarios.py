@@ -25,7 +25,7 @@ class Fault:
     lasts_s: float = 0.0  # partition, pause, loss: then healed; churn: for this long
     replicas: int = 0  # kill-wipe, pause: how many of the recipient mailbox's replicas
     fraction: float = 0.0  # churn: of the storage nodes down at once
-    every_s: float = 0.0  # churn: a new set of nodes each period
+    every_s: float = 0.0  # churn: down time + pause before the next set (after healthy)
     probability: float = 0.0  # loss: of each packet between peers and storage nodes
 
 
@@ -82,8 +82,8 @@ SCENARIOS: tuple[Scenario, ...] = (
     ),
     Scenario(
         "churn",
-        "30% of the storage nodes (2 of 6) SIGKILLed and started again, a new pair every"
-        " 20 s, for the whole run",
+        "30% of the storage nodes (2 of 6, drawn each time) SIGKILLed, started again 8 s"
+        " later; 12 s after they are healthy, the next pair; for 80 s of the load",
         Fault("churn", at_s=3.0, lasts_s=80.0, fraction=0.3, every_s=20.0),
         messages=180,
         interval_s=0.5,
