@@ -56,6 +56,7 @@ class Outcome:
     fetch_duplicates: list[str]
     duration_s: float
     timeline: list[str]
+    failures: list[str] = field(default_factory=list)  # "ID: why" of each failed send
 
     @property
     def passed(self) -> bool:
@@ -107,6 +108,9 @@ class Load:
             for i, t in invoked.items()
         ]
 
+    def failures(self) -> list[str]:
+        return [f"{r['id']}: {r['error']}" for r in self.records if r["op"] == "fail"]
+
     def message_ids(self) -> dict[str, str]:
         """message ID (hex) -> send ID, for the acked sends."""
         return {r["message_id"]: r["id"] for r in self.records if r["op"] == "ack"}
@@ -145,7 +149,16 @@ def run_scenario(driver: ClusterDriver, scenario: Scenario, seed: int) -> Outcom
     undeleted, fetch_dups = _converged(driver, load, reads, timeline)
     verdict = check(load.sends(), reads)
     duration = time.time() - timeline.start
-    return Outcome(scenario.name, seed, verdict, undeleted, fetch_dups, duration, timeline.lines())
+    return Outcome(
+        scenario.name,
+        seed,
+        verdict,
+        undeleted,
+        fetch_dups,
+        duration,
+        timeline.lines(),
+        load.failures(),
+    )
 
 
 def _replicas(driver: ClusterDriver) -> list[str]:
@@ -315,11 +328,12 @@ def report(outcome: Outcome) -> str:
     head = (
         f"scenario {f['scenario']} seed {f['seed']}: acked {f['acked']}, present"
         f" {f['present']}, lost {f['lost']}, duplicates {f['duplicates']}, failed"
-        f" {f['failed']}, never read {f['never_read']}, stale {f['stale']} (worst"
+        f" {f['failed']} (recovered {f['recovered']}), never read {f['never_read']},"
+        f" stale {f['stale']} (worst"
         f" {f['worst_stale_s']} s), deleted still served {f['undeleted']}, duration"
         f" {f['duration_s']} s: {'PASS' if outcome.passed else 'FAIL'}"
     )
-    details = []
+    details = [f"  failed: {error}" for error in outcome.failures[:5]]
     if outcome.verdict.lost:
         details.append(f"  lost: {', '.join(outcome.verdict.lost)}")
     if outcome.verdict.duplicates:
