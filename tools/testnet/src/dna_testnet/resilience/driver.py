@@ -119,6 +119,7 @@ CHAIN = "DNACHAOS"  # the iptables chain every fault rule goes in: a heal flushe
 # A container that shares a node's network namespace and may change its firewall (the
 # nodes themselves run read-only, unprivileged, without iptables).
 FIREWALL_IMAGE = "dna-router:local"
+PAUSE_ATTEMPTS = 10
 
 
 def docker(*args: str, timeout: float = 120, stdin: str | None = None) -> str:
@@ -221,7 +222,16 @@ class ComposeDriver:
                 time.sleep(1)
 
     def pause(self, node: str) -> None:
-        docker("pause", self.container(node))
+        """`docker pause`, tried again while the freezer cannot freeze yet (a process in the
+        middle of I/O: "unable to freeze", seen here on a busy machine)."""
+        for attempt in range(PAUSE_ATTEMPTS):
+            try:
+                docker("pause", self.container(node))
+                return
+            except RuntimeError as exc:
+                if "unable to freeze" not in str(exc) or attempt == PAUSE_ATTEMPTS - 1:
+                    raise
+                time.sleep(1)
 
     def unpause(self, node: str) -> None:
         docker("unpause", self.container(node))
