@@ -138,6 +138,7 @@ class ComposeDriver:
     project: str
     topology: Topology = TESTNET
     _ids: dict[str, str] = field(default_factory=dict)
+    _firewalled: set[str] = field(default_factory=set)  # names with rules in their chain
 
     def container(self, service: str) -> str:
         if service not in self._ids:
@@ -244,6 +245,7 @@ class ComposeDriver:
 
     def _firewall(self, name: str, rules: Sequence[str]) -> None:
         """Run iptables ``rules`` (arguments after ``-A CHAIN``) in ``name``'s namespace."""
+        self._firewalled.add(name)
         script = [
             f"iptables -N {CHAIN} 2>/dev/null || true",
             *(
@@ -290,14 +292,18 @@ class ComposeDriver:
         self._on_each(dict.fromkeys(peers, rules))
 
     def heal_all(self) -> None:
-        """Unpause every paused container, flush every fault rule."""
-        for name in self.addresses():
-            state = json.loads(docker("inspect", "-f", "{{json .State}}", self._netns_holder(name)))
-            if state.get("Paused"):
-                docker("unpause", self._netns_holder(name))
+        """Unpause every paused container; flush the fault rules of every container that
+        got some (one `docker run` each: only those)."""
+        names = list(self.addresses())
+        holders = [self._netns_holder(name) for name in names]
+        states = docker("inspect", "-f", "{{json .State.Paused}}", *holders).split()
+        for holder, paused in zip(holders, states, strict=True):
+            if json.loads(paused):
+                docker("unpause", holder)
         flush = f"iptables -F {CHAIN} 2>/dev/null || true"
         with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(lambda name: self._flush(name, flush), self.addresses()))
+            list(pool.map(lambda name: self._flush(name, flush), sorted(self._firewalled)))
+        self._firewalled.clear()
 
     def _flush(self, name: str, flush: str) -> None:
         holder = self._netns_holder(name)
