@@ -27,7 +27,7 @@ from dna_core.mailbox.auth import sign_fetch
 from dna_core.mailbox.client import MailboxClient
 from dna_core.mailbox.ids import mailbox_id
 from dna_core.rpc_errors import call
-from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
+from dna_core.wire import mailbox_pb2, mailbox_pb2_grpc
 from dna_peer.network import default_seeds, join_overlay
 from dna_peer.peer import Peer, open_peer
 from dna_peer.profile import Profile
