@@ -1,5 +1,5 @@
 # Entry points. Each target bootstraps what it needs (uv, the locked env, system packages).
-.PHONY: bootstrap demo test check lint types unit fast bench protos config-docs metrics-docs dashboards chart-schema images compose clean
+.PHONY: bootstrap demo test check lint types unit fast bench protos config-docs metrics-docs dashboards chart-schema images compose resilience chaos-scenarios clean
 
 # scripts/bootstrap.sh prints the uv to use, or nothing when it failed: then stop here
 # rather than run the recipe with an empty command.
@@ -70,6 +70,18 @@ images:
 ## make compose: regenerate docker-compose.yml and deploy/compose/ from the testnet topology
 compose:
 	$(UV) run --locked python scripts/gen_compose.py
+
+## make resilience: the six resilience scenarios on the compose testnet, each with its seed
+## and figures (docs/resilience.md); fails if any message was lost or duplicated.
+## RESILIENCE_ARGS passes options, e.g. RESILIENCE_ARGS="--scenario churn --seed 7"
+resilience:
+	@scripts/bootstrap.sh images >/dev/null
+	scripts/images.sh
+	$(UV) run --locked dna-testnet resilience $(RESILIENCE_ARGS)
+
+## make chaos-scenarios: regenerate deploy/chaos/scenarios.yaml from the resilience scenarios
+chaos-scenarios:
+	$(UV) run --locked python scripts/gen_chaos_scenarios.py
 
 clean:
 	rm -rf .venv .tools .mypy_cache .ruff_cache .pytest_cache .hypothesis

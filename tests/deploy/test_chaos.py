@@ -1,17 +1,21 @@
-"""deploy/chaos: the scenarios for a real cluster. They cannot run here (no Kubernetes API
-server), so this checks what can be checked offline: every scenario names a fault run.sh
-knows, every Chaos Mesh manifest is one of the scenarios' and selects pods by the labels
-the chart really puts on them."""
+"""deploy/chaos: the resilience scenarios on a real cluster. They cannot run here (no
+Kubernetes API server), so this checks what can be checked offline: scenarios.yaml is the
+suite's own list, every Chaos Mesh manifest is one the kubectl driver applies and selects
+pods by the labels the chart really puts on them, and run.sh is valid bash that refuses
+an unknown scenario."""
 
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from deploy_files import CHART, DEPLOY, tool
+from deploy_files import CHART, DEPLOY, ROOT, tool
+from dna_testnet.resilience.driver import CHAOS_MANIFESTS
+from dna_testnet.resilience.scenarios import SCENARIOS
 
 pytestmark = pytest.mark.process  # helm, promtool, bash or node processes
 
@@ -22,17 +26,24 @@ def _scenarios() -> list[dict[str, Any]]:
     return list(yaml.safe_load((CHAOS / "scenarios.yaml").read_text())["scenarios"])
 
 
-def test_every_scenario_has_exactly_one_fault_and_a_duration() -> None:
-    names = [s["name"] for s in _scenarios()]
-    assert len(names) == len(set(names)) == 6
-    sequences = {"kill-wipe", "rolling-restart"}
-    for scenario in _scenarios():
-        assert ("manifest" in scenario) != ("kubectl" in scenario), scenario["name"]
-        assert scenario.get("kubectl", "kill-wipe") in sequences, scenario["name"]
-        assert str(scenario["duration"]).endswith("s") and scenario["about"]
-    manifests = {s["manifest"] for s in _scenarios() if "manifest" in s}
-    on_disk = {str(p.relative_to(CHAOS)) for p in (CHAOS / "chaos-mesh").glob("*.yaml")}
-    assert manifests == on_disk
+def test_the_scenarios_file_is_generated_from_the_suites_own_definitions() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/gen_chaos_scenarios.py"), "--check"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert [s["name"] for s in _scenarios()] == [s.name for s in SCENARIOS]
+    assert {s["fault"]["kind"] for s in _scenarios()} == {
+        "kill-wipe", "rolling-restart", "partition", "churn", "pause", "loss"
+    }  # fmt: skip
+
+
+def test_every_chaos_mesh_manifest_is_one_the_kubectl_driver_applies() -> None:
+    on_disk = {p.name for p in (CHAOS / "chaos-mesh").glob("*.yaml")}
+    assert on_disk == set(CHAOS_MANIFESTS.values())
+    for name in on_disk:  # the placeholders the driver replaces, and nothing left over
+        text = (CHAOS / "chaos-mesh" / name).read_text()
+        assert "NAMESPACE" in text and "RELEASE" in text, name
 
 
 def _selectors(node: Any) -> list[dict[str, str]]:

@@ -189,6 +189,36 @@ def test_a_full_bucket_keeps_an_oldest_contact_that_answers_the_check() -> None:
     assert next_check.addr == second.endpoint.udp
 
 
+def test_a_check_answered_by_another_node_at_the_address_evicts_the_one_checked() -> None:
+    """A node replaced on its host (new key, same address: a storage node whose disk was
+    wiped) must not keep its old entry alive by the new node's answers (found by the
+    resilience suite's kill-wipe scenario: a replica set named one host twice)."""
+    b = behaviour(k=2)
+    oldest, _ = full_bucket(b)
+    newcomer, out = newcomer_at(b, GOOD_FOR + 1)
+    [check] = of_type(out, Send)
+    # oldest's address, another node ID (in another bucket: it takes no slot of this one)
+    replacement = peer(0, b"\x01" + far_id(50)[1:])
+    assert replacement.endpoint == oldest.endpoint and replacement.node_id != oldest.node_id
+    b.on_response(answer_to(check, Pong(), replacement), oldest.endpoint.udp, GOOD_FOR + 1.1)
+    assert Rejected("another_node") in b.poll()
+    assert oldest.node_id not in b.table and newcomer.node_id in b.table
+
+
+def test_a_lookup_does_not_count_a_replaced_node_as_found() -> None:
+    everyone, net, h = scripted(30, known=30)
+    target = hashlib.sha256(b"target").digest()
+    stale = closest_to(target, everyone, 1)[0]
+    reborn = Contact(hashlib.sha256(b"reborn").digest(), b"", stale.endpoints)
+    net.everyone = [reborn if c is stale else c for c in everyone]
+    net.by_addr[stale.endpoint.udp] = reborn
+    lookup = h.lookup(target)
+    h.run()
+    found = {c.node_id for c in lookup.result()}
+    assert stale.node_id not in found and reborn.node_id in found
+    assert len({c.endpoint for c in lookup.result()}) == len(lookup.result())
+
+
 def test_a_full_bucket_heard_from_recently_is_not_pinged() -> None:
     b = behaviour(k=2)
     full_bucket(b, at=NOW)

@@ -5,6 +5,8 @@ up       start 3 bootstrap and 6 storage nodes and a STUN/TURN relay (state in -
 status   one line per node: role, address, PID, health, routing table, records, blobs
 down     stop every node of --dir (also ones restarted by hand), saying which
 demo     up, the store-and-forward flow, down (in a temporary directory)
+resilience  the resilience scenarios on the compose testnet (docs/resilience.md): each
+         prints its seed and figures; exit 1 if any message was lost or duplicated
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dna_peer.terminal import console, quiet_broken_pipe, table
 
 from dna_testnet.demo import run_demo
 from dna_testnet.network import LocalNode, Testnet
+from dna_testnet.resilience.suite import add_arguments, run_suite
 from dna_testnet.topology import TESTNET
 
 EXAMPLES = """examples:
@@ -27,6 +30,7 @@ EXAMPLES = """examples:
   dna-testnet status --json      one JSON object per node, for scripts
   dna-testnet down               stop it
   dna-testnet up --dir /tmp/net  a second state directory (same addresses: one at a time)
+  dna-testnet resilience --scenario frozen-replica --seed 7   one scenario, on containers
 """
 
 
@@ -94,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dna-testnet", description=__doc__, epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    parser.add_argument("command", choices=["up", "status", "down", "demo"],
+    parser.add_argument("command", choices=["up", "status", "down", "demo", "resilience"],
                         help="what to do (see above)")  # fmt: skip
     parser.add_argument(
         "--dir",
@@ -105,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--json",
         action="store_true",
-        help="machine-readable output (status, down; errors as JSON on stderr)",
+        help="machine-readable output (status, down, resilience; errors as JSON on stderr)",
     )
+    add_arguments(parser)
     return parser
 
 
@@ -130,6 +135,10 @@ def main() -> None:
 def _run(args: argparse.Namespace) -> None:
     if args.command == "demo":
         run_demo()
+        return
+    if args.command == "resilience":
+        if not all(outcome.passed for outcome in run_suite(args)):
+            sys.exit(1)
         return
     net = Testnet(args.dir.resolve(), stun=len(TESTNET.relays))
     if args.command == "up":

@@ -137,7 +137,7 @@ class RequestEnded:
 class Rejected:
     """For the adapter's counters: a response refused."""
 
-    reason: str  # "unsolicited_response" or "key_unproven"
+    reason: str  # "unsolicited_response", "key_unproven" or "another_node"
 
 
 Command = Send | StartTimer | PingDone | LookupDone | RequestEnded | Rejected
@@ -331,6 +331,15 @@ class OverlayBehaviour:
             _remember(self._tokens, addr, dgram.token, TOKEN_CACHE_SIZE)
         self._heard_from(dgram, addr, now)
         owner = pending.context
+        if _another_node_answered(pending, dgram):
+            # The node asked for is gone from that address: another one (a new key on the
+            # same host, as a storage node whose disk was replaced) answered, and was
+            # observed above. For the node asked, it is no answer: otherwise its stale
+            # entry passes every liveness check and every lookup, and a mailbox's replica
+            # set names that one host twice (two of the W copies of a put on one disk).
+            self._out.append(Rejected("another_node"))
+            self._failed(pending, now)
+            return
         if isinstance(dgram.body, TokenReply):
             self._token_required(pending, now)
         elif type(owner) is _Query:
@@ -563,6 +572,17 @@ class OverlayBehaviour:
 _REQUESTS: tuple[type[Body], ...] = (Ping, FindNode)
 _ANSWERED = {kind: RequestEnded(kind.__name__.lower(), "ok") for kind in _REQUESTS}
 _TIMED_OUT = {kind: RequestEnded(kind.__name__.lower(), "timeout") for kind in _REQUESTS}
+
+
+def _another_node_answered(pending: Pending, dgram: Datagram) -> bool:
+    """Whether a response comes from another node than the one the request was for (a
+    lookup query, a liveness check; a plain ping is for whoever is at the address)."""
+    owner = pending.context
+    expected = pending.node_id
+    if expected is None and type(owner) is PingOp and owner.check is not None:
+        expected = owner.check.node_id
+    sender = dgram.sender
+    return expected is not None and sender is not None and sender.node_id != expected
 
 
 def _signed(contact: Contact, op: PingOp, pong: Pong) -> bool:

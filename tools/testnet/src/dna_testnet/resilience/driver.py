@@ -1,0 +1,528 @@
+"""Cluster drivers: what the resilience runner does to a network, behind one small
+interface (`ClusterDriver`), so the same scenarios run on the compose testnet
+(`ComposeDriver`, tested here) and on a Kubernetes cluster (`KubectlDriver`, for
+deploy/chaos: NOT RUN HERE, no API server can run on this project's machines).
+
+Node names are the topology's (storage1, bootstrap2, alice, ...). Faults are undone by
+their heal methods; `heal_all` undoes every network fault at once (a run that fails midway
+calls it, so the next scenario starts on a whole network).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+from dna_testnet.compose import REDIS_ADDRESS, node_address, peer_lan, redis_url
+from dna_testnet.topology import TESTNET, Topology
+
+AGENT = Path(__file__).with_name("agent.py")
+Delivery = tuple[float, str]  # (when the recipient printed it, its text)
+
+
+class ClusterDriver(Protocol):
+    """The faults and the probes a scenario needs."""
+
+    def storage(self) -> list[str]: ...
+    def node_of(self, ip: str) -> str:
+        """The node name behind an address the overlay reports."""
+        ...
+
+    def kill(self, node: str) -> None:
+        """SIGKILL: no drain, no goodbye."""
+        ...
+
+    def wipe(self, node: str) -> None:
+        """Delete a killed node's data (volume, Redis database): it comes back new."""
+        ...
+
+    def start(self, node: str) -> None: ...
+    def restart(self, node: str) -> None: ...
+    def wait_healthy(self, nodes: Sequence[str], timeout: float = 180) -> None: ...
+    def pause(self, node: str) -> None: ...
+    def unpause(self, node: str) -> None: ...
+    def partition(self, side_a: Sequence[str], side_b: Sequence[str]) -> None:
+        """Drop every packet between the two sides (nodes, and peers by their routers)."""
+        ...
+
+    def lose(self, peers: Sequence[str], nodes: Sequence[str], probability: float) -> None:
+        """Drop each packet between ``peers`` and ``nodes`` with ``probability``."""
+        ...
+
+    def heal_all(self) -> None: ...
+    def stop_peer(self, peer: str) -> None: ...
+    def start_peer(self, peer: str) -> None: ...
+    def agent(self, peer: str, *args: str) -> subprocess.Popen[str]:
+        """The agent (agent.py) running in ``peer``'s container, stdout piped."""
+        ...
+
+    def deliveries(self, peer: str) -> list[Delivery]:
+        """Every message the peer's `dna watch --json` printed, with its time."""
+        ...
+
+
+def run_agent(driver: ClusterDriver, peer: str, *args: str, timeout: float = 180) -> str:
+    """The agent's whole output; an error naming what it said when it fails."""
+    process = driver.agent(peer, *args)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    if process.returncode != 0:
+        raise RuntimeError(f"agent {' '.join(args)} in {peer} exited {process.returncode}: {err}")
+    return out
+
+
+def _fed(process: subprocess.Popen[str]) -> subprocess.Popen[str]:
+    """The agent's source written to the process's stdin, then closed (and forgotten, so
+    `communicate` does not touch it again)."""
+    assert process.stdin is not None
+    process.stdin.write(AGENT.read_text())
+    process.stdin.close()
+    process.stdin = None
+    return process
+
+
+def _parse_log_line(line: str) -> Delivery | None:
+    """``docker logs -t`` / ``kubectl logs --timestamps``: "<RFC 3339 time> <JSON>"."""
+    stamp, _, rest = line.partition(" ")
+    if not rest.startswith("{"):
+        return None
+    try:
+        message = json.loads(rest)
+    except json.JSONDecodeError:
+        return None
+    if "message_id" not in message or "text" not in message:
+        return None
+    # Nanoseconds: Python takes microseconds at most.
+    head, _, frac = stamp.rstrip("Z").partition(".")
+    when = datetime.fromisoformat(f"{head}.{(frac + '000000')[:6]}+00:00").timestamp()
+    return when, str(message["text"])
+
+
+def parse_deliveries(log: str) -> list[Delivery]:
+    return [d for line in log.splitlines() if (d := _parse_log_line(line)) is not None]
+
+
+# --- compose --------------------------------------------------------------------------
+
+DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"
+CHAIN = "DNACHAOS"  # the iptables chain every fault rule goes in: a heal flushes it
+# A container that shares a node's network namespace and may change its firewall (the
+# nodes themselves run read-only, unprivileged, without iptables).
+FIREWALL_IMAGE = "dna-router:local"
+PAUSE_ATTEMPTS = 10
+
+
+def docker(*args: str, timeout: float = 120, stdin: str | None = None) -> str:
+    done = subprocess.run(
+        [DOCKER, *args], input=stdin, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"docker {' '.join(args[:3])} exited {done.returncode}: {done.stderr}")
+    return done.stdout
+
+
+@dataclass
+class ComposeDriver:
+    """The compose testnet of project ``project`` (docker-compose.yml at the root)."""
+
+    project: str
+    topology: Topology = TESTNET
+    _ids: dict[str, str] = field(default_factory=dict)
+    _firewalled: set[str] = field(default_factory=set)  # names with rules in their chain
+
+    def container(self, service: str) -> str:
+        if service not in self._ids:
+            label = f"label=com.docker.compose.project={self.project}"
+            listed = docker(
+                "ps",
+                "-a",
+                "--filter",
+                label,
+                "--format",
+                '{{.ID}} {{.Label "com.docker.compose.service"}}',
+            )
+            self._ids.update({s: i for i, s in (line.split() for line in listed.splitlines())})
+        if service not in self._ids:
+            raise RuntimeError(f"no container for {service} in compose project {self.project}")
+        return self._ids[service]
+
+    def storage(self) -> list[str]:
+        return [n.name for n in self.topology.storage]
+
+    def addresses(self) -> dict[str, str]:
+        """Every container on the internet network, by the name a fault uses: nodes,
+        Redis, and each peer by its NAT router (what nodes see of it)."""
+        found = {n.name: node_address(self.topology, n.name) for n in self.topology.nodes}
+        found["redis"] = REDIS_ADDRESS
+        for peer in self.topology.peers:
+            found[peer.name] = peer_lan(self.topology, peer.name).router_internet
+        return found
+
+    def node_of(self, ip: str) -> str:
+        for name, address in self.addresses().items():
+            if address == ip:
+                return name
+        raise RuntimeError(f"no node of the testnet has the address {ip}")
+
+    def kill(self, node: str) -> None:
+        docker("kill", "-s", "KILL", self.container(node))
+
+    def wipe(self, node: str) -> None:
+        """Empty the data volume (a throwaway container of the same image mounts it) and,
+        for a node on Redis, its database."""
+        image = docker("inspect", "-f", "{{.Config.Image}}", self.container(node)).strip()
+        docker(
+            "run",
+            "--rm",
+            "--volumes-from",
+            self.container(node),
+            "--entrypoint",
+            "sh",
+            image,
+            "-c",
+            "rm -rf /var/lib/dna/* /var/lib/dna/.[!.]*",
+        )
+        spec = next(n for n in self.topology.storage if n.name == node)
+        url = redis_url(self.topology, spec)
+        if url is not None:
+            db = url.rsplit("/", 1)[1]
+            docker("exec", self.container("redis"), "redis-cli", "-n", db, "FLUSHDB")
+
+    def start(self, node: str) -> None:
+        docker("start", self.container(node))
+
+    def restart(self, node: str) -> None:
+        docker("restart", "-t", "10", self.container(node))
+
+    def wait_healthy(self, nodes: Sequence[str], timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(nodes)
+        while pending:
+            ids = [self.container(n) for n in pending]
+            states = [
+                json.loads(s) for s in docker("inspect", "-f", "{{json .State}}", *ids).splitlines()
+            ]
+            pending = [
+                n
+                for n, s in zip(pending, states, strict=True)
+                if s.get("Health", {}).get("Status") != "healthy"
+            ]
+            if pending and time.monotonic() > deadline:
+                raise RuntimeError(f"not healthy after {timeout:.0f} s: {pending}")
+            if pending:
+                time.sleep(1)
+
+    def pause(self, node: str) -> None:
+        """`docker pause`, tried again while the freezer cannot freeze yet (a process in the
+        middle of I/O: "unable to freeze", seen here on a busy machine)."""
+        for attempt in range(PAUSE_ATTEMPTS):
+            try:
+                docker("pause", self.container(node))
+                return
+            except RuntimeError as exc:
+                if "unable to freeze" not in str(exc) or attempt == PAUSE_ATTEMPTS - 1:
+                    raise
+                time.sleep(1)
+
+    def unpause(self, node: str) -> None:
+        docker("unpause", self.container(node))
+
+    def _netns_holder(self, name: str) -> str:
+        """The container whose network namespace carries ``name``'s internet traffic: a
+        peer's router (the peer sits behind it), else the node itself."""
+        peers = {p.name for p in self.topology.peers}
+        return self.container(f"{name}-router" if name in peers else name)
+
+    def _firewall(self, name: str, rules: Sequence[str]) -> None:
+        """Run iptables ``rules`` (arguments after ``-A CHAIN``) in ``name``'s namespace."""
+        self._firewalled.add(name)
+        script = [
+            f"iptables -N {CHAIN} 2>/dev/null || true",
+            *(
+                f"iptables -C {hook} -j {CHAIN} 2>/dev/null || iptables -I {hook} -j {CHAIN}"
+                for hook in ("INPUT", "OUTPUT", "FORWARD")
+            ),
+            *(f"iptables -A {CHAIN} {rule}" for rule in rules),
+        ]
+        docker(
+            "run",
+            "--rm",
+            "--net",
+            f"container:{self._netns_holder(name)}",
+            "--cap-add",
+            "NET_ADMIN",
+            "--user",
+            "0",
+            "--entrypoint",
+            "sh",
+            FIREWALL_IMAGE,
+            "-ec",
+            "\n".join(script),
+        )
+
+    def _on_each(self, work: dict[str, list[str]]) -> None:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda item: self._firewall(*item), work.items()))
+
+    def partition(self, side_a: Sequence[str], side_b: Sequence[str]) -> None:
+        ips = self.addresses()
+
+        def cut(others: Sequence[str]) -> list[str]:
+            return [f"{d} {ips[o]} -j DROP" for o in others for d in ("-s", "-d")]
+
+        self._on_each({n: cut(side_b) for n in side_a} | {n: cut(side_a) for n in side_b})
+
+    def lose(self, peers: Sequence[str], nodes: Sequence[str], probability: float) -> None:
+        ips = self.addresses()
+        rules = [
+            f"{d} {ips[n]} -m statistic --mode random --probability {probability} -j DROP"
+            for n in nodes
+            for d in ("-s", "-d")
+        ]
+        self._on_each(dict.fromkeys(peers, rules))
+
+    def heal_all(self) -> None:
+        """Unpause every paused container; flush the fault rules of every container that
+        got some (one `docker run` each: only those)."""
+        names = list(self.addresses())
+        holders = [self._netns_holder(name) for name in names]
+        states = docker("inspect", "-f", "{{json .State.Paused}}", *holders).split()
+        for holder, paused in zip(holders, states, strict=True):
+            if json.loads(paused):
+                docker("unpause", holder)
+        flush = f"iptables -F {CHAIN} 2>/dev/null || true"
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda name: self._flush(name, flush), sorted(self._firewalled)))
+        self._firewalled.clear()
+
+    def _flush(self, name: str, flush: str) -> None:
+        holder = self._netns_holder(name)
+        if not json.loads(docker("inspect", "-f", "{{json .State.Running}}", holder)):
+            return  # a stopped container has no namespace (and starts without the rules)
+        docker(
+            "run",
+            "--rm",
+            "--net",
+            f"container:{holder}",
+            "--cap-add",
+            "NET_ADMIN",
+            "--user",
+            "0",
+            "--entrypoint",
+            "sh",
+            FIREWALL_IMAGE,
+            "-c",
+            flush,
+        )
+
+    def stop_peer(self, peer: str) -> None:
+        docker("stop", "-t", "10", self.container(peer))
+
+    def start_peer(self, peer: str) -> None:
+        docker("start", self.container(peer))
+
+    def agent(self, peer: str, *args: str) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [DOCKER, "exec", "-i", self.container(peer), "python3", "-", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        return _fed(process)
+
+    def deliveries(self, peer: str) -> list[Delivery]:
+        done = subprocess.run(
+            [DOCKER, "logs", "-t", self.container(peer)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return parse_deliveries(done.stdout)
+
+
+# --- kubectl (deploy/chaos) ---------------------------------------------------------------
+
+# The faults a pod cannot do to itself, as Chaos Mesh objects in deploy/chaos/chaos-mesh.
+CHAOS_MANIFESTS = {
+    "pause": "frozen-replica.yaml",
+    "partition": "partition-halves.yaml",
+    "loss": "loss-to-storage.yaml",
+}
+
+
+@dataclass
+class KubectlDriver:
+    """A cluster running the dna chart (release ``release`` in ``namespace``) and the two
+    peer pods of deploy/chaos/peers.yaml. Kubernetes has neither SIGSTOP nor iptables in
+    the (unprivileged) pods: pause, partition and loss apply the Chaos Mesh objects of
+    deploy/chaos/chaos-mesh, which `heal_all` deletes. NOT RUN HERE (no API server)."""
+
+    release: str
+    namespace: str
+    storage_count: int = 6
+    chaos_dir: Path = Path("deploy/chaos/chaos-mesh")
+    applied: list[str] = field(default_factory=list)
+
+    def _kubectl(self, *args: str, stdin: str | None = None, timeout: float = 300) -> str:
+        done = subprocess.run(
+            ["kubectl", "-n", self.namespace, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"kubectl {' '.join(args[:3])} exited {done.returncode}: {done.stderr}"
+            )
+        return done.stdout
+
+    def storage(self) -> list[str]:
+        return [f"{self.release}-dna-storage-{i}" for i in range(self.storage_count)]
+
+    def node_of(self, ip: str) -> str:
+        pods = json.loads(self._kubectl("get", "pods", "-o", "json"))["items"]
+        for pod in pods:
+            if pod.get("status", {}).get("podIP") == ip:
+                return str(pod["metadata"]["name"])
+        raise RuntimeError(f"no pod has the address {ip}")
+
+    def kill(self, node: str) -> None:
+        self._kubectl("delete", "pod", node, "--grace-period=0", "--force", "--wait=false")
+
+    def wipe(self, node: str) -> None:
+        self._kubectl("delete", "pvc", f"data-{node}", "--wait=false")
+        self.kill(node)  # the StatefulSet recreates the pod with a new, empty volume
+
+    def start(self, node: str) -> None:
+        """The StatefulSet starts it again by itself."""
+
+    def restart(self, node: str) -> None:
+        self._kubectl("delete", "pod", node)
+
+    def wait_healthy(self, nodes: Sequence[str], timeout: float = 180) -> None:
+        time.sleep(2)  # a deleted pod may still report Ready for a moment
+        for node in nodes:
+            self._kubectl(
+                "wait",
+                "--for=condition=Ready",
+                f"pod/{node}",
+                f"--timeout={timeout:.0f}s",
+                timeout=timeout + 30,
+            )
+
+    def _apply(self, manifest: str, replacements: dict[str, str]) -> None:
+        text = (self.chaos_dir / manifest).read_text()
+        for key, value in {
+            "NAMESPACE": self.namespace,
+            "RELEASE": self.release,
+            **replacements,
+        }.items():
+            text = text.replace(key, value)
+        self._kubectl("apply", "-f", "-", stdin=text)
+        self.applied.append(text)
+
+    def pause(self, node: str) -> None:
+        self._apply(CHAOS_MANIFESTS["pause"], {"TARGET_POD": node})
+
+    def unpause(self, node: str) -> None:
+        self.heal_all()
+
+    def partition(self, side_a: Sequence[str], side_b: Sequence[str]) -> None:
+        self._apply(CHAOS_MANIFESTS["partition"], {})
+
+    def lose(self, peers: Sequence[str], nodes: Sequence[str], probability: float) -> None:
+        self._apply(CHAOS_MANIFESTS["loss"], {"LOSS_PERCENT": str(round(probability * 100))})
+
+    def heal_all(self) -> None:
+        for text in reversed(self.applied):
+            self._kubectl("delete", "--ignore-not-found", "-f", "-", stdin=text)
+        self.applied.clear()
+
+    def stop_peer(self, peer: str) -> None:
+        self._kubectl("scale", "statefulset", f"chaos-{peer}", "--replicas=0")
+        self._kubectl("wait", "--for=delete", f"pod/chaos-{peer}-0", "--timeout=120s")
+
+    def start_peer(self, peer: str) -> None:
+        self._kubectl("scale", "statefulset", f"chaos-{peer}", "--replicas=1")
+
+    def agent(self, peer: str, *args: str) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [
+                "kubectl",
+                "-n",
+                self.namespace,
+                "exec",
+                "-i",
+                f"chaos-{peer}-0",
+                "--",
+                "python3",
+                "-",
+                *args,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        return _fed(process)
+
+    def deliveries(self, peer: str) -> list[Delivery]:
+        return parse_deliveries(self._kubectl("logs", "--timestamps", f"chaos-{peer}-0"))
+
+
+def lines(process: subprocess.Popen[str]) -> Iterator[str]:
+    assert process.stdout is not None
+    yield from process.stdout
+
+
+# --- the compose testnet's lifecycle ----------------------------------------------------
+
+COMPOSE = (
+    ["/usr/bin/docker-compose"] if Path("/usr/bin/docker-compose").exists() else [DOCKER, "compose"]
+)
+
+
+def compose(root: Path, project: str, *args: str, timeout: float = 600) -> str:
+    done = subprocess.run(
+        [*COMPOSE, "-p", project, *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"compose {' '.join(args)} exited {done.returncode}:\n{done.stderr[-3000:]}"
+        )
+    return done.stdout
+
+
+def compose_up(root: Path, project: str, topology: Topology = TESTNET) -> ComposeDriver:
+    """docker-compose.yml up (no monitoring profile), from scratch, every node and peer
+    healthy: the network a scenario starts on."""
+    compose(root, project, "down", "-v", "--remove-orphans")  # a crashed run's leftovers
+    compose(root, project, "up", "-d")
+    driver = ComposeDriver(project, topology)
+    driver.wait_healthy(
+        [n.name for n in topology.nodes] + [p.name for p in topology.peers], timeout=600
+    )
+    return driver
+
+
+def compose_down(root: Path, project: str) -> None:
+    compose(root, project, "down", "-v", "--remove-orphans", timeout=300)
