@@ -23,9 +23,7 @@ import time
 from typing import Any
 
 from dna_core.crypto.envelope import decode_envelope
-from dna_core.mailbox.auth import sign_fetch
-from dna_core.mailbox.client import MailboxClient
-from dna_core.mailbox.ids import mailbox_id
+from dna_core.mailbox import MailboxClient, mailbox_id, sign_fetch
 from dna_core.rpc_errors import call
 from dna_core.wire import mailbox_pb2, mailbox_pb2_grpc
 from dna_peer.network import default_seeds, join_overlay
