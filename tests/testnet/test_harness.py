@@ -88,6 +88,7 @@ EXAMPLES = {
     "tests/peer/test_dna_cli_names.py": "a bootstrap address nothing listens on",
     "tests/testnet/test_harness.py": "this rule's own pattern and allocator ranges",
     "tests/stun/test_core.py": "relay policy inputs, never dialled",
+    "tests/core/test_mailbox_planner.py": "contacts in a plan, never dialled",
 }
 
 
