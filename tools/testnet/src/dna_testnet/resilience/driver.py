@@ -115,6 +115,15 @@ CHAIN = "DNACHAOS"  # the iptables chain every fault rule goes in: a heal flushe
 FIREWALL_IMAGE = "dna-router:local"
 
 
+def _in_netns(holder: str, script: str) -> None:
+    """Run shell ``script`` (stopping at the first failure) as root with NET_ADMIN in the
+    network namespace of container ``holder``."""
+    docker(
+        "run", "--rm", "--net", f"container:{holder}", "--cap-add", "NET_ADMIN", "--user", "0",
+        "--entrypoint", "sh", FIREWALL_IMAGE, "-ec", script,
+    )  # fmt: skip
+
+
 class ComposeFaults(ComposeDriver):
     """The compose testnet of project ``project`` (docker-compose.yml in ``root``): the
     harness's compose driver, plus iptables faults and the peers."""
@@ -159,21 +168,7 @@ class ComposeFaults(ComposeDriver):
             ),
             *(f"iptables -A {CHAIN} {rule}" for rule in rules),
         ]
-        docker(
-            "run",
-            "--rm",
-            "--net",
-            f"container:{self._netns_holder(name)}",
-            "--cap-add",
-            "NET_ADMIN",
-            "--user",
-            "0",
-            "--entrypoint",
-            "sh",
-            FIREWALL_IMAGE,
-            "-ec",
-            "\n".join(script),
-        )
+        _in_netns(self._netns_holder(name), "\n".join(script))
 
     def _on_each(self, work: dict[str, list[str]]) -> None:
         with ThreadPoolExecutor(max_workers=8) as pool:
@@ -214,21 +209,7 @@ class ComposeFaults(ComposeDriver):
         holder = self._netns_holder(name)
         if not json.loads(docker("inspect", "-f", "{{json .State.Running}}", holder)):
             return  # a stopped container has no namespace (and starts without the rules)
-        docker(
-            "run",
-            "--rm",
-            "--net",
-            f"container:{holder}",
-            "--cap-add",
-            "NET_ADMIN",
-            "--user",
-            "0",
-            "--entrypoint",
-            "sh",
-            FIREWALL_IMAGE,
-            "-c",
-            flush,
-        )
+        _in_netns(holder, flush)
 
     def stop_peer(self, peer: str) -> None:
         self.stop(peer, timeout=10)
