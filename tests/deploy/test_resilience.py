@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from containers import build_images, ensure_engine
-from dna_testnet.resilience.driver import ComposeDriver, compose_down, compose_up
+from dna_testnet.resilience.driver import ComposeFaults, compose_down, compose_up
 from dna_testnet.resilience.runner import report, run_scenario
 from dna_testnet.resilience.scenarios import SHORT, SHORT_MESSAGES, by_name
 
@@ -29,7 +29,7 @@ SEED = 1300  # fixed, so a failure can be run again as it was (--seed)
 
 
 @pytest.fixture(scope="module")
-def testnet() -> Iterator[ComposeDriver]:
+def testnet() -> Iterator[ComposeFaults]:
     ensure_engine()
     build_images()
     start = time.monotonic()
@@ -42,7 +42,7 @@ def testnet() -> Iterator[ComposeDriver]:
 
 
 @pytest.mark.parametrize("name", SHORT)
-def test_no_acknowledged_message_is_lost_or_duplicated(testnet: ComposeDriver, name: str) -> None:
+def test_no_acknowledged_message_is_lost_or_duplicated(testnet: ComposeFaults, name: str) -> None:
     scenario = by_name(name).small(SHORT_MESSAGES)
     outcome = run_scenario(testnet, scenario, SEED + SHORT.index(name))
     print(report(outcome))

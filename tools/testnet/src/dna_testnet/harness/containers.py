@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dna_testnet.compose import redis_url
 from dna_testnet.harness.driver import Cluster, NodeAddress
 from dna_testnet.topology import Topology
 
@@ -41,11 +42,24 @@ def docker(*args: str, timeout: float = 120, check: bool = True) -> str:
     return done.stdout
 
 
-class ComposeDriver:
-    """The `Driver` over one compose project of the compose file in ``workdir``."""
+PAUSE_ATTEMPTS = 10
 
-    def __init__(self, project: str, env: Mapping[str, str], workdir: Path) -> None:
+
+class ComposeDriver:
+    """The `Driver` over one compose project of the compose file in ``workdir``. Given the
+    ``topology`` the file was generated from, `wipe` also empties a Redis-backed node's
+    database (its mailboxes live there, not on its volume)."""
+
+    def __init__(
+        self,
+        project: str,
+        env: Mapping[str, str],
+        workdir: Path,
+        *,
+        topology: Topology | None = None,
+    ) -> None:
         self.project, self.env, self.workdir = project, dict(env), workdir
+        self.topology = topology
         self._ids: dict[str, str] = {}
 
     def run(self, *args: str, timeout: float = 300, check: bool = True) -> str:
@@ -74,12 +88,14 @@ class ComposeDriver:
         self.run("stop", "-t", str(round(timeout)), name, timeout=timeout + 60)
 
     def kill(self, name: str) -> None:
+        """SIGKILL, then wait until the container has stopped (so it can be wiped at once)."""
         docker("kill", "-s", "KILL", self.container(name))
+        docker("wait", self.container(name))
 
     def restart(self, name: str) -> None:
         self.run("restart", name)
 
-    def pause(self, name: str, attempts: int = 5) -> None:
+    def pause(self, name: str, attempts: int = PAUSE_ATTEMPTS) -> None:
         """`docker pause`, tried again when the freeze fails: runc's cgroup freeze gives up
         ("unable to freeze") when a process is being started in the container at that
         moment, which the healthcheck's `exec` does every few seconds."""
@@ -97,7 +113,8 @@ class ComposeDriver:
 
     def wipe(self, name: str) -> None:
         """Remove the stopped container and its named volumes (`<service>-data`): `start`
-        creates a fresh container on an empty volume."""
+        creates a fresh container on an empty volume. A Redis-backed node (by the topology)
+        loses its database too."""
         if self.state(name)["Running"]:
             raise DockerError(f"{name} is running: stop or kill it before wiping its disk")
         volumes = self.volumes(name)  # read before the container that names them goes
@@ -105,6 +122,17 @@ class ComposeDriver:
         self._ids.pop(name)
         for volume in volumes:
             docker("volume", "rm", volume)
+        database = self._redis_database(name)
+        if database is not None:
+            self.exec("redis", "redis-cli", "-n", database, "FLUSHDB")
+
+    def _redis_database(self, name: str) -> str | None:
+        """The number of the node's database on the Redis service, if it is on Redis."""
+        if self.topology is None:
+            return None
+        spec = next((n for n in self.topology.storage if n.name == name), None)
+        url = None if spec is None else redis_url(self.topology, spec)
+        return None if url is None else url.rsplit("/", 1)[1]
 
     def address(self, name: str) -> NodeAddress:
         return NodeAddress(name)

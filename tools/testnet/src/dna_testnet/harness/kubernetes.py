@@ -61,6 +61,14 @@ class KubernetesDriver:
                 return f"{self.fullname}-{role}-{int(index) - 1}"
         raise ValueError(f"{name!r} is not a topology node name (bootstrapN or storageN)")
 
+    def node_name(self, pod: str) -> str | None:
+        """The topology node name of a chart pod (`pod`'s inverse), None for another pod."""
+        for role in ("bootstrap", "storage"):
+            index = pod.removeprefix(f"{self.fullname}-{role}-")
+            if index != pod and index.isdigit():
+                return f"{role}{int(index) + 1}"
+        return None
+
     def _run(self, *args: str) -> str:
         return self.runner([*self.kubectl, "-n", self.namespace, *args])
 
@@ -96,6 +104,12 @@ class KubernetesDriver:
         pod = self.pod(name)
         self._run("delete", "pvc", f"data-{pod}", "--wait=false")
         self._run("delete", "pod", pod, "--grace-period=0", "--force")
+
+    def wait_healthy(self, names: Sequence[str], timeout: float = 240) -> None:
+        """Every node's pod Ready (`kubectl wait`, one node after the other)."""
+        for name in names:
+            pod = f"pod/{self.pod(name)}"
+            self._run("wait", "--for=condition=Ready", pod, f"--timeout={timeout:.0f}s")
 
     def address(self, name: str) -> NodeAddress:
         """The pod's stable DNS name through its role's headless Service."""

@@ -1,7 +1,11 @@
-"""Cluster drivers: what the resilience runner does to a network, behind one small
-interface (`ClusterDriver`), so the same scenarios run on the compose testnet
-(`ComposeDriver`, tested here) and on a Kubernetes cluster (`KubectlDriver`, for
-deploy/chaos: NOT RUN HERE, no API server can run on this project's machines).
+"""What the resilience runner does to a network, behind one small interface
+(`ClusterDriver`), so the same scenarios run on the compose testnet (`ComposeFaults`,
+tested here) and on a Kubernetes cluster (`KubernetesFaults`, for deploy/chaos: NOT RUN
+HERE, no API server can run on this project's machines).
+
+Each is the harness's driver of its kind (`dna_testnet.harness`: it kills, wipes, starts,
+restarts, pauses and resumes nodes, and waits for them to be healthy) plus what only the
+resilience suite needs: network faults, the peers' agent and their deliveries.
 
 Node names are the topology's (storage1, bootstrap2, alice, ...). Faults are undone by
 their heal methods; `heal_all` undoes every network fault at once (a run that fails midway
@@ -11,43 +15,34 @@ calls it, so the next scenario starts on a whole network).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
-import time
+import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from dna_testnet.compose import REDIS_ADDRESS, node_address, peer_lan, redis_url
+from dna_testnet.compose import REDIS_ADDRESS, node_address, peer_lan
+from dna_testnet.harness.containers import DOCKER, ComposeDriver, docker
+from dna_testnet.harness.driver import Driver
+from dna_testnet.harness.kubernetes import KubernetesDriver, Runner, run_kubectl
 from dna_testnet.topology import TESTNET, Topology
 
 AGENT = Path(__file__).with_name("agent.py")
 Delivery = tuple[float, str]  # (when the recipient printed it, its text)
 
 
-class ClusterDriver(Protocol):
-    """The faults and the probes a scenario needs."""
+class ClusterDriver(Driver, Protocol):
+    """A harness `Driver` (the node operations) plus the faults and probes a scenario needs."""
 
     def storage(self) -> list[str]: ...
     def node_of(self, ip: str) -> str:
         """The node name behind an address the overlay reports."""
         ...
 
-    def kill(self, node: str) -> None:
-        """SIGKILL: no drain, no goodbye."""
-        ...
-
-    def wipe(self, node: str) -> None:
-        """Delete a killed node's data (volume, Redis database): it comes back new."""
-        ...
-
-    def start(self, node: str) -> None: ...
-    def restart(self, node: str) -> None: ...
-    def wait_healthy(self, nodes: Sequence[str], timeout: float = 180) -> None: ...
-    def pause(self, node: str) -> None: ...
-    def unpause(self, node: str) -> None: ...
+    def wait_healthy(self, names: Sequence[str], timeout: float = 240) -> None: ...
     def partition(self, side_a: Sequence[str], side_b: Sequence[str]) -> None:
         """Drop every packet between the two sides (nodes, and peers by their routers)."""
         ...
@@ -114,47 +109,29 @@ def parse_deliveries(log: str) -> list[Delivery]:
 
 # --- compose --------------------------------------------------------------------------
 
-DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"
 CHAIN = "DNACHAOS"  # the iptables chain every fault rule goes in: a heal flushes it
 # A container that shares a node's network namespace and may change its firewall (the
 # nodes themselves run read-only, unprivileged, without iptables).
 FIREWALL_IMAGE = "dna-router:local"
-PAUSE_ATTEMPTS = 10
 
 
-def docker(*args: str, timeout: float = 120, stdin: str | None = None) -> str:
-    done = subprocess.run(
-        [DOCKER, *args], input=stdin, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"docker {' '.join(args[:3])} exited {done.returncode}: {done.stderr}")
-    return done.stdout
+def _in_netns(holder: str, script: str) -> None:
+    """Run shell ``script`` (stopping at the first failure) as root with NET_ADMIN in the
+    network namespace of container ``holder``."""
+    docker(
+        "run", "--rm", "--net", f"container:{holder}", "--cap-add", "NET_ADMIN", "--user", "0",
+        "--entrypoint", "sh", FIREWALL_IMAGE, "-ec", script,
+    )  # fmt: skip
 
 
-@dataclass
-class ComposeDriver:
-    """The compose testnet of project ``project`` (docker-compose.yml at the root)."""
+class ComposeFaults(ComposeDriver):
+    """The compose testnet of project ``project`` (docker-compose.yml in ``root``): the
+    harness's compose driver, plus iptables faults and the peers."""
 
-    project: str
-    topology: Topology = TESTNET
-    _ids: dict[str, str] = field(default_factory=dict)
-    _firewalled: set[str] = field(default_factory=set)  # names with rules in their chain
-
-    def container(self, service: str) -> str:
-        if service not in self._ids:
-            label = f"label=com.docker.compose.project={self.project}"
-            listed = docker(
-                "ps",
-                "-a",
-                "--filter",
-                label,
-                "--format",
-                '{{.ID}} {{.Label "com.docker.compose.service"}}',
-            )
-            self._ids.update({s: i for i, s in (line.split() for line in listed.splitlines())})
-        if service not in self._ids:
-            raise RuntimeError(f"no container for {service} in compose project {self.project}")
-        return self._ids[service]
+    def __init__(self, project: str, root: Path, topology: Topology = TESTNET) -> None:
+        super().__init__(project, os.environ, root, topology=topology)
+        self.topology: Topology = topology
+        self._firewalled: set[str] = set()  # names with rules in their chain
 
     def storage(self) -> list[str]:
         return [n.name for n in self.topology.storage]
@@ -174,69 +151,6 @@ class ComposeDriver:
                 return name
         raise RuntimeError(f"no node of the testnet has the address {ip}")
 
-    def kill(self, node: str) -> None:
-        docker("kill", "-s", "KILL", self.container(node))
-
-    def wipe(self, node: str) -> None:
-        """Empty the data volume (a throwaway container of the same image mounts it) and,
-        for a node on Redis, its database."""
-        image = docker("inspect", "-f", "{{.Config.Image}}", self.container(node)).strip()
-        docker(
-            "run",
-            "--rm",
-            "--volumes-from",
-            self.container(node),
-            "--entrypoint",
-            "sh",
-            image,
-            "-c",
-            "rm -rf /var/lib/dna/* /var/lib/dna/.[!.]*",
-        )
-        spec = next(n for n in self.topology.storage if n.name == node)
-        url = redis_url(self.topology, spec)
-        if url is not None:
-            db = url.rsplit("/", 1)[1]
-            docker("exec", self.container("redis"), "redis-cli", "-n", db, "FLUSHDB")
-
-    def start(self, node: str) -> None:
-        docker("start", self.container(node))
-
-    def restart(self, node: str) -> None:
-        docker("restart", "-t", "10", self.container(node))
-
-    def wait_healthy(self, nodes: Sequence[str], timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        pending = list(nodes)
-        while pending:
-            ids = [self.container(n) for n in pending]
-            states = [
-                json.loads(s) for s in docker("inspect", "-f", "{{json .State}}", *ids).splitlines()
-            ]
-            pending = [
-                n
-                for n, s in zip(pending, states, strict=True)
-                if s.get("Health", {}).get("Status") != "healthy"
-            ]
-            if pending and time.monotonic() > deadline:
-                raise RuntimeError(f"not healthy after {timeout:.0f} s: {pending}")
-            if pending:
-                time.sleep(1)
-
-    def pause(self, node: str) -> None:
-        """`docker pause`, tried again while the freezer cannot freeze yet (a process in the
-        middle of I/O: "unable to freeze", seen here on a busy machine)."""
-        for attempt in range(PAUSE_ATTEMPTS):
-            try:
-                docker("pause", self.container(node))
-                return
-            except RuntimeError as exc:
-                if "unable to freeze" not in str(exc) or attempt == PAUSE_ATTEMPTS - 1:
-                    raise
-                time.sleep(1)
-
-    def unpause(self, node: str) -> None:
-        docker("unpause", self.container(node))
-
     def _netns_holder(self, name: str) -> str:
         """The container whose network namespace carries ``name``'s internet traffic: a
         peer's router (the peer sits behind it), else the node itself."""
@@ -254,21 +168,7 @@ class ComposeDriver:
             ),
             *(f"iptables -A {CHAIN} {rule}" for rule in rules),
         ]
-        docker(
-            "run",
-            "--rm",
-            "--net",
-            f"container:{self._netns_holder(name)}",
-            "--cap-add",
-            "NET_ADMIN",
-            "--user",
-            "0",
-            "--entrypoint",
-            "sh",
-            FIREWALL_IMAGE,
-            "-ec",
-            "\n".join(script),
-        )
+        _in_netns(self._netns_holder(name), "\n".join(script))
 
     def _on_each(self, work: dict[str, list[str]]) -> None:
         with ThreadPoolExecutor(max_workers=8) as pool:
@@ -309,27 +209,13 @@ class ComposeDriver:
         holder = self._netns_holder(name)
         if not json.loads(docker("inspect", "-f", "{{json .State.Running}}", holder)):
             return  # a stopped container has no namespace (and starts without the rules)
-        docker(
-            "run",
-            "--rm",
-            "--net",
-            f"container:{holder}",
-            "--cap-add",
-            "NET_ADMIN",
-            "--user",
-            "0",
-            "--entrypoint",
-            "sh",
-            FIREWALL_IMAGE,
-            "-c",
-            flush,
-        )
+        _in_netns(holder, flush)
 
     def stop_peer(self, peer: str) -> None:
-        docker("stop", "-t", "10", self.container(peer))
+        self.stop(peer, timeout=10)
 
     def start_peer(self, peer: str) -> None:
-        docker("start", self.container(peer))
+        self.start(peer)
 
     def agent(self, peer: str, *args: str) -> subprocess.Popen[str]:
         process = subprocess.Popen(
@@ -362,67 +248,43 @@ CHAOS_MANIFESTS = {
 }
 
 
-@dataclass
-class KubectlDriver:
+class KubernetesFaults(KubernetesDriver):
     """A cluster running the dna chart (release ``release`` in ``namespace``) and the two
-    peer pods of deploy/chaos/peers.yaml. Kubernetes has neither SIGSTOP nor iptables in
-    the (unprivileged) pods: pause, partition and loss apply the Chaos Mesh objects of
-    deploy/chaos/chaos-mesh, which `heal_all` deletes. NOT RUN HERE (no API server)."""
+    peer pods of deploy/chaos/peers.yaml: the harness's Kubernetes driver, plus the faults
+    and the peers. Kubernetes has neither SIGSTOP nor iptables in the (unprivileged) pods:
+    pause, partition and loss apply the Chaos Mesh objects of deploy/chaos/chaos-mesh,
+    which `heal_all` deletes. NOT RUN HERE (no API server)."""
 
-    release: str
-    namespace: str
-    storage_count: int = 6
-    chaos_dir: Path = Path("deploy/chaos/chaos-mesh")
-    applied: list[str] = field(default_factory=list)
-
-    def _kubectl(self, *args: str, stdin: str | None = None, timeout: float = 300) -> str:
-        done = subprocess.run(
-            ["kubectl", "-n", self.namespace, *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(
-                f"kubectl {' '.join(args[:3])} exited {done.returncode}: {done.stderr}"
-            )
-        return done.stdout
+    def __init__(
+        self,
+        release: str,
+        namespace: str,
+        *,
+        storage_count: int = 6,
+        chaos_dir: Path = Path("deploy/chaos/chaos-mesh"),
+        runner: Runner = run_kubectl,
+    ) -> None:
+        super().__init__(release, namespace, runner=runner)
+        self.storage_count, self.chaos_dir = storage_count, chaos_dir
+        self.applied: list[str] = []
 
     def storage(self) -> list[str]:
-        return [f"{self.release}-dna-storage-{i}" for i in range(self.storage_count)]
+        return [f"storage{i + 1}" for i in range(self.storage_count)]
 
     def node_of(self, ip: str) -> str:
-        pods = json.loads(self._kubectl("get", "pods", "-o", "json"))["items"]
+        pods = json.loads(self._run("get", "pods", "-o", "json"))["items"]
         for pod in pods:
             if pod.get("status", {}).get("podIP") == ip:
-                return str(pod["metadata"]["name"])
+                name = str(pod["metadata"]["name"])
+                return self.node_name(name) or name
         raise RuntimeError(f"no pod has the address {ip}")
 
-    def kill(self, node: str) -> None:
-        self._kubectl("delete", "pod", node, "--grace-period=0", "--force", "--wait=false")
-
-    def wipe(self, node: str) -> None:
-        self._kubectl("delete", "pvc", f"data-{node}", "--wait=false")
-        self.kill(node)  # the StatefulSet recreates the pod with a new, empty volume
-
-    def start(self, node: str) -> None:
-        """The StatefulSet starts it again by itself."""
-
-    def restart(self, node: str) -> None:
-        self._kubectl("delete", "pod", node)
-
-    def wait_healthy(self, nodes: Sequence[str], timeout: float = 180) -> None:
-        time.sleep(2)  # a deleted pod may still report Ready for a moment
-        for node in nodes:
-            self._kubectl(
-                "wait",
-                "--for=condition=Ready",
-                f"pod/{node}",
-                f"--timeout={timeout:.0f}s",
-                timeout=timeout + 30,
-            )
+    def _with_manifest(self, verb: str, text: str, *flags: str) -> None:
+        """kubectl ``verb`` -f on ``text`` (written to a file: the runner has no stdin)."""
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as manifest:
+            manifest.write(text)
+            manifest.flush()
+            self._run(verb, *flags, "-f", manifest.name)
 
     def _apply(self, manifest: str, replacements: dict[str, str]) -> None:
         text = (self.chaos_dir / manifest).read_text()
@@ -432,13 +294,14 @@ class KubectlDriver:
             **replacements,
         }.items():
             text = text.replace(key, value)
-        self._kubectl("apply", "-f", "-", stdin=text)
+        self._with_manifest("apply", text)
         self.applied.append(text)
 
-    def pause(self, node: str) -> None:
-        self._apply(CHAOS_MANIFESTS["pause"], {"TARGET_POD": node})
+    def pause(self, name: str) -> None:
+        """Chaos Mesh's frozen replica (the harness's driver cannot freeze a pod)."""
+        self._apply(CHAOS_MANIFESTS["pause"], {"TARGET_POD": self.pod(name)})
 
-    def unpause(self, node: str) -> None:
+    def resume(self, name: str) -> None:
         self.heal_all()
 
     def partition(self, side_a: Sequence[str], side_b: Sequence[str]) -> None:
@@ -449,39 +312,29 @@ class KubectlDriver:
 
     def heal_all(self) -> None:
         for text in reversed(self.applied):
-            self._kubectl("delete", "--ignore-not-found", "-f", "-", stdin=text)
+            self._with_manifest("delete", text, "--ignore-not-found")
         self.applied.clear()
 
     def stop_peer(self, peer: str) -> None:
-        self._kubectl("scale", "statefulset", f"chaos-{peer}", "--replicas=0")
-        self._kubectl("wait", "--for=delete", f"pod/chaos-{peer}-0", "--timeout=120s")
+        self._run("scale", "statefulset", f"chaos-{peer}", "--replicas=0")
+        self._run("wait", "--for=delete", f"pod/chaos-{peer}-0", "--timeout=120s")
 
     def start_peer(self, peer: str) -> None:
-        self._kubectl("scale", "statefulset", f"chaos-{peer}", "--replicas=1")
+        self._run("scale", "statefulset", f"chaos-{peer}", "--replicas=1")
 
     def agent(self, peer: str, *args: str) -> subprocess.Popen[str]:
         process = subprocess.Popen(
-            [
-                "kubectl",
-                "-n",
-                self.namespace,
-                "exec",
-                "-i",
-                f"chaos-{peer}-0",
-                "--",
-                "python3",
-                "-",
-                *args,
-            ],
+            [*self.kubectl, "-n", self.namespace, "exec", "-i", f"chaos-{peer}-0", "--",
+             "python3", "-", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )
+        )  # fmt: skip
         return _fed(process)
 
     def deliveries(self, peer: str) -> list[Delivery]:
-        return parse_deliveries(self._kubectl("logs", "--timestamps", f"chaos-{peer}-0"))
+        return parse_deliveries(self._run("logs", "--timestamps", f"chaos-{peer}-0"))
 
 
 def lines(process: subprocess.Popen[str]) -> Iterator[str]:
@@ -491,33 +344,13 @@ def lines(process: subprocess.Popen[str]) -> Iterator[str]:
 
 # --- the compose testnet's lifecycle ----------------------------------------------------
 
-COMPOSE = (
-    ["/usr/bin/docker-compose"] if Path("/usr/bin/docker-compose").exists() else [DOCKER, "compose"]
-)
 
-
-def compose(root: Path, project: str, *args: str, timeout: float = 600) -> str:
-    done = subprocess.run(
-        [*COMPOSE, "-p", project, *args],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"compose {' '.join(args)} exited {done.returncode}:\n{done.stderr[-3000:]}"
-        )
-    return done.stdout
-
-
-def compose_up(root: Path, project: str, topology: Topology = TESTNET) -> ComposeDriver:
+def compose_up(root: Path, project: str, topology: Topology = TESTNET) -> ComposeFaults:
     """docker-compose.yml up (no monitoring profile), from scratch, every node and peer
     healthy: the network a scenario starts on."""
-    compose(root, project, "down", "-v", "--remove-orphans")  # a crashed run's leftovers
-    compose(root, project, "up", "-d")
-    driver = ComposeDriver(project, topology)
+    driver = ComposeFaults(project, root, topology)
+    driver.run("down", "-v", "--remove-orphans", timeout=600)  # a crashed run's leftovers
+    driver.run("up", "-d", timeout=600)
     driver.wait_healthy(
         [n.name for n in topology.nodes] + [p.name for p in topology.peers], timeout=600
     )
@@ -525,4 +358,4 @@ def compose_up(root: Path, project: str, topology: Topology = TESTNET) -> Compos
 
 
 def compose_down(root: Path, project: str) -> None:
-    compose(root, project, "down", "-v", "--remove-orphans", timeout=300)
+    ComposeFaults(project, root).run("down", "-v", "--remove-orphans", timeout=300)

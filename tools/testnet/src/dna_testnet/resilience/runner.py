@@ -265,7 +265,7 @@ def _run_fault(
             driver.pause(node)
             timeline.log(f"pause {node}")
             time.sleep(fault.lasts_s)
-            driver.unpause(node)
+            driver.resume(node)
             timeline.log(f"unpause {node}")
         case "loss":
             driver.lose([SENDER, RECIPIENT], storage, fault.probability)

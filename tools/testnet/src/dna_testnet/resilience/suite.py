@@ -20,8 +20,8 @@ from pathlib import Path
 
 from dna_testnet.resilience.driver import (
     ClusterDriver,
-    ComposeDriver,
-    KubectlDriver,
+    ComposeFaults,
+    KubernetesFaults,
     compose_down,
     compose_up,
 )
@@ -99,13 +99,13 @@ def _run(args: argparse.Namespace) -> tuple[list[Outcome], float]:
     if args.driver == "kubectl":
         if not (args.release and args.namespace):
             raise RuntimeError("--driver kubectl needs --release and --namespace")
-        outcomes = _run_all(KubectlDriver(args.release, args.namespace), scenarios, seed)
+        outcomes = _run_all(KubernetesFaults(args.release, args.namespace), scenarios, seed)
     else:
         root = args.root.resolve()
         if not (root / "docker-compose.yml").exists():
             raise RuntimeError(f"no docker-compose.yml in {root}: give the repository with --root")
         if args.running:
-            outcomes = _run_all(ComposeDriver(args.project), scenarios, seed)
+            outcomes = _run_all(ComposeFaults(args.project, root), scenarios, seed)
         else:
             driver = compose_up(root, args.project)
             print(f"compose testnet up and healthy after {time.monotonic() - start:.0f} s")
