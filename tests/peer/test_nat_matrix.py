@@ -236,7 +236,7 @@ class Cell:
 CELLS = {
     "public-public": Cell("pub1", "pub2", "direct", ("host->host",)),
     "cone-public": Cell("cone1", "pub1", "direct", ("host->host",)),
-    "cone-cone": Cell("cone1", "cone2", "direct", ("host->srflx", "host->prflx")),
+    "cone-cone": Cell("cone1", "cone2", "direct", ("relay->relay", "relay->prflx")),
     "symmetric-symmetric": Cell("sym1", "sym2", "direct", ("relay->relay", "relay->prflx",
                                                            "host->relay")),
     "udp-blocked": Cell("cone1", "cone2", "stored", block_udp=True),

@@ -92,6 +92,19 @@ class Listener:
 
     async def gather(self) -> None:
         await self.agent.gather_candidates()
+        self._open_relay_to_its_server()
+
+    def _open_relay_to_its_server(self) -> None:
+        """Let a caller that relays through the same TURN server reach our relayed
+        candidate: a permission for the server's own address (TURN permits by IP, so
+        every allocation on it). Behind a NAT that drops unsolicited packets our host
+        and reflexive candidates open only once we send toward the caller, and we learn
+        nothing of the caller before its first check: a check through the relay arrives
+        (ICE authenticates it; strangers' datagrams are dropped by the agent)."""
+        for protocol in self.agent._protocols:  # aioice keeps its sockets private
+            local = protocol.local_candidate
+            if local is not None and local.type == "relay":
+                protocol.transport.sendto(b"", (local.host, local.port))  # binds a channel
 
     def candidates(self) -> tuple[str, ...]:
         return tuple(c.to_sdp() for c in self.agent.local_candidates)
