@@ -138,6 +138,10 @@ def _build_site(site: Site) -> None:
     if site.nat == "symmetric":
         masquerade.append("--random-fully")
     sh(*masquerade, ns=site.router)
+    # Like a home router, it answers nothing on its WAN side: an unsolicited packet is
+    # dropped before conntrack keeps it, so it cannot claim the mapping a hole punch
+    # toward its sender is about to use.
+    sh("iptables", "-A", "INPUT", "-i", wan, "-j", "DROP", ns=site.router)
 
 
 def _namespaces() -> list[str]:
@@ -244,7 +248,7 @@ class Cell:
 CELLS = {
     "public-public": Cell("pub1", "pub2", "direct", ("host->host",)),
     "cone-public": Cell("cone1", "pub1", "direct", ("host->host",)),
-    "cone-cone": Cell("cone1", "cone2", "direct", ("relay->relay", "relay->prflx")),
+    "cone-cone": Cell("cone1", "cone2", "direct", ("host->srflx", "host->prflx")),
     "symmetric-symmetric": Cell(
         "sym1", "sym2", "direct", ("relay->relay", "relay->prflx", "host->relay")
     ),
