@@ -8,7 +8,9 @@ toward the published candidates (and, with TURN, from a relayed candidate), then
 channel handshake over the selected pair. The listener starts its own half of ICE when
 the first authenticated check arrives (the caller's address is then a peer-reflexive
 candidate), so no answer has to travel back through the network before the path is up.
-A listener serves one caller; the device then publishes a fresh one.
+A listener serves one caller; the device then publishes a fresh one. With TURN on both
+sides the caller first sends its candidates through the relays (an offer) and the
+listener checks toward them too, which opens a NAT that drops unsolicited packets.
 
 `DirectLink` moves datagrams between the agent and the channel, retransmits a message
 with growing gaps until its ACK arrives or the caller's deadline passes, and hands a
