@@ -293,6 +293,7 @@ def test_one_message_exactly_once_on_the_expected_path(
         )  # fmt: skip
         try:
             sent = _send_when_online(cell, people, watcher)
+            print(f"{name}: {sent['path']} {sent.get('route', '')}")  # shown with -s
             assert sent["path"] == cell.path, sent
             if cell.path == "direct":
                 assert sent["replicas"] == 0 and sent["route"] in cell.routes, sent
