@@ -62,7 +62,14 @@ from dna_peer.network import (
     join_overlay,
     parse_seeds,
 )
-from dna_peer.peer import MAX_TEXT_BYTES, InvalidMessageError, Peer, check_text, open_peer
+from dna_peer.peer import (
+    DIRECT,
+    MAX_TEXT_BYTES,
+    InvalidMessageError,
+    Peer,
+    check_text,
+    open_peer,
+)
 from dna_peer.profile import NoIdentityError, Profile, write_private
 from dna_peer.terminal import (
     console,
@@ -380,9 +387,12 @@ def _send(args: argparse.Namespace) -> None:
         with phase_line("sealing; direct if they are online, else storing on the replicas…",
                         enabled=not args.json):  # fmt: skip
             sent = await peer.send(contact, body)
-        _emit(args, {"to": _party(peer.cache, contact.fingerprint),
-                     "message_id": sent.message_id.hex(), "path": sent.path,
-                     "replicas": sent.stored_on})  # fmt: skip
+        info: Info = {"to": _party(peer.cache, contact.fingerprint),
+                      "message_id": sent.message_id.hex(), "path": sent.path,
+                      "replicas": sent.stored_on}  # fmt: skip
+        if sent.path == DIRECT and peer.direct is not None:  # which pair: through NATs or a relay
+            info["route"] = peer.direct.route_to(contact.fingerprint)
+        _emit(args, info)
 
     _with_peer(args, work)
 

@@ -8,7 +8,9 @@ toward the published candidates (and, with TURN, from a relayed candidate), then
 channel handshake over the selected pair. The listener starts its own half of ICE when
 the first authenticated check arrives (the caller's address is then a peer-reflexive
 candidate), so no answer has to travel back through the network before the path is up.
-A listener serves one caller; the device then publishes a fresh one.
+A listener serves one caller; the device then publishes a fresh one. With TURN on both
+sides the caller first sends its candidates through the relays (an offer) and the
+listener checks toward them too, which opens a NAT that drops unsolicited packets.
 
 `DirectLink` moves datagrams between the agent and the channel, retransmits a message
 with growing gaps until its ACK arrives or the caller's deadline passes, and hands a
@@ -19,6 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -58,12 +63,26 @@ class IceConfig:
         )  # fmt: skip
 
 
+OFFER_TAG = b"DNA-ICE-OFFER1"  # a caller's candidates, sent through the relays first
+RELAY_HOLD_S = 1.0  # the caller checks relayed pairs only after this: direct pairs first
+
+
+def offer_datagram(candidates: list[aioice.Candidate], listener_pwd: str) -> bytes:
+    """The caller's host and reflexive candidates, MACed with the listener's ICE password
+    (sealed to its contacts: a stranger cannot make the listener send checks anywhere)."""
+    body = json.dumps([c.to_sdp() for c in candidates]).encode()
+    mac = hmac.new(listener_pwd.encode(), body, hashlib.sha256).digest()
+    return OFFER_TAG + mac + body
+
+
 class _ListeningAgent(aioice.Connection):
-    """A controlled agent that notices the first authenticated check from its caller."""
+    """A controlled agent that notices the first authenticated check from its caller,
+    or the caller's offer (its candidates, through the relays)."""
 
     def __init__(self, on_call: Callable[[], None], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._on_call: Callable[[], None] | None = on_call
+        self._offer_task: asyncio.Task[None] | None = None
 
     def request_received(self, message: Any, addr: tuple[str, int], protocol: Any) -> None:
         super().request_received(message, addr, protocol)
@@ -73,8 +92,32 @@ class _ListeningAgent(aioice.Connection):
             and username == f"{self.local_username}:{self.remote_username}"
             and message.check_message_integrity(self.local_password.encode())
         ):
+            self._called()
+
+    def _called(self) -> None:
+        if self._on_call is not None:
             on_call, self._on_call = self._on_call, None
             on_call()
+
+    def data_received(self, data: bytes, component: int) -> None:
+        if not data.startswith(OFFER_TAG):
+            super().data_received(data, component)
+            return
+        mac, body = data[len(OFFER_TAG) : len(OFFER_TAG) + 32], data[len(OFFER_TAG) + 32 :]
+        good = hmac.new(self.local_password.encode(), body, hashlib.sha256).digest()
+        if self._offer_task is None and hmac.compare_digest(mac, good):
+            self._offer_task = asyncio.create_task(self._take_offer(body))
+
+    async def _take_offer(self, body: bytes) -> None:
+        """Check toward the caller's candidates too: our sending opens our NAT for its
+        checks (a NAT that filters lets in only replies)."""
+        try:
+            for sdp in json.loads(body):
+                await self.add_remote_candidate(aioice.Candidate.from_sdp(sdp))
+        except (ValueError, TypeError) as exc:
+            log.info("a caller's offer was unreadable: %s", exc)
+            return
+        self._called()
 
 
 class Listener:
@@ -92,6 +135,19 @@ class Listener:
 
     async def gather(self) -> None:
         await self.agent.gather_candidates()
+        self._open_relay_to_its_server()
+
+    def _open_relay_to_its_server(self) -> None:
+        """Let a caller that relays through the same TURN server reach our relayed
+        candidate: a permission for the server's own address (TURN permits by IP, so
+        every allocation on it). Behind a NAT that drops unsolicited packets our host
+        and reflexive candidates open only once we send toward the caller, and we learn
+        nothing of the caller before its first check: a check through the relay arrives
+        (ICE authenticates it; strangers' datagrams are dropped by the agent)."""
+        for protocol in self.agent._protocols:  # aioice keeps its sockets private
+            local = protocol.local_candidate
+            if local is not None and local.type == "relay":
+                protocol.transport.sendto(b"", (local.host, local.port))  # binds a channel
 
     def candidates(self) -> tuple[str, ...]:
         return tuple(c.to_sdp() for c in self.agent.local_candidates)
@@ -110,10 +166,9 @@ async def dial(
     try:
         async with asyncio.timeout(timeout):
             await agent.gather_candidates()
-            for sdp in candidates:
-                await agent.add_remote_candidate(aioice.Candidate.from_sdp(sdp))
-            await agent.add_remote_candidate(None)
-            await agent.connect()
+            remote = [aioice.Candidate.from_sdp(sdp) for sdp in candidates]
+            _send_offer(agent, remote, pwd)
+            await _connect_direct_first(agent, remote)
     except (TimeoutError, ConnectionError, ValueError, OSError) as exc:
         await agent.close()
         raise DirectError(f"ICE did not connect: {exc or type(exc).__name__}") from None
@@ -121,6 +176,38 @@ async def dial(
         await agent.close()
         raise
     return agent
+
+
+def _send_offer(agent: aioice.Connection, remote: list[aioice.Candidate], pwd: str) -> None:
+    """Our host and reflexive candidates to the listener's relayed ones, from our relayed
+    candidate (the listener's relay admits its server's address: `Listener`)."""
+    ours = [c for c in agent.local_candidates if c.type != "relay"]
+    theirs = [(c.host, c.port) for c in remote if c.type == "relay"]
+    for protocol in agent._protocols:  # aioice keeps its sockets private
+        local = protocol.local_candidate
+        if ours and local is not None and local.type == "relay":
+            for addr in theirs:
+                protocol.transport.sendto(offer_datagram(ours, pwd), addr)
+
+
+async def _connect_direct_first(agent: aioice.Connection, remote: list[aioice.Candidate]) -> None:
+    """Checks toward the listener's host and reflexive candidates first, its relayed ones
+    after RELAY_HOLD_S: aioice nominates the first pair that answers, and a relayed pair
+    answers before a reflexive one that opens only once the listener took our offer."""
+    for candidate in remote:
+        if candidate.type != "relay":
+            await agent.add_remote_candidate(candidate)
+    connecting = asyncio.ensure_future(agent.connect())
+    try:
+        done, _ = await asyncio.wait({connecting}, timeout=RELAY_HOLD_S)
+        if not done:
+            for candidate in remote:
+                if candidate.type == "relay":
+                    await agent.add_remote_candidate(candidate)
+            await agent.add_remote_candidate(None)
+        await connecting
+    finally:
+        connecting.cancel()
 
 
 async def answer(agent: aioice.Connection, *, timeout: float) -> None:

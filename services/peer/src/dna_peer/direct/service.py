@@ -189,6 +189,12 @@ class DirectService:
 
     # -- sending -------------------------------------------------------------------------
 
+    def route_to(self, fingerprint: bytes) -> str | None:
+        """The candidate types of the pair the link to a contact runs on ("host->srflx",
+        "relay->host", ...), None without a link: which way a direct message went."""
+        link = self.links.get(fingerprint)
+        return link.route() if link is not None else None
+
     async def send(self, contact: Contact, message_id: bytes, envelope: bytes) -> bool:
         """Deliver ``envelope`` over the direct path within the deadline: True once the
         contact's device acknowledged it (stored), False if there is no path now."""
