@@ -65,7 +65,14 @@ def images() -> str:
     return built
 
 
-ROLE_IMAGES = {"dna-bootstrap": "bootstrap", "dna-storage": "storage", "dna-peer": "peer"}
+ROLE_IMAGES = {
+    "dna-bootstrap": "bootstrap",
+    "dna-storage": "storage",
+    "dna-stun": "stun",
+    "dna-peer": "peer",
+}
+# A relay keeps nothing on disk (allocations live in memory): the one role without a volume.
+STATELESS = {"dna-stun"}
 
 
 @pytest.mark.parametrize("image", sorted(ROLE_IMAGES))
@@ -76,7 +83,7 @@ def test_a_role_image_is_small_non_root_labelled_and_checks_its_health(
     config = info["Config"]
     assert config["User"] == "10001:10001"
     assert config["Healthcheck"]["Test"][0] == "CMD"
-    assert "/var/lib/dna" in config["Volumes"]
+    assert ("/var/lib/dna" in (config["Volumes"] or {})) == (image not in STATELESS)
     labels = config["Labels"]
     assert labels["org.opencontainers.image.title"] == image
     assert (
@@ -86,7 +93,12 @@ def test_a_role_image_is_small_non_root_labelled_and_checks_its_health(
     # Only the role's package (and dna-core) in its environment.
     present = docker("run", "--rm", "--entrypoint", "ls", f"{image}:local", "/opt/venv/bin")
     others = {"dna-bootstrap", "dna-storage-node", "dna-testnet", "dna-sim", "dna-stun"}
-    own = {"bootstrap": "dna-bootstrap", "storage": "dna-storage-node", "peer": "dna"}
+    own = {
+        "bootstrap": "dna-bootstrap",
+        "storage": "dna-storage-node",
+        "stun": "dna-stun",
+        "peer": "dna",
+    }
     assert set(present.split()) & others <= {own[ROLE_IMAGES[image]]}, present
     assert own[ROLE_IMAGES[image]] in present.split()
 
@@ -104,6 +116,19 @@ def test_a_node_container_with_a_bad_setting_exits_with_one_line(
     assert done.stderr.strip().splitlines() == [
         f"{image.replace('dna-storage', 'dna-storage-node')}: error: {prefix}__NODE__GRPC_PORT:"
         " node.grpc_port: input should be less than or equal to 65535, got 99999"
+    ], done.stderr
+
+
+def test_the_stun_image_without_a_relay_address_exits_with_one_line(images: str) -> None:
+    """The image listens on 0.0.0.0: it cannot guess the address clients are told."""
+    done = subprocess.run(
+        [DOCKER, "run", "--rm", "dna-stun:local"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "dna-stun: error: /etc/dna/stun.toml: server: relay_host must be an address clients"
+        " reach (host is a wildcard)"
     ], done.stderr
 
 
