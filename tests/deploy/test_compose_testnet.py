@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from containers import DOCKER, Compose, build_images, docker, ensure_engine
-from dna_testnet.compose import INTERNET, peer_lan
+from dna_testnet.compose import INTERNET, peer_lan, relay_address
 from dna_testnet.topology import TESTNET
 
 # A cold build (no cache, no base image) takes minutes; warm, the whole module ~3 minutes.
@@ -32,6 +32,7 @@ pytestmark = [pytest.mark.timeout(1500), pytest.mark.process]  # docker, compose
 PROJECT = "dnaci"
 GRAFANA = "grafana"  # pulled from a registry: not started here (none is reachable)
 NODES = [n.name for n in TESTNET.nodes]
+RELAYS = [r.name for r in TESTNET.relays]
 STORAGE = [n.name for n in TESTNET.storage]
 PEERS = [p.name for p in TESTNET.peers]
 KILLED = "storage2"
@@ -296,8 +297,42 @@ def _wait_query(testnet: Compose, promql: str, done: Any, timeout: float = 90) -
         time.sleep(2)
 
 
+# A STUN Binding request from a peer's container; prints the XOR-MAPPED-ADDRESS answered
+# (RFC 8489 14.2: port and IPv4 address XORed with the magic cookie).
+BINDING = """
+import os, socket, struct
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
+tid = os.urandom(12)
+s.sendto(struct.pack("!HHI", 1, 0, 0x2112A442) + tid, (ADDRESS, 3478))
+data = s.recv(2048)
+assert data[:2] == b"\\x01\\x01" and data[8:20] == tid, data
+at = 20
+while at < len(data):
+    kind, size = struct.unpack_from("!HH", data, at)
+    if kind == 0x20:
+        port = struct.unpack_from("!H", data, at + 6)[0] ^ 0x2112
+        ip = struct.unpack_from("!I", data, at + 8)[0] ^ 0x2112A442
+        print(socket.inet_ntoa(struct.pack("!I", ip)), port)
+    at += 4 + (size + 3) // 4 * 4
+"""
+
+
+def test_the_relay_is_healthy_and_tells_a_peer_its_address_behind_the_nat(
+    testnet: Compose,
+) -> None:
+    for relay in RELAYS:
+        assert testnet.state(relay)["Health"]["Status"] == "healthy"
+        address = relay_address(TESTNET, relay)
+        for peer in TESTNET.peers:
+            script = BINDING.replace("ADDRESS", repr(address))
+            mapped = testnet.exec(peer.name, "python3", "-c", script, timeout=60).split()
+            # What the relay sees is the peer's NAT router, not its LAN address.
+            assert mapped[0] == peer_lan(TESTNET, peer.name).router_internet, mapped
+            assert 0 < int(mapped[1]) < 65536
+
+
 def test_prometheus_scrapes_every_node_and_sees_full_replica_sets(testnet: Compose) -> None:
-    every = {f"{name}:7480" for name in NODES}
+    every = {f"{name}:7480" for name in NODES + RELAYS}
     up = _wait_query(testnet, "up == 1", lambda r: {s["metric"]["instance"] for s in r} == every)
     assert {s["metric"]["instance"] for s in up} == every
     # The replica-count histogram of the repair passes (every 10 s here): each storage node
