@@ -228,7 +228,7 @@ def test_monitoring_objects_only_where_the_operator_api_exists() -> None:
         d for d in by_kind(docs, "ConfigMap") if "grafana_dashboard" in d["metadata"]["labels"]
     ]
     files = {key for d in dashboards for key in d["data"]}
-    assert files == {"dna-overlay.json", "dna-storage.json"}
+    assert files == {"dna-overlay.json", "dna-storage.json", "dna-stun.json"}
 
 
 def test_per_pod_services_select_one_bootstrap_pod_each() -> None:
