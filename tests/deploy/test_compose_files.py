@@ -108,6 +108,26 @@ def test_dna_testnet_and_compose_run_the_same_nodes_with_the_same_settings(tmp_p
         ]
 
 
+# The relay's settings that differ by driver: where it runs and which private networks its
+# peers live on (loopback locally, the compose networks in compose), and compose's narrow
+# relay range (published ranges want to be short).
+RELAY_LOCATION = {("server", "host"), ("ops", "http_host"), ("relay", "allowed_peers")}
+RELAY_COMPOSE_ONLY = {("server", "relay_port_min"), ("server", "relay_port_max")}
+
+
+def test_dna_testnet_and_compose_run_the_same_relay(tmp_path: Path) -> None:
+    local = Testnet(tmp_path, stun=len(TESTNET.relays))
+    assert [r.name for r in local.relays] == [r.name for r in TESTNET.relays]
+    files = render(TESTNET)
+    for relay in local.relays:
+        relay.write_config()
+        ours = _flat(relay.config_path.read_text())
+        theirs = _flat(files[f"{NODES_DIR}/{relay.name}.toml"])
+        differ = {k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)}
+        assert differ == RELAY_LOCATION | RELAY_COMPOSE_ONLY, relay.name
+        assert theirs[("auth", "auth_secret")] == ours[("auth", "auth_secret")]
+
+
 def test_compose_services_follow_the_topology() -> None:
     services = document(TESTNET)["services"]
     for spec in TESTNET.nodes:
