@@ -1,6 +1,6 @@
 """Regenerate deploy/helm/dna/values.schema.json: the chart's own keys, and the node
-settings a release may override (`bootstrap.config`, `storage.config`) from the nodes'
-configuration models, so a key the node would refuse is refused by Helm first, by name.
+settings a release may override (`bootstrap.config`, `storage.config`, `stun.config`) from
+the nodes' configuration models, so a key the node would refuse is refused by Helm first, by name.
 
 Usage: uv run python scripts/gen_chart_schema.py   (or `make chart-schema`)
 
@@ -32,6 +32,16 @@ CHART_OWNED = {
     "storage.backend": "sqlite",
     "storage.data_dir": "/data/mailboxes",
     "storage.redis_url": "not offered by the chart",
+    # The relay (dna-stun): its address is the pod's, its ports are stun.*, its credentials
+    # come from a Secret (stun.auth), never from values.
+    "server.host": "the pod IP",
+    "server.relay_host": "the pod IP",
+    "server.udp_port": "stun.udpPort",
+    "server.relay_port_min": "stun.relayPortMin",
+    "server.relay_port_max": "stun.relayPortMax",
+    "auth.users": "not offered by the chart (a secret)",
+    "auth.auth_secret": "stun.auth (a Secret)",
+    "auth.previous_auth_secret": "stun.auth (a Secret)",
 }
 
 
@@ -73,6 +83,7 @@ ANY_OBJECT = {"type": "object"}
 ANY_ARRAY = {"type": "array"}
 QUANTITY = {"type": ["string", "integer"], "pattern": "^[0-9]+(\\.[0-9]+)?([EPTGMk]i?|[munk])?$"}
 POSITIVE = {"type": "integer", "minimum": 1}
+SECRET_KEY = {"type": "string", "pattern": "^[-._a-zA-Z0-9]+$"}  # a Secret's data key
 RESOURCES = obj(
     {
         "requests": {"type": "object", "additionalProperties": QUANTITY},
@@ -128,6 +139,7 @@ def values_schema() -> dict[str, Any]:
                         "pullSecrets": ANY_ARRAY,
                         "bootstrap": {"type": "string", "minLength": 1},
                         "storage": {"type": "string", "minLength": 1},
+                        "stun": {"type": "string", "minLength": 1},
                         "peer": {"type": "string", "minLength": 1},
                     }
                 ),
@@ -169,6 +181,31 @@ def values_schema() -> dict[str, Any]:
                                         ]
                                     },
                                 },
+                            }
+                        ),
+                    },
+                ),
+                "stun": role_schema(
+                    "stun",
+                    replicas_min=1,
+                    extra={
+                        "enabled": BOOL,
+                        "udpPort": PORT,
+                        "service": obj(
+                            {
+                                "type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
+                                "annotations": {"type": "object", "additionalProperties": STRING},
+                                "externalTrafficPolicy": {"enum": ["Cluster", "Local"]},
+                            }
+                        ),
+                        "hostNetwork": BOOL,
+                        "relayPortMin": PORT,
+                        "relayPortMax": PORT,
+                        "auth": obj(
+                            {
+                                "existingSecret": STRING,
+                                "secretKey": SECRET_KEY,
+                                "previousSecretKey": SECRET_KEY,
                             }
                         ),
                     },

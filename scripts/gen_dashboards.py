@@ -8,8 +8,8 @@ dashboard ConfigMap) can load them as they are. The output is deterministic:
 tests/deploy/test_dashboards.py regenerates into a temporary directory and compares byte
 for byte, and checks that every metric a query names is one the nodes export.
 
-There is no STUN/TURN dashboard yet: `dna-stun` serves nothing today (issue 14 brings the
-service), so there is no metric to draw; it gets its own dashboard when it lands.
+Three dashboards: the overlay (every node), storage health (storage nodes) and the
+STUN/TURN relays (`dna-stun`).
 """
 
 from __future__ import annotations
@@ -86,8 +86,9 @@ def single_stat(title: str, description: str, unit: str, expr: str, width: int =
     )
 
 
-def base(uid: str, title: str, description: str) -> db.Dashboard:
-    """A dashboard with the datasource and instance variables every panel uses."""
+def base(uid: str, title: str, description: str, nodes: str = "dna_build_info") -> db.Dashboard:
+    """A dashboard with the datasource and instance variables every panel uses; ``nodes``:
+    the series whose instances the variable lists."""
     return (
         db.Dashboard(title)
         .uid(uid)
@@ -102,7 +103,7 @@ def base(uid: str, title: str, description: str) -> db.Dashboard:
             db.QueryVariable("instance")
             .label("Node")
             .datasource(DATASOURCE)
-            .query("label_values(dna_build_info, instance)")
+            .query(f"label_values({nodes}, instance)")
             .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED)
             .multi(True)
             .include_all(True)
@@ -456,9 +457,141 @@ def storage_dashboard() -> db.Dashboard:
     )
 
 
+def stun_dashboard() -> db.Dashboard:
+    d = base(
+        "dna-stun",
+        "DNA STUN/TURN relays",
+        "dna-stun relays: allocations, relayed traffic by direction, requests by method, "
+        "refusals by reason and failed credentials. Metrics: docs/operations.md.",
+        nodes='dna_build_info{role="stun"}',
+    )
+    d = d.with_row(db.Row("Relays"))
+    d = d.with_panel(
+        single_stat(
+            "Relays ready",
+            "Relays whose /readyz answers 200 (alert DnaStunRelayDown when one stops reporting).",
+            "none",
+            f'sum(dna_ready{{{SEL}}} and on (instance) dna_build_info{{role="stun",{SEL}}})',
+        )
+    )
+    d = d.with_panel(
+        single_stat(
+            "Allocations held",
+            "TURN allocations held now, over the selected relays.",
+            "none",
+            f"sum(dna_stun_allocations{{{SEL}}})",
+        )
+    )
+    d = d.with_panel(
+        single_stat(
+            "Relayed now",
+            "Payload bytes per second relayed, both directions.",
+            "Bps",
+            f"sum(rate(dna_stun_relayed_bytes_total{{{SEL}}}[{RATE}]))",
+        )
+    )
+    d = d.with_panel(
+        single_stat(
+            "Refused by quota",
+            "Allocate requests refused per second because the relay (508) or the user (486) "
+            "holds its quota of allocations (alert DnaStunAllocationQuotaReached).",
+            "reqps",
+            f'sum(rate(dna_stun_refusals_total{{reason=~"quota_total|quota_user",{SEL}}}[{RATE}]))'
+            " or vector(0)",
+        )
+    )
+    d = d.with_row(db.Row("Allocations"))
+    d = d.with_panel(
+        series(
+            "Allocations held",
+            "TURN allocations each relay holds ([relay] max_allocations caps them).",
+            "none",
+            query(f"dna_stun_allocations{{{SEL}}}", "{{instance}}"),
+        )
+    )
+    d = d.with_panel(
+        series(
+            "Allocations granted",
+            "New allocations per second.",
+            "ops",
+            query(
+                f"rate(dna_stun_allocations_created_total{{{SEL}}}[{RATE}])",
+                "{{instance}}",
+            ),
+        )
+    )
+    d = d.with_row(db.Row("Relayed traffic"))
+    d = d.with_panel(
+        series(
+            "Relayed bytes by direction",
+            "Payload bytes per second, client_to_peer and peer_to_client ([relay] "
+            "bandwidth_bytes_per_s caps each allocation).",
+            "Bps",
+            query(
+                f"sum by (direction) (rate(dna_stun_relayed_bytes_total{{{SEL}}}[{RATE}]))",
+                "{{direction}}",
+            ),
+        )
+    )
+    d = d.with_panel(
+        series(
+            "Relayed packets by direction",
+            "Datagrams per second, client_to_peer and peer_to_client.",
+            "pps",
+            query(
+                f"sum by (direction) (rate(dna_stun_relayed_packets_total{{{SEL}}}[{RATE}]))",
+                "{{direction}}",
+            ),
+        )
+    )
+    d = d.with_row(db.Row("Requests, refusals and credentials"))
+    d = d.with_panel(
+        series(
+            "Requests by method",
+            "STUN/TURN requests per second: binding, allocate, refresh, create_permission, "
+            "channel_bind, and binding_indication (NAT keepalives).",
+            "reqps",
+            query(
+                f"sum by (method) (rate(dna_stun_requests_total{{{SEL}}}[{RATE}]))",
+                "{{method}}",
+            ),
+            width=8,
+        )
+    )
+    d = d.with_panel(
+        series(
+            "Refusals by reason",
+            "Requests refused and datagrams dropped per second. `unauthenticated` is the "
+            "normal first 401 of every TURN exchange (alert DnaStunRefusalSpike leaves it "
+            "out).",
+            "ops",
+            query(
+                f"sum by (reason) (rate(dna_stun_refusals_total{{{SEL}}}[{RATE}]))",
+                "{{reason}}",
+            ),
+            width=8,
+        )
+    )
+    return d.with_panel(
+        series(
+            "Failed credentials by reason",
+            "Requests whose credentials failed per second: unknown user, expired "
+            "time-limited credential, bad integrity (a wrong password or secret), wrong "
+            "realm (alert DnaStunAuthFailureSpike).",
+            "reqps",
+            query(
+                f"sum by (reason) (rate(dna_stun_auth_failures_total{{{SEL}}}[{RATE}]))",
+                "{{reason}}",
+            ),
+            width=8,
+        )
+    )
+
+
 DASHBOARDS: dict[str, Callable[[], db.Dashboard]] = {
     "dna-overlay.json": overlay_dashboard,
     "dna-storage.json": storage_dashboard,
+    "dna-stun.json": stun_dashboard,
 }
 
 

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 . scripts/docker-cli.sh
 
 TAG="${TAG:-local}"
-TARGETS=(bootstrap storage peer router redis prometheus)
+TARGETS=(bootstrap storage stun peer router redis prometheus)
 STANDARD_BASE="python:3.11-slim-bookworm"
 
 scripts/dockerd.sh

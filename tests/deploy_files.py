@@ -74,7 +74,9 @@ def metric_names(expr: str) -> set[str]:
     (followed by ``(``), keywords, label names (inside ``{}`` or a ``by (...)`` clause),
     Grafana variables, durations or string contents."""
     text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # strings, e.g. "$instance"
-    text = re.sub(r"label_values\(\s*([A-Za-z_:][\w:]*)\s*,\s*\w+\s*\)", r"\1", text)
+    text = re.sub(  # label_values(series, label): the series (matchers and all)
+        r"label_values\(\s*([A-Za-z_:][\w:]*(?:\{[^}]*\})?)\s*,\s*\w+\s*\)", r"\1", text
+    )
     text = re.sub(r"\{[^}]*\}", "", text)  # label matchers
     text = re.sub(r"\[[^\]]*\]", "", text)  # ranges, [5m] or [$__rate_interval]
     text = re.sub(

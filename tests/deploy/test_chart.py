@@ -6,6 +6,7 @@ script sends a real message through a local testnet."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -118,6 +119,16 @@ def test_the_validator_refuses_an_unknown_field(default: list[dict[str, Any]]) -
         ("image.tag=latest", "image.tag: Must not validate the schema"),
         ("logLevel=loud", "logLevel: logLevel must be one of the following"),
         ("bootstrap.replicas=0", "bootstrap.replicas: Must be greater than or equal to 1"),
+        (  # the relay's address is the pod's, its secret a Secret's
+            "stun.config.server.host=1.2.3.4",
+            "stun.config: Additional property server is not allowed",
+        ),
+        (
+            "stun.config.auth.auth_secret=plain",
+            "stun.config.auth: Additional property auth_secret is not allowed",
+        ),
+        ("stun.service.type=External", "stun.service.type: stun.service.type must be one of"),
+        ("stun.relayPortMax=70000", "stun.relayPortMax: Must be less than or equal to 65535"),
     ],
 )
 def test_a_bad_value_fails_naming_its_key(setting: str, message: str) -> None:
@@ -131,15 +142,17 @@ def test_a_bad_value_fails_naming_its_key(setting: str, message: str) -> None:
 
 
 def _pods(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
-    for sts in by_kind(docs, "StatefulSet"):
-        yield sts["metadata"]["name"], sts["spec"]["template"]["spec"]
+    for workload in by_kind(docs, "StatefulSet") + by_kind(docs, "Deployment"):
+        yield workload["metadata"]["name"], workload["spec"]["template"]["spec"]
     for pod in by_kind(docs, "Pod"):
         yield pod["metadata"]["name"], pod["spec"]
 
 
-def test_every_container_is_locked_down(default: list[dict[str, Any]]) -> None:
-    pods = dict(_pods(default))
-    assert set(pods) == {"t-dna-bootstrap", "t-dna-storage", "t-dna-test-send-message"}
+@pytest.mark.parametrize("values", [None, "public-values.yaml"])
+def test_every_container_is_locked_down(values: str | None) -> None:
+    pods = dict(_pods(render(*(["-f", str(CHART / "ci" / values)] if values else []))))
+    expected = {"t-dna-bootstrap", "t-dna-storage", "t-dna-test-send-message"}
+    assert set(pods) == expected | ({"t-dna-stun"} if values else set())
     for name, spec in pods.items():
         assert spec["securityContext"]["runAsNonRoot"] is True, name
         assert spec["securityContext"]["runAsUser"] != 0, name
@@ -206,13 +219,17 @@ def test_monitoring_objects_only_where_the_operator_api_exists() -> None:
     services = [
         s for s in by_kind(docs, "Service") if selected.items() <= s["metadata"]["labels"].items()
     ]
-    assert {s["metadata"]["name"] for s in services} == {"t-dna-bootstrap", "t-dna-storage"}
+    assert {s["metadata"]["name"] for s in services} == {
+        "t-dna-bootstrap",
+        "t-dna-storage",
+        "t-dna-stun",
+    }
     assert all(s["spec"].get("clusterIP") != "None" for s in services)  # not headless
     dashboards = [
         d for d in by_kind(docs, "ConfigMap") if "grafana_dashboard" in d["metadata"]["labels"]
     ]
     files = {key for d in dashboards for key in d["data"]}
-    assert files == {"dna-overlay.json", "dna-storage.json"}
+    assert files == {"dna-overlay.json", "dna-storage.json", "dna-stun.json"}
 
 
 def test_per_pod_services_select_one_bootstrap_pod_each() -> None:
@@ -232,6 +249,103 @@ def test_per_pod_services_select_one_bootstrap_pod_each() -> None:
             "targetPort": "overlay",
             "protocol": "UDP",
         } in spec["ports"]
+
+
+# --- the STUN/TURN relay ---------------------------------------------------------------
+
+
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {var["name"]: var for var in container["env"]}
+
+
+def test_the_relay_is_off_unless_enabled(default: list[dict[str, Any]]) -> None:
+    assert not [d for d in default if d["metadata"]["name"].startswith("t-dna-stun")]
+
+
+def test_the_relay_takes_udp_its_secret_from_a_secret_and_is_probed() -> None:
+    docs = render("-f", str(CHART / "ci" / "public-values.yaml"))
+    relay = named(docs, "Deployment", "t-dna-stun")
+    pod = relay["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True and relay["spec"]["strategy"] == {"type": "Recreate"}
+    assert relay["spec"]["replicas"] == 2
+    (container,) = pod["containers"]
+    assert container["image"] == "registry.example.org/dna/dna-stun:2.0.0"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    env = _env(container)
+    assert env["DNA_STUN__AUTH__AUTH_SECRET"]["valueFrom"]["secretKeyRef"] == {
+        "name": "dna-turn",
+        "key": "current",
+    }
+    assert env["DNA_STUN__AUTH__PREVIOUS_AUTH_SECRET"]["valueFrom"]["secretKeyRef"] == {
+        "name": "dna-turn",
+        "key": "previous",
+        "optional": True,
+    }
+    assert not by_kind(docs, "Secret")  # existingSecret: the chart makes none
+    udp = named(docs, "Service", "t-dna-stun-udp")["spec"]
+    assert udp["type"] == "LoadBalancer" and udp["externalTrafficPolicy"] == "Local"
+    assert udp["ports"] == [{"name": "stun", "port": 3478, "targetPort": "stun", "protocol": "UDP"}]
+    assert udp["selector"] == relay["spec"]["selector"]["matchLabels"]
+    policy = named(docs, "NetworkPolicy", "t-dna-stun")["spec"]
+    open_to_all = [rule["ports"] for rule in policy["ingress"] if "from" not in rule]
+    assert open_to_all == [
+        [
+            {"port": 3478, "protocol": "UDP"},
+            {"port": 50000, "endPort": 50999, "protocol": "UDP"},
+        ]
+    ]
+    ops = [
+        rule for rule in policy["ingress"] if {"port": 17480, "protocol": "TCP"} in rule["ports"]
+    ]
+    assert ops and all(rule.get("from") for rule in ops), "the ops port must not be open to all"
+    budget = named(docs, "PodDisruptionBudget", "t-dna-stun")["spec"]
+    assert budget["selector"] == relay["spec"]["selector"]
+
+
+def test_without_an_existing_secret_the_chart_makes_a_random_one() -> None:
+    monitoring = ["-f", str(CHART / "ci" / "monitoring-values.yaml")]
+    secrets = [named(render(*monitoring), "Secret", "t-dna-stun-auth") for _ in range(2)]
+    values = [s["data"]["auth-secret"] for s in secrets]
+    assert len(base64.b64decode(values[0])) == 48 and values[0] != values[1]
+    assert "auth_secret" not in (CHART / "values.yaml").read_text()  # never in values
+
+
+@pytest.mark.parametrize("values", ["public-values.yaml", "monitoring-values.yaml"])
+def test_the_relay_accepts_the_chart_config(values: str, tmp_path: Path) -> None:
+    docs = render("-f", str(CHART / "ci" / values))
+    (container,) = named(docs, "Deployment", "t-dna-stun")["spec"]["template"]["spec"]["containers"]
+    path = tmp_path / "stun.toml"
+    path.write_text(named(docs, "ConfigMap", "t-dna-stun")["data"]["stun.toml"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DNA_")}
+    env |= _pod_env(container, "10.1.2.3") | {"DNA_STUN__AUTH__AUTH_SECRET": "from-the-secret"}
+    result = subprocess.run(
+        [str(BIN / "dna-stun"), "check-config", "--config", str(path)],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    effective = json.loads(result.stdout)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert effective["server"]["host"] == "10.1.2.3" == effective["ops"]["http_host"]
+    assert effective["server"]["udp_port"] == ports["stun"]
+    assert effective["ops"]["http_port"] == ports["http"]
+    assert effective["auth"]["auth_secret"] == "***"  # set, and not printed
+    if values == "public-values.yaml":
+        assert (effective["server"]["relay_port_min"], effective["server"]["relay_port_max"]) == (
+            50000,
+            50999,
+        )
+        assert effective["relay"]["max_allocations"] == 5000
+        assert effective["auth"]["realm"] == "dna.example.org"
+
+
+def test_a_relay_port_range_upside_down_fails_naming_it() -> None:
+    result = helm(
+        "template", "t", str(CHART), "--set", "stun.enabled=true",
+        "--set", "stun.relayPortMin=60000", "--set", "stun.relayPortMax=50000",
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "stun.relayPortMin (60000) must not exceed stun.relayPortMax (50000)" in result.stderr
 
 
 # --- the nodes accept the config the chart writes --------------------------------------

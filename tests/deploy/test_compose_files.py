@@ -13,11 +13,14 @@ from typing import Any
 
 import pytest
 from containers import COMPOSE, ROOT
+from dna_stun.config import StunServiceConfig
 from dna_testnet.compose import (
     NODES_DIR,
     PROMETHEUS_FILE,
+    compose_subnets,
     document,
     node_address,
+    relay_address,
     render,
     stale_files,
 )
@@ -105,6 +108,26 @@ def test_dna_testnet_and_compose_run_the_same_nodes_with_the_same_settings(tmp_p
         ]
 
 
+# The relay's settings that differ by driver: where it runs and which private networks its
+# peers live on (loopback locally, the compose networks in compose), and compose's narrow
+# relay range (published ranges want to be short).
+RELAY_LOCATION = {("server", "host"), ("ops", "http_host"), ("relay", "allowed_peers")}
+RELAY_COMPOSE_ONLY = {("server", "relay_port_min"), ("server", "relay_port_max")}
+
+
+def test_dna_testnet_and_compose_run_the_same_relay(tmp_path: Path) -> None:
+    local = Testnet(tmp_path, stun=len(TESTNET.relays))
+    assert [r.name for r in local.relays] == [r.name for r in TESTNET.relays]
+    files = render(TESTNET)
+    for relay in local.relays:
+        relay.write_config()
+        ours = _flat(relay.config_path.read_text())
+        theirs = _flat(files[f"{NODES_DIR}/{relay.name}.toml"])
+        differ = {k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)}
+        assert differ == RELAY_LOCATION | RELAY_COMPOSE_ONLY, relay.name
+        assert theirs[("auth", "auth_secret")] == ours[("auth", "auth_secret")]
+
+
 def test_compose_services_follow_the_topology() -> None:
     services = document(TESTNET)["services"]
     for spec in TESTNET.nodes:
@@ -124,7 +147,30 @@ def test_compose_services_follow_the_topology() -> None:
         assert services[peer.name]["network_mode"] == f"service:{peer.name}-netns"
     assert services["prometheus"]["profiles"] == ["monitoring"]
     scraped = render(TESTNET)[PROMETHEUS_FILE]
-    assert all(f"{n.name}:7480" in scraped for n in TESTNET.nodes)
+    assert all(f"{n.name}:7480" in scraped for n in TESTNET.nodes + TESTNET.relays)
+
+
+def test_the_relay_is_a_stun_container_relaying_to_the_compose_networks_only() -> None:
+    services = document(TESTNET)["services"]
+    assert [r.name for r in TESTNET.relays] == ["stun1"]
+    relay = services["stun1"]
+    assert relay["image"].startswith("dna-stun:") and relay["init"] and relay["read_only"]
+    assert relay["healthcheck"]["test"][-1].endswith("healthcheck.py")
+    assert relay["expose"] == ["3478/udp", "49152-49251/udp"]
+    address = relay["networks"]["internet"]["ipv4_address"]
+    assert address == relay_address(TESTNET, "stun1")
+    node_addresses = {node_address(TESTNET, n.name) for n in TESTNET.nodes}
+    assert address not in node_addresses
+    config = tomllib.loads(render(TESTNET)[f"{NODES_DIR}/stun1.toml"])
+    assert config["server"]["host"] == address
+    assert (config["server"]["relay_port_min"], config["server"]["relay_port_max"]) == (
+        49152,
+        49251,
+    )
+    # Exactly the compose networks, spelled out: a public relay refuses private addresses.
+    assert config["relay"]["allowed_peers"] == ["10.77.0.0/16", "10.78.1.0/24", "10.78.2.0/24"]
+    assert config["relay"]["allowed_peers"] == compose_subnets(TESTNET)
+    StunServiceConfig.model_validate(config)  # the file is one dna-stun accepts
 
 
 def test_a_topology_with_more_redis_nodes_than_storage_nodes_is_refused() -> None:

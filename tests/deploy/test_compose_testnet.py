@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from containers import DOCKER, Compose, DockerError, build_images, docker, ensure_engine
-from dna_testnet.compose import INTERNET, peer_lan
+from dna_testnet.compose import INTERNET, peer_lan, relay_address
 from dna_testnet.topology import TESTNET
 
 # A cold build (no cache, no base image) takes minutes; warm, the whole module ~3 minutes.
@@ -32,6 +32,7 @@ pytestmark = [pytest.mark.timeout(1500), pytest.mark.process]  # docker, compose
 PROJECT = "dnaci"
 GRAFANA = "grafana"  # pulled from a registry: not started here (none is reachable)
 NODES = [n.name for n in TESTNET.nodes]
+RELAYS = [r.name for r in TESTNET.relays]
 STORAGE = [n.name for n in TESTNET.storage]
 PEERS = [p.name for p in TESTNET.peers]
 KILLED = "storage2"
@@ -65,7 +66,14 @@ def images() -> str:
     return built
 
 
-ROLE_IMAGES = {"dna-bootstrap": "bootstrap", "dna-storage": "storage", "dna-peer": "peer"}
+ROLE_IMAGES = {
+    "dna-bootstrap": "bootstrap",
+    "dna-storage": "storage",
+    "dna-stun": "stun",
+    "dna-peer": "peer",
+}
+# A relay keeps nothing on disk (allocations live in memory): the one role without a volume.
+STATELESS = {"dna-stun"}
 
 
 @pytest.mark.parametrize("image", sorted(ROLE_IMAGES))
@@ -76,7 +84,7 @@ def test_a_role_image_is_small_non_root_labelled_and_checks_its_health(
     config = info["Config"]
     assert config["User"] == "10001:10001"
     assert config["Healthcheck"]["Test"][0] == "CMD"
-    assert "/var/lib/dna" in config["Volumes"]
+    assert ("/var/lib/dna" in (config["Volumes"] or {})) == (image not in STATELESS)
     labels = config["Labels"]
     assert labels["org.opencontainers.image.title"] == image
     assert (
@@ -86,7 +94,12 @@ def test_a_role_image_is_small_non_root_labelled_and_checks_its_health(
     # Only the role's package (and dna-core) in its environment.
     present = docker("run", "--rm", "--entrypoint", "ls", f"{image}:local", "/opt/venv/bin")
     others = {"dna-bootstrap", "dna-storage-node", "dna-testnet", "dna-sim", "dna-stun"}
-    own = {"bootstrap": "dna-bootstrap", "storage": "dna-storage-node", "peer": "dna"}
+    own = {
+        "bootstrap": "dna-bootstrap",
+        "storage": "dna-storage-node",
+        "stun": "dna-stun",
+        "peer": "dna",
+    }
     assert set(present.split()) & others <= {own[ROLE_IMAGES[image]]}, present
     assert own[ROLE_IMAGES[image]] in present.split()
 
@@ -104,6 +117,19 @@ def test_a_node_container_with_a_bad_setting_exits_with_one_line(
     assert done.stderr.strip().splitlines() == [
         f"{image.replace('dna-storage', 'dna-storage-node')}: error: {prefix}__NODE__GRPC_PORT:"
         " node.grpc_port: input should be less than or equal to 65535, got 99999"
+    ], done.stderr
+
+
+def test_the_stun_image_without_a_relay_address_exits_with_one_line(images: str) -> None:
+    """The image listens on 0.0.0.0: it cannot guess the address clients are told."""
+    done = subprocess.run(
+        [DOCKER, "run", "--rm", "dna-stun:local"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "dna-stun: error: /etc/dna/stun.toml: server: relay_host must be an address clients"
+        " reach (host is a wildcard)"
     ], done.stderr
 
 
@@ -271,8 +297,42 @@ def _wait_query(testnet: Compose, promql: str, done: Any, timeout: float = 90) -
         time.sleep(2)
 
 
+# A STUN Binding request from a peer's container; prints the XOR-MAPPED-ADDRESS answered
+# (RFC 8489 14.2: port and IPv4 address XORed with the magic cookie).
+BINDING = """
+import os, socket, struct
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
+tid = os.urandom(12)
+s.sendto(struct.pack("!HHI", 1, 0, 0x2112A442) + tid, (ADDRESS, 3478))
+data = s.recv(2048)
+assert data[:2] == b"\\x01\\x01" and data[8:20] == tid, data
+at = 20
+while at < len(data):
+    kind, size = struct.unpack_from("!HH", data, at)
+    if kind == 0x20:
+        port = struct.unpack_from("!H", data, at + 6)[0] ^ 0x2112
+        ip = struct.unpack_from("!I", data, at + 8)[0] ^ 0x2112A442
+        print(socket.inet_ntoa(struct.pack("!I", ip)), port)
+    at += 4 + (size + 3) // 4 * 4
+"""
+
+
+def test_the_relay_is_healthy_and_tells_a_peer_its_address_behind_the_nat(
+    testnet: Compose,
+) -> None:
+    for relay in RELAYS:
+        assert testnet.state(relay)["Health"]["Status"] == "healthy"
+        address = relay_address(TESTNET, relay)
+        for peer in TESTNET.peers:
+            script = BINDING.replace("ADDRESS", repr(address))
+            mapped = testnet.exec(peer.name, "python3", "-c", script, timeout=60).split()
+            # What the relay sees is the peer's NAT router, not its LAN address.
+            assert mapped[0] == peer_lan(TESTNET, peer.name).router_internet, mapped
+            assert 0 < int(mapped[1]) < 65536
+
+
 def test_prometheus_scrapes_every_node_and_sees_full_replica_sets(testnet: Compose) -> None:
-    every = {f"{name}:7480" for name in NODES}
+    every = {f"{name}:7480" for name in NODES + RELAYS}
     up = _wait_query(testnet, "up == 1", lambda r: {s["metric"]["instance"] for s in r} == every)
     assert {s["metric"]["instance"] for s in up} == every
     # The replica-count histogram of the repair passes (every 10 s here): each storage node

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from cluster import UDP_PORT, NodeProcess, free_ips, running
@@ -24,11 +25,12 @@ from deploy_files import (
     tool,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from stun_node import stun_node
 from support import load_script
 
 pytestmark = pytest.mark.process  # helm, promtool, bash or node processes
 
-BOOTSTRAP_IP, STORAGE_IP = free_ips(2)
+BOOTSTRAP_IP, STORAGE_IP, STUN_IP = free_ips(3)
 
 
 def _generator() -> ModuleType:
@@ -105,7 +107,7 @@ def test_committed_dashboards_are_what_the_code_generates(tmp_path: Path) -> Non
 
 def test_dashboards_have_fixed_uids_unique_panel_ids_and_the_datasource_variable() -> None:
     found = dashboards()
-    assert {"dna-overlay.json", "dna-storage.json"} <= found.keys()
+    assert {"dna-overlay.json", "dna-storage.json", "dna-stun.json"} <= found.keys()
     uids = [d["uid"] for d in found.values()]
     assert len(set(uids)) == len(uids) and all(uids)
     for name, dashboard in found.items():
@@ -132,6 +134,24 @@ def test_storage_dashboard_covers_the_storage_health_figures() -> None:
         assert needed in read, needed
 
 
+def test_stun_dashboard_covers_the_relay_figures() -> None:
+    relay = dashboards()["dna-stun.json"]
+    read = set().union(*(metric_names(expr) for _, expr in dashboard_exprs(relay)))
+    for needed in (
+        "dna_stun_allocations",  # allocations
+        "dna_stun_relayed_bytes_total",  # relayed bytes and packets by direction
+        "dna_stun_relayed_packets_total",
+        "dna_stun_auth_failures_total",  # failed credentials
+        "dna_stun_refusals_total",  # refusals by reason
+        "dna_stun_requests_total",  # requests by method
+    ):
+        assert needed in read, needed
+    exprs = " ".join(expr for _, expr in dashboard_exprs(relay))
+    assert "by (direction)" in exprs and "by (reason)" in exprs and "by (method)" in exprs
+    (variable,) = (v for v in relay["templating"]["list"] if v["name"] == "instance")
+    assert variable["query"] == 'label_values(dna_build_info{role="stun"}, instance)'  # relays
+
+
 # --- the metrics exist ------------------------------------------------------------------
 
 
@@ -142,6 +162,7 @@ def test_metric_names_finds_metrics_and_only_metrics() -> None:
     )
     assert metric_names(expr) == {"a_bucket", "b_total", "c", "d"}
     assert metric_names("label_values(dna_build_info, instance)") == {"dna_build_info"}
+    assert metric_names('label_values(dna_build_info{role="stun"}, instance)') == {"dna_build_info"}
     assert bucket_bounds(expr) == {"1.0"}
 
 
@@ -171,7 +192,7 @@ def _exported(text: str) -> tuple[set[str], dict[str, set[str]]]:
 def exported(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[set[str], dict[str, set[str]]]]:
-    """What a real bootstrap node and a real storage node export on /metrics."""
+    """What a real bootstrap node, storage node and STUN/TURN relay export on /metrics."""
     root = tmp_path_factory.mktemp("exported")
     seed = f"{BOOTSTRAP_IP}:{UDP_PORT}"
     nodes = [
@@ -180,6 +201,8 @@ def exported(
     ]
     with running(nodes):
         texts = [node.http("/metrics").text for node in nodes]
+    with stun_node(tmp_path_factory.mktemp("stun"), STUN_IP) as relay:
+        texts.append(httpx.get(f"{relay.http}/metrics", timeout=5).text)
     names: set[str] = set()
     bounds: dict[str, set[str]] = {}
     for text in texts:
@@ -202,6 +225,7 @@ def test_every_metric_a_dashboard_or_rule_reads_is_exported(
 ) -> None:
     names, bounds = exported
     assert "dna_ready" in names and "dna_storage_mailbox_replicas_bucket" in names
+    assert "dna_stun_relayed_bytes_total" in names
     queries = _every_query()
     assert len(queries) > 30
     missing = sorted(

@@ -90,7 +90,25 @@ app.kubernetes.io/component: {{ .role }}
 {{- $_ := set $sections "storage" (dict "backend" "sqlite" "data_dir" "/data/mailboxes") -}}
 {{- end -}}
 {{- $sections = mergeOverwrite $sections (deepCopy (index $root.Values .role).config) -}}
-log_level = {{ $root.Values.logLevel | toJson }}
+{{- include "dna.renderToml" (dict "root" $root "sections" $sections) -}}
+{{- end -}}
+
+{{/* The relay's TOML file (dna-stun): its ports, then `stun.config` over them. The address
+     comes from the pod (env), the shared secret from a Secret (env). */}}
+{{- define "dna.stunToml" -}}
+{{- $v := .Values.stun -}}
+{{- $sections := dict
+  "server" (dict "udp_port" $v.udpPort "relay_port_min" $v.relayPortMin "relay_port_max" $v.relayPortMax)
+  "ops" (dict "http_port" .Values.ports.http)
+-}}
+{{- $sections = mergeOverwrite $sections (deepCopy $v.config) -}}
+{{- include "dna.renderToml" (dict "root" . "sections" $sections) -}}
+{{- end -}}
+
+{{/* log_level, then each section with its keys, sorted. */}}
+{{- define "dna.renderToml" -}}
+{{- $sections := .sections -}}
+log_level = {{ .root.Values.logLevel | toJson }}
 {{- range $name := keys $sections | sortAlpha }}
 
 [{{ $name }}]

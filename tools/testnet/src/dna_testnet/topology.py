@@ -89,8 +89,8 @@ class PeerSpec:
 class Topology:
     nodes: tuple[NodeSpec, ...]
     peers: tuple[PeerSpec, ...] = ()
-    # STUN/TURN nodes: not overlay members (no seeds, no records). `dna-testnet` runs them;
-    # the compose testnet does not yet (its render takes `nodes` only).
+    # STUN/TURN nodes: not overlay members (no seeds, no records). `dna-testnet` runs them
+    # on loopback addresses, the compose testnet as `dna-stun` containers.
     relays: tuple[NodeSpec, ...] = ()
 
     @property
@@ -179,13 +179,15 @@ def node_toml(
     return text + extra_toml
 
 
-def stun_toml(host: str, *, http_host: str, allowed_peers: Sequence[str] = ()) -> str:
+def stun_toml(
+    host: str, *, http_host: str, allowed_peers: Sequence[str] = (), server_toml: str = ""
+) -> str:
     """A STUN/TURN node's TOML file: the testnet's credentials, relaying to ``allowed_peers``
     (CIDRs denied on a public node, such as the loopback or private network the testnet's
-    peers live on)."""
+    peers live on); ``server_toml``: more keys of [server]."""
     allowed = ", ".join(f'"{cidr}"' for cidr in allowed_peers)
     return (
-        f'log_level = "info"\n[server]\nhost = "{host}"\nudp_port = {STUN_PORT}\n'
+        f'log_level = "info"\n[server]\nhost = "{host}"\nudp_port = {STUN_PORT}\n{server_toml}'
         f'[auth]\nrealm = "dna-testnet"\nusers = ["{TESTNET_TURN_USER}:{TESTNET_TURN_PASSWORD}"]\n'
         f'auth_secret = "{TESTNET_TURN_SECRET}"\n[relay]\nallowed_peers = [{allowed}]\n'
         f'[ops]\nhttp_host = "{http_host}"\nhttp_port = {HTTP_PORT}\n'
