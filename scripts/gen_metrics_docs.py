@@ -31,6 +31,9 @@ from dna_core.overlay.aio.server import OverlayServer, OverlayServiceConfig
 from dna_core.wire.gen.dna.v1 import common_pb2
 from dna_storage.cli import ENV_PREFIX as STORAGE_ENV
 from dna_storage.node import StorageNode, StorageNodeConfig
+from dna_stun.config import ENV_PREFIX as STUN_ENV
+from dna_stun.config import StunServiceConfig
+from dna_stun.service import StunServer
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
@@ -87,6 +90,8 @@ def metrics_of(registry: CollectorRegistry) -> list[Metric]:
             continue
         for family in collector.collect():  # e.g. the process collector
             labels = sorted({k for s in family.samples for k in s.labels})
+            # a custom family with no samples yet still knows its label names
+            labels = labels or list(getattr(family, "_labelnames", ()))
             base = family.name
             found[base] = Metric(base, family.type, tuple(labels), family.documentation)
     return [found[name] for name in sorted(found)]
@@ -117,9 +122,25 @@ async def _storage_metrics(root: Path) -> list[Metric]:
         await node.stop()
 
 
+async def _stun_metrics(root: Path) -> list[Metric]:
+    path = root / "stun.toml"
+    path.write_text(
+        '[server]\nhost = "127.0.0.1"\nudp_port = 0\n'
+        '[ops]\nhttp_host = "127.0.0.1"\nhttp_port = 0\n',
+        encoding="utf-8",
+    )
+    server = StunServer(load_config(StunServiceConfig, path, env_prefix=STUN_ENV, env={}))
+    await server.start()
+    try:
+        return metrics_of(server.registry)
+    finally:
+        await server.stop()
+
+
 ROLES: tuple[tuple[str, Callable[[Path], Awaitable[list[Metric]]]], ...] = (
     ("bootstrap", _bootstrap_metrics),
     ("storage", _storage_metrics),
+    ("stun", _stun_metrics),
 )
 
 
