@@ -130,6 +130,7 @@ async def _stun_metrics(root: Path) -> list[Metric]:
         encoding="utf-8",
     )
     server = StunServer(load_config(StunServiceConfig, path, env_prefix=STUN_ENV, env={}))
+    server.warnings = []  # no users, loopback only: meant for this throwaway relay
     await server.start()
     try:
         return metrics_of(server.registry)
