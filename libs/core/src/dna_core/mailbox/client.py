@@ -211,7 +211,9 @@ class MailboxClient:
         self._writes: set[asyncio.Task[PutResult]] = set()  # puts still reaching replicas
         # One stream per node for puts, fetches, deletes and subscriptions (session.py);
         # None (or a node serving none): the unary calls.
-        self.session_pool = SessionPool(node.channels.get, timeout) if sessions else None
+        self.session_pool = (
+            SessionPool(node.channels.get, timeout, node.channels.discard) if sessions else None
+        )
 
     async def storage_nodes(self, box: bytes, count: int) -> list[Contact]:
         """The ``count`` storage nodes closest to a mailbox, closest first (a fresh lookup)."""

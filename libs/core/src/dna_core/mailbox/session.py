@@ -239,8 +239,11 @@ class NodeSession:
 class SessionPool:
     """A client's sessions, one per node (by gRPC target), opened on first use."""
 
-    def __init__(self, channels: Channels, timeout: float) -> None:
+    def __init__(
+        self, channels: Channels, timeout: float, discard: Callable[[str], None] | None = None
+    ) -> None:
         self._channels, self.timeout = channels, timeout
+        self._discard = discard  # drops a target's channel: the next one connects afresh
         self._sessions: dict[str, NodeSession] = {}
         self._opening: dict[str, asyncio.Task[NodeSession]] = {}
         self._unsupported: dict[str, float] = {}  # target -> monotonic time to try again
@@ -273,16 +276,30 @@ class SessionPool:
         raise AssertionError("unreachable")
 
     async def _open(self, target: str) -> NodeSession:
+        try:
+            session = await self._start(target)
+        except UnavailableError:
+            # A channel whose node went away fails fast until its reconnect backoff ends,
+            # even once the node is back: a stream's open, unlike a unary call on an idle
+            # channel, meets that. Try once more on a fresh channel (a node still down
+            # refuses it at once).
+            if self._discard is None:
+                raise
+            self._discard(target)
+            session = await self._start(target)
+        old = self._sessions.pop(target, None)
+        if old is not None:
+            await old.close()
+        self._sessions[target] = session
+        return session
+
+    async def _start(self, target: str) -> NodeSession:
         session = NodeSession(self._channels(target), self.timeout)
         try:
             await session.open()
         except NoSession:
             self._unsupported[target] = time.monotonic() + NO_SESSION_RETRY_S
             raise
-        old = self._sessions.pop(target, None)
-        if old is not None:
-            await old.close()
-        self._sessions[target] = session
         return session
 
     async def close(self) -> None:

@@ -201,6 +201,16 @@ class ChannelPool:
             task.add_done_callback(self._closing.discard)
         return channel
 
+    def discard(self, target: str) -> None:
+        """Close ``target``'s channel (calls on it get ``CLOSE_GRACE_S``); the next `get`
+        makes a fresh one, which connects at once instead of waiting out the old one's
+        reconnect backoff (a node back from a restart answers right away)."""
+        channel = self._channels.pop(target, None)
+        if channel is not None:
+            task = asyncio.get_running_loop().create_task(channel.close(grace=CLOSE_GRACE_S))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), OrderedDict()
         await asyncio.gather(*(c.close() for c in channels), *self._closing)
