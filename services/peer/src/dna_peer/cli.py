@@ -151,7 +151,9 @@ def _with_peer(args: argparse.Namespace, work: Callable[[Peer], Awaitable[None]]
     async def run() -> None:
         passphrase = _passphrase(confirm=False)
         with phase_line("unlocking, joining the network…", enabled=not args.json):
-            peer = await open_peer(args.profile, passphrase, args.seeds)
+            peer = await open_peer(
+                args.profile, passphrase, args.seeds, sessions=args.command == "watch"
+            )
         try:
             await work(peer)
         finally:

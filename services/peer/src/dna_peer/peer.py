@@ -110,6 +110,9 @@ class Peer:
     device: Device
     pow_bits: int = 12
     seeds: list[tuple[str, int]] = field(default_factory=list)  # to rejoin after an outage
+    # Mailbox sessions (one stream per replica, push): for a device that stays online.
+    # A one-shot command (`dna send`) makes one or two calls per replica: unary is enough.
+    sessions: bool = True
     mail: MailboxClient = field(init=False)
     _checked_ms: int = field(default=0, init=False)  # when the own records were last looked up
     _deletes_refused_until: float = field(init=False, default=0.0)  # monotonic
@@ -124,7 +127,7 @@ class Peer:
     )  # (new identity, re-encrypt the cache): Profile.replace_identity
 
     def __post_init__(self) -> None:
-        self.mail = MailboxClient(self.node, pow_bits=self.pow_bits)
+        self.mail = MailboxClient(self.node, pow_bits=self.pow_bits, sessions=self.sessions)
         if self.cache.add_device(self.device.device_id, self.device.name, now_ms()):
             log.info("device %s registered in its cache", self.device.device_id.hex()[:8])
 
@@ -528,7 +531,7 @@ class Peer:
         self.save_identity(new, lambda: self.cache.rekey(cache_key(new, self.device.device_id)))
         self.identity = new
         self._retired_mail.append(self.mail)  # its sessions end with the peer (close)
-        self.mail = MailboxClient(self.node, pow_bits=self.pow_bits)
+        self.mail = MailboxClient(self.node, pow_bits=self.pow_bits, sessions=self.sessions)
         log.warning("identity rotated: %s -> %s", old.fingerprint.hex()[:16],
                     new.fingerprint.hex()[:16])  # fmt: skip
 
@@ -835,7 +838,12 @@ def _batches(items: Sequence[bytes], size: int) -> list[list[bytes]]:
 
 
 async def open_peer(
-    profile: Profile, passphrase: str, seeds: list[tuple[str, int]], *, pow_bits: int = 12
+    profile: Profile,
+    passphrase: str,
+    seeds: list[tuple[str, int]],
+    *,
+    pow_bits: int = 12,
+    sessions: bool = True,
 ) -> Peer:
     """Unlock the profile's identity and cache and join the overlay."""
     identity = profile.unlock(passphrase)
@@ -846,7 +854,7 @@ async def open_peer(
     except BaseException:
         cache.close()
         raise
-    peer = Peer(identity, cache, node, profile.device(), pow_bits, seeds)
+    peer = Peer(identity, cache, node, profile.device(), pow_bits, seeds, sessions)
     peer.save_identity = lambda new, rekey: profile.replace_identity(new, passphrase, rekey)
     if lost_cache:  # the other devices post their history to the mailbox
         cache.set_state(RECOVERING, str(now_ms()).encode())

@@ -326,7 +326,9 @@ class MailboxClient:
 
     async def _on_session(self, contact: Contact, work: Callable[[NodeSession], Awaitable[T]]) -> T:
         """``work`` on the session to a node; `NoSession` when sessions are off or the
-        node serves none (use the unary calls), `RemoteError` when it failed."""
+        node serves none (use the unary calls), `RemoteError` when it failed. Callers
+        fall back to the unary call on `UnavailableError` too: a session that cannot be
+        opened or died must never make a node less reachable than its unary calls do."""
         if self.session_pool is None:
             raise NoSession
         return await self.session_pool.call(contact.endpoint.grpc_target, work)
@@ -340,7 +342,7 @@ class MailboxClient:
                 try:
                     answer = await self._on_session(contact, lambda s: s.request(put_many=request))
                     return answer.put_many
-                except NoSession:
+                except (NoSession, UnavailableError):  # no session: the unary call
                     return await call(self._stub(contact).PutMany(request, timeout=self.timeout))
 
             batcher = NodeBatcher(send)
@@ -450,7 +452,7 @@ class MailboxClient:
             try:
                 answer = await self._on_session(contact, lambda s: s.request(fetch=request))
                 response = answer.fetch
-            except NoSession:
+            except (NoSession, UnavailableError):  # no session: the unary call
                 response = await call(self._stub(contact).Fetch(request, timeout=self.timeout))
         except RemoteError as err:
             return err
@@ -489,7 +491,7 @@ class MailboxClient:
         try:
             try:
                 await self._on_session(contact, lambda s: s.request(delete=request))
-            except NoSession:
+            except (NoSession, UnavailableError):  # no session: the unary call
                 await call(self._stub(contact).Delete(request, timeout=self.timeout))
         except UnavailableError as err:
             return f"{_UNREACHABLE}: {err.grpc_code}"
