@@ -35,6 +35,9 @@ from process_mark import starts_processes
 from support import BIN, lines, run_script, wait_for
 
 ICE_HOST, TURN_HOST, TURN_PORT = "10.77.1.1", "10.77.2.1", 3478
+# Only the pair's addresses: the machine's own interfaces (eth0, docker0) would give ICE a
+# path the DROP rules below do not block.
+ICE_NETWORKS = ("10.77.0.0/16",)
 IFACE, PEER_END = "d-ice0", "d-ice1"
 DROP_DIRECT = ["OUTPUT", "-p", "udp", "-d", "10.77.0.0/16", "-j", "DROP"]
 # Everything but coturn's traffic (its port, and its relay ports below the kernel's
@@ -108,7 +111,7 @@ def coturn(ice_interface: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     try:
         _wait_udp_listening(TURN_HOST, TURN_PORT)
         yield IceConfig(turn=(TURN_HOST, TURN_PORT), turn_username=TURN_USER,
-                        turn_password=TURN_PASSWORD)  # fmt: skip
+                        turn_password=TURN_PASSWORD, host_networks=ICE_NETWORKS)  # fmt: skip
     finally:
         proc.terminate()
         proc.wait(10)
@@ -146,8 +149,8 @@ def test_present_contact_gets_the_message_directly_exactly_once(
 ) -> None:
     async def scenario(people: People) -> None:
         alice, bob = await _friends(people)
-        await bob.go_direct(IceConfig(), listen=True)
-        await alice.go_direct(IceConfig(), listen=False)
+        await bob.go_direct(IceConfig(host_networks=ICE_NETWORKS), listen=True)
+        await alice.go_direct(IceConfig(host_networks=ICE_NETWORKS), listen=False)
         contact = alice.find_contact(people.name("bob"))
         sent = await alice.send(contact, "hello over the direct path")
         assert sent.path == DIRECT and sent.stored_on == 0
@@ -174,8 +177,8 @@ def test_a_copy_that_also_reaches_the_mailbox_is_dropped_as_a_replay(
 
     async def scenario(people: People) -> None:
         alice, bob = await _friends(people)
-        await bob.go_direct(IceConfig(), listen=True)
-        direct = await alice.go_direct(IceConfig(), listen=False)
+        await bob.go_direct(IceConfig(host_networks=ICE_NETWORKS), listen=True)
+        direct = await alice.go_direct(IceConfig(host_networks=ICE_NETWORKS), listen=False)
         contact = alice.find_contact(people.name("bob"))
         payload = envelope_pb2.Payload(text=envelope_pb2.Text(body="twice?"))
         envelope = seal(alice.identity, bob.identity.public, payload.SerializeToString(),
@@ -201,8 +204,8 @@ def test_blocked_udp_falls_back_to_store_and_forward_exactly_once(
 ) -> None:
     async def scenario(people: People) -> None:
         alice, bob = await _friends(people)
-        await bob.go_direct(IceConfig(), listen=True)
-        await alice.go_direct(IceConfig(), listen=False)
+        await bob.go_direct(IceConfig(host_networks=ICE_NETWORKS), listen=True)
+        await alice.go_direct(IceConfig(host_networks=ICE_NETWORKS), listen=False)
         contact = alice.find_contact(people.name("bob"))
         sent = await alice.send(contact, "through the mailbox")
         assert sent.path == STORED and sent.stored_on >= 3
@@ -221,9 +224,9 @@ def test_offline_contact_is_reached_by_store_and_forward_without_trying_ice(
 ) -> None:
     async def scenario(people: People) -> None:
         alice, bob = await _friends(people)
-        await bob.go_direct(IceConfig(), listen=True)
+        await bob.go_direct(IceConfig(host_networks=ICE_NETWORKS), listen=True)
         await bob.close()  # withdraws the presence record
-        await alice.go_direct(IceConfig(), listen=False)
+        await alice.go_direct(IceConfig(host_networks=ICE_NETWORKS), listen=False)
         contact = alice.find_contact(people.name("bob"))
         started = time.monotonic()
         sent = await alice.send(contact, "you were here a moment ago")
@@ -239,7 +242,9 @@ def test_relays_through_coturn_when_the_direct_pair_is_blocked(
 ) -> None:
     async def scenario(people: People) -> None:
         alice, bob = await _friends(people)
-        await bob.go_direct(IceConfig(), listen=True)  # bob: host candidates only
+        await bob.go_direct(
+            IceConfig(host_networks=ICE_NETWORKS), listen=True
+        )  # bob: host candidates only
         await alice.go_direct(coturn, listen=False)  # alice: host and a relayed candidate
         contact = alice.find_contact(people.name("bob"))
         sent = await alice.send(contact, "through the TURN relay")
@@ -264,9 +269,9 @@ def test_a_direct_channel_from_an_unpinned_key_is_refused(
         bob, carol = await people.new("bob"), await people.new("carol")
         await carol.add_contact(people.name("bob"))
         await bob.add_contact(people.name("carol"))
-        await bob.go_direct(IceConfig(), listen=True)  # sealed to carol
+        await bob.go_direct(IceConfig(host_networks=ICE_NETWORKS), listen=True)  # sealed to carol
         assert bob.cache.forget_contact(carol.fingerprint)
-        await carol.go_direct(IceConfig(), listen=False)
+        await carol.go_direct(IceConfig(host_networks=ICE_NETWORKS), listen=False)
         sent = await carol.send(carol.find_contact(people.name("bob")), "let me in")
         assert sent.path == STORED
         assert "HELLO from unpinned key" in caplog.text
@@ -288,8 +293,8 @@ def test_a_second_device_converges_on_a_directly_delivered_message(
                                    people.seeds)  # fmt: skip
         await laptop.sync()
         await bob.sync()  # bob learns of the laptop (its hello)
-        await bob.go_direct(IceConfig(), listen=True)
-        await alice.go_direct(IceConfig(), listen=False)
+        await bob.go_direct(IceConfig(host_networks=ICE_NETWORKS), listen=True)
+        await alice.go_direct(IceConfig(host_networks=ICE_NETWORKS), listen=False)
         sent = await alice.send(alice.find_contact(people.name("bob")), "to all of you")
         assert sent.path == DIRECT
         await bob.close()  # waits for the mirror (a sync transcript) to be put

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import time
@@ -53,6 +54,20 @@ class IceConfig:
     turn_username: str | None = None
     turn_password: str | None = None
     relay_only: bool = False  # tests and the paranoid: only the TURN-relayed candidate
+    # Host candidates only on these networks (CIDRs); empty: every interface aioice finds.
+    # Keeps container bridges, VPNs and management links out of the pairs.
+    host_networks: tuple[str, ...] = ()
+
+    async def gather(self, agent: aioice.Connection) -> None:
+        """Gather ``agent``'s candidates, dropping host candidates off ``host_networks``."""
+        await agent.gather_candidates()
+        if self.host_networks:
+            nets = [ipaddress.ip_network(cidr) for cidr in self.host_networks]
+            agent._local_candidates = [  # aioice has no interface filter of its own
+                c
+                for c in agent._local_candidates
+                if c.type != "host" or any(ipaddress.ip_address(c.host) in n for n in nets)
+            ]
 
     def agent(self, *, controlling: bool, **credentials: Any) -> aioice.Connection:
         return aioice.Connection(
@@ -124,6 +139,7 @@ class Listener:
     """A published listening agent (see the module docstring)."""
 
     def __init__(self, config: IceConfig, on_call: Callable[[Listener], None]) -> None:
+        self.config = config
         self.agent = _ListeningAgent(
             lambda: on_call(self), ice_controlling=False, stun_server=config.stun,
             turn_server=config.turn, turn_username=config.turn_username,
@@ -134,7 +150,7 @@ class Listener:
         self.agent.remote_username, self.agent.remote_password = self.caller_ufrag, self.caller_pwd
 
     async def gather(self) -> None:
-        await self.agent.gather_candidates()
+        await self.config.gather(self.agent)
         self._open_relay_to_its_server()
 
     def _open_relay_to_its_server(self) -> None:
@@ -165,7 +181,7 @@ async def dial(
     agent.remote_username, agent.remote_password = ufrag, pwd
     try:
         async with asyncio.timeout(timeout):
-            await agent.gather_candidates()
+            await config.gather(agent)
             remote = [aioice.Candidate.from_sdp(sdp) for sdp in candidates]
             _send_offer(agent, remote, pwd)
             await _connect_direct_first(agent, remote)
