@@ -196,9 +196,7 @@ class ChannelPool:
         self._channels[target] = channel
         while len(self._channels) > self.size:
             _, oldest = self._channels.popitem(last=False)
-            task = asyncio.get_running_loop().create_task(oldest.close(grace=CLOSE_GRACE_S))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._close_later(oldest)
         return channel
 
     def discard(self, target: str) -> None:
@@ -207,9 +205,13 @@ class ChannelPool:
         reconnect backoff (a node back from a restart answers right away)."""
         channel = self._channels.pop(target, None)
         if channel is not None:
-            task = asyncio.get_running_loop().create_task(channel.close(grace=CLOSE_GRACE_S))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._close_later(channel)
+
+    def _close_later(self, channel: grpc.aio.Channel) -> None:
+        """Close ``channel`` in the background; calls on it get ``CLOSE_GRACE_S``."""
+        task = asyncio.get_running_loop().create_task(channel.close(grace=CLOSE_GRACE_S))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), OrderedDict()
