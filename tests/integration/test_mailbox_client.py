@@ -271,6 +271,25 @@ def test_a_put_can_return_at_the_quorum_and_finish_in_the_background(
     with_client(work)
 
 
+def test_a_copy_arriving_after_the_owner_deleted_the_blob_counts_as_delivered(
+    network: list[NodeProcess],
+) -> None:
+    """A subscribed recipient can read and delete a blob before the sender's copies reach
+    every replica: those refusals say "deleted by its owner", and the put succeeds."""
+    bob = seeded_identity("client-bob-read-first")
+
+    async def work(client: MailboxClient) -> None:
+        blob = seal(ALICE, bob.public, b"read at once", now_ms=now_ms())
+        first = await client.put(bob.fingerprint, blob)
+        assert (await client.delete(bob, [first.blob_id])).deleted == [first.blob_id]
+        late = await client.put(bob.fingerprint, blob)  # every replica holds a tombstone
+        assert late.blob_id == first.blob_id
+        assert len(late.stored_on) >= client.write_quorum
+        assert (await client.fetch(bob))[0] == []  # and none stored it again
+
+    with_client(work)
+
+
 def test_puts_in_flight_to_one_node_travel_together_and_all_land(
     network: list[NodeProcess], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -293,6 +293,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
             reason=exc.reason,
             pow_required=exc.required_bits if isinstance(exc, PowRequired) else 0,
             retry_after_ms=_retry_after_ms(exc) if isinstance(exc, RateLimited) else 0,
+            deleted=exc.kind == "deleted",
         )
 
     async def Fetch(  # noqa: N802

@@ -307,7 +307,9 @@ class MailboxClient:
         """One node's answer to a put, told to the plan."""
         if outcome is None:
             plan.on_failure(node_id)
-        elif outcome.code == grpc.StatusCode.OK.value[0]:
+        elif outcome.code == grpc.StatusCode.OK.value[0] or outcome.deleted:
+            # Deleted: the owner read it and deleted it before this copy came (a device
+            # subscribed to the mailbox is that fast), so it was delivered.
             plan.on_stored(node_id)
         elif outcome.pow_required:
             plan.on_pow_required(node_id, outcome.pow_required)

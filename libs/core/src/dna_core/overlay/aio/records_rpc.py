@@ -191,6 +191,11 @@ class ChannelPool:
                 # for up to two minutes through a channel that had failed.
                 ("grpc.initial_reconnect_backoff_ms", 500),
                 ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+                # Without this, every channel of the process to one target shares a
+                # connection (gRPC's global subchannel pool), backoff included: a new
+                # channel to a node back from a restart, or a discarded one's successor,
+                # would fail fast just like the channel that saw the node go down.
+                ("grpc.use_local_subchannel_pool", 1),
             ],
         )
         self._channels[target] = channel

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from dna_core.wire.gen.dna.v1 import common_pb2 as dna_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64na/v1/mailbox.proto\x12\x06\x64na.v1\x1a\x13\x64na/v1/common.proto\"0\n\tSubscribe\x12#\n\x05\x66\x65tch\x18\x01 \x01(\x0b\x32\x14.dna.v1.FetchRequest\"\x19\n\x0bUnsubscribe\x12\n\n\x02id\x18\x01 \x01(\x04\"\x95\x02\n\x0eSessionRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12!\n\x03put\x18\x02 \x01(\x0b\x32\x12.dna.v1.PutRequestH\x00\x12%\n\x05\x66\x65tch\x18\x03 \x01(\x0b\x32\x14.dna.v1.FetchRequestH\x00\x12\'\n\x06\x64\x65lete\x18\x04 \x01(\x0b\x32\x15.dna.v1.DeleteRequestH\x00\x12&\n\tsubscribe\x18\x05 \x01(\x0b\x32\x11.dna.v1.SubscribeH\x00\x12*\n\x0bunsubscribe\x18\x06 \x01(\x0b\x32\x13.dna.v1.UnsubscribeH\x00\x12*\n\x08put_many\x18\x07 \x01(\x0b\x32\x16.dna.v1.PutManyRequestH\x00\x42\x04\n\x02op\"[\n\rRequestStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0cpow_required\x18\x03 \x01(\r\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\r\"\xc0\x02\n\x0fSessionResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12&\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x15.dna.v1.RequestStatusH\x00\x12\"\n\x03put\x18\x03 \x01(\x0b\x32\x13.dna.v1.PutResponseH\x00\x12&\n\x05\x66\x65tch\x18\x04 \x01(\x0b\x32\x15.dna.v1.FetchResponseH\x00\x12(\n\x06\x64\x65lete\x18\x05 \x01(\x0b\x32\x16.dna.v1.DeleteResponseH\x00\x12%\n\x04push\x18\x06 \x01(\x0b\x32\x15.dna.v1.FetchResponseH\x00\x12%\n\x05hello\x18\x07 \x01(\x0b\x32\x14.dna.v1.SessionHelloH\x00\x12+\n\x08put_many\x18\x08 \x01(\x0b\x32\x17.dna.v1.PutManyResponseH\x00\x42\x08\n\x06result\"\x1e\n\x0cSessionHello\x12\x0e\n\x06window\x18\x01 \x01(\r\"\x84\x01\n\nPutRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\x0c\n\x04\x62lob\x18\x03 \x01(\x0c\x12 \n\x03pow\x18\x04 \x01(\x0b\x32\x13.dna.v1.ProofOfWork\x12\r\n\x05ttl_s\x18\x05 \x01(\x04\x12\x12\n\ncoordinate\x18\x06 \x01(\x08\"Q\n\x0bPutResponse\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\x0c\x12\x1d\n\x15\x61\x63knowledged_replicas\x18\x02 \x01(\r\x12\x12\n\nexpires_ms\x18\x03 \x01(\x04\"2\n\x0ePutManyRequest\x12 \n\x04puts\x18\x01 \x03(\x0b\x32\x12.dna.v1.PutRequest\"}\n\nPutOutcome\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07\x62lob_id\x18\x03 \x01(\x0c\x12\x12\n\nexpires_ms\x18\x04 \x01(\x04\x12\x14\n\x0cpow_required\x18\x05 \x01(\r\x12\x16\n\x0eretry_after_ms\x18\x06 \x01(\r\"7\n\x0fPutManyResponse\x12$\n\x08outcomes\x18\x01 \x03(\x0b\x32\x12.dna.v1.PutOutcome\"C\n\tOwnerAuth\x12#\n\x05owner\x18\x01 \x01(\x0b\x32\x14.dna.v1.PublicKeySet\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\xb4\x01\n\tFetchBody\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\x0c\x12\r\n\x05limit\x18\x04 \x01(\r\x12\x14\n\x0ctimestamp_ms\x18\x05 \x01(\x04\x12\r\n\x05nonce\x18\x06 \x01(\x0c\x12(\n\x0cnode_cursors\x18\x07 \x03(\x0b\x32\x12.dna.v1.NodeCursor\x12\x14\n\x0copen_session\x18\x08 \x01(\x08\"-\n\nNodeCursor\x12\x0f\n\x07node_id\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x0c\"^\n\x0c\x46\x65tchRequest\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x1f\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x11.dna.v1.OwnerAuth\x12\x12\n\nsession_id\x18\x03 \x01(\x0c\x12\x0b\n\x03mac\x18\x04 \x01(\x0c\"e\n\x0c\x46\x65tchSession\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x16\n\x0ekem_ciphertext\x18\x02 \x01(\x0c\x12\x15\n\rkem_ephemeral\x18\x03 \x01(\x0c\x12\x12\n\nexpires_ms\x18\x04 \x01(\x04\"t\n\nStoredBlob\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\x0c\x12\x0c\n\x04\x62lob\x18\x02 \x01(\x0c\x12\x11\n\tstored_ms\x18\x03 \x01(\x04\x12\x12\n\nexpires_ms\x18\x04 \x01(\x04\x12 \n\x03pow\x18\x05 \x01(\x0b\x32\x13.dna.v1.ProofOfWork\"|\n\rFetchResponse\x12!\n\x05\x62lobs\x18\x01 \x03(\x0b\x32\x12.dna.v1.StoredBlob\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\x0c\x12\x0c\n\x04more\x18\x03 \x01(\x08\x12%\n\x07session\x18\x04 \x01(\x0b\x32\x14.dna.v1.FetchSession\"h\n\nDeleteBody\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\x10\n\x08\x62lob_ids\x18\x03 \x03(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x04\x12\r\n\x05nonce\x18\x05 \x01(\x0c\">\n\rDeleteRequest\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x1f\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x11.dna.v1.OwnerAuth\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"[\n\tTombstone\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\x0c\x12\x12\n\ndeleted_ms\x18\x02 \x01(\x04\x12\x12\n\nexpires_ms\x18\x03 \x01(\x04\x12\x15\n\rauthorization\x18\x04 \x01(\x0c\"Y\n\tNodeProof\x12#\n\x06sender\x18\x01 \x01(\x0b\x32\x13.dna.v1.NodeContact\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x04\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"U\n\x0fSyncListRequest\x12\x1f\n\x04\x66rom\x18\x01 \x01(\x0b\x32\x11.dna.v1.NodeProof\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\r\n\x05\x61\x66ter\x18\x03 \x01(\x0c\"m\n\x10SyncListResponse\x12\x10\n\x08\x62lob_ids\x18\x01 \x03(\x0c\x12%\n\ntombstones\x18\x02 \x03(\x0b\x32\x11.dna.v1.Tombstone\x12\x0c\n\x04more\x18\x03 \x01(\x08\x12\x12\n\nnext_after\x18\x04 \x01(\x0c\"k\n\x0fSyncPullRequest\x12\x1f\n\x04\x66rom\x18\x01 \x01(\x0b\x32\x11.dna.v1.NodeProof\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\x10\n\x08\x62lob_ids\x18\x03 \x03(\x0c\x12\x11\n\tmax_bytes\x18\x04 \x01(\r\"G\n\x10SyncPullResponse\x12!\n\x05\x62lobs\x18\x01 \x03(\x0b\x32\x12.dna.v1.StoredBlob\x12\x10\n\x08\x61nswered\x18\x02 \x01(\r\"\xa5\x01\n\x0fSyncPushRequest\x12\x1f\n\x04\x66rom\x18\x01 \x01(\x0b\x32\x11.dna.v1.NodeProof\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12!\n\x05\x62lobs\x18\x03 \x03(\x0b\x32\x12.dna.v1.StoredBlob\x12%\n\ntombstones\x18\x04 \x03(\x0b\x32\x11.dna.v1.Tombstone\x12\x13\n\x0boffered_ids\x18\x05 \x03(\x0c\"_\n\x10SyncPushResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x12\n\ntombstoned\x18\x02 \x01(\r\x12\x10\n\x08\x62lob_ids\x18\x03 \x03(\x0c\x12\x15\n\rtombstone_ids\x18\x04 \x03(\x0c\x32\xe1\x03\n\x07Mailbox\x12.\n\x03Put\x12\x12.dna.v1.PutRequest\x1a\x13.dna.v1.PutResponse\x12:\n\x07PutMany\x12\x16.dna.v1.PutManyRequest\x1a\x17.dna.v1.PutManyResponse\x12\x34\n\x05\x46\x65tch\x12\x14.dna.v1.FetchRequest\x1a\x15.dna.v1.FetchResponse\x12\x37\n\x06\x44\x65lete\x12\x15.dna.v1.DeleteRequest\x1a\x16.dna.v1.DeleteResponse\x12=\n\x08SyncList\x12\x17.dna.v1.SyncListRequest\x1a\x18.dna.v1.SyncListResponse\x12=\n\x08SyncPull\x12\x17.dna.v1.SyncPullRequest\x1a\x18.dna.v1.SyncPullResponse\x12=\n\x08SyncPush\x12\x17.dna.v1.SyncPushRequest\x1a\x18.dna.v1.SyncPushResponse\x12>\n\x07Session\x12\x16.dna.v1.SessionRequest\x1a\x17.dna.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64na/v1/mailbox.proto\x12\x06\x64na.v1\x1a\x13\x64na/v1/common.proto\"0\n\tSubscribe\x12#\n\x05\x66\x65tch\x18\x01 \x01(\x0b\x32\x14.dna.v1.FetchRequest\"\x19\n\x0bUnsubscribe\x12\n\n\x02id\x18\x01 \x01(\x04\"\x95\x02\n\x0eSessionRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12!\n\x03put\x18\x02 \x01(\x0b\x32\x12.dna.v1.PutRequestH\x00\x12%\n\x05\x66\x65tch\x18\x03 \x01(\x0b\x32\x14.dna.v1.FetchRequestH\x00\x12\'\n\x06\x64\x65lete\x18\x04 \x01(\x0b\x32\x15.dna.v1.DeleteRequestH\x00\x12&\n\tsubscribe\x18\x05 \x01(\x0b\x32\x11.dna.v1.SubscribeH\x00\x12*\n\x0bunsubscribe\x18\x06 \x01(\x0b\x32\x13.dna.v1.UnsubscribeH\x00\x12*\n\x08put_many\x18\x07 \x01(\x0b\x32\x16.dna.v1.PutManyRequestH\x00\x42\x04\n\x02op\"[\n\rRequestStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0cpow_required\x18\x03 \x01(\r\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\r\"\xc0\x02\n\x0fSessionResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12&\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x15.dna.v1.RequestStatusH\x00\x12\"\n\x03put\x18\x03 \x01(\x0b\x32\x13.dna.v1.PutResponseH\x00\x12&\n\x05\x66\x65tch\x18\x04 \x01(\x0b\x32\x15.dna.v1.FetchResponseH\x00\x12(\n\x06\x64\x65lete\x18\x05 \x01(\x0b\x32\x16.dna.v1.DeleteResponseH\x00\x12%\n\x04push\x18\x06 \x01(\x0b\x32\x15.dna.v1.FetchResponseH\x00\x12%\n\x05hello\x18\x07 \x01(\x0b\x32\x14.dna.v1.SessionHelloH\x00\x12+\n\x08put_many\x18\x08 \x01(\x0b\x32\x17.dna.v1.PutManyResponseH\x00\x42\x08\n\x06result\"\x1e\n\x0cSessionHello\x12\x0e\n\x06window\x18\x01 \x01(\r\"\x84\x01\n\nPutRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\x0c\n\x04\x62lob\x18\x03 \x01(\x0c\x12 \n\x03pow\x18\x04 \x01(\x0b\x32\x13.dna.v1.ProofOfWork\x12\r\n\x05ttl_s\x18\x05 \x01(\x04\x12\x12\n\ncoordinate\x18\x06 \x01(\x08\"Q\n\x0bPutResponse\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\x0c\x12\x1d\n\x15\x61\x63knowledged_replicas\x18\x02 \x01(\r\x12\x12\n\nexpires_ms\x18\x03 \x01(\x04\"2\n\x0ePutManyRequest\x12 \n\x04puts\x18\x01 \x03(\x0b\x32\x12.dna.v1.PutRequest\"\x8e\x01\n\nPutOutcome\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07\x62lob_id\x18\x03 \x01(\x0c\x12\x12\n\nexpires_ms\x18\x04 \x01(\x04\x12\x14\n\x0cpow_required\x18\x05 \x01(\r\x12\x16\n\x0eretry_after_ms\x18\x06 \x01(\r\x12\x0f\n\x07\x64\x65leted\x18\x07 \x01(\x08\"7\n\x0fPutManyResponse\x12$\n\x08outcomes\x18\x01 \x03(\x0b\x32\x12.dna.v1.PutOutcome\"C\n\tOwnerAuth\x12#\n\x05owner\x18\x01 \x01(\x0b\x32\x14.dna.v1.PublicKeySet\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\xb4\x01\n\tFetchBody\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\x0c\x12\r\n\x05limit\x18\x04 \x01(\r\x12\x14\n\x0ctimestamp_ms\x18\x05 \x01(\x04\x12\r\n\x05nonce\x18\x06 \x01(\x0c\x12(\n\x0cnode_cursors\x18\x07 \x03(\x0b\x32\x12.dna.v1.NodeCursor\x12\x14\n\x0copen_session\x18\x08 \x01(\x08\"-\n\nNodeCursor\x12\x0f\n\x07node_id\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x0c\"^\n\x0c\x46\x65tchRequest\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x1f\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x11.dna.v1.OwnerAuth\x12\x12\n\nsession_id\x18\x03 \x01(\x0c\x12\x0b\n\x03mac\x18\x04 \x01(\x0c\"e\n\x0c\x46\x65tchSession\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x16\n\x0ekem_ciphertext\x18\x02 \x01(\x0c\x12\x15\n\rkem_ephemeral\x18\x03 \x01(\x0c\x12\x12\n\nexpires_ms\x18\x04 \x01(\x04\"t\n\nStoredBlob\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\x0c\x12\x0c\n\x04\x62lob\x18\x02 \x01(\x0c\x12\x11\n\tstored_ms\x18\x03 \x01(\x04\x12\x12\n\nexpires_ms\x18\x04 \x01(\x04\x12 \n\x03pow\x18\x05 \x01(\x0b\x32\x13.dna.v1.ProofOfWork\"|\n\rFetchResponse\x12!\n\x05\x62lobs\x18\x01 \x03(\x0b\x32\x12.dna.v1.StoredBlob\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\x0c\x12\x0c\n\x04more\x18\x03 \x01(\x08\x12%\n\x07session\x18\x04 \x01(\x0b\x32\x14.dna.v1.FetchSession\"h\n\nDeleteBody\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\x10\n\x08\x62lob_ids\x18\x03 \x03(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x04\x12\r\n\x05nonce\x18\x05 \x01(\x0c\">\n\rDeleteRequest\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x1f\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x11.dna.v1.OwnerAuth\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"[\n\tTombstone\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\x0c\x12\x12\n\ndeleted_ms\x18\x02 \x01(\x04\x12\x12\n\nexpires_ms\x18\x03 \x01(\x04\x12\x15\n\rauthorization\x18\x04 \x01(\x0c\"Y\n\tNodeProof\x12#\n\x06sender\x18\x01 \x01(\x0b\x32\x13.dna.v1.NodeContact\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x04\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"U\n\x0fSyncListRequest\x12\x1f\n\x04\x66rom\x18\x01 \x01(\x0b\x32\x11.dna.v1.NodeProof\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\r\n\x05\x61\x66ter\x18\x03 \x01(\x0c\"m\n\x10SyncListResponse\x12\x10\n\x08\x62lob_ids\x18\x01 \x03(\x0c\x12%\n\ntombstones\x18\x02 \x03(\x0b\x32\x11.dna.v1.Tombstone\x12\x0c\n\x04more\x18\x03 \x01(\x08\x12\x12\n\nnext_after\x18\x04 \x01(\x0c\"k\n\x0fSyncPullRequest\x12\x1f\n\x04\x66rom\x18\x01 \x01(\x0b\x32\x11.dna.v1.NodeProof\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12\x10\n\x08\x62lob_ids\x18\x03 \x03(\x0c\x12\x11\n\tmax_bytes\x18\x04 \x01(\r\"G\n\x10SyncPullResponse\x12!\n\x05\x62lobs\x18\x01 \x03(\x0b\x32\x12.dna.v1.StoredBlob\x12\x10\n\x08\x61nswered\x18\x02 \x01(\r\"\xa5\x01\n\x0fSyncPushRequest\x12\x1f\n\x04\x66rom\x18\x01 \x01(\x0b\x32\x11.dna.v1.NodeProof\x12\x12\n\nmailbox_id\x18\x02 \x01(\x0c\x12!\n\x05\x62lobs\x18\x03 \x03(\x0b\x32\x12.dna.v1.StoredBlob\x12%\n\ntombstones\x18\x04 \x03(\x0b\x32\x11.dna.v1.Tombstone\x12\x13\n\x0boffered_ids\x18\x05 \x03(\x0c\"_\n\x10SyncPushResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x12\n\ntombstoned\x18\x02 \x01(\r\x12\x10\n\x08\x62lob_ids\x18\x03 \x03(\x0c\x12\x15\n\rtombstone_ids\x18\x04 \x03(\x0c\x32\xe1\x03\n\x07Mailbox\x12.\n\x03Put\x12\x12.dna.v1.PutRequest\x1a\x13.dna.v1.PutResponse\x12:\n\x07PutMany\x12\x16.dna.v1.PutManyRequest\x1a\x17.dna.v1.PutManyResponse\x12\x34\n\x05\x46\x65tch\x12\x14.dna.v1.FetchRequest\x1a\x15.dna.v1.FetchResponse\x12\x37\n\x06\x44\x65lete\x12\x15.dna.v1.DeleteRequest\x1a\x16.dna.v1.DeleteResponse\x12=\n\x08SyncList\x12\x17.dna.v1.SyncListRequest\x1a\x18.dna.v1.SyncListResponse\x12=\n\x08SyncPull\x12\x17.dna.v1.SyncPullRequest\x1a\x18.dna.v1.SyncPullResponse\x12=\n\x08SyncPush\x12\x17.dna.v1.SyncPushRequest\x1a\x18.dna.v1.SyncPushResponse\x12>\n\x07Session\x12\x16.dna.v1.SessionRequest\x1a\x17.dna.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,46 +51,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUTRESPONSE']._serialized_end=1074
   _globals['_PUTMANYREQUEST']._serialized_start=1076
   _globals['_PUTMANYREQUEST']._serialized_end=1126
-  _globals['_PUTOUTCOME']._serialized_start=1128
-  _globals['_PUTOUTCOME']._serialized_end=1253
-  _globals['_PUTMANYRESPONSE']._serialized_start=1255
-  _globals['_PUTMANYRESPONSE']._serialized_end=1310
-  _globals['_OWNERAUTH']._serialized_start=1312
-  _globals['_OWNERAUTH']._serialized_end=1379
-  _globals['_FETCHBODY']._serialized_start=1382
-  _globals['_FETCHBODY']._serialized_end=1562
-  _globals['_NODECURSOR']._serialized_start=1564
-  _globals['_NODECURSOR']._serialized_end=1609
-  _globals['_FETCHREQUEST']._serialized_start=1611
-  _globals['_FETCHREQUEST']._serialized_end=1705
-  _globals['_FETCHSESSION']._serialized_start=1707
-  _globals['_FETCHSESSION']._serialized_end=1808
-  _globals['_STOREDBLOB']._serialized_start=1810
-  _globals['_STOREDBLOB']._serialized_end=1926
-  _globals['_FETCHRESPONSE']._serialized_start=1928
-  _globals['_FETCHRESPONSE']._serialized_end=2052
-  _globals['_DELETEBODY']._serialized_start=2054
-  _globals['_DELETEBODY']._serialized_end=2158
-  _globals['_DELETEREQUEST']._serialized_start=2160
-  _globals['_DELETEREQUEST']._serialized_end=2222
-  _globals['_DELETERESPONSE']._serialized_start=2224
-  _globals['_DELETERESPONSE']._serialized_end=2257
-  _globals['_TOMBSTONE']._serialized_start=2259
-  _globals['_TOMBSTONE']._serialized_end=2350
-  _globals['_NODEPROOF']._serialized_start=2352
-  _globals['_NODEPROOF']._serialized_end=2441
-  _globals['_SYNCLISTREQUEST']._serialized_start=2443
-  _globals['_SYNCLISTREQUEST']._serialized_end=2528
-  _globals['_SYNCLISTRESPONSE']._serialized_start=2530
-  _globals['_SYNCLISTRESPONSE']._serialized_end=2639
-  _globals['_SYNCPULLREQUEST']._serialized_start=2641
-  _globals['_SYNCPULLREQUEST']._serialized_end=2748
-  _globals['_SYNCPULLRESPONSE']._serialized_start=2750
-  _globals['_SYNCPULLRESPONSE']._serialized_end=2821
-  _globals['_SYNCPUSHREQUEST']._serialized_start=2824
-  _globals['_SYNCPUSHREQUEST']._serialized_end=2989
-  _globals['_SYNCPUSHRESPONSE']._serialized_start=2991
-  _globals['_SYNCPUSHRESPONSE']._serialized_end=3086
-  _globals['_MAILBOX']._serialized_start=3089
-  _globals['_MAILBOX']._serialized_end=3570
+  _globals['_PUTOUTCOME']._serialized_start=1129
+  _globals['_PUTOUTCOME']._serialized_end=1271
+  _globals['_PUTMANYRESPONSE']._serialized_start=1273
+  _globals['_PUTMANYRESPONSE']._serialized_end=1328
+  _globals['_OWNERAUTH']._serialized_start=1330
+  _globals['_OWNERAUTH']._serialized_end=1397
+  _globals['_FETCHBODY']._serialized_start=1400
+  _globals['_FETCHBODY']._serialized_end=1580
+  _globals['_NODECURSOR']._serialized_start=1582
+  _globals['_NODECURSOR']._serialized_end=1627
+  _globals['_FETCHREQUEST']._serialized_start=1629
+  _globals['_FETCHREQUEST']._serialized_end=1723
+  _globals['_FETCHSESSION']._serialized_start=1725
+  _globals['_FETCHSESSION']._serialized_end=1826
+  _globals['_STOREDBLOB']._serialized_start=1828
+  _globals['_STOREDBLOB']._serialized_end=1944
+  _globals['_FETCHRESPONSE']._serialized_start=1946
+  _globals['_FETCHRESPONSE']._serialized_end=2070
+  _globals['_DELETEBODY']._serialized_start=2072
+  _globals['_DELETEBODY']._serialized_end=2176
+  _globals['_DELETEREQUEST']._serialized_start=2178
+  _globals['_DELETEREQUEST']._serialized_end=2240
+  _globals['_DELETERESPONSE']._serialized_start=2242
+  _globals['_DELETERESPONSE']._serialized_end=2275
+  _globals['_TOMBSTONE']._serialized_start=2277
+  _globals['_TOMBSTONE']._serialized_end=2368
+  _globals['_NODEPROOF']._serialized_start=2370
+  _globals['_NODEPROOF']._serialized_end=2459
+  _globals['_SYNCLISTREQUEST']._serialized_start=2461
+  _globals['_SYNCLISTREQUEST']._serialized_end=2546
+  _globals['_SYNCLISTRESPONSE']._serialized_start=2548
+  _globals['_SYNCLISTRESPONSE']._serialized_end=2657
+  _globals['_SYNCPULLREQUEST']._serialized_start=2659
+  _globals['_SYNCPULLREQUEST']._serialized_end=2766
+  _globals['_SYNCPULLRESPONSE']._serialized_start=2768
+  _globals['_SYNCPULLRESPONSE']._serialized_end=2839
+  _globals['_SYNCPUSHREQUEST']._serialized_start=2842
+  _globals['_SYNCPUSHREQUEST']._serialized_end=3007
+  _globals['_SYNCPUSHRESPONSE']._serialized_start=3009
+  _globals['_SYNCPUSHRESPONSE']._serialized_end=3104
+  _globals['_MAILBOX']._serialized_start=3107
+  _globals['_MAILBOX']._serialized_end=3588
 # @@protoc_insertion_point(module_scope)

@@ -333,6 +333,7 @@ class PutOutcome(_message.Message):
     EXPIRES_MS_FIELD_NUMBER: _builtins.int
     POW_REQUIRED_FIELD_NUMBER: _builtins.int
     RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """a gRPC status code: 0 = stored durably"""
     reason: _builtins.str
@@ -343,6 +344,8 @@ class PutOutcome(_message.Message):
     """set with a proof-of-work refusal: the bits to solve"""
     retry_after_ms: _builtins.int
     """set with a rate-limit refusal"""
+    deleted: _builtins.bool
+    """refused because its owner deleted it: it was delivered"""
     def __init__(
         self,
         *,
@@ -352,10 +355,11 @@ class PutOutcome(_message.Message):
         expires_ms: _builtins.int = ...,
         pow_required: _builtins.int = ...,
         retry_after_ms: _builtins.int = ...,
+        deleted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_id", b"blob_id", "code", b"code", "expires_ms", b"expires_ms", "pow_required", b"pow_required", "reason", b"reason", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_id", b"blob_id", "code", b"code", "deleted", b"deleted", "expires_ms", b"expires_ms", "pow_required", b"pow_required", "reason", b"reason", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
