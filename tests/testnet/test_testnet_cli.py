@@ -33,9 +33,25 @@ def test_demo_runs_the_whole_flow(tmp_path: Path) -> None:
     demo = run("demo", cwd=tmp_path)
     assert demo.returncode == 0, demo.stdout + demo.stderr
     out = demo.stdout
-    assert "bob got: 'Hi Bob! Sent while you were away.'" in out
+    assert "a STUN/TURN relay up" in out
+    # Scenario 2 of the design: bob offline, the message is stored and fetched later.
+    offline = out.index("bob is OFFLINE (no fresh presence record)")
+    stored = out.index("path: stored (store-and-forward)", offline)
+    assert out.index("bob got: 'Hi Bob! Sent while you were away.'") > stored
     assert "delivered: True" in out
+    # Scenario 1: bob online, alice finds him by presence and both messages go direct,
+    # through the testnet relay (loopback has no host candidates), held by both caches.
+    online = out.index("bob is ONLINE; candidates sealed to alice: relay")
+    direct = "path: direct via the TURN relay (ICE pair relay->relay), acknowledged"
+    assert out.count(direct) == 2 and out.index(direct) > online, out
+    for body in ("Welcome to the laptop!", "This one took the open channel."):
+        assert (f"in bob's phone's cache: [{body!r}]; in alice's: [{body!r}], delivered: True"
+                in out), out  # fmt: skip
+        assert f"laptop got: {body!r}" in out  # mirrored by the phone
+    # The laptop does not listen for direct messages: its reply is stored.
+    assert out.count("path: stored (store-and-forward)") == 2
     assert "both devices hold the same history: True" in out
+    assert "refused" not in demo.stderr, demo.stderr
     assert out.rstrip().endswith("demo complete")
     assert not any(tmp_path.iterdir())  # the network lived in a temporary directory
 

@@ -378,6 +378,12 @@ class Peer:
         if (report.new_messages or report.receipts) and self.on_direct is not None:
             self.on_direct(report)
 
+    async def mirrored(self) -> None:
+        """Wait until the directly received messages so far are mirrored to this identity's
+        other devices (they were posted to its mailbox, or the posting failed and was logged)."""
+        while self._mirrors:
+            await asyncio.gather(*self._mirrors, return_exceptions=True)
+
     async def _mirror(self, messages: list[Message]) -> None:
         """Sync transcripts of directly received messages, for the other devices (the
         mailbox copy, which they would have read, never existed)."""

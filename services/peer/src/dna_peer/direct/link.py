@@ -69,13 +69,17 @@ class IceConfig:
                 if c.type != "host" or any(ipaddress.ip_address(c.host) in n for n in nets)
             ]
 
-    def agent(self, *, controlling: bool, **credentials: Any) -> aioice.Connection:
-        return aioice.Connection(
-            ice_controlling=controlling, stun_server=self.stun, turn_server=self.turn,
-            turn_username=self.turn_username, turn_password=self.turn_password,
-            use_ipv6=False, transport_policy=(aioice.TransportPolicy.RELAY if self.relay_only
-                                              else aioice.TransportPolicy.ALL), **credentials,
+    def agent_options(self) -> dict[str, Any]:
+        """aioice.Connection's keywords for these servers and this policy (both ends)."""
+        return dict(
+            stun_server=self.stun, turn_server=self.turn, turn_username=self.turn_username,
+            turn_password=self.turn_password, use_ipv6=False,
+            transport_policy=(aioice.TransportPolicy.RELAY if self.relay_only
+                              else aioice.TransportPolicy.ALL),
         )  # fmt: skip
+
+    def agent(self, *, controlling: bool, **credentials: Any) -> aioice.Connection:
+        return aioice.Connection(ice_controlling=controlling, **self.agent_options(), **credentials)
 
 
 OFFER_TAG = b"DNA-ICE-OFFER1"  # a caller's candidates, sent through the relays first
@@ -115,6 +119,8 @@ class _ListeningAgent(aioice.Connection):
             on_call()
 
     def data_received(self, data: bytes, component: int) -> None:
+        if not data:  # our own permission opener, relayed back to us (see `Listener`)
+            return
         if not data.startswith(OFFER_TAG):
             super().data_received(data, component)
             return
@@ -141,10 +147,8 @@ class Listener:
     def __init__(self, config: IceConfig, on_call: Callable[[Listener], None]) -> None:
         self.config = config
         self.agent = _ListeningAgent(
-            lambda: on_call(self), ice_controlling=False, stun_server=config.stun,
-            turn_server=config.turn, turn_username=config.turn_username,
-            turn_password=config.turn_password, use_ipv6=False,
-        )  # fmt: skip
+            lambda: on_call(self), ice_controlling=False, **config.agent_options()
+        )
         caller = aioice.Connection(ice_controlling=True)  # only to draw random credentials
         self.caller_ufrag, self.caller_pwd = caller.local_username, caller.local_password
         self.agent.remote_username, self.agent.remote_password = self.caller_ufrag, self.caller_pwd
@@ -209,13 +213,15 @@ def _send_offer(agent: aioice.Connection, remote: list[aioice.Candidate], pwd: s
 async def _connect_direct_first(agent: aioice.Connection, remote: list[aioice.Candidate]) -> None:
     """Checks toward the listener's host and reflexive candidates first, its relayed ones
     after RELAY_HOLD_S: aioice nominates the first pair that answers, and a relayed pair
-    answers before a reflexive one that opens only once the listener took our offer."""
-    for candidate in remote:
-        if candidate.type != "relay":
-            await agent.add_remote_candidate(candidate)
+    answers before a reflexive one that opens only once the listener took our offer.
+    A listener that published only relayed candidates (relay-only) has no direct pair to
+    wait for: its relayed ones are checked at once."""
+    direct = [c for c in remote if c.type != "relay"]
+    for candidate in direct:
+        await agent.add_remote_candidate(candidate)
     connecting = asyncio.ensure_future(agent.connect())
     try:
-        done, _ = await asyncio.wait({connecting}, timeout=RELAY_HOLD_S)
+        done, _ = await asyncio.wait({connecting}, timeout=RELAY_HOLD_S if direct else 0)
         if not done:
             for candidate in remote:
                 if candidate.type == "relay":
