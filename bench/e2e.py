@@ -31,6 +31,15 @@ which every process of the machine shares):
 * ``e2e.c10``: the senders at once, ``--messages`` in all, as ``e2e.seq``.
 * ``e2e.send.seq``/``e2e.send.c10``: the sends alone (``Peer.send`` returned): messages/s
   and latencies.
+* ``e2e.direct.rt``: the direct path (issue 14), one message at a time from the first
+  sender over an established direct channel: send to decrypted and stored in the
+  recipient's cache (its ``on_direct`` hook), p50/p99. The testnet runs its ``dna-stun``
+  relay and both ends are relay-only, so on loopback (where aioice gathers no host
+  candidate) the ICE pair is relay->relay through that TURN server: a relayed path, one
+  hop more than a direct one. The channel is set up (presence lookup, ICE, handshake)
+  before the warm-up; the recipient does not poll its mailbox during this phase, and a
+  message that fell back to store-and-forward is counted as a failure, not a latency.
+  Its line lists the same round's ``e2e.rt`` (store-and-forward) figure beside OpenDHT's.
 
 **Baselines**, in the same process, in the order the goals judge them (issue 15): two
 networks of 9 C++ OpenDHT nodes each (``bench.baselines.opendht_net``, the same node count
@@ -77,10 +86,13 @@ from dna_core.crypto import Identity, PublicKeySet, seal
 from dna_core.mailbox import REPLICAS, WRITE_QUORUM
 from dna_core.wire.gen.dna.v1 import envelope_pb2
 from dna_peer.cache import Contact
-from dna_peer.peer import Peer, open_peer
+from dna_peer.direct.link import IceConfig
+from dna_peer.direct.service import DirectService
+from dna_peer.peer import DIRECT, Peer, open_peer
 from dna_peer.profile import Profile
 from dna_testnet.harness import LOOPBACK
 from dna_testnet.network import Testnet
+from dna_testnet.topology import TESTNET_TURN_PASSWORD, TESTNET_TURN_USER
 
 from bench import floor, harness
 from bench.harness import Deadline, Figure, Goal, Rounds, Workload
@@ -89,6 +101,9 @@ if TYPE_CHECKING:  # imported on use (opendht_net): a missing baseline is report
     from bench.baselines.opendht_net import OpenDhtNet
 
 OURS, OPENDHT, OPENDHT_SIGNED = "ours", "opendht", "opendht-signed"
+STORE_AND_FORWARD = "store-and-forward"  # our e2e.rt, beside the direct path's figure
+DIRECT_RT = "direct.rt"
+DIRECT_PATH = "direct, TURN-relayed on loopback (relay->relay through the testnet's dna-stun)"
 OPENDHT_NETS = (OPENDHT_SIGNED, OPENDHT)  # the first baseline is the goals' first judge
 NODES = 9  # the testnet's 3 bootstrap + 6 storage node processes
 PASSPHRASE = "bench passphrase"
@@ -159,8 +174,12 @@ class CpuSample:
 class RecipientProcess:
     """``bench.e2e_recipient`` in a subprocess: when each message reached its cache."""
 
-    def __init__(self, root: Path, seeds: Sequence[tuple[str, int]], count: int, poll_s: float):
+    def __init__(
+        self, root: Path, seeds: Sequence[tuple[str, int]], count: int, poll_s: float,
+        turn: tuple[str, int],
+    ) -> None:  # fmt: skip
         self.root, self.seeds, self.count, self.poll_s = root, seeds, count, poll_s
+        self.turn = turn
         self.proc: asyncio.subprocess.Process | None = None
         self.cached: dict[bytes, int] = {}  # message ID -> monotonic ns in the cache
         self.reported: dict[bytes, int] = {}  # message ID -> monotonic ns sync returned it
@@ -181,6 +200,8 @@ class RecipientProcess:
                 sys.executable, "-m", "bench.e2e_recipient", "--root", str(self.root),
                 "--seeds", ",".join(f"{h}:{p}" for h, p in self.seeds),
                 "--recipients", str(self.count), "--poll-interval", str(self.poll_s),
+                "--turn", f"{self.turn[0]}:{self.turn[1]}", "--turn-user", TESTNET_TURN_USER,
+                "--turn-password", TESTNET_TURN_PASSWORD,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
                 cwd=Path(__file__).resolve().parents[1], limit=1 << 22,
             )  # fmt: skip
@@ -217,10 +238,12 @@ class RecipientProcess:
                     await self._arrived.wait_for(lambda: message_ids <= self.cached.keys())
             return message_ids <= self.cached.keys()
 
-    async def command(self, name: str, timeout_s: float = 30.0) -> dict[str, Any]:
+    async def command(
+        self, name: str, timeout_s: float = 30.0, argument: str = ""
+    ) -> dict[str, Any]:
         """Send a command; its reply's stats (see ``bench.e2e_recipient``)."""
         assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write(f"{name}\n".encode())
+        self.proc.stdin.write(f"{name} {argument}\n".encode())
         await self.proc.stdin.drain()
         reply = await asyncio.wait_for(self._replies.get(), timeout_s)
         if name not in reply:
@@ -314,6 +337,7 @@ class Sends:
     failures: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     done_ns: int = 0
+    paths: dict[bytes, str] = field(default_factory=dict)  # message ID -> DIRECT or STORED
 
     async def send(self, sender: Sender, text: str) -> bytes | None:
         t0 = time.monotonic_ns()
@@ -325,6 +349,7 @@ class Sends:
             return None
         self.send_s.append(ns_to_s(time.monotonic_ns() - t0))
         self.sent_at[sent.message_id] = t0
+        self.paths[sent.message_id] = sent.path
         return sent.message_id
 
 
@@ -344,9 +369,11 @@ class OurNetwork:
     """The senders and the recipient process, with the phases that measure them."""
 
     def __init__(
-        self, senders: list[Sender], recipient: RecipientProcess, node_pids: list[int]
-    ) -> None:
+        self, senders: list[Sender], recipient: RecipientProcess, node_pids: list[int],
+        direct: DirectService,
+    ) -> None:  # fmt: skip
         self.senders, self.recipient, self.node_pids = senders, recipient, node_pids
+        self.direct = direct  # the first sender's, on only during the direct phase
         self.sequence = 0  # message bodies stay distinct over the whole run
 
     def cpu(self) -> CpuSample:
@@ -367,6 +394,44 @@ class OurNetwork:
                 missing += not ok
         wall_s = ns_to_s(time.monotonic_ns() - sends.started_ns)
         return self.result(sends, 1, count, cpu0, missing, wall_s, with_send=False)
+
+    async def direct_round_trips(self, count: int) -> PhaseResult:
+        """``count`` messages one at a time over the first sender's direct channel; one that
+        fell back to the mailbox is a failure (not waited for: the recipient is not polling)."""
+        cpu0, sends = self.cpu(), Sends(time.monotonic_ns())
+        sender, missing = self.senders[0], 0
+        sender.peer.direct = self.direct
+        try:
+            for _ in range(count):
+                message_id = await sends.send(sender, self.next_body("direct"))
+                if message_id is None:
+                    continue
+                if sends.paths[message_id] != DIRECT:
+                    sends.errors["fell_back_to_store_and_forward"] += 1
+                    del sends.sent_at[message_id]
+                    missing += 1
+                    continue
+                missing += not await self.recipient.wait_for({message_id}, DELIVERY_TIMEOUT_S)
+        finally:
+            sender.peer.direct = None  # the other phases measure store-and-forward
+        wall_s = ns_to_s(time.monotonic_ns() - sends.started_ns)
+        return self.result(sends, 1, count, cpu0, missing, wall_s, with_send=False)
+
+    async def first_direct(self) -> dict[str, Any]:
+        """The direct channel's setup, timed: presence lookup, ICE through the relay,
+        handshake, then the first message and its ACK."""
+        sender = self.senders[0]
+        sender.peer.direct = self.direct
+        try:
+            t0 = time.perf_counter()
+            sent = await sender.peer.send(sender.contact, self.next_body("first-direct"))
+            ms = (time.perf_counter() - t0) * 1e3
+        finally:
+            sender.peer.direct = None
+        if sent.path != DIRECT:  # the direct figures will show only failures
+            return {"error": "the direct path did not come up (the first message was stored)"}
+        route = self.direct.route_to(sender.contact.fingerprint)
+        return {"first_direct_message_ms": round(ms, 1), "ice_pair": route}
 
     async def pipelined(self, senders: Sequence[Sender], count: int) -> PhaseResult:
         """``count`` messages over ``senders`` at once, each sender's sends one after another,
@@ -528,9 +593,17 @@ class Run:
             await self.opendht_turn(messages, concurrency, budget, record)
             if not ours_first:
                 await self.our_turn(phases, record)
+            if concurrency == 1:  # the direct path beside the same OpenDHT turn
+                await self.our_turn([(DIRECT_RT, lambda: ours.direct_round_trips(rt))], record,
+                                    poll=False)  # fmt: skip
 
-    async def our_turn(self, phases: list[tuple[str, PhaseRun]], record: bool) -> None:
-        await self.ours.recipient.command("resume")
+    async def our_turn(
+        self, phases: list[tuple[str, PhaseRun]], record: bool, *, poll: bool = True
+    ) -> None:
+        """Our phases, the recipient polling its mailbox (``poll``) or not (the direct
+        path needs no polling)."""
+        if poll:
+            await self.ours.recipient.command("resume")
         for key, phase in phases:
             result = await phase()
             if record:
@@ -610,6 +683,8 @@ def goals(concurrent: str) -> list[Goal]:
             out.append(Goal(f"e2e.{mode}.{pct}", OPENDHT, 0.5))
     for mode in ("seq", concurrent):
         out.append(Goal(f"e2e.{mode}.cpu", OPENDHT, 0.5))
+    # Issue 14: the direct path at least as fast as OpenDHT's putEncrypted -> listen.
+    out += [Goal(f"e2e.{DIRECT_RT}.{pct}", OPENDHT_SIGNED, 1.0) for pct in ("p50", "p99")]
     return out
 
 
@@ -640,6 +715,8 @@ def report(run: Run, envelope: int) -> list[dict[str, Any]]:
     }  # fmt: skip
     figures = (  # (bench name, our key, OpenDHT key, messages per round, senders, what)
         ("e2e.rt", "rt", "seq", cfg.rt_messages, 1, "one at a time, send to cache"),
+        (f"e2e.{DIRECT_RT}", DIRECT_RT, "seq", cfg.rt_messages, 1,
+         "one at a time over the direct channel, send to decrypted in the recipient's cache"),
         ("e2e.seq", "seq", "seq", cfg.messages, 1, "sequential sends, until all held"),
         (f"e2e.{conc}", conc, conc, cfg.messages, cfg.senders, "concurrent senders"),
         ("e2e.send.seq", "send.seq", "send.seq", cfg.messages, 1, "Peer.send vs OpenDHT put"),
@@ -650,7 +727,7 @@ def report(run: Run, envelope: int) -> list[dict[str, Any]]:
     for name, ours_key, base_key, n, senders, what in figures:
         # One at a time, the next send waits for the sync to return (receipts, deletes
         # done), not for the commit: e2e.rt is a latency figure only.
-        ours = results.figure(OURS, ours_key, throughput=ours_key != "rt")
+        ours = results.figure(OURS, ours_key, throughput=ours_key not in ("rt", DIRECT_RT))
         if ours["p50_ms"] is None:
             continue
         base = {b: results.figure(b, base_key, throughput=not base_key.startswith("send."))
@@ -665,6 +742,9 @@ def report(run: Run, envelope: int) -> list[dict[str, Any]]:
             "rounds": ours["rounds"], "failures": failures,
         }  # fmt: skip
         theirs = {b: f for b, f in base.items() if f["p50_ms"] is not None}
+        if ours_key == DIRECT_RT:  # beside OpenDHT: our store-and-forward, same rounds
+            theirs[STORE_AND_FORWARD] = results.figure(OURS, "rt", throughput=False)
+            fig_params["path"] = DIRECT_PATH
         lines += harness.report_operation(name, ours, theirs, n, fig_params)
         if ours_key in ("seq", conc):
             cpu = {b: (results.median((b, base_key)) or {"extra": {}})["extra"].get(
@@ -686,7 +766,7 @@ def report(run: Run, envelope: int) -> list[dict[str, Any]]:
 
 
 def start_testnet(root: Path, cfg: Config) -> Testnet:
-    net = Testnet(root, addresses=LOOPBACK.take(NODES))
+    net = Testnet(root, addresses=LOOPBACK.take(NODES + 1), stun=1)  # + the TURN relay
     if not cfg.shipped_admission:
         for node in net.nodes:
             if node.role == "storage":
@@ -723,6 +803,7 @@ async def run_in(root: Path, cfg: Config) -> int:
     net: Testnet | None = None
     recipient: RecipientProcess | None = None
     senders: list[Sender] = []
+    direct: DirectService | None = None
     opendht: list[OpenDhtBaseline] = []
     lines: list[dict[str, Any]] = []
     try:
@@ -730,15 +811,23 @@ async def run_in(root: Path, cfg: Config) -> int:
         profiles = await asyncio.to_thread(create_profiles, root / "people", cfg.senders)
         net = await net_up
         ready_s = time.perf_counter() - t0
-        recipient = RecipientProcess(root / "people", net.seeds, cfg.recipients, cfg.poll_interval)
+        turn = net.relays[0].udp
+        recipient = RecipientProcess(root / "people", net.seeds, cfg.recipients,
+                                     cfg.poll_interval, turn)  # fmt: skip
         await recipient.start(READY_TIMEOUT_S)
         senders = await open_senders(profiles, net.seeds, recipient.fingerprints)
+        await senders[0].peer.publish("Direct sender")  # the recipient pins it by its record
+        await recipient.command("direct", argument=senders[0].peer.fingerprint.hex())
+        direct = await senders[0].peer.go_direct(ice_config(turn), listen=False)
+        senders[0].peer.direct = None  # on only during the direct phase
         envelope = envelope_bytes(profiles[0][1], senders[0].contact.keys)
         setup: dict[str, Any] = {}
         opendht = await start_opendht(envelope, setup)
         floor_parts = await floor.measure(BODY_CHARS, n=50 if cfg.quick else 200)
         node_pids = [n.proc.pid for n in net.nodes if n.proc is not None]
-        ours = OurNetwork(senders, recipient, node_pids)
+        relay_pid = net.relays[0].proc.pid if net.relays[0].proc is not None else 0
+        ours = OurNetwork(senders, recipient, node_pids, direct)
+        first_direct = await ours.first_direct()
         harness.detail({"setup": {
             "root": str(root), "ips": [n.ip for n in net.nodes],
             "node_pids": node_pids, "recipient_pid": recipient.pid,
@@ -748,7 +837,8 @@ async def run_in(root: Path, cfg: Config) -> int:
             "admission": "shipped" if cfg.shipped_admission else ADMISSION,
             "poll_interval_s": cfg.poll_interval,
             "recipient_setup_s": recipient.setup_s, "baselines": setup, "floor": floor_parts,
-            "ready_s": round(time.perf_counter() - t0, 2),
+            "ready_s": round(time.perf_counter() - t0, 2), "direct": first_direct,
+            "relay": f"{turn[0]}:{turn[1]}", "relay_pid": relay_pid,
             "loadavg": harness.loadavg(),
         }})  # fmt: skip
         bench_run = Run(cfg, ours, opendht)
@@ -760,6 +850,8 @@ async def run_in(root: Path, cfg: Config) -> int:
         harness.detail({"elapsed_s": round(time.perf_counter() - t0, 1), "recipient": stats,
                         "loadavg": harness.loadavg()})  # fmt: skip
     finally:
+        if direct is not None:
+            await direct.stop()  # its channel and relay allocation
         await close_senders(senders)
         if recipient is not None:
             await recipient.close()
@@ -768,6 +860,12 @@ async def run_in(root: Path, cfg: Config) -> int:
         if net is not None:
             net.kill_all()
     return harness.exit_status(lines, OURS)
+
+
+def ice_config(turn: tuple[str, int]) -> IceConfig:
+    """The testnet relay, relay-only: loopback gives aioice no host candidate."""
+    return IceConfig(turn=turn, turn_username=TESTNET_TURN_USER,
+                     turn_password=TESTNET_TURN_PASSWORD, relay_only=True)  # fmt: skip
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:

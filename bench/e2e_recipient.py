@@ -1,7 +1,7 @@
 """Recipient process for ``bench.e2e``: peers that sync their mailbox in a loop.
 
 ``python -m bench.e2e_recipient --root DIR --seeds IP:PORT,... [--recipients 1]
-[--poll-interval 0]``
+[--poll-interval 0] [--turn IP:PORT --turn-user U --turn-password P]``
 
 It runs apart from the sending benchmark so that, as on a real network, the recipient's
 CPU (fetching, opening envelopes, the cache, delivery receipts, signed deletes) is not
@@ -21,8 +21,12 @@ Lines on stdout are JSON objects:
   its receipts and deletes), both ``time.monotonic_ns()`` (CLOCK_MONOTONIC, the same clock
   in every process of the machine);
 * one reply per command read on stdin: ``pause`` (no new syncs; replies once the running
-  ones are done), ``resume``, ``stats``, ``stop`` (closes the peers, then exits); each
-  reply is ``{"<command>": {stats}}``. End of stdin and SIGTERM stop it too.
+  ones are done), ``resume``, ``stats``, ``stop`` (closes the peers, then exits),
+  ``direct FINGERPRINT`` (the first recipient pins that sender and goes online for the
+  direct path through the ``--turn`` relay, relay-only: it publishes a presence record
+  sealed to the sender and takes messages over ICE; each one arriving that way is a
+  ``got`` line too, ``cached_ns`` = ``reported_ns`` = when the inbox had stored it);
+  each reply is ``{"<command>": {stats}}``. End of stdin and SIGTERM stop it too.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from dna_core.crypto import Identity
+from dna_peer.direct.link import IceConfig
+from dna_peer.inbox import SyncReport
 from dna_peer.network import parse_seeds
 from dna_peer.peer import Peer, open_peer
 from dna_peer.profile import Profile
@@ -138,6 +144,20 @@ class Poller:
         async with self.idle:
             await self.idle.wait_for(lambda: self.active == 0)
 
+    async def go_direct(self, sender_hex: str, ice: IceConfig) -> None:
+        """The first recipient takes ``sender_hex``'s messages over the direct path."""
+        peer = self.peers[0]
+        await peer.add_contact(sender_hex)  # presence is sealed to pinned contacts only
+
+        def arrived(report: SyncReport) -> None:
+            now = time.monotonic_ns()
+            if report.new_messages:
+                self.stats.messages += len(report.new_messages)
+                emit({"got": [[m.message_id.hex(), now, now] for m in report.new_messages]})
+
+        peer.on_direct = arrived
+        await peer.go_direct(ice, listen=True)
+
     async def stop(self) -> None:
         await self.pause()
         for task in self.tasks:
@@ -152,7 +172,7 @@ async def stdin_reader() -> asyncio.StreamReader:
     return reader
 
 
-async def serve(poller: Poller) -> None:
+async def serve(poller: Poller, ice: IceConfig | None) -> None:
     """Answer commands until ``stop``, end of stdin or SIGTERM."""
     reader = await stdin_reader()
     stop = asyncio.Event()
@@ -170,6 +190,9 @@ async def serve(poller: Poller) -> None:
             break
         if command == "pause":
             await poller.pause()
+        elif command.startswith("direct ") and ice is not None:
+            await poller.go_direct(command.split()[1], ice)
+            command = "direct"
         elif command == "resume":
             poller.running.set()
         emit({command: poller.stats.to_json()})
@@ -187,12 +210,19 @@ async def run(args: argparse.Namespace) -> None:
         emit({"ready": {"fingerprints": [p.fingerprint.hex() for p in peers],
                         "setup_s": round(time.perf_counter() - t0, 3)}})  # fmt: skip
         poller = Poller(peers, args.poll_interval)
-        await serve(poller)
+        await serve(poller, ice_config(args))
         emit({"stop": poller.stats.to_json()})
     finally:
         for peer in peers:
             with contextlib.suppress(Exception):
                 await peer.close()
+
+
+def ice_config(args: argparse.Namespace) -> IceConfig | None:
+    if not args.turn:
+        return None
+    return IceConfig(turn=parse_seeds(args.turn)[0], turn_username=args.turn_user,
+                     turn_password=args.turn_password, relay_only=True)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -203,6 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--poll-interval", type=float, default=0.0, help="s between one's syncs (0: back to back)"
     )
+    parser.add_argument("--turn", default="", help="TURN relay IP:PORT of the direct path")
+    parser.add_argument("--turn-user", default="", help="its username")
+    parser.add_argument("--turn-password", default="", help="its password")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     asyncio.run(run(args))

@@ -26,17 +26,18 @@ THROUGHPUTS = {"e2e.seq", f"e2e.c{SENDERS}"}
 SEND_THROUGHPUTS = {"e2e.send.seq", f"e2e.send.c{SENDERS}"}
 CPU = {"e2e.seq.cpu", f"e2e.c{SENDERS}.cpu"}
 FLOORS = {"e2e.rt.floor", "e2e.seq.floor"}
+DIRECT = {"e2e.direct.rt.p50", "e2e.direct.rt.p99"}  # issue 14: the direct path
 BASELINES = ["opendht-signed", "opendht"]  # putEncrypted -> listen first: the goals' judge
 GOALS = {
     (f"e2e.{m}.{p}", b) for m in ("rt", "seq", f"c{SENDERS}") for p in ("p50", "p99")
     for b in BASELINES
-} | {(name, "opendht") for name in CPU}  # fmt: skip
+} | {(name, "opendht") for name in CPU} | {(name, "opendht-signed") for name in DIRECT}  # fmt: skip
 
 
 def test_e2e_bench_quick_prints_figures_beside_opendht_and_cleans_up() -> None:
-    """9 node processes, a recipient process, 3 senders, OpenDHT's authenticated and
-    unsigned listen paths beside them (~40 s): every figure, the CPU and floor lines, a
-    goal line per goal."""
+    """9 node processes and a TURN relay, a recipient process, 3 senders, OpenDHT's
+    authenticated and unsigned listen paths beside them (~40 s): every figure (the direct
+    path's beside store-and-forward too), the CPU and floor lines, a goal line per goal."""
     done = subprocess.run(
         [sys.executable, "-m", "bench.e2e", "--quick", "--senders", str(SENDERS),
          "--budget", "180"],
@@ -48,7 +49,8 @@ def test_e2e_bench_quick_prints_figures_beside_opendht_and_cleans_up() -> None:
     assert "elapsed_s" in lines[-1]["detail"], lines[-1]  # ran to the end
     figures = {line["bench"]: line for line in lines if "bench" in line}
     assert (
-        set(figures) == LATENCIES | SEND_LATENCIES | THROUGHPUTS | SEND_THROUGHPUTS | CPU | FLOORS
+        set(figures)
+        == LATENCIES | SEND_LATENCIES | THROUGHPUTS | SEND_THROUGHPUTS | CPU | FLOORS | DIRECT
     )
     for name, figure in figures.items():
         assert set(figure) == KEYS, figure
@@ -58,6 +60,9 @@ def test_e2e_bench_quick_prints_figures_beside_opendht_and_cleans_up() -> None:
             assert figure["baseline"] == {} and figure["ratio"] is None, figure
             continue
         expected = ["floor"] if name in FLOORS else BASELINES
+        if name in DIRECT:  # every message took the direct path (a fallback is a failure)
+            expected = [*BASELINES, "store-and-forward"]
+            assert figure["params"]["path"].startswith("direct, TURN-relayed"), figure
         assert list(figure["baseline"]) == expected, figure
         assert all(v > 0 for v in figure["baseline"].values()) and figure["ratio"] > 0, figure
     goals = [line["goal"] for line in lines if "goal" in line]
@@ -68,7 +73,8 @@ def test_e2e_bench_quick_prints_figures_beside_opendht_and_cleans_up() -> None:
     ips = setup["ips"]
     assert len(set(ips)) == 9 and all(ip.startswith("127.") for ip in ips), ips
     assert not any(ip.startswith("127.0.0.") for ip in ips), ips
-    for pid in [*setup["node_pids"], setup["recipient_pid"]]:  # every process was stopped
+    assert setup["direct"]["ice_pair"] == "relay->relay", setup["direct"]
+    for pid in [*setup["node_pids"], setup["recipient_pid"], setup["relay_pid"]]:  # all stopped
         assert not _running(pid), pid
 
 
