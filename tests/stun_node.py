@@ -48,20 +48,27 @@ class StunNode:
         return self.proc.wait(timeout)
 
 
-def stun_toml(host: str, udp_port: int, http_port: int, extra_relay: str = "") -> str:
+def stun_toml(
+    host: str, udp_port: int, http_port: int, extra_relay: str = "",
+    allowed: tuple[str, ...] = ("127.0.0.0/8",),
+) -> str:  # fmt: skip
+    listed = ", ".join(f'"{cidr}"' for cidr in allowed)
     return (
         f'log_level = "info"\n[server]\nhost = "{host}"\nudp_port = {udp_port}\n'
         f'[auth]\nrealm = "test"\nusers = ["u:p"]\nauth_secret = "shared"\n'
-        f'[relay]\nallowed_peers = ["127.0.0.0/8"]\n{extra_relay}'
+        f"[relay]\nallowed_peers = [{listed}]\n{extra_relay}"
         f'[ops]\nhttp_host = "{host}"\nhttp_port = {http_port}\n'
     )
 
 
 @contextlib.contextmanager
-def stun_node(root: Path, host: str = "127.0.0.1", extra_relay: str = "") -> Iterator[StunNode]:
+def stun_node(
+    root: Path, host: str = "127.0.0.1", extra_relay: str = "",
+    allowed: tuple[str, ...] = ("127.0.0.0/8",),
+) -> Iterator[StunNode]:  # fmt: skip
     udp_port, http_port = free_port(host), free_port(host, socket.SOCK_STREAM)
     config, log = root / "stun.toml", root / "stun.log"
-    config.write_text(stun_toml(host, udp_port, http_port, extra_relay))
+    config.write_text(stun_toml(host, udp_port, http_port, extra_relay, allowed))
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [str(BIN / "dna-stun"), "run", "--config", str(config)],

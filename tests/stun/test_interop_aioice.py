@@ -143,6 +143,62 @@ def test_relaying_to_a_forbidden_address_is_refused_and_counted(node: StunNode) 
     assert node.metric("dna_stun_refusals_total", reason="forbidden_peer") == before + 2
 
 
+async def _allocation_to_allocation(node: StunNode) -> dict[str, Any]:
+    """Two clients of one server relay to each other's relayed address (the server's own
+    address, on its relay ports), then one tries the server's STUN port and 127.0.0.1."""
+    errors: list[BaseException] = []
+
+    class Catch(Inbox):
+        def error_received(self, exc: Exception) -> None:
+            errors.append(exc)
+
+    a, a_in = await create_turn_endpoint(Catch, node.udp, "u", "p")
+    b, b_in = await create_turn_endpoint(Catch, node.udp, "u", "p")
+    a_relay, b_relay = a.get_extra_info("sockname"), b.get_extra_info("sockname")
+    try:
+        got: dict[str, Any] = {}
+        for _ in range(50):  # until each has permitted the other (TURN permits by IP)
+            a.sendto(b"from a", b_relay)
+            b.sendto(b"from b", a_relay)
+            await asyncio.sleep(0.1)
+            for name, inbox in (("a", a_in), ("b", b_in)):
+                while not inbox.got.empty():
+                    got[name] = inbox.got.get_nowait()
+            if len(got) == 2:
+                break
+        a.sendto(b"x", node.udp)  # the server's own STUN port: never
+        a.sendto(b"x", ("127.0.0.1", 5000))  # loopback, not allow-listed
+        for _ in range(50):
+            if len(errors) >= 2:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        a.close()
+        b.close()
+        await asyncio.sleep(0.3)
+    return {"relays": (a_relay, b_relay), "got": got, "errors": errors}
+
+
+def test_allocations_relay_to_each_other_with_only_the_servers_address_allowed(
+    tmp_path: Path,
+) -> None:
+    """The local testnet's relay setting (docs/nat.md): allow-listed for its own address
+    only, two allocations reach each other (the demo's relay->relay ICE pair), and the
+    listening port and the rest of 127.0.0.0/8 stay refused."""
+    host = LOOPBACK.one()
+    assert host != "127.0.0.1"
+    with stun_node(tmp_path, host, allowed=(f"{host}/32",)) as relay:
+        result = asyncio.run(_allocation_to_allocation(relay))
+        refused = relay.metric("dna_stun_refusals_total", reason="forbidden_peer")
+    a_relay, b_relay = (tuple(r) for r in result["relays"])
+    assert a_relay[0] == b_relay[0] == host and a_relay[1] != b_relay[1]
+    assert result["got"]["a"] == (b"from b", b_relay)
+    assert result["got"]["b"] == (b"from a", a_relay)
+    assert len(result["errors"]) == 2, result["errors"]
+    assert all("403" in str(e) for e in result["errors"]), result["errors"]
+    assert refused == 2
+
+
 def test_garbage_does_not_hurt_the_server(node: StunNode) -> None:
     before = node.metric("dna_stun_refusals_total", reason="malformed")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:

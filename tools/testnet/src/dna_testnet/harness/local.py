@@ -72,8 +72,12 @@ class LocalNode:
         return self.root / f"{self.name}.log"
 
     def write_config(self) -> None:
-        if self.role == "stun":  # the testnet's peers live on loopback addresses
-            text = stun_toml(self.ip, http_host=self.ip, allowed_peers=["127.0.0.0/8"])
+        if self.role == "stun":
+            # The testnet's peers live on loopback, where aioice gathers no host candidate:
+            # their one pair is relay to relay, so the allow-list is the relay's own address
+            # (allocation to allocation, its relay ports only), not the rest of 127.0.0.0/8
+            # where the nodes' and the machine's loopback services listen.
+            text = stun_toml(self.ip, http_host=self.ip, allowed_peers=[f"{self.ip}/32"])
             self.config_path.write_text(text)
             return
         spec = NodeSpec(self.name, self.role)
