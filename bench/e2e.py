@@ -6,8 +6,8 @@
 What runs (issue 5, "Benchmark"; conventions: shared design/BENCH.md), all in one run:
 
 * **The network.** ``dna_testnet.Testnet``: 3 ``dna-bootstrap`` and 6 ``dna-storage-node``
-  processes on loopback addresses from the harness's allocator (reported in the setup line),
-  in a temporary directory.
+  processes and the ``dna-stun`` relay of the direct path on loopback addresses from the
+  harness's allocator (reported in the setup line), in a temporary directory.
   The storage nodes keep the shipped proof of work (12 bits, raised under load) but get
   per-IP and per-mailbox rate limits far above what the run sends (``ADMISSION``): every
   identity of the run sends from 127.0.0.1, where the per-IP limit (20 puts/s) would
