@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import shutil
 import signal
@@ -253,6 +254,33 @@ def test_relays_through_coturn_when_the_direct_pair_is_blocked(
         assert alice.direct.links[bob.fingerprint].route() == "relay->host"
         assert _held(bob, sent.message_id) == 1
         assert (await bob.sync()).new_messages == []
+        await alice.close()
+        await bob.close()
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_relay_only_ends_publish_and_pair_only_relayed_candidates(
+    testnet: Testnet, coturn: IceConfig, tmp_path: Path
+) -> None:
+    """Both ends relay-only (the local testnet's peers, where loopback gives no host
+    candidate): bob's presence carries his relayed candidate alone, though his veth
+    address would give a host one, and the pair is relay to relay through coturn."""
+
+    async def scenario(people: People) -> None:
+        alice, bob = await _friends(people)
+        relay_only = dataclasses.replace(coturn, relay_only=True)
+        await bob.go_direct(relay_only, listen=True)
+        await alice.go_direct(relay_only, listen=False)
+        contact = alice.find_contact(people.name("bob"))
+        presence = await alice.presence_of(contact)
+        assert presence is not None and presence.reach is not None
+        kinds = [sdp.split()[7] for sdp in presence.reach.candidates]
+        assert kinds == ["relay"], presence.reach.candidates
+        sent = await alice.send(contact, "relay to relay")
+        assert sent.path == DIRECT and _held(bob, sent.message_id) == 1
+        assert alice.direct is not None
+        assert alice.direct.links[bob.fingerprint].route() == "relay->relay"
         await alice.close()
         await bob.close()
 
