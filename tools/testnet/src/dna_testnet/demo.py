@@ -158,7 +158,7 @@ async def _direct(alice: Peer, bob: Peer, laptop: Peer, contact: Contact, ice: I
         if sent.path != DIRECT:
             raise SystemExit("demo failed: the direct path did not come up")
         held = [m.body for m in bob.cache.messages() if m.message_id == sent.message_id]
-        mine = alice.cache.messages()[-1]
+        [mine] = [m for m in alice.cache.messages() if m.message_id == sent.message_id]
         print(
             f"    in bob's phone's cache: {held}; in alice's: {[mine.body]},"
             f" delivered: {mine.delivered}"
