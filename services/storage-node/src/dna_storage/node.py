@@ -325,6 +325,8 @@ class StorageNode:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.repairer is not None:
+            await self.repairer.close()
         if self.server is not None:
             await self.server.stop()
         if self.backend is not None:
