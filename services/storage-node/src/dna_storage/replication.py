@@ -439,9 +439,9 @@ class RepairMetrics:
             ),
             Counter(
                 "dna_storage_repair_calls",
-                "Sync calls this node made to its peers, by method (SyncList, SyncPull, "
-                "SyncPush) and how (session; unary: the peer serves no sessions, or its "
-                "session was unavailable)",
+                "Sync calls of this node's repair that a peer answered (refusals and failures "
+                "are in repair_failures), by method (SyncList, SyncPull, SyncPush) and how: "
+                "session, or unary (the peer serves no sessions, or its session was unavailable)",
                 ["method", "via"],
                 registry=registry,
             ),
@@ -576,7 +576,9 @@ class Repairer:
         answer = await self._on_session(peer, "SyncList", signed)
         if answer is not None:
             return answer.sync_list
-        return await call(self._stub(peer).SyncList(signed, timeout=self.timeout_s))
+        return await self._unary(
+            "SyncList", self._stub(peer).SyncList(signed, timeout=self.timeout_s)
+        )
 
     async def _sync_pull(
         self, peer: Contact, box: bytes, request: mailbox_pb2.SyncPullRequest
@@ -585,7 +587,9 @@ class Repairer:
         answer = await self._on_session(peer, "SyncPull", signed)
         if answer is not None:
             return answer.sync_pull
-        return await call(self._stub(peer).SyncPull(signed, timeout=self.timeout_s))
+        return await self._unary(
+            "SyncPull", self._stub(peer).SyncPull(signed, timeout=self.timeout_s)
+        )
 
     async def _sync_push(
         self, peer: Contact, box: bytes, request: mailbox_pb2.SyncPushRequest
@@ -594,7 +598,9 @@ class Repairer:
         answer = await self._on_session(peer, "SyncPush", signed)
         if answer is not None:
             return answer.sync_push
-        return await call(self._stub(peer).SyncPush(signed, timeout=self.timeout_s))
+        return await self._unary(
+            "SyncPush", self._stub(peer).SyncPush(signed, timeout=self.timeout_s)
+        )
 
     async def _on_session(
         self, peer: Contact, method: str, request: R
@@ -610,11 +616,15 @@ class Repairer:
                 peer.endpoint.grpc_target, lambda session: session.exchange(op)
             )
         except (NoSession, UnavailableError):
-            self.metrics.calls.labels(method=method, via="unary").inc()
             return None
-        self.metrics.calls.labels(method=method, via="session").inc()
         if answer.HasField("error"):
             raise status_error(answer.error)
+        self.metrics.calls.labels(method=method, via="session").inc()
+        return answer
+
+    async def _unary(self, method: str, rpc: Awaitable[T]) -> T:
+        answer = await call(rpc)
+        self.metrics.calls.labels(method=method, via="unary").inc()
         return answer
 
     def _signed(self, request: R, method: str, box: bytes) -> R:
