@@ -463,18 +463,23 @@ class Repairer:
         replicas: int = 5,
         interval_s: float = 60.0,
         timeout_s: float = 10.0,
+        sessions: bool = True,
     ) -> None:
         self.node, self.backend, self.rules = node, backend, rules
         self.replicas = replicas
         self.interval_s, self.timeout_s = interval_s, timeout_s
         self.metrics = RepairMetrics.create(registry, replicas)
         # One session per peer carries the sync calls (session.py); a peer that serves none
-        # (an older node), or whose session is unavailable, gets the unary calls.
-        self.sessions = SessionPool(node.channels.get, timeout_s, node.channels.discard)
+        # (an older node), or whose session is unavailable, gets the unary calls, as every
+        # peer does with None (``sessions=False``: the unary calls only, as before them).
+        self.sessions = (
+            SessionPool(node.channels.get, timeout_s, node.channels.discard) if sessions else None
+        )
 
     async def close(self) -> None:
         """End the sessions to the peers (the overlay node's channels stay its own)."""
-        await self.sessions.close()
+        if self.sessions is not None:
+            await self.sessions.close()
 
     async def run_forever(self) -> None:
         while True:
@@ -610,6 +615,8 @@ class Repairer:
         opened, broke or timed out; as `MailboxClient` falls back). A refusal is the peer's
         answer, not a failed session: raised as the unary call's would be, never sent again
         (a rate-limited request must not be retried at once)."""
+        if self.sessions is None:
+            return None
         op = {SYNC_OPS[method]: request}
         try:
             answer = await self.sessions.call(
