@@ -413,30 +413,22 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
     ) -> mailbox_pb2.SyncListResponse:
         """One page of a mailbox's listing, as `SyncList` and a session judge it, or raise
         why not (counted)."""
-        box = request.mailbox_id
-        try:
-            await self._authorize_sync(request, "SyncList", source_ip, push=False)
-            if request.after and len(request.after) != 32:
-                raise MalformedError("sync: `after` is not an ID")
-        except ProtocolError as exc:
-            self.count_refusal("sync", exc)
-            raise
-        return await list_answer(self.backend, box, request.after, now_ms)
+        bad = "sync: `after` is not an ID" if request.after and len(request.after) != 32 else ""
+        await self._admit_sync(request, "SyncList", source_ip, push=False, malformed=bad)
+        return await list_answer(self.backend, request.mailbox_id, request.after, now_ms)
 
     async def sync_pull_one(
         self, request: mailbox_pb2.SyncPullRequest, source_ip: str, now_ms: int
     ) -> mailbox_pb2.SyncPullResponse:
         """The blobs asked for, bounded, as `SyncPull` and a session judge it, or raise why
         not (counted)."""
-        try:
-            await self._authorize_sync(request, "SyncPull", source_ip, push=False)
-            if not 1 <= len(request.blob_ids) <= MAX_SYNC_IDS:
-                raise MalformedError(
-                    f"sync: pull of {len(request.blob_ids)} IDs, not 1..{MAX_SYNC_IDS}"
-                )
-        except ProtocolError as exc:
-            self.count_refusal("sync", exc)
-            raise
+        count = len(request.blob_ids)
+        bad = (
+            f"sync: pull of {count} IDs, not 1..{MAX_SYNC_IDS}"
+            if not 1 <= count <= MAX_SYNC_IDS
+            else ""
+        )
+        await self._admit_sync(request, "SyncPull", source_ip, push=False, malformed=bad)
         budget = min(request.max_bytes or SYNC_BYTES, SYNC_BYTES)
         return await pull_answer(self.backend, request.mailbox_id, request.blob_ids, budget, now_ms)
 
@@ -447,16 +439,10 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         and a session judge it; what this node now holds of it. Or raise why not (counted)."""
         box = request.mailbox_id
         counts = (len(request.blobs), len(request.tombstones), len(request.offered_ids))
-        try:
-            await self._authorize_sync(request, "SyncPush", source_ip, push=True)
-            if max(counts[:2]) > MAX_SYNC_ITEMS or counts[2] > MAX_SYNC_IDS:
-                limits = (MAX_SYNC_ITEMS, MAX_SYNC_ITEMS, MAX_SYNC_IDS)
-                raise MalformedError(
-                    f"sync: push of {counts} (blobs, tombstones, IDs) over {limits}"
-                )
-        except ProtocolError as exc:
-            self.count_refusal("sync", exc)
-            raise
+        limits = (MAX_SYNC_ITEMS, MAX_SYNC_ITEMS, MAX_SYNC_IDS)
+        over = any(n > limit for n, limit in zip(counts, limits, strict=True))
+        bad = f"sync: push of {counts} (blobs, tombstones, IDs) over {limits}" if over else ""
+        await self._admit_sync(request, "SyncPush", source_ip, push=True, malformed=bad)
         got = await accept(self.backend, box, request.blobs, request.tombstones, self.sync_rules)
         blobs, tombs = set(got.held_blobs), set(got.held_tombstones)
         if request.offered_ids:
@@ -467,6 +453,19 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
             stored=got.stored, tombstoned=got.tombstoned,
             blob_ids=sorted(blobs), tombstone_ids=sorted(tombs),
         )  # fmt: skip
+
+    async def _admit_sync(
+        self, request: SyncRequest, method: str, source_ip: str, *, push: bool, malformed: str
+    ) -> None:
+        """Authorized (``_authorize_sync``) first, then within its bounds (``malformed``
+        says how it is not: the call's own check); or raise why not (counted)."""
+        try:
+            await self._authorize_sync(request, method, source_ip, push=push)
+            if malformed:
+                raise MalformedError(malformed)
+        except ProtocolError as exc:
+            self.count_refusal("sync", exc)
+            raise
 
     async def _authorize_sync(
         self, request: SyncRequest, method: str, source_ip: str, *, push: bool
