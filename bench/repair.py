@@ -15,7 +15,9 @@
   (``Repairer.repair_once``: per mailbox a lookup and a ``SyncList`` with each of the 4
   other replicas, nothing to move), its calls on sessions (ours) and unary (the baseline,
   ``Repairer.sessions`` set to None: what every call was before sessions), alternating,
-  ``--rounds`` rounds each after a warm-up pass of each.
+  ``--rounds`` rounds each after a warm-up pass of each; after each pass, a rest (untimed)
+  as long as the peers' per-node rate limit (100 calls/s) takes to refill, so no call is
+  refused (a run with a failed sync exchange fails).
 * **refill** (``storage.repair.refill``, blobs/s): node 1 forgets the refill mailbox
   (``MailboxBackend.forget``), then node 0's pass over that mailbox alone pushes it back
   (offers ahead and 1 MiB ``SyncPush`` pieces), sessions and unary alternating.
@@ -44,7 +46,7 @@ from dna_core.wire import common_pb2
 from dna_storage.backends.base import StoredBlob
 from dna_storage.cli import ENV_PREFIX as STORAGE_ENV
 from dna_storage.node import StorageNode, StorageNodeConfig
-from dna_storage.replication import Repairer
+from dna_storage.replication import SYNC_CALLS_PER_S, Repairer
 from dna_testnet.harness import LocalNode, local_cluster
 from dna_testnet.topology import NodeSpec, Topology
 
@@ -148,19 +150,27 @@ def refill_mailbox(count: int) -> tuple[bytes, list[StoredBlob]]:
 
 
 async def timed(
-    modes: dict[str, Callable[[], Awaitable[None]]], rounds: int
+    modes: dict[str, Callable[[], Awaitable[None]]], rounds: int, rest_s: float
 ) -> dict[str, list[tuple[float, float]]]:
     """Each mode's (seconds, CPU seconds) per round, the modes taking turns after a warm-up
-    of each."""
+    of each, ``rest_s`` (untimed) after each run."""
     for run in modes.values():
         await run()
+        await asyncio.sleep(rest_s)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in modes}
     for _ in range(rounds):
         for name, run in modes.items():
             started, cpu = time.perf_counter(), cpu_s()
             await run()
             results[name].append((time.perf_counter() - started, cpu_s() - cpu))
+            await asyncio.sleep(rest_s)
     return results
+
+
+def failures(repairer: Repairer) -> float:
+    """Sync exchanges of the repairer that failed so far (a figure must have none)."""
+    return sum(s.value for m in repairer.metrics.failures.collect() for s in m.samples
+               if s.name.endswith("_total"))  # fmt: skip
 
 
 def transports(
@@ -203,7 +213,11 @@ def figure(
 async def bench_pass(net: Network, mailboxes: int, rounds: int) -> dict[str, Any]:
     await net.put_everywhere(small_mailboxes(mailboxes))
     repairer = net.repairer(0)
-    results = await timed(transports(repairer, repairer.repair_once), rounds)
+    # A pass makes one call per mailbox to each peer: resting as long as the peers' rate
+    # limit takes to refill keeps every pass within it (SYNC_CALLS_PER_S per calling node).
+    rest_s = mailboxes / SYNC_CALLS_PER_S
+    results = await timed(transports(repairer, repairer.repair_once), rounds, rest_s)
+    check_no_failures(repairer)
     return figure("storage.repair.pass", ("mailbox", "mailboxes"), mailboxes, results,
                   {"storage_nodes": STORAGE, "rounds": rounds, "blobs_per_mailbox": 1})  # fmt: skip
 
@@ -222,9 +236,15 @@ async def bench_refill(net: Network, blobs: int, rounds: int) -> dict[str, Any]:
         if len(held) != len(stored):
             raise RuntimeError(f"refill left {len(stored) - len(held)} blobs missing")
 
-    results = await timed(transports(repairer, refill), rounds)
+    results = await timed(transports(repairer, refill), rounds, rest_s=1.0)
+    check_no_failures(repairer)
     params = {"storage_nodes": STORAGE, "rounds": rounds, "blob_bytes": len(stored[0].blob)}
     return figure("storage.repair.refill", ("blob", "blobs"), blobs, results, params)
+
+
+def check_no_failures(repairer: Repairer) -> None:
+    if failed := failures(repairer):
+        raise RuntimeError(f"{failed:g} sync exchanges failed: the figure would be wrong")
 
 
 async def run(args: Any) -> int:
