@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 # Every benchmark module, in run order. Each exposes ``main(argv) -> int``. The network
 # benchmarks each stay within ~3 minutes (overlay, storage: budget 165-170 s; e2e: ~75-90 s).
-MODULES: tuple[str, ...] = ("crypto", "transport", "overlay", "storage", "e2e", "turn")
+MODULES: tuple[str, ...] = ("crypto", "transport", "overlay", "storage", "repair", "e2e", "turn")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,7 +6,8 @@ node from the victim's mailbox), joined to the network. With 8 storage nodes in 
 outsider is outside R + 2 = 7 (in a network of at most R + 2, every node is a replica).
 It must not read a mailbox through `SyncList`/`SyncPull`, list what a node holds
 (`SyncDigest` is gone), or store in it through `SyncPush` what a client put could not
-store (no proof of work).
+store (no proof of work). The same holds on a mailbox session, which carries the sync
+calls between nodes: a refusal there is the unary call's, status and reason.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -26,13 +28,18 @@ from cluster import (
     client_node,
     free_ips,
     held_by,
+    now_ms,
     running,
+    sample_value,
+    scrape,
     storage_network,
 )
+from dna_core.crypto import pow as pow_
 from dna_core.crypto import seal
 from dna_core.crypto.node import NodeIdentity
-from dna_core.mailbox import blob_id, mailbox_id
+from dna_core.mailbox import blob_id, mailbox_id, put_pow_hash
 from dna_core.mailbox.client import MailboxClient
+from dna_core.mailbox.session import NodeSession
 from dna_core.overlay.aio import OverlayNode
 from dna_core.overlay.aio.node import NodeConfig
 from dna_core.overlay.contact import distance
@@ -200,3 +207,161 @@ def test_no_node_lists_every_mailbox_it_holds(network: list[NodeProcess]) -> Non
         await node.stop()
 
     asyncio.run(scenario())
+
+
+# -- the same calls on a mailbox session (the repair loop's transport) ---------------------
+
+
+async def refusals_match(
+    session: NodeSession, unary: Any, op: str, request: Any
+) -> mailbox_pb2.RequestStatus:
+    """Send ``request`` as the unary call and as the session op ``op``: both refuse it with
+    the same status and reason; returns the session's refusal."""
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await unary(request, timeout=5)
+    answer = await session.exchange({op: request})
+    assert answer.WhichOneof("result") == "error", (op, answer)
+    assert answer.error.code == refused.value.code().value[0], (op, answer.error)
+    assert answer.error.reason == refused.value.details(), (op, answer.error)
+    return answer.error
+
+
+def session_sync_ops(node: NodeProcess) -> float:
+    samples = scrape(node)
+    return sum(
+        sample_value(samples, "dna_storage_session_requests_total", op=op)
+        for op in ("sync_list", "sync_pull", "sync_push")
+    )
+
+
+def test_on_a_session_a_node_outside_the_replica_set_is_refused_as_on_the_unary_calls(
+    network: list[NodeProcess],
+) -> None:
+    async def scenario() -> None:
+        client = await client_node([SEED])
+        mail = MailboxClient(client, pow_bits=8, sessions=False)
+        env = seal(ALICE, BOB.public, b"for bob, over sessions", now_ms=now_ms())
+        await mail.put(BOB.fingerprint, env)
+        replicas = await mail.storage_nodes(BOX, 5)
+        by_id = {bytes.fromhex(n.status()["node_id"]): n for n in network}
+        node = await outsider(network)
+        assert node.contact is not None
+        for replica in replicas:
+            held = await held_by(client, BOB, replica, strict=True)
+            target = replica.endpoint.grpc_target
+            stub = mailbox_pb2_grpc.MailboxStub(node.channels.get(target))
+            session = NodeSession(node.channels.get(target), timeout=5.0)
+            await session.open()
+            served_before = session_sync_ops(by_id[replica.node_id])
+            requests: list[tuple[str, Any, Any]] = [
+                ("sync_list", stub.SyncList, mailbox_pb2.SyncListRequest(mailbox_id=BOX)),
+                ("sync_pull", stub.SyncPull,
+                 mailbox_pb2.SyncPullRequest(mailbox_id=BOX, blob_ids=sorted(held))),
+            ]  # fmt: skip
+            for op, unary, request in requests:
+                signed = with_proof(request, sign_proof(node.identity, node.contact,
+                                                        SYNC_METHODS[op], BOX))  # fmt: skip
+                refusal = await refusals_match(session, unary, op, signed)
+                assert refusal.code == grpc.StatusCode.PERMISSION_DENIED.value[0], refusal
+            # A push is taken from anyone by a replica (a hand-off holder's), each blob
+            # judged as a put: without proof of work, nothing is stored.
+            junk = valid_blob(b"outsider junk")
+            junk.ClearField("pow")
+            push = mailbox_pb2.SyncPushRequest(mailbox_id=BOX, blobs=[junk])
+            signed_push = with_proof(push, sign_proof(node.identity, node.contact, "SyncPush", BOX))
+            pushed = await session.request(sync_push=signed_push)
+            assert pushed.sync_push.stored == 0
+            assert pushed.sync_push == await stub.SyncPush(signed_push, timeout=5)
+            # ours, and whatever the replicas' own repair sent it meanwhile (over sessions)
+            assert session_sync_ops(by_id[replica.node_id]) >= served_before + 3
+            assert await held_by(client, BOB, replica, strict=True) == held, "a refusal stored"
+            await session.close()
+        await node.stop()
+        await client.stop()
+
+    asyncio.run(scenario())
+
+
+SYNC_METHODS = {"sync_list": "SyncList", "sync_pull": "SyncPull", "sync_push": "SyncPush"}
+
+
+def valid_blob(text: bytes) -> mailbox_pb2.StoredBlob:
+    """A blob for BOB's mailbox that passes every rule of a put (proof of work at the
+    network's 8 bits): what a signed push from a replica would store."""
+    blob = seal(ALICE, BOB.public, text, now_ms=now_ms())
+    proof, _ = pow_.solve(put_pow_hash(BOX, blob), 8, now_ms=now_ms())
+    return mailbox_pb2.StoredBlob(
+        blob_id=blob_id(blob), blob=blob, stored_ms=now_ms(),
+        expires_ms=now_ms() + 86_400_000, pow=proof.to_proto(),
+    )  # fmt: skip
+
+
+def test_a_malformed_or_unsigned_sync_op_on_a_session_is_refused_and_stores_nothing(
+    network: list[NodeProcess],
+) -> None:
+    """Signed with a real replica's node key (so only the fault named makes the refusal),
+    each bad sync request is refused on a session exactly as by the unary call
+    (INVALID_ARGUMENT, PERMISSION_DENIED; FAILED_PRECONDITION for a stale proof) and stores
+    nothing; the same push signed properly is stored (the control)."""
+
+    async def scenario() -> None:
+        client = await client_node([SEED])
+        mail = MailboxClient(client, pow_bits=8, sessions=False)
+        replica, signer_contact = (await mail.storage_nodes(BOX, 2))[:2]
+        process = {node_id_of(n): n for n in network}
+        signer = NodeIdentity(Path(process[signer_contact.node_id].disk.key_file).read_bytes())
+        assert signer.node_id == signer_contact.node_id
+        held = await held_by(client, BOB, replica, strict=True)
+        target = replica.endpoint.grpc_target
+        stub = mailbox_pb2_grpc.MailboxStub(client.channels.get(target))
+        session = NodeSession(client.channels.get(target), timeout=5.0)
+        await session.open()
+        blob = valid_blob(b"pushed by a replica")
+
+        def signed(request: Any, method: str, subject: bytes = BOX) -> Any:
+            return with_proof(request, sign_proof(signer, signer_contact, method, subject))
+
+        def push(**fields: Any) -> mailbox_pb2.SyncPushRequest:
+            return mailbox_pb2.SyncPushRequest(mailbox_id=BOX, blobs=[blob], **fields)
+
+        tampered = signed(push(), "SyncPush")
+        getattr(tampered, "from").signature = bytes(len(getattr(tampered, "from").signature))
+        stale = push()
+        getattr(stale, "from").CopyFrom(sign_proof(signer, signer_contact, "SyncPush", BOX))
+        getattr(stale, "from").timestamp_ms -= 10 * 60_000  # the signature no longer fits
+        bad: list[tuple[str, Any, Any, grpc.StatusCode]] = [
+            ("sync_push", stub.SyncPush, push(), grpc.StatusCode.INVALID_ARGUMENT),  # unsigned
+            ("sync_push", stub.SyncPush, signed(push(), "SyncList"),
+             grpc.StatusCode.PERMISSION_DENIED),  # signed for another method
+            ("sync_push", stub.SyncPush, signed(push(), "SyncPush", bytes(32)),
+             grpc.StatusCode.PERMISSION_DENIED),  # signed for another mailbox
+            ("sync_push", stub.SyncPush, tampered, grpc.StatusCode.PERMISSION_DENIED),
+            ("sync_push", stub.SyncPush, stale, grpc.StatusCode.FAILED_PRECONDITION),
+            ("sync_push", stub.SyncPush,
+             signed(push(tombstones=[mailbox_pb2.Tombstone()] * 501), "SyncPush"),
+             grpc.StatusCode.INVALID_ARGUMENT),  # over the item limit
+            ("sync_push", stub.SyncPush,
+             signed(mailbox_pb2.SyncPushRequest(mailbox_id=BOX[:31], blobs=[blob]), "SyncPush",
+                    BOX[:31]), grpc.StatusCode.INVALID_ARGUMENT),  # not a mailbox ID
+            ("sync_list", stub.SyncList,
+             signed(mailbox_pb2.SyncListRequest(mailbox_id=BOX, after=b"short"), "SyncList"),
+             grpc.StatusCode.INVALID_ARGUMENT),
+            ("sync_pull", stub.SyncPull,
+             signed(mailbox_pb2.SyncPullRequest(mailbox_id=BOX), "SyncPull"),
+             grpc.StatusCode.INVALID_ARGUMENT),  # no IDs
+        ]  # fmt: skip
+        for op, unary, request, code in bad:
+            refusal = await refusals_match(session, unary, op, request)
+            assert refusal.code == code.value[0], (op, refusal)
+            assert await held_by(client, BOB, replica, strict=True) == held, refusal.reason
+        good = await session.request(sync_push=signed(push(), "SyncPush"))
+        assert good.sync_push.stored == 1
+        assert await held_by(client, BOB, replica, strict=True) == held | {blob.blob_id}
+        await session.close()
+        await client.stop()
+
+    asyncio.run(scenario())
+
+
+def node_id_of(node: NodeProcess) -> bytes:
+    return bytes.fromhex(node.status()["node_id"])

@@ -74,6 +74,9 @@ from dna_storage.replication import (
 )
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
+SyncRequest = (
+    mailbox_pb2.SyncListRequest | mailbox_pb2.SyncPullRequest | mailbox_pb2.SyncPushRequest
+)
 DAY_S = 86_400
 PAGE_BYTES = 2 * 1024 * 1024  # half the gRPC message limit: room for framing
 MAX_PUT_BATCH = 64  # puts per PutMany call
@@ -184,7 +187,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         try:
             return await self.put_one(request, peer_ip(context), self.wall_ms())
         except ProtocolError as exc:
-            await self._refuse(context, "put", exc)
+            await self._refuse(context, exc)
 
     async def put_one(
         self,
@@ -220,7 +223,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         try:
             return await self.put_many_one(request, peer_ip(context), self.wall_ms())
         except ProtocolError as exc:
-            await self._refuse(context, "put", exc)
+            await self._refuse(context, exc)
 
     async def put_many_one(
         self, request: mailbox_pb2.PutManyRequest, source: str, now_ms: int
@@ -302,7 +305,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         try:
             return await self.fetch_one(request, self.wall_ms())
         except ProtocolError as exc:
-            await self._refuse(context, "fetch", exc)
+            await self._refuse(context, exc)
 
     async def fetch_one(
         self, request: mailbox_pb2.FetchRequest, now_ms: int, *, method: str = "fetch"
@@ -351,7 +354,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         try:
             return await self.delete_one(request, self.wall_ms())
         except ProtocolError as exc:
-            await self._refuse(context, "delete", exc)
+            await self._refuse(context, exc)
 
     async def delete_one(
         self, request: mailbox_pb2.DeleteRequest, now_ms: int
@@ -381,57 +384,69 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
 
     # -- replica sync (replicas only, bounded; see replication.py) -------------------
 
-    async def _authorize_sync(
-        self, context: Ctx, proof: mailbox_pb2.NodeProof, method: str, box: bytes, *, push: bool
-    ) -> None:
-        """A storage node's key signed this call, and this node finds the caller among the
-        mailbox's replicas (or, for a push, itself): ``ReplicaView.authorize``."""
-        try:
-            if self.sync_puzzle_bits is None or self.replica_view is None:
-                raise VerificationError("replica sync is disabled on this node")
-            check_mailbox_id(box)
-            caller = verify_proof(proof, method, box, puzzle_bits=self.sync_puzzle_bits)
-            await self.replica_view.authorize(box, caller, peer_ip(context), push=push)
-        except ProtocolError as exc:
-            await self._refuse(context, "sync", exc, counted=False)
-
     async def SyncList(  # noqa: N802
         self, request: mailbox_pb2.SyncListRequest, context: Ctx
     ) -> mailbox_pb2.SyncListResponse:
-        box = request.mailbox_id
-        await self._authorize_sync(context, getattr(request, "from"), "SyncList", box, push=False)
-        if request.after and len(request.after) != 32:
-            exc = MalformedError("sync: `after` is not an ID")
-            await self._refuse(context, "sync", exc, counted=False)
-        return await list_answer(self.backend, box, request.after, self.wall_ms())
+        try:
+            return await self.sync_list_one(request, peer_ip(context), self.wall_ms())
+        except ProtocolError as exc:
+            await self._refuse(context, exc)
 
     async def SyncPull(  # noqa: N802
         self, request: mailbox_pb2.SyncPullRequest, context: Ctx
     ) -> mailbox_pb2.SyncPullResponse:
-        box = request.mailbox_id
-        await self._authorize_sync(context, getattr(request, "from"), "SyncPull", box, push=False)
-        if not 1 <= len(request.blob_ids) <= MAX_SYNC_IDS:
-            exc = MalformedError(
-                f"sync: pull of {len(request.blob_ids)} IDs, not 1..{MAX_SYNC_IDS}"
-            )
-            await self._refuse(context, "sync", exc, counted=False)
-        budget = min(request.max_bytes or SYNC_BYTES, SYNC_BYTES)
-        return await pull_answer(self.backend, box, request.blob_ids, budget, self.wall_ms())
+        try:
+            return await self.sync_pull_one(request, peer_ip(context), self.wall_ms())
+        except ProtocolError as exc:
+            await self._refuse(context, exc)
 
     async def SyncPush(  # noqa: N802
         self, request: mailbox_pb2.SyncPushRequest, context: Ctx
     ) -> mailbox_pb2.SyncPushResponse:
+        try:
+            return await self.sync_push_one(request, peer_ip(context), self.wall_ms())
+        except ProtocolError as exc:
+            await self._refuse(context, exc)
+
+    async def sync_list_one(
+        self, request: mailbox_pb2.SyncListRequest, source_ip: str, now_ms: int
+    ) -> mailbox_pb2.SyncListResponse:
+        """One page of a mailbox's listing, as `SyncList` and a session judge it, or raise
+        why not (counted)."""
+        bad = "sync: `after` is not an ID" if request.after and len(request.after) != 32 else ""
+        await self._admit_sync(request, "SyncList", source_ip, push=False, malformed=bad)
+        return await list_answer(self.backend, request.mailbox_id, request.after, now_ms)
+
+    async def sync_pull_one(
+        self, request: mailbox_pb2.SyncPullRequest, source_ip: str, now_ms: int
+    ) -> mailbox_pb2.SyncPullResponse:
+        """The blobs asked for, bounded, as `SyncPull` and a session judge it, or raise why
+        not (counted)."""
+        count = len(request.blob_ids)
+        bad = (
+            f"sync: pull of {count} IDs, not 1..{MAX_SYNC_IDS}"
+            if not 1 <= count <= MAX_SYNC_IDS
+            else ""
+        )
+        await self._admit_sync(request, "SyncPull", source_ip, push=False, malformed=bad)
+        budget = min(request.max_bytes or SYNC_BYTES, SYNC_BYTES)
+        return await pull_answer(self.backend, request.mailbox_id, request.blob_ids, budget, now_ms)
+
+    async def sync_push_one(
+        self, request: mailbox_pb2.SyncPushRequest, source_ip: str, now_ms: int
+    ) -> mailbox_pb2.SyncPushResponse:
+        """Store what a replica hands over, each item judged as a put is, as `SyncPush`
+        and a session judge it; what this node now holds of it. Or raise why not (counted)."""
         box = request.mailbox_id
-        await self._authorize_sync(context, getattr(request, "from"), "SyncPush", box, push=True)
         counts = (len(request.blobs), len(request.tombstones), len(request.offered_ids))
-        if max(counts[:2]) > MAX_SYNC_ITEMS or counts[2] > MAX_SYNC_IDS:
-            limits = (MAX_SYNC_ITEMS, MAX_SYNC_ITEMS, MAX_SYNC_IDS)
-            exc = MalformedError(f"sync: push of {counts} (blobs, tombstones, IDs) over {limits}")
-            await self._refuse(context, "sync", exc, counted=False)
+        limits = (MAX_SYNC_ITEMS, MAX_SYNC_ITEMS, MAX_SYNC_IDS)
+        over = any(n > limit for n, limit in zip(counts, limits, strict=True))
+        bad = f"sync: push of {counts} (blobs, tombstones, IDs) over {limits}" if over else ""
+        await self._admit_sync(request, "SyncPush", source_ip, push=True, malformed=bad)
         got = await accept(self.backend, box, request.blobs, request.tombstones, self.sync_rules)
         blobs, tombs = set(got.held_blobs), set(got.held_tombstones)
         if request.offered_ids:
-            offered = await self.backend.held(box, request.offered_ids, self.wall_ms())
+            offered = await self.backend.held(box, request.offered_ids, now_ms)
             blobs |= offered[0]
             tombs |= offered[1]
         return mailbox_pb2.SyncPushResponse(
@@ -439,17 +454,37 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
             blob_ids=sorted(blobs), tombstone_ids=sorted(tombs),
         )  # fmt: skip
 
+    async def _admit_sync(
+        self, request: SyncRequest, method: str, source_ip: str, *, push: bool, malformed: str
+    ) -> None:
+        """Authorized (``_authorize_sync``) first, then within its bounds (``malformed``
+        says how it is not: the call's own check); or raise why not (counted)."""
+        try:
+            await self._authorize_sync(request, method, source_ip, push=push)
+            if malformed:
+                raise MalformedError(malformed)
+        except ProtocolError as exc:
+            self.count_refusal("sync", exc)
+            raise
+
+    async def _authorize_sync(
+        self, request: SyncRequest, method: str, source_ip: str, *, push: bool
+    ) -> None:
+        """A storage node's key signed this call, and this node finds the caller among the
+        mailbox's replicas (or, for a push, itself): ``ReplicaView.authorize``; or raise."""
+        if self.sync_puzzle_bits is None or self.replica_view is None:
+            raise VerificationError("replica sync is disabled on this node")
+        box = check_mailbox_id(request.mailbox_id)
+        proof = getattr(request, "from")  # a Python keyword: no attribute access
+        caller = verify_proof(proof, method, box, puzzle_bits=self.sync_puzzle_bits)
+        await self.replica_view.authorize(box, caller, source_ip, push=push)
+
     def count_refusal(self, method: str, exc: ProtocolError) -> None:
         """A refusal in the requests metric: a put's by its kind, the others as "refused"."""
         self.on_outcome(method, exc.kind if method == "put" else "refused")
 
-    async def _refuse(
-        self, context: Ctx, method: str, exc: ProtocolError, *, counted: bool = True
-    ) -> NoReturn:
-        """Abort the call with the refusal's status (counted now unless ``counted``: the
-        shared ``*_one`` handlers count their own)."""
-        if not counted:
-            self.count_refusal(method, exc)
+    async def _refuse(self, context: Ctx, exc: ProtocolError) -> NoReturn:
+        """Abort the call with the refusal's status (the ``*_one`` handlers counted it)."""
         await context.abort(*status_of(exc), trailing_metadata(exc))
         raise AssertionError("abort returned")  # grpc's abort always raises
 

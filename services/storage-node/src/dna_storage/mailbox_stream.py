@@ -3,7 +3,8 @@ puts, fetches and deletes, and subscriptions with push delivery (docs/storage.md
 "Sessions and push").
 
 Each request carries the client's ID and is judged by the same handlers as the unary
-call of the same name (``MailboxService.put_one``, ``fetch_one``, ``delete_one``): the same
+call of the same name (``MailboxService.put_one``, ``fetch_one``, ``delete_one``, and for
+storage nodes' replica sync ``sync_list_one``, ``sync_pull_one``, ``sync_push_one``): the same
 admission, authentication, proof of work, and a refusal is that request's `RequestStatus`
 with the unary call's code, reason, and retry hints; the session goes on.
 
@@ -13,7 +14,7 @@ more than ``window`` requests unanswered (RESOURCE_EXHAUSTED), an ID still in us
 gate's INVALID_ARGUMENT, grpc's RESOURCE_EXHAUSTED), or responses left unread for
 ``stall_s`` (RESOURCE_EXHAUSTED). So a session holds at most ``window`` requests and their
 responses (a put's blob is within the node's blob limit) and at most ``PAGES_HELD`` fetch
-or push pages and batches of puts, from reading one until it is answered: bounded
+or push pages, batches of puts and sync messages, from reading one until it is answered: bounded
 memory, whatever the client does. Every cut is counted by reason.
 
 A subscription is authenticated as a fetch is (the owner's signature, or a fetch
@@ -49,6 +50,9 @@ MAX_SUBSCRIPTIONS = 8  # per session: a device has one mailbox, plus retired one
 PAGES_HELD = 4  # pages and put batches (up to 2, 4 MiB) a session holds, read or queued
 MAX_GROUP = 64  # session puts written in one backend call
 PUSH_LIMIT = 200  # blobs per pushed page
+SYNC_OPS = frozenset({"sync_list", "sync_pull", "sync_push"})  # between storage nodes
+# Requests or answers of up to a page (2 MiB) or a message: each holds one of PAGES_HELD.
+PAGED_OPS = frozenset({"fetch", "subscribe", "put_many"}) | SYNC_OPS
 
 
 class SessionCutError(Exception):
@@ -64,7 +68,8 @@ class SessionMetrics:
         self.open = Gauge("dna_storage_sessions_open", "Mailbox sessions open", registry=registry)
         self.requests = Counter(
             "dna_storage_session_requests",
-            "Requests received on mailbox sessions, by operation",
+            "Requests received on mailbox sessions, by operation (put, put_many, fetch, "
+            "delete, subscribe, unsubscribe, sync_list, sync_pull, sync_push; none)",
             ["op"],
             registry=registry,
         )
@@ -313,7 +318,7 @@ class MailboxSession:
         # A page (up to 2 MiB), or a batch of puts (up to the 4 MiB message limit), holds a
         # slot until its answer is written, not only while it is served: what a session
         # holds of them is bounded, read or not.
-        paged = request.WhichOneof("op") in ("fetch", "subscribe", "put_many")
+        paged = request.WhichOneof("op") in PAGED_OPS
         if paged:
             await self.pages.acquire()
         subscription: Subscription | None = None
@@ -357,7 +362,23 @@ class MailboxSession:
             return mailbox_pb2.SessionResponse(delete=deleted), None
         if op == "subscribe":
             return await self._subscribe(request.id, request.subscribe.fetch, now_ms)
+        if op in SYNC_OPS:
+            return await self._sync(request, now_ms), None
         raise MalformedError("session: a request with no operation", kind="malformed")
+
+    async def _sync(
+        self, request: mailbox_pb2.SessionRequest, now_ms: int
+    ) -> mailbox_pb2.SessionResponse:
+        """Replica sync from another storage node, by the unary calls' own handlers."""
+        service, source = self.service, self.source_ip
+        if request.HasField("sync_list"):
+            listed = await service.sync_list_one(request.sync_list, source, now_ms)
+            return mailbox_pb2.SessionResponse(sync_list=listed)
+        if request.HasField("sync_pull"):
+            pulled = await service.sync_pull_one(request.sync_pull, source, now_ms)
+            return mailbox_pb2.SessionResponse(sync_pull=pulled)
+        pushed = await service.sync_push_one(request.sync_push, source, now_ms)
+        return mailbox_pb2.SessionResponse(sync_push=pushed)
 
     async def _subscribe(
         self, sub_id: int, fetch: mailbox_pb2.FetchRequest, now_ms: int

@@ -176,6 +176,10 @@ class _RoomWatch:
 
 
 class StorageNode:
+    # The Mailbox service served. Tests run a node that serves no sessions, as nodes from
+    # before them do, with a subclass of it (its Session answers UNIMPLEMENTED).
+    mailbox_service: type[MailboxSessionService] = MailboxSessionService
+
     def __init__(self, config: StorageNodeConfig) -> None:
         self.config = config
         self.backend: MailboxBackend | None = None
@@ -198,7 +202,7 @@ class StorageNode:
         rules: list[SyncRules] = []  # the service's, for the repairer
 
         def add_mailbox(register: ServiceRegistrar, node: OverlayNode) -> list[str]:
-            service = MailboxSessionService(
+            service = self.mailbox_service(
                 backend, self.admission, retention=retention,
                 sync_puzzle_bits=self.config.node.puzzle_bits, replica_view=ReplicaView(node),
                 node_id=node.node_id,
@@ -325,6 +329,8 @@ class StorageNode:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.repairer is not None:
+            await self.repairer.close()
         if self.server is not None:
             await self.server.stop()
         if self.backend is not None:

@@ -12,6 +12,12 @@ them report holding it. A pass keeps going with a peer until the mailbox is whol
 there; every message is bounded in bytes and items (``SYNC_BYTES``), and a piece
 refused as too large (RESOURCE_EXHAUSTED) is retried in halves.
 
+The calls to a peer travel on one long-lived mailbox session to it (``SessionPool``,
+docs/storage.md "Sessions and push"), served there by the very handlers of the unary
+calls; a peer that serves no sessions (an older node) or whose session is unavailable
+gets the unary ``SyncList``, ``SyncPull`` and ``SyncPush`` (``dna_storage_repair_calls``
+counts both).
+
 Each pass also observes, per mailbox held, how many of the replica set hold the
 mailbox's least-replicated item (``dna_storage_mailbox_replicas``).
 
@@ -45,9 +51,19 @@ from dna_core.errors import (
     MalformedError,
     ProtocolError,
     RemoteError,
+    UnavailableError,
     VerificationError,
 )
-from dna_core.mailbox import MailboxRules, StoredBlob, Tombstone, blob_proto, tombstone_proto
+from dna_core.mailbox import (
+    MailboxRules,
+    NoSession,
+    SessionPool,
+    StoredBlob,
+    Tombstone,
+    blob_proto,
+    status_error,
+    tombstone_proto,
+)
 from dna_core.overlay import Contact, OverlayNode, contact_from_proto, contact_to_proto, distance
 from dna_core.rpc_errors import call
 from dna_core.wire import common_pb2, mailbox_pb2, mailbox_pb2_grpc
@@ -76,6 +92,7 @@ T = TypeVar("T")
 R = TypeVar(
     "R", mailbox_pb2.SyncListRequest, mailbox_pb2.SyncPullRequest, mailbox_pb2.SyncPushRequest
 )
+SYNC_OPS = {"SyncList": "sync_list", "SyncPull": "sync_pull", "SyncPush": "sync_push"}
 
 
 def _now_ms() -> int:
@@ -383,6 +400,7 @@ class RepairMetrics:
     replicas: Histogram
     handoff_dropped: Counter
     failures: Counter
+    calls: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry, replicas: int) -> RepairMetrics:
@@ -419,6 +437,14 @@ class RepairMetrics:
                 ["reason"],
                 registry=registry,
             ),
+            Counter(
+                "dna_storage_repair_calls",
+                "Sync calls of this node's repair that a peer answered (refusals and failures "
+                "are in repair_failures), by method (SyncList, SyncPull, SyncPush) and how: "
+                "session, or unary (the peer serves no sessions, or its session was unavailable)",
+                ["method", "via"],
+                registry=registry,
+            ),
         )
 
 
@@ -437,11 +463,23 @@ class Repairer:
         replicas: int = 5,
         interval_s: float = 60.0,
         timeout_s: float = 10.0,
+        sessions: bool = True,
     ) -> None:
         self.node, self.backend, self.rules = node, backend, rules
         self.replicas = replicas
         self.interval_s, self.timeout_s = interval_s, timeout_s
         self.metrics = RepairMetrics.create(registry, replicas)
+        # One session per peer carries the sync calls (session.py); a peer that serves none
+        # (an older node), or whose session is unavailable, gets the unary calls, as every
+        # peer does with None (``sessions=False``: the unary calls only, as before them).
+        self.sessions = (
+            SessionPool(node.channels.get, timeout_s, node.channels.discard) if sessions else None
+        )
+
+    async def close(self) -> None:
+        """End the sessions to the peers (the overlay node's channels stay its own)."""
+        if self.sessions is not None:
+            await self.sessions.close()
 
     async def run_forever(self) -> None:
         while True:
@@ -536,6 +574,66 @@ class Repairer:
     def _stub(self, peer: Contact) -> mailbox_pb2_grpc.MailboxAsyncStub:
         return mailbox_pb2_grpc.MailboxStub(self.node.channels.get(peer.endpoint.grpc_target))
 
+    async def _sync_list(
+        self, peer: Contact, box: bytes, request: mailbox_pb2.SyncListRequest
+    ) -> mailbox_pb2.SyncListResponse:
+        signed = self._signed(request, "SyncList", box)
+        answer = await self._on_session(peer, "SyncList", signed)
+        if answer is not None:
+            return answer.sync_list
+        return await self._unary(
+            "SyncList", self._stub(peer).SyncList(signed, timeout=self.timeout_s)
+        )
+
+    async def _sync_pull(
+        self, peer: Contact, box: bytes, request: mailbox_pb2.SyncPullRequest
+    ) -> mailbox_pb2.SyncPullResponse:
+        signed = self._signed(request, "SyncPull", box)
+        answer = await self._on_session(peer, "SyncPull", signed)
+        if answer is not None:
+            return answer.sync_pull
+        return await self._unary(
+            "SyncPull", self._stub(peer).SyncPull(signed, timeout=self.timeout_s)
+        )
+
+    async def _sync_push(
+        self, peer: Contact, box: bytes, request: mailbox_pb2.SyncPushRequest
+    ) -> mailbox_pb2.SyncPushResponse:
+        signed = self._signed(request, "SyncPush", box)
+        answer = await self._on_session(peer, "SyncPush", signed)
+        if answer is not None:
+            return answer.sync_push
+        return await self._unary(
+            "SyncPush", self._stub(peer).SyncPush(signed, timeout=self.timeout_s)
+        )
+
+    async def _on_session(
+        self, peer: Contact, method: str, request: R
+    ) -> mailbox_pb2.SessionResponse | None:
+        """The peer's answer to a signed sync request on its session, or None: the caller
+        makes the unary call (the peer serves no sessions, or its session could not be
+        opened, broke or timed out; as `MailboxClient` falls back). A refusal is the peer's
+        answer, not a failed session: raised as the unary call's would be, never sent again
+        (a rate-limited request must not be retried at once)."""
+        if self.sessions is None:
+            return None
+        op = {SYNC_OPS[method]: request}
+        try:
+            answer = await self.sessions.call(
+                peer.endpoint.grpc_target, lambda session: session.exchange(op)
+            )
+        except (NoSession, UnavailableError):
+            return None
+        if answer.HasField("error"):
+            raise status_error(answer.error)
+        self.metrics.calls.labels(method=method, via="session").inc()
+        return answer
+
+    async def _unary(self, method: str, rpc: Awaitable[T]) -> T:
+        answer = await call(rpc)
+        self.metrics.calls.labels(method=method, via="unary").inc()
+        return answer
+
     def _signed(self, request: R, method: str, box: bytes) -> R:
         """``request`` with this node's proof for ``method`` on ``box`` in its ``from``."""
         assert self.node.contact is not None
@@ -548,15 +646,12 @@ class Repairer:
     ) -> Holdings:
         """List, pull and push with one replica, a page of the peer's listing at a time,
         until the whole mailbox is done; what the peer held before this exchange."""
-        stub = self._stub(peer)
         held_blobs: set[bytes] = set()
         held_tombs: set[bytes] = set()
         after = b""
         while True:
             request = mailbox_pb2.SyncListRequest(mailbox_id=box, after=after)
-            page = await call(
-                stub.SyncList(self._signed(request, "SyncList", box), timeout=self.timeout_s)
-            )
+            page = await self._sync_list(peer, box, request)
             theirs = Holdings(
                 frozenset(page.blob_ids), frozenset(t.blob_id for t in page.tombstones)
             )
@@ -568,13 +663,13 @@ class Repairer:
                 return item > start and (end is None or item <= end)
 
             dead = theirs.tombstone_ids | ours.tombstone_ids
-            await self._pull(stub, box, sorted(theirs.blob_ids - ours.blob_ids - dead))
+            await self._pull(peer, box, sorted(theirs.blob_ids - ours.blob_ids - dead))
             new_tombs = [t for t in page.tombstones if t.blob_id not in ours.tombstone_ids]
             if new_tombs:
                 got = await accept(self.backend, box, [], new_tombs, self.rules)
                 self.metrics.pulled.inc(got.tombstoned)
             await self._push(
-                stub, box,
+                peer, box,
                 [b for b in sorted(ours.blob_ids) if in_page(b) and not theirs.settles_blob(b)],
                 [t for t in our_tombs if in_page(t.blob_id)
                  and t.blob_id not in theirs.tombstone_ids],
@@ -591,7 +686,6 @@ class Repairer:
         """A hand-off holder's exchange with a rightful replica: offer the IDs held, push
         what the replica lacks; what it holds of ours afterwards, by its own answers.
         (Never a listing or a pull: outside the set, this node may only give.)"""
-        stub = self._stub(peer)
         offered = sorted(ours.blob_ids | ours.tombstone_ids)
         held_blobs: set[bytes] = set()
         held_tombs: set[bytes] = set()
@@ -599,14 +693,12 @@ class Repairer:
             offer = mailbox_pb2.SyncPushRequest(
                 mailbox_id=box, offered_ids=offered[start : start + MAX_SYNC_IDS]
             )
-            answer = await call(
-                stub.SyncPush(self._signed(offer, "SyncPush", box), timeout=self.timeout_s)
-            )
+            answer = await self._sync_push(peer, box, offer)
             held_blobs |= set(answer.blob_ids)
             held_tombs |= set(answer.tombstone_ids)
         theirs = Holdings(frozenset(held_blobs), frozenset(held_tombs))
         pushed = await self._push(
-            stub, box,
+            peer, box,
             sorted(b for b in ours.blob_ids if not theirs.settles_blob(b)),
             [t for t in our_tombs if t.blob_id not in theirs.tombstone_ids],
         )  # fmt: skip
@@ -616,7 +708,7 @@ class Repairer:
 
     async def _push(
         self,
-        stub: mailbox_pb2_grpc.MailboxAsyncStub,
+        peer: Contact,
         box: bytes,
         blob_ids: list[bytes],
         tombs: list[Tombstone],
@@ -638,7 +730,7 @@ class Repairer:
         budget, offered = SYNC_BYTES, 0
         while ids or pending:
             if long_push and offered <= 0:
-                offered = await self._skip_held(stub, box, ids, held_blobs, held_tombs)
+                offered = await self._skip_held(peer, box, ids, held_blobs, held_tombs)
             piece_tombs, piece_blobs = await self._next_piece(box, ids, pending, budget)
             offered -= len(piece_blobs)
             if not piece_tombs and not piece_blobs:
@@ -649,9 +741,7 @@ class Repairer:
                 tombstones=[tombstone_proto(t) for t in piece_tombs],
             )
             try:
-                answer = await call(
-                    stub.SyncPush(self._signed(request, "SyncPush", box), timeout=self.timeout_s)
-                )
+                answer = await self._sync_push(peer, box, request)
             except RemoteError as err:
                 budget = self._smaller(err, budget)
                 ids.extendleft(reversed([b.blob_id for b in piece_blobs]))
@@ -664,7 +754,7 @@ class Repairer:
 
     async def _skip_held(
         self,
-        stub: mailbox_pb2_grpc.MailboxAsyncStub,
+        peer: Contact,
         box: bytes,
         ids: deque[bytes],
         held_blobs: set[bytes],
@@ -674,9 +764,7 @@ class Repairer:
         returns how many of the offered remain at the front."""
         window = [ids.popleft() for _ in range(min(_OFFER_AHEAD, len(ids)))]
         offer = mailbox_pb2.SyncPushRequest(mailbox_id=box, offered_ids=window)
-        answer = await call(
-            stub.SyncPush(self._signed(offer, "SyncPush", box), timeout=self.timeout_s)
-        )
+        answer = await self._sync_push(peer, box, offer)
         held_blobs |= set(answer.blob_ids)
         held_tombs |= set(answer.tombstone_ids)
         settled = held_blobs | held_tombs
@@ -710,9 +798,7 @@ class Repairer:
                 out_blobs.append(blob)
         return out_tombs, out_blobs
 
-    async def _pull(
-        self, stub: mailbox_pb2_grpc.MailboxAsyncStub, box: bytes, missing: list[bytes]
-    ) -> None:
+    async def _pull(self, peer: Contact, box: bytes, missing: list[bytes]) -> None:
         """Pull ``missing`` blobs: each answer is bounded in bytes (a smaller bound asked
         for after a RESOURCE_EXHAUSTED), and the next request asks for what it did not
         answer."""
@@ -721,9 +807,7 @@ class Repairer:
             ids = missing[done : done + MAX_SYNC_IDS]
             request = mailbox_pb2.SyncPullRequest(mailbox_id=box, blob_ids=ids, max_bytes=budget)
             try:
-                answer = await call(
-                    stub.SyncPull(self._signed(request, "SyncPull", box), timeout=self.timeout_s)
-                )
+                answer = await self._sync_pull(peer, box, request)
             except RemoteError as err:
                 budget = self._smaller(err, budget)
                 continue

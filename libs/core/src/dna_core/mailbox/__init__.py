@@ -64,14 +64,17 @@ from dna_core.mailbox.planner import (
 
 if TYPE_CHECKING:
     from dna_core.mailbox.client import DELETE_BATCH_IDS, DeleteResult, MailboxClient
-    from dna_core.mailbox.session import Subscription
+    from dna_core.mailbox.session import NoSession, SessionPool, Subscription, status_error
 
 # The asyncio adapter: name -> the module that defines it (loaded by __getattr__).
 _ADAPTER = {
     "DELETE_BATCH_IDS": "dna_core.mailbox.client",
     "DeleteResult": "dna_core.mailbox.client",
     "MailboxClient": "dna_core.mailbox.client",
+    "NoSession": "dna_core.mailbox.session",
+    "SessionPool": "dna_core.mailbox.session",
     "Subscription": "dna_core.mailbox.session",
+    "status_error": "dna_core.mailbox.session",
 }
 
 
@@ -100,6 +103,7 @@ __all__ = [
     "Finished",
     "MailboxClient",
     "MailboxRules",
+    "NoSession",
     "NonceCache",
     "OwnerRequest",
     "Put",
@@ -107,6 +111,7 @@ __all__ = [
     "QuorumError",
     "ReadPlan",
     "ReplicaSetCache",
+    "SessionPool",
     "SessionStore",
     "StoredBlob",
     "Subscription",
@@ -128,6 +133,7 @@ __all__ = [
     "session_fetch",
     "sign_delete",
     "sign_fetch",
+    "status_error",
     "storage_candidates",
     "tombstone_proto",
     "tombstone_ttl_ms",

@@ -64,6 +64,9 @@ def status_error(status: mailbox_pb2.RequestStatus) -> RemoteError:
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+# What a write on a stream that has ended raises: its status, or (the call finished before
+# the reader saw it: a node killed mid-session) grpc's InvalidStateError.
+_STREAM_GONE = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
 
 
 class NodeSession:
@@ -142,7 +145,7 @@ class NodeSession:
 
     async def unsubscribe(self, sub_id: int) -> None:
         if self._subscribers.pop(sub_id, None) is not None and self.closed is None:
-            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+            with contextlib.suppress(*_STREAM_GONE):
                 async with self._writing:
                     await self._call.write(
                         mailbox_pb2.SessionRequest(unsubscribe=mailbox_pb2.Unsubscribe(id=sub_id))
@@ -168,7 +171,7 @@ class NodeSession:
         try:
             async with self._writing:  # grpc takes one write at a time on a stream
                 await self._call.write(mailbox_pb2.SessionRequest(id=request_id, **op))
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as err:
+        except _STREAM_GONE as err:
             self._end(err)
             assert self.closed is not None
             raise StreamGoneError(self.closed.grpc_code, self.closed.details) from None
@@ -208,7 +211,7 @@ class NodeSession:
         if not future.done():
             future.set_result(response)
 
-    def _end(self, err: grpc.aio.AioRpcError | grpc.aio.UsageError | None) -> None:
+    def _end(self, err: BaseException | None) -> None:
         """The stream is over: fail what waits, tell the subscribers."""
         if self.closed is None:
             if isinstance(err, grpc.aio.AioRpcError):

@@ -83,6 +83,9 @@ class SessionRequest(_message.Message):
     SUBSCRIBE_FIELD_NUMBER: _builtins.int
     UNSUBSCRIBE_FIELD_NUMBER: _builtins.int
     PUT_MANY_FIELD_NUMBER: _builtins.int
+    SYNC_LIST_FIELD_NUMBER: _builtins.int
+    SYNC_PULL_FIELD_NUMBER: _builtins.int
+    SYNC_PUSH_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """chosen by the client; unique among its unanswered requests"""
     @_builtins.property
@@ -99,6 +102,17 @@ class SessionRequest(_message.Message):
     def put_many(self) -> Global___PutManyRequest:
         """judged as the unary PutMany: one outcome per put"""
 
+    @_builtins.property
+    def sync_list(self) -> Global___SyncListRequest:
+        """Replica sync between storage nodes (the repair loop's session to a peer): each
+        signed by the sender's node key and authorized exactly as the unary call of the
+        same name, with its limits; a refusal is the unary call's status.
+        """
+
+    @_builtins.property
+    def sync_pull(self) -> Global___SyncPullRequest: ...
+    @_builtins.property
+    def sync_push(self) -> Global___SyncPushRequest: ...
     def __init__(
         self,
         *,
@@ -109,12 +123,15 @@ class SessionRequest(_message.Message):
         subscribe: Global___Subscribe | None = ...,
         unsubscribe: Global___Unsubscribe | None = ...,
         put_many: Global___PutManyRequest | None = ...,
+        sync_list: Global___SyncListRequest | None = ...,
+        sync_pull: Global___SyncPullRequest | None = ...,
+        sync_push: Global___SyncPushRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "fetch", b"fetch", "op", b"op", "put", b"put", "put_many", b"put_many", "subscribe", b"subscribe", "unsubscribe", b"unsubscribe"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "fetch", b"fetch", "op", b"op", "put", b"put", "put_many", b"put_many", "subscribe", b"subscribe", "sync_list", b"sync_list", "sync_pull", b"sync_pull", "sync_push", b"sync_push", "unsubscribe", b"unsubscribe"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "fetch", b"fetch", "id", b"id", "op", b"op", "put", b"put", "put_many", b"put_many", "subscribe", b"subscribe", "unsubscribe", b"unsubscribe"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "fetch", b"fetch", "id", b"id", "op", b"op", "put", b"put", "put_many", b"put_many", "subscribe", b"subscribe", "sync_list", b"sync_list", "sync_pull", b"sync_pull", "sync_push", b"sync_push", "unsubscribe", b"unsubscribe"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["put", "fetch", "delete", "subscribe", "unsubscribe", "put_many"]  # noqa: Y015
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["put", "fetch", "delete", "subscribe", "unsubscribe", "put_many", "sync_list", "sync_pull", "sync_push"]  # noqa: Y015
     _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
 
@@ -165,6 +182,9 @@ class SessionResponse(_message.Message):
     PUSH_FIELD_NUMBER: _builtins.int
     HELLO_FIELD_NUMBER: _builtins.int
     PUT_MANY_FIELD_NUMBER: _builtins.int
+    SYNC_LIST_FIELD_NUMBER: _builtins.int
+    SYNC_PULL_FIELD_NUMBER: _builtins.int
+    SYNC_PUSH_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """the request's (for pushes: the subscription's)"""
     @_builtins.property
@@ -187,6 +207,12 @@ class SessionResponse(_message.Message):
 
     @_builtins.property
     def put_many(self) -> Global___PutManyResponse: ...
+    @_builtins.property
+    def sync_list(self) -> Global___SyncListResponse: ...
+    @_builtins.property
+    def sync_pull(self) -> Global___SyncPullResponse: ...
+    @_builtins.property
+    def sync_push(self) -> Global___SyncPushResponse: ...
     def __init__(
         self,
         *,
@@ -198,12 +224,15 @@ class SessionResponse(_message.Message):
         push: Global___FetchResponse | None = ...,
         hello: Global___SessionHello | None = ...,
         put_many: Global___PutManyResponse | None = ...,
+        sync_list: Global___SyncListResponse | None = ...,
+        sync_pull: Global___SyncPullResponse | None = ...,
+        sync_push: Global___SyncPushResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "error", b"error", "fetch", b"fetch", "hello", b"hello", "push", b"push", "put", b"put", "put_many", b"put_many", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "error", b"error", "fetch", b"fetch", "hello", b"hello", "push", b"push", "put", b"put", "put_many", b"put_many", "result", b"result", "sync_list", b"sync_list", "sync_pull", b"sync_pull", "sync_push", b"sync_push"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "error", b"error", "fetch", b"fetch", "hello", b"hello", "id", b"id", "push", b"push", "put", b"put", "put_many", b"put_many", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "error", b"error", "fetch", b"fetch", "hello", b"hello", "id", b"id", "push", b"push", "put", b"put", "put_many", b"put_many", "result", b"result", "sync_list", b"sync_list", "sync_pull", b"sync_pull", "sync_push", b"sync_push"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["error", "put", "fetch", "delete", "push", "hello", "put_many"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["error", "put", "fetch", "delete", "push", "hello", "put_many", "sync_list", "sync_pull", "sync_push"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 

@@ -133,11 +133,12 @@ class MailboxServicer:
 
     def Session(self, request_iterator, context):
         """One long-lived session per client and node (docs/storage.md, "Sessions and push"):
-        many puts, fetches and deletes, each with the client's ID and judged exactly as the
-        unary call of the same name, answered in any order; and subscriptions, over which the
-        node pushes a mailbox's new blobs as they are stored. At most `window` requests may
-        be unanswered at once; a client that sends more, sends a frame that does not decode,
-        or stops reading its responses is cut with a status saying so.
+        many puts, fetches and deletes (and, between storage nodes, replica sync), each with
+        the client's ID and judged exactly as the unary call of the same name, answered in
+        any order; and subscriptions, over which the node pushes a mailbox's new blobs as
+        they are stored. At most `window` requests may be unanswered at once; a client that
+        sends more, sends a frame that does not decode, or stops reading its responses is cut
+        with a status saying so.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

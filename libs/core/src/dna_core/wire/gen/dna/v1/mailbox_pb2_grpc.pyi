@@ -57,11 +57,12 @@ class MailboxStub:
     """
     Session: _grpc.StreamStreamMultiCallable[_mailbox_pb2.SessionRequest, _mailbox_pb2.SessionResponse]
     """One long-lived session per client and node (docs/storage.md, "Sessions and push"):
-    many puts, fetches and deletes, each with the client's ID and judged exactly as the
-    unary call of the same name, answered in any order; and subscriptions, over which the
-    node pushes a mailbox's new blobs as they are stored. At most `window` requests may
-    be unanswered at once; a client that sends more, sends a frame that does not decode,
-    or stops reading its responses is cut with a status saying so.
+    many puts, fetches and deletes (and, between storage nodes, replica sync), each with
+    the client's ID and judged exactly as the unary call of the same name, answered in
+    any order; and subscriptions, over which the node pushes a mailbox's new blobs as
+    they are stored. At most `window` requests may be unanswered at once; a client that
+    sends more, sends a frame that does not decode, or stops reading its responses is cut
+    with a status saying so.
     """
 
 @_typing.type_check_only
@@ -88,11 +89,12 @@ class MailboxAsyncStub(MailboxStub):
     """
     Session: _aio.StreamStreamMultiCallable[_mailbox_pb2.SessionRequest, _mailbox_pb2.SessionResponse]  # type: ignore[assignment]
     """One long-lived session per client and node (docs/storage.md, "Sessions and push"):
-    many puts, fetches and deletes, each with the client's ID and judged exactly as the
-    unary call of the same name, answered in any order; and subscriptions, over which the
-    node pushes a mailbox's new blobs as they are stored. At most `window` requests may
-    be unanswered at once; a client that sends more, sends a frame that does not decode,
-    or stops reading its responses is cut with a status saying so.
+    many puts, fetches and deletes (and, between storage nodes, replica sync), each with
+    the client's ID and judged exactly as the unary call of the same name, answered in
+    any order; and subscriptions, over which the node pushes a mailbox's new blobs as
+    they are stored. At most `window` requests may be unanswered at once; a client that
+    sends more, sends a frame that does not decode, or stops reading its responses is cut
+    with a status saying so.
     """
 
 class MailboxServicer(metaclass=_abc_1.ABCMeta):
@@ -164,11 +166,12 @@ class MailboxServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_mailbox_pb2.SessionResponse], _abc.AsyncIterator[_mailbox_pb2.SessionResponse]]:
         """One long-lived session per client and node (docs/storage.md, "Sessions and push"):
-        many puts, fetches and deletes, each with the client's ID and judged exactly as the
-        unary call of the same name, answered in any order; and subscriptions, over which the
-        node pushes a mailbox's new blobs as they are stored. At most `window` requests may
-        be unanswered at once; a client that sends more, sends a frame that does not decode,
-        or stops reading its responses is cut with a status saying so.
+        many puts, fetches and deletes (and, between storage nodes, replica sync), each with
+        the client's ID and judged exactly as the unary call of the same name, answered in
+        any order; and subscriptions, over which the node pushes a mailbox's new blobs as
+        they are stored. At most `window` requests may be unanswered at once; a client that
+        sends more, sends a frame that does not decode, or stops reading its responses is cut
+        with a status saying so.
         """
 
 def add_MailboxServicer_to_server(servicer: MailboxServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,271 @@
+"""Repair throughput with its sync calls on mailbox sessions, against the unary calls.
+
+``uv run python -m bench.repair [--rounds R] [--n MAILBOXES] [--quick]``
+
+* **Setup, not timed.** A bootstrap and 5 storage nodes, all in this process (so one
+  figure is the whole network's CPU, on one core), on loopback addresses from the
+  harness's allocator, ``repair_interval_s`` a day (no pass of their own), proof of work
+  at 8 bits. Every storage node is a replica of every mailbox.
+
+  - pass: ``--n`` mailboxes of one small blob each, the same on all 5 nodes, written
+    through each node's backend (``put_many``), not through gRPC;
+  - refill: one mailbox of ``REFILL_BLOBS`` sealed envelopes (1 KB, each with its proof of
+    work), put on all 5 nodes.
+* **pass** (``storage.repair.pass``, mailboxes/s): one repair pass of node 0
+  (``Repairer.repair_once``: per mailbox a lookup and a ``SyncList`` with each of the 4
+  other replicas, nothing to move), its calls on sessions (ours) and unary (the baseline,
+  ``Repairer.sessions`` set to None: what every call was before sessions), alternating,
+  ``--rounds`` rounds each after a warm-up pass of each; after each pass, a rest (untimed)
+  as long as the peers' per-node rate limit (100 calls/s) takes to refill, so no call is
+  refused (a run with a failed sync exchange fails).
+* **refill** (``storage.repair.refill``, blobs/s): node 1 forgets the refill mailbox
+  (``MailboxBackend.forget``), then node 0's pass over that mailbox alone pushes it back
+  (offers ahead and 1 MiB ``SyncPush`` pieces), sessions and unary alternating.
+
+``ratio`` = sessions / unary (above 1.0: repair over sessions is faster). CPU per mailbox
+(pass) and per blob (refill) is this process's, which holds every node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import statistics
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from dna_bootstrap.cli import ENV_PREFIX as BOOTSTRAP_ENV
+from dna_core.crypto import Identity, seal
+from dna_core.crypto import pow as pow_
+from dna_core.mailbox import blob_id, mailbox_id, put_pow_hash
+from dna_core.ops.config import load_config
+from dna_core.overlay import OverlayServer, OverlayServiceConfig
+from dna_core.wire import common_pb2
+from dna_storage.backends.base import StoredBlob
+from dna_storage.cli import ENV_PREFIX as STORAGE_ENV
+from dna_storage.node import StorageNode, StorageNodeConfig
+from dna_storage.replication import SYNC_CALLS_PER_S, Repairer
+from dna_testnet.harness import LocalNode, local_cluster
+from dna_testnet.topology import NodeSpec, Topology
+
+from bench import harness
+from bench.harness import cpu_s, now_ms
+
+STORAGE = 5
+REFILL_BLOBS, QUICK_REFILL_BLOBS = 2_000, 200
+DEFAULT_MAILBOXES, QUICK_MAILBOXES = 300, 30
+DAY_MS = 86_400_000
+STORAGE_TOML = "repair_interval_s = 86400.0\n[admission]\npow_base_bits = 8\n"
+WATCHDOG_S = 1_800.0
+
+
+class Network:
+    """A bootstrap and the storage nodes, started in this process from the harness's
+    TOML files (``local_cluster`` writes them; no process is started)."""
+
+    def __init__(self, root: Path) -> None:
+        stores = (NodeSpec(f"store{i}", "storage") for i in range(STORAGE))
+        topology = Topology((NodeSpec("boot", "bootstrap"), *stores))
+        self.specs: list[LocalNode] = local_cluster(
+            root, topology, storage_toml=STORAGE_TOML
+        ).driver.nodes
+        self.boot: OverlayServer | None = None
+        self.stores: list[StorageNode] = []
+
+    async def start(self) -> None:
+        for spec in self.specs:
+            spec.root.mkdir(parents=True, exist_ok=True)
+            spec.write_config()
+        boot, *stores = self.specs
+        config = load_config(OverlayServiceConfig, boot.config_path, env_prefix=BOOTSTRAP_ENV,
+                             env={})  # fmt: skip
+        self.boot = OverlayServer(config, role=common_pb2.NODE_ROLE_BOOTSTRAP)
+        await self.boot.start()
+        for spec in stores:
+            node = StorageNode(
+                load_config(StorageNodeConfig, spec.config_path, env_prefix=STORAGE_ENV, env={})
+            )
+            await node.start()
+            self.stores.append(node)
+        await self._until_connected()
+
+    async def _until_connected(self, timeout_s: float = 60.0) -> None:
+        """Until node 0's lookup finds the 4 other storage nodes."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = await self.overlay(0).find_node(hashlib.sha256(b"probe").digest())
+            if sum(c.role == common_pb2.NODE_ROLE_STORAGE for c in found) >= STORAGE - 1:
+                return
+            await asyncio.sleep(0.5)
+        raise RuntimeError("the storage nodes did not find each other")
+
+    def overlay(self, index: int) -> Any:
+        server = self.stores[index].server
+        assert server is not None and server.node is not None
+        return server.node
+
+    def repairer(self, index: int) -> Repairer:
+        repairer = self.stores[index].repairer
+        assert repairer is not None
+        return repairer
+
+    async def put_everywhere(self, blobs: Sequence[StoredBlob]) -> None:
+        for node in self.stores:
+            assert node.backend is not None
+            for start in range(0, len(blobs), 500):
+                await node.backend.put_many(blobs[start : start + 500], now_ms())
+
+    async def stop(self) -> None:
+        for node in self.stores:
+            await node.stop()
+        if self.boot is not None:
+            await self.boot.stop()
+
+
+def small_mailboxes(count: int) -> list[StoredBlob]:
+    """``count`` mailboxes of one 200-byte blob each (never pushed: no proof needed)."""
+    now = now_ms()
+    out = []
+    for i in range(count):
+        data = hashlib.sha256(b"blob %d" % i).digest() * 7
+        box = hashlib.sha256(b"bench mailbox %d" % i).digest()
+        out.append(StoredBlob(box, blob_id(data), data, now, now + DAY_MS))
+    return out
+
+
+def refill_mailbox(count: int) -> tuple[bytes, list[StoredBlob]]:
+    """One owner's mailbox of ``count`` sealed 1 KB envelopes, each with its put's proof of
+    work (a replica checks them as puts when they are pushed)."""
+    sender, owner = Identity.generate(), Identity.generate()
+    box = mailbox_id(owner.fingerprint)
+    now = now_ms()
+    out = []
+    for i in range(count):
+        blob = seal(sender, owner.public, (b"%06d" % i) * 170, now_ms=now)
+        proof, _ = pow_.solve(put_pow_hash(box, blob), 8, now_ms=now)
+        out.append(StoredBlob(box, blob_id(blob), blob, now, now + DAY_MS, pow=proof))
+    return box, out
+
+
+async def timed(
+    modes: dict[str, Callable[[], Awaitable[None]]], rounds: int, rest_s: float
+) -> dict[str, list[tuple[float, float]]]:
+    """Each mode's (seconds, CPU seconds) per round, the modes taking turns after a warm-up
+    of each, ``rest_s`` (untimed) after each run."""
+    for run in modes.values():
+        await run()
+        await asyncio.sleep(rest_s)
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in modes}
+    for _ in range(rounds):
+        for name, run in modes.items():
+            started, cpu = time.perf_counter(), cpu_s()
+            await run()
+            results[name].append((time.perf_counter() - started, cpu_s() - cpu))
+            await asyncio.sleep(rest_s)
+    return results
+
+
+def failures(repairer: Repairer) -> float:
+    """Sync exchanges of the repairer that failed so far (a figure must have none)."""
+    return sum(s.value for m in repairer.metrics.failures.collect() for s in m.samples
+               if s.name.endswith("_total"))  # fmt: skip
+
+
+def transports(
+    repairer: Repairer, work: Callable[[], Awaitable[Any]]
+) -> dict[str, Callable[[], Awaitable[None]]]:
+    """``work`` with the repairer's calls on sessions, then unary (no session pool)."""
+    pool = repairer.sessions
+
+    async def on_sessions() -> None:
+        repairer.sessions = pool
+        await work()
+
+    async def unary() -> None:
+        repairer.sessions = None
+        await work()
+        repairer.sessions = pool
+
+    return {"sessions": on_sessions, "unary": unary}
+
+
+Results = dict[str, list[tuple[float, float]]]  # mode -> (seconds, CPU seconds) per round
+
+
+def figure(
+    bench: str, item: tuple[str, str], per_round: int, results: Results, params: dict[str, Any]
+) -> dict[str, Any]:
+    """Items (singular, plural) per second of the median round, sessions against unary,
+    with CPU per item."""
+    rate = {
+        name: per_round / statistics.median(s for s, _ in runs) for name, runs in results.items()
+    }
+    cpu = {name: statistics.median(c for _, c in runs) * 1e3 / per_round
+           for name, runs in results.items()}  # fmt: skip
+    return harness.report(
+        bench, f"{item[1]}/s", rate["sessions"], {"unary": rate["unary"]}, per_round,
+        {**params, f"cpu_ms_per_{item[0]}": {k: round(v, 3) for k, v in cpu.items()}},
+    )  # fmt: skip
+
+
+async def bench_pass(net: Network, mailboxes: int, rounds: int) -> dict[str, Any]:
+    await net.put_everywhere(small_mailboxes(mailboxes))
+    repairer = net.repairer(0)
+    # A pass makes one call per mailbox to each peer: resting as long as the peers' rate
+    # limit takes to refill keeps every pass within it (SYNC_CALLS_PER_S per calling node).
+    rest_s = mailboxes / SYNC_CALLS_PER_S
+    results = await timed(transports(repairer, repairer.repair_once), rounds, rest_s)
+    check_no_failures(repairer)
+    return figure("storage.repair.pass", ("mailbox", "mailboxes"), mailboxes, results,
+                  {"storage_nodes": STORAGE, "rounds": rounds, "blobs_per_mailbox": 1})  # fmt: skip
+
+
+async def bench_refill(net: Network, blobs: int, rounds: int) -> dict[str, Any]:
+    box, stored = refill_mailbox(blobs)
+    await net.put_everywhere(stored)
+    repairer = net.repairer(0)
+    wiped = net.stores[1].backend
+    assert wiped is not None
+
+    async def refill() -> None:
+        await wiped.forget(box, [b.blob_id for b in stored], [])
+        await repairer.sync_mailbox(box)
+        held, _ = await wiped.held(box, [b.blob_id for b in stored], now_ms())
+        if len(held) != len(stored):
+            raise RuntimeError(f"refill left {len(stored) - len(held)} blobs missing")
+
+    results = await timed(transports(repairer, refill), rounds, rest_s=1.0)
+    check_no_failures(repairer)
+    params = {"storage_nodes": STORAGE, "rounds": rounds, "blob_bytes": len(stored[0].blob)}
+    return figure("storage.repair.refill", ("blob", "blobs"), blobs, results, params)
+
+
+def check_no_failures(repairer: Repairer) -> None:
+    if failed := failures(repairer):
+        raise RuntimeError(f"{failed:g} sync exchanges failed: the figure would be wrong")
+
+
+async def run(args: Any) -> int:
+    harness.print_machine()
+    rounds = harness.rounds_from(args)
+    mailboxes = harness.n_from(args, DEFAULT_MAILBOXES, QUICK_MAILBOXES)
+    with harness.scratch_dir("repair") as root:
+        net = Network(root)
+        try:
+            await net.start()
+            await bench_pass(net, mailboxes, rounds)
+            await bench_refill(net, QUICK_REFILL_BLOBS if args.quick else REFILL_BLOBS, rounds)
+        finally:
+            await net.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = harness.arg_parser(__doc__.splitlines()[0]).parse_args(argv)
+    return harness.run_main("bench.repair", lambda: run(args), WATCHDOG_S)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,33 @@
+"""A storage node that serves no mailbox sessions, as nodes from before them: its
+``Mailbox.Session`` answers UNIMPLEMENTED; everything else is today's node (run as a
+script by test_mailbox_repair_sessions.py with the node's TOML, never imported by pytest).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from dna_core.ops.config import load_config
+from dna_core.ops.service import serve
+from dna_storage.cli import ENV_PREFIX
+from dna_storage.mailbox_service import MailboxService
+from dna_storage.mailbox_stream import MailboxSessionService
+from dna_storage.node import StorageNode, StorageNodeConfig
+
+
+class WithoutSessions(MailboxSessionService):
+    Session = MailboxService.Session  # UNIMPLEMENTED: "not served here"
+
+
+class StorageNodeWithoutSessions(StorageNode):
+    mailbox_service = WithoutSessions
+
+
+def main() -> None:
+    config = load_config(StorageNodeConfig, Path(sys.argv[1]), env_prefix=ENV_PREFIX)
+    serve(StorageNodeWithoutSessions(config), config.log_level)
+
+
+if __name__ == "__main__":
+    main()
