@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import random
 import socket
@@ -30,7 +31,7 @@ from prometheus_client.registry import Collector
 from dna_stun import attributes as attr
 from dna_stun.auth import Credentials, Nonces
 from dna_stun.config import StunServiceConfig, config_warnings
-from dna_stun.core import Addr, Limits, Send, TurnCore
+from dna_stun.core import Addr, Datagram, Limits, Send, TurnCore
 from dna_stun.policy import RelayPolicy
 
 __all__ = ["StunServer"]
@@ -55,6 +56,26 @@ def _udp_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _drain(sock: socket.socket) -> list[Datagram]:
+    """What one socket holds, up to ``BATCH`` datagrams (so one busy socket cannot starve the
+    others): the hot path, so the IPv4 loop appends what ``recvfrom`` returns as it is."""
+    batch: list[Datagram] = []
+    append, recvfrom = batch.append, sock.recvfrom
+    ipv6 = sock.family == socket.AF_INET6
+    for _ in range(BATCH):
+        try:
+            if ipv6:
+                data, addr = recvfrom(RECV_SIZE)
+                append((data, addr[:2]))  # (host, port, flowinfo, scope_id)
+            else:
+                append(recvfrom(RECV_SIZE))
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:  # ICMP errors surface here (port unreachable): not ours to act on
+            continue
+    return batch
 
 
 class RelaySockets:
@@ -224,59 +245,48 @@ class StunServer:
     # --- datagrams ---------------------------------------------------------------------------
 
     def _readable(self) -> None:
-        # The hot path: every relayed ChannelData passes here, so names are bound once and
-        # the loop is written out rather than built from helpers.
         assert self._sock is not None and self.core is not None
-        recvfrom, handle, send = self._sock.recvfrom, self.core.on_client_datagram, self._send
-        now = time.time()
-        for _ in range(BATCH):
-            try:
-                data, addr = recvfrom(RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:  # ICMP errors surface here (port unreachable): not ours to act on
-                continue
-            if len(addr) != 2:
-                addr = addr[:2]  # IPv6: (host, port, flowinfo, scope_id)
-            try:
-                out = handle(data, addr, now)
-            except Exception:  # a bug must cost one datagram, not the server
-                self._internal_error()
-                continue
-            if out:
-                send(out)
+        batch = _drain(self._sock)
+        if batch:
+            self._relay(self.core.on_client_datagrams, batch)
 
     def _from_peers(self, sock: socket.socket, relay: Addr) -> None:
         assert self.core is not None
-        recvfrom, handle, send = sock.recvfrom, self.core.on_peer_datagram, self._send
-        now = time.time()
-        for _ in range(BATCH):
-            try:
-                data, peer = recvfrom(RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                continue
-            if len(peer) != 2:
-                peer = peer[:2]
-            try:
-                out = handle(data, relay, peer, now)
-            except Exception:
-                self._internal_error()
-                continue
-            if out:
-                send(out)
+        batch = _drain(sock)
+        if batch:
+            self._relay(functools.partial(self.core.on_peer_datagrams, relay), batch)
 
-    def _send(self, out: list[Send]) -> None:
+    def _relay(
+        self, handle: Callable[[list[Datagram], float], list[Send]], batch: list[Datagram]
+    ) -> None:
+        """One wakeup's datagrams through the core in one call, then its answers out."""
+        try:
+            out = handle(batch, time.time())
+        except Exception:  # a bug must cost one datagram, not the batch or the server
+            self._internal_error()
+            out = self._one_by_one(handle, batch)
         sock, relays = self._sock, self._relays
         assert sock is not None and relays is not None
+        sockets = relays.sockets
         for via, data, to in out:
             # A full buffer or an unreachable peer: UDP may drop, so do we. (Not
             # contextlib.suppress: a context manager per packet costs measurably.)
             try:  # noqa: SIM105
-                (sock if via is None else relays.sockets[via]).sendto(data, to)
+                (sock if via is None else sockets[via]).sendto(data, to)
             except (OSError, KeyError):
                 pass
+
+    def _one_by_one(
+        self, handle: Callable[[list[Datagram], float], list[Send]], batch: list[Datagram]
+    ) -> list[Send]:
+        """After a batch raised: each datagram alone, so only the one that raises is lost."""
+        out: list[Send] = []
+        for datagram in batch:
+            try:
+                out += handle([datagram], time.time())
+            except Exception:
+                self._internal_error()
+        return out
 
     def _internal_error(self) -> None:
         self.log.exception("datagram handling failed")
