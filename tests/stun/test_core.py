@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 from dna_stun import attributes as attr
 from dna_stun.auth import Credentials, Nonces, auth_secret_password
-from dna_stun.core import Limits, Send, TurnCore
+from dna_stun.core import Limits, Send, TransactionIds, TurnCore
 from dna_stun.message import (
     Class,
     Method,
@@ -204,6 +204,13 @@ def test_a_batch_from_peers_is_relayed_in_order_with_every_refusal_counted() -> 
     assert core.on_peer_datagrams(gone, [(b"a", PEER), (b"b", PEER)], NOW) == []
     assert core.stats.refusals["no_allocation"] == 2
     assert core.on_peer_datagrams(gone, [], NOW) == [] and core.stats.refusals["no_allocation"] == 2
+
+
+def test_data_indication_ids_are_random_distinct_and_refilled() -> None:
+    ids = TransactionIds(pool_bytes=40)  # three IDs per draw from os.urandom
+    drawn = [ids.next() for _ in range(30)]
+    assert all(len(tid) == 12 for tid in drawn)
+    assert len(set(drawn)) == 30  # ten refills, no ID repeated
 
 
 def test_permissions_expire_after_five_minutes() -> None:

@@ -33,7 +33,17 @@ from dna_stun.message import (
 )
 from dna_stun.policy import RelayPolicy
 
-__all__ = ["Addr", "Allocation", "Datagram", "Limits", "RelayPorts", "Send", "Stats", "TurnCore"]
+__all__ = [
+    "Addr",
+    "Allocation",
+    "Datagram",
+    "Limits",
+    "RelayPorts",
+    "Send",
+    "Stats",
+    "TransactionIds",
+    "TurnCore",
+]
 
 Addr = tuple[str, int]
 Datagram = tuple[bytes, Addr]  # what a socket's recvfrom returns (IPv4; IPv6 cut to two)
@@ -58,10 +68,29 @@ TURN_METHODS = {
 }
 
 
+class TransactionIds:
+    """Cryptographically random transaction IDs (RFC 8489 section 6), cut from ``os.urandom``
+    drawn 4 KiB at a time: one system call per 341 IDs rather than one per relayed Data
+    indication, where it cost more than the rest of the indication."""
+
+    def __init__(self, pool_bytes: int = 4092) -> None:
+        self._size = pool_bytes - pool_bytes % 12
+        self._pool, self._at = b"", 0
+
+    def next(self) -> bytes:
+        if self._at >= len(self._pool):
+            self._pool, self._at = os.urandom(self._size), 0
+        self._at += 12
+        return self._pool[self._at - 12 : self._at]
+
+
+_data_ids = TransactionIds()
+
+
 def data_indication(peer: Addr, payload: bytes) -> bytes:
     """A Data indication carrying ``payload`` from ``peer`` (without FINGERPRINT, which
     RFC 8656 does not require of TURN over UDP: one CRC less per relayed datagram)."""
-    tid = os.urandom(12)
+    tid = _data_ids.next()
     return encode(
         Method.DATA, Class.INDICATION, tid,
         [(attr.XOR_PEER_ADDRESS, attr.encode_xor_address(peer, tid)), (attr.DATA, payload)],
