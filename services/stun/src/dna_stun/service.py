@@ -4,8 +4,9 @@ on the event loop, the operator HTTP endpoints, and upkeep.
 The adapter is thin on purpose: each readable socket is drained (up to a batch, so one busy
 socket cannot starve the others), the batch goes through the core in one call with the
 wall-clock time, and the core's ``Send`` instructions go out on the listening socket or the
-named relay socket. Relay sockets are plain sockets registered with ``loop.add_reader``: binding one is
-synchronous, so the core learns the relay address in the same call that answers the Allocate.
+named relay socket. Relay sockets are plain sockets registered with ``loop.add_reader``:
+binding one is synchronous, so the core learns the relay address in the same call that
+answers the Allocate.
 """
 
 from __future__ import annotations
