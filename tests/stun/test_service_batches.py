@@ -1,6 +1,7 @@
 """The asyncio adapter's batches: a wakeup's datagrams go through the core in one call, a
-socket is drained past one batch, IPv6 addresses reach the core as (host, port), and a bug
-costs the datagram that raised it, not its batch. A real `StunServer` on real sockets."""
+socket is drained past one batch, IPv6 addresses reach the core as (host, port), a bug
+costs the datagram that raised it, not its batch, and a relay socket closes only after its
+batch's sends. A real `StunServer` on real sockets."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ from collections.abc import Awaitable, Callable
 from dna_stun import attributes as attr
 from dna_stun.config import StunServiceConfig
 from dna_stun.core import Addr, Datagram, Send
-from dna_stun.message import Class, Method, encode, parse
+from dna_stun.message import Class, Message, Method, channel_data, encode, parse
 from dna_stun.service import BATCH, StunServer
+from dna_testnet.harness import LOOPBACK
+from turn_client import Client, error_code, is_success
+
+PEER = LOOPBACK.one()  # not the server's address
 
 
 def _config(host: str) -> StunServiceConfig:
@@ -22,6 +27,7 @@ def _config(host: str) -> StunServiceConfig:
             "log_level": "warning",
             "server": {"host": host, "udp_port": 0},
             "auth": {"realm": "test", "users": ["u:p"]},
+            "relay": {"allowed_peers": ["127.0.0.0/8"]},
             "ops": {"http_host": "127.0.0.1", "http_port": 0},
         }
     )
@@ -119,3 +125,39 @@ async def _buggy_batch(server: StunServer) -> None:
     assert [a.transaction_id for a in answers] == tids
     # Once for the batch, once for the datagram itself when retried alone.
     assert core.stats.refusals["internal_error"] == 2
+
+
+def test_what_a_client_relayed_before_deallocating_in_the_same_batch_still_goes_out() -> None:
+    _with_server("127.0.0.1", _relay_then_deallocate)
+
+
+async def _transact(sock: socket.socket, server: Addr, client: Client, data: bytes) -> Message:
+    sock.sendto(data, server)
+    [answer] = await _answers(sock, 1)
+    return client.learn(answer)
+
+
+async def _relay_then_deallocate(server: StunServer) -> None:
+    assert server.core is not None and server.udp_addr is not None and server._relays
+    client = Client("u", "p")
+    with _client(socket.AF_INET, "127.0.0.1") as sock, _client(socket.AF_INET, PEER) as peer:
+        here: Addr = sock.getsockname()
+        ask = client.allocate_attrs()
+        await _transact(sock, server.udp_addr, client, client.request(Method.ALLOCATE, ask))
+        allocated = await _transact(
+            sock, server.udp_addr, client, client.request(Method.ALLOCATE, ask)
+        )
+        assert is_success(allocated, Method.ALLOCATE), error_code(allocated)
+        relay = attr.decode_xor_address(
+            allocated.get(attr.XOR_RELAYED_ADDRESS) or b"", allocated.transaction_id
+        )
+        number = [(attr.CHANNEL_NUMBER, attr.channel_number(0x4000))]
+        bind = client.request(Method.CHANNEL_BIND, number, peers=(peer.getsockname(),))
+        bound = await _transact(sock, server.udp_addr, client, bind)
+        assert is_success(bound, Method.CHANNEL_BIND), error_code(bound)
+        deallocate = client.request(Method.REFRESH, [(attr.LIFETIME, attr.uint32(0))])
+        batch = [(channel_data(0x4000, b"last words"), here), (deallocate, here)]
+        server._relay(server.core.on_client_datagrams, batch)
+        assert await _answers(peer, 1) == [b"last words"]
+        assert is_success(client.learn((await _answers(sock, 1))[0]), Method.REFRESH)
+    assert relay not in server._relays.sockets and not server._relays.retired

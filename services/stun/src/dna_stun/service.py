@@ -92,6 +92,7 @@ class RelaySockets:
         self.host, self.port_range, self.loop = host, port_range, loop
         self.on_readable = on_readable
         self.sockets: dict[Addr, socket.socket] = {}
+        self.retired: list[Addr] = []  # closed, but their sockets wait for ``flush``
 
     def open(self, even: bool) -> Addr | None:
         low, high = self.port_range
@@ -112,14 +113,23 @@ class RelaySockets:
         return None
 
     def close(self, relay: Addr) -> None:
-        sock = self.sockets.pop(relay, None)
-        if sock is not None:
+        """Stops reading now; the socket itself closes at ``flush``, after the sends of the
+        batch that deleted its allocation (what a client relayed just before its Refresh
+        of lifetime 0 still goes out, as it would have one datagram at a time)."""
+        sock = self.sockets.get(relay)
+        if sock is not None and relay not in self.retired:
             self.loop.remove_reader(sock.fileno())
-            sock.close()
+            self.retired.append(relay)
+
+    def flush(self) -> None:
+        for relay in self.retired:
+            self.sockets.pop(relay).close()
+        self.retired.clear()
 
     def close_all(self) -> None:
         for relay in list(self.sockets):
             self.close(relay)
+        self.flush()
 
 
 class _StatsCollector(Collector):
@@ -276,6 +286,8 @@ class StunServer:
                 (sock if via is None else sockets[via]).sendto(data, to)
             except (OSError, KeyError):
                 pass
+        if relays.retired:
+            relays.flush()
 
     def _one_by_one(
         self, handle: Callable[[list[Datagram], float], list[Send]], batch: list[Datagram]
@@ -297,8 +309,9 @@ class StunServer:
     async def _expire_forever(self) -> None:
         while True:
             await asyncio.sleep(UPKEEP_INTERVAL_S)
-            if self.core is not None:
+            if self.core is not None and self._relays is not None:
                 self.core.expire(time.time())
+                self._relays.flush()
 
     # --- ops ---------------------------------------------------------------------------------
 
