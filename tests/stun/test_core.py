@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import struct
+from collections import Counter
 
 import pytest
 from dna_stun import attributes as attr
 from dna_stun.auth import Credentials, Nonces, auth_secret_password
-from dna_stun.core import Limits, Send, TurnCore
+from dna_stun.core import Limits, Send, TransactionIds, TurnCore
 from dna_stun.message import (
     Class,
     Method,
@@ -143,6 +144,73 @@ def test_relay_both_ways_over_channels_and_indications() -> None:
     assert core.on_client_datagram(channel_data(0x4002, b"z"), CLIENT, NOW) == []
     assert core.on_client_datagram(channel_data(0x4001, b"z"), CLIENT, NOW + 601) == []
     assert core.stats.refusals["unknown_channel"] == 1
+
+
+def _bound(core: TurnCore, client: Client, number: int = 0x4001) -> tuple[str, int]:
+    """An allocation with ``number`` bound to PEER; its relay address."""
+    relay = allocate(core, client)
+    attrs = [(attr.CHANNEL_NUMBER, attr.channel_number(number))]
+    assert is_success(
+        ask(core, client, client.request(Method.CHANNEL_BIND, attrs, peers=(PEER,))),
+        Method.CHANNEL_BIND,
+    )
+    return relay
+
+
+def test_a_batch_from_clients_is_answered_in_order_with_every_refusal_counted() -> None:
+    core, client = make_core(), Client("alice", "pw")
+    relay = _bound(core, client)
+    other, tid = ("203.0.113.6", 40001), b"b" * 12
+    binding = encode(Method.BINDING, Class.REQUEST, tid)
+    before = Counter(core.stats.refusals)  # the allocation's 401 challenge
+    batch = [
+        (channel_data(0x4001, b"first"), CLIENT),
+        (binding, other),
+        (channel_data(0x4002, b"unbound"), CLIENT),
+        (channel_data(0x4001, b"cut short")[:7], CLIENT),
+        (channel_data(0x4001, b"from a stranger"), other),
+        (channel_data(0x4001, b"last"), CLIENT),
+    ]
+    out = core.on_client_datagrams(batch, NOW)
+    assert out == [
+        Send(relay, b"first", PEER),
+        Send(None, core.on_client_datagram(binding, other, NOW)[0].data, other),
+        Send(relay, b"last", PEER),
+    ]
+    assert all(type(send) is Send for send in out)  # built without Send.__new__, still Sends
+    assert core.stats.refusals - before == {
+        "unknown_channel": 1,
+        "malformed": 1,
+        "no_allocation": 1,
+    }
+    assert core.stats.relayed_packets == {"client_to_peer": 2}
+    assert core.stats.relayed_bytes == {"client_to_peer": 9}
+
+
+def test_a_batch_from_peers_is_relayed_in_order_with_every_refusal_counted() -> None:
+    core, client = make_core(), Client("alice", "pw")
+    relay = _bound(core, client)
+    stranger = ("203.0.113.99", 5000)  # no permission
+    before = Counter(core.stats.refusals)  # the allocation's 401 challenge
+    out = core.on_peer_datagrams(relay, [(b"one", PEER), (b"x", stranger), (b"two!", PEER)], NOW)
+    assert out == [
+        Send(None, struct.pack("!HH", 0x4001, 3) + b"one", CLIENT),
+        Send(None, struct.pack("!HH", 0x4001, 4) + b"two!", CLIENT),
+    ]
+    assert core.stats.refusals - before == {"no_permission": 1}
+    assert core.stats.relayed_packets == {"peer_to_client": 2}
+    assert core.stats.relayed_bytes == {"peer_to_client": 7}
+    gone = (relay[0], relay[1] + 1)
+    assert core.on_peer_datagrams(gone, [(b"a", PEER), (b"b", PEER)], NOW) == []
+    assert core.stats.refusals["no_allocation"] == 2
+    assert core.on_peer_datagrams(gone, [], NOW) == [] and core.stats.refusals["no_allocation"] == 2
+
+
+def test_data_indication_ids_are_random_distinct_and_refilled() -> None:
+    ids = TransactionIds(pool_bytes=40)  # three IDs per draw from os.urandom
+    drawn = [ids.next() for _ in range(30)]
+    assert all(len(tid) == 12 for tid in drawn)
+    assert len(set(drawn)) == 30  # ten refills, no ID repeated
 
 
 def test_permissions_expire_after_five_minutes() -> None:

@@ -103,6 +103,17 @@ def test_ipv6_response_decodes_the_mapped_address() -> None:
     assert check_integrity(message, SHORT_TERM_KEY)
 
 
+def test_addresses_read_as_recvfrom_gives_them() -> None:
+    # Permissions are keyed by the peer's IP text and checked against what recvfrom returns,
+    # so an IPv4-mapped IPv6 address must decode to the socket module's form.
+    mapped = ("::ffff:192.0.2.1", 4000)
+    assert attr.decode_xor_address(attr.encode_xor_address(mapped, TID), TID) == mapped
+    assert attr.decode_address(attr.encode_address(("fe80::1%eth0", 1))) == ("fe80::1", 1)
+    for bad in ("192.0.2", "256.0.0.1", "01.2.3.4", "host.example", "::1::"):
+        with pytest.raises(ValueError, match="not an IP address"):
+            attr.encode_address((bad, 1))
+
+
 def test_long_term_request_verifies_under_the_md5_key() -> None:
     message = parse(SAMPLE_LONG_TERM_REQUEST)
     assert (message.get(attr.USERNAME) or b"").decode() == LONG_TERM_USER

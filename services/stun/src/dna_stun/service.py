@@ -2,16 +2,18 @@
 on the event loop, the operator HTTP endpoints, and upkeep.
 
 The adapter is thin on purpose: each readable socket is drained (up to a batch, so one busy
-socket cannot starve the others), each datagram goes through the core with the wall-clock
-time, and the core's ``Send`` instructions go out on the listening socket or the named relay
-socket. Relay sockets are plain sockets registered with ``loop.add_reader``: binding one is
-synchronous, so the core learns the relay address in the same call that answers the Allocate.
+socket cannot starve the others), the batch goes through the core in one call with the
+wall-clock time, and the core's ``Send`` instructions go out on the listening socket or the
+named relay socket. Relay sockets are plain sockets registered with ``loop.add_reader``:
+binding one is synchronous, so the core learns the relay address in the same call that
+answers the Allocate.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import random
 import socket
@@ -30,7 +32,7 @@ from prometheus_client.registry import Collector
 from dna_stun import attributes as attr
 from dna_stun.auth import Credentials, Nonces
 from dna_stun.config import StunServiceConfig, config_warnings
-from dna_stun.core import Addr, Limits, Send, TurnCore
+from dna_stun.core import Addr, Datagram, Limits, Send, TurnCore
 from dna_stun.policy import RelayPolicy
 
 __all__ = ["StunServer"]
@@ -57,6 +59,26 @@ def _udp_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _drain(sock: socket.socket) -> list[Datagram]:
+    """What one socket holds, up to ``BATCH`` datagrams (so one busy socket cannot starve the
+    others): the hot path, so the IPv4 loop appends what ``recvfrom`` returns as it is."""
+    batch: list[Datagram] = []
+    append, recvfrom = batch.append, sock.recvfrom
+    ipv6 = sock.family == socket.AF_INET6
+    for _ in range(BATCH):
+        try:
+            if ipv6:
+                data, addr = recvfrom(RECV_SIZE)
+                append((data, addr[:2]))  # (host, port, flowinfo, scope_id)
+            else:
+                append(recvfrom(RECV_SIZE))
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:  # ICMP errors surface here (port unreachable): not ours to act on
+            continue
+    return batch
+
+
 class RelaySockets:
     """``RelayPorts`` with real sockets: one non-blocking UDP socket per allocation."""
 
@@ -70,6 +92,7 @@ class RelaySockets:
         self.host, self.port_range, self.loop = host, port_range, loop
         self.on_readable = on_readable
         self.sockets: dict[Addr, socket.socket] = {}
+        self.retired: list[Addr] = []  # closed, but their sockets wait for ``flush``
 
     def open(self, even: bool) -> Addr | None:
         low, high = self.port_range
@@ -90,14 +113,23 @@ class RelaySockets:
         return None
 
     def close(self, relay: Addr) -> None:
-        sock = self.sockets.pop(relay, None)
-        if sock is not None:
+        """Stops reading now; the socket itself closes at ``flush``, after the sends of the
+        batch that deleted its allocation (what a client relayed just before its Refresh
+        of lifetime 0 still goes out, as it would have one datagram at a time)."""
+        sock = self.sockets.get(relay)
+        if sock is not None and relay not in self.retired:
             self.loop.remove_reader(sock.fileno())
-            sock.close()
+            self.retired.append(relay)
+
+    def flush(self) -> None:
+        for relay in self.retired:
+            self.sockets.pop(relay).close()
+        self.retired.clear()
 
     def close_all(self) -> None:
         for relay in list(self.sockets):
             self.close(relay)
+        self.flush()
 
 
 class _StatsCollector(Collector):
@@ -224,59 +256,50 @@ class StunServer:
     # --- datagrams ---------------------------------------------------------------------------
 
     def _readable(self) -> None:
-        # The hot path: every relayed ChannelData passes here, so names are bound once and
-        # the loop is written out rather than built from helpers.
         assert self._sock is not None and self.core is not None
-        recvfrom, handle, send = self._sock.recvfrom, self.core.on_client_datagram, self._send
-        now = time.time()
-        for _ in range(BATCH):
-            try:
-                data, addr = recvfrom(RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:  # ICMP errors surface here (port unreachable): not ours to act on
-                continue
-            if len(addr) != 2:
-                addr = addr[:2]  # IPv6: (host, port, flowinfo, scope_id)
-            try:
-                out = handle(data, addr, now)
-            except Exception:  # a bug must cost one datagram, not the server
-                self._internal_error()
-                continue
-            if out:
-                send(out)
+        batch = _drain(self._sock)
+        if batch:
+            self._relay(self.core.on_client_datagrams, batch)
 
     def _from_peers(self, sock: socket.socket, relay: Addr) -> None:
         assert self.core is not None
-        recvfrom, handle, send = sock.recvfrom, self.core.on_peer_datagram, self._send
-        now = time.time()
-        for _ in range(BATCH):
-            try:
-                data, peer = recvfrom(RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                continue
-            if len(peer) != 2:
-                peer = peer[:2]
-            try:
-                out = handle(data, relay, peer, now)
-            except Exception:
-                self._internal_error()
-                continue
-            if out:
-                send(out)
+        batch = _drain(sock)
+        if batch:
+            self._relay(functools.partial(self.core.on_peer_datagrams, relay), batch)
 
-    def _send(self, out: list[Send]) -> None:
+    def _relay(
+        self, handle: Callable[[list[Datagram], float], list[Send]], batch: list[Datagram]
+    ) -> None:
+        """One wakeup's datagrams through the core in one call, then its answers out."""
+        try:
+            out = handle(batch, time.time())
+        except Exception:  # a bug must cost one datagram, not the batch or the server
+            self._internal_error()
+            out = self._one_by_one(handle, batch)
         sock, relays = self._sock, self._relays
         assert sock is not None and relays is not None
+        sockets = relays.sockets
         for via, data, to in out:
             # A full buffer or an unreachable peer: UDP may drop, so do we. (Not
             # contextlib.suppress: a context manager per packet costs measurably.)
             try:  # noqa: SIM105
-                (sock if via is None else relays.sockets[via]).sendto(data, to)
+                (sock if via is None else sockets[via]).sendto(data, to)
             except (OSError, KeyError):
                 pass
+        if relays.retired:
+            relays.flush()
+
+    def _one_by_one(
+        self, handle: Callable[[list[Datagram], float], list[Send]], batch: list[Datagram]
+    ) -> list[Send]:
+        """After a batch raised: each datagram alone, so only the one that raises is lost."""
+        out: list[Send] = []
+        for datagram in batch:
+            try:
+                out += handle([datagram], time.time())
+            except Exception:
+                self._internal_error()
+        return out
 
     def _internal_error(self) -> None:
         self.log.exception("datagram handling failed")
@@ -286,8 +309,9 @@ class StunServer:
     async def _expire_forever(self) -> None:
         while True:
             await asyncio.sleep(UPKEEP_INTERVAL_S)
-            if self.core is not None:
+            if self.core is not None and self._relays is not None:
                 self.core.expire(time.time())
+                self._relays.flush()
 
     # --- ops ---------------------------------------------------------------------------------
 

@@ -1,0 +1,163 @@
+"""The asyncio adapter's batches: a wakeup's datagrams go through the core in one call, a
+socket is drained past one batch, IPv6 addresses reach the core as (host, port), a bug
+costs the datagram that raised it, not its batch, and a relay socket closes only after its
+batch's sends. A real `StunServer` on real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Awaitable, Callable
+
+from dna_stun import attributes as attr
+from dna_stun.config import StunServiceConfig
+from dna_stun.core import Addr, Datagram, Send
+from dna_stun.message import Class, Message, Method, channel_data, encode, parse
+from dna_stun.service import BATCH, StunServer
+from dna_testnet.harness import LOOPBACK
+from turn_client import Client, error_code, is_success
+
+PEER = LOOPBACK.one()  # not the server's address
+
+
+def _config(host: str) -> StunServiceConfig:
+    return StunServiceConfig.model_validate(
+        {
+            "log_level": "warning",
+            "server": {"host": host, "udp_port": 0},
+            "auth": {"realm": "test", "users": ["u:p"]},
+            "relay": {"allowed_peers": ["127.0.0.0/8"]},
+            "ops": {"http_host": "127.0.0.1", "http_port": 0},
+        }
+    )
+
+
+async def _server(host: str) -> StunServer:
+    server = StunServer(_config(host))
+    await server.start()
+    return server
+
+
+def _with_server(host: str, body: Callable[[StunServer], Awaitable[None]]) -> None:
+    async def main() -> None:
+        server = await _server(host)
+        try:
+            await body(server)
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+
+
+def _client(family: int, host: str) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.bind((host, 0))
+    sock.setblocking(False)
+    return sock
+
+
+async def _answers(sock: socket.socket, count: int, timeout: float = 5.0) -> list[bytes]:
+    loop = asyncio.get_running_loop()
+    return [await asyncio.wait_for(loop.sock_recv(sock, 2048), timeout) for _ in range(count)]
+
+
+def _binding(tid: bytes) -> bytes:
+    return encode(Method.BINDING, Class.REQUEST, tid)
+
+
+def test_more_than_a_batch_is_answered_in_order() -> None:
+    _with_server("127.0.0.1", _more_than_a_batch)
+
+
+async def _more_than_a_batch(server: StunServer) -> None:
+    assert server.udp_addr is not None
+    count = BATCH + 44  # more than one wakeup reads
+    tids = [os.urandom(12) for _ in range(count)]
+    with _client(socket.AF_INET, "127.0.0.1") as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        for tid in tids:
+            client.sendto(_binding(tid), server.udp_addr)
+        answers = [parse(data) for data in await _answers(client, count)]
+        mapped = {
+            attr.decode_xor_address(a.get(attr.XOR_MAPPED_ADDRESS) or b"", a.transaction_id)
+            for a in answers
+        }
+        assert [a.transaction_id for a in answers] == tids
+        assert mapped == {client.getsockname()}
+    assert server.core is not None and server.core.stats.requests["binding"] == count
+
+
+def test_ipv6_clients_reach_the_core_as_host_and_port() -> None:
+    _with_server("::1", _ipv6_binding)
+
+
+async def _ipv6_binding(server: StunServer) -> None:
+    assert server.udp_addr is not None
+    with _client(socket.AF_INET6, "::1") as client:
+        tid = os.urandom(12)
+        client.sendto(_binding(tid), server.udp_addr)
+        [answer] = [parse(data) for data in await _answers(client, 1)]
+        value = answer.get(attr.XOR_MAPPED_ADDRESS) or b""
+        assert attr.decode_xor_address(value, tid) == client.getsockname()[:2]
+
+
+def test_a_bug_costs_the_datagram_that_raised_not_its_batch() -> None:
+    _with_server("127.0.0.1", _buggy_batch)
+
+
+async def _buggy_batch(server: StunServer) -> None:
+    assert server.core is not None and server.udp_addr is not None
+    core = server.core
+
+    def buggy(batch: list[Datagram], now: float) -> list[Send]:
+        if any(data == b"boom" for data, _ in batch):
+            raise RuntimeError("a bug in the core")
+        return core.on_client_datagrams(batch, now)
+
+    handle: Callable[[list[Datagram], float], list[Send]] = buggy
+    with _client(socket.AF_INET, "127.0.0.1") as client:
+        here: Addr = client.getsockname()
+        tids = [os.urandom(12), os.urandom(12)]
+        batch = [(_binding(tids[0]), here), (b"boom", here), (_binding(tids[1]), here)]
+        server._relay(handle, batch)
+        answers = [parse(data) for data in await _answers(client, 2)]
+    assert [a.transaction_id for a in answers] == tids
+    # Once for the batch, once for the datagram itself when retried alone.
+    assert core.stats.refusals["internal_error"] == 2
+
+
+def test_what_a_client_relayed_before_deallocating_in_the_same_batch_still_goes_out() -> None:
+    _with_server("127.0.0.1", _relay_then_deallocate)
+
+
+async def _transact(sock: socket.socket, server: Addr, client: Client, data: bytes) -> Message:
+    sock.sendto(data, server)
+    [answer] = await _answers(sock, 1)
+    return client.learn(answer)
+
+
+async def _relay_then_deallocate(server: StunServer) -> None:
+    assert server.core is not None and server.udp_addr is not None and server._relays
+    client = Client("u", "p")
+    with _client(socket.AF_INET, "127.0.0.1") as sock, _client(socket.AF_INET, PEER) as peer:
+        here: Addr = sock.getsockname()
+        ask = client.allocate_attrs()
+        await _transact(sock, server.udp_addr, client, client.request(Method.ALLOCATE, ask))
+        allocated = await _transact(
+            sock, server.udp_addr, client, client.request(Method.ALLOCATE, ask)
+        )
+        assert is_success(allocated, Method.ALLOCATE), error_code(allocated)
+        relay = attr.decode_xor_address(
+            allocated.get(attr.XOR_RELAYED_ADDRESS) or b"", allocated.transaction_id
+        )
+        number = [(attr.CHANNEL_NUMBER, attr.channel_number(0x4000))]
+        bind = client.request(Method.CHANNEL_BIND, number, peers=(peer.getsockname(),))
+        bound = await _transact(sock, server.udp_addr, client, bind)
+        assert is_success(bound, Method.CHANNEL_BIND), error_code(bound)
+        deallocate = client.request(Method.REFRESH, [(attr.LIFETIME, attr.uint32(0))])
+        batch = [(channel_data(0x4000, b"last words"), here), (deallocate, here)]
+        server._relay(server.core.on_client_datagrams, batch)
+        assert await _answers(peer, 1) == [b"last words"]
+        assert is_success(client.learn((await _answers(sock, 1))[0]), Method.REFRESH)
+    assert relay not in server._relays.sockets and not server._relays.retired
