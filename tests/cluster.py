@@ -3,6 +3,7 @@ driver, on addresses from its allocator (`dna_testnet.harness`; no test picks on
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterator
@@ -140,6 +141,27 @@ async def held_by(
         cursor = page.next_cursor
         if not page.more:
             return held
+
+
+async def until_whole(
+    seed: tuple[str, int],
+    owner: Identity,
+    replicas: list[Contact],
+    sent: set[bytes],
+    bound_s: float,
+) -> float:
+    """Seconds until every replica holds every blob sent (fails after ``bound_s``)."""
+    client = await client_node([seed])
+    started = time.monotonic()
+    while True:
+        holdings = [await held_by(client, owner, r) for r in replicas]
+        if all(h >= sent for h in holdings) or time.monotonic() - started >= bound_s:
+            break
+        await asyncio.sleep(0.5)
+    took = time.monotonic() - started
+    await client.stop()
+    assert all(h >= sent for h in holdings), [len(h & sent) for h in holdings]
+    return took
 
 
 def scrape(node: LocalNode) -> list[Sample]:

@@ -15,16 +15,15 @@ from cluster import (
     NodeProcess,
     client_node,
     free_ips,
-    held_by,
     running,
     storage_network,
+    until_whole,
     wait_ready,
 )
-from dna_core.crypto import Identity, seal
+from dna_core.crypto import seal
 from dna_core.mailbox import mailbox_id
 from dna_core.mailbox.client import MailboxClient
 from dna_core.overlay.aio import OverlayNode
-from dna_core.overlay.contact import Contact
 from process_mark import starts_processes
 from support import seeded_identity
 
@@ -47,21 +46,6 @@ def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProce
 
 async def _client() -> OverlayNode:
     return await client_node([SEED])
-
-
-async def _until_whole(owner: Identity, replicas: list[Contact], sent: set[bytes]) -> float:
-    """Seconds until every replica holds every blob sent (fails after REPAIR_BOUND_S)."""
-    client = await _client()
-    started = time.monotonic()
-    while time.monotonic() - started < REPAIR_BOUND_S:
-        holdings = [await held_by(client, owner, r) for r in replicas]
-        if all(h >= sent for h in holdings):
-            break
-        await asyncio.sleep(0.5)
-    took = time.monotonic() - started
-    await client.stop()
-    assert all(h >= sent for h in holdings), [len(h & sent) for h in holdings]
-    return took
 
 
 def test_four_of_five_replicas_lost_then_repaired(network: list[NodeProcess]) -> None:
@@ -90,7 +74,7 @@ def test_four_of_five_replicas_lost_then_repaired(network: list[NodeProcess]) ->
         for node in lost:
             node.start()
         wait_ready(lost)
-        took = await _until_whole(BOB, replicas, sent)
+        took = await until_whole(SEED, BOB, replicas, sent, REPAIR_BOUND_S)
         print(f"all 5 replicas whole again {took:.1f} s after the restarts")
 
     asyncio.run(scenario())
@@ -124,7 +108,7 @@ def test_a_mailbox_over_the_grpc_message_limit_is_repaired(network: list[NodePro
             node.start()
         wait_ready(lost)
 
-        took = await _until_whole(carol, replicas, sent)
+        took = await until_whole(SEED, carol, replicas, sent, REPAIR_BOUND_S)
         print(f"4.7 MB mailbox whole on all 5 replicas {took:.1f} s after the restarts")
 
     asyncio.run(scenario())

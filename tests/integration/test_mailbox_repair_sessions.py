@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,11 +22,11 @@ from cluster import (
     NodeProcess,
     client_node,
     free_ips,
-    held_by,
     now_ms,
     running,
     scrape,
     storage_network,
+    until_whole,
     wait_ready,
 )
 from dna_core.crypto import Identity, seal
@@ -110,21 +109,6 @@ async def send(owner: Identity, count: int) -> tuple[set[bytes], list[Contact]]:
     return sent, replicas
 
 
-async def until_whole(owner: Identity, replicas: list[Contact], sent: set[bytes]) -> float:
-    """Seconds until every replica holds every blob sent (fails after REPAIR_BOUND_S)."""
-    client = await client_node([SEED])
-    started = time.monotonic()
-    while time.monotonic() - started < REPAIR_BOUND_S:
-        holdings = [await held_by(client, owner, r) for r in replicas]
-        if all(h >= sent for h in holdings):
-            break
-        await asyncio.sleep(0.5)
-    took = time.monotonic() - started
-    await client.stop()
-    assert all(h >= sent for h in holdings), [len(h & sent) for h in holdings]
-    return took
-
-
 def kill_and_wipe(nodes: list[NodeProcess]) -> None:
     for node in nodes:
         node.kill()
@@ -141,7 +125,7 @@ def test_two_wiped_replicas_are_repaired_over_sessions(network: list[NodeProcess
         for node in lost:
             node.start()
         await asyncio.to_thread(wait_ready, lost)
-        took = await until_whole(bob, replicas, sent)
+        took = await until_whole(SEED, bob, replicas, sent, REPAIR_BOUND_S)
         print(f"2 wiped replicas whole again over sessions {took:.1f} s after the restarts")
         # Fresh processes: the others pushed them their mailbox, and listed it, on sessions.
         for node in lost:
@@ -192,7 +176,7 @@ def test_a_node_serving_no_sessions_is_repaired_by_the_unary_calls(
         shutil.rmtree(older.root / f"{older.name}-data")
         older.start()
         await asyncio.to_thread(wait_ready, [older])
-        took = await until_whole(carol, replicas, sent)
+        took = await until_whole(SEED, carol, replicas, sent, REPAIR_BOUND_S)
         print(f"a node serving no sessions whole again {took:.1f} s after its restart")
         assert total(scrape(older), "dna_storage_session_requests_total") == 0
         assert (
