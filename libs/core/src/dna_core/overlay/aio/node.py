@@ -183,6 +183,7 @@ class OverlayNode:
         self._lookups.clear()
         if self._transport is not None:
             self._transport.close()
+        await self.records.close()
         await self.channels.close()
 
     @property
