@@ -2,7 +2,9 @@
 
 Records carry ML-DSA keys and signatures (several KB), too big for a datagram,
 so find-value and store ride gRPC; routing stays on UDP. Errors leave as gRPC
-statuses carrying the ProtocolError's reason.
+statuses carrying the ProtocolError's reason. Both also ride record sessions (one
+stream per client and node, `records_session`), served by the same code; the client
+uses them, and the unary calls for nodes that serve none.
 """
 
 from __future__ import annotations
