@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -212,7 +213,9 @@ S = TypeVar("S", bound=StreamSession)
 
 class SessionPool(Generic[S]):
     """A client's sessions, one per node (by gRPC target), opened on first use with
-    ``make(channel, timeout)``."""
+    ``make(channel, timeout)``. With ``max_sessions``, at most that many are kept: the
+    least recently used is closed (a client that meets thousands of nodes, as the
+    overlay's record client does, keeps no stream to each)."""
 
     def __init__(
         self,
@@ -221,12 +224,18 @@ class SessionPool(Generic[S]):
         discard: Callable[[str], None] | None = None,
         *,
         make: Callable[[grpc.aio.Channel, float], S],
+        max_sessions: int | None = None,
     ) -> None:
         self._channels, self.timeout, self._make = channels, timeout, make
         self._discard = discard  # drops a target's channel: the next one connects afresh
-        self._sessions: dict[str, S] = {}
+        self.max_sessions = max_sessions
+        self._sessions: OrderedDict[str, S] = OrderedDict()
         self._opening: dict[str, asyncio.Task[S]] = {}
         self._unsupported: dict[str, float] = {}  # target -> monotonic time to try again
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
 
     async def get(self, target: str) -> S:
         """The open session to ``target``; `NoSession` when it serves none (recently)."""
@@ -234,6 +243,7 @@ class SessionPool(Generic[S]):
             raise NoSession
         session = self._sessions.get(target)
         if session is not None and session.closed is None:
+            self._sessions.move_to_end(target)
             return session
         opening = self._opening.get(target)
         if opening is None:
@@ -271,7 +281,22 @@ class SessionPool(Generic[S]):
         if old is not None:
             await old.close()
         self._sessions[target] = session
+        self._trim()
         return session
+
+    def _trim(self) -> None:
+        """Close the least recently used sessions over ``max_sessions``, and forget the
+        nodes found without sessions whose time to be asked again has come."""
+        if self.max_sessions is None:
+            return
+        while len(self._sessions) > self.max_sessions:
+            _, oldest = self._sessions.popitem(last=False)
+            task = asyncio.get_running_loop().create_task(oldest.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        if len(self._unsupported) > self.max_sessions:
+            now = time.monotonic()
+            self._unsupported = {t: at for t, at in self._unsupported.items() if at > now}
 
     async def _start(self, target: str) -> S:
         session = self._make(self._channels(target), self.timeout)
@@ -283,6 +308,7 @@ class SessionPool(Generic[S]):
         return session
 
     async def close(self) -> None:
-        sessions, self._sessions = list(self._sessions.values()), {}
+        sessions, self._sessions = list(self._sessions.values()), OrderedDict()
         for session in sessions:
             await session.close()
+        await asyncio.gather(*self._closing)

@@ -316,6 +316,7 @@ class RecordClient:
             self.sessions = SessionPool(
                 pool.get, timeout, pool.discard,
                 make=lambda channel, t: OverlaySession(channel, t, open_timeout=t),
+                max_sessions=pool.size,  # a session lives on its channel: as many
             )  # fmt: skip
         self.unary_calls = 0  # requests that went as unary calls (no session to the node)
 
