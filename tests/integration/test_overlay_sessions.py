@@ -187,7 +187,7 @@ def test_a_malformed_frame_ends_the_session_and_stores_nothing(nodes: list[NodeP
 class _NoSessions(OverlayService):
     """An older node: the Overlay service without sessions (UNIMPLEMENTED, via the gate)."""
 
-    async def Session(self, requests: Any, context: Any) -> None:  # noqa: N802
+    async def Session(self, requests: Any, context: Any) -> None:  # type: ignore[override]  # noqa: N802
         raise NotImplementedError
 
 
