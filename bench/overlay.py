@@ -1,7 +1,7 @@
 """Our overlay against OpenDHT and ``kademlia``: store and find-value on N loopback nodes.
 
 ``uv run python -m bench.overlay [--nodes 50] [--ops N] [--rounds R] [--quick]
-[--skip-baselines]``
+[--skip-baselines] [--unary]``
 
 What runs (issue 3, "Real overlay benchmark"; conventions: shared design/BENCH.md):
 
@@ -10,7 +10,9 @@ What runs (issue 3, "Real overlay benchmark"; conventions: shared design/BENCH.m
   subprocesses (:mod:`bench.overlay_nodes`: an ``OverlayNode`` in server mode, puzzle 4
   bits, loopback allowed, plus a ``grpc.aio`` server with the ``OverlayService``), so
   the measuring client has this process to itself. The client is an ``OverlayNode`` in
-  client mode that joins through three nodes, then
+  client mode that joins through three nodes (its stores and find-values on record
+  sessions, one ``Overlay.Session`` stream per node; with ``--unary`` on the unary
+  ``Store``/``FindValue`` calls, as before issue 15), then
 
   - ``put``: stores pre-signed identity records (one identity per record: identity keys
     are bound to their signer; signing happens before any timing, in a process pool).
@@ -289,13 +291,14 @@ def _ms_stats(prefix: str, seconds: Sequence[float]) -> dict[str, float]:
 class OurClient:
     """The measuring client: an OverlayNode in client mode, in this process."""
 
-    def __init__(self, fleet: OverlayFleet) -> None:
+    def __init__(self, fleet: OverlayFleet, *, unary: bool = False) -> None:
         self.fleet = fleet
         self.node = OverlayNode(
             NodeIdentity.generate(0)[0],
             NodeConfig(
                 host="127.0.0.1", puzzle_bits=fleet.puzzle_bits, k=K, client_mode=True,
                 allow_loopback=True, identity_pow_bits=BENCH_POW_BITS,
+                record_sessions=not unary,
             ),
         )  # fmt: skip
         self.profile_dir = os.environ.get(PROFILE_ENV) or None
@@ -520,6 +523,7 @@ class Config:
     budget_s: float
     quick: bool
     ready_timeout_s: float = READY_TIMEOUT_S
+    unary: bool = False  # our client on the unary Store/FindValue instead of record sessions
 
 
 async def _ours_round(
@@ -665,7 +669,7 @@ async def run(cfg: Config) -> int:
         await fleet.start(cfg.ready_timeout_s)
         signed = await signer.result()
         records = {20: signed[: wanted[20]], 8: signed[wanted[20] :]}
-        client = OurClient(fleet)
+        client = OurClient(fleet, unary=cfg.unary)
         table = await client.start()
         setup_s = time.perf_counter() - t0
         await baselines.start(min(cfg.ready_timeout_s, budget.remaining()))
@@ -681,6 +685,7 @@ async def run(cfg: Config) -> int:
                     "node_tables_min": min(t for s in stats for t in s["tables"]),
                     "loadavg": harness.loadavg(),
                     "baselines": baselines.setup,
+                    "our_transport": "unary" if cfg.unary else "session",
                     "patch": os.environ.get(PATCH_ENV),
                     "profile_dir": os.environ.get(PROFILE_ENV),
                 }
@@ -724,6 +729,10 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     )
     parser.add_argument("--skip-baselines", action="store_true", help="measure ours only")
     parser.add_argument(
+        "--unary", action="store_true",
+        help="our client on the unary Store/FindValue calls instead of record sessions",
+    )  # fmt: skip
+    parser.add_argument(
         "--baselines", default=",".join(BASELINES), help="comma-separated: opendht,kademlia"
     )
     parser.add_argument("--budget", type=float, default=BUDGET_S, help="s for the whole run")
@@ -748,7 +757,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         if unknown := set(names) - set(BASELINES):
             raise SystemExit(f"unknown baseline(s): {sorted(unknown)}")
     return Config(nodes, ops, rounds, warmup, args.workers, args.rcvbuf, names, args.budget,
-                  args.quick, args.ready_timeout)  # fmt: skip
+                  args.quick, args.ready_timeout, args.unary)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,6 +32,9 @@ class Broken:
     async def Store(self, request: Any, context: Any) -> Any:  # noqa: N802
         return overlay_pb2.StoreResponse(stored_seq=request.record.ByteSize())
 
+    async def Session(self, requests: Any, context: Any) -> Any:  # noqa: N802
+        raise NotImplementedError
+
 
 def test_escaping_exceptions_map_to_our_codes_and_log_once(
     caplog: pytest.LogCaptureFixture,

@@ -300,6 +300,9 @@ class PeerEcho:
     async def Store(self, request: Any, context: Any) -> Any:  # noqa: N802
         raise NotImplementedError
 
+    async def Session(self, requests: Any, context: Any) -> Any:  # noqa: N802
+        raise NotImplementedError
+
 
 @contextlib.asynccontextmanager
 async def guarded_grpc(servicer: PeerEcho, host: str = "127.0.0.1") -> AsyncIterator[TcpRelay]:

@@ -10,6 +10,8 @@ A request answers as the unary call would: a refusal is raised as the same
 A broken session fails what was in flight with `UnavailableError` and the next request
 opens a new one. A node that serves no sessions (older versions: UNIMPLEMENTED) is
 remembered for ``NO_SESSION_RETRY_S``, and the caller uses the unary calls meanwhile.
+That transport, shared with the overlay's record sessions, is `dna_core.rpc_session`;
+this module adds the mailbox's operations and subscriptions.
 
 `Subscription` holds a mailbox's subscriptions on its replicas: blobs pushed from any of
 them, merged by blob ID (each replica pushes its copy: only the first is kept), and
@@ -22,95 +24,57 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
-from dna_core.errors import RefusedError, RemoteError, UnavailableError
+from dna_core.errors import RemoteError
 from dna_core.mailbox.codec import StoredBlob, fetched_blob
 from dna_core.mailbox.ids import blob_id
-from dna_core.rpc_errors import UNAVAILABLE_CODES, remote_error
+from dna_core.rpc_session import (
+    NO_SESSION_RETRY_S,
+    OPEN_TIMEOUT_S,
+    STREAM_GONE,
+    Channels,
+    NoSession,
+    StreamGoneError,
+    StreamSession,
+    status_error,
+)
+from dna_core.rpc_session import SessionPool as _SessionPool
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 
-NO_SESSION_RETRY_S = 300.0  # how long a node that serves no sessions is asked unary
-OPEN_TIMEOUT_S = 5.0  # for the node's hello
+__all__ = [
+    "NO_SESSION_RETRY_S", "OPEN_TIMEOUT_S", "SEEN_IDS", "NoSession", "NodeSession",
+    "SessionPool", "StreamGoneError", "Subscription", "status_error", "subscribe_nodes",
+]  # fmt: skip
+
 SEEN_IDS = 65_536  # blob IDs a subscription remembers having handed out (replica copies)
 
-T = TypeVar("T")
-Channels = Callable[[str], grpc.aio.Channel]
 OnPush = Callable[[mailbox_pb2.FetchResponse | None], None]  # None: the session ended
 
 
-class StreamGoneError(UnavailableError):
-    """The session's stream had ended before the request could be sent: the node never
-    saw it, so it may be sent again on a new session."""
-
-
-class NoSession(Exception):  # noqa: N818 (a signal, not an error: use the unary call)
-    """The node serves no sessions."""
-
-
-def status_error(status: mailbox_pb2.RequestStatus) -> RemoteError:
-    """A request's refusal on a session, as the unary call's failure would be raised."""
-    code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
-    if code in UNAVAILABLE_CODES:
-        return UnavailableError(code.name, status.reason)
-    return RefusedError(code.name, status.reason)
-
-
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
-# What a write on a stream that has ended raises: its status, or (the call finished before
-# the reader saw it: a node killed mid-session) grpc's InvalidStateError.
-_STREAM_GONE = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
-
-
-class NodeSession:
-    """One open session to one node (``open``, then requests from any task)."""
+class NodeSession(StreamSession):
+    """One open mailbox session to one node (``open``, then requests from any task); the
+    transport is `dna_core.rpc_session.StreamSession`'s."""
 
     def __init__(self, channel: grpc.aio.Channel, timeout: float) -> None:
-        self._stub = mailbox_pb2_grpc.MailboxStub(channel)
-        self.timeout = timeout
-        self._call: Any = None
-        self._room: asyncio.Semaphore | None = None
-        self._window = 0
-        self._writing = asyncio.Lock()
-        self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[mailbox_pb2.SessionResponse]] = {}
+        super().__init__(channel, timeout)
         self._subscribers: dict[int, OnPush] = {}
-        self._reader: asyncio.Task[None] | None = None
-        self.closed: RemoteError | None = None
 
-    async def open(self) -> None:
-        """Start the stream and read the node's hello (its window); `NoSession` when the
-        node serves no sessions, `RemoteError` when it cannot be reached."""
-        self._call = self._stub.Session()
-        try:
-            hello = await asyncio.wait_for(self._call.read(), OPEN_TIMEOUT_S)
-        except TimeoutError:
-            self._call.cancel()
-            raise UnavailableError("DEADLINE_EXCEEDED", "session: no hello from the node") from None
-        except grpc.aio.AioRpcError as err:
-            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
-                raise NoSession from err
-            raise remote_error(err) from err
-        if hello is grpc.aio.EOF or not hello.HasField("hello") or hello.hello.window < 1:
-            self._call.cancel()
-            raise UnavailableError("UNKNOWN", "session: the node did not say hello")
-        self._window = hello.hello.window
-        self._room = asyncio.Semaphore(self._window)
-        self._reader = asyncio.create_task(self._read())
+    def _start_stream(self, channel: grpc.aio.Channel) -> Any:
+        return mailbox_pb2_grpc.MailboxStub(channel).Session()
+
+    def _frame(self, request_id: int, op: dict[str, Any]) -> mailbox_pb2.SessionRequest:
+        return mailbox_pb2.SessionRequest(id=request_id, **op)
 
     async def request(self, **op: Any) -> mailbox_pb2.SessionResponse:
         """Send one request (``put=``, ``fetch=``, ``delete=``) and wait for its answer;
         a refusal is raised as `RemoteError` (``status_error``)."""
-        response = await self.exchange(op)
-        if response.HasField("error"):
-            raise status_error(response.error)
+        response: mailbox_pb2.SessionResponse = await super().request(**op)
         return response
 
     async def put(self, request: mailbox_pb2.PutRequest) -> mailbox_pb2.PutOutcome:
@@ -145,7 +109,7 @@ class NodeSession:
 
     async def unsubscribe(self, sub_id: int) -> None:
         if self._subscribers.pop(sub_id, None) is not None and self.closed is None:
-            with contextlib.suppress(*_STREAM_GONE):
+            with contextlib.suppress(*STREAM_GONE):
                 async with self._writing:
                     await self._call.write(
                         mailbox_pb2.SessionRequest(unsubscribe=mailbox_pb2.Unsubscribe(id=sub_id))
@@ -156,43 +120,8 @@ class NodeSession:
     ) -> mailbox_pb2.SessionResponse:
         """Send one request (``op``: its operation's field and message) and return the
         node's answer as it came, a refusal included."""
-        if self.closed is not None:
-            raise StreamGoneError(self.closed.grpc_code, self.closed.details)
-        assert self._room is not None, "open the session first"
-        await self._room.acquire()  # released when the answer arrives, not on a timeout
-        if self.closed is not None:  # it ended while this request waited for room
-            self._room.release()
-            raise StreamGoneError(self.closed.grpc_code, self.closed.details)
-        request_id = next(self._ids) if request_id is None else request_id
-        future: asyncio.Future[mailbox_pb2.SessionResponse] = (
-            asyncio.get_running_loop().create_future()
-        )
-        self._pending[request_id] = future
-        try:
-            async with self._writing:  # grpc takes one write at a time on a stream
-                await self._call.write(mailbox_pb2.SessionRequest(id=request_id, **op))
-        except _STREAM_GONE as err:
-            self._end(err)
-            assert self.closed is not None
-            raise StreamGoneError(self.closed.grpc_code, self.closed.details) from None
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), self.timeout)
-        except TimeoutError:
-            raise UnavailableError("DEADLINE_EXCEEDED", "session: no answer in time") from None
-
-    async def _read(self) -> None:
-        try:
-            while True:
-                response = await self._call.read()
-                if response is grpc.aio.EOF:
-                    self._end(None)
-                    return
-                self._deliver(response)
-        except grpc.aio.AioRpcError as err:
-            self._end(err)
-        except asyncio.CancelledError:
-            self._end(None)
-            raise
+        response: mailbox_pb2.SessionResponse = await super().exchange(op, request_id)
+        return response
 
     def _deliver(self, response: mailbox_pb2.SessionResponse) -> None:
         if response.HasField("push"):
@@ -200,115 +129,27 @@ class NodeSession:
             if on_push is not None:
                 on_push(response.push)
             return
-        future = self._pending.pop(response.id, None)
-        if future is None:
-            return  # an answer to a request this client no longer knows: ignore
-        assert self._room is not None
-        self._room.release()
+        super()._deliver(response)
+
+    def _before_answer(self, response: mailbox_pb2.SessionResponse) -> None:
         on_push = self._subscribers.get(response.id)
         if on_push is not None and response.HasField("fetch"):
             on_push(response.fetch)  # a subscription's first page, before any push
-        if not future.done():
-            future.set_result(response)
 
-    def _end(self, err: BaseException | None) -> None:
-        """The stream is over: fail what waits, tell the subscribers."""
-        if self.closed is None:
-            if isinstance(err, grpc.aio.AioRpcError):
-                self.closed = remote_error(err)
-            else:
-                self.closed = UnavailableError("UNAVAILABLE", "session: the stream ended")
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(self.closed)
-                future.exception()  # retrieved: a waiter that gave up must not log it
-        self._pending.clear()
-        if self._room is not None:  # wake every request waiting for room: they fail now
-            for _ in range(self._window):
-                self._room.release()
+    def _ended(self) -> None:
+        """Tell the subscribers their session is over."""
         subscribers, self._subscribers = list(self._subscribers.values()), {}
         for on_push in subscribers:
             on_push(None)
 
-    async def close(self) -> None:
-        if self._call is not None:
-            self._call.cancel()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
 
-
-class SessionPool:
-    """A client's sessions, one per node (by gRPC target), opened on first use."""
+class SessionPool(_SessionPool[NodeSession]):
+    """A client's mailbox sessions, one per node (by gRPC target), opened on first use."""
 
     def __init__(
         self, channels: Channels, timeout: float, discard: Callable[[str], None] | None = None
     ) -> None:
-        self._channels, self.timeout = channels, timeout
-        self._discard = discard  # drops a target's channel: the next one connects afresh
-        self._sessions: dict[str, NodeSession] = {}
-        self._opening: dict[str, asyncio.Task[NodeSession]] = {}
-        self._unsupported: dict[str, float] = {}  # target -> monotonic time to try again
-
-    async def get(self, target: str) -> NodeSession:
-        """The open session to ``target``; `NoSession` when it serves none (recently)."""
-        if time.monotonic() < self._unsupported.get(target, 0.0):
-            raise NoSession
-        session = self._sessions.get(target)
-        if session is not None and session.closed is None:
-            return session
-        opening = self._opening.get(target)
-        if opening is None:
-            opening = asyncio.create_task(self._open(target))
-            self._opening[target] = opening
-            opening.add_done_callback(lambda _: self._opening.pop(target, None))
-        return await asyncio.shield(opening)
-
-    async def call(self, target: str, work: Callable[[NodeSession], Awaitable[T]]) -> T:
-        """``work`` on the session to ``target``, once more on a new session if the old
-        one's stream turned out to be gone (the node restarted since: the request never
-        left). `NoSession`: use the unary call."""
-        for attempt in range(2):
-            session = await self.get(target)
-            try:
-                return await work(session)
-            except StreamGoneError:
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
-
-    async def _open(self, target: str) -> NodeSession:
-        try:
-            session = await self._start(target)
-        except UnavailableError:
-            # A channel whose node went away fails fast until its reconnect backoff ends,
-            # even once the node is back: a stream's open, unlike a unary call on an idle
-            # channel, meets that. Try once more on a fresh channel (a node still down
-            # refuses it at once).
-            if self._discard is None:
-                raise
-            self._discard(target)
-            session = await self._start(target)
-        old = self._sessions.pop(target, None)
-        if old is not None:
-            await old.close()
-        self._sessions[target] = session
-        return session
-
-    async def _start(self, target: str) -> NodeSession:
-        session = NodeSession(self._channels(target), self.timeout)
-        try:
-            await session.open()
-        except NoSession:
-            self._unsupported[target] = time.monotonic() + NO_SESSION_RETRY_S
-            raise
-        return session
-
-    async def close(self) -> None:
-        sessions, self._sessions = list(self._sessions.values()), {}
-        for session in sessions:
-            await session.close()
+        super().__init__(channels, timeout, discard, make=NodeSession)
 
 
 @dataclass

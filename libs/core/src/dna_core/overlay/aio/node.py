@@ -88,6 +88,7 @@ class NodeConfig:
     record_replicas: int = RECORD_REPLICAS  # put_record stores on this many closest nodes
     name_pow_bits: int = DEFAULT_NAME_POW_BITS  # readers check name claims as stores do
     identity_pow_bits: int = DEFAULT_IDENTITY_POW_BITS  # and identity records' proofs
+    record_sessions: bool = True  # stores and find-values on record sessions, else unary
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
@@ -138,6 +139,7 @@ class OverlayNode:
         self.records = RecordClient(
             self.channels, puzzle_bits=config.puzzle_bits, timeout=config.rpc_timeout,
             name_pow_bits=config.name_pow_bits, identity_pow_bits=config.identity_pow_bits,
+            sessions=config.record_sessions,
         )  # fmt: skip
 
     # -- lifecycle ------------------------------------------------------------
@@ -183,6 +185,7 @@ class OverlayNode:
         self._lookups.clear()
         if self._transport is not None:
             self._transport.close()
+        await self.records.close()
         await self.channels.close()
 
     @property

@@ -2,7 +2,9 @@
 
 Records carry ML-DSA keys and signatures (several KB), too big for a datagram,
 so find-value and store ride gRPC; routing stays on UDP. Errors leave as gRPC
-statuses carrying the ProtocolError's reason.
+statuses carrying the ProtocolError's reason. Both also ride record sessions (one
+stream per client and node, `records_session`), served by the same code; the client
+uses them, and the unary calls for nodes that serve none.
 """
 
 from __future__ import annotations
@@ -10,13 +12,23 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf.message import Message
+from prometheus_client import CollectorRegistry
 
 from dna_core.crypto.records import VerifiedRecord, open_record
-from dna_core.errors import MalformedError, ProtocolError, RemoteError
+from dna_core.errors import MalformedError, ProtocolError, RemoteError, UnavailableError
+from dna_core.overlay.aio.records_session import STALL_S as SESSION_STALL_S
+from dna_core.overlay.aio.records_session import WINDOW as SESSION_WINDOW
+from dna_core.overlay.aio.records_session import (
+    OverlaySession,
+    RecordSession,
+    RecordSessionMetrics,
+    request_status,
+)
 from dna_core.overlay.codec import contact_from_proto, contact_to_proto
 from dna_core.overlay.contact import Contact
 from dna_core.overlay.records import (
@@ -29,6 +41,7 @@ from dna_core.overlay.records import (
 )
 from dna_core.ratelimit import RateLimited, RateLimiter, grpc_peer_ip, source_key
 from dna_core.rpc_errors import call
+from dna_core.rpc_session import NoSession, SessionPool, status_error
 from dna_core.wire import encode_message
 from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
 
@@ -86,6 +99,9 @@ class OverlayService(overlay_pb2_grpc.OverlayServicer):
         journal: RecordJournal | None = None,
         on_rejected: Callable[[str], None] = lambda reason: None,
         on_evicted: Callable[[int], None] = lambda count: None,
+        registry: CollectorRegistry | None = None,
+        session_window: int = SESSION_WINDOW,
+        session_stall_s: float = SESSION_STALL_S,
     ) -> None:
         self.store, self.closest, self.local, self.k = store, closest, local, k
         self.clock, self.monotonic, self.journal = clock, monotonic, journal
@@ -95,6 +111,8 @@ class OverlayService(overlay_pb2_grpc.OverlayServicer):
             )
         self.limiter = limiter
         self.on_rejected, self.on_evicted = on_rejected, on_evicted
+        self.session_metrics = RecordSessionMetrics(registry or CollectorRegistry())
+        self.session_window, self.session_stall_s = session_window, session_stall_s
 
     async def Ping(  # noqa: N802 (gRPC method names)
         self,
@@ -118,8 +136,59 @@ class OverlayService(overlay_pb2_grpc.OverlayServicer):
         request: overlay_pb2.FindValueRequest,
         context: Ctx,
     ) -> overlay_pb2.FindValueResponse:
+        try:
+            return self.find_value_one(request)
+        except ProtocolError as exc:
+            await self._refuse(context, exc)
+            raise AssertionError("abort returned") from None  # grpc's abort always raises
+
+    async def Store(  # noqa: N802
+        self, request: overlay_pb2.StoreRequest, context: Ctx
+    ) -> overlay_pb2.StoreResponse:
+        try:
+            return self.store_one(request, source_key(grpc_peer_ip(context.peer() or "")))
+        except ProtocolError as exc:
+            await self._refuse(context, exc)
+            raise AssertionError("abort returned") from None
+
+    async def Session(  # type: ignore[override]  # noqa: N802
+        self, requests: AsyncIterator[overlay_pb2.OverlaySessionRequest], context: Ctx
+    ) -> None:
+        """Many stores and find-values on one stream (`records_session`). A coroutine
+        writing with ``context.write``, not the generator the stubs type: a write can then
+        time out (a client that never reads), which a generator's yield cannot."""
+        source = source_key(grpc_peer_ip(context.peer() or ""))
+        session = RecordSession(
+            self._answer, context, self.session_metrics, source=source,
+            window=self.session_window, stall_s=self.session_stall_s,
+        )  # fmt: skip
+        await session.run(requests)
+
+    def _answer(
+        self, request: overlay_pb2.OverlaySessionRequest, source: str
+    ) -> overlay_pb2.OverlaySessionResponse:
+        """One session request, judged as its unary call; a refusal is its status."""
+        op = request.WhichOneof("op")
+        try:
+            if op == "store":
+                return overlay_pb2.OverlaySessionResponse(
+                    store=self.store_one(request.store, source)
+                )
+            if op == "find_value":
+                return overlay_pb2.OverlaySessionResponse(
+                    find_value=self.find_value_one(request.find_value)
+                )
+            raise MalformedError("session: a request with no operation")
+        except ProtocolError as exc:
+            self.on_rejected(f"record_{type(exc).__name__}")
+            return overlay_pb2.OverlaySessionResponse(error=request_status(exc))
+
+    def find_value_one(
+        self, request: overlay_pb2.FindValueRequest
+    ) -> overlay_pb2.FindValueResponse:
+        """A find-value's answer (unary or on a session); `ProtocolError` to refuse it."""
         if len(request.key) != KEY_SIZE:
-            await self._refuse(context, MalformedError("find-value: key is not 32 bytes"))
+            raise MalformedError("find-value: key is not 32 bytes")
         response = overlay_pb2.FindValueResponse()
         held = self.store.get(request.key, self.clock())
         if held is not None and request.kind in (0, held.body.kind):
@@ -128,14 +197,12 @@ class OverlayService(overlay_pb2_grpc.OverlayServicer):
             response.closer.extend(contact_to_proto(c) for c in self.closest(request.key, self.k))
         return response
 
-    async def Store(  # noqa: N802
-        self, request: overlay_pb2.StoreRequest, context: Ctx
+    def store_one(
+        self, request: overlay_pb2.StoreRequest, source: str
     ) -> overlay_pb2.StoreResponse:
-        raw, now_ms = encode_message(request.record), self.clock()
-        try:
-            result = self._store(raw, source_key(grpc_peer_ip(context.peer() or "")), now_ms)
-        except ProtocolError as exc:
-            await self._refuse(context, exc)
+        """A store's answer from ``source`` (unary or on a session); `ProtocolError` to
+        refuse it."""
+        result = self._store(encode_message(request.record), source, self.clock())
         return overlay_pb2.StoreResponse(stored_seq=result.seq)
 
     def _store(self, raw: bytes, source: str, now_ms: int) -> StoreResult:
@@ -224,7 +291,12 @@ class ChannelPool:
 
 
 class RecordClient:
-    """Store and fetch signed records on the nodes a lookup found."""
+    """Store and fetch signed records on the nodes a lookup found.
+
+    Each store and find-value goes over the record session to its node (`OverlaySession`,
+    one per node, opened on first use over the channel pool), or as the unary call when
+    the node serves no sessions (an older node) or its session broke other than by a
+    deadline (the unary call then gets its own chance; a deadline is not tried twice)."""
 
     def __init__(
         self,
@@ -235,19 +307,54 @@ class RecordClient:
         identity_pow_bits: int = DEFAULT_IDENTITY_POW_BITS,
         timeout: float = 3.0,
         clock: Clock = wall_ms,
+        sessions: bool = True,
     ) -> None:
         self.pool, self.puzzle_bits, self.timeout, self.clock = pool, puzzle_bits, timeout, clock
         self.name_pow_bits, self.identity_pow_bits = name_pow_bits, identity_pow_bits
+        self.sessions: SessionPool[OverlaySession] | None = None
+        if sessions:
+            self.sessions = SessionPool(
+                pool.get, timeout, pool.discard,
+                make=lambda channel, t: OverlaySession(channel, t, open_timeout=t),
+                max_sessions=pool.size,  # a session lives on its channel: as many
+            )  # fmt: skip
+        self.unary_calls = 0  # requests that went as unary calls (no session to the node)
 
     def _stub(self, contact: Contact) -> overlay_pb2_grpc.OverlayAsyncStub:
         return overlay_pb2_grpc.OverlayStub(self.pool.get(contact.endpoint.grpc_target))
+
+    async def _ask(self, contact: Contact, op: str, request: Message) -> Any:
+        """``request`` (the unary message of ``op``: "store", "find_value") to ``contact``,
+        on its session if it has one: the answer, or the unary call's `RemoteError`."""
+        target = contact.endpoint.grpc_target
+        if self.sessions is not None:
+            try:
+                response = await self.sessions.call(target, lambda s: s.exchange({op: request}))
+            except NoSession:
+                pass
+            except UnavailableError as err:
+                if err.grpc_code == "DEADLINE_EXCEEDED":
+                    raise
+            else:
+                if response.HasField("error"):
+                    raise status_error(response.error)
+                return getattr(response, op)
+        self.unary_calls += 1
+        stub = self._stub(contact)
+        if isinstance(request, overlay_pb2.StoreRequest):
+            return await call(stub.Store(request, timeout=self.timeout))
+        assert isinstance(request, overlay_pb2.FindValueRequest)
+        return await call(stub.FindValue(request, timeout=self.timeout))
+
+    async def close(self) -> None:
+        if self.sessions is not None:
+            await self.sessions.close()
 
     async def store(self, record: bytes, replicas: Sequence[Contact]) -> int:
         """Send ``record`` to every replica; returns how many accepted it."""
         msg = overlay_pb2.StoreRequest(record=common_pb2.SignedRecord.FromString(record))
         results = await asyncio.gather(
-            *(call(self._stub(c).Store(msg, timeout=self.timeout)) for c in replicas),
-            return_exceptions=True,
+            *(self._ask(c, "store", msg) for c in replicas), return_exceptions=True
         )
         return sum(isinstance(r, overlay_pb2.StoreResponse) for r in results)
 
@@ -255,8 +362,7 @@ class RecordClient:
         """Ask ``holders`` in parallel; verify every answer and keep the best."""
         msg = overlay_pb2.FindValueRequest(key=key)
         answers = await asyncio.gather(
-            *(call(self._stub(c).FindValue(msg, timeout=self.timeout)) for c in holders),
-            return_exceptions=True,
+            *(self._ask(c, "find_value", msg) for c in holders), return_exceptions=True
         )
         found = []
         seen: set[bytes] = set()  # holders mostly return the same bytes: verify them once

@@ -464,6 +464,7 @@ class OverlayServer:
             journal=self.record_file,
             on_rejected=lambda reason: node.metrics.rejected.labels(reason=reason).inc(),
             on_evicted=evicted.inc,
+            registry=self.registry,
         )
 
     def _ops_app(self) -> Any:

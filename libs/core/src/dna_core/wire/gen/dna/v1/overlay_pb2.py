@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from dna_core.wire.gen.dna.v1 import common_pb2 as dna_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64na/v1/overlay.proto\x12\x06\x64na.v1\x1a\x13\x64na/v1/common.proto\"\xe1\x02\n\x08\x44\x61tagram\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12#\n\x06sender\x18\x03 \x01(\x0b\x32\x13.dna.v1.NodeContact\x12\r\n\x05token\x18\x04 \x01(\x0c\x12\x0f\n\x07padding\x18\x05 \x01(\x0c\x12\x1c\n\x04ping\x18\n \x01(\x0b\x32\x0c.dna.v1.PingH\x00\x12\x1c\n\x04pong\x18\x0b \x01(\x0b\x32\x0c.dna.v1.PongH\x00\x12,\n\tfind_node\x18\x0c \x01(\x0b\x32\x17.dna.v1.FindNodeRequestH\x00\x12)\n\x05nodes\x18\r \x01(\x0b\x32\x18.dna.v1.FindNodeResponseH\x00\x12)\n\x0btoken_reply\x18\x0e \x01(\x0b\x32\x12.dna.v1.TokenReplyH\x00\x12#\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x12.dna.v1.ErrorReplyH\x00\x42\x06\n\x04kind\"\x19\n\x04Ping\x12\x11\n\tchallenge\x18\x01 \x01(\x0c\"9\n\x04Pong\x12\"\n\x08observed\x18\x01 \x01(\x0b\x32\x10.dna.v1.Endpoint\x12\r\n\x05proof\x18\x02 \x01(\x0c\"!\n\x0f\x46indNodeRequest\x12\x0e\n\x06target\x18\x01 \x01(\x0c\"7\n\x10\x46indNodeResponse\x12#\n\x06\x63loser\x18\x01 \x03(\x0b\x32\x13.dna.v1.NodeContact\"\x1b\n\nTokenReply\x12\r\n\x05token\x18\x01 \x01(\x0c\"*\n\nErrorReply\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"9\n\x12OverlayPingRequest\x12#\n\x06sender\x18\x01 \x01(\x0b\x32\x13.dna.v1.NodeContact\"=\n\x13OverlayPingResponse\x12&\n\tresponder\x18\x01 \x01(\x0b\x32\x13.dna.v1.NodeContact\"M\n\x16OverlayFindNodeRequest\x12#\n\x06sender\x18\x01 \x01(\x0b\x32\x13.dna.v1.NodeContact\x12\x0e\n\x06target\x18\x02 \x01(\x0c\">\n\x17OverlayFindNodeResponse\x12#\n\x06\x63loser\x18\x01 \x03(\x0b\x32\x13.dna.v1.NodeContact\"f\n\x10\x46indValueRequest\x12#\n\x06sender\x18\x01 \x01(\x0b\x32\x13.dna.v1.NodeContact\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12 \n\x04kind\x18\x03 \x01(\x0e\x32\x12.dna.v1.RecordKind\"_\n\x11\x46indValueResponse\x12%\n\x07records\x18\x01 \x03(\x0b\x32\x14.dna.v1.SignedRecord\x12#\n\x06\x63loser\x18\x02 \x03(\x0b\x32\x13.dna.v1.NodeContact\"{\n\x0cStoreRequest\x12#\n\x06sender\x18\x01 \x01(\x0b\x32\x13.dna.v1.NodeContact\x12$\n\x06record\x18\x02 \x01(\x0b\x32\x14.dna.v1.SignedRecord\x12 \n\x03pow\x18\x03 \x01(\x0b\x32\x13.dna.v1.ProofOfWork\"#\n\rStoreResponse\x12\x12\n\nstored_seq\x18\x01 \x01(\x04\x32\x8f\x02\n\x07Overlay\x12?\n\x04Ping\x12\x1a.dna.v1.OverlayPingRequest\x1a\x1b.dna.v1.OverlayPingResponse\x12K\n\x08\x46indNode\x12\x1e.dna.v1.OverlayFindNodeRequest\x1a\x1f.dna.v1.OverlayFindNodeResponse\x12@\n\tFindValue\x12\x18.dna.v1.FindValueRequest\x1a\x19.dna.v1.FindValueResponse\x12\x34\n\x05Store\x12\x14.dna.v1.StoreRequest\x1a\x15.dna.v1.StoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64na/v1/overlay.proto\x12\x06\x64na.v1\x1a\x13\x64na/v1/common.proto\"\xe1\x02\n\x08\x44\x61tagram\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12#\n\x06sender\x18\x03 \x01(\x0b\x32\x13.dna.v1.NodeContact\x12\r\n\x05token\x18\x04 \x01(\x0c\x12\x0f\n\x07padding\x18\x05 \x01(\x0c\x12\x1c\n\x04ping\x18\n \x01(\x0b\x32\x0c.dna.v1.PingH\x00\x12\x1c\n\x04pong\x18\x0b \x01(\x0b\x32\x0c.dna.v1.PongH\x00\x12,\n\tfind_node\x18\x0c \x01(\x0b\x32\x17.dna.v1.FindNodeRequestH\x00\x12)\n\x05nodes\x18\r \x01(\x0b\x32\x18.dna.v1.FindNodeResponseH\x00\x12)\n\x0btoken_reply\x18\x0e \x01(\x0b\x32\x12.dna.v1.TokenReplyH\x00\x12#\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x12.dna.v1.ErrorReplyH\x00\x42\x06\n\x04kind\"\x19\n\x04Ping\x12\x11\n\tchallenge\x18\x01 \x01(\x0c\"9\n\x04Pong\x12\"\n\x08observed\x18\x01 \x01(\x0b\x32\x10.dna.v1.Endpoint\x12\r\n\x05proof\x18\x02 \x01(\x0c\"!\n\x0f\x46indNodeRequest\x12\x0e\n\x06target\x18\x01 \x01(\x0c\"7\n\x10\x46indNodeResponse\x12#\n\x06\x63loser\x18\x01 \x03(\x0b\x32\x13.dna.v1.NodeContact\"\x1b\n\nTokenReply\x12\r\n\x05token\x18\x01 \x01(\x0c\"*\n\nErrorReply\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x80\x01\n\x15OverlaySessionRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12%\n\x05store\x18\x02 \x01(\x0b\x32\x14.dna.v1.StoreRequestH\x00\x12.\n\nfind_value\x18\x03 \x01(\x0b\x32\x18.dna.v1.FindValueRequestH\x00\x42\x04\n\x02op\"L\n\x14OverlayRequestStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x03 \x01(\r\"%\n\x13OverlaySessionHello\x12\x0e\n\x06window\x18\x01 \x01(\r\"\xe4\x01\n\x16OverlaySessionResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12-\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1c.dna.v1.OverlayRequestStatusH\x00\x12&\n\x05store\x18\x03 \x01(\x0b\x32\x15.dna.v1.StoreResponseH\x00\x12/\n\nfind_value\x18\x04 \x01(\x0b\x32\x19.dna.v1.FindValueResponseH\x00\x12,\n\x05hello\x18\x05 \x01(\x0b\x32\x1b.dna.v1.OverlaySessionHelloH\x00\x42\x08\n\x06result\"9\n\x12OverlayPingRequest\x12#\n\x06sender\x18\x01 \x01(\x0b\x32\x13.dna.v1.NodeContact\"=\n\x13OverlayPingResponse\x12&\n\tresponder\x18\x01 \x01(\x0b\x32\x13.dna.v1.NodeContact\"M\n\x16OverlayFindNodeRequest\x12#\n\x06sender\x18\x01 \x01(\x0b\x32\x13.dna.v1.NodeContact\x12\x0e\n\x06target\x18\x02 \x01(\x0c\">\n\x17OverlayFindNodeResponse\x12#\n\x06\x63loser\x18\x01 \x03(\x0b\x32\x13.dna.v1.NodeContact\"f\n\x10\x46indValueRequest\x12#\n\x06sender\x18\x01 \x01(\x0b\x32\x13.dna.v1.NodeContact\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12 \n\x04kind\x18\x03 \x01(\x0e\x32\x12.dna.v1.RecordKind\"_\n\x11\x46indValueResponse\x12%\n\x07records\x18\x01 \x03(\x0b\x32\x14.dna.v1.SignedRecord\x12#\n\x06\x63loser\x18\x02 \x03(\x0b\x32\x13.dna.v1.NodeContact\"{\n\x0cStoreRequest\x12#\n\x06sender\x18\x01 \x01(\x0b\x32\x13.dna.v1.NodeContact\x12$\n\x06record\x18\x02 \x01(\x0b\x32\x14.dna.v1.SignedRecord\x12 \n\x03pow\x18\x03 \x01(\x0b\x32\x13.dna.v1.ProofOfWork\"#\n\rStoreResponse\x12\x12\n\nstored_seq\x18\x01 \x01(\x04\x32\xdd\x02\n\x07Overlay\x12?\n\x04Ping\x12\x1a.dna.v1.OverlayPingRequest\x1a\x1b.dna.v1.OverlayPingResponse\x12K\n\x08\x46indNode\x12\x1e.dna.v1.OverlayFindNodeRequest\x1a\x1f.dna.v1.OverlayFindNodeResponse\x12@\n\tFindValue\x12\x18.dna.v1.FindValueRequest\x1a\x19.dna.v1.FindValueResponse\x12\x34\n\x05Store\x12\x14.dna.v1.StoreRequest\x1a\x15.dna.v1.StoreResponse\x12L\n\x07Session\x12\x1d.dna.v1.OverlaySessionRequest\x1a\x1e.dna.v1.OverlaySessionResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,22 +47,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENREPLY']._serialized_end=614
   _globals['_ERRORREPLY']._serialized_start=616
   _globals['_ERRORREPLY']._serialized_end=658
-  _globals['_OVERLAYPINGREQUEST']._serialized_start=660
-  _globals['_OVERLAYPINGREQUEST']._serialized_end=717
-  _globals['_OVERLAYPINGRESPONSE']._serialized_start=719
-  _globals['_OVERLAYPINGRESPONSE']._serialized_end=780
-  _globals['_OVERLAYFINDNODEREQUEST']._serialized_start=782
-  _globals['_OVERLAYFINDNODEREQUEST']._serialized_end=859
-  _globals['_OVERLAYFINDNODERESPONSE']._serialized_start=861
-  _globals['_OVERLAYFINDNODERESPONSE']._serialized_end=923
-  _globals['_FINDVALUEREQUEST']._serialized_start=925
-  _globals['_FINDVALUEREQUEST']._serialized_end=1027
-  _globals['_FINDVALUERESPONSE']._serialized_start=1029
-  _globals['_FINDVALUERESPONSE']._serialized_end=1124
-  _globals['_STOREREQUEST']._serialized_start=1126
-  _globals['_STOREREQUEST']._serialized_end=1249
-  _globals['_STORERESPONSE']._serialized_start=1251
-  _globals['_STORERESPONSE']._serialized_end=1286
-  _globals['_OVERLAY']._serialized_start=1289
-  _globals['_OVERLAY']._serialized_end=1560
+  _globals['_OVERLAYSESSIONREQUEST']._serialized_start=661
+  _globals['_OVERLAYSESSIONREQUEST']._serialized_end=789
+  _globals['_OVERLAYREQUESTSTATUS']._serialized_start=791
+  _globals['_OVERLAYREQUESTSTATUS']._serialized_end=867
+  _globals['_OVERLAYSESSIONHELLO']._serialized_start=869
+  _globals['_OVERLAYSESSIONHELLO']._serialized_end=906
+  _globals['_OVERLAYSESSIONRESPONSE']._serialized_start=909
+  _globals['_OVERLAYSESSIONRESPONSE']._serialized_end=1137
+  _globals['_OVERLAYPINGREQUEST']._serialized_start=1139
+  _globals['_OVERLAYPINGREQUEST']._serialized_end=1196
+  _globals['_OVERLAYPINGRESPONSE']._serialized_start=1198
+  _globals['_OVERLAYPINGRESPONSE']._serialized_end=1259
+  _globals['_OVERLAYFINDNODEREQUEST']._serialized_start=1261
+  _globals['_OVERLAYFINDNODEREQUEST']._serialized_end=1338
+  _globals['_OVERLAYFINDNODERESPONSE']._serialized_start=1340
+  _globals['_OVERLAYFINDNODERESPONSE']._serialized_end=1402
+  _globals['_FINDVALUEREQUEST']._serialized_start=1404
+  _globals['_FINDVALUEREQUEST']._serialized_end=1506
+  _globals['_FINDVALUERESPONSE']._serialized_start=1508
+  _globals['_FINDVALUERESPONSE']._serialized_end=1603
+  _globals['_STOREREQUEST']._serialized_start=1605
+  _globals['_STOREREQUEST']._serialized_end=1728
+  _globals['_STORERESPONSE']._serialized_start=1730
+  _globals['_STORERESPONSE']._serialized_end=1765
+  _globals['_OVERLAY']._serialized_start=1768
+  _globals['_OVERLAY']._serialized_end=2117
 # @@protoc_insertion_point(module_scope)

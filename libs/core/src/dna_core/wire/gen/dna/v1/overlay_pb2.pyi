@@ -233,6 +233,124 @@ class ErrorReply(_message.Message):
 Global___ErrorReply: _TypeAlias = ErrorReply  # noqa: Y015
 
 @_typing.final
+class OverlaySessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    STORE_FIELD_NUMBER: _builtins.int
+    FIND_VALUE_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """chosen by the client; unique among its unanswered requests"""
+    @_builtins.property
+    def store(self) -> Global___StoreRequest: ...
+    @_builtins.property
+    def find_value(self) -> Global___FindValueRequest: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        store: Global___StoreRequest | None = ...,
+        find_value: Global___FindValueRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["find_value", b"find_value", "op", b"op", "store", b"store"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["find_value", b"find_value", "id", b"id", "op", b"op", "store", b"store"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["store", "find_value"]  # noqa: Y015
+    _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
+
+Global___OverlaySessionRequest: _TypeAlias = OverlaySessionRequest  # noqa: Y015
+
+@_typing.final
+class OverlayRequestStatus(_message.Message):
+    """A request's refusal: what the unary call would have answered as its status."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """a gRPC status code, never 0"""
+    reason: _builtins.str
+    retry_after_ms: _builtins.int
+    """set with a rate-limit refusal"""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        retry_after_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "reason", b"reason", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OverlayRequestStatus: _TypeAlias = OverlayRequestStatus  # noqa: Y015
+
+@_typing.final
+class OverlaySessionHello(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_FIELD_NUMBER: _builtins.int
+    window: _builtins.int
+    def __init__(
+        self,
+        *,
+        window: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OverlaySessionHello: _TypeAlias = OverlaySessionHello  # noqa: Y015
+
+@_typing.final
+class OverlaySessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    STORE_FIELD_NUMBER: _builtins.int
+    FIND_VALUE_FIELD_NUMBER: _builtins.int
+    HELLO_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """the request's"""
+    @_builtins.property
+    def error(self) -> Global___OverlayRequestStatus: ...
+    @_builtins.property
+    def store(self) -> Global___StoreResponse: ...
+    @_builtins.property
+    def find_value(self) -> Global___FindValueResponse: ...
+    @_builtins.property
+    def hello(self) -> Global___OverlaySessionHello:
+        """the first frame of a session"""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        error: Global___OverlayRequestStatus | None = ...,
+        store: Global___StoreResponse | None = ...,
+        find_value: Global___FindValueResponse | None = ...,
+        hello: Global___OverlaySessionHello | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "find_value", b"find_value", "hello", b"hello", "result", b"result", "store", b"store"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "find_value", b"find_value", "hello", b"hello", "id", b"id", "result", b"result", "store", b"store"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["error", "store", "find_value", "hello"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___OverlaySessionResponse: _TypeAlias = OverlaySessionResponse  # noqa: Y015
+
+@_typing.final
 class OverlayPingRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -55,6 +55,11 @@ class OverlayStub:
                 request_serializer=dna_dot_v1_dot_overlay__pb2.StoreRequest.SerializeToString,
                 response_deserializer=dna_dot_v1_dot_overlay__pb2.StoreResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/dna.v1.Overlay/Session',
+                request_serializer=dna_dot_v1_dot_overlay__pb2.OverlaySessionRequest.SerializeToString,
+                response_deserializer=dna_dot_v1_dot_overlay__pb2.OverlaySessionResponse.FromString,
+                _registered_method=True)
 
 
 class OverlayServicer:
@@ -84,6 +89,19 @@ class OverlayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """One long-lived session per client and node (docs/protocol.md, "Stream sessions"):
+        many stores and find-values, each with the client's ID and judged exactly as the
+        unary call of the same name (rate limit, record checks), answered in any order; a
+        refusal is that request's status and the session goes on. The node's first frame is
+        its hello with the window: at most `window` requests may be unanswered at once; a
+        client that sends more, reuses an ID still in use, sends a frame that does not
+        decode, or stops reading its responses is cut with a status saying so.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OverlayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +124,11 @@ def add_OverlayServicer_to_server(servicer, server):
                     servicer.Store,
                     request_deserializer=dna_dot_v1_dot_overlay__pb2.StoreRequest.FromString,
                     response_serializer=dna_dot_v1_dot_overlay__pb2.StoreResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=dna_dot_v1_dot_overlay__pb2.OverlaySessionRequest.FromString,
+                    response_serializer=dna_dot_v1_dot_overlay__pb2.OverlaySessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -216,6 +239,33 @@ class Overlay:
             '/dna.v1.Overlay/Store',
             dna_dot_v1_dot_overlay__pb2.StoreRequest.SerializeToString,
             dna_dot_v1_dot_overlay__pb2.StoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/dna.v1.Overlay/Session',
+            dna_dot_v1_dot_overlay__pb2.OverlaySessionRequest.SerializeToString,
+            dna_dot_v1_dot_overlay__pb2.OverlaySessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

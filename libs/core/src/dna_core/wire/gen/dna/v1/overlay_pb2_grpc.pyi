@@ -39,6 +39,15 @@ class OverlayStub:
     FindNode: _grpc.UnaryUnaryMultiCallable[_overlay_pb2.OverlayFindNodeRequest, _overlay_pb2.OverlayFindNodeResponse]
     FindValue: _grpc.UnaryUnaryMultiCallable[_overlay_pb2.FindValueRequest, _overlay_pb2.FindValueResponse]
     Store: _grpc.UnaryUnaryMultiCallable[_overlay_pb2.StoreRequest, _overlay_pb2.StoreResponse]
+    Session: _grpc.StreamStreamMultiCallable[_overlay_pb2.OverlaySessionRequest, _overlay_pb2.OverlaySessionResponse]
+    """One long-lived session per client and node (docs/protocol.md, "Stream sessions"):
+    many stores and find-values, each with the client's ID and judged exactly as the
+    unary call of the same name (rate limit, record checks), answered in any order; a
+    refusal is that request's status and the session goes on. The node's first frame is
+    its hello with the window: at most `window` requests may be unanswered at once; a
+    client that sends more, reuses an ID still in use, sends a frame that does not
+    decode, or stops reading its responses is cut with a status saying so.
+    """
 
 @_typing.type_check_only
 class OverlayAsyncStub(OverlayStub):
@@ -47,6 +56,15 @@ class OverlayAsyncStub(OverlayStub):
     FindNode: _aio.UnaryUnaryMultiCallable[_overlay_pb2.OverlayFindNodeRequest, _overlay_pb2.OverlayFindNodeResponse]  # type: ignore[assignment]
     FindValue: _aio.UnaryUnaryMultiCallable[_overlay_pb2.FindValueRequest, _overlay_pb2.FindValueResponse]  # type: ignore[assignment]
     Store: _aio.UnaryUnaryMultiCallable[_overlay_pb2.StoreRequest, _overlay_pb2.StoreResponse]  # type: ignore[assignment]
+    Session: _aio.StreamStreamMultiCallable[_overlay_pb2.OverlaySessionRequest, _overlay_pb2.OverlaySessionResponse]  # type: ignore[assignment]
+    """One long-lived session per client and node (docs/protocol.md, "Stream sessions"):
+    many stores and find-values, each with the client's ID and judged exactly as the
+    unary call of the same name (rate limit, record checks), answered in any order; a
+    refusal is that request's status and the session goes on. The node's first frame is
+    its hello with the window: at most `window` requests may be unanswered at once; a
+    client that sends more, reuses an ID still in use, sends a frame that does not
+    decode, or stops reading its responses is cut with a status saying so.
+    """
 
 class OverlayServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -76,5 +94,20 @@ class OverlayServicer(metaclass=_abc_1.ABCMeta):
         request: _overlay_pb2.StoreRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_overlay_pb2.StoreResponse, _abc.Awaitable[_overlay_pb2.StoreResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Session(
+        self,
+        request_iterator: _MaybeAsyncIterator[_overlay_pb2.OverlaySessionRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_overlay_pb2.OverlaySessionResponse], _abc.AsyncIterator[_overlay_pb2.OverlaySessionResponse]]:
+        """One long-lived session per client and node (docs/protocol.md, "Stream sessions"):
+        many stores and find-values, each with the client's ID and judged exactly as the
+        unary call of the same name (rate limit, record checks), answered in any order; a
+        refusal is that request's status and the session goes on. The node's first frame is
+        its hello with the window: at most `window` requests may be unanswered at once; a
+        client that sends more, reuses an ID still in use, sends a frame that does not
+        decode, or stops reading its responses is cut with a status saying so.
+        """
 
 def add_OverlayServicer_to_server(servicer: OverlayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,63 @@
+"""The record client's session pool, against an in-process Overlay service behind the gRPC
+gate: at most as many sessions as channels, the least recently used closed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import grpc
+from dna_core.ops.grpc_gate import GrpcGate
+from dna_core.overlay.aio.records_rpc import ChannelPool, OverlayService, RecordClient
+from dna_core.overlay.aio.server import OVERLAY_DESCRIPTOR
+from dna_core.overlay.contact import Contact, Endpoint
+from dna_core.overlay.records import RecordStore
+from prometheus_client import CollectorRegistry
+
+
+def test_the_pool_keeps_at_most_its_size_of_sessions_closing_the_least_recent() -> None:
+    async def go() -> None:
+        registry = CollectorRegistry()
+        service = OverlayService(
+            store=RecordStore(), closest=lambda key, k: [], local=_unused, registry=registry
+        )
+        server = grpc.aio.server()
+        GrpcGate(max_message=4 << 20).add(server, service, OVERLAY_DESCRIPTOR)
+        ports = [server.add_insecure_port("127.0.0.1:0") for _ in range(3)]  # 3 targets
+        await server.start()
+        nodes = [Contact(os.urandom(32), b"", (Endpoint("127.0.0.1", p, p),)) for p in ports]
+        client = RecordClient(ChannelPool(size=2), puzzle_bits=4)
+        assert client.sessions is not None
+        try:
+            first = None
+            for node in nodes:
+                assert await client.find_value(os.urandom(32), [node]) is None
+                if first is None:
+                    first = await client.sessions.get(node.endpoint.grpc_target)
+            assert len(client.sessions) == 2
+            assert client.unary_calls == 0
+            assert first is not None
+            for _ in range(50):  # its close runs in the background
+                if first.closed is not None:
+                    break
+                await asyncio.sleep(0.02)
+            assert first.closed is not None
+            for _ in range(50):
+                if registry.get_sample_value("dna_overlay_sessions_open") == 2:
+                    break
+                await asyncio.sleep(0.02)
+            assert registry.get_sample_value("dna_overlay_sessions_open") == 2
+            found = registry.get_sample_value(
+                "dna_overlay_session_requests_total", {"op": "find_value", "outcome": "ok"}
+            )
+            assert found == 3
+        finally:
+            await client.close()
+            await client.pool.close()
+            await server.stop(None)
+
+    asyncio.run(go())
+
+
+def _unused() -> Contact:
+    raise AssertionError("not asked")
