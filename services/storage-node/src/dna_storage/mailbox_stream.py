@@ -28,15 +28,15 @@ resubscription after a reconnect resume exactly where the pushes stopped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from dna_core.errors import CapacityError, MalformedError, ProtocolError
+from dna_core.rpc_session_server import ServerSession
 from dna_core.wire import mailbox_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -53,14 +53,6 @@ PUSH_LIMIT = 200  # blobs per pushed page
 SYNC_OPS = frozenset({"sync_list", "sync_pull", "sync_push"})  # between storage nodes
 # Requests or answers of up to a page (2 MiB) or a message: each holds one of PAGES_HELD.
 PAGED_OPS = frozenset({"fetch", "subscribe", "put_many"}) | SYNC_OPS
-
-
-class SessionCutError(Exception):
-    """The session breaks a rule: end it with ``code`` and ``reason`` (counted by kind)."""
-
-    def __init__(self, code: grpc.StatusCode, reason: str, kind: str) -> None:
-        super().__init__(reason)
-        self.code, self.reason, self.kind = code, reason, kind
 
 
 class SessionMetrics:
@@ -195,94 +187,30 @@ class SessionRules:
         self.window, self.stall_s = window, stall_s
 
 
-class MailboxSession:
+class MailboxSession(ServerSession):
     """One client's session: reads requests, serves them concurrently, writes responses
-    and pushes in one stream (module docstring)."""
+    and pushes in one stream (module docstring; the loop and its rules:
+    `dna_core.rpc_session_server`)."""
 
     def __init__(self, rules: SessionRules, context: Ctx) -> None:
-        self.rules, self.service, self.context = rules, rules.service, context
-        self.metrics = rules.metrics
+        super().__init__(
+            context, window=rules.window, stall_s=rules.stall_s,
+            opened=rules.metrics.open, cuts=rules.metrics.refusals,
+        )  # fmt: skip
+        self.rules, self.service, self.metrics = rules, rules.service, rules.metrics
         self.source_ip = peer_ip(context)
-        self.unanswered: set[int] = set()  # request IDs whose response is not being written
         self.subscriptions: dict[int, Subscription] = {}
-        # Responses to write, each with what to do once written. A request counts against
-        # the window until the writer takes its response: before the write, so a client
-        # that read it and sends the next request never finds the node counting it still.
-        self.out: asyncio.Queue[tuple[mailbox_pb2.SessionResponse, Callable[[], None]]] = (
-            asyncio.Queue()
-        )  # bounded by the window and the subscriptions (one page each)
         self.pages = asyncio.Semaphore(PAGES_HELD)
-        self.tasks: set[asyncio.Task[None]] = set()
         self.received = 0
-        self.closed = False
 
-    async def run(self, requests: AsyncIterator[mailbox_pb2.SessionRequest]) -> None:
-        self.metrics.open.inc()
-        hello = mailbox_pb2.SessionHello(window=self.rules.window)
-        self.out.put_nowait((mailbox_pb2.SessionResponse(hello=hello), lambda: None))
-        writer = asyncio.create_task(self._write_out())
-        reader = asyncio.create_task(self._read(requests))
-        try:
-            await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
-            if reader.done():
-                reader.result()  # raises a cut
-                await self._finish(writer)  # the client closed its side
-            else:
-                writer.result()  # raises a cut
-        except SessionCutError as cut:
-            self.metrics.refusals.labels(reason=cut.kind).inc()
-            # Free the session first: grpc sends the status only after the response a
-            # client that never reads left stuck in flow control, which may be never.
-            await self._close(reader, writer)
-            await self._abort(cut)
-        finally:
-            await self._close(reader, writer)
+    def _hello(self) -> mailbox_pb2.SessionResponse:
+        return mailbox_pb2.SessionResponse(hello=mailbox_pb2.SessionHello(window=self.window))
 
-    async def _abort(self, cut: SessionCutError) -> None:
-        try:
-            await self.context.abort(cut.code, cut.reason)
-        except grpc.aio.AbortError:
-            raise
-        except Exception:  # grpc could not send it: the call is gone, nobody to tell
-            log.debug("session cut after its call ended", extra={"reason": cut.kind})
-
-    async def _finish(self, writer: asyncio.Task[None]) -> None:
-        """The client closed its side: answer what it asked, end the subscriptions."""
+    def _ending(self) -> None:
         self._end_subscriptions()
-        while self.tasks:
-            await asyncio.wait(set(self.tasks))
-        written = asyncio.ensure_future(self.out.join())  # every answer out, then done
-        await asyncio.wait((written, writer), return_when=asyncio.FIRST_COMPLETED)
-        written.cancel()
-        if writer.done():
-            writer.result()  # a cut while answering
-        writer.cancel()
 
-    async def _close(self, *tasks: asyncio.Task[None]) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self._end_subscriptions()
-        for task in (*tasks, *self.tasks):
-            task.cancel()
-        for task in (*tasks, *self.tasks):
-            with contextlib.suppress(BaseException):
-                await task
-        while not self.out.empty():  # responses never to be written
-            self.out.get_nowait()
-        self.metrics.open.dec()
+    def _ended(self) -> None:
         self.metrics.per_session.observe(self.received)
-
-    # -- reading -----------------------------------------------------------------------
-
-    async def _read(self, requests: AsyncIterator[mailbox_pb2.SessionRequest]) -> None:
-        try:
-            async for request in requests:
-                self._take(request)
-        except MalformedError as exc:  # a frame that does not decode (the gRPC gate)
-            raise SessionCutError(
-                grpc.StatusCode.INVALID_ARGUMENT, exc.reason, "malformed"
-            ) from None
 
     def _take(self, request: mailbox_pb2.SessionRequest) -> None:
         self.received += 1
@@ -291,26 +219,8 @@ class MailboxSession:
         if op == "unsubscribe":
             self._unsubscribe(request.unsubscribe.id)
             return
-        if len(self.unanswered) >= self.rules.window:
-            raise SessionCutError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"session: more than {self.rules.window} requests unanswered (the window)",
-                "window",
-            )
-        if request.id in self.unanswered or request.id in self.subscriptions:
-            raise SessionCutError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"session: request ID {request.id} is still in use",
-                "duplicate_id",
-            )
-        self.unanswered.add(request.id)
-        self._spawn(self._serve(request))
-
-    def _spawn(self, work: Any) -> asyncio.Task[None]:
-        task = asyncio.create_task(work)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
+        self.claim(request.id, self.subscriptions)
+        self.spawn(self._serve(request))
 
     # -- serving -----------------------------------------------------------------------
 
@@ -337,9 +247,9 @@ class MailboxSession:
             if paged:
                 self.pages.release()
 
-        await self.out.put((response, written))
+        await self.out.put((response, written, request.id))
         if subscription is not None:  # its pushes only after its first page
-            subscription.pump = self._spawn(self._pump(request.id, subscription))
+            subscription.pump = self.spawn(self._pump(request.id, subscription))
 
     async def _answer(
         self, request: mailbox_pb2.SessionRequest
@@ -429,7 +339,7 @@ class MailboxSession:
                 continue
             written = asyncio.Event()
             done = functools.partial(self._page_written, written)
-            await self.out.put((mailbox_pb2.SessionResponse(id=sub_id, push=page), done))
+            await self.out.put((mailbox_pb2.SessionResponse(id=sub_id, push=page), done, None))
             self.metrics.pushes.inc(len(page.blobs))
             await written.wait()
 
@@ -449,33 +359,6 @@ class MailboxSession:
     def _end_subscriptions(self) -> None:
         for sub_id in list(self.subscriptions):
             self._unsubscribe(sub_id)
-
-    # -- writing -----------------------------------------------------------------------
-
-    async def _write_out(self) -> None:
-        while True:
-            response, written = await self.out.get()
-            if not response.HasField("push"):
-                self.unanswered.discard(response.id)
-            write = asyncio.ensure_future(self.context.write(response))
-            await asyncio.wait((write,), timeout=self.rules.stall_s)
-            if not write.done():
-                # Not cancelled: grpc fails a call whose write was cancelled under it, and
-                # the status must still follow this response out.
-                write.add_done_callback(_retrieve)
-                raise SessionCutError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"session: responses left unread for {self.rules.stall_s:g} s",
-                    "stalled",
-                )
-            write.result()
-            written()
-            self.out.task_done()
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()  # a write that ended with its call: nothing to say
 
 
 class MailboxSessionService(MailboxService):

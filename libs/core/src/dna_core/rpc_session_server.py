@@ -1,0 +1,190 @@
+"""The server side of stream sessions (docs/protocol.md, "Stream sessions"): the loop that
+the mailbox's sessions (``dna_storage.mailbox_stream``) and the overlay's record sessions
+(``dna_core.overlay.aio.records_session``) share. The client side is `dna_core.rpc_session`.
+
+A session says hello (its window) first, then reads requests and writes their responses
+on one stream. What each request means is the subclass's (``_take``); the rules every
+session keeps are here, and breaking one cuts the session with a status saying why,
+counted by reason: more than ``window`` requests unanswered (RESOURCE_EXHAUSTED), an ID
+still in use (INVALID_ARGUMENT), a frame that does not decode (the gRPC gate's
+INVALID_ARGUMENT: nothing in it is applied), or a response left unread for ``stall_s``
+(RESOURCE_EXHAUSTED). A client that closes its side gets every answer, then the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Collection
+from typing import Any
+
+import grpc
+from prometheus_client import Counter, Gauge
+
+from dna_core.errors import MalformedError
+
+log = logging.getLogger("dna.session")
+Ctx = grpc.aio.ServicerContext[Any, Any]
+# A response to write, what to do once it is written, and the request it answers (None
+# for what answers none: the hello, a push): that request stops counting against the
+# window when the writer takes it, before the write, so a client that read it and sends
+# the next request never finds the node counting it still.
+Outgoing = tuple[Any, Callable[[], None], int | None]
+
+
+def nothing() -> None:
+    """What an answer needs once written, when it needs nothing."""
+
+
+class SessionCutError(Exception):
+    """The session breaks a rule: end it with ``code`` and ``reason`` (counted by kind)."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str, kind: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason, self.kind = code, reason, kind
+
+
+class ServerSession:
+    """One client's session: ``run`` it with the request stream."""
+
+    def __init__(
+        self, context: Ctx, *, window: int, stall_s: float, opened: Gauge, cuts: Counter
+    ) -> None:
+        self.context, self.window, self.stall_s = context, window, stall_s
+        self.opened, self.cuts = opened, cuts  # sessions open; cuts by ``reason``
+        self.unanswered: set[int] = set()  # request IDs whose response is not being written
+        self.out: asyncio.Queue[Outgoing] = asyncio.Queue()  # bounded by the window
+        self.tasks: set[asyncio.Task[None]] = set()  # the subclass's work (``spawn``)
+        self.closed = False
+
+    # -- what a subclass gives ---------------------------------------------------------
+
+    def _hello(self) -> Any:
+        """The first response: the session's window."""
+        raise NotImplementedError
+
+    def _take(self, request: Any) -> None:
+        """One request read: ``claim`` its ID, then answer it (``out``) or ``spawn``."""
+        raise NotImplementedError
+
+    def _ending(self) -> None:
+        """The session is ending (the client closed its side, or it is cut)."""
+
+    def _ended(self) -> None:
+        """The session is over (count what it carried)."""
+
+    # -- the loop ----------------------------------------------------------------------
+
+    async def run(self, requests: AsyncIterator[Any]) -> None:
+        self.opened.inc()
+        self.out.put_nowait((self._hello(), nothing, None))
+        writer = asyncio.create_task(self._write_out())
+        reader = asyncio.create_task(self._read(requests))
+        try:
+            await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
+            if reader.done():
+                reader.result()  # raises a cut
+                await self._finish(writer)  # the client closed its side
+            else:
+                writer.result()  # raises a cut
+        except SessionCutError as cut:
+            self.cuts.labels(reason=cut.kind).inc()
+            # Free the session first: grpc sends the status only after the response a
+            # client that never reads left stuck in flow control, which may be never.
+            await self._close(reader, writer)
+            await self._abort(cut)
+        finally:
+            await self._close(reader, writer)
+
+    def claim(self, request_id: int, in_use: Collection[int] = ()) -> None:
+        """Count a request against the window; a cut if it is full or the ID in use."""
+        if len(self.unanswered) >= self.window:
+            raise SessionCutError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"session: more than {self.window} requests unanswered (the window)",
+                "window",
+            )
+        if request_id in self.unanswered or request_id in in_use:
+            raise SessionCutError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"session: request ID {request_id} is still in use",
+                "duplicate_id",
+            )
+        self.unanswered.add(request_id)
+
+    def spawn(self, work: Any) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def _abort(self, cut: SessionCutError) -> None:
+        try:
+            await self.context.abort(cut.code, cut.reason)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:  # grpc could not send it: the call is gone, nobody to tell
+            log.debug("session cut after its call ended", extra={"reason": cut.kind})
+
+    async def _finish(self, writer: asyncio.Task[None]) -> None:
+        """The client closed its side: answer what it asked, then end."""
+        self._ending()
+        while self.tasks:
+            await asyncio.wait(set(self.tasks))
+        written = asyncio.ensure_future(self.out.join())  # every answer out, then done
+        await asyncio.wait((written, writer), return_when=asyncio.FIRST_COMPLETED)
+        written.cancel()
+        if writer.done():
+            writer.result()  # a cut while answering
+        writer.cancel()
+
+    async def _close(self, *tasks: asyncio.Task[None]) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._ending()
+        for task in (*tasks, *self.tasks):
+            task.cancel()
+        for task in (*tasks, *self.tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        while not self.out.empty():  # responses never to be written
+            self.out.get_nowait()
+        self.opened.dec()
+        self._ended()
+
+    async def _read(self, requests: AsyncIterator[Any]) -> None:
+        try:
+            async for request in requests:
+                self._take(request)
+                await asyncio.sleep(0)  # let the writer and other calls run between requests
+        except MalformedError as exc:  # a frame that does not decode (the gRPC gate)
+            raise SessionCutError(
+                grpc.StatusCode.INVALID_ARGUMENT, exc.reason, "malformed"
+            ) from None
+
+    async def _write_out(self) -> None:
+        while True:
+            response, written, request_id = await self.out.get()
+            if request_id is not None:
+                self.unanswered.discard(request_id)
+            write = asyncio.ensure_future(self.context.write(response))
+            await asyncio.wait((write,), timeout=self.stall_s)
+            if not write.done():
+                # Not cancelled: grpc fails a call whose write was cancelled under it, and
+                # the status must still follow this response out.
+                write.add_done_callback(_retrieve)
+                raise SessionCutError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"session: responses left unread for {self.stall_s:g} s",
+                    "stalled",
+                )
+            write.result()
+            written()
+            self.out.task_done()
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # a write that ended with its call: nothing to say
