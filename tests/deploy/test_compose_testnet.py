@@ -191,6 +191,26 @@ def test_alice_and_bob_greet_each_other_through_their_nats(testnet: Compose) -> 
         assert message["from"]["name"] == peer.contact and not message["outgoing"]
 
 
+def _online(compose: Compose, who: str, contact: str) -> bool:
+    listed = json.loads(compose.exec(who, "dna", "--json", "contacts", "list", timeout=120))
+    return any(c["name"] == contact and c["online"] for c in listed)
+
+
+def test_alice_reaches_bob_directly_through_their_nats(testnet: Compose) -> None:
+    """bob watches (online: presence, candidates sealed to alice); alice behind a
+    port-preserving NAT, bob behind a symmetric one: ICE pairs them through the relay."""
+    deadline = time.monotonic() + 90
+    while not _online(testnet, "alice", "bob"):
+        assert time.monotonic() < deadline, "alice never saw bob online"
+        time.sleep(3)
+    text = f"direct {uuid.uuid4().hex}"
+    sent = _send(testnet, "alice", "bob", text)
+    assert sent["path"] == "direct", sent
+    assert "relay" in sent["route"], sent  # a symmetric NAT on one side: a relayed pair
+    got = _wait_received(testnet, "bob", {text})
+    assert got[text]["message_id"] == sent["message_id"]
+
+
 ECHO = """
 import socket, select
 socks = []

@@ -20,10 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dna_peer.network import STUN_ENV, TURN_ENV, TURN_PASSWORD_ENV, TURN_USER_ENV
+
 from dna_testnet.topology import (
     HTTP_PORT,
     STUN_PORT,
     TESTNET_ADMISSION,
+    TESTNET_TURN_PASSWORD,
+    TESTNET_TURN_USER,
     UDP_PORT,
     NodePaths,
     NodeSpec,
@@ -341,12 +345,23 @@ def _peer_services(topology: Topology, peer: PeerSpec) -> dict[str, Any]:
         "environment": {
             "DNA_PASSPHRASE": f"testnet-{peer.name}",  # a testnet identity, nothing to guard
             "DNA_BOOTSTRAP": ",".join(seeds(topology)),
-        },
+        }
+        | _ice_environment(topology),
         "volumes": [f"{peer.name}-home:/var/lib/dna"],
         "healthcheck": PEER_HEALTHCHECK,
         "depends_on": {names.netns: ready} | {n.name: ready for n in topology.storage},
     }
     return {names.router: router, names.netns: netns, peer.name: person}
+
+
+def _ice_environment(topology: Topology) -> dict[str, str]:
+    """The direct path's servers for a peer: the first relay as STUN and TURN server, so
+    peers behind the NAT routers connect directly (a symmetric NAT through the relay)."""
+    if not topology.relays:
+        return {}
+    relay = f"{relay_address(topology, topology.relays[0].name)}:{STUN_PORT}"
+    return {STUN_ENV: relay, TURN_ENV: relay, TURN_USER_ENV: TESTNET_TURN_USER,
+            TURN_PASSWORD_ENV: TESTNET_TURN_PASSWORD}  # fmt: skip
 
 
 def _prometheus_service() -> dict[str, Any]:
