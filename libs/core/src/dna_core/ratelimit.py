@@ -37,6 +37,11 @@ class RateLimited(CapacityError):  # noqa: N818 (names a status, like the gRPC c
         super().__init__(reason)
         self.retry_after_s = retry_after_s
 
+    @property
+    def retry_after_ms(self) -> int:
+        """The retry-after in whole milliseconds, rounded up: a retry then passes."""
+        return max(1, math.ceil(self.retry_after_s * 1000))
+
 
 class TokenBucket:
     """A token bucket: holds up to ``burst`` tokens, refilled at ``rate`` tokens per second.

@@ -122,10 +122,6 @@ def _not_stored(outcome: PutOutcome) -> ProtocolError | None:
     return None
 
 
-def _retry_after_ms(exc: RateLimited) -> int:
-    return max(1, round(exc.retry_after_s * 1000))
-
-
 def encode_cursor(seq: int, incarnation: bytes) -> bytes:
     return incarnation + seq.to_bytes(8, "big")
 
@@ -295,7 +291,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
             code=getattr(grpc.StatusCode, exc.grpc_code).value[0],
             reason=exc.reason,
             pow_required=exc.required_bits if isinstance(exc, PowRequired) else 0,
-            retry_after_ms=_retry_after_ms(exc) if isinstance(exc, RateLimited) else 0,
+            retry_after_ms=exc.retry_after_ms if isinstance(exc, RateLimited) else 0,
             deleted=exc.kind == "deleted",
         )
 
@@ -497,7 +493,7 @@ def trailing_metadata(exc: ProtocolError) -> tuple[tuple[str, str], ...]:
     """What a client needs to retry a refusal: ``retry-after-ms``, ``dna-pow-required``."""
     metadata: list[tuple[str, str]] = []
     if isinstance(exc, RateLimited):
-        metadata.append(("retry-after-ms", str(_retry_after_ms(exc))))
+        metadata.append(("retry-after-ms", str(exc.retry_after_ms)))
     if isinstance(exc, PowRequired):
         metadata.append(("dna-pow-required", str(exc.required_bits)))
     return tuple(metadata)
@@ -509,5 +505,5 @@ def request_status(exc: ProtocolError) -> mailbox_pb2.RequestStatus:
         code=status_of(exc)[0].value[0],
         reason=exc.reason,
         pow_required=exc.required_bits if isinstance(exc, PowRequired) else 0,
-        retry_after_ms=_retry_after_ms(exc) if isinstance(exc, RateLimited) else 0,
+        retry_after_ms=exc.retry_after_ms if isinstance(exc, RateLimited) else 0,
     )

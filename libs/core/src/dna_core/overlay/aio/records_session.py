@@ -71,9 +71,7 @@ class RecordSessionMetrics:
 
 def request_status(exc: ProtocolError) -> overlay_pb2.OverlayRequestStatus:
     """A refusal inside a session: what the unary call answers as its status."""
-    retry_ms = 0
-    if isinstance(exc, RateLimited):
-        retry_ms = max(1, int(exc.retry_after_s * 1000 + 0.999))
+    retry_ms = exc.retry_after_ms if isinstance(exc, RateLimited) else 0
     code: grpc.StatusCode = getattr(grpc.StatusCode, exc.grpc_code)
     return overlay_pb2.OverlayRequestStatus(
         code=code.value[0], reason=exc.reason, retry_after_ms=retry_ms
