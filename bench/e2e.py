@@ -14,8 +14,11 @@ What runs (issue 5, "Benchmark"; conventions: shared design/BENCH.md), all in on
   measure the throttle, not the system. ``--shipped-admission`` keeps the shipped limits.
 * **The recipient** (:mod:`bench.e2e_recipient`) is a separate process, so its CPU is not
   the senders' event loop's time but still shares the machine's cores: a ``dna_peer``
-  ``Peer`` calling ``sync()`` in a loop (back to back by default, ``--poll-interval``).
-  A message counts as delivered when the cache transaction that stored it has committed.
+  ``Peer`` running ``watch()``, subscribed to its mailbox on the replicas, which push each
+  blob as they store it (issue 15: "with the recipient subscribed"); ``--poll-interval S``
+  makes it call ``sync()`` in a loop instead, S seconds apart (0: back to back), as it
+  received before push delivery. A message counts as delivered when the cache transaction
+  that stored it has committed (before its delivery receipt and delete).
 * **The senders** are ``--senders`` (10) ``Peer`` objects in this process (``Profile`` +
   ``open_peer``, as the CLI opens one), each with its own client overlay node, all sending
   to the recipient: ``Peer.send`` seals (sender keys included, so the envelope is ~7.9 kB),
@@ -37,7 +40,7 @@ which every process of the machine shares):
   relay and both ends are relay-only, so on loopback (where aioice gathers no host
   candidate) the ICE pair is relay->relay through that TURN server: a relayed path, one
   hop more than a direct one. The channel is set up (presence lookup, ICE, handshake)
-  before the warm-up; the recipient does not poll its mailbox during this phase, and a
+  before the warm-up; a polling recipient does not poll its mailbox during this phase, and a
   message that fell back to store-and-forward is counted as a failure, not a latency.
   Its line lists the same round's ``e2e.rt`` (store-and-forward) figure beside OpenDHT's.
 
@@ -53,7 +56,8 @@ public key (the callback gets it decrypted and verified); ``opendht`` is the uns
 in flight (``c10``); ``send.*`` latencies are compared with the put's acknowledgement.
 
 Our network and OpenDHT take turns every round, in an order that reverses from round to
-round; the recipient stops polling during OpenDHT's turns. A figure is the median round.
+round; a polling recipient stops polling during OpenDHT's turns. A figure is the median
+round.
 ``ratio`` is ours / OpenDHT for throughputs, OpenDHT / ours for latencies (above 1.0: we
 are ahead). ``e2e.{seq,c10}.cpu`` lines give the CPU ms per delivered message summed over
 every process (ours: the senders' process, the recipient and the 9 node processes;
@@ -175,7 +179,7 @@ class RecipientProcess:
     """``bench.e2e_recipient`` in a subprocess: when each message reached its cache."""
 
     def __init__(
-        self, root: Path, seeds: Sequence[tuple[str, int]], count: int, poll_s: float,
+        self, root: Path, seeds: Sequence[tuple[str, int]], count: int, poll_s: float | None,
         turn: tuple[str, int],
     ) -> None:  # fmt: skip
         self.root, self.seeds, self.count, self.poll_s = root, seeds, count, poll_s
@@ -199,7 +203,7 @@ class RecipientProcess:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "bench.e2e_recipient", "--root", str(self.root),
                 "--seeds", ",".join(f"{h}:{p}" for h, p in self.seeds),
-                "--recipients", str(self.count), "--poll-interval", str(self.poll_s),
+                "--recipients", str(self.count), *self._receiving(),
                 "--turn", f"{self.turn[0]}:{self.turn[1]}", "--turn-user", TESTNET_TURN_USER,
                 "--turn-password", TESTNET_TURN_PASSWORD,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
@@ -211,6 +215,10 @@ class RecipientProcess:
             raise RuntimeError(f"recipient process: {ready}")
         self.fingerprints = list(ready["ready"]["fingerprints"])
         self.setup_s = float(ready["ready"]["setup_s"])
+
+    def _receiving(self) -> list[str]:
+        """Push (the recipient subscribed), or polling every ``poll_s``."""
+        return [] if self.poll_s is None else ["--poll", "--poll-interval", str(self.poll_s)]
 
     async def _read_lines(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -535,11 +543,15 @@ class Config:
     recipients: int
     rounds: int
     warmup: int
-    poll_interval: float
+    poll_interval: float | None  # None: the recipient is subscribed (push)
     shipped_admission: bool
     budget_s: float
     profile: Path | None
     quick: bool
+
+    @property
+    def receiving(self) -> str:
+        return "push" if self.poll_interval is None else f"poll every {self.poll_interval} s"
 
     @property
     def concurrent(self) -> str:
@@ -710,7 +722,7 @@ def report(run: Run, envelope: int) -> list[dict[str, Any]]:
     params: dict[str, Any] = {
         "nodes": NODES, "storage_nodes": 6, "replicas": REPLICAS, "write_quorum": WRITE_QUORUM,
         "pow_bits": POW_BITS, "envelope_bytes": envelope, "opendht_value_bytes": envelope,
-        "recipients": cfg.recipients, "poll_interval_s": cfg.poll_interval,
+        "recipients": cfg.recipients, "receiving": cfg.receiving,
         "admission": "shipped" if cfg.shipped_admission else "rate limits off",
     }  # fmt: skip
     figures = (  # (bench name, our key, OpenDHT key, messages per round, senders, what)
@@ -835,7 +847,7 @@ async def run_in(root: Path, cfg: Config) -> int:
             "rt_messages": cfg.rt_messages, "rounds": cfg.rounds, "warmup": cfg.warmup,
             "envelope_bytes": envelope, "testnet_ready_s": round(ready_s, 2),
             "admission": "shipped" if cfg.shipped_admission else ADMISSION,
-            "poll_interval_s": cfg.poll_interval,
+            "receiving": cfg.receiving,
             "recipient_setup_s": recipient.setup_s, "baselines": setup, "floor": floor_parts,
             "ready_s": round(time.perf_counter() - t0, 2), "direct": first_direct,
             "relay": f"{turn[0]}:{turn[1]}", "relay_pid": relay_pid,
@@ -898,8 +910,9 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument(
         "--poll-interval",
         type=float,
-        default=0.0,
-        help="s between the recipient's syncs (default 0: back to back)",
+        default=None,
+        help="the recipient polls, S s between syncs (0: back to back), instead of being "
+        "subscribed (push, the default)",
     )
     parser.add_argument(
         "--shipped-admission",

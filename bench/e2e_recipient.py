@@ -1,7 +1,7 @@
-"""Recipient process for ``bench.e2e``: peers that sync their mailbox in a loop.
+"""Recipient process for ``bench.e2e``: peers that receive their mailbox in a loop.
 
 ``python -m bench.e2e_recipient --root DIR --seeds IP:PORT,... [--recipients 1]
-[--poll-interval 0] [--turn IP:PORT --turn-user U --turn-password P]``
+[--poll [--poll-interval 0]] [--turn IP:PORT --turn-user U --turn-password P]``
 
 It runs apart from the sending benchmark so that, as on a real network, the recipient's
 CPU (fetching, opening envelopes, the cache, delivery receipts, signed deletes) is not
@@ -9,8 +9,11 @@ the senders' event loop's time, while the machine's cores are still shared by ev
 
 Each recipient is a ``dna_peer`` device: a new identity under ``DIR/recipient<i>``,
 opened with ``open_peer`` and published (identity record, no name claim). Then every
-recipient calls ``Peer.sync()`` in a loop, ``--poll-interval`` seconds apart (default 0:
-back to back, the closest a polling client gets to a push).
+recipient runs ``Peer.watch()``, as ``dna watch`` does: one sync, then a subscription to
+its mailbox on the replicas, which push each blob as they store it (issue 15's "recipient
+subscribed"). With ``--poll`` it calls ``Peer.sync()`` in a loop instead,
+``--poll-interval`` seconds apart (default 0: back to back), the way it received before
+push delivery.
 
 Lines on stdout are JSON objects:
 
@@ -20,8 +23,9 @@ Lines on stdout are JSON objects:
   (from ``sync``'s progress callback), ``reported_ns`` when ``sync`` returned it (after
   its receipts and deletes), both ``time.monotonic_ns()`` (CLOCK_MONOTONIC, the same clock
   in every process of the machine);
-* one reply per command read on stdin: ``pause`` (no new syncs; replies once the running
-  ones are done), ``resume``, ``stats``, ``stop`` (closes the peers, then exits),
+* one reply per command read on stdin: ``pause`` (polling: no new syncs, replies once the
+  running ones are done; push costs nothing while nobody sends), ``resume``, ``stats``,
+  ``stop`` (closes the peers, then exits),
   ``direct FINGERPRINT`` (the first recipient pins that sender and goes online for the
   direct path through the ``--turn`` relay, relay-only: it publishes a presence record
   sealed to the sender and takes messages over ICE; each one arriving that way is a
@@ -54,6 +58,7 @@ from bench.harness import cpu_s, emit
 
 PASSPHRASE = "bench passphrase"
 ERROR_BACKOFF_S = 0.2
+WATCH_WAIT_S = 1.0  # a push round waits this long for blobs before its housekeeping
 
 
 @dataclass
@@ -81,53 +86,77 @@ async def new_recipient(root: Path, index: int, seeds: list[tuple[str, int]]) ->
     return peer
 
 
-async def timed_sync(peer: Peer) -> list[list[Any]]:
-    """One sync; each new message with when it was in the cache and when sync returned."""
-    before = peer.cache.message_count()
-    progress: list[tuple[int, int]] = []  # (ns, messages held) after each handled blob
+class DeliveryClock:
+    """When each new message of a peer reached its cache: the peer's progress callback
+    notes the time and the messages held after each handled blob; a round's report then
+    maps its k-th new message to the first blob after which the cache held k + 1 more."""
 
-    def on_blob(_done: int, _total: int) -> None:
-        progress.append((time.monotonic_ns(), peer.cache.message_count()))
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+        self.held = peer.cache.message_count()
+        self.progress: list[tuple[int, int]] = []  # (ns, messages held)
 
-    report = await peer.sync(on_blob)
-    returned = time.monotonic_ns()
-    got = []
-    for k, msg in enumerate(report.new_messages):
-        # The k-th new message was committed by the first blob after which the cache
-        # held k + 1 more messages than before the sync.
-        cached = next((ns for ns, held in progress if held - before > k), returned)
-        got.append([msg.message_id.hex(), cached, returned])
-    return got
+    def on_blob(self, _done: int, _total: int) -> None:
+        self.progress.append((time.monotonic_ns(), self.peer.cache.message_count()))
+
+    def got(self, report: SyncReport) -> list[list[Any]]:
+        """The round's new messages with when each was cached and when the round ended."""
+        returned = time.monotonic_ns()
+        got = []
+        for k, msg in enumerate(report.new_messages):
+            cached = next((ns for ns, held in self.progress if held - self.held > k), returned)
+            got.append([msg.message_id.hex(), cached, returned])
+        self.held = self.peer.cache.message_count()
+        self.progress.clear()
+        return got
 
 
-class Poller:
-    """Every recipient syncing in a loop, with pause/resume for the baselines' turns."""
+class Receiver:
+    """Every recipient receiving: pushed by its replicas (``Peer.watch``) or syncing in a
+    loop (``poll_s`` not None); pause/resume for the baselines' turns."""
 
-    def __init__(self, peers: list[Peer], interval_s: float) -> None:
-        self.peers, self.interval_s = peers, interval_s
+    def __init__(self, peers: list[Peer], poll_s: float | None) -> None:
+        self.peers, self.poll_s = peers, poll_s
         self.stats = Stats()
         self.running = asyncio.Event()
         self.running.set()
         self.active = 0
         self.idle = asyncio.Condition()
-        self.tasks = [asyncio.create_task(self.poll(p)) for p in peers]
+        receive = self.watch if poll_s is None else self.poll
+        self.tasks = [asyncio.create_task(receive(p)) for p in peers]
+
+    def report(self, clock: DeliveryClock, report: SyncReport) -> None:
+        got = clock.got(report)
+        if got:
+            self.stats.messages += len(got)
+            emit({"got": got})
+
+    async def watch(self, peer: Peer) -> None:
+        clock = DeliveryClock(peer)
+
+        def on_report(report: SyncReport) -> None:
+            self.stats.syncs += 1
+            self.report(clock, report)
+
+        await peer.watch(on_report, interval=WATCH_WAIT_S, progress=clock.on_blob)
 
     async def poll(self, peer: Peer) -> None:
+        clock = DeliveryClock(peer)
         while True:
             await self.running.wait()
             self.active += 1
             try:
-                await self.sync_once(peer)
+                await self.sync_once(peer, clock)
             finally:
                 self.active -= 1
                 async with self.idle:
                     self.idle.notify_all()
-            await asyncio.sleep(self.interval_s)
+            await asyncio.sleep(self.poll_s or 0.0)
 
-    async def sync_once(self, peer: Peer) -> None:
+    async def sync_once(self, peer: Peer, clock: DeliveryClock) -> None:
         t0 = time.perf_counter()
         try:
-            got = await timed_sync(peer)
+            report = await peer.sync(clock.on_blob)
         except Exception as exc:  # a sync that failed is retried; count it, keep going
             self.stats.sync_errors += 1
             logging.getLogger("bench.e2e_recipient").warning("sync failed: %r", exc)
@@ -135,12 +164,10 @@ class Poller:
             return
         self.stats.syncs += 1
         self.stats.sync_s += time.perf_counter() - t0
-        if got:
-            self.stats.messages += len(got)
-            emit({"got": got})
+        self.report(clock, report)
 
     async def pause(self) -> None:
-        self.running.clear()
+        self.running.clear()  # a watch goes on: with nobody sending it only waits
         async with self.idle:
             await self.idle.wait_for(lambda: self.active == 0)
 
@@ -172,7 +199,7 @@ async def stdin_reader() -> asyncio.StreamReader:
     return reader
 
 
-async def serve(poller: Poller, ice: IceConfig | None) -> None:
+async def serve(receiver: Receiver, ice: IceConfig | None) -> None:
     """Answer commands until ``stop``, end of stdin or SIGTERM."""
     reader = await stdin_reader()
     stop = asyncio.Event()
@@ -189,14 +216,14 @@ async def serve(poller: Poller, ice: IceConfig | None) -> None:
         if command in ("", "stop"):
             break
         if command == "pause":
-            await poller.pause()
+            await receiver.pause()
         elif command.startswith("direct ") and ice is not None:
-            await poller.go_direct(command.split()[1], ice)
+            await receiver.go_direct(command.split()[1], ice)
             command = "direct"
         elif command == "resume":
-            poller.running.set()
-        emit({command: poller.stats.to_json()})
-    await poller.stop()
+            receiver.running.set()
+        emit({command: receiver.stats.to_json()})
+    await receiver.stop()
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -209,9 +236,9 @@ async def run(args: argparse.Namespace) -> None:
     try:
         emit({"ready": {"fingerprints": [p.fingerprint.hex() for p in peers],
                         "setup_s": round(time.perf_counter() - t0, 3)}})  # fmt: skip
-        poller = Poller(peers, args.poll_interval)
-        await serve(poller, ice_config(args))
-        emit({"stop": poller.stats.to_json()})
+        receiver = Receiver(peers, args.poll_interval if args.poll else None)
+        await serve(receiver, ice_config(args))
+        emit({"stop": receiver.stats.to_json()})
     finally:
         for peer in peers:
             with contextlib.suppress(Exception):
@@ -230,6 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--root", required=True, help="directory for the recipients' profiles")
     parser.add_argument("--seeds", required=True, help="bootstrap nodes, IP:PORT,...")
     parser.add_argument("--recipients", type=int, default=1, help="recipient identities")
+    parser.add_argument(
+        "--poll", action="store_true", help="sync in a loop instead of subscribing (push)"
+    )
     parser.add_argument(
         "--poll-interval", type=float, default=0.0, help="s between one's syncs (0: back to back)"
     )

@@ -592,8 +592,10 @@ class Peer:
         the subscription received instead (its cursors are where it got to)."""
         if pushed is not None:
             blobs = pushed.take()
-            for stored in blobs:
+            for i, stored in enumerate(blobs, 1):
                 await inbox.handle_blob(stored.blob_id, stored.blob)
+                if progress:
+                    progress(i, len(blobs))
             save(FetchState(cursors=state.cursors | pushed.cursors))
             return
         done = 0
@@ -652,8 +654,11 @@ class Peer:
         on_report: Callable[[SyncReport], None],
         interval: float = 1.0,
         on_network: Callable[[str], None] | None = None,
+        progress: Progress | None = None,
     ) -> None:
-        """Receive forever (until cancelled), reporting each round that brought something.
+        """Receive forever (until cancelled), reporting each round that brought something
+        (``progress`` hears each blob as it is handled, before the round's receipts and
+        deletes).
 
         After a sync (which catches up from the saved cursors) the device subscribes to its
         mailbox on the replicas: they push new blobs as they store them, and a round
@@ -674,12 +679,12 @@ class Peer:
             while True:
                 try:
                     if pushed is None or time.monotonic() - synced_at >= WATCH_FULL_SYNC_S:
-                        report = await self.sync()
+                        report = await self.sync(progress)
                         synced_at = time.monotonic()
                         pushed = await self.subscribe(pushed)
                     else:
                         identity = self.identity
-                        report = await self.receive_pushed(pushed, interval)
+                        report = await self.receive_pushed(pushed, interval, progress)
                         if self.identity is not identity:  # rotated: subscribe anew
                             await _unsubscribe(pushed)
                             pushed = None
@@ -715,7 +720,9 @@ class Peer:
             log.info("no subscription, polling: %s", exc)
             return None
 
-    async def receive_pushed(self, pushed: Subscription, wait_s: float) -> SyncReport:
+    async def receive_pushed(
+        self, pushed: Subscription, wait_s: float, progress: Progress | None = None
+    ) -> SyncReport:
         """One round of push: wait up to ``wait_s`` for blobs, resubscribe the replicas
         that dropped, and handle what arrived as a sync would (acknowledge, receipt,
         clean up). `UnreachableError` when no replica's subscription is live."""
@@ -726,10 +733,10 @@ class Peer:
         ):
             raise UnreachableError("no replica of the mailbox takes the subscription")
         await self.daily_upkeep()
-        report = await self._sync_own(None, pushed)
+        report = await self._sync_own(progress, pushed)
         if report.rotated_to is not None:  # the next round syncs and subscribes anew
             self._adopt(report.rotated_to)
-            _merge(report, await self._sync_own(None))
+            _merge(report, await self._sync_own(progress))
         return report
 
     async def reconnect(self) -> bool:
