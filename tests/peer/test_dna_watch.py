@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -65,14 +66,23 @@ def test_watch_rides_out_a_network_restart(tmp_path: Path) -> None:
         net.down()
 
 
-def fetches(net: Testnet) -> float:
-    """Fetches the storage nodes served or refused, unary or on a session."""
+def requests(net: Testnet, method: str, outcomes: tuple[str, ...] = ("ok", "refused")) -> float:
+    """Requests of ``method`` the storage nodes served or refused, unary or on a session."""
     return sum(
-        sample_value(scrape(node), "dna_storage_requests_total", method="fetch", outcome=outcome)
+        sample_value(scrape(node), "dna_storage_requests_total", method=method, outcome=outcome)
         for node in net.nodes
         if node.role == "storage"
-        for outcome in ("ok", "refused")
+        for outcome in outcomes
     )
+
+
+def eventually(check: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def test_watch_receives_pushed_messages_without_fetching(tmp_path: Path) -> None:
@@ -97,10 +107,12 @@ def test_watch_receives_pushed_messages_without_fetching(tmp_path: Path) -> None
         dna(bob, net, "send", f"alice{suffix}", "first")
         wait_for(out, "first", 20, seen)
         time.sleep(1.0)  # the watch is subscribed by now (it subscribes after its sync)
-        before = fetches(net)
+        before, deletes = requests(net, "fetch"), requests(net, "delete", ("ok",))
         dna(bob, net, "send", f"alice{suffix}", "pushed")
         assert json.loads(wait_for(out, "pushed", 20, seen))["text"] == "pushed"
-        assert fetches(net) == before  # bob's send fetches nothing; alice's watch neither
+        assert requests(net, "fetch") == before  # bob's send fetches nothing; the watch neither
+        # The round's settling, in the background, deletes the pushed blob from the replicas.
+        assert eventually(lambda: requests(net, "delete", ("ok",)) > deletes, 15)
     finally:
         if watcher is not None:
             watcher.send_signal(signal.SIGINT)

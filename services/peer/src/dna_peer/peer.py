@@ -13,10 +13,11 @@ storage nodes with a signed delete once every known device acknowledged it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,7 @@ BLOB_MEMORY_MS = 32 * DAY_MS  # a deleted blob cannot come back after its TTL (3
 RECOVERY_WAIT_MS = 7 * DAY_MS  # a device silent this long after a history request is gone
 WATCH_BACKOFF_S = 5.0
 WATCH_FULL_SYNC_S = 300.0  # a watch with live subscriptions still syncs (fetches) this often
+SETTLE_GRACE_S = 5.0  # a watch that stops first finishes settling what it received
 DELETE_RETRY_S = 60.0  # after nodes refused a delete: `watch` does not ask every second
 SEND_ATTEMPTS = 4  # over about 3.5 s: rides out a replica restarting
 NAME_MOVE = "name-move"  # cache state: the old keys' signature handing the name over
@@ -460,19 +462,34 @@ class Peer:
     async def _sync_own(
         self, progress: Progress | None, pushed: Subscription | None = None
     ) -> SyncReport:
+        """Handle the own mailbox's new blobs, then settle what that owes."""
+        report = await self._receive_own(progress, pushed)
+        await self._settle(report)
+        return report
+
+    async def _receive_own(
+        self, progress: Progress | None, pushed: Subscription | None = None
+    ) -> SyncReport:
         """Handle the own mailbox's new blobs: fetched from the saved cursors, or (with
-        ``pushed``) those its replicas pushed since the last round, with no fetch."""
+        ``pushed``) those its replicas pushed since the last round, with no fetch. The
+        blobs handled are acknowledged for this device at once (what lets `_clean_up`
+        delete them), so a round whose settling never ran leaks nothing."""
         inbox = self._inbox()
         start = FetchState(cursors=self.cache.cursors())
         save = lambda state: self.cache.save_cursors(state.cursors)  # noqa: E731
         await self._read_mailbox(inbox, start, save, progress, pushed)
-        report = inbox.report
+        if inbox.report.held:
+            self.cache.add_acks(self.device.device_id, inbox.report.held, None)
+        return inbox.report
+
+    async def _settle(self, report: SyncReport) -> None:
+        """What handled blobs owe: delivery receipts, the history another device asked
+        for, acknowledgements to the other devices, and deletes."""
         await self._send_receipts(report.receipts_due)
         if report.history_wanted:
             await self.send_history()
-        await self._acknowledge(report.held)
+        await self._post_acks(report.held)
         report.deleted, report.cleanup_error = await self._clean_up()
-        return report
 
     def _inbox(self, identity: Identity | None = None) -> Inbox:
         """An inbox for the own mailbox, or for ``identity``'s (one this identity rotated
@@ -610,11 +627,10 @@ class Peer:
             if not state.more:
                 return
 
-    async def _acknowledge(self, blob_ids: list[bytes]) -> None:
-        if not blob_ids:
-            return
-        self.cache.add_acks(self.device.device_id, blob_ids, None)
-        if self._has_other_devices():
+    async def _post_acks(self, blob_ids: list[bytes]) -> None:
+        """Tell the other devices which blobs this one holds (it noted them itself when it
+        handled them)."""
+        if blob_ids and self._has_other_devices():
             for batch in _batches(blob_ids, ACK_BATCH_IDS):
                 ack = envelope_pb2.DeviceAck(device_id=self.device.device_id, blob_ids=batch)
                 await self.post_to_devices(envelope_pb2.Payload(ack=ack))
@@ -668,6 +684,10 @@ class Peer:
         to syncing every ``interval``, and a full sync runs every ``WATCH_FULL_SYNC_S``
         regardless (it also drains a mailbox rotated away from).
 
+        What pushed blobs owe (receipts, acknowledgements, deletes: puts and signed calls
+        of their own) is settled in the background, one settling at a time, so the next
+        pushed message is handled at once instead of waiting behind them.
+
         A failed sync means the network (or the way to it) is down: ``on_network`` hears
         it once when it goes and once when it comes back, and meanwhile the overlay is
         rejoined through the seeds before each retry, since an outage longer than a few
@@ -675,6 +695,7 @@ class Peer:
         down_since: float | None = None
         pushed: Subscription | None = None
         synced_at = 0.0
+        settler = _Settler(self._settle)
         try:
             while True:
                 try:
@@ -684,7 +705,9 @@ class Peer:
                         pushed = await self.subscribe(pushed)
                     else:
                         identity = self.identity
-                        report = await self.receive_pushed(pushed, interval, progress)
+                        report = await self.receive_pushed(
+                            pushed, interval, progress, settle=settler.add
+                        )
                         if self.identity is not identity:  # rotated: subscribe anew
                             await _unsubscribe(pushed)
                             pushed = None
@@ -707,6 +730,7 @@ class Peer:
                 if pushed is None:
                     await asyncio.sleep(interval)
         finally:
+            await settler.close()
             await _unsubscribe(pushed)
 
     async def subscribe(self, old: Subscription | None = None) -> Subscription | None:
@@ -721,11 +745,17 @@ class Peer:
             return None
 
     async def receive_pushed(
-        self, pushed: Subscription, wait_s: float, progress: Progress | None = None
+        self,
+        pushed: Subscription,
+        wait_s: float,
+        progress: Progress | None = None,
+        *,
+        settle: Callable[[SyncReport], None] | None = None,
     ) -> SyncReport:
         """One round of push: wait up to ``wait_s`` for blobs, resubscribe the replicas
         that dropped, and handle what arrived as a sync would (acknowledge, receipt,
-        clean up). `UnreachableError` when no replica's subscription is live."""
+        clean up; with ``settle``, that is handed to it instead of done here).
+        `UnreachableError` when no replica's subscription is live."""
         identity = self.identity
         await pushed.wait(wait_s)
         if pushed.dropped() and len(await self.mail.resubscribe(identity, pushed)) == len(
@@ -733,7 +763,11 @@ class Peer:
         ):
             raise UnreachableError("no replica of the mailbox takes the subscription")
         await self.daily_upkeep()
-        report = await self._sync_own(progress, pushed)
+        if settle is None:
+            report = await self._sync_own(progress, pushed)
+        else:
+            report = await self._receive_own(progress, pushed)
+            settle(report)
         if report.rotated_to is not None:  # the next round syncs and subscribes anew
             self._adopt(report.rotated_to)
             _merge(report, await self._sync_own(progress))
@@ -773,6 +807,47 @@ class Peer:
 class _Sent:
     envelope: bytes
     stored_on: int
+
+
+class _Settler:
+    """Settles handled rounds in the background, one settling at a time; rounds handed
+    over meanwhile are settled together (their receipts, acknowledgements and one
+    clean-up). A failure is logged: receipts are best effort, and what was not deleted
+    is deleted by a later clean-up (the acknowledgements are already in the cache)."""
+
+    def __init__(self, settle: Callable[[SyncReport], Awaitable[None]]) -> None:
+        self._settle = settle
+        self._due: SyncReport | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, report: SyncReport) -> None:
+        if not (report.held or report.receipts_due or report.history_wanted):
+            return
+        due = self._due = self._due or SyncReport()
+        due.held += report.held
+        due.receipts_due += report.receipts_due
+        due.history_wanted |= report.history_wanted
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while self._due is not None:
+            due, self._due = self._due, None
+            try:
+                await self._settle(due)
+            except Exception as exc:  # any failure: the next round goes on regardless
+                log.warning("settling received messages failed: %s", exc)
+
+    async def close(self) -> None:
+        """Finish the settling under way, for up to ``SETTLE_GRACE_S``, then stop: deletes
+        left undone are made by a later clean-up, receipts are best effort."""
+        if self._task is None:
+            return
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(self._task), SETTLE_GRACE_S)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
 
 
 def _tell(listener: Callable[[str], None] | None, text: str) -> None:
