@@ -22,6 +22,20 @@ def test_solve_and_verify() -> None:
     pow.verify(proof, PAYLOAD, required=8, now_ms=NOW)
 
 
+@pytest.mark.parametrize("bits", [0, 1, 7, 8, 9, 15, 16])
+def test_every_difficulty_yields_a_proof_with_exactly_that_many_leading_zero_bits(
+    bits: int,
+) -> None:
+    """The solver's byte comparison against 2^(256-bits) agrees with the verifier's bit
+    count, across byte boundaries: the proof verifies, and the nonce before it did not."""
+    proof, attempts = pow.solve(PAYLOAD, bits, now_ms=NOW)
+    pow.verify(proof, PAYLOAD, required=bits, now_ms=NOW)
+    if attempts > 1:  # the attempt before this one failed the difficulty
+        earlier = Proof(bits, NOW, proof.nonce - 1)
+        with pytest.raises(VerificationError):
+            pow.verify(earlier, PAYLOAD, required=bits, now_ms=NOW)
+
+
 def test_attempts_scale_with_difficulty() -> None:
     """Over 40 solves the mean attempts at 10 bits is near 2^10 (a loose 3x band)."""
     total = sum(pow.solve(bytes([i]) * 32, 10, now_ms=NOW)[1] for i in range(40))

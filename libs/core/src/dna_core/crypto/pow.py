@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from dataclasses import dataclass
 
 from dna_core.crypto import primitives as p
@@ -21,6 +22,7 @@ _LABEL = p.label("pow")
 MAX_DIFFICULTY = 64  # above this a proof could never be solved; refuse it as malformed
 MAX_AGE_MS = 10 * 60_000  # a proof older than this is stale: how long a put can be replayed
 MAX_SKEW_MS = 60_000  # how far in the future a proof's timestamp may be
+_NONCE = struct.Struct(">Q")
 
 
 @dataclass(frozen=True)
@@ -56,17 +58,20 @@ def solve(payload_hash: bytes, difficulty: int, *, now_ms: int) -> tuple[Proof, 
     """Find a proof; returns it with the number of hashes tried."""
     if not 0 <= difficulty <= MAX_DIFFICULTY:
         raise ValueError(f"difficulty must be 0..{MAX_DIFFICULTY}")
-    prefix = _prefix(payload_hash, now_ms)
-    limit = 1 << (256 - difficulty)
-    nonce = int.from_bytes(os.urandom(4), "big") << 32  # random start: solvers don't collide
-    attempts = 0
-    while True:
-        attempts += 1
-        h = prefix.copy()
-        h.update(nonce.to_bytes(8, "big"))
-        if int.from_bytes(h.digest(), "big") < limit:
+    copy = _prefix(payload_hash, now_ms).copy
+    start = int.from_bytes(os.urandom(4), "big") << 32  # random start: solvers don't collide
+    if difficulty == 0:
+        return Proof(0, now_ms, start), 1
+    # A digest meets the difficulty iff, read big-endian, it is below 2^(256-difficulty):
+    # comparing the bytes says the same as comparing the integers, at a quarter less time
+    # per attempt (the loop is all the cost: ~4,000 attempts at 12 bits).
+    limit = (1 << (256 - difficulty)).to_bytes(32, "big")
+    for attempts, nonce in enumerate(range(start, start + (1 << 32)), 1):
+        h = copy()
+        h.update(_NONCE.pack(nonce))
+        if h.digest() < limit:
             return Proof(difficulty, now_ms, nonce), attempts
-        nonce = (nonce + 1) & 0xFFFF_FFFF_FFFF_FFFF
+    raise ValueError(f"no proof of {difficulty} bits in 2^32 attempts (unaffordable anyway)")
 
 
 def verify(
