@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from dna_peer.inbox import SyncReport
-from dna_peer.peer import _Settler
+from dna_core.crypto import Identity
+from dna_peer.inbox import RECEIPT_BATCH_IDS, ReceiptDue, SyncReport
+from dna_peer.peer import _owe, _Settler
 
 
 def held(*blob_ids: bytes) -> SyncReport:
@@ -93,3 +94,41 @@ def test_closing_waits_for_the_settling_under_way() -> None:
         return done
 
     assert asyncio.run(main())
+
+
+def test_receipts_of_rounds_settled_together_are_one_receipt_per_sender() -> None:
+    alice, bob, me = Identity.generate(), Identity.generate(), Identity.generate()
+
+    def round_owing(*dues: tuple[Identity, bytes]) -> SyncReport:
+        return SyncReport(receipts_due=[ReceiptDue(s.public, me, [m]) for s, m in dues])
+
+    async def main() -> list[tuple[bytes, list[bytes]]]:
+        receipts: list[tuple[bytes, list[bytes]]] = []
+        release = asyncio.Event()
+
+        async def settle(report: SyncReport) -> None:
+            receipts.extend((r.to.fingerprint, r.message_ids) for r in report.receipts_due)
+            await release.wait()
+
+        settler = _Settler(settle)
+        settler.add(round_owing((alice, b"m1")))
+        await asyncio.sleep(0)  # settling the first round
+        settler.add(round_owing((alice, b"m2"), (bob, b"m3")))
+        settler.add(round_owing((alice, b"m4")))
+        release.set()
+        await settler.close()
+        return receipts
+
+    assert asyncio.run(main()) == [
+        (alice.fingerprint, [b"m1"]),
+        (alice.fingerprint, [b"m2", b"m4"]),
+        (bob.fingerprint, [b"m3"]),
+    ]
+
+
+def test_a_merged_receipt_stays_within_its_batch_size() -> None:
+    sender, me = Identity.generate(), Identity.generate()
+    full = [bytes([i % 256, i // 256]) for i in range(RECEIPT_BATCH_IDS)]
+    receipts = [ReceiptDue(sender.public, me, list(full))]
+    _owe(receipts, ReceiptDue(sender.public, me, [b"one more"]))
+    assert [len(r.message_ids) for r in receipts] == [RECEIPT_BATCH_IDS, 1]

@@ -33,7 +33,7 @@ from dna_peer import keyserver
 from dna_peer.cache import MAX_ROTATION_HOPS, RECOVERING, Cache, Contact, Message, cache_key
 from dna_peer.direct.link import IceConfig
 from dna_peer.direct.service import DirectService
-from dna_peer.inbox import Inbox, ReceiptDue, SyncReport
+from dna_peer.inbox import RECEIPT_BATCH_IDS, Inbox, ReceiptDue, SyncReport
 from dna_peer.keyserver import now_ms
 from dna_peer.network import join_overlay
 from dna_peer.presence import Presence, lookup_presence
@@ -811,9 +811,10 @@ class _Sent:
 
 class _Settler:
     """Settles handled rounds in the background, one settling at a time; rounds handed
-    over meanwhile are settled together (their receipts, acknowledgements and one
-    clean-up). A failure is logged: receipts are best effort, and what was not deleted
-    is deleted by a later clean-up (the acknowledgements are already in the cache)."""
+    over meanwhile are settled together: their acknowledgements, one clean-up, and one
+    receipt per sender (a burst of messages costs a few receipts, not one per round).
+    A failure is logged: receipts are best effort, and what was not deleted is deleted
+    by a later clean-up (the acknowledgements are already in the cache)."""
 
     def __init__(self, settle: Callable[[SyncReport], Awaitable[None]]) -> None:
         self._settle = settle
@@ -825,7 +826,8 @@ class _Settler:
             return
         due = self._due = self._due or SyncReport()
         due.held += report.held
-        due.receipts_due += report.receipts_due
+        for receipt in report.receipts_due:
+            _owe(due.receipts_due, receipt)
         due.history_wanted |= report.history_wanted
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
@@ -848,6 +850,18 @@ class _Settler:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+
+
+def _owe(receipts: list[ReceiptDue], more: ReceiptDue) -> None:
+    """Add ``more``'s message IDs to the receipt due to the same keys from the same
+    identity, while it stays within ``RECEIPT_BATCH_IDS``; else owe a receipt of its own."""
+    same = (r for r in receipts if r.to.fingerprint == more.to.fingerprint
+            and r.signer is more.signer)  # fmt: skip
+    into = next(same, None)
+    if into is not None and len(into.message_ids) + len(more.message_ids) <= RECEIPT_BATCH_IDS:
+        into.message_ids += more.message_ids
+    else:
+        receipts.append(ReceiptDue(more.to, more.signer, list(more.message_ids)))
 
 
 def _tell(listener: Callable[[str], None] | None, text: str) -> None:
