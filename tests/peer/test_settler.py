@@ -1,15 +1,17 @@
-"""`Peer.watch` settles pushed rounds in the background (`peer._Settler`): one settling at a
-time, rounds handed over meanwhile settled together, a failure logged without stopping
-later ones, and a stopping watch finishing the settling under way."""
+"""`Peer.watch` settles pushed rounds in the background (`settle.Settler`): once the pushes
+pause (or a steady stream has gone on long enough), one settling at a time, rounds handed
+over meanwhile settled together with one receipt per sender, a failure logged without
+stopping later ones, and a stopping watch settling what is due at once."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from dna_core.crypto import Identity
 from dna_peer.inbox import RECEIPT_BATCH_IDS, ReceiptDue, SyncReport
-from dna_peer.peer import _owe, _Settler
+from dna_peer.settle import Settler, owe
 
 
 def held(*blob_ids: bytes) -> SyncReport:
@@ -26,7 +28,7 @@ def test_rounds_handed_over_during_a_settling_are_settled_together_after_it() ->
             if len(settled) == 1:
                 await release.wait()  # the first settling is slow
 
-        settler = _Settler(settle)
+        settler = Settler(settle, quiet_s=0)
         settler.add(held(b"a"))
         await asyncio.sleep(0)  # the first settling starts, and waits
         settler.add(held(b"b"))
@@ -47,7 +49,7 @@ def test_a_round_that_owes_nothing_starts_no_settling() -> None:
             nonlocal calls
             calls += 1
 
-        settler = _Settler(settle)
+        settler = Settler(settle, quiet_s=0)
         settler.add(SyncReport())
         await asyncio.sleep(0)
         await settler.close()
@@ -67,7 +69,7 @@ def test_a_failed_settling_is_logged_and_the_next_one_still_runs(
             if len(settled) == 1:
                 raise ConnectionError("storage nodes unreachable")
 
-        settler = _Settler(settle)
+        settler = Settler(settle, quiet_s=0)
         settler.add(held(b"a"))
         await asyncio.sleep(0)
         await asyncio.sleep(0)  # the first settling has failed
@@ -88,7 +90,7 @@ def test_closing_waits_for_the_settling_under_way() -> None:
             await asyncio.sleep(0.05)
             done = True
 
-        settler = _Settler(settle)
+        settler = Settler(settle, quiet_s=0)
         settler.add(held(b"a"))
         await settler.close()
         return done
@@ -110,7 +112,7 @@ def test_receipts_of_rounds_settled_together_are_one_receipt_per_sender() -> Non
             receipts.extend((r.to.fingerprint, r.message_ids) for r in report.receipts_due)
             await release.wait()
 
-        settler = _Settler(settle)
+        settler = Settler(settle, quiet_s=0)
         settler.add(round_owing((alice, b"m1")))
         await asyncio.sleep(0)  # settling the first round
         settler.add(round_owing((alice, b"m2"), (bob, b"m3")))
@@ -130,5 +132,62 @@ def test_a_merged_receipt_stays_within_its_batch_size() -> None:
     sender, me = Identity.generate(), Identity.generate()
     full = [bytes([i % 256, i // 256]) for i in range(RECEIPT_BATCH_IDS)]
     receipts = [ReceiptDue(sender.public, me, list(full))]
-    _owe(receipts, ReceiptDue(sender.public, me, [b"one more"]))
+    owe(receipts, ReceiptDue(sender.public, me, [b"one more"]))
     assert [len(r.message_ids) for r in receipts] == [RECEIPT_BATCH_IDS, 1]
+
+
+def test_rounds_closer_than_the_quiet_time_are_settled_together_once_pushes_pause() -> None:
+    async def main() -> list[list[bytes]]:
+        settled: list[list[bytes]] = []
+
+        async def settle(report: SyncReport) -> None:
+            settled.append(list(report.held))
+
+        settler = Settler(settle, quiet_s=0.05, max_delay_s=5.0)
+        for blob in (b"a", b"b", b"c"):
+            settler.add(held(blob))
+            await asyncio.sleep(0.01)
+        assert settled == []  # still arriving: nothing settled yet
+        await asyncio.sleep(0.2)
+        assert settled == [[b"a", b"b", b"c"]]
+        await settler.close()
+        return settled
+
+    assert asyncio.run(main()) == [[b"a", b"b", b"c"]]
+
+
+def test_a_steady_stream_of_rounds_is_still_settled_every_max_delay() -> None:
+    async def main() -> int:
+        settled: list[list[bytes]] = []
+
+        async def settle(report: SyncReport) -> None:
+            settled.append(list(report.held))
+
+        settler = Settler(settle, quiet_s=0.05, max_delay_s=0.1)
+        for i in range(40):  # a round every 10 ms for 0.4 s: never a 50 ms pause
+            settler.add(held(bytes([i])))
+            await asyncio.sleep(0.01)
+        during = len(settled)
+        await settler.close()
+        assert sorted(b for batch in settled for b in batch) == [bytes([i]) for i in range(40)]
+        return during
+
+    assert asyncio.run(main()) >= 2
+
+
+def test_closing_settles_what_is_due_at_once() -> None:
+    async def main() -> tuple[list[list[bytes]], float]:
+        settled: list[list[bytes]] = []
+
+        async def settle(report: SyncReport) -> None:
+            settled.append(list(report.held))
+
+        settler = Settler(settle, quiet_s=30.0, max_delay_s=60.0)
+        settler.add(held(b"a"))
+        await asyncio.sleep(0)
+        t0 = time.monotonic()
+        await settler.close()
+        return settled, time.monotonic() - t0
+
+    settled, took_s = asyncio.run(main())
+    assert settled == [[b"a"]] and took_s < 1.0

@@ -13,11 +13,10 @@ storage nodes with a signed delete once every known device acknowledged it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,11 +32,12 @@ from dna_peer import keyserver
 from dna_peer.cache import MAX_ROTATION_HOPS, RECOVERING, Cache, Contact, Message, cache_key
 from dna_peer.direct.link import IceConfig
 from dna_peer.direct.service import DirectService
-from dna_peer.inbox import RECEIPT_BATCH_IDS, Inbox, ReceiptDue, SyncReport
+from dna_peer.inbox import Inbox, ReceiptDue, SyncReport
 from dna_peer.keyserver import now_ms
 from dna_peer.network import join_overlay
 from dna_peer.presence import Presence, lookup_presence
 from dna_peer.profile import Device, Profile
+from dna_peer.settle import Settler
 
 log = logging.getLogger("dna.peer")
 DAY_MS = 86_400_000
@@ -50,7 +50,6 @@ BLOB_MEMORY_MS = 32 * DAY_MS  # a deleted blob cannot come back after its TTL (3
 RECOVERY_WAIT_MS = 7 * DAY_MS  # a device silent this long after a history request is gone
 WATCH_BACKOFF_S = 5.0
 WATCH_FULL_SYNC_S = 300.0  # a watch with live subscriptions still syncs (fetches) this often
-SETTLE_GRACE_S = 5.0  # a watch that stops first finishes settling what it received
 DELETE_RETRY_S = 60.0  # after nodes refused a delete: `watch` does not ask every second
 SEND_ATTEMPTS = 4  # over about 3.5 s: rides out a replica restarting
 NAME_MOVE = "name-move"  # cache state: the old keys' signature handing the name over
@@ -695,7 +694,7 @@ class Peer:
         down_since: float | None = None
         pushed: Subscription | None = None
         synced_at = 0.0
-        settler = _Settler(self._settle)
+        settler = Settler(self._settle)
         try:
             while True:
                 try:
@@ -807,61 +806,6 @@ class Peer:
 class _Sent:
     envelope: bytes
     stored_on: int
-
-
-class _Settler:
-    """Settles handled rounds in the background, one settling at a time; rounds handed
-    over meanwhile are settled together: their acknowledgements, one clean-up, and one
-    receipt per sender (a burst of messages costs a few receipts, not one per round).
-    A failure is logged: receipts are best effort, and what was not deleted is deleted
-    by a later clean-up (the acknowledgements are already in the cache)."""
-
-    def __init__(self, settle: Callable[[SyncReport], Awaitable[None]]) -> None:
-        self._settle = settle
-        self._due: SyncReport | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    def add(self, report: SyncReport) -> None:
-        if not (report.held or report.receipts_due or report.history_wanted):
-            return
-        due = self._due = self._due or SyncReport()
-        due.held += report.held
-        for receipt in report.receipts_due:
-            _owe(due.receipts_due, receipt)
-        due.history_wanted |= report.history_wanted
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        while self._due is not None:
-            due, self._due = self._due, None
-            try:
-                await self._settle(due)
-            except Exception as exc:  # any failure: the next round goes on regardless
-                log.warning("settling received messages failed: %s", exc)
-
-    async def close(self) -> None:
-        """Finish the settling under way, for up to ``SETTLE_GRACE_S``, then stop: deletes
-        left undone are made by a later clean-up, receipts are best effort."""
-        if self._task is None:
-            return
-        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(self._task), SETTLE_GRACE_S)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-
-
-def _owe(receipts: list[ReceiptDue], more: ReceiptDue) -> None:
-    """Add ``more``'s message IDs to the receipt due to the same keys from the same
-    identity, while it stays within ``RECEIPT_BATCH_IDS``; else owe a receipt of its own."""
-    same = (r for r in receipts if r.to.fingerprint == more.to.fingerprint
-            and r.signer is more.signer)  # fmt: skip
-    into = next(same, None)
-    if into is not None and len(into.message_ids) + len(more.message_ids) <= RECEIPT_BATCH_IDS:
-        into.message_ids += more.message_ids
-    else:
-        receipts.append(ReceiptDue(more.to, more.signer, list(more.message_ids)))
 
 
 def _tell(listener: Callable[[str], None] | None, text: str) -> None:
