@@ -170,11 +170,15 @@ class ServerSession:
             if request_id is not None:
                 self.unanswered.discard(request_id)
             write = asyncio.ensure_future(self.context.write(response))
+            # A write this task stops waiting for (a stall cut, or the call ended under
+            # it: grpc refused a frame over the message limit, the client went away) fails
+            # later with nobody awaiting it; retrieved here, or asyncio logs an error with
+            # its traceback for each such call, and any client could grow the logs at will.
+            write.add_done_callback(_retrieve)
             await asyncio.wait((write,), timeout=self.stall_s)
             if not write.done():
                 # Not cancelled: grpc fails a call whose write was cancelled under it, and
                 # the status must still follow this response out.
-                write.add_done_callback(_retrieve)
                 raise SessionCutError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"session: responses left unread for {self.stall_s:g} s",
