@@ -4,6 +4,7 @@ would, a client that reads nothing, and reading a call to the status it was cut 
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -41,9 +42,14 @@ async def send_oversized(target: str, method: str) -> tuple[grpc.StatusCode, str
         await channel.close()
 
 
-async def status_of(call: Any) -> tuple[grpc.StatusCode, str]:
-    """Read a raw session to its end: its status and details (it must end in an error)."""
-    with pytest.raises(grpc.aio.AioRpcError) as failed:
+async def status_of(call: Any, timeout_s: float = 30.0) -> tuple[grpc.StatusCode, str]:
+    """Read a raw session to its end: its status and details (it must end in an error,
+    within ``timeout_s``: a node that never cuts it fails the test instead of hanging it)."""
+
+    async def drain() -> None:
         async for _ in call:
             pass
+
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await asyncio.wait_for(drain(), timeout_s)
     return failed.value.code(), failed.value.details() or ""
