@@ -20,6 +20,7 @@ import grpc
 import pytest
 from dna_core.crypto import Identity, sign_record
 from dna_core.ops.config import OpsSection
+from dna_core.overlay.aio.record_file import RecordFile
 from dna_core.overlay.aio.records_rpc import OverlayService
 from dna_core.overlay.aio.records_session import OverlaySession, RecordSession
 from dna_core.overlay.aio.server import (
@@ -29,7 +30,7 @@ from dna_core.overlay.aio.server import (
     OverlayServiceConfig,
     RecordsSection,
 )
-from dna_core.overlay.records import identity_payload, record_key
+from dna_core.overlay.records import RecordStore, identity_payload, record_key
 from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2
 from stream_sessions import raw_session, send_oversized, slow_reader, status_of
 from support import seeded_identity
@@ -37,6 +38,9 @@ from support import seeded_identity
 IDENTITY = common_pb2.RECORD_KIND_IDENTITY
 METHOD = "/dna.v1.Overlay/Session"
 BOOTSTRAP = common_pb2.NODE_ROLE_BOOTSTRAP
+# Garbage sessions in a row: a cut while the hello was still being written once lost its
+# status for about one in 30 (the client waited for it until its deadline).
+GARBAGE = 200
 SPAM = 4000  # requests a flooding client sends at most (the node cuts it long before)
 
 
@@ -225,13 +229,14 @@ def test_garbage_and_oversized_frames_cut_the_session_and_others_are_served(
         key, raw = record(seeded_identity("overlay-garbage"))
         await stored(server, raw)
         channel, bystander = await client_session(server)  # open all along
-        garbage = raw_session(channel, METHOD)
-        await garbage.write(b"\xff\xff\xff\xff not a request")
-        code, details = await status_of(garbage)
-        assert code == grpc.StatusCode.INVALID_ARGUMENT
-        assert "OverlaySessionRequest" in details or "Session" in details, details
-        assert cuts(server, "malformed") == 1
-        assert metric(server, "dna_grpc_malformed_requests_total", method=METHOD) == 1
+        for _ in range(GARBAGE):  # each cut gets its status, even right after the hello
+            garbage = raw_session(channel, METHOD)
+            await garbage.write(b"\xff\xff\xff\xff not a request")
+            code, details = await status_of(garbage, timeout_s=5.0)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+            assert details == "Session: not a valid protobuf encoding"
+        assert cuts(server, "malformed") == GARBAGE
+        assert metric(server, "dna_grpc_malformed_requests_total", method=METHOD) == GARBAGE
 
         code, details = await send_oversized(target(server), METHOD)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
@@ -347,6 +352,11 @@ def test_refused_records_and_rates_are_refused_alone_and_change_nothing(
         now = time.time_ns() // 1_000_000
         for key in (bad_sig_key, old_key, big_key, late_key):
             assert store.get(key, now) is None
+        on_disk = RecordFile(tmp_path / "records.sqlite3")  # the record file: the good one
+        reloaded = RecordStore(identity_pow_bits=0)
+        assert on_disk.load_into(reloaded, now) == (1, 0)
+        on_disk.close()
+        assert reloaded.get(good_key, now) is not None
         requests = "dna_overlay_session_requests_total"
         assert metric(server, requests, op="store", outcome="ok") == 1
         assert metric(server, requests, op="store", outcome="refused") == len(refused) + 1

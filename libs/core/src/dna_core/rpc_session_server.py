@@ -56,6 +56,7 @@ class ServerSession:
         self.unanswered: set[int] = set()  # request IDs whose response is not being written
         self.out: asyncio.Queue[Outgoing] = asyncio.Queue()  # bounded by the window
         self.tasks: set[asyncio.Task[None]] = set()  # the subclass's work (``spawn``)
+        self.writing: asyncio.Future[Any] | None = None  # the response being written
         self.closed = False
 
     # -- what a subclass gives ---------------------------------------------------------
@@ -120,6 +121,12 @@ class ServerSession:
         return task
 
     async def _abort(self, cut: SessionCutError) -> None:
+        # The status never leaves if it is sent while a response is still being written
+        # (a cut right after the hello left about one client in 30 waiting for it until its
+        # deadline): that write goes first, for at most the stall limit (a client that
+        # never reads gets its status only once it reads, whatever we do).
+        if self.writing is not None and not self.writing.done():
+            await asyncio.wait((self.writing,), timeout=self.stall_s)
         try:
             await self.context.abort(cut.code, cut.reason)
         except grpc.aio.AbortError:
@@ -175,6 +182,7 @@ class ServerSession:
             # later with nobody awaiting it; retrieved here, or asyncio logs an error with
             # its traceback for each such call, and any client could grow the logs at will.
             write.add_done_callback(_retrieve)
+            self.writing = write
             await asyncio.wait((write,), timeout=self.stall_s)
             if not write.done():
                 # Not cancelled: grpc fails a call whose write was cancelled under it, and
