@@ -240,6 +240,8 @@ def test_garbage_and_oversized_frames_cut_the_session_and_others_are_served(
 
         code, details = await send_oversized(target(server), METHOD)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+        assert "larger than max" in details  # grpc's own: the node sees only the stream end
+        assert cuts(server, "malformed") == GARBAGE
         # No line per hostile call in the node's log (an error logged with its traceback
         # for each oversized frame, as once, would let any client grow the logs at will).
         await asyncio.sleep(0.5)

@@ -9,6 +9,9 @@ counted by reason: more than ``window`` requests unanswered (RESOURCE_EXHAUSTED)
 still in use (INVALID_ARGUMENT), a frame that does not decode (the gRPC gate's
 INVALID_ARGUMENT: nothing in it is applied), or a response left unread for ``stall_s``
 (RESOURCE_EXHAUSTED). A client that closes its side gets every answer, then the end.
+A frame over the message limit is grpc's own refusal (RESOURCE_EXHAUSTED): grpcio shows
+the session only the end of the request stream, as for a client that closed its side or
+went away, so it cannot be counted here.
 """
 
 from __future__ import annotations

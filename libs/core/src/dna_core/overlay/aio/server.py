@@ -59,11 +59,11 @@ from .records_rpc import (
     DEFAULT_SOURCE_MAX_KEYS,
     DEFAULT_SOURCE_RATE_PER_S,
     MAX_GRPC_MESSAGE,
-    SESSION_STALL_S,
-    SESSION_WINDOW,
     OverlayService,
     wall_ms,
 )
+from .records_session import STALL_S as SESSION_STALL_S
+from .records_session import WINDOW as SESSION_WINDOW
 from .seeds import resolve_seeds
 
 T = TypeVar("T")
