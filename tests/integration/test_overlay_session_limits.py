@@ -41,6 +41,7 @@ BOOTSTRAP = common_pb2.NODE_ROLE_BOOTSTRAP
 # Garbage sessions in a row: a cut while the hello was still being written once lost its
 # status for about one in 30 (the client waited for it until its deadline).
 GARBAGE = 200
+QUEUED = 16  # responses held before the duplicate ID test sends one again
 SPAM = 4000  # requests a flooding client sends at most (the node cuts it long before)
 
 
@@ -203,13 +204,15 @@ def test_an_id_still_in_use_cuts_the_session(tmp_path: Path) -> None:
         sessions = service(server).sessions
         channel, call = slow_reader(target(server), METHOD)
         request_id = 0
-        while not any(n >= 2 for n in held(sessions)):  # responses queued behind a stuck one
+        # Responses queued behind a stuck one: enough that a write only slow (a loaded
+        # machine) cannot have taken the newest before its ID comes again.
+        while not any(n >= QUEUED for n in held(sessions)):
             request_id += 1
             assert request_id < SPAM, "the node never stopped writing to a client not reading"
             await call.write(find_frame(key, request_id))
             await asyncio.sleep(0)
         (session,) = sessions
-        in_use = max(session.unanswered)
+        in_use = max(session.unanswered)  # the newest read: the last to be written
         await call.write(find_frame(key, in_use))
         code, details = await status_of(call)
         await channel.close()
