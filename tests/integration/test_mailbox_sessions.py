@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
+import stream_sessions
 from cluster import (
     GRPC_PORT,
     UDP_PORT,
@@ -34,6 +35,7 @@ from dna_core.mailbox.client import FetchState, MailboxClient
 from dna_core.mailbox.session import NodeSession
 from dna_core.overlay.aio import OverlayNode
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
+from stream_sessions import send_oversized, status_of
 from support import seeded_identity
 
 STORAGE = 5
@@ -97,27 +99,11 @@ async def open_session(overlay: OverlayNode, node: NodeProcess) -> NodeSession:
 
 
 def raw_session(overlay: OverlayNode, node: NodeProcess) -> Any:
-    """A session call that sends and receives raw bytes (to send what a client must not)."""
-    call: Any = overlay.channels.get(target(node)).stream_stream(
-        SESSION_METHOD, request_serializer=None, response_deserializer=None
-    )
-    return call()
+    return stream_sessions.raw_session(overlay.channels.get(target(node)), SESSION_METHOD)
 
 
 def slow_reader(node: NodeProcess) -> tuple[grpc.aio.Channel, Any]:
-    """A raw session on a connection of its own that buffers little of what it does not
-    read (no window growth), as a client on a slow link, or one that stopped reading."""
-    channel = grpc.aio.insecure_channel(target(node), options=[("grpc.http2.bdp_probe", 0)])
-    call: Any = channel.stream_stream(SESSION_METHOD)
-    return channel, call()
-
-
-async def status_of(call: Any) -> tuple[grpc.StatusCode, str]:
-    """Read a raw session to its end: its status and details."""
-    with pytest.raises(grpc.aio.AioRpcError) as failed:
-        async for _ in call:
-            pass
-    return failed.value.code(), failed.value.details() or ""
+    return stream_sessions.slow_reader(target(node), SESSION_METHOD)
 
 
 # -- equivalence with the unary calls ------------------------------------------------------
@@ -267,14 +253,8 @@ def test_a_frame_that_does_not_decode_or_is_too_big_cuts_the_session(
         after = sample_value(scrape(node), "dna_storage_session_refusals_total", reason="malformed")
         assert after == before + 1
 
-        big_sender = grpc.aio.insecure_channel(
-            target(node), options=[("grpc.max_send_message_length", 8 * 1024 * 1024)]
-        )
-        huge: Any = big_sender.stream_stream(SESSION_METHOD)()
-        await huge.write(os.urandom(5 * 1024 * 1024))
-        code, _ = await status_of(huge)
+        code, _ = await send_oversized(target(node), SESSION_METHOD)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        await big_sender.close()
         # the node still serves sessions
         session = await open_session(overlay, node)
         bob = seeded_identity("session-bob-after-garbage")

@@ -9,6 +9,9 @@ counted by reason: more than ``window`` requests unanswered (RESOURCE_EXHAUSTED)
 still in use (INVALID_ARGUMENT), a frame that does not decode (the gRPC gate's
 INVALID_ARGUMENT: nothing in it is applied), or a response left unread for ``stall_s``
 (RESOURCE_EXHAUSTED). A client that closes its side gets every answer, then the end.
+A frame over the message limit is grpc's own refusal (RESOURCE_EXHAUSTED): grpcio shows
+the session only the end of the request stream, as for a client that closed its side or
+went away, so it cannot be counted here.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class ServerSession:
         self.unanswered: set[int] = set()  # request IDs whose response is not being written
         self.out: asyncio.Queue[Outgoing] = asyncio.Queue()  # bounded by the window
         self.tasks: set[asyncio.Task[None]] = set()  # the subclass's work (``spawn``)
+        self.writing: asyncio.Future[Any] | None = None  # the response being written
         self.closed = False
 
     # -- what a subclass gives ---------------------------------------------------------
@@ -120,6 +124,12 @@ class ServerSession:
         return task
 
     async def _abort(self, cut: SessionCutError) -> None:
+        # The status never leaves if it is sent while a response is still being written
+        # (a cut right after the hello left about one client in 30 waiting for it until its
+        # deadline): that write goes first, for at most the stall limit (a client that
+        # never reads gets its status only once it reads, whatever we do).
+        if self.writing is not None and not self.writing.done():
+            await asyncio.wait((self.writing,), timeout=self.stall_s)
         try:
             await self.context.abort(cut.code, cut.reason)
         except grpc.aio.AbortError:
@@ -170,11 +180,16 @@ class ServerSession:
             if request_id is not None:
                 self.unanswered.discard(request_id)
             write = asyncio.ensure_future(self.context.write(response))
+            # A write this task stops waiting for (a stall cut, or the call ended under
+            # it: grpc refused a frame over the message limit, the client went away) fails
+            # later with nobody awaiting it; retrieved here, or asyncio logs an error with
+            # its traceback for each such call, and any client could grow the logs at will.
+            write.add_done_callback(_retrieve)
+            self.writing = write
             await asyncio.wait((write,), timeout=self.stall_s)
             if not write.done():
                 # Not cancelled: grpc fails a call whose write was cancelled under it, and
                 # the status must still follow this response out.
-                write.add_done_callback(_retrieve)
                 raise SessionCutError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"session: responses left unread for {self.stall_s:g} s",

@@ -113,6 +113,7 @@ class OverlayService(overlay_pb2_grpc.OverlayServicer):
         self.on_rejected, self.on_evicted = on_rejected, on_evicted
         self.session_metrics = RecordSessionMetrics(registry or CollectorRegistry())
         self.session_window, self.session_stall_s = session_window, session_stall_s
+        self.sessions: set[RecordSession] = set()  # open now (what each holds: its queue)
 
     async def Ping(  # noqa: N802 (gRPC method names)
         self,
@@ -162,7 +163,11 @@ class OverlayService(overlay_pb2_grpc.OverlayServicer):
             self._answer, context, self.session_metrics, source=source,
             window=self.session_window, stall_s=self.session_stall_s,
         )  # fmt: skip
-        await session.run(requests)
+        self.sessions.add(session)
+        try:
+            await session.run(requests)
+        finally:
+            self.sessions.discard(session)
 
     def _answer(
         self, request: overlay_pb2.OverlaySessionRequest, source: str

@@ -62,6 +62,8 @@ from .records_rpc import (
     OverlayService,
     wall_ms,
 )
+from .records_session import STALL_S as SESSION_STALL_S
+from .records_session import WINDOW as SESSION_WINDOW
 from .seeds import resolve_seeds
 
 T = TypeVar("T")
@@ -140,6 +142,11 @@ class RecordsSection(ConfigModel):
     """Source addresses the rate limiter remembers."""
     identity_pow_bits: int = Field(default=DEFAULT_IDENTITY_POW_BITS, ge=0)
     """Proof of work identity, presence and rotation records carry."""
+    session_window: int = Field(default=SESSION_WINDOW, ge=1, le=1024)
+    """Requests a record session may have unanswered; a client sending more is cut."""
+    session_stall_s: float = Field(default=SESSION_STALL_S, gt=0)
+    """Seconds a record session's response may wait for the client to read it before the
+    session is cut (a client that never reads costs the node nothing more)."""
 
 
 class ConnectionsSection(ConfigModel):
@@ -324,6 +331,7 @@ class OverlayServer:
         self.node: OverlayNode | None = None
         self.health: HealthController | None = None
         self.grpc: grpc.aio.Server | None = None
+        self.records: OverlayService | None = None  # the Overlay gRPC service (its sessions)
         self.guard: TcpRelay | None = None  # in front of the gRPC server, if configured
         self.ops: OpsServer | None = None
         self.record_file: RecordFile | None = None
@@ -410,7 +418,8 @@ class OverlayServer:
             max_message=MAX_GRPC_MESSAGE, registry=self.registry, log=self.log,
             real_peer=None if self.guard is None else self.guard.grpc_peer,
         )  # fmt: skip
-        names = [gate.add(server, self._overlay_service(node, store), OVERLAY_DESCRIPTOR)]
+        self.records = self._overlay_service(node, store)
+        names = [gate.add(server, self.records, OVERLAY_DESCRIPTOR)]
         if self._extra is not None:
             names += self._extra(gate.registrar(server), node)
         self.health = add_health_and_reflection(server, names, gate)
@@ -465,6 +474,8 @@ class OverlayServer:
             on_rejected=lambda reason: node.metrics.rejected.labels(reason=reason).inc(),
             on_evicted=evicted.inc,
             registry=self.registry,
+            session_window=records.session_window,
+            session_stall_s=records.session_stall_s,
         )
 
     def _ops_app(self) -> Any:
