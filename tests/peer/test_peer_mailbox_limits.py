@@ -153,7 +153,7 @@ def test_a_long_history_and_many_acknowledgements_reach_a_restored_device(
         assert len(laptop.cache.devices()) == 2
 
         held = [os.urandom(32) for _ in range(8_000)]
-        await phone._acknowledge(held)  # what a sync of 8,000 blobs does
+        await phone._post_acks(held)  # what settling a sync of 8,000 blobs posts
         await laptop.sync()
         acked = laptop.cache._rows(
             "SELECT count(*) FROM acks WHERE device_id = ?", (phone.device.device_id,)
