@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 import pytest
@@ -86,3 +87,30 @@ def test_proto_round_trip_and_cap() -> None:
 def test_solver_refuses_impossible_difficulty() -> None:
     with pytest.raises(ValueError):
         pow.solve(PAYLOAD, 65, now_ms=NOW)
+
+
+def test_the_async_solver_lets_other_tasks_run_while_it_searches() -> None:
+    async def main() -> tuple[Proof, int, int]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        proof, attempts = await pow.solve_async(PAYLOAD, 14, now_ms=NOW, chunk=64)
+        task.cancel()
+        return proof, attempts, ticks
+
+    proof, attempts, ticks = asyncio.run(main())
+    pow.verify(proof, PAYLOAD, required=14, now_ms=NOW)
+    assert ticks >= attempts // 64 - 1  # the ticker ran between every two chunks
+
+
+@pytest.mark.parametrize("bits", [0, 3, 9])
+def test_the_async_solver_finds_proofs_the_verifier_accepts(bits: int) -> None:
+    proof, attempts = asyncio.run(pow.solve_async(PAYLOAD, bits, now_ms=NOW, chunk=4))
+    pow.verify(proof, PAYLOAD, required=bits, now_ms=NOW)
+    assert attempts >= 1 and proof.difficulty == bits

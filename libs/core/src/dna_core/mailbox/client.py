@@ -281,7 +281,9 @@ class MailboxClient:
             while not isinstance(step := plan.next(loop.time()), Finished):
                 if isinstance(step, Put):
                     if step.pow_bits not in requests:
-                        requests[step.pow_bits] = self._put_request(box, blob, ttl_s, step.pow_bits)
+                        requests[step.pow_bits] = await self._put_request(
+                            box, blob, ttl_s, step.pow_bits
+                        )
                     sending = self._batcher(step.contact).put(requests[step.pow_bits])
                     in_flight[asyncio.ensure_future(sending)] = step.contact.node_id
                     continue
@@ -320,10 +322,10 @@ class MailboxClient:
         if node_id in plan.failed:
             self.replica_sets.forget(box)  # a candidate is down or refusing: look again
 
-    def _put_request(
+    async def _put_request(
         self, box: bytes, blob: bytes, ttl_s: int, bits: int
     ) -> mailbox_pb2.PutRequest:
-        proof, _ = pow_.solve(put_pow_hash(box, blob), bits, now_ms=_wall_ms())
+        proof, _ = await pow_.solve_async(put_pow_hash(box, blob), bits, now_ms=_wall_ms())
         return put_request(box, blob, proof, ttl_s)
 
     async def _on_session(self, contact: Contact, work: Callable[[NodeSession], Awaitable[T]]) -> T:
