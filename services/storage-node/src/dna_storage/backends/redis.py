@@ -491,6 +491,13 @@ class RedisBackend:
                 out.append(Tombstone(mailbox_id, blob_id, int(deleted), int(expires), auth))
         return out
 
+    async def _signed_delete_sizes(self, digests: set[bytes]) -> dict[bytes, int]:
+        if not digests:
+            return {}
+        ordered = sorted(digests)
+        found = await self._r.hmget(self._p + "sz", ordered)
+        return {d: int(n) for d, n in zip(ordered, found, strict=True) if n is not None}
+
     async def _signed_deletes_by_digest(self, digests: set[bytes]) -> dict[bytes, bytes]:
         ordered = sorted(digests)
         found = await self._hmget_all([f"{self._p}sd:{d.decode()}" for d in ordered], ["a"])
@@ -513,19 +520,19 @@ class RedisBackend:
         is gone (its signed delete's size is kept in ``sz``, an inline one in the key)."""
         if not blob_ids:
             return []
-        fields = await self._hmget_all([self._key("t", mailbox_id, i) for i in blob_ids], ["d"])
         digests = await self._r.hmget(self._key("tr", mailbox_id), [_hex(i) for i in blob_ids])
-        shared = [d for d in digests if d is not None]
-        sizes = dict(zip(shared, await self._r.hmget(self._p + "sz", shared) if shared else []))
-        inline: list[int] = []
+        sizes = await self._signed_delete_sizes({d for d in digests if d is not None})
+        replies: list[int] = []
         for i in range(0, len(blob_ids), _PIPELINE_CHUNK):
             async with self._r.pipeline(transaction=False) as pipe:
                 for blob_id in blob_ids[i : i + _PIPELINE_CHUNK]:
+                    pipe.exists(self._key("t", mailbox_id, blob_id))
                     pipe.hstrlen(self._key("t", mailbox_id, blob_id), "a")
-                inline += await pipe.execute()
+                replies += await pipe.execute()
+        held, inline = replies[0::2], replies[1::2]
         return [
-            0 if deleted is None else int(n) or int(sizes.get(d) or 0)
-            for (deleted,), d, n in zip(fields, digests, inline, strict=True)
+            int(n) or sizes.get(d, 0) if exists else 0
+            for exists, d, n in zip(held, digests, inline, strict=True)
         ]
 
     async def get_tombstones(
