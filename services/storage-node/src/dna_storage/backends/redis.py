@@ -480,8 +480,8 @@ class RedisBackend:
         fields = await self._hmget_all(
             [self._key("t", mailbox_id, i) for i in blob_ids], ["d", "e", "a"]
         )
-        digests = await self._r.hmget(self._key("tr", mailbox_id), [_hex(i) for i in blob_ids])
-        auths = await self._signed_deletes_by_digest({d for d in digests if d is not None})
+        digests = await self._auth_digests(mailbox_id, blob_ids)
+        auths = await self._signed_deletes_by_digest({d for d in digests if d})
         out = []
         for blob_id, (deleted, expires, inline), digest in zip(
             blob_ids, fields, digests, strict=True
@@ -497,6 +497,11 @@ class RedisBackend:
         ordered = sorted(digests)
         found = await self._r.hmget(self._p + "sz", ordered)
         return {d: int(n) for d, n in zip(ordered, found, strict=True) if n is not None}
+
+    async def _auth_digests(self, mailbox_id: bytes, blob_ids: list[bytes]) -> list[bytes]:
+        """Each tombstone's signed delete digest (hex); b"": none, or one stored inline."""
+        reply = await self._r.hmget(self._key("tr", mailbox_id), [_hex(i) for i in blob_ids])
+        return [d.encode() if isinstance(d, str) else d or b"" for d in reply]
 
     async def _signed_deletes_by_digest(self, digests: set[bytes]) -> dict[bytes, bytes]:
         ordered = sorted(digests)
@@ -520,8 +525,8 @@ class RedisBackend:
         is gone (its signed delete's size is kept in ``sz``, an inline one in the key)."""
         if not blob_ids:
             return []
-        digests = await self._r.hmget(self._key("tr", mailbox_id), [_hex(i) for i in blob_ids])
-        sizes = await self._signed_delete_sizes({d for d in digests if d is not None})
+        digests = await self._auth_digests(mailbox_id, blob_ids)
+        sizes = await self._signed_delete_sizes({d for d in digests if d})
         replies: list[int] = []
         for i in range(0, len(blob_ids), _PIPELINE_CHUNK):
             async with self._r.pipeline(transaction=False) as pipe:
