@@ -26,6 +26,7 @@ POW_BITS = 8
 ALICE, BOB = seeded_identity("storage-alice"), seeded_identity("storage-bob")
 CAROL = seeded_identity("storage-carol")
 STORAGE_TOML = f"""
+gc_interval_s = 0.2  # more of [storage]: the holdings gauges follow within a test
 [admission]
 pow_base_bits = {POW_BITS}
 ip_rate_per_s = 5.0
@@ -108,6 +109,16 @@ def test_put_fetch_open_delete(node: NodeProcess) -> None:
     assert call("Delete", delete).deleted == 1
     assert list(fetch(BOB).blobs) == []
     refused(call("Put", put_request(env, box)), grpc.StatusCode.FAILED_PRECONDITION)
+    stored = len(delete.SerializeToString(deterministic=True))  # the tombstone's authorization
+    assert wait_for_gauge(node, "dna_storage_signed_delete_bytes", stored) == stored
+
+
+def wait_for_gauge(node: NodeProcess, name: str, wanted: float) -> float:
+    """The gauge's value once it reads ``wanted`` or after 5 s (set by each GC pass)."""
+    deadline = time.monotonic() + 5
+    while (value := sample_value(scrape(node), name)) != wanted and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return value
 
 
 def test_each_bad_put_gets_its_own_status(node: NodeProcess) -> None:

@@ -372,6 +372,58 @@ def test_usage_and_totals(stores: Stores, kind: str) -> None:
     run_scenario(stores, kind, scenario)
 
 
+def signed_delete(mailbox: bytes, first: int, *, ttl: int = 2 * DAY) -> list[Tombstone]:
+    """The tombstones of one 200-ID signed delete: all carry its one authorization, as big
+    as a real one (6.4 KB of IDs and a hybrid signature: ~13 KB)."""
+    auth = (b"signed delete %d " % first * 1000)[:13_000]
+    ids = [hashlib.sha256(b"%d" % n).digest() for n in range(first, first + 200)]
+    return [Tombstone(mailbox, i, T0, T0 + ttl, auth) for i in sorted(ids)]
+
+
+def test_a_signed_delete_is_stored_once_for_all_its_tombstones(stores: Stores, kind: str) -> None:
+    async def scenario(b: MailboxBackend) -> None:
+        m = mbox(0)
+        first, second = signed_delete(m, 0, ttl=DAY), signed_delete(m, 200, ttl=2 * DAY)
+        await b.delete(first, T0)
+        assert await b.signed_deletes() == Usage(1, 13_000)  # not 200 x 13 KB
+        ids = [t.blob_id for t in first]
+        assert await b.get_tombstones(m, ids, T0) == first  # byte-identical authorizations
+        assert (await b.sync_index(m, T0)).tombstones == [(i, 13_000) for i in ids]
+        await b.delete(second, T0)  # shares no ID: its own signed delete
+        assert await b.signed_deletes() == Usage(2, 26_000)
+        await b.delete(first, T0 + 1)  # a replay changes nothing
+        assert await b.signed_deletes() == Usage(2, 26_000)
+        assert (await b.ids(m, T0 + 1))[1] == sorted(first + second, key=lambda t: t.blob_id)
+        assert await b.expire(T0 + DAY, 150) == 150  # part of the first: still referenced
+        assert await b.signed_deletes() == Usage(2, 26_000)
+        assert await b.expire(T0 + DAY, 1000) == 50
+        assert await b.signed_deletes() == Usage(1, 13_000)
+        assert await b.get_tombstones(m, [t.blob_id for t in second], T0 + DAY) == second
+        assert await b.expire(T0 + 2 * DAY, 1000) == 200
+        assert await b.signed_deletes() == Usage(0, 0)
+
+    run_scenario(stores, kind, scenario)
+
+
+def test_forget_and_replacement_release_signed_deletes(stores: Stores, kind: str) -> None:
+    async def scenario(b: MailboxBackend) -> None:
+        m = mbox(0)
+        tombs = signed_delete(m, 0, ttl=DAY)
+        await b.delete(tombs[:100], T0)  # one signed delete arriving in two parts (sync)
+        await b.delete(tombs[100:], T0)
+        assert await b.signed_deletes() == Usage(1, 13_000)
+        assert await b.forget(m, [], [t.blob_id for t in tombs[:199]]) == 199
+        assert await b.signed_deletes() == Usage(1, 13_000)  # the last still needs it
+        later = replace(tombs[199], expires_ms=T0 + 2 * DAY, authorization=b"later delete")
+        await b.delete([later], T0)  # outlives the stored one: replaces it
+        assert await b.signed_deletes() == Usage(1, len(b"later delete"))
+        assert await b.get_tombstones(m, [later.blob_id], T0) == [later]
+        assert await b.forget(m, [], [later.blob_id]) == 1
+        assert await b.signed_deletes() == Usage(0, 0)
+
+    run_scenario(stores, kind, scenario)
+
+
 def test_forget_drops_copies_without_tombstones(stores: Stores, kind: str) -> None:
     """A hand-off copy confirmed elsewhere: gone from every read, not deleted for good."""
 

@@ -87,3 +87,92 @@ def test_a_server_not_configured_for_durable_writes_is_reported(
 
     asyncio.run(main())
     assert "appendfsync is 'everysec', not 'always'" in caplog.text
+
+
+def tombstones(first: int, auth: bytes, expires: int) -> list[Tombstone]:
+    ids = sorted(hashlib.sha256(b"%d" % n).digest() for n in range(first, first + 3))
+    return [Tombstone(M, i, T0, expires, auth) for i in ids]
+
+
+def test_a_signed_delete_key_lives_as_long_as_its_longest_tombstone(redis_url: str) -> None:
+    async def main() -> None:
+        b = await RedisBackend.connect(redis_url, prefix="sdttl:")
+        raw = aioredis.Redis.from_url(redis_url)
+        try:
+            auth = b"one signed delete"
+            key = f"sdttl:sd:{hashlib.sha256(auth).hexdigest()}"
+            await b.delete(tombstones(0, auth, T0 + 2000), T0)
+            assert await raw.pexpiretime(key) == T0 + 2000
+            await b.delete(tombstones(10, auth, T0 + 5000), T0)  # same delete, later tombstones
+            assert await raw.pexpiretime(key) == T0 + 5000
+            await b.delete(tombstones(20, auth, T0 + 3000), T0)  # an earlier one: no shorter
+            assert await raw.pexpiretime(key) == T0 + 5000
+        finally:
+            await raw.aclose()
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_signed_delete_counts_stay_exact_when_keys_vanish_before_gc(redis_url: str) -> None:
+    """Native expiry (a server clock ahead) removed the keys; GC still releases them once."""
+
+    async def main() -> None:
+        b = await RedisBackend.connect(redis_url, prefix="sdgone:")
+        raw = aioredis.Redis.from_url(redis_url)
+        try:
+            auth = b"signed delete " * 100
+            tombs = tombstones(0, auth, T0 + 2000)
+            await b.delete(tombs, T0)
+            assert await b.signed_deletes() == Usage(1, len(auth))
+            await raw.delete(
+                f"sdgone:sd:{hashlib.sha256(auth).hexdigest()}",
+                *(f"sdgone:t:{M.hex()}:{t.blob_id.hex()}" for t in tombs),
+            )
+            assert await b.get_tombstones(M, [t.blob_id for t in tombs], T0) == []
+            assert (await b.sync_index(M, T0)).tombstones == []
+            assert await b.expire(T0 + 2000, 100) == 3
+            assert await b.signed_deletes() == Usage(0, 0)
+            assert await raw.keys("sdgone:s[drz]*") == []
+        finally:
+            await raw.aclose()
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_tombstones_stored_with_their_authorization_inline_still_read(redis_url: str) -> None:
+    """Tombstones a node wrote before signed deletes were shared (each key holding its whole
+    signed delete) read, sync and expire as before, until their lifetime ends."""
+
+    async def main() -> None:
+        b = await RedisBackend.connect(redis_url, prefix="legacy:")
+        raw = aioredis.Redis.from_url(redis_url)
+        try:
+            old = tombstones(0, b"old inline delete", T0 + 2000)
+            for t in old:  # the layout before: 'a' in the tombstone's hash
+                key = f"legacy:t:{M.hex()}:{t.blob_id.hex()}"
+                await raw.hset(
+                    key, mapping={"d": t.deleted_ms, "e": t.expires_ms, "a": t.authorization}
+                )
+                await raw.zadd(f"legacy:ti:{M.hex()}", {t.blob_id.hex(): t.expires_ms})
+                await raw.zadd("legacy:x", {f"t:{M.hex()}:{t.blob_id.hex()}": t.expires_ms})
+                await raw.zadd("legacy:m", {M.hex(): 0})
+            new = tombstones(10, b"new shared delete", T0 + 3000)
+            await b.delete(new, T0)
+            everything = sorted(old + new, key=lambda t: t.blob_id)
+            assert await b.get_tombstones(M, [t.blob_id for t in everything], T0) == everything
+            assert (await b.ids(M, T0))[1] == everything
+            index = await b.sync_index(M, T0)
+            assert index.tombstones == [(t.blob_id, len(t.authorization)) for t in everything]
+            assert await b.signed_deletes() == Usage(1, len(b"new shared delete"))
+            assert await b.expire(T0 + 2000, 100) == 3  # the old ones
+            assert (await b.ids(M, T0 + 2000))[1] == new
+            assert await b.expire(T0 + 3000, 100) == 3
+            assert await b.signed_deletes() == Usage(0, 0)
+            assert await b.mailboxes() == 0
+        finally:
+            await raw.aclose()
+            await b.close()
+
+    asyncio.run(main())

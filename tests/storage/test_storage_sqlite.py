@@ -16,6 +16,7 @@ import pytest
 from dna_storage.backends import sqlite as sqlite_backend
 from dna_storage.backends.base import PutOutcome, StoredBlob, Tombstone, Usage
 from dna_storage.backends.sqlite import SqliteBackend
+from storage.sqlite_v3_schema import V3_SCHEMA
 
 T0 = 1_700_000_000_000
 DAY = 86_400_000
@@ -216,7 +217,9 @@ V1_MAILBOXES = """CREATE TABLE mailboxes (
 
 def _version_1_file(path: Path, m: bytes) -> None:
     """A data file as a schema version 1 node left it: no per-mailbox counters."""
-    schema = sqlite_backend.SCHEMA.split("CREATE TABLE IF NOT EXISTS blobs")[1]
+    schema = V3_SCHEMA.split("CREATE TABLE IF NOT EXISTS blobs")[1].split(
+        "CREATE TRIGGER IF NOT EXISTS mailbox_"
+    )[0]
     schema = "\n".join(  # without the `pow` column version 3 added
         line for line in schema.splitlines() if not line.lstrip().startswith("pow BLOB")
     )
@@ -261,3 +264,60 @@ def test_a_file_from_a_newer_node_is_refused(tmp_path: Path) -> None:
         conn.execute(f"PRAGMA user_version = {sqlite_backend.SCHEMA_VERSION + 1}")
     with pytest.raises(sqlite3.OperationalError, match="newer"):
         asyncio.run(SqliteBackend.open(path))
+
+
+def _version_3_file(path: Path, tombs: list[Tombstone]) -> None:
+    """A data file as a schema version 3 node left it: each tombstone row holds its whole
+    signed delete."""
+    with sqlite3.connect(path) as conn:
+        conn.executescript(V3_SCHEMA)
+        conn.executemany(
+            "INSERT INTO tombstones VALUES (?, ?, ?, ?, ?)",
+            [(t.mailbox_id, t.blob_id, t.deleted_ms, t.expires_ms, t.authorization) for t in tombs],
+        )
+        conn.execute("PRAGMA user_version = 3")
+
+
+def test_a_version_3_file_keeps_each_signed_delete_once(tmp_path: Path) -> None:
+    path, m = tmp_path / "v3.db", b"\x07" * 32
+    first, second = b"signed delete 1 " * 800, b"signed delete 2 " * 800
+    tombs = [
+        Tombstone(m, bytes([n]) * 32, T0, T0 + DAY + n, first if n < 5 else second)
+        for n in range(8)
+    ]
+    _version_3_file(path, tombs)
+
+    async def go() -> None:
+        b = await SqliteBackend.open(path)
+        try:
+            assert await b.get_tombstones(m, [t.blob_id for t in tombs], T0) == tombs
+            assert (await b.ids(m, T0))[1] == tombs
+            assert await b.signed_deletes() == Usage(2, len(first) + len(second))
+            assert await b.expire(T0 + DAY + 4, 100) == 5  # every tombstone of the first
+            assert await b.signed_deletes() == Usage(1, len(second))
+            assert await b.expire(T0 + DAY + 8, 100) == 3
+            assert await b.signed_deletes() == Usage(0, 0)
+            assert await b.integrity_ok()
+        finally:
+            await b.close()
+
+    asyncio.run(go())
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (sqlite_backend.SCHEMA_VERSION,)
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(tombstones)")]
+        assert "authorization" not in columns
+
+
+def test_a_failed_migration_leaves_the_old_file_untouched(tmp_path: Path) -> None:
+    path, m = tmp_path / "v3.db", b"\x07" * 32
+    tomb = Tombstone(m, b"\x01" * 32, T0, T0 + DAY, b"auth")
+    _version_3_file(path, [tomb])
+    with sqlite3.connect(path) as conn:  # a name the migration needs is taken
+        conn.execute("CREATE TABLE tombstones_v4 (x)")
+    with pytest.raises(sqlite3.OperationalError, match="tombstones_v4"):
+        asyncio.run(SqliteBackend.open(path))
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+        assert conn.execute("SELECT authorization FROM tombstones").fetchall() == [(b"auth",)]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert "signed_deletes" not in tables

@@ -123,6 +123,12 @@ class StorageMetrics:
         self.blobs = Gauge("dna_storage_blobs", "Blobs stored (incl. expired not yet collected)",
                            registry=registry)  # fmt: skip
         self.bytes = Gauge("dna_storage_bytes", "Bytes of blobs stored", registry=registry)
+        self.signed_delete_bytes = Gauge(
+            "dna_storage_signed_delete_bytes",
+            "Bytes of signed deletes stored as tombstones' authorizations (each once, however "
+            "many tombstones it authorizes)",
+            registry=registry,
+        )
         self.mailboxes = Gauge("dna_storage_mailboxes", "Mailboxes holding blobs or tombstones",
                                registry=registry)  # fmt: skip
         self.gc_removed = Counter(
@@ -275,6 +281,7 @@ class StorageNode:
         self._mailboxes = await backend.mailboxes()
         self.metrics.mailboxes.set(self._mailboxes)
         self.metrics.bytes.set(totals.bytes)
+        self.metrics.signed_delete_bytes.set((await backend.signed_deletes()).bytes)
         if removed:
             self.metrics.gc_removed.inc(removed)
             log.info("expired", extra={"removed": removed})

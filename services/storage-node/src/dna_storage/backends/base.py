@@ -151,6 +151,12 @@ class MailboxBackend(Protocol):
         """Remove up to ``limit`` expired blobs and tombstones; returns how many."""
         ...
 
+    async def signed_deletes(self) -> Usage:
+        """The signed deletes held as tombstones' authorizations, and their bytes. Each is
+        stored once however many tombstones it authorizes (a 200-ID delete: one copy of
+        ~13 KB, not 200), and goes with the last tombstone referencing it."""
+        ...
+
     async def mailboxes(self) -> int:
         """How many mailboxes hold blobs or tombstones (expired ones GC has not reached
         included), for `/status` and metrics: a count over the store, not for hot paths."""

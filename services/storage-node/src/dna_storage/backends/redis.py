@@ -14,13 +14,20 @@ Layout (``P`` = prefix, IDs hex-encoded, ``M`` = mailbox, ``B`` = blob ID):
 
 * ``P b:M:B`` hash ``d`` payload, ``s`` stored_ms, ``e`` expires_ms, ``q`` seq, ``w`` the put's
   proof of work (``common.encode_pow``; absent on blobs stored before it was kept) (native TTL)
-* ``P t:M:B`` hash ``d`` deleted_ms, ``e`` expires_ms, ``a`` authorization (native TTL)
+* ``P t:M:B`` hash ``d`` deleted_ms, ``e`` expires_ms (native TTL); tombstones stored before
+  signed deletes were shared also hold ``a``, their authorization (read as before, gone
+  within a tombstone lifetime)
+* ``P tr:M`` hash B -> H, the hex SHA-256 of the tombstone's signed delete (its authorization)
+* ``P sd:H`` hash ``a`` the signed delete, ``e`` the latest expiry of a tombstone referencing
+  it (native TTL: stored once, not once per tombstone; docs/storage.md)
+* ``P sr`` hash H -> tombstones referencing it; ``P sz`` hash H -> its bytes. Neither expires
+  natively, so the counts stay exact when a key vanishes before GC reaches it
 * ``P s:M`` zset B -> seq (cursor fetch); ``P e:M`` zset B -> expires_ms (usage, liveness)
 * ``P z:M`` hash B -> size; ``P u:M`` hash ``bytes`` (usage without reading payloads)
 * ``P ti:M`` zset B -> tombstone expires_ms; ``P q:M`` seq counter (INCR, never reset)
 * ``P x`` zset ``b:M:B`` / ``t:M:B`` -> expires_ms: the node-wide GC queue
 * ``P m`` zset of mailbox IDs, score 0 (lexicographic range scans for digests)
-* ``P totals`` hash ``blobs``, ``bytes``
+* ``P totals`` hash ``blobs``, ``bytes``, ``signed_deletes``, ``signed_delete_bytes``
 * ``P incarnation`` 8 random bytes, set when the first call finds none (fetch cursors)
 
 Every write is one Lua script (atomic: a put cannot slip past a concurrent delete, and a
@@ -30,6 +37,7 @@ a standalone Redis (or one hash slot), not Redis Cluster.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -87,7 +95,37 @@ local function drop_blob(mb, id)
   redis.call('ZREM', P .. 'x', 'b:' .. mb .. ':' .. id)
   redis.call('DEL', bkey(mb, id))
 end
+local function skey(h) return P .. 'sd:' .. h end
+local function count_signed_delete(sign, size)
+  redis.call('HINCRBY', P .. 'totals', 'signed_deletes', sign)
+  redis.call('HINCRBY', P .. 'totals', 'signed_delete_bytes', sign * size)
+end
+-- Release the tombstone's signed delete; the last reference removes it.
+local function unref_tomb(mb, id)
+  local h = redis.call('HGET', P .. 'tr:' .. mb, id)
+  if not h then return end  -- none, or one stored with its authorization inline
+  redis.call('HDEL', P .. 'tr:' .. mb, id)
+  if redis.call('HINCRBY', P .. 'sr', h, -1) > 0 then return end
+  count_signed_delete(-1, tonumber(redis.call('HGET', P .. 'sz', h) or '0'))
+  redis.call('HDEL', P .. 'sr', h)
+  redis.call('HDEL', P .. 'sz', h)
+  redis.call('DEL', skey(h))
+end
+-- Reference signed delete h from tombstone (mb, id); store it if this is its first.
+local function ref_tomb(mb, id, h, auth, expires)
+  redis.call('HSET', P .. 'tr:' .. mb, id, h)
+  if redis.call('HINCRBY', P .. 'sr', h, 1) == 1 then
+    redis.call('HSET', P .. 'sz', h, #auth)
+    count_signed_delete(1, #auth)
+  end
+  redis.call('HSETNX', skey(h), 'a', auth)  -- again if its key vanished natively
+  if tonumber(expires) > tonumber(redis.call('HGET', skey(h), 'e') or '0') then
+    redis.call('HSET', skey(h), 'e', expires)  -- it lives as long as its longest tombstone
+    redis.call('PEXPIREAT', skey(h), expires)
+  end
+end
 local function drop_tomb(mb, id)
+  unref_tomb(mb, id)
   redis.call('ZREM', P .. 'ti:' .. mb, id)
   redis.call('ZREM', P .. 'x', 't:' .. mb .. ':' .. id)
   redis.call('DEL', tkey(mb, id))
@@ -95,7 +133,7 @@ end
 local function prune_mailbox(mb)
   if redis.call('ZCARD', P .. 'e:' .. mb) == 0 and redis.call('ZCARD', P .. 'ti:' .. mb) == 0 then
     redis.call('ZREM', P .. 'm', mb)
-    redis.call('DEL', P .. 'u:' .. mb, P .. 'z:' .. mb, P .. 's:' .. mb)
+    redis.call('DEL', P .. 'u:' .. mb, P .. 'z:' .. mb, P .. 's:' .. mb, P .. 'tr:' .. mb)
   end
 end
 """
@@ -135,11 +173,14 @@ end
 return out
 """
 
-# ARGV: prefix, now, then (mailbox, blob_id, deleted_ms, expires_ms, authorization) each.
+# ARGV: prefix, now, n, n x (digest, signed delete), then (mailbox, blob_id, deleted_ms,
+# expires_ms, digest) each: a signed delete crosses once, however many tombstones it has.
 # Returns how many live blobs were dropped.
 _DELETE = """
 local now = tonumber(ARGV[2])
-local function delete_one(mb, id, deleted, expires, auth)
+local auths, first = {}, 4 + 2 * tonumber(ARGV[3])
+for i = 4, first - 1, 2 do auths[ARGV[i]] = ARGV[i + 1] end
+local function delete_one(mb, id, deleted, expires, h)
   local removed = 0
   local held = redis.call('ZSCORE', P .. 'e:' .. mb, id)
   if held then
@@ -155,8 +196,10 @@ local function delete_one(mb, id, deleted, expires, auth)
   end
   local old = redis.call('ZSCORE', P .. 'ti:' .. mb, id)
   if (not old) or tonumber(old) < tonumber(expires) then
+    unref_tomb(mb, id)
     redis.call('DEL', tkey(mb, id))
-    redis.call('HSET', tkey(mb, id), 'd', deleted, 'e', expires, 'a', auth)
+    ref_tomb(mb, id, h, auths[h], expires)
+    redis.call('HSET', tkey(mb, id), 'd', deleted, 'e', expires)
     redis.call('PEXPIREAT', tkey(mb, id), expires)
     redis.call('ZADD', P .. 'ti:' .. mb, expires, id)
     redis.call('ZADD', P .. 'x', expires, 't:' .. mb .. ':' .. id)
@@ -165,7 +208,7 @@ local function delete_one(mb, id, deleted, expires, auth)
   return removed
 end
 local removed = 0
-for i = 3, #ARGV, 5 do
+for i = first, #ARGV, 5 do
   removed = removed + delete_one(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
 end
 return removed
@@ -253,6 +296,11 @@ def _unhex(member: bytes | str) -> bytes:
     return bytes.fromhex(member.decode() if isinstance(member, bytes) else member)
 
 
+def _auth_digest(authorization: bytes) -> str:
+    """The key a signed delete is stored under (content-addressed: equal bytes, one key)."""
+    return hashlib.sha256(authorization).hexdigest()
+
+
 def _ids_of(reply: Iterable[Any]) -> list[bytes]:
     return [_unhex(m) for m in reply]
 
@@ -320,10 +368,13 @@ class RedisBackend:
     async def delete(self, tombstones: Sequence[Tombstone], now_ms: int) -> int:
         if not tombstones:
             return 0
-        args: list[Any] = [self._p, now_ms]
+        auths = {_auth_digest(t.authorization): t.authorization for t in tombstones}
+        args: list[Any] = [self._p, now_ms, len(auths)]
+        for digest, auth in auths.items():
+            args += [digest, auth]
         for t in tombstones:
             args += [_hex(t.mailbox_id), _hex(t.blob_id), t.deleted_ms, t.expires_ms]
-            args.append(t.authorization)
+            args.append(_auth_digest(t.authorization))
         return int(await self._write(self._delete, args))
 
     async def expire(self, now_ms: int, limit: int) -> int:
@@ -417,17 +468,45 @@ class RedisBackend:
             pipe.zrangebyscore(self._key("e", mailbox_id), f"({now_ms}", "+inf")
             pipe.zrangebyscore(self._key("ti", mailbox_id), f"({now_ms}", "+inf")
             blob_members, tomb_members = await pipe.execute()
-        blob_ids = sorted(_ids_of(blob_members))
-        tomb_ids = sorted(_ids_of(tomb_members))
+        tombs = await self._tombstones(mailbox_id, sorted(_ids_of(tomb_members)), now_ms)
+        return sorted(_ids_of(blob_members)), tombs
+
+    async def _tombstones(
+        self, mailbox_id: bytes, blob_ids: list[bytes], now_ms: int
+    ) -> list[Tombstone]:
+        """The live ones among ``blob_ids``, each with its signed delete (read once each)."""
+        if not blob_ids:
+            return []
         fields = await self._hmget_all(
-            [self._key("t", mailbox_id, i) for i in tomb_ids], ["d", "e", "a"]
+            [self._key("t", mailbox_id, i) for i in blob_ids], ["d", "e", "a"]
         )
-        tombs = [
-            Tombstone(mailbox_id, blob_id, int(deleted), int(expires), auth)
-            for blob_id, (deleted, expires, auth) in zip(tomb_ids, fields, strict=True)
-            if auth is not None and int(expires) > now_ms
-        ]
-        return blob_ids, tombs
+        digests = await self._auth_digests(mailbox_id, blob_ids)
+        auths = await self._signed_deletes_by_digest({d for d in digests if d})
+        out = []
+        for blob_id, (deleted, expires, inline), digest in zip(
+            blob_ids, fields, digests, strict=True
+        ):
+            auth = inline if inline is not None else auths.get(digest)
+            if deleted is not None and auth is not None and int(expires) > now_ms:
+                out.append(Tombstone(mailbox_id, blob_id, int(deleted), int(expires), auth))
+        return out
+
+    async def _signed_delete_sizes(self, digests: set[bytes]) -> dict[bytes, int]:
+        if not digests:
+            return {}
+        ordered = sorted(digests)
+        found = await self._r.hmget(self._p + "sz", ordered)
+        return {d: int(n) for d, n in zip(ordered, found, strict=True) if n is not None}
+
+    async def _auth_digests(self, mailbox_id: bytes, blob_ids: list[bytes]) -> list[bytes]:
+        """Each tombstone's signed delete digest (hex); b"": none, or one stored inline."""
+        reply = await self._r.hmget(self._key("tr", mailbox_id), [_hex(i) for i in blob_ids])
+        return [d.encode() if isinstance(d, str) else d or b"" for d in reply]
+
+    async def _signed_deletes_by_digest(self, digests: set[bytes]) -> dict[bytes, bytes]:
+        ordered = sorted(digests)
+        found = await self._hmget_all([f"{self._p}sd:{d.decode()}" for d in ordered], ["a"])
+        return {d: a for d, (a,) in zip(ordered, found, strict=True) if a is not None}
 
     async def sync_index(self, mailbox_id: bytes, now_ms: int) -> SyncIndex:
         async with self._r.pipeline(transaction=True) as pipe:
@@ -435,29 +514,36 @@ class RedisBackend:
             pipe.zrangebyscore(self._key("ti", mailbox_id), f"({now_ms}", "+inf")
             blob_members, tomb_members = await pipe.execute()
         tomb_ids = sorted(_ids_of(tomb_members))
-        sizes: list[int] = []
-        for i in range(0, len(tomb_ids), _PIPELINE_CHUNK):
-            async with self._r.pipeline(transaction=False) as pipe:
-                for blob_id in tomb_ids[i : i + _PIPELINE_CHUNK]:
-                    pipe.hstrlen(self._key("t", mailbox_id, blob_id), "a")
-                sizes += await pipe.execute()
+        sizes = await self._authorization_sizes(mailbox_id, tomb_ids)
         return SyncIndex(
             sorted(_ids_of(blob_members)),
-            [(t, int(n)) for t, n in zip(tomb_ids, sizes, strict=True) if n],
+            [(t, n) for t, n in zip(tomb_ids, sizes, strict=True) if n],
         )
+
+    async def _authorization_sizes(self, mailbox_id: bytes, blob_ids: list[bytes]) -> list[int]:
+        """Each tombstone's signed delete size without reading it; 0 for a tombstone whose key
+        is gone (its signed delete's size is kept in ``sz``, an inline one in the key)."""
+        if not blob_ids:
+            return []
+        digests = await self._auth_digests(mailbox_id, blob_ids)
+        sizes = await self._signed_delete_sizes({d for d in digests if d})
+        replies: list[int] = []
+        for i in range(0, len(blob_ids), _PIPELINE_CHUNK):
+            async with self._r.pipeline(transaction=False) as pipe:
+                for blob_id in blob_ids[i : i + _PIPELINE_CHUNK]:
+                    pipe.exists(self._key("t", mailbox_id, blob_id))
+                    pipe.hstrlen(self._key("t", mailbox_id, blob_id), "a")
+                replies += await pipe.execute()
+        held, inline = replies[0::2], replies[1::2]
+        return [
+            int(n) or sizes.get(d, 0) if exists else 0
+            for exists, d, n in zip(held, digests, inline, strict=True)
+        ]
 
     async def get_tombstones(
         self, mailbox_id: bytes, blob_ids: Sequence[bytes], now_ms: int
     ) -> list[Tombstone]:
-        wanted = sorted(unique(blob_ids))
-        fields = await self._hmget_all(
-            [self._key("t", mailbox_id, i) for i in wanted], ["d", "e", "a"]
-        )
-        return [
-            Tombstone(mailbox_id, blob_id, int(deleted), int(expires), auth)
-            for blob_id, (deleted, expires, auth) in zip(wanted, fields, strict=True)
-            if auth is not None and int(expires) > now_ms
-        ]
+        return await self._tombstones(mailbox_id, sorted(unique(blob_ids)), now_ms)
 
     async def held(
         self, mailbox_id: bytes, ids: Sequence[bytes], now_ms: int
@@ -511,6 +597,13 @@ class RedisBackend:
         """Everything held, expired-but-not-yet-collected blobs included (it is memory used)."""
         blobs, size = await self._r.hmget(self._p + "totals", ["blobs", "bytes"])
         return Usage(int(blobs or 0), int(size or 0))
+
+    async def signed_deletes(self) -> Usage:
+        """Signed deletes held (each once, however many tombstones reference it), their bytes."""
+        count, size = await self._r.hmget(
+            self._p + "totals", ["signed_deletes", "signed_delete_bytes"]
+        )
+        return Usage(int(count or 0), int(size or 0))
 
     async def mailboxes(self) -> int:
         return int(await self._r.zcard(self._p + "m"))  # pruned once a mailbox is empty

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import queue
 import sqlite3
 import threading
@@ -45,8 +46,9 @@ from dna_storage.backends.common import (
 )
 
 # 2: per-mailbox blob and byte counters (usage in O(expired), not O(held));
-# 3: each blob keeps its put's proof of work (replicas check it again in sync)
-SCHEMA_VERSION = 3
+# 3: each blob keeps its put's proof of work (replicas check it again in sync);
+# 4: a signed delete is stored once (``signed_deletes``), its tombstones reference it
+SCHEMA_VERSION = 4
 MAX_JOBS_PER_COMMIT = 256  # bounds one transaction's size and the latency it adds
 _IN_CHUNK = 500  # IDs per `IN (...)` query, well under SQLite's variable limit
 
@@ -71,21 +73,29 @@ CREATE UNIQUE INDEX IF NOT EXISTS blobs_cursor ON blobs (mailbox_id, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS blobs_id ON blobs (mailbox_id, blob_id);
 CREATE INDEX IF NOT EXISTS blobs_usage ON blobs (mailbox_id, expires_ms, size);
 CREATE INDEX IF NOT EXISTS blobs_expiry ON blobs (expires_ms, mailbox_id, blob_id);
-CREATE TABLE IF NOT EXISTS tombstones ( -- rowid table: authorizations are kilobytes
+CREATE TABLE IF NOT EXISTS tombstones (
     mailbox_id BLOB NOT NULL,
     blob_id BLOB NOT NULL,
     deleted_ms INTEGER NOT NULL,
     expires_ms INTEGER NOT NULL,
-    authorization BLOB NOT NULL
+    auth_digest BLOB NOT NULL          -- signed_deletes.digest: its authorization
 );
 CREATE UNIQUE INDEX IF NOT EXISTS tombstones_id ON tombstones (mailbox_id, blob_id);
 CREATE INDEX IF NOT EXISTS tombstones_expiry ON tombstones (expires_ms, mailbox_id, blob_id);
+-- One row per signed delete (up to 200 IDs, ~13 KB): stored once, not once per tombstone.
+CREATE TABLE IF NOT EXISTS signed_deletes ( -- rowid table: authorizations are kilobytes
+    digest BLOB PRIMARY KEY,           -- SHA-256 of the authorization
+    refs INTEGER NOT NULL,             -- tombstones referencing it: kept by the triggers below
+    authorization BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS totals (     -- kept by triggers: O(1) metrics on a million blobs
     id INTEGER PRIMARY KEY CHECK (id = 0),
     blobs INTEGER NOT NULL,
-    bytes INTEGER NOT NULL
+    bytes INTEGER NOT NULL,
+    signed_deletes INTEGER NOT NULL DEFAULT 0,
+    signed_delete_bytes INTEGER NOT NULL DEFAULT 0
 );
-INSERT OR IGNORE INTO totals VALUES (0, 0, 0);
+INSERT OR IGNORE INTO totals (id, blobs, bytes) VALUES (0, 0, 0);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
 INSERT OR IGNORE INTO meta VALUES ('incarnation', randomblob(8));
 CREATE TRIGGER IF NOT EXISTS blobs_added AFTER INSERT ON blobs BEGIN
@@ -93,6 +103,23 @@ CREATE TRIGGER IF NOT EXISTS blobs_added AFTER INSERT ON blobs BEGIN
 END;
 CREATE TRIGGER IF NOT EXISTS blobs_removed AFTER DELETE ON blobs BEGIN
     UPDATE totals SET blobs = blobs - 1, bytes = bytes - OLD.size WHERE id = 0;
+END;
+-- Every way a tombstone goes (GC, forget, replacement by a later one) releases its signed
+-- delete here, so no code path can leak one or drop one still referenced.
+CREATE TRIGGER IF NOT EXISTS tombstone_added AFTER INSERT ON tombstones BEGIN
+    UPDATE signed_deletes SET refs = refs + 1 WHERE digest = NEW.auth_digest;
+END;
+CREATE TRIGGER IF NOT EXISTS tombstone_removed AFTER DELETE ON tombstones BEGIN
+    UPDATE signed_deletes SET refs = refs - 1 WHERE digest = OLD.auth_digest;
+    DELETE FROM signed_deletes WHERE digest = OLD.auth_digest AND refs <= 0;
+END;
+CREATE TRIGGER IF NOT EXISTS signed_delete_added AFTER INSERT ON signed_deletes BEGIN
+    UPDATE totals SET signed_deletes = signed_deletes + 1,
+        signed_delete_bytes = signed_delete_bytes + length(NEW.authorization) WHERE id = 0;
+END;
+CREATE TRIGGER IF NOT EXISTS signed_delete_removed AFTER DELETE ON signed_deletes BEGIN
+    UPDATE totals SET signed_deletes = signed_deletes - 1,
+        signed_delete_bytes = signed_delete_bytes - length(OLD.authorization) WHERE id = 0;
 END;
 """
 
@@ -120,9 +147,46 @@ UPDATE mailboxes SET
     2: """
 ALTER TABLE blobs ADD COLUMN pow BLOB;
 """,
+    # Each tombstone held its own copy of the signed delete: keep one per distinct one.
+    # (SCHEMA, run after this, adds the indexes and the reference-counting triggers.)
+    3: """
+CREATE TABLE signed_deletes (
+    digest BLOB PRIMARY KEY,
+    refs INTEGER NOT NULL,
+    authorization BLOB NOT NULL
+);
+INSERT INTO signed_deletes (digest, refs, authorization)
+    SELECT sha256(authorization), count(*), authorization FROM tombstones GROUP BY 1;
+CREATE TABLE tombstones_v4 (
+    mailbox_id BLOB NOT NULL,
+    blob_id BLOB NOT NULL,
+    deleted_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    auth_digest BLOB NOT NULL
+);
+INSERT INTO tombstones_v4 (mailbox_id, blob_id, deleted_ms, expires_ms, auth_digest)
+    SELECT mailbox_id, blob_id, deleted_ms, expires_ms, sha256(authorization) FROM tombstones;
+DROP TABLE tombstones;
+ALTER TABLE tombstones_v4 RENAME TO tombstones;
+ALTER TABLE totals ADD COLUMN signed_deletes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE totals ADD COLUMN signed_delete_bytes INTEGER NOT NULL DEFAULT 0;
+UPDATE totals SET
+    signed_deletes = (SELECT count(*) FROM signed_deletes),
+    signed_delete_bytes = (SELECT coalesce(sum(length(authorization)), 0) FROM signed_deletes);
+""",
 }
 
 _BLOB_COLUMNS = "mailbox_id, blob_id, blob, stored_ms, expires_ms, seq, pow"
+# A tombstone as the wire has it: its row joined with its signed delete.
+_TOMBSTONES = (
+    "SELECT t.mailbox_id, t.blob_id, t.deleted_ms, t.expires_ms, s.authorization"
+    " FROM tombstones t JOIN signed_deletes s ON s.digest = t.auth_digest"
+)
+
+
+def auth_digest(authorization: bytes) -> bytes:
+    """The key a signed delete is stored under (content-addressed: equal bytes, one row)."""
+    return hashlib.sha256(authorization).digest()
 
 
 @dataclass(slots=True)
@@ -170,6 +234,8 @@ def _connect(path: Path, *, writer: bool) -> sqlite3.Connection:
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"cannot enable WAL on {path}: journal_mode={mode}")
         conn.execute("PRAGMA synchronous = FULL")  # acknowledged == on disk
+        # For migration 3 (moving each tombstone's authorization out by its digest).
+        conn.create_function("sha256", 1, auth_digest, deterministic=True)
         _migrate(conn)
     else:
         conn.execute("PRAGMA query_only = ON")
@@ -513,6 +579,14 @@ class SqliteBackend:
         ).fetchone()[0])  # fmt: skip
         return count
 
+    async def signed_deletes(self) -> Usage:
+        """Signed deletes held (each once, however many tombstones reference it) and their
+        bytes: what tombstones cost beyond their fixed-size rows (counters kept by triggers)."""
+        row = await self._reader.submit(lambda c: c.execute(
+            "SELECT signed_deletes, signed_delete_bytes FROM totals WHERE id = 0"
+        ).fetchone())  # fmt: skip
+        return Usage(int(row[0]), int(row[1]))
+
     async def integrity_ok(self) -> bool:
         """``PRAGMA integrity_check`` says "ok" (run after a crash, before serving).
 
@@ -613,12 +687,24 @@ def _delete_one(conn: sqlite3.Connection, tomb: Tombstone, now_ms: int) -> int:
     ).fetchone()
     if row is None or row[0] < expires:
         conn.execute("DELETE FROM tombstones WHERE mailbox_id = ? AND blob_id = ?", key)
-        conn.execute(
-            "INSERT INTO tombstones (mailbox_id, blob_id, deleted_ms, expires_ms, authorization)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (*key, tomb.deleted_ms, expires, tomb.authorization),
-        )
+        _insert_tombstone(conn, tomb, expires)
     return removed
+
+
+def _insert_tombstone(conn: sqlite3.Connection, tomb: Tombstone, expires: int) -> None:
+    """The signed delete once (its first tombstone stores it), then the row referencing it;
+    the ``tombstone_added`` trigger counts the reference."""
+    digest = auth_digest(tomb.authorization)
+    conn.execute(
+        "INSERT INTO signed_deletes (digest, refs, authorization) VALUES (?, 0, ?)"
+        " ON CONFLICT (digest) DO NOTHING",
+        (digest, tomb.authorization),
+    )
+    conn.execute(
+        "INSERT INTO tombstones (mailbox_id, blob_id, deleted_ms, expires_ms, auth_digest)"
+        " VALUES (?, ?, ?, ?, ?)",
+        (tomb.mailbox_id, tomb.blob_id, tomb.deleted_ms, expires, digest),
+    )
 
 
 def _forget(
@@ -696,8 +782,9 @@ def _sync_index(conn: sqlite3.Connection, mailbox_id: bytes, now_ms: int) -> Syn
             key,
         )],
         [(r[0], r[1]) for r in conn.execute(
-            "SELECT blob_id, length(authorization) FROM tombstones"
-            " WHERE mailbox_id = ? AND expires_ms > ? ORDER BY blob_id",
+            "SELECT t.blob_id, length(s.authorization)"
+            " FROM tombstones t JOIN signed_deletes s ON s.digest = t.auth_digest"
+            " WHERE t.mailbox_id = ? AND t.expires_ms > ? ORDER BY t.blob_id",
             key,
         )],
     )  # fmt: skip
@@ -711,8 +798,8 @@ def _tombstones_by_id(
         found += [
             Tombstone(*row)
             for row in conn.execute(
-                "SELECT mailbox_id, blob_id, deleted_ms, expires_ms, authorization FROM tombstones"
-                f" WHERE mailbox_id = ? AND blob_id IN ({marks}) AND expires_ms > ?",
+                f"{_TOMBSTONES} WHERE t.mailbox_id = ? AND t.blob_id IN ({marks})"
+                " AND t.expires_ms > ?",
                 (mailbox_id, *chunk, now_ms),
             )
         ]
@@ -748,8 +835,7 @@ def _ids(
     tombs = [
         Tombstone(*row)
         for row in conn.execute(
-            "SELECT mailbox_id, blob_id, deleted_ms, expires_ms, authorization FROM tombstones"
-            " WHERE mailbox_id = ? AND expires_ms > ? ORDER BY blob_id",
+            f"{_TOMBSTONES} WHERE t.mailbox_id = ? AND t.expires_ms > ? ORDER BY t.blob_id",
             (mailbox_id, now_ms),
         )
     ]
