@@ -1,6 +1,6 @@
 """Repair throughput with its sync calls on mailbox sessions, against the unary calls.
 
-``uv run python -m bench.repair [--rounds R] [--n MAILBOXES] [--quick]``
+``uv run python -m bench.repair [--rounds R] [--n MAILBOXES] [--quick] [--sections ...]``
 
 * **Setup, not timed.** A bootstrap and 5 storage nodes, all in this process (so one
   figure is the whole network's CPU, on one core), on loopback addresses from the
@@ -21,6 +21,13 @@
 * **refill** (``storage.repair.refill``, blobs/s): node 1 forgets the refill mailbox
   (``MailboxBackend.forget``), then node 0's pass over that mailbox alone pushes it back
   (offers ahead and 1 MiB ``SyncPush`` pieces), sessions and unary alternating.
+
+* **burst** (``--sections burst``, a detail line, not a figure): one pass of node 0 over
+  ``--burst-n`` mailboxes (default 3,000: three times the peers' sync burst of 1,000
+  calls) with no rest before it, on sessions: its seconds, mailboxes/s, lookups per
+  mailbox (node 0's own, and the 4 peers' authorizing its calls: each node's
+  ``dna_overlay_lookup_seconds`` count), exchanges failed by reason (``rate`` refusals
+  are RESOURCE_EXHAUSTED) and the waits for the peers' rate limits.
 
 ``ratio`` = sessions / unary (above 1.0: repair over sessions is faster). CPU per mailbox
 (pass) and per blob (refill) is this process's, which holds every node.
@@ -56,6 +63,8 @@ from bench.harness import cpu_s, now_ms
 STORAGE = 5
 REFILL_BLOBS, QUICK_REFILL_BLOBS = 2_000, 200
 DEFAULT_MAILBOXES, QUICK_MAILBOXES = 300, 30
+BURST_MAILBOXES, QUICK_BURST_MAILBOXES = 3_000, 300
+SECTIONS = ("pass", "refill", "burst")
 DAY_MS = 86_400_000
 STORAGE_TOML = "repair_interval_s = 86400.0\n[admission]\npow_base_bits = 8\n"
 WATCHDOG_S = 1_800.0
@@ -124,13 +133,13 @@ class Network:
             await self.boot.stop()
 
 
-def small_mailboxes(count: int) -> list[StoredBlob]:
+def small_mailboxes(count: int, name: bytes = b"bench") -> list[StoredBlob]:
     """``count`` mailboxes of one 200-byte blob each (never pushed: no proof needed)."""
     now = now_ms()
     out = []
     for i in range(count):
         data = hashlib.sha256(b"blob %d" % i).digest() * 7
-        box = hashlib.sha256(b"bench mailbox %d" % i).digest()
+        box = hashlib.sha256(b"%s mailbox %d" % (name, i)).digest()
         out.append(StoredBlob(box, blob_id(data), data, now, now + DAY_MS))
     return out
 
@@ -242,6 +251,47 @@ async def bench_refill(net: Network, blobs: int, rounds: int) -> dict[str, Any]:
     return figure("storage.repair.refill", ("blob", "blobs"), blobs, results, params)
 
 
+def lookups(node: Any) -> float:
+    """Lookups the overlay node has run so far (its lookup latency histogram's count)."""
+    return sum(s.value for m in node.metrics.lookup_seconds.collect() for s in m.samples
+               if s.name.endswith("_count"))  # fmt: skip
+
+
+def failures_by_reason(repairer: Repairer) -> dict[str, float]:
+    return {s.labels["reason"]: s.value for m in repairer.metrics.failures.collect()
+            for s in m.samples if s.name.endswith("_total") and s.value}  # fmt: skip
+
+
+def rate_waits(repairer: Repairer) -> float:
+    """The repairer's waits for a peer's sync rate limit (0 where it does not pace)."""
+    waits = getattr(repairer.metrics, "rate_waits", None)
+    return 0.0 if waits is None else sum(
+        s.value for m in waits.collect() for s in m.samples if s.name.endswith("_total")
+    )
+
+
+async def bench_burst(net: Network, mailboxes: int) -> dict[str, Any]:
+    """One pass over more mailboxes than the peers' sync burst, straight after setup."""
+    await net.put_everywhere(small_mailboxes(mailboxes, b"burst"))
+    repairer = net.repairer(0)
+    overlays = [net.overlay(i) for i in range(STORAGE)]
+    before = [lookups(o) for o in overlays]
+    started = time.perf_counter()
+    synced = await repairer.repair_once()
+    took = time.perf_counter() - started
+    ran = [lookups(o) - b for o, b in zip(overlays, before, strict=True)]
+    line = {
+        "section": "storage.repair.burst", "mailboxes": synced, "seconds": round(took, 2),
+        "mailboxes_per_s": round(synced / took, 1),
+        "lookups_per_mailbox": round(ran[0] / synced, 4),
+        "peer_lookups_per_mailbox": round(sum(ran[1:]) / synced, 4),
+        "failed_exchanges": failures_by_reason(repairer),
+        "rate_waits": rate_waits(repairer),
+    }  # fmt: skip
+    harness.detail(line)
+    return line
+
+
 def check_no_failures(repairer: Repairer) -> None:
     if failed := failures(repairer):
         raise RuntimeError(f"{failed:g} sync exchanges failed: the figure would be wrong")
@@ -251,19 +301,33 @@ async def run(args: Any) -> int:
     harness.print_machine()
     rounds = harness.rounds_from(args)
     mailboxes = harness.n_from(args, DEFAULT_MAILBOXES, QUICK_MAILBOXES)
+    sections = args.sections.split(",")
+    if unknown := set(sections) - set(SECTIONS):
+        raise SystemExit(f"unknown sections {sorted(unknown)}: choose from {SECTIONS}")
     with harness.scratch_dir("repair") as root:
         net = Network(root)
         try:
             await net.start()
-            await bench_pass(net, mailboxes, rounds)
-            await bench_refill(net, QUICK_REFILL_BLOBS if args.quick else REFILL_BLOBS, rounds)
+            if "burst" in sections:  # first: the peers' buckets are full, as after a rest
+                burst = args.burst_n or (QUICK_BURST_MAILBOXES if args.quick else BURST_MAILBOXES)
+                await bench_burst(net, burst)
+            if "pass" in sections:
+                await bench_pass(net, mailboxes, rounds)
+            if "refill" in sections:
+                blobs = QUICK_REFILL_BLOBS if args.quick else REFILL_BLOBS
+                await bench_refill(net, blobs, rounds)
         finally:
             await net.stop()
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = harness.arg_parser(__doc__.splitlines()[0]).parse_args(argv)
+    parser = harness.arg_parser(__doc__.splitlines()[0])
+    parser.add_argument("--sections", default="pass,refill",
+                        help=f"comma-separated, of {', '.join(SECTIONS)} (default pass,refill)")
+    parser.add_argument("--burst-n", type=int, default=None,
+                        help=f"mailboxes of the burst pass (default {BURST_MAILBOXES:,})")
+    args = parser.parse_args(argv)  # fmt: skip
     return harness.run_main("bench.repair", lambda: run(args), WATCHDOG_S)
 
 
