@@ -265,9 +265,10 @@ def failures_by_reason(repairer: Repairer) -> dict[str, float]:
 def rate_waits(repairer: Repairer) -> float:
     """The repairer's waits for a peer's sync rate limit (0 where it does not pace)."""
     waits = getattr(repairer.metrics, "rate_waits", None)
-    return 0.0 if waits is None else sum(
-        s.value for m in waits.collect() for s in m.samples if s.name.endswith("_total")
-    )
+    if waits is None:
+        return 0.0
+    return float(sum(s.value for m in waits.collect() for s in m.samples
+                     if s.name.endswith("_total")))  # fmt: skip
 
 
 async def bench_burst(net: Network, mailboxes: int) -> dict[str, Any]:

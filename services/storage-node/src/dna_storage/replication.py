@@ -65,6 +65,7 @@ from dna_core.mailbox import (
     tombstone_proto,
 )
 from dna_core.overlay import Contact, OverlayNode, contact_from_proto, contact_to_proto, distance
+from dna_core.overlay.aio.node import Closest
 from dna_core.rpc_errors import call
 from dna_core.wire import common_pb2, mailbox_pb2, mailbox_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -88,6 +89,8 @@ _PULL_CHUNK = 8  # blobs read from the backend at a time while filling a bounded
 _OFFER_AHEAD = 256  # a push longer than this offers IDs before sending their blobs
 LOOKUP_TTL_S = 60.0  # how long a lookup of a mailbox's neighbourhood serves authorization
 RELOOK_AFTER_S = 10.0  # a refusal on an older lookup looks again once (a node restarted)
+REUSE_S = 30.0  # how long one lookup's result may choose the replicas of the mailboxes after it
+NEIGHBOURHOODS = 16  # recent lookup results a node's authorization of sync calls draws on
 T = TypeVar("T")
 R = TypeVar(
     "R", mailbox_pb2.SyncListRequest, mailbox_pb2.SyncPullRequest, mailbox_pb2.SyncPushRequest
@@ -241,6 +244,68 @@ async def _within_quota(
         count, size = count + 1, size + len(blob.blob)
     return fitting
 
+def is_storage(contact: Contact) -> bool:
+    return contact.role == common_pb2.NODE_ROLE_STORAGE
+
+
+@dataclass(frozen=True)
+class Neighbourhood:
+    """One lookup's result, kept to rank the storage nodes of other mailboxes than its
+    target without a lookup of their own, where that provably gives what a lookup of them
+    would (``ranks``).
+
+    Why it is safe: a lookup returns the k nodes closest to its target; any node left out
+    is farther from the target than the farthest returned (``radius``). XOR distance obeys
+    the triangle inequality, so a node left out is farther from another ID ``box`` than
+    ``radius - distance(target, box)``. If the ``count`` closest storage nodes to ``box``
+    among those returned (this node included) all lie closer than that, no node left out
+    can be among them; and if at most k returned nodes lie that close, a lookup of ``box``
+    (its k closest) would return them all too. A lookup that found every node reachable
+    (``exhaustive``: a small network) ranks any mailbox. Assumes what a fresh lookup does:
+    that the lookup found the true closest nodes."""
+
+    target: bytes
+    contacts: tuple[Contact, ...]  # closest to ``target`` first, this node never among them
+    exhaustive: bool
+    k: int
+    at: float  # monotonic
+
+    @classmethod
+    def of(cls, target: bytes, found: Closest, k: int, now: float) -> Neighbourhood:
+        return cls(target, tuple(found.contacts), found.exhaustive, k, now)
+
+    def ranks(self, box: bytes, me: bytes, count: int) -> bool:
+        """Whether the ``count`` storage nodes closest to ``box`` (``me`` among them if it is
+        one) are certainly those a lookup of ``box`` would rank first."""
+        if self.exhaustive:
+            return True
+        if len(self.contacts) < self.k:  # a short answer bounds nothing
+            return False
+        ranked = sorted(
+            [distance(c.node_id, box) for c in self.contacts if is_storage(c)] + [distance(me, box)]
+        )
+        if len(ranked) < count:
+            return False
+        reach = ranked[count - 1]
+        radius = distance(self.contacts[-1].node_id, self.target)
+        if reach + distance(self.target, box) >= radius:
+            return False
+        return sum(distance(c.node_id, box) <= reach for c in self.contacts) <= self.k
+
+
+def choose_replicas(
+    found: Sequence[Contact], me: bytes, box: bytes, replicas: int
+) -> tuple[list[Contact], bool]:
+    """The other storage nodes of the mailbox's replica set among ``found`` (the R closest
+    storage nodes), and whether ``me`` is one of them. A lookup never returns the node that
+    asks, so this node is placed by its own distance: otherwise a replica would take the
+    (R+1)-th closest for a replica and keep pushing the mailbox to it."""
+    others = [c for c in found if is_storage(c) and c.node_id != me]
+    others.sort(key=lambda c: distance(c.node_id, box))
+    mine = distance(me, box)
+    rightful = sum(distance(c.node_id, box) < mine for c in others) < replicas
+    return others[: replicas - 1 if rightful else replicas], rightful
+
 
 class ReplicaView:
     """Who may sync a mailbox with this node, judged from its own view of the network.
@@ -260,7 +325,10 @@ class ReplicaView:
         self.node, self.bound = node, replicas + SYNC_MARGIN
         self.per_node = RateLimiter(SYNC_CALLS_PER_S, SYNC_CALL_BURST, 4096)
         self.per_address = RateLimiter(SYNC_CALLS_PER_S, SYNC_CALL_BURST, 4096)
-        self._lookups: OrderedDict[bytes, tuple[float, asyncio.Task[list[bytes]]]] = OrderedDict()
+        self._lookups: OrderedDict[bytes, tuple[float, asyncio.Future[Neighbourhood]]] = (
+            OrderedDict()
+        )
+        self._hoods: deque[Neighbourhood] = deque(maxlen=NEIGHBOURHOODS)
 
     async def ranking(self, box: bytes, *, fresh: bool = False) -> list[bytes]:
         """Node IDs of the ``bound`` closest storage nodes known (this node included)."""
@@ -275,23 +343,36 @@ class ReplicaView:
         return sorted(known, key=lambda i: distance(i, box))[: self.bound]
 
     async def _looked_up(self, box: bytes, *, fresh: bool) -> list[bytes]:
+        """The storage nodes a lookup of ``box`` finds: this mailbox's own recent lookup
+        (or the one in flight), else a recent lookup of a neighbouring mailbox that
+        provably ranks this one the same (``Neighbourhood``; a replica syncs its mailboxes
+        in ID order, mostly neighbours), else a new lookup."""
         now = time.monotonic()
+        max_age = RELOOK_AFTER_S if fresh else LOOKUP_TTL_S
         cached = self._lookups.get(box)
-        if (
-            cached is None
-            or now - cached[0] > LOOKUP_TTL_S
-            or (fresh and now - cached[0] > RELOOK_AFTER_S)
-        ):
+        if cached is None or now - cached[0] > LOOKUP_TTL_S or now - cached[0] > max_age:
+            hood = self._neighbourhood(box, now, max_age)
+            if hood is not None:
+                return [c.node_id for c in hood.contacts if is_storage(c)]
             cached = (now, asyncio.ensure_future(self._lookup(box)))
             self._lookups[box] = cached
         self._lookups.move_to_end(box)
         while len(self._lookups) > 4096:
             self._lookups.popitem(last=False)
-        return await asyncio.shield(cached[1])
+        hood = await asyncio.shield(cached[1])
+        return [c.node_id for c in hood.contacts if is_storage(c)]
 
-    async def _lookup(self, box: bytes) -> list[bytes]:
-        found = await self.node.find_node(box)
-        return [c.node_id for c in found if c.role == common_pb2.NODE_ROLE_STORAGE]
+    def _neighbourhood(self, box: bytes, now: float, max_age: float) -> Neighbourhood | None:
+        for hood in reversed(self._hoods):
+            if now - hood.at <= max_age and hood.ranks(box, self.node.node_id, self.bound):
+                return hood
+        return None
+
+    async def _lookup(self, box: bytes) -> Neighbourhood:
+        found = await self.node.find_closest(box)
+        hood = Neighbourhood.of(box, found, self.node.config.k, time.monotonic())
+        self._hoods.append(hood)
+        return hood
 
     async def authorize(self, box: bytes, caller: Contact, source_ip: str, *, push: bool) -> None:
         """Return if ``caller`` may make this call for ``box``, else raise why not."""
@@ -401,6 +482,7 @@ class RepairMetrics:
     handoff_dropped: Counter
     failures: Counter
     calls: Counter
+    lookups: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry, replicas: int) -> RepairMetrics:
@@ -445,6 +527,12 @@ class RepairMetrics:
                 ["method", "via"],
                 registry=registry,
             ),
+            Counter(
+                "dna_storage_repair_lookups",
+                "Overlay lookups of repair to find mailboxes' replica sets (one serves the "
+                "mailboxes after it that it provably ranks the same)",
+                registry=registry,
+            ),
         )
 
 
@@ -469,6 +557,7 @@ class Repairer:
         self.replicas = replicas
         self.interval_s, self.timeout_s = interval_s, timeout_s
         self.metrics = RepairMetrics.create(registry, replicas)
+        self._hood: Neighbourhood | None = None  # the last lookup (``replica_peers``)
         # One session per peer carries the sync calls (session.py); a peer that serves none
         # (an older node), or whose session is unavailable, gets the unary calls, as every
         # peer does with None (``sessions=False``: the unary calls only, as before them).
@@ -508,17 +597,17 @@ class Repairer:
         return synced
 
     async def replica_peers(self, box: bytes) -> tuple[list[Contact], bool]:
-        """The other storage nodes of the mailbox's replica set (the R closest storage
-        nodes), and whether this node is one of them. A lookup never returns the node that
-        asks, so this node is placed by its own distance: otherwise a replica would take the
-        (R+1)-th closest for a replica and keep pushing the mailbox to it."""
-        found = await self.node.find_node(box)
-        me = self.node.node_id
-        others = [c for c in found if c.role == common_pb2.NODE_ROLE_STORAGE and c.node_id != me]
-        others.sort(key=lambda c: distance(c.node_id, box))
-        mine = distance(me, box)
-        rightful = sum(distance(c.node_id, box) < mine for c in others) < self.replicas
-        return others[: self.replicas - 1 if rightful else self.replicas], rightful
+        """The other storage nodes of the mailbox's replica set (``choose_replicas``), and
+        whether this node is one of them: from the last lookup while it provably ranks this
+        mailbox as its own lookup would (``Neighbourhood``: a pass walks mailboxes in ID
+        order, and neighbours mostly share their replicas), else from a new lookup."""
+        me, now = self.node.node_id, time.monotonic()
+        hood = self._hood
+        if hood is None or now - hood.at > REUSE_S or not hood.ranks(box, me, self.replicas):
+            found = await self.node.find_closest(box)
+            self.metrics.lookups.inc()
+            hood = self._hood = Neighbourhood.of(box, found, self.node.config.k, now)
+        return choose_replicas(hood.contacts, me, box, self.replicas)
 
     async def sync_mailbox(self, box: bytes) -> None:
         peers, rightful = await self.replica_peers(box)
