@@ -262,13 +262,14 @@ def failures_by_reason(repairer: Repairer) -> dict[str, float]:
             for s in m.samples if s.name.endswith("_total") and s.value}  # fmt: skip
 
 
-def rate_waits(repairer: Repairer) -> float:
-    """The repairer's waits for a peer's sync rate limit (0 where it does not pace)."""
+def rate_waits(repairer: Repairer) -> dict[str, float]:
+    """The repairer's waits for peers' sync rate limits, by cause (none where it does not
+    pace: before it did)."""
     waits = getattr(repairer.metrics, "rate_waits", None)
     if waits is None:
-        return 0.0
-    return float(sum(s.value for m in waits.collect() for s in m.samples
-                     if s.name.endswith("_total")))  # fmt: skip
+        return {}
+    return {s.labels["cause"]: s.value for m in waits.collect() for s in m.samples
+            if s.name.endswith("_total") and s.value}  # fmt: skip
 
 
 async def bench_burst(net: Network, mailboxes: int) -> dict[str, Any]:
@@ -277,13 +278,14 @@ async def bench_burst(net: Network, mailboxes: int) -> dict[str, Any]:
     repairer = net.repairer(0)
     overlays = [net.overlay(i) for i in range(STORAGE)]
     before = [lookups(o) for o in overlays]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_s()
     synced = await repairer.repair_once()
-    took = time.perf_counter() - started
+    took, cpu = time.perf_counter() - started, cpu_s() - cpu
     ran = [lookups(o) - b for o, b in zip(overlays, before, strict=True)]
     line = {
         "section": "storage.repair.burst", "mailboxes": synced, "seconds": round(took, 2),
         "mailboxes_per_s": round(synced / took, 1),
+        "cpu_ms_per_mailbox": round(cpu * 1e3 / synced, 3),
         "lookups_per_mailbox": round(ran[0] / synced, 4),
         "peer_lookups_per_mailbox": round(sum(ran[1:]) / synced, 4),
         "failed_exchanges": failures_by_reason(repairer),
@@ -324,10 +326,17 @@ async def run(args: Any) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = harness.arg_parser(__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="pass,refill",
-                        help=f"comma-separated, of {', '.join(SECTIONS)} (default pass,refill)")
-    parser.add_argument("--burst-n", type=int, default=None,
-                        help=f"mailboxes of the burst pass (default {BURST_MAILBOXES:,})")
+    parser.add_argument(
+        "--sections",
+        default="pass,refill",
+        help=f"comma-separated, of {', '.join(SECTIONS)} (default pass,refill)",
+    )
+    parser.add_argument(
+        "--burst-n",
+        type=int,
+        default=None,
+        help=f"mailboxes of the burst pass (default {BURST_MAILBOXES:,})",
+    )
     args = parser.parse_args(argv)  # fmt: skip
     return harness.run_main("bench.repair", lambda: run(args), WATCHDOG_S)
 

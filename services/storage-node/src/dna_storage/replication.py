@@ -70,7 +70,7 @@ from dna_core.rpc_errors import call
 from dna_core.wire import common_pb2, mailbox_pb2, mailbox_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from dna_storage.admission import Quota, RateLimited, RateLimiter
+from dna_storage.admission import Quota, RateLimited, RateLimiter, TokenBucket
 from dna_storage.backends.base import MailboxBackend, PutOutcome, SyncIndex
 
 log = logging.getLogger("dna.storage.repair")
@@ -82,6 +82,9 @@ MIN_PIECE_BYTES = 32 * 1024  # halving a refused piece stops here (a piece holds
 MAX_SYNC_ITEMS = 500  # blobs, and tombstones, per SyncPush
 MAX_SYNC_IDS = 4096  # IDs per list page, pull request and push offer (~140 KB)
 SYNC_CALLS_PER_S, SYNC_CALL_BURST = 100.0, 1000.0  # per calling node and per address
+MIN_PACE_PER_S = 1.0  # a peer that keeps refusing is called no slower than this
+RATE_RETRIES = 8  # refusals of one call over a peer's rate before the exchange fails
+MAX_RATE_WAIT_S = 60.0  # a retry-after longer than this fails the exchange (next pass)
 ID_WIRE = 34  # a 32-byte ID with its tag and length
 BLOB_WIRE, TOMB_WIRE = 128, 64  # a blob's / tombstone's fields beside its payload
 REPAIR_RANGES = 256  # slices of the mailbox ID space a repair pass lists one at a time
@@ -244,6 +247,7 @@ async def _within_quota(
         count, size = count + 1, size + len(blob.blob)
     return fitting
 
+
 def is_storage(contact: Contact) -> bool:
     return contact.role == common_pb2.NODE_ROLE_STORAGE
 
@@ -321,10 +325,13 @@ class ReplicaView:
     failure), never let a caller in: the caller must sign with the key of its ranked ID.
     Calls are rate-limited per caller and per address first, before any lookup."""
 
-    def __init__(self, node: OverlayNode, replicas: int = 5) -> None:
+    def __init__(
+        self, node: OverlayNode, replicas: int = 5, *,
+        rate: float = SYNC_CALLS_PER_S, burst: float = SYNC_CALL_BURST,
+    ) -> None:  # fmt: skip
         self.node, self.bound = node, replicas + SYNC_MARGIN
-        self.per_node = RateLimiter(SYNC_CALLS_PER_S, SYNC_CALL_BURST, 4096)
-        self.per_address = RateLimiter(SYNC_CALLS_PER_S, SYNC_CALL_BURST, 4096)
+        self.per_node = RateLimiter(rate, burst, 4096)
+        self.per_address = RateLimiter(rate, burst, 4096)
         self._lookups: OrderedDict[bytes, tuple[float, asyncio.Future[Neighbourhood]]] = (
             OrderedDict()
         )
@@ -379,7 +386,8 @@ class ReplicaView:
         now = time.monotonic()
         wait = max(self.per_node.check(caller.node_id, now), self.per_address.check(source_ip, now))
         if wait > 0:
-            raise RateLimited(f"sync: over {SYNC_CALLS_PER_S:g} calls/s from this peer", wait)
+            limit = self.per_node.rate
+            raise RateLimited(f"sync: over the rate of {limit:g} calls/s from this peer", wait)
         for fresh in (False, True):
             ranking = await self.ranking(box, fresh=fresh)
             if caller.node_id in ranking or (push and self.node.node_id in ranking):
@@ -387,6 +395,76 @@ class ReplicaView:
         raise VerificationError(
             "sync: the caller is not among this mailbox's replicas as this node sees them"
         )
+
+
+@dataclass
+class _Pace:
+    bucket: TokenBucket  # the peers' default limit, while this peer never refused
+    rate: float | None = None  # calls/s once it refused: one call every 1 / rate
+    next_at: float = 0.0  # no call before (its retry-after, or the paced interval)
+
+
+class PeerPacer:
+    """When this node's repair may make its next sync call to each peer (sans-I/O: the
+    caller gives the monotonic time), so that a pass keeps within the peer's sync rate
+    limit instead of being refused (docs/storage.md "Anti-entropy").
+
+    A peer's limit is its own configuration, which this node cannot know. It starts from
+    the default (a token bucket of ``rate`` and ``burst``, as a peer's limiter is): against
+    a peer with the default limit, a pass is never refused. A peer configured lower
+    refuses with a retry-after, which is authoritative: no call goes to it before then,
+    and from then on its calls are paced one at a time at a rate halved by each refusal
+    (not below ``MIN_PACE_PER_S``) and raised by one call/s per second of answered calls,
+    up to ``rate`` (additive increase, multiplicative decrease, as TCP's congestion
+    control): the pace settles near the peer's real limit. Memory: at most ``max_peers``
+    peers, the least recently called forgotten (one comes back at the default)."""
+
+    def __init__(
+        self, rate: float = SYNC_CALLS_PER_S, burst: float = SYNC_CALL_BURST,
+        max_peers: int = 4096,
+    ) -> None:  # fmt: skip
+        TokenBucket(rate, burst)  # validates them
+        self.rate, self.burst, self.max_peers = rate, burst, max_peers
+        self._peers: OrderedDict[bytes, _Pace] = OrderedDict()
+
+    def wait(self, peer: bytes, now: float) -> float:
+        """0.0: a call to ``peer`` may go now (counted as sent); else the seconds to wait
+        before asking again (nothing changed)."""
+        pace = self._pace(peer)
+        if now < pace.next_at:
+            return pace.next_at - now
+        if pace.rate is None:
+            return pace.bucket.take(now)
+        pace.next_at = now + 1 / pace.rate
+        return 0.0
+
+    def refused(self, peer: bytes, retry_after_s: float, now: float) -> None:
+        """``peer`` refused a call over its rate: nothing before its retry-after, then
+        slower."""
+        pace = self._pace(peer)
+        pace.rate = max(MIN_PACE_PER_S, (pace.rate or self.rate) / 2)
+        pace.next_at = max(pace.next_at, now + retry_after_s)
+
+    def answered(self, peer: bytes) -> None:
+        """``peer`` answered a call: a paced peer's rate grows by 1/rate (one call/s more
+        per second of calls)."""
+        pace = self._peers.get(peer)
+        if pace is not None and pace.rate is not None:
+            pace.rate = min(self.rate, pace.rate + 1 / pace.rate)
+
+    def pace(self, peer: bytes) -> float | None:
+        """Calls/s ``peer`` is paced at since it refused, or None (never refused)."""
+        pace = self._peers.get(peer)
+        return None if pace is None else pace.rate
+
+    def _pace(self, peer: bytes) -> _Pace:
+        pace = self._peers.get(peer)
+        if pace is None:
+            pace = self._peers[peer] = _Pace(TokenBucket(self.rate, self.burst))
+            if len(self._peers) > self.max_peers:
+                self._peers.popitem(last=False)
+        self._peers.move_to_end(peer)
+        return pace
 
 
 @dataclass(frozen=True)
@@ -483,6 +561,7 @@ class RepairMetrics:
     failures: Counter
     calls: Counter
     lookups: Counter
+    rate_waits: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry, replicas: int) -> RepairMetrics:
@@ -533,6 +612,14 @@ class RepairMetrics:
                 "mailboxes after it that it provably ranks the same)",
                 registry=registry,
             ),
+            Counter(
+                "dna_storage_repair_rate_waits",
+                "Sync calls of repair that waited for a peer's rate limit, by cause: 'pace' "
+                "(this node's own pacing held the call back) or 'refused' (the peer refused "
+                "it over its rate; the call went again after the retry-after it gave)",
+                ["cause"],
+                registry=registry,
+            ),
         )
 
 
@@ -558,6 +645,7 @@ class Repairer:
         self.interval_s, self.timeout_s = interval_s, timeout_s
         self.metrics = RepairMetrics.create(registry, replicas)
         self._hood: Neighbourhood | None = None  # the last lookup (``replica_peers``)
+        self.pacer = PeerPacer()
         # One session per peer carries the sync calls (session.py); a peer that serves none
         # (an older node), or whose session is unavailable, gets the unary calls, as every
         # peer does with None (``sessions=False``: the unary calls only, as before them).
@@ -666,35 +754,74 @@ class Repairer:
     async def _sync_list(
         self, peer: Contact, box: bytes, request: mailbox_pb2.SyncListRequest
     ) -> mailbox_pb2.SyncListResponse:
-        signed = self._signed(request, "SyncList", box)
-        answer = await self._on_session(peer, "SyncList", signed)
-        if answer is not None:
-            return answer.sync_list
-        return await self._unary(
-            "SyncList", self._stub(peer).SyncList(signed, timeout=self.timeout_s)
-        )
+        async def send() -> mailbox_pb2.SyncListResponse:
+            signed = self._signed(request, "SyncList", box)
+            answer = await self._on_session(peer, "SyncList", signed)
+            if answer is not None:
+                return answer.sync_list
+            return await self._unary(
+                "SyncList", self._stub(peer).SyncList(signed, timeout=self.timeout_s)
+            )
+
+        return await self._paced(peer, send)
 
     async def _sync_pull(
         self, peer: Contact, box: bytes, request: mailbox_pb2.SyncPullRequest
     ) -> mailbox_pb2.SyncPullResponse:
-        signed = self._signed(request, "SyncPull", box)
-        answer = await self._on_session(peer, "SyncPull", signed)
-        if answer is not None:
-            return answer.sync_pull
-        return await self._unary(
-            "SyncPull", self._stub(peer).SyncPull(signed, timeout=self.timeout_s)
-        )
+        async def send() -> mailbox_pb2.SyncPullResponse:
+            signed = self._signed(request, "SyncPull", box)
+            answer = await self._on_session(peer, "SyncPull", signed)
+            if answer is not None:
+                return answer.sync_pull
+            return await self._unary(
+                "SyncPull", self._stub(peer).SyncPull(signed, timeout=self.timeout_s)
+            )
+
+        return await self._paced(peer, send)
 
     async def _sync_push(
         self, peer: Contact, box: bytes, request: mailbox_pb2.SyncPushRequest
     ) -> mailbox_pb2.SyncPushResponse:
-        signed = self._signed(request, "SyncPush", box)
-        answer = await self._on_session(peer, "SyncPush", signed)
-        if answer is not None:
-            return answer.sync_push
-        return await self._unary(
-            "SyncPush", self._stub(peer).SyncPush(signed, timeout=self.timeout_s)
-        )
+        async def send() -> mailbox_pb2.SyncPushResponse:
+            signed = self._signed(request, "SyncPush", box)
+            answer = await self._on_session(peer, "SyncPush", signed)
+            if answer is not None:
+                return answer.sync_push
+            return await self._unary(
+                "SyncPush", self._stub(peer).SyncPush(signed, timeout=self.timeout_s)
+            )
+
+        return await self._paced(peer, send)
+
+    async def _paced(self, peer: Contact, send: Callable[[], Awaitable[T]]) -> T:
+        """``send`` one sync call to ``peer`` when its pace allows (``PeerPacer``). Refused
+        over the peer's rate, the call waits the retry-after the refusal carries and goes
+        again, signed anew (at most ``RATE_RETRIES`` times, never for longer than
+        ``MAX_RATE_WAIT_S``): a pass over more mailboxes than a peer's burst completes
+        rather than leave them to a later pass, where the same would happen again."""
+        for attempt in range(RATE_RETRIES + 1):
+            await self._turn(peer)
+            try:
+                answer = await send()
+            except RemoteError as err:
+                wait_s = err.retry_after_ms / 1000
+                if not wait_s or attempt == RATE_RETRIES or wait_s > MAX_RATE_WAIT_S:
+                    raise
+                self.pacer.refused(peer.node_id, wait_s, time.monotonic())
+                self.metrics.rate_waits.labels(cause="refused").inc()
+                continue
+            self.pacer.answered(peer.node_id)
+            return answer
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _turn(self, peer: Contact) -> None:
+        """Until the pacer lets a call to ``peer`` go."""
+        wait = self.pacer.wait(peer.node_id, time.monotonic())
+        if wait > 0:
+            self.metrics.rate_waits.labels(cause="pace").inc()
+        while wait > 0:
+            await asyncio.sleep(wait)
+            wait = self.pacer.wait(peer.node_id, time.monotonic())
 
     async def _on_session(
         self, peer: Contact, method: str, request: R
@@ -910,7 +1037,11 @@ class Repairer:
     def _smaller(self, err: RemoteError, budget: int) -> int:
         """The next piece's bound after ``err``: half, when the piece was refused as too
         large and can still shrink; otherwise the error ends this exchange."""
-        too_large = err.grpc_code == "RESOURCE_EXHAUSTED" and "rate" not in err.details
+        too_large = (
+            err.grpc_code == "RESOURCE_EXHAUSTED"
+            and not err.retry_after_ms  # a rate refusal: ``_paced`` gave up waiting
+            and "rate" not in err.details
+        )
         if not too_large or budget <= MIN_PIECE_BYTES:
             raise err
         self.metrics.failures.labels(reason="split").inc()
