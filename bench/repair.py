@@ -253,8 +253,8 @@ async def bench_refill(net: Network, blobs: int, rounds: int) -> dict[str, Any]:
 
 def lookups(node: Any) -> float:
     """Lookups the overlay node has run so far (its lookup latency histogram's count)."""
-    return sum(s.value for m in node.metrics.lookup_seconds.collect() for s in m.samples
-               if s.name.endswith("_count"))  # fmt: skip
+    return float(sum(s.value for m in node.metrics.lookup_seconds.collect() for s in m.samples
+                     if s.name.endswith("_count")))  # fmt: skip
 
 
 def failures_by_reason(repairer: Repairer) -> dict[str, float]:
