@@ -263,8 +263,8 @@ class Neighbourhood:
     the triangle inequality, so a node left out is farther from another ID ``box`` than
     ``radius - distance(target, box)``. If the ``count`` closest storage nodes to ``box``
     among those returned (this node included) all lie closer than that, no node left out
-    can be among them; and if at most k returned nodes lie that close, a lookup of ``box``
-    (its k closest) would return them all too. A lookup that found every node reachable
+    can be among them; and every node that close is among the k returned, so a lookup of
+    ``box`` (its k closest) would return them all too. A lookup that found every node reachable
     (``exhaustive``: a small network) ranks any mailbox. Assumes what a fresh lookup does:
     that the lookup found the true closest nodes."""
 
@@ -292,9 +292,7 @@ class Neighbourhood:
             return False
         reach = ranked[count - 1]
         radius = distance(self.contacts[-1].node_id, self.target)
-        if reach + distance(self.target, box) >= radius:
-            return False
-        return sum(distance(c.node_id, box) <= reach for c in self.contacts) <= self.k
+        return reach + distance(self.target, box) < radius
 
 
 def choose_replicas(
