@@ -12,9 +12,10 @@
   - refill: one mailbox of ``REFILL_BLOBS`` sealed envelopes (1 KB, each with its proof of
     work), put on all 5 nodes.
 * **pass** (``storage.repair.pass``, mailboxes/s): one repair pass of node 0
-  (``Repairer.repair_once``: per mailbox a lookup and a ``SyncList`` with each of the 4
-  other replicas, nothing to move), its calls on sessions (ours) and unary (the baseline,
-  ``Repairer.sessions`` set to None: what every call was before sessions), alternating,
+  (``Repairer.repair_once``: per mailbox a ``SyncList`` with each of the 4 other
+  replicas, nothing to move; one lookup serves many mailboxes), its calls on sessions
+  (ours) and unary (the baseline, ``Repairer.sessions`` set to None: what every call was
+  before sessions), alternating,
   ``--rounds`` rounds each after a warm-up pass of each; after each pass, a rest (untimed)
   as long as the peers' per-node rate limit (100 calls/s) takes to refill, so no call is
   refused (a run with a failed sync exchange fails).

@@ -26,7 +26,7 @@ from dna_core.crypto import Identity, seal
 from dna_core.crypto import pow as pow_
 from dna_core.mailbox import blob_id, mailbox_id, put_pow_hash
 from dna_core.ops.config import load_config
-from dna_core.overlay import OverlayServer, OverlayServiceConfig
+from dna_core.overlay import OverlayNode, OverlayServer, OverlayServiceConfig
 from dna_core.wire import common_pb2
 from dna_storage.backends.base import StoredBlob
 from dna_storage.cli import ENV_PREFIX as STORAGE_ENV
@@ -100,7 +100,7 @@ class Network:
             await asyncio.sleep(0.3)
         raise AssertionError("the storage nodes did not find each other")
 
-    def overlay(self, index: int) -> object:
+    def overlay(self, index: int) -> OverlayNode:
         server = self.stores[index].server
         assert server is not None and server.node is not None
         return server.node

@@ -4,6 +4,7 @@ it provably ranks them as their own lookup would (``Neighbourhood``)."""
 
 from __future__ import annotations
 
+import functools
 import heapq
 import random
 
@@ -34,7 +35,8 @@ def call_times(pacer: PeerPacer, peer: RateLimiter, calls: int) -> tuple[list[fl
     """Send ``calls`` calls to ``peer`` (its limiter) as fast as ``pacer`` lets them go, on
     a simulated clock, retrying a refused call after the retry-after the peer gives (as
     ``Repairer._paced``); when each was admitted, and how many were refused."""
-    now, admitted, refusals = 0.0, [], 0
+    now, refusals = 0.0, 0
+    admitted: list[float] = []
     while len(admitted) < calls:
         wait = pacer.wait(PEER, now)
         if wait > 0:
@@ -176,7 +178,7 @@ def test_a_node_walking_the_mailboxes_it_holds_looks_up_a_small_fraction_of_them
     # the mailboxes a node holds: those it is a replica of, all near its own ID
     boxes = [
         box for box in (near(rng, me, 250) for _ in range(2_000))
-        if me in heapq.nsmallest(R, storage, key=lambda i, b=box: distance(i, b))
+        if me in heapq.nsmallest(R, storage, key=functools.partial(distance, box))
     ]  # fmt: skip
     assert len(boxes) > 200
     lookups, _ = walk(nodes, me, boxes, R)

@@ -1,7 +1,9 @@
 """Replica anti-entropy between storage nodes.
 
 Every ``interval`` a node walks the mailboxes it holds. For each, it finds the
-R = 5 storage nodes closest to the mailbox (its rightful replicas). A rightful
+R = 5 storage nodes closest to the mailbox (its rightful replicas): one lookup serves
+the mailboxes after it while it provably ranks them as their own would
+(``Neighbourhood``). A rightful
 replica, with each other one: lists what the peer holds a page at a time, pulls
 blobs and tombstones it lacks, and pushes what the peer lacks. Pulling alone would
 never reach a replica that lost everything (it does not know the mailbox exists);
@@ -10,7 +12,10 @@ node outside the set that took a write by hinted hand-off only pushes: it offers
 the IDs it holds, pushes what a replica lacks, and drops its copy once all R of
 them report holding it. A pass keeps going with a peer until the mailbox is whole
 there; every message is bounded in bytes and items (``SYNC_BYTES``), and a piece
-refused as too large (RESOURCE_EXHAUSTED) is retried in halves.
+refused as too large (RESOURCE_EXHAUSTED) is retried in halves. The calls to each peer
+are paced to its sync rate limit (``PeerPacer``), and one refused over it goes again
+after the retry-after the refusal carries: a pass over more mailboxes than a peer's
+burst completes.
 
 The calls to a peer travel on one long-lived mailbox session to it (``SessionPool``,
 docs/storage.md "Sessions and push"), served there by the very handlers of the unary
@@ -315,10 +320,12 @@ class ReplicaView:
     The ranking is of the storage nodes this node knows near the mailbox, plus itself, by
     XOR distance: those of its routing table (each proved its key from its address before
     it entered) and those its own lookup of the mailbox found (cached ``LOOKUP_TTL_S`` per
-    mailbox). The lookup matters: a table right after a start knows few nodes, and a thin
-    view would rank anyone among the closest. A caller ranked within R + ``SYNC_MARGIN``
-    is a replica; so is this node, under the same bound. A caller refused on a lookup
-    older than ``RELOOK_AFTER_S`` (it may have just started) gets one fresh lookup.
+    mailbox; or one of its last lookups, of a neighbouring mailbox, that provably ranks
+    this one as its own would: ``Neighbourhood``). The lookup matters: a table right
+    after a start knows few nodes, and a thin view would rank anyone among the closest.
+    A caller ranked within R + ``SYNC_MARGIN`` is a replica; so is this node, under the
+    same bound. A caller refused on a lookup older than ``RELOOK_AFTER_S`` (it may have
+    just started) gets one fresh lookup.
     An injected fake close ID can only push real nodes out (denying sync, counted as a
     failure), never let a caller in: the caller must sign with the key of its ranked ID.
     Calls are rate-limited per caller and per address first, before any lookup."""
@@ -355,7 +362,7 @@ class ReplicaView:
         now = time.monotonic()
         max_age = RELOOK_AFTER_S if fresh else LOOKUP_TTL_S
         cached = self._lookups.get(box)
-        if cached is None or now - cached[0] > LOOKUP_TTL_S or now - cached[0] > max_age:
+        if cached is None or now - cached[0] > max_age:
             hood = self._neighbourhood(box, now, max_age)
             if hood is not None:
                 return [c.node_id for c in hood.contacts if is_storage(c)]
