@@ -27,7 +27,9 @@
   ``--burst-n`` mailboxes (default 3,000: three times the peers' sync burst of 1,000
   calls) with no rest before it, on sessions: its seconds, mailboxes/s, lookups per
   mailbox (node 0's own, and the 4 peers' authorizing its calls: each node's
-  ``dna_overlay_lookup_seconds`` count), exchanges failed by reason (``rate`` refusals
+  ``dna_overlay_lookup_seconds`` count), how much the process's peak RSS grew during the
+  pass (all 5 nodes' memory: a pass must not hold memory per mailbox), exchanges failed by
+  reason (``rate`` refusals
   are RESOURCE_EXHAUSTED) and the waits for the peers' rate limits.
 
 ``ratio`` = sessions / unary (above 1.0: repair over sessions is faster). CPU per mailbox
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import resource
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -279,14 +282,17 @@ async def bench_burst(net: Network, mailboxes: int) -> dict[str, Any]:
     repairer = net.repairer(0)
     overlays = [net.overlay(i) for i in range(STORAGE)]
     before = [lookups(o) for o in overlays]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, on Linux
     started, cpu = time.perf_counter(), cpu_s()
     synced = await repairer.repair_once()
     took, cpu = time.perf_counter() - started, cpu_s() - cpu
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak
     ran = [lookups(o) - b for o, b in zip(overlays, before, strict=True)]
     line = {
         "section": "storage.repair.burst", "mailboxes": synced, "seconds": round(took, 2),
         "mailboxes_per_s": round(synced / took, 1),
         "cpu_ms_per_mailbox": round(cpu * 1e3 / synced, 3),
+        "peak_rss_growth_mib": round(grown / 1024, 1),
         "lookups_per_mailbox": round(ran[0] / synced, 4),
         "peer_lookups_per_mailbox": round(sum(ran[1:]) / synced, 4),
         "failed_exchanges": failures_by_reason(repairer),
