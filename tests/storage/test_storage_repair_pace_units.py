@@ -15,6 +15,7 @@ from dna_core.ratelimit import RateLimiter
 from dna_core.wire import common_pb2
 from dna_storage.replication import (
     MIN_PACE_PER_S,
+    PACE_SHARE,
     SYNC_CALL_BURST,
     SYNC_CALLS_PER_S,
     Neighbourhood,
@@ -57,18 +58,32 @@ def test_against_a_peer_with_the_default_limit_a_pass_is_never_refused() -> None
     peer = RateLimiter(SYNC_CALLS_PER_S, SYNC_CALL_BURST, 16)
     admitted, refusals = call_times(PeerPacer(), peer, 3_000)
     assert refusals == 0
-    # the burst at once, then the peer's rate: 2,000 calls in ~20 s
-    assert 19.0 < admitted[-1] < 21.0
+    # 95% of the burst at once, then 95% of the peer's rate: 2,050 calls in ~21.6 s
+    expected = (3_000 - PACE_SHARE * SYNC_CALL_BURST) / (PACE_SHARE * SYNC_CALLS_PER_S)
+    assert expected - 0.5 < admitted[-1] < expected + 0.5
 
 
-@pytest.mark.parametrize(
-    ("rate", "burst", "refused"), [(20.0, 50.0, 0.02), (100.0, 40.0, 0.02), (5.0, 1.0, 0.15)]
-)
-def test_a_peer_with_a_lower_limit_is_learned_from_its_refusals(
-    rate: float, burst: float, refused: float
-) -> None:
-    """Every call goes through near the peer's limit. Refusals: one per cycle of the pace
-    halving and growing back at one call/s per second, so a larger share at a low limit."""
+def test_calls_arriving_bunched_at_a_default_peer_are_not_refused() -> None:
+    """Each call reaches the peer up to 5 ms late (transit, a busy event loop): the 5%
+    the pace keeps below the default absorbs it."""
+    pacer, peer = PeerPacer(), RateLimiter(SYNC_CALLS_PER_S, SYNC_CALL_BURST, 16)
+    rng = random.Random(f"{SEED}/jitter")
+    now, refusals, sent = 0.0, 0, 0
+    while sent < 5_000:
+        wait = pacer.wait(PEER, now)
+        if wait > 0:
+            now += wait
+            continue
+        refusals += peer.check("caller", now + rng.uniform(0, 0.005)) > 0
+        sent += 1
+    assert refusals == 0
+
+
+@pytest.mark.parametrize(("rate", "burst"), [(20.0, 50.0), (100.0, 40.0), (5.0, 1.0)])
+def test_a_peer_with_a_lower_limit_is_learned_from_its_refusals(rate: float, burst: float) -> None:
+    """Every call goes through near the peer's limit, at about one refusal per 10 * rate
+    calls (a cycle of the pace halving and growing back: 3/4 of the limit on average
+    where the peer's burst is 1, nearer where its bucket fills while the pace is low)."""
     peer = RateLimiter(rate, burst, 16)
     calls = 2_000
     admitted, refusals = call_times(PeerPacer(), peer, calls)
@@ -76,8 +91,8 @@ def test_a_peer_with_a_lower_limit_is_learned_from_its_refusals(
     print(f"\npeer at {rate:g}/s, burst {burst:g}: {refusals} refusals, "
           f"{admitted[-1]:.1f} s for {ideal:.1f} s at its limit")  # fmt: skip
     assert len(admitted) == calls
-    assert refusals < calls * refused, refusals
-    assert admitted[-1] < 1.6 * ideal, (admitted[-1], ideal)
+    assert refusals < 2 + calls * 2 / (10 * rate), refusals
+    assert admitted[-1] < 1.45 * ideal, (admitted[-1], ideal)
 
 
 def test_no_call_goes_before_a_refusals_retry_after() -> None:
@@ -87,7 +102,7 @@ def test_no_call_goes_before_a_refusals_retry_after() -> None:
     assert pacer.wait(PEER, 1.0) == pytest.approx(2.5)
     assert pacer.wait(PEER, 3.4) == pytest.approx(0.1)
     assert pacer.wait(PEER, 3.5) == 0.0
-    assert pacer.pace(PEER) == SYNC_CALLS_PER_S / 2
+    assert pacer.pace(PEER) == pacer.rate / 2
 
 
 def test_the_pace_halves_on_each_refusal_down_to_a_floor_and_grows_back_by_answers() -> None:
@@ -97,9 +112,9 @@ def test_the_pace_halves_on_each_refusal_down_to_a_floor_and_grows_back_by_answe
     assert pacer.pace(PEER) == MIN_PACE_PER_S
     for _ in range(1_000_000):
         pacer.answered(PEER)
-        if pacer.pace(PEER) == SYNC_CALLS_PER_S:
+        if pacer.pace(PEER) == pacer.rate:
             break
-    assert pacer.pace(PEER) == SYNC_CALLS_PER_S  # never above the default
+    assert pacer.pace(PEER) == pacer.rate == PACE_SHARE * SYNC_CALLS_PER_S  # never above
 
 
 def test_peers_are_paced_apart_and_at_most_max_peers_remembered() -> None:

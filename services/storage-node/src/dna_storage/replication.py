@@ -87,7 +87,9 @@ MIN_PIECE_BYTES = 32 * 1024  # halving a refused piece stops here (a piece holds
 MAX_SYNC_ITEMS = 500  # blobs, and tombstones, per SyncPush
 MAX_SYNC_IDS = 4096  # IDs per list page, pull request and push offer (~140 KB)
 SYNC_CALLS_PER_S, SYNC_CALL_BURST = 100.0, 1000.0  # per calling node and per address
+PACE_SHARE = 0.95  # of the peers' default rate and burst repair keeps to (arrival jitter)
 MIN_PACE_PER_S = 1.0  # a peer that keeps refusing is called no slower than this
+PACE_STEP = 0.05  # calls/s a paced peer's rate grows by per answered call
 RATE_RETRIES = 8  # refusals of one call over a peer's rate before the exchange fails
 MAX_RATE_WAIT_S = 60.0  # a retry-after longer than this fails the exchange (next pass)
 ID_WIRE = 34  # a 32-byte ID with its tag and length
@@ -415,18 +417,23 @@ class PeerPacer:
     limit instead of being refused (docs/storage.md "Anti-entropy").
 
     A peer's limit is its own configuration, which this node cannot know. It starts from
-    the default (a token bucket of ``rate`` and ``burst``, as a peer's limiter is): against
-    a peer with the default limit, a pass is never refused. A peer configured lower
+    the default (a token bucket of ``rate`` and ``burst``, as a peer's limiter is, at
+    ``PACE_SHARE`` of the default: calls arrive a little bunched, and a bucket matching
+    the peer's exactly was refused a few times a pass): against a peer with the default
+    limit, a pass is not refused. A peer configured lower
     refuses with a retry-after, which is authoritative: no call goes to it before then,
     and from then on its calls are paced one at a time at a rate halved by each refusal
-    (not below ``MIN_PACE_PER_S``) and raised by one call/s per second of answered calls,
-    up to ``rate`` (additive increase, multiplicative decrease, as TCP's congestion
-    control): the pace settles near the peer's real limit. Memory: at most ``max_peers``
-    peers, the least recently called forgotten (one comes back at the default)."""
+    (not below ``MIN_PACE_PER_S``) and raised by ``PACE_STEP`` per answered call, up to
+    ``rate``: the pace settles just under the peer's real limit, back from a halving in
+    ``rate / (2 * PACE_STEP)`` calls (~13 s whatever the rate), so about one refusal per
+    ``10 * rate`` calls. (A peer's limit is per calling node: there is no capacity shared
+    with other callers to be fair about, only the peer's own limit to find.) Memory: at
+    most ``max_peers`` peers, the least recently called forgotten (one comes back at the
+    default)."""
 
     def __init__(
-        self, rate: float = SYNC_CALLS_PER_S, burst: float = SYNC_CALL_BURST,
-        max_peers: int = 4096,
+        self, rate: float = PACE_SHARE * SYNC_CALLS_PER_S,
+        burst: float = PACE_SHARE * SYNC_CALL_BURST, max_peers: int = 4096,
     ) -> None:  # fmt: skip
         TokenBucket(rate, burst)  # validates them
         self.rate, self.burst, self.max_peers = rate, burst, max_peers
@@ -451,11 +458,10 @@ class PeerPacer:
         pace.next_at = max(pace.next_at, now + retry_after_s)
 
     def answered(self, peer: bytes) -> None:
-        """``peer`` answered a call: a paced peer's rate grows by 1/rate (one call/s more
-        per second of calls)."""
+        """``peer`` answered a call: a paced peer's rate grows by ``PACE_STEP``."""
         pace = self._peers.get(peer)
         if pace is not None and pace.rate is not None:
-            pace.rate = min(self.rate, pace.rate + 1 / pace.rate)
+            pace.rate = min(self.rate, pace.rate + PACE_STEP)
 
     def pace(self, peer: bytes) -> float | None:
         """Calls/s ``peer`` is paced at since it refused, or None (never refused)."""
