@@ -99,7 +99,7 @@ _PULL_CHUNK = 8  # blobs read from the backend at a time while filling a bounded
 _OFFER_AHEAD = 256  # a push longer than this offers IDs before sending their blobs
 LOOKUP_TTL_S = 60.0  # how long a lookup of a mailbox's neighbourhood serves authorization
 RELOOK_AFTER_S = 10.0  # a refusal on an older lookup looks again once (a node restarted)
-REUSE_S = 30.0  # how long one lookup's result may choose the replicas of the mailboxes after it
+REUSE_S = 10.0  # how long, within a pass, a lookup's result may choose later mailboxes' replicas
 NEIGHBOURHOODS = 16  # recent lookup results a node's authorization of sync calls draws on
 T = TypeVar("T")
 R = TypeVar(
@@ -686,6 +686,7 @@ class Repairer:
         would hold every blob ID of the node in memory (~100 MB at a million blobs)."""
         started = time.monotonic()
         synced = 0
+        self._hood = None  # a pass starts from a fresh lookup: nodes come and go between
         for start, end in id_ranges(REPAIR_RANGES):
             for digest in await self.backend.digests(start, end, _now_ms()):
                 await self.sync_mailbox(digest.mailbox_id)
@@ -699,7 +700,11 @@ class Repairer:
         """The other storage nodes of the mailbox's replica set (``choose_replicas``), and
         whether this node is one of them: from the last lookup while it provably ranks this
         mailbox as its own lookup would (``Neighbourhood``: a pass walks mailboxes in ID
-        order, and neighbours mostly share their replicas), else from a new lookup."""
+        order, and neighbours mostly share their replicas), else from a new lookup. The
+        last lookup serves for ``REUSE_S`` at most, and never into the next pass: a node
+        that came back (or left) is seen as soon as a fresh lookup per mailbox would have,
+        give or take those seconds (a small network's exhaustive lookup ranks every
+        mailbox, so without the bound it would hide a restarted replica for as long)."""
         me, now = self.node.node_id, time.monotonic()
         hood = self._hood
         if hood is None or now - hood.at > REUSE_S or not hood.ranks(box, me, self.replicas):
