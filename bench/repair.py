@@ -57,7 +57,7 @@ from dna_core.wire import common_pb2
 from dna_storage.backends.base import StoredBlob
 from dna_storage.cli import ENV_PREFIX as STORAGE_ENV
 from dna_storage.node import StorageNode, StorageNodeConfig
-from dna_storage.replication import SYNC_CALLS_PER_S, Repairer
+from dna_storage.replication import IN_FLIGHT, SYNC_CALLS_PER_S, Repairer
 from dna_testnet.harness import LocalNode, local_cluster
 from dna_testnet.topology import NodeSpec, Topology
 
@@ -276,10 +276,27 @@ def rate_waits(repairer: Repairer) -> dict[str, float]:
             if s.name.endswith("_total") and s.value}  # fmt: skip
 
 
-async def bench_burst(net: Network, mailboxes: int) -> dict[str, Any]:
+def with_latency(repairer: Repairer, rtt_s: float) -> None:
+    """Every sync call of ``repairer`` waits ``rtt_s`` first: a network's round trip,
+    which loopback does not have (and this kernel has no netem to add)."""
+    on_session = repairer._on_session
+
+    async def delayed(*args: Any) -> Any:
+        await asyncio.sleep(rtt_s)
+        return await on_session(*args)
+
+    setattr(repairer, "_on_session", delayed)  # noqa: B010 (mypy: assigning a method)
+
+
+async def bench_burst(
+    net: Network, mailboxes: int, rtt_ms: float, in_flight: int
+) -> dict[str, Any]:
     """One pass over more mailboxes than the peers' sync burst, straight after setup."""
     await net.put_everywhere(small_mailboxes(mailboxes, b"burst"))
     repairer = net.repairer(0)
+    repairer.in_flight = in_flight
+    if rtt_ms:
+        with_latency(repairer, rtt_ms / 1000)
     overlays = [net.overlay(i) for i in range(STORAGE)]
     before = [lookups(o) for o in overlays]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, on Linux
@@ -290,6 +307,7 @@ async def bench_burst(net: Network, mailboxes: int) -> dict[str, Any]:
     ran = [lookups(o) - b for o, b in zip(overlays, before, strict=True)]
     line = {
         "section": "storage.repair.burst", "mailboxes": synced, "seconds": round(took, 2),
+        "rtt_ms": rtt_ms, "in_flight": in_flight,
         "mailboxes_per_s": round(synced / took, 1),
         "cpu_ms_per_mailbox": round(cpu * 1e3 / synced, 3),
         "peak_rss_growth_mib": round(grown / 1024, 1),
@@ -320,7 +338,7 @@ async def run(args: Any) -> int:
             await net.start()
             if "burst" in sections:  # first: the peers' buckets are full, as after a rest
                 burst = args.burst_n or (QUICK_BURST_MAILBOXES if args.quick else BURST_MAILBOXES)
-                await bench_burst(net, burst)
+                await bench_burst(net, burst, args.rtt_ms, args.in_flight)
             if "pass" in sections:
                 await bench_pass(net, mailboxes, rounds)
             if "refill" in sections:
@@ -343,6 +361,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=None,
         help=f"mailboxes of the burst pass (default {BURST_MAILBOXES:,})",
+    )
+    parser.add_argument(
+        "--rtt-ms",
+        type=float,
+        default=0.0,
+        help="burst: a round trip added before each sync call (default 0)",
+    )
+    parser.add_argument(
+        "--in-flight",
+        type=int,
+        default=IN_FLIGHT,
+        help=f"burst: mailboxes synced at once (default {IN_FLIGHT})",
     )
     args = parser.parse_args(argv)  # fmt: skip
     return harness.run_main("bench.repair", lambda: run(args), WATCHDOG_S)

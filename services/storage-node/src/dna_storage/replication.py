@@ -101,6 +101,7 @@ LOOKUP_TTL_S = 60.0  # how long a lookup of a mailbox's neighbourhood serves aut
 RELOOK_AFTER_S = 10.0  # a refusal on an older lookup looks again once (a node restarted)
 REUSE_S = 10.0  # how long, within a pass, a lookup's result may choose later mailboxes' replicas
 NEIGHBOURHOODS = 16  # recent lookup results a node's authorization of sync calls draws on
+IN_FLIGHT = 8  # mailboxes a pass syncs at once: their round trips overlap, not add up
 T = TypeVar("T")
 R = TypeVar(
     "R", mailbox_pb2.SyncListRequest, mailbox_pb2.SyncPullRequest, mailbox_pb2.SyncPushRequest
@@ -638,6 +639,37 @@ class RepairError(Exception):
     """A peer's answers make no progress (it answered none of the IDs asked for)."""
 
 
+class _Window:
+    """At most ``size`` coroutines running at once (a pass's mailboxes in flight). The
+    first to fail raises, from ``add`` or ``drain``, as the pass did one at a time."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.tasks: set[asyncio.Future[None]] = set()
+
+    async def add(self, work: Awaitable[None]) -> None:
+        while len(self.tasks) >= self.size:
+            await self._reap()
+        self.tasks.add(asyncio.ensure_future(work))
+
+    async def drain(self) -> None:
+        while self.tasks:
+            await self._reap()
+
+    async def cancel(self) -> None:
+        """Cancel what is left (a failure, or the pass itself cancelled) and wait for it."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks.clear()
+
+    async def _reap(self) -> None:
+        done, self.tasks = await asyncio.wait(self.tasks, return_when=asyncio.FIRST_COMPLETED)
+        failed = [t.exception() for t in done if not t.cancelled() and t.exception()]
+        if failed:  # the first ends the pass, as it did before mailboxes overlapped
+            raise failed[0]  # type: ignore[misc]
+
+
 class Repairer:
     def __init__(
         self,
@@ -650,12 +682,15 @@ class Repairer:
         interval_s: float = 60.0,
         timeout_s: float = 10.0,
         sessions: bool = True,
+        in_flight: int = IN_FLIGHT,
     ) -> None:
         self.node, self.backend, self.rules = node, backend, rules
+        self.in_flight = in_flight
         self.replicas = replicas
         self.interval_s, self.timeout_s = interval_s, timeout_s
         self.metrics = RepairMetrics.create(registry, replicas)
         self._hood: Neighbourhood | None = None  # the last lookup (``replica_peers``)
+        self._looking = asyncio.Lock()  # mailboxes in flight wait for one lookup, and share it
         self.pacer = PeerPacer()
         # One session per peer carries the sync calls (session.py); a peer that serves none
         # (an older node), or whose session is unavailable, gets the unary calls, as every
@@ -683,14 +718,22 @@ class Repairer:
         """One pass over every mailbox held; returns how many were synced.
 
         The mailbox ID space is walked in REPAIR_RANGES slices: listing everything at once
-        would hold every blob ID of the node in memory (~100 MB at a million blobs)."""
+        would hold every blob ID of the node in memory (~100 MB at a million blobs).
+        ``in_flight`` mailboxes are synced at once: one after the other, a pass would last
+        at least a round trip per mailbox (100,000 mailboxes at 50 ms: 83 minutes), far
+        below what the peers' rate limits allow; the pacer keeps each peer within them."""
         started = time.monotonic()
         synced = 0
         self._hood = None  # a pass starts from a fresh lookup: nodes come and go between
-        for start, end in id_ranges(REPAIR_RANGES):
-            for digest in await self.backend.digests(start, end, _now_ms()):
-                await self.sync_mailbox(digest.mailbox_id)
-                synced += 1
+        window = _Window(self.in_flight)
+        try:
+            for start, end in id_ranges(REPAIR_RANGES):
+                for digest in await self.backend.digests(start, end, _now_ms()):
+                    await window.add(self.sync_mailbox(digest.mailbox_id))
+                    synced += 1
+            await window.drain()
+        finally:
+            await window.cancel()
         self.metrics.passes.inc()
         self.metrics.last_pass.set(time.time())
         self.metrics.pass_seconds.set(time.monotonic() - started)
@@ -705,12 +748,13 @@ class Repairer:
         that came back (or left) is seen as soon as a fresh lookup per mailbox would have,
         give or take those seconds (a small network's exhaustive lookup ranks every
         mailbox, so without the bound it would hide a restarted replica for as long)."""
-        me, now = self.node.node_id, time.monotonic()
-        hood = self._hood
-        if hood is None or now - hood.at > REUSE_S or not hood.ranks(box, me, self.replicas):
-            found = await self.node.find_closest(box)
-            self.metrics.lookups.inc()
-            hood = self._hood = Neighbourhood.of(box, found, self.node.config.k, now)
+        me = self.node.node_id
+        async with self._looking:
+            now, hood = time.monotonic(), self._hood
+            if hood is None or now - hood.at > REUSE_S or not hood.ranks(box, me, self.replicas):
+                found = await self.node.find_closest(box)
+                self.metrics.lookups.inc()
+                hood = self._hood = Neighbourhood.of(box, found, self.node.config.k, now)
         return choose_replicas(hood.contacts, me, box, self.replicas)
 
     async def sync_mailbox(self, box: bytes) -> None:
