@@ -20,6 +20,7 @@ import hashlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from dna_bootstrap.cli import ENV_PREFIX as BOOTSTRAP_ENV
 from dna_core.crypto import Identity, seal
@@ -181,3 +182,46 @@ async def same_replicas_as_fresh_lookups(repairer: Repairer, blobs: Sequence[Sto
         mine, mine_rightful = choose_replicas(fresh.contacts, node.node_id, box, repairer.replicas)
         assert [c.node_id for c in chosen] == [c.node_id for c in mine]
         assert rightful == mine_rightful
+
+
+def test_mailboxes_in_flight_overlap_their_round_trips(tmp_path: Path) -> None:
+    """A pass one mailbox at a time lasts at least a round trip per mailbox (83 minutes for
+    100,000 at 50 ms); 8 in flight overlap them. Loopback has no round trip to speak of,
+    so each sync call of the repairer waits 100 ms first. 35 mailboxes held by all 3
+    nodes: one list call to each peer per mailbox, within the peers' burst of 40."""
+    blobs = one_blob_mailboxes(35)
+
+    async def timed_pass(repairer: Repairer, in_flight: int) -> float:
+        repairer.in_flight = in_flight
+        started = time.monotonic()
+        assert await repairer.repair_once() == len(blobs)
+        return time.monotonic() - started
+
+    async def scenario() -> tuple[float, float]:
+        net = Network(tmp_path)
+        try:
+            await net.start()
+            for node in net.stores:
+                assert node.backend is not None
+                await node.backend.put_many(blobs, now_ms())
+            repairer = net.repairer(0)
+            on_session = repairer._on_session
+
+            async def after_a_round_trip(*args: Any) -> Any:
+                await asyncio.sleep(0.1)
+                return await on_session(*args)
+
+            setattr(repairer, "_on_session", after_a_round_trip)  # noqa: B010
+            overlapped = await timed_pass(repairer, 8)
+            await asyncio.sleep(1.5)  # the peers' buckets refill (40/s)
+            one_by_one = await timed_pass(repairer, 1)
+            assert counted(repairer.metrics.failures, "reason") == {}
+            return overlapped, one_by_one
+        finally:
+            await net.stop()
+
+    overlapped, one_by_one = asyncio.run(scenario())
+    print(f"\n35 mailboxes at 100 ms a call: {one_by_one:.2f} s one by one, "
+          f"{overlapped:.2f} s 8 at once")  # fmt: skip
+    assert one_by_one >= 3.5  # a round trip per mailbox, in turn
+    assert overlapped < one_by_one / 3
