@@ -29,8 +29,10 @@
   mailbox (node 0's own, and the 4 peers' authorizing its calls: each node's
   ``dna_overlay_lookup_seconds`` count), how much the process's peak RSS grew during the
   pass (all 5 nodes' memory: a pass must not hold memory per mailbox), exchanges failed by
-  reason (``rate`` refusals
-  are RESOURCE_EXHAUSTED) and the waits for the peers' rate limits.
+  reason (rate refusals are RESOURCE_EXHAUSTED) and the waits for the peers' rate limits.
+  ``--in-flight`` sets the mailboxes synced at once (1: one at a time, as before), and
+  ``--rtt-ms`` makes each of node 0's sync calls wait that long first: a round trip,
+  which loopback lacks.
 
 ``ratio`` = sessions / unary (above 1.0: repair over sessions is faster). CPU per mailbox
 (pass) and per blob (refill) is this process's, which holds every node.
