@@ -46,7 +46,7 @@ def call_times(pacer: PeerPacer, peer: RateLimiter, calls: int) -> tuple[list[fl
         retry_after = peer.check("caller", now)
         if retry_after > 0:
             refusals += 1
-            pacer.refused(PEER, retry_after, now)
+            pacer.refused(PEER, retry_after, now, now)
             continue
         pacer.answered(PEER)
         admitted.append(now)
@@ -98,7 +98,7 @@ def test_a_peer_with_a_lower_limit_is_learned_from_its_refusals(rate: float, bur
 def test_no_call_goes_before_a_refusals_retry_after() -> None:
     pacer = PeerPacer()
     assert pacer.wait(PEER, 0.0) == 0.0
-    pacer.refused(PEER, 2.5, 1.0)
+    pacer.refused(PEER, 2.5, 1.0, 1.0)
     assert pacer.wait(PEER, 1.0) == pytest.approx(2.5)
     assert pacer.wait(PEER, 3.4) == pytest.approx(0.1)
     assert pacer.wait(PEER, 3.5) == 0.0
@@ -107,14 +107,23 @@ def test_no_call_goes_before_a_refusals_retry_after() -> None:
 
 def test_the_pace_halves_on_each_refusal_down_to_a_floor_and_grows_back_by_answers() -> None:
     pacer = PeerPacer()
-    for _ in range(20):
-        pacer.refused(PEER, 0.01, 0.0)
+    for step in range(20):
+        pacer.refused(PEER, 0.01, float(step), float(step))
     assert pacer.pace(PEER) == MIN_PACE_PER_S
     for _ in range(1_000_000):
         pacer.answered(PEER)
         if pacer.pace(PEER) == pacer.rate:
             break
     assert pacer.pace(PEER) == pacer.rate == PACE_SHARE * SYNC_CALLS_PER_S  # never above
+
+
+def test_calls_in_flight_refused_together_halve_the_pace_once() -> None:
+    pacer = PeerPacer()
+    for _ in range(8):  # 8 calls sent at 1.0, all refused at 1.01
+        pacer.refused(PEER, 0.01, 1.01, 1.0)
+    assert pacer.pace(PEER) == pacer.rate / 2
+    pacer.refused(PEER, 0.01, 2.0, 1.5)  # sent after that cut: halves again
+    assert pacer.pace(PEER) == pacer.rate / 4
 
 
 def test_peers_are_paced_apart_and_at_most_max_peers_remembered() -> None:

@@ -410,6 +410,7 @@ class _Pace:
     bucket: TokenBucket  # the peers' default limit, while this peer never refused
     rate: float | None = None  # calls/s once it refused: one call every 1 / rate
     next_at: float = 0.0  # no call before (its retry-after, or the paced interval)
+    cut_at: float = 0.0  # when a refusal last halved the rate
 
 
 class PeerPacer:
@@ -451,11 +452,14 @@ class PeerPacer:
         pace.next_at = now + 1 / pace.rate
         return 0.0
 
-    def refused(self, peer: bytes, retry_after_s: float, now: float) -> None:
-        """``peer`` refused a call over its rate: nothing before its retry-after, then
-        slower."""
+    def refused(self, peer: bytes, retry_after_s: float, now: float, sent: float) -> None:
+        """``peer`` refused a call sent at ``sent`` over its rate: nothing before its
+        retry-after, then slower. Calls in flight together are refused together: only
+        one sent after the last cut halves the rate again, as TCP cuts once a window."""
         pace = self._pace(peer)
-        pace.rate = max(MIN_PACE_PER_S, (pace.rate or self.rate) / 2)
+        if pace.rate is None or sent >= pace.cut_at:
+            pace.rate = max(MIN_PACE_PER_S, (pace.rate or self.rate) / 2)
+            pace.cut_at = now
         pace.next_at = max(pace.next_at, now + retry_after_s)
 
     def answered(self, peer: bytes) -> None:
@@ -861,13 +865,14 @@ class Repairer:
         rather than leave them to a later pass, where the same would happen again."""
         for attempt in range(RATE_RETRIES + 1):
             await self._turn(peer)
+            sent = time.monotonic()
             try:
                 answer = await send()
             except RemoteError as err:
                 wait_s = err.retry_after_ms / 1000
                 if not wait_s or attempt == RATE_RETRIES or wait_s > MAX_RATE_WAIT_S:
                     raise
-                self.pacer.refused(peer.node_id, wait_s, time.monotonic())
+                self.pacer.refused(peer.node_id, wait_s, time.monotonic(), sent)
                 self.metrics.rate_waits.labels(cause="refused").inc()
                 continue
             self.pacer.answered(peer.node_id)
