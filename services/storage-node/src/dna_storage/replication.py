@@ -69,8 +69,14 @@ from dna_core.mailbox import (
     status_error,
     tombstone_proto,
 )
-from dna_core.overlay import Contact, OverlayNode, contact_from_proto, contact_to_proto, distance
-from dna_core.overlay.aio.node import Closest
+from dna_core.overlay import (
+    Closest,
+    Contact,
+    OverlayNode,
+    contact_from_proto,
+    contact_to_proto,
+    distance,
+)
 from dna_core.rpc_errors import call
 from dna_core.wire import common_pb2, mailbox_pb2, mailbox_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
