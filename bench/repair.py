@@ -1,6 +1,6 @@
 """Repair throughput with its sync calls on mailbox sessions, against the unary calls.
 
-``uv run python -m bench.repair [--rounds R] [--n MAILBOXES] [--quick]``
+``uv run python -m bench.repair [--rounds R] [--n MAILBOXES] [--quick] [--sections ...]``
 
 * **Setup, not timed.** A bootstrap and 5 storage nodes, all in this process (so one
   figure is the whole network's CPU, on one core), on loopback addresses from the
@@ -12,15 +12,27 @@
   - refill: one mailbox of ``REFILL_BLOBS`` sealed envelopes (1 KB, each with its proof of
     work), put on all 5 nodes.
 * **pass** (``storage.repair.pass``, mailboxes/s): one repair pass of node 0
-  (``Repairer.repair_once``: per mailbox a lookup and a ``SyncList`` with each of the 4
-  other replicas, nothing to move), its calls on sessions (ours) and unary (the baseline,
-  ``Repairer.sessions`` set to None: what every call was before sessions), alternating,
+  (``Repairer.repair_once``: per mailbox a ``SyncList`` with each of the 4 other
+  replicas, nothing to move; one lookup serves many mailboxes), its calls on sessions
+  (ours) and unary (the baseline, ``Repairer.sessions`` set to None: what every call was
+  before sessions), alternating,
   ``--rounds`` rounds each after a warm-up pass of each; after each pass, a rest (untimed)
   as long as the peers' per-node rate limit (100 calls/s) takes to refill, so no call is
   refused (a run with a failed sync exchange fails).
 * **refill** (``storage.repair.refill``, blobs/s): node 1 forgets the refill mailbox
   (``MailboxBackend.forget``), then node 0's pass over that mailbox alone pushes it back
   (offers ahead and 1 MiB ``SyncPush`` pieces), sessions and unary alternating.
+
+* **burst** (``--sections burst``, a detail line, not a figure): one pass of node 0 over
+  ``--burst-n`` mailboxes (default 3,000: three times the peers' sync burst of 1,000
+  calls) with no rest before it, on sessions: its seconds, mailboxes/s, lookups per
+  mailbox (node 0's own, and the 4 peers' authorizing its calls: each node's
+  ``dna_overlay_lookup_seconds`` count), how much the process's peak RSS grew during the
+  pass (all 5 nodes' memory: a pass must not hold memory per mailbox), exchanges failed by
+  reason (rate refusals are RESOURCE_EXHAUSTED) and the waits for the peers' rate limits.
+  ``--in-flight`` sets the mailboxes synced at once (1: one at a time, as before), and
+  ``--rtt-ms`` makes each of node 0's sync calls wait that long first: a round trip,
+  which loopback lacks.
 
 ``ratio`` = sessions / unary (above 1.0: repair over sessions is faster). CPU per mailbox
 (pass) and per blob (refill) is this process's, which holds every node.
@@ -30,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import resource
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -46,7 +59,7 @@ from dna_core.wire import common_pb2
 from dna_storage.backends.base import StoredBlob
 from dna_storage.cli import ENV_PREFIX as STORAGE_ENV
 from dna_storage.node import StorageNode, StorageNodeConfig
-from dna_storage.replication import SYNC_CALLS_PER_S, Repairer
+from dna_storage.replication import IN_FLIGHT, SYNC_CALLS_PER_S, Repairer
 from dna_testnet.harness import LocalNode, local_cluster
 from dna_testnet.topology import NodeSpec, Topology
 
@@ -56,6 +69,8 @@ from bench.harness import cpu_s, now_ms
 STORAGE = 5
 REFILL_BLOBS, QUICK_REFILL_BLOBS = 2_000, 200
 DEFAULT_MAILBOXES, QUICK_MAILBOXES = 300, 30
+BURST_MAILBOXES, QUICK_BURST_MAILBOXES = 3_000, 300
+SECTIONS = ("pass", "refill", "burst")
 DAY_MS = 86_400_000
 STORAGE_TOML = "repair_interval_s = 86400.0\n[admission]\npow_base_bits = 8\n"
 WATCHDOG_S = 1_800.0
@@ -124,13 +139,13 @@ class Network:
             await self.boot.stop()
 
 
-def small_mailboxes(count: int) -> list[StoredBlob]:
+def small_mailboxes(count: int, name: bytes = b"bench") -> list[StoredBlob]:
     """``count`` mailboxes of one 200-byte blob each (never pushed: no proof needed)."""
     now = now_ms()
     out = []
     for i in range(count):
         data = hashlib.sha256(b"blob %d" % i).digest() * 7
-        box = hashlib.sha256(b"bench mailbox %d" % i).digest()
+        box = hashlib.sha256(b"%s mailbox %d" % (name, i)).digest()
         out.append(StoredBlob(box, blob_id(data), data, now, now + DAY_MS))
     return out
 
@@ -242,6 +257,71 @@ async def bench_refill(net: Network, blobs: int, rounds: int) -> dict[str, Any]:
     return figure("storage.repair.refill", ("blob", "blobs"), blobs, results, params)
 
 
+def lookups(node: Any) -> float:
+    """Lookups the overlay node has run so far (its lookup latency histogram's count)."""
+    return float(sum(s.value for m in node.metrics.lookup_seconds.collect() for s in m.samples
+                     if s.name.endswith("_count")))  # fmt: skip
+
+
+def failures_by_reason(repairer: Repairer) -> dict[str, float]:
+    return {s.labels["reason"]: s.value for m in repairer.metrics.failures.collect()
+            for s in m.samples if s.name.endswith("_total") and s.value}  # fmt: skip
+
+
+def rate_waits(repairer: Repairer) -> dict[str, float]:
+    """The repairer's waits for peers' sync rate limits, by cause (none where it does not
+    pace: before it did)."""
+    waits = getattr(repairer.metrics, "rate_waits", None)
+    if waits is None:
+        return {}
+    return {s.labels["cause"]: s.value for m in waits.collect() for s in m.samples
+            if s.name.endswith("_total") and s.value}  # fmt: skip
+
+
+def with_latency(repairer: Repairer, rtt_s: float) -> None:
+    """Every sync call of ``repairer`` waits ``rtt_s`` first: a network's round trip,
+    which loopback does not have (and this kernel has no netem to add)."""
+    on_session = repairer._on_session
+
+    async def delayed(*args: Any) -> Any:
+        await asyncio.sleep(rtt_s)
+        return await on_session(*args)
+
+    setattr(repairer, "_on_session", delayed)  # noqa: B010 (mypy: assigning a method)
+
+
+async def bench_burst(
+    net: Network, mailboxes: int, rtt_ms: float, in_flight: int
+) -> dict[str, Any]:
+    """One pass over more mailboxes than the peers' sync burst, straight after setup."""
+    await net.put_everywhere(small_mailboxes(mailboxes, b"burst"))
+    repairer = net.repairer(0)
+    repairer.in_flight = in_flight
+    if rtt_ms:
+        with_latency(repairer, rtt_ms / 1000)
+    overlays = [net.overlay(i) for i in range(STORAGE)]
+    before = [lookups(o) for o in overlays]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, on Linux
+    started, cpu = time.perf_counter(), cpu_s()
+    synced = await repairer.repair_once()
+    took, cpu = time.perf_counter() - started, cpu_s() - cpu
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak
+    ran = [lookups(o) - b for o, b in zip(overlays, before, strict=True)]
+    line = {
+        "section": "storage.repair.burst", "mailboxes": synced, "seconds": round(took, 2),
+        "rtt_ms": rtt_ms, "in_flight": in_flight,
+        "mailboxes_per_s": round(synced / took, 1),
+        "cpu_ms_per_mailbox": round(cpu * 1e3 / synced, 3),
+        "peak_rss_growth_mib": round(grown / 1024, 1),
+        "lookups_per_mailbox": round(ran[0] / synced, 4),
+        "peer_lookups_per_mailbox": round(sum(ran[1:]) / synced, 4),
+        "failed_exchanges": failures_by_reason(repairer),
+        "rate_waits": rate_waits(repairer),
+    }  # fmt: skip
+    harness.detail(line)
+    return line
+
+
 def check_no_failures(repairer: Repairer) -> None:
     if failed := failures(repairer):
         raise RuntimeError(f"{failed:g} sync exchanges failed: the figure would be wrong")
@@ -251,19 +331,52 @@ async def run(args: Any) -> int:
     harness.print_machine()
     rounds = harness.rounds_from(args)
     mailboxes = harness.n_from(args, DEFAULT_MAILBOXES, QUICK_MAILBOXES)
+    sections = args.sections.split(",")
+    if unknown := set(sections) - set(SECTIONS):
+        raise SystemExit(f"unknown sections {sorted(unknown)}: choose from {SECTIONS}")
     with harness.scratch_dir("repair") as root:
         net = Network(root)
         try:
             await net.start()
-            await bench_pass(net, mailboxes, rounds)
-            await bench_refill(net, QUICK_REFILL_BLOBS if args.quick else REFILL_BLOBS, rounds)
+            if "burst" in sections:  # first: the peers' buckets are full, as after a rest
+                burst = args.burst_n or (QUICK_BURST_MAILBOXES if args.quick else BURST_MAILBOXES)
+                await bench_burst(net, burst, args.rtt_ms, args.in_flight)
+            if "pass" in sections:
+                await bench_pass(net, mailboxes, rounds)
+            if "refill" in sections:
+                blobs = QUICK_REFILL_BLOBS if args.quick else REFILL_BLOBS
+                await bench_refill(net, blobs, rounds)
         finally:
             await net.stop()
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = harness.arg_parser(__doc__.splitlines()[0]).parse_args(argv)
+    parser = harness.arg_parser(__doc__.splitlines()[0])
+    parser.add_argument(
+        "--sections",
+        default="pass,refill",
+        help=f"comma-separated, of {', '.join(SECTIONS)} (default pass,refill)",
+    )
+    parser.add_argument(
+        "--burst-n",
+        type=int,
+        default=None,
+        help=f"mailboxes of the burst pass (default {BURST_MAILBOXES:,})",
+    )
+    parser.add_argument(
+        "--rtt-ms",
+        type=float,
+        default=0.0,
+        help="burst: a round trip added before each sync call (default 0)",
+    )
+    parser.add_argument(
+        "--in-flight",
+        type=int,
+        default=IN_FLIGHT,
+        help=f"burst: mailboxes synced at once (default {IN_FLIGHT})",
+    )
+    args = parser.parse_args(argv)  # fmt: skip
     return harness.run_main("bench.repair", lambda: run(args), WATCHDOG_S)
 
 

@@ -357,8 +357,9 @@ def storage_dashboard() -> db.Dashboard:
         series(
             "Repair traffic and failures",
             "Blobs and tombstones pulled and pushed by repair, hand-off items dropped once "
-            "every rightful replica held them, and failed sync exchanges by reason, per "
-            "second.",
+            "every rightful replica held them, failed sync exchanges by reason, and sync "
+            "calls that waited for a peer's rate limit (held by the pace, or refused and "
+            "sent again after the retry-after), per second.",
             "ops",
             query(f"sum(rate(dna_storage_repair_pulled_total{{{SEL}}}[{RATE}]))", "pulled"),
             query(f"sum(rate(dna_storage_repair_pushed_total{{{SEL}}}[{RATE}]))", "pushed", "B"),
@@ -371,6 +372,11 @@ def storage_dashboard() -> db.Dashboard:
                 f"sum by (reason) (rate(dna_storage_repair_failures_total{{{SEL}}}[{RATE}]))",
                 "failed: {{reason}}",
                 "D",
+            ),
+            query(
+                f"sum by (cause) (rate(dna_storage_repair_rate_waits_total{{{SEL}}}[{RATE}]))",
+                "waited: {{cause}}",
+                "E",
             ),
         )
     )

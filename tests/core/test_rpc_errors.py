@@ -12,7 +12,8 @@ import grpc
 import pytest
 from dna_core.errors import DnaError, RefusedError, RemoteError, UnavailableError
 from dna_core.rpc_errors import UNAVAILABLE_CODES, call, remote_error
-from dna_core.wire.gen.dna.v1 import overlay_pb2, overlay_pb2_grpc
+from dna_core.rpc_session import status_error
+from dna_core.wire.gen.dna.v1 import mailbox_pb2, overlay_pb2, overlay_pb2_grpc
 
 PING = overlay_pb2.OverlayPingRequest()
 
@@ -73,3 +74,53 @@ def test_an_answer_passes_through() -> None:
         return 7
 
     assert asyncio.run(call(answer())) == 7
+
+
+class RateLimiting(overlay_pb2_grpc.OverlayServicer):
+    async def Ping(  # noqa: N802 (gRPC method name)
+        self, request: overlay_pb2.OverlayPingRequest, context: Any
+    ) -> overlay_pb2.OverlayPingResponse:
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "over rate", (("retry-after-ms", "250"),)
+        )
+        raise AssertionError("abort returns only by raising")
+
+
+def test_a_rate_refusal_from_a_real_server_carries_its_retry_after() -> None:
+    async def main() -> RemoteError:
+        server = grpc.aio.server()
+        overlay_pb2_grpc.add_OverlayServicer_to_server(RateLimiting(), server)  # type: ignore[abstract]
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                with pytest.raises(RemoteError) as raised:
+                    await call(overlay_pb2_grpc.OverlayStub(channel).Ping(PING, timeout=5))
+                return raised.value
+        finally:
+            await server.stop(grace=None)
+
+    err = asyncio.run(main())
+    assert isinstance(err, UnavailableError)
+    assert (err.grpc_code, err.retry_after_ms) == ("RESOURCE_EXHAUSTED", 250)
+
+
+@pytest.mark.parametrize(
+    ("trailers", "expected"),
+    [((), 0), ((("retry-after-ms", "40"),), 40), ((("retry-after-ms", "soon"),), 0),
+     ((("retry-after-ms", "-5"),), 0), ((("other", "1"),), 0)],
+)  # fmt: skip
+def test_a_retry_after_is_a_positive_whole_number_or_none(
+    trailers: tuple[tuple[str, str], ...], expected: int
+) -> None:
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    metadata = grpc.aio.Metadata(*trailers)
+    err = remote_error(grpc.aio.AioRpcError(exhausted, grpc.aio.Metadata(), metadata, "busy"))
+    assert err.retry_after_ms == expected
+
+
+def test_a_session_refusal_carries_its_retry_after_as_the_unary_one() -> None:
+    busy = status_error(mailbox_pb2.RequestStatus(code=8, reason="over", retry_after_ms=75))
+    assert isinstance(busy, UnavailableError) and busy.retry_after_ms == 75
+    denied = status_error(mailbox_pb2.RequestStatus(code=7, reason="no"))
+    assert isinstance(denied, RefusedError) and denied.retry_after_ms == 0

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import pytest
+from dna_core.overlay.codec import WHOLE_ANSWER
 from dna_core.overlay.contact import Contact, Endpoint
 from dna_core.overlay.kbucket import RoutingTable
 from dna_core.overlay.lookup import (
@@ -462,3 +463,56 @@ def test_random_schedules_keep_the_invariants(  # noqa: PLR0915
         assert len(result) <= k
         assert result == sorted(result, key=lambda i: dist(i, TARGET0))
         assert set(result) <= responded
+
+
+# -- exhaustive: a lookup that found every node reachable (a small network) ---------------
+
+
+def small_net(size: int, seed: str) -> Net:
+    """``size`` nodes, each knowing all the others."""
+    rng = random.Random(f"{NET_SEED}/{seed}")
+    contacts = [synthetic(rng.randbytes(32), i) for i in range(size)]
+    tables = {}
+    for c in contacts:
+        table = RoutingTable(c.node_id, subnet_limit=K)
+        for other in contacts:
+            if other.node_id != c.node_id:
+                table.observe(other, 0.0)
+        tables[c.node_id] = table
+    return Net(contacts, tables)
+
+
+def small_lookup(net: Net, target: bytes, dead: frozenset[bytes] = frozenset()) -> ClosestPeersIter:
+    origin = net.contacts[0].node_id
+    rng = random.Random(f"{NET_SEED}/small")
+
+    def answer(p: bytes) -> list[Contact] | None:  # the requester left out, as nodes do
+        if p in dead:
+            return None
+        return [c for c in net.answer(p, target, K + 1) if c.node_id != origin][:K]
+
+    it = ClosestPeersIter(target, net.answer(origin, target), local_id=origin)
+    drive(it, answer, rng, mode="batch")
+    return it
+
+
+def test_a_lookup_of_a_network_smaller_than_an_answer_is_exhaustive_and_the_same_for_any_target(
+) -> None:  # fmt: skip
+    net = small_net(WHOLE_ANSWER, "whole")  # each answer: the others but the asker
+    rng = random.Random(f"{NET_SEED}/targets")
+    results = []
+    for _ in range(20):
+        it = small_lookup(net, rng.randbytes(32))
+        assert it.exhaustive
+        results.append({c.node_id for c in it.result()})
+    assert results == [{c.node_id for c in net.contacts[1:]}] * 20
+
+
+def test_a_lookup_is_not_exhaustive_if_a_node_failed_or_an_answer_may_have_been_cut() -> None:
+    net = small_net(WHOLE_ANSWER, "dead")
+    dead = frozenset({net.contacts[-1].node_id})
+    assert not small_lookup(net, bytes(32), dead).exhaustive  # it may answer the next one
+    # Answers as long as a datagram may cut: a sender may have known more than it said.
+    assert not small_lookup(small_net(WHOLE_ANSWER + 2, "cut"), bytes(32)).exhaustive
+    # A full lookup of a larger network bounds nothing beyond its k.
+    assert not small_lookup(small_net(K + 5, "large"), bytes(32)).exhaustive

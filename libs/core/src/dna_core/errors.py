@@ -77,11 +77,14 @@ class CapacityError(ProtocolError):
 
 class RemoteError(DnaError):
     """A call to another node failed; ``grpc_code`` is the gRPC status name it ended with
-    and ``details`` what the node (or the transport) said."""
+    and ``details`` what the node (or the transport) said. ``retry_after_ms`` (> 0) is the
+    node's own word that it refused over a rate limit and when a retry will pass (the
+    ``retry-after-ms`` trailer of a unary call, a session refusal's field); 0 otherwise."""
 
-    def __init__(self, grpc_code: str, details: str) -> None:
+    def __init__(self, grpc_code: str, details: str, retry_after_ms: int = 0) -> None:
         super().__init__(f"{grpc_code}: {details}")
         self.grpc_code, self.details = grpc_code, details
+        self.retry_after_ms = retry_after_ms
 
 
 class UnavailableError(RemoteError):

@@ -8,7 +8,7 @@ node did not answer or could not serve now, `RefusedError` when it answered no.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from typing import TypeVar
 
 import grpc
@@ -25,11 +25,21 @@ UNAVAILABLE_CODES = frozenset({
 
 
 def remote_error(err: grpc.aio.AioRpcError) -> RemoteError:
-    """The project's error for a failed gRPC call."""
+    """The project's error for a failed gRPC call (with the node's retry-after, if any)."""
     code, details = err.code(), err.details() or ""
     if code in UNAVAILABLE_CODES:
-        return UnavailableError(code.name, details)
+        return UnavailableError(code.name, details, retry_after_ms(err.trailing_metadata()))
     return RefusedError(code.name, details)
+
+
+def retry_after_ms(metadata: Iterable[tuple[str, str | bytes]] | None) -> int:
+    """The ``retry-after-ms`` trailer a rate-limited call carries, or 0 (none, or not a
+    positive whole number: a malformed hint is no hint)."""
+    for key, value in metadata or ():
+        if key == "retry-after-ms":
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            return int(text) if text.isdigit() else 0
+    return 0
 
 
 async def call(rpc: Awaitable[T]) -> T:

@@ -45,6 +45,8 @@ class RequestStatusLike(Protocol):
     def code(self) -> int: ...
     @property
     def reason(self) -> str: ...
+    @property
+    def retry_after_ms(self) -> int: ...
 
 
 class StreamGoneError(UnavailableError):
@@ -60,7 +62,7 @@ def status_error(status: RequestStatusLike) -> RemoteError:
     """A request's refusal on a session, as the unary call's failure would be raised."""
     code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
     if code in UNAVAILABLE_CODES:
-        return UnavailableError(code.name, status.reason)
+        return UnavailableError(code.name, status.reason, status.retry_after_ms)
     return RefusedError(code.name, status.reason)
 
 

@@ -43,7 +43,13 @@ from dna_storage.mailbox_stream import (
     SessionRules,
     Subscribers,
 )
-from dna_storage.replication import Repairer, ReplicaView, SyncRules
+from dna_storage.replication import (
+    SYNC_CALL_BURST,
+    SYNC_CALLS_PER_S,
+    Repairer,
+    ReplicaView,
+    SyncRules,
+)
 
 log = logging.getLogger("dna.storage")
 MAILBOX_DESCRIPTOR = mailbox_pb2.DESCRIPTOR.services_by_name["Mailbox"]
@@ -70,6 +76,13 @@ class StorageSection(ConfigModel):
     """Blobs and tombstones expired per GC step."""
     repair_interval_s: float = Field(default=60.0, gt=0)
     """Seconds between anti-entropy passes over every mailbox held."""
+    sync_rate_per_s: float = Field(default=SYNC_CALLS_PER_S, gt=0)
+    """Replica sync calls per second this node serves each other storage node (and each
+    address), after a burst of sync_burst; more are refused with a retry-after, which the
+    caller's repair waits (docs/storage.md "Anti-entropy")."""
+    sync_burst: float = Field(default=SYNC_CALL_BURST, ge=1)
+    """Replica sync calls a storage node may make to this one at once before
+    sync_rate_per_s applies. Repair elsewhere paces itself to the defaults."""
     session_window: int = Field(default=WINDOW, ge=1, le=1024)
     """Requests a mailbox session may have unanswered; a client sending more is cut."""
     session_stall_s: float = Field(default=STALL_S, gt=0)
@@ -210,7 +223,10 @@ class StorageNode:
         def add_mailbox(register: ServiceRegistrar, node: OverlayNode) -> list[str]:
             service = self.mailbox_service(
                 backend, self.admission, retention=retention,
-                sync_puzzle_bits=self.config.node.puzzle_bits, replica_view=ReplicaView(node),
+                sync_puzzle_bits=self.config.node.puzzle_bits,
+                replica_view=ReplicaView(
+                    node, rate=section.sync_rate_per_s, burst=section.sync_burst
+                ),
                 node_id=node.node_id,
                 on_outcome=lambda method, outcome: self.metrics.requests.labels(
                     method=method, outcome=outcome

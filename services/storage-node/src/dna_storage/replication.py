@@ -1,7 +1,9 @@
 """Replica anti-entropy between storage nodes.
 
 Every ``interval`` a node walks the mailboxes it holds. For each, it finds the
-R = 5 storage nodes closest to the mailbox (its rightful replicas). A rightful
+R = 5 storage nodes closest to the mailbox (its rightful replicas): one lookup serves
+the mailboxes after it while it provably ranks them as their own would
+(``Neighbourhood``). A rightful
 replica, with each other one: lists what the peer holds a page at a time, pulls
 blobs and tombstones it lacks, and pushes what the peer lacks. Pulling alone would
 never reach a replica that lost everything (it does not know the mailbox exists);
@@ -10,7 +12,10 @@ node outside the set that took a write by hinted hand-off only pushes: it offers
 the IDs it holds, pushes what a replica lacks, and drops its copy once all R of
 them report holding it. A pass keeps going with a peer until the mailbox is whole
 there; every message is bounded in bytes and items (``SYNC_BYTES``), and a piece
-refused as too large (RESOURCE_EXHAUSTED) is retried in halves.
+refused as too large (RESOURCE_EXHAUSTED) is retried in halves. The calls to each peer
+are paced to its sync rate limit (``PeerPacer``), and one refused over it goes again
+after the retry-after the refusal carries: a pass over more mailboxes than a peer's
+burst completes.
 
 The calls to a peer travel on one long-lived mailbox session to it (``SessionPool``,
 docs/storage.md "Sessions and push"), served there by the very handlers of the unary
@@ -64,12 +69,19 @@ from dna_core.mailbox import (
     status_error,
     tombstone_proto,
 )
-from dna_core.overlay import Contact, OverlayNode, contact_from_proto, contact_to_proto, distance
+from dna_core.overlay import (
+    Closest,
+    Contact,
+    OverlayNode,
+    contact_from_proto,
+    contact_to_proto,
+    distance,
+)
 from dna_core.rpc_errors import call
 from dna_core.wire import common_pb2, mailbox_pb2, mailbox_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from dna_storage.admission import Quota, RateLimited, RateLimiter
+from dna_storage.admission import Quota, RateLimited, RateLimiter, TokenBucket
 from dna_storage.backends.base import MailboxBackend, PutOutcome, SyncIndex
 
 log = logging.getLogger("dna.storage.repair")
@@ -81,6 +93,11 @@ MIN_PIECE_BYTES = 32 * 1024  # halving a refused piece stops here (a piece holds
 MAX_SYNC_ITEMS = 500  # blobs, and tombstones, per SyncPush
 MAX_SYNC_IDS = 4096  # IDs per list page, pull request and push offer (~140 KB)
 SYNC_CALLS_PER_S, SYNC_CALL_BURST = 100.0, 1000.0  # per calling node and per address
+PACE_SHARE = 0.95  # of the peers' default rate and burst repair keeps to (arrival jitter)
+MIN_PACE_PER_S = 1.0  # a peer that keeps refusing is called no slower than this
+PACE_STEP = 0.05  # calls/s a paced peer's rate grows by per answered call
+RATE_RETRIES = 8  # refusals of one call over a peer's rate before the exchange fails
+MAX_RATE_WAIT_S = 60.0  # a retry-after longer than this fails the exchange (next pass)
 ID_WIRE = 34  # a 32-byte ID with its tag and length
 BLOB_WIRE, TOMB_WIRE = 128, 64  # a blob's / tombstone's fields beside its payload
 REPAIR_RANGES = 256  # slices of the mailbox ID space a repair pass lists one at a time
@@ -88,6 +105,9 @@ _PULL_CHUNK = 8  # blobs read from the backend at a time while filling a bounded
 _OFFER_AHEAD = 256  # a push longer than this offers IDs before sending their blobs
 LOOKUP_TTL_S = 60.0  # how long a lookup of a mailbox's neighbourhood serves authorization
 RELOOK_AFTER_S = 10.0  # a refusal on an older lookup looks again once (a node restarted)
+REUSE_S = 10.0  # how long, within a pass, a lookup's result may choose later mailboxes' replicas
+NEIGHBOURHOODS = 16  # recent lookup results a node's authorization of sync calls draws on
+IN_FLIGHT = 8  # mailboxes a pass syncs at once: their round trips overlap, not add up
 T = TypeVar("T")
 R = TypeVar(
     "R", mailbox_pb2.SyncListRequest, mailbox_pb2.SyncPullRequest, mailbox_pb2.SyncPushRequest
@@ -242,25 +262,94 @@ async def _within_quota(
     return fitting
 
 
+def is_storage(contact: Contact) -> bool:
+    return contact.role == common_pb2.NODE_ROLE_STORAGE
+
+
+@dataclass(frozen=True)
+class Neighbourhood:
+    """One lookup's result, kept to rank the storage nodes of other mailboxes than its
+    target without a lookup of their own, where that provably gives what a lookup of them
+    would (``ranks``).
+
+    Why it is safe: a lookup returns the k nodes closest to its target; any node left out
+    is farther from the target than the farthest returned (``radius``). XOR distance obeys
+    the triangle inequality, so a node left out is farther from another ID ``box`` than
+    ``radius - distance(target, box)``. If the ``count`` closest storage nodes to ``box``
+    among those returned (this node included) all lie closer than that, no node left out
+    can be among them; and every node that close is among the k returned, so a lookup of
+    ``box`` (its k closest) would return them all too. A lookup that found every node reachable
+    (``exhaustive``: a small network) ranks any mailbox. Assumes what a fresh lookup does:
+    that the lookup found the true closest nodes."""
+
+    target: bytes
+    contacts: tuple[Contact, ...]  # closest to ``target`` first, this node never among them
+    exhaustive: bool
+    k: int
+    at: float  # monotonic
+
+    @classmethod
+    def of(cls, target: bytes, found: Closest, k: int, now: float) -> Neighbourhood:
+        return cls(target, tuple(found.contacts), found.exhaustive, k, now)
+
+    def ranks(self, box: bytes, me: bytes, count: int) -> bool:
+        """Whether the ``count`` storage nodes closest to ``box`` (``me`` among them if it is
+        one) are certainly those a lookup of ``box`` would rank first."""
+        if self.exhaustive:
+            return True
+        if len(self.contacts) < self.k:  # a short answer bounds nothing
+            return False
+        ranked = sorted(
+            [distance(c.node_id, box) for c in self.contacts if is_storage(c)] + [distance(me, box)]
+        )
+        if len(ranked) < count:
+            return False
+        reach = ranked[count - 1]
+        radius = distance(self.contacts[-1].node_id, self.target)
+        return reach + distance(self.target, box) < radius
+
+
+def choose_replicas(
+    found: Sequence[Contact], me: bytes, box: bytes, replicas: int
+) -> tuple[list[Contact], bool]:
+    """The other storage nodes of the mailbox's replica set among ``found`` (the R closest
+    storage nodes), and whether ``me`` is one of them. A lookup never returns the node that
+    asks, so this node is placed by its own distance: otherwise a replica would take the
+    (R+1)-th closest for a replica and keep pushing the mailbox to it."""
+    others = [c for c in found if is_storage(c) and c.node_id != me]
+    others.sort(key=lambda c: distance(c.node_id, box))
+    mine = distance(me, box)
+    rightful = sum(distance(c.node_id, box) < mine for c in others) < replicas
+    return others[: replicas - 1 if rightful else replicas], rightful
+
+
 class ReplicaView:
     """Who may sync a mailbox with this node, judged from its own view of the network.
 
     The ranking is of the storage nodes this node knows near the mailbox, plus itself, by
     XOR distance: those of its routing table (each proved its key from its address before
     it entered) and those its own lookup of the mailbox found (cached ``LOOKUP_TTL_S`` per
-    mailbox). The lookup matters: a table right after a start knows few nodes, and a thin
-    view would rank anyone among the closest. A caller ranked within R + ``SYNC_MARGIN``
-    is a replica; so is this node, under the same bound. A caller refused on a lookup
-    older than ``RELOOK_AFTER_S`` (it may have just started) gets one fresh lookup.
+    mailbox; or one of its last lookups, of a neighbouring mailbox, that provably ranks
+    this one as its own would: ``Neighbourhood``). The lookup matters: a table right
+    after a start knows few nodes, and a thin view would rank anyone among the closest.
+    A caller ranked within R + ``SYNC_MARGIN`` is a replica; so is this node, under the
+    same bound. A caller refused on a lookup older than ``RELOOK_AFTER_S`` (it may have
+    just started) gets one fresh lookup.
     An injected fake close ID can only push real nodes out (denying sync, counted as a
     failure), never let a caller in: the caller must sign with the key of its ranked ID.
     Calls are rate-limited per caller and per address first, before any lookup."""
 
-    def __init__(self, node: OverlayNode, replicas: int = 5) -> None:
+    def __init__(
+        self, node: OverlayNode, replicas: int = 5, *,
+        rate: float = SYNC_CALLS_PER_S, burst: float = SYNC_CALL_BURST,
+    ) -> None:  # fmt: skip
         self.node, self.bound = node, replicas + SYNC_MARGIN
-        self.per_node = RateLimiter(SYNC_CALLS_PER_S, SYNC_CALL_BURST, 4096)
-        self.per_address = RateLimiter(SYNC_CALLS_PER_S, SYNC_CALL_BURST, 4096)
-        self._lookups: OrderedDict[bytes, tuple[float, asyncio.Task[list[bytes]]]] = OrderedDict()
+        self.per_node = RateLimiter(rate, burst, 4096)
+        self.per_address = RateLimiter(rate, burst, 4096)
+        self._lookups: OrderedDict[bytes, tuple[float, asyncio.Future[Neighbourhood]]] = (
+            OrderedDict()
+        )
+        self._hoods: deque[Neighbourhood] = deque(maxlen=NEIGHBOURHOODS)
 
     async def ranking(self, box: bytes, *, fresh: bool = False) -> list[bytes]:
         """Node IDs of the ``bound`` closest storage nodes known (this node included)."""
@@ -275,30 +364,44 @@ class ReplicaView:
         return sorted(known, key=lambda i: distance(i, box))[: self.bound]
 
     async def _looked_up(self, box: bytes, *, fresh: bool) -> list[bytes]:
+        """The storage nodes a lookup of ``box`` finds: this mailbox's own recent lookup
+        (or the one in flight), else a recent lookup of a neighbouring mailbox that
+        provably ranks this one the same (``Neighbourhood``; a replica syncs its mailboxes
+        in ID order, mostly neighbours), else a new lookup."""
         now = time.monotonic()
+        max_age = RELOOK_AFTER_S if fresh else LOOKUP_TTL_S
         cached = self._lookups.get(box)
-        if (
-            cached is None
-            or now - cached[0] > LOOKUP_TTL_S
-            or (fresh and now - cached[0] > RELOOK_AFTER_S)
-        ):
+        if cached is None or now - cached[0] > max_age:
+            hood = self._neighbourhood(box, now, max_age)
+            if hood is not None:
+                return [c.node_id for c in hood.contacts if is_storage(c)]
             cached = (now, asyncio.ensure_future(self._lookup(box)))
             self._lookups[box] = cached
         self._lookups.move_to_end(box)
         while len(self._lookups) > 4096:
             self._lookups.popitem(last=False)
-        return await asyncio.shield(cached[1])
+        hood = await asyncio.shield(cached[1])
+        return [c.node_id for c in hood.contacts if is_storage(c)]
 
-    async def _lookup(self, box: bytes) -> list[bytes]:
-        found = await self.node.find_node(box)
-        return [c.node_id for c in found if c.role == common_pb2.NODE_ROLE_STORAGE]
+    def _neighbourhood(self, box: bytes, now: float, max_age: float) -> Neighbourhood | None:
+        for hood in reversed(self._hoods):
+            if now - hood.at <= max_age and hood.ranks(box, self.node.node_id, self.bound):
+                return hood
+        return None
+
+    async def _lookup(self, box: bytes) -> Neighbourhood:
+        found = await self.node.find_closest(box)
+        hood = Neighbourhood.of(box, found, self.node.config.k, time.monotonic())
+        self._hoods.append(hood)
+        return hood
 
     async def authorize(self, box: bytes, caller: Contact, source_ip: str, *, push: bool) -> None:
         """Return if ``caller`` may make this call for ``box``, else raise why not."""
         now = time.monotonic()
         wait = max(self.per_node.check(caller.node_id, now), self.per_address.check(source_ip, now))
         if wait > 0:
-            raise RateLimited(f"sync: over {SYNC_CALLS_PER_S:g} calls/s from this peer", wait)
+            limit = self.per_node.rate
+            raise RateLimited(f"sync: over the rate of {limit:g} calls/s from this peer", wait)
         for fresh in (False, True):
             ranking = await self.ranking(box, fresh=fresh)
             if caller.node_id in ranking or (push and self.node.node_id in ranking):
@@ -306,6 +409,84 @@ class ReplicaView:
         raise VerificationError(
             "sync: the caller is not among this mailbox's replicas as this node sees them"
         )
+
+
+@dataclass
+class _Pace:
+    bucket: TokenBucket  # the peers' default limit, while this peer never refused
+    rate: float | None = None  # calls/s once it refused: one call every 1 / rate
+    next_at: float = 0.0  # no call before (its retry-after, or the paced interval)
+    cut_at: float = 0.0  # when a refusal last halved the rate
+
+
+class PeerPacer:
+    """When this node's repair may make its next sync call to each peer (sans-I/O: the
+    caller gives the monotonic time), so that a pass keeps within the peer's sync rate
+    limit instead of being refused (docs/storage.md "Anti-entropy").
+
+    A peer's limit is its own configuration, which this node cannot know. It starts from
+    the default (a token bucket of ``rate`` and ``burst``, as a peer's limiter is, at
+    ``PACE_SHARE`` of the default: calls arrive a little bunched, and a bucket matching
+    the peer's exactly was refused a few times a pass): against a peer with the default
+    limit, a pass is not refused. A peer configured lower
+    refuses with a retry-after, which is authoritative: no call goes to it before then,
+    and from then on its calls are paced one at a time at a rate halved by each refusal
+    (not below ``MIN_PACE_PER_S``) and raised by ``PACE_STEP`` per answered call, up to
+    ``rate``: the pace settles just under the peer's real limit, back from a halving in
+    ``rate / (2 * PACE_STEP)`` calls (~13 s whatever the rate), so about one refusal per
+    ``10 * rate`` calls. (A peer's limit is per calling node: there is no capacity shared
+    with other callers to be fair about, only the peer's own limit to find.) Memory: at
+    most ``max_peers`` peers, the least recently called forgotten (one comes back at the
+    default)."""
+
+    def __init__(
+        self, rate: float = PACE_SHARE * SYNC_CALLS_PER_S,
+        burst: float = PACE_SHARE * SYNC_CALL_BURST, max_peers: int = 4096,
+    ) -> None:  # fmt: skip
+        TokenBucket(rate, burst)  # validates them
+        self.rate, self.burst, self.max_peers = rate, burst, max_peers
+        self._peers: OrderedDict[bytes, _Pace] = OrderedDict()
+
+    def wait(self, peer: bytes, now: float) -> float:
+        """0.0: a call to ``peer`` may go now (counted as sent); else the seconds to wait
+        before asking again (nothing changed)."""
+        pace = self._pace(peer)
+        if now < pace.next_at:
+            return pace.next_at - now
+        if pace.rate is None:
+            return pace.bucket.take(now)
+        pace.next_at = now + 1 / pace.rate
+        return 0.0
+
+    def refused(self, peer: bytes, retry_after_s: float, now: float, sent: float) -> None:
+        """``peer`` refused a call sent at ``sent`` over its rate: nothing before its
+        retry-after, then slower. Calls in flight together are refused together: only
+        one sent after the last cut halves the rate again, as TCP cuts once a window."""
+        pace = self._pace(peer)
+        if pace.rate is None or sent >= pace.cut_at:
+            pace.rate = max(MIN_PACE_PER_S, (pace.rate or self.rate) / 2)
+            pace.cut_at = now
+        pace.next_at = max(pace.next_at, now + retry_after_s)
+
+    def answered(self, peer: bytes) -> None:
+        """``peer`` answered a call: a paced peer's rate grows by ``PACE_STEP``."""
+        pace = self._peers.get(peer)
+        if pace is not None and pace.rate is not None:
+            pace.rate = min(self.rate, pace.rate + PACE_STEP)
+
+    def pace(self, peer: bytes) -> float | None:
+        """Calls/s ``peer`` is paced at since it refused, or None (never refused)."""
+        pace = self._peers.get(peer)
+        return None if pace is None else pace.rate
+
+    def _pace(self, peer: bytes) -> _Pace:
+        pace = self._peers.get(peer)
+        if pace is None:
+            pace = self._peers[peer] = _Pace(TokenBucket(self.rate, self.burst))
+            if len(self._peers) > self.max_peers:
+                self._peers.popitem(last=False)
+        self._peers.move_to_end(peer)
+        return pace
 
 
 @dataclass(frozen=True)
@@ -401,6 +582,8 @@ class RepairMetrics:
     handoff_dropped: Counter
     failures: Counter
     calls: Counter
+    lookups: Counter
+    rate_waits: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry, replicas: int) -> RepairMetrics:
@@ -445,11 +628,56 @@ class RepairMetrics:
                 ["method", "via"],
                 registry=registry,
             ),
+            Counter(
+                "dna_storage_repair_lookups",
+                "Overlay lookups of repair to find mailboxes' replica sets (one serves the "
+                "mailboxes after it that it provably ranks the same)",
+                registry=registry,
+            ),
+            Counter(
+                "dna_storage_repair_rate_waits",
+                "Sync calls of repair that waited for a peer's rate limit, by cause: 'pace' "
+                "(this node's own pacing held the call back) or 'refused' (the peer refused "
+                "it over its rate; the call went again after the retry-after it gave)",
+                ["cause"],
+                registry=registry,
+            ),
         )
 
 
 class RepairError(Exception):
     """A peer's answers make no progress (it answered none of the IDs asked for)."""
+
+
+class _Window:
+    """At most ``size`` coroutines running at once (a pass's mailboxes in flight). The
+    first to fail raises, from ``add`` or ``drain``, as the pass did one at a time."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.tasks: set[asyncio.Future[None]] = set()
+
+    async def add(self, work: Awaitable[None]) -> None:
+        while len(self.tasks) >= self.size:
+            await self._reap()
+        self.tasks.add(asyncio.ensure_future(work))
+
+    async def drain(self) -> None:
+        while self.tasks:
+            await self._reap()
+
+    async def cancel(self) -> None:
+        """Cancel what is left (a failure, or the pass itself cancelled) and wait for it."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks.clear()
+
+    async def _reap(self) -> None:
+        done, self.tasks = await asyncio.wait(self.tasks, return_when=asyncio.FIRST_COMPLETED)
+        failed = [t.exception() for t in done if not t.cancelled() and t.exception()]
+        if failed:  # the first ends the pass, as it did before mailboxes overlapped
+            raise failed[0]  # type: ignore[misc]
 
 
 class Repairer:
@@ -464,11 +692,16 @@ class Repairer:
         interval_s: float = 60.0,
         timeout_s: float = 10.0,
         sessions: bool = True,
+        in_flight: int = IN_FLIGHT,
     ) -> None:
         self.node, self.backend, self.rules = node, backend, rules
+        self.in_flight = in_flight
         self.replicas = replicas
         self.interval_s, self.timeout_s = interval_s, timeout_s
         self.metrics = RepairMetrics.create(registry, replicas)
+        self._hood: Neighbourhood | None = None  # the last lookup (``replica_peers``)
+        self._looking = asyncio.Lock()  # mailboxes in flight wait for one lookup, and share it
+        self.pacer = PeerPacer()
         # One session per peer carries the sync calls (session.py); a peer that serves none
         # (an older node), or whose session is unavailable, gets the unary calls, as every
         # peer does with None (``sessions=False``: the unary calls only, as before them).
@@ -495,30 +728,44 @@ class Repairer:
         """One pass over every mailbox held; returns how many were synced.
 
         The mailbox ID space is walked in REPAIR_RANGES slices: listing everything at once
-        would hold every blob ID of the node in memory (~100 MB at a million blobs)."""
+        would hold every blob ID of the node in memory (~100 MB at a million blobs).
+        ``in_flight`` mailboxes are synced at once: one after the other, a pass would last
+        at least a round trip per mailbox (100,000 mailboxes at 50 ms: 83 minutes), far
+        below what the peers' rate limits allow; the pacer keeps each peer within them."""
         started = time.monotonic()
         synced = 0
-        for start, end in id_ranges(REPAIR_RANGES):
-            for digest in await self.backend.digests(start, end, _now_ms()):
-                await self.sync_mailbox(digest.mailbox_id)
-                synced += 1
+        self._hood = None  # a pass starts from a fresh lookup: nodes come and go between
+        window = _Window(self.in_flight)
+        try:
+            for start, end in id_ranges(REPAIR_RANGES):
+                for digest in await self.backend.digests(start, end, _now_ms()):
+                    await window.add(self.sync_mailbox(digest.mailbox_id))
+                    synced += 1
+            await window.drain()
+        finally:
+            await window.cancel()
         self.metrics.passes.inc()
         self.metrics.last_pass.set(time.time())
         self.metrics.pass_seconds.set(time.monotonic() - started)
         return synced
 
     async def replica_peers(self, box: bytes) -> tuple[list[Contact], bool]:
-        """The other storage nodes of the mailbox's replica set (the R closest storage
-        nodes), and whether this node is one of them. A lookup never returns the node that
-        asks, so this node is placed by its own distance: otherwise a replica would take the
-        (R+1)-th closest for a replica and keep pushing the mailbox to it."""
-        found = await self.node.find_node(box)
+        """The other storage nodes of the mailbox's replica set (``choose_replicas``), and
+        whether this node is one of them: from the last lookup while it provably ranks this
+        mailbox as its own lookup would (``Neighbourhood``: a pass walks mailboxes in ID
+        order, and neighbours mostly share their replicas), else from a new lookup. The
+        last lookup serves for ``REUSE_S`` at most, and never into the next pass: a node
+        that came back (or left) is seen as soon as a fresh lookup per mailbox would have,
+        give or take those seconds (a small network's exhaustive lookup ranks every
+        mailbox, so without the bound it would hide a restarted replica for as long)."""
         me = self.node.node_id
-        others = [c for c in found if c.role == common_pb2.NODE_ROLE_STORAGE and c.node_id != me]
-        others.sort(key=lambda c: distance(c.node_id, box))
-        mine = distance(me, box)
-        rightful = sum(distance(c.node_id, box) < mine for c in others) < self.replicas
-        return others[: self.replicas - 1 if rightful else self.replicas], rightful
+        async with self._looking:
+            now, hood = time.monotonic(), self._hood
+            if hood is None or now - hood.at > REUSE_S or not hood.ranks(box, me, self.replicas):
+                found = await self.node.find_closest(box)
+                self.metrics.lookups.inc()
+                hood = self._hood = Neighbourhood.of(box, found, self.node.config.k, now)
+        return choose_replicas(hood.contacts, me, box, self.replicas)
 
     async def sync_mailbox(self, box: bytes) -> None:
         peers, rightful = await self.replica_peers(box)
@@ -577,35 +824,75 @@ class Repairer:
     async def _sync_list(
         self, peer: Contact, box: bytes, request: mailbox_pb2.SyncListRequest
     ) -> mailbox_pb2.SyncListResponse:
-        signed = self._signed(request, "SyncList", box)
-        answer = await self._on_session(peer, "SyncList", signed)
-        if answer is not None:
-            return answer.sync_list
-        return await self._unary(
-            "SyncList", self._stub(peer).SyncList(signed, timeout=self.timeout_s)
-        )
+        async def send() -> mailbox_pb2.SyncListResponse:
+            signed = self._signed(request, "SyncList", box)
+            answer = await self._on_session(peer, "SyncList", signed)
+            if answer is not None:
+                return answer.sync_list
+            return await self._unary(
+                "SyncList", self._stub(peer).SyncList(signed, timeout=self.timeout_s)
+            )
+
+        return await self._paced(peer, send)
 
     async def _sync_pull(
         self, peer: Contact, box: bytes, request: mailbox_pb2.SyncPullRequest
     ) -> mailbox_pb2.SyncPullResponse:
-        signed = self._signed(request, "SyncPull", box)
-        answer = await self._on_session(peer, "SyncPull", signed)
-        if answer is not None:
-            return answer.sync_pull
-        return await self._unary(
-            "SyncPull", self._stub(peer).SyncPull(signed, timeout=self.timeout_s)
-        )
+        async def send() -> mailbox_pb2.SyncPullResponse:
+            signed = self._signed(request, "SyncPull", box)
+            answer = await self._on_session(peer, "SyncPull", signed)
+            if answer is not None:
+                return answer.sync_pull
+            return await self._unary(
+                "SyncPull", self._stub(peer).SyncPull(signed, timeout=self.timeout_s)
+            )
+
+        return await self._paced(peer, send)
 
     async def _sync_push(
         self, peer: Contact, box: bytes, request: mailbox_pb2.SyncPushRequest
     ) -> mailbox_pb2.SyncPushResponse:
-        signed = self._signed(request, "SyncPush", box)
-        answer = await self._on_session(peer, "SyncPush", signed)
-        if answer is not None:
-            return answer.sync_push
-        return await self._unary(
-            "SyncPush", self._stub(peer).SyncPush(signed, timeout=self.timeout_s)
-        )
+        async def send() -> mailbox_pb2.SyncPushResponse:
+            signed = self._signed(request, "SyncPush", box)
+            answer = await self._on_session(peer, "SyncPush", signed)
+            if answer is not None:
+                return answer.sync_push
+            return await self._unary(
+                "SyncPush", self._stub(peer).SyncPush(signed, timeout=self.timeout_s)
+            )
+
+        return await self._paced(peer, send)
+
+    async def _paced(self, peer: Contact, send: Callable[[], Awaitable[T]]) -> T:
+        """``send`` one sync call to ``peer`` when its pace allows (``PeerPacer``). Refused
+        over the peer's rate, the call waits the retry-after the refusal carries and goes
+        again, signed anew (at most ``RATE_RETRIES`` times, never for longer than
+        ``MAX_RATE_WAIT_S``): a pass over more mailboxes than a peer's burst completes
+        rather than leave them to a later pass, where the same would happen again."""
+        for attempt in range(RATE_RETRIES + 1):
+            await self._turn(peer)
+            sent = time.monotonic()
+            try:
+                answer = await send()
+            except RemoteError as err:
+                wait_s = err.retry_after_ms / 1000
+                if not wait_s or attempt == RATE_RETRIES or wait_s > MAX_RATE_WAIT_S:
+                    raise
+                self.pacer.refused(peer.node_id, wait_s, time.monotonic(), sent)
+                self.metrics.rate_waits.labels(cause="refused").inc()
+                continue
+            self.pacer.answered(peer.node_id)
+            return answer
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _turn(self, peer: Contact) -> None:
+        """Until the pacer lets a call to ``peer`` go."""
+        wait = self.pacer.wait(peer.node_id, time.monotonic())
+        if wait > 0:
+            self.metrics.rate_waits.labels(cause="pace").inc()
+        while wait > 0:
+            await asyncio.sleep(wait)
+            wait = self.pacer.wait(peer.node_id, time.monotonic())
 
     async def _on_session(
         self, peer: Contact, method: str, request: R
@@ -821,7 +1108,11 @@ class Repairer:
     def _smaller(self, err: RemoteError, budget: int) -> int:
         """The next piece's bound after ``err``: half, when the piece was refused as too
         large and can still shrink; otherwise the error ends this exchange."""
-        too_large = err.grpc_code == "RESOURCE_EXHAUSTED" and "rate" not in err.details
+        too_large = (
+            err.grpc_code == "RESOURCE_EXHAUSTED"
+            and not err.retry_after_ms  # a rate refusal: ``_paced`` gave up waiting
+            and "rate" not in err.details
+        )
         if not too_large or budget <= MIN_PIECE_BYTES:
             raise err
         self.metrics.failures.labels(reason="split").inc()

@@ -61,12 +61,13 @@ from dna_core.overlay.records import (
 from dna_core.overlay.rtt import RttEstimator
 
 if TYPE_CHECKING:
-    from dna_core.overlay.aio.node import NodeConfig, OverlayNode
+    from dna_core.overlay.aio.node import Closest, NodeConfig, OverlayNode
     from dna_core.overlay.aio.seeds import local_host_for, resolve_seeds, seed_family
     from dna_core.overlay.aio.server import OverlayServer, OverlayServiceConfig, config_warnings
 
 # The asyncio adapter: name -> the module that defines it (loaded by __getattr__).
 _ADAPTER = {
+    "Closest": "dna_core.overlay.aio.node",
     "NodeConfig": "dna_core.overlay.aio.node",
     "OverlayNode": "dna_core.overlay.aio.node",
     "OverlayServer": "dna_core.overlay.aio.server",
@@ -101,6 +102,7 @@ __all__ = [
     "Addr",
     "Admission",
     "BehaviourConfig",
+    "Closest",
     "ClosestPeersIter",
     "Contact",
     "Datagram",

@@ -213,6 +213,11 @@ class Lookup:
         """The (up to) k closest peers that answered, closest first."""
         return self.it.result()
 
+    @property
+    def exhaustive(self) -> bool:
+        """The result holds every node reachable from here (``ClosestPeersIter``)."""
+        return self.it.exhaustive
+
     def hops(self, result: Sequence[Contact]) -> int:
         return max((self.depth.get(c.node_id, 1) for c in result), default=0)
 

@@ -242,3 +242,24 @@ def _body(msg: overlay_pb2.Datagram, decode: Callable[[common_pb2.NodeContact], 
     if kind == "error":
         return ErrorReply(msg.error.code, msg.error.reason[:MAX_REASON])
     raise MalformedError("datagram: no body")
+
+
+def _whole_answer() -> int:
+    """How many contacts a find-node answer always carries whole: the largest count of the
+    largest contacts (``MAX_ENDPOINTS`` IPv6 endpoints each) that fits one datagram beside
+    the largest sender, token and request ID. An answer cut to fit (``Responder._reply``
+    drops the farthest) holds more than this, so one holding fewer was not cut."""
+    ep = Endpoint("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 65535, 65535)
+    big = Contact(b"\xff" * ID_BYTES, b"\xff" * 32, (ep,) * MAX_ENDPOINTS, max(KNOWN_ROLES))
+    count = 0
+    while count < MAX_CLOSER:
+        nodes = Nodes((big,) * (count + 1))
+        try:
+            encode_datagram(Datagram((1 << 64) - 1, nodes, big, b"\xff" * 64))
+        except ValueError:
+            break
+        count += 1
+    return count
+
+
+WHOLE_ANSWER = _whole_answer()

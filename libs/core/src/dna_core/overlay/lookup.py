@@ -31,6 +31,7 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from dna_core.overlay.codec import WHOLE_ANSWER
 from dna_core.overlay.contact import Contact, id_int
 
 
@@ -94,6 +95,7 @@ class ClosestPeersIter:
         self._waiting: dict[bytes, float] = {}
         self._finished = False
         self._no_progress = 0  # answers in a row that brought nothing closer
+        self._whole = True  # every answer so far held all its sender knows (`exhaustive`)
         self.queries = self.responses = self.failures = 0
         self._add(seeds)
 
@@ -146,6 +148,8 @@ class ClosestPeersIter:
         self._waiting.pop(node_id, None)
         peer.state = _State.SUCCEEDED
         self.responses += 1
+        closer = tuple(closer)
+        self._whole = self._whole and len(closer) < min(self.k, WHOLE_ANSWER)
         if not self._finished:
             before = self._order[0][0] if self._order else None
             self._add(closer)
@@ -165,6 +169,20 @@ class ClosestPeersIter:
         peer.state = _State.FAILED
         self.failures += 1
         return True
+
+    @property
+    def exhaustive(self) -> bool:
+        """The lookup found every node reachable from here, so its result is the same
+        whatever the target (a small network): it learned fewer than k nodes (so its seeds
+        were this node's whole table), every one of them answered, and every answer was
+        short of k and of what a datagram always carries whole (``WHOLE_ANSWER``), so no
+        answer was cut: each sender told all it knows."""
+        return (
+            self._finished
+            and self._whole
+            and len(self._peers) < self.k
+            and all(p.state is _State.SUCCEEDED for p in self._peers.values())
+        )
 
     def result(self) -> list[Contact]:
         """The (up to) k closest peers that answered, closest first."""
@@ -263,6 +281,11 @@ class DisjointLookup:
 
     def on_failure(self, node_id: bytes) -> bool:
         return any(p.on_failure(node_id) for p in self.paths if p.asked(node_id))
+
+    @property
+    def exhaustive(self) -> bool:
+        """Never claimed: a peer claimed by another path is not asked by this one."""
+        return False
 
     def result(self) -> list[Contact]:
         merged = {c.node_id: c for p in self.paths for c in p.result()}

@@ -91,6 +91,15 @@ class NodeConfig:
     record_sessions: bool = True  # stores and find-values on record sessions, else unary
 
 
+@dataclass(frozen=True)
+class Closest:
+    """A lookup's result: the (up to) k closest nodes that answered, closest first, and
+    whether they are every node reachable from here (``ClosestPeersIter.exhaustive``)."""
+
+    contacts: list[Contact]
+    exhaustive: bool
+
+
 class _UdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, on_datagram: Callable[[bytes, Addr], None]) -> None:
         self._on_datagram = on_datagram
@@ -134,7 +143,7 @@ class OverlayNode:
         self._tasks: set[asyncio.Task[object]] = set()
         self._timers: dict[int, asyncio.TimerHandle] = {}  # by id() of the behaviour's timer
         self._pings: dict[PingOp, asyncio.Future[Contact | None]] = {}
-        self._lookups: dict[Lookup, asyncio.Future[list[Contact]]] = {}
+        self._lookups: dict[Lookup, asyncio.Future[Closest]] = {}
         self.channels = ChannelPool()
         self.records = RecordClient(
             self.channels, puzzle_bits=config.puzzle_bits, timeout=config.rpc_timeout,
@@ -243,7 +252,7 @@ class OverlayNode:
         elif isinstance(command, LookupDone):
             lookup = command.lookup
             self.metrics.lookup_seconds.observe(lookup.ended - lookup.started)
-            _resolve(self._lookups, lookup, lookup.result())
+            _resolve(self._lookups, lookup, Closest(lookup.result(), lookup.exhaustive))
         elif isinstance(command, RequestEnded):
             self.metrics.rpcs.labels(
                 direction="out", method=command.method, outcome=command.outcome
@@ -285,6 +294,11 @@ class OverlayNode:
 
     async def find_node(self, target: bytes, *, paths: int = 1) -> list[Contact]:
         """Iterative lookup of the k closest nodes to ``target``."""
+        return (await self.find_closest(target, paths=paths)).contacts
+
+    async def find_closest(self, target: bytes, *, paths: int = 1) -> Closest:
+        """``find_node``, saying whether its result holds every node reachable (then it is
+        the same for any target: ``ClosestPeersIter.exhaustive``)."""
         lookup = self.behaviour.lookup(target, time.monotonic(), paths=paths)
         future = self._awaiting(self._lookups, lookup)
         self._flush()
