@@ -9,6 +9,7 @@ import pytest
 from dna_core.crypto import pow
 from dna_core.crypto.pow import Proof
 from dna_core.errors import ExpiredError, MalformedError, VerificationError
+from dna_core.mailbox.client import solve_yielding
 from dna_core.wire.gen.dna.v1 import common_pb2
 
 NOW = 1_780_000_000_000
@@ -89,7 +90,25 @@ def test_solver_refuses_impossible_difficulty() -> None:
         pow.solve(PAYLOAD, 65, now_ms=NOW)
 
 
-def test_the_async_solver_lets_other_tasks_run_while_it_searches() -> None:
+def test_a_search_in_slices_finds_what_one_solve_call_would() -> None:
+    """`Search.step` tries a slice of nonces at a time and picks up where it stopped: the
+    proof found in slices of 7 is the first nonce from its start meeting the difficulty."""
+    search = pow.Search(PAYLOAD, 10, NOW)
+    steps = 0
+    while (found := search.step(7)) is None:
+        steps += 1
+    proof, attempts = found
+    pow.verify(proof, PAYLOAD, required=10, now_ms=NOW)
+    assert steps == (attempts - 1) // 7
+    for earlier in range(proof.nonce - attempts + 1, proof.nonce):  # all tried, all short
+        with pytest.raises(VerificationError):
+            pow.verify(Proof(10, NOW, earlier), PAYLOAD, required=10, now_ms=NOW)
+
+
+def test_the_mailbox_client_solves_proofs_without_stalling_its_loop() -> None:
+    """`solve_yielding` hands the loop back between slices of attempts: a task beside it
+    runs between every two slices, and the proof verifies."""
+
     async def main() -> tuple[Proof, int, int]:
         ticks = 0
 
@@ -100,17 +119,10 @@ def test_the_async_solver_lets_other_tasks_run_while_it_searches() -> None:
                 await asyncio.sleep(0)
 
         task = asyncio.create_task(ticker())
-        proof, attempts = await pow.solve_async(PAYLOAD, 14, now_ms=NOW, chunk=64)
+        proof, attempts = await solve_yielding(PAYLOAD, 14, now_ms=NOW, chunk=64)
         task.cancel()
         return proof, attempts, ticks
 
     proof, attempts, ticks = asyncio.run(main())
     pow.verify(proof, PAYLOAD, required=14, now_ms=NOW)
-    assert ticks >= attempts // 64 - 1  # the ticker ran between every two chunks
-
-
-@pytest.mark.parametrize("bits", [0, 3, 9])
-def test_the_async_solver_finds_proofs_the_verifier_accepts(bits: int) -> None:
-    proof, attempts = asyncio.run(pow.solve_async(PAYLOAD, bits, now_ms=NOW, chunk=4))
-    pow.verify(proof, PAYLOAD, required=bits, now_ms=NOW)
-    assert attempts >= 1 and proof.difficulty == bits
+    assert ticks >= attempts // 64 - 1

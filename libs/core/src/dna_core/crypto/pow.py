@@ -9,7 +9,6 @@ all. Verification is one hash: O(1) whatever the difficulty.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import struct
@@ -24,7 +23,6 @@ MAX_DIFFICULTY = 64  # above this a proof could never be solved; refuse it as ma
 MAX_AGE_MS = 10 * 60_000  # a proof older than this is stale: how long a put can be replayed
 MAX_SKEW_MS = 60_000  # how far in the future a proof's timestamp may be
 _NONCE = struct.Struct(">Q")
-YIELD_EVERY = 512  # attempts between two yields of `solve_async` (~0.2 ms)
 
 
 @dataclass(frozen=True)
@@ -58,25 +56,15 @@ def _prefix(payload_hash: bytes, timestamp_ms: int) -> hashlib._Hash:
 
 def solve(payload_hash: bytes, difficulty: int, *, now_ms: int) -> tuple[Proof, int]:
     """Find a proof; returns it with the number of hashes tried."""
-    search = _Search(payload_hash, difficulty, now_ms)
+    search = Search(payload_hash, difficulty, now_ms)
     while (found := search.step(1 << 32)) is None:
         pass
     return found
 
 
-async def solve_async(
-    payload_hash: bytes, difficulty: int, *, now_ms: int, chunk: int = YIELD_EVERY
-) -> tuple[Proof, int]:
-    """`solve`, handing the event loop back every ``chunk`` attempts (~0.2 ms), so a
-    client solving a proof still answers what arrives meanwhile (a pushed message)."""
-    search = _Search(payload_hash, difficulty, now_ms)
-    while (found := search.step(chunk)) is None:
-        await asyncio.sleep(0)
-    return found
-
-
-class _Search:
-    """The nonces tried so far for one proof, from a random start."""
+class Search:
+    """A proof being searched for, a slice of nonces at a time (from a random start), so
+    an event loop can solve one without stalling (see `MailboxClient`)."""
 
     def __init__(self, payload_hash: bytes, difficulty: int, now_ms: int) -> None:
         if not 0 <= difficulty <= MAX_DIFFICULTY:

@@ -101,6 +101,7 @@ SESSION_MARGIN_MS = 60_000  # a session this close to expiry is not used: sign i
 MAX_SESSIONS = 4096  # (mailbox, node) sessions a client keeps; the oldest go first
 MAX_PUT_BATCH = 64  # puts per PutMany call (the node's limit)
 MAX_PUT_BATCH_BYTES = 2 * 1024 * 1024  # half the node's 4 MiB message limit
+POW_YIELD_EVERY = 512  # proof-of-work attempts between two yields to the loop (~0.2 ms)
 
 
 # Blob IDs per signed delete (nodes accept MAX_DELETE_IDS). The request is 6.6 KB of key set
@@ -116,6 +117,17 @@ _UNREACHABLE = "unreachable"
 class DeleteResult:
     deleted: list[bytes] = field(default_factory=list)  # tombstoned on at least W nodes
     refusals: list[str] = field(default_factory=list)  # why nodes refused a batch, if they did
+
+
+async def solve_yielding(
+    payload_hash: bytes, difficulty: int, *, now_ms: int, chunk: int = POW_YIELD_EVERY
+) -> tuple[pow_.Proof, int]:
+    """`pow.solve`, handing the event loop back every ``chunk`` attempts (~0.2 ms), so a
+    device solving a put's proof still handles what arrives meanwhile (a pushed message)."""
+    search = pow_.Search(payload_hash, difficulty, now_ms)
+    while (found := search.step(chunk)) is None:
+        await asyncio.sleep(0)
+    return found
 
 
 def _wall_ms() -> int:
@@ -325,7 +337,7 @@ class MailboxClient:
     async def _put_request(
         self, box: bytes, blob: bytes, ttl_s: int, bits: int
     ) -> mailbox_pb2.PutRequest:
-        proof, _ = await pow_.solve_async(put_pow_hash(box, blob), bits, now_ms=_wall_ms())
+        proof, _ = await solve_yielding(put_pow_hash(box, blob), bits, now_ms=_wall_ms())
         return put_request(box, blob, proof, ttl_s)
 
     async def _on_session(self, contact: Contact, work: Callable[[NodeSession], Awaitable[T]]) -> T:
