@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dna_core.crypto import Identity
-from dna_core.mailbox import Tombstone, mailbox_id
-from dna_core.mailbox.auth import sign_delete
+from dna_core.mailbox import Tombstone, mailbox_id, sign_delete
 from dna_storage.backends.redis import RedisBackend
 from dna_storage.backends.sqlite import SqliteBackend
 

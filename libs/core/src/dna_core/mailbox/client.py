@@ -105,8 +105,8 @@ POW_YIELD_EVERY = 512  # proof-of-work attempts between two yields to the loop (
 
 
 # Blob IDs per signed delete (nodes accept MAX_DELETE_IDS). The request is 6.6 KB of key set
-# and signature plus 34 bytes per ID, 13.4 KB for 200, and every tombstone of the batch
-# stores all of it (and repair moves it): small batches keep tombstones small.
+# and signature plus 34 bytes per ID, 13.4 KB for 200; a replica stores it once for the
+# batch, but repair moves it with every tombstone: small batches keep that small.
 DELETE_BATCH_IDS = 200
 DELETE_REQUEST_BYTES = 16 * 1024  # what a full batch's request stays under (tested)
 assert DELETE_BATCH_IDS <= MAX_DELETE_IDS
