@@ -353,7 +353,7 @@ class Sends:
             sent = await asyncio.wait_for(sender.peer.send(sender.contact, text), SEND_TIMEOUT_S)
         except Exception as exc:  # a failed send is counted; the phase goes on
             self.failures += 1
-            self.errors[type(exc).__name__] += 1
+            self.errors[harness.failure_reason(exc)] += 1
             return None
         self.send_s.append(ns_to_s(time.monotonic_ns() - t0))
         self.sent_at[sent.message_id] = t0

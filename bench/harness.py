@@ -581,6 +581,11 @@ class BatchTally:
                            self.finished)  # fmt: skip
 
 
+def failure_reason(exc: BaseException) -> str:
+    """Why an op failed, for a figure's error counts: class and the start of the message."""
+    return f"{type(exc).__name__}: {exc}"[:160]
+
+
 async def run_batch(
     op: BatchOp,
     count: int,
@@ -593,7 +598,8 @@ async def run_batch(
 
     An op not done within ``op_timeout_s`` is cancelled and fails; no op starts after
     ``deadline``, so the batch ends by ``deadline + op_timeout_s``. ``errors`` counts why
-    ops failed: the exception's class name, or ``"refused"`` when the op returned False.
+    ops failed: the exception's class name and message (its first 160 characters: a
+    failure in a figure must say why), or ``"refused"`` when the op returned False.
     """
     tally = BatchTally()
     next_index = 0
@@ -609,7 +615,7 @@ async def run_batch(
                     ok = await op(i)
                 reason = "refused"
             except Exception as exc:  # TimeoutError included: the op failed, the batch goes on
-                ok, reason = False, type(exc).__name__
+                ok, reason = False, failure_reason(exc)
             tally.done(i, ok, t0, time.perf_counter())
             if not ok and errors is not None:
                 errors[reason] += 1
