@@ -292,6 +292,9 @@ class Neighbourhood:
     def of(cls, target: bytes, found: Closest, k: int, now: float) -> Neighbourhood:
         return cls(target, tuple(found.contacts), found.exhaustive, k, now)
 
+    def storage_ids(self) -> list[bytes]:
+        return [c.node_id for c in self.contacts if is_storage(c)]
+
     def ranks(self, box: bytes, me: bytes, count: int) -> bool:
         """Whether the ``count`` storage nodes closest to ``box`` (``me`` among them if it is
         one) are certainly those a lookup of ``box`` would rank first."""
@@ -374,14 +377,13 @@ class ReplicaView:
         if cached is None or now - cached[0] > max_age:
             hood = self._neighbourhood(box, now, max_age)
             if hood is not None:
-                return [c.node_id for c in hood.contacts if is_storage(c)]
+                return hood.storage_ids()
             cached = (now, asyncio.ensure_future(self._lookup(box)))
             self._lookups[box] = cached
         self._lookups.move_to_end(box)
         while len(self._lookups) > 4096:
             self._lookups.popitem(last=False)
-        hood = await asyncio.shield(cached[1])
-        return [c.node_id for c in hood.contacts if is_storage(c)]
+        return (await asyncio.shield(cached[1])).storage_ids()
 
     def _neighbourhood(self, box: bytes, now: float, max_age: float) -> Neighbourhood | None:
         for hood in reversed(self._hoods):
@@ -824,42 +826,31 @@ class Repairer:
     async def _sync_list(
         self, peer: Contact, box: bytes, request: mailbox_pb2.SyncListRequest
     ) -> mailbox_pb2.SyncListResponse:
-        async def send() -> mailbox_pb2.SyncListResponse:
-            signed = self._signed(request, "SyncList", box)
-            answer = await self._on_session(peer, "SyncList", signed)
-            if answer is not None:
-                return answer.sync_list
-            return await self._unary(
-                "SyncList", self._stub(peer).SyncList(signed, timeout=self.timeout_s)
-            )
-
-        return await self._paced(peer, send)
+        answer: mailbox_pb2.SyncListResponse = await self._sync_call(peer, box, "SyncList", request)
+        return answer
 
     async def _sync_pull(
         self, peer: Contact, box: bytes, request: mailbox_pb2.SyncPullRequest
     ) -> mailbox_pb2.SyncPullResponse:
-        async def send() -> mailbox_pb2.SyncPullResponse:
-            signed = self._signed(request, "SyncPull", box)
-            answer = await self._on_session(peer, "SyncPull", signed)
-            if answer is not None:
-                return answer.sync_pull
-            return await self._unary(
-                "SyncPull", self._stub(peer).SyncPull(signed, timeout=self.timeout_s)
-            )
-
-        return await self._paced(peer, send)
+        answer: mailbox_pb2.SyncPullResponse = await self._sync_call(peer, box, "SyncPull", request)
+        return answer
 
     async def _sync_push(
         self, peer: Contact, box: bytes, request: mailbox_pb2.SyncPushRequest
     ) -> mailbox_pb2.SyncPushResponse:
-        async def send() -> mailbox_pb2.SyncPushResponse:
-            signed = self._signed(request, "SyncPush", box)
-            answer = await self._on_session(peer, "SyncPush", signed)
+        answer: mailbox_pb2.SyncPushResponse = await self._sync_call(peer, box, "SyncPush", request)
+        return answer
+
+    async def _sync_call(self, peer: Contact, box: bytes, method: str, request: R) -> Any:
+        """One sync call, paced: signed, on the peer's session, else the unary call."""
+
+        async def send() -> Any:
+            signed = self._signed(request, method, box)
+            answer = await self._on_session(peer, method, signed)
             if answer is not None:
-                return answer.sync_push
-            return await self._unary(
-                "SyncPush", self._stub(peer).SyncPush(signed, timeout=self.timeout_s)
-            )
+                return getattr(answer, SYNC_OPS[method])
+            unary = getattr(self._stub(peer), method)
+            return await self._unary(method, unary(signed, timeout=self.timeout_s))
 
         return await self._paced(peer, send)
 
