@@ -1,9 +1,11 @@
-"""The client's per-mailbox cache of storage node candidates: TTL, forget, LRU bound."""
+"""The client's per-mailbox cache of storage node candidates: TTL, forget, LRU bound,
+and the merge of two lookups' answers."""
 
 from __future__ import annotations
 
 from dna_core.crypto.node import NodeIdentity
 from dna_core.mailbox.client import ReplicaSetCache
+from dna_core.mailbox.planner import closest_first
 from dna_core.overlay.contact import Contact, Endpoint
 
 
@@ -30,6 +32,26 @@ def test_entries_live_for_the_ttl_then_need_a_new_lookup() -> None:
     assert cache.get(b"box") == found
     clock.now += 0.1
     assert cache.get(b"box") is None
+
+
+def test_an_entry_can_be_kept_for_less_than_the_ttl() -> None:
+    clock = Clock()
+    cache = ReplicaSetCache(ttl_s=30.0, clock=clock)
+    cache.put(b"short", [contact(1)], 2.0)
+    clock.now += 1.9
+    assert cache.get(b"short") is not None
+    clock.now += 0.1
+    assert cache.get(b"short") is None
+
+
+def test_two_answers_merge_into_one_closest_first_list() -> None:
+    nodes = [contact(i) for i in range(1, 7)]
+    target = nodes[0].node_id
+    key = int.from_bytes(target, "big")
+    merged = closest_first(target, nodes[:4], nodes[2:])
+    assert sorted(c.node_id for c in merged) == sorted(c.node_id for c in nodes)  # each once
+    assert [c.key ^ key for c in merged] == sorted(c.key ^ key for c in nodes)
+    assert merged[0] == nodes[0]
 
 
 def test_a_failed_replica_drops_the_entry() -> None:

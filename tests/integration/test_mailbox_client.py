@@ -29,6 +29,7 @@ from dna_core.crypto import seal
 from dna_core.mailbox import client as client_module
 from dna_core.mailbox import fetch_body, mailbox_id, session_fetch, sign_fetch
 from dna_core.mailbox.client import MailboxClient
+from dna_core.mailbox.planner import SHORT_REPLICA_SET_TTL_S
 from dna_core.overlay.contact import Contact
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 from support import seeded_identity
@@ -130,8 +131,8 @@ def test_repeated_puts_and_fetches_reuse_the_lookup_until_it_expires(
     bob = seeded_identity("client-bob-cache")
 
     async def work(mail: MailboxClient) -> None:
-        lookups = Counted(mail.node.find_node)
-        monkeypatch.setattr(mail.node, "find_node", lookups)
+        lookups = Counted(mail.node.find_closest)
+        monkeypatch.setattr(mail.node, "find_closest", lookups)
         for i in range(3):
             await mail.put(bob.fingerprint, seal(ALICE, bob.public, b"%d" % i, now_ms=now_ms()))
         blobs, state = await mail.fetch(bob)
@@ -141,6 +142,59 @@ def test_repeated_puts_and_fetches_reuse_the_lookup_until_it_expires(
         assert lookups.calls == 2
 
     with_client(work, replica_set_ttl_s=1.0)
+
+
+def test_sends_at_once_to_a_new_mailbox_share_one_lookup(
+    network: list[NodeProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """32 sends that miss the cache together make one lookup, not 32: a stampede of
+    lookups loads the nodes until lookups come back short and sends fail."""
+    bob = seeded_identity("client-bob-stampede")
+
+    async def work(mail: MailboxClient) -> None:
+        lookups = Counted(mail.node.find_closest)
+        monkeypatch.setattr(mail.node, "find_closest", lookups)
+        envs = [seal(ALICE, bob.public, b"%d" % i, now_ms=now_ms()) for i in range(32)]
+        results = await asyncio.gather(*(mail.put(bob.fingerprint, env) for env in envs))
+        assert all(len(r.stored_on) >= 3 for r in results)
+        assert lookups.calls == 1
+
+    with_client(work)
+
+
+def test_a_lookup_that_missed_nodes_is_made_again_and_a_short_answer_kept_briefly(
+    network: list[NodeProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With 3 of the 7 storage nodes down (still in every routing table), a lookup asks
+    them in vain: it is made once more, and its answer, short of the 5 replicas, is kept
+    for seconds, not the cache's 30 s, so sends soon look for the nodes again."""
+    bob = seeded_identity("client-bob-missed")
+    box = mailbox_id(bob.fingerprint)
+    down = [n for n in network if n.role == "storage"][:3]
+
+    async def work(mail: MailboxClient) -> None:
+        await mail.candidates(box)  # the client's table learns every node while all are up
+        mail.replica_sets.clear()
+        lookups = Counted(mail.node.find_closest)
+        monkeypatch.setattr(mail.node, "find_closest", lookups)
+        for node in down:
+            node.kill()
+        try:
+            found = await mail.candidates(box)
+            assert lookups.calls == 2
+            assert {c.endpoint.ip for c in found} == {
+                n.ip for n in network if n.role == "storage" and n not in down
+            }
+            result = await mail.put(bob.fingerprint, seal(ALICE, bob.public, b"x", now_ms=now_ms()))
+            assert len(result.stored_on) >= 3 and lookups.calls == 2  # cached meanwhile
+            await asyncio.sleep(SHORT_REPLICA_SET_TTL_S)
+            assert mail.replica_sets.get(box) is None
+        finally:
+            for node in down:
+                node.start()
+            wait_ready(down)
+
+    with_client(work)
 
 
 async def _fetch_at(contact: Contact, request: mailbox_pb2.FetchRequest) -> Any:

@@ -310,6 +310,27 @@ def test_unresponsive_peers_let_the_lookup_finish_at_their_deadline() -> None:
     assert it.next(1.5) == Wait(2.0)  # a is closer and may still answer
     assert isinstance(it.next(2.0), Finished)  # nobody left: a never answered
     assert it.result() == [b]
+    assert it.missed == 1  # the result may lack a
+
+
+def test_missed_counts_the_silent_peers_closer_than_the_kth_answer_only() -> None:
+    """A silent peer past the k-th answer cannot be missing from the result; one closer
+    can. Late answers and answers with failures are told apart."""
+    a, b, c, d, e = at(1), at(2), at(3), at(4), at(5)
+    it = ClosestPeersIter(TARGET0, [a, b, c, d, e], k=2, alpha=5, timeout=1.0)
+    for _ in range(5):
+        assert isinstance(it.next(0.0), Query)
+    assert it.on_failure(a.node_id)  # closer than both answers: missed
+    assert it.on_response(b.node_id, [])
+    assert it.on_response(d.node_id, [])
+    assert it.next(1.0) == Finished() and it.result() == [b, d]
+    assert it.missed == 2  # a failed, c timed out; e (past d) does not count
+    assert it.on_response(c.node_id, [])  # late: c is in the result now
+    assert it.result() == [b, c] and it.missed == 1
+    disjoint = DisjointLookup(TARGET0, [a, b], paths=2, k=2, alpha=1, timeout=1.0)
+    assert isinstance(disjoint.next(0.0), Query) and isinstance(disjoint.next(0.0), Query)
+    assert disjoint.on_failure(a.node_id) and disjoint.on_failure(b.node_id)
+    assert disjoint.missed == 2  # summed over the paths
 
 
 def test_unsolicited_and_repeated_responses_are_ignored() -> None:

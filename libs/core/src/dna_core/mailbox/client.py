@@ -64,6 +64,7 @@ from dna_core.mailbox.planner import (
     REPLICA_SET_CACHE_SIZE,
     REPLICA_SET_TTL_S,
     REPLICAS,
+    SHORT_REPLICA_SET_TTL_S,
     WRITE_QUORUM,
     Ask,
     FetchState,
@@ -75,6 +76,7 @@ from dna_core.mailbox.planner import (
     ReplicaSetCache,
     UnreachableError,
     WritePlan,
+    closest_first,
     storage_candidates,
 )
 from dna_core.mailbox.session import (
@@ -221,6 +223,7 @@ class MailboxClient:
         self._batchers: dict[str, NodeBatcher] = {}  # by gRPC target
         self._sessions: dict[tuple[bytes, bytes], FetchSession] = {}  # (mailbox, node ID)
         self._writes: set[asyncio.Task[PutResult]] = set()  # puts still reaching replicas
+        self._lookups: dict[bytes, asyncio.Future[list[Contact]]] = {}  # by mailbox, in flight
         # One stream per node for puts, fetches, deletes and subscriptions (session.py);
         # None (or a node serving none): the unary calls.
         self.session_pool = (
@@ -232,13 +235,40 @@ class MailboxClient:
         return storage_candidates(await self.node.find_node(box), count)
 
     async def candidates(self, box: bytes) -> list[Contact]:
-        """The replicas, then the hand-off candidates, of a mailbox (cached lookup)."""
+        """The replicas, then the hand-off candidates, of a mailbox (cached lookup).
+        Callers that miss the cache at once share one lookup: 32 sends to a mailbox must
+        not start 32 lookups, which load the nodes until lookups come back short."""
         cached = self.replica_sets.get(box)
-        if cached is None:
-            cached = await self.storage_nodes(box, self.replicas + HANDOFF_CANDIDATES)
-            if cached:
-                self.replica_sets.put(box, cached)
-        return cached
+        if cached is not None:
+            return cached
+        lookup = self._lookups.get(box)
+        if lookup is None:
+            lookup = asyncio.ensure_future(self._look_up(box))
+            self._lookups[box] = lookup
+            lookup.add_done_callback(lambda done: self._looked_up(box, done))
+        return await asyncio.shield(lookup)  # a caller giving up leaves it to the others
+
+    def _looked_up(self, box: bytes, lookup: asyncio.Future[list[Contact]]) -> None:
+        self._lookups.pop(box, None)
+        if not lookup.cancelled():
+            lookup.exception()  # retrieved: every caller may have given up
+
+    async def _look_up(self, box: bytes) -> list[Contact]:
+        """The mailbox's storage nodes, cached. A lookup that found fewer than it wants
+        while nodes it asked never answered (under load they answer past its deadline) is
+        made once more and the two merged; still short of the replicas, it is cached only
+        briefly."""
+        want = self.replicas + HANDOFF_CANDIDATES
+        found = await self.node.find_closest(box)
+        contacts, missed = found.contacts, found.missed
+        if missed and len(storage_candidates(contacts, want)) < want:
+            again = await self.node.find_closest(box)
+            contacts, missed = closest_first(box, contacts, again.contacts), again.missed
+        nodes = storage_candidates(contacts, want)
+        if nodes:
+            short = missed > 0 and len(nodes) < self.replicas
+            self.replica_sets.put(box, nodes, SHORT_REPLICA_SET_TTL_S if short else None)
+        return nodes
 
     def _stub(self, contact: Contact) -> mailbox_pb2_grpc.MailboxAsyncStub:
         return mailbox_pb2_grpc.MailboxStub(self.node.channels.get(contact.endpoint.grpc_target))

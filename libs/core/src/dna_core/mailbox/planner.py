@@ -41,7 +41,7 @@ from enum import Enum
 
 from dna_core.errors import DnaError
 from dna_core.mailbox.codec import StoredBlob
-from dna_core.overlay.contact import Contact
+from dna_core.overlay.contact import Contact, id_int
 from dna_core.wire.gen.dna.v1 import common_pb2
 
 REPLICAS = 5
@@ -51,6 +51,9 @@ MAX_POW_BITS = 28  # a client does not solve harder than this: ~0.3 G hashes
 PUT_ATTEMPTS = 3  # sends of one put to one node in a round ("retry after" allows more)
 MAX_RETRY_AFTER_S = 2.0  # a node's "retry after" is waited for up to this
 REPLICA_SET_TTL_S = 30.0  # how long a lookup's answer is reused (membership changes slowly)
+# How long an answer still short after its retry is reused: the nodes it missed may only have
+# been slow, so the next operation soon looks again rather than keep writing to too few.
+SHORT_REPLICA_SET_TTL_S = 2.0
 REPLICA_SET_CACHE_SIZE = 1024  # mailboxes remembered; least recently used go first
 FETCH_BUDGET_BYTES = 16 * 1024 * 1024  # blobs one fetch holds before it returns for more
 
@@ -70,6 +73,13 @@ def storage_candidates(found: Iterable[Contact], count: int) -> list[Contact]:
     return [c for c in found if c.role == common_pb2.NODE_ROLE_STORAGE][:count]
 
 
+def closest_first(target: bytes, *answers: Iterable[Contact]) -> list[Contact]:
+    """Several lookups' answers as one: each node once, closest to ``target`` first."""
+    merged = {c.node_id: c for answer in answers for c in answer}
+    key = id_int(target)
+    return sorted(merged.values(), key=lambda c: c.key ^ key)
+
+
 class ReplicaSetCache:
     """Per mailbox, the storage nodes a lookup found, for ``ttl_s`` (bounded, LRU)."""
 
@@ -80,18 +90,20 @@ class ReplicaSetCache:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ttl_s, self.size, self.clock = ttl_s, size, clock
-        self._entries: OrderedDict[bytes, tuple[float, list[Contact]]] = OrderedDict()
+        self._entries: OrderedDict[bytes, tuple[float, list[Contact]]] = OrderedDict()  # expires
 
     def get(self, box: bytes) -> list[Contact] | None:
         entry = self._entries.get(box)
-        if entry is None or self.clock() - entry[0] >= self.ttl_s:
+        if entry is None or self.clock() >= entry[0]:
             self._entries.pop(box, None)
             return None
         self._entries.move_to_end(box)
         return entry[1]
 
-    def put(self, box: bytes, contacts: list[Contact]) -> None:
-        self._entries[box] = (self.clock(), contacts)
+    def put(self, box: bytes, contacts: list[Contact], ttl_s: float | None = None) -> None:
+        """Keep ``contacts`` for ``ttl_s`` (default: the cache's)."""
+        expires = self.clock() + (self.ttl_s if ttl_s is None else ttl_s)
+        self._entries[box] = (expires, contacts)
         self._entries.move_to_end(box)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)

@@ -218,6 +218,11 @@ class Lookup:
         """The result holds every node reachable from here (``ClosestPeersIter``)."""
         return self.it.exhaustive
 
+    @property
+    def missed(self) -> int:
+        """Peers asked that never answered, closer than the k-th answer (``ClosestPeersIter``)."""
+        return self.it.missed
+
     def hops(self, result: Sequence[Contact]) -> int:
         return max((self.depth.get(c.node_id, 1) for c in result), default=0)
 

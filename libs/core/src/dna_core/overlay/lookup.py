@@ -184,6 +184,22 @@ class ClosestPeersIter:
             and all(p.state is _State.SUCCEEDED for p in self._peers.values())
         )
 
+    @property
+    def missed(self) -> int:
+        """Peers asked that never answered (timed out or failed), closer than the k-th
+        answer: the result may lack them. A node under load answers past the adaptive
+        deadline and is dropped, so a lookup can end short in a network that has more."""
+        missed = successes = 0
+        for _, node_id in self._order:
+            state = self._peers[node_id].state
+            if state is _State.SUCCEEDED:
+                successes += 1
+                if successes >= self.k:
+                    break
+            elif state in (_State.UNRESPONSIVE, _State.FAILED):
+                missed += 1
+        return missed
+
     def result(self) -> list[Contact]:
         """The (up to) k closest peers that answered, closest first."""
         found = [
@@ -286,6 +302,10 @@ class DisjointLookup:
     def exhaustive(self) -> bool:
         """Never claimed: a peer claimed by another path is not asked by this one."""
         return False
+
+    @property
+    def missed(self) -> int:
+        return sum(p.missed for p in self.paths)
 
     def result(self) -> list[Contact]:
         merged = {c.node_id: c for p in self.paths for c in p.result()}

@@ -93,11 +93,13 @@ class NodeConfig:
 
 @dataclass(frozen=True)
 class Closest:
-    """A lookup's result: the (up to) k closest nodes that answered, closest first, and
-    whether they are every node reachable from here (``ClosestPeersIter.exhaustive``)."""
+    """A lookup's result: the (up to) k closest nodes that answered, closest first;
+    whether they are every node reachable from here (``ClosestPeersIter.exhaustive``); and
+    how many nodes it asked that never answered, closer than its last (``missed``)."""
 
     contacts: list[Contact]
     exhaustive: bool
+    missed: int = 0
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
@@ -252,7 +254,8 @@ class OverlayNode:
         elif isinstance(command, LookupDone):
             lookup = command.lookup
             self.metrics.lookup_seconds.observe(lookup.ended - lookup.started)
-            _resolve(self._lookups, lookup, Closest(lookup.result(), lookup.exhaustive))
+            found = Closest(lookup.result(), lookup.exhaustive, lookup.missed)
+            _resolve(self._lookups, lookup, found)
         elif isinstance(command, RequestEnded):
             self.metrics.rpcs.labels(
                 direction="out", method=command.method, outcome=command.outcome
