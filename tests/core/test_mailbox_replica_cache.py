@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from dna_core.crypto.node import NodeIdentity
 from dna_core.mailbox.client import ReplicaSetCache
-from dna_core.mailbox.planner import closest_first
-from dna_core.overlay.contact import Contact, Endpoint
+from dna_core.overlay.contact import Contact, Endpoint, closest_first
 
 
 def contact(i: int) -> Contact:

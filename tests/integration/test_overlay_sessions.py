@@ -115,6 +115,35 @@ def test_records_are_put_and_got_over_sessions(nodes: list[NodeProcess]) -> None
     assert session_requests(nodes, "find_value") - finds >= 1
 
 
+def test_a_put_whose_lookup_missed_a_frozen_node_looks_again(nodes: list[NodeProcess]) -> None:
+    """A node that stops answering (frozen) is asked by the put's lookup in vain: the
+    lookup, short of the record's replicas, is made once more before the record is stored
+    on the nodes that answer."""
+    key, raw = record(seeded_identity("frozen-lookup"))
+    frozen = nodes[1]
+
+    async def work(client: OverlayNode) -> tuple[int, list[int]]:
+        await client.find_node(key)  # the client knows all three while they answer
+        missed: list[int] = []
+        lookup = client.find_closest
+
+        async def counted(target: bytes, **options: Any) -> Any:
+            found = await lookup(target, **options)
+            missed.append(found.missed)
+            return found
+
+        client.find_closest = counted  # type: ignore[method-assign]
+        frozen.pause()
+        try:
+            return await client.put_record(raw, key), missed
+        finally:
+            frozen.resume()
+
+    stored, missed = with_client(nodes, work)
+    assert len(missed) == 2 and missed[0] >= 1  # asked the frozen node, then looked again
+    assert 1 <= stored <= 2  # the strict node may have spent its burst on other tests
+
+
 def test_a_refused_request_is_refused_alone_and_the_session_goes_on(
     nodes: list[NodeProcess],
 ) -> None:

@@ -76,7 +76,6 @@ from dna_core.mailbox.planner import (
     ReplicaSetCache,
     UnreachableError,
     WritePlan,
-    closest_first,
     storage_candidates,
 )
 from dna_core.mailbox.session import (
@@ -87,7 +86,7 @@ from dna_core.mailbox.session import (
     subscribe_nodes,
 )
 from dna_core.overlay.aio.node import OverlayNode
-from dna_core.overlay.contact import Contact
+from dna_core.overlay.contact import Contact, closest_first
 from dna_core.rpc_errors import call
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 

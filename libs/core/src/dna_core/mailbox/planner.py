@@ -41,7 +41,7 @@ from enum import Enum
 
 from dna_core.errors import DnaError
 from dna_core.mailbox.codec import StoredBlob
-from dna_core.overlay.contact import Contact, id_int
+from dna_core.overlay.contact import Contact
 from dna_core.wire.gen.dna.v1 import common_pb2
 
 REPLICAS = 5
@@ -71,13 +71,6 @@ def storage_candidates(found: Iterable[Contact], count: int) -> list[Contact]:
     """The first ``count`` storage nodes of a lookup's answer (closest first): the
     replicas, then the hand-off candidates."""
     return [c for c in found if c.role == common_pb2.NODE_ROLE_STORAGE][:count]
-
-
-def closest_first(target: bytes, *answers: Iterable[Contact]) -> list[Contact]:
-    """Several lookups' answers as one: each node once, closest to ``target`` first."""
-    merged = {c.node_id: c for answer in answers for c in answer}
-    key = id_int(target)
-    return sorted(merged.values(), key=lambda c: c.key ^ key)
 
 
 class ReplicaSetCache:

@@ -8,6 +8,7 @@ ints make that one operation.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 ID_BITS = 256
@@ -74,3 +75,10 @@ class Contact:
 
     def short(self) -> str:
         return self.node_id.hex()[:12]
+
+
+def closest_first(target: bytes, *answers: Iterable[Contact]) -> list[Contact]:
+    """Several lookups' answers as one: each node once, closest to ``target`` first."""
+    merged = {c.node_id: c for answer in answers for c in answer}
+    key = id_int(target)
+    return sorted(merged.values(), key=lambda c: c.key ^ key)

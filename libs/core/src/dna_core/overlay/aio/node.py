@@ -41,7 +41,7 @@ from dna_core.overlay.behaviour import (
     StartTimer,
 )
 from dna_core.overlay.codec import ContactCache, Datagram, decode_datagram, encode_datagram
-from dna_core.overlay.contact import Contact, Endpoint
+from dna_core.overlay.contact import Contact, Endpoint, closest_first
 from dna_core.overlay.protocol import PONG_DOMAIN, Addr, Responder
 from dna_core.overlay.records import (
     DEFAULT_IDENTITY_POW_BITS,
@@ -309,8 +309,13 @@ class OverlayNode:
 
     async def put_record(self, record: bytes, key: bytes) -> int:
         """Store a signed record on the ``record_replicas`` nodes closest to its key (the
-        first of the lookup's k); returns acceptances."""
-        closest = await self.find_node(key)
+        first of the lookup's k); returns acceptances. A lookup that found fewer while
+        nodes it asked never answered (loaded nodes answer past its deadline) is made once
+        more and the answers merged, so the record does not land on too few."""
+        found = await self.find_closest(key)
+        closest = found.contacts
+        if found.missed and len(closest) < self.config.record_replicas:
+            closest = closest_first(key, closest, (await self.find_closest(key)).contacts)
         return await self.records.store(record, closest[: self.config.record_replicas])
 
     async def get_record(self, key: bytes, *, holders: int = 5) -> VerifiedRecord | None:
