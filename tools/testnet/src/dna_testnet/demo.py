@@ -50,6 +50,13 @@ async def _step(title: str, work: Awaitable[T]) -> T:
     return result
 
 
+def _expect(held: bool, failure: str) -> None:
+    """A step's outcome, checked: the demo is also the smoke test of the whole flow, so a
+    step that did not do what it printed ends it with exit status 1."""
+    if not held:
+        raise SystemExit(f"demo failed: {failure}")
+
+
 def _history(peer: Peer) -> list[str]:
     return [f"{'me' if m.outgoing else 'them'}: {m.body}" for m in peer.cache.messages()]
 
@@ -109,10 +116,13 @@ async def _flow(net: Testnet, root: Path) -> None:
     report = await _step("bob syncs: fetch, verify, decrypt, receipt", bob.sync())
     for msg in report.new_messages:
         print(f"    bob got: {msg.body!r}")
+    _expect([m.message_id for m in report.new_messages] == [sent.message_id],
+            "bob did not get alice's stored message")  # fmt: skip
     await _step("bob adds alice by name (matches the key he was sent from)",
                 bob.add_contact("alice"))  # fmt: skip
     report = await _step("alice syncs: the delivery receipt arrives", alice.sync())
     print(f"    delivered: {alice.cache.messages()[-1].delivered}")
+    _expect(alice.cache.messages()[-1].delivered, "alice got no delivery receipt")
 
     offer = await _step("bob's phone offers a link to a new device", offer_link(bob, "laptop"))
     print(f"    one-time code: {offer.code}")
@@ -138,8 +148,7 @@ async def _flow(net: Testnet, root: Path) -> None:
     print(f"    both devices hold the same history: {same}")
     for peer in (alice, bob, laptop):
         await peer.close()
-    if not same:
-        raise SystemExit("demo failed: the devices did not converge")
+    _expect(same, "the devices did not converge")
 
 
 async def _direct(alice: Peer, bob: Peer, laptop: Peer, contact: Contact, ice: IceConfig) -> None:
@@ -155,18 +164,21 @@ async def _direct(alice: Peer, bob: Peer, laptop: Peer, contact: Contact, ice: I
     ):
         sent = await _step(title, alice.send(contact, body))
         print(f"    {_path(alice, contact, sent)}")
-        if sent.path != DIRECT:
-            raise SystemExit("demo failed: the direct path did not come up")
+        _expect(sent.path == DIRECT, "the direct path did not come up")
         held = [m.body for m in bob.cache.messages() if m.message_id == sent.message_id]
         [mine] = [m for m in alice.cache.messages() if m.message_id == sent.message_id]
         print(
             f"    in bob's phone's cache: {held}; in alice's: {[mine.body]},"
             f" delivered: {mine.delivered}"
         )
+        _expect(held == [body] and mine.delivered, "a direct message was not acknowledged")
     await _step("bob's phone mirrors them for his other devices", bob.mirrored())
     report = await _step("bob's laptop syncs: the mirrored messages arrive", laptop.sync())
     for msg in report.new_messages:
         print(f"    laptop got: {msg.body!r}")
+    mirrored = [m.body for m in report.new_messages]
+    _expect(sorted(mirrored) == ["This one took the open channel.", "Welcome to the laptop!"],
+            "the laptop did not get the mirrored messages")  # fmt: skip
 
 
 async def _until_pushed(peer: Peer, pushed: Subscription) -> None:
