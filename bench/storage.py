@@ -1,7 +1,7 @@
 """Our replicated mailboxes against OpenDHT and Redis: put and fetch on a loopback network.
 
 ``uv run python -m bench.storage [--ops N] [--rounds R] [--pending P] [--redis-n N] [--quick]
-[--sections throughput,flood,memory] [--unary]``
+[--sections throughput,flood,memory] [--unary] [--fetch-replicas R] [--no-guard]``
 
 Sections (``--sections``, run in the order given; default ``flood,throughput``, ~4 min):
 
@@ -27,6 +27,11 @@ design/BENCH.md), all in one run:
     recipient mailboxes in turn): the mailbox's candidates (a lookup, or the client's 30 s
     cache), then ``Put`` on the 5 replicas (each checks the PoW and stores in SQLite);
     fails unless W replicas stored it.
+  With ``--fetch-replicas R`` (1-4) the fetches are made by a second client that reads
+  only R replicas, and ``--no-guard`` runs the nodes without the connection guard (the
+  relay in front of their gRPC port): what each costs a fetch, for the analysis in
+  docs/performance.md, not a configuration to run (R < 3 breaks R + W > N).
+
   - ``fetch``: ``MailboxClient.fetch`` of one mailbox's pending blobs from a fresh cursor
     (10 other mailboxes, each loaded with ``--pending`` blobs before timing): the
     candidates (lookup or cache), then one signed ``Fetch`` request sent to the 5
@@ -128,13 +133,15 @@ class StorageFleet:
     """1 bootstrap + ``count`` storage node processes under ``root``: the harness's local
     cluster, on addresses from its allocator."""
 
-    def __init__(self, root: Path, count: int = STORAGE_NODES) -> None:
+    def __init__(self, root: Path, count: int = STORAGE_NODES, *, guard: bool = True) -> None:
         stores = (NodeSpec(f"store{i}", "storage") for i in range(count))
         topology = Topology((NodeSpec("boot", "bootstrap"), *stores))
         self.cluster: Cluster[LocalDriver] = local_cluster(
             root, topology, storage_toml=ADMISSION_TOML
         )
         self.nodes = self.cluster.driver.nodes
+        for node in [] if guard else self.nodes:
+            node.connections_toml += "grpc_connection_guard = false\n"
         self.seeds = self.cluster.seeds
 
     def start(self, timeout_s: float) -> None:
@@ -152,12 +159,23 @@ class OurClient:
     """The measuring client: ``client_node`` plus a ``MailboxClient`` in this process."""
 
     def __init__(
-        self, node: OverlayNode, node_pids: Sequence[int] = (), *, unary: bool = False
+        self,
+        node: OverlayNode,
+        node_pids: Sequence[int] = (),
+        *,
+        unary: bool = False,
+        fetch_replicas: int = REPLICAS,
     ) -> None:
         self.node = node
         self.mailbox = MailboxClient(
             node, pow_bits=POW_BITS, timeout=OP_TIMEOUT_S, sessions=not unary
         )
+        self.reader = self.mailbox  # the fetching client: a narrower one for the analysis
+        if fetch_replicas != REPLICAS:
+            self.reader = MailboxClient(
+                node, replicas=fetch_replicas, pow_bits=POW_BITS, timeout=OP_TIMEOUT_S,
+                sessions=not unary,
+            )  # fmt: skip
         self.errors: Counter[str] = Counter()
         self.cpu = CpuMeter(node_pids)  # this process and every node process
 
@@ -181,7 +199,7 @@ class OurClient:
     ) -> Figure:
         async def op(i: int) -> bool:
             owner = owners[i % len(owners)]
-            blobs, _ = await self.mailbox.fetch(owner)
+            blobs, _ = await self.reader.fetch(owner)
             return {b.blob_id for b in blobs} == expected[owner.fingerprint]
 
         return await self._measure("fetch", op, count, concurrency, deadline)
@@ -337,6 +355,8 @@ class Config:
     memory_blob_bytes: int = DEFAULT_MEMORY_BLOB_BYTES
     profile: bool = False  # cProfile the client's first timed batches (--profile)
     unary: bool = False  # our client on the unary calls instead of sessions
+    fetch_replicas: int = REPLICAS  # replicas a fetch reads (--fetch-replicas, analysis)
+    guard: bool = True  # the nodes' connection guard (--no-guard, analysis)
 
 
 @dataclass
@@ -539,6 +559,8 @@ def report(results: Rounds, cfg: Config, con: Contenders) -> list[dict[str, Any]
             }  # fmt: skip
             if op == "fetch":
                 params["pending_blobs"] = cfg.pending
+                params["fetch_replicas"] = cfg.fetch_replicas
+            params["guard"] = cfg.guard
             lines += harness.report_operation(f"storage.{op}", ours, base, cfg.ops, params)
             cpu = {n: b["extra"].get("cpu_ms_per_op") for n, b in base.items() if b is not None}
             cpu_params = {"mode": mode, "what": "CPU ms per op, every process",
@@ -560,7 +582,7 @@ async def run(root: Path, cfg: Config) -> int:
     """The throughput section, its nodes' files under ``root``."""
     budget = Deadline(cfg.budget_s)
     t0 = time.perf_counter()
-    fleet = StorageFleet(root)
+    fleet = StorageFleet(root, guard=cfg.guard)
     node: OverlayNode | None = None
     con: Contenders | None = None
     lines: list[dict[str, Any]] = []
@@ -571,7 +593,7 @@ async def run(root: Path, cfg: Config) -> int:
         await fleet_up
         ready_s = time.perf_counter() - t0
         node = await client_node(fleet.seeds)
-        client = OurClient(node, fleet.pids(), unary=cfg.unary)
+        client = OurClient(node, fleet.pids(), unary=cfg.unary, fetch_replicas=cfg.fetch_replicas)
         await preload(client, work)
         con = Contenders(client, work, cfg)
         await con.start_baselines(root, min(40.0, budget.remaining()))
@@ -585,6 +607,7 @@ async def run(root: Path, cfg: Config) -> int:
                     "rounds": cfg.rounds, "warmup": cfg.warmup, "concurrency": CONCURRENCY,
                     "pending": cfg.pending, "redis_n": cfg.redis_n,
                     "our_transport": "unary" if cfg.unary else "session",
+                    "fetch_replicas": cfg.fetch_replicas, "guard": cfg.guard,
                     "envelope_bytes": work.envelope_bytes, "sealed_s": round(sealed_s, 2),
                     "ours_ready_s": round(ready_s, 2), "baselines": con.setup,
                     "loadavg": harness.loadavg(), "floor": floor_parts,
@@ -647,6 +670,17 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         "--unary", action="store_true",
         help="our client on the unary calls (PutMany, Fetch) instead of mailbox sessions",
     )  # fmt: skip
+    parser.add_argument(
+        "--fetch-replicas",
+        type=int,
+        default=REPLICAS,
+        choices=range(1, REPLICAS + 1),
+        help="replicas our fetches read (analysis: what each replica asked costs)",
+    )
+    parser.add_argument(
+        "--no-guard", dest="guard", action="store_false",
+        help="storage nodes without the connection guard (analysis: what the relay costs)",
+    )  # fmt: skip
     args: argparse.Namespace = parser.parse_args(argv)
     ops = harness.sized(args, args.ops or args.n, DEFAULT_OPS, QUICK_OPS)
     rounds = harness.sized(args, args.rounds, DEFAULT_ROUNDS, QUICK_ROUNDS)
@@ -661,6 +695,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     return Config(
         ops, rounds, warmup, args.pending, redis_n, args.budget, args.quick,
         sections, blobs, args.memory_blob_bytes, args.profile, args.unary,
+        args.fetch_replicas, args.guard,
     )  # fmt: skip
 
 
