@@ -9,6 +9,7 @@ import pytest
 from dna_core.crypto import Identity, PublicKeySet
 from dna_peer.direct.channel import (
     Channel,
+    Closed,
     Delivered,
     Established,
     Received,
@@ -111,6 +112,17 @@ def test_a_replayed_record_is_refused_and_logged_and_not_handed_up_twice(
     retransmitted = deliver(b, a.seal_message(b"m" * 16, b"once"))  # new counter, same ID
     assert retransmitted.events == [] and len(retransmitted.send) == 1  # only the ACK again
     assert deliver(a, retransmitted.send).events == [Delivered(b"m" * 16)]
+
+
+def test_a_close_is_told_once_and_only_from_the_other_end(alice: Identity, bob: Identity) -> None:
+    a, b = handshake(alice, bob)
+    (close,) = a.seal_close()
+    forged = close[:-1] + bytes([close[-1] ^ 1])
+    assert b.receive(forged).events == [Refused("direct: record does not authenticate")]
+    assert b.receive(close).events == [Closed()]
+    assert b.receive(close).events == [Refused("direct: record 0 replayed")]
+    _, c = handshake(alice, bob)  # another session's channel cannot be closed by it
+    assert c.receive(close).events == [Refused("direct: record does not authenticate")]
 
 
 def test_a_tampered_record_is_refused(alice: Identity, bob: Identity) -> None:

@@ -220,6 +220,38 @@ def test_blocked_udp_falls_back_to_store_and_forward_exactly_once(
     run(testnet, tmp_path, scenario)
 
 
+def test_a_contact_that_leaves_closes_the_link_and_the_next_message_is_stored(
+    testnet: Testnet, ice_interface: str, tmp_path: Path
+) -> None:
+    """bob's device closes: its CLOSE ends alice's link at once, so her next message goes
+    to his mailbox without first retransmitting over a dead link until its timeout."""
+
+    async def scenario(people: People) -> None:
+        alice, bob = await _friends(people)
+        await bob.go_direct(IceConfig(host_networks=ICE_NETWORKS), listen=True)
+        await alice.go_direct(IceConfig(host_networks=ICE_NETWORKS), listen=False)
+        contact = alice.find_contact(people.name("bob"))
+        assert (await alice.send(contact, "while you are here")).path == DIRECT
+        assert alice.direct is not None and contact.fingerprint in alice.direct.links
+        link = alice.direct.links[contact.fingerprint]
+        await bob.close()
+        await wait_for_async(lambda: contact.fingerprint not in alice.direct.links, 5.0)
+        assert link.closed_by_peer
+        sent = await alice.send(contact, "after you left")
+        assert sent.path == STORED and sent.stored_on >= 3
+        await alice.close()
+
+    run(testnet, tmp_path, scenario)
+
+
+async def wait_for_async(condition: Any, timeout: float) -> None:
+    """Let the loop run until ``condition()`` holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
 def test_offline_contact_is_reached_by_store_and_forward_without_trying_ice(
     testnet: Testnet, ice_interface: str, tmp_path: Path
 ) -> None:

@@ -16,8 +16,11 @@ three KEM secrets, salted and bound to the transcript hash, one key per directio
 After the handshake every unit is a record: ``counter (8) | AES-256-GCM(frame)`` with
 the counter as nonce and associated data. A counter seen before is a replay and is
 refused (logged); a sender that retransmits seals the frame again under a new counter.
-Frames are MESSAGE (message ID, payload: a sealed envelope) and ACK (message ID); a
-message ID received twice is acknowledged again but handed up once.
+Frames are MESSAGE (message ID, payload: a sealed envelope), ACK (message ID) and
+CLOSE (no ID: the other end is leaving, so messages to it go by store-and-forward at
+once instead of after a retransmission timeout); a message ID received twice is
+acknowledged again but handed up once. A CLOSE is authenticated like any record, so only
+the other end can end the link.
 
 Nothing here does I/O: ``receive`` takes a datagram and returns what to send and what
 happened; the asyncio adapter (`dna_peer.direct.link`) moves the bytes and keeps time.
@@ -51,7 +54,7 @@ HELLO_BODY = 1 + 32 + 32 + NONCE + KEYSET + KEM_CT
 WELCOME_BODY = 1 + NONCE + 2 * KEM_CT
 HELLO_DOMAIN, WELCOME_DOMAIN = b"direct-hello", b"direct-welcome"
 _SESSION_SALT = p.label("direct-session")
-MESSAGE, ACK = 1, 2
+MESSAGE, ACK, CLOSE = 1, 2, 3
 REPLAY_WINDOW = 4096  # counters remembered below the highest seen
 SEEN_IDS = 4096  # message IDs remembered to acknowledge duplicates without handing them up
 _COUNTER = struct.Struct(">Q")
@@ -74,11 +77,16 @@ class Delivered:
 
 
 @dataclass(frozen=True)
+class Closed:
+    """The other end closed the link (its authenticated CLOSE)."""
+
+
+@dataclass(frozen=True)
 class Refused:
     reason: str
 
 
-Event = Established | Received | Delivered | Refused
+Event = Established | Received | Delivered | Closed | Refused
 
 
 @dataclass
@@ -200,6 +208,10 @@ class Channel:
         """A MESSAGE as datagrams, under a fresh counter (call again to retransmit)."""
         return self._seal(bytes([MESSAGE, len(message_id)]) + message_id + payload)
 
+    def seal_close(self) -> list[bytes]:
+        """A CLOSE as datagrams: this end is leaving."""
+        return self._seal(bytes([CLOSE, 0]))
+
     def _seal(self, frame: bytes) -> list[bytes]:
         if not self.established:
             raise VerificationError("direct: channel not established")
@@ -232,8 +244,10 @@ class Channel:
             self._seen_counters = {c for c in self._seen_counters if c > floor}
 
     def _on_frame(self, frame: bytes) -> Step:
-        if len(frame) < 2 or frame[0] not in (MESSAGE, ACK) or len(frame) < 2 + frame[1]:
+        if len(frame) < 2 or frame[0] not in (MESSAGE, ACK, CLOSE) or len(frame) < 2 + frame[1]:
             raise MalformedError("direct: unknown or truncated frame")
+        if frame[0] == CLOSE:
+            return Step(events=[Closed()])
         message_id, rest = frame[2 : 2 + frame[1]], frame[2 + frame[1] :]
         if frame[0] == ACK:
             return Step(events=[Delivered(message_id)])

@@ -35,7 +35,15 @@ import aioice
 from dna_core.crypto import Identity, PublicKeySet
 from dna_core.errors import DnaError
 
-from dna_peer.direct.channel import Channel, Delivered, Established, Pinned, Received, Refused
+from dna_peer.direct.channel import (
+    Channel,
+    Closed,
+    Delivered,
+    Established,
+    Pinned,
+    Received,
+    Refused,
+)
 
 log = logging.getLogger("dna.peer.direct")
 FIRST_RTO_S = 0.25
@@ -250,9 +258,10 @@ class DirectLink:
         self.on_closed = on_closed
         self.established = asyncio.Event()
         self.refused: list[str] = []
-        self._acks: dict[bytes, asyncio.Future[None]] = {}
+        self._acks: dict[bytes, asyncio.Future[bool]] = {}  # True: acknowledged
         self._reader = asyncio.create_task(self._read())
         self.closed = False
+        self.closed_by_peer = False  # its CLOSE arrived
 
     @property
     def peer(self) -> PublicKeySet | None:
@@ -290,7 +299,8 @@ class DirectLink:
         return cls(agent, Channel.respond(identity, pinned), on_received)
 
     async def send(self, message_id: bytes, payload: bytes, *, timeout: float) -> bool:
-        """Send until acknowledged (True) or ``timeout`` passes (False)."""
+        """Send until acknowledged (True), or ``timeout`` passes or the other end closes
+        the link (False)."""
         if self.closed or not self.channel.established:
             return False
         acked = self._acks.setdefault(message_id, asyncio.get_running_loop().create_future())
@@ -304,7 +314,7 @@ class DirectLink:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(acked), min(rto, left))
                 rto = min(rto * 2, MAX_RTO_S)
-            return True
+            return acked.result()
         finally:
             self._acks.pop(message_id, None)
 
@@ -318,7 +328,7 @@ class DirectLink:
 
     async def _read(self) -> None:
         try:
-            while True:
+            while not self.closed:
                 datagram = await self.agent.recv()
                 await self._handle(datagram)
         except (ConnectionError, asyncio.CancelledError):
@@ -326,9 +336,19 @@ class DirectLink:
         except Exception:  # a bug must not leave a half-dead link that swallows messages
             log.exception("direct link reader failed")
         finally:
-            self.closed = True
-            if self.on_closed is not None:
-                self.on_closed(self)
+            self._end()
+        if self.closed_by_peer:  # else whoever closed it closes the agent
+            await self.agent.close()
+
+    def _end(self) -> None:
+        """The link is over: sends waiting for an ACK give up now (False), not at their
+        deadline, and the owner forgets the link."""
+        self.closed = True
+        for acked in self._acks.values():
+            if not acked.done():
+                acked.set_result(False)
+        if self.on_closed is not None:
+            self.on_closed(self)
 
     async def _handle(self, datagram: bytes) -> None:
         step = self.channel.receive(datagram)
@@ -339,7 +359,10 @@ class DirectLink:
                 case Delivered(message_id):
                     future = self._acks.get(message_id)
                     if future is not None and not future.done():
-                        future.set_result(None)
+                        future.set_result(True)
+                case Closed():
+                    log.info("the other end closed the direct link")
+                    self.closed = self.closed_by_peer = True  # the reader stops after this
                 case Received(message_id, payload):
                     assert self.channel.peer is not None
                     try:
@@ -352,6 +375,10 @@ class DirectLink:
         await self._send(step.send)
 
     async def close(self) -> None:
+        """Tell the other end (one CLOSE; if it is lost, the other end's next send times
+        out as before), then close."""
+        if not self.closed and self.channel.established:
+            await self._send(self.channel.seal_close())
         self.closed = True
         self._reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
