@@ -424,6 +424,26 @@ def test_forget_and_replacement_release_signed_deletes(stores: Stores, kind: str
     run_scenario(stores, kind, scenario)
 
 
+def test_a_batch_replacing_its_own_tombstone_keeps_the_signed_delete(
+    stores: Stores, kind: str
+) -> None:
+    """One batch stores a tombstone, then replaces it (same blob, same signed delete, later
+    expiry): the replacement drops the signed delete's last reference mid-batch, and the
+    batch must store it again rather than trust that it stored it already."""
+
+    async def scenario(b: MailboxBackend) -> None:
+        m = mbox(0)
+        first = signed_delete(m, 0, ttl=DAY)[0]
+        later = replace(first, expires_ms=T0 + 2 * DAY)
+        await b.delete([first, later], T0)
+        assert await b.signed_deletes() == Usage(1, 13_000)
+        assert await b.get_tombstones(m, [first.blob_id], T0) == [later]
+        assert await b.forget(m, [], [first.blob_id]) == 1
+        assert await b.signed_deletes() == Usage(0, 0)
+
+    run_scenario(stores, kind, scenario)
+
+
 def test_forget_drops_copies_without_tombstones(stores: Stores, kind: str) -> None:
     """A hand-off copy confirmed elsewhere: gone from every read, not deleted for good."""
 
