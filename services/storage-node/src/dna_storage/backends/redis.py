@@ -579,6 +579,12 @@ class RedisBackend:
             out += await self._digest_chunk(mailboxes[i : i + _PIPELINE_CHUNK], now_ms)
         return [d for d in out if (d.blobs or d.tombstones) and in_range(d.mailbox_id, start, end)]
 
+    async def digests_of(self, mailbox_ids: Sequence[bytes], now_ms: int) -> list[MailboxDigest]:
+        out: list[MailboxDigest] = []
+        for i in range(0, len(mailbox_ids), _PIPELINE_CHUNK):
+            out += await self._digest_chunk(list(mailbox_ids[i : i + _PIPELINE_CHUNK]), now_ms)
+        return out
+
     async def _digest_chunk(self, mailboxes: list[bytes], now_ms: int) -> list[MailboxDigest]:
         async with self._r.pipeline(transaction=True) as pipe:
             for m in mailboxes:
