@@ -44,7 +44,7 @@ from dna_core.overlay.aio import OverlayNode
 from dna_core.overlay.aio.node import NodeConfig
 from dna_core.overlay.contact import distance
 from dna_core.wire.gen.dna.v1 import common_pb2, mailbox_pb2, mailbox_pb2_grpc
-from dna_storage.replication import sign_proof
+from dna_storage.replication import compare_subject, sign_proof
 from process_mark import starts_processes
 from support import seeded_identity
 
@@ -207,6 +207,44 @@ def test_no_node_lists_every_mailbox_it_holds(network: list[NodeProcess]) -> Non
         await node.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_node_outside_the_replica_set_cannot_compare_a_mailbox(
+    network: list[NodeProcess],
+) -> None:
+    """`SyncCompare` would tell whether a node holds what the caller names: refused, and
+    counted, to a caller that is a replica of none of the mailboxes it names."""
+
+    async def scenario() -> None:
+        client = await client_node([SEED])
+        replicas = await MailboxClient(client, pow_bits=8).storage_nodes(BOX, 5)
+        node = await outsider(network)
+        assert node.contact is not None
+        entries = [mailbox_pb2.MailboxDigest(mailbox_id=BOX, digest=bytes(32))]
+        for replica in replicas:
+            target = process_of(network, replica.node_id)
+            refused = sample_value(
+                scrape(target), "dna_storage_requests_total", method="sync", outcome="refused"
+            )
+            request = mailbox_pb2.SyncCompareRequest(mailboxes=entries)
+            proof = sign_proof(node.identity, node.contact, "SyncCompare", compare_subject(entries))
+            getattr(request, "from").CopyFrom(proof)
+            stub = mailbox_pb2_grpc.MailboxStub(node.channels.get(replica.endpoint.grpc_target))
+            denied(await attempt(stub.SyncCompare(request, timeout=5)))
+            assert (
+                sample_value(
+                    scrape(target), "dna_storage_requests_total", method="sync", outcome="refused"
+                )
+                == refused + 1
+            )
+        await node.stop()
+        await client.stop()
+
+    asyncio.run(scenario())
+
+
+def process_of(network: list[NodeProcess], node_id: bytes) -> NodeProcess:
+    return next(n for n in network if bytes.fromhex(n.status()["node_id"]) == node_id)
 
 
 # -- the same calls on a mailbox session (the repair loop's transport) ---------------------
