@@ -685,8 +685,9 @@ class RepairMetrics:
             Counter(
                 "dna_storage_repair_calls",
                 "Sync calls of this node's repair that a peer answered (refusals and failures "
-                "are in repair_failures), by method (SyncList, SyncPull, SyncPush) and how: "
-                "session, or unary (the peer serves no sessions, or its session was unavailable)",
+                "are in repair_failures), by method (SyncList, SyncPull, SyncPush, "
+                "SyncCompare) and how: session, or unary (the peer serves no sessions, or its "
+                "session was unavailable; SyncCompare always)",
                 ["method", "via"],
                 registry=registry,
             ),
@@ -779,9 +780,11 @@ class Repairer:
         timeout_s: float = 10.0,
         sessions: bool = True,
         in_flight: int = IN_FLIGHT,
+        compare: bool = True,
     ) -> None:
         self.node, self.backend, self.rules = node, backend, rules
         self.in_flight = in_flight
+        self.compare = compare  # False: every mailbox exchanged with every peer (benchmarks)
         self.replicas = replicas
         self.interval_s, self.timeout_s = interval_s, timeout_s
         self.metrics = RepairMetrics.create(registry, replicas)
@@ -865,7 +868,7 @@ class Repairer:
                  for d in digests]  # fmt: skip
         shared: dict[bytes, tuple[Contact, list[MailboxDigest]]] = {}
         for plan, digest in zip(plans, digests, strict=True):
-            for peer in plan.peers if plan.rightful else []:
+            for peer in plan.peers if plan.rightful and self.compare else []:
                 shared.setdefault(peer.node_id, (peer, []))[1].append(digest)
         same = await asyncio.gather(*(self._in_sync(peer, ds) for peer, ds in shared.values()))
         in_sync: dict[bytes, set[bytes]] = {}
