@@ -1,6 +1,7 @@
-"""A storage node that serves no mailbox sessions, as nodes from before them: its
-``Mailbox.Session`` answers UNIMPLEMENTED; everything else is today's node (run as a
-script by test_mailbox_repair_sessions.py with the node's TOML, never imported by pytest).
+"""A storage node that serves no mailbox sessions and no ``SyncCompare``, as nodes from
+before them: its ``Mailbox.Session`` and ``Mailbox.SyncCompare`` answer UNIMPLEMENTED;
+everything else is today's node (run as a script by test_mailbox_repair_sessions.py with
+the node's TOML, never imported by pytest).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from dna_core.ops.config import load_config
 from dna_core.ops.service import serve
+from dna_core.wire.gen.dna.v1.mailbox_pb2_grpc import MailboxServicer
 from dna_storage.cli import ENV_PREFIX
 from dna_storage.mailbox_service import MailboxService
 from dna_storage.mailbox_stream import MailboxSessionService
@@ -18,6 +20,7 @@ from dna_storage.node import StorageNode, StorageNodeConfig
 
 class WithoutSessions(MailboxSessionService):
     Session = MailboxService.Session  # UNIMPLEMENTED: "not served here"
+    SyncCompare = MailboxServicer.SyncCompare  # the generated default: UNIMPLEMENTED
 
 
 class StorageNodeWithoutSessions(StorageNode):

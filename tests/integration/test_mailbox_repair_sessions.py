@@ -1,8 +1,8 @@
 """Repair over mailbox sessions, on real processes (1 bootstrap + 5 storage nodes, every
 one a replica of every mailbox): two replicas killed and wiped are made whole again by
-sync calls that travel on sessions, and once the network is whole every sync call does;
-a node that serves no sessions (as nodes before them) is still repaired, by the unary
-calls."""
+sync calls that travel on sessions, and once the network is whole no exchange is made;
+a node that serves no sessions and no SyncCompare (as nodes before them) is still
+repaired, by the unary calls of the per-mailbox exchange."""
 
 from __future__ import annotations
 
@@ -187,6 +187,14 @@ def test_a_node_serving_no_sessions_is_repaired_by_the_unary_calls(
         took = await until_whole(SEED, carol, replicas, sent, REPAIR_BOUND_S)
         print(f"a node serving no sessions whole again {took:.1f} s after its restart")
         assert total(scrape(older), "dna_storage_session_requests_total") == 0
+        # It serves no SyncCompare either: its peers fell back to the exchange with it.
+        assert (
+            sum(
+                total(scrape(n), "dna_storage_repair_compared_total", outcome="unsupported")
+                for n in storage(network)
+            )
+            > 0
+        )
         assert (
             sum(
                 total(scrape(n), "dna_storage_repair_calls_total", method="SyncPush", via="unary")
