@@ -884,29 +884,34 @@ class Repairer:
         same: set[bytes] = set()
         for start in range(0, len(digests), MAX_COMPARE):
             batch = digests[start : start + MAX_COMPARE]
-            if peer.node_id in self._no_compare:
-                self.metrics.compared.labels(outcome="unsupported").inc(len(batch))
-                continue
-            try:
-                differ = await self._sync_compare(peer, batch)
-            except RemoteError as err:
-                if err.grpc_code == "UNIMPLEMENTED":
-                    self._no_compare.add(peer.node_id)
-                    self.metrics.compared.labels(outcome="unsupported").inc(len(batch))
-                    continue
-                differ, reason, detail = None, err.grpc_code.lower(), err.details
-            except RepairError as exc:
-                differ, reason, detail = None, "no_progress", str(exc)
-            if differ is None:
-                self.metrics.compared.labels(outcome="failed").inc(len(batch))
-                self.metrics.failures.labels(reason=reason).inc()
-                log.warning("SyncCompare with %s failed: %s %s", peer.short(), reason, detail)
-                continue
-            agreed = {d.mailbox_id for d in batch} - differ
-            same |= agreed
-            self.metrics.compared.labels(outcome="same").inc(len(agreed))
-            self.metrics.compared.labels(outcome="differ").inc(len(differ))
+            differ = await self._compared(peer, batch)
+            if differ is not None:
+                agreed = {d.mailbox_id for d in batch} - differ
+                same |= agreed
+                self.metrics.compared.labels(outcome="same").inc(len(agreed))
+                self.metrics.compared.labels(outcome="differ").inc(len(differ))
         return same
+
+    async def _compared(self, peer: Contact, batch: list[MailboxDigest]) -> set[bytes] | None:
+        """The mailboxes of ``batch`` that differ at ``peer``, or None when it was not
+        asked (an older peer: for the rest of the pass) or the call failed (counted)."""
+        if peer.node_id in self._no_compare:
+            self.metrics.compared.labels(outcome="unsupported").inc(len(batch))
+            return None
+        try:
+            return await self._sync_compare(peer, batch)
+        except RemoteError as err:
+            if err.grpc_code == "UNIMPLEMENTED":
+                self._no_compare.add(peer.node_id)
+                self.metrics.compared.labels(outcome="unsupported").inc(len(batch))
+                return None
+            reason, detail = err.grpc_code.lower(), err.details
+        except RepairError as exc:
+            reason, detail = "no_progress", str(exc)
+        self.metrics.compared.labels(outcome="failed").inc(len(batch))
+        self.metrics.failures.labels(reason=reason).inc()
+        log.warning("SyncCompare with %s failed: %s %s", peer.short(), reason, detail)
+        return None
 
     async def _sync_compare(self, peer: Contact, batch: list[MailboxDigest]) -> set[bytes]:
         """One paced ``SyncCompare``: the mailboxes of ``batch`` that differ at ``peer``.
