@@ -36,7 +36,8 @@
   trip, which loopback lacks. The mailboxes are the same on every node, so a pass is one
   ``SyncCompare`` per peer and 512 mailboxes (``compared``: mailbox-peer pairs by
   outcome) and no exchange; ``--per-mailbox`` turns the compare off (``Repairer.compare``):
-  every mailbox exchanged with every peer, as before it (the baseline).
+  every mailbox exchanged with every peer, as before it (the baseline). ``--differ D``
+  adds D mailboxes held by node 0 alone: each differs at every peer and is exchanged.
 
 ``ratio`` = sessions / unary (above 1.0: repair over sessions is faster). CPU per mailbox
 (pass) and per blob (refill) is this process's, which holds every node.
@@ -151,6 +152,20 @@ def small_mailboxes(count: int, name: bytes = b"bench") -> list[StoredBlob]:
         data = hashlib.sha256(b"blob %d" % i).digest() * 7
         box = hashlib.sha256(b"%s mailbox %d" % (name, i)).digest()
         out.append(StoredBlob(box, blob_id(data), data, now, now + DAY_MS))
+    return out
+
+
+def proven_mailboxes(count: int) -> list[StoredBlob]:
+    """``count`` owners' mailboxes of one sealed envelope each, with its put's proof of
+    work (pushed to the peers, each judged as a put)."""
+    sender, now = Identity.generate(), now_ms()
+    out = []
+    for i in range(count):
+        owner = Identity.generate()
+        box = mailbox_id(owner.fingerprint)
+        blob = seal(sender, owner.public, b"message %d" % i, now_ms=now)
+        proof, _ = pow_.solve(put_pow_hash(box, blob), 8, now_ms=now)
+        out.append(StoredBlob(box, blob_id(blob), blob, now, now + DAY_MS, pow=proof))
     return out
 
 
@@ -302,10 +317,19 @@ def with_latency(repairer: Repairer, rtt_s: float) -> None:
 
 
 async def bench_burst(
-    net: Network, mailboxes: int, rtt_ms: float, in_flight: int, *, compare: bool = True
+    net: Network,
+    mailboxes: int,
+    rtt_ms: float,
+    in_flight: int,
+    *,
+    compare: bool = True,
+    differ: int = 0,
 ) -> dict[str, Any]:
     """One pass over more mailboxes than the peers' sync burst, straight after setup."""
     await net.put_everywhere(small_mailboxes(mailboxes, b"burst"))
+    alone = net.stores[0].backend
+    assert alone is not None
+    await alone.put_many(proven_mailboxes(differ), now_ms())
     repairer = net.repairer(0)
     repairer.in_flight = in_flight
     repairer.compare = compare
@@ -321,7 +345,7 @@ async def bench_burst(
     ran = [lookups(o) - b for o, b in zip(overlays, before, strict=True)]
     line = {
         "section": "storage.repair.burst", "mailboxes": synced, "seconds": round(took, 2),
-        "rtt_ms": rtt_ms, "in_flight": in_flight, "compare": compare,
+        "rtt_ms": rtt_ms, "in_flight": in_flight, "compare": compare, "differ": differ,
         "mailboxes_per_s": round(synced / took, 1),
         "cpu_ms_per_mailbox": round(cpu * 1e3 / synced, 3),
         "peak_rss_growth_mib": round(grown / 1024, 1),
@@ -330,6 +354,7 @@ async def bench_burst(
         "failed_exchanges": failures_by_reason(repairer),
         "rate_waits": rate_waits(repairer),
         "compared": counted(repairer.metrics.compared, "outcome"),
+        "pushed": repairer.metrics.pushed._value.get(),
     }  # fmt: skip
     harness.detail(line)
     return line
@@ -354,8 +379,9 @@ async def run(args: Any) -> int:
             if "burst" in sections:  # first: the peers' buckets are full, as after a rest
                 burst = args.burst_n or (QUICK_BURST_MAILBOXES if args.quick else BURST_MAILBOXES)
                 await bench_burst(
-                    net, burst, args.rtt_ms, args.in_flight, compare=not args.per_mailbox
-                )
+                    net, burst, args.rtt_ms, args.in_flight,
+                    compare=not args.per_mailbox, differ=args.differ,
+                )  # fmt: skip
             if "pass" in sections:
                 await bench_pass(net, mailboxes, rounds)
             if "refill" in sections:
@@ -390,6 +416,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=IN_FLIGHT,
         help=f"burst: mailboxes synced at once (default {IN_FLIGHT})",
+    )
+    parser.add_argument(
+        "--differ",
+        type=int,
+        default=0,
+        help="burst: mailboxes on node 0 alone, besides those on every node (default 0)",
     )
     parser.add_argument(
         "--per-mailbox",
