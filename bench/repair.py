@@ -15,7 +15,8 @@
   (``Repairer.repair_once``: per mailbox a ``SyncList`` with each of the 4 other
   replicas, nothing to move; one lookup serves many mailboxes), its calls on sessions
   (ours) and unary (the baseline, ``Repairer.sessions`` set to None: what every call was
-  before sessions), alternating,
+  before sessions), alternating, ``SyncCompare`` off (``Repairer.compare``: with it, a
+  pass over mailboxes in sync makes no exchange to time; see burst),
   ``--rounds`` rounds each after a warm-up pass of each; after each pass, a rest (untimed)
   as long as the peers' per-node rate limit (100 calls/s) takes to refill, so no call is
   refused (a run with a failed sync exchange fails).
@@ -31,8 +32,12 @@
   pass (all 5 nodes' memory: a pass must not hold memory per mailbox), exchanges failed by
   reason (rate refusals are RESOURCE_EXHAUSTED) and the waits for the peers' rate limits.
   ``--in-flight`` sets the mailboxes synced at once (1: one at a time, as before), and
-  ``--rtt-ms`` makes each of node 0's sync calls wait that long first: a round trip,
-  which loopback lacks.
+  ``--rtt-ms`` makes each of node 0's sync calls on sessions wait that long first: a round
+  trip, which loopback lacks. The mailboxes are the same on every node, so a pass is one
+  ``SyncCompare`` per peer and 512 mailboxes (``compared``: mailbox-peer pairs by
+  outcome) and no exchange; ``--per-mailbox`` turns the compare off (``Repairer.compare``):
+  every mailbox exchanged with every peer, as before it (the baseline). ``--differ D``
+  adds D mailboxes held by node 0 alone: each differs at every peer and is exchanged.
 
 ``ratio`` = sessions / unary (above 1.0: repair over sessions is faster). CPU per mailbox
 (pass) and per blob (refill) is this process's, which holds every node.
@@ -150,6 +155,20 @@ def small_mailboxes(count: int, name: bytes = b"bench") -> list[StoredBlob]:
     return out
 
 
+def proven_mailboxes(count: int) -> list[StoredBlob]:
+    """``count`` owners' mailboxes of one sealed envelope each, with its put's proof of
+    work (pushed to the peers, each judged as a put)."""
+    sender, now = Identity.generate(), now_ms()
+    out = []
+    for i in range(count):
+        owner = Identity.generate()
+        box = mailbox_id(owner.fingerprint)
+        blob = seal(sender, owner.public, b"message %d" % i, now_ms=now)
+        proof, _ = pow_.solve(put_pow_hash(box, blob), 8, now_ms=now)
+        out.append(StoredBlob(box, blob_id(blob), blob, now, now + DAY_MS, pow=proof))
+    return out
+
+
 def refill_mailbox(count: int) -> tuple[bytes, list[StoredBlob]]:
     """One owner's mailbox of ``count`` sealed 1 KB envelopes, each with its put's proof of
     work (a replica checks them as puts when they are pushed)."""
@@ -228,6 +247,7 @@ def figure(
 async def bench_pass(net: Network, mailboxes: int, rounds: int) -> dict[str, Any]:
     await net.put_everywhere(small_mailboxes(mailboxes))
     repairer = net.repairer(0)
+    repairer.compare = False  # the exchanges are what sessions and unary are compared on
     # A pass makes one call per mailbox to each peer: resting as long as the peers' rate
     # limit takes to refill keeps every pass within it (SYNC_CALLS_PER_S per calling node).
     rest_s = mailboxes / SYNC_CALLS_PER_S
@@ -278,6 +298,12 @@ def rate_waits(repairer: Repairer) -> dict[str, float]:
             if s.name.endswith("_total") and s.value}  # fmt: skip
 
 
+def counted(counter: Any, label: str) -> dict[str, float]:
+    """A labelled counter's values by ``label`` (those above 0)."""
+    return {s.labels[label]: s.value for m in counter.collect() for s in m.samples
+            if s.name.endswith("_total") and s.value}  # fmt: skip
+
+
 def with_latency(repairer: Repairer, rtt_s: float) -> None:
     """Every sync call of ``repairer`` waits ``rtt_s`` first: a network's round trip,
     which loopback does not have (and this kernel has no netem to add)."""
@@ -291,12 +317,22 @@ def with_latency(repairer: Repairer, rtt_s: float) -> None:
 
 
 async def bench_burst(
-    net: Network, mailboxes: int, rtt_ms: float, in_flight: int
+    net: Network,
+    mailboxes: int,
+    rtt_ms: float,
+    in_flight: int,
+    *,
+    compare: bool = True,
+    differ: int = 0,
 ) -> dict[str, Any]:
     """One pass over more mailboxes than the peers' sync burst, straight after setup."""
     await net.put_everywhere(small_mailboxes(mailboxes, b"burst"))
+    alone = net.stores[0].backend
+    assert alone is not None
+    await alone.put_many(proven_mailboxes(differ), now_ms())
     repairer = net.repairer(0)
     repairer.in_flight = in_flight
+    repairer.compare = compare
     if rtt_ms:
         with_latency(repairer, rtt_ms / 1000)
     overlays = [net.overlay(i) for i in range(STORAGE)]
@@ -309,7 +345,7 @@ async def bench_burst(
     ran = [lookups(o) - b for o, b in zip(overlays, before, strict=True)]
     line = {
         "section": "storage.repair.burst", "mailboxes": synced, "seconds": round(took, 2),
-        "rtt_ms": rtt_ms, "in_flight": in_flight,
+        "rtt_ms": rtt_ms, "in_flight": in_flight, "compare": compare, "differ": differ,
         "mailboxes_per_s": round(synced / took, 1),
         "cpu_ms_per_mailbox": round(cpu * 1e3 / synced, 3),
         "peak_rss_growth_mib": round(grown / 1024, 1),
@@ -317,6 +353,8 @@ async def bench_burst(
         "peer_lookups_per_mailbox": round(sum(ran[1:]) / synced, 4),
         "failed_exchanges": failures_by_reason(repairer),
         "rate_waits": rate_waits(repairer),
+        "compared": counted(repairer.metrics.compared, "outcome"),
+        "pushed": repairer.metrics.pushed._value.get(),
     }  # fmt: skip
     harness.detail(line)
     return line
@@ -340,7 +378,10 @@ async def run(args: Any) -> int:
             await net.start()
             if "burst" in sections:  # first: the peers' buckets are full, as after a rest
                 burst = args.burst_n or (QUICK_BURST_MAILBOXES if args.quick else BURST_MAILBOXES)
-                await bench_burst(net, burst, args.rtt_ms, args.in_flight)
+                await bench_burst(
+                    net, burst, args.rtt_ms, args.in_flight,
+                    compare=not args.per_mailbox, differ=args.differ,
+                )  # fmt: skip
             if "pass" in sections:
                 await bench_pass(net, mailboxes, rounds)
             if "refill" in sections:
@@ -375,6 +416,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=IN_FLIGHT,
         help=f"burst: mailboxes synced at once (default {IN_FLIGHT})",
+    )
+    parser.add_argument(
+        "--differ",
+        type=int,
+        default=0,
+        help="burst: mailboxes on node 0 alone, besides those on every node (default 0)",
+    )
+    parser.add_argument(
+        "--per-mailbox",
+        action="store_true",
+        help="burst: no SyncCompare, every mailbox exchanged with every peer (the baseline)",
     )
     args = parser.parse_args(argv)  # fmt: skip
     return harness.run_main("bench.repair", lambda: run(args), WATCHDOG_S)

@@ -380,6 +380,19 @@ def storage_dashboard() -> db.Dashboard:
             ),
         )
     )
+    d = d.with_panel(
+        series(
+            "Repair compare",
+            "Mailboxes per second (one per peer they are shared with) whose exchange a "
+            "SyncCompare decided: same (not exchanged), differ, unsupported (an older peer) "
+            "or failed (both exchanged). Mostly 'same' in a healthy network.",
+            "ops",
+            query(
+                f"sum by (outcome) (rate(dna_storage_repair_compared_total{{{SEL}}}[{RATE}]))",
+                "{{outcome}}",
+            ),
+        )
+    )
     d = d.with_row(db.Row("Requests and refusals"))
     d = d.with_panel(
         series(

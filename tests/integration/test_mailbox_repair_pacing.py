@@ -205,6 +205,7 @@ def test_mailboxes_in_flight_overlap_their_round_trips(tmp_path: Path) -> None:
                 assert node.backend is not None
                 await node.backend.put_many(blobs, now_ms())
             repairer = net.repairer(0)
+            repairer.compare = False  # every mailbox exchanged: the calls this test times
             on_session = repairer._on_session
 
             async def after_a_round_trip(*args: Any) -> Any:

@@ -1,8 +1,8 @@
 """Repair over mailbox sessions, on real processes (1 bootstrap + 5 storage nodes, every
 one a replica of every mailbox): two replicas killed and wiped are made whole again by
-sync calls that travel on sessions, and once the network is whole every sync call does;
-a node that serves no sessions (as nodes before them) is still repaired, by the unary
-calls."""
+sync calls that travel on sessions, and once the network is whole no exchange is made;
+a node that serves no sessions and no SyncCompare (as nodes before them) is still
+repaired, by the unary calls of the per-mailbox exchange."""
 
 from __future__ import annotations
 
@@ -89,6 +89,13 @@ def calls(node: NodeProcess, via: str) -> float:
     return total(scrape(node), "dna_storage_repair_calls_total", via=via)
 
 
+def exchanged_unary(node: NodeProcess) -> float:
+    """Unary sync calls of the node's repair other than SyncCompare (unary by design)."""
+    samples = scrape(node)
+    return sum(total(samples, "dna_storage_repair_calls_total", method=m, via="unary")
+               for m in ("SyncList", "SyncPull", "SyncPush"))  # fmt: skip
+
+
 def served_on_sessions(node: NodeProcess, op: str) -> float:
     return total(scrape(node), "dna_storage_session_requests_total", op=op)
 
@@ -131,13 +138,14 @@ def test_two_wiped_replicas_are_repaired_over_sessions(network: list[NodeProcess
         for node in lost:
             assert served_on_sessions(node, "sync_push") > 0, node.name
             assert served_on_sessions(node, "sync_list") > 0, node.name
-        # Whole and steady: every sync call of every node goes on a session.
-        before = {n.name: (calls(n, "session"), calls(n, "unary")) for n in storage(network)}
+        # Whole and steady: a pass is one SyncCompare per peer (unary: docs/storage.md
+        # "Range compare"), and no exchange goes over the unary calls.
+        before = {n.name: (calls(n, "unary"), exchanged_unary(n)) for n in storage(network)}
         await asyncio.sleep(3.5)  # 3 passes
         for node in storage(network):
-            on_sessions, unary = before[node.name]
-            assert calls(node, "session") > on_sessions, node.name
-            assert calls(node, "unary") == unary, node.name
+            unary, exchanged = before[node.name]
+            assert calls(node, "unary") > unary, node.name
+            assert exchanged_unary(node) == exchanged, node.name
 
     asyncio.run(scenario())
 
@@ -179,6 +187,14 @@ def test_a_node_serving_no_sessions_is_repaired_by_the_unary_calls(
         took = await until_whole(SEED, carol, replicas, sent, REPAIR_BOUND_S)
         print(f"a node serving no sessions whole again {took:.1f} s after its restart")
         assert total(scrape(older), "dna_storage_session_requests_total") == 0
+        # It serves no SyncCompare either: its peers fell back to the exchange with it.
+        assert (
+            sum(
+                total(scrape(n), "dna_storage_repair_compared_total", outcome="unsupported")
+                for n in storage(network)
+            )
+            > 0
+        )
         assert (
             sum(
                 total(scrape(n), "dna_storage_repair_calls_total", method="SyncPush", via="unary")

@@ -33,6 +33,7 @@ from cluster import (
     sample_value,
     scrape,
     storage_network,
+    until_whole,
 )
 from dna_core.crypto import pow as pow_
 from dna_core.crypto import seal
@@ -44,7 +45,8 @@ from dna_core.overlay.aio import OverlayNode
 from dna_core.overlay.aio.node import NodeConfig
 from dna_core.overlay.contact import distance
 from dna_core.wire.gen.dna.v1 import common_pb2, mailbox_pb2, mailbox_pb2_grpc
-from dna_storage.replication import sign_proof
+from dna_storage.backends.common import mailbox_digest
+from dna_storage.replication import compare_subject, sign_proof
 from process_mark import starts_processes
 from support import seeded_identity
 
@@ -209,6 +211,87 @@ def test_no_node_lists_every_mailbox_it_holds(network: list[NodeProcess]) -> Non
     asyncio.run(scenario())
 
 
+def test_a_node_outside_the_replica_set_cannot_compare_a_mailbox(
+    network: list[NodeProcess],
+) -> None:
+    """`SyncCompare` would tell whether a node holds what the caller names: refused, and
+    counted, to a caller that is a replica of none of the mailboxes it names."""
+
+    async def scenario() -> None:
+        client = await client_node([SEED])
+        replicas = await MailboxClient(client, pow_bits=8).storage_nodes(BOX, 5)
+        node = await outsider(network)
+        assert node.contact is not None
+        entries = [mailbox_pb2.MailboxDigest(mailbox_id=BOX, digest=bytes(32))]
+        for replica in replicas:
+            target = process_of(network, replica.node_id)
+            refused = sample_value(
+                scrape(target), "dna_storage_requests_total", method="sync", outcome="refused"
+            )
+            request = mailbox_pb2.SyncCompareRequest(mailboxes=entries)
+            proof = sign_proof(node.identity, node.contact, "SyncCompare", compare_subject(entries))
+            getattr(request, "from").CopyFrom(proof)
+            stub = mailbox_pb2_grpc.MailboxStub(node.channels.get(replica.endpoint.grpc_target))
+            denied(await attempt(stub.SyncCompare(request, timeout=5)))
+            assert (
+                sample_value(
+                    scrape(target), "dna_storage_requests_total", method="sync", outcome="refused"
+                )
+                == refused + 1
+            )
+        await node.stop()
+        await client.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_compare_answers_nothing_about_mailboxes_the_caller_is_no_replica_of(
+    network: list[NodeProcess],
+) -> None:
+    """The outsider is the closest node to a mailbox of its own ID, so a compare naming
+    that mailbox is served; BOX, named beside it with the digest the callee holds, is
+    still answered as differing: the outsider is none of BOX's replicas."""
+
+    async def scenario() -> None:
+        client = await client_node([SEED])
+        mail = MailboxClient(client, pow_bits=8, sessions=False)
+        env = seal(ALICE, BOB.public, b"to compare", now_ms=time.time_ns() // 10**6)
+        sent = (await mail.put(BOB.fingerprint, env)).blob_id
+        replicas = await mail.storage_nodes(BOX, 5)
+        await until_whole(SEED, BOB, replicas, {sent}, 30.0)
+        node = await outsider(network)
+        assert node.contact is not None
+        own = node.node_id  # a mailbox ID the outsider is the first replica of
+        for replica in replicas:
+            held = await held_by(client, BOB, replica, strict=True)
+            assert held, "BOX holds the message put above"
+            entries = sorted(
+                [
+                    mailbox_pb2.MailboxDigest(
+                        mailbox_id=BOX, digest=mailbox_digest(BOX, held, []).digest
+                    ),
+                    mailbox_pb2.MailboxDigest(
+                        mailbox_id=own, digest=mailbox_digest(own, [], []).digest
+                    ),
+                ],
+                key=lambda e: e.mailbox_id,
+            )
+            request = mailbox_pb2.SyncCompareRequest(mailboxes=entries)
+            proof = sign_proof(node.identity, node.contact, "SyncCompare", compare_subject(entries))
+            getattr(request, "from").CopyFrom(proof)
+            stub = mailbox_pb2_grpc.MailboxStub(node.channels.get(replica.endpoint.grpc_target))
+            answer = await stub.SyncCompare(request, timeout=5)
+            assert list(answer.differ) == [BOX], replica.short()
+        await node.stop()
+        await client.stop()
+
+    asyncio.run(scenario())
+
+
+def process_of(network: list[NodeProcess], node_id: bytes) -> NodeProcess:
+    return next(n for n in network if bytes.fromhex(n.status()["node_id"]) == node_id)
+
+
 # -- the same calls on a mailbox session (the repair loop's transport) ---------------------
 
 
@@ -241,8 +324,9 @@ def test_on_a_session_a_node_outside_the_replica_set_is_refused_as_on_the_unary_
         client = await client_node([SEED])
         mail = MailboxClient(client, pow_bits=8, sessions=False)
         env = seal(ALICE, BOB.public, b"for bob, over sessions", now_ms=now_ms())
-        await mail.put(BOB.fingerprint, env)
+        sent = (await mail.put(BOB.fingerprint, env)).blob_id
         replicas = await mail.storage_nodes(BOX, 5)
+        await until_whole(SEED, BOB, replicas, {sent}, 30.0)
         by_id = {bytes.fromhex(n.status()["node_id"]): n for n in network}
         node = await outsider(network)
         assert node.contact is not None

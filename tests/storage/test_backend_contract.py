@@ -336,6 +336,73 @@ def test_digests_and_range_filtering(stores: Stores, kind: str) -> None:
     run_scenario(stores, kind, scenario)
 
 
+def test_digests_of_named_mailboxes(stores: Stores, kind: str) -> None:
+    """The digest of each mailbox asked for, in the order asked, an empty or unknown one
+    included: what a `SyncCompare` is answered from."""
+
+    async def scenario(b: MailboxBackend) -> None:
+        m0, m1, m2, m3 = sorted(mbox(i) for i in range(4))
+        x, y = blob(m0, b"x"), blob(m0, b"y")
+        await b.put_many([x, y, blob(m1, b"z"), blob(m3, b"gone", ttl=10)], T0)
+        await b.delete([tomb(m2, b"\x05" * 32)], T0)
+        now = T0 + 10
+        empty = expected_digest([], [])
+        assert await b.digests_of([m2, m0, m3, mbox(9)], now) == [
+            MailboxDigest(m2, expected_digest([], [b"\x05" * 32]), 0, 1),
+            MailboxDigest(m0, expected_digest([x.blob_id, y.blob_id], []), 2, 0),
+            MailboxDigest(m3, empty, 0, 0),  # holds only an expired blob
+            MailboxDigest(mbox(9), empty, 0, 0),  # never held anything
+        ]
+        listed = {d.mailbox_id: d for d in await b.digests(b"", b"", now)}
+        assert await b.digests_of([m1], now) == [listed[m1]]
+        assert await b.digests_of([], now) == []
+        many = [mbox(i) for i in range(100, 1_300)]  # past one IN (...) chunk and pipeline
+        assert [d.digest for d in await b.digests_of([*many, m1], now)] == [empty] * 1_200 + [
+            listed[m1].digest
+        ]
+
+    run_scenario(stores, kind, scenario)
+
+
+Holding = tuple[frozenset[int], frozenset[int]]  # indexes into IDS: blobs, tombstones
+_holding = st.tuples(st.frozensets(st.integers(0, 4)), st.frozensets(st.integers(0, 4)))
+
+
+async def hold(b: MailboxBackend, mailbox: bytes, holding: Holding) -> None:
+    """Make ``mailbox`` hold exactly these blobs and tombstones (a tombstoned ID's blob is
+    deleted by its tombstone, so a blob and its tombstone are not held together)."""
+    blobs, tombs = holding
+    await b.put_many([blob(mailbox, PAYLOADS[i]) for i in sorted(blobs - tombs)], T0)
+    await b.delete([tomb(mailbox, IDS[i]) for i in sorted(tombs)], T0)
+
+
+@pytest.mark.usefixtures("redis_url")  # opens a Redis backend: the session's redis-server
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(first=_holding, second=_holding)
+def test_digests_are_equal_iff_holdings_are(
+    stores: Stores, first: Holding, second: Holding
+) -> None:
+    """One mailbox, ``first`` on SQLite and ``second`` on Redis (the replicas of a mixed
+    cluster): equal digests exactly when both hold the same blob and tombstone IDs."""
+
+    async def main() -> None:
+        sqlite, redis = await stores.open("sqlite"), await stores.open("redis")
+        m = mbox(0)
+        await hold(sqlite, m, first)
+        await hold(redis, m, second)
+        ours, theirs = await sqlite.ids(m, T0), await redis.ids(m, T0)
+        same = (ours[0], [t.blob_id for t in ours[1]]) == (
+            theirs[0],
+            [t.blob_id for t in theirs[1]],
+        )
+        assert same == ((first[0] - first[1], first[1]) == (second[0] - second[1], second[1]))
+        [a], [b] = await sqlite.digests_of([m], T0), await redis.digests_of([m], T0)
+        assert (a.digest == b.digest) == same
+        assert (a.blobs, a.tombstones) == (len(ours[0]), len(ours[1]))
+
+    stores.run(main())
+
+
 @pytest.mark.usefixtures("redis_url")  # opens a Redis backend: the session's redis-server
 def test_digest_equal_across_backends(stores: Stores) -> None:
     async def main() -> None:
@@ -419,6 +486,26 @@ def test_forget_and_replacement_release_signed_deletes(stores: Stores, kind: str
         assert await b.signed_deletes() == Usage(1, len(b"later delete"))
         assert await b.get_tombstones(m, [later.blob_id], T0) == [later]
         assert await b.forget(m, [], [later.blob_id]) == 1
+        assert await b.signed_deletes() == Usage(0, 0)
+
+    run_scenario(stores, kind, scenario)
+
+
+def test_a_batch_replacing_its_own_tombstone_keeps_the_signed_delete(
+    stores: Stores, kind: str
+) -> None:
+    """One batch stores a tombstone, then replaces it (same blob, same signed delete, later
+    expiry): the replacement drops the signed delete's last reference mid-batch, and the
+    batch must store it again rather than trust that it stored it already."""
+
+    async def scenario(b: MailboxBackend) -> None:
+        m = mbox(0)
+        first = signed_delete(m, 0, ttl=DAY)[0]
+        later = replace(first, expires_ms=T0 + 2 * DAY)
+        await b.delete([first, later], T0)
+        assert await b.signed_deletes() == Usage(1, 13_000)
+        assert await b.get_tombstones(m, [first.blob_id], T0) == [later]
+        assert await b.forget(m, [], [first.blob_id]) == 1
         assert await b.signed_deletes() == Usage(0, 0)
 
     run_scenario(stores, kind, scenario)
@@ -600,6 +687,11 @@ async def check_reads(b: MailboxBackend, model: Model, now: int) -> None:
     assert await b.digests(b"", b"", now) == digests
     assert await b.digests(b"", split, now) == [d for d in digests if d.mailbox_id < split]
     assert await b.digests(split, b"", now) == [d for d in digests if d.mailbox_id >= split]
+    by_id = {d.mailbox_id: d for d in digests}
+    named = [*MAILBOXES, mbox(9)]
+    assert await b.digests_of(named, now) == [
+        by_id.get(m, mailbox_digest(m, [], [])) for m in named
+    ]
     assert await b.totals() == model.totals()
 
 

@@ -48,6 +48,7 @@ from dna_core.mailbox import (
     verify_delete,
     verify_fetch,
 )
+from dna_core.overlay import Contact
 from dna_core.ratelimit import grpc_peer_ip
 from dna_core.wire import mailbox_pb2, mailbox_pb2_grpc
 
@@ -68,6 +69,9 @@ from dna_storage.replication import (
     SyncRules,
     accept,
     check_mailbox_id,
+    compare_answer,
+    compare_problem,
+    compare_subject,
     list_answer,
     pull_answer,
     verify_proof,
@@ -404,6 +408,42 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         except ProtocolError as exc:
             await self._refuse(context, exc)
 
+    async def SyncCompare(  # noqa: N802
+        self, request: mailbox_pb2.SyncCompareRequest, context: Ctx
+    ) -> mailbox_pb2.SyncCompareResponse:
+        try:
+            return await self.sync_compare_one(request, peer_ip(context), self.wall_ms())
+        except ProtocolError as exc:
+            await self._refuse(context, exc)
+
+    async def sync_compare_one(
+        self, request: mailbox_pb2.SyncCompareRequest, source_ip: str, now_ms: int
+    ) -> mailbox_pb2.SyncCompareResponse:
+        """Which of the caller's mailboxes differ here (``compare_answer``), or raise why
+        not (counted): signed by a storage node, one call of its rate, well formed, and
+        the caller a replica of at least one of them (as this node sees it, from its
+        cached lookups: a mailbox it is refused for is answered as differing, and its
+        SyncList gets the fresh look)."""
+        try:
+            caller = self._sync_caller(request, "SyncCompare", compare_subject(request.mailboxes))
+            assert self.replica_view is not None  # ``_sync_caller`` refuses without one
+            self.replica_view.admit(caller, source_ip)
+            if bad := compare_problem(request.mailboxes):
+                raise MalformedError(bad)
+            judged = {
+                e.mailbox_id
+                for e in request.mailboxes
+                if await self.replica_view.is_replica(e.mailbox_id, caller)
+            }
+            if not judged:
+                raise VerificationError(
+                    "sync: the caller is among the replicas of none of these mailboxes"
+                )
+        except ProtocolError as exc:
+            self.count_refusal("sync", exc)
+            raise
+        return await compare_answer(self.backend, request.mailboxes, judged, now_ms)
+
     async def sync_list_one(
         self, request: mailbox_pb2.SyncListRequest, source_ip: str, now_ms: int
     ) -> mailbox_pb2.SyncListResponse:
@@ -468,12 +508,20 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
     ) -> None:
         """A storage node's key signed this call, and this node finds the caller among the
         mailbox's replicas (or, for a push, itself): ``ReplicaView.authorize``; or raise."""
+        box = check_mailbox_id(request.mailbox_id)
+        caller = self._sync_caller(request, method, box)
+        assert self.replica_view is not None  # ``_sync_caller`` refuses without one
+        await self.replica_view.authorize(box, caller, source_ip, push=push)
+
+    def _sync_caller(
+        self, request: SyncRequest | mailbox_pb2.SyncCompareRequest, method: str, subject: bytes
+    ) -> Contact:
+        """The storage node whose key signed ``method`` on ``subject``, or raise why not
+        (sync disabled here, or a proof that does not verify)."""
         if self.sync_puzzle_bits is None or self.replica_view is None:
             raise VerificationError("replica sync is disabled on this node")
-        box = check_mailbox_id(request.mailbox_id)
         proof = getattr(request, "from")  # a Python keyword: no attribute access
-        caller = verify_proof(proof, method, box, puzzle_bits=self.sync_puzzle_bits)
-        await self.replica_view.authorize(box, caller, source_ip, push=push)
+        return verify_proof(proof, method, subject, puzzle_bits=self.sync_puzzle_bits)
 
     def count_refusal(self, method: str, exc: ProtocolError) -> None:
         """A refusal in the requests metric: a put's by its kind, the others as "refused"."""

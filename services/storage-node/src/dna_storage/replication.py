@@ -41,11 +41,12 @@ naming it. Calls are rate-limited per peer.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from dna_core.crypto.node import NodeIdentity, verify_node_signature
@@ -82,7 +83,7 @@ from dna_core.wire import common_pb2, mailbox_pb2, mailbox_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from dna_storage.admission import Quota, RateLimited, RateLimiter, TokenBucket
-from dna_storage.backends.base import MailboxBackend, PutOutcome, SyncIndex
+from dna_storage.backends.base import MailboxBackend, MailboxDigest, PutOutcome, SyncIndex
 
 log = logging.getLogger("dna.storage.repair")
 SYNC_DOMAIN = b"mailbox-sync"
@@ -92,6 +93,7 @@ SYNC_BYTES = 1 << 20  # per list page, pull answer and push request: a quarter o
 MIN_PIECE_BYTES = 32 * 1024  # halving a refused piece stops here (a piece holds >= 1 item)
 MAX_SYNC_ITEMS = 500  # blobs, and tombstones, per SyncPush
 MAX_SYNC_IDS = 4096  # IDs per list page, pull request and push offer (~140 KB)
+MAX_COMPARE = 512  # mailboxes per SyncCompare (~36 KB asked, at most ~17 KB answered)
 SYNC_CALLS_PER_S, SYNC_CALL_BURST = 100.0, 1000.0  # per calling node and per address
 PACE_SHARE = 0.95  # of the peers' default rate and burst repair keeps to (arrival jitter)
 MIN_PACE_PER_S = 1.0  # a peer that keeps refusing is called no slower than this
@@ -110,7 +112,11 @@ NEIGHBOURHOODS = 16  # recent lookup results a node's authorization of sync call
 IN_FLIGHT = 8  # mailboxes a pass syncs at once: their round trips overlap, not add up
 T = TypeVar("T")
 R = TypeVar(
-    "R", mailbox_pb2.SyncListRequest, mailbox_pb2.SyncPullRequest, mailbox_pb2.SyncPushRequest
+    "R",
+    mailbox_pb2.SyncListRequest,
+    mailbox_pb2.SyncPullRequest,
+    mailbox_pb2.SyncPushRequest,
+    mailbox_pb2.SyncCompareRequest,
 )
 SYNC_OPS = {"SyncList": "sync_list", "SyncPull": "sync_pull", "SyncPush": "sync_push"}
 
@@ -155,6 +161,48 @@ def verify_proof(
     message = _signed(method, subject, proof.timestamp_ms)
     verify_node_signature(sender.public_key, SYNC_DOMAIN, message, proof.signature)
     return sender
+
+
+def compare_subject(mailboxes: Sequence[mailbox_pb2.MailboxDigest]) -> bytes:
+    """What a ``SyncCompare`` proof signs beside its method: SHA-256 over the request's
+    mailboxes, each ID and digest length-prefixed, in order (the whole question: a proof
+    cannot be moved to other mailboxes or other digests)."""
+    h = hashlib.sha256(b"sync-compare")
+    for entry in mailboxes:
+        for part in (entry.mailbox_id, entry.digest):
+            h.update(len(part).to_bytes(4, "big") + part)
+    return h.digest()
+
+
+def compare_problem(mailboxes: Sequence[mailbox_pb2.MailboxDigest]) -> str:
+    """How a ``SyncCompare``'s mailboxes are malformed, or "" (bounded before any mailbox
+    costs this node a ranking or a read)."""
+    if not 1 <= len(mailboxes) <= MAX_COMPARE:
+        return f"sync: compare of {len(mailboxes)} mailboxes, not 1..{MAX_COMPARE}"
+    previous = b""
+    for entry in mailboxes:
+        if len(entry.mailbox_id) != 32 or len(entry.digest) != 32:
+            return "sync: a compared mailbox ID or digest is not 32 bytes"
+        if entry.mailbox_id <= previous:
+            return "sync: compared mailbox IDs are not strictly increasing"
+        previous = entry.mailbox_id
+    return ""
+
+
+async def compare_answer(
+    backend: MailboxBackend,
+    mailboxes: Sequence[mailbox_pb2.MailboxDigest],
+    judged: set[bytes],
+    now_ms: int,
+) -> mailbox_pb2.SyncCompareResponse:
+    """The mailboxes whose digest here differs from the caller's; those not ``judged``
+    (the caller is not their replica as this node sees it) are answered as differing
+    without a read: the caller learns nothing of them (its SyncList will be refused)."""
+    ours = {d.mailbox_id: d.digest
+            for d in await backend.digests_of(sorted(judged), now_ms)}  # fmt: skip
+    return mailbox_pb2.SyncCompareResponse(
+        differ=[e.mailbox_id for e in mailboxes if ours.get(e.mailbox_id) != e.digest]
+    )
 
 
 def check_mailbox_id(box: bytes) -> bytes:
@@ -399,18 +447,29 @@ class ReplicaView:
 
     async def authorize(self, box: bytes, caller: Contact, source_ip: str, *, push: bool) -> None:
         """Return if ``caller`` may make this call for ``box``, else raise why not."""
+        self.admit(caller, source_ip)
+        for fresh in (False, True):
+            if await self.is_replica(box, caller, push=push, fresh=fresh):
+                return
+        raise VerificationError(
+            "sync: the caller is not among this mailbox's replicas as this node sees them"
+        )
+
+    def admit(self, caller: Contact, source_ip: str) -> None:
+        """Count one call against the caller's and its address's rate, or raise
+        ``RateLimited`` (a ``SyncCompare`` of many mailboxes is one call)."""
         now = time.monotonic()
         wait = max(self.per_node.check(caller.node_id, now), self.per_address.check(source_ip, now))
         if wait > 0:
             limit = self.per_node.rate
             raise RateLimited(f"sync: over the rate of {limit:g} calls/s from this peer", wait)
-        for fresh in (False, True):
-            ranking = await self.ranking(box, fresh=fresh)
-            if caller.node_id in ranking or (push and self.node.node_id in ranking):
-                return
-        raise VerificationError(
-            "sync: the caller is not among this mailbox's replicas as this node sees them"
-        )
+
+    async def is_replica(
+        self, box: bytes, caller: Contact, *, push: bool = False, fresh: bool = False
+    ) -> bool:
+        """``caller`` ranks among ``box``'s replicas here (or, for a push, this node does)."""
+        ranking = await self.ranking(box, fresh=fresh)
+        return caller.node_id in ranking or (push and self.node.node_id in ranking)
 
 
 @dataclass
@@ -586,6 +645,7 @@ class RepairMetrics:
     calls: Counter
     lookups: Counter
     rate_waits: Counter
+    compared: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry, replicas: int) -> RepairMetrics:
@@ -625,8 +685,9 @@ class RepairMetrics:
             Counter(
                 "dna_storage_repair_calls",
                 "Sync calls of this node's repair that a peer answered (refusals and failures "
-                "are in repair_failures), by method (SyncList, SyncPull, SyncPush) and how: "
-                "session, or unary (the peer serves no sessions, or its session was unavailable)",
+                "are in repair_failures), by method (SyncList, SyncPull, SyncPush, "
+                "SyncCompare) and how: session, or unary (the peer serves no sessions, or its "
+                "session was unavailable; SyncCompare always)",
                 ["method", "via"],
                 registry=registry,
             ),
@@ -644,7 +705,31 @@ class RepairMetrics:
                 ["cause"],
                 registry=registry,
             ),
+            Counter(
+                "dna_storage_repair_compared",
+                "Mailboxes of a repair pass (one per peer they are shared with) whose exchange "
+                "a SyncCompare decided, by outcome: 'same' (the peer holds what this node "
+                "holds: no exchange), 'differ' (exchanged), 'unsupported' (an older peer: "
+                "exchanged, as before SyncCompare) or 'failed' (the call failed: exchanged)",
+                ["outcome"],
+                registry=registry,
+            ),
         )
+
+
+@dataclass(frozen=True)
+class MailboxPlan:
+    """What a pass does with one mailbox: its other replicas (or, for a hand-off copy, the
+    rightful ones), and those of them a ``SyncCompare`` found holding what this node holds
+    (no exchange with them)."""
+
+    box: bytes
+    peers: list[Contact]
+    rightful: bool
+    in_sync: frozenset[bytes] = frozenset()  # node IDs
+
+    def to_sync(self) -> list[Contact]:
+        return [p for p in self.peers if p.node_id not in self.in_sync]
 
 
 class RepairError(Exception):
@@ -695,14 +780,17 @@ class Repairer:
         timeout_s: float = 10.0,
         sessions: bool = True,
         in_flight: int = IN_FLIGHT,
+        compare: bool = True,
     ) -> None:
         self.node, self.backend, self.rules = node, backend, rules
         self.in_flight = in_flight
+        self.compare = compare  # False: every mailbox exchanged with every peer (benchmarks)
         self.replicas = replicas
         self.interval_s, self.timeout_s = interval_s, timeout_s
         self.metrics = RepairMetrics.create(registry, replicas)
         self._hood: Neighbourhood | None = None  # the last lookup (``replica_peers``)
         self._looking = asyncio.Lock()  # mailboxes in flight wait for one lookup, and share it
+        self._no_compare: set[bytes] = set()  # peers that answered UNIMPLEMENTED this pass
         self.pacer = PeerPacer()
         # One session per peer carries the sync calls (session.py); a peer that serves none
         # (an older node), or whose session is unavailable, gets the unary calls, as every
@@ -738,10 +826,12 @@ class Repairer:
         synced = 0
         self._hood = None  # a pass starts from a fresh lookup: nodes come and go between
         window = _Window(self.in_flight)
+        self._no_compare = set()
         try:
             for start, end in id_ranges(REPAIR_RANGES):
-                for digest in await self.backend.digests(start, end, _now_ms()):
-                    await window.add(self.sync_mailbox(digest.mailbox_id))
+                digests = await self.backend.digests(start, end, _now_ms())
+                for plan in await self._plan(digests):
+                    await window.add(self.sync_mailbox(plan.box, plan))
                     synced += 1
             await window.drain()
         finally:
@@ -769,15 +859,96 @@ class Repairer:
                 hood = self._hood = Neighbourhood.of(box, found, self.node.config.k, now)
         return choose_replicas(hood.contacts, me, box, self.replicas)
 
-    async def sync_mailbox(self, box: bytes) -> None:
-        peers, rightful = await self.replica_peers(box)
+    async def _plan(self, digests: list[MailboxDigest]) -> list[MailboxPlan]:
+        """Each mailbox's replicas, in ID order (neighbours share lookups), then one
+        ``SyncCompare`` per peer and ``MAX_COMPARE`` mailboxes shared with it: a mailbox
+        a peer holds the same is not exchanged with it (``MailboxPlan.in_sync``). A
+        hand-off copy is never compared: outside the set, this node only offers."""
+        plans = [MailboxPlan(d.mailbox_id, *await self.replica_peers(d.mailbox_id))
+                 for d in digests]  # fmt: skip
+        shared: dict[bytes, tuple[Contact, list[MailboxDigest]]] = {}
+        for plan, digest in zip(plans, digests, strict=True):
+            for peer in plan.peers if plan.rightful and self.compare else []:
+                shared.setdefault(peer.node_id, (peer, []))[1].append(digest)
+        same = await asyncio.gather(*(self._in_sync(peer, ds) for peer, ds in shared.values()))
+        in_sync: dict[bytes, set[bytes]] = {}
+        for peer_id, boxes in zip(shared, same, strict=True):
+            for box in boxes:
+                in_sync.setdefault(box, set()).add(peer_id)
+        return [replace(p, in_sync=frozenset(in_sync.get(p.box, ()))) for p in plans]
+
+    async def _in_sync(self, peer: Contact, digests: list[MailboxDigest]) -> set[bytes]:
+        """Of ``digests`` (ID order), the mailboxes ``peer`` holds the same, by
+        ``SyncCompare`` calls of ``MAX_COMPARE``. An older peer (UNIMPLEMENTED) or a
+        failed call leaves its mailboxes to the exchange, as before SyncCompare."""
+        same: set[bytes] = set()
+        for start in range(0, len(digests), MAX_COMPARE):
+            batch = digests[start : start + MAX_COMPARE]
+            differ = await self._compared(peer, batch)
+            if differ is not None:
+                agreed = {d.mailbox_id for d in batch} - differ
+                same |= agreed
+                self.metrics.compared.labels(outcome="same").inc(len(agreed))
+                self.metrics.compared.labels(outcome="differ").inc(len(differ))
+        return same
+
+    async def _compared(self, peer: Contact, batch: list[MailboxDigest]) -> set[bytes] | None:
+        """The mailboxes of ``batch`` that differ at ``peer``, or None when it was not
+        asked (an older peer: for the rest of the pass) or the call failed (counted)."""
+        if peer.node_id in self._no_compare:
+            self.metrics.compared.labels(outcome="unsupported").inc(len(batch))
+            return None
+        try:
+            return await self._sync_compare(peer, batch)
+        except RemoteError as err:
+            if err.grpc_code == "UNIMPLEMENTED":
+                self._no_compare.add(peer.node_id)
+                self.metrics.compared.labels(outcome="unsupported").inc(len(batch))
+                return None
+            reason, detail = err.grpc_code.lower(), err.details
+        except RepairError as exc:
+            reason, detail = "no_progress", str(exc)
+        self.metrics.compared.labels(outcome="failed").inc(len(batch))
+        self.metrics.failures.labels(reason=reason).inc()
+        log.warning("SyncCompare with %s failed: %s %s", peer.short(), reason, detail)
+        return None
+
+    async def _sync_compare(self, peer: Contact, batch: list[MailboxDigest]) -> set[bytes]:
+        """One paced ``SyncCompare``: the mailboxes of ``batch`` that differ at ``peer``.
+        Unary (an older node's session would answer the op as malformed, not as unknown)."""
+        entries = [mailbox_pb2.MailboxDigest(mailbox_id=d.mailbox_id, digest=d.digest)
+                   for d in batch]  # fmt: skip
+        subject = compare_subject(entries)
+
+        async def send() -> mailbox_pb2.SyncCompareResponse:
+            request = self._signed(mailbox_pb2.SyncCompareRequest(mailboxes=entries),
+                                   "SyncCompare", subject)  # fmt: skip
+            answer: mailbox_pb2.SyncCompareResponse = await self._unary(
+                "SyncCompare", self._stub(peer).SyncCompare(request, timeout=self.timeout_s)
+            )
+            return answer
+
+        differ = set((await self._paced(peer, send)).differ)
+        if not differ <= {d.mailbox_id for d in batch}:
+            raise RepairError("SyncCompare answered mailboxes not asked about")
+        return differ
+
+    async def sync_mailbox(self, box: bytes, plan: MailboxPlan | None = None) -> None:
+        """Exchange with each replica not known to hold what this node holds (``plan``,
+        else every replica, found now); observe the mailbox's least-held item."""
+        plan = plan or MailboxPlan(box, *await self.replica_peers(box))
+        to_sync, agreeing = plan.to_sync(), len(plan.peers) - len(plan.to_sync())
+        if plan.peers and not to_sync:  # each holds every item held here: no read, no call
+            self.metrics.replicas.observe(agreeing + plan.rightful)
+            return
+        peers, rightful = to_sync, plan.rightful
         our_ids, our_tombs = await self.backend.ids(box, _now_ms())
         ours = Holdings(frozenset(our_ids), frozenset(t.blob_id for t in our_tombs))
         exchange = self._sync_with if rightful else self._hand_off
         views = await asyncio.gather(
             *(self._guarded(peer, box, exchange(peer, box, ours, our_tombs)) for peer in peers)
         )
-        answered = [v for v in views if v is not None]
+        answered = [v for v in views if v is not None] + [ours] * agreeing
         blob_copies, tomb_copies = copies(ours, answered)
         least = min((*blob_copies.values(), *tomb_copies.values()), default=None)
         if least is not None:
@@ -912,10 +1083,11 @@ class Repairer:
         self.metrics.calls.labels(method=method, via="unary").inc()
         return answer
 
-    def _signed(self, request: R, method: str, box: bytes) -> R:
-        """``request`` with this node's proof for ``method`` on ``box`` in its ``from``."""
+    def _signed(self, request: R, method: str, subject: bytes) -> R:
+        """``request`` with this node's proof for ``method`` on ``subject`` (a mailbox ID,
+        or ``compare_subject``) in its ``from``."""
         assert self.node.contact is not None
-        proof = sign_proof(self.node.identity, self.node.contact, method, box)
+        proof = sign_proof(self.node.identity, self.node.contact, method, subject)
         getattr(request, "from").CopyFrom(proof)
         return request
 

@@ -139,6 +139,11 @@ class MailboxBackend(Protocol):
         """Digests of every non-empty mailbox with ``start <= mailbox_id < end``."""
         ...
 
+    async def digests_of(self, mailbox_ids: Sequence[bytes], now_ms: int) -> list[MailboxDigest]:
+        """The digest of each mailbox named, in the order given, an empty one's included
+        (counts 0): what a replica's ``SyncCompare`` is answered from."""
+        ...
+
     async def usage(self, mailbox_id: bytes, now_ms: int) -> Usage:
         """What a mailbox holds now (for quotas)."""
         ...

@@ -22,12 +22,14 @@ The interface (``base.py``) leaves a few things open; these are the answers both
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 from dna_core.crypto.pow import Proof
 
 from dna_storage.backends.base import MailboxDigest
 
+D = TypeVar("D")
 DIGEST_DOMAIN = b"dna-mailbox-digest/v1"
 _POW_SIZE = 17  # difficulty (1 byte), timestamp_ms (8), nonce (8)
 
@@ -85,3 +87,17 @@ def check_limit(limit: int) -> None:
 def unique(items: Iterable[bytes]) -> list[bytes]:
     """Items in first-seen order without repeats (``get_blobs`` answers each ID once)."""
     return list(dict.fromkeys(items))
+
+
+def per_authorization(authorizations: Sequence[bytes], digest: Callable[[bytes], D]) -> list[D]:
+    """``digest`` of each authorization, computed once per distinct one: a delete batch's
+    tombstones (up to 200) share one ~13 KB signed delete. (A dict keyed by the bytes finds
+    a repeat of the same object by identity, without reading it again.)"""
+    memo: dict[bytes, D] = {}
+    out = []
+    for auth in authorizations:
+        known = memo.get(auth)
+        if known is None:
+            known = memo[auth] = digest(auth)
+        out.append(known)
+    return out

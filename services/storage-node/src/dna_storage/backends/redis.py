@@ -62,6 +62,7 @@ from dna_storage.backends.common import (
     encode_pow,
     in_range,
     mailbox_digest,
+    per_authorization,
     unique,
 )
 
@@ -368,13 +369,13 @@ class RedisBackend:
     async def delete(self, tombstones: Sequence[Tombstone], now_ms: int) -> int:
         if not tombstones:
             return 0
-        auths = {_auth_digest(t.authorization): t.authorization for t in tombstones}
+        digests = per_authorization([t.authorization for t in tombstones], _auth_digest)
+        auths = dict(zip(digests, (t.authorization for t in tombstones), strict=True))
         args: list[Any] = [self._p, now_ms, len(auths)]
         for digest, auth in auths.items():
             args += [digest, auth]
-        for t in tombstones:
-            args += [_hex(t.mailbox_id), _hex(t.blob_id), t.deleted_ms, t.expires_ms]
-            args.append(_auth_digest(t.authorization))
+        for t, digest in zip(tombstones, digests, strict=True):
+            args += [_hex(t.mailbox_id), _hex(t.blob_id), t.deleted_ms, t.expires_ms, digest]
         return int(await self._write(self._delete, args))
 
     async def expire(self, now_ms: int, limit: int) -> int:
@@ -577,6 +578,12 @@ class RedisBackend:
         for i in range(0, len(mailboxes), _PIPELINE_CHUNK):
             out += await self._digest_chunk(mailboxes[i : i + _PIPELINE_CHUNK], now_ms)
         return [d for d in out if (d.blobs or d.tombstones) and in_range(d.mailbox_id, start, end)]
+
+    async def digests_of(self, mailbox_ids: Sequence[bytes], now_ms: int) -> list[MailboxDigest]:
+        out: list[MailboxDigest] = []
+        for i in range(0, len(mailbox_ids), _PIPELINE_CHUNK):
+            out += await self._digest_chunk(list(mailbox_ids[i : i + _PIPELINE_CHUNK]), now_ms)
+        return out
 
     async def _digest_chunk(self, mailboxes: list[bytes], now_ms: int) -> list[MailboxDigest]:
         async with self._r.pipeline(transaction=True) as pipe:

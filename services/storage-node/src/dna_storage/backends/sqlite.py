@@ -42,6 +42,7 @@ from dna_storage.backends.common import (
     encode_pow,
     in_range,
     mailbox_digest,
+    per_authorization,
     unique,
 )
 
@@ -476,9 +477,8 @@ class SqliteBackend:
         if not tombstones:
             return 0
         batch = list(tombstones)
-        removed: int = await self._writer.submit(
-            lambda c: sum(_delete_one(c, t, now_ms) for t in batch)
-        )
+        digests = per_authorization([t.authorization for t in batch], auth_digest)
+        removed: int = await self._writer.submit(lambda c: _delete_batch(c, batch, digests, now_ms))
         return removed
 
     async def expire(self, now_ms: int, limit: int) -> int:
@@ -558,6 +558,13 @@ class SqliteBackend:
             lambda c: _digests(c, start, end, now_ms)
         )
         return result
+
+    async def digests_of(self, mailbox_ids: Sequence[bytes], now_ms: int) -> list[MailboxDigest]:
+        wanted = unique(mailbox_ids)
+        found: dict[bytes, MailboxDigest] = await self._reader.submit(
+            lambda c: _digests_of(c, wanted, now_ms)
+        )
+        return [found[m] for m in mailbox_ids]
 
     async def usage(self, mailbox_id: bytes, now_ms: int) -> Usage:
         """The mailbox's counters minus its expired blobs not yet collected: a read of
@@ -669,8 +676,22 @@ def _held_expiry(conn: sqlite3.Connection, key: tuple[bytes, bytes]) -> int | No
     return None if row is None else int(row[0])
 
 
-def _delete_one(conn: sqlite3.Connection, tomb: Tombstone, now_ms: int) -> int:
-    """Drop the blob; store the tombstone, extended to outlive it (common.py rules)."""
+def _delete_batch(
+    conn: sqlite3.Connection, batch: list[Tombstone], digests: list[bytes], now_ms: int
+) -> int:
+    """``_delete_one`` each, the batch's signed deletes stored once each (``stored``)."""
+    stored: set[bytes] = set()
+    return sum(
+        _delete_one(conn, tomb, digest, now_ms, stored)
+        for tomb, digest in zip(batch, digests, strict=True)
+    )
+
+
+def _delete_one(
+    conn: sqlite3.Connection, tomb: Tombstone, digest: bytes, now_ms: int, stored: set[bytes]
+) -> int:
+    """Drop the blob; store the tombstone, extended to outlive it (common.py rules).
+    ``stored``: the signed deletes this batch knows to be in ``signed_deletes``."""
     key = (tomb.mailbox_id, tomb.blob_id)
     expires = tomb.expires_ms
     removed = 0
@@ -683,23 +704,29 @@ def _delete_one(conn: sqlite3.Connection, tomb: Tombstone, now_ms: int) -> int:
     if expires <= now_ms:
         return removed
     row = conn.execute(
-        "SELECT expires_ms FROM tombstones WHERE mailbox_id = ? AND blob_id = ?", key
+        "SELECT expires_ms, auth_digest FROM tombstones WHERE mailbox_id = ? AND blob_id = ?", key
     ).fetchone()
     if row is None or row[0] < expires:
         conn.execute("DELETE FROM tombstones WHERE mailbox_id = ? AND blob_id = ?", key)
-        _insert_tombstone(conn, tomb, expires)
+        if row is not None:  # its last reference going drops the signed delete it named
+            stored.discard(row[1])
+        _insert_tombstone(conn, tomb, digest, expires, stored)
     return removed
 
 
-def _insert_tombstone(conn: sqlite3.Connection, tomb: Tombstone, expires: int) -> None:
-    """The signed delete once (its first tombstone stores it), then the row referencing it;
-    the ``tombstone_added`` trigger counts the reference."""
-    digest = auth_digest(tomb.authorization)
-    conn.execute(
-        "INSERT INTO signed_deletes (digest, refs, authorization) VALUES (?, 0, ?)"
-        " ON CONFLICT (digest) DO NOTHING",
-        (digest, tomb.authorization),
-    )
+def _insert_tombstone(
+    conn: sqlite3.Connection, tomb: Tombstone, digest: bytes, expires: int, stored: set[bytes]
+) -> None:
+    """The signed delete once (its first tombstone stores it: the first of the batch sends
+    its bytes, the others know it is there), then the row referencing it; the
+    ``tombstone_added`` trigger counts the reference."""
+    if digest not in stored:
+        conn.execute(
+            "INSERT INTO signed_deletes (digest, refs, authorization) VALUES (?, 0, ?)"
+            " ON CONFLICT (digest) DO NOTHING",
+            (digest, tomb.authorization),
+        )
+        stored.add(digest)
     conn.execute(
         "INSERT INTO tombstones (mailbox_id, blob_id, deleted_ms, expires_ms, auth_digest)"
         " VALUES (?, ?, ?, ?, ?)",
@@ -861,3 +888,20 @@ def _digests(
         for m, (blobs, tombs) in sorted(groups.items())
         if in_range(m, start, end)
     ]
+
+
+def _digests_of(
+    conn: sqlite3.Connection, mailbox_ids: list[bytes], now_ms: int
+) -> dict[bytes, MailboxDigest]:
+    """Each named mailbox's digest: its live IDs read by ``IN (...)`` chunks (one index
+    lookup per mailbox and table), the empty ones included."""
+    groups: dict[bytes, tuple[list[bytes], list[bytes]]] = {m: ([], []) for m in mailbox_ids}
+    for slot, table in ((0, "blobs"), (1, "tombstones")):
+        for chunk, marks in _in_chunks(mailbox_ids):
+            for mailbox_id, blob_id in conn.execute(
+                f"SELECT mailbox_id, blob_id FROM {table} WHERE mailbox_id IN ({marks})"
+                " AND expires_ms > ?",
+                (*chunk, now_ms),
+            ):
+                groups[mailbox_id][slot].append(blob_id)
+    return {m: mailbox_digest(m, blobs, tombs) for m, (blobs, tombs) in groups.items()}

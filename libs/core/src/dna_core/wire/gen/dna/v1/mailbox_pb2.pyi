@@ -990,3 +990,84 @@ class SyncPushResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SyncPushResponse: _TypeAlias = SyncPushResponse  # noqa: Y015
+
+@_typing.final
+class MailboxDigest(_message.Message):
+    """One mailbox and the sender's digest of it (SHA-256 over its sorted live blob IDs, then
+    its sorted live tombstone IDs, each section counted and each ID length-prefixed, under
+    the domain "dna-mailbox-digest/v1": docs/storage.md, "Range compare").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAILBOX_ID_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    mailbox_id: _builtins.bytes
+    """32 bytes"""
+    digest: _builtins.bytes
+    """32 bytes"""
+    def __init__(
+        self,
+        *,
+        mailbox_id: _builtins.bytes = ...,
+        digest: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "mailbox_id", b"mailbox_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MailboxDigest: _TypeAlias = MailboxDigest  # noqa: Y015
+
+@_typing.final
+class SyncCompareRequest(_message.Message):
+    """The proof signs method "SyncCompare" and, as subject, SHA-256 over the mailboxes'
+    `mailbox_id || digest` in request order.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_FIELD_NUMBER: _builtins.int
+    MAILBOXES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def mailboxes(self) -> _containers.RepeatedCompositeFieldContainer[Global___MailboxDigest]:
+        """1..512, mailbox IDs strictly increasing"""
+
+    def __init__(
+        self,
+        *,
+        mailboxes: _abc.Iterable[Global___MailboxDigest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["from", b"from"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from", b"from", "mailboxes", b"mailboxes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncCompareRequest: _TypeAlias = SyncCompareRequest  # noqa: Y015
+
+@_typing.final
+class SyncCompareResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIFFER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def differ(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The mailboxes asked about whose digest here differs from the sender's, or that this
+        node does not compare with the sender (it does not find the sender among their
+        replicas), in request order.
+        """
+
+    def __init__(
+        self,
+        *,
+        differ: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["differ", b"differ"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncCompareResponse: _TypeAlias = SyncCompareResponse  # noqa: Y015

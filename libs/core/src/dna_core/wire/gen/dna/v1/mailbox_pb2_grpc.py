@@ -70,6 +70,11 @@ class MailboxStub:
                 request_serializer=dna_dot_v1_dot_mailbox__pb2.SyncPushRequest.SerializeToString,
                 response_deserializer=dna_dot_v1_dot_mailbox__pb2.SyncPushResponse.FromString,
                 _registered_method=True)
+        self.SyncCompare = channel.unary_unary(
+                '/dna.v1.Mailbox/SyncCompare',
+                request_serializer=dna_dot_v1_dot_mailbox__pb2.SyncCompareRequest.SerializeToString,
+                response_deserializer=dna_dot_v1_dot_mailbox__pb2.SyncCompareResponse.FromString,
+                _registered_method=True)
         self.Session = channel.stream_stream(
                 '/dna.v1.Mailbox/Session',
                 request_serializer=dna_dot_v1_dot_mailbox__pb2.SessionRequest.SerializeToString,
@@ -131,6 +136,17 @@ class MailboxServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SyncCompare(self, request, context):
+        """Which of up to 512 mailboxes, each named with the caller's digest of what it holds,
+        this node holds otherwise: a repair pass syncs only those (docs/storage.md, "Range
+        compare"). Only for mailboxes whose replica the caller is, as this node sees it; the
+        others are answered as differing (it learns nothing of them). Unary only: an older
+        node answers UNIMPLEMENTED (its session would call the op malformed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Session(self, request_iterator, context):
         """One long-lived session per client and node (docs/storage.md, "Sessions and push"):
         many puts, fetches and deletes (and, between storage nodes, replica sync), each with
@@ -181,6 +197,11 @@ def add_MailboxServicer_to_server(servicer, server):
                     servicer.SyncPush,
                     request_deserializer=dna_dot_v1_dot_mailbox__pb2.SyncPushRequest.FromString,
                     response_serializer=dna_dot_v1_dot_mailbox__pb2.SyncPushResponse.SerializeToString,
+            ),
+            'SyncCompare': grpc.unary_unary_rpc_method_handler(
+                    servicer.SyncCompare,
+                    request_deserializer=dna_dot_v1_dot_mailbox__pb2.SyncCompareRequest.FromString,
+                    response_serializer=dna_dot_v1_dot_mailbox__pb2.SyncCompareResponse.SerializeToString,
             ),
             'Session': grpc.stream_stream_rpc_method_handler(
                     servicer.Session,
@@ -377,6 +398,33 @@ class Mailbox:
             '/dna.v1.Mailbox/SyncPush',
             dna_dot_v1_dot_mailbox__pb2.SyncPushRequest.SerializeToString,
             dna_dot_v1_dot_mailbox__pb2.SyncPushResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SyncCompare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dna.v1.Mailbox/SyncCompare',
+            dna_dot_v1_dot_mailbox__pb2.SyncCompareRequest.SerializeToString,
+            dna_dot_v1_dot_mailbox__pb2.SyncCompareResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,13 @@ class MailboxStub:
     accepted from a hand-off holder outside the set when this node is in it. Every blob
     is judged as a client's put would be.
     """
+    SyncCompare: _grpc.UnaryUnaryMultiCallable[_mailbox_pb2.SyncCompareRequest, _mailbox_pb2.SyncCompareResponse]
+    """Which of up to 512 mailboxes, each named with the caller's digest of what it holds,
+    this node holds otherwise: a repair pass syncs only those (docs/storage.md, "Range
+    compare"). Only for mailboxes whose replica the caller is, as this node sees it; the
+    others are answered as differing (it learns nothing of them). Unary only: an older
+    node answers UNIMPLEMENTED (its session would call the op malformed).
+    """
     Session: _grpc.StreamStreamMultiCallable[_mailbox_pb2.SessionRequest, _mailbox_pb2.SessionResponse]
     """One long-lived session per client and node (docs/storage.md, "Sessions and push"):
     many puts, fetches and deletes (and, between storage nodes, replica sync), each with
@@ -86,6 +93,13 @@ class MailboxAsyncStub(MailboxStub):
     """Hand data to a replica that lacks it (hinted hand-off, new replica set members); also
     accepted from a hand-off holder outside the set when this node is in it. Every blob
     is judged as a client's put would be.
+    """
+    SyncCompare: _aio.UnaryUnaryMultiCallable[_mailbox_pb2.SyncCompareRequest, _mailbox_pb2.SyncCompareResponse]  # type: ignore[assignment]
+    """Which of up to 512 mailboxes, each named with the caller's digest of what it holds,
+    this node holds otherwise: a repair pass syncs only those (docs/storage.md, "Range
+    compare"). Only for mailboxes whose replica the caller is, as this node sees it; the
+    others are answered as differing (it learns nothing of them). Unary only: an older
+    node answers UNIMPLEMENTED (its session would call the op malformed).
     """
     Session: _aio.StreamStreamMultiCallable[_mailbox_pb2.SessionRequest, _mailbox_pb2.SessionResponse]  # type: ignore[assignment]
     """One long-lived session per client and node (docs/storage.md, "Sessions and push"):
@@ -157,6 +171,19 @@ class MailboxServicer(metaclass=_abc_1.ABCMeta):
         """Hand data to a replica that lacks it (hinted hand-off, new replica set members); also
         accepted from a hand-off holder outside the set when this node is in it. Every blob
         is judged as a client's put would be.
+        """
+
+    @_abc_1.abstractmethod
+    def SyncCompare(
+        self,
+        request: _mailbox_pb2.SyncCompareRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mailbox_pb2.SyncCompareResponse, _abc.Awaitable[_mailbox_pb2.SyncCompareResponse]]:
+        """Which of up to 512 mailboxes, each named with the caller's digest of what it holds,
+        this node holds otherwise: a repair pass syncs only those (docs/storage.md, "Range
+        compare"). Only for mailboxes whose replica the caller is, as this node sees it; the
+        others are answered as differing (it learns nothing of them). Unary only: an older
+        node answers UNIMPLEMENTED (its session would call the op malformed).
         """
 
     @_abc_1.abstractmethod
