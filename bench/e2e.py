@@ -1,7 +1,7 @@
 """End to end on the local testnet: a message from send to the recipient's cache, vs OpenDHT.
 
 ``uv run python -m bench.e2e [--messages N] [--rt-messages N] [--senders 10] [--rounds R]
-[--poll-interval S] [--shipped-admission] [--profile FILE] [--quick]``
+[--poll-interval S] [--shipped-admission] [--profile FILE] [--trace DIR] [--quick]``
 
 What runs (issue 5, "Benchmark"; conventions: shared design/BENCH.md), all in one run:
 
@@ -67,7 +67,10 @@ floor of :mod:`bench.floor` (seal + stream round trip + commit + open), and one
 lines give the setup, the CPU each side spent per message (senders, recipient, the 9 node
 processes) and failures. ``--profile FILE`` runs cProfile
 on this process over the first timed ``seq`` sends, writes the stats to FILE and prints the
-CPU per send of its main parts. Everything is stopped in ``finally``.
+CPU per send of its main parts. ``--trace DIR`` has every process note each message's
+steps (`dna_core.trace`) and ends with where the time went, per segment, for the slowest
+5% and the rest (:mod:`bench.e2e_trace`; its tables go to stderr). Everything is stopped
+in ``finally``.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dna_core import trace
 from dna_core.crypto import Identity, PublicKeySet, seal
 from dna_core.mailbox import REPLICAS, WRITE_QUORUM
 from dna_core.wire.gen.dna.v1 import envelope_pb2
@@ -98,7 +102,7 @@ from dna_testnet.harness import LOOPBACK
 from dna_testnet.network import Testnet
 from dna_testnet.topology import TESTNET_TURN_PASSWORD, TESTNET_TURN_USER
 
-from bench import floor, harness
+from bench import e2e_trace, floor, harness
 from bench.harness import Deadline, Figure, Goal, Rounds, Workload
 
 if TYPE_CHECKING:  # imported on use (opendht_net): a missing baseline is reported, not fatal
@@ -548,6 +552,7 @@ class Config:
     budget_s: float
     profile: Path | None
     quick: bool
+    trace: Path | None = None
 
     @property
     def receiving(self) -> str:
@@ -617,6 +622,7 @@ class Run:
         if poll:
             await self.ours.recipient.command("resume")
         for key, phase in phases:
+            trace.mark(e2e_trace.PHASE, key.encode())
             result = await phase()
             if record:
                 self.results.add((OURS, key), result.delivered)
@@ -818,6 +824,7 @@ async def run_in(root: Path, cfg: Config) -> int:
     direct: DirectService | None = None
     opendht: list[OpenDhtBaseline] = []
     lines: list[dict[str, Any]] = []
+    start_trace(cfg.trace)
     try:
         net_up = asyncio.create_task(asyncio.to_thread(start_testnet, root / "net", cfg))
         profiles = await asyncio.to_thread(create_profiles, root / "people", cfg.senders)
@@ -861,6 +868,7 @@ async def run_in(root: Path, cfg: Config) -> int:
         stats = await recipient.command("stats")
         harness.detail({"elapsed_s": round(time.perf_counter() - t0, 1), "recipient": stats,
                         "loadavg": harness.loadavg()})  # fmt: skip
+        report_trace(cfg.trace)
     finally:
         if direct is not None:
             await direct.stop()  # its channel and relay allocation
@@ -872,6 +880,21 @@ async def run_in(root: Path, cfg: Config) -> int:
         if net is not None:
             net.kill_all()
     return harness.exit_status(lines, OURS)
+
+
+def start_trace(directory: Path | None) -> None:
+    """``--trace``: before any process starts, so that they all inherit it."""
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        trace.start(str(directory))
+
+
+def report_trace(directory: Path | None) -> None:
+    """``--trace``'s breakdown: a detail line, and its tables on stderr."""
+    if directory is not None:
+        breakdown = e2e_trace.report(directory)
+        harness.detail({"trace": breakdown})
+        print(e2e_trace.render(breakdown), file=sys.stderr)
 
 
 def ice_config(turn: tuple[str, int]) -> IceConfig:
@@ -926,6 +949,13 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         help="cProfile the first timed seq sends into this file",
     )
     parser.add_argument("--budget", type=float, default=BUDGET_S, help="s for the whole run")
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        default=None,
+        help="trace every message's way through every process into this directory and "
+        "print where the time went (bench.e2e_trace)",
+    )
     args = parser.parse_args(argv)
     cfg = Config(
         messages=harness.sized(args, args.messages or args.n, DEFAULT_MESSAGES, QUICK_MESSAGES),
@@ -939,6 +969,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         budget_s=args.budget,
         profile=args.profile,
         quick=args.quick,
+        trace=args.trace,
     )
     if min(cfg.messages, cfg.rt_messages, cfg.senders, cfg.recipients, cfg.rounds) < 1:
         raise SystemExit("--messages, --rt-messages, --senders, --recipients, --rounds >= 1")

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from dna_core import trace
 from dna_core.crypto import Identity, OpenedMessage, PublicKeySet, ReplayGuard, open_envelope
 from dna_core.errors import MalformedError, ProtocolError, ReplayError, VerificationError
 
@@ -113,10 +114,12 @@ class Inbox:
         except ProtocolError as err:
             self._reject(blob_id, err.reason)
             return
+        trace.mark("peer.opened", blob_id)
         with self.cache.transaction():
             outcome = apply()
             self.cache.remember_envelope(opened.message_id, opened.header.timestamp_ms)
             self.cache.record_blob(blob_id, outcome, self.clock())
+        trace.mark("peer.committed", blob_id)
         if outcome != "ack":
             self.report.held.append(blob_id)
 

@@ -20,11 +20,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dna_core import trace
 from dna_core.crypto import Identity, PublicKeySet, ReplayGuard, seal
 from dna_core.crypto import primitives as p
 from dna_core.crypto.envelope import MAX_PAYLOAD_BYTES, decode_envelope
 from dna_core.errors import DnaError
-from dna_core.mailbox import FetchState, MailboxClient, QuorumError, Subscription, UnreachableError
+from dna_core.mailbox import (
+    FetchState,
+    MailboxClient,
+    QuorumError,
+    Subscription,
+    UnreachableError,
+    blob_id,
+)
 from dna_core.overlay import OverlayNode, normalize_name, resolve_seeds, seed_family
 from dna_core.wire import envelope_pb2
 
@@ -319,6 +327,7 @@ class Peer:
         pair comes up in time, else (any failure or the deadline) the same envelope, with
         the same message ID, to the contact's mailbox; a copy arriving both ways is
         dropped by the recipient as a replay of an ID it holds."""
+        started_ns = time.monotonic_ns()
         check_text(body)
         payload = envelope_pb2.Payload(text=envelope_pb2.Text(body=body)).SerializeToString()
         # Our key set (3.2 KB) rides along until the contact showed it has it; after that
@@ -327,6 +336,9 @@ class Peer:
         envelope = seal(self.identity, contact.keys, payload, now_ms=now_ms(),
                         include_sender_keys=with_keys)  # fmt: skip
         header = decode_envelope(envelope)
+        if trace.enabled():
+            trace.mark("send.start", blob_id(envelope), started_ns)
+            trace.mark("send.sealed", blob_id(envelope))
         direct = self.direct is not None and await self.direct.send(
             contact, header.message_id, envelope
         )
@@ -335,6 +347,8 @@ class Peer:
             header.message_id, contact.conversation, self.fingerprint, contact.fingerprint,
             header.timestamp_ms, body, outgoing=True,
         ))  # fmt: skip
+        if trace.enabled():
+            trace.mark("send.cached", blob_id(envelope))
         if direct:  # the ACK says the contact's device stored it: that is the receipt
             self.cache.mark_delivered([header.message_id], recipient=contact.fingerprint)
         if self._has_other_devices():
@@ -608,10 +622,13 @@ class Peer:
         the subscription received instead (its cursors are where it got to)."""
         if pushed is not None:
             blobs = pushed.take()
+            for stored in blobs:
+                trace.mark("peer.taken", stored.blob_id)
             for i, stored in enumerate(blobs, 1):
                 await inbox.handle_blob(stored.blob_id, stored.blob)
                 if progress:
                     progress(i, len(blobs))
+                trace.mark("peer.progress", stored.blob_id)
             save(FetchState(cursors=state.cursors | pushed.cursors))
             return
         done = 0
