@@ -40,7 +40,7 @@ from dna_peer import keyserver
 from dna_peer.cache import MAX_ROTATION_HOPS, RECOVERING, Cache, Contact, Message, cache_key
 from dna_peer.direct.link import IceConfig
 from dna_peer.direct.service import DirectService
-from dna_peer.inbox import Inbox, ReceiptDue, SyncReport
+from dna_peer.inbox import Inbox, OnMessage, ReceiptDue, SyncReport
 from dna_peer.keyserver import now_ms
 from dna_peer.network import join_overlay
 from dna_peer.presence import Presence, lookup_presence
@@ -127,6 +127,9 @@ class Peer:
     _deletes_refused_until: float = field(init=False, default=0.0)  # monotonic
     direct: DirectService | None = field(default=None, init=False)  # see `go_direct`
     on_direct: Callable[[SyncReport], None] | None = field(default=None, init=False, repr=False)
+    # Hears each new message (from the mailbox or the direct path) as soon as it is opened
+    # and checked, before its cache commit is durable (`Inbox._tell_new`: nothing is lost).
+    on_message: OnMessage | None = field(default=None, init=False, repr=False)
     _mirrors: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
     _retired_mail: list[MailboxClient] = field(init=False, default_factory=list)
     # Writes a new identity to the profile's key file (set by open_peer, which holds the
@@ -507,7 +510,7 @@ class Peer:
     def _inbox(self, identity: Identity | None = None) -> Inbox:
         """An inbox for the own mailbox, or for ``identity``'s (one this identity rotated
         away from)."""
-        return Inbox(self.cache, self, clock=now_ms, identity=identity)
+        return Inbox(self.cache, self, clock=now_ms, identity=identity, on_message=self.on_message)
 
     async def _send_receipts(self, receipts: Sequence[ReceiptDue]) -> None:
         """The delivery receipts a sync owes, best effort: the messages are already held,
