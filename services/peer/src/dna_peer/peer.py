@@ -492,10 +492,18 @@ class Peer:
         delete them), so a round whose settling never ran leaks nothing."""
         inbox = self._inbox()
         start = FetchState(cursors=self.cache.cursors())
-        save = lambda state: self.cache.save_cursors(state.cursors)  # noqa: E731
+        acked = 0
+
+        def save(state: FetchState) -> None:
+            # One commit (an fsync, on the loop) for a page's or a pushed round's
+            # bookkeeping: where it got to, and the acknowledgements of its blobs.
+            nonlocal acked
+            with self.cache.transaction():
+                self.cache.save_cursors(state.cursors)
+                self.cache.add_acks(self.device.device_id, inbox.report.held[acked:], None)
+            acked = len(inbox.report.held)
+
         await self._read_mailbox(inbox, start, save, progress, pushed)
-        if inbox.report.held:
-            self.cache.add_acks(self.device.device_id, inbox.report.held, None)
         return inbox.report
 
     async def _settle(self, report: SyncReport) -> None:
@@ -625,6 +633,8 @@ class Peer:
         the subscription received instead (its cursors are where it got to)."""
         if pushed is not None:
             blobs = pushed.take()
+            if not blobs:  # only the other replicas' copies of blobs handled already: no
+                return  # commit; their cursors are saved by the next round that handles one
             for stored in blobs:
                 trace.mark("peer.taken", stored.blob_id)
             for i, stored in enumerate(blobs, 1):
