@@ -126,3 +126,40 @@ def test_the_mailbox_client_solves_proofs_without_stalling_its_loop() -> None:
     proof, attempts, ticks = asyncio.run(main())
     pow.verify(proof, PAYLOAD, required=14, now_ms=NOW)
     assert ticks >= attempts // 64 - 1
+
+
+def attempts_for(payload: bytes, bits: int) -> int:
+    return pow.solve(payload, bits, now_ms=NOW)[1]
+
+
+def test_a_loop_s_solves_take_turns_first_come_first_served() -> None:
+    """The first of two solves started together finishes first even when it needs more
+    attempts (shared round-robin, the shorter one would finish first), and a task beside
+    them still runs between slices."""
+    payloads = [hashlib.sha256(bytes([i])).digest() for i in range(64)]
+    long = max(payloads, key=lambda p: attempts_for(p, 10))
+    short = min(payloads, key=lambda p: attempts_for(p, 10))
+    assert attempts_for(long, 10) > 4 * attempts_for(short, 10) + 64  # many slices apart
+
+    async def main() -> tuple[list[bytes], int]:
+        done: list[bytes] = []
+        ticks = 0
+
+        async def solve(payload: bytes) -> None:
+            await solve_yielding(payload, 10, now_ms=NOW, chunk=16)
+            done.append(payload)
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        beside = asyncio.create_task(ticker())
+        await asyncio.gather(solve(long), solve(short))
+        beside.cancel()
+        return done, ticks
+
+    done, ticks = asyncio.run(main())
+    assert done == [long, short]
+    assert ticks >= attempts_for(long, 10) // 16 - 1
