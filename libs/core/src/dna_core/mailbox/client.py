@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -125,32 +124,11 @@ async def solve_yielding(
     payload_hash: bytes, difficulty: int, *, now_ms: int, chunk: int = POW_YIELD_EVERY
 ) -> tuple[pow_.Proof, int]:
     """`pow.solve`, handing the event loop back every ``chunk`` attempts (~0.2 ms), so a
-    device solving a put's proof still handles what arrives meanwhile (a pushed message).
-
-    The solves of one event loop run one after another, first come first served: shared
-    round-robin, N solves started together would all finish near the end of the N (each
-    send waiting for every other's proof), where in turn the first is done after one
-    solve's time and the mean wait halves (`bench.e2e` c10: the proof of work was the
-    largest segment of the slowest 5%)."""
-    async with _solver_lock():
-        search = pow_.Search(payload_hash, difficulty, now_ms)
-        while (found := search.step(chunk)) is None:
-            await asyncio.sleep(0)
-        return found
-
-
-_SOLVERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _solver_lock() -> asyncio.Lock:
-    """The running loop's turn for proofs of work (a lock belongs to one loop)."""
-    loop = asyncio.get_running_loop()
-    lock = _SOLVERS.get(loop)
-    if lock is None:
-        lock = _SOLVERS[loop] = asyncio.Lock()
-    return lock
+    device solving a put's proof still handles what arrives meanwhile (a pushed message)."""
+    search = pow_.Search(payload_hash, difficulty, now_ms)
+    while (found := search.step(chunk)) is None:
+        await asyncio.sleep(0)
+    return found
 
 
 def _wall_ms() -> int:
