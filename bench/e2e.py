@@ -1,7 +1,7 @@
 """End to end on the local testnet: a message from send to the recipient's cache, vs OpenDHT.
 
 ``uv run python -m bench.e2e [--messages N] [--rt-messages N] [--senders 10] [--rounds R]
-[--poll-interval S] [--shipped-admission] [--profile FILE] [--quick]``
+[--poll-interval S] [--shipped-admission] [--profile FILE] [--trace DIR] [--quick]``
 
 What runs (issue 5, "Benchmark"; conventions: shared design/BENCH.md), all in one run:
 
@@ -17,8 +17,12 @@ What runs (issue 5, "Benchmark"; conventions: shared design/BENCH.md), all in on
   ``Peer`` running ``watch()``, subscribed to its mailbox on the replicas, which push each
   blob as they store it (issue 15: "with the recipient subscribed"); ``--poll-interval S``
   makes it call ``sync()`` in a loop instead, S seconds apart (0: back to back), as it
-  received before push delivery. A message counts as delivered when the cache transaction
-  that stored it has committed (before its delivery receipt and delete).
+  received before push delivery. A message counts as delivered when it is decrypted: the
+  recipient's ``Peer.on_message`` hook has it, opened and checked, its cache writes made,
+  before their commit (the goal's "send -> decrypted", as OpenDHT's ``listen`` callback
+  has a value; the inbox says why nothing is lost by showing it before the ``fsync``).
+  Each phase's detail line also gives the p50/p99 to the cache commit
+  (``committed_p50_ms``/``committed_p99_ms``), the figure before this hook existed.
 * **The senders** are ``--senders`` (10) ``Peer`` objects in this process (``Profile`` +
   ``open_peer``, as the CLI opens one), each with its own client overlay node, all sending
   to the recipient: ``Peer.send`` seals (sender keys included, so the envelope is ~7.9 kB),
@@ -67,7 +71,10 @@ floor of :mod:`bench.floor` (seal + stream round trip + commit + open), and one
 lines give the setup, the CPU each side spent per message (senders, recipient, the 9 node
 processes) and failures. ``--profile FILE`` runs cProfile
 on this process over the first timed ``seq`` sends, writes the stats to FILE and prints the
-CPU per send of its main parts. Everything is stopped in ``finally``.
+CPU per send of its main parts. ``--trace DIR`` has every process note each message's
+steps (`dna_core.trace`) and ends with where the time went, per segment, for the slowest
+5% and the rest (:mod:`bench.e2e_trace`; its tables go to stderr). Everything is stopped
+in ``finally``.
 """
 
 from __future__ import annotations
@@ -86,8 +93,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dna_core import trace
 from dna_core.crypto import Identity, PublicKeySet, seal
 from dna_core.mailbox import REPLICAS, WRITE_QUORUM
+from dna_core.ops.heap import freeze_startup_heap
 from dna_core.wire.gen.dna.v1 import envelope_pb2
 from dna_peer.cache import Contact
 from dna_peer.direct.link import IceConfig
@@ -98,7 +107,7 @@ from dna_testnet.harness import LOOPBACK
 from dna_testnet.network import Testnet
 from dna_testnet.topology import TESTNET_TURN_PASSWORD, TESTNET_TURN_USER
 
-from bench import floor, harness
+from bench import e2e_trace, floor, harness
 from bench.harness import Deadline, Figure, Goal, Rounds, Workload
 
 if TYPE_CHECKING:  # imported on use (opendht_net): a missing baseline is reported, not fatal
@@ -144,6 +153,13 @@ def ns_to_s(ns: int) -> float:
     return ns / 1e9
 
 
+def percentiles_ms(sorted_s: Sequence[float]) -> dict[str, float]:
+    """p50 and p99 in ms of sorted seconds ({} for none)."""
+    if not sorted_s:
+        return {}
+    return {f"p{q}": round(harness.percentile(sorted_s, q / 100) * 1e3, 2) for q in (50, 99)}
+
+
 # ---------------------------------------------------------------------------- CPU accounting
 
 
@@ -185,8 +201,9 @@ class RecipientProcess:
         self.root, self.seeds, self.count, self.poll_s = root, seeds, count, poll_s
         self.turn = turn
         self.proc: asyncio.subprocess.Process | None = None
-        self.cached: dict[bytes, int] = {}  # message ID -> monotonic ns in the cache
+        self.cached: dict[bytes, int] = {}  # message ID -> monotonic ns it was decrypted
         self.reported: dict[bytes, int] = {}  # message ID -> monotonic ns sync returned it
+        self.committed: dict[bytes, int] = {}  # message ID -> monotonic ns in the cache
         self.fingerprints: list[str] = []
         self.setup_s = 0.0
         self._arrived = asyncio.Condition()
@@ -228,9 +245,10 @@ class RecipientProcess:
                 await self._replies.put(obj)
                 continue
             async with self._arrived:
-                for message_id, cached_ns, reported_ns in obj["got"]:
-                    self.cached[bytes.fromhex(message_id)] = int(cached_ns)
+                for message_id, decrypted_ns, reported_ns, committed_ns in obj["got"]:
+                    self.cached[bytes.fromhex(message_id)] = int(decrypted_ns)
                     self.reported[bytes.fromhex(message_id)] = int(reported_ns)
+                    self.committed[bytes.fromhex(message_id)] = int(committed_ns)
                 self._arrived.notify_all()
         await self._replies.put({"exited": self.proc.returncode, "log": self.log_tail()})
 
@@ -366,6 +384,7 @@ class PhaseResult:
     delivered: Figure
     send: Figure | None
     sync_return_p50_ms: float | None
+    committed_ms: dict[str, float]  # p50, p99 to the cache commit
     cpu_ms_per_message: dict[str, float]
     errors: dict[str, int]
 
@@ -484,6 +503,7 @@ class OurNetwork:
             send = harness.make_figure(OURS, "send", concurrency, sends.send_s, sends.failures,
                                        count, NODES, send_wall_s)  # fmt: skip
         returned = sorted(ns_to_s(reported[m] - sends.sent_at[m]) for m in held)
+        committed = sorted(ns_to_s(self.recipient.committed[m] - sends.sent_at[m]) for m in held)
         errors = dict(sends.errors)
         if missing:
             errors["undelivered"] = missing
@@ -491,6 +511,7 @@ class OurNetwork:
             delivered,
             send,
             round(harness.percentile(returned, 0.5) * 1e3, 2) if returned else None,
+            percentiles_ms(committed),
             cpu,
             errors,
         )
@@ -548,6 +569,7 @@ class Config:
     budget_s: float
     profile: Path | None
     quick: bool
+    trace: Path | None = None
 
     @property
     def receiving(self) -> str:
@@ -586,6 +608,7 @@ class Run:
         """The warm-up, then ``rounds`` rounds. In each, every mode runs ours and OpenDHT back
         to back (which goes first alternates), so load from elsewhere hits both alike."""
         cfg = self.cfg
+        freeze_startup_heap()  # the setup of a long-running sender, as in every process
         await self.one_round(cfg.warmup, cfg.warmup, budget, record=False)
         for r in harness.timed_rounds(cfg.rounds, budget, reserve_s=15.0):
             self.round = r
@@ -617,6 +640,7 @@ class Run:
         if poll:
             await self.ours.recipient.command("resume")
         for key, phase in phases:
+            trace.mark(e2e_trace.PHASE, key.encode())
             result = await phase()
             if record:
                 self.results.add((OURS, key), result.delivered)
@@ -624,6 +648,7 @@ class Run:
                 self.results.details.append(
                     {"round": self.round, "ours": key,
                      "sync_return_p50_ms": result.sync_return_p50_ms,
+                     "committed_ms": result.committed_ms,
                      "cpu_ms_per_message": result.cpu_ms_per_message, "errors": result.errors}
                 )  # fmt: skip
         await self.ours.recipient.command("pause")  # quiet while OpenDHT runs
@@ -818,6 +843,7 @@ async def run_in(root: Path, cfg: Config) -> int:
     direct: DirectService | None = None
     opendht: list[OpenDhtBaseline] = []
     lines: list[dict[str, Any]] = []
+    start_trace(cfg.trace)
     try:
         net_up = asyncio.create_task(asyncio.to_thread(start_testnet, root / "net", cfg))
         profiles = await asyncio.to_thread(create_profiles, root / "people", cfg.senders)
@@ -861,6 +887,7 @@ async def run_in(root: Path, cfg: Config) -> int:
         stats = await recipient.command("stats")
         harness.detail({"elapsed_s": round(time.perf_counter() - t0, 1), "recipient": stats,
                         "loadavg": harness.loadavg()})  # fmt: skip
+        report_trace(cfg.trace)
     finally:
         if direct is not None:
             await direct.stop()  # its channel and relay allocation
@@ -872,6 +899,21 @@ async def run_in(root: Path, cfg: Config) -> int:
         if net is not None:
             net.kill_all()
     return harness.exit_status(lines, OURS)
+
+
+def start_trace(directory: Path | None) -> None:
+    """``--trace``: before any process starts, so that they all inherit it."""
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        trace.start(str(directory))
+
+
+def report_trace(directory: Path | None) -> None:
+    """``--trace``'s breakdown: a detail line, and its tables on stderr."""
+    if directory is not None:
+        breakdown = e2e_trace.report(directory)
+        harness.detail({"trace": breakdown})
+        print(e2e_trace.render(breakdown), file=sys.stderr)
 
 
 def ice_config(turn: tuple[str, int]) -> IceConfig:
@@ -926,6 +968,13 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         help="cProfile the first timed seq sends into this file",
     )
     parser.add_argument("--budget", type=float, default=BUDGET_S, help="s for the whole run")
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        default=None,
+        help="trace every message's way through every process into this directory and "
+        "print where the time went (bench.e2e_trace)",
+    )
     args = parser.parse_args(argv)
     cfg = Config(
         messages=harness.sized(args, args.messages or args.n, DEFAULT_MESSAGES, QUICK_MESSAGES),
@@ -939,6 +988,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         budget_s=args.budget,
         profile=args.profile,
         quick=args.quick,
+        trace=args.trace,
     )
     if min(cfg.messages, cfg.rt_messages, cfg.senders, cfg.recipients, cfg.rounds) < 1:
         raise SystemExit("--messages, --rt-messages, --senders, --recipients, --rounds >= 1")

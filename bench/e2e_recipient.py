@@ -18,18 +18,19 @@ push delivery.
 Lines on stdout are JSON objects:
 
 * ``{"ready": {"fingerprints": [hex, ...], "setup_s": s}}`` once every recipient is up;
-* ``{"got": [[message_id_hex, cached_ns, reported_ns], ...]}`` after each sync that
-  brought messages: ``cached_ns`` is when the message's cache transaction had committed
-  (from ``sync``'s progress callback), ``reported_ns`` when ``sync`` returned it (after
-  its receipts and deletes), both ``time.monotonic_ns()`` (CLOCK_MONOTONIC, the same clock
-  in every process of the machine);
+* ``{"got": [[message_id_hex, decrypted_ns, reported_ns, committed_ns], ...]}`` after
+  each round that brought messages: ``decrypted_ns`` is when the peer's ``on_message``
+  hook had it (opened and checked, its cache writes made, before their commit),
+  ``reported_ns`` when the round returned it, ``committed_ns`` when its cache transaction
+  had committed (from the progress callback), all ``time.monotonic_ns()``
+  (CLOCK_MONOTONIC, the same clock in every process of the machine);
 * one reply per command read on stdin: ``pause`` (polling: no new syncs, replies once the
   running ones are done; push costs nothing while nobody sends), ``resume``, ``stats``,
   ``stop`` (closes the peers, then exits),
   ``direct FINGERPRINT`` (the first recipient pins that sender and goes online for the
   direct path through the ``--turn`` relay, relay-only: it publishes a presence record
   sealed to the sender and takes messages over ICE; each one arriving that way is a
-  ``got`` line too, ``cached_ns`` = ``reported_ns`` = when the inbox had stored it);
+  ``got`` line too, all three times = when the inbox had stored it);
   each reply is ``{"<command>": {stats}}``. End of stdin and SIGTERM stop it too.
 """
 
@@ -48,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from dna_core.crypto import Identity
+from dna_core.ops.heap import freeze_startup_heap
+from dna_peer.cache import Message
 from dna_peer.direct.link import IceConfig
 from dna_peer.inbox import SyncReport
 from dna_peer.network import parse_seeds
@@ -87,27 +90,37 @@ async def new_recipient(root: Path, index: int, seeds: list[tuple[str, int]]) ->
 
 
 class DeliveryClock:
-    """When each new message of a peer reached its cache: the peer's progress callback
-    notes the time and the messages held after each handled blob; a round's report then
-    maps its k-th new message to the first blob after which the cache held k + 1 more."""
+    """When each new message of a peer was decrypted (the peer's ``on_message`` hook:
+    opened, checked, its cache writes made, before their commit) and when it was committed
+    to the cache (the progress callback notes the time and the messages held after each
+    handled blob; a round's k-th new message is committed after the first blob after which
+    the cache held k + 1 more)."""
 
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
         self.held = peer.cache.message_count()
         self.progress: list[tuple[int, int]] = []  # (ns, messages held)
+        self.decrypted: dict[bytes, int] = {}  # message ID -> ns
+        peer.on_message = self.on_message
+
+    def on_message(self, msg: Message) -> None:
+        self.decrypted[msg.message_id] = time.monotonic_ns()
 
     def on_blob(self, _done: int, _total: int) -> None:
         self.progress.append((time.monotonic_ns(), self.peer.cache.message_count()))
 
     def got(self, report: SyncReport) -> list[list[Any]]:
-        """The round's new messages with when each was cached and when the round ended."""
+        """The round's new messages: when each was decrypted, when the round ended, when
+        it was committed."""
         returned = time.monotonic_ns()
         got = []
         for k, msg in enumerate(report.new_messages):
             cached = next((ns for ns, held in self.progress if held - self.held > k), returned)
-            got.append([msg.message_id.hex(), cached, returned])
+            decrypted = self.decrypted.pop(msg.message_id, cached)
+            got.append([msg.message_id.hex(), decrypted, returned, cached])
         self.held = self.peer.cache.message_count()
         self.progress.clear()
+        self.decrypted.clear()
         return got
 
 
@@ -180,7 +193,7 @@ class Receiver:
             now = time.monotonic_ns()
             if report.new_messages:
                 self.stats.messages += len(report.new_messages)
-                emit({"got": [[m.message_id.hex(), now, now] for m in report.new_messages]})
+                emit({"got": [[m.message_id.hex(), now, now, now] for m in report.new_messages]})
 
         peer.on_direct = arrived
         await peer.go_direct(ice, listen=True)
@@ -236,6 +249,7 @@ async def run(args: argparse.Namespace) -> None:
     try:
         emit({"ready": {"fingerprints": [p.fingerprint.hex() for p in peers],
                         "setup_s": round(time.perf_counter() - t0, 3)}})  # fmt: skip
+        freeze_startup_heap()  # as `dna watch` does once it is up
         receiver = Receiver(peers, args.poll_interval if args.poll else None)
         await serve(receiver, ice_config(args))
         emit({"stop": receiver.stats.to_json()})

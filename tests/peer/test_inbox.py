@@ -60,6 +60,7 @@ class Setup:
     cache: Cache
     owner: Owner
     clock: Clock
+    cache_key: bytes = b""
 
     async def handle(self, blob: bytes) -> bytes:
         blob_id = hashlib.sha256(blob).digest()
@@ -72,10 +73,11 @@ class Setup:
 
 @pytest.fixture
 def bob_inbox(tmp_path: Path, bob: Identity) -> Setup:
-    cache = Cache.open(tmp_path / "cache.db", os.urandom(32))
+    key = os.urandom(32)
+    cache = Cache.open(tmp_path / "cache.db", key)
     owner, clock = Owner(bob), Clock()
     cache.add_device(owner.device.device_id, owner.device.name, clock())
-    return Setup(Inbox(cache, owner, clock=clock), cache, owner, clock)
+    return Setup(Inbox(cache, owner, clock=clock), cache, owner, clock, key)
 
 
 def payload(**kind: Any) -> bytes:
@@ -299,3 +301,95 @@ def test_receipts_are_due_per_sender_in_envelope_sized_batches(
     ]
     ids = [i for r in s.inbox.report.receipts_due for i in r.message_ids]
     assert len(set(ids)) == RECEIPT_BATCH_IDS + 2  # each ID once
+
+
+@dataclass
+class Told:
+    """An ``on_message`` hook noting each message, and whether another connection to the
+    cache file (what a restarted device would read) held it yet."""
+
+    committed_view: Cache
+    messages: list[bytes] = field(default_factory=list)
+    durable_when_told: list[int] = field(default_factory=list)
+    fail_with: BaseException | None = None
+
+    def __call__(self, msg: Any) -> None:
+        self.messages.append(msg.message_id)
+        self.durable_when_told.append(self.committed_view.message_count())
+        if self.fail_with is not None:
+            raise self.fail_with
+
+
+@pytest.fixture
+def told(tmp_path: Path, bob_inbox: Setup) -> Told:
+    key = bob_inbox.cache_key
+    hook = Told(Cache.open(tmp_path / "cache.db", key))
+    bob_inbox.inbox.on_message = hook
+    return hook
+
+
+def test_on_message_hears_a_new_message_before_its_commit(
+    bob_inbox: Setup, told: Told, alice: Identity, bob: Identity
+) -> None:
+    async def go() -> None:
+        s = bob_inbox
+        await s.handle(sealed(alice, bob, text("hi"), s.clock()))
+        assert told.messages == [s.inbox.report.new_messages[0].message_id]
+        assert told.durable_when_told == [0]  # not yet committed when told
+        assert told.committed_view.message_count() == 1  # committed once handled
+
+    asyncio.run(go())
+
+
+def test_on_message_hears_nothing_of_replays_receipts_and_rejected_blobs(
+    bob_inbox: Setup, told: Told, alice: Identity, bob: Identity
+) -> None:
+    async def go() -> None:
+        s = bob_inbox
+        blob = sealed(alice, bob, text("once"), s.clock())
+        await s.handle(blob)
+        await s.handle(blob)  # the same blob again (another replica's copy)
+        await s.inbox.handle_blob(b"\x01" * 32, blob)  # the same envelope, another blob ID
+        receipt = payload(receipt=pb.DeliveryReceipt(message_ids=[os.urandom(16)]))
+        await s.handle(sealed(alice, bob, receipt, s.clock()))
+        await s.handle(os.urandom(500))
+        assert len(told.messages) == 1 and len(s.reasons()) == 2
+
+    asyncio.run(go())
+
+
+def test_a_failing_on_message_does_not_undo_the_message(
+    bob_inbox: Setup, told: Told, alice: Identity, bob: Identity
+) -> None:
+    async def go() -> None:
+        s = bob_inbox
+        told.fail_with = RuntimeError("the user interface broke")
+        await s.handle(sealed(alice, bob, text("kept"), s.clock()))
+        assert told.committed_view.message_count() == 1
+        assert [m.body for m in s.inbox.report.new_messages] == ["kept"]
+
+    asyncio.run(go())
+
+
+def test_a_message_told_but_never_committed_is_received_again(
+    bob_inbox: Setup, told: Told, alice: Identity, bob: Identity
+) -> None:
+    """The device dies between the hook and the commit (here: the hook raises what
+    unwinds the process): nothing of the blob is in the cache, so the next sync's inbox
+    handles the same blob as new and tells it again. Shown twice, never lost."""
+
+    async def go() -> None:
+        s = bob_inbox
+        blob = sealed(alice, bob, text("again"), s.clock())
+        told.fail_with = KeyboardInterrupt()
+        with pytest.raises(KeyboardInterrupt):
+            await s.handle(blob)
+        assert told.committed_view.message_count() == 0
+        assert s.cache.blob_outcome(hashlib.sha256(blob).digest()) is None
+        told.fail_with = None
+        s.inbox = Inbox(s.cache, s.owner, clock=s.clock, on_message=told)  # the next sync
+        await s.handle(blob)
+        assert len(told.messages) == 2 and told.messages[0] == told.messages[1]
+        assert [m.body for m in s.cache.messages()] == ["again"]
+
+    asyncio.run(go())

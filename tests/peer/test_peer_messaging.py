@@ -16,6 +16,7 @@ from dna_core.overlay.records import record_key
 from dna_core.wire.gen.dna.v1 import envelope_pb2
 from dna_peer import keyserver
 from dna_peer.cache import RECOVERING, Contact
+from dna_peer.inbox import SyncReport
 from dna_peer.keyserver import now_ms
 from dna_peer.link import accept_link, offer_link
 from dna_peer.peer import (
@@ -322,5 +323,40 @@ def test_three_devices_converge_whatever_their_offline_periods(
         assert sorted(b for _, _, b in histories[0]) == sorted(sent)
         assert await mailbox_size(online[0]) == 0
         await asyncio.gather(alice.close(), *(d.close() for d in online))
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_a_pushed_round_commits_once_for_its_bookkeeping_and_copies_commit_nothing(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    """Every replica pushes its copy of a blob. The round that handles it commits the blob,
+    then its cursors and acknowledgement together; the rounds that take only the other
+    replicas' copies write nothing (each commit is an fsync on the device's loop, in the
+    way of the next message). Nothing is received twice after that either."""
+
+    async def scenario(people: People) -> None:
+        alice, bob = await people.new("alice"), await people.new("bob")
+        contact = await alice.add_contact(people.name("bob"))
+        pushed = await bob.subscribe()
+        assert pushed is not None
+        keep: Callable[[SyncReport], None] = lambda report: None  # noqa: E731  settle later
+        sent = await alice.send(contact, "pushed")
+        await alice.mail.drain()  # every replica has stored it, so every copy comes
+        await bob.daily_upkeep()  # its first run prunes the cache (commits of its own)
+        commits = bob.cache.commits
+        report = await bob.receive_pushed(pushed, 10.0, settle=keep)
+        assert [m.message_id for m in report.new_messages] == [sent.message_id]
+        assert bob.cache.commits == commits + 2
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10.0
+        while pushed.copies < len(pushed.feeds) and loop.time() < deadline:
+            copies = await bob.receive_pushed(pushed, 0.5, settle=keep)
+            assert copies.new_messages == [] and copies.held == []
+        assert pushed.copies == len(pushed.feeds) > 1
+        assert bob.cache.commits == commits + 2
+        await pushed.close()
+        assert (await bob.sync()).new_messages == []  # from the saved cursors: nothing twice
+        await asyncio.gather(alice.close(), bob.close())
 
     run(testnet, tmp_path, scenario)

@@ -152,6 +152,7 @@ class Cache:
     def __init__(self, conn: Any) -> None:
         self._db = conn
         self._depth = 0
+        self.commits = 0  # write transactions committed (each an fsync: synchronous=FULL)
 
     @classmethod
     def open(cls, path: Path, key: bytes) -> Cache:
@@ -197,6 +198,7 @@ class Cache:
         self._depth -= 1
         if self._depth == 0:
             self._db.execute("COMMIT")
+            self.commits += 1
 
     def _write(self, sql: str, params: tuple[Any, ...] = ()) -> int:
         with self.transaction():

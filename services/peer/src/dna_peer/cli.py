@@ -42,6 +42,7 @@ from typing import Any, NoReturn
 from dna_core import __version__
 from dna_core.crypto import Identity, keystore
 from dna_core.errors import DnaError
+from dna_core.ops.heap import freeze_startup_heap
 from dna_core.overlay import normalize_name
 from rich.text import Text
 
@@ -542,6 +543,7 @@ def _watch(args: argparse.Namespace) -> None:
             await peer.go_direct(ice_config(), listen=True)
         if not args.json:
             print("watching for messages (Ctrl-C to stop)", flush=True)
+        freeze_startup_heap()  # up for good: full collections skip what it set up
         with contextlib.suppress(asyncio.CancelledError):
             await peer.watch(show, interval=args.interval, on_network=network)
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from dna_core import trace
 from dna_core.crypto import Identity, OpenedMessage, PublicKeySet, ReplayGuard, open_envelope
 from dna_core.errors import MalformedError, ProtocolError, ReplayError, VerificationError
 
@@ -46,6 +47,7 @@ log = logging.getLogger("dna.peer.inbox")
 RECEIPT_BATCH_IDS = 4_000  # message IDs per receipt: 72 KB, under the envelope cap
 Apply = Callable[[], str]  # the cache writes of one blob; returns its outcome
 Clock = Callable[[], int]  # wall-clock milliseconds
+OnMessage = Callable[[Message], None]  # a new message, opened, before its commit is durable
 
 
 class Owner(Protocol):
@@ -96,10 +98,17 @@ class Inbox:
     before a rotation, drained for a grace period."""
 
     def __init__(
-        self, cache: Cache, owner: Owner, *, clock: Clock, identity: Identity | None = None
+        self,
+        cache: Cache,
+        owner: Owner,
+        *,
+        clock: Clock,
+        identity: Identity | None = None,
+        on_message: OnMessage | None = None,
     ) -> None:
         self.cache, self.owner, self.clock = cache, owner, clock
         self.identity = identity or owner.identity
+        self.on_message = on_message
         self.report = SyncReport()
         self._guard = ReplayGuard()
         self._receipts: dict[bytes, ReceiptDue] = {}  # per sender: the batch being filled
@@ -113,12 +122,33 @@ class Inbox:
         except ProtocolError as err:
             self._reject(blob_id, err.reason)
             return
+        trace.mark("peer.opened", blob_id)
+        new = len(self.report.new_messages)
         with self.cache.transaction():
             outcome = apply()
             self.cache.remember_envelope(opened.message_id, opened.header.timestamp_ms)
             self.cache.record_blob(blob_id, outcome, self.clock())
+            self._tell_new(self.report.new_messages[new:])
+            trace.mark("peer.told", blob_id)
+        trace.mark("peer.committed", blob_id)
         if outcome != "ack":
             self.report.held.append(blob_id)
+
+    def _tell_new(self, messages: list[Message]) -> None:
+        """``on_message`` for each new message, once its writes are made and before their
+        commit (an ``fsync``) returns: the commit is then off the message's way to the
+        user. Nothing is lost if the commit never happens (a crash, a full disk): the
+        round's cursors are saved and its blobs acknowledged only after their commits, and
+        a blob leaves the replicas only by a delete after that, so the next sync receives
+        the message again and it is shown again (at least once, never lost). A hook that
+        fails is logged; it does not undo the blob."""
+        if self.on_message is None:
+            return
+        for msg in messages:
+            try:
+                self.on_message(msg)
+            except Exception:
+                log.exception("on_message failed for %s", msg.message_id.hex()[:16])
 
     def _reject(self, blob_id: bytes, reason: str) -> None:
         log.warning("dropped mailbox blob %s: %s", blob_id.hex()[:16], reason)

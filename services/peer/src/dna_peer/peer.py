@@ -20,11 +20,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dna_core import trace
 from dna_core.crypto import Identity, PublicKeySet, ReplayGuard, seal
 from dna_core.crypto import primitives as p
 from dna_core.crypto.envelope import MAX_PAYLOAD_BYTES, decode_envelope
 from dna_core.errors import DnaError
-from dna_core.mailbox import FetchState, MailboxClient, QuorumError, Subscription, UnreachableError
+from dna_core.mailbox import (
+    FetchState,
+    MailboxClient,
+    QuorumError,
+    Subscription,
+    UnreachableError,
+    blob_id,
+)
 from dna_core.overlay import OverlayNode, normalize_name, resolve_seeds, seed_family
 from dna_core.wire import envelope_pb2
 
@@ -32,7 +40,7 @@ from dna_peer import keyserver
 from dna_peer.cache import MAX_ROTATION_HOPS, RECOVERING, Cache, Contact, Message, cache_key
 from dna_peer.direct.link import IceConfig
 from dna_peer.direct.service import DirectService
-from dna_peer.inbox import Inbox, ReceiptDue, SyncReport
+from dna_peer.inbox import Inbox, OnMessage, ReceiptDue, SyncReport
 from dna_peer.keyserver import now_ms
 from dna_peer.network import join_overlay
 from dna_peer.presence import Presence, lookup_presence
@@ -119,6 +127,9 @@ class Peer:
     _deletes_refused_until: float = field(init=False, default=0.0)  # monotonic
     direct: DirectService | None = field(default=None, init=False)  # see `go_direct`
     on_direct: Callable[[SyncReport], None] | None = field(default=None, init=False, repr=False)
+    # Hears each new message (from the mailbox or the direct path) as soon as it is opened
+    # and checked, before its cache commit is durable (`Inbox._tell_new`: nothing is lost).
+    on_message: OnMessage | None = field(default=None, init=False, repr=False)
     _mirrors: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
     _retired_mail: list[MailboxClient] = field(init=False, default_factory=list)
     # Writes a new identity to the profile's key file (set by open_peer, which holds the
@@ -319,6 +330,7 @@ class Peer:
         pair comes up in time, else (any failure or the deadline) the same envelope, with
         the same message ID, to the contact's mailbox; a copy arriving both ways is
         dropped by the recipient as a replay of an ID it holds."""
+        started_ns = time.monotonic_ns()
         check_text(body)
         payload = envelope_pb2.Payload(text=envelope_pb2.Text(body=body)).SerializeToString()
         # Our key set (3.2 KB) rides along until the contact showed it has it; after that
@@ -327,6 +339,9 @@ class Peer:
         envelope = seal(self.identity, contact.keys, payload, now_ms=now_ms(),
                         include_sender_keys=with_keys)  # fmt: skip
         header = decode_envelope(envelope)
+        if trace.enabled():
+            trace.mark("send.start", blob_id(envelope), started_ns)
+            trace.mark("send.sealed", blob_id(envelope))
         direct = self.direct is not None and await self.direct.send(
             contact, header.message_id, envelope
         )
@@ -335,6 +350,8 @@ class Peer:
             header.message_id, contact.conversation, self.fingerprint, contact.fingerprint,
             header.timestamp_ms, body, outgoing=True,
         ))  # fmt: skip
+        if trace.enabled():
+            trace.mark("send.cached", blob_id(envelope))
         if direct:  # the ACK says the contact's device stored it: that is the receipt
             self.cache.mark_delivered([header.message_id], recipient=contact.fingerprint)
         if self._has_other_devices():
@@ -475,10 +492,18 @@ class Peer:
         delete them), so a round whose settling never ran leaks nothing."""
         inbox = self._inbox()
         start = FetchState(cursors=self.cache.cursors())
-        save = lambda state: self.cache.save_cursors(state.cursors)  # noqa: E731
+        acked = 0
+
+        def save(state: FetchState) -> None:
+            # One commit (an fsync, on the loop) for a page's or a pushed round's
+            # bookkeeping: where it got to, and the acknowledgements of its blobs.
+            nonlocal acked
+            with self.cache.transaction():
+                self.cache.save_cursors(state.cursors)
+                self.cache.add_acks(self.device.device_id, inbox.report.held[acked:], None)
+            acked = len(inbox.report.held)
+
         await self._read_mailbox(inbox, start, save, progress, pushed)
-        if inbox.report.held:
-            self.cache.add_acks(self.device.device_id, inbox.report.held, None)
         return inbox.report
 
     async def _settle(self, report: SyncReport) -> None:
@@ -493,7 +518,7 @@ class Peer:
     def _inbox(self, identity: Identity | None = None) -> Inbox:
         """An inbox for the own mailbox, or for ``identity``'s (one this identity rotated
         away from)."""
-        return Inbox(self.cache, self, clock=now_ms, identity=identity)
+        return Inbox(self.cache, self, clock=now_ms, identity=identity, on_message=self.on_message)
 
     async def _send_receipts(self, receipts: Sequence[ReceiptDue]) -> None:
         """The delivery receipts a sync owes, best effort: the messages are already held,
@@ -608,10 +633,15 @@ class Peer:
         the subscription received instead (its cursors are where it got to)."""
         if pushed is not None:
             blobs = pushed.take()
+            if not blobs:  # only the other replicas' copies of blobs handled already: no
+                return  # commit; their cursors are saved by the next round that handles one
+            for stored in blobs:
+                trace.mark("peer.taken", stored.blob_id)
             for i, stored in enumerate(blobs, 1):
                 await inbox.handle_blob(stored.blob_id, stored.blob)
                 if progress:
                     progress(i, len(blobs))
+                trace.mark("peer.progress", stored.blob_id)
             save(FetchState(cursors=state.cursors | pushed.cursors))
             return
         done = 0

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
+from dna_core import trace
 from dna_core.crypto import pow
 from dna_core.crypto.pow import Proof
 from dna_core.errors import (
@@ -241,12 +242,15 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         outcomes: list[mailbox_pb2.PutOutcome] = []
         admitted: list[tuple[mailbox_pb2.PutOutcome, StoredBlob]] = []
         in_call: dict[bytes, Usage] = {}  # usage after this call's earlier puts
+        received_ns = time.monotonic_ns()
         for put in request.puts:
             try:
                 blob = await self._admit(put, source, now_ms, in_call)
             except ProtocolError as exc:
                 outcomes.append(self._refused(exc))
                 continue
+            trace.mark("node.recv", blob.blob_id, received_ns)
+            trace.mark("node.admitted", blob.blob_id)
             outcomes.append(mailbox_pb2.PutOutcome())
             admitted.append((outcomes[-1], blob))
         stored = await self.backend.put_many([blob for _, blob in admitted], now_ms)

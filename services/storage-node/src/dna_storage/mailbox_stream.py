@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from dna_core import trace
 from dna_core.errors import CapacityError, MalformedError, ProtocolError
 from dna_core.rpc_session_server import ServerSession
 from dna_core.wire import mailbox_pb2
@@ -115,9 +116,13 @@ class NotifyingBackend:
         self._backend, self._subscribers = backend, subscribers
 
     async def put_many(self, blobs: Sequence[StoredBlob], now_ms: int) -> list[PutOutcome]:
+        for blob in blobs:
+            trace.mark("node.write", blob.blob_id)
         outcomes = await self._backend.put_many(blobs, now_ms)
         stored = {b.mailbox_id for b, o in zip(blobs, outcomes, strict=True)
                   if o is PutOutcome.STORED}  # fmt: skip
+        for blob in blobs:
+            trace.mark("node.stored", blob.blob_id)
         self._subscribers.notify(stored)
         return outcomes
 
@@ -337,13 +342,17 @@ class MailboxSession(ServerSession):
             if not page.blobs:
                 self.pages.release()
                 continue
+            for stored in page.blobs:
+                trace.mark("node.push_read", stored.blob_id)
             written = asyncio.Event()
-            done = functools.partial(self._page_written, written)
+            done = functools.partial(self._page_written, written, page)
             await self.out.put((mailbox_pb2.SessionResponse(id=sub_id, push=page), done, None))
             self.metrics.pushes.inc(len(page.blobs))
             await written.wait()
 
-    def _page_written(self, written: asyncio.Event) -> None:
+    def _page_written(self, written: asyncio.Event, page: mailbox_pb2.FetchResponse) -> None:
+        for stored in page.blobs:
+            trace.mark("node.push_written", stored.blob_id)
         self.pages.release()
         written.set()
 

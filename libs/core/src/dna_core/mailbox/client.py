@@ -38,6 +38,7 @@ from typing import TypeVar
 
 import grpc
 
+from dna_core import trace
 from dna_core.crypto import Identity
 from dna_core.crypto import pow as pow_
 from dna_core.errors import (
@@ -339,6 +340,7 @@ class MailboxClient:
                     self._report(plan, box, in_flight.pop(sent), sent.result(), loop.time())
                 if plan.quorum_reached and not quorum.done():
                     quorum.set_result(plan.result(blob_id(blob)))
+                    trace.mark("send.quorum", blob_id(blob))
         finally:
             for sent in in_flight:  # only when cancelled
                 sent.cancel()
@@ -366,7 +368,11 @@ class MailboxClient:
     async def _put_request(
         self, box: bytes, blob: bytes, ttl_s: int, bits: int
     ) -> mailbox_pb2.PutRequest:
+        started_ns = time.monotonic_ns()
         proof, _ = await solve_yielding(put_pow_hash(box, blob), bits, now_ms=_wall_ms())
+        if trace.enabled():
+            trace.mark("send.pow_start", blob_id(blob), started_ns)
+            trace.mark("send.pow_done", blob_id(blob))
         return put_request(box, blob, proof, ttl_s)
 
     async def _on_session(self, contact: Contact, work: Callable[[NodeSession], Awaitable[T]]) -> T:

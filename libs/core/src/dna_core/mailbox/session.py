@@ -31,6 +31,7 @@ from typing import Any
 
 import grpc
 
+from dna_core import trace
 from dna_core.errors import RemoteError
 from dna_core.mailbox.codec import StoredBlob, fetched_blob
 from dna_core.mailbox.ids import blob_id
@@ -179,6 +180,8 @@ class Subscription:
         else:
             self._pages.append((node_id, page))
             self.copies += len(page.blobs)
+            for stored in page.blobs:
+                trace.mark("peer.arrived", stored.blob_id)
         self._changed.set()
 
     def dropped(self) -> list[bytes]:

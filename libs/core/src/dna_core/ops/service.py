@@ -7,13 +7,14 @@ import asyncio
 import json
 import resource
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import prometheus_client
 
 from dna_core.ops.config import default_toml, dump_config, load_config
+from dna_core.ops.heap import freeze_startup_heap
 from dna_core.ops.lifecycle import GracefulShutdown, run_until_shutdown
 from dna_core.ops.logs import configure_logging
 
@@ -90,4 +91,15 @@ def serve(service: Service, log_level: str) -> None:
     # A `_created` series per counter doubles what is scraped and stored for a Unix time
     # nobody graphs; Prometheus tracks resets itself.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
-    asyncio.run(run_until_shutdown(service.start, service.stop, GracefulShutdown()))
+    asyncio.run(run_until_shutdown(_started(service), service.stop, GracefulShutdown()))
+
+
+def _started(service: Service) -> Callable[[], Awaitable[None]]:
+    """``service.start``, then what it set up frozen out of the collector's way (a full
+    collection would walk it all again, pausing every request: `dna_core.ops.heap`)."""
+
+    async def start() -> None:
+        await service.start()
+        freeze_startup_heap()
+
+    return start

@@ -21,10 +21,13 @@ import hashlib
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dna_core import trace
 
 from dna_storage.backends.base import (
     MailboxDigest,
@@ -373,9 +376,13 @@ class _Worker:
         """One transaction for the whole group; answers go out only after COMMIT."""
         results: list[tuple[_Job, Any, BaseException | None]] = []
         try:
+            began_ns = time.monotonic_ns()
             conn.execute("BEGIN IMMEDIATE")
             results = [_run_in_savepoint(conn, job) for job in batch]
+            commit_ns = time.monotonic_ns()
             conn.execute("COMMIT")
+            trace.mark_span("sqlite.run", began_ns, commit_ns, len(batch))
+            trace.mark_span("sqlite.commit", commit_ns, time.monotonic_ns(), len(batch))
         except Exception as exc:  # BEGIN or COMMIT failed: nothing of the group is durable
             _rollback(conn)
             results = [(job, None, exc) for job in batch]
