@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import pytest
 from dna_core.crypto.pow import Proof
+from dna_core.wire.gen.dna.v1 import mailbox_pb2
+from dna_storage import replication
 from dna_storage.backends.base import (
     MailboxBackend,
     MailboxDigest,
@@ -332,6 +334,35 @@ def test_digests_and_range_filtering(stores: Stores, kind: str) -> None:
         assert await b.digests(m1, m1, now) == []
         await b.delete([tomb(m0, x.blob_id)], now)
         assert (await b.digests(m0, m1, now))[0].digest == expected_digest([y.blob_id], [x.blob_id])
+
+    run_scenario(stores, kind, scenario)
+
+
+def test_a_compare_reads_a_bounded_number_of_ids_and_answers_the_rest_as_differing(
+    stores: Stores, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller naming big mailboxes gets at most ``MAX_COMPARE_IDS`` IDs read for one
+    compare: past it, even a mailbox held the same is answered as differing (its exchange
+    lists it page by page), and nothing past the budget is read."""
+    monkeypatch.setattr(replication, "MAX_COMPARE_IDS", 10)
+    monkeypatch.setattr(replication, "COMPARE_READ", 1)
+
+    async def scenario(b: MailboxBackend) -> None:
+        boxes = sorted(mbox(i) for i in range(4))
+        await b.put_many([blob(m, b"%d" % i) for m in boxes for i in range(6)], T0)
+        theirs = [mailbox_pb2.MailboxDigest(mailbox_id=d.mailbox_id, digest=d.digest)
+                  for d in await b.digests_of(boxes, T0)]  # fmt: skip
+        read: list[bytes] = []
+        digests_of = b.digests_of
+
+        async def counted(ids: Sequence[bytes], now_ms: int) -> list[MailboxDigest]:
+            read.extend(ids)
+            return await digests_of(ids, now_ms)
+
+        b.digests_of = counted  # type: ignore[method-assign,assignment]
+        answer = await replication.compare_answer(b, theirs, set(boxes), T0)
+        assert read == boxes[:2]  # 6 + 6 IDs reach the budget of 10: no third read
+        assert list(answer.differ) == boxes[2:]  # the same here, but not read
 
     run_scenario(stores, kind, scenario)
 

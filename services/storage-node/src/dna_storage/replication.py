@@ -94,6 +94,11 @@ MIN_PIECE_BYTES = 32 * 1024  # halving a refused piece stops here (a piece holds
 MAX_SYNC_ITEMS = 500  # blobs, and tombstones, per SyncPush
 MAX_SYNC_IDS = 4096  # IDs per list page, pull request and push offer (~140 KB)
 MAX_COMPARE = 512  # mailboxes per SyncCompare (~36 KB asked, at most ~17 KB answered)
+# IDs one SyncCompare may make this node read: a list page's worth times 16. A caller naming
+# mailboxes of a million IDs must not cost this node a million reads per call (a SyncList
+# reads one page); mailboxes past it are answered as differing, to be listed page by page.
+MAX_COMPARE_IDS = 16 * MAX_SYNC_IDS
+COMPARE_READ = 8  # mailboxes read at a time, so the budget overshoots by at most 8
 SYNC_CALLS_PER_S, SYNC_CALL_BURST = 100.0, 1000.0  # per calling node and per address
 PACE_SHARE = 0.95  # of the peers' default rate and burst repair keeps to (arrival jitter)
 MIN_PACE_PER_S = 1.0  # a peer that keeps refusing is called no slower than this
@@ -197,9 +202,17 @@ async def compare_answer(
 ) -> mailbox_pb2.SyncCompareResponse:
     """The mailboxes whose digest here differs from the caller's; those not ``judged``
     (the caller is not their replica as this node sees it) are answered as differing
-    without a read: the caller learns nothing of them (its SyncList will be refused)."""
-    ours = {d.mailbox_id: d.digest
-            for d in await backend.digests_of(sorted(judged), now_ms)}  # fmt: skip
+    without a read: the caller learns nothing of them (its SyncList will be refused).
+    Reading stops once ``MAX_COMPARE_IDS`` IDs were read: the mailboxes not read are
+    answered as differing too, and the caller's exchange lists them a page at a time."""
+    ours: dict[bytes, bytes] = {}
+    todo, budget = sorted(judged), MAX_COMPARE_IDS
+    for start in range(0, len(todo), COMPARE_READ):
+        if budget <= 0:
+            break
+        for d in await backend.digests_of(todo[start : start + COMPARE_READ], now_ms):
+            ours[d.mailbox_id] = d.digest
+            budget -= d.blobs + d.tombstones
     return mailbox_pb2.SyncCompareResponse(
         differ=[e.mailbox_id for e in mailboxes if ours.get(e.mailbox_id) != e.digest]
     )
