@@ -893,7 +893,7 @@ async def open_peer(
 ) -> Peer:
     """Unlock the profile's identity and cache and join the overlay."""
     identity = profile.unlock(passphrase)
-    lost_cache = not profile.cache_path.exists()
+    lost_cache = profile.cache_lost()
     cache = profile.open_cache(identity)
     try:
         node = await join_overlay(seeds)
