@@ -228,8 +228,26 @@ def test_retry_after_is_waited_for_up_to_the_cap() -> None:
     assert plan.next(13.0) == Put(only, 12)
     plan.on_retry_after(only.node_id, 100, 13.0)  # third send: no more in this round
     assert isinstance(plan.next(13.0), Finished)
-    with pytest.raises(QuorumError):
+    with pytest.raises(QuorumError, match="rate limited"):
         plan.result(b"id")
+
+
+def test_a_failed_write_says_what_the_nodes_said_each_reason_once_and_bounded() -> None:
+    """A sender whose message the replicas refuse (the recipient's mailbox is full) must
+    read why, not only a count; a node's text is cut and the list bounded."""
+    cands = contacts(7)
+    plan = WritePlan(cands, replicas=5, write_quorum=3)
+    full = "mailbox quota: holds 10000 blobs, the limit is 10000"
+    said = dict(zip(cands, [full, full, full, "", "x" * 10_000, "a", "b"], strict=True))
+    while isinstance(step := plan.next(0.0), Put):  # "": silence
+        plan.on_failure(step.contact.node_id, said[step.contact])
+    assert isinstance(step, Finished)
+    with pytest.raises(QuorumError) as raised:
+        plan.result(b"id")
+    message = str(raised.value)
+    assert message.startswith("stored on 0 of 3 required replicas (")
+    assert message.count(full) == 1 and "no answer" in message
+    assert len(message) < 700
 
 
 def test_no_candidates_is_a_finished_write_short_of_quorum() -> None:

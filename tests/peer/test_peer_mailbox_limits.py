@@ -71,7 +71,8 @@ def test_a_full_mailbox_takes_messages_again_once_its_owner_synced(
         who = people(tmp_path)
         alice, bob = await who.new("alice", publish=False), await who.new("bob", publish=False)
         await fill(bob, alice, QUOTA)
-        with pytest.raises(QuorumError):  # every replica is at its quota
+        # Every replica is at its quota, and the sender reads so.
+        with pytest.raises(QuorumError, match=f"mailbox quota: holds {QUOTA} blobs"):
             await bob.send_payload(alice.identity.public, text("refused"), with_keys=True)
 
         report = await alice.sync()

@@ -330,7 +330,7 @@ class MailboxClient:
         elif outcome.retry_after_ms:
             plan.on_retry_after(node_id, outcome.retry_after_ms, now)
         else:
-            plan.on_failure(node_id)
+            plan.on_failure(node_id, outcome.reason)
         if node_id in plan.failed:
             self.replica_sets.forget(box)  # a candidate is down or refusing: look again
 

@@ -53,6 +53,9 @@ MAX_RETRY_AFTER_S = 2.0  # a node's "retry after" is waited for up to this
 REPLICA_SET_TTL_S = 30.0  # how long a lookup's answer is reused (membership changes slowly)
 REPLICA_SET_CACHE_SIZE = 1024  # mailboxes remembered; least recently used go first
 FETCH_BUDGET_BYTES = 16 * 1024 * 1024  # blobs one fetch holds before it returns for more
+# A failed write names why, in what the nodes said: at most this many distinct reasons,
+# each cut to this length (a node chooses the text).
+MAX_REFUSALS_SHOWN, MAX_REASON_CHARS = 4, 200
 
 
 class QuorumError(DnaError):
@@ -181,6 +184,7 @@ class WritePlan:
         self._spare = deque(candidates[replicas:])
         self.stored: list[bytes] = []  # node IDs, in the order they acknowledged
         self.failed: set[bytes] = set()  # nodes that did not answer or refused
+        self.refusals: dict[str, None] = {}  # why nodes refused, each reason once, in order
         self._finished = not self._round
 
     @property
@@ -266,28 +270,32 @@ class WritePlan:
         due = now + min(self.max_retry_after_s, max(0, retry_after_ms) / 1000)
         self._not_before[node_id] = due
         if slot.sends >= self.attempts:
-            self._fail(slot)
+            self._fail(slot, "rate limited")
         else:
             slot.state, slot.at = _Put.READY, due
         return True
 
-    def on_failure(self, node_id: bytes) -> bool:
-        """The node did not answer, or refused for good."""
+    def on_failure(self, node_id: bytes, reason: str = "") -> bool:
+        """The node did not answer, or refused for good (``reason``: what it said)."""
         slot = self._sent(node_id)
         if slot is None:
             return False
-        self._fail(slot)
+        self._fail(slot, reason or "no answer")
         return True
 
-    def _fail(self, slot: _Slot) -> None:
+    def _fail(self, slot: _Slot, reason: str) -> None:
         slot.state = _Put.FAILED
         self.failed.add(slot.contact.node_id)
+        if len(self.refusals) < MAX_REFUSALS_SHOWN:  # a node's text: bounded
+            self.refusals[reason[:MAX_REASON_CHARS]] = None
 
     def result(self, blob_id: bytes) -> PutResult:
-        """What stored the blob so far; QuorumError once finished short of W."""
+        """What stored the blob so far; QuorumError once finished short of W, saying why
+        the nodes did not store it (a full mailbox must read as one to its sender)."""
         if self._finished and not self.quorum_reached:
+            why = f" ({'; '.join(self.refusals)})" if self.refusals else ""
             raise QuorumError(
-                f"stored on {len(self.stored)} of {self.write_quorum} required replicas"
+                f"stored on {len(self.stored)} of {self.write_quorum} required replicas{why}"
             )
         return PutResult(blob_id, tuple(self.stored), self.pow_bits)
 
