@@ -24,7 +24,14 @@ from dna_core.crypto import Identity, PublicKeySet, ReplayGuard, seal
 from dna_core.crypto import primitives as p
 from dna_core.crypto.envelope import MAX_PAYLOAD_BYTES, decode_envelope
 from dna_core.errors import DnaError
-from dna_core.mailbox import FetchState, MailboxClient, QuorumError, Subscription, UnreachableError
+from dna_core.mailbox import (
+    FetchState,
+    MailboxClient,
+    QuorumError,
+    Subscription,
+    TooFewNodesError,
+    UnreachableError,
+)
 from dna_core.overlay import OverlayNode, normalize_name, resolve_seeds, seed_family
 from dna_core.wire import envelope_pb2
 
@@ -52,6 +59,7 @@ WATCH_BACKOFF_S = 5.0
 WATCH_FULL_SYNC_S = 300.0  # a watch with live subscriptions still syncs (fetches) this often
 DELETE_RETRY_S = 60.0  # after nodes refused a delete: `watch` does not ask every second
 SEND_ATTEMPTS = 4  # over about 3.5 s: rides out a replica restarting
+REJOIN_EVERY_S = 2.0  # sends failing together after an outage rejoin the overlay once
 NAME_MOVE = "name-move"  # cache state: the old keys' signature handing the name over
 RETIRED = "retired"  # cache state: identities this one rotated away from, drained until
 RETIRED_GRACE_MS = 30 * DAY_MS  # = the rotation statement's lifetime and a blob's longest TTL
@@ -117,6 +125,7 @@ class Peer:
     mail: MailboxClient = field(init=False)
     _checked_ms: int = field(default=0, init=False)  # when the own records were last looked up
     _deletes_refused_until: float = field(init=False, default=0.0)  # monotonic
+    _rejoined_at: float = field(init=False, default=float("-inf"))  # monotonic, see `_rejoin`
     direct: DirectService | None = field(default=None, init=False)  # see `go_direct`
     on_direct: Callable[[SyncReport], None] | None = field(default=None, init=False, repr=False)
     _mirrors: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
@@ -421,6 +430,8 @@ class Peer:
                 if attempt == SEND_ATTEMPTS - 1:
                     raise
                 log.info("send retry %d after: %s", attempt + 1, exc)
+                if isinstance(exc, TooFewNodesError):
+                    await self._rejoin()
                 await asyncio.sleep(0.5 * 2**attempt)
         raise AssertionError("unreachable")
 
@@ -450,7 +461,12 @@ class Peer:
         """Fetch the own mailbox, handle what is new, acknowledge, receipt, clean up; then
         what still arrives at a mailbox this identity rotated away from."""
         await self.daily_upkeep()
-        report = await self._sync_own(progress)
+        try:
+            report = await self._sync_own(progress)
+        except UnreachableError:
+            if not await self._rejoin():
+                raise
+            report = await self._sync_own(progress)  # each blob is handled once: safe again
         if report.rotated_to is not None:  # another device rotated: move over, read the new mailbox
             self._adopt(report.rotated_to)
             _merge(report, await self._sync_own(progress))
@@ -771,6 +787,16 @@ class Peer:
             self._adopt(report.rotated_to)
             _merge(report, await self._sync_own(progress))
         return report
+
+    async def _rejoin(self) -> bool:
+        """`reconnect`, unless done within ``REJOIN_EVERY_S``: a device that stayed up
+        through an outage of the network has an empty routing table (every node failed
+        its checks), and its lookups find no storage node until it asks the seeds again.
+        True if it rejoined."""
+        if time.monotonic() - self._rejoined_at < REJOIN_EVERY_S:
+            return False
+        self._rejoined_at = time.monotonic()
+        return await self.reconnect()
 
     async def reconnect(self) -> bool:
         """Rejoin the overlay through the seeds, with fresh connections: after an outage

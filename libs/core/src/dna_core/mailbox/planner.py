@@ -62,6 +62,12 @@ class QuorumError(DnaError):
     """Fewer than W replicas stored the blob."""
 
 
+class TooFewNodesError(QuorumError):
+    """The lookup found fewer storage nodes than the write quorum, so nothing was sent: the
+    network is down, or this node lost its way to it (an outage emptied its routing
+    table; rejoining through the seeds finds it again)."""
+
+
 class UnreachableError(DnaError):
     """No storage node of the mailbox was found or answered: the network (or this
     device's connection to it) is down. Not the same as "nothing new"."""
