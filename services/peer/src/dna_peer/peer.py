@@ -430,7 +430,10 @@ class Peer:
                 if attempt == SEND_ATTEMPTS - 1:
                     raise
                 log.info("send retry %d after: %s", attempt + 1, exc)
-                if isinstance(exc, TooFewNodesError):
+                # None found: the way to the network is lost. Only then: a rejoin opens new
+                # channels, failing the other puts in flight on the old ones (a lookup
+                # under load may come back short; the retry looks up again anyway).
+                if isinstance(exc, TooFewNodesError) and exc.found == 0:
                     await self._rejoin()
                 await asyncio.sleep(0.5 * 2**attempt)
         raise AssertionError("unreachable")

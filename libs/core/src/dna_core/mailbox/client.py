@@ -258,7 +258,7 @@ class MailboxClient:
         candidates = await self.candidates(box)
         if len(candidates) < self.write_quorum:
             self.replica_sets.forget(box)
-            raise TooFewNodesError(f"only {len(candidates)} storage nodes found for the mailbox")
+            raise TooFewNodesError(len(candidates))
         quorum: asyncio.Future[PutResult] = asyncio.get_running_loop().create_future()
         write = asyncio.create_task(self._replicate(box, blob, ttl_s, candidates, quorum))
         self._writes.add(write)

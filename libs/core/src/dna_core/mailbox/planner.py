@@ -63,9 +63,13 @@ class QuorumError(DnaError):
 
 
 class TooFewNodesError(QuorumError):
-    """The lookup found fewer storage nodes than the write quorum, so nothing was sent: the
-    network is down, or this node lost its way to it (an outage emptied its routing
-    table; rejoining through the seeds finds it again)."""
+    """The lookup found fewer storage nodes than the write quorum (``found``), so nothing
+    was sent: the network is down, or this node lost its way to it (none found: an outage
+    emptied its routing table, and rejoining through the seeds finds it again)."""
+
+    def __init__(self, found: int) -> None:
+        super().__init__(f"only {found} storage nodes found for the mailbox")
+        self.found = found
 
 
 class UnreachableError(DnaError):
