@@ -519,6 +519,10 @@ class Cache:
         )
         return [bytes(r[0]) for r in rows]
 
+    def undeleted_blobs(self) -> list[bytes]:
+        """Every blob this device handled that it has not deleted from the network."""
+        return [bytes(r[0]) for r in self._rows("SELECT blob_id FROM blobs WHERE deleted = 0")]
+
     def mark_deleted(self, blob_ids: list[bytes]) -> None:
         with self.transaction():
             for blob in blob_ids:

@@ -504,10 +504,27 @@ class Peer:
         """What handled blobs owe: delivery receipts, the history another device asked
         for, acknowledgements to the other devices, and deletes."""
         await self._send_receipts(report.receipts_due)
-        if report.history_wanted:
-            await self.send_history()
-        await self._post_acks(report.held)
+        try:
+            if report.history_wanted:
+                await self.send_history()
+            await self._post_acks(report.held)
+        except QuorumError as exc:
+            if not exc.full:
+                raise
+            await self._make_room(exc)
         report.deleted, report.cleanup_error = await self._clean_up()
+
+    async def _make_room(self, full: QuorumError) -> None:
+        """The own mailbox is at its quota: no device can post the acknowledgements a
+        delete waits for, so each would wait for the others forever while every sender is
+        refused. Delete what this device handled without waiting, then post the history,
+        so the other devices get every message from it instead of from the blobs."""
+        log.warning("own mailbox full (%s): deleting what this device holds, then posting"
+                    " the history to the other devices", full)  # fmt: skip
+        result = await self.mail.delete(self.identity, self.cache.undeleted_blobs())
+        self.cache.mark_deleted(result.deleted)
+        if result.deleted:
+            await self.send_history()
 
     def _inbox(self, identity: Identity | None = None) -> Inbox:
         """An inbox for the own mailbox, or for ``identity``'s (one this identity rotated

@@ -331,7 +331,8 @@ class MailboxClient:
         elif outcome.retry_after_ms:
             plan.on_retry_after(node_id, outcome.retry_after_ms, now)
         else:
-            plan.on_failure(node_id, outcome.reason)
+            no_room = outcome.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            plan.on_failure(node_id, outcome.reason, no_room=no_room)
         if node_id in plan.failed:
             self.replica_sets.forget(box)  # a candidate is down or refusing: look again
 

@@ -59,7 +59,12 @@ MAX_REFUSALS_SHOWN, MAX_REASON_CHARS = 4, 200
 
 
 class QuorumError(DnaError):
-    """Fewer than W replicas stored the blob."""
+    """Fewer than W replicas stored the blob. ``full``: because enough of them had no room
+    (the mailbox at its quota, or a disk full) that W could not be met."""
+
+    def __init__(self, message: str, *, full: bool = False) -> None:
+        super().__init__(message)
+        self.full = full
 
 
 class TooFewNodesError(QuorumError):
@@ -195,6 +200,7 @@ class WritePlan:
         self.stored: list[bytes] = []  # node IDs, in the order they acknowledged
         self.failed: set[bytes] = set()  # nodes that did not answer or refused
         self.refusals: dict[str, None] = {}  # why nodes refused, each reason once, in order
+        self.no_room = 0  # nodes that refused for lack of room
         self._finished = not self._round
 
     @property
@@ -285,12 +291,14 @@ class WritePlan:
             slot.state, slot.at = _Put.READY, due
         return True
 
-    def on_failure(self, node_id: bytes, reason: str = "") -> bool:
-        """The node did not answer, or refused for good (``reason``: what it said)."""
+    def on_failure(self, node_id: bytes, reason: str = "", *, no_room: bool = False) -> bool:
+        """The node did not answer, or refused for good (``reason``: what it said;
+        ``no_room``: for lack of room)."""
         slot = self._sent(node_id)
         if slot is None:
             return False
         self._fail(slot, reason or "no answer")
+        self.no_room += no_room
         return True
 
     def _fail(self, slot: _Slot, reason: str) -> None:
@@ -305,7 +313,8 @@ class WritePlan:
         if self._finished and not self.quorum_reached:
             why = f" ({'; '.join(self.refusals)})" if self.refusals else ""
             raise QuorumError(
-                f"stored on {len(self.stored)} of {self.write_quorum} required replicas{why}"
+                f"stored on {len(self.stored)} of {self.write_quorum} required replicas{why}",
+                full=self.no_room > self.replicas - self.write_quorum,
             )
         return PutResult(blob_id, tuple(self.stored), self.pow_bits)
 
