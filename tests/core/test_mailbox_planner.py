@@ -250,6 +250,19 @@ def test_a_failed_write_says_what_the_nodes_said_each_reason_once_and_bounded() 
     assert len(message) < 700
 
 
+@pytest.mark.parametrize(("no_room", "full"), [(5, True), (3, True), (2, False), (0, False)])
+def test_a_write_refused_for_lack_of_room_says_so(no_room: int, full: bool) -> None:
+    """Full when enough replicas had no room that W could not be met (the rest silent)."""
+    plan = WritePlan(contacts(5), replicas=5, write_quorum=3)
+    sent = 0
+    while isinstance(step := plan.next(0.0), Put):
+        plan.on_failure(step.contact.node_id, "quota", no_room=sent < no_room)
+        sent += 1
+    with pytest.raises(QuorumError) as raised:
+        plan.result(b"id")
+    assert raised.value.full is full
+
+
 def test_no_candidates_is_a_finished_write_short_of_quorum() -> None:
     plan = WritePlan([], replicas=5, write_quorum=3)
     assert isinstance(plan.next(0.0), Finished)
