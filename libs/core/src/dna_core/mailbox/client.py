@@ -219,6 +219,7 @@ class MailboxClient:
         self.node, self.replicas, self.write_quorum = node, replicas, write_quorum
         self.pow_bits, self.timeout = pow_bits, timeout
         self.replica_sets = ReplicaSetCache(replica_set_ttl_s)
+        self._looking_up: dict[bytes, asyncio.Future[list[Contact]]] = {}  # by mailbox
         self._batchers: dict[str, NodeBatcher] = {}  # by gRPC target
         self._sessions: dict[tuple[bytes, bytes], FetchSession] = {}  # (mailbox, node ID)
         self._writes: set[asyncio.Task[PutResult]] = set()  # puts still reaching replicas
@@ -233,13 +234,25 @@ class MailboxClient:
         return storage_candidates(await self.node.find_node(box), count)
 
     async def candidates(self, box: bytes) -> list[Contact]:
-        """The replicas, then the hand-off candidates, of a mailbox (cached lookup)."""
+        """The replicas, then the hand-off candidates, of a mailbox (cached lookup). Calls
+        that find no entry while a lookup for the mailbox runs wait for that one: when the
+        entry expires or is dropped under many puts in flight, one lookup serves them all
+        instead of each sending its own (64 at once, on loaded nodes, came back short)."""
         cached = self.replica_sets.get(box)
-        if cached is None:
-            cached = await self.storage_nodes(box, self.replicas + HANDOFF_CANDIDATES)
-            if cached:
-                self.replica_sets.put(box, cached)
-        return cached
+        if cached is not None:
+            return cached
+        running = self._looking_up.get(box)
+        if running is None:
+            running = asyncio.ensure_future(self._look_up(box))
+            self._looking_up[box] = running
+            running.add_done_callback(lambda _: self._looking_up.pop(box, None))
+        return list(await asyncio.shield(running))
+
+    async def _look_up(self, box: bytes) -> list[Contact]:
+        found = await self.storage_nodes(box, self.replicas + HANDOFF_CANDIDATES)
+        if found:
+            self.replica_sets.put(box, found)
+        return found
 
     def _stub(self, contact: Contact) -> mailbox_pb2_grpc.MailboxAsyncStub:
         return mailbox_pb2_grpc.MailboxStub(self.node.channels.get(contact.endpoint.grpc_target))
