@@ -228,8 +228,39 @@ def test_retry_after_is_waited_for_up_to_the_cap() -> None:
     assert plan.next(13.0) == Put(only, 12)
     plan.on_retry_after(only.node_id, 100, 13.0)  # third send: no more in this round
     assert isinstance(plan.next(13.0), Finished)
-    with pytest.raises(QuorumError):
+    with pytest.raises(QuorumError, match="rate limited"):
         plan.result(b"id")
+
+
+def test_a_failed_write_says_what_the_nodes_said_each_reason_once_and_bounded() -> None:
+    """A sender whose message the replicas refuse (the recipient's mailbox is full) must
+    read why, not only a count; a node's text is cut and the list bounded."""
+    cands = contacts(7)
+    plan = WritePlan(cands, replicas=5, write_quorum=3)
+    full = "mailbox quota: holds 10000 blobs, the limit is 10000"
+    said = dict(zip(cands, [full, full, full, "", "x" * 10_000, "a", "b"], strict=True))
+    while isinstance(step := plan.next(0.0), Put):  # "": silence
+        plan.on_failure(step.contact.node_id, said[step.contact])
+    assert isinstance(step, Finished)
+    with pytest.raises(QuorumError) as raised:
+        plan.result(b"id")
+    message = str(raised.value)
+    assert message.startswith("stored on 0 of 3 required replicas (")
+    assert message.count(full) == 1 and "no answer" in message
+    assert len(message) < 700
+
+
+@pytest.mark.parametrize(("no_room", "full"), [(5, True), (3, True), (2, False), (0, False)])
+def test_a_write_refused_for_lack_of_room_says_so(no_room: int, full: bool) -> None:
+    """Full when enough replicas had no room that W could not be met (the rest silent)."""
+    plan = WritePlan(contacts(5), replicas=5, write_quorum=3)
+    sent = 0
+    while isinstance(step := plan.next(0.0), Put):
+        plan.on_failure(step.contact.node_id, "quota", no_room=sent < no_room)
+        sent += 1
+    with pytest.raises(QuorumError) as raised:
+        plan.result(b"id")
+    assert raised.value.full is full
 
 
 def test_no_candidates_is_a_finished_write_short_of_quorum() -> None:

@@ -1,11 +1,16 @@
 """The client's per-mailbox cache of storage node candidates: TTL, forget, LRU bound,
-and the merge of two lookups' answers."""
+the merge of two lookups' answers, and one lookup for the calls that miss it together."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import cast
+
 from dna_core.crypto.node import NodeIdentity
-from dna_core.mailbox.client import ReplicaSetCache
+from dna_core.mailbox.client import MailboxClient, ReplicaSetCache
+from dna_core.overlay.aio.node import Closest, OverlayNode
 from dna_core.overlay.contact import Contact, Endpoint, closest_first
+from dna_core.wire.gen.dna.v1.common_pb2 import NODE_ROLE_STORAGE
 
 
 def contact(i: int) -> Contact:
@@ -71,3 +76,49 @@ def test_the_least_recently_used_mailbox_goes_first() -> None:
     cache.put(b"c", [contact(3)])
     assert cache.get(b"b") is None
     assert cache.get(b"a") is not None and cache.get(b"c") is not None
+
+
+class CountingNode:
+    """An overlay node's lookup, counted and slow enough that calls overlap (the calls'
+    sharing is also tested on real processes: tests/integration/test_mailbox_client.py)."""
+
+    def __init__(self, found: list[Contact], fail: bool = False) -> None:
+        self.found, self.fail, self.lookups = found, fail, 0
+
+    async def find_closest(self, target: bytes) -> Closest:
+        self.lookups += 1
+        await asyncio.sleep(0.05)
+        if self.fail:
+            raise OSError("no route")
+        return Closest(self.found, exhaustive=True)
+
+
+def storage_contact(i: int) -> Contact:
+    plain = contact(i)
+    return Contact(plain.node_id, plain.public_key, plain.endpoints, NODE_ROLE_STORAGE)
+
+
+def test_calls_missing_the_cache_together_share_one_lookup_and_its_failure() -> None:
+    """64 puts in flight when a mailbox's entry expired sent 64 lookups at once; a lookup
+    that fails fails every call waiting on it, and is not kept."""
+    node = CountingNode([storage_contact(i) for i in range(1, 10)])
+    client = MailboxClient(cast(OverlayNode, node), sessions=False)
+
+    async def scenario() -> None:
+        answers = await asyncio.gather(*(client.candidates(b"box") for _ in range(64)))
+        assert node.lookups == 1
+        assert all(a == node.found for a in answers)
+        client.replica_sets.forget(b"box")
+        assert await client.candidates(b"box") == node.found
+        assert node.lookups == 2
+        node.fail = True
+        client.replica_sets.forget(b"box")
+        failed = await asyncio.gather(
+            *(client.candidates(b"box") for _ in range(8)), return_exceptions=True
+        )
+        assert all(isinstance(e, OSError) for e in failed) and node.lookups == 3
+        node.fail = False
+        assert await client.candidates(b"box") == node.found  # a failure is not kept
+        assert node.lookups == 4
+
+    asyncio.run(scenario())

@@ -3,12 +3,13 @@ and the acknowledgement rule that decides what may be deleted from the network."
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from dna_core.crypto import Identity
 from dna_core.errors import WrongPassphraseError
-from dna_peer.cache import Cache, Contact, Message, cache_key
+from dna_peer.cache import PAGE_BYTES, Cache, CacheDamagedError, Contact, Message, cache_key
 
 DEVICE_A, DEVICE_B = b"a" * 16, b"b" * 16
 
@@ -44,6 +45,27 @@ def test_nothing_readable_on_disk_and_a_wrong_key_changes_nothing(
     reopened = Cache.open(path, cache_key(me, DEVICE_A))
     assert [m.body for m in reopened.messages()] == ["attack at dawn"]
     assert reopened.integrity_check() == "ok"
+
+
+@pytest.mark.parametrize("keep", [0.5, 2 * PAGE_BYTES, 1000])
+def test_a_cache_cut_short_is_a_damaged_cache_not_a_wrong_key(
+    tmp_path: Path, me: Identity, cache: Cache, bob: Identity, keep: float
+) -> None:
+    """A crash or a disk fault that cut the file (at half, at a page boundary, inside the
+    first page) says so, and how to recover, instead of blaming the key; nothing is
+    written to the file."""
+    cache.pin(Contact(bob.fingerprint, bob.public, "bob", False, 1, bob.fingerprint))
+    with cache.transaction():
+        for i in range(3_000):  # a file of many pages
+            cache.add_message(incoming(bob, me, f"message {i} " + "x" * 200, i, i.to_bytes(16)))
+    cache.close()
+    path = tmp_path / "cache.db"
+    os.truncate(path, int(keep * path.stat().st_size) if keep < 1 else int(keep))
+    before = path.read_bytes()
+    with pytest.raises(CacheDamagedError, match="the cache is damaged") as raised:
+        Cache.open(path, cache_key(me, DEVICE_A))
+    assert "rebuilds it from the mailbox" in str(raised.value)
+    assert path.read_bytes() == before
 
 
 def test_messages_are_kept_once_and_searchable(cache: Cache, me: Identity, bob: Identity) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -115,7 +116,13 @@ def test_a_linked_device_converges_and_read_state_syncs(testnet: Testnet, tmp_pa
     run(testnet, tmp_path, scenario)
 
 
-def test_a_lost_cache_is_rebuilt_from_another_device(testnet: Testnet, tmp_path: Path) -> None:
+@pytest.mark.parametrize("loss", ["deleted", "emptied"])
+def test_a_lost_cache_is_rebuilt_from_another_device(
+    testnet: Testnet, tmp_path: Path, loss: str
+) -> None:
+    """Gone, or an empty file in its place (a crash before its first write reached the
+    disk): either is a lost cache, never an empty history taken for the truth."""
+
     async def scenario(people: People) -> None:
         alice, phone = await people.new("alice"), await people.new("bob")
         to_bob = await alice.add_contact(people.name("bob"))
@@ -129,7 +136,11 @@ def test_a_lost_cache_is_rebuilt_from_another_device(testnet: Testnet, tmp_path:
         assert await mailbox_size(phone) == 0
         expected = history(laptop)
         await laptop.close()
-        people.profile("laptop").cache_path.unlink()  # the laptop's disk lost the cache
+        cache_path = people.profile("laptop").cache_path
+        if loss == "deleted":  # the laptop's disk lost the cache
+            cache_path.unlink()
+        else:
+            os.truncate(cache_path, 0)
 
         laptop = await people.open("laptop")
         assert laptop.cache.get_state(RECOVERING) is not None

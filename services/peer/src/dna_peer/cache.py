@@ -25,9 +25,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from dna_core.crypto import Identity, PublicKeySet
 from dna_core.crypto import primitives as p
-from dna_core.errors import WrongPassphraseError
+from dna_core.errors import DnaError, WrongPassphraseError
 
 SCHEMA_VERSION = 1
+PAGE_BYTES = 4096  # SQLCipher 4's page size: a whole cache file is a multiple of it
 MAX_ROTATION_HOPS = 8  # rotations followed for one contact (a chain, never a cycle, ends)
 # State key (`set_state`) written by the peer and cleared by the inbox: this device lost its
 # cache and no other device has told it the device list since (the value: when, in ms).
@@ -107,6 +108,20 @@ CREATE TABLE IF NOT EXISTS state(
 """
 
 
+class CacheDamagedError(DnaError):
+    """The cache file is cut short or its pages are malformed (a crash or a disk fault),
+    not under another key: nothing in it is touched."""
+
+
+def _damaged(path: Path, error: sqlcipher.DatabaseError) -> bool:
+    """Whether opening failed on a damaged file rather than a wrong key: SQLite says the
+    file is malformed, or the file is not a whole number of pages (a torn write; SQLCipher
+    cannot tell such a file from one under another key, which is whole)."""
+    if getattr(error, "sqlite_errorcode", None) == sqlcipher.SQLITE_CORRUPT:
+        return True
+    return path.stat().st_size % PAGE_BYTES != 0
+
+
 def cache_key(identity: Identity, device_id: bytes) -> bytes:
     """The raw SQLCipher key: HKDF over the identity seeds, salted per device."""
     hkdf = HKDF(hashes.SHA256(), 32, salt=device_id, info=p.label("cache-key"))
@@ -162,8 +177,14 @@ class Cache:
         conn.execute(f"PRAGMA key = \"x'{key.hex()}'\"")
         try:
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        except sqlcipher.DatabaseError:
+        except sqlcipher.DatabaseError as exc:
             conn.close()
+            if _damaged(path, exc):
+                raise CacheDamagedError(
+                    f"{path}: the cache is damaged ({exc}); the identity and its key file are"
+                    f" fine. Move the file aside (mv {path} {path}.damaged) and run again: this"
+                    " device then rebuilds it from the mailbox and the other devices' history"
+                ) from None
             raise WrongPassphraseError(
                 f"{path}: cannot open the cache (wrong key or not a cache file)"
             ) from None
@@ -499,6 +520,10 @@ class Cache:
             " AND a.ack_blob IN (SELECT blob_id FROM blobs WHERE deleted = 0)"
         )
         return [bytes(r[0]) for r in rows]
+
+    def undeleted_blobs(self) -> list[bytes]:
+        """Every blob this device handled that it has not deleted from the network."""
+        return [bytes(r[0]) for r in self._rows("SELECT blob_id FROM blobs WHERE deleted = 0")]
 
     def mark_deleted(self, blob_ids: list[bytes]) -> None:
         with self.transaction():

@@ -30,6 +30,7 @@ from dna_core.mailbox import (
     MailboxClient,
     QuorumError,
     Subscription,
+    TooFewNodesError,
     UnreachableError,
     blob_id,
 )
@@ -60,6 +61,7 @@ WATCH_BACKOFF_S = 5.0
 WATCH_FULL_SYNC_S = 300.0  # a watch with live subscriptions still syncs (fetches) this often
 DELETE_RETRY_S = 60.0  # after nodes refused a delete: `watch` does not ask every second
 SEND_ATTEMPTS = 4  # over about 3.5 s: rides out a replica restarting
+REJOIN_EVERY_S = 2.0  # sends failing together after an outage rejoin the overlay once
 NAME_MOVE = "name-move"  # cache state: the old keys' signature handing the name over
 RETIRED = "retired"  # cache state: identities this one rotated away from, drained until
 RETIRED_GRACE_MS = 30 * DAY_MS  # = the rotation statement's lifetime and a blob's longest TTL
@@ -125,6 +127,7 @@ class Peer:
     mail: MailboxClient = field(init=False)
     _checked_ms: int = field(default=0, init=False)  # when the own records were last looked up
     _deletes_refused_until: float = field(init=False, default=0.0)  # monotonic
+    _rejoined_at: float = field(init=False, default=float("-inf"))  # monotonic, see `_rejoin`
     direct: DirectService | None = field(default=None, init=False)  # see `go_direct`
     on_direct: Callable[[SyncReport], None] | None = field(default=None, init=False, repr=False)
     # Hears each new message (from the mailbox or the direct path) as soon as it is opened
@@ -438,6 +441,11 @@ class Peer:
                 if attempt == SEND_ATTEMPTS - 1:
                     raise
                 log.info("send retry %d after: %s", attempt + 1, exc)
+                # None found: the way to the network is lost. Only then: a rejoin opens new
+                # channels, failing the other puts in flight on the old ones (a lookup
+                # under load may come back short; the retry looks up again anyway).
+                if isinstance(exc, TooFewNodesError) and exc.found == 0:
+                    await self._rejoin()
                 await asyncio.sleep(0.5 * 2**attempt)
         raise AssertionError("unreachable")
 
@@ -467,7 +475,12 @@ class Peer:
         """Fetch the own mailbox, handle what is new, acknowledge, receipt, clean up; then
         what still arrives at a mailbox this identity rotated away from."""
         await self.daily_upkeep()
-        report = await self._sync_own(progress)
+        try:
+            report = await self._sync_own(progress)
+        except UnreachableError:
+            if not await self._rejoin():
+                raise
+            report = await self._sync_own(progress)  # each blob is handled once: safe again
         if report.rotated_to is not None:  # another device rotated: move over, read the new mailbox
             self._adopt(report.rotated_to)
             _merge(report, await self._sync_own(progress))
@@ -510,10 +523,27 @@ class Peer:
         """What handled blobs owe: delivery receipts, the history another device asked
         for, acknowledgements to the other devices, and deletes."""
         await self._send_receipts(report.receipts_due)
-        if report.history_wanted:
-            await self.send_history()
-        await self._post_acks(report.held)
+        try:
+            if report.history_wanted:
+                await self.send_history()
+            await self._post_acks(report.held)
+        except QuorumError as exc:
+            if not exc.full:
+                raise
+            await self._make_room(exc)
         report.deleted, report.cleanup_error = await self._clean_up()
+
+    async def _make_room(self, full: QuorumError) -> None:
+        """The own mailbox is at its quota: no device can post the acknowledgements a
+        delete waits for, so each would wait for the others forever while every sender is
+        refused. Delete what this device handled without waiting, then post the history,
+        so the other devices get every message from it instead of from the blobs."""
+        log.warning("own mailbox full (%s): deleting what this device holds, then posting"
+                    " the history to the other devices", full)  # fmt: skip
+        result = await self.mail.delete(self.identity, self.cache.undeleted_blobs())
+        self.cache.mark_deleted(result.deleted)
+        if result.deleted:
+            await self.send_history()
 
     def _inbox(self, identity: Identity | None = None) -> Inbox:
         """An inbox for the own mailbox, or for ``identity``'s (one this identity rotated
@@ -802,6 +832,16 @@ class Peer:
             _merge(report, await self._sync_own(progress))
         return report
 
+    async def _rejoin(self) -> bool:
+        """`reconnect`, unless done within ``REJOIN_EVERY_S``: a device that stayed up
+        through an outage of the network has an empty routing table (every node failed
+        its checks), and its lookups find no storage node until it asks the seeds again.
+        True if it rejoined."""
+        if time.monotonic() - self._rejoined_at < REJOIN_EVERY_S:
+            return False
+        self._rejoined_at = time.monotonic()
+        return await self.reconnect()
+
     async def reconnect(self) -> bool:
         """Rejoin the overlay through the seeds, with fresh connections: after an outage
         the routing table may be empty (every node failed its checks), the cached replica
@@ -923,7 +963,7 @@ async def open_peer(
 ) -> Peer:
     """Unlock the profile's identity and cache and join the overlay."""
     identity = profile.unlock(passphrase)
-    lost_cache = not profile.cache_path.exists()
+    lost_cache = profile.cache_lost()
     cache = profile.open_cache(identity)
     try:
         node = await join_overlay(seeds)

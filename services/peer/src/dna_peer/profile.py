@@ -54,6 +54,15 @@ class Profile:
     def cache_path(self) -> Path:
         return self.home / "cache.db"
 
+    def cache_lost(self) -> bool:
+        """No cache, or an empty file where it was (a crash before its first write reached
+        the disk): either way this device starts over and asks the others for the history,
+        instead of taking an empty cache for the truth."""
+        try:
+            return self.cache_path.stat().st_size == 0
+        except FileNotFoundError:
+            return True
+
     def exists(self) -> bool:
         return self.keyfile.exists()
 

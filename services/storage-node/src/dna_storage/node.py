@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 from redis.exceptions import RedisError
 
 from dna_storage.admission import Admission, AdmissionConfig
-from dna_storage.backends.base import MailboxBackend, StorageFullError, Usage
+from dna_storage.backends.base import MailboxBackend, StorageFullError, StoreDamagedError, Usage
 from dna_storage.backends.redis import RedisBackend
 from dna_storage.backends.sqlite import SqliteBackend
 from dna_storage.mailbox_service import DAY_S, Retention
@@ -173,10 +173,16 @@ class StorageMetrics:
 
 class _RoomWatch:
     """The backend, tripping the node's high-water mark the moment a write finds no room,
-    so `/readyz` fails and admission refuses writes at once, not at the next disk reading."""
+    so `/readyz` fails and admission refuses writes at once, not at the next disk reading;
+    and telling the node the moment a call finds the store damaged."""
 
-    def __init__(self, backend: MailboxBackend, on_full: Callable[[], None]) -> None:
-        self._backend, self._on_full = backend, on_full
+    def __init__(
+        self,
+        backend: MailboxBackend,
+        on_full: Callable[[], None],
+        on_damaged: Callable[[StoreDamagedError], None],
+    ) -> None:
+        self._backend, self._on_full, self._on_damaged = backend, on_full, on_damaged
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._backend, name)
@@ -189,6 +195,9 @@ class _RoomWatch:
                 return await attr(*args, **kwargs)
             except StorageFullError:
                 self._on_full()
+                raise
+            except StoreDamagedError as exc:
+                self._on_damaged(exc)
                 raise
 
         return watched
@@ -210,12 +219,13 @@ class StorageNode:
         self._full_by_write = False  # a write found no room since the last disk reading
         self._held = Usage(0, 0)  # blobs and bytes held, as of the last GC pass
         self._mailboxes = 0  # mailboxes held, likewise
+        self._damage: str | None = None  # what a call found damaged in the store, if one did
 
     async def start(self) -> None:
         section = self.config.storage
         opened = await open_backend(section)
         subscribers = Subscribers()  # woken by every write that stores a blob (push)
-        watched = cast(MailboxBackend, _RoomWatch(opened, self._no_room))
+        watched = cast(MailboxBackend, _RoomWatch(opened, self._no_room, self._store_damaged))
         self.backend = backend = cast(MailboxBackend, NotifyingBackend(watched, subscribers))
         retention = Retention(section.ttl_days * DAY_S, section.max_ttl_days * DAY_S)
         rules: list[SyncRules] = []  # the service's, for the repairer
@@ -273,6 +283,16 @@ class StorageNode:
         self.metrics.no_room.inc()
         self.admission.high_water.trip()
 
+    def _store_damaged(self, exc: StoreDamagedError) -> None:
+        """Said once, in one line: the requests that hit the damage are answered
+        UNAVAILABLE (clients ask other replicas) and the rest of the store is still served,
+        so other mailboxes stay readable and repair can copy them; `/readyz` fails."""
+        if self._damage is None:
+            advice = ("stop the node and restore its data directory from a backup"
+                      " (docs/operations.md), or wipe it and let repair refill it")  # fmt: skip
+            log.error("%s; unready: %s", exc, advice)
+        self._damage = str(exc)
+
     async def _collect_garbage(self, backend: MailboxBackend) -> None:
         """Expire in bounded batches so GC never stalls the node; a failed pass is retried
         at the next interval (a full disk must not end GC: GC is what frees room)."""
@@ -280,7 +300,7 @@ class StorageNode:
         while True:
             try:
                 removed = await self._collect_once(backend)
-            except StorageFullError:
+            except (StorageFullError, StoreDamagedError):  # said already, once
                 removed = 0
             except Exception:
                 log.exception("garbage collection pass failed")
@@ -341,6 +361,8 @@ class StorageNode:
         return status
 
     def _disk_readiness(self) -> tuple[bool, str]:
+        if self._damage is not None:
+            return False, self._damage
         if self._full_by_write:
             return False, "storage full: a write found no room; refusing writes"
         if self.admission.high_water.tripped:

@@ -158,15 +158,18 @@ def node_toml(
     connections_toml: str = TESTNET_CONNECTIONS,
     storage_toml: str = "",
     extra_toml: str = "",
+    overlay_toml: str = "",
 ) -> str:
     """The node's TOML file: its address and paths, the bootstrap nodes, the testnet's
-    settings; ``redis_url`` (storage on Redis), ``records_toml`` and ``storage_toml`` (more
-    keys of [records], of [storage]) and ``extra_toml`` (more sections) as given."""
+    settings; ``redis_url`` (storage on Redis), ``overlay_toml``, ``records_toml`` and
+    ``storage_toml`` (more keys of [overlay], [records], [storage]) and ``extra_toml`` (more
+    sections) as given."""
     listed = ", ".join(f'"{seed}"' for seed in seeds)
     text = (
         f'log_level = "info"\n[node]\nhost = "{host}"\nudp_port = {UDP_PORT}\n'
         f'grpc_port = {GRPC_PORT}\nkey_file = "{paths.key_file}"\npuzzle_bits = {puzzle_bits}\n'
         f"[overlay]\nbootstrap = [{listed}]\nallow_loopback = {str(allow_loopback).lower()}\n"
+        f"{overlay_toml}"
         f'[ops]\nhttp_host = "{http_host}"\nhttp_port = {HTTP_PORT}\n'
         f'[records]\npath = "{paths.records}"\n{records_toml}'
         f"[connections]\n{connections_toml}"

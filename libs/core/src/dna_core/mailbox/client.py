@@ -75,6 +75,7 @@ from dna_core.mailbox.planner import (
     QuorumError,
     ReadPlan,
     ReplicaSetCache,
+    TooFewNodesError,
     UnreachableError,
     WritePlan,
     storage_candidates,
@@ -287,7 +288,7 @@ class MailboxClient:
         candidates = await self.candidates(box)
         if len(candidates) < self.write_quorum:
             self.replica_sets.forget(box)
-            raise QuorumError(f"only {len(candidates)} storage nodes found for the mailbox")
+            raise TooFewNodesError(len(candidates))
         quorum: asyncio.Future[PutResult] = asyncio.get_running_loop().create_future()
         write = asyncio.create_task(self._replicate(box, blob, ttl_s, candidates, quorum))
         self._writes.add(write)
@@ -361,7 +362,8 @@ class MailboxClient:
         elif outcome.retry_after_ms:
             plan.on_retry_after(node_id, outcome.retry_after_ms, now)
         else:
-            plan.on_failure(node_id)
+            no_room = outcome.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            plan.on_failure(node_id, outcome.reason, no_room=no_room)
         if node_id in plan.failed:
             self.replica_sets.forget(box)  # a candidate is down or refusing: look again
 

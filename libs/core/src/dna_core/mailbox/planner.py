@@ -56,10 +56,28 @@ REPLICA_SET_TTL_S = 30.0  # how long a lookup's answer is reused (membership cha
 SHORT_REPLICA_SET_TTL_S = 2.0
 REPLICA_SET_CACHE_SIZE = 1024  # mailboxes remembered; least recently used go first
 FETCH_BUDGET_BYTES = 16 * 1024 * 1024  # blobs one fetch holds before it returns for more
+# A failed write names why, in what the nodes said: at most this many distinct reasons,
+# each cut to this length (a node chooses the text).
+MAX_REFUSALS_SHOWN, MAX_REASON_CHARS = 4, 200
 
 
 class QuorumError(DnaError):
-    """Fewer than W replicas stored the blob."""
+    """Fewer than W replicas stored the blob. ``full``: because enough of them had no room
+    (the mailbox at its quota, or a disk full) that W could not be met."""
+
+    def __init__(self, message: str, *, full: bool = False) -> None:
+        super().__init__(message)
+        self.full = full
+
+
+class TooFewNodesError(QuorumError):
+    """The lookup found fewer storage nodes than the write quorum (``found``), so nothing
+    was sent: the network is down, or this node lost its way to it (none found: an outage
+    emptied its routing table, and rejoining through the seeds finds it again)."""
+
+    def __init__(self, found: int) -> None:
+        super().__init__(f"only {found} storage nodes found for the mailbox")
+        self.found = found
 
 
 class UnreachableError(DnaError):
@@ -186,6 +204,8 @@ class WritePlan:
         self._spare = deque(candidates[replicas:])
         self.stored: list[bytes] = []  # node IDs, in the order they acknowledged
         self.failed: set[bytes] = set()  # nodes that did not answer or refused
+        self.refusals: dict[str, None] = {}  # why nodes refused, each reason once, in order
+        self.no_room = 0  # nodes that refused for lack of room
         self._finished = not self._round
 
     @property
@@ -271,28 +291,35 @@ class WritePlan:
         due = now + min(self.max_retry_after_s, max(0, retry_after_ms) / 1000)
         self._not_before[node_id] = due
         if slot.sends >= self.attempts:
-            self._fail(slot)
+            self._fail(slot, "rate limited")
         else:
             slot.state, slot.at = _Put.READY, due
         return True
 
-    def on_failure(self, node_id: bytes) -> bool:
-        """The node did not answer, or refused for good."""
+    def on_failure(self, node_id: bytes, reason: str = "", *, no_room: bool = False) -> bool:
+        """The node did not answer, or refused for good (``reason``: what it said;
+        ``no_room``: for lack of room)."""
         slot = self._sent(node_id)
         if slot is None:
             return False
-        self._fail(slot)
+        self._fail(slot, reason or "no answer")
+        self.no_room += no_room
         return True
 
-    def _fail(self, slot: _Slot) -> None:
+    def _fail(self, slot: _Slot, reason: str) -> None:
         slot.state = _Put.FAILED
         self.failed.add(slot.contact.node_id)
+        if len(self.refusals) < MAX_REFUSALS_SHOWN:  # a node's text: bounded
+            self.refusals[reason[:MAX_REASON_CHARS]] = None
 
     def result(self, blob_id: bytes) -> PutResult:
-        """What stored the blob so far; QuorumError once finished short of W."""
+        """What stored the blob so far; QuorumError once finished short of W, saying why
+        the nodes did not store it (a full mailbox must read as one to its sender)."""
         if self._finished and not self.quorum_reached:
+            why = f" ({'; '.join(self.refusals)})" if self.refusals else ""
             raise QuorumError(
-                f"stored on {len(self.stored)} of {self.write_quorum} required replicas"
+                f"stored on {len(self.stored)} of {self.write_quorum} required replicas{why}",
+                full=self.no_room > self.replicas - self.write_quorum,
             )
         return PutResult(blob_id, tuple(self.stored), self.pow_bits)
 

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from dna_core.errors import CapacityError
+from dna_core.errors import CapacityError, ProtocolError
 from dna_core.mailbox import StoredBlob, Tombstone
 
 # StoredBlob and Tombstone are the mailbox domain's (dna_core.mailbox.codec, shared with
@@ -48,6 +48,16 @@ class StorageFullError(CapacityError):
     refusing writes. The write changed nothing; reads still work (RESOURCE_EXHAUSTED)."""
 
     kind = "disk"
+
+
+class StoreDamagedError(ProtocolError):
+    """The store's file is damaged (SQLite finds a malformed page): the request touching it
+    failed and changed nothing. Not the caller's fault, so UNAVAILABLE: a client asks
+    another replica. A `ProtocolError` so every path answers it as a status, without a
+    traceback."""
+
+    grpc_code = "UNAVAILABLE"
+    kind = "damaged"
 
 
 class PutOutcome(enum.Enum):

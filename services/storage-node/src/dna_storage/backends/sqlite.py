@@ -34,6 +34,7 @@ from dna_storage.backends.base import (
     Page,
     PutOutcome,
     StorageFullError,
+    StoreDamagedError,
     StoredBlob,
     SyncIndex,
     Tombstone,
@@ -220,13 +221,20 @@ def _deliver(job: _Job, value: Any, error: BaseException | None) -> None:
 
 def _storage_error(error: BaseException | None) -> BaseException | None:
     """SQLITE_FULL (the disk, or ``max_page_count``) is a lack of room, not a bug: the
-    transaction was rolled back, and the caller answers RESOURCE_EXHAUSTED."""
+    transaction was rolled back, and the caller answers RESOURCE_EXHAUSTED. SQLITE_CORRUPT
+    and SQLITE_NOTADB are a damaged file (a disk fault): the node says so once and answers
+    UNAVAILABLE, instead of a traceback per request (`StorageNode`)."""
     # Only errors SQLite itself raised carry a code (ours, raised by hand, do not).
-    if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
-        full = StorageFullError(f"storage is full: {error}")
-        full.__cause__ = error
-        return full
-    return error
+    code = getattr(error, "sqlite_errorcode", None)
+    translated: BaseException
+    if code == sqlite3.SQLITE_FULL:
+        translated = StorageFullError(f"storage is full: {error}")
+    elif code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        translated = StoreDamagedError(f"the mailbox store is damaged: {error}")
+    else:
+        return error
+    translated.__cause__ = error
+    return translated
 
 
 def _connect(path: Path, *, writer: bool) -> sqlite3.Connection:
@@ -613,7 +621,7 @@ class SqliteBackend:
             )
         except sqlite3.OperationalError:
             raise
-        except sqlite3.DatabaseError:
+        except (sqlite3.DatabaseError, StoreDamagedError):
             return False
         return bool(rows == [("ok",)])
 

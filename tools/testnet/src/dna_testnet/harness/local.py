@@ -53,6 +53,7 @@ class LocalNode:
     extra_toml: str = ""  # more sections, e.g. [admission]
     records_toml: str = TESTNET_RECORDS  # more keys of the [records] section
     connections_toml: str = TESTNET_CONNECTIONS  # keys of the [connections] section
+    overlay_toml: str = ""  # more keys of the [overlay] section
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -86,7 +87,7 @@ class LocalNode:
             node_toml(spec, host=self.ip, seeds=self.bootstraps, paths=paths, http_host=self.ip,
                       allow_loopback=True, puzzle_bits=self.puzzle_bits,
                       records_toml=self.records_toml, connections_toml=self.connections_toml,
-                      extra_toml=self.extra_toml)
+                      extra_toml=self.extra_toml, overlay_toml=self.overlay_toml)
         )  # fmt: skip
 
     def start(self) -> None:

@@ -108,6 +108,10 @@ class OverlaySection(ConfigModel):
     """Local testnets only: lifts the per-/24 limit for 127/8 and silences the host warning."""
     refresh_interval: float = Field(default=600.0, gt=0)
     """Seconds between refreshes of idle buckets."""
+    seed_ping_interval: float = Field(default=60.0, gt=0)
+    """Seconds (on average) between this node's pings to the bootstrap nodes once joined:
+    a bootstrap node that restarted, its routing table empty, learns every node again
+    within one interval, so clients joining through it find the network."""
     republish_interval: float = Field(default=3600.0, gt=0)
     """Seconds between republishes of the records this node holds."""
     name_pow_bits: int = Field(default=DEFAULT_NAME_POW_BITS, ge=0)
@@ -498,18 +502,21 @@ class OverlayServer:
                 return False, reason
         return True, f"{len(_require(self.node).table)} contacts"
 
-    async def _join_and_refresh(self) -> None:
+    async def _other_seeds(self) -> tuple[list[Addr], list[str]]:
+        """The configured bootstrap nodes other than this one, resolved again on every
+        call (a name, a Kubernetes pod's or a compose service's, may not resolve yet, or
+        point elsewhere after a restart), and those that did not resolve."""
         node = _require(self.node)
         family = socket.AF_INET6 if ":" in self.config.node.host else socket.AF_INET
+        configured = [parse_addr(seed, key="bootstrap") for seed in self.config.overlay.bootstrap]
+        found, unresolved = await resolve_seeds(configured, family)
+        return [a for a in found if a != node.udp_addr], unresolved
+
+    async def _join_and_refresh(self) -> None:
+        node = _require(self.node)
         delay = 0.5
         while True:
-            # Resolved again on every try: a name (a Kubernetes pod's, a compose service's)
-            # may not resolve yet, or point elsewhere after a restart.
-            configured = [
-                parse_addr(seed, key="bootstrap") for seed in self.config.overlay.bootstrap
-            ]
-            found, unresolved = await resolve_seeds(configured, family)
-            seeds = [a for a in found if a != node.udp_addr]
+            seeds, unresolved = await self._other_seeds()
             if not seeds and not unresolved:
                 break  # no other bootstrap configured: this node seeds the network
             if seeds and await node.join(seeds):
@@ -524,7 +531,21 @@ class OverlayServer:
         await self._set_ready(True)
         self.log.info("joined", extra={"contacts": len(node.table)})
         await node.refresh(0)
-        await node.refresh_forever()
+        await asyncio.gather(node.refresh_forever(), self._ping_seeds_forever())
+
+    async def _ping_seeds_forever(self) -> None:
+        """Ping the bootstrap nodes now and then. A bootstrap node restarted with its key
+        and address comes back with an empty routing table, and nodes that kept running
+        may not query it for a long time (a bucket refresh, ten minutes): until one does,
+        every client joining through it learns no node, and finds no storage node. A ping
+        is a request, so the bootstrap node observes (and after a key proof, keeps) each
+        node that pings it."""
+        node = _require(self.node)
+        interval = self.config.overlay.seed_ping_interval
+        while True:
+            await asyncio.sleep(interval * (0.5 + node.rng.random()))
+            seeds, _ = await self._other_seeds()
+            await asyncio.gather(*(node.ping(seed) for seed in seeds))
 
     async def _upkeep(self) -> None:
         """Expire records every minute; republish held records to the key's current closest
