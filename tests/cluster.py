@@ -33,6 +33,7 @@ __all__ = [
     "client_node",
     "free_ips",
     "held_by",
+    "mailbox_call",
     "make_cluster",
     "node_process",
     "now_ms",
@@ -117,6 +118,21 @@ def storage_network_fixture(
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def mailbox_call(ip: str, method: str, request: Any) -> Any:
+    """One unary Mailbox call to the node at ``ip``, in a loop of its own: its answer, or
+    the `grpc.aio.AioRpcError` it ended with."""
+
+    async def go() -> Any:
+        async with grpc.aio.insecure_channel(f"{ip}:{GRPC_PORT}") as channel:
+            stub = mailbox_pb2_grpc.MailboxStub(channel)
+            try:
+                return await getattr(stub, method)(request, timeout=5)
+            except grpc.aio.AioRpcError as err:
+                return err
+
+    return asyncio.run(go())
 
 
 async def held_by(

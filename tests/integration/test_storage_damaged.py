@@ -5,7 +5,6 @@ request, and the mailboxes the damage did not reach are still served."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from pathlib import Path
@@ -13,10 +12,10 @@ from typing import Any
 
 import grpc
 import pytest
-from cluster import GRPC_PORT, NodeProcess, free_ips, wait_ready
+from cluster import NodeProcess, free_ips, mailbox_call, wait_ready
 from dna_core.crypto import Identity, pow, seal
 from dna_core.mailbox import mailbox_id, put_pow_hash, sign_fetch
-from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
+from dna_core.wire.gen.dna.v1 import mailbox_pb2
 from support import seeded_identity
 
 IP = free_ips(1)[0]
@@ -32,16 +31,7 @@ def now_ms() -> int:
 
 
 def call(method: str, request: Any) -> Any:
-    async def go() -> Any:
-        async with grpc.aio.insecure_channel(f"{IP}:{GRPC_PORT}") as channel:
-            try:
-                return await getattr(mailbox_pb2_grpc.MailboxStub(channel), method)(
-                    request, timeout=5
-                )
-            except grpc.aio.AioRpcError as err:
-                return err
-
-    return asyncio.run(go())
+    return mailbox_call(IP, method, request)
 
 
 def put(to: Identity, text: bytes) -> bytes:

@@ -4,7 +4,6 @@ turns 503 at once, reads still work, and the database stays intact."""
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import subprocess
 import time
@@ -15,10 +14,10 @@ from typing import Any
 
 import grpc
 import pytest
-from cluster import GRPC_PORT, NodeProcess, free_ips, wait_ready
+from cluster import NodeProcess, free_ips, mailbox_call, wait_ready
 from dna_core.crypto import pow, seal
 from dna_core.mailbox import mailbox_id, put_pow_hash, sign_fetch
-from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
+from dna_core.wire.gen.dna.v1 import mailbox_pb2
 from process_mark import starts_processes
 from support import seeded_identity
 
@@ -50,16 +49,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def call(method: str, request: Any) -> Any:
-    async def go() -> Any:
-        async with grpc.aio.insecure_channel(f"{IP}:{GRPC_PORT}") as channel:
-            try:
-                return await getattr(mailbox_pb2_grpc.MailboxStub(channel), method)(
-                    request, timeout=5
-                )
-            except grpc.aio.AioRpcError as err:
-                return err
-
-    return asyncio.run(go())
+    return mailbox_call(IP, method, request)
 
 
 def put(text: bytes) -> Any:
