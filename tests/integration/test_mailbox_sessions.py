@@ -312,7 +312,8 @@ def test_a_client_that_never_reads_is_cut_and_costs_bounded_memory(
         samples = scrape(node)
         before = sample_value(samples, "dna_storage_session_refusals_total", reason="stalled")
         rss_before = sample_value(samples, "process_resident_memory_bytes")
-        # the other storage nodes' repair sessions (one each, open since the first pass)
+        # the other storage nodes' repair sessions: at most one each, opened the first time
+        # a mailbox differs between them (range compare), so one may open meanwhile
         open_before = sample_value(samples, "dna_storage_sessions_open")
         clients = [slow_reader(node) for _ in range(5)]
         for _, call in clients:  # five clients, each asking for 24 MiB and reading none of it
@@ -325,7 +326,8 @@ def test_a_client_that_never_reads_is_cut_and_costs_bounded_memory(
                 break
             await asyncio.sleep(0.5)
         assert stalled == before + 5
-        assert sample_value(samples, "dna_storage_sessions_open") == open_before
+        # the five cut sessions are gone: what is left is repair's, one per other node
+        assert open_before <= sample_value(samples, "dna_storage_sessions_open") <= STORAGE - 1
         growth = sample_value(samples, "process_resident_memory_bytes") - rss_before
         assert growth < 96 * 1024 * 1024  # far below the 120 MiB the clients asked for
         for channel, call in clients:
