@@ -68,6 +68,23 @@ def test_a_cache_cut_short_is_a_damaged_cache_not_a_wrong_key(
     assert path.read_bytes() == before
 
 
+def test_the_cache_and_its_wal_files_are_readable_by_their_owner_only(
+    tmp_path: Path, me: Identity, bob: Identity
+) -> None:
+    path = tmp_path / "cache.db"
+    cache = Cache.open(path, cache_key(me, DEVICE_A))
+    cache.add_message(incoming(bob, me, "hi", 1, b"m" * 16))  # the WAL files now exist
+    cache.close()
+    files = [path, path.with_name("cache.db-wal"), path.with_name("cache.db-shm")]
+    assert {f.name: f.stat().st_mode & 0o777 for f in files if f.exists()} == {
+        f.name: 0o600 for f in files if f.exists()
+    }
+    assert path.with_name("cache.db-wal").exists() or path.stat().st_size > 0
+    os.chmod(path, 0o644)  # an older cache, created before this: made private at its open
+    Cache.open(path, cache_key(me, DEVICE_A)).close()
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
 def test_messages_are_kept_once_and_searchable(cache: Cache, me: Identity, bob: Identity) -> None:
     cache.pin(Contact(bob.fingerprint, bob.public, "bob", False, 1, bob.fingerprint))
     first = incoming(bob, me, "the quick brown fox", 10, b"1" * 16)

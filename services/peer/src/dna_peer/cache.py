@@ -15,6 +15,7 @@ the whole unit or nothing, and redoing it adds no duplicates.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +195,7 @@ class Cache:
         conn.execute("PRAGMA foreign_keys = ON")
         conn.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS), so no transaction needed
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        _owner_only(path)
         return cls(conn)
 
     def close(self) -> None:
@@ -549,3 +551,12 @@ def _message(row: tuple[Any, ...]) -> Message:
         bytes(row[0]), bytes(row[1]), bytes(row[2]), bytes(row[3]), row[4], row[5],
         bool(row[6]), bool(row[7]),
     )  # fmt: skip
+
+
+def _owner_only(path: Path) -> None:
+    """The cache and its WAL files readable by their owner only, as the key file is: the
+    contents are encrypted, but who wrote to whom and when shows in their sizes and times.
+    SQLite gives WAL files the database file's mode, so later ones follow."""
+    for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(path.with_name(name), 0o600)
