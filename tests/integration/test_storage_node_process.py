@@ -3,7 +3,6 @@ fetch and delete, every refusal with its distinct status, durability across rest
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import shutil
 import time
@@ -14,10 +13,17 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from cluster import GRPC_PORT, NodeProcess, free_ips, sample_value, scrape, wait_ready
+from cluster import (
+    NodeProcess,
+    free_ips,
+    mailbox_call,
+    sample_value,
+    scrape,
+    wait_ready,
+)
 from dna_core.crypto import Identity, ReplayGuard, open_envelope, pow, seal
 from dna_core.mailbox import blob_id, mailbox_id, put_pow_hash, sign_delete, sign_fetch
-from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
+from dna_core.wire.gen.dna.v1 import mailbox_pb2
 from process_mark import starts_processes
 from support import seeded_identity
 
@@ -64,16 +70,7 @@ def put_request(blob: bytes, box: bytes, bits: int | None = POW_BITS) -> mailbox
 
 def call(method: str, request: Any) -> Any:
     """One unary call; returns the response or the AioRpcError."""
-
-    async def go() -> Any:
-        async with grpc.aio.insecure_channel(f"{IP}:{GRPC_PORT}") as channel:
-            stub = mailbox_pb2_grpc.MailboxStub(channel)
-            try:
-                return await getattr(stub, method)(request, timeout=5)
-            except grpc.aio.AioRpcError as err:
-                return err
-
-    return asyncio.run(go())
+    return mailbox_call(IP, method, request)
 
 
 def refused(result: Any, code: grpc.StatusCode) -> grpc.aio.AioRpcError:

@@ -950,11 +950,11 @@ class Repairer:
         """Exchange with each replica not known to hold what this node holds (``plan``,
         else every replica, found now); observe the mailbox's least-held item."""
         plan = plan or MailboxPlan(box, *await self.replica_peers(box))
-        to_sync, agreeing = plan.to_sync(), len(plan.peers) - len(plan.to_sync())
-        if plan.peers and not to_sync:  # each holds every item held here: no read, no call
-            self.metrics.replicas.observe(agreeing + plan.rightful)
+        peers, rightful = plan.to_sync(), plan.rightful
+        agreeing = len(plan.peers) - len(peers)
+        if plan.peers and not peers:  # each holds every item held here: no read, no call
+            self.metrics.replicas.observe(agreeing + rightful)
             return
-        peers, rightful = to_sync, plan.rightful
         our_ids, our_tombs = await self.backend.ids(box, _now_ms())
         ours = Holdings(frozenset(our_ids), frozenset(t.blob_id for t in our_tombs))
         exchange = self._sync_with if rightful else self._hand_off

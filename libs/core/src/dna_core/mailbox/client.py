@@ -87,8 +87,8 @@ from dna_core.mailbox.session import (
     Subscription,
     subscribe_nodes,
 )
-from dna_core.overlay.aio.node import OverlayNode
-from dna_core.overlay.contact import Contact, closest_first
+from dna_core.overlay.aio.node import OverlayNode, find_enough
+from dna_core.overlay.contact import Contact
 from dna_core.rpc_errors import call
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 
@@ -260,14 +260,12 @@ class MailboxClient:
         made once more and the two merged; still short of the replicas, it is cached only
         briefly."""
         want = self.replicas + HANDOFF_CANDIDATES
-        found = await self.node.find_closest(box)
-        contacts, missed = found.contacts, found.missed
-        if missed and len(storage_candidates(contacts, want)) < want:
-            again = await self.node.find_closest(box)
-            contacts, missed = closest_first(box, contacts, again.contacts), again.missed
-        nodes = storage_candidates(contacts, want)
+        found = await find_enough(
+            self.node, box, lambda contacts: len(storage_candidates(contacts, want)) >= want
+        )
+        nodes = storage_candidates(found.contacts, want)
         if nodes:
-            short = missed > 0 and len(nodes) < self.replicas
+            short = found.missed > 0 and len(nodes) < self.replicas
             self.replica_sets.put(box, nodes, SHORT_REPLICA_SET_TTL_S if short else None)
         return nodes
 

@@ -312,11 +312,9 @@ class OverlayNode:
         first of the lookup's k); returns acceptances. A lookup that found fewer while
         nodes it asked never answered (loaded nodes answer past its deadline) is made once
         more and the answers merged, so the record does not land on too few."""
-        found = await self.find_closest(key)
-        closest = found.contacts
-        if found.missed and len(closest) < self.config.record_replicas:
-            closest = closest_first(key, closest, (await self.find_closest(key)).contacts)
-        return await self.records.store(record, closest[: self.config.record_replicas])
+        replicas = self.config.record_replicas
+        found = await find_enough(self, key, lambda contacts: len(contacts) >= replicas)
+        return await self.records.store(record, found.contacts[:replicas])
 
     async def get_record(self, key: bytes, *, holders: int = 5) -> VerifiedRecord | None:
         """The best verified record for ``key``.
@@ -348,6 +346,20 @@ class OverlayNode:
         while True:
             await asyncio.sleep(self.config.refresh_interval * (0.5 + self.rng.random() / 2))
             await self.refresh()
+
+
+async def find_enough(
+    node: OverlayNode, target: bytes, enough: Callable[[list[Contact]], bool]
+) -> Closest:
+    """``node.find_closest(target)``, made once more when its answer is not ``enough`` while
+    nodes it asked never answered (loaded nodes answer past the lookup's adaptive deadline,
+    so a lookup can end short in a network that has more): the two answers merged, with
+    the second's ``missed``. For a write, which must not land on too few nodes."""
+    found = await node.find_closest(target)
+    if not found.missed or enough(found.contacts):
+        return found
+    again = await node.find_closest(target)
+    return Closest(closest_first(target, found.contacts, again.contacts), False, again.missed)
 
 
 def _resolve(
