@@ -132,6 +132,21 @@ def test_duplicates_are_no_ops_and_take_no_seq(stores: Stores, kind: str) -> Non
     run_scenario(stores, kind, scenario)
 
 
+def test_a_proof_in_parts_is_kept_whole(stores: Stores, kind: str) -> None:
+    """A put's proof goes to the other replicas with its blob (they check it again), so a
+    backend keeps every part of it: one part, 8 (what clients send) and the most (16)."""
+
+    async def scenario(b: MailboxBackend) -> None:
+        m = mbox(0)
+        proofs = [Proof(12, T0, 7), Proof(12, T0, 1, tuple(range(2, 9))),
+                  Proof(20, T0, 1, ((1 << 64) - 15, *range((1 << 64) - 14, 1 << 64)))]  # fmt: skip
+        blobs = [replace(blob(m, b"parts %d" % i), pow=proof) for i, proof in enumerate(proofs)]
+        assert await b.put_many(blobs, T0) == [STORED] * 3
+        assert [x.pow for x in await fetch_all(b, m, T0)] == proofs
+
+    run_scenario(stores, kind, scenario)
+
+
 def test_concurrent_puts_keep_seq_unique_and_increasing(stores: Stores, kind: str) -> None:
     async def scenario(b: MailboxBackend) -> None:
         m = mbox(0)

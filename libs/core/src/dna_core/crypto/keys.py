@@ -8,6 +8,7 @@ layout of the four public keys, is the identity's stable, collision-resistant na
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -133,14 +134,21 @@ class PublicKeySet:
 
     @classmethod
     def decode(cls, data: bytes) -> PublicKeySet:
-        """Import an exported key set; raises MalformedError."""
-        msg = decode_message(
-            common_pb2.PublicKeySet, data, max_size=MAX_PUBLIC_KEY_SET_BYTES, what="public key set"
-        )
-        keys = cls.from_proto(msg)
-        # Parse all four now: an imported set must be usable, not fail later.
-        keys.ml_dsa_key(), keys.ed25519_key(), keys.ml_kem_key(), keys.x25519_key()
-        return keys
+        """Import an exported key set; raises MalformedError. The same bytes give the same
+        (immutable) object while recently decoded: a contact's keys come out of the cache
+        for every message from it, and parsing ML-DSA and ML-KEM keys is the cost."""
+        return _decode_key_set(bytes(data))
+
+
+@functools.lru_cache(maxsize=256)  # ~6 KB each with the parsed keys
+def _decode_key_set(data: bytes) -> PublicKeySet:
+    msg = decode_message(
+        common_pb2.PublicKeySet, data, max_size=MAX_PUBLIC_KEY_SET_BYTES, what="public key set"
+    )
+    keys = PublicKeySet.from_proto(msg)
+    # Parse all four now: an imported set must be usable, not fail later.
+    keys.ml_dsa_key(), keys.ed25519_key(), keys.ml_kem_key(), keys.x25519_key()
+    return keys
 
 
 class Identity:

@@ -125,9 +125,10 @@ class DeleteResult:
 async def solve_yielding(
     payload_hash: bytes, difficulty: int, *, now_ms: int, chunk: int = POW_YIELD_EVERY
 ) -> tuple[pow_.Proof, int]:
-    """`pow.solve`, handing the event loop back every ``chunk`` attempts (~0.2 ms), so a
-    device solving a put's proof still handles what arrives meanwhile (a pushed message)."""
-    search = pow_.Search(payload_hash, difficulty, now_ms)
+    """`pow.solve` for a put (in `pow.PUT_PARTS` parts: the same work, a short tail),
+    handing the event loop back every ``chunk`` attempts (~0.2 ms), so a device solving
+    a put's proof still handles what arrives meanwhile (a pushed message)."""
+    search = pow_.Search(payload_hash, difficulty, now_ms, parts=pow_.parts_for(difficulty))
     while (found := search.step(chunk)) is None:
         await asyncio.sleep(0)
     return found

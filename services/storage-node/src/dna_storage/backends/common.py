@@ -25,13 +25,14 @@ import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
-from dna_core.crypto.pow import Proof
+from dna_core.crypto.pow import MAX_PARTS, Proof
 
 from dna_storage.backends.base import MailboxDigest
 
 D = TypeVar("D")
 DIGEST_DOMAIN = b"dna-mailbox-digest/v1"
-_POW_SIZE = 17  # difficulty (1 byte), timestamp_ms (8), nonce (8)
+_POW_SIZE = 17  # difficulty (1 byte), timestamp_ms (8), nonce (8); then 8 per more nonce
+_MAX_POW_SIZE = _POW_SIZE + 8 * (MAX_PARTS - 1)
 
 
 def encode_pow(proof: Proof | None) -> bytes | None:
@@ -41,14 +42,15 @@ def encode_pow(proof: Proof | None) -> bytes | None:
     return (
         bytes([proof.difficulty])
         + proof.timestamp_ms.to_bytes(8, "big")
-        + proof.nonce.to_bytes(8, "big")
+        + b"".join(nonce.to_bytes(8, "big") for nonce in proof.nonces)
     )
 
 
 def decode_pow(stored: bytes | None) -> Proof | None:
-    if not stored or len(stored) != _POW_SIZE:
+    if not stored or not _POW_SIZE <= len(stored) <= _MAX_POW_SIZE or (len(stored) - 1) % 8:
         return None
-    return Proof(stored[0], int.from_bytes(stored[1:9], "big"), int.from_bytes(stored[9:], "big"))
+    nonces = [int.from_bytes(stored[i : i + 8], "big") for i in range(9, len(stored), 8)]
+    return Proof(stored[0], int.from_bytes(stored[1:9], "big"), nonces[0], tuple(nonces[1:]))
 
 
 def mailbox_digest(

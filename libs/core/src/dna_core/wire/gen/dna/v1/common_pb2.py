@@ -25,29 +25,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64na/v1/common.proto\x12\x06\x64na.v1\"t\n\x0cPublicKeySet\x12\x1c\n\x05suite\x18\x01 \x01(\x0e\x32\r.dna.v1.Suite\x12\x11\n\tml_dsa_65\x18\x02 \x01(\x0c\x12\x0f\n\x07\x65\x64\x32\x35\x35\x31\x39\x18\x03 \x01(\x0c\x12\x12\n\nml_kem_768\x18\x04 \x01(\x0c\x12\x0e\n\x06x25519\x18\x05 \x01(\x0c\"F\n\x0bProofOfWork\x12\x12\n\ndifficulty\x18\x01 \x01(\r\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x04\x12\r\n\x05nonce\x18\x03 \x01(\x04\";\n\x08\x45ndpoint\x12\n\n\x02ip\x18\x01 \x01(\x0c\x12\x10\n\x08udp_port\x18\x02 \x01(\r\x12\x11\n\tgrpc_port\x18\x03 \x01(\r\"f\n\x0bNodeContact\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12#\n\tendpoints\x18\x02 \x03(\x0b\x32\x10.dna.v1.Endpoint\x12\x1e\n\x04role\x18\x03 \x01(\x0e\x32\x10.dna.v1.NodeRole\"U\n\x0cSignedRecord\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12$\n\x06signer\x18\x02 \x01(\x0b\x32\x14.dna.v1.PublicKeySet\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\xae\x01\n\nRecordBody\x12\x0f\n\x07version\x18\x01 \x01(\r\x12 \n\x04kind\x18\x02 \x01(\x0e\x32\x12.dna.v1.RecordKind\x12\x0b\n\x03key\x18\x03 \x01(\x0c\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x12\n\ncreated_ms\x18\x05 \x01(\x04\x12\x12\n\nexpires_ms\x18\x06 \x01(\x04\x12\x1a\n\x12signer_fingerprint\x18\x07 \x01(\x0c\x12\x0f\n\x07payload\x18\x08 \x01(\x0c*3\n\x05Suite\x12\x15\n\x11SUITE_UNSPECIFIED\x10\x00\x12\x13\n\x0fSUITE_HYBRID_V1\x10\x01*i\n\x08NodeRole\x12\x19\n\x15NODE_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13NODE_ROLE_BOOTSTRAP\x10\x01\x12\x15\n\x11NODE_ROLE_STORAGE\x10\x02\x12\x12\n\x0eNODE_ROLE_STUN\x10\x03*\x97\x01\n\nRecordKind\x12\x1b\n\x17RECORD_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14RECORD_KIND_IDENTITY\x10\x01\x12\x1a\n\x16RECORD_KIND_NAME_CLAIM\x10\x02\x12\x18\n\x14RECORD_KIND_PRESENCE\x10\x03\x12\x1c\n\x18RECORD_KIND_KEY_ROTATION\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64na/v1/common.proto\x12\x06\x64na.v1\"t\n\x0cPublicKeySet\x12\x1c\n\x05suite\x18\x01 \x01(\x0e\x32\r.dna.v1.Suite\x12\x11\n\tml_dsa_65\x18\x02 \x01(\x0c\x12\x0f\n\x07\x65\x64\x32\x35\x35\x31\x39\x18\x03 \x01(\x0c\x12\x12\n\nml_kem_768\x18\x04 \x01(\x0c\x12\x0e\n\x06x25519\x18\x05 \x01(\x0c\"[\n\x0bProofOfWork\x12\x12\n\ndifficulty\x18\x01 \x01(\r\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x04\x12\r\n\x05nonce\x18\x03 \x01(\x04\x12\x13\n\x0bmore_nonces\x18\x04 \x03(\x06\";\n\x08\x45ndpoint\x12\n\n\x02ip\x18\x01 \x01(\x0c\x12\x10\n\x08udp_port\x18\x02 \x01(\r\x12\x11\n\tgrpc_port\x18\x03 \x01(\r\"f\n\x0bNodeContact\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12#\n\tendpoints\x18\x02 \x03(\x0b\x32\x10.dna.v1.Endpoint\x12\x1e\n\x04role\x18\x03 \x01(\x0e\x32\x10.dna.v1.NodeRole\"U\n\x0cSignedRecord\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12$\n\x06signer\x18\x02 \x01(\x0b\x32\x14.dna.v1.PublicKeySet\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\xae\x01\n\nRecordBody\x12\x0f\n\x07version\x18\x01 \x01(\r\x12 \n\x04kind\x18\x02 \x01(\x0e\x32\x12.dna.v1.RecordKind\x12\x0b\n\x03key\x18\x03 \x01(\x0c\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x12\n\ncreated_ms\x18\x05 \x01(\x04\x12\x12\n\nexpires_ms\x18\x06 \x01(\x04\x12\x1a\n\x12signer_fingerprint\x18\x07 \x01(\x0c\x12\x0f\n\x07payload\x18\x08 \x01(\x0c*3\n\x05Suite\x12\x15\n\x11SUITE_UNSPECIFIED\x10\x00\x12\x13\n\x0fSUITE_HYBRID_V1\x10\x01*i\n\x08NodeRole\x12\x19\n\x15NODE_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13NODE_ROLE_BOOTSTRAP\x10\x01\x12\x15\n\x11NODE_ROLE_STORAGE\x10\x02\x12\x12\n\x0eNODE_ROLE_STUN\x10\x03*\x97\x01\n\nRecordKind\x12\x1b\n\x17RECORD_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14RECORD_KIND_IDENTITY\x10\x01\x12\x1a\n\x16RECORD_KIND_NAME_CLAIM\x10\x02\x12\x18\n\x14RECORD_KIND_PRESENCE\x10\x03\x12\x1c\n\x18RECORD_KIND_KEY_ROTATION\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dna_core.wire.gen.dna.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SUITE']._serialized_start=650
-  _globals['_SUITE']._serialized_end=701
-  _globals['_NODEROLE']._serialized_start=703
-  _globals['_NODEROLE']._serialized_end=808
-  _globals['_RECORDKIND']._serialized_start=811
-  _globals['_RECORDKIND']._serialized_end=962
+  _globals['_SUITE']._serialized_start=671
+  _globals['_SUITE']._serialized_end=722
+  _globals['_NODEROLE']._serialized_start=724
+  _globals['_NODEROLE']._serialized_end=829
+  _globals['_RECORDKIND']._serialized_start=832
+  _globals['_RECORDKIND']._serialized_end=983
   _globals['_PUBLICKEYSET']._serialized_start=31
   _globals['_PUBLICKEYSET']._serialized_end=147
   _globals['_PROOFOFWORK']._serialized_start=149
-  _globals['_PROOFOFWORK']._serialized_end=219
-  _globals['_ENDPOINT']._serialized_start=221
-  _globals['_ENDPOINT']._serialized_end=280
-  _globals['_NODECONTACT']._serialized_start=282
-  _globals['_NODECONTACT']._serialized_end=384
-  _globals['_SIGNEDRECORD']._serialized_start=386
-  _globals['_SIGNEDRECORD']._serialized_end=471
-  _globals['_RECORDBODY']._serialized_start=474
-  _globals['_RECORDBODY']._serialized_end=648
+  _globals['_PROOFOFWORK']._serialized_end=240
+  _globals['_ENDPOINT']._serialized_start=242
+  _globals['_ENDPOINT']._serialized_end=301
+  _globals['_NODECONTACT']._serialized_start=303
+  _globals['_NODECONTACT']._serialized_end=405
+  _globals['_SIGNEDRECORD']._serialized_start=407
+  _globals['_SIGNEDRECORD']._serialized_end=492
+  _globals['_RECORDBODY']._serialized_start=495
+  _globals['_RECORDBODY']._serialized_end=669
 # @@protoc_insertion_point(module_scope)

@@ -137,19 +137,28 @@ class ProofOfWork(_message.Message):
     DIFFICULTY_FIELD_NUMBER: _builtins.int
     TIMESTAMP_MS_FIELD_NUMBER: _builtins.int
     NONCE_FIELD_NUMBER: _builtins.int
+    MORE_NONCES_FIELD_NUMBER: _builtins.int
     difficulty: _builtins.int
     timestamp_ms: _builtins.int
     nonce: _builtins.int
+    @_builtins.property
+    def more_nonces(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """A proof of n parts (n a power of two, at most 16): n - 1 more nonces, strictly
+        increasing after `nonce`, each hash with `difficulty - log2(n)` leading zero bits:
+        the same work on average as one part, with a far shorter tail (docs/crypto.md).
+        """
+
     def __init__(
         self,
         *,
         difficulty: _builtins.int = ...,
         timestamp_ms: _builtins.int = ...,
         nonce: _builtins.int = ...,
+        more_nonces: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["difficulty", b"difficulty", "nonce", b"nonce", "timestamp_ms", b"timestamp_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["difficulty", b"difficulty", "more_nonces", b"more_nonces", "nonce", b"nonce", "timestamp_ms", b"timestamp_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
