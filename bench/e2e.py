@@ -1,7 +1,8 @@
 """End to end on the local testnet: a message from send to the recipient's cache, vs OpenDHT.
 
 ``uv run python -m bench.e2e [--messages N] [--rt-messages N] [--senders 10] [--rounds R]
-[--poll-interval S] [--shipped-admission] [--profile FILE] [--trace DIR] [--quick]``
+[--poll-interval S] [--shipped-admission] [--no-guard] [--profile FILE] [--trace DIR]
+[--quick]``
 
 What runs (issue 5, "Benchmark"; conventions: shared design/BENCH.md), all in one run:
 
@@ -570,6 +571,7 @@ class Config:
     profile: Path | None
     quick: bool
     trace: Path | None = None
+    guard: bool = True  # the nodes' connection guard (--no-guard, analysis)
 
     @property
     def receiving(self) -> str:
@@ -804,10 +806,11 @@ def report(run: Run, envelope: int) -> list[dict[str, Any]]:
 
 def start_testnet(root: Path, cfg: Config) -> Testnet:
     net = Testnet(root, addresses=LOOPBACK.take(NODES + 1), stun=1)  # + the TURN relay
-    if not cfg.shipped_admission:
-        for node in net.nodes:
-            if node.role == "storage":
-                node.extra_toml = ADMISSION_TOML
+    for node in net.nodes:
+        if node.role == "storage" and not cfg.shipped_admission:
+            node.extra_toml = ADMISSION_TOML
+        if node.role != "stun" and not cfg.guard:
+            node.connections_toml += "grpc_connection_guard = false\n"
     try:
         net.up(READY_TIMEOUT_S)
     except BaseException:
@@ -873,6 +876,7 @@ async def run_in(root: Path, cfg: Config) -> int:
             "rt_messages": cfg.rt_messages, "rounds": cfg.rounds, "warmup": cfg.warmup,
             "envelope_bytes": envelope, "testnet_ready_s": round(ready_s, 2),
             "admission": "shipped" if cfg.shipped_admission else ADMISSION,
+            "guard": cfg.guard,
             "receiving": cfg.receiving,
             "recipient_setup_s": recipient.setup_s, "baselines": setup, "floor": floor_parts,
             "ready_s": round(time.perf_counter() - t0, 2), "direct": first_direct,
@@ -975,6 +979,10 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         help="trace every message's way through every process into this directory and "
         "print where the time went (bench.e2e_trace)",
     )
+    parser.add_argument(
+        "--no-guard", dest="guard", action="store_false",
+        help="nodes without the connection guard (analysis: what the relay costs)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     cfg = Config(
         messages=harness.sized(args, args.messages or args.n, DEFAULT_MESSAGES, QUICK_MESSAGES),
@@ -985,6 +993,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         warmup=harness.sized(args, args.warmup, DEFAULT_WARMUP, QUICK_WARMUP),
         poll_interval=args.poll_interval,
         shipped_admission=args.shipped_admission,
+        guard=args.guard,
         budget_s=args.budget,
         profile=args.profile,
         quick=args.quick,
