@@ -112,6 +112,24 @@ def test_bytes_cross_both_ways_intact() -> None:
     assert asyncio.run(main()) == payload
 
 
+def test_both_sockets_of_a_link_have_nagle_off() -> None:
+    """With Nagle on, a relayed write that follows one not yet acknowledged waits for the
+    peer's delayed ACK (40 ms): the client's socket, accepted by the relay, once had it on."""
+
+    async def main() -> list[int]:
+        async with upstream() as port, relay_to(port) as relay:
+            reader, writer = await connect(relay)
+            assert await echoes(reader, writer)
+            (link,) = relay._links
+            sockets = [
+                side.transport.get_extra_info("socket") for side in (link.client, link.upstream)
+            ]
+            writer.close()
+            return [s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sockets]
+
+    assert asyncio.run(main()) == [1, 1]
+
+
 def test_a_client_that_does_not_read_stops_the_upstream_instead_of_filling_memory() -> None:
     sent = 0
 

@@ -34,6 +34,7 @@ from prometheus_client.exposition import choose_encoder
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from dna_core.ops.connections import ConnectionCaps, ConnectionLimits
+from dna_core.ops.listen import tcp_listener
 from dna_core.ops.logs import Log
 
 __all__ = ["HttpLimits", "OpsServer", "build_ops_app"]
@@ -241,7 +242,6 @@ class OpsServer:
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family)
+    sock = tcp_listener(host, port)  # Nagle off on what it accepts
     sock.setblocking(False)
     return sock

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import Callable
 from typing import Any, cast
 
 from dna_core.ops.connections import ConnectionCaps
+from dna_core.ops.listen import tcp_listener
 from dna_core.ratelimit import grpc_peer_ip
 
 __all__ = ["UPSTREAM_UNREACHABLE", "TcpRelay"]
@@ -214,8 +214,7 @@ class TcpRelay:
     async def start(self, host: str = "127.0.0.1", port: int = 0, *, backlog: int = 1024) -> int:
         """Listen; returns the bound port. A bind failure raises ``OSError`` (the socket's
         own: "Address already in use")."""
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.create_server((host, port), family=family, backlog=backlog)
+        sock = tcp_listener(host, port, backlog=backlog)  # Nagle off on what it accepts
         try:
             loop = asyncio.get_running_loop()
             self._server = await loop.create_server(lambda: _Accepted(self), sock=sock)
