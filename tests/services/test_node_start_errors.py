@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from cluster import NodeProcess, free_ips, wait_ready
-from support import run_script
+from support import BIN, run_script
 
 pytestmark = pytest.mark.process  # every test starts a node process
 
@@ -142,3 +143,30 @@ def test_an_unreachable_redis_is_one_line(tmp_path: Path) -> None:
     line = one_line_error(run("dna-storage-node", path), "dna-storage-node")
     assert f"127.0.0.1:{port}" in line and "redis" in line.lower(), line
     assert ":pw@" not in line
+
+
+def run_on_read_only(prog: str, path: Path, state: Path) -> subprocess.CompletedProcess[str]:
+    """``prog`` with ``state`` mounted read-only in a mount namespace of its own (root: the
+    test fails, not skips, without it)."""
+    script = (
+        f'mount --bind "{state}" "{state}" && mount -o remount,ro,bind "{state}" "{state}"'
+        f' && exec "{BIN / prog}" run --config "{path}"'
+    )
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DNA_")}
+    return subprocess.run(["unshare", "-m", "sh", "-c", script], check=False,
+                          capture_output=True, text=True, timeout=30, env=base,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+@pytest.mark.parametrize("prog", ["dna-bootstrap", "dna-storage-node"])
+def test_a_read_only_state_directory_is_one_line_naming_it(tmp_path: Path, prog: str) -> None:
+    """A node whose records (bootstrap) or mailboxes (storage) directory is on a read-only
+    mount says which directory and why, instead of SQLite's bare "unable to open"."""
+    state = tmp_path / "state"
+    state.mkdir()
+    path = config(tmp_path, "ro")
+    section = "[records]\npath" if prog == "dna-bootstrap" else "[storage]\ndata_dir"
+    target = state / "records" if prog == "dna-bootstrap" else state
+    path.write_text(path.read_text() + f'{section} = "{target}"\n')
+    line = one_line_error(run_on_read_only(prog, path, state), prog)
+    assert f"{state} is not writable: a read-only file system" in line, line

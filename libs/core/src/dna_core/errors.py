@@ -16,9 +16,23 @@ the status name the call ended with, so code above them never sees grpc types.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class DnaError(Exception):
     """Base of every error raised on purpose by DNA Messenger code."""
+
+
+def cannot_open(path: Path, exc: BaseException) -> DnaError:
+    """The one-line reason a node cannot use a file it keeps its state in, with the likely
+    cause when its directory is not writable (SQLite says only "unable to open database
+    file" for a read-only mount)."""
+    why = f"cannot open {path}: {exc}"
+    directory = path.parent
+    if directory.is_dir() and not os.access(directory, os.W_OK):
+        why += f" ({directory} is not writable: a read-only file system, or another owner)"
+    return DnaError(why)
 
 
 class ProtocolError(DnaError):

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from dna_core.errors import DnaError
+from dna_core.errors import DnaError, cannot_open
 from dna_core.ops.config import ConfigModel, ConfigPath, SecretStr
 from dna_core.ops.grpc_gate import ServiceRegistrar
 from dna_core.overlay import OverlayNode, OverlayServer, OverlayServiceConfig
@@ -120,7 +120,7 @@ async def open_backend(section: StorageSection) -> MailboxBackend:
         section.data_dir.mkdir(parents=True, exist_ok=True)
         return await SqliteBackend.open(path)
     except (sqlite3.Error, OSError) as exc:
-        raise DnaError(f"cannot open {path}: {exc}") from None
+        raise cannot_open(path, exc) from None
 
 
 class StorageMetrics:

@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import resource
 import socket
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollecto
 from pydantic import Field, field_validator
 
 from dna_core import __version__
+from dna_core.errors import cannot_open
 from dna_core.ops.config import (
     ConfigModel,
     ConfigPath,
@@ -385,7 +387,10 @@ class OverlayServer:
             max_records=cfg.records.max_records, max_bytes=cfg.records.max_bytes,
         )  # fmt: skip
         path = cfg.records_path()
-        self.record_file = RecordFile(path)
+        try:
+            self.record_file = RecordFile(path)
+        except (sqlite3.Error, OSError) as exc:
+            raise cannot_open(path, exc) from None
         loaded, dropped = self.record_file.load_into(store, wall_ms())
         self.log.info(
             "records loaded", extra={"path": str(path), "loaded": loaded, "dropped": dropped}
