@@ -11,10 +11,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from dna_core.crypto import Identity
 from dna_peer import keyserver
 from dna_peer.cache import Contact
 from dna_peer.keyserver import now_ms
+from dna_peer.peer import UnknownContactError
 from dna_testnet.network import Testnet, client_node
 from peers import People
 from support import run_script
@@ -125,5 +127,28 @@ def test_a_contact_who_rotated_twice_is_followed_to_the_last_keys(
                                 first.fingerprint))  # fmt: skip
         assert (await carol.add_contact(name)).fingerprint == third.fingerprint
         await asyncio.gather(alice.close(), carol.close())
+
+    asyncio.run(scenario())
+
+
+def test_an_old_fingerprint_whose_identity_record_expired_is_added_through_its_statement(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    """Bob rotated long ago: his old identity record expired (a week), his rotation
+    statement (30 days) has not. Adding the old fingerprint, as someone holding an old
+    business card would, finds his keys through the statement and pins the new ones; a
+    fingerprint with neither is still unknown."""
+
+    async def scenario() -> None:
+        people = People(tmp_path, testnet.seeds)
+        alice = await people.new("alice", publish=False)
+        old, new = Identity.generate(), Identity.generate()
+        await keyserver.publish_rotation(alice.node, old, new, "yearly")  # no old record
+        await keyserver.publish_identity(alice.node, new, "Bob")
+        added = await alice.add_contact(old.fingerprint.hex())
+        assert added.fingerprint == new.fingerprint and added.keys == new.public
+        with pytest.raises(UnknownContactError, match="no identity record"):
+            await alice.add_contact(Identity.generate().fingerprint.hex())
+        await alice.close()
 
     asyncio.run(scenario())

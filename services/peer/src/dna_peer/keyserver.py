@@ -111,11 +111,15 @@ async def _publish(
 
 
 async def lookup_keys(node: OverlayNode, fingerprint: bytes) -> PublicKeySet | None:
-    """The key set behind a fingerprint, from its identity record (None: not published)."""
-    found = await node.get_record(record_key(IDENTITY, fingerprint))
-    if found is None or found.signer.fingerprint != fingerprint:
-        return None
-    return found.signer
+    """The key set behind a fingerprint, from its identity record, or else from the rotation
+    statement it signed: an identity that rotated stops republishing its old record, which
+    expires in a week, while the statement lives 30 days, and names those same keys as its
+    signer (`Peer.refresh_contact` then follows it). None: neither is published."""
+    for kind in (IDENTITY, ROTATION):
+        found = await node.get_record(record_key(kind, fingerprint))
+        if found is not None and found.signer.fingerprint == fingerprint:
+            return found.signer
+    return None
 
 
 async def lookup_name(node: OverlayNode, name: str) -> bytes | None:
