@@ -53,10 +53,11 @@ def test_candidates_are_the_closest_storage_nodes_in_lookup_order() -> None:
 
 # -- write ----------------------------------------------------------------------------
 
-Answer = tuple[str, int]  # ("ok" | "fail" | "pow" | "retry", bits or milliseconds)
+Answer = tuple[str, int]  # ("ok" | "fail" | "full" | "pow" | "retry", bits or milliseconds)
 answers = st.one_of(
     st.just(("ok", 0)),
     st.just(("fail", 0)),
+    st.just(("full", 0)),  # the mailbox is at its quota on that node
     st.tuples(st.just("pow"), st.integers(0, MAX_BITS + 4)),
     st.tuples(st.just("retry"), st.integers(0, 5000)),
 )
@@ -69,6 +70,7 @@ class WriteRun:
     not_before: dict[bytes, float] = field(default_factory=dict)  # last "retry after" due
     late_sends: list[bytes] = field(default_factory=list)  # sent before its retry-after
     asked_for: set[int] = field(default_factory=set)  # bits some node asked for
+    fulls: list[int] = field(default_factory=list)  # sends made when each "full" came
 
 
 def drive_write(
@@ -105,6 +107,9 @@ def drive_write(
             run.oks.append(node)
         elif kind == "fail":
             assert plan.on_failure(node)
+        elif kind == "full":
+            assert plan.on_failure(node, "quota", no_room=True, mailbox_full=True)
+            run.fulls.append(len(run.sends))
         elif kind == "pow":
             run.asked_for.add(value)
             assert plan.on_pow_required(node, value)
@@ -163,7 +168,11 @@ def test_a_write_reaches_quorum_iff_w_nodes_stored_it_and_hands_off_only_what_is
         stored_before = {node for node in run.oks if run.sends.index(
             next(s for s in run.sends if s[0] == node)) < first}  # fmt: skip
         assert len(stored_before) < replicas
-    if len(plan.stored) < replicas:
+        # none in place of a node where the mailbox is full, none once W is out of reach
+        fulls_before = sum(sends <= first for sends in run.fulls)
+        assert fulls_before <= max(0, replicas - quorum)
+        assert len(stored_before) + fulls_before < replicas
+    if len(plan.stored) < replicas and not run.fulls:
         assert first_asked == ids
 
     # proof of work: only upward, only to what a node asked for, never past the cap
@@ -248,6 +257,37 @@ def test_a_failed_write_says_what_the_nodes_said_each_reason_once_and_bounded() 
     assert message.startswith("stored on 0 of 3 required replicas (")
     assert message.count(full) == 1 and "no answer" in message
     assert len(message) < 700
+
+
+@pytest.mark.parametrize(
+    ("replies", "spares_asked", "stored"),
+    [
+        ("FFFFF", 0, 0),  # full everywhere: refused as full, nothing handed off
+        ("FFF..", 0, 0),  # W out of the replicas' reach: no stand-in for the silent two
+        ("F.OOO", 1, 4),  # one full, one silent: a stand-in for the silent one only
+        ("FF...", 3, 3),  # W still in reach: stand-ins for the three silent ones
+    ],
+)
+def test_a_full_mailbox_is_not_handed_off(replies: str, spares_asked: int, stored: int) -> None:
+    """A replica that says the mailbox is at its quota answered for the mailbox: a hand-off
+    node would take the blob over the quota, where its owner does not read."""
+    cands = contacts(9)
+    plan = WritePlan(cands, replicas=5, write_quorum=3)
+    answer = dict(zip((c.node_id for c in cands), replies + "OOOO", strict=True))
+    asked = []
+    while isinstance(step := plan.next(0.0), Put):
+        node = step.contact.node_id
+        asked.append(node)
+        if answer[node] == "O":
+            plan.on_stored(node)
+        else:
+            full = answer[node] == "F"
+            plan.on_failure(node, "quota" if full else "", no_room=full, mailbox_full=full)
+    assert len(asked) == 5 + spares_asked and len(plan.stored) == stored
+    if stored < 3:
+        with pytest.raises(QuorumError) as raised:
+            plan.result(b"id")
+        assert raised.value.full
 
 
 @pytest.mark.parametrize(("no_room", "full"), [(5, True), (3, True), (2, False), (0, False)])

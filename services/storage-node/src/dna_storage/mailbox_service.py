@@ -301,6 +301,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
             pow_required=exc.required_bits if isinstance(exc, PowRequired) else 0,
             retry_after_ms=exc.retry_after_ms if isinstance(exc, RateLimited) else 0,
             deleted=exc.kind == "deleted",
+            kind=exc.kind,
         )
 
     async def Fetch(  # noqa: N802

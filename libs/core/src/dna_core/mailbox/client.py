@@ -61,6 +61,7 @@ from dna_core.mailbox.ids import blob_id, mailbox_id, put_pow_hash
 from dna_core.mailbox.planner import (
     FETCH_BUDGET_BYTES,
     HANDOFF_CANDIDATES,
+    MAILBOX_FULL,
     MAX_POW_BITS,
     REPLICA_SET_CACHE_SIZE,
     REPLICA_SET_TTL_S,
@@ -362,7 +363,8 @@ class MailboxClient:
             plan.on_retry_after(node_id, outcome.retry_after_ms, now)
         else:
             no_room = outcome.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
-            plan.on_failure(node_id, outcome.reason, no_room=no_room)
+            plan.on_failure(node_id, outcome.reason, no_room=no_room,
+                            mailbox_full=outcome.kind == MAILBOX_FULL)  # fmt: skip
         if node_id in plan.failed:
             self.replica_sets.forget(box)  # a candidate is down or refusing: look again
 

@@ -18,7 +18,11 @@ write is over (`Finished`); the adapter reports each node's answer (``on_stored`
   round;
 * otherwise, once every node of a round has answered, the next-closest candidates take
   the place of the replicas that did not store the blob (hinted hand-off): as many as are
-  missing from R, so no more than R nodes ever store it;
+  missing from R, so no more than R nodes ever store it; but none for a replica that said
+  the mailbox is full (``mailbox_full``), and none at all once W is out of the replicas'
+  reach for that reason: a hand-off node would take the blob over the owner's quota where
+  the owner does not read (a fetch asks hand-off nodes only for replicas that do not
+  answer), and the sender would be told "stored" for a message its recipient never sees;
 * the write reached its quorum once W nodes stored it (``quorum_reached``).
 
 A fetch (`ReadPlan`): ``next()`` names the nodes to ask in a round (`Ask`), each from its
@@ -46,6 +50,7 @@ from dna_core.wire.gen.dna.v1 import common_pb2
 
 REPLICAS = 5
 WRITE_QUORUM = 3
+MAILBOX_FULL = "quota"  # the kind of a put refused because the mailbox is at its quota
 HANDOFF_CANDIDATES = 4  # further storage nodes that may take writes for absent replicas
 MAX_POW_BITS = 28  # a client does not solve harder than this: ~0.3 G hashes
 PUT_ATTEMPTS = 3  # sends of one put to one node in a round ("retry after" allows more)
@@ -206,6 +211,7 @@ class WritePlan:
         self.failed: set[bytes] = set()  # nodes that did not answer or refused
         self.refusals: dict[str, None] = {}  # why nodes refused, each reason once, in order
         self.no_room = 0  # nodes that refused for lack of room
+        self.mailbox_full = 0  # of them, nodes where the mailbox is at its quota: no hand-off
         self._finished = not self._round
 
     @property
@@ -250,10 +256,17 @@ class WritePlan:
             self.pow_bits = harder  # a node raised the bar: everyone not done, again
             nodes = [s.contact for s in slots if s.state is not _Put.STORED]
         else:
-            missing = self.replicas - len(self.stored)  # hinted hand-off
-            nodes = [self._spare.popleft() for _ in range(min(missing, len(self._spare)))]
+            nodes = [self._spare.popleft() for _ in range(min(self._absent(), len(self._spare)))]
         self._round = self._slots(nodes)
         self._finished = not self._round
+
+    def _absent(self) -> int:
+        """Replicas a hand-off node may stand in for: those that did not store the blob,
+        but not one that said the mailbox is full there, and none at all once so many said
+        so that W is out of the replicas' reach (the mailbox is full)."""
+        if self.mailbox_full > max(0, self.replicas - self.write_quorum):
+            return 0
+        return self.replicas - len(self.stored) - self.mailbox_full
 
     def _slots(self, nodes: Iterable[Contact]) -> dict[bytes, _Slot]:
         """A round's nodes; one that said "retry after" is not asked before it is due, even
@@ -296,14 +309,19 @@ class WritePlan:
             slot.state, slot.at = _Put.READY, due
         return True
 
-    def on_failure(self, node_id: bytes, reason: str = "", *, no_room: bool = False) -> bool:
+    def on_failure(
+        self, node_id: bytes, reason: str = "", *, no_room: bool = False,
+        mailbox_full: bool = False,
+    ) -> bool:  # fmt: skip
         """The node did not answer, or refused for good (``reason``: what it said;
-        ``no_room``: for lack of room)."""
+        ``no_room``: for lack of room; ``mailbox_full``: the mailbox is at its quota there,
+        which no hand-off node may make up for)."""
         slot = self._sent(node_id)
         if slot is None:
             return False
         self._fail(slot, reason or "no answer")
-        self.no_room += no_room
+        self.no_room += no_room or mailbox_full
+        self.mailbox_full += mailbox_full
         return True
 
     def _fail(self, slot: _Slot, reason: str) -> None:

@@ -363,6 +363,7 @@ class PutOutcome(_message.Message):
     POW_REQUIRED_FIELD_NUMBER: _builtins.int
     RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
     DELETED_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """a gRPC status code: 0 = stored durably"""
     reason: _builtins.str
@@ -375,6 +376,8 @@ class PutOutcome(_message.Message):
     """set with a rate-limit refusal"""
     deleted: _builtins.bool
     """refused because its owner deleted it: it was delivered"""
+    kind: _builtins.str
+    """the refusal's stable token (docs/storage.md): "quota" (the"""
     def __init__(
         self,
         *,
@@ -385,10 +388,11 @@ class PutOutcome(_message.Message):
         pow_required: _builtins.int = ...,
         retry_after_ms: _builtins.int = ...,
         deleted: _builtins.bool = ...,
+        kind: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_id", b"blob_id", "code", b"code", "deleted", b"deleted", "expires_ms", b"expires_ms", "pow_required", b"pow_required", "reason", b"reason", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_id", b"blob_id", "code", b"code", "deleted", b"deleted", "expires_ms", b"expires_ms", "kind", b"kind", "pow_required", b"pow_required", "reason", b"reason", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
