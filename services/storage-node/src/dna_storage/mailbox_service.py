@@ -342,9 +342,11 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
     async def read_page(
         self, box: bytes, cursor: int, limit: int, now_ms: int
     ) -> mailbox_pb2.FetchResponse:
-        """The blobs after ``cursor`` (a seq), cut to one response's bytes."""
+        """The blobs after ``cursor`` (a seq), cut to one response's bytes by the backend,
+        which reads no more than those (a page of ``limit`` max-size blobs read whole, then
+        cut, held 1,000 x 256 KiB for a moment per fetch)."""
         incarnation = await self.backend.incarnation()
-        page = await self.backend.fetch(box, cursor, limit, now_ms)
+        page = await self.backend.fetch(box, cursor, limit, now_ms, max_bytes=PAGE_BYTES)
         blobs, next_cursor, more = _cut_by_bytes(page, PAGE_BYTES)
         return mailbox_pb2.FetchResponse(
             blobs=[blob_proto(b) for b in blobs],
