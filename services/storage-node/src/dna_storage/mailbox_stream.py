@@ -37,7 +37,8 @@ from typing import Any
 import grpc
 from dna_core import trace
 from dna_core.errors import CapacityError, MalformedError, ProtocolError
-from dna_core.rpc_session_server import ServerSession
+from dna_core.ratelimit import source_key
+from dna_core.rpc_session_server import ServerSession, SourceCaps
 from dna_core.wire import mailbox_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -48,6 +49,9 @@ log = logging.getLogger("dna.storage.session")
 WINDOW = 64  # unanswered requests a session may have
 STALL_S = 30.0  # how long a response may wait for the client to read it (a busy client is slow)
 MAX_SUBSCRIPTIONS = 8  # per session: a device has one mailbox, plus retired ones
+SESSIONS_PER_SOURCE = 32  # a NAT's devices, and a storage node's repair, share an address
+SESSIONS = 4096
+SUBSCRIPTIONS_PER_SOURCE = 64
 PAGES_HELD = 4  # pages and put batches (up to 2, 4 MiB) a session holds, read or queued
 MAX_GROUP = 64  # session puts written in one backend call
 PUSH_LIMIT = 200  # blobs per pushed page
@@ -74,8 +78,10 @@ class SessionMetrics:
         )
         self.refusals = Counter(
             "dna_storage_session_refusals",
-            "Sessions cut (window, duplicate_id, malformed, stalled) and subscriptions "
-            "refused (subscribe_denied, subscriptions), by reason",
+            "Sessions cut (window, duplicate_id, malformed, stalled), refused at opening "
+            "(source_limit, node_limit) and subscriptions refused (subscribe_denied, "
+            "subscriptions: over 8 on a session, subscriptions_source_limit, "
+            "subscriptions_node_limit), by reason",
             ["reason"],
             registry=registry,
         )
@@ -186,10 +192,18 @@ class SessionRules:
         *,
         window: int = WINDOW,
         stall_s: float = STALL_S,
+        sessions: SourceCaps | None = None,
+        subscriptions: SourceCaps | None = None,
+        ipv6_prefix_len: int = 64,
     ) -> None:
         self.service, self.subscribers, self.metrics = service, subscribers, metrics
         self.writer = GroupWriter(service.backend)
         self.window, self.stall_s = window, stall_s
+        self.sessions = sessions or SourceCaps("session", SESSIONS_PER_SOURCE, SESSIONS)
+        self.subscriptions = subscriptions or SourceCaps(
+            "subscriptions", SUBSCRIPTIONS_PER_SOURCE, SESSIONS * MAX_SUBSCRIPTIONS
+        )
+        self.ipv6_prefix_len = ipv6_prefix_len
 
 
 class MailboxSession(ServerSession):
@@ -198,14 +212,17 @@ class MailboxSession(ServerSession):
     `dna_core.rpc_session_server`)."""
 
     def __init__(self, rules: SessionRules, context: Ctx) -> None:
+        source_ip = peer_ip(context)
         super().__init__(
             context, window=rules.window, stall_s=rules.stall_s,
-            opened=rules.metrics.open, cuts=rules.metrics.refusals,
+            opened=rules.metrics.open, cuts=rules.metrics.refusals, caps=rules.sessions,
+            source=source_key(source_ip, ipv6_prefix_len=rules.ipv6_prefix_len),
         )  # fmt: skip
         self.rules, self.service, self.metrics = rules, rules.service, rules.metrics
-        self.source_ip = peer_ip(context)
+        self.source_ip = source_ip
         self.subscriptions: dict[int, Subscription] = {}
         self.pages = asyncio.Semaphore(PAGES_HELD)
+        self.paged: mailbox_pb2.SessionRequest | None = None  # read, waiting for a slot
         self.received = 0
 
     def _hello(self) -> mailbox_pb2.SessionResponse:
@@ -225,17 +242,26 @@ class MailboxSession(ServerSession):
             self._unsubscribe(request.unsubscribe.id)
             return
         self.claim(request.id, self.subscriptions)
-        self.spawn(self._serve(request))
+        if op in PAGED_OPS:
+            self.paged = request  # served once it has a page slot (``_room``)
+        else:
+            self.spawn(self._serve(request, paged=False))
+
+    async def _room(self) -> None:
+        # A page (up to 2 MiB), or a batch of puts or a sync message (up to the 4 MiB
+        # message limit), holds a slot from before the next frame is read until its answer
+        # is written: a session holds at most PAGES_HELD of them, read or not. (Waiting
+        # for the slot after reading on, a session sending 4 MiB batches held its window
+        # of them: 64 x 4 MiB.)
+        request, self.paged = self.paged, None
+        if request is not None:
+            await self.pages.acquire()
+            self.spawn(self._serve(request, paged=True))
 
     # -- serving -----------------------------------------------------------------------
 
-    async def _serve(self, request: mailbox_pb2.SessionRequest) -> None:
-        # A page (up to 2 MiB), or a batch of puts (up to the 4 MiB message limit), holds a
-        # slot until its answer is written, not only while it is served: what a session
-        # holds of them is bounded, read or not.
-        paged = request.WhichOneof("op") in PAGED_OPS
-        if paged:
-            await self.pages.acquire()
+    async def _serve(self, request: mailbox_pb2.SessionRequest, *, paged: bool) -> None:
+        """Answer one request; a ``paged`` one came with its page slot (``_room``)."""
         subscription: Subscription | None = None
         try:
             response, subscription = await self._answer(request)
@@ -306,6 +332,9 @@ class MailboxSession(ServerSession):
         except ProtocolError:
             self.metrics.refusals.labels(reason="subscribe_denied").inc()
             raise
+        if (refused := self.rules.subscriptions.take(self.source)) is not None:
+            self.metrics.refusals.labels(reason=f"subscriptions_{refused.kind}").inc()
+            raise CapacityError(refused.reason)
         subscription = Subscription(owner.mailbox_id, cursor, min(body.limit, PUSH_LIMIT))
         # Listen before reading: a blob stored meanwhile wakes the pump, nothing is missed.
         self.rules.subscribers.add(subscription.box, subscription.wake)
@@ -361,6 +390,7 @@ class MailboxSession(ServerSession):
         if subscription is None:
             return
         self.rules.subscribers.remove(subscription.box, subscription.wake)
+        self.rules.subscriptions.give(self.source)
         self.metrics.subscriptions.dec()
         if subscription.pump is not None:
             subscription.pump.cancel()
