@@ -1,8 +1,10 @@
-"""Hostile session clients against one real storage node (docs/storage.md, "Memory"): sessions
+"""Hostile clients against one real storage node (docs/storage.md, "Memory"): sessions
 over the per-address and per-node caps are refused with a status before they hold anything,
 counted, while another address is still served; a session that fills its page slots with
 answers it never reads, then sends its window of 4 MiB batches, holds at most its slots' worth
-of them (the rest wait in the client, by HTTP/2 flow control), not its window's."""
+of them (the rest wait in the client, by HTTP/2 flow control), not its window's; a request
+over the message limit on any RPC, or over one of the node's bounds, is refused with a
+clear status, stores nothing, and the node goes on serving."""
 
 from __future__ import annotations
 
@@ -17,9 +19,9 @@ import pytest
 from cluster import GRPC_PORT, NodeProcess, free_ips, now_ms, sample_value, scrape, wait_ready
 from dna_core.crypto import Identity, seal
 from dna_core.crypto import pow as pow_
-from dna_core.mailbox import mailbox_id, put_pow_hash, sign_fetch
+from dna_core.mailbox import mailbox_id, put_pow_hash, sign_delete, sign_fetch
 from dna_core.ops.relay import TcpRelay
-from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
+from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc, overlay_pb2
 from stream_sessions import raw_session, slow_reader, status_of
 
 pytestmark = pytest.mark.process  # every test starts a storage node
@@ -176,3 +178,83 @@ def test_a_session_holds_at_most_its_page_slots_of_big_batches_whatever_it_sends
     assert grown < 72 * MIB, f"grew {grown / MIB:.0f} MiB"
     assert refusals(node, "stalled") == PER_SOURCE
     assert sample_value(scrape(node), "dna_storage_sessions_open") == 0
+
+
+SERVICES = [
+    mailbox_pb2.DESCRIPTOR.services_by_name["Mailbox"],
+    overlay_pb2.DESCRIPTOR.services_by_name["Overlay"],
+]
+OVERSIZED = 5 * MIB  # over the 4 MiB message limit
+
+
+async def oversized_call(channel: grpc.aio.Channel, method: Any) -> grpc.StatusCode:
+    """One request of ``OVERSIZED`` bytes to ``method``, unary or stream: the status."""
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    body = os.urandom(OVERSIZED)
+    try:
+        if method.client_streaming:
+            call: Any = channel.stream_stream(path)()
+            await call.write(body)
+            await call.done_writing()
+            async for _ in call:
+                pass
+        else:
+            await channel.unary_unary(path)(body, timeout=10)
+    except grpc.aio.AioRpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+def bounds_refusals(owner: Identity, sender: Identity) -> dict[str, tuple[str, Any]]:
+    """Well-formed requests over a bound, by what they try: the method and the request."""
+    big = put(owner, envelope(owner, sender, 1_000))
+    big.blob = big.blob + os.urandom(256 * 1024)  # over max_blob_bytes
+    many = mailbox_pb2.PutManyRequest(puts=[put(owner, envelope(owner, sender, 100))] * 65)
+    fetch_over = mailbox_pb2.FetchRequest.FromString(sign_fetch(owner, limit=1001, now_ms=now_ms()))
+    delete_over = mailbox_pb2.DeleteRequest.FromString(
+        sign_delete(owner, [os.urandom(32) for _ in range(1001)], now_ms=now_ms())
+    )
+    push = mailbox_pb2.SyncPushRequest(mailbox_id=mailbox_id(owner.fingerprint))
+    return {
+        "blob over the size limit": ("Put", big),
+        "65 puts in a batch": ("PutMany", many),
+        "fetch limit 1001": ("Fetch", fetch_over),
+        "delete of 1001 IDs": ("Delete", delete_over),
+        "sync push from nobody": ("SyncPush", push),
+    }
+
+
+def test_oversized_and_out_of_bounds_requests_are_refused_store_nothing_and_the_node_serves(
+    node: NodeProcess,
+) -> None:
+    owner, sender = Identity.generate(), Identity.generate()
+
+    async def work() -> None:
+        async with grpc.aio.insecure_channel(
+            target(node), options=[("grpc.max_send_message_length", 2 * OVERSIZED)]
+        ) as channel:
+            for service in SERVICES:
+                for method in service.methods:
+                    code = await oversized_call(channel, method)
+                    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, method.full_name
+            stub = mailbox_pb2_grpc.MailboxStub(channel)
+            for what, (name, request) in bounds_refusals(owner, sender).items():
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await getattr(stub, name)(request, timeout=10)
+                assert refused.value.code() in (
+                    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED
+                ), what  # fmt: skip
+                assert 0 < len(refused.value.details() or "") < 200, what
+            page = await stub.Fetch(fetch(owner), timeout=10)
+            assert list(page.blobs) == []  # nothing of it was stored
+            stored = await stub.Put(put(owner, envelope(owner, sender, 1_000)), timeout=10)
+            page = await stub.Fetch(fetch(owner), timeout=10)  # and the node still serves
+            assert [b.blob_id for b in page.blobs] == [stored.blob_id]
+
+    asyncio.run(work())
+    log = node.log_path.read_text(errors="replace")
+    assert "Traceback" not in log
+
+
+def fetch(owner: Identity) -> mailbox_pb2.FetchRequest:
+    return mailbox_pb2.FetchRequest.FromString(sign_fetch(owner, limit=100, now_ms=now_ms()))
