@@ -199,7 +199,8 @@ async def oversized_call(channel: grpc.aio.Channel, method: Any) -> grpc.StatusC
             async for _ in call:
                 pass
         else:
-            await channel.unary_unary(path)(body, timeout=10)
+            unary: Any = channel.unary_unary(path)
+            await unary(body, timeout=10)
     except grpc.aio.AioRpcError as err:
         return err.code()
     return grpc.StatusCode.OK
