@@ -79,6 +79,46 @@ class SourceCaps:
         self.count -= 1
 
 
+class SharedSlots:
+    """Slots every session of a node draws from, at most ``per_source`` held by the
+    sessions of one address and ``total`` by all: what bounds the node's memory for
+    sessions as a whole (each session also has its own few). ``acquire`` waits for a
+    slot; ``release`` is plain (called once an answer is written)."""
+
+    def __init__(self, per_source: int, total: int) -> None:
+        self.per_source, self.total = per_source, total
+        self.held: dict[str, int] = {}
+        self.count = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def _fits(self, source: str) -> bool:
+        return self.count < self.total and self.held.get(source, 0) < self.per_source
+
+    async def acquire(self, source: str) -> None:
+        while not self._fits(source):
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                self._waiters.remove(waiter)
+        self.held[source] = self.held.get(source, 0) + 1
+        self.count += 1
+
+    def release(self, source: str, count: int = 1) -> None:
+        if count <= 0:
+            return
+        left = self.held.get(source, 0) - count
+        if left > 0:
+            self.held[source] = left
+        else:
+            self.held.pop(source, None)
+        self.count -= count
+        for waiter in self._waiters:  # each checks again whether it fits now
+            if not waiter.done():
+                waiter.set_result(None)
+
+
 class SessionCutError(Exception):
     """The session breaks a rule: end it with ``code`` and ``reason`` (counted by kind)."""
 

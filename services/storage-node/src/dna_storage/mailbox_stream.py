@@ -38,7 +38,7 @@ import grpc
 from dna_core import trace
 from dna_core.errors import CapacityError, MalformedError, ProtocolError
 from dna_core.ratelimit import source_key
-from dna_core.rpc_session_server import ServerSession, SourceCaps
+from dna_core.rpc_session_server import ServerSession, SharedSlots, SourceCaps
 from dna_core.wire import mailbox_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -52,6 +52,8 @@ MAX_SUBSCRIPTIONS = 8  # per session: a device has one mailbox, plus retired one
 SESSIONS_PER_SOURCE = 32  # a NAT's devices, and a storage node's repair, share an address
 SESSIONS = 4096
 SUBSCRIPTIONS_PER_SOURCE = 64
+NODE_PAGES_PER_SOURCE = 16  # page slots the sessions of one address hold together
+NODE_PAGES = 128  # and all sessions of the node: ~3-6 MiB each (a page, or a 4 MiB batch)
 PAGES_HELD = 4  # pages and put batches (up to 2, 4 MiB) a session holds, read or queued
 MAX_GROUP = 64  # session puts written in one backend call
 PUSH_LIMIT = 200  # blobs per pushed page
@@ -195,6 +197,7 @@ class SessionRules:
         sessions: SourceCaps | None = None,
         subscriptions: SourceCaps | None = None,
         ipv6_prefix_len: int = 64,
+        node_pages: SharedSlots | None = None,
     ) -> None:
         self.service, self.subscribers, self.metrics = service, subscribers, metrics
         self.writer = GroupWriter(service.backend)
@@ -204,6 +207,7 @@ class SessionRules:
             "subscriptions", SUBSCRIPTIONS_PER_SOURCE, SESSIONS * MAX_SUBSCRIPTIONS
         )
         self.ipv6_prefix_len = ipv6_prefix_len
+        self.node_pages = node_pages or SharedSlots(NODE_PAGES_PER_SOURCE, NODE_PAGES)
 
 
 class MailboxSession(ServerSession):
@@ -223,6 +227,7 @@ class MailboxSession(ServerSession):
         self.subscriptions: dict[int, Subscription] = {}
         self.pages = asyncio.Semaphore(PAGES_HELD)
         self.paged: mailbox_pb2.SessionRequest | None = None  # read, waiting for a slot
+        self.node_pages_held = 0  # of the node's shared slots, given back when it ends
         self.received = 0
 
     def _hello(self) -> mailbox_pb2.SessionResponse:
@@ -232,7 +237,24 @@ class MailboxSession(ServerSession):
         self._end_subscriptions()
 
     def _ended(self) -> None:
+        self.rules.node_pages.release(self.source, self.node_pages_held)
+        self.node_pages_held = 0
         self.metrics.per_session.observe(self.received)
+
+    async def _take_page(self) -> None:
+        """One of this session's page slots, then one of the node's (``SharedSlots``)."""
+        await self.pages.acquire()
+        try:
+            await self.rules.node_pages.acquire(self.source)
+        except BaseException:
+            self.pages.release()
+            raise
+        self.node_pages_held += 1
+
+    def _give_page(self) -> None:
+        self.pages.release()
+        self.node_pages_held -= 1
+        self.rules.node_pages.release(self.source)
 
     def _take(self, request: mailbox_pb2.SessionRequest) -> None:
         self.received += 1
@@ -255,7 +277,7 @@ class MailboxSession(ServerSession):
         # of them: 64 x 4 MiB.)
         request, self.paged = self.paged, None
         if request is not None:
-            await self.pages.acquire()
+            await self._take_page()
             self.spawn(self._serve(request, paged=True))
 
     # -- serving -----------------------------------------------------------------------
@@ -276,7 +298,7 @@ class MailboxSession(ServerSession):
 
         def written() -> None:
             if paged:
-                self.pages.release()
+                self._give_page()
 
         await self.out.put((response, written, request.id))
         if subscription is not None:  # its pushes only after its first page
@@ -362,14 +384,14 @@ class MailboxSession(ServerSession):
         while True:
             await subscription.wake.wait()
             subscription.wake.clear()
-            await self.pages.acquire()
+            await self._take_page()
             try:
                 page = await self._next_page(subscription, self.service.wall_ms())
             except BaseException:
-                self.pages.release()
+                self._give_page()
                 raise
             if not page.blobs:
-                self.pages.release()
+                self._give_page()
                 continue
             for stored in page.blobs:
                 trace.mark("node.push_read", stored.blob_id)
@@ -382,7 +404,7 @@ class MailboxSession(ServerSession):
     def _page_written(self, written: asyncio.Event, page: mailbox_pb2.FetchResponse) -> None:
         for stored in page.blobs:
             trace.mark("node.push_written", stored.blob_id)
-        self.pages.release()
+        self._give_page()
         written.set()
 
     def _unsubscribe(self, sub_id: int) -> None:

@@ -24,7 +24,7 @@ from dna_core.errors import DnaError
 from dna_core.ops.config import ConfigModel, ConfigPath, SecretStr
 from dna_core.ops.grpc_gate import ServiceRegistrar
 from dna_core.overlay import OverlayNode, OverlayServer, OverlayServiceConfig
-from dna_core.rpc_session_server import SourceCaps
+from dna_core.rpc_session_server import SharedSlots, SourceCaps
 from dna_core.wire import common_pb2, mailbox_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import Field, model_validator
@@ -37,6 +37,8 @@ from dna_storage.backends.sqlite import SqliteBackend
 from dna_storage.mailbox_service import BATCHES_AT_ONCE, DAY_S, Retention
 from dna_storage.mailbox_stream import (
     MAX_SUBSCRIPTIONS,
+    NODE_PAGES,
+    NODE_PAGES_PER_SOURCE,
     SESSIONS,
     SESSIONS_PER_SOURCE,
     STALL_S,
@@ -99,6 +101,12 @@ class StorageSection(ConfigModel):
     sessions_max: int = Field(default=SESSIONS, ge=1)
     """Mailbox sessions open at once on this node, from every address (docs/storage.md,
     "Memory", for what each may hold)."""
+    session_pages_max: int = Field(default=NODE_PAGES, ge=1)
+    """Pages (fetch or push, 2 MiB) and batches (PutMany, sync, up to 4 MiB) all mailbox
+    sessions hold at once, from reading one until its answer is written; a session wanting
+    more waits before reading on (docs/storage.md, "Memory": what bounds the node)."""
+    session_pages_per_source: int = Field(default=NODE_PAGES_PER_SOURCE, ge=1)
+    """Of those, what the sessions of one address hold together."""
     put_batches_at_once: int = Field(default=BATCHES_AT_ONCE, ge=1)
     """PutMany batches (unary or on sessions) judged and written at once; each holds up to
     ~16 MiB while judged, the others wait their turn (docs/storage.md, "Memory")."""
@@ -273,6 +281,9 @@ class StorageNode:
                     section.sessions_max * MAX_SUBSCRIPTIONS,
                 ),
                 ipv6_prefix_len=self.config.admission.ipv6_prefix_len,
+                node_pages=SharedSlots(
+                    section.session_pages_per_source, section.session_pages_max
+                ),
             )  # fmt: skip
             return [register(service, MAILBOX_DESCRIPTOR)]
 
