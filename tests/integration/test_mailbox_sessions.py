@@ -278,6 +278,12 @@ def fetch_frame(owner: Any, request_id: int) -> bytes:
     return mailbox_pb2.SessionRequest(id=request_id, fetch=fetch).SerializeToString()
 
 
+def delete_frame(request_id: int) -> bytes:
+    """A delete that does not decode: answered at once with its refusal (a small answer)."""
+    delete = mailbox_pb2.DeleteRequest(body=b"\x01")
+    return mailbox_pb2.SessionRequest(id=request_id, delete=delete).SerializeToString()
+
+
 def test_more_requests_than_the_window_cut_the_session(network: list[NodeProcess]) -> None:
     carol = seeded_identity("session-carol-window")
     node = storage(network)[3]
@@ -286,9 +292,14 @@ def test_more_requests_than_the_window_cut_the_session(network: list[NodeProcess
         await big_mailbox(overlay, carol)
         before = sample_value(scrape(node), "dna_storage_session_refusals_total", reason="window")
         channel, flood = slow_reader(node)
-        for i in range(4 * WINDOW):  # 2 MiB answers, never read: they stay unanswered
+        # 2 MiB answers, never read, fill the session's page slots (a fetch more would not
+        # be read before one is written); the small answers queued behind them stay
+        # unanswered, and the one past the window cuts the session
+        frames = [fetch_frame(carol, i + 1) for i in range(4)]
+        frames += [delete_frame(100 + i) for i in range(4 * WINDOW)]
+        for frame in frames:
             try:
-                await flood.write(fetch_frame(carol, i + 1))
+                await flood.write(frame)
             except grpc.aio.AioRpcError:
                 break  # the node cut the session: nothing more goes out on it
         code, details = await status_of(flood)

@@ -4,7 +4,8 @@ Prometheus registry) served over real gRPC in this process, so a test can look a
 session holds: more than the window unanswered, an ID still in use, a frame that does not
 decode or is over the message limit, a client that never reads are each cut with their
 status and counted, and hold at most the window; a request refused for its record or for
-the rate is refused alone, changes nothing held, and the session serves the next one."""
+the rate is refused alone, changes nothing held, and the session serves the next one; a
+session over the per-address cap is refused at opening."""
 
 from __future__ import annotations
 
@@ -375,3 +376,31 @@ def test_refused_records_and_rates_are_refused_alone_and_change_nothing(
 def _quiet_grpc_logs(caplog: pytest.LogCaptureFixture) -> None:
     """The node logs at info; the tests read its metrics, not its log."""
     caplog.set_level("WARNING")
+
+
+def test_sessions_over_the_address_cap_are_refused_before_holding_anything(
+    tmp_path: Path,
+) -> None:
+    cap = 3
+
+    async def work(server: OverlayServer) -> None:
+        key, raw = record(seeded_identity("overlay-source-cap"))
+        await stored(server, raw)
+        channel = grpc.aio.insecure_channel(target(server))
+        held = [raw_session(channel, METHOD) for _ in range(cap)]
+        for call in held:  # each let in: its hello
+            hello = overlay_pb2.OverlaySessionResponse.FromString(await call.read())
+            assert hello.HasField("hello")
+        code, details = await status_of(raw_session(channel, METHOD))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+        assert details == f"record session: {cap} open from this address (the limit)"
+        assert cuts(server, "source_limit") == 1
+        assert metric(server, "dna_overlay_sessions_open") == cap
+        held[0].cancel()  # one ends: its place is free again
+        await until(lambda: metric(server, "dna_overlay_sessions_open") < cap, "one ended")
+        again = raw_session(channel, METHOD)
+        assert overlay_pb2.OverlaySessionResponse.FromString(await again.read()).HasField("hello")
+        await channel.close()
+        await still_serves(server, key, raw)
+
+    run(tmp_path, work, sessions_max_per_source=cap)

@@ -111,6 +111,33 @@ def test_round_trip_with_cursors_and_paging(stores: Stores, kind: str) -> None:
     run_scenario(stores, kind, scenario)
 
 
+def test_a_page_stops_at_its_byte_budget_and_reads_no_further(stores: Stores, kind: str) -> None:
+    """``max_bytes`` cuts a page after the blobs that fit (at least one), ``more`` set and
+    the cursor at the last one taken, so a fetch of many large blobs reads only a page's
+    bytes; paging on with the same budget returns every blob once, in order."""
+
+    async def scenario(b: MailboxBackend) -> None:
+        m = mbox(0)
+        blobs = [blob(m, bytes([i]) * 1000) for i in range(10)]
+        assert await b.put_many(blobs, T0) == [STORED] * 10
+        expected = [replace(x, seq=i + 1) for i, x in enumerate(blobs)]
+        page = await b.fetch(m, 0, 100, T0, max_bytes=3500)
+        assert (page.blobs, page.next_cursor, page.more) == (expected[:3], 3, True)
+        single = await b.fetch(m, 0, 100, T0, max_bytes=10)  # one blob over: still one
+        assert (single.blobs, single.next_cursor, single.more) == (expected[:1], 1, True)
+        exact = await b.fetch(m, 7, 100, T0, max_bytes=3000)  # the last three fit exactly
+        assert (exact.blobs, exact.next_cursor, exact.more) == (expected[7:], 10, False)
+        got, cursor, more = [], 0, True
+        while more:
+            page = await b.fetch(m, cursor, 4, T0, max_bytes=2500)
+            assert 1 <= len(page.blobs) <= 2
+            got += page.blobs
+            cursor, more = page.next_cursor, page.more
+        assert got == expected
+
+    run_scenario(stores, kind, scenario)
+
+
 def test_duplicates_are_no_ops_and_take_no_seq(stores: Stores, kind: str) -> None:
     async def scenario(b: MailboxBackend) -> None:
         m = mbox(0)

@@ -40,6 +40,85 @@ def nothing() -> None:
     """What an answer needs once written, when it needs nothing."""
 
 
+class SourceCaps:
+    """How many of something (sessions, subscriptions) live at once per source address
+    (``ratelimit.source_key``: IPv6 per prefix) and in all: ``take`` one or say why not.
+    Without it, one address could open a session per stream of each of its connections
+    (the connection guard's 64 per source, grpcio's 100 streams each), each holding its
+    window and pages."""
+
+    def __init__(self, what: str, per_source: int, total: int) -> None:
+        self.what, self.per_source, self.total = what, per_source, total
+        self.live: dict[str, int] = {}
+        self.count = 0
+
+    def take(self, source: str) -> SessionCutError | None:
+        """Count one more for ``source``, or the refusal (RESOURCE_EXHAUSTED) if over."""
+        if self.live.get(source, 0) >= self.per_source:
+            return SessionCutError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.what}: {self.per_source} open from this address (the limit)",
+                "source_limit",
+            )
+        if self.count >= self.total:
+            return SessionCutError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.what}: {self.total} open on this node (the limit)",
+                "node_limit",
+            )
+        self.live[source] = self.live.get(source, 0) + 1
+        self.count += 1
+        return None
+
+    def give(self, source: str) -> None:
+        left = self.live.get(source, 0) - 1
+        if left > 0:
+            self.live[source] = left
+        else:
+            self.live.pop(source, None)
+        self.count -= 1
+
+
+class SharedSlots:
+    """Slots every session of a node draws from, at most ``per_source`` held by the
+    sessions of one address and ``total`` by all: what bounds the node's memory for
+    sessions as a whole (each session also has its own few). ``acquire`` waits for a
+    slot; ``release`` is plain (called once an answer is written)."""
+
+    def __init__(self, per_source: int, total: int) -> None:
+        self.per_source, self.total = per_source, total
+        self.held: dict[str, int] = {}
+        self.count = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def _fits(self, source: str) -> bool:
+        return self.count < self.total and self.held.get(source, 0) < self.per_source
+
+    async def acquire(self, source: str) -> None:
+        while not self._fits(source):
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                self._waiters.remove(waiter)
+        self.held[source] = self.held.get(source, 0) + 1
+        self.count += 1
+
+    def release(self, source: str, count: int = 1) -> None:
+        if count <= 0:
+            return
+        left = self.held.get(source, 0) - count
+        if left > 0:
+            self.held[source] = left
+        else:
+            self.held.pop(source, None)
+        self.count -= count
+        for waiter in self._waiters:  # each checks again whether it fits now
+            if not waiter.done():
+                waiter.set_result(None)
+
+
 class SessionCutError(Exception):
     """The session breaks a rule: end it with ``code`` and ``reason`` (counted by kind)."""
 
@@ -52,9 +131,18 @@ class ServerSession:
     """One client's session: ``run`` it with the request stream."""
 
     def __init__(
-        self, context: Ctx, *, window: int, stall_s: float, opened: Gauge, cuts: Counter
+        self,
+        context: Ctx,
+        *,
+        window: int,
+        stall_s: float,
+        opened: Gauge,
+        cuts: Counter,
+        caps: SourceCaps | None = None,
+        source: str = "",
     ) -> None:
         self.context, self.window, self.stall_s = context, window, stall_s
+        self.caps, self.source = caps, source  # sessions per source address and in all
         self.opened, self.cuts = opened, cuts  # sessions open; cuts by ``reason``
         self.unanswered: set[int] = set()  # request IDs whose response is not being written
         self.out: asyncio.Queue[Outgoing] = asyncio.Queue()  # bounded by the window
@@ -72,6 +160,10 @@ class ServerSession:
         """One request read: ``claim`` its ID, then answer it (``out``) or ``spawn``."""
         raise NotImplementedError
 
+    async def _room(self) -> None:
+        """Wait, before reading the next request, until the session may hold one more (a
+        request not yet read is the client's memory, held back by HTTP/2 flow control)."""
+
     def _ending(self) -> None:
         """The session is ending (the client closed its side, or it is cut)."""
 
@@ -81,6 +173,18 @@ class ServerSession:
     # -- the loop ----------------------------------------------------------------------
 
     async def run(self, requests: AsyncIterator[Any]) -> None:
+        refusal = self.caps.take(self.source) if self.caps is not None else None
+        if refusal is not None:  # refused before anything is read or held
+            self.cuts.labels(reason=refusal.kind).inc()
+            await self._abort(refusal)
+            return
+        try:
+            await self._run(requests)
+        finally:
+            if self.caps is not None:
+                self.caps.give(self.source)
+
+    async def _run(self, requests: AsyncIterator[Any]) -> None:
         self.opened.inc()
         self.out.put_nowait((self._hello(), nothing, None))
         writer = asyncio.create_task(self._write_out())
@@ -168,6 +272,7 @@ class ServerSession:
         try:
             async for request in requests:
                 self._take(request)
+                await self._room()  # before reading the next frame: what it holds is bounded
                 await asyncio.sleep(0)  # let the writer and other calls run between requests
         except MalformedError as exc:  # a frame that does not decode (the gRPC gate)
             raise SessionCutError(

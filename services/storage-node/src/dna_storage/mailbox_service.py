@@ -19,6 +19,7 @@ proof of work's timestamp (within its window); sync times in ``SyncRules``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -85,6 +86,10 @@ SyncRequest = (
 DAY_S = 86_400
 PAGE_BYTES = 2 * 1024 * 1024  # half the gRPC message limit: room for framing
 MAX_PUT_BATCH = 64  # puts per PutMany call
+# PutMany batches (unary or on sessions) judged and written at once on the node: each holds
+# up to the 4 MiB message limit several times over while judged (its blobs, their envelopes
+# decoded, the rows written), ~16 MiB; the others wait their turn, already read.
+BATCHES_AT_ONCE = 4
 
 
 @dataclass(frozen=True)
@@ -168,8 +173,10 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         sync_puzzle_bits: int | None = None,
         replica_view: ReplicaView | None = None,
         node_id: bytes | None = None,
+        batches_at_once: int = BATCHES_AT_ONCE,
     ) -> None:
         self.backend, self.admission = backend, admission
+        self.batches = asyncio.Semaphore(batches_at_once)  # PutMany judged at once
         self.retention = retention or Retention()
         self.nonces = nonces if nonces is not None else NonceCache()  # empty is falsy
         self.sessions = sessions if sessions is not None else SessionStore()
@@ -239,6 +246,12 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
             )
             self.count_refusal("put", exc)
             raise exc
+        async with self.batches:
+            return await self._put_many(request, source, now_ms)
+
+    async def _put_many(
+        self, request: mailbox_pb2.PutManyRequest, source: str, now_ms: int
+    ) -> mailbox_pb2.PutManyResponse:
         outcomes: list[mailbox_pb2.PutOutcome] = []
         admitted: list[tuple[mailbox_pb2.PutOutcome, StoredBlob]] = []
         in_call: dict[bytes, Usage] = {}  # usage after this call's earlier puts
@@ -343,9 +356,11 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
     async def read_page(
         self, box: bytes, cursor: int, limit: int, now_ms: int
     ) -> mailbox_pb2.FetchResponse:
-        """The blobs after ``cursor`` (a seq), cut to one response's bytes."""
+        """The blobs after ``cursor`` (a seq), cut to one response's bytes by the backend,
+        which reads no more than those (a page of ``limit`` max-size blobs read whole, then
+        cut, held 1,000 x 256 KiB for a moment per fetch)."""
         incarnation = await self.backend.incarnation()
-        page = await self.backend.fetch(box, cursor, limit, now_ms)
+        page = await self.backend.fetch(box, cursor, limit, now_ms, max_bytes=PAGE_BYTES)
         blobs, next_cursor, more = _cut_by_bytes(page, PAGE_BYTES)
         return mailbox_pb2.FetchResponse(
             blobs=[blob_proto(b) for b in blobs],

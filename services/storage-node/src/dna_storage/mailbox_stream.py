@@ -37,7 +37,8 @@ from typing import Any
 import grpc
 from dna_core import trace
 from dna_core.errors import CapacityError, MalformedError, ProtocolError
-from dna_core.rpc_session_server import ServerSession
+from dna_core.ratelimit import source_key
+from dna_core.rpc_session_server import ServerSession, SharedSlots, SourceCaps
 from dna_core.wire import mailbox_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -48,6 +49,11 @@ log = logging.getLogger("dna.storage.session")
 WINDOW = 64  # unanswered requests a session may have
 STALL_S = 30.0  # how long a response may wait for the client to read it (a busy client is slow)
 MAX_SUBSCRIPTIONS = 8  # per session: a device has one mailbox, plus retired ones
+SESSIONS_PER_SOURCE = 32  # a NAT's devices, and a storage node's repair, share an address
+SESSIONS = 4096
+SUBSCRIPTIONS_PER_SOURCE = 64
+NODE_PAGES_PER_SOURCE = 16  # page slots the sessions of one address hold together
+NODE_PAGES = 128  # and all sessions of the node: ~3-6 MiB each (a page, or a 4 MiB batch)
 PAGES_HELD = 4  # pages and put batches (up to 2, 4 MiB) a session holds, read or queued
 MAX_GROUP = 64  # session puts written in one backend call
 PUSH_LIMIT = 200  # blobs per pushed page
@@ -74,8 +80,10 @@ class SessionMetrics:
         )
         self.refusals = Counter(
             "dna_storage_session_refusals",
-            "Sessions cut (window, duplicate_id, malformed, stalled) and subscriptions "
-            "refused (subscribe_denied, subscriptions), by reason",
+            "Sessions cut (window, duplicate_id, malformed, stalled), refused at opening "
+            "(source_limit, node_limit) and subscriptions refused (subscribe_denied, "
+            "subscriptions: over 8 on a session, subscriptions_source_limit, "
+            "subscriptions_node_limit), by reason",
             ["reason"],
             registry=registry,
         )
@@ -186,10 +194,20 @@ class SessionRules:
         *,
         window: int = WINDOW,
         stall_s: float = STALL_S,
+        sessions: SourceCaps | None = None,
+        subscriptions: SourceCaps | None = None,
+        ipv6_prefix_len: int = 64,
+        node_pages: SharedSlots | None = None,
     ) -> None:
         self.service, self.subscribers, self.metrics = service, subscribers, metrics
         self.writer = GroupWriter(service.backend)
         self.window, self.stall_s = window, stall_s
+        self.sessions = sessions or SourceCaps("session", SESSIONS_PER_SOURCE, SESSIONS)
+        self.subscriptions = subscriptions or SourceCaps(
+            "subscriptions", SUBSCRIPTIONS_PER_SOURCE, SESSIONS * MAX_SUBSCRIPTIONS
+        )
+        self.ipv6_prefix_len = ipv6_prefix_len
+        self.node_pages = node_pages or SharedSlots(NODE_PAGES_PER_SOURCE, NODE_PAGES)
 
 
 class MailboxSession(ServerSession):
@@ -198,14 +216,18 @@ class MailboxSession(ServerSession):
     `dna_core.rpc_session_server`)."""
 
     def __init__(self, rules: SessionRules, context: Ctx) -> None:
+        source_ip = peer_ip(context)
         super().__init__(
             context, window=rules.window, stall_s=rules.stall_s,
-            opened=rules.metrics.open, cuts=rules.metrics.refusals,
+            opened=rules.metrics.open, cuts=rules.metrics.refusals, caps=rules.sessions,
+            source=source_key(source_ip, ipv6_prefix_len=rules.ipv6_prefix_len),
         )  # fmt: skip
         self.rules, self.service, self.metrics = rules, rules.service, rules.metrics
-        self.source_ip = peer_ip(context)
+        self.source_ip = source_ip
         self.subscriptions: dict[int, Subscription] = {}
         self.pages = asyncio.Semaphore(PAGES_HELD)
+        self.paged: mailbox_pb2.SessionRequest | None = None  # read, waiting for a slot
+        self.node_pages_held = 0  # of the node's shared slots, given back when it ends
         self.received = 0
 
     def _hello(self) -> mailbox_pb2.SessionResponse:
@@ -215,7 +237,24 @@ class MailboxSession(ServerSession):
         self._end_subscriptions()
 
     def _ended(self) -> None:
+        self.rules.node_pages.release(self.source, self.node_pages_held)
+        self.node_pages_held = 0
         self.metrics.per_session.observe(self.received)
+
+    async def _take_page(self) -> None:
+        """One of this session's page slots, then one of the node's (``SharedSlots``)."""
+        await self.pages.acquire()
+        try:
+            await self.rules.node_pages.acquire(self.source)
+        except BaseException:
+            self.pages.release()
+            raise
+        self.node_pages_held += 1
+
+    def _give_page(self) -> None:
+        self.pages.release()
+        self.node_pages_held -= 1
+        self.rules.node_pages.release(self.source)
 
     def _take(self, request: mailbox_pb2.SessionRequest) -> None:
         self.received += 1
@@ -225,17 +264,26 @@ class MailboxSession(ServerSession):
             self._unsubscribe(request.unsubscribe.id)
             return
         self.claim(request.id, self.subscriptions)
-        self.spawn(self._serve(request))
+        if op in PAGED_OPS:
+            self.paged = request  # served once it has a page slot (``_room``)
+        else:
+            self.spawn(self._serve(request, paged=False))
+
+    async def _room(self) -> None:
+        # A page (up to 2 MiB), or a batch of puts or a sync message (up to the 4 MiB
+        # message limit), holds a slot from before the next frame is read until its answer
+        # is written: a session holds at most PAGES_HELD of them, read or not. (Waiting
+        # for the slot after reading on, a session sending 4 MiB batches held its window
+        # of them: 64 x 4 MiB.)
+        request, self.paged = self.paged, None
+        if request is not None:
+            await self._take_page()
+            self.spawn(self._serve(request, paged=True))
 
     # -- serving -----------------------------------------------------------------------
 
-    async def _serve(self, request: mailbox_pb2.SessionRequest) -> None:
-        # A page (up to 2 MiB), or a batch of puts (up to the 4 MiB message limit), holds a
-        # slot until its answer is written, not only while it is served: what a session
-        # holds of them is bounded, read or not.
-        paged = request.WhichOneof("op") in PAGED_OPS
-        if paged:
-            await self.pages.acquire()
+    async def _serve(self, request: mailbox_pb2.SessionRequest, *, paged: bool) -> None:
+        """Answer one request; a ``paged`` one came with its page slot (``_room``)."""
         subscription: Subscription | None = None
         try:
             response, subscription = await self._answer(request)
@@ -250,7 +298,7 @@ class MailboxSession(ServerSession):
 
         def written() -> None:
             if paged:
-                self.pages.release()
+                self._give_page()
 
         await self.out.put((response, written, request.id))
         if subscription is not None:  # its pushes only after its first page
@@ -306,6 +354,9 @@ class MailboxSession(ServerSession):
         except ProtocolError:
             self.metrics.refusals.labels(reason="subscribe_denied").inc()
             raise
+        if (refused := self.rules.subscriptions.take(self.source)) is not None:
+            self.metrics.refusals.labels(reason=f"subscriptions_{refused.kind}").inc()
+            raise CapacityError(refused.reason)
         subscription = Subscription(owner.mailbox_id, cursor, min(body.limit, PUSH_LIMIT))
         # Listen before reading: a blob stored meanwhile wakes the pump, nothing is missed.
         self.rules.subscribers.add(subscription.box, subscription.wake)
@@ -333,14 +384,14 @@ class MailboxSession(ServerSession):
         while True:
             await subscription.wake.wait()
             subscription.wake.clear()
-            await self.pages.acquire()
+            await self._take_page()
             try:
                 page = await self._next_page(subscription, self.service.wall_ms())
             except BaseException:
-                self.pages.release()
+                self._give_page()
                 raise
             if not page.blobs:
-                self.pages.release()
+                self._give_page()
                 continue
             for stored in page.blobs:
                 trace.mark("node.push_read", stored.blob_id)
@@ -353,7 +404,7 @@ class MailboxSession(ServerSession):
     def _page_written(self, written: asyncio.Event, page: mailbox_pb2.FetchResponse) -> None:
         for stored in page.blobs:
             trace.mark("node.push_written", stored.blob_id)
-        self.pages.release()
+        self._give_page()
         written.set()
 
     def _unsubscribe(self, sub_id: int) -> None:
@@ -361,6 +412,7 @@ class MailboxSession(ServerSession):
         if subscription is None:
             return
         self.rules.subscribers.remove(subscription.box, subscription.wake)
+        self.rules.subscriptions.give(self.source)
         self.metrics.subscriptions.dec()
         if subscription.pump is not None:
             subscription.pump.cancel()

@@ -24,6 +24,7 @@ from dna_core.errors import DnaError, cannot_open
 from dna_core.ops.config import ConfigModel, ConfigPath, SecretStr
 from dna_core.ops.grpc_gate import ServiceRegistrar
 from dna_core.overlay import OverlayNode, OverlayServer, OverlayServiceConfig
+from dna_core.rpc_session_server import SharedSlots, SourceCaps
 from dna_core.wire import common_pb2, mailbox_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import Field, model_validator
@@ -33,9 +34,15 @@ from dna_storage.admission import Admission, AdmissionConfig
 from dna_storage.backends.base import MailboxBackend, StorageFullError, StoreDamagedError, Usage
 from dna_storage.backends.redis import RedisBackend
 from dna_storage.backends.sqlite import SqliteBackend
-from dna_storage.mailbox_service import DAY_S, Retention
+from dna_storage.mailbox_service import BATCHES_AT_ONCE, DAY_S, Retention
 from dna_storage.mailbox_stream import (
+    MAX_SUBSCRIPTIONS,
+    NODE_PAGES,
+    NODE_PAGES_PER_SOURCE,
+    SESSIONS,
+    SESSIONS_PER_SOURCE,
     STALL_S,
+    SUBSCRIPTIONS_PER_SOURCE,
     WINDOW,
     MailboxSessionService,
     NotifyingBackend,
@@ -88,6 +95,24 @@ class StorageSection(ConfigModel):
     session_stall_s: float = Field(default=STALL_S, gt=0)
     """Seconds a session's response may wait for the client to read it before the session
     is cut (a client that never reads costs the node nothing more)."""
+    sessions_max_per_source: int = Field(default=SESSIONS_PER_SOURCE, ge=1)
+    """Mailbox sessions open at once from one address (IPv6: per [admission]
+    ipv6_prefix_len); one more is refused (RESOURCE_EXHAUSTED) before it holds anything."""
+    sessions_max: int = Field(default=SESSIONS, ge=1)
+    """Mailbox sessions open at once on this node, from every address (docs/storage.md,
+    "Memory", for what each may hold)."""
+    session_pages_max: int = Field(default=NODE_PAGES, ge=1)
+    """Pages (fetch or push, 2 MiB) and batches (PutMany, sync, up to 4 MiB) all mailbox
+    sessions hold at once, from reading one until its answer is written; a session wanting
+    more waits before reading on (docs/storage.md, "Memory": what bounds the node)."""
+    session_pages_per_source: int = Field(default=NODE_PAGES_PER_SOURCE, ge=1)
+    """Of those, what the sessions of one address hold together."""
+    put_batches_at_once: int = Field(default=BATCHES_AT_ONCE, ge=1)
+    """PutMany batches (unary or on sessions) judged and written at once; each holds up to
+    ~16 MiB while judged, the others wait their turn (docs/storage.md, "Memory")."""
+    subscriptions_max_per_source: int = Field(default=SUBSCRIPTIONS_PER_SOURCE, ge=1)
+    """Mailbox subscriptions live at once from one address, over all its sessions (each
+    session has at most 8)."""
 
     @model_validator(mode="after")
     def _ttl_within_max(self) -> StorageSection:
@@ -238,6 +263,7 @@ class StorageNode:
                     node, rate=section.sync_rate_per_s, burst=section.sync_burst
                 ),
                 node_id=node.node_id,
+                batches_at_once=section.put_batches_at_once,
                 on_outcome=lambda method, outcome: self.metrics.requests.labels(
                     method=method, outcome=outcome
                 ).inc(),
@@ -247,6 +273,17 @@ class StorageNode:
             service.session_rules = SessionRules(
                 service, subscribers, SessionMetrics(self.server.registry),
                 window=section.session_window, stall_s=section.session_stall_s,
+                sessions=SourceCaps(
+                    "session", section.sessions_max_per_source, section.sessions_max
+                ),
+                subscriptions=SourceCaps(
+                    "subscriptions", section.subscriptions_max_per_source,
+                    section.sessions_max * MAX_SUBSCRIPTIONS,
+                ),
+                ipv6_prefix_len=self.config.admission.ipv6_prefix_len,
+                node_pages=SharedSlots(
+                    section.session_pages_per_source, section.session_pages_max
+                ),
             )  # fmt: skip
             return [register(service, MAILBOX_DESCRIPTOR)]
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import prometheus_client
 
 from dna_core.ops.config import default_toml, dump_config, load_config
-from dna_core.ops.heap import freeze_startup_heap
+from dna_core.ops.heap import bound_malloc, freeze_startup_heap
 from dna_core.ops.lifecycle import GracefulShutdown, run_until_shutdown
 from dna_core.ops.logs import configure_logging
 
@@ -88,6 +88,7 @@ def serve(service: Service, log_level: str) -> None:
     """Run ``service`` until SIGTERM/SIGINT, then stop it gracefully."""
     configure_logging(log_level)
     raise_open_files_limit()
+    bound_malloc()  # before any thread: every node's threads hold blobs or messages
     # A `_created` series per counter doubles what is scraped and stored for a Unix time
     # nobody graphs; Prometheus tracks resets itself.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]

@@ -102,8 +102,14 @@ class MailboxBackend(Protocol):
         """Store blobs durably in one transaction (group commit); one outcome per blob."""
         ...
 
-    async def fetch(self, mailbox_id: bytes, cursor: int, limit: int, now_ms: int) -> Page:
-        """Unexpired blobs with seq > cursor, in seq order, at most ``limit``."""
+    async def fetch(
+        self, mailbox_id: bytes, cursor: int, limit: int, now_ms: int, max_bytes: int = 0
+    ) -> Page:
+        """Unexpired blobs with seq > cursor, in seq order, at most ``limit``; with
+        ``max_bytes``, only those whose payloads fit it (always at least one), the page
+        then ending at the last one taken (``more``). No more than that is read into
+        memory (one blob past it at most): a page of 1,000 blobs of 256 KiB would be
+        256 MiB."""
         ...
 
     async def get_blobs(

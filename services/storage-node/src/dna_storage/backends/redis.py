@@ -391,24 +391,48 @@ class RedisBackend:
         args: list[Any] = [self._p, _hex(mailbox_id), len(blobs), *ids]
         return int(await self._write(self._forget, args))
 
-    async def fetch(self, mailbox_id: bytes, cursor: int, limit: int, now_ms: int) -> Page:
-        """Walk the seq index in chunks until ``limit + 1`` live blobs are found or it ends."""
+    async def fetch(
+        self, mailbox_id: bytes, cursor: int, limit: int, now_ms: int, max_bytes: int = 0
+    ) -> Page:
+        """Walk the seq index in chunks until ``limit + 1`` live blobs are found, it ends,
+        or (``max_bytes``) the next blob's size, read first, would pass the budget."""
         check_limit(limit)
         live: list[StoredBlob] = []
-        position = cursor
+        position, size = cursor, 0
         while len(live) <= limit:
             want = limit + 1 - len(live) + _SCAN_CHUNK
             reply: list[Any] = await self._r.zrangebyscore(
                 self._key("s", mailbox_id), f"({position}", "+inf", 0, want, withscores=True
             )
             chunk = [(_unhex(member), int(score)) for member, score in reply]
+            over = False
+            if max_bytes and chunk:
+                chunk, over = await self._within(mailbox_id, chunk, max_bytes - size, bool(live))
             if chunk:
-                live += await self._load(mailbox_id, chunk, now_ms)
+                loaded = await self._load(mailbox_id, chunk, now_ms)
+                live += loaded
+                size += sum(len(b.blob) for b in loaded)
                 position = chunk[-1][1]
+            if over:  # the next blob would pass the budget: the page ends at the last taken
+                page = live[:limit]
+                return Page(page, page[-1].seq if page else position, True)
             if len(chunk) < want:
                 break
         page = live[:limit]
         return Page(page, page[-1].seq if page else cursor, len(live) > limit)
+
+    async def _within(
+        self, mailbox_id: bytes, chunk: list[tuple[bytes, int]], budget: int, have_some: bool
+    ) -> tuple[list[tuple[bytes, int]], bool]:
+        """The first entries of ``chunk`` whose sizes (``z``, read before any payload) fit
+        ``budget`` (at least one if none is taken yet), and whether some were left out."""
+        sizes = await self._r.hmget(self._key("z", mailbox_id), [_hex(i) for i, _ in chunk])
+        total = 0
+        for n, held in enumerate(sizes):
+            total += int(held or 0)
+            if total > budget and (have_some or n > 0):
+                return chunk[:n], True
+        return chunk, False
 
     async def _load(
         self, mailbox_id: bytes, entries: list[tuple[bytes, int]], now_ms: int

@@ -511,18 +511,14 @@ class SqliteBackend:
         removed: int = await self._writer.submit(lambda c: _forget(c, mailbox_id, blobs, tombs))
         return removed
 
-    async def fetch(self, mailbox_id: bytes, cursor: int, limit: int, now_ms: int) -> Page:
+    async def fetch(
+        self, mailbox_id: bytes, cursor: int, limit: int, now_ms: int, max_bytes: int = 0
+    ) -> Page:
         check_limit(limit)
-        rows: list[StoredBlob] = await self._reader.submit(
-            lambda c: _blobs(
-                c,
-                f"SELECT {_BLOB_COLUMNS} FROM blobs WHERE mailbox_id = ? AND seq > ?"
-                " AND expires_ms > ? ORDER BY seq LIMIT ?",
-                (mailbox_id, cursor, now_ms, limit + 1),
-            )
+        page: Page = await self._reader.submit(
+            lambda c: _page(c, mailbox_id, cursor, limit, now_ms, max_bytes)
         )
-        page = rows[:limit]
-        return Page(page, page[-1].seq if page else cursor, len(rows) > limit)
+        return page
 
     async def get_blobs(
         self, mailbox_id: bytes, blob_ids: Sequence[bytes], now_ms: int
@@ -798,6 +794,26 @@ def _blobs(conn: sqlite3.Connection, sql: str, params: Iterable[Any]) -> list[St
         StoredBlob(row[0], row[1], row[2], row[3], row[4], row[5], decode_pow(row[6]))
         for row in conn.execute(sql, tuple(params))
     ]
+
+
+def _page(
+    conn: sqlite3.Connection, box: bytes, cursor: int, limit: int, now_ms: int, max_bytes: int
+) -> Page:
+    """The rows of a fetch, read one at a time and stopped at ``limit`` or ``max_bytes``."""
+    rows = conn.execute(
+        f"SELECT {_BLOB_COLUMNS} FROM blobs WHERE mailbox_id = ? AND seq > ?"
+        " AND expires_ms > ? ORDER BY seq LIMIT ?",
+        (box, cursor, now_ms, limit + 1),
+    )
+    taken: list[StoredBlob] = []
+    size = 0
+    for row in rows:
+        full = len(taken) == limit or (max_bytes and taken and size + len(row[2]) > max_bytes)
+        if full:
+            return Page(taken, taken[-1].seq, True)
+        taken.append(StoredBlob(row[0], row[1], row[2], row[3], row[4], row[5], decode_pow(row[6])))
+        size += len(row[2])
+    return Page(taken, taken[-1].seq if taken else cursor, False)
 
 
 def _blobs_by_id(

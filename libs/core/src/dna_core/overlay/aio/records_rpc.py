@@ -21,14 +21,16 @@ from prometheus_client import CollectorRegistry
 
 from dna_core.crypto.records import VerifiedRecord, open_record
 from dna_core.errors import MalformedError, ProtocolError, RemoteError, UnavailableError
-from dna_core.overlay.aio.records_session import STALL_S as SESSION_STALL_S
-from dna_core.overlay.aio.records_session import WINDOW as SESSION_WINDOW
 from dna_core.overlay.aio.records_session import (
+    SESSIONS,
+    SESSIONS_PER_SOURCE,
     OverlaySession,
     RecordSession,
     RecordSessionMetrics,
     request_status,
 )
+from dna_core.overlay.aio.records_session import STALL_S as SESSION_STALL_S
+from dna_core.overlay.aio.records_session import WINDOW as SESSION_WINDOW
 from dna_core.overlay.codec import contact_from_proto, contact_to_proto
 from dna_core.overlay.contact import Contact
 from dna_core.overlay.records import (
@@ -42,6 +44,7 @@ from dna_core.overlay.records import (
 from dna_core.ratelimit import RateLimited, RateLimiter, grpc_peer_ip, source_key
 from dna_core.rpc_errors import call
 from dna_core.rpc_session import NoSession, SessionPool, status_error
+from dna_core.rpc_session_server import SourceCaps
 from dna_core.wire import encode_message
 from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
 
@@ -102,6 +105,7 @@ class OverlayService(overlay_pb2_grpc.OverlayServicer):
         registry: CollectorRegistry | None = None,
         session_window: int = SESSION_WINDOW,
         session_stall_s: float = SESSION_STALL_S,
+        session_caps: SourceCaps | None = None,
     ) -> None:
         self.store, self.closest, self.local, self.k = store, closest, local, k
         self.clock, self.monotonic, self.journal = clock, monotonic, journal
@@ -113,6 +117,9 @@ class OverlayService(overlay_pb2_grpc.OverlayServicer):
         self.on_rejected, self.on_evicted = on_rejected, on_evicted
         self.session_metrics = RecordSessionMetrics(registry or CollectorRegistry())
         self.session_window, self.session_stall_s = session_window, session_stall_s
+        self.session_caps = session_caps or SourceCaps(
+            "record session", SESSIONS_PER_SOURCE, SESSIONS
+        )
         self.sessions: set[RecordSession] = set()  # open now (what each holds: its queue)
 
     async def Ping(  # noqa: N802 (gRPC method names)
@@ -161,7 +168,7 @@ class OverlayService(overlay_pb2_grpc.OverlayServicer):
         source = source_key(grpc_peer_ip(context.peer() or ""))
         session = RecordSession(
             self._answer, context, self.session_metrics, source=source,
-            window=self.session_window, stall_s=self.session_stall_s,
+            window=self.session_window, stall_s=self.session_stall_s, caps=self.session_caps,
         )  # fmt: skip
         self.sessions.add(session)
         try:

@@ -31,12 +31,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from dna_core.errors import ProtocolError
 from dna_core.ratelimit import RateLimited
 from dna_core.rpc_session import StreamSession
-from dna_core.rpc_session_server import Ctx, ServerSession, nothing
+from dna_core.rpc_session_server import Ctx, ServerSession, SourceCaps, nothing
 from dna_core.wire.gen.dna.v1 import overlay_pb2, overlay_pb2_grpc
 
 WINDOW = 64  # unanswered requests a session may have
 STALL_S = 30.0  # how long a response may wait for the client to read it
 Answer = Callable[[overlay_pb2.OverlaySessionRequest, str], overlay_pb2.OverlaySessionResponse]
+
+
+SESSIONS_PER_SOURCE = 32  # record sessions open at once from one address
+SESSIONS = 4096  # and on the node
 
 
 class OverlaySession(StreamSession):
@@ -63,7 +67,8 @@ class RecordSessionMetrics:
         )
         self.cuts = Counter(
             "dna_overlay_session_cuts",
-            "Overlay record sessions cut (window, duplicate_id, malformed, stalled), by reason",
+            "Overlay record sessions cut (window, duplicate_id, malformed, stalled) or refused "
+            "at opening (source_limit, node_limit), by reason",
             ["reason"],
             registry=registry,
         )
@@ -91,10 +96,12 @@ class RecordSession(ServerSession):
         source: str,
         window: int = WINDOW,
         stall_s: float = STALL_S,
+        caps: SourceCaps | None = None,
     ) -> None:
         super().__init__(
-            context, window=window, stall_s=stall_s, opened=metrics.open, cuts=metrics.cuts
-        )
+            context, window=window, stall_s=stall_s, opened=metrics.open, cuts=metrics.cuts,
+            caps=caps, source=source,
+        )  # fmt: skip
         self.answer, self.metrics, self.source = answer, metrics, source
 
     def _hello(self) -> overlay_pb2.OverlaySessionResponse:

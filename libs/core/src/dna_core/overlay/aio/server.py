@@ -52,6 +52,7 @@ from dna_core.overlay.records import (
     RecordStore,
 )
 from dna_core.ratelimit import RateLimiter
+from dna_core.rpc_session_server import SourceCaps
 from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2
 
 from .node import NodeConfig, OverlayNode
@@ -64,6 +65,7 @@ from .records_rpc import (
     OverlayService,
     wall_ms,
 )
+from .records_session import SESSIONS, SESSIONS_PER_SOURCE
 from .records_session import STALL_S as SESSION_STALL_S
 from .records_session import WINDOW as SESSION_WINDOW
 from .seeds import resolve_seeds
@@ -153,6 +155,14 @@ class RecordsSection(ConfigModel):
     session_stall_s: float = Field(default=SESSION_STALL_S, gt=0)
     """Seconds a record session's response may wait for the client to read it before the
     session is cut (a client that never reads costs the node nothing more)."""
+    sessions_max_per_source: int = Field(default=SESSIONS_PER_SOURCE, ge=1)
+    """Record sessions open at once from one address (IPv6: per /64); one more is refused
+    (RESOURCE_EXHAUSTED) before it holds anything."""
+    sessions_max: int = Field(default=SESSIONS, ge=1)
+    """Record sessions open at once on this node, from every address."""
+
+
+GRPC_STREAM_WINDOW = 1 << 20  # what a client may send on a call before the node reads it
 
 
 class ConnectionsSection(ConfigModel):
@@ -178,6 +188,11 @@ class ConnectionsSection(ConfigModel):
     """Then GOAWAY to every gRPC connection: clients reconnect, calls get 30 s to end."""
     grpc_max_streams: int = Field(default=100, gt=0)
     """Concurrent calls per gRPC connection."""
+    grpc_stream_window_bytes: int = Field(default=GRPC_STREAM_WINDOW, ge=65_535, le=1 << 30)
+    """Bytes a client may send on one call before the node reads them (HTTP/2 flow
+    control), fixed: grpcio's default grows it with the measured bandwidth-delay product,
+    and a stream whose frames the node does not read yet (a session waiting for room)
+    then held tens of MiB inside grpc. 1 MiB: 10 MB/s per call at 100 ms round trip."""
     grpc_keepalive_s: float = Field(default=60.0, gt=0)
     """Ping a quiet gRPC connection this often, to find dead peers."""
     http_max_connections: int = Field(default=64, gt=0)
@@ -210,6 +225,8 @@ class ConnectionsSection(ConfigModel):
             ("grpc.max_connection_age_ms", ms(self.grpc_max_age_s)),
             ("grpc.max_connection_age_grace_ms", 30_000),
             ("grpc.max_concurrent_streams", self.grpc_max_streams),
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", self.grpc_stream_window_bytes),
             ("grpc.keepalive_time_ms", ms(self.grpc_keepalive_s)),
             ("grpc.keepalive_timeout_ms", 20_000),
         ]
@@ -485,6 +502,9 @@ class OverlayServer:
             registry=self.registry,
             session_window=records.session_window,
             session_stall_s=records.session_stall_s,
+            session_caps=SourceCaps(
+                "record session", records.sessions_max_per_source, records.sessions_max
+            ),
         )
 
     def _ops_app(self) -> Any:
