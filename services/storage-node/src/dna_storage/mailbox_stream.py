@@ -225,7 +225,7 @@ class MailboxSession(ServerSession):
         self.rules, self.service, self.metrics = rules, rules.service, rules.metrics
         self.source_ip = source_ip
         self.subscriptions: dict[int, Subscription] = {}
-        self.pages = asyncio.Semaphore(PAGES_HELD)
+        self.pages = SharedSlots(PAGES_HELD, PAGES_HELD)  # this session's own
         self.paged: mailbox_pb2.SessionRequest | None = None  # read, waiting for a slot
         self.node_pages_held = 0  # of the node's shared slots, given back when it ends
         self.received = 0
@@ -243,16 +243,16 @@ class MailboxSession(ServerSession):
 
     async def _take_page(self) -> None:
         """One of this session's page slots, then one of the node's (``SharedSlots``)."""
-        await self.pages.acquire()
+        await self.pages.acquire("")
         try:
             await self.rules.node_pages.acquire(self.source)
         except BaseException:
-            self.pages.release()
+            self.pages.release("")
             raise
         self.node_pages_held += 1
 
     def _give_page(self) -> None:
-        self.pages.release()
+        self.pages.release("")
         self.node_pages_held -= 1
         self.rules.node_pages.release(self.source)
 
@@ -282,8 +282,8 @@ class MailboxSession(ServerSession):
         # Nor is the next frame read while no slot is free, here or node-wide: read, a
         # batch would wait in memory for one (4 MiB a session); unread, it waits in the
         # client, HTTP/2 flow control holding it back.
-        await self._take_page()
-        self._give_page()
+        await self.pages.until_free("")
+        await self.rules.node_pages.until_free(self.source)
 
     # -- serving -----------------------------------------------------------------------
 
