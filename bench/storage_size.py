@@ -213,6 +213,7 @@ async def huge_mailbox(args: argparse.Namespace, root: Path) -> None:
     owner = Identity.generate()
     box = mailbox_id(owner.fingerprint)
     at = now_ms()
+    (root / "size-data").mkdir(parents=True)  # LocalNode's data_dir for "size"
     backend = await SqliteBackend.open(root / "size-data" / "mailboxes.sqlite3")
     for start in range(0, args.huge, 5_000):
         blobs = []
