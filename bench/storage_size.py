@@ -39,7 +39,6 @@ from dna_core.crypto import Identity, seal
 from dna_core.crypto import pow as pow_
 from dna_core.crypto.envelope import MAX_PAYLOAD_BYTES
 from dna_core.mailbox import mailbox_id, put_pow_hash, sign_delete, sign_fetch
-from dna_core.mailbox.session import NodeSession
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 from dna_storage.backends.base import StoredBlob
 from dna_storage.backends.sqlite import SqliteBackend
@@ -208,8 +207,8 @@ async def run(args: argparse.Namespace, root: Path) -> None:
 
 async def huge_mailbox(args: argparse.Namespace, root: Path) -> None:
     """One mailbox of ``--huge`` blobs of ``HUGE_BLOB`` bytes, filled through the backend
-    (not gRPC), fetched whole by one client on a session that sleeps ``--slow-s`` after each
-    page: the node's RSS and peak while it reads."""
+    (not gRPC), fetched whole by one client that sleeps ``--slow-s`` after each page: the
+    node's RSS and peak while it reads."""
     owner = Identity.generate()
     box = mailbox_id(owner.fingerprint)
     at = now_ms()
@@ -231,18 +230,16 @@ async def huge_mailbox(args: argparse.Namespace, root: Path) -> None:
         assert node.proc is not None
         line("started", node.proc.pid, None)
         async with grpc.aio.insecure_channel(f"{NODE_IP}:{GRPC_PORT}", options=CHANNEL) as ch:
-            session = NodeSession(ch, timeout=60)
-            await session.open()
+            stub = mailbox_pb2_grpc.MailboxStub(ch)
             cursor, got, pages = b"", 0, 0
             t0 = time.perf_counter()
             while True:
                 raw = sign_fetch(owner, cursor=cursor, limit=1000, now_ms=now_ms())
-                page = (await session.request(fetch=mailbox_pb2.FetchRequest.FromString(raw))).fetch
+                page = await stub.Fetch(mailbox_pb2.FetchRequest.FromString(raw), timeout=60)
                 got, pages, cursor = got + len(page.blobs), pages + 1, page.next_cursor
                 await asyncio.sleep(args.slow_s)
                 if not page.more:
                     break
-            await session.close()
         line("fetched slowly", node.proc.pid, None, blobs=got, pages=pages,
              s=round(time.perf_counter() - t0, 1))  # fmt: skip
     finally:
