@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import shutil
@@ -39,6 +40,8 @@ from dna_core.crypto import pow as pow_
 from dna_core.crypto.envelope import MAX_PAYLOAD_BYTES
 from dna_core.mailbox import mailbox_id, put_pow_hash, sign_delete, sign_fetch
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
+from dna_storage.backends.base import StoredBlob
+from dna_storage.backends.sqlite import SqliteBackend
 from dna_testnet.harness import LOOPBACK
 from dna_testnet.network import GRPC_PORT, LocalNode, wait_ready
 
@@ -47,6 +50,7 @@ PER_MAILBOX = 200  # 200 x ~200 KiB: within the default 64 MiB mailbox quota
 PUT_BATCH = 9  # ~1.8 MiB a PutMany: under the client's 2 MiB batches
 WRITERS = 8
 GC_WAIT_S = 8.0
+HUGE_BLOB = 3_000  # 20,000 of them: 57 MiB, within a raised quota
 NODE_TOML = (
     "gc_interval_s = 2.0\nrepair_interval_s = 3600.0\n"
     "[admission]\npow_base_bits = 8\nip_rate_per_s = 100000.0\nip_burst = 100000.0\n"
@@ -201,15 +205,58 @@ async def run(args: argparse.Namespace, root: Path) -> None:
             redis_proc.wait()
 
 
+async def huge_mailbox(args: argparse.Namespace, root: Path) -> None:
+    """One mailbox of ``--huge`` blobs of ``HUGE_BLOB`` bytes, filled through the backend
+    (not gRPC), fetched whole by one client that sleeps ``--slow-s`` after each page: the
+    node's RSS and peak while it reads."""
+    owner = Identity.generate()
+    box = mailbox_id(owner.fingerprint)
+    at = now_ms()
+    (root / "size-data").mkdir(parents=True)  # LocalNode's data_dir for "size"
+    backend = await SqliteBackend.open(root / "size-data" / "mailboxes.sqlite3")
+    for start in range(0, args.huge, 5_000):
+        blobs = []
+        for _ in range(min(5_000, args.huge - start)):
+            data = os.urandom(HUGE_BLOB)
+            blobs.append(StoredBlob(box, hashlib.sha256(data).digest(), data, at,
+                                    at + 86_400_000))  # fmt: skip
+        await backend.put_many(blobs, at)
+    await backend.close()
+    toml = f"[admission]\nquota_max_blobs = {args.huge}\nquota_max_bytes = 1073741824\n"
+    node = LocalNode("size", NODE_IP, root, [], command="dna-storage-node", extra_toml=toml)
+    node.start()
+    try:
+        await asyncio.to_thread(wait_ready, [node], 60)
+        assert node.proc is not None
+        line("started", node.proc.pid, None)
+        async with grpc.aio.insecure_channel(f"{NODE_IP}:{GRPC_PORT}", options=CHANNEL) as ch:
+            stub = mailbox_pb2_grpc.MailboxStub(ch)
+            cursor, got, pages = b"", 0, 0
+            t0 = time.perf_counter()
+            while True:
+                raw = sign_fetch(owner, cursor=cursor, limit=1000, now_ms=now_ms())
+                page = await stub.Fetch(mailbox_pb2.FetchRequest.FromString(raw), timeout=60)
+                got, pages, cursor = got + len(page.blobs), pages + 1, page.next_cursor
+                await asyncio.sleep(args.slow_s)
+                if not page.more:
+                    break
+        line("fetched slowly", node.proc.pid, None, blobs=got, pages=pages,
+             s=round(time.perf_counter() - t0, 1))  # fmt: skip
+    finally:
+        node.kill()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--blobs", type=int, default=1000)
     parser.add_argument("--backend", choices=("sqlite", "redis"), default="sqlite")
     parser.add_argument("--fetchers", type=int, default=100)
+    parser.add_argument("--huge", type=int, default=0, help="one mailbox of this many blobs")
+    parser.add_argument("--slow-s", type=float, default=0.2, help="pause after each page")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="dna-size-"))
     try:
-        asyncio.run(run(args, root))
+        asyncio.run(huge_mailbox(args, root) if args.huge else run(args, root))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

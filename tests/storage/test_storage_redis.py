@@ -1,5 +1,6 @@
 """Redis-only behaviour: native TTLs reclaim space; reads survive keys that already vanished;
-a server not configured for durable writes is reported at connect."""
+more calls at once than connections wait for one; a server not configured for durable
+writes is reported at connect."""
 
 from __future__ import annotations
 
@@ -36,6 +37,26 @@ def test_blob_and_tombstone_keys_carry_native_expiry(redis_url: str) -> None:
             assert not await raw.exists(f"native:b:{M.hex()}:{a.blob_id.hex()}")
         finally:
             await raw.aclose()
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_more_calls_at_once_than_connections_wait_for_one_instead_of_failing(
+    redis_url: str,
+) -> None:
+    """300 fetches at once (a node serving 300 clients): each waits for one of the pool's
+    connections and is answered; redis-py's default pool raised MaxConnectionsError past
+    100, which a node answered INTERNAL."""
+
+    async def main() -> None:
+        b = await RedisBackend.connect(redis_url, prefix="many:")
+        try:
+            blobs = [blob(b"many %d" % i) for i in range(20)]
+            await b.put_many(blobs, T0)
+            pages = await asyncio.gather(*(b.fetch(M, 0, 100, T0) for _ in range(300)))
+            assert all(len(page.blobs) == 20 for page in pages)
+        finally:
             await b.close()
 
     asyncio.run(main())

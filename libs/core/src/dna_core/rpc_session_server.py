@@ -95,6 +95,13 @@ class SharedSlots:
         return self.count < self.total and self.held.get(source, 0) < self.per_source
 
     async def acquire(self, source: str) -> None:
+        await self.until_free(source)
+        self.held[source] = self.held.get(source, 0) + 1
+        self.count += 1
+
+    async def until_free(self, source: str) -> None:
+        """Until ``source`` could take a slot (without taking it: taking one only to give
+        it back would wake every waiter each time, and they would do the same)."""
         while not self._fits(source):
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
@@ -102,8 +109,6 @@ class SharedSlots:
                 await waiter
             finally:
                 self._waiters.remove(waiter)
-        self.held[source] = self.held.get(source, 0) + 1
-        self.count += 1
 
     def release(self, source: str, count: int = 1) -> None:
         if count <= 0:

@@ -52,8 +52,8 @@ MAX_SUBSCRIPTIONS = 8  # per session: a device has one mailbox, plus retired one
 SESSIONS_PER_SOURCE = 32  # a NAT's devices, and a storage node's repair, share an address
 SESSIONS = 4096
 SUBSCRIPTIONS_PER_SOURCE = 64
-NODE_PAGES_PER_SOURCE = 16  # page slots the sessions of one address hold together
-NODE_PAGES = 128  # and all sessions of the node: ~3-6 MiB each (a page, or a 4 MiB batch)
+NODE_PAGES_PER_SOURCE = 8  # page slots the sessions of one address hold together
+NODE_PAGES = 64  # and all sessions of the node: ~5 MiB each (a page, or a 4 MiB batch)
 PAGES_HELD = 4  # pages and put batches (up to 2, 4 MiB) a session holds, read or queued
 MAX_GROUP = 64  # session puts written in one backend call
 PUSH_LIMIT = 200  # blobs per pushed page
@@ -225,7 +225,7 @@ class MailboxSession(ServerSession):
         self.rules, self.service, self.metrics = rules, rules.service, rules.metrics
         self.source_ip = source_ip
         self.subscriptions: dict[int, Subscription] = {}
-        self.pages = asyncio.Semaphore(PAGES_HELD)
+        self.pages = SharedSlots(PAGES_HELD, PAGES_HELD)  # this session's own
         self.paged: mailbox_pb2.SessionRequest | None = None  # read, waiting for a slot
         self.node_pages_held = 0  # of the node's shared slots, given back when it ends
         self.received = 0
@@ -243,16 +243,16 @@ class MailboxSession(ServerSession):
 
     async def _take_page(self) -> None:
         """One of this session's page slots, then one of the node's (``SharedSlots``)."""
-        await self.pages.acquire()
+        await self.pages.acquire("")
         try:
             await self.rules.node_pages.acquire(self.source)
         except BaseException:
-            self.pages.release()
+            self.pages.release("")
             raise
         self.node_pages_held += 1
 
     def _give_page(self) -> None:
-        self.pages.release()
+        self.pages.release("")
         self.node_pages_held -= 1
         self.rules.node_pages.release(self.source)
 
@@ -279,6 +279,11 @@ class MailboxSession(ServerSession):
         if request is not None:
             await self._take_page()
             self.spawn(self._serve(request, paged=True))
+        # Nor is the next frame read while no slot is free, here or node-wide: read, a
+        # batch would wait in memory for one (4 MiB a session); unread, it waits in the
+        # client, HTTP/2 flow control holding it back.
+        await self.pages.until_free("")
+        await self.rules.node_pages.until_free(self.source)
 
     # -- serving -----------------------------------------------------------------------
 

@@ -75,6 +75,8 @@ DURABLE_CONFIG = {
 }
 _OUTCOMES = [PutOutcome.STORED, PutOutcome.DUPLICATE, PutOutcome.TOMBSTONED, PutOutcome.EXPIRED]
 _NO_ROOM = ("OOM", "MISCONF")  # replies of a Redis that refuses writes for lack of room
+REDIS_CONNECTIONS = 64  # to the Redis server, shared by every call of the node
+REDIS_WAIT_S = 30.0  # a call waits this long for a free connection, then fails
 _PIPELINE_CHUNK = 256  # commands per pipeline round trip
 _SCAN_CHUNK = 64  # index entries per fetch round trip (beyond limit + 1)
 _BLOB_FIELDS = ["d", "s", "e", "q", "w"]
@@ -322,7 +324,14 @@ class RedisBackend:
     @classmethod
     async def connect(cls, url: str, *, prefix: str = "dna:") -> RedisBackend:
         """Connect and check the server answers (fail at startup, not on the first put)."""
-        client = aioredis.Redis.from_url(url, decode_responses=False)
+        # A blocking pool: a call finding every connection in use waits for one. redis-py's
+        # default pool refuses it instead (MaxConnectionsError at 100): 100 clients fetching
+        # at once failed some of their fetches with INTERNAL. The cap also bounds what the
+        # node holds of replies in flight.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=REDIS_CONNECTIONS, timeout=REDIS_WAIT_S, decode_responses=False
+        )
+        client = aioredis.Redis(connection_pool=pool)
         try:
             await client.ping()
         except BaseException:
