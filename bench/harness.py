@@ -790,6 +790,12 @@ def proc_status(pid: int | str = "self") -> dict[str, str]:
     return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
 
 
+def memory_mb(pid: int | str = "self") -> dict[str, float]:
+    """A process's resident memory now (``VmRSS``) and its peak (``VmHWM``), in MiB."""
+    fields = proc_status(pid)
+    return {key: round(int(fields[key].split()[0]) / 1024, 1) for key in ("VmRSS", "VmHWM")}
+
+
 def process_stats() -> dict[str, Any]:
     """This process's resident memory (MB), threads and CPU time so far (Linux)."""
     fields = proc_status()

@@ -44,6 +44,8 @@ from dna_testnet.harness import LOOPBACK
 from dna_testnet.network import GRPC_PORT, HTTP_PORT, LocalNode, wait_ready
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.harness import memory_mb, now_ms
+
 NODE_IP, HONEST_IP = LOOPBACK.take(2)
 SESSION = "/dna.v1.Mailbox/Session"
 HONEST_PERIOD_S = 0.2
@@ -54,17 +56,6 @@ NODE_TOML = (
     "mailbox_rate_per_s = 100000.0\nmailbox_burst = 100000.0\n"
     "pow_target_puts_per_s = 100000.0\nquota_max_bytes = 1073741824\n"
 )
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def memory(pid: int) -> dict[str, float]:
-    fields = dict(
-        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-    )
-    return {key: round(int(fields[key].split()[0]) / 1024, 1) for key in ("VmRSS", "VmHWM")}
 
 
 def reset_peak(pid: int) -> None:
@@ -177,7 +168,7 @@ async def attack_rounds(
         for task in attack:
             task.cancel()
         await asyncio.sleep(1)
-        after.append(memory(pid)["VmRSS"])
+        after.append(memory_mb(pid)["VmRSS"])
     return after
 
 
@@ -211,7 +202,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         await asyncio.sleep(4)
         stop.set()
         await quiet
-        base = memory(pid)
+        base = memory_mb(pid)
         reset_peak(pid)
         stop.clear()
         loud = asyncio.create_task(honest(relays[0].address, honest_owner, stop, during, failures))
@@ -219,7 +210,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         targets = [r.address for r in relays[1:]]
         after_rounds = await attack_rounds(args, pid, targets, victim, batch)
         attack_s = time.perf_counter() - t0
-        peak = memory(pid)
+        peak = memory_mb(pid)
         stop.set()
         await loud
         return {

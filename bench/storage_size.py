@@ -45,6 +45,8 @@ from dna_storage.backends.sqlite import SqliteBackend
 from dna_testnet.harness import LOOPBACK
 from dna_testnet.network import GRPC_PORT, LocalNode, wait_ready
 
+from bench.harness import memory_mb, now_ms
+
 (NODE_IP,) = LOOPBACK.take(1)
 PER_MAILBOX = 200  # 200 x ~200 KiB: within the default 64 MiB mailbox quota
 PUT_BATCH = 9  # ~1.8 MiB a PutMany: under the client's 2 MiB batches
@@ -59,17 +61,6 @@ NODE_TOML = (
 )
 MIB = 1024 * 1024
 CHANNEL = [("grpc.max_receive_message_length", 4 * MIB), ("grpc.use_local_subchannel_pool", 1)]
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def memory(pid: int) -> dict[str, float]:
-    fields = dict(
-        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-    )
-    return {key: round(int(fields[key].split()[0]) / 1024, 1) for key in ("VmRSS", "VmHWM")}
 
 
 def free_port() -> int:
@@ -159,7 +150,7 @@ async def delete_all(stub: Any, owner: Identity, ids: list[bytes]) -> None:
 
 
 def line(phase: str, pid: int, redis_url: str | None, **extra: Any) -> None:
-    figures: dict[str, Any] = {"phase": phase, **memory(pid), **extra}
+    figures: dict[str, Any] = {"phase": phase, **memory_mb(pid), **extra}
     if redis_url:
         figures |= redis_memory(redis_url)
     print(json.dumps(figures), flush=True)
