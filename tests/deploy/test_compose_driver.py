@@ -48,7 +48,9 @@ def _compose_file(project_dir: Path) -> None:
 @pytest.fixture
 def driver(tmp_path: Path) -> Iterator[ComposeDriver]:
     ensure_engine()
-    if docker("image", "inspect", "dna-storage:local", check=False) == "":
+    # `image ls -q` prints nothing for a missing image (`image inspect` prints "[]"): on a
+    # new machine the image is built here, not pulled from a registry that is not there.
+    if docker("image", "ls", "-q", "dna-storage:local").strip() == "":
         build_images()
     _compose_file(tmp_path)
     project = f"dnadriver{uuid.uuid4().hex[:8]}"
