@@ -24,7 +24,7 @@ from dna_core import trace
 from dna_core.crypto import Identity, PublicKeySet, ReplayGuard, seal
 from dna_core.crypto import primitives as p
 from dna_core.crypto.envelope import MAX_PAYLOAD_BYTES, decode_envelope
-from dna_core.errors import DnaError
+from dna_core.errors import DnaError, MalformedError
 from dna_core.mailbox import (
     FetchState,
     MailboxClient,
@@ -38,7 +38,15 @@ from dna_core.overlay import OverlayNode, normalize_name, resolve_seeds, seed_fa
 from dna_core.wire import envelope_pb2
 
 from dna_peer import keyserver
-from dna_peer.cache import MAX_ROTATION_HOPS, RECOVERING, Cache, Contact, Message, cache_key
+from dna_peer.cache import (
+    HISTORY_WANTED,
+    MAX_ROTATION_HOPS,
+    RECOVERING,
+    Cache,
+    Contact,
+    Message,
+    cache_key,
+)
 from dna_peer.direct.link import IceConfig
 from dna_peer.direct.service import DirectService
 from dna_peer.inbox import Inbox, OnMessage, ReceiptDue, SyncReport
@@ -245,8 +253,8 @@ class Peer:
         return contact
 
     async def _add_contact(self, query: str) -> Contact:
-        fingerprint = _parse_fingerprint(query) or self._pinned_prefix(query, DISPLAY_PREFIX)
-        name = None if fingerprint else normalize_name(query)
+        fingerprint = _parse_fingerprint(query) or _pinned_prefix(self.cache, query, DISPLAY_PREFIX)
+        name = None if fingerprint else _contact_name(query)
         if name is not None:
             fingerprint = await keyserver.lookup_name(self.node, name)
             if fingerprint is None:
@@ -305,23 +313,7 @@ class Peer:
 
     def find_contact(self, query: str) -> Contact:
         """A pinned contact by name, fingerprint or fingerprint prefix (hex)."""
-        found = self.cache.contact_named(query.casefold())
-        if found is not None:
-            return found
-        fingerprint = self._pinned_prefix(query, 8)
-        found = self.cache.contact(fingerprint) if fingerprint else None
-        if found is not None:
-            return found
-        raise UnknownContactError(f"no contact {query!r}: add one with `dna contacts add NAME`")
-
-    def _pinned_prefix(self, query: str, shortest: int) -> bytes | None:
-        """The one pinned contact whose fingerprint starts with ``query`` (hex, any case,
-        at least ``shortest`` digits), else None."""
-        prefix = query.strip().lower()
-        if not shortest <= len(prefix) <= 64 or prefix.strip("0123456789abcdef"):
-            return None
-        matches = [c for c in self.cache.contacts() if c.fingerprint.hex().startswith(prefix)]
-        return matches[0].fingerprint if len(matches) == 1 else None
+        return find_contact(self.cache, query)
 
     def safety_number(self, contact: Contact) -> str:
         return keyserver.safety_number(self.fingerprint, contact.fingerprint)
@@ -900,6 +892,51 @@ def _unhex_map(cursors: dict[str, str]) -> dict[bytes, bytes]:
     return {bytes.fromhex(k): bytes.fromhex(v) for k, v in cursors.items()}
 
 
+def find_contact(cache: Cache, query: str) -> Contact:
+    """A pinned contact by name (written any way that normalizes to it), fingerprint or
+    fingerprint prefix (hex, at least 8 digits); from the cache alone."""
+    found = cache.contact_named(_as_name(query))
+    if found is not None:
+        return found
+    fingerprint = _pinned_prefix(cache, query, 8)
+    found = cache.contact(fingerprint) if fingerprint else None
+    if found is not None:
+        return found
+    raise UnknownContactError(f"no contact {query!r}: add one with `dna contacts add NAME`")
+
+
+def _pinned_prefix(cache: Cache, query: str, shortest: int) -> bytes | None:
+    """The one pinned contact whose fingerprint starts with ``query`` (hex, any case, at
+    least ``shortest`` digits), else None."""
+    prefix = query.strip().lower()
+    if not shortest <= len(prefix) <= 64 or prefix.strip("0123456789abcdef"):
+        return None
+    matches = [c for c in cache.contacts() if c.fingerprint.hex().startswith(prefix)]
+    return matches[0].fingerprint if len(matches) == 1 else None
+
+
+def _as_name(query: str) -> str:
+    """How a pinned contact's name is written (NFKC-casefolded), or the query as it is."""
+    try:
+        return normalize_name(query)
+    except MalformedError:
+        return query
+
+
+def _contact_name(query: str) -> str:
+    """``query`` as a name to look up; what is neither a name nor a fingerprint is refused
+    saying so (a fingerprint one digit short is not "a bad name")."""
+    try:
+        return normalize_name(query)
+    except MalformedError as exc:
+        digits = query.strip()
+        if digits and not digits.lower().strip("0123456789abcdef"):  # all hex: too long a name
+            raise MalformedError(f"a fingerprint has 64 hex digits, this one {len(digits)}"
+                                 ) from None  # fmt: skip
+        raise MalformedError(f"{query!r} is neither a name nor a fingerprint (64 hex digits):"
+                             f" a {exc}") from None  # fmt: skip
+
+
 def _parse_fingerprint(query: str) -> bytes | None:
     if len(query) == 64:
         try:
@@ -963,7 +1000,6 @@ async def open_peer(
 ) -> Peer:
     """Unlock the profile's identity and cache and join the overlay."""
     identity = profile.unlock(passphrase)
-    lost_cache = profile.cache_lost()
     cache = profile.open_cache(identity)
     try:
         node = await join_overlay(seeds)
@@ -972,9 +1008,13 @@ async def open_peer(
         raise
     peer = Peer(identity, cache, node, profile.device(), pow_bits, seeds, sessions)
     peer.save_identity = lambda new, rekey: profile.replace_identity(new, passphrase, rekey)
-    if lost_cache:  # the other devices post their history to the mailbox
-        cache.set_state(RECOVERING, str(now_ms()).encode())
-        await peer.announce(wants_history=True)
+    if cache.get_state(HISTORY_WANTED) is not None:  # a lost cache (Profile.open_cache):
+        try:  # the other devices post their history; unsent, it is asked at the next open
+            await peer.announce(wants_history=True)
+        except BaseException:
+            await peer.close()
+            raise
+        cache.clear_state(HISTORY_WANTED)
     return peer
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dna_core.crypto import Identity, keystore
-from dna_core.errors import DnaError, WrongPassphraseError
+from dna_core.crypto import Identity, PublicKeySet, keystore
+from dna_core.errors import DnaError, MalformedError, WrongPassphraseError
 
 from dna_peer.cache import Cache, cache_key
 
@@ -24,6 +25,11 @@ DEVICE_ID_SIZE = 16
 
 class NoIdentityError(DnaError):
     """The profile has no identity yet."""
+
+
+class ProfileDamagedError(DnaError):
+    """A file of the profile is missing or does not decode (a torn write, a disk fault, a
+    hand edit): the error names the file and how to start the device again."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,8 @@ class Profile:
     def create(self, identity: Identity, passphrase: str, device: Device | None = None) -> Device:
         """Write a new identity (refusing to overwrite one) and this device's ID."""
         device = self._write(keystore.lock(identity, passphrase), device)
-        self.open_cache(identity).close()  # from now on a missing cache means a lost one
+        # a new identity has nothing to recover; from now on a missing cache means a lost one
+        Cache.open(self.cache_path, cache_key(identity, device.device_id)).close()
         return device
 
     def restore(self, keyfile: bytes, passphrase: str) -> Identity:
@@ -113,7 +120,11 @@ class Profile:
         os.replace(self.fresh_keyfile, self.keyfile)
 
     def _finish_rotation(self, current: Identity, passphrase: str) -> Identity:
-        new = keystore.unlock(self.fresh_keyfile.read_bytes(), passphrase)
+        try:
+            new = keystore.unlock(self.fresh_keyfile.read_bytes(), passphrase)
+        except MalformedError:  # cut short while written: the cache was not re-keyed yet
+            self.fresh_keyfile.unlink()
+            return current
         try:
             if self.cache_path.exists():
                 self.open_cache(new).close()
@@ -123,20 +134,67 @@ class Profile:
         os.replace(self.fresh_keyfile, self.keyfile)
         return new
 
-    def device(self) -> Device:
-        data = json.loads((self.home / "device.json").read_text())
-        return Device(bytes.fromhex(data["id"]), str(data["name"]))
+    @property
+    def device_path(self) -> Path:
+        return self.home / "device.json"
 
-    def unlock(self, passphrase: str) -> Identity:
+    def device(self) -> Device:
+        """This device's ID (the cache key's salt) and name. Without it the cache cannot be
+        opened; the key file still can, and starts the device again (`dna identity import`)."""
+        try:
+            data = json.loads(self.device_path.read_bytes())
+            device_id = bytes.fromhex(data["id"])
+            if len(device_id) != DEVICE_ID_SIZE or not isinstance(data["name"], str):
+                raise ValueError(f"not a {DEVICE_ID_SIZE}-byte device ID and a name")
+        except FileNotFoundError:
+            raise self._damaged(self.device_path, "missing") from None
+        except (ValueError, KeyError, TypeError) as exc:  # JSON, UTF-8, hex, shape
+            raise self._damaged(self.device_path, f"damaged ({type(exc).__name__})") from None
+        return Device(device_id, data["name"])
+
+    def _damaged(self, path: Path, what: str) -> ProfileDamagedError:
+        """A profile file that cannot be read, and the way back: from a backup for the key
+        file itself, else from the key file (a new device.json, a new cache)."""
+        aside = f"{self.home}.damaged"
+        if path == self.keyfile:
+            how = (f"restore it from a backup (`dna identity export --private`): mv {self.home}"
+                   f" {aside} && dna --home {self.home} identity import BACKUP")  # fmt: skip
+        else:
+            how = (f"the identity is fine; start this device again from its key file: mv"
+                   f" {self.home} {aside} && dna --home {self.home} identity import"
+                   f" {aside}/identity.key")  # fmt: skip
+        return ProfileDamagedError(f"{path} is {what}: {how}")
+
+    def read_keyfile(self) -> bytes:
+        """The key file, checked to decode (the public keys are readable without the
+        passphrase)."""
         if not self.exists():
             raise NoIdentityError(f"no identity in {self.home}: run `dna identity create` first")
-        identity = keystore.unlock(self.keyfile.read_bytes(), passphrase)
+        data = self.keyfile.read_bytes()
+        try:
+            keystore.read_public(data)
+        except MalformedError as exc:
+            raise self._damaged(self.keyfile, f"damaged ({exc})") from None
+        return data
+
+    def public_keys(self) -> PublicKeySet:
+        return keystore.read_public(self.read_keyfile())
+
+    def unlock(self, passphrase: str) -> Identity:
+        identity = keystore.unlock(self.read_keyfile(), passphrase)
         if self.fresh_keyfile.exists():
             identity = self._finish_rotation(identity, passphrase)
         return identity
 
     def open_cache(self, identity: Identity) -> Cache:
-        return Cache.open(self.cache_path, cache_key(identity, self.device().device_id))
+        """The cache. One found lost is made again and marked lost at once, whichever
+        command opens it first (`dna search`, or one whose network then fails): the device
+        still asks its other devices for the history and deletes nothing until it came."""
+        lost = self.cache_lost()
+        cache = Cache.open(self.cache_path, cache_key(identity, self.device().device_id))
+        if lost:
+            cache.mark_lost(time.time_ns() // 1_000_000)
+        return cache
 
 
 def write_private(path: Path, data: bytes) -> None:
