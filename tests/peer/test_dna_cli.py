@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,8 +19,9 @@ from dna_core.crypto import PublicKeySet
 from dna_peer.armor import dearmor
 from dna_peer.cli import PREVIEW_CHARS, build_parser
 from dna_peer.peer import MAX_TEXT_BYTES
+from dna_peer.profile import Profile
 from dna_testnet.network import Testnet
-from support import BIN, on_a_terminal, run_script
+from support import BIN, lines, on_a_terminal, run_script
 
 pytestmark = pytest.mark.process  # every test runs the dna command
 
@@ -501,3 +504,88 @@ def test_a_restored_device_asks_for_the_history_whatever_it_runs_first(
     for device in (bob, restored):
         texts = [m["text"] for m in ok(dna(device, "--json", "inbox", alice_name, net=testnet))]
         assert texts == ["one", "two"], (device, texts)
+
+
+@contextlib.contextmanager
+def storage_paused(testnet: Testnet, count: int) -> Iterator[None]:
+    """``count`` storage nodes SIGSTOPped (they hold their sockets but answer nothing), so a
+    put reaches fewer replicas than its quorum; SIGCONTinued on the way out."""
+    paused = [n for n in testnet.nodes if n.role == "storage" and n.proc is not None][:count]
+    assert len(paused) == count
+    for node in paused:
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for node in paused:
+            assert node.proc is not None
+            node.proc.send_signal(signal.SIGCONT)
+
+
+def kill_send_mid_put(home: Path, to: str, text: str, testnet: Testnet) -> None:
+    """`dna send` SIGKILLed while its put is short of the quorum (its first retry logged):
+    the envelope reached at most the two storage nodes still answering."""
+    seeds = ",".join(f"{h}:{p}" for h, p in testnet.seeds)
+    proc = subprocess.Popen(
+        [str(BIN / "dna"), "-v", "--home", str(home), "--bootstrap", seeds, "send", to, text],
+        stderr=subprocess.PIPE, text=True, env={**PASS, "PATH": str(BIN)},
+    )  # fmt: skip
+    assert proc.stderr is not None
+    log = lines(proc.stderr)
+    deadline = time.monotonic() + 90
+    try:
+        while "send retry" not in log.get(timeout=deadline - time.monotonic()):
+            pass
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_a_send_killed_mid_way_is_shown_once_retried_or_not(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    alice, bob, alice_name, bob_name = _pair(testnet, tmp_path)
+    with storage_paused(testnet, 4):  # of 6: a quorum of 3 is out of reach
+        kill_send_mid_put(alice, bob_name, "retried", testnet)
+        kill_send_mid_put(alice, bob_name, "left alone", testnet)
+    profile = Profile(alice)  # both wait in the outbox, sealed: each keeps its message ID
+    cache = profile.open_cache(profile.unlock(PASS["DNA_PASSPHRASE"]))
+    queued = {out.body: out.message_id.hex() for out in cache.outgoing()}
+    cache.close()
+    assert sorted(queued) == ["left alone", "retried"]
+    # the person sends the same text again: the queued envelope goes, with its message ID
+    # (a copy that reached a replica before the kill is then the same message)
+    again = ok(dna(alice, "--json", "send", bob_name, "retried", net=testnet))
+    assert again["message_id"] == queued["retried"]
+    # nobody retries the other: alice's next sync finishes it
+    ok(dna(alice, "--json", "sync", net=testnet))
+    for home, peer in ((bob, alice_name), (alice, bob_name)):
+        texts = [m["text"] for m in ok(dna(home, "--json", "inbox", peer, net=testnet))]
+        assert sorted(texts) == ["left alone", "retried"], (home.name, texts)
+    ok(dna(alice, "--json", "send", bob_name, "retried", net=testnet))  # on purpose: a new one
+    texts = [m["text"] for m in ok(dna(bob, "--json", "inbox", alice_name, net=testnet))]
+    assert sorted(texts) == ["left alone", "retried", "retried"], texts
+
+
+def test_ctrl_c_at_any_moment_is_a_quiet_exit(tmp_path: Path) -> None:
+    """SIGINT while `dna` still loads its modules, unlocks or joins (through a bootstrap
+    that never answers): status 130 and no traceback, as later on."""
+    home = tmp_path / "me"
+    ok(dna(home, "--json", "identity", "create", "--offline"))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # takes, never answers
+        silent.bind(("127.0.0.1", 0))
+        seed = f"127.0.0.1:{silent.getsockname()[1]}"
+        for delay in (0.15, 0.3, 0.6, 0.9):  # the join gives up after about 2 s
+            proc = subprocess.Popen(
+                [str(BIN / "dna"), "--home", str(home), "--bootstrap", seed, "sync"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                env={**PASS, "PATH": str(BIN)},
+            )  # fmt: skip
+            time.sleep(delay)
+            proc.send_signal(signal.SIGINT)
+            _out, err = proc.communicate(timeout=30)
+            # 130, or killed by the signal before Python set its handler (a loaded machine):
+            # either way a shell shows 130
+            assert proc.returncode in (130, -signal.SIGINT), (delay, proc.returncode, err)
+            assert "Traceback" not in err, (delay, err)

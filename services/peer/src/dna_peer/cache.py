@@ -109,6 +109,13 @@ CREATE TABLE IF NOT EXISTS state(
   key TEXT PRIMARY KEY,
   value BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS outbox(
+  message_id BLOB PRIMARY KEY,
+  recipient BLOB NOT NULL,
+  body TEXT NOT NULL,
+  envelope BLOB NOT NULL,
+  queued_ms INTEGER NOT NULL
+);
 """
 
 
@@ -159,6 +166,18 @@ class Message:
     body: str
     outgoing: bool
     delivered: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A sealed message on its way: queued before it is put on the replicas, gone once it
+    is stored there, in the history and told to the other devices."""
+
+    message_id: bytes
+    recipient: bytes
+    body: str
+    envelope: bytes
+    queued_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +279,28 @@ class Cache:
 
     def clear_state(self, key: str) -> None:
         self._write("DELETE FROM state WHERE key = ?", (key,))
+
+    # -- the outbox -------------------------------------------------------------------
+
+    def queue_outgoing(self, out: Outgoing) -> None:
+        self._write(
+            "INSERT OR IGNORE INTO outbox(message_id, recipient, body, envelope, queued_ms)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (out.message_id, out.recipient, out.body, out.envelope, out.queued_ms),
+        )
+
+    def outgoing(self, recipient: bytes | None = None) -> list[Outgoing]:
+        """Messages still on their way (to ``recipient``, or all), oldest first."""
+        where, args = ("WHERE recipient = ?", (recipient,)) if recipient else ("", ())
+        rows = self._rows(
+            f"SELECT message_id, recipient, body, envelope, queued_ms FROM outbox {where}"
+            " ORDER BY queued_ms, rowid",
+            args,
+        )
+        return [Outgoing(bytes(m), bytes(r), b, bytes(e), q) for m, r, b, e, q in rows]
+
+    def unqueue_outgoing(self, message_id: bytes) -> None:
+        self._write("DELETE FROM outbox WHERE message_id = ?", (message_id,))
 
     def mark_lost(self, now_ms: int) -> None:
         """This cache was made again after the old one was lost: until another device's

@@ -45,6 +45,7 @@ from dna_peer.cache import (
     Cache,
     Contact,
     Message,
+    Outgoing,
     cache_key,
 )
 from dna_peer.direct.link import IceConfig
@@ -72,6 +73,9 @@ SEND_ATTEMPTS = 4  # over about 3.5 s: rides out a replica restarting
 REJOIN_EVERY_S = 2.0  # sends failing together after an outage rejoin the overlay once
 NAME_MOVE = "name-move"  # cache state: the old keys' signature handing the name over
 RETIRED = "retired"  # cache state: identities this one rotated away from, drained until
+# A queued message older than this is not sent any more: the recipient would drop its
+# envelope as expired (the replay window, 31 days) before long.
+OUTBOX_MAX_AGE_MS = 7 * DAY_MS
 RETIRED_GRACE_MS = 30 * DAY_MS  # = the rotation statement's lifetime and a blob's longest TTL
 HISTORY_CHUNK_BYTES = 150 * 1024  # a History payload stays under the 192 KiB envelope cap
 DISPLAY_PREFIX = 16  # hex digits of a fingerprint the inbox shows for a contact without a name
@@ -324,38 +328,79 @@ class Peer:
         """Seal once, then deliver: over the direct path if the contact is present and a
         pair comes up in time, else (any failure or the deadline) the same envelope, with
         the same message ID, to the contact's mailbox; a copy arriving both ways is
-        dropped by the recipient as a replay of an ID it holds."""
+        dropped by the recipient as a replay of an ID it holds.
+
+        The envelope is queued in the cache (the outbox) before it leaves and unqueued
+        once it is stored, in the history and told to the other devices. A send that
+        failed or was killed on the way is finished by the next `sync`, or by sending the
+        same text to the same contact again, which takes the queued envelope: one message
+        ID, so the recipient shows it once however often it arrives."""
         started_ns = time.monotonic_ns()
         check_text(body)
-        payload = envelope_pb2.Payload(text=envelope_pb2.Text(body=body)).SerializeToString()
-        # Our key set (3.2 KB) rides along until the contact showed it has it; after that
-        # a recipient without it (a lost cache) finds it in the keyserver.
-        with_keys = not self.cache.has_our_keys(contact.fingerprint)
-        envelope = seal(self.identity, contact.keys, payload, now_ms=now_ms(),
-                        include_sender_keys=with_keys)  # fmt: skip
-        header = decode_envelope(envelope)
+        queued = next((q for q in self.cache.outgoing(contact.fingerprint) if q.body == body),
+                      None)  # fmt: skip
+        if queued is None:
+            # Our key set (3.2 KB) rides along until the contact showed it has it; after
+            # that a recipient without it (a lost cache) finds it in the keyserver.
+            with_keys = not self.cache.has_our_keys(contact.fingerprint)
+            envelope = seal(self.identity, contact.keys, _text_payload(body), now_ms=now_ms(),
+                            include_sender_keys=with_keys)  # fmt: skip
+            queued = Outgoing(decode_envelope(envelope).message_id, contact.fingerprint, body,
+                              envelope, now_ms())  # fmt: skip
+            self.cache.queue_outgoing(queued)
         if trace.enabled():
-            trace.mark("send.start", blob_id(envelope), started_ns)
-            trace.mark("send.sealed", blob_id(envelope))
-        direct = self.direct is not None and await self.direct.send(
-            contact, header.message_id, envelope
-        )
-        stored_on = 0 if direct else (await self._put(contact.fingerprint, envelope)).stored_on
-        self.cache.add_message(Message(
-            header.message_id, contact.conversation, self.fingerprint, contact.fingerprint,
-            header.timestamp_ms, body, outgoing=True,
-        ))  # fmt: skip
+            trace.mark("send.start", blob_id(queued.envelope), started_ns)
+            trace.mark("send.sealed", blob_id(queued.envelope))
+        return await self._deliver(contact, queued, direct_first=True)
+
+    async def _deliver(self, contact: Contact, out: Outgoing, *, direct_first: bool
+                       ) -> SentMessage:  # fmt: skip
+        """Put a queued message on its way to the end: direct or stored, the history, the
+        transcript for the other devices; then off the queue. Each step may run again."""
+        header = decode_envelope(out.envelope)
+        direct = (direct_first and self.direct is not None
+                  and await self.direct.send(contact, header.message_id, out.envelope))  # fmt: skip
+        stored_on = 0 if direct else (await self._put(out.recipient, out.envelope)).stored_on
+        others = self._has_other_devices()
+        with self.cache.transaction():  # one commit (fsync) with one device
+            self.cache.add_message(Message(
+                header.message_id, contact.conversation, self.fingerprint, out.recipient,
+                header.timestamp_ms, out.body, outgoing=True,
+            ))  # fmt: skip
+            if direct:  # the ACK says the contact's device stored it: that is the receipt
+                self.cache.mark_delivered([header.message_id], recipient=out.recipient)
+            if not others:
+                self.cache.unqueue_outgoing(header.message_id)
         if trace.enabled():
-            trace.mark("send.cached", blob_id(envelope))
-        if direct:  # the ACK says the contact's device stored it: that is the receipt
-            self.cache.mark_delivered([header.message_id], recipient=contact.fingerprint)
-        if self._has_other_devices():
+            trace.mark("send.cached", blob_id(out.envelope))
+        if others:
             transcript = envelope_pb2.SyncTranscript(
-                original_recipient=contact.fingerprint, original_message_id=header.message_id,
-                original_timestamp_ms=header.timestamp_ms, payload=payload,
+                original_recipient=out.recipient, original_message_id=header.message_id,
+                original_timestamp_ms=header.timestamp_ms, payload=_text_payload(out.body),
             )  # fmt: skip
             await self.post_to_devices(envelope_pb2.Payload(sync=transcript))
+            self.cache.unqueue_outgoing(header.message_id)
         return SentMessage(header.message_id, stored_on, DIRECT if direct else STORED)
+
+    async def send_queued(self) -> int:
+        """Finish the sends a failure or a kill cut short (stored, so no direct attempt);
+        returns how many went. One that fails stays queued for the next sync."""
+        sent = 0
+        for out in self.cache.outgoing():
+            contact = self.cache.contact(out.recipient)
+            to = out.recipient.hex()[:16]
+            if contact is None or now_ms() - out.queued_ms > OUTBOX_MAX_AGE_MS:
+                why = "no such contact any more" if contact is None else "queued too long ago"
+                log.warning("not sending a queued message to %s…: %s", to, why)
+                self.cache.unqueue_outgoing(out.message_id)
+                continue
+            try:
+                await self._deliver(contact, out, direct_first=False)
+            except DnaError as exc:
+                log.warning("a queued message to %s… stays queued: %s", to, exc)
+                continue
+            sent += 1
+        return sent
 
     # -- the direct path ----------------------------------------------------------------
 
@@ -467,6 +512,7 @@ class Peer:
         """Fetch the own mailbox, handle what is new, acknowledge, receipt, clean up; then
         what still arrives at a mailbox this identity rotated away from."""
         await self.daily_upkeep()
+        await self.send_queued()  # what a failed or killed send left on its way
         try:
             report = await self._sync_own(progress)
         except UnreachableError:
@@ -890,6 +936,10 @@ def _hex_map(cursors: dict[bytes, bytes]) -> dict[str, str]:
 
 def _unhex_map(cursors: dict[str, str]) -> dict[bytes, bytes]:
     return {bytes.fromhex(k): bytes.fromhex(v) for k, v in cursors.items()}
+
+
+def _text_payload(body: str) -> bytes:
+    return envelope_pb2.Payload(text=envelope_pb2.Text(body=body)).SerializeToString()
 
 
 def find_contact(cache: Cache, query: str) -> Contact:
