@@ -118,6 +118,25 @@ def test_bad_arguments_and_settings_are_one_line_errors(tmp_path: Path) -> None:
     assert typo.returncode == 2 and "did you mean 'send'" in typo.stderr, typo.stderr
 
 
+def test_bad_settings_and_files_are_one_line_errors_that_write_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "me"
+    not_utf8 = {"DNA_PASSPHRASE": "\udcff\udcfe"}  # the bytes ff fe in the environment
+    one_line_error(dna(home, "identity", "create", "--offline", env=not_utf8),
+                   "DNA_PASSPHRASE is not valid UTF-8 text")  # fmt: skip
+    assert not home.exists()
+    one_line_error(run_script("dna", "--home", "", "identity", "show"), "--home is empty")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a profile, not a backup\n")
+    one_line_error(dna(a_file, "identity", "create", "--offline"), "is not a directory")
+    # a backup is read only up to a bound: /dev/zero is refused, not read into memory
+    one_line_error(dna(home, "identity", "import", "/dev/zero"), "holds over 1,048,576 bytes")
+    one_line_error(dna(home, "identity", "import", str(a_file)), "is not a backup from")
+    assert not home.exists()
+    ok(dna(home, "--json", "identity", "create", "--offline"))
+    (home / "identity.key").write_bytes(b"\0" * 100_000)
+    one_line_error(dna(home, "identity", "show"), "identity.key holds over 65,536 bytes")
+
+
 def test_a_closed_pipe_is_a_quiet_exit(tmp_path: Path) -> None:
     for cmd in (["dna-testnet", "--dir", str(tmp_path), "status"],
                 ["dna", "demo"]):  # fmt: skip

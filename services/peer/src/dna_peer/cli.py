@@ -41,7 +41,7 @@ from typing import Any, BinaryIO, NoReturn
 
 from dna_core import __version__
 from dna_core.crypto import Identity, keystore
-from dna_core.errors import DnaError
+from dna_core.errors import DnaError, MalformedError
 from dna_core.ops.heap import freeze_startup_heap
 from dna_core.overlay import normalize_name
 from rich.text import Text
@@ -72,7 +72,7 @@ from dna_peer.peer import (
     find_contact,
     open_peer,
 )
-from dna_peer.profile import Profile, write_private
+from dna_peer.profile import BACKUP_MAX_BYTES, Profile, read_bounded, write_private
 from dna_peer.terminal import (
     console,
     phase_line,
@@ -91,15 +91,26 @@ def _passphrase(confirm: bool) -> str:
     if PASSPHRASE_ENV in os.environ:
         if confirm and not os.environ[PASSPHRASE_ENV]:
             _confirm_empty_passphrase()
-        return os.environ[PASSPHRASE_ENV]
+        return _utf8(os.environ[PASSPHRASE_ENV], PASSPHRASE_ENV)
     if not sys.stdin.isatty():
         raise DnaError(f"no terminal to ask for a passphrase: set {PASSPHRASE_ENV}")
-    first = getpass.getpass("passphrase: ")
+    first = _utf8(getpass.getpass("passphrase: "), "the passphrase")
     if confirm and getpass.getpass("again: ") != first:
         raise DnaError("the passphrases differ")
     if confirm and not first:
         _confirm_empty_passphrase()
     return first
+
+
+def _utf8(text: str, source: str) -> str:
+    """``text`` unless it holds bytes that are not UTF-8 (an environment variable or a
+    terminal in another encoding: Python keeps them as surrogates, which no key derivation
+    can take)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DnaError(f"{source} is not valid UTF-8 text") from None
+    return text
 
 
 EMPTY_PASSPHRASE = (
@@ -129,8 +140,7 @@ def _emit(args: argparse.Namespace, info: Info) -> None:
             print(f"{label:>{width}}: {printable(text)}")
 
 
-_UNITS = {"published_on": "storage nodes", "replicas": "storage nodes (of 5)",
-          "history_chunks": "chunks of history"}  # fmt: skip
+_UNITS = {"published_on": "storage nodes", "replicas": "storage nodes (of 5)"}
 
 
 def _human(key: str, value: object) -> str | None:
@@ -270,12 +280,18 @@ def _write_new(path: Path, text: str, *, private: bool) -> None:
 
 
 def _import(args: argparse.Namespace) -> None:
-    data = args.file.read_bytes()
+    data = read_bounded(args.file, BACKUP_MAX_BYTES, "a backup from `dna identity export"
+                        " --private`")  # fmt: skip
     if is_armored(data):  # raw key files (older backups) are read as they are
         kind, data = dearmor(data)
         if kind != LOCKED_KEY_FILE:
             raise DnaError(f"{args.file} holds a {kind.lower()}, not a backup: make one with"
                            " `dna identity export --private --out FILE`")  # fmt: skip
+    try:
+        keystore.read_public(data)  # before the passphrase: is this a key file at all?
+    except MalformedError as exc:
+        raise DnaError(f"{args.file} is not a backup from `dna identity export --private`"
+                       f" ({exc})") from None  # fmt: skip
     identity = args.profile.restore(data, _passphrase(confirm=False))
     _emit(args, {"fingerprint": identity.fingerprint.hex(), "home": str(args.profile.home)})
 
@@ -684,7 +700,7 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     parser.add_argument("--json", action="store_true", default=default(False),
                         help="machine-readable output: one JSON document (watch: one per"
                         " message); errors as JSON on stderr")  # fmt: skip
-    parser.add_argument("--home", type=Path, default=default(None), metavar="DIR",
+    parser.add_argument("--home", default=default(None), metavar="DIR",
                         help="profile directory (default $DNA_HOME, else ~/.dna)")  # fmt: skip
     parser.add_argument("--bootstrap", default=default(None), metavar="HOST:PORT[,...]",
                         help="bootstrap nodes to join through (default $DNA_BOOTSTRAP, else"
@@ -808,8 +824,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settle(args: argparse.Namespace) -> None:
     """Arguments and environment read and checked before any command runs."""
-    args.profile = Profile(args.home) if args.home else Profile.default()
+    args.profile = _profile(args.home)
     args.seeds = parse_seeds(args.bootstrap) if args.bootstrap is not None else default_seeds()
+
+
+def _profile(home: str | None) -> Profile:
+    """--home, else $DNA_HOME, else ~/.dna; empty (`--home ""`: the working directory, by
+    accident) or a file is refused before anything reads or writes there."""
+    if home is not None and not home.strip():
+        raise DnaError('--home is empty: name a directory (or leave it out: $DNA_HOME, else'
+                       " ~/.dna)")  # fmt: skip
+    profile = Profile(Path(home)) if home is not None else Profile.default()
+    if profile.home.exists() and not profile.home.is_dir():
+        raise DnaError(f"{profile.home} is not a directory: the profile (--home or DNA_HOME)"
+                       " is a directory of its own")  # fmt: skip
+    return profile
 
 
 def _fail(args: argparse.Namespace | None, message: str, kind: str = "DnaError") -> NoReturn:

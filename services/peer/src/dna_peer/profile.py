@@ -21,6 +21,11 @@ from dna_core.errors import DnaError, MalformedError, WrongPassphraseError
 from dna_peer.cache import Cache, cache_key
 
 DEVICE_ID_SIZE = 16
+# What is read of a profile file or a backup, at most: far more than any real one (a key
+# file is at most 8 KiB), so that a wrong path (/dev/zero, a disk image) is refused
+# instead of filling the memory.
+PROFILE_FILE_MAX_BYTES = 64 * 1024
+BACKUP_MAX_BYTES = 1024 * 1024  # an armored block may sit inside a mail or a notes file
 
 
 class NoIdentityError(DnaError):
@@ -142,7 +147,8 @@ class Profile:
         """This device's ID (the cache key's salt) and name. Without it the cache cannot be
         opened; the key file still can, and starts the device again (`dna identity import`)."""
         try:
-            data = json.loads(self.device_path.read_bytes())
+            data = json.loads(read_bounded(self.device_path, PROFILE_FILE_MAX_BYTES,
+                                           "a device file"))  # fmt: skip
             device_id = bytes.fromhex(data["id"])
             if len(device_id) != DEVICE_ID_SIZE or not isinstance(data["name"], str):
                 raise ValueError(f"not a {DEVICE_ID_SIZE}-byte device ID and a name")
@@ -170,7 +176,7 @@ class Profile:
         passphrase)."""
         if not self.exists():
             raise NoIdentityError(f"no identity in {self.home}: run `dna identity create` first")
-        data = self.keyfile.read_bytes()
+        data = read_bounded(self.keyfile, PROFILE_FILE_MAX_BYTES, "a key file")
         try:
             keystore.read_public(data)
         except MalformedError as exc:
@@ -195,6 +201,16 @@ class Profile:
         if lost:
             cache.mark_lost(time.time_ns() // 1_000_000)
         return cache
+
+
+def read_bounded(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of ``path``, refused (without reading on) when it holds more than
+    ``limit``: then it is not ``what``."""
+    with path.open("rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise DnaError(f"{path} holds over {limit:,} bytes: not {what}")
+    return data
 
 
 def write_private(path: Path, data: bytes) -> None:
