@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import sys
 import traceback
@@ -591,6 +592,11 @@ def _watch(args: argparse.Namespace) -> None:
         if direct_enabled():  # online: presence published, contacts may connect directly
             peer.on_direct = show
             await peer.go_direct(ice_config(), listen=True)
+        # A service manager stops it with SIGTERM: the same clean stop as Ctrl-C (presence
+        # withdrawn, what is owed settled), not a kill that leaves "online" behind.
+        stop = asyncio.current_task()
+        assert stop is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.cancel)
         if not args.json:
             print("watching for messages (Ctrl-C to stop)", flush=True)
         freeze_startup_heap()  # up for good: full collections skip what it set up
