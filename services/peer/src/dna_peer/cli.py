@@ -158,8 +158,11 @@ def _human(key: str, value: object) -> str | None:
     return f"{value} {unit}" if unit else str(value)
 
 
-def _with_peer(args: argparse.Namespace, work: Callable[[Peer], Awaitable[None]]) -> None:
-    """Unlock, join the network, run ``work``, leave."""
+def _with_peer(
+    args: argparse.Namespace, work: Callable[[Peer], Awaitable[None]], *, alone: bool = False
+) -> None:
+    """Unlock, join the network, run ``work``, leave; the profile held meanwhile (shared
+    with other dna processes, or ``alone``: Profile.in_use)."""
 
     async def run() -> None:
         passphrase = _passphrase(confirm=False)
@@ -172,17 +175,19 @@ def _with_peer(args: argparse.Namespace, work: Callable[[Peer], Awaitable[None]]
         finally:
             await peer.close()
 
-    asyncio.run(run())
+    with args.profile.in_use(alone=alone):
+        asyncio.run(run())
 
 
 def _with_cache(args: argparse.Namespace, work: Callable[[Cache], object]) -> None:
     """Unlock and open the cache alone, no network: what needs only this device's data
     works with the network down (search, inbox --offline, contacts forget)."""
-    cache = args.profile.open_cache(args.profile.unlock(_passphrase(confirm=False)))
-    try:
-        work(cache)
-    finally:
-        cache.close()
+    with args.profile.in_use():
+        cache = args.profile.open_cache(args.profile.unlock(_passphrase(confirm=False)))
+        try:
+            work(cache)
+        finally:
+            cache.close()
 
 
 # -- identity -----------------------------------------------------------------------
@@ -316,14 +321,14 @@ def _link(args: argparse.Namespace) -> None:
 def _rotate(args: argparse.Namespace) -> None:
     """A new key set for this identity; contacts and the other devices follow."""
 
-    async def work(peer: Peer) -> None:
+    async def work(peer: Peer) -> None:  # alone: it re-keys the cache others would hold
         old = peer.fingerprint
         new = await peer.rotate(args.reason)
         _emit(args, {"old_fingerprint": old.hex(), "fingerprint": new.fingerprint.hex(),
                      "contacts_told": len([c for c in peer.cache.contacts()
                                            if c.replaced_by is None])})  # fmt: skip
 
-    _with_peer(args, work)
+    _with_peer(args, work, alone=True)
 
 
 def _accept(args: argparse.Namespace) -> None:

@@ -626,11 +626,14 @@ class Peer:
         own = envelope_pb2.IdentityRotation(statement=statement, new_seeds=new.seeds())
         await self.post_to_devices(envelope_pb2.Payload(rotation=own))
         await self._clean_up()  # deletes still due on the old mailbox, signed by its keys
-        self._adopt(new)
-        await self._publish_after_rotation(old)
+        # The name's hand-over is kept with the switch itself: a rotation cut short after
+        # it (Ctrl-C, the network) still moves the name at the next republish, instead of
+        # finding it "taken" by its own old keys and publishing without it.
+        self._adopt(new, name_move=self._name_move_to(old, new))
+        await self._publish_after_rotation()
         return new
 
-    def _adopt(self, new: Identity) -> None:
+    def _adopt(self, new: Identity, *, name_move: bytes | None = None) -> None:
         """Switch this device to ``new``: the old identity is kept (in the cache) to drain
         its mailbox; cache and key file move to the new keys; the new mailbox starts from
         no cursors."""
@@ -643,6 +646,8 @@ class Peer:
         with self.cache.transaction():
             self.cache.set_state(RETIRED, json.dumps(retired).encode())
             self.cache.clear_cursors()
+            if name_move is not None:
+                self.cache.set_state(NAME_MOVE, name_move)
         self.save_identity(new, lambda: self.cache.rekey(cache_key(new, self.device.device_id)))
         self.identity = new
         self._retired_mail.append(self.mail)  # its sessions end with the peer (close)
@@ -650,18 +655,25 @@ class Peer:
         log.warning("identity rotated: %s -> %s", old.fingerprint.hex()[:16],
                     new.fingerprint.hex()[:16])  # fmt: skip
 
-    async def _publish_after_rotation(self, old: Identity) -> None:
-        """The new identity record, and the name moved to it: the old keys sign it over,
-        and the new claim (carrying that signature) replaces the old one."""
+    def _name_move_to(self, old: Identity, new: Identity) -> bytes | None:
+        """The old keys' signature handing the published name over to ``new`` (None
+        without a name, or where another device publishes this identity)."""
+        raw = self.cache.get_state(PUBLISHED)
+        last = json.loads(raw) if raw else None
+        if last is None or last["name"] is None:
+            return None
+        return json.dumps({
+            "name": normalize_name(last["name"]), "from": old.fingerprint.hex(),
+            "signature": keyserver.name_move_signature(old, last["name"], new.fingerprint).hex(),
+        }).encode()  # fmt: skip
+
+    async def _publish_after_rotation(self) -> None:
+        """The new identity record, and the name moved to it: the claim carries the old
+        keys' signature (NAME_MOVE, saved by `_adopt`), which replaces the old claim."""
         raw = self.cache.get_state(PUBLISHED)
         if raw is None:
             return  # another device publishes this identity
         last = json.loads(raw)
-        if last["name"] is not None:
-            move = {"name": normalize_name(last["name"]), "from": old.fingerprint.hex(),
-                    "signature": keyserver.name_move_signature(
-                        old, last["name"], self.fingerprint).hex()}  # fmt: skip
-            self.cache.set_state(NAME_MOVE, json.dumps(move).encode())
         await self.publish(last["display_name"], last["name"])
 
     def retired(self) -> list[Identity]:

@@ -3,15 +3,18 @@
 $DNA_HOME/identity.key   Argon2id + AES-256-GCM key file (dna_core.crypto.keystore)
 $DNA_HOME/device.json    this device's random ID and name (not secret)
 $DNA_HOME/cache.db       SQLCipher cache (dna_peer.cache)
+$DNA_HOME/lock           held by every dna process (shared), by a rotation alone
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +33,10 @@ BACKUP_MAX_BYTES = 1024 * 1024  # an armored block may sit inside a mail or a no
 
 class NoIdentityError(DnaError):
     """The profile has no identity yet."""
+
+
+class ProfileBusyError(DnaError):
+    """Another process uses the profile, and this step must have it alone."""
 
 
 class ProfileDamagedError(DnaError):
@@ -73,6 +80,41 @@ class Profile:
             return self.cache_path.stat().st_size == 0
         except FileNotFoundError:
             return True
+
+    @contextlib.contextmanager
+    def in_use(self, *, alone: bool = False, wait_s: float = 5.0) -> Iterator[None]:
+        """Hold the profile while a command runs: shared by any number of processes
+        (`dna watch` beside `dna send`), or ``alone`` for a step that changes the identity
+        under the others' feet (a rotation re-keys the cache they have open). A step that
+        must be alone waits ``wait_s`` for the others, then gives up with ProfileBusyError;
+        a shared holder waits for such a step to finish. A profile not created yet has
+        nothing to share."""
+        if not self.home.is_dir():
+            yield
+            return
+        fd = os.open(self.home / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if alone:
+                self._lock_alone(fd, wait_s)
+            else:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _lock_alone(self, fd: int, wait_s: float) -> None:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ProfileBusyError(
+                        f"another dna process uses {self.home} (`dna watch`?): stop it, then"
+                        " run this again"
+                    ) from None
+                time.sleep(0.1)
 
     def exists(self) -> bool:
         return self.keyfile.exists()
