@@ -542,13 +542,15 @@ def storage_paused(testnet: Testnet, count: int) -> Iterator[None]:
             node.proc.send_signal(signal.SIGCONT)
 
 
-def kill_send_mid_put(home: Path, to: str, text: str, testnet: Testnet) -> None:
-    """`dna send` SIGKILLed while its put is short of the quorum (its first retry logged):
-    the envelope reached at most the two storage nodes still answering."""
+def send_short_of_quorum(home: Path, to: str, text: str, testnet: Testnet
+                         ) -> subprocess.Popen[str]:  # fmt: skip
+    """`dna send` once its put is short of the quorum (its first retry logged): the
+    envelope is queued and reached at most the two storage nodes still answering."""
     seeds = ",".join(f"{h}:{p}" for h, p in testnet.seeds)
     proc = subprocess.Popen(
-        [str(BIN / "dna"), "-v", "--home", str(home), "--bootstrap", seeds, "send", to, text],
-        stderr=subprocess.PIPE, text=True, env={**PASS, "PATH": str(BIN)},
+        [str(BIN / "dna"), "-v", "--json", "--home", str(home), "--bootstrap", seeds, "send",
+         to, text],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**PASS, "PATH": str(BIN)},
     )  # fmt: skip
     assert proc.stderr is not None
     log = lines(proc.stderr)
@@ -556,9 +558,16 @@ def kill_send_mid_put(home: Path, to: str, text: str, testnet: Testnet) -> None:
     try:
         while "send retry" not in log.get(timeout=deadline - time.monotonic()):
             pass
-    finally:
+    except BaseException:
         proc.kill()
-        proc.wait(10)
+        raise
+    return proc
+
+
+def kill_send_mid_put(home: Path, to: str, text: str, testnet: Testnet) -> None:
+    proc = send_short_of_quorum(home, to, text, testnet)
+    proc.kill()
+    proc.wait(10)
 
 
 def test_a_send_killed_mid_way_is_shown_once_retried_or_not(
@@ -608,3 +617,26 @@ def test_ctrl_c_at_any_moment_is_a_quiet_exit(tmp_path: Path) -> None:
             # either way a shell shows 130
             assert proc.returncode in (130, -signal.SIGINT), (delay, proc.returncode, err)
             assert "Traceback" not in err, (delay, err)
+
+
+def test_the_same_text_sent_twice_at_once_is_two_messages(testnet: Testnet, tmp_path: Path) -> None:
+    """The outbox reuses a queued message only when the send that queued it is gone: two
+    `dna send` of the same text running at the same time are two messages."""
+    alice, bob, alice_name, bob_name = _pair(testnet, tmp_path)
+    with storage_paused(testnet, 4):  # both under way, queued, at the same time
+        first = send_short_of_quorum(alice, bob_name, "same", testnet)
+        first.send_signal(signal.SIGSTOP)  # alive, whatever the machine's load, meanwhile
+        try:
+            second = send_short_of_quorum(alice, bob_name, "same", testnet)
+        finally:
+            first.send_signal(signal.SIGCONT)
+    sent = []
+    for proc in (first, second):
+        out, err = proc.communicate(timeout=90)
+        if proc.returncode != 0:  # its four attempts ran out: the next sync sends it
+            assert "storage nodes" in err, err
+            continue
+        sent.append(json.loads(out)["message_id"])
+    ok(dna(alice, "--json", "sync", net=testnet))
+    texts = [m["text"] for m in ok(dna(bob, "--json", "inbox", alice_name, net=testnet))]
+    assert texts == ["same", "same"], (texts, sent)

@@ -114,7 +114,8 @@ CREATE TABLE IF NOT EXISTS outbox(
   recipient BLOB NOT NULL,
   body TEXT NOT NULL,
   envelope BLOB NOT NULL,
-  queued_ms INTEGER NOT NULL
+  queued_ms INTEGER NOT NULL,
+  pid INTEGER NOT NULL
 );
 """
 
@@ -178,6 +179,19 @@ class Outgoing:
     body: str
     envelope: bytes
     queued_ms: int
+    pid: int  # of the process that queued it: while it lives, the send is under way
+
+    def under_way_elsewhere(self) -> bool:
+        """Whether another live process (a `dna send` running now) queued it."""
+        if self.pid in (0, os.getpid()):
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # alive, another user's (a profile is one user's)
+            return True
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,20 +298,20 @@ class Cache:
 
     def queue_outgoing(self, out: Outgoing) -> None:
         self._write(
-            "INSERT OR IGNORE INTO outbox(message_id, recipient, body, envelope, queued_ms)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (out.message_id, out.recipient, out.body, out.envelope, out.queued_ms),
+            "INSERT OR IGNORE INTO outbox(message_id, recipient, body, envelope, queued_ms,"
+            " pid) VALUES (?, ?, ?, ?, ?, ?)",
+            (out.message_id, out.recipient, out.body, out.envelope, out.queued_ms, out.pid),
         )
 
     def outgoing(self, recipient: bytes | None = None) -> list[Outgoing]:
         """Messages still on their way (to ``recipient``, or all), oldest first."""
         where, args = ("WHERE recipient = ?", (recipient,)) if recipient else ("", ())
         rows = self._rows(
-            f"SELECT message_id, recipient, body, envelope, queued_ms FROM outbox {where}"
+            f"SELECT message_id, recipient, body, envelope, queued_ms, pid FROM outbox {where}"
             " ORDER BY queued_ms, rowid",
             args,
         )
-        return [Outgoing(bytes(m), bytes(r), b, bytes(e), q) for m, r, b, e, q in rows]
+        return [Outgoing(bytes(m), bytes(r), b, bytes(e), q, pid) for m, r, b, e, q, pid in rows]
 
     def unqueue_outgoing(self, message_id: bytes) -> None:
         self._write("DELETE FROM outbox WHERE message_id = ?", (message_id,))

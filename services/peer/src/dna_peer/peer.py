@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -337,8 +338,8 @@ class Peer:
         ID, so the recipient shows it once however often it arrives."""
         started_ns = time.monotonic_ns()
         check_text(body)
-        queued = next((q for q in self.cache.outgoing(contact.fingerprint) if q.body == body),
-                      None)  # fmt: skip
+        queued = next((q for q in self.cache.outgoing(contact.fingerprint)
+                       if q.body == body and not q.under_way_elsewhere()), None)  # fmt: skip
         if queued is None:
             # Our key set (3.2 KB) rides along until the contact showed it has it; after
             # that a recipient without it (a lost cache) finds it in the keyserver.
@@ -346,7 +347,7 @@ class Peer:
             envelope = seal(self.identity, contact.keys, _text_payload(body), now_ms=now_ms(),
                             include_sender_keys=with_keys)  # fmt: skip
             queued = Outgoing(decode_envelope(envelope).message_id, contact.fingerprint, body,
-                              envelope, now_ms())  # fmt: skip
+                              envelope, now_ms(), os.getpid())  # fmt: skip
             self.cache.queue_outgoing(queued)
         if trace.enabled():
             trace.mark("send.start", blob_id(queued.envelope), started_ns)
