@@ -352,16 +352,22 @@ class Peer:
         if trace.enabled():
             trace.mark("send.start", blob_id(queued.envelope), started_ns)
             trace.mark("send.sealed", blob_id(queued.envelope))
-        return await self._deliver(contact, queued, direct_first=True)
+        return await self._deliver(contact, queued, first_try=True)
 
-    async def _deliver(self, contact: Contact, out: Outgoing, *, direct_first: bool
+    async def _deliver(self, contact: Contact, out: Outgoing, *, first_try: bool
                        ) -> SentMessage:  # fmt: skip
         """Put a queued message on its way to the end: direct or stored, the history, the
-        transcript for the other devices; then off the queue. Each step may run again."""
+        transcript for the other devices; then off the queue. Each step may run again. A
+        ``first_try`` (a send) tries the direct path and retries the put; from the queue
+        (a sync) one stored attempt, so a message that cannot go yet (the recipient's
+        mailbox full) does not hold every sync up for the seconds of the retries."""
         header = decode_envelope(out.envelope)
-        direct = (direct_first and self.direct is not None
+        direct = (first_try and self.direct is not None
                   and await self.direct.send(contact, header.message_id, out.envelope))  # fmt: skip
-        stored_on = 0 if direct else (await self._put(out.recipient, out.envelope)).stored_on
+        attempts = SEND_ATTEMPTS if first_try else 1  # a sync does not wait on the queue
+        stored_on = (
+            0 if direct else (await self._put(out.recipient, out.envelope, attempts)).stored_on
+        )
         others = self._has_other_devices()
         with self.cache.transaction():  # one commit (fsync) with one device
             self.cache.add_message(Message(
@@ -396,7 +402,7 @@ class Peer:
                 self.cache.unqueue_outgoing(out.message_id)
                 continue
             try:
-                await self._deliver(contact, out, direct_first=False)
+                await self._deliver(contact, out, first_try=False)
             except DnaError as exc:
                 log.warning("a queued message to %s… stays queued: %s", to, exc)
                 continue
@@ -467,16 +473,16 @@ class Peer:
                         include_sender_keys=with_keys)  # fmt: skip
         return await self._put(to.fingerprint, envelope)
 
-    async def _put(self, to: bytes, envelope: bytes) -> _Sent:
+    async def _put(self, to: bytes, envelope: bytes, attempts: int = SEND_ATTEMPTS) -> _Sent:
         """Put a sealed envelope on ``to``'s mailbox replicas (retrying, see below)."""
-        for attempt in range(SEND_ATTEMPTS):
+        for attempt in range(attempts):
             try:
                 put = await self.mail.put(to, envelope, return_at_quorum=True)
                 return _Sent(envelope, len(put.stored_on))
             except QuorumError as exc:
                 # Retry the same envelope: a partial write then merges with it (same
                 # blob, same message ID) instead of arriving as a second copy.
-                if attempt == SEND_ATTEMPTS - 1:
+                if attempt == attempts - 1:
                     raise
                 log.info("send retry %d after: %s", attempt + 1, exc)
                 # None found: the way to the network is lost. Only then: a rejoin opens new
