@@ -87,9 +87,9 @@ class Profile:
         (`dna watch` beside `dna send`), or ``alone`` for a step that changes the identity
         under the others' feet (a rotation re-keys the cache they have open). A step that
         must be alone waits ``wait_s`` for the others, then gives up with ProfileBusyError;
-        a shared holder waits for such a step to finish. A profile not created yet has
-        nothing to share."""
-        if not self.home.is_dir():
+        a shared holder waits for such a step to finish. A directory with no identity yet
+        has nothing to share (and gets no lock file)."""
+        if not self.exists():
             yield
             return
         fd = os.open(self.home / "lock", os.O_RDWR | os.O_CREAT, 0o600)
