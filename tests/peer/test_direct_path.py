@@ -406,6 +406,36 @@ def test_the_cli_shows_who_is_online_and_sends_directly(
     assert after["online"] is False  # withdrawn, not left to expire
 
 
+def test_a_watch_stopped_by_sigterm_goes_offline_at_once(
+    testnet: Testnet, ice_interface: str, tmp_path: Path
+) -> None:
+    """A service manager stops `dna watch` with SIGTERM: a clean stop like Ctrl-C (exit
+    0, presence withdrawn), not a kill that leaves the contact "online" for its lifetime."""
+    people = People(tmp_path, testnet.seeds)
+
+    async def setup() -> None:
+        for peer in await _friends(people):
+            await peer.close()
+
+    asyncio.run(setup())
+    alice, bob = people.profile("alice").home, people.profile("bob").home
+    watcher = subprocess.Popen(
+        [str(BIN / "dna"), "--home", str(bob), "--bootstrap", seeds(testnet), "watch"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**ENV, "PATH": str(BIN)},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not cli(alice, testnet, "contacts", "list")[0]["online"]:
+            assert time.monotonic() < deadline, "bob never showed up online"
+            time.sleep(0.5)
+    finally:
+        watcher.send_signal(signal.SIGTERM)
+        _out, err = watcher.communicate(timeout=30)
+    assert watcher.returncode == 0 and "Traceback" not in err, (watcher.returncode, err)
+    (after,) = cli(alice, testnet, "contacts", "list")
+    assert after["online"] is False  # withdrawn, not left to expire
+
+
 def seeds(net: Testnet) -> str:
     return ",".join(f"{h}:{p}" for h, p in net.seeds)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from dna_peer.keyserver import now_ms
 from dna_peer.peer import UnknownContactError
 from dna_testnet.network import Testnet, client_node
 from peers import People
-from support import run_script
+from support import BIN, run_script
 
 PASS = {"DNA_PASSPHRASE": "correct horse"}
 
@@ -152,3 +153,64 @@ def test_an_old_fingerprint_whose_identity_record_expired_is_added_through_its_s
         await alice.close()
 
     asyncio.run(scenario())
+
+
+def test_a_rotation_waits_for_no_one_and_changes_nothing_while_dna_watch_runs(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    """A rotation re-keys the cache: with `dna watch` holding it open the two raced (the
+    rotation failed with an internal error after telling the contacts, and the watcher's
+    handling of it left the name behind on the old keys). Now the rotation is refused."""
+    suffix = str(time.time_ns())[-6:]
+    alice = tmp_path / "alice"
+    old = ok(dna(alice, "identity", "create", "--name", f"alice{suffix}", net=testnet))
+    assert isinstance(old, dict)
+    seeds = ",".join(f"{h}:{p}" for h, p in testnet.seeds)
+    watcher = subprocess.Popen(
+        [str(BIN / "dna"), "--home", str(alice), "--bootstrap", seeds, "watch"],
+        stdout=subprocess.PIPE, text=True, env={**PASS, "PATH": str(BIN)},
+    )  # fmt: skip
+    try:
+        assert watcher.stdout is not None and "watching" in watcher.stdout.readline()
+        refused = dna(alice, "identity", "rotate", net=testnet)
+        assert refused.returncode == 1, refused.stdout
+        error = json.loads(refused.stderr)
+        assert error["kind"] == "ProfileBusyError" and "dna watch" in error["error"], error
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(30) == 0
+    shown = ok(dna(alice, "identity", "show", net=testnet))
+    assert isinstance(shown, dict) and shown["fingerprint"] == old["fingerprint"]  # unchanged
+    rotated = ok(dna(alice, "identity", "rotate", net=testnet))  # alone now: it goes
+    assert isinstance(rotated, dict) and rotated["old_fingerprint"] == old["fingerprint"]
+    owner = asyncio.run(name_owner(testnet, f"alice{suffix}"))
+    assert owner is not None and owner.hex() == rotated["fingerprint"]  # the name moved
+
+
+def test_a_rotation_killed_after_the_switch_still_moves_the_name(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    """`dna identity rotate` SIGKILLed once this device moved to the new keys, before it
+    published them: the next sync republishes with the old keys' hand-over of the name
+    (before, the old claim made the name "taken" and it was published without it)."""
+    suffix = str(time.time_ns())[-6:]
+    alice, name = tmp_path / "alice", f"alice{suffix}"
+    ok(dna(alice, "identity", "create", "--name", name, net=testnet))
+    seeds = ",".join(f"{h}:{p}" for h, p in testnet.seeds)
+    rotating = subprocess.Popen(
+        [str(BIN / "dna"), "--home", str(alice), "--bootstrap", seeds, "identity", "rotate"],
+        stderr=subprocess.PIPE, text=True, env={**PASS, "PATH": str(BIN)},
+    )  # fmt: skip
+    assert rotating.stderr is not None
+    try:
+        while "identity rotated" not in rotating.stderr.readline():  # logged by the switch
+            assert rotating.poll() is None, "rotate ended before switching"
+    finally:
+        rotating.kill()
+        rotating.wait(10)
+    new = ok(dna(alice, "identity", "show", net=testnet))
+    assert isinstance(new, dict)
+    synced = dna(alice, "sync", net=testnet)
+    assert synced.returncode == 0 and "without it" not in synced.stderr, synced.stderr
+    owner = asyncio.run(name_owner(testnet, name))
+    assert owner is not None and owner.hex() == new["fingerprint"]

@@ -34,6 +34,9 @@ MAX_ROTATION_HOPS = 8  # rotations followed for one contact (a chain, never a cy
 # State key (`set_state`) written by the peer and cleared by the inbox: this device lost its
 # cache and no other device has told it the device list since (the value: when, in ms).
 RECOVERING = "recovering"
+# State key: this device lost its cache and has not yet asked the others for the history
+# (set with RECOVERING when the lost cache is made again, cleared once the ask is posted).
+HISTORY_WANTED = "history-wanted"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS contacts(
   fingerprint BLOB PRIMARY KEY,
@@ -106,6 +109,14 @@ CREATE TABLE IF NOT EXISTS state(
   key TEXT PRIMARY KEY,
   value BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS outbox(
+  message_id BLOB PRIMARY KEY,
+  recipient BLOB NOT NULL,
+  body TEXT NOT NULL,
+  envelope BLOB NOT NULL,
+  queued_ms INTEGER NOT NULL,
+  pid INTEGER NOT NULL
+);
 """
 
 
@@ -121,6 +132,12 @@ def _damaged(path: Path, error: sqlcipher.DatabaseError) -> bool:
     if getattr(error, "sqlite_errorcode", None) == sqlcipher.SQLITE_CORRUPT:
         return True
     return path.stat().st_size % PAGE_BYTES != 0
+
+
+def _aside(path: Path) -> str:
+    """The way back from a cache that cannot be opened: without it, the device rebuilds."""
+    return (f"Move the file aside (mv {path} {path}.damaged) and run again: this device then"
+            " rebuilds it from the mailbox and the other devices' history")  # fmt: skip
 
 
 def cache_key(identity: Identity, device_id: bytes) -> bytes:
@@ -153,6 +170,31 @@ class Message:
 
 
 @dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A sealed message on its way: queued before it is put on the replicas, gone once it
+    is stored there, in the history and told to the other devices."""
+
+    message_id: bytes
+    recipient: bytes
+    body: str
+    envelope: bytes
+    queued_ms: int
+    pid: int  # of the process that queued it: while it lives, the send is under way
+
+    def under_way_elsewhere(self) -> bool:
+        """Whether another live process (a `dna send` running now) queued it."""
+        if self.pid in (0, os.getpid()):
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # alive, another user's (a profile is one user's)
+            return True
+        return True
+
+
+@dataclass(frozen=True, slots=True)
 class Conversation:
     id: bytes
     peer: bytes
@@ -173,7 +215,11 @@ class Cache:
     @classmethod
     def open(cls, path: Path, key: bytes) -> Cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlcipher.connect(str(path), isolation_level=None, check_same_thread=False)
+        try:
+            conn = sqlcipher.connect(str(path), isolation_level=None, check_same_thread=False)
+        except sqlcipher.OperationalError as exc:  # not a file (a directory), no access
+            raise CacheDamagedError(f"{path}: cannot open the cache ({exc}). {_aside(path)}"
+                                    ) from None  # fmt: skip
         conn.execute("PRAGMA cipher_log_level = NONE")  # a wrong key is our error, not a log line
         conn.execute(f"PRAGMA key = \"x'{key.hex()}'\"")
         try:
@@ -183,11 +229,13 @@ class Cache:
             if _damaged(path, exc):
                 raise CacheDamagedError(
                     f"{path}: the cache is damaged ({exc}); the identity and its key file are"
-                    f" fine. Move the file aside (mv {path} {path}.damaged) and run again: this"
-                    " device then rebuilds it from the mailbox and the other devices' history"
+                    f" fine. {_aside(path)}"
                 ) from None
+            # The passphrase opened the key file, so the key is this identity's: the file is
+            # another device's (or identity's) cache, or not a cache at all.
             raise WrongPassphraseError(
-                f"{path}: cannot open the cache (wrong key or not a cache file)"
+                f"{path}: cannot open the cache (wrong key or not a cache file: not this"
+                f" device's cache); the identity and its key file are fine. {_aside(path)}"
             ) from None
         conn.execute("PRAGMA busy_timeout = 10000")  # `dna watch` and `dna send` may overlap
         conn.execute("PRAGMA journal_mode = WAL")
@@ -245,6 +293,35 @@ class Cache:
 
     def clear_state(self, key: str) -> None:
         self._write("DELETE FROM state WHERE key = ?", (key,))
+
+    # -- the outbox -------------------------------------------------------------------
+
+    def queue_outgoing(self, out: Outgoing) -> None:
+        self._write(
+            "INSERT OR IGNORE INTO outbox(message_id, recipient, body, envelope, queued_ms,"
+            " pid) VALUES (?, ?, ?, ?, ?, ?)",
+            (out.message_id, out.recipient, out.body, out.envelope, out.queued_ms, out.pid),
+        )
+
+    def outgoing(self, recipient: bytes | None = None) -> list[Outgoing]:
+        """Messages still on their way (to ``recipient``, or all), oldest first."""
+        where, args = ("WHERE recipient = ?", (recipient,)) if recipient else ("", ())
+        rows = self._rows(
+            f"SELECT message_id, recipient, body, envelope, queued_ms, pid FROM outbox {where}"
+            " ORDER BY queued_ms, rowid",
+            args,
+        )
+        return [Outgoing(bytes(m), bytes(r), b, bytes(e), q, pid) for m, r, b, e, q, pid in rows]
+
+    def unqueue_outgoing(self, message_id: bytes) -> None:
+        self._write("DELETE FROM outbox WHERE message_id = ?", (message_id,))
+
+    def mark_lost(self, now_ms: int) -> None:
+        """This cache was made again after the old one was lost: until another device's
+        history arrives, delete nothing (RECOVERING) and ask for it (HISTORY_WANTED)."""
+        with self.transaction():
+            self.set_state(RECOVERING, str(now_ms).encode())
+            self.set_state(HISTORY_WANTED, b"")
 
     # -- contacts ------------------------------------------------------------------
 

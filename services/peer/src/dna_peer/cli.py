@@ -32,16 +32,17 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 from dna_core import __version__
 from dna_core.crypto import Identity, keystore
-from dna_core.errors import DnaError
+from dna_core.errors import DnaError, MalformedError
 from dna_core.ops.heap import freeze_startup_heap
 from dna_core.overlay import normalize_name
 from rich.text import Text
@@ -69,9 +70,10 @@ from dna_peer.peer import (
     InvalidMessageError,
     Peer,
     check_text,
+    find_contact,
     open_peer,
 )
-from dna_peer.profile import NoIdentityError, Profile, write_private
+from dna_peer.profile import BACKUP_MAX_BYTES, Profile, read_bounded, write_private
 from dna_peer.terminal import (
     console,
     phase_line,
@@ -90,15 +92,26 @@ def _passphrase(confirm: bool) -> str:
     if PASSPHRASE_ENV in os.environ:
         if confirm and not os.environ[PASSPHRASE_ENV]:
             _confirm_empty_passphrase()
-        return os.environ[PASSPHRASE_ENV]
+        return _utf8(os.environ[PASSPHRASE_ENV], PASSPHRASE_ENV)
     if not sys.stdin.isatty():
         raise DnaError(f"no terminal to ask for a passphrase: set {PASSPHRASE_ENV}")
-    first = getpass.getpass("passphrase: ")
+    first = _utf8(getpass.getpass("passphrase: "), "the passphrase")
     if confirm and getpass.getpass("again: ") != first:
         raise DnaError("the passphrases differ")
     if confirm and not first:
         _confirm_empty_passphrase()
     return first
+
+
+def _utf8(text: str, source: str) -> str:
+    """``text`` unless it holds bytes that are not UTF-8 (an environment variable or a
+    terminal in another encoding: Python keeps them as surrogates, which no key derivation
+    can take)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DnaError(f"{source} is not valid UTF-8 text") from None
+    return text
 
 
 EMPTY_PASSPHRASE = (
@@ -128,8 +141,7 @@ def _emit(args: argparse.Namespace, info: Info) -> None:
             print(f"{label:>{width}}: {printable(text)}")
 
 
-_UNITS = {"published_on": "storage nodes", "replicas": "storage nodes (of 5)",
-          "history_chunks": "chunks of history"}  # fmt: skip
+_UNITS = {"published_on": "storage nodes", "replicas": "storage nodes (of 5)"}
 
 
 def _human(key: str, value: object) -> str | None:
@@ -146,8 +158,11 @@ def _human(key: str, value: object) -> str | None:
     return f"{value} {unit}" if unit else str(value)
 
 
-def _with_peer(args: argparse.Namespace, work: Callable[[Peer], Awaitable[None]]) -> None:
-    """Unlock, join the network, run ``work``, leave."""
+def _with_peer(
+    args: argparse.Namespace, work: Callable[[Peer], Awaitable[None]], *, alone: bool = False
+) -> None:
+    """Unlock, join the network, run ``work``, leave; the profile held meanwhile (shared
+    with other dna processes, or ``alone``: Profile.in_use)."""
 
     async def run() -> None:
         passphrase = _passphrase(confirm=False)
@@ -160,7 +175,19 @@ def _with_peer(args: argparse.Namespace, work: Callable[[Peer], Awaitable[None]]
         finally:
             await peer.close()
 
-    asyncio.run(run())
+    with args.profile.in_use(alone=alone):
+        asyncio.run(run())
+
+
+def _with_cache(args: argparse.Namespace, work: Callable[[Cache], object]) -> None:
+    """Unlock and open the cache alone, no network: what needs only this device's data
+    works with the network down (search, inbox --offline, contacts forget)."""
+    with args.profile.in_use():
+        cache = args.profile.open_cache(args.profile.unlock(_passphrase(confirm=False)))
+        try:
+            work(cache)
+        finally:
+            cache.close()
 
 
 # -- identity -----------------------------------------------------------------------
@@ -218,9 +245,7 @@ async def _publish_as(args: argparse.Namespace, peer: Peer, info: Info) -> None:
 
 
 def _show(args: argparse.Namespace) -> None:
-    if not args.profile.exists():
-        raise NoIdentityError(f"no identity in {args.profile.home}: run `dna identity create`")
-    keys = keystore.read_public(args.profile.keyfile.read_bytes())
+    keys = args.profile.public_keys()
     _emit(args, {"fingerprint": keys.fingerprint.hex(), "home": str(args.profile.home),
                  "device": args.profile.device().name})  # fmt: skip
 
@@ -231,9 +256,7 @@ def _export(args: argparse.Namespace) -> None:
     the passphrase, to a new owner-only --out file."""
     if args.private and args.out is None:
         raise DnaError("--private needs --out FILE (a backup file only you can read)")
-    if not args.profile.exists():
-        raise NoIdentityError(f"no identity in {args.profile.home}: run `dna identity create`")
-    keyfile = args.profile.keyfile.read_bytes()
+    keyfile = args.profile.read_keyfile()
     public = keystore.read_public(keyfile)
     if args.private:
         args.profile.unlock(_passphrase(confirm=False))  # a backup that opens
@@ -263,12 +286,18 @@ def _write_new(path: Path, text: str, *, private: bool) -> None:
 
 
 def _import(args: argparse.Namespace) -> None:
-    data = args.file.read_bytes()
+    data = read_bounded(args.file, BACKUP_MAX_BYTES, "a backup from `dna identity export"
+                        " --private`")  # fmt: skip
     if is_armored(data):  # raw key files (older backups) are read as they are
         kind, data = dearmor(data)
         if kind != LOCKED_KEY_FILE:
             raise DnaError(f"{args.file} holds a {kind.lower()}, not a backup: make one with"
                            " `dna identity export --private --out FILE`")  # fmt: skip
+    try:
+        keystore.read_public(data)  # before the passphrase: is this a key file at all?
+    except MalformedError as exc:
+        raise DnaError(f"{args.file} is not a backup from `dna identity export --private`"
+                       f" ({exc})") from None  # fmt: skip
     identity = args.profile.restore(data, _passphrase(confirm=False))
     _emit(args, {"fingerprint": identity.fingerprint.hex(), "home": str(args.profile.home)})
 
@@ -292,14 +321,14 @@ def _link(args: argparse.Namespace) -> None:
 def _rotate(args: argparse.Namespace) -> None:
     """A new key set for this identity; contacts and the other devices follow."""
 
-    async def work(peer: Peer) -> None:
+    async def work(peer: Peer) -> None:  # alone: it re-keys the cache others would hold
         old = peer.fingerprint
         new = await peer.rotate(args.reason)
         _emit(args, {"old_fingerprint": old.hex(), "fingerprint": new.fingerprint.hex(),
                      "contacts_told": len([c for c in peer.cache.contacts()
                                            if c.replaced_by is None])})  # fmt: skip
 
-    _with_peer(args, work)
+    _with_peer(args, work, alone=True)
 
 
 def _accept(args: argparse.Namespace) -> None:
@@ -368,12 +397,12 @@ def _contacts_verify(args: argparse.Namespace) -> None:
 
 
 def _contacts_forget(args: argparse.Namespace) -> None:
-    async def work(peer: Peer) -> None:
-        contact = peer.find_contact(args.who)
-        peer.cache.forget_contact(contact.fingerprint)
-        _emit(args, {"forgotten": _party(peer.cache, contact.fingerprint)})
+    def work(cache: Cache) -> None:  # this device's pin alone: no network needed
+        contact = find_contact(cache, args.who)
+        cache.forget_contact(contact.fingerprint)
+        _emit(args, {"forgotten": _party(cache, contact.fingerprint)})
 
-    _with_peer(args, work)
+    _with_cache(args, work)
 
 
 # -- messages -----------------------------------------------------------------------
@@ -402,29 +431,40 @@ def _send(args: argparse.Namespace) -> None:
 
 def _message_text(args: argparse.Namespace) -> str:
     """The text to send: the arguments, `-` or a piped stdin, or --file. A trailing line
-    break (from `echo` or an editor) is not part of the message."""
+    break (from `echo` or an editor, `\n` or `\r\n`) is not part of the message, nor of
+    its size."""
     if args.file is not None and args.text:
         raise DnaError("give the message as arguments or --file, not both")
     if args.file is not None:
-        with args.file.open("rb") as f:
-            return _decoded(f.read(MAX_TEXT_BYTES + 1), str(args.file)).rstrip("\n")
+        try:
+            with args.file.open("rb") as f:
+                return _read_text(f, str(args.file))
+        except OSError as exc:  # missing, a directory, unreadable: say which file
+            raise DnaError(f"cannot read --file {args.file}: {exc.strerror or exc}") from None
     if args.text == ["-"] or (not args.text and not sys.stdin.isatty()):
-        return _decoded(sys.stdin.buffer.read(MAX_TEXT_BYTES + 1), "stdin").rstrip("\n")
+        return _read_text(sys.stdin.buffer, "stdin")
     if not args.text:
         raise DnaError("no message: give it as arguments, `-` for stdin, or --file FILE")
     return " ".join(args.text)
 
 
-def _decoded(data: bytes, source: str) -> str:
-    if len(data) > MAX_TEXT_BYTES:
+_LINE_BREAK = 2  # "\r\n": read past the limit by one trailing line break
+
+
+def _read_text(stream: BinaryIO, source: str) -> str:
+    """At most the largest message and a trailing line break: a 10 MB pipe is refused
+    after reading just past the limit, not held in memory."""
+    data = stream.read(MAX_TEXT_BYTES + _LINE_BREAK + 1)
+    if len(data) > MAX_TEXT_BYTES + _LINE_BREAK:
         raise InvalidMessageError(
             f"the message in {source} is over {MAX_TEXT_BYTES:,} bytes, the most that fit in"
             " one message (the 192 KiB envelope cap less 1 KiB of framing)"
         )
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidMessageError(f"the message in {source} is not valid UTF-8 text") from None
+    return text.rstrip("\r\n")  # check_text then counts what is sent
 
 
 def _message_info(peer: Peer, m: Message) -> Info:
@@ -463,34 +503,41 @@ def _print_message(info: Info) -> None:
 
 
 def _inbox(args: argparse.Namespace) -> None:
+    if args.offline:  # the cache alone: works with the network down; marks nothing read
+        _with_cache(args, lambda cache: _show_inbox(args, cache))
+        return
+
     async def work(peer: Peer) -> None:
-        if not args.offline:
-            phase = "looking up your mailbox replicas, fetching…"
-            with progress_bar(phase, "blobs", enabled=not args.json) as update:
-                await peer.sync(progress=update)
-        if args.contact:
-            await _show_conversation(args, peer, peer.find_contact(args.contact))
-        else:
-            _show_conversations(args, peer)
+        phase = "looking up your mailbox replicas, fetching…"
+        with progress_bar(phase, "blobs", enabled=not args.json) as update:
+            await peer.sync(progress=update)
+        contact = _show_inbox(args, peer.cache)
+        if contact is not None:
+            await peer.mark_read(contact)  # what was shown is read, on every device
 
     _with_peer(args, work)
 
 
-async def _show_conversation(args: argparse.Namespace, peer: Peer, contact: Contact) -> None:
-    messages = [_message_info(peer, m) for m in peer.cache.messages(contact.conversation)]
+def _show_inbox(args: argparse.Namespace, cache: Cache) -> Contact | None:
+    """The conversation list, or one conversation (returned: the caller marks it read)."""
+    if not args.contact:
+        _show_conversations(args, cache)
+        return None
+    contact = find_contact(cache, args.contact)
+    messages = [_message_info_from(cache, m) for m in cache.messages(contact.conversation)]
     if args.json:
         print(json.dumps(messages))
     else:
         for info in messages:
             _print_message(info)
-    await peer.mark_read(contact)  # what was shown is read, on every device
+    return contact
 
 
-def _show_conversations(args: argparse.Namespace, peer: Peer) -> None:
+def _show_conversations(args: argparse.Namespace, cache: Cache) -> None:
     rows: list[Info] = []
-    for conv in peer.cache.conversations():
-        last = peer.cache.messages(conv.id)[-1:]
-        rows.append({"contact": _party(peer.cache, conv.peer), "unread": conv.unread,
+    for conv in cache.conversations():
+        last = cache.messages(conv.id)[-1:]
+        rows.append({"contact": _party(cache, conv.peer), "unread": conv.unread,
                      "last": last[0].body if last else None,
                      "last_time_ms": last[0].timestamp_ms if last else None})  # fmt: skip
     if args.json:
@@ -498,7 +545,7 @@ def _show_conversations(args: argparse.Namespace, peer: Peer) -> None:
         return
     if not rows:
         print("no conversations yet")
-        if peer.cache.get_state(RECOVERING) is not None:
+        if cache.get_state(RECOVERING) is not None:
             print("(this device is new or restored: your other devices send it the history"
                   " when they next sync; run `dna sync` there)")  # fmt: skip
         return
@@ -506,23 +553,31 @@ def _show_conversations(args: argparse.Namespace, peer: Peer) -> None:
     grid = table(out, "contact", "unread", "last message")
     for row in rows:
         unread = Text(str(row["unread"]), style="bold" if row["unread"] else "")
-        first_line = (row["last"] or "").split("\n", 1)[0]
-        grid.add_row(Text(_who(row["contact"], me=False)), unread, Text(printable(first_line)))
+        grid.add_row(Text(_who(row["contact"], me=False)), unread,
+                     Text(printable(_preview(row["last"] or ""))))  # fmt: skip
     out.print(grid)
 
 
+PREVIEW_CHARS = 80
+
+
+def _preview(text: str) -> str:
+    """The start of a message for the conversation list: its first line, at most
+    PREVIEW_CHARS characters, so that a long message (up to 195 KB on one line) neither
+    squeezes the other columns away in a pipe nor fills the terminal."""
+    first = text.split("\n", 1)[0].removesuffix("\r")  # a lone CR stays, shown escaped
+    return first if len(first) <= PREVIEW_CHARS else first[: PREVIEW_CHARS - 1] + "…"
+
+
 def _search(args: argparse.Namespace) -> None:
-    identity = args.profile.unlock(_passphrase(confirm=False))
-    cache = args.profile.open_cache(identity)  # the cache alone: no network needed
-    try:
-        found = [_message_info_from(cache, m)
-                 for m in cache.search(" ".join(args.words))]  # fmt: skip
-    finally:
-        cache.close()
-    if args.json:
-        print(json.dumps(found))
-    for info in [] if args.json else found:
-        _print_message(info)
+    def work(cache: Cache) -> None:  # the cache alone: no network needed
+        found = [_message_info_from(cache, m) for m in cache.search(" ".join(args.words))]
+        if args.json:
+            print(json.dumps(found))
+        for info in [] if args.json else found:
+            _print_message(info)
+
+    _with_cache(args, work)
 
 
 def _watch(args: argparse.Namespace) -> None:
@@ -536,11 +591,17 @@ def _watch(args: argparse.Namespace) -> None:
                     _print_message(info)
 
         def network(text: str) -> None:  # outages and returns, on stderr (stdout: messages)
-            print(f"dna: {text}", file=sys.stderr, flush=True)
+            # the reason may quote a node's error text: escaped like everything from others
+            print(f"dna: {printable(text)}", file=sys.stderr, flush=True)
 
         if direct_enabled():  # online: presence published, contacts may connect directly
             peer.on_direct = show
             await peer.go_direct(ice_config(), listen=True)
+        # A service manager stops it with SIGTERM: the same clean stop as Ctrl-C (presence
+        # withdrawn, what is owed settled), not a kill that leaves "online" behind.
+        stop = asyncio.current_task()
+        assert stop is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.cancel)
         if not args.json:
             print("watching for messages (Ctrl-C to stop)", flush=True)
         freeze_startup_heap()  # up for good: full collections skip what it set up
@@ -650,7 +711,7 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     parser.add_argument("--json", action="store_true", default=default(False),
                         help="machine-readable output: one JSON document (watch: one per"
                         " message); errors as JSON on stderr")  # fmt: skip
-    parser.add_argument("--home", type=Path, default=default(None), metavar="DIR",
+    parser.add_argument("--home", default=default(None), metavar="DIR",
                         help="profile directory (default $DNA_HOME, else ~/.dna)")  # fmt: skip
     parser.add_argument("--bootstrap", default=default(None), metavar="HOST:PORT[,...]",
                         help="bootstrap nodes to join through (default $DNA_BOOTSTRAP, else"
@@ -745,8 +806,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify = _add(contacts, "verify", _contacts_verify, "show the safety number to compare")
     verify.add_argument("who", help="a contact's name or fingerprint")
     verify.add_argument("--confirm", action="store_true", help="it matched: mark verified")
-    _add(contacts, "forget", _contacts_forget, "unpin a contact's key (history stays)"
-         ).add_argument("who", help="a contact's name or fingerprint")  # fmt: skip
+    forget = _add(contacts, "forget", _contacts_forget, "unpin a contact's key (history stays;"
+                  " no network needed)")  # fmt: skip
+    forget.add_argument("who", help="a contact's name or fingerprint")
 
     send = _add(sub, "send", _send, "send a message (from the arguments, stdin or a file)")
     send.add_argument("to", help="a contact's name or fingerprint")
@@ -755,7 +817,11 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--file", type=Path, help="read the message from FILE (UTF-8 text)")
     inbox = _add(sub, "inbox", _inbox, "sync and show conversations, or one conversation")
     inbox.add_argument("contact", nargs="?", help="show this contact's conversation")
-    inbox.add_argument("--offline", action="store_true", help="show the cache without syncing")
+    inbox.add_argument(
+        "--offline",
+        action="store_true",
+        help="show the cache without syncing (no network needed; marks nothing read)",
+    )
     watch = _add(sub, "watch", _watch, "print messages as they arrive")
     watch.add_argument("--interval", type=_positive, default=1.0,
                        help="seconds between syncs when nothing is pushed (default 1)")  # fmt: skip
@@ -769,8 +835,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settle(args: argparse.Namespace) -> None:
     """Arguments and environment read and checked before any command runs."""
-    args.profile = Profile(args.home) if args.home else Profile.default()
+    args.profile = _profile(args.home)
     args.seeds = parse_seeds(args.bootstrap) if args.bootstrap is not None else default_seeds()
+
+
+def _profile(home: str | None) -> Profile:
+    """--home, else $DNA_HOME, else ~/.dna; empty (`--home ""`: the working directory, by
+    accident) or a file is refused before anything reads or writes there."""
+    if home is not None and not home.strip():
+        raise DnaError('--home is empty: name a directory (or leave it out: $DNA_HOME, else'
+                       " ~/.dna)")  # fmt: skip
+    profile = Profile(Path(home)) if home is not None else Profile.default()
+    if profile.home.exists() and not profile.home.is_dir():
+        raise DnaError(f"{profile.home} is not a directory: the profile (--home or DNA_HOME)"
+                       " is a directory of its own")  # fmt: skip
+    return profile
 
 
 def _fail(args: argparse.Namespace | None, message: str, kind: str = "DnaError") -> NoReturn:

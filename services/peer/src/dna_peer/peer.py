@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from dna_core import trace
 from dna_core.crypto import Identity, PublicKeySet, ReplayGuard, seal
 from dna_core.crypto import primitives as p
 from dna_core.crypto.envelope import MAX_PAYLOAD_BYTES, decode_envelope
-from dna_core.errors import DnaError
+from dna_core.errors import DnaError, MalformedError
 from dna_core.mailbox import (
     FetchState,
     MailboxClient,
@@ -38,7 +39,16 @@ from dna_core.overlay import OverlayNode, normalize_name, resolve_seeds, seed_fa
 from dna_core.wire import envelope_pb2
 
 from dna_peer import keyserver
-from dna_peer.cache import MAX_ROTATION_HOPS, RECOVERING, Cache, Contact, Message, cache_key
+from dna_peer.cache import (
+    HISTORY_WANTED,
+    MAX_ROTATION_HOPS,
+    RECOVERING,
+    Cache,
+    Contact,
+    Message,
+    Outgoing,
+    cache_key,
+)
 from dna_peer.direct.link import IceConfig
 from dna_peer.direct.service import DirectService
 from dna_peer.inbox import Inbox, OnMessage, ReceiptDue, SyncReport
@@ -64,6 +74,9 @@ SEND_ATTEMPTS = 4  # over about 3.5 s: rides out a replica restarting
 REJOIN_EVERY_S = 2.0  # sends failing together after an outage rejoin the overlay once
 NAME_MOVE = "name-move"  # cache state: the old keys' signature handing the name over
 RETIRED = "retired"  # cache state: identities this one rotated away from, drained until
+# A queued message older than this is not sent any more: the recipient would drop its
+# envelope as expired (the replay window, 31 days) before long.
+OUTBOX_MAX_AGE_MS = 7 * DAY_MS
 RETIRED_GRACE_MS = 30 * DAY_MS  # = the rotation statement's lifetime and a blob's longest TTL
 HISTORY_CHUNK_BYTES = 150 * 1024  # a History payload stays under the 192 KiB envelope cap
 DISPLAY_PREFIX = 16  # hex digits of a fingerprint the inbox shows for a contact without a name
@@ -245,8 +258,8 @@ class Peer:
         return contact
 
     async def _add_contact(self, query: str) -> Contact:
-        fingerprint = _parse_fingerprint(query) or self._pinned_prefix(query, DISPLAY_PREFIX)
-        name = None if fingerprint else normalize_name(query)
+        fingerprint = _parse_fingerprint(query) or _pinned_prefix(self.cache, query, DISPLAY_PREFIX)
+        name = None if fingerprint else _contact_name(query)
         if name is not None:
             fingerprint = await keyserver.lookup_name(self.node, name)
             if fingerprint is None:
@@ -305,23 +318,7 @@ class Peer:
 
     def find_contact(self, query: str) -> Contact:
         """A pinned contact by name, fingerprint or fingerprint prefix (hex)."""
-        found = self.cache.contact_named(query.casefold())
-        if found is not None:
-            return found
-        fingerprint = self._pinned_prefix(query, 8)
-        found = self.cache.contact(fingerprint) if fingerprint else None
-        if found is not None:
-            return found
-        raise UnknownContactError(f"no contact {query!r}: add one with `dna contacts add NAME`")
-
-    def _pinned_prefix(self, query: str, shortest: int) -> bytes | None:
-        """The one pinned contact whose fingerprint starts with ``query`` (hex, any case,
-        at least ``shortest`` digits), else None."""
-        prefix = query.strip().lower()
-        if not shortest <= len(prefix) <= 64 or prefix.strip("0123456789abcdef"):
-            return None
-        matches = [c for c in self.cache.contacts() if c.fingerprint.hex().startswith(prefix)]
-        return matches[0].fingerprint if len(matches) == 1 else None
+        return find_contact(self.cache, query)
 
     def safety_number(self, contact: Contact) -> str:
         return keyserver.safety_number(self.fingerprint, contact.fingerprint)
@@ -332,38 +329,85 @@ class Peer:
         """Seal once, then deliver: over the direct path if the contact is present and a
         pair comes up in time, else (any failure or the deadline) the same envelope, with
         the same message ID, to the contact's mailbox; a copy arriving both ways is
-        dropped by the recipient as a replay of an ID it holds."""
+        dropped by the recipient as a replay of an ID it holds.
+
+        The envelope is queued in the cache (the outbox) before it leaves and unqueued
+        once it is stored, in the history and told to the other devices. A send that
+        failed or was killed on the way is finished by the next `sync`, or by sending the
+        same text to the same contact again, which takes the queued envelope: one message
+        ID, so the recipient shows it once however often it arrives."""
         started_ns = time.monotonic_ns()
         check_text(body)
-        payload = envelope_pb2.Payload(text=envelope_pb2.Text(body=body)).SerializeToString()
-        # Our key set (3.2 KB) rides along until the contact showed it has it; after that
-        # a recipient without it (a lost cache) finds it in the keyserver.
-        with_keys = not self.cache.has_our_keys(contact.fingerprint)
-        envelope = seal(self.identity, contact.keys, payload, now_ms=now_ms(),
-                        include_sender_keys=with_keys)  # fmt: skip
-        header = decode_envelope(envelope)
+        queued = next((q for q in self.cache.outgoing(contact.fingerprint)
+                       if q.body == body and not q.under_way_elsewhere()), None)  # fmt: skip
+        if queued is None:
+            # Our key set (3.2 KB) rides along until the contact showed it has it; after
+            # that a recipient without it (a lost cache) finds it in the keyserver.
+            with_keys = not self.cache.has_our_keys(contact.fingerprint)
+            envelope = seal(self.identity, contact.keys, _text_payload(body), now_ms=now_ms(),
+                            include_sender_keys=with_keys)  # fmt: skip
+            queued = Outgoing(decode_envelope(envelope).message_id, contact.fingerprint, body,
+                              envelope, now_ms(), os.getpid())  # fmt: skip
+            self.cache.queue_outgoing(queued)
         if trace.enabled():
-            trace.mark("send.start", blob_id(envelope), started_ns)
-            trace.mark("send.sealed", blob_id(envelope))
-        direct = self.direct is not None and await self.direct.send(
-            contact, header.message_id, envelope
+            trace.mark("send.start", blob_id(queued.envelope), started_ns)
+            trace.mark("send.sealed", blob_id(queued.envelope))
+        return await self._deliver(contact, queued, first_try=True)
+
+    async def _deliver(self, contact: Contact, out: Outgoing, *, first_try: bool
+                       ) -> SentMessage:  # fmt: skip
+        """Put a queued message on its way to the end: direct or stored, the history, the
+        transcript for the other devices; then off the queue. Each step may run again. A
+        ``first_try`` (a send) tries the direct path and retries the put; from the queue
+        (a sync) one stored attempt, so a message that cannot go yet (the recipient's
+        mailbox full) does not hold every sync up for the seconds of the retries."""
+        header = decode_envelope(out.envelope)
+        direct = (first_try and self.direct is not None
+                  and await self.direct.send(contact, header.message_id, out.envelope))  # fmt: skip
+        attempts = SEND_ATTEMPTS if first_try else 1  # a sync does not wait on the queue
+        stored_on = (
+            0 if direct else (await self._put(out.recipient, out.envelope, attempts)).stored_on
         )
-        stored_on = 0 if direct else (await self._put(contact.fingerprint, envelope)).stored_on
-        self.cache.add_message(Message(
-            header.message_id, contact.conversation, self.fingerprint, contact.fingerprint,
-            header.timestamp_ms, body, outgoing=True,
-        ))  # fmt: skip
+        others = self._has_other_devices()
+        with self.cache.transaction():  # one commit (fsync) with one device
+            self.cache.add_message(Message(
+                header.message_id, contact.conversation, self.fingerprint, out.recipient,
+                header.timestamp_ms, out.body, outgoing=True,
+            ))  # fmt: skip
+            if direct:  # the ACK says the contact's device stored it: that is the receipt
+                self.cache.mark_delivered([header.message_id], recipient=out.recipient)
+            if not others:
+                self.cache.unqueue_outgoing(header.message_id)
         if trace.enabled():
-            trace.mark("send.cached", blob_id(envelope))
-        if direct:  # the ACK says the contact's device stored it: that is the receipt
-            self.cache.mark_delivered([header.message_id], recipient=contact.fingerprint)
-        if self._has_other_devices():
+            trace.mark("send.cached", blob_id(out.envelope))
+        if others:
             transcript = envelope_pb2.SyncTranscript(
-                original_recipient=contact.fingerprint, original_message_id=header.message_id,
-                original_timestamp_ms=header.timestamp_ms, payload=payload,
+                original_recipient=out.recipient, original_message_id=header.message_id,
+                original_timestamp_ms=header.timestamp_ms, payload=_text_payload(out.body),
             )  # fmt: skip
             await self.post_to_devices(envelope_pb2.Payload(sync=transcript))
+            self.cache.unqueue_outgoing(header.message_id)
         return SentMessage(header.message_id, stored_on, DIRECT if direct else STORED)
+
+    async def send_queued(self) -> int:
+        """Finish the sends a failure or a kill cut short (stored, so no direct attempt);
+        returns how many went. One that fails stays queued for the next sync."""
+        sent = 0
+        for out in self.cache.outgoing():
+            contact = self.cache.contact(out.recipient)
+            to = out.recipient.hex()[:16]
+            if contact is None or now_ms() - out.queued_ms > OUTBOX_MAX_AGE_MS:
+                why = "no such contact any more" if contact is None else "queued too long ago"
+                log.warning("not sending a queued message to %s…: %s", to, why)
+                self.cache.unqueue_outgoing(out.message_id)
+                continue
+            try:
+                await self._deliver(contact, out, first_try=False)
+            except DnaError as exc:
+                log.warning("a queued message to %s… stays queued: %s", to, exc)
+                continue
+            sent += 1
+        return sent
 
     # -- the direct path ----------------------------------------------------------------
 
@@ -429,16 +473,16 @@ class Peer:
                         include_sender_keys=with_keys)  # fmt: skip
         return await self._put(to.fingerprint, envelope)
 
-    async def _put(self, to: bytes, envelope: bytes) -> _Sent:
+    async def _put(self, to: bytes, envelope: bytes, attempts: int = SEND_ATTEMPTS) -> _Sent:
         """Put a sealed envelope on ``to``'s mailbox replicas (retrying, see below)."""
-        for attempt in range(SEND_ATTEMPTS):
+        for attempt in range(attempts):
             try:
                 put = await self.mail.put(to, envelope, return_at_quorum=True)
                 return _Sent(envelope, len(put.stored_on))
             except QuorumError as exc:
                 # Retry the same envelope: a partial write then merges with it (same
                 # blob, same message ID) instead of arriving as a second copy.
-                if attempt == SEND_ATTEMPTS - 1:
+                if attempt == attempts - 1:
                     raise
                 log.info("send retry %d after: %s", attempt + 1, exc)
                 # None found: the way to the network is lost. Only then: a rejoin opens new
@@ -475,6 +519,7 @@ class Peer:
         """Fetch the own mailbox, handle what is new, acknowledge, receipt, clean up; then
         what still arrives at a mailbox this identity rotated away from."""
         await self.daily_upkeep()
+        await self.send_queued()  # what a failed or killed send left on its way
         try:
             report = await self._sync_own(progress)
         except UnreachableError:
@@ -588,11 +633,14 @@ class Peer:
         own = envelope_pb2.IdentityRotation(statement=statement, new_seeds=new.seeds())
         await self.post_to_devices(envelope_pb2.Payload(rotation=own))
         await self._clean_up()  # deletes still due on the old mailbox, signed by its keys
-        self._adopt(new)
-        await self._publish_after_rotation(old)
+        # The name's hand-over is kept with the switch itself: a rotation cut short after
+        # it (Ctrl-C, the network) still moves the name at the next republish, instead of
+        # finding it "taken" by its own old keys and publishing without it.
+        self._adopt(new, name_move=self._name_move_to(old, new))
+        await self._publish_after_rotation()
         return new
 
-    def _adopt(self, new: Identity) -> None:
+    def _adopt(self, new: Identity, *, name_move: bytes | None = None) -> None:
         """Switch this device to ``new``: the old identity is kept (in the cache) to drain
         its mailbox; cache and key file move to the new keys; the new mailbox starts from
         no cursors."""
@@ -605,6 +653,8 @@ class Peer:
         with self.cache.transaction():
             self.cache.set_state(RETIRED, json.dumps(retired).encode())
             self.cache.clear_cursors()
+            if name_move is not None:
+                self.cache.set_state(NAME_MOVE, name_move)
         self.save_identity(new, lambda: self.cache.rekey(cache_key(new, self.device.device_id)))
         self.identity = new
         self._retired_mail.append(self.mail)  # its sessions end with the peer (close)
@@ -612,18 +662,25 @@ class Peer:
         log.warning("identity rotated: %s -> %s", old.fingerprint.hex()[:16],
                     new.fingerprint.hex()[:16])  # fmt: skip
 
-    async def _publish_after_rotation(self, old: Identity) -> None:
-        """The new identity record, and the name moved to it: the old keys sign it over,
-        and the new claim (carrying that signature) replaces the old one."""
+    def _name_move_to(self, old: Identity, new: Identity) -> bytes | None:
+        """The old keys' signature handing the published name over to ``new`` (None
+        without a name, or where another device publishes this identity)."""
+        raw = self.cache.get_state(PUBLISHED)
+        last = json.loads(raw) if raw else None
+        if last is None or last["name"] is None:
+            return None
+        return json.dumps({
+            "name": normalize_name(last["name"]), "from": old.fingerprint.hex(),
+            "signature": keyserver.name_move_signature(old, last["name"], new.fingerprint).hex(),
+        }).encode()  # fmt: skip
+
+    async def _publish_after_rotation(self) -> None:
+        """The new identity record, and the name moved to it: the claim carries the old
+        keys' signature (NAME_MOVE, saved by `_adopt`), which replaces the old claim."""
         raw = self.cache.get_state(PUBLISHED)
         if raw is None:
             return  # another device publishes this identity
         last = json.loads(raw)
-        if last["name"] is not None:
-            move = {"name": normalize_name(last["name"]), "from": old.fingerprint.hex(),
-                    "signature": keyserver.name_move_signature(
-                        old, last["name"], self.fingerprint).hex()}  # fmt: skip
-            self.cache.set_state(NAME_MOVE, json.dumps(move).encode())
         await self.publish(last["display_name"], last["name"])
 
     def retired(self) -> list[Identity]:
@@ -900,6 +957,55 @@ def _unhex_map(cursors: dict[str, str]) -> dict[bytes, bytes]:
     return {bytes.fromhex(k): bytes.fromhex(v) for k, v in cursors.items()}
 
 
+def _text_payload(body: str) -> bytes:
+    return envelope_pb2.Payload(text=envelope_pb2.Text(body=body)).SerializeToString()
+
+
+def find_contact(cache: Cache, query: str) -> Contact:
+    """A pinned contact by name (written any way that normalizes to it), fingerprint or
+    fingerprint prefix (hex, at least 8 digits); from the cache alone."""
+    found = cache.contact_named(_as_name(query))
+    if found is not None:
+        return found
+    fingerprint = _pinned_prefix(cache, query, 8)
+    found = cache.contact(fingerprint) if fingerprint else None
+    if found is not None:
+        return found
+    raise UnknownContactError(f"no contact {query!r}: add one with `dna contacts add NAME`")
+
+
+def _pinned_prefix(cache: Cache, query: str, shortest: int) -> bytes | None:
+    """The one pinned contact whose fingerprint starts with ``query`` (hex, any case, at
+    least ``shortest`` digits), else None."""
+    prefix = query.strip().lower()
+    if not shortest <= len(prefix) <= 64 or prefix.strip("0123456789abcdef"):
+        return None
+    matches = [c for c in cache.contacts() if c.fingerprint.hex().startswith(prefix)]
+    return matches[0].fingerprint if len(matches) == 1 else None
+
+
+def _as_name(query: str) -> str:
+    """How a pinned contact's name is written (NFKC-casefolded), or the query as it is."""
+    try:
+        return normalize_name(query)
+    except MalformedError:
+        return query
+
+
+def _contact_name(query: str) -> str:
+    """``query`` as a name to look up; what is neither a name nor a fingerprint is refused
+    saying so (a fingerprint one digit short is not "a bad name")."""
+    try:
+        return normalize_name(query)
+    except MalformedError as exc:
+        digits = query.strip()
+        if digits and not digits.lower().strip("0123456789abcdef"):  # all hex: too long a name
+            raise MalformedError(f"a fingerprint has 64 hex digits, this one {len(digits)}"
+                                 ) from None  # fmt: skip
+        raise MalformedError(f"{query!r} is neither a name nor a fingerprint (64 hex digits):"
+                             f" a {exc}") from None  # fmt: skip
+
+
 def _parse_fingerprint(query: str) -> bytes | None:
     if len(query) == 64:
         try:
@@ -963,7 +1069,6 @@ async def open_peer(
 ) -> Peer:
     """Unlock the profile's identity and cache and join the overlay."""
     identity = profile.unlock(passphrase)
-    lost_cache = profile.cache_lost()
     cache = profile.open_cache(identity)
     try:
         node = await join_overlay(seeds)
@@ -972,9 +1077,13 @@ async def open_peer(
         raise
     peer = Peer(identity, cache, node, profile.device(), pow_bits, seeds, sessions)
     peer.save_identity = lambda new, rekey: profile.replace_identity(new, passphrase, rekey)
-    if lost_cache:  # the other devices post their history to the mailbox
-        cache.set_state(RECOVERING, str(now_ms()).encode())
-        await peer.announce(wants_history=True)
+    if cache.get_state(HISTORY_WANTED) is not None:  # a lost cache (Profile.open_cache):
+        try:  # the other devices post their history; unsent, it is asked at the next open
+            await peer.announce(wants_history=True)
+        except BaseException:
+            await peer.close()
+            raise
+        cache.clear_state(HISTORY_WANTED)
     return peer
 
 

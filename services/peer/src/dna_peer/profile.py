@@ -3,27 +3,45 @@
 $DNA_HOME/identity.key   Argon2id + AES-256-GCM key file (dna_core.crypto.keystore)
 $DNA_HOME/device.json    this device's random ID and name (not secret)
 $DNA_HOME/cache.db       SQLCipher cache (dna_peer.cache)
+$DNA_HOME/lock           held by every dna process (shared), by a rotation alone
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import socket
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from dna_core.crypto import Identity, keystore
-from dna_core.errors import DnaError, WrongPassphraseError
+from dna_core.crypto import Identity, PublicKeySet, keystore
+from dna_core.errors import DnaError, MalformedError, WrongPassphraseError
 
 from dna_peer.cache import Cache, cache_key
 
 DEVICE_ID_SIZE = 16
+# What is read of a profile file or a backup, at most: far more than any real one (a key
+# file is at most 8 KiB), so that a wrong path (/dev/zero, a disk image) is refused
+# instead of filling the memory.
+PROFILE_FILE_MAX_BYTES = 64 * 1024
+BACKUP_MAX_BYTES = 1024 * 1024  # an armored block may sit inside a mail or a notes file
 
 
 class NoIdentityError(DnaError):
     """The profile has no identity yet."""
+
+
+class ProfileBusyError(DnaError):
+    """Another process uses the profile, and this step must have it alone."""
+
+
+class ProfileDamagedError(DnaError):
+    """A file of the profile is missing or does not decode (a torn write, a disk fault, a
+    hand edit): the error names the file and how to start the device again."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +81,41 @@ class Profile:
         except FileNotFoundError:
             return True
 
+    @contextlib.contextmanager
+    def in_use(self, *, alone: bool = False, wait_s: float = 5.0) -> Iterator[None]:
+        """Hold the profile while a command runs: shared by any number of processes
+        (`dna watch` beside `dna send`), or ``alone`` for a step that changes the identity
+        under the others' feet (a rotation re-keys the cache they have open). A step that
+        must be alone waits ``wait_s`` for the others, then gives up with ProfileBusyError;
+        a shared holder waits for such a step to finish. A directory with no identity yet
+        has nothing to share (and gets no lock file)."""
+        if not self.exists():
+            yield
+            return
+        fd = os.open(self.home / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if alone:
+                self._lock_alone(fd, wait_s)
+            else:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _lock_alone(self, fd: int, wait_s: float) -> None:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ProfileBusyError(
+                        f"another dna process uses {self.home} (`dna watch`?): stop it, then"
+                        " run this again"
+                    ) from None
+                time.sleep(0.1)
+
     def exists(self) -> bool:
         return self.keyfile.exists()
 
@@ -75,7 +128,8 @@ class Profile:
     def create(self, identity: Identity, passphrase: str, device: Device | None = None) -> Device:
         """Write a new identity (refusing to overwrite one) and this device's ID."""
         device = self._write(keystore.lock(identity, passphrase), device)
-        self.open_cache(identity).close()  # from now on a missing cache means a lost one
+        # a new identity has nothing to recover; from now on a missing cache means a lost one
+        Cache.open(self.cache_path, cache_key(identity, device.device_id)).close()
         return device
 
     def restore(self, keyfile: bytes, passphrase: str) -> Identity:
@@ -113,7 +167,11 @@ class Profile:
         os.replace(self.fresh_keyfile, self.keyfile)
 
     def _finish_rotation(self, current: Identity, passphrase: str) -> Identity:
-        new = keystore.unlock(self.fresh_keyfile.read_bytes(), passphrase)
+        try:
+            new = keystore.unlock(self.fresh_keyfile.read_bytes(), passphrase)
+        except MalformedError:  # cut short while written: the cache was not re-keyed yet
+            self.fresh_keyfile.unlink()
+            return current
         try:
             if self.cache_path.exists():
                 self.open_cache(new).close()
@@ -123,20 +181,78 @@ class Profile:
         os.replace(self.fresh_keyfile, self.keyfile)
         return new
 
-    def device(self) -> Device:
-        data = json.loads((self.home / "device.json").read_text())
-        return Device(bytes.fromhex(data["id"]), str(data["name"]))
+    @property
+    def device_path(self) -> Path:
+        return self.home / "device.json"
 
-    def unlock(self, passphrase: str) -> Identity:
+    def device(self) -> Device:
+        """This device's ID (the cache key's salt) and name. Without it the cache cannot be
+        opened; the key file still can, and starts the device again (`dna identity import`)."""
+        try:
+            data = json.loads(read_bounded(self.device_path, PROFILE_FILE_MAX_BYTES,
+                                           "a device file"))  # fmt: skip
+            device_id = bytes.fromhex(data["id"])
+            if len(device_id) != DEVICE_ID_SIZE or not isinstance(data["name"], str):
+                raise ValueError(f"not a {DEVICE_ID_SIZE}-byte device ID and a name")
+        except FileNotFoundError:
+            raise self._damaged(self.device_path, "missing") from None
+        except (ValueError, KeyError, TypeError) as exc:  # JSON, UTF-8, hex, shape
+            raise self._damaged(self.device_path, f"damaged ({type(exc).__name__})") from None
+        return Device(device_id, data["name"])
+
+    def _damaged(self, path: Path, what: str) -> ProfileDamagedError:
+        """A profile file that cannot be read, and the way back: from a backup for the key
+        file itself, else from the key file (a new device.json, a new cache)."""
+        aside = f"{self.home}.damaged"
+        if path == self.keyfile:
+            how = (f"restore it from a backup (`dna identity export --private`): mv {self.home}"
+                   f" {aside} && dna --home {self.home} identity import BACKUP")  # fmt: skip
+        else:
+            how = (f"the identity is fine; start this device again from its key file: mv"
+                   f" {self.home} {aside} && dna --home {self.home} identity import"
+                   f" {aside}/identity.key")  # fmt: skip
+        return ProfileDamagedError(f"{path} is {what}: {how}")
+
+    def read_keyfile(self) -> bytes:
+        """The key file, checked to decode (the public keys are readable without the
+        passphrase)."""
         if not self.exists():
             raise NoIdentityError(f"no identity in {self.home}: run `dna identity create` first")
-        identity = keystore.unlock(self.keyfile.read_bytes(), passphrase)
+        data = read_bounded(self.keyfile, PROFILE_FILE_MAX_BYTES, "a key file")
+        try:
+            keystore.read_public(data)
+        except MalformedError as exc:
+            raise self._damaged(self.keyfile, f"damaged ({exc})") from None
+        return data
+
+    def public_keys(self) -> PublicKeySet:
+        return keystore.read_public(self.read_keyfile())
+
+    def unlock(self, passphrase: str) -> Identity:
+        identity = keystore.unlock(self.read_keyfile(), passphrase)
         if self.fresh_keyfile.exists():
             identity = self._finish_rotation(identity, passphrase)
         return identity
 
     def open_cache(self, identity: Identity) -> Cache:
-        return Cache.open(self.cache_path, cache_key(identity, self.device().device_id))
+        """The cache. One found lost is made again and marked lost at once, whichever
+        command opens it first (`dna search`, or one whose network then fails): the device
+        still asks its other devices for the history and deletes nothing until it came."""
+        lost = self.cache_lost()
+        cache = Cache.open(self.cache_path, cache_key(identity, self.device().device_id))
+        if lost:
+            cache.mark_lost(time.time_ns() // 1_000_000)
+        return cache
+
+
+def read_bounded(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of ``path``, refused (without reading on) when it holds more than
+    ``limit``: then it is not ``what``."""
+    with path.open("rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise DnaError(f"{path} holds over {limit:,} bytes: not {what}")
+    return data
 
 
 def write_private(path: Path, data: bytes) -> None:
