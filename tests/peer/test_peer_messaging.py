@@ -79,6 +79,24 @@ def test_offline_recipient_receives_and_the_sender_gets_a_receipt(
     run(testnet, tmp_path, scenario)
 
 
+def test_the_same_text_sent_twice_at_once_by_one_process_is_two_messages(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    """The outbox hands a queued envelope to a later send of the same text only when no
+    send has it under way: an app that sends "ok" twice at once sent two messages."""
+
+    async def scenario(people: People) -> None:
+        alice, bob = await people.new("alice"), await people.new("bob")
+        contact = await alice.add_contact(people.name("bob"))
+        first, second = await asyncio.gather(alice.send(contact, "ok"), alice.send(contact, "ok"))
+        assert first.message_id != second.message_id
+        assert alice.cache.outgoing() == []  # both went, nothing left queued
+        assert [m.body for m in (await bob.sync()).new_messages] == ["ok", "ok"]
+        await asyncio.gather(alice.close(), bob.close())
+
+    run(testnet, tmp_path, scenario)
+
+
 def test_a_linked_device_converges_and_read_state_syncs(testnet: Testnet, tmp_path: Path) -> None:
     async def scenario(people: People) -> None:
         alice, phone = await people.new("alice"), await people.new("bob")

@@ -147,6 +147,9 @@ class Peer:
     # and checked, before its cache commit is durable (`Inbox._tell_new`: nothing is lost).
     on_message: OnMessage | None = field(default=None, init=False, repr=False)
     _mirrors: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
+    # Message IDs a send or a sync of this process has on the way now: another send of the
+    # same text is another message, and a sync does not deliver the same one beside it.
+    _delivering: set[bytes] = field(default_factory=set, init=False, repr=False)
     _retired_mail: list[MailboxClient] = field(init=False, default_factory=list)
     # Writes a new identity to the profile's key file (set by open_peer, which holds the
     # passphrase); without it this device cannot follow a rotation.
@@ -339,7 +342,8 @@ class Peer:
         started_ns = time.monotonic_ns()
         check_text(body)
         queued = next((q for q in self.cache.outgoing(contact.fingerprint)
-                       if q.body == body and not q.under_way_elsewhere()), None)  # fmt: skip
+                       if q.body == body and q.message_id not in self._delivering
+                       and not q.under_way_elsewhere()), None)  # fmt: skip
         if queued is None:
             # Our key set (3.2 KB) rides along until the contact showed it has it; after
             # that a recipient without it (a lost cache) finds it in the keyserver.
@@ -361,6 +365,14 @@ class Peer:
         ``first_try`` (a send) tries the direct path and retries the put; from the queue
         (a sync) one stored attempt, so a message that cannot go yet (the recipient's
         mailbox full) does not hold every sync up for the seconds of the retries."""
+        self._delivering.add(out.message_id)
+        try:
+            return await self._deliver_once(contact, out, first_try=first_try)
+        finally:
+            self._delivering.discard(out.message_id)
+
+    async def _deliver_once(self, contact: Contact, out: Outgoing, *, first_try: bool
+                            ) -> SentMessage:  # fmt: skip
         header = decode_envelope(out.envelope)
         direct = (first_try and self.direct is not None
                   and await self.direct.send(contact, header.message_id, out.envelope))  # fmt: skip
@@ -394,6 +406,8 @@ class Peer:
         returns how many went. One that fails stays queued for the next sync."""
         sent = 0
         for out in self.cache.outgoing():
+            if out.message_id in self._delivering:  # a send of this process has it
+                continue
             contact = self.cache.contact(out.recipient)
             to = out.recipient.hex()[:16]
             if contact is None or now_ms() - out.queued_ms > OUTBOX_MAX_AGE_MS:
