@@ -139,3 +139,19 @@ def test_transport_bench_quick_compares_every_transport_and_stops_its_server() -
             expected = {"grpc_stream", "tcp_framed"} | ({"udp"} if name.endswith(".100") else set())
         assert set(figure["baseline"]) == expected, name
         assert all(value > 0 for value in figure["baseline"].values()), name
+
+
+def test_relay_tail_bench_quick_reports_each_size_relayed_beside_direct() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.relay_tail", "--quick"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    figures = {f["bench"]: f for f in map(json.loads, done.stdout.splitlines())}
+    assert set(figures) == {
+        f"relay_tail.{size}.{tail}"
+        for size in (200, 8000, 40000)
+        for tail in ("p99", "p999", "max")
+    }
+    for figure in figures.values():
+        assert figure["n"] == 200 and figure["ours"] > 0 and figure["baseline"]["direct"] > 0
