@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from typing import Any
 
 import grpc
@@ -53,3 +54,56 @@ async def status_of(call: Any, timeout_s: float = 30.0) -> tuple[grpc.StatusCode
     with pytest.raises(grpc.aio.AioRpcError) as failed:
         await asyncio.wait_for(drain(), timeout_s)
     return failed.value.code(), failed.value.details() or ""
+
+
+class StallingProxy:
+    """A TCP proxy in front of a node that passes both ways until `stall`, then stops
+    reading what the node sends: to the node, a client that never reads (grpcio's client
+    always reads its unary answers). Its socket to the node takes in little
+    (``SO_RCVBUF``), so what the node sends waits in the node, not in this kernel."""
+
+    RCVBUF = 64 * 1024
+
+    def __init__(self, node: tuple[str, int]) -> None:
+        self.node = node
+        self.stalled = asyncio.Event()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+        self.address = ""
+
+    async def __aenter__(self) -> StallingProxy:
+        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+        self.address = f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def stall(self) -> None:
+        self.stalled.set()
+
+    async def _link(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.RCVBUF)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, self.node)
+        node_r, node_w = await asyncio.open_connection(sock=sock, limit=self.RCVBUF)
+        for pump in (self._pump(client_r, node_w, False), self._pump(node_r, client_w, True)):
+            task = asyncio.create_task(pump)
+            self.tasks.add(task)
+
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, from_node: bool
+    ) -> None:
+        try:
+            while data := await reader.read(16 * 1024):
+                writer.write(data)
+                await writer.drain()
+                if from_node and self.stalled.is_set():
+                    await asyncio.Event().wait()  # read nothing more, ever
+        finally:
+            writer.close()

@@ -24,12 +24,14 @@ from dna_core.mailbox import mailbox_id, put_pow_hash, sign_delete, sign_fetch
 from dna_core.mailbox.session import NodeSession
 from dna_core.ops.relay import TcpRelay
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc, overlay_pb2
-from stream_sessions import raw_session, slow_reader, status_of
+from dna_testnet.topology import TESTNET_CONNECTIONS
+from stream_sessions import StallingProxy, raw_session, slow_reader, status_of
 
 pytestmark = pytest.mark.process  # every test starts a storage node
 
 SESSION = "/dna.v1.Mailbox/Session"
 PER_SOURCE, TOTAL, WINDOW, STALL_S = 3, 5, 16, 8.0
+ANSWER_STALL_S = 4.0  # a unary answer left unread that long is cut
 SOURCE_PAGES = 4  # page slots one address's sessions hold together
 TOML = (
     f"sessions_max_per_source = {PER_SOURCE}\nsessions_max = {TOTAL}\n"
@@ -38,14 +40,19 @@ TOML = (
     "[admission]\npow_base_bits = 8\nip_rate_per_s = 1000.0\nip_burst = 1000.0\n"
     "mailbox_rate_per_s = 1000.0\nmailbox_burst = 1000.0\n"
 )
+CONNECTIONS = (
+    f"{TESTNET_CONNECTIONS}grpc_answers_max_per_source = 4\n"
+    f"grpc_answer_stall_s = {ANSWER_STALL_S}\n"
+)
 MIB = 1024 * 1024
 
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[NodeProcess]:
     storage = NodeProcess(
-        "hostile", free_ips(1)[0], tmp_path, [], command="dna-storage-node", extra_toml=TOML
-    )
+        "hostile", free_ips(1)[0], tmp_path, [], command="dna-storage-node", extra_toml=TOML,
+        connections_toml=CONNECTIONS,
+    )  # fmt: skip
     storage.start()
     try:
         wait_ready([storage])
@@ -286,3 +293,65 @@ def test_oversized_and_out_of_bounds_requests_are_refused_store_nothing_and_the_
 
 def fetch(owner: Identity) -> mailbox_pb2.FetchRequest:
     return mailbox_pb2.FetchRequest.FromString(sign_fetch(owner, limit=100, now_ms=now_ms()))
+
+
+def answers(node: NodeProcess, reason: str) -> float:
+    return sample_value(scrape(node), "dna_grpc_answers_refused_total", reason=reason)
+
+
+def test_unary_fetches_left_unread_hold_only_their_address_slots(node: NodeProcess) -> None:
+    """40 unary fetches of a 2 MiB mailbox from a client that reads none of the answers
+    (behind a proxy that stops reading): the node builds only its address's 4 pages, and
+    once they are left unread for the stall time, drops the connection, which frees them;
+    another address's fetch is answered meanwhile. Before, the node built all 40 and kept
+    each until the connection closed (an hour, `grpc_max_age_s`)."""
+    owner = Identity.generate()
+
+    async def work() -> float:
+        await fill(node, owner)
+        rss_before = sample_value(scrape(node), "process_resident_memory_bytes")
+        async with StallingProxy((node.ip, GRPC_PORT)) as proxy:
+            channel = grpc.aio.insecure_channel(proxy.address)
+            stub = mailbox_pb2_grpc.MailboxStub(channel)
+            assert len((await stub.Fetch(fetch(owner), timeout=10)).blobs) > 0  # connected
+            proxy.stall()
+            calls = [stub.Fetch(fetch(owner)) for _ in range(40)]
+            await asyncio.sleep(ANSWER_STALL_S / 2)
+            grown = sample_value(scrape(node), "process_resident_memory_bytes") - rss_before
+            assert held(node) == 4
+            served_s = await honest_fetch(node)
+            assert served_s < ANSWER_STALL_S / 2
+            for _ in range(int(8 * ANSWER_STALL_S)):
+                if answers(node, "stalled") > 0 and held(node) == 0:
+                    break
+                await asyncio.sleep(0.5)
+            for call in calls:
+                call.cancel()
+            await channel.close()
+        return grown
+
+    grown = asyncio.run(work())
+    # 4 pages of 2 MiB (each held as its blobs, its message and grpc's copy): ~20 MiB; all
+    # 40 were ~160 MiB more.
+    assert grown < 40 * MIB, f"grew {grown / MIB:.0f} MiB"
+    assert answers(node, "stalled") >= 1
+    assert held(node) == 0  # given back: the connection was dropped, and its answers
+    assert sample_value(scrape(node), "dna_grpc_connections") <= 1  # the scrape's own, if any
+    assert "Traceback" not in node.log_path.read_text(errors="replace")
+
+
+def held(node: NodeProcess) -> float:
+    return sample_value(scrape(node), "dna_grpc_answers_held")
+
+
+async def honest_fetch(node: NodeProcess) -> float:
+    """A unary fetch from another address: how long it took."""
+    relay = TcpRelay((node.ip, GRPC_PORT), upstream_source=free_ips(1)[0])
+    async with relay as via, grpc.aio.insecure_channel(via.address) as channel:
+        started = time.monotonic()
+        page = await mailbox_pb2_grpc.MailboxStub(channel).Fetch(
+            fetch(Identity.generate()), timeout=10
+        )
+        took = time.monotonic() - started
+    assert list(page.blobs) == []
+    return took

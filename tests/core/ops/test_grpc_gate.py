@@ -1,18 +1,23 @@
-"""GrpcGate on a real grpc.aio server: what escapes a handler never leaves as UNKNOWN, and a
-flood of one failure is one log line, not one traceback per call."""
+"""GrpcGate on a real grpc.aio server: what escapes a handler never leaves as UNKNOWN, a
+flood of one failure is one log line, not one traceback per call, and large answers left
+unread hold only their slots."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 import grpc
 import pytest
 from dna_core.errors import CapacityError, MalformedError
+from dna_core.ops.answers import AnswerSlots, large_answer
 from dna_core.ops.grpc_gate import GrpcGate
-from dna_core.wire.gen.dna.v1 import overlay_pb2, overlay_pb2_grpc
+from dna_core.ops.relay import TcpRelay
+from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
 from prometheus_client import CollectorRegistry
+from stream_sessions import StallingProxy
 
 OVERLAY = overlay_pb2.DESCRIPTOR.services_by_name["Overlay"]
 
@@ -77,3 +82,80 @@ def test_escaping_exceptions_map_to_our_codes_and_log_once(
         "dna_grpc_internal_errors_total", {"method": "/dna.v1.Overlay/Ping"}
     )
     assert internal == 5
+
+
+class Pages(Broken):
+    """FindValue answers ~1 MiB (as a mailbox page does 2 MiB): a large answer."""
+
+    answered = 0
+
+    async def Ping(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return overlay_pb2.OverlayPingResponse()
+
+    @large_answer
+    async def FindValue(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self.answered += 1
+        record = common_pb2.SignedRecord(body=os.urandom(1 << 20))
+        return overlay_pb2.FindValueResponse(records=[record])
+
+
+def test_large_answers_left_unread_hold_a_few_slots_and_are_cut() -> None:
+    """A client that never reads its answers (behind a proxy that stops reading) has 40
+    large-answer calls in flight: the node builds only its address's 2, ends them once
+    unread for the stall time, and refuses the calls that found no slot; a small call on the
+    same node, and a large one from another address, are answered meanwhile."""
+    registry = CollectorRegistry()
+    answers = AnswerSlots(per_source=2, total=4, stall_s=2.0, registry=registry)
+    pages = Pages()
+
+    def sample(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
+
+    async def main() -> None:
+        server = grpc.aio.server(options=[("grpc.max_send_message_length", 4 << 20)])
+        GrpcGate(max_message=1 << 20, registry=registry, answers=answers).add(
+            server, pages, OVERLAY
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        options = [("grpc.max_receive_message_length", 4 << 20)]
+        try:
+            async with StallingProxy(("127.0.0.1", port)) as proxy:
+                hostile = grpc.aio.insecure_channel(proxy.address, options=options)
+                stub = overlay_pb2_grpc.OverlayStub(hostile)
+                await stub.Ping(overlay_pb2.OverlayPingRequest(), timeout=5)  # connected
+                proxy.stall()
+                calls = [stub.FindValue(overlay_pb2.FindValueRequest()) for _ in range(40)]
+                await asyncio.sleep(1.0)
+                # The address's 2 slots hold answers that cannot be sent; the kernels'
+                # socket buffers took in a few more, and the rest wait for a slot.
+                assert sample("dna_grpc_answers_held") == 2
+                assert pages.answered < 10
+                await other_address_is_answered(port, options)
+                for _ in range(60):  # each stuck answer is cut after 2 s; then the waiters
+                    if sample("dna_grpc_answers_refused_total", reason="busy") > 0:
+                        break
+                    await asyncio.sleep(0.25)
+                assert sample("dna_grpc_answers_refused_total", reason="stalled") >= 2
+                assert sample("dna_grpc_answers_refused_total", reason="busy") > 0
+                for call in calls:
+                    call.cancel()
+                await hostile.close()
+            for _ in range(40):
+                if sample("dna_grpc_answers_held") == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert sample("dna_grpc_answers_held") == 0
+        finally:
+            await server.stop(grace=None)
+
+    asyncio.run(main())
+
+
+async def other_address_is_answered(port: int, options: list[tuple[str, int]]) -> None:
+    """A large answer for another address, through a relay leaving from 127.0.0.2."""
+    relay = TcpRelay(("127.0.0.1", port), upstream_source="127.0.0.2")
+    async with relay as via, grpc.aio.insecure_channel(via.address, options=options) as channel:
+        stub = overlay_pb2_grpc.OverlayStub(channel)
+        answer = await stub.FindValue(overlay_pb2.FindValueRequest(), timeout=5)
+    assert len(answer.records[0].body) == 1 << 20

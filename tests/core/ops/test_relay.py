@@ -198,6 +198,27 @@ def test_a_closed_connection_frees_its_slot() -> None:
     assert asyncio.run(main())
 
 
+def test_cut_drops_the_one_connection_a_grpc_call_came_in_on() -> None:
+    """`cut` takes a call's peer as grpc behind the relay sees it (the relay's upstream
+    end) and drops that link only, both sockets at once."""
+
+    async def main() -> None:
+        async with upstream() as port, relay_to(port) as relay:
+            first, second = await connect(relay, SOURCE_A), await connect(relay, SOURCE_B)
+            assert await echoes(*first) and await echoes(*second)
+            ends = [link.upstream_end for link in relay._links if link.address[0] == SOURCE_A]
+            assert ends[0] is not None
+            host, end = ends[0]
+            assert relay.cut(f"ipv4:{host}:{end}")
+            assert await closed_by_relay(first[0])
+            assert await echoes(*second)
+            assert relay.open == 1
+            assert not relay.cut(f"ipv4:{host}:{end}")  # already gone
+            assert not relay.cut("unix:/tmp/elsewhere")
+
+    asyncio.run(main())
+
+
 def test_when_the_upstream_closes_the_client_is_closed_and_its_slot_freed() -> None:
     async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"bye")

@@ -50,6 +50,7 @@ from dna_core.mailbox import (
     verify_delete,
     verify_fetch,
 )
+from dna_core.ops.answers import large_answer
 from dna_core.overlay import Contact
 from dna_core.ratelimit import grpc_peer_ip
 from dna_core.wire import mailbox_pb2, mailbox_pb2_grpc
@@ -317,6 +318,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
             kind=exc.kind,
         )
 
+    @large_answer
     async def Fetch(  # noqa: N802
         self, request: mailbox_pb2.FetchRequest, context: Ctx
     ) -> mailbox_pb2.FetchResponse:
@@ -404,6 +406,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
 
     # -- replica sync (replicas only, bounded; see replication.py) -------------------
 
+    @large_answer
     async def SyncList(  # noqa: N802
         self, request: mailbox_pb2.SyncListRequest, context: Ctx
     ) -> mailbox_pb2.SyncListResponse:
@@ -412,6 +415,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         except ProtocolError as exc:
             await self._refuse(context, exc)
 
+    @large_answer
     async def SyncPull(  # noqa: N802
         self, request: mailbox_pb2.SyncPullRequest, context: Ctx
     ) -> mailbox_pb2.SyncPullResponse:

@@ -15,6 +15,10 @@ traceback at most once per ``LOG_EVERY_S`` per method (a flood of one bug is one
 Behind the connection guard (``dna_core.ops.relay``) grpc sees every client at the guard's
 loopback address; ``real_peer`` maps that back, and handlers get a context whose ``peer()``
 is the client's, so every rate limit and log by source needs nothing of its own.
+
+A method marked `large_answer` (a page of a mailbox, a record) is served under the node's
+``AnswerSlots`` (``dna_core.ops.answers``): bounded in number, per source and in all, and
+cut when its client leaves the answer unread.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from google.protobuf.message_factory import GetMessageClass
 from prometheus_client import CollectorRegistry, Counter
 
 from dna_core.errors import MalformedError, ProtocolError
+from dna_core.ops.answers import AnswerSlots, is_large_answer
 from dna_core.ops.logs import Log
+from dna_core.ratelimit import grpc_peer_ip, source_key
 from dna_core.wire.codec import decode_message
 
 __all__ = ["GrpcGate", "ServiceRegistrar"]
@@ -50,6 +56,9 @@ class GrpcGate:
 
     ``max_message`` is the decode cap (the server's receive limit). Metrics go into
     ``registry`` (the node's own), so nodes sharing a process never share a series.
+    ``answers``: the slots large answers are served under (defaults if not given);
+    ``cut_connection(peer)``: drop the connection a call came in on (the connection
+    guard's), for a client that leaves a large answer unread.
     """
 
     def __init__(
@@ -60,8 +69,12 @@ class GrpcGate:
         log: Log | None = None,
         clock: Callable[[], float] = time.monotonic,
         real_peer: Callable[[str], str] | None = None,
+        answers: AnswerSlots | None = None,
+        cut_connection: Callable[[str], object] | None = None,
     ) -> None:
         self.max_message = max_message
+        self.answers = answers if answers is not None else AnswerSlots(registry=registry)
+        self._cut_connection = cut_connection
         self._real_peer = real_peer
         self._log = log if log is not None else logging.getLogger(__name__)
         self._clock = clock
@@ -114,9 +127,25 @@ class GrpcGate:
             return each()
 
         prepare = decode_each if method.client_streaming else decode_one
+        unary = not (method.client_streaming or method.server_streaming)
+        if unary and is_large_answer(behaviour):
+            # Written by the gate: a one-message stream is a unary answer's bytes on the wire.
+            written = self._guard(self._written(behaviour), prepare, name)
+            return grpc.unary_stream_rpc_method_handler(written, response_serializer=_serialize)
         guarded = self._guard(behaviour, prepare, name)
         make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
         return make(guarded, response_serializer=_serialize)
+
+    def _written(self, behaviour: Callable[..., Any]) -> Callable[[Any, Ctx], Awaitable[None]]:
+        """``behaviour``'s answer built and written under the node's `AnswerSlots`."""
+
+        async def write(request: Any, context: Ctx) -> None:
+            source = source_key(grpc_peer_ip(context.peer() or ""))
+            await self.answers.serve(
+                context, source, lambda: behaviour(request, context), lambda: self._cut(context)
+            )
+
+        return write
 
     def _guard(
         self,
@@ -153,6 +182,11 @@ class GrpcGate:
                 await self.fail(context, name, exc)
 
         return call
+
+    def _cut(self, context: Ctx) -> None:
+        if self._cut_connection is not None:
+            relayed = context if isinstance(context, _RelayedContext) else None
+            self._cut_connection(relayed.relayed_peer() if relayed else context.peer())
 
     def _with_real_peer(self, context: Ctx) -> Ctx:
         """``context``, or one whose ``peer()`` is the client a relay carried the call for."""
@@ -214,6 +248,10 @@ class _RelayedContext:
 
     def peer(self) -> str:
         return self._peer
+
+    def relayed_peer(self) -> str:
+        """The call's peer as grpc sees it: the relay's end of the connection."""
+        return self._context.peer()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)

@@ -24,7 +24,6 @@ link kept half open would hold its client's slot for as long as the client likes
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -168,6 +167,14 @@ class _Link:
         self.upstream.flush_early()
         self.client.transport.resume_reading()
 
+    def abort(self) -> None:
+        """Drop both sockets now, unflushed."""
+        for side in (self.client, self.upstream):
+            transport = getattr(side, "transport", None)
+            if transport is not None:
+                transport.abort()
+        self.close()
+
     def close(self) -> None:
         """Either socket closed: close the other (once), release the client's slot."""
         if self.closed:
@@ -255,6 +262,19 @@ class TcpRelay:
         host, client_port = client
         return f"ipv6:[{host}]:{client_port}" if ":" in host else f"ipv4:{host}:{client_port}"
 
+    def cut(self, peer: str) -> bool:
+        """Drop the relayed connection a gRPC call came in on (``peer``: the call's peer as
+        grpc sees it, the relay's upstream end). For a client that leaves answers unread:
+        grpc frees what it holds for a connection only once the connection ends. False if
+        no such connection is open."""
+        port = peer.rpartition(":")[2]
+        end = (grpc_peer_ip(peer), int(port)) if port.isdigit() else None
+        for link in self._links:
+            if link.upstream_end == end:
+                link.abort()
+                return True
+        return False
+
     # -- called by the links ---------------------------------------------------------------
 
     def accepted(self, client: _Accepted) -> None:
@@ -294,10 +314,7 @@ class TcpRelay:
         if self._server is not None:
             self._server.close()
         for link in list(self._links):
-            link.close()
-            for side in (link.client, link.upstream):
-                with contextlib.suppress(AttributeError):  # never connected
-                    side.transport.abort()
+            link.abort()
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from dna_core.crypto.records import VerifiedRecord, open_record
 from dna_core.errors import MalformedError, ProtocolError, RemoteError, UnavailableError
+from dna_core.ops.answers import large_answer
 from dna_core.overlay.aio.records_session import (
     SESSIONS,
     SESSIONS_PER_SOURCE,
@@ -139,6 +140,7 @@ class OverlayService(overlay_pb2_grpc.OverlayServicer):
         closer = self.closest(request.target, self.k)
         return overlay_pb2.OverlayFindNodeResponse(closer=[contact_to_proto(c) for c in closer])
 
+    @large_answer
     async def FindValue(  # noqa: N802
         self,
         request: overlay_pb2.FindValueRequest,

@@ -25,6 +25,7 @@ from pydantic import Field, field_validator
 
 from dna_core import __version__
 from dna_core.errors import cannot_open
+from dna_core.ops.answers import ANSWER_STALL_S, ANSWERS_MAX, ANSWERS_PER_SOURCE, AnswerSlots
 from dna_core.ops.config import (
     ConfigModel,
     ConfigPath,
@@ -193,6 +194,16 @@ class ConnectionsSection(ConfigModel):
     control), fixed: grpcio's default grows it with the measured bandwidth-delay product,
     and a stream whose frames the node does not read yet (a session waiting for room)
     then held tens of MiB inside grpc. 1 MiB: 10 MB/s per call at 100 ms round trip."""
+    grpc_answers_max: int = Field(default=ANSWERS_MAX, gt=0)
+    """Large unary answers (a page of a mailbox, a record) held at once, from every address:
+    each is in memory until its client reads it (a page: ~5 MiB). One more waits for room,
+    and is refused (RESOURCE_EXHAUSTED) if none comes within `grpc_answer_stall_s`. Sessions
+    do not count here."""
+    grpc_answers_max_per_source: int = Field(default=ANSWERS_PER_SOURCE, gt=0)
+    """Of them, from one address (IPv6: per /64)."""
+    grpc_answer_stall_s: float = Field(default=ANSWER_STALL_S, gt=0)
+    """Seconds a large unary answer may wait for its client to read it before the call is
+    ended (RESOURCE_EXHAUSTED) and the answer dropped."""
     grpc_keepalive_s: float = Field(default=60.0, gt=0)
     """Ping a quiet gRPC connection this often, to find dead peers."""
     http_max_connections: int = Field(default=64, gt=0)
@@ -230,6 +241,12 @@ class ConnectionsSection(ConfigModel):
             ("grpc.keepalive_time_ms", ms(self.grpc_keepalive_s)),
             ("grpc.keepalive_timeout_ms", 20_000),
         ]
+
+    def answer_slots(self, registry: CollectorRegistry) -> AnswerSlots:
+        return AnswerSlots(
+            per_source=self.grpc_answers_max_per_source, total=self.grpc_answers_max,
+            stall_s=self.grpc_answer_stall_s, registry=registry,
+        )  # fmt: skip
 
     def http_limits(self) -> HttpLimits:
         return HttpLimits(
@@ -443,6 +460,8 @@ class OverlayServer:
         gate = GrpcGate(
             max_message=MAX_GRPC_MESSAGE, registry=self.registry, log=self.log,
             real_peer=None if self.guard is None else self.guard.grpc_peer,
+            answers=self.config.connections.answer_slots(self.registry),
+            cut_connection=None if self.guard is None else self.guard.cut,
         )  # fmt: skip
         self.records = self._overlay_service(node, store)
         names = [gate.add(server, self.records, OVERLAY_DESCRIPTOR)]
