@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from cluster import free_ips
 from dna_core.errors import CapacityError, MalformedError
 from dna_core.ops.answers import AnswerSlots, large_answer
 from dna_core.ops.grpc_gate import GrpcGate
@@ -153,8 +154,8 @@ def test_large_answers_left_unread_hold_a_few_slots_and_are_cut() -> None:
 
 
 async def other_address_is_answered(port: int, options: list[tuple[str, int]]) -> None:
-    """A large answer for another address, through a relay leaving from 127.0.0.2."""
-    relay = TcpRelay(("127.0.0.1", port), upstream_source="127.0.0.2")
+    """A large answer for another address, through a relay leaving from it."""
+    relay = TcpRelay(("127.0.0.1", port), upstream_source=free_ips(1)[0])
     async with relay as via, grpc.aio.insecure_channel(via.address, options=options) as channel:
         stub = overlay_pb2_grpc.OverlayStub(channel)
         answer = await stub.FindValue(overlay_pb2.FindValueRequest(), timeout=5)
