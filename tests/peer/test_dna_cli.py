@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -15,13 +16,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dna_core.crypto import PublicKeySet
+from dna_core.crypto import Identity, PublicKeySet, seal
+from dna_core.mailbox import MailboxClient
+from dna_core.wire.gen.dna.v1 import envelope_pb2
 from dna_peer.armor import dearmor
 from dna_peer.cli import PREVIEW_CHARS, build_parser
+from dna_peer.keyserver import now_ms
+from dna_peer.network import join_overlay
 from dna_peer.peer import MAX_TEXT_BYTES
 from dna_peer.profile import Profile
 from dna_testnet.network import Testnet
-from support import BIN, lines, on_a_terminal, run_script
+from support import BIN, lines, on_a_terminal, run_script, wait_for
 
 pytestmark = pytest.mark.process  # every test runs the dna command
 
@@ -640,3 +645,69 @@ def test_the_same_text_sent_twice_at_once_is_two_messages(testnet: Testnet, tmp_
     ok(dna(alice, "--json", "sync", net=testnet))
     texts = [m["text"] for m in ok(dna(bob, "--json", "inbox", alice_name, net=testnet))]
     assert texts == ["same", "same"], (texts, sent)
+
+
+async def put_unopenable(testnet: Testnet, to: PublicKeySet) -> None:
+    """A blob in ``to``'s mailbox that fails to open (a tampered envelope): the recipient
+    drops it with a warning, in the middle of the round that handles it."""
+    envelope = bytearray(seal(Identity.generate(), to, envelope_pb2.Payload(
+        text=envelope_pb2.Text(body="tampered")).SerializeToString(), now_ms=now_ms(),
+        include_sender_keys=True))  # fmt: skip
+    envelope[-40] ^= 0x01
+    node = await join_overlay(testnet.seeds)
+    mail = MailboxClient(node, sessions=False)
+    try:
+        assert len((await mail.put(to.fingerprint, bytes(envelope))).stored_on) >= 3
+    finally:
+        await mail.close()
+        await node.stop()
+
+
+def test_watch_shows_each_message_as_soon_as_it_is_opened(testnet: Testnet, tmp_path: Path) -> None:
+    """A backlog is shown message by message while the watch's first round goes on, not
+    at the round's end (after every blob, the receipts and the deletes): the blob stored
+    after alice's message fails to open, and the warning about it must come after her
+    message in what the watch writes (stdout and stderr in one pipe keep the order the
+    process wrote them in)."""
+    alice, bob, alice_name, bob_name = _pair(testnet, tmp_path)
+    ok(dna(alice, "--json", "send", bob_name, "first", net=testnet))
+    asyncio.run(put_unopenable(testnet, Profile(bob).public_keys()))
+    watcher = subprocess.Popen(
+        [str(BIN / "dna"), "--home", str(bob), "--json", "--bootstrap",
+         ",".join(f"{h}:{p}" for h, p in testnet.seeds), "watch", "--interval", "0.3"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**PASS, "PATH": str(BIN)},
+    )  # fmt: skip
+    seen: list[str] = []
+    try:
+        assert watcher.stdout is not None
+        wait_for(lines(watcher.stdout), "dropped mailbox blob", 60, seen)
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(30) == 0
+    assert '"text": "first"' in seen[0], seen  # shown before the round went on
+    (message,) = [json.loads(line) for line in seen if line.startswith("{")]
+    assert message["from"]["name"] == alice_name and message["text"] == "first"
+
+
+def test_watch_ends_quietly_when_its_reader_goes(testnet: Testnet, tmp_path: Path) -> None:
+    """`dna watch --json | head -1`: once head has its line and has gone, the next message
+    ends the watch with 141 (as a command killed by the pipe), nothing on stderr, instead
+    of the watch going on printing into a closed pipe."""
+    alice, bob, _alice_name, bob_name = _pair(testnet, tmp_path)
+    ok(dna(alice, "--json", "send", bob_name, "one", net=testnet))
+    seeds = ",".join(f"{h}:{p}" for h, p in testnet.seeds)
+    watcher = subprocess.Popen(
+        [str(BIN / "dna"), "--home", str(bob), "--json", "--bootstrap", seeds, "watch"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**PASS, "PATH": str(BIN)},
+    )  # fmt: skip
+    assert watcher.stdout is not None and watcher.stderr is not None
+    try:
+        assert json.loads(watcher.stdout.readline())["text"] == "one"
+        watcher.stdout.close()  # head exits
+        ok(dna(alice, "--json", "send", bob_name, "two", net=testnet))
+        assert watcher.wait(60) == 141
+        err = watcher.stderr.read().decode()
+    finally:
+        watcher.kill()
+    assert "Traceback" not in err and "on_message failed" not in err, err

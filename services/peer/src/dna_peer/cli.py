@@ -49,7 +49,6 @@ from rich.text import Text
 
 from dna_peer.armor import LOCKED_KEY_FILE, PUBLIC, armor, dearmor, is_armored
 from dna_peer.cache import RECOVERING, Cache, Contact, Message
-from dna_peer.inbox import SyncReport
 from dna_peer.keyserver import (
     DISPLAY_NAME_MAX,
     NameTakenError,
@@ -582,31 +581,42 @@ def _search(args: argparse.Namespace) -> None:
 
 def _watch(args: argparse.Namespace) -> None:
     async def work(peer: Peer) -> None:
-        def show(report: SyncReport) -> None:
-            for m in report.new_messages:
-                info = _message_info(peer, m)
+        stop = asyncio.current_task()
+        assert stop is not None
+        reader_gone = False
+
+        def show(m: Message) -> None:
+            """Each message as soon as it is opened (the inbox's hook, before its commit
+            and before the rest of the round: a backlog of thousands, or a round with
+            receipts and deletes still to go, shows its first message at once)."""
+            nonlocal reader_gone
+            info = _message_info(peer, m)
+            try:
                 if args.json:
                     print(json.dumps(info), flush=True)
                 else:
                     _print_message(info)
+            except BrokenPipeError:  # `dna watch | head -1`: the hook's caller would log
+                reader_gone = True  # it and go on; stop instead, quietly (status 141)
+                stop.cancel()
 
         def network(text: str) -> None:  # outages and returns, on stderr (stdout: messages)
             # the reason may quote a node's error text: escaped like everything from others
             print(f"dna: {printable(text)}", file=sys.stderr, flush=True)
 
+        peer.on_message = show  # the mailbox and the direct path alike
         if direct_enabled():  # online: presence published, contacts may connect directly
-            peer.on_direct = show
             await peer.go_direct(ice_config(), listen=True)
         # A service manager stops it with SIGTERM: the same clean stop as Ctrl-C (presence
         # withdrawn, what is owed settled), not a kill that leaves "online" behind.
-        stop = asyncio.current_task()
-        assert stop is not None
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.cancel)
         if not args.json:
             print("watching for messages (Ctrl-C to stop)", flush=True)
         freeze_startup_heap()  # up for good: full collections skip what it set up
         with contextlib.suppress(asyncio.CancelledError):
-            await peer.watch(show, interval=args.interval, on_network=network)
+            await peer.watch(lambda report: None, interval=args.interval, on_network=network)
+        if reader_gone:
+            raise BrokenPipeError
 
     with contextlib.suppress(KeyboardInterrupt):
         _with_peer(args, work)
