@@ -711,3 +711,63 @@ def test_watch_ends_quietly_when_its_reader_goes(testnet: Testnet, tmp_path: Pat
     finally:
         watcher.kill()
     assert "Traceback" not in err and "on_message failed" not in err, err
+
+
+@contextlib.contextmanager
+def silent_bootstrap() -> Iterator[tuple[str, list[socket.socket]]]:
+    """A bootstrap address that takes TCP connections and UDP datagrams and answers
+    nothing: what reached it tells whether a command touched the network."""
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    port = udp.getsockname()[1]
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp.bind(("127.0.0.1", port))
+    tcp.listen()
+    for sock in (udp, tcp):
+        sock.setblocking(False)
+    try:
+        yield f"127.0.0.1:{port}", [udp, tcp]
+    finally:
+        udp.close()
+        tcp.close()
+
+
+def reached(sockets: list[socket.socket]) -> list[str]:
+    found = []
+    for sock in sockets:
+        with contextlib.suppress(BlockingIOError):
+            found.append(repr(sock.recvfrom(65536) if sock.type == socket.SOCK_DGRAM
+                              else sock.accept()))  # fmt: skip
+    return found
+
+
+def test_what_needs_only_this_device_works_without_the_network(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    """`contacts list`, `identity show`/`export`, `search`, `inbox --offline`: the local
+    profile alone, with the network unreachable or its settings broken, and not one packet
+    sent; `contacts list --online` (presence) joins the network."""
+    alice, _bob, _alice_name, bob_name = _pair(testnet, tmp_path)
+    ok(dna(alice, "--json", "send", bob_name, "hello bob", net=testnet))
+    (online,) = ok(dna(alice, "--json", "contacts", "list", "--online", net=testnet))
+    assert online["name"] == bob_name and online["online"] is False
+    local = [
+        ["contacts", "list"], ["identity", "show"], ["identity", "export"],
+        ["search", "hello"], ["inbox", "--offline"], ["inbox", bob_name, "--offline"],
+    ]  # fmt: skip
+    with silent_bootstrap() as (address, sockets):
+        for args in local:
+            for where in (["--bootstrap", address], []):  # given, or the default: nothing
+                out = dna(alice, "--json", *where, *args, env={"DNA_BOOTSTRAP": "garbage"})
+                assert out.returncode == 0, (args, out.stderr)
+        assert reached(sockets) == []
+    (listed,) = ok(dna(alice, "--json", "contacts", "list"))
+    assert listed == {**online, "online": None}  # not looked up: not known
+    table = dna(alice, "contacts", "list").stdout.splitlines()
+    assert table[0].split() == ["name", "fingerprint", "verified"], table
+    assert table[1].split() == [bob_name, online["fingerprint"], "no"], table
+    # a command that joins the network still checks its settings and says so when it is down
+    one_line_error(dna(alice, "contacts", "list", "--online", env={"DNA_BOOTSTRAP": "garbage"}),
+                   "DNA_BOOTSTRAP")  # fmt: skip
+    one_line_error(dna(alice, "--bootstrap", "127.0.0.250:7400", "contacts", "list", "--online"),
+                   "no bootstrap node answered")  # fmt: skip

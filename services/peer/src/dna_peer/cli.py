@@ -5,7 +5,7 @@
     dna identity link                     on this device: print a one-time code
     dna identity link CODE                on a new device: become a device of that identity
     dna identity rotate [--reason TEXT]   a new key set; contacts and your devices follow
-    dna contacts add bob | list | verify bob [--confirm] | forget bob
+    dna contacts add bob | list [--online] | verify bob [--confirm] | forget bob
     dna send bob "hello"                  (or `-` / a pipe for stdin, or --file FILE)
     dna inbox [bob]                       sync, then show conversations (or one of them)
     dna watch                             print messages as they arrive
@@ -54,6 +54,7 @@ from dna_peer.keyserver import (
     NameTakenError,
     check_display_name,
     check_name_free,
+    safety_number,
 )
 from dna_peer.link import accept_link, offer_link
 from dna_peer.network import (
@@ -350,8 +351,12 @@ def _accept(args: argparse.Namespace) -> None:
 
 
 def _contact_info(peer: Peer, c: Contact) -> Info:
+    return _contact_info_for(peer.fingerprint, c)
+
+
+def _contact_info_for(own: bytes, c: Contact) -> Info:
     return {"name": c.name, "fingerprint": c.fingerprint.hex(), "verified": c.verified,
-            "safety_number": peer.safety_number(c)}  # fmt: skip
+            "safety_number": safety_number(own, c.fingerprint)}  # fmt: skip
 
 
 def _contacts_add(args: argparse.Namespace) -> None:
@@ -362,23 +367,42 @@ def _contacts_add(args: argparse.Namespace) -> None:
 
 
 def _contacts_list(args: argparse.Namespace) -> None:
+    """The pinned contacts, from this device's cache alone (no network); with --online
+    each one's presence is looked up too (``"online": null`` without it: not known)."""
+    if not args.online:
+
+        def offline(cache: Cache) -> None:
+            own = args.profile.public_keys().fingerprint  # the key file, unlocked already
+            _show_contacts(args, [{**_contact_info_for(own, c), "online": None}
+                                  for c in cache.contacts()])  # fmt: skip
+
+        _with_cache(args, offline)
+        return
+
     async def work(peer: Peer) -> None:
         pinned = peer.cache.contacts()
         found = await asyncio.gather(*(peer.presence_of(c) for c in pinned))  # a fresh record
-        contacts = [{**_contact_info(peer, c), "online": p is not None}
-                    for c, p in zip(pinned, found, strict=True)]  # fmt: skip
-        if args.json:
-            print(json.dumps(contacts))
-            return
-        out = console()
-        grid = table(out, "name", "fingerprint", "verified", "online")
-        for c in contacts:
-            mark = Text("yes", style="green") if c["verified"] else Text("no", style="yellow")
-            online = Text("online", style="green") if c["online"] else Text("offline", style="dim")
-            grid.add_row(Text(printable(c["name"] or "(no name)")), c["fingerprint"], mark, online)
-        out.print(grid if contacts else "no contacts yet: `dna contacts add NAME`")
+        _show_contacts(args, [{**_contact_info(peer, c), "online": p is not None}
+                              for c, p in zip(pinned, found, strict=True)])  # fmt: skip
 
     _with_peer(args, work)
+
+
+def _show_contacts(args: argparse.Namespace, contacts: list[Info]) -> None:
+    if args.json:
+        print(json.dumps(contacts))
+        return
+    out = console()
+    columns = ("name", "fingerprint", "verified") + (("online",) if args.online else ())
+    grid = table(out, *columns)
+    for c in contacts:
+        mark = Text("yes", style="green") if c["verified"] else Text("no", style="yellow")
+        row: list[Text | str] = [Text(printable(c["name"] or "(no name)")), c["fingerprint"], mark]
+        if args.online:
+            on = c["online"]
+            row.append(Text("online" if on else "offline", style="green" if on else "dim"))
+        grid.add_row(*row)
+    out.print(grid if contacts else "no contacts yet: `dna contacts add NAME`")
 
 
 def _contacts_verify(args: argparse.Namespace) -> None:
@@ -734,9 +758,18 @@ _GLOBALS = _Parser(add_help=False)
 _global_options(_GLOBALS, top=False)
 
 
-def _add(sub: Any, name: str, handler: Callable[[argparse.Namespace], None], text: str) -> Any:
+def _add(
+    sub: Any,
+    name: str,
+    handler: Callable[[argparse.Namespace], None],
+    text: str,
+    *,
+    network: bool = True,
+) -> Any:
+    """A command; ``network=False``: it needs only this device (never reads the network
+    settings, so it works with none, or broken ones, and the network down)."""
     cmd = sub.add_parser(name, help=text, description=text, parents=[_GLOBALS])
-    cmd.set_defaults(handler=handler)
+    cmd.set_defaults(handler=handler, network=network)
     return cmd
 
 
@@ -785,9 +818,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--name", help="a unique name others can find you by (proof of work)")
         cmd.add_argument("--display-name", help="shown to contacts (default: the name)")
     create.add_argument("--offline", action="store_true", help="do not publish yet")
-    _add(ident, "show", _show, "show the fingerprint (no passphrase needed)")
+    _add(ident, "show", _show, "show the fingerprint (no passphrase needed)", network=False)
     export = _add(ident, "export", _export, "print your public key set as text (or, with"
-                  " --private, write a backup of your locked key file)")  # fmt: skip
+                  " --private, write a backup of your locked key file)", network=False)  # fmt: skip
     export.add_argument(
         "--out",
         type=Path,
@@ -799,8 +832,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the key file, still locked with your passphrase: a backup",
     )
-    _add(ident, "import", _import, "start this device from a `identity export --private` backup"
-         ).add_argument("file", type=Path, help="the backup file")  # fmt: skip
+    _add(ident, "import", _import, "start this device from a `identity export --private` backup",
+         network=False).add_argument("file", type=Path, help="the backup file")  # fmt: skip
     link = _add(ident, "link", _link, "link a new device: without CODE print one, with it use it")
     link.add_argument("code", nargs="?", help="the code shown on your existing device")
     link.add_argument("--device-name", type=_device_name, default="new device",
@@ -812,12 +845,15 @@ def build_parser() -> argparse.ArgumentParser:
     contacts = _group(sub, "contacts", "your contacts")
     _add(contacts, "add", _contacts_add, "find someone by name or fingerprint and pin their key"
          ).add_argument("who", help="a name or a 64-hex fingerprint")  # fmt: skip
-    _add(contacts, "list", _contacts_list, "list contacts")
+    listing = _add(contacts, "list", _contacts_list, "list contacts (this device alone, no"
+                   " network needed)", network=False)  # fmt: skip
+    listing.add_argument("--online", action="store_true", help="also look up who is online"
+                         " now (joins the network)")  # fmt: skip
     verify = _add(contacts, "verify", _contacts_verify, "show the safety number to compare")
     verify.add_argument("who", help="a contact's name or fingerprint")
     verify.add_argument("--confirm", action="store_true", help="it matched: mark verified")
     forget = _add(contacts, "forget", _contacts_forget, "unpin a contact's key (history stays;"
-                  " no network needed)")  # fmt: skip
+                  " no network needed)", network=False)  # fmt: skip
     forget.add_argument("who", help="a contact's name or fingerprint")
 
     send = _add(sub, "send", _send, "send a message (from the arguments, stdin or a file)")
@@ -836,17 +872,25 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--interval", type=_positive, default=1.0,
                        help="seconds between syncs when nothing is pushed (default 1)")  # fmt: skip
     _add(sub, "sync", _sync, "fetch your mailbox now")
-    _add(sub, "search", _search, "search your messages (offline)").add_argument(
+    _add(sub, "search", _search, "search your messages (offline)", network=False).add_argument(
         "words", nargs="+", help="words to find (full-text, any case)"
     )
-    _add(sub, "demo", _demo, "run the in-process crypto demonstration")
+    _add(sub, "demo", _demo, "run the in-process crypto demonstration", network=False)
     return parser
 
 
 def _settle(args: argparse.Namespace) -> None:
-    """Arguments and environment read and checked before any command runs."""
+    """Arguments and environment read and checked before any command runs; the network
+    settings only for a command that joins the network."""
     args.profile = _profile(args.home)
-    args.seeds = parse_seeds(args.bootstrap) if args.bootstrap is not None else default_seeds()
+    if _joins_network(args):
+        args.seeds = parse_seeds(args.bootstrap) if args.bootstrap is not None else default_seeds()
+
+
+def _joins_network(args: argparse.Namespace) -> bool:
+    if getattr(args, "offline", False):  # inbox --offline, identity create --offline
+        return False
+    return bool(getattr(args, "network", False) or getattr(args, "online", False))
 
 
 def _profile(home: str | None) -> Profile:
