@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dna_core import __version__
 from dna_core.crypto import Identity, PublicKeySet, seal
 from dna_core.mailbox import MailboxClient
 from dna_core.wire.gen.dna.v1 import envelope_pb2
@@ -771,3 +772,43 @@ def test_what_needs_only_this_device_works_without_the_network(
                    "DNA_BOOTSTRAP")  # fmt: skip
     one_line_error(dna(alice, "--bootstrap", "127.0.0.250:7400", "contacts", "list", "--online"),
                    "no bootstrap node answered")  # fmt: skip
+
+
+def test_under_json_every_outcome_is_one_json_object() -> None:
+    """A script that passes --json reads JSON whatever happens: no command, a command
+    without its action and every usage mistake are an object of kind UsageError on
+    stderr (as every --json error), exit 2, nothing on stdout; --version is JSON too."""
+    for args in (["--json"], ["--json", "contacts"], ["identity", "--json"], ["--json", "send"],
+                 ["--json", "sned"], ["--json", "--home"], ["--json", "inbox", "--frobnicate"],
+                 ["--json", "watch", "--interval", "0"]):  # fmt: skip
+        out = run_script("dna", *args)
+        assert out.returncode == 2 and out.stdout == "", (args, out.stdout, out.stderr)
+        error = json.loads(out.stderr)
+        assert error["kind"] == "UsageError" and error["error"], (args, error)
+        assert error["usage"].startswith("usage: dna"), (args, error)
+    nothing = json.loads(run_script("dna", "--json").stderr)["error"]
+    assert "needs a command" in nothing and "send" in nothing, nothing
+    version = run_script("dna", "--version", "--json")
+    assert version.returncode == 0 and json.loads(version.stdout) == {"version": __version__}
+    # a person without --json still gets the help
+    assert run_script("dna", "contacts").stdout.startswith("usage: dna contacts")
+
+
+def test_usage_mistakes_are_one_line_naming_the_help_to_read() -> None:
+    for args, says, command in (
+        (["send"], "the following arguments are required: to", "dna send"),
+        (["send", "bob", "hi", "--bogus"], "unrecognized arguments: --bogus", "dna send"),
+        (["inbox", "--frobnicate"], "unrecognized arguments: --frobnicate", "dna inbox"),
+        (["--home"], "--home: expected one argument", "dna"),
+        (["contacts", "verify"], "required: who", "dna contacts verify"),
+        (["contacts", "lst"], "did you mean 'list'", "dna contacts"),
+        (["identity", "link", "--device-name"], "expected one argument", "dna identity link"),
+        (["watch", "--interval", "soon"], "'soon' is not a positive number", "dna watch"),
+        (["inbox", "--\x1b[2J"], "unrecognized arguments: --\\x1b[2J", "dna inbox"),  # escaped
+    ):
+        out = run_script("dna", *args)
+        assert out.returncode == 2 and out.stdout == "", (args, out.stdout, out.stderr)
+        assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) == 1, out.stderr
+        assert out.stderr.startswith("dna: error: ") and says in out.stderr, out.stderr
+        assert out.stderr.rstrip().endswith(f"(see `{command} --help`)"), out.stderr
+        assert "\x1b" not in out.stderr, out.stderr

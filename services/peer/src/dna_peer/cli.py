@@ -705,15 +705,16 @@ environment:
 
 The global options (--json, -v, --home, --bootstrap) go before or after the
 command. Errors are one line on stderr (a JSON object under --json), exit code 1;
-usage errors exit 2. docs/peer.md has the whole guide.
+usage errors exit 2 (under --json, so does a missing command). docs/peer.md has
+the whole guide.
 """
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with "did you mean" on a mistyped command, and usage errors as JSON under
-    --json."""
+    """argparse with "did you mean" on a mistyped command, and usage errors in one line
+    (a JSON object under --json)."""
 
-    json_errors = False
+    as_json = False  # --json anywhere on the command line (set before parsing)
 
     def error(self, message: str) -> NoReturn:
         if "invalid choice" in message:
@@ -722,17 +723,50 @@ class _Parser(argparse.ArgumentParser):
             close = difflib.get_close_matches(wrong, choices, n=1)
             if close:
                 message = f"{message}; did you mean '{close[0]}'?"
-        if _Parser.json_errors:
-            print(json.dumps({"error": message, "usage": self.format_usage().strip()}),
-                  file=sys.stderr)  # fmt: skip
-            sys.exit(2)
-        super().error(message)
+        _usage_error(self, message)
 
     def _choices(self) -> list[object]:
+        return list(self.commands())
+
+    def commands(self) -> dict[str, _Parser]:
+        """The commands (or actions) this parser takes, by name."""
         for action in self._actions:
             if isinstance(action, argparse._SubParsersAction):
-                return list(action.choices)
-        return []
+                return dict(action.choices)
+        return {}
+
+    def parse_command_line(self, argv: list[str]) -> argparse.Namespace:
+        """``parse_args``, but an argument no command takes is reported by the command it
+        was given to, with that command's help to read (`dna inbox --frobnicate`)."""
+        args, extra = self.parse_known_args(argv)
+        if extra:
+            parser = self
+            for name in (getattr(args, "command", None), getattr(args, "action", None)):
+                parser = parser.commands().get(name or "", parser)
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return args
+
+
+def _usage_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """A command line that cannot run: one line on stderr naming the help to read (under
+    --json, an object of ``kind`` UsageError with the usage), exit code 2."""
+    if _Parser.as_json:
+        print(json.dumps({"error": message, "kind": "UsageError",
+                          "usage": parser.format_usage().strip()}), file=sys.stderr)  # fmt: skip
+    else:  # the message may quote what was typed (a name with an ESC in it): escaped
+        print(f"dna: error: {printable(message)} (see `{parser.prog} --help`)", file=sys.stderr)
+    sys.exit(2)
+
+
+class _Version(argparse.Action):
+    """--version: a line, or {"version": ...} under --json."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
+        print(json.dumps({"version": __version__}) if _Parser.as_json else f"dna {__version__}")
+        parser.exit()
 
 
 def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
@@ -774,10 +808,20 @@ def _add(
 
 
 def _group(sub: Any, name: str, text: str) -> Any:
-    """A command with actions (identity, contacts); alone, it prints its help."""
+    """A command with actions (identity, contacts); alone, it prints its help (under
+    --json, a usage error: a script gets JSON or nothing)."""
     group = sub.add_parser(name, help=text, description=text, parents=[_GLOBALS])
-    group.set_defaults(handler=lambda args: group.print_help())
+    group.set_defaults(handler=lambda args: _missing(group, "an action"))
     return group.add_subparsers(dest="action", metavar="ACTION", title="actions")
+
+
+def _missing(parser: _Parser, what: str) -> None:
+    """``dna`` or ``dna contacts`` alone: the help for a person, a usage error under --json."""
+    if not _Parser.as_json:
+        parser.print_help()
+        return
+    choices = ", ".join(c for c in parser._choices() if isinstance(c, str))
+    _usage_error(parser, f"`{parser.prog}` needs {what}: one of {choices}")
 
 
 def _positive(text: str) -> float:
@@ -803,11 +847,11 @@ def _device_name(text: str) -> str:
     return name
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _Parser:
     parser = _Parser(prog="dna", description="DNA Messenger v2: post-quantum, decentralized"
                      " messaging.", epilog=EXAMPLES,
                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--version", action="version", version=f"dna {__version__}")
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     _global_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
@@ -858,8 +902,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     send = _add(sub, "send", _send, "send a message (from the arguments, stdin or a file)")
     send.add_argument("to", help="a contact's name or fingerprint")
-    send.add_argument("text", nargs="*", help="the message; `-` (or nothing, with stdin not a"
-                      " terminal) reads it from stdin")  # fmt: skip
+    send.add_argument("text", nargs="*", default=[], help="the message; `-` (or nothing,"
+                      " with stdin not a terminal) reads it from stdin")  # fmt: skip
     send.add_argument("--file", type=Path, help="read the message from FILE (UTF-8 text)")
     inbox = _add(sub, "inbox", _inbox, "sync and show conversations, or one conversation")
     inbox.add_argument("contact", nargs="?", help="show this contact's conversation")
@@ -919,23 +963,20 @@ def _fail(args: argparse.Namespace | None, message: str, kind: str = "DnaError")
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    _Parser.json_errors = "--json" in argv
+    _Parser.as_json = "--json" in argv
     with quiet_broken_pipe():
-        if not argv:
-            parser.print_help()
-            return
-        args = parser.parse_args(argv)
+        args = parser.parse_command_line(argv)
         _log_to_stderr(args.verbose)
-        _run(parser, args)
+        if "handler" not in args:  # no command
+            _missing(parser, "a command")
+            return
+        _run(args)
 
 
-def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _run(args: argparse.Namespace) -> None:
     """The one error handler: every failure is one line (JSON under --json), exit code 1."""
     try:
         _settle(args)
-        if "handler" not in args:
-            parser.print_help()
-            return
         args.handler(args)
     except KeyboardInterrupt:
         sys.exit(130)
