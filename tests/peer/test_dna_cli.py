@@ -812,3 +812,35 @@ def test_usage_mistakes_are_one_line_naming_the_help_to_read() -> None:
         assert out.stderr.startswith("dna: error: ") and says in out.stderr, out.stderr
         assert out.stderr.rstrip().endswith(f"(see `{command} --help`)"), out.stderr
         assert "\x1b" not in out.stderr, out.stderr
+
+
+def test_a_new_users_mistakes_are_one_clear_line_each(tmp_path: Path) -> None:
+    home = tmp_path / "me"
+    ok(dna(home, "--json", "identity", "create", "--offline"))
+    down = ["--bootstrap", "127.0.0.250:7400"]  # nothing answers there
+    # a contact that is not there is said at once, not after joining the network (or not)
+    for args in (["send", "zed", "hi"], ["contacts", "verify", "zed"]):
+        one_line_error(dna(home, *down, *args), "no contact 'zed': add one with")
+    # files that are not there are named as Unix tools name them, and nothing is written
+    missing, restored = tmp_path / "missing.txt", tmp_path / "restored"
+    for out, says in (
+        (dna(restored, "identity", "import", str(missing)), f"{missing}: No such file"),
+        (dna(home, "identity", "export", "--out", str(tmp_path / "no" / "pub.txt")),
+         f"{tmp_path / 'no' / 'pub.txt'}: No such file"),
+        (dna(Path("/proc/nope"), "identity", "create", "--offline"), "/proc/nope: No such file"),
+        (dna(tmp_path / "nobody", "contacts", "list"), "no identity in"),
+    ):  # fmt: skip
+        one_line_error(out, says)
+        assert "[Errno" not in out.stderr, out.stderr
+    assert not restored.exists() and not (tmp_path / "nobody").exists()
+    # search: nothing to look for is refused, nothing found is said
+    one_line_error(dna(home, "search", "  "), "nothing to search for")
+    for words, says in ((["hello"], "no message has 'hello'"),
+                        (["hello", "bob"], "no message has all of: hello bob")):  # fmt: skip
+        found = dna(home, "search", *words)
+        assert found.returncode == 0 and found.stdout.strip() == says, found
+    assert json.loads(dna(home, "--json", "search", "hello").stdout) == []
+    # a rotation's reason that could never fit its statement is refused before any key
+    # is made or the network joined
+    long = dna(home, *down, "identity", "rotate", "--reason", "x" * 3000)
+    assert long.returncode == 2 and "at most 200 printable characters" in long.stderr, long

@@ -159,17 +159,26 @@ def _human(key: str, value: object) -> str | None:
 
 
 def _with_peer(
-    args: argparse.Namespace, work: Callable[[Peer], Awaitable[None]], *, alone: bool = False
+    args: argparse.Namespace,
+    work: Callable[[Peer], Awaitable[None]],
+    *,
+    alone: bool = False,
+    contact: str | None = None,
 ) -> None:
     """Unlock, join the network, run ``work``, leave; the profile held meanwhile (shared
-    with other dna processes, or ``alone``: Profile.in_use)."""
+    with other dna processes, or ``alone``: Profile.in_use). A ``contact`` the command
+    names is looked up in the cache first: one that is not there is refused at once, not
+    after joining the network (or failing to)."""
+
+    def known(cache: Cache) -> None:
+        if contact is not None:
+            find_contact(cache, contact)
 
     async def run() -> None:
         passphrase = _passphrase(confirm=False)
         with phase_line("unlocking, joining the network…", enabled=not args.json):
-            peer = await open_peer(
-                args.profile, passphrase, args.seeds, sessions=args.command == "watch"
-            )
+            peer = await open_peer(args.profile, passphrase, args.seeds, check=known,
+                                   sessions=args.command == "watch")  # fmt: skip
         try:
             await work(peer)
         finally:
@@ -416,7 +425,7 @@ def _contacts_verify(args: argparse.Namespace) -> None:
             print(f"if it matches, run: dna contacts verify {args.who} --confirm")
         _emit(args, _contact_info(peer, contact))
 
-    _with_peer(args, work)
+    _with_peer(args, work, contact=args.who)
 
 
 def _contacts_forget(args: argparse.Namespace) -> None:
@@ -449,7 +458,7 @@ def _send(args: argparse.Namespace) -> None:
             info["route"] = peer.direct.route_to(contact.fingerprint)
         _emit(args, info)
 
-    _with_peer(args, work)
+    _with_peer(args, work, contact=args.to)
 
 
 def _message_text(args: argparse.Namespace) -> str:
@@ -593,10 +602,17 @@ def _preview(text: str) -> str:
 
 
 def _search(args: argparse.Namespace) -> None:
+    words = " ".join(args.words)
+    if not words.strip():  # before the passphrase: `dna search ""` finds nothing, ever
+        raise DnaError("nothing to search for: give one or more words")
+
     def work(cache: Cache) -> None:  # the cache alone: no network needed
-        found = [_message_info_from(cache, m) for m in cache.search(" ".join(args.words))]
+        found = [_message_info_from(cache, m) for m in cache.search(words)]
         if args.json:
             print(json.dumps(found))
+        elif not found:
+            print(f"no message has {printable(words)!r}" if len(args.words) == 1 else
+                  f"no message has all of: {printable(words)}")  # fmt: skip
         for info in [] if args.json else found:
             _print_message(info)
 
@@ -847,6 +863,20 @@ def _device_name(text: str) -> str:
     return name
 
 
+REASON_MAX = 200  # the statement carries the new keys too: a record holds 8 KiB in all
+
+
+def _reason(text: str) -> str:
+    """A rotation's reason, which contacts may read: printable, and short enough that the
+    statement fits a record (checked before the network and before any key is made)."""
+    if len(text) > REASON_MAX or not text.isprintable():
+        shown = text if len(text) <= 40 else text[:40] + "…"
+        raise argparse.ArgumentTypeError(
+            f"a reason has at most {REASON_MAX} printable characters, not {shown!r} ({len(text)})"
+        )
+    return text
+
+
 def build_parser() -> _Parser:
     parser = _Parser(prog="dna", description="DNA Messenger v2: post-quantum, decentralized"
                      " messaging.", epilog=EXAMPLES,
@@ -876,7 +906,7 @@ def build_parser() -> _Parser:
         action="store_true",
         help="the key file, still locked with your passphrase: a backup",
     )
-    _add(ident, "import", _import, "start this device from a `identity export --private` backup",
+    _add(ident, "import", _import, "start this device from an `identity export --private` backup",
          network=False).add_argument("file", type=Path, help="the backup file")  # fmt: skip
     link = _add(ident, "link", _link, "link a new device: without CODE print one, with it use it")
     link.add_argument("code", nargs="?", help="the code shown on your existing device")
@@ -884,7 +914,8 @@ def build_parser() -> _Parser:
                       help="name of the new device (1-64 printable characters)")  # fmt: skip
     rotate = _add(ident, "rotate", _rotate, "move to a new key set (contacts and your other"
                   " devices follow; the old mailbox is read for 30 more days)")  # fmt: skip
-    rotate.add_argument("--reason", default="", help="said in the rotation statement")
+    rotate.add_argument("--reason", type=_reason, default="", help="said in the rotation"
+                        f" statement (at most {REASON_MAX} printable characters)")  # fmt: skip
 
     contacts = _group(sub, "contacts", "your contacts")
     _add(contacts, "add", _contacts_add, "find someone by name or fingerprint and pin their key"
@@ -950,6 +981,14 @@ def _profile(home: str | None) -> Profile:
     return profile
 
 
+def _os_error(exc: OSError) -> str:
+    """``PATH: No such file or directory``, as Unix tools say it, rather than Python's
+    ``[Errno 2] No such file or directory: 'PATH'``."""
+    if exc.filename is None or not exc.strerror:
+        return str(exc)
+    return f"{exc.filename}: {exc.strerror}"
+
+
 def _fail(args: argparse.Namespace | None, message: str, kind: str = "DnaError") -> NoReturn:
     """The one way out on failure: a line on stderr (under --json, an object whose ``kind``
     is the error's class, e.g. UnknownContactError), exit code 1."""
@@ -984,7 +1023,9 @@ def _run(args: argparse.Namespace) -> None:
         _fail(args, "no answer (end of input): nothing was changed")
     except BrokenPipeError:
         raise  # quiet_broken_pipe's
-    except (DnaError, OSError) as exc:
+    except OSError as exc:
+        _fail(args, _os_error(exc), type(exc).__name__)
+    except DnaError as exc:
         _fail(args, str(exc), type(exc).__name__)
     except Exception as exc:  # a defect: still one line, the traceback with -v
         if args.verbose:
