@@ -192,7 +192,9 @@ def test_alice_and_bob_greet_each_other_through_their_nats(testnet: Compose) -> 
 
 
 def _online(compose: Compose, who: str, contact: str) -> bool:
-    listed = json.loads(compose.exec(who, "dna", "--json", "contacts", "list", timeout=120))
+    listed = json.loads(
+        compose.exec(who, "dna", "--json", "contacts", "list", "--online", timeout=120)
+    )
     return any(c["name"] == contact and c["online"] for c in listed)
 
 

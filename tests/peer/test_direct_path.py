@@ -381,7 +381,7 @@ def test_the_cli_shows_who_is_online_and_sends_directly(
 
     asyncio.run(setup())
     alice, bob = people.profile("alice").home, people.profile("bob").home
-    (before,) = cli(alice, testnet, "contacts", "list")
+    (before,) = cli(alice, testnet, "contacts", "list", "--online")
     assert before["online"] is False
     watcher = subprocess.Popen(
         [str(BIN / "dna"), "--home", str(bob), "--json", "--bootstrap", seeds(testnet),
@@ -392,7 +392,7 @@ def test_the_cli_shows_who_is_online_and_sends_directly(
         assert watcher.stdout is not None
         out, seen = lines(watcher.stdout), list[str]()
         deadline = time.monotonic() + 30
-        while not cli(alice, testnet, "contacts", "list")[0]["online"]:
+        while not cli(alice, testnet, "contacts", "list", "--online")[0]["online"]:
             assert time.monotonic() < deadline, "bob never showed up online"
             time.sleep(0.5)
         sent = cli(alice, testnet, "send", people.name("bob"), "hello bob, directly")
@@ -402,7 +402,7 @@ def test_the_cli_shows_who_is_online_and_sends_directly(
     finally:
         watcher.send_signal(signal.SIGINT)
         assert watcher.wait(30) == 0
-    (after,) = cli(alice, testnet, "contacts", "list")
+    (after,) = cli(alice, testnet, "contacts", "list", "--online")
     assert after["online"] is False  # withdrawn, not left to expire
 
 
@@ -425,14 +425,14 @@ def test_a_watch_stopped_by_sigterm_goes_offline_at_once(
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 30
-        while not cli(alice, testnet, "contacts", "list")[0]["online"]:
+        while not cli(alice, testnet, "contacts", "list", "--online")[0]["online"]:
             assert time.monotonic() < deadline, "bob never showed up online"
             time.sleep(0.5)
     finally:
         watcher.send_signal(signal.SIGTERM)
         _out, err = watcher.communicate(timeout=30)
     assert watcher.returncode == 0 and "Traceback" not in err, (watcher.returncode, err)
-    (after,) = cli(alice, testnet, "contacts", "list")
+    (after,) = cli(alice, testnet, "contacts", "list", "--online")
     assert after["online"] is False  # withdrawn, not left to expire
 
 

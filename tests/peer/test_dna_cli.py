@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -15,13 +16,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dna_core.crypto import PublicKeySet
+from dna_core import __version__
+from dna_core.crypto import Identity, PublicKeySet, seal
+from dna_core.mailbox import MailboxClient
+from dna_core.wire.gen.dna.v1 import envelope_pb2
 from dna_peer.armor import dearmor
 from dna_peer.cli import PREVIEW_CHARS, build_parser
+from dna_peer.keyserver import now_ms
+from dna_peer.network import join_overlay
 from dna_peer.peer import MAX_TEXT_BYTES
 from dna_peer.profile import Profile
 from dna_testnet.network import Testnet
-from support import BIN, lines, on_a_terminal, run_script
+from support import BIN, lines, on_a_terminal, run_script, wait_for
 
 pytestmark = pytest.mark.process  # every test runs the dna command
 
@@ -640,3 +646,201 @@ def test_the_same_text_sent_twice_at_once_is_two_messages(testnet: Testnet, tmp_
     ok(dna(alice, "--json", "sync", net=testnet))
     texts = [m["text"] for m in ok(dna(bob, "--json", "inbox", alice_name, net=testnet))]
     assert texts == ["same", "same"], (texts, sent)
+
+
+async def put_unopenable(testnet: Testnet, to: PublicKeySet) -> None:
+    """A blob in ``to``'s mailbox that fails to open (a tampered envelope): the recipient
+    drops it with a warning, in the middle of the round that handles it."""
+    envelope = bytearray(seal(Identity.generate(), to, envelope_pb2.Payload(
+        text=envelope_pb2.Text(body="tampered")).SerializeToString(), now_ms=now_ms(),
+        include_sender_keys=True))  # fmt: skip
+    envelope[-40] ^= 0x01
+    node = await join_overlay(testnet.seeds)
+    mail = MailboxClient(node, sessions=False)
+    try:
+        assert len((await mail.put(to.fingerprint, bytes(envelope))).stored_on) >= 3
+    finally:
+        await mail.close()
+        await node.stop()
+
+
+def test_watch_shows_each_message_as_soon_as_it_is_opened(testnet: Testnet, tmp_path: Path) -> None:
+    """A backlog is shown message by message while the watch's first round goes on, not
+    at the round's end (after every blob, the receipts and the deletes): the blob stored
+    after alice's message fails to open, and the warning about it must come after her
+    message in what the watch writes (stdout and stderr in one pipe keep the order the
+    process wrote them in)."""
+    alice, bob, alice_name, bob_name = _pair(testnet, tmp_path)
+    ok(dna(alice, "--json", "send", bob_name, "first", net=testnet))
+    asyncio.run(put_unopenable(testnet, Profile(bob).public_keys()))
+    watcher = subprocess.Popen(
+        [str(BIN / "dna"), "--home", str(bob), "--json", "--bootstrap",
+         ",".join(f"{h}:{p}" for h, p in testnet.seeds), "watch", "--interval", "0.3"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**PASS, "PATH": str(BIN)},
+    )  # fmt: skip
+    seen: list[str] = []
+    try:
+        assert watcher.stdout is not None
+        wait_for(lines(watcher.stdout), "dropped mailbox blob", 60, seen)
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(30) == 0
+    assert '"text": "first"' in seen[0], seen  # shown before the round went on
+    (message,) = [json.loads(line) for line in seen if line.startswith("{")]
+    assert message["from"]["name"] == alice_name and message["text"] == "first"
+
+
+def test_watch_ends_quietly_when_its_reader_goes(testnet: Testnet, tmp_path: Path) -> None:
+    """`dna watch --json | head -1`: once head has its line and has gone, the next message
+    ends the watch with 141 (as a command killed by the pipe), nothing on stderr, instead
+    of the watch going on printing into a closed pipe."""
+    alice, bob, _alice_name, bob_name = _pair(testnet, tmp_path)
+    ok(dna(alice, "--json", "send", bob_name, "one", net=testnet))
+    seeds = ",".join(f"{h}:{p}" for h, p in testnet.seeds)
+    watcher = subprocess.Popen(
+        [str(BIN / "dna"), "--home", str(bob), "--json", "--bootstrap", seeds, "watch"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**PASS, "PATH": str(BIN)},
+    )  # fmt: skip
+    assert watcher.stdout is not None and watcher.stderr is not None
+    try:
+        assert json.loads(watcher.stdout.readline())["text"] == "one"
+        watcher.stdout.close()  # head exits
+        ok(dna(alice, "--json", "send", bob_name, "two", net=testnet))
+        assert watcher.wait(60) == 141
+        err = watcher.stderr.read().decode()
+    finally:
+        watcher.kill()
+    assert "Traceback" not in err and "on_message failed" not in err, err
+
+
+@contextlib.contextmanager
+def silent_bootstrap() -> Iterator[tuple[str, list[socket.socket]]]:
+    """A bootstrap address that takes TCP connections and UDP datagrams and answers
+    nothing: what reached it tells whether a command touched the network."""
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    port = udp.getsockname()[1]
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp.bind(("127.0.0.1", port))
+    tcp.listen()
+    for sock in (udp, tcp):
+        sock.setblocking(False)
+    try:
+        yield f"127.0.0.1:{port}", [udp, tcp]
+    finally:
+        udp.close()
+        tcp.close()
+
+
+def reached(sockets: list[socket.socket]) -> list[str]:
+    found = []
+    for sock in sockets:
+        with contextlib.suppress(BlockingIOError):
+            found.append(repr(sock.recvfrom(65536) if sock.type == socket.SOCK_DGRAM
+                              else sock.accept()))  # fmt: skip
+    return found
+
+
+def test_what_needs_only_this_device_works_without_the_network(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    """`contacts list`, `identity show`/`export`, `search`, `inbox --offline`: the local
+    profile alone, with the network unreachable or its settings broken, and not one packet
+    sent; `contacts list --online` (presence) joins the network."""
+    alice, _bob, _alice_name, bob_name = _pair(testnet, tmp_path)
+    ok(dna(alice, "--json", "send", bob_name, "hello bob", net=testnet))
+    (online,) = ok(dna(alice, "--json", "contacts", "list", "--online", net=testnet))
+    assert online["name"] == bob_name and online["online"] is False
+    local = [
+        ["contacts", "list"], ["identity", "show"], ["identity", "export"],
+        ["search", "hello"], ["inbox", "--offline"], ["inbox", bob_name, "--offline"],
+    ]  # fmt: skip
+    with silent_bootstrap() as (address, sockets):
+        for args in local:
+            for where in (["--bootstrap", address], []):  # given, or the default: nothing
+                out = dna(alice, "--json", *where, *args, env={"DNA_BOOTSTRAP": "garbage"})
+                assert out.returncode == 0, (args, out.stderr)
+        assert reached(sockets) == []
+    (listed,) = ok(dna(alice, "--json", "contacts", "list"))
+    assert listed == {**online, "online": None}  # not looked up: not known
+    table = dna(alice, "contacts", "list").stdout.splitlines()
+    assert table[0].split() == ["name", "fingerprint", "verified"], table
+    assert table[1].split() == [bob_name, online["fingerprint"], "no"], table
+    # a command that joins the network still checks its settings and says so when it is down
+    one_line_error(dna(alice, "contacts", "list", "--online", env={"DNA_BOOTSTRAP": "garbage"}),
+                   "DNA_BOOTSTRAP")  # fmt: skip
+    one_line_error(dna(alice, "--bootstrap", "127.0.0.250:7400", "contacts", "list", "--online"),
+                   "no bootstrap node answered")  # fmt: skip
+
+
+def test_under_json_every_outcome_is_one_json_object() -> None:
+    """A script that passes --json reads JSON whatever happens: no command, a command
+    without its action and every usage mistake are an object of kind UsageError on
+    stderr (as every --json error), exit 2, nothing on stdout; --version is JSON too."""
+    for args in (["--json"], ["--json", "contacts"], ["identity", "--json"], ["--json", "send"],
+                 ["--json", "sned"], ["--json", "--home"], ["--json", "inbox", "--frobnicate"],
+                 ["--json", "watch", "--interval", "0"]):  # fmt: skip
+        out = run_script("dna", *args)
+        assert out.returncode == 2 and out.stdout == "", (args, out.stdout, out.stderr)
+        error = json.loads(out.stderr)
+        assert error["kind"] == "UsageError" and error["error"], (args, error)
+        assert error["usage"].startswith("usage: dna"), (args, error)
+    nothing = json.loads(run_script("dna", "--json").stderr)["error"]
+    assert "needs a command" in nothing and "send" in nothing, nothing
+    version = run_script("dna", "--version", "--json")
+    assert version.returncode == 0 and json.loads(version.stdout) == {"version": __version__}
+    # a person without --json still gets the help
+    assert run_script("dna", "contacts").stdout.startswith("usage: dna contacts")
+
+
+def test_usage_mistakes_are_one_line_naming_the_help_to_read() -> None:
+    for args, says, command in (
+        (["send"], "the following arguments are required: to", "dna send"),
+        (["send", "bob", "hi", "--bogus"], "unrecognized arguments: --bogus", "dna send"),
+        (["inbox", "--frobnicate"], "unrecognized arguments: --frobnicate", "dna inbox"),
+        (["--home"], "--home: expected one argument", "dna"),
+        (["contacts", "verify"], "required: who", "dna contacts verify"),
+        (["contacts", "lst"], "did you mean 'list'", "dna contacts"),
+        (["identity", "link", "--device-name"], "expected one argument", "dna identity link"),
+        (["watch", "--interval", "soon"], "'soon' is not a positive number", "dna watch"),
+        (["inbox", "--\x1b[2J"], "unrecognized arguments: --\\x1b[2J", "dna inbox"),  # escaped
+    ):
+        out = run_script("dna", *args)
+        assert out.returncode == 2 and out.stdout == "", (args, out.stdout, out.stderr)
+        assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) == 1, out.stderr
+        assert out.stderr.startswith("dna: error: ") and says in out.stderr, out.stderr
+        assert out.stderr.rstrip().endswith(f"(see `{command} --help`)"), out.stderr
+        assert "\x1b" not in out.stderr, out.stderr
+
+
+def test_a_new_users_mistakes_are_one_clear_line_each(tmp_path: Path) -> None:
+    home = tmp_path / "me"
+    ok(dna(home, "--json", "identity", "create", "--offline"))
+    down = ["--bootstrap", "127.0.0.250:7400"]  # nothing answers there
+    # a contact that is not there is said at once, not after joining the network (or not)
+    for args in (["send", "zed", "hi"], ["contacts", "verify", "zed"]):
+        one_line_error(dna(home, *down, *args), "no contact 'zed': add one with")
+    # files that are not there are named as Unix tools name them, and nothing is written
+    missing, restored = tmp_path / "missing.txt", tmp_path / "restored"
+    for out, says in (
+        (dna(restored, "identity", "import", str(missing)), f"{missing}: No such file"),
+        (dna(home, "identity", "export", "--out", str(tmp_path / "no" / "pub.txt")),
+         f"{tmp_path / 'no' / 'pub.txt'}: No such file"),
+        (dna(Path("/proc/nope"), "identity", "create", "--offline"), "/proc/nope: No such file"),
+        (dna(tmp_path / "nobody", "contacts", "list"), "no identity in"),
+    ):  # fmt: skip
+        one_line_error(out, says)
+        assert "[Errno" not in out.stderr, out.stderr
+    assert not restored.exists() and not (tmp_path / "nobody").exists()
+    # search: nothing to look for is refused, nothing found is said
+    one_line_error(dna(home, "search", "  "), "nothing to search for")
+    for words, says in ((["hello"], "no message has 'hello'"),
+                        (["hello", "bob"], "no message has all of: hello bob")):  # fmt: skip
+        found = dna(home, "search", *words)
+        assert found.returncode == 0 and found.stdout.strip() == says, found
+    assert json.loads(dna(home, "--json", "search", "hello").stdout) == []
+    # a rotation's reason that could never fit its statement is refused before any key
+    # is made or the network joined
+    long = dna(home, *down, "identity", "rotate", "--reason", "x" * 3000)
+    assert long.returncode == 2 and "at most 200 printable characters" in long.stderr, long

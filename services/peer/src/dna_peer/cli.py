@@ -5,7 +5,7 @@
     dna identity link                     on this device: print a one-time code
     dna identity link CODE                on a new device: become a device of that identity
     dna identity rotate [--reason TEXT]   a new key set; contacts and your devices follow
-    dna contacts add bob | list | verify bob [--confirm] | forget bob
+    dna contacts add bob | list [--online] | verify bob [--confirm] | forget bob
     dna send bob "hello"                  (or `-` / a pipe for stdin, or --file FILE)
     dna inbox [bob]                       sync, then show conversations (or one of them)
     dna watch                             print messages as they arrive
@@ -49,12 +49,12 @@ from rich.text import Text
 
 from dna_peer.armor import LOCKED_KEY_FILE, PUBLIC, armor, dearmor, is_armored
 from dna_peer.cache import RECOVERING, Cache, Contact, Message
-from dna_peer.inbox import SyncReport
 from dna_peer.keyserver import (
     DISPLAY_NAME_MAX,
     NameTakenError,
     check_display_name,
     check_name_free,
+    safety_number,
 )
 from dna_peer.link import accept_link, offer_link
 from dna_peer.network import (
@@ -159,17 +159,26 @@ def _human(key: str, value: object) -> str | None:
 
 
 def _with_peer(
-    args: argparse.Namespace, work: Callable[[Peer], Awaitable[None]], *, alone: bool = False
+    args: argparse.Namespace,
+    work: Callable[[Peer], Awaitable[None]],
+    *,
+    alone: bool = False,
+    contact: str | None = None,
 ) -> None:
     """Unlock, join the network, run ``work``, leave; the profile held meanwhile (shared
-    with other dna processes, or ``alone``: Profile.in_use)."""
+    with other dna processes, or ``alone``: Profile.in_use). A ``contact`` the command
+    names is looked up in the cache first: one that is not there is refused at once, not
+    after joining the network (or failing to)."""
+
+    def known(cache: Cache) -> None:
+        if contact is not None:
+            find_contact(cache, contact)
 
     async def run() -> None:
         passphrase = _passphrase(confirm=False)
         with phase_line("unlocking, joining the network…", enabled=not args.json):
-            peer = await open_peer(
-                args.profile, passphrase, args.seeds, sessions=args.command == "watch"
-            )
+            peer = await open_peer(args.profile, passphrase, args.seeds, check=known,
+                                   sessions=args.command == "watch")  # fmt: skip
         try:
             await work(peer)
         finally:
@@ -351,8 +360,12 @@ def _accept(args: argparse.Namespace) -> None:
 
 
 def _contact_info(peer: Peer, c: Contact) -> Info:
+    return _contact_info_for(peer.fingerprint, c)
+
+
+def _contact_info_for(own: bytes, c: Contact) -> Info:
     return {"name": c.name, "fingerprint": c.fingerprint.hex(), "verified": c.verified,
-            "safety_number": peer.safety_number(c)}  # fmt: skip
+            "safety_number": safety_number(own, c.fingerprint)}  # fmt: skip
 
 
 def _contacts_add(args: argparse.Namespace) -> None:
@@ -363,23 +376,42 @@ def _contacts_add(args: argparse.Namespace) -> None:
 
 
 def _contacts_list(args: argparse.Namespace) -> None:
+    """The pinned contacts, from this device's cache alone (no network); with --online
+    each one's presence is looked up too (``"online": null`` without it: not known)."""
+    if not args.online:
+
+        def offline(cache: Cache) -> None:
+            own = args.profile.public_keys().fingerprint  # the key file, unlocked already
+            _show_contacts(args, [{**_contact_info_for(own, c), "online": None}
+                                  for c in cache.contacts()])  # fmt: skip
+
+        _with_cache(args, offline)
+        return
+
     async def work(peer: Peer) -> None:
         pinned = peer.cache.contacts()
         found = await asyncio.gather(*(peer.presence_of(c) for c in pinned))  # a fresh record
-        contacts = [{**_contact_info(peer, c), "online": p is not None}
-                    for c, p in zip(pinned, found, strict=True)]  # fmt: skip
-        if args.json:
-            print(json.dumps(contacts))
-            return
-        out = console()
-        grid = table(out, "name", "fingerprint", "verified", "online")
-        for c in contacts:
-            mark = Text("yes", style="green") if c["verified"] else Text("no", style="yellow")
-            online = Text("online", style="green") if c["online"] else Text("offline", style="dim")
-            grid.add_row(Text(printable(c["name"] or "(no name)")), c["fingerprint"], mark, online)
-        out.print(grid if contacts else "no contacts yet: `dna contacts add NAME`")
+        _show_contacts(args, [{**_contact_info(peer, c), "online": p is not None}
+                              for c, p in zip(pinned, found, strict=True)])  # fmt: skip
 
     _with_peer(args, work)
+
+
+def _show_contacts(args: argparse.Namespace, contacts: list[Info]) -> None:
+    if args.json:
+        print(json.dumps(contacts))
+        return
+    out = console()
+    columns = ("name", "fingerprint", "verified") + (("online",) if args.online else ())
+    grid = table(out, *columns)
+    for c in contacts:
+        mark = Text("yes", style="green") if c["verified"] else Text("no", style="yellow")
+        row: list[Text | str] = [Text(printable(c["name"] or "(no name)")), c["fingerprint"], mark]
+        if args.online:
+            on = c["online"]
+            row.append(Text("online" if on else "offline", style="green" if on else "dim"))
+        grid.add_row(*row)
+    out.print(grid if contacts else "no contacts yet: `dna contacts add NAME`")
 
 
 def _contacts_verify(args: argparse.Namespace) -> None:
@@ -393,7 +425,7 @@ def _contacts_verify(args: argparse.Namespace) -> None:
             print(f"if it matches, run: dna contacts verify {args.who} --confirm")
         _emit(args, _contact_info(peer, contact))
 
-    _with_peer(args, work)
+    _with_peer(args, work, contact=args.who)
 
 
 def _contacts_forget(args: argparse.Namespace) -> None:
@@ -426,7 +458,7 @@ def _send(args: argparse.Namespace) -> None:
             info["route"] = peer.direct.route_to(contact.fingerprint)
         _emit(args, info)
 
-    _with_peer(args, work)
+    _with_peer(args, work, contact=args.to)
 
 
 def _message_text(args: argparse.Namespace) -> str:
@@ -570,10 +602,17 @@ def _preview(text: str) -> str:
 
 
 def _search(args: argparse.Namespace) -> None:
+    words = " ".join(args.words)
+    if not words.strip():  # before the passphrase: `dna search ""` finds nothing, ever
+        raise DnaError("nothing to search for: give one or more words")
+
     def work(cache: Cache) -> None:  # the cache alone: no network needed
-        found = [_message_info_from(cache, m) for m in cache.search(" ".join(args.words))]
+        found = [_message_info_from(cache, m) for m in cache.search(words)]
         if args.json:
             print(json.dumps(found))
+        elif not found:
+            print(f"no message has {printable(words)!r}" if len(args.words) == 1 else
+                  f"no message has all of: {printable(words)}")  # fmt: skip
         for info in [] if args.json else found:
             _print_message(info)
 
@@ -582,31 +621,42 @@ def _search(args: argparse.Namespace) -> None:
 
 def _watch(args: argparse.Namespace) -> None:
     async def work(peer: Peer) -> None:
-        def show(report: SyncReport) -> None:
-            for m in report.new_messages:
-                info = _message_info(peer, m)
+        stop = asyncio.current_task()
+        assert stop is not None
+        reader_gone = False
+
+        def show(m: Message) -> None:
+            """Each message as soon as it is opened (the inbox's hook, before its commit
+            and before the rest of the round: a backlog of thousands, or a round with
+            receipts and deletes still to go, shows its first message at once)."""
+            nonlocal reader_gone
+            info = _message_info(peer, m)
+            try:
                 if args.json:
                     print(json.dumps(info), flush=True)
                 else:
                     _print_message(info)
+            except BrokenPipeError:  # `dna watch | head -1`: the hook's caller would log
+                reader_gone = True  # it and go on; stop instead, quietly (status 141)
+                stop.cancel()
 
         def network(text: str) -> None:  # outages and returns, on stderr (stdout: messages)
             # the reason may quote a node's error text: escaped like everything from others
             print(f"dna: {printable(text)}", file=sys.stderr, flush=True)
 
+        peer.on_message = show  # the mailbox and the direct path alike
         if direct_enabled():  # online: presence published, contacts may connect directly
-            peer.on_direct = show
             await peer.go_direct(ice_config(), listen=True)
         # A service manager stops it with SIGTERM: the same clean stop as Ctrl-C (presence
         # withdrawn, what is owed settled), not a kill that leaves "online" behind.
-        stop = asyncio.current_task()
-        assert stop is not None
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.cancel)
         if not args.json:
             print("watching for messages (Ctrl-C to stop)", flush=True)
         freeze_startup_heap()  # up for good: full collections skip what it set up
         with contextlib.suppress(asyncio.CancelledError):
-            await peer.watch(show, interval=args.interval, on_network=network)
+            await peer.watch(lambda report: None, interval=args.interval, on_network=network)
+        if reader_gone:
+            raise BrokenPipeError
 
     with contextlib.suppress(KeyboardInterrupt):
         _with_peer(args, work)
@@ -671,15 +721,16 @@ environment:
 
 The global options (--json, -v, --home, --bootstrap) go before or after the
 command. Errors are one line on stderr (a JSON object under --json), exit code 1;
-usage errors exit 2. docs/peer.md has the whole guide.
+usage errors exit 2 (under --json, so does a missing command). docs/peer.md has
+the whole guide.
 """
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with "did you mean" on a mistyped command, and usage errors as JSON under
-    --json."""
+    """argparse with "did you mean" on a mistyped command, and usage errors in one line
+    (a JSON object under --json)."""
 
-    json_errors = False
+    as_json = False  # --json anywhere on the command line (set before parsing)
 
     def error(self, message: str) -> NoReturn:
         if "invalid choice" in message:
@@ -688,17 +739,50 @@ class _Parser(argparse.ArgumentParser):
             close = difflib.get_close_matches(wrong, choices, n=1)
             if close:
                 message = f"{message}; did you mean '{close[0]}'?"
-        if _Parser.json_errors:
-            print(json.dumps({"error": message, "usage": self.format_usage().strip()}),
-                  file=sys.stderr)  # fmt: skip
-            sys.exit(2)
-        super().error(message)
+        _usage_error(self, message)
 
     def _choices(self) -> list[object]:
+        return list(self.commands())
+
+    def commands(self) -> dict[str, _Parser]:
+        """The commands (or actions) this parser takes, by name."""
         for action in self._actions:
             if isinstance(action, argparse._SubParsersAction):
-                return list(action.choices)
-        return []
+                return dict(action.choices)
+        return {}
+
+    def parse_command_line(self, argv: list[str]) -> argparse.Namespace:
+        """``parse_args``, but an argument no command takes is reported by the command it
+        was given to, with that command's help to read (`dna inbox --frobnicate`)."""
+        args, extra = self.parse_known_args(argv)
+        if extra:
+            parser = self
+            for name in (getattr(args, "command", None), getattr(args, "action", None)):
+                parser = parser.commands().get(name or "", parser)
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return args
+
+
+def _usage_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """A command line that cannot run: one line on stderr naming the help to read (under
+    --json, an object of ``kind`` UsageError with the usage), exit code 2."""
+    if _Parser.as_json:
+        print(json.dumps({"error": message, "kind": "UsageError",
+                          "usage": parser.format_usage().strip()}), file=sys.stderr)  # fmt: skip
+    else:  # the message may quote what was typed (a name with an ESC in it): escaped
+        print(f"dna: error: {printable(message)} (see `{parser.prog} --help`)", file=sys.stderr)
+    sys.exit(2)
+
+
+class _Version(argparse.Action):
+    """--version: a line, or {"version": ...} under --json."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
+        print(json.dumps({"version": __version__}) if _Parser.as_json else f"dna {__version__}")
+        parser.exit()
 
 
 def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
@@ -724,17 +808,36 @@ _GLOBALS = _Parser(add_help=False)
 _global_options(_GLOBALS, top=False)
 
 
-def _add(sub: Any, name: str, handler: Callable[[argparse.Namespace], None], text: str) -> Any:
+def _add(
+    sub: Any,
+    name: str,
+    handler: Callable[[argparse.Namespace], None],
+    text: str,
+    *,
+    network: bool = True,
+) -> Any:
+    """A command; ``network=False``: it needs only this device (never reads the network
+    settings, so it works with none, or broken ones, and the network down)."""
     cmd = sub.add_parser(name, help=text, description=text, parents=[_GLOBALS])
-    cmd.set_defaults(handler=handler)
+    cmd.set_defaults(handler=handler, network=network)
     return cmd
 
 
 def _group(sub: Any, name: str, text: str) -> Any:
-    """A command with actions (identity, contacts); alone, it prints its help."""
+    """A command with actions (identity, contacts); alone, it prints its help (under
+    --json, a usage error: a script gets JSON or nothing)."""
     group = sub.add_parser(name, help=text, description=text, parents=[_GLOBALS])
-    group.set_defaults(handler=lambda args: group.print_help())
+    group.set_defaults(handler=lambda args: _missing(group, "an action"))
     return group.add_subparsers(dest="action", metavar="ACTION", title="actions")
+
+
+def _missing(parser: _Parser, what: str) -> None:
+    """``dna`` or ``dna contacts`` alone: the help for a person, a usage error under --json."""
+    if not _Parser.as_json:
+        parser.print_help()
+        return
+    choices = ", ".join(c for c in parser._choices() if isinstance(c, str))
+    _usage_error(parser, f"`{parser.prog}` needs {what}: one of {choices}")
 
 
 def _positive(text: str) -> float:
@@ -760,11 +863,25 @@ def _device_name(text: str) -> str:
     return name
 
 
-def build_parser() -> argparse.ArgumentParser:
+REASON_MAX = 200  # the statement carries the new keys too: a record holds 8 KiB in all
+
+
+def _reason(text: str) -> str:
+    """A rotation's reason, which contacts may read: printable, and short enough that the
+    statement fits a record (checked before the network and before any key is made)."""
+    if len(text) > REASON_MAX or not text.isprintable():
+        shown = text if len(text) <= 40 else text[:40] + "…"
+        raise argparse.ArgumentTypeError(
+            f"a reason has at most {REASON_MAX} printable characters, not {shown!r} ({len(text)})"
+        )
+    return text
+
+
+def build_parser() -> _Parser:
     parser = _Parser(prog="dna", description="DNA Messenger v2: post-quantum, decentralized"
                      " messaging.", epilog=EXAMPLES,
                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--version", action="version", version=f"dna {__version__}")
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     _global_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
@@ -775,9 +892,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--name", help="a unique name others can find you by (proof of work)")
         cmd.add_argument("--display-name", help="shown to contacts (default: the name)")
     create.add_argument("--offline", action="store_true", help="do not publish yet")
-    _add(ident, "show", _show, "show the fingerprint (no passphrase needed)")
+    _add(ident, "show", _show, "show the fingerprint (no passphrase needed)", network=False)
     export = _add(ident, "export", _export, "print your public key set as text (or, with"
-                  " --private, write a backup of your locked key file)")  # fmt: skip
+                  " --private, write a backup of your locked key file)", network=False)  # fmt: skip
     export.add_argument(
         "--out",
         type=Path,
@@ -789,31 +906,35 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the key file, still locked with your passphrase: a backup",
     )
-    _add(ident, "import", _import, "start this device from a `identity export --private` backup"
-         ).add_argument("file", type=Path, help="the backup file")  # fmt: skip
+    _add(ident, "import", _import, "start this device from an `identity export --private` backup",
+         network=False).add_argument("file", type=Path, help="the backup file")  # fmt: skip
     link = _add(ident, "link", _link, "link a new device: without CODE print one, with it use it")
     link.add_argument("code", nargs="?", help="the code shown on your existing device")
     link.add_argument("--device-name", type=_device_name, default="new device",
                       help="name of the new device (1-64 printable characters)")  # fmt: skip
     rotate = _add(ident, "rotate", _rotate, "move to a new key set (contacts and your other"
                   " devices follow; the old mailbox is read for 30 more days)")  # fmt: skip
-    rotate.add_argument("--reason", default="", help="said in the rotation statement")
+    rotate.add_argument("--reason", type=_reason, default="", help="said in the rotation"
+                        f" statement (at most {REASON_MAX} printable characters)")  # fmt: skip
 
     contacts = _group(sub, "contacts", "your contacts")
     _add(contacts, "add", _contacts_add, "find someone by name or fingerprint and pin their key"
          ).add_argument("who", help="a name or a 64-hex fingerprint")  # fmt: skip
-    _add(contacts, "list", _contacts_list, "list contacts")
+    listing = _add(contacts, "list", _contacts_list, "list contacts (this device alone, no"
+                   " network needed)", network=False)  # fmt: skip
+    listing.add_argument("--online", action="store_true", help="also look up who is online"
+                         " now (joins the network)")  # fmt: skip
     verify = _add(contacts, "verify", _contacts_verify, "show the safety number to compare")
     verify.add_argument("who", help="a contact's name or fingerprint")
     verify.add_argument("--confirm", action="store_true", help="it matched: mark verified")
     forget = _add(contacts, "forget", _contacts_forget, "unpin a contact's key (history stays;"
-                  " no network needed)")  # fmt: skip
+                  " no network needed)", network=False)  # fmt: skip
     forget.add_argument("who", help="a contact's name or fingerprint")
 
     send = _add(sub, "send", _send, "send a message (from the arguments, stdin or a file)")
     send.add_argument("to", help="a contact's name or fingerprint")
-    send.add_argument("text", nargs="*", help="the message; `-` (or nothing, with stdin not a"
-                      " terminal) reads it from stdin")  # fmt: skip
+    send.add_argument("text", nargs="*", default=[], help="the message; `-` (or nothing,"
+                      " with stdin not a terminal) reads it from stdin")  # fmt: skip
     send.add_argument("--file", type=Path, help="read the message from FILE (UTF-8 text)")
     inbox = _add(sub, "inbox", _inbox, "sync and show conversations, or one conversation")
     inbox.add_argument("contact", nargs="?", help="show this contact's conversation")
@@ -826,17 +947,25 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--interval", type=_positive, default=1.0,
                        help="seconds between syncs when nothing is pushed (default 1)")  # fmt: skip
     _add(sub, "sync", _sync, "fetch your mailbox now")
-    _add(sub, "search", _search, "search your messages (offline)").add_argument(
+    _add(sub, "search", _search, "search your messages (offline)", network=False).add_argument(
         "words", nargs="+", help="words to find (full-text, any case)"
     )
-    _add(sub, "demo", _demo, "run the in-process crypto demonstration")
+    _add(sub, "demo", _demo, "run the in-process crypto demonstration", network=False)
     return parser
 
 
 def _settle(args: argparse.Namespace) -> None:
-    """Arguments and environment read and checked before any command runs."""
+    """Arguments and environment read and checked before any command runs; the network
+    settings only for a command that joins the network."""
     args.profile = _profile(args.home)
-    args.seeds = parse_seeds(args.bootstrap) if args.bootstrap is not None else default_seeds()
+    if _joins_network(args):
+        args.seeds = parse_seeds(args.bootstrap) if args.bootstrap is not None else default_seeds()
+
+
+def _joins_network(args: argparse.Namespace) -> bool:
+    if getattr(args, "offline", False):  # inbox --offline, identity create --offline
+        return False
+    return bool(getattr(args, "network", False) or getattr(args, "online", False))
 
 
 def _profile(home: str | None) -> Profile:
@@ -852,6 +981,14 @@ def _profile(home: str | None) -> Profile:
     return profile
 
 
+def _os_error(exc: OSError) -> str:
+    """``PATH: No such file or directory``, as Unix tools say it, rather than Python's
+    ``[Errno 2] No such file or directory: 'PATH'``."""
+    if exc.filename is None or not exc.strerror:
+        return str(exc)
+    return f"{exc.filename}: {exc.strerror}"
+
+
 def _fail(args: argparse.Namespace | None, message: str, kind: str = "DnaError") -> NoReturn:
     """The one way out on failure: a line on stderr (under --json, an object whose ``kind``
     is the error's class, e.g. UnknownContactError), exit code 1."""
@@ -865,23 +1002,20 @@ def _fail(args: argparse.Namespace | None, message: str, kind: str = "DnaError")
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    _Parser.json_errors = "--json" in argv
+    _Parser.as_json = "--json" in argv
     with quiet_broken_pipe():
-        if not argv:
-            parser.print_help()
-            return
-        args = parser.parse_args(argv)
+        args = parser.parse_command_line(argv)
         _log_to_stderr(args.verbose)
-        _run(parser, args)
+        if "handler" not in args:  # no command
+            _missing(parser, "a command")
+            return
+        _run(args)
 
 
-def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _run(args: argparse.Namespace) -> None:
     """The one error handler: every failure is one line (JSON under --json), exit code 1."""
     try:
         _settle(args)
-        if "handler" not in args:
-            parser.print_help()
-            return
         args.handler(args)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -889,7 +1023,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         _fail(args, "no answer (end of input): nothing was changed")
     except BrokenPipeError:
         raise  # quiet_broken_pipe's
-    except (DnaError, OSError) as exc:
+    except OSError as exc:
+        _fail(args, _os_error(exc), type(exc).__name__)
+    except DnaError as exc:
         _fail(args, str(exc), type(exc).__name__)
     except Exception as exc:  # a defect: still one line, the traceback with -v
         if args.verbose:

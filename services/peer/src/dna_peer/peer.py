@@ -1080,11 +1080,16 @@ async def open_peer(
     *,
     pow_bits: int = 12,
     sessions: bool = True,
+    check: Callable[[Cache], object] | None = None,
 ) -> Peer:
-    """Unlock the profile's identity and cache and join the overlay."""
+    """Unlock the profile's identity and cache, run ``check`` on the cache (what can be
+    refused from this device's data alone, such as an unknown contact, is refused before
+    any wait for the network), and join the overlay."""
     identity = profile.unlock(passphrase)
     cache = profile.open_cache(identity)
     try:
+        if check is not None:
+            check(cache)
         node = await join_overlay(seeds)
     except BaseException:
         cache.close()
