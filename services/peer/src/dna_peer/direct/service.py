@@ -30,6 +30,7 @@ from dna_peer.presence import (
     MAX_SEALED_CONTACTS,
     REFRESH_MS,
     Reach,
+    fit_reach,
     lookup_presence,
     presence_key,
     presence_record,
@@ -110,8 +111,15 @@ class DirectService:
         return await self._put(reach)
 
     async def _put(self, reach: Reach | None) -> int:
-        record = presence_record(self.owner.identity, self._sealed_to(), reach,
-                                 now_ms=now_ms(), proof=self._proof_of_work())  # fmt: skip
+        contacts, proof = self._sealed_to(), self._proof_of_work()
+        if reach is not None:
+            fitted = fit_reach(reach, len(contacts), proof)
+            if fitted != reach:
+                log.info("presence: %d of %d candidates fit the record", len(fitted.candidates),
+                         len(reach.candidates))  # fmt: skip
+            reach = fitted
+        record = presence_record(self.owner.identity, contacts, reach, now_ms=now_ms(),
+                                 proof=proof)  # fmt: skip
         return await self.owner.node.put_record(
             record, presence_key(self.owner.identity.fingerprint)
         )
