@@ -51,6 +51,7 @@ BOOT, STORAGE, STUN = (
     "198.51.100.9",
 )
 SEEDS = f"{BOOT}:{UDP_PORT}"
+PREFIX6 = "2001:db8:100::"  # the bridge's IPv6 network (/64): public peers are dual-stack
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ class Site:
     name: str  # the peer's namespace
     nat: str | None  # None, "cone" or "symmetric"
     index: int
+    # Public peers only: its IPv4 address reaches the testnet's addresses alone (no IPv4
+    # route to any other peer), so between two such peers only IPv6 goes.
+    ipv6_only_between_peers: bool = False
 
     @property
     def router(self) -> str:
@@ -69,6 +73,10 @@ class Site:
     def public_ip(self) -> str:
         return f"198.51.100.{(20 if self.nat is None else 30) + self.index}"
 
+    @property
+    def public_ip6(self) -> str:
+        return f"{PREFIX6}{(20 if self.nat is None else 30) + self.index}"
+
 
 SITES = {
     "pub1": Site("n-pub1", None, 1),
@@ -77,6 +85,8 @@ SITES = {
     "cone2": Site("n-cone2", "cone", 4),
     "sym1": Site("n-sym1", "symmetric", 5),
     "sym2": Site("n-sym2", "symmetric", 6),
+    "v6a": Site("n-v6a", None, 7, ipv6_only_between_peers=True),
+    "v6b": Site("n-v6b", None, 8, ipv6_only_between_peers=True),
 }
 # Every UDP datagram but the overlay's own (a peer must reach the network to be a peer):
 # no STUN, no TURN, no packet between the peers. (One rule with both ports negated
@@ -123,7 +133,14 @@ def _build_site(site: Site) -> None:
     _up(site.name, "lo")
     short = site.name[2:]
     if site.nat is None:
-        _on_bridge(site.name, f"n-{short}", f"{site.public_ip}/24")
+        link = f"n-{short}"
+        mask = 32 if site.ipv6_only_between_peers else 24
+        _on_bridge(site.name, link, f"{site.public_ip}/{mask}")
+        # nodad: usable at once (duplicate detection would hold it "tentative" ~1 s)
+        sh("ip", "-6", "addr", "add", f"{site.public_ip6}/64", "dev", link, "nodad", ns=site.name)
+        if site.ipv6_only_between_peers:
+            for ip in [BOOT, *STORAGE, STUN, HERE]:
+                sh("ip", "route", "add", f"{ip}/32", "dev", link, ns=site.name)
         return
     sh("ip", "netns", "add", site.router)
     _up(site.router, "lo")
@@ -166,6 +183,7 @@ def nat_net() -> Iterator[dict[str, Site]]:
         _up(PUBLIC_NS, "lo")
         sh("ip", "link", "add", BRIDGE, "type", "bridge", ns=PUBLIC_NS)
         _up(PUBLIC_NS, BRIDGE, f"{HUB}/24")
+        sh("ip", "-6", "addr", "add", f"{PREFIX6}1/64", "dev", BRIDGE, "nodad", ns=PUBLIC_NS)
         for ip in [BOOT, *STORAGE, STUN]:
             sh("ip", "addr", "add", f"{ip}/24", "dev", BRIDGE, ns=PUBLIC_NS)
         _on_bridge(None, HERE_LINK, f"{HERE}/24")
@@ -243,10 +261,15 @@ class Cell:
     path: str  # "direct" or "stored"
     routes: tuple[str, ...] = ()  # candidate pairs (alice's side -> bob's) that are right
     block_udp: bool = False
+    route_ip: str = "IPv4"  # the IP version of the pair, for the direct path
 
 
 CELLS = {
-    "public-public": Cell("pub1", "pub2", "direct", ("host->host",)),
+    # Both dual-stack: IPv6 is checked first (RFC 8421) and wins.
+    "public-public": Cell("pub1", "pub2", "direct", ("host->host",), route_ip="IPv6"),
+    # No IPv4 route between them: their IPv4 host pair fails, the IPv6 one connects.
+    "ipv6-only": Cell("v6a", "v6b", "direct", ("host->host",), route_ip="IPv6"),
+    # Alice has IPv4 only (behind her NAT), bob both: IPv4.
     "cone-public": Cell("cone1", "pub1", "direct", ("host->host",)),
     "cone-cone": Cell("cone1", "cone2", "direct", ("host->srflx", "host->prflx")),
     "symmetric-symmetric": Cell(
@@ -293,10 +316,11 @@ def test_one_message_exactly_once_on_the_expected_path(
         )  # fmt: skip
         try:
             sent = _send_when_online(cell, people, watcher)
-            print(f"{name}: {sent['path']} {sent.get('route', '')}")  # shown with -s
+            print(f"{name}: {sent['path']} {sent.get('route', '')} {sent.get('route_ip', '')}")
             assert sent["path"] == cell.path, sent
             if cell.path == "direct":
                 assert sent["replicas"] == 0 and sent["route"] in cell.routes, sent
+                assert sent["route_ip"] == cell.route_ip, sent
             assert watcher.stdout is not None
             out, seen = lines(watcher.stdout), list[str]()
             wait_for(out, sent["message_id"], 20, seen)

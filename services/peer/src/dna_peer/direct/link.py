@@ -375,6 +375,13 @@ class DirectLink:
         pair = getattr(self.agent, "_nominated", {}).get(1)  # aioice keeps the pair private
         return f"{pair.local_candidate.type}->{pair.remote_candidate.type}" if pair else "none"
 
+    def route_ip(self) -> str:
+        """The IP version of the selected pair's addresses ("IPv4", "IPv6"), "none" without."""
+        pair = getattr(self.agent, "_nominated", {}).get(1)
+        if pair is None:
+            return "none"
+        return f"IPv{ipaddress.ip_address(pair.remote_candidate.host).version}"
+
     @classmethod
     async def open(
         cls, agent: aioice.Connection, identity: Identity, peer: PublicKeySet,

@@ -203,6 +203,11 @@ class DirectService:
         link = self.links.get(fingerprint)
         return link.route() if link is not None else None
 
+    def route_ip_to(self, fingerprint: bytes) -> str | None:
+        """The IP version of that pair ("IPv4", "IPv6"), None without a link."""
+        link = self.links.get(fingerprint)
+        return link.route_ip() if link is not None else None
+
     async def send(self, contact: Contact, message_id: bytes, envelope: bytes) -> bool:
         """Deliver ``envelope`` over the direct path within the deadline: True once the
         contact's device acknowledged it (stored), False if there is no path now."""
