@@ -21,11 +21,11 @@ from turn_client import Client, error_code, is_success
 PEER = LOOPBACK.one()  # not the server's address
 
 
-def _config(host: str) -> StunServiceConfig:
+def _config(host: str, **server: str) -> StunServiceConfig:
     return StunServiceConfig.model_validate(
         {
             "log_level": "warning",
-            "server": {"host": host, "udp_port": 0},
+            "server": {"host": host, "udp_port": 0, **server},
             "auth": {"realm": "test", "users": ["u:p"]},
             "relay": {"allowed_peers": ["127.0.0.0/8"]},
             "ops": {"http_host": "127.0.0.1", "http_port": 0},
@@ -100,6 +100,43 @@ async def _ipv6_binding(server: StunServer) -> None:
         [answer] = [parse(data) for data in await _answers(client, 1)]
         value = answer.get(attr.XOR_MAPPED_ADDRESS) or b""
         assert attr.decode_xor_address(value, tid) == client.getsockname()[:2]
+
+
+def test_a_dual_stack_socket_answers_each_client_in_its_own_family() -> None:
+    """``host = "::"``: one socket for both families. An IPv4 client arrives as an
+    IPv4-mapped address; it must be answered at, and told, its IPv4 address (family 0x01),
+    and an allocation it makes relays over IPv4 (RFC 8656: IPv4 unless asked)."""
+
+    async def main() -> None:
+        server = StunServer(_config("::", relay_host="127.0.0.1", relay_host_ipv6="::1"))
+        await server.start()
+        try:
+            await _both_families(server)
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+
+
+async def _both_families(server: StunServer) -> None:
+    assert server.udp_addr is not None
+    port = server.udp_addr[1]
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        with _client(family, host) as client:
+            tid = os.urandom(12)
+            client.sendto(_binding(tid), (host, port))
+            [answer] = [parse(data) for data in await _answers(client, 1)]
+            value = answer.get(attr.XOR_MAPPED_ADDRESS) or b""
+            assert value[1] == (attr.FAMILY_IPV4 if family == socket.AF_INET else attr.FAMILY_IPV6)
+            assert attr.decode_xor_address(value, tid) == client.getsockname()[:2]
+    with _client(socket.AF_INET, "127.0.0.1") as client:
+        turn = Client("u", "p")
+        for _ in range(2):  # the 401 challenge, then the signed request
+            client.sendto(turn.request(Method.ALLOCATE, turn.allocate_attrs()), ("127.0.0.1", port))
+            response = turn.learn((await _answers(client, 1))[0])
+        assert is_success(response, Method.ALLOCATE), error_code(response)
+        relayed = response.get(attr.XOR_RELAYED_ADDRESS) or b""
+        assert attr.decode_xor_address(relayed, response.transaction_id)[0] == "127.0.0.1"
 
 
 def test_a_bug_costs_the_datagram_that_raised_not_its_batch() -> None:
