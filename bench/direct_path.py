@@ -9,11 +9,14 @@ handshake, ACK), then direct send -> stored in the recipient's cache -> ACK over
 link, against store-and-forward put -> the recipient's next sync (the baseline).
 ``--firsts N`` times N first messages (each a fresh dial to the listener the recipient
 published after the previous call); ``--ipv6`` gives the veth an IPv6 address as well
-(fd77:9::1/64): a dual-stack pair, twice the ICE pairs."""
+(fd77:9::1/64): a dual-stack pair, twice the ICE pairs. ``--ice-only N`` (no testnet;
+implies ``--ipv6``) times N ICE connections alone, a caller's gather and checks against
+a published listener, IPv4 host candidates only against both families, interleaved."""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import subprocess
 import sys
 import time
@@ -21,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from dna_peer.direct.link import IceConfig
+from dna_peer.direct.link import IceConfig, Listener, answer, dial
 from dna_peer.peer import DIRECT, Peer
 from dna_testnet.harness import LOOPBACK
 from dna_testnet.network import Testnet
@@ -110,13 +113,61 @@ async def first_messages(alice: Peer, bob: Peer, count: int) -> tuple[list[float
     return sorted(samples), routes
 
 
+class _IPv4Only(IceConfig):
+    def host_addresses(self) -> list[str]:
+        return [a for a in super().host_addresses() if ":" not in a]
+
+
+async def ice_connect_ms(config: IceConfig) -> tuple[float, str]:
+    """One caller's gather and ICE against a fresh listener: (ms, the pair's IP version)."""
+    called = asyncio.Event()
+    listener = Listener(config, lambda _: called.set())
+    await listener.gather()
+    started = time.perf_counter()
+    agent = listener.agent
+    caller = asyncio.ensure_future(
+        dial(config, agent.local_username, agent.local_password, listener.caller_ufrag,
+             listener.caller_pwd, listener.candidates(), timeout=4)
+    )  # fmt: skip
+    await called.wait()
+    answering = asyncio.ensure_future(answer(agent, timeout=4))
+    connected = await caller
+    elapsed = (time.perf_counter() - started) * 1000
+    await answering
+    pair = connected._nominated[1]  # aioice keeps the selected pair private
+    version = f"IPv{ipaddress.ip_address(pair.remote_candidate.host).version}"
+    await connected.close()
+    await listener.close()
+    return elapsed, version
+
+
+async def ice_only(n: int) -> None:
+    samples: dict[str, list[float]] = {"ipv4_only": [], "dual_stack": []}
+    versions: dict[str, set[str]] = {"ipv4_only": set(), "dual_stack": set()}
+    for _ in range(n):
+        for name, config in (("ipv4_only", _IPv4Only()), ("dual_stack", IceConfig())):
+            ms, version = await ice_connect_ms(config)
+            samples[name].append(ms)
+            versions[name].add(version)
+    for name, values in samples.items():
+        values.sort()
+        detail({"ice_connect_ms": name, "n": n, "p50": round(percentile(values, 0.5), 2),
+                "p90": round(percentile(values, 0.9), 2),
+                "route_ip": sorted(versions[name])})  # fmt: skip
+
+
 async def bench() -> int:
     parser = arg_parser(__doc__ or "")
     parser.add_argument("--firsts", type=int, default=1, help="first messages timed")
     parser.add_argument("--ipv6", action="store_true", help="a dual-stack pair")
+    parser.add_argument("--ice-only", type=int, default=0, help="ICE connections timed alone")
     args = parser.parse_args()
     n = n_from(args, default=50, quick=5)
     print_machine()
+    if args.ice_only:
+        with veth(ipv6=True):
+            await ice_only(args.ice_only)
+        return 0
     with scratch_dir("direct") as root, veth(args.ipv6):
         net = Testnet(root / "net", addresses=LOOPBACK.take(9))
         try:
