@@ -33,6 +33,11 @@ class ServerSection(ConfigModel):
     such as 0.0.0.0 needs `relay_host`)."""
     udp_port: Port = 3478
     """The STUN/TURN port (3478 is STUN's)."""
+    host_ipv6: str = ""
+    """An IPv6 address to listen on as well (the same `udp_port`) when `host` is IPv4: one
+    socket per address answers from the address a client used. (A wildcard `::` serves
+    both families on one socket, but the kernel picks the source of each answer: right
+    only on a host with one address per family.)"""
     relay_host: str = ""
     """The address relay sockets bind to and clients are told; unset: `host`."""
     relay_host_ipv6: str = ""
@@ -45,7 +50,7 @@ class ServerSection(ConfigModel):
     relay_port_max: Port = 65535
     """Highest relay port."""
 
-    @field_validator("host", "relay_host", "relay_host_ipv6")
+    @field_validator("host", "host_ipv6", "relay_host", "relay_host_ipv6")
     @classmethod
     def _is_ip(cls, value: str) -> str:
         if value:
@@ -59,6 +64,12 @@ class ServerSection(ConfigModel):
         # Clients are told the relay address: a wildcard would tell them nothing.
         if ipaddress.ip_address(self.relay_ip()).is_unspecified:
             raise ValueError("relay_host must be an address clients reach (host is a wildcard)")
+        if self.host_ipv6:
+            listen6 = ipaddress.ip_address(self.host_ipv6)
+            if listen6.version != 6 or listen6.is_unspecified:
+                raise ValueError("host_ipv6 must be an IPv6 address clients reach")
+            if ipaddress.ip_address(self.host).version == 6:
+                raise ValueError("host_ipv6 is set: host must be IPv4")
         if self.relay_host_ipv6:
             ip6 = ipaddress.ip_address(self.relay_host_ipv6)
             if ip6.version != 6 or ip6.is_unspecified:

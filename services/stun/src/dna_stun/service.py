@@ -198,10 +198,12 @@ class StunServer:
         self.ready = False
         self._stopping = False
         self._sock: socket.socket | None = None
+        self._sock6: socket.socket | None = None  # [server] host_ipv6: IPv6 clients
         self._relays: RelaySockets | None = None
         self._ops: OpsServer | None = None
         self._upkeep: asyncio.Task[None] | None = None
         self.udp_addr: Addr | None = None
+        self.udp_addr6: Addr | None = None
 
     @property
     def http_port(self) -> int:
@@ -209,10 +211,8 @@ class StunServer:
 
     def _make_core(self, loop: asyncio.AbstractEventLoop) -> TurnCore:
         cfg = self.config
-        relay_ips, ports = (
-            cfg.server.relay_ips(),
-            (cfg.server.relay_port_min, cfg.server.relay_port_max),
-        )
+        relay_ips = cfg.server.relay_ips()
+        ports = (cfg.server.relay_port_min, cfg.server.relay_port_max)
         self._relays = RelaySockets(relay_ips, ports, loop, self._from_peers)
         policy = RelayPolicy(
             denied=cfg.relay.denied(),
@@ -220,6 +220,8 @@ class StunServer:
             relay_ports=(cfg.server.relay_port_min, cfg.server.relay_port_max),
         )
         policy.add_own_endpoint((cfg.server.host, cfg.server.udp_port))
+        if cfg.server.host_ipv6:
+            policy.add_own_endpoint((cfg.server.host_ipv6, cfg.server.udp_port))
         policy.own_ips.update(str(ipaddress.ip_address(ip)) for ip in relay_ips.values())
         return TurnCore(
             credentials=Credentials(cfg.auth.realm, cfg.auth.user_passwords(), cfg.auth.secrets()),
@@ -244,15 +246,11 @@ class StunServer:
             self.log.warning(warning)
         self.core = self._make_core(loop)
         try:
-            try:
-                self._sock = _udp_socket(cfg.server.host, cfg.server.udp_port)
-            except OSError as exc:
-                where = f"UDP {cfg.server.host}:{cfg.server.udp_port}"
-                raise OSError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+            self._sock = self._listen(cfg.server.host, cfg.server.udp_port)
             self.udp_addr = self._sock.getsockname()[:2]
-            if cfg.server.udp_port == 0:  # a test's ephemeral port: refuse relaying to it too
-                self.core.policy.add_own_endpoint(self.udp_addr)
-            loop.add_reader(self._sock.fileno(), self._readable)
+            if cfg.server.host_ipv6:  # the same port, unless a test's ephemeral one
+                self._sock6 = self._listen(cfg.server.host_ipv6, cfg.server.udp_port)
+                self.udp_addr6 = self._sock6.getsockname()[:2]
             self._ops = OpsServer(self._ops_app(), log=self.log, limits=HttpLimits())
             try:
                 await self._ops.start(cfg.ops.http_host, cfg.ops.http_port)
@@ -266,11 +264,23 @@ class StunServer:
         self.ready = True
         self.log.info("started", extra={"status": self.status()})
 
+    def _listen(self, host: str, port: int) -> socket.socket:
+        """A listening socket, read from now on; raises naming the address."""
+        assert self.core is not None
+        try:
+            sock = _udp_socket(host, port)
+        except OSError as exc:
+            raise OSError(f"cannot listen on UDP {host}:{port}: {exc.strerror or exc}") from None
+        if port == 0:  # a test's ephemeral port: refuse relaying to it too
+            self.core.policy.add_own_endpoint(sock.getsockname()[:2])
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, sock)
+        return sock
+
     # --- datagrams ---------------------------------------------------------------------------
 
-    def _readable(self) -> None:
-        assert self._sock is not None and self.core is not None
-        batch = _drain(self._sock)
+    def _readable(self, sock: socket.socket) -> None:
+        assert self.core is not None
+        batch = _drain(sock)
         if batch:
             self._relay(self.core.on_client_datagrams, batch)
 
@@ -291,6 +301,7 @@ class StunServer:
             out = self._one_by_one(handle, batch)
         sock, relays = self._sock, self._relays
         assert sock is not None and relays is not None
+        sock6 = self._sock6 or sock  # IPv6 clients: [server] host_ipv6's socket, if any
         sockets, dual = relays.sockets, sock.family == socket.AF_INET6
         for via, data, to in out:
             # A full buffer or an unreachable peer: UDP may drop, so do we. (Not
@@ -298,7 +309,9 @@ class StunServer:
             try:
                 if via is not None:
                     sockets[via].sendto(data, to)
-                elif dual and ":" not in to[0]:  # an IPv4 client of a dual-stack socket
+                elif ":" in to[0]:
+                    sock6.sendto(data, to)
+                elif dual:  # an IPv4 client of a dual-stack ("::") socket
                     sock.sendto(data, ("::ffff:" + to[0], to[1]))
                 else:
                     sock.sendto(data, to)
@@ -361,6 +374,8 @@ class StunServer:
         }
         if self.udp_addr is not None:
             info["udp"] = f"{self.udp_addr[0]}:{self.udp_addr[1]}"
+            if self.udp_addr6 is not None:
+                info["udp6"] = f"[{self.udp_addr6[0]}]:{self.udp_addr6[1]}"
             info["http"] = f"{self.config.ops.http_host}:{self.http_port}"
         if core is not None:
             info["allocations"] = len(core.by_client)
@@ -375,10 +390,11 @@ class StunServer:
             self.core.close_all()  # closes every relay socket through RelaySockets.close
         if self._relays is not None:
             self._relays.close_all()
-        if self._sock is not None:
-            with contextlib.suppress(ValueError, OSError):
-                loop.remove_reader(self._sock.fileno())
-            self._sock.close()
+        for sock in (self._sock, self._sock6):
+            if sock is not None:
+                with contextlib.suppress(ValueError, OSError):
+                    loop.remove_reader(sock.fileno())
+                sock.close()
         if self._ops is not None:
             await self._ops.stop()
 
