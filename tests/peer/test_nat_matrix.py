@@ -52,6 +52,7 @@ BOOT, STORAGE, STUN = (
 )
 SEEDS = f"{BOOT}:{UDP_PORT}"
 PREFIX6 = "2001:db8:100::"  # the bridge's IPv6 network (/64): public peers are dual-stack
+STUN6 = f"{PREFIX6}9"  # dna-stun listens on both families
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Site:
     # Public peers only: its IPv4 address reaches the testnet's addresses alone (no IPv4
     # route to any other peer), so between two such peers only IPv6 goes.
     ipv6_only_between_peers: bool = False
+    nat6: bool = False  # behind a NAT: its router masquerades IPv6 too (NAT66, a ULA LAN)
 
     @property
     def router(self) -> str:
@@ -87,6 +89,7 @@ SITES = {
     "sym2": Site("n-sym2", "symmetric", 6),
     "v6a": Site("n-v6a", None, 7, ipv6_only_between_peers=True),
     "v6b": Site("n-v6b", None, 8, ipv6_only_between_peers=True),
+    "cone66": Site("n-c66", "cone", 9, nat6=True),
 }
 # Every UDP datagram but the overlay's own (a peer must reach the network to be a peer):
 # no STUN, no TURN, no packet between the peers. (One rule with both ports negated
@@ -159,6 +162,27 @@ def _build_site(site: Site) -> None:
     # dropped before conntrack keeps it, so it cannot claim the mapping a hole punch
     # toward its sender is about to use.
     sh("iptables", "-A", "INPUT", "-i", wan, "-j", "DROP", ns=site.router)
+    if site.nat6:
+        _nat66(site, wan, lan, inside)
+
+
+def _nat66(site: Site, wan: str, lan: str, inside: str) -> None:
+    """The same router for IPv6: a ULA LAN masqueraded to its WAN address (NAT66, as some
+    home and mobile routers do), filtering like the IPv4 side."""
+    lan6 = f"fd00:88:{site.index}::"
+    for ns, link, cidr in (
+        (site.router, wan, f"{site.public_ip6}/64"),
+        (site.router, lan, f"{lan6}1/64"),
+        (site.name, inside, f"{lan6}2/64"),
+    ):
+        sh("ip", "-6", "addr", "add", cidr, "dev", link, "nodad", ns=ns)  # fmt: skip
+    sh("ip", "-6", "route", "add", "default", "via", f"{lan6}1", ns=site.name)
+    sh("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", ns=site.router)
+    sh("ip6tables", "-t", "nat", "-A", "POSTROUTING", "-o", wan, "-j", "MASQUERADE", ns=site.router)
+    for ndp in ("neighbour-solicitation", "neighbour-advertisement"):  # IPv6's ARP
+        sh("ip6tables", "-A", "INPUT", "-i", wan, "-p", "ipv6-icmp", "--icmpv6-type", ndp,
+           "-j", "ACCEPT", ns=site.router)  # fmt: skip
+    sh("ip6tables", "-A", "INPUT", "-i", wan, "-j", "DROP", ns=site.router)
 
 
 def _namespaces() -> list[str]:
@@ -186,6 +210,7 @@ def nat_net() -> Iterator[dict[str, Site]]:
         sh("ip", "-6", "addr", "add", f"{PREFIX6}1/64", "dev", BRIDGE, "nodad", ns=PUBLIC_NS)
         for ip in [BOOT, *STORAGE, STUN]:
             sh("ip", "addr", "add", f"{ip}/24", "dev", BRIDGE, ns=PUBLIC_NS)
+        sh("ip", "-6", "addr", "add", f"{STUN6}/64", "dev", BRIDGE, "nodad", ns=PUBLIC_NS)
         _on_bridge(None, HERE_LINK, f"{HERE}/24")
         for site in SITES.values():
             _build_site(site)
@@ -199,7 +224,11 @@ class PublicNode(LocalNode):
 
     def write_config(self) -> None:
         if self.role == "stun":  # peers and relays are on the "internet" (a test network)
-            text = stun_toml(self.ip, http_host=self.ip, allowed_peers=["198.51.100.0/24"])
+            # Both families, a socket each (the bridge holds many addresses: a wildcard
+            # socket would answer from whichever the kernel picks); relays of either.
+            extra = f'host_ipv6 = "{STUN6}"\nrelay_host_ipv6 = "{STUN6}"\n'
+            text = stun_toml(self.ip, http_host=self.ip, server_toml=extra,
+                             allowed_peers=["198.51.100.0/24", f"{PREFIX6}/64"])  # fmt: skip
             self.config_path.write_text(text)
             return
         super().write_config()
@@ -240,7 +269,8 @@ def public_testnet(
 def ice_env() -> dict[str, str]:
     """Our dna-stun for STUN and TURN, with a time-limited username (use-auth-secret)."""
     user = f"{int(time.time()) + 3600}:nat-matrix"
-    return {"DNA_STUN": f"{STUN}:{STUN_PORT}", "DNA_TURN": f"{STUN}:{STUN_PORT}",
+    return {"DNA_STUN": f"{STUN}:{STUN_PORT},[{STUN6}]:{STUN_PORT}",
+            "DNA_TURN": f"{STUN}:{STUN_PORT}",
             "DNA_TURN_USER": user,
             "DNA_TURN_PASSWORD": auth_secret_password(TESTNET_TURN_SECRET, user)}  # fmt: skip
 
@@ -262,6 +292,7 @@ class Cell:
     routes: tuple[str, ...] = ()  # candidate pairs (alice's side -> bob's) that are right
     block_udp: bool = False
     route_ip: str = "IPv4"  # the IP version of the pair, for the direct path
+    bob_srflx6: bool = False  # bob must publish an IPv6 server-reflexive candidate
 
 
 CELLS = {
@@ -269,6 +300,11 @@ CELLS = {
     "public-public": Cell("pub1", "pub2", "direct", ("host->host",), route_ip="IPv6"),
     # No IPv4 route between them: their IPv4 host pair fails, the IPv6 one connects.
     "ipv6-only": Cell("v6a", "v6b", "direct", ("host->host",), route_ip="IPv6"),
+    # Bob behind NAT66 (and NAT44): his IPv6 reflexive address comes from dna-stun over
+    # IPv6; alice, with no IPv4 route to his router, reaches him through it.
+    "ipv6-nat66": Cell(
+        "v6a", "cone66", "direct", ("host->srflx", "host->prflx"), route_ip="IPv6", bob_srflx6=True
+    ),
     # Alice has IPv4 only (behind her NAT), bob both: IPv4.
     "cone-public": Cell("cone1", "pub1", "direct", ("host->host",)),
     "cone-cone": Cell("cone1", "cone2", "direct", ("host->srflx", "host->prflx")),
@@ -347,19 +383,23 @@ def _send_when_online(cell: Cell, people: People, watcher: subprocess.Popen[str]
     """`dna send` from alice's site once bob's presence record is up (looked up from here,
     in-process: a CLI start-up per poll would cost seconds)."""
     deadline = time.monotonic() + 30
-    while not asyncio.run(_bob_online(people)):
+    while not (candidates := asyncio.run(_bob_online(people))):
         assert watcher.poll() is None, watcher.stderr.read() if watcher.stderr else ""
         assert time.monotonic() < deadline, "bob never showed up online"
         time.sleep(0.3)
+    if cell.bob_srflx6:
+        reflexive6 = [c for c in candidates if c.split()[7] == "srflx" and ":" in c.split()[4]]
+        assert reflexive6, candidates
     return _cli(SITES[cell.alice], people.profile("alice").home, "send", people.name("bob"),
                 f"hello through {cell}")  # fmt: skip
 
 
-async def _bob_online(people: People) -> bool:
+async def _bob_online(people: People) -> tuple[str, ...]:
+    """Bob's published candidates (empty: not online yet)."""
     alice = await people.open("alice")
     try:
         presence = await alice.presence_of(alice.find_contact(people.name("bob")))
-        return presence is not None and presence.reach is not None
+        return () if presence is None or presence.reach is None else presence.reach.candidates
     finally:
         await alice.close()
 

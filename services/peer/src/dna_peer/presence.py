@@ -97,8 +97,8 @@ def fit_reach(reach: Reach, contacts: int, proof: common_pb2.ProofOfWork) -> Rea
     """``reach`` with as many of its candidates as fit one record sealed to ``contacts``
     contacts, dropped from the end (the caller lists them most useful first: a device
     with many addresses still publishes, with its best ones). With 6 contacts about
-    1,100 bytes of reach fit: ~5 IPv4 and 5 IPv6 host candidates, a reflexive and a
-    relayed one. Raises MalformedError if not even one candidate fits."""
+    1,100 bytes of reach fit: some 14 candidates. Raises MalformedError if not even one
+    candidate fits."""
     fitted = reach
     while _payload_size(fitted, contacts, proof) > MAX_RECORD_PAYLOAD or (
         len(fitted.encode()) > MAX_REACH_BYTES
