@@ -7,20 +7,24 @@ from __future__ import annotations
 import ipaddress
 
 import aioice
+import pytest
 from aioice.candidate import candidate_priority
 from dna_core.crypto import Identity
+from dna_core.errors import DnaError
 from dna_core.overlay import identity_proof
 from dna_peer.direct.candidates import (
     IFA_F_DEPRECATED,
     IFA_F_TEMPORARY,
     IFA_F_TENTATIVE,
     Inet6Entry,
+    IPAddress,
     interleaved,
     local_preferences,
     parse_if_inet6,
     select_host_addresses,
 )
 from dna_peer.direct.link import _rank_hosts, publish_order
+from dna_peer.network import ice_config
 from dna_peer.presence import Reach, fit_reach, presence_record, read_presence
 
 NOW = 1_800_000_000_000
@@ -36,7 +40,7 @@ def test_only_addresses_another_host_can_reach_are_gathered() -> None:
 
 def test_kernel_flags_and_privacy_addresses() -> None:
     ip = ipaddress.IPv6Address
-    table = {
+    table: dict[IPAddress, Inet6Entry] = {
         ip("2001:db8:1::aa"): Inet6Entry("eth0", 64, 0),  # stable, beside a temporary one
         ip("2001:db8:1::bb"): Inet6Entry("eth0", 64, IFA_F_TEMPORARY),
         ip("2001:db8:2::aa"): Inet6Entry("eth0", 64, 0),  # stable, no temporary in its prefix
@@ -104,3 +108,14 @@ def test_a_multihomed_device_publishes_its_best_candidates(alice: Identity, bob:
     assert read_presence(raw, alice.public, bob, now_ms=NOW).reach == fitted
     small = Reach(b"d" * 16, "ufra", "p" * 22, "call", "q" * 22, tuple(ordered[:4]))
     assert fit_reach(small, len(contacts), proof) == small  # what fits is left alone
+
+
+def test_dna_stun_may_name_the_servers_ipv6_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DNA_STUN", "198.51.100.9:3478,[2001:db8::9]:3479")
+    config = ice_config()
+    assert config.stun == ("198.51.100.9", 3478) and config.stun6 == ("2001:db8::9", 3479)
+    monkeypatch.setenv("DNA_STUN", "stun.example.org:3478")  # a name: its AAAA, at gathering
+    assert ice_config().stun == ("stun.example.org", 3478) and ice_config().stun6 is None
+    monkeypatch.setenv("DNA_TURN", "198.51.100.9:3478,[2001:db8::9]:3478")
+    with pytest.raises(DnaError, match="one TURN server"):
+        ice_config()
