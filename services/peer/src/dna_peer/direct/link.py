@@ -90,12 +90,18 @@ class IceConfig:
             chosen = [a for a in chosen if any(ipaddress.ip_address(a) in n for n in nets)]
         return chosen
 
-    async def gather(self, agent: aioice.Connection, *, reflexive6: bool = False) -> None:
-        """Gather ``agent``'s candidates on `host_addresses` (aioice's `gather_candidates`
-        with our address choice: its own takes every interface address), host candidates
-        ranked IPv6 first (RFC 8421). ``reflexive6``: also ask the STUN server over IPv6
-        (the listener; a caller does not wait for it)."""
-        addresses = [] if self.relay_only else self.host_addresses()
+    async def gather(
+        self, agent: aioice.Connection, *, reflexive6: bool = False,
+        addresses: list[str] | None = None,
+    ) -> None:  # fmt: skip
+        """Gather ``agent``'s candidates on ``addresses`` (default `host_addresses`; aioice's
+        `gather_candidates` with our address choice: its own takes every interface
+        address), host candidates ranked IPv6 first (RFC 8421). ``reflexive6``: also ask
+        the STUN server over IPv6 (the listener; a caller does not wait for it)."""
+        if addresses is None:
+            addresses = self.host_addresses()
+        if self.relay_only:
+            addresses = []
         agent._local_candidates_start = True  # aioice's gathering state, kept as it keeps it
         for component in sorted(agent._components):
             agent._local_candidates += await agent.get_component_candidates(
@@ -255,14 +261,21 @@ class Listener:
     def __init__(self, config: IceConfig, on_call: Callable[[Listener], None]) -> None:
         self.config = config
         self.agent = _ListeningAgent(
-            lambda: on_call(self), ice_controlling=False, **config.agent_options()
+            lambda: self._called(on_call), ice_controlling=False, **config.agent_options()
         )
+        self.called = False  # a caller reached it: the owner answers, then replaces it
+        self.addresses: list[str] = []  # what its host candidates were gathered on
         caller = aioice.Connection(ice_controlling=True)  # only to draw random credentials
         self.caller_ufrag, self.caller_pwd = caller.local_username, caller.local_password
         self.agent.remote_username, self.agent.remote_password = self.caller_ufrag, self.caller_pwd
 
+    def _called(self, on_call: Callable[[Listener], None]) -> None:
+        self.called = True
+        on_call(self)
+
     async def gather(self) -> None:
-        await self.config.gather(self.agent, reflexive6=True)
+        self.addresses = self.config.host_addresses()
+        await self.config.gather(self.agent, reflexive6=True, addresses=self.addresses)
         self._open_relay_to_its_server()
 
     def _open_relay_to_its_server(self) -> None:

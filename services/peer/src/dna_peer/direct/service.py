@@ -63,6 +63,7 @@ class DirectService:
     config: IceConfig
     deliver: Deliver  # store a received envelope (the peer's inbox); raises if it cannot
     timeout_s: float = DIRECT_TIMEOUT_S
+    refresh_s: float = REFRESH_MS / 1000  # how often the record is signed again
     links: dict[bytes, DirectLink] = field(default_factory=dict)  # contact fingerprint ->
     listener: Listener | None = None
     _refresher: asyncio.Task[None] | None = None
@@ -141,17 +142,37 @@ class DirectService:
     async def _refresh(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._republish.wait(), REFRESH_MS / 1000)
+                await asyncio.wait_for(self._republish.wait(), self.refresh_s)
             self._republish.clear()
+            await self._follow_address_change()
             try:
                 await self.publish()
             except DnaError as exc:
                 log.warning("presence refresh failed: %s", exc)
 
     async def _new_listener(self) -> None:
+        self.listener = await self._gathered_listener()
+
+    async def _gathered_listener(self) -> Listener:
         listener = Listener(self.config, self._called)
         await listener.gather()
-        self.listener = listener
+        return listener
+
+    async def _follow_address_change(self) -> None:
+        """Before a refresh: a listener gathered on addresses the device no longer has, or
+        without ones it has now (another network; a temporary IPv6 address rotated out, a
+        new one in) is replaced, so the record says where the device is. A caller that read
+        the old record and dials the old listener now fails ICE and takes the mailbox."""
+        old = self.listener
+        if old is None or old.called or self.config.host_addresses() == old.addresses:
+            return
+        fresh = await self._gathered_listener()
+        if old.called or self.listener is not old:  # a caller came: its answer made one
+            await fresh.close()
+            return
+        log.info("addresses changed (%s -> %s): a new listener", old.addresses, fresh.addresses)
+        self.listener = fresh
+        await old.close()
 
     def _called(self, listener: Listener) -> None:
         """A contact dialled the published listener: answer it, publish a new one."""
@@ -159,9 +180,14 @@ class DirectService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def republish(self) -> None:
+        """Sign and put the record now rather than at the next refresh (after a call, or
+        when the device's network changed: the refresh first gathers on the new addresses)."""
+        self._republish.set()
+
     async def _answer(self, listener: Listener) -> None:
         await self._new_listener()
-        self._republish.set()
+        self.republish()
         try:
             await answer(listener.agent, timeout=self.timeout_s)
         except DirectError as exc:
