@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 
 import aioice
 import pytest
@@ -23,7 +25,13 @@ from dna_peer.direct.candidates import (
     parse_if_inet6,
     select_host_addresses,
 )
-from dna_peer.direct.link import _rank_hosts, publish_order
+from dna_peer.direct.link import (
+    OFFER_MAX_BYTES,
+    OFFER_TAG,
+    _rank_hosts,
+    offer_datagram,
+    publish_order,
+)
 from dna_peer.network import ice_config
 from dna_peer.presence import Reach, fit_reach, presence_record, read_presence
 
@@ -31,7 +39,7 @@ NOW = 1_800_000_000_000
 
 
 def test_only_addresses_another_host_can_reach_are_gathered() -> None:
-    found = ["127.0.0.1", "127.0.0.5", "::1", "fe80::1%eth0", "fe80::2", "169.254.1.1",
+    found = ["127.0.0.1", "127.1.2.3", "::1", "fe80::1%eth0", "fe80::2", "169.254.1.1",
              "::ffff:192.0.2.1", "::192.0.2.1", "fec0::1", "0.0.0.0", "::", "ff02::1",
              "198.51.100.7", "2001:db8::7", "fd00:1::7", "10.0.0.7", "2001:db8::7"]  # fmt: skip
     assert select_host_addresses(found) == ["198.51.100.7", "2001:db8::7", "fd00:1::7",
@@ -74,7 +82,8 @@ def test_ipv6_first_and_the_families_interleaved() -> None:
 
 
 def _candidate(kind: str, host: str, port: int, related: str | None = None) -> aioice.Candidate:
-    return aioice.Candidate(foundation=f"{abs(hash((kind, host))) % 10**8}", component=1,
+    foundation = hashlib.sha256(f"{kind}{host}".encode()).hexdigest()[:32]  # as aioice's
+    return aioice.Candidate(foundation=foundation, component=1,
                             transport="udp", priority=candidate_priority(1, kind), host=host,
                             port=port, type=kind, related_address=related,
                             related_port=port if related else None)  # fmt: skip
@@ -119,3 +128,12 @@ def test_dna_stun_may_name_the_servers_ipv6_address(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("DNA_TURN", "198.51.100.9:3478,[2001:db8::9]:3478")
     with pytest.raises(DnaError, match="one TURN server"):
         ice_config()
+
+
+def test_a_multihomed_callers_offer_is_one_unfragmented_datagram() -> None:
+    gathered = [c for c in _multihomed() if c.type != "relay"]
+    datagram = offer_datagram(gathered, "p" * 22)
+    assert len(datagram) <= OFFER_MAX_BYTES
+    offered = json.loads(datagram[len(OFFER_TAG) + 32 :])
+    assert 4 < len(offered) < len(gathered)
+    assert offered == [c.to_sdp() for c in publish_order(gathered)][: len(offered)]

@@ -97,7 +97,7 @@ def fit_reach(reach: Reach, contacts: int, proof: common_pb2.ProofOfWork) -> Rea
     """``reach`` with as many of its candidates as fit one record sealed to ``contacts``
     contacts, dropped from the end (the caller lists them most useful first: a device
     with many addresses still publishes, with its best ones). With 6 contacts about
-    1,100 bytes of reach fit: some 14 candidates. Raises MalformedError if not even one
+    1,100 bytes of reach fit: some 10 candidates. Raises MalformedError if not even one
     candidate fits."""
     fitted = reach
     while _payload_size(fitted, contacts, proof) > MAX_RECORD_PAYLOAD or (

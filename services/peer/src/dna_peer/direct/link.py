@@ -67,7 +67,7 @@ class IceConfig:
     turn_username: str | None = None
     turn_password: str | None = None
     relay_only: bool = False  # tests and the paranoid: only the TURN-relayed candidate
-    # Host candidates only on these networks (CIDRs); empty: every interface aioice finds.
+    # Host candidates only on these networks (CIDRs); empty: every usable address.
     # Keeps container bridges, VPNs and management links out of the pairs.
     host_networks: tuple[str, ...] = ()
     # The STUN server's IPv6 address for IPv6 server-reflexive candidates (aioice asks
@@ -154,6 +154,7 @@ REFLEXIVE6_TIMEOUT_S = 1.0  # a STUN server unreachable over IPv6 delays going o
 
 
 async def _reflexive(protocol: Any, server: tuple[str, int]) -> aioice.Candidate | None:
+    """The reflexive candidate of one host socket, None if redundant or unanswered."""
     host = protocol.local_candidate
     request = aioice.stun.Message(message_method=aioice.stun.Method.BINDING,
                                   message_class=aioice.stun.Class.REQUEST)  # fmt: skip
@@ -200,10 +201,17 @@ OFFER_TAG = b"DNA-ICE-OFFER1"  # a caller's candidates, sent through the relays 
 RELAY_HOLD_S = 1.0  # the caller checks relayed pairs only after this: direct pairs first
 
 
+OFFER_MAX_BYTES = 1200  # one datagram that needs no IP fragments, TURN headers included
+
+
 def offer_datagram(candidates: list[aioice.Candidate], listener_pwd: str) -> bytes:
     """The caller's host and reflexive candidates, MACed with the listener's ICE password
-    (sealed to its contacts: a stranger cannot make the listener send checks anywhere)."""
-    body = json.dumps([c.to_sdp() for c in candidates]).encode()
+    (sealed to its contacts: a stranger cannot make the listener send checks anywhere).
+    A caller with many addresses offers the head of `publish_order` that fits."""
+    lines = [c.to_sdp() for c in publish_order(candidates)]
+    while len(lines) > 1 and len(json.dumps(lines)) > OFFER_MAX_BYTES - len(OFFER_TAG) - 32:
+        lines.pop()
+    body = json.dumps(lines).encode()
     mac = hmac.new(listener_pwd.encode(), body, hashlib.sha256).digest()
     return OFFER_TAG + mac + body
 
@@ -393,7 +401,7 @@ class DirectLink:
         pair = getattr(self.agent, "_nominated", {}).get(1)
         if pair is None:
             return "none"
-        return f"IPv{ipaddress.ip_address(pair.remote_candidate.host).version}"
+        return "IPv6" if ":" in pair.remote_candidate.host else "IPv4"
 
     @classmethod
     async def open(

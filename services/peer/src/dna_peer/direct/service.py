@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from dna_core.crypto import Identity, PublicKeySet
 from dna_core.errors import DnaError
@@ -155,7 +155,11 @@ class DirectService:
 
     async def _gathered_listener(self) -> Listener:
         listener = Listener(self.config, self._called)
-        await listener.gather()
+        try:
+            await listener.gather()
+        except BaseException:  # cancelled (`stop`): no sockets or allocation left behind
+            await listener.close()
+            raise
         return listener
 
     async def _follow_address_change(self) -> None:
@@ -176,9 +180,16 @@ class DirectService:
 
     def _called(self, listener: Listener) -> None:
         """A contact dialled the published listener: answer it, publish a new one."""
-        task = asyncio.create_task(self._answer(listener))
+        self._spawn(self._answer(listener))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _replace_listener(self) -> None:
+        await self._new_listener()
+        self.republish()
 
     def republish(self) -> None:
         """Sign and put the record now rather than at the next refresh (after a call, or
@@ -186,8 +197,9 @@ class DirectService:
         self._republish.set()
 
     async def _answer(self, listener: Listener) -> None:
-        await self._new_listener()
-        self.republish()
+        # The next listener is gathered while this caller is answered, not before: its
+        # TURN allocation and IPv6 STUN query take round trips the caller would wait for.
+        self._spawn(self._replace_listener())
         try:
             await answer(listener.agent, timeout=self.timeout_s)
         except DirectError as exc:
