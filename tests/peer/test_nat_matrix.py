@@ -66,6 +66,8 @@ class Site:
     # route to any other peer), so between two such peers only IPv6 goes.
     ipv6_only_between_peers: bool = False
     nat6: bool = False  # behind a NAT: its router masquerades IPv6 too (NAT66, a ULA LAN)
+    # With ipv6_only_between_peers: not even dna-stun over IPv4 (STUN and TURN over IPv6).
+    stun_over_ipv6: bool = False
 
     @property
     def router(self) -> str:
@@ -90,6 +92,8 @@ SITES = {
     "v6a": Site("n-v6a", None, 7, ipv6_only_between_peers=True),
     "v6b": Site("n-v6b", None, 8, ipv6_only_between_peers=True),
     "cone66": Site("n-c66", "cone", 9, nat6=True),
+    "v6c": Site("n-v6c", None, 10, ipv6_only_between_peers=True, stun_over_ipv6=True),
+    "v6d": Site("n-v6d", None, 11, ipv6_only_between_peers=True, stun_over_ipv6=True),
 }
 # Every UDP datagram but the overlay's own (a peer must reach the network to be a peer):
 # no STUN, no TURN, no packet between the peers. (One rule with both ports negated
@@ -142,7 +146,7 @@ def _build_site(site: Site) -> None:
         # nodad: usable at once (duplicate detection would hold it "tentative" ~1 s)
         sh("ip", "-6", "addr", "add", f"{site.public_ip6}/64", "dev", link, "nodad", ns=site.name)
         if site.ipv6_only_between_peers:
-            for ip in [BOOT, *STORAGE, STUN, HERE]:
+            for ip in [BOOT, *STORAGE, HERE, *([] if site.stun_over_ipv6 else [STUN])]:
                 sh("ip", "route", "add", f"{ip}/32", "dev", link, ns=site.name)
         return
     sh("ip", "netns", "add", site.router)
@@ -266,11 +270,13 @@ def public_testnet(
                 node.terminate()
 
 
-def ice_env() -> dict[str, str]:
-    """Our dna-stun for STUN and TURN, with a time-limited username (use-auth-secret)."""
+def ice_env(site: Site) -> dict[str, str]:
+    """Our dna-stun for STUN and TURN, with a time-limited username (use-auth-secret);
+    at its IPv6 address only for a site that does not reach it over IPv4."""
     user = f"{int(time.time()) + 3600}:nat-matrix"
-    return {"DNA_STUN": f"{STUN}:{STUN_PORT},[{STUN6}]:{STUN_PORT}",
-            "DNA_TURN": f"{STUN}:{STUN_PORT}",
+    stun4, stun6 = f"{STUN}:{STUN_PORT}", f"[{STUN6}]:{STUN_PORT}"
+    return {"DNA_STUN": stun6 if site.stun_over_ipv6 else f"{stun4},{stun6}",
+            "DNA_TURN": stun6 if site.stun_over_ipv6 else stun4,
             "DNA_TURN_USER": user,
             "DNA_TURN_PASSWORD": auth_secret_password(TESTNET_TURN_SECRET, user)}  # fmt: skip
 
@@ -280,8 +286,8 @@ def dna(site: Site, home: Path, *args: str) -> list[str]:
             "--bootstrap", SEEDS, *args]  # fmt: skip
 
 
-def _env() -> dict[str, str]:
-    return {"DNA_PASSPHRASE": PASSPHRASE, "PATH": os.environ["PATH"], **ice_env()}
+def _env(site: Site) -> dict[str, str]:
+    return {"DNA_PASSPHRASE": PASSPHRASE, "PATH": os.environ["PATH"], **ice_env(site)}
 
 
 @dataclass(frozen=True)
@@ -293,6 +299,7 @@ class Cell:
     block_udp: bool = False
     route_ip: str = "IPv4"  # the IP version of the pair, for the direct path
     bob_srflx6: bool = False  # bob must publish an IPv6 server-reflexive candidate
+    block_ipv6: bool = False  # no IPv6 between the two peers either: only their relays
 
 
 CELLS = {
@@ -304,6 +311,11 @@ CELLS = {
     # IPv6; alice, with no IPv4 route to his router, reaches him through it.
     "ipv6-nat66": Cell(
         "v6a", "cone66", "direct", ("host->srflx", "host->prflx"), route_ip="IPv6", bob_srflx6=True
+    ),
+    # Neither peer reaches the other, nor dna-stun over IPv4: they relay through it,
+    # reached over IPv6, between its IPv4 relayed addresses (aioice asks no IPv6 relay).
+    "turn-over-ipv6": Cell(
+        "v6c", "v6d", "direct", ("relay->relay", "relay->prflx"), block_ipv6=True
     ),
     # Alice has IPv4 only (behind her NAT), bob both: IPv4.
     "cone-public": Cell("cone1", "pub1", "direct", ("host->host",)),
@@ -318,15 +330,22 @@ CELLS = {
 @contextlib.contextmanager
 def _udp_blocked(cell: Cell) -> Iterator[None]:
     routers = [SITES[who].router for who in (cell.alice, cell.bob)] if cell.block_udp else []
+    sites = [SITES[cell.alice], SITES[cell.bob]]
+    # Each peer drops what it would send to the other's IPv6 address.
+    ipv6 = [(a.name, b.public_ip6) for a, b in (sites, sites[::-1])] if cell.block_ipv6 else []
     for router in routers:
         for rule in BLOCK_UDP:
             sh("iptables", "-A", *rule, ns=router)
+    for ns, other in ipv6:
+        sh("ip6tables", "-A", "OUTPUT", "-d", other, "-j", "DROP", ns=ns)
     try:
         yield
     finally:
         for router in routers:
             for rule in BLOCK_UDP:
                 sh("iptables", "-D", *rule, ns=router)
+        for ns, other in ipv6:
+            sh("ip6tables", "-D", "OUTPUT", "-d", other, "-j", "DROP", ns=ns)
 
 
 async def _friends(people: People) -> None:
@@ -348,7 +367,7 @@ def test_one_message_exactly_once_on_the_expected_path(
     with _udp_blocked(cell):
         watcher = subprocess.Popen(
             dna(SITES[cell.bob], bob, "watch", "--interval", "0.5"),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(SITES[cell.bob]),
         )  # fmt: skip
         try:
             sent = _send_when_online(cell, people, watcher)
@@ -405,7 +424,7 @@ async def _bob_online(people: People) -> tuple[str, ...]:
 
 
 def _cli(site: Site, home: Path, *args: str) -> Any:
-    done = subprocess.run(dna(site, home, *args), capture_output=True, text=True, env=_env(),
+    done = subprocess.run(dna(site, home, *args), capture_output=True, text=True, env=_env(site),
                           check=False, timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
