@@ -145,6 +145,44 @@ def run(testnet: Testnet, tmp_path: Path, scenario: object) -> None:
     asyncio.run(scenario(People(tmp_path, testnet.seeds)))  # type: ignore[operator]
 
 
+def test_a_new_address_is_published_and_reached_at_the_next_refresh(
+    testnet: Testnet, ice_interface: str, tmp_path: Path
+) -> None:
+    """A device that changes networks while online: the refresh gathers a listener on its
+    new addresses before signing the record again, and contacts reach it there."""
+    moved = "10.77.3.1"
+
+    async def scenario(people: People) -> None:
+        alice, bob = await _friends(people)
+        direct = await bob.go_direct(IceConfig(host_networks=ICE_NETWORKS), listen=True)
+        await alice.go_direct(IceConfig(host_networks=ICE_NETWORKS), listen=False)
+        contact = alice.find_contact(people.name("bob"))
+        before = direct.listener
+        assert before is not None and ICE_HOST in before.addresses
+        assert moved not in before.addresses
+        _ip("addr", "add", f"{moved}/24", "dev", PEER_END)
+        try:
+            direct.republish()
+            deadline = time.monotonic() + 10
+            while not any(moved in c for c in await _published(alice, contact)):
+                assert time.monotonic() < deadline, "the new address was never published"
+                await asyncio.sleep(0.1)
+            assert direct.listener is not before and before.agent._protocols == []  # closed
+            sent = await alice.send(contact, "to where bob is now")
+            assert sent.path == DIRECT and _held(bob, sent.message_id) == 1
+        finally:
+            _ip("addr", "del", f"{moved}/24", "dev", PEER_END)
+        await alice.close()
+        await bob.close()
+
+    run(testnet, tmp_path, scenario)
+
+
+async def _published(alice: Peer, contact: Any) -> tuple[str, ...]:
+    presence = await alice.presence_of(contact)
+    return () if presence is None or presence.reach is None else presence.reach.candidates
+
+
 def test_present_contact_gets_the_message_directly_exactly_once(
     testnet: Testnet, ice_interface: str, tmp_path: Path
 ) -> None:

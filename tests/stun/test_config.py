@@ -26,6 +26,11 @@ def load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> StunSe
         ('[server]\nhost = "0.0.0.0"\n', "server"),
         ("[relay]\ndefault_lifetime_s = 7200\n", "relay"),
         ("[relay]\nbandwidth_bytes_per_s = -1\n", "relay.bandwidth_bytes_per_s"),
+        ('[server]\nhost_ipv6 = "stun6.example.org"\n', "server.host_ipv6"),
+        ('[server]\nhost_ipv6 = "198.51.100.9"\n', "server"),  # not IPv6
+        ('[server]\nhost = "2001:db8::9"\nhost_ipv6 = "2001:db8::8"\n', "server"),
+        ('[server]\nrelay_host_ipv6 = "::"\n', "server"),  # a wildcard tells clients nothing
+        ('[server]\nhost = "2001:db8::9"\nrelay_host_ipv6 = "2001:db8::8"\n', "server"),
     ],
 )
 def test_unusable_settings_name_their_key(tmp_path: Path, text: str, key: str) -> None:
@@ -47,3 +52,11 @@ def test_secrets_are_masked_and_the_environment_overrides(tmp_path: Path) -> Non
 def test_no_credentials_is_warned_about(tmp_path: Path) -> None:
     warnings = config_warnings(load(tmp_path, ""))
     assert any("every TURN request will be refused" in w for w in warnings)
+
+
+def test_relay_addresses_per_family(tmp_path: Path) -> None:
+    both = load(tmp_path, '[server]\nhost = "198.51.100.9"\nrelay_host_ipv6 = "2001:db8::9"\n')
+    assert both.server.relay_ips() == {0x01: "198.51.100.9", 0x02: "2001:db8::9"}
+    assert load(tmp_path, '[server]\nhost = "2001:db8::9"\n').server.relay_ips() == {
+        0x02: "2001:db8::9"
+    }

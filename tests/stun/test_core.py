@@ -11,6 +11,7 @@ from dna_stun.auth import Credentials, Nonces, auth_secret_password
 from dna_stun.core import Limits, Send, TransactionIds, TurnCore
 from dna_stun.message import (
     Class,
+    Message,
     Method,
     channel_data,
     check_integrity,
@@ -25,6 +26,7 @@ from turn_client import Client, error_code, is_success
 
 NOW = 1_800_000_000.0
 SERVER = ("198.51.100.1", 3478)
+SERVER6 = "2001:db8::1"  # the relay address for IPv6 allocations, where the core has one
 CLIENT = ("203.0.113.5", 40000)
 PEER = ("203.0.113.77", 5000)
 REALM = "dna"
@@ -37,13 +39,13 @@ class Ports:
     def __init__(self, free: int = 100) -> None:
         self.next, self.free, self.open_now = 50000, free, set[tuple[str, int]]()
 
-    def open(self, even: bool) -> tuple[str, int] | None:
+    def open(self, even: bool, family: int) -> tuple[str, int] | None:
         if len(self.open_now) >= self.free:
             return None
         self.next += 2 if even and self.next % 2 == 0 else 1
         if even and self.next % 2:
             self.next += 1
-        relay = (SERVER[0], self.next)
+        relay = (SERVER6 if family == attr.FAMILY_IPV6 else SERVER[0], self.next)
         self.open_now.add(relay)
         return relay
 
@@ -52,8 +54,9 @@ class Ports:
 
 
 def make_core(
-    limits: Limits | None = None, allowed: tuple[str, ...] = (), free: int = 100
-) -> TurnCore:
+    limits: Limits | None = None, allowed: tuple[str, ...] = (), free: int = 100,
+    families: frozenset[int] = frozenset({attr.FAMILY_IPV4}),
+) -> TurnCore:  # fmt: skip
     policy = RelayPolicy(allowed=allowed)
     policy.add_own_endpoint(SERVER)
     return TurnCore(
@@ -62,6 +65,7 @@ def make_core(
         policy=policy,
         ports=Ports(free),
         limits=limits or Limits(),
+        relay_families=families,
     )
 
 
@@ -74,10 +78,13 @@ def ask(core: TurnCore, client: Client, data: bytes, now: float = NOW, src=CLIEN
     return client.learn(one(core.on_client_datagram(data, src, now)))
 
 
-def allocate(core: TurnCore, client: Client, now: float = NOW) -> tuple[str, int]:
-    first = ask(core, client, client.request(Method.ALLOCATE, client.allocate_attrs()), now)
+def allocate(
+    core: TurnCore, client: Client, now: float = NOW, extra: list[tuple[int, bytes]] | None = None
+) -> tuple[str, int]:
+    attrs = client.allocate_attrs() + (extra or [])
+    first = ask(core, client, client.request(Method.ALLOCATE, attrs), now)
     assert error_code(first) == 401
-    response = ask(core, client, client.request(Method.ALLOCATE, client.allocate_attrs()), now)
+    response = ask(core, client, client.request(Method.ALLOCATE, attrs), now)
     assert is_success(response, Method.ALLOCATE), error_code(response)
     assert check_integrity(response, client.key)
     value = response.get(attr.XOR_RELAYED_ADDRESS)
@@ -554,3 +561,84 @@ def test_binding_indications_are_keepalives_not_refusals() -> None:
     response = encode(Method.BINDING, Class.SUCCESS, b"k" * 12)
     assert core.on_client_datagram(response, CLIENT, NOW) == []
     assert core.stats.refusals == {"unexpected_message": 1}
+
+
+IPV4_FAMILY, IPV6_FAMILY = b"\x01\x00\x00\x00", b"\x02\x00\x00\x00"
+CLIENT6, PEER6 = ("2001:db8:5::5", 40000), ("2001:db8:77::77", 5000)
+
+
+def test_binding_from_an_ipv6_client_answers_family_ipv6() -> None:
+    core, tid = make_core(), b"6" * 12
+    out = core.on_client_datagram(encode(Method.BINDING, Class.REQUEST, tid), CLIENT6, NOW)
+    value = parse(out[0].data).get(attr.XOR_MAPPED_ADDRESS) or b""
+    assert value[1] == attr.FAMILY_IPV6 and len(value) == 20  # RFC 8489 section 14.2
+    assert attr.decode_xor_address(value, tid) == CLIENT6
+
+
+def _allocate_reply(core: TurnCore, extra: list[tuple[int, bytes]]) -> Message:
+    client = Client("alice", "pw")
+    ask(core, client, client.request(Method.ALLOCATE, client.allocate_attrs() + extra))
+    reply: Message = ask(
+        core, client, client.request(Method.ALLOCATE, client.allocate_attrs() + extra)
+    )
+    return reply
+
+
+@pytest.mark.parametrize(
+    ("families", "extra", "code"),
+    [
+        # Step 7: without REQUESTED-ADDRESS-FAMILY the relay is IPv4; none here: 440.
+        (frozenset({attr.FAMILY_IPV6}), [], 440),
+        ({attr.FAMILY_IPV4}, [(attr.REQUESTED_ADDRESS_FAMILY, IPV6_FAMILY)], 440),
+        ({attr.FAMILY_IPV6}, [(attr.REQUESTED_ADDRESS_FAMILY, IPV4_FAMILY)], 440),
+        # Step 6: both attributes: 400.
+        ({attr.FAMILY_IPV4, attr.FAMILY_IPV6},
+         [(attr.REQUESTED_ADDRESS_FAMILY, IPV4_FAMILY),
+          (attr.ADDITIONAL_ADDRESS_FAMILY, IPV6_FAMILY)], 400),
+        # Step 9: ADDITIONAL-ADDRESS-FAMILY may only ask for IPv6.
+        ({attr.FAMILY_IPV4, attr.FAMILY_IPV6},
+         [(attr.ADDITIONAL_ADDRESS_FAMILY, IPV4_FAMILY)], 400),
+    ],
+)  # fmt: skip
+def test_allocate_refuses_families_as_rfc_8656_section_7_2_says(
+    families: frozenset[int], extra: list[tuple[int, bytes]], code: int
+) -> None:
+    core = make_core(families=frozenset(families))
+    assert error_code(_allocate_reply(core, extra)) == code
+    assert not core.by_client and core.stats.refusals
+
+
+def test_an_ipv6_allocation_relays_to_ipv6_peers_only() -> None:
+    core = make_core(families=frozenset({attr.FAMILY_IPV4, attr.FAMILY_IPV6}))
+    client = Client("alice", "pw")
+    relay = allocate(core, client, extra=[(attr.REQUESTED_ADDRESS_FAMILY, IPV6_FAMILY)])
+    assert relay[0] == SERVER6
+    mismatch = ask(core, client, client.request(Method.CREATE_PERMISSION, peers=(PEER,)))
+    assert error_code(mismatch) == 443  # RFC 8656 section 9.1
+    assert is_success(
+        ask(core, client, client.request(Method.CREATE_PERMISSION, peers=(PEER6,))),
+        Method.CREATE_PERMISSION,
+    )
+    out = core.on_peer_datagram(b"from an ipv6 peer", relay, PEER6, NOW)
+    assert len(out) == 1 and out[0].to == CLIENT
+    indication = parse(out[0].data)
+    peer = attr.decode_xor_address(indication.get(attr.XOR_PEER_ADDRESS) or b"",
+                                   indication.transaction_id)  # fmt: skip
+    assert peer == PEER6 and indication.get(attr.DATA) == b"from an ipv6 peer"
+    plain = _allocate_reply(make_core(families=core.relay_families), [])
+    relayed = attr.decode_xor_address(plain.get(attr.XOR_RELAYED_ADDRESS) or b"",
+                                      plain.transaction_id)  # fmt: skip
+    assert relayed[0] == SERVER[0]  # no REQUESTED-ADDRESS-FAMILY: IPv4, as the RFC says
+
+
+def test_a_dual_allocation_request_gets_ipv4_and_says_why_not_ipv6() -> None:
+    """This server gives one relayed address per allocation: a dual request (RFC 8656
+    ADDITIONAL-ADDRESS-FAMILY) gets the IPv4 one and ADDRESS-ERROR-CODE 440 for IPv6."""
+    core = make_core(families=frozenset({attr.FAMILY_IPV4, attr.FAMILY_IPV6}))
+    response = _allocate_reply(core, [(attr.ADDITIONAL_ADDRESS_FAMILY, IPV6_FAMILY)])
+    assert is_success(response, Method.ALLOCATE)
+    relays = response.get_all(attr.XOR_RELAYED_ADDRESS)
+    assert [attr.decode_xor_address(r, response.transaction_id)[0] for r in relays] == [SERVER[0]]
+    assert response.get(attr.ADDRESS_ERROR_CODE) == b"\x02\x00\x04\x28" + (
+        b"Address Family not Supported"
+    )

@@ -10,6 +10,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 
+import pytest
 from dna_stun import attributes as attr
 from dna_stun.config import StunServiceConfig
 from dna_stun.core import Addr, Datagram, Send
@@ -21,11 +22,11 @@ from turn_client import Client, error_code, is_success
 PEER = LOOPBACK.one()  # not the server's address
 
 
-def _config(host: str) -> StunServiceConfig:
+def _config(host: str, **server: str) -> StunServiceConfig:
     return StunServiceConfig.model_validate(
         {
             "log_level": "warning",
-            "server": {"host": host, "udp_port": 0},
+            "server": {"host": host, "udp_port": 0, **server},
             "auth": {"realm": "test", "users": ["u:p"]},
             "relay": {"allowed_peers": ["127.0.0.0/8"]},
             "ops": {"http_host": "127.0.0.1", "http_port": 0},
@@ -100,6 +101,67 @@ async def _ipv6_binding(server: StunServer) -> None:
         [answer] = [parse(data) for data in await _answers(client, 1)]
         value = answer.get(attr.XOR_MAPPED_ADDRESS) or b""
         assert attr.decode_xor_address(value, tid) == client.getsockname()[:2]
+
+
+@pytest.mark.parametrize(
+    ("host", "server"),
+    [("::", {}), ("127.0.0.1", {"host_ipv6": "::1"})],
+    ids=["one dual-stack socket", "a socket per family"],
+)
+def test_both_families_are_served_each_in_its_own(host: str, server: dict[str, str]) -> None:
+    """IPv4 and IPv6 clients on one port: each is answered at, and told, its own address
+    (XOR-MAPPED-ADDRESS family 0x01 for IPv4: a dual-stack socket sees it IPv4-mapped), and
+    an allocation without REQUESTED-ADDRESS-FAMILY relays over IPv4 (RFC 8656 section 7.2),
+    an IPv6 client's too, whose Data indications go back over IPv6."""
+    config = _config(host, relay_host="127.0.0.1", relay_host_ipv6="::1", **server)
+
+    async def main() -> None:
+        stun = StunServer(config)
+        await stun.start()
+        try:
+            await _both_families(stun)
+        finally:
+            await stun.stop()
+
+    asyncio.run(main())
+
+
+async def _both_families(server: StunServer) -> None:
+    assert server.udp_addr is not None
+    port4 = server.udp_addr[1]  # a test's ephemeral ports: one per socket
+    port6 = server.udp_addr6[1] if server.udp_addr6 is not None else port4
+    for family, host, port in ((socket.AF_INET, "127.0.0.1", port4),
+                               (socket.AF_INET6, "::1", port6)):  # fmt: skip
+        with _client(family, host) as client:
+            tid = os.urandom(12)
+            client.sendto(_binding(tid), (host, port))
+            [answer] = [parse(data) for data in await _answers(client, 1)]
+            value = answer.get(attr.XOR_MAPPED_ADDRESS) or b""
+            assert value[1] == (attr.FAMILY_IPV4 if family == socket.AF_INET else attr.FAMILY_IPV6)
+            assert attr.decode_xor_address(value, tid) == client.getsockname()[:2]
+            relay = await _allocate(client, (host, port))
+            assert relay[0] == "127.0.0.1"
+    with _client(socket.AF_INET6, "::1") as client, _client(socket.AF_INET, PEER) as peer:
+        turn, server_addr = Client("u", "p"), ("::1", port6)
+        relay = await _allocate(client, server_addr, turn)
+        client.sendto(turn.request(Method.CREATE_PERMISSION, peers=(peer.getsockname(),)),
+                      server_addr)  # fmt: skip
+        assert is_success(turn.learn((await _answers(client, 1))[0]), Method.CREATE_PERMISSION)
+        peer.sendto(b"to an ipv6 client", relay)
+        data = parse((await _answers(client, 1))[0])
+        assert data.method == Method.DATA and data.get(attr.DATA) == b"to an ipv6 client"
+
+
+async def _allocate(
+    client: socket.socket, server: tuple[str, int], turn: Client | None = None
+) -> Addr:
+    turn = turn or Client("u", "p")
+    for _ in range(2):  # the 401 challenge, then the signed request
+        client.sendto(turn.request(Method.ALLOCATE, turn.allocate_attrs()), server)
+        response = turn.learn((await _answers(client, 1))[0])
+    assert is_success(response, Method.ALLOCATE), error_code(response)
+    return attr.decode_xor_address(response.get(attr.XOR_RELAYED_ADDRESS) or b"",
+                                   response.transaction_id)  # fmt: skip
 
 
 def test_a_bug_costs_the_datagram_that_raised_not_its_batch() -> None:

@@ -456,6 +456,7 @@ def _send(args: argparse.Namespace) -> None:
                       "replicas": sent.stored_on}  # fmt: skip
         if sent.path == DIRECT and peer.direct is not None:  # which pair: through NATs or a relay
             info["route"] = peer.direct.route_to(contact.fingerprint)
+            info["route_ip"] = peer.direct.route_ip_to(contact.fingerprint)
         _emit(args, info)
 
     _with_peer(args, work, contact=args.to)

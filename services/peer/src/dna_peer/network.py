@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 
 from dna_core.crypto.node import NodeIdentity
@@ -79,16 +80,31 @@ def direct_enabled() -> bool:
 
 def ice_config() -> IceConfig:
     """The STUN/TURN servers of the direct path, from $DNA_STUN, $DNA_TURN (host:port),
-    $DNA_TURN_USER and $DNA_TURN_PASSWORD (long-term or time-limited credentials)."""
-    servers: dict[str, tuple[str, int] | None] = {}
+    $DNA_TURN_USER and $DNA_TURN_PASSWORD (long-term or time-limited credentials).
+    $DNA_STUN may name the server twice, ``ipv4:port,[ipv6]:port``: aioice asks STUN
+    from IPv4 sockets only, so the IPv6 address serves the IPv6 reflexive candidates
+    (a DNS name with A and AAAA records serves both)."""
+    servers: dict[str, list[tuple[str, int]]] = {}
     for env in (STUN_ENV, TURN_ENV):
         text = os.environ.get(env, "").strip()
         try:
-            servers[env] = parse_seeds(text)[0] if text else None
+            servers[env] = parse_seeds(text) if text else []
         except DnaError as exc:
             raise DnaError(f"{env}={text!r}: {exc}") from None
+    if len(servers[TURN_ENV]) > 1:
+        raise DnaError(f"{TURN_ENV} names one TURN server (host:port)")
+    stun4 = [s for s in servers[STUN_ENV] if not _is_ipv6(s[0])]
+    stun6 = [s for s in servers[STUN_ENV] if _is_ipv6(s[0])]
+    turn = servers[TURN_ENV][0] if servers[TURN_ENV] else None
     turn_user, turn_password = os.environ.get(TURN_USER_ENV), os.environ.get(TURN_PASSWORD_ENV)
-    if servers[TURN_ENV] is not None and not (turn_user and turn_password):
+    if turn is not None and not (turn_user and turn_password):
         raise DnaError(f"{TURN_ENV} needs {TURN_USER_ENV} and {TURN_PASSWORD_ENV}")
-    return IceConfig(stun=servers[STUN_ENV], turn=servers[TURN_ENV], turn_username=turn_user,
-                     turn_password=turn_password)  # fmt: skip
+    return IceConfig(stun=stun4[0] if stun4 else None, stun6=stun6[0] if stun6 else None,
+                     turn=turn, turn_username=turn_user, turn_password=turn_password)  # fmt: skip
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:  # a name
+        return False

@@ -27,12 +27,12 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from dna_core.crypto import Identity, PublicKeySet, kem, sign_record
 from dna_core.crypto import primitives as p
-from dna_core.crypto.records import open_record
+from dna_core.crypto.records import MAX_RECORD_PAYLOAD, open_record
 from dna_core.errors import ExpiredError, MalformedError, ProtocolError, VerificationError
 from dna_core.overlay import OverlayNode, identity_proof, record_key
 from dna_core.wire import common_pb2, decode_message, records_pb2
@@ -91,6 +91,34 @@ class Presence:
 
 def presence_key(fingerprint: bytes) -> bytes:
     return record_key(PRESENCE, fingerprint)
+
+
+def fit_reach(reach: Reach, contacts: int, proof: common_pb2.ProofOfWork) -> Reach:
+    """``reach`` with as many of its candidates as fit one record sealed to ``contacts``
+    contacts, dropped from the end (the caller lists them most useful first: a device
+    with many addresses still publishes, with its best ones). With 6 contacts about
+    1,100 bytes of reach fit: some 10 candidates. Raises MalformedError if not even one
+    candidate fits."""
+    fitted = reach
+    while _payload_size(fitted, contacts, proof) > MAX_RECORD_PAYLOAD or (
+        len(fitted.encode()) > MAX_REACH_BYTES
+    ):
+        if len(fitted.candidates) <= 1:
+            raise MalformedError("presence: the reach information does not fit a record")
+        fitted = replace(fitted, candidates=fitted.candidates[:-1])
+    return fitted
+
+
+def _payload_size(reach: Reach, contacts: int, proof: common_pb2.ProofOfWork) -> int:
+    """The PresenceRecord's size with ``reach`` sealed to ``contacts`` contacts (the sealed
+    items have fixed overheads: measured with placeholders of their length, no KEM run)."""
+    body = bytes(1 + _NONCE + len(reach.encode()) + p.AES_GCM_TAG)
+    record = records_pb2.PresenceRecord(
+        status=records_pb2.PRESENCE_STATUS_ONLINE, last_seen_ms=2**62,
+        sealed_candidates=[body] + [bytes(_WRAP_BYTES)] * contacts,
+        pow=proof,
+    )  # fmt: skip
+    return record.ByteSize()
 
 
 def presence_record(

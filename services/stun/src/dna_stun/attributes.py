@@ -122,6 +122,11 @@ def error_code(code: int, reason: str) -> bytes:
     return struct.pack("!HBB", 0, code // 100, code % 100) + reason.encode()
 
 
+def address_error_code(family: int, code: int, reason: str) -> bytes:
+    """ADDRESS-ERROR-CODE (RFC 8656 section 18.12): the family, then ERROR-CODE's layout."""
+    return struct.pack("!BBBB", family, 0, code // 100, code % 100) + reason.encode()
+
+
 def decode_error_code(value: bytes) -> tuple[int, str]:
     if len(value) < 4:
         raise _bad("ERROR-CODE shorter than 4 bytes")

@@ -16,6 +16,7 @@ from dna_core.ops.config import (
 )
 from pydantic import Field, Strict, field_validator, model_validator
 
+from dna_stun import attributes as attr
 from dna_stun.policy import DEFAULT_DENIED
 
 __all__ = ["ENV_PREFIX", "AuthSection", "RelaySection", "ServerSection", "StunServiceConfig"]
@@ -32,14 +33,24 @@ class ServerSection(ConfigModel):
     such as 0.0.0.0 needs `relay_host`)."""
     udp_port: Port = 3478
     """The STUN/TURN port (3478 is STUN's)."""
+    host_ipv6: str = ""
+    """An IPv6 address to listen on as well (the same `udp_port`) when `host` is IPv4: one
+    socket per address answers from the address a client used. (A wildcard `::` serves
+    both families on one socket, but the kernel picks the source of each answer: right
+    only on a host with one address per family.)"""
     relay_host: str = ""
     """The address relay sockets bind to and clients are told; unset: `host`."""
+    relay_host_ipv6: str = ""
+    """An IPv6 address for the relays of allocations that ask for one (RFC 8656
+    REQUESTED-ADDRESS-FAMILY), beside an IPv4 `relay_host` (or `host`); unset: relays of
+    the one family of `relay_host`. An allocation that does not ask gets IPv4 (refused
+    with 440 when there is no IPv4 relay address), as RFC 8656 section 7.2 requires."""
     relay_port_min: Port = 49152
     """Lowest relay port (RFC 8656 suggests the dynamic range 49152-65535)."""
     relay_port_max: Port = 65535
     """Highest relay port."""
 
-    @field_validator("host", "relay_host")
+    @field_validator("host", "host_ipv6", "relay_host", "relay_host_ipv6")
     @classmethod
     def _is_ip(cls, value: str) -> str:
         if value:
@@ -53,10 +64,32 @@ class ServerSection(ConfigModel):
         # Clients are told the relay address: a wildcard would tell them nothing.
         if ipaddress.ip_address(self.relay_ip()).is_unspecified:
             raise ValueError("relay_host must be an address clients reach (host is a wildcard)")
+        if self.host_ipv6:
+            listen6 = ipaddress.ip_address(self.host_ipv6)
+            if listen6.version != 6 or listen6.is_unspecified:
+                raise ValueError("host_ipv6 must be an IPv6 address clients reach")
+            if ipaddress.ip_address(self.host).version == 6:
+                raise ValueError("host_ipv6 is set: host must be IPv4")
+        if self.relay_host_ipv6:
+            ip6 = ipaddress.ip_address(self.relay_host_ipv6)
+            if ip6.version != 6 or ip6.is_unspecified:
+                raise ValueError("relay_host_ipv6 must be an IPv6 address clients reach")
+            if ipaddress.ip_address(self.relay_ip()).version == 6:
+                raise ValueError("relay_host_ipv6 is set: relay_host (or host) must be IPv4")
         return self
 
     def relay_ip(self) -> str:
         return self.relay_host or self.host
+
+    def relay_ips(self) -> dict[int, str]:
+        """The relay address of each family (`attr.FAMILY_IPV4`, `attr.FAMILY_IPV6`)."""
+        main = self.relay_ip()
+        ips = {
+            attr.FAMILY_IPV6 if ipaddress.ip_address(main).version == 6 else attr.FAMILY_IPV4: main
+        }
+        if self.relay_host_ipv6:
+            ips[attr.FAMILY_IPV6] = self.relay_host_ipv6
+        return ips
 
 
 class AuthSection(ConfigModel):

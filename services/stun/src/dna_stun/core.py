@@ -57,7 +57,7 @@ KNOWN_ATTRIBUTES = frozenset(
         attr.NONCE, attr.USERHASH, attr.PASSWORD_ALGORITHM, attr.LIFETIME,
         attr.REQUESTED_TRANSPORT, attr.REQUESTED_ADDRESS_FAMILY, attr.EVEN_PORT,
         attr.RESERVATION_TOKEN, attr.XOR_PEER_ADDRESS, attr.CHANNEL_NUMBER, attr.DATA,
-        attr.PRIORITY, attr.USE_CANDIDATE,
+        attr.PRIORITY, attr.USE_CANDIDATE, attr.ADDITIONAL_ADDRESS_FAMILY,
     }
 )  # fmt: skip
 TURN_METHODS = {
@@ -112,8 +112,9 @@ class Send(NamedTuple):
 
 
 class RelayPorts(Protocol):
-    def open(self, even: bool) -> Addr | None:
-        """A new relay socket's address (an even port if asked), or None if none is free."""
+    def open(self, even: bool, family: int) -> Addr | None:
+        """A new relay socket's address of ``family`` (`attr.FAMILY_IPV4` or ``_IPV6``; an
+        even port if asked), or None if none is free."""
 
     def close(self, relay: Addr) -> None: ...
 
@@ -179,10 +180,10 @@ class TurnCore:
         policy: RelayPolicy,
         ports: RelayPorts,
         limits: Limits = Limits(),
-        relay_family: int = attr.FAMILY_IPV4,
+        relay_families: frozenset[int] = frozenset({attr.FAMILY_IPV4}),
     ) -> None:
         self.credentials, self.nonces, self.policy = credentials, nonces, policy
-        self.ports, self.limits, self.relay_family = ports, limits, relay_family
+        self.ports, self.limits, self.relay_families = ports, limits, relay_families
         self.stats = Stats()
         self.by_client: dict[Addr, Allocation] = {}
         self.by_relay: dict[Addr, Allocation] = {}
@@ -472,23 +473,24 @@ class TurnCore:
                 return existing.allocate_response
             raise self._refuse(message, auth, 437, "Allocation Mismatch", "allocation_exists")
         even = self._check_allocate_attributes(message, auth)
+        family, refused_family = self._relay_family(message, auth)
         if self.per_user[quota_key(auth.username)] >= self.limits.max_allocations_per_user:
             raise self._refuse(message, auth, 486, "Allocation Quota Reached", "quota_user")
         if len(self.by_client) >= self.limits.max_allocations:
             raise self._refuse(message, auth, 508, "Insufficient Capacity", "quota_total")
-        relay = self.ports.open(even)
+        relay = self.ports.open(even, family)
         if relay is None:
             raise self._refuse(message, auth, 508, "Insufficient Capacity", "no_relay_port")
         lifetime = self._lifetime(message)
-        response = self._signed(
-            message,
-            auth,
-            [
-                (attr.XOR_RELAYED_ADDRESS, attr.encode_xor_address(relay, message.transaction_id)),
-                (attr.LIFETIME, attr.uint32(lifetime)),
-                (attr.XOR_MAPPED_ADDRESS, attr.encode_xor_address(client, message.transaction_id)),
-            ],
-        )
+        parts = [
+            (attr.XOR_RELAYED_ADDRESS, attr.encode_xor_address(relay, message.transaction_id)),
+            (attr.LIFETIME, attr.uint32(lifetime)),
+            (attr.XOR_MAPPED_ADDRESS, attr.encode_xor_address(client, message.transaction_id)),
+        ]
+        if refused_family is not None:  # RFC 8656 section 7.2: the half of a dual request
+            parts.append((attr.ADDRESS_ERROR_CODE, attr.address_error_code(
+                refused_family, 440, "Address Family not Supported")))  # fmt: skip
+        response = self._signed(message, auth, parts)
         alloc = Allocation(
             client, relay, auth.username, auth.key, now + lifetime, message.transaction_id,
             response, tokens=float(self.limits.bandwidth_bytes_per_s), tokens_at=now,
@@ -505,9 +507,6 @@ class TurnCore:
             raise self._refuse(message, auth, 400, "Bad Request", "bad_request")
         if attr.decode_requested_transport(transport) != attr.UDP:
             raise self._refuse(message, auth, 442, "Unsupported Transport Protocol", "transport")
-        family = message.get(attr.REQUESTED_ADDRESS_FAMILY)
-        if family is not None and attr.decode_family(family) != self.relay_family:
-            raise self._refuse(message, auth, 440, "Address Family not Supported", "family")
         even_port, token = message.get(attr.EVEN_PORT), message.get(attr.RESERVATION_TOKEN)
         if even_port is not None and token is not None:
             raise self._refuse(message, auth, 400, "Bad Request", "bad_request")
@@ -517,6 +516,24 @@ class TurnCore:
         if even_port is not None and attr.decode_even_port(even_port):
             raise self._refuse(message, auth, 508, "Insufficient Capacity", "reservation")
         return even_port is not None
+
+    def _relay_family(self, message: Message, auth: _Auth) -> tuple[int, int | None]:
+        """The family of the relayed address to allocate (RFC 8656 section 7.2, steps 6, 7
+        and 9), and the family of a dual allocation's second half, refused: this server
+        gives one relayed address per allocation, IPv4 unless REQUESTED-ADDRESS-FAMILY asks
+        for IPv6."""
+        requested = message.get(attr.REQUESTED_ADDRESS_FAMILY)
+        additional = message.get(attr.ADDITIONAL_ADDRESS_FAMILY)
+        if requested is not None and additional is not None:
+            raise self._refuse(message, auth, 400, "Bad Request", "bad_request")
+        family = attr.FAMILY_IPV4 if requested is None else attr.decode_family(requested)
+        if family not in self.relay_families:  # absent means IPv4 (step 7)
+            raise self._refuse(message, auth, 440, "Address Family not Supported", "family")
+        if additional is None:
+            return family, None
+        if attr.decode_family(additional) != attr.FAMILY_IPV6:
+            raise self._refuse(message, auth, 400, "Bad Request", "bad_request")  # step 9
+        return family, attr.FAMILY_IPV6
 
     def _lifetime(self, message: Message) -> int:
         """RFC 8656 section 7.2: the requested lifetime, at least the default, at most the max."""
@@ -534,10 +551,9 @@ class TurnCore:
         alloc.expires = now + lifetime
         return self._signed(message, auth, [(attr.LIFETIME, attr.uint32(lifetime))])
 
-    def _peer(self, message: Message, auth: _Auth, value: bytes) -> Addr:
+    def _peer(self, message: Message, auth: _Auth, alloc: Allocation, value: bytes) -> Addr:
         peer = attr.decode_xor_address(value, message.transaction_id)
-        family = attr.FAMILY_IPV6 if ":" in peer[0] else attr.FAMILY_IPV4
-        if family != self.relay_family:
+        if (":" in peer[0]) != (":" in alloc.relay[0]):  # RFC 8656 section 9.1 (and 11.1)
             raise self._refuse(message, auth, 443, "Peer Address Family Mismatch", "family")
         reason = self.policy.check(*peer)
         if reason is not None:
@@ -550,7 +566,7 @@ class TurnCore:
         if not values:
             raise self._refuse(message, auth, 400, "Bad Request", "bad_request")
         # All or nothing (RFC 8656 section 9.2): every peer is checked before any is installed.
-        peers = [self._peer(message, auth, value) for value in values]
+        peers = [self._peer(message, auth, alloc, value) for value in values]
         self._permit(message, auth, alloc, [ip for ip, _ in peers], now)
         return self._signed(message, auth, [])
 
@@ -572,7 +588,7 @@ class TurnCore:
         number = attr.decode_channel_number(number_raw)
         if not CHANNEL_MIN <= number <= CHANNEL_MAX:
             raise self._refuse(message, auth, 400, "Bad Request", "bad_channel")
-        peer = self._peer(message, auth, peer_raw)
+        peer = self._peer(message, auth, alloc, peer_raw)
         bound = alloc.channels.get(number)
         other = alloc.peer_channels.get(peer)
         if (bound is not None and bound[0] != peer) or (other is not None and other != number):

@@ -29,7 +29,6 @@ from prometheus_client import CollectorRegistry, Gauge, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from dna_stun import attributes as attr
 from dna_stun.auth import Credentials, Nonces
 from dna_stun.config import StunServiceConfig, config_warnings
 from dna_stun.core import Addr, Datagram, Limits, Send, TurnCore
@@ -45,9 +44,13 @@ SOCKET_BUFFER = 1 << 21
 
 
 def _udp_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+    """A non-blocking UDP socket bound to ``host``; ``::`` is dual-stack (IPv4 clients
+    arrive as IPv4-mapped addresses, which `_drain` turns back into IPv4 ones)."""
+    ip = ipaddress.ip_address(host)
+    sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_DGRAM)
     try:
+        if ip.version == 6 and ip.is_unspecified:  # whatever net.ipv6.bindv6only says
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.setblocking(False)
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             with contextlib.suppress(OSError):
@@ -61,7 +64,10 @@ def _udp_socket(host: str, port: int) -> socket.socket:
 
 def _drain(sock: socket.socket) -> list[Datagram]:
     """What one socket holds, up to ``BATCH`` datagrams (so one busy socket cannot starve the
-    others): the hot path, so the IPv4 loop appends what ``recvfrom`` returns as it is."""
+    others): the hot path, so the IPv4 loop appends what ``recvfrom`` returns as it is. On an
+    IPv6 socket an IPv4-mapped source (a dual-stack socket's IPv4 client) becomes the IPv4
+    address it is: the client's reflexive address is IPv4 (XOR-MAPPED-ADDRESS family 0x01,
+    RFC 8489 section 14.2), and the policy and the allocations see one form of it."""
     batch: list[Datagram] = []
     append, recvfrom = batch.append, sock.recvfrom
     ipv6 = sock.family == socket.AF_INET6
@@ -69,7 +75,10 @@ def _drain(sock: socket.socket) -> list[Datagram]:
         try:
             if ipv6:
                 data, addr = recvfrom(RECV_SIZE)
-                append((data, addr[:2]))  # (host, port, flowinfo, scope_id)
+                host = addr[0]
+                if host.startswith("::ffff:") and "." in host:
+                    host = host[7:]
+                append((data, (host, addr[1])))  # from (host, port, flowinfo, scope_id)
             else:
                 append(recvfrom(RECV_SIZE))
         except (BlockingIOError, InterruptedError):
@@ -84,17 +93,20 @@ class RelaySockets:
 
     def __init__(
         self,
-        host: str,
+        hosts: dict[int, str],
         port_range: tuple[int, int],
         loop: asyncio.AbstractEventLoop,
         on_readable: Callable[[socket.socket, Addr], None],
     ) -> None:
-        self.host, self.port_range, self.loop = host, port_range, loop
+        self.hosts, self.port_range, self.loop = hosts, port_range, loop  # family -> address
         self.on_readable = on_readable
         self.sockets: dict[Addr, socket.socket] = {}
         self.retired: list[Addr] = []  # closed, but their sockets wait for ``flush``
 
-    def open(self, even: bool) -> Addr | None:
+    def open(self, even: bool, family: int) -> Addr | None:
+        host = self.hosts.get(family)
+        if host is None:
+            return None
         low, high = self.port_range
         for _ in range(BIND_TRIES):
             port = random.randint(low, high)
@@ -103,10 +115,10 @@ class RelaySockets:
             if not low <= port <= high:
                 continue
             try:
-                sock = _udp_socket(self.host, port)
+                sock = _udp_socket(host, port)
             except OSError:
                 continue  # taken: try another
-            relay = (self.host, port)
+            relay = (host, port)
             self.sockets[relay] = sock
             self.loop.add_reader(sock.fileno(), self.on_readable, sock, relay)
             return relay
@@ -186,10 +198,12 @@ class StunServer:
         self.ready = False
         self._stopping = False
         self._sock: socket.socket | None = None
+        self._sock6: socket.socket | None = None  # [server] host_ipv6: IPv6 clients
         self._relays: RelaySockets | None = None
         self._ops: OpsServer | None = None
         self._upkeep: asyncio.Task[None] | None = None
         self.udp_addr: Addr | None = None
+        self.udp_addr6: Addr | None = None
 
     @property
     def http_port(self) -> int:
@@ -197,17 +211,18 @@ class StunServer:
 
     def _make_core(self, loop: asyncio.AbstractEventLoop) -> TurnCore:
         cfg = self.config
-        relay_ip = cfg.server.relay_ip()
-        self._relays = RelaySockets(
-            relay_ip, (cfg.server.relay_port_min, cfg.server.relay_port_max), loop, self._from_peers
-        )
+        relay_ips = cfg.server.relay_ips()
+        ports = (cfg.server.relay_port_min, cfg.server.relay_port_max)
+        self._relays = RelaySockets(relay_ips, ports, loop, self._from_peers)
         policy = RelayPolicy(
             denied=cfg.relay.denied(),
             allowed=cfg.relay.allowed_peers,
             relay_ports=(cfg.server.relay_port_min, cfg.server.relay_port_max),
         )
         policy.add_own_endpoint((cfg.server.host, cfg.server.udp_port))
-        policy.own_ips.add(str(ipaddress.ip_address(relay_ip)))
+        if cfg.server.host_ipv6:
+            policy.add_own_endpoint((cfg.server.host_ipv6, cfg.server.udp_port))
+        policy.own_ips.update(str(ipaddress.ip_address(ip)) for ip in relay_ips.values())
         return TurnCore(
             credentials=Credentials(cfg.auth.realm, cfg.auth.user_passwords(), cfg.auth.secrets()),
             nonces=Nonces(cfg.auth.nonce_lifetime_s),
@@ -221,7 +236,7 @@ class StunServer:
                 max_permissions=cfg.relay.max_permissions,
                 bandwidth_bytes_per_s=cfg.relay.bandwidth_bytes_per_s,
             ),
-            relay_family=attr.FAMILY_IPV6 if ":" in relay_ip else attr.FAMILY_IPV4,
+            relay_families=frozenset(relay_ips),
         )
 
     async def start(self) -> None:
@@ -231,15 +246,11 @@ class StunServer:
             self.log.warning(warning)
         self.core = self._make_core(loop)
         try:
-            try:
-                self._sock = _udp_socket(cfg.server.host, cfg.server.udp_port)
-            except OSError as exc:
-                where = f"UDP {cfg.server.host}:{cfg.server.udp_port}"
-                raise OSError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+            self._sock = self._listen(cfg.server.host, cfg.server.udp_port)
             self.udp_addr = self._sock.getsockname()[:2]
-            if cfg.server.udp_port == 0:  # a test's ephemeral port: refuse relaying to it too
-                self.core.policy.add_own_endpoint(self.udp_addr)
-            loop.add_reader(self._sock.fileno(), self._readable)
+            if cfg.server.host_ipv6:  # the same port, unless a test's ephemeral one
+                self._sock6 = self._listen(cfg.server.host_ipv6, cfg.server.udp_port)
+                self.udp_addr6 = self._sock6.getsockname()[:2]
             self._ops = OpsServer(self._ops_app(), log=self.log, limits=HttpLimits())
             try:
                 await self._ops.start(cfg.ops.http_host, cfg.ops.http_port)
@@ -253,11 +264,23 @@ class StunServer:
         self.ready = True
         self.log.info("started", extra={"status": self.status()})
 
+    def _listen(self, host: str, port: int) -> socket.socket:
+        """A listening socket, read from now on; raises naming the address."""
+        assert self.core is not None
+        try:
+            sock = _udp_socket(host, port)
+        except OSError as exc:
+            raise OSError(f"cannot listen on UDP {host}:{port}: {exc.strerror or exc}") from None
+        if port == 0:  # a test's ephemeral port: refuse relaying to it too
+            self.core.policy.add_own_endpoint(sock.getsockname()[:2])
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, sock)
+        return sock
+
     # --- datagrams ---------------------------------------------------------------------------
 
-    def _readable(self) -> None:
-        assert self._sock is not None and self.core is not None
-        batch = _drain(self._sock)
+    def _readable(self, sock: socket.socket) -> None:
+        assert self.core is not None
+        batch = _drain(sock)
         if batch:
             self._relay(self.core.on_client_datagrams, batch)
 
@@ -278,12 +301,20 @@ class StunServer:
             out = self._one_by_one(handle, batch)
         sock, relays = self._sock, self._relays
         assert sock is not None and relays is not None
-        sockets = relays.sockets
+        sock6 = self._sock6 or sock  # IPv6 clients: [server] host_ipv6's socket, if any
+        sockets, dual = relays.sockets, sock.family == socket.AF_INET6
         for via, data, to in out:
             # A full buffer or an unreachable peer: UDP may drop, so do we. (Not
             # contextlib.suppress: a context manager per packet costs measurably.)
-            try:  # noqa: SIM105
-                (sock if via is None else sockets[via]).sendto(data, to)
+            try:
+                if via is not None:
+                    sockets[via].sendto(data, to)
+                elif ":" in to[0]:
+                    sock6.sendto(data, to)
+                elif dual:  # an IPv4 client of a dual-stack ("::") socket
+                    sock.sendto(data, ("::ffff:" + to[0], to[1]))
+                else:
+                    sock.sendto(data, to)
             except (OSError, KeyError):
                 pass
         if relays.retired:
@@ -343,6 +374,8 @@ class StunServer:
         }
         if self.udp_addr is not None:
             info["udp"] = f"{self.udp_addr[0]}:{self.udp_addr[1]}"
+            if self.udp_addr6 is not None:
+                info["udp6"] = f"[{self.udp_addr6[0]}]:{self.udp_addr6[1]}"
             info["http"] = f"{self.config.ops.http_host}:{self.http_port}"
         if core is not None:
             info["allocations"] = len(core.by_client)
@@ -357,10 +390,11 @@ class StunServer:
             self.core.close_all()  # closes every relay socket through RelaySockets.close
         if self._relays is not None:
             self._relays.close_all()
-        if self._sock is not None:
-            with contextlib.suppress(ValueError, OSError):
-                loop.remove_reader(self._sock.fileno())
-            self._sock.close()
+        for sock in (self._sock, self._sock6):
+            if sock is not None:
+                with contextlib.suppress(ValueError, OSError):
+                    loop.remove_reader(sock.fileno())
+                sock.close()
         if self._ops is not None:
             await self._ops.stop()
 

@@ -26,15 +26,20 @@ import hmac
 import ipaddress
 import json
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aioice
+import aioice.stun
+import ifaddr
+from aioice.candidate import candidate_foundation, candidate_priority
 from dna_core.crypto import Identity, PublicKeySet
 from dna_core.errors import DnaError
 
+from dna_peer.direct import candidates
 from dna_peer.direct.channel import (
     Channel,
     Closed,
@@ -62,26 +67,81 @@ class IceConfig:
     turn_username: str | None = None
     turn_password: str | None = None
     relay_only: bool = False  # tests and the paranoid: only the TURN-relayed candidate
-    # Host candidates only on these networks (CIDRs); empty: every interface aioice finds.
+    # Host candidates only on these networks (CIDRs); empty: every usable address.
     # Keeps container bridges, VPNs and management links out of the pairs.
     host_networks: tuple[str, ...] = ()
+    # The STUN server's IPv6 address for IPv6 server-reflexive candidates (aioice asks
+    # ``stun`` from IPv4 sockets only); None: ``stun`` itself if it is a name with an
+    # AAAA record, else none.
+    stun6: tuple[str, int] | None = None
 
-    async def gather(self, agent: aioice.Connection) -> None:
-        """Gather ``agent``'s candidates, dropping host candidates off ``host_networks``."""
-        await agent.gather_candidates()
+    def host_addresses(self) -> list[str]:
+        """The addresses host candidates are gathered on (`candidates.select_host_addresses`:
+        no loopback, link-local or mapped address; the temporary IPv6 address of a prefix,
+        not its stable one), on ``host_networks`` when set."""
+        found = [ip.ip if isinstance(ip.ip, str) else ip.ip[0]
+                 for adapter in ifaddr.get_adapters() for ip in adapter.ips]  # fmt: skip
+        inet6: dict[candidates.IPAddress, candidates.Inet6Entry] | None = None
+        with contextlib.suppress(OSError), open(candidates.IF_INET6) as table:  # not Linux: none
+            inet6 = candidates.parse_if_inet6(table.read())
+        chosen = candidates.select_host_addresses(found, inet6)
         if self.host_networks:
             nets = [ipaddress.ip_network(cidr) for cidr in self.host_networks]
-            agent._local_candidates = [  # aioice has no interface filter of its own
-                c
-                for c in agent._local_candidates
-                if c.type != "host" or any(ipaddress.ip_address(c.host) in n for n in nets)
-            ]
+            chosen = [a for a in chosen if any(ipaddress.ip_address(a) in n for n in nets)]
+        return chosen
+
+    async def gather(
+        self, agent: aioice.Connection, *, reflexive6: bool = False,
+        addresses: list[str] | None = None,
+    ) -> None:  # fmt: skip
+        """Gather ``agent``'s candidates on ``addresses`` (default `host_addresses`; aioice's
+        `gather_candidates` with our address choice: its own takes every interface
+        address), host candidates ranked IPv6 first (RFC 8421). ``reflexive6``: also ask
+        the STUN server over IPv6 (the listener; a caller does not wait for it)."""
+        if addresses is None:
+            addresses = self.host_addresses()
+        if self.relay_only:
+            addresses = []
+        agent._local_candidates_start = True  # aioice's gathering state, kept as it keeps it
+        for component in sorted(agent._components):
+            agent._local_candidates += await agent.get_component_candidates(
+                component=component, addresses=addresses
+            )
+        if reflexive6 and not self.relay_only:
+            agent._local_candidates += await self._reflexive6(agent)
+        _rank_hosts(agent._local_candidates)
+        agent._local_candidates_end = True
+
+    async def _reflexive6(self, agent: aioice.Connection) -> list[aioice.Candidate]:
+        """IPv6 server-reflexive candidates: a Binding from each IPv6 host socket to the STUN
+        server's IPv6 address; kept only where the mapping differs from the host address
+        (behind NAT66/NPTv6), as RFC 8445 section 5.1.3 drops redundant candidates."""
+        server = await self._stun6_address()
+        if server is None:
+            return []
+        hosts = [p for p in agent._protocols  # aioice keeps its sockets private
+                 if p.local_candidate is not None and p.local_candidate.type == "host"
+                 and ":" in p.local_candidate.host]  # fmt: skip
+        found = await asyncio.gather(*(_reflexive(p, server) for p in hosts))
+        return [c for c in found if c is not None]
+
+    async def _stun6_address(self) -> tuple[str, int] | None:
+        target = self.stun6 or self.stun
+        if target is None:
+            return None
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                target[0], target[1], family=socket.AF_INET6, type=socket.SOCK_DGRAM
+            )
+        except OSError:  # no AAAA record, or an IPv4 literal
+            return None
+        return (str(infos[0][4][0]), int(infos[0][4][1])) if infos else None
 
     def agent_options(self) -> dict[str, Any]:
         """aioice.Connection's keywords for these servers and this policy (both ends)."""
         return dict(
             stun_server=self.stun, turn_server=self.turn, turn_username=self.turn_username,
-            turn_password=self.turn_password, use_ipv6=False,
+            turn_password=self.turn_password,
             transport_policy=(aioice.TransportPolicy.RELAY if self.relay_only
                               else aioice.TransportPolicy.ALL),
         )  # fmt: skip
@@ -90,14 +150,68 @@ class IceConfig:
         return aioice.Connection(ice_controlling=controlling, **self.agent_options(), **credentials)
 
 
+REFLEXIVE6_TIMEOUT_S = 1.0  # a STUN server unreachable over IPv6 delays going online this much
+
+
+async def _reflexive(protocol: Any, server: tuple[str, int]) -> aioice.Candidate | None:
+    """The reflexive candidate of one host socket, None if redundant or unanswered."""
+    host = protocol.local_candidate
+    request = aioice.stun.Message(message_method=aioice.stun.Method.BINDING,
+                                  message_class=aioice.stun.Class.REQUEST)  # fmt: skip
+    try:
+        async with asyncio.timeout(REFLEXIVE6_TIMEOUT_S):
+            response, _ = await protocol.request(request, server)
+        mapped_host, mapped_port = response.attributes["XOR-MAPPED-ADDRESS"]
+    except (TimeoutError, OSError, KeyError, aioice.stun.TransactionError):
+        return None
+    if ipaddress.ip_address(mapped_host) == ipaddress.ip_address(host.host) and (
+        mapped_port == host.port
+    ):
+        return None
+    return aioice.Candidate(
+        foundation=candidate_foundation("srflx", "udp", host.host), component=host.component,
+        transport="udp", priority=candidate_priority(host.component, "srflx"),
+        host=mapped_host, port=mapped_port, type="srflx",
+        related_address=host.host, related_port=host.port,
+    )  # fmt: skip
+
+
+def publish_order(gathered: list[aioice.Candidate]) -> list[aioice.Candidate]:
+    """See `Listener.candidates`."""
+    hosts = sorted((c for c in gathered if c.type == "host"), key=lambda c: -c.priority)
+    best = [next(c for c in hosts if (":" in c.host) == v6)
+            for v6 in (True, False) if any((":" in c.host) == v6 for c in hosts)]  # fmt: skip
+    servers = sorted((c for c in gathered if c.type != "host"), key=lambda c: -c.priority)
+    return best + servers + [c for c in hosts if c not in best]
+
+
+def _rank_hosts(gathered: list[aioice.Candidate]) -> None:
+    """Host and server-reflexive candidates get the local preference of their host address
+    (`candidates.local_preferences`: IPv6 first, the families interleaved)."""
+    prefs = candidates.local_preferences(
+        dict.fromkeys(c.host for c in gathered if c.type == "host")
+    )
+    for c in gathered:
+        base = c.host if c.type == "host" else c.related_address
+        if c.type in ("host", "srflx") and base in prefs:
+            c.priority = candidate_priority(c.component, c.type, prefs[base])
+
+
 OFFER_TAG = b"DNA-ICE-OFFER1"  # a caller's candidates, sent through the relays first
 RELAY_HOLD_S = 1.0  # the caller checks relayed pairs only after this: direct pairs first
 
 
+OFFER_MAX_BYTES = 1200  # one datagram that needs no IP fragments, TURN headers included
+
+
 def offer_datagram(candidates: list[aioice.Candidate], listener_pwd: str) -> bytes:
     """The caller's host and reflexive candidates, MACed with the listener's ICE password
-    (sealed to its contacts: a stranger cannot make the listener send checks anywhere)."""
-    body = json.dumps([c.to_sdp() for c in candidates]).encode()
+    (sealed to its contacts: a stranger cannot make the listener send checks anywhere).
+    A caller with many addresses offers the head of `publish_order` that fits."""
+    lines = [c.to_sdp() for c in publish_order(candidates)]
+    while len(lines) > 1 and len(json.dumps(lines)) > OFFER_MAX_BYTES - len(OFFER_TAG) - 32:
+        lines.pop()
+    body = json.dumps(lines).encode()
     mac = hmac.new(listener_pwd.encode(), body, hashlib.sha256).digest()
     return OFFER_TAG + mac + body
 
@@ -155,14 +269,21 @@ class Listener:
     def __init__(self, config: IceConfig, on_call: Callable[[Listener], None]) -> None:
         self.config = config
         self.agent = _ListeningAgent(
-            lambda: on_call(self), ice_controlling=False, **config.agent_options()
+            lambda: self._called(on_call), ice_controlling=False, **config.agent_options()
         )
+        self.called = False  # a caller reached it: the owner answers, then replaces it
+        self.addresses: list[str] = []  # what its host candidates were gathered on
         caller = aioice.Connection(ice_controlling=True)  # only to draw random credentials
         self.caller_ufrag, self.caller_pwd = caller.local_username, caller.local_password
         self.agent.remote_username, self.agent.remote_password = self.caller_ufrag, self.caller_pwd
 
+    def _called(self, on_call: Callable[[Listener], None]) -> None:
+        self.called = True
+        on_call(self)
+
     async def gather(self) -> None:
-        await self.config.gather(self.agent)
+        self.addresses = self.config.host_addresses()
+        await self.config.gather(self.agent, reflexive6=True, addresses=self.addresses)
         self._open_relay_to_its_server()
 
     def _open_relay_to_its_server(self) -> None:
@@ -178,7 +299,10 @@ class Listener:
                 protocol.transport.sendto(b"", (local.host, local.port))  # binds a channel
 
     def candidates(self) -> tuple[str, ...]:
-        return tuple(c.to_sdp() for c in self.agent.local_candidates)
+        """The candidates to publish, most useful first (a record that cannot hold them
+        all keeps the head: `presence.fit_reach`): the best host candidate of each family,
+        the reflexive and relayed ones, then the other host candidates."""
+        return tuple(c.to_sdp() for c in publish_order(self.agent.local_candidates))
 
     async def close(self) -> None:
         await self.agent.close()
@@ -271,6 +395,13 @@ class DirectLink:
         """The candidate types of the selected pair ("host->host", "relay->host", ...)."""
         pair = getattr(self.agent, "_nominated", {}).get(1)  # aioice keeps the pair private
         return f"{pair.local_candidate.type}->{pair.remote_candidate.type}" if pair else "none"
+
+    def route_ip(self) -> str:
+        """The IP version of the selected pair's addresses ("IPv4", "IPv6"), "none" without."""
+        pair = getattr(self.agent, "_nominated", {}).get(1)
+        if pair is None:
+            return "none"
+        return "IPv6" if ":" in pair.remote_candidate.host else "IPv4"
 
     @classmethod
     async def open(

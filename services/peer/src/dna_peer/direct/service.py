@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from dna_core.crypto import Identity, PublicKeySet
 from dna_core.errors import DnaError
@@ -30,6 +30,7 @@ from dna_peer.presence import (
     MAX_SEALED_CONTACTS,
     REFRESH_MS,
     Reach,
+    fit_reach,
     lookup_presence,
     presence_key,
     presence_record,
@@ -62,6 +63,7 @@ class DirectService:
     config: IceConfig
     deliver: Deliver  # store a received envelope (the peer's inbox); raises if it cannot
     timeout_s: float = DIRECT_TIMEOUT_S
+    refresh_s: float = REFRESH_MS / 1000  # how often the record is signed again
     links: dict[bytes, DirectLink] = field(default_factory=dict)  # contact fingerprint ->
     listener: Listener | None = None
     _refresher: asyncio.Task[None] | None = None
@@ -110,8 +112,15 @@ class DirectService:
         return await self._put(reach)
 
     async def _put(self, reach: Reach | None) -> int:
-        record = presence_record(self.owner.identity, self._sealed_to(), reach,
-                                 now_ms=now_ms(), proof=self._proof_of_work())  # fmt: skip
+        contacts, proof = self._sealed_to(), self._proof_of_work()
+        if reach is not None:
+            fitted = fit_reach(reach, len(contacts), proof)
+            if fitted != reach:
+                log.info("presence: %d of %d candidates fit the record", len(fitted.candidates),
+                         len(reach.candidates))  # fmt: skip
+            reach = fitted
+        record = presence_record(self.owner.identity, contacts, reach, now_ms=now_ms(),
+                                 proof=proof)  # fmt: skip
         return await self.owner.node.put_record(
             record, presence_key(self.owner.identity.fingerprint)
         )
@@ -133,27 +142,64 @@ class DirectService:
     async def _refresh(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._republish.wait(), REFRESH_MS / 1000)
+                await asyncio.wait_for(self._republish.wait(), self.refresh_s)
             self._republish.clear()
+            await self._follow_address_change()
             try:
                 await self.publish()
             except DnaError as exc:
                 log.warning("presence refresh failed: %s", exc)
 
     async def _new_listener(self) -> None:
+        self.listener = await self._gathered_listener()
+
+    async def _gathered_listener(self) -> Listener:
         listener = Listener(self.config, self._called)
-        await listener.gather()
-        self.listener = listener
+        try:
+            await listener.gather()
+        except BaseException:  # cancelled (`stop`): no sockets or allocation left behind
+            await listener.close()
+            raise
+        return listener
+
+    async def _follow_address_change(self) -> None:
+        """Before a refresh: a listener gathered on addresses the device no longer has, or
+        without ones it has now (another network; a temporary IPv6 address rotated out, a
+        new one in) is replaced, so the record says where the device is. A caller that read
+        the old record and dials the old listener now fails ICE and takes the mailbox."""
+        old = self.listener
+        if old is None or old.called or self.config.host_addresses() == old.addresses:
+            return
+        fresh = await self._gathered_listener()
+        if old.called or self.listener is not old:  # a caller came: its answer made one
+            await fresh.close()
+            return
+        log.info("addresses changed (%s -> %s): a new listener", old.addresses, fresh.addresses)
+        self.listener = fresh
+        await old.close()
 
     def _called(self, listener: Listener) -> None:
         """A contact dialled the published listener: answer it, publish a new one."""
-        task = asyncio.create_task(self._answer(listener))
+        self._spawn(self._answer(listener))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _answer(self, listener: Listener) -> None:
+    async def _replace_listener(self) -> None:
         await self._new_listener()
+        self.republish()
+
+    def republish(self) -> None:
+        """Sign and put the record now rather than at the next refresh (after a call, or
+        when the device's network changed: the refresh first gathers on the new addresses)."""
         self._republish.set()
+
+    async def _answer(self, listener: Listener) -> None:
+        # The next listener is gathered while this caller is answered, not before: its
+        # TURN allocation and IPv6 STUN query take round trips the caller would wait for.
+        self._spawn(self._replace_listener())
         try:
             await answer(listener.agent, timeout=self.timeout_s)
         except DirectError as exc:
@@ -194,6 +240,11 @@ class DirectService:
         "relay->host", ...), None without a link: which way a direct message went."""
         link = self.links.get(fingerprint)
         return link.route() if link is not None else None
+
+    def route_ip_to(self, fingerprint: bytes) -> str | None:
+        """The IP version of that pair ("IPv4", "IPv6"), None without a link."""
+        link = self.links.get(fingerprint)
+        return link.route_ip() if link is not None else None
 
     async def send(self, contact: Contact, message_id: bytes, envelope: bytes) -> bool:
         """Deliver ``envelope`` over the direct path within the deadline: True once the
