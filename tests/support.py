@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import IO
@@ -99,6 +99,18 @@ def load_script(name: str) -> ModuleType:
     sys.modules[name] = module  # dataclasses and pickling look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def dna_watch(
+    home: Path, seeds: Iterable[tuple[str, int]], env: dict[str, str], *, stderr: int | None = None
+) -> subprocess.Popen[str]:
+    """`dna --json watch` of the profile at ``home`` against ``seeds``, every 0.3 s: its
+    stdout piped as text, its stderr as ``stderr`` says (None: this process's)."""
+    argv = [str(BIN / "dna"), "--home", str(home), "--json", "--bootstrap",
+            ",".join(f"{h}:{p}" for h, p in seeds), "watch", "--interval", "0.3"]  # fmt: skip
+    return subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=stderr, text=True, env={**env, "PATH": str(BIN)}
+    )
 
 
 def lines(stream: IO[str]) -> queue.Queue[str]:

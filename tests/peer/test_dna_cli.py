@@ -27,7 +27,7 @@ from dna_peer.network import join_overlay
 from dna_peer.peer import MAX_TEXT_BYTES
 from dna_peer.profile import Profile
 from dna_testnet.network import Testnet
-from support import BIN, lines, on_a_terminal, run_script, wait_for
+from support import BIN, dna_watch, lines, on_a_terminal, run_script, wait_for
 
 pytestmark = pytest.mark.process  # every test runs the dna command
 
@@ -191,11 +191,7 @@ def test_two_people_and_a_second_device(testnet: Testnet, tmp_path: Path) -> Non
     code = ok(dna(bob, "--json", "identity", "link", "--device-name", "laptop", net=testnet))
     linked = ok(dna(laptop, "--json", "identity", "link", code["code"], net=testnet))
     assert linked["messages"] == 1
-    watcher = subprocess.Popen(
-        [str(BIN / "dna"), "--home", str(laptop), "--json", "--bootstrap",
-         ",".join(f"{h}:{p}" for h, p in testnet.seeds), "watch", "--interval", "0.3"],
-        stdout=subprocess.PIPE, text=True, env={**PASS, "PATH": str(BIN)},
-    )  # fmt: skip
+    watcher = dna_watch(laptop, testnet.seeds, PASS)
     try:
         time.sleep(2)
         ok(dna(alice, "--json", "send", f"bob{suffix}", "live", net=testnet))
@@ -673,12 +669,7 @@ def test_watch_shows_each_message_as_soon_as_it_is_opened(testnet: Testnet, tmp_
     alice, bob, alice_name, bob_name = _pair(testnet, tmp_path)
     ok(dna(alice, "--json", "send", bob_name, "first", net=testnet))
     asyncio.run(put_unopenable(testnet, Profile(bob).public_keys()))
-    watcher = subprocess.Popen(
-        [str(BIN / "dna"), "--home", str(bob), "--json", "--bootstrap",
-         ",".join(f"{h}:{p}" for h, p in testnet.seeds), "watch", "--interval", "0.3"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**PASS, "PATH": str(BIN)},
-    )  # fmt: skip
+    watcher = dna_watch(bob, testnet.seeds, PASS, stderr=subprocess.STDOUT)
     seen: list[str] = []
     try:
         assert watcher.stdout is not None

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from cluster import free_ips, sample_value, scrape
 from dna_testnet.network import Testnet
-from support import BIN, lines, run_script, wait_for
+from support import dna_watch, lines, run_script, wait_for
 
 pytestmark = pytest.mark.process  # every test runs the dna command
 
@@ -38,12 +38,7 @@ def test_watch_rides_out_a_network_restart(tmp_path: Path) -> None:
         dna(alice, net, "identity", "create", "--name", f"alice{suffix}")
         dna(bob, net, "identity", "create", "--name", f"bob{suffix}")
         dna(bob, net, "contacts", "add", f"alice{suffix}")
-        watcher = subprocess.Popen(
-            [str(BIN / "dna"), "--home", str(alice), "--json", "--bootstrap",
-             ",".join(f"{h}:{p}" for h, p in net.seeds), "watch", "--interval", "0.3"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**PASS, "PATH": str(BIN)},
-        )  # fmt: skip
+        watcher = dna_watch(alice, net.seeds, PASS, stderr=subprocess.PIPE)
         assert watcher.stdout is not None and watcher.stderr is not None
         out, err = lines(watcher.stdout), lines(watcher.stderr)
         seen: list[str] = []
@@ -95,12 +90,7 @@ def test_watch_receives_pushed_messages_without_fetching(tmp_path: Path) -> None
         dna(alice, net, "identity", "create", "--name", f"alice{suffix}")
         dna(bob, net, "identity", "create", "--name", f"bob{suffix}")
         dna(bob, net, "contacts", "add", f"alice{suffix}")
-        watcher = subprocess.Popen(
-            [str(BIN / "dna"), "--home", str(alice), "--json", "--bootstrap",
-             ",".join(f"{h}:{p}" for h, p in net.seeds), "watch", "--interval", "0.3"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**PASS, "PATH": str(BIN)},
-        )  # fmt: skip
+        watcher = dna_watch(alice, net.seeds, PASS, stderr=subprocess.PIPE)
         assert watcher.stdout is not None
         seen: list[str] = []
         out = lines(watcher.stdout)
