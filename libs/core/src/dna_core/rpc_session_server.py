@@ -96,8 +96,15 @@ class SharedSlots:
 
     async def acquire(self, source: str) -> None:
         await self.until_free(source)
+        self.take(source)
+
+    def take(self, source: str) -> bool:
+        """Take a slot now if ``source`` may have one (no waiting); whether it did."""
+        if not self._fits(source):
+            return False
         self.held[source] = self.held.get(source, 0) + 1
         self.count += 1
+        return True
 
     async def until_free(self, source: str) -> None:
         """Until ``source`` could take a slot (without taking it: taking one only to give

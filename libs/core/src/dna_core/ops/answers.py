@@ -99,27 +99,17 @@ class AnswerSlots:
         ``on_stall`` (the connection guard drops the connection), and the call ended."""
         await self._take(source)
         try:
-            response = await answer()
-        except BaseException:
+            await self._write(context, await answer(), on_stall)
+        finally:
+            # Once grpc is done with the answer: sent, or dropped with its connection. Not
+            # before: an answer grpc could not send cannot be taken back from a call (an
+            # abort fails while a write is under way, and a cancelled call's answer stays
+            # until its connection ends).
             self.slots.release(source)
-            raise
-        write = asyncio.ensure_future(context.write(response))
-        # The slot is given back when grpc is done with the answer: sent, or dropped with
-        # its connection. Not when we stop waiting: grpc still holds an answer whose write
-        # we leave, and it cannot be taken back from a call (an abort fails while a write
-        # is under way, and a cancelled call's answer stays until its connection ends).
-        write.add_done_callback(lambda done: self._written(done, source))
-        await asyncio.wait((write,), timeout=self.stall_s)
-        if write.done():
-            write.result()
-            return
-        self.refused.labels(reason="stalled").inc()
-        on_stall()
-        # No status can follow an unsent answer: grpc ends a call whose handler is
-        # cancelled without one (and without a traceback in the log).
-        raise asyncio.CancelledError
 
     async def _take(self, source: str) -> None:
+        if self.slots.take(source):
+            return
         try:
             await asyncio.wait_for(self.slots.acquire(source), self.stall_s)
         except TimeoutError:
@@ -129,7 +119,24 @@ class AnswerSlots:
                 f"({self.slots.per_source} per address, {self.slots.total} in all); retry"
             ) from None
 
-    def _written(self, write: asyncio.Future[Any], source: str) -> None:
-        self.slots.release(source)
-        if not write.cancelled():
-            write.exception()  # a write that ended with its connection: nothing to say
+    async def _write(self, context: Ctx, response: Any, on_stall: Callable[[], object]) -> None:
+        stalled: list[bool] = []
+
+        def stall() -> None:
+            stalled.append(True)
+            self.refused.labels(reason="stalled").inc()
+            on_stall()
+
+        # A timer, not a timeout: the write must not be cancelled under grpc (it fails the
+        # call), and a write awaited directly costs a task less per call.
+        timer = asyncio.get_running_loop().call_later(self.stall_s, stall)
+        try:
+            await context.write(response)
+        except Exception:
+            if not stalled:
+                raise
+            # Ended with its connection: no status can follow an unsent answer, and grpc
+            # ends a call whose handler is cancelled without one (and without a traceback).
+            raise asyncio.CancelledError from None
+        finally:
+            timer.cancel()
