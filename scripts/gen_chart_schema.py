@@ -36,6 +36,9 @@ CHART_OWNED = {
     # come from a Secret (stun.auth), never from values.
     "server.host": "the pod IP",
     "server.relay_host": "the pod IP",
+    # A pod's IPv6 address is its own, not a value every pod could share.
+    "server.host_ipv6": "not offered by the chart (the pod's IPv4 address serves)",
+    "server.relay_host_ipv6": "not offered by the chart (the pod's IPv4 address serves)",
     "server.udp_port": "stun.udpPort",
     "server.relay_port_min": "stun.relayPortMin",
     "server.relay_port_max": "stun.relayPortMax",

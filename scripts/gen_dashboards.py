@@ -118,7 +118,7 @@ def overlay_dashboard() -> db.Dashboard:
         "dna-overlay",
         "DNA overlay",
         "Every DNA node (bootstrap and storage): readiness, routing, overlay RPCs, records, "
-        "gRPC errors and the process. Metrics: docs/operations.md.",
+        "gRPC errors, load shedding and the process. Metrics: docs/operations.md.",
     )
     d = d.with_row(db.Row("Nodes"))
     d = d.with_panel(
@@ -248,6 +248,36 @@ def overlay_dashboard() -> db.Dashboard:
             "Bytes of records each node holds (bounded by records.max_bytes).",
             "bytes",
             query(f"dna_overlay_record_bytes{{{SEL}}}", "{{instance}}"),
+        )
+    )
+    d = d.with_row(db.Row("Load shedding"))
+    d = d.with_panel(
+        series(
+            "gRPC connections",
+            "Connections open through the connection guard, and those it closed at accept "
+            "(per source or total cap), per second.",
+            "short",
+            query(f"dna_grpc_connections{{{SEL}}}", "open {{instance}}"),
+            query(
+                f"sum by (reason) (rate(dna_grpc_connections_refused_total{{{SEL}}}[{RATE}]))",
+                "refused {{reason}}",
+                "B",
+            ),
+        )
+    )
+    d = d.with_panel(
+        series(
+            "Large unary answers",
+            "Answers (a mailbox page, a record) built or waiting for their client to read "
+            "them, and calls refused with no slot free (busy) or ended unread (stalled), per "
+            "second: grpc_answers_max bounds the first.",
+            "short",
+            query(f"dna_grpc_answers_held{{{SEL}}}", "held {{instance}}"),
+            query(
+                f"sum by (reason) (rate(dna_grpc_answers_refused_total{{{SEL}}}[{RATE}]))",
+                "{{reason}}",
+                "B",
+            ),
         )
     )
     d = d.with_row(db.Row("Process"))
