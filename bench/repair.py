@@ -32,12 +32,13 @@
   pass (all 5 nodes' memory: a pass must not hold memory per mailbox), exchanges failed by
   reason (rate refusals are RESOURCE_EXHAUSTED) and the waits for the peers' rate limits.
   ``--in-flight`` sets the mailboxes synced at once (1: one at a time, as before), and
-  ``--rtt-ms`` makes each of node 0's sync calls on sessions wait that long first: a round
-  trip, which loopback lacks. The mailboxes are the same on every node, so a pass is one
-  ``SyncCompare`` per peer and 512 mailboxes (``compared``: mailbox-peer pairs by
-  outcome) and no exchange; ``--per-mailbox`` turns the compare off (``Repairer.compare``):
-  every mailbox exchanged with every peer, as before it (the baseline). ``--differ D``
-  adds D mailboxes held by node 0 alone: each differs at every peer and is exchanged.
+  ``--rtt-ms`` makes each of node 0's sync calls (on sessions, unary, ``SyncCompare``
+  too) wait that long first: a round trip, which loopback lacks. The mailboxes are the
+  same on every node, so a pass is one ``SyncCompare`` per peer, ID slice and 512
+  mailboxes (``compared``: mailbox-peer pairs by outcome) and no exchange;
+  ``--per-mailbox`` turns the compare off (``Repairer.compare``): every mailbox exchanged
+  with every peer, as before it (the baseline). ``--differ D`` adds D mailboxes held by
+  node 0 alone: each differs at every peer and is exchanged.
 
 ``ratio`` = sessions / unary (above 1.0: repair over sessions is faster). CPU per mailbox
 (pass) and per blob (refill) is this process's, which holds every node.
@@ -305,15 +306,19 @@ def counted(counter: Any, label: str) -> dict[str, float]:
 
 
 def with_latency(repairer: Repairer, rtt_s: float) -> None:
-    """Every sync call of ``repairer`` waits ``rtt_s`` first: a network's round trip,
-    which loopback does not have (and this kernel has no netem to add)."""
-    on_session = repairer._on_session
+    """Every sync call of ``repairer`` waits ``rtt_s`` first, on a session or unary,
+    ``SyncCompare`` included (each attempt, after the pace let it go): a network's round
+    trip, which loopback does not have (and this kernel has no netem to add)."""
+    paced = repairer._paced
 
-    async def delayed(*args: Any) -> Any:
-        await asyncio.sleep(rtt_s)
-        return await on_session(*args)
+    async def delayed(peer: Any, send: Callable[[], Awaitable[Any]]) -> Any:
+        async def after_a_round_trip() -> Any:
+            await asyncio.sleep(rtt_s)
+            return await send()
 
-    setattr(repairer, "_on_session", delayed)  # noqa: B010 (mypy: assigning a method)
+        return await paced(peer, after_a_round_trip)
+
+    setattr(repairer, "_paced", delayed)  # noqa: B010 (mypy: assigning a method)
 
 
 async def bench_burst(
