@@ -115,6 +115,10 @@ RELOOK_AFTER_S = 10.0  # a refusal on an older lookup looks again once (a node r
 REUSE_S = 10.0  # how long, within a pass, a lookup's result may choose later mailboxes' replicas
 NEIGHBOURHOODS = 16  # recent lookup results a node's authorization of sync calls draws on
 IN_FLIGHT = 8  # mailboxes a pass syncs at once: their round trips overlap, not add up
+# ID slices whose compares are in flight while a pass reads and looks up the next: one
+# slice at a time, a pass lasted at least 256 round trips per peer (38 s at 150 ms) with
+# nothing to repair. Bounded: the slices ahead hold their plans in memory.
+COMPARE_AHEAD = 8
 T = TypeVar("T")
 R = TypeVar(
     "R",
@@ -780,6 +784,41 @@ class _Window:
             raise failed[0]  # type: ignore[misc]
 
 
+class _Ahead:
+    """Up to ``size`` slices' plans being completed (their compares in flight) while the
+    pass reads and looks up the next slice; taken back oldest first, in ID order."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:  # nothing could be taken back: the pass would never sync
+            raise ValueError(f"compare_ahead must be at least 1, not {size}")
+        self.size = size
+        self.tasks: deque[asyncio.Future[list[MailboxPlan]]] = deque()
+
+    def full(self) -> bool:
+        return len(self.tasks) >= self.size
+
+    def __bool__(self) -> bool:
+        return bool(self.tasks)
+
+    def put(self, work: Awaitable[list[MailboxPlan]]) -> None:
+        self.tasks.append(asyncio.ensure_future(work))
+
+    async def take(self) -> list[MailboxPlan]:
+        """The oldest slice's plans, once its compares are answered. It leaves the queue
+        only then: one that fails stays for ``cancel`` to collect (no task left behind)."""
+        plans = await self.tasks[0]
+        self.tasks.popleft()
+        return plans
+
+    async def cancel(self) -> None:
+        """Cancel the slices still ahead (a failure, or the pass itself cancelled) and
+        wait for them."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks.clear()
+
+
 class Repairer:
     def __init__(
         self,
@@ -794,9 +833,10 @@ class Repairer:
         sessions: bool = True,
         in_flight: int = IN_FLIGHT,
         compare: bool = True,
+        compare_ahead: int = COMPARE_AHEAD,
     ) -> None:
         self.node, self.backend, self.rules = node, backend, rules
-        self.in_flight = in_flight
+        self.in_flight, self.compare_ahead = in_flight, compare_ahead
         self.compare = compare  # False: every mailbox exchanged with every peer (benchmarks)
         self.replicas = replicas
         self.interval_s, self.timeout_s = interval_s, timeout_s
@@ -832,27 +872,41 @@ class Repairer:
 
         The mailbox ID space is walked in REPAIR_RANGES slices: listing everything at once
         would hold every blob ID of the node in memory (~100 MB at a million blobs).
-        ``in_flight`` mailboxes are synced at once: one after the other, a pass would last
-        at least a round trip per mailbox (100,000 mailboxes at 50 ms: 83 minutes), far
-        below what the peers' rate limits allow; the pacer keeps each peer within them."""
+        Each slice's replicas are found here, in ID order (one lookup serves many
+        neighbours: ``replica_peers``), and its compares go on while the next slices are
+        read and looked up, ``compare_ahead`` slices at most: one after the other, a pass
+        with nothing to repair lasted 256 round trips per peer. ``in_flight`` mailboxes are
+        synced at once: one after the other, a pass would last at least a round trip per
+        mailbox (100,000 mailboxes at 50 ms: 83 minutes), far below what the peers' rate
+        limits allow; the pacer keeps each peer within them, compares included."""
         started = time.monotonic()
         synced = 0
         self._hood = None  # a pass starts from a fresh lookup: nodes come and go between
-        window = _Window(self.in_flight)
         self._no_compare = set()
+        window, ahead = _Window(self.in_flight), _Ahead(self.compare_ahead)
         try:
             for start, end in id_ranges(REPAIR_RANGES):
                 digests = await self.backend.digests(start, end, _now_ms())
-                for plan in await self._plan(digests):
-                    await window.add(self.sync_mailbox(plan.box, plan))
-                    synced += 1
+                plans = await self._replicas(digests)
+                if ahead.full():
+                    synced += await self._sync_all(window, await ahead.take())
+                ahead.put(self._compared_plans(plans, digests))
+            while ahead:
+                synced += await self._sync_all(window, await ahead.take())
             await window.drain()
         finally:
+            await ahead.cancel()
             await window.cancel()
         self.metrics.passes.inc()
         self.metrics.last_pass.set(time.time())
         self.metrics.pass_seconds.set(time.monotonic() - started)
         return synced
+
+    async def _sync_all(self, window: _Window, plans: list[MailboxPlan]) -> int:
+        """Hand each planned mailbox to the window (waiting while it is full)."""
+        for plan in plans:
+            await window.add(self.sync_mailbox(plan.box, plan))
+        return len(plans)
 
     async def replica_peers(self, box: bytes) -> tuple[list[Contact], bool]:
         """The other storage nodes of the mailbox's replica set (``choose_replicas``), and
@@ -872,13 +926,19 @@ class Repairer:
                 hood = self._hood = Neighbourhood.of(box, found, self.node.config.k, now)
         return choose_replicas(hood.contacts, me, box, self.replicas)
 
-    async def _plan(self, digests: list[MailboxDigest]) -> list[MailboxPlan]:
-        """Each mailbox's replicas, in ID order (neighbours share lookups), then one
-        ``SyncCompare`` per peer and ``MAX_COMPARE`` mailboxes shared with it: a mailbox
-        a peer holds the same is not exchanged with it (``MailboxPlan.in_sync``). A
-        hand-off copy is never compared: outside the set, this node only offers."""
-        plans = [MailboxPlan(d.mailbox_id, *await self.replica_peers(d.mailbox_id))
-                 for d in digests]  # fmt: skip
+    async def _replicas(self, digests: list[MailboxDigest]) -> list[MailboxPlan]:
+        """Each mailbox's replicas, one after the other in ID order: neighbours share a
+        lookup (``replica_peers``), which mailboxes looked up out of order would not."""
+        return [MailboxPlan(d.mailbox_id, *await self.replica_peers(d.mailbox_id))
+                for d in digests]  # fmt: skip
+
+    async def _compared_plans(
+        self, plans: list[MailboxPlan], digests: list[MailboxDigest]
+    ) -> list[MailboxPlan]:
+        """``plans`` with the peers found in sync: one ``SyncCompare`` per peer and
+        ``MAX_COMPARE`` mailboxes shared with it, the peers at once; a mailbox a peer
+        holds the same is not exchanged with it (``MailboxPlan.in_sync``). A hand-off
+        copy is never compared: outside the set, this node only offers."""
         shared: dict[bytes, tuple[Contact, list[MailboxDigest]]] = {}
         for plan, digest in zip(plans, digests, strict=True):
             for peer in plan.peers if plan.rightful and self.compare else []:
