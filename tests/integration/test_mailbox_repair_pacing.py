@@ -35,7 +35,13 @@ from dna_core.wire import common_pb2
 from dna_storage.backends.base import StoredBlob
 from dna_storage.cli import ENV_PREFIX as STORAGE_ENV
 from dna_storage.node import StorageNode, StorageNodeConfig
-from dna_storage.replication import COMPARE_AHEAD, REPAIR_RANGES, Repairer, choose_replicas
+from dna_storage.replication import (
+    COMPARE_AHEAD,
+    MAX_COMPARE,
+    REPAIR_RANGES,
+    Repairer,
+    choose_replicas,
+)
 from dna_testnet.harness import local_cluster
 from dna_testnet.topology import NodeSpec, Topology
 
@@ -339,6 +345,37 @@ def test_a_pass_compares_slices_ahead_up_to_its_bound_and_looks_up_in_id_order(
             calls = sum(cancelled.calls.values())
             await asyncio.sleep(2 * rtt_s)
             assert sum(cancelled.calls.values()) == calls  # nothing started after the cancel
+        finally:
+            await net.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_slice_of_many_mailboxes_is_compared_in_calls_at_once_up_to_the_bound(
+    tmp_path: Path,
+) -> None:
+    """A node of a large network holds its mailboxes near its own ID, most of them in one
+    slice: 10 compares of 512 mailboxes to each peer there went one after the other. Now
+    they go at once, up to ``COMPARE_AHEAD`` to a peer, and the pass makes one lookup."""
+    now = now_ms()
+    boxes = sorted(b"\x42" + hashlib.sha256(b"near %d" % n).digest()[1:]
+                   for n in range(10 * MAX_COMPARE))  # fmt: skip
+    blobs = [StoredBlob(box, blob_id(box), box, now, now + DAY_MS) for box in boxes]
+
+    async def scenario() -> None:
+        net = Network(tmp_path, DEFAULT_LIMITS)
+        try:
+            await net.start()
+            for node in net.stores:
+                assert node.backend is not None
+                await node.backend.put_many(blobs, now_ms())
+            repairer = net.repairer(0)
+            compares, lookups = Compares(repairer, 0.05), repairer.metrics.lookups._value.get()
+            assert await repairer.repair_once() == len(blobs)
+            assert set(compares.calls.values()) == {10} and compares.peak == COMPARE_AHEAD
+            assert repairer.metrics.lookups._value.get() - lookups == 1
+            assert compares.asked == boxes
+            assert counted(repairer.metrics.compared, "outcome") == {"same": 2 * len(blobs)}
         finally:
             await net.stop()
 

@@ -115,9 +115,10 @@ RELOOK_AFTER_S = 10.0  # a refusal on an older lookup looks again once (a node r
 REUSE_S = 10.0  # how long, within a pass, a lookup's result may choose later mailboxes' replicas
 NEIGHBOURHOODS = 16  # recent lookup results a node's authorization of sync calls draws on
 IN_FLIGHT = 8  # mailboxes a pass syncs at once: their round trips overlap, not add up
-# ID slices whose compares are in flight while a pass reads and looks up the next: one
-# slice at a time, a pass lasted at least 256 round trips per peer (38 s at 150 ms) with
-# nothing to repair. Bounded: the slices ahead hold their plans in memory.
+# SyncCompare calls in flight to one peer, and ID slices planned ahead of the syncs (their
+# plans held in memory): one slice and one call at a time, a pass with nothing to repair
+# lasted at least a round trip per slice or 512 mailboxes (256 of them: 38 s at 150 ms).
+# At most half of a peer's NEIGHBOURHOODS: it authorizes each slice from its own lookups.
 COMPARE_AHEAD = 8
 T = TypeVar("T")
 R = TypeVar(
@@ -132,6 +133,19 @@ SYNC_OPS = {"SyncList": "sync_list", "SyncPull": "sync_pull", "SyncPush": "sync_
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+async def _together(works: Sequence[Awaitable[T]]) -> list[T]:
+    """``asyncio.gather``, but the first failure cancels the others and waits for them:
+    a pass that fails or is cancelled leaves none of its calls running."""
+    tasks = [asyncio.ensure_future(w) for w in works]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def id_ranges(count: int) -> list[tuple[bytes, bytes]]:
@@ -844,6 +858,7 @@ class Repairer:
         self._hood: Neighbourhood | None = None  # the last lookup (``replica_peers``)
         self._looking = asyncio.Lock()  # mailboxes in flight wait for one lookup, and share it
         self._no_compare: set[bytes] = set()  # peers that answered UNIMPLEMENTED this pass
+        self._comparing: dict[bytes, asyncio.Semaphore] = {}  # per peer, this pass
         self.pacer = PeerPacer()
         # One session per peer carries the sync calls (session.py); a peer that serves none
         # (an older node), or whose session is unavailable, gets the unary calls, as every
@@ -882,7 +897,7 @@ class Repairer:
         started = time.monotonic()
         synced = 0
         self._hood = None  # a pass starts from a fresh lookup: nodes come and go between
-        self._no_compare = set()
+        self._no_compare, self._comparing = set(), {}
         window, ahead = _Window(self.in_flight), _Ahead(self.compare_ahead)
         try:
             for start, end in id_ranges(REPAIR_RANGES):
@@ -943,7 +958,7 @@ class Repairer:
         for plan, digest in zip(plans, digests, strict=True):
             for peer in plan.peers if plan.rightful and self.compare else []:
                 shared.setdefault(peer.node_id, (peer, []))[1].append(digest)
-        same = await asyncio.gather(*(self._in_sync(peer, ds) for peer, ds in shared.values()))
+        same = await _together([self._in_sync(peer, ds) for peer, ds in shared.values()])
         in_sync: dict[bytes, set[bytes]] = {}
         for peer_id, boxes in zip(shared, same, strict=True):
             for box in boxes:
@@ -952,18 +967,25 @@ class Repairer:
 
     async def _in_sync(self, peer: Contact, digests: list[MailboxDigest]) -> set[bytes]:
         """Of ``digests`` (ID order), the mailboxes ``peer`` holds the same, by
-        ``SyncCompare`` calls of ``MAX_COMPARE``. An older peer (UNIMPLEMENTED) or a
-        failed call leaves its mailboxes to the exchange, as before SyncCompare."""
-        same: set[bytes] = set()
-        for start in range(0, len(digests), MAX_COMPARE):
-            batch = digests[start : start + MAX_COMPARE]
+        ``SyncCompare`` calls of ``MAX_COMPARE``, at once as far as the peer's share of
+        calls in flight allows: a node of a large network holds its mailboxes near its
+        own ID, most in one slice, where calls one after the other would add up."""
+        batches = [digests[n : n + MAX_COMPARE] for n in range(0, len(digests), MAX_COMPARE)]
+        agreed = await _together([self._batch_in_sync(peer, batch) for batch in batches])
+        return set().union(*agreed)
+
+    async def _batch_in_sync(self, peer: Contact, batch: list[MailboxDigest]) -> set[bytes]:
+        """The mailboxes of ``batch`` ``peer`` holds the same (none, for an older peer or
+        a failed call: they go to the exchange, as before SyncCompare)."""
+        comparing = self._comparing.setdefault(peer.node_id, asyncio.Semaphore(self.compare_ahead))
+        async with comparing:  # the pacer then spaces them within the peer's rate
             differ = await self._compared(peer, batch)
-            if differ is not None:
-                agreed = {d.mailbox_id for d in batch} - differ
-                same |= agreed
-                self.metrics.compared.labels(outcome="same").inc(len(agreed))
-                self.metrics.compared.labels(outcome="differ").inc(len(differ))
-        return same
+        if differ is None:
+            return set()
+        agreed = {d.mailbox_id for d in batch} - differ
+        self.metrics.compared.labels(outcome="same").inc(len(agreed))
+        self.metrics.compared.labels(outcome="differ").inc(len(differ))
+        return agreed
 
     async def _compared(self, peer: Contact, batch: list[MailboxDigest]) -> set[bytes] | None:
         """The mailboxes of ``batch`` that differ at ``peer``, or None when it was not
