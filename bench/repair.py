@@ -32,12 +32,16 @@
   pass (all 5 nodes' memory: a pass must not hold memory per mailbox), exchanges failed by
   reason (rate refusals are RESOURCE_EXHAUSTED) and the waits for the peers' rate limits.
   ``--in-flight`` sets the mailboxes synced at once (1: one at a time, as before), and
-  ``--rtt-ms`` makes each of node 0's sync calls on sessions wait that long first: a round
-  trip, which loopback lacks. The mailboxes are the same on every node, so a pass is one
-  ``SyncCompare`` per peer and 512 mailboxes (``compared``: mailbox-peer pairs by
-  outcome) and no exchange; ``--per-mailbox`` turns the compare off (``Repairer.compare``):
-  every mailbox exchanged with every peer, as before it (the baseline). ``--differ D``
-  adds D mailboxes held by node 0 alone: each differs at every peer and is exchanged.
+  ``--rtt-ms`` makes each of node 0's sync calls (on sessions, unary, ``SyncCompare``
+  too) wait that long first: a round trip, which loopback lacks. The mailboxes are the
+  same on every node, so a pass is one ``SyncCompare`` per peer, ID slice and 512
+  mailboxes (``compared``: mailbox-peer pairs by outcome) and no exchange;
+  ``--per-mailbox`` turns the compare off (``Repairer.compare``): every mailbox exchanged
+  with every peer, as before it (the baseline). ``--differ D`` adds D mailboxes held by
+  node 0 alone: each differs at every peer and is exchanged. ``--compare-ahead`` sets the
+  slices planned ahead and compares in flight to a peer (1: about as before they
+  overlapped), and ``--one-slice`` puts every mailbox in one ID slice, as a node of a
+  large network holds them near its own ID (``repair_lookups``: the repairer's own).
 
 ``ratio`` = sessions / unary (above 1.0: repair over sessions is faster). CPU per mailbox
 (pass) and per blob (refill) is this process's, which holds every node.
@@ -144,13 +148,19 @@ class Network:
             await self.boot.stop()
 
 
-def small_mailboxes(count: int, name: bytes = b"bench") -> list[StoredBlob]:
-    """``count`` mailboxes of one 200-byte blob each (never pushed: no proof needed)."""
+def small_mailboxes(
+    count: int, name: bytes = b"bench", first: int | None = None
+) -> list[StoredBlob]:
+    """``count`` mailboxes of one 200-byte blob each (never pushed: no proof needed), IDs
+    spread over the whole ID space, or all starting with the byte ``first`` (one slice of
+    a pass: what a node of a large network holds, near its own ID)."""
     now = now_ms()
     out = []
     for i in range(count):
         data = hashlib.sha256(b"blob %d" % i).digest() * 7
         box = hashlib.sha256(b"%s mailbox %d" % (name, i)).digest()
+        if first is not None:
+            box = bytes([first]) + box[1:]
         out.append(StoredBlob(box, blob_id(data), data, now, now + DAY_MS))
     return out
 
@@ -305,15 +315,19 @@ def counted(counter: Any, label: str) -> dict[str, float]:
 
 
 def with_latency(repairer: Repairer, rtt_s: float) -> None:
-    """Every sync call of ``repairer`` waits ``rtt_s`` first: a network's round trip,
-    which loopback does not have (and this kernel has no netem to add)."""
-    on_session = repairer._on_session
+    """Every sync call of ``repairer`` waits ``rtt_s`` first, on a session or unary,
+    ``SyncCompare`` included (each attempt, after the pace let it go): a network's round
+    trip, which loopback does not have (and this kernel has no netem to add)."""
+    paced = repairer._paced
 
-    async def delayed(*args: Any) -> Any:
-        await asyncio.sleep(rtt_s)
-        return await on_session(*args)
+    async def delayed(peer: Any, send: Callable[[], Awaitable[Any]]) -> Any:
+        async def after_a_round_trip() -> Any:
+            await asyncio.sleep(rtt_s)
+            return await send()
 
-    setattr(repairer, "_on_session", delayed)  # noqa: B010 (mypy: assigning a method)
+        return await paced(peer, after_a_round_trip)
+
+    setattr(repairer, "_paced", delayed)  # noqa: B010 (mypy: assigning a method)
 
 
 async def bench_burst(
@@ -324,19 +338,24 @@ async def bench_burst(
     *,
     compare: bool = True,
     differ: int = 0,
+    compare_ahead: int | None = None,
+    one_slice: bool = False,
 ) -> dict[str, Any]:
     """One pass over more mailboxes than the peers' sync burst, straight after setup."""
-    await net.put_everywhere(small_mailboxes(mailboxes, b"burst"))
+    await net.put_everywhere(small_mailboxes(mailboxes, b"burst", 0x42 if one_slice else None))
     alone = net.stores[0].backend
     assert alone is not None
     await alone.put_many(proven_mailboxes(differ), now_ms())
     repairer = net.repairer(0)
     repairer.in_flight = in_flight
     repairer.compare = compare
+    if compare_ahead is not None:  # else the repairer's own (also: a build from before it)
+        repairer.compare_ahead = compare_ahead
     if rtt_ms:
         with_latency(repairer, rtt_ms / 1000)
     overlays = [net.overlay(i) for i in range(STORAGE)]
     before = [lookups(o) for o in overlays]
+    repair_lookups = repairer.metrics.lookups._value.get()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, on Linux
     started, cpu = time.perf_counter(), cpu_s()
     synced = await repairer.repair_once()
@@ -349,7 +368,9 @@ async def bench_burst(
         "mailboxes_per_s": round(synced / took, 1),
         "cpu_ms_per_mailbox": round(cpu * 1e3 / synced, 3),
         "peak_rss_growth_mib": round(grown / 1024, 1),
+        "compare_ahead": getattr(repairer, "compare_ahead", None), "one_slice": one_slice,
         "lookups_per_mailbox": round(ran[0] / synced, 4),
+        "repair_lookups": repairer.metrics.lookups._value.get() - repair_lookups,
         "peer_lookups_per_mailbox": round(sum(ran[1:]) / synced, 4),
         "failed_exchanges": failures_by_reason(repairer),
         "rate_waits": rate_waits(repairer),
@@ -381,6 +402,7 @@ async def run(args: Any) -> int:
                 await bench_burst(
                     net, burst, args.rtt_ms, args.in_flight,
                     compare=not args.per_mailbox, differ=args.differ,
+                    compare_ahead=args.compare_ahead, one_slice=args.one_slice,
                 )  # fmt: skip
             if "pass" in sections:
                 await bench_pass(net, mailboxes, rounds)
@@ -422,6 +444,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=0,
         help="burst: mailboxes on node 0 alone, besides those on every node (default 0)",
+    )
+    parser.add_argument(
+        "--compare-ahead",
+        type=int,
+        default=None,
+        help="burst: slices planned ahead, compares in flight to a peer (default the repairer's)",
+    )
+    parser.add_argument(
+        "--one-slice",
+        action="store_true",
+        help="burst: every mailbox in one ID slice (as a node of a large network holds them)",
     )
     parser.add_argument(
         "--per-mailbox",

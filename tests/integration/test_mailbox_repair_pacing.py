@@ -16,8 +16,11 @@ mailbox gives."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import itertools
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,23 +30,28 @@ from dna_core.crypto import Identity, seal
 from dna_core.crypto import pow as pow_
 from dna_core.mailbox import blob_id, mailbox_id, put_pow_hash
 from dna_core.ops.config import load_config
-from dna_core.overlay import OverlayNode, OverlayServer, OverlayServiceConfig
+from dna_core.overlay import Contact, OverlayNode, OverlayServer, OverlayServiceConfig
 from dna_core.wire import common_pb2
 from dna_storage.backends.base import StoredBlob
 from dna_storage.cli import ENV_PREFIX as STORAGE_ENV
 from dna_storage.node import StorageNode, StorageNodeConfig
-from dna_storage.replication import Repairer, choose_replicas
+from dna_storage.replication import (
+    COMPARE_AHEAD,
+    MAX_COMPARE,
+    REPAIR_RANGES,
+    Repairer,
+    choose_replicas,
+)
 from dna_testnet.harness import local_cluster
 from dna_testnet.topology import NodeSpec, Topology
 
 STORAGE = 3
 MAILBOXES = 200
 PEER_RATE, PEER_BURST = 40.0, 40  # below the pass's own speed here (~60 calls/s a peer)
-TOML = (
-    "repair_interval_s = 86400.0\n"  # no pass but the test's
-    f"sync_rate_per_s = {PEER_RATE}\nsync_burst = {PEER_BURST}.0\n"
-    "[admission]\npow_base_bits = 8\n"
+DEFAULT_LIMITS = (
+    "repair_interval_s = 86400.0\n[admission]\npow_base_bits = 8\n"  # no pass but the test's
 )
+TOML = f"sync_rate_per_s = {PEER_RATE}\nsync_burst = {PEER_BURST}.0\n" + DEFAULT_LIMITS
 DAY_MS = 86_400_000
 
 
@@ -68,10 +76,10 @@ def one_blob_mailboxes(count: int) -> list[StoredBlob]:
 class Network:
     """A bootstrap and ``STORAGE`` storage nodes in this process (as bench.repair's)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, toml: str = TOML) -> None:
         stores = (NodeSpec(f"store{i}", "storage") for i in range(STORAGE))
         topology = Topology((NodeSpec("boot", "bootstrap"), *stores))
-        self.specs = local_cluster(root, topology, storage_toml=TOML).driver.nodes
+        self.specs = local_cluster(root, topology, storage_toml=toml).driver.nodes
         self.boot: OverlayServer | None = None
         self.stores: list[StorageNode] = []
 
@@ -226,3 +234,149 @@ def test_mailboxes_in_flight_overlap_their_round_trips(tmp_path: Path) -> None:
           f"{overlapped:.2f} s 8 at once")  # fmt: skip
     assert one_by_one >= 3.5  # a round trip per mailbox, in turn
     assert overlapped < one_by_one / 3
+
+
+def in_every_slice(per_slice: int) -> list[StoredBlob]:
+    """``per_slice`` mailboxes of one small blob in each of a pass's 256 ID slices (their
+    first byte is the slice's), held by every node: never pushed, so no proof of work."""
+    now, out = now_ms(), []
+    for first, n in itertools.product(range(REPAIR_RANGES), range(per_slice)):
+        box = bytes([first]) + hashlib.sha256(b"slice %d %d" % (first, n)).digest()[1:]
+        data = hashlib.sha256(box).digest() * 4
+        out.append(StoredBlob(box, blob_id(data), data, now, now + DAY_MS))
+    return out
+
+
+class Compares:
+    """The repairer's ``SyncCompare`` calls, each after a round trip of ``rtt_s`` (loopback
+    has none): how many to each peer, the most in flight to one peer at once, and the
+    mailboxes whose replicas were asked for, in order."""
+
+    def __init__(self, repairer: Repairer, rtt_s: float) -> None:
+        self.calls: Counter[bytes] = Counter()
+        self.in_flight: Counter[bytes] = Counter()
+        self.peak = 0
+        self.asked: list[bytes] = []
+        compare, replica_peers = repairer._sync_compare, repairer.replica_peers
+
+        async def delayed(peer: Contact, batch: Any) -> set[bytes]:
+            self.calls[peer.node_id] += 1
+            self.in_flight[peer.node_id] += 1
+            self.peak = max(self.peak, self.in_flight[peer.node_id])
+            try:
+                await asyncio.sleep(rtt_s)
+                return await compare(peer, batch)
+            finally:
+                self.in_flight[peer.node_id] -= 1
+
+        async def asked(box: bytes) -> tuple[list[Contact], bool]:
+            self.asked.append(box)
+            return await replica_peers(box)
+
+        setattr(repairer, "_sync_compare", delayed)  # noqa: B010
+        setattr(repairer, "replica_peers", asked)  # noqa: B010
+
+
+def repairer_tasks() -> list[str]:
+    """The repairer's coroutines running as tasks (a pass's compares or syncs), but the
+    node's own loop of passes (asleep for a day here)."""
+    names = (getattr(t.get_coro(), "__qualname__", "") for t in asyncio.all_tasks())
+    return [n for n in names if n.startswith("Repairer.") and n != "Repairer.run_forever"]
+
+
+def test_a_pass_compares_slices_ahead_up_to_its_bound_and_looks_up_in_id_order(
+    tmp_path: Path,
+) -> None:
+    """256 slices of in-sync mailboxes, plus 3 that only node 0 holds. One slice at a time,
+    a pass waited for each slice's compare: 256 round trips per peer. Now up to
+    ``compare_ahead`` slices' compares are in flight to a peer, never more, while the
+    replicas are still found in ID order by one lookup; the differing mailboxes are still
+    synced; and a pass cancelled midway leaves nothing of its own running. The peers keep
+    the default sync limits: a pass's 256 compares to each fit their burst (at 40/s the
+    pace, not the round trips, would set the pass's length)."""
+    everywhere, alone = in_every_slice(2), one_blob_mailboxes(3)
+    rtt_s = 0.05
+
+    async def timed_pass(repairer: Repairer, ahead: int) -> tuple[float, float, Compares]:
+        repairer.compare_ahead = ahead
+        compares, lookups = Compares(repairer, rtt_s), repairer.metrics.lookups._value.get()
+        started = time.monotonic()
+        assert await repairer.repair_once() == len(everywhere) + len(alone)
+        took = time.monotonic() - started
+        return took, repairer.metrics.lookups._value.get() - lookups, compares
+
+    async def scenario() -> None:
+        net = Network(tmp_path, DEFAULT_LIMITS)
+        try:
+            await net.start()
+            for node in net.stores:
+                assert node.backend is not None
+                await node.backend.put_many(everywhere, now_ms())
+            source = net.stores[0].backend
+            assert source is not None
+            await source.put_many(alone, now_ms())
+            repairer = net.repairer(0)
+            took, lookups, compares = await timed_pass(repairer, COMPARE_AHEAD)
+            print(f"\n256 slices at {rtt_s * 1000:.0f} ms a compare: {took:.2f} s, {lookups:g} "
+                  f"lookups, at most {compares.peak} compares in flight to a peer")  # fmt: skip
+            assert compares.peak == COMPARE_AHEAD
+            assert set(compares.calls.values()) == {REPAIR_RANGES}  # one a slice, each peer
+            assert took < REPAIR_RANGES * rtt_s / 2  # one slice at a time: >= 12.8 s
+            # One serves the pass (a network this small is found whole by one), as one slice
+            # at a time: a pass starts from a fresh lookup, then one each REUSE_S it lasts.
+            assert lookups == 1
+            assert compares.asked == sorted(compares.asked)
+            assert len(compares.asked) == len(everywhere) + len(alone)
+            assert counted(repairer.metrics.failures, "reason") == {}
+            assert await held_everywhere(net, alone) == [len(alone)] * STORAGE
+
+            _, lookups, fewer = await timed_pass(repairer, 3)  # the bound is the setting's
+            assert fewer.peak == 3 and lookups == 1
+
+            repairer.compare_ahead = COMPARE_AHEAD
+            cancelled = Compares(repairer, rtt_s)
+            task = asyncio.ensure_future(repairer.repair_once())
+            while sum(cancelled.calls.values()) < 20:
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            assert sum(cancelled.in_flight.values()) == 0 and repairer_tasks() == []
+            calls = sum(cancelled.calls.values())
+            await asyncio.sleep(2 * rtt_s)
+            assert sum(cancelled.calls.values()) == calls  # nothing started after the cancel
+        finally:
+            await net.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_slice_of_many_mailboxes_is_compared_in_calls_at_once_up_to_the_bound(
+    tmp_path: Path,
+) -> None:
+    """A node of a large network holds its mailboxes near its own ID, most of them in one
+    slice: 10 compares of 512 mailboxes to each peer there went one after the other. Now
+    they go at once, up to ``COMPARE_AHEAD`` to a peer, and the pass makes one lookup."""
+    now = now_ms()
+    boxes = sorted(b"\x42" + hashlib.sha256(b"near %d" % n).digest()[1:]
+                   for n in range(10 * MAX_COMPARE))  # fmt: skip
+    blobs = [StoredBlob(box, blob_id(box), box, now, now + DAY_MS) for box in boxes]
+
+    async def scenario() -> None:
+        net = Network(tmp_path, DEFAULT_LIMITS)
+        try:
+            await net.start()
+            for node in net.stores:
+                assert node.backend is not None
+                await node.backend.put_many(blobs, now_ms())
+            repairer = net.repairer(0)
+            compares, lookups = Compares(repairer, 0.05), repairer.metrics.lookups._value.get()
+            assert await repairer.repair_once() == len(blobs)
+            assert set(compares.calls.values()) == {10} and compares.peak == COMPARE_AHEAD
+            assert repairer.metrics.lookups._value.get() - lookups == 1
+            assert compares.asked == boxes
+            assert counted(repairer.metrics.compared, "outcome") == {"same": 2 * len(blobs)}
+        finally:
+            await net.stop()
+
+    asyncio.run(scenario())

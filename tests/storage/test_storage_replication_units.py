@@ -30,6 +30,8 @@ from dna_storage.replication import (
     Holdings,
     Repairer,
     SyncRules,
+    _Ahead,
+    _together,
     accept,
     blob_wire,
     copies,
@@ -68,6 +70,31 @@ def test_copies_count_peers_holding_each_item_a_tombstone_settling_its_blob() ->
     ]
     assert copies(ours, peers) == ({b"a": 2, b"b": 2}, {b"t": 1})
     assert copies(ours, []) == ({b"a": 0, b"b": 0}, {b"t": 0})
+
+
+# --- a pass's calls at once: nothing left running after a failure -----------------------------
+
+
+def test_compares_at_once_a_failure_cancels_the_others_and_raises() -> None:
+    async def scenario() -> tuple[bool, list[int]]:
+        slow = asyncio.ensure_future(asyncio.sleep(60))
+
+        async def fails() -> int:
+            await asyncio.sleep(0.01)
+            raise OSError("a backend error")
+
+        with pytest.raises(OSError, match="a backend error"):
+            await _together([slow, fails()])
+        cancelled = slow.cancelled()  # already: asyncio.run would cancel it on the way out
+        return cancelled, await _together([asyncio.sleep(0, 1), asyncio.sleep(0, 2)])
+
+    cancelled, answers = asyncio.run(scenario())
+    assert cancelled and answers == [1, 2]
+
+
+def test_slices_ahead_are_at_least_one() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        _Ahead(0)
 
 
 # --- what a synced blob or tombstone must pass (issue 10, defects 1, 2c, 2d) ------------------

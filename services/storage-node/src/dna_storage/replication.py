@@ -115,6 +115,11 @@ RELOOK_AFTER_S = 10.0  # a refusal on an older lookup looks again once (a node r
 REUSE_S = 10.0  # how long, within a pass, a lookup's result may choose later mailboxes' replicas
 NEIGHBOURHOODS = 16  # recent lookup results a node's authorization of sync calls draws on
 IN_FLIGHT = 8  # mailboxes a pass syncs at once: their round trips overlap, not add up
+# SyncCompare calls in flight to one peer, and ID slices planned ahead of the syncs (their
+# plans held in memory): one slice and one call at a time, a pass with nothing to repair
+# lasted at least a round trip per slice or 512 mailboxes (256 of them: 38 s at 150 ms).
+# At most half of a peer's NEIGHBOURHOODS: it authorizes each slice from its own lookups.
+COMPARE_AHEAD = 8
 T = TypeVar("T")
 R = TypeVar(
     "R",
@@ -128,6 +133,19 @@ SYNC_OPS = {"SyncList": "sync_list", "SyncPull": "sync_pull", "SyncPush": "sync_
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+async def _together(works: Sequence[Awaitable[T]]) -> list[T]:
+    """``asyncio.gather``, but the first failure cancels the others and waits for them:
+    a pass that fails or is cancelled leaves none of its calls running."""
+    tasks = [asyncio.ensure_future(w) for w in works]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def id_ranges(count: int) -> list[tuple[bytes, bytes]]:
@@ -780,6 +798,41 @@ class _Window:
             raise failed[0]  # type: ignore[misc]
 
 
+class _Ahead:
+    """Up to ``size`` slices' plans being completed (their compares in flight) while the
+    pass reads and looks up the next slice; taken back oldest first, in ID order."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:  # nothing could be taken back: the pass would never sync
+            raise ValueError(f"compare_ahead must be at least 1, not {size}")
+        self.size = size
+        self.tasks: deque[asyncio.Future[list[MailboxPlan]]] = deque()
+
+    def full(self) -> bool:
+        return len(self.tasks) >= self.size
+
+    def __bool__(self) -> bool:
+        return bool(self.tasks)
+
+    def put(self, work: Awaitable[list[MailboxPlan]]) -> None:
+        self.tasks.append(asyncio.ensure_future(work))
+
+    async def take(self) -> list[MailboxPlan]:
+        """The oldest slice's plans, once its compares are answered. It leaves the queue
+        only then: one that fails stays for ``cancel`` to collect (no task left behind)."""
+        plans = await self.tasks[0]
+        self.tasks.popleft()
+        return plans
+
+    async def cancel(self) -> None:
+        """Cancel the slices still ahead (a failure, or the pass itself cancelled) and
+        wait for them."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks.clear()
+
+
 class Repairer:
     def __init__(
         self,
@@ -794,9 +847,10 @@ class Repairer:
         sessions: bool = True,
         in_flight: int = IN_FLIGHT,
         compare: bool = True,
+        compare_ahead: int = COMPARE_AHEAD,
     ) -> None:
         self.node, self.backend, self.rules = node, backend, rules
-        self.in_flight = in_flight
+        self.in_flight, self.compare_ahead = in_flight, compare_ahead
         self.compare = compare  # False: every mailbox exchanged with every peer (benchmarks)
         self.replicas = replicas
         self.interval_s, self.timeout_s = interval_s, timeout_s
@@ -804,6 +858,7 @@ class Repairer:
         self._hood: Neighbourhood | None = None  # the last lookup (``replica_peers``)
         self._looking = asyncio.Lock()  # mailboxes in flight wait for one lookup, and share it
         self._no_compare: set[bytes] = set()  # peers that answered UNIMPLEMENTED this pass
+        self._comparing: dict[bytes, asyncio.Semaphore] = {}  # per peer, this pass
         self.pacer = PeerPacer()
         # One session per peer carries the sync calls (session.py); a peer that serves none
         # (an older node), or whose session is unavailable, gets the unary calls, as every
@@ -832,27 +887,41 @@ class Repairer:
 
         The mailbox ID space is walked in REPAIR_RANGES slices: listing everything at once
         would hold every blob ID of the node in memory (~100 MB at a million blobs).
-        ``in_flight`` mailboxes are synced at once: one after the other, a pass would last
-        at least a round trip per mailbox (100,000 mailboxes at 50 ms: 83 minutes), far
-        below what the peers' rate limits allow; the pacer keeps each peer within them."""
+        Each slice's replicas are found here, in ID order (one lookup serves many
+        neighbours: ``replica_peers``), and its compares go on while the next slices are
+        read and looked up, ``compare_ahead`` slices at most: one after the other, a pass
+        with nothing to repair lasted 256 round trips per peer. ``in_flight`` mailboxes are
+        synced at once: one after the other, a pass would last at least a round trip per
+        mailbox (100,000 mailboxes at 50 ms: 83 minutes), far below what the peers' rate
+        limits allow; the pacer keeps each peer within them, compares included."""
         started = time.monotonic()
         synced = 0
         self._hood = None  # a pass starts from a fresh lookup: nodes come and go between
-        window = _Window(self.in_flight)
-        self._no_compare = set()
+        self._no_compare, self._comparing = set(), {}
+        window, ahead = _Window(self.in_flight), _Ahead(self.compare_ahead)
         try:
             for start, end in id_ranges(REPAIR_RANGES):
                 digests = await self.backend.digests(start, end, _now_ms())
-                for plan in await self._plan(digests):
-                    await window.add(self.sync_mailbox(plan.box, plan))
-                    synced += 1
+                plans = await self._replicas(digests)
+                if ahead.full():
+                    synced += await self._sync_all(window, await ahead.take())
+                ahead.put(self._compared_plans(plans, digests))
+            while ahead:
+                synced += await self._sync_all(window, await ahead.take())
             await window.drain()
         finally:
+            await ahead.cancel()
             await window.cancel()
         self.metrics.passes.inc()
         self.metrics.last_pass.set(time.time())
         self.metrics.pass_seconds.set(time.monotonic() - started)
         return synced
+
+    async def _sync_all(self, window: _Window, plans: list[MailboxPlan]) -> int:
+        """Hand each planned mailbox to the window (waiting while it is full)."""
+        for plan in plans:
+            await window.add(self.sync_mailbox(plan.box, plan))
+        return len(plans)
 
     async def replica_peers(self, box: bytes) -> tuple[list[Contact], bool]:
         """The other storage nodes of the mailbox's replica set (``choose_replicas``), and
@@ -872,18 +941,24 @@ class Repairer:
                 hood = self._hood = Neighbourhood.of(box, found, self.node.config.k, now)
         return choose_replicas(hood.contacts, me, box, self.replicas)
 
-    async def _plan(self, digests: list[MailboxDigest]) -> list[MailboxPlan]:
-        """Each mailbox's replicas, in ID order (neighbours share lookups), then one
-        ``SyncCompare`` per peer and ``MAX_COMPARE`` mailboxes shared with it: a mailbox
-        a peer holds the same is not exchanged with it (``MailboxPlan.in_sync``). A
-        hand-off copy is never compared: outside the set, this node only offers."""
-        plans = [MailboxPlan(d.mailbox_id, *await self.replica_peers(d.mailbox_id))
-                 for d in digests]  # fmt: skip
+    async def _replicas(self, digests: list[MailboxDigest]) -> list[MailboxPlan]:
+        """Each mailbox's replicas, one after the other in ID order: neighbours share a
+        lookup (``replica_peers``), which mailboxes looked up out of order would not."""
+        return [MailboxPlan(d.mailbox_id, *await self.replica_peers(d.mailbox_id))
+                for d in digests]  # fmt: skip
+
+    async def _compared_plans(
+        self, plans: list[MailboxPlan], digests: list[MailboxDigest]
+    ) -> list[MailboxPlan]:
+        """``plans`` with the peers found in sync: one ``SyncCompare`` per peer and
+        ``MAX_COMPARE`` mailboxes shared with it, the peers at once; a mailbox a peer
+        holds the same is not exchanged with it (``MailboxPlan.in_sync``). A hand-off
+        copy is never compared: outside the set, this node only offers."""
         shared: dict[bytes, tuple[Contact, list[MailboxDigest]]] = {}
         for plan, digest in zip(plans, digests, strict=True):
             for peer in plan.peers if plan.rightful and self.compare else []:
                 shared.setdefault(peer.node_id, (peer, []))[1].append(digest)
-        same = await asyncio.gather(*(self._in_sync(peer, ds) for peer, ds in shared.values()))
+        same = await _together([self._in_sync(peer, ds) for peer, ds in shared.values()])
         in_sync: dict[bytes, set[bytes]] = {}
         for peer_id, boxes in zip(shared, same, strict=True):
             for box in boxes:
@@ -892,18 +967,25 @@ class Repairer:
 
     async def _in_sync(self, peer: Contact, digests: list[MailboxDigest]) -> set[bytes]:
         """Of ``digests`` (ID order), the mailboxes ``peer`` holds the same, by
-        ``SyncCompare`` calls of ``MAX_COMPARE``. An older peer (UNIMPLEMENTED) or a
-        failed call leaves its mailboxes to the exchange, as before SyncCompare."""
-        same: set[bytes] = set()
-        for start in range(0, len(digests), MAX_COMPARE):
-            batch = digests[start : start + MAX_COMPARE]
+        ``SyncCompare`` calls of ``MAX_COMPARE``, at once as far as the peer's share of
+        calls in flight allows: a node of a large network holds its mailboxes near its
+        own ID, most in one slice, where calls one after the other would add up."""
+        batches = [digests[n : n + MAX_COMPARE] for n in range(0, len(digests), MAX_COMPARE)]
+        agreed = await _together([self._batch_in_sync(peer, batch) for batch in batches])
+        return set().union(*agreed)
+
+    async def _batch_in_sync(self, peer: Contact, batch: list[MailboxDigest]) -> set[bytes]:
+        """The mailboxes of ``batch`` ``peer`` holds the same (none, for an older peer or
+        a failed call: they go to the exchange, as before SyncCompare)."""
+        comparing = self._comparing.setdefault(peer.node_id, asyncio.Semaphore(self.compare_ahead))
+        async with comparing:  # the pacer then spaces them within the peer's rate
             differ = await self._compared(peer, batch)
-            if differ is not None:
-                agreed = {d.mailbox_id for d in batch} - differ
-                same |= agreed
-                self.metrics.compared.labels(outcome="same").inc(len(agreed))
-                self.metrics.compared.labels(outcome="differ").inc(len(differ))
-        return same
+        if differ is None:
+            return set()
+        agreed = {d.mailbox_id for d in batch} - differ
+        self.metrics.compared.labels(outcome="same").inc(len(agreed))
+        self.metrics.compared.labels(outcome="differ").inc(len(differ))
+        return agreed
 
     async def _compared(self, peer: Contact, batch: list[MailboxDigest]) -> set[bytes] | None:
         """The mailboxes of ``batch`` that differ at ``peer``, or None when it was not
