@@ -215,6 +215,7 @@ class Cache:
     @classmethod
     def open(cls, path: Path, key: bytes) -> Cache:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _create_owner_only(path)
         try:
             conn = sqlcipher.connect(str(path), isolation_level=None, check_same_thread=False)
         except sqlcipher.OperationalError as exc:  # not a file (a directory), no access
@@ -628,6 +629,14 @@ def _message(row: tuple[Any, ...]) -> Message:
         bytes(row[0]), bytes(row[1]), bytes(row[2]), bytes(row[3]), row[4], row[5],
         bool(row[6]), bool(row[7]),
     )  # fmt: skip
+
+
+def _create_owner_only(path: Path) -> None:
+    """A new cache file is created owner-only (SQLite would create it with the umask's
+    mode, until `_owner_only`); an existing one is left as it is. Whatever fails here (a
+    directory in its place) fails again, and is reported, when SQLite opens it."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o600))
 
 
 def _owner_only(path: Path) -> None:
