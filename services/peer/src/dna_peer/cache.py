@@ -125,6 +125,23 @@ class CacheDamagedError(DnaError):
     not under another key: nothing in it is touched."""
 
 
+class CacheWriteError(DnaError):
+    """The disk refused a write to the cache (full, or failing): the transaction was rolled
+    back, so nothing of the step is kept and it can be run again once there is room."""
+
+
+def _cannot_write(path: Path, error: sqlcipher.Error) -> CacheWriteError | None:
+    """SQLITE_FULL or SQLITE_IOERR (any of its extended codes) as one clear error, None
+    for any other error (a defect, reported as one)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is None or code & 0xFF not in (sqlcipher.SQLITE_FULL, sqlcipher.SQLITE_IOERR):
+        return None
+    return CacheWriteError(
+        f"{path}: cannot write the cache ({error}: the disk is full or failing); nothing of"
+        " this step was kept: free some space (or mend the disk) and run it again"
+    )
+
+
 def _damaged(path: Path, error: sqlcipher.DatabaseError) -> bool:
     """Whether opening failed on a damaged file rather than a wrong key: SQLite says the
     file is malformed, or the file is not a whole number of pages (a torn write; SQLCipher
@@ -207,8 +224,9 @@ class Cache:
     """One SQLCipher database file; methods that change state commit before returning,
     except inside `transaction()`, which commits once at its end."""
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, path: Path) -> None:
         self._db = conn
+        self.path = path
         self._depth = 0
         self.commits = 0  # write transactions committed (each an fsync: synchronous=FULL)
 
@@ -238,14 +256,13 @@ class Cache:
                 f"{path}: cannot open the cache (wrong key or not a cache file: not this"
                 f" device's cache); the identity and its key file are fine. {_aside(path)}"
             ) from None
-        conn.execute("PRAGMA busy_timeout = 10000")  # `dna watch` and `dna send` may overlap
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS), so no transaction needed
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        try:
+            _set_up(conn)
+        except sqlcipher.Error as exc:
+            conn.close()
+            raise _cannot_write(path, exc) or exc from None
         _owner_only(path)
-        return cls(conn)
+        return cls(conn, path)
 
     def close(self) -> None:
         self._db.close()
@@ -256,7 +273,16 @@ class Cache:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
-        """All-or-nothing; nests (the outermost commits)."""
+        """All-or-nothing; nests (the outermost commits). A write the disk refuses is
+        CacheWriteError, the transaction rolled back."""
+        try:
+            with self._transaction():
+                yield
+        except sqlcipher.Error as exc:
+            raise _cannot_write(self.path, exc) or exc from None
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
         if self._depth == 0:
             self._db.execute("BEGIN IMMEDIATE")
         self._depth += 1
@@ -629,6 +655,15 @@ def _message(row: tuple[Any, ...]) -> Message:
         bytes(row[0]), bytes(row[1]), bytes(row[2]), bytes(row[3]), row[4], row[5],
         bool(row[6]), bool(row[7]),
     )  # fmt: skip
+
+
+def _set_up(conn: Any) -> None:
+    conn.execute("PRAGMA busy_timeout = 10000")  # `dna watch` and `dna send` may overlap
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS), so no transaction needed
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def _create_owner_only(path: Path) -> None:

@@ -205,12 +205,14 @@ class Profile:
         return found
 
     def incomplete(self) -> bool:
-        """No key file, and the files of a creation cut short: the `creating` mark, or (from
-        a dna before the mark) a device.json alone, which nothing was encrypted with."""
+        """No key file, and the files of a creation cut short: with the `creating` mark, any
+        of them; without it (a creation from a dna before the mark), none but a cache,
+        which may be a profile's whose key file was lost, not a creation's."""
         if self.exists():
             return False
-        leftovers = {p.name for p in self._leftovers()}
-        return self.creating_mark.name in leftovers or leftovers == {self.device_path.name}
+        leftovers = self._leftovers()
+        caches = [p for p in leftovers if p.name.startswith(self.cache_path.name)]
+        return bool(leftovers) and (self.creating_mark.exists() or not caches)
 
     def _clear_incomplete(self) -> None:
         """Remove what a creation cut short left, saying so; refuse to remove a cache that
