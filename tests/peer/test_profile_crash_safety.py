@@ -84,6 +84,27 @@ def test_a_create_killed_at_any_step_leaves_a_whole_profile_or_one_the_next_crea
         assert_whole_profile(home)
 
 
+def test_what_an_older_dna_left_is_cleared_and_a_lost_key_file_is_not_taken_for_it(
+    tmp_path: Path,
+) -> None:
+    """A device.json alone (the reported defect: an older dna's create that failed at the
+    key file) is cleared by the next create; a cache without its key file and without the
+    `creating` mark may hold a history (the key file lost by hand): it is refused, kept."""
+    home = tmp_path / "me"
+    home.mkdir()
+    (home / "device.json").write_text('{"id": "00112233445566778899aabbccddeeff", "name": "x"}')
+    created = dna(home, "identity", "create", "--offline")
+    assert created.returncode == 0 and "removed what it left (device.json)" in created.stderr
+    assert_whole_profile(home)
+
+    (home / "identity.key").unlink()
+    kept = sorted(p.read_bytes() for p in home.iterdir())
+    for args in (["identity", "create", "--offline"], ["search", "x"]):
+        line = one_line_error(dna(home, *args), "no identity.key")
+        assert f"mv {home} {home}.damaged && dna --home {home} identity import BACKUP" in line
+    assert sorted(p.read_bytes() for p in home.iterdir()) == kept
+
+
 def test_an_export_killed_at_any_step_leaves_the_backup_whole_or_absent(tmp_path: Path) -> None:
     home = tmp_path / "me"
     assert dna(home, "identity", "create", "--offline").returncode == 0

@@ -134,9 +134,18 @@ class Profile:
 
     def ensure_absent(self) -> None:
         """Refuse early, before any prompt, network wait or file write, to replace an
-        identity that is already here."""
+        identity that is already here, or a profile whose key file is gone (its cache may
+        hold a history: it is not taken for a creation cut short)."""
         if self.exists():
             raise DnaError(f"{self.keyfile} exists; refusing to overwrite an identity")
+        leftovers = self._leftovers()
+        if leftovers and not self.incomplete():  # a cache, but not a creation's
+            names = ", ".join(p.name for p in leftovers)
+            raise ProfileDamagedError(
+                f"{self.home} holds {names} but no identity.key (the key file is gone): to"
+                f" start it from a backup, mv {self.home} {self.home}.damaged && dna --home"
+                f" {self.home} identity import BACKUP; else move it aside and run this again"
+            )
 
     def create(self, identity: Identity, passphrase: str, device: Device | None = None) -> Device:
         """Write a new identity (refusing to overwrite one), this device's ID and an empty
@@ -215,18 +224,10 @@ class Profile:
         return bool(leftovers) and (self.creating_mark.exists() or not caches)
 
     def _clear_incomplete(self) -> None:
-        """Remove what a creation cut short left, saying so; refuse to remove a cache that
-        is there without its key file and without the mark (a key file lost by hand)."""
+        """Remove what a creation cut short left (after `ensure_absent`), saying so."""
         leftovers = self._leftovers()
         if not leftovers:
             return
-        if not self.incomplete():
-            names = ", ".join(p.name for p in leftovers)
-            raise ProfileDamagedError(
-                f"{self.home} holds {names} but no identity.key (the key file is gone): to"
-                f" start it from a backup, mv {self.home} {self.home}.damaged && dna --home"
-                f" {self.home} identity import BACKUP; else move it aside and run this again"
-            )
         log.warning("%s: a `dna identity create` (or import, link) was cut short there;"
                     " removed what it left (%s)", self.home,
                     ", ".join(p.name for p in leftovers))  # fmt: skip
@@ -311,11 +312,12 @@ class Profile:
     def read_keyfile(self) -> bytes:
         """The key file, checked to decode (the public keys are readable without the
         passphrase)."""
-        if self.incomplete():
-            raise NoIdentityError(f"no identity in {self.home}: a `dna identity create` (or"
-                                  " import, link) was cut short there; run it again (it"
-                                  " removes what was left)")  # fmt: skip
         if not self.exists():
+            self.ensure_absent()  # a profile whose key file is gone says so
+            if self.incomplete():
+                raise NoIdentityError(f"no identity in {self.home}: a `dna identity create`"
+                                      " (or import, link) was cut short there; run it again"
+                                      " (it removes what was left)")  # fmt: skip
             raise NoIdentityError(f"no identity in {self.home}: run `dna identity create` first")
         data = read_bounded(self.keyfile, PROFILE_FILE_MAX_BYTES, "a key file")
         try:
