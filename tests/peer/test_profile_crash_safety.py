@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,3 +222,71 @@ def test_an_export_to_a_full_disk_leaves_no_torn_backup(tmp_path: Path) -> None:
             kind, _ = dearmor((disk.view / "backup.txt").read_bytes())
             assert kind == (LOCKED_KEY_FILE if private else "DNA PUBLIC KEY SET")
             (disk.view / "backup.txt").unlink()
+
+
+def test_a_full_disk_is_said_as_such_when_the_cache_opens_not_taken_for_a_wrong_key(
+    tmp_path: Path,
+) -> None:
+    """Opening the cache writes its WAL index: on a full disk that fails like a wrong key
+    did (SQLCipher cannot read page 1), and "move the file aside" would have lost the
+    history. It is one line saying the disk is full, and the cache is fine after."""
+    with tiny_disk(tmp_path, 1024) as disk:
+        assert disk.dna("me", "identity", "create", "--offline").returncode == 0
+        disk.leave_free(0)
+        full = disk.dna("me", "--json", "search", "x")
+        assert full.returncode == 1, full.stderr
+        error = json.loads(full.stderr)
+        assert error["kind"] == "CacheWriteError", error
+        assert "the disk is full or failing" in error["error"], error
+        assert "aside" not in error["error"] and "wrong key" not in error["error"], error
+        disk.free_up()
+        found = disk.dna("me", "--json", "search", "x")
+        assert found.returncode == 0 and json.loads(found.stdout) == [], found.stderr
+
+
+# Run inside the disk's mount namespace: SQLite resolves /proc/PID/root (a symlink) to
+# the directory under the mount, so the test process cannot open the cache there itself.
+FULL_CACHE_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+from dna_core.crypto import Identity
+from dna_peer.cache import Cache, CacheWriteError, Message, cache_key
+
+disk = Path(sys.argv[1])
+me = Identity.generate()
+cache = Cache.open(disk / "cache.db", cache_key(me, b"d" * 16))
+first = Message(b"1" * 16, b"c" * 16, me.fingerprint, b"b" * 32, 1, "kept", True)
+big = Message(b"2" * 16, b"c" * 16, me.fingerprint, b"b" * 32, 2, "x" * 200_000, True)
+cache.add_message(first)
+filler = disk / "filler"
+st = os.statvfs(disk)
+filler.write_bytes(bytes(st.f_bavail * st.f_frsize))
+try:
+    cache.add_message(big)
+    refused = None
+except CacheWriteError as exc:
+    refused = str(exc)
+after_refusal = [m.body for m in cache.messages()]
+filler.unlink()
+again = cache.add_message(big)
+print(json.dumps({"refused": refused, "after_refusal": after_refusal, "again": again,
+                  "bodies": [m.body[:4] for m in cache.messages()],
+                  "integrity": cache.integrity_check()}))
+"""
+
+
+def test_a_cache_write_the_full_disk_refuses_keeps_nothing_of_it_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    with tiny_disk(tmp_path, 1024) as disk:
+        out = subprocess.run(
+            ["nsenter", "-t", str(disk.holder.pid), "-m", "--", sys.executable, "-c",
+             FULL_CACHE_SCRIPT, str(disk.mount)],
+            check=False, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert "the disk is full or failing" in result["refused"], result
+    assert result["after_refusal"] == ["kept"], result  # rolled back: nothing of it, nothing lost
+    assert result["again"] is True, result  # the same step, run again once there is room
+    assert result["bodies"] == ["kept", "xxxx"] and result["integrity"] == "ok", result

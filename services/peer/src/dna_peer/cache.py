@@ -245,6 +245,10 @@ class Cache:
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlcipher.DatabaseError as exc:
             conn.close()
+            # a full disk fails the first read too (its WAL index): not a wrong key, and no
+            # reason to move a good cache aside
+            if (unwritable := _cannot_write(path, exc)) is not None:
+                raise unwritable from None
             if _damaged(path, exc):
                 raise CacheDamagedError(
                     f"{path}: the cache is damaged ({exc}); the identity and its key file are"
