@@ -106,6 +106,66 @@ def test_what_an_older_dna_left_is_cleared_and_a_lost_key_file_is_not_taken_for_
     assert sorted(p.read_bytes() for p in home.iterdir()) == kept
 
 
+# A rotation's switch on this device (Profile.replace_identity, as Peer._adopt calls it),
+# in a process of its own: identity.key.new written (three steps), the cache re-keyed,
+# the new key file renamed over the old (step 4 just before).
+ROTATE_SCRIPT = """
+import sys
+from pathlib import Path
+from dna_core.crypto import Identity
+from dna_peer.cache import cache_key
+from dna_peer.profile import Profile
+
+profile = Profile(Path(sys.argv[1]))
+old = profile.unlock("pw")
+new = Identity.generate()
+print(new.fingerprint.hex(), flush=True)
+cache = profile.open_cache(old)
+device = profile.device().device_id
+profile.replace_identity(new, "pw", lambda: cache.rekey(cache_key(new, device)))
+"""
+ROTATE_STEPS = 4
+CHECK_SCRIPT = """
+import sys
+from pathlib import Path
+from dna_peer.profile import Profile
+
+profile = Profile(Path(sys.argv[1]))
+identity = profile.unlock("pw")
+profile.open_cache(identity).close()
+print(identity.fingerprint.hex())
+"""
+
+
+def python(script: str, *args: str, env: dict[str, str] | None = None
+           ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    return subprocess.run([sys.executable, "-c", script, *args], check=False,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def test_a_rotation_killed_at_any_step_keeps_the_old_keys_or_the_new_never_neither(
+    tmp_path: Path,
+) -> None:
+    for step in range(1, ROTATE_STEPS + 2):
+        home = tmp_path / f"rotated-{step}"
+        assert dna(home, "identity", "create", "--offline", env={"DNA_PASSPHRASE": "pw"}
+                   ).returncode == 0  # fmt: skip
+        old = keystore.read_public((home / "identity.key").read_bytes()).fingerprint.hex()
+        rotated = python(ROTATE_SCRIPT, str(home), env={TEST_KILL_ENV: str(step)})
+        new = rotated.stdout.strip()
+        if step > ROTATE_STEPS:
+            assert rotated.returncode == 0, rotated.stderr
+        else:
+            assert rotated.returncode == -signal.SIGKILL, (step, rotated.stderr)
+        checked = python(CHECK_SCRIPT, str(home))  # unlock finishes or undoes the switch
+        assert checked.returncode == 0, (step, checked.stderr)
+        # the new keys once the cache was re-keyed (step 4 on), the old ones before
+        assert checked.stdout.strip() == (new if step >= ROTATE_STEPS else old), step
+        assert not (home / "identity.key.new").exists()
+        assert (home / "identity.key").stat().st_mode & 0o777 == 0o600
+
+
 def test_an_export_killed_at_any_step_leaves_the_backup_whole_or_absent(tmp_path: Path) -> None:
     home = tmp_path / "me"
     assert dna(home, "identity", "create", "--offline").returncode == 0

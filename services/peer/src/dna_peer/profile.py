@@ -29,7 +29,7 @@ from pathlib import Path
 
 from dna_core.crypto import Identity, PublicKeySet, keystore
 from dna_core.errors import DnaError, MalformedError, WrongPassphraseError
-from dna_core.files import leftover_temporaries, sync_directory, write_atomic
+from dna_core.files import crash_point, leftover_temporaries, sync_directory, write_atomic
 
 from dna_peer.cache import Cache, cache_key
 
@@ -258,6 +258,7 @@ class Profile:
         finished (or undone) by the next `unlock`, whichever key the cache opens with."""
         write_atomic(self.fresh_keyfile, keystore.lock(identity, passphrase))
         rekey_cache()
+        crash_point()  # re-keyed, the new key file not in place yet
         os.replace(self.fresh_keyfile, self.keyfile)
         sync_directory(self.home)
 
