@@ -268,7 +268,9 @@ def test_a_create_on_a_disk_that_fills_up_is_whole_or_leaves_nothing_in_the_way(
     assert outcomes[-1] == "created", outcomes
 
 
-def test_an_export_to_a_full_disk_leaves_no_torn_backup(tmp_path: Path) -> None:
+def test_an_export_or_an_import_on_a_full_disk_leaves_nothing_torn_in_the_way(
+    tmp_path: Path,
+) -> None:
     with tiny_disk(tmp_path, 1024) as disk:
         assert disk.dna("me", "identity", "create", "--offline").returncode == 0
         backup = str(disk.mount / "backup.txt")
@@ -281,6 +283,13 @@ def test_an_export_to_a_full_disk_leaves_no_torn_backup(tmp_path: Path) -> None:
             assert disk.dna("me", "identity", "export", *private, "--out", backup).returncode == 0
             kind, _ = dearmor((disk.view / "backup.txt").read_bytes())
             assert kind == (LOCKED_KEY_FILE if private else "DNA PUBLIC KEY SET")
+            if private:  # a restore from it on the full disk: refused, nothing in the way
+                disk.leave_free(0)
+                refused = disk.dna("restored", "identity", "import", backup)
+                one_line_error(refused, "device.json: No space left on device")
+                assert sorted(p.name for p in (disk.view / "restored").iterdir()) == ["lock"]
+                disk.free_up()
+                assert disk.dna("restored", "identity", "import", backup).returncode == 0
             (disk.view / "backup.txt").unlink()
 
 
