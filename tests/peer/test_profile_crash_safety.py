@@ -313,6 +313,28 @@ def test_a_full_disk_is_said_as_such_when_the_cache_opens_not_taken_for_a_wrong_
         assert found.returncode == 0 and json.loads(found.stdout) == [], found.stderr
 
 
+def test_a_restored_device_whose_first_open_hits_a_full_disk_still_asks_for_the_history(
+    tmp_path: Path,
+) -> None:
+    """A restore makes no cache: the first open makes it, marked lost. On a full disk that
+    failed after SQLite had written its first page, and the next open took the page for a
+    whole cache: never marked lost, the device asked nobody for the history (and deleted
+    without waiting for the other devices)."""
+    with tiny_disk(tmp_path, 2048) as disk:
+        assert disk.dna("me", "identity", "create", "--offline").returncode == 0
+        backup = str(disk.mount / "backup.txt")
+        assert disk.dna("me", "identity", "export", "--private", "--out", backup).returncode == 0
+        for free_kib in (0, 8, 64):
+            home = f"restored-{free_kib}k"
+            assert disk.dna(home, "identity", "import", backup).returncode == 0
+            disk.leave_free(free_kib * 1024)
+            one_line_error(disk.dna(home, "search", "x"), "the disk is full or failing")
+            disk.free_up()
+            inbox = disk.dna(home, "inbox", "--offline")
+            assert inbox.returncode == 0, inbox.stderr
+            assert "this device is new or restored" in inbox.stdout, (free_kib, inbox.stdout)
+
+
 # Run inside the disk's mount namespace: SQLite resolves /proc/PID/root (a symlink) to
 # the directory under the mount, so the test process cannot open the cache there itself.
 FULL_CACHE_SCRIPT = """

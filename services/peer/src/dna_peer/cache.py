@@ -231,7 +231,13 @@ class Cache:
         self.commits = 0  # write transactions committed (each an fsync: synchronous=FULL)
 
     @classmethod
-    def open(cls, path: Path, key: bytes) -> Cache:
+    def open(cls, path: Path, key: bytes, *, lost_ms: int | None = None) -> Cache:
+        """The cache at ``path`` under ``key``, made if there is none. With ``lost_ms``, one
+        made here (no file, an empty one, or one whose making was cut short: no tables yet)
+        is a lost cache: until another device's history arrives it deletes nothing
+        (RECOVERING) and asks for it (HISTORY_WANTED), marks set in the same transaction as
+        its tables, so that no making cut short (a kill, a full disk) leaves a cache that passes
+        for a whole one and asks nobody for the history."""
         path.parent.mkdir(parents=True, exist_ok=True)
         _create_owner_only(path)
         try:
@@ -242,7 +248,7 @@ class Cache:
         conn.execute("PRAGMA cipher_log_level = NONE")  # a wrong key is our error, not a log line
         conn.execute(f"PRAGMA key = \"x'{key.hex()}'\"")
         try:
-            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            (tables,) = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlcipher.DatabaseError as exc:
             conn.close()
             # a full disk fails the first read too (its WAL index): not a wrong key, and no
@@ -261,7 +267,7 @@ class Cache:
                 f" device's cache); the identity and its key file are fine. {_aside(path)}"
             ) from None
         try:
-            _set_up(conn)
+            _set_up(conn, lost_ms if tables == 0 else None)
         except sqlcipher.Error as exc:
             conn.close()
             raise _cannot_write(path, exc) or exc from None
@@ -346,13 +352,6 @@ class Cache:
 
     def unqueue_outgoing(self, message_id: bytes) -> None:
         self._write("DELETE FROM outbox WHERE message_id = ?", (message_id,))
-
-    def mark_lost(self, now_ms: int) -> None:
-        """This cache was made again after the old one was lost: until another device's
-        history arrives, delete nothing (RECOVERING) and ask for it (HISTORY_WANTED)."""
-        with self.transaction():
-            self.set_state(RECOVERING, str(now_ms).encode())
-            self.set_state(HISTORY_WANTED, b"")
 
     # -- contacts ------------------------------------------------------------------
 
@@ -661,12 +660,19 @@ def _message(row: tuple[Any, ...]) -> Message:
     )  # fmt: skip
 
 
-def _set_up(conn: Any) -> None:
+def _set_up(conn: Any, lost_ms: int | None) -> None:
+    """Settings and tables; for a new cache made in place of a lost one (``lost_ms``), its
+    tables and the lost marks in one transaction (Cache.open)."""
     conn.execute("PRAGMA busy_timeout = 10000")  # `dna watch` and `dna send` may overlap
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
-    conn.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS), so no transaction needed
+    if lost_ms is None:
+        conn.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS), so no transaction needed
+    else:  # the values as the state table holds them (set_state: bytes)
+        marks = (f"INSERT OR REPLACE INTO state(key, value) VALUES ('{RECOVERING}',"
+                 f" x'{str(lost_ms).encode().hex()}'), ('{HISTORY_WANTED}', x'');")  # fmt: skip
+        conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}{marks}COMMIT;")
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 

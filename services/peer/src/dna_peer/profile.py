@@ -84,15 +84,6 @@ class Profile:
     def cache_path(self) -> Path:
         return self.home / "cache.db"
 
-    def cache_lost(self) -> bool:
-        """No cache, or an empty file where it was (a crash before its first write reached
-        the disk): either way this device starts over and asks the others for the history,
-        instead of taking an empty cache for the truth."""
-        try:
-            return self.cache_path.stat().st_size == 0
-        except FileNotFoundError:
-            return True
-
     @contextlib.contextmanager
     def in_use(self, *, alone: bool = False, wait_s: float = 5.0) -> Iterator[None]:
         """Hold the profile while a command runs: shared by any number of processes
@@ -337,14 +328,12 @@ class Profile:
         return identity
 
     def open_cache(self, identity: Identity) -> Cache:
-        """The cache. One found lost is made again and marked lost at once, whichever
-        command opens it first (`dna search`, or one whose network then fails): the device
-        still asks its other devices for the history and deletes nothing until it came."""
-        lost = self.cache_lost()
-        cache = Cache.open(self.cache_path, cache_key(identity, self.device().device_id))
-        if lost:
-            cache.mark_lost(time.time_ns() // 1_000_000)
-        return cache
+        """The cache. One found lost (gone, empty, or its making cut short) is made again
+        marked lost, whichever command opens it first (`dna search`, or one whose network
+        then fails): the device still asks its other devices for the history and deletes
+        nothing until it came."""
+        key = cache_key(identity, self.device().device_id)
+        return Cache.open(self.cache_path, key, lost_ms=time.time_ns() // 1_000_000)
 
 
 def read_bounded(path: Path, limit: int, what: str) -> bytes:
