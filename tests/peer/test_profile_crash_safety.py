@@ -72,6 +72,7 @@ def test_a_create_killed_at_any_step_leaves_a_whole_profile_or_one_the_next_crea
             continue
         assert killed.returncode == -signal.SIGKILL, (step, killed.stderr)
         if (home / "identity.key").exists():  # killed after the key file: the profile is done
+            assert step == CREATE_STEPS and (home / "creating").exists()  # the mark, stale
             assert_whole_profile(home)
             assert "refusing to overwrite" in dna(home, "identity", "create", "--offline").stderr
             continue
