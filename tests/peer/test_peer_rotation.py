@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from dna_core.crypto import Identity, keystore, seal
 from dna_core.crypto.node import NodeIdentity
+from dna_core.files import write_atomic
 from dna_core.overlay.aio import NodeConfig, OverlayNode
 from dna_core.wire.gen.dna.v1 import envelope_pb2
 from dna_peer import keyserver
@@ -23,7 +24,7 @@ from dna_peer.cache import Contact, cache_key
 from dna_peer.inbox import Inbox
 from dna_peer.keyserver import now_ms
 from dna_peer.peer import RETIRED, Peer
-from dna_peer.profile import Profile, write_private
+from dna_peer.profile import Profile
 
 
 @asynccontextmanager
@@ -150,7 +151,7 @@ def test_a_rotation_cut_short_is_finished_or_undone_at_the_next_unlock(
         profile.create(alice, "pw")
         new = Identity.generate()
         cache = profile.open_cache(alice)
-        write_private(profile.fresh_keyfile, keystore.lock(new, "pw"))  # crashed after this
+        write_atomic(profile.fresh_keyfile, keystore.lock(new, "pw"))  # crashed after this
         if rekeyed:  # ...or after this
             cache.rekey(cache_key(new, profile.device().device_id))
         cache.close()

@@ -125,6 +125,23 @@ class CacheDamagedError(DnaError):
     not under another key: nothing in it is touched."""
 
 
+class CacheWriteError(DnaError):
+    """The disk refused a write to the cache (full, or failing): the transaction was rolled
+    back, so nothing of the step is kept and it can be run again once there is room."""
+
+
+def _cannot_write(path: Path, error: sqlcipher.Error) -> CacheWriteError | None:
+    """SQLITE_FULL or SQLITE_IOERR (any of its extended codes) as one clear error, None
+    for any other error (a defect, reported as one)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is None or code & 0xFF not in (sqlcipher.SQLITE_FULL, sqlcipher.SQLITE_IOERR):
+        return None
+    return CacheWriteError(
+        f"{path}: cannot write the cache ({error}: the disk is full or failing); nothing of"
+        " this step was kept: free some space (or mend the disk) and run it again"
+    )
+
+
 def _damaged(path: Path, error: sqlcipher.DatabaseError) -> bool:
     """Whether opening failed on a damaged file rather than a wrong key: SQLite says the
     file is malformed, or the file is not a whole number of pages (a torn write; SQLCipher
@@ -207,14 +224,22 @@ class Cache:
     """One SQLCipher database file; methods that change state commit before returning,
     except inside `transaction()`, which commits once at its end."""
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, path: Path) -> None:
         self._db = conn
+        self.path = path
         self._depth = 0
         self.commits = 0  # write transactions committed (each an fsync: synchronous=FULL)
 
     @classmethod
-    def open(cls, path: Path, key: bytes) -> Cache:
+    def open(cls, path: Path, key: bytes, *, lost_ms: int | None = None) -> Cache:
+        """The cache at ``path`` under ``key``, made if there is none. With ``lost_ms``, one
+        made here (no file, an empty one, or one whose making was cut short: no tables yet)
+        is a lost cache: until another device's history arrives it deletes nothing
+        (RECOVERING) and asks for it (HISTORY_WANTED), marks set in the same transaction as
+        its tables, so that no making cut short (a kill, a full disk) leaves a cache that passes
+        for a whole one and asks nobody for the history."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        _create_owner_only(path)
         try:
             conn = sqlcipher.connect(str(path), isolation_level=None, check_same_thread=False)
         except sqlcipher.OperationalError as exc:  # not a file (a directory), no access
@@ -223,9 +248,13 @@ class Cache:
         conn.execute("PRAGMA cipher_log_level = NONE")  # a wrong key is our error, not a log line
         conn.execute(f"PRAGMA key = \"x'{key.hex()}'\"")
         try:
-            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            (tables,) = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlcipher.DatabaseError as exc:
             conn.close()
+            # a full disk fails the first read too (its WAL index): not a wrong key, and no
+            # reason to move a good cache aside
+            if (unwritable := _cannot_write(path, exc)) is not None:
+                raise unwritable from None
             if _damaged(path, exc):
                 raise CacheDamagedError(
                     f"{path}: the cache is damaged ({exc}); the identity and its key file are"
@@ -237,14 +266,13 @@ class Cache:
                 f"{path}: cannot open the cache (wrong key or not a cache file: not this"
                 f" device's cache); the identity and its key file are fine. {_aside(path)}"
             ) from None
-        conn.execute("PRAGMA busy_timeout = 10000")  # `dna watch` and `dna send` may overlap
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS), so no transaction needed
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        try:
+            _set_up(conn, lost_ms if tables == 0 else None)
+        except sqlcipher.Error as exc:
+            conn.close()
+            raise _cannot_write(path, exc) or exc from None
         _owner_only(path)
-        return cls(conn)
+        return cls(conn, path)
 
     def close(self) -> None:
         self._db.close()
@@ -255,7 +283,16 @@ class Cache:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
-        """All-or-nothing; nests (the outermost commits)."""
+        """All-or-nothing; nests (the outermost commits). A write the disk refuses is
+        CacheWriteError, the transaction rolled back."""
+        try:
+            with self._transaction():
+                yield
+        except sqlcipher.Error as exc:
+            raise _cannot_write(self.path, exc) or exc from None
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
         if self._depth == 0:
             self._db.execute("BEGIN IMMEDIATE")
         self._depth += 1
@@ -315,13 +352,6 @@ class Cache:
 
     def unqueue_outgoing(self, message_id: bytes) -> None:
         self._write("DELETE FROM outbox WHERE message_id = ?", (message_id,))
-
-    def mark_lost(self, now_ms: int) -> None:
-        """This cache was made again after the old one was lost: until another device's
-        history arrives, delete nothing (RECOVERING) and ask for it (HISTORY_WANTED)."""
-        with self.transaction():
-            self.set_state(RECOVERING, str(now_ms).encode())
-            self.set_state(HISTORY_WANTED, b"")
 
     # -- contacts ------------------------------------------------------------------
 
@@ -628,6 +658,30 @@ def _message(row: tuple[Any, ...]) -> Message:
         bytes(row[0]), bytes(row[1]), bytes(row[2]), bytes(row[3]), row[4], row[5],
         bool(row[6]), bool(row[7]),
     )  # fmt: skip
+
+
+def _set_up(conn: Any, lost_ms: int | None) -> None:
+    """Settings and tables; for a new cache made in place of a lost one (``lost_ms``), its
+    tables and the lost marks in one transaction (Cache.open)."""
+    conn.execute("PRAGMA busy_timeout = 10000")  # `dna watch` and `dna send` may overlap
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    if lost_ms is None:
+        conn.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS), so no transaction needed
+    else:  # the values as the state table holds them (set_state: bytes)
+        marks = (f"INSERT OR REPLACE INTO state(key, value) VALUES ('{RECOVERING}',"
+                 f" x'{str(lost_ms).encode().hex()}'), ('{HISTORY_WANTED}', x'');")  # fmt: skip
+        conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}{marks}COMMIT;")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _create_owner_only(path: Path) -> None:
+    """A new cache file is created owner-only (SQLite would create it with the umask's
+    mode, until `_owner_only`); an existing one is left as it is. Whatever fails here (a
+    directory in its place) fails again, and is reported, when SQLite opens it."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o600))
 
 
 def _owner_only(path: Path) -> None:

@@ -43,6 +43,7 @@ from typing import Any, BinaryIO, NoReturn
 from dna_core import __version__
 from dna_core.crypto import Identity, keystore
 from dna_core.errors import DnaError, MalformedError
+from dna_core.files import write_atomic
 from dna_core.ops.heap import freeze_startup_heap
 from dna_core.overlay import normalize_name
 from rich.text import Text
@@ -73,7 +74,7 @@ from dna_peer.peer import (
     find_contact,
     open_peer,
 )
-from dna_peer.profile import BACKUP_MAX_BYTES, Profile, read_bounded, write_private
+from dna_peer.profile import BACKUP_MAX_BYTES, Profile, read_bounded
 from dna_peer.terminal import (
     console,
     phase_line,
@@ -283,13 +284,10 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _write_new(path: Path, text: str, *, private: bool) -> None:
-    """Create ``path``; an existing file (the key file itself, say) is never overwritten."""
+    """Create ``path``, whole or not at all (a full disk leaves no torn file that would
+    block the next try); an existing file (the key file itself, say) is never overwritten."""
     try:
-        if private:
-            write_private(path, text.encode())
-        else:
-            with path.open("x", encoding="utf-8") as f:
-                f.write(text)
+        write_atomic(path, text.encode(), mode=0o600 if private else 0o666, overwrite=False)
     except FileExistsError:
         raise DnaError(f"{path} exists; refusing to overwrite it") from None
 
