@@ -1,21 +1,21 @@
-"""A node's key on disk: the 32-byte Ed25519 seed, readable by its owner only."""
+"""A node's key on disk: the 32-byte Ed25519 seed, readable by its owner only, written whole
+or not at all (`dna_core.files.write_atomic`): a node killed while minting it starts next
+time with a new key, not a torn one it cannot read."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from dna_core.crypto.node import NodeIdentity, puzzle_bits
 from dna_core.errors import MalformedError
+from dna_core.files import write_atomic
 
 
 def create_node_key(path: Path, puzzle: int) -> tuple[NodeIdentity, int]:
     """Mint a node key solving ``puzzle`` bits and write it to ``path`` (mode 0600)."""
     node, attempts = NodeIdentity.generate(puzzle)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(node.seed())
+    write_atomic(path, node.seed(), mode=0o600, overwrite=False)
     return node, attempts
 
 
