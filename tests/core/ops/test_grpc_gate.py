@@ -127,9 +127,13 @@ def test_large_answers_left_unread_hold_a_few_slots_and_are_cut() -> None:
                 await stub.Ping(overlay_pb2.OverlayPingRequest(), timeout=5)  # connected
                 proxy.stall()
                 calls = [stub.FindValue(overlay_pb2.FindValueRequest()) for _ in range(40)]
-                await asyncio.sleep(1.0)
-                # The address's 2 slots hold answers that cannot be sent; the kernels'
+                # The address's 2 slots come to hold answers that cannot be sent (and keep
+                # them: without a guard to drop the connection, until it ends); the kernels'
                 # socket buffers took in a few more, and the rest wait for a slot.
+                for _ in range(100):
+                    if sample("dna_grpc_answers_held") == 2:
+                        break
+                    await asyncio.sleep(0.1)
                 assert sample("dna_grpc_answers_held") == 2
                 assert pages.answered < 10
                 await other_address_is_answered(port, options)
