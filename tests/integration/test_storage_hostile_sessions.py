@@ -31,7 +31,7 @@ pytestmark = pytest.mark.process  # every test starts a storage node
 
 SESSION = "/dna.v1.Mailbox/Session"
 PER_SOURCE, TOTAL, WINDOW, STALL_S = 3, 5, 16, 8.0
-ANSWER_STALL_S = 4.0  # a unary answer left unread that long is cut
+ANSWER_STALL_S = 6.0  # a unary answer left unread that long is cut
 SOURCE_PAGES = 4  # page slots one address's sessions hold together
 TOML = (
     f"sessions_max_per_source = {PER_SOURCE}\nsessions_max = {TOTAL}\n"
@@ -316,9 +316,13 @@ def test_unary_fetches_left_unread_hold_only_their_address_slots(node: NodeProce
             assert len((await stub.Fetch(fetch(owner), timeout=10)).blobs) > 0  # connected
             proxy.stall()
             calls = [stub.Fetch(fetch(owner)) for _ in range(40)]
-            await asyncio.sleep(ANSWER_STALL_S / 2)
-            grown = sample_value(scrape(node), "process_resident_memory_bytes") - rss_before
+            for _ in range(int(ANSWER_STALL_S * 5)):  # the address's 4 slots fill, and stay
+                if held(node) == 4:
+                    break
+                await asyncio.sleep(0.1)
             assert held(node) == 4
+            await asyncio.sleep(0.5)  # what else the node would take in, it has taken
+            grown = sample_value(scrape(node), "process_resident_memory_bytes") - rss_before
             served_s = await honest_fetch(node)
             assert served_s < ANSWER_STALL_S / 2
             for _ in range(int(8 * ANSWER_STALL_S)):
