@@ -26,6 +26,7 @@ from typing import Any
 
 from dna_core import __version__
 from dna_core.errors import DnaError
+from dna_core.files import sync_directory, write_atomic
 from dna_core.ops.node_key import load_node_key
 
 from dna_storage.backends.sqlite import SCHEMA_VERSION
@@ -69,10 +70,13 @@ def backup(config: StorageNodeConfig, out: Path) -> dict[str, Any]:
         _copy_database(targets[MAILBOXES], staging / MAILBOXES)
         if targets[RECORDS].is_file():
             _copy_database(targets[RECORDS], staging / RECORDS)
-        shutil.copy2(targets[NODE_KEY], staging / NODE_KEY)  # keeps its mode 0600
+        write_atomic(staging / NODE_KEY, targets[NODE_KEY].read_bytes(), mode=0o600)
         manifest = _manifest(config, staging)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_atomic(
+            staging / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(), mode=0o644
+        )
         os.replace(staging, out)  # an empty `out` is replaced atomically
+        sync_directory(out.parent)  # ...and durably: the databases' copies are (SQLite commits)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -149,9 +153,19 @@ def _place(source: Path, target: Path, *, fresh_incarnation: bool) -> None:
         if fresh_incarnation:
             with contextlib.closing(sqlite3.connect(partial)) as db, db:
                 db.execute("UPDATE meta SET value = randomblob(8) WHERE key = 'incarnation'")
+        _fsync(partial)  # whole on disk before it has the name a node starts from
         os.replace(partial, target)
+        sync_directory(target.parent)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def verify(source: Path, config: StorageNodeConfig) -> dict[str, Any]:
