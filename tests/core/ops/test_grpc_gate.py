@@ -164,3 +164,60 @@ async def other_address_is_answered(port: int, options: list[tuple[str, int]]) -
         stub = overlay_pb2_grpc.OverlayStub(channel)
         answer = await stub.FindValue(overlay_pb2.FindValueRequest(), timeout=5)
     assert len(answer.records[0].body) == 1 << 20
+
+
+def test_behind_the_guard_an_unread_answer_drops_its_connection_and_every_call_on_it() -> None:
+    """Behind the connection guard, the first answer left unread for the stall time drops
+    the connection it came in on: its slots come back at once, and the other answers written
+    on that connection, not stalled yet, end with it quietly (not as internal errors)."""
+    registry = CollectorRegistry()
+    answers = AnswerSlots(per_source=2, total=4, stall_s=2.0, registry=registry)
+
+    def sample(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
+
+    async def main() -> list[grpc.StatusCode]:
+        server = grpc.aio.server(options=[("grpc.max_send_message_length", 4 << 20)])
+        guard = TcpRelay(("127.0.0.1", server.add_insecure_port("127.0.0.1:0")))
+        gate = GrpcGate(
+            max_message=1 << 20, registry=registry, answers=answers,
+            real_peer=guard.grpc_peer, cut_connection=guard.cut,
+        )  # fmt: skip
+        gate.add(server, Pages(), OVERLAY)
+        await server.start()
+        options = [("grpc.max_receive_message_length", 4 << 20)]
+        try:
+            await guard.start()
+            async with StallingProxy(("127.0.0.1", guard.port)) as proxy:
+                hostile = grpc.aio.insecure_channel(proxy.address, options=options)
+                stub = overlay_pb2_grpc.OverlayStub(hostile)
+                await stub.Ping(overlay_pb2.OverlayPingRequest(), timeout=5)  # connected
+                proxy.stall()
+                first = stub.FindValue(overlay_pb2.FindValueRequest())
+                await asyncio.sleep(0.5)  # the others' writes start later: not stalled yet
+                calls = [first] + [stub.FindValue(overlay_pb2.FindValueRequest()) for _ in range(5)]
+                for _ in range(60):
+                    if sample("dna_grpc_answers_refused_total", reason="stalled") > 0:
+                        break
+                    await asyncio.sleep(0.1)
+                await until_no_answer_held(sample)
+                for call in calls:
+                    call.cancel()
+                await hostile.close()
+        finally:
+            await server.stop(grace=None)
+            await guard.close()
+        return []
+
+    asyncio.run(main())
+    assert sample("dna_grpc_answers_refused_total", reason="stalled") >= 1
+    assert sample("dna_grpc_internal_errors_total", method="/dna.v1.Overlay/FindValue") == 0
+    assert sample("dna_grpc_answers_held") == 0
+
+
+async def until_no_answer_held(sample: Any) -> None:
+    for _ in range(50):
+        if sample("dna_grpc_answers_held") == 0:
+            return
+        await asyncio.sleep(0.1)
+    assert sample("dna_grpc_answers_held") == 0

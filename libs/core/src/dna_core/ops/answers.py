@@ -47,6 +47,9 @@ ANSWERS_PER_SOURCE = 4  # of them, from one address (IPv6: per /64)
 ANSWER_STALL_S = 30.0  # how long an answer may wait to be read, or a call for a slot
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
+# What grpcio raises when a write meets a call that has ended (ExecuteBatchError is an
+# InternalError; UsageError: the call is already finished).
+_CALL_ENDED = (grpc.aio.InternalError, grpc.aio.UsageError)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -120,10 +123,7 @@ class AnswerSlots:
             ) from None
 
     async def _write(self, context: Ctx, response: Any, on_stall: Callable[[], object]) -> None:
-        stalled: list[bool] = []
-
         def stall() -> None:
-            stalled.append(True)
             self.refused.labels(reason="stalled").inc()
             on_stall()
 
@@ -132,11 +132,11 @@ class AnswerSlots:
         timer = asyncio.get_running_loop().call_later(self.stall_s, stall)
         try:
             await context.write(response)
-        except Exception:
-            if not stalled:
-                raise
-            # Ended with its connection: no status can follow an unsent answer, and grpc
-            # ends a call whose handler is cancelled without one (and without a traceback).
+        except _CALL_ENDED:
+            # The call ended under the write: its client went away, or its connection was
+            # dropped (this answer's stall, or another's on the same connection). No status
+            # can follow; grpc ends a call whose handler is cancelled without one (and
+            # without a traceback).
             raise asyncio.CancelledError from None
         finally:
             timer.cancel()
