@@ -209,10 +209,7 @@ def test_mailboxes_in_flight_overlap_their_round_trips(tmp_path: Path) -> None:
     async def scenario() -> tuple[float, float]:
         net = Network(tmp_path)
         try:
-            await net.start()
-            for node in net.stores:
-                assert node.backend is not None
-                await node.backend.put_many(blobs, now_ms())
+            await started_holding(net, blobs)
             repairer = net.repairer(0)
             repairer.compare = False  # every mailbox exchanged: the calls this test times
             on_session = repairer._on_session
@@ -309,10 +306,7 @@ def test_a_pass_compares_slices_ahead_up_to_its_bound_and_looks_up_in_id_order(
     async def scenario() -> None:
         net = Network(tmp_path, DEFAULT_LIMITS)
         try:
-            await net.start()
-            for node in net.stores:
-                assert node.backend is not None
-                await node.backend.put_many(everywhere, now_ms())
+            await started_holding(net, everywhere)
             source = net.stores[0].backend
             assert source is not None
             await source.put_many(alone, now_ms())
@@ -367,10 +361,7 @@ def test_a_slice_of_many_mailboxes_is_compared_in_calls_at_once_up_to_the_bound(
     async def scenario() -> None:
         net = Network(tmp_path, DEFAULT_LIMITS)
         try:
-            await net.start()
-            for node in net.stores:
-                assert node.backend is not None
-                await node.backend.put_many(blobs, now_ms())
+            await started_holding(net, blobs)
             repairer = net.repairer(0)
             compares, lookups = Compares(repairer, 0.05), repairer.metrics.lookups._value.get()
             assert await repairer.repair_once() == len(blobs)
@@ -382,3 +373,11 @@ def test_a_slice_of_many_mailboxes_is_compared_in_calls_at_once_up_to_the_bound(
             await net.stop()
 
     asyncio.run(scenario())
+
+
+async def started_holding(net: Network, blobs: list[StoredBlob]) -> None:
+    """Start ``net`` with ``blobs`` on every storage node (their mailboxes in sync)."""
+    await net.start()
+    for node in net.stores:
+        assert node.backend is not None
+        await node.backend.put_many(blobs, now_ms())
