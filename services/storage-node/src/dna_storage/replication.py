@@ -45,7 +45,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -775,9 +775,13 @@ class _Window:
         self.size = size
         self.tasks: set[asyncio.Future[None]] = set()
 
-    async def add(self, work: Awaitable[None]) -> None:
-        while len(self.tasks) >= self.size:
-            await self._reap()
+    async def add(self, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            while len(self.tasks) >= self.size:
+                await self._reap()
+        except BaseException:  # the pass ends (cancelled, or another mailbox failed)
+            work.close()  # never started: no "coroutine was never awaited" warning
+            raise
         self.tasks.add(asyncio.ensure_future(work))
 
     async def drain(self) -> None:
