@@ -191,6 +191,12 @@ class _Link:
         self.relay.closed(self)
 
 
+def _upstream_end(peer: str) -> Address | None:
+    """A gRPC peer string (``ipv4:127.0.0.1:P``) as the (address, port) it names, or None."""
+    port = peer.rpartition(":")[2]
+    return (grpc_peer_ip(peer), int(port)) if port.isdigit() else None
+
+
 class TcpRelay:
     """Relays connections accepted on ``host:port`` (`start`) to ``upstream``.
 
@@ -253,10 +259,8 @@ class TcpRelay:
         """gRPC's peer of a call that came through this relay (``ipv4:127.0.0.1:P``, the
         relay's own upstream end) -> the client's (``ipv4:203.0.113.5:40000``); any other
         peer is returned as given."""
-        port = peer.rpartition(":")[2]
-        if not port.isdigit():
-            return peer
-        client = self._by_upstream_end.get((grpc_peer_ip(peer), int(port)))
+        end = _upstream_end(peer)
+        client = None if end is None else self._by_upstream_end.get(end)
         if client is None:
             return peer
         host, client_port = client
@@ -267,8 +271,7 @@ class TcpRelay:
         grpc sees it, the relay's upstream end). For a client that leaves answers unread:
         grpc frees what it holds for a connection only once the connection ends. False if
         no such connection is open."""
-        port = peer.rpartition(":")[2]
-        end = (grpc_peer_ip(peer), int(port)) if port.isdigit() else None
+        end = _upstream_end(peer)
         for link in self._links:
             if link.upstream_end == end:
                 link.abort()
