@@ -72,6 +72,13 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
+def _wait_gone(pid: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid), f"pid {pid} still running after {timeout:g} s"
+
+
 def _check_status(cwd: Path) -> None:
     """`status` of a running testnet: a table (bare columns in a pipe) and JSON."""
     status = run("status", cwd=cwd)
@@ -104,16 +111,28 @@ def test_up_status_twice_and_down_finds_every_node(tmp_path: Path) -> None:
         _check_status(tmp_path)
         pids = json.loads(state.read_text())["pids"]
         again = run("up", cwd=tmp_path)
-        assert again.returncode == 1
-        assert "already running" in again.stderr and "dna-testnet down" in again.stderr
+        assert again.returncode == 0, again.stderr
+        assert "every node of" in again.stderr and "already running" in again.stderr
         assert json.loads(state.read_text())["pids"] == pids  # the real nodes stay recorded
         assert all(_alive(pid) for pid in pids.values())
 
+        # a node crashes: `up` starts that one again, with its key, and leaves the rest
+        os.kill(pids["storage2"], signal.SIGKILL)
+        _wait_gone(pids["storage2"])
+        revived = run("up", cwd=tmp_path)
+        assert revived.returncode == 0, revived.stderr
+        assert "started storage2 (9 already running)" in revived.stderr, revived.stderr
+        now = json.loads(state.read_text())["pids"]
+        assert {n: p for n, p in now.items() if n != "storage2"} == {
+            n: p for n, p in pids.items() if n != "storage2"
+        }
+        assert now["storage2"] != pids["storage2"] and _alive(now["storage2"])
+        pids = now
+        _check_status(tmp_path)
+
         # an operator restarts storage1 by hand (a relative --config, its own session)
         os.kill(pids["storage1"], signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        while _alive(pids["storage1"]) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        _wait_gone(pids["storage1"])
         hand_started = subprocess.Popen(
             [str(BIN / "dna-storage-node"), "run", "--config", ".dna-testnet/storage1.toml"],
             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -1,7 +1,8 @@
 """`dna-testnet`: a local DNA network of real processes on 127.0.0.x.
 
 up       start 3 bootstrap and 6 storage nodes and a STUN/TURN relay (state in --dir,
-         default .dna-testnet); refused while they already run
+         default .dna-testnet); again, it starts only the nodes not running (after a
+         crash or a kill), with their keys and data
 status   one line per node: role, address, PID, health, routing table, records, blobs
 down     stop every node of --dir (also ones restarted by hand), saying which
 demo     up, the store-and-forward flow, down (in a temporary directory)
@@ -82,6 +83,17 @@ def _status(net: Testnet, as_json: bool) -> None:
     out.print(grid)
 
 
+def _say_started(net: Testnet, started: list[str]) -> None:
+    """On stderr, so `up --json` prints only the status."""
+    others = len(net.members) - len(started)
+    if not others:
+        return
+    if started:
+        print(f"started {', '.join(started)} ({others} already running)", file=sys.stderr)
+    else:
+        print(f"every node of {net.root} is already running", file=sys.stderr)
+
+
 def _down(net: Testnet, as_json: bool) -> None:
     stopped = net.down()
     if as_json:
@@ -142,7 +154,7 @@ def _run(args: argparse.Namespace) -> None:
         return
     net = Testnet(args.dir.resolve(), stun=len(TESTNET.relays))
     if args.command == "up":
-        net.up()
+        _say_started(net, net.up())
         _status(net, args.json)
     elif args.command == "status":
         _status(net, args.json)

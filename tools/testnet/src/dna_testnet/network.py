@@ -35,7 +35,7 @@ __all__ = [
 
 
 class TestnetRunningError(RuntimeError):
-    """`up` while a testnet already runs on these addresses."""
+    """`up` while another testnet's nodes answer on these addresses."""
 
     __test__ = False
 
@@ -88,26 +88,25 @@ class Testnet:
     def seeds(self) -> list[tuple[str, int]]:
         return [n.udp for n in self.nodes if n.role == "bootstrap"]
 
-    def up(self, timeout: float = 90.0) -> None:
-        """Start every node; refused while any node of this state directory runs, or while
-        something else answers on one of its addresses (a testnet in another directory)."""
+    def up(self, timeout: float = 90.0) -> list[str]:
+        """Start every node of this state directory that is not running, with the keys and
+        data it had (all of them the first time; after a crash or a kill, the ones missing)
+        and return their names. Refused while something else answers on one of their
+        addresses (a testnet in another directory)."""
         running = self.running()
-        if running:
-            names = ", ".join(f"{name} (pid {pid})" for name, pid in running.items())
-            raise TestnetRunningError(
-                f"a testnet is already running in {self.root}: {names}; `dna-testnet down` stops it"
-            )
-        taken = [n.name for n in self.members if n.answers()]
+        missing = [node for node in self.members if node.name not in running]
+        taken = [n.name for n in missing if n.answers()]
         if taken:
             raise TestnetRunningError(
                 f"another node already answers on the addresses of {', '.join(taken)}"
                 f" ({self.nodes[0].ip}...): a testnet from another directory?"
                 " Stop it with `dna-testnet down --dir ...`"
             )
-        for node in self.members:
+        for node in missing:
             node.start()
-        wait_ready(self.members, timeout)
-        self._save()
+        wait_ready(missing, timeout)
+        self._save(running)
+        return [node.name for node in missing]
 
     def running(self) -> dict[str, int]:
         """Node name -> PID of every live process running one of this testnet's config files,
@@ -151,8 +150,8 @@ class Testnet:
             if node.alive():
                 node.kill()
 
-    def _save(self) -> None:
-        pids = {n.name: n.proc.pid for n in self.members if n.proc is not None}
+    def _save(self, running: dict[str, int]) -> None:
+        pids = running | {n.name: n.proc.pid for n in self.members if n.proc is not None}
         (self.root / "state.json").write_text(json.dumps({"pids": pids}))
 
     def _saved_pids(self) -> dict[str, int]:
