@@ -241,6 +241,7 @@ class StorageNode:
         self.metrics = StorageMetrics(CollectorRegistry())  # replaced by the server's at start
         self._tasks: list[asyncio.Task[None]] = []
         self.repairer: Repairer | None = None
+        self.replica_view: ReplicaView | None = None  # who may sync with this node
         self._full_by_write = False  # a write found no room since the last disk reading
         self._held = Usage(0, 0)  # blobs and bytes held, as of the last GC pass
         self._mailboxes = 0  # mailboxes held, likewise
@@ -256,12 +257,13 @@ class StorageNode:
         rules: list[SyncRules] = []  # the service's, for the repairer
 
         def add_mailbox(register: ServiceRegistrar, node: OverlayNode) -> list[str]:
+            self.replica_view = ReplicaView(
+                node, rate=section.sync_rate_per_s, burst=section.sync_burst
+            )
             service = self.mailbox_service(
                 backend, self.admission, retention=retention,
                 sync_puzzle_bits=self.config.node.puzzle_bits,
-                replica_view=ReplicaView(
-                    node, rate=section.sync_rate_per_s, burst=section.sync_burst
-                ),
+                replica_view=self.replica_view,
                 node_id=node.node_id,
                 batches_at_once=section.put_batches_at_once,
                 on_outcome=lambda method, outcome: self.metrics.requests.labels(
