@@ -31,7 +31,13 @@ from pydantic import Field, model_validator
 from redis.exceptions import RedisError
 
 from dna_storage.admission import Admission, AdmissionConfig
-from dna_storage.backends.base import MailboxBackend, StorageFullError, StoreDamagedError, Usage
+from dna_storage.backends.base import (
+    MailboxBackend,
+    StorageFullError,
+    StoreDamagedError,
+    StoreUnavailableError,
+    Usage,
+)
 from dna_storage.backends.redis import RedisBackend
 from dna_storage.backends.sqlite import SqliteBackend
 from dna_storage.mailbox_service import BATCHES_AT_ONCE, DAY_S, Retention
@@ -199,15 +205,18 @@ class StorageMetrics:
 class _RoomWatch:
     """The backend, tripping the node's high-water mark the moment a write finds no room,
     so `/readyz` fails and admission refuses writes at once, not at the next disk reading;
-    and telling the node the moment a call finds the store damaged."""
+    telling the node the moment a call finds the store damaged, or unavailable (Redis
+    down), and when a call is answered again."""
 
     def __init__(
         self,
         backend: MailboxBackend,
         on_full: Callable[[], None],
         on_damaged: Callable[[StoreDamagedError], None],
+        on_unavailable: Callable[[StoreUnavailableError | None], None],
     ) -> None:
         self._backend, self._on_full, self._on_damaged = backend, on_full, on_damaged
+        self._on_unavailable = on_unavailable
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._backend, name)
@@ -217,13 +226,18 @@ class _RoomWatch:
         @functools.wraps(attr)
         async def watched(*args: Any, **kwargs: Any) -> Any:
             try:
-                return await attr(*args, **kwargs)
+                result = await attr(*args, **kwargs)
             except StorageFullError:
                 self._on_full()
                 raise
             except StoreDamagedError as exc:
                 self._on_damaged(exc)
                 raise
+            except StoreUnavailableError as exc:
+                self._on_unavailable(exc)
+                raise
+            self._on_unavailable(None)  # the store answered
+            return result
 
         return watched
 
@@ -246,12 +260,16 @@ class StorageNode:
         self._held = Usage(0, 0)  # blobs and bytes held, as of the last GC pass
         self._mailboxes = 0  # mailboxes held, likewise
         self._damage: str | None = None  # what a call found damaged in the store, if one did
+        self._unavailable: str | None = None  # why the last call to the store failed, if it did
 
     async def start(self) -> None:
         section = self.config.storage
         opened = await open_backend(section)
         subscribers = Subscribers()  # woken by every write that stores a blob (push)
-        watched = cast(MailboxBackend, _RoomWatch(opened, self._no_room, self._store_damaged))
+        watched = cast(
+            MailboxBackend,
+            _RoomWatch(opened, self._no_room, self._store_damaged, self._store_unavailable),
+        )
         self.backend = backend = cast(MailboxBackend, NotifyingBackend(watched, subscribers))
         retention = Retention(section.ttl_days * DAY_S, section.max_ttl_days * DAY_S)
         rules: list[SyncRules] = []  # the service's, for the repairer
@@ -332,6 +350,19 @@ class StorageNode:
             log.error("%s; unready: %s", exc, advice)
         self._damage = str(exc)
 
+    def _store_unavailable(self, exc: StoreUnavailableError | None) -> None:
+        """A call to the store failed for want of the store (``exc``) or was answered (None).
+        Said once each way: while the store is away, every request touching it answers
+        UNAVAILABLE (clients ask other replicas) and `/readyz` fails; the next call answered
+        (a request, or the GC pass every interval) makes the node ready again."""
+        if exc is not None:
+            if self._unavailable is None:
+                log.warning("%s; unready until it answers", exc)
+            self._unavailable = str(exc)
+        elif self._unavailable is not None:
+            log.info("the mailbox store answers again: ready")
+            self._unavailable = None
+
     async def _collect_garbage(self, backend: MailboxBackend) -> None:
         """Expire in bounded batches so GC never stalls the node; a failed pass is retried
         at the next interval (a full disk must not end GC: GC is what frees room)."""
@@ -339,7 +370,7 @@ class StorageNode:
         while True:
             try:
                 removed = await self._collect_once(backend)
-            except (StorageFullError, StoreDamagedError):  # said already, once
+            except (StorageFullError, StoreDamagedError, StoreUnavailableError):  # said, once
                 removed = 0
             except Exception:
                 log.exception("garbage collection pass failed")
@@ -402,6 +433,8 @@ class StorageNode:
     def _disk_readiness(self) -> tuple[bool, str]:
         if self._damage is not None:
             return False, self._damage
+        if self._unavailable is not None:
+            return False, self._unavailable
         if self._full_by_write:
             return False, "storage full: a write found no room; refusing writes"
         if self.admission.high_water.tripped:
