@@ -364,34 +364,46 @@ class StorageNode:
             self._unavailable = None
 
     async def _collect_garbage(self, backend: MailboxBackend) -> None:
-        """Expire in bounded batches so GC never stalls the node; a failed pass is retried
-        at the next interval (a full disk must not end GC: GC is what frees room)."""
-        section = self.config.storage
+        """A GC pass every ``gc_interval_s``; a failed pass is retried at the next interval
+        (a full disk must not end GC: GC is what frees room)."""
         while True:
             try:
-                removed = await self._collect_once(backend)
+                await self._collect_pass(backend)
             except (StorageFullError, StoreDamagedError, StoreUnavailableError):  # said, once
-                removed = 0
+                pass
             except Exception:
                 log.exception("garbage collection pass failed")
-                removed = 0
-            if removed < section.gc_batch:
-                await asyncio.sleep(section.gc_interval_s)
+            await asyncio.sleep(self.config.storage.gc_interval_s)
 
-    async def _collect_once(self, backend: MailboxBackend) -> int:
-        section = self.config.storage
-        removed = await backend.expire(time.time_ns() // 1_000_000, section.gc_batch)
-        self._check_disk()
+    async def _collect_pass(self, backend: MailboxBackend) -> int:
+        """Expire what has expired ``gc_batch`` at a time (one bounded write each, so the
+        requests' writes go between them) until a batch comes back short, then refresh the
+        held figures once. Refreshed after every batch, a backlog of 100,000 expired blobs
+        counted the mailboxes held 100 times, and on SQLite that count reads every
+        tombstone's mailbox (285 ms at 400,000 tombstones) on the one reader connection
+        every fetch waits for."""
+        batch_size = self.config.storage.gc_batch
+        removed = 0
+        while True:
+            batch = await backend.expire(time.time_ns() // 1_000_000, batch_size)
+            self._check_disk()
+            removed += batch
+            self.metrics.gc_removed.inc(batch)
+            if batch < batch_size:
+                break
+        await self._refresh_held(backend)
+        if removed:
+            log.info("expired", extra={"removed": removed})
+        return removed
+
+    async def _refresh_held(self, backend: MailboxBackend) -> None:
+        """What the node holds, for the metrics and `/status` (as of this GC pass)."""
         self._held = totals = await backend.totals()
         self.metrics.blobs.set(totals.blobs)
         self._mailboxes = await backend.mailboxes()
         self.metrics.mailboxes.set(self._mailboxes)
         self.metrics.bytes.set(totals.bytes)
         self.metrics.signed_delete_bytes.set((await backend.signed_deletes()).bytes)
-        if removed:
-            self.metrics.gc_removed.inc(removed)
-            log.info("expired", extra={"removed": removed})
-        return removed
 
     def _check_disk(self) -> None:
         """Over the high-water mark the node refuses writes and turns unready, but keeps
