@@ -84,6 +84,10 @@ _OUTCOMES = [PutOutcome.STORED, PutOutcome.DUPLICATE, PutOutcome.TOMBSTONED, Put
 _NO_ROOM = ("OOM", "MISCONF")  # replies of a Redis that refuses writes for lack of room
 REDIS_CONNECTIONS = 64  # to the Redis server, shared by every call of the node
 REDIS_WAIT_S = 30.0  # a call waits this long for a free connection, then fails
+# A server that stops answering (hung, or cut off without a reset) fails a call after this
+# long (StoreUnavailableError) instead of holding it and its connection: redis-py's default
+# since 6.x, set here so an upgrade of it does not change it (docs/operations.md).
+REDIS_TIMEOUT_S = 5.0
 _PIPELINE_CHUNK = 256  # commands per pipeline round trip
 _SCAN_CHUNK = 64  # index entries per fetch round trip (beyond limit + 1)
 _BLOB_FIELDS = ["d", "s", "e", "q", "w"]
@@ -367,6 +371,7 @@ class RedisBackend:
         # failed, the server up). Safe, as every write here is idempotent.
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=REDIS_CONNECTIONS, timeout=REDIS_WAIT_S, decode_responses=False,
+            socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )  # fmt: skip
         client = aioredis.Redis(connection_pool=pool)
