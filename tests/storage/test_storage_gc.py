@@ -85,8 +85,9 @@ def test_a_backlog_is_expired_in_batches_and_the_figures_refreshed_once(tmp_path
         gc = asyncio.ensure_future(node._collect_garbage(cast(MailboxBackend, backend)))
         try:
             deadline = time.monotonic() + 30
-            while node._held.blobs != LIVE and time.monotonic() < deadline:
+            while not backend.calls["signed_deletes"] and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)  # the pass's end; then it sleeps for gc_interval_s
         finally:
             gc.cancel()
             ticker.cancel()
@@ -101,5 +102,35 @@ def test_a_backlog_is_expired_in_batches_and_the_figures_refreshed_once(tmp_path
             PutOutcome.STORED
         ]
         await raw.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_wall_clock_stepped_forward_does_not_make_gc_delete_what_has_not_expired(
+    tmp_path: Path,
+) -> None:
+    """The wall clock steps 31 days forward (a bad NTP server) under a running node: reads
+    hide what expired by the new time (undone when the clock is set right), but the next
+    GC pass removes nothing that had not expired before the step. Before, it deleted every
+    blob and tombstone held (30-day TTLs) at once, on every node the step reached."""
+    config = StorageNodeConfig(storage=StorageSection(data_dir=tmp_path, gc_interval_s=3600.0))
+    node = StorageNode(config)
+    now = now_ms()
+    wall = [now]
+    node.wall_ms = lambda: wall[0]
+
+    async def scenario() -> None:
+        backend = await SqliteBackend.open(tmp_path / "mailboxes.sqlite3")
+        held = blobs(20, now + 3_600_000, b"an hour left")
+        await backend.put_many(held, now)
+        assert await node._collect_pass(cast(MailboxBackend, backend)) == 0
+        wall[0] = now + 31 * 86_400_000
+        assert await node._collect_pass(cast(MailboxBackend, backend)) == 0
+        assert node.expiry_clock.stepped_ms > 30 * 86_400_000
+        assert (await backend.fetch(M, 0, 100, wall[0])).blobs == []  # hidden meanwhile
+        wall[0] = now + 1_000  # set right: everything is there
+        assert len((await backend.fetch(M, 0, 100, wall[0])).blobs) == len(held)
+        assert await node._collect_pass(cast(MailboxBackend, backend)) == 0
+        await backend.close()
 
     asyncio.run(scenario())

@@ -40,6 +40,7 @@ from dna_storage.backends.base import (
 )
 from dna_storage.backends.redis import RedisBackend
 from dna_storage.backends.sqlite import SqliteBackend
+from dna_storage.expiry import ExpiryClock
 from dna_storage.mailbox_service import BATCHES_AT_ONCE, DAY_S, Retention
 from dna_storage.mailbox_stream import (
     MAX_SUBSCRIPTIONS,
@@ -67,6 +68,7 @@ from dna_storage.replication import (
 log = logging.getLogger("dna.storage")
 MAILBOX_DESCRIPTOR = mailbox_pb2.DESCRIPTOR.services_by_name["Mailbox"]
 MAILBOX_FILE = "mailboxes.sqlite3"  # the SQLite backend's database, in storage.data_dir
+STEP_WARNING_MS = 60_000  # GC's time this far behind the wall clock is a step, and said
 
 
 class StorageSection(ConfigModel):
@@ -261,6 +263,9 @@ class StorageNode:
         self._mailboxes = 0  # mailboxes held, likewise
         self._damage: str | None = None  # what a call found damaged in the store, if one did
         self._unavailable: str | None = None  # why the last call to the store failed, if it did
+        self.expiry_clock = ExpiryClock()  # the time GC removes expired items against
+        self.wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000  # tests step it
+        self._clock_stepped = False  # said: GC's time is behind a wall clock stepped forward
 
     async def start(self) -> None:
         section = self.config.storage
@@ -383,9 +388,9 @@ class StorageNode:
         tombstone's mailbox (285 ms at 400,000 tombstones) on the one reader connection
         every fetch waits for."""
         batch_size = self.config.storage.gc_batch
-        removed = 0
+        removed, now_ms = 0, self._expiry_now()
         while True:
-            batch = await backend.expire(time.time_ns() // 1_000_000, batch_size)
+            batch = await backend.expire(now_ms, batch_size)
             self._check_disk()
             removed += batch
             self.metrics.gc_removed.inc(batch)
@@ -395,6 +400,23 @@ class StorageNode:
         if removed:
             log.info("expired", extra={"removed": removed})
         return removed
+
+    def _expiry_now(self) -> int:
+        """What GC expires against: the wall clock, but a step forward is followed at most
+        twice as fast as time passes (``ExpiryClock``: GC's removals are not undone when
+        the clock is set right)."""
+        now = self.expiry_clock.now_ms(self.wall_ms(), time.monotonic_ns() // 1_000_000)
+        stepped = self.expiry_clock.stepped_ms
+        if stepped > STEP_WARNING_MS and not self._clock_stepped:
+            log.warning(
+                "the wall clock is %.0f s ahead of the time GC follows (a step forward?): "
+                "GC catches up at most twice as fast as time passes",
+                stepped / 1000,
+            )
+        elif stepped <= STEP_WARNING_MS and self._clock_stepped:
+            log.info("GC follows the wall clock again")
+        self._clock_stepped = stepped > STEP_WARNING_MS
+        return now
 
     async def _refresh_held(self, backend: MailboxBackend) -> None:
         """What the node holds, for the metrics and `/status` (as of this GC pass)."""
