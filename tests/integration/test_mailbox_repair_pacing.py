@@ -275,6 +275,12 @@ class Compares:
         setattr(repairer, "replica_peers", asked)  # noqa: B010
 
 
+def peer_lookups(net: Network) -> list[int]:
+    """Lookups each peer of node 0 made to authorize sync calls (``ReplicaView``)."""
+    views = [node.replica_view for node in net.stores[1:]]
+    return [view.lookups for view in views if view is not None]
+
+
 def repairer_tasks() -> list[str]:
     """The repairer's coroutines running as tasks (a pass's compares or syncs), but the
     node's own loop of passes (asleep for a day here)."""
@@ -312,6 +318,7 @@ def test_a_pass_compares_slices_ahead_up_to_its_bound_and_looks_up_in_id_order(
             await source.put_many(alone, now_ms())
             repairer = net.repairer(0)
             took, lookups, compares = await timed_pass(repairer, COMPARE_AHEAD)
+            authorizing = peer_lookups(net)
             print(f"\n256 slices at {rtt_s * 1000:.0f} ms a compare: {took:.2f} s, {lookups:g} "
                   f"lookups, at most {compares.peak} compares in flight to a peer")  # fmt: skip
             assert compares.peak == COMPARE_AHEAD
@@ -320,6 +327,9 @@ def test_a_pass_compares_slices_ahead_up_to_its_bound_and_looks_up_in_id_order(
             # One serves the pass (a network this small is found whole by one), as one slice
             # at a time: a pass starts from a fresh lookup, then one each REUSE_S it lasts.
             assert lookups == 1
+            # The peers authorize its compares of 8 slices at once from one lookup each,
+            # not one per slice arriving before the first lookup ended.
+            assert authorizing == [1] * (STORAGE - 1)
             assert compares.asked == sorted(compares.asked)
             assert len(compares.asked) == len(everywhere) + len(alone)
             assert counted(repairer.metrics.failures, "reason") == {}
@@ -367,6 +377,9 @@ def test_a_slice_of_many_mailboxes_is_compared_in_calls_at_once_up_to_the_bound(
             assert await repairer.repair_once() == len(blobs)
             assert set(compares.calls.values()) == {10} and compares.peak == COMPARE_AHEAD
             assert repairer.metrics.lookups._value.get() - lookups == 1
+            # The peers' authorization too: 8 compares arriving at once wait for the first
+            # one's lookup (it ranks every mailbox here) instead of each starting its own.
+            assert peer_lookups(net) == [1] * (STORAGE - 1)
             assert compares.asked == boxes
             assert counted(repairer.metrics.compared, "outcome") == {"same": 2 * len(blobs)}
         finally:

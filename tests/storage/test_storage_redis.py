@@ -1,18 +1,21 @@
 """Redis-only behaviour: native TTLs reclaim space; reads survive keys that already vanished;
 more calls at once than connections wait for one; a server not configured for durable
-writes is reported at connect."""
+writes is reported at connect; a server killed, restarted or stopped under the backend
+fails calls as ``StoreUnavailableError`` and is served again at once when it is back."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import logging
+import signal
 import time
 
 import pytest
 import redis.asyncio as aioredis
-from dna_storage.backends.base import StoredBlob, Tombstone, Usage
+from dna_storage.backends.base import StoredBlob, StoreUnavailableError, Tombstone, Usage
 from dna_storage.backends.redis import RedisBackend, durability_problems
+from storage.redis_process import RedisProcess
 
 T0 = (int(time.time()) + 10 * 86_400) * 1000  # ahead of the wall clock: TTLs don't fire
 M = hashlib.sha256(b"redis mailbox").digest()
@@ -194,6 +197,68 @@ def test_tombstones_stored_with_their_authorization_inline_still_read(redis_url:
             assert await b.mailboxes() == 0
         finally:
             await raw.aclose()
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_a_restarted_server_is_served_at_once_and_keeps_every_acknowledged_blob(
+    own_redis: RedisProcess,
+) -> None:
+    """Killed (SIGKILL) under the backend: every call fails as ``StoreUnavailableError``
+    (UNAVAILABLE at the node), not as a Redis exception (a traceback and INTERNAL per
+    request). Restarted on its AOF: the 40 puts acknowledged before are there, and 40 puts
+    at once succeed at once. Before, each pooled connection (closed by the restart) failed
+    its next call: 40 of 40 failed with the server up."""
+
+    async def main() -> None:
+        b = await RedisBackend.connect(own_redis.url, prefix="restart:")
+        try:
+            before = [blob(b"before %d" % i) for i in range(40)]
+            await asyncio.gather(*(b.put_many([x], T0) for x in before))  # 40 connections
+            own_redis.kill()
+            calls = (
+                b.put_many([blob(b"while down")], T0), b.fetch(M, 0, 10, T0),
+                b.expire(T0, 100), b.digests(bytes(32), b"\xff" * 32, T0), b.usage(M, T0),
+            )  # fmt: skip
+            for call in calls:
+                with pytest.raises(StoreUnavailableError, match="store is unavailable: redis"):
+                    await call
+            own_redis.start()
+            after = [blob(b"after %d" % i) for i in range(40)]
+            outcomes = await asyncio.gather(
+                *(b.put_many([x], T0) for x in after), return_exceptions=True
+            )
+            assert [o for o in outcomes if isinstance(o, BaseException)] == []
+            page = await b.fetch(M, 0, 1000, T0)
+            assert {x.blob_id for x in page.blobs} == {x.blob_id for x in before + after}
+        finally:
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_a_server_that_stops_answering_fails_calls_as_unavailable(
+    own_redis: RedisProcess,
+) -> None:
+    """SIGSTOP (a server hung, or cut off without a reset): a call fails within the socket
+    timeout as ``StoreUnavailableError`` instead of hanging, and the backend serves again
+    once the server does."""
+
+    async def main() -> None:
+        b = await RedisBackend.connect(own_redis.url, prefix="stopped:")
+        try:
+            await b.put_many([blob(b"held")], T0)
+            own_redis.proc.send_signal(signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailableError, match="store is unavailable: redis"):
+                    await asyncio.wait_for(b.usage(M, T0), 30)
+                assert time.monotonic() - started < 20
+            finally:
+                own_redis.proc.send_signal(signal.SIGCONT)
+            assert (await b.usage(M, T0)).blobs == 1
+        finally:
             await b.close()
 
     asyncio.run(main())

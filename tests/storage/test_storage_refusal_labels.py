@@ -5,6 +5,7 @@ the node's GrpcGate), over a real SQLite backend, called by the generated stub."
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from dna_core.mailbox import mailbox_id, put_pow_hash
 from dna_core.ops.grpc_gate import GrpcGate
 from dna_core.wire import mailbox_pb2, mailbox_pb2_grpc
 from dna_storage.admission import Admission, AdmissionConfig
+from dna_storage.backends import sqlite as sqlite_backend
 from dna_storage.backends.sqlite import SqliteBackend
 from dna_storage.mailbox_service import MailboxService
 from support import seeded_identity
@@ -119,3 +121,54 @@ def test_put_many_counts_each_refused_put_under_its_own_label(tmp_path: Path) ->
         ("put", "version"),
         ("put", "ok"),  # stored after the others were judged
     ]
+
+
+def test_a_put_many_the_store_fails_answers_each_put_keeping_earlier_refusals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store fails the batch's write (here another process holds the SQLite file's
+    write lock past the busy timeout): each admitted put answers UNAVAILABLE, counted
+    under ``unavailable``, and a put refused before keeps its own reason. Before, the whole
+    call failed UNAVAILABLE: the earlier refusal (a quota's, which must not be handed off)
+    read as the node's failure, and nothing was counted."""
+    monkeypatch.setattr(sqlite_backend, "BUSY_TIMEOUT_MS", 200)
+    box = mailbox_id(BOB.fingerprint)
+    envelopes = [seal(ALICE, BOB.public, bytes([i]), now_ms=now_ms()) for i in range(2)]
+    puts = [
+        put_request(envelopes[0], mailbox_id(ALICE.fingerprint)),
+        put_request(envelopes[1], box),
+    ]
+    seen: list[tuple[str, str]] = []
+    db = tmp_path / "mailboxes.db"
+
+    async def main() -> mailbox_pb2.PutManyResponse:
+        backend = await SqliteBackend.open(db)
+        service = MailboxService(
+            backend, Admission(AdmissionConfig(pow_base_bits=POW_BITS)),
+            on_outcome=lambda method, outcome: seen.append((method, outcome)),
+        )  # fmt: skip
+        server = grpc.aio.server()
+        GrpcGate(max_message=1 << 20).add(server, service, MAILBOX)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        other = sqlite3.connect(db, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = mailbox_pb2_grpc.MailboxStub(channel)
+                answer: mailbox_pb2.PutManyResponse = await stub.PutMany(
+                    mailbox_pb2.PutManyRequest(puts=puts), timeout=5
+                )
+                return answer
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+            await server.stop(grace=None)
+            await backend.close()
+
+    answer = asyncio.run(main())
+    refused, failed = answer.outcomes
+    assert refused.kind == "mailbox" and refused.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert failed.kind == "unavailable" and failed.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert "store is unavailable" in failed.reason
+    assert seen == [("put", "mailbox"), ("put", "unavailable")]

@@ -14,7 +14,13 @@ from typing import IO
 
 import pytest
 from dna_storage.backends import sqlite as sqlite_backend
-from dna_storage.backends.base import PutOutcome, StoredBlob, Tombstone, Usage
+from dna_storage.backends.base import (
+    PutOutcome,
+    StoredBlob,
+    StoreUnavailableError,
+    Tombstone,
+    Usage,
+)
 from dna_storage.backends.sqlite import SqliteBackend
 from storage.sqlite_v3_schema import V3_SCHEMA
 
@@ -321,3 +327,34 @@ def test_a_failed_migration_leaves_the_old_file_untouched(tmp_path: Path) -> Non
         assert conn.execute("SELECT authorization FROM tombstones").fetchall() == [(b"auth",)]
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         assert "signed_deletes" not in tables
+
+
+def test_a_file_another_process_keeps_locked_answers_unavailable_then_serves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process (an operator's `sqlite3` shell, a copy tool) holds the write lock
+    past the busy timeout: the write fails as ``StoreUnavailableError`` (UNAVAILABLE at the
+    node, which turns unready until a call is answered), not as a bare
+    ``sqlite3.OperationalError`` (a traceback and INTERNAL per request); it changed
+    nothing, and once the lock is released the same backend writes again."""
+    monkeypatch.setattr(sqlite_backend, "BUSY_TIMEOUT_MS", 200)
+    path = tmp_path / "mail.db"
+
+    async def main() -> None:
+        b = await SqliteBackend.open(path)
+        try:
+            await b.put_many([blob(1)], T0)
+            other = sqlite3.connect(path, isolation_level=None)
+            other.execute("BEGIN EXCLUSIVE")
+            try:
+                with pytest.raises(StoreUnavailableError, match=r"unavailable: sqlite: .*locked"):
+                    await b.put_many([blob(2)], T0)
+            finally:
+                other.execute("ROLLBACK")
+                other.close()
+            assert (await b.usage(b"\x01" * 32, T0)).blobs == 1
+            assert await b.put_many([blob(2)], T0) == [PutOutcome.STORED]
+        finally:
+            await b.close()
+
+    asyncio.run(main())

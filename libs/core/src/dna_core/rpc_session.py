@@ -30,6 +30,7 @@ import grpc
 
 from dna_core.errors import RefusedError, RemoteError, UnavailableError
 from dna_core.rpc_errors import UNAVAILABLE_CODES, remote_error
+from dna_core.singleflight import SingleFlight
 
 NO_SESSION_RETRY_S = 300.0  # how long a node that serves no sessions is asked unary
 OPEN_TIMEOUT_S = 5.0  # for the node's hello
@@ -235,7 +236,7 @@ class SessionPool(Generic[S]):
         self._discard = discard  # drops a target's channel: the next one connects afresh
         self.max_sessions = max_sessions
         self._sessions: OrderedDict[str, S] = OrderedDict()
-        self._opening: dict[str, asyncio.Task[S]] = {}
+        self._opening: SingleFlight[str, S] = SingleFlight()  # by target
         self._unsupported: dict[str, float] = {}  # target -> monotonic time to try again
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -250,12 +251,7 @@ class SessionPool(Generic[S]):
         if session is not None and session.closed is None:
             self._sessions.move_to_end(target)
             return session
-        opening = self._opening.get(target)
-        if opening is None:
-            opening = asyncio.create_task(self._open(target))
-            self._opening[target] = opening
-            opening.add_done_callback(lambda _: self._opening.pop(target, None))
-        return await asyncio.shield(opening)
+        return await self._opening.run(target, lambda: self._open(target))
 
     async def call(self, target: str, work: Callable[[S], Awaitable[T]]) -> T:
         """``work`` on the session to ``target``, once more on a new session if the old

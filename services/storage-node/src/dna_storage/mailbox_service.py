@@ -267,7 +267,15 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
             trace.mark("node.admitted", blob.blob_id)
             outcomes.append(mailbox_pb2.PutOutcome())
             admitted.append((outcomes[-1], blob))
-        stored = await self.backend.put_many([blob for _, blob in admitted], now_ms)
+        try:
+            stored = await self.backend.put_many([blob for _, blob in admitted], now_ms)
+        except ProtocolError as exc:  # the store: full, unavailable, damaged
+            # Each admitted put answers it, as its own Put would have; the puts refused
+            # before keep their reasons. Failing the whole call reported a put refused for
+            # the mailbox's quota as the node's failure, which the client hands off.
+            for result, _ in admitted:
+                result.CopyFrom(self._refused(exc))
+            return mailbox_pb2.PutManyResponse(outcomes=outcomes)
         for (result, blob), outcome in zip(admitted, stored, strict=True):
             if (why := _not_stored(outcome)) is not None:
                 result.CopyFrom(self._refused(why))

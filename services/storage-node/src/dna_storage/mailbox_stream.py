@@ -56,6 +56,7 @@ NODE_PAGES_PER_SOURCE = 8  # page slots the sessions of one address hold togethe
 NODE_PAGES = 64  # and all sessions of the node: ~5 MiB each (a page, or a 4 MiB batch)
 PAGES_HELD = 4  # pages and put batches (up to 2, 4 MiB) a session holds, read or queued
 MAX_GROUP = 64  # session puts written in one backend call
+PUSH_RETRY_S = 1.0  # a subscription's page whose read failed is read again this much later
 PUSH_LIMIT = 200  # blobs per pushed page
 SYNC_OPS = frozenset({"sync_list", "sync_pull", "sync_push"})  # between storage nodes
 # Requests or answers of up to a page (2 MiB) or a message: each holds one of PAGES_HELD.
@@ -392,6 +393,10 @@ class MailboxSession(ServerSession):
             await self._take_page()
             try:
                 page = await self._next_page(subscription, self.service.wall_ms())
+            except ProtocolError as exc:  # the store: unavailable, damaged (said by the node)
+                self._give_page()
+                await self._read_again_later(subscription, exc)
+                continue
             except BaseException:
                 self._give_page()
                 raise
@@ -405,6 +410,15 @@ class MailboxSession(ServerSession):
             await self.out.put((mailbox_pb2.SessionResponse(id=sub_id, push=page), done, None))
             self.metrics.pushes.inc(len(page.blobs))
             await written.wait()
+
+    async def _read_again_later(self, subscription: Subscription, exc: ProtocolError) -> None:
+        """A push whose read failed (the store was unavailable a moment: Redis restarting
+        right after the write that woke it) is read again after ``PUSH_RETRY_S``, from the
+        same cursor: before, the pump ended there, and the subscription stayed open and
+        never pushed again."""
+        log.debug("push read failed, reading again in %g s: %s", PUSH_RETRY_S, exc.reason)
+        await asyncio.sleep(PUSH_RETRY_S)
+        subscription.wake.set()
 
     def _page_written(self, written: asyncio.Event, page: mailbox_pb2.FetchResponse) -> None:
         for stored in page.blobs:

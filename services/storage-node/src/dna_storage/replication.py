@@ -79,6 +79,7 @@ from dna_core.overlay import (
     distance,
 )
 from dna_core.rpc_errors import call
+from dna_core.singleflight import SingleFlight
 from dna_core.wire import common_pb2, mailbox_pb2, mailbox_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -114,6 +115,7 @@ LOOKUP_TTL_S = 60.0  # how long a lookup of a mailbox's neighbourhood serves aut
 RELOOK_AFTER_S = 10.0  # a refusal on an older lookup looks again once (a node restarted)
 REUSE_S = 10.0  # how long, within a pass, a lookup's result may choose later mailboxes' replicas
 NEIGHBOURHOODS = 16  # recent lookup results a node's authorization of sync calls draws on
+OWN_LOOKUPS = 4096  # mailboxes whose own lookup authorization keeps (least recent go first)
 IN_FLIGHT = 8  # mailboxes a pass syncs at once: their round trips overlap, not add up
 # SyncCompare calls in flight to one peer, and ID slices planned ahead of the syncs (their
 # plans held in memory): one slice and one call at a time, a pass with nothing to repair
@@ -428,10 +430,10 @@ class ReplicaView:
         self.node, self.bound = node, replicas + SYNC_MARGIN
         self.per_node = RateLimiter(rate, burst, 4096)
         self.per_address = RateLimiter(rate, burst, 4096)
-        self._lookups: OrderedDict[bytes, tuple[float, asyncio.Future[Neighbourhood]]] = (
-            OrderedDict()
-        )
+        self._own: OrderedDict[bytes, Neighbourhood] = OrderedDict()  # by mailbox looked up
+        self._lookups: SingleFlight[bytes, Neighbourhood] = SingleFlight()  # by mailbox
         self._hoods: deque[Neighbourhood] = deque(maxlen=NEIGHBOURHOODS)
+        self.lookups = 0  # made so far (bench.repair, tests)
 
     async def ranking(self, box: bytes, *, fresh: bool = False) -> list[bytes]:
         """Node IDs of the ``bound`` closest storage nodes known (this node included)."""
@@ -446,34 +448,45 @@ class ReplicaView:
         return sorted(known, key=lambda i: distance(i, box))[: self.bound]
 
     async def _looked_up(self, box: bytes, *, fresh: bool) -> list[bytes]:
-        """The storage nodes a lookup of ``box`` finds: this mailbox's own recent lookup
-        (or the one in flight), else a recent lookup of a neighbouring mailbox that
-        provably ranks this one the same (``Neighbourhood``; a replica syncs its mailboxes
-        in ID order, mostly neighbours), else a new lookup."""
-        now = time.monotonic()
-        max_age = RELOOK_AFTER_S if fresh else LOOKUP_TTL_S
-        cached = self._lookups.get(box)
-        if cached is None or now - cached[0] > max_age:
-            hood = self._neighbourhood(box, now, max_age)
-            if hood is not None:
-                return hood.storage_ids()
-            cached = (now, asyncio.ensure_future(self._lookup(box)))
-            self._lookups[box] = cached
-        self._lookups.move_to_end(box)
-        while len(self._lookups) > 4096:
-            self._lookups.popitem(last=False)
-        return (await asyncio.shield(cached[1])).storage_ids()
+        """The storage nodes a lookup of ``box`` finds: this mailbox's own recent lookup,
+        else a recent lookup of a neighbouring mailbox that provably ranks this one the
+        same (``Neighbourhood``; a replica syncs its mailboxes in ID order, mostly
+        neighbours), else a new lookup (one per mailbox in flight, shared).
 
-    def _neighbourhood(self, box: bytes, now: float, max_age: float) -> Neighbourhood | None:
+        A call that finds none while lookups are in flight waits for them and looks
+        again: a peer's pass sends ``COMPARE_AHEAD`` compares at once, and each started a
+        lookup of its first mailbox where the first to end would have ranked them all
+        (8-24 lookups per pass of a 5-node network, 1 now)."""
+        max_age = RELOOK_AFTER_S if fresh else LOOKUP_TTL_S
+        hood = self._recent(box, max_age)
+        if hood is None and len(self._lookups):
+            await self._lookups.settled()
+            hood = self._recent(box, max_age)
+        if hood is None:
+            hood = await self._lookups.run(box, lambda: self._lookup(box))
+        return hood.storage_ids()
+
+    def _recent(self, box: bytes, max_age: float) -> Neighbourhood | None:
+        """A lookup no older than ``max_age`` that ranks ``box``: its own, or a neighbour's."""
+        now = time.monotonic()
+        own = self._own.get(box)
+        if own is not None and now - own.at <= max_age:
+            self._own.move_to_end(box)
+            return own
         for hood in reversed(self._hoods):
             if now - hood.at <= max_age and hood.ranks(box, self.node.node_id, self.bound):
                 return hood
         return None
 
     async def _lookup(self, box: bytes) -> Neighbourhood:
+        self.lookups += 1
         found = await self.node.find_closest(box)
         hood = Neighbourhood.of(box, found, self.node.config.k, time.monotonic())
         self._hoods.append(hood)
+        self._own[box] = hood
+        self._own.move_to_end(box)
+        while len(self._own) > OWN_LOOKUPS:
+            self._own.popitem(last=False)
         return hood
 
     async def authorize(self, box: bytes, caller: Contact, source_ip: str, *, push: bool) -> None:

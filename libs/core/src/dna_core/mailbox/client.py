@@ -91,6 +91,7 @@ from dna_core.mailbox.session import (
 from dna_core.overlay.aio.node import OverlayNode, find_enough
 from dna_core.overlay.contact import Contact
 from dna_core.rpc_errors import call
+from dna_core.singleflight import SingleFlight
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 
 __all__ = [
@@ -226,7 +227,7 @@ class MailboxClient:
         self._batchers: dict[str, NodeBatcher] = {}  # by gRPC target
         self._sessions: dict[tuple[bytes, bytes], FetchSession] = {}  # (mailbox, node ID)
         self._writes: set[asyncio.Task[PutResult]] = set()  # puts still reaching replicas
-        self._lookups: dict[bytes, asyncio.Future[list[Contact]]] = {}  # by mailbox, in flight
+        self._lookups: SingleFlight[bytes, list[Contact]] = SingleFlight()  # by mailbox
         # One stream per node for puts, fetches, deletes and subscriptions (session.py);
         # None (or a node serving none): the unary calls.
         self.session_pool = (
@@ -244,17 +245,7 @@ class MailboxClient:
         cached = self.replica_sets.get(box)
         if cached is not None:
             return cached
-        lookup = self._lookups.get(box)
-        if lookup is None:
-            lookup = asyncio.ensure_future(self._look_up(box))
-            self._lookups[box] = lookup
-            lookup.add_done_callback(lambda done: self._looked_up(box, done))
-        return await asyncio.shield(lookup)  # a caller giving up leaves it to the others
-
-    def _looked_up(self, box: bytes, lookup: asyncio.Future[list[Contact]]) -> None:
-        self._lookups.pop(box, None)
-        if not lookup.cancelled():
-            lookup.exception()  # retrieved: every caller may have given up
+        return await self._lookups.run(box, lambda: self._look_up(box))
 
     async def _look_up(self, box: bytes) -> list[Contact]:
         """The mailbox's storage nodes, cached. A lookup that found fewer than it wants

@@ -39,7 +39,7 @@ from dna_core.mailbox import StoredBlob, Tombstone
 # clients), named here too so that a backend finds its whole interface in one module.
 __all__ = [
     "MailboxBackend", "MailboxDigest", "Page", "PutOutcome", "StorageFullError",
-    "StoredBlob", "SyncIndex", "Tombstone", "Usage",
+    "StoreUnavailableError", "StoredBlob", "SyncIndex", "Tombstone", "Usage",
 ]  # fmt: skip
 
 
@@ -48,6 +48,17 @@ class StorageFullError(CapacityError):
     refusing writes. The write changed nothing; reads still work (RESOURCE_EXHAUSTED)."""
 
     kind = "disk"
+
+
+class StoreUnavailableError(ProtocolError):
+    """The store did not answer: the Redis server is down, restarting, still loading its
+    data, a read-only replica, or too slow. The call failed; a write may or may not have
+    been applied (every write is idempotent: a retry is safe). Not the caller's fault, so
+    UNAVAILABLE (a client asks another replica); the node serves again once the store
+    answers, without a restart."""
+
+    grpc_code = "UNAVAILABLE"
+    kind = "unavailable"
 
 
 class StoreDamagedError(ProtocolError):

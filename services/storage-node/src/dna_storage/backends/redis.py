@@ -37,14 +37,20 @@ a standalone Redis (or one hash slot), not Redis Cluster.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import logging
 import os
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import OutOfMemoryError, ResponseError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dna_storage.backends.base import (
     MailboxDigest,
@@ -52,6 +58,7 @@ from dna_storage.backends.base import (
     PutOutcome,
     StorageFullError,
     StoredBlob,
+    StoreUnavailableError,
     SyncIndex,
     Tombstone,
     Usage,
@@ -77,9 +84,18 @@ _OUTCOMES = [PutOutcome.STORED, PutOutcome.DUPLICATE, PutOutcome.TOMBSTONED, Put
 _NO_ROOM = ("OOM", "MISCONF")  # replies of a Redis that refuses writes for lack of room
 REDIS_CONNECTIONS = 64  # to the Redis server, shared by every call of the node
 REDIS_WAIT_S = 30.0  # a call waits this long for a free connection, then fails
+# A server that stops answering (hung, or cut off without a reset) fails a call after this
+# long (StoreUnavailableError) instead of holding it and its connection: redis-py's default
+# since 6.x, set here so an upgrade of it does not change it (docs/operations.md).
+REDIS_TIMEOUT_S = 5.0
 _PIPELINE_CHUNK = 256  # commands per pipeline round trip
 _SCAN_CHUNK = 64  # index entries per fetch round trip (beyond limit + 1)
 _BLOB_FIELDS = ["d", "s", "e", "q", "w"]
+# Replies of a store that cannot serve now (down, restarting, loading its data, a read-only
+# replica, too slow): UNAVAILABLE, not a bug (``StoreUnavailableError``).
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError)
+P = ParamSpec("P")
+T = TypeVar("T")
 
 # Helpers shared by every script: ARGV[1] is always the prefix.
 _PRELUDE = """
@@ -308,6 +324,28 @@ def _ids_of(reply: Iterable[Any]) -> list[bytes]:
     return [_unhex(m) for m in reply]
 
 
+def _unavailable_as_ours(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    @functools.wraps(method)
+    async def mapped(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailableError(f"the mailbox store is unavailable: redis: {exc}") from exc
+
+    return mapped
+
+
+def _store_errors_mapped(cls: type[T]) -> type[T]:
+    """Every public coroutine of the backend answers a store that cannot serve with
+    ``StoreUnavailableError``: one place at the boundary, so no caller sees a Redis
+    exception (before, each request then logged a traceback and answered INTERNAL)."""
+    for name, attr in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.iscoroutinefunction(attr):
+            setattr(cls, name, _unavailable_as_ours(attr))
+    return cls
+
+
+@_store_errors_mapped
 class RedisBackend:
     """``MailboxBackend`` on a Redis server (see the module docstring for the layout)."""
 
@@ -327,10 +365,15 @@ class RedisBackend:
         # A blocking pool: a call finding every connection in use waits for one. redis-py's
         # default pool refuses it instead (MaxConnectionsError at 100): 100 clients fetching
         # at once failed some of their fetches with INTERNAL. The cap also bounds what the
-        # node holds of replies in flight.
+        # node holds of replies in flight. A call whose connection turns out closed is made
+        # once more on a new one: after the server restarted, every pooled connection is
+        # closed, and each failed its next call (40 puts at once after a restart: 40
+        # failed, the server up). Safe, as every write here is idempotent.
         pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=REDIS_CONNECTIONS, timeout=REDIS_WAIT_S, decode_responses=False
-        )
+            url, max_connections=REDIS_CONNECTIONS, timeout=REDIS_WAIT_S, decode_responses=False,
+            socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )  # fmt: skip
         client = aioredis.Redis(connection_pool=pool)
         try:
             await client.ping()

@@ -36,6 +36,7 @@ from dna_storage.backends.base import (
     StorageFullError,
     StoreDamagedError,
     StoredBlob,
+    StoreUnavailableError,
     SyncIndex,
     Tombstone,
     Usage,
@@ -56,6 +57,12 @@ from dna_storage.backends.common import (
 SCHEMA_VERSION = 4
 MAX_JOBS_PER_COMMIT = 256  # bounds one transaction's size and the latency it adds
 _IN_CHUNK = 500  # IDs per `IN (...)` query, well under SQLite's variable limit
+BUSY_TIMEOUT_MS = 10_000  # how long a call waits for a lock another process holds on the file
+# Primary result codes of a file that cannot be reached now (``_storage_error``).
+_UNAVAILABLE = (
+    sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_CANTOPEN,
+)  # fmt: skip
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS mailboxes (
@@ -223,14 +230,21 @@ def _storage_error(error: BaseException | None) -> BaseException | None:
     """SQLITE_FULL (the disk, or ``max_page_count``) is a lack of room, not a bug: the
     transaction was rolled back, and the caller answers RESOURCE_EXHAUSTED. SQLITE_CORRUPT
     and SQLITE_NOTADB are a damaged file (a disk fault): the node says so once and answers
-    UNAVAILABLE, instead of a traceback per request (`StorageNode`)."""
-    # Only errors SQLite itself raised carry a code (ours, raised by hand, do not).
+    UNAVAILABLE, instead of a traceback per request (`StorageNode`). A file that cannot be
+    reached now (locked by another process past ``BUSY_TIMEOUT_MS``, an I/O error, a file
+    system remounted read-only, a file gone) is the store unavailable: UNAVAILABLE as a
+    Redis server down is, said once, the node ready again when a call is answered."""
+    # Only errors SQLite itself raised carry a code (ours, raised by hand, do not); it is
+    # the extended code (SQLITE_IOERR_WRITE, ...): its low byte is the primary one.
     code = getattr(error, "sqlite_errorcode", None)
+    primary = None if code is None else code & 0xFF
     translated: BaseException
-    if code == sqlite3.SQLITE_FULL:
+    if primary == sqlite3.SQLITE_FULL:
         translated = StorageFullError(f"storage is full: {error}")
-    elif code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+    elif primary in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
         translated = StoreDamagedError(f"the mailbox store is damaged: {error}")
+    elif primary in _UNAVAILABLE:
+        translated = StoreUnavailableError(f"the mailbox store is unavailable: sqlite: {error}")
     else:
         return error
     translated.__cause__ = error
@@ -240,7 +254,7 @@ def _storage_error(error: BaseException | None) -> BaseException | None:
 def _connect(path: Path, *, writer: bool) -> sqlite3.Connection:
     """Open a connection in autocommit mode (we issue BEGIN/COMMIT ourselves)."""
     conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA busy_timeout = 10000")
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     if writer:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":

@@ -1,0 +1,136 @@
+"""The storage node's GC pass over a backlog, on a real SQLite store: it expires everything
+expired ``gc_batch`` at a time, lets other work run between batches, and refreshes the held
+figures (whose mailbox count reads every tombstone's mailbox on SQLite) once per pass, not
+once per batch."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+from dna_storage.backends.base import MailboxBackend, PutOutcome, StoredBlob
+from dna_storage.backends.sqlite import SqliteBackend
+from dna_storage.node import StorageNode, StorageNodeConfig, StorageSection
+
+BATCH, EXPIRED, LIVE = 10, 105, 3
+M = hashlib.sha256(b"gc mailbox").digest()
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Counting:
+    """A real backend, counting the calls made to it by method name."""
+
+    def __init__(self, backend: MailboxBackend, on_call: Callable[[str], None]) -> None:
+        self._backend, self._on_call = backend, on_call
+        self.calls: Counter[str] = Counter()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._backend, name)
+        if not inspect.iscoroutinefunction(attr):
+            return attr
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] += 1
+            self._on_call(name)
+            return await attr(*args, **kwargs)
+
+        return counted
+
+
+def blobs(count: int, expires_ms: int, tag: bytes) -> list[StoredBlob]:
+    out = []
+    for i in range(count):
+        payload = tag + b" %d" % i
+        out.append(StoredBlob(M, hashlib.sha256(payload).digest(), payload, 0, expires_ms))
+    return out
+
+
+def test_a_backlog_is_expired_in_batches_and_the_figures_refreshed_once(tmp_path: Path) -> None:
+    config = StorageNodeConfig(
+        storage=StorageSection(data_dir=tmp_path, gc_batch=BATCH, gc_interval_s=3600.0)
+    )
+    node = StorageNode(config)
+
+    async def scenario() -> None:
+        raw = await SqliteBackend.open(tmp_path / "mailboxes.sqlite3")
+        now = now_ms()
+        expired = blobs(EXPIRED, now - 1, b"expired")
+        live = blobs(LIVE, now + 3_600_000, b"live")
+        await raw.put_many(expired + live, now - 10_000)  # stored before they expired
+        ticks = 0
+        between: list[int] = []  # event-loop ticks seen before each expire batch
+
+        def on_call(name: str) -> None:
+            if name == "expire":
+                between.append(ticks)
+
+        backend = Counting(cast(MailboxBackend, raw), on_call)
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        ticker = asyncio.ensure_future(tick())
+        gc = asyncio.ensure_future(node._collect_garbage(cast(MailboxBackend, backend)))
+        try:
+            deadline = time.monotonic() + 30
+            while not backend.calls["signed_deletes"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)  # the pass's end; then it sleeps for gc_interval_s
+        finally:
+            gc.cancel()
+            ticker.cancel()
+        assert backend.calls["expire"] == EXPIRED // BATCH + 1  # the last one came back short
+        for figure in ("mailboxes", "totals", "signed_deletes"):
+            assert backend.calls[figure] == 1, backend.calls  # once a pass, not a batch
+        assert between == sorted(set(between))  # other work ran between the batches
+        assert (await raw.totals()).blobs == LIVE
+        assert node._held.blobs == LIVE and node._mailboxes == 1
+        assert node.metrics.gc_removed._value.get() == EXPIRED
+        assert await raw.put_many(blobs(1, now_ms() + 60_000, b"new"), now_ms()) == [
+            PutOutcome.STORED
+        ]
+        await raw.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_wall_clock_stepped_forward_does_not_make_gc_delete_what_has_not_expired(
+    tmp_path: Path,
+) -> None:
+    """The wall clock steps 31 days forward (a bad NTP server) under a running node: reads
+    hide what expired by the new time (undone when the clock is set right), but the next
+    GC pass removes nothing that had not expired before the step. Before, it deleted every
+    blob and tombstone held (30-day TTLs) at once, on every node the step reached."""
+    config = StorageNodeConfig(storage=StorageSection(data_dir=tmp_path, gc_interval_s=3600.0))
+    node = StorageNode(config)
+    now = now_ms()
+    wall = [now]
+    node.wall_ms = lambda: wall[0]
+
+    async def scenario() -> None:
+        backend = await SqliteBackend.open(tmp_path / "mailboxes.sqlite3")
+        held = blobs(20, now + 3_600_000, b"an hour left")
+        await backend.put_many(held, now)
+        assert await node._collect_pass(cast(MailboxBackend, backend)) == 0
+        wall[0] = now + 31 * 86_400_000
+        assert await node._collect_pass(cast(MailboxBackend, backend)) == 0
+        assert node.expiry_clock.stepped_ms > 30 * 86_400_000
+        assert (await backend.fetch(M, 0, 100, wall[0])).blobs == []  # hidden meanwhile
+        wall[0] = now + 1_000  # set right: everything is there
+        assert len((await backend.fetch(M, 0, 100, wall[0])).blobs) == len(held)
+        assert await node._collect_pass(cast(MailboxBackend, backend)) == 0
+        await backend.close()
+
+    asyncio.run(scenario())

@@ -1,0 +1,114 @@
+"""A subscription whose push read fails because the store is unavailable for a moment (a
+Redis restarting right after the write that woke it) reads again and pushes, instead of
+ending its pump and leaving the subscription open and silent. The Mailbox service with
+sessions on a real grpc.aio server in this process (port 0), a real SQLite store whose
+reads are made to fail (the fault only: the store answers every other call), the client's
+own session."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from dna_core.crypto import pow, seal
+from dna_core.mailbox import mailbox_id, put_pow_hash, sign_fetch
+from dna_core.mailbox.session import NodeSession
+from dna_core.ops.grpc_gate import GrpcGate
+from dna_core.wire import mailbox_pb2
+from dna_storage.admission import Admission, AdmissionConfig
+from dna_storage.backends.base import MailboxBackend, StoreUnavailableError
+from dna_storage.backends.sqlite import SqliteBackend
+from dna_storage.mailbox_stream import (
+    PUSH_RETRY_S,
+    MailboxSessionService,
+    NotifyingBackend,
+    SessionMetrics,
+    SessionRules,
+    Subscribers,
+)
+from prometheus_client import CollectorRegistry
+from support import seeded_identity
+
+ALICE, BOB = seeded_identity("push-alice"), seeded_identity("push-bob")
+POW_BITS = 4
+MAILBOX = mailbox_pb2.DESCRIPTOR.services_by_name["Mailbox"]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class ReadsFail:
+    """A real backend whose fetches fail as an unavailable store's do while ``failing``."""
+
+    def __init__(self, backend: MailboxBackend) -> None:
+        self._backend, self.failing = backend, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    async def fetch(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failing:
+            raise StoreUnavailableError("the mailbox store is unavailable: redis: restarting")
+        return await self._backend.fetch(*args, **kwargs)
+
+
+def put_request(text: bytes) -> mailbox_pb2.PutRequest:
+    box = mailbox_id(BOB.fingerprint)
+    blob = seal(ALICE, BOB.public, text, now_ms=now_ms())
+    proof, _ = pow.solve(put_pow_hash(box, blob), POW_BITS, now_ms=now_ms())
+    return mailbox_pb2.PutRequest(version=1, mailbox_id=box, blob=blob, pow=proof.to_proto())
+
+
+def test_a_push_whose_read_failed_is_read_again(tmp_path: Path) -> None:
+    async def main() -> None:
+        raw = await SqliteBackend.open(tmp_path / "mailboxes.sqlite3")
+        reads = ReadsFail(raw)
+        subscribers = Subscribers()
+        backend: Any = NotifyingBackend(reads, subscribers)
+        service = MailboxSessionService(backend, Admission(AdmissionConfig(pow_base_bits=4)))
+        service.session_rules = SessionRules(
+            service, subscribers, SessionMetrics(CollectorRegistry())
+        )
+        server = grpc.aio.server()
+        GrpcGate(max_message=4 << 20).add(server, service, MAILBOX)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        session = NodeSession(channel, 5.0)
+        await session.open()
+        pages: list[mailbox_pb2.FetchResponse | None] = []
+        try:
+            fetch = mailbox_pb2.FetchRequest.FromString(
+                sign_fetch(BOB, cursor=b"", limit=10, now_ms=now_ms())
+            )
+            await session.subscribe(fetch, pages.append)
+            reads.failing = True  # the store goes away right after the next write
+            outcome = await session.put(put_request(b"stored just before the outage"))
+            assert outcome.code == 0, outcome
+            await asyncio.sleep(PUSH_RETRY_S / 2)
+            reads.failing = False  # back
+            deadline = time.monotonic() + 5 * PUSH_RETRY_S
+            while time.monotonic() < deadline and len(pushed(pages)) < 1:
+                await asyncio.sleep(0.05)
+            assert len(pushed(pages)) == 1  # read again and pushed, with no other write
+            outcome = await session.put(put_request(b"after the outage"))
+            assert outcome.code == 0, outcome
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and len(pushed(pages)) < 2:
+                await asyncio.sleep(0.05)
+            assert len(pushed(pages)) == 2  # and the subscription goes on
+        finally:
+            await session.close()
+            await channel.close()
+            await server.stop(grace=None)
+            await raw.close()
+
+    asyncio.run(main())
+
+
+def pushed(pages: list[mailbox_pb2.FetchResponse | None]) -> list[bytes]:
+    return [blob.blob_id for page in pages if page is not None for blob in page.blobs]
