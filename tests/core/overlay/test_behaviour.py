@@ -433,6 +433,63 @@ def test_a_lookup_short_of_k_ends_after_the_grace_without_the_silent_peer() -> N
     assert lookup.ended == pytest.approx(NOW + 0.1 + 0.05)
 
 
+def near(target: bytes, i: int) -> bytes:
+    """An ID closer to ``target`` than any random one (its first 8 bytes), the ``i``-th."""
+    return target[:8] + hashlib.sha256(f"near {i}".encode()).digest()[8:]
+
+
+@pytest.mark.parametrize(
+    ("answerer_ip", "followed", "not_followed"),
+    [
+        (  # a public node: only public addresses are followed
+            "198.18.7.7",
+            ["203.0.113.5", "2001:db8::5"],
+            ["127.0.0.1", "10.0.0.5", "192.168.1.5", "172.16.0.5", "100.64.0.5",
+             "169.254.169.254", "fd00::5", "::1", "0.0.0.0", "255.255.255.255", "224.0.0.251",
+             "240.0.0.1", "ff02::1", "fe80::5", "::ffff:127.0.0.1", "::", "198.51.100.1"],
+        ),
+        (  # a node on our private network: private and public, no loopback
+            "10.9.9.9",
+            ["10.0.0.5", "192.168.1.5", "fd00::5", "203.0.113.5"],
+            ["127.0.0.1", "::1", "0.0.0.0", "224.0.0.251"],
+        ),
+        (  # a node on our host (a local testnet): anything but martians
+            "127.0.0.9",
+            ["127.0.0.1", "10.0.0.5", "203.0.113.5"],
+            ["0.0.0.0", "255.255.255.255", "ff02::1"],
+        ),
+    ],
+)  # fmt: skip
+def test_a_lookup_follows_only_contacts_the_answerer_could_reach_from_where_we_reached_it(
+    answerer_ip: str, followed: list[str], not_followed: list[str]
+) -> None:
+    everyone, net, h = scripted(30, known=30)
+    target = hashlib.sha256(b"martians").digest()
+    answerer = Contact(near(target, 0), b"", (Endpoint(answerer_ip, 4000),))
+    h.b.table.observe(answerer, NOW)  # the closest we know: asked first
+    # (198.51.100.1:4000 is the local node's own address: it would ask itself)
+    listed = [
+        Contact(near(target, i + 1), b"", (Endpoint(ip, 4000),))
+        for i, ip in enumerate(followed + not_followed)
+    ]
+    net.by_addr[answerer.endpoint.udp] = answerer
+    honest = net.__call__
+
+    def hostile(send: Send, now: float) -> list[tuple[float, Datagram, Addr]]:
+        if send.addr != answerer.endpoint.udp:
+            return honest(send, now)
+        return [(now + 0.01, answer_to(send, Nodes(tuple(listed)), answerer), send.addr)]
+
+    h.fate = hostile
+    h.lookup(target)
+    h.run()
+    asked = {s.addr[0] for s in h.sent if isinstance(s.datagram.body, FindNode)}
+    assert answerer_ip in asked
+    assert set(followed) <= asked
+    assert not asked & set(not_followed)
+    assert len(h.lookups_done()) == 1
+
+
 def test_a_disjoint_lookup_never_asks_a_peer_twice() -> None:
     everyone, _, h = scripted(120, known=60)
     target = hashlib.sha256(b"d").digest()

@@ -56,7 +56,7 @@ from dna_core.overlay.codec import (
     Pong,
     TokenReply,
 )
-from dna_core.overlay.contact import Contact
+from dna_core.overlay.contact import Contact, Scope
 from dna_core.overlay.kbucket import GOOD_FOR, K, Observed, RoutingTable
 from dna_core.overlay.lookup import ClosestPeersIter, DisjointLookup, Finished, Query
 from dna_core.overlay.protocol import (
@@ -230,11 +230,12 @@ class Lookup:
 class _Query:
     """One find-node of a lookup; also the timer of its adaptive deadline."""
 
-    __slots__ = ("deadline", "done", "lookup", "peer")
+    __slots__ = ("deadline", "done", "lookup", "peer", "scope")
 
-    def __init__(self, lookup: Lookup, peer: bytes, deadline: float) -> None:
+    def __init__(self, lookup: Lookup, peer: Contact, deadline: float) -> None:
         self.lookup = lookup
-        self.peer = peer
+        self.peer = peer.node_id
+        self.scope = peer.scope  # of the address asked: what its answer may list
         self.deadline = deadline
         self.done = False
 
@@ -504,7 +505,7 @@ class OverlayBehaviour:
 
     def _send_query(self, lookup: Lookup, query: Query, now: float) -> None:
         peer = query.contact
-        q = _Query(lookup, peer.node_id, query.deadline)
+        q = _Query(lookup, peer, query.deadline)
         lookup.open += 1
         lookup.messages += 1
         lookup.depth.setdefault(peer.node_id, 1)
@@ -519,7 +520,8 @@ class OverlayBehaviour:
             return  # a late answer: its sender is observed, the result is out
         body = dgram.body
         if type(body) is Nodes:
-            closer: Sequence[Contact] = body.closer  # (the iterator skips the local ID)
+            # (the iterator skips the local ID)
+            closer: Sequence[Contact] = self._followable(body.closer, q.scope)
             if self._suspects:  # (without it, so it does not count as trusted)
                 local = self.local_id
                 closer = self.trusted([c for c in closer if c.node_id != local], now)
@@ -532,6 +534,17 @@ class OverlayBehaviour:
         else:
             lookup.it.on_failure(q.peer)
         self._advance(lookup, now)
+
+    def _followable(self, closer: Sequence[Contact], answerer: Scope) -> Sequence[Contact]:
+        """The contacts of an answer from an address of scope ``answerer`` that a lookup may
+        ask: none whose address the answerer could not have reached itself from where we
+        reached it, or reaches nobody (``Scope.reachable_via``: a public node listing
+        loopback, private or martian addresses would aim our queries at our own host's
+        or network's services), and none at our own address (we would ask ourselves)."""
+        own = self.sender.endpoint.udp if self.sender is not None else None
+        if all(c.scope.reachable_via(answerer) and c.endpoint.udp != own for c in closer):
+            return closer
+        return [c for c in closer if c.scope.reachable_via(answerer) and c.endpoint.udp != own]
 
     def _query_failed(self, q: _Query, now: float) -> None:
         q.done = True
