@@ -463,7 +463,7 @@ def near(target: bytes, i: int) -> bytes:
 def test_a_lookup_follows_only_contacts_the_answerer_could_reach_from_where_we_reached_it(
     answerer_ip: str, followed: list[str], not_followed: list[str]
 ) -> None:
-    everyone, net, h = scripted(30, known=30)
+    _, net, h = scripted(30, known=30)
     target = hashlib.sha256(b"martians").digest()
     answerer = Contact(near(target, 0), b"", (Endpoint(answerer_ip, 4000),))
     h.b.table.observe(answerer, NOW)  # the closest we know: asked first
@@ -488,6 +488,58 @@ def test_a_lookup_follows_only_contacts_the_answerer_could_reach_from_where_we_r
     assert set(followed) <= asked
     assert not asked & set(not_followed)
     assert len(h.lookups_done()) == 1
+
+
+class EverCloser:
+    """Hostile nodes on one host, each answering a find-node with ``fresh`` new contacts
+    closer to the target than any before (IDs one apart, far closer than any honest
+    node): the farthest of them another such node, the rest at addresses where nobody
+    answers (``dead`` of them). Honest peers answer as ``honest`` does."""
+
+    def __init__(self, honest: Network, target: bytes, fresh: int, dead: int) -> None:
+        self.honest, self.fresh, self.dead = honest, fresh, dead
+        self.target = int.from_bytes(target, "big")
+        self.made: list[Contact] = []
+        self.alive: dict[Addr, Contact] = {}
+        self.first = self._next(alive=True)
+
+    def _next(self, *, alive: bool) -> Contact:
+        i = len(self.made)
+        node_id = (self.target ^ (1 << 200) - i).to_bytes(32, "big")
+        contact = Contact(node_id, b"", (Endpoint("203.0.113.66", 1024 + i),))
+        self.made.append(contact)
+        if alive:
+            self.alive[contact.endpoint.udp] = contact
+        return contact
+
+    def __call__(self, send: Send, now: float) -> list[tuple[float, Datagram, Addr]]:
+        me = self.alive.get(send.addr)
+        if me is None:
+            return [] if send.addr[0] == "203.0.113.66" else self.honest(send, now)
+        listed = [self._next(alive=i >= self.dead) for i in range(self.fresh)]
+        body = Nodes(tuple(reversed(listed)))  # the live one, farthest, first
+        return [(now + self.honest.rtt, answer_to(send, body, me), send.addr)]
+
+
+@pytest.mark.parametrize(("dead", "rtt"), [(0, 0.01), (19, 0.3)])
+def test_a_lookup_fed_ever_closer_contacts_ends_within_its_query_cap_and_time_budget(
+    dead: int, rtt: float
+) -> None:
+    """Hostile answers of 20 fresh contacts that all answer in turn: the query cap (8 k
+    a lookup) ends it. Of 19 dead and one that answers, each dead one holding a slot for
+    an adaptive timeout (~ the round trip, 0.3 s): the time budget (10 s) ends it."""
+    _, net, h = scripted(30, known=30)
+    net.rtt = rtt
+    target = hashlib.sha256(b"ever closer").digest()
+    hostile = EverCloser(net, target, fresh=20, dead=dead)
+    h.fate = hostile
+    h.b.table.observe(hostile.first, NOW)
+    lookup = h.lookup(target)
+    h.run(until=NOW + 60)
+    assert h.lookups_done() == [lookup]
+    assert lookup.queries <= 8 * 20
+    assert lookup.ended - lookup.started <= h.b.config.lookup_timeout
+    assert len(lookup.result()) == 20  # the closest that answered: hostile ones
 
 
 def test_a_disjoint_lookup_never_asks_a_peer_twice() -> None:

@@ -32,7 +32,10 @@ Invariants:
   ``SUSPECT_SECONDS``: not used as a seed or candidate, unless fewer than alpha would
   remain. A lookup that finishes with fewer than k results while queries are open waits
   one more adaptive timeout for them; then it marks its bucket refreshed and ends
-  (``LookupDone``).
+  (``LookupDone``);
+* a lookup ends at the latest ``lookup_timeout`` after it started, with the peers that
+  answered by then, and sends at most ``lookup.MAX_QUERIES_PER_K`` k queries a path:
+  nodes answering slowly, or with ever closer fresh contacts, bound its time and work.
 """
 
 from __future__ import annotations
@@ -89,6 +92,9 @@ class BehaviourConfig:
     good_for: float = GOOD_FOR  # a contact heard from this recently is not pinged for room
     allow_loopback: bool = False  # local testnets: loopback peers skip the /24 limit
     prove_keys: bool = True  # challenge contacts for their node key before observing them
+    # A lookup ends by then with what answered, whatever is still open: hostile answers
+    # (slow ones, ever closer ones, unreachable ones) cannot hold an operation longer.
+    lookup_timeout: float = 10.0
 
 
 # -- commands: what the driver carries out ----------------------------------------------
@@ -227,6 +233,15 @@ class Lookup:
         return max((self.depth.get(c.node_id, 1) for c in result), default=0)
 
 
+class _Budget:
+    """The timer of a lookup's ``lookup_timeout``."""
+
+    __slots__ = ("lookup",)
+
+    def __init__(self, lookup: Lookup) -> None:
+        self.lookup = lookup
+
+
 class _Query:
     """One find-node of a lookup; also the timer of its adaptive deadline."""
 
@@ -312,6 +327,7 @@ class OverlayBehaviour:
                 timeout=self.rtt.timeout, local_id=self.local_id,
             )  # fmt: skip
         lookup = Lookup(target, it, now)
+        self._out.append(StartTimer(now + config.lookup_timeout, _Budget(lookup)))
         self._pump(lookup, now)
         return lookup
 
@@ -376,6 +392,9 @@ class OverlayBehaviour:
         elif type(timer) is Lookup:
             if not timer.done:
                 self._end(timer, now)  # the grace for its late queries is over
+        elif type(timer) is _Budget:
+            if not timer.lookup.done:
+                self._end(timer.lookup, now)  # out of time: what answered is the result
         else:
             raise TypeError(f"not a timer of this behaviour: {timer!r}")
 
