@@ -5,7 +5,12 @@ Write-through: the Store handler saves each record it takes and deletes what it 
 upkeep deletes what expired. Nothing read back is trusted: `load_into` puts every row
 through `RecordStore.put` again (signature, policy, proof of work, expiry, bounds) and
 deletes the rows it refuses, so a file edited by hand, or a record that expired while
-the node was down, never comes back.
+the node was down, never comes back. Rows are read one at a time, and only those whose
+columns have the types this module writes and whose record is within the size cap: a
+row of the wrong type (a text record, a number where bytes belong) is deleted unread, so
+no row can make the load fail or allocate more than one record's bytes. A file damaged
+below its header (pages overwritten) raises ``sqlite3.DatabaseError`` from the load: the
+node stops at start with one line, as for a file SQLite cannot open.
 """
 
 from __future__ import annotations
@@ -14,9 +19,15 @@ import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
+from dna_core.crypto.records import MAX_RECORD_BYTES
 from dna_core.errors import ProtocolError
 from dna_core.overlay.records import RecordStore
 
+# A row as `save` writes it; any other is refused unread.
+_WELL_FORMED = (
+    "typeof(key) = 'blob' AND length(key) = 32 AND typeof(raw) = 'blob'"
+    f" AND length(raw) <= {MAX_RECORD_BYTES} AND typeof(source) = 'text'"
+)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     key BLOB PRIMARY KEY,
@@ -48,10 +59,13 @@ class RecordFile:
 
     def load_into(self, store: RecordStore, now_ms: int) -> tuple[int, int]:
         """Verify every saved record again into ``store``; returns (loaded, dropped)."""
+        malformed = self._db.execute(f"DELETE FROM records WHERE NOT ({_WELL_FORMED})")
         dropped: list[bytes] = []
         loaded = 0
-        rows = self._db.execute("SELECT key, raw, source FROM records ORDER BY rowid")
-        for key, raw, source in rows.fetchall():
+        rows = self._db.execute(
+            f"SELECT key, raw, source FROM records WHERE {_WELL_FORMED} ORDER BY rowid"
+        )
+        for key, raw, source in rows:  # (one row at a time: the file may hold many)
             try:
                 result = store.put(bytes(raw), now_ms, str(source))
             except ProtocolError:
@@ -63,7 +77,7 @@ class RecordFile:
             loaded += 1
             dropped.extend(result.evicted)
         self.delete(dropped)
-        return loaded, len(dropped)
+        return loaded, len(dropped) + malformed.rowcount
 
     def close(self) -> None:
         self._db.close()
