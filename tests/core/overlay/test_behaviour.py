@@ -264,6 +264,39 @@ def test_a_proof_by_another_key_is_refused_and_the_claim_stays_out() -> None:
     assert len(of_type(b.poll(), Send)) == 1
 
 
+def test_one_subnet_claiming_many_ids_cannot_hold_every_key_challenge() -> None:
+    """An address that proved it receives sends requests under hundreds of fresh node IDs
+    (cheap at 8 puzzle bits) and never answers their challenges, again as each times out:
+    it used to hold all 256 challenges in flight, so no other node could prove its key and
+    enter the table, as requester or as responder, for as long as it kept on."""
+    b = behaviour(prove_keys=True)
+    flooder_addr = ("203.0.113.9", 4000)
+    for i in range(300):
+        claim = Contact(far_id(1000 + i), b"", (Endpoint(*flooder_addr),))
+        assert b.observe_requester(claim, flooder_addr, NOW) is None
+    neighbour_addr = ("203.0.113.10", 4000)  # the same /24: it shares the flooder's share
+    neighbour = Contact(far_id(2000), b"", (Endpoint(*neighbour_addr),))
+    b.observe_requester(neighbour, neighbour_addr, NOW)
+    out = b.poll()
+    flooded = of_type(out, Send)
+    assert len(flooded) == 8  # the subnet's share of the challenges in flight
+    honest, identity = keyed_peer(3)  # another subnet
+    addr = honest.endpoint.udp
+    assert b.observe_requester(honest, addr, NOW) is None
+    [challenge] = of_type(b.poll(), Send)  # its challenge goes out all the same
+    assert challenge.addr == addr and isinstance(challenge.datagram.body, Ping)
+    proof = identity.sign(PONG_DOMAIN, challenge.datagram.body.challenge)
+    b.on_response(answer_to(challenge, Pong(None, proof), honest), addr, NOW + 0.1)
+    b.poll()
+    assert honest.node_id in b.table
+
+    for timer in of_type(out, StartTimer):  # the flooder's challenges time out...
+        b.on_timer(timer.timer, timer.when)
+    b.poll()
+    b.observe_requester(neighbour, neighbour_addr, NOW + 3)  # ...and its subnet has room
+    assert [s.addr for s in of_type(b.poll(), Send)] == [neighbour_addr]
+
+
 # -- a scripted network for lookups ---------------------------------------------------------
 
 

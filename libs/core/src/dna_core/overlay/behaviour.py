@@ -23,7 +23,8 @@ Invariants:
 * a contact is observed (offered to the routing table) only when it answers a request of
   ours or sends one from a proven address, and only once it has proven its node key from
   that address: one challenge per (ID, address) at a time, at most ``MAX_KEY_PROOFS`` at
-  once. ``prove_keys=False`` is for the simulator, whose contacts are minted, not claimed;
+  once and ``MAX_KEY_PROOFS_PER_SUBNET`` of them to one subnet. ``prove_keys=False`` is
+  for the simulator, whose contacts are minted, not claimed;
 * every liveness check a full bucket asks for (``Observed.check``) is pinged and its
   result reported to the table, which evicts a silent contact for a waiting newcomer;
 * a lookup's query has two deadlines: the iterator's adaptive one (RTT, RFC 6298), past
@@ -42,7 +43,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -77,6 +78,10 @@ SUSPECT_SECONDS = 10.0  # a node that just failed us is not asked again for this
 SUSPECT_CACHE_SIZE = 4096
 PROVEN_KEYS_SIZE = 8192  # node ID -> the address it proved its key from
 MAX_KEY_PROOFS = 256  # challenges in flight at once; beyond, senders wait for the next time
+# ...and from one /24 (IPv4) or /48 (IPv6), loopback exempt as in the table: otherwise one
+# address claiming hundreds of fresh IDs (cheap at 8 puzzle bits) and never answering
+# holds them all, and no other node proves its key and enters the table while it does.
+MAX_KEY_PROOFS_PER_SUBNET = 8
 
 KeyT = TypeVar("KeyT", bound=Hashable)
 ValueT = TypeVar("ValueT")
@@ -287,7 +292,8 @@ class OverlayBehaviour:
         # lookup would rediscover them from answers and wait out their timeouts again.
         self._suspects: OrderedDict[bytes, float] = OrderedDict()
         self._proven_keys: OrderedDict[bytes, Addr] = OrderedDict()
-        self._proving: set[tuple[bytes, Addr]] = set()
+        self._proving: dict[tuple[bytes, Addr], str | None] = {}  # -> its subnet (or exempt)
+        self._proving_per_subnet: Counter[str] = Counter()
 
     def poll(self) -> list[Command]:
         """The commands queued since the last poll, oldest first."""
@@ -408,10 +414,17 @@ class OverlayBehaviour:
             proven.move_to_end(contact.node_id)
             return True
         key = (contact.node_id, addr)
-        if key not in self._proving and len(self._proving) < MAX_KEY_PROOFS:
-            self._proving.add(key)
-            op = PingOp(addr, self._challenge(), proving=key)
-            self._request(addr, Ping(op.challenge), now, op)
+        if key in self._proving or len(self._proving) >= MAX_KEY_PROOFS:
+            return False
+        exempt = self.config.allow_loopback and contact.loopback
+        subnet = None if exempt else contact.subnet  # (of addr: proven_contact put it first)
+        if subnet is not None:
+            if self._proving_per_subnet[subnet] >= MAX_KEY_PROOFS_PER_SUBNET:
+                return False
+            self._proving_per_subnet[subnet] += 1
+        self._proving[key] = subnet
+        op = PingOp(addr, self._challenge(), proving=key)
+        self._request(addr, Ping(op.challenge), now, op)
         return False
 
     # -- requests -------------------------------------------------------------------------
@@ -499,7 +512,11 @@ class OverlayBehaviour:
 
     def _ping_ended(self, op: PingOp, contact: Contact | None, now: float) -> None:
         if op.proving is not None:
-            self._proving.discard(op.proving)
+            subnet = self._proving.pop(op.proving, None)
+            if subnet is not None:
+                self._proving_per_subnet[subnet] -= 1
+                if not self._proving_per_subnet[subnet]:
+                    del self._proving_per_subnet[subnet]
         if op.check is not None:
             self.table.on_check_result(op.check.node_id, contact is not None, now)
         if op.asked:
