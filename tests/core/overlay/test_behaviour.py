@@ -33,7 +33,16 @@ from dna_core.overlay.behaviour import (
     Send,
     StartTimer,
 )
-from dna_core.overlay.codec import Body, Datagram, FindNode, Nodes, Ping, Pong, TokenReply
+from dna_core.overlay.codec import (
+    Body,
+    Datagram,
+    FindNode,
+    Nodes,
+    Ping,
+    Pong,
+    TokenReply,
+    encode_datagram,
+)
 from dna_core.overlay.contact import Contact, Endpoint
 from dna_core.overlay.kbucket import GOOD_FOR, Admission
 from dna_core.overlay.protocol import FIRST_PING_PADDING, PONG_DOMAIN, Addr
@@ -523,11 +532,41 @@ def test_a_lookup_follows_only_contacts_the_answerer_could_reach_from_where_we_r
     assert len(h.lookups_done()) == 1
 
 
+def test_a_lookup_asks_at_most_two_contacts_at_one_ip_address() -> None:
+    """A hostile node lists 20 contacts (fresh IDs, closer than anyone) at one victim's
+    address, each on another port: every lookup that asked it used to send the victim
+    20 padded first requests (~9.7 KB for its ~1.1 KB answer) and wait out their
+    timeouts. A lookup takes at most 2 contacts at one IP address (as a bucket takes 2
+    of a /24), loopback exempt on a local testnet."""
+    _, net, h = scripted(30, known=30)
+    target = hashlib.sha256(b"reflect").digest()
+    answerer = Contact(near(target, 0), b"", (Endpoint("203.0.113.7", 4000),))
+    h.b.table.observe(answerer, NOW)
+    victim = [Contact(near(target, i + 1), b"", (Endpoint("192.0.2.80", 1000 + i),))
+              for i in range(20)]  # fmt: skip
+    net.by_addr[answerer.endpoint.udp] = answerer
+    honest = net.__call__
+
+    def hostile(send: Send, now: float) -> list[tuple[float, Datagram, Addr]]:
+        if send.addr == answerer.endpoint.udp:
+            return [(now + 0.01, answer_to(send, Nodes(tuple(victim)), answerer), send.addr)]
+        return honest(send, now)
+
+    h.fate = hostile
+    h.lookup(target)
+    h.run()
+    to_victim = [s for s in h.sent if s.addr[0] == "192.0.2.80"]
+    sent_bytes = sum(len(encode_datagram(s.datagram)) for s in to_victim)
+    print(f"victim got {len(to_victim)} requests, {sent_bytes} bytes")
+    assert len(to_victim) == 2
+    assert len(h.lookups_done()) == 1
+
+
 class EverCloser:
-    """Hostile nodes on one host, each answering a find-node with ``fresh`` new contacts
-    closer to the target than any before (IDs one apart, far closer than any honest
-    node): the farthest of them another such node, the rest at addresses where nobody
-    answers (``dead`` of them). Honest peers answer as ``honest`` does."""
+    """Hostile nodes (each at an address of its own), each answering a find-node with
+    ``fresh`` new contacts closer to the target than any before (IDs one apart, far closer
+    than any honest node): the farthest of them another such node, the rest at addresses
+    where nobody answers (``dead`` of them). Honest peers answer as ``honest`` does."""
 
     def __init__(self, honest: Network, target: bytes, fresh: int, dead: int) -> None:
         self.honest, self.fresh, self.dead = honest, fresh, dead
@@ -539,7 +578,7 @@ class EverCloser:
     def _next(self, *, alive: bool) -> Contact:
         i = len(self.made)
         node_id = (self.target ^ (1 << 200) - i).to_bytes(32, "big")
-        contact = Contact(node_id, b"", (Endpoint("203.0.113.66", 1024 + i),))
+        contact = Contact(node_id, b"", (Endpoint(f"2001:db8::{i + 1:x}", 4000),))
         self.made.append(contact)
         if alive:
             self.alive[contact.endpoint.udp] = contact
@@ -548,7 +587,7 @@ class EverCloser:
     def __call__(self, send: Send, now: float) -> list[tuple[float, Datagram, Addr]]:
         me = self.alive.get(send.addr)
         if me is None:
-            return [] if send.addr[0] == "203.0.113.66" else self.honest(send, now)
+            return [] if send.addr[0].startswith("2001:db8:") else self.honest(send, now)
         listed = [self._next(alive=i >= self.dead) for i in range(self.fresh)]
         body = Nodes(tuple(reversed(listed)))  # the live one, farthest, first
         return [(now + self.honest.rtt, answer_to(send, body, me), send.addr)]

@@ -82,6 +82,11 @@ MAX_KEY_PROOFS = 256  # challenges in flight at once; beyond, senders wait for t
 # address claiming hundreds of fresh IDs (cheap at 8 puzzle bits) and never answering
 # holds them all, and no other node proves its key and enters the table while it does.
 MAX_KEY_PROOFS_PER_SUBNET = 8
+# A lookup follows at most this many contacts at one IP address (as a bucket holds two of a
+# /24): a hostile answer listing 20 fresh IDs at one victim's address, on 20 ports, would
+# otherwise make every lookup that asked it send the victim 20 padded requests (8x its
+# answer's bytes). Loopback is exempt on a local testnet, as in the table.
+LOOKUP_CONTACTS_PER_IP = 2
 
 KeyT = TypeVar("KeyT", bound=Hashable)
 ValueT = TypeVar("ValueT")
@@ -197,6 +202,7 @@ class Lookup:
         "it",
         "messages",
         "open",
+        "per_ip",
         "request",
         "started",
         "target",
@@ -212,6 +218,7 @@ class Lookup:
         self.done = False
         self.grace = False  # the iterator finished; open queries get one more timeout
         self.open = 0  # queries neither answered nor failed
+        self.per_ip: Counter[str] = Counter()  # contacts taken from answers, by IP address
         self.depth: dict[bytes, int] = {}
         self.messages = 0
         self.timeouts = 0
@@ -557,7 +564,7 @@ class OverlayBehaviour:
         body = dgram.body
         if type(body) is Nodes:
             # (the iterator skips the local ID)
-            closer: Sequence[Contact] = self._followable(body.closer, q.scope)
+            closer: Sequence[Contact] = self._followable(lookup, body.closer, q.scope)
             if self._suspects:  # (without it, so it does not count as trusted)
                 local = self.local_id
                 closer = self.trusted([c for c in closer if c.node_id != local], now)
@@ -571,16 +578,29 @@ class OverlayBehaviour:
             lookup.it.on_failure(q.peer)
         self._advance(lookup, now)
 
-    def _followable(self, closer: Sequence[Contact], answerer: Scope) -> Sequence[Contact]:
-        """The contacts of an answer from an address of scope ``answerer`` that a lookup may
-        ask: none whose address the answerer could not have reached itself from where we
-        reached it, or reaches nobody (``Scope.reachable_via``: a public node listing
+    def _followable(
+        self, lookup: Lookup, closer: Sequence[Contact], answerer: Scope
+    ) -> list[Contact]:
+        """The contacts of an answer from an address of scope ``answerer`` that ``lookup``
+        may ask: none whose address the answerer could not have reached itself from where
+        we reached it, or reaches nobody (``Scope.reachable_via``: a public node listing
         loopback, private or martian addresses would aim our queries at our own host's
-        or network's services), and none at our own address (we would ask ourselves)."""
+        or network's services), none at our own address (we would ask ourselves), and no
+        more than ``LOOKUP_CONTACTS_PER_IP`` new ones at one IP address over the lookup."""
         own = self.sender.endpoint.udp if self.sender is not None else None
-        if all(c.scope.reachable_via(answerer) and c.endpoint.udp != own for c in closer):
-            return closer
-        return [c for c in closer if c.scope.reachable_via(answerer) and c.endpoint.udp != own]
+        known, per_ip = lookup.depth, lookup.per_ip
+        loopback_exempt = self.config.allow_loopback
+        followed = []
+        for c in closer:
+            endpoint = c.endpoint
+            if not c.scope.reachable_via(answerer) or endpoint.udp == own:
+                continue
+            if c.node_id not in known and not (loopback_exempt and c.loopback):
+                if per_ip[endpoint.ip] >= LOOKUP_CONTACTS_PER_IP:
+                    continue
+                per_ip[endpoint.ip] += 1
+            followed.append(c)
+        return followed
 
     def _query_failed(self, q: _Query, now: float) -> None:
         q.done = True
