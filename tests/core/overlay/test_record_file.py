@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from pathlib import Path
 
@@ -9,9 +10,11 @@ import pytest
 from dna_core.crypto import Identity, sign_record
 from dna_core.errors import DnaError
 from dna_core.overlay.aio.record_file import RecordFile
+from dna_core.overlay.aio.records_rpc import OverlayService
 from dna_core.overlay.aio.server import OverlayServer, OverlayServiceConfig, RecordsSection
+from dna_core.overlay.contact import Contact
 from dna_core.overlay.records import RecordStore, identity_payload, record_key
-from dna_core.wire.gen.dna.v1 import common_pb2
+from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2
 
 NOW = 1_780_000_000_000
 HOUR_MS = 3_600_000
@@ -97,3 +100,41 @@ def test_a_node_on_a_record_file_damaged_below_its_header_stops_in_one_line(
         server._open_records()
     assert str(refused.value) == f"cannot open {path}: database disk image is malformed"
     assert server.record_file is None  # closed
+
+
+def test_a_write_that_fails_is_logged_once_and_the_store_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A write the file refuses (SQLite's own refusal: the connection made read-only, as a
+    full disk or an I/O error would refuse it) no longer fails the store that caused it,
+    after the store took the record, nor ends the node's upkeep: the record is held and
+    served, the failure logged once for the run of them, the recovery once."""
+    caplog.set_level(logging.INFO, "dna.overlay")
+    path = tmp_path / "records.sqlite3"
+    journal = RecordFile(path)
+    service = OverlayService(
+        store=RecordStore(name_pow_bits=BITS, identity_pow_bits=BITS),
+        closest=lambda key, k: [], local=_unused, journal=journal, clock=lambda: NOW,
+    )  # fmt: skip
+    journal._db.execute("PRAGMA query_only = ON")  # every write refused from here on
+    stored = []
+    for who in (Identity.generate(), Identity.generate()):
+        key, raw = identity_rec(who)
+        request = overlay_pb2.StoreRequest(record=common_pb2.SignedRecord.FromString(raw))
+        assert service.store_one(request, "192.0.2.1").stored_seq == 1
+        stored.append(key)
+    journal.delete(stored[:1])  # upkeep's expiry: refused too, and not raised
+    assert all(service.store.get(key, NOW) is not None for key in stored)
+    assert journal.write_failures == 3 and rows(path) == 0
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "a write failed" in errors[0].getMessage()
+
+    journal._db.execute("PRAGMA query_only = OFF")  # the disk has room again
+    key, raw = identity_rec(Identity.generate())
+    journal.save(raw, key, "192.0.2.1", NOW + HOUR_MS)
+    assert rows(path) == 1 and "writes succeed again" in caplog.records[-1].getMessage()
+    journal.close()
+
+
+def _unused() -> Contact:
+    raise AssertionError("not asked for in these tests")

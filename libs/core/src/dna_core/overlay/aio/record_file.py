@@ -11,12 +11,20 @@ row of the wrong type (a text record, a number where bytes belong) is deleted un
 no row can make the load fail or allocate more than one record's bytes. A file damaged
 below its header (pages overwritten) raises ``sqlite3.DatabaseError`` from the load: the
 node stops at start with one line, as for a file SQLite cannot open.
+
+Once running, a write that fails (a full disk, an I/O error, damage found by a write) is
+logged, not raised: the record is held in memory and served all the same, and the next
+restart lacks only what was not written (its owner republishes it). Raised, it failed the
+store that caused it after the store had taken the record, broke the session carrying
+it, and ended the node's upkeep for good (no more expiry or republishing). The first
+failure of a run of them is logged at ERROR, the recovery at INFO.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dna_core.crypto.records import MAX_RECORD_BYTES
@@ -28,6 +36,7 @@ _WELL_FORMED = (
     "typeof(key) = 'blob' AND length(key) = 32 AND typeof(raw) = 'blob'"
     f" AND length(raw) <= {MAX_RECORD_BYTES} AND typeof(source) = 'text'"
 )
+log = logging.getLogger("dna.overlay")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     key BLOB PRIMARY KEY,
@@ -46,16 +55,36 @@ class RecordFile:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: survives a crash, not power loss
         self._db.execute(_SCHEMA)
+        self.write_failures = 0  # writes that failed since the file was opened
+        self._failing = False  # the last write failed
 
     def save(self, raw: bytes, key: bytes, source: str, expires_ms: int) -> None:
-        self._db.execute(
+        self._write(lambda db: db.execute(
             "INSERT OR REPLACE INTO records (key, raw, source, expires_ms) VALUES (?, ?, ?, ?)",
             (key, raw, source, expires_ms),
-        )
+        ))  # fmt: skip
 
     def delete(self, keys: Sequence[bytes]) -> None:
         if keys:
-            self._db.executemany("DELETE FROM records WHERE key = ?", [(k,) for k in keys])
+            rows = [(k,) for k in keys]
+            self._write(lambda db: db.executemany("DELETE FROM records WHERE key = ?", rows))
+
+    def _write(self, write: Callable[[sqlite3.Connection], object]) -> None:
+        try:
+            write(self._db)
+        except (sqlite3.Error, OSError) as exc:
+            self.write_failures += 1
+            if not self._failing:
+                log.error(
+                    "record file %s: a write failed (%s); records are held and served, a "
+                    "restart loses what was not written until it is republished",
+                    self.path, exc,
+                )  # fmt: skip
+            self._failing = True
+            return
+        if self._failing:
+            log.info("record file %s: writes succeed again", self.path)
+            self._failing = False
 
     def load_into(self, store: RecordStore, now_ms: int) -> tuple[int, int]:
         """Verify every saved record again into ``store``; returns (loaded, dropped)."""
