@@ -614,6 +614,75 @@ def test_a_lookup_fed_ever_closer_contacts_ends_within_its_query_cap_and_time_bu
     assert len(lookup.result()) == 20  # the closest that answered: hostile ones
 
 
+class KeyedNetwork(Network):
+    """``Network`` of nodes that hold their keys: a ping's challenge is answered with the
+    node key's signature."""
+
+    def __init__(self, keyed: list[tuple[Contact, NodeIdentity]]) -> None:
+        super().__init__([c for c, _ in keyed])
+        self.keys = {c.node_id: identity for c, identity in keyed}
+
+    def __call__(self, send: Send, now: float) -> list[tuple[float, Datagram, Addr]]:
+        me = self.by_addr.get(send.addr)
+        body = send.datagram.body
+        if me is None or not isinstance(body, Ping) or me.node_id not in self.keys:
+            return super().__call__(send, now)
+        proof = self.keys[me.node_id].sign(PONG_DOMAIN, body.challenge)
+        return [(now + self.rtt, answer_to(send, Pong(None, proof), me), send.addr)]
+
+
+def test_a_lookup_result_holds_only_nodes_that_proved_their_key_at_their_address() -> None:
+    """A node ID is the hash of a public key anyone can copy. Hostile nodes listed the
+    true closest nodes' IDs (their public keys) at hostile addresses and answered there
+    under those IDs: the lookup counted them as found, so a put would have gone to the
+    hostile addresses in the honest nodes' names (an eclipse without grinding any ID).
+    They cannot sign a challenge with those keys, so they are not in the result. And a
+    node in the result is as it described itself: a gRPC port a third party listed for
+    it is not used."""
+    keyed = [keyed_peer(i) for i in range(40)]
+    net = KeyedNetwork(keyed)
+    everyone = [c for c, _ in keyed]
+    target = hashlib.sha256(b"impersonated").digest()
+    truly_closest = closest_to(target, everyone, 20)
+    copies = {}  # hostile address -> the honest contact it poses as
+    for i, honest in enumerate(truly_closest[:10]):
+        addr = (f"203.0.113.{i // 2 + 1}", 5000 + i % 2)  # 2 an address: the per-IP cap
+        copies[addr] = Contact(honest.node_id, honest.public_key, (Endpoint(*addr),))
+    liar = Contact(near(target, 99), b"", (Endpoint("203.0.114.1", 4000),))
+    # and one honest node listed at its own address with another gRPC port than its own
+    misdescribed = truly_closest[10]
+    wrong_port = Endpoint(misdescribed.endpoint.ip, misdescribed.endpoint.udp_port, 1)
+    listed_wrong = Contact(misdescribed.node_id, misdescribed.public_key, (wrong_port,))
+
+    def hostile(send: Send, now: float) -> list[tuple[float, Datagram, Addr]]:
+        body = send.datagram.body
+        if send.addr == liar.endpoint.udp and isinstance(body, FindNode):
+            listed = Nodes((*copies.values(), listed_wrong))
+            return [(now + 0.01, answer_to(send, listed, liar), send.addr)]
+        posing = copies.get(send.addr)
+        if posing is None:
+            return net(send, now)
+        if isinstance(body, FindNode):  # answers as the honest node, from its own address
+            reply = Nodes(tuple(closest_to(body.target, everyone, 20)))
+            return [(now + 0.01, answer_to(send, reply, posing), send.addr)]
+        return [(now + 0.01, answer_to(send, Pong(None, bytes(64)), posing), send.addr)]
+
+    b = behaviour(prove_keys=True)
+    h = Harness(b, hostile)
+    b.table.observe(liar, NOW)  # the closest known: asked first
+    for c in everyone[:10]:
+        b.table.observe(c, NOW)
+    lookup = h.lookup(target)
+    h.run()
+    assert h.lookups_done() == [lookup]
+    result = lookup.result()
+    assert not {c.endpoint.udp for c in result} & set(copies)
+    assert {c.node_id for c in result} <= {c.node_id for c in everyone}
+    assert len(result) >= 10
+    assert misdescribed in result  # as it described itself, not as the liar listed it
+    assert all(c.endpoint.grpc_port == 0 for c in result)
+
+
 def test_a_disjoint_lookup_never_asks_a_peer_twice() -> None:
     everyone, _, h = scripted(120, known=60)
     target = hashlib.sha256(b"d").digest()

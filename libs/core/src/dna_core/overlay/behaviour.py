@@ -195,6 +195,7 @@ class Lookup:
     """
 
     __slots__ = (
+        "awaiting",
         "depth",
         "done",
         "ended",
@@ -204,9 +205,11 @@ class Lookup:
         "open",
         "per_ip",
         "request",
+        "selves",
         "started",
         "target",
         "timeouts",
+        "unproven",
     )
 
     def __init__(self, target: bytes, it: ClosestPeersIter | DisjointLookup, now: float) -> None:
@@ -219,6 +222,11 @@ class Lookup:
         self.grace = False  # the iterator finished; open queries get one more timeout
         self.open = 0  # queries neither answered nor failed
         self.per_ip: Counter[str] = Counter()  # contacts taken from answers, by IP address
+        # Each peer that answered as it described itself, from the address it answered at
+        # (`proven_contact`): what a third party listed for it (its gRPC port) is not used.
+        self.selves: dict[bytes, Contact] = {}
+        self.awaiting: set[tuple[bytes, Addr]] = set()  # key proofs the end waits for
+        self.unproven: frozenset[bytes] = frozenset()  # answered, key not proven: left out
         self.depth: dict[bytes, int] = {}
         self.messages = 0
         self.timeouts = 0
@@ -228,13 +236,15 @@ class Lookup:
         return self.it.queries
 
     def result(self) -> list[Contact]:
-        """The (up to) k closest peers that answered, closest first."""
-        return self.it.result()
+        """The (up to) k closest peers that answered and proved their node key at the
+        address they answered from, closest first, each as it described itself."""
+        selves = self.selves
+        return [selves.get(c.node_id, c) for c in self.it.result(self.unproven)]
 
     @property
     def exhaustive(self) -> bool:
         """The result holds every node reachable from here (``ClosestPeersIter``)."""
-        return self.it.exhaustive
+        return self.it.exhaustive and not self.unproven
 
     @property
     def missed(self) -> int:
@@ -301,6 +311,7 @@ class OverlayBehaviour:
         self._proven_keys: OrderedDict[bytes, Addr] = OrderedDict()
         self._proving: dict[tuple[bytes, Addr], str | None] = {}  # -> its subnet (or exempt)
         self._proving_per_subnet: Counter[str] = Counter()
+        self._proofs_awaited: dict[tuple[bytes, Addr], set[Lookup]] = {}
 
     def poll(self) -> list[Command]:
         """The commands queued since the last poll, oldest first."""
@@ -383,7 +394,7 @@ class OverlayBehaviour:
         if isinstance(dgram.body, TokenReply):
             self._token_required(pending, now)
         elif type(owner) is _Query:
-            self._query_answered(owner, dgram, now)
+            self._query_answered(owner, dgram, addr, now)
         else:
             assert type(owner) is PingOp
             self._ping_answered(owner, dgram, addr, now)
@@ -406,8 +417,8 @@ class OverlayBehaviour:
             if not timer.done:
                 self._end(timer, now)  # the grace for its late queries is over
         elif type(timer) is _Budget:
-            if not timer.lookup.done:
-                self._end(timer.lookup, now)  # out of time: what answered is the result
+            if not timer.lookup.done:  # out of time: what answered and proved is the result
+                self._end(timer.lookup, now, wait_for_proofs=False)
         else:
             raise TypeError(f"not a timer of this behaviour: {timer!r}")
 
@@ -524,6 +535,10 @@ class OverlayBehaviour:
                 self._proving_per_subnet[subnet] -= 1
                 if not self._proving_per_subnet[subnet]:
                     del self._proving_per_subnet[subnet]
+            for lookup in self._proofs_awaited.pop(op.proving, ()):
+                lookup.awaiting.discard(op.proving)
+                if not lookup.awaiting and not lookup.done:
+                    self._end(lookup, now)
         if op.check is not None:
             self.table.on_check_result(op.check.node_id, contact is not None, now)
         if op.asked:
@@ -555,12 +570,15 @@ class OverlayBehaviour:
         self._request(peer.endpoint.udp, lookup.request, now, q, node_id=peer.node_id)
         self._out.append(StartTimer(query.deadline, q))
 
-    def _query_answered(self, q: _Query, dgram: Datagram, now: float) -> None:
+    def _query_answered(self, q: _Query, dgram: Datagram, addr: Addr, now: float) -> None:
         q.done = True
         lookup = q.lookup
         lookup.open -= 1
         if lookup.done:
             return  # a late answer: its sender is observed, the result is out
+        itself = proven_contact(dgram.sender, addr) if dgram.sender is not None else None
+        if itself is not None:  # (its ID is the one asked: _another_node_answered)
+            lookup.selves[q.peer] = itself
         body = dgram.body
         if type(body) is Nodes:
             # (the iterator skips the local ID)
@@ -637,11 +655,48 @@ class OverlayBehaviour:
         else:
             self._end(lookup, now)
 
-    def _end(self, lookup: Lookup, now: float) -> None:
+    def _end(self, lookup: Lookup, now: float, *, wait_for_proofs: bool = True) -> None:
+        """End ``lookup``; first, while some of the peers that would make its result still
+        have a key challenge in flight, wait for them (``_ping_ended`` comes back here)."""
+        if self.config.prove_keys:
+            if wait_for_proofs and self._await_proofs(lookup, now):
+                return
+            proven = self._proven_keys
+            lookup.unproven = frozenset(
+                c.node_id for c in lookup.it.succeeded() if proven.get(c.node_id) != c.endpoint.udp
+            )
         lookup.done = True
         lookup.ended = now
+        for key in lookup.awaiting:
+            self._proofs_awaited.get(key, set()).discard(lookup)
         self.table.mark_refreshed(lookup.target, now)
         self._out.append(LookupDone(lookup))
+
+    def _await_proofs(self, lookup: Lookup, now: float) -> bool:
+        """Whether ``lookup`` must wait for key challenges in flight (started now if none
+        is and one can be) before its k closest proven peers are known.
+
+        A node ID is the hash of a public key anyone can copy: a peer counts in a result
+        only once it signed a challenge from the address it answered at, or hostile nodes
+        could answer under the IDs of the true closest nodes from their own addresses."""
+        proven, count = self._proven_keys, 0
+        for listed in lookup.it.succeeded():
+            if count >= self.config.k:
+                break
+            addr = listed.endpoint.udp
+            if proven.get(listed.node_id) == addr:
+                count += 1
+                continue
+            itself = lookup.selves.get(listed.node_id)
+            if itself is None:
+                continue  # its answer did not list the address it came from: unprovable
+            key = (listed.node_id, addr)
+            if key not in self._proving:
+                self.key_proven(itself, addr, now)  # (starts a challenge if there is room)
+            if key in self._proving:
+                lookup.awaiting.add(key)
+                self._proofs_awaited.setdefault(key, set()).add(lookup)
+        return bool(lookup.awaiting)
 
     def _suspect(self, node_id: bytes, now: float) -> None:
         self.table.on_failure(node_id, now)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import bisect
 import enum
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 
 from dna_core.overlay.codec import WHOLE_ANSWER
@@ -211,14 +211,15 @@ class ClosestPeersIter:
                 missed += 1
         return missed
 
-    def result(self) -> list[Contact]:
-        """The (up to) k closest peers that answered, closest first."""
-        found = [
-            self._peers[n].contact
-            for _, n in self._order
-            if self._peers[n].state is _State.SUCCEEDED
-        ]
+    def result(self, exclude: Container[bytes] = frozenset()) -> list[Contact]:
+        """The (up to) k closest peers that answered, closest first (none in ``exclude``)."""
+        found = [c for c in self.succeeded() if c.node_id not in exclude]
         return found[: self.k]
+
+    def succeeded(self) -> list[Contact]:
+        """Every peer that answered, closest first."""
+        peers = self._peers
+        return [peers[n].contact for _, n in self._order if peers[n].state is _State.SUCCEEDED]
 
     def asked(self, node_id: bytes) -> bool:
         peer = self._peers.get(node_id)
@@ -319,9 +320,13 @@ class DisjointLookup:
     def missed(self) -> int:
         return sum(p.missed for p in self.paths)
 
-    def result(self) -> list[Contact]:
-        merged = {c.node_id: c for p in self.paths for c in p.result()}
-        return sorted(merged.values(), key=lambda c: c.key ^ self.target)[: self.k]
+    def result(self, exclude: Container[bytes] = frozenset()) -> list[Contact]:
+        found = [c for c in self.succeeded() if c.node_id not in exclude]
+        return found[: self.k]
+
+    def succeeded(self) -> list[Contact]:
+        merged = {c.node_id: c for p in self.paths for c in p.succeeded()}
+        return sorted(merged.values(), key=lambda c: c.key ^ self.target)
 
     @property
     def queries(self) -> int:
