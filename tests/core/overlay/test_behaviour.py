@@ -33,7 +33,16 @@ from dna_core.overlay.behaviour import (
     Send,
     StartTimer,
 )
-from dna_core.overlay.codec import Body, Datagram, FindNode, Nodes, Ping, Pong, TokenReply
+from dna_core.overlay.codec import (
+    Body,
+    Datagram,
+    FindNode,
+    Nodes,
+    Ping,
+    Pong,
+    TokenReply,
+    encode_datagram,
+)
 from dna_core.overlay.contact import Contact, Endpoint
 from dna_core.overlay.kbucket import GOOD_FOR, Admission
 from dna_core.overlay.protocol import FIRST_PING_PADDING, PONG_DOMAIN, Addr
@@ -264,6 +273,39 @@ def test_a_proof_by_another_key_is_refused_and_the_claim_stays_out() -> None:
     assert len(of_type(b.poll(), Send)) == 1
 
 
+def test_one_subnet_claiming_many_ids_cannot_hold_every_key_challenge() -> None:
+    """An address that proved it receives sends requests under hundreds of fresh node IDs
+    (cheap at 8 puzzle bits) and never answers their challenges, again as each times out:
+    it used to hold all 256 challenges in flight, so no other node could prove its key and
+    enter the table, as requester or as responder, for as long as it kept on."""
+    b = behaviour(prove_keys=True)
+    flooder_addr = ("203.0.113.9", 4000)
+    for i in range(300):
+        claim = Contact(far_id(1000 + i), b"", (Endpoint(*flooder_addr),))
+        assert b.observe_requester(claim, flooder_addr, NOW) is None
+    neighbour_addr = ("203.0.113.10", 4000)  # the same /24: it shares the flooder's share
+    neighbour = Contact(far_id(2000), b"", (Endpoint(*neighbour_addr),))
+    b.observe_requester(neighbour, neighbour_addr, NOW)
+    out = b.poll()
+    flooded = of_type(out, Send)
+    assert len(flooded) == 8  # the subnet's share of the challenges in flight
+    honest, identity = keyed_peer(3)  # another subnet
+    addr = honest.endpoint.udp
+    assert b.observe_requester(honest, addr, NOW) is None
+    [challenge] = of_type(b.poll(), Send)  # its challenge goes out all the same
+    assert challenge.addr == addr and isinstance(challenge.datagram.body, Ping)
+    proof = identity.sign(PONG_DOMAIN, challenge.datagram.body.challenge)
+    b.on_response(answer_to(challenge, Pong(None, proof), honest), addr, NOW + 0.1)
+    b.poll()
+    assert honest.node_id in b.table
+
+    for timer in of_type(out, StartTimer):  # the flooder's challenges time out...
+        b.on_timer(timer.timer, timer.when)
+    b.poll()
+    b.observe_requester(neighbour, neighbour_addr, NOW + 3)  # ...and its subnet has room
+    assert [s.addr for s in of_type(b.poll(), Send)] == [neighbour_addr]
+
+
 # -- a scripted network for lookups ---------------------------------------------------------
 
 
@@ -431,6 +473,214 @@ def test_a_lookup_short_of_k_ends_after_the_grace_without_the_silent_peer() -> N
     # its deadline (0.1 s), then one more adaptive timeout: 50 ms, the floor, after two
     # 20 ms round trips; not the 2 s hard deadline
     assert lookup.ended == pytest.approx(NOW + 0.1 + 0.05)
+
+
+def near(target: bytes, i: int) -> bytes:
+    """An ID closer to ``target`` than any random one (its first 8 bytes), the ``i``-th."""
+    return target[:8] + hashlib.sha256(f"near {i}".encode()).digest()[8:]
+
+
+@pytest.mark.parametrize(
+    ("answerer_ip", "followed", "not_followed"),
+    [
+        (  # a public node: only public addresses are followed
+            "198.18.7.7",
+            ["203.0.113.5", "2001:db8::5"],
+            ["127.0.0.1", "10.0.0.5", "192.168.1.5", "172.16.0.5", "100.64.0.5",
+             "169.254.169.254", "fd00::5", "::1", "0.0.0.0", "255.255.255.255", "224.0.0.251",
+             "240.0.0.1", "ff02::1", "fe80::5", "::ffff:127.0.0.1", "::", "198.51.100.1"],
+        ),
+        (  # a node on our private network: private and public, no loopback
+            "10.9.9.9",
+            ["10.0.0.5", "192.168.1.5", "fd00::5", "203.0.113.5"],
+            ["127.0.0.1", "::1", "0.0.0.0", "224.0.0.251"],
+        ),
+        (  # a node on our host (a local testnet): anything but martians
+            "127.0.0.9",
+            ["127.0.0.1", "10.0.0.5", "203.0.113.5"],
+            ["0.0.0.0", "255.255.255.255", "ff02::1"],
+        ),
+    ],
+)  # fmt: skip
+def test_a_lookup_follows_only_contacts_the_answerer_could_reach_from_where_we_reached_it(
+    answerer_ip: str, followed: list[str], not_followed: list[str]
+) -> None:
+    _, net, h = scripted(30, known=30)
+    target = hashlib.sha256(b"martians").digest()
+    answerer = Contact(near(target, 0), b"", (Endpoint(answerer_ip, 4000),))
+    h.b.table.observe(answerer, NOW)  # the closest we know: asked first
+    # (198.51.100.1:4000 is the local node's own address: it would ask itself)
+    listed = [
+        Contact(near(target, i + 1), b"", (Endpoint(ip, 4000),))
+        for i, ip in enumerate(followed + not_followed)
+    ]
+    net.by_addr[answerer.endpoint.udp] = answerer
+    honest = net.__call__
+
+    def hostile(send: Send, now: float) -> list[tuple[float, Datagram, Addr]]:
+        if send.addr != answerer.endpoint.udp:
+            return honest(send, now)
+        return [(now + 0.01, answer_to(send, Nodes(tuple(listed)), answerer), send.addr)]
+
+    h.fate = hostile
+    h.lookup(target)
+    h.run()
+    asked = {s.addr[0] for s in h.sent if isinstance(s.datagram.body, FindNode)}
+    assert answerer_ip in asked
+    assert set(followed) <= asked
+    assert not asked & set(not_followed)
+    assert len(h.lookups_done()) == 1
+
+
+def test_a_lookup_asks_at_most_two_contacts_at_one_ip_address() -> None:
+    """A hostile node lists 20 contacts (fresh IDs, closer than anyone) at one victim's
+    address, each on another port: every lookup that asked it used to send the victim
+    20 padded first requests (~9.7 KB for its ~1.1 KB answer) and wait out their
+    timeouts. A lookup takes at most 2 contacts at one IP address (as a bucket takes 2
+    of a /24), loopback exempt on a local testnet."""
+    _, net, h = scripted(30, known=30)
+    target = hashlib.sha256(b"reflect").digest()
+    answerer = Contact(near(target, 0), b"", (Endpoint("203.0.113.7", 4000),))
+    h.b.table.observe(answerer, NOW)
+    victim = [Contact(near(target, i + 1), b"", (Endpoint("192.0.2.80", 1000 + i),))
+              for i in range(20)]  # fmt: skip
+    net.by_addr[answerer.endpoint.udp] = answerer
+    honest = net.__call__
+
+    def hostile(send: Send, now: float) -> list[tuple[float, Datagram, Addr]]:
+        if send.addr == answerer.endpoint.udp:
+            return [(now + 0.01, answer_to(send, Nodes(tuple(victim)), answerer), send.addr)]
+        return honest(send, now)
+
+    h.fate = hostile
+    h.lookup(target)
+    h.run()
+    to_victim = [s for s in h.sent if s.addr[0] == "192.0.2.80"]
+    sent_bytes = sum(len(encode_datagram(s.datagram)) for s in to_victim)
+    print(f"victim got {len(to_victim)} requests, {sent_bytes} bytes")
+    assert len(to_victim) == 2
+    assert len(h.lookups_done()) == 1
+
+
+class EverCloser:
+    """Hostile nodes (each at an address of its own), each answering a find-node with
+    ``fresh`` new contacts closer to the target than any before (IDs one apart, far closer
+    than any honest node): the farthest of them another such node, the rest at addresses
+    where nobody answers (``dead`` of them). Honest peers answer as ``honest`` does."""
+
+    def __init__(self, honest: Network, target: bytes, fresh: int, dead: int) -> None:
+        self.honest, self.fresh, self.dead = honest, fresh, dead
+        self.target = int.from_bytes(target, "big")
+        self.made: list[Contact] = []
+        self.alive: dict[Addr, Contact] = {}
+        self.first = self._next(alive=True)
+
+    def _next(self, *, alive: bool) -> Contact:
+        i = len(self.made)
+        node_id = (self.target ^ (1 << 200) - i).to_bytes(32, "big")
+        contact = Contact(node_id, b"", (Endpoint(f"2001:db8::{i + 1:x}", 4000),))
+        self.made.append(contact)
+        if alive:
+            self.alive[contact.endpoint.udp] = contact
+        return contact
+
+    def __call__(self, send: Send, now: float) -> list[tuple[float, Datagram, Addr]]:
+        me = self.alive.get(send.addr)
+        if me is None:
+            return [] if send.addr[0].startswith("2001:db8:") else self.honest(send, now)
+        listed = [self._next(alive=i >= self.dead) for i in range(self.fresh)]
+        body = Nodes(tuple(reversed(listed)))  # the live one, farthest, first
+        return [(now + self.honest.rtt, answer_to(send, body, me), send.addr)]
+
+
+@pytest.mark.parametrize(("dead", "rtt"), [(0, 0.01), (19, 0.3)])
+def test_a_lookup_fed_ever_closer_contacts_ends_within_its_query_cap_and_time_budget(
+    dead: int, rtt: float
+) -> None:
+    """Hostile answers of 20 fresh contacts that all answer in turn: the query cap (8 k
+    a lookup) ends it. Of 19 dead and one that answers, each dead one holding a slot for
+    an adaptive timeout (~ the round trip, 0.3 s): the time budget (10 s) ends it."""
+    _, net, h = scripted(30, known=30)
+    net.rtt = rtt
+    target = hashlib.sha256(b"ever closer").digest()
+    hostile = EverCloser(net, target, fresh=20, dead=dead)
+    h.fate = hostile
+    h.b.table.observe(hostile.first, NOW)
+    lookup = h.lookup(target)
+    h.run(until=NOW + 60)
+    assert h.lookups_done() == [lookup]
+    assert lookup.queries <= 8 * 20
+    assert lookup.ended - lookup.started <= h.b.config.lookup_timeout
+    assert len(lookup.result()) == 20  # the closest that answered: hostile ones
+
+
+class KeyedNetwork(Network):
+    """``Network`` of nodes that hold their keys: a ping's challenge is answered with the
+    node key's signature."""
+
+    def __init__(self, keyed: list[tuple[Contact, NodeIdentity]]) -> None:
+        super().__init__([c for c, _ in keyed])
+        self.keys = {c.node_id: identity for c, identity in keyed}
+
+    def __call__(self, send: Send, now: float) -> list[tuple[float, Datagram, Addr]]:
+        me = self.by_addr.get(send.addr)
+        body = send.datagram.body
+        if me is None or not isinstance(body, Ping) or me.node_id not in self.keys:
+            return super().__call__(send, now)
+        proof = self.keys[me.node_id].sign(PONG_DOMAIN, body.challenge)
+        return [(now + self.rtt, answer_to(send, Pong(None, proof), me), send.addr)]
+
+
+def test_a_lookup_result_holds_only_nodes_that_proved_their_key_at_their_address() -> None:
+    """A node ID is the hash of a public key anyone can copy. Hostile nodes listed the
+    true closest nodes' IDs (their public keys) at hostile addresses and answered there
+    under those IDs: the lookup counted them as found, so a put would have gone to the
+    hostile addresses in the honest nodes' names (an eclipse without grinding any ID).
+    They cannot sign a challenge with those keys, so they are not in the result. And a
+    node in the result is as it described itself: a gRPC port a third party listed for
+    it is not used."""
+    keyed = [keyed_peer(i) for i in range(40)]
+    net = KeyedNetwork(keyed)
+    everyone = [c for c, _ in keyed]
+    target = hashlib.sha256(b"impersonated").digest()
+    truly_closest = closest_to(target, everyone, 20)
+    copies = {}  # hostile address -> the honest contact it poses as
+    for i, honest in enumerate(truly_closest[:10]):
+        addr = (f"203.0.113.{i // 2 + 1}", 5000 + i % 2)  # 2 an address: the per-IP cap
+        copies[addr] = Contact(honest.node_id, honest.public_key, (Endpoint(*addr),))
+    liar = Contact(near(target, 99), b"", (Endpoint("203.0.114.1", 4000),))
+    # and one honest node listed at its own address with another gRPC port than its own
+    misdescribed = truly_closest[10]
+    wrong_port = Endpoint(misdescribed.endpoint.ip, misdescribed.endpoint.udp_port, 1)
+    listed_wrong = Contact(misdescribed.node_id, misdescribed.public_key, (wrong_port,))
+
+    def hostile(send: Send, now: float) -> list[tuple[float, Datagram, Addr]]:
+        body = send.datagram.body
+        if send.addr == liar.endpoint.udp and isinstance(body, FindNode):
+            listed = Nodes((*copies.values(), listed_wrong))
+            return [(now + 0.01, answer_to(send, listed, liar), send.addr)]
+        posing = copies.get(send.addr)
+        if posing is None:
+            return net(send, now)
+        if isinstance(body, FindNode):  # answers as the honest node, from its own address
+            reply = Nodes(tuple(closest_to(body.target, everyone, 20)))
+            return [(now + 0.01, answer_to(send, reply, posing), send.addr)]
+        return [(now + 0.01, answer_to(send, Pong(None, bytes(64)), posing), send.addr)]
+
+    b = behaviour(prove_keys=True)
+    h = Harness(b, hostile)
+    b.table.observe(liar, NOW)  # the closest known: asked first
+    for c in everyone[:10]:
+        b.table.observe(c, NOW)
+    lookup = h.lookup(target)
+    h.run()
+    assert h.lookups_done() == [lookup]
+    result = lookup.result()
+    assert not {c.endpoint.udp for c in result} & set(copies)
+    assert {c.node_id for c in result} <= {c.node_id for c in everyone}
+    assert len(result) >= 10
+    assert misdescribed in result  # as it described itself, not as the liar listed it
+    assert all(c.endpoint.grpc_port == 0 for c in result)
 
 
 def test_a_disjoint_lookup_never_asks_a_peer_twice() -> None:

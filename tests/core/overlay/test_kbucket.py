@@ -67,6 +67,12 @@ def check_structure(table: RoutingTable, used: Iterable[int] = range(ID_BITS)) -
         limited = Counter(c.subnet for c in entries if not (table.allow_loopback and c.loopback))
         assert all(n <= table.subnet_limit for n in limited.values()), limited
         assert len(bucket.replacements) <= table.k
+        waiting = Counter(
+            c.subnet
+            for c in bucket.replacements.values()
+            if not (table.allow_loopback and c.loopback)
+        )
+        assert all(n <= table.subnet_limit for n in waiting.values()), waiting
         assert not set(bucket.replacements) & set(bucket.entries), "cached while in the table"
     assert len(table) == total
     if len(used) == ID_BITS:
@@ -124,6 +130,10 @@ class Model:
             self.insert(b, c)
             return Admission.INSERTED, None
         b.cache.pop(c.node_id, None)
+        if not (self.allow_loopback and c.loopback):
+            same = [i for i, x in b.cache.items() if x.subnet == c.subnet]
+            if len(same) >= self.limit:
+                del b.cache[same[0]]
         b.cache[c.node_id] = c
         while len(b.cache) > self.k:
             del b.cache[next(iter(b.cache))]
@@ -357,6 +367,25 @@ def test_replacements_promoted_most_recent_first() -> None:
     assert table.get(r2.node_id) == r2 and table.get(b.node_id) is None
     assert table.get(r1.node_id) is None
     check_structure(table)
+
+
+def test_one_subnet_flooding_a_full_bucket_pushes_out_only_its_own_replacements() -> None:
+    """Many proven IDs from one /24 observed against a full bucket: they used to take
+    every place in its replacement cache (the k newest), pushing out the other nodes
+    waiting there, so a failure was filled by the flooder or by nobody."""
+    table = RoutingTable(LOCAL, k=4, good_for=0.0)
+    for host in range(4):
+        table.observe(far(host, subnet=host), 0.0)
+    waiting = far(100, subnet=100)
+    table.observe(waiting, 1.0)
+    for host in range(1, 41):  # 40 IDs, one subnet
+        table.observe(far(1000 + host, subnet=200, host=host), 2.0)
+    replacements = table._bucket(255).replacements
+    assert waiting.node_id in replacements
+    assert sum(1 for c in replacements.values() if c.subnet == "198.18.200") == 2
+    for _ in range(3):  # three places free: the flooder's two (its share), then its own
+        table.on_failure(next(iter(table._bucket(255).entries)), 3.0)
+    assert waiting.node_id in table
 
 
 def test_failures_evict_only_after_max_failures_without_replacement() -> None:

@@ -23,7 +23,8 @@ Invariants:
 * a contact is observed (offered to the routing table) only when it answers a request of
   ours or sends one from a proven address, and only once it has proven its node key from
   that address: one challenge per (ID, address) at a time, at most ``MAX_KEY_PROOFS`` at
-  once. ``prove_keys=False`` is for the simulator, whose contacts are minted, not claimed;
+  once and ``MAX_KEY_PROOFS_PER_SUBNET`` of them to one subnet. ``prove_keys=False`` is
+  for the simulator, whose contacts are minted, not claimed;
 * every liveness check a full bucket asks for (``Observed.check``) is pinged and its
   result reported to the table, which evicts a silent contact for a waiting newcomer;
 * a lookup's query has two deadlines: the iterator's adaptive one (RTT, RFC 6298), past
@@ -32,14 +33,17 @@ Invariants:
   ``SUSPECT_SECONDS``: not used as a seed or candidate, unless fewer than alpha would
   remain. A lookup that finishes with fewer than k results while queries are open waits
   one more adaptive timeout for them; then it marks its bucket refreshed and ends
-  (``LookupDone``).
+  (``LookupDone``);
+* a lookup ends at the latest ``lookup_timeout`` after it started, with the peers that
+  answered by then, and sends at most ``lookup.MAX_QUERIES_PER_K`` k queries a path:
+  nodes answering slowly, or with ever closer fresh contacts, bound its time and work.
 """
 
 from __future__ import annotations
 
 import os
 import random
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -56,7 +60,7 @@ from dna_core.overlay.codec import (
     Pong,
     TokenReply,
 )
-from dna_core.overlay.contact import Contact
+from dna_core.overlay.contact import Contact, Scope
 from dna_core.overlay.kbucket import GOOD_FOR, K, Observed, RoutingTable
 from dna_core.overlay.lookup import ClosestPeersIter, DisjointLookup, Finished, Query
 from dna_core.overlay.protocol import (
@@ -74,6 +78,15 @@ SUSPECT_SECONDS = 10.0  # a node that just failed us is not asked again for this
 SUSPECT_CACHE_SIZE = 4096
 PROVEN_KEYS_SIZE = 8192  # node ID -> the address it proved its key from
 MAX_KEY_PROOFS = 256  # challenges in flight at once; beyond, senders wait for the next time
+# ...and from one /24 (IPv4) or /48 (IPv6), loopback exempt as in the table: otherwise one
+# address claiming hundreds of fresh IDs (cheap at 8 puzzle bits) and never answering
+# holds them all, and no other node proves its key and enters the table while it does.
+MAX_KEY_PROOFS_PER_SUBNET = 8
+# A lookup follows at most this many contacts at one IP address (as a bucket holds two of a
+# /24): a hostile answer listing 20 fresh IDs at one victim's address, on 20 ports, would
+# otherwise make every lookup that asked it send the victim 20 padded requests (8x its
+# answer's bytes). Loopback is exempt on a local testnet, as in the table.
+LOOKUP_CONTACTS_PER_IP = 2
 
 KeyT = TypeVar("KeyT", bound=Hashable)
 ValueT = TypeVar("ValueT")
@@ -89,6 +102,9 @@ class BehaviourConfig:
     good_for: float = GOOD_FOR  # a contact heard from this recently is not pinged for room
     allow_loopback: bool = False  # local testnets: loopback peers skip the /24 limit
     prove_keys: bool = True  # challenge contacts for their node key before observing them
+    # A lookup ends by then with what answered, whatever is still open: hostile answers
+    # (slow ones, ever closer ones, unreachable ones) cannot hold an operation longer.
+    lookup_timeout: float = 10.0
 
 
 # -- commands: what the driver carries out ----------------------------------------------
@@ -179,6 +195,7 @@ class Lookup:
     """
 
     __slots__ = (
+        "awaiting",
         "depth",
         "done",
         "ended",
@@ -186,10 +203,13 @@ class Lookup:
         "it",
         "messages",
         "open",
+        "per_ip",
         "request",
+        "selves",
         "started",
         "target",
         "timeouts",
+        "unproven",
     )
 
     def __init__(self, target: bytes, it: ClosestPeersIter | DisjointLookup, now: float) -> None:
@@ -201,6 +221,12 @@ class Lookup:
         self.done = False
         self.grace = False  # the iterator finished; open queries get one more timeout
         self.open = 0  # queries neither answered nor failed
+        self.per_ip: Counter[str] = Counter()  # contacts taken from answers, by IP address
+        # Each peer that answered as it described itself, from the address it answered at
+        # (`proven_contact`): what a third party listed for it (its gRPC port) is not used.
+        self.selves: dict[bytes, Contact] = {}
+        self.awaiting: set[tuple[bytes, Addr]] = set()  # key proofs the end waits for
+        self.unproven: frozenset[bytes] = frozenset()  # answered, key not proven: left out
         self.depth: dict[bytes, int] = {}
         self.messages = 0
         self.timeouts = 0
@@ -210,13 +236,15 @@ class Lookup:
         return self.it.queries
 
     def result(self) -> list[Contact]:
-        """The (up to) k closest peers that answered, closest first."""
-        return self.it.result()
+        """The (up to) k closest peers that answered and proved their node key at the
+        address they answered from, closest first, each as it described itself."""
+        selves = self.selves
+        return [selves.get(c.node_id, c) for c in self.it.result(self.unproven)]
 
     @property
     def exhaustive(self) -> bool:
         """The result holds every node reachable from here (``ClosestPeersIter``)."""
-        return self.it.exhaustive
+        return self.it.exhaustive and not self.unproven
 
     @property
     def missed(self) -> int:
@@ -227,14 +255,24 @@ class Lookup:
         return max((self.depth.get(c.node_id, 1) for c in result), default=0)
 
 
+class _Budget:
+    """The timer of a lookup's ``lookup_timeout``."""
+
+    __slots__ = ("lookup",)
+
+    def __init__(self, lookup: Lookup) -> None:
+        self.lookup = lookup
+
+
 class _Query:
     """One find-node of a lookup; also the timer of its adaptive deadline."""
 
-    __slots__ = ("deadline", "done", "lookup", "peer")
+    __slots__ = ("deadline", "done", "lookup", "peer", "scope")
 
-    def __init__(self, lookup: Lookup, peer: bytes, deadline: float) -> None:
+    def __init__(self, lookup: Lookup, peer: Contact, deadline: float) -> None:
         self.lookup = lookup
-        self.peer = peer
+        self.peer = peer.node_id
+        self.scope = peer.scope  # of the address asked: what its answer may list
         self.deadline = deadline
         self.done = False
 
@@ -271,7 +309,9 @@ class OverlayBehaviour:
         # lookup would rediscover them from answers and wait out their timeouts again.
         self._suspects: OrderedDict[bytes, float] = OrderedDict()
         self._proven_keys: OrderedDict[bytes, Addr] = OrderedDict()
-        self._proving: set[tuple[bytes, Addr]] = set()
+        self._proving: dict[tuple[bytes, Addr], str | None] = {}  # -> its subnet (or exempt)
+        self._proving_per_subnet: Counter[str] = Counter()
+        self._proofs_awaited: dict[tuple[bytes, Addr], set[Lookup]] = {}
 
     def poll(self) -> list[Command]:
         """The commands queued since the last poll, oldest first."""
@@ -311,6 +351,7 @@ class OverlayBehaviour:
                 timeout=self.rtt.timeout, local_id=self.local_id,
             )  # fmt: skip
         lookup = Lookup(target, it, now)
+        self._out.append(StartTimer(now + config.lookup_timeout, _Budget(lookup)))
         self._pump(lookup, now)
         return lookup
 
@@ -353,7 +394,7 @@ class OverlayBehaviour:
         if isinstance(dgram.body, TokenReply):
             self._token_required(pending, now)
         elif type(owner) is _Query:
-            self._query_answered(owner, dgram, now)
+            self._query_answered(owner, dgram, addr, now)
         else:
             assert type(owner) is PingOp
             self._ping_answered(owner, dgram, addr, now)
@@ -375,6 +416,9 @@ class OverlayBehaviour:
         elif type(timer) is Lookup:
             if not timer.done:
                 self._end(timer, now)  # the grace for its late queries is over
+        elif type(timer) is _Budget:
+            if not timer.lookup.done:  # out of time: what answered and proved is the result
+                self._end(timer.lookup, now, wait_for_proofs=False)
         else:
             raise TypeError(f"not a timer of this behaviour: {timer!r}")
 
@@ -388,10 +432,17 @@ class OverlayBehaviour:
             proven.move_to_end(contact.node_id)
             return True
         key = (contact.node_id, addr)
-        if key not in self._proving and len(self._proving) < MAX_KEY_PROOFS:
-            self._proving.add(key)
-            op = PingOp(addr, self._challenge(), proving=key)
-            self._request(addr, Ping(op.challenge), now, op)
+        if key in self._proving or len(self._proving) >= MAX_KEY_PROOFS:
+            return False
+        exempt = self.config.allow_loopback and contact.loopback
+        subnet = None if exempt else contact.subnet  # (of addr: proven_contact put it first)
+        if subnet is not None:
+            if self._proving_per_subnet[subnet] >= MAX_KEY_PROOFS_PER_SUBNET:
+                return False
+            self._proving_per_subnet[subnet] += 1
+        self._proving[key] = subnet
+        op = PingOp(addr, self._challenge(), proving=key)
+        self._request(addr, Ping(op.challenge), now, op)
         return False
 
     # -- requests -------------------------------------------------------------------------
@@ -479,7 +530,15 @@ class OverlayBehaviour:
 
     def _ping_ended(self, op: PingOp, contact: Contact | None, now: float) -> None:
         if op.proving is not None:
-            self._proving.discard(op.proving)
+            subnet = self._proving.pop(op.proving, None)
+            if subnet is not None:
+                self._proving_per_subnet[subnet] -= 1
+                if not self._proving_per_subnet[subnet]:
+                    del self._proving_per_subnet[subnet]
+            for lookup in self._proofs_awaited.pop(op.proving, ()):
+                lookup.awaiting.discard(op.proving)
+                if not lookup.awaiting and not lookup.done:
+                    self._end(lookup, now)
         if op.check is not None:
             self.table.on_check_result(op.check.node_id, contact is not None, now)
         if op.asked:
@@ -504,22 +563,26 @@ class OverlayBehaviour:
 
     def _send_query(self, lookup: Lookup, query: Query, now: float) -> None:
         peer = query.contact
-        q = _Query(lookup, peer.node_id, query.deadline)
+        q = _Query(lookup, peer, query.deadline)
         lookup.open += 1
         lookup.messages += 1
         lookup.depth.setdefault(peer.node_id, 1)
         self._request(peer.endpoint.udp, lookup.request, now, q, node_id=peer.node_id)
         self._out.append(StartTimer(query.deadline, q))
 
-    def _query_answered(self, q: _Query, dgram: Datagram, now: float) -> None:
+    def _query_answered(self, q: _Query, dgram: Datagram, addr: Addr, now: float) -> None:
         q.done = True
         lookup = q.lookup
         lookup.open -= 1
         if lookup.done:
             return  # a late answer: its sender is observed, the result is out
+        itself = proven_contact(dgram.sender, addr) if dgram.sender is not None else None
+        if itself is not None:  # (its ID is the one asked: _another_node_answered)
+            lookup.selves[q.peer] = itself
         body = dgram.body
         if type(body) is Nodes:
-            closer: Sequence[Contact] = body.closer  # (the iterator skips the local ID)
+            # (the iterator skips the local ID)
+            closer: Sequence[Contact] = self._followable(lookup, body.closer, q.scope)
             if self._suspects:  # (without it, so it does not count as trusted)
                 local = self.local_id
                 closer = self.trusted([c for c in closer if c.node_id != local], now)
@@ -532,6 +595,30 @@ class OverlayBehaviour:
         else:
             lookup.it.on_failure(q.peer)
         self._advance(lookup, now)
+
+    def _followable(
+        self, lookup: Lookup, closer: Sequence[Contact], answerer: Scope
+    ) -> list[Contact]:
+        """The contacts of an answer from an address of scope ``answerer`` that ``lookup``
+        may ask: none whose address the answerer could not have reached itself from where
+        we reached it, or reaches nobody (``Scope.reachable_via``: a public node listing
+        loopback, private or martian addresses would aim our queries at our own host's
+        or network's services), none at our own address (we would ask ourselves), and no
+        more than ``LOOKUP_CONTACTS_PER_IP`` new ones at one IP address over the lookup."""
+        own = self.sender.endpoint.udp if self.sender is not None else None
+        known, per_ip = lookup.depth, lookup.per_ip
+        loopback_exempt = self.config.allow_loopback
+        followed = []
+        for c in closer:
+            endpoint = c.endpoint
+            if not c.scope.reachable_via(answerer) or endpoint.udp == own:
+                continue
+            if c.node_id not in known and not (loopback_exempt and c.loopback):
+                if per_ip[endpoint.ip] >= LOOKUP_CONTACTS_PER_IP:
+                    continue
+                per_ip[endpoint.ip] += 1
+            followed.append(c)
+        return followed
 
     def _query_failed(self, q: _Query, now: float) -> None:
         q.done = True
@@ -568,11 +655,48 @@ class OverlayBehaviour:
         else:
             self._end(lookup, now)
 
-    def _end(self, lookup: Lookup, now: float) -> None:
+    def _end(self, lookup: Lookup, now: float, *, wait_for_proofs: bool = True) -> None:
+        """End ``lookup``; first, while some of the peers that would make its result still
+        have a key challenge in flight, wait for them (``_ping_ended`` comes back here)."""
+        if self.config.prove_keys:
+            if wait_for_proofs and self._await_proofs(lookup, now):
+                return
+            proven = self._proven_keys
+            lookup.unproven = frozenset(
+                c.node_id for c in lookup.it.succeeded() if proven.get(c.node_id) != c.endpoint.udp
+            )
         lookup.done = True
         lookup.ended = now
+        for key in lookup.awaiting:
+            self._proofs_awaited.get(key, set()).discard(lookup)
         self.table.mark_refreshed(lookup.target, now)
         self._out.append(LookupDone(lookup))
+
+    def _await_proofs(self, lookup: Lookup, now: float) -> bool:
+        """Whether ``lookup`` must wait for key challenges in flight (started now if none
+        is and one can be) before its k closest proven peers are known.
+
+        A node ID is the hash of a public key anyone can copy: a peer counts in a result
+        only once it signed a challenge from the address it answered at, or hostile nodes
+        could answer under the IDs of the true closest nodes from their own addresses."""
+        proven, count = self._proven_keys, 0
+        for listed in lookup.it.succeeded():
+            if count >= self.config.k:
+                break
+            addr = listed.endpoint.udp
+            if proven.get(listed.node_id) == addr:
+                count += 1
+                continue
+            itself = lookup.selves.get(listed.node_id)
+            if itself is None:
+                continue  # its answer did not list the address it came from: unprovable
+            key = (listed.node_id, addr)
+            if key not in self._proving:
+                self.key_proven(itself, addr, now)  # (starts a challenge if there is room)
+            if key in self._proving:
+                lookup.awaiting.add(key)
+                self._proofs_awaited.setdefault(key, set()).add(lookup)
+        return bool(lookup.awaiting)
 
     def _suspect(self, node_id: bytes, now: float) -> None:
         self.table.on_failure(node_id, now)

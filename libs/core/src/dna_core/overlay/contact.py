@@ -3,16 +3,95 @@
 IDs are 256-bit (SHA-256 of the node key). Internally a contact also keeps its
 ID as an int, because every routing decision is an XOR of two IDs and Python
 ints make that one operation.
+
+A contact's first endpoint also has a *scope* (``Scope``): where it can be reached
+from. Contacts a node hears of in find-node answers are followed only if the answerer
+could have reached them itself from where we reached it (``Scope.reachable_via``): a
+public node that lists loopback or private addresses would otherwise make its askers
+send to their own host's or network's services, and martian addresses (unspecified,
+multicast, broadcast, reserved, IPv6 link-local without its zone, IPv4-mapped) reach
+nobody (OpenDHT's ``isMartian``).
 """
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 ID_BITS = 256
 ID_BYTES = ID_BITS // 8
+
+
+class Scope(enum.IntEnum):
+    """Where an address can be reached from, narrowest last; MARTIAN: from nowhere."""
+
+    MARTIAN = -1
+    LOOPBACK = 0  # this host
+    LOCAL = 1  # a private network: RFC 1918, shared (RFC 6598), link-local IPv4, IPv6 ULA
+    GLOBAL = 2
+
+    def reachable_via(self, answerer: Scope) -> bool:
+        """Whether an address of this scope, listed by a node we reached at an address of
+        scope ``answerer``, is one we can reach too: a loopback answerer is on our host
+        (any scope), a private one in our network (private or global), a global one
+        anywhere (global only)."""
+        return self is not Scope.MARTIAN and self >= answerer
+
+
+_MARTIAN_NETS = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "0.0.0.0/8", "224.0.0.0/4", "240.0.0.0/4",  # this network; multicast; reserved, broadcast
+        "::/128", "ff00::/8", "fe80::/10", "::ffff:0:0/96",  # multicast; link-local; v4-mapped
+    )
+)  # fmt: skip
+_LOCAL_NETS = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16",
+        "fc00::/7",
+    )
+)  # fmt: skip
+
+
+def address_scope(ip: str) -> Scope:
+    """The scope of an IP address (``Scope``); MARTIAN for what is not an address."""
+    if ":" not in ip:
+        return _ipv4_scope(ip)
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return Scope.MARTIAN
+    if any(address in net for net in _MARTIAN_NETS):  # (first: ::ffff:127.0.0.1 too)
+        return Scope.MARTIAN
+    if address.is_loopback:
+        return Scope.LOOPBACK
+    if any(address in net for net in _LOCAL_NETS):
+        return Scope.LOCAL
+    return Scope.GLOBAL
+
+
+def _ipv4_scope(ip: str) -> Scope:
+    """``address_scope`` of a dotted IPv4 address by its first two octets (~10x faster than
+    ``ipaddress``: the simulator mints a contact per node)."""
+    parts = ip.split(".")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) < 256 for p in parts):
+        return Scope.MARTIAN
+    a, b = int(parts[0]), int(parts[1])
+    if a == 127:
+        return Scope.LOOPBACK
+    if a == 0 or a >= 224:
+        return Scope.MARTIAN
+    private = (
+        a == 10
+        or (a == 172 and 16 <= b < 32)
+        or (a == 192 and b == 168)
+        or (a == 100 and 64 <= b < 128)
+        or (a == 169 and b == 254)
+    )
+    return Scope.LOCAL if private else Scope.GLOBAL
 
 
 def id_int(node_id: bytes) -> int:
@@ -50,6 +129,9 @@ class Endpoint:
     def is_loopback(self) -> bool:
         return self.ip.startswith("127.") or self.ip == "::1"
 
+    def scope(self) -> Scope:
+        return address_scope(self.ip)
+
 
 @dataclass(frozen=True, slots=True)
 class Contact:
@@ -63,11 +145,14 @@ class Contact:
     key: int = field(init=False, repr=False, compare=False)
     subnet: str = field(init=False, repr=False, compare=False)  # of the first endpoint
     loopback: bool = field(init=False, repr=False, compare=False)
+    scope: Scope = field(init=False, repr=False, compare=False)  # of the first endpoint
 
     def __post_init__(self) -> None:
+        first = self.endpoints[0]
         object.__setattr__(self, "key", id_int(self.node_id))
-        object.__setattr__(self, "subnet", self.endpoints[0].subnet())
-        object.__setattr__(self, "loopback", self.endpoints[0].is_loopback())
+        object.__setattr__(self, "subnet", first.subnet())
+        object.__setattr__(self, "loopback", first.is_loopback())
+        object.__setattr__(self, "scope", first.scope())
 
     @property
     def endpoint(self) -> Endpoint:

@@ -7,7 +7,10 @@ Invariants the table keeps:
 * a bucket holds at most ``subnet_limit`` contacts of one /24 (IPv4) or /48
   (IPv6), so one operator with one subnet cannot fill it (Sybil/eclipse
   resistance); loopback is exempt only when the table is configured for a
-  local testnet;
+  local testnet. Its replacement cache holds at most ``subnet_limit`` of one
+  subnet too: a newcomer from a subnet that has as many waiting takes the place
+  of the oldest of them, so one subnet's many IDs push out only their own and
+  never the other nodes waiting for a place;
 * a full bucket never drops a live contact for a new one (old nodes are the
   most likely to stay, Kademlia §2.2): the newcomer waits in a bounded
   replacement cache while the least-recently-seen entry is liveness-checked,
@@ -161,6 +164,7 @@ class RoutingTable:
             self._insert(bucket, contact, now)
             return Observed(Admission.INSERTED)
         bucket.replacements.pop(contact.node_id, None)
+        self._make_room_for_subnet(bucket, contact)
         bucket.replacements[contact.node_id] = contact
         while len(bucket.replacements) > self.k:
             del bucket.replacements[next(iter(bucket.replacements))]  # the oldest
@@ -265,6 +269,14 @@ class RoutingTable:
             _, candidate = bucket.replacements.popitem()  # most recently heard
             if self._subnet_allows(bucket, candidate):
                 self._insert(bucket, candidate, now)
+
+    def _make_room_for_subnet(self, bucket: _Bucket, contact: Contact) -> None:
+        """Drop the oldest replacement of ``contact``'s subnet if it has its limit waiting."""
+        if self.allow_loopback and contact.loopback:
+            return
+        same = [i for i, c in bucket.replacements.items() if c.subnet == contact.subnet]
+        if len(same) >= self.subnet_limit:
+            del bucket.replacements[same[0]]
 
     def _subnet_allows(
         self, bucket: _Bucket, contact: Contact, besides: _Entry | None = None

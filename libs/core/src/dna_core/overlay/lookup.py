@@ -17,7 +17,13 @@ Invariants:
 * responses from peers that were not queried are ignored (unsolicited);
 * the lookup finishes when the ``k`` closest peers known have all answered,
   with no closer peer left unqueried or still in flight, or when nobody is left
-  to ask.
+  to ask;
+* it sends at most ``max_queries`` queries (``MAX_QUERIES`` = 8 k: a healthy lookup
+  in 10,000 nodes sends ~42), and so learns at most that many answers' contacts:
+  hostile nodes that answer with ever closer fresh IDs (each only has to beat the
+  k-th closest that answered, or be unreachable and never answer) would otherwise
+  keep it asking, and remembering, without end. Past the cap it waits for the
+  queries in flight and finishes with what answered.
 
 ``DisjointLookup`` runs ``d`` such iterators over node-disjoint paths
 (S/Kademlia §4.4): no peer is queried by two paths, so one adversary-free path
@@ -28,7 +34,7 @@ from __future__ import annotations
 
 import bisect
 import enum
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 
 from dna_core.overlay.codec import WHOLE_ANSWER
@@ -63,6 +69,7 @@ class Finished:
 
 Step = Query | Wait | Finished
 FINISHED = Finished()
+MAX_QUERIES_PER_K = 8  # a lookup (each disjoint path) sends at most 8 k queries
 
 
 @dataclass(slots=True)
@@ -84,9 +91,11 @@ class ClosestPeersIter:
         local_id: bytes | None = None,
         claimed: set[bytes] | None = None,
         path: int = 0,
+        max_queries: int | None = None,
     ) -> None:
         self.target = id_int(target)
         self.k, self.alpha, self.timeout = k, alpha, timeout
+        self.max_queries = MAX_QUERIES_PER_K * k if max_queries is None else max_queries
         self.path = path
         self._local_id = local_id
         self._claimed = claimed  # shared between disjoint paths
@@ -127,6 +136,8 @@ class ClosestPeersIter:
             elif peer.state is _State.WAITING:
                 closer_in_flight = True
             elif peer.state is _State.NOT_CONTACTED:
+                if self.queries >= self.max_queries:
+                    continue  # spent: the answers in flight, then finish
                 if len(self._waiting) >= parallelism:
                     return self._wait()
                 if self._claimed is not None:
@@ -200,14 +211,15 @@ class ClosestPeersIter:
                 missed += 1
         return missed
 
-    def result(self) -> list[Contact]:
-        """The (up to) k closest peers that answered, closest first."""
-        found = [
-            self._peers[n].contact
-            for _, n in self._order
-            if self._peers[n].state is _State.SUCCEEDED
-        ]
+    def result(self, exclude: Container[bytes] = frozenset()) -> list[Contact]:
+        """The (up to) k closest peers that answered, closest first (none in ``exclude``)."""
+        found = [c for c in self.succeeded() if c.node_id not in exclude]
         return found[: self.k]
+
+    def succeeded(self) -> list[Contact]:
+        """Every peer that answered, closest first."""
+        peers = self._peers
+        return [peers[n].contact for _, n in self._order if peers[n].state is _State.SUCCEEDED]
 
     def asked(self, node_id: bytes) -> bool:
         peer = self._peers.get(node_id)
@@ -252,6 +264,7 @@ class DisjointLookup:
         alpha: int = 3,
         timeout: float = 1.0,
         local_id: bytes | None = None,
+        max_queries: int | None = None,
     ) -> None:
         seeds = list(seeds)
         claimed: set[bytes] = set()
@@ -260,7 +273,7 @@ class DisjointLookup:
         self.paths = [
             ClosestPeersIter(
                 target, seeds[i::paths], k=k, alpha=alpha, timeout=timeout,
-                local_id=local_id, claimed=claimed, path=i,
+                local_id=local_id, claimed=claimed, path=i, max_queries=max_queries,
             )
             for i in range(paths)
         ]  # fmt: skip
@@ -307,9 +320,13 @@ class DisjointLookup:
     def missed(self) -> int:
         return sum(p.missed for p in self.paths)
 
-    def result(self) -> list[Contact]:
-        merged = {c.node_id: c for p in self.paths for c in p.result()}
-        return sorted(merged.values(), key=lambda c: c.key ^ self.target)[: self.k]
+    def result(self, exclude: Container[bytes] = frozenset()) -> list[Contact]:
+        found = [c for c in self.succeeded() if c.node_id not in exclude]
+        return found[: self.k]
+
+    def succeeded(self) -> list[Contact]:
+        merged = {c.node_id: c for p in self.paths for c in p.succeeded()}
+        return sorted(merged.values(), key=lambda c: c.key ^ self.target)
 
     @property
     def queries(self) -> int:

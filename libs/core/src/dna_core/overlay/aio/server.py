@@ -423,9 +423,13 @@ class OverlayServer:
         path = cfg.records_path()
         try:
             self.record_file = RecordFile(path)
+            # (damage below the header shows only when the rows are read)
+            loaded, dropped = self.record_file.load_into(store, wall_ms())
         except (sqlite3.Error, OSError) as exc:
+            if self.record_file is not None:
+                self.record_file.close()
+                self.record_file = None
             raise cannot_open(path, exc) from None
-        loaded, dropped = self.record_file.load_into(store, wall_ms())
         self.log.info(
             "records loaded", extra={"path": str(path), "loaded": loaded, "dropped": dropped}
         )
