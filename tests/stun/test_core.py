@@ -642,3 +642,36 @@ def test_a_dual_allocation_request_gets_ipv4_and_says_why_not_ipv6() -> None:
     assert response.get(attr.ADDRESS_ERROR_CODE) == b"\x02\x00\x04\x28" + (
         b"Address Family not Supported"
     )
+
+
+def _signed_request_as(core: TurnCore, username: str) -> bytes:
+    """An Allocate signed under ``username`` with a nonce the core issued: every check before
+    the key lookup passes, so the username itself is what the core must judge."""
+    client = Client(username, "pw")
+    client.learn(one(core.on_client_datagram(client.request(Method.ALLOCATE), CLIENT, NOW)))
+    return client.request(Method.ALLOCATE, client.allocate_attrs())
+
+
+@pytest.mark.parametrize(
+    "username",
+    ["²:alice", "١٢٣:alice", "1234567890123:alice", "-1:alice", "+9999999999:alice", ":alice"],
+)
+def test_usernames_that_only_look_time_limited_are_unknown_users(username: str) -> None:
+    # "²".isdigit() is True and int("²") raises: before, one such request (no password
+    # needed, a nonce is free) raised out of the core, an internal error and a traceback.
+    core = make_core()
+    reply = parse(one(core.on_client_datagram(_signed_request_as(core, username), CLIENT, NOW)))
+    assert error_code(reply) == 401
+    assert core.stats.auth_failures == Counter({"unknown_user": 1})
+    assert not core.by_client
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40))
+def test_any_signed_username_is_answered_never_raised(username: str) -> None:
+    core = make_core()
+    if len(username.encode()) > attr.MAX_USERNAME_BYTES:
+        return
+    reply = parse(one(core.on_client_datagram(_signed_request_as(core, username), CLIENT, NOW)))
+    assert error_code(reply) in (400, 401)
+    assert not core.by_client

@@ -16,12 +16,23 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets
 from collections.abc import Iterable, Mapping
 
 from dna_stun.message import long_term_key
 
-__all__ = ["Credentials", "Nonces", "auth_secret_password", "userhash"]
+__all__ = ["Credentials", "Nonces", "auth_secret_password", "time_limited", "userhash"]
+
+# "<expiry-unix>:<name>": ASCII digits only (``str.isdigit`` also takes "²" or "٣", which
+# ``int`` refuses or reads), at most 12 of them (the year 33658: no overflow anywhere).
+_TIME_LIMITED = re.compile(r"([0-9]{1,12}):(.*)", re.DOTALL)
+
+
+def time_limited(username: str) -> tuple[int, str] | None:
+    """(expiry, name) of a time-limited username ``"<expiry-unix>:<name>"``, else None."""
+    match = _TIME_LIMITED.fullmatch(username)
+    return None if match is None else (int(match[1]), match[2])
 
 
 def auth_secret_password(secret: str, username: str) -> str:
@@ -51,10 +62,10 @@ class Credentials:
         static = self._keys.get(username)
         if static is not None:
             return [static], ""
-        expiry, colon, _user = username.partition(":")
-        if not self._secrets or not colon or not expiry.isdigit() or len(expiry) > 12:
+        parsed = time_limited(username)
+        if not self._secrets or parsed is None:
             return [], "unknown_user"
-        if int(expiry) <= now:
+        if parsed[0] <= now:
             return [], "expired_credential"
         # One key per configured secret: an operator rotates by adding the new secret before
         # the old one's last credentials expire; the integrity check finds which one signed.

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from dna_stun import attributes as attr
-from dna_stun.auth import Credentials, Nonces
+from dna_stun.auth import Credentials, Nonces, time_limited
 from dna_stun.errors import StunProtocolError
 from dna_stun.message import (
     CHANNEL_MAX,
@@ -101,8 +101,8 @@ def data_indication(peer: Addr, payload: bytes) -> bytes:
 def quota_key(username: str) -> str:
     """Whose quota an allocation counts against: a time-limited username
     ("<expiry>:<name>") counts against its name, so fresh credentials do not buy more."""
-    expiry, colon, name = username.partition(":")
-    return name if colon and expiry.isdigit() else username
+    parsed = time_limited(username)
+    return username if parsed is None else parsed[1]
 
 
 class Send(NamedTuple):
