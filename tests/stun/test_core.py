@@ -675,3 +675,33 @@ def test_any_signed_username_is_answered_never_raised(username: str) -> None:
     reply = parse(one(core.on_client_datagram(_signed_request_as(core, username), CLIENT, NOW)))
     assert error_code(reply) in (400, 401)
     assert not core.by_client
+
+
+def test_permissions_are_capped_per_allocation_counted_before_any_peer_is_judged() -> None:
+    core, client = make_core(Limits(max_permissions=4)), Client("alice", "pw")
+    allocate(core, client)
+    peers = tuple((f"203.0.113.{i}", 9) for i in range(1, 4))
+    assert is_success(
+        ask(core, client, client.request(Method.CREATE_PERMISSION, peers=peers)),
+        Method.CREATE_PERMISSION,
+    )
+    two_more = (("198.51.100.7", 9), ("198.51.100.8", 9))
+    refused = ask(core, client, client.request(Method.CREATE_PERMISSION, peers=two_more))
+    assert error_code(refused) == 508 and core.stats.refusals["quota_permissions"] == 1
+    # More peers in one request than an allocation may hold: refused by their number, before
+    # each is decoded and checked against the policy (the last one here would not decode).
+    undecodable = (attr.XOR_PEER_ADDRESS, b"\x00\x01\x00\x09\x01")
+    many = client.request(Method.CREATE_PERMISSION, [undecodable] * 5)
+    assert error_code(ask(core, client, many)) == 508
+    assert core.stats.refusals["quota_permissions"] == 2 and not core.stats.refusals["bad_request"]
+    assert set(core.by_client[CLIENT].permissions) == {ip for ip, _ in peers}
+
+
+def test_a_request_of_thousands_of_unknown_attributes_is_dropped_unanswered() -> None:
+    # 16,000 comprehension-required unknowns in one 64 KB datagram: before, parsed (20 ms) and
+    # then listed by a quadratic scan (about a second of CPU) into a 32 KB 420 answer.
+    core = make_core()
+    flood = [(0x4000 + i, b"") for i in range(16_000)]
+    datagram = encode(Method.BINDING, Class.REQUEST, b"u" * 12, flood, fingerprint=False)
+    assert core.on_client_datagram(datagram, CLIENT, NOW) == []
+    assert core.stats.refusals == Counter({"malformed": 1})

@@ -565,6 +565,8 @@ class TurnCore:
         values = message.get_all(attr.XOR_PEER_ADDRESS)
         if not values:
             raise self._refuse(message, auth, 400, "Bad Request", "bad_request")
+        if len(values) > self.limits.max_permissions:  # before decoding and judging each
+            raise self._refuse(message, auth, 508, "Insufficient Capacity", "quota_permissions")
         # All or nothing (RFC 8656 section 9.2): every peer is checked before any is installed.
         peers = [self._peer(message, auth, alloc, value) for value in values]
         self._permit(message, auth, alloc, [ip for ip, _ in peers], now)
