@@ -705,3 +705,18 @@ def test_a_request_of_thousands_of_unknown_attributes_is_dropped_unanswered() ->
     datagram = encode(Method.BINDING, Class.REQUEST, b"u" * 12, flood, fingerprint=False)
     assert core.on_client_datagram(datagram, CLIENT, NOW) == []
     assert core.stats.refusals == Counter({"malformed": 1})
+
+
+def test_an_expired_allocation_replaced_before_the_sweep_closes_and_frees_its_quota() -> None:
+    # The sweep runs every few seconds; a client allocating again on the same 5-tuple just
+    # after its allocation expired replaced it unswept. Before, the old one was then out of
+    # every sweep's reach: its relay port (a socket) open and its user quota held for good.
+    core = make_core(Limits(default_lifetime=600, max_lifetime=600, max_allocations_per_user=1))
+    ports: Ports = core.ports  # type: ignore[assignment]
+    old = allocate(core, Client("alice", "pw"))
+    new = allocate(core, Client("alice", "pw"), NOW + 601)
+    assert new != old and ports.open_now == {new} and core.per_user == {"alice": 1}
+    core.expire(NOW + 602)
+    assert set(core.by_relay) == {new} and ports.open_now == {new}
+    core.expire(NOW + 601 + 601)
+    assert not core.by_relay and not ports.open_now and not core.per_user

@@ -281,7 +281,8 @@ class TurnCore:
 
     def expire(self, now: float) -> None:
         """Drop expired allocations (closing their relay ports), permissions and channels."""
-        for alloc in [a for a in self.by_client.values() if a.expires <= now]:
+        # By relay address: every allocation has its own, so none can hide from the sweep.
+        for alloc in [a for a in self.by_relay.values() if a.expires <= now]:
             self._delete(alloc)
         for alloc in self.by_client.values():
             for ip in [ip for ip, until in alloc.permissions.items() if until <= now]:
@@ -472,6 +473,8 @@ class TurnCore:
             if existing.allocate_tid == message.transaction_id:  # a retransmission
                 return existing.allocate_response
             raise self._refuse(message, auth, 437, "Allocation Mismatch", "allocation_exists")
+        if existing is not None:  # expired, not swept yet: gone before its 5-tuple is reused
+            self._delete(existing)
         even = self._check_allocate_attributes(message, auth)
         family, refused_family = self._relay_family(message, auth)
         if self.per_user[quota_key(auth.username)] >= self.limits.max_allocations_per_user:
