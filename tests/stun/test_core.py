@@ -66,6 +66,7 @@ def make_core(
         ports=Ports(free),
         limits=limits or Limits(),
         relay_families=families,
+        unix_time=lambda: NOW,  # the tests' monotonic clock reads Unix time too
     )
 
 
@@ -417,6 +418,18 @@ def test_bandwidth_cap_drops_what_is_over_the_rate() -> None:
     )
     assert sent == 10 and core.stats.refusals["bandwidth"] == 10
     assert core.on_peer_datagram(b"y" * 100, relay, PEER, NOW + 0.5)  # half a second refills 500
+
+
+def test_time_going_backwards_neither_starves_nor_refills_the_bandwidth_bucket() -> None:
+    # Before, a step back of an hour made the bucket an hour's traffic negative: nothing
+    # relayed until the clock caught up again.
+    core, client = make_core(Limits(bandwidth_bytes_per_s=1000)), Client("alice", "pw")
+    relay = allocate(core, client)
+    assert ask(core, client, client.request(Method.CREATE_PERMISSION, peers=(PEER,)))
+    assert len(core.on_peer_datagram(b"y" * 600, relay, PEER, NOW)) == 1  # 400 tokens left
+    assert len(core.on_peer_datagram(b"y" * 300, relay, PEER, NOW - 3600)) == 1  # 100 left
+    assert not core.on_peer_datagram(b"y" * 300, relay, PEER, NOW - 3600)  # nothing refilled
+    assert len(core.on_peer_datagram(b"y" * 300, relay, PEER, NOW + 0.2)) == 1  # 0.2 s: +200
 
 
 FORBIDDEN = [

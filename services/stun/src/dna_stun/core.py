@@ -1,8 +1,11 @@
 """The STUN/TURN server as a sans-I/O state machine (RFC 8489 Binding, RFC 8656 relay).
 
-Datagrams go in with the time (``now``, Unix seconds); ``Send`` instructions come out: bytes to
-send to an address, from the listening socket (``via=None``) or from an allocation's relay
-socket (``via=`` its relay address). Only relay ports are a side effect, asked of ``RelayPorts``
+Datagrams go in with the time (``now``, seconds of a monotonic clock: lifetimes, permissions,
+channels, nonces and the bandwidth bucket are durations, which a step of the wall clock must
+not stretch, cut or stall); ``Send`` instructions come out: bytes to send to an address, from
+the listening socket (``via=None``) or from an allocation's relay socket (``via=`` its relay
+address). Unix time, from the injected ``unix_time``, judges only what is dated in it: a
+time-limited username's expiry. Only relay ports are a side effect, asked of ``RelayPorts``
 (the asyncio adapter binds sockets; tests hand out numbers). Nothing here raises on input: a
 malformed, unauthenticated or forbidden datagram gets its RFC error response or is dropped, and
 every refusal is counted by reason in ``stats``.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -181,8 +185,10 @@ class TurnCore:
         ports: RelayPorts,
         limits: Limits = Limits(),
         relay_families: frozenset[int] = frozenset({attr.FAMILY_IPV4}),
+        unix_time: Callable[[], float] = time.time,
     ) -> None:
         self.credentials, self.nonces, self.policy = credentials, nonces, policy
+        self.unix_time = unix_time
         self.ports, self.limits, self.relay_families = ports, limits, relay_families
         self.stats = Stats()
         self.by_client: dict[Addr, Allocation] = {}
@@ -334,8 +340,11 @@ class TurnCore:
         if not rate:
             return True
         # A token bucket holding one second of traffic: bursts up to the rate, then the rate.
-        alloc.tokens = min(float(rate), alloc.tokens + (now - alloc.tokens_at) * rate)
-        alloc.tokens_at = now
+        # Time that went backwards (a caller's clock stepped) refills nothing and takes nothing:
+        # a negative refill would starve the allocation for as long as the step.
+        elapsed = max(0.0, now - alloc.tokens_at)
+        alloc.tokens = min(float(rate), alloc.tokens + elapsed * rate)
+        alloc.tokens_at = max(now, alloc.tokens_at)
         if alloc.tokens < size:
             return False
         alloc.tokens -= size
@@ -422,7 +431,7 @@ class TurnCore:
         if algorithm is not None and attr.decode_password_algorithm(algorithm) != attr.PASSWORD_MD5:
             self.stats.auth_failures["password_algorithm"] += 1
             raise _RefusedError("bad_request", error_response(message, 400, "Bad Request"))
-        keys, why = self.credentials.keys_for(username, now)
+        keys, why = self.credentials.keys_for(username, self.unix_time())
         for key in keys:
             if check_integrity(message, key):
                 sha256 = integrity.type == attr.MESSAGE_INTEGRITY_SHA256
