@@ -31,6 +31,18 @@ def load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> StunSe
         ('[server]\nhost = "2001:db8::9"\nhost_ipv6 = "2001:db8::8"\n', "server"),
         ('[server]\nrelay_host_ipv6 = "::"\n', "server"),  # a wildcard tells clients nothing
         ('[server]\nhost = "2001:db8::9"\nrelay_host_ipv6 = "2001:db8::8"\n', "server"),
+        # Values that would not fit their attribute on the wire: every answer would fail.
+        ("[relay]\nmax_lifetime_s = 4294967296\n", "relay.max_lifetime_s"),
+        (
+            "[relay]\ndefault_lifetime_s = 4294967296\nmax_lifetime_s = 4294967296\n",
+            "relay.default_lifetime_s",
+        ),
+        (f'[auth]\nrealm = "{"r" * 128}"\n', "auth.realm"),
+        ('[auth]\nrealm = ""\n', "auth.realm"),
+        ("[auth]\nnonce_lifetime_s = inf\n", "auth.nonce_lifetime_s"),
+        ("[auth]\nnonce_lifetime_s = nan\n", "auth.nonce_lifetime_s"),
+        ("[auth]\nnonce_lifetime_s = 1e15\n", "auth.nonce_lifetime_s"),
+        (f'[auth]\nusers = ["{"n" * 514}:pw"]\n', "auth.users"),
     ],
 )
 def test_unusable_settings_name_their_key(tmp_path: Path, text: str, key: str) -> None:

@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 from dna_stun import attributes as attr
 from dna_stun.auth import Credentials, Nonces, auth_secret_password
+from dna_stun.config import MAX_REALM_CHARS, UINT32_MAX
 from dna_stun.core import Limits, Send, TransactionIds, TurnCore
 from dna_stun.message import (
     Class,
@@ -733,3 +734,15 @@ def test_an_expired_allocation_replaced_before_the_sweep_closes_and_frees_its_qu
     assert set(core.by_relay) == {new} and ports.open_now == {new}
     core.expire(NOW + 601 + 601)
     assert not core.by_relay and not ports.open_now and not core.per_user
+
+
+def test_the_largest_settings_the_config_accepts_still_encode_every_answer() -> None:
+    # The config refuses what would not fit on the wire; what it accepts must serve.
+    core = make_core(Limits(default_lifetime=UINT32_MAX, max_lifetime=UINT32_MAX))
+    core.credentials = Credentials("𝄞" * MAX_REALM_CHARS, {"alice": "pw"})
+    client = Client("alice", "pw")
+    allocate(core, client)
+    assert client.realm == "𝄞" * MAX_REALM_CHARS
+    reply = ask(core, client, client.request(Method.REFRESH, [(attr.LIFETIME, attr.uint32(5))]))
+    assert attr.decode_uint32(reply.get(attr.LIFETIME) or b"") == UINT32_MAX
+    assert set(core.stats.refusals) == {"unauthenticated"}  # the first 401, nothing else

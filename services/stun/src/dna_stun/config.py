@@ -22,6 +22,11 @@ from dna_stun.policy import DEFAULT_DENIED
 __all__ = ["ENV_PREFIX", "AuthSection", "RelaySection", "ServerSection", "StunServiceConfig"]
 
 ENV_PREFIX = "DNA_STUN"
+# Bounds of values that go on the wire: a setting past them would start a server whose every
+# answer failed to encode (an internal error per request), so they are refused at load.
+UINT32_MAX = 0xFFFFFFFF  # LIFETIME (RFC 8656 section 18.2)
+MAX_REALM_CHARS = 127  # REALM: fewer than 128 characters (RFC 8489 section 14.9)
+MAX_NONCE_LIFETIME_S = 86_400.0  # a day: the nonce's expiry field holds 12 hex digits
 SecretStrings = Annotated[tuple[SecretStr, ...], Strict(False)]
 
 
@@ -95,8 +100,9 @@ class ServerSection(ConfigModel):
 class AuthSection(ConfigModel):
     """Long-term credentials (RFC 8489 9.2): static users and/or a shared secret."""
 
-    realm: str = "dna"
-    """The realm clients hash into their key."""
+    realm: str = Field(default="dna", min_length=1, max_length=MAX_REALM_CHARS)
+    """The realm clients hash into their key (1-127 characters, RFC 8489; it is in every
+    401 answer, to unauthenticated sources too, so keep it short)."""
     users: Annotated[SecretStrings, Secret()] = ()
     """Static users, each "name:password"."""
     auth_secret: SecretStr = SecretStr("")
@@ -104,8 +110,8 @@ class AuthSection(ConfigModel):
     with password base64(HMAC-SHA1(auth_secret, username)) is valid until its expiry."""
     previous_auth_secret: SecretStr = SecretStr("")
     """During a rotation, the secret before `auth_secret`, still accepted."""
-    nonce_lifetime_s: float = Field(default=600.0, gt=0)
-    """Seconds a nonce stays valid; then the client gets 438 and retries."""
+    nonce_lifetime_s: float = Field(default=600.0, gt=0, le=MAX_NONCE_LIFETIME_S)
+    """Seconds a nonce stays valid (at most a day); then the client gets 438 and retries."""
 
     @field_validator("users")
     @classmethod
@@ -114,6 +120,8 @@ class AuthSection(ConfigModel):
             name, colon, password = user.reveal().partition(":")
             if not name or not colon or not password:
                 raise ValueError('each user is "name:password"')
+            if len(name.encode()) > attr.MAX_USERNAME_BYTES:  # no USERNAME could carry it
+                raise ValueError(f"a user name is at most {attr.MAX_USERNAME_BYTES} bytes")
         return users
 
     def user_passwords(self) -> dict[str, str]:
@@ -126,9 +134,9 @@ class AuthSection(ConfigModel):
 class RelaySection(ConfigModel):
     """Allocations: their lifetimes, quotas, bandwidth, and where they may relay to."""
 
-    default_lifetime_s: int = Field(default=600, ge=60)
+    default_lifetime_s: int = Field(default=600, ge=60, le=UINT32_MAX)
     """An allocation's lifetime unless the client asks for longer (RFC 8656: 600)."""
-    max_lifetime_s: int = Field(default=3600, ge=60)
+    max_lifetime_s: int = Field(default=3600, ge=60, le=UINT32_MAX)
     """The longest lifetime granted per request (RFC 8656: 3600)."""
     max_allocations: int = Field(default=1000, ge=1)
     """Allocations at once in total; then 508."""
