@@ -41,6 +41,9 @@ UPKEEP_INTERVAL_S = 5.0
 RECV_SIZE = 65536  # a UDP datagram's largest payload, rounded up
 BIND_TRIES = 64  # random ports tried before a relay is refused (508)
 SOCKET_BUFFER = 1 << 21
+# A datagram that raises is a bug, but whoever found it can send it again and again: its
+# traceback is logged at most once a minute, with how many were not (each is counted).
+LOG_EVERY_S = 60.0
 
 
 def _udp_socket(host: str, port: int) -> socket.socket:
@@ -214,6 +217,8 @@ class StunServer:
         self._upkeep: asyncio.Task[None] | None = None
         self.udp_addr: Addr | None = None
         self.udp_addr6: Addr | None = None
+        self._logged_error_at: float | None = None
+        self._unlogged_errors = 0  # internal errors since the last traceback logged
 
     @property
     def http_port(self) -> int:
@@ -344,9 +349,15 @@ class StunServer:
         return out
 
     def _internal_error(self) -> None:
-        self.log.exception("datagram handling failed")
         if self.core is not None:
             self.core.stats.refusals["internal_error"] += 1
+        now = self.clock()
+        if self._logged_error_at is not None and now - self._logged_error_at < LOG_EVERY_S:
+            self._unlogged_errors += 1
+            return
+        self._logged_error_at = now
+        suppressed, self._unlogged_errors = self._unlogged_errors, 0
+        self.log.exception("datagram handling failed", extra={"suppressed": suppressed})
 
     async def _expire_forever(self) -> None:
         while True:
