@@ -144,6 +144,9 @@ class RelaySection(ConfigModel):
     """Allocations at once per username; then 486."""
     max_permissions: int = Field(default=64, ge=1)
     """Peer addresses one allocation may have permissions for."""
+    max_channels: int = Field(default=64, ge=1, le=4096)
+    """Channel bindings one allocation may hold, then 508 (RFC 8656 allows 4096, ~300 bytes
+    each in the relay: 1.2 MB an allocation, 1.2 GB at 1000 allocations)."""
     bandwidth_bytes_per_s: int = Field(default=1_000_000, ge=0)
     """Relayed bytes per second per allocation, both directions; 0: no cap."""
     allowed_peers: Strings = ()

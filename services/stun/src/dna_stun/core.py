@@ -130,6 +130,7 @@ class Limits:
     max_allocations: int = 1000
     max_allocations_per_user: int = 10
     max_permissions: int = 64  # peer IPs per allocation
+    max_channels: int = 64  # channel bindings per allocation (RFC 8656 allows 4096)
     bandwidth_bytes_per_s: int = 0  # per allocation, both directions; 0: no cap
 
 
@@ -607,6 +608,10 @@ class TurnCore:
         other = alloc.peer_channels.get(peer)
         if (bound is not None and bound[0] != peer) or (other is not None and other != number):
             raise self._refuse(message, auth, 400, "Bad Request", "channel_in_use")
+        if bound is None or bound[1] <= now:  # a new binding, not the refresh of a live one
+            live = sum(1 for _, until in alloc.channels.values() if until > now)
+            if live >= self.limits.max_channels:  # RFC 8656 section 11.2: a capacity limit
+                raise self._refuse(message, auth, 508, "Insufficient Capacity", "quota_channels")
         self._permit(message, auth, alloc, [peer[0]], now)
         alloc.channels[number] = (peer, now + CHANNEL_LIFETIME)
         alloc.peer_channels[peer] = number

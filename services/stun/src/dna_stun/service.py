@@ -249,6 +249,7 @@ class StunServer:
                 max_allocations=cfg.relay.max_allocations,
                 max_allocations_per_user=cfg.relay.max_allocations_per_user,
                 max_permissions=cfg.relay.max_permissions,
+                max_channels=cfg.relay.max_channels,
                 bandwidth_bytes_per_s=cfg.relay.bandwidth_bytes_per_s,
             ),
             relay_families=frozenset(relay_ips),
