@@ -768,3 +768,28 @@ def test_channel_bindings_are_capped_per_allocation() -> None:
     later = NOW + 601  # the channels' 10 minutes are over; not swept yet
     assert bind(0x4003, 5003, later) == 438  # the nonce is stale too: the 438 has a fresh one
     assert bind(0x4003, 5003, later) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=40), st.binary(max_size=20))
+def test_any_nonce_and_realm_a_request_signs_are_answered_never_raised(
+    nonce: bytes, realm: bytes
+) -> None:
+    # A NONCE "1.é" reached hmac.compare_digest as non-ASCII text, which raises TypeError:
+    # before, one such request (no password needed) raised out of the core.
+    core, client = make_core(), Client("alice", "pw")
+    client.learn(one(core.on_client_datagram(client.request(Method.ALLOCATE), CLIENT, NOW)))
+    client.nonce, client.realm = nonce, realm.decode(errors="replace")
+    reply = parse(one(core.on_client_datagram(
+        client.request(Method.ALLOCATE, client.allocate_attrs()), CLIENT, NOW)))  # fmt: skip
+    assert error_code(reply) in (400, 401, 438)
+    assert not core.by_client
+
+
+def test_a_nonce_of_other_text_than_ascii_is_stale() -> None:
+    core, client = make_core(), Client("alice", "pw")
+    client.learn(one(core.on_client_datagram(client.request(Method.ALLOCATE), CLIENT, NOW)))
+    client.nonce = b"1." + "é".encode()
+    reply = parse(one(core.on_client_datagram(
+        client.request(Method.ALLOCATE, client.allocate_attrs()), CLIENT, NOW)))  # fmt: skip
+    assert error_code(reply) == 438 and core.stats.refusals["stale_nonce"] == 1

@@ -97,7 +97,8 @@ class Nonces:
 
     def check(self, nonce: str, client_ip: str, now: float) -> bool:
         expiry_hex, dot, mac = nonce.partition(".")
-        if not dot or not 0 < len(expiry_hex) <= 12:
+        # ASCII only: hmac.compare_digest raises TypeError on other text (a client's NONCE).
+        if not dot or not 0 < len(expiry_hex) <= 12 or not nonce.isascii():
             return False
         try:
             expiry = int(expiry_hex, 16)
