@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from collections import Counter
 
@@ -793,3 +794,28 @@ def test_a_nonce_of_other_text_than_ascii_is_stale() -> None:
     reply = parse(one(core.on_client_datagram(
         client.request(Method.ALLOCATE, client.allocate_attrs()), CLIENT, NOW)))  # fmt: skip
     assert error_code(reply) == 438 and core.stats.refusals["stale_nonce"] == 1
+
+
+def _send_indication(peer: tuple[str, int], payload: bytes) -> bytes:
+    tid = os.urandom(12)
+    peer_attr = (attr.XOR_PEER_ADDRESS, attr.encode_xor_address(peer, tid))
+    return encode(Method.SEND, Class.INDICATION, tid, [peer_attr, (attr.DATA, payload)])
+
+
+def test_a_permission_for_the_servers_own_address_reaches_only_its_relay_ports() -> None:
+    # Permissions are per IP. One for the server's own address is granted for another
+    # allocation's relay port (two clients behind symmetric NATs); before, a Send indication
+    # then reached any port of that address: the TURN port itself, and whatever else of the
+    # relay's host listens on UDP there (DNS, SNMP, ...), past the relay policy.
+    core, client = make_core(), Client("alice", "pw")
+    relay = allocate(core, client)
+    other_relay = (SERVER[0], 50077)
+    ok = ask(core, client, client.request(Method.CREATE_PERMISSION, peers=(other_relay,)))
+    assert is_success(ok, Method.CREATE_PERMISSION)
+    assert core.on_client_datagram(_send_indication(other_relay, b"hi"), CLIENT, NOW) == [
+        Send(relay, b"hi", other_relay)
+    ]
+    for port in (SERVER[1], 53, 161, 7480):
+        assert core.on_client_datagram(_send_indication((SERVER[0], port), b"x"), CLIENT, NOW) == []
+    assert core.stats.refusals["forbidden_peer"] == 4
+    assert core.stats.relayed_packets["client_to_peer"] == 1

@@ -329,12 +329,23 @@ class TurnCore:
             peer = attr.decode_xor_address(peer_value, message.transaction_id)
         except StunProtocolError:
             return self._drop("bad_request")
-        if alloc.permissions.get(peer[0], 0.0) <= now:
-            return self._drop("no_permission")
-        if not self._within_bandwidth(alloc, len(payload), now):
-            return self._drop("bandwidth")
+        refused = self._send_refusal(alloc, peer, len(payload), now)
+        if refused is not None:
+            return self._drop(refused)
         self._count("client_to_peer", 1, len(payload))
         return [Send(alloc.relay, payload, peer)]
+
+    def _send_refusal(self, alloc: Allocation, peer: Addr, size: int, now: float) -> str | None:
+        """Why a Send indication's payload may not go to ``peer``, or None."""
+        if alloc.permissions.get(peer[0], 0.0) <= now:
+            return "no_permission"
+        # A permission is for an IP (RFC 8656 section 9), the policy also judges the port:
+        # one for the server's own address (granted for another allocation's relay port) must
+        # not carry datagrams to its listening port or any other service of its host.
+        reason = self.policy.check(*peer)
+        if reason is not None:
+            return reason
+        return None if self._within_bandwidth(alloc, size, now) else "bandwidth"
 
     def _within_bandwidth(self, alloc: Allocation, size: int, now: float) -> bool:
         rate = self.limits.bandwidth_bytes_per_s
