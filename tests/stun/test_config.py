@@ -37,7 +37,8 @@ def load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> StunSe
             "[relay]\ndefault_lifetime_s = 4294967296\nmax_lifetime_s = 4294967296\n",
             "relay.default_lifetime_s",
         ),
-        (f'[auth]\nrealm = "{"r" * 128}"\n', "auth.realm"),
+        (f'[auth]\nrealm = "{"r" * 33}"\n', "auth.realm"),
+        (f'[auth]\nrealm = "{"é" * 17}"\n', "auth.realm"),  # 17 characters, 34 bytes
         ('[auth]\nrealm = ""\n', "auth.realm"),
         ("[auth]\nnonce_lifetime_s = inf\n", "auth.nonce_lifetime_s"),
         ("[auth]\nnonce_lifetime_s = nan\n", "auth.nonce_lifetime_s"),

@@ -9,8 +9,15 @@ from collections import Counter
 import pytest
 from dna_stun import attributes as attr
 from dna_stun.auth import Credentials, Nonces, auth_secret_password
-from dna_stun.config import MAX_REALM_CHARS, UINT32_MAX
-from dna_stun.core import Limits, Send, TransactionIds, TurnCore
+from dna_stun.config import MAX_REALM_BYTES, UINT32_MAX
+from dna_stun.core import (
+    KNOWN_ATTRIBUTES,
+    MAX_UNPROVEN_GROWTH,
+    Limits,
+    Send,
+    TransactionIds,
+    TurnCore,
+)
 from dna_stun.message import (
     Class,
     Message,
@@ -740,10 +747,11 @@ def test_an_expired_allocation_replaced_before_the_sweep_closes_and_frees_its_qu
 def test_the_largest_settings_the_config_accepts_still_encode_every_answer() -> None:
     # The config refuses what would not fit on the wire; what it accepts must serve.
     core = make_core(Limits(default_lifetime=UINT32_MAX, max_lifetime=UINT32_MAX))
-    core.credentials = Credentials("𝄞" * MAX_REALM_CHARS, {"alice": "pw"})
+    realm = "𝄞" * (MAX_REALM_BYTES // 4)  # four bytes a character
+    core.credentials = Credentials(realm, {"alice": "pw"})
     client = Client("alice", "pw")
-    allocate(core, client)
-    assert client.realm == "𝄞" * MAX_REALM_CHARS
+    allocate(core, client)  # its first Allocate is 36 bytes, as aioice's, pion's
+    assert client.realm == realm
     reply = ask(core, client, client.request(Method.REFRESH, [(attr.LIFETIME, attr.uint32(5))]))
     assert attr.decode_uint32(reply.get(attr.LIFETIME) or b"") == UINT32_MAX
     assert set(core.stats.refusals) == {"unauthenticated"}  # the first 401, nothing else
@@ -819,3 +827,55 @@ def test_a_permission_for_the_servers_own_address_reaches_only_its_relay_ports()
         assert core.on_client_datagram(_send_indication((SERVER[0], port), b"x"), CLIENT, NOW) == []
     assert core.stats.refusals["forbidden_peer"] == 4
     assert core.stats.relayed_packets["client_to_peer"] == 1
+
+
+# --- no amplification toward unproven sources ---------------------------------------------------
+
+METHODS = [Method.BINDING, Method.ALLOCATE, Method.REFRESH, Method.CREATE_PERMISSION,
+           Method.CHANNEL_BIND, 0x0FF]  # fmt: skip
+ATTRIBUTE_KINDS = [*sorted(KNOWN_ATTRIBUTES), 0x7000, 0x8123]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.sampled_from(METHODS),
+    st.lists(st.tuples(st.sampled_from(ATTRIBUTE_KINDS), st.binary(max_size=24)), max_size=6),
+    st.booleans(),
+    st.booleans(),
+)
+def test_no_answer_to_an_unproven_request_is_over_three_times_its_size(
+    method: int, attrs: list[tuple[int, bytes]], signed: bool, fingerprint: bool
+) -> None:
+    # The source of a request that proves no key may be a forged victim's. Before, a bare
+    # 20-byte Allocate drew a 96-byte 401 (4.8x), and with a long realm up to ~30x.
+    core = make_core()
+    key = b"not the key" if signed else None
+    request = encode(method, Class.REQUEST, os.urandom(12), attrs, key=key, fingerprint=fingerprint)
+    for send in core.on_client_datagram(request, CLIENT, NOW):
+        assert len(send.data) <= MAX_UNPROVEN_GROWTH * len(request)
+    assert not core.by_client
+
+
+def test_a_challenge_too_large_for_its_request_drops_its_reason_phrase_then_itself() -> None:
+    tid = b"c" * 12
+    transport = [(attr.REQUESTED_TRANSPORT, attr.requested_transport())]
+    aioice = [(attr.LIFETIME, attr.uint32(600)), *transport]  # aioice's first Allocate
+    for realm, request, wanted in (
+        ("dna", encode(Method.ALLOCATE, Class.REQUEST, tid, aioice), "Unauthorized"),
+        ("dna", encode(Method.ALLOCATE, Class.REQUEST, tid, transport, fingerprint=False),
+         "Unauthorized"),  # 28 bytes: 84
+        ("dna.example.org", encode(Method.ALLOCATE, Class.REQUEST, tid, transport,
+                                   fingerprint=False), ""),  # 28 bytes: 84 without the phrase
+        ("dna", encode(Method.ALLOCATE, Class.REQUEST, tid, fingerprint=False), None),  # 20
+    ):  # fmt: skip
+        core = make_core()
+        core.credentials = Credentials(realm, {"alice": "pw"})
+        out = core.on_client_datagram(request, CLIENT, NOW)
+        assert core.stats.refusals["unauthenticated"] == 1
+        if wanted is None:
+            assert out == [] and core.stats.refusals["amplification"] == 1
+            continue
+        answer = parse(one(out))
+        assert attr.decode_error_code(answer.get(attr.ERROR_CODE) or b"") == (401, wanted)
+        assert answer.get(attr.REALM) == realm.encode() and answer.get(attr.NONCE)
+        assert len(one(out)) <= MAX_UNPROVEN_GROWTH * len(request)

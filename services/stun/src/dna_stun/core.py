@@ -54,6 +54,10 @@ Datagram = tuple[bytes, Addr]  # what a socket's recvfrom returns (IPv4; IPv6 cu
 PERMISSION_LIFETIME = 300.0  # RFC 8656 section 9: fixed
 CHANNEL_LIFETIME = 600.0  # RFC 8656 section 12: fixed
 CHANNEL_HEADER = struct.Struct("!HH")
+# An answer to a request that proved no key (a Binding, a 401 challenge, a 400 or 420) goes to
+# an address nobody showed is the sender's: at most this many times the request's bytes, so the
+# relay is no amplifier of reflected floods (docs/crypto.md, "Denial of service").
+MAX_UNPROVEN_GROWTH = 3
 
 KNOWN_ATTRIBUTES = frozenset(
     {
@@ -163,9 +167,10 @@ class Allocation:
 
 
 class _RefusedError(Exception):
-    """An error response to send (already encoded) and the reason to count."""
+    """An error response to send (already encoded; None: none is sent) and the reason to
+    count."""
 
-    def __init__(self, reason: str, response: bytes) -> None:
+    def __init__(self, reason: str, response: bytes | None) -> None:
         self.reason, self.response = reason, response
 
 
@@ -310,7 +315,8 @@ class TurnCore:
         except StunProtocolError as exc:
             return self._drop(exc.reason)
         if message.cls == Class.REQUEST:
-            return [Send(None, self._request(message, client, now), client)]
+            answer = self._request(message, client, now)
+            return [] if answer is None else [Send(None, answer, client)]
         if message.cls == Class.INDICATION and message.method == Method.SEND:
             return self._send_indication(message, client, now)
         if message.cls == Class.INDICATION and message.method == Method.BINDING:
@@ -364,19 +370,20 @@ class TurnCore:
 
     # --- requests ----------------------------------------------------------------------------
 
-    def _request(self, message: Message, client: Addr, now: float) -> bytes:
+    def _request(self, message: Message, client: Addr, now: float) -> bytes | None:
+        """The answer to a request, or None when none is sent (see ``_unproven_error``)."""
         unknown = message.unknown_required(KNOWN_ATTRIBUTES)
         if unknown:
             self.stats.refusals["unknown_attribute"] += 1
             extra = [(attr.UNKNOWN_ATTRIBUTES, attr.unknown_attributes(unknown))]
-            return error_response(message, 420, "Unknown Attribute", extra)
+            return self._unproven_error(message, 420, "Unknown Attribute", extra)
         if message.method == Method.BINDING:
             self.stats.requests["binding"] += 1
             return self._binding(message, client, now)
         handler = self._requests.get(message.method)
         if handler is None:
             self.stats.refusals["unknown_method"] += 1
-            return error_response(message, 400, "Unknown Method")
+            return self._unproven_error(message, 400, "Unknown Method")
         self.stats.requests[TURN_METHODS[message.method]] += 1
         try:
             auth = self._authenticate(message, client, now)
@@ -386,9 +393,25 @@ class TurnCore:
             return refused.response
         except StunProtocolError:  # an attribute that does not decode
             self.stats.refusals["bad_request"] += 1
-            return error_response(message, 400, "Bad Request")
+            return self._unproven_error(message, 400, "Bad Request")
 
-    def _binding(self, message: Message, client: Addr, now: float) -> bytes:
+    def _unproven_error(
+        self, message: Message, code: int, text: str, extra: Sequence[tuple[int, bytes]] = ()
+    ) -> bytes | None:
+        """An error answer to a request that proved no key, whose source may be anybody's: with
+        its reason phrase if it is at most ``MAX_UNPROVEN_GROWTH`` times the request, else
+        without (the phrase is for diagnostics only, RFC 8489 section 14.8), else none, counted
+        as ``amplification``. A first Allocate of 28 bytes (REQUESTED-TRANSPORT alone) is
+        challenged with a realm of up to 16 bytes, one of 36 (aioice, pion) up to 40."""
+        limit = MAX_UNPROVEN_GROWTH * len(message.raw)
+        for reason in (text, ""):
+            answer = error_response(message, code, reason, extra)
+            if len(answer) <= limit:
+                return answer
+        self.stats.refusals["amplification"] += 1
+        return None
+
+    def _binding(self, message: Message, client: Addr, now: float) -> bytes | None:
         """Binding: the client's reflexive address. Unauthenticated requests are answered as
         they are; one with credentials is checked and its answer signed with the same key."""
         mapped = [
@@ -405,16 +428,18 @@ class TurnCore:
             return refused.response
         except StunProtocolError:
             self.stats.refusals["bad_request"] += 1
-            return error_response(message, 400, "Bad Request")
+            return self._unproven_error(message, 400, "Bad Request")
         return encode(
             Method.BINDING, Class.SUCCESS, message.transaction_id, mapped,
             key=auth.key, sha256=auth.sha256,
         )  # fmt: skip
 
-    def _challenge(self, message: Message, client: Addr, now: float, code: int, text: str) -> bytes:
+    def _challenge(
+        self, message: Message, client: Addr, now: float, code: int, text: str
+    ) -> bytes | None:
         nonce = self.nonces.issue(client[0], now).encode()
         extra = [(attr.REALM, self.credentials.realm.encode()), (attr.NONCE, nonce)]
-        return error_response(message, code, text, extra)
+        return self._unproven_error(message, code, text, extra)
 
     def _authenticate(self, message: Message, client: Addr, now: float) -> _Auth:
         """The long-term credential mechanism (RFC 8489 section 9.2.4), or ``_RefusedError``."""
@@ -429,7 +454,7 @@ class TurnCore:
         username = self._username(message)
         if realm is None or nonce is None or username is None:
             self.stats.auth_failures["missing_attribute"] += 1
-            raise _RefusedError("bad_request", error_response(message, 400, "Bad Request"))
+            raise _RefusedError("bad_request", self._unproven_error(message, 400, "Bad Request"))
         if realm.decode(errors="replace") != self.credentials.realm:
             self.stats.auth_failures["wrong_realm"] += 1
             raise _RefusedError(
@@ -442,7 +467,7 @@ class TurnCore:
         algorithm = message.get(attr.PASSWORD_ALGORITHM)
         if algorithm is not None and attr.decode_password_algorithm(algorithm) != attr.PASSWORD_MD5:
             self.stats.auth_failures["password_algorithm"] += 1
-            raise _RefusedError("bad_request", error_response(message, 400, "Bad Request"))
+            raise _RefusedError("bad_request", self._unproven_error(message, 400, "Bad Request"))
         keys, why = self.credentials.keys_for(username, self.unix_time())
         for key in keys:
             if check_integrity(message, key):
