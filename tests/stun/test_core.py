@@ -477,6 +477,25 @@ def test_allow_list_opens_a_test_network_but_never_the_listening_port() -> None:
     assert policy.check("10.0.0.1", 5000) == "forbidden_peer"
 
 
+@pytest.mark.parametrize(
+    ("wildcard", "families"), [("0.0.0.0", ("203.0.113.200",)),
+                               ("::", ("203.0.113.200", "2001:db8::200"))],
+)  # fmt: skip
+def test_a_wildcard_listener_is_refused_as_a_peer_on_every_address(
+    wildcard: str, families: tuple[str, ...]
+) -> None:
+    # host = "0.0.0.0" (the container image's setting) listens on addresses no setting names
+    # (a second public address of the host): before, relaying to the TURN port there was
+    # allowed, a loop through the server itself.
+    policy = RelayPolicy()
+    policy.add_own_endpoint((wildcard, 3478))
+    policy.own_ips.add("198.51.100.9")  # relay_host
+    for host in families:
+        assert policy.check(host, 3478) == "forbidden_peer"
+        assert policy.check(host, 3479) is None
+    assert policy.check("::ffff:203.0.113.200", 3478) == "forbidden_peer"
+
+
 def test_public_peers_are_allowed() -> None:
     policy = RelayPolicy()
     assert policy.check("203.0.113.77", 5000) is None
