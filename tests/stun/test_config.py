@@ -67,6 +67,15 @@ def test_no_credentials_is_warned_about(tmp_path: Path) -> None:
     assert any("every TURN request will be refused" in w for w in warnings)
 
 
+def test_more_allocations_than_descriptors_is_warned_about(tmp_path: Path) -> None:
+    # A relay socket per allocation: with systemd's soft limit of 1024 the default 1000
+    # allocations left the ops HTTP server without descriptors (its health checks failing).
+    config = load(tmp_path, '[auth]\nusers = ["u:p"]\n[relay]\nmax_allocations = 1000\n')
+    [warning] = [w for w in config_warnings(config, 1024) if "descriptors" in w]
+    assert "max_allocations = 1000 needs about 1064 file descriptors" in warning
+    assert not [w for w in config_warnings(config, 1064) if "descriptors" in w]
+
+
 def test_relay_addresses_per_family(tmp_path: Path) -> None:
     both = load(tmp_path, '[server]\nhost = "198.51.100.9"\nrelay_host_ipv6 = "2001:db8::9"\n')
     assert both.server.relay_ips() == {0x01: "198.51.100.9", 0x02: "2001:db8::9"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import resource
 from typing import Annotated
 
 from dna_core.ops.config import (
@@ -193,9 +194,25 @@ class StunServiceConfig(ConfigModel):
     """Log lines below this level are dropped (any case: "INFO" is "info")."""
 
 
-def config_warnings(config: StunServiceConfig) -> list[str]:
-    """Settings that work but are most likely a mistake on a public node."""
+# Descriptors besides the relay sockets: the listening sockets, ops HTTP connections, logs.
+OTHER_DESCRIPTORS = 64
+
+
+def config_warnings(config: StunServiceConfig, open_files_limit: int | None = None) -> list[str]:
+    """Settings that work but are most likely a mistake on a public node.
+    ``open_files_limit``: what the node raises its own to (default: the hard limit)."""
     warnings = []
+    if open_files_limit is None:
+        open_files_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    needed = config.relay.max_allocations + OTHER_DESCRIPTORS  # a relay socket each
+    if open_files_limit != resource.RLIM_INFINITY and needed > open_files_limit:
+        warnings.append(
+            f"[relay] max_allocations = {config.relay.max_allocations} needs about {needed} "
+            f"file descriptors (a relay socket each) but the open-files limit is "
+            f"{open_files_limit}: past it allocations are refused (508) and the ops endpoints "
+            "cannot accept connections; raise the hard limit (systemd LimitNOFILE) or lower "
+            "max_allocations"
+        )
     if not config.auth.users and not config.auth.secrets():
         warnings.append("no [auth] users or auth_secret: every TURN request will be refused")
     if config.relay.allowed_peers:
