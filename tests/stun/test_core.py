@@ -12,6 +12,7 @@ from dna_stun.auth import Credentials, Nonces, auth_secret_password
 from dna_stun.config import MAX_REALM_BYTES, UINT32_MAX
 from dna_stun.core import (
     KNOWN_ATTRIBUTES,
+    MAX_DATA_PAYLOAD,
     MAX_UNPROVEN_GROWTH,
     Limits,
     Send,
@@ -898,3 +899,25 @@ def test_a_challenge_too_large_for_its_request_drops_its_reason_phrase_then_itse
         assert attr.decode_error_code(answer.get(attr.ERROR_CODE) or b"") == (401, wanted)
         assert answer.get(attr.REALM) == realm.encode() and answer.get(attr.NONCE)
         assert len(one(out)) <= MAX_UNPROVEN_GROWTH * len(request)
+
+
+def test_a_peer_datagram_too_large_for_a_data_indication_is_dropped_not_raised() -> None:
+    # An IPv6 datagram may carry 65,527 bytes; a Data indication with an IPv6 peer address
+    # holds 65,504. Before, the encoder raised on the first such datagram: the whole batch
+    # failed, an internal error, and a traceback per datagram for any permitted peer.
+    core = make_core(families=frozenset({attr.FAMILY_IPV6}))
+    client = Client("alice", "pw")
+    relay = allocate(core, client, extra=[(attr.REQUESTED_ADDRESS_FAMILY, IPV6_FAMILY)])
+    permit = client.request(Method.CREATE_PERMISSION, peers=(PEER6,))
+    assert is_success(ask(core, client, permit), Method.CREATE_PERMISSION)
+    sizes = [10, 65_527, MAX_DATA_PAYLOAD + 1, MAX_DATA_PAYLOAD, 20]
+    out = core.on_peer_datagrams(relay, [(b"p" * n, PEER6) for n in sizes], NOW)
+    carried = [parse(send.data).get(attr.DATA) for send in out]
+    assert [len(data or b"") for data in carried] == [10, MAX_DATA_PAYLOAD, 20]
+    assert core.stats.refusals["too_large"] == 2
+    # Over a channel the four-byte header holds any datagram a peer can send.
+    number = [(attr.CHANNEL_NUMBER, attr.channel_number(0x4000))]
+    bind = client.request(Method.CHANNEL_BIND, number, peers=(PEER6,))
+    assert is_success(ask(core, client, bind), Method.CHANNEL_BIND)
+    [framed] = core.on_peer_datagram(b"p" * 65_527, relay, PEER6, NOW)
+    assert framed.data[:4] == struct.pack("!HH", 0x4000, 65_527)

@@ -58,6 +58,11 @@ CHANNEL_HEADER = struct.Struct("!HH")
 # an address nobody showed is the sender's: at most this many times the request's bytes, so the
 # relay is no amplifier of reflected floods (docs/crypto.md, "Denial of service").
 MAX_UNPROVEN_GROWTH = 3
+# The most a Data indication carries: its STUN length (16 bits) holds the DATA attribute and
+# an IPv6 XOR-PEER-ADDRESS (4 + 65,504 + 4 + 20 = 65,532). A peer's IPv6 datagram may hold
+# 65,527 bytes; no client could receive one that large in a Data indication anyway (over
+# IPv4 a datagram is at most 65,507 bytes, over IPv6 65,527), so it is dropped, counted.
+MAX_DATA_PAYLOAD = 65_504
 
 KNOWN_ATTRIBUTES = frozenset(
     {
@@ -277,11 +282,16 @@ class TurnCore:
             if permissions.get(peer[0], 0.0) <= now:
                 refusals["no_permission"] += 1
                 continue
+            number = peer_channels.get(peer)
+            if number is not None and channels[number][1] <= now:
+                number = None  # expired, not swept yet
+            if number is None and length > MAX_DATA_PAYLOAD:
+                refusals["too_large"] += 1
+                continue
             if rate and not within(alloc, length, now):
                 refusals["bandwidth"] += 1
                 continue
-            number = peer_channels.get(peer)
-            if number is not None and channels[number][1] > now:
+            if number is not None:
                 relayed = CHANNEL_HEADER.pack(number, length) + data
             else:
                 relayed = data_indication(peer, data)
