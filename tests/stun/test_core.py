@@ -921,3 +921,59 @@ def test_a_peer_datagram_too_large_for_a_data_indication_is_dropped_not_raised()
     assert is_success(ask(core, client, bind), Method.CHANNEL_BIND)
     [framed] = core.on_peer_datagram(b"p" * 65_527, relay, PEER6, NOW)
     assert framed.data[:4] == struct.pack("!HH", 0x4000, 65_527)
+
+
+# --- an authenticated client's anything: answered or dropped, never raised, always bounded -------
+
+SIGNED_METHODS = [Method.ALLOCATE, Method.REFRESH, Method.CREATE_PERMISSION, Method.CHANNEL_BIND,
+                  Method.BINDING]  # fmt: skip
+VALUE = st.one_of(
+    st.binary(max_size=24),
+    st.sampled_from([attr.encode_xor_address(p, b"\x00" * 12) for p in (PEER, PEER6)]),
+    st.builds(attr.channel_number, st.integers(0x3FF0, 0x5010)),
+    st.builds(attr.uint32, st.sampled_from([0, 1, 600, 2**32 - 1])),
+)
+STEP = st.one_of(
+    st.tuples(st.just("request"), st.sampled_from(SIGNED_METHODS),
+              st.lists(st.tuples(st.sampled_from(ATTRIBUTE_KINDS), VALUE), max_size=5)),
+    st.tuples(st.just("channel_data"), st.integers(0x3FFF, 0x4010), st.integers(0, 70_000)),
+    st.tuples(st.just("request"), st.just(Method.CREATE_PERMISSION),
+              st.just([(attr.XOR_PEER_ADDRESS, attr.encode_xor_address(PEER, bytes(12)))])),
+    st.tuples(st.just("peer"), st.sampled_from([PEER, PEER6]),
+              st.sampled_from([0, 1, 1200, 65_504, 65_505, 65_507, 65_527])),
+    st.tuples(st.just("time"), st.sampled_from([1.0, 301.0, 601.0, -3600.0]), st.just(0)),
+)  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(STEP, max_size=25))
+def test_whatever_an_authenticated_client_and_its_peers_send_the_core_stays_bounded(
+    steps: list[tuple[str, object, object]],
+) -> None:
+    limits = Limits(max_permissions=3, max_channels=2, bandwidth_bytes_per_s=100_000)
+    core, client = make_core(limits), Client("alice", "pw")
+    relay, now = allocate(core, client), NOW
+    ask(core, client, client.request(Method.CREATE_PERMISSION, peers=(PEER,)))  # peers get in
+    for kind, first, second in steps:
+        out: list[Send] = []
+        if kind == "request":
+            assert isinstance(first, int) and isinstance(second, list)
+            out = core.on_client_datagram(client.request(first, second), CLIENT, now)
+            for send in out:
+                client.learn(send.data)  # a 438 brings a fresh nonce
+        elif kind == "channel_data":
+            assert isinstance(first, int) and isinstance(second, int)
+            framed = struct.pack("!HH", first, min(second, 65_535)) + b"d" * (second % 1500)
+            out = core.on_client_datagram(framed, CLIENT, now)
+        elif kind == "peer":
+            assert isinstance(first, tuple) and isinstance(second, int)
+            out = core.on_peer_datagram(b"p" * second, relay, first, now)
+        else:
+            assert isinstance(first, float)
+            now += first
+            core.expire(now)
+        assert all(isinstance(send, Send) for send in out)
+        for alloc in core.by_relay.values():
+            assert sum(1 for u in alloc.permissions.values() if u > now) <= limits.max_permissions
+            assert sum(1 for _, u in alloc.channels.values() if u > now) <= limits.max_channels
+    assert len(core.by_relay) <= 1
