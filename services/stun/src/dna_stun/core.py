@@ -411,8 +411,9 @@ class TurnCore:
         """An error answer to a request that proved no key, whose source may be anybody's: with
         its reason phrase if it is at most ``MAX_UNPROVEN_GROWTH`` times the request, else
         without (the phrase is for diagnostics only, RFC 8489 section 14.8), else none, counted
-        as ``amplification``. A first Allocate of 28 bytes (REQUESTED-TRANSPORT alone) is
-        challenged with a realm of up to 16 bytes, one of 36 (aioice, pion) up to 40."""
+        as ``amplification``. A 401 is 80 bytes and the realm: a first Allocate of 36 bytes
+        (aioice's, pion's) gets it whole with a realm of up to 28 bytes, one of 28
+        (REQUESTED-TRANSPORT alone) without the phrase with a realm of up to 16."""
         limit = MAX_UNPROVEN_GROWTH * len(message.raw)
         for reason in (text, ""):
             answer = error_response(message, code, reason, extra)
