@@ -44,6 +44,7 @@ def load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> StunSe
         ("[auth]\nnonce_lifetime_s = nan\n", "auth.nonce_lifetime_s"),
         ("[auth]\nnonce_lifetime_s = 1e15\n", "auth.nonce_lifetime_s"),
         (f'[auth]\nusers = ["{"n" * 514}:pw"]\n', "auth.users"),
+        ('[auth]\nusers = ["ann:one", "bob:x", "ann:two"]\n', "auth.users"),  # which is ann's?
     ],
 )
 def test_unusable_settings_name_their_key(tmp_path: Path, text: str, key: str) -> None:

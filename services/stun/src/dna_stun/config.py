@@ -127,6 +127,10 @@ class AuthSection(ConfigModel):
     @field_validator("users")
     @classmethod
     def _users(cls, users: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        names = [user.reveal().partition(":")[0] for user in users]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:  # one of the passwords would silently stop working
+            raise ValueError(f"user names listed twice: {', '.join(twice)}")
         for user in users:
             name, colon, password = user.reveal().partition(":")
             if not name or not colon or not password:
