@@ -77,6 +77,14 @@ def test_more_allocations_than_descriptors_is_warned_about(tmp_path: Path) -> No
     assert not [w for w in config_warnings(config, 1064) if "descriptors" in w]
 
 
+def test_a_relay_port_range_smaller_than_max_allocations_is_warned_about(tmp_path: Path) -> None:
+    text = '[auth]\nusers = ["u:p"]\n[server]\nrelay_port_min = 50000\nrelay_port_max = 50099\n'
+    [warning] = [w for w in config_warnings(load(tmp_path, text)) if "port range" in w]
+    assert "holds 100 ports, fewer than max_allocations = 1000" in warning
+    enough = text + "[relay]\nmax_allocations = 100\n"
+    assert not [w for w in config_warnings(load(tmp_path, enough)) if "port range" in w]
+
+
 def test_relay_addresses_per_family(tmp_path: Path) -> None:
     both = load(tmp_path, '[server]\nhost = "198.51.100.9"\nrelay_host_ipv6 = "2001:db8::9"\n')
     assert both.server.relay_ips() == {0x01: "198.51.100.9", 0x02: "2001:db8::9"}

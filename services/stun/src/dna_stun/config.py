@@ -219,6 +219,14 @@ def config_warnings(config: StunServiceConfig, open_files_limit: int | None = No
         )
     if not config.auth.users and not config.auth.secrets():
         warnings.append("no [auth] users or auth_secret: every TURN request will be refused")
+    ports = config.server.relay_port_max - config.server.relay_port_min + 1
+    if ports < config.relay.max_allocations:  # a relay port each, per relay address
+        warnings.append(
+            f"the relay port range {config.server.relay_port_min}-"
+            f"{config.server.relay_port_max} holds {ports} ports, fewer than max_allocations = "
+            f"{config.relay.max_allocations}: past them allocations are refused (508, "
+            "no_relay_port), each after trying to bind many taken ports"
+        )
     if config.relay.allowed_peers:
         warnings.append(
             f"[relay] allowed_peers opens {', '.join(config.relay.allowed_peers)} to relaying: "
