@@ -977,3 +977,19 @@ def test_whatever_an_authenticated_client_and_its_peers_send_the_core_stays_boun
             assert sum(1 for u in alloc.permissions.values() if u > now) <= limits.max_permissions
             assert sum(1 for _, u in alloc.channels.values() if u > now) <= limits.max_channels
     assert len(core.by_relay) <= 1
+
+
+def test_a_send_indication_with_an_unknown_required_attribute_is_discarded() -> None:
+    # RFC 8489 section 6.3.2; before, it was relayed, DONT-FRAGMENT ignored.
+    core, client = make_core(), Client("alice", "pw")
+    allocate(core, client)
+    assert ask(core, client, client.request(Method.CREATE_PERMISSION, peers=(PEER,)))
+    tid = os.urandom(12)
+    peer_attr = (attr.XOR_PEER_ADDRESS, attr.encode_xor_address(PEER, tid))
+    for extra in ((attr.DONT_FRAGMENT, b""), (0x7ABC, b"x")):
+        send = encode(Method.SEND, Class.INDICATION, tid, [peer_attr, (attr.DATA, b"d"), extra])
+        assert core.on_client_datagram(send, CLIENT, NOW) == []
+    assert core.stats.refusals["unknown_attribute"] == 2
+    optional = encode(Method.SEND, Class.INDICATION, tid, [peer_attr, (attr.DATA, b"d"),
+                                                           (attr.SOFTWARE, b"x")])  # fmt: skip
+    assert len(core.on_client_datagram(optional, CLIENT, NOW)) == 1

@@ -338,6 +338,10 @@ class TurnCore:
         alloc = self.by_client.get(client)
         if alloc is None or alloc.expires <= now:
             return self._drop("no_allocation")
+        # RFC 8489 section 6.3.2: an indication with an unknown comprehension-required
+        # attribute is discarded (DONT-FRAGMENT among them: this server does not support it).
+        if message.unknown_required(KNOWN_ATTRIBUTES):
+            return self._drop("unknown_attribute")
         peer_value, payload = message.get(attr.XOR_PEER_ADDRESS), message.get(attr.DATA)
         if peer_value is None or payload is None:
             return self._drop("bad_request")
