@@ -31,6 +31,20 @@ def load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> StunSe
         ('[server]\nhost = "2001:db8::9"\nhost_ipv6 = "2001:db8::8"\n', "server"),
         ('[server]\nrelay_host_ipv6 = "::"\n', "server"),  # a wildcard tells clients nothing
         ('[server]\nhost = "2001:db8::9"\nrelay_host_ipv6 = "2001:db8::8"\n', "server"),
+        # Values that would not fit their attribute on the wire: every answer would fail.
+        ("[relay]\nmax_lifetime_s = 4294967296\n", "relay.max_lifetime_s"),
+        (
+            "[relay]\ndefault_lifetime_s = 4294967296\nmax_lifetime_s = 4294967296\n",
+            "relay.default_lifetime_s",
+        ),
+        (f'[auth]\nrealm = "{"r" * 33}"\n', "auth.realm"),
+        (f'[auth]\nrealm = "{"é" * 17}"\n', "auth.realm"),  # 17 characters, 34 bytes
+        ('[auth]\nrealm = ""\n', "auth.realm"),
+        ("[auth]\nnonce_lifetime_s = inf\n", "auth.nonce_lifetime_s"),
+        ("[auth]\nnonce_lifetime_s = nan\n", "auth.nonce_lifetime_s"),
+        ("[auth]\nnonce_lifetime_s = 1e15\n", "auth.nonce_lifetime_s"),
+        (f'[auth]\nusers = ["{"n" * 514}:pw"]\n', "auth.users"),
+        ('[auth]\nusers = ["ann:one", "bob:x", "ann:two"]\n', "auth.users"),  # which is ann's?
     ],
 )
 def test_unusable_settings_name_their_key(tmp_path: Path, text: str, key: str) -> None:
@@ -52,6 +66,23 @@ def test_secrets_are_masked_and_the_environment_overrides(tmp_path: Path) -> Non
 def test_no_credentials_is_warned_about(tmp_path: Path) -> None:
     warnings = config_warnings(load(tmp_path, ""))
     assert any("every TURN request will be refused" in w for w in warnings)
+
+
+def test_more_allocations_than_descriptors_is_warned_about(tmp_path: Path) -> None:
+    # A relay socket per allocation: with systemd's soft limit of 1024 the default 1000
+    # allocations left the ops HTTP server without descriptors (its health checks failing).
+    config = load(tmp_path, '[auth]\nusers = ["u:p"]\n[relay]\nmax_allocations = 1000\n')
+    [warning] = [w for w in config_warnings(config, 1024) if "descriptors" in w]
+    assert "max_allocations = 1000 needs about 1064 file descriptors" in warning
+    assert not [w for w in config_warnings(config, 1064) if "descriptors" in w]
+
+
+def test_a_relay_port_range_smaller_than_max_allocations_is_warned_about(tmp_path: Path) -> None:
+    text = '[auth]\nusers = ["u:p"]\n[server]\nrelay_port_min = 50000\nrelay_port_max = 50099\n'
+    [warning] = [w for w in config_warnings(load(tmp_path, text)) if "port range" in w]
+    assert "holds 100 ports, fewer than max_allocations = 1000" in warning
+    enough = text + "[relay]\nmax_allocations = 100\n"
+    assert not [w for w in config_warnings(load(tmp_path, enough)) if "port range" in w]
 
 
 def test_relay_addresses_per_family(tmp_path: Path) -> None:

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from collections import Counter
 
 import pytest
 from dna_stun import attributes as attr
 from dna_stun.auth import Credentials, Nonces, auth_secret_password
-from dna_stun.core import Limits, Send, TransactionIds, TurnCore
+from dna_stun.config import MAX_REALM_BYTES, UINT32_MAX
+from dna_stun.core import (
+    KNOWN_ATTRIBUTES,
+    MAX_DATA_PAYLOAD,
+    MAX_UNPROVEN_GROWTH,
+    Limits,
+    Send,
+    TransactionIds,
+    TurnCore,
+)
 from dna_stun.message import (
     Class,
     Message,
@@ -66,6 +76,7 @@ def make_core(
         ports=Ports(free),
         limits=limits or Limits(),
         relay_families=families,
+        unix_time=lambda: NOW,  # the tests' monotonic clock reads Unix time too
     )
 
 
@@ -419,6 +430,18 @@ def test_bandwidth_cap_drops_what_is_over_the_rate() -> None:
     assert core.on_peer_datagram(b"y" * 100, relay, PEER, NOW + 0.5)  # half a second refills 500
 
 
+def test_time_going_backwards_neither_starves_nor_refills_the_bandwidth_bucket() -> None:
+    # Before, a step back of an hour made the bucket an hour's traffic negative: nothing
+    # relayed until the clock caught up again.
+    core, client = make_core(Limits(bandwidth_bytes_per_s=1000)), Client("alice", "pw")
+    relay = allocate(core, client)
+    assert ask(core, client, client.request(Method.CREATE_PERMISSION, peers=(PEER,)))
+    assert len(core.on_peer_datagram(b"y" * 600, relay, PEER, NOW)) == 1  # 400 tokens left
+    assert len(core.on_peer_datagram(b"y" * 300, relay, PEER, NOW - 3600)) == 1  # 100 left
+    assert not core.on_peer_datagram(b"y" * 300, relay, PEER, NOW - 3600)  # nothing refilled
+    assert len(core.on_peer_datagram(b"y" * 300, relay, PEER, NOW + 0.2)) == 1  # 0.2 s: +200
+
+
 FORBIDDEN = [
     "0.0.0.0", "10.1.2.3", "100.64.0.1", "127.0.0.1", "169.254.169.254", "172.16.0.1",
     "192.168.1.1", "198.18.0.1", "224.0.0.1", "255.255.255.255", "::", "::1", "fc00::1",
@@ -453,6 +476,25 @@ def test_allow_list_opens_a_test_network_but_never_the_listening_port() -> None:
     assert policy.check("127.0.0.1", 22) == "forbidden_peer"  # own address, not a relay port
     assert policy.check("127.0.0.1", 50000) is None  # another allocation's relay
     assert policy.check("10.0.0.1", 5000) == "forbidden_peer"
+
+
+@pytest.mark.parametrize(
+    ("wildcard", "families"), [("0.0.0.0", ("203.0.113.200",)),
+                               ("::", ("203.0.113.200", "2001:db8::200"))],
+)  # fmt: skip
+def test_a_wildcard_listener_is_refused_as_a_peer_on_every_address(
+    wildcard: str, families: tuple[str, ...]
+) -> None:
+    # host = "0.0.0.0" (the container image's setting) listens on addresses no setting names
+    # (a second public address of the host): before, relaying to the TURN port there was
+    # allowed, a loop through the server itself.
+    policy = RelayPolicy()
+    policy.add_own_endpoint((wildcard, 3478))
+    policy.own_ips.add("198.51.100.9")  # relay_host
+    for host in families:
+        assert policy.check(host, 3478) == "forbidden_peer"
+        assert policy.check(host, 3479) is None
+    assert policy.check("::ffff:203.0.113.200", 3478) == "forbidden_peer"
 
 
 def test_public_peers_are_allowed() -> None:
@@ -642,3 +684,312 @@ def test_a_dual_allocation_request_gets_ipv4_and_says_why_not_ipv6() -> None:
     assert response.get(attr.ADDRESS_ERROR_CODE) == b"\x02\x00\x04\x28" + (
         b"Address Family not Supported"
     )
+
+
+def _signed_request_as(core: TurnCore, username: str) -> bytes:
+    """An Allocate signed under ``username`` with a nonce the core issued: every check before
+    the key lookup passes, so the username itself is what the core must judge."""
+    client = Client(username, "pw")
+    client.learn(one(core.on_client_datagram(client.request(Method.ALLOCATE), CLIENT, NOW)))
+    return client.request(Method.ALLOCATE, client.allocate_attrs())
+
+
+@pytest.mark.parametrize(
+    "username",
+    ["²:alice", "١٢٣:alice", "1234567890123:alice", "-1:alice", "+9999999999:alice", ":alice"],
+)
+def test_usernames_that_only_look_time_limited_are_unknown_users(username: str) -> None:
+    # "²".isdigit() is True and int("²") raises: before, one such request (no password
+    # needed, a nonce is free) raised out of the core, an internal error and a traceback.
+    core = make_core()
+    reply = parse(one(core.on_client_datagram(_signed_request_as(core, username), CLIENT, NOW)))
+    assert error_code(reply) == 401
+    assert core.stats.auth_failures == Counter({"unknown_user": 1})
+    assert not core.by_client
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40))
+def test_any_signed_username_is_answered_never_raised(username: str) -> None:
+    core = make_core()
+    if len(username.encode()) > attr.MAX_USERNAME_BYTES:
+        return
+    reply = parse(one(core.on_client_datagram(_signed_request_as(core, username), CLIENT, NOW)))
+    assert error_code(reply) in (400, 401)
+    assert not core.by_client
+
+
+def test_permissions_are_capped_per_allocation_counted_before_any_peer_is_judged() -> None:
+    core, client = make_core(Limits(max_permissions=4)), Client("alice", "pw")
+    allocate(core, client)
+    peers = tuple((f"203.0.113.{i}", 9) for i in range(1, 4))
+    assert is_success(
+        ask(core, client, client.request(Method.CREATE_PERMISSION, peers=peers)),
+        Method.CREATE_PERMISSION,
+    )
+    two_more = (("198.51.100.7", 9), ("198.51.100.8", 9))
+    refused = ask(core, client, client.request(Method.CREATE_PERMISSION, peers=two_more))
+    assert error_code(refused) == 508 and core.stats.refusals["quota_permissions"] == 1
+    # More peers in one request than an allocation may hold: refused by their number, before
+    # each is decoded and checked against the policy (the last one here would not decode).
+    undecodable = (attr.XOR_PEER_ADDRESS, b"\x00\x01\x00\x09\x01")
+    many = client.request(Method.CREATE_PERMISSION, [undecodable] * 5)
+    assert error_code(ask(core, client, many)) == 508
+    assert core.stats.refusals["quota_permissions"] == 2 and not core.stats.refusals["bad_request"]
+    assert set(core.by_client[CLIENT].permissions) == {ip for ip, _ in peers}
+
+
+def test_a_request_of_thousands_of_unknown_attributes_is_dropped_unanswered() -> None:
+    # 16,000 comprehension-required unknowns in one 64 KB datagram: before, parsed (20 ms) and
+    # then listed by a quadratic scan (about a second of CPU) into a 32 KB 420 answer.
+    core = make_core()
+    flood = [(0x4000 + i, b"") for i in range(16_000)]
+    datagram = encode(Method.BINDING, Class.REQUEST, b"u" * 12, flood, fingerprint=False)
+    assert core.on_client_datagram(datagram, CLIENT, NOW) == []
+    assert core.stats.refusals == Counter({"malformed": 1})
+
+
+def test_an_expired_allocation_replaced_before_the_sweep_closes_and_frees_its_quota() -> None:
+    # The sweep runs every few seconds; a client allocating again on the same 5-tuple just
+    # after its allocation expired replaced it unswept. Before, the old one was then out of
+    # every sweep's reach: its relay port (a socket) open and its user quota held for good.
+    core = make_core(Limits(default_lifetime=600, max_lifetime=600, max_allocations_per_user=1))
+    ports: Ports = core.ports  # type: ignore[assignment]
+    old = allocate(core, Client("alice", "pw"))
+    new = allocate(core, Client("alice", "pw"), NOW + 601)
+    assert new != old and ports.open_now == {new} and core.per_user == {"alice": 1}
+    core.expire(NOW + 602)
+    assert set(core.by_relay) == {new} and ports.open_now == {new}
+    core.expire(NOW + 601 + 601)
+    assert not core.by_relay and not ports.open_now and not core.per_user
+
+
+def test_the_largest_settings_the_config_accepts_still_encode_every_answer() -> None:
+    # The config refuses what would not fit on the wire; what it accepts must serve.
+    core = make_core(Limits(default_lifetime=UINT32_MAX, max_lifetime=UINT32_MAX))
+    realm = "𝄞" * (MAX_REALM_BYTES // 4)  # four bytes a character
+    core.credentials = Credentials(realm, {"alice": "pw"})
+    client = Client("alice", "pw")
+    allocate(core, client)  # its first Allocate is 36 bytes, as aioice's, pion's
+    assert client.realm == realm
+    reply = ask(core, client, client.request(Method.REFRESH, [(attr.LIFETIME, attr.uint32(5))]))
+    assert attr.decode_uint32(reply.get(attr.LIFETIME) or b"") == UINT32_MAX
+    assert set(core.stats.refusals) == {"unauthenticated"}  # the first 401, nothing else
+
+
+def test_channel_bindings_are_capped_per_allocation() -> None:
+    # RFC 8656 allows 4,096 channels an allocation, ~300 bytes each in the relay: before, one
+    # user's ten allocations bound 40,960 and grew the process by 12 MB (1.2 GB at the
+    # default 1,000 allocations). Refreshes of live bindings do not count; expired ones free.
+    core = make_core(Limits(max_channels=3, default_lifetime=3600))
+    client = Client("alice", "pw")
+    allocate(core, client)
+
+    def bind(number: int, port: int, now: float = NOW) -> int | None:
+        number_attr = [(attr.CHANNEL_NUMBER, attr.channel_number(number))]
+        request = client.request(Method.CHANNEL_BIND, number_attr, peers=((PEER[0], port),))
+        return error_code(ask(core, client, request, now))
+
+    assert [bind(0x4000 + n, 5000 + n) for n in range(3)] == [None, None, None]
+    assert bind(0x4003, 5003) == 508 and core.stats.refusals["quota_channels"] == 1
+    assert 0x4003 not in core.by_client[CLIENT].channels
+    assert bind(0x4001, 5001) is None  # a refresh of a live binding
+    later = NOW + 601  # the channels' 10 minutes are over; not swept yet
+    assert bind(0x4003, 5003, later) == 438  # the nonce is stale too: the 438 has a fresh one
+    assert bind(0x4003, 5003, later) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=40), st.binary(max_size=20))
+def test_any_nonce_and_realm_a_request_signs_are_answered_never_raised(
+    nonce: bytes, realm: bytes
+) -> None:
+    # A NONCE "1.é" reached hmac.compare_digest as non-ASCII text, which raises TypeError:
+    # before, one such request (no password needed) raised out of the core.
+    core, client = make_core(), Client("alice", "pw")
+    client.learn(one(core.on_client_datagram(client.request(Method.ALLOCATE), CLIENT, NOW)))
+    client.nonce, client.realm = nonce, realm.decode(errors="replace")
+    reply = parse(one(core.on_client_datagram(
+        client.request(Method.ALLOCATE, client.allocate_attrs()), CLIENT, NOW)))  # fmt: skip
+    assert error_code(reply) in (400, 401, 438)
+    assert not core.by_client
+
+
+def test_a_nonce_of_other_text_than_ascii_is_stale() -> None:
+    core, client = make_core(), Client("alice", "pw")
+    client.learn(one(core.on_client_datagram(client.request(Method.ALLOCATE), CLIENT, NOW)))
+    client.nonce = b"1." + "é".encode()
+    reply = parse(one(core.on_client_datagram(
+        client.request(Method.ALLOCATE, client.allocate_attrs()), CLIENT, NOW)))  # fmt: skip
+    assert error_code(reply) == 438 and core.stats.refusals["stale_nonce"] == 1
+
+
+def _send_indication(peer: tuple[str, int], payload: bytes) -> bytes:
+    tid = os.urandom(12)
+    peer_attr = (attr.XOR_PEER_ADDRESS, attr.encode_xor_address(peer, tid))
+    return encode(Method.SEND, Class.INDICATION, tid, [peer_attr, (attr.DATA, payload)])
+
+
+def test_a_permission_for_the_servers_own_address_reaches_only_its_relay_ports() -> None:
+    # Permissions are per IP. One for the server's own address is granted for another
+    # allocation's relay port (two clients behind symmetric NATs); before, a Send indication
+    # then reached any port of that address: the TURN port itself, and whatever else of the
+    # relay's host listens on UDP there (DNS, SNMP, ...), past the relay policy.
+    core, client = make_core(), Client("alice", "pw")
+    relay = allocate(core, client)
+    other_relay = (SERVER[0], 50077)
+    ok = ask(core, client, client.request(Method.CREATE_PERMISSION, peers=(other_relay,)))
+    assert is_success(ok, Method.CREATE_PERMISSION)
+    assert core.on_client_datagram(_send_indication(other_relay, b"hi"), CLIENT, NOW) == [
+        Send(relay, b"hi", other_relay)
+    ]
+    for port in (SERVER[1], 53, 161, 7480):
+        assert core.on_client_datagram(_send_indication((SERVER[0], port), b"x"), CLIENT, NOW) == []
+    assert core.stats.refusals["forbidden_peer"] == 4
+    assert core.stats.relayed_packets["client_to_peer"] == 1
+
+
+# --- no amplification toward unproven sources ---------------------------------------------------
+
+METHODS = [Method.BINDING, Method.ALLOCATE, Method.REFRESH, Method.CREATE_PERMISSION,
+           Method.CHANNEL_BIND, 0x0FF]  # fmt: skip
+ATTRIBUTE_KINDS = [*sorted(KNOWN_ATTRIBUTES), 0x7000, 0x8123]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.sampled_from(METHODS),
+    st.lists(st.tuples(st.sampled_from(ATTRIBUTE_KINDS), st.binary(max_size=24)), max_size=6),
+    st.booleans(),
+    st.booleans(),
+)
+def test_no_answer_to_an_unproven_request_is_over_three_times_its_size(
+    method: int, attrs: list[tuple[int, bytes]], signed: bool, fingerprint: bool
+) -> None:
+    # The source of a request that proves no key may be a forged victim's. Before, a bare
+    # 20-byte Allocate drew a 96-byte 401 (4.8x), and with a long realm up to ~30x.
+    core = make_core()
+    key = b"not the key" if signed else None
+    request = encode(method, Class.REQUEST, os.urandom(12), attrs, key=key, fingerprint=fingerprint)
+    for send in core.on_client_datagram(request, CLIENT, NOW):
+        assert len(send.data) <= MAX_UNPROVEN_GROWTH * len(request)
+    assert not core.by_client
+
+
+def test_a_challenge_too_large_for_its_request_drops_its_reason_phrase_then_itself() -> None:
+    tid = b"c" * 12
+    transport = [(attr.REQUESTED_TRANSPORT, attr.requested_transport())]
+    aioice = [(attr.LIFETIME, attr.uint32(600)), *transport]  # aioice's first Allocate
+    for realm, request, wanted in (
+        ("dna", encode(Method.ALLOCATE, Class.REQUEST, tid, aioice), "Unauthorized"),
+        ("dna", encode(Method.ALLOCATE, Class.REQUEST, tid, transport, fingerprint=False),
+         "Unauthorized"),  # 28 bytes: 84
+        ("dna.example.org", encode(Method.ALLOCATE, Class.REQUEST, tid, transport,
+                                   fingerprint=False), ""),  # 28 bytes: 84 without the phrase
+        ("dna", encode(Method.ALLOCATE, Class.REQUEST, tid, fingerprint=False), None),  # 20
+    ):  # fmt: skip
+        core = make_core()
+        core.credentials = Credentials(realm, {"alice": "pw"})
+        out = core.on_client_datagram(request, CLIENT, NOW)
+        assert core.stats.refusals["unauthenticated"] == 1
+        if wanted is None:
+            assert out == [] and core.stats.refusals["amplification"] == 1
+            continue
+        answer = parse(one(out))
+        assert attr.decode_error_code(answer.get(attr.ERROR_CODE) or b"") == (401, wanted)
+        assert answer.get(attr.REALM) == realm.encode() and answer.get(attr.NONCE)
+        assert len(one(out)) <= MAX_UNPROVEN_GROWTH * len(request)
+
+
+def test_a_peer_datagram_too_large_for_a_data_indication_is_dropped_not_raised() -> None:
+    # An IPv6 datagram may carry 65,527 bytes; a Data indication with an IPv6 peer address
+    # holds 65,504. Before, the encoder raised on the first such datagram: the whole batch
+    # failed, an internal error, and a traceback per datagram for any permitted peer.
+    core = make_core(families=frozenset({attr.FAMILY_IPV6}))
+    client = Client("alice", "pw")
+    relay = allocate(core, client, extra=[(attr.REQUESTED_ADDRESS_FAMILY, IPV6_FAMILY)])
+    permit = client.request(Method.CREATE_PERMISSION, peers=(PEER6,))
+    assert is_success(ask(core, client, permit), Method.CREATE_PERMISSION)
+    sizes = [10, 65_527, MAX_DATA_PAYLOAD + 1, MAX_DATA_PAYLOAD, 20]
+    out = core.on_peer_datagrams(relay, [(b"p" * n, PEER6) for n in sizes], NOW)
+    carried = [parse(send.data).get(attr.DATA) for send in out]
+    assert [len(data or b"") for data in carried] == [10, MAX_DATA_PAYLOAD, 20]
+    assert core.stats.refusals["too_large"] == 2
+    # Over a channel the four-byte header holds any datagram a peer can send.
+    number = [(attr.CHANNEL_NUMBER, attr.channel_number(0x4000))]
+    bind = client.request(Method.CHANNEL_BIND, number, peers=(PEER6,))
+    assert is_success(ask(core, client, bind), Method.CHANNEL_BIND)
+    [framed] = core.on_peer_datagram(b"p" * 65_527, relay, PEER6, NOW)
+    assert framed.data[:4] == struct.pack("!HH", 0x4000, 65_527)
+
+
+# --- an authenticated client's anything: answered or dropped, never raised, always bounded -------
+
+SIGNED_METHODS = [Method.ALLOCATE, Method.REFRESH, Method.CREATE_PERMISSION, Method.CHANNEL_BIND,
+                  Method.BINDING]  # fmt: skip
+VALUE = st.one_of(
+    st.binary(max_size=24),
+    st.sampled_from([attr.encode_xor_address(p, b"\x00" * 12) for p in (PEER, PEER6)]),
+    st.builds(attr.channel_number, st.integers(0x3FF0, 0x5010)),
+    st.builds(attr.uint32, st.sampled_from([0, 1, 600, 2**32 - 1])),
+)
+STEP = st.one_of(
+    st.tuples(st.just("request"), st.sampled_from(SIGNED_METHODS),
+              st.lists(st.tuples(st.sampled_from(ATTRIBUTE_KINDS), VALUE), max_size=5)),
+    st.tuples(st.just("channel_data"), st.integers(0x3FFF, 0x4010), st.integers(0, 70_000)),
+    st.tuples(st.just("request"), st.just(Method.CREATE_PERMISSION),
+              st.just([(attr.XOR_PEER_ADDRESS, attr.encode_xor_address(PEER, bytes(12)))])),
+    st.tuples(st.just("peer"), st.sampled_from([PEER, PEER6]),
+              st.sampled_from([0, 1, 1200, 65_504, 65_505, 65_507, 65_527])),
+    st.tuples(st.just("time"), st.sampled_from([1.0, 301.0, 601.0, -3600.0]), st.just(0)),
+)  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(STEP, max_size=25))
+def test_whatever_an_authenticated_client_and_its_peers_send_the_core_stays_bounded(
+    steps: list[tuple[str, object, object]],
+) -> None:
+    limits = Limits(max_permissions=3, max_channels=2, bandwidth_bytes_per_s=100_000)
+    core, client = make_core(limits), Client("alice", "pw")
+    relay, now = allocate(core, client), NOW
+    ask(core, client, client.request(Method.CREATE_PERMISSION, peers=(PEER,)))  # peers get in
+    for kind, first, second in steps:
+        out: list[Send] = []
+        if kind == "request":
+            assert isinstance(first, int) and isinstance(second, list)
+            out = core.on_client_datagram(client.request(first, second), CLIENT, now)
+            for send in out:
+                client.learn(send.data)  # a 438 brings a fresh nonce
+        elif kind == "channel_data":
+            assert isinstance(first, int) and isinstance(second, int)
+            framed = struct.pack("!HH", first, min(second, 65_535)) + b"d" * (second % 1500)
+            out = core.on_client_datagram(framed, CLIENT, now)
+        elif kind == "peer":
+            assert isinstance(first, tuple) and isinstance(second, int)
+            out = core.on_peer_datagram(b"p" * second, relay, first, now)
+        else:
+            assert isinstance(first, float)
+            now += first
+            core.expire(now)
+        assert all(isinstance(send, Send) for send in out)
+        for alloc in core.by_relay.values():
+            assert sum(1 for u in alloc.permissions.values() if u > now) <= limits.max_permissions
+            assert sum(1 for _, u in alloc.channels.values() if u > now) <= limits.max_channels
+    assert len(core.by_relay) <= 1
+
+
+def test_a_send_indication_with_an_unknown_required_attribute_is_discarded() -> None:
+    # RFC 8489 section 6.3.2; before, it was relayed, DONT-FRAGMENT ignored.
+    core, client = make_core(), Client("alice", "pw")
+    allocate(core, client)
+    assert ask(core, client, client.request(Method.CREATE_PERMISSION, peers=(PEER,)))
+    tid = os.urandom(12)
+    peer_attr = (attr.XOR_PEER_ADDRESS, attr.encode_xor_address(PEER, tid))
+    for extra in ((attr.DONT_FRAGMENT, b""), (0x7ABC, b"x")):
+        send = encode(Method.SEND, Class.INDICATION, tid, [peer_attr, (attr.DATA, b"d"), extra])
+        assert core.on_client_datagram(send, CLIENT, NOW) == []
+    assert core.stats.refusals["unknown_attribute"] == 2
+    optional = encode(Method.SEND, Class.INDICATION, tid, [peer_attr, (attr.DATA, b"d"),
+                                                           (attr.SOFTWARE, b"x")])  # fmt: skip
+    assert len(core.on_client_datagram(optional, CLIENT, NOW)) == 1

@@ -8,6 +8,7 @@ import pytest
 from dna_stun import attributes as attr
 from dna_stun.errors import StunProtocolError
 from dna_stun.message import (
+    MAX_ATTRIBUTES,
     Class,
     Method,
     check_integrity,
@@ -170,6 +171,23 @@ def test_unknown_attributes_are_kept_and_reported() -> None:
     message = parse(data)
     assert [(a.type, a.value) for a in message.attributes[:2]] == [(0x7777, b"abc"), (0xC001, b"")]
     assert message.unknown_required(frozenset()) == [0x7777]
+
+
+def test_a_message_may_carry_max_attributes_and_no_more() -> None:
+    # Those after MESSAGE-INTEGRITY, which parse drops, count as well: parsing them is the cost.
+    for after_integrity in (False, True):
+        head = [(attr.MESSAGE_INTEGRITY, bytes(20))] if after_integrity else []
+        fits = head + [(0x7000 + i, b"") for i in range(MAX_ATTRIBUTES - len(head))]
+        parse(encode(Method.BINDING, Class.REQUEST, TID, fits, fingerprint=False))
+        over = encode(Method.BINDING, Class.REQUEST, TID, [*fits, (0x7FFF, b"")], fingerprint=False)
+        with pytest.raises(StunProtocolError, match=f"more than {MAX_ATTRIBUTES} attributes"):
+            parse(over)
+
+
+def test_unknown_attributes_are_reported_once_each_in_wire_order() -> None:
+    kinds = [0x7003, 0x7001, 0x7003, 0x8001, 0x7002, 0x7001]
+    message = parse(encode(Method.BINDING, Class.REQUEST, TID, [(k, b"") for k in kinds]))
+    assert message.unknown_required(frozenset({0x7002})) == [0x7003, 0x7001]
 
 
 def test_channel_data() -> None:

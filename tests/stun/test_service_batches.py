@@ -6,6 +6,7 @@ batch's sends. A real `StunServer` on real sockets."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -187,6 +188,52 @@ async def _buggy_batch(server: StunServer) -> None:
     assert [a.transaction_id for a in answers] == tids
     # Once for the batch, once for the datagram itself when retried alone.
     assert core.stats.refusals["internal_error"] == 2
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "datagram handling failed":
+            self.records.append(record)
+
+
+def test_a_flood_of_datagrams_that_raise_logs_a_traceback_a_minute_and_counts_each() -> None:
+    """Whoever finds a datagram that raises can send it in a flood: before, each one logged a
+    traceback (twice over for a batch: once for it, once retried alone)."""
+    clock = [1000.0]
+    records = _Records()
+    logging.getLogger("dna.stun").addHandler(records)
+
+    async def main() -> None:
+        server = StunServer(_config("127.0.0.1"), clock=lambda: clock[0])
+        await server.start()
+        try:
+            assert server.core is not None
+            here: Addr = ("127.0.0.1", 9)
+
+            def buggy(batch: list[Datagram], now: float) -> list[Send]:
+                raise RuntimeError("a bug in the core")
+
+            server._relay(buggy, [(b"boom", here)] * 50)
+            assert server.core.stats.refusals["internal_error"] == 51
+            clock[0] += 59.0
+            server._relay(buggy, [(b"boom", here)])
+            assert len(records.records) == 1
+            clock[0] += 2.0
+            server._relay(buggy, [(b"boom", here)])
+            assert server.core.stats.refusals["internal_error"] == 55
+        finally:
+            await server.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        logging.getLogger("dna.stun").removeHandler(records)
+    assert [getattr(r, "suppressed", None) for r in records.records] == [0, 52]
+    assert all(r.exc_info is not None for r in records.records)
 
 
 def test_what_a_client_relayed_before_deallocating_in_the_same_batch_still_goes_out() -> None:

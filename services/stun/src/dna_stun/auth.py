@@ -16,12 +16,23 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets
 from collections.abc import Iterable, Mapping
 
 from dna_stun.message import long_term_key
 
-__all__ = ["Credentials", "Nonces", "auth_secret_password", "userhash"]
+__all__ = ["Credentials", "Nonces", "auth_secret_password", "time_limited", "userhash"]
+
+# "<expiry-unix>:<name>": ASCII digits only (``str.isdigit`` also takes "²" or "٣", which
+# ``int`` refuses or reads), at most 12 of them (the year 33658: no overflow anywhere).
+_TIME_LIMITED = re.compile(r"([0-9]{1,12}):(.*)", re.DOTALL)
+
+
+def time_limited(username: str) -> tuple[int, str] | None:
+    """(expiry, name) of a time-limited username ``"<expiry-unix>:<name>"``, else None."""
+    match = _TIME_LIMITED.fullmatch(username)
+    return None if match is None else (int(match[1]), match[2])
 
 
 def auth_secret_password(secret: str, username: str) -> str:
@@ -51,10 +62,10 @@ class Credentials:
         static = self._keys.get(username)
         if static is not None:
             return [static], ""
-        expiry, colon, _user = username.partition(":")
-        if not self._secrets or not colon or not expiry.isdigit() or len(expiry) > 12:
+        parsed = time_limited(username)
+        if not self._secrets or parsed is None:
             return [], "unknown_user"
-        if int(expiry) <= now:
+        if parsed[0] <= now:
             return [], "expired_credential"
         # One key per configured secret: an operator rotates by adding the new secret before
         # the old one's last credentials expire; the integrity check finds which one signed.
@@ -70,7 +81,12 @@ class Credentials:
 
 
 class Nonces:
-    """Issues and checks nonces bound to a client IP and valid for ``lifetime`` seconds."""
+    """Issues and checks nonces bound to a client IP and valid for ``lifetime`` seconds.
+
+    A nonce is 24 characters: the expiry as 8 hex digits (``now`` is below 2^32 - lifetime:
+    a monotonic clock, or Unix time until 2106) and 64 bits of HMAC. Short, because it goes
+    in every 401, and a 401 may go to a forged source: the relay sends no answer of more
+    than three times an unproven request (``dna_stun.core.MAX_UNPROVEN_GROWTH``)."""
 
     def __init__(self, lifetime: float, key: bytes | None = None) -> None:
         self.lifetime = lifetime
@@ -78,16 +94,17 @@ class Nonces:
 
     def _mac(self, expiry: int, client_ip: str) -> str:
         mac = hmac.new(self._key, f"{expiry}|{client_ip}".encode(), hashlib.sha256)
-        return mac.hexdigest()[:24]
+        return mac.hexdigest()[:16]
 
     def issue(self, client_ip: str, now: float) -> str:
         expiry = int(now + self.lifetime)
-        return f"{expiry:x}.{self._mac(expiry, client_ip)}"
+        return f"{expiry:08x}{self._mac(expiry, client_ip)}"
 
     def check(self, nonce: str, client_ip: str, now: float) -> bool:
-        expiry_hex, dot, mac = nonce.partition(".")
-        if not dot or not 0 < len(expiry_hex) <= 12:
+        # ASCII only: hmac.compare_digest raises TypeError on other text (a client's NONCE).
+        if len(nonce) != 24 or not nonce.isascii():
             return False
+        expiry_hex, mac = nonce[:8], nonce[8:]
         try:
             expiry = int(expiry_hex, 16)
         except ValueError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import resource
 from typing import Annotated
 
 from dna_core.ops.config import (
@@ -22,6 +23,14 @@ from dna_stun.policy import DEFAULT_DENIED
 __all__ = ["ENV_PREFIX", "AuthSection", "RelaySection", "ServerSection", "StunServiceConfig"]
 
 ENV_PREFIX = "DNA_STUN"
+# Bounds of values that go on the wire: a setting past them would start a server whose every
+# answer failed to encode (an internal error per request), so they are refused at load.
+UINT32_MAX = 0xFFFFFFFF  # LIFETIME (RFC 8656 section 18.2)
+# REALM (RFC 8489 allows 127 characters) goes in every 401, which the relay keeps under three
+# times the request it answers (dna_stun.core.MAX_UNPROVEN_GROWTH): with 32 bytes a first
+# Allocate of 36 bytes (aioice, pion, libwebrtc) is still challenged.
+MAX_REALM_BYTES = 32
+MAX_NONCE_LIFETIME_S = 86_400.0  # a day: the nonce's expiry field holds 12 hex digits
 SecretStrings = Annotated[tuple[SecretStr, ...], Strict(False)]
 
 
@@ -95,8 +104,9 @@ class ServerSection(ConfigModel):
 class AuthSection(ConfigModel):
     """Long-term credentials (RFC 8489 9.2): static users and/or a shared secret."""
 
-    realm: str = "dna"
-    """The realm clients hash into their key."""
+    realm: str = Field(default="dna", min_length=1)
+    """The realm clients hash into their key, 1-32 bytes (UTF-8): it is in every 401, and an
+    answer to an unauthenticated request is at most three times its size."""
     users: Annotated[SecretStrings, Secret()] = ()
     """Static users, each "name:password"."""
     auth_secret: SecretStr = SecretStr("")
@@ -104,16 +114,29 @@ class AuthSection(ConfigModel):
     with password base64(HMAC-SHA1(auth_secret, username)) is valid until its expiry."""
     previous_auth_secret: SecretStr = SecretStr("")
     """During a rotation, the secret before `auth_secret`, still accepted."""
-    nonce_lifetime_s: float = Field(default=600.0, gt=0)
-    """Seconds a nonce stays valid; then the client gets 438 and retries."""
+    nonce_lifetime_s: float = Field(default=600.0, gt=0, le=MAX_NONCE_LIFETIME_S)
+    """Seconds a nonce stays valid (at most a day); then the client gets 438 and retries."""
+
+    @field_validator("realm")
+    @classmethod
+    def _realm(cls, realm: str) -> str:
+        if len(realm.encode()) > MAX_REALM_BYTES:
+            raise ValueError(f"the realm is at most {MAX_REALM_BYTES} bytes (UTF-8)")
+        return realm
 
     @field_validator("users")
     @classmethod
     def _users(cls, users: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        names = [user.reveal().partition(":")[0] for user in users]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:  # one of the passwords would silently stop working
+            raise ValueError(f"user names listed twice: {', '.join(twice)}")
         for user in users:
             name, colon, password = user.reveal().partition(":")
             if not name or not colon or not password:
                 raise ValueError('each user is "name:password"')
+            if len(name.encode()) > attr.MAX_USERNAME_BYTES:  # no USERNAME could carry it
+                raise ValueError(f"a user name is at most {attr.MAX_USERNAME_BYTES} bytes")
         return users
 
     def user_passwords(self) -> dict[str, str]:
@@ -126,9 +149,9 @@ class AuthSection(ConfigModel):
 class RelaySection(ConfigModel):
     """Allocations: their lifetimes, quotas, bandwidth, and where they may relay to."""
 
-    default_lifetime_s: int = Field(default=600, ge=60)
+    default_lifetime_s: int = Field(default=600, ge=60, le=UINT32_MAX)
     """An allocation's lifetime unless the client asks for longer (RFC 8656: 600)."""
-    max_lifetime_s: int = Field(default=3600, ge=60)
+    max_lifetime_s: int = Field(default=3600, ge=60, le=UINT32_MAX)
     """The longest lifetime granted per request (RFC 8656: 3600)."""
     max_allocations: int = Field(default=1000, ge=1)
     """Allocations at once in total; then 508."""
@@ -136,6 +159,9 @@ class RelaySection(ConfigModel):
     """Allocations at once per username; then 486."""
     max_permissions: int = Field(default=64, ge=1)
     """Peer addresses one allocation may have permissions for."""
+    max_channels: int = Field(default=64, ge=1, le=4096)
+    """Channel bindings one allocation may hold, then 508 (RFC 8656 allows 4096, ~300 bytes
+    each in the relay: 1.2 MB an allocation, 1.2 GB at 1000 allocations)."""
     bandwidth_bytes_per_s: int = Field(default=1_000_000, ge=0)
     """Relayed bytes per second per allocation, both directions; 0: no cap."""
     allowed_peers: Strings = ()
@@ -172,11 +198,35 @@ class StunServiceConfig(ConfigModel):
     """Log lines below this level are dropped (any case: "INFO" is "info")."""
 
 
-def config_warnings(config: StunServiceConfig) -> list[str]:
-    """Settings that work but are most likely a mistake on a public node."""
+# Descriptors besides the relay sockets: the listening sockets, ops HTTP connections, logs.
+OTHER_DESCRIPTORS = 64
+
+
+def config_warnings(config: StunServiceConfig, open_files_limit: int | None = None) -> list[str]:
+    """Settings that work but are most likely a mistake on a public node.
+    ``open_files_limit``: what the node raises its own to (default: the hard limit)."""
     warnings = []
+    if open_files_limit is None:
+        open_files_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    needed = config.relay.max_allocations + OTHER_DESCRIPTORS  # a relay socket each
+    if open_files_limit != resource.RLIM_INFINITY and needed > open_files_limit:
+        warnings.append(
+            f"[relay] max_allocations = {config.relay.max_allocations} needs about {needed} "
+            f"file descriptors (a relay socket each) but the open-files limit is "
+            f"{open_files_limit}: past it allocations are refused (508) and the ops endpoints "
+            "cannot accept connections; raise the hard limit (systemd LimitNOFILE) or lower "
+            "max_allocations"
+        )
     if not config.auth.users and not config.auth.secrets():
         warnings.append("no [auth] users or auth_secret: every TURN request will be refused")
+    ports = config.server.relay_port_max - config.server.relay_port_min + 1
+    if ports < config.relay.max_allocations:  # a relay port each, per relay address
+        warnings.append(
+            f"the relay port range {config.server.relay_port_min}-"
+            f"{config.server.relay_port_max} holds {ports} ports, fewer than max_allocations = "
+            f"{config.relay.max_allocations}: past them allocations are refused (508, "
+            "no_relay_port), each after trying to bind many taken ports"
+        )
     if config.relay.allowed_peers:
         warnings.append(
             f"[relay] allowed_peers opens {', '.join(config.relay.allowed_peers)} to relaying: "

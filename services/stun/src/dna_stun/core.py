@@ -1,8 +1,11 @@
 """The STUN/TURN server as a sans-I/O state machine (RFC 8489 Binding, RFC 8656 relay).
 
-Datagrams go in with the time (``now``, Unix seconds); ``Send`` instructions come out: bytes to
-send to an address, from the listening socket (``via=None``) or from an allocation's relay
-socket (``via=`` its relay address). Only relay ports are a side effect, asked of ``RelayPorts``
+Datagrams go in with the time (``now``, seconds of a monotonic clock: lifetimes, permissions,
+channels, nonces and the bandwidth bucket are durations, which a step of the wall clock must
+not stretch, cut or stall); ``Send`` instructions come out: bytes to send to an address, from
+the listening socket (``via=None``) or from an allocation's relay socket (``via=`` its relay
+address). Unix time, from the injected ``unix_time``, judges only what is dated in it: a
+time-limited username's expiry. Only relay ports are a side effect, asked of ``RelayPorts``
 (the asyncio adapter binds sockets; tests hand out numbers). Nothing here raises on input: a
 malformed, unauthenticated or forbidden datagram gets its RFC error response or is dropped, and
 every refusal is counted by reason in ``stats``.
@@ -12,13 +15,14 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from dna_stun import attributes as attr
-from dna_stun.auth import Credentials, Nonces
+from dna_stun.auth import Credentials, Nonces, time_limited
 from dna_stun.errors import StunProtocolError
 from dna_stun.message import (
     CHANNEL_MAX,
@@ -50,6 +54,15 @@ Datagram = tuple[bytes, Addr]  # what a socket's recvfrom returns (IPv4; IPv6 cu
 PERMISSION_LIFETIME = 300.0  # RFC 8656 section 9: fixed
 CHANNEL_LIFETIME = 600.0  # RFC 8656 section 12: fixed
 CHANNEL_HEADER = struct.Struct("!HH")
+# An answer to a request that proved no key (a Binding, a 401 challenge, a 400 or 420) goes to
+# an address nobody showed is the sender's: at most this many times the request's bytes, so the
+# relay is no amplifier of reflected floods (docs/crypto.md, "Denial of service").
+MAX_UNPROVEN_GROWTH = 3
+# The most a Data indication carries: its STUN length (16 bits) holds the DATA attribute and
+# an IPv6 XOR-PEER-ADDRESS (4 + 65,504 + 4 + 20 = 65,532). A peer's IPv6 datagram may hold
+# 65,527 bytes; no client could receive one that large in a Data indication anyway (over
+# IPv4 a datagram is at most 65,507 bytes, over IPv6 65,527), so it is dropped, counted.
+MAX_DATA_PAYLOAD = 65_504
 
 KNOWN_ATTRIBUTES = frozenset(
     {
@@ -101,8 +114,8 @@ def data_indication(peer: Addr, payload: bytes) -> bytes:
 def quota_key(username: str) -> str:
     """Whose quota an allocation counts against: a time-limited username
     ("<expiry>:<name>") counts against its name, so fresh credentials do not buy more."""
-    expiry, colon, name = username.partition(":")
-    return name if colon and expiry.isdigit() else username
+    parsed = time_limited(username)
+    return username if parsed is None else parsed[1]
 
 
 class Send(NamedTuple):
@@ -126,6 +139,7 @@ class Limits:
     max_allocations: int = 1000
     max_allocations_per_user: int = 10
     max_permissions: int = 64  # peer IPs per allocation
+    max_channels: int = 64  # channel bindings per allocation (RFC 8656 allows 4096)
     bandwidth_bytes_per_s: int = 0  # per allocation, both directions; 0: no cap
 
 
@@ -158,9 +172,10 @@ class Allocation:
 
 
 class _RefusedError(Exception):
-    """An error response to send (already encoded) and the reason to count."""
+    """An error response to send (already encoded; None: none is sent) and the reason to
+    count."""
 
-    def __init__(self, reason: str, response: bytes) -> None:
+    def __init__(self, reason: str, response: bytes | None) -> None:
         self.reason, self.response = reason, response
 
 
@@ -181,8 +196,10 @@ class TurnCore:
         ports: RelayPorts,
         limits: Limits = Limits(),
         relay_families: frozenset[int] = frozenset({attr.FAMILY_IPV4}),
+        unix_time: Callable[[], float] = time.time,
     ) -> None:
         self.credentials, self.nonces, self.policy = credentials, nonces, policy
+        self.unix_time = unix_time
         self.ports, self.limits, self.relay_families = ports, limits, relay_families
         self.stats = Stats()
         self.by_client: dict[Addr, Allocation] = {}
@@ -265,11 +282,16 @@ class TurnCore:
             if permissions.get(peer[0], 0.0) <= now:
                 refusals["no_permission"] += 1
                 continue
+            number = peer_channels.get(peer)
+            if number is not None and channels[number][1] <= now:
+                number = None  # expired, not swept yet
+            if number is None and length > MAX_DATA_PAYLOAD:
+                refusals["too_large"] += 1
+                continue
             if rate and not within(alloc, length, now):
                 refusals["bandwidth"] += 1
                 continue
-            number = peer_channels.get(peer)
-            if number is not None and channels[number][1] > now:
+            if number is not None:
                 relayed = CHANNEL_HEADER.pack(number, length) + data
             else:
                 relayed = data_indication(peer, data)
@@ -281,7 +303,8 @@ class TurnCore:
 
     def expire(self, now: float) -> None:
         """Drop expired allocations (closing their relay ports), permissions and channels."""
-        for alloc in [a for a in self.by_client.values() if a.expires <= now]:
+        # By relay address: every allocation has its own, so none can hide from the sweep.
+        for alloc in [a for a in self.by_relay.values() if a.expires <= now]:
             self._delete(alloc)
         for alloc in self.by_client.values():
             for ip in [ip for ip, until in alloc.permissions.items() if until <= now]:
@@ -302,7 +325,8 @@ class TurnCore:
         except StunProtocolError as exc:
             return self._drop(exc.reason)
         if message.cls == Class.REQUEST:
-            return [Send(None, self._request(message, client, now), client)]
+            answer = self._request(message, client, now)
+            return [] if answer is None else [Send(None, answer, client)]
         if message.cls == Class.INDICATION and message.method == Method.SEND:
             return self._send_indication(message, client, now)
         if message.cls == Class.INDICATION and message.method == Method.BINDING:
@@ -314,6 +338,10 @@ class TurnCore:
         alloc = self.by_client.get(client)
         if alloc is None or alloc.expires <= now:
             return self._drop("no_allocation")
+        # RFC 8489 section 6.3.2: an indication with an unknown comprehension-required
+        # attribute is discarded (DONT-FRAGMENT among them: this server does not support it).
+        if message.unknown_required(KNOWN_ATTRIBUTES):
+            return self._drop("unknown_attribute")
         peer_value, payload = message.get(attr.XOR_PEER_ADDRESS), message.get(attr.DATA)
         if peer_value is None or payload is None:
             return self._drop("bad_request")
@@ -321,20 +349,34 @@ class TurnCore:
             peer = attr.decode_xor_address(peer_value, message.transaction_id)
         except StunProtocolError:
             return self._drop("bad_request")
-        if alloc.permissions.get(peer[0], 0.0) <= now:
-            return self._drop("no_permission")
-        if not self._within_bandwidth(alloc, len(payload), now):
-            return self._drop("bandwidth")
+        refused = self._send_refusal(alloc, peer, len(payload), now)
+        if refused is not None:
+            return self._drop(refused)
         self._count("client_to_peer", 1, len(payload))
         return [Send(alloc.relay, payload, peer)]
+
+    def _send_refusal(self, alloc: Allocation, peer: Addr, size: int, now: float) -> str | None:
+        """Why a Send indication's payload may not go to ``peer``, or None."""
+        if alloc.permissions.get(peer[0], 0.0) <= now:
+            return "no_permission"
+        # A permission is for an IP (RFC 8656 section 9), the policy also judges the port:
+        # one for the server's own address (granted for another allocation's relay port) must
+        # not carry datagrams to its listening port or any other service of its host.
+        reason = self.policy.check(*peer)
+        if reason is not None:
+            return reason
+        return None if self._within_bandwidth(alloc, size, now) else "bandwidth"
 
     def _within_bandwidth(self, alloc: Allocation, size: int, now: float) -> bool:
         rate = self.limits.bandwidth_bytes_per_s
         if not rate:
             return True
         # A token bucket holding one second of traffic: bursts up to the rate, then the rate.
-        alloc.tokens = min(float(rate), alloc.tokens + (now - alloc.tokens_at) * rate)
-        alloc.tokens_at = now
+        # Time that went backwards (a caller's clock stepped) refills nothing and takes nothing:
+        # a negative refill would starve the allocation for as long as the step.
+        elapsed = max(0.0, now - alloc.tokens_at)
+        alloc.tokens = min(float(rate), alloc.tokens + elapsed * rate)
+        alloc.tokens_at = max(now, alloc.tokens_at)
         if alloc.tokens < size:
             return False
         alloc.tokens -= size
@@ -342,19 +384,20 @@ class TurnCore:
 
     # --- requests ----------------------------------------------------------------------------
 
-    def _request(self, message: Message, client: Addr, now: float) -> bytes:
+    def _request(self, message: Message, client: Addr, now: float) -> bytes | None:
+        """The answer to a request, or None when none is sent (see ``_unproven_error``)."""
         unknown = message.unknown_required(KNOWN_ATTRIBUTES)
         if unknown:
             self.stats.refusals["unknown_attribute"] += 1
             extra = [(attr.UNKNOWN_ATTRIBUTES, attr.unknown_attributes(unknown))]
-            return error_response(message, 420, "Unknown Attribute", extra)
+            return self._unproven_error(message, 420, "Unknown Attribute", extra)
         if message.method == Method.BINDING:
             self.stats.requests["binding"] += 1
             return self._binding(message, client, now)
         handler = self._requests.get(message.method)
         if handler is None:
             self.stats.refusals["unknown_method"] += 1
-            return error_response(message, 400, "Unknown Method")
+            return self._unproven_error(message, 400, "Unknown Method")
         self.stats.requests[TURN_METHODS[message.method]] += 1
         try:
             auth = self._authenticate(message, client, now)
@@ -364,9 +407,26 @@ class TurnCore:
             return refused.response
         except StunProtocolError:  # an attribute that does not decode
             self.stats.refusals["bad_request"] += 1
-            return error_response(message, 400, "Bad Request")
+            return self._unproven_error(message, 400, "Bad Request")
 
-    def _binding(self, message: Message, client: Addr, now: float) -> bytes:
+    def _unproven_error(
+        self, message: Message, code: int, text: str, extra: Sequence[tuple[int, bytes]] = ()
+    ) -> bytes | None:
+        """An error answer to a request that proved no key, whose source may be anybody's: with
+        its reason phrase if it is at most ``MAX_UNPROVEN_GROWTH`` times the request, else
+        without (the phrase is for diagnostics only, RFC 8489 section 14.8), else none, counted
+        as ``amplification``. A 401 is 80 bytes and the realm: a first Allocate of 36 bytes
+        (aioice's, pion's) gets it whole with a realm of up to 28 bytes, one of 28
+        (REQUESTED-TRANSPORT alone) without the phrase with a realm of up to 16."""
+        limit = MAX_UNPROVEN_GROWTH * len(message.raw)
+        for reason in (text, ""):
+            answer = error_response(message, code, reason, extra)
+            if len(answer) <= limit:
+                return answer
+        self.stats.refusals["amplification"] += 1
+        return None
+
+    def _binding(self, message: Message, client: Addr, now: float) -> bytes | None:
         """Binding: the client's reflexive address. Unauthenticated requests are answered as
         they are; one with credentials is checked and its answer signed with the same key."""
         mapped = [
@@ -383,16 +443,18 @@ class TurnCore:
             return refused.response
         except StunProtocolError:
             self.stats.refusals["bad_request"] += 1
-            return error_response(message, 400, "Bad Request")
+            return self._unproven_error(message, 400, "Bad Request")
         return encode(
             Method.BINDING, Class.SUCCESS, message.transaction_id, mapped,
             key=auth.key, sha256=auth.sha256,
         )  # fmt: skip
 
-    def _challenge(self, message: Message, client: Addr, now: float, code: int, text: str) -> bytes:
+    def _challenge(
+        self, message: Message, client: Addr, now: float, code: int, text: str
+    ) -> bytes | None:
         nonce = self.nonces.issue(client[0], now).encode()
         extra = [(attr.REALM, self.credentials.realm.encode()), (attr.NONCE, nonce)]
-        return error_response(message, code, text, extra)
+        return self._unproven_error(message, code, text, extra)
 
     def _authenticate(self, message: Message, client: Addr, now: float) -> _Auth:
         """The long-term credential mechanism (RFC 8489 section 9.2.4), or ``_RefusedError``."""
@@ -407,7 +469,7 @@ class TurnCore:
         username = self._username(message)
         if realm is None or nonce is None or username is None:
             self.stats.auth_failures["missing_attribute"] += 1
-            raise _RefusedError("bad_request", error_response(message, 400, "Bad Request"))
+            raise _RefusedError("bad_request", self._unproven_error(message, 400, "Bad Request"))
         if realm.decode(errors="replace") != self.credentials.realm:
             self.stats.auth_failures["wrong_realm"] += 1
             raise _RefusedError(
@@ -420,8 +482,8 @@ class TurnCore:
         algorithm = message.get(attr.PASSWORD_ALGORITHM)
         if algorithm is not None and attr.decode_password_algorithm(algorithm) != attr.PASSWORD_MD5:
             self.stats.auth_failures["password_algorithm"] += 1
-            raise _RefusedError("bad_request", error_response(message, 400, "Bad Request"))
-        keys, why = self.credentials.keys_for(username, now)
+            raise _RefusedError("bad_request", self._unproven_error(message, 400, "Bad Request"))
+        keys, why = self.credentials.keys_for(username, self.unix_time())
         for key in keys:
             if check_integrity(message, key):
                 sha256 = integrity.type == attr.MESSAGE_INTEGRITY_SHA256
@@ -472,6 +534,8 @@ class TurnCore:
             if existing.allocate_tid == message.transaction_id:  # a retransmission
                 return existing.allocate_response
             raise self._refuse(message, auth, 437, "Allocation Mismatch", "allocation_exists")
+        if existing is not None:  # expired, not swept yet: gone before its 5-tuple is reused
+            self._delete(existing)
         even = self._check_allocate_attributes(message, auth)
         family, refused_family = self._relay_family(message, auth)
         if self.per_user[quota_key(auth.username)] >= self.limits.max_allocations_per_user:
@@ -565,6 +629,8 @@ class TurnCore:
         values = message.get_all(attr.XOR_PEER_ADDRESS)
         if not values:
             raise self._refuse(message, auth, 400, "Bad Request", "bad_request")
+        if len(values) > self.limits.max_permissions:  # before decoding and judging each
+            raise self._refuse(message, auth, 508, "Insufficient Capacity", "quota_permissions")
         # All or nothing (RFC 8656 section 9.2): every peer is checked before any is installed.
         peers = [self._peer(message, auth, alloc, value) for value in values]
         self._permit(message, auth, alloc, [ip for ip, _ in peers], now)
@@ -593,6 +659,10 @@ class TurnCore:
         other = alloc.peer_channels.get(peer)
         if (bound is not None and bound[0] != peer) or (other is not None and other != number):
             raise self._refuse(message, auth, 400, "Bad Request", "channel_in_use")
+        if bound is None or bound[1] <= now:  # a new binding, not the refresh of a live one
+            live = sum(1 for _, until in alloc.channels.values() if until > now)
+            if live >= self.limits.max_channels:  # RFC 8656 section 11.2: a capacity limit
+                raise self._refuse(message, auth, 508, "Insufficient Capacity", "quota_channels")
         self._permit(message, auth, alloc, [peer[0]], now)
         alloc.channels[number] = (peer, now + CHANNEL_LIFETIME)
         alloc.peer_channels[peer] = number

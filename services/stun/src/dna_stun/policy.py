@@ -78,10 +78,17 @@ class RelayPolicy:
         self._denied = _networks(self.denied)
         self._allowed = _networks(self.allowed)
         self._cache: dict[str, str | None] = {}
+        # Ports listened on at a wildcard address, by IP version: on every address of the
+        # host, including those the configuration does not name.
+        self._any_address_ports: set[tuple[int, int]] = set()
 
     def add_own_endpoint(self, addr: tuple[str, int]) -> None:
-        self.own_endpoints.add((str(ipaddress.ip_address(addr[0])), addr[1]))
-        self.own_ips.add(str(ipaddress.ip_address(addr[0])))
+        ip = ipaddress.ip_address(addr[0])
+        self.own_endpoints.add((str(ip), addr[1]))
+        self.own_ips.add(str(ip))
+        if ip.is_unspecified:  # "::" is dual-stack here: IPv4 addresses too
+            for version in (4, 6) if ip.version == 6 else (4,):
+                self._any_address_ports.add((version, addr[1]))
         self._cache.clear()
 
     def check(self, host: str, port: int) -> str | None:
@@ -94,7 +101,10 @@ class RelayPolicy:
         inner = embedded_ipv4(ip)
         if inner is not None:
             forms.append(inner)
-        if port == 0 or any((str(f), port) in self.own_endpoints for f in forms):
+        if port == 0 or any(
+            (str(f), port) in self.own_endpoints or (f.version, port) in self._any_address_ports
+            for f in forms
+        ):
             return "forbidden_peer"
         to_relay = self.relay_ports[0] <= port <= self.relay_ports[1]
         for form in forms:

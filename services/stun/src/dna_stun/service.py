@@ -2,9 +2,9 @@
 on the event loop, the operator HTTP endpoints, and upkeep.
 
 The adapter is thin on purpose: each readable socket is drained (up to a batch, so one busy
-socket cannot starve the others), the batch goes through the core in one call with the
-wall-clock time, and the core's ``Send`` instructions go out on the listening socket or the
-named relay socket. Relay sockets are plain sockets registered with ``loop.add_reader``:
+socket cannot starve the others), the batch goes through the core in one call with the time
+of a monotonic clock, and the core's ``Send`` instructions go out on the listening socket or
+the named relay socket. Relay sockets are plain sockets registered with ``loop.add_reader``:
 binding one is synchronous, so the core learns the relay address in the same call that
 answers the Allocate.
 """
@@ -41,6 +41,9 @@ UPKEEP_INTERVAL_S = 5.0
 RECV_SIZE = 65536  # a UDP datagram's largest payload, rounded up
 BIND_TRIES = 64  # random ports tried before a relay is refused (508)
 SOCKET_BUFFER = 1 << 21
+# A datagram that raises is a bug, but whoever found it can send it again and again: its
+# traceback is logged at most once a minute, with how many were not (each is counted).
+LOG_EVERY_S = 60.0
 
 
 def _udp_socket(host: str, port: int) -> socket.socket:
@@ -180,8 +183,18 @@ class _StatsCollector(Collector):
 
 
 class StunServer:
-    def __init__(self, config: StunServiceConfig) -> None:
+    def __init__(
+        self,
+        config: StunServiceConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        unix_time: Callable[[], float] = time.time,
+    ) -> None:
+        """``clock`` times the core (lifetimes, the bandwidth bucket: a monotonic clock, so
+        an NTP step neither drops every allocation nor starves them); ``unix_time`` judges
+        time-limited credentials, whose expiry is a Unix time."""
         self.config = config
+        self.clock, self.unix_time = clock, unix_time
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         Gauge(
@@ -194,7 +207,7 @@ class StunServer:
         self.registry.register(_StatsCollector(lambda: self.core))
         self.warnings = config_warnings(config)
         self.log = node_logger("dna.stun", role="stun")
-        self.started_at = time.time()
+        self.started_at = self.clock()
         self.ready = False
         self._stopping = False
         self._sock: socket.socket | None = None
@@ -204,6 +217,8 @@ class StunServer:
         self._upkeep: asyncio.Task[None] | None = None
         self.udp_addr: Addr | None = None
         self.udp_addr6: Addr | None = None
+        self._logged_error_at: float | None = None
+        self._unlogged_errors = 0  # internal errors since the last traceback logged
 
     @property
     def http_port(self) -> int:
@@ -234,9 +249,11 @@ class StunServer:
                 max_allocations=cfg.relay.max_allocations,
                 max_allocations_per_user=cfg.relay.max_allocations_per_user,
                 max_permissions=cfg.relay.max_permissions,
+                max_channels=cfg.relay.max_channels,
                 bandwidth_bytes_per_s=cfg.relay.bandwidth_bytes_per_s,
             ),
             relay_families=frozenset(relay_ips),
+            unix_time=self.unix_time,
         )
 
     async def start(self) -> None:
@@ -295,7 +312,7 @@ class StunServer:
     ) -> None:
         """One wakeup's datagrams through the core in one call, then its answers out."""
         try:
-            out = handle(batch, time.time())
+            out = handle(batch, self.clock())
         except Exception:  # a bug must cost one datagram, not the batch or the server
             self._internal_error()
             out = self._one_by_one(handle, batch)
@@ -327,22 +344,32 @@ class StunServer:
         out: list[Send] = []
         for datagram in batch:
             try:
-                out += handle([datagram], time.time())
+                out += handle([datagram], self.clock())
             except Exception:
                 self._internal_error()
         return out
 
     def _internal_error(self) -> None:
-        self.log.exception("datagram handling failed")
         if self.core is not None:
             self.core.stats.refusals["internal_error"] += 1
+        now = self.clock()
+        if self._logged_error_at is not None and now - self._logged_error_at < LOG_EVERY_S:
+            self._unlogged_errors += 1
+            return
+        self._logged_error_at = now
+        suppressed, self._unlogged_errors = self._unlogged_errors, 0
+        self.log.exception("datagram handling failed", extra={"suppressed": suppressed})
 
     async def _expire_forever(self) -> None:
         while True:
             await asyncio.sleep(UPKEEP_INTERVAL_S)
-            if self.core is not None and self._relays is not None:
-                self.core.expire(time.time())
-                self._relays.flush()
+            self.expire()
+
+    def expire(self) -> None:
+        """Drop what expired (the upkeep does it every ``UPKEEP_INTERVAL_S``)."""
+        if self.core is not None and self._relays is not None:
+            self.core.expire(self.clock())
+            self._relays.flush()
 
     # --- ops ---------------------------------------------------------------------------------
 
@@ -369,7 +396,7 @@ class StunServer:
             "version": __version__,
             "role": "stun",
             "ready": self.ready,
-            "uptime_s": round(time.time() - self.started_at, 1),
+            "uptime_s": round(self.clock() - self.started_at, 1),
             "config": dump_config(self.config),
         }
         if self.udp_addr is not None:
