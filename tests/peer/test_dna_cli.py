@@ -785,6 +785,18 @@ def test_under_json_every_outcome_is_one_json_object() -> None:
     assert run_script("dna", "contacts").stdout.startswith("usage: dna contacts")
 
 
+def test_json_is_read_as_argparse_reads_it_not_after_a_bare_double_dash() -> None:
+    """After `--` the arguments are data: a `--json` there is not the option, so a usage
+    error stays a line of text (it was JSON); an abbreviated `--js` is the option, so the
+    usage error is JSON (it was text)."""
+    data = run_script("dna", "inbox", "--", "--json", "extra")
+    assert data.returncode == 2 and data.stderr.startswith("dna: error: "), data.stderr
+    assert "unrecognized arguments: extra" in data.stderr, data.stderr
+    short = run_script("dna", "--js", "sned")
+    assert short.returncode == 2, short.stderr
+    assert json.loads(short.stderr)["kind"] == "UsageError", short.stderr
+
+
 def test_usage_mistakes_are_one_line_naming_the_help_to_read() -> None:
     for args, says, command in (
         (["send"], "the following arguments are required: to", "dna send"),

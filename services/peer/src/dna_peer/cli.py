@@ -1001,7 +1001,7 @@ def _fail(args: argparse.Namespace | None, message: str, kind: str = "DnaError")
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    _Parser.as_json = "--json" in argv
+    _Parser.as_json = _asks_json(argv)
     with quiet_broken_pipe():
         args = parser.parse_command_line(argv)
         _log_to_stderr(args.verbose)
@@ -1009,6 +1009,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             _missing(parser, "a command")
             return
         _run(args)
+
+
+def _asks_json(argv: list[str]) -> bool:
+    """--json as argparse will read it, known before parsing (a usage error must already
+    speak JSON): an option only before a bare `--` (after it, arguments are data: `dna send
+    bob -- --json` sends the text "--json"), and written in full or abbreviated (`--js`)."""
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    return any(len(arg) >= 3 and "--json".startswith(arg) for arg in options)
 
 
 def _run(args: argparse.Namespace) -> None:
