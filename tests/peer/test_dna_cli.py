@@ -21,8 +21,9 @@ from dna_core.crypto import Identity, PublicKeySet, seal
 from dna_core.mailbox import MailboxClient
 from dna_core.wire.gen.dna.v1 import envelope_pb2
 from dna_peer.armor import dearmor
+from dna_peer.cache import Contact
 from dna_peer.cli import PREVIEW_CHARS, build_parser
-from dna_peer.keyserver import now_ms
+from dna_peer.keyserver import now_ms, safety_number
 from dna_peer.network import join_overlay
 from dna_peer.peer import MAX_TEXT_BYTES
 from dna_peer.profile import Profile
@@ -98,6 +99,34 @@ def one_line_error(out: subprocess.CompletedProcess[str], *words: str) -> None:
     assert out.stderr.startswith("dna: error: "), out.stderr
     for word in words:
         assert word in out.stderr, out.stderr
+
+
+def pin_offline(home: Path, name: str) -> Identity:
+    """A contact pinned in ``home``'s cache without the network (as `contacts add` would)."""
+    profile = Profile(home)
+    cache = profile.open_cache(profile.unlock(PASS["DNA_PASSPHRASE"]))
+    other = Identity.generate()
+    cache.pin(Contact(other.fingerprint, other.public, name, False, now_ms(), other.fingerprint))
+    cache.close()
+    return other
+
+
+def test_contacts_verify_compares_the_pinned_key_without_the_network(tmp_path: Path) -> None:
+    """The safety number is that of the key this device pinned: it needs no network (it
+    failed with `no bootstrap node answered`); `--online` (follow published rotations
+    first) does, and says so."""
+    home = tmp_path / "me"
+    me = ok(dna(home, "--json", "identity", "create", "--offline"))["fingerprint"]
+    bob = pin_offline(home, "bob")
+    down = ["--bootstrap", "127.0.0.250:7400"]  # nothing answers there
+    shown = ok(dna(home, *down, "--json", "contacts", "verify", "bob"))
+    assert shown["fingerprint"] == bob.fingerprint.hex() and not shown["verified"]
+    assert shown["safety_number"] == safety_number(bytes.fromhex(me), bob.fingerprint)
+    assert ok(dna(home, *down, "--json", "contacts", "verify", "bob", "--confirm"))["verified"]
+    (listed,) = ok(dna(home, "--json", "contacts", "list"))
+    assert listed["verified"]
+    one_line_error(dna(home, *down, "contacts", "verify", "bob", "--online"),
+                   "no bootstrap node answered")  # fmt: skip
 
 
 def test_bad_arguments_and_settings_are_one_line_errors(tmp_path: Path) -> None:

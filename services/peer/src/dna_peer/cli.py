@@ -5,7 +5,7 @@
     dna identity link                     on this device: print a one-time code
     dna identity link CODE                on a new device: become a device of that identity
     dna identity rotate [--reason TEXT]   a new key set; contacts and your devices follow
-    dna contacts add bob | list [--online] | verify bob [--confirm] | forget bob
+    dna contacts add bob | list [--online] | verify bob [--confirm] [--online] | forget bob
     dna send bob "hello"                  (or `-` / a pipe for stdin, or --file FILE)
     dna inbox [bob]                       sync, then show conversations (or one of them)
     dna watch                             print messages as they arrive
@@ -413,17 +413,34 @@ def _show_contacts(args: argparse.Namespace, contacts: list[Info]) -> None:
 
 
 def _contacts_verify(args: argparse.Namespace) -> None:
+    """The safety number of the key pinned on this device: from the cache alone (what is
+    compared is what this device would encrypt to), so it works with the network down;
+    ``--online`` first follows the rotations the contact published (signed by the pinned
+    key), so the number is the one of their current keys."""
+    if not args.online:
+
+        def offline(cache: Cache) -> None:
+            own = args.profile.public_keys().fingerprint  # the key file, unlocked already
+            _verify(args, cache, own, find_contact(cache, args.who))
+
+        _with_cache(args, offline)
+        return
+
     async def work(peer: Peer) -> None:
         contact = await peer.refresh_contact(peer.find_contact(args.who))
-        if args.confirm:
-            peer.cache.set_verified(contact.fingerprint, True)
-            contact = peer.cache.contact(contact.fingerprint) or contact
-        elif not args.json:
-            print("Compare this number with your contact (in person or on a call);")
-            print(f"if it matches, run: dna contacts verify {args.who} --confirm")
-        _emit(args, _contact_info(peer, contact))
+        _verify(args, peer.cache, peer.fingerprint, contact)
 
     _with_peer(args, work, contact=args.who)
+
+
+def _verify(args: argparse.Namespace, cache: Cache, own: bytes, contact: Contact) -> None:
+    if args.confirm:
+        cache.set_verified(contact.fingerprint, True)
+        contact = cache.contact(contact.fingerprint) or contact
+    elif not args.json:
+        print("Compare this number with your contact (in person or on a call);")
+        print(f"if it matches, run: dna contacts verify {args.who} --confirm")
+    _emit(args, _contact_info_for(own, contact))
 
 
 def _contacts_forget(args: argparse.Namespace) -> None:
@@ -923,9 +940,12 @@ def build_parser() -> _Parser:
                    " network needed)", network=False)  # fmt: skip
     listing.add_argument("--online", action="store_true", help="also look up who is online"
                          " now (joins the network)")  # fmt: skip
-    verify = _add(contacts, "verify", _contacts_verify, "show the safety number to compare")
+    verify = _add(contacts, "verify", _contacts_verify, "show the safety number to compare"
+                  " (this device's pin, no network needed)", network=False)  # fmt: skip
     verify.add_argument("who", help="a contact's name or fingerprint")
     verify.add_argument("--confirm", action="store_true", help="it matched: mark verified")
+    verify.add_argument("--online", action="store_true", help="first follow the key rotations"
+                        " the contact published (joins the network)")  # fmt: skip
     forget = _add(contacts, "forget", _contacts_forget, "unpin a contact's key (history stays;"
                   " no network needed)", network=False)  # fmt: skip
     forget.add_argument("who", help="a contact's name or fingerprint")
