@@ -21,7 +21,7 @@ from dna_core.crypto import Identity, PublicKeySet, seal
 from dna_core.mailbox import MailboxClient
 from dna_core.wire.gen.dna.v1 import envelope_pb2
 from dna_peer.armor import dearmor
-from dna_peer.cache import Contact
+from dna_peer.cache import Contact, Message
 from dna_peer.cli import PREVIEW_CHARS, build_parser
 from dna_peer.keyserver import now_ms, safety_number
 from dna_peer.network import join_overlay
@@ -127,6 +127,39 @@ def test_contacts_verify_compares_the_pinned_key_without_the_network(tmp_path: P
     assert listed["verified"]
     one_line_error(dna(home, *down, "contacts", "verify", "bob", "--online"),
                    "no bootstrap node answered")  # fmt: skip
+
+
+def receive_offline(home: Path, sender: Identity, *bodies: str) -> None:
+    """Messages from ``sender`` in ``home``'s cache, as a sync would have left them."""
+    profile = Profile(home)
+    cache = profile.open_cache(profile.unlock(PASS["DNA_PASSPHRASE"]))
+    me = profile.public_keys().fingerprint
+    for n, body in enumerate(bodies):
+        cache.add_message(Message(os.urandom(16), sender.fingerprint, sender.fingerprint, me,
+                                  now_ms() - 1000 + n, body, outgoing=False))  # fmt: skip
+    cache.close()
+
+
+def test_the_inbox_shows_this_devices_messages_when_the_network_is_down(tmp_path: Path) -> None:
+    """`dna inbox [CONTACT]` syncs first, but a network that does not answer does not keep
+    a person from the history on this device (it was an error): a warning, the cache as it
+    is, and nothing marked read (the other devices could not be told). A contact that is
+    not there is still refused, before the network."""
+    home = tmp_path / "me"
+    ok(dna(home, "--json", "identity", "create", "--offline"))
+    receive_offline(home, pin_offline(home, "bob"), "hello from bob")
+    down = ["--bootstrap", "127.0.0.250:7400"]  # nothing answers there
+    listed = dna(home, *down, "--json", "inbox")
+    (conv,) = ok(listed)
+    assert conv["unread"] == 1 and conv["last"] == "hello from bob"
+    assert len(listed.stderr.splitlines()) == 1, listed.stderr
+    assert listed.stderr.startswith("dna: warning: not synced (no bootstrap node answered")
+    (msg,) = ok(dna(home, *down, "--json", "inbox", "bob"))
+    assert msg["text"] == "hello from bob"
+    text = dna(home, *down, "inbox", "bob")
+    assert text.returncode == 0 and "hello from bob" in text.stdout, text.stderr
+    assert ok(dna(home, "--json", "inbox", "--offline"))[0]["unread"] == 1  # not marked read
+    one_line_error(dna(home, *down, "inbox", "zed"), "no contact 'zed'")
 
 
 def test_bad_arguments_and_settings_are_one_line_errors(tmp_path: Path) -> None:

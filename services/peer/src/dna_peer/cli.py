@@ -44,6 +44,7 @@ from dna_core import __version__
 from dna_core.crypto import Identity, keystore
 from dna_core.errors import DnaError, MalformedError
 from dna_core.files import write_atomic
+from dna_core.mailbox import UnreachableError
 from dna_core.ops.heap import freeze_startup_heap
 from dna_core.overlay import normalize_name
 from rich.text import Text
@@ -59,6 +60,7 @@ from dna_peer.keyserver import (
 )
 from dna_peer.link import accept_link, offer_link
 from dna_peer.network import (
+    NetworkUnreachableError,
     default_seeds,
     direct_enabled,
     ice_config,
@@ -165,11 +167,13 @@ def _with_peer(
     *,
     alone: bool = False,
     contact: str | None = None,
+    unreachable: Callable[[DnaError, Cache], None] | None = None,
 ) -> None:
     """Unlock, join the network, run ``work``, leave; the profile held meanwhile (shared
     with other dna processes, or ``alone``: Profile.in_use). A ``contact`` the command
     names is looked up in the cache first: one that is not there is refused at once, not
-    after joining the network (or failing to)."""
+    after joining the network (or failing to). With ``unreachable``, a network that does
+    not answer is not an error: it gets the cache instead (a read that can do without)."""
 
     def known(cache: Cache) -> None:
         if contact is not None:
@@ -177,9 +181,19 @@ def _with_peer(
 
     async def run() -> None:
         passphrase = _passphrase(confirm=False)
-        with phase_line("unlocking, joining the network…", enabled=not args.json):
-            peer = await open_peer(args.profile, passphrase, args.seeds, check=known,
-                                   sessions=args.command == "watch")  # fmt: skip
+        try:
+            with phase_line("unlocking, joining the network…", enabled=not args.json):
+                peer = await open_peer(args.profile, passphrase, args.seeds, check=known,
+                                       sessions=args.command == "watch")  # fmt: skip
+        except NetworkUnreachableError as exc:
+            if unreachable is None:
+                raise
+            cache = args.profile.open_cache(args.profile.unlock(passphrase))
+            try:
+                unreachable(exc, cache)
+            finally:
+                cache.close()
+            return
         try:
             await work(peer)
         finally:
@@ -551,19 +565,33 @@ def _print_message(info: Info) -> None:
 
 
 def _inbox(args: argparse.Namespace) -> None:
+    """Sync, then show; a network that is down (no bootstrap node, no storage node) does
+    not stand between a person and the history on this device: the cache is shown as it
+    is, with a warning, and nothing is marked read (the other devices could not be told)."""
     if args.offline:  # the cache alone: works with the network down; marks nothing read
         _with_cache(args, lambda cache: _show_inbox(args, cache))
         return
 
     async def work(peer: Peer) -> None:
         phase = "looking up your mailbox replicas, fetching…"
-        with progress_bar(phase, "blobs", enabled=not args.json) as update:
-            await peer.sync(progress=update)
+        try:
+            with progress_bar(phase, "blobs", enabled=not args.json) as update:
+                await peer.sync(progress=update)
+        except UnreachableError as exc:
+            _not_synced(args, exc, peer.cache)
+            return
         contact = _show_inbox(args, peer.cache)
         if contact is not None:
             await peer.mark_read(contact)  # what was shown is read, on every device
 
-    _with_peer(args, work)
+    _with_peer(args, work, contact=args.contact,
+               unreachable=lambda exc, cache: _not_synced(args, exc, cache))  # fmt: skip
+
+
+def _not_synced(args: argparse.Namespace, why: DnaError, cache: Cache) -> None:
+    print(f"dna: warning: not synced ({printable(str(why))}): this device's messages as they"
+          " were; nothing marked read", file=sys.stderr, flush=True)  # fmt: skip
+    _show_inbox(args, cache)
 
 
 def _show_inbox(args: argparse.Namespace, cache: Cache) -> Contact | None:
