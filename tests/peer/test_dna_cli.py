@@ -162,6 +162,64 @@ def test_the_inbox_shows_this_devices_messages_when_the_network_is_down(tmp_path
     one_line_error(dna(home, *down, "inbox", "zed"), "no contact 'zed'")
 
 
+def peak_rss_mib(home: Path, *args: str) -> tuple[int, str]:
+    """Run `dna --home HOME ARGS` from a fresh process of its own, so that its peak RSS is
+    the only child's: (peak MiB, stdout)."""
+    measure = ("import resource, subprocess, sys\n"
+               "out = subprocess.run(sys.argv[1:], check=True, capture_output=True, text=True)\n"
+               "sys.stdout.write(out.stdout)\n"
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024,"
+               " file=sys.stderr)\n")  # fmt: skip
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DNA_")}, **PASS}
+    out = subprocess.run([str(BIN / "python"), "-c", measure, str(BIN / "dna"), "--home",
+                          str(home), *args], capture_output=True, text=True, env=env,
+                         stdin=subprocess.DEVNULL, check=True, timeout=120)  # fmt: skip
+    return int(out.stderr.split()[-1]), out.stdout
+
+
+LONG_CONVERSATION = 12_000  # past the 10,000 messages a cache read used to stop at
+
+
+def test_a_conversation_of_any_length_shows_its_newest_and_is_read_to_the_end(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    """12,000 messages of 4 KB from one contact: the list previews the newest (it showed
+    the 10,000th), the conversation has all of them, in order (it stopped at the oldest
+    10,000: what came later was never shown), in bounded memory (it held them all, twice,
+    for --json: +80 MiB here), `--last N` the newest N, and reading it marks it read to the
+    end (2,000 stayed unread for good)."""
+    home = tmp_path / "me"
+    ok(dna(home, "--json", "identity", "create", "--offline"))
+    bob = pin_offline(home, "bob")
+    profile = Profile(home)
+    cache = profile.open_cache(profile.unlock(PASS["DNA_PASSPHRASE"]))
+    me, start = profile.public_keys().fingerprint, now_ms() - LONG_CONVERSATION - 60_000
+    with cache.transaction():
+        for n in range(LONG_CONVERSATION):
+            body = f"message {n} " + "x" * 4000
+            cache.add_message(Message(os.urandom(16), bob.fingerprint, bob.fingerprint, me,
+                                      start + n, body, outgoing=False))  # fmt: skip
+    cache.close()
+    newest = f"message {LONG_CONVERSATION - 1} "
+
+    listing_mib, listing = peak_rss_mib(home, "--json", "inbox", "--offline")
+    (conv,) = json.loads(listing)
+    assert conv["last"].startswith(newest) and conv["unread"] == LONG_CONVERSATION
+    whole_mib, whole = peak_rss_mib(home, "--json", "inbox", "--offline", "bob")
+    texts = [m["text"].split(" ")[1] for m in json.loads(whole)]
+    assert texts == [str(n) for n in range(LONG_CONVERSATION)]
+    print(f"peak RSS: list {listing_mib} MiB, {LONG_CONVERSATION} messages {whole_mib} MiB")
+    assert whole_mib < listing_mib + 32, (listing_mib, whole_mib)  # 48 MB of text went by
+
+    last = ok(dna(home, "--json", "inbox", "--offline", "bob", "--last", "2"))
+    assert [m["text"].split(" ")[1] for m in last] == [
+        str(LONG_CONVERSATION - 2),
+        str(LONG_CONVERSATION - 1),
+    ]
+    ok(dna(home, "--json", "inbox", "bob", "--last", "1", net=testnet))  # read, online
+    assert ok(dna(home, "--json", "inbox", "--offline"))[0]["unread"] == 0
+
+
 def test_bad_arguments_and_settings_are_one_line_errors(tmp_path: Path) -> None:
     home = tmp_path / "me"
     ok(dna(home, "--json", "identity", "create", "--offline"))

@@ -485,13 +485,37 @@ class Cache:
             return sum(int(self._db.execute(sql, (m, recipient)).rowcount) for m in message_ids)
 
     def messages(self, conversation: bytes | None = None, *, limit: int = 10_000) -> list[Message]:
+        """The newest ``limit`` messages (a negative limit: all), oldest first."""
+        return list(self.iter_messages(conversation, last=limit))
+
+    def iter_messages(self, conversation: bytes | None = None, *, last: int = -1
+                      ) -> Iterator[Message]:  # fmt: skip
+        """The newest ``last`` messages (negative: all), oldest first, read from the file as
+        they are taken: a conversation of any length is shown in bounded memory."""
         where, params = ("WHERE conversation = ?", (conversation,)) if conversation else ("", ())
-        rows = self._rows(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages {where}"
-            " ORDER BY timestamp_ms, message_id LIMIT ?",
-            (*params, limit),
+        if last >= 0:  # the rowids of the newest (the index, backwards), then those in order
+            newest = (f"SELECT rowid FROM messages {where}"
+                      " ORDER BY timestamp_ms DESC, message_id DESC LIMIT ?")  # fmt: skip
+            where = f"{where} {'AND' if where else 'WHERE'} rowid IN ({newest})"
+            params = (*params, *params, last)
+        cursor = self._db.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages {where} ORDER BY timestamp_ms, message_id",
+            params,
         )
-        return [_message(r) for r in rows]
+        try:
+            for row in cursor:
+                yield _message(row)
+        finally:
+            cursor.close()
+
+    def last_message(self, conversation: bytes) -> Message | None:
+        """The newest message of a conversation (its preview; what reading it reads up to)."""
+        rows = self._rows(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation = ?"
+            " ORDER BY timestamp_ms DESC, message_id DESC LIMIT 1",
+            (conversation,),
+        )
+        return _message(rows[0]) if rows else None
 
     def has_our_keys(self, peer: bytes) -> bool:
         """Did ``peer`` prove it holds our keys (it wrote to us, or receipted a message)?"""

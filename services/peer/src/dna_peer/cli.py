@@ -533,11 +533,13 @@ def _message_info(peer: Peer, m: Message) -> Info:
     return _message_info_from(peer.cache, m)
 
 
-def _message_info_from(cache: Cache, m: Message) -> Info:
-    """A message for scripts: full fingerprints with the names we know them by."""
-    return {"message_id": m.message_id.hex(), "from": _party(cache, m.sender),
-            "to": _party(cache, m.recipient), "outgoing": m.outgoing, "time_ms": m.timestamp_ms,
-            "text": m.body, "delivered": m.delivered}  # fmt: skip
+def _message_info_from(cache: Cache, m: Message, sender: Info | None = None,
+                       recipient: Info | None = None) -> Info:  # fmt: skip
+    """A message for scripts: full fingerprints with the names we know them by (the
+    parties given when the caller knows them already)."""
+    return {"message_id": m.message_id.hex(), "from": sender or _party(cache, m.sender),
+            "to": recipient or _party(cache, m.recipient), "outgoing": m.outgoing,
+            "time_ms": m.timestamp_ms, "text": m.body, "delivered": m.delivered}  # fmt: skip
 
 
 def _party(cache: Cache, fingerprint: bytes) -> Info:
@@ -600,22 +602,33 @@ def _show_inbox(args: argparse.Namespace, cache: Cache) -> Contact | None:
         _show_conversations(args, cache)
         return None
     contact = find_contact(cache, args.contact)
-    messages = [_message_info_from(cache, m) for m in cache.messages(contact.conversation)]
-    if args.json:
-        print(json.dumps(messages))
+    messages = cache.iter_messages(contact.conversation, last=args.last or -1)
+    parties: dict[bytes, Info] = {}  # two people in a conversation: not a lookup a message
+
+    def info(m: Message) -> Info:
+        for who in (m.sender, m.recipient):
+            if who not in parties:
+                parties[who] = _party(cache, who)
+        return _message_info_from(cache, m, parties[m.sender], parties[m.recipient])
+
+    if args.json:  # one JSON array, written as it is read: bounded memory at any length
+        print("[", end="")
+        for n, m in enumerate(messages):
+            print((", " if n else "") + json.dumps(info(m)), end="")
+        print("]")
     else:
-        for info in messages:
-            _print_message(info)
+        for m in messages:
+            _print_message(info(m))
     return contact
 
 
 def _show_conversations(args: argparse.Namespace, cache: Cache) -> None:
     rows: list[Info] = []
     for conv in cache.conversations():
-        last = cache.messages(conv.id)[-1:]
+        last = cache.last_message(conv.id)  # the newest, not the whole conversation
         rows.append({"contact": _party(cache, conv.peer), "unread": conv.unread,
-                     "last": last[0].body if last else None,
-                     "last_time_ms": last[0].timestamp_ms if last else None})  # fmt: skip
+                     "last": last.body if last else None,
+                     "last_time_ms": last.timestamp_ms if last else None})  # fmt: skip
     if args.json:
         print(json.dumps(rows))
         return
@@ -894,6 +907,16 @@ def _positive(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of messages (1 or more)")
+    return value
+
+
 DEVICE_NAME_MAX = 64
 
 
@@ -985,6 +1008,8 @@ def build_parser() -> _Parser:
     send.add_argument("--file", type=Path, help="read the message from FILE (UTF-8 text)")
     inbox = _add(sub, "inbox", _inbox, "sync and show conversations, or one conversation")
     inbox.add_argument("contact", nargs="?", help="show this contact's conversation")
+    inbox.add_argument("--last", type=_count, metavar="N", help="with a contact: only the"
+                       " newest N messages of the conversation (default: all)")  # fmt: skip
     inbox.add_argument(
         "--offline",
         action="store_true",

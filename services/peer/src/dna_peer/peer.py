@@ -516,8 +516,8 @@ class Peer:
 
     async def mark_read(self, contact: Contact) -> bool:
         """Mark a conversation read up to its newest message, on every device."""
-        messages = self.cache.messages(contact.conversation)
-        newest = messages[-1].timestamp_ms if messages else 0
+        last = self.cache.last_message(contact.conversation)  # not a list: 10k+ messages
+        newest = last.timestamp_ms if last else 0
         if not self.cache.mark_read(contact.conversation, newest):
             return False
         if self._has_other_devices():

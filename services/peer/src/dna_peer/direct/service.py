@@ -128,7 +128,7 @@ class DirectService:
     def _sealed_to(self) -> list[PublicKeySet]:
         """The contacts written to most recently (a record holds MAX_SEALED_CONTACTS)."""
         contacts = [c for c in self.owner.cache.contacts() if not c.replaced_by]
-        latest = {m.conversation: m.timestamp_ms for m in self.owner.cache.messages(limit=-1)}
+        latest = {c.id: c.last_ms for c in self.owner.cache.conversations()}  # not every message
         contacts.sort(key=lambda c: latest.get(c.conversation, 0), reverse=True)
         return [c.keys for c in contacts[:MAX_SEALED_CONTACTS]]
 
