@@ -3,11 +3,14 @@ acknowledgements, replays and garbage, with datagrams carried by hand."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import struct
 
 import pytest
 from dna_core.crypto import Identity, PublicKeySet
 from dna_peer.direct.channel import (
+    LOGGED_REFUSALS,
     Channel,
     Closed,
     Delivered,
@@ -16,7 +19,15 @@ from dna_peer.direct.channel import (
     Refused,
     Step,
 )
-from dna_peer.direct.frames import FRAGMENT_BYTES, MAX_PENDING, RECORD, Reassembler, fragment
+from dna_peer.direct.frames import (
+    FRAGMENT_BYTES,
+    MAX_FRAGMENTS,
+    MAX_PENDING,
+    RECORD,
+    Reassembler,
+    fragment,
+)
+from dna_peer.direct.link import REFUSED_KEPT, DirectLink
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -155,3 +166,72 @@ def test_garbage_is_refused_or_ignored_never_raised(data: bytes) -> None:
     channel = Channel.respond(_SOMEONE, lambda fp: None)
     step = channel.receive(data)
     assert step.send == [] and all(isinstance(e, Refused) for e in step.events)
+
+
+def oversized(transfer: int) -> bytes:
+    """A fragment header a sender may write, with a chunk far over FRAGMENT_BYTES (one UDP
+    datagram holds up to 64 KiB)."""
+    return struct.pack(">BIHH", RECORD, transfer, 0, MAX_FRAGMENTS) + b"x" * 60_000
+
+
+def test_a_fragment_over_the_cap_is_refused_and_nothing_of_it_is_held(
+    alice: Identity, bob: Identity
+) -> None:
+    """Fragments were held whatever their length: 16 units of 256 fragments of 60 KB, 250
+    MB, from one peer. One longer than ours is refused; the most a flood of fragments
+    can make a channel hold is MAX_PENDING * MAX_FRAGMENTS * FRAGMENT_BYTES."""
+    responder = Channel.respond(bob, pins(alice.public).get)
+    for transfer in range(MAX_PENDING):
+        step = responder.receive(oversized(transfer))
+        assert [type(e) for e in step.events] == [Refused], step
+        assert "over the cap" in step.events[0].reason  # type: ignore[union-attr]
+    assert responder._frames._pending == {}
+    for transfer in range(MAX_PENDING + 5):  # as much as a peer can make it hold
+        for index in range(MAX_FRAGMENTS - 1):
+            head = struct.pack(">BIHH", RECORD, transfer, index, MAX_FRAGMENTS)
+            assert responder.receive(head + b"x" * FRAGMENT_BYTES).events == []
+    held = sum(len(c) for parts in responder._frames._pending.values() for c in parts.values())
+    assert held <= MAX_PENDING * MAX_FRAGMENTS * FRAGMENT_BYTES
+
+
+def test_a_peer_sending_garbage_forever_fills_neither_the_log_nor_the_memory(
+    alice: Identity, bob: Identity, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every refused datagram was a warning line and a reason kept by the link, without
+    bound: a contact sending garbage at line rate filled the log and the memory. Now a
+    channel logs its first LOGGED_REFUSALS refusals and one line more, and a link keeps the
+    latest REFUSED_KEPT reasons; every datagram is still refused."""
+
+    class MemoryAgent:  # the datagram path, in memory (what DirectLink uses of aioice's)
+        def __init__(self) -> None:
+            self.inbound: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def recv(self) -> bytes:
+            return await self.inbound.get()
+
+        async def send(self, datagram: bytes) -> None:
+            pass
+
+        async def close(self) -> None:
+            pass
+
+    async def never(sender: PublicKeySet, message_id: bytes, payload: bytes) -> None:
+        raise AssertionError("garbage was handed up")
+
+    async def scenario() -> None:
+        agent = MemoryAgent()
+        link = DirectLink.accept(agent, bob, pins(alice.public).get, never)  # type: ignore[arg-type]
+        for n in range(1000):
+            agent.inbound.put_nowait(b"\xff" * 20 if n % 2 else oversized(n))
+        while not agent.inbound.empty():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # the last one handled
+        assert link.channel.refusals == 1000
+        assert 0 < len(link.refused) <= REFUSED_KEPT
+        await link.close()
+
+    with caplog.at_level(logging.WARNING, logger="dna.peer.direct"):
+        asyncio.run(scenario())
+    refused = [r for r in caplog.records if "refused input" in r.getMessage()]
+    assert len(refused) == LOGGED_REFUSALS + 1, len(refused)
+    assert "further refusals on this channel are not logged" in refused[-1].getMessage()

@@ -57,6 +57,7 @@ _SESSION_SALT = p.label("direct-session")
 MESSAGE, ACK, CLOSE = 1, 2, 3
 REPLAY_WINDOW = 4096  # counters remembered below the highest seen
 SEEN_IDS = 4096  # message IDs remembered to acknowledge duplicates without handing them up
+LOGGED_REFUSALS = 8  # refused inputs logged per channel; the rest are only counted
 _COUNTER = struct.Struct(">Q")
 
 
@@ -116,6 +117,7 @@ class Channel:
         self._seen_counters: set[int] = set()
         self._seen_ids: OrderedDict[bytes, None] = OrderedDict()
         self._transfer = int.from_bytes(os.urandom(4), "big")
+        self.refusals = 0  # inputs refused so far
 
     @classmethod
     def initiate(cls, identity: Identity, peer: PublicKeySet) -> tuple[Channel, list[bytes]]:
@@ -274,8 +276,18 @@ class Channel:
                 return self._on_welcome(unit.data)
             return self._on_record(unit.data)
         except ProtocolError as exc:
-            log.warning("direct channel refused input: %s", exc.reason)
+            self._log_refusal(exc.reason)
             return Step(events=[Refused(exc.reason)])
+
+    def _log_refusal(self, reason: str) -> None:
+        """The first LOGGED_REFUSALS refusals of a channel are logged, then one line says
+        the rest are not: a peer sending garbage at line rate must not flood the log."""
+        self.refusals += 1
+        if self.refusals <= LOGGED_REFUSALS:
+            log.warning("direct channel refused input: %s", reason)
+        elif self.refusals == LOGGED_REFUSALS + 1:
+            log.warning("direct channel refused input again (%s); further refusals on this"
+                        " channel are not logged", reason)  # fmt: skip
 
 
 def _keys_from_canonical(raw: bytes) -> PublicKeySet:

@@ -20,6 +20,7 @@ received message to the owner before acknowledging it (an ACK means "stored").
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import hmac
@@ -53,6 +54,7 @@ from dna_peer.direct.channel import (
 log = logging.getLogger("dna.peer.direct")
 FIRST_RTO_S = 0.25
 MAX_RTO_S = 2.0
+REFUSED_KEPT = 8  # reasons a link keeps for its log line (`DirectService`)
 OnReceived = Callable[[PublicKeySet, bytes, bytes], Awaitable[None]]  # (sender, id, payload)
 
 
@@ -381,7 +383,8 @@ class DirectLink:
         self.agent, self.channel, self.on_received = agent, channel, on_received
         self.on_closed = on_closed
         self.established = asyncio.Event()
-        self.refused: list[str] = []
+        # The latest reasons for refused input (bounded: a peer may send garbage forever).
+        self.refused: collections.deque[str] = collections.deque(maxlen=REFUSED_KEPT)
         self._acks: dict[bytes, asyncio.Future[bool]] = {}  # True: acknowledged
         self._reader = asyncio.create_task(self._read())
         self.closed = False
