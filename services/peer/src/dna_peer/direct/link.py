@@ -25,11 +25,12 @@ import contextlib
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -257,9 +258,12 @@ class _ListeningAgent(aioice.Connection):
         """Check toward the caller's candidates too: our sending opens our NAT for its
         checks (a NAT that filters lets in only replies)."""
         try:
-            for sdp in json.loads(body):
-                await self.add_remote_candidate(aioice.Candidate.from_sdp(sdp))
-        except (ValueError, TypeError) as exc:
+            lines = json.loads(body)
+            if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
+                raise TypeError("not a list of candidate lines")
+            for candidate in remote_candidates(lines):
+                await self.add_remote_candidate(candidate)
+        except (ValueError, TypeError, DirectError) as exc:
             log.info("a caller's offer was unreadable: %s", exc)
             return
         self._called()
@@ -318,11 +322,14 @@ async def dial(
     agent = config.agent(controlling=True, local_username=caller_ufrag, local_password=caller_pwd)
     agent.remote_username, agent.remote_password = ufrag, pwd
     try:
+        remote = remote_candidates(candidates)  # before any socket: maybe nothing to dial
         async with asyncio.timeout(timeout):
             await config.gather(agent)
-            remote = [aioice.Candidate.from_sdp(sdp) for sdp in candidates]
             _send_offer(agent, remote, pwd)
             await _connect_direct_first(agent, remote)
+    except DirectError:
+        await agent.close()
+        raise
     except (TimeoutError, ConnectionError, ValueError, OSError) as exc:
         await agent.close()
         raise DirectError(f"ICE did not connect: {exc or type(exc).__name__}") from None
@@ -330,6 +337,32 @@ async def dial(
         await agent.close()
         raise
     return agent
+
+
+MAX_REMOTE_CANDIDATES = 16  # checked per call; an honest record holds about 10
+
+
+def remote_candidates(lines: Iterable[str]) -> list[aioice.Candidate]:
+    """A contact's candidates (SDP lines it wrote) that this device will send checks to:
+    parsed, only addresses `candidates.dialable` accepts, at most MAX_REMOTE_CANDIDATES.
+    DirectError when none is left (the caller takes the mailbox at once)."""
+    chosen: list[aioice.Candidate] = []
+    for line in itertools.islice(lines, 4 * MAX_REMOTE_CANDIDATES):
+        try:
+            candidate = aioice.Candidate.from_sdp(line)
+        except (ValueError, IndexError):
+            log.info("a contact's candidate is malformed: %r", line[:80])
+            continue
+        if not candidates.dialable(candidate.host) or not 0 < candidate.port < 65536:
+            log.info("not checking toward a contact's candidate %s:%s", candidate.host,
+                     candidate.port)  # fmt: skip
+            continue
+        chosen.append(candidate)
+        if len(chosen) == MAX_REMOTE_CANDIDATES:
+            break
+    if not chosen:
+        raise DirectError("no candidate of the contact's to check toward")
+    return chosen
 
 
 def _send_offer(agent: aioice.Connection, remote: list[aioice.Candidate], pwd: str) -> None:
