@@ -220,6 +220,22 @@ def test_a_conversation_of_any_length_shows_its_newest_and_is_read_to_the_end(
     assert ok(dna(home, "--json", "inbox", "--offline"))[0]["unread"] == 0
 
 
+def test_search_shows_the_newest_messages_found_and_says_when_there_are_more(
+    tmp_path: Path,
+) -> None:
+    """A search finding more than it shows showed the oldest 100, so the newest (what one
+    searches for most) never appeared, and said nothing. Now the newest 100, in order,
+    and a line on stderr saying how many there are."""
+    home = tmp_path / "me"
+    ok(dna(home, "--json", "identity", "create", "--offline"))
+    receive_offline(home, pin_offline(home, "bob"), *(f"needle {n}" for n in range(150)))
+    found = dna(home, "--json", "search", "needle")
+    assert [m["text"] for m in ok(found)] == [f"needle {n}" for n in range(50, 150)]
+    assert "the newest 100 of 150 messages that have 'needle'" in found.stderr, found.stderr
+    few = dna(home, "search", "needle", "7")
+    assert few.returncode == 0 and few.stderr == "", few.stderr
+
+
 def test_bad_arguments_and_settings_are_one_line_errors(tmp_path: Path) -> None:
     home = tmp_path / "me"
     ok(dna(home, "--json", "identity", "create", "--offline"))

@@ -528,17 +528,27 @@ class Cache:
         return int(self._rows("SELECT count(*) FROM messages")[0][0])
 
     def search(self, text: str, *, limit: int = 100) -> list[Message]:
-        """Full-text search over message bodies (FTS5 inside the encrypted file)."""
-        query = " ".join('"' + word.replace('"', '""') + '"' for word in text.split())
+        """Full-text search over message bodies (FTS5 inside the encrypted file): the newest
+        ``limit`` messages that have every word, oldest first."""
+        query = _fts_query(text)
         if not query:
             return []
         rows = self._rows(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE rowid IN"
+            f"SELECT * FROM (SELECT {_MESSAGE_COLUMNS} FROM messages WHERE rowid IN"
             " (SELECT rowid FROM messages_text WHERE messages_text MATCH ?)"
-            " ORDER BY timestamp_ms LIMIT ?",
+            " ORDER BY timestamp_ms DESC, message_id DESC LIMIT ?)"
+            " ORDER BY timestamp_ms, message_id",
             (query, limit),
         )
         return [_message(r) for r in rows]
+
+    def search_count(self, text: str) -> int:
+        """How many messages have every word (`search` shows at most its limit of them)."""
+        query = _fts_query(text)
+        if not query:
+            return 0
+        sql = "SELECT count(*) FROM messages_text WHERE messages_text MATCH ?"
+        return int(self._rows(sql, (query,))[0][0])
 
     # -- conversations and read state -------------------------------------------------
 
@@ -668,6 +678,11 @@ _CONTACT_COLUMNS = "fingerprint, keys, name, verified, pinned_ms, conversation, 
 _MESSAGE_COLUMNS = (
     "message_id, conversation, sender, recipient, timestamp_ms, body, outgoing, delivered"
 )
+
+
+def _fts_query(text: str) -> str:
+    """Each word as an FTS5 string (quoted: an operator typed is a word like any other)."""
+    return " ".join('"' + word.replace('"', '""') + '"' for word in text.split())
 
 
 def _contact(row: tuple[Any, ...]) -> Contact:

@@ -658,13 +658,16 @@ def _preview(text: str) -> str:
     return first if len(first) <= PREVIEW_CHARS else first[: PREVIEW_CHARS - 1] + "…"
 
 
+SEARCH_SHOWN = 100  # the newest messages found that `dna search` shows
+
+
 def _search(args: argparse.Namespace) -> None:
     words = " ".join(args.words)
     if not words.strip():  # before the passphrase: `dna search ""` finds nothing, ever
         raise DnaError("nothing to search for: give one or more words")
 
     def work(cache: Cache) -> None:  # the cache alone: no network needed
-        found = [_message_info_from(cache, m) for m in cache.search(words)]
+        found = [_message_info_from(cache, m) for m in cache.search(words, limit=SEARCH_SHOWN)]
         if args.json:
             print(json.dumps(found))
         elif not found:
@@ -672,6 +675,10 @@ def _search(args: argparse.Namespace) -> None:
                   f"no message has all of: {printable(words)}")  # fmt: skip
         for info in [] if args.json else found:
             _print_message(info)
+        if len(found) == SEARCH_SHOWN and (total := cache.search_count(words)) > len(found):
+            print(f"dna: the newest {len(found)} of {total:,} messages that have"
+                  f" {printable(words)!r}: add words to find older ones",
+                  file=sys.stderr)  # fmt: skip
 
     _with_cache(args, work)
 
