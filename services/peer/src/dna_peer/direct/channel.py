@@ -18,9 +18,10 @@ the counter as nonce and associated data. A counter seen before is a replay and 
 refused (logged); a sender that retransmits seals the frame again under a new counter.
 Frames are MESSAGE (message ID, payload: a sealed envelope), ACK (message ID) and
 CLOSE (no ID: the other end is leaving, so messages to it go by store-and-forward at
-once instead of after a retransmission timeout); a message ID received twice is
-acknowledged again but handed up once. A CLOSE is authenticated like any record, so only
-the other end can end the link.
+once instead of after a retransmission timeout). A MESSAGE is handed up as `Received`
+and acknowledged only once the owner says it stored it (`stored`); a message ID stored
+already is acknowledged again but not handed up twice. A CLOSE is authenticated like
+any record, so only the other end can end the link.
 
 Nothing here does I/O: ``receive`` takes a datagram and returns what to send and what
 happened; the asyncio adapter (`dna_peer.direct.link`) moves the bytes and keeps time.
@@ -253,13 +254,21 @@ class Channel:
         message_id, rest = frame[2 : 2 + frame[1]], frame[2 + frame[1] :]
         if frame[0] == ACK:
             return Step(events=[Delivered(message_id)])
-        ack = self._seal(bytes([ACK, len(message_id)]) + message_id)
-        if message_id in self._seen_ids:
-            return Step(send=ack)  # a retransmission whose ACK was lost
+        if message_id in self._seen_ids:  # stored; a retransmission whose ACK was lost
+            return Step(send=self._seal(bytes([ACK, len(message_id)]) + message_id))
+        return Step(events=[Received(message_id, rest)])  # the ACK once it is stored
+
+    def stored(self, message_id: bytes) -> list[bytes]:
+        """The owner stored a `Received` message: the ACK datagrams to send, and the ID
+        remembered, so a retransmission is acknowledged without being handed up again. A
+        message the owner could not store gets no ACK, now or on a retransmission (the
+        retransmission is handed up again): an ACK means stored, or the sender would
+        count a message nobody kept as delivered."""
         self._seen_ids[message_id] = None
+        self._seen_ids.move_to_end(message_id)
         if len(self._seen_ids) > SEEN_IDS:
             self._seen_ids.popitem(last=False)
-        return Step(send=ack, events=[Received(message_id, rest)])
+        return self._seal(bytes([ACK, len(message_id)]) + message_id)
 
     # -- input -------------------------------------------------------------------------
 

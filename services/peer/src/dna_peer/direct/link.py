@@ -63,6 +63,11 @@ class DirectError(DnaError):
     """The direct path is not there (ICE failed, handshake refused, or a timeout)."""
 
 
+class NotTaken(DnaError):  # noqa: N818 (an outcome, like RateLimited)
+    """The owner does not take a received message now (a contact over its rate): no ACK,
+    so the sender falls back to the mailbox; not logged per message (a flood)."""
+
+
 @dataclass(frozen=True)
 class IceConfig:
     stun: tuple[str, int] | None = None
@@ -534,9 +539,13 @@ class DirectLink:
                     assert self.channel.peer is not None
                     try:
                         await self.on_received(self.channel.peer, message_id, payload)
+                    except NotTaken as exc:  # no ACK: the sender takes the mailbox
+                        log.debug("direct message %s not taken: %s", message_id.hex(), exc)
+                        return
                     except Exception as exc:  # not stored: no ACK, the sender falls back
                         log.warning("direct message %s not stored: %s", message_id.hex(), exc)
                         return
+                    step.send += self.channel.stored(message_id)  # stored: now the ACK
                 case Refused(reason):
                     self.refused.append(reason)
         await self._send(step.send)
