@@ -517,6 +517,13 @@ class Cache:
         )
         return _message(rows[0]) if rows else None
 
+    def last_written(self) -> dict[bytes, int]:
+        """Per conversation, when this identity last wrote in it (conversations it never
+        wrote in are absent)."""
+        rows = self._rows("SELECT conversation, max(timestamp_ms) FROM messages"
+                          " WHERE outgoing = 1 GROUP BY conversation")  # fmt: skip
+        return {bytes(r[0]): int(r[1]) for r in rows}
+
     def has_our_keys(self, peer: bytes) -> bool:
         """Did ``peer`` prove it holds our keys (it wrote to us, or receipted a message)?"""
         return bool(self._rows(

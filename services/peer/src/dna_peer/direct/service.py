@@ -152,10 +152,13 @@ class DirectService:
         )
 
     def _sealed_to(self) -> list[PublicKeySet]:
-        """The contacts written to most recently (a record holds MAX_SEALED_CONTACTS)."""
-        contacts = [c for c in self.owner.cache.contacts() if not c.replaced_by]
-        latest = {c.id: c.last_ms for c in self.owner.cache.conversations()}  # not every message
-        contacts.sort(key=lambda c: latest.get(c.conversation, 0), reverse=True)
+        """The contacts written to most recently (a record holds MAX_SEALED_CONTACTS), then
+        the ones added by name; never someone who only wrote to us (a stranger pinned on
+        first contact): the record tells those it is sealed to where the device is."""
+        written = self.owner.cache.last_written()
+        contacts = [c for c in self.owner.cache.contacts()
+                    if not c.replaced_by and (c.conversation in written or c.name)]  # fmt: skip
+        contacts.sort(key=lambda c: written.get(c.conversation, 0), reverse=True)
         return [c.keys for c in contacts[:MAX_SEALED_CONTACTS]]
 
     def _proof_of_work(self) -> common_pb2.ProofOfWork:
