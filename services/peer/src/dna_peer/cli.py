@@ -58,7 +58,7 @@ from dna_peer.keyserver import (
     check_name_free,
     safety_number,
 )
-from dna_peer.link import accept_link, offer_link
+from dna_peer.link import accept_link, normalize_code, offer_link
 from dna_peer.network import (
     NetworkUnreachableError,
     default_seeds,
@@ -353,6 +353,8 @@ def _rotate(args: argparse.Namespace) -> None:
 
 
 def _accept(args: argparse.Namespace) -> None:
+    normalize_code(args.code)  # a code that cannot be one: said before the network
+
     async def run() -> None:
         # the passphrase is asked once the code found its offer (a wrong code fails first)
         peer = await accept_link(args.profile, args.code, lambda: _passphrase(confirm=True),

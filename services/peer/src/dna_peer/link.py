@@ -64,11 +64,25 @@ def new_code() -> str:
     return "-".join(raw[i : i + 4] for i in range(0, len(raw), 4))
 
 
-def link_identity(code: str) -> Identity:
-    """The throwaway identity both devices derive from the code."""
+_BASE32 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")  # RFC 4648: no 0, 1, 8, 9
+
+
+def normalize_code(code: str) -> str:
+    """The 16 characters of a typed code (dashes, spaces and case do not matter); a code
+    that cannot be one is refused at once, before any network wait, saying what is wrong."""
     norm = code.replace("-", "").replace(" ", "").upper()
     if len(norm) != CODE_BYTES * 8 // 5:
         raise LinkError("a link code has 16 letters and digits, like ABCD-EFGH-IJKL-MNOP")
+    wrong = sorted(set(norm) - _BASE32)
+    if wrong:
+        raise LinkError(f"a link code has only the letters A-Z and the digits 2-7 (no 0, 1,"
+                        f" 8 or 9), not {', '.join(repr(c) for c in wrong)}")  # fmt: skip
+    return norm
+
+
+def link_identity(code: str) -> Identity:
+    """The throwaway identity both devices derive from the code."""
+    norm = normalize_code(code)
     stretched = keystore.KdfParams().derive(norm, p.sha256(p.label("device-link"))[:16])
     seeds = HKDFExpand(hashes.SHA256(), SEEDS_SIZE, info=p.label("link-identity"))
     return Identity(seeds.derive(stretched))
