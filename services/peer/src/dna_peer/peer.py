@@ -82,6 +82,7 @@ HISTORY_CHUNK_BYTES = 150 * 1024  # a History payload stays under the 192 KiB en
 DISPLAY_PREFIX = 16  # hex digits of a fingerprint the inbox shows for a contact without a name
 LIST_ITEM_OVERHEAD = 8  # a repeated field's tag and length prefix, at most
 ACK_BATCH_IDS = 2_000  # blob IDs per DeviceAck: 68 KB, under the 192 KiB envelope cap
+MAX_RECEIPTS_PER_ROUND = 64  # receipt envelopes one sync round seals and puts, at most
 Progress = Callable[[int, int], None]  # (done, total)
 # A text rides in a Payload, to the own devices inside a SyncTranscript, and later in a
 # History item (~150 bytes more); all must stay under the envelope's payload cap, so 1 KiB
@@ -611,8 +612,23 @@ class Peer:
 
     async def _send_receipts(self, receipts: Sequence[ReceiptDue]) -> None:
         """The delivery receipts a sync owes, best effort: the messages are already held,
-        and a lost receipt only leaves them undelivered in the sender's view."""
-        for due in receipts:
+        and a lost receipt only leaves them undelivered in the sender's view. At most
+        MAX_RECEIPTS_PER_ROUND, to the contacts this identity knows first (named, or
+        written to): each receipt is a sealed, signed put with proof of work (~35 ms), and
+        anyone can fill a mailbox with messages from as many throwaway identities, which
+        made a sync seal and put one receipt each, to mailboxes they chose."""
+        written = self.cache.last_written()
+
+        def stranger(due: ReceiptDue) -> bool:
+            contact = self.cache.current_contact(due.to.fingerprint)
+            return contact is None or not (contact.name or contact.conversation in written)
+
+        ordered = sorted(receipts, key=stranger)  # stable: the known first, in their order
+        if len(ordered) > MAX_RECEIPTS_PER_ROUND:
+            log.warning("%d delivery receipts not sent: more than %d are due in one round"
+                        " (their senders see the messages undelivered)",
+                        len(ordered) - MAX_RECEIPTS_PER_ROUND, MAX_RECEIPTS_PER_ROUND)  # fmt: skip
+        for due in ordered[:MAX_RECEIPTS_PER_ROUND]:
             receipt = envelope_pb2.DeliveryReceipt(message_ids=due.message_ids)
             payload = envelope_pb2.Payload(receipt=receipt).SerializeToString()
             try:  # sealed by the identity the messages reached, to the keys that sent them
