@@ -23,6 +23,7 @@ from dna_peer.keyserver import now_ms
 from dna_peer.link import accept_link, offer_link
 from dna_peer.peer import (
     MAX_RECEIPTS_PER_ROUND,
+    PRESENCE_LOOKUPS_AT_ONCE,
     PUBLISHED,
     RECOVERY_WAIT_MS,
     REPUBLISH_AFTER_MS,
@@ -320,6 +321,39 @@ def test_a_flood_from_throwaway_identities_costs_a_bounded_number_of_receipts(
         assert receipts_to[0] == alice.fingerprint  # the known contact first
         assert (await alice.sync()).receipts == 1
         await asyncio.gather(alice.close(), bob.close())
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_presence_of_every_contact_is_looked_up_a_few_at_a_time(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    """`dna contacts list --online` looked every pinned contact's presence up at once:
+    anyone who writes is pinned, so thousands of overlay queries together. Now at most
+    PRESENCE_LOOKUPS_AT_ONCE are in flight, and every contact gets its answer, in order."""
+
+    async def scenario(people: People) -> None:
+        bob = await people.new("bob")
+        for _ in range(3 * PRESENCE_LOOKUPS_AT_ONCE):
+            keys = Identity.generate().public
+            bob.cache.pin(Contact(keys.fingerprint, keys, None, False, now_ms(), keys.fingerprint))
+        in_flight, most = 0, 0
+        lookup = bob.presence_of
+
+        async def counted(contact: Contact) -> Any:
+            nonlocal in_flight, most
+            in_flight += 1
+            most = max(most, in_flight)
+            try:
+                return await lookup(contact)
+            finally:
+                in_flight -= 1
+
+        bob.presence_of = counted  # type: ignore[method-assign]
+        found = await bob.presence_of_all(bob.cache.contacts())
+        assert found == [None] * 3 * PRESENCE_LOOKUPS_AT_ONCE  # nobody is online
+        assert 1 < most <= PRESENCE_LOOKUPS_AT_ONCE, most
+        await bob.close()
 
     run(testnet, tmp_path, scenario)
 

@@ -404,7 +404,7 @@ def _contacts_list(args: argparse.Namespace) -> None:
 
     async def work(peer: Peer) -> None:
         pinned = peer.cache.contacts()
-        found = await asyncio.gather(*(peer.presence_of(c) for c in pinned))  # a fresh record
+        found = await peer.presence_of_all(pinned)  # a fresh record each, a few at a time
         _show_contacts(args, [{**_contact_info(peer, c), "online": p is not None}
                               for c, p in zip(pinned, found, strict=True)])  # fmt: skip
 

@@ -83,6 +83,7 @@ DISPLAY_PREFIX = 16  # hex digits of a fingerprint the inbox shows for a contact
 LIST_ITEM_OVERHEAD = 8  # a repeated field's tag and length prefix, at most
 ACK_BATCH_IDS = 2_000  # blob IDs per DeviceAck: 68 KB, under the 192 KiB envelope cap
 MAX_RECEIPTS_PER_ROUND = 64  # receipt envelopes one sync round seals and puts, at most
+PRESENCE_LOOKUPS_AT_ONCE = 16  # `contacts list --online`: overlay lookups in flight
 Progress = Callable[[int, int], None]  # (done, total)
 # A text rides in a Payload, to the own devices inside a SyncTranscript, and later in a
 # History item (~150 bytes more); all must stay under the envelope's payload cap, so 1 KiB
@@ -437,6 +438,18 @@ class Peer:
     async def presence_of(self, contact: Contact) -> Presence | None:
         """The contact's fresh presence record (None: offline)."""
         return await lookup_presence(self.node, contact.keys, self.identity, now_ms=now_ms())
+
+    async def presence_of_all(self, contacts: Sequence[Contact]) -> list[Presence | None]:
+        """`presence_of` each contact, PRESENCE_LOOKUPS_AT_ONCE at a time: the contacts may
+        be thousands (anyone who writes is pinned), and a lookup each at once would open
+        that many overlay queries together."""
+        room = asyncio.Semaphore(PRESENCE_LOOKUPS_AT_ONCE)
+
+        async def one(contact: Contact) -> Presence | None:
+            async with room:
+                return await self.presence_of(contact)
+
+        return list(await asyncio.gather(*(one(c) for c in contacts)))
 
     async def _receive_direct(
         self, sender: PublicKeySet, message_id: bytes, envelope: bytes
