@@ -164,7 +164,7 @@ def test_a_flood_of_unknown_senders_costs_a_bounded_number_of_lookups(
             "unknown sender" in r for r in s.reasons()
         )
         assert sum("not looked up" in r for r in s.reasons()) == 11
-        assert [m.body for m in s.cache.messages()] == ["one", "two"]
+        assert sorted(m.body for m in s.cache.messages()) == ["one", "two"]  # same time
         assert [c.fingerprint for c in s.cache.contacts()] == [alice.fingerprint]
 
     asyncio.run(go())
