@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -966,10 +966,11 @@ class Peer:
 
     async def send_history(self) -> int:
         """Post the whole cache (messages, read state, contacts) to the own mailbox."""
-        chunks = _history_chunks(self.cache, self.fingerprint)
-        for chunk in chunks:
+        posted = 0
+        for chunk in history_chunks(self.cache, self.fingerprint):  # one in memory at a time
             await self.post_to_devices(envelope_pb2.Payload(history=chunk))
-        return len(chunks)
+            posted += 1
+        return posted
 
 
 @dataclass(frozen=True)
@@ -1063,39 +1064,41 @@ def _contact_card(contact: Contact) -> envelope_pb2.ContactCard:
                                     verified=contact.verified)  # fmt: skip
 
 
-def _history_chunks(cache: Cache, own: bytes) -> list[envelope_pb2.History]:
+def history_chunks(cache: Cache, own: bytes) -> Iterator[envelope_pb2.History]:
     """The cache as History payloads of at most ``HISTORY_CHUNK_BYTES`` each: the device
     list first (it lets the receiver delete again), then contacts (3.2 KB of keys each),
-    read state and messages, each list split wherever a chunk fills."""
-    chunks = [envelope_pb2.History(devices=[
+    read state and messages, each list split wherever a chunk fills. Made as they are
+    taken, the messages read from the cache as they go: a history of any length is posted
+    in the memory of one chunk."""
+    chunk = envelope_pb2.History(devices=[
         envelope_pb2.DeviceHello(device_id=d, device_name=name)
         for d, name in cache.devices().items()
-    ])]  # fmt: skip
-    size = chunks[0].ByteSize()
-
-    def add(items: list[envelope_pb2.History], item: Any, field: str) -> None:
-        nonlocal size
+    ])  # fmt: skip
+    size = chunk.ByteSize()
+    for field_name, item in _history_items(cache, own):
         item_size = item.ByteSize() + LIST_ITEM_OVERHEAD
-        if size + item_size > HISTORY_CHUNK_BYTES and size:
-            items.append(envelope_pb2.History())
-            size = 0
-        getattr(items[-1], field).append(item)
+        if size and size + item_size > HISTORY_CHUNK_BYTES:
+            yield chunk
+            chunk, size = envelope_pb2.History(), 0
+        getattr(chunk, field_name).append(item)
         size += item_size
+    yield chunk
 
+
+def _history_items(cache: Cache, own: bytes) -> Iterator[tuple[str, Any]]:
+    """(History field, item) for every contact, read marker and message, in that order."""
     for c in cache.contacts():
-        add(chunks, _contact_card(c), "contacts")
+        yield "contacts", _contact_card(c)
     for conv, ms in cache.read_state().items():
-        add(chunks, envelope_pb2.ReadMarker(conversation_id=conv, read_up_to_ms=ms), "read")
-    for msg in cache.messages(limit=-1):  # all of them (SQLite: a negative LIMIT is none)
-        item = envelope_pb2.SyncTranscript(
+        yield "read", envelope_pb2.ReadMarker(conversation_id=conv, read_up_to_ms=ms)
+    for msg in cache.iter_messages():  # all of them, oldest first, streamed
+        yield "messages", envelope_pb2.SyncTranscript(
             original_recipient=msg.recipient, original_message_id=msg.message_id,
             original_timestamp_ms=msg.timestamp_ms,
             payload=envelope_pb2.Payload(text=envelope_pb2.Text(
                 body=msg.body, conversation_id=msg.conversation)).SerializeToString(),
             original_sender=b"" if msg.sender == own else msg.sender,
         )  # fmt: skip
-        add(chunks, item, "messages")
-    return chunks
 
 
 def _batches(items: Sequence[bytes], size: int) -> list[list[bytes]]:
