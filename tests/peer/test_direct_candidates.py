@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ipaddress
 import json
+import time
 
 import aioice
 import pytest
@@ -26,11 +28,16 @@ from dna_peer.direct.candidates import (
     select_host_addresses,
 )
 from dna_peer.direct.link import (
+    MAX_REMOTE_CANDIDATES,
     OFFER_MAX_BYTES,
     OFFER_TAG,
+    DirectError,
+    IceConfig,
     _rank_hosts,
+    dial,
     offer_datagram,
     publish_order,
+    remote_candidates,
 )
 from dna_peer.network import ice_config
 from dna_peer.presence import Reach, fit_reach, presence_record, read_presence
@@ -137,3 +144,43 @@ def test_a_multihomed_callers_offer_is_one_unfragmented_datagram() -> None:
     offered = json.loads(datagram[len(OFFER_TAG) + 32 :])
     assert 4 < len(offered) < len(gathered)
     assert offered == [c.to_sdp() for c in publish_order(gathered)][: len(offered)]
+
+
+def sdp(host: str, port: int = 40000, kind: str = "host") -> str:
+    return aioice.Candidate(foundation="1", component=1, transport="udp", priority=1,
+                            host=host, port=port, type=kind).to_sdp()  # fmt: skip
+
+
+HOSTILE = [sdp("127.0.0.1", 22), sdp("::1"), sdp("0.0.0.0"), sdp("255.255.255.255"),
+           sdp("224.0.0.251", 5353), sdp("ff02::1"), sdp("169.254.169.254", 80),
+           sdp("fe80::1"), sdp("240.0.0.1"), sdp("::ffff:127.0.0.1"), sdp("10.0.0.9", 0),
+           sdp("metadata.internal"), "not a candidate line"]  # fmt: skip
+
+
+def test_a_contacts_candidates_are_checked_only_toward_addresses_a_peer_may_have() -> None:
+    """A presence record (or a caller's offer) is text the contact wrote: its candidates
+    were checked toward whatever they named (this device's loopback services, a metadata
+    address, broadcast, a DNS name) and as many as fit. Now only addresses another host can
+    use, at most MAX_REMOTE_CANDIDATES of them."""
+    good = [sdp("10.0.0.9"), sdp("2001:db8::9", kind="srflx"), sdp("198.51.100.7", kind="relay")]
+    chosen = remote_candidates(HOSTILE + good)
+    assert [(c.host, c.type) for c in chosen] == [
+        ("10.0.0.9", "host"), ("2001:db8::9", "srflx"), ("198.51.100.7", "relay")]  # fmt: skip
+    many = [sdp(f"10.0.{n // 250}.{n % 250 + 1}") for n in range(1000)]
+    assert len(remote_candidates(many)) == MAX_REMOTE_CANDIDATES
+
+
+def test_a_presence_that_names_nowhere_a_peer_may_be_is_not_dialled_at_all() -> None:
+    """With nothing left to check toward, the dial fails at once (the message takes the
+    mailbox), before any socket is opened or packet sent; it used to check toward every
+    address named until its 4 s deadline."""
+
+    async def dial_hostile() -> None:
+        them, us = aioice.Connection(ice_controlling=False), aioice.Connection(ice_controlling=True)
+        await dial(IceConfig(), them.local_username, them.local_password, us.local_username,
+                   us.local_password, tuple(HOSTILE), timeout=4.0)  # fmt: skip
+
+    started = time.monotonic()
+    with pytest.raises(DirectError, match="no candidate of the contact's"):
+        asyncio.run(dial_hostile())
+    assert time.monotonic() - started < 1.0

@@ -21,8 +21,9 @@ from dna_core.crypto import Identity, PublicKeySet, seal
 from dna_core.mailbox import MailboxClient
 from dna_core.wire.gen.dna.v1 import envelope_pb2
 from dna_peer.armor import dearmor
+from dna_peer.cache import Contact, Message
 from dna_peer.cli import PREVIEW_CHARS, build_parser
-from dna_peer.keyserver import now_ms
+from dna_peer.keyserver import now_ms, safety_number
 from dna_peer.network import join_overlay
 from dna_peer.peer import MAX_TEXT_BYTES
 from dna_peer.profile import Profile
@@ -98,6 +99,141 @@ def one_line_error(out: subprocess.CompletedProcess[str], *words: str) -> None:
     assert out.stderr.startswith("dna: error: "), out.stderr
     for word in words:
         assert word in out.stderr, out.stderr
+
+
+def pin_offline(home: Path, name: str) -> Identity:
+    """A contact pinned in ``home``'s cache without the network (as `contacts add` would)."""
+    profile = Profile(home)
+    cache = profile.open_cache(profile.unlock(PASS["DNA_PASSPHRASE"]))
+    other = Identity.generate()
+    cache.pin(Contact(other.fingerprint, other.public, name, False, now_ms(), other.fingerprint))
+    cache.close()
+    return other
+
+
+def test_contacts_verify_compares_the_pinned_key_without_the_network(tmp_path: Path) -> None:
+    """The safety number is that of the key this device pinned: it needs no network (it
+    failed with `no bootstrap node answered`); `--online` (follow published rotations
+    first) does, and says so."""
+    home = tmp_path / "me"
+    me = ok(dna(home, "--json", "identity", "create", "--offline"))["fingerprint"]
+    bob = pin_offline(home, "bob")
+    down = ["--bootstrap", "127.0.0.250:7400"]  # nothing answers there
+    shown = ok(dna(home, *down, "--json", "contacts", "verify", "bob"))
+    assert shown["fingerprint"] == bob.fingerprint.hex() and not shown["verified"]
+    assert shown["safety_number"] == safety_number(bytes.fromhex(me), bob.fingerprint)
+    assert ok(dna(home, *down, "--json", "contacts", "verify", "bob", "--confirm"))["verified"]
+    (listed,) = ok(dna(home, "--json", "contacts", "list"))
+    assert listed["verified"]
+    one_line_error(dna(home, *down, "contacts", "verify", "bob", "--online"),
+                   "no bootstrap node answered")  # fmt: skip
+
+
+def receive_offline(home: Path, sender: Identity, *bodies: str) -> None:
+    """Messages from ``sender`` in ``home``'s cache, as a sync would have left them."""
+    profile = Profile(home)
+    cache = profile.open_cache(profile.unlock(PASS["DNA_PASSPHRASE"]))
+    me = profile.public_keys().fingerprint
+    for n, body in enumerate(bodies):
+        cache.add_message(Message(os.urandom(16), sender.fingerprint, sender.fingerprint, me,
+                                  now_ms() - 1000 + n, body, outgoing=False))  # fmt: skip
+    cache.close()
+
+
+def test_the_inbox_shows_this_devices_messages_when_the_network_is_down(tmp_path: Path) -> None:
+    """`dna inbox [CONTACT]` syncs first, but a network that does not answer does not keep
+    a person from the history on this device (it was an error): a warning, the cache as it
+    is, and nothing marked read (the other devices could not be told). A contact that is
+    not there is still refused, before the network."""
+    home = tmp_path / "me"
+    ok(dna(home, "--json", "identity", "create", "--offline"))
+    receive_offline(home, pin_offline(home, "bob"), "hello from bob")
+    down = ["--bootstrap", "127.0.0.250:7400"]  # nothing answers there
+    listed = dna(home, *down, "--json", "inbox")
+    (conv,) = ok(listed)
+    assert conv["unread"] == 1 and conv["last"] == "hello from bob"
+    assert len(listed.stderr.splitlines()) == 1, listed.stderr
+    assert listed.stderr.startswith("dna: warning: not synced (no bootstrap node answered")
+    (msg,) = ok(dna(home, *down, "--json", "inbox", "bob"))
+    assert msg["text"] == "hello from bob"
+    text = dna(home, *down, "inbox", "bob")
+    assert text.returncode == 0 and "hello from bob" in text.stdout, text.stderr
+    assert ok(dna(home, "--json", "inbox", "--offline"))[0]["unread"] == 1  # not marked read
+    one_line_error(dna(home, *down, "inbox", "zed"), "no contact 'zed'")
+
+
+def peak_rss_mib(home: Path, *args: str) -> tuple[int, str]:
+    """Run `dna --home HOME ARGS` from a fresh process of its own, so that its peak RSS is
+    the only child's: (peak MiB, stdout)."""
+    measure = ("import resource, subprocess, sys\n"
+               "out = subprocess.run(sys.argv[1:], check=True, capture_output=True, text=True)\n"
+               "sys.stdout.write(out.stdout)\n"
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024,"
+               " file=sys.stderr)\n")  # fmt: skip
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DNA_")}, **PASS}
+    out = subprocess.run([str(BIN / "python"), "-c", measure, str(BIN / "dna"), "--home",
+                          str(home), *args], capture_output=True, text=True, env=env,
+                         stdin=subprocess.DEVNULL, check=True, timeout=120)  # fmt: skip
+    return int(out.stderr.split()[-1]), out.stdout
+
+
+LONG_CONVERSATION = 12_000  # past the 10,000 messages a cache read used to stop at
+
+
+def test_a_conversation_of_any_length_shows_its_newest_and_is_read_to_the_end(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    """12,000 messages of 4 KB from one contact: the list previews the newest (it showed
+    the 10,000th), the conversation has all of them, in order (it stopped at the oldest
+    10,000: what came later was never shown), in bounded memory (it held them all, twice,
+    for --json: +80 MiB here), `--last N` the newest N, and reading it marks it read to the
+    end (2,000 stayed unread for good)."""
+    home = tmp_path / "me"
+    ok(dna(home, "--json", "identity", "create", "--offline"))
+    bob = pin_offline(home, "bob")
+    profile = Profile(home)
+    cache = profile.open_cache(profile.unlock(PASS["DNA_PASSPHRASE"]))
+    me, start = profile.public_keys().fingerprint, now_ms() - LONG_CONVERSATION - 60_000
+    with cache.transaction():
+        for n in range(LONG_CONVERSATION):
+            body = f"message {n} " + "x" * 4000
+            cache.add_message(Message(os.urandom(16), bob.fingerprint, bob.fingerprint, me,
+                                      start + n, body, outgoing=False))  # fmt: skip
+    cache.close()
+    newest = f"message {LONG_CONVERSATION - 1} "
+
+    listing_mib, listing = peak_rss_mib(home, "--json", "inbox", "--offline")
+    (conv,) = json.loads(listing)
+    assert conv["last"].startswith(newest) and conv["unread"] == LONG_CONVERSATION
+    whole_mib, whole = peak_rss_mib(home, "--json", "inbox", "--offline", "bob")
+    texts = [m["text"].split(" ")[1] for m in json.loads(whole)]
+    assert texts == [str(n) for n in range(LONG_CONVERSATION)]
+    print(f"peak RSS: list {listing_mib} MiB, {LONG_CONVERSATION} messages {whole_mib} MiB")
+    assert whole_mib < listing_mib + 32, (listing_mib, whole_mib)  # 48 MB of text went by
+
+    last = ok(dna(home, "--json", "inbox", "--offline", "bob", "--last", "2"))
+    assert [m["text"].split(" ")[1] for m in last] == [
+        str(LONG_CONVERSATION - 2),
+        str(LONG_CONVERSATION - 1),
+    ]
+    ok(dna(home, "--json", "inbox", "bob", "--last", "1", net=testnet))  # read, online
+    assert ok(dna(home, "--json", "inbox", "--offline"))[0]["unread"] == 0
+
+
+def test_search_shows_the_newest_messages_found_and_says_when_there_are_more(
+    tmp_path: Path,
+) -> None:
+    """A search finding more than it shows showed the oldest 100, so the newest (what one
+    searches for most) never appeared, and said nothing. Now the newest 100, in order,
+    and a line on stderr saying how many there are."""
+    home = tmp_path / "me"
+    ok(dna(home, "--json", "identity", "create", "--offline"))
+    receive_offline(home, pin_offline(home, "bob"), *(f"needle {n}" for n in range(150)))
+    found = dna(home, "--json", "search", "needle")
+    assert [m["text"] for m in ok(found)] == [f"needle {n}" for n in range(50, 150)]
+    assert "the newest 100 of 150 messages that have 'needle'" in found.stderr, found.stderr
+    few = dna(home, "search", "needle", "7")
+    assert few.returncode == 0 and few.stderr == "", few.stderr
 
 
 def test_bad_arguments_and_settings_are_one_line_errors(tmp_path: Path) -> None:
@@ -783,6 +919,18 @@ def test_under_json_every_outcome_is_one_json_object() -> None:
     assert version.returncode == 0 and json.loads(version.stdout) == {"version": __version__}
     # a person without --json still gets the help
     assert run_script("dna", "contacts").stdout.startswith("usage: dna contacts")
+
+
+def test_json_is_read_as_argparse_reads_it_not_after_a_bare_double_dash() -> None:
+    """After `--` the arguments are data: a `--json` there is not the option, so a usage
+    error stays a line of text (it was JSON); an abbreviated `--js` is the option, so the
+    usage error is JSON (it was text)."""
+    data = run_script("dna", "inbox", "--", "--json", "extra")
+    assert data.returncode == 2 and data.stderr.startswith("dna: error: "), data.stderr
+    assert "unrecognized arguments: extra" in data.stderr, data.stderr
+    short = run_script("dna", "--js", "sned")
+    assert short.returncode == 2, short.stderr
+    assert json.loads(short.stderr)["kind"] == "UsageError", short.stderr
 
 
 def test_usage_mistakes_are_one_line_naming_the_help_to_read() -> None:

@@ -71,3 +71,21 @@ def test_linking_into_an_existing_identity_fails_at_once(tmp_path: Path) -> None
     out = dna(home, "--bootstrap", "127.0.0.250:7400", "identity", "link", new_code())
     assert out.returncode == 1 and "refusing to overwrite" in out.stderr, out.stderr
     assert time.monotonic() - started < 15
+
+
+def test_a_link_code_that_cannot_be_one_is_said_at_once(tmp_path: Path) -> None:
+    """A code with a character no code has (0 for O, 1 for I) was looked for on the
+    network: a 10 s wait and "no link offer found", or, with the network down, a
+    bootstrap error that says nothing of the code. It is refused at once, naming the
+    characters, with nothing written."""
+    for code, says in (("ABCD-EFGH-IJKL-MN0P", "not '0'"), ("abcd efgh ijk1 8nop", "'1', '8'"),
+                       ("ABCD-EFGH", "has 16 letters and digits")):  # fmt: skip
+        home = tmp_path / "new"
+        started = time.monotonic()
+        out = dna(home, "--bootstrap", "127.0.0.250:7400", "identity", "link", code)
+        assert out.returncode == 1 and says in out.stderr, out.stderr
+        assert (
+            out.stderr.startswith("dna: error: a link code has")
+            and len(out.stderr.splitlines()) == 1
+        )
+        assert time.monotonic() - started < 5 and not home.exists()

@@ -20,7 +20,7 @@ from dna_core.crypto import Identity, PublicKeySet, seal
 from dna_core.wire.gen.dna.v1 import envelope_pb2 as pb
 from dna_peer import inbox, keyserver
 from dna_peer.cache import RECOVERING, Cache, Contact
-from dna_peer.inbox import RECEIPT_BATCH_IDS, Inbox, ReceiptDue
+from dna_peer.inbox import MAX_SENDER_LOOKUPS, RECEIPT_BATCH_IDS, Inbox, ReceiptDue
 from dna_peer.keyserver import now_ms
 from dna_peer.profile import Device
 from support import single_byte_tampers
@@ -136,6 +136,36 @@ def test_a_sender_without_keys_inside_is_looked_up_once(
         await s.handle(sealed(alice, bob, text("hi"), s.clock(), keys=False))
         assert s.owner.lookups == [alice.fingerprint]
         assert [m.body for m in s.cache.messages()] == ["hi"]
+
+    asyncio.run(go())
+
+
+def test_a_flood_of_unknown_senders_costs_a_bounded_number_of_lookups(
+    bob_inbox: Setup, alice: Identity, bob: Identity
+) -> None:
+    """Anyone may fill bob's mailbox with envelopes, each naming another unpublished sender
+    without keys inside: every one was a DHT lookup (34 ms each on a local testnet: 10,000
+    blobs, minutes of sync). Now a sender is looked up once per round, and at most
+    MAX_SENDER_LOOKUPS senders are: the rest are dropped with the reason, stored nowhere.
+    A published sender looked up first still gets through, all its envelopes for one
+    lookup."""
+
+    async def go() -> None:
+        s = bob_inbox
+        s.owner.published[alice.fingerprint] = alice.public
+        for body in ("one", "two"):
+            await s.handle(sealed(alice, bob, text(body), s.clock(), keys=False))
+        strangers = [Identity.generate() for _ in range(MAX_SENDER_LOOKUPS + 10)]
+        for stranger in strangers:
+            await s.handle(sealed(stranger, bob, text("flood"), s.clock(), keys=False))
+        assert s.owner.lookups[0] == alice.fingerprint
+        assert len(s.owner.lookups) == MAX_SENDER_LOOKUPS == len(set(s.owner.lookups))
+        assert len(s.reasons()) == len(strangers) and all(
+            "unknown sender" in r for r in s.reasons()
+        )
+        assert sum("not looked up" in r for r in s.reasons()) == 11
+        assert sorted(m.body for m in s.cache.messages()) == ["one", "two"]  # same time
+        assert [c.fingerprint for c in s.cache.contacts()] == [alice.fingerprint]
 
     asyncio.run(go())
 

@@ -4,12 +4,14 @@ and the acknowledgement rule that decides what may be deleted from the network."
 from __future__ import annotations
 
 import os
+import tracemalloc
 from pathlib import Path
 
 import pytest
 from dna_core.crypto import Identity
 from dna_core.errors import WrongPassphraseError
 from dna_peer.cache import PAGE_BYTES, Cache, CacheDamagedError, Contact, Message, cache_key
+from dna_peer.peer import HISTORY_CHUNK_BYTES, history_chunks
 
 DEVICE_A, DEVICE_B = b"a" * 16, b"b" * 16
 
@@ -160,3 +162,27 @@ def test_pruning_forgets_only_what_cannot_matter_any_more(cache: Cache) -> None:
     assert cache.blob_outcome(b"new-deleted") == "message"
     assert not cache.seen_envelope(b"e-old") and cache.seen_envelope(b"e-new")
     assert cache.deletable_blobs() == [b"old-kept"]  # its acknowledgement survived
+
+
+def test_a_history_of_any_length_is_made_in_the_memory_of_one_chunk(
+    cache: Cache, me: Identity, alice: Identity
+) -> None:
+    """A linked device (or one that lost its cache) gets the whole history: it was made as
+    one list of every message and then every chunk, twice the history in memory (12,000
+    messages of 4 KB: 100+ MB; a long-used device's: gigabytes). Now each chunk is made
+    as it is posted, from messages read as they go: the peak is about one chunk."""
+    with cache.transaction():
+        for n in range(12_000):
+            cache.add_message(incoming(alice, me, f"{n} " + "x" * 4000, n, n.to_bytes(16, "big")))
+    tracemalloc.start()
+    try:
+        count, held = 0, 0
+        for chunk in history_chunks(cache, me.fingerprint):
+            count, held = count + 1, held + len(chunk.messages)
+            assert chunk.ByteSize() <= HISTORY_CHUNK_BYTES + 1024
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held == 12_000 and count > 300
+    print(f"history of {held} messages in {count} chunks: peak {peak / 2**20:.1f} MiB traced")
+    assert peak < 4 * HISTORY_CHUNK_BYTES, peak

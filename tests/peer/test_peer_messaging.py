@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from dna_peer.inbox import SyncReport
 from dna_peer.keyserver import now_ms
 from dna_peer.link import accept_link, offer_link
 from dna_peer.peer import (
+    MAX_RECEIPTS_PER_ROUND,
+    PRESENCE_LOOKUPS_AT_ONCE,
     PUBLISHED,
     RECOVERY_WAIT_MS,
     REPUBLISH_AFTER_MS,
@@ -278,6 +281,79 @@ def test_bad_envelopes_are_dropped_with_a_reason(
         assert [m.body for m in bob.cache.messages()] == ["real"]
         assert to_bob.fingerprint == bob.fingerprint
         await asyncio.gather(alice.close(), bob.close(), carol.close())
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_a_flood_from_throwaway_identities_costs_a_bounded_number_of_receipts(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    """Anyone can fill a mailbox with messages from as many throwaway identities (keys
+    inside, all valid): bob's sync sealed and put a receipt to each, one signed put with
+    proof of work apiece, to mailboxes the flooder chose. Now a round sends at most
+    MAX_RECEIPTS_PER_ROUND, the contacts bob knows first: alice, whose message came last,
+    still gets hers; every message is kept."""
+
+    async def scenario(people: People) -> None:
+        alice, bob = await people.new("alice"), await people.new("bob")
+        await bob.add_contact(people.name("alice"))
+        to_bob = await alice.add_contact(people.name("bob"))
+        flooders = [Identity.generate() for _ in range(MAX_RECEIPTS_PER_ROUND + 16)]
+        for n, flooder in enumerate(flooders):
+            blob = seal(flooder, bob.identity.public, text(f"flood {n}"), now_ms=now_ms(),
+                        include_sender_keys=True)  # fmt: skip
+            await alice.mail.put(bob.fingerprint, blob)  # anyone's put: a mailbox is open
+        await alice.send(to_bob, "the real one")
+        receipts_to: list[bytes] = []
+        send_payload = bob.send_payload
+
+        async def counted(to: Any, payload: bytes, **kw: Any) -> Any:
+            receipts_to.append(to.fingerprint)
+            return await send_payload(to, payload, **kw)
+
+        bob.send_payload = counted  # type: ignore[method-assign]
+        started = time.monotonic()
+        report = await bob.sync()
+        print(f"sync of {len(flooders) + 1} messages: {time.monotonic() - started:.1f} s,"
+              f" {len(receipts_to)} receipts")  # fmt: skip
+        assert len(report.new_messages) == len(flooders) + 1
+        assert len(receipts_to) == MAX_RECEIPTS_PER_ROUND
+        assert receipts_to[0] == alice.fingerprint  # the known contact first
+        assert (await alice.sync()).receipts == 1
+        await asyncio.gather(alice.close(), bob.close())
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_presence_of_every_contact_is_looked_up_a_few_at_a_time(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    """`dna contacts list --online` looked every pinned contact's presence up at once:
+    anyone who writes is pinned, so thousands of overlay queries together. Now at most
+    PRESENCE_LOOKUPS_AT_ONCE are in flight, and every contact gets its answer, in order."""
+
+    async def scenario(people: People) -> None:
+        bob = await people.new("bob")
+        for _ in range(3 * PRESENCE_LOOKUPS_AT_ONCE):
+            keys = Identity.generate().public
+            bob.cache.pin(Contact(keys.fingerprint, keys, None, False, now_ms(), keys.fingerprint))
+        in_flight, most = 0, 0
+        lookup = bob.presence_of
+
+        async def counted(contact: Contact) -> Any:
+            nonlocal in_flight, most
+            in_flight += 1
+            most = max(most, in_flight)
+            try:
+                return await lookup(contact)
+            finally:
+                in_flight -= 1
+
+        bob.presence_of = counted  # type: ignore[method-assign]
+        found = await bob.presence_of_all(bob.cache.contacts())
+        assert found == [None] * 3 * PRESENCE_LOOKUPS_AT_ONCE  # nobody is online
+        assert 1 < most <= PRESENCE_LOOKUPS_AT_ONCE, most
+        await bob.close()
 
     run(testnet, tmp_path, scenario)
 

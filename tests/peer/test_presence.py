@@ -3,11 +3,18 @@ the forged, misplaced and stale records a reader refuses."""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
-from dna_core.crypto import Identity, sign_record
+from dna_core.crypto import Identity, PublicKeySet, sign_record
 from dna_core.errors import ExpiredError, MalformedError, VerificationError
 from dna_core.overlay import identity_proof
 from dna_core.wire import records_pb2
+from dna_peer.cache import Cache, Contact, Message
+from dna_peer.direct.link import IceConfig
+from dna_peer.direct.service import DirectService
 from dna_peer.presence import (
     MAX_SEALED_CONTACTS,
     PRESENCE,
@@ -77,3 +84,40 @@ def test_a_record_seals_to_a_bounded_number_of_contacts(alice: Identity, bob: Id
         presence_record(alice, [bob.public] * (MAX_SEALED_CONTACTS + 1), REACH, now_ms=NOW)
     full = presence_record(alice, [bob.public] * MAX_SEALED_CONTACTS, REACH, now_ms=NOW)
     assert read_presence(full, alice.public, bob, now_ms=NOW).reach == REACH
+
+
+def test_the_record_is_sealed_to_contacts_written_to_never_to_someone_who_only_wrote(
+    tmp_path: Path, alice: Identity, bob: Identity
+) -> None:
+    """The record says where the device is. It was sealed to the contacts of the newest
+    conversations, received messages included, so anyone who wrote (a stranger, pinned on
+    first contact) got this device's addresses at its next refresh. Now: the contacts
+    written to most recently, then the ones added by name; never a stranger."""
+
+    @dataclass
+    class Owner:
+        cache: Cache
+
+    cache = Cache.open(tmp_path / "cache.db", os.urandom(32))
+    me = alice.fingerprint
+
+    def pin(keys: PublicKeySet, name: str | None) -> None:
+        cache.pin(Contact(keys.fingerprint, keys, name, False, NOW, keys.fingerprint))
+
+    def message(peer: bytes, *, outgoing: bool, at: int) -> None:
+        sender, recipient = (me, peer) if outgoing else (peer, me)
+        cache.add_message(Message(os.urandom(16), peer, sender, recipient, at, "hi", outgoing))
+
+    pin(bob.public, "bob")  # added by name, never written to
+    written = [Identity.generate().public for _ in range(2)]
+    for n, keys in enumerate(written):
+        pin(keys, None)  # added by fingerprint: no name, but written to
+        message(keys.fingerprint, outgoing=True, at=NOW + n)
+    strangers = [Identity.generate().public for _ in range(MAX_SEALED_CONTACTS)]
+    for keys in strangers:
+        pin(keys, None)
+        message(keys.fingerprint, outgoing=False, at=NOW + 100)  # the newest: they wrote
+    service = DirectService(Owner(cache), IceConfig(), deliver=None)  # type: ignore[arg-type]
+    sealed = service._sealed_to()
+    assert sealed == [written[1], written[0], bob.public]
+    cache.close()

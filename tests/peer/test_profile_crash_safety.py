@@ -21,6 +21,7 @@ import pytest
 from dna_core.crypto import keystore
 from dna_core.files import TEST_KILL_ENV
 from dna_peer.armor import LOCKED_KEY_FILE, dearmor
+from dna_testnet.network import Testnet
 from support import BIN, run_script
 
 pytestmark = pytest.mark.process  # every test runs the dna command
@@ -84,6 +85,38 @@ def test_a_create_killed_at_any_step_leaves_a_whole_profile_or_one_the_next_crea
         assert again.returncode == 0, (step, again.stderr)
         assert "was cut short there; removed what it left" in again.stderr, again.stderr
         assert_whole_profile(home)
+
+
+# `identity link CODE` writes what `identity create` writes (the creating mark, device.json,
+# the cache with the device list, identity.key), then deletes the used offer.
+LINK_STEPS = CREATE_STEPS
+
+
+def test_a_link_killed_at_any_step_keeps_the_offer_until_the_new_device_is_whole(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    """The offer was deleted before the new device's files were written: a kill (or a full
+    disk) there lost the link, the code then finding nothing. Now the profile is whole
+    first, with the device list; the offer is deleted after, so a link cut short at any
+    step of its writes runs again with the same code, or is whole already."""
+    net = ["--bootstrap", ",".join(f"{h}:{p}" for h, p in testnet.seeds)]
+    phone = tmp_path / "phone"
+    assert dna(phone, *net, "identity", "create", "--offline").returncode == 0
+    for step in range(1, LINK_STEPS + 1):
+        offer = dna(phone, *net, "--json", "identity", "link", "--device-name", f"d{step}")
+        assert offer.returncode == 0, offer.stderr
+        code, device_id = (json.loads(offer.stdout)[k] for k in ("code", "device_id"))
+        home = tmp_path / f"linked-{step}"
+        killed = dna(home, *net, "identity", "link", code, env={TEST_KILL_ENV: str(step)})
+        assert killed.returncode == -signal.SIGKILL, (step, killed.stderr)
+        if not (home / "identity.key").exists():  # cut short: the same code again
+            again = dna(home, *net, "--json", "identity", "link", code)
+            assert again.returncode == 0, (step, again.stderr)
+            assert "was cut short there; removed what it left" in again.stderr, again.stderr
+        assert_whole_profile(home)
+        assert json.loads((home / "device.json").read_text())["id"] == device_id
+        synced = dna(home, *net, "--json", "sync")  # the device works, from its files alone
+        assert synced.returncode == 0, (step, synced.stderr)
 
 
 def test_what_an_older_dna_left_is_cleared_and_a_lost_key_file_is_not_taken_for_it(

@@ -485,13 +485,44 @@ class Cache:
             return sum(int(self._db.execute(sql, (m, recipient)).rowcount) for m in message_ids)
 
     def messages(self, conversation: bytes | None = None, *, limit: int = 10_000) -> list[Message]:
+        """The newest ``limit`` messages (a negative limit: all), oldest first."""
+        return list(self.iter_messages(conversation, last=limit))
+
+    def iter_messages(self, conversation: bytes | None = None, *, last: int = -1
+                      ) -> Iterator[Message]:  # fmt: skip
+        """The newest ``last`` messages (negative: all), oldest first, read from the file as
+        they are taken: a conversation of any length is shown in bounded memory."""
         where, params = ("WHERE conversation = ?", (conversation,)) if conversation else ("", ())
-        rows = self._rows(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages {where}"
-            " ORDER BY timestamp_ms, message_id LIMIT ?",
-            (*params, limit),
+        if last >= 0:  # the rowids of the newest (the index, backwards), then those in order
+            newest = (f"SELECT rowid FROM messages {where}"
+                      " ORDER BY timestamp_ms DESC, message_id DESC LIMIT ?")  # fmt: skip
+            where = f"{where} {'AND' if where else 'WHERE'} rowid IN ({newest})"
+            params = (*params, *params, last)
+        cursor = self._db.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages {where} ORDER BY timestamp_ms, message_id",
+            params,
         )
-        return [_message(r) for r in rows]
+        try:
+            for row in cursor:
+                yield _message(row)
+        finally:
+            cursor.close()
+
+    def last_message(self, conversation: bytes) -> Message | None:
+        """The newest message of a conversation (its preview; what reading it reads up to)."""
+        rows = self._rows(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation = ?"
+            " ORDER BY timestamp_ms DESC, message_id DESC LIMIT 1",
+            (conversation,),
+        )
+        return _message(rows[0]) if rows else None
+
+    def last_written(self) -> dict[bytes, int]:
+        """Per conversation, when this identity last wrote in it (conversations it never
+        wrote in are absent)."""
+        rows = self._rows("SELECT conversation, max(timestamp_ms) FROM messages"
+                          " WHERE outgoing = 1 GROUP BY conversation")  # fmt: skip
+        return {bytes(r[0]): int(r[1]) for r in rows}
 
     def has_our_keys(self, peer: bytes) -> bool:
         """Did ``peer`` prove it holds our keys (it wrote to us, or receipted a message)?"""
@@ -504,17 +535,27 @@ class Cache:
         return int(self._rows("SELECT count(*) FROM messages")[0][0])
 
     def search(self, text: str, *, limit: int = 100) -> list[Message]:
-        """Full-text search over message bodies (FTS5 inside the encrypted file)."""
-        query = " ".join('"' + word.replace('"', '""') + '"' for word in text.split())
+        """Full-text search over message bodies (FTS5 inside the encrypted file): the newest
+        ``limit`` messages that have every word, oldest first."""
+        query = _fts_query(text)
         if not query:
             return []
         rows = self._rows(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE rowid IN"
+            f"SELECT * FROM (SELECT {_MESSAGE_COLUMNS} FROM messages WHERE rowid IN"
             " (SELECT rowid FROM messages_text WHERE messages_text MATCH ?)"
-            " ORDER BY timestamp_ms LIMIT ?",
+            " ORDER BY timestamp_ms DESC, message_id DESC LIMIT ?)"
+            " ORDER BY timestamp_ms, message_id",
             (query, limit),
         )
         return [_message(r) for r in rows]
+
+    def search_count(self, text: str) -> int:
+        """How many messages have every word (`search` shows at most its limit of them)."""
+        query = _fts_query(text)
+        if not query:
+            return 0
+        sql = "SELECT count(*) FROM messages_text WHERE messages_text MATCH ?"
+        return int(self._rows(sql, (query,))[0][0])
 
     # -- conversations and read state -------------------------------------------------
 
@@ -644,6 +685,11 @@ _CONTACT_COLUMNS = "fingerprint, keys, name, verified, pinned_ms, conversation, 
 _MESSAGE_COLUMNS = (
     "message_id, conversation, sender, recipient, timestamp_ms, body, outgoing, delivered"
 )
+
+
+def _fts_query(text: str) -> str:
+    """Each word as an FTS5 string (quoted: an operator typed is a word like any other)."""
+    return " ".join('"' + word.replace('"', '""') + '"' for word in text.split())
 
 
 def _contact(row: tuple[Any, ...]) -> Contact:

@@ -5,7 +5,7 @@
     dna identity link                     on this device: print a one-time code
     dna identity link CODE                on a new device: become a device of that identity
     dna identity rotate [--reason TEXT]   a new key set; contacts and your devices follow
-    dna contacts add bob | list [--online] | verify bob [--confirm] | forget bob
+    dna contacts add bob | list [--online] | verify bob [--confirm] [--online] | forget bob
     dna send bob "hello"                  (or `-` / a pipe for stdin, or --file FILE)
     dna inbox [bob]                       sync, then show conversations (or one of them)
     dna watch                             print messages as they arrive
@@ -44,6 +44,7 @@ from dna_core import __version__
 from dna_core.crypto import Identity, keystore
 from dna_core.errors import DnaError, MalformedError
 from dna_core.files import write_atomic
+from dna_core.mailbox import UnreachableError
 from dna_core.ops.heap import freeze_startup_heap
 from dna_core.overlay import normalize_name
 from rich.text import Text
@@ -57,8 +58,9 @@ from dna_peer.keyserver import (
     check_name_free,
     safety_number,
 )
-from dna_peer.link import accept_link, offer_link
+from dna_peer.link import accept_link, normalize_code, offer_link
 from dna_peer.network import (
+    NetworkUnreachableError,
     default_seeds,
     direct_enabled,
     ice_config,
@@ -165,11 +167,13 @@ def _with_peer(
     *,
     alone: bool = False,
     contact: str | None = None,
+    unreachable: Callable[[DnaError, Cache], None] | None = None,
 ) -> None:
     """Unlock, join the network, run ``work``, leave; the profile held meanwhile (shared
     with other dna processes, or ``alone``: Profile.in_use). A ``contact`` the command
     names is looked up in the cache first: one that is not there is refused at once, not
-    after joining the network (or failing to)."""
+    after joining the network (or failing to). With ``unreachable``, a network that does
+    not answer is not an error: it gets the cache instead (a read that can do without)."""
 
     def known(cache: Cache) -> None:
         if contact is not None:
@@ -177,9 +181,19 @@ def _with_peer(
 
     async def run() -> None:
         passphrase = _passphrase(confirm=False)
-        with phase_line("unlocking, joining the network…", enabled=not args.json):
-            peer = await open_peer(args.profile, passphrase, args.seeds, check=known,
-                                   sessions=args.command == "watch")  # fmt: skip
+        try:
+            with phase_line("unlocking, joining the network…", enabled=not args.json):
+                peer = await open_peer(args.profile, passphrase, args.seeds, check=known,
+                                       sessions=args.command == "watch")  # fmt: skip
+        except NetworkUnreachableError as exc:
+            if unreachable is None:
+                raise
+            cache = args.profile.open_cache(args.profile.unlock(passphrase))
+            try:
+                unreachable(exc, cache)
+            finally:
+                cache.close()
+            return
         try:
             await work(peer)
         finally:
@@ -339,6 +353,8 @@ def _rotate(args: argparse.Namespace) -> None:
 
 
 def _accept(args: argparse.Namespace) -> None:
+    normalize_code(args.code)  # a code that cannot be one: said before the network
+
     async def run() -> None:
         # the passphrase is asked once the code found its offer (a wrong code fails first)
         peer = await accept_link(args.profile, args.code, lambda: _passphrase(confirm=True),
@@ -388,7 +404,7 @@ def _contacts_list(args: argparse.Namespace) -> None:
 
     async def work(peer: Peer) -> None:
         pinned = peer.cache.contacts()
-        found = await asyncio.gather(*(peer.presence_of(c) for c in pinned))  # a fresh record
+        found = await peer.presence_of_all(pinned)  # a fresh record each, a few at a time
         _show_contacts(args, [{**_contact_info(peer, c), "online": p is not None}
                               for c, p in zip(pinned, found, strict=True)])  # fmt: skip
 
@@ -413,17 +429,34 @@ def _show_contacts(args: argparse.Namespace, contacts: list[Info]) -> None:
 
 
 def _contacts_verify(args: argparse.Namespace) -> None:
+    """The safety number of the key pinned on this device: from the cache alone (what is
+    compared is what this device would encrypt to), so it works with the network down;
+    ``--online`` first follows the rotations the contact published (signed by the pinned
+    key), so the number is the one of their current keys."""
+    if not args.online:
+
+        def offline(cache: Cache) -> None:
+            own = args.profile.public_keys().fingerprint  # the key file, unlocked already
+            _verify(args, cache, own, find_contact(cache, args.who))
+
+        _with_cache(args, offline)
+        return
+
     async def work(peer: Peer) -> None:
         contact = await peer.refresh_contact(peer.find_contact(args.who))
-        if args.confirm:
-            peer.cache.set_verified(contact.fingerprint, True)
-            contact = peer.cache.contact(contact.fingerprint) or contact
-        elif not args.json:
-            print("Compare this number with your contact (in person or on a call);")
-            print(f"if it matches, run: dna contacts verify {args.who} --confirm")
-        _emit(args, _contact_info(peer, contact))
+        _verify(args, peer.cache, peer.fingerprint, contact)
 
     _with_peer(args, work, contact=args.who)
+
+
+def _verify(args: argparse.Namespace, cache: Cache, own: bytes, contact: Contact) -> None:
+    if args.confirm:
+        cache.set_verified(contact.fingerprint, True)
+        contact = cache.contact(contact.fingerprint) or contact
+    elif not args.json:
+        print("Compare this number with your contact (in person or on a call);")
+        print(f"if it matches, run: dna contacts verify {args.who} --confirm")
+    _emit(args, _contact_info_for(own, contact))
 
 
 def _contacts_forget(args: argparse.Namespace) -> None:
@@ -502,11 +535,13 @@ def _message_info(peer: Peer, m: Message) -> Info:
     return _message_info_from(peer.cache, m)
 
 
-def _message_info_from(cache: Cache, m: Message) -> Info:
-    """A message for scripts: full fingerprints with the names we know them by."""
-    return {"message_id": m.message_id.hex(), "from": _party(cache, m.sender),
-            "to": _party(cache, m.recipient), "outgoing": m.outgoing, "time_ms": m.timestamp_ms,
-            "text": m.body, "delivered": m.delivered}  # fmt: skip
+def _message_info_from(cache: Cache, m: Message, sender: Info | None = None,
+                       recipient: Info | None = None) -> Info:  # fmt: skip
+    """A message for scripts: full fingerprints with the names we know them by (the
+    parties given when the caller knows them already)."""
+    return {"message_id": m.message_id.hex(), "from": sender or _party(cache, m.sender),
+            "to": recipient or _party(cache, m.recipient), "outgoing": m.outgoing,
+            "time_ms": m.timestamp_ms, "text": m.body, "delivered": m.delivered}  # fmt: skip
 
 
 def _party(cache: Cache, fingerprint: bytes) -> Info:
@@ -534,19 +569,33 @@ def _print_message(info: Info) -> None:
 
 
 def _inbox(args: argparse.Namespace) -> None:
+    """Sync, then show; a network that is down (no bootstrap node, no storage node) does
+    not stand between a person and the history on this device: the cache is shown as it
+    is, with a warning, and nothing is marked read (the other devices could not be told)."""
     if args.offline:  # the cache alone: works with the network down; marks nothing read
         _with_cache(args, lambda cache: _show_inbox(args, cache))
         return
 
     async def work(peer: Peer) -> None:
         phase = "looking up your mailbox replicas, fetching…"
-        with progress_bar(phase, "blobs", enabled=not args.json) as update:
-            await peer.sync(progress=update)
+        try:
+            with progress_bar(phase, "blobs", enabled=not args.json) as update:
+                await peer.sync(progress=update)
+        except UnreachableError as exc:
+            _not_synced(args, exc, peer.cache)
+            return
         contact = _show_inbox(args, peer.cache)
         if contact is not None:
             await peer.mark_read(contact)  # what was shown is read, on every device
 
-    _with_peer(args, work)
+    _with_peer(args, work, contact=args.contact,
+               unreachable=lambda exc, cache: _not_synced(args, exc, cache))  # fmt: skip
+
+
+def _not_synced(args: argparse.Namespace, why: DnaError, cache: Cache) -> None:
+    print(f"dna: warning: not synced ({printable(str(why))}): this device's messages as they"
+          " were; nothing marked read", file=sys.stderr, flush=True)  # fmt: skip
+    _show_inbox(args, cache)
 
 
 def _show_inbox(args: argparse.Namespace, cache: Cache) -> Contact | None:
@@ -555,22 +604,33 @@ def _show_inbox(args: argparse.Namespace, cache: Cache) -> Contact | None:
         _show_conversations(args, cache)
         return None
     contact = find_contact(cache, args.contact)
-    messages = [_message_info_from(cache, m) for m in cache.messages(contact.conversation)]
-    if args.json:
-        print(json.dumps(messages))
+    messages = cache.iter_messages(contact.conversation, last=args.last or -1)
+    parties: dict[bytes, Info] = {}  # two people in a conversation: not a lookup a message
+
+    def info(m: Message) -> Info:
+        for who in (m.sender, m.recipient):
+            if who not in parties:
+                parties[who] = _party(cache, who)
+        return _message_info_from(cache, m, parties[m.sender], parties[m.recipient])
+
+    if args.json:  # one JSON array, written as it is read: bounded memory at any length
+        print("[", end="")
+        for n, m in enumerate(messages):
+            print((", " if n else "") + json.dumps(info(m)), end="")
+        print("]")
     else:
-        for info in messages:
-            _print_message(info)
+        for m in messages:
+            _print_message(info(m))
     return contact
 
 
 def _show_conversations(args: argparse.Namespace, cache: Cache) -> None:
     rows: list[Info] = []
     for conv in cache.conversations():
-        last = cache.messages(conv.id)[-1:]
+        last = cache.last_message(conv.id)  # the newest, not the whole conversation
         rows.append({"contact": _party(cache, conv.peer), "unread": conv.unread,
-                     "last": last[0].body if last else None,
-                     "last_time_ms": last[0].timestamp_ms if last else None})  # fmt: skip
+                     "last": last.body if last else None,
+                     "last_time_ms": last.timestamp_ms if last else None})  # fmt: skip
     if args.json:
         print(json.dumps(rows))
         return
@@ -600,13 +660,16 @@ def _preview(text: str) -> str:
     return first if len(first) <= PREVIEW_CHARS else first[: PREVIEW_CHARS - 1] + "…"
 
 
+SEARCH_SHOWN = 100  # the newest messages found that `dna search` shows
+
+
 def _search(args: argparse.Namespace) -> None:
     words = " ".join(args.words)
     if not words.strip():  # before the passphrase: `dna search ""` finds nothing, ever
         raise DnaError("nothing to search for: give one or more words")
 
     def work(cache: Cache) -> None:  # the cache alone: no network needed
-        found = [_message_info_from(cache, m) for m in cache.search(words)]
+        found = [_message_info_from(cache, m) for m in cache.search(words, limit=SEARCH_SHOWN)]
         if args.json:
             print(json.dumps(found))
         elif not found:
@@ -614,6 +677,10 @@ def _search(args: argparse.Namespace) -> None:
                   f"no message has all of: {printable(words)}")  # fmt: skip
         for info in [] if args.json else found:
             _print_message(info)
+        if len(found) == SEARCH_SHOWN and (total := cache.search_count(words)) > len(found):
+            print(f"dna: the newest {len(found)} of {total:,} messages that have"
+                  f" {printable(words)!r}: add words to find older ones",
+                  file=sys.stderr)  # fmt: skip
 
     _with_cache(args, work)
 
@@ -849,6 +916,16 @@ def _positive(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of messages (1 or more)")
+    return value
+
+
 DEVICE_NAME_MAX = 64
 
 
@@ -923,9 +1000,12 @@ def build_parser() -> _Parser:
                    " network needed)", network=False)  # fmt: skip
     listing.add_argument("--online", action="store_true", help="also look up who is online"
                          " now (joins the network)")  # fmt: skip
-    verify = _add(contacts, "verify", _contacts_verify, "show the safety number to compare")
+    verify = _add(contacts, "verify", _contacts_verify, "show the safety number to compare"
+                  " (this device's pin, no network needed)", network=False)  # fmt: skip
     verify.add_argument("who", help="a contact's name or fingerprint")
     verify.add_argument("--confirm", action="store_true", help="it matched: mark verified")
+    verify.add_argument("--online", action="store_true", help="first follow the key rotations"
+                        " the contact published (joins the network)")  # fmt: skip
     forget = _add(contacts, "forget", _contacts_forget, "unpin a contact's key (history stays;"
                   " no network needed)", network=False)  # fmt: skip
     forget.add_argument("who", help="a contact's name or fingerprint")
@@ -937,6 +1017,8 @@ def build_parser() -> _Parser:
     send.add_argument("--file", type=Path, help="read the message from FILE (UTF-8 text)")
     inbox = _add(sub, "inbox", _inbox, "sync and show conversations, or one conversation")
     inbox.add_argument("contact", nargs="?", help="show this contact's conversation")
+    inbox.add_argument("--last", type=_count, metavar="N", help="with a contact: only the"
+                       " newest N messages of the conversation (default: all)")  # fmt: skip
     inbox.add_argument(
         "--offline",
         action="store_true",
@@ -1001,7 +1083,7 @@ def _fail(args: argparse.Namespace | None, message: str, kind: str = "DnaError")
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    _Parser.as_json = "--json" in argv
+    _Parser.as_json = _asks_json(argv)
     with quiet_broken_pipe():
         args = parser.parse_command_line(argv)
         _log_to_stderr(args.verbose)
@@ -1009,6 +1091,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             _missing(parser, "a command")
             return
         _run(args)
+
+
+def _asks_json(argv: list[str]) -> bool:
+    """--json as argparse will read it, known before parsing (a usage error must already
+    speak JSON): an option only before a bare `--` (after it, arguments are data: `dna send
+    bob -- --json` sends the text "--json"), and written in full or abbreviated (`--js`)."""
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    return any(len(arg) >= 3 and "--json".startswith(arg) for arg in options)
 
 
 def _run(args: argparse.Namespace) -> None:

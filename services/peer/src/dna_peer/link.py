@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from dna_core.errors import DnaError, ProtocolError, VerificationError
 from dna_core.mailbox import MailboxClient
 from dna_core.wire import envelope_pb2
 
+from dna_peer.cache import Cache
 from dna_peer.keyserver import now_ms
 from dna_peer.network import join_overlay
 from dna_peer.payloads import DeviceLink, decode_payload
@@ -42,6 +44,8 @@ LINK_TTL_S = 3600
 # a code that finds nothing for a few seconds is wrong, used or expired: no minute-long wait.
 LINK_WAIT_S = 10.0
 MAX_LINK_PAYLOAD = 256 * 1024  # an offer is a few KB: the locked identity and the device list
+
+log = logging.getLogger("dna.peer.link")
 
 
 class LinkError(DnaError):
@@ -60,11 +64,25 @@ def new_code() -> str:
     return "-".join(raw[i : i + 4] for i in range(0, len(raw), 4))
 
 
-def link_identity(code: str) -> Identity:
-    """The throwaway identity both devices derive from the code."""
+_BASE32 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")  # RFC 4648: no 0, 1, 8, 9
+
+
+def normalize_code(code: str) -> str:
+    """The 16 characters of a typed code (dashes, spaces and case do not matter); a code
+    that cannot be one is refused at once, before any network wait, saying what is wrong."""
     norm = code.replace("-", "").replace(" ", "").upper()
     if len(norm) != CODE_BYTES * 8 // 5:
         raise LinkError("a link code has 16 letters and digits, like ABCD-EFGH-IJKL-MNOP")
+    wrong = sorted(set(norm) - _BASE32)
+    if wrong:
+        raise LinkError(f"a link code has only the letters A-Z and the digits 2-7 (no 0, 1,"
+                        f" 8 or 9), not {', '.join(repr(c) for c in wrong)}")  # fmt: skip
+    return norm
+
+
+def link_identity(code: str) -> Identity:
+    """The throwaway identity both devices derive from the code."""
+    norm = normalize_code(code)
     stretched = keystore.KdfParams().derive(norm, p.sha256(p.label("device-link"))[:16])
     seeds = HKDFExpand(hashes.SHA256(), SEEDS_SIZE, info=p.label("link-identity"))
     return Identity(seeds.derive(stretched))
@@ -114,17 +132,36 @@ async def accept_link(
         mail = MailboxClient(node, pow_bits=pow_bits)
         link, identity, blob_ids = await _receive_offer(mail, temp, code, timeout)
         secret = passphrase() if callable(passphrase) else passphrase
-        await mail.delete(temp, blob_ids)
-        device = profile.create(identity, secret, Device(link.device_id, link.device_name))
+
+        def known_devices(cache: Cache) -> None:  # before the key file: all or nothing
+            for known in link.devices:
+                cache.add_device(known.device_id, known.device_name, now_ms())
+
+        # The profile first, the offer deleted after: a failure or a kill in between leaves
+        # the offer for the next try (a profile cut short is cleared by it), never neither.
+        device = profile.create(identity, secret, Device(link.device_id, link.device_name),
+                                known_devices)  # fmt: skip
         peer = Peer(identity, profile.open_cache(identity), node, device, pow_bits, seeds)
         peer.save_identity = lambda new, rekey: profile.replace_identity(new, secret, rekey)
-        for known in link.devices:
-            peer.cache.add_device(known.device_id, known.device_name, now_ms())
     except BaseException:
         await node.stop()
         raise
+    await _delete_offer(mail, temp, blob_ids)
     await peer.announce()
     return peer
+
+
+async def _delete_offer(mail: MailboxClient, temp: Identity, blob_ids: list[bytes]) -> None:
+    """The offer is used: delete it. The device is linked already, so a delete that fails
+    is a warning, not a failure: the offer expires within the hour (LINK_TTL_S)."""
+    try:
+        result = await mail.delete(temp, blob_ids)
+        why = "; ".join(result.refusals) or "too few storage nodes answered"
+    except DnaError as exc:
+        result, why = None, str(exc)
+    if result is None or len(result.deleted) < len(blob_ids):
+        log.warning("the used link offer could not be deleted (%s): it expires within the"
+                    " hour; until then the code still works, keep it secret", why)  # fmt: skip
 
 
 async def _receive_offer(

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +82,8 @@ HISTORY_CHUNK_BYTES = 150 * 1024  # a History payload stays under the 192 KiB en
 DISPLAY_PREFIX = 16  # hex digits of a fingerprint the inbox shows for a contact without a name
 LIST_ITEM_OVERHEAD = 8  # a repeated field's tag and length prefix, at most
 ACK_BATCH_IDS = 2_000  # blob IDs per DeviceAck: 68 KB, under the 192 KiB envelope cap
+MAX_RECEIPTS_PER_ROUND = 64  # receipt envelopes one sync round seals and puts, at most
+PRESENCE_LOOKUPS_AT_ONCE = 16  # `contacts list --online`: overlay lookups in flight
 Progress = Callable[[int, int], None]  # (done, total)
 # A text rides in a Payload, to the own devices inside a SyncTranscript, and later in a
 # History item (~150 bytes more); all must stay under the envelope's payload cap, so 1 KiB
@@ -437,6 +439,18 @@ class Peer:
         """The contact's fresh presence record (None: offline)."""
         return await lookup_presence(self.node, contact.keys, self.identity, now_ms=now_ms())
 
+    async def presence_of_all(self, contacts: Sequence[Contact]) -> list[Presence | None]:
+        """`presence_of` each contact, PRESENCE_LOOKUPS_AT_ONCE at a time: the contacts may
+        be thousands (anyone who writes is pinned), and a lookup each at once would open
+        that many overlay queries together."""
+        room = asyncio.Semaphore(PRESENCE_LOOKUPS_AT_ONCE)
+
+        async def one(contact: Contact) -> Presence | None:
+            async with room:
+                return await self.presence_of(contact)
+
+        return list(await asyncio.gather(*(one(c) for c in contacts)))
+
     async def _receive_direct(
         self, sender: PublicKeySet, message_id: bytes, envelope: bytes
     ) -> None:
@@ -516,8 +530,8 @@ class Peer:
 
     async def mark_read(self, contact: Contact) -> bool:
         """Mark a conversation read up to its newest message, on every device."""
-        messages = self.cache.messages(contact.conversation)
-        newest = messages[-1].timestamp_ms if messages else 0
+        last = self.cache.last_message(contact.conversation)  # not a list: 10k+ messages
+        newest = last.timestamp_ms if last else 0
         if not self.cache.mark_read(contact.conversation, newest):
             return False
         if self._has_other_devices():
@@ -611,8 +625,23 @@ class Peer:
 
     async def _send_receipts(self, receipts: Sequence[ReceiptDue]) -> None:
         """The delivery receipts a sync owes, best effort: the messages are already held,
-        and a lost receipt only leaves them undelivered in the sender's view."""
-        for due in receipts:
+        and a lost receipt only leaves them undelivered in the sender's view. At most
+        MAX_RECEIPTS_PER_ROUND, to the contacts this identity knows first (named, or
+        written to): each receipt is a sealed, signed put with proof of work (~35 ms), and
+        anyone can fill a mailbox with messages from as many throwaway identities, which
+        made a sync seal and put one receipt each, to mailboxes they chose."""
+        written = self.cache.last_written()
+
+        def stranger(due: ReceiptDue) -> bool:
+            contact = self.cache.current_contact(due.to.fingerprint)
+            return contact is None or not (contact.name or contact.conversation in written)
+
+        ordered = sorted(receipts, key=stranger)  # stable: the known first, in their order
+        if len(ordered) > MAX_RECEIPTS_PER_ROUND:
+            log.warning("%d delivery receipts not sent: more than %d are due in one round"
+                        " (their senders see the messages undelivered)",
+                        len(ordered) - MAX_RECEIPTS_PER_ROUND, MAX_RECEIPTS_PER_ROUND)  # fmt: skip
+        for due in ordered[:MAX_RECEIPTS_PER_ROUND]:
             receipt = envelope_pb2.DeliveryReceipt(message_ids=due.message_ids)
             payload = envelope_pb2.Payload(receipt=receipt).SerializeToString()
             try:  # sealed by the identity the messages reached, to the keys that sent them
@@ -937,10 +966,11 @@ class Peer:
 
     async def send_history(self) -> int:
         """Post the whole cache (messages, read state, contacts) to the own mailbox."""
-        chunks = _history_chunks(self.cache, self.fingerprint)
-        for chunk in chunks:
+        posted = 0
+        for chunk in history_chunks(self.cache, self.fingerprint):  # one in memory at a time
             await self.post_to_devices(envelope_pb2.Payload(history=chunk))
-        return len(chunks)
+            posted += 1
+        return posted
 
 
 @dataclass(frozen=True)
@@ -1034,39 +1064,41 @@ def _contact_card(contact: Contact) -> envelope_pb2.ContactCard:
                                     verified=contact.verified)  # fmt: skip
 
 
-def _history_chunks(cache: Cache, own: bytes) -> list[envelope_pb2.History]:
+def history_chunks(cache: Cache, own: bytes) -> Iterator[envelope_pb2.History]:
     """The cache as History payloads of at most ``HISTORY_CHUNK_BYTES`` each: the device
     list first (it lets the receiver delete again), then contacts (3.2 KB of keys each),
-    read state and messages, each list split wherever a chunk fills."""
-    chunks = [envelope_pb2.History(devices=[
+    read state and messages, each list split wherever a chunk fills. Made as they are
+    taken, the messages read from the cache as they go: a history of any length is posted
+    in the memory of one chunk."""
+    chunk = envelope_pb2.History(devices=[
         envelope_pb2.DeviceHello(device_id=d, device_name=name)
         for d, name in cache.devices().items()
-    ])]  # fmt: skip
-    size = chunks[0].ByteSize()
-
-    def add(items: list[envelope_pb2.History], item: Any, field: str) -> None:
-        nonlocal size
+    ])  # fmt: skip
+    size = chunk.ByteSize()
+    for field_name, item in _history_items(cache, own):
         item_size = item.ByteSize() + LIST_ITEM_OVERHEAD
-        if size + item_size > HISTORY_CHUNK_BYTES and size:
-            items.append(envelope_pb2.History())
-            size = 0
-        getattr(items[-1], field).append(item)
+        if size and size + item_size > HISTORY_CHUNK_BYTES:
+            yield chunk
+            chunk, size = envelope_pb2.History(), 0
+        getattr(chunk, field_name).append(item)
         size += item_size
+    yield chunk
 
+
+def _history_items(cache: Cache, own: bytes) -> Iterator[tuple[str, Any]]:
+    """(History field, item) for every contact, read marker and message, in that order."""
     for c in cache.contacts():
-        add(chunks, _contact_card(c), "contacts")
+        yield "contacts", _contact_card(c)
     for conv, ms in cache.read_state().items():
-        add(chunks, envelope_pb2.ReadMarker(conversation_id=conv, read_up_to_ms=ms), "read")
-    for msg in cache.messages(limit=-1):  # all of them (SQLite: a negative LIMIT is none)
-        item = envelope_pb2.SyncTranscript(
+        yield "read", envelope_pb2.ReadMarker(conversation_id=conv, read_up_to_ms=ms)
+    for msg in cache.iter_messages():  # all of them, oldest first, streamed
+        yield "messages", envelope_pb2.SyncTranscript(
             original_recipient=msg.recipient, original_message_id=msg.message_id,
             original_timestamp_ms=msg.timestamp_ms,
             payload=envelope_pb2.Payload(text=envelope_pb2.Text(
                 body=msg.body, conversation_id=msg.conversation)).SerializeToString(),
             original_sender=b"" if msg.sender == own else msg.sender,
         )  # fmt: skip
-        add(chunks, item, "messages")
-    return chunks
 
 
 def _batches(items: Sequence[bytes], size: int) -> list[list[bytes]]:

@@ -138,11 +138,18 @@ class Profile:
                 f" {self.home} identity import BACKUP; else move it aside and run this again"
             )
 
-    def create(self, identity: Identity, passphrase: str, device: Device | None = None) -> Device:
-        """Write a new identity (refusing to overwrite one), this device's ID and an empty
-        cache: a new identity has nothing to recover, so from now on a missing cache is a
-        lost one."""
-        return self._write(keystore.lock(identity, passphrase), device, identity)
+    def create(
+        self,
+        identity: Identity,
+        passphrase: str,
+        device: Device | None = None,
+        fill_cache: Callable[[Cache], None] | None = None,
+    ) -> Device:
+        """Write a new identity (refusing to overwrite one), this device's ID and a cache,
+        empty or as ``fill_cache`` makes it (a linked device's device list): a new identity
+        has nothing to recover, so from now on a missing cache is a lost one. The cache is
+        whole before the key file makes the profile exist."""
+        return self._write(keystore.lock(identity, passphrase), device, identity, fill_cache)
 
     def restore(self, keyfile: bytes, passphrase: str) -> Identity:
         """Start a device from a key file backup (checked with its passphrase). No cache is
@@ -156,7 +163,13 @@ class Profile:
     def creating_mark(self) -> Path:
         return self.home / "creating"
 
-    def _write(self, keyfile: bytes, device: Device | None, cache_for: Identity | None) -> Device:
+    def _write(
+        self,
+        keyfile: bytes,
+        device: Device | None,
+        cache_for: Identity | None,
+        fill_cache: Callable[[Cache], None] | None = None,
+    ) -> Device:
         """The files of a new profile, `identity.key` last and inside the `creating` mark
         (module docstring). One that fails (a full disk) removes what it wrote."""
         self.ensure_absent()
@@ -170,7 +183,12 @@ class Profile:
                 write_atomic(self.device_path, json.dumps(
                     {"id": device.device_id.hex(), "name": device.name}).encode())  # fmt: skip
                 if cache_for is not None:
-                    Cache.open(self.cache_path, cache_key(cache_for, device.device_id)).close()
+                    cache = Cache.open(self.cache_path, cache_key(cache_for, device.device_id))
+                    try:
+                        if fill_cache is not None:
+                            fill_cache(cache)
+                    finally:
+                        cache.close()
                 write_atomic(self.keyfile, keyfile, overwrite=False)
             except BaseException:
                 if not self.exists():

@@ -56,6 +56,24 @@ def usable_across_hosts(ip: IPAddress) -> bool:
     return True
 
 
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
+def dialable(host: str) -> bool:
+    """Whether a contact's candidate address (from its presence record or its offer: text
+    the contact wrote) is one to send checks to: an IP address another host can use (an
+    honest device publishes no other, `select_host_addresses`), not loopback, broadcast or
+    reserved, and not a name (a lookup the contact would choose). A hostile contact cannot
+    make this device probe its own services or flood its link this way."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if ip == _BROADCAST or (ip.version == 4 and ip.is_reserved):
+        return False
+    return usable_across_hosts(ip)
+
+
 def parse_if_inet6(text: str) -> dict[IPAddress, Inet6Entry]:
     """``/proc/net/if_inet6``: "address ifindex prefix_len scope flags name", all hex but
     the name. Malformed lines are skipped (the file is the kernel's, not a peer's)."""

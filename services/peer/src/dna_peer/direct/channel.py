@@ -18,9 +18,10 @@ the counter as nonce and associated data. A counter seen before is a replay and 
 refused (logged); a sender that retransmits seals the frame again under a new counter.
 Frames are MESSAGE (message ID, payload: a sealed envelope), ACK (message ID) and
 CLOSE (no ID: the other end is leaving, so messages to it go by store-and-forward at
-once instead of after a retransmission timeout); a message ID received twice is
-acknowledged again but handed up once. A CLOSE is authenticated like any record, so only
-the other end can end the link.
+once instead of after a retransmission timeout). A MESSAGE is handed up as `Received`
+and acknowledged only once the owner says it stored it (`stored`); a message ID stored
+already is acknowledged again but not handed up twice. A CLOSE is authenticated like
+any record, so only the other end can end the link.
 
 Nothing here does I/O: ``receive`` takes a datagram and returns what to send and what
 happened; the asyncio adapter (`dna_peer.direct.link`) moves the bytes and keeps time.
@@ -57,6 +58,7 @@ _SESSION_SALT = p.label("direct-session")
 MESSAGE, ACK, CLOSE = 1, 2, 3
 REPLAY_WINDOW = 4096  # counters remembered below the highest seen
 SEEN_IDS = 4096  # message IDs remembered to acknowledge duplicates without handing them up
+LOGGED_REFUSALS = 8  # refused inputs logged per channel; the rest are only counted
 _COUNTER = struct.Struct(">Q")
 
 
@@ -116,6 +118,7 @@ class Channel:
         self._seen_counters: set[int] = set()
         self._seen_ids: OrderedDict[bytes, None] = OrderedDict()
         self._transfer = int.from_bytes(os.urandom(4), "big")
+        self.refusals = 0  # inputs refused so far
 
     @classmethod
     def initiate(cls, identity: Identity, peer: PublicKeySet) -> tuple[Channel, list[bytes]]:
@@ -251,13 +254,21 @@ class Channel:
         message_id, rest = frame[2 : 2 + frame[1]], frame[2 + frame[1] :]
         if frame[0] == ACK:
             return Step(events=[Delivered(message_id)])
-        ack = self._seal(bytes([ACK, len(message_id)]) + message_id)
-        if message_id in self._seen_ids:
-            return Step(send=ack)  # a retransmission whose ACK was lost
+        if message_id in self._seen_ids:  # stored; a retransmission whose ACK was lost
+            return Step(send=self._seal(bytes([ACK, len(message_id)]) + message_id))
+        return Step(events=[Received(message_id, rest)])  # the ACK once it is stored
+
+    def stored(self, message_id: bytes) -> list[bytes]:
+        """The owner stored a `Received` message: the ACK datagrams to send, and the ID
+        remembered, so a retransmission is acknowledged without being handed up again. A
+        message the owner could not store gets no ACK, now or on a retransmission (the
+        retransmission is handed up again): an ACK means stored, or the sender would
+        count a message nobody kept as delivered."""
         self._seen_ids[message_id] = None
+        self._seen_ids.move_to_end(message_id)
         if len(self._seen_ids) > SEEN_IDS:
             self._seen_ids.popitem(last=False)
-        return Step(send=ack, events=[Received(message_id, rest)])
+        return self._seal(bytes([ACK, len(message_id)]) + message_id)
 
     # -- input -------------------------------------------------------------------------
 
@@ -274,8 +285,18 @@ class Channel:
                 return self._on_welcome(unit.data)
             return self._on_record(unit.data)
         except ProtocolError as exc:
-            log.warning("direct channel refused input: %s", exc.reason)
+            self._log_refusal(exc.reason)
             return Step(events=[Refused(exc.reason)])
+
+    def _log_refusal(self, reason: str) -> None:
+        """The first LOGGED_REFUSALS refusals of a channel are logged, then one line says
+        the rest are not: a peer sending garbage at line rate must not flood the log."""
+        self.refusals += 1
+        if self.refusals <= LOGGED_REFUSALS:
+            log.warning("direct channel refused input: %s", reason)
+        elif self.refusals == LOGGED_REFUSALS + 1:
+            log.warning("direct channel refused input again (%s); further refusals on this"
+                        " channel are not logged", reason)  # fmt: skip
 
 
 def _keys_from_canonical(raw: bytes) -> PublicKeySet:

@@ -8,7 +8,9 @@ is cut into fragments of at most ``FRAGMENT_BYTES``, each a datagram:
     kind (1) | transfer ID (4, big-endian) | index (2) | count (2) | chunk
 
 and put back together by ``Reassembler``, which holds a bounded number of unfinished
-units (the oldest is dropped first), so a flood of fragments costs bounded memory.
+units (the oldest is dropped first) and refuses a fragment longer than ``FRAGMENT_BYTES``
+(a datagram may carry 64 KiB), so a flood of fragments costs at most
+``MAX_PENDING * MAX_FRAGMENTS * FRAGMENT_BYTES`` (4.5 MB) per channel.
 Fragments carry no integrity of their own: the reassembled unit is authenticated by the
 channel (signatures in the handshake, AEAD on records).
 """
@@ -57,6 +59,8 @@ class Reassembler:
         kind, transfer, index, count = _HEADER.unpack_from(datagram)
         if kind not in KINDS or not 0 < count <= MAX_FRAGMENTS or index >= count:
             raise MalformedError("direct: fragment header out of range")
+        if len(datagram) - _HEADER.size > FRAGMENT_BYTES:  # ours are cut at FRAGMENT_BYTES
+            raise MalformedError(f"direct: a fragment of {len(datagram)} bytes is over the cap")
         key = (kind, transfer)
         if self._counts.setdefault(key, count) != count:
             raise MalformedError("direct: fragment count differs from earlier fragments")

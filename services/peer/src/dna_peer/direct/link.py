@@ -20,15 +20,17 @@ received message to the owner before acknowledging it (an ACK means "stored").
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,11 +55,17 @@ from dna_peer.direct.channel import (
 log = logging.getLogger("dna.peer.direct")
 FIRST_RTO_S = 0.25
 MAX_RTO_S = 2.0
+REFUSED_KEPT = 8  # reasons a link keeps for its log line (`DirectService`)
 OnReceived = Callable[[PublicKeySet, bytes, bytes], Awaitable[None]]  # (sender, id, payload)
 
 
 class DirectError(DnaError):
     """The direct path is not there (ICE failed, handshake refused, or a timeout)."""
+
+
+class NotTaken(DnaError):  # noqa: N818 (an outcome, like RateLimited)
+    """The owner does not take a received message now (a contact over its rate): no ACK,
+    so the sender falls back to the mailbox; not logged per message (a flood)."""
 
 
 @dataclass(frozen=True)
@@ -255,9 +263,12 @@ class _ListeningAgent(aioice.Connection):
         """Check toward the caller's candidates too: our sending opens our NAT for its
         checks (a NAT that filters lets in only replies)."""
         try:
-            for sdp in json.loads(body):
-                await self.add_remote_candidate(aioice.Candidate.from_sdp(sdp))
-        except (ValueError, TypeError) as exc:
+            lines = json.loads(body)
+            if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
+                raise TypeError("not a list of candidate lines")
+            for candidate in remote_candidates(lines):
+                await self.add_remote_candidate(candidate)
+        except (ValueError, TypeError, DirectError) as exc:
             log.info("a caller's offer was unreadable: %s", exc)
             return
         self._called()
@@ -316,11 +327,14 @@ async def dial(
     agent = config.agent(controlling=True, local_username=caller_ufrag, local_password=caller_pwd)
     agent.remote_username, agent.remote_password = ufrag, pwd
     try:
+        remote = remote_candidates(candidates)  # before any socket: maybe nothing to dial
         async with asyncio.timeout(timeout):
             await config.gather(agent)
-            remote = [aioice.Candidate.from_sdp(sdp) for sdp in candidates]
             _send_offer(agent, remote, pwd)
             await _connect_direct_first(agent, remote)
+    except DirectError:
+        await agent.close()
+        raise
     except (TimeoutError, ConnectionError, ValueError, OSError) as exc:
         await agent.close()
         raise DirectError(f"ICE did not connect: {exc or type(exc).__name__}") from None
@@ -328,6 +342,32 @@ async def dial(
         await agent.close()
         raise
     return agent
+
+
+MAX_REMOTE_CANDIDATES = 16  # checked per call; an honest record holds about 10
+
+
+def remote_candidates(lines: Iterable[str]) -> list[aioice.Candidate]:
+    """A contact's candidates (SDP lines it wrote) that this device will send checks to:
+    parsed, only addresses `candidates.dialable` accepts, at most MAX_REMOTE_CANDIDATES.
+    DirectError when none is left (the caller takes the mailbox at once)."""
+    chosen: list[aioice.Candidate] = []
+    for line in itertools.islice(lines, 4 * MAX_REMOTE_CANDIDATES):
+        try:
+            candidate = aioice.Candidate.from_sdp(line)
+        except (ValueError, IndexError):
+            log.info("a contact's candidate is malformed: %r", line[:80])
+            continue
+        if not candidates.dialable(candidate.host) or not 0 < candidate.port < 65536:
+            log.info("not checking toward a contact's candidate %s:%s", candidate.host,
+                     candidate.port)  # fmt: skip
+            continue
+        chosen.append(candidate)
+        if len(chosen) == MAX_REMOTE_CANDIDATES:
+            break
+    if not chosen:
+        raise DirectError("no candidate of the contact's to check toward")
+    return chosen
 
 
 def _send_offer(agent: aioice.Connection, remote: list[aioice.Candidate], pwd: str) -> None:
@@ -381,7 +421,8 @@ class DirectLink:
         self.agent, self.channel, self.on_received = agent, channel, on_received
         self.on_closed = on_closed
         self.established = asyncio.Event()
-        self.refused: list[str] = []
+        # The latest reasons for refused input (bounded: a peer may send garbage forever).
+        self.refused: collections.deque[str] = collections.deque(maxlen=REFUSED_KEPT)
         self._acks: dict[bytes, asyncio.Future[bool]] = {}  # True: acknowledged
         self._reader = asyncio.create_task(self._read())
         self.closed = False
@@ -498,9 +539,13 @@ class DirectLink:
                     assert self.channel.peer is not None
                     try:
                         await self.on_received(self.channel.peer, message_id, payload)
+                    except NotTaken as exc:  # no ACK: the sender takes the mailbox
+                        log.debug("direct message %s not taken: %s", message_id.hex(), exc)
+                        return
                     except Exception as exc:  # not stored: no ACK, the sender falls back
                         log.warning("direct message %s not stored: %s", message_id.hex(), exc)
                         return
+                    step.send += self.channel.stored(message_id)  # stored: now the ACK
                 case Refused(reason):
                     self.refused.append(reason)
         await self._send(step.send)

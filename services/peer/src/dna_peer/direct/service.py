@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -21,10 +22,19 @@ from typing import Any, Protocol
 from dna_core.crypto import Identity, PublicKeySet
 from dna_core.errors import DnaError
 from dna_core.overlay import OverlayNode, identity_proof
+from dna_core.ratelimit import RateLimiter
 from dna_core.wire import common_pb2
 
 from dna_peer.cache import Cache, Contact
-from dna_peer.direct.link import DirectError, DirectLink, IceConfig, Listener, answer, dial
+from dna_peer.direct.link import (
+    DirectError,
+    DirectLink,
+    IceConfig,
+    Listener,
+    NotTaken,
+    answer,
+    dial,
+)
 from dna_peer.keyserver import now_ms
 from dna_peer.presence import (
     MAX_SEALED_CONTACTS,
@@ -39,6 +49,10 @@ from dna_peer.profile import Device
 
 log = logging.getLogger("dna.peer.direct")
 DIRECT_TIMEOUT_S = 4.0  # ICE, handshake and ACK together; then store-and-forward
+# Messages taken from one contact over the direct path: what a storage node takes into a
+# whole mailbox (admission's mailbox_rate_per_s, mailbox_burst). The direct path has no
+# proof of work and no quota; past this, no ACK: the sender's message takes the mailbox.
+DIRECT_RATE_PER_S, DIRECT_BURST, DIRECT_MAX_CONTACTS = 10.0, 50.0, 1024
 PROOF_REUSE_MS = 30 * 60_000  # a presence proof of work stays valid for the kind's hour
 Deliver = Callable[[PublicKeySet, bytes, bytes], Awaitable[None]]  # (sender, id, envelope)
 
@@ -71,6 +85,18 @@ class DirectService:
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _republish: asyncio.Event = field(default_factory=asyncio.Event)
     listening: bool = False  # published a presence record (so `stop` withdraws it)
+    clock: Callable[[], float] = time.monotonic  # for the rate of messages taken
+    _taken: RateLimiter = field(
+        default_factory=lambda: RateLimiter(DIRECT_RATE_PER_S, DIRECT_BURST, DIRECT_MAX_CONTACTS)
+    )
+
+    async def take(self, sender: PublicKeySet, message_id: bytes, envelope: bytes) -> None:
+        """A message a link received: stored (`deliver`), unless its sender is over
+        DIRECT_RATE_PER_S (NotTaken: no ACK, the sender falls back to the mailbox)."""
+        if self._taken.check(sender.fingerprint, self.clock()) > 0:
+            raise NotTaken(f"over {DIRECT_RATE_PER_S:g} direct messages a second from"
+                           f" {sender.fingerprint.hex()[:16]}…")  # fmt: skip
+        await self.deliver(sender, message_id, envelope)
 
     # -- being reachable -------------------------------------------------------------
 
@@ -126,10 +152,13 @@ class DirectService:
         )
 
     def _sealed_to(self) -> list[PublicKeySet]:
-        """The contacts written to most recently (a record holds MAX_SEALED_CONTACTS)."""
-        contacts = [c for c in self.owner.cache.contacts() if not c.replaced_by]
-        latest = {m.conversation: m.timestamp_ms for m in self.owner.cache.messages(limit=-1)}
-        contacts.sort(key=lambda c: latest.get(c.conversation, 0), reverse=True)
+        """The contacts written to most recently (a record holds MAX_SEALED_CONTACTS), then
+        the ones added by name; never someone who only wrote to us (a stranger pinned on
+        first contact): the record tells those it is sealed to where the device is."""
+        written = self.owner.cache.last_written()
+        contacts = [c for c in self.owner.cache.contacts()
+                    if not c.replaced_by and (c.conversation in written or c.name)]  # fmt: skip
+        contacts.sort(key=lambda c: written.get(c.conversation, 0), reverse=True)
         return [c.keys for c in contacts[:MAX_SEALED_CONTACTS]]
 
     def _proof_of_work(self) -> common_pb2.ProofOfWork:
@@ -206,7 +235,7 @@ class DirectService:
             log.info("a caller's ICE did not complete: %s", exc)
             await listener.close()
             return
-        link = DirectLink.accept(listener.agent, self.owner.identity, self._pinned, self.deliver)
+        link = DirectLink.accept(listener.agent, self.owner.identity, self._pinned, self.take)
         try:
             await asyncio.wait_for(link.established.wait(), self.timeout_s)
         except TimeoutError:
@@ -279,7 +308,7 @@ class DirectService:
         r = presence.reach
         agent = await dial(self.config, r.ufrag, r.pwd, r.caller_ufrag, r.caller_pwd,
                            r.candidates, timeout=self.timeout_s)  # fmt: skip
-        link = await DirectLink.open(agent, self.owner.identity, contact.keys, self.deliver,
+        link = await DirectLink.open(agent, self.owner.identity, contact.keys, self.take,
                                      timeout=self.timeout_s)  # fmt: skip
         self._keep(contact.fingerprint, link)
         return link
