@@ -108,7 +108,8 @@ def test_a_rate_refusal_from_a_real_server_carries_its_retry_after() -> None:
 @pytest.mark.parametrize(
     ("trailers", "expected"),
     [((), 0), ((("retry-after-ms", "40"),), 40), ((("retry-after-ms", "soon"),), 0),
-     ((("retry-after-ms", "-5"),), 0), ((("other", "1"),), 0)],
+     ((("retry-after-ms", "-5"),), 0), ((("other", "1"),), 0),
+     ((("retry-after-ms", "²"),), 0), ((("retry-after-ms", "١٢"),), 0)],
 )  # fmt: skip
 def test_a_retry_after_is_a_positive_whole_number_or_none(
     trailers: tuple[tuple[str, str], ...], expected: int

@@ -37,8 +37,9 @@ def retry_after_ms(metadata: Iterable[tuple[str, str | bytes]] | None) -> int:
     positive whole number: a malformed hint is no hint)."""
     for key, value in metadata or ():
         if key == "retry-after-ms":
-            text = value.decode() if isinstance(value, bytes) else str(value)
-            return int(text) if text.isdigit() else 0
+            text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+            # isdigit alone takes '²' and other digits int() refuses
+            return int(text) if text.isascii() and text.isdigit() else 0
     return 0
 
 

@@ -28,7 +28,7 @@ def parse_seeds(text: str) -> list[tuple[str, int]]:
     seeds = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         host, _, port = item.rpartition(":")
-        if not host or not port.isdigit():
+        if not host or not (port.isascii() and port.isdigit()):
             raise DnaError(f"bootstrap address {item!r} is not host:port")
         if not 1 <= int(port) <= 65535:
             raise DnaError(f"bootstrap address {item!r}: port {port} is not in 1-65535")

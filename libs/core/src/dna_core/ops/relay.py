@@ -194,7 +194,7 @@ class _Link:
 def _upstream_end(peer: str) -> Address | None:
     """A gRPC peer string (``ipv4:127.0.0.1:P``) as the (address, port) it names, or None."""
     port = peer.rpartition(":")[2]
-    return (grpc_peer_ip(peer), int(port)) if port.isdigit() else None
+    return (grpc_peer_ip(peer), int(port)) if port.isascii() and port.isdigit() else None
 
 
 class TcpRelay:

@@ -282,7 +282,7 @@ class OverlayServiceConfig(ConfigModel):
 
 def parse_addr(text: str, key: str = "address") -> Addr:
     host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or int(port) > 65535:
+    if not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError(f"{key}: {text!r} is not host:port")
     return host.strip("[]"), int(port)
 
