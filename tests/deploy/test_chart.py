@@ -442,3 +442,18 @@ def test_the_helm_test_script_sends_a_message_through_a_real_network(
         net.down()
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK: helm-b-" in result.stdout and "received" in result.stdout
+
+
+def test_the_relay_holds_no_more_allocations_than_relay_ports() -> None:
+    # An allocation takes a relay port: the default range (256 ports) with dna-stun's default
+    # 1000 allocations refused the 257th after 64 bind tries each, and warned at start.
+    def relay_section(*args: str) -> dict[str, Any]:
+        docs = render("--set", "stun.enabled=true", *args)
+        config = named(docs, "ConfigMap", "t-dna-stun")["data"]["stun.toml"]
+        section: dict[str, Any] = tomllib.loads(config)["relay"]
+        return section
+
+    assert relay_section() == {"max_allocations": 256}
+    wide = ("--set", "stun.relayPortMin=40000", "--set", "stun.relayPortMax=60000")
+    assert relay_section(*wide) == {"max_allocations": 1000}
+    assert relay_section("--set", "stun.config.relay.max_allocations=50")["max_allocations"] == 50

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from containers import COMPOSE, ROOT
-from dna_stun.config import StunServiceConfig
+from dna_stun.config import StunServiceConfig, config_warnings
 from dna_testnet.compose import (
     NODES_DIR,
     PROMETHEUS_FILE,
@@ -110,9 +110,13 @@ def test_dna_testnet_and_compose_run_the_same_nodes_with_the_same_settings(tmp_p
 
 # The relay's settings that differ by driver: where it runs and which private networks its
 # peers live on (loopback locally, the compose networks in compose), and compose's narrow
-# relay range (published ranges want to be short).
+# relay range (published ranges want to be short) and the allocations it holds.
 RELAY_LOCATION = {("server", "host"), ("ops", "http_host"), ("relay", "allowed_peers")}
-RELAY_COMPOSE_ONLY = {("server", "relay_port_min"), ("server", "relay_port_max")}
+RELAY_COMPOSE_ONLY = {
+    ("server", "relay_port_min"),
+    ("server", "relay_port_max"),
+    ("relay", "max_allocations"),
+}
 
 
 def test_dna_testnet_and_compose_run_the_same_relay(tmp_path: Path) -> None:
@@ -170,7 +174,11 @@ def test_the_relay_is_a_stun_container_relaying_to_the_compose_networks_only() -
     # Exactly the compose networks, spelled out: a public relay refuses private addresses.
     assert config["relay"]["allowed_peers"] == ["10.77.0.0/16", "10.78.1.0/24", "10.78.2.0/24"]
     assert config["relay"]["allowed_peers"] == compose_subnets(TESTNET)
-    StunServiceConfig.model_validate(config)  # the file is one dna-stun accepts
+    accepted = StunServiceConfig.model_validate(config)  # the file is one dna-stun accepts
+    # An allocation takes a relay port: no more allocations than the 100 ports (dna-stun
+    # warns otherwise, and would refuse the 101st after 64 bind tries).
+    assert config["relay"]["max_allocations"] == 100
+    assert not [w for w in config_warnings(accepted, 1 << 20) if "port range" in w]
 
 
 def test_a_topology_with_more_redis_nodes_than_storage_nodes_is_refused() -> None:

@@ -993,3 +993,27 @@ def test_a_send_indication_with_an_unknown_required_attribute_is_discarded() -> 
     optional = encode(Method.SEND, Class.INDICATION, tid, [peer_attr, (attr.DATA, b"d"),
                                                            (attr.SOFTWARE, b"x")])  # fmt: skip
     assert len(core.on_client_datagram(optional, CLIENT, NOW)) == 1
+
+
+def test_attributes_after_message_integrity_change_nothing() -> None:
+    # RFC 8489 section 14.5: whoever appends attributes to a signed request (LIFETIME 0 to
+    # deallocate, another peer to permit) after its MESSAGE-INTEGRITY is not heard.
+    core, client = make_core(), Client("alice", "pw")
+    relay = allocate(core, client)
+    appended = attr_appended(client.request(Method.REFRESH), attr.LIFETIME, attr.uint32(0))
+    reply = parse(one(core.on_client_datagram(appended, CLIENT, NOW)))
+    assert is_success(reply, Method.REFRESH) and relay in core.by_relay
+    assert attr.decode_uint32(reply.get(attr.LIFETIME) or b"") == 600  # the default
+    permit = client.request(Method.CREATE_PERMISSION, peers=(PEER,))
+    extra = attr.encode_xor_address(("203.0.113.99", 1), client.last_tid)
+    reply = parse(one(core.on_client_datagram(
+        attr_appended(permit, attr.XOR_PEER_ADDRESS, extra), CLIENT, NOW)))  # fmt: skip
+    assert is_success(reply, Method.CREATE_PERMISSION)
+    assert set(core.by_client[CLIENT].permissions) == {PEER[0]}
+
+
+def attr_appended(signed: bytes, kind: int, value: bytes) -> bytes:
+    """``signed`` (ending in FINGERPRINT) with an attribute put after its MESSAGE-INTEGRITY,
+    the header's length grown to cover it, and no FINGERPRINT (which would have to be last)."""
+    body = signed[:-8] + struct.pack("!HH", kind, len(value)) + value + bytes(-len(value) % 4)
+    return body[:2] + struct.pack("!H", len(body) - 20) + body[4:]

@@ -94,11 +94,14 @@ app.kubernetes.io/component: {{ .role }}
 {{- end -}}
 
 {{/* The relay's TOML file (dna-stun): its ports, then `stun.config` over them. The address
-     comes from the pod (env), the shared secret from a Secret (env). */}}
+     comes from the pod (env), the shared secret from a Secret (env). An allocation takes a
+     relay port, so max_allocations is at most the range's size (1000 at most by default). */}}
 {{- define "dna.stunToml" -}}
 {{- $v := .Values.stun -}}
+{{- $ports := add1 (sub (int $v.relayPortMax) (int $v.relayPortMin)) -}}
 {{- $sections := dict
   "server" (dict "udp_port" $v.udpPort "relay_port_min" $v.relayPortMin "relay_port_max" $v.relayPortMax)
+  "relay" (dict "max_allocations" (min 1000 $ports))
   "ops" (dict "http_port" .Values.ports.http)
 -}}
 {{- $sections = mergeOverwrite $sections (deepCopy $v.config) -}}

@@ -54,9 +54,10 @@ Datagram = tuple[bytes, Addr]  # what a socket's recvfrom returns (IPv4; IPv6 cu
 PERMISSION_LIFETIME = 300.0  # RFC 8656 section 9: fixed
 CHANNEL_LIFETIME = 600.0  # RFC 8656 section 12: fixed
 CHANNEL_HEADER = struct.Struct("!HH")
-# An answer to a request that proved no key (a Binding, a 401 challenge, a 400 or 420) goes to
-# an address nobody showed is the sender's: at most this many times the request's bytes, so the
-# relay is no amplifier of reflected floods (docs/crypto.md, "Denial of service").
+# An answer to a request that proved no key (a 401 challenge, a 400 or 420) goes to an address
+# nobody showed is the sender's: at most this many times the request's bytes, so the relay is
+# no amplifier of reflected floods (docs/crypto.md, "Denial of service"). A Binding answer is
+# under it by construction (40 or 52 bytes to at least 20).
 MAX_UNPROVEN_GROWTH = 3
 # The most a Data indication carries: its STUN length (16 bits) holds the DATA attribute and
 # an IPv6 XOR-PEER-ADDRESS (4 + 65,504 + 4 + 20 = 65,532). A peer's IPv6 datagram may hold

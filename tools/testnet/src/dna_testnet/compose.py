@@ -188,6 +188,8 @@ def _relay_config(topology: Topology, spec: NodeSpec) -> str:
         http_host="0.0.0.0",
         allowed_peers=compose_subnets(topology),
         server_toml=f"relay_port_min = {RELAY_PORT_MIN}\nrelay_port_max = {RELAY_PORT_MAX}\n",
+        # An allocation takes a relay port: no more than the range holds.
+        relay_toml=f"max_allocations = {RELAY_PORT_MAX - RELAY_PORT_MIN + 1}\n",
     )
 
 

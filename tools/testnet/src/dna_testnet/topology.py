@@ -183,15 +183,21 @@ def node_toml(
 
 
 def stun_toml(
-    host: str, *, http_host: str, allowed_peers: Sequence[str] = (), server_toml: str = ""
+    host: str,
+    *,
+    http_host: str,
+    allowed_peers: Sequence[str] = (),
+    server_toml: str = "",
+    relay_toml: str = "",
 ) -> str:
     """A STUN/TURN node's TOML file: the testnet's credentials, relaying to ``allowed_peers``
     (CIDRs denied on a public node, such as the loopback or private network the testnet's
-    peers live on); ``server_toml``: more keys of [server]."""
+    peers live on); ``server_toml`` and ``relay_toml``: more keys of [server] and [relay]."""
     allowed = ", ".join(f'"{cidr}"' for cidr in allowed_peers)
     return (
         f'log_level = "info"\n[server]\nhost = "{host}"\nudp_port = {STUN_PORT}\n{server_toml}'
         f'[auth]\nrealm = "dna-testnet"\nusers = ["{TESTNET_TURN_USER}:{TESTNET_TURN_PASSWORD}"]\n'
         f'auth_secret = "{TESTNET_TURN_SECRET}"\n[relay]\nallowed_peers = [{allowed}]\n'
+        f"{relay_toml}"
         f'[ops]\nhttp_host = "{http_host}"\nhttp_port = {HTTP_PORT}\n'
     )
