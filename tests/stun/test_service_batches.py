@@ -11,6 +11,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 
+import ifaddr
 import pytest
 from dna_stun import attributes as attr
 from dna_stun.config import StunServiceConfig
@@ -270,3 +271,36 @@ async def _relay_then_deallocate(server: StunServer) -> None:
         assert await _answers(peer, 1) == [b"last words"]
         assert is_success(client.learn((await _answers(sock, 1))[0]), Method.REFRESH)
     assert relay not in server._relays.sockets and not server._relays.retired
+
+
+def test_a_wildcard_server_refuses_every_address_of_its_host_but_the_relay_ports() -> None:
+    """host = 0.0.0.0 (the container image's setting) serves on every address of the host:
+    each is the server's own, so a relay to its other UDP services (DNS, NTP, SNMP on a
+    second public address) is refused even where ``allowed_peers`` opens every range."""
+    config = StunServiceConfig.model_validate(
+        {
+            "log_level": "warning",
+            "server": {"host": "0.0.0.0", "udp_port": 0, "relay_host": "127.0.0.1"},
+            "auth": {"realm": "test", "users": ["u:p"]},
+            "relay": {"allowed_peers": ["0.0.0.0/0", "::/0"]},
+            "ops": {"http_host": "127.0.0.1", "http_port": 0},
+        }
+    )
+
+    async def main() -> None:
+        stun = StunServer(config)
+        await stun.start()
+        try:
+            policy = stun.core.policy if stun.core is not None else None
+            assert policy is not None
+            host = [a.ip if isinstance(a.ip, str) else a.ip[0]
+                    for adapter in ifaddr.get_adapters() for a in adapter.ips]  # fmt: skip
+            assert host, "no interface address to check"
+            for address in host:
+                assert policy.check(address, 53) == "forbidden_peer", address
+                assert policy.check(address, config.server.relay_port_min) is None, address
+            assert policy.check("203.0.113.9", 53) is None  # not the host's: allowed
+        finally:
+            await stun.stop()
+
+    asyncio.run(main())

@@ -91,6 +91,23 @@ class RelayPolicy:
                 self._any_address_ports.add((version, addr[1]))
         self._cache.clear()
 
+    def add_host_addresses(self, addresses: Iterable[str]) -> None:
+        """The host's own addresses (its interfaces'), for a server listening at a wildcard
+        address: every one of them reaches the host, whose other UDP services (DNS, NTP,
+        SNMP, a second node) a relay must not reach, as for a named ``host``."""
+        for text in addresses:
+            try:
+                ip = ipaddress.ip_address(text.partition("%")[0])  # fe80::1%eth0: the zone
+            except ValueError:
+                continue
+            self.own_ips.add(str(ip))
+        self._cache.clear()
+
+    @property
+    def at_wildcard(self) -> bool:
+        """Listening at 0.0.0.0 or ``::``: the host's addresses are not all named."""
+        return bool(self._any_address_ports)
+
     def check(self, host: str, port: int) -> str | None:
         try:
             ip = ipaddress.ip_address(host)
