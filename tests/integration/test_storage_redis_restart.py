@@ -3,7 +3,8 @@ started again on its AOF: while Redis is gone, requests answer UNAVAILABLE with 
 (a client asks another replica) and `/readyz` is 503, without a traceback per request (they
 answered INTERNAL, "Unexpected <class 'redis.exceptions.ConnectionError'>"); once Redis is
 back, the node is ready again within a GC interval, without a restart, and the blob
-acknowledged before the kill is still there."""
+acknowledged before the kill is still there. A Redis restarted without the settings
+durability needs is said within a GC pass (it was checked only at the node's start)."""
 
 from __future__ import annotations
 
@@ -89,6 +90,18 @@ def test_redis_killed_and_restarted_under_a_node(tmp_path: Path, own_redis: Redi
         assert "Traceback" not in log
         assert log.count("unready until it answers") == 1  # said once, not per request
         assert "answers again" in log
+        assert "not configured for durable writes" not in log
+
+        # Restarted from a configuration without `appendfsync always` (an operator had
+        # set it with CONFIG SET, which a restart forgets): said within a GC pass, once.
+        own_redis.kill()
+        own_redis.start(appendfsync="everysec")
+        said = "redis is not configured for durable writes: appendfsync is 'everysec'"
+        deadline = time.monotonic() + 10 * GC_INTERVAL_S
+        while said not in node.log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(3 * GC_INTERVAL_S)
+        assert node.log_path.read_text().count(said) == 1
     finally:
         if node.alive():
             node.terminate()

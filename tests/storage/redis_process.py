@@ -51,11 +51,13 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     pytest.fail(f"redis-server did not answer PING:\n{(workdir / 'redis.log').read_text()}")
 
 
-def _redis_on(workdir: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
+def _redis_on(
+    workdir: Path, port: int, appendfsync: str = "always"
+) -> tuple[subprocess.Popen[bytes], str]:
     with (workdir / "redis.log").open("ab") as log:
         proc = subprocess.Popen(
             [_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(workdir)],
+             "--appendonly", "yes", "--appendfsync", appendfsync, "--dir", str(workdir)],
             stdout=log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -76,8 +78,10 @@ class RedisProcess:
         self.proc.kill()
         self.proc.wait()
 
-    def start(self) -> None:
-        self.proc, url = _redis_on(self.workdir, self.port)
+    def start(self, *, appendfsync: str = "always") -> None:
+        """Start it again (its AOF loaded); ``appendfsync`` as a restart from another
+        configuration would set it."""
+        self.proc, url = _redis_on(self.workdir, self.port, appendfsync)
         if not _wait_for_ping(self.proc, url):
             pytest.fail(
                 f"redis-server did not restart:\n{(self.workdir / 'redis.log').read_text()}"

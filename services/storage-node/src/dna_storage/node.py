@@ -266,6 +266,8 @@ class StorageNode:
         self.expiry_clock = ExpiryClock()  # the time GC removes expired items against
         self.wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000  # tests step it
         self._clock_stepped = False  # said: GC's time is behind a wall clock stepped forward
+        self._durability: set[str] | None = None  # the store's problems, as last read
+        self._store = config.storage.backend  # its name in what the node says
 
     async def start(self) -> None:
         section = self.config.storage
@@ -397,6 +399,7 @@ class StorageNode:
             if batch < batch_size:
                 break
         await self._refresh_held(backend)
+        await self._check_durability(backend)
         if removed:
             log.info("expired", extra={"removed": removed})
         return removed
@@ -417,6 +420,19 @@ class StorageNode:
             log.info("GC follows the wall clock again")
         self._clock_stepped = stepped > STEP_WARNING_MS
         return now
+
+    async def _check_durability(self, backend: MailboxBackend) -> None:
+        """Say when the store's configuration stops (or starts again) keeping acknowledged
+        writes durable: a Redis server restarted from a configuration file without the
+        settings an operator had made at run time (`CONFIG SET appendfsync always`) lost
+        them silently, checked only when the node started (which said so already)."""
+        problems = await backend.configuration_problems()
+        if self._durability is not None:
+            for problem in sorted(set(problems) - self._durability):
+                log.warning("%s is not configured for durable writes: %s", self._store, problem)
+            if self._durability and not problems:
+                log.info("%s is configured for durable writes again", self._store)
+        self._durability = set(problems)
 
     async def _refresh_held(self, backend: MailboxBackend) -> None:
         """What the node holds, for the metrics and `/status` (as of this GC pass)."""

@@ -456,7 +456,8 @@ class ReplicaView:
         A call that finds none while lookups are in flight waits for them and looks
         again: a peer's pass sends ``COMPARE_AHEAD`` compares at once, and each started a
         lookup of its first mailbox where the first to end would have ranked them all
-        (8-24 lookups per pass of a 5-node network, 1 now)."""
+        (`bench.repair` burst, 5 storage nodes: 8-24 lookups on the 4 peers per pass,
+        one each now)."""
         max_age = RELOOK_AFTER_S if fresh else LOOKUP_TTL_S
         hood = self._recent(box, max_age)
         if hood is None and len(self._lookups):

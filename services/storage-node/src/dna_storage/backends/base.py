@@ -200,4 +200,10 @@ class MailboxBackend(Protocol):
         not read as one of the new store's (whose seqs start again from 1)."""
         ...
 
+    async def configuration_problems(self) -> list[str]:
+        """What in the store's configuration breaks "an acknowledged write is durable", or
+        [] (SQLite sets its own at open; a Redis server's can change with a restart, so the
+        node reads them again every GC pass)."""
+        ...
+
     async def close(self) -> None: ...

@@ -691,5 +691,8 @@ class RedisBackend:
     async def mailboxes(self) -> int:
         return int(await self._r.zcard(self._p + "m"))  # pruned once a mailbox is empty
 
+    async def configuration_problems(self) -> list[str]:
+        return await durability_problems(self._r)
+
     async def close(self) -> None:
         await self._r.aclose()

@@ -635,6 +635,9 @@ class SqliteBackend:
             return False
         return bool(rows == [("ok",)])
 
+    async def configuration_problems(self) -> list[str]:
+        return []  # WAL and synchronous=FULL are set on every connection this opens
+
     async def close(self) -> None:
         """Close the reader first, so the writer's close is the last one and checkpoints."""
         await self._reader.stop()
