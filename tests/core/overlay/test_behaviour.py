@@ -496,7 +496,7 @@ def near(target: bytes, i: int) -> bytes:
             ["127.0.0.1", "::1", "0.0.0.0", "224.0.0.251"],
         ),
         (  # a node on our host (a local testnet): anything but martians
-            "127.0.0.9",
+            "127.0.0.1",
             ["127.0.0.1", "10.0.0.5", "203.0.113.5"],
             ["0.0.0.0", "255.255.255.255", "ff02::1"],
         ),
@@ -507,7 +507,7 @@ def test_a_lookup_follows_only_contacts_the_answerer_could_reach_from_where_we_r
 ) -> None:
     _, net, h = scripted(30, known=30)
     target = hashlib.sha256(b"martians").digest()
-    answerer = Contact(near(target, 0), b"", (Endpoint(answerer_ip, 4000),))
+    answerer = Contact(near(target, 0), b"", (Endpoint(answerer_ip, 4009),))
     h.b.table.observe(answerer, NOW)  # the closest we know: asked first
     # (198.51.100.1:4000 is the local node's own address: it would ask itself)
     listed = [
@@ -525,10 +525,10 @@ def test_a_lookup_follows_only_contacts_the_answerer_could_reach_from_where_we_r
     h.fate = hostile
     h.lookup(target)
     h.run()
-    asked = {s.addr[0] for s in h.sent if isinstance(s.datagram.body, FindNode)}
-    assert answerer_ip in asked
-    assert set(followed) <= asked
-    assert not asked & set(not_followed)
+    asked = {s.addr for s in h.sent if isinstance(s.datagram.body, FindNode)}
+    assert answerer.endpoint.udp in asked
+    assert {(ip, 4000) for ip in followed} <= asked
+    assert not asked & {(ip, 4000) for ip in not_followed}
     assert len(h.lookups_done()) == 1
 
 
