@@ -532,17 +532,24 @@ def test_a_lookup_follows_only_contacts_the_answerer_could_reach_from_where_we_r
     assert len(h.lookups_done()) == 1
 
 
-def test_a_lookup_asks_at_most_two_contacts_at_one_ip_address() -> None:
+@pytest.mark.parametrize(
+    ("victim_ip", "address_of"),
+    [("192.0.2.80", lambda i: "192.0.2.80"), ("2001:db8:1:2::", lambda i: f"2001:db8:1:2::{i:x}")],
+)
+def test_a_lookup_asks_at_most_two_contacts_at_one_ip_address(
+    victim_ip: str, address_of: Callable[[int], str]
+) -> None:
     """A hostile node lists 20 contacts (fresh IDs, closer than anyone) at one victim's
-    address, each on another port: every lookup that asked it used to send the victim
-    20 padded first requests (~9.7 KB for its ~1.1 KB answer) and wait out their
-    timeouts. A lookup takes at most 2 contacts at one IP address (as a bucket takes 2
-    of a /24), loopback exempt on a local testnet."""
+    address, each on another port (or, IPv6, at 20 addresses of its /64): every lookup
+    that asked it used to send the victim 20 padded first requests (~9.3 KB for its
+    ~1.1 KB answer) and wait out their timeouts. A lookup takes at most 2 contacts at
+    one IP address or IPv6 /64 (as a bucket takes 2 of a /24), loopback exempt on a
+    local testnet."""
     _, net, h = scripted(30, known=30)
     target = hashlib.sha256(b"reflect").digest()
     answerer = Contact(near(target, 0), b"", (Endpoint("203.0.113.7", 4000),))
     h.b.table.observe(answerer, NOW)
-    victim = [Contact(near(target, i + 1), b"", (Endpoint("192.0.2.80", 1000 + i),))
+    victim = [Contact(near(target, i + 1), b"", (Endpoint(address_of(i), 1000 + i),))
               for i in range(20)]  # fmt: skip
     net.by_addr[answerer.endpoint.udp] = answerer
     honest = net.__call__
@@ -555,7 +562,7 @@ def test_a_lookup_asks_at_most_two_contacts_at_one_ip_address() -> None:
     h.fate = hostile
     h.lookup(target)
     h.run()
-    to_victim = [s for s in h.sent if s.addr[0] == "192.0.2.80"]
+    to_victim = [s for s in h.sent if s.addr[0].startswith(victim_ip)]
     sent_bytes = sum(len(encode_datagram(s.datagram)) for s in to_victim)
     print(f"victim got {len(to_victim)} requests, {sent_bytes} bytes")
     assert len(to_victim) == 2

@@ -60,7 +60,7 @@ from dna_core.overlay.codec import (
     Pong,
     TokenReply,
 )
-from dna_core.overlay.contact import Contact, Scope
+from dna_core.overlay.contact import Contact, Scope, host_of
 from dna_core.overlay.kbucket import GOOD_FOR, K, Observed, RoutingTable
 from dna_core.overlay.lookup import ClosestPeersIter, DisjointLookup, Finished, Query
 from dna_core.overlay.protocol import (
@@ -82,10 +82,10 @@ MAX_KEY_PROOFS = 256  # challenges in flight at once; beyond, senders wait for t
 # address claiming hundreds of fresh IDs (cheap at 8 puzzle bits) and never answering
 # holds them all, and no other node proves its key and enters the table while it does.
 MAX_KEY_PROOFS_PER_SUBNET = 8
-# A lookup follows at most this many contacts at one IP address (as a bucket holds two of a
-# /24): a hostile answer listing 20 fresh IDs at one victim's address, on 20 ports, would
-# otherwise make every lookup that asked it send the victim 20 padded requests (8x its
-# answer's bytes). Loopback is exempt on a local testnet, as in the table.
+# A lookup follows at most this many contacts at one IP address (IPv6: /64; as a bucket
+# holds two of a /24): a hostile answer listing 20 fresh IDs at one victim's address, on
+# 20 ports, would otherwise make every lookup that asked it send the victim 20 padded
+# requests (8x its answer's bytes). Loopback is exempt on a local testnet, as in the table.
 LOOKUP_CONTACTS_PER_IP = 2
 
 KeyT = TypeVar("KeyT", bound=Hashable)
@@ -221,7 +221,7 @@ class Lookup:
         self.done = False
         self.grace = False  # the iterator finished; open queries get one more timeout
         self.open = 0  # queries neither answered nor failed
-        self.per_ip: Counter[str] = Counter()  # contacts taken from answers, by IP address
+        self.per_ip: Counter[str] = Counter()  # contacts taken from answers, by host_of(IP)
         # Each peer that answered as it described itself, from the address it answered at
         # (`proven_contact`): what a third party listed for it (its gRPC port) is not used.
         self.selves: dict[bytes, Contact] = {}
@@ -604,7 +604,8 @@ class OverlayBehaviour:
         we reached it, or reaches nobody (``Scope.reachable_via``: a public node listing
         loopback, private or martian addresses would aim our queries at our own host's
         or network's services), none at our own address (we would ask ourselves), and no
-        more than ``LOOKUP_CONTACTS_PER_IP`` new ones at one IP address over the lookup."""
+        more than ``LOOKUP_CONTACTS_PER_IP`` new ones at one IP address (IPv6: /64) over
+        the lookup."""
         own = self.sender.endpoint.udp if self.sender is not None else None
         known, per_ip = lookup.depth, lookup.per_ip
         loopback_exempt = self.config.allow_loopback
@@ -614,9 +615,10 @@ class OverlayBehaviour:
             if not c.scope.reachable_via(answerer) or endpoint.udp == own:
                 continue
             if c.node_id not in known and not (loopback_exempt and c.loopback):
-                if per_ip[endpoint.ip] >= LOOKUP_CONTACTS_PER_IP:
+                host = host_of(endpoint.ip)
+                if per_ip[host] >= LOOKUP_CONTACTS_PER_IP:
                     continue
-                per_ip[endpoint.ip] += 1
+                per_ip[host] += 1
             followed.append(c)
         return followed
 
