@@ -569,6 +569,35 @@ def test_a_lookup_asks_at_most_two_contacts_at_one_ip_address(
     assert len(h.lookups_done()) == 1
 
 
+def test_a_hostile_answer_cannot_use_up_an_honest_nodes_share_of_a_lookup() -> None:
+    """The cap on contacts at one IP address is per answer: counted over the whole lookup,
+    a hostile answer listing two fake IDs at each of the true closest nodes' addresses
+    (other ports) used up their share, and the lookup then refused the real nodes when
+    honest answers listed them."""
+    everyone, net, h = scripted(60, known=20)
+    target = hashlib.sha256(b"crowded out").digest()
+    truly_closest = closest_to(target, everyone, 20)
+    answerer = Contact(near(target, 0), b"", (Endpoint("203.0.113.7", 4000),))
+    h.b.table.observe(answerer, NOW)
+    fakes = [
+        Contact(near(target, 1 + 2 * i + j), b"", (Endpoint(c.endpoint.ip, 6000 + j),))
+        for i, c in enumerate(truly_closest[:10])
+        for j in range(2)
+    ]
+    net.by_addr[answerer.endpoint.udp] = answerer
+    honest = net.__call__
+
+    def hostile(send: Send, now: float) -> list[tuple[float, Datagram, Addr]]:
+        if send.addr == answerer.endpoint.udp:
+            return [(now + 0.01, answer_to(send, Nodes(tuple(fakes)), answerer), send.addr)]
+        return honest(send, now)
+
+    h.fate = hostile
+    lookup = h.lookup(target)
+    h.run()
+    assert lookup.result() == closest_to(target, [*everyone, answerer], 20)
+
+
 class EverCloser:
     """Hostile nodes (each at an address of its own), each answering a find-node with
     ``fresh`` new contacts closer to the target than any before (IDs one apart, far closer

@@ -82,10 +82,12 @@ MAX_KEY_PROOFS = 256  # challenges in flight at once; beyond, senders wait for t
 # address claiming hundreds of fresh IDs (cheap at 8 puzzle bits) and never answering
 # holds them all, and no other node proves its key and enters the table while it does.
 MAX_KEY_PROOFS_PER_SUBNET = 8
-# A lookup follows at most this many contacts at one IP address (IPv6: /64; as a bucket
-# holds two of a /24): a hostile answer listing 20 fresh IDs at one victim's address, on
-# 20 ports, would otherwise make every lookup that asked it send the victim 20 padded
-# requests (8x its answer's bytes). Loopback is exempt on a local testnet, as in the table.
+# A lookup follows at most this many new contacts of one answer at one IP address (IPv6:
+# /64; as a bucket holds two of a /24): a hostile answer listing 20 fresh IDs at one
+# victim's address, on 20 ports, would otherwise make every lookup that asked it send the
+# victim 20 padded requests (8x its answer's bytes; now under 1x). Per answer, not per
+# lookup, so that a hostile answer cannot use up an honest node's share. Loopback is
+# exempt on a local testnet, as in the table.
 LOOKUP_CONTACTS_PER_IP = 2
 
 KeyT = TypeVar("KeyT", bound=Hashable)
@@ -203,7 +205,6 @@ class Lookup:
         "it",
         "messages",
         "open",
-        "per_ip",
         "request",
         "selves",
         "started",
@@ -221,7 +222,6 @@ class Lookup:
         self.done = False
         self.grace = False  # the iterator finished; open queries get one more timeout
         self.open = 0  # queries neither answered nor failed
-        self.per_ip: Counter[str] = Counter()  # contacts taken from answers, by host_of(IP)
         # Each peer that answered as it described itself, from the address it answered at
         # (`proven_contact`): what a third party listed for it (its gRPC port) is not used.
         self.selves: dict[bytes, Contact] = {}
@@ -604,10 +604,9 @@ class OverlayBehaviour:
         we reached it, or reaches nobody (``Scope.reachable_via``: a public node listing
         loopback, private or martian addresses would aim our queries at our own host's
         or network's services), none at our own address (we would ask ourselves), and no
-        more than ``LOOKUP_CONTACTS_PER_IP`` new ones at one IP address (IPv6: /64) over
-        the lookup."""
+        more than ``LOOKUP_CONTACTS_PER_IP`` new ones at one IP address (IPv6: /64)."""
         own = self.sender.endpoint.udp if self.sender is not None else None
-        known, per_ip = lookup.depth, lookup.per_ip
+        known, per_ip = lookup.depth, Counter[str]()
         loopback_exempt = self.config.allow_loopback
         followed = []
         for c in closer:
