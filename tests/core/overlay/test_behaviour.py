@@ -719,6 +719,29 @@ def test_a_lookup_result_holds_only_nodes_that_proved_their_key_at_their_address
     assert all(c.endpoint.grpc_port == 0 for c in result)
 
 
+def test_challenges_held_by_requesters_do_not_keep_the_nodes_we_ask_out() -> None:
+    """Requesters from 40 subnets hold every capped key challenge (256, 8 a subnet) and
+    never answer. The nodes a lookup of ours asks are challenged all the same (as many
+    as our own requests, outside the caps): the lookup's result, which holds only proven
+    nodes, would otherwise be empty, and none of them would enter the table."""
+    keyed = [keyed_peer(i) for i in range(40)]
+    net = KeyedNetwork(keyed)
+    everyone = [c for c, _ in keyed]
+    b = behaviour(prove_keys=True)
+    for i in range(320):  # 40 subnets x 8
+        addr = (f"203.0.{i // 8}.9", 4000)
+        b.observe_requester(Contact(far_id(5000 + i), b"", (Endpoint(*addr),)), addr, NOW)
+    assert len(of_type(b.poll(), Send)) == 256
+    h = Harness(b, net)
+    for c in everyone[:10]:
+        b.table.observe(c, NOW)
+    target = hashlib.sha256(b"held").digest()
+    lookup = h.lookup(target)
+    h.run(until=NOW + 1.5)  # (before the requesters' challenges time out)
+    assert h.lookups_done() == [lookup]
+    assert lookup.result() == closest_to(target, everyone, 20)
+
+
 def test_a_disjoint_lookup_never_asks_a_peer_twice() -> None:
     everyone, _, h = scripted(120, known=60)
     target = hashlib.sha256(b"d").digest()
