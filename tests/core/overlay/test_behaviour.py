@@ -496,7 +496,7 @@ def near(target: bytes, i: int) -> bytes:
             ["127.0.0.1", "::1", "0.0.0.0", "224.0.0.251"],
         ),
         (  # a node on our host (a local testnet): anything but martians
-            "127.0.0.9",
+            "127.0.0.1",
             ["127.0.0.1", "10.0.0.5", "203.0.113.5"],
             ["0.0.0.0", "255.255.255.255", "ff02::1"],
         ),
@@ -507,7 +507,7 @@ def test_a_lookup_follows_only_contacts_the_answerer_could_reach_from_where_we_r
 ) -> None:
     _, net, h = scripted(30, known=30)
     target = hashlib.sha256(b"martians").digest()
-    answerer = Contact(near(target, 0), b"", (Endpoint(answerer_ip, 4000),))
+    answerer = Contact(near(target, 0), b"", (Endpoint(answerer_ip, 4009),))
     h.b.table.observe(answerer, NOW)  # the closest we know: asked first
     # (198.51.100.1:4000 is the local node's own address: it would ask itself)
     listed = [
@@ -525,24 +525,31 @@ def test_a_lookup_follows_only_contacts_the_answerer_could_reach_from_where_we_r
     h.fate = hostile
     h.lookup(target)
     h.run()
-    asked = {s.addr[0] for s in h.sent if isinstance(s.datagram.body, FindNode)}
-    assert answerer_ip in asked
-    assert set(followed) <= asked
-    assert not asked & set(not_followed)
+    asked = {s.addr for s in h.sent if isinstance(s.datagram.body, FindNode)}
+    assert answerer.endpoint.udp in asked
+    assert {(ip, 4000) for ip in followed} <= asked
+    assert not asked & {(ip, 4000) for ip in not_followed}
     assert len(h.lookups_done()) == 1
 
 
-def test_a_lookup_asks_at_most_two_contacts_at_one_ip_address() -> None:
+@pytest.mark.parametrize(
+    ("victim_ip", "address_of"),
+    [("192.0.2.80", lambda i: "192.0.2.80"), ("2001:db8:1:2::", lambda i: f"2001:db8:1:2::{i:x}")],
+)
+def test_a_lookup_asks_at_most_two_contacts_at_one_ip_address(
+    victim_ip: str, address_of: Callable[[int], str]
+) -> None:
     """A hostile node lists 20 contacts (fresh IDs, closer than anyone) at one victim's
-    address, each on another port: every lookup that asked it used to send the victim
-    20 padded first requests (~9.7 KB for its ~1.1 KB answer) and wait out their
-    timeouts. A lookup takes at most 2 contacts at one IP address (as a bucket takes 2
-    of a /24), loopback exempt on a local testnet."""
+    address, each on another port (or, IPv6, at 20 addresses of its /64): every lookup
+    that asked it used to send the victim 20 padded first requests (~9.3 KB for its
+    ~1.1 KB answer) and wait out their timeouts. A lookup takes at most 2 contacts at
+    one IP address or IPv6 /64 (as a bucket takes 2 of a /24), loopback exempt on a
+    local testnet."""
     _, net, h = scripted(30, known=30)
     target = hashlib.sha256(b"reflect").digest()
     answerer = Contact(near(target, 0), b"", (Endpoint("203.0.113.7", 4000),))
     h.b.table.observe(answerer, NOW)
-    victim = [Contact(near(target, i + 1), b"", (Endpoint("192.0.2.80", 1000 + i),))
+    victim = [Contact(near(target, i + 1), b"", (Endpoint(address_of(i), 1000 + i),))
               for i in range(20)]  # fmt: skip
     net.by_addr[answerer.endpoint.udp] = answerer
     honest = net.__call__
@@ -555,11 +562,40 @@ def test_a_lookup_asks_at_most_two_contacts_at_one_ip_address() -> None:
     h.fate = hostile
     h.lookup(target)
     h.run()
-    to_victim = [s for s in h.sent if s.addr[0] == "192.0.2.80"]
+    to_victim = [s for s in h.sent if s.addr[0].startswith(victim_ip)]
     sent_bytes = sum(len(encode_datagram(s.datagram)) for s in to_victim)
     print(f"victim got {len(to_victim)} requests, {sent_bytes} bytes")
     assert len(to_victim) == 2
     assert len(h.lookups_done()) == 1
+
+
+def test_a_hostile_answer_cannot_use_up_an_honest_nodes_share_of_a_lookup() -> None:
+    """The cap on contacts at one IP address is per answer: counted over the whole lookup,
+    a hostile answer listing two fake IDs at each of the true closest nodes' addresses
+    (other ports) used up their share, and the lookup then refused the real nodes when
+    honest answers listed them."""
+    everyone, net, h = scripted(60, known=20)
+    target = hashlib.sha256(b"crowded out").digest()
+    truly_closest = closest_to(target, everyone, 20)
+    answerer = Contact(near(target, 0), b"", (Endpoint("203.0.113.7", 4000),))
+    h.b.table.observe(answerer, NOW)
+    fakes = [
+        Contact(near(target, 1 + 2 * i + j), b"", (Endpoint(c.endpoint.ip, 6000 + j),))
+        for i, c in enumerate(truly_closest[:10])
+        for j in range(2)
+    ]
+    net.by_addr[answerer.endpoint.udp] = answerer
+    honest = net.__call__
+
+    def hostile(send: Send, now: float) -> list[tuple[float, Datagram, Addr]]:
+        if send.addr == answerer.endpoint.udp:
+            return [(now + 0.01, answer_to(send, Nodes(tuple(fakes)), answerer), send.addr)]
+        return honest(send, now)
+
+    h.fate = hostile
+    lookup = h.lookup(target)
+    h.run()
+    assert lookup.result() == closest_to(target, [*everyone, answerer], 20)
 
 
 class EverCloser:
@@ -681,6 +717,29 @@ def test_a_lookup_result_holds_only_nodes_that_proved_their_key_at_their_address
     assert len(result) >= 10
     assert misdescribed in result  # as it described itself, not as the liar listed it
     assert all(c.endpoint.grpc_port == 0 for c in result)
+
+
+def test_challenges_held_by_requesters_do_not_keep_the_nodes_we_ask_out() -> None:
+    """Requesters from 40 subnets hold every capped key challenge (256, 8 a subnet) and
+    never answer. The nodes a lookup of ours asks are challenged all the same (as many
+    as our own requests, outside the caps): the lookup's result, which holds only proven
+    nodes, would otherwise be empty, and none of them would enter the table."""
+    keyed = [keyed_peer(i) for i in range(40)]
+    net = KeyedNetwork(keyed)
+    everyone = [c for c, _ in keyed]
+    b = behaviour(prove_keys=True)
+    for i in range(320):  # 40 subnets x 8
+        addr = (f"203.0.{i // 8}.9", 4000)
+        b.observe_requester(Contact(far_id(5000 + i), b"", (Endpoint(*addr),)), addr, NOW)
+    assert len(of_type(b.poll(), Send)) == 256
+    h = Harness(b, net)
+    for c in everyone[:10]:
+        b.table.observe(c, NOW)
+    target = hashlib.sha256(b"held").digest()
+    lookup = h.lookup(target)
+    h.run(until=NOW + 1.5)  # (before the requesters' challenges time out)
+    assert h.lookups_done() == [lookup]
+    assert lookup.result() == closest_to(target, everyone, 20)
 
 
 def test_a_disjoint_lookup_never_asks_a_peer_twice() -> None:

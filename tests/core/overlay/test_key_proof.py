@@ -1,6 +1,7 @@
-"""A node enters a routing table only after proving its node key from its address:
-real nodes on loopback UDP (addresses from the harness allocator) and a spoofer on a raw
-socket that claims a known node's ID (its public key is no secret) from its own address."""
+"""A node enters a routing table, or a lookup's result, only after proving its node key
+from its address: real nodes on loopback UDP (addresses from the harness allocator) and
+a spoofer on a raw socket that claims a known node's ID (its public key is no secret)
+from its own address."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dna_core.overlay.aio import NodeConfig, OverlayNode
 from dna_core.overlay.codec import (
     Datagram,
     FindNode,
+    Nodes,
     Ping,
     Pong,
     decode_datagram,
@@ -141,3 +143,53 @@ def test_the_address_a_contact_spoke_from_becomes_its_first_endpoint() -> None:
     assert moved.subnet != contact.subnet  # the subnet limit counts the proven address
     assert moved.subnet == Contact(key.node_id, key.public_key, (second,)).subnet
     assert proven_contact(contact, ("10.0.0.3", 3)) is None
+
+
+def test_a_node_posed_as_by_a_spoofer_is_not_in_a_lookups_result() -> None:
+    """On real sockets: a spoofer that a node asks lists another node's ID (its public key
+    is no secret) at the spoofer's own address, and answers there under that ID. The
+    lookup's result holds the spoofer (it proved its own key) but not the ID it posed as,
+    which it cannot prove; before, that ID was found at the spoofer's address."""
+
+    async def go() -> None:
+        [ip] = free_ips(1)
+        a = await started(ip)
+        spoofer = Spoofer()
+        itself = Contact(spoofer.key.node_id, spoofer.key.public_key, (Endpoint(*spoofer.addr),))
+        victim_key = NodeIdentity.generate(PUZZLE)[0]
+        victim = Contact(victim_key.node_id, victim_key.public_key, (Endpoint(ip, 9),))
+        posing = spoofer.posing_as(victim)
+        a.table.observe(itself, 0.0)  # (as if it had joined: the lookup asks it first)
+        try:
+            serving = asyncio.ensure_future(spoof(spoofer, itself, posing))
+            found = await a.find_node(os.urandom(32))
+            serving.cancel()
+            assert [c.node_id for c in found] == [itself.node_id]
+            rejected = a.metrics.rejected.labels(reason="key_unproven")
+            assert rejected._value.get() >= 1  # the proof it gave for the victim's ID
+        finally:
+            await a.stop()
+            spoofer.sock.close()
+
+    asyncio.run(go())
+
+
+async def spoof(spoofer: Spoofer, itself: Contact, posing: Contact) -> None:
+    """Answer find-nodes: the first as itself, listing ``posing``; the next as ``posing``.
+    Answer each ping's challenge with a proof by its own key, under the ID pinged."""
+    loop = asyncio.get_running_loop()
+    asked = 0
+    while True:
+        data, frm = await loop.sock_recvfrom(spoofer.sock, 2048)
+        dgram = decode_datagram(data, puzzle_bits=PUZZLE)
+        if isinstance(dgram.body, FindNode):
+            asked += 1
+            sender, listed = (itself, (posing,)) if asked == 1 else (posing, ())
+            answer = Datagram(dgram.request_id, Nodes(listed), sender)
+        elif isinstance(dgram.body, Ping):
+            proof = spoofer.key.sign(PONG_DOMAIN, dgram.body.challenge)
+            # (the first challenge is for itself, the second for the ID it poses as)
+            answer = Datagram(dgram.request_id, Pong(None, proof), itself if asked < 2 else posing)
+        else:
+            continue
+        await loop.sock_sendto(spoofer.sock, encode_datagram(answer), frm)

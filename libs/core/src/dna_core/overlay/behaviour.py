@@ -23,7 +23,8 @@ Invariants:
 * a contact is observed (offered to the routing table) only when it answers a request of
   ours or sends one from a proven address, and only once it has proven its node key from
   that address: one challenge per (ID, address) at a time, at most ``MAX_KEY_PROOFS`` at
-  once and ``MAX_KEY_PROOFS_PER_SUBNET`` of them to one subnet. ``prove_keys=False`` is
+  once and ``MAX_KEY_PROOFS_PER_SUBNET`` of them to one subnet for requesters (a node
+  that answered us is challenged whatever those caps say). ``prove_keys=False`` is
   for the simulator, whose contacts are minted, not claimed;
 * every liveness check a full bucket asks for (``Observed.check``) is pinged and its
   result reported to the table, which evicts a silent contact for a waiting newcomer;
@@ -60,7 +61,7 @@ from dna_core.overlay.codec import (
     Pong,
     TokenReply,
 )
-from dna_core.overlay.contact import Contact, Scope
+from dna_core.overlay.contact import Contact, Scope, host_of
 from dna_core.overlay.kbucket import GOOD_FOR, K, Observed, RoutingTable
 from dna_core.overlay.lookup import ClosestPeersIter, DisjointLookup, Finished, Query
 from dna_core.overlay.protocol import (
@@ -82,10 +83,12 @@ MAX_KEY_PROOFS = 256  # challenges in flight at once; beyond, senders wait for t
 # address claiming hundreds of fresh IDs (cheap at 8 puzzle bits) and never answering
 # holds them all, and no other node proves its key and enters the table while it does.
 MAX_KEY_PROOFS_PER_SUBNET = 8
-# A lookup follows at most this many contacts at one IP address (as a bucket holds two of a
-# /24): a hostile answer listing 20 fresh IDs at one victim's address, on 20 ports, would
-# otherwise make every lookup that asked it send the victim 20 padded requests (8x its
-# answer's bytes). Loopback is exempt on a local testnet, as in the table.
+# A lookup follows at most this many new contacts of one answer at one IP address (IPv6:
+# /64; as a bucket holds two of a /24): a hostile answer listing 20 fresh IDs at one
+# victim's address, on 20 ports, would otherwise make every lookup that asked it send the
+# victim 20 padded requests (8x its answer's bytes; now under 1x). Per answer, not per
+# lookup, so that a hostile answer cannot use up an honest node's share. Loopback is
+# exempt on a local testnet, as in the table.
 LOOKUP_CONTACTS_PER_IP = 2
 
 KeyT = TypeVar("KeyT", bound=Hashable)
@@ -166,7 +169,7 @@ class PingOp:
     """A ping in flight: asked for by the driver (``ping``), a liveness check of a table
     entry (``check``), or a node-key challenge (``proving``)."""
 
-    __slots__ = ("addr", "asked", "challenge", "check", "proving")
+    __slots__ = ("addr", "asked", "challenge", "check", "proving", "solicited")
 
     def __init__(
         self,
@@ -176,12 +179,14 @@ class PingOp:
         asked: bool = False,
         check: Contact | None = None,
         proving: tuple[bytes, Addr] | None = None,
+        solicited: bool = False,
     ) -> None:
         self.addr = addr
         self.challenge = challenge
         self.asked = asked
         self.check = check
         self.proving = proving
+        self.solicited = solicited  # (a proving challenge to a node that answered us)
 
 
 class Lookup:
@@ -203,7 +208,6 @@ class Lookup:
         "it",
         "messages",
         "open",
-        "per_ip",
         "request",
         "selves",
         "started",
@@ -221,7 +225,6 @@ class Lookup:
         self.done = False
         self.grace = False  # the iterator finished; open queries get one more timeout
         self.open = 0  # queries neither answered nor failed
-        self.per_ip: Counter[str] = Counter()  # contacts taken from answers, by IP address
         # Each peer that answered as it described itself, from the address it answered at
         # (`proven_contact`): what a third party listed for it (its gRPC port) is not used.
         self.selves: dict[bytes, Contact] = {}
@@ -312,6 +315,7 @@ class OverlayBehaviour:
         self._proving: dict[tuple[bytes, Addr], str | None] = {}  # -> its subnet (or exempt)
         self._proving_per_subnet: Counter[str] = Counter()
         self._proofs_awaited: dict[tuple[bytes, Addr], set[Lookup]] = {}
+        self._solicited = 0  # challenges in flight to nodes that answered us (uncapped)
 
     def poll(self) -> list[Command]:
         """The commands queued since the last poll, oldest first."""
@@ -422,9 +426,16 @@ class OverlayBehaviour:
         else:
             raise TypeError(f"not a timer of this behaviour: {timer!r}")
 
-    def key_proven(self, contact: Contact, addr: Addr, now: float) -> bool:
+    def key_proven(
+        self, contact: Contact, addr: Addr, now: float, *, solicited: bool = False
+    ) -> bool:
         """Whether ``contact`` proved its node key from ``addr``; if not, challenge it
-        (once at a time): the ping observes it when it answers."""
+        (once at a time): the ping observes it when it answers.
+
+        ``solicited``: it answered a request of ours. Those challenges are as many as our
+        own requests and take no share of the caps, which bound what others' requests
+        start: otherwise whoever holds the shares (32 subnets) would keep every node we
+        ask out of our table and out of our lookups' results."""
         if not self.config.prove_keys:
             return True
         proven = self._proven_keys
@@ -432,16 +443,19 @@ class OverlayBehaviour:
             proven.move_to_end(contact.node_id)
             return True
         key = (contact.node_id, addr)
-        if key in self._proving or len(self._proving) >= MAX_KEY_PROOFS:
+        if key in self._proving:
             return False
-        exempt = self.config.allow_loopback and contact.loopback
+        if not solicited and len(self._proving) - self._solicited >= MAX_KEY_PROOFS:
+            return False
+        exempt = solicited or (self.config.allow_loopback and contact.loopback)
         subnet = None if exempt else contact.subnet  # (of addr: proven_contact put it first)
         if subnet is not None:
             if self._proving_per_subnet[subnet] >= MAX_KEY_PROOFS_PER_SUBNET:
                 return False
             self._proving_per_subnet[subnet] += 1
         self._proving[key] = subnet
-        op = PingOp(addr, self._challenge(), proving=key)
+        self._solicited += solicited
+        op = PingOp(addr, self._challenge(), proving=key, solicited=solicited)
         self._request(addr, Ping(op.challenge), now, op)
         return False
 
@@ -499,7 +513,7 @@ class OverlayBehaviour:
             return
         self._suspects.pop(contact.node_id, None)
         answers_challenge = isinstance(dgram.body, Pong) and dgram.body.proof
-        if not answers_challenge and self.key_proven(contact, addr, now):
+        if not answers_challenge and self.key_proven(contact, addr, now, solicited=True):
             self._observe(contact, now)
 
     def _observe(self, contact: Contact, now: float) -> Observed:
@@ -530,6 +544,7 @@ class OverlayBehaviour:
 
     def _ping_ended(self, op: PingOp, contact: Contact | None, now: float) -> None:
         if op.proving is not None:
+            self._solicited -= op.solicited
             subnet = self._proving.pop(op.proving, None)
             if subnet is not None:
                 self._proving_per_subnet[subnet] -= 1
@@ -604,9 +619,9 @@ class OverlayBehaviour:
         we reached it, or reaches nobody (``Scope.reachable_via``: a public node listing
         loopback, private or martian addresses would aim our queries at our own host's
         or network's services), none at our own address (we would ask ourselves), and no
-        more than ``LOOKUP_CONTACTS_PER_IP`` new ones at one IP address over the lookup."""
+        more than ``LOOKUP_CONTACTS_PER_IP`` new ones at one IP address (IPv6: /64)."""
         own = self.sender.endpoint.udp if self.sender is not None else None
-        known, per_ip = lookup.depth, lookup.per_ip
+        known, per_ip = lookup.depth, Counter[str]()
         loopback_exempt = self.config.allow_loopback
         followed = []
         for c in closer:
@@ -614,9 +629,10 @@ class OverlayBehaviour:
             if not c.scope.reachable_via(answerer) or endpoint.udp == own:
                 continue
             if c.node_id not in known and not (loopback_exempt and c.loopback):
-                if per_ip[endpoint.ip] >= LOOKUP_CONTACTS_PER_IP:
+                host = host_of(endpoint.ip)
+                if per_ip[host] >= LOOKUP_CONTACTS_PER_IP:
                     continue
-                per_ip[endpoint.ip] += 1
+                per_ip[host] += 1
             followed.append(c)
         return followed
 
@@ -692,7 +708,7 @@ class OverlayBehaviour:
                 continue  # its answer did not list the address it came from: unprovable
             key = (listed.node_id, addr)
             if key not in self._proving:
-                self.key_proven(itself, addr, now)  # (starts a challenge if there is room)
+                self.key_proven(itself, addr, now, solicited=True)  # (starts a challenge)
             if key in self._proving:
                 lookup.awaiting.add(key)
                 self._proofs_awaited.setdefault(key, set()).add(lookup)

@@ -94,6 +94,14 @@ def _ipv4_scope(ip: str) -> Scope:
     return Scope.LOCAL if private else Scope.GLOBAL
 
 
+def host_of(ip: str) -> str:
+    """An IPv4 address, or an IPv6 address's /64: one host's addresses (an IPv6 host picks
+    its interface identifiers freely, RFC 8981), as per-host limits count them."""
+    if ":" not in ip:
+        return ip
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+
+
 def id_int(node_id: bytes) -> int:
     return int.from_bytes(node_id, "big")
 
