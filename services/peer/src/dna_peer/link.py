@@ -105,6 +105,7 @@ async def offer_link(peer: Peer, device_name: str) -> LinkOffer:
                     now_ms=now_ms(), include_sender_keys=True)  # fmt: skip
     await peer.mail.put(temp.fingerprint, envelope, ttl_s=LINK_TTL_S)
     peer.cache.add_device(device_id, device_name, now_ms())  # its acks count from now on
+    peer.note_offered(device_id)  # ...unless the code is never used
     await peer.announce()
     hello = envelope_pb2.DeviceHello(device_id=device_id, device_name=device_name)
     await peer.post_to_devices(envelope_pb2.Payload(device=hello))

@@ -67,6 +67,10 @@ PRUNED = "pruned"  # cache state: when the bookkeeping was last pruned
 REPLAY_WINDOW_MS = ReplayGuard().max_age_ms + DAY_MS  # what open_envelope accepts, + a day
 BLOB_MEMORY_MS = 32 * DAY_MS  # a deleted blob cannot come back after its TTL (30 days)
 RECOVERY_WAIT_MS = 7 * DAY_MS  # a device silent this long after a history request is gone
+OFFERED = "offered-devices"  # cache state: devices a link offer announced, not heard from yet
+# A link code works for an hour (link.LINK_TTL_S) and the new device acknowledges what it
+# finds at once; a device offered this long ago that never acknowledged anything never came.
+OFFER_UNUSED_MS = DAY_MS
 WATCH_BACKOFF_S = 5.0
 WATCH_FULL_SYNC_S = 300.0  # a watch with live subscriptions still syncs (fetches) this often
 DELETE_RETRY_S = 60.0  # after nodes refused a delete: `watch` does not ask every second
@@ -802,6 +806,7 @@ class Peer:
         nothing until another device's history told it the list again, or a week
         passed with no answer (an identity with one device).
         """
+        self._drop_unused_offers()
         recovering_since = self.cache.get_state(RECOVERING)
         if recovering_since is not None:
             if now_ms() - int(recovering_since) < RECOVERY_WAIT_MS:
@@ -823,6 +828,35 @@ class Peer:
         )
         log.warning("%s", error)
         return len(result.deleted), error
+
+    def note_offered(self, device_id: bytes) -> None:
+        """A link offer announced ``device_id`` (deletes wait for it from now on): noted, so
+        that if its code is never used the wait ends (`_drop_unused_offers`)."""
+        offered = json.loads(self.cache.get_state(OFFERED) or b"{}")
+        offered[device_id.hex()] = now_ms()
+        self.cache.set_state(OFFERED, json.dumps(offered).encode())
+
+    def _drop_unused_offers(self) -> None:
+        """A device a link offer announced counts once it acknowledged something; one that
+        did not within OFFER_UNUSED_MS never came (the code expired unused) and is dropped:
+        deletes waited for its acknowledgements forever, so the mailbox filled up."""
+        raw = self.cache.get_state(OFFERED)
+        if raw is None:
+            return
+        offered = json.loads(raw)
+        for hex_id, offered_ms in list(offered.items()):
+            device_id = bytes.fromhex(hex_id)
+            if self.cache.acked_by(device_id):
+                del offered[hex_id]  # it came: a device like any other from now on
+            elif now_ms() - offered_ms >= OFFER_UNUSED_MS:
+                log.info("device %s was offered a link that nobody used: not waited for",
+                         hex_id[:8])  # fmt: skip
+                self.cache.remove_device(device_id)
+                del offered[hex_id]
+        if offered:
+            self.cache.set_state(OFFERED, json.dumps(offered).encode())
+        else:
+            self.cache.clear_state(OFFERED)
 
     async def watch(
         self,
