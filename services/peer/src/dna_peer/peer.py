@@ -68,6 +68,9 @@ REPLAY_WINDOW_MS = ReplayGuard().max_age_ms + DAY_MS  # what open_envelope accep
 BLOB_MEMORY_MS = 32 * DAY_MS  # a deleted blob cannot come back after its TTL (30 days)
 RECOVERY_WAIT_MS = 7 * DAY_MS  # a device silent this long after a history request is gone
 OFFERED = "offered-devices"  # cache state: devices a link offer announced, not heard from yet
+# Cache state of a device made by `identity link CODE`: the offer it used (the code's
+# throwaway identity and the blobs), until the offer is deleted from the replicas.
+USED_LINK_OFFER = "used-link-offer"
 # A link code works for an hour (link.LINK_TTL_S) and the new device acknowledges what it
 # finds at once; a device offered this long ago that never acknowledged anything never came.
 OFFER_UNUSED_MS = DAY_MS
@@ -215,7 +218,9 @@ class Peer:
         return bytes.fromhex(move["from"]), bytes.fromhex(move["signature"])
 
     async def daily_upkeep(self) -> None:
-        """Republish the records and prune the cache's bookkeeping, once a day."""
+        """Republish the records and prune the cache's bookkeeping, once a day (and delete
+        the link offer this device was made from, if that is still to do)."""
+        await self.delete_used_link_offer()
         await self.republish_if_due()
         last = int(self.cache.get_state(PRUNED) or b"0")
         if now_ms() - last >= DAY_MS:
@@ -828,6 +833,30 @@ class Peer:
         )
         log.warning("%s", error)
         return len(result.deleted), error
+
+    async def delete_used_link_offer(self) -> bool:
+        """Delete the link offer this device was made from (noted in its cache with the
+        profile, `link.accept_link`), so its code cannot make another device; True once
+        that is done. A link cut short after the profile was written, or a delete that
+        failed, is finished by the next command that syncs."""
+        raw = self.cache.get_state(USED_LINK_OFFER)
+        if raw is None:
+            return True
+        used = json.loads(raw)
+        blobs = [bytes.fromhex(b) for b in used["blobs"]]
+        try:
+            result = await self.mail.delete(Identity(bytes.fromhex(used["seeds"])), blobs)
+        except DnaError as exc:
+            log.warning("the used link offer is not deleted yet (%s): until it is, or it"
+                        " expires within the hour, the code still works", exc)  # fmt: skip
+            return False
+        if len(result.deleted) < len(blobs):
+            log.warning("the used link offer is not deleted yet (%s): until it is, or it"
+                        " expires within the hour, the code still works",
+                        "; ".join(result.refusals) or "too few storage nodes answered")  # fmt: skip
+            return False
+        self.cache.clear_state(USED_LINK_OFFER)
+        return True
 
     def note_offered(self, device_id: bytes) -> None:
         """A link offer announced ``device_id`` (deletes wait for it from now on): noted, so
