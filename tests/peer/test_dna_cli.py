@@ -144,7 +144,7 @@ def test_the_inbox_shows_this_devices_messages_when_the_network_is_down(tmp_path
     """`dna inbox [CONTACT]` syncs first, but a network that does not answer does not keep
     a person from the history on this device (it was an error): a warning, the cache as it
     is, and nothing marked read (the other devices could not be told). A contact that is
-    not there is still refused, before the network."""
+    not there (nor brought by a sync) is refused in one line."""
     home = tmp_path / "me"
     ok(dna(home, "--json", "identity", "create", "--offline"))
     receive_offline(home, pin_offline(home, "bob"), "hello from bob")
@@ -234,6 +234,23 @@ def test_search_shows_the_newest_messages_found_and_says_when_there_are_more(
     assert "the newest 100 of 150 messages that have 'needle'" in found.stderr, found.stderr
     few = dna(home, "search", "needle", "7")
     assert few.returncode == 0 and few.stderr == "", few.stderr
+
+
+def test_inbox_shows_a_contact_the_sync_brings(testnet: Testnet, tmp_path: Path) -> None:
+    """`dna inbox CONTACT` syncs first, and the sync may bring the contact: here a card
+    from the other device (which added carol after the laptop was linked) and carol's
+    message. The contact is looked up after the sync, not refused before it."""
+    suffix = os.urandom(3).hex()
+    phone, laptop, carol = tmp_path / "phone", tmp_path / "laptop", tmp_path / "carol"
+    ok(dna(phone, "--json", "identity", "create", "--name", f"ph{suffix}", net=testnet))
+    ok(dna(carol, "--json", "identity", "create", "--name", f"ca{suffix}", net=testnet))
+    code = ok(dna(phone, "--json", "identity", "link", net=testnet))["code"]
+    ok(dna(laptop, "--json", "identity", "link", code, net=testnet))
+    ok(dna(phone, "--json", "contacts", "add", f"ca{suffix}", net=testnet))  # a card follows
+    ok(dna(carol, "--json", "contacts", "add", f"ph{suffix}", net=testnet))
+    ok(dna(carol, "--json", "send", f"ph{suffix}", "hello both", net=testnet))
+    (msg,) = ok(dna(laptop, "--json", "inbox", f"ca{suffix}", net=testnet))
+    assert msg["text"] == "hello both"
 
 
 def test_bad_arguments_and_settings_are_one_line_errors(tmp_path: Path) -> None:

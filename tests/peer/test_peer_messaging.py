@@ -22,7 +22,9 @@ from dna_peer.inbox import SyncReport
 from dna_peer.keyserver import now_ms
 from dna_peer.link import accept_link, offer_link
 from dna_peer.peer import (
+    DAY_MS,
     MAX_RECEIPTS_PER_ROUND,
+    OFFERED,
     PRESENCE_LOOKUPS_AT_ONCE,
     PUBLISHED,
     RECOVERY_WAIT_MS,
@@ -354,6 +356,34 @@ def test_presence_of_every_contact_is_looked_up_a_few_at_a_time(
         assert found == [None] * 3 * PRESENCE_LOOKUPS_AT_ONCE  # nobody is online
         assert 1 < most <= PRESENCE_LOOKUPS_AT_ONCE, most
         await bob.close()
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_a_link_code_nobody_used_stops_holding_up_deletes(testnet: Testnet, tmp_path: Path) -> None:
+    """`dna identity link` registers the new device at once (deletes wait for its
+    acknowledgements), and a code nobody used left it there forever: nothing was deleted
+    from the mailbox again until it was full. A device offered a day ago that never
+    acknowledged anything now stops counting; one that linked stays."""
+
+    async def scenario(people: People) -> None:
+        phone, alice = await people.new("bob"), await people.new("alice")
+        used = await offer_link(phone, "laptop")
+        laptop = await accept_link(people.profile("laptop"), used.code, PASSPHRASE, people.seeds)
+        unused = await offer_link(phone, "never")  # its code expires unused
+        await laptop.sync()
+        day_ago = now_ms() - DAY_MS
+        offered = json.loads(phone.cache.get_state(OFFERED) or b"{}")
+        assert set(offered) == {used.device_id.hex(), unused.device_id.hex()}
+        phone.cache.set_state(OFFERED, json.dumps(dict.fromkeys(offered, day_ago)).encode())
+        await alice.send(await alice.add_contact(people.name("bob")), "for both devices")
+        await phone.sync()  # the laptop's acks are in: it stays; "never" is dropped
+        assert set(phone.cache.devices()) == {phone.device.device_id, used.device_id}
+        await laptop.sync()
+        await phone.sync()  # both acknowledged: deleted
+        assert await mailbox_size(phone) == 0
+        assert [m.body for m in laptop.cache.messages()] == ["for both devices"]
+        await asyncio.gather(phone.close(), alice.close(), laptop.close())
 
     run(testnet, tmp_path, scenario)
 

@@ -98,7 +98,8 @@ def test_a_link_killed_at_any_step_keeps_the_offer_until_the_new_device_is_whole
     """The offer was deleted before the new device's files were written: a kill (or a full
     disk) there lost the link, the code then finding nothing. Now the profile is whole
     first, with the device list; the offer is deleted after, so a link cut short at any
-    step of its writes runs again with the same code, or is whole already."""
+    step of its writes runs again with the same code, or is whole already (and its first
+    sync deletes the offer, so the code cannot make a second device)."""
     net = ["--bootstrap", ",".join(f"{h}:{p}" for h, p in testnet.seeds)]
     phone = tmp_path / "phone"
     assert dna(phone, *net, "identity", "create", "--offline").returncode == 0
@@ -117,6 +118,9 @@ def test_a_link_killed_at_any_step_keeps_the_offer_until_the_new_device_is_whole
         assert json.loads((home / "device.json").read_text())["id"] == device_id
         synced = dna(home, *net, "--json", "sync")  # the device works, from its files alone
         assert synced.returncode == 0, (step, synced.stderr)
+        if step == LINK_STEPS:  # killed before it deleted the offer: its first sync did
+            again = dna(tmp_path / "again", *net, "identity", "link", code)
+            assert again.returncode == 1 and "no link offer found" in again.stderr, again.stderr
 
 
 def test_what_an_older_dna_left_is_cleared_and_a_lost_key_file_is_not_taken_for_it(

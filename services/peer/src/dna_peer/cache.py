@@ -640,6 +640,14 @@ class Cache:
             > 0
         )
 
+    def remove_device(self, device_id: bytes) -> None:
+        """A device that never came (a link code nobody used): deletes stop waiting for it."""
+        self._write("DELETE FROM devices WHERE device_id = ?", (device_id,))
+
+    def acked_by(self, device_id: bytes) -> bool:
+        """Has ``device_id`` acknowledged anything (is it a device that runs)?"""
+        return bool(self._rows("SELECT 1 FROM acks WHERE device_id = ? LIMIT 1", (device_id,)))
+
     def devices(self) -> dict[bytes, str]:
         return {bytes(r[0]): str(r[1]) for r in self._rows("SELECT device_id, name FROM devices")}
 

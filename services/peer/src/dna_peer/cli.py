@@ -588,11 +588,14 @@ def _inbox(args: argparse.Namespace) -> None:
         if contact is not None:
             await peer.mark_read(contact)  # what was shown is read, on every device
 
-    _with_peer(args, work, contact=args.contact,
-               unreachable=lambda exc, cache: _not_synced(args, exc, cache))  # fmt: skip
+    # No contact check before the sync: the sync may bring the contact (a card from
+    # another device, the history a new device waits for).
+    _with_peer(args, work, unreachable=lambda exc, cache: _not_synced(args, exc, cache))
 
 
 def _not_synced(args: argparse.Namespace, why: DnaError, cache: Cache) -> None:
+    if args.contact:  # not there, and no sync to bring it: that is the one line to say
+        find_contact(cache, args.contact)
     print(f"dna: warning: not synced ({printable(str(why))}): this device's messages as they"
           " were; nothing marked read", file=sys.stderr, flush=True)  # fmt: skip
     _show_inbox(args, cache)

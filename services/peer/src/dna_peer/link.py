@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import logging
+import json
 import os
 import time
 from collections.abc import Callable
@@ -35,7 +35,7 @@ from dna_peer.cache import Cache
 from dna_peer.keyserver import now_ms
 from dna_peer.network import join_overlay
 from dna_peer.payloads import DeviceLink, decode_payload
-from dna_peer.peer import Peer
+from dna_peer.peer import USED_LINK_OFFER, Peer
 from dna_peer.profile import DEVICE_ID_SIZE, Device, Profile
 
 CODE_BYTES = 10  # 80 bits, 16 base32 characters
@@ -44,8 +44,6 @@ LINK_TTL_S = 3600
 # a code that finds nothing for a few seconds is wrong, used or expired: no minute-long wait.
 LINK_WAIT_S = 10.0
 MAX_LINK_PAYLOAD = 256 * 1024  # an offer is a few KB: the locked identity and the device list
-
-log = logging.getLogger("dna.peer.link")
 
 
 class LinkError(DnaError):
@@ -105,6 +103,7 @@ async def offer_link(peer: Peer, device_name: str) -> LinkOffer:
                     now_ms=now_ms(), include_sender_keys=True)  # fmt: skip
     await peer.mail.put(temp.fingerprint, envelope, ttl_s=LINK_TTL_S)
     peer.cache.add_device(device_id, device_name, now_ms())  # its acks count from now on
+    peer.note_offered(device_id)  # ...unless the code is never used
     await peer.announce()
     hello = envelope_pb2.DeviceHello(device_id=device_id, device_name=device_name)
     await peer.post_to_devices(envelope_pb2.Payload(device=hello))
@@ -136,6 +135,8 @@ async def accept_link(
         def known_devices(cache: Cache) -> None:  # before the key file: all or nothing
             for known in link.devices:
                 cache.add_device(known.device_id, known.device_name, now_ms())
+            used = {"seeds": temp.seeds().hex(), "blobs": [b.hex() for b in blob_ids]}
+            cache.set_state(USED_LINK_OFFER, json.dumps(used).encode())  # deleted next
 
         # The profile first, the offer deleted after: a failure or a kill in between leaves
         # the offer for the next try (a profile cut short is cleared by it), never neither.
@@ -146,22 +147,11 @@ async def accept_link(
     except BaseException:
         await node.stop()
         raise
-    await _delete_offer(mail, temp, blob_ids)
+    # The device is linked already: a delete that fails is a warning, and the next sync
+    # tries again (Peer.delete_used_link_offer); the offer expires within the hour anyway.
+    await peer.delete_used_link_offer()
     await peer.announce()
     return peer
-
-
-async def _delete_offer(mail: MailboxClient, temp: Identity, blob_ids: list[bytes]) -> None:
-    """The offer is used: delete it. The device is linked already, so a delete that fails
-    is a warning, not a failure: the offer expires within the hour (LINK_TTL_S)."""
-    try:
-        result = await mail.delete(temp, blob_ids)
-        why = "; ".join(result.refusals) or "too few storage nodes answered"
-    except DnaError as exc:
-        result, why = None, str(exc)
-    if result is None or len(result.deleted) < len(blob_ids):
-        log.warning("the used link offer could not be deleted (%s): it expires within the"
-                    " hour; until then the code still works, keep it secret", why)  # fmt: skip
 
 
 async def _receive_offer(

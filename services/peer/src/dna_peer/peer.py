@@ -67,6 +67,13 @@ PRUNED = "pruned"  # cache state: when the bookkeeping was last pruned
 REPLAY_WINDOW_MS = ReplayGuard().max_age_ms + DAY_MS  # what open_envelope accepts, + a day
 BLOB_MEMORY_MS = 32 * DAY_MS  # a deleted blob cannot come back after its TTL (30 days)
 RECOVERY_WAIT_MS = 7 * DAY_MS  # a device silent this long after a history request is gone
+OFFERED = "offered-devices"  # cache state: devices a link offer announced, not heard from yet
+# Cache state of a device made by `identity link CODE`: the offer it used (the code's
+# throwaway identity and the blobs), until the offer is deleted from the replicas.
+USED_LINK_OFFER = "used-link-offer"
+# A link code works for an hour (link.LINK_TTL_S) and the new device acknowledges what it
+# finds at once; a device offered this long ago that never acknowledged anything never came.
+OFFER_UNUSED_MS = DAY_MS
 WATCH_BACKOFF_S = 5.0
 WATCH_FULL_SYNC_S = 300.0  # a watch with live subscriptions still syncs (fetches) this often
 DELETE_RETRY_S = 60.0  # after nodes refused a delete: `watch` does not ask every second
@@ -211,7 +218,9 @@ class Peer:
         return bytes.fromhex(move["from"]), bytes.fromhex(move["signature"])
 
     async def daily_upkeep(self) -> None:
-        """Republish the records and prune the cache's bookkeeping, once a day."""
+        """Republish the records and prune the cache's bookkeeping, once a day (and delete
+        the link offer this device was made from, if that is still to do)."""
+        await self.delete_used_link_offer()
         await self.republish_if_due()
         last = int(self.cache.get_state(PRUNED) or b"0")
         if now_ms() - last >= DAY_MS:
@@ -802,6 +811,7 @@ class Peer:
         nothing until another device's history told it the list again, or a week
         passed with no answer (an identity with one device).
         """
+        self._drop_unused_offers()
         recovering_since = self.cache.get_state(RECOVERING)
         if recovering_since is not None:
             if now_ms() - int(recovering_since) < RECOVERY_WAIT_MS:
@@ -823,6 +833,59 @@ class Peer:
         )
         log.warning("%s", error)
         return len(result.deleted), error
+
+    async def delete_used_link_offer(self) -> bool:
+        """Delete the link offer this device was made from (noted in its cache with the
+        profile, `link.accept_link`), so its code cannot make another device; True once
+        that is done. A link cut short after the profile was written, or a delete that
+        failed, is finished by the next command that syncs."""
+        raw = self.cache.get_state(USED_LINK_OFFER)
+        if raw is None:
+            return True
+        used = json.loads(raw)
+        blobs = [bytes.fromhex(b) for b in used["blobs"]]
+        try:
+            result = await self.mail.delete(Identity(bytes.fromhex(used["seeds"])), blobs)
+        except DnaError as exc:
+            log.warning("the used link offer is not deleted yet (%s): until it is, or it"
+                        " expires within the hour, the code still works", exc)  # fmt: skip
+            return False
+        if len(result.deleted) < len(blobs):
+            log.warning("the used link offer is not deleted yet (%s): until it is, or it"
+                        " expires within the hour, the code still works",
+                        "; ".join(result.refusals) or "too few storage nodes answered")  # fmt: skip
+            return False
+        self.cache.clear_state(USED_LINK_OFFER)
+        return True
+
+    def note_offered(self, device_id: bytes) -> None:
+        """A link offer announced ``device_id`` (deletes wait for it from now on): noted, so
+        that if its code is never used the wait ends (`_drop_unused_offers`)."""
+        offered = json.loads(self.cache.get_state(OFFERED) or b"{}")
+        offered[device_id.hex()] = now_ms()
+        self.cache.set_state(OFFERED, json.dumps(offered).encode())
+
+    def _drop_unused_offers(self) -> None:
+        """A device a link offer announced counts once it acknowledged something; one that
+        did not within OFFER_UNUSED_MS never came (the code expired unused) and is dropped:
+        deletes waited for its acknowledgements forever, so the mailbox filled up."""
+        raw = self.cache.get_state(OFFERED)
+        if raw is None:
+            return
+        offered = json.loads(raw)
+        for hex_id, offered_ms in list(offered.items()):
+            device_id = bytes.fromhex(hex_id)
+            if self.cache.acked_by(device_id):
+                del offered[hex_id]  # it came: a device like any other from now on
+            elif now_ms() - offered_ms >= OFFER_UNUSED_MS:
+                log.info("device %s was offered a link that nobody used: not waited for",
+                         hex_id[:8])  # fmt: skip
+                self.cache.remove_device(device_id)
+                del offered[hex_id]
+        if offered:
+            self.cache.set_state(OFFERED, json.dumps(offered).encode())
+        else:
+            self.cache.clear_state(OFFERED)
 
     async def watch(
         self,
