@@ -83,7 +83,6 @@ HAND_PICKED = re.compile(r"127\.0\.0\.(?!1(?!\d)|0/)(\d|\{)")
 EXAMPLES = {
     "tests/integration/test_bootstrap_names.py": "local_host_for and resolve_seeds inputs",
     "tests/core/overlay/test_channel_pool.py": "a channel target never dialled",
-    "tests/core/overlay/test_behaviour.py": "addresses on a scripted network, never bound",
     "tests/core/test_mailbox_replica_cache.py": "contacts in a cache, never dialled",
     "tests/peer/test_dna_cli.py": "a bootstrap address nothing listens on, and a bad port",
     "tests/peer/test_dna_cli_names.py": "a bootstrap address nothing listens on",
