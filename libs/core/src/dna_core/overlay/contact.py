@@ -77,7 +77,7 @@ def _ipv4_scope(ip: str) -> Scope:
     """``address_scope`` of a dotted IPv4 address by its first two octets (~10x faster than
     ``ipaddress``: the simulator mints a contact per node)."""
     parts = ip.split(".")
-    if len(parts) != 4 or not all(p.isdigit() and int(p) < 256 for p in parts):
+    if len(parts) != 4 or not all(p.isascii() and p.isdigit() and int(p) < 256 for p in parts):
         return Scope.MARTIAN
     a, b = int(parts[0]), int(parts[1])
     if a == 127:
