@@ -24,6 +24,7 @@ from dna_peer.direct.candidates import (
     IPAddress,
     interleaved,
     local_preferences,
+    loopback_servers,
     parse_if_inet6,
     select_host_addresses,
 )
@@ -184,3 +185,17 @@ def test_a_presence_that_names_nowhere_a_peer_may_be_is_not_dialled_at_all() -> 
     with pytest.raises(DirectError, match="no candidate of the contact's"):
         asyncio.run(dial_hostile())
     assert time.monotonic() - started < 1.0
+
+
+def test_a_testnet_on_one_host_dials_relayed_candidates_on_its_own_loopback_relay() -> None:
+    """`dna-testnet` runs its TURN relay on a loopback address: both ends' relayed candidates are
+    there, and refusing every loopback candidate left the demo no direct path. Only our
+    own STUN/TURN server's loopback address is dialled; other loopback addresses stay out."""
+    local = loopback_servers(("127.1.0.11", 3478), ("127.1.0.11", 3478))
+    assert local == {"127.1.0.11"}
+    assert loopback_servers(("turn.example.net", 3478), ("198.51.100.7", 3478), None) == set()
+    lines = [sdp("127.1.0.11", 50000, kind="relay"), sdp("127.0.0.1", 22), sdp("127.1.0.12")]
+    chosen = remote_candidates(lines, local)
+    assert [(c.host, c.port) for c in chosen] == [("127.1.0.11", 50000)]
+    with pytest.raises(DirectError):
+        remote_candidates(lines)  # a device whose relay is not on loopback: none of them

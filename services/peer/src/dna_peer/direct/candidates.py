@@ -22,7 +22,7 @@ aioice check tick) instead of one family after all pairs of the other.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -59,12 +59,32 @@ def usable_across_hosts(ip: IPAddress) -> bool:
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
-def dialable(host: str) -> bool:
+def loopback_servers(*servers: tuple[str, int] | None) -> frozenset[str]:
+    """The loopback IP addresses among ``servers`` (a device's STUN and TURN servers): a
+    testnet on one host, whose relayed candidates are there (`dialable`)."""
+    found = set()
+    for server in servers:
+        if server is None:
+            continue
+        try:
+            ip = ipaddress.ip_address(server[0])
+        except ValueError:
+            continue  # a name: never a testnet's loopback literal
+        if ip.is_loopback:
+            found.add(str(ip))
+    return frozenset(found)
+
+
+def dialable(host: str, local_servers: Container[str] = ()) -> bool:
     """Whether a contact's candidate address (from its presence record or its offer: text
     the contact wrote) is one to send checks to: an IP address another host can use (an
     honest device publishes no other, `select_host_addresses`), not loopback, broadcast or
     reserved, and not a name (a lookup the contact would choose). A hostile contact cannot
-    make this device probe its own services or flood its link this way."""
+    make this device probe its own services or flood its link this way. The one exception,
+    ``local_servers``: our own STUN/TURN server's loopback address (`loopback_servers`), on
+    a testnet on one host, where both ends' relayed candidates are on it."""
+    if host in local_servers:
+        return True
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:

@@ -42,6 +42,7 @@ from dna_core.crypto import Identity, PublicKeySet
 from dna_core.errors import DnaError
 
 from dna_peer.direct import candidates
+from dna_peer.direct.candidates import loopback_servers
 from dna_peer.direct.channel import (
     Channel,
     Closed,
@@ -266,7 +267,8 @@ class _ListeningAgent(aioice.Connection):
             lines = json.loads(body)
             if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
                 raise TypeError("not a list of candidate lines")
-            for candidate in remote_candidates(lines):
+            local = loopback_servers(self.stun_server, self.turn_server)
+            for candidate in remote_candidates(lines, local):
                 await self.add_remote_candidate(candidate)
         except (ValueError, TypeError, DirectError) as exc:
             log.info("a caller's offer was unreadable: %s", exc)
@@ -327,7 +329,8 @@ async def dial(
     agent = config.agent(controlling=True, local_username=caller_ufrag, local_password=caller_pwd)
     agent.remote_username, agent.remote_password = ufrag, pwd
     try:
-        remote = remote_candidates(candidates)  # before any socket: maybe nothing to dial
+        local = loopback_servers(config.stun, config.turn)
+        remote = remote_candidates(candidates, local)  # before any socket: maybe nothing to dial
         async with asyncio.timeout(timeout):
             await config.gather(agent)
             _send_offer(agent, remote, pwd)
@@ -347,7 +350,9 @@ async def dial(
 MAX_REMOTE_CANDIDATES = 16  # checked per call; an honest record holds about 10
 
 
-def remote_candidates(lines: Iterable[str]) -> list[aioice.Candidate]:
+def remote_candidates(
+    lines: Iterable[str], local_servers: frozenset[str] = frozenset()
+) -> list[aioice.Candidate]:
     """A contact's candidates (SDP lines it wrote) that this device will send checks to:
     parsed, only addresses `candidates.dialable` accepts, at most MAX_REMOTE_CANDIDATES.
     DirectError when none is left (the caller takes the mailbox at once)."""
@@ -358,7 +363,7 @@ def remote_candidates(lines: Iterable[str]) -> list[aioice.Candidate]:
         except (ValueError, IndexError):
             log.info("a contact's candidate is malformed: %r", line[:80])
             continue
-        if not candidates.dialable(candidate.host) or not 0 < candidate.port < 65536:
+        if not candidates.dialable(candidate.host, local_servers) or not 0 < candidate.port < 65536:
             log.info("not checking toward a contact's candidate %s:%s", candidate.host,
                      candidate.port)  # fmt: skip
             continue
