@@ -7,6 +7,7 @@ after the grace period."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 from collections.abc import AsyncIterator, Callable
@@ -70,7 +71,8 @@ def test_a_cross_signed_rotation_moves_the_pin(
             moved = peer.cache.contact_named("alice")
             assert moved is not None and moved.fingerprint == new.fingerprint
             assert moved.conversation == alice.fingerprint and not moved.verified
-            assert (await peer.add_contact(new.fingerprint.hex())) == moved  # no warning
+            added = await peer.add_contact(new.fingerprint.hex())  # no warning, no new pin
+            assert added == dataclasses.replace(moved, chosen=True)  # now added by us
 
     asyncio.run(go())
 

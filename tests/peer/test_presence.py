@@ -92,7 +92,8 @@ def test_the_record_is_sealed_to_contacts_written_to_never_to_someone_who_only_w
     """The record says where the device is. It was sealed to the contacts of the newest
     conversations, received messages included, so anyone who wrote (a stranger, pinned on
     first contact) got this device's addresses at its next refresh. Now: the contacts
-    written to most recently, then the ones added by name; never a stranger."""
+    written to most recently, then the others this identity added (by name or by
+    fingerprint: `Contact.chosen`); never a stranger."""
 
     @dataclass
     class Owner:
@@ -101,17 +102,20 @@ def test_the_record_is_sealed_to_contacts_written_to_never_to_someone_who_only_w
     cache = Cache.open(tmp_path / "cache.db", os.urandom(32))
     me = alice.fingerprint
 
-    def pin(keys: PublicKeySet, name: str | None) -> None:
-        cache.pin(Contact(keys.fingerprint, keys, name, False, NOW, keys.fingerprint))
+    def pin(keys: PublicKeySet, name: str | None, *, chosen: bool = False) -> None:
+        cache.pin(Contact(keys.fingerprint, keys, name, False, NOW, keys.fingerprint,
+                          chosen=chosen))  # fmt: skip
 
     def message(peer: bytes, *, outgoing: bool, at: int) -> None:
         sender, recipient = (me, peer) if outgoing else (peer, me)
         cache.add_message(Message(os.urandom(16), peer, sender, recipient, at, "hi", outgoing))
 
-    pin(bob.public, "bob")  # added by name, never written to
+    pin(bob.public, "bob", chosen=True)  # added by name, never written to
+    by_fingerprint = Identity.generate().public
+    pin(by_fingerprint, None, chosen=True)  # added by fingerprint, never written to
     written = [Identity.generate().public for _ in range(2)]
     for n, keys in enumerate(written):
-        pin(keys, None)  # added by fingerprint: no name, but written to
+        pin(keys, None)  # a stranger who wrote first, then written to
         message(keys.fingerprint, outgoing=True, at=NOW + n)
     strangers = [Identity.generate().public for _ in range(MAX_SEALED_CONTACTS)]
     for keys in strangers:
@@ -119,5 +123,30 @@ def test_the_record_is_sealed_to_contacts_written_to_never_to_someone_who_only_w
         message(keys.fingerprint, outgoing=False, at=NOW + 100)  # the newest: they wrote
     service = DirectService(Owner(cache), IceConfig(), deliver=None)  # type: ignore[arg-type]
     sealed = service._sealed_to()
-    assert sealed == [written[1], written[0], bob.public]
+    assert sealed[:2] == [written[1], written[0]]
+    assert sorted(k.fingerprint for k in sealed[2:]) == sorted(
+        [bob.fingerprint, by_fingerprint.fingerprint]
+    )
+
+
+def test_a_cache_from_before_chosen_contacts_keeps_its_named_and_verified_ones(
+    tmp_path: Path, bob: Identity
+) -> None:
+    """Schema 1 had no `chosen`: opening such a cache adds it, set for the contacts named
+    or verified (a contact added by fingerprint alone is chosen by adding it again)."""
+    key, path = os.urandom(32), tmp_path / "cache.db"
+    cache = Cache.open(path, key)
+    others = [Identity.generate().public for _ in range(2)]
+    for keys, name in ((bob.public, "bob"), (others[0], None), (others[1], None)):
+        cache.pin(Contact(keys.fingerprint, keys, name, False, NOW, keys.fingerprint))
+    cache.set_verified(others[1].fingerprint, True)
+    cache._db.execute("ALTER TABLE contacts DROP COLUMN chosen")  # as schema 1 made it
+    cache._db.execute("PRAGMA user_version = 1")
+    cache.close()
+    again = Cache.open(path, key)
+    chosen = {c.fingerprint: c.chosen for c in again.contacts()}
+    assert chosen == {bob.fingerprint: True, others[0].fingerprint: False,
+                      others[1].fingerprint: True}  # fmt: skip
+    again.choose(others[0].fingerprint)
+    assert again.contact(others[0].fingerprint).chosen  # type: ignore[union-attr]
     cache.close()

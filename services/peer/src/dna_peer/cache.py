@@ -28,7 +28,7 @@ from dna_core.crypto import Identity, PublicKeySet
 from dna_core.crypto import primitives as p
 from dna_core.errors import DnaError, WrongPassphraseError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PAGE_BYTES = 4096  # SQLCipher 4's page size: a whole cache file is a multiple of it
 MAX_ROTATION_HOPS = 8  # rotations followed for one contact (a chain, never a cycle, ends)
 # State key (`set_state`) written by the peer and cleared by the inbox: this device lost its
@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS contacts(
   verified INTEGER NOT NULL DEFAULT 0,
   pinned_ms INTEGER NOT NULL,
   conversation BLOB NOT NULL,
-  replaced_by BLOB
+  replaced_by BLOB,
+  chosen INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS contacts_by_name ON contacts(name) WHERE name IS NOT NULL;
 CREATE TABLE IF NOT EXISTS conversations(
@@ -172,6 +173,9 @@ class Contact:
     pinned_ms: int
     conversation: bytes
     replaced_by: bytes | None = None
+    # Added by this identity (by name or fingerprint, here or on another of its devices),
+    # not a stranger pinned when it first wrote: presence is sealed to the chosen ones.
+    chosen: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,11 +364,11 @@ class Cache:
         with self.transaction():
             self._db.execute(
                 "INSERT INTO contacts(fingerprint, keys, name, verified, pinned_ms, conversation,"
-                " replaced_by) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " replaced_by, chosen) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     contact.fingerprint, contact.keys.encode(), contact.name,
                     int(contact.verified), contact.pinned_ms, contact.conversation,
-                    contact.replaced_by,
+                    contact.replaced_by, int(contact.chosen),
                 ),
             )  # fmt: skip
             self._db.execute(
@@ -407,6 +411,10 @@ class Cache:
         """Unpin (the conversation and its messages stay); the next add pins afresh."""
         return self._write("DELETE FROM contacts WHERE fingerprint = ?", (fingerprint,)) > 0
 
+    def choose(self, fingerprint: bytes) -> None:
+        """This identity added the contact (`Contact.chosen`)."""
+        self._write("UPDATE contacts SET chosen = 1 WHERE fingerprint = ?", (fingerprint,))
+
     def set_verified(self, fingerprint: bytes, verified: bool) -> None:
         self._write(
             "UPDATE contacts SET verified = ? WHERE fingerprint = ?", (int(verified), fingerprint)
@@ -415,7 +423,14 @@ class Cache:
     def replace_contact(self, old: Contact, new_keys: PublicKeySet, now_ms: int) -> Contact:
         """A verified key rotation: the new keys take over the name and the conversation."""
         new = Contact(
-            new_keys.fingerprint, new_keys, old.name, False, now_ms, old.conversation, None
+            new_keys.fingerprint,
+            new_keys,
+            old.name,
+            False,
+            now_ms,
+            old.conversation,
+            None,
+            old.chosen,
         )
         with self.transaction():
             self._db.execute(
@@ -427,6 +442,10 @@ class Cache:
                 self.pin(new)
             elif known.conversation != old.conversation:
                 self._merge_stranger(known, old)
+            if old.chosen:
+                self._db.execute(
+                    "UPDATE contacts SET chosen = 1 WHERE fingerprint = ?", (new.fingerprint,)
+                )
             self._db.execute(
                 "UPDATE conversations SET peer = ? WHERE id = ?",
                 (new.fingerprint, old.conversation),
@@ -689,7 +708,7 @@ class Cache:
                 self._db.execute("UPDATE blobs SET deleted = 1 WHERE blob_id = ?", (blob,))
 
 
-_CONTACT_COLUMNS = "fingerprint, keys, name, verified, pinned_ms, conversation, replaced_by"
+_CONTACT_COLUMNS = "fingerprint, keys, name, verified, pinned_ms, conversation, replaced_by, chosen"
 _MESSAGE_COLUMNS = (
     "message_id, conversation, sender, recipient, timestamp_ms, body, outgoing, delivered"
 )
@@ -703,7 +722,7 @@ def _fts_query(text: str) -> str:
 def _contact(row: tuple[Any, ...]) -> Contact:
     return Contact(
         bytes(row[0]), PublicKeySet.decode(bytes(row[1])), row[2], bool(row[3]), row[4],
-        bytes(row[5]), bytes(row[6]) if row[6] is not None else None,
+        bytes(row[5]), bytes(row[6]) if row[6] is not None else None, bool(row[7]),
     )  # fmt: skip
 
 
@@ -723,11 +742,26 @@ def _set_up(conn: Any, lost_ms: int | None) -> None:
     conn.execute("PRAGMA foreign_keys = ON")
     if lost_ms is None:
         conn.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS), so no transaction needed
+        _add_chosen(conn)
     else:  # the values as the state table holds them (set_state: bytes)
         marks = (f"INSERT OR REPLACE INTO state(key, value) VALUES ('{RECOVERING}',"
                  f" x'{str(lost_ms).encode().hex()}'), ('{HISTORY_WANTED}', x'');")  # fmt: skip
         conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}{marks}COMMIT;")
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _add_chosen(conn: Any) -> None:
+    """A cache from before `Contact.chosen` (schema 1): the column, set for the contacts
+    named or verified; one added by fingerprint alone is chosen again by adding it again
+    (until then, or until this identity writes to it, it is not told where we are)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(contacts)")}
+    if "chosen" not in columns:
+        conn.executescript(
+            "BEGIN IMMEDIATE;"
+            "ALTER TABLE contacts ADD COLUMN chosen INTEGER NOT NULL DEFAULT 0;"
+            "UPDATE contacts SET chosen = 1 WHERE name IS NOT NULL OR verified = 1;"
+            "COMMIT;"
+        )
 
 
 def _create_owner_only(path: Path) -> None:

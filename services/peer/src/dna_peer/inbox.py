@@ -392,9 +392,11 @@ class Inbox:
         known = self.cache.contact(keys.fingerprint)
         if known is None:
             self.cache.pin(Contact(keys.fingerprint, keys, name, False, self.clock(),
-                                   keys.fingerprint))  # fmt: skip
-        elif name and not known.name:
+                                   keys.fingerprint, chosen=True))  # fmt: skip
+            return
+        if name and not known.name:
             self.cache.set_contact_name(keys.fingerprint, name)
+        self.cache.choose(keys.fingerprint)  # added on another device of ours
 
     def _add_transcript(self, item: Transcript) -> None:
         own = self.owner.fingerprint

@@ -294,13 +294,14 @@ class Peer:
             return await self.refresh_contact(await self._pin_new(fingerprint, name))
         if name and known.name != name:
             self.cache.set_contact_name(known.fingerprint, name)
+        self.cache.choose(known.fingerprint)  # maybe a stranger who wrote first
         return self.cache.contact(known.fingerprint) or known
 
     async def _pin_new(self, fingerprint: bytes, name: str | None) -> Contact:
         keys = await keyserver.lookup_keys(self.node, fingerprint)
         if keys is None:
             raise UnknownContactError(f"no identity record for {fingerprint.hex()[:16]}…")
-        contact = Contact(fingerprint, keys, name, False, now_ms(), fingerprint)
+        contact = Contact(fingerprint, keys, name, False, now_ms(), fingerprint, chosen=True)
         self.cache.pin(contact)
         return contact
 

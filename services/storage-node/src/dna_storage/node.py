@@ -154,6 +154,8 @@ async def open_backend(section: StorageSection) -> MailboxBackend:
         return await SqliteBackend.open(path)
     except (sqlite3.Error, OSError) as exc:
         raise cannot_open(path, exc) from None
+    except StoreUnavailableError as exc:  # SQLite's own error, as the backend's calls say it
+        raise cannot_open(path, exc.__cause__ or exc) from None
 
 
 class StorageMetrics:

@@ -153,11 +153,12 @@ class DirectService:
 
     def _sealed_to(self) -> list[PublicKeySet]:
         """The contacts written to most recently (a record holds MAX_SEALED_CONTACTS), then
-        the ones added by name; never someone who only wrote to us (a stranger pinned on
-        first contact): the record tells those it is sealed to where the device is."""
+        the others this identity added (by name or fingerprint: `Contact.chosen`); never
+        someone who only wrote to us (a stranger pinned on first contact): the record tells
+        those it is sealed to where the device is."""
         written = self.owner.cache.last_written()
         contacts = [c for c in self.owner.cache.contacts()
-                    if not c.replaced_by and (c.conversation in written or c.name)]  # fmt: skip
+                    if not c.replaced_by and (c.conversation in written or c.chosen)]  # fmt: skip
         contacts.sort(key=lambda c: written.get(c.conversation, 0), reverse=True)
         return [c.keys for c in contacts[:MAX_SEALED_CONTACTS]]
 
