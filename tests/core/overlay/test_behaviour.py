@@ -13,7 +13,7 @@ import hashlib
 import heapq
 import itertools
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -398,6 +398,20 @@ def scripted(size: int, known: int, **config: Any) -> tuple[list[Contact], Netwo
     return everyone, net, Harness(b, net)
 
 
+def answers_with(h: Harness, net: Network, answerer: Contact, listed: Sequence[Contact]) -> None:
+    """``answerer`` joins the scripted network and answers every find-node with ``listed``
+    (a hostile node's answer); every other node answers honestly."""
+    net.by_addr[answerer.endpoint.udp] = answerer
+    honest = net.__call__
+
+    def hostile(send: Send, now: float) -> list[tuple[float, Datagram, Addr]]:
+        if send.addr != answerer.endpoint.udp:
+            return honest(send, now)
+        return [(now + 0.01, answer_to(send, Nodes(tuple(listed)), answerer), send.addr)]
+
+    h.fate = hostile
+
+
 def test_a_lookup_finds_the_true_k_closest_with_alpha_in_flight() -> None:
     everyone, _, h = scripted(200, known=30)  # a partial table
     target = hashlib.sha256(b"target").digest()
@@ -514,15 +528,7 @@ def test_a_lookup_follows_only_contacts_the_answerer_could_reach_from_where_we_r
         Contact(near(target, i + 1), b"", (Endpoint(ip, 4000),))
         for i, ip in enumerate(followed + not_followed)
     ]
-    net.by_addr[answerer.endpoint.udp] = answerer
-    honest = net.__call__
-
-    def hostile(send: Send, now: float) -> list[tuple[float, Datagram, Addr]]:
-        if send.addr != answerer.endpoint.udp:
-            return honest(send, now)
-        return [(now + 0.01, answer_to(send, Nodes(tuple(listed)), answerer), send.addr)]
-
-    h.fate = hostile
+    answers_with(h, net, answerer, listed)
     h.lookup(target)
     h.run()
     asked = {s.addr for s in h.sent if isinstance(s.datagram.body, FindNode)}
@@ -551,15 +557,7 @@ def test_a_lookup_asks_at_most_two_contacts_at_one_ip_address(
     h.b.table.observe(answerer, NOW)
     victim = [Contact(near(target, i + 1), b"", (Endpoint(address_of(i), 1000 + i),))
               for i in range(20)]  # fmt: skip
-    net.by_addr[answerer.endpoint.udp] = answerer
-    honest = net.__call__
-
-    def hostile(send: Send, now: float) -> list[tuple[float, Datagram, Addr]]:
-        if send.addr == answerer.endpoint.udp:
-            return [(now + 0.01, answer_to(send, Nodes(tuple(victim)), answerer), send.addr)]
-        return honest(send, now)
-
-    h.fate = hostile
+    answers_with(h, net, answerer, victim)
     h.lookup(target)
     h.run()
     to_victim = [s for s in h.sent if s.addr[0].startswith(victim_ip)]
@@ -584,15 +582,7 @@ def test_a_hostile_answer_cannot_use_up_an_honest_nodes_share_of_a_lookup() -> N
         for i, c in enumerate(truly_closest[:10])
         for j in range(2)
     ]
-    net.by_addr[answerer.endpoint.udp] = answerer
-    honest = net.__call__
-
-    def hostile(send: Send, now: float) -> list[tuple[float, Datagram, Addr]]:
-        if send.addr == answerer.endpoint.udp:
-            return [(now + 0.01, answer_to(send, Nodes(tuple(fakes)), answerer), send.addr)]
-        return honest(send, now)
-
-    h.fate = hostile
+    answers_with(h, net, answerer, fakes)
     lookup = h.lookup(target)
     h.run()
     assert lookup.result() == closest_to(target, [*everyone, answerer], 20)
