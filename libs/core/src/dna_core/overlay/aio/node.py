@@ -49,6 +49,7 @@ from dna_core.overlay.records import (
     RecordStore,
 )
 from dna_core.overlay.tokens import AddressTokens
+from dna_core.ratelimit import RateLimiter, source_key
 from dna_core.wire.gen.dna.v1 import common_pb2
 
 from .metrics import OverlayMetrics
@@ -89,6 +90,12 @@ class NodeConfig:
     name_pow_bits: int = DEFAULT_NAME_POW_BITS  # readers check name claims as stores do
     identity_pow_bits: int = DEFAULT_IDENTITY_POW_BITS  # and identity records' proofs
     record_sessions: bool = True  # stores and find-values on record sessions, else unary
+    # Datagrams taken from one source address (IPv6: its /64) before decoding: every
+    # request costs a decode, an answer and maybe a signature, and nothing else bounded
+    # what one address could make a node spend. A node sends a peer a few a second.
+    datagram_rate_per_s: float = 500.0
+    datagram_burst: float = 2000.0
+    datagram_sources_max: int = 65536  # source addresses remembered by that limiter
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,9 @@ class OverlayNode:
         self.store = store
         self.tokens = AddressTokens(os.urandom(32))
         self.contacts = ContactCache()
+        self.datagram_limit = RateLimiter(
+            config.datagram_rate_per_s, config.datagram_burst, config.datagram_sources_max
+        )
         self.metrics = OverlayMetrics(registry or CollectorRegistry(), lambda: len(self.table))
         self.contact: Contact | None = None
         self.responder: Responder | None = None
@@ -214,6 +224,9 @@ class OverlayNode:
 
     def _on_datagram(self, data: bytes, addr: Addr) -> None:
         now = time.monotonic()
+        if self.datagram_limit.check(source_key(addr[0]), now):
+            self.metrics.rejected.labels(reason="datagram_rate").inc()
+            return  # before any decoding: a flood costs the node a bucket check each
         try:
             dgram = decode_datagram(data, puzzle_bits=self.config.puzzle_bits, cache=self.contacts)
         except ProtocolError as exc:

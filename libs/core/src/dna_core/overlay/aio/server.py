@@ -121,6 +121,13 @@ class OverlaySection(ConfigModel):
     """Seconds between republishes of the records this node holds."""
     name_pow_bits: int = Field(default=DEFAULT_NAME_POW_BITS, ge=0)
     """Proof of work a name claim must carry."""
+    datagram_rate_per_s: float = Field(default=500.0, gt=0)
+    """Overlay datagrams (ping, find-node, their answers) taken from one source address
+    (IPv6: per /64) per second, checked before decoding; more are dropped (counted as
+    `dna_overlay_rejected_total{reason="datagram_rate"}`). An honest node sends a peer a
+    few a second; the room is for clients behind one NAT."""
+    datagram_burst: float = Field(default=2000.0, ge=1)
+    """...after a burst of this many."""
 
     @field_validator("bootstrap")
     @classmethod
@@ -444,6 +451,8 @@ class OverlayServer:
             refresh_interval=cfg.overlay.refresh_interval,
             name_pow_bits=cfg.overlay.name_pow_bits,
             identity_pow_bits=cfg.records.identity_pow_bits,
+            datagram_rate_per_s=cfg.overlay.datagram_rate_per_s,
+            datagram_burst=cfg.overlay.datagram_burst,
         )  # fmt: skip
 
     async def _start_grpc(self, node: OverlayNode, store: RecordStore) -> int:
