@@ -49,10 +49,11 @@ from dna_peer.profile import Device
 
 log = logging.getLogger("dna.peer.direct")
 DIRECT_TIMEOUT_S = 4.0  # ICE, handshake and ACK together; then store-and-forward
-# Messages taken from one contact over the direct path: what a storage node takes into a
-# whole mailbox (admission's mailbox_rate_per_s, mailbox_burst). The direct path has no
-# proof of work and no quota; past this, no ACK: the sender's message takes the mailbox.
-DIRECT_RATE_PER_S, DIRECT_BURST, DIRECT_MAX_CONTACTS = 10.0, 50.0, 1024
+# Messages taken from one contact over the direct path, which has no proof of work and no
+# quota; past this, no ACK: the sender's message takes the mailbox. Twice a storage node's
+# rate into a whole mailbox and a burst of 200: an online device is where a burst belongs
+# (bench.direct_path sends 50 back to back), and a flood still has a bound.
+DIRECT_RATE_PER_S, DIRECT_BURST, DIRECT_MAX_CONTACTS = 20.0, 200.0, 1024
 PROOF_REUSE_MS = 30 * 60_000  # a presence proof of work stays valid for the kind's hour
 Deliver = Callable[[PublicKeySet, bytes, bytes], Awaitable[None]]  # (sender, id, envelope)
 
