@@ -615,6 +615,12 @@ def test_mailboxes_counts_those_holding_blobs_or_tombstones(stores: Stores, kind
         assert await b.mailboxes() == 3
         await b.forget(mbox(0), [x.blob_id], [])
         assert await b.mailboxes() == 2
+        await b.delete([tomb(mbox(1), b"\x08" * 32)], T0)  # a blob and a tombstone: once
+        assert await b.mailboxes() == 2
+        await b.forget(mbox(2), [], [b"\x07" * 32])  # its only tombstone gone
+        assert await b.mailboxes() == 1
+        assert await b.expire(T0 + 100 * DAY, 100) > 0  # everything collected
+        assert await b.mailboxes() == 0
 
     run_scenario(stores, kind, scenario)
 

@@ -54,7 +54,7 @@ from dna_storage.backends.common import (
 # 2: per-mailbox blob and byte counters (usage in O(expired), not O(held));
 # 3: each blob keeps its put's proof of work (replicas check it again in sync);
 # 4: a signed delete is stored once (``signed_deletes``), its tombstones reference it
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 MAX_JOBS_PER_COMMIT = 256  # bounds one transaction's size and the latency it adds
 _IN_CHUNK = 500  # IDs per `IN (...)` query, well under SQLite's variable limit
 BUSY_TIMEOUT_MS = 10_000  # how long a call waits for a lock another process holds on the file
@@ -69,7 +69,8 @@ CREATE TABLE IF NOT EXISTS mailboxes (
     mailbox_id BLOB PRIMARY KEY,
     last_seq INTEGER NOT NULL,         -- never decreases: cursors stay valid after GC
     blobs INTEGER NOT NULL DEFAULT 0,  -- held, expired-but-not-collected included:
-    bytes INTEGER NOT NULL DEFAULT 0   -- kept by the triggers below
+    bytes INTEGER NOT NULL DEFAULT 0,  -- kept by the triggers below
+    tombstones INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS blobs (     -- payload last: scans of the other columns skip it
     mailbox_id BLOB NOT NULL,
@@ -105,7 +106,8 @@ CREATE TABLE IF NOT EXISTS totals (     -- kept by triggers: O(1) metrics on a m
     blobs INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
     signed_deletes INTEGER NOT NULL DEFAULT 0,
-    signed_delete_bytes INTEGER NOT NULL DEFAULT 0
+    signed_delete_bytes INTEGER NOT NULL DEFAULT 0,
+    mailboxes INTEGER NOT NULL DEFAULT 0  -- with a blob or a tombstone: `mailboxes()`
 );
 INSERT OR IGNORE INTO totals (id, blobs, bytes) VALUES (0, 0, 0);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
@@ -135,8 +137,11 @@ CREATE TRIGGER IF NOT EXISTS signed_delete_removed AFTER DELETE ON signed_delete
 END;
 """
 
-# Counters per mailbox; created after MIGRATIONS so that a version 1 file gets its columns
-# first. A blob is only ever inserted after its mailbox's row (`_put_one`).
+# Counters per mailbox; created after MIGRATIONS so that an older file gets its columns
+# first. A blob is only ever inserted after its mailbox's row (`_put_one`); a tombstone
+# makes its mailbox's row if there is none (a delete replicated before any blob). The
+# mailboxes held (a blob or a tombstone) are counted as rows cross zero: counting them
+# by reading every tombstone took 0.3-0.7 s at 400,000 on the one reader connection.
 MAILBOX_COUNTERS = """
 CREATE TRIGGER IF NOT EXISTS mailbox_blob_added AFTER INSERT ON blobs BEGIN
     UPDATE mailboxes SET blobs = blobs + 1, bytes = bytes + NEW.size
@@ -145,6 +150,19 @@ END;
 CREATE TRIGGER IF NOT EXISTS mailbox_blob_removed AFTER DELETE ON blobs BEGIN
     UPDATE mailboxes SET blobs = blobs - 1, bytes = bytes - OLD.size
     WHERE mailbox_id = OLD.mailbox_id;
+END;
+CREATE TRIGGER IF NOT EXISTS mailbox_tombstone_added AFTER INSERT ON tombstones BEGIN
+    INSERT OR IGNORE INTO mailboxes (mailbox_id, last_seq) VALUES (NEW.mailbox_id, 0);
+    UPDATE mailboxes SET tombstones = tombstones + 1 WHERE mailbox_id = NEW.mailbox_id;
+END;
+CREATE TRIGGER IF NOT EXISTS mailbox_tombstone_removed AFTER DELETE ON tombstones BEGIN
+    UPDATE mailboxes SET tombstones = tombstones - 1 WHERE mailbox_id = OLD.mailbox_id;
+END;
+CREATE TRIGGER IF NOT EXISTS mailbox_held_changed AFTER UPDATE OF blobs, tombstones
+ON mailboxes WHEN (OLD.blobs > 0 OR OLD.tombstones > 0) != (NEW.blobs > 0 OR NEW.tombstones > 0)
+BEGIN
+    UPDATE totals SET mailboxes = mailboxes
+        + (CASE WHEN NEW.blobs > 0 OR NEW.tombstones > 0 THEN 1 ELSE -1 END) WHERE id = 0;
 END;
 """
 
@@ -185,6 +203,16 @@ ALTER TABLE totals ADD COLUMN signed_delete_bytes INTEGER NOT NULL DEFAULT 0;
 UPDATE totals SET
     signed_deletes = (SELECT count(*) FROM signed_deletes),
     signed_delete_bytes = (SELECT coalesce(sum(length(authorization)), 0) FROM signed_deletes);
+""",
+    # Tombstones counted per mailbox, and the mailboxes held in totals (MAILBOX_COUNTERS).
+    4: """
+ALTER TABLE mailboxes ADD COLUMN tombstones INTEGER NOT NULL DEFAULT 0;
+INSERT OR IGNORE INTO mailboxes (mailbox_id, last_seq)
+    SELECT DISTINCT mailbox_id, 0 FROM tombstones;
+UPDATE mailboxes SET tombstones =
+    (SELECT count(*) FROM tombstones t WHERE t.mailbox_id = mailboxes.mailbox_id);
+ALTER TABLE totals ADD COLUMN mailboxes INTEGER NOT NULL DEFAULT 0;
+UPDATE totals SET mailboxes = (SELECT count(*) FROM mailboxes WHERE blobs > 0 OR tombstones > 0);
 """,
 }
 
@@ -605,10 +633,9 @@ class SqliteBackend:
         return Usage(int(row[0]), int(row[1]))
 
     async def mailboxes(self) -> int:
-        count: int = await self._reader.submit(lambda c: c.execute(
-            "SELECT count(*) FROM (SELECT mailbox_id FROM mailboxes WHERE blobs > 0"
-            " UNION SELECT mailbox_id FROM tombstones)"
-        ).fetchone()[0])  # fmt: skip
+        count: int = await self._reader.submit(
+            lambda c: c.execute("SELECT mailboxes FROM totals WHERE id = 0").fetchone()[0]
+        )
         return count
 
     async def signed_deletes(self) -> Usage:
