@@ -18,6 +18,7 @@ from dna_core.ops.config import (
     dump_config,
     load_config,
 )
+from dna_core.overlay.aio.server import OverlayServiceConfig
 from dna_storage.cli import ENV_PREFIX as STORAGE_ENV
 from dna_storage.node import StorageNodeConfig
 from pydantic import Field, model_validator
@@ -380,3 +381,21 @@ def test_a_check_across_keys_names_the_section_and_each_source(tmp_path: Path) -
     err = info.value
     assert (err.source, err.key) == (f"{path}, DNA_STORAGE__STORAGE__MAX_TTL_DAYS", "storage")
     assert err.problem == "ttl_days must be > 0 and <= max_ttl_days"
+
+
+@pytest.mark.parametrize(
+    ("host", "said"),
+    [("0.0.0.0", "cannot be reached"), ("::", "cannot be reached"),
+     ("224.0.0.1", "cannot be reached"), ("example.com", "is not an IP address")],
+)  # fmt: skip
+def test_a_node_host_is_an_address_others_reach(host: str, said: str) -> None:
+    """[node] host is bound and told to others: a name was a traceback at start (and in
+    check-config), a wildcard an address other nodes drop as martian."""
+    with pytest.raises(ConfigError) as info:
+        load_config(OverlayServiceConfig, None, env_prefix="DNA_BOOTSTRAP",
+                    env={"DNA_BOOTSTRAP__NODE__HOST": host})  # fmt: skip
+    assert "DNA_BOOTSTRAP__NODE__HOST: node.host" in str(info.value), info.value
+    assert said in str(info.value)
+    ok = load_config(OverlayServiceConfig, None, env_prefix="DNA_BOOTSTRAP",
+                     env={"DNA_BOOTSTRAP__NODE__HOST": "2001:db8::7"})  # fmt: skip
+    assert ok.node.host == "2001:db8::7"

@@ -98,6 +98,25 @@ class NodeSection(ConfigModel):
     puzzle_bits: int = Field(default=8, ge=0)
     """The static node-ID puzzle; must match the network."""
 
+    @field_validator("host")
+    @classmethod
+    def _host_is_an_address_others_reach(cls, host: str) -> str:
+        """The node binds ``host`` and tells it to others: a name would be a traceback at
+        start, and a wildcard (0.0.0.0, ::) an address no other node can use."""
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(
+                f"{host!r} is not an IP address: set the address others reach"
+                " (the node binds it and tells it to others; bootstrap entries may be names)"
+            ) from None
+        if ip.is_unspecified or ip.is_multicast:
+            raise ValueError(
+                f"{host} cannot be reached: set the address others reach"
+                " (the node binds it and tells it to others)"
+            )
+        return str(ip)
+
 
 class OverlaySection(ConfigModel):
     """Joining and keeping up the overlay (docs/overlay.md)."""
