@@ -25,7 +25,7 @@ import ifaddr
 from dna_core import __version__
 from dna_core.ops.config import dump_config
 from dna_core.ops.http import HttpLimits, OpsServer, build_ops_app
-from dna_core.ops.logs import node_logger
+from dna_core.ops.logs import LogThrottle, node_logger
 from prometheus_client import CollectorRegistry, Gauge, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -227,8 +227,7 @@ class StunServer:
         self._upkeep: asyncio.Task[None] | None = None
         self.udp_addr: Addr | None = None
         self.udp_addr6: Addr | None = None
-        self._logged_error_at: float | None = None
-        self._unlogged_errors = 0  # internal errors since the last traceback logged
+        self._error_log = LogThrottle(LOG_EVERY_S, self.clock)
 
     @property
     def http_port(self) -> int:
@@ -364,12 +363,9 @@ class StunServer:
     def _internal_error(self) -> None:
         if self.core is not None:
             self.core.stats.refusals["internal_error"] += 1
-        now = self.clock()
-        if self._logged_error_at is not None and now - self._logged_error_at < LOG_EVERY_S:
-            self._unlogged_errors += 1
+        suppressed = self._error_log.admit()
+        if suppressed is None:
             return
-        self._logged_error_at = now
-        suppressed, self._unlogged_errors = self._unlogged_errors, 0
         self.log.exception("datagram handling failed", extra={"suppressed": suppressed})
 
     async def _expire_forever(self) -> None:

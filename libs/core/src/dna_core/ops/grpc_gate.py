@@ -37,7 +37,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from dna_core.errors import MalformedError, ProtocolError
 from dna_core.ops.answers import AnswerSlots, is_large_answer
-from dna_core.ops.logs import Log
+from dna_core.ops.logs import Log, LogThrottle
 from dna_core.ratelimit import grpc_peer_ip, source_key
 from dna_core.wire.codec import decode_message
 
@@ -77,9 +77,7 @@ class GrpcGate:
         self._cut_connection = cut_connection
         self._real_peer = real_peer
         self._log = log if log is not None else logging.getLogger(__name__)
-        self._clock = clock
-        self._last_logged: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        self._log_throttle = LogThrottle(LOG_EVERY_S, clock)
         self.malformed = Counter(
             "dna_grpc_malformed_requests",
             "gRPC requests refused at decoding (INVALID_ARGUMENT), by method",
@@ -223,13 +221,9 @@ class GrpcGate:
         await context.abort(grpc.StatusCode.INTERNAL, f"{_short(name)}: internal error")
 
     def _log_rate_limited(self, name: str, exc: Exception) -> None:
-        now = self._clock()
-        last = self._last_logged.get(name)
-        if last is not None and now - last < LOG_EVERY_S:
-            self._suppressed[name] = self._suppressed.get(name, 0) + 1
+        suppressed = self._log_throttle.admit(name)
+        if suppressed is None:
             return
-        self._last_logged[name] = now
-        suppressed = self._suppressed.pop(name, 0)
         self._log.error(
             "grpc handler failed",
             exc_info=exc,

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Hashable, Mapping, MutableMapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-__all__ = ["JsonFormatter", "Log", "configure_logging", "node_logger"]
+__all__ = ["JsonFormatter", "Log", "LogThrottle", "configure_logging", "node_logger"]
 
 # What a caller may pass as a logger: a plain one or a node's adapter.
 Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
@@ -99,3 +99,24 @@ def node_logger(name: str, **context: object) -> logging.LoggerAdapter[logging.L
 def _iso_utc(created: float) -> str:
     stamp = datetime.fromtimestamp(created, tz=UTC).isoformat(timespec="milliseconds")
     return stamp.replace("+00:00", "Z")
+
+
+class LogThrottle:
+    """At most one line per key every ``every_s`` (by ``clock``), for what a sender can make
+    happen again and again (a bug one datagram or call trips): the lines held back are
+    counted and the next admitted line says how many (``suppressed``)."""
+
+    def __init__(self, every_s: float, clock: Callable[[], float]) -> None:
+        self.every_s, self._clock = every_s, clock
+        self._last: dict[Hashable, float] = {}
+        self._held: dict[Hashable, int] = {}
+
+    def admit(self, key: Hashable = None) -> int | None:
+        """None: hold this line back (counted); else log it, with the number held back."""
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.every_s:
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._held.pop(key, 0)
