@@ -11,8 +11,8 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 
-import ifaddr
 import pytest
+from dna_core.interfaces import interface_addresses
 from dna_stun import attributes as attr
 from dna_stun.config import StunServiceConfig
 from dna_stun.core import Addr, Datagram, Send
@@ -293,8 +293,7 @@ def test_a_wildcard_server_refuses_every_address_of_its_host_but_the_relay_ports
         try:
             policy = stun.core.policy if stun.core is not None else None
             assert policy is not None
-            host = [a.ip if isinstance(a.ip, str) else a.ip[0]
-                    for adapter in ifaddr.get_adapters() for a in adapter.ips]  # fmt: skip
+            host = interface_addresses()
             assert host, "no interface address to check"
             for address in host:
                 assert policy.check(address, 53) == "forbidden_peer", address

@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import ifaddr
 from dna_core import __version__
+from dna_core.interfaces import interface_addresses
 from dna_core.ops.config import dump_config
 from dna_core.ops.http import HttpLimits, OpsServer, build_ops_app
 from dna_core.ops.logs import LogThrottle, node_logger
@@ -45,15 +45,6 @@ SOCKET_BUFFER = 1 << 21
 # A datagram that raises is a bug, but whoever found it can send it again and again: its
 # traceback is logged at most once a minute, with how many were not (each is counted).
 LOG_EVERY_S = 60.0
-
-
-def _interface_addresses() -> list[str]:
-    """Every address of this host's interfaces (read at start: a wildcard listener's own)."""
-    return [
-        ip.ip if isinstance(ip.ip, str) else ip.ip[0]  # ifaddr gives IPv6 as (ip, flow, scope)
-        for adapter in ifaddr.get_adapters()
-        for ip in adapter.ips
-    ]
 
 
 def _udp_socket(host: str, port: int) -> socket.socket:
@@ -248,7 +239,7 @@ class StunServer:
             policy.add_own_endpoint((cfg.server.host_ipv6, cfg.server.udp_port))
         policy.own_ips.update(str(ipaddress.ip_address(ip)) for ip in relay_ips.values())
         if policy.at_wildcard:
-            policy.add_host_addresses(_interface_addresses())
+            policy.add_host_addresses(interface_addresses())
         return TurnCore(
             credentials=Credentials(cfg.auth.realm, cfg.auth.user_passwords(), cfg.auth.secrets()),
             nonces=Nonces(cfg.auth.nonce_lifetime_s),

@@ -36,10 +36,10 @@ from typing import Any
 
 import aioice
 import aioice.stun
-import ifaddr
 from aioice.candidate import candidate_foundation, candidate_priority
 from dna_core.crypto import Identity, PublicKeySet
 from dna_core.errors import DnaError
+from dna_core.interfaces import interface_addresses
 
 from dna_peer.direct import candidates
 from dna_peer.direct.candidates import loopback_servers
@@ -88,8 +88,7 @@ class IceConfig:
         """The addresses host candidates are gathered on (`candidates.select_host_addresses`:
         no loopback, link-local or mapped address; the temporary IPv6 address of a prefix,
         not its stable one), on ``host_networks`` when set."""
-        found = [ip.ip if isinstance(ip.ip, str) else ip.ip[0]
-                 for adapter in ifaddr.get_adapters() for ip in adapter.ips]  # fmt: skip
+        found = interface_addresses()
         inet6: dict[candidates.IPAddress, candidates.Inet6Entry] | None = None
         with contextlib.suppress(OSError), open(candidates.IF_INET6) as table:  # not Linux: none
             inet6 = candidates.parse_if_inet6(table.read())
