@@ -388,9 +388,9 @@ class StorageNode:
         """Expire what has expired ``gc_batch`` at a time (one bounded write each, so the
         requests' writes go between them) until a batch comes back short, then refresh the
         held figures once. Refreshed after every batch, a backlog of 100,000 expired blobs
-        counted the mailboxes held 100 times, and on SQLite that count reads every
-        tombstone's mailbox (285 ms at 400,000 tombstones) on the one reader connection
-        every fetch waits for."""
+        counted the mailboxes held 100 times (on SQLite before schema 5, each count read
+        every tombstone's mailbox: 285 ms at 400,000 tombstones, on the one reader
+        connection every fetch waits for)."""
         batch_size = self.config.storage.gc_batch
         removed, now_ms = 0, self._expiry_now()
         while True:
