@@ -86,7 +86,7 @@ def net() -> Net:
     contacts = [synthetic(rng.randbytes(32), i) for i in range(NODES)]
     tables = {}
     for c in contacts:
-        table = RoutingTable(c.node_id, subnet_limit=K)
+        table = RoutingTable(c.node_id, subnet_limit=K, table_subnet_limit=None)
         others = contacts[:]
         rng.shuffle(others)
         for other in others:
@@ -503,7 +503,7 @@ def small_net(size: int, seed: str) -> Net:
     contacts = [synthetic(rng.randbytes(32), i) for i in range(size)]
     tables = {}
     for c in contacts:
-        table = RoutingTable(c.node_id, subnet_limit=K)
+        table = RoutingTable(c.node_id, subnet_limit=K, table_subnet_limit=None)
         for other in contacts:
             if other.node_id != c.node_id:
                 table.observe(other, 0.0)

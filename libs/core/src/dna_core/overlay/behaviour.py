@@ -62,7 +62,7 @@ from dna_core.overlay.codec import (
     TokenReply,
 )
 from dna_core.overlay.contact import Contact, Scope, host_of
-from dna_core.overlay.kbucket import GOOD_FOR, K, Observed, RoutingTable
+from dna_core.overlay.kbucket import GOOD_FOR, TABLE_SUBNET_LIMIT, K, Observed, RoutingTable
 from dna_core.overlay.lookup import ClosestPeersIter, DisjointLookup, Finished, Query
 from dna_core.overlay.protocol import (
     PONG_DOMAIN,
@@ -104,6 +104,8 @@ class BehaviourConfig:
     rto_floor: float = 0.05
     good_for: float = GOOD_FOR  # a contact heard from this recently is not pinged for room
     allow_loopback: bool = False  # local testnets: loopback peers skip the /24 limit
+    # contacts of one /24 (/48) in the whole table; None: uncounted (the simulator)
+    table_subnet_limit: int | None = TABLE_SUBNET_LIMIT
     prove_keys: bool = True  # challenge contacts for their node key before observing them
     # A lookup ends by then with what answered, whatever is still open: hostile answers
     # (slow ones, ever closer ones, unreachable ones) cannot hold an operation longer.
@@ -299,8 +301,9 @@ class OverlayBehaviour:
         # Our contact, sent with every request; None for a client (never observed by others).
         self.sender = sender
         self.table = RoutingTable(
-            local_id, k=config.k, allow_loopback=config.allow_loopback, good_for=config.good_for
-        )
+            local_id, k=config.k, allow_loopback=config.allow_loopback, good_for=config.good_for,
+            table_subnet_limit=config.table_subnet_limit,
+        )  # fmt: skip
         self.rtt = RttEstimator(
             initial=config.rto_initial, floor=config.rto_floor, ceiling=config.request_timeout
         )

@@ -11,6 +11,10 @@ Invariants the table keeps:
   subnet too: a newcomer from a subnet that has as many waiting takes the place
   of the oldest of them, so one subnet's many IDs push out only their own and
   never the other nodes waiting for a place;
+* the whole table holds at most ``table_subnet_limit`` contacts of one subnet
+  (libp2p kad's diversity filter: 2 per bucket, 10 per table), loopback exempt
+  as above: with 2 per bucket alone, one /24 with many IDs (8 puzzle bits each)
+  sat in every one of the ~17 buckets a table uses;
 * a full bucket never drops a live contact for a new one (old nodes are the
   most likely to stay, Kademlia §2.2): the newcomer waits in a bounded
   replacement cache while the least-recently-seen entry is liveness-checked,
@@ -28,12 +32,14 @@ from __future__ import annotations
 
 import enum
 import random
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from dna_core.overlay.contact import ID_BITS, Contact, id_int
 
 K = 20
+TABLE_SUBNET_LIMIT = 10  # contacts of one /24 (IPv6 /48) in a whole table (libp2p's maxForTable)
 GOOD_FOR = 900.0  # a contact heard from this recently is not pinged to make room (BEP 5)
 
 
@@ -82,6 +88,7 @@ class RoutingTable:
         *,
         k: int = K,
         subnet_limit: int = 2,
+        table_subnet_limit: int | None = TABLE_SUBNET_LIMIT,
         allow_loopback: bool = False,
         max_failures: int = 2,
         good_for: float = GOOD_FOR,
@@ -90,6 +97,10 @@ class RoutingTable:
         self.local_key = id_int(local_id)
         self.k = k
         self.subnet_limit = subnet_limit
+        # None: no table-wide count (the simulator: its Counter would cost ~6.6 KB a table,
+        # and its synthetic addresses never put 10 of one /24 in a table).
+        self.table_subnet_limit = table_subnet_limit
+        self._per_subnet: Counter[str] = Counter()  # (loopback uncounted if exempt)
         self.allow_loopback = allow_loopback
         self.max_failures = max_failures
         self.good_for = good_for
@@ -246,11 +257,14 @@ class RoutingTable:
         if contact == entry.contact:
             return
         if self._subnet_allows(bucket, contact, besides=entry):
+            self._count(entry.contact, -1)
             entry.contact = contact
+            self._count(contact, +1)
 
     def _insert(self, bucket: _Bucket, contact: Contact, now: float) -> None:
         bucket.replacements.pop(contact.node_id, None)
         bucket.entries[contact.node_id] = _Entry(contact, now)
+        self._count(contact, +1)
         self._size += 1
         self._low = min(self._low, (contact.key ^ self.local_key).bit_length() - 1)
 
@@ -258,6 +272,7 @@ class RoutingTable:
         entry = bucket.entries.pop(node_id, None)
         if entry is None:
             return False
+        self._count(entry.contact, -1)
         self._size -= 1
         while self._low < ID_BITS and not self._buckets.get(self._low, _EMPTY).entries:
             self._low += 1
@@ -270,6 +285,17 @@ class RoutingTable:
             if self._subnet_allows(bucket, candidate):
                 self._insert(bucket, candidate, now)
 
+    def _count(self, contact: Contact, change: int) -> None:
+        """Keep the table-wide count of ``contact``'s subnet (exempt loopback: not counted)."""
+        if self.table_subnet_limit is None or (self.allow_loopback and contact.loopback):
+            return
+        per_subnet, subnet = self._per_subnet, contact.subnet
+        held = per_subnet[subnet] + change
+        if held:
+            per_subnet[subnet] = held
+        else:
+            del per_subnet[subnet]
+
     def _make_room_for_subnet(self, bucket: _Bucket, contact: Contact) -> None:
         """Drop the oldest replacement of ``contact``'s subnet if it has its limit waiting."""
         if self.allow_loopback and contact.loopback:
@@ -281,10 +307,18 @@ class RoutingTable:
     def _subnet_allows(
         self, bucket: _Bucket, contact: Contact, besides: _Entry | None = None
     ) -> bool:
-        """Room for ``contact``'s subnet among the entries (``besides`` one of them)."""
+        """Room for ``contact``'s subnet among the bucket's entries and the table's
+        (``besides`` one of them)."""
         if self.allow_loopback and contact.loopback:
             return True
         subnet, room = contact.subnet, self.subnet_limit
+        table_limit = self.table_subnet_limit
+        if table_limit is not None:
+            held = self._per_subnet.get(subnet, 0)
+            if besides is not None and besides.contact.subnet == subnet:
+                held -= 1
+            if held >= table_limit:
+                return False
         for entry in bucket.entries.values():
             if entry.contact.subnet == subnet and entry is not besides:
                 room -= 1
