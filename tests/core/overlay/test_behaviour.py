@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 from dna_core.crypto.node import NodeIdentity
 from dna_core.overlay.behaviour import (
+    PROVEN_KEYS_PER_SUBNET,
+    PROVEN_KEYS_SIZE,
     SUSPECT_SECONDS,
     BehaviourConfig,
     Command,
@@ -28,6 +30,7 @@ from dna_core.overlay.behaviour import (
     LookupDone,
     OverlayBehaviour,
     PingDone,
+    ProvenKeys,
     Rejected,
     RequestEnded,
     Send,
@@ -304,6 +307,64 @@ def test_one_subnet_claiming_many_ids_cannot_hold_every_key_challenge() -> None:
     b.poll()
     b.observe_requester(neighbour, neighbour_addr, NOW + 3)  # ...and its subnet has room
     assert [s.addr for s in of_type(b.poll(), Send)] == [neighbour_addr]
+
+
+def prove(b: OverlayBehaviour, contact: Contact, identity: NodeIdentity, now: float) -> None:
+    """``contact`` sends a request from its address and answers the challenge it gets."""
+    addr = contact.endpoint.udp
+    assert b.observe_requester(contact, addr, now) is None
+    [challenge] = of_type(b.poll(), Send)
+    assert isinstance(challenge.datagram.body, Ping)
+    proof = identity.sign(PONG_DOMAIN, challenge.datagram.body.challenge)
+    b.on_response(answer_to(challenge, Pong(None, proof), contact), addr, now + 0.01)
+    b.poll()
+
+
+def test_one_subnet_proving_many_ids_cannot_flush_other_nodes_proofs() -> None:
+    """Keys proven are remembered for 8,192 IDs; one subnet proving more than that (fresh
+    IDs cost 8 puzzle bits, a proof one round trip) used to push every other node's proof
+    out: each was challenged again when it next spoke, and a lookup's end waited for it or
+    left it out. Now a subnet beyond its share replaces only its own."""
+    b = behaviour(prove_keys=True)
+    honest, honest_key = keyed_peer(1)
+    prove(b, honest, honest_key, NOW)
+    flooder = ("203.0.113.9", 4000)
+    for i in range(PROVEN_KEYS_SIZE + 10):
+        identity = NodeIdentity.generate(0)[0]
+        claim = Contact(identity.node_id, identity.public_key, (Endpoint(*flooder),))
+        prove(b, claim, identity, NOW + 1 + i * 0.02)
+    assert b._proven_keys.of_subnet("203.0.113") == PROVEN_KEYS_PER_SUBNET
+    later = NOW + 1000
+    assert b.observe_requester(honest, honest.endpoint.udp, later) is not None
+    assert of_type(b.poll(), Send) == []  # still proven: no new challenge
+
+
+def test_proven_keys_replace_their_own_subnets_least_recently_used() -> None:
+    keys = ProvenKeys(size=4, per_subnet=2)
+    a, b, c, d = (bytes([i]) * 32 for i in range(4))
+    keys.remember(a, ("10.0.0.1", 1), "10.0.0")
+    keys.remember(b, ("10.0.0.2", 1), "10.0.0")
+    keys.touch(a)  # b is now its subnet's least recently used
+    keys.remember(c, ("10.0.0.3", 1), "10.0.0")
+    assert (keys.get(a), keys.get(b), keys.get(c)) == (("10.0.0.1", 1), None, ("10.0.0.3", 1))
+    keys.remember(a, ("10.9.0.1", 1), "10.9.0")  # proved again elsewhere: counted there
+    assert (keys.of_subnet("10.0.0"), keys.of_subnet("10.9.0")) == (1, 1)
+    keys.remember(d, ("127.0.0.1", 1), None)  # uncounted (loopback on a testnet)
+    keys.remember(b, ("10.1.0.1", 1), "10.1.0")
+    keys.remember(b"e" * 32, ("10.2.0.1", 1), "10.2.0")  # 5 > size: the oldest (c) goes
+    assert keys.get(c) is None and len(keys) == 4 and keys.of_subnet("10.0.0") == 0
+
+
+def test_a_testnet_on_loopback_keeps_every_proof() -> None:
+    """On a local testnet every node is on 127.0.0.1: its proofs are not capped per subnet
+    there (as the table and the challenge caps exempt it), and are anywhere else."""
+    for allow_loopback, kept in ((True, 40), (False, PROVEN_KEYS_PER_SUBNET)):
+        b = behaviour(prove_keys=True, allow_loopback=allow_loopback)
+        for i in range(40):
+            identity = NodeIdentity.generate(0)[0]
+            endpoint = Endpoint("127.0.0.1", 5000 + i)
+            prove(b, Contact(identity.node_id, identity.public_key, (endpoint,)), identity, NOW)
+        assert len(b._proven_keys) == kept
 
 
 # -- a scripted network for lookups ---------------------------------------------------------

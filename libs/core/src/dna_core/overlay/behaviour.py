@@ -25,7 +25,9 @@ Invariants:
   that address: one challenge per (ID, address) at a time, at most ``MAX_KEY_PROOFS`` at
   once and ``MAX_KEY_PROOFS_PER_SUBNET`` of them to one subnet for requesters (a node
   that answered us is challenged whatever those caps say). ``prove_keys=False`` is
-  for the simulator, whose contacts are minted, not claimed;
+  for the simulator, whose contacts are minted, not claimed. Proofs are remembered per
+  ID (``ProvenKeys``): ``PROVEN_KEYS_SIZE`` in all and ``PROVEN_KEYS_PER_SUBNET`` of one
+  subnet, so one subnet's many IDs push out only its own;
 * every liveness check a full bucket asks for (``Observed.check``) is pinged and its
   result reported to the table, which evicts a silent contact for a waiting newcomer;
 * a lookup's query has two deadlines: the iterator's adaptive one (RTT, RFC 6298), past
@@ -78,6 +80,11 @@ TOKEN_CACHE_SIZE = 4096  # addresses whose latest token is kept for the next req
 SUSPECT_SECONDS = 10.0  # a node that just failed us is not asked again for this long
 SUSPECT_CACHE_SIZE = 4096
 PROVEN_KEYS_SIZE = 8192  # node ID -> the address it proved its key from
+# ...of which at most this many from one /24 (IPv6 /48), loopback exempt on a local testnet:
+# IDs cost 8 puzzle bits and a proof one round trip, so one subnet proving thousands of IDs
+# used to push every other node's proof out (each then challenged again, its lookups' ends
+# waiting for it, or left out of a result). A subnet beyond this replaces its own oldest.
+PROVEN_KEYS_PER_SUBNET = 32
 MAX_KEY_PROOFS = 256  # challenges in flight at once; beyond, senders wait for the next time
 # ...and from one /24 (IPv4) or /48 (IPv6), loopback exempt as in the table: otherwise one
 # address claiming hundreds of fresh IDs (cheap at 8 puzzle bits) and never answering
@@ -282,6 +289,57 @@ class _Query:
         self.done = False
 
 
+class ProvenKeys:
+    """Which address each node ID proved its key from: the ``size`` most recently used,
+    and of one subnet at most ``per_subnet``; a subnet that proves more replaces its own
+    least recently used, never another subnet's (as the table's replacement cache)."""
+
+    __slots__ = ("_by_id", "_by_subnet", "per_subnet", "size")
+
+    def __init__(self, size: int, per_subnet: int) -> None:
+        self.size, self.per_subnet = size, per_subnet
+        self._by_id: OrderedDict[bytes, tuple[Addr, str | None]] = OrderedDict()
+        self._by_subnet: dict[str, OrderedDict[bytes, None]] = {}  # each LRU first
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def get(self, node_id: bytes) -> Addr | None:
+        held = self._by_id.get(node_id)
+        return held[0] if held is not None else None
+
+    def of_subnet(self, subnet: str) -> int:
+        return len(self._by_subnet.get(subnet, ()))
+
+    def touch(self, node_id: bytes) -> None:
+        """``node_id``'s proof was used: it is the most recent, in all and in its subnet."""
+        self._by_id.move_to_end(node_id)
+        subnet = self._by_id[node_id][1]
+        if subnet is not None:
+            self._by_subnet[subnet].move_to_end(node_id)
+
+    def remember(self, node_id: bytes, addr: Addr, subnet: str | None) -> None:
+        """``node_id`` proved its key from ``addr``, of ``subnet`` (None: uncounted)."""
+        self._forget(node_id)
+        if subnet is not None:
+            same = self._by_subnet.get(subnet)
+            if same is not None and len(same) >= self.per_subnet:
+                self._forget(next(iter(same)))
+            self._by_subnet.setdefault(subnet, OrderedDict())[node_id] = None
+        self._by_id[node_id] = (addr, subnet)
+        while len(self._by_id) > self.size:
+            self._forget(next(iter(self._by_id)))
+
+    def _forget(self, node_id: bytes) -> None:
+        held = self._by_id.pop(node_id, None)
+        if held is None or held[1] is None:
+            return
+        same = self._by_subnet[held[1]]
+        del same[node_id]
+        if not same:
+            del self._by_subnet[held[1]]
+
+
 # -- the behaviour ------------------------------------------------------------------------
 
 
@@ -314,7 +372,7 @@ class OverlayBehaviour:
         # Other nodes keep dead contacts until their own checks run; without this memory every
         # lookup would rediscover them from answers and wait out their timeouts again.
         self._suspects: OrderedDict[bytes, float] = OrderedDict()
-        self._proven_keys: OrderedDict[bytes, Addr] = OrderedDict()
+        self._proven_keys = ProvenKeys(PROVEN_KEYS_SIZE, PROVEN_KEYS_PER_SUBNET)
         self._proving: dict[tuple[bytes, Addr], str | None] = {}  # -> its subnet (or exempt)
         self._proving_per_subnet: Counter[str] = Counter()
         self._proofs_awaited: dict[tuple[bytes, Addr], set[Lookup]] = {}
@@ -443,7 +501,7 @@ class OverlayBehaviour:
             return True
         proven = self._proven_keys
         if proven.get(contact.node_id) == addr:
-            proven.move_to_end(contact.node_id)
+            proven.touch(contact.node_id)
             return True
         key = (contact.node_id, addr)
         if key in self._proving:
@@ -541,7 +599,8 @@ class OverlayBehaviour:
             self._ping_ended(op, None, now)
             return
         if op.challenge:  # (unchallenged, it was observed as any responder is)
-            _remember(self._proven_keys, contact.node_id, addr, PROVEN_KEYS_SIZE)
+            exempt = self.config.allow_loopback and contact.loopback
+            self._proven_keys.remember(contact.node_id, addr, None if exempt else contact.subnet)
             self._observe(contact, now)
         self._ping_ended(op, contact, now)
 
