@@ -7,6 +7,7 @@ Records are really signed (seeded identities alice, bob, carol); time is fixed.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from dna_core.overlay.records import (
     MAX_ROTATION_TTL_MS,
     MAX_TTL_MS,
     NAME_MOVE_DOMAIN,
+    REPUBLISH_PACE,
     RecordStore,
     StoreResult,
     identity_payload,
@@ -656,6 +658,55 @@ def test_republish_due(alice: Identity, bob: Identity) -> None:
     assert due(NOW + HOUR_MS + 1000) == [a]  # b expired at NOW+1000+1h: not republished
     assert due(NOW + 5 * HOUR_MS) == [a]
     assert len(s) == 2  # republish_due does not expire anything
+
+
+def name_recs(alice: Identity, count: int) -> list[bytes]:
+    return [name_rec(alice, f"name-{i:03}") for i in range(count)]
+
+
+def loaded_at_once(records: list[bytes]) -> RecordStore:
+    """A store that got ``records`` in one moment (a restart loading its file)."""
+    s = store()
+    for raw in records:
+        s.put(raw, NOW)
+    return s
+
+
+def test_records_loaded_at_once_are_republished_over_half_an_interval(alice: Identity) -> None:
+    """Each republish is a lookup and R stores: a node that loaded 20,000 records at start
+    used to start them all in one tick of its upkeep, an hour later."""
+    interval, tick = 10 * 60_000, 60_000
+    names = name_recs(alice, 200)
+    s = loaded_at_once(names)
+    share = REPUBLISH_PACE * 200 * tick // interval  # 40: twice the even share of a tick
+    per_tick = [s.republish_due(NOW + interval + t * tick, interval, tick) for t in range(6)]
+    assert [len(due) for due in per_tick] == [share] * 5 + [0]
+    republished = [r.raw for due in per_tick for r in due]
+    assert sorted(republished) == sorted(names)  # each once, all within half an interval
+    # and the next round keeps that pace: the longest waiting first
+    assert [r.raw for r in s.republish_due(NOW + 2 * interval, interval, tick)] == [
+        r.raw for r in per_tick[0]
+    ]
+
+
+def test_holders_restarted_together_spread_their_first_republish(alice: Identity) -> None:
+    """The R holders of a record restart at once (an upgrade of every node): without a
+    spread, each republished the same records in the same ticks, so no holder's store came
+    before the others' to restart their clocks (``repeat``), and every one of the R sent
+    every record."""
+    interval, tick = 10 * 60_000, 60_000
+    records = name_recs(alice, 200)
+    holders = [loaded_at_once(records) for _ in range(2)]
+    for seed, s in enumerate(holders):
+        s.spread_republish(NOW, interval, random.Random(seed))
+    first: list[dict[bytes, int]] = [{}, {}]
+    for t in range(1, 11):
+        for held, s in zip(first, holders, strict=True):
+            for r in s.republish_due(NOW + t * tick, interval, tick):
+                held.setdefault(r.raw, t)
+    assert len(first[0]) == len(first[1]) == 200  # all within the interval
+    together = sum(first[0][raw] == first[1][raw] for raw in first[0])
+    assert together < 200 * 0.25, together  # ~10% by chance; without the spread 100%
 
 
 def test_a_repeat_restarts_the_republish_clock(alice: Identity) -> None:

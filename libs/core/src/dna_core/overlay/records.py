@@ -26,7 +26,12 @@ What a node accepts, keeps and hands out for a key:
   (when bytes bind, a big record may need several evictions and is refused once the
   shares would even out);
 * expired records disappear (`expire`) and held records are handed back for
-  republishing on a timer (`republish_due`).
+  republishing on a timer (`republish_due`), longest waiting first and at most twice
+  their even share of one tick, so a store that got everything at once (a restart
+  loading its file) republishes over half an interval, not in one tick; a restart
+  also spreads the first republish of what it loaded over an interval
+  (`spread_republish`), so the holders of a record, restarted together, do not all
+  republish it at once (the first one's store restarts the others' clocks, `repeat`).
 
 Readers apply the same per-record rules (`check_policy`) to every answer before
 `select_best` picks one: otherwise a single dishonest node could answer with a
@@ -36,6 +41,9 @@ rotation without its cross-signature) and a higher sequence number, and win.
 
 from __future__ import annotations
 
+import heapq
+import math
+import random
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -58,6 +66,7 @@ DEFAULT_NAME_POW_BITS = 16  # a name claim's proof of work (overlay.name_pow_bit
 DEFAULT_IDENTITY_POW_BITS = 16  # identity, presence, rotation (records.identity_pow_bits)
 DEFAULT_MAX_RECORDS = 20_000
 DEFAULT_MAX_BYTES = 64 << 20
+REPUBLISH_PACE = 2  # a tick hands back at most this many times its even share
 MAX_EVICTIONS = 8  # per put: a 16 KiB record displaces at most a few ~5 KiB ones
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-")
 _KIND_LABEL: dict[int, str] = {
@@ -214,14 +223,31 @@ class RecordStore:
             self._remove(key)
         return gone
 
-    def republish_due(self, now_ms: int, interval_ms: int) -> list[VerifiedRecord]:
-        """Records not republished within ``interval_ms``; marks them as republished now."""
-        due = []
+    def republish_due(
+        self, now_ms: int, interval_ms: int, tick_ms: int = 60_000
+    ) -> list[VerifiedRecord]:
+        """Records not republished within ``interval_ms``, longest waiting first, at most
+        ``REPUBLISH_PACE`` times the held records' share of one ``tick_ms`` (how often the
+        caller asks); marks them as republished now. Each is a lookup and R stores: a
+        node that loaded 20,000 records at start used to start all of them in one tick."""
+        due = [
+            held
+            for held in self._held.values()
+            if now_ms - held.republished_ms >= interval_ms and held.record.body.expires_ms > now_ms
+        ]
+        most = math.ceil(REPUBLISH_PACE * len(self._held) * tick_ms / interval_ms)
+        if len(due) > most:
+            due = heapq.nsmallest(most, due, key=lambda held: held.republished_ms)
+        for held in due:
+            held.republished_ms = now_ms
+        return [held.record for held in due]
+
+    def spread_republish(self, now_ms: int, interval_ms: int, rng: random.Random) -> None:
+        """Make each record's next republish due at a random time within ``interval_ms``
+        from now (after loading at start: its holders, restarted together, would otherwise
+        all republish it in the same tick, and none's store would spare the others')."""
         for held in self._held.values():
-            if now_ms - held.republished_ms >= interval_ms and held.record.body.expires_ms > now_ms:
-                held.republished_ms = now_ms
-                due.append(held.record)
-        return due
+            held.republished_ms = now_ms - rng.random() * interval_ms
 
     def _victims(self, rec: VerifiedRecord, held: _Held | None, source: str) -> list[bytes]:
         """The keys to evict so that ``rec`` fits (module docstring), without changing

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import random
 import resource
 import socket
 import sqlite3
@@ -80,6 +81,7 @@ BOOTSTRAP_DATA_DIR = "bootstrap-data"
 GUARDED_HOST = "127.0.0.1"  # where the gRPC server listens behind the connection guard
 FD_HEADROOM = 256  # descriptors a node holds besides connections (files, UDP, channels out)
 RECORD_FILE_NAME = "records.sqlite3"
+UPKEEP_S = 60.0  # records: expired ones dropped, due ones republished (a share each time)
 
 
 class NodeSection(ConfigModel):
@@ -451,6 +453,8 @@ class OverlayServer:
             self.record_file = RecordFile(path)
             # (damage below the header shows only when the rows are read)
             loaded, dropped = self.record_file.load_into(store, wall_ms())
+            interval_ms = int(cfg.overlay.republish_interval * 1000)
+            store.spread_republish(wall_ms(), interval_ms, random.Random())
         except (sqlite3.Error, OSError) as exc:
             if self.record_file is not None:
                 self.record_file.close()
@@ -629,9 +633,9 @@ class OverlayServer:
         node, store = _require(self.node), _require(_require(self.node).store)
         interval_ms = int(self.config.overlay.republish_interval * 1000)
         while True:
-            await asyncio.sleep(60)
+            await asyncio.sleep(UPKEEP_S)
             _require(self.record_file).delete(store.expire_keys(wall_ms()))
-            for record in store.republish_due(wall_ms(), interval_ms):
+            for record in store.republish_due(wall_ms(), interval_ms, int(UPKEEP_S * 1000)):
                 node.spawn(node.put_record(record.raw, record.body.key))
 
     async def _set_ready(self, ready: bool) -> None:
