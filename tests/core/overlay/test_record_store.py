@@ -22,7 +22,8 @@ from dna_core.errors import (
     ProtocolError,
     VerificationError,
 )
-from dna_core.overlay.aio.records_rpc import ChannelPool, RecordClient
+from dna_core.overlay.aio.records_rpc import ChannelPool, OverlayService, RecordClient
+from dna_core.overlay.contact import Contact, Endpoint
 from dna_core.overlay.records import (
     HOUR_MS,
     MAX_PRESENCE_TTL_MS,
@@ -43,7 +44,7 @@ from dna_core.overlay.records import (
     select_best,
 )
 from dna_core.wire import encode_message
-from dna_core.wire.gen.dna.v1 import common_pb2, records_pb2
+from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2, records_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -719,6 +720,31 @@ def test_a_repeat_restarts_the_republish_clock(alice: Identity) -> None:
     assert s.republish_due(NOW + interval, interval) == []
     assert [r.raw for r in s.republish_due(NOW + 40_000 + interval, interval)] == [data]
     assert s.repeat(data, NOW + DAY_MS) is None  # expired: nothing held, nothing restarted
+
+
+def test_only_a_fellow_holders_copy_counts_as_our_republish(alice: Identity) -> None:
+    """Anyone could send a holder the bytes it holds (uncharged) every few minutes: that
+    stopped its republishing for good, so after churn the record never reached the
+    nodes now closest to its key. Only a store from one of the k nodes we know closest
+    to the key (a fellow holder, republishing) counts."""
+    interval = 60_000
+    data = identity_rec(alice)
+    key = open_record(data, now_ms=NOW).body.key
+    holder = Contact(b"h" * 32, b"k" * 32, (Endpoint("192.0.2.7", 4000),))
+    service = OverlayService(
+        store=store(), closest=lambda target, k: [holder] if target == key else [],
+        local=lambda: holder, clock=lambda: NOW,
+    )  # fmt: skip
+    service.store.put(data, NOW)
+    request = overlay_pb2.StoreRequest(record=common_pb2.SignedRecord.FromString(data))
+    for at in range(NOW + 10_000, NOW + 5 * interval, 10_000):  # a stranger, every 10 s
+        assert service.store_one(request, "198.51.100.9").stored_seq == 1
+        assert service._store(data, "198.51.100.9", at).changed is False
+    due = service.store.republish_due(NOW + interval, interval)
+    assert [r.raw for r in due] == [data]  # republished all the same
+    assert service._store(data, "192.0.2.7", NOW + interval + 1).changed is False  # a holder
+    assert service.store.republish_due(NOW + 2 * interval, interval) == []
+    assert [r.raw for r in service.store.republish_due(NOW + 2 * interval + 1, interval)] == [data]
 
 
 def test_replacing_a_record_restarts_its_republish_clock(alice: Identity) -> None:

@@ -45,7 +45,7 @@ import heapq
 import math
 import random
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from dna_core.crypto import pow, signature
@@ -172,18 +172,23 @@ class RecordStore:
     def bytes_held(self) -> int:
         return self._bytes
 
-    def repeat(self, data: bytes, now_ms: int) -> StoreResult | None:
+    def repeat(
+        self, data: bytes, now_ms: int, by_holder: Callable[[bytes], bool] = lambda key: True
+    ) -> StoreResult | None:
         """The unchanged result if exactly these bytes are held and unexpired (a republish
         of what we have: a dictionary look-up, no signature to check, nothing to charge
-        the sender), else None. It restarts the record's republish clock."""
+        the sender), else None. It restarts the record's republish clock if
+        ``by_holder(key)``: the sender is a fellow holder of the key."""
         key = self._by_raw.get(data)
         held = None if key is None else self._held.get(key)
         if held is None or held.record.body.expires_ms <= now_ms:
             return None
-        # Someone just stored it on the key's closest nodes, us among them: our own
-        # republish can wait an interval (Kademlia §2.5), so each record is republished
-        # by about one of its holders an interval instead of by every one.
-        held.republished_ms = now_ms
+        if by_holder(held.record.body.key):
+            # A fellow holder just stored it on the key's closest nodes, us among them:
+            # our own republish can wait an interval (Kademlia §2.5), so each record is
+            # republished by about one of its holders an interval instead of by every one.
+            # Anyone else's copy says nothing of the others: it would stop ours for free.
+            held.republished_ms = now_ms
         return StoreResult(held.record.body.seq, changed=False)
 
     def put(self, data: bytes, now_ms: int, source: str = "") -> StoreResult:

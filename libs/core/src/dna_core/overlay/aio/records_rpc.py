@@ -220,7 +220,7 @@ class OverlayService(overlay_pb2_grpc.OverlayServicer):
         return overlay_pb2.StoreResponse(stored_seq=result.seq)
 
     def _store(self, raw: bytes, source: str, now_ms: int) -> StoreResult:
-        repeated = self.store.repeat(raw, now_ms)
+        repeated = self.store.repeat(raw, now_ms, lambda key: self._fellow_holder(key, source))
         if repeated is not None:
             return repeated
         wait = self.limiter.check(source, self.monotonic())
@@ -237,6 +237,12 @@ class OverlayService(overlay_pb2_grpc.OverlayServicer):
         if result.evicted:
             self.on_evicted(len(result.evicted))
         return result
+
+    def _fellow_holder(self, key: bytes, source: str) -> bool:
+        """Whether ``source`` is the address of one of the k nodes we know closest to
+        ``key`` (a node that holds it too, republishing): only its store of bytes we hold
+        may count as our republish (`RecordStore.repeat`)."""
+        return any(source_key(c.endpoint.ip) == source for c in self.closest(key, self.k))
 
     async def _refuse(self, context: Ctx, exc: ProtocolError) -> None:
         self.on_rejected(f"record_{type(exc).__name__}")
