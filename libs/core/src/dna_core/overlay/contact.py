@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 ID_BITS = 256
@@ -175,3 +176,26 @@ def closest_first(target: bytes, *answers: Iterable[Contact]) -> list[Contact]:
     merged = {c.node_id: c for answer in answers for c in answer}
     key = id_int(target)
     return sorted(merged.values(), key=lambda c: c.key ^ key)
+
+
+def spread_over_subnets(
+    contacts: Sequence[Contact], count: int, *, per_subnet: int = 2, loopback_exempt: bool = False
+) -> list[Contact]:
+    """``count`` of ``contacts`` (closest first), at most ``per_subnet`` of one /24 (/48)
+    while others are left, then the closest of the rest; in their order. The replicas of a
+    record: IDs cost 8 puzzle bits, so one subnet's IDs ground near a key used to take all
+    8 places. Loopback is exempt on a local testnet, as in the table."""
+    chosen: set[bytes] = set()
+    skipped: list[Contact] = []
+    held: Counter[str] = Counter()
+    for c in contacts:
+        if len(chosen) >= count:
+            break
+        if not (loopback_exempt and c.loopback):
+            if held[c.subnet] >= per_subnet:
+                skipped.append(c)
+                continue
+            held[c.subnet] += 1
+        chosen.add(c.node_id)
+    chosen.update(c.node_id for c in skipped[: count - len(chosen)])
+    return [c for c in contacts if c.node_id in chosen]

@@ -41,7 +41,7 @@ from dna_core.overlay.behaviour import (
     StartTimer,
 )
 from dna_core.overlay.codec import ContactCache, Datagram, decode_datagram, encode_datagram
-from dna_core.overlay.contact import Contact, Endpoint, closest_first
+from dna_core.overlay.contact import Contact, Endpoint, closest_first, spread_over_subnets
 from dna_core.overlay.protocol import PONG_DOMAIN, Addr, Responder
 from dna_core.overlay.records import (
     DEFAULT_IDENTITY_POW_BITS,
@@ -327,7 +327,7 @@ class OverlayNode:
         more and the answers merged, so the record does not land on too few."""
         replicas = self.config.record_replicas
         found = await find_enough(self, key, lambda contacts: len(contacts) >= replicas)
-        return await self.records.store(record, found.contacts[:replicas])
+        return await self.records.store(record, self._spread(found.contacts, replicas))
 
     async def get_record(self, key: bytes, *, holders: int = 5) -> VerifiedRecord | None:
         """The best verified record for ``key``.
@@ -344,7 +344,12 @@ class OverlayNode:
             if found is not None:
                 return found
         closest = await self.find_node(key)
-        return await self.records.find_value(key, closest[:holders])
+        return await self.records.find_value(key, self._spread(closest, holders))
+
+    def _spread(self, contacts: list[Contact], count: int) -> list[Contact]:
+        """The ``count`` a record is stored on or asked from: the closest, at most 2 of one
+        subnet while others are left (`spread_over_subnets`), as puts and gets agree."""
+        return spread_over_subnets(contacts, count, loopback_exempt=self.config.allow_loopback)
 
     async def refresh(self, interval: float | None = None) -> int:
         """Look up a random ID in every stale bucket; returns how many lookups ran."""
