@@ -45,6 +45,8 @@ def load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> StunSe
         ("[auth]\nnonce_lifetime_s = 1e15\n", "auth.nonce_lifetime_s"),
         (f'[auth]\nusers = ["{"n" * 514}:pw"]\n', "auth.users"),
         ('[auth]\nusers = ["ann:one", "bob:x", "ann:two"]\n', "auth.users"),  # which is ann's?
+        ("[auth]\nmax_credential_lifetime_s = 31536001\n", "auth.max_credential_lifetime_s"),
+        ("[auth]\nmax_credential_lifetime_s = 0\n", "auth.max_credential_lifetime_s"),
     ],
 )
 def test_unusable_settings_name_their_key(tmp_path: Path, text: str, key: str) -> None:

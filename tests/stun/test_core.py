@@ -293,10 +293,32 @@ def test_time_limited_credentials_work_until_their_expiry() -> None:
         )
     )
     reply = ask(core, expired, expired.request(Method.ALLOCATE, expired.allocate_attrs()))
-    assert error_code(reply) == 401 and core.stats.auth_failures["expired_credential"] == 1
+    assert attr.decode_error_code(reply.get(attr.ERROR_CODE) or b"") == (401, "Credential Expired")
+    assert core.stats.auth_failures["expired_credential"] == 1
     forged = Client(f"{int(NOW) + 60}:bob", "guessed")
     forged.realm, forged.nonce = client.realm, client.nonce
     assert error_code(ask(core, forged, forged.request(Method.BINDING))) == 401
+
+
+def test_a_time_limited_username_expiring_past_the_maximum_lifetime_is_refused() -> None:
+    # A correctly signed username valid for ten years was accepted: a password nobody could
+    # revoke short of rotating the secret. Now its expiry is at most max_lifetime ahead.
+    core = make_core()
+    core.credentials = Credentials(REALM, {}, [SECRET], max_lifetime=3600)
+    for ahead, refused in ((3600, False), (3601, True), (10 * 365 * 86_400, True)):
+        username = f"{int(NOW) + ahead}:alice"
+        client = Client(username, auth_secret_password(SECRET, username))
+        ask(core, client, client.request(Method.ALLOCATE, client.allocate_attrs()))  # the 401
+        reply = ask(core, client, client.request(Method.ALLOCATE, client.allocate_attrs()))
+        if not refused:
+            assert is_success(reply, Method.ALLOCATE)
+            continue
+        assert attr.decode_error_code(reply.get(attr.ERROR_CODE) or b"") == (
+            401,
+            "Credential Lifetime Too Long",
+        )
+    assert core.stats.auth_failures == Counter({"lifetime_too_long": 2})
+    assert len(core.by_client) == 1 and core.per_user == {"alice": 1}
 
 
 def test_retransmitted_allocate_gets_the_same_answer_and_another_gets_437() -> None:

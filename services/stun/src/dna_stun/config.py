@@ -18,6 +18,7 @@ from dna_core.ops.config import (
 from pydantic import Field, Strict, field_validator, model_validator
 
 from dna_stun import attributes as attr
+from dna_stun.auth import DEFAULT_MAX_CREDENTIAL_LIFETIME_S
 from dna_stun.policy import DEFAULT_DENIED
 
 __all__ = ["ENV_PREFIX", "AuthSection", "RelaySection", "ServerSection", "StunServiceConfig"]
@@ -31,6 +32,7 @@ UINT32_MAX = 0xFFFFFFFF  # LIFETIME (RFC 8656 section 18.2)
 # Allocate of 36 bytes (aioice, pion, libwebrtc) is still challenged.
 MAX_REALM_BYTES = 32
 MAX_NONCE_LIFETIME_S = 86_400.0  # a day: the nonce's expiry field holds 12 hex digits
+MAX_CREDENTIAL_LIFETIME_S = 365 * 86_400  # a credential valid longer is a static user
 SecretStrings = Annotated[tuple[SecretStr, ...], Strict(False)]
 
 
@@ -114,6 +116,14 @@ class AuthSection(ConfigModel):
     with password base64(HMAC-SHA1(auth_secret, username)) is valid until its expiry."""
     previous_auth_secret: SecretStr = SecretStr("")
     """During a rotation, the secret before `auth_secret`, still accepted."""
+    max_credential_lifetime_s: int = Field(
+        default=DEFAULT_MAX_CREDENTIAL_LIFETIME_S, ge=60, le=MAX_CREDENTIAL_LIFETIME_S
+    )
+    """The furthest ahead a time-limited username's expiry may be (seconds from now, at most
+    a year): one expiring later is refused (401 "Credential Lifetime Too Long", counted
+    `lifetime_too_long`), as a credential nobody can revoke short of rotating the secret.
+    The service minting credentials must hand out lifetimes up to this; it is also how long
+    a rotated-out `previous_auth_secret` must stay."""
     nonce_lifetime_s: float = Field(default=600.0, gt=0, le=MAX_NONCE_LIFETIME_S)
     """Seconds a nonce stays valid (at most a day); then the client gets 438 and retries."""
 

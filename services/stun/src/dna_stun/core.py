@@ -74,6 +74,12 @@ KNOWN_ATTRIBUTES = frozenset(
         attr.PRIORITY, attr.USE_CANDIDATE, attr.ADDITIONAL_ADDRESS_FAMILY,
     }
 )  # fmt: skip
+# The reason phrase of a 401 whose credentials can never work, so that the client's developer
+# or operator sees why a retry is pointless (RFC 8489 section 14.8: the phrase is free text).
+AUTH_FAILURE_PHRASES = {
+    "expired_credential": "Credential Expired",
+    "lifetime_too_long": "Credential Lifetime Too Long",
+}
 TURN_METHODS = {
     Method.ALLOCATE: "allocate",
     Method.REFRESH: "refresh",
@@ -490,9 +496,8 @@ class TurnCore:
                 sha256 = integrity.type == attr.MESSAGE_INTEGRITY_SHA256
                 return _Auth(username, key, sha256)
         self.stats.auth_failures[why or "bad_integrity"] += 1
-        raise _RefusedError(
-            "auth_failed", self._challenge(message, client, now, 401, "Unauthorized")
-        )
+        text = AUTH_FAILURE_PHRASES.get(why, "Unauthorized")
+        raise _RefusedError("auth_failed", self._challenge(message, client, now, 401, text))
 
     def _username(self, message: Message) -> str | None:
         raw = message.get(attr.USERNAME)

@@ -241,7 +241,12 @@ class StunServer:
         if policy.at_wildcard:
             policy.add_host_addresses(interface_addresses())
         return TurnCore(
-            credentials=Credentials(cfg.auth.realm, cfg.auth.user_passwords(), cfg.auth.secrets()),
+            credentials=Credentials(
+                cfg.auth.realm,
+                cfg.auth.user_passwords(),
+                cfg.auth.secrets(),
+                max_lifetime=cfg.auth.max_credential_lifetime_s,
+            ),
             nonces=Nonces(cfg.auth.nonce_lifetime_s),
             policy=policy,
             ports=self._relays,
