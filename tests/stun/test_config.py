@@ -38,7 +38,8 @@ def load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> StunSe
             "relay.default_lifetime_s",
         ),
         (f'[auth]\nrealm = "{"r" * 33}"\n', "auth.realm"),
-        (f'[auth]\nrealm = "{"é" * 17}"\n', "auth.realm"),  # 17 characters, 34 bytes
+        (f'[auth]\nrealm = "{"é" * 9}"\n', "auth.realm"),  # 9 characters, 18 bytes
+        (f'[auth]\nrealm = "{"r" * 17}"\n', "auth.realm"),  # its 401 would not fit
         ('[auth]\nrealm = ""\n', "auth.realm"),
         ("[auth]\nnonce_lifetime_s = inf\n", "auth.nonce_lifetime_s"),
         ("[auth]\nnonce_lifetime_s = nan\n", "auth.nonce_lifetime_s"),

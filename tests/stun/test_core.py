@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import struct
 from collections import Counter
+from pathlib import Path
 
 import pytest
+from dna_core.ops.config import ConfigError, load_config
 from dna_stun import attributes as attr
 from dna_stun.auth import Credentials, Nonces, auth_secret_password
-from dna_stun.config import MAX_REALM_BYTES, UINT32_MAX
+from dna_stun.config import ENV_PREFIX, MAX_REALM_BYTES, UINT32_MAX, StunServiceConfig
 from dna_stun.core import (
     KNOWN_ATTRIBUTES,
     MAX_DATA_PAYLOAD,
@@ -921,6 +923,73 @@ def test_a_challenge_too_large_for_its_request_drops_its_reason_phrase_then_itse
         assert attr.decode_error_code(answer.get(attr.ERROR_CODE) or b"") == (401, wanted)
         assert answer.get(attr.REALM) == realm.encode() and answer.get(attr.NONCE)
         assert len(one(out)) <= MAX_UNPROVEN_GROWTH * len(request)
+
+
+LONGEST_REALM = "r" * MAX_REALM_BYTES
+TID = b"m" * 12
+TRANSPORT = (attr.REQUESTED_TRANSPORT, attr.requested_transport())
+IPV4_PEER = (attr.XOR_PEER_ADDRESS, attr.encode_xor_address(PEER, TID))
+CHANNEL = (attr.CHANNEL_NUMBER, attr.channel_number(0x4000))
+
+
+def smallest(method: int, *attrs: tuple[int, bytes], key: bytes | None = None) -> bytes:
+    return encode(method, Class.REQUEST, TID, attrs, key=key, fingerprint=False)
+
+
+def signed_by(realm: str, nonce: bytes, username: bytes = b"") -> list[tuple[int, bytes]]:
+    return [(attr.USERNAME, username), (attr.REALM, realm.encode()), (attr.NONCE, nonce)]
+
+
+# The smallest request a client may send that draws each answer to an unproven request, and
+# that answer's code. A first Allocate of 28 bytes (REQUESTED-TRANSPORT alone) got no 401 at
+# all with a realm of 17-32 bytes, which the config accepted.
+SMALLEST_UNPROVEN = [
+    ("401 allocate", smallest(Method.ALLOCATE, TRANSPORT), 401),
+    ("401 refresh", smallest(Method.REFRESH, (attr.LIFETIME, attr.uint32(600))), 401),
+    ("401 create_permission", smallest(Method.CREATE_PERMISSION, IPV4_PEER), 401),
+    ("401 channel_bind", smallest(Method.CHANNEL_BIND, CHANNEL, IPV4_PEER), 401),
+    ("401 wrong realm", smallest(Method.ALLOCATE, *signed_by("", b""), key=b"k"), 401),
+    ("438", smallest(Method.ALLOCATE, *signed_by(LONGEST_REALM, b"x"), key=b"k"), 438),
+    ("400 binding", smallest(Method.BINDING, key=b"k"), 400),
+    ("400 unknown method", smallest(0x0FF), 400),
+    ("420", smallest(Method.BINDING, (0x7000, b"")), 420),
+]
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "code"),
+    [case[1:] for case in SMALLEST_UNPROVEN],
+    ids=[case[0] for case in SMALLEST_UNPROVEN],
+)
+def test_the_smallest_request_for_each_unproven_answer_is_answered_with_the_longest_realm(
+    request_bytes: bytes, code: int
+) -> None:
+    core = make_core()
+    core.credentials = Credentials(LONGEST_REALM, {"alice": "pw"})
+    answer = one(core.on_client_datagram(request_bytes, CLIENT, NOW))
+    assert error_code(parse(answer)) == code
+    assert len(answer) <= MAX_UNPROVEN_GROWTH * len(request_bytes)
+    assert "amplification" not in core.stats.refusals
+
+
+def test_the_config_accepts_no_realm_that_would_leave_the_smallest_allocate_unanswered(
+    tmp_path: Path,
+) -> None:
+    # Every realm length the config takes, in characters of 1 to 4 bytes, challenges the
+    # 28-byte Allocate; one byte more is refused at load, with what to do.
+    request = smallest(Method.ALLOCATE, TRANSPORT)
+    for char in ("r", "é", "€", "𝄞"):
+        for count in range(1, MAX_REALM_BYTES // len(char.encode()) + 1):
+            realm = char * count
+            core = make_core()
+            core.credentials = Credentials(realm, {"alice": "pw"})
+            answer = parse(one(core.on_client_datagram(request, CLIENT, NOW)))
+            assert answer.get(attr.REALM) == realm.encode()
+    (tmp_path / "stun.toml").write_text(f'[auth]\nrealm = "{"r" * (MAX_REALM_BYTES + 1)}"\n')
+    with pytest.raises(ConfigError) as refused:
+        load_config(StunServiceConfig, tmp_path / "stun.toml", env_prefix=ENV_PREFIX, env={})
+    assert refused.value.key == "auth.realm"
+    assert "choose a shorter realm" in str(refused.value)
 
 
 def test_a_peer_datagram_too_large_for_a_data_indication_is_dropped_not_raised() -> None:

@@ -28,9 +28,11 @@ ENV_PREFIX = "DNA_STUN"
 # answer failed to encode (an internal error per request), so they are refused at load.
 UINT32_MAX = 0xFFFFFFFF  # LIFETIME (RFC 8656 section 18.2)
 # REALM (RFC 8489 allows 127 characters) goes in every 401, which the relay keeps under three
-# times the request it answers (dna_stun.core.MAX_UNPROVEN_GROWTH): with 32 bytes a first
-# Allocate of 36 bytes (aioice, pion, libwebrtc) is still challenged.
-MAX_REALM_BYTES = 32
+# times the request it answers (dna_stun.core.MAX_UNPROVEN_GROWTH). The smallest valid
+# Allocate is 28 bytes (header and REQUESTED-TRANSPORT, RFC 8656 section 7.1), so its 401 may
+# be 84: header 20, ERROR-CODE without its phrase 8, NONCE 28, FINGERPRINT 8 leave 20 for
+# REALM, whose value is then at most 16 bytes. A longer realm left such a client unanswered.
+MAX_REALM_BYTES = 16
 MAX_NONCE_LIFETIME_S = 86_400.0  # a day: the nonce's expiry field holds 12 hex digits
 MAX_CREDENTIAL_LIFETIME_S = 365 * 86_400  # a credential valid longer is a static user
 SecretStrings = Annotated[tuple[SecretStr, ...], Strict(False)]
@@ -107,8 +109,9 @@ class AuthSection(ConfigModel):
     """Long-term credentials (RFC 8489 9.2): static users and/or a shared secret."""
 
     realm: str = Field(default="dna", min_length=1)
-    """The realm clients hash into their key, 1-32 bytes (UTF-8): it is in every 401, and an
-    answer to an unauthenticated request is at most three times its size."""
+    """The realm clients hash into their key, 1-16 bytes (UTF-8): it is in every 401, and an
+    answer to an unauthenticated request is at most three times its size, so a longer realm
+    would leave the smallest valid Allocate (28 bytes) without its challenge."""
     users: Annotated[SecretStrings, Secret()] = ()
     """Static users, each "name:password"."""
     auth_secret: SecretStr = SecretStr("")
@@ -131,7 +134,12 @@ class AuthSection(ConfigModel):
     @classmethod
     def _realm(cls, realm: str) -> str:
         if len(realm.encode()) > MAX_REALM_BYTES:
-            raise ValueError(f"the realm is at most {MAX_REALM_BYTES} bytes (UTF-8)")
+            raise ValueError(
+                f"the realm is {len(realm.encode())} bytes (UTF-8), at most {MAX_REALM_BYTES}: "
+                "it goes in every 401 challenge, which must fit three times the smallest "
+                "Allocate (28 bytes) or that client is never answered; choose a shorter realm "
+                '(e.g. "dna" or your domain\'s first label); clients learn it from the 401'
+            )
         return realm
 
     @field_validator("users")

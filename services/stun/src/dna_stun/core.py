@@ -424,7 +424,8 @@ class TurnCore:
         without (the phrase is for diagnostics only, RFC 8489 section 14.8), else none, counted
         as ``amplification``. A 401 is 80 bytes and the realm: a first Allocate of 36 bytes
         (aioice's, pion's) gets it whole with a realm of up to 28 bytes, one of 28
-        (REQUESTED-TRANSPORT alone) without the phrase with a realm of up to 16."""
+        (REQUESTED-TRANSPORT alone, the smallest valid) without the phrase with a realm of up
+        to 16, the most the config accepts (``dna_stun.config.MAX_REALM_BYTES``)."""
         limit = MAX_UNPROVEN_GROWTH * len(message.raw)
         for reason in (text, ""):
             answer = error_response(message, code, reason, extra)
