@@ -108,7 +108,11 @@ class ServerSection(ConfigModel):
 class AuthSection(ConfigModel):
     """Long-term credentials (RFC 8489 9.2): static users and/or a shared secret."""
 
-    realm: str = Field(default="dna", min_length=1)
+    # maxLength (characters, at most the bytes) lets the chart's schema refuse most long
+    # realms at `helm lint` rather than in a crash-looping pod; the validator counts bytes.
+    realm: str = Field(
+        default="dna", min_length=1, json_schema_extra={"maxLength": MAX_REALM_BYTES}
+    )
     """The realm clients hash into their key, 1-16 bytes (UTF-8): it is in every 401, and an
     answer to an unauthenticated request is at most three times its size, so a longer realm
     would leave the smallest valid Allocate (28 bytes) without its challenge."""
