@@ -13,9 +13,13 @@ from dna_stun import attributes as attr
 from dna_stun.auth import Credentials, Nonces, auth_secret_password
 from dna_stun.config import ENV_PREFIX, MAX_REALM_BYTES, UINT32_MAX, StunServiceConfig
 from dna_stun.core import (
+    AUTH_FAILURE_REASONS,
+    DIRECTIONS,
     KNOWN_ATTRIBUTES,
     MAX_DATA_PAYLOAD,
     MAX_UNPROVEN_GROWTH,
+    REFUSAL_REASONS,
+    REQUEST_KINDS,
     Limits,
     Send,
     TransactionIds,
@@ -80,6 +84,16 @@ def make_core(
         relay_families=families,
         unix_time=lambda: NOW,  # the tests' monotonic clock reads Unix time too
     )
+
+
+def assert_counted_under_known_labels(core: TurnCore) -> None:
+    """The service exports the known label values from the start (at 0): a reason counted
+    outside them would still be exported, but missing from the docs and the zero series."""
+    stats = core.stats
+    assert set(stats.refusals) <= set(REFUSAL_REASONS), stats.refusals
+    assert set(stats.auth_failures) <= set(AUTH_FAILURE_REASONS), stats.auth_failures
+    assert set(stats.requests) <= set(REQUEST_KINDS), stats.requests
+    assert set(stats.relayed_packets) | set(stats.relayed_bytes) <= set(DIRECTIONS)
 
 
 def one(out: list[Send]) -> bytes:
@@ -599,6 +613,7 @@ def test_garbage_datagrams_are_dropped_without_state_change(data: bytes, where: 
         assert all(isinstance(s, Send) for s in out)
     core.on_peer_datagram(data, relay, ("203.0.113.99", 1), NOW)
     assert _snapshot(core) == before
+    assert_counted_under_known_labels(core)
 
 
 def test_long_term_key_derivation_matches_the_client() -> None:
@@ -898,6 +913,7 @@ def test_no_answer_to_an_unproven_request_is_over_three_times_its_size(
     for send in core.on_client_datagram(request, CLIENT, NOW):
         assert len(send.data) <= MAX_UNPROVEN_GROWTH * len(request)
     assert not core.by_client
+    assert_counted_under_known_labels(core)
 
 
 def test_a_challenge_too_large_for_its_request_drops_its_reason_phrase_then_itself() -> None:
@@ -1068,6 +1084,7 @@ def test_whatever_an_authenticated_client_and_its_peers_send_the_core_stays_boun
             assert sum(1 for u in alloc.permissions.values() if u > now) <= limits.max_permissions
             assert sum(1 for _, u in alloc.channels.values() if u > now) <= limits.max_channels
     assert len(core.by_relay) <= 1
+    assert_counted_under_known_labels(core)
 
 
 def test_a_send_indication_with_an_unknown_required_attribute_is_discarded() -> None:

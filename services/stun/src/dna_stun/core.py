@@ -38,6 +38,10 @@ from dna_stun.message import (
 from dna_stun.policy import RelayPolicy
 
 __all__ = [
+    "AUTH_FAILURE_REASONS",
+    "DIRECTIONS",
+    "REFUSAL_REASONS",
+    "REQUEST_KINDS",
     "Addr",
     "Allocation",
     "Datagram",
@@ -86,6 +90,25 @@ TURN_METHODS = {
     Method.CREATE_PERMISSION: "create_permission",
     Method.CHANNEL_BIND: "channel_bind",
 }
+
+
+# Every label value the counters in ``Stats`` take, so that the service exports each series
+# from the start at 0: a series that appears only at its first event hides that event from
+# Prometheus's rate() and leaves dashboards and alerts without data until then.
+DIRECTIONS = ("client_to_peer", "peer_to_client")
+REQUEST_KINDS = ("binding", "binding_indication", *TURN_METHODS.values())
+AUTH_FAILURE_REASONS = (
+    "unknown_user", "expired_credential", "lifetime_too_long", "bad_integrity", "wrong_realm",
+    "missing_attribute", "password_algorithm",
+)  # fmt: skip
+REFUSAL_REASONS = (
+    "malformed", "bad_fingerprint", "unauthenticated", "auth_failed", "stale_nonce",
+    "bad_request", "unknown_attribute", "unknown_method", "forbidden_peer", "no_allocation",
+    "allocation_exists", "wrong_credentials", "no_permission", "unknown_channel",
+    "channel_in_use", "bad_channel", "transport", "family", "reservation", "quota_user",
+    "quota_total", "quota_permissions", "quota_channels", "amplification", "no_relay_port",
+    "bandwidth", "too_large", "unexpected_message", "internal_error",
+)  # fmt: skip
 
 
 class TransactionIds:

@@ -32,7 +32,17 @@ from prometheus_client.registry import Collector
 
 from dna_stun.auth import Credentials, Nonces
 from dna_stun.config import StunServiceConfig, config_warnings
-from dna_stun.core import Addr, Datagram, Limits, Send, TurnCore
+from dna_stun.core import (
+    AUTH_FAILURE_REASONS,
+    DIRECTIONS,
+    REFUSAL_REASONS,
+    REQUEST_KINDS,
+    Addr,
+    Datagram,
+    Limits,
+    Send,
+    TurnCore,
+)
 from dna_stun.policy import RelayPolicy
 
 __all__ = ["StunServer"]
@@ -166,20 +176,21 @@ class _StatsCollector(Collector):
         yield CounterMetricFamily(
             "dna_stun_allocations_created", "TURN allocations granted", stats.allocations_created
         )
-        for name, help_text, label, counts in (
+        for name, help_text, label, counts, known in (
             ("dna_stun_relayed_packets", "Datagrams relayed, by direction", "direction",
-             stats.relayed_packets),
+             stats.relayed_packets, DIRECTIONS),
             ("dna_stun_relayed_bytes", "Payload bytes relayed, by direction", "direction",
-             stats.relayed_bytes),
+             stats.relayed_bytes, DIRECTIONS),
             ("dna_stun_auth_failures", "Requests whose credentials failed, by reason", "reason",
-             stats.auth_failures),
+             stats.auth_failures, AUTH_FAILURE_REASONS),
             ("dna_stun_refusals", "Datagrams refused or dropped, by reason", "reason",
-             stats.refusals),
-            ("dna_stun_requests", "STUN/TURN requests, by method", "method", stats.requests),
+             stats.refusals, REFUSAL_REASONS),
+            ("dna_stun_requests", "STUN/TURN requests, by method", "method", stats.requests,
+             REQUEST_KINDS),
         ):  # fmt: skip
             family = CounterMetricFamily(name, help_text, labels=[label])
-            for key, value in sorted(counts.items()):
-                family.add_metric([key], value)
+            for key in sorted({*known, *counts}):  # every known series, at 0 until it moves
+                family.add_metric([key], counts.get(key, 0))
             yield family
 
 
