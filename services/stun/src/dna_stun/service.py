@@ -286,6 +286,7 @@ class StunServer:
             if cfg.server.host_ipv6:  # the same port, unless a test's ephemeral one
                 self._sock6 = self._listen(cfg.server.host_ipv6, cfg.server.udp_port)
                 self.udp_addr6 = self._sock6.getsockname()[:2]
+            self._check_relay_addresses()
             self._ops = OpsServer(self._ops_app(), log=self.log, limits=HttpLimits())
             try:
                 await self._ops.start(cfg.ops.http_host, cfg.ops.http_port)
@@ -298,6 +299,24 @@ class StunServer:
         self._upkeep = asyncio.create_task(self._expire_forever())
         self.ready = True
         self.log.info("started", extra={"status": self.status()})
+
+    def _check_relay_addresses(self) -> None:
+        """Relay sockets bind the address clients are told, one per allocation: one this host
+        does not have (a cloud VM's public IP behind 1:1 NAT, a typo) started a ready relay
+        that refused every Allocate (508 ``no_relay_port``) and logged nothing. Refused at
+        start instead, naming the key."""
+        server = self.config.server
+        for ip in server.relay_ips().values():
+            try:
+                _udp_socket(ip, 0).close()
+            except OSError as exc:
+                key = "relay_host_ipv6" if ip == server.relay_host_ipv6 else (
+                    "relay_host" if server.relay_host else "host")  # fmt: skip
+                raise OSError(
+                    f"cannot relay on {ip} ([server] {key}): {exc.strerror or exc}; relay "
+                    "sockets bind the address clients are told, so it must be an address of "
+                    "this host (dna-stun cannot relay from behind a 1:1 NAT)"
+                ) from None
 
     def _listen(self, host: str, port: int) -> socket.socket:
         """A listening socket, read from now on; raises naming the address."""
