@@ -56,6 +56,26 @@ def test_unusable_settings_name_their_key(tmp_path: Path, text: str, key: str) -
     assert raised.value.key == key
 
 
+@pytest.mark.parametrize("key", ["host", "host_ipv6", "relay_host", "relay_host_ipv6"])
+def test_a_name_for_an_address_says_what_to_set(tmp_path: Path, key: str) -> None:
+    # Before: "'stun.example.org' does not appear to be an IPv4 or IPv6 address", which
+    # said neither that a name cannot do nor what to put there.
+    with pytest.raises(ConfigError) as raised:
+        load(tmp_path, f'[server]\n{key} = "stun.example.org"\n')
+    assert raised.value.key == f"server.{key}"
+    assert "'stun.example.org' is not an IP address: set the address clients reach" in str(
+        raised.value
+    )
+
+
+@pytest.mark.parametrize("key", ["allowed_peers", "denied_peers"])
+def test_a_network_that_does_not_parse_says_how_to_write_one(tmp_path: Path, key: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load(tmp_path, f'[relay]\n{key} = ["10.0.0.0/33"]\n')
+    assert raised.value.key == f"relay.{key}"
+    assert "'10.0.0.0/33' is not an address or network: write one as" in str(raised.value)
+
+
 def test_secrets_are_masked_and_the_environment_overrides(tmp_path: Path) -> None:
     env = {"DNA_STUN__RELAY__ALLOWED_PEERS": "127.0.0.0/8,10.9.0.0/16"}
     config = load(tmp_path, '[auth]\nusers = ["u:p"]\nauth_secret = "s"\n', env)

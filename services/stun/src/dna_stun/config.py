@@ -66,8 +66,15 @@ class ServerSection(ConfigModel):
     @field_validator("host", "host_ipv6", "relay_host", "relay_host_ipv6")
     @classmethod
     def _is_ip(cls, value: str) -> str:
-        if value:
-            ipaddress.ip_address(value)  # a name would be resolved by nobody: an IP only
+        if not value:
+            return value
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:  # a name would be resolved by nobody: the relay binds the address
+            raise ValueError(
+                f"{value!r} is not an IP address: set the address clients reach (the relay "
+                "binds it, and tells it to clients in every relayed address)"
+            ) from None
         return value
 
     @model_validator(mode="after")
@@ -196,7 +203,13 @@ class RelaySection(ConfigModel):
     @classmethod
     def _cidrs(cls, cidrs: tuple[str, ...]) -> tuple[str, ...]:
         for cidr in cidrs:
-            ipaddress.ip_network(cidr, strict=False)
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f'{cidr!r} is not an address or network: write one as "10.0.0.0/8", '
+                    '"2001:db8::/32" or "192.0.2.7"'
+                ) from None
         return cidrs
 
     @model_validator(mode="after")
