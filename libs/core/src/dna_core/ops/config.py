@@ -342,7 +342,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
         with path.open("rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(source, "(file)", "config file not found") from None
+        raise ConfigError(
+            source,
+            "(file)",
+            "config file not found (`print-default-config > FILE` writes one to start from)",
+        ) from None
     except OSError as exc:
         raise ConfigError(source, "(file)", f"cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
