@@ -1,4 +1,5 @@
-"""`dna-stun`'s counters: every series the docs name is exported from the start, at 0."""
+"""`dna-stun`'s operator view: every series the docs name is exported from the start, at 0,
+and /status shows the warnings logged at start."""
 
 from __future__ import annotations
 
@@ -59,3 +60,24 @@ def test_the_operator_guide_lists_exactly_the_label_values_exported() -> None:
         row = next(line for line in guide.splitlines() if line.startswith(f"| `{metric}{{"))
         listed = re.findall(r"`([a-z_]+)`", row.split("|")[2])
         assert sorted(listed) == sorted(values), metric
+
+
+def test_status_lists_the_warnings_logged_at_start() -> None:
+    # The overlay nodes list them under `warnings` in /status; the relay only logged them
+    # once, where an operator looking at /status later did not see them.
+    config = StunServiceConfig.model_validate(
+        {"server": {"udp_port": 0}, "ops": {"http_host": "127.0.0.1", "http_port": 0}}
+    )
+
+    async def status() -> dict[str, object]:
+        server = StunServer(config)
+        await server.start()
+        try:
+            return server.status()
+        finally:
+            await server.stop()
+
+    warnings = asyncio.run(status())["warnings"]
+    assert isinstance(warnings, list)
+    assert any("every TURN request will be refused" in w for w in warnings), warnings
+    assert any("other machines cannot reach it" in w for w in warnings), warnings

@@ -441,6 +441,8 @@ class StunServer:
         if core is not None:
             info["allocations"] = len(core.by_client)
             info["refusals"] = dict(core.stats.refusals)
+        if self.warnings:  # as the overlay nodes: what start logged once stays visible
+            info["warnings"] = self.warnings
         return info
 
     # --- stopping ----------------------------------------------------------------------------
