@@ -91,6 +91,23 @@ def test_no_credentials_is_warned_about(tmp_path: Path) -> None:
     assert any("every TURN request will be refused" in w for w in warnings)
 
 
+def test_each_warning_says_what_to_do(tmp_path: Path) -> None:
+    # Before, three of them said what was wrong and stopped there.
+    text = "[server]\nrelay_port_min = 50000\nrelay_port_max = 50099\n"
+    warnings = config_warnings(load(tmp_path, text), 1 << 20)
+    assert len(warnings) == 3, warnings
+    for warning, advice in zip(
+        warnings,
+        (
+            'set auth_secret (time-limited credentials) or users = ["name:password"]',
+            "widen the range (and the firewall's) or lower [relay] max_allocations",
+            "set [server] host to the address clients reach",
+        ),
+        strict=True,
+    ):
+        assert warning.endswith(advice), warning
+
+
 def test_more_allocations_than_descriptors_is_warned_about(tmp_path: Path) -> None:
     # A relay socket per allocation: with systemd's soft limit of 1024 the default 1000
     # allocations left the ops HTTP server without descriptors (its health checks failing).

@@ -253,14 +253,18 @@ def config_warnings(config: StunServiceConfig, open_files_limit: int | None = No
             "max_allocations"
         )
     if not config.auth.users and not config.auth.secrets():
-        warnings.append("no [auth] users or auth_secret: every TURN request will be refused")
+        warnings.append(
+            "no [auth] users or auth_secret: every TURN request will be refused; set "
+            'auth_secret (time-limited credentials) or users = ["name:password"]'
+        )
     ports = config.server.relay_port_max - config.server.relay_port_min + 1
     if ports < config.relay.max_allocations:  # a relay port each, per relay address
         warnings.append(
             f"the relay port range {config.server.relay_port_min}-"
             f"{config.server.relay_port_max} holds {ports} ports, fewer than max_allocations = "
             f"{config.relay.max_allocations}: past them allocations are refused (508, "
-            "no_relay_port), each after trying to bind many taken ports"
+            "no_relay_port), each after trying to bind many taken ports; widen the range "
+            "(and the firewall's) or lower [relay] max_allocations"
         )
     if config.relay.allowed_peers:
         warnings.append(
@@ -268,5 +272,8 @@ def config_warnings(config: StunServiceConfig, open_files_limit: int | None = No
             "for test networks only"
         )
     if ipaddress.ip_address(config.server.host).is_loopback and not config.relay.allowed_peers:
-        warnings.append(f"server.host is {config.server.host}: other machines cannot reach it")
+        warnings.append(
+            f"server.host is {config.server.host}: other machines cannot reach it; set "
+            "[server] host to the address clients reach"
+        )
     return warnings
