@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from dna_stun.message import long_term_key
 
 __all__ = [
+    "CLOCK_SKEW_S",
     "DEFAULT_MAX_CREDENTIAL_LIFETIME_S",
     "Credentials",
     "Nonces",
@@ -56,12 +57,15 @@ def userhash(username: str, realm: str) -> bytes:
 
 
 DEFAULT_MAX_CREDENTIAL_LIFETIME_S = 86_400  # a day: the TURN REST API draft's suggested ttl
+# How far the clock of the service minting credentials may run ahead of the relay's: a
+# credential minted with exactly the maximum lifetime is then still accepted.
+CLOCK_SKEW_S = 300
 
 
 class Credentials:
     """The keys a username's messages may be signed with, or why there are none:
     ``unknown_user``, ``expired_credential`` or ``lifetime_too_long`` (a time-limited
-    username whose expiry is more than ``max_lifetime`` seconds ahead)."""
+    username whose expiry is more than ``max_lifetime`` seconds ahead, and ``CLOCK_SKEW_S``)."""
 
     def __init__(
         self,
@@ -85,7 +89,7 @@ class Credentials:
             return [], "unknown_user"
         if parsed[0] <= now:
             return [], "expired_credential"
-        if parsed[0] - now > self.max_lifetime:
+        if parsed[0] - now > self.max_lifetime + CLOCK_SKEW_S:
             return [], "lifetime_too_long"
         # One key per configured secret: an operator rotates by adding the new secret before
         # the old one's last credentials expire; the integrity check finds which one signed.

@@ -134,7 +134,8 @@ class AuthSection(ConfigModel):
         default=DEFAULT_MAX_CREDENTIAL_LIFETIME_S, ge=60, le=MAX_CREDENTIAL_LIFETIME_S
     )
     """The furthest ahead a time-limited username's expiry may be (seconds from now, at most
-    a year): one expiring later is refused (401 "Credential Lifetime Too Long", counted
+    a year; 5 minutes more are allowed for the clock of the service minting credentials to
+    run ahead): one expiring later is refused (401 "Credential Lifetime Too Long", counted
     `lifetime_too_long`), as a credential nobody can revoke short of rotating the secret.
     The service minting credentials must hand out lifetimes up to this; it is also how long
     a rotated-out `previous_auth_secret` must stay."""
