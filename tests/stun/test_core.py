@@ -11,7 +11,13 @@ import pytest
 from dna_core.ops.config import ConfigError, load_config
 from dna_stun import attributes as attr
 from dna_stun.auth import CLOCK_SKEW_S, Credentials, Nonces, auth_secret_password
-from dna_stun.config import ENV_PREFIX, MAX_REALM_BYTES, UINT32_MAX, StunServiceConfig
+from dna_stun.config import (
+    ENV_PREFIX,
+    MAX_REALM_BYTES,
+    MIN_NONCE_LIFETIME_S,
+    UINT32_MAX,
+    StunServiceConfig,
+)
 from dna_stun.core import (
     AUTH_FAILURE_REASONS,
     DIRECTIONS,
@@ -265,6 +271,18 @@ def test_stale_nonce_gets_438_and_a_fresh_nonce() -> None:
     fresh = ask(core, client, client.request(Method.REFRESH), NOW + 601)
     assert is_success(fresh, Method.REFRESH)
     assert core.stats.refusals["stale_nonce"] == 1
+
+
+def test_the_shortest_nonce_lifetime_the_config_accepts_still_allocates() -> None:
+    # Nonces(0.5) issued nonces already stale (their expiry is whole seconds): every signed
+    # request got 438 and the config accepted it (nonce_lifetime_s > 0).
+    core = make_core()
+    core.nonces = Nonces(MIN_NONCE_LIFETIME_S, key=b"k" * 32)
+    client = Client("alice", "pw")
+    ask(core, client, client.request(Method.ALLOCATE, client.allocate_attrs()), NOW + 0.7)
+    late = NOW + 0.7 + MIN_NONCE_LIFETIME_S - 1.5  # a slow client's retry
+    reply = ask(core, client, client.request(Method.ALLOCATE, client.allocate_attrs()), late)
+    assert is_success(reply, Method.ALLOCATE), error_code(reply)
 
 
 def test_a_nonce_from_another_address_is_stale() -> None:

@@ -34,6 +34,10 @@ UINT32_MAX = 0xFFFFFFFF  # LIFETIME (RFC 8656 section 18.2)
 # REALM, whose value is then at most 16 bytes. A longer realm left such a client unanswered.
 MAX_REALM_BYTES = 16
 MAX_NONCE_LIFETIME_S = 86_400.0  # a day: the nonce's expiry field holds 12 hex digits
+# A nonce's expiry is whole seconds: one valid under a second was stale when issued, and one
+# valid for less than a client's round trip and retry is stale when the retry comes back, so
+# every signed request got 438 and no allocation was ever made.
+MIN_NONCE_LIFETIME_S = 10.0
 MAX_CREDENTIAL_LIFETIME_S = 365 * 86_400  # a credential valid longer is a static user
 SecretStrings = Annotated[tuple[SecretStr, ...], Strict(False)]
 
@@ -139,8 +143,8 @@ class AuthSection(ConfigModel):
     `lifetime_too_long`), as a credential nobody can revoke short of rotating the secret.
     The service minting credentials must hand out lifetimes up to this; it is also how long
     a rotated-out `previous_auth_secret` must stay."""
-    nonce_lifetime_s: float = Field(default=600.0, gt=0, le=MAX_NONCE_LIFETIME_S)
-    """Seconds a nonce stays valid (at most a day); then the client gets 438 and retries."""
+    nonce_lifetime_s: float = Field(default=600.0, ge=MIN_NONCE_LIFETIME_S, le=MAX_NONCE_LIFETIME_S)
+    """Seconds a nonce stays valid (10 s to a day); then the client gets 438 and retries."""
 
     @field_validator("realm")
     @classmethod
