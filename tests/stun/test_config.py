@@ -88,6 +88,13 @@ def test_secrets_are_masked_and_the_environment_overrides(tmp_path: Path) -> Non
     assert any("allowed_peers" in w for w in config_warnings(config))
 
 
+def test_no_users_is_shown_as_none_not_masked(tmp_path: Path) -> None:
+    # check-config printed "users": "***" with no users at all, beside the warning that no
+    # credentials were configured: the operator could not tell none from some.
+    assert dump_config(load(tmp_path, ""))["auth"]["users"] == []
+    assert dump_config(load(tmp_path, '[auth]\nusers = ["u:p"]\n'))["auth"]["users"] == "***"
+
+
 def test_no_credentials_is_warned_about(tmp_path: Path) -> None:
     warnings = config_warnings(load(tmp_path, ""))
     assert any("every TURN request will be refused" in w for w in warnings)
