@@ -95,6 +95,24 @@ def test_no_users_is_shown_as_none_not_masked(tmp_path: Path) -> None:
     assert dump_config(load(tmp_path, '[auth]\nusers = ["u:p"]\n'))["auth"]["users"] == "***"
 
 
+@pytest.mark.parametrize(
+    ("auth", "advice"),
+    [
+        ('previous_auth_secret = "s3kr1t-a"\n', "set the new secret in auth_secret"),
+        (
+            'auth_secret = "s3kr1t-b"\nprevious_auth_secret = "s3kr1t-b"\n',
+            "set auth_secret to the new",
+        ),
+    ],
+)
+def test_a_half_done_secret_rotation_is_warned_about(
+    tmp_path: Path, auth: str, advice: str
+) -> None:
+    warnings = config_warnings(load(tmp_path, "[auth]\n" + auth), 1 << 20)
+    assert [w for w in warnings if "previous_auth_secret" in w and advice in w], warnings
+    assert "s3kr1t" not in " ".join(warnings)  # no secret printed
+
+
 def test_no_credentials_is_warned_about(tmp_path: Path) -> None:
     warnings = config_warnings(load(tmp_path, ""))
     assert any("every TURN request will be refused" in w for w in warnings)

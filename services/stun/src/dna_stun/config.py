@@ -262,6 +262,7 @@ def config_warnings(config: StunServiceConfig, open_files_limit: int | None = No
             "no [auth] users or auth_secret: every TURN request will be refused; set "
             'auth_secret (time-limited credentials) or users = ["name:password"]'
         )
+    warnings += _rotation_warnings(config.auth)
     ports = config.server.relay_port_max - config.server.relay_port_min + 1
     if ports < config.relay.max_allocations:  # a relay port each, per relay address
         warnings.append(
@@ -282,3 +283,19 @@ def config_warnings(config: StunServiceConfig, open_files_limit: int | None = No
             "[server] host to the address clients reach"
         )
     return warnings
+
+
+def _rotation_warnings(auth: AuthSection) -> list[str]:
+    """A secret rotation half done: the relay works, but not as the operator meant."""
+    current, previous = auth.auth_secret.reveal(), auth.previous_auth_secret.reveal()
+    if previous and not current:
+        return [
+            "[auth] previous_auth_secret is set but auth_secret is not: only credentials of "
+            "the old secret work; set the new secret in auth_secret"
+        ]
+    if previous and previous == current:
+        return [
+            "[auth] previous_auth_secret is auth_secret: the rotation has not happened; set "
+            "auth_secret to the new secret"
+        ]
+    return []
