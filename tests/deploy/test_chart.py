@@ -129,6 +129,10 @@ def test_the_validator_refuses_an_unknown_field(default: list[dict[str, Any]]) -
         ),
         ("stun.service.type=External", "stun.service.type: stun.service.type must be one of"),
         ("stun.relayPortMax=70000", "stun.relayPortMax: Must be less than or equal to 65535"),
+        (  # the relay refuses it at start: its 401 would not fit the smallest Allocate's 3x
+            "stun.config.auth.realm=relay.example.org",
+            "stun.config.auth.realm: String length must be less than or equal to 16",
+        ),
     ],
 )
 def test_a_bad_value_fails_naming_its_key(setting: str, message: str) -> None:

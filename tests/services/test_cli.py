@@ -12,7 +12,16 @@ from support import run_script
 pytestmark = pytest.mark.process  # every test runs a service's command
 
 
-@pytest.mark.parametrize("service", ["dna-bootstrap", "dna-storage-node", "dna-stun"])
+def test_the_relay_offers_no_keygen() -> None:
+    # dna-stun is no overlay member and reads no node key; its keygen minted one anyway,
+    # a file an operator would keep and back up for nothing.
+    out = run_script("dna-stun", "keygen", "--out", "/dev/null")
+    assert out.returncode == 2 and "invalid choice: 'keygen'" in out.stderr, out.stderr
+    assert "keygen" not in run_script("dna-stun", "--help").stdout
+    assert run_script("dna-stun", "--version").stdout.startswith("dna-stun")
+
+
+@pytest.mark.parametrize("service", ["dna-bootstrap", "dna-storage-node"])
 def test_service_keygen_mints_a_puzzle_solving_key(service: str, tmp_path: Path) -> None:
     keyfile = tmp_path / "node.key"
     out = run_script(service, "keygen", "--out", str(keyfile), "--puzzle-bits", "6")

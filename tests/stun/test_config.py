@@ -38,19 +38,44 @@ def load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> StunSe
             "relay.default_lifetime_s",
         ),
         (f'[auth]\nrealm = "{"r" * 33}"\n', "auth.realm"),
-        (f'[auth]\nrealm = "{"é" * 17}"\n', "auth.realm"),  # 17 characters, 34 bytes
+        (f'[auth]\nrealm = "{"é" * 9}"\n', "auth.realm"),  # 9 characters, 18 bytes
+        (f'[auth]\nrealm = "{"r" * 17}"\n', "auth.realm"),  # its 401 would not fit
         ('[auth]\nrealm = ""\n', "auth.realm"),
         ("[auth]\nnonce_lifetime_s = inf\n", "auth.nonce_lifetime_s"),
         ("[auth]\nnonce_lifetime_s = nan\n", "auth.nonce_lifetime_s"),
         ("[auth]\nnonce_lifetime_s = 1e15\n", "auth.nonce_lifetime_s"),
+        ("[auth]\nnonce_lifetime_s = 0.5\n", "auth.nonce_lifetime_s"),  # stale when issued
+        ("[auth]\nnonce_lifetime_s = 9.9\n", "auth.nonce_lifetime_s"),
         (f'[auth]\nusers = ["{"n" * 514}:pw"]\n', "auth.users"),
         ('[auth]\nusers = ["ann:one", "bob:x", "ann:two"]\n', "auth.users"),  # which is ann's?
+        ("[auth]\nmax_credential_lifetime_s = 31536001\n", "auth.max_credential_lifetime_s"),
+        ("[auth]\nmax_credential_lifetime_s = 0\n", "auth.max_credential_lifetime_s"),
     ],
 )
 def test_unusable_settings_name_their_key(tmp_path: Path, text: str, key: str) -> None:
     with pytest.raises(ConfigError) as raised:
         load(tmp_path, text)
     assert raised.value.key == key
+
+
+@pytest.mark.parametrize("key", ["host", "host_ipv6", "relay_host", "relay_host_ipv6"])
+def test_a_name_for_an_address_says_what_to_set(tmp_path: Path, key: str) -> None:
+    # Before: "'stun.example.org' does not appear to be an IPv4 or IPv6 address", which
+    # said neither that a name cannot do nor what to put there.
+    with pytest.raises(ConfigError) as raised:
+        load(tmp_path, f'[server]\n{key} = "stun.example.org"\n')
+    assert raised.value.key == f"server.{key}"
+    assert "'stun.example.org' is not an IP address: set the address clients reach" in str(
+        raised.value
+    )
+
+
+@pytest.mark.parametrize("key", ["allowed_peers", "denied_peers"])
+def test_a_network_that_does_not_parse_says_how_to_write_one(tmp_path: Path, key: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load(tmp_path, f'[relay]\n{key} = ["10.0.0.0/33"]\n')
+    assert raised.value.key == f"relay.{key}"
+    assert "'10.0.0.0/33' is not an address or network: write one as" in str(raised.value)
 
 
 def test_secrets_are_masked_and_the_environment_overrides(tmp_path: Path) -> None:
@@ -63,9 +88,51 @@ def test_secrets_are_masked_and_the_environment_overrides(tmp_path: Path) -> Non
     assert any("allowed_peers" in w for w in config_warnings(config))
 
 
+def test_no_users_is_shown_as_none_not_masked(tmp_path: Path) -> None:
+    # check-config printed "users": "***" with no users at all, beside the warning that no
+    # credentials were configured: the operator could not tell none from some.
+    assert dump_config(load(tmp_path, ""))["auth"]["users"] == []
+    assert dump_config(load(tmp_path, '[auth]\nusers = ["u:p"]\n'))["auth"]["users"] == "***"
+
+
+@pytest.mark.parametrize(
+    ("auth", "advice"),
+    [
+        ('previous_auth_secret = "s3kr1t-a"\n', "set the new secret in auth_secret"),
+        (
+            'auth_secret = "s3kr1t-b"\nprevious_auth_secret = "s3kr1t-b"\n',
+            "set auth_secret to the new",
+        ),
+    ],
+)
+def test_a_half_done_secret_rotation_is_warned_about(
+    tmp_path: Path, auth: str, advice: str
+) -> None:
+    warnings = config_warnings(load(tmp_path, "[auth]\n" + auth), 1 << 20)
+    assert [w for w in warnings if "previous_auth_secret" in w and advice in w], warnings
+    assert "s3kr1t" not in " ".join(warnings)  # no secret printed
+
+
 def test_no_credentials_is_warned_about(tmp_path: Path) -> None:
     warnings = config_warnings(load(tmp_path, ""))
     assert any("every TURN request will be refused" in w for w in warnings)
+
+
+def test_each_warning_says_what_to_do(tmp_path: Path) -> None:
+    # Before, three of them said what was wrong and stopped there.
+    text = "[server]\nrelay_port_min = 50000\nrelay_port_max = 50099\n"
+    warnings = config_warnings(load(tmp_path, text), 1 << 20)
+    assert len(warnings) == 3, warnings
+    for warning, advice in zip(
+        warnings,
+        (
+            'set auth_secret (time-limited credentials) or users = ["name:password"]',
+            "widen the range (and the firewall's) or lower [relay] max_allocations",
+            "set [server] host to the address clients reach",
+        ),
+        strict=True,
+    ):
+        assert warning.endswith(advice), warning
 
 
 def test_more_allocations_than_descriptors_is_warned_about(tmp_path: Path) -> None:

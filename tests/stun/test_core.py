@@ -5,15 +5,27 @@ from __future__ import annotations
 import os
 import struct
 from collections import Counter
+from pathlib import Path
 
 import pytest
+from dna_core.ops.config import ConfigError, load_config
 from dna_stun import attributes as attr
-from dna_stun.auth import Credentials, Nonces, auth_secret_password
-from dna_stun.config import MAX_REALM_BYTES, UINT32_MAX
+from dna_stun.auth import CLOCK_SKEW_S, Credentials, Nonces, auth_secret_password
+from dna_stun.config import (
+    ENV_PREFIX,
+    MAX_REALM_BYTES,
+    MIN_NONCE_LIFETIME_S,
+    UINT32_MAX,
+    StunServiceConfig,
+)
 from dna_stun.core import (
+    AUTH_FAILURE_REASONS,
+    DIRECTIONS,
     KNOWN_ATTRIBUTES,
     MAX_DATA_PAYLOAD,
     MAX_UNPROVEN_GROWTH,
+    REFUSAL_REASONS,
+    REQUEST_KINDS,
     Limits,
     Send,
     TransactionIds,
@@ -78,6 +90,16 @@ def make_core(
         relay_families=families,
         unix_time=lambda: NOW,  # the tests' monotonic clock reads Unix time too
     )
+
+
+def assert_counted_under_known_labels(core: TurnCore) -> None:
+    """The service exports the known label values from the start (at 0): a reason counted
+    outside them would still be exported, but missing from the docs and the zero series."""
+    stats = core.stats
+    assert set(stats.refusals) <= set(REFUSAL_REASONS), stats.refusals
+    assert set(stats.auth_failures) <= set(AUTH_FAILURE_REASONS), stats.auth_failures
+    assert set(stats.requests) <= set(REQUEST_KINDS), stats.requests
+    assert set(stats.relayed_packets) | set(stats.relayed_bytes) <= set(DIRECTIONS)
 
 
 def one(out: list[Send]) -> bytes:
@@ -251,6 +273,18 @@ def test_stale_nonce_gets_438_and_a_fresh_nonce() -> None:
     assert core.stats.refusals["stale_nonce"] == 1
 
 
+def test_the_shortest_nonce_lifetime_the_config_accepts_still_allocates() -> None:
+    # Nonces(0.5) issued nonces already stale (their expiry is whole seconds): every signed
+    # request got 438 and the config accepted it (nonce_lifetime_s > 0).
+    core = make_core()
+    core.nonces = Nonces(MIN_NONCE_LIFETIME_S, key=b"k" * 32)
+    client = Client("alice", "pw")
+    ask(core, client, client.request(Method.ALLOCATE, client.allocate_attrs()), NOW + 0.7)
+    late = NOW + 0.7 + MIN_NONCE_LIFETIME_S - 1.5  # a slow client's retry
+    reply = ask(core, client, client.request(Method.ALLOCATE, client.allocate_attrs()), late)
+    assert is_success(reply, Method.ALLOCATE), error_code(reply)
+
+
 def test_a_nonce_from_another_address_is_stale() -> None:
     core, client = make_core(), Client("alice", "pw")
     allocate(core, client)
@@ -293,10 +327,35 @@ def test_time_limited_credentials_work_until_their_expiry() -> None:
         )
     )
     reply = ask(core, expired, expired.request(Method.ALLOCATE, expired.allocate_attrs()))
-    assert error_code(reply) == 401 and core.stats.auth_failures["expired_credential"] == 1
+    assert attr.decode_error_code(reply.get(attr.ERROR_CODE) or b"") == (401, "Credential Expired")
+    assert core.stats.auth_failures["expired_credential"] == 1
     forged = Client(f"{int(NOW) + 60}:bob", "guessed")
     forged.realm, forged.nonce = client.realm, client.nonce
     assert error_code(ask(core, forged, forged.request(Method.BINDING))) == 401
+
+
+def test_a_time_limited_username_expiring_past_the_maximum_lifetime_is_refused() -> None:
+    # A correctly signed username valid for ten years was accepted: a password nobody could
+    # revoke short of rotating the secret. Now its expiry is at most max_lifetime ahead.
+    core = make_core()
+    core.credentials = Credentials(REALM, {}, [SECRET], max_lifetime=3600)
+    # The minting service's clock may run CLOCK_SKEW_S ahead: a credential of exactly the
+    # maximum lifetime still works then.
+    limit = 3600 + CLOCK_SKEW_S
+    for ahead, refused in ((limit, False), (limit + 1, True), (10 * 365 * 86_400, True)):
+        username = f"{int(NOW) + ahead}:alice"
+        client = Client(username, auth_secret_password(SECRET, username))
+        ask(core, client, client.request(Method.ALLOCATE, client.allocate_attrs()))  # the 401
+        reply = ask(core, client, client.request(Method.ALLOCATE, client.allocate_attrs()))
+        if not refused:
+            assert is_success(reply, Method.ALLOCATE)
+            continue
+        assert attr.decode_error_code(reply.get(attr.ERROR_CODE) or b"") == (
+            401,
+            "Credential Lifetime Too Long",
+        )
+    assert core.stats.auth_failures == Counter({"lifetime_too_long": 2})
+    assert len(core.by_client) == 1 and core.per_user == {"alice": 1}
 
 
 def test_retransmitted_allocate_gets_the_same_answer_and_another_gets_437() -> None:
@@ -575,6 +634,7 @@ def test_garbage_datagrams_are_dropped_without_state_change(data: bytes, where: 
         assert all(isinstance(s, Send) for s in out)
     core.on_peer_datagram(data, relay, ("203.0.113.99", 1), NOW)
     assert _snapshot(core) == before
+    assert_counted_under_known_labels(core)
 
 
 def test_long_term_key_derivation_matches_the_client() -> None:
@@ -874,6 +934,7 @@ def test_no_answer_to_an_unproven_request_is_over_three_times_its_size(
     for send in core.on_client_datagram(request, CLIENT, NOW):
         assert len(send.data) <= MAX_UNPROVEN_GROWTH * len(request)
     assert not core.by_client
+    assert_counted_under_known_labels(core)
 
 
 def test_a_challenge_too_large_for_its_request_drops_its_reason_phrase_then_itself() -> None:
@@ -899,6 +960,73 @@ def test_a_challenge_too_large_for_its_request_drops_its_reason_phrase_then_itse
         assert attr.decode_error_code(answer.get(attr.ERROR_CODE) or b"") == (401, wanted)
         assert answer.get(attr.REALM) == realm.encode() and answer.get(attr.NONCE)
         assert len(one(out)) <= MAX_UNPROVEN_GROWTH * len(request)
+
+
+LONGEST_REALM = "r" * MAX_REALM_BYTES
+TID = b"m" * 12
+TRANSPORT = (attr.REQUESTED_TRANSPORT, attr.requested_transport())
+IPV4_PEER = (attr.XOR_PEER_ADDRESS, attr.encode_xor_address(PEER, TID))
+CHANNEL = (attr.CHANNEL_NUMBER, attr.channel_number(0x4000))
+
+
+def smallest(method: int, *attrs: tuple[int, bytes], key: bytes | None = None) -> bytes:
+    return encode(method, Class.REQUEST, TID, attrs, key=key, fingerprint=False)
+
+
+def signed_by(realm: str, nonce: bytes, username: bytes = b"") -> list[tuple[int, bytes]]:
+    return [(attr.USERNAME, username), (attr.REALM, realm.encode()), (attr.NONCE, nonce)]
+
+
+# The smallest request a client may send that draws each answer to an unproven request, and
+# that answer's code. A first Allocate of 28 bytes (REQUESTED-TRANSPORT alone) got no 401 at
+# all with a realm of 17-32 bytes, which the config accepted.
+SMALLEST_UNPROVEN = [
+    ("401 allocate", smallest(Method.ALLOCATE, TRANSPORT), 401),
+    ("401 refresh", smallest(Method.REFRESH, (attr.LIFETIME, attr.uint32(600))), 401),
+    ("401 create_permission", smallest(Method.CREATE_PERMISSION, IPV4_PEER), 401),
+    ("401 channel_bind", smallest(Method.CHANNEL_BIND, CHANNEL, IPV4_PEER), 401),
+    ("401 wrong realm", smallest(Method.ALLOCATE, *signed_by("", b""), key=b"k"), 401),
+    ("438", smallest(Method.ALLOCATE, *signed_by(LONGEST_REALM, b"x"), key=b"k"), 438),
+    ("400 binding", smallest(Method.BINDING, key=b"k"), 400),
+    ("400 unknown method", smallest(0x0FF), 400),
+    ("420", smallest(Method.BINDING, (0x7000, b"")), 420),
+]
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "code"),
+    [case[1:] for case in SMALLEST_UNPROVEN],
+    ids=[case[0] for case in SMALLEST_UNPROVEN],
+)
+def test_the_smallest_request_for_each_unproven_answer_is_answered_with_the_longest_realm(
+    request_bytes: bytes, code: int
+) -> None:
+    core = make_core()
+    core.credentials = Credentials(LONGEST_REALM, {"alice": "pw"})
+    answer = one(core.on_client_datagram(request_bytes, CLIENT, NOW))
+    assert error_code(parse(answer)) == code
+    assert len(answer) <= MAX_UNPROVEN_GROWTH * len(request_bytes)
+    assert "amplification" not in core.stats.refusals
+
+
+def test_the_config_accepts_no_realm_that_would_leave_the_smallest_allocate_unanswered(
+    tmp_path: Path,
+) -> None:
+    # Every realm length the config takes, in characters of 1 to 4 bytes, challenges the
+    # 28-byte Allocate; one byte more is refused at load, with what to do.
+    request = smallest(Method.ALLOCATE, TRANSPORT)
+    for char in ("r", "é", "€", "𝄞"):
+        for count in range(1, MAX_REALM_BYTES // len(char.encode()) + 1):
+            realm = char * count
+            core = make_core()
+            core.credentials = Credentials(realm, {"alice": "pw"})
+            answer = parse(one(core.on_client_datagram(request, CLIENT, NOW)))
+            assert answer.get(attr.REALM) == realm.encode()
+    (tmp_path / "stun.toml").write_text(f'[auth]\nrealm = "{"r" * (MAX_REALM_BYTES + 1)}"\n')
+    with pytest.raises(ConfigError) as refused:
+        load_config(StunServiceConfig, tmp_path / "stun.toml", env_prefix=ENV_PREFIX, env={})
+    assert refused.value.key == "auth.realm"
+    assert "choose a shorter realm" in str(refused.value)
 
 
 def test_a_peer_datagram_too_large_for_a_data_indication_is_dropped_not_raised() -> None:
@@ -977,6 +1105,7 @@ def test_whatever_an_authenticated_client_and_its_peers_send_the_core_stays_boun
             assert sum(1 for u in alloc.permissions.values() if u > now) <= limits.max_permissions
             assert sum(1 for _, u in alloc.channels.values() if u > now) <= limits.max_channels
     assert len(core.by_relay) <= 1
+    assert_counted_under_known_labels(core)
 
 
 def test_a_send_indication_with_an_unknown_required_attribute_is_discarded() -> None:

@@ -28,12 +28,12 @@ class Clock:
         return self.now
 
 
-def _config() -> StunServiceConfig:
+def _config(**auth: object) -> StunServiceConfig:
     return StunServiceConfig.model_validate(
         {
             "log_level": "warning",
             "server": {"host": "127.0.0.1", "udp_port": 0},
-            "auth": {"realm": "test", "auth_secret": SECRET},
+            "auth": {"realm": "test", "auth_secret": SECRET, **auth},
             "relay": {"allowed_peers": ["127.0.0.0/8"], "bandwidth_bytes_per_s": 10_000},
             "ops": {"http_host": "127.0.0.1", "http_port": 0},
         }
@@ -96,5 +96,35 @@ async def _steps() -> None:
             monotonic.now += 601  # the allocation's own lifetime (600 s) runs out
             server.expire()
             assert relay not in server.core.by_relay  # type: ignore[union-attr]
+    finally:
+        await server.stop()
+
+
+def test_the_configured_maximum_credential_lifetime_is_judged_by_unix_time() -> None:
+    asyncio.run(_lifetime_cap())
+
+
+async def _lifetime_cap() -> None:
+    # [auth] max_credential_lifetime_s reaches the core: at 3600 a username expiring in two
+    # hours is refused, whatever the monotonic clock reads; one expiring in an hour allocates.
+    config = _config(max_credential_lifetime_s=3600)
+    wall = Clock(1_800_000_000.0)
+    server = StunServer(config, clock=Clock(5.0), unix_time=wall)
+    await server.start()
+    try:
+        assert server.udp_addr is not None
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.setblocking(False)
+            for ahead, allowed in ((7200, False), (3600, True)):
+                username = f"{int(wall.now) + ahead}:alice"
+                turn = Client(username, auth_secret_password(SECRET, username))
+                allocate = turn.request(Method.ALLOCATE, turn.allocate_attrs())
+                await _ask(sock, server.udp_addr, turn, allocate)  # the 401 challenge
+                allocate = turn.request(Method.ALLOCATE, turn.allocate_attrs())
+                answer = await _ask(sock, server.udp_addr, turn, allocate)
+                assert is_success(answer, Method.ALLOCATE) == allowed, error_code(answer)
+        assert server.core is not None
+        assert server.core.stats.auth_failures == {"lifetime_too_long": 1}
     finally:
         await server.stop()

@@ -40,3 +40,19 @@ def test_a_bad_setting_is_named(tmp_path: Path) -> None:
     assert out.returncode == 1
     line = _one_line(out.stdout + out.stderr)
     assert "auth.users" in line and "name:password" in line, line
+
+
+def test_a_relay_address_this_host_does_not_have_is_named(tmp_path: Path) -> None:
+    # Before, the relay started and was ready, then refused every Allocate (508, counted
+    # no_relay_port) without a word: its relay sockets could not bind 198.51.100.77.
+    path = tmp_path / "stun.toml"
+    udp, http = free_port(HOST), free_port(HOST, socket.SOCK_STREAM)
+    toml = stun_toml(HOST, udp, http).replace(
+        "[server]\n", '[server]\nrelay_host = "198.51.100.77"\n'
+    )
+    path.write_text(toml)
+    out = run_script("dna-stun", "run", "--config", str(path), timeout=60)
+    assert out.returncode == 1
+    line = _one_line(out.stdout + out.stderr)
+    assert line.startswith("dna-stun: error: cannot relay on 198.51.100.77 ([server] relay_host)")
+    assert "must be an address of this host" in line, line

@@ -222,7 +222,8 @@ def test_invalid_toml(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     err = error(tmp_path / "nope.toml")
     assert str(tmp_path / "nope.toml") in str(err)
-    assert "not found" in str(err)
+    # A new operator running the README's `run --config bootstrap.toml` is told how to get one.
+    assert "not found (`print-default-config > FILE` writes one to start from)" in str(err)
 
 
 def test_unreadable_file(tmp_path: Path) -> None:

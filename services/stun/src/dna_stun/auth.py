@@ -4,7 +4,9 @@ and the server's nonces.
 Time-limited credentials are coturn's ``use-auth-secret`` (the "TURN REST API" draft): an
 operator's service hands a client ``username = "<expiry-unix>:<user>"`` and
 ``password = base64(HMAC-SHA1(secret, username))``; the server recomputes the password from the
-username, so it needs no user database, and refuses the username once its expiry has passed.
+username, so it needs no user database, and refuses the username once its expiry has passed,
+or while its expiry is further ahead than the longest lifetime the operator allows (a credential
+valid for years is a static password that nobody can revoke short of rotating the secret).
 
 Nonces are stateless: the expiry and an HMAC over (expiry, client IP) under a key only this
 process knows, so a flood of unauthenticated requests costs no memory, a nonce from another
@@ -22,7 +24,15 @@ from collections.abc import Iterable, Mapping
 
 from dna_stun.message import long_term_key
 
-__all__ = ["Credentials", "Nonces", "auth_secret_password", "time_limited", "userhash"]
+__all__ = [
+    "CLOCK_SKEW_S",
+    "DEFAULT_MAX_CREDENTIAL_LIFETIME_S",
+    "Credentials",
+    "Nonces",
+    "auth_secret_password",
+    "time_limited",
+    "userhash",
+]
 
 # "<expiry-unix>:<name>": ASCII digits only (``str.isdigit`` also takes "²" or "٣", which
 # ``int`` refuses or reads), at most 12 of them (the year 33658: no overflow anywhere).
@@ -46,14 +56,26 @@ def userhash(username: str, realm: str) -> bytes:
     return hashlib.sha256(f"{username}:{realm}".encode()).digest()
 
 
+DEFAULT_MAX_CREDENTIAL_LIFETIME_S = 86_400  # a day: the TURN REST API draft's suggested ttl
+# How far the clock of the service minting credentials may run ahead of the relay's: a
+# credential minted with exactly the maximum lifetime is then still accepted.
+CLOCK_SKEW_S = 300
+
+
 class Credentials:
     """The keys a username's messages may be signed with, or why there are none:
-    ``unknown_user`` or ``expired_credential``."""
+    ``unknown_user``, ``expired_credential`` or ``lifetime_too_long`` (a time-limited
+    username whose expiry is more than ``max_lifetime`` seconds ahead, and ``CLOCK_SKEW_S``)."""
 
     def __init__(
-        self, realm: str, users: Mapping[str, str], auth_secrets: Iterable[str] = ()
+        self,
+        realm: str,
+        users: Mapping[str, str],
+        auth_secrets: Iterable[str] = (),
+        max_lifetime: float = DEFAULT_MAX_CREDENTIAL_LIFETIME_S,
     ) -> None:
         self.realm = realm
+        self.max_lifetime = max_lifetime
         self._keys = {user: long_term_key(user, realm, pw) for user, pw in users.items()}
         self._by_hash = {userhash(user, realm): user for user in users}
         self._secrets = tuple(s for s in auth_secrets if s)
@@ -67,6 +89,8 @@ class Credentials:
             return [], "unknown_user"
         if parsed[0] <= now:
             return [], "expired_credential"
+        if parsed[0] - now > self.max_lifetime + CLOCK_SKEW_S:
+            return [], "lifetime_too_long"
         # One key per configured secret: an operator rotates by adding the new secret before
         # the old one's last credentials expire; the integrity check finds which one signed.
         return [

@@ -23,7 +23,8 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser, sub = service_parser("dna-stun", "STUN/TURN relay of the DNA network.")
+    # No keygen: the relay is no overlay member and has no node key.
+    parser, sub = service_parser("dna-stun", "STUN/TURN relay of the DNA network.", node_key=False)
     add_run_command(sub, _run, ENV_PREFIX)
     add_config_commands(sub, StunServiceConfig, ENV_PREFIX, config_warnings)
     sys.exit(run(parser))

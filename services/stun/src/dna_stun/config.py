@@ -18,6 +18,7 @@ from dna_core.ops.config import (
 from pydantic import Field, Strict, field_validator, model_validator
 
 from dna_stun import attributes as attr
+from dna_stun.auth import DEFAULT_MAX_CREDENTIAL_LIFETIME_S
 from dna_stun.policy import DEFAULT_DENIED
 
 __all__ = ["ENV_PREFIX", "AuthSection", "RelaySection", "ServerSection", "StunServiceConfig"]
@@ -27,10 +28,17 @@ ENV_PREFIX = "DNA_STUN"
 # answer failed to encode (an internal error per request), so they are refused at load.
 UINT32_MAX = 0xFFFFFFFF  # LIFETIME (RFC 8656 section 18.2)
 # REALM (RFC 8489 allows 127 characters) goes in every 401, which the relay keeps under three
-# times the request it answers (dna_stun.core.MAX_UNPROVEN_GROWTH): with 32 bytes a first
-# Allocate of 36 bytes (aioice, pion, libwebrtc) is still challenged.
-MAX_REALM_BYTES = 32
+# times the request it answers (dna_stun.core.MAX_UNPROVEN_GROWTH). The smallest valid
+# Allocate is 28 bytes (header and REQUESTED-TRANSPORT, RFC 8656 section 7.1), so its 401 may
+# be 84: header 20, ERROR-CODE without its phrase 8, NONCE 28, FINGERPRINT 8 leave 20 for
+# REALM, whose value is then at most 16 bytes. A longer realm left such a client unanswered.
+MAX_REALM_BYTES = 16
 MAX_NONCE_LIFETIME_S = 86_400.0  # a day: the nonce's expiry field holds 12 hex digits
+# A nonce's expiry is whole seconds: one valid under a second was stale when issued, and one
+# valid for less than a client's round trip and retry is stale when the retry comes back, so
+# every signed request got 438 and no allocation was ever made.
+MIN_NONCE_LIFETIME_S = 10.0
+MAX_CREDENTIAL_LIFETIME_S = 365 * 86_400  # a credential valid longer is a static user
 SecretStrings = Annotated[tuple[SecretStr, ...], Strict(False)]
 
 
@@ -62,8 +70,15 @@ class ServerSection(ConfigModel):
     @field_validator("host", "host_ipv6", "relay_host", "relay_host_ipv6")
     @classmethod
     def _is_ip(cls, value: str) -> str:
-        if value:
-            ipaddress.ip_address(value)  # a name would be resolved by nobody: an IP only
+        if not value:
+            return value
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:  # a name would be resolved by nobody: the relay binds the address
+            raise ValueError(
+                f"{value!r} is not an IP address: set the address clients reach (the relay "
+                "binds it, and tells it to clients in every relayed address)"
+            ) from None
         return value
 
     @model_validator(mode="after")
@@ -104,9 +119,14 @@ class ServerSection(ConfigModel):
 class AuthSection(ConfigModel):
     """Long-term credentials (RFC 8489 9.2): static users and/or a shared secret."""
 
-    realm: str = Field(default="dna", min_length=1)
-    """The realm clients hash into their key, 1-32 bytes (UTF-8): it is in every 401, and an
-    answer to an unauthenticated request is at most three times its size."""
+    # maxLength (characters, at most the bytes) lets the chart's schema refuse most long
+    # realms at `helm lint` rather than in a crash-looping pod; the validator counts bytes.
+    realm: str = Field(
+        default="dna", min_length=1, json_schema_extra={"maxLength": MAX_REALM_BYTES}
+    )
+    """The realm clients hash into their key, 1-16 bytes (UTF-8): it is in every 401, and an
+    answer to an unauthenticated request is at most three times its size, so a longer realm
+    would leave the smallest valid Allocate (28 bytes) without its challenge."""
     users: Annotated[SecretStrings, Secret()] = ()
     """Static users, each "name:password"."""
     auth_secret: SecretStr = SecretStr("")
@@ -114,14 +134,28 @@ class AuthSection(ConfigModel):
     with password base64(HMAC-SHA1(auth_secret, username)) is valid until its expiry."""
     previous_auth_secret: SecretStr = SecretStr("")
     """During a rotation, the secret before `auth_secret`, still accepted."""
-    nonce_lifetime_s: float = Field(default=600.0, gt=0, le=MAX_NONCE_LIFETIME_S)
-    """Seconds a nonce stays valid (at most a day); then the client gets 438 and retries."""
+    max_credential_lifetime_s: int = Field(
+        default=DEFAULT_MAX_CREDENTIAL_LIFETIME_S, ge=60, le=MAX_CREDENTIAL_LIFETIME_S
+    )
+    """The furthest ahead a time-limited username's expiry may be (seconds from now, at most
+    a year; 5 minutes more are allowed for the clock of the service minting credentials to
+    run ahead): one expiring later is refused (401 "Credential Lifetime Too Long", counted
+    `lifetime_too_long`), as a credential nobody can revoke short of rotating the secret.
+    The service minting credentials must hand out lifetimes up to this; it is also how long
+    a rotated-out `previous_auth_secret` must stay."""
+    nonce_lifetime_s: float = Field(default=600.0, ge=MIN_NONCE_LIFETIME_S, le=MAX_NONCE_LIFETIME_S)
+    """Seconds a nonce stays valid (10 s to a day); then the client gets 438 and retries."""
 
     @field_validator("realm")
     @classmethod
     def _realm(cls, realm: str) -> str:
         if len(realm.encode()) > MAX_REALM_BYTES:
-            raise ValueError(f"the realm is at most {MAX_REALM_BYTES} bytes (UTF-8)")
+            raise ValueError(
+                f"the realm is {len(realm.encode())} bytes (UTF-8), at most {MAX_REALM_BYTES}: "
+                "it goes in every 401 challenge, which must fit three times the smallest "
+                "Allocate (28 bytes) or that client is never answered; choose a shorter realm "
+                '(e.g. "dna" or your domain\'s first label); clients learn it from the 401'
+            )
         return realm
 
     @field_validator("users")
@@ -174,7 +208,13 @@ class RelaySection(ConfigModel):
     @classmethod
     def _cidrs(cls, cidrs: tuple[str, ...]) -> tuple[str, ...]:
         for cidr in cidrs:
-            ipaddress.ip_network(cidr, strict=False)
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f'{cidr!r} is not an address or network: write one as "10.0.0.0/8", '
+                    '"2001:db8::/32" or "192.0.2.7"'
+                ) from None
         return cidrs
 
     @model_validator(mode="after")
@@ -218,14 +258,19 @@ def config_warnings(config: StunServiceConfig, open_files_limit: int | None = No
             "max_allocations"
         )
     if not config.auth.users and not config.auth.secrets():
-        warnings.append("no [auth] users or auth_secret: every TURN request will be refused")
+        warnings.append(
+            "no [auth] users or auth_secret: every TURN request will be refused; set "
+            'auth_secret (time-limited credentials) or users = ["name:password"]'
+        )
+    warnings += _rotation_warnings(config.auth)
     ports = config.server.relay_port_max - config.server.relay_port_min + 1
     if ports < config.relay.max_allocations:  # a relay port each, per relay address
         warnings.append(
             f"the relay port range {config.server.relay_port_min}-"
             f"{config.server.relay_port_max} holds {ports} ports, fewer than max_allocations = "
             f"{config.relay.max_allocations}: past them allocations are refused (508, "
-            "no_relay_port), each after trying to bind many taken ports"
+            "no_relay_port), each after trying to bind many taken ports; widen the range "
+            "(and the firewall's) or lower [relay] max_allocations"
         )
     if config.relay.allowed_peers:
         warnings.append(
@@ -233,5 +278,24 @@ def config_warnings(config: StunServiceConfig, open_files_limit: int | None = No
             "for test networks only"
         )
     if ipaddress.ip_address(config.server.host).is_loopback and not config.relay.allowed_peers:
-        warnings.append(f"server.host is {config.server.host}: other machines cannot reach it")
+        warnings.append(
+            f"server.host is {config.server.host}: other machines cannot reach it; set "
+            "[server] host to the address clients reach"
+        )
     return warnings
+
+
+def _rotation_warnings(auth: AuthSection) -> list[str]:
+    """A secret rotation half done: the relay works, but not as the operator meant."""
+    current, previous = auth.auth_secret.reveal(), auth.previous_auth_secret.reveal()
+    if previous and not current:
+        return [
+            "[auth] previous_auth_secret is set but auth_secret is not: only credentials of "
+            "the old secret work; set the new secret in auth_secret"
+        ]
+    if previous and previous == current:
+        return [
+            "[auth] previous_auth_secret is auth_secret: the rotation has not happened; set "
+            "auth_secret to the new secret"
+        ]
+    return []

@@ -38,6 +38,10 @@ from dna_stun.message import (
 from dna_stun.policy import RelayPolicy
 
 __all__ = [
+    "AUTH_FAILURE_REASONS",
+    "DIRECTIONS",
+    "REFUSAL_REASONS",
+    "REQUEST_KINDS",
     "Addr",
     "Allocation",
     "Datagram",
@@ -74,12 +78,37 @@ KNOWN_ATTRIBUTES = frozenset(
         attr.PRIORITY, attr.USE_CANDIDATE, attr.ADDITIONAL_ADDRESS_FAMILY,
     }
 )  # fmt: skip
+# The reason phrase of a 401 whose credentials can never work, so that the client's developer
+# or operator sees why a retry is pointless (RFC 8489 section 14.8: the phrase is free text).
+AUTH_FAILURE_PHRASES = {
+    "expired_credential": "Credential Expired",
+    "lifetime_too_long": "Credential Lifetime Too Long",
+}
 TURN_METHODS = {
     Method.ALLOCATE: "allocate",
     Method.REFRESH: "refresh",
     Method.CREATE_PERMISSION: "create_permission",
     Method.CHANNEL_BIND: "channel_bind",
 }
+
+
+# Every label value the counters in ``Stats`` take, so that the service exports each series
+# from the start at 0: a series that appears only at its first event hides that event from
+# Prometheus's rate() and leaves dashboards and alerts without data until then.
+DIRECTIONS = ("client_to_peer", "peer_to_client")
+REQUEST_KINDS = ("binding", "binding_indication", *TURN_METHODS.values())
+AUTH_FAILURE_REASONS = (
+    "unknown_user", "expired_credential", "lifetime_too_long", "bad_integrity", "wrong_realm",
+    "missing_attribute", "password_algorithm",
+)  # fmt: skip
+REFUSAL_REASONS = (
+    "malformed", "bad_fingerprint", "unauthenticated", "auth_failed", "stale_nonce",
+    "bad_request", "unknown_attribute", "unknown_method", "forbidden_peer", "no_allocation",
+    "allocation_exists", "wrong_credentials", "no_permission", "unknown_channel",
+    "channel_in_use", "bad_channel", "transport", "family", "reservation", "quota_user",
+    "quota_total", "quota_permissions", "quota_channels", "amplification", "no_relay_port",
+    "bandwidth", "too_large", "unexpected_message", "internal_error",
+)  # fmt: skip
 
 
 class TransactionIds:
@@ -418,7 +447,8 @@ class TurnCore:
         without (the phrase is for diagnostics only, RFC 8489 section 14.8), else none, counted
         as ``amplification``. A 401 is 80 bytes and the realm: a first Allocate of 36 bytes
         (aioice's, pion's) gets it whole with a realm of up to 28 bytes, one of 28
-        (REQUESTED-TRANSPORT alone) without the phrase with a realm of up to 16."""
+        (REQUESTED-TRANSPORT alone, the smallest valid) without the phrase with a realm of up
+        to 16, the most the config accepts (``dna_stun.config.MAX_REALM_BYTES``)."""
         limit = MAX_UNPROVEN_GROWTH * len(message.raw)
         for reason in (text, ""):
             answer = error_response(message, code, reason, extra)
@@ -490,9 +520,8 @@ class TurnCore:
                 sha256 = integrity.type == attr.MESSAGE_INTEGRITY_SHA256
                 return _Auth(username, key, sha256)
         self.stats.auth_failures[why or "bad_integrity"] += 1
-        raise _RefusedError(
-            "auth_failed", self._challenge(message, client, now, 401, "Unauthorized")
-        )
+        text = AUTH_FAILURE_PHRASES.get(why, "Unauthorized")
+        raise _RefusedError("auth_failed", self._challenge(message, client, now, 401, text))
 
     def _username(self, message: Message) -> str | None:
         raw = message.get(attr.USERNAME)

@@ -32,7 +32,17 @@ from prometheus_client.registry import Collector
 
 from dna_stun.auth import Credentials, Nonces
 from dna_stun.config import StunServiceConfig, config_warnings
-from dna_stun.core import Addr, Datagram, Limits, Send, TurnCore
+from dna_stun.core import (
+    AUTH_FAILURE_REASONS,
+    DIRECTIONS,
+    REFUSAL_REASONS,
+    REQUEST_KINDS,
+    Addr,
+    Datagram,
+    Limits,
+    Send,
+    TurnCore,
+)
 from dna_stun.policy import RelayPolicy
 
 __all__ = ["StunServer"]
@@ -166,20 +176,21 @@ class _StatsCollector(Collector):
         yield CounterMetricFamily(
             "dna_stun_allocations_created", "TURN allocations granted", stats.allocations_created
         )
-        for name, help_text, label, counts in (
+        for name, help_text, label, counts, known in (
             ("dna_stun_relayed_packets", "Datagrams relayed, by direction", "direction",
-             stats.relayed_packets),
+             stats.relayed_packets, DIRECTIONS),
             ("dna_stun_relayed_bytes", "Payload bytes relayed, by direction", "direction",
-             stats.relayed_bytes),
+             stats.relayed_bytes, DIRECTIONS),
             ("dna_stun_auth_failures", "Requests whose credentials failed, by reason", "reason",
-             stats.auth_failures),
+             stats.auth_failures, AUTH_FAILURE_REASONS),
             ("dna_stun_refusals", "Datagrams refused or dropped, by reason", "reason",
-             stats.refusals),
-            ("dna_stun_requests", "STUN/TURN requests, by method", "method", stats.requests),
+             stats.refusals, REFUSAL_REASONS),
+            ("dna_stun_requests", "STUN/TURN requests, by method", "method", stats.requests,
+             REQUEST_KINDS),
         ):  # fmt: skip
             family = CounterMetricFamily(name, help_text, labels=[label])
-            for key, value in sorted(counts.items()):
-                family.add_metric([key], value)
+            for key in sorted({*known, *counts}):  # every known series, at 0 until it moves
+                family.add_metric([key], counts.get(key, 0))
             yield family
 
 
@@ -241,7 +252,12 @@ class StunServer:
         if policy.at_wildcard:
             policy.add_host_addresses(interface_addresses())
         return TurnCore(
-            credentials=Credentials(cfg.auth.realm, cfg.auth.user_passwords(), cfg.auth.secrets()),
+            credentials=Credentials(
+                cfg.auth.realm,
+                cfg.auth.user_passwords(),
+                cfg.auth.secrets(),
+                max_lifetime=cfg.auth.max_credential_lifetime_s,
+            ),
             nonces=Nonces(cfg.auth.nonce_lifetime_s),
             policy=policy,
             ports=self._relays,
@@ -270,6 +286,7 @@ class StunServer:
             if cfg.server.host_ipv6:  # the same port, unless a test's ephemeral one
                 self._sock6 = self._listen(cfg.server.host_ipv6, cfg.server.udp_port)
                 self.udp_addr6 = self._sock6.getsockname()[:2]
+            self._check_relay_addresses()
             self._ops = OpsServer(self._ops_app(), log=self.log, limits=HttpLimits())
             try:
                 await self._ops.start(cfg.ops.http_host, cfg.ops.http_port)
@@ -282,6 +299,24 @@ class StunServer:
         self._upkeep = asyncio.create_task(self._expire_forever())
         self.ready = True
         self.log.info("started", extra={"status": self.status()})
+
+    def _check_relay_addresses(self) -> None:
+        """Relay sockets bind the address clients are told, one per allocation: one this host
+        does not have (a cloud VM's public IP behind 1:1 NAT, a typo) started a ready relay
+        that refused every Allocate (508 ``no_relay_port``) and logged nothing. Refused at
+        start instead, naming the key."""
+        server = self.config.server
+        for ip in server.relay_ips().values():
+            try:
+                _udp_socket(ip, 0).close()
+            except OSError as exc:
+                key = "relay_host_ipv6" if ip == server.relay_host_ipv6 else (
+                    "relay_host" if server.relay_host else "host")  # fmt: skip
+                raise OSError(
+                    f"cannot relay on {ip} ([server] {key}): {exc.strerror or exc}; relay "
+                    "sockets bind the address clients are told, so it must be an address of "
+                    "this host (dna-stun cannot relay from behind a 1:1 NAT)"
+                ) from None
 
     def _listen(self, host: str, port: int) -> socket.socket:
         """A listening socket, read from now on; raises naming the address."""
@@ -406,6 +441,8 @@ class StunServer:
         if core is not None:
             info["allocations"] = len(core.by_client)
             info["refusals"] = dict(core.stats.refusals)
+        if self.warnings:  # as the overlay nodes: what start logged once stays visible
+            info["warnings"] = self.warnings
         return info
 
     # --- stopping ----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The command-line skeleton every service shares (`keygen`, `version`)."""
+"""The command-line skeleton every service shares (`--version`, and `keygen` for overlay
+members)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,15 @@ from dna_core.ops.node_key import create_node_key
 
 
 def service_parser(
-    prog: str, description: str
+    prog: str, description: str, *, node_key: bool = True
 ) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:  # type: ignore[type-arg]
+    """The parser of a service's command; ``keygen`` only for one with a node key (an overlay
+    member: a key minted for a service that never reads one would mislead its operator)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--version", action="version", version=f"{prog} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    if not node_key:
+        return parser, sub
     keygen = sub.add_parser("keygen", help="mint a node key that solves the ID puzzle")
     keygen.add_argument("--out", type=Path, required=True, help="where to write the key (0600)")
     keygen.add_argument("--puzzle-bits", type=int, default=DEFAULT_PUZZLE_BITS)

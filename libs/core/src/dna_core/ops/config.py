@@ -160,15 +160,23 @@ class SecretStr:
         raise PydanticCustomError("string_type", "Input should be a valid string")
 
 
+def _masked_unless_empty(value: object) -> object:
+    # An empty value hides nothing: shown as it is (as an empty SecretStr is), so that
+    # check-config and /status tell "none configured" from "some, masked".
+    if isinstance(value, str | tuple | list) and not value:
+        return [] if isinstance(value, tuple | list) else ""
+    return _SECRET_MASK
+
+
 class Secret:
     """Marks a field of any type secret: ``Annotated[ConfigPath, Secret()]``. ``dump_config``
-    prints it as ``***`` and the JSON schema says ``writeOnly``."""
+    prints it as ``***`` (an empty one as it is) and the JSON schema says ``writeOnly``."""
 
     def __get_pydantic_core_schema__(
         self, source: Any, handler: GetCoreSchemaHandler
     ) -> core_schema.CoreSchema:
         masked = core_schema.plain_serializer_function_ser_schema(
-            lambda _value: _SECRET_MASK, when_used="json"
+            _masked_unless_empty, when_used="json"
         )
         return cast(core_schema.CoreSchema, {**handler(source), "serialization": masked})
 
@@ -342,7 +350,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
         with path.open("rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(source, "(file)", "config file not found") from None
+        raise ConfigError(
+            source,
+            "(file)",
+            "config file not found (`print-default-config > FILE` writes one to start from)",
+        ) from None
     except OSError as exc:
         raise ConfigError(source, "(file)", f"cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
