@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from ipaddress import ip_address
@@ -13,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from dna_testnet.network import Testnet
+from dna_testnet.topology import GRPC_PORT
 from support import BIN, on_a_terminal
 
 # Where `dna-testnet up` puts storage1 (its addresses are fixed, so `down` finds them).
@@ -168,3 +170,19 @@ def test_tables_are_coloured_only_on_a_terminal_without_no_color(tmp_path: Path)
     assert "\x1b[3" not in plain and "down" in plain  # no colour (bold headers may stay)
     piped = run(*args, cwd=tmp_path).stdout
     assert "\x1b" not in piped and "─" not in piped and len(piped.splitlines()) == 11
+
+
+def test_an_up_that_fails_stops_what_it_started(tmp_path: Path) -> None:
+    """A port of one node taken by something that is no node: `up` fails naming that node
+    and leaves none of the others running (before, nine nodes stayed up with no state)."""
+    last = Testnet(Path()).nodes[-1]
+    squatter = socket.create_server((last.ip, GRPC_PORT))  # listens, never answers HTTP
+    try:
+        up = run("up", cwd=tmp_path)
+    finally:
+        squatter.close()
+    assert up.returncode == 1
+    assert f"{last.name} exited" in up.stderr and "stopped the nodes" in up.stderr, up.stderr
+    status = run("--json", "status", cwd=tmp_path)
+    assert not any(n["up"] or n["pid"] for n in json.loads(status.stdout)), status.stdout
+    assert "no testnet running" in run("down", cwd=tmp_path).stdout

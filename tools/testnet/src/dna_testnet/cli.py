@@ -2,7 +2,8 @@
 
 up       start 3 bootstrap and 6 storage nodes and a STUN/TURN relay (state in --dir,
          default .dna-testnet); again, it starts only the nodes not running (after a
-         crash or a kill), with their keys and data
+         crash or a kill), with their keys and data; one that cannot start stops
+         those this `up` started and says why
 status   one line per node: role, address, PID, health, routing table, records, blobs
 down     stop every node of --dir (also ones restarted by hand), saying which
 demo     up, the store-and-forward flow, down (in a temporary directory)

@@ -19,6 +19,7 @@ from pathlib import Path
 from dna_peer.network import join_overlay as client_node
 
 from dna_testnet.harness.addresses import LoopbackAllocator
+from dna_testnet.harness.driver import NotReadyError
 from dna_testnet.harness.local import LocalNode, local_cluster, wait_ready
 from dna_testnet.topology import GRPC_PORT, HTTP_PORT, TESTNET_ADMISSION, UDP_PORT, make_topology
 
@@ -102,11 +103,28 @@ class Testnet:
                 f" ({self.nodes[0].ip}...): a testnet from another directory?"
                 " Stop it with `dna-testnet down --dir ...`"
             )
-        for node in missing:
-            node.start()
-        wait_ready(missing, timeout)
+        try:
+            for node in missing:
+                node.start()
+            wait_ready(missing, timeout)
+        except Exception as exc:
+            self._stop_started(missing)
+            raise NotReadyError(
+                f"{exc}\n(stopped the nodes this `up` had started: fix the cause above, then"
+                " run `dna-testnet up` again)"
+            ) from exc
+        except BaseException:  # ^C: the same, without a word
+            self._stop_started(missing)
+            raise
         self._save(running)
         return [node.name for node in missing]
+
+    def _stop_started(self, nodes: list[LocalNode]) -> None:
+        """Stop those of ``nodes`` this process started: an `up` that fails (a port taken by
+        something else, a node that cannot start) leaves no half network behind, and the
+        next `up` starts from what ran before it."""
+        for node in nodes:
+            node.stop(5.0)
 
     def running(self) -> dict[str, int]:
         """Node name -> PID of every live process running one of this testnet's config files,
