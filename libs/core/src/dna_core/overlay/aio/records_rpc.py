@@ -404,9 +404,7 @@ class RecordClient:
         and the store's per-record rules), else None: a node served a bad record, and
         others may be honest."""
         try:
-            rec = open_record(raw, now_ms=self.clock())
-            if rec.body.key != key:
-                return None
+            rec = open_record(raw, now_ms=self.clock(), key=key)
             check_policy(rec, name_pow_bits=self.name_pow_bits,
                          identity_pow_bits=self.identity_pow_bits)  # fmt: skip
         except ProtocolError:
