@@ -316,6 +316,36 @@ def test_a_contact_s_rotation_moves_the_pin(
     asyncio.run(go())
 
 
+def test_a_key_its_contact_rotated_away_from_writes_no_more(
+    bob_inbox: Setup, alice: Identity, bob: Identity
+) -> None:
+    """Once the rotation is seen, the old key (a stolen device, a leaked backup) is refused
+    for messages, whatever time it signs; the new key is accepted, and a receipt from the
+    old key still marks delivered what was sent to that key (the old mailbox's drain)."""
+
+    async def go() -> None:
+        s = bob_inbox
+        s.cache.pin(Contact(alice.fingerprint, alice.public, "alice", True, 1, alice.fingerprint))
+        new = Identity.generate()
+        rotation = pb.IdentityRotation(statement=keyserver.rotation_record(alice, new))
+        before = sealed(alice, bob, text("sent before the rotation"), s.clock.now - 1_000)
+        await s.handle(sealed(alice, bob, payload(rotation=rotation), s.clock()))
+        await s.handle(before)  # late: the rotation was seen first
+        await s.handle(sealed(alice, bob, text("from the stolen phone"), s.clock()))
+        assert s.reasons() == [
+            f"sender: a key its owner rotated away from (now {new.fingerprint.hex()[:16]}):"
+            " refused"
+        ] * 2
+        assert s.cache.message_count() == 0 and s.inbox.report.receipts_due == []
+        await s.handle(sealed(new, bob, text("from the new keys"), s.clock()))
+        assert [m.body for m in s.cache.messages()] == ["from the new keys"]
+        receipt = payload(receipt=pb.DeliveryReceipt(message_ids=[b"m" * 16]))
+        await s.handle(sealed(alice, bob, receipt, s.clock()))
+        assert len(s.reasons()) == 2
+
+    asyncio.run(go())
+
+
 def test_receipts_are_due_per_sender_in_envelope_sized_batches(
     bob_inbox: Setup, alice: Identity, carol: Identity
 ) -> None:

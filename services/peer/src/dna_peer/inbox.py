@@ -239,6 +239,7 @@ class Inbox:
 
     def _plan_text(self, opened: OpenedMessage, text: Text) -> Apply:
         sender = opened.sender
+        self._refuse_rotated_away(sender.fingerprint)
 
         def apply() -> str:
             contact = self.cache.contact(sender.fingerprint) or self._pin_stranger(sender)
@@ -252,6 +253,21 @@ class Inbox:
             return "message"
 
         return apply
+
+    def _refuse_rotated_away(self, fingerprint: bytes) -> None:
+        """A key its contact rotated away from writes no more messages, once this device
+        saw the rotation (the safe rule: the envelope's time is signed by that same key, so
+        a message "sent before the rotation" cannot be told from one backdated by whoever
+        holds the old key now: a stolen device, a leaked backup). A message the contact sent
+        just before rotating and that arrives after the rotation is refused too. Receipts
+        from the old key stay accepted: they only mark delivered what was sent to that key,
+        and the contact's devices drain the old mailbox for 30 days (docs/peer.md)."""
+        pinned = self.cache.contact(fingerprint)
+        if pinned is not None and pinned.replaced_by:
+            raise VerificationError(
+                "sender: a key its owner rotated away from"
+                f" (now {pinned.replaced_by.hex()[:16]}): refused"
+            )
 
     def owe_receipt(self, sender: PublicKeySet, message_id: bytes) -> None:
         """Add ``message_id`` to the receipts due to ``sender`` (one per sender per sync,
