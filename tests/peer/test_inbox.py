@@ -287,6 +287,31 @@ def test_a_history_restores_contacts_messages_and_ends_the_recovery(
     asyncio.run(go())
 
 
+def test_a_card_verifies_on_every_device_and_never_un_verifies(
+    bob_inbox: Setup, alice: Identity, carol: Identity, bob: Identity
+) -> None:
+    """`contacts verify --confirm` on another device arrives as a card saying verified: it
+    verifies the pinned keys here (or pins them verified); a card that does not say so (an
+    older history, arriving late) leaves a verified contact verified."""
+
+    async def go() -> None:
+        s = bob_inbox
+        s.cache.pin(Contact(alice.fingerprint, alice.public, "alice", False, 1, alice.fingerprint))
+
+        async def cards(*items: tuple[Identity, str, bool]) -> None:
+            history = pb.History(contacts=[pb.ContactCard(keys=who.public.to_proto(), name=name,
+                                                          verified=v) for who, name, v in items])
+            await s.handle(sealed(bob, bob, payload(history=history), s.clock()))
+
+        await cards((alice, "alice", True), (carol, "carol", True))
+        await cards((alice, "alice", False), (carol, "carol", False))  # late, older
+        assert s.reasons() == []
+        verified = sorted((c.name or "", c.verified) for c in s.cache.contacts())
+        assert verified == [("alice", True), ("carol", True)]
+
+    asyncio.run(go())
+
+
 def test_the_own_rotation_is_reported_not_adopted(bob_inbox: Setup, bob: Identity) -> None:
     async def go() -> None:
         s = bob_inbox

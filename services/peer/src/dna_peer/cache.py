@@ -15,6 +15,7 @@ the whole unit or nothing, and redoing it adds no duplicates.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ RECOVERING = "recovering"
 # State key: this device lost its cache and has not yet asked the others for the history
 # (set with RECOVERING when the lost cache is made again, cleared once the ask is posted).
 HISTORY_WANTED = "history-wanted"
+# State key: contacts (fingerprints, hex, JSON) confirmed verified on this device whose card
+# the other devices have yet to get (`confirm_verified`; posted by the next sync).
+CARDS_DUE = "cards-due"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS contacts(
   fingerprint BLOB PRIMARY KEY,
@@ -419,6 +423,27 @@ class Cache:
         self._write(
             "UPDATE contacts SET verified = ? WHERE fingerprint = ?", (int(verified), fingerprint)
         )
+
+    def confirm_verified(self, fingerprint: bytes) -> None:
+        """`contacts verify --confirm`: verified here, and its card queued for the other
+        devices in the same transaction (posted by the next sync, so confirming needs no
+        network and a post that fails is tried again)."""
+        with self.transaction():
+            self.set_verified(fingerprint, True)
+            due = set(self.cards_due()) | {fingerprint}
+            self.set_state(CARDS_DUE, json.dumps(sorted(f.hex() for f in due)).encode())
+
+    def cards_due(self) -> list[bytes]:
+        return [bytes.fromhex(f) for f in json.loads(self.get_state(CARDS_DUE) or b"[]")]
+
+    def cards_posted(self, fingerprints: list[bytes]) -> None:
+        """These cards reached the own mailbox (a confirmation since then stays due)."""
+        with self.transaction():
+            due = set(self.cards_due()) - set(fingerprints)
+            if due:
+                self.set_state(CARDS_DUE, json.dumps(sorted(f.hex() for f in due)).encode())
+            else:
+                self.clear_state(CARDS_DUE)
 
     def replace_contact(self, old: Contact, new_keys: PublicKeySet, now_ms: int) -> Contact:
         """A verified key rotation: the new keys take over the name and the conversation."""

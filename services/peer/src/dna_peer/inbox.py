@@ -382,6 +382,7 @@ class Inbox:
     ) -> Apply:
         contacts = [card.keys for card in cards]
         names = {card.keys.fingerprint: card.name for card in cards}
+        verified = {card.keys.fingerprint for card in cards if card.verified}
         peers = {t.original_sender or t.original_recipient for t in items}
         unknown = {fp for fp in peers if self.cache.contact(fp) is None} - names.keys()
         for fp in unknown:  # keys of a peer only another device knew
@@ -390,7 +391,8 @@ class Inbox:
 
         def apply() -> str:
             for keys in contacts:
-                self._pin_card(keys, names.get(keys.fingerprint) or None)
+                fp = keys.fingerprint
+                self._pin_card(keys, names.get(fp) or None, verified=fp in verified)
             for item in items:
                 self._add_transcript(item)
             for marker in read:
@@ -399,19 +401,25 @@ class Inbox:
 
         return apply
 
-    def _pin_card(self, keys: PublicKeySet, name: str | None) -> None:
+    def _pin_card(self, keys: PublicKeySet, name: str | None, *, verified: bool) -> None:
         """A contact card from another device of this identity: pin its keys, and its name
         unless this device gave the name to someone else. A contact already pinned without
-        a name (its message arrived before this card) takes the card's name too."""
+        a name (its message arrived before this card) takes the card's name too. A card
+        that says verified verifies these keys here too (the safety number belongs to the
+        fingerprint, the hash of the keys); one that does not never un-verifies: cards
+        arrive in any order, and only the user's own confirmation (or a key change, which
+        is another fingerprint) decides."""
         if name and self.cache.contact_named(name) is not None:
             name = None  # this device pinned the name to someone else: keep its pin
         known = self.cache.contact(keys.fingerprint)
         if known is None:
-            self.cache.pin(Contact(keys.fingerprint, keys, name, False, self.clock(),
+            self.cache.pin(Contact(keys.fingerprint, keys, name, verified, self.clock(),
                                    keys.fingerprint, chosen=True))  # fmt: skip
             return
         if name and not known.name:
             self.cache.set_contact_name(keys.fingerprint, name)
+        if verified and not known.verified:
+            self.cache.set_verified(keys.fingerprint, True)
         self.cache.choose(keys.fingerprint)  # added on another device of ours
 
     def _add_transcript(self, item: Transcript) -> None:

@@ -88,6 +88,7 @@ RETIRED_GRACE_MS = 30 * DAY_MS  # = the rotation statement's lifetime and a blob
 HISTORY_CHUNK_BYTES = 150 * 1024  # a History payload stays under the 192 KiB envelope cap
 DISPLAY_PREFIX = 16  # hex digits of a fingerprint the inbox shows for a contact without a name
 LIST_ITEM_OVERHEAD = 8  # a repeated field's tag and length prefix, at most
+CARDS_PER_POST = 32  # contact cards (3.2 KB of keys each) in one History: ~105 KB
 ACK_BATCH_IDS = 2_000  # blob IDs per DeviceAck: 68 KB, under the 192 KiB envelope cap
 MAX_RECEIPTS_PER_ROUND = 64  # receipt envelopes one sync round seals and puts, at most
 PRESENCE_LOOKUPS_AT_ONCE = 16  # `contacts list --online`: overlay lookups in flight
@@ -569,7 +570,26 @@ class Peer:
             _merge(report, await self._sync_own(progress))
         for old in self.retired():
             _merge(report, await self._drain_retired(old))
+        await self.post_cards_due()
         return report
+
+    async def post_cards_due(self) -> None:
+        """The contact cards this device owes its other devices (a verification confirmed
+        here: `Cache.confirm_verified`), CARDS_PER_POST to a post; best effort, what fails
+        stays due for the next sync."""
+        due = self.cache.cards_due()
+        if due and not self._has_other_devices():
+            self.cache.cards_posted(due)  # nobody to tell; a linked device gets the history
+            return
+        for batch in _batches(due, CARDS_PER_POST):
+            cards = [_contact_card(c) for fp in batch if (c := self.cache.contact(fp))]
+            try:
+                await self.post_to_devices(envelope_pb2.Payload(
+                    history=envelope_pb2.History(contacts=cards)))  # fmt: skip
+            except DnaError as exc:
+                log.warning("verified contacts not told to the other devices yet: %s", exc)
+                return
+            self.cache.cards_posted(batch)
 
     async def _sync_own(
         self, progress: Progress | None, pushed: Subscription | None = None
