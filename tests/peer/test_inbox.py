@@ -299,8 +299,12 @@ def test_a_card_verifies_on_every_device_and_never_un_verifies(
         s.cache.pin(Contact(alice.fingerprint, alice.public, "alice", False, 1, alice.fingerprint))
 
         async def cards(*items: tuple[Identity, str, bool]) -> None:
-            history = pb.History(contacts=[pb.ContactCard(keys=who.public.to_proto(), name=name,
-                                                          verified=v) for who, name, v in items])
+            history = pb.History(
+                contacts=[
+                    pb.ContactCard(keys=who.public.to_proto(), name=name, verified=v)
+                    for who, name, v in items
+                ]
+            )
             await s.handle(sealed(bob, bob, payload(history=history), s.clock()))
 
         await cards((alice, "alice", True), (carol, "carol", True))
@@ -357,10 +361,14 @@ def test_a_key_its_contact_rotated_away_from_writes_no_more(
         await s.handle(sealed(alice, bob, payload(rotation=rotation), s.clock()))
         await s.handle(before)  # late: the rotation was seen first
         await s.handle(sealed(alice, bob, text("from the stolen phone"), s.clock()))
-        assert s.reasons() == [
-            f"sender: a key its owner rotated away from (now {new.fingerprint.hex()[:16]}):"
-            " refused"
-        ] * 2
+        assert (
+            s.reasons()
+            == [
+                f"sender: a key its owner rotated away from (now {new.fingerprint.hex()[:16]}):"
+                " refused"
+            ]
+            * 2
+        )
         assert s.cache.message_count() == 0 and s.inbox.report.receipts_due == []
         await s.handle(sealed(new, bob, text("from the new keys"), s.clock()))
         assert [m.body for m in s.cache.messages()] == ["from the new keys"]
