@@ -127,17 +127,17 @@ def test_blobs_are_deletable_once_every_device_acknowledged(cache: Cache) -> Non
     for blob in (b"x", b"y", b"ack1", b"ack2"):
         cache.record_blob(blob, "message", 1)
     cache.add_acks(DEVICE_A, [b"x", b"y"], None)
-    assert cache.deletable_blobs() == []  # the laptop has not said it holds them
+    assert cache.deletable_blobs(0) == []  # the laptop has not said it holds them
     cache.add_acks(DEVICE_B, [b"x"], b"ack1")
     # x is everywhere, so the acknowledgement that only covers x is not needed either
-    assert sorted(cache.deletable_blobs()) == [b"ack1", b"x"]
+    assert sorted(cache.deletable_blobs(0)) == [b"ack1", b"x"]
     cache.mark_deleted([b"x", b"ack1"])
     cache.add_acks(DEVICE_B, [b"y", b"z"], b"ack2")  # z: a blob device A has not seen yet
-    assert cache.deletable_blobs() == [b"y"]  # ack2 still tells A that B holds z
+    assert cache.deletable_blobs(0) == [b"y"]  # ack2 still tells A that B holds z
     cache.mark_deleted([b"y"])
     cache.add_acks(DEVICE_A, [b"z"], None)
     cache.record_blob(b"z", "message", 1)
-    assert sorted(cache.deletable_blobs()) == [b"ack2", b"z"]
+    assert sorted(cache.deletable_blobs(0)) == [b"ack2", b"z"]
 
 
 def test_a_failed_transaction_leaves_nothing(cache: Cache, me: Identity, bob: Identity) -> None:
@@ -161,7 +161,7 @@ def test_pruning_forgets_only_what_cannot_matter_any_more(cache: Cache) -> None:
     assert cache.blob_outcome(b"old-kept") == "message"  # other devices may still need it
     assert cache.blob_outcome(b"new-deleted") == "message"
     assert not cache.seen_envelope(b"e-old") and cache.seen_envelope(b"e-new")
-    assert cache.deletable_blobs() == [b"old-kept"]  # its acknowledgement survived
+    assert cache.deletable_blobs(0) == [b"old-kept"]  # its acknowledgement survived
 
 
 def test_a_history_of_any_length_is_made_in_the_memory_of_one_chunk(

@@ -41,6 +41,9 @@ HISTORY_WANTED = "history-wanted"
 # State key: contacts (fingerprints, hex, JSON) confirmed verified on this device whose card
 # the other devices have yet to get (`confirm_verified`; posted by the next sync).
 CARDS_DUE = "cards-due"
+# A link offer's device is waited for by deletes (never listed) at most this long: the
+# code's hour, and an hour for a link made at its end to say hello.
+OFFER_HOLD_MS = 2 * 3_600_000
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS contacts(
   fingerprint BLOB PRIMARY KEY,
@@ -95,6 +98,10 @@ CREATE TABLE IF NOT EXISTS devices(
   device_id BLOB PRIMARY KEY,
   name TEXT NOT NULL,
   added_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS offered_devices(
+  device_id BLOB PRIMARY KEY,
+  until_ms INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS acks(
   blob_id BLOB NOT NULL,
@@ -321,7 +328,9 @@ class Cache:
             cur = self._db.execute(sql, params)
             return int(cur.rowcount)
 
-    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    def _rows(
+        self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()
+    ) -> list[tuple[Any, ...]]:
         return list(self._db.execute(sql, params).fetchall())
 
     def integrity_check(self) -> str:
@@ -676,13 +685,28 @@ class Cache:
     # -- devices and the acknowledgements that decide deletion ---------------------------
 
     def add_device(self, device_id: bytes, name: str, now_ms: int) -> bool:
-        return (
-            self._write(
+        """A device of this identity (linked: it said hello, or a history or link listed
+        it); an offer for it ends."""
+        with self.transaction():
+            self._db.execute("DELETE FROM offered_devices WHERE device_id = ?", (device_id,))
+            added = self._db.execute(
                 "INSERT OR IGNORE INTO devices(device_id, name, added_ms) VALUES (?, ?, ?)",
                 (device_id, name, now_ms),
             )
-            > 0
-        )
+            return int(added.rowcount) > 0
+
+    def add_offered(self, device_id: bytes, until_ms: int, now_ms: int) -> None:
+        """A link offer's device: not a device (`devices` never lists it), but deletes wait
+        for its acknowledgements until ``until_ms`` (at most OFFER_HOLD_MS from now), so a
+        code used late still finds what arrived after its history. Expired offers go."""
+        until = min(until_ms, now_ms + OFFER_HOLD_MS)
+        with self.transaction():
+            self._db.execute("DELETE FROM offered_devices WHERE until_ms <= ?", (now_ms,))
+            if not self._rows("SELECT 1 FROM devices WHERE device_id = ?", (device_id,)):
+                self._db.execute(
+                    "INSERT OR REPLACE INTO offered_devices(device_id, until_ms) VALUES (?, ?)",
+                    (device_id, until),
+                )
 
     def remove_device(self, device_id: bytes) -> None:
         """A device that never came (a link code nobody used): deletes stop waiting for it."""
@@ -708,18 +732,24 @@ class Cache:
                         (ack_blob, blob),
                     )
 
-    def deletable_blobs(self) -> list[bytes]:
-        """Blobs every known device acknowledged, and acknowledgements that only cover such
-        blobs (once every device holds a blob, nobody needs to hear who holds it)."""
+    def deletable_blobs(self, now_ms: int) -> list[bytes]:
+        """Blobs every known device, and every device a live link offer may make,
+        acknowledged, and acknowledgements that only cover such blobs (once every device
+        holds a blob, nobody needs to hear who holds it)."""
+        waited = (
+            "SELECT device_id FROM devices UNION"
+            " SELECT device_id FROM offered_devices WHERE until_ms > :now"
+        )
         done = (
             "SELECT blob_id FROM acks GROUP BY blob_id"
-            " HAVING count(DISTINCT device_id) >= (SELECT count(*) FROM devices)"
+            f" HAVING count(DISTINCT device_id) >= (SELECT count(*) FROM ({waited}))"
         )
         rows = self._rows(
             f"SELECT blob_id FROM blobs WHERE deleted = 0 AND blob_id IN ({done})"
             " UNION SELECT ack_blob FROM ack_blobs a WHERE NOT EXISTS (SELECT 1 FROM ack_blobs b"
             f" WHERE b.ack_blob = a.ack_blob AND b.covers NOT IN ({done}))"
-            " AND a.ack_blob IN (SELECT blob_id FROM blobs WHERE deleted = 0)"
+            " AND a.ack_blob IN (SELECT blob_id FROM blobs WHERE deleted = 0)",
+            {"now": now_ms},
         )
         return [bytes(r[0]) for r in rows]
 

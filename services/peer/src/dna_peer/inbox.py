@@ -365,7 +365,14 @@ class Inbox:
         return apply
 
     def _plan_hello(self, hello: DeviceHello) -> Apply:
+        """A device of this identity says hello (it is one from now on); or a link offer
+        names the device its code would make: waited for by deletes, not a device yet (a
+        code never used leaves none behind)."""
+
         def apply() -> str:
+            if hello.offered_until_ms:
+                self.cache.add_offered(hello.device_id, hello.offered_until_ms, self.clock())
+                return "device"
             self.cache.add_device(hello.device_id, hello.device_name, self.clock())
             if hello.wants_history and hello.device_id != self.owner.device.device_id:
                 self.report.history_wanted = True

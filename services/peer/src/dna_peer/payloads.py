@@ -60,6 +60,7 @@ class DeviceHello:
     device_id: bytes
     device_name: str
     wants_history: bool = False
+    offered_until_ms: int = 0  # a link offer's device, not one yet (envelope.proto)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +133,8 @@ def _read(marker: envelope_pb2.ReadMarker) -> ReadMarker:
 
 
 def _hello(hello: envelope_pb2.DeviceHello) -> DeviceHello:
-    return DeviceHello(hello.device_id, hello.device_name, hello.wants_history)
+    return DeviceHello(hello.device_id, hello.device_name, hello.wants_history,
+                       hello.offered_until_ms)  # fmt: skip
 
 
 def _transcript(item: envelope_pb2.SyncTranscript) -> Transcript:

@@ -67,7 +67,9 @@ PRUNED = "pruned"  # cache state: when the bookkeeping was last pruned
 REPLAY_WINDOW_MS = ReplayGuard().max_age_ms + DAY_MS  # what open_envelope accepts, + a day
 BLOB_MEMORY_MS = 32 * DAY_MS  # a deleted blob cannot come back after its TTL (30 days)
 RECOVERY_WAIT_MS = 7 * DAY_MS  # a device silent this long after a history request is gone
-OFFERED = "offered-devices"  # cache state: devices a link offer announced, not heard from yet
+# Cache state a dna from before `Cache.add_offered` left: devices a link offer registered
+# at once (listed, and announced to the other devices), not heard from yet.
+OFFERED = "offered-devices"
 # Cache state of a device made by `identity link CODE`: the offer it used (the code's
 # throwaway identity and the blobs), until the offer is deleted from the replicas.
 USED_LINK_OFFER = "used-link-offer"
@@ -839,7 +841,7 @@ class Peer:
                 return 0, None
             log.warning("no other device answered in a week: assuming this one is alone")
             self.cache.clear_state(RECOVERING)
-        deletable = self.cache.deletable_blobs()
+        deletable = self.cache.deletable_blobs(now_ms())
         if not deletable or time.monotonic() < self._deletes_refused_until:
             return 0, None
         result = await self.mail.delete(self.identity, deletable)
@@ -879,17 +881,11 @@ class Peer:
         self.cache.clear_state(USED_LINK_OFFER)
         return True
 
-    def note_offered(self, device_id: bytes) -> None:
-        """A link offer announced ``device_id`` (deletes wait for it from now on): noted, so
-        that if its code is never used the wait ends (`_drop_unused_offers`)."""
-        offered = json.loads(self.cache.get_state(OFFERED) or b"{}")
-        offered[device_id.hex()] = now_ms()
-        self.cache.set_state(OFFERED, json.dumps(offered).encode())
-
     def _drop_unused_offers(self) -> None:
-        """A device a link offer announced counts once it acknowledged something; one that
-        did not within OFFER_UNUSED_MS never came (the code expired unused) and is dropped:
-        deletes waited for its acknowledgements forever, so the mailbox filled up."""
+        """A cache from before `Cache.add_offered`: a link offer registered its device at
+        once. One that acknowledged something came; one that did not within OFFER_UNUSED_MS
+        never came (the code expired unused) and is dropped: deletes waited for its
+        acknowledgements forever, so the mailbox filled up."""
         raw = self.cache.get_state(OFFERED)
         if raw is None:
             return
