@@ -316,6 +316,26 @@ def test_a_card_verifies_on_every_device_and_never_un_verifies(
     asyncio.run(go())
 
 
+def test_a_history_naming_many_unknown_peers_costs_a_bounded_number_of_lookups(
+    bob_inbox: Setup, bob: Identity
+) -> None:
+    """Every transcript's peer without a card was looked up, one DHT query each, in
+    turn: a history chunk naming 1,000 strangers was 1,000 queries (34 ms each on a local
+    testnet). Now the round's MAX_SENDER_LOOKUPS, and every message is still kept."""
+
+    async def go() -> None:
+        s = bob_inbox
+        sent = [pb.SyncTranscript(original_recipient=os.urandom(32),
+                                  original_message_id=os.urandom(16), original_timestamp_ms=5,
+                                  payload=text(f"to stranger {i}"))
+                for i in range(3 * MAX_SENDER_LOOKUPS)]  # fmt: skip
+        await s.handle(sealed(bob, bob, payload(history=pb.History(messages=sent)), s.clock()))
+        assert s.reasons() == [] and s.cache.message_count() == len(sent)
+        assert len(s.owner.lookups) == MAX_SENDER_LOOKUPS
+
+    asyncio.run(go())
+
+
 def test_the_own_rotation_is_reported_not_adopted(bob_inbox: Setup, bob: Identity) -> None:
     async def go() -> None:
         s = bob_inbox

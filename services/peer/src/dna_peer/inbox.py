@@ -205,6 +205,15 @@ class Inbox:
         self._looked_up[fingerprint] = keys
         return keys
 
+    async def _lookup_within_budget(self, fingerprint: bytes) -> PublicKeySet | None:
+        """A transcript's peer that no card named: looked up within the round's
+        MAX_SENDER_LOOKUPS, else not (None). A history chunk (150 KiB) can name a thousand
+        peers, each a DHT query; the transcript is kept either way, and the peer is pinned
+        by its next message or card."""
+        if fingerprint not in self._looked_up and len(self._looked_up) >= MAX_SENDER_LOOKUPS:
+            return None
+        return await self._lookup(fingerprint)
+
     def _open_with(
         self, blob: bytes, resolve: Callable[[bytes], PublicKeySet | None]
     ) -> OpenedMessage:
@@ -393,7 +402,7 @@ class Inbox:
         peers = {t.original_sender or t.original_recipient for t in items}
         unknown = {fp for fp in peers if self.cache.contact(fp) is None} - names.keys()
         for fp in unknown:  # keys of a peer only another device knew
-            keys = await self.owner.lookup_keys(fp)
+            keys = await self._lookup_within_budget(fp)
             contacts += [keys] if keys else []
 
         def apply() -> str:
