@@ -712,6 +712,10 @@ class Cache:
         """A device that never came (a link code nobody used): deletes stop waiting for it."""
         self._write("DELETE FROM devices WHERE device_id = ?", (device_id,))
 
+    def offers_pending(self, now_ms: int) -> bool:
+        """Is a link offer live (its device may come: what this device sends, it mirrors)?"""
+        return bool(self._rows("SELECT 1 FROM offered_devices WHERE until_ms > ?", (now_ms,)))
+
     def acked_by(self, device_id: bytes) -> bool:
         """Has ``device_id`` acknowledged anything (is it a device that runs)?"""
         return bool(self._rows("SELECT 1 FROM acks WHERE device_id = ? LIMIT 1", (device_id,)))

@@ -539,7 +539,9 @@ class Peer:
         await self.send_payload(self.identity.public, payload.SerializeToString(), with_keys=False)
 
     def _has_other_devices(self) -> bool:
-        return len(self.cache.devices()) > 1
+        """Another device, or one a live link offer may make (linked, it reads the own
+        mailbox from its start: what this device sent meanwhile must be there)."""
+        return len(self.cache.devices()) > 1 or self.cache.offers_pending(now_ms())
 
     async def mark_read(self, contact: Contact) -> bool:
         """Mark a conversation read up to its newest message, on every device."""
