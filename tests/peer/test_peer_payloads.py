@@ -95,6 +95,9 @@ def test_transcripts_nested_deep_decode_one_level_only() -> None:
         (raw(text=pb.Text(body="x")) + b"\x58\x01", "payload: non-canonical encoding"),
         (b"\x00" * (192 * 1024 + 1), "bytes exceeds the 196608-byte cap"),
         (raw(sync=pb.SyncTranscript(payload=b"\xff")), "transcript payload: not a valid"),
+        (raw(device=pb.DeviceHello(device_name="x")), "a device ID has 16 bytes, not 0"),
+        (raw(ack=pb.DeviceAck(device_id=b"d" * 17)), "a device ID has 16 bytes, not 17"),
+        (raw(history=pb.History(devices=[pb.DeviceHello(device_id=b"d")])), "16 bytes, not 1"),
     ],
 )
 def test_what_does_not_decode_is_malformed(data: bytes, reason: str) -> None:

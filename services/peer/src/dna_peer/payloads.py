@@ -16,7 +16,10 @@ from typing import ClassVar
 
 from dna_core.crypto import PublicKeySet
 from dna_core.crypto.envelope import MAX_PAYLOAD_BYTES
+from dna_core.errors import MalformedError
 from dna_core.wire import decode_message, envelope_pb2
+
+from dna_peer.profile import DEVICE_ID_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +135,16 @@ def _read(marker: envelope_pb2.ReadMarker) -> ReadMarker:
     return ReadMarker(marker.conversation_id, marker.read_up_to_ms)
 
 
+def _device_id(raw: bytes) -> bytes:
+    """Every device ID is DEVICE_ID_SIZE bytes: another (an empty one) would be one more
+    device that deletes wait for and that never acknowledges anything."""
+    if len(raw) != DEVICE_ID_SIZE:
+        raise MalformedError(f"payload: a device ID has {DEVICE_ID_SIZE} bytes, not {len(raw)}")
+    return raw
+
+
 def _hello(hello: envelope_pb2.DeviceHello) -> DeviceHello:
-    return DeviceHello(hello.device_id, hello.device_name, hello.wants_history,
+    return DeviceHello(_device_id(hello.device_id), hello.device_name, hello.wants_history,
                        hello.offered_until_ms)  # fmt: skip
 
 
@@ -169,7 +180,7 @@ _DECODERS: dict[str, Callable[[envelope_pb2.Payload], Payload]] = {
     "read": lambda m: _read(m.read),
     "link": lambda m: _link(m.link),
     "device": lambda m: _hello(m.device),
-    "ack": lambda m: DeviceAck(m.ack.device_id, tuple(m.ack.blob_ids)),
+    "ack": lambda m: DeviceAck(_device_id(m.ack.device_id), tuple(m.ack.blob_ids)),
     "history": lambda m: _history(m.history),
     "rotation": lambda m: Rotation(m.rotation.statement, m.rotation.new_seeds),
 }
