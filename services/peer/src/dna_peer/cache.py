@@ -712,6 +712,15 @@ class Cache:
         """A device that never came (a link code nobody used): deletes stop waiting for it."""
         self._write("DELETE FROM devices WHERE device_id = ?", (device_id,))
 
+    def offered_devices(self) -> dict[bytes, int]:
+        """Link offers noted (`add_offered`), live or expired: device ID -> until (ms)."""
+        rows = self._rows("SELECT device_id, until_ms FROM offered_devices")
+        return {bytes(r[0]): int(r[1]) for r in rows}
+
+    def drop_expired_offers(self, now_ms: int) -> None:
+        """An offer whose code was never used leaves nothing behind (daily upkeep)."""
+        self._write("DELETE FROM offered_devices WHERE until_ms <= ?", (now_ms,))
+
     def offers_pending(self, now_ms: int) -> bool:
         """Is a link offer live (its device may come: what this device sends, it mirrors)?"""
         return bool(self._rows("SELECT 1 FROM offered_devices WHERE until_ms > ?", (now_ms,)))

@@ -229,6 +229,7 @@ class Peer:
         if now_ms() - last >= DAY_MS:
             self.cache.prune(envelopes_before_ms=now_ms() - REPLAY_WINDOW_MS,
                              deleted_blobs_before_ms=now_ms() - BLOB_MEMORY_MS)  # fmt: skip
+            self.cache.drop_expired_offers(now_ms())
             self.cache.set_state(PRUNED, str(now_ms()).encode())
 
     async def republish_if_due(self) -> bool:
