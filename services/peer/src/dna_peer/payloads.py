@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from dna_core.crypto import PublicKeySet
-from dna_core.crypto.envelope import MAX_PAYLOAD_BYTES
+from dna_core.crypto import primitives as p
+from dna_core.crypto.envelope import MAX_PAYLOAD_BYTES, MESSAGE_ID_SIZE
 from dna_core.errors import MalformedError
 from dna_core.wire import decode_message, envelope_pb2
 
@@ -154,8 +155,19 @@ def _transcript(item: envelope_pb2.SyncTranscript) -> Transcript:
     inner = decode_message(envelope_pb2.Payload, item.payload, max_size=MAX_PAYLOAD_BYTES,
                            what="transcript payload")  # fmt: skip
     text = _text(inner.text)
+    _sized("transcript: message ID", item.original_message_id, MESSAGE_ID_SIZE)
+    _sized("transcript: recipient", item.original_recipient, p.FINGERPRINT_SIZE)
+    if item.original_sender:  # empty: this identity sent it
+        _sized("transcript: sender", item.original_sender, p.FINGERPRINT_SIZE)
     return Transcript(item.original_recipient, item.original_message_id,
                       item.original_timestamp_ms, text, item.original_sender)  # fmt: skip
+
+
+def _sized(what: str, raw: bytes, size: int) -> None:
+    """A transcript names an envelope's message ID and fingerprints, which have one size:
+    another (an empty one) is a message in a conversation with nobody."""
+    if len(raw) != size:
+        raise MalformedError(f"payload: {what} has {size} bytes, not {len(raw)}")
 
 
 def _history(history: envelope_pb2.History) -> History:
