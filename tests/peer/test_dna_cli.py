@@ -357,6 +357,8 @@ def test_two_people_and_a_second_device(testnet: Testnet, tmp_path: Path) -> Non
     assert synced["messages_in_cache"] == 2
     (hit,) = ok(dna(laptop, "--json", "search", "LIVE"))  # from the cache, offline
     assert hit["text"] == "live"
+    (card,) = ok(dna(laptop, "--json", "contacts", "list"))  # the history's card
+    assert card["verified"] is True  # confirmed on the phone before the link
 
 
 def _pair(testnet: Testnet, tmp_path: Path) -> tuple[Path, Path, str, str]:

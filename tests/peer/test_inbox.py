@@ -287,6 +287,55 @@ def test_a_history_restores_contacts_messages_and_ends_the_recovery(
     asyncio.run(go())
 
 
+def test_a_card_verifies_on_every_device_and_never_un_verifies(
+    bob_inbox: Setup, alice: Identity, carol: Identity, bob: Identity
+) -> None:
+    """`contacts verify --confirm` on another device arrives as a card saying verified: it
+    verifies the pinned keys here (or pins them verified); a card that does not say so (an
+    older history, arriving late) leaves a verified contact verified."""
+
+    async def go() -> None:
+        s = bob_inbox
+        s.cache.pin(Contact(alice.fingerprint, alice.public, "alice", False, 1, alice.fingerprint))
+
+        async def cards(*items: tuple[Identity, str, bool]) -> None:
+            history = pb.History(
+                contacts=[
+                    pb.ContactCard(keys=who.public.to_proto(), name=name, verified=v)
+                    for who, name, v in items
+                ]
+            )
+            await s.handle(sealed(bob, bob, payload(history=history), s.clock()))
+
+        await cards((alice, "alice", True), (carol, "carol", True))
+        await cards((alice, "alice", False), (carol, "carol", False))  # late, older
+        assert s.reasons() == []
+        verified = sorted((c.name or "", c.verified) for c in s.cache.contacts())
+        assert verified == [("alice", True), ("carol", True)]
+
+    asyncio.run(go())
+
+
+def test_a_history_naming_many_unknown_peers_costs_a_bounded_number_of_lookups(
+    bob_inbox: Setup, bob: Identity
+) -> None:
+    """Every transcript's peer without a card was looked up, one DHT query each, in
+    turn: a history chunk naming 1,000 strangers was 1,000 queries (34 ms each on a local
+    testnet). Now the round's MAX_SENDER_LOOKUPS, and every message is still kept."""
+
+    async def go() -> None:
+        s = bob_inbox
+        sent = [pb.SyncTranscript(original_recipient=os.urandom(32),
+                                  original_message_id=os.urandom(16), original_timestamp_ms=5,
+                                  payload=text(f"to stranger {i}"))
+                for i in range(3 * MAX_SENDER_LOOKUPS)]  # fmt: skip
+        await s.handle(sealed(bob, bob, payload(history=pb.History(messages=sent)), s.clock()))
+        assert s.reasons() == [] and s.cache.message_count() == len(sent)
+        assert len(s.owner.lookups) == MAX_SENDER_LOOKUPS
+
+    asyncio.run(go())
+
+
 def test_the_own_rotation_is_reported_not_adopted(bob_inbox: Setup, bob: Identity) -> None:
     async def go() -> None:
         s = bob_inbox
@@ -312,6 +361,40 @@ def test_a_contact_s_rotation_moves_the_pin(
         await s.handle(sealed(alice, bob, payload(rotation=rotation), s.clock()))
         moved = s.cache.contact_named("alice")
         assert moved is not None and moved.fingerprint == new.fingerprint
+
+    asyncio.run(go())
+
+
+def test_a_key_its_contact_rotated_away_from_writes_no_more(
+    bob_inbox: Setup, alice: Identity, bob: Identity
+) -> None:
+    """Once the rotation is seen, the old key (a stolen device, a leaked backup) is refused
+    for messages, whatever time it signs; the new key is accepted, and a receipt from the
+    old key still marks delivered what was sent to that key (the old mailbox's drain)."""
+
+    async def go() -> None:
+        s = bob_inbox
+        s.cache.pin(Contact(alice.fingerprint, alice.public, "alice", True, 1, alice.fingerprint))
+        new = Identity.generate()
+        rotation = pb.IdentityRotation(statement=keyserver.rotation_record(alice, new))
+        before = sealed(alice, bob, text("sent before the rotation"), s.clock.now - 1_000)
+        await s.handle(sealed(alice, bob, payload(rotation=rotation), s.clock()))
+        await s.handle(before)  # late: the rotation was seen first
+        await s.handle(sealed(alice, bob, text("from the stolen phone"), s.clock()))
+        assert (
+            s.reasons()
+            == [
+                f"sender: a key its owner rotated away from (now {new.fingerprint.hex()[:16]}):"
+                " refused"
+            ]
+            * 2
+        )
+        assert s.cache.message_count() == 0 and s.inbox.report.receipts_due == []
+        await s.handle(sealed(new, bob, text("from the new keys"), s.clock()))
+        assert [m.body for m in s.cache.messages()] == ["from the new keys"]
+        receipt = payload(receipt=pb.DeliveryReceipt(message_ids=[b"m" * 16]))
+        await s.handle(sealed(alice, bob, receipt, s.clock()))
+        assert len(s.reasons()) == 2
 
     asyncio.run(go())
 

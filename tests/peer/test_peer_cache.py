@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 from dna_core.crypto import Identity
 from dna_core.errors import WrongPassphraseError
-from dna_peer.cache import PAGE_BYTES, Cache, CacheDamagedError, Contact, Message, cache_key
+from dna_peer.cache import (
+    OFFER_HOLD_MS,
+    PAGE_BYTES,
+    Cache,
+    CacheDamagedError,
+    Contact,
+    Message,
+    cache_key,
+)
 from dna_peer.peer import HISTORY_CHUNK_BYTES, history_chunks
 
 DEVICE_A, DEVICE_B = b"a" * 16, b"b" * 16
@@ -127,17 +135,38 @@ def test_blobs_are_deletable_once_every_device_acknowledged(cache: Cache) -> Non
     for blob in (b"x", b"y", b"ack1", b"ack2"):
         cache.record_blob(blob, "message", 1)
     cache.add_acks(DEVICE_A, [b"x", b"y"], None)
-    assert cache.deletable_blobs() == []  # the laptop has not said it holds them
+    assert cache.deletable_blobs(0) == []  # the laptop has not said it holds them
     cache.add_acks(DEVICE_B, [b"x"], b"ack1")
     # x is everywhere, so the acknowledgement that only covers x is not needed either
-    assert sorted(cache.deletable_blobs()) == [b"ack1", b"x"]
+    assert sorted(cache.deletable_blobs(0)) == [b"ack1", b"x"]
     cache.mark_deleted([b"x", b"ack1"])
     cache.add_acks(DEVICE_B, [b"y", b"z"], b"ack2")  # z: a blob device A has not seen yet
-    assert cache.deletable_blobs() == [b"y"]  # ack2 still tells A that B holds z
+    assert cache.deletable_blobs(0) == [b"y"]  # ack2 still tells A that B holds z
     cache.mark_deleted([b"y"])
     cache.add_acks(DEVICE_A, [b"z"], None)
     cache.record_blob(b"z", "message", 1)
-    assert sorted(cache.deletable_blobs()) == [b"ack2", b"z"]
+    assert sorted(cache.deletable_blobs(0)) == [b"ack2", b"z"]
+
+
+def test_a_link_offer_is_waited_for_never_listed_and_leaves_nothing(cache: Cache) -> None:
+    """An offer's device holds up deletes while its code may be used (at most OFFER_HOLD_MS,
+    whatever the offer asks), is never a device until its hello, and once expired goes."""
+    cache.add_device(DEVICE_A, "phone", 1)
+    cache.record_blob(b"x", "message", 1)
+    cache.add_acks(DEVICE_A, [b"x"], None)
+    cache.add_offered(DEVICE_B, 2**62, 1_000)  # asks for forever: capped
+    assert cache.offered_devices() == {DEVICE_B: 1_000 + OFFER_HOLD_MS}
+    assert list(cache.devices()) == [DEVICE_A] and cache.offers_pending(1_000)
+    assert cache.deletable_blobs(1_000) == []  # the new device may still come
+    assert cache.deletable_blobs(1_000 + OFFER_HOLD_MS) == [b"x"]  # its code is long gone
+    cache.drop_expired_offers(1_000 + OFFER_HOLD_MS)
+    assert cache.offered_devices() == {} and not cache.offers_pending(1_000)
+
+    cache.add_offered(DEVICE_B, 5_000, 1_000)
+    cache.add_device(DEVICE_B, "laptop", 2_000)  # its hello: a device, the offer done
+    assert cache.offered_devices() == {} and set(cache.devices()) == {DEVICE_A, DEVICE_B}
+    cache.add_offered(DEVICE_B, 5_000, 3_000)  # the offer's hello arriving after: ignored
+    assert cache.offered_devices() == {}
 
 
 def test_a_failed_transaction_leaves_nothing(cache: Cache, me: Identity, bob: Identity) -> None:
@@ -161,7 +190,7 @@ def test_pruning_forgets_only_what_cannot_matter_any_more(cache: Cache) -> None:
     assert cache.blob_outcome(b"old-kept") == "message"  # other devices may still need it
     assert cache.blob_outcome(b"new-deleted") == "message"
     assert not cache.seen_envelope(b"e-old") and cache.seen_envelope(b"e-new")
-    assert cache.deletable_blobs() == [b"old-kept"]  # its acknowledgement survived
+    assert cache.deletable_blobs(0) == [b"old-kept"]  # its acknowledgement survived
 
 
 def test_a_history_of_any_length_is_made_in_the_memory_of_one_chunk(

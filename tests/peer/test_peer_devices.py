@@ -66,6 +66,31 @@ def dna(home: Path, net: Testnet, *args: str, env: dict[str, str] | None = None
     return run_script("dna", "--home", str(home), "--bootstrap", seeds, *args, env=env)
 
 
+def test_a_verification_confirmed_on_one_device_reaches_the_others(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    """`contacts verify --confirm` writes the cache alone (no network); the card saying
+    verified is queued with it and posted by the next sync, and the other device takes it."""
+
+    async def scenario() -> None:
+        people = People(tmp_path, testnet.seeds)
+        phone, carol = await people.new("bob"), await people.new("carol")
+        offer = await offer_link(phone, "laptop")
+        laptop = await accept_link(people.profile("laptop"), offer.code, PASSPHRASE,
+                                   people.seeds)  # fmt: skip
+        await phone.sync()  # the laptop's hello: two devices
+        contact = await phone.add_contact(people.name("carol"))
+        phone.cache.confirm_verified(contact.fingerprint)  # what `--confirm` does, offline
+        await phone.sync()  # posts the card
+        assert phone.cache.cards_due() == []
+        await laptop.sync()
+        on_laptop = laptop.find_contact(people.name("carol"))
+        assert on_laptop.verified and on_laptop.fingerprint == carol.fingerprint
+        await asyncio.gather(phone.close(), laptop.close(), carol.close())
+
+    asyncio.run(scenario())
+
+
 def test_a_wrong_or_used_link_code_fails_fast_before_any_passphrase(
     testnet: Testnet, tmp_path: Path
 ) -> None:

@@ -75,7 +75,8 @@ def test_every_kind_decodes_to_its_type_with_every_field(alice: Identity) -> Non
 
 
 def test_a_transcript_of_another_kind_stands_for_an_empty_text() -> None:
-    inner = pb.SyncTranscript(original_message_id=b"m" * 16, payload=raw(read=pb.ReadMarker()))
+    inner = pb.SyncTranscript(original_recipient=b"r" * 32, original_message_id=b"m" * 16,
+                              payload=raw(read=pb.ReadMarker()))  # fmt: skip
     decoded = decode_payload(raw(sync=inner))
     assert isinstance(decoded, Transcript) and decoded.text == Text("")
 
@@ -84,6 +85,8 @@ def test_transcripts_nested_deep_decode_one_level_only() -> None:
     data = text("deep")
     for _ in range(3_000):  # far past Python's recursion limit, well under the size cap
         data = raw(sync=pb.SyncTranscript(payload=data))
+    data = raw(sync=pb.SyncTranscript(original_recipient=b"r" * 32,
+                                      original_message_id=b"m" * 16, payload=data))  # fmt: skip
     decoded = decode_payload(data)
     assert isinstance(decoded, Transcript) and decoded.text == Text("")
 
@@ -95,6 +98,25 @@ def test_transcripts_nested_deep_decode_one_level_only() -> None:
         (raw(text=pb.Text(body="x")) + b"\x58\x01", "payload: non-canonical encoding"),
         (b"\x00" * (192 * 1024 + 1), "bytes exceeds the 196608-byte cap"),
         (raw(sync=pb.SyncTranscript(payload=b"\xff")), "transcript payload: not a valid"),
+        (raw(sync=pb.SyncTranscript(original_recipient=b"r" * 32)), "message ID has 16 bytes"),
+        (raw(sync=pb.SyncTranscript(original_message_id=b"m" * 16)), "recipient has 32 bytes"),
+        (
+            raw(
+                history=pb.History(
+                    messages=[
+                        pb.SyncTranscript(
+                            original_recipient=b"r" * 32,
+                            original_message_id=b"m" * 16,
+                            original_sender=b"s",
+                        )
+                    ]
+                )
+            ),
+            "sender has 32 bytes, not 1",
+        ),
+        (raw(device=pb.DeviceHello(device_name="x")), "a device ID has 16 bytes, not 0"),
+        (raw(ack=pb.DeviceAck(device_id=b"d" * 17)), "a device ID has 16 bytes, not 17"),
+        (raw(history=pb.History(devices=[pb.DeviceHello(device_id=b"d")])), "16 bytes, not 1"),
     ],
 )
 def test_what_does_not_decode_is_malformed(data: bytes, reason: str) -> None:

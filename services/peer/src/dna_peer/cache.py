@@ -15,6 +15,7 @@ the whole unit or nothing, and redoing it adds no duplicates.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +38,12 @@ RECOVERING = "recovering"
 # State key: this device lost its cache and has not yet asked the others for the history
 # (set with RECOVERING when the lost cache is made again, cleared once the ask is posted).
 HISTORY_WANTED = "history-wanted"
+# State key: contacts (fingerprints, hex, JSON) confirmed verified on this device whose card
+# the other devices have yet to get (`confirm_verified`; posted by the next sync).
+CARDS_DUE = "cards-due"
+# A link offer's device is waited for by deletes (never listed) at most this long: the
+# code's hour, and an hour for a link made at its end to say hello.
+OFFER_HOLD_MS = 2 * 3_600_000
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS contacts(
   fingerprint BLOB PRIMARY KEY,
@@ -91,6 +98,10 @@ CREATE TABLE IF NOT EXISTS devices(
   device_id BLOB PRIMARY KEY,
   name TEXT NOT NULL,
   added_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS offered_devices(
+  device_id BLOB PRIMARY KEY,
+  until_ms INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS acks(
   blob_id BLOB NOT NULL,
@@ -317,7 +328,9 @@ class Cache:
             cur = self._db.execute(sql, params)
             return int(cur.rowcount)
 
-    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    def _rows(
+        self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()
+    ) -> list[tuple[Any, ...]]:
         return list(self._db.execute(sql, params).fetchall())
 
     def integrity_check(self) -> str:
@@ -419,6 +432,27 @@ class Cache:
         self._write(
             "UPDATE contacts SET verified = ? WHERE fingerprint = ?", (int(verified), fingerprint)
         )
+
+    def confirm_verified(self, fingerprint: bytes) -> None:
+        """`contacts verify --confirm`: verified here, and its card queued for the other
+        devices in the same transaction (posted by the next sync, so confirming needs no
+        network and a post that fails is tried again)."""
+        with self.transaction():
+            self.set_verified(fingerprint, True)
+            due = set(self.cards_due()) | {fingerprint}
+            self.set_state(CARDS_DUE, json.dumps(sorted(f.hex() for f in due)).encode())
+
+    def cards_due(self) -> list[bytes]:
+        return [bytes.fromhex(f) for f in json.loads(self.get_state(CARDS_DUE) or b"[]")]
+
+    def cards_posted(self, fingerprints: list[bytes]) -> None:
+        """These cards reached the own mailbox (a confirmation since then stays due)."""
+        with self.transaction():
+            due = set(self.cards_due()) - set(fingerprints)
+            if due:
+                self.set_state(CARDS_DUE, json.dumps(sorted(f.hex() for f in due)).encode())
+            else:
+                self.clear_state(CARDS_DUE)
 
     def replace_contact(self, old: Contact, new_keys: PublicKeySet, now_ms: int) -> Contact:
         """A verified key rotation: the new keys take over the name and the conversation."""
@@ -651,17 +685,45 @@ class Cache:
     # -- devices and the acknowledgements that decide deletion ---------------------------
 
     def add_device(self, device_id: bytes, name: str, now_ms: int) -> bool:
-        return (
-            self._write(
+        """A device of this identity (linked: it said hello, or a history or link listed
+        it); an offer for it ends."""
+        with self.transaction():
+            self._db.execute("DELETE FROM offered_devices WHERE device_id = ?", (device_id,))
+            added = self._db.execute(
                 "INSERT OR IGNORE INTO devices(device_id, name, added_ms) VALUES (?, ?, ?)",
                 (device_id, name, now_ms),
             )
-            > 0
-        )
+            return int(added.rowcount) > 0
+
+    def add_offered(self, device_id: bytes, until_ms: int, now_ms: int) -> None:
+        """A link offer's device: not a device (`devices` never lists it), but deletes wait
+        for its acknowledgements until ``until_ms`` (at most OFFER_HOLD_MS from now), so a
+        code used late still finds what arrived after its history. Expired offers go."""
+        until = min(until_ms, now_ms + OFFER_HOLD_MS)
+        with self.transaction():
+            self._db.execute("DELETE FROM offered_devices WHERE until_ms <= ?", (now_ms,))
+            if not self._rows("SELECT 1 FROM devices WHERE device_id = ?", (device_id,)):
+                self._db.execute(
+                    "INSERT OR REPLACE INTO offered_devices(device_id, until_ms) VALUES (?, ?)",
+                    (device_id, until),
+                )
 
     def remove_device(self, device_id: bytes) -> None:
         """A device that never came (a link code nobody used): deletes stop waiting for it."""
         self._write("DELETE FROM devices WHERE device_id = ?", (device_id,))
+
+    def offered_devices(self) -> dict[bytes, int]:
+        """Link offers noted (`add_offered`), live or expired: device ID -> until (ms)."""
+        rows = self._rows("SELECT device_id, until_ms FROM offered_devices")
+        return {bytes(r[0]): int(r[1]) for r in rows}
+
+    def drop_expired_offers(self, now_ms: int) -> None:
+        """An offer whose code was never used leaves nothing behind (daily upkeep)."""
+        self._write("DELETE FROM offered_devices WHERE until_ms <= ?", (now_ms,))
+
+    def offers_pending(self, now_ms: int) -> bool:
+        """Is a link offer live (its device may come: what this device sends, it mirrors)?"""
+        return bool(self._rows("SELECT 1 FROM offered_devices WHERE until_ms > ?", (now_ms,)))
 
     def acked_by(self, device_id: bytes) -> bool:
         """Has ``device_id`` acknowledged anything (is it a device that runs)?"""
@@ -683,18 +745,24 @@ class Cache:
                         (ack_blob, blob),
                     )
 
-    def deletable_blobs(self) -> list[bytes]:
-        """Blobs every known device acknowledged, and acknowledgements that only cover such
-        blobs (once every device holds a blob, nobody needs to hear who holds it)."""
+    def deletable_blobs(self, now_ms: int) -> list[bytes]:
+        """Blobs every known device, and every device a live link offer may make,
+        acknowledged, and acknowledgements that only cover such blobs (once every device
+        holds a blob, nobody needs to hear who holds it)."""
+        waited = (
+            "SELECT device_id FROM devices UNION"
+            " SELECT device_id FROM offered_devices WHERE until_ms > :now"
+        )
         done = (
             "SELECT blob_id FROM acks GROUP BY blob_id"
-            " HAVING count(DISTINCT device_id) >= (SELECT count(*) FROM devices)"
+            f" HAVING count(DISTINCT device_id) >= (SELECT count(*) FROM ({waited}))"
         )
         rows = self._rows(
             f"SELECT blob_id FROM blobs WHERE deleted = 0 AND blob_id IN ({done})"
             " UNION SELECT ack_blob FROM ack_blobs a WHERE NOT EXISTS (SELECT 1 FROM ack_blobs b"
             f" WHERE b.ack_blob = a.ack_blob AND b.covers NOT IN ({done}))"
-            " AND a.ack_blob IN (SELECT blob_id FROM blobs WHERE deleted = 0)"
+            " AND a.ack_blob IN (SELECT blob_id FROM blobs WHERE deleted = 0)",
+            {"now": now_ms},
         )
         return [bytes(r[0]) for r in rows]
 

@@ -445,13 +445,14 @@ def _contacts_verify(args: argparse.Namespace) -> None:
     async def work(peer: Peer) -> None:
         contact = await peer.refresh_contact(peer.find_contact(args.who))
         _verify(args, peer.cache, peer.fingerprint, contact)
+        await peer.post_cards_due()  # online already: the other devices hear it now
 
     _with_peer(args, work, contact=args.who)
 
 
 def _verify(args: argparse.Namespace, cache: Cache, own: bytes, contact: Contact) -> None:
     if args.confirm:
-        cache.set_verified(contact.fingerprint, True)
+        cache.confirm_verified(contact.fingerprint)  # the other devices: at the next sync
         contact = cache.contact(contact.fingerprint) or contact
     elif not args.json:
         print("Compare this number with your contact (in person or on a call);")

@@ -205,6 +205,15 @@ class Inbox:
         self._looked_up[fingerprint] = keys
         return keys
 
+    async def _lookup_within_budget(self, fingerprint: bytes) -> PublicKeySet | None:
+        """A transcript's peer that no card named: looked up within the round's
+        MAX_SENDER_LOOKUPS, else not (None). A history chunk (150 KiB) can name a thousand
+        peers, each a DHT query; the transcript is kept either way, and the peer is pinned
+        by its next message or card."""
+        if fingerprint not in self._looked_up and len(self._looked_up) >= MAX_SENDER_LOOKUPS:
+            return None
+        return await self._lookup(fingerprint)
+
     def _open_with(
         self, blob: bytes, resolve: Callable[[bytes], PublicKeySet | None]
     ) -> OpenedMessage:
@@ -239,6 +248,7 @@ class Inbox:
 
     def _plan_text(self, opened: OpenedMessage, text: Text) -> Apply:
         sender = opened.sender
+        self._refuse_rotated_away(sender.fingerprint)
 
         def apply() -> str:
             contact = self.cache.contact(sender.fingerprint) or self._pin_stranger(sender)
@@ -252,6 +262,21 @@ class Inbox:
             return "message"
 
         return apply
+
+    def _refuse_rotated_away(self, fingerprint: bytes) -> None:
+        """A key its contact rotated away from writes no more messages, once this device
+        saw the rotation (the safe rule: the envelope's time is signed by that same key, so
+        a message "sent before the rotation" cannot be told from one backdated by whoever
+        holds the old key now: a stolen device, a leaked backup). A message the contact sent
+        just before rotating and that arrives after the rotation is refused too. Receipts
+        from the old key stay accepted: they only mark delivered what was sent to that key,
+        and the contact's devices drain the old mailbox for 30 days (docs/peer.md)."""
+        pinned = self.cache.contact(fingerprint)
+        if pinned is not None and pinned.replaced_by:
+            raise VerificationError(
+                "sender: a key its owner rotated away from"
+                f" (now {pinned.replaced_by.hex()[:16]}): refused"
+            )
 
     def owe_receipt(self, sender: PublicKeySet, message_id: bytes) -> None:
         """Add ``message_id`` to the receipts due to ``sender`` (one per sender per sync,
@@ -349,7 +374,14 @@ class Inbox:
         return apply
 
     def _plan_hello(self, hello: DeviceHello) -> Apply:
+        """A device of this identity says hello (it is one from now on); or a link offer
+        names the device its code would make: waited for by deletes, not a device yet (a
+        code never used leaves none behind)."""
+
         def apply() -> str:
+            if hello.offered_until_ms:
+                self.cache.add_offered(hello.device_id, hello.offered_until_ms, self.clock())
+                return "device"
             self.cache.add_device(hello.device_id, hello.device_name, self.clock())
             if hello.wants_history and hello.device_id != self.owner.device.device_id:
                 self.report.history_wanted = True
@@ -366,15 +398,17 @@ class Inbox:
     ) -> Apply:
         contacts = [card.keys for card in cards]
         names = {card.keys.fingerprint: card.name for card in cards}
+        verified = {card.keys.fingerprint for card in cards if card.verified}
         peers = {t.original_sender or t.original_recipient for t in items}
         unknown = {fp for fp in peers if self.cache.contact(fp) is None} - names.keys()
         for fp in unknown:  # keys of a peer only another device knew
-            keys = await self.owner.lookup_keys(fp)
+            keys = await self._lookup_within_budget(fp)
             contacts += [keys] if keys else []
 
         def apply() -> str:
             for keys in contacts:
-                self._pin_card(keys, names.get(keys.fingerprint) or None)
+                fp = keys.fingerprint
+                self._pin_card(keys, names.get(fp) or None, verified=fp in verified)
             for item in items:
                 self._add_transcript(item)
             for marker in read:
@@ -383,19 +417,25 @@ class Inbox:
 
         return apply
 
-    def _pin_card(self, keys: PublicKeySet, name: str | None) -> None:
+    def _pin_card(self, keys: PublicKeySet, name: str | None, *, verified: bool) -> None:
         """A contact card from another device of this identity: pin its keys, and its name
         unless this device gave the name to someone else. A contact already pinned without
-        a name (its message arrived before this card) takes the card's name too."""
+        a name (its message arrived before this card) takes the card's name too. A card
+        that says verified verifies these keys here too (the safety number belongs to the
+        fingerprint, the hash of the keys); one that does not never un-verifies: cards
+        arrive in any order, and only the user's own confirmation (or a key change, which
+        is another fingerprint) decides."""
         if name and self.cache.contact_named(name) is not None:
             name = None  # this device pinned the name to someone else: keep its pin
         known = self.cache.contact(keys.fingerprint)
         if known is None:
-            self.cache.pin(Contact(keys.fingerprint, keys, name, False, self.clock(),
+            self.cache.pin(Contact(keys.fingerprint, keys, name, verified, self.clock(),
                                    keys.fingerprint, chosen=True))  # fmt: skip
             return
         if name and not known.name:
             self.cache.set_contact_name(keys.fingerprint, name)
+        if verified and not known.verified:
+            self.cache.set_verified(keys.fingerprint, True)
         self.cache.choose(keys.fingerprint)  # added on another device of ours
 
     def _add_transcript(self, item: Transcript) -> None:

@@ -7,9 +7,11 @@ that throwaway identity, signed by the real identity with its keys inside, and
 puts it in the throwaway identity's mailbox for an hour. The new device derives
 the same throwaway identity from the typed code, fetches and opens the
 envelope, checks that the identity inside is the one that signed it, deletes
-the blob and starts with that identity. The existing device announces both
-devices to the own mailbox and posts its history there, so the new device
-converges and deletions wait for its acknowledgements from now on.
+the blob, starts with that identity and says hello to the other devices: from
+then on it is one of the identity's devices. The existing device posts its history
+to the own mailbox and tells the other devices of the offer, so the new device
+converges and deletions wait for its acknowledgements while the code may be used;
+a code never used leaves no device behind.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from dna_core.errors import DnaError, ProtocolError, VerificationError
 from dna_core.mailbox import MailboxClient
 from dna_core.wire import envelope_pb2
 
-from dna_peer.cache import Cache
+from dna_peer.cache import OFFER_HOLD_MS, Cache
 from dna_peer.keyserver import now_ms
 from dna_peer.network import join_overlay
 from dna_peer.payloads import DeviceLink, decode_payload
@@ -102,10 +104,13 @@ async def offer_link(peer: Peer, device_name: str) -> LinkOffer:
     envelope = seal(peer.identity, temp.public, envelope_pb2.Payload(link=link).SerializeToString(),
                     now_ms=now_ms(), include_sender_keys=True)  # fmt: skip
     await peer.mail.put(temp.fingerprint, envelope, ttl_s=LINK_TTL_S)
-    peer.cache.add_device(device_id, device_name, now_ms())  # its acks count from now on
-    peer.note_offered(device_id)  # ...unless the code is never used
+    # Not a device until it says hello (accept_link): until then only waited for by deletes,
+    # here and (the hello below) on the other devices, for as long as the code may be used.
+    until = now_ms() + OFFER_HOLD_MS
+    peer.cache.add_offered(device_id, until, now_ms())
     await peer.announce()
-    hello = envelope_pb2.DeviceHello(device_id=device_id, device_name=device_name)
+    hello = envelope_pb2.DeviceHello(device_id=device_id, device_name=device_name,
+                                     offered_until_ms=until)  # fmt: skip
     await peer.post_to_devices(envelope_pb2.Payload(device=hello))
     chunks = await peer.send_history()
     return LinkOffer(code, device_id, chunks)

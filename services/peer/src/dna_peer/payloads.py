@@ -15,8 +15,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from dna_core.crypto import PublicKeySet
-from dna_core.crypto.envelope import MAX_PAYLOAD_BYTES
+from dna_core.crypto import primitives as p
+from dna_core.crypto.envelope import MAX_PAYLOAD_BYTES, MESSAGE_ID_SIZE
+from dna_core.errors import MalformedError
 from dna_core.wire import decode_message, envelope_pb2
+
+from dna_peer.profile import DEVICE_ID_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +64,7 @@ class DeviceHello:
     device_id: bytes
     device_name: str
     wants_history: bool = False
+    offered_until_ms: int = 0  # a link offer's device, not one yet (envelope.proto)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +136,17 @@ def _read(marker: envelope_pb2.ReadMarker) -> ReadMarker:
     return ReadMarker(marker.conversation_id, marker.read_up_to_ms)
 
 
+def _device_id(raw: bytes) -> bytes:
+    """Every device ID is DEVICE_ID_SIZE bytes: another (an empty one) would be one more
+    device that deletes wait for and that never acknowledges anything."""
+    if len(raw) != DEVICE_ID_SIZE:
+        raise MalformedError(f"payload: a device ID has {DEVICE_ID_SIZE} bytes, not {len(raw)}")
+    return raw
+
+
 def _hello(hello: envelope_pb2.DeviceHello) -> DeviceHello:
-    return DeviceHello(hello.device_id, hello.device_name, hello.wants_history)
+    return DeviceHello(_device_id(hello.device_id), hello.device_name, hello.wants_history,
+                       hello.offered_until_ms)  # fmt: skip
 
 
 def _transcript(item: envelope_pb2.SyncTranscript) -> Transcript:
@@ -141,8 +155,19 @@ def _transcript(item: envelope_pb2.SyncTranscript) -> Transcript:
     inner = decode_message(envelope_pb2.Payload, item.payload, max_size=MAX_PAYLOAD_BYTES,
                            what="transcript payload")  # fmt: skip
     text = _text(inner.text)
+    _sized("transcript: message ID", item.original_message_id, MESSAGE_ID_SIZE)
+    _sized("transcript: recipient", item.original_recipient, p.FINGERPRINT_SIZE)
+    if item.original_sender:  # empty: this identity sent it
+        _sized("transcript: sender", item.original_sender, p.FINGERPRINT_SIZE)
     return Transcript(item.original_recipient, item.original_message_id,
                       item.original_timestamp_ms, text, item.original_sender)  # fmt: skip
+
+
+def _sized(what: str, raw: bytes, size: int) -> None:
+    """A transcript names an envelope's message ID and fingerprints, which have one size:
+    another (an empty one) is a message in a conversation with nobody."""
+    if len(raw) != size:
+        raise MalformedError(f"payload: {what} has {size} bytes, not {len(raw)}")
 
 
 def _history(history: envelope_pb2.History) -> History:
@@ -167,7 +192,7 @@ _DECODERS: dict[str, Callable[[envelope_pb2.Payload], Payload]] = {
     "read": lambda m: _read(m.read),
     "link": lambda m: _link(m.link),
     "device": lambda m: _hello(m.device),
-    "ack": lambda m: DeviceAck(m.ack.device_id, tuple(m.ack.blob_ids)),
+    "ack": lambda m: DeviceAck(_device_id(m.ack.device_id), tuple(m.ack.blob_ids)),
     "history": lambda m: _history(m.history),
     "rotation": lambda m: Rotation(m.rotation.statement, m.rotation.new_seeds),
 }

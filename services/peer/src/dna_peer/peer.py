@@ -67,7 +67,9 @@ PRUNED = "pruned"  # cache state: when the bookkeeping was last pruned
 REPLAY_WINDOW_MS = ReplayGuard().max_age_ms + DAY_MS  # what open_envelope accepts, + a day
 BLOB_MEMORY_MS = 32 * DAY_MS  # a deleted blob cannot come back after its TTL (30 days)
 RECOVERY_WAIT_MS = 7 * DAY_MS  # a device silent this long after a history request is gone
-OFFERED = "offered-devices"  # cache state: devices a link offer announced, not heard from yet
+# Cache state a dna from before `Cache.add_offered` left: devices a link offer registered
+# at once (listed, and announced to the other devices), not heard from yet.
+OFFERED = "offered-devices"
 # Cache state of a device made by `identity link CODE`: the offer it used (the code's
 # throwaway identity and the blobs), until the offer is deleted from the replicas.
 USED_LINK_OFFER = "used-link-offer"
@@ -88,6 +90,7 @@ RETIRED_GRACE_MS = 30 * DAY_MS  # = the rotation statement's lifetime and a blob
 HISTORY_CHUNK_BYTES = 150 * 1024  # a History payload stays under the 192 KiB envelope cap
 DISPLAY_PREFIX = 16  # hex digits of a fingerprint the inbox shows for a contact without a name
 LIST_ITEM_OVERHEAD = 8  # a repeated field's tag and length prefix, at most
+CARDS_PER_POST = 32  # contact cards (3.2 KB of keys each) in one History: ~105 KB
 ACK_BATCH_IDS = 2_000  # blob IDs per DeviceAck: 68 KB, under the 192 KiB envelope cap
 MAX_RECEIPTS_PER_ROUND = 64  # receipt envelopes one sync round seals and puts, at most
 PRESENCE_LOOKUPS_AT_ONCE = 16  # `contacts list --online`: overlay lookups in flight
@@ -226,6 +229,7 @@ class Peer:
         if now_ms() - last >= DAY_MS:
             self.cache.prune(envelopes_before_ms=now_ms() - REPLAY_WINDOW_MS,
                              deleted_blobs_before_ms=now_ms() - BLOB_MEMORY_MS)  # fmt: skip
+            self.cache.drop_expired_offers(now_ms())
             self.cache.set_state(PRUNED, str(now_ms()).encode())
 
     async def republish_if_due(self) -> bool:
@@ -536,7 +540,9 @@ class Peer:
         await self.send_payload(self.identity.public, payload.SerializeToString(), with_keys=False)
 
     def _has_other_devices(self) -> bool:
-        return len(self.cache.devices()) > 1
+        """Another device, or one a live link offer may make (linked, it reads the own
+        mailbox from its start: what this device sent meanwhile must be there)."""
+        return len(self.cache.devices()) > 1 or self.cache.offers_pending(now_ms())
 
     async def mark_read(self, contact: Contact) -> bool:
         """Mark a conversation read up to its newest message, on every device."""
@@ -569,7 +575,26 @@ class Peer:
             _merge(report, await self._sync_own(progress))
         for old in self.retired():
             _merge(report, await self._drain_retired(old))
+        await self.post_cards_due()
         return report
+
+    async def post_cards_due(self) -> None:
+        """The contact cards this device owes its other devices (a verification confirmed
+        here: `Cache.confirm_verified`), CARDS_PER_POST to a post; best effort, what fails
+        stays due for the next sync."""
+        due = self.cache.cards_due()
+        if due and not self._has_other_devices():
+            self.cache.cards_posted(due)  # nobody to tell; a linked device gets the history
+            return
+        for batch in _batches(due, CARDS_PER_POST):
+            cards = [_contact_card(c) for fp in batch if (c := self.cache.contact(fp))]
+            try:
+                await self.post_to_devices(envelope_pb2.Payload(
+                    history=envelope_pb2.History(contacts=cards)))  # fmt: skip
+            except DnaError as exc:
+                log.warning("verified contacts not told to the other devices yet: %s", exc)
+                return
+            self.cache.cards_posted(batch)
 
     async def _sync_own(
         self, progress: Progress | None, pushed: Subscription | None = None
@@ -819,7 +844,7 @@ class Peer:
                 return 0, None
             log.warning("no other device answered in a week: assuming this one is alone")
             self.cache.clear_state(RECOVERING)
-        deletable = self.cache.deletable_blobs()
+        deletable = self.cache.deletable_blobs(now_ms())
         if not deletable or time.monotonic() < self._deletes_refused_until:
             return 0, None
         result = await self.mail.delete(self.identity, deletable)
@@ -859,17 +884,11 @@ class Peer:
         self.cache.clear_state(USED_LINK_OFFER)
         return True
 
-    def note_offered(self, device_id: bytes) -> None:
-        """A link offer announced ``device_id`` (deletes wait for it from now on): noted, so
-        that if its code is never used the wait ends (`_drop_unused_offers`)."""
-        offered = json.loads(self.cache.get_state(OFFERED) or b"{}")
-        offered[device_id.hex()] = now_ms()
-        self.cache.set_state(OFFERED, json.dumps(offered).encode())
-
     def _drop_unused_offers(self) -> None:
-        """A device a link offer announced counts once it acknowledged something; one that
-        did not within OFFER_UNUSED_MS never came (the code expired unused) and is dropped:
-        deletes waited for its acknowledgements forever, so the mailbox filled up."""
+        """A cache from before `Cache.add_offered`: a link offer registered its device at
+        once. One that acknowledged something came; one that did not within OFFER_UNUSED_MS
+        never came (the code expired unused) and is dropped: deletes waited for its
+        acknowledgements forever, so the mailbox filled up."""
         raw = self.cache.get_state(OFFERED)
         if raw is None:
             return

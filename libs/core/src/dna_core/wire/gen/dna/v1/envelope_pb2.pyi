@@ -345,20 +345,27 @@ class DeviceHello(_message.Message):
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     DEVICE_NAME_FIELD_NUMBER: _builtins.int
     WANTS_HISTORY_FIELD_NUMBER: _builtins.int
+    OFFERED_UNTIL_MS_FIELD_NUMBER: _builtins.int
     device_id: _builtins.bytes
     device_name: _builtins.str
     wants_history: _builtins.bool
     """its cache was lost: the other devices post their history"""
+    offered_until_ms: _builtins.int
+    """Set by a link offer, for the device the code would make: not a device yet (never
+    listed), only waited for by deletes until then (capped at 2 h by the receiver). The
+    device's own hello, once it linked, makes it one.
+    """
     def __init__(
         self,
         *,
         device_id: _builtins.bytes = ...,
         device_name: _builtins.str = ...,
         wants_history: _builtins.bool = ...,
+        offered_until_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "device_name", b"device_name", "wants_history", b"wants_history"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "device_name", b"device_name", "offered_until_ms", b"offered_until_ms", "wants_history", b"wants_history"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
