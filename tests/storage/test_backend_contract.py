@@ -645,6 +645,16 @@ def test_incarnation_is_stable_and_new_for_a_new_store(stores: Stores, kind: str
 Key = tuple[bytes, bytes]
 
 
+def test_the_gc_time_saved_is_read_back(stores: Stores, kind: str) -> None:
+    async def scenario(b: MailboxBackend) -> None:
+        assert await b.gc_time() is None  # a new store: GC starts from the wall clock
+        await b.save_gc_time(T0)
+        await b.save_gc_time(T0 + DAY)
+        assert await b.gc_time() == T0 + DAY
+
+    run_scenario(stores, kind, scenario)
+
+
 @dataclass
 class Model:
     """The contract in a few lines of Python (rules: dna_storage/backends/common.py)."""

@@ -266,6 +266,7 @@ class StorageNode:
         self._damage: str | None = None  # what a call found damaged in the store, if one did
         self._unavailable: str | None = None  # why the last call to the store failed, if it did
         self.expiry_clock = ExpiryClock()  # the time GC removes expired items against
+        self._clock_resumed = False  # from the time the store saved, at the first GC pass
         self.wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000  # tests step it
         self._clock_stepped = False  # said: GC's time is behind a wall clock stepped forward
         self._durability: set[str] | None = None  # the store's problems, as last read
@@ -392,6 +393,9 @@ class StorageNode:
         every tombstone's mailbox: 285 ms at 400,000 tombstones, on the one reader
         connection every fetch waits for)."""
         batch_size = self.config.storage.gc_batch
+        if not self._clock_resumed:  # where the last run's GC was, not the wall clock now
+            self.expiry_clock = ExpiryClock(await backend.gc_time())
+            self._clock_resumed = True
         removed, now_ms = 0, self._expiry_now()
         while True:
             batch = await backend.expire(now_ms, batch_size)
@@ -400,6 +404,8 @@ class StorageNode:
             self.metrics.gc_removed.inc(batch)
             if batch < batch_size:
                 break
+        with contextlib.suppress(StorageFullError):  # said once; GC goes on freeing room
+            await backend.save_gc_time(now_ms)
         await self._refresh_held(backend)
         await self._check_durability(backend)
         if removed:
@@ -408,8 +414,8 @@ class StorageNode:
 
     def _expiry_now(self) -> int:
         """What GC expires against: the wall clock, but a step forward is followed at most
-        twice as fast as time passes (``ExpiryClock``: GC's removals are not undone when
-        the clock is set right)."""
+        twice as fast as time passes, across restarts too (``ExpiryClock``, resumed from
+        the store's ``gc_time``: GC's removals are not undone when the clock is set right)."""
         now = self.expiry_clock.now_ms(self.wall_ms(), time.monotonic_ns() // 1_000_000)
         stepped = self.expiry_clock.stepped_ms
         if stepped > STEP_WARNING_MS and not self._clock_stepped:

@@ -200,6 +200,18 @@ class MailboxBackend(Protocol):
         not read as one of the new store's (whose seqs start again from 1)."""
         ...
 
+    async def gc_time(self) -> int | None:
+        """The time GC last expired against, as ``save_gc_time`` stored it (None: never):
+        a restarted node's GC resumes from it, not from a wall clock that may have been
+        stepped meanwhile (``dna_storage.expiry``). Kept with the data, so it goes with it
+        (a wipe, a restore from a backup)."""
+        ...
+
+    async def save_gc_time(self, now_ms: int) -> None:
+        """Store the time GC expired against (after a pass: saved late or not at all, a
+        restart resumes GC further back, which only keeps expired items longer)."""
+        ...
+
     async def configuration_problems(self) -> list[str]:
         """What in the store's configuration breaks "an acknowledged write is durable", or
         [] (SQLite sets its own at open; a Redis server's can change with a restart, so the

@@ -29,6 +29,7 @@ Layout (``P`` = prefix, IDs hex-encoded, ``M`` = mailbox, ``B`` = blob ID):
 * ``P m`` zset of mailbox IDs, score 0 (lexicographic range scans for digests)
 * ``P totals`` hash ``blobs``, ``bytes``, ``signed_deletes``, ``signed_delete_bytes``
 * ``P incarnation`` 8 random bytes, set when the first call finds none (fetch cursors)
+* ``P gc_time`` the time GC last expired against (``save_gc_time``: a restart resumes it)
 
 Every write is one Lua script (atomic: a put cannot slip past a concurrent delete, and a
 duplicate never takes a seq). Scripts build key names from the prefix, so this backend targets
@@ -690,6 +691,18 @@ class RedisBackend:
 
     async def mailboxes(self) -> int:
         return int(await self._r.zcard(self._p + "m"))  # pruned once a mailbox is empty
+
+    async def gc_time(self) -> int | None:
+        value = await self._r.get(self._p + "gc_time")
+        return None if value is None else int(value)
+
+    async def save_gc_time(self, now_ms: int) -> None:
+        try:
+            await self._r.set(self._p + "gc_time", now_ms)
+        except ResponseError as exc:
+            if isinstance(exc, OutOfMemoryError) or str(exc).startswith(_NO_ROOM):
+                raise StorageFullError(f"storage is full: redis: {exc}") from exc
+            raise
 
     async def configuration_problems(self) -> list[str]:
         return await durability_problems(self._r)

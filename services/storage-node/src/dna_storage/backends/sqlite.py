@@ -662,6 +662,19 @@ class SqliteBackend:
             return False
         return bool(rows == [("ok",)])
 
+    async def gc_time(self) -> int | None:
+        row = await self._reader.submit(
+            lambda c: c.execute("SELECT value FROM meta WHERE key = 'gc_time'").fetchone()
+        )
+        return None if row is None else int(row[0])
+
+    async def save_gc_time(self, now_ms: int) -> None:
+        await self._writer.submit(lambda c: c.execute(
+            "INSERT INTO meta (key, value) VALUES ('gc_time', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (now_ms,),
+        ))  # fmt: skip
+
     async def configuration_problems(self) -> list[str]:
         return []  # WAL and synchronous=FULL are set on every connection this opens
 
