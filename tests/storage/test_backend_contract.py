@@ -2,9 +2,8 @@
 ``redis-server``), and a Hypothesis test holds both to one in-memory reference model.
 
 Time: ``now_ms`` is injected. Expiry is decided by the stored ``expires_ms`` against ``now_ms``
-on every read (Redis' native TTL only reclaims space), so the tests move ``now_ms`` instead of
-sleeping. ``T0`` lies ten days ahead of the wall clock, so the real ``PEXPIREAT`` Redis sets on
-each key never fires during a run and the injected clock alone decides.
+on every read, and removal by ``expire`` (no key expires natively on Redis), so the tests
+move ``now_ms`` instead of sleeping. ``T0`` lies ten days ahead of the wall clock.
 """
 
 from __future__ import annotations
