@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 
 from dna_storage.admission import Admission, AdmissionConfig
 from dna_storage.backends.base import (
+    WRITE_METHODS,
     MailboxBackend,
     StorageFullError,
     StoreDamagedError,
@@ -210,14 +211,15 @@ class _RoomWatch:
     """The backend, tripping the node's high-water mark the moment a write finds no room,
     so `/readyz` fails and admission refuses writes at once, not at the next disk reading;
     telling the node the moment a call finds the store damaged, or unavailable (Redis
-    down), and when a call is answered again."""
+    down), and when a call is answered again, saying whether it was a write (its
+    ``WRITE_METHODS``) or a read."""
 
     def __init__(
         self,
         backend: MailboxBackend,
         on_full: Callable[[], None],
         on_damaged: Callable[[StoreDamagedError], None],
-        on_unavailable: Callable[[StoreUnavailableError | None], None],
+        on_unavailable: Callable[[StoreUnavailableError | None, bool], None],
     ) -> None:
         self._backend, self._on_full, self._on_damaged = backend, on_full, on_damaged
         self._on_unavailable = on_unavailable
@@ -226,6 +228,8 @@ class _RoomWatch:
         attr = getattr(self._backend, name)
         if not inspect.iscoroutinefunction(attr):
             return attr
+
+        writes = name in WRITE_METHODS
 
         @functools.wraps(attr)
         async def watched(*args: Any, **kwargs: Any) -> Any:
@@ -238,9 +242,9 @@ class _RoomWatch:
                 self._on_damaged(exc)
                 raise
             except StoreUnavailableError as exc:
-                self._on_unavailable(exc)
+                self._on_unavailable(exc, writes)
                 raise
-            self._on_unavailable(None)  # the store answered
+            self._on_unavailable(None, writes)  # the store answered
             return result
 
         return watched
@@ -264,7 +268,9 @@ class StorageNode:
         self._held = Usage(0, 0)  # blobs and bytes held, as of the last GC pass
         self._mailboxes = 0  # mailboxes held, likewise
         self._damage: str | None = None  # what a call found damaged in the store, if one did
-        self._unavailable: str | None = None  # why the last call to the store failed, if it did
+        # Why the last read, and the last write, failed for want of the store ({} when the
+        # last of each was answered).
+        self._unavailable: dict[str, str] = {}
         self.expiry_clock = ExpiryClock()  # the time GC removes expired items against
         self._clock_resumed = False  # from the time the store saved, at the first GC pass
         self.wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000  # tests step it
@@ -360,18 +366,25 @@ class StorageNode:
             log.error("%s; unready: %s", exc, advice)
         self._damage = str(exc)
 
-    def _store_unavailable(self, exc: StoreUnavailableError | None) -> None:
-        """A call to the store failed for want of the store (``exc``) or was answered (None).
-        Said once each way: while the store is away, every request touching it answers
-        UNAVAILABLE (clients ask other replicas) and `/readyz` fails; the next call answered
-        (a request, or the GC pass every interval) makes the node ready again."""
+    def _store_unavailable(self, exc: StoreUnavailableError | None, writes: bool) -> None:
+        """A read or write call to the store failed for want of the store (``exc``) or was
+        answered (None). Said once each way: while the store is away, every request touching
+        it answers UNAVAILABLE (clients ask other replicas) and `/readyz` fails; the next
+        read and write answered (a request, or the GC pass every interval, which writes and
+        reads) make the node ready again. Reads and writes are judged apart: SQLite's reads
+        go on while another process holds the file's write lock past the busy timeout, and
+        each read answered made the node ready until the next write failed, flapping
+        `/readyz` and the log at every request."""
+        kind = "write" if writes else "read"
+        was_unavailable = bool(self._unavailable)
         if exc is not None:
-            if self._unavailable is None:
+            self._unavailable[kind] = str(exc)
+            if not was_unavailable:
                 log.warning("%s; unready until it answers", exc)
-            self._unavailable = str(exc)
-        elif self._unavailable is not None:
-            log.info("the mailbox store answers again: ready")
-            self._unavailable = None
+        else:
+            self._unavailable.pop(kind, None)
+            if was_unavailable and not self._unavailable:
+                log.info("the mailbox store answers again: ready")
 
     async def _collect_garbage(self, backend: MailboxBackend) -> None:
         """A GC pass every ``gc_interval_s``; a failed pass is retried at the next interval
@@ -491,8 +504,8 @@ class StorageNode:
     def _disk_readiness(self) -> tuple[bool, str]:
         if self._damage is not None:
             return False, self._damage
-        if self._unavailable is not None:
-            return False, self._unavailable
+        if self._unavailable:
+            return False, "; ".join(dict.fromkeys(self._unavailable.values()))
         if self._full_by_write:
             return False, "storage full: a write found no room; refusing writes"
         if self.admission.high_water.tripped:

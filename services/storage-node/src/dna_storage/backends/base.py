@@ -38,9 +38,14 @@ from dna_core.mailbox import StoredBlob, Tombstone
 # StoredBlob and Tombstone are the mailbox domain's (dna_core.mailbox.codec, shared with
 # clients), named here too so that a backend finds its whole interface in one module.
 __all__ = [
-    "MailboxBackend", "MailboxDigest", "Page", "PutOutcome", "StorageFullError",
-    "StoreUnavailableError", "StoredBlob", "SyncIndex", "Tombstone", "Usage",
+    "WRITE_METHODS", "MailboxBackend", "MailboxDigest", "Page", "PutOutcome",
+    "StorageFullError", "StoreUnavailableError", "StoredBlob", "SyncIndex", "Tombstone", "Usage",
 ]  # fmt: skip
+
+
+# The methods of ``MailboxBackend`` that write: on SQLite they wait for the one writer (which
+# another process's lock can hold up) while reads go on, so the node judges them apart.
+WRITE_METHODS = frozenset({"put_many", "delete", "expire", "forget", "save_gc_time"})
 
 
 class StorageFullError(CapacityError):
