@@ -4,9 +4,12 @@ synced blob or tombstone must pass, and how sync messages are bounded."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import time
+from collections.abc import Sequence
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -21,13 +24,14 @@ from dna_core.overlay.contact import Contact, Endpoint
 from dna_core.rpc_errors import remote_error
 from dna_core.wire.gen.dna.v1 import mailbox_pb2
 from dna_storage.admission import Quota
-from dna_storage.backends.base import SyncIndex
+from dna_storage.backends.base import MailboxBackend, SyncIndex, Tombstone
 from dna_storage.backends.common import in_range
 from dna_storage.replication import (
     MAX_SYNC_IDS,
     MIN_PIECE_BYTES,
     SYNC_BYTES,
     Holdings,
+    MailboxPlan,
     Repairer,
     SyncRules,
     _Ahead,
@@ -286,5 +290,69 @@ def test_blobs_already_held_do_not_count_against_the_quota_again(stores: Stores,
         await accept(backend, BOX, pushed[:2], [], RULES)
         got = await accept(backend, BOX, [*pushed[:2], pushed[2]], [], RULES)  # quota: 3
         assert (got.stored, len(got.held_blobs)) == (1, 3)
+
+    stores.run(scenario())
+
+
+# --- a mailbox of many tombstones: repair holds a piece of them, not all ------------------------
+
+
+class TombstonesRead:
+    """A real backend, noting the most tombstones (each with its signed delete) one call
+    returned whole."""
+
+    def __init__(self, backend: MailboxBackend) -> None:
+        self._backend = backend
+        self.most_whole = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    async def ids(self, mailbox: bytes, now: int) -> tuple[list[bytes], list[Tombstone]]:
+        blob_ids, tombs = await self._backend.ids(mailbox, now)
+        self.most_whole = max(self.most_whole, len(tombs))
+        return blob_ids, tombs
+
+    async def get_tombstones(self, mailbox: bytes, ids: Sequence[bytes], now: int) -> list[Any]:
+        tombs = await self._backend.get_tombstones(mailbox, ids, now)
+        self.most_whole = max(self.most_whole, len(tombs))
+        return tombs
+
+
+def test_repair_reads_tombstones_a_piece_at_a_time_not_the_whole_mailbox(
+    stores: Stores, kind: str
+) -> None:
+    """A mailbox whose owner deleted 100,000 messages holds 100,000 tombstones, each read
+    with its signed delete (~13 KB of a 200-ID delete): the repair pass read them all at
+    once (``ids``) to offer and push them, 4 GiB for 1,000-ID deletes (measured, SQLite).
+    Now it lists IDs (``sync_index``) and reads tombstones as it fills each push. Checked to
+    fail without the fix (all 600 read whole in one call)."""
+    count = 600
+
+    async def scenario() -> None:
+        raw = await stores.open(kind)
+        now = now_ms()
+        ids = sorted(hashlib.sha256(b"%d" % n).digest() for n in range(count))
+        tombs = [Tombstone(BOX, i, now, now + DAY_MS, b"signed delete %d" % (n // 200) * 500)
+                 for n, i in enumerate(ids)]  # fmt: skip
+        await raw.delete(tombs, now)
+        backend = TombstonesRead(raw)
+        r = repairer()
+        r.backend = cast(MailboxBackend, backend)
+        pushed: list[bytes] = []
+
+        async def sync_push(
+            peer: Contact, box: bytes, request: mailbox_pb2.SyncPushRequest
+        ) -> mailbox_pb2.SyncPushResponse:
+            got = [t.blob_id for t in request.tombstones]
+            pushed.extend(got)  # a rightful replica that held none of them
+            return mailbox_pb2.SyncPushResponse(tombstone_ids=got)
+
+        r._sync_push = sync_push  # type: ignore[method-assign]
+        peer = NodeIdentity.generate(0)[0]
+        contact = Contact(peer.node_id, peer.public_key, (Endpoint("127.0.0.1", 1),))
+        await r.sync_mailbox(BOX, MailboxPlan(BOX, [contact], rightful=False))
+        assert sorted(pushed) == ids
+        assert backend.most_whole <= 16, backend.most_whole
 
     stores.run(scenario())

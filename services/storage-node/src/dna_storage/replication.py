@@ -1055,11 +1055,13 @@ class Repairer:
         if plan.peers and not peers:  # each holds every item held here: no read, no call
             self.metrics.replicas.observe(agreeing + rightful)
             return
-        our_ids, our_tombs = await self.backend.ids(box, _now_ms())
-        ours = Holdings(frozenset(our_ids), frozenset(t.blob_id for t in our_tombs))
+        # IDs only: a tombstone's signed delete (~13 KB) is read when it is pushed. Reading
+        # every tombstone whole (``ids``) held 4 GiB for a mailbox of 100,000 tombstones.
+        index = await self.backend.sync_index(box, _now_ms())
+        ours = Holdings(frozenset(index.blob_ids), frozenset(t for t, _ in index.tombstones))
         exchange = self._sync_with if rightful else self._hand_off
         views = await asyncio.gather(
-            *(self._guarded(peer, box, exchange(peer, box, ours, our_tombs)) for peer in peers)
+            *(self._guarded(peer, box, exchange(peer, box, ours)) for peer in peers)
         )
         answered = [v for v in views if v is not None] + [ours] * agreeing
         blob_copies, tomb_copies = copies(ours, answered)
@@ -1204,9 +1206,7 @@ class Repairer:
         getattr(request, "from").CopyFrom(proof)
         return request
 
-    async def _sync_with(
-        self, peer: Contact, box: bytes, ours: Holdings, our_tombs: list[Tombstone]
-    ) -> Holdings:
+    async def _sync_with(self, peer: Contact, box: bytes, ours: Holdings) -> Holdings:
         """List, pull and push with one replica, a page of the peer's listing at a time,
         until the whole mailbox is done; what the peer held before this exchange."""
         held_blobs: set[bytes] = set()
@@ -1234,8 +1234,8 @@ class Repairer:
             await self._push(
                 peer, box,
                 [b for b in sorted(ours.blob_ids) if in_page(b) and not theirs.settles_blob(b)],
-                [t for t in our_tombs if in_page(t.blob_id)
-                 and t.blob_id not in theirs.tombstone_ids],
+                sorted(t for t in ours.tombstone_ids if in_page(t)
+                       and t not in theirs.tombstone_ids),
             )  # fmt: skip
             if last is None:
                 return Holdings(frozenset(held_blobs), frozenset(held_tombs))
@@ -1243,9 +1243,7 @@ class Repairer:
                 raise RepairError("SyncList page does not advance")
             after = last
 
-    async def _hand_off(
-        self, peer: Contact, box: bytes, ours: Holdings, our_tombs: list[Tombstone]
-    ) -> Holdings:
+    async def _hand_off(self, peer: Contact, box: bytes, ours: Holdings) -> Holdings:
         """A hand-off holder's exchange with a rightful replica: offer the IDs held, push
         what the replica lacks; what it holds of ours afterwards, by its own answers.
         (Never a listing or a pull: outside the set, this node may only give.)"""
@@ -1263,7 +1261,7 @@ class Repairer:
         pushed = await self._push(
             peer, box,
             sorted(b for b in ours.blob_ids if not theirs.settles_blob(b)),
-            [t for t in our_tombs if t.blob_id not in theirs.tombstone_ids],
+            sorted(t for t in ours.tombstone_ids if t not in theirs.tombstone_ids),
         )  # fmt: skip
         return Holdings(
             theirs.blob_ids | pushed.blob_ids, theirs.tombstone_ids | pushed.tombstone_ids
@@ -1274,10 +1272,11 @@ class Repairer:
         peer: Contact,
         box: bytes,
         blob_ids: list[bytes],
-        tombs: list[Tombstone],
+        tomb_ids: list[bytes],
     ) -> Holdings:
         """Push everything given, in requests of at most ``SYNC_BYTES`` (halved each time
-        the peer refuses one as too large); what the peer reports holding of it.
+        the peer refuses one as too large); what the peer reports holding of it. Blobs and
+        tombstones are read from the backend a few at a time, as each piece is filled.
 
         A long push (a replica that lost everything) is what every other replica is
         sending it at the same time: each pusher goes in its own random order and offers
@@ -1287,7 +1286,7 @@ class Repairer:
         long_push = len(order) > _OFFER_AHEAD
         if long_push:
             self.node.rng.shuffle(order)
-        ids, pending = deque(order), deque(tombs)
+        ids, pending = deque(order), deque(tomb_ids)
         held_blobs: set[bytes] = set()
         held_tombs: set[bytes] = set()
         budget, offered = SYNC_BYTES, 0
@@ -1308,7 +1307,7 @@ class Repairer:
             except RemoteError as err:
                 budget = self._smaller(err, budget)
                 ids.extendleft(reversed([b.blob_id for b in piece_blobs]))
-                pending.extendleft(reversed(piece_tombs))
+                pending.extendleft(reversed([t.blob_id for t in piece_tombs]))
                 continue
             self.metrics.pushed.inc(answer.stored + answer.tombstoned)
             held_blobs |= set(answer.blob_ids)
@@ -1336,19 +1335,24 @@ class Repairer:
         return len(keep)
 
     async def _next_piece(
-        self, box: bytes, ids: deque[bytes], tombs: deque[Tombstone], budget: int
+        self, box: bytes, ids: deque[bytes], tomb_ids: deque[bytes], budget: int
     ) -> tuple[list[Tombstone], list[StoredBlob]]:
-        """Take from the fronts of ``tombs`` and ``ids`` what fits ``budget`` bytes and the
-        item caps (at least one item); blobs are read a few at a time, and what was read
-        but does not fit goes back to the front of ``ids``."""
+        """Take from the fronts of ``tomb_ids`` and ``ids`` what fits ``budget`` bytes and
+        the item caps (at least one item); tombstones and blobs are read a few at a time,
+        and what was read but does not fit goes back to the front of its queue."""
         out_tombs: list[Tombstone] = []
         out_blobs: list[StoredBlob] = []
         size = 0
-        while tombs and len(out_tombs) < MAX_SYNC_ITEMS:
-            if out_tombs and size + tomb_wire(tombs[0]) > budget:
-                return out_tombs, out_blobs
-            size += tomb_wire(tombs[0])
-            out_tombs.append(tombs.popleft())
+        while tomb_ids and len(out_tombs) < MAX_SYNC_ITEMS:
+            chunk = [tomb_ids.popleft() for _ in range(min(_PULL_CHUNK, len(tomb_ids)))]
+            tombs = await self.backend.get_tombstones(box, chunk, _now_ms())
+            for n, tomb in enumerate(tombs):
+                full = len(out_tombs) >= MAX_SYNC_ITEMS
+                if full or (out_tombs and size + tomb_wire(tomb) > budget):
+                    tomb_ids.extendleft(reversed([t.blob_id for t in tombs[n:]]))
+                    return out_tombs, out_blobs
+                size += tomb_wire(tomb)
+                out_tombs.append(tomb)
         while ids and len(out_blobs) < MAX_SYNC_ITEMS:
             chunk = [ids.popleft() for _ in range(min(_PULL_CHUNK, len(ids)))]
             blobs = await self.backend.get_blobs(box, chunk, _now_ms())
