@@ -9,6 +9,7 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -24,8 +25,9 @@ from dna_core.overlay.contact import Contact, Endpoint
 from dna_core.rpc_errors import remote_error
 from dna_core.wire.gen.dna.v1 import mailbox_pb2
 from dna_storage.admission import Quota
-from dna_storage.backends.base import MailboxBackend, SyncIndex, Tombstone
+from dna_storage.backends.base import MailboxBackend, StoredBlob, SyncIndex, Tombstone
 from dna_storage.backends.common import in_range
+from dna_storage.backends.sqlite import SqliteBackend
 from dna_storage.replication import (
     MAX_SYNC_IDS,
     MIN_PIECE_BYTES,
@@ -356,3 +358,61 @@ def test_repair_reads_tombstones_a_piece_at_a_time_not_the_whole_mailbox(
         assert backend.most_whole <= 16, backend.most_whole
 
     stores.run(scenario())
+
+
+# --- this node's disk full during repair: it stops taking, and goes on giving -------------------
+
+
+def test_a_full_store_still_pushes_what_its_peer_lacks_and_the_pass_goes_on(
+    tmp_path: Path,
+) -> None:
+    """The disk fills during a repair pass: pulling a blob fails for lack of room here. The
+    exchange still pushes what the peer lacks (giving needs no room), and the failure is
+    counted (``store_disk``) instead of ending the pass. Before, the StorageFullError left
+    the exchange and ended the whole pass at the first mailbox with anything to pull: no
+    pushes to any replica for as long as the disk stayed full. Checked to fail without the
+    fix (StorageFullError out of ``sync_mailbox``)."""
+
+    async def scenario() -> None:
+        backend = await SqliteBackend.open(tmp_path / "full.sqlite3")
+        r = repairer()
+        r.backend = backend
+        now = now_ms()
+        payload = b"held here only"
+        ours = StoredBlob(BOX, hashlib.sha256(payload).digest(), payload, now, now + DAY_MS)
+        await backend.put_many([ours], now)
+        await backend._writer.submit(lambda c: c.execute(  # a full disk: SQLITE_FULL
+            "PRAGMA max_page_count = " + str(c.execute("PRAGMA page_count").fetchone()[0])
+        ))  # fmt: skip
+        theirs = synced(b"held there only", pow_at=now)
+        pushed: list[bytes] = []
+
+        async def sync_list(
+            peer: Contact, box: bytes, request: mailbox_pb2.SyncListRequest
+        ) -> mailbox_pb2.SyncListResponse:
+            return mailbox_pb2.SyncListResponse(blob_ids=[theirs.blob_id])
+
+        async def sync_pull(
+            peer: Contact, box: bytes, request: mailbox_pb2.SyncPullRequest
+        ) -> mailbox_pb2.SyncPullResponse:
+            return mailbox_pb2.SyncPullResponse(blobs=[theirs], answered=1)
+
+        async def sync_push(
+            peer: Contact, box: bytes, request: mailbox_pb2.SyncPushRequest
+        ) -> mailbox_pb2.SyncPushResponse:
+            pushed.extend(b.blob_id for b in request.blobs)
+            return mailbox_pb2.SyncPushResponse(blob_ids=[b.blob_id for b in request.blobs])
+
+        r._sync_list = sync_list  # type: ignore[method-assign]
+        r._sync_pull = sync_pull  # type: ignore[method-assign]
+        r._sync_push = sync_push  # type: ignore[method-assign]
+        peer = NodeIdentity.generate(0)[0]
+        contact = Contact(peer.node_id, peer.public_key, (Endpoint("127.0.0.1", 1),))
+        try:
+            await r.sync_mailbox(BOX, MailboxPlan(BOX, [contact], rightful=True))
+        finally:
+            await backend.close()
+        assert pushed == [ours.blob_id]
+        assert failures(r, "store_disk") == 1
+
+    asyncio.run(scenario())

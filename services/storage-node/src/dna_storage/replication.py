@@ -84,9 +84,20 @@ from dna_core.wire import common_pb2, mailbox_pb2, mailbox_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from dna_storage.admission import Quota, RateLimited, RateLimiter, TokenBucket
-from dna_storage.backends.base import MailboxBackend, MailboxDigest, PutOutcome, SyncIndex
+from dna_storage.backends.base import (
+    MailboxBackend,
+    MailboxDigest,
+    PutOutcome,
+    StorageFullError,
+    StoreDamagedError,
+    StoreUnavailableError,
+    SyncIndex,
+)
 
 log = logging.getLogger("dna.storage.repair")
+# This node's store failing a call: one mailbox's exchange ends, the pass goes on (the node
+# says the fault itself, once: `StorageNode`).
+LOCAL_STORE_ERRORS = (StorageFullError, StoreUnavailableError, StoreDamagedError)
 SYNC_DOMAIN = b"mailbox-sync"
 SYNC_WINDOW_MS = 5 * 60_000
 SYNC_MARGIN = 2  # replica-set views differ a little between nodes: R + 2 may sync
@@ -723,7 +734,9 @@ class RepairMetrics:
             Counter(
                 "dna_storage_repair_failures",
                 "Sync exchanges with a peer that failed, by reason (the gRPC status, lower "
-                "case; 'split' counts pieces refused as too large and retried in halves)",
+                "case; 'split' counts pieces refused as too large and retried in halves; "
+                "'store_disk', 'store_unavailable', 'store_damaged': this node's store "
+                "failed, and a full one still pushed)",
                 ["reason"],
                 registry=registry,
             ),
@@ -1087,6 +1100,10 @@ class Repairer:
             reason, detail = err.grpc_code.lower(), err.details
         except RepairError as exc:
             reason, detail = "no_progress", str(exc)
+        except LOCAL_STORE_ERRORS as exc:  # before, it ended the whole pass, every pass
+            self.metrics.failures.labels(reason=f"store_{exc.kind}").inc()
+            log.debug("sync with %s stopped: %s", peer.short(), exc)
+            return None
         self.metrics.failures.labels(reason=reason).inc()
         log.warning(
             "sync with %s failed: %s %s", peer.short(), reason, detail,
@@ -1212,6 +1229,7 @@ class Repairer:
         held_blobs: set[bytes] = set()
         held_tombs: set[bytes] = set()
         after = b""
+        full = False  # this node's store had no room for what it pulled: it only gives
         while True:
             request = mailbox_pb2.SyncListRequest(mailbox_id=box, after=after)
             page = await self._sync_list(peer, box, request)
@@ -1225,12 +1243,12 @@ class Repairer:
             def in_page(item: bytes, start: bytes = after, end: bytes | None = last) -> bool:
                 return item > start and (end is None or item <= end)
 
-            dead = theirs.tombstone_ids | ours.tombstone_ids
-            await self._pull(peer, box, sorted(theirs.blob_ids - ours.blob_ids - dead))
-            new_tombs = [t for t in page.tombstones if t.blob_id not in ours.tombstone_ids]
-            if new_tombs:
-                got = await accept(self.backend, box, [], new_tombs, self.rules)
-                self.metrics.pulled.inc(got.tombstoned)
+            if not full:
+                try:
+                    await self._take(peer, box, ours, theirs, page)
+                except StorageFullError:  # what the peer lacks still goes to it
+                    full = True
+                    self.metrics.failures.labels(reason="store_disk").inc()
             await self._push(
                 peer, box,
                 [b for b in sorted(ours.blob_ids) if in_page(b) and not theirs.settles_blob(b)],
@@ -1242,6 +1260,22 @@ class Repairer:
             if last <= after:
                 raise RepairError("SyncList page does not advance")
             after = last
+
+    async def _take(
+        self,
+        peer: Contact,
+        box: bytes,
+        ours: Holdings,
+        theirs: Holdings,
+        page: mailbox_pb2.SyncListResponse,
+    ) -> None:
+        """Pull the blobs of a list page this node lacks, and store its tombstones."""
+        dead = theirs.tombstone_ids | ours.tombstone_ids
+        await self._pull(peer, box, sorted(theirs.blob_ids - ours.blob_ids - dead))
+        new_tombs = [t for t in page.tombstones if t.blob_id not in ours.tombstone_ids]
+        if new_tombs:
+            got = await accept(self.backend, box, [], new_tombs, self.rules)
+            self.metrics.pulled.inc(got.tombstoned)
 
     async def _hand_off(self, peer: Contact, box: bytes, ours: Holdings) -> Holdings:
         """A hand-off holder's exchange with a rightful replica: offer the IDs held, push
