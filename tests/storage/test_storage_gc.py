@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -140,7 +141,7 @@ def test_a_wall_clock_stepped_forward_does_not_make_gc_delete_what_has_not_expir
 
 
 def test_a_node_restarted_after_a_step_forward_resumes_gc_where_it_was(
-    tmp_path: Path, kind: str, request: pytest.FixtureRequest
+    tmp_path: Path, kind: str, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The wall clock steps 31 days forward while the node is stopped (or just before a
     restart): the restarted node's first GC pass expires against the time its store saved,
@@ -177,4 +178,7 @@ def test_a_node_restarted_after_a_step_forward_resumes_gc_where_it_was(
         assert len((await backend.fetch(M, 0, 100, now + 1_000)).blobs) == len(held)
         await backend.close()
 
-    asyncio.run(scenario())
+    with caplog.at_level(logging.INFO, logger="dna.storage"):
+        asyncio.run(scenario())
+    (said,) = [r.getMessage() for r in caplog.records if "ahead of the time GC" in r.getMessage()]
+    assert "the node was stopped that long, or the clock stepped forward" in said

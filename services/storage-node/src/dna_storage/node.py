@@ -273,6 +273,7 @@ class StorageNode:
         self._unavailable: dict[str, str] = {}
         self.expiry_clock = ExpiryClock()  # the time GC removes expired items against
         self._clock_resumed = False  # from the time the store saved, at the first GC pass
+        self._clock_read = False  # the first reading after resuming is said apart
         self.wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000  # tests step it
         self._clock_stepped = False  # said: GC's time is behind a wall clock stepped forward
         self._durability: set[str] | None = None  # the store's problems, as last read
@@ -429,13 +430,18 @@ class StorageNode:
         """What GC expires against: the wall clock, but a step forward is followed at most
         twice as fast as time passes, across restarts too (``ExpiryClock``, resumed from
         the store's ``gc_time``: GC's removals are not undone when the clock is set right)."""
+        first = self.expiry_clock.high_ms is not None and not self._clock_read
+        self._clock_read = True
         now = self.expiry_clock.now_ms(self.wall_ms(), time.monotonic_ns() // 1_000_000)
         stepped = self.expiry_clock.stepped_ms
         if stepped > STEP_WARNING_MS and not self._clock_stepped:
+            why = ("since the last GC pass before this start: the node was stopped that long,"
+                   " or the clock stepped forward" if first else "a step forward?")  # fmt: skip
             log.warning(
-                "the wall clock is %.0f s ahead of the time GC follows (a step forward?): "
+                "the wall clock is %.0f s ahead of the time GC follows (%s): "
                 "GC catches up at most twice as fast as time passes",
                 stepped / 1000,
+                why,
             )
         elif stepped <= STEP_WARNING_MS and self._clock_stepped:
             log.info("GC follows the wall clock again")
