@@ -42,6 +42,7 @@ from dna_storage.replication import (
     blob_wire,
     copies,
     id_ranges,
+    list_answer,
     plan_page,
     pull_answer,
 )
@@ -416,3 +417,55 @@ def test_a_full_store_still_pushes_what_its_peer_lacks_and_the_pass_goes_on(
         assert failures(r, "store_disk") == 1
 
     asyncio.run(scenario())
+
+
+class IndexRead:
+    """A real backend, noting the most IDs one ``sync_index`` call returned."""
+
+    def __init__(self, backend: MailboxBackend) -> None:
+        self._backend = backend
+        self.most = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    async def sync_index(self, mailbox: bytes, now: int, **part: Any) -> SyncIndex:
+        index = await self._backend.sync_index(mailbox, now, **part)
+        self.most = max(self.most, len(index.blob_ids) + len(index.tombstones))
+        return index
+
+
+def test_list_pages_read_their_part_of_the_index_and_are_those_of_the_whole(
+    stores: Stores, kind: str
+) -> None:
+    """Each ``SyncList`` page reads the index from its ``after`` on, a page's worth: it read
+    the whole mailbox's at every page (a mailbox of 50,000 blobs and 50,000 tombstones:
+    650 pages of 0.34 s on SQLite's reader, 218 s). The pages are the same as planned over
+    the whole index. Checked to fail without the fix (every call read all 9,100 IDs)."""
+
+    async def scenario() -> None:
+        raw = await stores.open(kind)
+        now = now_ms()
+        held = [StoredBlob(BOX, hashlib.sha256(b"%d" % i).digest(), b"%d" % i, now, now + DAY_MS)
+                for i in range(9000)]  # fmt: skip
+        for start in range(0, len(held), 1000):
+            await raw.put_many(held[start : start + 1000], now)
+        deleted = [hashlib.sha256(b"deleted %d" % i).digest() for i in range(100)]
+        await raw.delete(
+            [Tombstone(BOX, i, now, now + DAY_MS, b"x" * 20_000) for i in deleted], now
+        )
+        backend = IndexRead(raw)
+        whole = await raw.sync_index(BOX, now)
+        after: bytes | None = b""
+        pages = 0
+        while after is not None:
+            page = await list_answer(cast(MailboxBackend, backend), BOX, after, now)
+            planned = plan_page(whole, after)
+            assert list(page.blob_ids) == planned.blob_ids
+            assert [t.blob_id for t in page.tombstones] == planned.tombstone_ids
+            assert (page.next_after if page.more else None) == planned.next_after
+            after, pages = planned.next_after, pages + 1
+        assert pages >= 3  # 9,100 IDs, 4,096 a page at most, and 2 MB of tombstones
+        assert backend.most <= 2 * (MAX_SYNC_IDS + 2), backend.most
+
+    stores.run(scenario())

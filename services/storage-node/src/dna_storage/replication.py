@@ -636,8 +636,14 @@ def plan_page(index: SyncIndex, after: bytes) -> PagePlan:
 async def list_answer(
     backend: MailboxBackend, box: bytes, after: bytes, now_ms: int
 ) -> mailbox_pb2.SyncListResponse:
-    """One page of the mailbox (``plan_page``), reading only that page's authorizations."""
-    plan = plan_page(await backend.sync_index(box, now_ms), after)
+    """One page of the mailbox (``plan_page``), reading only that page's part of the index
+    and its authorizations. The whole index at every page cost 0.34 s a page on SQLite's
+    reader for a mailbox of 50,000 blobs and 50,000 tombstones: 650 pages, 218 s, fetches
+    waiting behind it. ``plan_page`` takes at most ``MAX_SYNC_IDS`` items and the partner of
+    the last one's ID, and looks at one more to know the page is not the last: the smallest
+    ``MAX_SYNC_IDS + 2`` of each kind hold them all."""
+    index = await backend.sync_index(box, now_ms, after=after, limit=MAX_SYNC_IDS + 2)
+    plan = plan_page(index, after)
     tombs = await backend.get_tombstones(box, plan.tombstone_ids, now_ms)
     page = mailbox_pb2.SyncListResponse(
         blob_ids=plan.blob_ids, tombstones=[tombstone_proto(t) for t in tombs]

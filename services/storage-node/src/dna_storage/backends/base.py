@@ -150,8 +150,12 @@ class MailboxBackend(Protocol):
         """Sorted unexpired blob IDs and the live tombstones of a mailbox (for anti-entropy)."""
         ...
 
-    async def sync_index(self, mailbox_id: bytes, now_ms: int) -> SyncIndex:
-        """The mailbox's unexpired blob IDs and live tombstones' IDs and sizes."""
+    async def sync_index(
+        self, mailbox_id: bytes, now_ms: int, after: bytes = b"", limit: int = 0
+    ) -> SyncIndex:
+        """The mailbox's unexpired blob IDs and live tombstones' IDs and sizes, those with
+        ID > ``after`` only; with ``limit``, the first ``limit`` of each kind (a list page
+        needs a page of them, not the whole mailbox's at every page)."""
         ...
 
     async def get_tombstones(
