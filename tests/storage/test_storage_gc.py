@@ -182,3 +182,34 @@ def test_a_node_restarted_after_a_step_forward_resumes_gc_where_it_was(
         asyncio.run(scenario())
     (said,) = [r.getMessage() for r in caplog.records if "ahead of the time GC" in r.getMessage()]
     assert "the node was stopped that long, or the clock stepped forward" in said
+
+
+def test_a_node_restarted_while_its_clock_is_set_back_resumes_where_gc_was(tmp_path: Path) -> None:
+    """The clock is set back a year (an RTC reset), the node restarts, then NTP sets the
+    clock right: GC resumes at once where it was before the reset, not a year behind
+    catching up at twice real time (no GC for a year). Checked to fail without the fix
+    (the pass saved the year-old time it used)."""
+    config = StorageNodeConfig(storage=StorageSection(data_dir=tmp_path, gc_interval_s=3600.0))
+    now = now_ms()
+    year = 365 * 86_400_000
+
+    def node_at(wall: int) -> StorageNode:
+        node = StorageNode(config)
+        node.wall_ms = lambda: wall
+        return node
+
+    async def scenario() -> None:
+        backend = await SqliteBackend.open(tmp_path / "mailboxes.sqlite3")
+        await backend.put_many(blobs(5, now + 60_000, b"a minute left"), now)
+        assert await node_at(now)._collect_pass(cast(MailboxBackend, backend)) == 0
+        assert await node_at(now - year)._collect_pass(cast(MailboxBackend, backend)) == 0
+        await backend.close()
+        backend = await SqliteBackend.open(tmp_path / "mailboxes.sqlite3")
+        restarted = node_at(now - year)  # restarted with the clock still a year back
+        assert await restarted._collect_pass(cast(MailboxBackend, backend)) == 0
+        restarted.wall_ms = lambda: now + 1_000  # set right
+        assert await restarted._collect_pass(cast(MailboxBackend, backend)) == 0
+        assert restarted.expiry_clock.stepped_ms == 0  # GC follows the wall clock at once
+        await backend.close()
+
+    asyncio.run(scenario())

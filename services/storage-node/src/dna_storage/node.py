@@ -419,7 +419,8 @@ class StorageNode:
             if batch < batch_size:
                 break
         with contextlib.suppress(StorageFullError):  # said once; GC goes on freeing room
-            await backend.save_gc_time(now_ms)
+            # the latest time GC used (after a clock set back, later than this pass's)
+            await backend.save_gc_time(max(now_ms, self.expiry_clock.high_ms or now_ms))
         await self._refresh_held(backend)
         await self._check_durability(backend)
         if removed:

@@ -217,8 +217,8 @@ class MailboxBackend(Protocol):
         ...
 
     async def save_gc_time(self, now_ms: int) -> None:
-        """Store the time GC expired against (after a pass: saved late or not at all, a
-        restart resumes GC further back, which only keeps expired items longer)."""
+        """Store the latest time GC has expired against (after a pass: saved late or not at
+        all, a restart resumes GC further back, which only keeps expired items longer)."""
         ...
 
     async def configuration_problems(self) -> list[str]:
