@@ -2,9 +2,8 @@
 ``redis-server``), and a Hypothesis test holds both to one in-memory reference model.
 
 Time: ``now_ms`` is injected. Expiry is decided by the stored ``expires_ms`` against ``now_ms``
-on every read (Redis' native TTL only reclaims space), so the tests move ``now_ms`` instead of
-sleeping. ``T0`` lies ten days ahead of the wall clock, so the real ``PEXPIREAT`` Redis sets on
-each key never fires during a run and the injected clock alone decides.
+on every read, and removal by ``expire`` (no key expires natively on Redis), so the tests
+move ``now_ms`` instead of sleeping. ``T0`` lies ten days ahead of the wall clock.
 """
 
 from __future__ import annotations
@@ -643,6 +642,39 @@ def test_incarnation_is_stable_and_new_for_a_new_store(stores: Stores, kind: str
 # --- the reference model ---------------------------------------------------------------------
 
 Key = tuple[bytes, bytes]
+
+
+def test_a_sync_index_from_an_id_on_and_limited_is_that_part_of_the_whole(
+    stores: Stores, kind: str
+) -> None:
+    async def scenario(b: MailboxBackend) -> None:
+        m = mbox(0)
+        held = [blob(m, b"indexed %d" % i) for i in range(12)]
+        await b.put_many(held, T0)
+        await b.delete([tomb(m, x.blob_id) for x in held[::3]], T0)
+        await b.delete(
+            [tomb(m, hashlib.sha256(b"never held %d" % i).digest()) for i in range(4)], T0
+        )
+        whole = await b.sync_index(m, T0)
+        assert len(whole.blob_ids) == 8 and len(whole.tombstones) == 8
+        for after in [b"", whole.blob_ids[2], whole.tombstones[5][0], b"\xff" * 32]:
+            for limit in (0, 1, 3, 100):
+                part = await b.sync_index(m, T0, after=after, limit=limit)
+                cut = slice(None, limit or None)
+                assert part.blob_ids == [i for i in whole.blob_ids if i > after][cut]
+                assert part.tombstones == [t for t in whole.tombstones if t[0] > after][cut]
+
+    run_scenario(stores, kind, scenario)
+
+
+def test_the_gc_time_saved_is_read_back(stores: Stores, kind: str) -> None:
+    async def scenario(b: MailboxBackend) -> None:
+        assert await b.gc_time() is None  # a new store: GC starts from the wall clock
+        await b.save_gc_time(T0)
+        await b.save_gc_time(T0 + DAY)
+        assert await b.gc_time() == T0 + DAY
+
+    run_scenario(stores, kind, scenario)
 
 
 @dataclass

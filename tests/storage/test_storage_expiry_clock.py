@@ -1,5 +1,6 @@
 """``ExpiryClock``, sans-I/O: the time GC expires against follows the wall clock, a step
-back at once, a step forward at most ``MAX_RATE`` times as fast as time passes."""
+back at once, a step forward past the latest time it used at most ``MAX_RATE`` times as fast
+as time passes, across restarts too (``resume_ms``)."""
 
 from __future__ import annotations
 
@@ -38,16 +39,55 @@ def test_a_step_back_is_followed_at_once() -> None:
     assert clock.stepped_ms == 0
 
 
-@given(st.lists(st.tuples(st.integers(-DAY, DAY), st.integers(0, 60_000)), max_size=50))
-def test_gc_time_never_passes_the_wall_clock_nor_runs_faster_than_allowed(
-    steps: list[tuple[int, int]],
-) -> None:
+def test_the_clock_set_right_after_a_step_back_returns_at_once_to_where_gc_was() -> None:
+    """An RTC reset to last year, set right by NTP a minute later: GC resumes at once.
+    Before, it caught up from last year at twice real time: no GC for a year."""
     clock = ExpiryClock()
+    clock.now_ms(400 * DAY, 0)
+    assert clock.now_ms(35 * DAY, 1000) == 35 * DAY  # the step back, followed at once
+    # a minute later the wall clock is right again, and so is GC's time
+    assert clock.now_ms(400 * DAY + 61_000, 61_000) == 400 * DAY + 61_000
+    assert clock.stepped_ms == 0
+
+
+def test_a_restarted_clock_resumes_from_the_saved_time_not_a_stepped_wall_clock() -> None:
+    """A node restarted after a 31-day forward step: its first pass expires against the time
+    the last run saved (plus the slack), not the stepped wall clock; then it catches up."""
+    saved = 100 * DAY
+    clock = ExpiryClock(resume_ms=saved)
+    assert clock.now_ms(saved + 31 * DAY, 5_000_000) == saved + SLACK_MS
+    assert clock.stepped_ms == 31 * DAY - SLACK_MS
+    hour = 3_600_000
+    assert clock.now_ms(saved + 31 * DAY + hour, 5_000_000 + hour) == (
+        saved + SLACK_MS + int(MAX_RATE * hour) + SLACK_MS
+    )
+    # a wall clock behind the saved time (set back while it was down) is followed at once
+    assert ExpiryClock(resume_ms=saved).now_ms(saved - DAY, 0) == saved - DAY
+
+
+@given(
+    st.one_of(st.none(), st.integers(90 * DAY, 110 * DAY)),
+    st.lists(st.tuples(st.integers(-DAY, DAY), st.integers(0, 60_000)), max_size=50),
+)
+def test_gc_time_never_passes_the_wall_clock_nor_gains_ground_faster_than_allowed(
+    resume: int | None, steps: list[tuple[int, int]]
+) -> None:
+    """Never ahead of the wall clock; the latest time GC used (what it may have removed up
+    to) grows at most ``MAX_RATE`` times as fast as real time, plus the slack per reading,
+    from a resumed clock's saved time as from a running one's."""
+    clock = ExpiryClock(resume)
     wall, mono = 100 * DAY, 0
-    last = clock.now_ms(wall, mono)
+    first = clock.now_ms(wall, mono)
+    assert first <= wall
+    if resume is not None:
+        assert first <= resume + SLACK_MS
+    high = clock.high_ms
+    assert high is not None
     for wall_step, elapsed in steps:
         wall, mono = wall + wall_step, mono + elapsed
         now = clock.now_ms(wall, mono)
         assert now <= wall
-        assert now - last <= MAX_RATE * elapsed + SLACK_MS
-        last = now
+        assert clock.high_ms is not None
+        assert clock.high_ms - high <= MAX_RATE * elapsed + SLACK_MS
+        assert clock.high_ms == max(high, now)
+        high = clock.high_ms

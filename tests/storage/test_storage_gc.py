@@ -1,20 +1,24 @@
 """The storage node's GC pass over a backlog, on a real SQLite store: it expires everything
 expired ``gc_batch`` at a time, lets other work run between batches, and refreshes the held
 figures (whose mailbox count reads every tombstone's mailbox on SQLite) once per pass, not
-once per batch."""
+once per batch. GC follows a wall clock stepped forward at most twice as fast as time
+passes, in a running node and across a restart (SQLite and Redis)."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import inspect
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
+import pytest
 from dna_storage.backends.base import MailboxBackend, PutOutcome, StoredBlob
+from dna_storage.backends.redis import RedisBackend
 from dna_storage.backends.sqlite import SqliteBackend
 from dna_storage.node import StorageNode, StorageNodeConfig, StorageSection
 
@@ -131,6 +135,81 @@ def test_a_wall_clock_stepped_forward_does_not_make_gc_delete_what_has_not_expir
         wall[0] = now + 1_000  # set right: everything is there
         assert len((await backend.fetch(M, 0, 100, wall[0])).blobs) == len(held)
         assert await node._collect_pass(cast(MailboxBackend, backend)) == 0
+        await backend.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_node_restarted_after_a_step_forward_resumes_gc_where_it_was(
+    tmp_path: Path, kind: str, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The wall clock steps 31 days forward while the node is stopped (or just before a
+    restart): the restarted node's first GC pass expires against the time its store saved,
+    not the stepped wall clock, so it removes nothing that had not expired. Before, its
+    ExpiryClock started from the wall clock and the pass deleted every blob held. Checked
+    to fail without the fix (20 removed, on both backends)."""
+    prefix = f"restart{tmp_path.name}:"
+
+    async def open_store() -> MailboxBackend:
+        if kind == "redis":
+            url = str(request.getfixturevalue("redis_url"))
+            return cast(MailboxBackend, await RedisBackend.connect(url, prefix=prefix))
+        return cast(MailboxBackend, await SqliteBackend.open(tmp_path / "mailboxes.sqlite3"))
+
+    def node_at(wall: int) -> StorageNode:
+        section = StorageSection(data_dir=tmp_path, gc_interval_s=3600.0)
+        config = StorageNodeConfig(storage=section.model_copy(update={"backend": kind}))
+        node = StorageNode(config)
+        node.wall_ms = lambda: wall
+        return node
+
+    now = now_ms()
+    held = blobs(20, now + 3_600_000, b"an hour left")
+
+    async def scenario() -> None:
+        backend = await open_store()
+        await backend.put_many(held, now)
+        assert await node_at(now)._collect_pass(backend) == 0
+        await backend.close()
+        backend = await open_store()  # restarted, the wall clock 31 days ahead
+        stepped = node_at(now + 31 * 86_400_000)
+        assert await stepped._collect_pass(backend) == 0
+        assert stepped.expiry_clock.stepped_ms > 30 * 86_400_000
+        assert len((await backend.fetch(M, 0, 100, now + 1_000)).blobs) == len(held)
+        await backend.close()
+
+    with caplog.at_level(logging.INFO, logger="dna.storage"):
+        asyncio.run(scenario())
+    (said,) = [r.getMessage() for r in caplog.records if "ahead of the time GC" in r.getMessage()]
+    assert "the node was stopped that long, or the clock stepped forward" in said
+
+
+def test_a_node_restarted_while_its_clock_is_set_back_resumes_where_gc_was(tmp_path: Path) -> None:
+    """The clock is set back a year (an RTC reset), the node restarts, then NTP sets the
+    clock right: GC resumes at once where it was before the reset, not a year behind
+    catching up at twice real time (no GC for a year). Checked to fail without the fix
+    (the pass saved the year-old time it used)."""
+    config = StorageNodeConfig(storage=StorageSection(data_dir=tmp_path, gc_interval_s=3600.0))
+    now = now_ms()
+    year = 365 * 86_400_000
+
+    def node_at(wall: int) -> StorageNode:
+        node = StorageNode(config)
+        node.wall_ms = lambda: wall
+        return node
+
+    async def scenario() -> None:
+        backend = await SqliteBackend.open(tmp_path / "mailboxes.sqlite3")
+        await backend.put_many(blobs(5, now + 60_000, b"a minute left"), now)
+        assert await node_at(now)._collect_pass(cast(MailboxBackend, backend)) == 0
+        assert await node_at(now - year)._collect_pass(cast(MailboxBackend, backend)) == 0
+        await backend.close()
+        backend = await SqliteBackend.open(tmp_path / "mailboxes.sqlite3")
+        restarted = node_at(now - year)  # restarted with the clock still a year back
+        assert await restarted._collect_pass(cast(MailboxBackend, backend)) == 0
+        restarted.wall_ms = lambda: now + 1_000  # set right
+        assert await restarted._collect_pass(cast(MailboxBackend, backend)) == 0
+        assert restarted.expiry_clock.stepped_ms == 0  # GC follows the wall clock at once
         await backend.close()
 
     asyncio.run(scenario())

@@ -1,4 +1,5 @@
-"""Redis-only behaviour: native TTLs reclaim space; reads survive keys that already vanished;
+"""Redis-only behaviour: no key expires natively (an older layout's TTLs are removed);
+reads survive keys that already vanished;
 more calls at once than connections wait for one; a server not configured for durable
 writes is reported at connect; a server killed, restarted or stopped under the backend
 fails calls as ``StoreUnavailableError`` and is served again at once when it is back."""
@@ -17,7 +18,7 @@ from dna_storage.backends.base import StoredBlob, StoreUnavailableError, Tombsto
 from dna_storage.backends.redis import RedisBackend, durability_problems
 from storage.redis_process import RedisProcess
 
-T0 = (int(time.time()) + 10 * 86_400) * 1000  # ahead of the wall clock: TTLs don't fire
+T0 = (int(time.time()) + 10 * 86_400) * 1000  # ahead of the wall clock
 M = hashlib.sha256(b"redis mailbox").digest()
 
 
@@ -25,19 +26,69 @@ def blob(payload: bytes, ttl: int = 1000) -> StoredBlob:
     return StoredBlob(M, hashlib.sha256(payload).digest(), payload, T0, T0 + ttl)
 
 
-def test_blob_and_tombstone_keys_carry_native_expiry(redis_url: str) -> None:
+async def keys_with_a_ttl(raw: aioredis.Redis, prefix: str) -> list[str]:
+    keys = [key.decode() async for key in raw.scan_iter(match=prefix + "*")]
+    assert keys  # the test wrote some
+    return sorted([k for k in keys if await raw.pttl(k) != -1])
+
+
+async def hold_blobs_and_tombstones(b: RedisBackend) -> tuple[StoredBlob, StoredBlob]:
+    a, c = blob(b"a", ttl=1000), blob(b"c", ttl=5000)
+    await b.put_many([a, c], T0)
+    await b.delete([Tombstone(M, a.blob_id, T0, T0 + 2000, b"auth")], T0)
+    await b.save_gc_time(T0)
+    return a, c
+
+
+def test_no_key_expires_natively(redis_url: str) -> None:
+    """Every key the backend writes lives until GC (the node's clock) or a delete removes
+    it: a native TTL is the Redis server's clock, and a step on the Redis host expired
+    blobs and tombstones early, past the node's ExpiryClock. Checked to fail without the
+    fix (blob, tombstone and signed delete keys had a PEXPIREAT)."""
+
     async def main() -> None:
         b = await RedisBackend.connect(redis_url, prefix="native:")
         raw = aioredis.Redis.from_url(redis_url)
         try:
-            a, c = blob(b"a", ttl=1000), blob(b"c", ttl=5000)
-            await b.put_many([a, c], T0)
-            await b.delete([Tombstone(M, a.blob_id, T0, T0 + 2000, b"auth")], T0)
-            blob_key = f"native:b:{M.hex()}:{c.blob_id.hex()}"
-            tomb_key = f"native:t:{M.hex()}:{a.blob_id.hex()}"
-            assert await raw.pexpiretime(blob_key) == c.expires_ms
-            assert await raw.pexpiretime(tomb_key) == T0 + 2000
-            assert not await raw.exists(f"native:b:{M.hex()}:{a.blob_id.hex()}")
+            a, c = await hold_blobs_and_tombstones(b)
+            assert await raw.exists(f"native:b:{M.hex()}:{c.blob_id.hex()}")
+            assert await raw.exists(f"native:t:{M.hex()}:{a.blob_id.hex()}")
+            assert await keys_with_a_ttl(raw, "native:") == []
+            assert await b.expire(T0 + 5000, 100) == 2  # GC removes them, by the node's time
+            assert await b.get_blobs(M, [c.blob_id], T0) == []
+            assert await raw.keys("native:[bt]:*") == []
+            assert await raw.keys("native:sd:*") == []
+        finally:
+            await raw.aclose()
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_keys_an_older_node_gave_a_native_ttl_lose_it_at_connect(redis_url: str) -> None:
+    """A store written by a node of key layout 1 (blob, tombstone and signed delete keys
+    with a PEXPIREAT): the first connect removes every such TTL, once, and keeps the data."""
+
+    async def main() -> None:
+        b = await RedisBackend.connect(redis_url, prefix="layout1:")
+        raw = aioredis.Redis.from_url(redis_url)
+        try:
+            a, c = await hold_blobs_and_tombstones(b)
+            await b.close()
+            old = [  # a blob, a tombstone and its signed delete, as layout 1 wrote them
+                f"layout1:b:{M.hex()}:{c.blob_id.hex()}",
+                f"layout1:t:{M.hex()}:{a.blob_id.hex()}",
+                f"layout1:sd:{hashlib.sha256(b'auth').hexdigest()}",
+            ]
+            for key in old:
+                assert await raw.exists(key)
+                await raw.pexpireat(key, T0 + 60_000)
+            await raw.delete("layout1:layout")
+            b = await RedisBackend.connect(redis_url, prefix="layout1:")
+            assert await keys_with_a_ttl(raw, "layout1:") == []
+            assert await raw.get("layout1:layout") == b"2"
+            assert [x.blob_id for x in (await b.fetch(M, 0, 10, T0)).blobs] == [c.blob_id]
+            assert len(await b.get_tombstones(M, [a.blob_id], T0)) == 1
         finally:
             await raw.aclose()
             await b.close()
@@ -118,28 +169,9 @@ def tombstones(first: int, auth: bytes, expires: int) -> list[Tombstone]:
     return [Tombstone(M, i, T0, expires, auth) for i in ids]
 
 
-def test_a_signed_delete_key_lives_as_long_as_its_longest_tombstone(redis_url: str) -> None:
-    async def main() -> None:
-        b = await RedisBackend.connect(redis_url, prefix="sdttl:")
-        raw = aioredis.Redis.from_url(redis_url)
-        try:
-            auth = b"one signed delete"
-            key = f"sdttl:sd:{hashlib.sha256(auth).hexdigest()}"
-            await b.delete(tombstones(0, auth, T0 + 2000), T0)
-            assert await raw.pexpiretime(key) == T0 + 2000
-            await b.delete(tombstones(10, auth, T0 + 5000), T0)  # same delete, later tombstones
-            assert await raw.pexpiretime(key) == T0 + 5000
-            await b.delete(tombstones(20, auth, T0 + 3000), T0)  # an earlier one: no shorter
-            assert await raw.pexpiretime(key) == T0 + 5000
-        finally:
-            await raw.aclose()
-            await b.close()
-
-    asyncio.run(main())
-
-
 def test_signed_delete_counts_stay_exact_when_keys_vanish_before_gc(redis_url: str) -> None:
-    """Native expiry (a server clock ahead) removed the keys; GC still releases them once."""
+    """Keys vanished before GC reached them (a native TTL an older node gave them, or a
+    delete by hand); GC still releases their signed delete once."""
 
     async def main() -> None:
         b = await RedisBackend.connect(redis_url, prefix="sdgone:")

@@ -1,5 +1,5 @@
 """The time GC removes expired blobs and tombstones against (sans-I/O: the caller passes
-both clocks' readings).
+both clocks' readings, and saves and restores ``high_ms`` across restarts).
 
 Expiry is wall-clock time (`expires_ms`, the same on every replica), and reads compare it
 with the wall clock as it is: a read that hides an item is undone when the clock is set
@@ -9,12 +9,24 @@ tombstone expiring before the new time: 30 days ahead, everything held, within s
 and a tombstone removed early lets a deleted blob come back from a replica that missed
 the delete.
 
-Invariant: the time GC uses (``ExpiryClock.now_ms``) never runs ahead of the wall clock,
-and between two readings it advances at most ``MAX_RATE`` times the monotonic time that
-passed (plus ``SLACK_MS``). A forward step of J is followed, but over J / (MAX_RATE - 1)
-of real time (a day's step: a day), so an operator sees it (``stepped_ms``, logged) before
-much is gone; a backward step is followed at once (GC removes less, nothing is lost). The
-first reading after a start has nothing to compare with and is the wall clock.
+Invariants:
+
+* the time GC uses (``ExpiryClock.now_ms``) never runs ahead of the wall clock;
+* it passes ``high_ms``, the latest time GC has used (and the node has saved), at most
+  ``MAX_RATE`` times as fast as monotonic time passes (plus ``SLACK_MS`` per reading).
+  A forward step of J is followed, but over J / (MAX_RATE - 1) of real time (a day's step:
+  a day), so an operator sees it (``stepped_ms``, logged) before much is gone;
+* a backward step is followed at once (GC removes less, nothing is lost), and the clock set
+  right again returns at once up to ``high_ms``: a time GC had reached already removes
+  nothing new. (Catching up from the low reading at ``MAX_RATE`` stopped GC for as long as
+  the clock had been wrong: a year, after an RTC reset to last year set right a minute later.)
+* a clock restored with ``high_ms`` saved by an earlier run (``ExpiryClock(resume_ms)``)
+  counts the time it was not running as none passed: the monotonic clock does not survive
+  a restart, and the wall clock is what cannot be trusted. A node restarted after a 31-day
+  step deleted everything on its first pass; now GC resumes at the saved time and catches
+  up as after any step (a node that was down a day lags a day, for a day: reads hide what
+  expired meanwhile, GC removes it later). Without a saved time (a new store) the first
+  reading is the wall clock.
 """
 
 from __future__ import annotations
@@ -24,16 +36,19 @@ SLACK_MS = 1_000  # between readings: scheduling, and the clocks' own small corr
 
 
 class ExpiryClock:
-    def __init__(self) -> None:
-        self._last: tuple[int, int] | None = None  # (GC time, monotonic) of the last reading
+    def __init__(self, resume_ms: int | None = None) -> None:
+        """``resume_ms``: the ``high_ms`` an earlier run saved, if any."""
+        self.high_ms = resume_ms  # the latest time GC used (None: none yet, a new store)
+        self._at: int | None = None  # the monotonic time of the last reading (None: none)
         self.stepped_ms = 0  # how far GC's time is behind the wall clock, after a step
 
     def now_ms(self, wall_ms: int, monotonic_ms: int) -> int:
         """The time GC expires against, given the wall clock and the monotonic clock now."""
         now = wall_ms
-        if self._last is not None:
-            last, at = self._last
-            now = min(wall_ms, last + int(MAX_RATE * max(0, monotonic_ms - at)) + SLACK_MS)
-        self._last = (now, monotonic_ms)
+        if self.high_ms is not None:  # after a restart, the time since is unknown: none
+            elapsed = 0 if self._at is None else max(0, monotonic_ms - self._at)
+            now = min(wall_ms, self.high_ms + int(MAX_RATE * elapsed) + SLACK_MS)
+        self._at = monotonic_ms
+        self.high_ms = now if self.high_ms is None else max(self.high_ms, now)
         self.stepped_ms = wall_ms - now
         return now

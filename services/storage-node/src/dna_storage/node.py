@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 
 from dna_storage.admission import Admission, AdmissionConfig
 from dna_storage.backends.base import (
+    WRITE_METHODS,
     MailboxBackend,
     StorageFullError,
     StoreDamagedError,
@@ -210,14 +211,15 @@ class _RoomWatch:
     """The backend, tripping the node's high-water mark the moment a write finds no room,
     so `/readyz` fails and admission refuses writes at once, not at the next disk reading;
     telling the node the moment a call finds the store damaged, or unavailable (Redis
-    down), and when a call is answered again."""
+    down), and when a call is answered again, saying whether it was a write (its
+    ``WRITE_METHODS``) or a read."""
 
     def __init__(
         self,
         backend: MailboxBackend,
         on_full: Callable[[], None],
         on_damaged: Callable[[StoreDamagedError], None],
-        on_unavailable: Callable[[StoreUnavailableError | None], None],
+        on_unavailable: Callable[[StoreUnavailableError | None, bool], None],
     ) -> None:
         self._backend, self._on_full, self._on_damaged = backend, on_full, on_damaged
         self._on_unavailable = on_unavailable
@@ -226,6 +228,8 @@ class _RoomWatch:
         attr = getattr(self._backend, name)
         if not inspect.iscoroutinefunction(attr):
             return attr
+
+        writes = name in WRITE_METHODS
 
         @functools.wraps(attr)
         async def watched(*args: Any, **kwargs: Any) -> Any:
@@ -238,9 +242,9 @@ class _RoomWatch:
                 self._on_damaged(exc)
                 raise
             except StoreUnavailableError as exc:
-                self._on_unavailable(exc)
+                self._on_unavailable(exc, writes)
                 raise
-            self._on_unavailable(None)  # the store answered
+            self._on_unavailable(None, writes)  # the store answered
             return result
 
         return watched
@@ -264,8 +268,12 @@ class StorageNode:
         self._held = Usage(0, 0)  # blobs and bytes held, as of the last GC pass
         self._mailboxes = 0  # mailboxes held, likewise
         self._damage: str | None = None  # what a call found damaged in the store, if one did
-        self._unavailable: str | None = None  # why the last call to the store failed, if it did
+        # Why the last read, and the last write, failed for want of the store ({} when the
+        # last of each was answered).
+        self._unavailable: dict[str, str] = {}
         self.expiry_clock = ExpiryClock()  # the time GC removes expired items against
+        self._clock_resumed = False  # from the time the store saved, at the first GC pass
+        self._clock_read = False  # the first reading after resuming is said apart
         self.wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000  # tests step it
         self._clock_stepped = False  # said: GC's time is behind a wall clock stepped forward
         self._durability: set[str] | None = None  # the store's problems, as last read
@@ -359,18 +367,25 @@ class StorageNode:
             log.error("%s; unready: %s", exc, advice)
         self._damage = str(exc)
 
-    def _store_unavailable(self, exc: StoreUnavailableError | None) -> None:
-        """A call to the store failed for want of the store (``exc``) or was answered (None).
-        Said once each way: while the store is away, every request touching it answers
-        UNAVAILABLE (clients ask other replicas) and `/readyz` fails; the next call answered
-        (a request, or the GC pass every interval) makes the node ready again."""
+    def _store_unavailable(self, exc: StoreUnavailableError | None, writes: bool) -> None:
+        """A read or write call to the store failed for want of the store (``exc``) or was
+        answered (None). Said once each way: while the store is away, every request touching
+        it answers UNAVAILABLE (clients ask other replicas) and `/readyz` fails; the next
+        read and write answered (a request, or the GC pass every interval, which writes and
+        reads) make the node ready again. Reads and writes are judged apart: SQLite's reads
+        go on while another process holds the file's write lock past the busy timeout, and
+        each read answered made the node ready until the next write failed, flapping
+        `/readyz` and the log at every request."""
+        kind = "write" if writes else "read"
+        was_unavailable = bool(self._unavailable)
         if exc is not None:
-            if self._unavailable is None:
+            self._unavailable[kind] = str(exc)
+            if not was_unavailable:
                 log.warning("%s; unready until it answers", exc)
-            self._unavailable = str(exc)
-        elif self._unavailable is not None:
-            log.info("the mailbox store answers again: ready")
-            self._unavailable = None
+        else:
+            self._unavailable.pop(kind, None)
+            if was_unavailable and not self._unavailable:
+                log.info("the mailbox store answers again: ready")
 
     async def _collect_garbage(self, backend: MailboxBackend) -> None:
         """A GC pass every ``gc_interval_s``; a failed pass is retried at the next interval
@@ -392,6 +407,9 @@ class StorageNode:
         every tombstone's mailbox: 285 ms at 400,000 tombstones, on the one reader
         connection every fetch waits for)."""
         batch_size = self.config.storage.gc_batch
+        if not self._clock_resumed:  # where the last run's GC was, not the wall clock now
+            self.expiry_clock = ExpiryClock(await backend.gc_time())
+            self._clock_resumed = True
         removed, now_ms = 0, self._expiry_now()
         while True:
             batch = await backend.expire(now_ms, batch_size)
@@ -400,6 +418,9 @@ class StorageNode:
             self.metrics.gc_removed.inc(batch)
             if batch < batch_size:
                 break
+        with contextlib.suppress(StorageFullError):  # said once; GC goes on freeing room
+            # the latest time GC used (after a clock set back, later than this pass's)
+            await backend.save_gc_time(max(now_ms, self.expiry_clock.high_ms or now_ms))
         await self._refresh_held(backend)
         await self._check_durability(backend)
         if removed:
@@ -408,15 +429,20 @@ class StorageNode:
 
     def _expiry_now(self) -> int:
         """What GC expires against: the wall clock, but a step forward is followed at most
-        twice as fast as time passes (``ExpiryClock``: GC's removals are not undone when
-        the clock is set right)."""
+        twice as fast as time passes, across restarts too (``ExpiryClock``, resumed from
+        the store's ``gc_time``: GC's removals are not undone when the clock is set right)."""
+        first = self.expiry_clock.high_ms is not None and not self._clock_read
+        self._clock_read = True
         now = self.expiry_clock.now_ms(self.wall_ms(), time.monotonic_ns() // 1_000_000)
         stepped = self.expiry_clock.stepped_ms
         if stepped > STEP_WARNING_MS and not self._clock_stepped:
+            why = ("since the last GC pass before this start: the node was stopped that long,"
+                   " or the clock stepped forward" if first else "a step forward?")  # fmt: skip
             log.warning(
-                "the wall clock is %.0f s ahead of the time GC follows (a step forward?): "
+                "the wall clock is %.0f s ahead of the time GC follows (%s): "
                 "GC catches up at most twice as fast as time passes",
                 stepped / 1000,
+                why,
             )
         elif stepped <= STEP_WARNING_MS and self._clock_stepped:
             log.info("GC follows the wall clock again")
@@ -485,8 +511,8 @@ class StorageNode:
     def _disk_readiness(self) -> tuple[bool, str]:
         if self._damage is not None:
             return False, self._damage
-        if self._unavailable is not None:
-            return False, self._unavailable
+        if self._unavailable:
+            return False, "; ".join(dict.fromkeys(self._unavailable.values()))
         if self._full_by_write:
             return False, "storage full: a write found no room; refusing writes"
         if self.admission.high_water.tripped:

@@ -38,9 +38,14 @@ from dna_core.mailbox import StoredBlob, Tombstone
 # StoredBlob and Tombstone are the mailbox domain's (dna_core.mailbox.codec, shared with
 # clients), named here too so that a backend finds its whole interface in one module.
 __all__ = [
-    "MailboxBackend", "MailboxDigest", "Page", "PutOutcome", "StorageFullError",
-    "StoreUnavailableError", "StoredBlob", "SyncIndex", "Tombstone", "Usage",
+    "WRITE_METHODS", "MailboxBackend", "MailboxDigest", "Page", "PutOutcome",
+    "StorageFullError", "StoreUnavailableError", "StoredBlob", "SyncIndex", "Tombstone", "Usage",
 ]  # fmt: skip
+
+
+# The methods of ``MailboxBackend`` that write: on SQLite they wait for the one writer (which
+# another process's lock can hold up) while reads go on, so the node judges them apart.
+WRITE_METHODS = frozenset({"put_many", "delete", "expire", "forget", "save_gc_time"})
 
 
 class StorageFullError(CapacityError):
@@ -145,8 +150,12 @@ class MailboxBackend(Protocol):
         """Sorted unexpired blob IDs and the live tombstones of a mailbox (for anti-entropy)."""
         ...
 
-    async def sync_index(self, mailbox_id: bytes, now_ms: int) -> SyncIndex:
-        """The mailbox's unexpired blob IDs and live tombstones' IDs and sizes."""
+    async def sync_index(
+        self, mailbox_id: bytes, now_ms: int, after: bytes = b"", limit: int = 0
+    ) -> SyncIndex:
+        """The mailbox's unexpired blob IDs and live tombstones' IDs and sizes, those with
+        ID > ``after`` only; with ``limit``, the first ``limit`` of each kind (a list page
+        needs a page of them, not the whole mailbox's at every page)."""
         ...
 
     async def get_tombstones(
@@ -198,6 +207,18 @@ class MailboxBackend(Protocol):
         """8 random bytes chosen when this store was created empty, the same for as long
         as its data lives: fetch cursors carry it, so a cursor issued before a wipe is
         not read as one of the new store's (whose seqs start again from 1)."""
+        ...
+
+    async def gc_time(self) -> int | None:
+        """The time GC last expired against, as ``save_gc_time`` stored it (None: never):
+        a restarted node's GC resumes from it, not from a wall clock that may have been
+        stepped meanwhile (``dna_storage.expiry``). Kept with the data, so it goes with it
+        (a wipe, a restore from a backup)."""
+        ...
+
+    async def save_gc_time(self, now_ms: int) -> None:
+        """Store the latest time GC has expired against (after a pass: saved late or not at
+        all, a restart resumes GC further back, which only keeps expired items longer)."""
         ...
 
     async def configuration_problems(self) -> list[str]:

@@ -1,11 +1,14 @@
 """Redis mailbox backend, for operators who already run Redis.
 
 How expiry is decided: by the ``expires_ms`` stored in the index, compared with the caller's
-``now_ms`` on every read and write, exactly as in SQLite (``common.py``). Blob and tombstone
-keys also get a native ``PEXPIREAT`` at their expiry: that only *reclaims space* (payloads
-vanish on time even when GC lags). If the Redis server's clock runs ahead of the node's, a key
-can vanish a little before ``now_ms`` reaches its expiry; reads then treat it as gone and
-lazily clean its index entries. Durability comes from the server: AOF with
+``now_ms`` on every read and write, exactly as in SQLite (``common.py``), and removal is GC's
+alone (``expire``, against the node's ``ExpiryClock``). No key expires natively: a
+``PEXPIREAT`` is the Redis server's clock, so a step on the Redis host (a bad NTP server)
+deleted blobs and tombstones early, past the node's clock protection, and a tombstone gone
+early lets a deleted blob come back through repair. A node reads keys written with a native
+TTL by an older version and removes their TTL once, when it connects (``LAYOUT``); a key
+that vanished anyway (before that, or deleted by hand) is treated as gone, and reads lazily
+clean its index entries. Durability comes from the server: AOF with
 ``appendfsync always`` (which Redis already group-commits per event-loop turn), and no key
 eviction; ``connect`` logs a warning when the server is configured otherwise
 (docs/operations.md, "Redis backend").
@@ -13,15 +16,15 @@ eviction; ``connect`` logs a warning when the server is configured otherwise
 Layout (``P`` = prefix, IDs hex-encoded, ``M`` = mailbox, ``B`` = blob ID):
 
 * ``P b:M:B`` hash ``d`` payload, ``s`` stored_ms, ``e`` expires_ms, ``q`` seq, ``w`` the put's
-  proof of work (``common.encode_pow``; absent on blobs stored before it was kept) (native TTL)
-* ``P t:M:B`` hash ``d`` deleted_ms, ``e`` expires_ms (native TTL); tombstones stored before
+  proof of work (``common.encode_pow``; absent on blobs stored before it was kept)
+* ``P t:M:B`` hash ``d`` deleted_ms, ``e`` expires_ms; tombstones stored before
   signed deletes were shared also hold ``a``, their authorization (read as before, gone
   within a tombstone lifetime)
 * ``P tr:M`` hash B -> H, the hex SHA-256 of the tombstone's signed delete (its authorization)
-* ``P sd:H`` hash ``a`` the signed delete, ``e`` the latest expiry of a tombstone referencing
-  it (native TTL: stored once, not once per tombstone; docs/storage.md)
-* ``P sr`` hash H -> tombstones referencing it; ``P sz`` hash H -> its bytes. Neither expires
-  natively, so the counts stay exact when a key vanishes before GC reaches it
+* ``P sd:H`` hash ``a`` the signed delete (stored once, not once per tombstone; removed with
+  the last tombstone referencing it; docs/storage.md)
+* ``P sr`` hash H -> tombstones referencing it; ``P sz`` hash H -> its bytes: the counts stay
+  exact when a key vanished before GC reached it
 * ``P s:M`` zset B -> seq (cursor fetch); ``P e:M`` zset B -> expires_ms (usage, liveness)
 * ``P z:M`` hash B -> size; ``P u:M`` hash ``bytes`` (usage without reading payloads)
 * ``P ti:M`` zset B -> tombstone expires_ms; ``P q:M`` seq counter (INCR, never reset)
@@ -29,6 +32,8 @@ Layout (``P`` = prefix, IDs hex-encoded, ``M`` = mailbox, ``B`` = blob ID):
 * ``P m`` zset of mailbox IDs, score 0 (lexicographic range scans for digests)
 * ``P totals`` hash ``blobs``, ``bytes``, ``signed_deletes``, ``signed_delete_bytes``
 * ``P incarnation`` 8 random bytes, set when the first call finds none (fetch cursors)
+* ``P gc_time`` the time GC last expired against (``save_gc_time``: a restart resumes it)
+* ``P layout`` ``LAYOUT``: 2 once no key holds a native TTL
 
 Every write is one Lua script (atomic: a put cannot slip past a concurrent delete, and a
 duplicate never takes a seq). Scripts build key names from the prefix, so this backend targets
@@ -89,6 +94,9 @@ REDIS_WAIT_S = 30.0  # a call waits this long for a free connection, then fails
 # since 6.x, set here so an upgrade of it does not change it (docs/operations.md).
 REDIS_TIMEOUT_S = 5.0
 _PIPELINE_CHUNK = 256  # commands per pipeline round trip
+# The key layout's version (``P layout``; absent: 1). 2: no key has a native TTL (in 1, blob,
+# tombstone and signed delete keys had a PEXPIREAT, the Redis server's clock).
+LAYOUT = 2
 _SCAN_CHUNK = 64  # index entries per fetch round trip (beyond limit + 1)
 _BLOB_FIELDS = ["d", "s", "e", "q", "w"]
 # Replies of a store that cannot serve now (down, restarting, loading its data, a read-only
@@ -131,17 +139,13 @@ local function unref_tomb(mb, id)
   redis.call('DEL', skey(h))
 end
 -- Reference signed delete h from tombstone (mb, id); store it if this is its first.
-local function ref_tomb(mb, id, h, auth, expires)
+local function ref_tomb(mb, id, h, auth)
   redis.call('HSET', P .. 'tr:' .. mb, id, h)
   if redis.call('HINCRBY', P .. 'sr', h, 1) == 1 then
     redis.call('HSET', P .. 'sz', h, #auth)
     count_signed_delete(1, #auth)
   end
-  redis.call('HSETNX', skey(h), 'a', auth)  -- again if its key vanished natively
-  if tonumber(expires) > tonumber(redis.call('HGET', skey(h), 'e') or '0') then
-    redis.call('HSET', skey(h), 'e', expires)  -- it lives as long as its longest tombstone
-    redis.call('PEXPIREAT', skey(h), expires)
-  end
+  redis.call('HSETNX', skey(h), 'a', auth)  -- again if its key vanished
 end
 local function drop_tomb(mb, id)
   unref_tomb(mb, id)
@@ -174,7 +178,6 @@ local function put_one(mb, id, blob, stored, expires, proof)
   local seq = redis.call('INCR', P .. 'q:' .. mb)
   redis.call('HSET', bkey(mb, id), 'd', blob, 's', stored, 'e', expires, 'q', seq)
   if proof ~= '' then redis.call('HSET', bkey(mb, id), 'w', proof) end
-  redis.call('PEXPIREAT', bkey(mb, id), expires)
   redis.call('ZADD', P .. 's:' .. mb, seq, id)
   redis.call('ZADD', P .. 'e:' .. mb, expires, id)
   redis.call('HSET', P .. 'z:' .. mb, id, #blob)
@@ -217,9 +220,8 @@ local function delete_one(mb, id, deleted, expires, h)
   if (not old) or tonumber(old) < tonumber(expires) then
     unref_tomb(mb, id)
     redis.call('DEL', tkey(mb, id))
-    ref_tomb(mb, id, h, auths[h], expires)
+    ref_tomb(mb, id, h, auths[h])
     redis.call('HSET', tkey(mb, id), 'd', deleted, 'e', expires)
-    redis.call('PEXPIREAT', tkey(mb, id), expires)
     redis.call('ZADD', P .. 'ti:' .. mb, expires, id)
     redis.call('ZADD', P .. 'x', expires, 't:' .. mb .. ':' .. id)
     redis.call('ZADD', P .. 'm', 0, mb)
@@ -382,7 +384,39 @@ class RedisBackend:
             raise
         for problem in await durability_problems(client):
             log.warning("redis is not configured for durable writes: %s", problem)
-        return cls(client, prefix)
+        backend = cls(client, prefix)
+        try:
+            await backend._remove_native_expiry()
+        except BaseException:
+            await client.aclose()
+            raise
+        return backend
+
+    async def _remove_native_expiry(self) -> None:
+        """Keys written by a node of layout 1 expire natively, by the Redis server's clock:
+        remove those TTLs (``PERSIST``) once, walking the GC queue (blob and tombstone keys)
+        and the signed delete references (``sd:`` keys), so GC alone removes them."""
+        if int(await self._r.get(self._p + "layout") or 1) >= LAYOUT:
+            return
+        keys: list[str] = []
+        async for member, _ in self._r.zscan_iter(self._p + "x", count=_PIPELINE_CHUNK):
+            keys.append(self._p + (member.decode() if isinstance(member, bytes) else member))
+            if len(keys) >= _PIPELINE_CHUNK:
+                await self._persist(keys)
+        async for digest, _ in self._r.hscan_iter(self._p + "sr", count=_PIPELINE_CHUNK):
+            keys.append(f"{self._p}sd:{digest.decode() if isinstance(digest, bytes) else digest}")
+            if len(keys) >= _PIPELINE_CHUNK:
+                await self._persist(keys)
+        await self._persist(keys)
+        await self._r.set(self._p + "layout", LAYOUT)
+
+    async def _persist(self, keys: list[str]) -> None:
+        """``PERSIST`` each key (one round trip), and empty the list."""
+        async with self._r.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.persist(key)
+            await pipe.execute()
+        keys.clear()
 
     async def incarnation(self) -> bytes:
         """Read on every call, not cached: a Redis flushed under a running node must not
@@ -585,17 +619,26 @@ class RedisBackend:
         found = await self._hmget_all([f"{self._p}sd:{d.decode()}" for d in ordered], ["a"])
         return {d: a for d, (a,) in zip(ordered, found, strict=True) if a is not None}
 
-    async def sync_index(self, mailbox_id: bytes, now_ms: int) -> SyncIndex:
+    async def sync_index(
+        self, mailbox_id: bytes, now_ms: int, after: bytes = b"", limit: int = 0
+    ) -> SyncIndex:
+        """The live IDs are indexed by expiry, not ID: all are read and cut here, and only
+        the tombstones kept have their sizes read (three round trips per 256 of them)."""
         async with self._r.pipeline(transaction=True) as pipe:
             pipe.zrangebyscore(self._key("e", mailbox_id), f"({now_ms}", "+inf")
             pipe.zrangebyscore(self._key("ti", mailbox_id), f"({now_ms}", "+inf")
             blob_members, tomb_members = await pipe.execute()
-        tomb_ids = sorted(_ids_of(tomb_members))
-        sizes = await self._authorization_sizes(mailbox_id, tomb_ids)
-        return SyncIndex(
-            sorted(_ids_of(blob_members)),
-            [(t, n) for t, n in zip(tomb_ids, sizes, strict=True) if n],
-        )
+        blob_ids = sorted(i for i in _ids_of(blob_members) if i > after)
+        tomb_ids = sorted(i for i in _ids_of(tomb_members) if i > after)
+        wanted = limit or len(tomb_ids)
+        tombs: list[tuple[bytes, int]] = []
+        position = 0
+        while position < len(tomb_ids) and len(tombs) < wanted:  # more: keys that vanished
+            chunk = tomb_ids[position : position + wanted - len(tombs)]
+            position += len(chunk)
+            sizes = await self._authorization_sizes(mailbox_id, chunk)
+            tombs += [(t, n) for t, n in zip(chunk, sizes, strict=True) if n]  # 0: vanished
+        return SyncIndex(blob_ids[:limit] if limit else blob_ids, tombs)
 
     async def _authorization_sizes(self, mailbox_id: bytes, blob_ids: list[bytes]) -> list[int]:
         """Each tombstone's signed delete size without reading it; 0 for a tombstone whose key
@@ -690,6 +733,18 @@ class RedisBackend:
 
     async def mailboxes(self) -> int:
         return int(await self._r.zcard(self._p + "m"))  # pruned once a mailbox is empty
+
+    async def gc_time(self) -> int | None:
+        value = await self._r.get(self._p + "gc_time")
+        return None if value is None else int(value)
+
+    async def save_gc_time(self, now_ms: int) -> None:
+        try:
+            await self._r.set(self._p + "gc_time", now_ms)
+        except ResponseError as exc:
+            if isinstance(exc, OutOfMemoryError) or str(exc).startswith(_NO_ROOM):
+                raise StorageFullError(f"storage is full: redis: {exc}") from exc
+            raise
 
     async def configuration_problems(self) -> list[str]:
         return await durability_problems(self._r)

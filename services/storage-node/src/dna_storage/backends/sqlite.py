@@ -577,8 +577,12 @@ class SqliteBackend:
         )
         return result
 
-    async def sync_index(self, mailbox_id: bytes, now_ms: int) -> SyncIndex:
-        result: SyncIndex = await self._reader.submit(lambda c: _sync_index(c, mailbox_id, now_ms))
+    async def sync_index(
+        self, mailbox_id: bytes, now_ms: int, after: bytes = b"", limit: int = 0
+    ) -> SyncIndex:
+        result: SyncIndex = await self._reader.submit(
+            lambda c: _sync_index(c, mailbox_id, now_ms, after, limit or -1)
+        )
         return result
 
     async def get_tombstones(
@@ -661,6 +665,19 @@ class SqliteBackend:
         except (sqlite3.DatabaseError, StoreDamagedError):
             return False
         return bool(rows == [("ok",)])
+
+    async def gc_time(self) -> int | None:
+        row = await self._reader.submit(
+            lambda c: c.execute("SELECT value FROM meta WHERE key = 'gc_time'").fetchone()
+        )
+        return None if row is None else int(row[0])
+
+    async def save_gc_time(self, now_ms: int) -> None:
+        await self._writer.submit(lambda c: c.execute(
+            "INSERT INTO meta (key, value) VALUES ('gc_time', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (now_ms,),
+        ))  # fmt: skip
 
     async def configuration_problems(self) -> list[str]:
         return []  # WAL and synchronous=FULL are set on every connection this opens
@@ -875,18 +892,24 @@ def _blobs_by_id(
     return found
 
 
-def _sync_index(conn: sqlite3.Connection, mailbox_id: bytes, now_ms: int) -> SyncIndex:
-    """``length()`` of a BLOB reads the record header, not the authorization itself."""
-    key = (mailbox_id, now_ms)
+def _sync_index(
+    conn: sqlite3.Connection, mailbox_id: bytes, now_ms: int, after: bytes, limit: int
+) -> SyncIndex:
+    """``length()`` of a BLOB reads the record header, not the authorization itself. Each
+    kind from ``after`` on, in ID order, along its (mailbox_id, blob_id) index; ``limit``
+    -1: no limit."""
+    key = (mailbox_id, after, now_ms, limit)
     return SyncIndex(
         [r[0] for r in conn.execute(
-            "SELECT blob_id FROM blobs WHERE mailbox_id = ? AND expires_ms > ? ORDER BY blob_id",
+            "SELECT blob_id FROM blobs WHERE mailbox_id = ? AND blob_id > ? AND expires_ms > ?"
+            " ORDER BY blob_id LIMIT ?",
             key,
         )],
         [(r[0], r[1]) for r in conn.execute(
             "SELECT t.blob_id, length(s.authorization)"
             " FROM tombstones t JOIN signed_deletes s ON s.digest = t.auth_digest"
-            " WHERE t.mailbox_id = ? AND t.expires_ms > ? ORDER BY t.blob_id",
+            " WHERE t.mailbox_id = ? AND t.blob_id > ? AND t.expires_ms > ?"
+            " ORDER BY t.blob_id LIMIT ?",
             key,
         )],
     )  # fmt: skip
