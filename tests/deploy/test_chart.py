@@ -7,6 +7,7 @@ script sends a real message through a local testnet."""
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import subprocess
@@ -21,7 +22,11 @@ import pytest
 import yaml
 from cluster import free_ips
 from deploy_files import CHART, RULES, tool
+from dna_storage.admission import AdmissionConfig
+from dna_storage.node import StorageSection
+from dna_stun.config import MAX_REALM_BYTES, AuthSection, RelaySection
 from dna_testnet.network import Testnet
+from pydantic import ValidationError
 from support import load_script
 
 pytestmark = pytest.mark.process  # helm, promtool, bash or node processes
@@ -140,6 +145,159 @@ def test_a_bad_value_fails_naming_its_key(setting: str, message: str) -> None:
         result = helm(*command, str(CHART), "--set", setting)
         assert result.returncode != 0, f"{command[0]} accepted {setting}"
         assert message in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+# --- rules the schema cannot state ----------------------------------------------------
+
+# One setting against another (or the other's default), bytes not characters: the node
+# refused these at start while `helm lint` and `helm template` passed, so the pods
+# crash-looped. Each case: the values, the node's config section that judges them, the
+# chart's message. The defaults come from the models: a boundary moved in one place only
+# fails here.
+MAX_LIFETIME = RelaySection().max_lifetime_s
+MAX_TTL = StorageSection().max_ttl_days
+POW_BASE, POW_MAX = AdmissionConfig().pow_base_bits, AdmissionConfig().pow_max_bits
+TWO_BYTE = "é"  # two bytes in UTF-8, one character to the schema's maxLength
+CROSS_FIELD = [
+    (
+        {"stun": {"config": {"relay": {"default_lifetime_s": MAX_LIFETIME + 1}}}},
+        RelaySection,
+        f"stun.config.relay.default_lifetime_s ({MAX_LIFETIME + 1}) must not exceed "
+        f"stun.config.relay.max_lifetime_s ({MAX_LIFETIME}, the node's default)",
+    ),
+    (
+        {"stun": {"config": {"relay": {"default_lifetime_s": 900, "max_lifetime_s": 800}}}},
+        RelaySection,
+        "stun.config.relay.default_lifetime_s (900) must not exceed "
+        "stun.config.relay.max_lifetime_s (800): lower default_lifetime_s or raise",
+    ),
+    (
+        {"stun": {"config": {"auth": {"realm": TWO_BYTE * (MAX_REALM_BYTES // 2 + 1)}}}},
+        AuthSection,
+        f'stun.config.auth.realm ("{TWO_BYTE * (MAX_REALM_BYTES // 2 + 1)}") is '
+        f"{MAX_REALM_BYTES + 2} bytes in UTF-8, at most {MAX_REALM_BYTES}",
+    ),
+    (
+        {"storage": {"config": {"storage": {"ttl_days": MAX_TTL + 1}}}},
+        StorageSection,
+        f"storage.config.storage.ttl_days ({MAX_TTL + 1}) must be more than 0 and at most "
+        f"storage.config.storage.max_ttl_days ({MAX_TTL}, the node's default)",
+    ),
+    (
+        {"storage": {"config": {"storage": {"ttl_days": 0}}}},
+        StorageSection,
+        "storage.config.storage.ttl_days (0) must be more than 0",
+    ),
+    (
+        {"storage": {"config": {"storage": {"max_ttl_days": 7}}}},
+        StorageSection,
+        f"storage.config.storage.ttl_days ({MAX_TTL}) must be more than 0 and at most "
+        "storage.config.storage.max_ttl_days (7): set ttl_days within 1..max_ttl_days",
+    ),
+    (
+        {"storage": {"config": {"admission": {"pow_base_bits": POW_MAX + 1}}}},
+        AdmissionConfig,
+        f"storage.config.admission.pow_base_bits ({POW_MAX + 1}) must not exceed "
+        f"storage.config.admission.pow_max_bits ({POW_MAX}, the node's default)",
+    ),
+    (
+        {"storage": {"config": {"admission": {"pow_max_bits": POW_BASE - 1}}}},
+        AdmissionConfig,
+        f"storage.config.admission.pow_base_bits ({POW_BASE}) must not exceed "
+        f"storage.config.admission.pow_max_bits ({POW_BASE - 1}): lower pow_base_bits",
+    ),
+]
+# ...and at the boundary both the chart and the node take them.
+AT_THE_BOUNDARY = [
+    ({"stun": {"config": {"relay": {"default_lifetime_s": MAX_LIFETIME}}}}, RelaySection),
+    ({"stun": {"config": {"auth": {"realm": TWO_BYTE * (MAX_REALM_BYTES // 2)}}}}, AuthSection),
+    ({"storage": {"config": {"storage": {"ttl_days": MAX_TTL}}}}, StorageSection),
+    ({"storage": {"config": {"storage": {"ttl_days": 1, "max_ttl_days": 1}}}}, StorageSection),
+    ({"storage": {"config": {"admission": {"pow_base_bits": POW_MAX}}}}, AdmissionConfig),
+    ({"storage": {"config": {"admission": {"pow_max_bits": POW_BASE}}}}, AdmissionConfig),
+]
+
+
+def _values_file(values: dict[str, Any], tmp_path: Path) -> str:
+    if "stun" in values:
+        values = {**values, "stun": {**values["stun"], "enabled": True}}
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values, allow_unicode=True), encoding="utf-8")
+    return str(path)
+
+
+def _section(values: dict[str, Any]) -> dict[str, Any]:
+    """The one config section ``values`` set (the node's own TOML table)."""
+    ((_, role),) = values.items()
+    ((_, section),) = role["config"].items()
+    assert isinstance(section, dict)
+    return section
+
+
+@pytest.mark.parametrize(("values", "model", "message"), CROSS_FIELD)
+def test_a_rule_across_settings_fails_the_render_naming_the_values(
+    values: dict[str, Any], model: type[Any], message: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ValidationError):  # the node refuses it: the chart does not guess
+        model.model_validate(_section(values))
+    # (`helm lint` renders with `fail` turned off: its rules are for install and template)
+    result = helm("template", "t", str(CHART), "-f", _values_file(values, tmp_path))
+    assert result.returncode != 0, f"rendered {values}"
+    assert message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(("values", "model"), AT_THE_BOUNDARY)
+def test_settings_at_the_rules_boundary_render(
+    values: dict[str, Any], model: type[Any], tmp_path: Path
+) -> None:
+    model.model_validate(_section(values))
+    render("-f", _values_file(values, tmp_path))
+
+
+# What the relay's [relay] allowed_peers and denied_peers take (ipaddress.ip_network with
+# strict=False): the chart takes the same, with one exception (a mask after the slash is
+# taken for its shape; the relay checks it is a mask).
+NETWORKS = [
+    "10.0.0.0/8", "192.0.2.7", "0.0.0.0/0", "1.2.3.4/08", "1.2.3.4/032", "1.2.3.4/255.255.0.0",
+    "10.0.0.0/0.255.255.255", "::", "::/0", "::1", "2001:db8::/32", "2001:DB8::/032",
+    "1:2:3:4:5:6:7:8", "1:2:3:4:5:6:7::", "::2:3:4:5:6:7:8", "1::8", "::ffff:1.2.3.4",
+    "1:2:3:4:5:6:1.2.3.4", "::1.2.3.4/128", "fe80::1%eth0/64", "fe80::%1", "::/0128",
+]  # fmt: skip
+NOT_NETWORKS = [
+    "10.0.0.256/8", "010.0.0.1", "10", "1.2.3.4/33", "1.2.3.4/", "1.2.3.4/+8", " 10.0.0.1",
+    "1.2.3.4/8 ", "1.2.3.4/8/8", "1:2:3:4:5:6:7:8:9", "1::2::3", "12345::", "::/129",
+    "::%/64", "1.2.3.4%x", "::1/ffff::", "1:2:3:4:5:6:7:1.2.3.4", "relay.example.org", "",
+]  # fmt: skip
+
+
+def _is_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+def test_the_relay_takes_every_network_the_chart_takes(tmp_path: Path) -> None:
+    assert all(map(_is_network, NETWORKS)) and not any(map(_is_network, NOT_NETWORKS))
+    RelaySection(allowed_peers=tuple(NETWORKS), denied_peers=tuple(NETWORKS))
+    relay = {"allowed_peers": NETWORKS, "denied_peers": NETWORKS}
+    docs = render("-f", _values_file({"stun": {"config": {"relay": relay}}}, tmp_path))
+    toml = tomllib.loads(named(docs, "ConfigMap", "t-dna-stun")["data"]["stun.toml"])
+    assert toml["relay"]["allowed_peers"] == NETWORKS == toml["relay"]["denied_peers"]
+
+
+@pytest.mark.parametrize("key", ["allowed_peers", "denied_peers"])
+@pytest.mark.parametrize("bad", NOT_NETWORKS)
+def test_a_relay_peer_that_is_no_network_fails_the_render(
+    key: str, bad: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ValidationError):
+        RelaySection.model_validate({key: ["10.0.0.0/8", bad]})
+    values = {"stun": {"config": {"relay": {key: ["10.0.0.0/8", bad]}}}}
+    result = helm("template", "t", str(CHART), "-f", _values_file(values, tmp_path))
+    assert result.returncode != 0, f"rendered {key} = {bad!r}"
+    assert f'stun.config.relay.{key}: "{bad}" is not an address or network' in result.stderr
 
 
 # --- what the manifests say -----------------------------------------------------------

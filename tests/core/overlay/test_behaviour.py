@@ -23,14 +23,17 @@ from dna_core.crypto.node import NodeIdentity
 from dna_core.overlay.behaviour import (
     PROVEN_KEYS_PER_SUBNET,
     PROVEN_KEYS_SIZE,
+    SUSPECT_CACHE_SIZE,
     SUSPECT_SECONDS,
+    SUSPECTS_PER_SUBNET,
+    TOKEN_CACHE_SIZE,
+    TOKENS_PER_SUBNET,
     BehaviourConfig,
     Command,
     Lookup,
     LookupDone,
     OverlayBehaviour,
     PingDone,
-    ProvenKeys,
     Rejected,
     RequestEnded,
     Send,
@@ -49,6 +52,7 @@ from dna_core.overlay.codec import (
 from dna_core.overlay.contact import Contact, Endpoint
 from dna_core.overlay.kbucket import GOOD_FOR, Admission
 from dna_core.overlay.protocol import FIRST_PING_PADDING, PONG_DOMAIN, Addr
+from dna_core.overlay.subnet_lru import SubnetLru
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -339,8 +343,8 @@ def test_one_subnet_proving_many_ids_cannot_flush_other_nodes_proofs() -> None:
     assert of_type(b.poll(), Send) == []  # still proven: no new challenge
 
 
-def test_proven_keys_replace_their_own_subnets_least_recently_used() -> None:
-    keys = ProvenKeys(size=4, per_subnet=2)
+def test_a_subnet_lru_replaces_its_own_subnets_least_recently_used() -> None:
+    keys = SubnetLru[bytes, Addr](size=4, per_subnet=2)
     a, b, c, d = (bytes([i]) * 32 for i in range(4))
     keys.remember(a, ("10.0.0.1", 1), "10.0.0")
     keys.remember(b, ("10.0.0.2", 1), "10.0.0")
@@ -353,6 +357,55 @@ def test_proven_keys_replace_their_own_subnets_least_recently_used() -> None:
     keys.remember(b, ("10.1.0.1", 1), "10.1.0")
     keys.remember(b"e" * 32, ("10.2.0.1", 1), "10.2.0")  # 5 > size: the oldest (c) goes
     assert keys.get(c) is None and len(keys) == 4 and keys.of_subnet("10.0.0") == 0
+    keys.forget(b)
+    keys.forget(b)  # (forgetting what is not there changes nothing)
+    assert keys.get(b, ("0.0.0.0", 0)) == ("0.0.0.0", 0) and keys.of_subnet("10.1.0") == 0
+    assert len(keys) == 3
+
+
+def test_one_subnet_answering_from_many_addresses_cannot_flush_other_nodes_tokens() -> None:
+    """Every answer carries a token for the address it came from, and a node keeps the
+    latest of 4,096 addresses for its next request there. One subnet requesting from
+    4,100 addresses (one ID, a port each: each address gets a key challenge, and the
+    challenge's answer brings a token even when its proof fails) pushed every other
+    node's token out: our next request to each went without one, padded (400 bytes a
+    find-node, 32 a ping) and unproven, so the node did not observe us and a full answer
+    cost one more round trip (a TokenReply). Now a subnet beyond its share replaces only
+    its own tokens."""
+    b = behaviour(prove_keys=True)
+    honest, honest_key = keyed_peer(1)
+    prove(b, honest, honest_key, NOW)  # (its pong brings no token: a ping answer that does)
+    b.ping(honest.endpoint.udp, NOW)
+    [send] = of_type(b.poll(), Send)
+    proof = honest_key.sign(PONG_DOMAIN, send.datagram.body.challenge)
+    b.on_response(answer_to(send, Pong(None, proof), honest, TOKEN), honest.endpoint.udp, NOW)
+    b.poll()
+    claimer, _ = keyed_peer(2)
+    for port in range(TOKEN_CACHE_SIZE + 10):
+        addr = ("203.0.113.9", 10000 + port)
+        claim = Contact(claimer.node_id, claimer.public_key, (Endpoint(*addr),))
+        assert b.observe_requester(claim, addr, NOW + 1) is None
+        [challenge] = of_type(b.poll(), Send)
+        bad_proof = Pong(None, bytes(64))
+        b.on_response(answer_to(challenge, bad_proof, claim, b"f" * 16), addr, NOW + 1)
+        assert Rejected("key_unproven") in b.poll()
+    b.ping(honest.endpoint.udp, NOW + 2)
+    [again] = of_type(b.poll(), Send)
+    assert (again.datagram.token, again.datagram.padding) == (TOKEN, 0)
+    assert b._tokens.of_subnet("203.0.113") == TOKENS_PER_SUBNET
+
+
+def test_a_testnet_on_loopback_keeps_every_token() -> None:
+    """Nodes of a local testnet share 127.0.0.1: their tokens are not capped per subnet
+    there, and are anywhere else."""
+    for allow_loopback, kept in ((True, 40), (False, TOKENS_PER_SUBNET)):
+        b = behaviour(allow_loopback=allow_loopback)
+        for i in range(40):
+            addr = ("127.0.0.1", 5000 + i)
+            b.ping(addr, NOW)
+            [send] = of_type(b.poll(), Send)
+            b.on_response(answer_to(send, Pong(), None, TOKEN), addr, NOW)
+        assert len(b._tokens) == kept
 
 
 def test_a_testnet_on_loopback_keeps_every_proof() -> None:
@@ -655,18 +708,27 @@ class EverCloser:
     than any honest node): the farthest of them another such node, the rest at addresses
     where nobody answers (``dead`` of them). Honest peers answer as ``honest`` does."""
 
-    def __init__(self, honest: Network, target: bytes, fresh: int, dead: int) -> None:
-        self.honest, self.fresh, self.dead = honest, fresh, dead
+    def __init__(
+        self,
+        honest: Network,
+        target: bytes,
+        fresh: int,
+        dead: int,
+        address: Callable[[int], Endpoint] = lambda i: Endpoint(f"2001:db8::{i + 1:x}", 4000),
+    ) -> None:
+        self.honest, self.fresh, self.dead, self.address = honest, fresh, dead, address
         self.target = int.from_bytes(target, "big")
         self.made: list[Contact] = []
         self.alive: dict[Addr, Contact] = {}
+        self.hostile: set[Addr] = set()
         self.first = self._next(alive=True)
 
     def _next(self, *, alive: bool) -> Contact:
         i = len(self.made)
         node_id = (self.target ^ (1 << 200) - i).to_bytes(32, "big")
-        contact = Contact(node_id, b"", (Endpoint(f"2001:db8::{i + 1:x}", 4000),))
+        contact = Contact(node_id, b"", (self.address(i),))
         self.made.append(contact)
+        self.hostile.add(contact.endpoint.udp)
         if alive:
             self.alive[contact.endpoint.udp] = contact
         return contact
@@ -674,7 +736,7 @@ class EverCloser:
     def __call__(self, send: Send, now: float) -> list[tuple[float, Datagram, Addr]]:
         me = self.alive.get(send.addr)
         if me is None:
-            return [] if send.addr[0].startswith("2001:db8:") else self.honest(send, now)
+            return [] if send.addr in self.hostile else self.honest(send, now)
         listed = [self._next(alive=i >= self.dead) for i in range(self.fresh)]
         body = Nodes(tuple(reversed(listed)))  # the live one, farthest, first
         return [(now + self.honest.rtt, answer_to(send, body, me), send.addr)]
@@ -699,6 +761,45 @@ def test_a_lookup_fed_ever_closer_contacts_ends_within_its_query_cap_and_time_bu
     assert lookup.queries <= 8 * 20
     assert lookup.ended - lookup.started <= h.b.config.lookup_timeout
     assert len(lookup.result()) == 20  # the closest that answered: hostile ones
+
+
+def test_one_subnet_failing_many_queries_cannot_flush_other_nodes_suspicion() -> None:
+    """A node that failed a query is suspect for 10 s, remembered among 4,096. Hostile
+    answers from one /24 listing fresh IDs of that /24 that never answer (19 of 20) made
+    one node's lookups fail 4,100 queries in a few seconds, which pushed every other
+    suspect out: an honest node that had just died was asked again by the next lookup,
+    which waited out its timeout. Now a subnet beyond its share replaces only its own
+    suspects."""
+    everyone, net, h = scripted(30, known=30)
+    check = hashlib.sha256(b"check").digest()
+    died = closest_to(check, everyone, 1)[0]
+    net.dead.add(died.endpoint.udp)
+    h.lookup(check)
+    h.run(until=NOW + 3)  # (past the hard deadline of its query)
+    assert died.endpoint.udp in {s.addr for s in h.sent}
+    suspect_until = h.b._suspects.get(died.node_id)
+    assert suspect_until is not None
+
+    target = hashlib.sha256(b"flood").digest()
+    hostile = EverCloser(
+        net, target, fresh=20, dead=19,
+        address=lambda i: Endpoint(f"203.0.113.{i % 250 + 1}", 4000 + i // 250),
+    )  # fmt: skip
+    h.fate = hostile
+    h.b.table.observe(hostile.first, h.now)
+    h.ended.clear()
+    for _ in range(64):  # (each fails ~70 queries)
+        h.lookup(target)
+    h.run(until=suspect_until - 1)
+    failed = h.ended.count(RequestEnded("findnode", "timeout"))
+    print(f"{failed} queries of one /24 failed by {h.now - NOW:.1f} s")
+    assert failed > SUSPECT_CACHE_SIZE
+
+    h.sent.clear()
+    h.lookup(check)
+    h.run(until=suspect_until)
+    assert died.endpoint.udp not in {s.addr for s in h.sent}  # still suspect: skipped
+    assert h.b._suspects.of_subnet("203.0.113") == SUSPECTS_PER_SUBNET
 
 
 class KeyedNetwork(Network):

@@ -25,9 +25,11 @@ Invariants:
   that address: one challenge per (ID, address) at a time, at most ``MAX_KEY_PROOFS`` at
   once and ``MAX_KEY_PROOFS_PER_SUBNET`` of them to one subnet for requesters (a node
   that answered us is challenged whatever those caps say). ``prove_keys=False`` is
-  for the simulator, whose contacts are minted, not claimed. Proofs are remembered per
-  ID (``ProvenKeys``): ``PROVEN_KEYS_SIZE`` in all and ``PROVEN_KEYS_PER_SUBNET`` of one
-  subnet, so one subnet's many IDs push out only its own;
+  for the simulator, whose contacts are minted, not claimed;
+* what a node remembers of others (``SubnetLru``: which address an ID proved its key
+  from, an address's latest token, which IDs are suspect) holds at most ``*_PER_SUBNET``
+  entries of one /24 or /48 (loopback exempt on a local testnet): one subnet's many IDs
+  and addresses push out only its own;
 * every liveness check a full bucket asks for (``Observed.check``) is pinged and its
   result reported to the table, which evicts a silent contact for a waiting newcomer;
 * a lookup's query has two deadlines: the iterator's adaptive one (RTT, RFC 6298), past
@@ -46,10 +48,9 @@ from __future__ import annotations
 
 import os
 import random
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 from dna_core.crypto.node import verify_node_signature
 from dna_core.errors import ProtocolError
@@ -63,7 +64,7 @@ from dna_core.overlay.codec import (
     Pong,
     TokenReply,
 )
-from dna_core.overlay.contact import Contact, Scope, host_of
+from dna_core.overlay.contact import Contact, Scope, host_of, is_loopback, subnet_of
 from dna_core.overlay.kbucket import GOOD_FOR, TABLE_SUBNET_LIMIT, K, Observed, RoutingTable
 from dna_core.overlay.lookup import ClosestPeersIter, DisjointLookup, Finished, Query
 from dna_core.overlay.protocol import (
@@ -75,15 +76,25 @@ from dna_core.overlay.protocol import (
     request_for,
 )
 from dna_core.overlay.rtt import RttEstimator
+from dna_core.overlay.subnet_lru import SubnetLru
 
+# Each memory below holds at most *_PER_SUBNET entries of one /24 (IPv6 /48), loopback
+# exempt on a local testnet; a subnet beyond its share replaces its own least recently used
+# (``SubnetLru``), so flushing one takes size / share subnets.
 TOKEN_CACHE_SIZE = 4096  # addresses whose latest token is kept for the next request
+# Each address a request comes from gets a key challenge, whose answer brings a token: one
+# subnet answering from 4,100 ports used to push every other node's token out (our next
+# request to each went padded and unproven: not observed, a full answer one more round trip).
+TOKENS_PER_SUBNET = 32
 SUSPECT_SECONDS = 10.0  # a node that just failed us is not asked again for this long
 SUSPECT_CACHE_SIZE = 4096
+# Hostile answers listing fresh IDs of their subnet that never answer used to push every
+# other suspect out (a node that had just died was asked again, its timeout waited out).
+SUSPECTS_PER_SUBNET = 32
 PROVEN_KEYS_SIZE = 8192  # node ID -> the address it proved its key from
-# ...of which at most this many from one /24 (IPv6 /48), loopback exempt on a local testnet:
 # IDs cost 8 puzzle bits and a proof one round trip, so one subnet proving thousands of IDs
 # used to push every other node's proof out (each then challenged again, its lookups' ends
-# waiting for it, or left out of a result). A subnet beyond this replaces its own oldest.
+# waiting for it, or left out of a result).
 PROVEN_KEYS_PER_SUBNET = 32
 MAX_KEY_PROOFS = 256  # challenges in flight at once; beyond, senders wait for the next time
 # ...and from one /24 (IPv4) or /48 (IPv6), loopback exempt as in the table: otherwise one
@@ -97,9 +108,6 @@ MAX_KEY_PROOFS_PER_SUBNET = 8
 # lookup, so that a hostile answer cannot use up an honest node's share. Loopback is
 # exempt on a local testnet, as in the table.
 LOOKUP_CONTACTS_PER_IP = 2
-
-KeyT = TypeVar("KeyT", bound=Hashable)
-ValueT = TypeVar("ValueT")
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,65 +287,15 @@ class _Budget:
 class _Query:
     """One find-node of a lookup; also the timer of its adaptive deadline."""
 
-    __slots__ = ("deadline", "done", "lookup", "peer", "scope")
+    __slots__ = ("deadline", "done", "lookup", "peer", "scope", "subnet")
 
-    def __init__(self, lookup: Lookup, peer: Contact, deadline: float) -> None:
+    def __init__(self, lookup: Lookup, peer: Contact, deadline: float, subnet: str | None) -> None:
         self.lookup = lookup
         self.peer = peer.node_id
         self.scope = peer.scope  # of the address asked: what its answer may list
+        self.subnet = subnet  # of the address asked (None: uncounted), if it becomes suspect
         self.deadline = deadline
         self.done = False
-
-
-class ProvenKeys:
-    """Which address each node ID proved its key from: the ``size`` most recently used,
-    and of one subnet at most ``per_subnet``; a subnet that proves more replaces its own
-    least recently used, never another subnet's (as the table's replacement cache)."""
-
-    __slots__ = ("_by_id", "_by_subnet", "per_subnet", "size")
-
-    def __init__(self, size: int, per_subnet: int) -> None:
-        self.size, self.per_subnet = size, per_subnet
-        self._by_id: OrderedDict[bytes, tuple[Addr, str | None]] = OrderedDict()
-        self._by_subnet: dict[str, OrderedDict[bytes, None]] = {}  # each LRU first
-
-    def __len__(self) -> int:
-        return len(self._by_id)
-
-    def get(self, node_id: bytes) -> Addr | None:
-        held = self._by_id.get(node_id)
-        return held[0] if held is not None else None
-
-    def of_subnet(self, subnet: str) -> int:
-        return len(self._by_subnet.get(subnet, ()))
-
-    def touch(self, node_id: bytes) -> None:
-        """``node_id``'s proof was used: it is the most recent, in all and in its subnet."""
-        self._by_id.move_to_end(node_id)
-        subnet = self._by_id[node_id][1]
-        if subnet is not None:
-            self._by_subnet[subnet].move_to_end(node_id)
-
-    def remember(self, node_id: bytes, addr: Addr, subnet: str | None) -> None:
-        """``node_id`` proved its key from ``addr``, of ``subnet`` (None: uncounted)."""
-        self._forget(node_id)
-        if subnet is not None:
-            same = self._by_subnet.get(subnet)
-            if same is not None and len(same) >= self.per_subnet:
-                self._forget(next(iter(same)))
-            self._by_subnet.setdefault(subnet, OrderedDict())[node_id] = None
-        self._by_id[node_id] = (addr, subnet)
-        while len(self._by_id) > self.size:
-            self._forget(next(iter(self._by_id)))
-
-    def _forget(self, node_id: bytes) -> None:
-        held = self._by_id.pop(node_id, None)
-        if held is None or held[1] is None:
-            return
-        same = self._by_subnet[held[1]]
-        del same[node_id]
-        if not same:
-            del self._by_subnet[held[1]]
 
 
 # -- the behaviour ------------------------------------------------------------------------
@@ -368,11 +326,12 @@ class OverlayBehaviour:
         self.tracker = RequestTracker(rng)
         self._entropy = entropy  # ping challenges: unpredictable, or answers could be replayed
         self._out: list[Command] = []
-        self._tokens: OrderedDict[Addr, bytes] = OrderedDict()
+        self._tokens = SubnetLru[Addr, bytes](TOKEN_CACHE_SIZE, TOKENS_PER_SUBNET)
         # Other nodes keep dead contacts until their own checks run; without this memory every
         # lookup would rediscover them from answers and wait out their timeouts again.
-        self._suspects: OrderedDict[bytes, float] = OrderedDict()
-        self._proven_keys = ProvenKeys(PROVEN_KEYS_SIZE, PROVEN_KEYS_PER_SUBNET)
+        # (node ID -> until when)
+        self._suspects = SubnetLru[bytes, float](SUSPECT_CACHE_SIZE, SUSPECTS_PER_SUBNET)
+        self._proven_keys = SubnetLru[bytes, Addr](PROVEN_KEYS_SIZE, PROVEN_KEYS_PER_SUBNET)
         self._proving: dict[tuple[bytes, Addr], str | None] = {}  # -> its subnet (or exempt)
         self._proving_per_subnet: Counter[str] = Counter()
         self._proofs_awaited: dict[tuple[bytes, Addr], set[Lookup]] = {}
@@ -444,7 +403,7 @@ class OverlayBehaviour:
         self.rtt.sample(now - pending.sent_at)
         self._out.append(_ANSWERED[type(pending.body)])
         if dgram.token:
-            _remember(self._tokens, addr, dgram.token, TOKEN_CACHE_SIZE)
+            self._tokens.remember(addr, dgram.token, self._subnet_of(addr[0]))
         self._heard_from(dgram, addr, now)
         owner = pending.context
         if _another_node_answered(pending, dgram):
@@ -469,7 +428,7 @@ class OverlayBehaviour:
         (``proven_contact`` put it first): observe it, once its key is proven there."""
         if not self.key_proven(contact, addr, now):
             return None
-        self._suspects.pop(contact.node_id, None)  # it is back: it just spoke
+        self._suspects.forget(contact.node_id)  # it is back: it just spoke
         return self._observe(contact, now)
 
     def on_timer(self, timer: object, now: float) -> None:
@@ -572,7 +531,7 @@ class OverlayBehaviour:
         contact = proven_contact(sender, addr) if sender is not None else None
         if contact is None:
             return
-        self._suspects.pop(contact.node_id, None)
+        self._suspects.forget(contact.node_id)
         answers_challenge = isinstance(dgram.body, Pong) and dgram.body.proof
         if not answers_challenge and self.key_proven(contact, addr, now, solicited=True):
             self._observe(contact, now)
@@ -640,7 +599,8 @@ class OverlayBehaviour:
 
     def _send_query(self, lookup: Lookup, query: Query, now: float) -> None:
         peer = query.contact
-        q = _Query(lookup, peer, query.deadline)
+        exempt = self.config.allow_loopback and peer.loopback
+        q = _Query(lookup, peer, query.deadline, None if exempt else peer.subnet)
         lookup.open += 1
         lookup.messages += 1
         lookup.depth.setdefault(peer.node_id, 1)
@@ -702,7 +662,7 @@ class OverlayBehaviour:
         q.done = True
         lookup = q.lookup
         lookup.open -= 1
-        self._suspect(q.peer, now)
+        self._suspect(q, now)
         if lookup.done:
             return
         lookup.it.on_failure(q.peer)
@@ -776,9 +736,13 @@ class OverlayBehaviour:
                 self._proofs_awaited.setdefault(key, set()).add(lookup)
         return bool(lookup.awaiting)
 
-    def _suspect(self, node_id: bytes, now: float) -> None:
-        self.table.on_failure(node_id, now)
-        _remember(self._suspects, node_id, now + SUSPECT_SECONDS, SUSPECT_CACHE_SIZE)
+    def _suspect(self, q: _Query, now: float) -> None:
+        self.table.on_failure(q.peer, now)
+        self._suspects.remember(q.peer, now + SUSPECT_SECONDS, q.subnet)
+
+    def _subnet_of(self, ip: str) -> str | None:
+        """The subnet ``ip``'s entries count against (None: loopback on a local testnet)."""
+        return None if self.config.allow_loopback and is_loopback(ip) else subnet_of(ip)
 
 
 _REQUESTS: tuple[type[Body], ...] = (Ping, FindNode)
@@ -807,11 +771,3 @@ def _signed(contact: Contact, op: PingOp, pong: Pong) -> bool:
     except ProtocolError:
         return False
     return True
-
-
-def _remember(cache: OrderedDict[KeyT, ValueT], key: KeyT, value: ValueT, size: int) -> None:
-    """Put ``key`` last (most recent) in ``cache``, dropping the oldest beyond ``size``."""
-    cache[key] = value
-    cache.move_to_end(key)
-    while len(cache) > size:
-        cache.popitem(last=False)

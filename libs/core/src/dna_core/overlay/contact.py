@@ -103,6 +103,17 @@ def host_of(ip: str) -> str:
     return str(ipaddress.ip_network(f"{ip}/64", strict=False))
 
 
+def subnet_of(ip: str) -> str:
+    """The /24 (IPv4) or /48 (IPv6) ``ip`` belongs to (Sybil limits count per subnet)."""
+    if ":" not in ip:
+        return ip.rsplit(".", 1)[0]
+    return str(ipaddress.ip_network(f"{ip}/48", strict=False))
+
+
+def is_loopback(ip: str) -> bool:
+    return ip.startswith("127.") or ip == "::1"
+
+
 def id_int(node_id: bytes) -> int:
     return int.from_bytes(node_id, "big")
 
@@ -130,13 +141,10 @@ class Endpoint:
         return f"[{self.ip}]:{port}" if ":" in self.ip else f"{self.ip}:{port}"
 
     def subnet(self) -> str:
-        """The /24 (IPv4) or /48 (IPv6) this address belongs to (Sybil limits count per subnet)."""
-        if ":" not in self.ip:
-            return self.ip.rsplit(".", 1)[0]
-        return str(ipaddress.ip_network(f"{self.ip}/48", strict=False))
+        return subnet_of(self.ip)
 
     def is_loopback(self) -> bool:
-        return self.ip.startswith("127.") or self.ip == "::1"
+        return is_loopback(self.ip)
 
     def scope(self) -> Scope:
         return address_scope(self.ip)
