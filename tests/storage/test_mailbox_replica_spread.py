@@ -91,7 +91,7 @@ def sybils_nearest(rng: random.Random, box: bytes) -> tuple[list[Contact], list[
     return sybils, honest
 
 
-def test_one_subnet_nearest_a_mailbox_gets_two_of_its_replicas_and_no_hand_off() -> None:
+def test_one_subnet_nearest_a_mailbox_gets_two_replicas_and_none_of_the_hand_offs() -> None:
     """The client's candidates: 2 of the grinding subnet, then the closest of the others;
     the hand-off candidates, which take the writes its replicas refuse, are spread alike."""
     rng = random.Random(f"{SEED}/sybils")
@@ -134,10 +134,13 @@ def test_a_local_testnet_on_loopback_keeps_the_closest() -> None:
     """Every node of a local testnet is on 127.0.0.x: loopback is exempt, as in the table."""
     rng = random.Random(f"{SEED}/loopback")
     box = rng.randbytes(32)
-    nodes = [node(rng.randbytes(32), f"127.0.0.{i + 1}") for i in range(4)]
-    nodes += [node(rng.randbytes(32)) for _ in range(8)]  # and, oddly, nodes elsewhere
-    closest = by_distance(box, nodes)
+    local = [node(near(rng, box, 200), f"127.0.0.{i + 1}") for i in range(6)]
+    elsewhere = [node(near(rng, box, 240)) for _ in range(8)]  # and, oddly, nodes elsewhere
+    closest = by_distance(box, local + elsewhere)
+    assert closest[:R] == by_distance(box, local)[:R]
     assert mailbox_candidates(closest, R, 0, loopback_exempt=True) == closest[:R]
+    spread = mailbox_candidates(closest, R, 0, loopback_exempt=False)  # not a testnet
+    assert len(ids(spread) & ids(local)) == 2
 
 
 # -- clients and nodes agree -----------------------------------------------------------
