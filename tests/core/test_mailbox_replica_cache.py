@@ -8,7 +8,7 @@ from typing import cast
 
 from dna_core.crypto.node import NodeIdentity
 from dna_core.mailbox.client import MailboxClient, ReplicaSetCache
-from dna_core.overlay.aio.node import Closest, OverlayNode
+from dna_core.overlay.aio.node import Closest, NodeConfig, OverlayNode
 from dna_core.overlay.contact import Contact, Endpoint, closest_first
 from dna_core.wire.gen.dna.v1.common_pb2 import NODE_ROLE_STORAGE
 
@@ -84,6 +84,7 @@ class CountingNode:
 
     def __init__(self, found: list[Contact], fail: bool = False) -> None:
         self.found, self.fail, self.lookups = found, fail, 0
+        self.config = NodeConfig()  # the client reads k and allow_loopback from it
 
     async def find_closest(self, target: bytes) -> Closest:
         self.lookups += 1

@@ -188,7 +188,11 @@ async def same_replicas_as_fresh_lookups(repairer: Repairer, blobs: Sequence[Sto
         box = blob.mailbox_id
         chosen, rightful = await repairer.replica_peers(box)
         fresh = await node.find_closest(box)
-        mine, mine_rightful = choose_replicas(fresh.contacts, node.node_id, box, repairer.replicas)
+        assert node.contact is not None
+        mine, mine_rightful = choose_replicas(
+            fresh.contacts, node.contact, box, repairer.replicas, k=node.config.k,
+            loopback_exempt=node.config.allow_loopback,
+        )  # fmt: skip
         assert [c.node_id for c in chosen] == [c.node_id for c in mine]
         assert rightful == mine_rightful
 

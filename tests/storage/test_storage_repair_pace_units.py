@@ -5,6 +5,7 @@ it provably ranks them as their own lookup would (``Neighbourhood``)."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import heapq
 import random
 
@@ -138,8 +139,11 @@ def test_peers_are_paced_apart_and_at_most_max_peers_remembered() -> None:
 # -- one lookup for many mailboxes --------------------------------------------------------
 
 
-def contact(node_id: bytes, role: int) -> Contact:
-    return Contact(node_id, b"k" * 32, (Endpoint("198.18.0.1", 4000),), role)
+def contact(node_id: bytes, role: int, ip: str = "") -> Contact:
+    """A node at ``ip``; by default in one of 65,536 /24s, from a hash of its ID."""
+    a, b = hashlib.sha256(node_id).digest()[:2]
+    ip = ip or f"10.{a}.{b}.1"
+    return Contact(node_id, b"k" * 32, (Endpoint(ip, 4000),), role)
 
 
 def network(rng: random.Random, storage: int, others: int) -> list[Contact]:
@@ -147,9 +151,9 @@ def network(rng: random.Random, storage: int, others: int) -> list[Contact]:
     return [contact(rng.randbytes(32), role) for role in roles]
 
 
-def lookup(nodes: list[Contact], me: bytes, target: bytes) -> list[Contact]:
+def lookup(nodes: list[Contact], me: Contact, target: bytes) -> list[Contact]:
     """What an exact lookup returns: the k nodes closest to ``target``, never the asker."""
-    return sorted((c for c in nodes if c.node_id != me),
+    return sorted((c for c in nodes if c.node_id != me.node_id),
                   key=lambda c: distance(c.node_id, target))[:K]  # fmt: skip
 
 
@@ -162,17 +166,17 @@ def near(rng: random.Random, me: bytes, bits: int) -> bytes:
 
 
 def walk(
-    nodes: list[Contact], me: bytes, boxes: list[bytes], count: int
+    nodes: list[Contact], me: Contact, boxes: list[bytes], count: int
 ) -> tuple[int, list[tuple[list[Contact], bool]]]:
     """``Repairer.replica_peers`` over ``boxes`` in ID order: the last lookup while it
     ranks the next mailbox, else a new one; lookups made, and the sets chosen."""
     hood: Neighbourhood | None = None
     lookups, chosen = 0, []
     for box in sorted(boxes):
-        if hood is None or not hood.ranks(box, me, count):
+        if hood is None or not hood.ranks(box, me, count, loopback_exempt=False):
             lookups += 1
             hood = Neighbourhood(box, tuple(lookup(nodes, me, box)), False, K, 0.0)
-        chosen.append(choose_replicas(hood.contacts, me, box, R))
+        chosen.append(choose_replicas(hood.contacts, me, box, R, k=K, loopback_exempt=False))
     return lookups, chosen
 
 
@@ -184,11 +188,13 @@ def test_reused_lookups_choose_the_replicas_a_fresh_lookup_of_each_mailbox_does(
 ) -> None:
     rng = random.Random(f"{SEED}/{seed}")
     nodes = network(rng, storage, others)
-    me = rng.choice([c for c in nodes if is_storage(c)]).node_id
-    boxes = [near(rng, me, spread) for _ in range(400)]
+    me = rng.choice([c for c in nodes if is_storage(c)])
+    boxes = [near(rng, me.node_id, spread) for _ in range(400)]
     lookups, chosen = walk(nodes, me, boxes, R)
     for box, (peers, rightful) in zip(sorted(boxes), chosen, strict=True):
-        fresh_peers, fresh_rightful = choose_replicas(lookup(nodes, me, box), me, box, R)
+        fresh_peers, fresh_rightful = choose_replicas(
+            lookup(nodes, me, box), me, box, R, k=K, loopback_exempt=False
+        )
         assert [c.node_id for c in peers] == [c.node_id for c in fresh_peers]
         assert rightful == fresh_rightful
     assert lookups <= len(boxes)
@@ -197,12 +203,12 @@ def test_reused_lookups_choose_the_replicas_a_fresh_lookup_of_each_mailbox_does(
 def test_a_node_walking_the_mailboxes_it_holds_looks_up_a_small_fraction_of_them() -> None:
     rng = random.Random(f"{SEED}/fraction")
     nodes = network(rng, 1_000, 50)
-    me = nodes[0].node_id
+    me = nodes[0]
     storage = [c.node_id for c in nodes if is_storage(c)]
     # the mailboxes a node holds: those it is a replica of, all near its own ID
     boxes = [
-        box for box in (near(rng, me, 250) for _ in range(2_000))
-        if me in heapq.nsmallest(R, storage, key=functools.partial(distance, box))
+        box for box in (near(rng, me.node_id, 250) for _ in range(2_000))
+        if me.node_id in heapq.nsmallest(R, storage, key=functools.partial(distance, box))
     ]  # fmt: skip
     assert len(boxes) > 200
     lookups, _ = walk(nodes, me, boxes, R)
@@ -218,24 +224,26 @@ def test_a_neighbourhood_that_ranks_a_mailbox_gives_its_true_closest_storage_nod
     """Authorization's use (``ReplicaView``, R + 2 closest, this node included)."""
     rng = random.Random(f"{SEED}/rank/{seed}")
     nodes = network(rng, storage, 10)
-    me = nodes[0].node_id
+    me = nodes[0]
     target = rng.randbytes(32)
     hood = Neighbourhood(target, tuple(lookup(nodes, me, target)), False, K, 0.0)
-    storage_ids = [c.node_id for c in nodes if is_storage(c)] + [me]
+    held = [c for c in nodes if is_storage(c)]
     for _ in range(50):
         box = near(rng, target, rng.randint(200, 256))
-        if hood.ranks(box, me, R + 2):
-            ranked = sorted([c.node_id for c in hood.contacts if is_storage(c)] + [me],
+        if hood.ranks(box, me, R + 2, loopback_exempt=False):
+            ranked = sorted([c.node_id for c in hood.contacts if is_storage(c)] + [me.node_id],
                             key=lambda i: distance(i, box))[: R + 2]  # fmt: skip
-            truth = sorted(set(storage_ids), key=lambda i: distance(i, box))[: R + 2]
+            truth = sorted({c.node_id for c in held}, key=lambda i: distance(i, box))[: R + 2]
             assert ranked == truth
 
 
 def test_a_short_lookup_ranks_nothing_unless_it_is_exhaustive() -> None:
     rng = random.Random(f"{SEED}/short")
     nodes = network(rng, 6, 1)
-    me, box = nodes[0].node_id, rng.randbytes(32)
+    me, box = nodes[0], rng.randbytes(32)
     found = tuple(lookup(nodes, me, bytes(32)))
     assert len(found) < K
-    assert not Neighbourhood(bytes(32), found, False, K, 0.0).ranks(box, me, R)
-    assert Neighbourhood(bytes(32), found, True, K, 0.0).ranks(box, me, R)
+    assert not Neighbourhood(bytes(32), found, False, K, 0.0).ranks(
+        box, me, R, loopback_exempt=False
+    )
+    assert Neighbourhood(bytes(32), found, True, K, 0.0).ranks(box, me, R, loopback_exempt=False)

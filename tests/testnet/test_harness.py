@@ -89,6 +89,7 @@ EXAMPLES = {
     "tests/testnet/test_harness.py": "this rule's own pattern and allocator ranges",
     "tests/stun/test_core.py": "relay policy inputs, never dialled",
     "tests/core/test_mailbox_planner.py": "contacts in a plan, never dialled",
+    "tests/storage/test_mailbox_replica_spread.py": "contacts in a replica choice, never dialled",
 }
 
 

@@ -1,7 +1,8 @@
 """Replica anti-entropy between storage nodes.
 
 Every ``interval`` a node walks the mailboxes it holds. For each, it finds the
-R = 5 storage nodes closest to the mailbox (its rightful replicas): one lookup serves
+mailbox's R = 5 rightful replicas: the storage nodes closest to it, at most 2 of one
+/24 (/48) while other subnets are left (``replica_set``, as clients choose): one lookup serves
 the mailboxes after it while it provably ranks them as their own would
 (``Neighbourhood``). A rightful
 replica, with each other one: lists what the peer holds a page at a time, pulls
@@ -28,8 +29,8 @@ mailbox's least-replicated item (``dna_storage_mailbox_replicas``).
 
 Who may sync (docs/storage.md, "Sync authorization and bounds"): requests are signed by
 the sender's node key (domain ``mailbox-sync``), and a node serves ``SyncList`` and
-``SyncPull`` for a mailbox only to a caller that it itself finds among the closest
-R + ``SYNC_MARGIN`` storage nodes to that mailbox in its own view (``ReplicaView``:
+``SyncPull`` for a mailbox only to a caller that it itself finds among the
+R + ``SYNC_MARGIN`` replicas of that mailbox (``replica_set``) in its own view (``ReplicaView``:
 routing table and its own lookup); it takes ``SyncPush`` from such a caller, or from anyone
 when it is itself among them (a hand-off holder pushing to a rightful replica). Every
 blob received is judged as a client's put is (``SyncRules``): size, proof of work
@@ -67,6 +68,8 @@ from dna_core.mailbox import (
     StoredBlob,
     Tombstone,
     blob_proto,
+    replica_set,
+    replica_set_depth,
     status_error,
     tombstone_proto,
 )
@@ -367,11 +370,15 @@ class Neighbourhood:
     Why it is safe: a lookup returns the k nodes closest to its target; any node left out
     is farther from the target than the farthest returned (``radius``). XOR distance obeys
     the triangle inequality, so a node left out is farther from another ID ``box`` than
-    ``radius - distance(target, box)``. If the ``count`` closest storage nodes to ``box``
-    among those returned (this node included) all lie closer than that, no node left out
-    can be among them; and every node that close is among the k returned, so a lookup of
-    ``box`` (its k closest) would return them all too. A lookup that found every node reachable
-    (``exhaustive``: a small network) ranks any mailbox. Assumes what a fresh lookup does:
+    ``radius - distance(target, box)``. If the storage nodes to ``box`` among those
+    returned (this node included), closest first, up to the last one the replica choice
+    takes (``replica_set_depth``: past the ``count``-th when a crowded subnet's nearest
+    are passed over) all lie closer than that, no node left out can be among them; and
+    every node that close is among the k returned, so a lookup of ``box`` (its k closest)
+    would return them all too, and the choice, which looks no further, is the same. A
+    choice that had to fill from crowded subnets (too few subnets near ``box``) depends
+    on all k, and is proved only by a lookup that found every node reachable
+    (``exhaustive``: a small network), which ranks any mailbox. Assumes what a fresh lookup does:
     that the lookup found the true closest nodes."""
 
     target: bytes
@@ -384,38 +391,57 @@ class Neighbourhood:
     def of(cls, target: bytes, found: Closest, k: int, now: float) -> Neighbourhood:
         return cls(target, tuple(found.contacts), found.exhaustive, k, now)
 
-    def storage_ids(self) -> list[bytes]:
-        return [c.node_id for c in self.contacts if is_storage(c)]
+    def storage(self) -> list[Contact]:
+        return [c for c in self.contacts if is_storage(c)]
 
-    def ranks(self, box: bytes, me: bytes, count: int) -> bool:
-        """Whether the ``count`` storage nodes closest to ``box`` (``me`` among them if it is
-        one) are certainly those a lookup of ``box`` would rank first."""
+    def ranks(self, box: bytes, me: Contact, count: int, *, loopback_exempt: bool) -> bool:
+        """Whether the ``count`` replicas of ``box`` (``replica_set``, ``me`` among them if
+        it is one) are certainly those a lookup of ``box`` would give. The spread over
+        subnets may pass over the nearest nodes of a crowded subnet: the proof must reach
+        the last node it takes, not only the ``count``-th closest; and a choice that had
+        to fill from the crowded subnets (too few others) depends on every node, proved
+        by nothing short of an exhaustive lookup."""
         if self.exhaustive:
             return True
         if len(self.contacts) < self.k:  # a short answer bounds nothing
             return False
-        ranked = sorted(
-            [distance(c.node_id, box) for c in self.contacts if is_storage(c)] + [distance(me, box)]
-        )
-        if len(ranked) < count:
+        ranked = lookup_view(self.contacts, me, box, self.k)
+        depth = replica_set_depth(ranked, count, loopback_exempt=loopback_exempt)
+        if depth is None:
             return False
-        reach = ranked[count - 1]
+        reach = distance(ranked[depth - 1].node_id, box)
         radius = distance(self.contacts[-1].node_id, self.target)
         return reach + distance(self.target, box) < radius
 
 
+def by_distance(box: bytes, contacts: Sequence[Contact]) -> list[Contact]:
+    """Each node once, closest to ``box`` first."""
+    unique = {c.node_id: c for c in contacts}
+    return sorted(unique.values(), key=lambda c: distance(c.node_id, box))
+
+
+def lookup_view(found: Sequence[Contact], me: Contact, box: bytes, k: int) -> list[Contact]:
+    """The storage nodes, closest to ``box`` first, of what a client's lookup of ``box``
+    returns, from this node's lookup ``found``: its k closest, this node among them
+    (a lookup never returns its asker). The spread may reach the k-th when subnets are
+    few, so the view must end where the client's does."""
+    return [c for c in by_distance(box, [*found, me])[:k] if is_storage(c) or c is me]
+
+
 def choose_replicas(
-    found: Sequence[Contact], me: bytes, box: bytes, replicas: int
-) -> tuple[list[Contact], bool]:
-    """The other storage nodes of the mailbox's replica set among ``found`` (the R closest
-    storage nodes), and whether ``me`` is one of them. A lookup never returns the node that
-    asks, so this node is placed by its own distance: otherwise a replica would take the
-    (R+1)-th closest for a replica and keep pushing the mailbox to it."""
-    others = [c for c in found if is_storage(c) and c.node_id != me]
-    others.sort(key=lambda c: distance(c.node_id, box))
-    mine = distance(me, box)
-    rightful = sum(distance(c.node_id, box) < mine for c in others) < replicas
-    return others[: replicas - 1 if rightful else replicas], rightful
+    found: Sequence[Contact], me: Contact, box: bytes, replicas: int, *, k: int,
+    loopback_exempt: bool,
+) -> tuple[list[Contact], bool]:  # fmt: skip
+    """The other storage nodes of the mailbox's replica set among ``found``
+    (``replica_set``: the closest, at most 2 of one subnet while others are left, as
+    clients choose), closest first, and whether ``me`` is one of them. A lookup never
+    returns the node that asks, so this node is placed by its own distance and subnet:
+    otherwise a replica would take the next one for a replica and keep pushing the
+    mailbox to it."""
+    view = lookup_view([c for c in found if c.node_id != me.node_id], me, box, k)
+    chosen = replica_set(view, replicas, loopback_exempt=loopback_exempt)
+    rightful = any(c.node_id == me.node_id for c in chosen)
+    return [c for c in chosen if c.node_id != me.node_id], rightful
 
 
 class ReplicaView:
@@ -427,8 +453,9 @@ class ReplicaView:
     mailbox; or one of its last lookups, of a neighbouring mailbox, that provably ranks
     this one as its own would: ``Neighbourhood``). The lookup matters: a table right
     after a start knows few nodes, and a thin view would rank anyone among the closest.
-    A caller ranked within R + ``SYNC_MARGIN`` is a replica; so is this node, under the
-    same bound. A caller refused on a lookup older than ``RELOOK_AFTER_S`` (it may have
+    A caller among the R + ``SYNC_MARGIN`` the replica choice takes (``replica_set``, as
+    clients choose R: these include them) is a replica; so is this node, under the same
+    bound. A caller refused on a lookup older than ``RELOOK_AFTER_S`` (it may have
     just started) gets one fresh lookup.
     An injected fake close ID can only push real nodes out (denying sync, counted as a
     failure), never let a caller in: the caller must sign with the key of its ranked ID.
@@ -447,19 +474,20 @@ class ReplicaView:
         self.lookups = 0  # made so far (bench.repair, tests)
 
     async def ranking(self, box: bytes, *, fresh: bool = False) -> list[bytes]:
-        """Node IDs of the ``bound`` closest storage nodes known (this node included)."""
-        table = self.node.table
-        known = {
-            c.node_id
-            for c in table.closest(box, 4 * self.bound)
-            if c.role == common_pb2.NODE_ROLE_STORAGE
-        }
-        known |= set(await self._looked_up(box, fresh=fresh))
-        known.add(self.node.node_id)
-        return sorted(known, key=lambda i: distance(i, box))[: self.bound]
+        """Node IDs of the ``bound`` replicas of the storage nodes known (this node
+        included), chosen as clients choose R (``replica_set``: a superset of those R)."""
+        near = self.node.table.closest(box, 4 * self.bound)
+        known = [*near, *await self._looked_up(box, fresh=fresh)]
+        view = lookup_view(known, self._me(), box, self.node.config.k)
+        chosen = replica_set(view, self.bound, loopback_exempt=self.node.config.allow_loopback)
+        return [c.node_id for c in chosen]
 
-    async def _looked_up(self, box: bytes, *, fresh: bool) -> list[bytes]:
-        """The storage nodes a lookup of ``box`` finds: this mailbox's own recent lookup,
+    def _me(self) -> Contact:
+        assert self.node.contact is not None, "node not started"
+        return self.node.contact
+
+    async def _looked_up(self, box: bytes, *, fresh: bool) -> list[Contact]:
+        """The nodes a lookup of ``box`` finds: this mailbox's own recent lookup,
         else a recent lookup of a neighbouring mailbox that provably ranks this one the
         same (``Neighbourhood``; a replica syncs its mailboxes in ID order, mostly
         neighbours), else a new lookup (one per mailbox in flight, shared).
@@ -476,7 +504,7 @@ class ReplicaView:
             hood = self._recent(box, max_age)
         if hood is None:
             hood = await self._lookups.run(box, lambda: self._lookup(box))
-        return hood.storage_ids()
+        return list(hood.contacts)
 
     def _recent(self, box: bytes, max_age: float) -> Neighbourhood | None:
         """A lookup no older than ``max_age`` that ranks ``box``: its own, or a neighbour's."""
@@ -486,7 +514,9 @@ class ReplicaView:
             self._own.move_to_end(box)
             return own
         for hood in reversed(self._hoods):
-            if now - hood.at <= max_age and hood.ranks(box, self.node.node_id, self.bound):
+            if now - hood.at <= max_age and hood.ranks(
+                box, self._me(), self.bound, loopback_exempt=self.node.config.allow_loopback
+            ):
                 return hood
         return None
 
@@ -969,14 +999,21 @@ class Repairer:
         that came back (or left) is seen as soon as a fresh lookup per mailbox would have,
         give or take those seconds (a small network's exhaustive lookup ranks every
         mailbox, so without the bound it would hide a restarted replica for as long)."""
-        me = self.node.node_id
+        assert self.node.contact is not None, "node not started"
+        me, exempt = self.node.contact, self.node.config.allow_loopback
         async with self._looking:
             now, hood = time.monotonic(), self._hood
-            if hood is None or now - hood.at > REUSE_S or not hood.ranks(box, me, self.replicas):
+            if (
+                hood is None
+                or now - hood.at > REUSE_S
+                or not hood.ranks(box, me, self.replicas, loopback_exempt=exempt)
+            ):
                 found = await self.node.find_closest(box)
                 self.metrics.lookups.inc()
                 hood = self._hood = Neighbourhood.of(box, found, self.node.config.k, now)
-        return choose_replicas(hood.contacts, me, box, self.replicas)
+        return choose_replicas(
+            hood.contacts, me, box, self.replicas, k=self.node.config.k, loopback_exempt=exempt
+        )
 
     async def _replicas(self, digests: list[MailboxDigest]) -> list[MailboxPlan]:
         """Each mailbox's replicas, one after the other in ID order: neighbours share a

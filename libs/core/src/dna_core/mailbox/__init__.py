@@ -60,6 +60,9 @@ from dna_core.mailbox.planner import (
     UnreachableError,
     Wait,
     WritePlan,
+    mailbox_candidates,
+    replica_set,
+    replica_set_depth,
     storage_candidates,
 )
 
@@ -128,10 +131,13 @@ __all__ = [
     "fetch_body",
     "fetch_cursor",
     "fetched_blob",
+    "mailbox_candidates",
     "mailbox_id",
     "open_session",
     "put_pow_hash",
     "put_request",
+    "replica_set",
+    "replica_set_depth",
     "session_fetch",
     "sign_delete",
     "sign_fetch",

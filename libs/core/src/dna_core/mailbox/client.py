@@ -7,11 +7,13 @@ merging pages by blob ID and moving cursors) is decided by the sans-I/O planner
 (planner.py), from what this adapter reports to it; the messages are the codec's
 (codec.py).
 
-A mailbox lives on the R = 5 storage nodes closest to its ID. A put goes to all
+A mailbox lives on the R = 5 storage nodes closest to its ID, at most 2 of one /24
+(/48) while other subnets are left (`planner.replica_set`). A put goes to all
 of them in parallel with one proof of work (it is bound to mailbox and blob,
 not to a node) and succeeds once W = 3 stored it durably. When replicas are
 down or refuse, the next-closest storage nodes take the write instead (hinted
-hand-off: anti-entropy moves it to the rightful replicas later). A fetch asks
+hand-off: anti-entropy moves it to the rightful replicas later), chosen with the
+same spread. A fetch asks
 the replicas, each from its own cursor, with one signed request naming them
 all, and asks a hand-off candidate only in place of a replica that did not
 answer; results merge by blob ID.
@@ -79,6 +81,7 @@ from dna_core.mailbox.planner import (
     TooFewNodesError,
     UnreachableError,
     WritePlan,
+    mailbox_candidates,
     storage_candidates,
 )
 from dna_core.mailbox.session import (
@@ -235,8 +238,18 @@ class MailboxClient:
         )
 
     async def storage_nodes(self, box: bytes, count: int) -> list[Contact]:
-        """The ``count`` storage nodes closest to a mailbox, closest first (a fresh lookup)."""
-        return storage_candidates(await self.node.find_node(box), count)
+        """The first ``count`` candidates of a mailbox from a fresh lookup: its replicas
+        (`planner.replica_set`), then hand-off candidates."""
+        found = await self.node.find_node(box)
+        return self._candidates(found, count)[:count]
+
+    def _candidates(self, found: list[Contact], want: int) -> list[Contact]:
+        """A lookup's answer (closest first) as the mailbox's replicas, then up to ``want``
+        in all. Of two merged answers, the k closest: the spread may reach the k-th when
+        subnets are few, and the nodes choose from a lookup's k (replication.lookup_view)."""
+        handoffs = max(0, want - self.replicas)
+        exempt, k = self.node.config.allow_loopback, self.node.config.k
+        return mailbox_candidates(found[:k], self.replicas, handoffs, loopback_exempt=exempt)
 
     async def candidates(self, box: bytes) -> list[Contact]:
         """The replicas, then the hand-off candidates, of a mailbox (cached lookup).
@@ -256,7 +269,7 @@ class MailboxClient:
         found = await find_enough(
             self.node, box, lambda contacts: len(storage_candidates(contacts, want)) >= want
         )
-        nodes = storage_candidates(found.contacts, want)
+        nodes = self._candidates(found.contacts, want)
         if nodes:
             short = found.missed > 0 and len(nodes) < self.replicas
             self.replica_sets.put(box, nodes, SHORT_REPLICA_SET_TTL_S if short else None)

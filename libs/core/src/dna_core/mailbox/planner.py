@@ -9,7 +9,8 @@ bits (`Put`), that nothing can be sent until a report or a time (`Wait`), or tha
 write is over (`Finished`); the adapter reports each node's answer (``on_stored``,
 ``on_pow_required``, ``on_retry_after``, ``on_failure``). The write goes in rounds:
 
-* the first round asks the R replicas (the closest storage nodes);
+* the first round asks the R replicas (`replica_set`: the closest storage nodes, at most
+  2 of one subnet while others are left);
 * a node asking for a harder proof of work than the round's, up to ``max_pow_bits``, ends
   the round with a new one: every node of it that has not stored the blob is asked again
   with the harder proof (the bits only ever grow);
@@ -45,7 +46,7 @@ from enum import Enum
 
 from dna_core.errors import DnaError
 from dna_core.mailbox.codec import StoredBlob
-from dna_core.overlay.contact import Contact
+from dna_core.overlay.contact import Contact, spread_depth, spread_over_subnets
 from dna_core.wire.gen.dna.v1 import common_pb2
 
 REPLICAS = 5
@@ -91,9 +92,42 @@ class UnreachableError(DnaError):
 
 
 def storage_candidates(found: Iterable[Contact], count: int) -> list[Contact]:
-    """The first ``count`` storage nodes of a lookup's answer (closest first): the
-    replicas, then the hand-off candidates."""
+    """The first ``count`` storage nodes of a lookup's answer (closest first)."""
     return [c for c in found if c.role == common_pb2.NODE_ROLE_STORAGE][:count]
+
+
+def replica_set(storage: Sequence[Contact], count: int, *, loopback_exempt: bool) -> list[Contact]:
+    """A mailbox's ``count`` replicas among its storage nodes (closest first): the closest,
+    at most 2 of one /24 (/48) while others are left, then the closest of the rest
+    (`spread_over_subnets`; loopback exempt on a local testnet). Node IDs cost 8 puzzle
+    bits and a mailbox's ID is public: one subnet could grind IDs nearer it than anyone,
+    take all R places and drop its mail. Writers, readers, repair and sync authorization
+    all choose with this, so they agree."""
+    return spread_over_subnets(storage, count, loopback_exempt=loopback_exempt)
+
+
+def replica_set_depth(
+    storage: Sequence[Contact], count: int, *, loopback_exempt: bool
+) -> int | None:
+    """How many of ``storage`` (closest first) `replica_set` decides from; None when it
+    took some beyond the cap, so any farther node of another subnet could change it
+    (`spread_depth`)."""
+    return spread_depth(storage, count, loopback_exempt=loopback_exempt)
+
+
+def mailbox_candidates(
+    found: Iterable[Contact], replicas: int, handoffs: int, *, loopback_exempt: bool
+) -> list[Contact]:
+    """The storage nodes of a lookup's answer (closest first) a mailbox's writes and reads
+    go to: its replicas (`replica_set`), then ``handoffs`` hand-off candidates, the ones
+    the same spread adds for ``replicas + handoffs`` (a superset: the replicas are the
+    first within the cap), closest first: so a subnet holding the nearest IDs cannot take
+    the hand-offs of replicas it made fail."""
+    storage = [c for c in found if c.role == common_pb2.NODE_ROLE_STORAGE]
+    chosen = replica_set(storage, replicas, loopback_exempt=loopback_exempt)
+    taken = {c.node_id for c in chosen}
+    wider = replica_set(storage, replicas + handoffs, loopback_exempt=loopback_exempt)
+    return chosen + [c for c in wider if c.node_id not in taken]
 
 
 class ReplicaSetCache:

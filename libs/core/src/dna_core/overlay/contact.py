@@ -191,19 +191,41 @@ def spread_over_subnets(
 ) -> list[Contact]:
     """``count`` of ``contacts`` (closest first), at most ``per_subnet`` of one /24 (/48)
     while others are left, then the closest of the rest; in their order. The replicas of a
-    record: IDs cost 8 puzzle bits, so one subnet's IDs ground near a key used to take all
-    8 places. Loopback is exempt on a local testnet, as in the table."""
-    chosen: set[bytes] = set()
-    skipped: list[Contact] = []
-    held: Counter[str] = Counter()
-    for c in contacts:
-        if len(chosen) >= count:
-            break
-        if not (loopback_exempt and c.loopback):
-            if held[c.subnet] >= per_subnet:
-                skipped.append(c)
-                continue
-            held[c.subnet] += 1
-        chosen.add(c.node_id)
+    record (and of a mailbox): IDs cost 8 puzzle bits, so one subnet's IDs ground near a
+    key used to take all 8 places. Loopback is exempt on a local testnet, as in the table."""
+    chosen = {c.node_id for c in _within_cap(contacts, per_subnet, loopback_exempt)[:count]}
+    skipped = [c for c in contacts if c.node_id not in chosen]
     chosen.update(c.node_id for c in skipped[: count - len(chosen)])
     return [c for c in contacts if c.node_id in chosen]
+
+
+def spread_depth(
+    contacts: Sequence[Contact], count: int, *, per_subnet: int = 2, loopback_exempt: bool = False
+) -> int | None:
+    """How many of ``contacts`` (closest first) `spread_over_subnets` decides from: up to
+    its last choice when ``count`` were found within the cap; None when they were not (it
+    filled from the rest, and one more contact of another subnet, farther than all of
+    these, would have changed the choice). What a reused lookup must be certain of."""
+    if count <= 0:
+        return 0
+    within = _within_cap(contacts, per_subnet, loopback_exempt)
+    if len(within) < count:
+        return None
+    last = within[count - 1].node_id
+    return next(n for n, c in enumerate(contacts, 1) if c.node_id == last)
+
+
+def _within_cap(
+    contacts: Sequence[Contact], per_subnet: int, loopback_exempt: bool
+) -> list[Contact]:
+    """The contacts, in order, that find fewer than ``per_subnet`` of their subnet before
+    them among those taken (loopback exempt when asked)."""
+    taken: list[Contact] = []
+    held: Counter[str] = Counter()
+    for c in contacts:
+        if not (loopback_exempt and c.loopback):
+            if held[c.subnet] >= per_subnet:
+                continue
+            held[c.subnet] += 1
+        taken.append(c)
+    return taken
