@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from dna_core.overlay.contact import Scope
 from dna_sim import durability, scale
 from dna_sim.scenario import Scenario, Simulation
 from dna_sim.world import World, WorldConfig, _mint_contacts
@@ -46,11 +47,12 @@ def test_real_joins_are_refused_in_a_lazy_world() -> None:
     assert world.built == 0
 
 
-def test_networks_past_the_benchmark_range_spread_over_ten_slash_eight() -> None:
+def test_networks_past_the_benchmark_range_spread_over_a_public_slash_eight() -> None:
     small = _mint_contacts(1000, random.Random(2))
     assert all(c.endpoint.ip.startswith("198.1") for c in small)
     big = _mint_contacts(140_000, random.Random(2))
-    assert all(c.endpoint.ip.startswith("10.") for c in big)
+    assert all(c.endpoint.ip.startswith("11.") for c in big)
+    assert all(c.scope is Scope.GLOBAL for c in big)  # private addresses skip the subnet caps
     assert len({c.endpoint.udp for c in big}) == 140_000  # one address each
     subnets = {c.subnet for c in big}
     assert 140_000 / len(subnets) < 254 * 0.8  # /24s about as full as at 100,000 nodes

@@ -40,7 +40,8 @@ from dna_sim.xor import bucket_range, prefix_range
 
 # 198.18.0.0/15 (RFC 2544 benchmarking space): 512 /24 subnets of 254 hosts, so the
 # tables' two-per-/24 Sybil limit bites about as often as it would on the Internet.
-# Larger networks spread over 10.0.0.0/8 instead, with /24s as full as 100,000 nodes
+# Larger networks spread over 11.0.0.0/8 instead (public, as the caps need: private
+# addresses are exempt from them), with /24s as full as 100,000 nodes
 # leave those 512 (about 77%).
 _SUBNETS = 512
 _HOSTS = 254
@@ -251,7 +252,7 @@ def _mint_contacts(count: int, rng: random.Random) -> list[Contact]:
     big = count > _SUBNETS * _HOSTS
     subnets = math.ceil(count / _HOSTS / _BIG_FILL) if big else _SUBNETS
     addresses = rng.sample(range(subnets * _HOSTS), count)
-    first, second = (10, 0) if big else (198, 18)
+    first, second = (11, 0) if big else (198, 18)  # public: the per-subnet caps apply
     contacts = []
     for key, address in zip(sorted(ids), addresses, strict=True):
         subnet, host = divmod(address, _HOSTS)

@@ -64,7 +64,14 @@ from dna_core.overlay.codec import (
     Pong,
     TokenReply,
 )
-from dna_core.overlay.contact import Contact, Scope, host_of, is_loopback, subnet_of
+from dna_core.overlay.contact import (
+    Contact,
+    Scope,
+    address_scope,
+    host_of,
+    subnet_cap_exempt,
+    subnet_of,
+)
 from dna_core.overlay.kbucket import GOOD_FOR, TABLE_SUBNET_LIMIT, K, Observed, RoutingTable
 from dna_core.overlay.lookup import ClosestPeersIter, DisjointLookup, Finished, Query
 from dna_core.overlay.protocol import (
@@ -467,7 +474,7 @@ class OverlayBehaviour:
             return False
         if not solicited and len(self._proving) - self._solicited >= MAX_KEY_PROOFS:
             return False
-        exempt = solicited or (self.config.allow_loopback and contact.loopback)
+        exempt = solicited or subnet_cap_exempt(contact.scope, self.config.allow_loopback)
         subnet = None if exempt else contact.subnet  # (of addr: proven_contact put it first)
         if subnet is not None:
             if self._proving_per_subnet[subnet] >= MAX_KEY_PROOFS_PER_SUBNET:
@@ -558,7 +565,7 @@ class OverlayBehaviour:
             self._ping_ended(op, None, now)
             return
         if op.challenge:  # (unchallenged, it was observed as any responder is)
-            exempt = self.config.allow_loopback and contact.loopback
+            exempt = subnet_cap_exempt(contact.scope, self.config.allow_loopback)
             self._proven_keys.remember(contact.node_id, addr, None if exempt else contact.subnet)
             self._observe(contact, now)
         self._ping_ended(op, contact, now)
@@ -599,7 +606,7 @@ class OverlayBehaviour:
 
     def _send_query(self, lookup: Lookup, query: Query, now: float) -> None:
         peer = query.contact
-        exempt = self.config.allow_loopback and peer.loopback
+        exempt = subnet_cap_exempt(peer.scope, self.config.allow_loopback)
         q = _Query(lookup, peer, query.deadline, None if exempt else peer.subnet)
         lookup.open += 1
         lookup.messages += 1
@@ -742,7 +749,8 @@ class OverlayBehaviour:
 
     def _subnet_of(self, ip: str) -> str | None:
         """The subnet ``ip``'s entries count against (None: loopback on a local testnet)."""
-        return None if self.config.allow_loopback and is_loopback(ip) else subnet_of(ip)
+        exempt = subnet_cap_exempt(address_scope(ip), self.config.allow_loopback)
+        return None if exempt else subnet_of(ip)
 
 
 _REQUESTS: tuple[type[Body], ...] = (Ping, FindNode)

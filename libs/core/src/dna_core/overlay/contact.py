@@ -74,6 +74,16 @@ def address_scope(ip: str) -> Scope:
     return Scope.GLOBAL
 
 
+def subnet_cap_exempt(scope: Scope, allow_loopback: bool) -> bool:
+    """Whether an address of ``scope`` is outside every per-subnet cap (routing table,
+    remembered proofs, tokens, suspects, key challenges, replica spread). Private addresses
+    are, as BEP 42 exempts local networks: the operator's own network hands them out (a
+    Kubernetes pod range gives a machine's pods one /24, so the caps would starve its
+    tables), and a node on the public internet never takes them (``Scope.reachable_via``),
+    so no outside attacker can use them. Loopback only on a local testnet."""
+    return scope is Scope.LOCAL or (allow_loopback and scope is Scope.LOOPBACK)
+
+
 def _ipv4_scope(ip: str) -> Scope:
     """``address_scope`` of a dotted IPv4 address by its first two octets (~10x faster than
     ``ipaddress``: the simulator mints a contact per node)."""
@@ -223,7 +233,7 @@ def _within_cap(
     taken: list[Contact] = []
     held: Counter[str] = Counter()
     for c in contacts:
-        if not (loopback_exempt and c.loopback):
+        if not subnet_cap_exempt(c.scope, loopback_exempt):
             if held[c.subnet] >= per_subnet:
                 continue
             held[c.subnet] += 1

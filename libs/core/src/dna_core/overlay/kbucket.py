@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from dna_core.overlay.contact import ID_BITS, Contact, id_int
+from dna_core.overlay.contact import ID_BITS, Contact, id_int, subnet_cap_exempt
 
 K = 20
 TABLE_SUBNET_LIMIT = 10  # contacts of one /24 (IPv6 /48) in a whole table (libp2p's maxForTable)
@@ -286,8 +286,8 @@ class RoutingTable:
                 self._insert(bucket, candidate, now)
 
     def _count(self, contact: Contact, change: int) -> None:
-        """Keep the table-wide count of ``contact``'s subnet (exempt loopback: not counted)."""
-        if self.table_subnet_limit is None or (self.allow_loopback and contact.loopback):
+        """Keep the table-wide count of ``contact``'s subnet (an exempt one is not counted)."""
+        if self.table_subnet_limit is None or subnet_cap_exempt(contact.scope, self.allow_loopback):
             return
         per_subnet, subnet = self._per_subnet, contact.subnet
         held = per_subnet[subnet] + change
@@ -298,7 +298,7 @@ class RoutingTable:
 
     def _make_room_for_subnet(self, bucket: _Bucket, contact: Contact) -> None:
         """Drop the oldest replacement of ``contact``'s subnet if it has its limit waiting."""
-        if self.allow_loopback and contact.loopback:
+        if subnet_cap_exempt(contact.scope, self.allow_loopback):
             return
         same = [i for i, c in bucket.replacements.items() if c.subnet == contact.subnet]
         if len(same) >= self.subnet_limit:
@@ -309,7 +309,7 @@ class RoutingTable:
     ) -> bool:
         """Room for ``contact``'s subnet among the bucket's entries and the table's
         (``besides`` one of them)."""
-        if self.allow_loopback and contact.loopback:
+        if subnet_cap_exempt(contact.scope, self.allow_loopback):
             return True
         subnet, room = contact.subnet, self.subnet_limit
         table_limit = self.table_subnet_limit
