@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from dna_core.errors import DnaError, cannot_open
+from dna_core.expiry import ExpiryClock
 from dna_core.ops.config import ConfigModel, ConfigPath, SecretStr
 from dna_core.ops.grpc_gate import ServiceRegistrar
 from dna_core.overlay import OverlayNode, OverlayServer, OverlayServiceConfig
@@ -41,7 +42,6 @@ from dna_storage.backends.base import (
 )
 from dna_storage.backends.redis import RedisBackend
 from dna_storage.backends.sqlite import SqliteBackend
-from dna_storage.expiry import ExpiryClock
 from dna_storage.mailbox_service import BATCHES_AT_ONCE, DAY_S, Retention
 from dna_storage.mailbox_stream import (
     MAX_SUBSCRIPTIONS,

@@ -83,10 +83,15 @@ def sign_record(
     )
 
 
-def open_record(data: bytes, *, now_ms: int, key: bytes | None = None) -> VerifiedRecord:
+def open_record(
+    data: bytes, *, now_ms: int, key: bytes | None = None, expiry_ms: int | None = None
+) -> VerifiedRecord:
     """Decode and verify a SignedRecord (stored at ``key``, when given); raises a
     ProtocolError subclass. The cheap checks come first: a record for another key, expired
-    or from the future costs its sender's reader no signature check (~0.3 ms)."""
+    or from the future costs its sender's reader no signature check (~0.3 ms). ``expiry_ms``
+    (default ``now_ms``) is the time it must not have expired by: a node reloading its
+    record file judges expiry by its protected clock (`dna_core.expiry`), not a wall clock
+    that may have stepped forward."""
     rec = decode_message(common_pb2.SignedRecord, data, max_size=MAX_RECORD_BYTES, what="record")
     msg = decode_message(
         common_pb2.RecordBody, rec.body, max_size=MAX_RECORD_BYTES, what="record body"
@@ -98,7 +103,7 @@ def open_record(data: bytes, *, now_ms: int, key: bytes | None = None) -> Verifi
     _check_body(body)
     if key is not None and body.key != key:
         raise VerificationError("record: stored at another key")
-    if body.expires_ms <= now_ms:
+    if body.expires_ms <= (now_ms if expiry_ms is None else expiry_ms):
         raise ExpiredError("record: expired")
     if body.created_ms > now_ms + MAX_CLOCK_SKEW_MS:
         raise ExpiredError("record: created in the future")

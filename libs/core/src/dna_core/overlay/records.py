@@ -191,14 +191,18 @@ class RecordStore:
             held.republished_ms = now_ms
         return StoreResult(held.record.body.seq, changed=False)
 
-    def put(self, data: bytes, now_ms: int, source: str = "") -> StoreResult:
+    def put(
+        self, data: bytes, now_ms: int, source: str = "", *, expiry_ms: int | None = None
+    ) -> StoreResult:
         """Validate and store a SignedRecord sent by ``source`` (the sender's address, for
-        fairness when full); raises a ProtocolError and changes nothing."""
-        rec = open_record(data, now_ms=now_ms)
+        fairness when full); raises a ProtocolError and changes nothing. ``expiry_ms``
+        (default ``now_ms``): what expiry is judged against (`open_record`)."""
+        rec = open_record(data, now_ms=now_ms, expiry_ms=expiry_ms)
         check_policy(rec, name_pow_bits=self.name_pow_bits,
                      identity_pow_bits=self.identity_pow_bits)  # fmt: skip
         held = self._held.get(rec.body.key)
-        if held is not None and held.record.body.expires_ms > now_ms:
+        expired_by = now_ms if expiry_ms is None else expiry_ms
+        if held is not None and held.record.body.expires_ms > expired_by:
             if held.record.raw == rec.raw:
                 return StoreResult(rec.body.seq, changed=False)
             _check_replaces(held.record, rec)

@@ -212,7 +212,7 @@ class MailboxBackend(Protocol):
     async def gc_time(self) -> int | None:
         """The time GC last expired against, as ``save_gc_time`` stored it (None: never):
         a restarted node's GC resumes from it, not from a wall clock that may have been
-        stepped meanwhile (``dna_storage.expiry``). Kept with the data, so it goes with it
+        stepped meanwhile (``dna_core.expiry``). Kept with the data, so it goes with it
         (a wipe, a restore from a backup)."""
         ...
 

@@ -2,13 +2,18 @@
 restart of the node, or of the whole overlay.
 
 Write-through: the Store handler saves each record it takes and deletes what it evicted;
-upkeep deletes what expired. Nothing read back is trusted: `load_into` puts every row
+upkeep deletes what expired, and saves the time it expired against (``expiry_time``, a
+row of the ``meta`` table) so that a restarted node's `ExpiryClock` resumes from it
+(`dna_core.expiry`: a wall clock stepped forward 31 days no longer deletes every record at
+the first pass, or at the load). Nothing read back is trusted: `load_into` puts every row
 through `RecordStore.put` again (signature, policy, proof of work, expiry, bounds) and
 deletes the rows it refuses, so a file edited by hand, or a record that expired while
-the node was down, never comes back. Rows are read one at a time, and only those whose
-columns have the types this module writes and whose record is within the size cap: a
-row of the wrong type (a text record, a number where bytes belong) is deleted unread, so
-no row can make the load fail or allocate more than one record's bytes. A file damaged
+the node was down, never comes back. Expiry there is judged by the caller's protected
+time, everything else by the wall clock. A saved time of the wrong type is ignored (the
+node starts from the wall clock, as on a new file). Rows are read one at a time, and only
+those whose columns have the types this module writes and whose record is within the
+size cap: a row of the wrong type (a text record, a number where bytes belong) is deleted
+unread, so no row can make the load fail or allocate more than one record's bytes. A file damaged
 below its header (pages overwritten) raises ``sqlite3.DatabaseError`` from the load: the
 node stops at start with one line, as for a file SQLite cannot open.
 
@@ -43,8 +48,10 @@ CREATE TABLE IF NOT EXISTS records (
     raw BLOB NOT NULL,
     source TEXT NOT NULL,
     expires_ms INTEGER NOT NULL
-)
+);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value)
 """
+EXPIRY_TIME = "expiry_ms"  # the meta row: the latest time upkeep expired records against
 
 
 class RecordFile:
@@ -54,7 +61,7 @@ class RecordFile:
         self._db = sqlite3.connect(path, isolation_level=None)  # autocommit: one row a write
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: survives a crash, not power loss
-        self._db.execute(_SCHEMA)
+        self._db.executescript(_SCHEMA)
         self.write_failures = 0  # writes that failed since the file was opened
         self._failing = False  # the last write failed
 
@@ -62,6 +69,18 @@ class RecordFile:
         self._write(lambda db: db.execute(
             "INSERT OR REPLACE INTO records (key, raw, source, expires_ms) VALUES (?, ?, ?, ?)",
             (key, raw, source, expires_ms),
+        ))  # fmt: skip
+
+    def expiry_time(self) -> int | None:
+        """The latest time an earlier run expired records against, if it saved one."""
+        row = self._db.execute(
+            "SELECT value FROM meta WHERE name = ? AND typeof(value) = 'integer'", (EXPIRY_TIME,)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def save_expiry_time(self, ms: int) -> None:
+        self._write(lambda db: db.execute(
+            "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (EXPIRY_TIME, ms)
         ))  # fmt: skip
 
     def delete(self, keys: Sequence[bytes]) -> None:
@@ -86,8 +105,11 @@ class RecordFile:
             log.info("record file %s: writes succeed again", self.path)
             self._failing = False
 
-    def load_into(self, store: RecordStore, now_ms: int) -> tuple[int, int]:
-        """Verify every saved record again into ``store``; returns (loaded, dropped)."""
+    def load_into(
+        self, store: RecordStore, now_ms: int, expiry_ms: int | None = None
+    ) -> tuple[int, int]:
+        """Verify every saved record again into ``store`` at wall time ``now_ms``, expiry
+        judged at ``expiry_ms`` (default ``now_ms``); returns (loaded, dropped)."""
         malformed = self._db.execute(f"DELETE FROM records WHERE NOT ({_WELL_FORMED})")
         dropped: list[bytes] = []
         loaded = 0
@@ -96,7 +118,7 @@ class RecordFile:
         )
         for key, raw, source in rows:  # (one row at a time: the file may hold many)
             try:
-                result = store.put(bytes(raw), now_ms, str(source))
+                result = store.put(bytes(raw), now_ms, str(source), expiry_ms=expiry_ms)
             except ProtocolError:
                 dropped.append(bytes(key))
                 continue

@@ -25,7 +25,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollecto
 from pydantic import Field, field_validator
 
 from dna_core import __version__
+from dna_core.crypto.records import VerifiedRecord
 from dna_core.errors import cannot_open
+from dna_core.expiry import ExpiryClock
 from dna_core.ops.answers import ANSWER_STALL_S, ANSWERS_MAX, ANSWERS_PER_SOURCE, AnswerSlots
 from dna_core.ops.config import (
     ConfigModel,
@@ -82,6 +84,7 @@ GUARDED_HOST = "127.0.0.1"  # where the gRPC server listens behind the connectio
 FD_HEADROOM = 256  # descriptors a node holds besides connections (files, UDP, channels out)
 RECORD_FILE_NAME = "records.sqlite3"
 UPKEEP_S = 60.0  # records: expired ones dropped, due ones republished (a share each time)
+STEP_WARNING_MS = 5 * 60_000  # upkeep's time this far behind the wall clock is said
 
 
 class NodeSection(ConfigModel):
@@ -403,6 +406,13 @@ class OverlayServer:
         self.guard: TcpRelay | None = None  # in front of the gRPC server, if configured
         self.ops: OpsServer | None = None
         self.record_file: RecordFile | None = None
+        # Records expire by the wall clock (reads, republishing), but are deleted against
+        # the ExpiryClock's time (dna_core.expiry), resumed from the record file: a step
+        # forward is followed at most twice as fast as time passes. Tests step the clocks.
+        self.wall_ms: Callable[[], int] = wall_ms
+        self.monotonic_ms: Callable[[], int] = lambda: time.monotonic_ns() // 1_000_000
+        self.expiry_clock = ExpiryClock()
+        self._clock_stepped = False  # said: upkeep's time is behind a wall clock stepped
         self.log = node_logger("dna.node", role=role_name(role))
 
     async def start(self) -> None:
@@ -441,7 +451,8 @@ class OverlayServer:
 
     def _open_records(self) -> RecordStore:
         """The record store, filled from the node's record file (each record verified again:
-        what expired while the node was down, or fails a rule, is dropped)."""
+        what expired while the node was down, or fails a rule, is dropped; expired by the
+        ExpiryClock resumed from the file's saved time, not by a stepped wall clock)."""
         cfg = self.config
         store = RecordStore(
             name_pow_bits=cfg.overlay.name_pow_bits,
@@ -451,10 +462,16 @@ class OverlayServer:
         path = cfg.records_path()
         try:
             self.record_file = RecordFile(path)
+            self.expiry_clock = ExpiryClock(self.record_file.expiry_time())
+            wall = self.wall_ms()
+            expiry = self._expiry_now(wall, at_start=True)
+            # Verified as of the latest time this node has used: with the clock set back (an
+            # RTC reset) every record was "created in the future", and the load deleted it.
+            verify_at = max(wall, _require(self.expiry_clock.high_ms))
             # (damage below the header shows only when the rows are read)
-            loaded, dropped = self.record_file.load_into(store, wall_ms())
+            loaded, dropped = self.record_file.load_into(store, verify_at, expiry)
             interval_ms = int(cfg.overlay.republish_interval * 1000)
-            store.spread_republish(wall_ms(), interval_ms, random.Random())
+            store.spread_republish(wall, interval_ms, random.Random())
         except (sqlite3.Error, OSError) as exc:
             if self.record_file is not None:
                 self.record_file.close()
@@ -552,6 +569,7 @@ class OverlayServer:
                 records.source_rate_per_s, records.source_burst, records.source_max_keys
             ),
             journal=self.record_file,
+            clock=self.wall_ms,  # reads hide what the wall clock calls expired
             on_rejected=lambda reason: node.metrics.rejected.labels(reason=reason).inc(),
             on_evicted=evicted.inc,
             registry=self.registry,
@@ -634,9 +652,38 @@ class OverlayServer:
         interval_ms = int(self.config.overlay.republish_interval * 1000)
         while True:
             await asyncio.sleep(UPKEEP_S)
-            _require(self.record_file).delete(store.expire_keys(wall_ms()))
-            for record in store.republish_due(wall_ms(), interval_ms, int(UPKEEP_S * 1000)):
+            for record in self.upkeep_pass(store, interval_ms):
                 node.spawn(node.put_record(record.raw, record.body.key))
+
+    def upkeep_pass(self, store: RecordStore, interval_ms: int) -> list[VerifiedRecord]:
+        """Delete what expired by the ExpiryClock's time (memory and file), save that time
+        for the next start, and return the records due for republishing: those the wall
+        clock calls unexpired (one it hides is not offered to other nodes, which would
+        refuse it)."""
+        wall = self.wall_ms()
+        record_file = _require(self.record_file)
+        record_file.delete(store.expire_keys(self._expiry_now(wall)))
+        record_file.save_expiry_time(_require(self.expiry_clock.high_ms))
+        return store.republish_due(wall, interval_ms, int(UPKEEP_S * 1000))
+
+    def _expiry_now(self, wall: int, *, at_start: bool = False) -> int:
+        """The ExpiryClock's time now; a step forward it lags behind is said once."""
+        now = self.expiry_clock.now_ms(wall, self.monotonic_ms())
+        stepped = self.expiry_clock.stepped_ms > STEP_WARNING_MS
+        if stepped and not self._clock_stepped:
+            why = ("since the time the record file saved: the node was stopped that long,"
+                   " or the clock stepped forward" if at_start else "a step forward?")  # fmt: skip
+            self.log.warning(
+                "the wall clock is %.0f s ahead of the time records are deleted against "
+                "(%s): expired records are deleted catching up at most twice as fast as "
+                "time passes; reads hide them meanwhile",
+                self.expiry_clock.stepped_ms / 1000,
+                why,
+            )
+        elif self._clock_stepped and not stepped:
+            self.log.info("records are deleted against the wall clock again")
+        self._clock_stepped = stepped
+        return now
 
     async def _set_ready(self, ready: bool) -> None:
         self.ready = ready

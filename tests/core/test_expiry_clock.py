@@ -1,10 +1,10 @@
-"""``ExpiryClock``, sans-I/O: the time GC expires against follows the wall clock, a step
-back at once, a step forward past the latest time it used at most ``MAX_RATE`` times as fast
-as time passes, across restarts too (``resume_ms``)."""
+"""``ExpiryClock``, sans-I/O: the time a node deletes expired data against follows the
+wall clock, a step back at once, a step forward past the latest time it used at most
+``MAX_RATE`` times as fast as time passes, across restarts too (``resume_ms``)."""
 
 from __future__ import annotations
 
-from dna_storage.expiry import MAX_RATE, SLACK_MS, ExpiryClock
+from dna_core.expiry import MAX_RATE, SLACK_MS, ExpiryClock
 from hypothesis import given
 from hypothesis import strategies as st
 

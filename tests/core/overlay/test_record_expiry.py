@@ -1,0 +1,226 @@
+"""Records are deleted against the node's ExpiryClock (`dna_core.expiry`), not the raw wall
+clock: a forward step, under a running node or across a restart, no longer deletes every
+record from memory and from the record file. Reads (find-value) and republishing still go
+by the wall clock, so a record the stepped clock calls expired is hidden, not lost, and
+served again when the clock is set right.
+
+A whole overlay node (`OverlayServer`, real gRPC and UDP on 127.0.0.1, its record file) runs
+in this process with both of its clocks injected; the upkeep pass is called directly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from dna_core.crypto import Identity, sign_record
+from dna_core.crypto.records import VerifiedRecord
+from dna_core.ops.config import OpsSection
+from dna_core.overlay.aio.record_file import RecordFile
+from dna_core.overlay.aio.server import (
+    NodeSection,
+    OverlaySection,
+    OverlayServer,
+    OverlayServiceConfig,
+    RecordsSection,
+)
+from dna_core.overlay.records import RecordStore, identity_payload, record_key
+from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2
+
+NOW = 1_780_000_000_000
+MINUTE_MS, HOUR_MS, DAY_MS = 60_000, 3_600_000, 86_400_000
+STEP_MS = 31 * DAY_MS  # past every record's TTL
+IDENTITY = common_pb2.RECORD_KIND_IDENTITY
+SOURCE = "192.0.2.1"
+
+
+@dataclass
+class Clocks:
+    wall: int  # ms, the wall clock (may step)
+    monotonic: int  # ms, since this process started (a restart begins it again)
+
+
+def identity_rec(ttl: int = HOUR_MS) -> tuple[bytes, bytes]:
+    who = Identity.generate()
+    key = record_key(IDENTITY, who.fingerprint)
+    payload = identity_payload(who.fingerprint, "x", pow_bits=0, now_ms=NOW)
+    return key, sign_record(who, kind=IDENTITY, key=key, seq=1, now_ms=NOW, ttl_ms=ttl,
+                            payload=payload)  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def serving(tmp_path: Path, clocks: Clocks) -> AsyncIterator[OverlayServer]:
+    config = OverlayServiceConfig(
+        node=NodeSection(udp_port=0, grpc_port=0, key_file=tmp_path / "node.key"),
+        overlay=OverlaySection(allow_loopback=True),
+        records=RecordsSection(path=tmp_path / "records.sqlite3", identity_pow_bits=0),
+        ops=OpsSection(http_port=0),
+    )
+    server = OverlayServer(config, role=common_pb2.NODE_ROLE_BOOTSTRAP)
+    server.wall_ms = lambda: clocks.wall
+    server.monotonic_ms = lambda: clocks.monotonic
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def held(server: OverlayServer) -> RecordStore:
+    assert server.node is not None and server.node.store is not None
+    return server.node.store
+
+
+def store(server: OverlayServer, rec: tuple[bytes, bytes]) -> bytes:
+    """Store a record through the node's Overlay service (written through to its file)."""
+    key, raw = rec
+    assert server.records is not None
+    request = overlay_pb2.StoreRequest(record=common_pb2.SignedRecord.FromString(raw))
+    assert server.records.store_one(request, SOURCE).stored_seq == 1
+    return key
+
+
+def found(server: OverlayServer, key: bytes) -> bool:
+    """Whether the node's find-value answer carries the record."""
+    assert server.records is not None
+    answer = server.records.find_value_one(overlay_pb2.FindValueRequest(key=key))
+    return len(answer.records) == 1
+
+
+def upkeep(server: OverlayServer) -> list[VerifiedRecord]:
+    interval_ms = int(server.config.overlay.republish_interval * 1000)
+    return server.upkeep_pass(held(server), interval_ms)
+
+
+def rows(tmp_path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(tmp_path / "records.sqlite3")) as db:
+        return int(db.execute("SELECT count(*) FROM records").fetchone()[0])
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The reasons given by each "wall clock is ahead" line."""
+    lines = [r.getMessage() for r in caplog.records]
+    return [
+        line[line.index("(") : line.index(")") + 1]
+        for line in lines
+        if "ahead of the time records are deleted against" in line
+    ]
+
+
+def test_a_running_node_whose_clock_steps_31_days_forward_keeps_its_records(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The wall clock steps 31 days forward under a running node: the next upkeep pass
+    deletes only what had expired by the time it follows (at most twice real time), the
+    rest stays in memory and in the file, hidden from find-value and not republished
+    until the clock is set right. Checked to fail without the fix (0 records left)."""
+    clocks = Clocks(wall=NOW, monotonic=0)
+
+    async def scenario() -> None:
+        async with serving(tmp_path, clocks) as server:
+            keys = [store(server, identity_rec()) for _ in range(3)]
+            store(server, identity_rec(ttl=2 * MINUTE_MS))  # really expires meanwhile
+            clocks.wall, clocks.monotonic = NOW + MINUTE_MS, MINUTE_MS
+            upkeep(server)
+            clocks.wall, clocks.monotonic = NOW + STEP_MS, 3 * MINUTE_MS  # the step
+            assert upkeep(server) == []  # nothing the wall clock hides is offered to others
+            assert len(held(server)) == 3 and rows(tmp_path) == 3
+            assert server.expiry_clock.stepped_ms > 30 * DAY_MS
+            assert not any(found(server, key) for key in keys)  # hidden meanwhile
+            clocks.wall = NOW + 3 * MINUTE_MS + 1_000  # set right: served again
+            assert all(found(server, key) for key in keys)
+
+    with caplog.at_level(logging.INFO, logger="dna.node"):
+        asyncio.run(scenario())
+    assert warnings(caplog) == ["(a step forward?)"]
+
+
+def test_a_node_restarted_with_its_clock_31_days_ahead_keeps_its_record_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The clock steps while the node is stopped: the restarted node resumes from the time
+    its record file saved, so the load and the first upkeep pass keep every row. Before,
+    the load judged expiry by the stepped wall clock and deleted every row (checked to
+    fail without the fix: 0 loaded, 0 rows)."""
+    clocks = Clocks(wall=NOW, monotonic=0)
+
+    async def scenario() -> None:
+        async with serving(tmp_path, clocks) as server:
+            keys = [store(server, identity_rec()) for _ in range(3)]
+            clocks.wall, clocks.monotonic = NOW + MINUTE_MS, MINUTE_MS
+            upkeep(server)
+        saved = RecordFile(tmp_path / "records.sqlite3")
+        assert saved.expiry_time() == NOW + MINUTE_MS
+        saved.close()
+        clocks.wall, clocks.monotonic = NOW + STEP_MS, 0  # restarted after the step
+        async with serving(tmp_path, clocks) as server:
+            assert len(held(server)) == 3 and rows(tmp_path) == 3
+            assert server.expiry_clock.stepped_ms > 30 * DAY_MS
+            clocks.monotonic = MINUTE_MS
+            upkeep(server)
+            assert len(held(server)) == 3 and rows(tmp_path) == 3
+            clocks.wall = NOW + 2 * MINUTE_MS  # set right
+            assert all(found(server, key) for key in keys)
+
+    with caplog.at_level(logging.INFO, logger="dna.node"):
+        asyncio.run(scenario())
+    stopped = "the node was stopped that long, or the clock stepped forward"
+    assert warnings(caplog) == [f"(since the time the record file saved: {stopped})"]
+
+
+@pytest.mark.parametrize("saved", [None, "soon"], ids=["no-saved-time", "malformed-saved-time"])
+def test_without_a_saved_time_the_load_expires_by_the_wall_clock(
+    tmp_path: Path, saved: str | None
+) -> None:
+    """A record file written before the time was saved (no meta table), or whose saved
+    time is not an integer: the node starts from the wall clock as before, and a record
+    that expired while it was down is dropped from memory and file."""
+    path = tmp_path / "records.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(
+            "CREATE TABLE records (key BLOB PRIMARY KEY, raw BLOB NOT NULL,"
+            " source TEXT NOT NULL, expires_ms INTEGER NOT NULL)"
+        )
+        for ttl in (HOUR_MS, HOUR_MS, MINUTE_MS):
+            key, raw = identity_rec(ttl)
+            db.execute("INSERT INTO records VALUES (?, ?, ?, ?)", (key, raw, SOURCE, NOW + ttl))
+        if saved is not None:
+            db.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value)")
+            db.execute("INSERT INTO meta VALUES ('expiry_ms', ?)", (saved,))
+    clocks = Clocks(wall=NOW + 2 * MINUTE_MS, monotonic=0)
+
+    async def scenario() -> None:
+        async with serving(tmp_path, clocks) as server:
+            assert len(held(server)) == 2 and rows(tmp_path) == 2
+            assert server.expiry_clock.high_ms == clocks.wall
+            assert server.expiry_clock.stepped_ms == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_node_restarted_with_its_clock_set_back_a_year_keeps_its_record_file(
+    tmp_path: Path,
+) -> None:
+    """The sibling step back (an RTC reset to last year) across a restart: the load judges
+    "created in the future" by the latest time the node had used, not the wall clock set
+    back, so it keeps every row (and serves them: none has expired by the wall clock).
+    Before, every record was "created in the future" and deleted from the file (checked
+    to fail without the fix: 0 loaded)."""
+    clocks = Clocks(wall=NOW, monotonic=0)
+
+    async def scenario() -> None:
+        async with serving(tmp_path, clocks) as server:
+            keys = [store(server, identity_rec()) for _ in range(3)]
+            clocks.wall, clocks.monotonic = NOW + MINUTE_MS, MINUTE_MS
+            upkeep(server)
+        clocks.wall, clocks.monotonic = NOW - 365 * DAY_MS, 0  # restarted, a year back
+        async with serving(tmp_path, clocks) as server:
+            assert len(held(server)) == 3 and rows(tmp_path) == 3
+            assert all(found(server, key) for key in keys)
+
+    asyncio.run(scenario())
