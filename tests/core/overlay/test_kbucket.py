@@ -497,6 +497,24 @@ def test_a_local_testnet_on_loopback_is_not_capped_table_wide() -> None:
     assert admitted.count(Admission.INSERTED) == 10
 
 
+def test_a_private_network_is_not_capped() -> None:
+    """Kubernetes gives the pods of one machine one /24 (a private range): the per-subnet
+    caps, per bucket and table-wide, would hold a one-machine test network's table to 10
+    contacts. Private addresses are exempt, as BEP 42 exempts local networks; a public
+    node never takes them (``Scope.reachable_via``)."""
+    table = RoutingTable(LOCAL, good_for=0.0)
+    pods = [
+        Contact(id_in_bucket(LOCAL, 255 - i, 1), KEY, (Endpoint(f"10.244.0.{i + 1}", 4000),))
+        for i in range(16)
+    ]
+    assert all(table.observe(c, 0.0).admission is Admission.INSERTED for c in pods)
+    same_bucket = [
+        Contact(id_in_bucket(LOCAL, 100, i + 1), KEY, (Endpoint(f"10.244.0.{i + 50}", 4000),))
+        for i in range(3)
+    ]
+    assert all(table.observe(c, 0.0).admission is Admission.INSERTED for c in same_bucket)
+
+
 def test_ipv6_subnet_is_the_48() -> None:
     table = RoutingTable(LOCAL, good_for=0.0, k=10, subnet_limit=1)
 

@@ -44,3 +44,11 @@ def test_a_local_testnet_on_loopback_keeps_the_closest() -> None:
 def test_ipv6_counts_per_48() -> None:
     found = [at(i, f"2001:db8:1:{i:x}::1") for i in range(4)] + [at(9, "2001:db8:2::1")]
     assert spread_over_subnets(found, 3) == [*found[:2], found[4]]
+
+
+def test_a_private_network_keeps_the_closest() -> None:
+    """Private addresses skip the spread (a Kubernetes machine's pods share a /24), with no
+    testnet setting: an outside attacker cannot hold them."""
+    one_machine = [at(i, f"10.244.0.{i + 1}") for i in range(10)]
+    others = [at(100 + i, f"10.244.{i + 1}.1") for i in range(3)]
+    assert spread_over_subnets(one_machine + others, 8) == one_machine[:8]
