@@ -243,6 +243,37 @@ def test_a_changed_key_is_refused_and_a_signed_rotation_followed(
     run(testnet, tmp_path, scenario)
 
 
+def test_a_message_over_the_lookup_budget_stays_on_the_replicas_until_handled(
+    testnet: Testnet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two senders bob's cache does not know write without keys inside, one lookup a round
+    (MAX_SENDER_LOOKUPS made 1 for the test: the rule at a small size): the second was
+    dropped as 'not looked up', acknowledged and deleted from the replicas, its message
+    lost. Now it stays on the replicas, deferred, and the next round shows and deletes it
+    (here a `watch` round with nothing new pushed: the deferred blob alone)."""
+    monkeypatch.setattr("dna_peer.inbox.MAX_SENDER_LOOKUPS", 1)
+
+    async def scenario(people: People) -> None:
+        alice, bob, carol = [await people.new(who) for who in ("alice", "bob", "carol")]
+        for sender, body in ((alice, "one"), (carol, "two")):
+            blob = seal(sender.identity, bob.identity.public, text(body), now_ms=now_ms(),
+                        include_sender_keys=False)  # fmt: skip
+            await sender.mail.put(bob.fingerprint, blob)
+        first = await bob.sync()
+        assert len(first.new_messages) == 1 and first.deferred == 1 and first.rejected == []
+        assert first.deleted == 1 and await mailbox_size(bob) == 1  # the deferred one stays
+        pushed = await bob.subscribe()
+        assert pushed is not None
+        second = await bob.receive_pushed(pushed, 0.2)
+        await pushed.close()
+        bodies = {m.body for m in first.new_messages + second.new_messages}
+        assert bodies == {"one", "two"} and second.deferred == 0 and second.deleted == 1
+        assert await mailbox_size(bob) == 0 and bob.cache.deferred_count(bob.fingerprint) == 0
+        await asyncio.gather(alice.close(), bob.close(), carol.close())
+
+    run(testnet, tmp_path, scenario)
+
+
 def test_bad_envelopes_are_dropped_with_a_reason(
     testnet: Testnet, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

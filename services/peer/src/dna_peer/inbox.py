@@ -6,7 +6,9 @@ send is dropped with a logged reason and recorded as rejected, so it is never
 shown and never retried; it is acknowledged like any other blob so the mailbox
 is cleaned of it. Lookups that need the network (an unknown sender's keys) run
 before the transaction, so the transaction itself never waits on I/O and a
-crash leaves each blob either fully applied or not at all.
+crash leaves each blob either fully applied or not at all. They are bounded per
+round; a blob whose sender the round has no lookup left for is deferred (kept in
+the cache, not acknowledged) and handled first by a later round, never dropped.
 
 The inbox sends nothing: what a sync owes others (delivery receipts, the history
 another device asked for, the move to keys another device rotated to) is left in
@@ -47,7 +49,11 @@ log = logging.getLogger("dna.peer.inbox")
 RECEIPT_BATCH_IDS = 4_000  # message IDs per receipt: 72 KB, under the envelope cap
 # Unknown senders (no keys inside the envelope) looked up per round; an honest one is a
 # contact whose keys a lost cache forgot, and several of its envelopes share one lookup.
+# An envelope beyond it is deferred to a later round (kept, not acknowledged), never lost.
 MAX_SENDER_LOOKUPS = 64
+# Peers the own devices' transcripts name without a card, looked up per round: a budget of
+# their own, so a long own history never takes the lookups strangers' mail needs.
+MAX_PEER_LOOKUPS = 64
 Apply = Callable[[], str]  # the cache writes of one blob; returns its outcome
 Clock = Callable[[], int]  # wall-clock milliseconds
 OnMessage = Callable[[Message], None]  # a new message, opened, before its commit is durable
@@ -71,6 +77,14 @@ class Owner(Protocol):
         ...
 
 
+class _NotLookedUpError(Exception):
+    """An unknown sender the round has no lookup left for: the blob waits for a later one."""
+
+    def __init__(self, sender: bytes) -> None:
+        super().__init__(sender.hex())
+        self.sender = sender
+
+
 @dataclass
 class ReceiptDue:
     """A delivery receipt a sync owes: ``message_ids`` (at most ``RECEIPT_BATCH_IDS``)
@@ -87,6 +101,7 @@ class SyncReport:
     new_messages: list[Message] = field(default_factory=list)
     receipts: int = 0
     rejected: list[tuple[bytes, str]] = field(default_factory=list)
+    deferred: int = 0  # blobs left for a later round (unknown senders over the lookup budget)
     held: list[bytes] = field(default_factory=list)  # blobs to acknowledge
     deleted: int = 0
     cleanup_error: str | None = None  # storage nodes refused to delete (the user must know)
@@ -115,7 +130,8 @@ class Inbox:
         self.report = SyncReport()
         self._guard = ReplayGuard()
         self._receipts: dict[bytes, ReceiptDue] = {}  # per sender: the batch being filled
-        self._looked_up: dict[bytes, PublicKeySet | None] = {}  # unknown senders, this round
+        self._looked_up: dict[bytes, PublicKeySet | None] = {}  # unknown keys, this round
+        self._sender_lookups = self._peer_lookups = 0  # each within its own budget
 
     async def handle_blob(self, blob_id: bytes, blob: bytes) -> None:
         if self.cache.blob_outcome(blob_id) is not None:
@@ -125,6 +141,9 @@ class Inbox:
             apply = await self._plan(opened, decode_payload(opened.payload), blob_id)
         except ProtocolError as err:
             self._reject(blob_id, err.reason)
+            return
+        except _NotLookedUpError as over:
+            self._defer(blob_id, blob, over.sender)
             return
         trace.mark("peer.opened", blob_id)
         new = len(self.report.new_messages)
@@ -153,6 +172,24 @@ class Inbox:
                 self.on_message(msg)
             except Exception:
                 log.exception("on_message failed for %s", msg.message_id.hex()[:16])
+
+    async def retry_deferred(self) -> None:
+        """The blobs earlier rounds deferred, before anything new arrives: those of the
+        MAX_SENDER_LOOKUPS senders deferred longest ago (first in, first out), so each
+        deferred blob is handled within a bounded number of rounds (at most the deferred
+        senders ahead of it / MAX_SENDER_LOOKUPS + 1), and a round's work stays bounded."""
+        mailbox = self.identity.fingerprint
+        for blob_id, blob in self.cache.deferred_blobs(mailbox, MAX_SENDER_LOOKUPS):
+            await self.handle_blob(blob_id, blob)
+
+    def _defer(self, blob_id: bytes, blob: bytes, sender: bytes) -> None:
+        """Keep the blob for a later round: not recorded, not acknowledged (so not deleted
+        from the replicas), handled by `retry_deferred` once its sender's turn comes."""
+        log.info("mailbox blob %s deferred to a later round: unknown sender %s, over the"
+                 " %d lookups of this round", blob_id.hex()[:16], sender.hex()[:16],
+                 MAX_SENDER_LOOKUPS)  # fmt: skip
+        self.cache.defer_blob(self.identity.fingerprint, blob_id, blob, sender, self.clock())
+        self.report.deferred += 1
 
     def _reject(self, blob_id: bytes, reason: str) -> None:
         log.warning("dropped mailbox blob %s: %s", blob_id.hex()[:16], reason)
@@ -186,33 +223,39 @@ class Inbox:
         except VerificationError:
             if not missing:
                 raise
-        keys = await self._lookup(missing[0])
+        keys = await self._lookup_sender(missing[0])
         return self._open_with(blob, lambda fp: keys if keys and fp == keys.fingerprint else None)
 
-    async def _lookup(self, fingerprint: bytes) -> PublicKeySet | None:
+    async def _lookup_sender(self, fingerprint: bytes) -> PublicKeySet | None:
         """An unknown sender's published keys, looked up once per round, and for at most
         MAX_SENDER_LOOKUPS senders: anyone can fill a mailbox (10,000 blobs) with envelopes
         naming a different unpublished sender each, and every lookup is a DHT query (34 ms
-        on a local testnet: a sync of minutes, or hours over the internet)."""
-        if fingerprint in self._looked_up:
-            return self._looked_up[fingerprint]
-        if len(self._looked_up) >= MAX_SENDER_LOOKUPS:
-            raise VerificationError(
-                f"sealed content: unknown sender, not looked up (over {MAX_SENDER_LOOKUPS}"
-                " unknown senders without keys inside in one round)"
-            )
-        keys = await self.owner.lookup_keys(fingerprint)
-        self._looked_up[fingerprint] = keys
-        return keys
-
-    async def _lookup_within_budget(self, fingerprint: bytes) -> PublicKeySet | None:
-        """A transcript's peer that no card named: looked up within the round's
-        MAX_SENDER_LOOKUPS, else not (None). A history chunk (150 KiB) can name a thousand
-        peers, each a DHT query; the transcript is kept either way, and the peer is pinned
-        by its next message or card."""
-        if fingerprint not in self._looked_up and len(self._looked_up) >= MAX_SENDER_LOOKUPS:
-            return None
+        on a local testnet: a sync of minutes, or hours over the internet). Beyond that,
+        `_NotLookedUpError`: the blob is deferred to a later round, not dropped (an honest
+        sender's message among a flood arrives late, never not at all)."""
+        if fingerprint not in self._looked_up:
+            if self._sender_lookups >= MAX_SENDER_LOOKUPS:
+                raise _NotLookedUpError(fingerprint)
+            self._sender_lookups += 1
         return await self._lookup(fingerprint)
+
+    async def _lookup_peer(self, fingerprint: bytes) -> PublicKeySet | None:
+        """A transcript's peer that no card named: looked up within the round's
+        MAX_PEER_LOOKUPS, else not (None). A history chunk (150 KiB) can name a thousand
+        peers, each a DHT query; the transcript is kept either way, and the peer is pinned
+        by its next message or card. A budget apart from the senders': an own history,
+        however long, never leaves a stranger's envelope waiting."""
+        if fingerprint not in self._looked_up:
+            if self._peer_lookups >= MAX_PEER_LOOKUPS:
+                return None
+            self._peer_lookups += 1
+        return await self._lookup(fingerprint)
+
+    async def _lookup(self, fingerprint: bytes) -> PublicKeySet | None:
+        """Keys not in the cache, from the keyserver, once per round whoever asks."""
+        if fingerprint not in self._looked_up:
+            self._looked_up[fingerprint] = await self.owner.lookup_keys(fingerprint)
+        return self._looked_up[fingerprint]
 
     def _open_with(
         self, blob: bytes, resolve: Callable[[bytes], PublicKeySet | None]
@@ -402,7 +445,7 @@ class Inbox:
         peers = {t.original_sender or t.original_recipient for t in items}
         unknown = {fp for fp in peers if self.cache.contact(fp) is None} - names.keys()
         for fp in unknown:  # keys of a peer only another device knew
-            keys = await self._lookup_within_budget(fp)
+            keys = await self._lookup_peer(fp)
             contacts += [keys] if keys else []
 
         def apply() -> str:

@@ -767,6 +767,8 @@ class Peer:
         live = [e for e in entries if e["until_ms"] > now_ms()]
         if len(live) < len(entries):  # past the grace period: forget the old keys
             self.cache.set_state(RETIRED, json.dumps(live).encode())
+            for gone in (e for e in entries if e not in live):  # and what waited there
+                self.cache.drop_deferred(Identity(bytes.fromhex(gone["seeds"])).fingerprint)
         return [Identity(bytes.fromhex(e["seeds"])) for e in live]
 
     async def _drain_retired(self, old: Identity) -> SyncReport:
@@ -795,9 +797,13 @@ class Peer:
         """Fetch the inbox's mailbox from ``state`` round after round (a fetch holds a
         bounded number of bytes: a big mailbox takes several), handing each blob to the
         inbox and saving the cursors after each round; with ``pushed``, one round of what
-        the subscription received instead (its cursors are where it got to)."""
+        the subscription received instead (its cursors are where it got to). What earlier
+        rounds deferred is handled first (`Inbox.retry_deferred`)."""
+        await inbox.retry_deferred()
         if pushed is not None:
             blobs = pushed.take()
+            if not blobs and inbox.report.held:  # deferred ones handled: acknowledge them
+                save(FetchState(cursors=state.cursors | pushed.cursors))
             if not blobs:  # only the other replicas' copies of blobs handled already: no
                 return  # commit; their cursors are saved by the next round that handles one
             for stored in blobs:
@@ -1072,6 +1078,7 @@ def _merge(into: SyncReport, more: SyncReport) -> None:
     into.new_messages += more.new_messages
     into.receipts += more.receipts
     into.rejected += more.rejected
+    into.deferred += more.deferred
     into.deleted += more.deleted
     into.cleanup_error = into.cleanup_error or more.cleanup_error
 
