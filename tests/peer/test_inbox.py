@@ -42,6 +42,7 @@ class Owner:
     device: Device = field(default_factory=lambda: Device(os.urandom(16), "this one"))
     published: dict[bytes, PublicKeySet] = field(default_factory=dict)
     lookups: list[bytes] = field(default_factory=list)
+    former: dict[bytes, PublicKeySet] = field(default_factory=dict)  # rotated away from
 
     @property
     def fingerprint(self) -> bytes:
@@ -50,6 +51,9 @@ class Owner:
     async def lookup_keys(self, fingerprint: bytes) -> PublicKeySet | None:
         self.lookups.append(fingerprint)
         return self.published.get(fingerprint)
+
+    def former_keys(self) -> dict[bytes, PublicKeySet]:
+        return self.former
 
 
 @dataclass
@@ -255,6 +259,29 @@ def test_an_own_history_does_not_starve_strangers_and_a_flood_drains_in_bounded_
             assert len(s.owner.lookups) - before <= MAX_SENDER_LOOKUPS
         assert rounds <= bound
         assert sum(m.body == "late" for m in s.cache.messages()) == len(late)
+
+    asyncio.run(go())
+
+
+def test_a_text_from_the_own_former_key_is_refused_not_a_stranger_s(
+    bob_inbox: Setup, alice: Identity, bob: Identity
+) -> None:
+    """After `dna identity rotate`, whoever holds the old key (a stolen device, a leaked
+    backup) could write to the new mailbox: the old keys are published (the rotation
+    statement), so the text was shown as a new stranger's, pinned and answered with a
+    receipt. Now refused by name, without a lookup, with or without keys inside."""
+
+    async def go() -> None:
+        s = bob_inbox
+        s.owner.former[alice.fingerprint] = alice.public  # bob's keys before the rotation
+        s.owner.published[alice.fingerprint] = alice.public
+        for keys in (True, False):
+            await s.handle(sealed(alice, bob, text("it's me"), s.clock(), keys=keys))
+        card = pb.History(contacts=[pb.ContactCard(keys=alice.public.to_proto())])
+        await s.handle(sealed(alice, bob, payload(history=card), s.clock()))
+        assert len(s.reasons()) == 3 and all("own former key" in r for r in s.reasons())
+        assert s.cache.message_count() == 0 and s.cache.contacts() == []
+        assert s.owner.lookups == [] and s.inbox.report.receipts_due == []
 
     asyncio.run(go())
 

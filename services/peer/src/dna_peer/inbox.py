@@ -61,7 +61,8 @@ OnMessage = Callable[[Message], None]  # a new message, opened, before its commi
 
 class Owner(Protocol):
     """The device an inbox works for (a `Peer`): its current identity (whose mailbox the
-    inbox reads, unless given an older one to drain), this device, and the keyserver."""
+    inbox reads, unless given an older one to drain), the keys it rotated away from, this
+    device, and the keyserver."""
 
     @property
     def identity(self) -> Identity: ...
@@ -74,6 +75,11 @@ class Owner(Protocol):
 
     async def lookup_keys(self, fingerprint: bytes) -> PublicKeySet | None:
         """The published key set behind ``fingerprint`` (None: not published)."""
+        ...
+
+    def former_keys(self) -> dict[bytes, PublicKeySet]:
+        """The keys this identity rotated away from, by fingerprint, for as long as it
+        remembers them (the grace period it drains their mailboxes)."""
         ...
 
 
@@ -132,6 +138,7 @@ class Inbox:
         self._receipts: dict[bytes, ReceiptDue] = {}  # per sender: the batch being filled
         self._looked_up: dict[bytes, PublicKeySet | None] = {}  # unknown keys, this round
         self._sender_lookups = self._peer_lookups = 0  # each within its own budget
+        self._formers: dict[bytes, PublicKeySet] | None = None  # owner.former_keys(), once
 
     async def handle_blob(self, blob_id: bytes, blob: bytes) -> None:
         if self.cache.blob_outcome(blob_id) is not None:
@@ -204,6 +211,8 @@ class Inbox:
         def resolve(fingerprint: bytes) -> PublicKeySet | None:
             if fingerprint == self.identity.fingerprint:
                 return self.identity.public
+            if fingerprint in self._former_keys():  # opened to be refused by name (_plan)
+                return self._former_keys()[fingerprint]
             contact = self.cache.contact(fingerprint)
             if contact is None:
                 missing.append(fingerprint)
@@ -225,6 +234,11 @@ class Inbox:
                 raise
         keys = await self._lookup_sender(missing[0])
         return self._open_with(blob, lambda fp: keys if keys and fp == keys.fingerprint else None)
+
+    def _former_keys(self) -> dict[bytes, PublicKeySet]:
+        if self._formers is None:
+            self._formers = self.owner.former_keys()
+        return self._formers
 
     async def _lookup_sender(self, fingerprint: bytes) -> PublicKeySet | None:
         """An unknown sender's published keys, looked up once per round, and for at most
@@ -267,6 +281,11 @@ class Inbox:
         """Who may send what: contacts texts, receipts and their rotations; the identity's
         own devices transcripts, read state, announcements, acks, history and rotations."""
         own = opened.sender.fingerprint == self.identity.fingerprint
+        if not own and opened.sender.fingerprint in self._former_keys():
+            raise VerificationError(
+                "sender: this identity's own former key (rotated away from; its other devices"
+                " write to the mailbox of the keys they hold): refused"
+            )
         if isinstance(payload, Rotation):
             if own:
                 return self._plan_own_rotation(payload)

@@ -259,6 +259,11 @@ class Peer:
         """The key set published for ``fingerprint`` (None: not published)."""
         return await keyserver.lookup_keys(self.node, fingerprint)
 
+    def former_keys(self) -> dict[bytes, PublicKeySet]:
+        """The keys this identity rotated away from, within their grace period (`retired`):
+        the inbox refuses what they sign in the current mailbox (`Inbox._plan`)."""
+        return {old.fingerprint: old.public for old in self.retired()}
+
     async def _own_records_found(self, name: str | None) -> bool:
         if await self.lookup_keys(self.fingerprint) != self.identity.public:
             return False
