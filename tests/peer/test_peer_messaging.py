@@ -17,7 +17,7 @@ from dna_core.crypto import Identity, seal
 from dna_core.overlay.records import record_key
 from dna_core.wire.gen.dna.v1 import envelope_pb2
 from dna_peer import keyserver
-from dna_peer.cache import RECOVERING, Contact
+from dna_peer.cache import RECOVERING, Contact, Message
 from dna_peer.inbox import SyncReport
 from dna_peer.keyserver import now_ms
 from dna_peer.link import accept_link, offer_link
@@ -270,6 +270,55 @@ def test_a_message_over_the_lookup_budget_stays_on_the_replicas_until_handled(
         assert bodies == {"one", "two"} and second.deferred == 0 and second.deleted == 1
         assert await mailbox_size(bob) == 0 and bob.cache.deferred_count(bob.fingerprint) == 0
         await asyncio.gather(alice.close(), bob.close(), carol.close())
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_a_flood_needing_lookups_does_not_delay_a_contact_s_message(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    """A stranger puts 70 envelopes from unpublished senders without keys inside in bob's
+    mailbox, then alice (a contact) writes. Bob's sync handled them in mailbox order,
+    looking each flood sender up (a DHT query each) before alice's message: it waited
+    behind 64 lookups. Now the round handles what needs no lookup first: alice's message
+    is told before any lookup; the flood costs 64 lookups this round, the rest the next."""
+
+    async def scenario(people: People) -> None:
+        alice, bob = await people.new("alice"), await people.new("bob")
+        to_bob = await alice.add_contact(people.name("bob"))
+        await alice.send(to_bob, "hello")
+        await bob.sync()  # alice is bob's contact now
+        flood = [seal(Identity.generate(), bob.identity.public, text("flood"),
+                      now_ms=now_ms(), include_sender_keys=False) for _ in range(70)]  # fmt: skip
+        for blob in flood:
+            await alice.mail.put(bob.fingerprint, blob)
+        await alice.send(to_bob, "not behind the flood")
+        looked_up: list[bytes] = []
+        lookup = bob.lookup_keys
+
+        async def counted(fingerprint: bytes) -> Any:
+            looked_up.append(fingerprint)
+            return await lookup(fingerprint)
+
+        bob.lookup_keys = counted  # type: ignore[method-assign]
+        told: list[tuple[str, int]] = []
+        told_after: list[float] = []
+        started = time.monotonic()
+
+        def hear(msg: Message) -> None:
+            told.append((msg.body, len(looked_up)))
+            told_after.append(time.monotonic() - started)
+
+        bob.on_message = hear
+        first = await bob.sync()
+        took = time.monotonic() - started
+        assert told == [("not behind the flood", 0)], told
+        assert len(looked_up) == 64 and first.deferred == 70 and len(first.rejected) == 64
+        second = await bob.sync()
+        assert len(second.rejected) == 6 and bob.cache.deferred_count(bob.fingerprint) == 0
+        print(f"flood round: {took:.2f} s for 71 blobs and 64 lookups; the contact's"
+              f" message told after {told_after[0]:.2f} s")  # fmt: skip
+        await asyncio.gather(alice.close(), bob.close())
 
     run(testnet, tmp_path, scenario)
 

@@ -139,10 +139,15 @@ class Inbox:
         self._looked_up: dict[bytes, PublicKeySet | None] = {}  # unknown keys, this round
         self._sender_lookups = self._peer_lookups = 0  # each within its own budget
         self._formers: dict[bytes, PublicKeySet] | None = None  # owner.former_keys(), once
+        self._may_look_up = True  # handle_blob's look_up
 
-    async def handle_blob(self, blob_id: bytes, blob: bytes) -> None:
+    async def handle_blob(self, blob_id: bytes, blob: bytes, *, look_up: bool = True) -> None:
+        """Open, check and apply one blob. Without ``look_up`` a sender that needs a lookup
+        is not looked up here: its blob joins the deferred ones, which `retry_deferred`
+        takes after the round's new blobs, so no lookup delays a contact's message."""
         if self.cache.blob_outcome(blob_id) is not None:
             return  # handled in an earlier sync (or by another replica's copy)
+        self._may_look_up = look_up
         try:
             opened = await self._open(blob)
             apply = await self._plan(opened, decode_payload(opened.payload), blob_id)
@@ -180,20 +185,22 @@ class Inbox:
             except Exception:
                 log.exception("on_message failed for %s", msg.message_id.hex()[:16])
 
-    async def retry_deferred(self) -> None:
-        """The blobs earlier rounds deferred, before anything new arrives: those of the
-        MAX_SENDER_LOOKUPS senders deferred longest ago (first in, first out), so each
-        deferred blob is handled within a bounded number of rounds (at most the deferred
-        senders ahead of it / MAX_SENDER_LOOKUPS + 1), and a round's work stays bounded."""
-        mailbox = self.identity.fingerprint
+    async def retry_deferred(self) -> int:
+        """The deferred blobs (earlier rounds', and this round's that needed a lookup) of
+        the MAX_SENDER_LOOKUPS senders deferred longest ago (first in, first out), so each
+        is handled within a bounded number of rounds (the deferred senders ahead of it /
+        MAX_SENDER_LOOKUPS + 1) and a round makes MAX_SENDER_LOOKUPS lookups at most;
+        returns how many were handled."""
+        mailbox, held = self.identity.fingerprint, len(self.report.held)
         for blob_id, blob in self.cache.deferred_blobs(mailbox, MAX_SENDER_LOOKUPS):
             await self.handle_blob(blob_id, blob)
+        return len(self.report.held) - held
 
     def _defer(self, blob_id: bytes, blob: bytes, sender: bytes) -> None:
         """Keep the blob for a later round: not recorded, not acknowledged (so not deleted
         from the replicas), handled by `retry_deferred` once its sender's turn comes."""
-        log.info("mailbox blob %s deferred to a later round: unknown sender %s, over the"
-                 " %d lookups of this round", blob_id.hex()[:16], sender.hex()[:16],
+        log.info("mailbox blob %s deferred: unknown sender %s, looked up in its turn (%d"
+                 " senders a round)", blob_id.hex()[:16], sender.hex()[:16],
                  MAX_SENDER_LOOKUPS)  # fmt: skip
         self.cache.defer_blob(self.identity.fingerprint, blob_id, blob, sender, self.clock())
         self.report.deferred += 1
@@ -248,7 +255,7 @@ class Inbox:
         `_NotLookedUpError`: the blob is deferred to a later round, not dropped (an honest
         sender's message among a flood arrives late, never not at all)."""
         if fingerprint not in self._looked_up:
-            if self._sender_lookups >= MAX_SENDER_LOOKUPS:
+            if not self._may_look_up or self._sender_lookups >= MAX_SENDER_LOOKUPS:
                 raise _NotLookedUpError(fingerprint)
             self._sender_lookups += 1
         return await self._lookup(fingerprint)

@@ -802,35 +802,39 @@ class Peer:
         """Fetch the inbox's mailbox from ``state`` round after round (a fetch holds a
         bounded number of bytes: a big mailbox takes several), handing each blob to the
         inbox and saving the cursors after each round; with ``pushed``, one round of what
-        the subscription received instead (its cursors are where it got to). What earlier
-        rounds deferred is handled first (`Inbox.retry_deferred`)."""
-        await inbox.retry_deferred()
+        the subscription received instead (its cursors are where it got to).
+
+        The new blobs are handled without any lookup: a sender that needs one (unknown,
+        no keys inside) is deferred, and the deferred blobs are handled last, their
+        senders looked up within the round's budget (`Inbox.retry_deferred`), so a
+        flood of such envelopes never delays a contact's message by its lookups."""
         if pushed is not None:
             blobs = pushed.take()
-            if not blobs and inbox.report.held:  # deferred ones handled: acknowledge them
-                save(FetchState(cursors=state.cursors | pushed.cursors))
-            if not blobs:  # only the other replicas' copies of blobs handled already: no
-                return  # commit; their cursors are saved by the next round that handles one
             for stored in blobs:
                 trace.mark("peer.taken", stored.blob_id)
             for i, stored in enumerate(blobs, 1):
-                await inbox.handle_blob(stored.blob_id, stored.blob)
+                await inbox.handle_blob(stored.blob_id, stored.blob, look_up=False)
                 if progress:
                     progress(i, len(blobs))
                 trace.mark("peer.progress", stored.blob_id)
-            save(FetchState(cursors=state.cursors | pushed.cursors))
+            # With no blobs (only the other replicas' copies of blobs handled already) and
+            # no deferred one handled: no commit; the next round that handles one saves.
+            if await inbox.retry_deferred() or blobs:
+                save(FetchState(cursors=state.cursors | pushed.cursors))
             return
         done = 0
         while True:
             blobs, state = await self.mail.fetch(inbox.identity, state)
             for i, stored in enumerate(blobs, 1):
-                await inbox.handle_blob(stored.blob_id, stored.blob)
+                await inbox.handle_blob(stored.blob_id, stored.blob, look_up=False)
                 if progress:
                     progress(done + i, done + len(blobs))
             done += len(blobs)
             save(state)
             if not state.more:
-                return
+                break
+        if await inbox.retry_deferred():
+            save(state)
 
     async def _post_acks(self, blob_ids: list[bytes]) -> None:
         """Tell the other devices which blobs this one holds (it noted them itself when it
