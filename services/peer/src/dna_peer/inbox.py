@@ -7,8 +7,9 @@ shown and never retried; it is acknowledged like any other blob so the mailbox
 is cleaned of it. Lookups that need the network (an unknown sender's keys) run
 before the transaction, so the transaction itself never waits on I/O and a
 crash leaves each blob either fully applied or not at all. They are bounded per
-round; a blob whose sender the round has no lookup left for is deferred (kept in
-the cache, not acknowledged) and handled first by a later round, never dropped.
+round and made after the round's new blobs: a blob whose sender needs one is
+deferred (kept in the cache, not acknowledged) and handled by `retry_deferred`,
+first in first out, in this round or a later one; never dropped.
 
 The inbox sends nothing: what a sync owes others (delivery receipts, the history
 another device asked for, the move to keys another device rotated to) is left in
@@ -107,7 +108,7 @@ class SyncReport:
     new_messages: list[Message] = field(default_factory=list)
     receipts: int = 0
     rejected: list[tuple[bytes, str]] = field(default_factory=list)
-    deferred: int = 0  # blobs left for a later round (unknown senders over the lookup budget)
+    deferred: int = 0  # blobs that waited for a sender lookup (at the round's end, or later)
     held: list[bytes] = field(default_factory=list)  # blobs to acknowledge
     deleted: int = 0
     cleanup_error: str | None = None  # storage nodes refused to delete (the user must know)
