@@ -137,8 +137,37 @@ def test_the_old_mailbox_is_forgotten_after_the_grace_period(tmp_path: Path, bob
             assert len(peer.retired()) == 1
             (entry,) = json.loads(peer.cache.get_state(RETIRED) or b"")
             peer.cache.set_state(RETIRED, json.dumps([{**entry, "until_ms": now_ms()}]).encode())
+            peer.cache.defer_blob(bob.fingerprint, b"b" * 32, b"blob", b"s" * 32, now_ms())
             assert peer.retired() == []
             assert json.loads(peer.cache.get_state(RETIRED) or b"") == []  # old seeds gone
+            assert peer.cache.deferred_count(bob.fingerprint) == 0  # and what waited there
+
+    asyncio.run(go())
+
+
+def test_the_old_keys_write_no_more_to_the_new_mailbox(tmp_path: Path, bob: Identity) -> None:
+    """After the rotation, a text signed by bob's old keys in his new mailbox (whoever
+    holds them: a stolen device, a leaked backup) was shown as a stranger's: pinned, a
+    receipt owed. Refused now, by name. In the old mailbox, which the device still
+    drains, the old keys are its own devices' (a read marker is applied)."""
+
+    async def go() -> None:
+        async with bob_peer(tmp_path, bob) as peer:
+            new = Identity.generate()
+            peer._adopt(new)
+            body = envelope_pb2.Payload(text=envelope_pb2.Text(body="it's me, your old key"))
+            forged = seal(bob, new.public, body.SerializeToString(), now_ms=now_ms(),
+                          include_sender_keys=True)  # fmt: skip
+            inbox = await handle(peer, forged)
+            ((_, reason),) = inbox.report.rejected
+            assert "own former key" in reason and inbox.report.receipts_due == []
+            assert peer.cache.message_count() == 0 and peer.cache.contacts() == []
+            marker = envelope_pb2.Payload(read=envelope_pb2.ReadMarker(
+                conversation_id=b"c" * 32, read_up_to_ms=5))  # fmt: skip
+            drained = peer._inbox(bob)  # the old mailbox
+            own = seal(bob, bob.public, marker.SerializeToString(), now_ms=now_ms())
+            await drained.handle_blob(hashlib.sha256(own).digest(), own)
+            assert drained.report.rejected == []
 
     asyncio.run(go())
 

@@ -29,7 +29,7 @@ from dna_core.crypto import Identity, PublicKeySet
 from dna_core.crypto import primitives as p
 from dna_core.errors import DnaError, WrongPassphraseError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: deferred_blobs
 PAGE_BYTES = 4096  # SQLCipher 4's page size: a whole cache file is a multiple of it
 MAX_ROTATION_HOPS = 8  # rotations followed for one contact (a chain, never a cycle, ends)
 # State key (`set_state`) written by the peer and cleared by the inbox: this device lost its
@@ -121,6 +121,15 @@ CREATE TABLE IF NOT EXISTS state(
   key TEXT PRIMARY KEY,
   value BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS deferred_blobs(
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  blob_id BLOB NOT NULL UNIQUE,
+  mailbox BLOB NOT NULL,
+  sender BLOB NOT NULL,
+  blob BLOB NOT NULL,
+  deferred_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deferred_by_mailbox ON deferred_blobs(mailbox, sender);
 CREATE TABLE IF NOT EXISTS outbox(
   message_id BLOB PRIMARY KEY,
   recipient BLOB NOT NULL,
@@ -639,10 +648,45 @@ class Cache:
         return str(rows[0][0]) if rows else None
 
     def record_blob(self, blob_id: bytes, outcome: str, now_ms: int) -> None:
+        """The blob is handled (``outcome``); if it was deferred, it no longer is."""
+        with self.transaction():
+            self._db.execute(
+                "INSERT OR IGNORE INTO blobs(blob_id, outcome, seen_ms) VALUES (?, ?, ?)",
+                (blob_id, outcome, now_ms),
+            )
+            self._db.execute("DELETE FROM deferred_blobs WHERE blob_id = ?", (blob_id,))
+
+    def defer_blob(
+        self, mailbox: bytes, blob_id: bytes, blob: bytes, sender: bytes, now_ms: int
+    ) -> None:
+        """Keep a blob a round could not handle yet (its unknown sender was not looked up:
+        over the round's budget), to be handled by a later round (`deferred_blobs`). It is
+        neither recorded nor acknowledged, so no device deletes it from the replicas."""
         self._write(
-            "INSERT OR IGNORE INTO blobs(blob_id, outcome, seen_ms) VALUES (?, ?, ?)",
-            (blob_id, outcome, now_ms),
+            "INSERT OR IGNORE INTO deferred_blobs(blob_id, mailbox, sender, blob, deferred_ms)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (blob_id, mailbox, sender, blob, now_ms),
         )
+
+    def deferred_blobs(self, mailbox: bytes, senders: int) -> list[tuple[bytes, bytes]]:
+        """(blob ID, blob) deferred for ``mailbox``: every one of the ``senders`` senders
+        deferred longest ago, in the order they were deferred (first in, first out)."""
+        rows = self._rows(
+            "SELECT blob_id, blob FROM deferred_blobs WHERE mailbox = :box AND sender IN"
+            " (SELECT sender FROM deferred_blobs WHERE mailbox = :box GROUP BY sender"
+            "  ORDER BY min(seq) LIMIT :senders) ORDER BY seq",
+            {"box": mailbox, "senders": senders},
+        )
+        return [(bytes(r[0]), bytes(r[1])) for r in rows]
+
+    def deferred_count(self, mailbox: bytes) -> int:
+        rows = self._rows("SELECT count(*) FROM deferred_blobs WHERE mailbox = ?", (mailbox,))
+        return int(rows[0][0])
+
+    def drop_deferred(self, mailbox: bytes) -> int:
+        """Forget what was deferred for a mailbox no longer read (a retired identity past
+        its grace period); returns how many blobs."""
+        return self._write("DELETE FROM deferred_blobs WHERE mailbox = ?", (mailbox,))
 
     def seen_envelope(self, message_id: bytes) -> bool:
         return bool(self._rows("SELECT 1 FROM envelopes_seen WHERE message_id = ?", (message_id,)))

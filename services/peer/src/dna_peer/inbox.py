@@ -6,7 +6,10 @@ send is dropped with a logged reason and recorded as rejected, so it is never
 shown and never retried; it is acknowledged like any other blob so the mailbox
 is cleaned of it. Lookups that need the network (an unknown sender's keys) run
 before the transaction, so the transaction itself never waits on I/O and a
-crash leaves each blob either fully applied or not at all.
+crash leaves each blob either fully applied or not at all. They are bounded per
+round and made after the round's new blobs: a blob whose sender needs one is
+deferred (kept in the cache, not acknowledged) and handled by `retry_deferred`,
+first in first out, in this round or a later one; never dropped.
 
 The inbox sends nothing: what a sync owes others (delivery receipts, the history
 another device asked for, the move to keys another device rotated to) is left in
@@ -47,7 +50,11 @@ log = logging.getLogger("dna.peer.inbox")
 RECEIPT_BATCH_IDS = 4_000  # message IDs per receipt: 72 KB, under the envelope cap
 # Unknown senders (no keys inside the envelope) looked up per round; an honest one is a
 # contact whose keys a lost cache forgot, and several of its envelopes share one lookup.
+# An envelope beyond it is deferred to a later round (kept, not acknowledged), never lost.
 MAX_SENDER_LOOKUPS = 64
+# Peers the own devices' transcripts name without a card, looked up per round: a budget of
+# their own, so a long own history never takes the lookups strangers' mail needs.
+MAX_PEER_LOOKUPS = 64
 Apply = Callable[[], str]  # the cache writes of one blob; returns its outcome
 Clock = Callable[[], int]  # wall-clock milliseconds
 OnMessage = Callable[[Message], None]  # a new message, opened, before its commit is durable
@@ -55,7 +62,8 @@ OnMessage = Callable[[Message], None]  # a new message, opened, before its commi
 
 class Owner(Protocol):
     """The device an inbox works for (a `Peer`): its current identity (whose mailbox the
-    inbox reads, unless given an older one to drain), this device, and the keyserver."""
+    inbox reads, unless given an older one to drain), the keys it rotated away from, this
+    device, and the keyserver."""
 
     @property
     def identity(self) -> Identity: ...
@@ -69,6 +77,19 @@ class Owner(Protocol):
     async def lookup_keys(self, fingerprint: bytes) -> PublicKeySet | None:
         """The published key set behind ``fingerprint`` (None: not published)."""
         ...
+
+    def former_keys(self) -> dict[bytes, PublicKeySet]:
+        """The keys this identity rotated away from, by fingerprint, for as long as it
+        remembers them (the grace period it drains their mailboxes)."""
+        ...
+
+
+class _NotLookedUpError(Exception):
+    """An unknown sender the round has no lookup left for: the blob waits for a later one."""
+
+    def __init__(self, sender: bytes) -> None:
+        super().__init__(sender.hex())
+        self.sender = sender
 
 
 @dataclass
@@ -87,6 +108,7 @@ class SyncReport:
     new_messages: list[Message] = field(default_factory=list)
     receipts: int = 0
     rejected: list[tuple[bytes, str]] = field(default_factory=list)
+    deferred: int = 0  # blobs that waited for a sender lookup (at the round's end, or later)
     held: list[bytes] = field(default_factory=list)  # blobs to acknowledge
     deleted: int = 0
     cleanup_error: str | None = None  # storage nodes refused to delete (the user must know)
@@ -115,16 +137,26 @@ class Inbox:
         self.report = SyncReport()
         self._guard = ReplayGuard()
         self._receipts: dict[bytes, ReceiptDue] = {}  # per sender: the batch being filled
-        self._looked_up: dict[bytes, PublicKeySet | None] = {}  # unknown senders, this round
+        self._looked_up: dict[bytes, PublicKeySet | None] = {}  # unknown keys, this round
+        self._sender_lookups = self._peer_lookups = 0  # each within its own budget
+        self._formers: dict[bytes, PublicKeySet] | None = None  # owner.former_keys(), once
+        self._may_look_up = True  # handle_blob's look_up
 
-    async def handle_blob(self, blob_id: bytes, blob: bytes) -> None:
+    async def handle_blob(self, blob_id: bytes, blob: bytes, *, look_up: bool = True) -> None:
+        """Open, check and apply one blob. Without ``look_up`` a sender that needs a lookup
+        is not looked up here: its blob joins the deferred ones, which `retry_deferred`
+        takes after the round's new blobs, so no lookup delays a contact's message."""
         if self.cache.blob_outcome(blob_id) is not None:
             return  # handled in an earlier sync (or by another replica's copy)
+        self._may_look_up = look_up
         try:
             opened = await self._open(blob)
             apply = await self._plan(opened, decode_payload(opened.payload), blob_id)
         except ProtocolError as err:
             self._reject(blob_id, err.reason)
+            return
+        except _NotLookedUpError as over:
+            self._defer(blob_id, blob, over.sender)
             return
         trace.mark("peer.opened", blob_id)
         new = len(self.report.new_messages)
@@ -154,6 +186,26 @@ class Inbox:
             except Exception:
                 log.exception("on_message failed for %s", msg.message_id.hex()[:16])
 
+    async def retry_deferred(self) -> int:
+        """The deferred blobs (earlier rounds', and this round's that needed a lookup) of
+        the MAX_SENDER_LOOKUPS senders deferred longest ago (first in, first out), so each
+        is handled within a bounded number of rounds (the deferred senders ahead of it /
+        MAX_SENDER_LOOKUPS + 1) and a round makes MAX_SENDER_LOOKUPS lookups at most;
+        returns how many were handled."""
+        mailbox, held = self.identity.fingerprint, len(self.report.held)
+        for blob_id, blob in self.cache.deferred_blobs(mailbox, MAX_SENDER_LOOKUPS):
+            await self.handle_blob(blob_id, blob)
+        return len(self.report.held) - held
+
+    def _defer(self, blob_id: bytes, blob: bytes, sender: bytes) -> None:
+        """Keep the blob for a later round: not recorded, not acknowledged (so not deleted
+        from the replicas), handled by `retry_deferred` once its sender's turn comes."""
+        log.info("mailbox blob %s deferred: unknown sender %s, looked up in its turn (%d"
+                 " senders a round)", blob_id.hex()[:16], sender.hex()[:16],
+                 MAX_SENDER_LOOKUPS)  # fmt: skip
+        self.cache.defer_blob(self.identity.fingerprint, blob_id, blob, sender, self.clock())
+        self.report.deferred += 1
+
     def _reject(self, blob_id: bytes, reason: str) -> None:
         log.warning("dropped mailbox blob %s: %s", blob_id.hex()[:16], reason)
         self.cache.record_blob(blob_id, f"rejected: {reason}", self.clock())
@@ -167,6 +219,8 @@ class Inbox:
         def resolve(fingerprint: bytes) -> PublicKeySet | None:
             if fingerprint == self.identity.fingerprint:
                 return self.identity.public
+            if fingerprint in self._former_keys():  # opened to be refused by name (_plan)
+                return self._former_keys()[fingerprint]
             contact = self.cache.contact(fingerprint)
             if contact is None:
                 missing.append(fingerprint)
@@ -186,33 +240,44 @@ class Inbox:
         except VerificationError:
             if not missing:
                 raise
-        keys = await self._lookup(missing[0])
+        keys = await self._lookup_sender(missing[0])
         return self._open_with(blob, lambda fp: keys if keys and fp == keys.fingerprint else None)
 
-    async def _lookup(self, fingerprint: bytes) -> PublicKeySet | None:
+    def _former_keys(self) -> dict[bytes, PublicKeySet]:
+        if self._formers is None:
+            self._formers = self.owner.former_keys()
+        return self._formers
+
+    async def _lookup_sender(self, fingerprint: bytes) -> PublicKeySet | None:
         """An unknown sender's published keys, looked up once per round, and for at most
         MAX_SENDER_LOOKUPS senders: anyone can fill a mailbox (10,000 blobs) with envelopes
         naming a different unpublished sender each, and every lookup is a DHT query (34 ms
-        on a local testnet: a sync of minutes, or hours over the internet)."""
-        if fingerprint in self._looked_up:
-            return self._looked_up[fingerprint]
-        if len(self._looked_up) >= MAX_SENDER_LOOKUPS:
-            raise VerificationError(
-                f"sealed content: unknown sender, not looked up (over {MAX_SENDER_LOOKUPS}"
-                " unknown senders without keys inside in one round)"
-            )
-        keys = await self.owner.lookup_keys(fingerprint)
-        self._looked_up[fingerprint] = keys
-        return keys
-
-    async def _lookup_within_budget(self, fingerprint: bytes) -> PublicKeySet | None:
-        """A transcript's peer that no card named: looked up within the round's
-        MAX_SENDER_LOOKUPS, else not (None). A history chunk (150 KiB) can name a thousand
-        peers, each a DHT query; the transcript is kept either way, and the peer is pinned
-        by its next message or card."""
-        if fingerprint not in self._looked_up and len(self._looked_up) >= MAX_SENDER_LOOKUPS:
-            return None
+        on a local testnet: a sync of minutes, or hours over the internet). Beyond that,
+        `_NotLookedUpError`: the blob is deferred to a later round, not dropped (an honest
+        sender's message among a flood arrives late, never not at all)."""
+        if fingerprint not in self._looked_up:
+            if not self._may_look_up or self._sender_lookups >= MAX_SENDER_LOOKUPS:
+                raise _NotLookedUpError(fingerprint)
+            self._sender_lookups += 1
         return await self._lookup(fingerprint)
+
+    async def _lookup_peer(self, fingerprint: bytes) -> PublicKeySet | None:
+        """A transcript's peer that no card named: looked up within the round's
+        MAX_PEER_LOOKUPS, else not (None). A history chunk (150 KiB) can name a thousand
+        peers, each a DHT query; the transcript is kept either way, and the peer is pinned
+        by its next message or card. A budget apart from the senders': an own history,
+        however long, never leaves a stranger's envelope waiting."""
+        if fingerprint not in self._looked_up:
+            if self._peer_lookups >= MAX_PEER_LOOKUPS:
+                return None
+            self._peer_lookups += 1
+        return await self._lookup(fingerprint)
+
+    async def _lookup(self, fingerprint: bytes) -> PublicKeySet | None:
+        """Keys not in the cache, from the keyserver, once per round whoever asks."""
+        if fingerprint not in self._looked_up:
+            self._looked_up[fingerprint] = await self.owner.lookup_keys(fingerprint)
+        return self._looked_up[fingerprint]
 
     def _open_with(
         self, blob: bytes, resolve: Callable[[bytes], PublicKeySet | None]
@@ -224,6 +289,11 @@ class Inbox:
         """Who may send what: contacts texts, receipts and their rotations; the identity's
         own devices transcripts, read state, announcements, acks, history and rotations."""
         own = opened.sender.fingerprint == self.identity.fingerprint
+        if not own and opened.sender.fingerprint in self._former_keys():
+            raise VerificationError(
+                "sender: this identity's own former key (rotated away from; its other devices"
+                " write to the mailbox of the keys they hold): refused"
+            )
         if isinstance(payload, Rotation):
             if own:
                 return self._plan_own_rotation(payload)
@@ -402,7 +472,7 @@ class Inbox:
         peers = {t.original_sender or t.original_recipient for t in items}
         unknown = {fp for fp in peers if self.cache.contact(fp) is None} - names.keys()
         for fp in unknown:  # keys of a peer only another device knew
-            keys = await self._lookup_within_budget(fp)
+            keys = await self._lookup_peer(fp)
             contacts += [keys] if keys else []
 
         def apply() -> str:

@@ -259,6 +259,11 @@ class Peer:
         """The key set published for ``fingerprint`` (None: not published)."""
         return await keyserver.lookup_keys(self.node, fingerprint)
 
+    def former_keys(self) -> dict[bytes, PublicKeySet]:
+        """The keys this identity rotated away from, within their grace period (`retired`):
+        the inbox refuses what they sign in the current mailbox (`Inbox._plan`)."""
+        return {old.fingerprint: old.public for old in self.retired()}
+
     async def _own_records_found(self, name: str | None) -> bool:
         if await self.lookup_keys(self.fingerprint) != self.identity.public:
             return False
@@ -767,6 +772,8 @@ class Peer:
         live = [e for e in entries if e["until_ms"] > now_ms()]
         if len(live) < len(entries):  # past the grace period: forget the old keys
             self.cache.set_state(RETIRED, json.dumps(live).encode())
+            for gone in (e for e in entries if e not in live):  # and what waited there
+                self.cache.drop_deferred(Identity(bytes.fromhex(gone["seeds"])).fingerprint)
         return [Identity(bytes.fromhex(e["seeds"])) for e in live]
 
     async def _drain_retired(self, old: Identity) -> SyncReport:
@@ -795,31 +802,39 @@ class Peer:
         """Fetch the inbox's mailbox from ``state`` round after round (a fetch holds a
         bounded number of bytes: a big mailbox takes several), handing each blob to the
         inbox and saving the cursors after each round; with ``pushed``, one round of what
-        the subscription received instead (its cursors are where it got to)."""
+        the subscription received instead (its cursors are where it got to).
+
+        The new blobs are handled without any lookup: a sender that needs one (unknown,
+        no keys inside) is deferred, and the deferred blobs are handled last, their
+        senders looked up within the round's budget (`Inbox.retry_deferred`), so a
+        flood of such envelopes never delays a contact's message by its lookups."""
         if pushed is not None:
             blobs = pushed.take()
-            if not blobs:  # only the other replicas' copies of blobs handled already: no
-                return  # commit; their cursors are saved by the next round that handles one
             for stored in blobs:
                 trace.mark("peer.taken", stored.blob_id)
             for i, stored in enumerate(blobs, 1):
-                await inbox.handle_blob(stored.blob_id, stored.blob)
+                await inbox.handle_blob(stored.blob_id, stored.blob, look_up=False)
                 if progress:
                     progress(i, len(blobs))
                 trace.mark("peer.progress", stored.blob_id)
-            save(FetchState(cursors=state.cursors | pushed.cursors))
+            # With no blobs (only the other replicas' copies of blobs handled already) and
+            # no deferred one handled: no commit; the next round that handles one saves.
+            if await inbox.retry_deferred() or blobs:
+                save(FetchState(cursors=state.cursors | pushed.cursors))
             return
         done = 0
         while True:
             blobs, state = await self.mail.fetch(inbox.identity, state)
             for i, stored in enumerate(blobs, 1):
-                await inbox.handle_blob(stored.blob_id, stored.blob)
+                await inbox.handle_blob(stored.blob_id, stored.blob, look_up=False)
                 if progress:
                     progress(done + i, done + len(blobs))
             done += len(blobs)
             save(state)
             if not state.more:
-                return
+                break
+        if await inbox.retry_deferred():
+            save(state)
 
     async def _post_acks(self, blob_ids: list[bytes]) -> None:
         """Tell the other devices which blobs this one holds (it noted them itself when it
@@ -1072,6 +1087,7 @@ def _merge(into: SyncReport, more: SyncReport) -> None:
     into.new_messages += more.new_messages
     into.receipts += more.receipts
     into.rejected += more.rejected
+    into.deferred += more.deferred
     into.deleted += more.deleted
     into.cleanup_error = into.cleanup_error or more.cleanup_error
 
