@@ -193,6 +193,22 @@ def test_pruning_forgets_only_what_cannot_matter_any_more(cache: Cache) -> None:
     assert cache.deletable_blobs(0) == [b"old-kept"]  # its acknowledgement survived
 
 
+def test_pruning_counts_no_later_than_the_newest_envelope_seen(cache: Cache) -> None:
+    """A wall clock stepped 31 days ahead made the daily prune forget every deleted blob
+    and seen envelope: a blob still on a replica came back once the clock was right."""
+    day = 86_400_000
+    assert cache.pruning_now_ms(5_000, slack_ms=day) == 5_000  # nothing seen: the clock
+    cache.record_blob(b"deleted", "message", 1_000_000)
+    cache.mark_deleted([b"deleted"])
+    cache.remember_envelope(b"e", 1_000_000)
+    assert cache.pruning_now_ms(1_000_500, slack_ms=day) == 1_000_500  # a clock in step
+    stepped = 1_000_000 + 31 * day
+    now = cache.pruning_now_ms(stepped, slack_ms=day)
+    assert now == 1_000_000 + day
+    cache.prune(envelopes_before_ms=now - 8 * day, deleted_blobs_before_ms=now - 32 * day)
+    assert cache.blob_outcome(b"deleted") == "message" and cache.seen_envelope(b"e")
+
+
 def test_a_history_of_any_length_is_made_in_the_memory_of_one_chunk(
     cache: Cache, me: Identity, alice: Identity
 ) -> None:

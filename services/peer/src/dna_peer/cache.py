@@ -697,6 +697,17 @@ class Cache:
             (message_id, timestamp_ms),
         )
 
+    def pruning_now_ms(self, now_ms: int, slack_ms: int) -> int:
+        """``now_ms``, but no later than the newest envelope timestamp seen plus ``slack_ms``:
+        the time pruning may count as now. Envelope timestamps are other parties' clocks
+        (signed by their senders, refused outside the replay window), so a wall clock
+        stepped forward (an RTC reset, a bad NTP server) does not make `prune` forget seen
+        envelopes and deleted blobs early: a blob still on a replica would come back as new
+        once the clock was set right, an envelope replayed would be taken again. A device
+        that hears nothing keeps its bookkeeping longer, never shorter."""
+        newest = self._rows("SELECT MAX(timestamp_ms) FROM envelopes_seen")[0][0]
+        return now_ms if newest is None else min(now_ms, int(newest) + slack_ms)
+
     def prune(self, *, envelopes_before_ms: int, deleted_blobs_before_ms: int) -> None:
         """Forget what can no longer matter: envelope IDs older than the replay window (such
         an envelope is refused by its timestamp anyway) and deleted blobs, with their

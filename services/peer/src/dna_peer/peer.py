@@ -227,8 +227,9 @@ class Peer:
         await self.republish_if_due()
         last = int(self.cache.get_state(PRUNED) or b"0")
         if now_ms() - last >= DAY_MS:
-            self.cache.prune(envelopes_before_ms=now_ms() - REPLAY_WINDOW_MS,
-                             deleted_blobs_before_ms=now_ms() - BLOB_MEMORY_MS)  # fmt: skip
+            now = self.cache.pruning_now_ms(now_ms(), slack_ms=DAY_MS)  # (a clock step ahead)
+            self.cache.prune(envelopes_before_ms=now - REPLAY_WINDOW_MS,
+                             deleted_blobs_before_ms=now - BLOB_MEMORY_MS)  # fmt: skip
             self.cache.drop_expired_offers(now_ms())
             self.cache.set_state(PRUNED, str(now_ms()).encode())
 
