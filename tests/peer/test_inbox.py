@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from dna_core.crypto import Identity, PublicKeySet, seal
+from dna_core.errors import UnavailableError
 from dna_core.wire.gen.dna.v1 import envelope_pb2 as pb
 from dna_peer import inbox, keyserver
 from dna_peer.cache import RECOVERING, Cache, Contact
@@ -43,6 +44,7 @@ class Owner:
     published: dict[bytes, PublicKeySet] = field(default_factory=dict)
     lookups: list[bytes] = field(default_factory=list)
     former: dict[bytes, PublicKeySet] = field(default_factory=dict)  # rotated away from
+    offline: bool = False  # no overlay node answers a lookup
 
     @property
     def fingerprint(self) -> bytes:
@@ -50,6 +52,8 @@ class Owner:
 
     async def lookup_keys(self, fingerprint: bytes) -> PublicKeySet | None:
         self.lookups.append(fingerprint)
+        if self.offline:
+            raise UnavailableError("UNAVAILABLE", "find-value: none of the 5 nodes asked answered")
         return self.published.get(fingerprint)
 
     def former_keys(self) -> dict[bytes, PublicKeySet]:
@@ -185,6 +189,29 @@ def test_a_flood_of_unknown_senders_costs_a_bounded_number_of_lookups(
         await s.next_round().retry_deferred()  # the 11 looked up, then dropped
         assert len(s.owner.lookups) == MAX_SENDER_LOOKUPS + 11 and len(s.reasons()) == 11
         assert s.cache.deferred_count(bob.fingerprint) == 0
+
+    asyncio.run(go())
+
+
+def test_a_lookup_nobody_answered_keeps_the_envelope_for_a_later_round(
+    bob_inbox: Setup, alice: Identity, bob: Identity
+) -> None:
+    """An unknown sender's lookup that no node answered read as "not published": the
+    envelope was refused ("cannot verify"), acknowledged and so deleted from the replicas,
+    and an honest message lost to a moment of network trouble. Now it waits."""
+
+    async def go() -> None:
+        s = bob_inbox
+        s.owner.published[alice.fingerprint] = alice.public
+        s.owner.offline = True
+        blob_id = await s.handle(sealed(alice, bob, text("through the outage"), s.clock(),
+                                        keys=False))  # fmt: skip
+        assert s.reasons() == [] and s.inbox.report.deferred == 1
+        assert blob_id not in s.inbox.report.held and s.cache.blob_outcome(blob_id) is None
+        s.owner.offline = False
+        await s.next_round().retry_deferred()
+        assert [m.body for m in s.cache.messages()] == ["through the outage"]
+        assert s.inbox.report.held == [blob_id] and s.cache.deferred_count(bob.fingerprint) == 0
 
     asyncio.run(go())
 

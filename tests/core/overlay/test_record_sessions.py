@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 
 import grpc
+import pytest
+from dna_core.errors import UnavailableError
 from dna_core.ops.grpc_gate import GrpcGate
 from dna_core.overlay.aio.records_rpc import ChannelPool, OverlayService, RecordClient
 from dna_core.overlay.aio.server import OVERLAY_DESCRIPTOR
@@ -61,3 +64,38 @@ def test_the_pool_keeps_at_most_its_size_of_sessions_closing_the_least_recent() 
 
 def _unused() -> Contact:
     raise AssertionError("not asked")
+
+
+def test_find_value_says_nobody_answered_apart_from_nothing_found() -> None:
+    """None meant both "the holders hold nothing" and "no holder answered": a reader took a
+    network fault for an unpublished key (an honest sender's message refused). One node
+    answering empty is None; none answering (a closed port, no node) is UnavailableError."""
+
+    async def go() -> None:
+        service = OverlayService(
+            store=RecordStore(), closest=lambda key, k: [], local=_unused,
+            registry=CollectorRegistry(),
+        )  # fmt: skip
+        server = grpc.aio.server()
+        GrpcGate(max_message=4 << 20).add(server, service, OVERLAY_DESCRIPTOR)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
+        dead_port = closed.getsockname()[1]
+        live = Contact(os.urandom(32), b"", (Endpoint("127.0.0.1", port, port),))
+        dead = Contact(os.urandom(32), b"", (Endpoint("127.0.0.1", dead_port, dead_port),))
+        client = RecordClient(ChannelPool(), puzzle_bits=4, timeout=2.0)
+        try:
+            assert await client.find_value(os.urandom(32), [live, dead]) is None
+            with pytest.raises(UnavailableError, match="none of the 1 nodes asked"):
+                await client.find_value(os.urandom(32), [dead])
+            with pytest.raises(UnavailableError, match="none of the 0 nodes asked"):
+                await client.find_value(os.urandom(32), [])
+        finally:
+            closed.close()
+            await client.close()
+            await client.pool.close()
+            await server.stop(None)
+
+    asyncio.run(go())

@@ -27,7 +27,13 @@ from typing import Protocol
 
 from dna_core import trace
 from dna_core.crypto import Identity, OpenedMessage, PublicKeySet, ReplayGuard, open_envelope
-from dna_core.errors import MalformedError, ProtocolError, ReplayError, VerificationError
+from dna_core.errors import (
+    MalformedError,
+    ProtocolError,
+    ReplayError,
+    UnavailableError,
+    VerificationError,
+)
 
 from dna_peer import keyserver
 from dna_peer.cache import RECOVERING, Cache, Contact, Message
@@ -85,7 +91,8 @@ class Owner(Protocol):
 
 
 class _NotLookedUpError(Exception):
-    """An unknown sender the round has no lookup left for: the blob waits for a later one."""
+    """An unknown sender the round has no lookup left for, or whose lookup no node
+    answered: the blob waits for a later round."""
 
     def __init__(self, sender: bytes) -> None:
         super().__init__(sender.hex())
@@ -259,7 +266,10 @@ class Inbox:
             if not self._may_look_up or self._sender_lookups >= MAX_SENDER_LOOKUPS:
                 raise _NotLookedUpError(fingerprint)
             self._sender_lookups += 1
-        return await self._lookup(fingerprint)
+        try:
+            return await self._lookup(fingerprint)
+        except UnavailableError:  # nobody could say: not "unpublished", so not refused
+            raise _NotLookedUpError(fingerprint) from None
 
     async def _lookup_peer(self, fingerprint: bytes) -> PublicKeySet | None:
         """A transcript's peer that no card named: looked up within the round's
@@ -271,7 +281,10 @@ class Inbox:
             if self._peer_lookups >= MAX_PEER_LOOKUPS:
                 return None
             self._peer_lookups += 1
-        return await self._lookup(fingerprint)
+        try:
+            return await self._lookup(fingerprint)
+        except UnavailableError:
+            return None  # pinned by its next message or card, as beyond the budget
 
     async def _lookup(self, fingerprint: bytes) -> PublicKeySet | None:
         """Keys not in the cache, from the keyserver, once per round whoever asks."""

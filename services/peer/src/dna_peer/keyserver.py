@@ -17,7 +17,7 @@ from dna_core.crypto import Identity, PublicKeySet, sign_record, signature
 from dna_core.crypto import pow as pow_
 from dna_core.crypto import primitives as p
 from dna_core.crypto.records import open_record
-from dna_core.errors import DnaError, MalformedError, VerificationError
+from dna_core.errors import DnaError, MalformedError, UnavailableError, VerificationError
 from dna_core.overlay import (
     DEFAULT_NAME_POW_BITS,
     MAX_CLAIM_BYTES,
@@ -178,7 +178,10 @@ def rotation_statement_target(statement: bytes, old: bytes, *, now_ms: int) -> P
 
 async def lookup_rotation(node: OverlayNode, old: PublicKeySet) -> PublicKeySet | None:
     """The keys ``old`` rotated to, if a statement signed by ``old`` exists."""
-    found = await node.get_record(record_key(ROTATION, old.fingerprint))
+    try:
+        found = await node.get_record(record_key(ROTATION, old.fingerprint))
+    except UnavailableError:
+        return None  # asked again at the next refresh
     if found is None or found.signer != old:
         return None  # only the old key itself may speak for a rotation
     return rotation_target(found)

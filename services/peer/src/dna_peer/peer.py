@@ -25,7 +25,7 @@ from dna_core import trace
 from dna_core.crypto import Identity, PublicKeySet, ReplayGuard, seal
 from dna_core.crypto import primitives as p
 from dna_core.crypto.envelope import MAX_PAYLOAD_BYTES, decode_envelope
-from dna_core.errors import DnaError, MalformedError
+from dna_core.errors import DnaError, MalformedError, UnavailableError
 from dna_core.mailbox import (
     FetchState,
     MailboxClient,
@@ -266,9 +266,12 @@ class Peer:
         return {old.fingerprint: old.public for old in self.retired()}
 
     async def _own_records_found(self, name: str | None) -> bool:
-        if await self.lookup_keys(self.fingerprint) != self.identity.public:
-            return False
-        return name is None or await keyserver.lookup_name(self.node, name) == self.fingerprint
+        try:
+            if await self.lookup_keys(self.fingerprint) != self.identity.public:
+                return False
+            return name is None or await keyserver.lookup_name(self.node, name) == self.fingerprint
+        except UnavailableError:
+            return False  # nobody could say: publish them again, as when missing
 
     async def add_contact(self, query: str) -> Contact:
         """Pin a contact found by name or fingerprint (hex, or the 16-hex prefix the inbox

@@ -33,7 +33,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from dna_core.crypto import Identity, PublicKeySet, kem, sign_record
 from dna_core.crypto import primitives as p
 from dna_core.crypto.records import MAX_RECORD_PAYLOAD, open_record
-from dna_core.errors import ExpiredError, MalformedError, ProtocolError, VerificationError
+from dna_core.errors import (
+    ExpiredError,
+    MalformedError,
+    ProtocolError,
+    UnavailableError,
+    VerificationError,
+)
 from dna_core.overlay import OverlayNode, identity_proof, record_key
 from dna_core.wire import common_pb2, decode_message, records_pb2
 
@@ -216,7 +222,10 @@ async def lookup_presence(
 ) -> Presence | None:
     """The contact's fresh presence, or None (no fresh record: offline). A record that
     does not check out is refused, with the reason logged, and counts as none."""
-    found = await node.get_record(presence_key(contact.fingerprint))
+    try:
+        found = await node.get_record(presence_key(contact.fingerprint))
+    except UnavailableError:
+        return None  # nobody could say: store-and-forward, as for a contact offline
     if found is None:
         return None
     try:

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from dna_core.crypto.node import NodeIdentity
 from dna_core.crypto.records import VerifiedRecord
-from dna_core.errors import ProtocolError
+from dna_core.errors import ProtocolError, UnavailableError
 from dna_core.overlay.behaviour import (
     BehaviourConfig,
     Command,
@@ -336,13 +336,15 @@ class OverlayNode:
         replicas they usually hold it, and asking them costs no lookup (OpenDHT and
         the kademlia package also stop at the first holder). Only when none of them
         answers with a valid record are the k closest looked up and ``holders`` asked.
+        None: the holders that answered hold none; `UnavailableError`: none answered.
         """
         closest_known = self.table.closest(key, self.config.fast_holders)
         known = self.behaviour.trusted(closest_known, time.monotonic())
         if known:
-            found = await self.records.find_value(key, known)
-            if found is not None:
-                return found
+            with contextlib.suppress(UnavailableError):  # the lookup's holders may answer
+                found = await self.records.find_value(key, known)
+                if found is not None:
+                    return found
         closest = await self.find_node(key)
         return await self.records.find_value(key, self._spread(closest, holders))
 

@@ -379,11 +379,18 @@ class RecordClient:
         return sum(isinstance(r, overlay_pb2.StoreResponse) for r in results)
 
     async def find_value(self, key: bytes, holders: Sequence[Contact]) -> VerifiedRecord | None:
-        """Ask ``holders`` in parallel; verify every answer and keep the best."""
+        """Ask ``holders`` in parallel; verify every answer and keep the best. None: those
+        that answered hold no valid record. `UnavailableError` when none answered (or there
+        was none to ask): "not published" and "nobody could say" are different answers, and
+        a reader that took the second for the first refused an honest sender's message."""
         msg = overlay_pb2.FindValueRequest(key=key)
         answers = await asyncio.gather(
             *(self._ask(c, "find_value", msg) for c in holders), return_exceptions=True
         )
+        if not any(isinstance(a, overlay_pb2.FindValueResponse) for a in answers):
+            raise UnavailableError(
+                "UNAVAILABLE", f"find-value: none of the {len(holders)} nodes asked answered"
+            )
         found = []
         seen: set[bytes] = set()  # holders mostly return the same bytes: verify them once
         for answer in answers:
