@@ -79,8 +79,9 @@ def subnet_cap_exempt(scope: Scope, allow_loopback: bool) -> bool:
     remembered proofs, tokens, suspects, key challenges, replica spread). Private addresses
     are, as BEP 42 exempts local networks: the operator's own network hands them out (a
     Kubernetes pod range gives a machine's pods one /24, so the caps would starve its
-    tables), and a node on the public internet never takes them (``Scope.reachable_via``),
-    so no outside attacker can use them. Loopback only on a local testnet."""
+    tables), and only a host inside that network can prove a key at one (a lookup does not
+    follow them from a public node: ``Scope.reachable_via``), so no outside attacker can
+    use them. Loopback only on a local testnet."""
     return scope is Scope.LOCAL or (allow_loopback and scope is Scope.LOOPBACK)
 
 
