@@ -228,7 +228,8 @@ class RecipientProcess:
                 cwd=Path(__file__).resolve().parents[1], limit=1 << 22,
             )  # fmt: skip
         self._reader = asyncio.create_task(self._read_lines())
-        ready = await asyncio.wait_for(self._replies.get(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            ready = await self._replies.get()
         if "ready" not in ready:
             raise RuntimeError(f"recipient process: {ready}")
         self.fingerprints = list(ready["ready"]["fingerprints"])
@@ -272,7 +273,8 @@ class RecipientProcess:
         assert self.proc is not None and self.proc.stdin is not None
         self.proc.stdin.write(f"{name} {argument}\n".encode())
         await self.proc.stdin.drain()
-        reply = await asyncio.wait_for(self._replies.get(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            reply = await self._replies.get()
         if name not in reply:
             raise RuntimeError(f"recipient process: {reply}")
         stats: dict[str, Any] = reply[name]
@@ -287,7 +289,8 @@ class RecipientProcess:
                 proc.stdin.write(b"stop\n")
                 proc.stdin.close()
         try:
-            await asyncio.wait_for(proc.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await proc.wait()
         except TimeoutError:
             proc.kill()
             await proc.wait()
@@ -369,7 +372,8 @@ class Sends:
     async def send(self, sender: Sender, text: str) -> bytes | None:
         t0 = time.monotonic_ns()
         try:
-            sent = await asyncio.wait_for(sender.peer.send(sender.contact, text), SEND_TIMEOUT_S)
+            async with asyncio.timeout(SEND_TIMEOUT_S):
+                sent = await sender.peer.send(sender.contact, text)
         except Exception as exc:  # a failed send is counted; the phase goes on
             self.failures += 1
             self.errors[harness.failure_reason(exc)] += 1

@@ -50,6 +50,7 @@ from typing import Any
 
 from dna_core.crypto import Identity
 from dna_core.ops.heap import freeze_startup_heap
+from dna_core.tasks import stop_tasks
 from dna_peer.cache import Message
 from dna_peer.direct.link import IceConfig
 from dna_peer.inbox import SyncReport
@@ -200,9 +201,7 @@ class Receiver:
 
     async def stop(self) -> None:
         await self.pause()
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await stop_tasks(self.tasks)
 
 
 async def stdin_reader() -> asyncio.StreamReader:

@@ -282,7 +282,8 @@ class RedisCeiling:
         try:
             writer.write(raw)
             await writer.drain()
-            return await asyncio.wait_for(reader.readline(), 2.0)
+            async with asyncio.timeout(2.0):
+                return await reader.readline()
         except (OSError, TimeoutError):
             return b""
         finally:
@@ -301,7 +302,8 @@ class RedisCeiling:
             "-n", str(n), "-d", str(size), "-c", str(concurrency), "-q", "--csv",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
-        out, err = await asyncio.wait_for(proc.communicate(), BATCH_TIMEOUT_S)
+        async with asyncio.timeout(BATCH_TIMEOUT_S):
+            out, err = await proc.communicate()
         if proc.returncode != 0:
             raise RuntimeError(f"redis-benchmark failed: {err.decode(errors='replace')}")
         figures: dict[str, Figure] = {}
@@ -332,7 +334,8 @@ class RedisCeiling:
             return
         await self._command(b"SHUTDOWN NOSAVE\r\n")
         try:
-            await asyncio.wait_for(proc.wait(), 5.0)
+            async with asyncio.timeout(5.0):
+                await proc.wait()
         except TimeoutError:
             proc.kill()
             await proc.wait()

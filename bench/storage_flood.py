@@ -155,7 +155,9 @@ class Flooder:
 
     async def _line(self) -> str:
         assert self.proc is not None and self.proc.stdout is not None
-        return (await asyncio.wait_for(self.proc.stdout.readline(), 60.0)).decode().strip()
+        async with asyncio.timeout(60.0):
+            line = await self.proc.stdout.readline()
+        return line.decode().strip()
 
     async def on(self) -> None:
         await self._send("on")
@@ -169,7 +171,8 @@ class Flooder:
             return
         await self._send("quit")
         try:
-            await asyncio.wait_for(self.proc.wait(), 10.0)
+            async with asyncio.timeout(10.0):
+                await self.proc.wait()
         except TimeoutError:
             self.proc.kill()
             await self.proc.wait()

@@ -201,7 +201,8 @@ class Clients:
             await self._tcp_read()
         else:
             self.udp.sendto(payload)
-            await asyncio.wait_for(self.udp_proto.waiting.get(), 2.0)  # a loss fails the run
+            async with asyncio.timeout(2.0):  # a loss fails the run
+                await self.udp_proto.waiting.get()
 
     async def _tcp_read(self) -> bytes:
         (size,) = _FRAME.unpack(await self.reader.readexactly(_FRAME.size))
@@ -243,7 +244,8 @@ class Clients:
                 elif kind == "tcp_framed":
                     await self._tcp_read()
                 else:
-                    await asyncio.wait_for(self.udp_proto.waiting.get(), 2.0)
+                    async with asyncio.timeout(2.0):
+                        await self.udp_proto.waiting.get()
                 window.release()
 
         await asyncio.gather(send(), receive())

@@ -19,7 +19,6 @@ request (``_start_stream``, ``_frame``), and may hook what arrives besides answe
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import time
 from collections import OrderedDict
@@ -31,6 +30,7 @@ import grpc
 from dna_core.errors import RefusedError, RemoteError, UnavailableError
 from dna_core.rpc_errors import UNAVAILABLE_CODES, remote_error
 from dna_core.singleflight import SingleFlight
+from dna_core.tasks import stop_tasks
 
 NO_SESSION_RETRY_S = 300.0  # how long a node that serves no sessions is asked unary
 OPEN_TIMEOUT_S = 5.0  # for the node's hello
@@ -116,7 +116,8 @@ class StreamSession:
         node serves no sessions, `RemoteError` when it cannot be reached."""
         self._call = self._start_stream(self.channel)
         try:
-            hello = await asyncio.wait_for(self._call.read(), self.open_timeout)
+            async with asyncio.timeout(self.open_timeout):
+                hello = await self._call.read()
         except TimeoutError:
             self._call.cancel()
             raise UnavailableError("DEADLINE_EXCEEDED", "session: no hello from the node") from None
@@ -159,10 +160,10 @@ class StreamSession:
             self._end(err)
             assert self.closed is not None
             raise StreamGoneError(self.closed.grpc_code, self.closed.details) from None
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), self.timeout)
-        except TimeoutError:
-            raise UnavailableError("DEADLINE_EXCEEDED", "session: no answer in time") from None
+        done, _ = await asyncio.wait({future}, timeout=self.timeout)
+        if not done:
+            raise UnavailableError("DEADLINE_EXCEEDED", "session: no answer in time")
+        return future.result()
 
     async def _read(self) -> None:
         try:
@@ -208,10 +209,7 @@ class StreamSession:
     async def close(self) -> None:
         if self._call is not None:
             self._call.cancel()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        await stop_tasks([self._reader])
 
 
 S = TypeVar("S", bound=StreamSession)

@@ -17,7 +17,6 @@ went away, so it cannot be counted here.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
@@ -26,6 +25,7 @@ import grpc
 from prometheus_client import Counter, Gauge
 
 from dna_core.errors import MalformedError
+from dna_core.tasks import stop_tasks
 
 log = logging.getLogger("dna.session")
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -270,11 +270,7 @@ class ServerSession:
             return
         self.closed = True
         self._ending()
-        for task in (*tasks, *self.tasks):
-            task.cancel()
-        for task in (*tasks, *self.tasks):
-            with contextlib.suppress(BaseException):
-                await task
+        await stop_tasks((*tasks, *self.tasks))
         while not self.out.empty():  # responses never to be written
             self.out.get_nowait()
         self.opened.dec()

@@ -16,10 +16,11 @@ parts (sealing, proof of work, signing) stay out of the way of the messages arri
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+
+from dna_core.tasks import stop_tasks
 
 from dna_peer.inbox import RECEIPT_BATCH_IDS, ReceiptDue, SyncReport
 
@@ -78,7 +79,8 @@ class Settler:
         while not self._closing and (wait_s := min(self.quiet_s, deadline - time.monotonic())) > 0:
             self._added.clear()
             try:
-                await asyncio.wait_for(self._added.wait(), wait_s)
+                async with asyncio.timeout(wait_s):
+                    await self._added.wait()
             except TimeoutError:
                 break  # the pushes paused
         due, self._due = self._due, None
@@ -91,11 +93,8 @@ class Settler:
             return
         self._closing = True
         self._added.set()
-        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(self._task), SETTLE_GRACE_S)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await asyncio.wait({self._task}, timeout=SETTLE_GRACE_S)
+        await stop_tasks([self._task])
 
 
 def owe(receipts: list[ReceiptDue], more: ReceiptDue) -> None:

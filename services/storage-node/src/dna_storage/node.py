@@ -26,6 +26,7 @@ from dna_core.ops.config import ConfigModel, ConfigPath, SecretStr
 from dna_core.ops.grpc_gate import ServiceRegistrar
 from dna_core.overlay import OverlayNode, OverlayServer, OverlayServiceConfig
 from dna_core.rpc_session_server import SharedSlots, SourceCaps
+from dna_core.tasks import stop_tasks
 from dna_core.wire import common_pb2, mailbox_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import Field, model_validator
@@ -520,10 +521,7 @@ class StorageNode:
         return True, "disk ok"
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(self._tasks)
         if self.repairer is not None:
             await self.repairer.close()
         if self.server is not None:

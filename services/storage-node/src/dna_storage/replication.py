@@ -83,6 +83,7 @@ from dna_core.overlay import (
 )
 from dna_core.rpc_errors import call
 from dna_core.singleflight import SingleFlight
+from dna_core.tasks import stop_tasks
 from dna_core.wire import common_pb2, mailbox_pb2, mailbox_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -158,9 +159,7 @@ async def _together(works: Sequence[Awaitable[T]]) -> list[T]:
     try:
         return await asyncio.gather(*tasks)
     except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_tasks(tasks)
         raise
 
 
@@ -853,9 +852,7 @@ class _Window:
 
     async def cancel(self) -> None:
         """Cancel what is left (a failure, or the pass itself cancelled) and wait for it."""
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await stop_tasks(self.tasks)
         self.tasks.clear()
 
     async def _reap(self) -> None:
@@ -894,9 +891,7 @@ class _Ahead:
     async def cancel(self) -> None:
         """Cancel the slices still ahead (a failure, or the pass itself cancelled) and
         wait for them."""
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await stop_tasks(self.tasks)
         self.tasks.clear()
 
 

@@ -26,6 +26,7 @@ from dna_core.interfaces import interface_addresses
 from dna_core.ops.config import dump_config
 from dna_core.ops.http import HttpLimits, OpsServer, build_ops_app
 from dna_core.ops.logs import LogThrottle, node_logger
+from dna_core.tasks import stop_tasks
 from prometheus_client import CollectorRegistry, Gauge, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -464,10 +465,7 @@ class StunServer:
     async def stop(self) -> None:
         """Fail readiness, stop upkeep, then drop allocations and close every socket."""
         self._stopping = True
-        if self._upkeep is not None:
-            self._upkeep.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._upkeep
+        await stop_tasks([self._upkeep])
         held = len(self.core.by_client) if self.core is not None else 0
         await self._close()
         self.log.info("stopped", extra={"allocations_dropped": held})

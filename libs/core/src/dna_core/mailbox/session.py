@@ -192,7 +192,8 @@ class Subscription:
         """Until blobs arrived or a node's subscription dropped (True), or ``timeout``."""
         if not self._pages and not self.dropped():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()
         self._changed.clear()
         return bool(self._pages) or bool(self.dropped())
 

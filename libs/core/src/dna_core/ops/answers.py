@@ -114,7 +114,8 @@ class AnswerSlots:
         if self.slots.take(source):
             return
         try:
-            await asyncio.wait_for(self.slots.acquire(source), self.stall_s)
+            async with asyncio.timeout(self.stall_s):
+                await self.slots.acquire(source)
         except TimeoutError:
             self.refused.labels(reason="busy").inc()
             raise CapacityError(

@@ -40,6 +40,7 @@ from aioice.candidate import candidate_foundation, candidate_priority
 from dna_core.crypto import Identity, PublicKeySet
 from dna_core.errors import DnaError
 from dna_core.interfaces import interface_addresses
+from dna_core.tasks import stop_tasks
 
 from dna_peer.direct import candidates
 from dna_peer.direct.candidates import loopback_servers
@@ -465,7 +466,8 @@ class DirectLink:
                 await link.close()
                 raise DirectError("the direct channel handshake got no answer")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(link.established.wait(), min(rto, left))
+                async with asyncio.timeout(min(rto, left)):
+                    await link.established.wait()
             hello, rto = channel.hello_datagrams(), min(rto * 2, MAX_RTO_S)
         return link
 
@@ -487,8 +489,7 @@ class DirectLink:
                 if left <= 0 or self.closed:
                     return False
                 await self._send(self.channel.seal_message(message_id, payload))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(acked), min(rto, left))
+                await asyncio.wait({acked}, timeout=min(rto, left))
                 rto = min(rto * 2, MAX_RTO_S)
             return acked.result()
         finally:
@@ -560,7 +561,5 @@ class DirectLink:
         if not self.closed and self.channel.established:
             await self._send(self.channel.seal_close())
         self.closed = True
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+        await stop_tasks([self._reader])
         await self.agent.close()

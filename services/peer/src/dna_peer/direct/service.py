@@ -23,6 +23,7 @@ from dna_core.crypto import Identity, PublicKeySet
 from dna_core.errors import DnaError
 from dna_core.overlay import OverlayNode, identity_proof
 from dna_core.ratelimit import RateLimiter
+from dna_core.tasks import stop_tasks
 from dna_core.wire import common_pb2
 
 from dna_peer.cache import Cache, Contact
@@ -113,12 +114,7 @@ class DirectService:
 
     async def stop(self) -> None:
         """Withdraw the presence record and close everything."""
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
-        for task in list(self._tasks):
-            task.cancel()
+        await stop_tasks([self._refresher, *self._tasks])
         if self.listening:  # a send-only process must not withdraw its identity's presence
             try:
                 await self._put(None)
@@ -173,7 +169,8 @@ class DirectService:
     async def _refresh(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._republish.wait(), self.refresh_s)
+                async with asyncio.timeout(self.refresh_s):
+                    await self._republish.wait()
             self._republish.clear()
             await self._follow_address_change()
             try:
@@ -239,7 +236,8 @@ class DirectService:
             return
         link = DirectLink.accept(listener.agent, self.owner.identity, self._pinned, self.take)
         try:
-            await asyncio.wait_for(link.established.wait(), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                await link.established.wait()
         except TimeoutError:
             log.warning("direct channel not established: %s", "; ".join(link.refused) or "no HELLO")
             await link.close()
@@ -256,9 +254,7 @@ class DirectService:
         self.links[fingerprint] = link
         link.on_closed = lambda closed: self._forget(fingerprint, closed)
         if old is not None and old is not link:
-            task = asyncio.create_task(old.close())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(old.close())
 
     def _forget(self, fingerprint: bytes, link: DirectLink) -> None:
         if self.links.get(fingerprint) is link:
@@ -283,7 +279,8 @@ class DirectService:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         try:
-            link = await asyncio.wait_for(self._link_to(contact), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                link = await self._link_to(contact)
         except (DnaError, TimeoutError, OSError) as exc:  # DirectError, a network error, ...
             log.info("no direct path to %s: %s", contact.fingerprint.hex()[:16], exc)
             return False

@@ -50,6 +50,7 @@ from dna_core.overlay.records import (
 )
 from dna_core.overlay.tokens import AddressTokens
 from dna_core.ratelimit import RateLimiter, source_key
+from dna_core.tasks import stop_tasks
 from dna_core.wire.gen.dna.v1 import common_pb2
 
 from .metrics import OverlayMetrics
@@ -190,11 +191,7 @@ class OverlayNode:
         )  # fmt: skip
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await task
+        await stop_tasks(list(self._tasks))
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()

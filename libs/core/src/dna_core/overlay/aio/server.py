@@ -9,7 +9,6 @@ Configuration is one frozen model loaded from TOML + environment
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import random
 import resource
@@ -57,6 +56,7 @@ from dna_core.overlay.records import (
 )
 from dna_core.ratelimit import RateLimiter
 from dna_core.rpc_session_server import SourceCaps
+from dna_core.tasks import stop_tasks
 from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2
 
 from .node import NodeConfig, OverlayNode
@@ -705,11 +705,7 @@ class OverlayServer:
         """Fail readiness, drain gRPC, then close everything."""
         self._stopping = True
         await self._set_ready(False)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(self._tasks)
         if self.grpc is not None:
             await self.grpc.stop(grace=2.0)  # GOAWAY through the guard, then closes
         if self.guard is not None:
