@@ -134,7 +134,7 @@ def test_the_validator_refuses_an_unknown_field(default: list[dict[str, Any]]) -
         ),
         ("stun.service.type=External", "stun.service.type: stun.service.type must be one of"),
         ("stun.relayPortMax=70000", "stun.relayPortMax: Must be less than or equal to 65535"),
-        (  # the relay refuses it at start: its 401 would not fit the smallest Allocate's 3x
+        (  # the relay refuses it at start: its 401 would not fit a bare Refresh's 3x
             "stun.config.auth.realm=relay.example.org",
             "stun.config.auth.realm: String length must be less than or equal to 16",
         ),

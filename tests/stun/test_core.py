@@ -13,6 +13,7 @@ from dna_stun import attributes as attr
 from dna_stun.auth import CLOCK_SKEW_S, Credentials, Nonces, auth_secret_password
 from dna_stun.config import (
     ENV_PREFIX,
+    MAX_NONCE_LIFETIME_S,
     MAX_REALM_BYTES,
     MIN_NONCE_LIFETIME_S,
     UINT32_MAX,
@@ -274,6 +275,87 @@ def test_stale_nonce_gets_438_and_a_fresh_nonce() -> None:
     fresh = ask(core, client, client.request(Method.REFRESH), NOW + 601)
     assert is_success(fresh, Method.REFRESH)
     assert core.stats.refusals["stale_nonce"] == 1
+
+
+TURN_REQUESTS = {
+    Method.ALLOCATE: [(attr.REQUESTED_TRANSPORT, attr.requested_transport())],
+    Method.REFRESH: [],
+    Method.CREATE_PERMISSION: [(attr.XOR_PEER_ADDRESS, b"")],  # the peer is added per request
+    Method.CHANNEL_BIND: [(attr.CHANNEL_NUMBER, attr.channel_number(0x4001))],
+}
+
+
+def turn_request(client: Client, method: int, *, auth: bool = True) -> bytes:
+    attrs = [a for a in TURN_REQUESTS[method] if a[0] != attr.XOR_PEER_ADDRESS]
+    wants_peer = method in (Method.CREATE_PERMISSION, Method.CHANNEL_BIND)
+    return client.request(method, attrs, peers=(PEER,) if wants_peer else (), auth=auth)
+
+
+@pytest.mark.parametrize("method", list(TURN_REQUESTS), ids=lambda m: f"0x{m:03x}")
+def test_every_turn_method_runs_the_long_term_credential_mechanism(method: int) -> None:
+    # RFC 8489 section 9.2.4 for each TURN request, with an allocation to act on: no
+    # credentials is 401 with REALM and NONCE, a stale nonce 438 with a fresh one, a wrong
+    # key 401; none changes the allocation. Then the signed request succeeds. A bare Refresh
+    # (20 bytes, no attribute) drew no 401 at all: its 64-byte challenge was over 3x.
+    core, client = make_core(), Client("alice", "pw")
+    allocate(core, client, extra=[(attr.LIFETIME, attr.uint32(3600))])  # alive at NOW + 601
+    before = core.by_client[CLIENT].expires
+    bare = encode(method, Class.REQUEST, os.urandom(12), [], fingerprint=False)
+    for request in (bare, turn_request(client, method, auth=False)):
+        challenge = parse(one(core.on_client_datagram(request, CLIENT, NOW + 1)))
+        assert error_code(challenge) == 401, request
+        assert challenge.get(attr.REALM) == REALM.encode() and challenge.get(attr.NONCE)
+    old_nonce = client.nonce
+    stale = ask(core, client, turn_request(client, method), NOW + 601)
+    assert error_code(stale) == 438 and client.nonce != old_nonce
+    impostor = Client("alice", "not her password", realm=client.realm, nonce=client.nonce)
+    wrong = ask(core, impostor, turn_request(impostor, method), NOW + 601)
+    assert error_code(wrong) == 401 and wrong.get(attr.REALM) and wrong.get(attr.NONCE)
+    assert core.by_client[CLIENT].expires == before and len(core.by_client) == 1
+    assert core.stats.refusals["unauthenticated"] == 2 + 1  # and the first Allocate's
+    assert core.stats.refusals["stale_nonce"] == 1 and core.stats.refusals["auth_failed"] == 1
+    if method == Method.ALLOCATE:  # the signed retry meets the allocation the client holds
+        assert error_code(ask(core, client, turn_request(client, method), NOW + 601)) == 437
+    else:
+        assert is_success(ask(core, client, turn_request(client, method), NOW + 601), method)
+
+
+def test_indications_are_never_answered_whatever_their_credentials() -> None:
+    # RFC 8489 section 6.3.2: no response to an indication, even one that fails every check.
+    core, client = make_core(), Client("alice", "pw")
+    for method in (Method.SEND, Method.BINDING, Method.DATA, Method.ALLOCATE, Method.REFRESH):
+        for signed in (False, True):
+            tid = os.urandom(12)
+            attrs = [(attr.XOR_PEER_ADDRESS, attr.encode_xor_address(PEER, tid)),
+                     (attr.DATA, b"x"), (0x7123, b"")]  # fmt: skip
+            if signed:
+                attrs += [(attr.USERNAME, b"alice"), (attr.REALM, b"dna"), (attr.NONCE, b"x")]
+            key = b"wrong" if signed else None
+            indication = encode(method, Class.INDICATION, tid, attrs, key=key)
+            assert core.on_client_datagram(indication, CLIENT, NOW) == []
+    allocate(core, client)
+    for method in (Method.SEND, Method.BINDING, Method.DATA):
+        indication = encode(method, Class.INDICATION, os.urandom(12), [(attr.DATA, b"x")])
+        assert core.on_client_datagram(indication, CLIENT, NOW) == []
+
+
+@pytest.mark.parametrize("lifetime", [MIN_NONCE_LIFETIME_S, 600.0, 70_000.0, MAX_NONCE_LIFETIME_S])
+def test_a_nonce_is_valid_for_its_lifetime_and_not_a_second_more(lifetime: float) -> None:
+    # The nonce carries 16 bits of its expiry: the checker finds the rest, across a wrap of
+    # those bits and for lifetimes longer than 2^16 s.
+    nonces = Nonces(lifetime, key=b"k" * 32)
+    for issued in (NOW, NOW + 0.5, 65_535.0 * 27_000 + 65_530.25, 123.0):
+        nonce = nonces.issue("203.0.113.5", issued)
+        assert len(nonce) == 8 and nonce.isascii()
+        expiry = int(issued + lifetime)
+        for at in (issued, issued + lifetime / 2, expiry - 0.001):
+            assert nonces.check(nonce, "203.0.113.5", at), (issued, at)
+        for at in (expiry, expiry + 1, expiry + 65_536, issued - 1):
+            assert not nonces.check(nonce, "203.0.113.5", at), (issued, at)
+        assert not nonces.check(nonce, "203.0.113.6", issued)
+        assert not Nonces(lifetime, key=b"j" * 32).check(nonce, "203.0.113.5", issued)
+        for bad in (nonce[:7], nonce + "A", "!!!!!!!!", "é" * 8, "AAAA=AAA"):
+            assert not nonces.check(bad, "203.0.113.5", issued)
 
 
 def test_the_shortest_nonce_lifetime_the_config_accepts_still_allocates() -> None:
@@ -945,13 +1027,12 @@ def test_a_challenge_too_large_for_its_request_drops_its_reason_phrase_then_itse
     tid = b"c" * 12
     transport = [(attr.REQUESTED_TRANSPORT, attr.requested_transport())]
     aioice = [(attr.LIFETIME, attr.uint32(600)), *transport]  # aioice's first Allocate
+    bare_refresh = encode(Method.REFRESH, Class.REQUEST, tid, fingerprint=False)  # 20 bytes
     for realm, request, wanted in (
         ("dna", encode(Method.ALLOCATE, Class.REQUEST, tid, aioice), "Unauthorized"),
-        ("dna", encode(Method.ALLOCATE, Class.REQUEST, tid, transport, fingerprint=False),
-         "Unauthorized"),  # 28 bytes: 84
-        ("dna.example.org", encode(Method.ALLOCATE, Class.REQUEST, tid, transport,
-                                   fingerprint=False), ""),  # 28 bytes: 84 without the phrase
-        ("dna", encode(Method.ALLOCATE, Class.REQUEST, tid, fingerprint=False), None),  # 20
+        ("dna", bare_refresh, "Unauthorized"),  # 60 bytes: 60
+        ("dna.example.org", bare_refresh, ""),  # 60 bytes without the phrase
+        ("r" * (MAX_REALM_BYTES + 1), bare_refresh, None),  # a realm the config refuses
     ):  # fmt: skip
         core = make_core()
         core.credentials = Credentials(realm, {"alice": "pw"})
@@ -964,6 +1045,9 @@ def test_a_challenge_too_large_for_its_request_drops_its_reason_phrase_then_itse
         assert attr.decode_error_code(answer.get(attr.ERROR_CODE) or b"") == (401, wanted)
         assert answer.get(attr.REALM) == realm.encode() and answer.get(attr.NONCE)
         assert len(one(out)) <= MAX_UNPROVEN_GROWTH * len(request)
+        # FINGERPRINT as the request: a client that sends none does not demultiplex by it.
+        request_fingerprint = parse(request).find(attr.FINGERPRINT) is not None
+        assert (answer.find(attr.FINGERPRINT) is not None) == request_fingerprint
 
 
 LONGEST_REALM = "r" * MAX_REALM_BYTES
@@ -983,8 +1067,13 @@ def signed_by(realm: str, nonce: bytes, username: bytes = b"") -> list[tuple[int
 
 # The smallest request a client may send that draws each answer to an unproven request, and
 # that answer's code. A first Allocate of 28 bytes (REQUESTED-TRANSPORT alone) got no 401 at
-# all with a realm of 17-32 bytes, which the config accepted.
+# all with a realm of 17-32 bytes, which the config accepted; a bare Refresh of 20 bytes none
+# with any realm (a 24-character nonce, and FINGERPRINT whether the request had one or not).
 SMALLEST_UNPROVEN = [
+    ("401 bare refresh", smallest(Method.REFRESH), 401),  # RFC 8656 asks for no attribute
+    ("401 bare allocate", smallest(Method.ALLOCATE), 401),  # authentication comes first
+    ("401 bare create_permission", smallest(Method.CREATE_PERMISSION), 401),
+    ("401 bare channel_bind", smallest(Method.CHANNEL_BIND), 401),
     ("401 allocate", smallest(Method.ALLOCATE, TRANSPORT), 401),
     ("401 refresh", smallest(Method.REFRESH, (attr.LIFETIME, attr.uint32(600))), 401),
     ("401 create_permission", smallest(Method.CREATE_PERMISSION, IPV4_PEER), 401),

@@ -47,7 +47,7 @@
        and so does `len`. */ -}}
 {{- $realm := toString (dig "realm" "dna" (default dict .Values.stun.config.auth)) -}}
 {{- if gt (len $realm) 16 -}}
-{{- fail (printf "stun.config.auth.realm (%q) is %d bytes in UTF-8, at most 16: it goes in every 401 challenge, which must fit three times the smallest Allocate (28 bytes) or that client is never answered; choose a shorter realm (e.g. \"dna\" or your domain's first label)" $realm (len $realm)) -}}
+{{- fail (printf "stun.config.auth.realm (%q) is %d bytes in UTF-8, at most 16: it goes in every 401 challenge, which must fit three times the smallest request (a bare Refresh, 20 bytes) or that client is never answered; choose a shorter realm (e.g. \"dna\" or your domain's first label)" $realm (len $realm)) -}}
 {{- end -}}
 {{- range $key := list "allowed_peers" "denied_peers" -}}
 {{- range $cidr := (dig $key list $relay) -}}

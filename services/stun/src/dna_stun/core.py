@@ -443,15 +443,17 @@ class TurnCore:
         self, message: Message, code: int, text: str, extra: Sequence[tuple[int, bytes]] = ()
     ) -> bytes | None:
         """An error answer to a request that proved no key, whose source may be anybody's: with
-        its reason phrase if it is at most ``MAX_UNPROVEN_GROWTH`` times the request, else
-        without (the phrase is for diagnostics only, RFC 8489 section 14.8), else none, counted
-        as ``amplification``. A 401 is 80 bytes and the realm: a first Allocate of 36 bytes
-        (aioice's, pion's) gets it whole with a realm of up to 28 bytes, one of 28
-        (REQUESTED-TRANSPORT alone, the smallest valid) without the phrase with a realm of up
-        to 16, the most the config accepts (``dna_stun.config.MAX_REALM_BYTES``)."""
+        FINGERPRINT if the request had one (as coturn does by default: a client that tells STUN
+        from other protocols by FINGERPRINT sends it too), with its reason phrase if it is at
+        most ``MAX_UNPROVEN_GROWTH`` times the request, else without (the phrase is for
+        diagnostics only, RFC 8489 section 14.8), else none, counted as ``amplification``. A
+        401 is 48 bytes and the padded realm, 56 with FINGERPRINT, 12 more with the phrase: the
+        smallest request that must be challenged, a bare 20-byte Refresh, gets it with a realm
+        of up to 16 bytes, the most the config accepts (``dna_stun.config.MAX_REALM_BYTES``)."""
         limit = MAX_UNPROVEN_GROWTH * len(message.raw)
+        fingerprint = message.find(attr.FINGERPRINT) is not None
         for reason in (text, ""):
-            answer = error_response(message, code, reason, extra)
+            answer = error_response(message, code, reason, extra, fingerprint=fingerprint)
             if len(answer) <= limit:
                 return answer
         self.stats.refusals["amplification"] += 1
