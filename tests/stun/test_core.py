@@ -285,10 +285,14 @@ TURN_REQUESTS = {
 }
 
 
-def turn_request(client: Client, method: int, *, auth: bool = True) -> bytes:
-    attrs = [a for a in TURN_REQUESTS[method] if a[0] != attr.XOR_PEER_ADDRESS]
+def turn_request(
+    client: Client, method: int, extra: list[tuple[int, bytes]] | None = None, *, auth: bool = True
+) -> bytes:
+    """A valid request of ``method`` (a TURN method or Binding), and ``extra``."""
+    attrs = [a for a in TURN_REQUESTS.get(method, []) if a[0] != attr.XOR_PEER_ADDRESS]
     wants_peer = method in (Method.CREATE_PERMISSION, Method.CHANNEL_BIND)
-    return client.request(method, attrs, peers=(PEER,) if wants_peer else (), auth=auth)
+    peers = (PEER,) if wants_peer else ()
+    return client.request(method, attrs + (extra or []), peers=peers, auth=auth)
 
 
 @pytest.mark.parametrize("method", list(TURN_REQUESTS), ids=lambda m: f"0x{m:03x}")
@@ -318,6 +322,28 @@ def test_every_turn_method_runs_the_long_term_credential_mechanism(method: int) 
         assert error_code(ask(core, client, turn_request(client, method), NOW + 601)) == 437
     else:
         assert is_success(ask(core, client, turn_request(client, method), NOW + 601), method)
+
+
+@pytest.mark.parametrize("method", [Method.BINDING, *TURN_REQUESTS], ids=lambda m: f"0x{m:03x}")
+def test_an_unknown_required_attribute_is_judged_after_the_credentials(method: int) -> None:
+    # RFC 8489: the credential mechanism runs right after the basic checks, then 420. Before,
+    # 420 came first and unsigned, so a client checking integrity dropped the signed request's
+    # only answer and retransmitted until it timed out; an unsigned TURN request got 420 too.
+    core, client = make_core(), Client("alice", "pw")
+    allocate(core, client)
+    unknown = [(0x7001, b"x"), (0x8123, b"optional: ignored")]
+    request = turn_request(client, method, unknown, auth=False)
+    answer = parse(one(core.on_client_datagram(request, CLIENT, NOW)))
+    if method == Method.BINDING:  # no credentials asked: its 420 comes first, unsigned
+        assert error_code(answer) == 420 and answer.get(attr.MESSAGE_INTEGRITY) is None
+    else:
+        assert error_code(answer) == 401 and answer.get(attr.NONCE)
+    signed = turn_request(client, method, unknown)
+    refused = ask(core, client, signed)
+    assert error_code(refused) == 420 and check_integrity(refused, client.key)
+    assert attr.decode_unknown_attributes(refused.get(attr.UNKNOWN_ATTRIBUTES) or b"") == [0x7001]
+    assert core.stats.refusals["unknown_attribute"] == 1 + (method == Method.BINDING)
+    assert len(core.by_client) == 1 and not core.by_client[CLIENT].permissions
 
 
 def test_indications_are_never_answered_whatever_their_credentials() -> None:

@@ -415,12 +415,13 @@ class TurnCore:
     # --- requests ----------------------------------------------------------------------------
 
     def _request(self, message: Message, client: Addr, now: float) -> bytes | None:
-        """The answer to a request, or None when none is sent (see ``_unproven_error``)."""
-        unknown = message.unknown_required(KNOWN_ATTRIBUTES)
-        if unknown:
-            self.stats.refusals["unknown_attribute"] += 1
-            extra = [(attr.UNKNOWN_ATTRIBUTES, attr.unknown_attributes(unknown))]
-            return self._unproven_error(message, 420, "Unknown Attribute", extra)
+        """The answer to a request, or None when none is sent (see ``_unproven_error``).
+
+        Credentials are checked before the attributes are (RFC 8489 section 9: the mechanism
+        runs right after the basic checks, section 6.3.1 then refuses unknown attributes;
+        coturn does the same): a TURN request with an unknown comprehension-required attribute
+        and no credentials is challenged (401), one that proved its key gets a 420 signed
+        with that key, which a client checking integrity accepts."""
         if message.method == Method.BINDING:
             self.stats.requests["binding"] += 1
             return self._binding(message, client, now)
@@ -431,6 +432,7 @@ class TurnCore:
         self.stats.requests[TURN_METHODS[message.method]] += 1
         try:
             auth = self._authenticate(message, client, now)
+            self._check_known_attributes(message, auth)
             return handler(message, client, auth, now)
         except _RefusedError as refused:
             self.stats.refusals[refused.reason] += 1
@@ -468,9 +470,15 @@ class TurnCore:
         if message.find(attr.MESSAGE_INTEGRITY) is None and (
             message.find(attr.MESSAGE_INTEGRITY_SHA256) is None
         ):
+            unknown = message.unknown_required(KNOWN_ATTRIBUTES)
+            if unknown:
+                self.stats.refusals["unknown_attribute"] += 1
+                extra = [(attr.UNKNOWN_ATTRIBUTES, attr.unknown_attributes(unknown))]
+                return self._unproven_error(message, 420, "Unknown Attribute", extra)
             return encode(Method.BINDING, Class.SUCCESS, message.transaction_id, mapped)
         try:
             auth = self._authenticate(message, client, now)
+            self._check_known_attributes(message, auth)
         except _RefusedError as refused:
             self.stats.refusals[refused.reason] += 1
             return refused.response
@@ -541,13 +549,23 @@ class TurnCore:
         )  # fmt: skip
 
     def _refuse(
-        self, message: Message, auth: _Auth, code: int, text: str, reason: str
-    ) -> _RefusedError:
+        self, message: Message, auth: _Auth, code: int, text: str, reason: str,
+        extra: Sequence[tuple[int, bytes]] = (),
+    ) -> _RefusedError:  # fmt: skip
         response = encode(
             message.method, Class.ERROR, message.transaction_id,
-            [(attr.ERROR_CODE, attr.error_code(code, text))], key=auth.key, sha256=auth.sha256,
+            [(attr.ERROR_CODE, attr.error_code(code, text)), *extra],
+            key=auth.key, sha256=auth.sha256,
         )  # fmt: skip
         return _RefusedError(reason, response)
+
+    def _check_known_attributes(self, message: Message, auth: _Auth) -> None:
+        """420 with UNKNOWN-ATTRIBUTES, signed, for a comprehension-required attribute this
+        server does not understand (RFC 8489 section 6.3.1)."""
+        unknown = message.unknown_required(KNOWN_ATTRIBUTES)
+        if unknown:
+            extra = [(attr.UNKNOWN_ATTRIBUTES, attr.unknown_attributes(unknown))]
+            raise self._refuse(message, auth, 420, "Unknown Attribute", "unknown_attribute", extra)
 
     def _owned(self, message: Message, client: Addr, auth: _Auth, now: float) -> Allocation:
         """The client's live allocation, made under the same username (RFC 8656 section 5)."""
