@@ -106,22 +106,31 @@ def assert_counted_under_known_labels(core: TurnCore) -> None:
     assert set(stats.relayed_packets) | set(stats.relayed_bytes) <= set(DIRECTIONS)
 
 
-def one(out: list[Send]) -> bytes:
-    assert len(out) == 1 and out[0].via is None and out[0].to == CLIENT
+def one(out: list[Send], to: tuple[str, int] = CLIENT) -> bytes:
+    assert len(out) == 1 and out[0].via is None and out[0].to == to
     return out[0].data
 
 
 def ask(core: TurnCore, client: Client, data: bytes, now: float = NOW, src=CLIENT):  # type: ignore[no-untyped-def]
-    return client.learn(one(core.on_client_datagram(data, src, now)))
+    return client.learn(one(core.on_client_datagram(data, src, now), src))
+
+
+def allocate_reply(core: TurnCore, client: Client, now: float, src: tuple[str, int]) -> Message:
+    """The answer to an Allocate from ``src``, signed after its 401."""
+    first = client.request(Method.ALLOCATE, client.allocate_attrs())
+    client.learn(core.on_client_datagram(first, src, now)[0].data)
+    signed = client.request(Method.ALLOCATE, client.allocate_attrs())
+    return client.learn(core.on_client_datagram(signed, src, now)[0].data)
 
 
 def allocate(
-    core: TurnCore, client: Client, now: float = NOW, extra: list[tuple[int, bytes]] | None = None
-) -> tuple[str, int]:
+    core: TurnCore, client: Client, now: float = NOW, extra: list[tuple[int, bytes]] | None = None,
+    src: tuple[str, int] = CLIENT,
+) -> tuple[str, int]:  # fmt: skip
     attrs = client.allocate_attrs() + (extra or [])
-    first = ask(core, client, client.request(Method.ALLOCATE, attrs), now)
+    first = ask(core, client, client.request(Method.ALLOCATE, attrs), now, src)
     assert error_code(first) == 401
-    response = ask(core, client, client.request(Method.ALLOCATE, attrs), now)
+    response = ask(core, client, client.request(Method.ALLOCATE, attrs), now, src)
     assert is_success(response, Method.ALLOCATE), error_code(response)
     assert check_integrity(response, client.key)
     value = response.get(attr.XOR_RELAYED_ADDRESS)
@@ -934,6 +943,23 @@ def test_an_expired_allocation_replaced_before_the_sweep_closes_and_frees_its_qu
     assert set(core.by_relay) == {new} and ports.open_now == {new}
     core.expire(NOW + 601 + 601)
     assert not core.by_relay and not ports.open_now and not core.per_user
+
+
+@pytest.mark.parametrize("quota", ["user", "total"])
+def test_allocations_expired_since_the_sweep_count_against_no_quota(quota: str) -> None:
+    # The sweep runs every 5 s; an expired allocation is gone (RFC 8656 section 3.1). Before,
+    # it still held its user's and the relay's quota until then: a client allocating anew,
+    # from another port, just after its allocations expired got 486 (or 508).
+    per_user, total = (2, 100) if quota == "user" else (100, 2)
+    core = make_core(Limits(max_allocations_per_user=per_user, max_allocations=total))
+    for port in (40001, 40002):
+        allocate(core, Client("alice", "pw"), NOW, src=("203.0.113.5", port))
+    refused = allocate_reply(core, Client("alice", "pw"), NOW + 1, ("203.0.113.5", 40003))
+    assert error_code(refused) == (486 if quota == "user" else 508)
+    later = NOW + Limits().default_lifetime + 1  # both expired, not swept
+    relay = allocate(core, Client("alice", "pw"), later, src=("203.0.113.5", 40003))
+    assert set(core.by_relay) == {relay} and core.ports.open_now == {relay}  # type: ignore[attr-defined]
+    assert core.per_user == {"alice": 1}
 
 
 def test_the_largest_settings_the_config_accepts_still_encode_every_answer() -> None:

@@ -333,9 +333,7 @@ class TurnCore:
 
     def expire(self, now: float) -> None:
         """Drop expired allocations (closing their relay ports), permissions and channels."""
-        # By relay address: every allocation has its own, so none can hide from the sweep.
-        for alloc in [a for a in self.by_relay.values() if a.expires <= now]:
-            self._delete(alloc)
+        self._delete_expired_allocations(now)
         for alloc in self.by_client.values():
             for ip in [ip for ip, until in alloc.permissions.items() if until <= now]:
                 del alloc.permissions[ip]
@@ -588,6 +586,10 @@ class TurnCore:
             self._delete(existing)
         even = self._check_allocate_attributes(message, auth)
         family, refused_family = self._relay_family(message, auth)
+        if self._over_quota(auth.username):
+            # Allocations that expired since the last sweep count no longer (they are gone,
+            # RFC 8656 section 3.1): dropped now rather than refusing until the sweep.
+            self._delete_expired_allocations(now)
         if self.per_user[quota_key(auth.username)] >= self.limits.max_allocations_per_user:
             raise self._refuse(message, auth, 486, "Allocation Quota Reached", "quota_user")
         if len(self.by_client) >= self.limits.max_allocations:
@@ -719,6 +721,17 @@ class TurnCore:
         return self._signed(message, auth, [])
 
     # --- bookkeeping -------------------------------------------------------------------------
+
+    def _over_quota(self, username: str) -> bool:
+        return (
+            self.per_user[quota_key(username)] >= self.limits.max_allocations_per_user
+            or len(self.by_client) >= self.limits.max_allocations
+        )
+
+    def _delete_expired_allocations(self, now: float) -> None:
+        # By relay address: every allocation has its own, so none can hide from the sweep.
+        for alloc in [a for a in self.by_relay.values() if a.expires <= now]:
+            self._delete(alloc)
 
     def _delete(self, alloc: Allocation) -> None:
         if self.by_client.get(alloc.client) is alloc:
