@@ -853,6 +853,29 @@ def test_an_ipv6_allocation_relays_to_ipv6_peers_only() -> None:
     assert relayed[0] == SERVER[0]  # no REQUESTED-ADDRESS-FAMILY: IPv4, as the RFC says
 
 
+def test_a_refresh_asking_another_family_than_its_allocations_is_443_and_changes_nothing() -> None:
+    # RFC 8656 section 7.3; coturn answers 443 as well. Before, the family was ignored and
+    # the Refresh (even one deleting with LIFETIME 0) succeeded.
+    core = make_core(families=frozenset({attr.FAMILY_IPV4, attr.FAMILY_IPV6}))
+    v4, v6 = Client("alice", "pw"), Client("bob", "pw2")
+    allocate(core, v4)
+    v6_src = ("203.0.113.5", 40001)
+    allocate(core, v6, extra=[(attr.REQUESTED_ADDRESS_FAMILY, b"\x02\x00\x00\x00")], src=v6_src)
+    for client, src, other in ((v4, CLIENT, 2), (v6, v6_src, 1), (v4, CLIENT, 3)):
+        before = core.by_client[src].expires
+        for lifetime in (0, 3600):
+            asked = [(attr.REQUESTED_ADDRESS_FAMILY, bytes([other, 0, 0, 0])),
+                     (attr.LIFETIME, attr.uint32(lifetime))]  # fmt: skip
+            refused = ask(core, client, client.request(Method.REFRESH, asked), NOW + 1, src)
+            assert error_code(refused) == 443 and check_integrity(refused, client.key)
+            assert core.by_client[src].expires == before
+    same = [(attr.REQUESTED_ADDRESS_FAMILY, b"\x02\x00\x00\x00")]
+    assert is_success(
+        ask(core, v6, v6.request(Method.REFRESH, same), NOW + 1, v6_src), Method.REFRESH
+    )
+    assert core.stats.refusals["family"] == 6
+
+
 def test_a_dual_allocation_request_gets_ipv4_and_says_why_not_ipv6() -> None:
     """This server gives one relayed address per allocation: a dual request (RFC 8656
     ADDITIONAL-ADDRESS-FAMILY) gets the IPv4 one and ADDRESS-ERROR-CODE 440 for IPv6."""

@@ -659,6 +659,14 @@ class TurnCore:
 
     def _refresh(self, message: Message, client: Addr, auth: _Auth, now: float) -> bytes:
         alloc = self._owned(message, client, auth, now)
+        # RFC 8656 section 7.3 (coturn too): a family other than the allocation's is 443,
+        # and nothing changes, not even a deletion asked for with LIFETIME 0.
+        requested = message.get(attr.REQUESTED_ADDRESS_FAMILY)
+        if requested is not None:
+            ipv6 = ":" in alloc.relay[0]
+            own = attr.FAMILY_IPV6 if ipv6 else attr.FAMILY_IPV4
+            if attr.decode_family(requested) != own:
+                raise self._refuse(message, auth, 443, "Peer Address Family Mismatch", "family")
         raw = message.get(attr.LIFETIME)
         if raw is not None and attr.decode_uint32(raw) == 0:
             self._delete(alloc)
