@@ -355,6 +355,29 @@ def test_an_unknown_required_attribute_is_judged_after_the_credentials(method: i
     assert len(core.by_client) == 1 and not core.by_client[CLIENT].permissions
 
 
+def test_a_malformed_attribute_in_a_signed_request_gets_a_signed_400() -> None:
+    # Once the key is proved every answer is signed with it (RFC 8489 section 9.2.4): a
+    # client checking integrity drops an unsigned one and retransmits until it times out.
+    # Before, an attribute that did not decode in a method's handler drew an unsigned 400.
+    core, client = make_core(), Client("alice", "pw")
+    allocate(core, client)
+    channel = (attr.CHANNEL_NUMBER, attr.channel_number(0x4001))
+    for method, attrs in (
+        (Method.REFRESH, [(attr.LIFETIME, b"\x00\x00\x02")]),
+        (Method.REFRESH, [(attr.REQUESTED_ADDRESS_FAMILY, b"\x01\x00")]),
+        (Method.CREATE_PERMISSION, [(attr.XOR_PEER_ADDRESS, b"\x00\x01\x00")]),
+        (Method.CHANNEL_BIND, [channel, (attr.XOR_PEER_ADDRESS, b"\x00\x01\x00\x00\x01")]),
+        (Method.CHANNEL_BIND, [(attr.CHANNEL_NUMBER, b"\x40"), *TURN_REQUESTS[Method.REFRESH]]),
+    ):  # fmt: skip
+        refused = ask(core, client, client.request(method, attrs))
+        assert error_code(refused) == 400 and check_integrity(refused, client.key), attrs
+    # PASSWORD-ALGORITHM chooses the key, so its 400 comes before any key is proved: unsigned.
+    odd = [(attr.PASSWORD_ALGORITHM, b"\x00\x01")]
+    refused = ask(core, client, client.request(Method.REFRESH, odd))
+    assert error_code(refused) == 400 and refused.get(attr.MESSAGE_INTEGRITY) is None
+    assert core.stats.refusals["bad_request"] == 6
+
+
 def test_indications_are_never_answered_whatever_their_credentials() -> None:
     # RFC 8489 section 6.3.2: no response to an indication, even one that fails every check.
     core, client = make_core(), Client("alice", "pw")

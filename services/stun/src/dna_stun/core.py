@@ -428,6 +428,7 @@ class TurnCore:
             self.stats.refusals["unknown_method"] += 1
             return self._unproven_error(message, 400, "Unknown Method")
         self.stats.requests[TURN_METHODS[message.method]] += 1
+        auth: _Auth | None = None
         try:
             auth = self._authenticate(message, client, now)
             self._check_known_attributes(message, auth)
@@ -437,7 +438,11 @@ class TurnCore:
             return refused.response
         except StunProtocolError:  # an attribute that does not decode
             self.stats.refusals["bad_request"] += 1
-            return self._unproven_error(message, 400, "Bad Request")
+            if auth is None:  # before the key was proved (PASSWORD-ALGORITHM, USERNAME)
+                return self._unproven_error(message, 400, "Bad Request")
+            # After it, signed like every other answer to the request (an unsigned one is
+            # dropped by a client that checks integrity, RFC 8489 section 9.2.5).
+            return self._refuse(message, auth, 400, "Bad Request", "bad_request").response
 
     def _unproven_error(
         self, message: Message, code: int, text: str, extra: Sequence[tuple[int, bytes]] = ()
