@@ -44,6 +44,22 @@ def helm(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def refused_by_template_and_lint(message: str, *args: str) -> None:
+    """`helm template` (as `helm install`) and `helm lint --strict`, where operators check
+    their values before an install, both exit non-zero naming ``message``. Lint's `fail`
+    only logs (Helm's lint mode): the chart's checks stop through `dna.fail`, whose error
+    lint prints on its [ERROR] line, the message quoted as a Go string."""
+    for command in (["template", "t"], ["lint", "--strict"]):
+        result = helm(*command, str(CHART), *args)
+        assert result.returncode != 0, f"helm {command[0]} accepted {args}"
+        if command[0] == "template":
+            assert message in result.stderr, result.stderr
+            continue
+        quoted = message.replace("\\", "\\\\").replace('"', '\\"')
+        errors = [line for line in result.stdout.splitlines() if line.startswith("[ERROR]")]
+        assert any(f'"refused: {quoted}' in line for line in errors), result.stdout
+
+
 def render(*args: str) -> list[dict[str, Any]]:
     result = helm("template", "t", str(CHART), "--namespace", "dna", *args)
     assert result.returncode == 0, result.stderr
@@ -134,7 +150,7 @@ def test_the_validator_refuses_an_unknown_field(default: list[dict[str, Any]]) -
         ),
         ("stun.service.type=External", "stun.service.type: stun.service.type must be one of"),
         ("stun.relayPortMax=70000", "stun.relayPortMax: Must be less than or equal to 65535"),
-        (  # the relay refuses it at start: its 401 would not fit the smallest Allocate's 3x
+        (  # the relay refuses it at start: its 401 would not fit a bare Refresh's 3x
             "stun.config.auth.realm=relay.example.org",
             "stun.config.auth.realm: String length must be less than or equal to 16",
         ),
@@ -240,10 +256,8 @@ def test_a_rule_across_settings_fails_the_render_naming_the_values(
 ) -> None:
     with pytest.raises(ValidationError):  # the node refuses it: the chart does not guess
         model.model_validate(_section(values))
-    # (`helm lint` renders with `fail` turned off: its rules are for install and template)
-    result = helm("template", "t", str(CHART), "-f", _values_file(values, tmp_path))
-    assert result.returncode != 0, f"rendered {values}"
-    assert message in result.stderr, result.stderr
+    # `helm lint` passed these (exit 0, an [INFO] line) before dna.fail
+    refused_by_template_and_lint(message, "-f", _values_file(values, tmp_path))
 
 
 @pytest.mark.parametrize(("values", "model"), AT_THE_BOUNDARY)
@@ -295,9 +309,19 @@ def test_a_relay_peer_that_is_no_network_fails_the_render(
     with pytest.raises(ValidationError):
         RelaySection.model_validate({key: ["10.0.0.0/8", bad]})
     values = {"stun": {"config": {"relay": {key: ["10.0.0.0/8", bad]}}}}
-    result = helm("template", "t", str(CHART), "-f", _values_file(values, tmp_path))
-    assert result.returncode != 0, f"rendered {key} = {bad!r}"
-    assert f'stun.config.relay.{key}: "{bad}" is not an address or network' in result.stderr
+    message = f'stun.config.relay.{key}: "{bad}" is not an address or network'
+    refused_by_template_and_lint(message, "-f", _values_file(values, tmp_path))
+
+
+def test_every_check_in_the_chart_stops_helm_lint_too() -> None:
+    # A bare `fail` stops `helm template` and `helm install` but only logs under `helm lint`
+    # (the dashboards' and rules' checks, and the relay port range's, were such).
+    helper = '{{- define "dna.fail" -}}\n{{- fail . -}}\n'
+    for template in sorted((CHART / "templates").rglob("*")):
+        if template.is_file():
+            text = template.read_text().replace(helper, "")
+            assert "fail " not in text.replace("failureThreshold", ""), template.name
+    assert helper in (CHART / "templates" / "_checks.tpl").read_text()
 
 
 # --- what the manifests say -----------------------------------------------------------
@@ -502,12 +526,11 @@ def test_the_relay_accepts_the_chart_config(values: str, tmp_path: Path) -> None
 
 
 def test_a_relay_port_range_upside_down_fails_naming_it() -> None:
-    result = helm(
-        "template", "t", str(CHART), "--set", "stun.enabled=true",
+    refused_by_template_and_lint(
+        "stun.relayPortMin (60000) must not exceed stun.relayPortMax (50000)",
+        "--set", "stun.enabled=true",
         "--set", "stun.relayPortMin=60000", "--set", "stun.relayPortMax=50000",
     )  # fmt: skip
-    assert result.returncode != 0
-    assert "stun.relayPortMin (60000) must not exceed stun.relayPortMax (50000)" in result.stderr
 
 
 # --- the nodes accept the config the chart writes --------------------------------------

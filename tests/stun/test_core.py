@@ -13,6 +13,7 @@ from dna_stun import attributes as attr
 from dna_stun.auth import CLOCK_SKEW_S, Credentials, Nonces, auth_secret_password
 from dna_stun.config import (
     ENV_PREFIX,
+    MAX_NONCE_LIFETIME_S,
     MAX_REALM_BYTES,
     MIN_NONCE_LIFETIME_S,
     UINT32_MAX,
@@ -105,22 +106,31 @@ def assert_counted_under_known_labels(core: TurnCore) -> None:
     assert set(stats.relayed_packets) | set(stats.relayed_bytes) <= set(DIRECTIONS)
 
 
-def one(out: list[Send]) -> bytes:
-    assert len(out) == 1 and out[0].via is None and out[0].to == CLIENT
+def one(out: list[Send], to: tuple[str, int] = CLIENT) -> bytes:
+    assert len(out) == 1 and out[0].via is None and out[0].to == to
     return out[0].data
 
 
 def ask(core: TurnCore, client: Client, data: bytes, now: float = NOW, src=CLIENT):  # type: ignore[no-untyped-def]
-    return client.learn(one(core.on_client_datagram(data, src, now)))
+    return client.learn(one(core.on_client_datagram(data, src, now), src))
+
+
+def allocate_reply(core: TurnCore, client: Client, now: float, src: tuple[str, int]) -> Message:
+    """The answer to an Allocate from ``src``, signed after its 401."""
+    first = client.request(Method.ALLOCATE, client.allocate_attrs())
+    client.learn(core.on_client_datagram(first, src, now)[0].data)
+    signed = client.request(Method.ALLOCATE, client.allocate_attrs())
+    return client.learn(core.on_client_datagram(signed, src, now)[0].data)
 
 
 def allocate(
-    core: TurnCore, client: Client, now: float = NOW, extra: list[tuple[int, bytes]] | None = None
-) -> tuple[str, int]:
+    core: TurnCore, client: Client, now: float = NOW, extra: list[tuple[int, bytes]] | None = None,
+    src: tuple[str, int] = CLIENT,
+) -> tuple[str, int]:  # fmt: skip
     attrs = client.allocate_attrs() + (extra or [])
-    first = ask(core, client, client.request(Method.ALLOCATE, attrs), now)
+    first = ask(core, client, client.request(Method.ALLOCATE, attrs), now, src)
     assert error_code(first) == 401
-    response = ask(core, client, client.request(Method.ALLOCATE, attrs), now)
+    response = ask(core, client, client.request(Method.ALLOCATE, attrs), now, src)
     assert is_success(response, Method.ALLOCATE), error_code(response)
     assert check_integrity(response, client.key)
     value = response.get(attr.XOR_RELAYED_ADDRESS)
@@ -274,6 +284,136 @@ def test_stale_nonce_gets_438_and_a_fresh_nonce() -> None:
     fresh = ask(core, client, client.request(Method.REFRESH), NOW + 601)
     assert is_success(fresh, Method.REFRESH)
     assert core.stats.refusals["stale_nonce"] == 1
+
+
+TURN_REQUESTS = {
+    Method.ALLOCATE: [(attr.REQUESTED_TRANSPORT, attr.requested_transport())],
+    Method.REFRESH: [],
+    Method.CREATE_PERMISSION: [(attr.XOR_PEER_ADDRESS, b"")],  # the peer is added per request
+    Method.CHANNEL_BIND: [(attr.CHANNEL_NUMBER, attr.channel_number(0x4001))],
+}
+
+
+def turn_request(
+    client: Client, method: int, extra: list[tuple[int, bytes]] | None = None, *, auth: bool = True
+) -> bytes:
+    """A valid request of ``method`` (a TURN method or Binding), and ``extra``."""
+    attrs = [a for a in TURN_REQUESTS.get(method, []) if a[0] != attr.XOR_PEER_ADDRESS]
+    wants_peer = method in (Method.CREATE_PERMISSION, Method.CHANNEL_BIND)
+    peers = (PEER,) if wants_peer else ()
+    return client.request(method, attrs + (extra or []), peers=peers, auth=auth)
+
+
+@pytest.mark.parametrize("method", list(TURN_REQUESTS), ids=lambda m: f"0x{m:03x}")
+def test_every_turn_method_runs_the_long_term_credential_mechanism(method: int) -> None:
+    # RFC 8489 section 9.2.4 for each TURN request, with an allocation to act on: no
+    # credentials is 401 with REALM and NONCE, a stale nonce 438 with a fresh one, a wrong
+    # key 401; none changes the allocation. Then the signed request succeeds. A bare Refresh
+    # (20 bytes, no attribute) drew no 401 at all: its 64-byte challenge was over 3x.
+    core, client = make_core(), Client("alice", "pw")
+    allocate(core, client, extra=[(attr.LIFETIME, attr.uint32(3600))])  # alive at NOW + 601
+    before = core.by_client[CLIENT].expires
+    bare = encode(method, Class.REQUEST, os.urandom(12), [], fingerprint=False)
+    for request in (bare, turn_request(client, method, auth=False)):
+        challenge = parse(one(core.on_client_datagram(request, CLIENT, NOW + 1)))
+        assert error_code(challenge) == 401, request
+        assert challenge.get(attr.REALM) == REALM.encode() and challenge.get(attr.NONCE)
+    old_nonce = client.nonce
+    stale = ask(core, client, turn_request(client, method), NOW + 601)
+    assert error_code(stale) == 438 and client.nonce != old_nonce
+    impostor = Client("alice", "not her password", realm=client.realm, nonce=client.nonce)
+    wrong = ask(core, impostor, turn_request(impostor, method), NOW + 601)
+    assert error_code(wrong) == 401 and wrong.get(attr.REALM) and wrong.get(attr.NONCE)
+    assert core.by_client[CLIENT].expires == before and len(core.by_client) == 1
+    assert core.stats.refusals["unauthenticated"] == 2 + 1  # and the first Allocate's
+    assert core.stats.refusals["stale_nonce"] == 1 and core.stats.refusals["auth_failed"] == 1
+    if method == Method.ALLOCATE:  # the signed retry meets the allocation the client holds
+        assert error_code(ask(core, client, turn_request(client, method), NOW + 601)) == 437
+    else:
+        assert is_success(ask(core, client, turn_request(client, method), NOW + 601), method)
+
+
+@pytest.mark.parametrize("method", [Method.BINDING, *TURN_REQUESTS], ids=lambda m: f"0x{m:03x}")
+def test_an_unknown_required_attribute_is_judged_after_the_credentials(method: int) -> None:
+    # RFC 8489: the credential mechanism runs right after the basic checks, then 420. Before,
+    # 420 came first and unsigned, so a client checking integrity dropped the signed request's
+    # only answer and retransmitted until it timed out; an unsigned TURN request got 420 too.
+    core, client = make_core(), Client("alice", "pw")
+    allocate(core, client)
+    unknown = [(0x7001, b"x"), (0x8123, b"optional: ignored")]
+    request = turn_request(client, method, unknown, auth=False)
+    answer = parse(one(core.on_client_datagram(request, CLIENT, NOW)))
+    if method == Method.BINDING:  # no credentials asked: its 420 comes first, unsigned
+        assert error_code(answer) == 420 and answer.get(attr.MESSAGE_INTEGRITY) is None
+    else:
+        assert error_code(answer) == 401 and answer.get(attr.NONCE)
+    signed = turn_request(client, method, unknown)
+    refused = ask(core, client, signed)
+    assert error_code(refused) == 420 and check_integrity(refused, client.key)
+    assert attr.decode_unknown_attributes(refused.get(attr.UNKNOWN_ATTRIBUTES) or b"") == [0x7001]
+    assert core.stats.refusals["unknown_attribute"] == 1 + (method == Method.BINDING)
+    assert len(core.by_client) == 1 and not core.by_client[CLIENT].permissions
+
+
+def test_a_malformed_attribute_in_a_signed_request_gets_a_signed_400() -> None:
+    # Once the key is proved every answer is signed with it (RFC 8489 section 9.2.4): a
+    # client checking integrity drops an unsigned one and retransmits until it times out.
+    # Before, an attribute that did not decode in a method's handler drew an unsigned 400.
+    core, client = make_core(), Client("alice", "pw")
+    allocate(core, client)
+    channel = (attr.CHANNEL_NUMBER, attr.channel_number(0x4001))
+    for method, attrs in (
+        (Method.REFRESH, [(attr.LIFETIME, b"\x00\x00\x02")]),
+        (Method.REFRESH, [(attr.REQUESTED_ADDRESS_FAMILY, b"\x01\x00")]),
+        (Method.CREATE_PERMISSION, [(attr.XOR_PEER_ADDRESS, b"\x00\x01\x00")]),
+        (Method.CHANNEL_BIND, [channel, (attr.XOR_PEER_ADDRESS, b"\x00\x01\x00\x00\x01")]),
+        (Method.CHANNEL_BIND, [(attr.CHANNEL_NUMBER, b"\x40"), *TURN_REQUESTS[Method.REFRESH]]),
+    ):  # fmt: skip
+        refused = ask(core, client, client.request(method, attrs))
+        assert error_code(refused) == 400 and check_integrity(refused, client.key), attrs
+    # PASSWORD-ALGORITHM chooses the key, so its 400 comes before any key is proved: unsigned.
+    odd = [(attr.PASSWORD_ALGORITHM, b"\x00\x01")]
+    refused = ask(core, client, client.request(Method.REFRESH, odd))
+    assert error_code(refused) == 400 and refused.get(attr.MESSAGE_INTEGRITY) is None
+    assert core.stats.refusals["bad_request"] == 6
+
+
+def test_indications_are_never_answered_whatever_their_credentials() -> None:
+    # RFC 8489 section 6.3.2: no response to an indication, even one that fails every check.
+    core, client = make_core(), Client("alice", "pw")
+    for method in (Method.SEND, Method.BINDING, Method.DATA, Method.ALLOCATE, Method.REFRESH):
+        for signed in (False, True):
+            tid = os.urandom(12)
+            attrs = [(attr.XOR_PEER_ADDRESS, attr.encode_xor_address(PEER, tid)),
+                     (attr.DATA, b"x"), (0x7123, b"")]  # fmt: skip
+            if signed:
+                attrs += [(attr.USERNAME, b"alice"), (attr.REALM, b"dna"), (attr.NONCE, b"x")]
+            key = b"wrong" if signed else None
+            indication = encode(method, Class.INDICATION, tid, attrs, key=key)
+            assert core.on_client_datagram(indication, CLIENT, NOW) == []
+    allocate(core, client)
+    for method in (Method.SEND, Method.BINDING, Method.DATA):
+        indication = encode(method, Class.INDICATION, os.urandom(12), [(attr.DATA, b"x")])
+        assert core.on_client_datagram(indication, CLIENT, NOW) == []
+
+
+@pytest.mark.parametrize("lifetime", [MIN_NONCE_LIFETIME_S, 600.0, 70_000.0, MAX_NONCE_LIFETIME_S])
+def test_a_nonce_is_valid_for_its_lifetime_and_not_a_second_more(lifetime: float) -> None:
+    # The nonce carries 16 bits of its expiry: the checker finds the rest, across a wrap of
+    # those bits and for lifetimes longer than 2^16 s.
+    nonces = Nonces(lifetime, key=b"k" * 32)
+    for issued in (NOW, NOW + 0.5, 65_535.0 * 27_000 + 65_530.25, 123.0):
+        nonce = nonces.issue("203.0.113.5", issued)
+        assert len(nonce) == 8 and nonce.isascii()
+        expiry = int(issued + lifetime)
+        for at in (issued, issued + lifetime / 2, expiry - 0.001):
+            assert nonces.check(nonce, "203.0.113.5", at), (issued, at)
+        for at in (expiry, expiry + 1, expiry + 65_536, issued - 1):
+            assert not nonces.check(nonce, "203.0.113.5", at), (issued, at)
+        assert not nonces.check(nonce, "203.0.113.6", issued)
+        assert not Nonces(lifetime, key=b"j" * 32).check(nonce, "203.0.113.5", issued)
+        for bad in (nonce[:7], nonce + "A", "!!!!!!!!", "é" * 8, "AAAA=AAA"):
+            assert not nonces.check(bad, "203.0.113.5", issued)
 
 
 def test_the_shortest_nonce_lifetime_the_config_accepts_still_allocates() -> None:
@@ -736,6 +876,29 @@ def test_an_ipv6_allocation_relays_to_ipv6_peers_only() -> None:
     assert relayed[0] == SERVER[0]  # no REQUESTED-ADDRESS-FAMILY: IPv4, as the RFC says
 
 
+def test_a_refresh_asking_another_family_than_its_allocations_is_443_and_changes_nothing() -> None:
+    # RFC 8656 section 7.3; coturn answers 443 as well. Before, the family was ignored and
+    # the Refresh (even one deleting with LIFETIME 0) succeeded.
+    core = make_core(families=frozenset({attr.FAMILY_IPV4, attr.FAMILY_IPV6}))
+    v4, v6 = Client("alice", "pw"), Client("bob", "pw2")
+    allocate(core, v4)
+    v6_src = ("203.0.113.5", 40001)
+    allocate(core, v6, extra=[(attr.REQUESTED_ADDRESS_FAMILY, b"\x02\x00\x00\x00")], src=v6_src)
+    for client, src, other in ((v4, CLIENT, 2), (v6, v6_src, 1), (v4, CLIENT, 3)):
+        before = core.by_client[src].expires
+        for lifetime in (0, 3600):
+            asked = [(attr.REQUESTED_ADDRESS_FAMILY, bytes([other, 0, 0, 0])),
+                     (attr.LIFETIME, attr.uint32(lifetime))]  # fmt: skip
+            refused = ask(core, client, client.request(Method.REFRESH, asked), NOW + 1, src)
+            assert error_code(refused) == 443 and check_integrity(refused, client.key)
+            assert core.by_client[src].expires == before
+    same = [(attr.REQUESTED_ADDRESS_FAMILY, b"\x02\x00\x00\x00")]
+    assert is_success(
+        ask(core, v6, v6.request(Method.REFRESH, same), NOW + 1, v6_src), Method.REFRESH
+    )
+    assert core.stats.refusals["family"] == 6
+
+
 def test_a_dual_allocation_request_gets_ipv4_and_says_why_not_ipv6() -> None:
     """This server gives one relayed address per allocation: a dual request (RFC 8656
     ADDITIONAL-ADDRESS-FAMILY) gets the IPv4 one and ADDRESS-ERROR-CODE 440 for IPv6."""
@@ -826,6 +989,23 @@ def test_an_expired_allocation_replaced_before_the_sweep_closes_and_frees_its_qu
     assert set(core.by_relay) == {new} and ports.open_now == {new}
     core.expire(NOW + 601 + 601)
     assert not core.by_relay and not ports.open_now and not core.per_user
+
+
+@pytest.mark.parametrize("quota", ["user", "total"])
+def test_allocations_expired_since_the_sweep_count_against_no_quota(quota: str) -> None:
+    # The sweep runs every 5 s; an expired allocation is gone (RFC 8656 section 3.1). Before,
+    # it still held its user's and the relay's quota until then: a client allocating anew,
+    # from another port, just after its allocations expired got 486 (or 508).
+    per_user, total = (2, 100) if quota == "user" else (100, 2)
+    core = make_core(Limits(max_allocations_per_user=per_user, max_allocations=total))
+    for port in (40001, 40002):
+        allocate(core, Client("alice", "pw"), NOW, src=("203.0.113.5", port))
+    refused = allocate_reply(core, Client("alice", "pw"), NOW + 1, ("203.0.113.5", 40003))
+    assert error_code(refused) == (486 if quota == "user" else 508)
+    later = NOW + Limits().default_lifetime + 1  # both expired, not swept
+    relay = allocate(core, Client("alice", "pw"), later, src=("203.0.113.5", 40003))
+    assert set(core.by_relay) == {relay} and core.ports.open_now == {relay}  # type: ignore[attr-defined]
+    assert core.per_user == {"alice": 1}
 
 
 def test_the_largest_settings_the_config_accepts_still_encode_every_answer() -> None:
@@ -945,13 +1125,12 @@ def test_a_challenge_too_large_for_its_request_drops_its_reason_phrase_then_itse
     tid = b"c" * 12
     transport = [(attr.REQUESTED_TRANSPORT, attr.requested_transport())]
     aioice = [(attr.LIFETIME, attr.uint32(600)), *transport]  # aioice's first Allocate
+    bare_refresh = encode(Method.REFRESH, Class.REQUEST, tid, fingerprint=False)  # 20 bytes
     for realm, request, wanted in (
         ("dna", encode(Method.ALLOCATE, Class.REQUEST, tid, aioice), "Unauthorized"),
-        ("dna", encode(Method.ALLOCATE, Class.REQUEST, tid, transport, fingerprint=False),
-         "Unauthorized"),  # 28 bytes: 84
-        ("dna.example.org", encode(Method.ALLOCATE, Class.REQUEST, tid, transport,
-                                   fingerprint=False), ""),  # 28 bytes: 84 without the phrase
-        ("dna", encode(Method.ALLOCATE, Class.REQUEST, tid, fingerprint=False), None),  # 20
+        ("dna", bare_refresh, "Unauthorized"),  # 60 bytes: 60
+        ("dna.example.org", bare_refresh, ""),  # 60 bytes without the phrase
+        ("r" * (MAX_REALM_BYTES + 1), bare_refresh, None),  # a realm the config refuses
     ):  # fmt: skip
         core = make_core()
         core.credentials = Credentials(realm, {"alice": "pw"})
@@ -964,6 +1143,9 @@ def test_a_challenge_too_large_for_its_request_drops_its_reason_phrase_then_itse
         assert attr.decode_error_code(answer.get(attr.ERROR_CODE) or b"") == (401, wanted)
         assert answer.get(attr.REALM) == realm.encode() and answer.get(attr.NONCE)
         assert len(one(out)) <= MAX_UNPROVEN_GROWTH * len(request)
+        # FINGERPRINT as the request: a client that sends none does not demultiplex by it.
+        request_fingerprint = parse(request).find(attr.FINGERPRINT) is not None
+        assert (answer.find(attr.FINGERPRINT) is not None) == request_fingerprint
 
 
 LONGEST_REALM = "r" * MAX_REALM_BYTES
@@ -983,8 +1165,13 @@ def signed_by(realm: str, nonce: bytes, username: bytes = b"") -> list[tuple[int
 
 # The smallest request a client may send that draws each answer to an unproven request, and
 # that answer's code. A first Allocate of 28 bytes (REQUESTED-TRANSPORT alone) got no 401 at
-# all with a realm of 17-32 bytes, which the config accepted.
+# all with a realm of 17-32 bytes, which the config accepted; a bare Refresh of 20 bytes none
+# with any realm (a 24-character nonce, and FINGERPRINT whether the request had one or not).
 SMALLEST_UNPROVEN = [
+    ("401 bare refresh", smallest(Method.REFRESH), 401),  # RFC 8656 asks for no attribute
+    ("401 bare allocate", smallest(Method.ALLOCATE), 401),  # authentication comes first
+    ("401 bare create_permission", smallest(Method.CREATE_PERMISSION), 401),
+    ("401 bare channel_bind", smallest(Method.CHANNEL_BIND), 401),
     ("401 allocate", smallest(Method.ALLOCATE, TRANSPORT), 401),
     ("401 refresh", smallest(Method.REFRESH, (attr.LIFETIME, attr.uint32(600))), 401),
     ("401 create_permission", smallest(Method.CREATE_PERMISSION, IPV4_PEER), 401),

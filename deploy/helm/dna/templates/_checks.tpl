@@ -6,6 +6,17 @@
      config model's (tests/deploy/test_chart.py renders each rule at its boundary, read from
      the models, so a default changed in one place and not the other fails there). */}}
 
+{{/* Stops the render with the message given, in `helm lint` too. Lint renders in Helm's
+     lint mode, whose `fail` only logs an "[INFO] Fail:" line and returns, so bad values
+     passed `helm lint` (exit 0) and only `helm install` or `helm template` refused them.
+     Past `fail` only lint mode goes on, to include a template named after the message,
+     which exists nowhere: an error lint reports ("[ERROR] ... no template \"refused: ...\""),
+     and exits 1. Every check in the chart stops through this, never `fail` alone. */}}
+{{- define "dna.fail" -}}
+{{- fail . -}}
+{{- include (printf "refused: %s" .) dict -}}
+{{- end -}}
+
 {{/* "N" when the value is set, "N, the node's default" when it is not: a message must
      say where a number it names comes from. Call with (list $section "key" default). */}}
 {{- define "dna.setting" -}}
@@ -25,13 +36,13 @@
 {{- $ttl := int (dig "ttl_days" 30 $storage) -}}
 {{- $maxTtl := int (dig "max_ttl_days" 30 $storage) -}}
 {{- if not (and (gt $ttl 0) (le $ttl $maxTtl)) -}}
-{{- fail (printf "storage.config.storage.ttl_days (%d) must be more than 0 and at most storage.config.storage.max_ttl_days (%s): set ttl_days within 1..max_ttl_days, or raise max_ttl_days" $ttl (include "dna.setting" (list $storage "max_ttl_days" 30))) -}}
+{{- include "dna.fail" (printf "storage.config.storage.ttl_days (%d) must be more than 0 and at most storage.config.storage.max_ttl_days (%s): set ttl_days within 1..max_ttl_days, or raise max_ttl_days" $ttl (include "dna.setting" (list $storage "max_ttl_days" 30))) -}}
 {{- end -}}
 {{- $admission := default dict .Values.storage.config.admission -}}
 {{- $base := int (dig "pow_base_bits" 12 $admission) -}}
 {{- $max := int (dig "pow_max_bits" 24 $admission) -}}
 {{- if gt $base $max -}}
-{{- fail (printf "storage.config.admission.pow_base_bits (%d) must not exceed storage.config.admission.pow_max_bits (%s): lower pow_base_bits or raise pow_max_bits" $base (include "dna.setting" (list $admission "pow_max_bits" 24))) -}}
+{{- include "dna.fail" (printf "storage.config.admission.pow_base_bits (%d) must not exceed storage.config.admission.pow_max_bits (%s): lower pow_base_bits or raise pow_max_bits" $base (include "dna.setting" (list $admission "pow_max_bits" 24))) -}}
 {{- end -}}
 {{- end -}}
 
@@ -41,18 +52,18 @@
 {{- $default := int (dig "default_lifetime_s" 600 $relay) -}}
 {{- $max := int (dig "max_lifetime_s" 3600 $relay) -}}
 {{- if gt $default $max -}}
-{{- fail (printf "stun.config.relay.default_lifetime_s (%d) must not exceed stun.config.relay.max_lifetime_s (%s): lower default_lifetime_s or raise max_lifetime_s" $default (include "dna.setting" (list $relay "max_lifetime_s" 3600))) -}}
+{{- include "dna.fail" (printf "stun.config.relay.default_lifetime_s (%d) must not exceed stun.config.relay.max_lifetime_s (%s): lower default_lifetime_s or raise max_lifetime_s" $default (include "dna.setting" (list $relay "max_lifetime_s" 3600))) -}}
 {{- end -}}
 {{- /* The schema's maxLength counts characters; the relay counts UTF-8 bytes (MAX_REALM_BYTES),
        and so does `len`. */ -}}
 {{- $realm := toString (dig "realm" "dna" (default dict .Values.stun.config.auth)) -}}
 {{- if gt (len $realm) 16 -}}
-{{- fail (printf "stun.config.auth.realm (%q) is %d bytes in UTF-8, at most 16: it goes in every 401 challenge, which must fit three times the smallest Allocate (28 bytes) or that client is never answered; choose a shorter realm (e.g. \"dna\" or your domain's first label)" $realm (len $realm)) -}}
+{{- include "dna.fail" (printf "stun.config.auth.realm (%q) is %d bytes in UTF-8, at most 16: it goes in every 401 challenge, which must fit three times the smallest request (a bare Refresh, 20 bytes) or that client is never answered; choose a shorter realm (e.g. \"dna\" or your domain's first label)" $realm (len $realm)) -}}
 {{- end -}}
 {{- range $key := list "allowed_peers" "denied_peers" -}}
 {{- range $cidr := (dig $key list $relay) -}}
 {{- if not (include "dna.isNetwork" (toString $cidr)) -}}
-{{- fail (printf "stun.config.relay.%s: %q is not an address or network: write one as \"10.0.0.0/8\", \"2001:db8::/32\" or \"192.0.2.7\"" $key (toString $cidr)) -}}
+{{- include "dna.fail" (printf "stun.config.relay.%s: %q is not an address or network: write one as \"10.0.0.0/8\", \"2001:db8::/32\" or \"192.0.2.7\"" $key (toString $cidr)) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}

@@ -16,8 +16,10 @@ client address is refused, and a restart makes every old nonce stale (clients re
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
+import math
 import re
 import secrets
 from collections.abc import Iterable, Mapping
@@ -105,34 +107,50 @@ class Credentials:
 
 
 class Nonces:
-    """Issues and checks nonces bound to a client IP and valid for ``lifetime`` seconds.
+    """Issues and checks nonces bound to a client IP and valid for ``lifetime`` seconds
+    (at most ``MAX_LIFETIME_S``).
 
-    A nonce is 24 characters: the expiry as 8 hex digits (``now`` is below 2^32 - lifetime:
-    a monotonic clock, or Unix time until 2106) and 64 bits of HMAC. Short, because it goes
-    in every 401, and a 401 may go to a forged source: the relay sends no answer of more
-    than three times an unproven request (``dna_stun.core.MAX_UNPROVEN_GROWTH``)."""
+    A nonce is 8 characters (base64url of 6 bytes): the low 16 bits of its expiry (whole
+    seconds) and 32 bits of HMAC over the whole expiry and the client IP. Short, because it
+    goes in every 401, and a 401 may go to a forged source: the relay sends no answer of more
+    than three times an unproven request (``dna_stun.core.MAX_UNPROVEN_GROWTH``), and the
+    smallest request a 401 must answer is a bare 20-byte Refresh (RFC 8656 section 7.3 asks
+    for no attribute): 60 bytes, of which the header, ERROR-CODE and NONCE leave 20 for the
+    realm. The checker finds the full expiry again: the times after ``now`` and at most
+    ``lifetime`` ahead that end in those 16 bits (one, or two for a lifetime over 18 hours),
+    and takes the one the HMAC verifies. 32 bits of HMAC are enough here: a forged nonce is
+    worth something only with a password's key, and its guesses cannot be seen (the answers
+    go to the address the nonce is bound to)."""
+
+    MAX_LIFETIME_S = 86_400.0
 
     def __init__(self, lifetime: float, key: bytes | None = None) -> None:
+        if not 0 < lifetime <= self.MAX_LIFETIME_S:
+            raise ValueError(f"a nonce lifetime is over 0 and at most {self.MAX_LIFETIME_S} s")
         self.lifetime = lifetime
         self._key = key if key is not None else secrets.token_bytes(32)
 
-    def _mac(self, expiry: int, client_ip: str) -> str:
-        mac = hmac.new(self._key, f"{expiry}|{client_ip}".encode(), hashlib.sha256)
-        return mac.hexdigest()[:16]
+    def _mac(self, expiry: int, client_ip: str) -> bytes:
+        return hmac.new(self._key, f"{expiry}|{client_ip}".encode(), hashlib.sha256).digest()[:4]
 
     def issue(self, client_ip: str, now: float) -> str:
         expiry = int(now + self.lifetime)
-        return f"{expiry:08x}{self._mac(expiry, client_ip)}"
+        raw = (expiry & 0xFFFF).to_bytes(2, "big") + self._mac(expiry, client_ip)
+        return base64.urlsafe_b64encode(raw).decode()
 
     def check(self, nonce: str, client_ip: str, now: float) -> bool:
-        # ASCII only: hmac.compare_digest raises TypeError on other text (a client's NONCE).
-        if len(nonce) != 24 or not nonce.isascii():
+        # ASCII only: b64decode raises ValueError on other text (a client's NONCE).
+        if len(nonce) != 8 or not nonce.isascii():
             return False
-        expiry_hex, mac = nonce[:8], nonce[8:]
         try:
-            expiry = int(expiry_hex, 16)
-        except ValueError:
+            raw = base64.b64decode(nonce, altchars=b"-_", validate=True)
+        except binascii.Error:
             return False
-        if not hmac.compare_digest(mac, self._mac(expiry, client_ip)):
-            return False
-        return now < expiry
+        low, mac = int.from_bytes(raw[:2], "big"), raw[2:]
+        first = math.floor(now) + 1  # the earliest expiry still valid: now < expiry
+        expiry = first + (low - first) % 0x10000
+        while expiry <= now + self.lifetime:
+            if hmac.compare_digest(mac, self._mac(expiry, client_ip)):
+                return True
+            expiry += 0x10000
+        return False

@@ -18,7 +18,7 @@ from dna_core.ops.config import (
 from pydantic import Field, Strict, field_validator, model_validator
 
 from dna_stun import attributes as attr
-from dna_stun.auth import DEFAULT_MAX_CREDENTIAL_LIFETIME_S
+from dna_stun.auth import DEFAULT_MAX_CREDENTIAL_LIFETIME_S, Nonces
 from dna_stun.policy import DEFAULT_DENIED
 
 __all__ = ["ENV_PREFIX", "AuthSection", "RelaySection", "ServerSection", "StunServiceConfig"]
@@ -28,12 +28,13 @@ ENV_PREFIX = "DNA_STUN"
 # answer failed to encode (an internal error per request), so they are refused at load.
 UINT32_MAX = 0xFFFFFFFF  # LIFETIME (RFC 8656 section 18.2)
 # REALM (RFC 8489 allows 127 characters) goes in every 401, which the relay keeps under three
-# times the request it answers (dna_stun.core.MAX_UNPROVEN_GROWTH). The smallest valid
-# Allocate is 28 bytes (header and REQUESTED-TRANSPORT, RFC 8656 section 7.1), so its 401 may
-# be 84: header 20, ERROR-CODE without its phrase 8, NONCE 28, FINGERPRINT 8 leave 20 for
-# REALM, whose value is then at most 16 bytes. A longer realm left such a client unanswered.
+# times the request it answers (dna_stun.core.MAX_UNPROVEN_GROWTH). The smallest request a 401
+# must answer is a bare Refresh, 20 bytes (RFC 8656 requires no attribute of it), so its 401
+# may be 60: header 20, ERROR-CODE without its phrase 8, NONCE 12 (dna_stun.auth.Nonces) leave
+# 20 for REALM, whose value is then at most 16 bytes. A longer realm left such a client
+# unanswered.
 MAX_REALM_BYTES = 16
-MAX_NONCE_LIFETIME_S = 86_400.0  # a day: the nonce's expiry field holds 12 hex digits
+MAX_NONCE_LIFETIME_S = Nonces.MAX_LIFETIME_S  # a day
 # A nonce's expiry is whole seconds: one valid under a second was stale when issued, and one
 # valid for less than a client's round trip and retry is stale when the retry comes back, so
 # every signed request got 438 and no allocation was ever made.
@@ -126,7 +127,7 @@ class AuthSection(ConfigModel):
     )
     """The realm clients hash into their key, 1-16 bytes (UTF-8): it is in every 401, and an
     answer to an unauthenticated request is at most three times its size, so a longer realm
-    would leave the smallest valid Allocate (28 bytes) without its challenge."""
+    would leave the smallest request to challenge (a bare Refresh, 20 bytes) unanswered."""
     users: Annotated[SecretStrings, Secret()] = ()
     """Static users, each "name:password"."""
     auth_secret: SecretStr = SecretStr("")
@@ -153,7 +154,8 @@ class AuthSection(ConfigModel):
             raise ValueError(
                 f"the realm is {len(realm.encode())} bytes (UTF-8), at most {MAX_REALM_BYTES}: "
                 "it goes in every 401 challenge, which must fit three times the smallest "
-                "Allocate (28 bytes) or that client is never answered; choose a shorter realm "
+                "request (a bare Refresh, 20 bytes) or that client is never answered; choose "
+                "a shorter realm "
                 '(e.g. "dna" or your domain\'s first label); clients learn it from the 401'
             )
         return realm

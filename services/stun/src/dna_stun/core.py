@@ -333,9 +333,7 @@ class TurnCore:
 
     def expire(self, now: float) -> None:
         """Drop expired allocations (closing their relay ports), permissions and channels."""
-        # By relay address: every allocation has its own, so none can hide from the sweep.
-        for alloc in [a for a in self.by_relay.values() if a.expires <= now]:
-            self._delete(alloc)
+        self._delete_expired_allocations(now)
         for alloc in self.by_client.values():
             for ip in [ip for ip, until in alloc.permissions.items() if until <= now]:
                 del alloc.permissions[ip]
@@ -415,12 +413,13 @@ class TurnCore:
     # --- requests ----------------------------------------------------------------------------
 
     def _request(self, message: Message, client: Addr, now: float) -> bytes | None:
-        """The answer to a request, or None when none is sent (see ``_unproven_error``)."""
-        unknown = message.unknown_required(KNOWN_ATTRIBUTES)
-        if unknown:
-            self.stats.refusals["unknown_attribute"] += 1
-            extra = [(attr.UNKNOWN_ATTRIBUTES, attr.unknown_attributes(unknown))]
-            return self._unproven_error(message, 420, "Unknown Attribute", extra)
+        """The answer to a request, or None when none is sent (see ``_unproven_error``).
+
+        Credentials are checked before the attributes are (RFC 8489 section 9: the mechanism
+        runs right after the basic checks, section 6.3.1 then refuses unknown attributes;
+        coturn does the same): a TURN request with an unknown comprehension-required attribute
+        and no credentials is challenged (401), one that proved its key gets a 420 signed
+        with that key, which a client checking integrity accepts."""
         if message.method == Method.BINDING:
             self.stats.requests["binding"] += 1
             return self._binding(message, client, now)
@@ -429,29 +428,37 @@ class TurnCore:
             self.stats.refusals["unknown_method"] += 1
             return self._unproven_error(message, 400, "Unknown Method")
         self.stats.requests[TURN_METHODS[message.method]] += 1
+        auth: _Auth | None = None
         try:
             auth = self._authenticate(message, client, now)
+            self._check_known_attributes(message, auth)
             return handler(message, client, auth, now)
         except _RefusedError as refused:
             self.stats.refusals[refused.reason] += 1
             return refused.response
         except StunProtocolError:  # an attribute that does not decode
             self.stats.refusals["bad_request"] += 1
-            return self._unproven_error(message, 400, "Bad Request")
+            if auth is None:  # before the key was proved (PASSWORD-ALGORITHM, USERNAME)
+                return self._unproven_error(message, 400, "Bad Request")
+            # After it, signed like every other answer to the request (an unsigned one is
+            # dropped by a client that checks integrity, RFC 8489 section 9.2.5).
+            return self._refuse(message, auth, 400, "Bad Request", "bad_request").response
 
     def _unproven_error(
         self, message: Message, code: int, text: str, extra: Sequence[tuple[int, bytes]] = ()
     ) -> bytes | None:
         """An error answer to a request that proved no key, whose source may be anybody's: with
-        its reason phrase if it is at most ``MAX_UNPROVEN_GROWTH`` times the request, else
-        without (the phrase is for diagnostics only, RFC 8489 section 14.8), else none, counted
-        as ``amplification``. A 401 is 80 bytes and the realm: a first Allocate of 36 bytes
-        (aioice's, pion's) gets it whole with a realm of up to 28 bytes, one of 28
-        (REQUESTED-TRANSPORT alone, the smallest valid) without the phrase with a realm of up
-        to 16, the most the config accepts (``dna_stun.config.MAX_REALM_BYTES``)."""
+        FINGERPRINT if the request had one (as coturn does by default: a client that tells STUN
+        from other protocols by FINGERPRINT sends it too), with its reason phrase if it is at
+        most ``MAX_UNPROVEN_GROWTH`` times the request, else without (the phrase is for
+        diagnostics only, RFC 8489 section 14.8), else none, counted as ``amplification``. A
+        401 is 48 bytes and the padded realm, 56 with FINGERPRINT, 12 more with the phrase: the
+        smallest request that must be challenged, a bare 20-byte Refresh, gets it with a realm
+        of up to 16 bytes, the most the config accepts (``dna_stun.config.MAX_REALM_BYTES``)."""
         limit = MAX_UNPROVEN_GROWTH * len(message.raw)
+        fingerprint = message.find(attr.FINGERPRINT) is not None
         for reason in (text, ""):
-            answer = error_response(message, code, reason, extra)
+            answer = error_response(message, code, reason, extra, fingerprint=fingerprint)
             if len(answer) <= limit:
                 return answer
         self.stats.refusals["amplification"] += 1
@@ -466,9 +473,15 @@ class TurnCore:
         if message.find(attr.MESSAGE_INTEGRITY) is None and (
             message.find(attr.MESSAGE_INTEGRITY_SHA256) is None
         ):
+            unknown = message.unknown_required(KNOWN_ATTRIBUTES)
+            if unknown:
+                self.stats.refusals["unknown_attribute"] += 1
+                extra = [(attr.UNKNOWN_ATTRIBUTES, attr.unknown_attributes(unknown))]
+                return self._unproven_error(message, 420, "Unknown Attribute", extra)
             return encode(Method.BINDING, Class.SUCCESS, message.transaction_id, mapped)
         try:
             auth = self._authenticate(message, client, now)
+            self._check_known_attributes(message, auth)
         except _RefusedError as refused:
             self.stats.refusals[refused.reason] += 1
             return refused.response
@@ -539,13 +552,23 @@ class TurnCore:
         )  # fmt: skip
 
     def _refuse(
-        self, message: Message, auth: _Auth, code: int, text: str, reason: str
-    ) -> _RefusedError:
+        self, message: Message, auth: _Auth, code: int, text: str, reason: str,
+        extra: Sequence[tuple[int, bytes]] = (),
+    ) -> _RefusedError:  # fmt: skip
         response = encode(
             message.method, Class.ERROR, message.transaction_id,
-            [(attr.ERROR_CODE, attr.error_code(code, text))], key=auth.key, sha256=auth.sha256,
+            [(attr.ERROR_CODE, attr.error_code(code, text)), *extra],
+            key=auth.key, sha256=auth.sha256,
         )  # fmt: skip
         return _RefusedError(reason, response)
+
+    def _check_known_attributes(self, message: Message, auth: _Auth) -> None:
+        """420 with UNKNOWN-ATTRIBUTES, signed, for a comprehension-required attribute this
+        server does not understand (RFC 8489 section 6.3.1)."""
+        unknown = message.unknown_required(KNOWN_ATTRIBUTES)
+        if unknown:
+            extra = [(attr.UNKNOWN_ATTRIBUTES, attr.unknown_attributes(unknown))]
+            raise self._refuse(message, auth, 420, "Unknown Attribute", "unknown_attribute", extra)
 
     def _owned(self, message: Message, client: Addr, auth: _Auth, now: float) -> Allocation:
         """The client's live allocation, made under the same username (RFC 8656 section 5)."""
@@ -568,6 +591,10 @@ class TurnCore:
             self._delete(existing)
         even = self._check_allocate_attributes(message, auth)
         family, refused_family = self._relay_family(message, auth)
+        if self._over_quota(auth.username):
+            # Allocations that expired since the last sweep count no longer (they are gone,
+            # RFC 8656 section 3.1): dropped now rather than refusing until the sweep.
+            self._delete_expired_allocations(now)
         if self.per_user[quota_key(auth.username)] >= self.limits.max_allocations_per_user:
             raise self._refuse(message, auth, 486, "Allocation Quota Reached", "quota_user")
         if len(self.by_client) >= self.limits.max_allocations:
@@ -637,6 +664,14 @@ class TurnCore:
 
     def _refresh(self, message: Message, client: Addr, auth: _Auth, now: float) -> bytes:
         alloc = self._owned(message, client, auth, now)
+        # RFC 8656 section 7.3 (coturn too): a family other than the allocation's is 443,
+        # and nothing changes, not even a deletion asked for with LIFETIME 0.
+        requested = message.get(attr.REQUESTED_ADDRESS_FAMILY)
+        if requested is not None:
+            ipv6 = ":" in alloc.relay[0]
+            own = attr.FAMILY_IPV6 if ipv6 else attr.FAMILY_IPV4
+            if attr.decode_family(requested) != own:
+                raise self._refuse(message, auth, 443, "Peer Address Family Mismatch", "family")
         raw = message.get(attr.LIFETIME)
         if raw is not None and attr.decode_uint32(raw) == 0:
             self._delete(alloc)
@@ -699,6 +734,17 @@ class TurnCore:
         return self._signed(message, auth, [])
 
     # --- bookkeeping -------------------------------------------------------------------------
+
+    def _over_quota(self, username: str) -> bool:
+        return (
+            self.per_user[quota_key(username)] >= self.limits.max_allocations_per_user
+            or len(self.by_client) >= self.limits.max_allocations
+        )
+
+    def _delete_expired_allocations(self, now: float) -> None:
+        # By relay address: every allocation has its own, so none can hide from the sweep.
+        for alloc in [a for a in self.by_relay.values() if a.expires <= now]:
+            self._delete(alloc)
 
     def _delete(self, alloc: Allocation) -> None:
         if self.by_client.get(alloc.client) is alloc:

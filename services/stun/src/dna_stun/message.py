@@ -255,6 +255,7 @@ def error_response(
     extra: Sequence[tuple[int, bytes]] = (),
     *,
     key: bytes | None = None,
+    fingerprint: bool = True,
 ) -> bytes:
     return encode(
         request.method,
@@ -262,6 +263,7 @@ def error_response(
         request.transaction_id,
         [(attr.ERROR_CODE, attr.error_code(code, reason)), *extra],
         key=key,
+        fingerprint=fingerprint,
     )
 
 
