@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 DAY = 86_400_000
+T0 = 1_700_000_000_000
 
 
 def test_the_first_reading_and_a_steady_clock_are_the_wall_clock() -> None:
@@ -91,3 +92,17 @@ def test_gc_time_never_passes_the_wall_clock_nor_gains_ground_faster_than_allowe
         assert clock.high_ms - high <= MAX_RATE * elapsed + SLACK_MS
         assert clock.high_ms == max(high, now)
         high = clock.high_ms
+
+
+def test_a_step_is_news_once_when_it_begins_and_once_when_it_is_caught_up() -> None:
+    clock = ExpiryClock()
+    clock.now_ms(T0, 0)
+    assert clock.step_news(60_000) is None  # following the wall clock: nothing to say
+    clock.now_ms(T0 + DAY, 1_000)  # a day's step forward
+    assert clock.step_news(60_000) == "behind"
+    clock.now_ms(T0 + DAY + 1_000, 2_000)
+    assert clock.step_news(60_000) is None  # still behind: said already
+    clock.now_ms(T0 + 1_000, 3_000)  # set right: followed at once
+    assert clock.step_news(60_000) == "caught up"
+    clock.now_ms(T0 + 2_000, 4_000)
+    assert clock.step_news(60_000) is None

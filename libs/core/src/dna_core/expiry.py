@@ -33,6 +33,8 @@ Invariants:
 
 from __future__ import annotations
 
+from typing import Literal
+
 MAX_RATE = 2.0  # deletion's time runs at most twice as fast as real time while catching up
 SLACK_MS = 1_000  # between readings: scheduling, and the clocks' own small corrections
 
@@ -43,6 +45,7 @@ class ExpiryClock:
         self.high_ms = resume_ms  # the latest time deletion used (None: none yet)
         self._at: int | None = None  # the monotonic time of the last reading (None: none)
         self.stepped_ms = 0  # how far deletion's time is behind the wall clock
+        self._behind = False  # by more than what the caller said: ``step_news``
 
     def now_ms(self, wall_ms: int, monotonic_ms: int) -> int:
         """The time to delete expired items against, given both clocks' readings now."""
@@ -54,3 +57,13 @@ class ExpiryClock:
         self.high_ms = now if self.high_ms is None else max(self.high_ms, now)
         self.stepped_ms = wall_ms - now
         return now
+
+    def step_news(self, warn_ms: int) -> Literal["behind", "caught up"] | None:
+        """Whether the last reading changed what a node says about a step: ``"behind"`` the
+        first reading more than ``warn_ms`` behind the wall clock, ``"caught up"`` the first
+        one back within it, None otherwise. Each is said once, not at every pass."""
+        behind = self.stepped_ms > warn_ms
+        if behind == self._behind:
+            return None
+        self._behind = behind
+        return "behind" if behind else "caught up"

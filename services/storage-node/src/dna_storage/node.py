@@ -276,7 +276,6 @@ class StorageNode:
         self._clock_resumed = False  # from the time the store saved, at the first GC pass
         self._clock_read = False  # the first reading after resuming is said apart
         self.wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000  # tests step it
-        self._clock_stepped = False  # said: GC's time is behind a wall clock stepped forward
         self._durability: set[str] | None = None  # the store's problems, as last read
         self._store = config.storage.backend  # its name in what the node says
 
@@ -435,19 +434,18 @@ class StorageNode:
         first = self.expiry_clock.high_ms is not None and not self._clock_read
         self._clock_read = True
         now = self.expiry_clock.now_ms(self.wall_ms(), time.monotonic_ns() // 1_000_000)
-        stepped = self.expiry_clock.stepped_ms
-        if stepped > STEP_WARNING_MS and not self._clock_stepped:
+        news = self.expiry_clock.step_news(STEP_WARNING_MS)
+        if news == "behind":
             why = ("since the last GC pass before this start: the node was stopped that long,"
                    " or the clock stepped forward" if first else "a step forward?")  # fmt: skip
             log.warning(
                 "the wall clock is %.0f s ahead of the time GC follows (%s): "
                 "GC catches up at most twice as fast as time passes",
-                stepped / 1000,
+                self.expiry_clock.stepped_ms / 1000,
                 why,
             )
-        elif stepped <= STEP_WARNING_MS and self._clock_stepped:
+        elif news == "caught up":
             log.info("GC follows the wall clock again")
-        self._clock_stepped = stepped > STEP_WARNING_MS
         return now
 
     async def _check_durability(self, backend: MailboxBackend) -> None:

@@ -412,7 +412,6 @@ class OverlayServer:
         self.wall_ms: Callable[[], int] = wall_ms
         self.monotonic_ms: Callable[[], int] = lambda: time.monotonic_ns() // 1_000_000
         self.expiry_clock = ExpiryClock()
-        self._clock_stepped = False  # said: upkeep's time is behind a wall clock stepped
         self.log = node_logger("dna.node", role=role_name(role))
 
     async def start(self) -> None:
@@ -669,8 +668,8 @@ class OverlayServer:
     def _expiry_now(self, wall: int, *, at_start: bool = False) -> int:
         """The ExpiryClock's time now; a step forward it lags behind is said once."""
         now = self.expiry_clock.now_ms(wall, self.monotonic_ms())
-        stepped = self.expiry_clock.stepped_ms > STEP_WARNING_MS
-        if stepped and not self._clock_stepped:
+        news = self.expiry_clock.step_news(STEP_WARNING_MS)
+        if news == "behind":
             why = ("since the time the record file saved: the node was stopped that long,"
                    " or the clock stepped forward" if at_start else "a step forward?")  # fmt: skip
             self.log.warning(
@@ -680,9 +679,8 @@ class OverlayServer:
                 self.expiry_clock.stepped_ms / 1000,
                 why,
             )
-        elif self._clock_stepped and not stepped:
+        elif news == "caught up":
             self.log.info("records are deleted against the wall clock again")
-        self._clock_stepped = stepped
         return now
 
     async def _set_ready(self, ready: bool) -> None:
