@@ -112,3 +112,66 @@ def test_a_push_whose_read_failed_is_read_again(tmp_path: Path) -> None:
 
 def pushed(pages: list[mailbox_pb2.FetchResponse | None]) -> list[bytes]:
     return [blob.blob_id for page in pages if page is not None for blob in page.blobs]
+
+
+class ReadSwallowsCancel:
+    """A real backend whose fetch, once ``gate`` is armed, waits for it and then turns a
+    cancel that lands meanwhile into a normal answer: what redis-py does when a cancel lands
+    as a command's send completes (Python 3.11's ``wait_for``; tests/core/test_tasks.py)."""
+
+    def __init__(self, backend: MailboxBackend) -> None:
+        self._backend = backend
+        self.gate: asyncio.Event | None = None
+        self.reading = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    async def fetch(self, *args: Any, **kwargs: Any) -> Any:
+        if self.gate is not None:
+            self.reading.set()
+            try:
+                await self.gate.wait()
+            except asyncio.CancelledError:
+                await self.gate.wait()  # the cancel is lost; the read answers
+        return await self._backend.fetch(*args, **kwargs)
+
+
+def test_an_unsubscribed_pump_whose_cancel_was_lost_pushes_nothing(tmp_path: Path) -> None:
+    async def main() -> None:
+        raw = await SqliteBackend.open(tmp_path / "mailboxes.sqlite3")
+        reads = ReadSwallowsCancel(raw)
+        subscribers = Subscribers()
+        backend: Any = NotifyingBackend(reads, subscribers)
+        service = MailboxSessionService(backend, Admission(AdmissionConfig(pow_base_bits=4)))
+        registry = CollectorRegistry()
+        service.session_rules = SessionRules(service, subscribers, SessionMetrics(registry))
+        server = grpc.aio.server()
+        GrpcGate(max_message=4 << 20).add(server, service, MAILBOX)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        session = NodeSession(channel, 5.0)
+        await session.open()
+        try:
+            fetch = mailbox_pb2.FetchRequest.FromString(
+                sign_fetch(BOB, cursor=b"", limit=10, now_ms=now_ms())
+            )
+            sub_id = await session.subscribe(fetch, lambda page: None)
+            reads.gate = asyncio.Event()
+            outcome = await session.put(put_request(b"wakes the pump"))
+            assert outcome.code == 0, outcome
+            await asyncio.wait_for(reads.reading.wait(), 5)  # the pump is reading
+            await session.unsubscribe(sub_id)
+            await asyncio.sleep(0.2)  # the unsubscribe reached the node: the pump cancelled
+            reads.gate.set()
+            await asyncio.sleep(0.5)
+            # nothing pushed for a subscription gone
+            assert registry.get_sample_value("dna_storage_pushed_blobs_total") == 0
+        finally:
+            await session.close()
+            await channel.close()
+            await server.stop(grace=None)
+            await raw.close()
+
+    asyncio.run(main())

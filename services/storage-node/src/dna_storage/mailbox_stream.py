@@ -400,6 +400,9 @@ class MailboxSession(ServerSession):
             except BaseException:
                 self._give_page()
                 raise
+            if self.subscriptions.get(sub_id) is not subscription:  # unsubscribed meanwhile
+                self._give_page()  # and its cancel lost (redis-py can drop one): end here
+                return
             if not page.blobs:
                 self._give_page()
                 continue
