@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import random
 import resource
@@ -47,6 +48,7 @@ from dna_core.ops.http import HttpLimits, OpsServer, build_ops_app
 from dna_core.ops.logs import node_logger
 from dna_core.ops.node_key import load_or_create_node_key
 from dna_core.ops.relay import TcpRelay
+from dna_core.overlay.contact import source_groups
 from dna_core.overlay.protocol import Addr
 from dna_core.overlay.records import (
     DEFAULT_IDENTITY_POW_BITS,
@@ -458,6 +460,7 @@ class OverlayServer:
             name_pow_bits=cfg.overlay.name_pow_bits,
             identity_pow_bits=cfg.records.identity_pow_bits,
             max_records=cfg.records.max_records, max_bytes=cfg.records.max_bytes,
+            groups=functools.partial(source_groups, allow_loopback=cfg.overlay.allow_loopback),
         )  # fmt: skip
         path = cfg.records_path()
         try:
