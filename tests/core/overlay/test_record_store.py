@@ -1020,3 +1020,32 @@ def test_a_name_move_not_signed_by_its_holder_is_refused(alice: Identity, bob: I
     mallory = Identity.generate()
     refused(s, moved_claim(mallory, "alice", bob), VerificationError, keys, NOW + 1)
     refused(s, moved_claim(bob, "alice", alice, seq=1), ConflictError, keys, NOW + 1)
+
+
+# -- a record hidden by a stepped clock ------------------------------------------------------
+
+
+def test_a_held_record_stands_until_the_deletion_clock_passes_its_expiry(
+    alice: Identity, bob: Identity
+) -> None:
+    """Replacement follows the clock expiry deletes by (``expiry_ms``), not the wall clock
+    reads go by: while a stepped wall clock hides a held record, neither an older record of
+    its signer nor another identity's claim of its name replaces it; a newer one does."""
+    s = store()
+    key = record_key(IDENTITY, alice.fingerprint)
+    assert s.put(identity_rec(alice, seq=5, ttl=DAY_MS), NOW).changed
+    assert s.put(name_rec(alice, "alice", ttl=DAY_MS), NOW).changed
+    stepped, deleted_to = NOW + 2 * DAY_MS, NOW + 60_000
+    assert s.get(key, stepped) is None  # hidden from reads
+    older = identity_rec(alice, seq=3, at=NOW - HOUR_MS, ttl=3 * DAY_MS)
+    squat = name_rec(bob, "alice", at=stepped)
+    keys = all_keys(alice, bob)
+    for data, why in ((older, "lower than held 5"), (squat, "another identity")):
+        before = snapshot(s, keys, deleted_to)
+        with pytest.raises(ConflictError, match=why):
+            s.put(data, stepped, expiry_ms=deleted_to)
+        assert snapshot(s, keys, deleted_to) == before
+    newer = identity_rec(alice, seq=6, at=stepped)
+    assert s.put(newer, stepped, expiry_ms=deleted_to).changed
+    # once deletion's time has passed the claim's expiry, the name is free, as when expired
+    assert s.put(squat, stepped, expiry_ms=stepped).changed

@@ -202,16 +202,30 @@ class RecordStore:
         return StoreResult(held.record.body.seq, changed=False)
 
     def put(
-        self, data: bytes, now_ms: int, source: str = "", *, expiry_ms: int | None = None
+        self,
+        data: bytes,
+        now_ms: int,
+        source: str = "",
+        *,
+        expiry_ms: int | None = None,
+        held_before: bool = False,
     ) -> StoreResult:
         """Validate and store a SignedRecord sent by ``source`` (the sender's address, for
-        fairness when full); raises a ProtocolError and changes nothing. ``expiry_ms``
-        (default ``now_ms``): what expiry is judged against (`open_record`)."""
-        rec = open_record(data, now_ms=now_ms, expiry_ms=expiry_ms)
+        fairness when full); raises a ProtocolError and changes nothing.
+
+        ``expiry_ms`` (default ``now_ms``) is the time the node deletes expired records
+        against (its `ExpiryClock`, never ahead of the wall clock ``now_ms``): a held record
+        stands against replacement (sequence numbers, first come first served) until that
+        time passes its expiry, as it stays held until then. A wall clock stepped forward
+        hides it from reads meanwhile; judged by the wall clock here, any valid record
+        replaced it then, an older one of its signer (a rollback) or another identity's
+        claim of its name. The record put is judged unexpired at ``now_ms``, or at
+        ``expiry_ms`` when it was ``held_before`` (reloaded from the node's file)."""
+        rec = open_record(data, now_ms=now_ms, expiry_ms=expiry_ms if held_before else None)
         check_policy(rec, name_pow_bits=self.name_pow_bits,
                      identity_pow_bits=self.identity_pow_bits)  # fmt: skip
         held = self._held.get(rec.body.key)
-        expired_by = now_ms if expiry_ms is None else expiry_ms
+        expired_by = now_ms if expiry_ms is None else min(now_ms, expiry_ms)
         if held is not None and held.record.body.expires_ms > expired_by:
             if held.record.raw == rec.raw:
                 return StoreResult(rec.body.seq, changed=False)

@@ -98,6 +98,7 @@ class OverlayService(overlay_pb2_grpc.OverlayServicer):
         local: Callable[[], Contact],
         k: int = 20,
         clock: Clock = wall_ms,
+        expiry_time: Callable[[int], int] = lambda wall: wall,
         monotonic: Callable[[], float] = time.monotonic,
         limiter: RateLimiter | None = None,
         journal: RecordJournal | None = None,
@@ -110,6 +111,8 @@ class OverlayService(overlay_pb2_grpc.OverlayServicer):
     ) -> None:
         self.store, self.closest, self.local, self.k = store, closest, local, k
         self.clock, self.monotonic, self.journal = clock, monotonic, journal
+        # wall time -> the time expired records are deleted against (`RecordStore.put`)
+        self.expiry_time = expiry_time
         if limiter is None:
             limiter = RateLimiter(
                 DEFAULT_SOURCE_RATE_PER_S, DEFAULT_SOURCE_BURST, DEFAULT_SOURCE_MAX_KEYS
@@ -230,7 +233,7 @@ class OverlayService(overlay_pb2_grpc.OverlayServicer):
                 f"(burst {self.limiter.burst:g}); retry after {wait:.1f} s",
                 wait,
             )
-        result = self.store.put(raw, now_ms, source)
+        result = self.store.put(raw, now_ms, source, expiry_ms=self.expiry_time(now_ms))
         if self.journal is not None and result.record is not None:
             self.journal.delete(result.evicted)
             self.journal.save(raw, result.record.body.key, source, result.record.body.expires_ms)
