@@ -15,8 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pytest
-from dna_core.overlay.contact import ID_BITS, Contact, Endpoint
-from dna_core.overlay.kbucket import BLOCK_FACTOR, TABLE_SUBNET_LIMIT, Admission, RoutingTable
+from dna_core.overlay.contact import BLOCK_FACTOR, ID_BITS, Contact, Endpoint
+from dna_core.overlay.kbucket import TABLE_SUBNET_LIMIT, Admission, RoutingTable
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (

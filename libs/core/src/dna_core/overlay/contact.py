@@ -134,6 +134,18 @@ def block_of(ip: str) -> str:
     return str(ipaddress.ip_network(f"{ip}/32", strict=False))
 
 
+# A block (`block_of`) may hold this many times one subnet's share of any per-subnet cap:
+# two sites' worth. One holder of an IPv6 /32 gets no more than two /48s would; honest nodes
+# of one provider's /32 still get twice a site's room. (IPv4: the block is the /24 itself.)
+BLOCK_FACTOR = 2
+
+
+@functools.lru_cache(maxsize=4096)  # memories file entries by subnet name
+def block_of_subnet(subnet: str) -> str:
+    """The block (`block_of`) of a subnet as `subnet_of` names it."""
+    return block_of(subnet.split("/", 1)[0]) if "/" in subnet else subnet
+
+
 @functools.lru_cache(maxsize=65_536)  # asked once per record stored or loaded
 def source_groups(source: str, allow_loopback: bool = False) -> tuple[str, str]:
     """The (block, subnet) a record store counts a source's records under (`block_of`,

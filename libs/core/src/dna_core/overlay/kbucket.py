@@ -40,15 +40,20 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from dna_core.overlay.contact import ID_BITS, Contact, id_int, subnet_cap_exempt
+from dna_core.overlay.contact import (
+    BLOCK_FACTOR,
+    ID_BITS,
+    Contact,
+    id_int,
+    subnet_cap_exempt,
+)
 
 K = 20
 TABLE_SUBNET_LIMIT = 10  # contacts of one /24 (IPv6 /48) in a whole table (libp2p's maxForTable)
-# An IPv6 /32 (`contact.block_of`) holds this many times a /48's share, in a bucket, in the
-# table and waiting: two sites' worth. One holder of a /32 gets no more than 2 /48s would;
-# honest nodes of one provider's /32 still get 20 places of a table (a 10,000-node
-# network's tables hold ~260), 4 of a bucket's 20.
-BLOCK_FACTOR = 2
+# An IPv6 /32 (`contact.block_of`) holds BLOCK_FACTOR (2) times a /48's share, in a bucket,
+# in the table and waiting: one holder of a /32 gets no more than 2 /48s would; honest nodes
+# of one provider's /32 still get 20 places of a table (a 10,000-node network's tables hold
+# ~260), 4 of a bucket's 20.
 GOOD_FOR = 900.0  # a contact heard from this recently is not pinged to make room (BEP 5)
 
 
