@@ -275,3 +275,25 @@ def test_a_record_a_stepped_clock_hides_is_not_rolled_back(tmp_path: Path) -> No
             assert held_now is not None and held_now.body.seq == 5
 
     asyncio.run(scenario())
+
+
+def test_a_node_whose_clock_is_set_back_still_takes_fresh_records(tmp_path: Path) -> None:
+    """A store is verified at the latest time the node has used, as the load at start is:
+    with the wall clock set back a day (an RTC reset), every fresh record was refused as
+    "created in the future" until the clock was set right. Checked to fail without the fix
+    (ExpiredError)."""
+    clocks = Clocks(wall=NOW, monotonic=0)
+
+    async def scenario() -> None:
+        async with serving(tmp_path, clocks) as server:
+            store(server, identity_rec())
+            clocks.wall, clocks.monotonic = NOW + MINUTE_MS, MINUTE_MS
+            upkeep(server)
+            clocks.wall, clocks.monotonic = NOW - DAY_MS, 2 * MINUTE_MS  # set back a day
+            fresh = identity_rec()  # signed at NOW by a publisher whose clock is right
+            key = store(server, fresh)
+            assert held(server).get(key, NOW) is not None and rows(tmp_path) == 2
+            upkeep(server)  # deletion follows the step back: less is deleted, nothing lost
+            assert len(held(server)) == 2
+
+    asyncio.run(scenario())

@@ -573,7 +573,10 @@ class OverlayServer:
             ),
             journal=self.record_file,
             clock=self.wall_ms,  # reads hide what the wall clock calls expired
-            expiry_time=self._deleted_up_to,  # a record stands until deleted
+            # stores are judged by the ExpiryClock as the load is; read, not advanced: each
+            # reading adds its slack, so a reading per store would let a flood of stores
+            # catch it up with a stepped clock
+            used_time=lambda: self.expiry_clock.high_ms,
             on_rejected=lambda reason: node.metrics.rejected.labels(reason=reason).inc(),
             on_evicted=evicted.inc,
             registry=self.registry,
@@ -583,13 +586,6 @@ class OverlayServer:
                 "record session", records.sessions_max_per_source, records.sessions_max
             ),
         )
-
-    def _deleted_up_to(self, wall: int) -> int:
-        """The time upkeep last deleted expired records against (not later than ``wall``):
-        what a held record stands against replacement until (`RecordStore.put`). Read, not
-        advanced: each reading of the ExpiryClock lets it run ahead by its slack, so a
-        reading per store would let a flood of stores catch it up with a stepped clock."""
-        return min(wall, _require(self.expiry_clock.high_ms))
 
     def _ops_app(self) -> Any:
         return build_ops_app(
