@@ -173,7 +173,8 @@ class RecordsSection(ConfigModel):
     in the node's own data directory (bootstrap-data/, or a storage node's storage.data_dir), so
     two nodes started from one working directory never share it."""
     max_records: int = Field(default=DEFAULT_MAX_RECORDS, ge=1)
-    """Records held at most; when full, the biggest holder is evicted."""
+    """Records held at most; when full, the biggest holder (per /24; IPv6: per /32, then
+    per /48 within it) is evicted."""
     max_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1)
     """Bytes of records held at most (64 MiB: a full store measured 256 MB RSS)."""
     source_rate_per_s: float = Field(default=DEFAULT_SOURCE_RATE_PER_S, gt=0)
