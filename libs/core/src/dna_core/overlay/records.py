@@ -8,7 +8,9 @@ What a node accepts, keeps and hands out for a key:
   ``H(label(kind) || signer fingerprint)``, a name claim at
   ``H(label("name") || normalized name)`` and carries a valid proof of work;
 * a lower sequence number than the one held is refused (no rollback); the same
-  sequence with other bytes is refused (the first one stays); a name claimed by
+  sequence with other bytes is refused (the first one stays); a record is held, for this,
+  until the node's deletion clock (``expiry_ms``, its ExpiryClock) passes its expiry, not
+  only until a wall clock stepped forward hides it from reads; a name claimed by
   an unexpired record of another identity is refused (first come, first served),
   unless the new claim carries the holder's signature moving the name to it (after
   the holder rotated its keys);
