@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from dna_core.crypto.node import NodeIdentity
 from dna_core.overlay.behaviour import (
+    MAX_KEY_PROOFS_PER_BLOCK,
     PROVEN_KEYS_PER_SUBNET,
     PROVEN_KEYS_SIZE,
     SUSPECT_CACHE_SIZE,
@@ -361,6 +362,42 @@ def test_a_subnet_lru_replaces_its_own_subnets_least_recently_used() -> None:
     keys.forget(b)  # (forgetting what is not there changes nothing)
     assert keys.get(b, ("0.0.0.0", 0)) == ("0.0.0.0", 0) and keys.of_subnet("10.1.0") == 0
     assert len(keys) == 3
+
+
+def test_one_ipv6_32_cannot_flush_a_subnet_lru_from_many_48s() -> None:
+    """A /32 holds 65,536 /48s: with a share per /48 alone, its holder flushed a memory of
+    4,096 entries from 128 of them (the proofs, tokens and suspects of every other node).
+    Now the /32 holds twice a /48's share, replacing its own least recently used."""
+    keys = SubnetLru[bytes, Addr](size=4096, per_subnet=32)
+    honest = [bytes([1, i]) * 16 for i in range(100)]
+    for n, key in enumerate(honest):
+        keys.remember(key, (f"198.18.{n}.1", 1), f"198.18.{n}")
+    for n in range(10_000):  # one entry from each of 10,000 /48s of one /32
+        keys.remember(n.to_bytes(32, "big"), (f"2001:db8:{n:x}::1", 1), f"2001:db8:{n:x}::/48")
+    assert all(keys.get(key) is not None for key in honest)
+    assert keys.of_block("2001:db8::/32") == 64 and len(keys) == 164
+    keys.forget((10_000 - 1).to_bytes(32, "big"))
+    assert keys.of_block("2001:db8::/32") == 63
+
+
+def test_one_ipv6_32_cannot_hold_every_key_challenge_from_many_48s() -> None:
+    """Challenges in flight to requesters are capped per /48 (8 of 256); a /32 requesting
+    under fresh IDs from 40 of its /48s held all 256, and no other node could prove its
+    key while it did. Now the /32 holds 16."""
+    b = behaviour(prove_keys=True)
+    for i in range(300):
+        addr = (f"2001:db8:{i % 40:x}::{i // 40 + 1:x}", 4000)
+        claim = Contact(far_id(1000 + i), b"", (Endpoint(*addr),))
+        assert b.observe_requester(claim, addr, NOW) is None
+    assert len(of_type(b.poll(), Send)) == MAX_KEY_PROOFS_PER_BLOCK == 16
+    honest, identity = keyed_peer(3)
+    addr = honest.endpoint.udp
+    assert b.observe_requester(honest, addr, NOW) is None
+    [challenge] = of_type(b.poll(), Send)  # its challenge goes out all the same
+    proof = identity.sign(PONG_DOMAIN, challenge.datagram.body.challenge)
+    b.on_response(answer_to(challenge, Pong(None, proof), honest), addr, NOW + 0.1)
+    b.poll()
+    assert honest.node_id in b.table
 
 
 def test_one_subnet_answering_from_many_addresses_cannot_flush_other_nodes_tokens() -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pytest
-from dna_core.overlay.contact import ID_BITS, Contact, Endpoint
+from dna_core.overlay.contact import BLOCK_FACTOR, ID_BITS, Contact, Endpoint
 from dna_core.overlay.kbucket import TABLE_SUBNET_LIMIT, Admission, RoutingTable
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
@@ -66,6 +66,8 @@ def check_structure(table: RoutingTable, used: Iterable[int] = range(ID_BITS)) -
             assert table.bucket_index(c.node_id) == index
         limited = Counter(c.subnet for c in entries if not (table.allow_loopback and c.loopback))
         assert all(n <= table.subnet_limit for n in limited.values()), limited
+        blocks = Counter(c.block for c in entries if not (table.allow_loopback and c.loopback))
+        assert all(n <= BLOCK_FACTOR * table.subnet_limit for n in blocks.values()), blocks
         assert len(bucket.replacements) <= table.k
         waiting = Counter(
             c.subnet
@@ -84,6 +86,14 @@ def check_structure(table: RoutingTable, used: Iterable[int] = range(ID_BITS)) -
         )
         assert all(n <= table.table_subnet_limit for n in everywhere.values()), everywhere
         assert everywhere == table._per_subnet, "the table-wide count is the entries'"
+        blocks = Counter(
+            e.contact.block
+            for i in used
+            for e in table._bucket(i).entries.values()
+            if not (table.allow_loopback and e.contact.loopback)
+        )
+        assert blocks == table._per_block, "the table-wide block count is the entries'"
+        assert all(n <= BLOCK_FACTOR * table.table_subnet_limit for n in blocks.values())
     if len(used) == ID_BITS:
         assert len(list(table.contacts())) == total
     assert table.local_id not in table
@@ -525,6 +535,43 @@ def test_ipv6_subnet_is_the_48() -> None:
     assert table.observe(v6(2, "2001:db8:1:ffff::2"), 0).admission is Admission.REJECTED_SUBNET
     assert table.observe(v6(3, "2001:db8:2::1"), 0).admission is Admission.INSERTED
     assert table.observe(v6(4, "::1"), 0).admission is Admission.INSERTED
+
+
+def v6_contact(node_id: bytes, ip: str) -> Contact:
+    return Contact(node_id, KEY, (Endpoint(ip, 4000),))
+
+
+def test_one_ipv6_32_holds_what_two_48s_hold() -> None:
+    """A /32 holds 65,536 /48s: with caps per /48 alone its holder filled every bucket
+    (2 per /48, 10 /48s a bucket) and any share of the table. Now the /32 holds at most
+    twice a /48's share, in a bucket (4) and in the table (20)."""
+    table = RoutingTable(LOCAL, good_for=0.0)
+    one_bucket = [v6_contact(id_in_bucket(LOCAL, 255, i + 1), f"2001:db8:{i:x}::1")
+                  for i in range(10)]  # fmt: skip
+    admitted = [table.observe(c, 0.0).admission for c in one_bucket]
+    assert admitted == [Admission.INSERTED] * 4 + [Admission.REJECTED_SUBNET] * 6
+    everywhere = [v6_contact(id_in_bucket(LOCAL, 254 - i, 1), f"2001:db8:{100 + i:x}::1")
+                  for i in range(30)]  # fmt: skip
+    admitted = [table.observe(c, 0.0).admission for c in everywhere]
+    assert admitted == [Admission.INSERTED] * 16 + [Admission.REJECTED_SUBNET] * 14  # 4 + 16
+    # another /32 is unaffected, in a bucket the first one filled its share of
+    other = v6_contact(id_in_bucket(LOCAL, 255, 99), "2a01:4f8:1::1")
+    assert table.observe(other, 0.0).admission is Admission.INSERTED
+    check_structure(table)
+
+
+def test_one_ipv6_32_flooding_a_full_bucket_pushes_out_only_its_own_replacements() -> None:
+    table = RoutingTable(LOCAL, k=8, good_for=0.0)
+    for host in range(8):
+        table.observe(far(host, subnet=host), 0.0)
+    waiting = far(100, subnet=100)
+    table.observe(waiting, 1.0)
+    for i in range(40):  # 40 IDs from 40 /48s of one /32
+        table.observe(v6_contact(id_in_bucket(LOCAL, 255, 1000 + i), f"2001:db8:{i:x}::1"), 2.0)
+    replacements = table._bucket(255).replacements
+    assert waiting.node_id in replacements
+    assert sum(1 for c in replacements.values() if c.block == "2001:db8::/32") == 4
+    check_structure(table)
 
 
 def test_self_is_never_inserted() -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from dna_core.crypto import Identity, sign_record
 from dna_core.crypto.records import VerifiedRecord
+from dna_core.errors import ConflictError
 from dna_core.ops.config import OpsSection
 from dna_core.overlay.aio.record_file import RecordFile
 from dna_core.overlay.aio.server import (
@@ -222,5 +223,77 @@ def test_a_node_restarted_with_its_clock_set_back_a_year_keeps_its_record_file(
         async with serving(tmp_path, clocks) as server:
             assert len(held(server)) == 3 and rows(tmp_path) == 3
             assert all(found(server, key) for key in keys)
+
+    asyncio.run(scenario())
+
+
+def alice_rec(alice: Identity, *, seq: int, at: int, ttl: int) -> bytes:
+    key = record_key(IDENTITY, alice.fingerprint)
+    payload = identity_payload(alice.fingerprint, f"v{seq}", pow_bits=0, now_ms=at)
+    return sign_record(alice, kind=IDENTITY, key=key, seq=seq, now_ms=at, ttl_ms=ttl,
+                       payload=payload)  # fmt: skip
+
+
+def refused_store(server: OverlayServer, raw: bytes) -> str:
+    """Store ``raw`` through the node's Overlay service, which must refuse it; its reason."""
+    assert server.records is not None
+    request = overlay_pb2.StoreRequest(record=common_pb2.SignedRecord.FromString(raw))
+    with pytest.raises(ConflictError) as info:
+        server.records.store_one(request, SOURCE)
+    return info.value.reason
+
+
+def test_a_record_a_stepped_clock_hides_is_not_rolled_back(tmp_path: Path) -> None:
+    """A held record stands against replacement until the node deletes it (its ExpiryClock),
+    not only until the wall clock calls it expired: with the clock stepped past its expiry
+    (hidden from reads, kept), a replay of an older record of its signer that lives longer
+    used to replace it, and the node served the rollback once the clock was set right.
+    Now the replay is refused, while running and after a restart (the reload follows the
+    same clock); checked to fail without the fix (stored_seq 3)."""
+    clocks = Clocks(wall=NOW, monotonic=0)
+    alice = Identity.generate()
+    key = record_key(IDENTITY, alice.fingerprint)
+    newer = alice_rec(alice, seq=5, at=NOW, ttl=HOUR_MS)
+    older = alice_rec(alice, seq=3, at=NOW - HOUR_MS, ttl=DAY_MS)  # signed before, lives longer
+
+    async def scenario() -> None:
+        async with serving(tmp_path, clocks) as server:
+            assert server.records is not None
+            request = overlay_pb2.StoreRequest(record=common_pb2.SignedRecord.FromString(newer))
+            assert server.records.store_one(request, SOURCE).stored_seq == 5
+            clocks.wall, clocks.monotonic = NOW + 2 * HOUR_MS, MINUTE_MS  # a step forward
+            upkeep(server)
+            assert not found(server, key)  # hidden, not deleted
+            deleted_to = server.expiry_clock.high_ms
+            for _ in range(20):  # (within the source's burst of 30)
+                assert "lower than held 5" in refused_store(server, older)
+            assert server.expiry_clock.high_ms == deleted_to  # stores read it, never advance it
+        async with serving(tmp_path, clocks) as server:  # restarted, the clock still ahead
+            assert "lower than held 5" in refused_store(server, older)
+            clocks.wall = NOW + 2 * MINUTE_MS  # set right: the newer record is served
+            held_now = held(server).get(key, clocks.wall)
+            assert held_now is not None and held_now.body.seq == 5
+
+    asyncio.run(scenario())
+
+
+def test_a_node_whose_clock_is_set_back_still_takes_fresh_records(tmp_path: Path) -> None:
+    """A store is verified at the latest time the node has used, as the load at start is:
+    with the wall clock set back a day (an RTC reset), every fresh record was refused as
+    "created in the future" until the clock was set right. Checked to fail without the fix
+    (ExpiredError)."""
+    clocks = Clocks(wall=NOW, monotonic=0)
+
+    async def scenario() -> None:
+        async with serving(tmp_path, clocks) as server:
+            store(server, identity_rec())
+            clocks.wall, clocks.monotonic = NOW + MINUTE_MS, MINUTE_MS
+            upkeep(server)
+            clocks.wall, clocks.monotonic = NOW - DAY_MS, 2 * MINUTE_MS  # set back a day
+            fresh = identity_rec()  # signed at NOW by a publisher whose clock is right
+            key = store(server, fresh)
+            assert held(server).get(key, NOW) is not None and rows(tmp_path) == 2
+            upkeep(server)  # deletion follows the step back: less is deleted, nothing lost
+            assert len(held(server)) == 2
 
     asyncio.run(scenario())

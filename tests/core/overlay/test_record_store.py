@@ -8,6 +8,7 @@ Records are really signed (seeded identities alice, bob, carol); time is fixed.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from dna_core.errors import (
     VerificationError,
 )
 from dna_core.overlay.aio.records_rpc import ChannelPool, OverlayService, RecordClient
-from dna_core.overlay.contact import Contact, Endpoint
+from dna_core.overlay.contact import Contact, Endpoint, source_groups
 from dna_core.overlay.records import (
     HOUR_MS,
     MAX_PRESENCE_TTL_MS,
@@ -57,8 +58,10 @@ ROTATION = common_pb2.RECORD_KIND_KEY_ROTATION
 NAME = common_pb2.RECORD_KIND_NAME_CLAIM
 
 
-def store(**limits: int) -> RecordStore:
-    return RecordStore(name_pow_bits=BITS, identity_pow_bits=BITS, **limits)
+def store(*, max_records: int = 20_000, max_bytes: int = 64 << 20) -> RecordStore:
+    return RecordStore(
+        name_pow_bits=BITS, identity_pow_bits=BITS, max_records=max_records, max_bytes=max_bytes
+    )
 
 
 # -- record builders -------------------------------------------------------------------
@@ -540,6 +543,73 @@ def test_a_full_store_evicts_the_biggest_holder_and_never_the_newcomer_s_peers()
         s.put(identity_rec(Identity.generate()), NOW, "192.0.2.7")
 
 
+def _fill(s: RecordStore, sources: Iterable[str], who: Identity) -> None:
+    """One name claim of ``who`` from each of ``sources`` (each its own key)."""
+    for n, source in enumerate(sources):
+        assert s.put(name_rec(who, f"flood-{n}"), NOW, source).changed
+
+
+def test_one_ipv6_site_filling_the_store_from_many_64s_holds_one_share() -> None:
+    """A /48 holds 65,536 /64s: counted per /64 (the rate limiter's key), one site filled
+    the store from as many /64s as it has records (20,000 of them at the defaults) and then
+    every newcomer was refused, as nobody held two more than it. Records count per /48."""
+    flooder, alice = Identity.generate(), Identity.generate()
+    s = store(max_records=30)
+    _fill(s, (f"2001:db8:1:{n:x}::/64" for n in range(30)), flooder)
+    result = s.put(identity_rec(alice), NOW, "2a01:4f8:7::/64")  # another ISP's site
+    assert result.changed and result.evicted == (name_key("flood-0"),)  # the flood's oldest
+    assert len(s) == 30
+
+
+def test_one_ipv6_allocation_filling_the_store_from_many_48s_holds_one_share() -> None:
+    """A /32 holds 65,536 /48s, so a cap per /48 alone is passed as a cap per /64 was: a
+    store filled from 30 /48s of one /32 still takes a newcomer from another /32."""
+    flooder, alice = Identity.generate(), Identity.generate()
+    s = store(max_records=30)
+    _fill(s, (f"2001:db8:{n:x}::/64" for n in range(30)), flooder)
+    result = s.put(identity_rec(alice), NOW, "2a01:4f8:7::/64")
+    assert result.changed and result.evicted == (name_key("flood-0"),)
+
+
+def test_a_site_sharing_an_allocation_with_a_flooder_still_gets_in() -> None:
+    """Within one /32 the /48s share its place fairly: a flooder's /48 that holds the
+    block's records is the one that gives way to its neighbour."""
+    flooder, alice = Identity.generate(), Identity.generate()
+    s = store(max_records=6)
+    _fill(s, ["2001:db8:1::/64"] * 3 + ["2a01:4f8:1::/64", "2a01:4f8:2::/64", "2a01:4f8:3::/64"],
+          flooder)  # fmt: skip
+    # the /32s hold 3 each: no other block is fuller, so its own block's fullest gives way
+    result = s.put(identity_rec(alice), NOW, "2001:db8:2:5::/64")
+    assert result.changed and result.evicted == (name_key("flood-0"),)  # 2001:db8:1::/48
+    # the flooder's /48 (2 left) holds within one of alice's (1) now: it is not evicted
+    with pytest.raises(CapacityError):
+        s.put(identity_rec(Identity.generate()), NOW, "2001:db8:2:6::/64")
+
+
+def test_one_ipv4_24_filling_the_store_from_many_addresses_holds_one_share() -> None:
+    flooder, alice = Identity.generate(), Identity.generate()
+    s = store(max_records=20)
+    _fill(s, (f"198.51.100.{n}" for n in range(20)), flooder)
+    result = s.put(identity_rec(alice), NOW, "203.0.113.9")
+    assert result.changed and result.evicted == (name_key("flood-0"),)
+
+
+def test_private_addresses_each_hold_their_own_share() -> None:
+    """Private addresses are exempt from subnet caps (`contact.subnet_cap_exempt`): in a
+    Kubernetes pod range one /24 is one machine's many nodes, not one party."""
+    assert source_groups("10.1.2.3") == ("10.1.2.3", "10.1.2.3")
+    assert source_groups("fd00:1:2:3::/64") == ("fd00:1:2:3::/64", "fd00:1:2:3::/64")
+    assert source_groups("127.0.0.1") == ("127.0.0", "127.0.0")
+    assert source_groups("127.0.0.1", allow_loopback=True) == ("127.0.0.1", "127.0.0.1")
+    assert source_groups("2001:db8:1:2::/64") == ("2001:db8::/32", "2001:db8:1::/48")
+    assert source_groups("203.0.113.9") == ("203.0.113", "203.0.113")
+    flooder = Identity.generate()
+    s = store(max_records=3)
+    _fill(s, ["10.0.0.1", "10.0.0.2", "10.0.0.3"], flooder)
+    with pytest.raises(CapacityError):  # three sources of one share each: all even
+        s.put(identity_rec(Identity.generate()), NOW, "10.0.0.4")
+
+
 def test_a_repeat_of_held_bytes_is_answered_without_verifying(alice: Identity) -> None:
     s = store()
     data = identity_rec(alice)
@@ -866,6 +936,60 @@ def test_any_put_sequence_keeps_the_bounds_and_refuses_only_the_biggest_holders(
         assert len(s) == len(held_by)
 
 
+_TIERED_SOURCES = [  # two /32s; the first with three /48s, one of them with two /64s
+    "2001:db8:1:1::/64", "2001:db8:1:2::/64", "2001:db8:2::/64", "2001:db8:3::/64",
+    "2a01:4f8:1::/64", "2a01:4f8:2::/64",
+]  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    puts=st.lists(st.tuples(st.integers(0, 23), st.integers(0, 5)), max_size=40),
+    max_records=st.integers(1, 8),
+    max_kib=st.integers(6, 40),
+)
+def test_any_put_sequence_evicts_only_from_a_fuller_block_or_a_fuller_site_of_its_own(
+    puts: list[tuple[int, int]], max_records: int, max_kib: int
+) -> None:
+    """The same over IPv6 sources, counted by /32 and /48: an eviction takes from another
+    /32 holding at least two more than the newcomer's, or from another /48 of its own /32
+    holding at least two more than its own; when the count binds, a refused newcomer's /32
+    holds within one of every other, and its /48 within one of every other in its /32."""
+    s = store(max_records=max_records, max_bytes=max_kib * 1024)
+    pool = _pool()
+    held_by: dict[bytes, tuple[str, str]] = {}
+    for index, who in puts:
+        block, subnet = source_groups(_TIERED_SOURCES[who])
+        blocks = Counter(b for b, _ in held_by.values())
+        subnets = Counter(n for _, n in held_by.values())
+        before = (len(s), s.bytes_held)
+        try:
+            result = s.put(pool[index], NOW, _TIERED_SOURCES[who])
+        except CapacityError:
+            assert (len(s), s.bytes_held) == before
+            if s.bytes_held + len(pool[index]) <= s.max_bytes:  # only the count binds
+                assert all(c <= blocks[block] + 1 for b, c in blocks.items() if b != block)
+                assert all(c <= subnets[subnet] + 1 for (b, n), c in _by_pair(held_by).items()
+                           if b == block and n != subnet)  # fmt: skip
+            continue
+        for key in result.evicted:
+            their_block, their_subnet = held_by.pop(key)
+            if their_block != block:
+                assert blocks[their_block] >= blocks[block] + 2
+            else:
+                assert their_subnet != subnet and subnets[their_subnet] >= subnets[subnet] + 2
+            blocks[their_block] -= 1
+            subnets[their_subnet] -= 1
+        if result.record is not None:
+            held_by[result.record.body.key] = (block, subnet)
+        assert len(s) <= s.max_records and s.bytes_held <= s.max_bytes
+        assert len(s) == len(held_by)
+
+
+def _by_pair(held_by: dict[bytes, tuple[str, str]]) -> Counter[tuple[str, str]]:
+    return Counter(held_by.values())
+
+
 # -- a name moving to the holder's new keys (key rotation) ---------------------------------
 
 
@@ -896,3 +1020,32 @@ def test_a_name_move_not_signed_by_its_holder_is_refused(alice: Identity, bob: I
     mallory = Identity.generate()
     refused(s, moved_claim(mallory, "alice", bob), VerificationError, keys, NOW + 1)
     refused(s, moved_claim(bob, "alice", alice, seq=1), ConflictError, keys, NOW + 1)
+
+
+# -- a record hidden by a stepped clock ------------------------------------------------------
+
+
+def test_a_held_record_stands_until_the_deletion_clock_passes_its_expiry(
+    alice: Identity, bob: Identity
+) -> None:
+    """Replacement follows the clock expiry deletes by (``expiry_ms``), not the wall clock
+    reads go by: while a stepped wall clock hides a held record, neither an older record of
+    its signer nor another identity's claim of its name replaces it; a newer one does."""
+    s = store()
+    key = record_key(IDENTITY, alice.fingerprint)
+    assert s.put(identity_rec(alice, seq=5, ttl=DAY_MS), NOW).changed
+    assert s.put(name_rec(alice, "alice", ttl=DAY_MS), NOW).changed
+    stepped, deleted_to = NOW + 2 * DAY_MS, NOW + 60_000
+    assert s.get(key, stepped) is None  # hidden from reads
+    older = identity_rec(alice, seq=3, at=NOW - HOUR_MS, ttl=3 * DAY_MS)
+    squat = name_rec(bob, "alice", at=stepped)
+    keys = all_keys(alice, bob)
+    for data, why in ((older, "lower than held 5"), (squat, "another identity")):
+        before = snapshot(s, keys, deleted_to)
+        with pytest.raises(ConflictError, match=why):
+            s.put(data, stepped, expiry_ms=deleted_to)
+        assert snapshot(s, keys, deleted_to) == before
+    newer = identity_rec(alice, seq=6, at=stepped)
+    assert s.put(newer, stepped, expiry_ms=deleted_to).changed
+    # once deletion's time has passed the claim's expiry, the name is free, as when expired
+    assert s.put(squat, stepped, expiry_ms=stepped).changed

@@ -65,9 +65,11 @@ from dna_core.overlay.codec import (
     TokenReply,
 )
 from dna_core.overlay.contact import (
+    BLOCK_FACTOR,
     Contact,
     Scope,
     address_scope,
+    block_of_subnet,
     host_of,
     subnet_cap_exempt,
     subnet_of,
@@ -108,6 +110,9 @@ MAX_KEY_PROOFS = 256  # challenges in flight at once; beyond, senders wait for t
 # address claiming hundreds of fresh IDs (cheap at 8 puzzle bits) and never answering
 # holds them all, and no other node proves its key and enters the table while it does.
 MAX_KEY_PROOFS_PER_SUBNET = 8
+# ...and twice that from one IPv6 /32 (`contact.block_of`): with 65,536 /48s, one /32 held
+# them all from 32 of its /48s.
+MAX_KEY_PROOFS_PER_BLOCK = BLOCK_FACTOR * MAX_KEY_PROOFS_PER_SUBNET
 # A lookup follows at most this many new contacts of one answer at one IP address (IPv6:
 # /64; as a bucket holds two of a /24): a hostile answer listing 20 fresh IDs at one
 # victim's address, on 20 ports, would otherwise make every lookup that asked it send the
@@ -341,6 +346,7 @@ class OverlayBehaviour:
         self._proven_keys = SubnetLru[bytes, Addr](PROVEN_KEYS_SIZE, PROVEN_KEYS_PER_SUBNET)
         self._proving: dict[tuple[bytes, Addr], str | None] = {}  # -> its subnet (or exempt)
         self._proving_per_subnet: Counter[str] = Counter()
+        self._proving_per_block: Counter[str] = Counter()
         self._proofs_awaited: dict[tuple[bytes, Addr], set[Lookup]] = {}
         self._solicited = 0  # challenges in flight to nodes that answered us (uncapped)
 
@@ -477,9 +483,14 @@ class OverlayBehaviour:
         exempt = solicited or subnet_cap_exempt(contact.scope, self.config.allow_loopback)
         subnet = None if exempt else contact.subnet  # (of addr: proven_contact put it first)
         if subnet is not None:
-            if self._proving_per_subnet[subnet] >= MAX_KEY_PROOFS_PER_SUBNET:
+            block = block_of_subnet(subnet)
+            if (
+                self._proving_per_subnet[subnet] >= MAX_KEY_PROOFS_PER_SUBNET
+                or self._proving_per_block[block] >= MAX_KEY_PROOFS_PER_BLOCK
+            ):
                 return False
             self._proving_per_subnet[subnet] += 1
+            self._proving_per_block[block] += 1
         self._proving[key] = subnet
         self._solicited += solicited
         op = PingOp(addr, self._challenge(), proving=key, solicited=solicited)
@@ -575,9 +586,13 @@ class OverlayBehaviour:
             self._solicited -= op.solicited
             subnet = self._proving.pop(op.proving, None)
             if subnet is not None:
-                self._proving_per_subnet[subnet] -= 1
-                if not self._proving_per_subnet[subnet]:
-                    del self._proving_per_subnet[subnet]
+                for counts, group in (
+                    (self._proving_per_subnet, subnet),
+                    (self._proving_per_block, block_of_subnet(subnet)),
+                ):
+                    counts[group] -= 1
+                    if not counts[group]:
+                        del counts[group]
             for lookup in self._proofs_awaited.pop(op.proving, ()):
                 lookup.awaiting.discard(op.proving)
                 if not lookup.awaiting and not lookup.done:

@@ -16,6 +16,7 @@ nobody (OpenDHT's ``isMartian``).
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -115,10 +116,48 @@ def host_of(ip: str) -> str:
 
 
 def subnet_of(ip: str) -> str:
-    """The /24 (IPv4) or /48 (IPv6) ``ip`` belongs to (Sybil limits count per subnet)."""
+    """The /24 (IPv4) or /48 (IPv6) ``ip`` belongs to (Sybil limits count per subnet): one
+    site's addresses (RIPE-690 gives a customer site a /48; BEP 42 and libp2p group IPv6 by
+    /48 too)."""
     if ":" not in ip:
         return ip.rsplit(".", 1)[0]
     return str(ipaddress.ip_network(f"{ip}/48", strict=False))
+
+
+def block_of(ip: str) -> str:
+    """The coarser group Sybil limits also count: an IPv6 address's /32 (one ISP's or
+    LIR's allocation, 65,536 /48s, so one holder of it passes every /48 cap); an IPv4
+    address's /24, as `subnet_of` (a /16 costs far more than a /32 of IPv6, and honest
+    nodes share cloud /16s)."""
+    if ":" not in ip:
+        return ip.rsplit(".", 1)[0]
+    return str(ipaddress.ip_network(f"{ip}/32", strict=False))
+
+
+# A block (`block_of`) may hold this many times one subnet's share of any per-subnet cap:
+# two sites' worth. One holder of an IPv6 /32 gets no more than two /48s would; honest nodes
+# of one provider's /32 still get twice a site's room. (IPv4: the block is the /24 itself.)
+BLOCK_FACTOR = 2
+
+
+@functools.lru_cache(maxsize=4096)  # memories file entries by subnet name
+def block_of_subnet(subnet: str) -> str:
+    """The block (`block_of`) of a subnet as `subnet_of` names it."""
+    return block_of(subnet.split("/", 1)[0]) if "/" in subnet else subnet
+
+
+@functools.lru_cache(maxsize=65_536)  # asked once per record stored or loaded
+def source_groups(source: str, allow_loopback: bool = False) -> tuple[str, str]:
+    """The (block, subnet) a record store counts a source's records under (`block_of`,
+    `subnet_of`), as the routing table counts contacts. ``source`` is an address or the
+    rate limiter's key (`ratelimit.source_key`: an IPv6 address's /64 as ``net/64``). A
+    source exempt from subnet caps (`subnet_cap_exempt`: a private address, loopback on a
+    local testnet), or one that is not an address at all, is its own group."""
+    host = source.split("/", 1)[0]
+    scope = address_scope(host)
+    if scope is Scope.MARTIAN or subnet_cap_exempt(scope, allow_loopback):
+        return (source, source)
+    return (block_of(host), subnet_of(host))
 
 
 def is_loopback(ip: str) -> bool:
@@ -172,6 +211,7 @@ class Contact:
     role: int = 0
     key: int = field(init=False, repr=False, compare=False)
     subnet: str = field(init=False, repr=False, compare=False)  # of the first endpoint
+    block: str = field(init=False, repr=False, compare=False)  # of the first endpoint
     loopback: bool = field(init=False, repr=False, compare=False)
     scope: Scope = field(init=False, repr=False, compare=False)  # of the first endpoint
 
@@ -179,6 +219,7 @@ class Contact:
         first = self.endpoints[0]
         object.__setattr__(self, "key", id_int(self.node_id))
         object.__setattr__(self, "subnet", first.subnet())
+        object.__setattr__(self, "block", block_of(first.ip))
         object.__setattr__(self, "loopback", first.is_loopback())
         object.__setattr__(self, "scope", first.scope())
 

@@ -15,6 +15,10 @@ Invariants the table keeps:
   (libp2p kad's diversity filter: 2 per bucket, 10 per table), loopback exempt
   as above: with 2 per bucket alone, one /24 with many IDs (8 puzzle bits each)
   sat in every one of the ~17 buckets a table uses;
+* each of these caps (bucket, table, replacement cache) also holds, ``BLOCK_FACTOR``
+  times over, per *block* (`contact.block_of`: an IPv6 /32; for IPv4 the /24 itself, so
+  nothing changes there): a /32 holds 65,536 /48s, and its holder passed every /48 cap,
+  filling every bucket; now it holds what two /48s hold;
 * a full bucket never drops a live contact for a new one (old nodes are the
   most likely to stay, Kademlia §2.2): the newcomer waits in a bounded
   replacement cache while the least-recently-seen entry is liveness-checked,
@@ -36,10 +40,20 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from dna_core.overlay.contact import ID_BITS, Contact, id_int, subnet_cap_exempt
+from dna_core.overlay.contact import (
+    BLOCK_FACTOR,
+    ID_BITS,
+    Contact,
+    id_int,
+    subnet_cap_exempt,
+)
 
 K = 20
 TABLE_SUBNET_LIMIT = 10  # contacts of one /24 (IPv6 /48) in a whole table (libp2p's maxForTable)
+# An IPv6 /32 (`contact.block_of`) holds BLOCK_FACTOR (2) times a /48's share, in a bucket,
+# in the table and waiting: one holder of a /32 gets no more than 2 /48s would; honest nodes
+# of one provider's /32 still get 20 places of a table (a 10,000-node network's tables hold
+# ~260), 4 of a bucket's 20.
 GOOD_FOR = 900.0  # a contact heard from this recently is not pinged to make room (BEP 5)
 
 
@@ -101,6 +115,7 @@ class RoutingTable:
         # and its synthetic addresses never put 10 of one /24 in a table).
         self.table_subnet_limit = table_subnet_limit
         self._per_subnet: Counter[str] = Counter()  # (loopback uncounted if exempt)
+        self._per_block: Counter[str] = Counter()  # IPv6 /32s (IPv4: their /24 again)
         self.allow_loopback = allow_loopback
         self.max_failures = max_failures
         self.good_for = good_for
@@ -286,23 +301,29 @@ class RoutingTable:
                 self._insert(bucket, candidate, now)
 
     def _count(self, contact: Contact, change: int) -> None:
-        """Keep the table-wide count of ``contact``'s subnet (an exempt one is not counted)."""
+        """Keep the table-wide counts of ``contact``'s subnet and block (an exempt one is
+        not counted)."""
         if self.table_subnet_limit is None or subnet_cap_exempt(contact.scope, self.allow_loopback):
             return
-        per_subnet, subnet = self._per_subnet, contact.subnet
-        held = per_subnet[subnet] + change
-        if held:
-            per_subnet[subnet] = held
-        else:
-            del per_subnet[subnet]
+        for counts, group in ((self._per_subnet, contact.subnet), (self._per_block, contact.block)):
+            held = counts[group] + change
+            if held:
+                counts[group] = held
+            else:
+                del counts[group]
 
     def _make_room_for_subnet(self, bucket: _Bucket, contact: Contact) -> None:
-        """Drop the oldest replacement of ``contact``'s subnet if it has its limit waiting."""
+        """Drop the oldest replacement of ``contact``'s subnet if it has its limit waiting,
+        else of its block if that has its limit waiting."""
         if subnet_cap_exempt(contact.scope, self.allow_loopback):
             return
         same = [i for i, c in bucket.replacements.items() if c.subnet == contact.subnet]
         if len(same) >= self.subnet_limit:
             del bucket.replacements[same[0]]
+            return
+        block = [i for i, c in bucket.replacements.items() if c.block == contact.block]
+        if len(block) >= BLOCK_FACTOR * self.subnet_limit:
+            del bucket.replacements[block[0]]
 
     def _subnet_allows(
         self, bucket: _Bucket, contact: Contact, besides: _Entry | None = None
@@ -312,18 +333,23 @@ class RoutingTable:
         if subnet_cap_exempt(contact.scope, self.allow_loopback):
             return True
         subnet, room = contact.subnet, self.subnet_limit
+        block, block_room = contact.block, BLOCK_FACTOR * self.subnet_limit
         table_limit = self.table_subnet_limit
         if table_limit is not None:
             held = self._per_subnet.get(subnet, 0)
-            if besides is not None and besides.contact.subnet == subnet:
-                held -= 1
-            if held >= table_limit:
+            in_block = self._per_block.get(block, 0)
+            if besides is not None:
+                held -= besides.contact.subnet == subnet
+                in_block -= besides.contact.block == block
+            if held >= table_limit or in_block >= BLOCK_FACTOR * table_limit:
                 return False
         for entry in bucket.entries.values():
-            if entry.contact.subnet == subnet and entry is not besides:
-                room -= 1
-                if not room:
-                    return False
+            if entry is besides or entry.contact.block != block:
+                continue
+            block_room -= 1
+            room -= entry.contact.subnet == subnet
+            if not room or not block_room:
+                return False
         return True
 
 

@@ -8,7 +8,9 @@ What a node accepts, keeps and hands out for a key:
   ``H(label(kind) || signer fingerprint)``, a name claim at
   ``H(label("name") || normalized name)`` and carries a valid proof of work;
 * a lower sequence number than the one held is refused (no rollback); the same
-  sequence with other bytes is refused (the first one stays); a name claimed by
+  sequence with other bytes is refused (the first one stays); a record is held, for this,
+  until the node's deletion clock (``expiry_ms``, its ExpiryClock) passes its expiry, not
+  only until a wall clock stepped forward hides it from reads; a name claimed by
   an unexpired record of another identity is refused (first come, first served),
   unless the new claim carries the holder's signature moving the name to it (after
   the holder rotated its keys);
@@ -19,8 +21,10 @@ What a node accepts, keeps and hands out for a key:
   7 days: their owners' devices sign them again well within that (`republish_due` only
   spreads the same bytes, it never extends a life);
 * the store holds at most ``max_records`` records and ``max_bytes`` bytes. When a record
-  does not fit, the oldest record of the source (address) holding the most is evicted to
-  make room, unless that is the newcomer's own source or one holding no more than it:
+  does not fit, the oldest record of the source holding the most is evicted to make room
+  (a source counted as the routing table counts contacts, `contact.source_groups`: an IPv4
+  /24; an IPv6 /32 first, then the /48s within the newcomer's own /32), unless that is the
+  newcomer's own source or one holding no more than it:
   then the newcomer is refused. So a flood from one place only ever displaces its own
   records, and a newcomer holding two fewer records than the biggest holder gets in
   (when bytes bind, a big record may need several evictions and is refused once the
@@ -45,6 +49,7 @@ import heapq
 import math
 import random
 import unicodedata
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -53,6 +58,7 @@ from dna_core.crypto import primitives as p
 from dna_core.crypto.keys import PublicKeySet
 from dna_core.crypto.records import VerifiedRecord, open_record
 from dna_core.errors import CapacityError, ConflictError, MalformedError, VerificationError
+from dna_core.overlay.contact import source_groups
 from dna_core.wire import decode_message
 from dna_core.wire.gen.dna.v1 import common_pb2, records_pb2
 
@@ -147,6 +153,8 @@ class _Held:
     record: VerifiedRecord
     republished_ms: float
     source: str
+    block: str  # the source's groups (`contact.source_groups`): what its share counts in
+    subnet: str
 
 
 class RecordStore:
@@ -157,12 +165,16 @@ class RecordStore:
         identity_pow_bits: int = DEFAULT_IDENTITY_POW_BITS,
         max_records: int = DEFAULT_MAX_RECORDS,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        groups: Callable[[str], tuple[str, str]] = source_groups,
     ) -> None:
         self.name_pow_bits, self.identity_pow_bits = name_pow_bits, identity_pow_bits
         self.max_records, self.max_bytes = max_records, max_bytes
+        self.groups = groups  # source -> (block, subnet) its records count in
         self._held: dict[bytes, _Held] = {}
         self._by_raw: dict[bytes, bytes] = {}  # raw record -> key: repeats cost no verifying
-        self._by_source: dict[str, dict[bytes, None]] = {}  # source -> its keys, oldest first
+        self._by_subnet: dict[str, dict[bytes, None]] = {}  # subnet -> its keys, oldest first
+        self._in_block: dict[str, dict[str, None]] = {}  # block -> its subnets holding any
+        self._per_block: dict[str, int] = {}  # block -> records held
         self._bytes = 0
 
     def __len__(self) -> int:
@@ -192,16 +204,30 @@ class RecordStore:
         return StoreResult(held.record.body.seq, changed=False)
 
     def put(
-        self, data: bytes, now_ms: int, source: str = "", *, expiry_ms: int | None = None
+        self,
+        data: bytes,
+        now_ms: int,
+        source: str = "",
+        *,
+        expiry_ms: int | None = None,
+        held_before: bool = False,
     ) -> StoreResult:
         """Validate and store a SignedRecord sent by ``source`` (the sender's address, for
-        fairness when full); raises a ProtocolError and changes nothing. ``expiry_ms``
-        (default ``now_ms``): what expiry is judged against (`open_record`)."""
-        rec = open_record(data, now_ms=now_ms, expiry_ms=expiry_ms)
+        fairness when full); raises a ProtocolError and changes nothing.
+
+        ``expiry_ms`` (default ``now_ms``) is the time the node deletes expired records
+        against (its `ExpiryClock`, never ahead of the wall clock ``now_ms``): a held record
+        stands against replacement (sequence numbers, first come first served) until that
+        time passes its expiry, as it stays held until then. A wall clock stepped forward
+        hides it from reads meanwhile; judged by the wall clock here, any valid record
+        replaced it then, an older one of its signer (a rollback) or another identity's
+        claim of its name. The record put is judged unexpired at ``now_ms``, or at
+        ``expiry_ms`` when it was ``held_before`` (reloaded from the node's file)."""
+        rec = open_record(data, now_ms=now_ms, expiry_ms=expiry_ms if held_before else None)
         check_policy(rec, name_pow_bits=self.name_pow_bits,
                      identity_pow_bits=self.identity_pow_bits)  # fmt: skip
         held = self._held.get(rec.body.key)
-        expired_by = now_ms if expiry_ms is None else expiry_ms
+        expired_by = now_ms if expiry_ms is None else min(now_ms, expiry_ms)
         if held is not None and held.record.body.expires_ms > expired_by:
             if held.record.raw == rec.raw:
                 return StoreResult(rec.body.seq, changed=False)
@@ -265,20 +291,21 @@ class RecordStore:
         size = self._bytes - (len(held.record.raw) if held is not None else 0) + len(rec.raw)
         if len(rec.raw) > self.max_bytes:
             raise CapacityError("record store is full")
-        counts = {s: len(keys) for s, keys in self._by_source.items()}
-        counts[source] = counts.get(source, 0) - (held is not None and held.source == source)
+        if records <= self.max_records and size <= self.max_bytes:
+            return []
+        shares = _Shares(self, *self.groups(source))
+        if held is not None:
+            shares.take(held)  # replaced in place: no longer counted where it was
         victims: list[bytes] = []
         while records > self.max_records or size > self.max_bytes:
-            biggest = max(counts, key=lambda s: counts[s])
-            if biggest == source or counts[biggest] <= counts[source] + 1:
+            subnet = shares.victim_subnet()
+            if subnet is None:
                 raise CapacityError("record store is full (this source holds its share)")
             if len(victims) >= MAX_EVICTIONS:
                 raise CapacityError("record store is full")
-            key = next(
-                k for k in self._by_source[biggest] if k != rec.body.key and k not in victims
-            )
+            key = next(k for k in self._by_subnet[subnet] if k != rec.body.key and k not in victims)
             victims.append(key)
-            counts[biggest] -= 1
+            shares.take(self._held[key])
             records -= 1
             size -= len(self._held[key].record.raw)
         return victims
@@ -287,18 +314,69 @@ class RecordStore:
         held = self._held.pop(key)
         self._bytes -= len(held.record.raw)
         del self._by_raw[held.record.raw]
-        keys = self._by_source[held.source]
+        keys = self._by_subnet[held.subnet]
         del keys[key]
         if not keys:
-            del self._by_source[held.source]
+            del self._by_subnet[held.subnet]
+            subnets = self._in_block[held.block]
+            del subnets[held.subnet]
+            if not subnets:
+                del self._in_block[held.block]
+        self._per_block[held.block] -= 1
+        if not self._per_block[held.block]:
+            del self._per_block[held.block]
 
     def _replace(self, rec: VerifiedRecord, now_ms: int, source: str) -> None:
         if rec.body.key in self._held:
             self._remove(rec.body.key)
-        self._held[rec.body.key] = _Held(rec, now_ms, source)
+        block, subnet = self.groups(source)
+        self._held[rec.body.key] = _Held(rec, now_ms, source, block, subnet)
         self._by_raw[rec.raw] = rec.body.key
-        self._by_source.setdefault(source, {})[rec.body.key] = None
+        self._by_subnet.setdefault(subnet, {})[rec.body.key] = None
+        self._in_block.setdefault(block, {})[subnet] = None
+        self._per_block[block] = self._per_block.get(block, 0) + 1
         self._bytes += len(rec.raw)
+
+
+class _Shares:
+    """How many records each block and subnet would hold with some taken away (a put's
+    evictions, worked out before anything changes), and whose to take next. Only the
+    ``MAX_EVICTIONS + 1`` fullest are candidates: after fewer evictions than that, one of
+    them is still at least as full as any other."""
+
+    def __init__(self, store: RecordStore, block: str, subnet: str) -> None:
+        self.store, self.block, self.subnet = store, block, subnet
+        self.taken_block: Counter[str] = Counter()
+        self.taken_subnet: Counter[str] = Counter()
+        others = (b for b in store._per_block if b != block)
+        self.blocks = heapq.nlargest(MAX_EVICTIONS + 1, others, key=self.of_block)
+        neighbours = (n for n in store._in_block.get(block, ()) if n != subnet)
+        self.neighbours = heapq.nlargest(MAX_EVICTIONS + 1, neighbours, key=self.of_subnet)
+
+    def of_block(self, block: str) -> int:
+        return self.store._per_block.get(block, 0) - self.taken_block[block]
+
+    def of_subnet(self, subnet: str) -> int:
+        return len(self.store._by_subnet.get(subnet, ())) - self.taken_subnet[subnet]
+
+    def take(self, held: _Held) -> None:
+        self.taken_block[held.block] += 1
+        self.taken_subnet[held.subnet] += 1
+
+    def victim_subnet(self) -> str | None:
+        """The fullest subnet of the fullest other block, if that block holds at least two
+        more than the newcomer's (a /32 with 65,536 /48s has one share, as one /48 has);
+        else the fullest other subnet of the newcomer's own block, if it holds at least two
+        more than the newcomer's subnet (a flooder does not hold back its honest
+        neighbours); else None: nobody holds more than the newcomer's share."""
+        block = max(self.blocks, key=self.of_block, default=None)
+        if block is not None and self.of_block(block) >= self.of_block(self.block) + 2:
+            inside = self.store._in_block[block]
+            return max((n for n in inside if self.of_subnet(n) > 0), key=self.of_subnet)
+        subnet = max(self.neighbours, key=self.of_subnet, default=None)
+        if subnet is not None and self.of_subnet(subnet) >= self.of_subnet(self.subnet) + 2:
+            return subnet
+        return None
 
 
 _MAX_LIFETIME: dict[int, int] = {

@@ -118,7 +118,9 @@ class RecordFile:
         )
         for key, raw, source in rows:  # (one row at a time: the file may hold many)
             try:
-                result = store.put(bytes(raw), now_ms, str(source), expiry_ms=expiry_ms)
+                result = store.put(
+                    bytes(raw), now_ms, str(source), expiry_ms=expiry_ms, held_before=True
+                )
             except ProtocolError:
                 dropped.append(bytes(key))
                 continue

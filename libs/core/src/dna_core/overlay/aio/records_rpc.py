@@ -98,6 +98,7 @@ class OverlayService(overlay_pb2_grpc.OverlayServicer):
         local: Callable[[], Contact],
         k: int = 20,
         clock: Clock = wall_ms,
+        used_time: Callable[[], int | None] = lambda: None,
         monotonic: Callable[[], float] = time.monotonic,
         limiter: RateLimiter | None = None,
         journal: RecordJournal | None = None,
@@ -110,6 +111,9 @@ class OverlayService(overlay_pb2_grpc.OverlayServicer):
     ) -> None:
         self.store, self.closest, self.local, self.k = store, closest, local, k
         self.clock, self.monotonic, self.journal = clock, monotonic, journal
+        # The latest time the node's upkeep deleted expired records against (its
+        # ExpiryClock's high_ms; None: not yet): what stores are judged by besides the wall.
+        self.used_time = used_time
         if limiter is None:
             limiter = RateLimiter(
                 DEFAULT_SOURCE_RATE_PER_S, DEFAULT_SOURCE_BURST, DEFAULT_SOURCE_MAX_KEYS
@@ -230,13 +234,28 @@ class OverlayService(overlay_pb2_grpc.OverlayServicer):
                 f"(burst {self.limiter.burst:g}); retry after {wait:.1f} s",
                 wait,
             )
-        result = self.store.put(raw, now_ms, source)
+        verify_at, expired_by = self._judged_at(now_ms)
+        result = self.store.put(raw, verify_at, source, expiry_ms=expired_by)
         if self.journal is not None and result.record is not None:
             self.journal.delete(result.evicted)
             self.journal.save(raw, result.record.body.key, source, result.record.body.expires_ms)
         if result.evicted:
             self.on_evicted(len(result.evicted))
         return result
+
+    def _judged_at(self, wall: int) -> tuple[int, int]:
+        """(the time a stored record is verified at, the time what is held has expired
+        by), as the load at start judges (`OverlayServer._open_records`). A held record
+        stands against replacement until upkeep, which follows a forward step of the wall
+        clock at most twice as fast as time passes, has deleted it: judged by a wall clock
+        stepped forward, any valid record replaced one the step hid, an older one of its
+        signer (a rollback) or another identity's claim of its name. And a record is
+        verified at the latest time the node has used: with the clock set back, every
+        fresh record was "created in the future" and refused until it was set right."""
+        used = self.used_time()
+        if used is None:
+            return wall, wall
+        return max(wall, used), min(wall, used)
 
     def _fellow_holder(self, key: bytes, source: str) -> bool:
         """Whether ``source`` is the address of one of the k nodes we know closest to

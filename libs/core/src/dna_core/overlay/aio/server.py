@@ -9,6 +9,7 @@ Configuration is one frozen model loaded from TOML + environment
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import random
 import resource
@@ -46,6 +47,7 @@ from dna_core.ops.http import HttpLimits, OpsServer, build_ops_app
 from dna_core.ops.logs import node_logger
 from dna_core.ops.node_key import load_or_create_node_key
 from dna_core.ops.relay import TcpRelay
+from dna_core.overlay.contact import source_groups
 from dna_core.overlay.protocol import Addr
 from dna_core.overlay.records import (
     DEFAULT_IDENTITY_POW_BITS,
@@ -171,7 +173,8 @@ class RecordsSection(ConfigModel):
     in the node's own data directory (bootstrap-data/, or a storage node's storage.data_dir), so
     two nodes started from one working directory never share it."""
     max_records: int = Field(default=DEFAULT_MAX_RECORDS, ge=1)
-    """Records held at most; when full, the biggest holder is evicted."""
+    """Records held at most; when full, the biggest holder (per /24; IPv6: per /32, then
+    per /48 within it) is evicted."""
     max_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1)
     """Bytes of records held at most (64 MiB: a full store measured 256 MB RSS)."""
     source_rate_per_s: float = Field(default=DEFAULT_SOURCE_RATE_PER_S, gt=0)
@@ -457,6 +460,7 @@ class OverlayServer:
             name_pow_bits=cfg.overlay.name_pow_bits,
             identity_pow_bits=cfg.records.identity_pow_bits,
             max_records=cfg.records.max_records, max_bytes=cfg.records.max_bytes,
+            groups=functools.partial(source_groups, allow_loopback=cfg.overlay.allow_loopback),
         )  # fmt: skip
         path = cfg.records_path()
         try:
@@ -569,6 +573,10 @@ class OverlayServer:
             ),
             journal=self.record_file,
             clock=self.wall_ms,  # reads hide what the wall clock calls expired
+            # stores are judged by the ExpiryClock as the load is; read, not advanced: each
+            # reading adds its slack, so a reading per store would let a flood of stores
+            # catch it up with a stepped clock
+            used_time=lambda: self.expiry_clock.high_ms,
             on_rejected=lambda reason: node.metrics.rejected.labels(reason=reason).inc(),
             on_evicted=evicted.inc,
             registry=self.registry,
