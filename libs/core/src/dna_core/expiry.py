@@ -48,7 +48,11 @@ class ExpiryClock:
         self._behind = False  # by more than what the caller said: ``step_news``
 
     def now_ms(self, wall_ms: int, monotonic_ms: int) -> int:
-        """The time to delete expired items against, given both clocks' readings now."""
+        """The time to delete expired items against, given both clocks' readings now.
+
+        Read it once per pass (GC, upkeep), not per request: every reading may add
+        ``SLACK_MS``, so a reading per request would let a flood of requests catch a
+        stepped clock up at once. A request reads ``high_ms`` instead."""
         now = wall_ms
         if self.high_ms is not None:  # after a restart, the time since is unknown: none
             elapsed = 0 if self._at is None else max(0, monotonic_ms - self._at)
