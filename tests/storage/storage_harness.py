@@ -9,7 +9,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dna_storage.backends.base import MailboxBackend
+from dna_storage.backends.base import MailboxBackend, Tombstone
 from dna_storage.backends.redis import RedisBackend
 from dna_storage.backends.sqlite import SqliteBackend
 
@@ -46,3 +46,13 @@ class Stores:
                 self._runner.run(backend.close())
         finally:
             self._runner.close()
+
+
+async def listing(
+    backend: MailboxBackend, mailbox_id: bytes, now_ms: int
+) -> tuple[list[bytes], list[Tombstone]]:
+    """A mailbox's sorted unexpired blob IDs and live tombstones, read as repair reads them
+    (``sync_index``, then ``get_tombstones``): the tests check the path the node uses."""
+    index = await backend.sync_index(mailbox_id, now_ms)
+    tombs = await backend.get_tombstones(mailbox_id, [t for t, _ in index.tombstones], now_ms)
+    return index.blob_ids, tombs

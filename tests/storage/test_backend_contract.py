@@ -30,7 +30,7 @@ from dna_storage.backends.base import (
 from dna_storage.backends.common import mailbox_digest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from storage.storage_harness import Stores
+from storage.storage_harness import Stores, listing
 
 T0 = (int(time.time()) + 10 * 86_400) * 1000
 DAY = 86_400_000
@@ -207,7 +207,7 @@ def test_deleted_blobs_are_gone_and_tombstoned_blobs_refused(stores: Stores, kin
         assert await b.put_many([never], T0 + 3) == [TOMBSTONED]
         assert await b.delete([tomb(m, a.blob_id)], T0 + 3) == 0
         assert await b.delete([], T0 + 3) == 0
-        blob_ids, tombs = await b.ids(m, T0 + 3)
+        blob_ids, tombs = await listing(b, m, T0 + 3)
         assert blob_ids == [keep.blob_id]
         assert [t.blob_id for t in tombs] == sorted([a.blob_id, never.blob_id])
         assert await b.usage(m, T0 + 3) == Usage(1, len(keep.blob))
@@ -222,14 +222,14 @@ def test_tombstones_outlive_the_blobs_they_delete(stores: Stores, kind: str) -> 
         await b.put_many([a], T0)
         short = Tombstone(m, a.blob_id, T0 + 10, T0 + 50, b"auth-1")
         assert await b.delete([short], T0 + 10) == 1
-        _, tombs = await b.ids(m, T0 + 10)
+        _, tombs = await listing(b, m, T0 + 10)
         assert tombs == [replace(short, expires_ms=a.expires_ms)]  # extended to the blob's
         revived = blob(m, b"a", at=T0 + 75, ttl=1000)
         assert await b.put_many([revived], T0 + 75) == [TOMBSTONED]
         # The later-expiring of two tombstones wins; an earlier one changes nothing.
         longer = Tombstone(m, a.blob_id, T0 + 80, T0 + 500, b"auth-2")
         await b.delete([longer, replace(longer, expires_ms=T0 + 200, authorization=b"x")], T0 + 80)
-        assert (await b.ids(m, T0 + 80))[1] == [longer]
+        assert (await listing(b, m, T0 + 80))[1] == [longer]
         assert await b.put_many([revived], T0 + 499) == [TOMBSTONED]
         assert await b.put_many([revived], T0 + 500) == [STORED]  # tombstone expired
 
@@ -242,14 +242,14 @@ def test_expired_tombstones_are_removed(stores: Stores, kind: str) -> None:
         x = blob(m, b"x", at=T0 + 100)
         await b.delete([tomb(m, x.blob_id, ttl=100)], T0)
         assert await b.put_many([x], T0 + 99) == [TOMBSTONED]
-        assert await b.ids(m, T0 + 100) == ([], [])
+        assert await listing(b, m, T0 + 100) == ([], [])
         assert await b.digests(b"", b"", T0 + 100) == []
         # Already expired on arrival and deleting nothing live: ignored.
         assert await b.delete([tomb(m, b"\x01" * 32, ttl=0)], T0 + 100) == 0
         assert await b.expire(T0 + 99, 10) == 0
         assert await b.expire(T0 + 100, 10) == 1
         assert await b.put_many([x], T0 + 100) == [STORED]
-        assert await b.ids(m, T0 + 100) == ([x.blob_id], [])
+        assert await listing(b, m, T0 + 100) == ([x.blob_id], [])
 
     run_scenario(stores, kind, scenario)
 
@@ -265,7 +265,7 @@ def test_expired_blobs_never_returned_and_removed_by_expire(stores: Stores, kind
         now = T0 + 150
         assert await fetch_all(b, m, now) == [replace(c, seq=2), replace(d, seq=3)]
         assert [x.blob_id for x in await b.get_blobs(m, [a.blob_id, c.blob_id], now)] == [c.blob_id]
-        assert (await b.ids(m, now))[0] == sorted([c.blob_id, d.blob_id])
+        assert (await listing(b, m, now))[0] == sorted([c.blob_id, d.blob_id])
         assert await b.usage(m, now) == Usage(2, 5)
         assert await b.totals() == Usage(3, 6)  # held until collected
         assert await b.put_many([blob(m, b"late", ttl=150)], now) == [EXPIRED]
@@ -321,7 +321,7 @@ def test_ids_and_get_blobs(stores: Stores, kind: str) -> None:
         await b.put_many(blobs, T0)
         await b.delete([tomb(m, blobs[4].blob_id)], T0)
         by_id = {x.blob_id: replace(x, seq=i + 1) for i, x in enumerate(blobs)}
-        blob_ids, tombs = await b.ids(m, T0)
+        blob_ids, tombs = await listing(b, m, T0)
         assert blob_ids == sorted(x.blob_id for x in blobs[:4])
         assert tombs == [tomb(m, blobs[4].blob_id)]
         ask = [blobs[3].blob_id, b"\x00" * 32, blobs[0].blob_id, blobs[3].blob_id, blobs[4].blob_id]
@@ -329,7 +329,7 @@ def test_ids_and_get_blobs(stores: Stores, kind: str) -> None:
         assert got == [by_id[blobs[3].blob_id], by_id[blobs[0].blob_id]]  # asked order, once
         assert await b.get_blobs(mbox(1), ask, T0) == []
         assert await b.get_blobs(m, [], T0) == []
-        assert await b.ids(mbox(1), T0) == ([], [])
+        assert await listing(b, mbox(1), T0) == ([], [])
         assert await b.held(m, ask, T0) == (
             {blobs[3].blob_id, blobs[0].blob_id},
             {blobs[4].blob_id},
@@ -462,7 +462,7 @@ def test_digests_are_equal_iff_holdings_are(
         m = mbox(0)
         await hold(sqlite, m, first)
         await hold(redis, m, second)
-        ours, theirs = await sqlite.ids(m, T0), await redis.ids(m, T0)
+        ours, theirs = await listing(sqlite, m, T0), await listing(redis, m, T0)
         same = (ours[0], [t.blob_id for t in ours[1]]) == (
             theirs[0],
             [t.blob_id for t in theirs[1]],
@@ -489,7 +489,7 @@ def test_digest_equal_across_backends(stores: Stores) -> None:
                 start, end, T0 + 1
             )
         assert len(await sqlite.digests(b"", b"", T0 + 1)) == 3
-        assert await sqlite.ids(mbox(0), T0 + 1) == await redis.ids(mbox(0), T0 + 1)
+        assert await listing(sqlite, mbox(0), T0 + 1) == await listing(redis, mbox(0), T0 + 1)
 
     stores.run(main())
 
@@ -532,7 +532,7 @@ def test_a_signed_delete_is_stored_once_for_all_its_tombstones(stores: Stores, k
         assert await b.signed_deletes() == Usage(2, 26_000)
         await b.delete(first, T0 + 1)  # a replay changes nothing
         assert await b.signed_deletes() == Usage(2, 26_000)
-        assert (await b.ids(m, T0 + 1))[1] == sorted(first + second, key=lambda t: t.blob_id)
+        assert (await listing(b, m, T0 + 1))[1] == sorted(first + second, key=lambda t: t.blob_id)
         assert await b.expire(T0 + DAY, 150) == 150  # part of the first: still referenced
         assert await b.signed_deletes() == Usage(2, 26_000)
         assert await b.expire(T0 + DAY, 1000) == 50
@@ -593,7 +593,7 @@ def test_forget_drops_copies_without_tombstones(stores: Stores, kind: str) -> No
         await b.delete([tomb(m0, b"\x09" * 32)], T0)
         unknown = b"\x0a" * 32
         assert await b.forget(m0, [x.blob_id, unknown, x.blob_id], [b"\x09" * 32]) == 2
-        assert await b.ids(m0, T0) == ([y.blob_id], [])
+        assert await listing(b, m0, T0) == ([y.blob_id], [])
         assert await b.totals() == Usage(2, 25)
         assert await b.forget(m0, [y.blob_id], []) == 1
         assert [d.mailbox_id for d in await b.digests(b"", b"", T0)] == [m1]  # m0 held nothing
@@ -790,7 +790,7 @@ async def apply(b: MailboxBackend, model: Model, op: tuple[str, object], now: in
 async def check_reads(b: MailboxBackend, model: Model, now: int) -> None:
     for m in MAILBOXES:
         assert await fetch_all(b, m, now) == model.live(m, now)
-        assert await b.ids(m, now) == model.ids(m, now)
+        assert await listing(b, m, now) == model.ids(m, now)
         live = model.live(m, now)
         assert await b.usage(m, now) == Usage(len(live), sum(len(x.blob) for x in live))
         assert await b.get_blobs(m, IDS, now) == sorted(live, key=lambda x: IDS.index(x.blob_id))

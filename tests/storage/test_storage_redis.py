@@ -24,6 +24,7 @@ from dna_storage.backends.redis import (
     durability_problems,
 )
 from storage.redis_process import RedisProcess
+from storage.storage_harness import listing
 
 T0 = (int(time.time()) + 10 * 86_400) * 1000  # ahead of the wall clock
 M = hashlib.sha256(b"redis mailbox").digest()
@@ -228,12 +229,12 @@ def test_tombstones_stored_with_their_authorization_inline_still_read(redis_url:
             await b.delete(new, T0)
             everything = sorted(old + new, key=lambda t: t.blob_id)
             assert await b.get_tombstones(M, [t.blob_id for t in everything], T0) == everything
-            assert (await b.ids(M, T0))[1] == everything
+            assert (await listing(b, M, T0))[1] == everything
             index = await b.sync_index(M, T0)
             assert index.tombstones == [(t.blob_id, len(t.authorization)) for t in everything]
             assert await b.signed_deletes() == Usage(1, len(b"new shared delete"))
             assert await b.expire(T0 + 2000, 100) == 3  # the old ones
-            assert (await b.ids(M, T0 + 2000))[1] == new
+            assert (await listing(b, M, T0 + 2000))[1] == new
             assert await b.expire(T0 + 3000, 100) == 3
             assert await b.signed_deletes() == Usage(0, 0)
             assert await b.mailboxes() == 0

@@ -23,6 +23,7 @@ from dna_storage.backends.base import (
 )
 from dna_storage.backends.sqlite import SqliteBackend
 from storage.sqlite_v3_schema import V3_SCHEMA
+from storage.storage_harness import listing
 
 T0 = 1_700_000_000_000
 DAY = 86_400_000
@@ -297,7 +298,7 @@ def test_a_version_3_file_keeps_each_signed_delete_once(tmp_path: Path) -> None:
         b = await SqliteBackend.open(path)
         try:
             assert await b.get_tombstones(m, [t.blob_id for t in tombs], T0) == tombs
-            assert (await b.ids(m, T0))[1] == tombs
+            assert (await listing(b, m, T0))[1] == tombs
             assert await b.mailboxes() == 1  # its tombstones counted at migration (v5)
             assert await b.signed_deletes() == Usage(2, len(first) + len(second))
             assert await b.expire(T0 + DAY + 4, 100) == 5  # every tombstone of the first

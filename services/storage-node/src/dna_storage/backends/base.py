@@ -146,10 +146,6 @@ class MailboxBackend(Protocol):
         many entries were held and removed."""
         ...
 
-    async def ids(self, mailbox_id: bytes, now_ms: int) -> tuple[list[bytes], list[Tombstone]]:
-        """Sorted unexpired blob IDs and the live tombstones of a mailbox (for anti-entropy)."""
-        ...
-
     async def sync_index(
         self, mailbox_id: bytes, now_ms: int, after: bytes = b"", limit: int = 0
     ) -> SyncIndex:

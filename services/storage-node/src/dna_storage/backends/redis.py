@@ -651,14 +651,6 @@ class RedisBackend:
             if blob is not None and int(expires) > now_ms
         ]
 
-    async def ids(self, mailbox_id: bytes, now_ms: int) -> tuple[list[bytes], list[Tombstone]]:
-        async with self._r.pipeline(transaction=True) as pipe:
-            pipe.zrangebyscore(self._key("e", mailbox_id), f"({now_ms}", "+inf")
-            pipe.zrangebyscore(self._key("ti", mailbox_id), f"({now_ms}", "+inf")
-            blob_members, tomb_members = await pipe.execute()
-        tombs = await self._tombstones(mailbox_id, sorted(_ids_of(tomb_members)), now_ms)
-        return sorted(_ids_of(blob_members)), tombs
-
     async def _tombstones(
         self, mailbox_id: bytes, blob_ids: list[bytes], now_ms: int
     ) -> list[Tombstone]:

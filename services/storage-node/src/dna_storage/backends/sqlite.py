@@ -571,12 +571,6 @@ class SqliteBackend:
         )
         return [found[i] for i in wanted if i in found]
 
-    async def ids(self, mailbox_id: bytes, now_ms: int) -> tuple[list[bytes], list[Tombstone]]:
-        result: tuple[list[bytes], list[Tombstone]] = await self._reader.submit(
-            lambda c: _ids(c, mailbox_id, now_ms)
-        )
-        return result
-
     async def sync_index(
         self, mailbox_id: bytes, now_ms: int, after: bytes = b"", limit: int = 0
     ) -> SyncIndex:
@@ -945,26 +939,6 @@ def _held_in(
             )
         )
     return found
-
-
-def _ids(
-    conn: sqlite3.Connection, mailbox_id: bytes, now_ms: int
-) -> tuple[list[bytes], list[Tombstone]]:
-    blob_ids = [
-        row[0]
-        for row in conn.execute(
-            "SELECT blob_id FROM blobs WHERE mailbox_id = ? AND expires_ms > ? ORDER BY blob_id",
-            (mailbox_id, now_ms),
-        )
-    ]
-    tombs = [
-        Tombstone(*row)
-        for row in conn.execute(
-            f"{_TOMBSTONES} WHERE t.mailbox_id = ? AND t.expires_ms > ? ORDER BY t.blob_id",
-            (mailbox_id, now_ms),
-        )
-    ]
-    return blob_ids, tombs
 
 
 def _digests(
