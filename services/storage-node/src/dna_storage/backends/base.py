@@ -135,7 +135,9 @@ class MailboxBackend(Protocol):
         ...
 
     async def delete(self, tombstones: Sequence[Tombstone], now_ms: int) -> int:
-        """Store tombstones, drop the blobs they name; returns blobs removed."""
+        """Store tombstones, drop the blobs they name; returns blobs removed. Applied in
+        bounded steps (the writer is not held for a whole 1,000-ID delete): a failure may
+        leave the earlier steps applied, which a retry repeats harmlessly."""
         ...
 
     async def forget(

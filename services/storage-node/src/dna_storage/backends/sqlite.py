@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import queue
 import sqlite3
@@ -56,6 +57,9 @@ from dna_storage.backends.common import (
 # 4: a signed delete is stored once (``signed_deletes``), its tombstones reference it
 SCHEMA_VERSION = 5
 MAX_JOBS_PER_COMMIT = 256  # bounds one transaction's size and the latency it adds
+# Tombstones (or IDs forgotten) per writer job: a delete of 1,000 is 10 jobs, one at a time,
+# so the writer is held ~40 ms at once, not 0.4-0.9 s (blobs of 60 KB dropped with them).
+WRITE_CHUNK = 100
 _IN_CHUNK = 500  # IDs per `IN (...)` query, well under SQLite's variable limit
 BUSY_TIMEOUT_MS = 10_000  # how long a call waits for a lock another process holds on the file
 # Primary result codes of a file that cannot be reached now (``_storage_error``).
@@ -531,11 +535,18 @@ class SqliteBackend:
         return result
 
     async def delete(self, tombstones: Sequence[Tombstone], now_ms: int) -> int:
+        """``WRITE_CHUNK`` tombstones per writer job, each job submitted once the last is
+        committed: the writes queued meanwhile go between them. One job of 1,000 held the
+        writer, and every put waiting for it, for 0.4-0.9 s (blobs of 60 KB)."""
         if not tombstones:
             return 0
         batch = list(tombstones)
         digests = per_authorization([t.authorization for t in batch], auth_digest)
-        removed: int = await self._writer.submit(lambda c: _delete_batch(c, batch, digests, now_ms))
+        removed = 0
+        for i in range(0, len(batch), WRITE_CHUNK):
+            part, part_digests = batch[i : i + WRITE_CHUNK], digests[i : i + WRITE_CHUNK]
+            job = functools.partial(_delete_batch, batch=part, digests=part_digests, now_ms=now_ms)
+            removed += await self._writer.submit(job)
         return removed
 
     async def expire(self, now_ms: int, limit: int) -> int:
@@ -547,10 +558,17 @@ class SqliteBackend:
     async def forget(
         self, mailbox_id: bytes, blob_ids: Sequence[bytes], tombstone_ids: Sequence[bytes]
     ) -> int:
+        """``WRITE_CHUNK`` IDs per writer job, as ``delete`` (a hand-off copy dropped whole
+        can be a mailbox's every blob)."""
         blobs, tombs = unique(blob_ids), unique(tombstone_ids)
-        if not blobs and not tombs:
-            return 0
-        removed: int = await self._writer.submit(lambda c: _forget(c, mailbox_id, blobs, tombs))
+        removed = 0
+        for i in range(0, len(blobs) + len(tombs), WRITE_CHUNK):
+            part_blobs = blobs[i : i + WRITE_CHUNK]
+            part_tombs = tombs[max(0, i - len(blobs)) : max(0, i + WRITE_CHUNK - len(blobs))]
+            job = functools.partial(
+                _forget, mailbox_id=mailbox_id, blob_ids=part_blobs, tomb_ids=part_tombs
+            )
+            removed += await self._writer.submit(job)
         return removed
 
     async def fetch(
