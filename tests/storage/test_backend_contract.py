@@ -863,3 +863,35 @@ def test_a_large_delete_lets_other_writes_through_and_applies_whole(
         assert await b.signed_deletes() == Usage(0, 0)
 
     run_scenario(stores, kind, scenario)
+
+
+def test_usage_subtracts_what_expired_across_hours(stores: Stores, kind: str) -> None:
+    """Usage subtracts whole hours of expiry from per-hour counters and the hour under way
+    from the blobs: at every time around and across hour boundaries, after GC and a delete,
+    it equals the live blobs counted one by one."""
+    hour = 3_600_000
+
+    async def scenario(b: MailboxBackend) -> None:
+        m = mbox(0)
+        start = (T0 // hour) * hour
+        expiries = [start + k * hour // 4 + d for k in range(12) for d in (-1, 0, 1)]
+        held = [blob(m, b"x" * (n + 1), at=start - hour) for n in range(len(expiries))]
+        held = [replace(x, expires_ms=e) for x, e in zip(held, expiries, strict=True)]
+        await b.put_many(held, start - hour)
+
+        async def check(now: int, gone: set[bytes]) -> None:
+            live = [x for x in held if x.expires_ms > now and x.blob_id not in gone]
+            want = Usage(len(live), sum(len(x.blob) for x in live))
+            assert await b.usage(m, now) == want, now
+
+        times = sorted({start - 1, *(e + d for e in expiries for d in (-1, 0, 1))})
+        for now in times:
+            await check(now, set())
+        await b.expire(start + hour, 1000)  # GC reaches the first hour
+        gone = {x.blob_id for x in held if x.expires_ms <= start + hour}
+        deleted = {held[20].blob_id, held[30].blob_id}
+        await b.delete([tomb(m, i, at=start) for i in deleted], start)
+        for now in times:
+            await check(now, gone | deleted)
+
+    run_scenario(stores, kind, scenario)

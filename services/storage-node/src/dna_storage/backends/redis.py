@@ -27,6 +27,8 @@ Layout (``P`` = prefix, IDs hex-encoded, ``M`` = mailbox, ``B`` = blob ID):
   exact when a key vanished before GC reached it
 * ``P s:M`` zset B -> seq (cursor fetch); ``P e:M`` zset B -> expires_ms (usage, liveness)
 * ``P z:M`` hash B -> size; ``P u:M`` hash ``bytes`` (usage without reading payloads)
+* ``P eh:M`` hash hour of expiry (expires_ms // ``EXPIRY_HOUR_MS``) -> bytes of the blobs
+  expiring in it: usage subtracts the hours gone without reading each expired blob (layout 3)
 * ``P ti:M`` zset B -> tombstone expires_ms; ``P q:M`` seq counter (INCR, never reset)
 * ``P l:M`` / ``P tl:M`` zsets of the blob / tombstone IDs, score 0: by ID (``ZRANGE BYLEX``),
   so a sync list page reads its page, not the whole mailbox (layout 3)
@@ -105,6 +107,7 @@ LAYOUT = 3
 _SCAN_CHUNK = 64  # index entries per fetch round trip (beyond limit + 1)
 _ID_CHUNK = 4096  # IDs per round trip when a mailbox's whole ID index is read (repair)
 WRITE_CHUNK = 100  # tombstones (or IDs forgotten) per script: each holds the whole server
+EXPIRY_HOUR_MS = 3_600_000  # the width of an ``eh:`` bucket (the scripts say 3600000)
 _BLOB_FIELDS = ["d", "s", "e", "q", "w"]
 # Replies of a store that cannot serve now (down, restarting, loading its data, a read-only
 # replica, too slow): UNAVAILABLE, not a bug (``StoreUnavailableError``).
@@ -123,9 +126,17 @@ _PRELUDE = """
 local P = ARGV[1]
 local function bkey(mb, id) return P .. 'b:' .. mb .. ':' .. id end
 local function tkey(mb, id) return P .. 't:' .. mb .. ':' .. id end
+local function count_hour(mb, expires, size)
+  local hour = math.floor(tonumber(expires) / 3600000)
+  if redis.call('HINCRBY', P .. 'eh:' .. mb, hour, size) <= 0 then
+    redis.call('HDEL', P .. 'eh:' .. mb, hour)
+  end
+end
 local function drop_blob(mb, id)
   local size = tonumber(redis.call('HGET', P .. 'z:' .. mb, id) or '0')
+  local expires = redis.call('ZSCORE', P .. 'e:' .. mb, id)
   if redis.call('ZREM', P .. 'e:' .. mb, id) == 1 then
+    count_hour(mb, expires, -size)
     redis.call('HINCRBY', P .. 'u:' .. mb, 'bytes', -size)
     redis.call('HINCRBY', P .. 'totals', 'blobs', -1)
     redis.call('HINCRBY', P .. 'totals', 'bytes', -size)
@@ -172,7 +183,7 @@ local function prune_mailbox(mb)
   if redis.call('ZCARD', P .. 'e:' .. mb) == 0 and redis.call('ZCARD', P .. 'ti:' .. mb) == 0 then
     redis.call('ZREM', P .. 'm', mb)
     redis.call('DEL', P .. 'u:' .. mb, P .. 'z:' .. mb, P .. 's:' .. mb, P .. 'tr:' .. mb,
-      P .. 'l:' .. mb, P .. 'tl:' .. mb)
+      P .. 'l:' .. mb, P .. 'tl:' .. mb, P .. 'eh:' .. mb)
   end
 end
 """
@@ -199,6 +210,7 @@ local function put_one(mb, id, blob, stored, expires, proof)
   redis.call('ZADD', P .. 'l:' .. mb, 0, id)
   redis.call('HSET', P .. 'z:' .. mb, id, #blob)
   redis.call('HINCRBY', P .. 'u:' .. mb, 'bytes', #blob)
+  count_hour(mb, expires, #blob)
   redis.call('HINCRBY', P .. 'totals', 'blobs', 1)
   redis.call('HINCRBY', P .. 'totals', 'bytes', #blob)
   redis.call('ZADD', P .. 'x', expires, 'b:' .. mb .. ':' .. id)
@@ -299,19 +311,27 @@ prune_mailbox(mb)
 return cleaned
 """
 
-# ARGV: prefix, mailbox, now. Returns {live blobs, their bytes}.
+# ARGV: prefix, mailbox, now. Returns {live blobs, their bytes}: the bytes held minus the
+# hours of expiry gone (``eh:``) and the blobs of this hour that expired. Reading every
+# expired blob's size held the server 205 ms a put at 100,000 expired GC had not reached.
 _USAGE = """
 local mb, now = ARGV[2], ARGV[3]
 local count = redis.call('ZCOUNT', P .. 'e:' .. mb, '(' .. now, '+inf')
 local bytes = tonumber(redis.call('HGET', P .. 'u:' .. mb, 'bytes') or '0')
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'e:' .. mb, '-inf', now)) do
+local hour = math.floor(tonumber(now) / 3600000)
+local hours = redis.call('HGETALL', P .. 'eh:' .. mb)
+for i = 1, #hours, 2 do
+  if tonumber(hours[i]) < hour then bytes = bytes - tonumber(hours[i + 1]) end
+end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'e:' .. mb, hour * 3600000, now)) do
   bytes = bytes - tonumber(redis.call('HGET', P .. 'z:' .. mb, id) or '0')
 end
 return {count, bytes}
 """
 
 # ARGV: prefix, then mailboxes. Returns "mailbox expiry index" for each ID index (``l:``,
-# ``tl:``) whose size differs from its expiry index's (``e:``, ``ti:``): one to rebuild.
+# ``tl:``) whose size differs from its expiry index's (``e:``, ``ti:``), and "mailbox e eh"
+# for a mailbox whose bytes per hour of expiry do not add up to its bytes: ones to rebuild.
 _INDEX_CHECK = """
 local stale = {}
 for i = 2, #ARGV do
@@ -321,6 +341,11 @@ for i = 2, #ARGV do
     if redis.call('ZCARD', P .. e .. ':' .. mb) ~= redis.call('ZCARD', P .. l .. ':' .. mb) then
       stale[#stale + 1] = mb .. ' ' .. e .. ' ' .. l
     end
+  end
+  local hours = 0
+  for _, n in ipairs(redis.call('HVALS', P .. 'eh:' .. mb)) do hours = hours + tonumber(n) end
+  if hours ~= tonumber(redis.call('HGET', P .. 'u:' .. mb, 'bytes') or '0') then
+    stale[#stale + 1] = mb .. ' e eh'
   end
 end
 return stale
@@ -465,6 +490,9 @@ class RedisBackend:
         stale: list[Any] = await self._index_check(keys=[], args=[self._p, *mailboxes])
         for item in stale:
             mailbox, expiry, index = (item.decode() if isinstance(item, bytes) else item).split()
+            if index == "eh":
+                await self._recount_hours(mailbox)
+                continue
             ids: list[Any] = await self._r.zrange(f"{self._p}{expiry}:{mailbox}", 0, -1)
             await self._r.delete(f"{self._p}{index}:{mailbox}")
             for i in range(0, len(ids), _ID_CHUNK):
@@ -472,6 +500,19 @@ class RedisBackend:
                     f"{self._p}{index}:{mailbox}", dict.fromkeys(ids[i : i + _ID_CHUNK], 0)
                 )
         mailboxes.clear()
+
+    async def _recount_hours(self, mailbox: str) -> None:
+        """Rebuild a mailbox's bytes per hour of expiry (``eh:M``) from its expiry index and
+        sizes (layout 3; a store an older node wrote to)."""
+        expiries: list[Any] = await self._r.zrange(f"{self._p}e:{mailbox}", 0, -1, withscores=True)
+        sizes: dict[Any, Any] = await self._r.hgetall(f"{self._p}z:{mailbox}")
+        hours: dict[int, int] = {}
+        for member, expires in expiries:
+            hour = int(expires) // EXPIRY_HOUR_MS
+            hours[hour] = hours.get(hour, 0) + int(sizes.get(member, 0))
+        await self._r.delete(f"{self._p}eh:{mailbox}")
+        if hours:
+            await self._r.hset(f"{self._p}eh:{mailbox}", mapping=hours)  # type: ignore[arg-type]
 
     async def _remove_native_expiry(self) -> None:
         """Keys written by a node of layout 1 expire natively, by the Redis server's clock:
