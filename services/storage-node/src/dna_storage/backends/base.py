@@ -187,7 +187,8 @@ class MailboxBackend(Protocol):
         ...
 
     async def expire(self, now_ms: int, limit: int) -> int:
-        """Remove up to ``limit`` expired blobs and tombstones; returns how many."""
+        """Remove up to ``limit`` expired blobs and tombstones, oldest first; returns how
+        many. Applied in bounded steps, as ``delete``: other writes go between them."""
         ...
 
     async def signed_deletes(self) -> Usage:

@@ -589,9 +589,15 @@ class RedisBackend:
         return removed
 
     async def expire(self, now_ms: int, limit: int) -> int:
-        if limit < 1:
-            return 0
-        return int(await self._write(self._expire, [self._p, now_ms, limit]))
+        """One script per ``WRITE_CHUNK``, as ``delete`` (1,000 in one: 27 ms of the server)."""
+        removed = 0
+        while removed < limit:
+            step = min(WRITE_CHUNK, limit - removed)
+            done = int(await self._write(self._expire, [self._p, now_ms, step]))
+            removed += done
+            if done < step:
+                break
+        return removed
 
     async def forget(
         self, mailbox_id: bytes, blob_ids: Sequence[bytes], tombstone_ids: Sequence[bytes]

@@ -584,9 +584,17 @@ class SqliteBackend:
         return removed
 
     async def expire(self, now_ms: int, limit: int) -> int:
-        if limit < 1:
-            return 0
-        removed: int = await self._writer.submit(lambda c: _expire(c, now_ms, limit))
+        """``WRITE_CHUNK`` at a time, as ``delete``: GC's default batch of 1,000 in one job
+        held the writer 0.2-0.6 s (blobs of 100 B to 60 KB), every put waiting."""
+        removed = 0
+        while removed < limit:
+            step = min(WRITE_CHUNK, limit - removed)
+            done: int = await self._writer.submit(
+                functools.partial(_expire, now_ms=now_ms, limit=step)
+            )
+            removed += done
+            if done < step:
+                break
         return removed
 
     async def forget(
