@@ -473,7 +473,7 @@ class RedisBackend:
         Run at every connect, not only the upgrade: a node of layout 2 started on the store
         (a downgrade) writes without the index, so a mailbox whose ID index and expiry index
         differ in size has its ID index rebuilt from the expiry index (four ``ZCARD`` per
-        mailbox, in a script per 4,096: 0.14 s per 10,000 mailboxes, and the rebuild reads only
+        mailbox, in a script per 4,096: 0.22 s per 10,000 mailboxes, and the rebuild reads only
         the mailboxes that need it)."""
         mailboxes: list[str] = []
         async for member, _ in self._r.zscan_iter(self._p + "m", count=_ID_CHUNK):
