@@ -4,6 +4,7 @@ import the type; importing from a conftest is fragile)."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import uuid
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -56,3 +57,18 @@ async def listing(
     index = await backend.sync_index(mailbox_id, now_ms)
     tombs = await backend.get_tombstones(mailbox_id, [t for t, _ in index.tombstones], now_ms)
     return index.blob_ids, tombs
+
+
+def integrity_ok(path: Path) -> bool:
+    """``PRAGMA integrity_check`` says "ok", on a connection of its own (WAL: beside a
+    backend that has the file open). A check that trips over a malformed page is a failed
+    check; an operational failure (locked, I/O) raises: it says nothing about integrity."""
+    conn = sqlite3.connect(path)
+    try:
+        return bool(conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)])
+    except sqlite3.OperationalError:
+        raise
+    except sqlite3.DatabaseError:
+        return False
+    finally:
+        conn.close()

@@ -24,7 +24,7 @@ from dna_storage.backends.base import (
 )
 from dna_storage.backends.sqlite import SqliteBackend
 from storage.sqlite_v3_schema import V3_SCHEMA
-from storage.storage_harness import listing
+from storage.storage_harness import integrity_ok, listing
 
 T0 = 1_700_000_000_000
 DAY = 86_400_000
@@ -58,7 +58,7 @@ def test_durable_across_close_and_reopen(tmp_path: Path) -> None:
             assert await b.put_many([blob(9)], T0) == [PutOutcome.STORED]
             assert (await b.fetch(m, 5, 10, T0)).blobs[0].seq == 6  # the counter persisted
             assert await b.totals() == Usage(5, 5 * 64)
-            assert await b.integrity_ok()
+            assert integrity_ok(b.path)
         finally:
             await b.close()
 
@@ -92,7 +92,6 @@ def test_sequential_writes_commit_one_by_one(tmp_path: Path) -> None:
             for i in range(10):
                 await b.put_many([blob(i)], T0)
             assert b.commits - before == 10
-            assert b.writes >= 10
         finally:
             await b.close()
 
@@ -137,20 +136,14 @@ def test_closed_backend_refuses_work(tmp_path: Path) -> None:
 
 
 def test_integrity_ok_detects_corruption(tmp_path: Path) -> None:
+    """The check the other tests trust (``storage_harness.integrity_ok``) sees a damaged page."""
     path = tmp_path / "mail.db"
 
     async def fill() -> bool:
         b = await SqliteBackend.open(path)
         try:
             await b.put_many([blob(i, size=3000) for i in range(200)], T0)
-            return await b.integrity_ok()
-        finally:
-            await b.close()
-
-    async def check() -> bool:
-        b = await SqliteBackend.open(path)
-        try:
-            return await b.integrity_ok()
+            return integrity_ok(b.path)
         finally:
             await b.close()
 
@@ -160,7 +153,7 @@ def test_integrity_ok_detects_corruption(tmp_path: Path) -> None:
     for offset in range(len(data) // 2 // page * page, len(data) // 2 // page * page + page):
         data[offset] = 0xA5  # one page in the middle: payload or index, never the schema
     path.write_bytes(bytes(data))
-    assert not asyncio.run(check())
+    assert not integrity_ok(path)
 
 
 def _read_lines(stream: IO[str], into: list[str]) -> None:
@@ -191,7 +184,7 @@ def _kill_writer_mid_run(db: Path, after_lines: int) -> set[tuple[str, str]]:
 async def _all_present(db: Path, acked: set[tuple[str, str]]) -> None:
     b = await SqliteBackend.open(db)
     try:
-        assert await b.integrity_ok()
+        assert integrity_ok(b.path)
         by_mailbox: dict[str, list[bytes]] = {}
         for m, i in acked:
             by_mailbox.setdefault(m, []).append(bytes.fromhex(i))
@@ -257,7 +250,7 @@ def test_a_version_1_file_gains_counters_and_usage_stays_exact(tmp_path: Path) -
             assert await b.expire(T0 + 11, 100) == 1
             assert await b.usage(m, T0 + 11) == Usage(2, 2 * 64)  # blobs 2 and 4
             assert await b.usage(b"\x08" * 32, T0) == Usage(0, 0)
-            assert await b.integrity_ok()
+            assert integrity_ok(b.path)
         finally:
             await b.close()
 
@@ -307,7 +300,7 @@ def test_a_version_3_file_keeps_each_signed_delete_once(tmp_path: Path) -> None:
             assert await b.expire(T0 + DAY + 8, 100) == 3
             assert await b.signed_deletes() == Usage(0, 0)
             assert await b.mailboxes() == 0
-            assert await b.integrity_ok()
+            assert integrity_ok(b.path)
         finally:
             await b.close()
 

@@ -382,7 +382,6 @@ class _Worker:
     connect: Callable[[], sqlite3.Connection]
     group_commit: bool
     commits: int = 0
-    jobs_done: int = 0
     _queue: queue.SimpleQueue[_Job | object] = field(default_factory=queue.SimpleQueue)
     _thread: threading.Thread | None = None
     _closed: bool = False
@@ -476,7 +475,6 @@ class _Worker:
             results = [(job, None, exc) for job in batch]
         else:
             self.commits += 1
-        self.jobs_done += len(batch)
         for job, value, error in results:
             _deliver(job, value, error)
 
@@ -492,7 +490,6 @@ class _Worker:
             except Exception as exc:
                 _rollback(conn)
                 error = exc
-            self.jobs_done += 1
             _deliver(job, value, error)
 
 
@@ -553,11 +550,6 @@ class SqliteBackend:
     def commits(self) -> int:
         """Write transactions committed so far (group commit makes this < writes)."""
         return self._writer.commits
-
-    @property
-    def writes(self) -> int:
-        """Write requests (put_many/delete/expire calls) processed so far."""
-        return self._writer.jobs_done
 
     async def put_many(self, blobs: Sequence[StoredBlob], now_ms: int) -> list[PutOutcome]:
         if not blobs:
@@ -703,22 +695,6 @@ class SqliteBackend:
             "SELECT signed_deletes, signed_delete_bytes FROM totals WHERE id = 0"
         ).fetchone())  # fmt: skip
         return Usage(int(row[0]), int(row[1]))
-
-    async def integrity_ok(self) -> bool:
-        """``PRAGMA integrity_check`` says "ok" (run after a crash, before serving).
-
-        A check that trips over a malformed page is a failed check, not an error; an
-        operational failure (locked, I/O) still raises: it says nothing about integrity.
-        """
-        try:
-            rows = await self._reader.submit(
-                lambda c: c.execute("PRAGMA integrity_check").fetchall()
-            )
-        except sqlite3.OperationalError:
-            raise
-        except (sqlite3.DatabaseError, StoreDamagedError):
-            return False
-        return bool(rows == [("ok",)])
 
     async def gc_time(self) -> int | None:
         row = await self._reader.submit(
