@@ -766,9 +766,14 @@ class RedisBackend:
         """Each kind read in ID order from ``after`` on (``l:M``, ``tl:M``) until ``limit`` live
         ones are found: a list page reads its page (and what expired in it that GC has not
         reached), not the whole mailbox, which cost 0.35 s a page at 100,000 blobs. Blobs
-        are read before tombstones, so a blob deleted meanwhile is seen as one or the other."""
-        blob_ids = await self._live_by_id(mailbox_id, "blobs", after, limit, now_ms)
-        tombs = await self._live_by_id(mailbox_id, "tombstones", after, limit, now_ms)
+        are read before tombstones, so a blob deleted meanwhile is seen as one or the other.
+        Without ``limit`` (repair's whole index) both expiry indexes are read at once by score:
+        along the ID index a chunk at a time, 100,000 blobs took 2.3 s, by score 0.35 s."""
+        if limit:
+            blob_ids = await self._live_by_id(mailbox_id, "blobs", after, limit, now_ms)
+            tombs = await self._live_by_id(mailbox_id, "tombstones", after, limit, now_ms)
+        else:
+            blob_ids, tombs = await self._all_live(mailbox_id, after, now_ms)
         sizes = await self._authorization_sizes(mailbox_id, tombs)
         # 0: the tombstone's key vanished; a later chunk stands in for it.
         kept = [(t, n) for t, n in zip(tombs, sizes, strict=True) if n]
@@ -783,16 +788,29 @@ class RedisBackend:
             kept += [(t, n) for t, n in zip(more, sizes, strict=True) if n]
         return SyncIndex(blob_ids, kept)
 
+    async def _all_live(
+        self, mailbox_id: bytes, after: bytes, now_ms: int
+    ) -> tuple[list[bytes], list[bytes]]:
+        """Every unexpired blob and tombstone ID > ``after``, sorted (one snapshot)."""
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.zrangebyscore(self._key("e", mailbox_id), f"({now_ms}", "+inf")
+            pipe.zrangebyscore(self._key("ti", mailbox_id), f"({now_ms}", "+inf")
+            blob_members, tomb_members = await pipe.execute()
+        return (
+            sorted(i for i in _ids_of(blob_members) if i > after),
+            sorted(i for i in _ids_of(tomb_members) if i > after),
+        )
+
     async def _live_by_id(
         self, mailbox_id: bytes, kind: str, after: bytes, limit: int, now_ms: int
     ) -> list[bytes]:
-        """The unexpired blob or tombstone IDs > ``after``, in ID order, the first ``limit``
-        (0: all), read a chunk at a time along the ID index, judged by the expiry index."""
+        """The unexpired blob or tombstone IDs > ``after``, in ID order, the first ``limit``,
+        read a chunk at a time along the ID index, judged by the expiry index."""
         index, expiry = ("l", "e") if kind == "blobs" else ("tl", "ti")
         low = f"({_hex(after)}" if after else "-"
         found: list[bytes] = []
-        while not limit or len(found) < limit:
-            want = limit - len(found) + _SCAN_CHUNK if limit else _ID_CHUNK
+        while len(found) < limit:
+            want = limit - len(found) + _SCAN_CHUNK
             members: list[Any] = await self._r.zrange(
                 self._key(index, mailbox_id), low, "+", bylex=True, offset=0, num=want
             )
@@ -804,7 +822,7 @@ class RedisBackend:
             if len(members) < want:
                 break
             low = "(" + members[-1].decode()
-        return found[:limit] if limit else found
+        return found[:limit]
 
     async def _authorization_sizes(self, mailbox_id: bytes, blob_ids: list[bytes]) -> list[int]:
         """Each tombstone's signed delete size without reading it; 0 for a tombstone whose key
