@@ -56,7 +56,8 @@ from dna_storage.backends.common import (
 # 3: each blob keeps its put's proof of work (replicas check it again in sync);
 # 4: a signed delete is stored once (``signed_deletes``), its tombstones reference it
 # 5: tombstones counted per mailbox, the mailboxes held counted in ``totals``
-# 6: each mailbox's blobs and bytes per hour of expiry (``expiry_hours``: usage in O(1))
+# 6: each mailbox's blobs and bytes per hour of expiry (``expiry_hours``: usage in O(1)),
+#    a mailbox's live IDs read from an index (``blobs_live``, for ``blobs_usage``)
 SCHEMA_VERSION = 6
 # The width of an ``expiry_hours`` bucket: usage reads the whole hours that expired from
 # the buckets and the blobs of the current hour from the rows.
@@ -93,7 +94,10 @@ CREATE TABLE IF NOT EXISTS blobs (     -- payload last: scans of the other colum
 );
 CREATE UNIQUE INDEX IF NOT EXISTS blobs_cursor ON blobs (mailbox_id, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS blobs_id ON blobs (mailbox_id, blob_id);
-CREATE INDEX IF NOT EXISTS blobs_usage ON blobs (mailbox_id, expires_ms, size);
+-- Covering: a mailbox's live IDs (digests, repair's whole index) and sizes (usage) are read
+-- without a table row (rows hold payloads): repair's whole index of 100,000 blobs of 2 KB
+-- read 630 ms of rows on the reader every fetch waits for.
+CREATE INDEX IF NOT EXISTS blobs_live ON blobs (mailbox_id, expires_ms, size, blob_id);
 CREATE INDEX IF NOT EXISTS blobs_expiry ON blobs (expires_ms, mailbox_id, blob_id);
 -- A mailbox's blobs and bytes per hour of expiry, kept by triggers (MAILBOX_COUNTERS): the
 -- quota's usage subtracts what expired without reading each expired blob (``_usage``).
@@ -251,6 +255,7 @@ CREATE TABLE expiry_hours (
 ) WITHOUT ROWID;
 INSERT INTO expiry_hours
     SELECT mailbox_id, expires_ms / 3600000, count(*), sum(size) FROM blobs GROUP BY 1, 2;
+DROP INDEX blobs_usage;
 """,
 }
 
@@ -940,11 +945,7 @@ def _sync_index(
     -1: no limit."""
     key = (mailbox_id, after, now_ms, limit)
     return SyncIndex(
-        [r[0] for r in conn.execute(
-            "SELECT blob_id FROM blobs WHERE mailbox_id = ? AND blob_id > ? AND expires_ms > ?"
-            " ORDER BY blob_id LIMIT ?",
-            key,
-        )],
+        _live_blob_ids(conn, mailbox_id, now_ms, after, limit),
         [(r[0], r[1]) for r in conn.execute(
             "SELECT t.blob_id, length(s.authorization)"
             " FROM tombstones t JOIN signed_deletes s ON s.digest = t.auth_digest"
@@ -953,6 +954,25 @@ def _sync_index(
             key,
         )],
     )  # fmt: skip
+
+
+def _live_blob_ids(
+    conn: sqlite3.Connection, mailbox_id: bytes, now_ms: int, after: bytes, limit: int
+) -> list[bytes]:
+    """A page (``limit``): along the (mailbox_id, blob_id) index, a row read for each ID's
+    expiry. The whole mailbox (-1): from the covering ``blobs_live`` index, no row read,
+    then sorted (100,000 blobs of 2 KB: 630 ms of row reads, now 40-120 ms)."""
+    if limit >= 0:
+        return [r[0] for r in conn.execute(
+            "SELECT blob_id FROM blobs WHERE mailbox_id = ? AND blob_id > ? AND expires_ms > ?"
+            " ORDER BY blob_id LIMIT ?",
+            (mailbox_id, after, now_ms, limit),
+        )]  # fmt: skip
+    rows = conn.execute(
+        "SELECT blob_id FROM blobs INDEXED BY blobs_live WHERE mailbox_id = ? AND expires_ms > ?",
+        (mailbox_id, now_ms),
+    )
+    return sorted(r[0] for r in rows if r[0] > after)
 
 
 def _tombstones_by_id(
