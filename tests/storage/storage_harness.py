@@ -4,12 +4,13 @@ import the type; importing from a conftest is fragile)."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import uuid
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dna_storage.backends.base import MailboxBackend
+from dna_storage.backends.base import MailboxBackend, Tombstone
 from dna_storage.backends.redis import RedisBackend
 from dna_storage.backends.sqlite import SqliteBackend
 
@@ -46,3 +47,28 @@ class Stores:
                 self._runner.run(backend.close())
         finally:
             self._runner.close()
+
+
+async def listing(
+    backend: MailboxBackend, mailbox_id: bytes, now_ms: int
+) -> tuple[list[bytes], list[Tombstone]]:
+    """A mailbox's sorted unexpired blob IDs and live tombstones, read as repair reads them
+    (``sync_index``, then ``get_tombstones``): the tests check the path the node uses."""
+    index = await backend.sync_index(mailbox_id, now_ms)
+    tombs = await backend.get_tombstones(mailbox_id, [t for t, _ in index.tombstones], now_ms)
+    return index.blob_ids, tombs
+
+
+def integrity_ok(path: Path) -> bool:
+    """``PRAGMA integrity_check`` says "ok", on a connection of its own (WAL: beside a
+    backend that has the file open). A check that trips over a malformed page is a failed
+    check; an operational failure (locked, I/O) raises: it says nothing about integrity."""
+    conn = sqlite3.connect(path)
+    try:
+        return bool(conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)])
+    except sqlite3.OperationalError:
+        raise
+    except sqlite3.DatabaseError:
+        return False
+    finally:
+        conn.close()

@@ -311,11 +311,6 @@ class TombstonesRead:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._backend, name)
 
-    async def ids(self, mailbox: bytes, now: int) -> tuple[list[bytes], list[Tombstone]]:
-        blob_ids, tombs = await self._backend.ids(mailbox, now)
-        self.most_whole = max(self.most_whole, len(tombs))
-        return blob_ids, tombs
-
     async def get_tombstones(self, mailbox: bytes, ids: Sequence[bytes], now: int) -> list[Any]:
         tombs = await self._backend.get_tombstones(mailbox, ids, now)
         self.most_whole = max(self.most_whole, len(tombs))

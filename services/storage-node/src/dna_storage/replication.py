@@ -1107,7 +1107,8 @@ class Repairer:
             self.metrics.replicas.observe(agreeing + rightful)
             return
         # IDs only: a tombstone's signed delete (~13 KB) is read when it is pushed. Reading
-        # every tombstone whole (``ids``) held 4 GiB for a mailbox of 100,000 tombstones.
+        # every tombstone whole (an ``ids`` read, since removed) held 4 GiB for a mailbox of
+        # 100,000 tombstones.
         index = await self.backend.sync_index(box, _now_ms())
         ours = Holdings(frozenset(index.blob_ids), frozenset(t for t, _ in index.tombstones))
         exchange = self._sync_with if rightful else self._hand_off

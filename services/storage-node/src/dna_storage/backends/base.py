@@ -135,7 +135,9 @@ class MailboxBackend(Protocol):
         ...
 
     async def delete(self, tombstones: Sequence[Tombstone], now_ms: int) -> int:
-        """Store tombstones, drop the blobs they name; returns blobs removed."""
+        """Store tombstones, drop the blobs they name; returns blobs removed. Applied in
+        bounded steps (the writer is not held for a whole 1,000-ID delete): a failure may
+        leave the earlier steps applied, which a retry repeats harmlessly."""
         ...
 
     async def forget(
@@ -144,10 +146,6 @@ class MailboxBackend(Protocol):
         """Remove the local copies of these blobs and tombstones, leaving no tombstone; the
         mailbox's seq counter is kept (a later put still gets a higher seq). Returns how
         many entries were held and removed."""
-        ...
-
-    async def ids(self, mailbox_id: bytes, now_ms: int) -> tuple[list[bytes], list[Tombstone]]:
-        """Sorted unexpired blob IDs and the live tombstones of a mailbox (for anti-entropy)."""
         ...
 
     async def sync_index(
@@ -189,7 +187,8 @@ class MailboxBackend(Protocol):
         ...
 
     async def expire(self, now_ms: int, limit: int) -> int:
-        """Remove up to ``limit`` expired blobs and tombstones; returns how many."""
+        """Remove up to ``limit`` expired blobs and tombstones, oldest first; returns how
+        many. Applied in bounded steps, as ``delete``: other writes go between them."""
         ...
 
     async def signed_deletes(self) -> Usage:

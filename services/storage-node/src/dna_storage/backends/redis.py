@@ -27,13 +27,18 @@ Layout (``P`` = prefix, IDs hex-encoded, ``M`` = mailbox, ``B`` = blob ID):
   exact when a key vanished before GC reached it
 * ``P s:M`` zset B -> seq (cursor fetch); ``P e:M`` zset B -> expires_ms (usage, liveness)
 * ``P z:M`` hash B -> size; ``P u:M`` hash ``bytes`` (usage without reading payloads)
+* ``P eh:M`` hash hour of expiry (expires_ms // ``EXPIRY_HOUR_MS``) -> bytes of the blobs
+  expiring in it: usage subtracts the hours gone without reading each expired blob (layout 3)
 * ``P ti:M`` zset B -> tombstone expires_ms; ``P q:M`` seq counter (INCR, never reset)
+* ``P l:M`` / ``P tl:M`` zsets of the blob / tombstone IDs, score 0: by ID (``ZRANGE BYLEX``),
+  so a sync list page reads its page, not the whole mailbox (layout 3)
 * ``P x`` zset ``b:M:B`` / ``t:M:B`` -> expires_ms: the node-wide GC queue
 * ``P m`` zset of mailbox IDs, score 0 (lexicographic range scans for digests)
 * ``P totals`` hash ``blobs``, ``bytes``, ``signed_deletes``, ``signed_delete_bytes``
 * ``P incarnation`` 8 random bytes, set when the first call finds none (fetch cursors)
 * ``P gc_time`` the time GC last expired against (``save_gc_time``: a restart resumes it)
-* ``P layout`` ``LAYOUT``: 2 once no key holds a native TTL
+* ``P layout`` ``LAYOUT``: 2 once no key holds a native TTL, 3 once every mailbox has its
+  ID indexes (``l:``, ``tl:``); a node refuses a store of a layout newer than its own
 
 Every write is one Lua script (atomic: a put cannot slip past a concurrent delete, and a
 duplicate never takes a seq). Scripts build key names from the prefix, so this backend targets
@@ -51,6 +56,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
+from dna_core.errors import DnaError
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -95,9 +101,13 @@ REDIS_WAIT_S = 30.0  # a call waits this long for a free connection, then fails
 REDIS_TIMEOUT_S = 5.0
 _PIPELINE_CHUNK = 256  # commands per pipeline round trip
 # The key layout's version (``P layout``; absent: 1). 2: no key has a native TTL (in 1, blob,
-# tombstone and signed delete keys had a PEXPIREAT, the Redis server's clock).
-LAYOUT = 2
+# tombstone and signed delete keys had a PEXPIREAT, the Redis server's clock). 3: each mailbox's
+# blob and tombstone IDs are indexed by ID (``l:M``, ``tl:M``: sync list pages read a page).
+LAYOUT = 3
 _SCAN_CHUNK = 64  # index entries per fetch round trip (beyond limit + 1)
+_ID_CHUNK = 4096  # IDs per round trip when a mailbox's whole ID index is read (repair)
+WRITE_CHUNK = 100  # tombstones (or IDs forgotten) per script: each holds the whole server
+EXPIRY_HOUR_MS = 3_600_000  # the width of an ``eh:`` bucket (the scripts say 3600000)
 _BLOB_FIELDS = ["d", "s", "e", "q", "w"]
 # Replies of a store that cannot serve now (down, restarting, loading its data, a read-only
 # replica, too slow): UNAVAILABLE, not a bug (``StoreUnavailableError``).
@@ -105,19 +115,34 @@ _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError)
 P = ParamSpec("P")
 T = TypeVar("T")
 
+
+class StoreLayoutError(DnaError):
+    """The store was written by a node of a newer key layout (``LAYOUT``): refused at
+    connect, not served half-understood."""
+
+
 # Helpers shared by every script: ARGV[1] is always the prefix.
 _PRELUDE = """
 local P = ARGV[1]
 local function bkey(mb, id) return P .. 'b:' .. mb .. ':' .. id end
 local function tkey(mb, id) return P .. 't:' .. mb .. ':' .. id end
+local function count_hour(mb, expires, size)
+  local hour = math.floor(tonumber(expires) / 3600000)
+  if redis.call('HINCRBY', P .. 'eh:' .. mb, hour, size) <= 0 then
+    redis.call('HDEL', P .. 'eh:' .. mb, hour)
+  end
+end
 local function drop_blob(mb, id)
   local size = tonumber(redis.call('HGET', P .. 'z:' .. mb, id) or '0')
+  local expires = redis.call('ZSCORE', P .. 'e:' .. mb, id)
   if redis.call('ZREM', P .. 'e:' .. mb, id) == 1 then
+    count_hour(mb, expires, -size)
     redis.call('HINCRBY', P .. 'u:' .. mb, 'bytes', -size)
     redis.call('HINCRBY', P .. 'totals', 'blobs', -1)
     redis.call('HINCRBY', P .. 'totals', 'bytes', -size)
   end
   redis.call('ZREM', P .. 's:' .. mb, id)
+  redis.call('ZREM', P .. 'l:' .. mb, id)
   redis.call('HDEL', P .. 'z:' .. mb, id)
   redis.call('ZREM', P .. 'x', 'b:' .. mb .. ':' .. id)
   redis.call('DEL', bkey(mb, id))
@@ -150,13 +175,15 @@ end
 local function drop_tomb(mb, id)
   unref_tomb(mb, id)
   redis.call('ZREM', P .. 'ti:' .. mb, id)
+  redis.call('ZREM', P .. 'tl:' .. mb, id)
   redis.call('ZREM', P .. 'x', 't:' .. mb .. ':' .. id)
   redis.call('DEL', tkey(mb, id))
 end
 local function prune_mailbox(mb)
   if redis.call('ZCARD', P .. 'e:' .. mb) == 0 and redis.call('ZCARD', P .. 'ti:' .. mb) == 0 then
     redis.call('ZREM', P .. 'm', mb)
-    redis.call('DEL', P .. 'u:' .. mb, P .. 'z:' .. mb, P .. 's:' .. mb, P .. 'tr:' .. mb)
+    redis.call('DEL', P .. 'u:' .. mb, P .. 'z:' .. mb, P .. 's:' .. mb, P .. 'tr:' .. mb,
+      P .. 'l:' .. mb, P .. 'tl:' .. mb, P .. 'eh:' .. mb)
   end
 end
 """
@@ -180,8 +207,10 @@ local function put_one(mb, id, blob, stored, expires, proof)
   if proof ~= '' then redis.call('HSET', bkey(mb, id), 'w', proof) end
   redis.call('ZADD', P .. 's:' .. mb, seq, id)
   redis.call('ZADD', P .. 'e:' .. mb, expires, id)
+  redis.call('ZADD', P .. 'l:' .. mb, 0, id)
   redis.call('HSET', P .. 'z:' .. mb, id, #blob)
   redis.call('HINCRBY', P .. 'u:' .. mb, 'bytes', #blob)
+  count_hour(mb, expires, #blob)
   redis.call('HINCRBY', P .. 'totals', 'blobs', 1)
   redis.call('HINCRBY', P .. 'totals', 'bytes', #blob)
   redis.call('ZADD', P .. 'x', expires, 'b:' .. mb .. ':' .. id)
@@ -223,6 +252,7 @@ local function delete_one(mb, id, deleted, expires, h)
     ref_tomb(mb, id, h, auths[h])
     redis.call('HSET', tkey(mb, id), 'd', deleted, 'e', expires)
     redis.call('ZADD', P .. 'ti:' .. mb, expires, id)
+    redis.call('ZADD', P .. 'tl:' .. mb, 0, id)
     redis.call('ZADD', P .. 'x', expires, 't:' .. mb .. ':' .. id)
     redis.call('ZADD', P .. 'm', 0, mb)
   end
@@ -281,15 +311,44 @@ prune_mailbox(mb)
 return cleaned
 """
 
-# ARGV: prefix, mailbox, now. Returns {live blobs, their bytes}.
+# ARGV: prefix, mailbox, now. Returns {live blobs, their bytes}: the bytes held minus the
+# hours of expiry gone (``eh:``) and the blobs of this hour that expired. Reading every
+# expired blob's size held the server 205 ms a put at 100,000 expired GC had not reached.
 _USAGE = """
 local mb, now = ARGV[2], ARGV[3]
 local count = redis.call('ZCOUNT', P .. 'e:' .. mb, '(' .. now, '+inf')
 local bytes = tonumber(redis.call('HGET', P .. 'u:' .. mb, 'bytes') or '0')
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'e:' .. mb, '-inf', now)) do
+local hour = math.floor(tonumber(now) / 3600000)
+local hours = redis.call('HGETALL', P .. 'eh:' .. mb)
+for i = 1, #hours, 2 do
+  if tonumber(hours[i]) < hour then bytes = bytes - tonumber(hours[i + 1]) end
+end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'e:' .. mb, hour * 3600000, now)) do
   bytes = bytes - tonumber(redis.call('HGET', P .. 'z:' .. mb, id) or '0')
 end
 return {count, bytes}
+"""
+
+# ARGV: prefix, then mailboxes. Returns "mailbox expiry index" for each ID index (``l:``,
+# ``tl:``) whose size differs from its expiry index's (``e:``, ``ti:``), and "mailbox e eh"
+# for a mailbox whose bytes per hour of expiry do not add up to its bytes: ones to rebuild.
+_INDEX_CHECK = """
+local stale = {}
+for i = 2, #ARGV do
+  local mb = ARGV[i]
+  for _, pair in ipairs({{'e', 'l'}, {'ti', 'tl'}}) do
+    local e, l = pair[1], pair[2]
+    if redis.call('ZCARD', P .. e .. ':' .. mb) ~= redis.call('ZCARD', P .. l .. ':' .. mb) then
+      stale[#stale + 1] = mb .. ' ' .. e .. ' ' .. l
+    end
+  end
+  local hours = 0
+  for _, n in ipairs(redis.call('HVALS', P .. 'eh:' .. mb)) do hours = hours + tonumber(n) end
+  if hours ~= tonumber(redis.call('HGET', P .. 'u:' .. mb, 'bytes') or '0') then
+    stale[#stale + 1] = mb .. ' e eh'
+  end
+end
+return stale
 """
 
 
@@ -360,6 +419,7 @@ class RedisBackend:
         self._clean = client.register_script(_PRELUDE + _CLEAN)
         self._forget = client.register_script(_PRELUDE + _FORGET)
         self._usage = client.register_script(_PRELUDE + _USAGE)
+        self._index_check = client.register_script(_PRELUDE + _INDEX_CHECK)
 
     @classmethod
     async def connect(cls, url: str, *, prefix: str = "dna:") -> RedisBackend:
@@ -386,18 +446,78 @@ class RedisBackend:
             log.warning("redis is not configured for durable writes: %s", problem)
         backend = cls(client, prefix)
         try:
-            await backend._remove_native_expiry()
+            await backend._upgrade_layout()
         except BaseException:
             await client.aclose()
             raise
         return backend
 
+    async def _upgrade_layout(self) -> None:
+        """Bring a store of an older key layout to ``LAYOUT`` (each step idempotent: one
+        cut short is made again at the next connect), or refuse one of a newer layout,
+        whose writes this node would not keep consistent."""
+        layout = int(await self._r.get(self._p + "layout") or 1)
+        if layout > LAYOUT:
+            raise StoreLayoutError(
+                f"the store at prefix {self._p!r} has key layout {layout}, newer than this"
+                f" node's {LAYOUT}: run a node of that version (or newer)"
+            )
+        if layout < 2:
+            await self._remove_native_expiry()
+        await self._index_ids()
+        if layout < LAYOUT:
+            await self._r.set(self._p + "layout", LAYOUT)
+
+    async def _index_ids(self) -> None:
+        """Layout 3: each mailbox's blob and tombstone IDs indexed by ID (``l:M``, ``tl:M``).
+        Run at every connect, not only the upgrade: a node of layout 2 started on the store
+        (a downgrade) writes without the index, so a mailbox whose ID index and expiry index
+        differ in size has its ID index rebuilt from the expiry index (four ``ZCARD`` per
+        mailbox, in a script per 4,096: 0.22 s per 10,000 mailboxes, and the rebuild reads only
+        the mailboxes that need it)."""
+        mailboxes: list[str] = []
+        async for member, _ in self._r.zscan_iter(self._p + "m", count=_ID_CHUNK):
+            mailboxes.append(member.decode() if isinstance(member, bytes) else member)
+            if len(mailboxes) >= _ID_CHUNK:
+                await self._reindex(mailboxes)
+        await self._reindex(mailboxes)
+
+    async def _reindex(self, mailboxes: list[str]) -> None:
+        """Rebuild the ID indexes of those of ``mailboxes`` that differ from their expiry
+        indexes (``_index_ids``; compared by one script per chunk), and empty the list."""
+        if not mailboxes:
+            return
+        stale: list[Any] = await self._index_check(keys=[], args=[self._p, *mailboxes])
+        for item in stale:
+            mailbox, expiry, index = (item.decode() if isinstance(item, bytes) else item).split()
+            if index == "eh":
+                await self._recount_hours(mailbox)
+                continue
+            ids: list[Any] = await self._r.zrange(f"{self._p}{expiry}:{mailbox}", 0, -1)
+            await self._r.delete(f"{self._p}{index}:{mailbox}")
+            for i in range(0, len(ids), _ID_CHUNK):
+                await self._r.zadd(
+                    f"{self._p}{index}:{mailbox}", dict.fromkeys(ids[i : i + _ID_CHUNK], 0)
+                )
+        mailboxes.clear()
+
+    async def _recount_hours(self, mailbox: str) -> None:
+        """Rebuild a mailbox's bytes per hour of expiry (``eh:M``) from its expiry index and
+        sizes (layout 3; a store an older node wrote to)."""
+        expiries: list[Any] = await self._r.zrange(f"{self._p}e:{mailbox}", 0, -1, withscores=True)
+        sizes: dict[Any, Any] = await self._r.hgetall(f"{self._p}z:{mailbox}")
+        hours: dict[int, int] = {}
+        for member, expires in expiries:
+            hour = int(expires) // EXPIRY_HOUR_MS
+            hours[hour] = hours.get(hour, 0) + int(sizes.get(member, 0))
+        await self._r.delete(f"{self._p}eh:{mailbox}")
+        if hours:
+            await self._r.hset(f"{self._p}eh:{mailbox}", mapping=hours)  # type: ignore[arg-type]
+
     async def _remove_native_expiry(self) -> None:
         """Keys written by a node of layout 1 expire natively, by the Redis server's clock:
         remove those TTLs (``PERSIST``) once, walking the GC queue (blob and tombstone keys)
         and the signed delete references (``sd:`` keys), so GC alone removes them."""
-        if int(await self._r.get(self._p + "layout") or 1) >= LAYOUT:
-            return
         keys: list[str] = []
         async for member, _ in self._r.zscan_iter(self._p + "x", count=_PIPELINE_CHUNK):
             keys.append(self._p + (member.decode() if isinstance(member, bytes) else member))
@@ -408,7 +528,6 @@ class RedisBackend:
             if len(keys) >= _PIPELINE_CHUNK:
                 await self._persist(keys)
         await self._persist(keys)
-        await self._r.set(self._p + "layout", LAYOUT)
 
     async def _persist(self, keys: list[str]) -> None:
         """``PERSIST`` each key (one round trip), and empty the list."""
@@ -453,35 +572,53 @@ class RedisBackend:
         return [_OUTCOMES[int(c)] for c in codes]
 
     async def delete(self, tombstones: Sequence[Tombstone], now_ms: int) -> int:
-        if not tombstones:
-            return 0
+        """One script per ``WRITE_CHUNK`` tombstones: a script holds the whole Redis server,
+        every other client's call waiting (1,000 in one: 47 ms)."""
         digests = per_authorization([t.authorization for t in tombstones], _auth_digest)
-        auths = dict(zip(digests, (t.authorization for t in tombstones), strict=True))
-        args: list[Any] = [self._p, now_ms, len(auths)]
-        for digest, auth in auths.items():
-            args += [digest, auth]
-        for t, digest in zip(tombstones, digests, strict=True):
-            args += [_hex(t.mailbox_id), _hex(t.blob_id), t.deleted_ms, t.expires_ms, digest]
-        return int(await self._write(self._delete, args))
+        pairs = list(zip(tombstones, digests, strict=True))
+        removed = 0
+        for i in range(0, len(pairs), WRITE_CHUNK):
+            part = pairs[i : i + WRITE_CHUNK]
+            auths = {digest: t.authorization for t, digest in part}
+            args: list[Any] = [self._p, now_ms, len(auths)]
+            for digest, auth in auths.items():
+                args += [digest, auth]
+            for t, digest in part:
+                args += [_hex(t.mailbox_id), _hex(t.blob_id), t.deleted_ms, t.expires_ms, digest]
+            removed += int(await self._write(self._delete, args))
+        return removed
 
     async def expire(self, now_ms: int, limit: int) -> int:
-        if limit < 1:
-            return 0
-        return int(await self._write(self._expire, [self._p, now_ms, limit]))
+        """One script per ``WRITE_CHUNK``, as ``delete`` (1,000 in one: 27 ms of the server)."""
+        removed = 0
+        while removed < limit:
+            step = min(WRITE_CHUNK, limit - removed)
+            done = int(await self._write(self._expire, [self._p, now_ms, step]))
+            removed += done
+            if done < step:
+                break
+        return removed
 
     async def forget(
         self, mailbox_id: bytes, blob_ids: Sequence[bytes], tombstone_ids: Sequence[bytes]
     ) -> int:
-        blobs = unique(blob_ids)
-        ids = [_hex(i) for i in (*blobs, *unique(tombstone_ids))]
-        args: list[Any] = [self._p, _hex(mailbox_id), len(blobs), *ids]
-        return int(await self._write(self._forget, args))
+        blobs, tombs = unique(blob_ids), unique(tombstone_ids)
+        removed = 0
+        for i in range(0, len(blobs) + len(tombs), WRITE_CHUNK):  # one script each, as delete
+            part_blobs = [_hex(b) for b in blobs[i : i + WRITE_CHUNK]]
+            part_tombs = tombs[max(0, i - len(blobs)) : max(0, i + WRITE_CHUNK - len(blobs))]
+            args: list[Any] = [self._p, _hex(mailbox_id), len(part_blobs), *part_blobs]
+            removed += int(await self._write(self._forget, [*args, *map(_hex, part_tombs)]))
+        return removed
 
     async def fetch(
         self, mailbox_id: bytes, cursor: int, limit: int, now_ms: int, max_bytes: int = 0
     ) -> Page:
         """Walk the seq index in chunks until ``limit + 1`` live blobs are found, it ends,
-        or (``max_bytes``) the next blob's size, read first, would pass the budget."""
+        or (``max_bytes``) the next blob's size, read first, would pass the budget. Expired
+        entries are dropped by their expiry scores before any size or payload is read: read
+        and counted in the budget, 50,000 expired blobs of 2 KB GC had not reached made a
+        fetch 48 empty pages and 5.6 s."""
         check_limit(limit)
         live: list[StoredBlob] = []
         position, size = cursor, 0
@@ -490,7 +627,8 @@ class RedisBackend:
             reply: list[Any] = await self._r.zrangebyscore(
                 self._key("s", mailbox_id), f"({position}", "+inf", 0, want, withscores=True
             )
-            chunk = [(_unhex(member), int(score)) for member, score in reply]
+            entries = [(_unhex(member), int(score)) for member, score in reply]
+            chunk = await self._unexpired(mailbox_id, entries, now_ms)
             over = False
             if max_bytes and chunk:
                 chunk, over = await self._within(mailbox_id, chunk, max_bytes - size, bool(live))
@@ -498,14 +636,25 @@ class RedisBackend:
                 loaded = await self._load(mailbox_id, chunk, now_ms)
                 live += loaded
                 size += sum(len(b.blob) for b in loaded)
-                position = chunk[-1][1]
             if over:  # the next blob would pass the budget: the page ends at the last taken
                 page = live[:limit]
-                return Page(page, page[-1].seq if page else position, True)
-            if len(chunk) < want:
+                return Page(page, page[-1].seq if page else chunk[-1][1], True)
+            if len(entries) < want:
                 break
+            position = entries[-1][1]
         page = live[:limit]
         return Page(page, page[-1].seq if page else cursor, len(live) > limit)
+
+    async def _unexpired(
+        self, mailbox_id: bytes, entries: list[tuple[bytes, int]], now_ms: int
+    ) -> list[tuple[bytes, int]]:
+        """The index entries whose blobs have not expired, by the expiry index's scores."""
+        if not entries:
+            return []
+        expires = await self._r.zmscore(self._key("e", mailbox_id), [_hex(i) for i, _ in entries])
+        return [
+            entry for entry, e in zip(entries, expires, strict=True) if e is not None and e > now_ms
+        ]
 
     async def _within(
         self, mailbox_id: bytes, chunk: list[tuple[bytes, int]], budget: int, have_some: bool
@@ -574,14 +723,6 @@ class RedisBackend:
             if blob is not None and int(expires) > now_ms
         ]
 
-    async def ids(self, mailbox_id: bytes, now_ms: int) -> tuple[list[bytes], list[Tombstone]]:
-        async with self._r.pipeline(transaction=True) as pipe:
-            pipe.zrangebyscore(self._key("e", mailbox_id), f"({now_ms}", "+inf")
-            pipe.zrangebyscore(self._key("ti", mailbox_id), f"({now_ms}", "+inf")
-            blob_members, tomb_members = await pipe.execute()
-        tombs = await self._tombstones(mailbox_id, sorted(_ids_of(tomb_members)), now_ms)
-        return sorted(_ids_of(blob_members)), tombs
-
     async def _tombstones(
         self, mailbox_id: bytes, blob_ids: list[bytes], now_ms: int
     ) -> list[Tombstone]:
@@ -622,23 +763,66 @@ class RedisBackend:
     async def sync_index(
         self, mailbox_id: bytes, now_ms: int, after: bytes = b"", limit: int = 0
     ) -> SyncIndex:
-        """The live IDs are indexed by expiry, not ID: all are read and cut here, and only
-        the tombstones kept have their sizes read (three round trips per 256 of them)."""
+        """Each kind read in ID order from ``after`` on (``l:M``, ``tl:M``) until ``limit`` live
+        ones are found: a list page reads its page (and what expired in it that GC has not
+        reached), not the whole mailbox, which cost 0.35 s a page at 100,000 blobs. Blobs
+        are read before tombstones, so a blob deleted meanwhile is seen as one or the other.
+        Without ``limit`` (repair's whole index) both expiry indexes are read at once by score:
+        along the ID index a chunk at a time, 100,000 blobs took 2.3 s, by score 0.35 s."""
+        if limit:
+            blob_ids = await self._live_by_id(mailbox_id, "blobs", after, limit, now_ms)
+            tombs = await self._live_by_id(mailbox_id, "tombstones", after, limit, now_ms)
+        else:
+            blob_ids, tombs = await self._all_live(mailbox_id, after, now_ms)
+        sizes = await self._authorization_sizes(mailbox_id, tombs)
+        # 0: the tombstone's key vanished; a later chunk stands in for it.
+        kept = [(t, n) for t, n in zip(tombs, sizes, strict=True) if n]
+        while limit and len(tombs) == limit and len(kept) < limit:
+            more = await self._live_by_id(
+                mailbox_id, "tombstones", tombs[-1], limit - len(kept), now_ms
+            )
+            if not more:
+                break
+            tombs = more
+            sizes = await self._authorization_sizes(mailbox_id, more)
+            kept += [(t, n) for t, n in zip(more, sizes, strict=True) if n]
+        return SyncIndex(blob_ids, kept)
+
+    async def _all_live(
+        self, mailbox_id: bytes, after: bytes, now_ms: int
+    ) -> tuple[list[bytes], list[bytes]]:
+        """Every unexpired blob and tombstone ID > ``after``, sorted (one snapshot)."""
         async with self._r.pipeline(transaction=True) as pipe:
             pipe.zrangebyscore(self._key("e", mailbox_id), f"({now_ms}", "+inf")
             pipe.zrangebyscore(self._key("ti", mailbox_id), f"({now_ms}", "+inf")
             blob_members, tomb_members = await pipe.execute()
-        blob_ids = sorted(i for i in _ids_of(blob_members) if i > after)
-        tomb_ids = sorted(i for i in _ids_of(tomb_members) if i > after)
-        wanted = limit or len(tomb_ids)
-        tombs: list[tuple[bytes, int]] = []
-        position = 0
-        while position < len(tomb_ids) and len(tombs) < wanted:  # more: keys that vanished
-            chunk = tomb_ids[position : position + wanted - len(tombs)]
-            position += len(chunk)
-            sizes = await self._authorization_sizes(mailbox_id, chunk)
-            tombs += [(t, n) for t, n in zip(chunk, sizes, strict=True) if n]  # 0: vanished
-        return SyncIndex(blob_ids[:limit] if limit else blob_ids, tombs)
+        return (
+            sorted(i for i in _ids_of(blob_members) if i > after),
+            sorted(i for i in _ids_of(tomb_members) if i > after),
+        )
+
+    async def _live_by_id(
+        self, mailbox_id: bytes, kind: str, after: bytes, limit: int, now_ms: int
+    ) -> list[bytes]:
+        """The unexpired blob or tombstone IDs > ``after``, in ID order, the first ``limit``,
+        read a chunk at a time along the ID index, judged by the expiry index."""
+        index, expiry = ("l", "e") if kind == "blobs" else ("tl", "ti")
+        low = f"({_hex(after)}" if after else "-"
+        found: list[bytes] = []
+        while len(found) < limit:
+            want = limit - len(found) + _SCAN_CHUNK
+            members: list[Any] = await self._r.zrange(
+                self._key(index, mailbox_id), low, "+", bylex=True, offset=0, num=want
+            )
+            if not members:
+                break
+            expires = await self._r.zmscore(self._key(expiry, mailbox_id), members)
+            live = zip(members, expires, strict=True)
+            found += [_unhex(m) for m, e in live if e is not None and e > now_ms]
+            if len(members) < want:
+                break
+            low = "(" + members[-1].decode()
+        return found[:limit]
 
     async def _authorization_sizes(self, mailbox_id: bytes, blob_ids: list[bytes]) -> list[int]:
         """Each tombstone's signed delete size without reading it; 0 for a tombstone whose key
