@@ -8,7 +8,9 @@ own session."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -63,48 +65,59 @@ def put_request(text: bytes) -> mailbox_pb2.PutRequest:
     return mailbox_pb2.PutRequest(version=1, mailbox_id=box, blob=blob, pow=proof.to_proto())
 
 
+@contextlib.asynccontextmanager
+async def serving(store: Any, registry: CollectorRegistry) -> AsyncIterator[NodeSession]:
+    """The Mailbox service with sessions over ``store`` (a real backend, wrapped by the
+    fault under test) on a grpc.aio server in this process, and a client session to it."""
+    subscribers = Subscribers()
+    backend: Any = NotifyingBackend(store, subscribers)
+    service = MailboxSessionService(backend, Admission(AdmissionConfig(pow_base_bits=4)))
+    service.session_rules = SessionRules(service, subscribers, SessionMetrics(registry))
+    server = grpc.aio.server()
+    GrpcGate(max_message=4 << 20).add(server, service, MAILBOX)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    session = NodeSession(channel, 5.0)
+    await session.open()
+    try:
+        yield session
+    finally:
+        await session.close()
+        await channel.close()
+        await server.stop(grace=None)
+
+
+def bob_fetch() -> mailbox_pb2.FetchRequest:
+    return mailbox_pb2.FetchRequest.FromString(
+        sign_fetch(BOB, cursor=b"", limit=10, now_ms=now_ms())
+    )
+
+
 def test_a_push_whose_read_failed_is_read_again(tmp_path: Path) -> None:
     async def main() -> None:
         raw = await SqliteBackend.open(tmp_path / "mailboxes.sqlite3")
         reads = ReadsFail(raw)
-        subscribers = Subscribers()
-        backend: Any = NotifyingBackend(reads, subscribers)
-        service = MailboxSessionService(backend, Admission(AdmissionConfig(pow_base_bits=4)))
-        service.session_rules = SessionRules(
-            service, subscribers, SessionMetrics(CollectorRegistry())
-        )
-        server = grpc.aio.server()
-        GrpcGate(max_message=4 << 20).add(server, service, MAILBOX)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        session = NodeSession(channel, 5.0)
-        await session.open()
         pages: list[mailbox_pb2.FetchResponse | None] = []
         try:
-            fetch = mailbox_pb2.FetchRequest.FromString(
-                sign_fetch(BOB, cursor=b"", limit=10, now_ms=now_ms())
-            )
-            await session.subscribe(fetch, pages.append)
-            reads.failing = True  # the store goes away right after the next write
-            outcome = await session.put(put_request(b"stored just before the outage"))
-            assert outcome.code == 0, outcome
-            await asyncio.sleep(PUSH_RETRY_S / 2)
-            reads.failing = False  # back
-            deadline = time.monotonic() + 5 * PUSH_RETRY_S
-            while time.monotonic() < deadline and len(pushed(pages)) < 1:
-                await asyncio.sleep(0.05)
-            assert len(pushed(pages)) == 1  # read again and pushed, with no other write
-            outcome = await session.put(put_request(b"after the outage"))
-            assert outcome.code == 0, outcome
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and len(pushed(pages)) < 2:
-                await asyncio.sleep(0.05)
-            assert len(pushed(pages)) == 2  # and the subscription goes on
+            async with serving(reads, CollectorRegistry()) as session:
+                await session.subscribe(bob_fetch(), pages.append)
+                reads.failing = True  # the store goes away right after the next write
+                outcome = await session.put(put_request(b"stored just before the outage"))
+                assert outcome.code == 0, outcome
+                await asyncio.sleep(PUSH_RETRY_S / 2)
+                reads.failing = False  # back
+                deadline = time.monotonic() + 5 * PUSH_RETRY_S
+                while time.monotonic() < deadline and len(pushed(pages)) < 1:
+                    await asyncio.sleep(0.05)
+                assert len(pushed(pages)) == 1  # read again and pushed, with no other write
+                outcome = await session.put(put_request(b"after the outage"))
+                assert outcome.code == 0, outcome
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and len(pushed(pages)) < 2:
+                    await asyncio.sleep(0.05)
+                assert len(pushed(pages)) == 2  # and the subscription goes on
         finally:
-            await session.close()
-            await channel.close()
-            await server.stop(grace=None)
             await raw.close()
 
     asyncio.run(main())
@@ -141,37 +154,21 @@ def test_an_unsubscribed_pump_whose_cancel_was_lost_pushes_nothing(tmp_path: Pat
     async def main() -> None:
         raw = await SqliteBackend.open(tmp_path / "mailboxes.sqlite3")
         reads = ReadSwallowsCancel(raw)
-        subscribers = Subscribers()
-        backend: Any = NotifyingBackend(reads, subscribers)
-        service = MailboxSessionService(backend, Admission(AdmissionConfig(pow_base_bits=4)))
         registry = CollectorRegistry()
-        service.session_rules = SessionRules(service, subscribers, SessionMetrics(registry))
-        server = grpc.aio.server()
-        GrpcGate(max_message=4 << 20).add(server, service, MAILBOX)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        session = NodeSession(channel, 5.0)
-        await session.open()
         try:
-            fetch = mailbox_pb2.FetchRequest.FromString(
-                sign_fetch(BOB, cursor=b"", limit=10, now_ms=now_ms())
-            )
-            sub_id = await session.subscribe(fetch, lambda page: None)
-            reads.gate = asyncio.Event()
-            outcome = await session.put(put_request(b"wakes the pump"))
-            assert outcome.code == 0, outcome
-            await asyncio.wait_for(reads.reading.wait(), 5)  # the pump is reading
-            await session.unsubscribe(sub_id)
-            await asyncio.sleep(0.2)  # the unsubscribe reached the node: the pump cancelled
-            reads.gate.set()
-            await asyncio.sleep(0.5)
-            # nothing pushed for a subscription gone
-            assert registry.get_sample_value("dna_storage_pushed_blobs_total") == 0
+            async with serving(reads, registry) as session:
+                sub_id = await session.subscribe(bob_fetch(), lambda page: None)
+                reads.gate = asyncio.Event()
+                outcome = await session.put(put_request(b"wakes the pump"))
+                assert outcome.code == 0, outcome
+                await asyncio.wait_for(reads.reading.wait(), 5)  # the pump is reading
+                await session.unsubscribe(sub_id)
+                await asyncio.sleep(0.2)  # the unsubscribe reached the node: pump cancelled
+                reads.gate.set()
+                await asyncio.sleep(0.5)
+                # nothing pushed for a subscription gone
+                assert registry.get_sample_value("dna_storage_pushed_blobs_total") == 0
         finally:
-            await session.close()
-            await channel.close()
-            await server.stop(grace=None)
             await raw.close()
 
     asyncio.run(main())
