@@ -44,6 +44,10 @@ CARDS_DUE = "cards-due"
 # A link offer's device is waited for by deletes (never listed) at most this long: the
 # code's hour, and an hour for a link made at its end to say hello.
 OFFER_HOLD_MS = 2 * 3_600_000
+# A blob's outcome while it waits in `deferred_blobs` for its sender's lookup: recorded (so
+# acknowledged: it is held here, not on the replicas) but not handled yet.
+DEFERRED = "deferred"
+DEFERRED_EXPIRED = "rejected: deferred past the replay window (its sender never looked up)"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS contacts(
   fingerprint BLOB PRIMARY KEY,
@@ -648,11 +652,14 @@ class Cache:
         return str(rows[0][0]) if rows else None
 
     def record_blob(self, blob_id: bytes, outcome: str, now_ms: int) -> None:
-        """The blob is handled (``outcome``); if it was deferred, it no longer is."""
+        """The blob is handled (``outcome``); if it was deferred, it no longer is (its
+        DEFERRED outcome becomes this one; it keeps the time it was first seen)."""
         with self.transaction():
             self._db.execute(
-                "INSERT OR IGNORE INTO blobs(blob_id, outcome, seen_ms) VALUES (?, ?, ?)",
-                (blob_id, outcome, now_ms),
+                "INSERT INTO blobs(blob_id, outcome, seen_ms) VALUES (?, ?, ?)"
+                " ON CONFLICT(blob_id) DO UPDATE SET outcome = excluded.outcome"
+                " WHERE blobs.outcome = ?",
+                (blob_id, outcome, now_ms, DEFERRED),
             )
             self._db.execute("DELETE FROM deferred_blobs WHERE blob_id = ?", (blob_id,))
 
@@ -661,12 +668,23 @@ class Cache:
     ) -> None:
         """Keep a blob a round could not handle yet (its unknown sender was not looked up:
         over the round's budget), to be handled by a later round (`deferred_blobs`). It is
-        neither recorded nor acknowledged, so no device deletes it from the replicas."""
-        self._write(
-            "INSERT OR IGNORE INTO deferred_blobs(blob_id, mailbox, sender, blob, deferred_ms)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (blob_id, mailbox, sender, blob, now_ms),
-        )
+        recorded as DEFERRED, so this device acknowledges it (it holds it, here) and the
+        replicas can delete it: a deferred blob holds no mailbox quota."""
+        with self.transaction():
+            self._db.execute(
+                "INSERT OR IGNORE INTO deferred_blobs(blob_id, mailbox, sender, blob,"
+                " deferred_ms) VALUES (?, ?, ?, ?, ?)",
+                (blob_id, mailbox, sender, blob, now_ms),
+            )
+            self._db.execute(
+                "INSERT OR IGNORE INTO blobs(blob_id, outcome, seen_ms) VALUES (?, ?, ?)",
+                (blob_id, DEFERRED, now_ms),
+            )
+
+    def deferred_usage(self) -> tuple[int, int]:
+        """(blobs, bytes) deferred, every mailbox together."""
+        rows = self._rows("SELECT count(*), coalesce(sum(length(blob)), 0) FROM deferred_blobs")
+        return int(rows[0][0]), int(rows[0][1])
 
     def deferred_blobs(self, mailbox: bytes, senders: int) -> list[tuple[bytes, bytes]]:
         """(blob ID, blob) deferred for ``mailbox``: every one of the ``senders`` senders
@@ -710,11 +728,20 @@ class Cache:
 
     def prune(self, *, envelopes_before_ms: int, deleted_blobs_before_ms: int) -> None:
         """Forget what can no longer matter: envelope IDs older than the replay window (such
-        an envelope is refused by its timestamp anyway) and deleted blobs, with their
+        an envelope is refused by its timestamp anyway), blobs deferred before it (their
+        envelopes were at most 5 minutes ahead then, so they are past the window: each is
+        recorded rejected, as its turn would have found it) and deleted blobs, with their
         acknowledgements, seen before anything could bring them back (blob TTL, tombstones)."""
         old = "SELECT blob_id FROM blobs WHERE deleted = 1 AND seen_ms < ?"
+        stale = "SELECT blob_id FROM deferred_blobs WHERE deferred_ms < ?"
         with self.transaction():
             self._db.execute("DELETE FROM envelopes_seen WHERE timestamp_ms < ?",
+                             (envelopes_before_ms,))  # fmt: skip
+            self._db.execute(
+                f"UPDATE blobs SET outcome = ? WHERE outcome = ? AND blob_id IN ({stale})",
+                (DEFERRED_EXPIRED, DEFERRED, envelopes_before_ms),
+            )
+            self._db.execute("DELETE FROM deferred_blobs WHERE deferred_ms < ?",
                              (envelopes_before_ms,))  # fmt: skip
             cutoff = (deleted_blobs_before_ms,)
             self._db.execute(f"DELETE FROM acks WHERE blob_id IN ({old})", cutoff)

@@ -8,8 +8,9 @@ is cleaned of it. Lookups that need the network (an unknown sender's keys) run
 before the transaction, so the transaction itself never waits on I/O and a
 crash leaves each blob either fully applied or not at all. They are bounded per
 round and made after the round's new blobs: a blob whose sender needs one is
-deferred (kept in the cache, not acknowledged) and handled by `retry_deferred`,
-first in first out, in this round or a later one; never dropped.
+deferred (kept in the cache and acknowledged: the cache holds it, the replicas need not)
+and handled by `retry_deferred`, first in first out, in this round or a later one; only
+past the deferred blobs' bound in all, or past the replay window, is one dropped.
 
 The inbox sends nothing: what a sync owes others (delivery receipts, the history
 another device asked for, the move to keys another device rotated to) is left in
@@ -36,7 +37,7 @@ from dna_core.errors import (
 )
 
 from dna_peer import keyserver
-from dna_peer.cache import RECOVERING, Cache, Contact, Message
+from dna_peer.cache import DEFERRED, RECOVERING, Cache, Contact, Message
 from dna_peer.payloads import (
     ContactCard,
     DeviceAck,
@@ -61,6 +62,10 @@ MAX_SENDER_LOOKUPS = 64
 # Peers the own devices' transcripts name without a card, looked up per round: a budget of
 # their own, so a long own history never takes the lookups strangers' mail needs.
 MAX_PEER_LOOKUPS = 64
+# Blobs waiting for their sender's lookup (`deferred_blobs`), every mailbox together: the
+# default mailbox quota (docs/storage.md), what honest replicas could hold of it at once.
+DEFERRED_MAX_BLOBS = 10_000
+DEFERRED_MAX_BYTES = 64 * 1024 * 1024
 Apply = Callable[[], str]  # the cache writes of one blob; returns its outcome
 Clock = Callable[[], int]  # wall-clock milliseconds
 OnMessage = Callable[[Message], None]  # a new message, opened, before its commit is durable
@@ -148,22 +153,26 @@ class Inbox:
         self._sender_lookups = self._peer_lookups = 0  # each within its own budget
         self._formers: dict[bytes, PublicKeySet] | None = None  # owner.former_keys(), once
         self._may_look_up = True  # handle_blob's look_up
+        self._deferred_usage: tuple[int, int] | None = None  # (blobs, bytes), at the 1st defer
 
     async def handle_blob(self, blob_id: bytes, blob: bytes, *, look_up: bool = True) -> None:
         """Open, check and apply one blob. Without ``look_up`` a sender that needs a lookup
         is not looked up here: its blob joins the deferred ones, which `retry_deferred`
         takes after the round's new blobs, so no lookup delays a contact's message."""
-        if self.cache.blob_outcome(blob_id) is not None:
-            return  # handled in an earlier sync (or by another replica's copy)
+        known = self.cache.blob_outcome(blob_id)
+        if known is not None and (known != DEFERRED or not look_up):
+            return  # handled in an earlier sync (or by another replica's copy), or waiting
+        was_deferred = known == DEFERRED  # acknowledged already, when it was deferred
         self._may_look_up = look_up
         try:
             opened = await self._open(blob)
             apply = await self._plan(opened, decode_payload(opened.payload), blob_id)
         except ProtocolError as err:
-            self._reject(blob_id, err.reason)
+            self._reject(blob_id, err.reason, acknowledged=was_deferred)
             return
         except _NotLookedUpError as over:
-            self._defer(blob_id, blob, over.sender)
+            if not was_deferred:
+                self._defer(blob_id, blob, over.sender)
             return
         trace.mark("peer.opened", blob_id)
         new = len(self.report.new_messages)
@@ -174,7 +183,7 @@ class Inbox:
             self._tell_new(self.report.new_messages[new:])
             trace.mark("peer.told", blob_id)
         trace.mark("peer.committed", blob_id)
-        if outcome != "ack":
+        if outcome != "ack" and not was_deferred:
             self.report.held.append(blob_id)
 
     def _tell_new(self, messages: list[Message]) -> None:
@@ -199,25 +208,43 @@ class Inbox:
         is handled within a bounded number of rounds (the deferred senders ahead of it /
         MAX_SENDER_LOOKUPS + 1) and a round makes MAX_SENDER_LOOKUPS lookups at most;
         returns how many were handled."""
-        mailbox, held = self.identity.fingerprint, len(self.report.held)
-        for blob_id, blob in self.cache.deferred_blobs(mailbox, MAX_SENDER_LOOKUPS):
+        handled = 0
+        for blob_id, blob in self.cache.deferred_blobs(self.identity.fingerprint,
+                                                       MAX_SENDER_LOOKUPS):  # fmt: skip
             await self.handle_blob(blob_id, blob)
-        return len(self.report.held) - held
+            handled += self.cache.blob_outcome(blob_id) not in (None, DEFERRED)
+        return handled
 
     def _defer(self, blob_id: bytes, blob: bytes, sender: bytes) -> None:
-        """Keep the blob for a later round: not recorded, not acknowledged (so not deleted
-        from the replicas), handled by `retry_deferred` once its sender's turn comes."""
+        """Keep the blob for a later round, here: recorded as deferred and acknowledged
+        (this device holds it, so the replicas may delete it: it holds no mailbox quota),
+        handled by `retry_deferred` once its sender's turn comes. The sender is not
+        authenticated yet (its keys are what is missing), so anyone who can seal to this
+        identity, or a storage node making envelopes up, can name a new one with every
+        blob: what is deferred is bounded in all (DEFERRED_MAX_BLOBS, DEFERRED_MAX_BYTES),
+        and a blob beyond that is dropped, as it was before deferring."""
+        if self._deferred_usage is None:
+            self._deferred_usage = self.cache.deferred_usage()
+        count, size = self._deferred_usage
+        if count >= DEFERRED_MAX_BLOBS or size + len(blob) > DEFERRED_MAX_BYTES:
+            self._reject(blob_id, f"unknown sender {sender.hex()[:16]}, not looked up: the"
+                         f" blobs waiting for a lookup are at their limit ({count} blobs,"
+                         f" {size} bytes)")  # fmt: skip
+            return
         log.info("mailbox blob %s deferred: unknown sender %s, looked up in its turn (%d"
                  " senders a round)", blob_id.hex()[:16], sender.hex()[:16],
                  MAX_SENDER_LOOKUPS)  # fmt: skip
         self.cache.defer_blob(self.identity.fingerprint, blob_id, blob, sender, self.clock())
+        self._deferred_usage = (count + 1, size + len(blob))
         self.report.deferred += 1
+        self.report.held.append(blob_id)
 
-    def _reject(self, blob_id: bytes, reason: str) -> None:
+    def _reject(self, blob_id: bytes, reason: str, *, acknowledged: bool = False) -> None:
         log.warning("dropped mailbox blob %s: %s", blob_id.hex()[:16], reason)
         self.cache.record_blob(blob_id, f"rejected: {reason}", self.clock())
         self.report.rejected.append((blob_id, reason))
-        self.report.held.append(blob_id)
+        if not acknowledged:
+            self.report.held.append(blob_id)
 
     async def _open(self, blob: bytes) -> OpenedMessage:
         """Decrypt and verify; an unknown sender without keys inside is looked up once."""
