@@ -452,8 +452,32 @@ REFUSED = {  # payload -> (from the own identity?, the reason)
         payload(link=pb.DeviceLink(device_id=b"d" * 16)), True,
         "payload: link is not accepted from own device",
     ),
-    "nothing": (b"", False, "payload: empty is not accepted from another identity"),
+    "nothing": (b"", False, "payload: no kind this version knows (none set, or one a newer"
+                " dna added)"),
+    "a kind a newer dna added": (bytes([0x52, 2, 8, 1]), True, "payload: no kind this version"
+                                 " knows (none set, or one a newer dna added)"),
 }  # fmt: skip
+
+
+def test_a_newer_device_s_hello_is_taken_for_what_this_version_knows(
+    bob_inbox: Setup, bob: Identity
+) -> None:
+    """A device running a newer dna announces itself with a field this version does not
+    know (as `offered_until_ms` was to the dna before it): the hello was refused whole, so
+    the newer device was never a device here and deletes did not wait for it. Now the
+    hello is taken (its signature covers the exact bytes, the new field included), and
+    the field is ignored."""
+
+    async def go() -> None:
+        s = bob_inbox
+        hello = pb.DeviceHello(device_id=b"n" * 16, device_name="newer", wants_history=True)
+        fields = hello.SerializeToString() + bytes([0xF8, 0x07, 1])  # + field 127 = 1
+        newer = bytes([6 << 3 | 2, len(fields)]) + fields  # Payload.device (field 6)
+        await s.handle(sealed(bob, bob, newer, s.clock()))
+        assert s.reasons() == [] and s.cache.devices()[b"n" * 16] == "newer"
+        assert s.inbox.report.history_wanted
+
+    asyncio.run(go())
 
 
 @pytest.mark.parametrize("case", list(REFUSED))

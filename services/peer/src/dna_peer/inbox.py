@@ -42,6 +42,7 @@ from dna_peer.payloads import (
     ContactCard,
     DeviceAck,
     DeviceHello,
+    Empty,
     History,
     Payload,
     ReadMarker,
@@ -334,6 +335,9 @@ class Inbox:
                 "sender: this identity's own former key (rotated away from; its other devices"
                 " write to the mailbox of the keys they hold): refused"
             )
+        if isinstance(payload, Empty):
+            raise MalformedError("payload: no kind this version knows (none set, or one a"
+                                 " newer dna added)")  # fmt: skip
         if isinstance(payload, Rotation):
             if own:
                 return self._plan_own_rotation(payload)
