@@ -752,3 +752,24 @@ def test_a_message_told_but_never_committed_is_received_again(
         assert [m.body for m in s.cache.messages()] == ["again"]
 
     asyncio.run(go())
+
+
+def test_an_acknowledging_inbox_notes_each_blob_s_ack_with_its_commit(
+    bob_inbox: Setup, alice: Identity, bob: Identity
+) -> None:
+    """The own mailbox's inbox notes this device's acknowledgement of each blob it holds
+    (handled, refused, deferred) in the blob's own transaction: noted at the end of the
+    fetched page, a kill in between left blobs recorded as handled, skipped by every later
+    fetch, and never acknowledged, so never deleted (test_peer_e2e's kills found three)."""
+
+    async def go() -> None:
+        s = bob_inbox
+        s.inbox = Inbox(s.cache, s.owner, clock=s.clock, acknowledge=True)
+        handled = await s.handle(sealed(alice, bob, text("hi"), s.clock()))
+        refused = await s.handle(sealed(alice, bob, payload(read=pb.ReadMarker()), s.clock()))
+        deferred = await s.handle(sealed(Identity.generate(), bob, text("?"), s.clock(),
+                                         keys=False), look_up=False)  # fmt: skip
+        assert len(s.reasons()) == 1 and s.inbox.report.deferred == 1
+        assert set(s.cache.deletable_blobs(s.clock())) == {handled, refused, deferred}
+
+    asyncio.run(go())

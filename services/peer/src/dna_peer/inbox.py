@@ -143,9 +143,11 @@ class Inbox:
         clock: Clock,
         identity: Identity | None = None,
         on_message: OnMessage | None = None,
+        acknowledge: bool = False,
     ) -> None:
         self.cache, self.owner, self.clock = cache, owner, clock
         self.identity = identity or owner.identity
+        self.acknowledge = acknowledge  # note this device's acks with each blob's commit
         self.on_message = on_message
         self.report = SyncReport()
         self._guard = ReplayGuard()
@@ -181,11 +183,11 @@ class Inbox:
             outcome = apply()
             self.cache.remember_envelope(opened.message_id, opened.header.timestamp_ms)
             self.cache.record_blob(blob_id, outcome, self.clock())
+            if outcome != "ack" and not was_deferred:
+                self._hold(blob_id)
             self._tell_new(self.report.new_messages[new:])
             trace.mark("peer.told", blob_id)
         trace.mark("peer.committed", blob_id)
-        if outcome != "ack" and not was_deferred:
-            self.report.held.append(blob_id)
 
     def _tell_new(self, messages: list[Message]) -> None:
         """``on_message`` for each new message, once its writes are made and before their
@@ -235,17 +237,30 @@ class Inbox:
         log.info("mailbox blob %s deferred: unknown sender %s, looked up in its turn (%d"
                  " senders a round)", blob_id.hex()[:16], sender.hex()[:16],
                  MAX_SENDER_LOOKUPS)  # fmt: skip
-        self.cache.defer_blob(self.identity.fingerprint, blob_id, blob, sender, self.clock())
+        with self.cache.transaction():
+            self.cache.defer_blob(self.identity.fingerprint, blob_id, blob, sender, self.clock())
+            self._hold(blob_id)
         self._deferred_usage = (count + 1, size + len(blob))
         self.report.deferred += 1
-        self.report.held.append(blob_id)
 
     def _reject(self, blob_id: bytes, reason: str, *, acknowledged: bool = False) -> None:
         log.warning("dropped mailbox blob %s: %s", blob_id.hex()[:16], reason)
-        self.cache.record_blob(blob_id, f"rejected: {reason}", self.clock())
+        with self.cache.transaction():
+            self.cache.record_blob(blob_id, f"rejected: {reason}", self.clock())
+            if not acknowledged:
+                self._hold(blob_id)
         self.report.rejected.append((blob_id, reason))
-        if not acknowledged:
-            self.report.held.append(blob_id)
+
+    def _hold(self, blob_id: bytes) -> None:
+        """This device holds the blob (handled, refused or deferred): a sync acknowledges it
+        (`SyncReport.held`), and with ``acknowledge`` its own acknowledgement is noted in the
+        cache now, in the blob's transaction. Noted at the end of the fetched page instead,
+        a process killed in between (a page is up to 16 MiB of blobs) left blobs recorded
+        but never acknowledged by this device: the next fetch skips them as handled, so no
+        device ever deleted them and they held the mailbox's quota until their TTL."""
+        if self.acknowledge:
+            self.cache.add_acks(self.owner.device.device_id, [blob_id], None)
+        self.report.held.append(blob_id)
 
     async def _open(self, blob: bytes) -> OpenedMessage:
         """Decrypt and verify; an unknown sender without keys inside is looked up once."""

@@ -620,18 +620,12 @@ class Peer:
         ``pushed``) those its replicas pushed since the last round, with no fetch. The
         blobs handled are acknowledged for this device at once (what lets `_clean_up`
         delete them), so a round whose settling never ran leaks nothing."""
-        inbox = self._inbox()
+        inbox = self._inbox(acknowledge=True)  # each blob's ack with its commit
         start = FetchState(cursors=self.cache.cursors())
-        acked = 0
 
         def save(state: FetchState) -> None:
-            # One commit (an fsync, on the loop) for a page's or a pushed round's
-            # bookkeeping: where it got to, and the acknowledgements of its blobs.
-            nonlocal acked
-            with self.cache.transaction():
-                self.cache.save_cursors(state.cursors)
-                self.cache.add_acks(self.device.device_id, inbox.report.held[acked:], None)
-            acked = len(inbox.report.held)
+            # One commit (an fsync, on the loop) for where a page or a pushed round got to.
+            self.cache.save_cursors(state.cursors)
 
         await self._read_mailbox(inbox, start, save, progress, pushed)
         return inbox.report
@@ -662,10 +656,12 @@ class Peer:
         if result.deleted:
             await self.send_history()
 
-    def _inbox(self, identity: Identity | None = None) -> Inbox:
+    def _inbox(self, identity: Identity | None = None, *, acknowledge: bool = False) -> Inbox:
         """An inbox for the own mailbox, or for ``identity``'s (one this identity rotated
-        away from)."""
-        return Inbox(self.cache, self, clock=now_ms, identity=identity, on_message=self.on_message)
+        away from); with ``acknowledge``, it notes this device's acknowledgement of each
+        blob it holds with the blob (the own mailbox's blobs, which deletes wait for)."""
+        return Inbox(self.cache, self, clock=now_ms, identity=identity,
+                     on_message=self.on_message, acknowledge=acknowledge)  # fmt: skip
 
     async def _send_receipts(self, receipts: Sequence[ReceiptDue]) -> None:
         """The delivery receipts a sync owes, best effort: the messages are already held,
