@@ -830,20 +830,22 @@ class Cache:
     def deletable_blobs(self, now_ms: int) -> list[bytes]:
         """Blobs every known device, and every device a live link offer may make,
         acknowledged, and acknowledgements that only cover such blobs (once every device
-        holds a blob, nobody needs to hear who holds it)."""
-        waited = (
-            "SELECT device_id FROM devices UNION"
-            " SELECT device_id FROM offered_devices WHERE until_ms > :now"
-        )
-        done = (
-            "SELECT blob_id FROM acks GROUP BY blob_id"
-            f" HAVING count(DISTINCT device_id) >= (SELECT count(*) FROM ({waited}))"
-        )
+        holds a blob, nobody needs to hear who holds it). Only the acknowledgements of
+        those devices count. The blobs done are worked out once (a CTE materialized): as a
+        subquery they were worked out again for every acknowledgement blob's row, 7.9 s for
+        a cache of 20,000 blobs and two devices, on every sync and `watch` round."""
         rows = self._rows(
-            f"SELECT blob_id FROM blobs WHERE deleted = 0 AND blob_id IN ({done})"
-            " UNION SELECT ack_blob FROM ack_blobs a WHERE NOT EXISTS (SELECT 1 FROM ack_blobs b"
-            f" WHERE b.ack_blob = a.ack_blob AND b.covers NOT IN ({done}))"
-            " AND a.ack_blob IN (SELECT blob_id FROM blobs WHERE deleted = 0)",
+            "WITH waited(device_id) AS ("
+            "  SELECT device_id FROM devices UNION"
+            "  SELECT device_id FROM offered_devices WHERE until_ms > :now),"
+            " done(blob_id) AS MATERIALIZED ("
+            "  SELECT blob_id FROM acks WHERE device_id IN (SELECT device_id FROM waited)"
+            "  GROUP BY blob_id"
+            "  HAVING count(DISTINCT device_id) >= (SELECT count(*) FROM waited))"
+            " SELECT blob_id FROM blobs WHERE deleted = 0 AND blob_id IN (SELECT blob_id FROM done)"
+            " UNION SELECT a.ack_blob FROM ack_blobs a LEFT JOIN done d ON d.blob_id = a.covers"
+            "  WHERE a.ack_blob IN (SELECT blob_id FROM blobs WHERE deleted = 0)"
+            "  GROUP BY a.ack_blob HAVING count(d.blob_id) = count(*)",
             {"now": now_ms},
         )
         return [bytes(r[0]) for r in rows]
