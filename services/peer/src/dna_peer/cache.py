@@ -77,6 +77,13 @@ CREATE TABLE IF NOT EXISTS messages(
   delivered INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation, timestamp_ms);
+-- last_written (every sync with receipts due, every presence publish) and has_our_keys (every
+-- send) read these, not the whole table: 1.4 s and 0.2-0.3 s at 100,000 messages.
+CREATE INDEX IF NOT EXISTS written_by_conversation ON messages(conversation, timestamp_ms)
+  WHERE outgoing = 1;
+CREATE INDEX IF NOT EXISTS received_by_sender ON messages(sender) WHERE outgoing = 0;
+CREATE INDEX IF NOT EXISTS delivered_by_recipient ON messages(recipient)
+  WHERE outgoing = 1 AND delivered = 1;
 CREATE VIRTUAL TABLE IF NOT EXISTS messages_text USING fts5(
   body, content='messages', content_rowid='rowid'
 );

@@ -670,6 +670,8 @@ class Peer:
         written to): each receipt is a sealed, signed put with proof of work (~35 ms), and
         anyone can fill a mailbox with messages from as many throwaway identities, which
         made a sync seal and put one receipt each, to mailboxes they chose."""
+        if not receipts:
+            return
         written = self.cache.last_written()
 
         def stranger(due: ReceiptDue) -> bool:
