@@ -437,6 +437,16 @@ class Cache:
         )
         return [_contact(r) for r in rows]
 
+    def chosen_or_written(self) -> list[Contact]:
+        """The current contacts this identity added (by name or fingerprint: `chosen`) or
+        wrote to; not the strangers only pinned because they wrote first, whom anyone can
+        make by the thousand (each a key set to decode)."""
+        rows = self._rows(
+            f"SELECT {_CONTACT_COLUMNS} FROM contacts WHERE replaced_by IS NULL AND (chosen = 1"
+            " OR conversation IN (SELECT conversation FROM messages WHERE outgoing = 1))"
+        )
+        return [_contact(r) for r in rows]
+
     def set_contact_name(self, fingerprint: bytes, name: str) -> None:
         self._write("UPDATE contacts SET name = ? WHERE fingerprint = ?", (name, fingerprint))
 
