@@ -58,7 +58,7 @@ log = logging.getLogger("dna.peer.inbox")
 RECEIPT_BATCH_IDS = 4_000  # message IDs per receipt: 72 KB, under the envelope cap
 # Unknown senders (no keys inside the envelope) looked up per round; an honest one is a
 # contact whose keys a lost cache forgot, and several of its envelopes share one lookup.
-# An envelope beyond it is deferred to a later round (kept, not acknowledged), never lost.
+# An envelope beyond it is deferred to a later round (kept in the cache, acknowledged).
 MAX_SENDER_LOOKUPS = 64
 # Peers the own devices' transcripts name without a card, looked up per round: a budget of
 # their own, so a long own history never takes the lookups strangers' mail needs.
