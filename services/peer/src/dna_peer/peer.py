@@ -485,7 +485,11 @@ class Peer:
         inbox = self._inbox()
         # Not the mailbox blob ID: if the same envelope also reaches the mailbox (the
         # sender fell back after a lost ACK), that copy is dropped as a replay and deleted.
-        await inbox.handle_blob(p.sha256(p.label("direct-blob"), envelope), envelope)
+        blob_id = p.sha256(p.label("direct-blob"), envelope)
+        await inbox.handle_blob(blob_id, envelope)
+        # No replica holds it: nothing to delete, and the daily prune forgets its row (kept
+        # forever before, named to the replicas by every clean-up that deletes all held).
+        self.cache.mark_deleted([blob_id])
         report = inbox.report
         if report.new_messages and self._has_other_devices():
             task = asyncio.create_task(self._mirror(report.new_messages))
