@@ -21,7 +21,7 @@ from dna_core.files import write_atomic
 from dna_core.overlay.aio import NodeConfig, OverlayNode
 from dna_core.wire.gen.dna.v1 import envelope_pb2
 from dna_peer import keyserver
-from dna_peer.cache import Contact, cache_key
+from dna_peer.cache import DEFERRED_DROPPED, Contact, cache_key
 from dna_peer.inbox import Inbox
 from dna_peer.keyserver import now_ms
 from dna_peer.peer import RETIRED, Peer
@@ -141,6 +141,7 @@ def test_the_old_mailbox_is_forgotten_after_the_grace_period(tmp_path: Path, bob
             assert peer.retired() == []
             assert json.loads(peer.cache.get_state(RETIRED) or b"") == []  # old seeds gone
             assert peer.cache.deferred_count(bob.fingerprint) == 0  # and what waited there
+            assert peer.cache.blob_outcome(b"b" * 32) == DEFERRED_DROPPED  # not left waiting
 
     asyncio.run(go())
 

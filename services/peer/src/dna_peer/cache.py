@@ -48,6 +48,7 @@ OFFER_HOLD_MS = 2 * 3_600_000
 # acknowledged: it is held here, not on the replicas) but not handled yet.
 DEFERRED = "deferred"
 DEFERRED_EXPIRED = "rejected: deferred past the replay window (its sender never looked up)"
+DEFERRED_DROPPED = "rejected: deferred for a mailbox no longer read (its grace period ended)"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS contacts(
   fingerprint BLOB PRIMARY KEY,
@@ -721,7 +722,17 @@ class Cache:
     def drop_deferred(self, mailbox: bytes) -> int:
         """Forget what was deferred for a mailbox no longer read (a retired identity past
         its grace period); returns how many blobs."""
-        return self._write("DELETE FROM deferred_blobs WHERE mailbox = ?", (mailbox,))
+        with self.transaction():
+            self._db.execute(
+                "UPDATE blobs SET outcome = ? WHERE outcome = ? AND blob_id IN"
+                " (SELECT blob_id FROM deferred_blobs WHERE mailbox = ?)",
+                (DEFERRED_DROPPED, DEFERRED, mailbox),
+            )
+            return int(
+                self._db.execute(
+                    "DELETE FROM deferred_blobs WHERE mailbox = ?", (mailbox,)
+                ).rowcount
+            )
 
     def seen_envelope(self, message_id: bytes) -> bool:
         return bool(self._rows("SELECT 1 FROM envelopes_seen WHERE message_id = ?", (message_id,)))
