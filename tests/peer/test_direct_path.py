@@ -201,6 +201,10 @@ def test_present_contact_gets_the_message_directly_exactly_once(
         assert report.new_messages == [] and _held(bob, sent.message_id) == 1
         bodies = [m.body for m in bob.cache.messages(limit=-1)]
         assert bodies == ["hello over the direct path", "and again, over the same link"]
+        # nothing of them is on a replica to delete: the daily prune forgets their blob
+        # rows (they were kept forever, and each clean-up that deletes every blob held
+        # named them to the mailbox's replicas)
+        assert bob.cache.undeleted_blobs() == []
         await alice.close()
         await bob.close()
 

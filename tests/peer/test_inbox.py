@@ -20,7 +20,7 @@ from dna_core.crypto import Identity, PublicKeySet, seal
 from dna_core.errors import UnavailableError
 from dna_core.wire.gen.dna.v1 import envelope_pb2 as pb
 from dna_peer import inbox, keyserver
-from dna_peer.cache import RECOVERING, Cache, Contact
+from dna_peer.cache import DEFERRED, DEFERRED_EXPIRED, RECOVERING, Cache, Contact
 from dna_peer.inbox import (
     MAX_PEER_LOOKUPS,
     MAX_SENDER_LOOKUPS,
@@ -165,9 +165,9 @@ def test_a_flood_of_unknown_senders_costs_a_bounded_number_of_lookups(
     """Anyone may fill bob's mailbox with envelopes, each naming another unpublished sender
     without keys inside: every one was a DHT lookup (34 ms each on a local testnet: 10,000
     blobs, minutes of sync). Now a sender is looked up once per round, and at most
-    MAX_SENDER_LOOKUPS senders are: the rest are deferred to the next round (kept, not
-    acknowledged), which takes them first. A published sender looked up first still gets
-    through, all its envelopes for one lookup."""
+    MAX_SENDER_LOOKUPS senders are: the rest are deferred to the next round (kept in the
+    cache, and acknowledged: they hold no mailbox quota), which takes them first. A
+    published sender looked up first still gets through, all its envelopes for one lookup."""
 
     async def go() -> None:
         s = bob_inbox
@@ -183,11 +183,12 @@ def test_a_flood_of_unknown_senders_costs_a_bounded_number_of_lookups(
             "unknown sender, cannot verify" in r for r in s.reasons()
         )
         assert s.inbox.report.deferred == 11 and s.cache.deferred_count(bob.fingerprint) == 11
-        assert len(s.inbox.report.held) == 2 + MAX_SENDER_LOOKUPS - 1  # not the deferred
+        assert len(s.inbox.report.held) == 2 + MAX_SENDER_LOOKUPS - 1 + 11  # held here
         assert sorted(m.body for m in s.cache.messages()) == ["one", "two"]  # same time
         assert [c.fingerprint for c in s.cache.contacts()] == [alice.fingerprint]
         await s.next_round().retry_deferred()  # the 11 looked up, then dropped
         assert len(s.owner.lookups) == MAX_SENDER_LOOKUPS + 11 and len(s.reasons()) == 11
+        assert s.inbox.report.held == []  # acknowledged when they were deferred
         assert s.cache.deferred_count(bob.fingerprint) == 0
 
     asyncio.run(go())
@@ -207,11 +208,12 @@ def test_a_lookup_nobody_answered_keeps_the_envelope_for_a_later_round(
         blob_id = await s.handle(sealed(alice, bob, text("through the outage"), s.clock(),
                                         keys=False))  # fmt: skip
         assert s.reasons() == [] and s.inbox.report.deferred == 1
-        assert blob_id not in s.inbox.report.held and s.cache.blob_outcome(blob_id) is None
+        assert s.inbox.report.held == [blob_id] and s.cache.blob_outcome(blob_id) == DEFERRED
         s.owner.offline = False
         await s.next_round().retry_deferred()
         assert [m.body for m in s.cache.messages()] == ["through the outage"]
-        assert s.inbox.report.held == [blob_id] and s.cache.deferred_count(bob.fingerprint) == 0
+        assert s.cache.blob_outcome(blob_id) == "message" and s.inbox.report.held == []
+        assert s.cache.deferred_count(bob.fingerprint) == 0
 
     asyncio.run(go())
 
@@ -222,7 +224,8 @@ def test_an_envelope_over_the_lookup_budget_is_kept_for_the_next_round(
     """An honest sender without keys inside (a contact whose keys bob's lost cache forgot),
     writing after MAX_SENDER_LOOKUPS others in one round, was dropped as 'not looked up',
     acknowledged and so deleted from the replicas: its message lost. Now it is deferred:
-    not acknowledged (held lists what a sync acknowledges), and handled by the next round."""
+    kept in the cache (so acknowledged: held lists what a sync acknowledges, and the
+    replicas may delete it), and handled by the next round."""
 
     async def go() -> None:
         s = bob_inbox
@@ -230,11 +233,11 @@ def test_an_envelope_over_the_lookup_budget_is_kept_for_the_next_round(
             await s.handle(sealed(Identity.generate(), bob, text("x"), s.clock(), keys=False))
         s.owner.published[alice.fingerprint] = alice.public
         blob_id = await s.handle(sealed(alice, bob, text("still here"), s.clock(), keys=False))
-        assert blob_id not in s.inbox.report.held and s.cache.blob_outcome(blob_id) is None
+        assert blob_id in s.inbox.report.held and s.cache.blob_outcome(blob_id) == DEFERRED
         assert s.cache.message_count() == 0
         await s.next_round().retry_deferred()
         assert [m.body for m in s.cache.messages()] == ["still here"]
-        assert s.inbox.report.held == [blob_id] and s.cache.deferred_count(bob.fingerprint) == 0
+        assert s.inbox.report.held == [] and s.cache.deferred_count(bob.fingerprint) == 0
         await s.next_round().retry_deferred()  # handled: nothing left, nothing looked up
         assert s.owner.lookups.count(alice.fingerprint) == 1 and s.inbox.report.held == []
 
@@ -286,6 +289,54 @@ def test_an_own_history_does_not_starve_strangers_and_a_flood_drains_in_bounded_
             assert len(s.owner.lookups) - before <= MAX_SENDER_LOOKUPS
         assert rounds <= bound
         assert sum(m.body == "late" for m in s.cache.messages()) == len(late)
+
+    asyncio.run(go())
+
+
+def test_deferred_blobs_are_bounded_held_here_and_expire(
+    bob_inbox: Setup, alice: Identity, bob: Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Who fills `deferred_blobs`: anyone who can seal to bob, naming a new unpublished
+    sender in each envelope (the sender is what is not authenticated yet), through the
+    replicas (their quota bounds it) or as a storage node making envelopes up (nothing
+    bounds it). The table grew without limit, each blob stayed on the replicas holding the
+    mailbox's quota until its turn (10,000 flood blobs: a full mailbox refusing bob's
+    contacts for 157 rounds), and a blob whose turn never came was never dropped. Now a
+    deferred blob is acknowledged at once (held: the cache has it), what waits is bounded
+    in all (beyond it a blob is dropped, as before deferring), and the daily prune drops
+    what waited past the replay window. A contact's message is never deferred."""
+    monkeypatch.setattr(inbox, "DEFERRED_MAX_BLOBS", 20)
+
+    async def go() -> None:
+        s = bob_inbox
+        s.cache.pin(Contact(alice.fingerprint, alice.public, "alice", False, s.clock(),
+                            alice.fingerprint))  # fmt: skip
+        stranger = Identity.generate()
+        for _ in range(30):  # every one a new unpublished "sender": a made-up fingerprint
+            blob = sealed(Identity.generate(), bob, text("flood"), s.clock(), keys=False)
+            await s.handle(blob, look_up=False)
+        await s.handle(sealed(alice, bob, text("from a contact"), s.clock(), keys=False),
+                       look_up=False)  # fmt: skip
+        await s.handle(sealed(stranger, bob, text("first contact"), s.clock()), look_up=False)
+        report = s.inbox.report
+        assert report.deferred == 20 and s.cache.deferred_count(bob.fingerprint) == 20
+        assert len(report.rejected) == 10 and all("at their limit" in r for r in s.reasons())
+        assert len(report.held) == 30 + 2  # every blob acknowledged: none holds the quota
+        assert sorted(m.body for m in s.cache.messages()) == ["first contact",
+                                                              "from a contact"]  # fmt: skip
+        s.next_round()  # the bound counts what earlier rounds left
+        await s.handle(sealed(Identity.generate(), bob, text("more"), s.clock(), keys=False),
+                       look_up=False)  # fmt: skip
+        assert len(s.reasons()) == 1 and s.cache.deferred_count(bob.fingerprint) == 20
+
+        waiting = [blob_id for blob_id, _ in s.cache.deferred_blobs(bob.fingerprint, 100)]
+        s.cache.prune(envelopes_before_ms=s.clock() - 1, deleted_blobs_before_ms=0)
+        assert s.cache.deferred_count(bob.fingerprint) == 20  # deferred at the window's edge
+        s.cache.prune(envelopes_before_ms=s.clock() + 1, deleted_blobs_before_ms=0)
+        assert s.cache.deferred_count(bob.fingerprint) == 0
+        assert all(s.cache.blob_outcome(b) == DEFERRED_EXPIRED for b in waiting)
+        await s.next_round().retry_deferred()
+        assert s.owner.lookups == [] and s.inbox.report.held == []
 
     asyncio.run(go())
 
@@ -401,8 +452,32 @@ REFUSED = {  # payload -> (from the own identity?, the reason)
         payload(link=pb.DeviceLink(device_id=b"d" * 16)), True,
         "payload: link is not accepted from own device",
     ),
-    "nothing": (b"", False, "payload: empty is not accepted from another identity"),
+    "nothing": (b"", False, "payload: no kind this version knows (none set, or one a newer"
+                " dna added)"),
+    "a kind a newer dna added": (bytes([0x52, 2, 8, 1]), True, "payload: no kind this version"
+                                 " knows (none set, or one a newer dna added)"),
 }  # fmt: skip
+
+
+def test_a_newer_device_s_hello_is_taken_for_what_this_version_knows(
+    bob_inbox: Setup, bob: Identity
+) -> None:
+    """A device running a newer dna announces itself with a field this version does not
+    know (as `offered_until_ms` was to the dna before it): the hello was refused whole, so
+    the newer device was never a device here and deletes did not wait for it. Now the
+    hello is taken (its signature covers the exact bytes, the new field included), and
+    the field is ignored."""
+
+    async def go() -> None:
+        s = bob_inbox
+        hello = pb.DeviceHello(device_id=b"n" * 16, device_name="newer", wants_history=True)
+        fields = hello.SerializeToString() + bytes([0xF8, 0x07, 1])  # + field 127 = 1
+        newer = bytes([6 << 3 | 2, len(fields)]) + fields  # Payload.device (field 6)
+        await s.handle(sealed(bob, bob, newer, s.clock()))
+        assert s.reasons() == [] and s.cache.devices()[b"n" * 16] == "newer"
+        assert s.inbox.report.history_wanted
+
+    asyncio.run(go())
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
@@ -675,5 +750,26 @@ def test_a_message_told_but_never_committed_is_received_again(
         await s.handle(blob)
         assert len(told.messages) == 2 and told.messages[0] == told.messages[1]
         assert [m.body for m in s.cache.messages()] == ["again"]
+
+    asyncio.run(go())
+
+
+def test_an_acknowledging_inbox_notes_each_blob_s_ack_with_its_commit(
+    bob_inbox: Setup, alice: Identity, bob: Identity
+) -> None:
+    """The own mailbox's inbox notes this device's acknowledgement of each blob it holds
+    (handled, refused, deferred) in the blob's own transaction: noted at the end of the
+    fetched page, a kill in between left blobs recorded as handled, skipped by every later
+    fetch, and never acknowledged, so never deleted (test_peer_e2e's kills found three)."""
+
+    async def go() -> None:
+        s = bob_inbox
+        s.inbox = Inbox(s.cache, s.owner, clock=s.clock, acknowledge=True)
+        handled = await s.handle(sealed(alice, bob, text("hi"), s.clock()))
+        refused = await s.handle(sealed(alice, bob, payload(read=pb.ReadMarker()), s.clock()))
+        deferred = await s.handle(sealed(Identity.generate(), bob, text("?"), s.clock(),
+                                         keys=False), look_up=False)  # fmt: skip
+        assert len(s.reasons()) == 1 and s.inbox.report.deferred == 1
+        assert set(s.cache.deletable_blobs(s.clock())) == {handled, refused, deferred}
 
     asyncio.run(go())

@@ -162,6 +162,9 @@ def test_a_sync_killed_mid_write_leaves_a_whole_cache(testnet: Testnet, tmp_path
     cache = bob.open_cache(identity)
     assert sorted(m.body for m in cache.messages()) == sorted(f"message {n}" for n in range(count))
     assert cache.integrity_check() == "ok"
+    # ...and every blob left the replicas: one handled just before a kill (its commit made,
+    # the page's acknowledgements not yet) was never acknowledged, so never deleted
+    assert cache.undeleted_blobs() == []
 
 
 def _count(cache: Cache) -> int:

@@ -1,5 +1,6 @@
 """The peer's one payload codec (issue 12 item 3): each kind becomes its typed value with
-every field, nothing else decodes, and nesting cannot make it recurse."""
+every field, nothing else decodes, and nesting cannot make it recurse; fields a newer dna
+adds are ignored (forward compatibility, docs/protocol.md), but for a key set's."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from dna_peer.payloads import (
     Transcript,
     decode_payload,
 )
+from google.protobuf.descriptor import Descriptor
+from google.protobuf.message import Message
 
 
 def raw(**kind: object) -> bytes:
@@ -95,7 +98,9 @@ def test_transcripts_nested_deep_decode_one_level_only() -> None:
     ("data", "reason"),
     [
         (b"\xff", "payload: not a valid protobuf encoding"),
-        (raw(text=pb.Text(body="x")) + b"\x58\x01", "payload: non-canonical encoding"),
+        (b"\x58\x01" + raw(text=pb.Text(body="x")), "payload: non-canonical encoding"),
+        (raw(text=pb.Text(body="x")) * 2, "payload: non-canonical encoding"),
+        (b"\x0a\x02\x0a\x00", "payload: non-canonical encoding"),  # text: body "" written
         (b"\x00" * (192 * 1024 + 1), "bytes exceeds the 196608-byte cap"),
         (raw(sync=pb.SyncTranscript(payload=b"\xff")), "transcript payload: not a valid"),
         (raw(sync=pb.SyncTranscript(original_recipient=b"r" * 32)), "message ID has 16 bytes"),
@@ -121,4 +126,79 @@ def test_transcripts_nested_deep_decode_one_level_only() -> None:
 )
 def test_what_does_not_decode_is_malformed(data: bytes, reason: str) -> None:
     with pytest.raises(MalformedError, match=reason):
+        decode_payload(data)
+
+
+def unknown_field(number: int) -> bytes:
+    """Field ``number`` as a varint 1: a field this version does not know."""
+    tag, out = number << 3, bytearray()
+    while tag > 0x7F:
+        out.append(tag & 0x7F | 0x80)
+        tag >>= 7
+    return bytes([*out, tag, 1])
+
+
+def newer(msg: Message, extended: set[str]) -> None:
+    """``msg`` as a newer dna writes it: one more field in each message of its tree (the
+    transcripts' inner payloads too), numbered above every field this version knows. Key
+    sets are left alone (closed: below). Names what it extended in ``extended``."""
+    descriptor = msg.DESCRIPTOR
+    if descriptor.full_name == "dna.v1.PublicKeySet":
+        return
+    for field, value in msg.ListFields():
+        if field.message_type is not None:
+            for child in value if field.is_repeated else (value,):
+                newer(child, extended)
+    if isinstance(msg, pb.SyncTranscript) and msg.payload:
+        inner = pb.Payload.FromString(msg.payload)
+        newer(inner, extended)
+        msg.payload = inner.SerializeToString(deterministic=True)
+    msg.MergeFromString(unknown_field(max(f.number for f in descriptor.fields) + 1))
+    extended.add(descriptor.full_name)
+
+
+def reachable(descriptor: Descriptor, seen: set[str]) -> set[str]:
+    """Every message type a ``descriptor`` message can hold, itself included."""
+    if descriptor.full_name not in seen:
+        seen.add(descriptor.full_name)
+        for field in descriptor.fields:
+            if field.message_type is not None:
+                reachable(field.message_type, seen)
+    return seen
+
+
+def test_a_newer_dna_s_fields_are_ignored_in_every_payload_message(alice: Identity) -> None:
+    """An older dna refused a payload carrying any field it did not know (`decode_message`
+    took it for a non-canonical encoding), so each field added to a message (the hello's
+    `offered_until_ms`, last session) made the older devices drop that message whole:
+    a newer device's hello, acknowledgements, history. A payload's bytes are what its
+    sender signed, so nothing unauthenticated comes in with such a field: now every
+    message of every kind decodes as before with one more field in each (the known part
+    still canonical), and the field is dropped."""
+    extended: set[str] = set()
+    for kind, (data, typed) in cases(alice).items():
+        if kind == "empty":
+            continue
+        msg = pb.Payload.FromString(data)
+        newer(msg, extended)
+        with_more = msg.SerializeToString(deterministic=True)
+        assert len(with_more) > len(data)
+        assert decode_payload(with_more) == typed, kind
+    every_type = reachable(pb.Payload.DESCRIPTOR, set()) - {"dna.v1.PublicKeySet"}
+    assert extended == every_type  # every message type the payload can carry was tried
+
+
+def test_a_newer_kind_is_empty_and_a_key_set_is_closed(alice: Identity) -> None:
+    """A kind a newer dna added is no kind this version knows (`Empty`, which the inbox
+    refuses by name). A key set's fields are its fingerprint's input, so a contact card
+    whose keys carry a field this version does not know is refused, not pinned as the
+    keys it does know."""
+    number = max(f.number for f in pb.Payload.DESCRIPTOR.fields) + 1
+    newer_kind = bytes([number << 3 | 2, 2]) + unknown_field(1)
+    assert decode_payload(newer_kind) == Empty()
+    keys = alice.public.to_proto()
+    keys.MergeFromString(unknown_field(max(f.number for f in keys.DESCRIPTOR.fields) + 1))
+    card = pb.ContactCard(keys=keys, name="alice")
+    data = pb.Payload(history=pb.History(contacts=[card])).SerializeToString(deterministic=True)
+    with pytest.raises(MalformedError, match="PublicKeySet with fields this version does not"):
         decode_payload(data)

@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 from dna_core.crypto import Identity, keystore, seal
 from dna_core.crypto.node import NodeIdentity
+from dna_core.errors import DnaError
 from dna_core.files import write_atomic
 from dna_core.overlay.aio import NodeConfig, OverlayNode
 from dna_core.wire.gen.dna.v1 import envelope_pb2
 from dna_peer import keyserver
-from dna_peer.cache import Contact, cache_key
+from dna_peer.cache import DEFERRED_DROPPED, Contact, cache_key
 from dna_peer.inbox import Inbox
 from dna_peer.keyserver import now_ms
 from dna_peer.peer import RETIRED, Peer
@@ -141,6 +142,7 @@ def test_the_old_mailbox_is_forgotten_after_the_grace_period(tmp_path: Path, bob
             assert peer.retired() == []
             assert json.loads(peer.cache.get_state(RETIRED) or b"") == []  # old seeds gone
             assert peer.cache.deferred_count(bob.fingerprint) == 0  # and what waited there
+            assert peer.cache.blob_outcome(b"b" * 32) == DEFERRED_DROPPED  # not left waiting
 
     asyncio.run(go())
 
@@ -238,3 +240,55 @@ def test_a_rotation_cycle_does_not_hang_the_client(
             assert found.fingerprint in (alice.fingerprint, later.fingerprint)
 
     asyncio.run(main())
+
+
+def test_a_rotation_cut_short_finishes_with_the_keys_its_notices_named(
+    tmp_path: Path, alice: Identity, bob: Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dna identity rotate` publishes the statement and notifies every contact (a sealed
+    put each: a minute for a thousand contacts) before this device switches. Cut short in
+    between (Ctrl-C, a kill, the own mailbox unreachable), the new keys were lost with the
+    process, and running it again drew others: the contacts notified the first time were
+    pinned to keys nobody held (their messages unreadable, bob's refused as from a key he
+    rotated away from). Now the new keys are kept in the cache before anything goes out,
+    and the next try (sync warns until then) finishes with them."""
+
+    async def go() -> None:
+        async with bob_peer(tmp_path, bob) as peer:
+            pin(peer, alice, "alice")
+            statements: list[bytes] = []
+            notified: list[bytes] = []
+
+            async def put_record(record: bytes, key: bytes) -> int:
+                statements.append(record)
+                return 1
+
+            async def send_payload(to: object, payload: bytes, **_: object) -> None:
+                notified.append(payload)
+
+            async def unreachable(payload: object) -> None:
+                raise DnaError("own mailbox: no quorum")
+
+            async def nothing(*_: object) -> tuple[int, None]:
+                return 0, None
+
+            monkeypatch.setattr(peer.node, "put_record", put_record)
+            monkeypatch.setattr(peer, "send_payload", send_payload)
+            monkeypatch.setattr(peer, "post_to_devices", unreachable)
+            monkeypatch.setattr(peer, "_clean_up", nothing)
+            monkeypatch.setattr(peer, "_publish_after_rotation", nothing)
+            with pytest.raises(DnaError, match="no quorum"):
+                await peer.rotate("yearly")
+            told = envelope_pb2.Payload.FromString(notified[0]).rotation.statement
+            named = keyserver.rotation_statement_target(told, bob.fingerprint, now_ms=now_ms())
+            assert peer.fingerprint == bob.fingerprint and peer.rotation_cut_short()
+
+            monkeypatch.setattr(peer, "post_to_devices", nothing)
+            new = await peer.rotate("another reason")
+            assert new.fingerprint == named.fingerprint == peer.fingerprint
+            again = keyserver.rotation_statement_target(statements[-1], bob.fingerprint,
+                                                        now_ms=now_ms())  # fmt: skip
+            assert again.fingerprint == named.fingerprint and not peer.rotation_cut_short()
+            assert Profile(tmp_path / "bob").unlock("pw").fingerprint == named.fingerprint
+
+    asyncio.run(go())

@@ -8,8 +8,9 @@ is cleaned of it. Lookups that need the network (an unknown sender's keys) run
 before the transaction, so the transaction itself never waits on I/O and a
 crash leaves each blob either fully applied or not at all. They are bounded per
 round and made after the round's new blobs: a blob whose sender needs one is
-deferred (kept in the cache, not acknowledged) and handled by `retry_deferred`,
-first in first out, in this round or a later one; never dropped.
+deferred (kept in the cache and acknowledged: the cache holds it, the replicas need not)
+and handled by `retry_deferred`, first in first out, in this round or a later one; only
+past the deferred blobs' bound in all, or past the replay window, is one dropped.
 
 The inbox sends nothing: what a sync owes others (delivery receipts, the history
 another device asked for, the move to keys another device rotated to) is left in
@@ -36,11 +37,12 @@ from dna_core.errors import (
 )
 
 from dna_peer import keyserver
-from dna_peer.cache import RECOVERING, Cache, Contact, Message
+from dna_peer.cache import DEFERRED, RECOVERING, Cache, Contact, Message
 from dna_peer.payloads import (
     ContactCard,
     DeviceAck,
     DeviceHello,
+    Empty,
     History,
     Payload,
     ReadMarker,
@@ -56,11 +58,15 @@ log = logging.getLogger("dna.peer.inbox")
 RECEIPT_BATCH_IDS = 4_000  # message IDs per receipt: 72 KB, under the envelope cap
 # Unknown senders (no keys inside the envelope) looked up per round; an honest one is a
 # contact whose keys a lost cache forgot, and several of its envelopes share one lookup.
-# An envelope beyond it is deferred to a later round (kept, not acknowledged), never lost.
+# An envelope beyond it is deferred to a later round (kept in the cache, acknowledged).
 MAX_SENDER_LOOKUPS = 64
 # Peers the own devices' transcripts name without a card, looked up per round: a budget of
 # their own, so a long own history never takes the lookups strangers' mail needs.
 MAX_PEER_LOOKUPS = 64
+# Blobs waiting for their sender's lookup (`deferred_blobs`), every mailbox together: the
+# default mailbox quota (docs/storage.md), what honest replicas could hold of it at once.
+DEFERRED_MAX_BLOBS = 10_000
+DEFERRED_MAX_BYTES = 64 * 1024 * 1024
 Apply = Callable[[], str]  # the cache writes of one blob; returns its outcome
 Clock = Callable[[], int]  # wall-clock milliseconds
 OnMessage = Callable[[Message], None]  # a new message, opened, before its commit is durable
@@ -137,9 +143,11 @@ class Inbox:
         clock: Clock,
         identity: Identity | None = None,
         on_message: OnMessage | None = None,
+        acknowledge: bool = False,
     ) -> None:
         self.cache, self.owner, self.clock = cache, owner, clock
         self.identity = identity or owner.identity
+        self.acknowledge = acknowledge  # note this device's acks with each blob's commit
         self.on_message = on_message
         self.report = SyncReport()
         self._guard = ReplayGuard()
@@ -148,22 +156,26 @@ class Inbox:
         self._sender_lookups = self._peer_lookups = 0  # each within its own budget
         self._formers: dict[bytes, PublicKeySet] | None = None  # owner.former_keys(), once
         self._may_look_up = True  # handle_blob's look_up
+        self._deferred_usage: tuple[int, int] | None = None  # (blobs, bytes), at the 1st defer
 
     async def handle_blob(self, blob_id: bytes, blob: bytes, *, look_up: bool = True) -> None:
         """Open, check and apply one blob. Without ``look_up`` a sender that needs a lookup
         is not looked up here: its blob joins the deferred ones, which `retry_deferred`
         takes after the round's new blobs, so no lookup delays a contact's message."""
-        if self.cache.blob_outcome(blob_id) is not None:
-            return  # handled in an earlier sync (or by another replica's copy)
+        known = self.cache.blob_outcome(blob_id)
+        if known is not None and (known != DEFERRED or not look_up):
+            return  # handled in an earlier sync (or by another replica's copy), or waiting
+        was_deferred = known == DEFERRED  # acknowledged already, when it was deferred
         self._may_look_up = look_up
         try:
             opened = await self._open(blob)
             apply = await self._plan(opened, decode_payload(opened.payload), blob_id)
         except ProtocolError as err:
-            self._reject(blob_id, err.reason)
+            self._reject(blob_id, err.reason, acknowledged=was_deferred)
             return
         except _NotLookedUpError as over:
-            self._defer(blob_id, blob, over.sender)
+            if not was_deferred:
+                self._defer(blob_id, blob, over.sender)
             return
         trace.mark("peer.opened", blob_id)
         new = len(self.report.new_messages)
@@ -171,11 +183,11 @@ class Inbox:
             outcome = apply()
             self.cache.remember_envelope(opened.message_id, opened.header.timestamp_ms)
             self.cache.record_blob(blob_id, outcome, self.clock())
+            if outcome != "ack" and not was_deferred:
+                self._hold(blob_id)
             self._tell_new(self.report.new_messages[new:])
             trace.mark("peer.told", blob_id)
         trace.mark("peer.committed", blob_id)
-        if outcome != "ack":
-            self.report.held.append(blob_id)
 
     def _tell_new(self, messages: list[Message]) -> None:
         """``on_message`` for each new message, once its writes are made and before their
@@ -199,24 +211,55 @@ class Inbox:
         is handled within a bounded number of rounds (the deferred senders ahead of it /
         MAX_SENDER_LOOKUPS + 1) and a round makes MAX_SENDER_LOOKUPS lookups at most;
         returns how many were handled."""
-        mailbox, held = self.identity.fingerprint, len(self.report.held)
-        for blob_id, blob in self.cache.deferred_blobs(mailbox, MAX_SENDER_LOOKUPS):
+        handled = 0
+        for blob_id, blob in self.cache.deferred_blobs(self.identity.fingerprint,
+                                                       MAX_SENDER_LOOKUPS):  # fmt: skip
             await self.handle_blob(blob_id, blob)
-        return len(self.report.held) - held
+            handled += self.cache.blob_outcome(blob_id) not in (None, DEFERRED)
+        return handled
 
     def _defer(self, blob_id: bytes, blob: bytes, sender: bytes) -> None:
-        """Keep the blob for a later round: not recorded, not acknowledged (so not deleted
-        from the replicas), handled by `retry_deferred` once its sender's turn comes."""
+        """Keep the blob for a later round, here: recorded as deferred and acknowledged
+        (this device holds it, so the replicas may delete it: it holds no mailbox quota),
+        handled by `retry_deferred` once its sender's turn comes. The sender is not
+        authenticated yet (its keys are what is missing), so anyone who can seal to this
+        identity, or a storage node making envelopes up, can name a new one with every
+        blob: what is deferred is bounded in all (DEFERRED_MAX_BLOBS, DEFERRED_MAX_BYTES),
+        and a blob beyond that is dropped, as it was before deferring."""
+        if self._deferred_usage is None:
+            self._deferred_usage = self.cache.deferred_usage()
+        count, size = self._deferred_usage
+        if count >= DEFERRED_MAX_BLOBS or size + len(blob) > DEFERRED_MAX_BYTES:
+            self._reject(blob_id, f"unknown sender {sender.hex()[:16]}, not looked up: the"
+                         f" blobs waiting for a lookup are at their limit ({count} blobs,"
+                         f" {size} bytes)")  # fmt: skip
+            return
         log.info("mailbox blob %s deferred: unknown sender %s, looked up in its turn (%d"
                  " senders a round)", blob_id.hex()[:16], sender.hex()[:16],
                  MAX_SENDER_LOOKUPS)  # fmt: skip
-        self.cache.defer_blob(self.identity.fingerprint, blob_id, blob, sender, self.clock())
+        with self.cache.transaction():
+            self.cache.defer_blob(self.identity.fingerprint, blob_id, blob, sender, self.clock())
+            self._hold(blob_id)
+        self._deferred_usage = (count + 1, size + len(blob))
         self.report.deferred += 1
 
-    def _reject(self, blob_id: bytes, reason: str) -> None:
+    def _reject(self, blob_id: bytes, reason: str, *, acknowledged: bool = False) -> None:
         log.warning("dropped mailbox blob %s: %s", blob_id.hex()[:16], reason)
-        self.cache.record_blob(blob_id, f"rejected: {reason}", self.clock())
+        with self.cache.transaction():
+            self.cache.record_blob(blob_id, f"rejected: {reason}", self.clock())
+            if not acknowledged:
+                self._hold(blob_id)
         self.report.rejected.append((blob_id, reason))
+
+    def _hold(self, blob_id: bytes) -> None:
+        """This device holds the blob (handled, refused or deferred): a sync acknowledges it
+        (`SyncReport.held`), and with ``acknowledge`` its own acknowledgement is noted in the
+        cache now, in the blob's transaction. Noted at the end of the fetched page instead,
+        a process killed in between (a page is up to 16 MiB of blobs) left blobs recorded
+        but never acknowledged by this device: the next fetch skips them as handled, so no
+        device ever deleted them and they held the mailbox's quota until their TTL."""
+        if self.acknowledge:
+            self.cache.add_acks(self.owner.device.device_id, [blob_id], None)
         self.report.held.append(blob_id)
 
     async def _open(self, blob: bytes) -> OpenedMessage:
@@ -307,6 +350,9 @@ class Inbox:
                 "sender: this identity's own former key (rotated away from; its other devices"
                 " write to the mailbox of the keys they hold): refused"
             )
+        if isinstance(payload, Empty):
+            raise MalformedError("payload: no kind this version knows (none set, or one a"
+                                 " newer dna added)")  # fmt: skip
         if isinstance(payload, Rotation):
             if own:
                 return self._plan_own_rotation(payload)

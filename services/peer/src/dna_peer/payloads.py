@@ -1,11 +1,17 @@
 """What an opened envelope carries, as typed values: the one place the peer decodes a
 `Payload` (envelope.proto) and the only one that sees its protobuf form.
 
-`decode_payload` checks the size cap and the canonical encoding (`decode_message`),
+`decode_payload` checks the size cap and the canonical encoding (`decode_extensible`),
 then turns the one kind that is set into a frozen dataclass, the texts inside
 transcripts and the contact cards' key sets included; code past it matches on the type.
-A payload with no kind set is `Empty`: this version knows every kind a valid payload
-can carry (unknown fields are refused as non-canonical), so it is always refused.
+
+Forward compatibility (docs/protocol.md): a payload's bytes are what its sender signed,
+so fields a newer dna added, after the ones this version knows, are accepted and
+ignored: an older device takes a newer device's hello, ack or history for what it knows
+of it. A field whose meaning an older reader must not miss goes in a new kind instead. A
+payload with no kind this version knows (none set, or a newer one) is `Empty`, always
+refused. A key set (a contact card's) is closed: its bytes are its fingerprint's input,
+so one with an unknown field is refused.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from dna_core.crypto import PublicKeySet
 from dna_core.crypto import primitives as p
 from dna_core.crypto.envelope import MAX_PAYLOAD_BYTES, MESSAGE_ID_SIZE
 from dna_core.errors import MalformedError
-from dna_core.wire import decode_message, envelope_pb2
+from dna_core.wire import common_pb2, decode_extensible, envelope_pb2
 
 from dna_peer.profile import DEVICE_ID_SIZE
 
@@ -119,11 +125,17 @@ Payload = (
 )  # fmt: skip
 
 
+# Messages that may carry no field this version does not know, wherever they are in a
+# payload: a key set's fields are the input of its fingerprint.
+_CLOSED = frozenset({common_pb2.PublicKeySet.DESCRIPTOR.full_name})
+
+
 def decode_payload(
     raw: bytes, *, max_size: int = MAX_PAYLOAD_BYTES, what: str = "payload"
 ) -> Payload:
     """The typed payload in ``raw``; raises MalformedError (as `decode_message`)."""
-    msg = decode_message(envelope_pb2.Payload, raw, max_size=max_size, what=what)
+    msg = decode_extensible(envelope_pb2.Payload, raw, max_size=max_size, what=what,
+                            closed=_CLOSED)  # fmt: skip
     kind = msg.WhichOneof("kind")
     return _DECODERS[kind](msg) if kind is not None else Empty()
 
@@ -152,8 +164,8 @@ def _hello(hello: envelope_pb2.DeviceHello) -> DeviceHello:
 def _transcript(item: envelope_pb2.SyncTranscript) -> Transcript:
     # Only the text is read from the inner payload (another kind stands for an empty text):
     # decoding it whole could recurse, transcript in transcript, as deep as 192 KiB allows.
-    inner = decode_message(envelope_pb2.Payload, item.payload, max_size=MAX_PAYLOAD_BYTES,
-                           what="transcript payload")  # fmt: skip
+    inner = decode_extensible(envelope_pb2.Payload, item.payload, max_size=MAX_PAYLOAD_BYTES,
+                              what="transcript payload", closed=_CLOSED)  # fmt: skip
     text = _text(inner.text)
     _sized("transcript: message ID", item.original_message_id, MESSAGE_ID_SIZE)
     _sized("transcript: recipient", item.original_recipient, p.FINGERPRINT_SIZE)

@@ -86,6 +86,10 @@ RETIRED = "retired"  # cache state: identities this one rotated away from, drain
 # A queued message older than this is not sent any more: the recipient would drop its
 # envelope as expired (the replay window, 31 days) before long.
 OUTBOX_MAX_AGE_MS = 7 * DAY_MS
+# Cache state: a `dna identity rotate` begun and not finished here: the new keys' seeds and
+# the reason (hex JSON), written before anything is published, so a rotation cut short
+# finishes with the keys its statement and notices named, never with others.
+ROTATING = "rotating"
 RETIRED_GRACE_MS = 30 * DAY_MS  # = the rotation statement's lifetime and a blob's longest TTL
 HISTORY_CHUNK_BYTES = 150 * 1024  # a History payload stays under the 192 KiB envelope cap
 DISPLAY_PREFIX = 16  # hex digits of a fingerprint the inbox shows for a contact without a name
@@ -485,7 +489,11 @@ class Peer:
         inbox = self._inbox()
         # Not the mailbox blob ID: if the same envelope also reaches the mailbox (the
         # sender fell back after a lost ACK), that copy is dropped as a replay and deleted.
-        await inbox.handle_blob(p.sha256(p.label("direct-blob"), envelope), envelope)
+        blob_id = p.sha256(p.label("direct-blob"), envelope)
+        await inbox.handle_blob(blob_id, envelope)
+        # No replica holds it: nothing to delete, and the daily prune forgets its row (kept
+        # forever before, named to the replicas by every clean-up that deletes all held).
+        self.cache.mark_deleted([blob_id])
         report = inbox.report
         if report.new_messages and self._has_other_devices():
             task = asyncio.create_task(self._mirror(report.new_messages))
@@ -572,6 +580,9 @@ class Peer:
         """Fetch the own mailbox, handle what is new, acknowledge, receipt, clean up; then
         what still arrives at a mailbox this identity rotated away from."""
         await self.daily_upkeep()
+        if self.rotation_cut_short():
+            log.warning("a `dna identity rotate` was cut short: run it again to finish it (your"
+                        " contacts may already follow the new keys)")  # fmt: skip
         await self.send_queued()  # what a failed or killed send left on its way
         try:
             report = await self._sync_own(progress)
@@ -620,18 +631,12 @@ class Peer:
         ``pushed``) those its replicas pushed since the last round, with no fetch. The
         blobs handled are acknowledged for this device at once (what lets `_clean_up`
         delete them), so a round whose settling never ran leaks nothing."""
-        inbox = self._inbox()
+        inbox = self._inbox(acknowledge=True)  # each blob's ack with its commit
         start = FetchState(cursors=self.cache.cursors())
-        acked = 0
 
         def save(state: FetchState) -> None:
-            # One commit (an fsync, on the loop) for a page's or a pushed round's
-            # bookkeeping: where it got to, and the acknowledgements of its blobs.
-            nonlocal acked
-            with self.cache.transaction():
-                self.cache.save_cursors(state.cursors)
-                self.cache.add_acks(self.device.device_id, inbox.report.held[acked:], None)
-            acked = len(inbox.report.held)
+            # One commit (an fsync, on the loop) for where a page or a pushed round got to.
+            self.cache.save_cursors(state.cursors)
 
         await self._read_mailbox(inbox, start, save, progress, pushed)
         return inbox.report
@@ -662,10 +667,12 @@ class Peer:
         if result.deleted:
             await self.send_history()
 
-    def _inbox(self, identity: Identity | None = None) -> Inbox:
+    def _inbox(self, identity: Identity | None = None, *, acknowledge: bool = False) -> Inbox:
         """An inbox for the own mailbox, or for ``identity``'s (one this identity rotated
-        away from)."""
-        return Inbox(self.cache, self, clock=now_ms, identity=identity, on_message=self.on_message)
+        away from); with ``acknowledge``, it notes this device's acknowledgement of each
+        blob it holds with the blob (the own mailbox's blobs, which deletes wait for)."""
+        return Inbox(self.cache, self, clock=now_ms, identity=identity,
+                     on_message=self.on_message, acknowledge=acknowledge)  # fmt: skip
 
     async def _send_receipts(self, receipts: Sequence[ReceiptDue]) -> None:
         """The delivery receipts a sync owes, best effort: the messages are already held,
@@ -674,6 +681,8 @@ class Peer:
         written to): each receipt is a sealed, signed put with proof of work (~35 ms), and
         anyone can fill a mailbox with messages from as many throwaway identities, which
         made a sync seal and put one receipt each, to mailboxes they chose."""
+        if not receipts:
+            return
         written = self.cache.last_written()
 
         def stranger(due: ReceiptDue) -> bool:
@@ -704,7 +713,7 @@ class Peer:
         device over. The old mailbox is still drained for RETIRED_GRACE_MS."""
         if self.save_identity is None:
             raise DnaError("this device cannot rotate: its key file is not writable here")
-        old, new = self.identity, Identity.generate()
+        old, (new, reason) = self.identity, self._rotation_keys(reason)
         statement = keyserver.rotation_record(old, new, reason=reason)
         if not await self.node.put_record(statement, keyserver.rotation_key(old.fingerprint)):
             raise DnaError("no overlay node took the rotation statement: nothing changed")
@@ -724,8 +733,36 @@ class Peer:
         # it (Ctrl-C, the network) still moves the name at the next republish, instead of
         # finding it "taken" by its own old keys and publishing without it.
         self._adopt(new, name_move=self._name_move_to(old, new))
+        self.cache.clear_state(ROTATING)
         await self._publish_after_rotation()
         return new
+
+    def _rotation_keys(self, reason: str) -> tuple[Identity, str]:
+        """The new keys (and reason) of this rotation: those of one begun and cut short (a
+        kill, Ctrl-C, the own mailbox unreachable) after its statement or notices may have
+        gone out, else new ones, kept in the cache (ROTATING) before anything is published.
+        Drawn afresh at each try, a rotation cut short after notifying some contacts left
+        them pinned to keys nobody held: their messages unreadable, and this identity's
+        refused as from a key rotated away from."""
+        raw = self.cache.get_state(ROTATING)
+        if raw is not None:
+            begun = json.loads(raw)
+            new = Identity(bytes.fromhex(begun["seeds"]))
+            if new.fingerprint != self.fingerprint:  # (else: adopted, the mark left behind)
+                log.warning("finishing the rotation begun before, to %s (its reason kept)",
+                            new.fingerprint.hex()[:16])  # fmt: skip
+                return new, str(begun["reason"])
+        new = Identity.generate()
+        begun = {"seeds": new.seeds().hex(), "reason": reason}
+        self.cache.set_state(ROTATING, json.dumps(begun).encode())
+        return new, reason
+
+    def rotation_cut_short(self) -> bool:
+        """Was a `rotate` begun here and not finished (run it again to finish it)?"""
+        raw = self.cache.get_state(ROTATING)
+        if raw is None:
+            return False
+        return Identity(bytes.fromhex(json.loads(raw)["seeds"])).fingerprint != self.fingerprint
 
     def _adopt(self, new: Identity, *, name_move: bytes | None = None) -> None:
         """Switch this device to ``new``: the old identity is kept (in the cache) to drain

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from dna_core.wire.codec import decode_message, encode_message
+from dna_core.wire.codec import decode_extensible, decode_message, encode_message
 from dna_core.wire.gen.dna.v1 import (
     common_pb2,
     envelope_pb2,
@@ -37,6 +37,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "common_pb2",
+    "decode_extensible",
     "decode_message",
     "encode_message",
     "envelope_pb2",

@@ -154,8 +154,7 @@ class DirectService:
         someone who only wrote to us (a stranger pinned on first contact): the record tells
         those it is sealed to where the device is."""
         written = self.owner.cache.last_written()
-        contacts = [c for c in self.owner.cache.contacts()
-                    if not c.replaced_by and (c.conversation in written or c.chosen)]  # fmt: skip
+        contacts = self.owner.cache.chosen_or_written()  # strangers pinned: none decoded
         contacts.sort(key=lambda c: written.get(c.conversation, 0), reverse=True)
         return [c.keys for c in contacts[:MAX_SEALED_CONTACTS]]
 
