@@ -63,6 +63,22 @@ def test_an_attacker_filling_the_whole_lookup_defeats_the_spread_too() -> None:
     assert _run("spread", sybils=16)["durable_final"] > 0.95
 
 
+def test_sybils_whose_stores_count_as_republishes_starve_the_records() -> None:
+    def half_a_day(suppress: bool) -> dict[str, Any]:
+        return simulate(
+            nodes=400, records=150, rounds=12, churn=0.3, replicas=8, seed=5,
+            subnets=Subnets(sybils=2, suppress=suppress),
+        )  # fmt: skip
+
+    quiet, suppressing = half_a_day(False), half_a_day(True)
+    # 2 Sybils take 2 of the 8 replicas; 6 honest holders republishing lose nothing.
+    assert quiet["lost"] == 0 and quiet["findable_min"] > 0.9
+    # Their stores restart every holder's republish clock: nobody republishes, the
+    # holders leave one by one and newcomers near the key never get the record.
+    assert suppressing["lost"] > 100
+    assert suppressing["findable_min"] < 0.2
+
+
 def test_the_same_seed_gives_the_same_figures() -> None:
     assert _run("spread", crowd=0.2, sybils=8) == _run("spread", crowd=0.2, sybils=8)
 

@@ -28,7 +28,10 @@ random (default 10 a /24: the lookup scenarios' 512 /24s at 5,000 nodes, where 3
 one more /24, a NAT or cloud range; and ``sybils`` IDs of an attacker's /24, ground
 nearer each record's key than any honest node (IDs cost 8 puzzle bits), are always
 online, accept every store and hold nothing for anyone: a get that asks them finds
-nothing there, and they never republish.
+nothing there, and they never republish. With ``suppress`` they also send each record's
+bytes to its honest holders every interval: a store from one of the k closest a node
+knows counts as its own republish (``RecordStore.repeat``), so no honest holder
+republishes and newcomers near the key never get the record.
 
 Lookups are taken as exact (the k closest online nodes, Sybils included, from the sorted
 ID list): the lookup scenarios measure that they are (success 1.000 with 20% crashed
@@ -80,6 +83,7 @@ class Subnets:
     per_subnet: int = PER_SUBNET  # honest nodes per ordinary /24, on average
     crowd: float = 0.0  # share of honest nodes in one crowded /24 (NAT, cloud)
     sybils: int = 0  # attacker IDs in one /24, ground nearer each key than anyone
+    suppress: bool = False  # the Sybils store each record on its holders every interval
 
 
 def simulate(
@@ -94,6 +98,10 @@ def simulate(
     keys = [rng.getrandbits(ID_BITS) for _ in range(records)]
     sybils = [_mint_sybils(key, subnets.sybils, rng) for key in keys]
     puts = _Puts(PLACEMENTS[placement], replicas, net.index)
+    # A store of the bytes a node holds from one of the k closest it knows counts as its
+    # republish (`RecordStore.repeat`): a Sybil among them sending them every interval
+    # stops every honest holder's.
+    suppressed = subnets.suppress and subnets.sybils > 0
     lookup = net.lookup()
     held = [puts(lookup(key, s)) for key, s in zip(keys, sybils, strict=True)]
     durable: list[float] = []
@@ -109,7 +117,7 @@ def simulate(
             hits = sum(puts.asked(name, f, h) for f, h in zip(found, held, strict=True))
             figures.append(hits / records)
         for holders, k_closest in zip(held, found, strict=True):
-            if holders:  # every holder puts it again: the same choice
+            if holders and not suppressed:  # every holder puts it again: the same choice
                 holders.update(puts(k_closest))
     return {
         "nodes": nodes,
@@ -122,6 +130,7 @@ def simulate(
         "per_subnet": subnets.per_subnet,
         "crowd": subnets.crowd,
         "sybils": subnets.sybils,
+        "suppress": subnets.suppress,
         "durable_final": round(durable[-1], 6),
         "findable_min": round(min(asked["get"]), 6),
         "findable_mean": round(sum(asked["get"]) / rounds, 6),
@@ -278,6 +287,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="share of honest nodes in one /24 (a NAT or cloud range)")  # fmt: skip
     p.add_argument("--sybils", type=int, default=0,
                    help="attacker IDs of one /24 ground nearer each key than anyone")  # fmt: skip
+    p.add_argument("--suppress", action="store_true",
+                   help="the Sybils' stores stand for the honest holders' republishes")  # fmt: skip
     p.add_argument("--seed", type=int, default=7)
     return p
 
@@ -288,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     shape = args.nodes < max(args.replicas) or args.records < 1 or args.rounds < 1
     if bad or shape or args.per_subnet < 1 or not 0.0 <= args.crowd < 1.0 or args.sybils < 0:
         raise SystemExit(f"dna-sim durability: bad arguments {bad or vars(args)}")
-    subnets = Subnets(args.per_subnet, args.crowd, args.sybils)
+    subnets = Subnets(args.per_subnet, args.crowd, args.sybils, args.suppress)
     rows = []
     for churn in args.churn:
         for replicas in args.replicas:
