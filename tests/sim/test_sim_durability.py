@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dna_core.overlay.contact import Scope
-from dna_sim.durability import PER_SUBNET, Subnets, mint_honest, simulate
+from dna_core.overlay.contact import Contact, Endpoint, Scope, spread_over_subnets
+from dna_sim.durability import PER_SUBNET, PLACEMENTS, Subnets, mint_honest, simulate
 
 BIN = Path(sys.executable).parent
 
@@ -24,6 +24,19 @@ def _run(placement: str, **subnets: Any) -> dict[str, Any]:
         nodes=400, records=150, rounds=4, churn=0.1, replicas=8, seed=5,
         placement=placement, subnets=Subnets(**subnets),
     )  # fmt: skip
+
+
+def test_the_model_chooses_as_put_record_and_get_record_do() -> None:
+    # A lookup's 20, the 6 closest of one /24: what OverlayNode._spread is given.
+    found = [
+        Contact(bytes([n]) * 32, b"", (Endpoint(f"11.0.{0 if n < 6 else n}.{n + 1}", 4433),))
+        for n in range(20)
+    ]
+    for count in (5, 8):  # a get's holders, a put's replicas
+        chosen = PLACEMENTS["spread"](found, count)
+        assert chosen == spread_over_subnets(found, count)
+        assert chosen == found[:2] + found[6 : count + 4]  # 2 of the crowded /24
+        assert PLACEMENTS["closest"](found, count) == found[:count]
 
 
 def test_an_attacker_subnet_ground_near_the_keys_gets_two_replicas_not_all_eight() -> None:

@@ -51,13 +51,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dna_core.overlay import ID_BITS, ID_BYTES, Contact, Endpoint
-from dna_core.overlay.contact import spread_over_subnets
-from dna_core.overlay.kbucket import K
+from dna_core.mailbox import replica_set
+from dna_core.overlay import ID_BITS, ID_BYTES, BehaviourConfig, Contact, Endpoint
 
 from dna_sim.xor import xor_closest
 
 GET_HOLDERS = 5  # OverlayNode.get_record(holders=5): nodes asked after the lookup
+K = BehaviourConfig().k  # a lookup's result: the nodes a put's and a get's choice is among
 PER_SUBNET = 10  # honest nodes per /24: 5,000 over ~512 /24s, as the lookup scenarios
 _SYBIL_PREFIX = 32  # bits a Sybil ID shares with its key: nearer than any honest node
 _PORT = 4433
@@ -66,7 +66,10 @@ Placement = Callable[[Sequence[Contact], int], list[Contact]]
 
 
 def _spread(found: Sequence[Contact], count: int) -> list[Contact]:
-    return spread_over_subnets(found, count)  # OverlayNode._spread, mailbox.replica_set
+    """The nodes' choice: ``replica_set`` is ``spread_over_subnets`` (the function
+    ``OverlayNode._spread`` calls for records), the one the overlay's face does not export;
+    the addresses are public, so nothing is exempt."""
+    return replica_set(found, count, loopback_exempt=False)
 
 
 def _closest(found: Sequence[Contact], count: int) -> list[Contact]:
