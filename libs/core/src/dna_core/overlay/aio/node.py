@@ -329,14 +329,13 @@ class OverlayNode:
     async def get_record(self, key: bytes, *, holders: int = 5) -> VerifiedRecord | None:
         """The best verified record for ``key``.
 
-        First from the ``fast_holders`` closest nodes this node already knows: with k
-        replicas they usually hold it, and asking them costs no lookup (OpenDHT and
+        First from the ``fast_holders`` nodes this node already knows closest, of distinct
+        subnets (`first_asked`): they usually hold it, and asking them costs no lookup (OpenDHT and
         the kademlia package also stop at the first holder). Only when none of them
         answers with a valid record are the k closest looked up and ``holders`` asked.
         None: the holders that answered hold none; `UnavailableError`: none answered.
         """
-        closest_known = self.table.closest(key, self.config.fast_holders)
-        known = self.behaviour.trusted(closest_known, time.monotonic())
+        known = self.first_asked(key)
         if known:
             with contextlib.suppress(UnavailableError):  # the lookup's holders may answer
                 found = await self.records.find_value(key, known)
@@ -344,6 +343,19 @@ class OverlayNode:
                     return found
         closest = await self.find_node(key)
         return await self.records.find_value(key, self._spread(closest, holders))
+
+    def first_asked(self, key: bytes) -> list[Contact]:
+        """The ``fast_holders`` a get asks before any lookup: of the k closest known (not
+        suspect), the closest, then the closest of each other subnet. All are holders
+        (a put's spread takes the closest of a subnet not yet full), and two of one subnet
+        only when no other is known: the spread lets one subnet hold 2 replicas, and the 2 closest
+        answering with an older version of the record was a rollback nobody else was
+        asked about (IDs cost 8 puzzle bits to grind near a key)."""
+        known = self.behaviour.trusted(self.table.closest(key, self.config.k), time.monotonic())
+        return spread_over_subnets(
+            known, self.config.fast_holders, per_subnet=1,
+            loopback_exempt=self.config.allow_loopback,
+        )  # fmt: skip
 
     def _spread(self, contacts: list[Contact], count: int) -> list[Contact]:
         """The ``count`` a record is stored on or asked from: the closest, at most 2 of one
