@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
+import pytest
 from dna_core.tasks import stop_tasks
 
 
@@ -81,3 +83,24 @@ async def _test_the_callers_own_cancel_is_not_swallowed() -> None:
     assert stopper in done and stopper.cancelled()
     await stop_tasks([stubborn], recancel_s=0.001)
     assert stubborn.cancelled()
+
+
+def test_a_loop_that_died_is_logged_when_its_owner_stops_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Retrieving the exception silences asyncio's "never retrieved" report, so a stop
+    path of long-lived loops passes its logger: the death is said, with its traceback."""
+
+    async def main() -> None:
+        async def dies() -> None:
+            raise RuntimeError("the GC loop broke")
+
+        loop = asyncio.create_task(dies())
+        await asyncio.sleep(0)
+        await stop_tasks([loop], failures_to=logging.getLogger("dna.test"))
+
+    with caplog.at_level(logging.ERROR, logger="dna.test"):
+        asyncio.run(main())
+    [record] = caplog.records
+    assert record.getMessage() == "a task had failed before it was stopped"
+    assert record.exc_info is not None and "the GC loop broke" in str(record.exc_info[1])

@@ -13,7 +13,10 @@ RECANCEL_S = 1.0  # a task still running this long after its cancel is cancelled
 
 
 async def stop_tasks(
-    tasks: Iterable[asyncio.Future[Any] | None], *, recancel_s: float = RECANCEL_S
+    tasks: Iterable[asyncio.Future[Any] | None],
+    *,
+    recancel_s: float = RECANCEL_S,
+    failures_to: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
 ) -> list[BaseException]:
     """Cancel ``tasks`` (``None`` entries are skipped) and wait until every one has ended.
 
@@ -23,10 +26,11 @@ async def stop_tasks(
     ended up as a failed pass, the loop slept and ran again, and the node never stopped.
     So a task still running after ``recancel_s`` is cancelled again, until it ends.
 
-    Returns what the tasks raised other than their cancellation, for a caller that cares
-    (a stop path usually does not: a reader cut with its stream is expected), and never
-    raises it: a stop path stops everything it owns. The caller's own cancellation is not
-    swallowed."""
+    Returns what the tasks raised other than their cancellation, and never raises it: a
+    stop path stops everything it owns. ``failures_to`` logs each (a long-lived loop that
+    died is a bug, and retrieving its exception here silences asyncio's own report); a
+    reader cut with its stream is expected, and its caller passes none. The caller's own
+    cancellation is not swallowed."""
     owned = [task for task in tasks if task is not None]
     pending = {task for task in owned if not task.done()}
     while pending:
@@ -36,7 +40,11 @@ async def stop_tasks(
         for task in pending:
             log.warning("task %s went on after it was cancelled; cancelling it again", _name(task))
     failures = [task.exception() for task in owned if not task.cancelled()]
-    return [failure for failure in failures if failure is not None]
+    failed = [failure for failure in failures if failure is not None]
+    if failures_to is not None:
+        for failure in failed:
+            failures_to.error("a task had failed before it was stopped", exc_info=failure)
+    return failed
 
 
 def _name(task: asyncio.Future[Any]) -> str:

@@ -519,7 +519,7 @@ class StorageNode:
         return True, "disk ok"
 
     async def stop(self) -> None:
-        await stop_tasks(self._tasks)
+        await stop_tasks(self._tasks, failures_to=log)
         if self.repairer is not None:
             await self.repairer.close()
         if self.server is not None:

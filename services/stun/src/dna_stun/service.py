@@ -465,7 +465,7 @@ class StunServer:
     async def stop(self) -> None:
         """Fail readiness, stop upkeep, then drop allocations and close every socket."""
         self._stopping = True
-        await stop_tasks([self._upkeep])
+        await stop_tasks([self._upkeep], failures_to=self.log)
         held = len(self.core.by_client) if self.core is not None else 0
         await self._close()
         self.log.info("stopped", extra={"allocations_dropped": held})

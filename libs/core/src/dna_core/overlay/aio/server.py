@@ -711,7 +711,7 @@ class OverlayServer:
         """Fail readiness, drain gRPC, then close everything."""
         self._stopping = True
         await self._set_ready(False)
-        await stop_tasks(self._tasks)
+        await stop_tasks(self._tasks, failures_to=self.log)
         if self.grpc is not None:
             await self.grpc.stop(grace=2.0)  # GOAWAY through the guard, then closes
         if self.guard is not None:
