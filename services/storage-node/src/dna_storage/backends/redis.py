@@ -903,6 +903,10 @@ class RedisBackend:
         count, size = await self._usage(keys=[], args=[self._p, _hex(mailbox_id), now_ms])
         return Usage(int(count), int(size))
 
+    async def tombstones(self, mailbox_id: bytes) -> int:
+        """The size of the mailbox's tombstone expiry index."""
+        return int(await self._r.zcard(self._key("ti", mailbox_id)))
+
     async def totals(self) -> Usage:
         """Everything held, expired-but-not-yet-collected blobs included (it is memory used)."""
         blobs, size = await self._r.hmget(self._p + "totals", ["blobs", "bytes"])
