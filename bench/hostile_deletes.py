@@ -132,6 +132,23 @@ async def on_redis(url: str, run: Callable[[Any], Awaitable[Any]]) -> tuple[Any,
     return result, after - before
 
 
+Store = Callable[[Callable[[Any], Awaitable[Any]]], Awaitable[tuple[Any, int]]]
+
+
+async def report(name: str, store: Store, args: argparse.Namespace) -> None:
+    (sent, ok, refused), grew = await store(lambda b: hostile(b, args.deletes, args.ids))
+    print(
+        f"{name} hostile: {args.deletes} deletes x {args.ids} random IDs, {sent:,} bytes "
+        f"sent, {ok} admitted, {refused} refused; store grew {grew:,} bytes "
+        f"({grew / sent:.1f}x what was sent)"
+    )
+    (seconds, deleted), _ = await store(lambda b: cleanup(b, args.cleanup))
+    print(
+        f"{name} cleanup: {deleted:,} held blobs deleted in batches of {BATCH}: "
+        f"{seconds:.2f} s ({seconds / (args.cleanup / BATCH) * 1000:.1f} ms a batch)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.hostile_deletes")
     parser.add_argument("--deletes", type=int, default=20)
@@ -139,23 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cleanup", type=int, default=10_000)
     parser.add_argument("--redis-url", default="")
     args = parser.parse_args(argv)
-    stores: list[tuple[str, Callable[[Callable[[Any], Awaitable[Any]]], Awaitable[Any]]]] = [
-        ("sqlite", on_sqlite)
-    ]
+    asyncio.run(report("sqlite", on_sqlite, args))
     if args.redis_url:
-        stores.append(("redis", lambda run: on_redis(args.redis_url, run)))
-    for name, store in stores:
-        (sent, ok, refused), grew = asyncio.run(store(lambda b: hostile(b, args.deletes, args.ids)))
-        print(
-            f"{name} hostile: {args.deletes} deletes x {args.ids} random IDs, {sent:,} bytes "
-            f"sent, {ok} admitted, {refused} refused; store grew {grew:,} bytes "
-            f"({grew / sent:.1f}x what was sent)"
-        )
-        (seconds, deleted), _ = asyncio.run(store(lambda b: cleanup(b, args.cleanup)))
-        print(
-            f"{name} cleanup: {deleted:,} held blobs deleted in batches of {BATCH}: "
-            f"{seconds:.2f} s ({seconds / (args.cleanup / BATCH) * 1000:.1f} ms a batch)"
-        )
+        asyncio.run(report("redis", lambda run: on_redis(args.redis_url, run), args))
     return 0
 
 
