@@ -7,6 +7,7 @@ fails. A storage node serves a fetch signed for several nodes only if it is one 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -374,3 +375,33 @@ def test_puts_in_flight_to_one_node_travel_together_and_all_land(
             assert {r.blob_id for r in results} <= set(held)
 
     with_client(work)
+
+
+def test_a_delete_refused_with_retry_after_is_sent_again_once_it_has_passed(
+    network: list[NodeProcess],
+) -> None:
+    """A node rates the IDs a delete names that it does not hold, per source (20/s, burst
+    1,000): past the burst it answers "retry after", and the client waits that long and
+    sends the batch again, re-signed (the node spent the first one's nonce). Fails without
+    the client's retry (checked: the second delete came back with nothing deleted)."""
+    bob = seeded_identity("client-bob-deletes-unheld")
+
+    async def work(client: MailboxClient) -> None:
+        spent = [os.urandom(32) for _ in range(1000)]  # the burst of every node asked
+        assert len((await client.delete(bob, spent)).deleted) == 1000
+        before = delete_refusals(network)
+        again = [os.urandom(32) for _ in range(60)]  # 3 s of the rate: 2 waits of 2 s at most
+        result = await client.delete(bob, again)
+        assert result.deleted == again and result.refusals == []
+        assert delete_refusals(network) > before  # it was refused once, then retried
+
+    with_client(work)
+
+
+def delete_refusals(network: list[NodeProcess]) -> float:
+    """Deletes the storage nodes refused for their rate, all together."""
+    return sum(
+        sample_value(scrape(n), "dna_storage_requests_total", method="delete", outcome="rate")
+        for n in network
+        if n.role == "storage"
+    )

@@ -153,19 +153,24 @@ class RateLimiter:
         bucket = self._buckets.get(key)
         return self._burst if bucket is None else bucket.tokens(now)
 
-    def peek(self, key: Key, now: float) -> float:
+    def peek(self, key: Key, now: float, cost: float = 1.0) -> float:
         """What `check` would return, changing nothing (not even recency)."""
         bucket = self._buckets.get(key)
-        return 0.0 if bucket is None else bucket.peek(now)
+        return (
+            TokenBucket(self._rate, self._burst).peek(now, cost)
+            if bucket is None
+            else (bucket.peek(now, cost))
+        )
 
-    def check(self, key: Key, now: float) -> float:
-        """Spend one token of ``key`` and return 0.0, or return the retry-after in seconds."""
+    def check(self, key: Key, now: float, cost: float = 1.0) -> float:
+        """Spend ``cost`` tokens of ``key`` (at most ``burst``) and return 0.0, or return
+        the retry-after in seconds."""
         bucket = self._buckets.get(key)
         if bucket is not None:
             self._buckets.move_to_end(key)
-            return bucket.take(now)
+            return bucket.take(now, cost)
         bucket = TokenBucket(self._rate, self._burst)
-        wait = bucket.take(now)  # a fresh bucket is full and burst >= 1: always admitted
+        wait = bucket.take(now, cost)  # a fresh bucket is full: admitted when cost <= burst
         self._buckets[key] = bucket
         if len(self._buckets) > self._max_keys:
             self._buckets.popitem(last=False)

@@ -280,6 +280,15 @@ class AdmissionConfig(ConfigModel):
     """Blobs one mailbox may hold."""
     quota_max_bytes: int = Field(default=64 * MIB, ge=1)
     """Bytes one mailbox may hold."""
+    delete_ip_rate_per_s: float = Field(default=20.0, gt=0)
+    """IDs per second from one source address that deletes may name without this node
+    holding them (neither the blob nor its tombstone): each becomes a tombstone stored for
+    the tombstone lifetime, as much as a small put. IDs held cost nothing..."""
+    delete_ip_burst: float = Field(default=1000.0, ge=1)
+    """...and the burst above it (one full delete's worth; a delete naming more costs this)."""
+    max_tombstones_unheld: int = Field(default=20_000, ge=1)
+    """A delete naming IDs this node holds neither way is refused (nothing stored) if the
+    mailbox would then hold more tombstones than this; a delete of held IDs always passes."""
     disk_high_water: float = Field(default=0.90, gt=0, le=1)
     """Refuse writes and turn unready above this fraction of the disk used (SQLite)."""
 
@@ -307,6 +316,7 @@ class Admission:
         self.config = c
         self.per_ip = RateLimiter(c.ip_rate_per_s, c.ip_burst, c.ip_max_keys)
         self.per_mailbox = RateLimiter(c.mailbox_rate_per_s, c.mailbox_burst, c.mailbox_max_keys)
+        self.deletes_per_ip = RateLimiter(c.delete_ip_rate_per_s, c.delete_ip_burst, c.ip_max_keys)
         self.pow = PowPolicy(
             c.pow_base_bits, c.pow_max_bits, c.pow_target_puts_per_s, c.pow_window_s
         )
@@ -360,6 +370,47 @@ class Admission:
         self.per_ip.check(ip_key, now_s)
         self.per_mailbox.check(mailbox_id, now_s)
         self.pow.record_put(now_s)
+
+    def precheck_delete(self, *, source_ip: str, unheld: int, now_s: float) -> None:
+        """``admit_delete``'s rate check alone (no state change): run before the mailbox's
+        tombstones are read, so a flood refused for its rate costs no second read."""
+        self._delete_rate(source_ip, unheld, now_s)
+
+    def admit_delete(self, *, source_ip: str, unheld: int, tombstones: int, now_s: float) -> None:
+        """Admit a delete naming ``unheld`` IDs this node holds neither as blobs nor as
+        tombstones, or raise why not, changing nothing (docs/storage.md "Deletes").
+
+        Only those IDs cost: a delete of held blobs frees room and is never slowed (the
+        owner's cleanup). Each unheld ID is a token of the source's delete bucket
+        (`RateLimited`, ``rate``); ``tombstones`` (what the mailbox holds) plus ``unheld``
+        must stay within ``max_tombstones_unheld`` (`CapacityError`, ``tombstones``). A
+        mailbox costs nothing to make, so the bound caps what one mailbox can pin and the
+        rate what one source can."""
+        if unheld <= 0:
+            return
+        ip_key, cost = self._delete_rate(source_ip, unheld, now_s)
+        limit = self.config.max_tombstones_unheld
+        if tombstones + unheld > limit:
+            raise CapacityError(
+                f"tombstones: the mailbox holds {tombstones} and {unheld} of the IDs named "
+                f"are not held here: over the limit of {limit} for such deletes",
+                kind="tombstones",
+            )
+        self.deletes_per_ip.check(ip_key, now_s, cost)
+
+    def _delete_rate(self, source_ip: str, unheld: int, now_s: float) -> tuple[str, float]:
+        """The source's key and the delete's cost in tokens, or raise `RateLimited`."""
+        ip_key = source_key(source_ip, ipv6_prefix_len=self.config.ipv6_prefix_len)
+        limiter = self.deletes_per_ip
+        cost = min(float(max(unheld, 1)), limiter.burst)
+        wait = limiter.peek(ip_key, now_s, cost)
+        if wait > 0:
+            raise RateLimited(
+                f"rate limit: source over {limiter.rate:g} deleted IDs/s not held here "
+                f"(burst {limiter.burst:g}); retry after {wait:.3f} s",
+                wait,
+            )
+        return ip_key, cost
 
     def _cheap_checks(
         self, source_ip: str, mailbox_id: bytes, blob_len: int, proof: Proof | None, now_s: float

@@ -91,6 +91,7 @@ MAX_PUT_BATCH = 64  # puts per PutMany call
 # up to the 4 MiB message limit several times over while judged (its blobs, their envelopes
 # decoded, the rows written), ~16 MiB; the others wait their turn, already read.
 BATCHES_AT_ONCE = 4
+DELETE_ADMISSION = frozenset({"rate", "tombstones"})  # a delete's refusals counted by kind
 
 
 @dataclass(frozen=True)
@@ -382,16 +383,18 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         self, request: mailbox_pb2.DeleteRequest, context: Ctx
     ) -> mailbox_pb2.DeleteResponse:
         try:
-            return await self.delete_one(request, self.wall_ms())
+            return await self.delete_one(request, peer_ip(context), self.wall_ms())
         except ProtocolError as exc:
             await self._refuse(context, exc)
 
     async def delete_one(
-        self, request: mailbox_pb2.DeleteRequest, now_ms: int
+        self, request: mailbox_pb2.DeleteRequest, source_ip: str, now_ms: int
     ) -> mailbox_pb2.DeleteResponse:
-        """One delete, as `Delete` and a session judge it, or raise why not (counted)."""
+        """One delete, as `Delete` and a session judge it, or raise why not (counted):
+        signed by the owner, then admitted by what it would store (``_admit_delete``)."""
         try:
             owner, body = verify_delete(request, now_ms=now_ms, nonces=self.nonces)
+            await self._admit_delete(owner.mailbox_id, body, source_ip, now_ms)
         except ProtocolError as exc:
             self.count_refusal("delete", exc)
             raise
@@ -404,6 +407,23 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         deleted = await self.backend.delete(tombstones, now_ms)
         self.on_outcome("delete", "ok")
         return mailbox_pb2.DeleteResponse(deleted=deleted)
+
+    async def _admit_delete(
+        self, box: bytes, body: mailbox_pb2.DeleteBody, source_ip: str, now_ms: int
+    ) -> None:
+        """Return if the node may store a signed delete's tombstones, or raise why not
+        (``Admission.admit_delete``): IDs held cost nothing, the others are rated per source
+        and bounded per mailbox, so a delete of random IDs cannot make this node (and every
+        replica repair spreads it to) store much more than it received."""
+        blobs, tombs = await self.backend.held(box, body.blob_ids, now_ms)
+        unheld = len(set(body.blob_ids) - blobs - tombs)
+        if unheld:
+            now_s = self.monotonic()
+            self.admission.precheck_delete(source_ip=source_ip, unheld=unheld, now_s=now_s)
+            self.admission.admit_delete(
+                source_ip=source_ip, unheld=unheld,
+                tombstones=await self.backend.tombstones(box), now_s=now_s,
+            )  # fmt: skip
 
     # The node serves `mailbox_stream.MailboxSessionService`, which has sessions; this one
     # (tests of the unary calls) says it has none, as an older node does.
@@ -556,8 +576,10 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         return verify_proof(proof, method, subject, puzzle_bits=self.sync_puzzle_bits)
 
     def count_refusal(self, method: str, exc: ProtocolError) -> None:
-        """A refusal in the requests metric: a put's by its kind, the others as "refused"."""
-        self.on_outcome(method, exc.kind if method == "put" else "refused")
+        """A refusal in the requests metric: a put's by its kind, a delete's admission
+        refusals too (``rate``, ``tombstones``), the others as "refused"."""
+        by_kind = method == "put" or (method == "delete" and exc.kind in DELETE_ADMISSION)
+        self.on_outcome(method, exc.kind if by_kind else "refused")
 
     async def _refuse(self, context: Ctx, exc: ProtocolError) -> NoReturn:
         """Abort the call with the refusal's status (the ``*_one`` handlers counted it)."""

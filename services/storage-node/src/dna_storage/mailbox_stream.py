@@ -327,7 +327,7 @@ class MailboxSession(ServerSession):
             fetched = await self.service.fetch_one(request.fetch, now_ms)
             return mailbox_pb2.SessionResponse(fetch=fetched), None
         if op == "delete":
-            deleted = await self.service.delete_one(request.delete, now_ms)
+            deleted = await self.service.delete_one(request.delete, self.source_ip, now_ms)
             return mailbox_pb2.SessionResponse(delete=deleted), None
         if op == "subscribe":
             return await self._subscribe(request.id, request.subscribe.fetch, now_ms)

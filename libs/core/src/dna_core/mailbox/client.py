@@ -65,6 +65,7 @@ from dna_core.mailbox.planner import (
     HANDOFF_CANDIDATES,
     MAILBOX_FULL,
     MAX_POW_BITS,
+    MAX_RETRY_AFTER_S,
     REPLICA_SET_CACHE_SIZE,
     REPLICA_SET_TTL_S,
     REPLICAS,
@@ -119,6 +120,9 @@ DELETE_BATCH_IDS = 200
 DELETE_REQUEST_BYTES = 16 * 1024  # what a full batch's request stays under (tested)
 assert DELETE_BATCH_IDS <= MAX_DELETE_IDS
 _UNREACHABLE = "unreachable"
+# Rounds a delete batch is sent to the nodes that answered "retry after" (a node rates the
+# IDs it does not hold per source): each round re-signed, as the node has spent the nonce.
+DELETE_ATTEMPTS = 3
 
 
 @dataclass
@@ -528,10 +532,7 @@ class MailboxClient:
         result = DeleteResult()
         for start in range(0, len(blob_ids), DELETE_BATCH_IDS):
             batch = list(blob_ids[start : start + DELETE_BATCH_IDS])
-            request = mailbox_pb2.DeleteRequest.FromString(
-                sign_delete(owner, batch, now_ms=_wall_ms())
-            )
-            errors = await asyncio.gather(*(self._delete_one(c, request) for c in candidates))
+            errors = await self._delete_batch(owner, batch, candidates)
             if any(errors):
                 self.replica_sets.forget(box)
             if errors.count(None) >= self.write_quorum:
@@ -543,19 +544,49 @@ class MailboxClient:
                 break
         return result
 
-    async def _delete_one(self, contact: Contact, request: mailbox_pb2.DeleteRequest) -> str | None:
+    async def _delete_batch(
+        self, owner: Identity, batch: list[bytes], candidates: Sequence[Contact]
+    ) -> list[str | None]:
+        """Each candidate's answer to one signed delete of ``batch`` (``_delete_one``); the
+        nodes that refused with a retry-after get it again, re-signed, once it has passed
+        (up to ``MAX_RETRY_AFTER_S`` waited, ``DELETE_ATTEMPTS`` rounds), as puts do."""
+        errors: list[str | None] = [None] * len(candidates)
+        pending = list(range(len(candidates)))
+        for attempt in range(DELETE_ATTEMPTS):
+            request = mailbox_pb2.DeleteRequest.FromString(
+                sign_delete(owner, batch, now_ms=_wall_ms())
+            )
+            answers = await asyncio.gather(
+                *(self._delete_one(candidates[i], request) for i in pending)
+            )
+            waits = []
+            for i, (error, retry_after_ms) in zip(pending, answers, strict=True):
+                errors[i] = error
+                if retry_after_ms:
+                    waits.append((i, retry_after_ms))
+            if not waits or attempt == DELETE_ATTEMPTS - 1:
+                break
+            await asyncio.sleep(min(MAX_RETRY_AFTER_S, max(ms for _, ms in waits) / 1000))
+            pending = [i for i, _ in waits]
+        return errors
+
+    async def _delete_one(
+        self, contact: Contact, request: mailbox_pb2.DeleteRequest
+    ) -> tuple[str | None, int]:
         """None when the node accepted; else why not (``_UNREACHABLE`` first when it did
-        not answer or could not do it now)."""
+        not answer or could not do it now); and the node's retry-after in ms (0: none)."""
         try:
             try:
                 await self._on_session(contact, lambda s: s.request(delete=request))
-            except (NoSession, UnavailableError):  # no session: the unary call
+            except (NoSession, UnavailableError) as err:  # no session: the unary call
+                if isinstance(err, UnavailableError) and err.retry_after_ms:
+                    raise  # the node answered "retry after": not a missing session
                 await call(self._stub(contact).Delete(request, timeout=self.timeout))
         except UnavailableError as err:
-            return f"{_UNREACHABLE}: {err.grpc_code}"
+            return f"{_UNREACHABLE}: {err.grpc_code}", err.retry_after_ms
         except RemoteError as err:
-            return str(err)  # "CODE: details"
-        return None
+            return str(err), 0  # "CODE: details"
+        return None, 0
 
     # -- push ----------------------------------------------------------------------
 

@@ -182,6 +182,12 @@ class MailboxBackend(Protocol):
         """What a mailbox holds now (for quotas)."""
         ...
 
+    async def tombstones(self, mailbox_id: bytes) -> int:
+        """How many tombstones a mailbox holds (expired ones GC has not reached included):
+        a counter, not a scan, read for a delete naming IDs the node holds neither way
+        (``AdmissionConfig.max_tombstones_unheld``)."""
+        ...
+
     async def totals(self) -> Usage:
         """What the whole node holds (for metrics and the disk high-water mark)."""
         ...

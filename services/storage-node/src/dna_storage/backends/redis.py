@@ -381,6 +381,11 @@ def _auth_digest(authorization: bytes) -> str:
     return hashlib.sha256(authorization).hexdigest()
 
 
+def _live(ids: Sequence[bytes], scores: Sequence[float | None], now_ms: int) -> set[bytes]:
+    """The IDs whose expiry score is past ``now_ms`` (a missing member scores None)."""
+    return {i for i, score in zip(ids, scores, strict=True) if score is not None and score > now_ms}
+
+
 def _ids_of(reply: Iterable[Any]) -> list[bytes]:
     return [_unhex(m) for m in reply]
 
@@ -853,23 +858,18 @@ class RedisBackend:
         self, mailbox_id: bytes, ids: Sequence[bytes], now_ms: int
     ) -> tuple[set[bytes], set[bytes]]:
         """By the expiry indexes (a payload key that vanished early still counts as held
-        until a read cleans it: the next sync offer sees it gone)."""
+        until a read cleans it: the next sync offer sees it gone): one ``ZMSCORE`` per index,
+        both in one round trip (every delete asks, for its admission: a pipeline of one
+        ``ZSCORE`` per ID and index took 9 ms for 200 IDs)."""
         wanted = unique(ids)
-        blobs: set[bytes] = set()
-        tombs: set[bytes] = set()
-        for i in range(0, len(wanted), _PIPELINE_CHUNK):
-            chunk = wanted[i : i + _PIPELINE_CHUNK]
-            async with self._r.pipeline(transaction=False) as pipe:
-                for blob_id in chunk:
-                    pipe.zscore(self._key("e", mailbox_id), _hex(blob_id))
-                    pipe.zscore(self._key("ti", mailbox_id), _hex(blob_id))
-                scores = await pipe.execute()
-            for k, blob_id in enumerate(chunk):
-                if scores[2 * k] is not None and scores[2 * k] > now_ms:
-                    blobs.add(blob_id)
-                if scores[2 * k + 1] is not None and scores[2 * k + 1] > now_ms:
-                    tombs.add(blob_id)
-        return blobs, tombs
+        if not wanted:
+            return set(), set()
+        members = [_hex(i) for i in wanted]
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.zmscore(self._key("e", mailbox_id), members)
+            pipe.zmscore(self._key("ti", mailbox_id), members)
+            blob_scores, tomb_scores = await pipe.execute()
+        return _live(wanted, blob_scores, now_ms), _live(wanted, tomb_scores, now_ms)
 
     async def digests(self, start: bytes, end: bytes, now_ms: int) -> list[MailboxDigest]:
         if end and start >= end:
@@ -902,6 +902,10 @@ class RedisBackend:
     async def usage(self, mailbox_id: bytes, now_ms: int) -> Usage:
         count, size = await self._usage(keys=[], args=[self._p, _hex(mailbox_id), now_ms])
         return Usage(int(count), int(size))
+
+    async def tombstones(self, mailbox_id: bytes) -> int:
+        """The size of the mailbox's tombstone expiry index."""
+        return int(await self._r.zcard(self._key("ti", mailbox_id)))
 
     async def totals(self) -> Usage:
         """Everything held, expired-but-not-yet-collected blobs included (it is memory used)."""

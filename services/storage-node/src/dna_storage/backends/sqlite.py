@@ -680,6 +680,13 @@ class SqliteBackend:
         row = await self._reader.submit(lambda c: _usage(c, mailbox_id, now_ms))
         return Usage(int(row[0]), int(row[1]))
 
+    async def tombstones(self, mailbox_id: bytes) -> int:
+        """The ``mailboxes`` row's counter (triggers keep it)."""
+        row = await self._reader.submit(lambda c: c.execute(
+            "SELECT tombstones FROM mailboxes WHERE mailbox_id = ?", (mailbox_id,)
+        ).fetchone())  # fmt: skip
+        return 0 if row is None else int(row[0])
+
     async def totals(self) -> Usage:
         """Everything held, expired-but-not-yet-collected blobs included (it is disk used)."""
         row = await self._reader.submit(

@@ -1,0 +1,127 @@
+"""Deletes are admitted by what they would make the node store (docs/storage.md "Deletes"):
+IDs held cost nothing, IDs held neither as blobs nor as tombstones are rated per source
+(retry-after) and bounded per mailbox, and a refused delete stores nothing. The Mailbox
+service's own delete path (``delete_one``, which `Delete` and sessions call) over real
+SQLite and Redis backends, signed deletes from a real identity."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import pytest
+from dna_core.errors import CapacityError
+from dna_core.mailbox import mailbox_id, sign_delete
+from dna_core.ratelimit import RateLimited
+from dna_core.wire import mailbox_pb2
+from dna_storage.admission import Admission, AdmissionConfig
+from dna_storage.backends.base import MailboxBackend, StoredBlob
+from dna_storage.mailbox_service import MailboxService
+from storage.storage_harness import Stores
+from support import seeded_identity
+
+OWNER = seeded_identity("delete-admission")
+BOX = mailbox_id(OWNER.fingerprint)
+DAY_MS = 86_400_000
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def delete_of(ids: list[bytes]) -> mailbox_pb2.DeleteRequest:
+    return mailbox_pb2.DeleteRequest.FromString(sign_delete(OWNER, ids, now_ms=now_ms()))
+
+
+def random_ids(n: int) -> list[bytes]:
+    return [os.urandom(32) for _ in range(n)]
+
+
+async def put_blobs(backend: MailboxBackend, n: int) -> list[bytes]:
+    at = now_ms()
+    payloads = [os.urandom(64) for _ in range(n)]
+    blobs = [StoredBlob(BOX, hashlib.sha256(p).digest(), p, at, at + DAY_MS) for p in payloads]
+    for i in range(0, n, 500):
+        await backend.put_many(blobs[i : i + 500], at)
+    return [b.blob_id for b in blobs]
+
+
+def service(
+    backend: MailboxBackend, seen: list[tuple[str, str]], **config: float
+) -> MailboxService:
+    admission = Admission(AdmissionConfig(**config))  # type: ignore[arg-type]
+    return MailboxService(backend, admission, on_outcome=lambda m, o: seen.append((m, o)))
+
+
+def test_deletes_of_ids_not_held_are_rated_per_source(stores: Stores, kind: str) -> None:
+    """Fails without the delete admission (checked: all 3 deletes stored 600 tombstones)."""
+
+    async def main() -> None:
+        backend = await stores.open(kind)
+        seen: list[tuple[str, str]] = []
+        node = service(backend, seen, delete_ip_rate_per_s=1, delete_ip_burst=400)
+        await node.delete_one(delete_of(random_ids(200)), "10.0.0.1", now_ms())
+        await node.delete_one(delete_of(random_ids(200)), "10.0.0.1", now_ms())
+        with pytest.raises(RateLimited) as refused:
+            await node.delete_one(delete_of(random_ids(200)), "10.0.0.1", now_ms())
+        assert 150 < refused.value.retry_after_s <= 200
+        assert await backend.tombstones(BOX) == 400  # the refused one stored nothing
+        assert seen == [("delete", "ok"), ("delete", "ok"), ("delete", "rate")]
+        # another source has its own budget
+        await node.delete_one(delete_of(random_ids(200)), "10.0.0.2", now_ms())
+        assert await backend.tombstones(BOX) == 600
+
+    stores.run(main())
+
+
+def test_deletes_of_held_blobs_are_never_slowed(stores: Stores, kind: str) -> None:
+    """The owner's cleanup: 2,000 held blobs in batches of 200 from one source whose budget
+    for IDs not held is 1 (and spent), and a mailbox over the bound for such deletes."""
+
+    async def main() -> None:
+        backend = await stores.open(kind)
+        seen: list[tuple[str, str]] = []
+        node = service(
+            backend, seen, delete_ip_rate_per_s=0.001, delete_ip_burst=1, max_tombstones_unheld=1
+        )
+        held = await put_blobs(backend, 2000)
+        await node.delete_one(delete_of(random_ids(1)), "10.0.0.1", now_ms())  # the budget
+        deleted = 0
+        for i in range(0, len(held), 200):
+            answer = await node.delete_one(delete_of(held[i : i + 200]), "10.0.0.1", now_ms())
+            deleted += answer.deleted
+        assert deleted == 2000
+        # the same IDs again: tombstoned here already, so still free
+        await node.delete_one(delete_of(held[:200]), "10.0.0.1", now_ms())
+        assert seen == [("delete", "ok")] * 12
+
+    stores.run(main())
+
+
+def test_tombstones_for_ids_not_held_are_bounded_per_mailbox(stores: Stores, kind: str) -> None:
+    """Fails without the bound (checked: the third delete stored 200 more tombstones)."""
+
+    async def main() -> None:
+        backend = await stores.open(kind)
+        seen: list[tuple[str, str]] = []
+        node = service(
+            backend, seen, delete_ip_rate_per_s=1000, delete_ip_burst=1000,
+            max_tombstones_unheld=500,
+        )  # fmt: skip
+        await node.delete_one(delete_of(random_ids(200)), "10.0.0.1", now_ms())
+        await node.delete_one(delete_of(random_ids(200)), "10.0.0.2", now_ms())
+        with pytest.raises(CapacityError, match="tombstones: the mailbox holds 400") as refused:
+            await node.delete_one(delete_of(random_ids(200)), "10.0.0.3", now_ms())
+        assert refused.value.grpc_code == "RESOURCE_EXHAUSTED"
+        assert refused.value.kind == "tombstones"
+        assert await backend.tombstones(BOX) == 400  # nothing stored
+        # the refusal spent no rate tokens: 10.0.0.3 still has its whole burst
+        assert node.admission.deletes_per_ip.tokens("10.0.0.3", time.monotonic()) == 1000
+        # held blobs are still deleted, whatever the bound
+        held = await put_blobs(backend, 200)
+        answer = await node.delete_one(delete_of(held), "10.0.0.3", now_ms())
+        assert answer.deleted == 200
+        assert seen[-2:] == [("delete", "tombstones"), ("delete", "ok")]
+
+    stores.run(main())
