@@ -54,8 +54,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from dna_core.mailbox import replica_set
-from dna_core.overlay import ID_BITS, ID_BYTES, BehaviourConfig, Contact, Endpoint
-from dna_core.overlay.records import MAX_SILENCE, REPUBLISH_JITTER, RepublishClock
+from dna_core.overlay import (
+    ID_BITS,
+    ID_BYTES,
+    MAX_SILENCE,
+    REPUBLISH_JITTER,
+    BehaviourConfig,
+    Contact,
+    Endpoint,
+    RepublishClock,
+)
 
 from dna_sim.xor import xor_closest
 

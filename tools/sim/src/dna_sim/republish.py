@@ -25,7 +25,7 @@ import random
 import sys
 from typing import Any
 
-from dna_core.overlay.records import MAX_SILENCE, REPUBLISH_JITTER, RepublishClock
+from dna_core.overlay import MAX_SILENCE, REPUBLISH_JITTER, RepublishClock
 
 INTERVAL_MS = 3_600_000  # republish_interval
 TICK_MS = 60_000  # the server's upkeep (UPKEEP_S)
