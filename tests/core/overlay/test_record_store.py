@@ -29,10 +29,13 @@ from dna_core.overlay.records import (
     HOUR_MS,
     MAX_PRESENCE_TTL_MS,
     MAX_ROTATION_TTL_MS,
+    MAX_SILENCE,
     MAX_TTL_MS,
     NAME_MOVE_DOMAIN,
+    REPUBLISH_JITTER,
     REPUBLISH_PACE,
     RecordStore,
+    RepublishClock,
     StoreResult,
     identity_payload,
     identity_proof,
@@ -58,10 +61,18 @@ ROTATION = common_pb2.RECORD_KIND_KEY_ROTATION
 NAME = common_pb2.RECORD_KIND_NAME_CLAIM
 
 
+class NoLag(random.Random):
+    """Republish clocks without their random lag: due exactly an interval on."""
+
+    def random(self) -> float:
+        return 0.0
+
+
 def store(*, max_records: int = 20_000, max_bytes: int = 64 << 20) -> RecordStore:
     return RecordStore(
-        name_pow_bits=BITS, identity_pow_bits=BITS, max_records=max_records, max_bytes=max_bytes
-    )
+        name_pow_bits=BITS, identity_pow_bits=BITS, max_records=max_records,
+        max_bytes=max_bytes, rng=NoLag(),
+    )  # fmt: skip
 
 
 # -- record builders -------------------------------------------------------------------
@@ -815,6 +826,78 @@ def test_only_a_fellow_holders_copy_counts_as_our_republish(alice: Identity) -> 
     assert service._store(data, "192.0.2.7", NOW + interval + 1).changed is False  # a holder
     assert service.store.republish_due(NOW + 2 * interval, interval) == []
     assert [r.raw for r in service.store.republish_due(NOW + 2 * interval + 1, interval)] == [data]
+
+
+def holding_with_fellows(data: bytes, *addresses: str) -> OverlayService:
+    """A node holding ``data`` (at NOW) that knows ``addresses`` closest to its key."""
+    key = open_record(data, now_ms=NOW).body.key
+    fellows = [
+        Contact(bytes([n]) * 32, b"k" * 32, (Endpoint(ip, 4000),)) for n, ip in enumerate(addresses)
+    ]
+    service = OverlayService(
+        store=store(), closest=lambda target, k: fellows if target == key else [],
+        local=lambda: fellows[0], clock=lambda: NOW,
+    )  # fmt: skip
+    service.store.put(data, NOW)
+    return service
+
+
+def test_one_subnet_cannot_postpone_our_republish_twice_in_a_row(alice: Identity) -> None:
+    """IDs ground near a key are among the k closest we know, and the spread hands their
+    /24 2 of the 8 replicas, so they have the bytes: sending them just before our
+    republish was due, every interval, stopped it for good (dna-sim durability
+    --sybils 2 --suppress: 0.0015 durable after 24 h at 30% churn). Checked: fails with
+    every fellow holder's copy restarting the clock."""
+    interval = 60_000
+    gap = int(interval * (1 - REPUBLISH_JITTER)) - 1  # before any clock can be due
+    data = identity_rec(alice)
+    service = holding_with_fellows(data, "203.0.113.5", "203.0.113.6", "198.51.100.5")
+    first = NOW + gap
+    assert service._store(data, "203.0.113.5", first).changed is False  # restarts the clock
+    assert service.store.republish_due(first + gap, interval) == []
+    assert service._store(data, "203.0.113.6", first + gap).changed is False  # same /24
+    assert [r.raw for r in service.store.republish_due(first + interval, interval)] == [data]
+    # another subnet's copy, and then the first one's again, do postpone it
+    at = first + interval
+    for source in ("198.51.100.5", "203.0.113.5"):
+        at += gap
+        assert service._store(data, source, at).changed is False
+        assert service.store.republish_due(at + gap, interval) == []
+
+
+def test_we_republish_within_max_silence_intervals_whatever_copies_come(
+    alice: Identity,
+) -> None:
+    """Fellow holders in two subnets taking turns to send the bytes just before our
+    republish is due postpone it only up to MAX_SILENCE intervals after our own last."""
+    interval = 60_000
+    gap = int(interval * (1 - REPUBLISH_JITTER)) - 1
+    data = identity_rec(alice)
+    service = holding_with_fellows(data, "203.0.113.5", "198.51.100.5")
+    at, turn = NOW, 0
+    while at + gap < NOW + MAX_SILENCE * interval:
+        at += gap
+        assert service.store.republish_due(at - 1, interval) == []
+        assert service._store(data, ("203.0.113.5", "198.51.100.5")[turn % 2], at).changed is False
+        turn += 1
+    assert [r.raw for r in service.store.republish_due(NOW + MAX_SILENCE * interval, interval)] == [
+        data
+    ]
+
+
+def test_the_holder_silent_longest_republishes_first() -> None:
+    """Honest holders take turns: one that republished itself long ago is due earlier after
+    the same copy than one that just did, so the copies rarely come from the same subnet
+    twice in a row and the turns come round well within MAX_SILENCE."""
+    interval = 3_600_000
+    rng = random.Random(1)
+    recent = RepublishClock(since_ms=0, own_ms=0, lag=0.5, hurry=0.5)
+    silent = RepublishClock(since_ms=0, own_ms=-7 * interval, lag=0.5, hurry=0.5)
+    for clock in (recent, silent):
+        assert clock.postpone(interval, rng, "192.0.2")
+    almost = 2 * interval - interval * REPUBLISH_JITTER // 2
+    assert silent.due(almost, interval) and not recent.due(almost, interval)
+    assert recent.due(2 * interval, interval)
 
 
 def test_replacing_a_record_restarts_its_republish_clock(alice: Identity) -> None:

@@ -5,6 +5,7 @@
     dna-sim --replay summary.json      # rerun a recorded summary, check it is identical
     dna-sim scale --sizes 1000,10000,100000   # the scaling curve (dna_sim.scale)
     dna-sim durability --replicas 5,8,12,20   # records under churn (dna_sim.durability)
+    dna-sim republish --attack-subnets 1      # who republishes a record (dna_sim.republish)
 
 stdout: the seed and the command that replays the run, a line per phase, the JSON summary.
 stderr: progress (``--quiet`` silences it).
@@ -21,7 +22,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from dna_sim import durability, scale
+from dna_sim import durability, republish, scale
 from dna_sim.scenario import Scenario, Simulation, summary
 
 _FRACTIONS = ("adversarial", "crash", "kill_during", "partition", "loss")
@@ -182,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if argv[:1] == ["durability"]:
         durability.main(argv[1:])
+        return
+    if argv[:1] == ["republish"]:
+        republish.main(argv[1:])
         return
     args = _parser().parse_args(argv)
     recorded = _load_summary(args.replay) if args.replay else None

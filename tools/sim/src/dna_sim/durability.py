@@ -29,9 +29,11 @@ one more /24, a NAT or cloud range; and ``sybils`` IDs of an attacker's /24, gro
 nearer each record's key than any honest node (IDs cost 8 puzzle bits), are always
 online, accept every store and hold nothing for anyone: a get that asks them finds
 nothing there, and they never republish. With ``suppress`` they also send each record's
-bytes to its honest holders every interval: a store from one of the k closest a node
-knows counts as its own republish (``RecordStore.repeat``), so no honest holder
-republishes and newcomers near the key never get the record.
+bytes to its honest holders just before any of their republishes is due: a store from
+one of the k closest a node knows postpones its own republish (``RecordStore.repeat``),
+as far as the node's `RepublishClock` lets it (``_Clocks``: not twice in a row from one
+/24, and never past ``max_silence`` intervals), so without those bounds no honest holder
+republished and newcomers near the key never got the record.
 
 Lookups are taken as exact (the k closest online nodes, Sybils included, from the sorted
 ID list): the lookup scenarios measure that they are (success 1.000 with 20% crashed
@@ -52,7 +54,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from dna_core.mailbox import replica_set
-from dna_core.overlay import ID_BITS, ID_BYTES, BehaviourConfig, Contact, Endpoint
+from dna_core.overlay import (
+    ID_BITS,
+    ID_BYTES,
+    MAX_SILENCE,
+    REPUBLISH_JITTER,
+    BehaviourConfig,
+    Contact,
+    Endpoint,
+    RepublishClock,
+)
 
 from dna_sim.xor import xor_closest
 
@@ -61,6 +72,10 @@ K = BehaviourConfig().k  # a lookup's result: the nodes a put's and a get's choi
 PER_SUBNET = 10  # honest nodes per /24: 5,000 over ~512 /24s, as the lookup scenarios
 _SYBIL_PREFIX = 32  # bits a Sybil ID shares with its key: nearer than any honest node
 _PORT = 4433
+SYBIL_SUBNET = "13.0.0"  # the attacker's /24 (`_mint_sybils`)
+INTERVAL_MS = 3_600_000  # a round: republish_interval
+# The Sybils send their copy this often: just before any honest clock can be due.
+ATTACK_GAP_MS = round(INTERVAL_MS * (1 - REPUBLISH_JITTER)) - 60_000
 
 Placement = Callable[[Sequence[Contact], int], list[Contact]]
 
@@ -91,7 +106,7 @@ class Subnets:
 
 def simulate(
     *, nodes: int, records: int, rounds: int, churn: float, replicas: int, seed: int,
-    placement: str = "spread", subnets: Subnets | None = None,
+    placement: str = "spread", subnets: Subnets | None = None, max_silence: int = MAX_SILENCE,
 ) -> dict[str, Any]:  # fmt: skip
     """One churn run: the durable and findable fractions round by round."""
     subnets = subnets or Subnets()
@@ -103,13 +118,14 @@ def simulate(
     puts = _Puts(PLACEMENTS[placement], replicas, net.index)
     # A store of the bytes a node holds from one of the k closest it knows counts as its
     # republish (`RecordStore.repeat`): a Sybil among them sending them every interval
-    # stops every honest holder's.
+    # postpones every honest holder's, as far as its clock lets it (`_Clocks`).
     suppressed = subnets.suppress and subnets.sybils > 0
+    clocks = [_Clocks(max_silence, rng) for _ in keys]
     lookup = net.lookup()
     held = [puts(lookup(key, s)) for key, s in zip(keys, sybils, strict=True)]
     durable: list[float] = []
     asked: dict[str, list[float]] = {"get": [], "r": [], "closest": []}
-    for _ in range(rounds):
+    for round_ in range(rounds):
         gone = net.churn(leaving)
         for holders in held:
             holders.difference_update(gone)
@@ -119,9 +135,15 @@ def simulate(
         for name, figures in asked.items():
             hits = sum(puts.asked(name, f, h) for f, h in zip(found, held, strict=True))
             figures.append(hits / records)
-        for holders, k_closest in zip(held, found, strict=True):
-            if holders and not suppressed:  # every holder puts it again: the same choice
+        at = round_ * INTERVAL_MS
+        for holders, k_closest, clock in zip(held, found, clocks, strict=True):
+            if not holders:
+                continue
+            if not suppressed:  # every holder puts it again: the same choice
                 holders.update(puts(k_closest))
+            elif clock.republishes(holders, at):  # one does, despite the Sybils' copies
+                holders.update(puts(k_closest))
+                clock.got(holders, at + ATTACK_GAP_MS)
     return {
         "nodes": nodes,
         "records": records,
@@ -134,6 +156,7 @@ def simulate(
         "crowd": subnets.crowd,
         "sybils": subnets.sybils,
         "suppress": subnets.suppress,
+        "max_silence": max_silence,
         "durable_final": round(durable[-1], 6),
         "findable_min": round(min(asked["get"]), 6),
         "findable_mean": round(sum(asked["get"]) / rounds, 6),
@@ -142,6 +165,44 @@ def simulate(
         "lost": records - round(durable[-1] * records),
         "puts_over_2_of_a_subnet": round(puts.crowded / puts.made, 6),
     }
+
+
+class _Clocks:
+    """One record's honest holders' republish clocks under suppression: the node's own
+    `RepublishClock`. A Sybils' copy reaches every honest holder at the start of a round
+    and the next one ``ATTACK_GAP_MS`` later (the most they can wait and still come before
+    any honest clock is due); a holder whose clock is due before that (only its deadline,
+    ``max_silence`` intervals after its own last republish) republishes. An
+    honest republish's copies to the other holders are left out: they only restart clocks
+    the Sybils' next copy restarts anyway."""
+
+    __slots__ = ("clocks", "max_silence", "rng")
+
+    def __init__(self, max_silence: int, rng: random.Random) -> None:
+        self.clocks: dict[int, RepublishClock] = {}
+        self.max_silence = max_silence
+        self.rng = rng
+
+    def got(self, holders: set[int], at: float) -> None:
+        """Holders new to the record got it at ``at``: their clocks start."""
+        for node in holders:
+            if node not in self.clocks:
+                self.clocks[node] = RepublishClock.start(at, self.rng)
+
+    def republishes(self, holders: set[int], at: float) -> bool:
+        """Whether a holder republishes in the round starting at ``at``."""
+        for node in [n for n in self.clocks if n not in holders]:
+            del self.clocks[node]  # left with the record
+        self.got(holders, at)
+        end = at + ATTACK_GAP_MS
+        firing = False
+        for node in sorted(holders):
+            clock = self.clocks[node]
+            clock.postpone(at, self.rng, SYBIL_SUBNET)
+            if clock.due(end, INTERVAL_MS, max_silence=self.max_silence):
+                clock.republished(end, self.rng)
+                firing = True
+        return firing
 
 
 class _Network:
@@ -292,6 +353,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="attacker IDs of one /24 ground nearer each key than anyone")  # fmt: skip
     p.add_argument("--suppress", action="store_true",
                    help="the Sybils' stores stand for the honest holders' republishes")  # fmt: skip
+    p.add_argument("--max-silence", type=int, default=MAX_SILENCE,
+                   help="intervals a holder goes at most without republishing")  # fmt: skip
     p.add_argument("--seed", type=int, default=7)
     return p
 
@@ -300,7 +363,14 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     bad = [c for c in args.churn if not 0.0 <= c < 1.0] + [r for r in args.replicas if r < 1]
     shape = args.nodes < max(args.replicas) or args.records < 1 or args.rounds < 1
-    if bad or shape or args.per_subnet < 1 or not 0.0 <= args.crowd < 1.0 or args.sybils < 0:
+    if (
+        bad
+        or shape
+        or args.max_silence < 1
+        or args.per_subnet < 1
+        or not 0.0 <= args.crowd < 1.0
+        or args.sybils < 0
+    ):
         raise SystemExit(f"dna-sim durability: bad arguments {bad or vars(args)}")
     subnets = Subnets(args.per_subnet, args.crowd, args.sybils, args.suppress)
     rows = []
@@ -310,6 +380,7 @@ def main(argv: list[str] | None = None) -> None:
                 row = simulate(
                     nodes=args.nodes, records=args.records, rounds=args.rounds, churn=churn,
                     replicas=replicas, seed=args.seed, placement=placement, subnets=subnets,
+                    max_silence=args.max_silence,
                 )  # fmt: skip
                 rows.append(row)
                 line = json.dumps({"bench": "sim.durability", **row}, separators=(",", ":"))

@@ -35,7 +35,8 @@ What a node accepts, keeps and hands out for a key:
   loading its file) republishes over half an interval, not in one tick; a restart
   also spreads the first republish of what it loaded over an interval
   (`spread_republish`), so the holders of a record, restarted together, do not all
-  republish it at once (the first one's store restarts the others' clocks, `repeat`).
+  republish it at once (the first one's store restarts the others' clocks, `repeat`,
+  but only so far: `RepublishClock`, so that ground IDs near a key cannot stop them).
 
 Readers apply the same per-record rules (`check_policy`) to every answer before
 `select_best` picks one: otherwise a single dishonest node could answer with a
@@ -73,6 +74,8 @@ DEFAULT_IDENTITY_POW_BITS = 16  # identity, presence, rotation (records.identity
 DEFAULT_MAX_RECORDS = 20_000
 DEFAULT_MAX_BYTES = 64 << 20
 REPUBLISH_PACE = 2  # a tick hands back at most this many times its even share
+MAX_SILENCE = 12  # intervals a held record goes at most without our own republish
+REPUBLISH_JITTER = 0.1  # a republish comes up to this share of an interval early
 MAX_EVICTIONS = 8  # per put: a 16 KiB record displaces at most a few ~5 KiB ones
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-")
 _KIND_LABEL: dict[int, str] = {
@@ -149,9 +152,67 @@ class StoreResult:
 
 
 @dataclass(slots=True)
+class RepublishClock:
+    """When this node republishes a record it holds: Kademlia §2.5, bounded.
+
+    A fellow holder's copy restarts the clock (`postpone`): the record was just stored on
+    the key's closest, so ours can wait an interval, and a record is republished by about
+    one holder an interval. But IDs ground near a key are fellow holders too, and the
+    spread gives their /24 the bytes; one sending them every interval stopped every honest
+    republish, so newcomers near the key never got the record (docs/overlay.md,
+    durability). Three rules bound that and keep the honest case at about one:
+
+    * a copy from the subnet whose copy restarted the clock last does not restart it:
+      one subnet cannot postpone us twice in a row;
+    * we republish at least every ``MAX_SILENCE`` intervals whatever copies come (times
+      ``1 - hurry/2``, drawn at each of our republishes: holders that got the record
+      from one put do not all fall due together);
+    * the holder silent longest goes first: the clock is due an interval after its
+      restart less up to ``REPUBLISH_JITTER`` of one, the more the longer our own
+      silence (``lag`` breaks ties). So the holders take turns, each from another
+      subnet than the last, and each turn comes round well within ``MAX_SILENCE``.
+    """
+
+    since_ms: float  # the last restart: our republish or a fellow holder's copy
+    own_ms: float  # our own last republish (or when we got the record)
+    lag: float  # a tie-breaker in [0, 1), drawn at each restart
+    hurry: float  # in [0, 1), drawn at each of our republishes
+    postponer: str = ""  # the subnet whose copy restarted the clock last
+
+    @classmethod
+    def start(cls, now_ms: float, rng: random.Random) -> RepublishClock:
+        """The clock of a record we just got."""
+        return cls(now_ms, now_ms, rng.random(), rng.random())
+
+    def due(
+        self, now_ms: float, interval_ms: int, *, max_silence: int = MAX_SILENCE,
+        jitter: float = REPUBLISH_JITTER,
+    ) -> bool:  # fmt: skip
+        """Whether to republish now (the keywords are for dna-sim's comparisons)."""
+        if now_ms - self.own_ms >= max_silence * (1 - self.hurry / 2) * interval_ms:
+            return True
+        silent = min(1.0, (self.since_ms - self.own_ms) / (max_silence * interval_ms))
+        early = jitter * (0.9 * silent + 0.1 * self.lag)
+        return now_ms - self.since_ms >= interval_ms * (1 - early)
+
+    def postpone(self, now_ms: float, rng: random.Random, subnet: str) -> bool:
+        """A fellow holder in ``subnet`` (`contact.source_groups`) stored the record on the
+        key's closest: whether that restarts the clock (not from the last one's subnet;
+        "" is no subnet, a local sender: always)."""
+        if subnet and subnet == self.postponer:
+            return False
+        self.since_ms, self.lag, self.postponer = now_ms, rng.random(), subnet
+        return True
+
+    def republished(self, now_ms: float, rng: random.Random) -> None:
+        self.since_ms, self.own_ms = now_ms, now_ms
+        self.lag, self.hurry = rng.random(), rng.random()
+
+
+@dataclass(slots=True)
 class _Held:
     record: VerifiedRecord
-    republished_ms: float
+    clock: RepublishClock
     source: str
     block: str  # the source's groups (`contact.source_groups`): what its share counts in
     subnet: str
@@ -166,10 +227,12 @@ class RecordStore:
         max_records: int = DEFAULT_MAX_RECORDS,
         max_bytes: int = DEFAULT_MAX_BYTES,
         groups: Callable[[str], tuple[str, str]] = source_groups,
+        rng: random.Random | None = None,
     ) -> None:
         self.name_pow_bits, self.identity_pow_bits = name_pow_bits, identity_pow_bits
         self.max_records, self.max_bytes = max_records, max_bytes
         self.groups = groups  # source -> (block, subnet) its records count in
+        self.rng = rng or random.Random()  # the republish clocks' lags
         self._held: dict[bytes, _Held] = {}
         self._by_raw: dict[bytes, bytes] = {}  # raw record -> key: repeats cost no verifying
         self._by_subnet: dict[str, dict[bytes, None]] = {}  # subnet -> its keys, oldest first
@@ -185,12 +248,14 @@ class RecordStore:
         return self._bytes
 
     def repeat(
-        self, data: bytes, now_ms: int, by_holder: Callable[[bytes], bool] = lambda key: True
-    ) -> StoreResult | None:
+        self, data: bytes, now_ms: int, by_holder: Callable[[bytes], bool] = lambda key: True,
+        source: str = "",
+    ) -> StoreResult | None:  # fmt: skip
         """The unchanged result if exactly these bytes are held and unexpired (a republish
         of what we have: a dictionary look-up, no signature to check, nothing to charge
         the sender), else None. It restarts the record's republish clock if
-        ``by_holder(key)``: the sender is a fellow holder of the key."""
+        ``by_holder(key)``: the sender (``source``, its address) is a fellow holder of the
+        key; only so far, though (`RepublishClock.postpone`)."""
         key = self._by_raw.get(data)
         held = None if key is None else self._held.get(key)
         if held is None or held.record.body.expires_ms <= now_ms:
@@ -200,7 +265,7 @@ class RecordStore:
             # our own republish can wait an interval (Kademlia §2.5), so each record is
             # republished by about one of its holders an interval instead of by every one.
             # Anyone else's copy says nothing of the others: it would stop ours for free.
-            held.republished_ms = now_ms
+            held.clock.postpone(now_ms, self.rng, self.groups(source)[1])
         return StoreResult(held.record.body.seq, changed=False)
 
     def put(
@@ -268,13 +333,13 @@ class RecordStore:
         due = [
             held
             for held in self._held.values()
-            if now_ms - held.republished_ms >= interval_ms and held.record.body.expires_ms > now_ms
+            if held.clock.due(now_ms, interval_ms) and held.record.body.expires_ms > now_ms
         ]
         most = math.ceil(REPUBLISH_PACE * len(self._held) * tick_ms / interval_ms)
         if len(due) > most:
-            due = heapq.nsmallest(most, due, key=lambda held: held.republished_ms)
+            due = heapq.nsmallest(most, due, key=lambda held: held.clock.since_ms)
         for held in due:
-            held.republished_ms = now_ms
+            held.clock.republished(now_ms, self.rng)
         return [held.record for held in due]
 
     def spread_republish(self, now_ms: int, interval_ms: int, rng: random.Random) -> None:
@@ -282,7 +347,7 @@ class RecordStore:
         from now (after loading at start: its holders, restarted together, would otherwise
         all republish it in the same tick, and none's store would spare the others')."""
         for held in self._held.values():
-            held.republished_ms = now_ms - rng.random() * interval_ms
+            held.clock.republished(now_ms - rng.random() * interval_ms, rng)
 
     def _victims(self, rec: VerifiedRecord, held: _Held | None, source: str) -> list[bytes]:
         """The keys to evict so that ``rec`` fits (module docstring), without changing
@@ -330,7 +395,8 @@ class RecordStore:
         if rec.body.key in self._held:
             self._remove(rec.body.key)
         block, subnet = self.groups(source)
-        self._held[rec.body.key] = _Held(rec, now_ms, source, block, subnet)
+        clock = RepublishClock.start(now_ms, self.rng)
+        self._held[rec.body.key] = _Held(rec, clock, source, block, subnet)
         self._by_raw[rec.raw] = rec.body.key
         self._by_subnet.setdefault(subnet, {})[rec.body.key] = None
         self._in_block.setdefault(block, {})[subnet] = None

@@ -10,6 +10,7 @@ uses them, and the unary calls for nodes that serve none.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -224,7 +225,8 @@ class OverlayService(overlay_pb2_grpc.OverlayServicer):
         return overlay_pb2.StoreResponse(stored_seq=result.seq)
 
     def _store(self, raw: bytes, source: str, now_ms: int) -> StoreResult:
-        repeated = self.store.repeat(raw, now_ms, lambda key: self._fellow_holder(key, source))
+        fellow = functools.partial(self._fellow_holder, source=source)
+        repeated = self.store.repeat(raw, now_ms, fellow, source)
         if repeated is not None:
             return repeated
         wait = self.limiter.check(source, self.monotonic())
