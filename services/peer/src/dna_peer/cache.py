@@ -455,6 +455,30 @@ class Cache:
         """Unpin (the conversation and its messages stay); the next add pins afresh."""
         return self._write("DELETE FROM contacts WHERE fingerprint = ?", (fingerprint,)) > 0
 
+    def strangers(self) -> int:
+        """How many conversations are message requests (`forget_strangers`)."""
+        return int(self._rows(f"SELECT count(*) FROM ({_REQUESTS})")[0][0])
+
+    def forget_strangers(self, *, keep: int, idle_before_ms: int) -> int:
+        """Forget the message requests beyond the ``keep`` idle most recently, and those
+        idle since before ``idle_before_ms``; returns how many were forgotten. A request is
+        the conversation of strangers only: contacts pinned because they wrote first (no
+        name, not chosen, not verified) that this identity never wrote to (no message
+        sent, none queued). Forgotten: their pins, the conversation, its messages. Anyone
+        can make strangers by the thousand (each a put with proof of work), so only these
+        are bounded; a contact this identity added or wrote to is never forgotten here.
+        Idle: since the later of the last message's time and the pin's."""
+        forgotten = self._rows(
+            f"SELECT id FROM ({_REQUESTS}) WHERE idle_ms < ?"
+            f" UNION SELECT id FROM ({_REQUESTS} ORDER BY idle_ms DESC LIMIT -1 OFFSET ?)",
+            (idle_before_ms, max(keep, 0)),
+        )
+        ids = [(bytes(row[0]),) for row in forgotten]
+        with self.transaction():
+            for sql in _FORGET_REQUEST:
+                self._db.executemany(sql, ids)
+        return len(ids)
+
     def choose(self, fingerprint: bytes) -> None:
         """This identity added the contact (`Contact.chosen`)."""
         self._write("UPDATE contacts SET chosen = 1 WHERE fingerprint = ?", (fingerprint,))
@@ -888,6 +912,25 @@ class Cache:
                 self._db.execute("UPDATE blobs SET deleted = 1 WHERE blob_id = ?", (blob,))
 
 
+# Message requests (`Cache.forget_strangers`): conversations whose contacts are all
+# strangers, never written to, with when each was last active.
+_STRANGER = "chosen = 0 AND verified = 0 AND name IS NULL"
+_REQUESTS = (
+    "SELECT c.conversation AS id, max(max(c.pinned_ms), v.last_ms) AS idle_ms"
+    " FROM contacts c JOIN conversations v ON v.id = c.conversation GROUP BY c.conversation"
+    f" HAVING min({_STRANGER}) = 1"
+    " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation = c.conversation"
+    " AND m.outgoing = 1)"
+    " AND NOT EXISTS (SELECT 1 FROM outbox o JOIN contacts k ON k.fingerprint = o.recipient"
+    " WHERE k.conversation = c.conversation)"
+)
+_FORGET_REQUEST = (
+    "INSERT INTO messages_text(messages_text, rowid, body)"
+    " SELECT 'delete', rowid, body FROM messages WHERE conversation = ?",
+    "DELETE FROM messages WHERE conversation = ?",
+    "DELETE FROM conversations WHERE id = ?",
+    "DELETE FROM contacts WHERE conversation = ?",
+)
 _CONTACT_COLUMNS = "fingerprint, keys, name, verified, pinned_ms, conversation, replaced_by, chosen"
 _MESSAGE_COLUMNS = (
     "message_id, conversation, sender, recipient, timestamp_ms, body, outgoing, delivered"

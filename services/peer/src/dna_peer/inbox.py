@@ -67,6 +67,11 @@ MAX_PEER_LOOKUPS = 64
 # default mailbox quota (docs/storage.md), what honest replicas could hold of it at once.
 DEFERRED_MAX_BLOBS = 10_000
 DEFERRED_MAX_BYTES = 64 * 1024 * 1024
+# Message requests (conversations of strangers: pinned because they wrote first, never
+# added nor written to) kept at most; pinning one more forgets the one idle longest, with its
+# messages (`Cache.forget_strangers`). Each costs its sender a put with proof of work, so
+# without a bound anyone could grow the contacts and conversations tables without end.
+MAX_STRANGERS = 2_000
 Apply = Callable[[], str]  # the cache writes of one blob; returns its outcome
 Clock = Callable[[], int]  # wall-clock milliseconds
 OnMessage = Callable[[Message], None]  # a new message, opened, before its commit is durable
@@ -144,11 +149,13 @@ class Inbox:
         identity: Identity | None = None,
         on_message: OnMessage | None = None,
         acknowledge: bool = False,
+        max_strangers: int = MAX_STRANGERS,
     ) -> None:
         self.cache, self.owner, self.clock = cache, owner, clock
         self.identity = identity or owner.identity
         self.acknowledge = acknowledge  # note this device's acks with each blob's commit
         self.on_message = on_message
+        self.max_strangers = max(1, max_strangers)
         self.report = SyncReport()
         self._guard = ReplayGuard()
         self._receipts: dict[bytes, ReceiptDue] = {}  # per sender: the batch being filled
@@ -418,7 +425,13 @@ class Inbox:
         due.message_ids.append(message_id)
 
     def _pin_stranger(self, keys: PublicKeySet) -> Contact:
-        """First contact from someone not in the address book: pin the keys (TOFU)."""
+        """First contact from someone not in the address book: pin the keys (TOFU), as a
+        message request; at MAX_STRANGERS of them the one idle longest is forgotten first
+        (its pin, conversation and messages: its next message is a request again)."""
+        if self.cache.strangers() >= self.max_strangers:
+            gone = self.cache.forget_strangers(keep=self.max_strangers - 1, idle_before_ms=0)
+            log.info("forgot %d message request(s) idle longest (%d kept at most)", gone,
+                     self.max_strangers)  # fmt: skip
         contact = Contact(keys.fingerprint, keys, None, False, self.clock(), keys.fingerprint)
         self.cache.pin(contact)
         return contact
