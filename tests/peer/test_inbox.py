@@ -397,6 +397,50 @@ def test_deferred_blobs_are_bounded_held_here_and_expire(
     asyncio.run(go())
 
 
+def test_one_hostile_storage_node_fills_only_its_share_and_takes_only_its_turn(
+    bob_inbox: Setup, bob: Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A storage node can make envelopes up, each naming a new sender, and return them in
+    every fetch: they were deferred (and acknowledged) up to the bound of all deferred
+    blobs, so one node filled it each round (an honest stranger's key-less message was then
+    dropped) and, first in first out, its senders took every round's lookups. Now a blob one
+    node alone returned is deferred within that node's share, beyond it left on the nodes
+    (not recorded, not acknowledged: a replica that holds it returns it again); what
+    several nodes returned has the rest of the bound; and each round's lookups are taken
+    from each source in turn. Fails without the shares (checked: the honest messages are
+    dropped at the bound and wait behind the hostile node's senders)."""
+    monkeypatch.setattr(inbox, "DEFERRED_MAX_BLOBS", 6)
+    monkeypatch.setattr(inbox, "DEFERRED_NODE_BLOBS", 4)
+    monkeypatch.setattr(inbox, "MAX_SENDER_LOOKUPS", 2)
+    hostile, honest, other = os.urandom(32), os.urandom(32), os.urandom(32)
+
+    async def go() -> None:
+        s = bob_inbox
+        fakes = [sealed(Identity.generate(), bob, text("made up"), s.clock(), keys=False)
+                 for _ in range(7)]  # fmt: skip
+        for blob in fakes:
+            blob_id = hashlib.sha256(blob).digest()
+            await s.inbox.handle_blob(blob_id, blob, look_up=False, returned_by={hostile})
+        assert s.inbox.report.deferred == 4 and s.inbox.report.left == 3
+        left = [hashlib.sha256(b).digest() for b in fakes[4:]]
+        assert all(s.cache.blob_outcome(b) is None for b in left)  # not recorded
+        assert not set(left) & set(s.inbox.report.held)  # nor acknowledged: on the nodes
+        strangers = [Identity.generate() for _ in range(2)]
+        s.owner.published |= {x.fingerprint: x.public for x in strangers}
+        for stranger, nodes in zip(strangers, [{honest, other}, {honest}], strict=True):
+            blob = sealed(stranger, bob, text("hello, keys not inside"), s.clock(), keys=False)
+            await s.inbox.handle_blob(hashlib.sha256(blob).digest(), blob, look_up=False,
+                                      returned_by=nodes)  # fmt: skip
+        assert s.inbox.report.deferred == 6 and s.reasons() == []  # within the bound
+        await s.inbox.retry_deferred()  # 2 lookups: one per source, not the 2 oldest fakes
+        assert len(s.owner.lookups) == 2 and strangers[0].fingerprint in s.owner.lookups
+        await s.next_round().retry_deferred()
+        bodies = [m.body for m in s.cache.messages()]
+        assert bodies == ["hello, keys not inside"] * 2  # both strangers' messages arrived
+
+    asyncio.run(go())
+
+
 def test_a_flood_needing_lookups_never_delays_a_contact_s_message(
     bob_inbox: Setup, alice: Identity, bob: Identity
 ) -> None:

@@ -142,7 +142,8 @@ CREATE TABLE IF NOT EXISTS deferred_blobs(
   mailbox BLOB NOT NULL,
   sender BLOB NOT NULL,
   blob BLOB NOT NULL,
-  deferred_ms INTEGER NOT NULL
+  deferred_ms INTEGER NOT NULL,
+  source BLOB -- the one node that returned it; NULL: several did (or not from a fetch)
 );
 CREATE INDEX IF NOT EXISTS deferred_by_mailbox ON deferred_blobs(mailbox, sender);
 CREATE TABLE IF NOT EXISTS outbox(
@@ -709,35 +710,49 @@ class Cache:
             self._db.execute("DELETE FROM deferred_blobs WHERE blob_id = ?", (blob_id,))
 
     def defer_blob(
-        self, mailbox: bytes, blob_id: bytes, blob: bytes, sender: bytes, now_ms: int
+        self,
+        mailbox: bytes,
+        blob_id: bytes,
+        blob: bytes,
+        sender: bytes,
+        now_ms: int,
+        source: bytes | None = None,
     ) -> None:
         """Keep a blob a round could not handle yet (its unknown sender was not looked up:
         over the round's budget), to be handled by a later round (`deferred_blobs`). It is
         recorded as DEFERRED, so this device acknowledges it (it holds it, here) and the
-        replicas can delete it: a deferred blob holds no mailbox quota."""
+        replicas can delete it: a deferred blob holds no mailbox quota. ``source``: the one
+        storage node that returned it (None: several did)."""
         with self.transaction():
             self._db.execute(
                 "INSERT OR IGNORE INTO deferred_blobs(blob_id, mailbox, sender, blob,"
-                " deferred_ms) VALUES (?, ?, ?, ?, ?)",
-                (blob_id, mailbox, sender, blob, now_ms),
+                " deferred_ms, source) VALUES (?, ?, ?, ?, ?, ?)",
+                (blob_id, mailbox, sender, blob, now_ms, source),
             )
             self._db.execute(
                 "INSERT OR IGNORE INTO blobs(blob_id, outcome, seen_ms) VALUES (?, ?, ?)",
                 (blob_id, DEFERRED, now_ms),
             )
 
-    def deferred_usage(self) -> tuple[int, int]:
-        """(blobs, bytes) deferred, every mailbox together."""
-        rows = self._rows("SELECT count(*), coalesce(sum(length(blob)), 0) FROM deferred_blobs")
+    def deferred_usage(self, source: bytes | None = None) -> tuple[int, int]:
+        """(blobs, bytes) deferred, every mailbox together; with ``source``, those that
+        node alone returned."""
+        sql = "SELECT count(*), coalesce(sum(length(blob)), 0) FROM deferred_blobs"
+        rows = self._rows(sql + " WHERE source = ?", (source,)) if source else self._rows(sql)
         return int(rows[0][0]), int(rows[0][1])
 
     def deferred_blobs(self, mailbox: bytes, senders: int) -> list[tuple[bytes, bytes]]:
-        """(blob ID, blob) deferred for ``mailbox``: every one of the ``senders`` senders
-        deferred longest ago, in the order they were deferred (first in, first out)."""
+        """(blob ID, blob) deferred for ``mailbox``: every one of ``senders`` senders, taken
+        in turn from each source (the blobs several nodes returned, and each node's that it
+        alone returned), first in first out within each: one node's made-up senders take
+        at most their turn of a round's lookups, however many it deferred first. A sender's
+        source is its first blob's."""
         rows = self._rows(
             "SELECT blob_id, blob FROM deferred_blobs WHERE mailbox = :box AND sender IN"
-            " (SELECT sender FROM deferred_blobs WHERE mailbox = :box GROUP BY sender"
-            "  ORDER BY min(seq) LIMIT :senders) ORDER BY seq",
+            " (SELECT sender FROM (SELECT sender, source, min(seq) AS first FROM deferred_blobs"
+            "  WHERE mailbox = :box GROUP BY sender)"
+            "  ORDER BY row_number() OVER (PARTITION BY source ORDER BY first), first"
+            "  LIMIT :senders) ORDER BY seq",
             {"box": mailbox, "senders": senders},
         )
         return [(bytes(r[0]), bytes(r[1])) for r in rows]
@@ -969,11 +984,20 @@ def _set_up(conn: Any, lost_ms: int | None) -> None:
     if lost_ms is None:
         conn.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS), so no transaction needed
         _add_chosen(conn)
+        _add_deferred_source(conn)
     else:  # the values as the state table holds them (set_state: bytes)
         marks = (f"INSERT OR REPLACE INTO state(key, value) VALUES ('{RECOVERING}',"
                  f" x'{str(lost_ms).encode().hex()}'), ('{HISTORY_WANTED}', x'');")  # fmt: skip
         conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}{marks}COMMIT;")
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _add_deferred_source(conn: Any) -> None:
+    """A cache from before `deferred_blobs.source`: the column, NULL for the blobs deferred
+    then (each counted as several nodes' word, as every one was)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(deferred_blobs)")}
+    if "source" not in columns:
+        conn.execute("ALTER TABLE deferred_blobs ADD COLUMN source BLOB")
 
 
 def _add_chosen(conn: Any) -> None:

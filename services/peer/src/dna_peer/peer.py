@@ -859,7 +859,8 @@ class Peer:
             for stored in blobs:
                 trace.mark("peer.taken", stored.blob_id)
             for i, stored in enumerate(blobs, 1):
-                await inbox.handle_blob(stored.blob_id, stored.blob, look_up=False)
+                await inbox.handle_blob(stored.blob_id, stored.blob, look_up=False,
+                                        returned_by=pushed.sources.get(stored.blob_id))  # fmt: skip
                 if progress:
                     progress(i, len(blobs))
                 trace.mark("peer.progress", stored.blob_id)
@@ -872,7 +873,8 @@ class Peer:
         while True:
             blobs, state = await self.mail.fetch(inbox.identity, state)
             for i, stored in enumerate(blobs, 1):
-                await inbox.handle_blob(stored.blob_id, stored.blob, look_up=False)
+                await inbox.handle_blob(stored.blob_id, stored.blob, look_up=False,
+                                        returned_by=state.sources.get(stored.blob_id))  # fmt: skip
                 if progress:
                     progress(done + i, done + len(blobs))
             done += len(blobs)
