@@ -339,10 +339,14 @@ class Replica:
 
 
 def drive_read(
-    plan: ReadPlan, nodes: dict[bytes, Replica], limit: int
+    plan: ReadPlan,
+    nodes: dict[bytes, Replica],
+    limit: int,
+    returned: dict[bytes, set[bytes]] | None = None,
 ) -> tuple[list[bytes], set[bytes], int]:
     """Run ``plan``; returns the nodes asked (in order), the blob IDs of every page
-    reported, and how many answers were failures or refusals without a retry."""
+    reported, and how many answers were failures or refusals without a retry; fills
+    ``returned`` with the nodes whose pages held each blob."""
     asked: list[bytes] = []
     reported: set[bytes] = set()
     stand_in_reasons = 0
@@ -366,6 +370,8 @@ def drive_read(
             else:
                 blobs, cursor, more = node.page(plan.state.cursors.get(c.node_id, b""), limit)
                 reported |= {b.blob_id for b in blobs}
+                for b in blobs if returned is not None else ():
+                    returned.setdefault(b.blob_id, set()).add(c.node_id)
                 assert plan.on_page(c.node_id, blobs, cursor, more)
     raise AssertionError("the fetch did not finish")
 
@@ -399,7 +405,8 @@ def test_a_fetch_merges_pages_without_losing_or_duplicating_a_blob(
     nodes = {c.node_id: rep for c, rep in zip(cands, replicas, strict=True)}
     state = FetchState()
     plan = ReadPlan(cands, state, replicas=r, budget_bytes=budget)
-    asked, reported, stand_in_reasons = drive_read(plan, nodes, limit)
+    returned: dict[bytes, set[bytes]] = {}
+    asked, reported, stand_in_reasons = drive_read(plan, nodes, limit, returned)
 
     answering = {n for n, rep in nodes.items() if rep.behaviour not in ("down", "refuse")}
     if not any(n in answering or nodes[n].behaviour == "refuse" for n in asked):
@@ -410,6 +417,7 @@ def test_a_fetch_merges_pages_without_losing_or_duplicating_a_blob(
     ids = [b.blob_id for b in got]
     assert len(ids) == len(set(ids))  # each blob once
     assert set(ids) == reported  # nothing lost, nothing invented
+    assert state.sources == returned  # which nodes returned each (one node's word: dna_peer)
     assert got == sorted(got, key=lambda b: (b.stored_ms, b.blob_id))
     # replicas first, then a stand-in per node that did not answer (or refused, signed)
     first_asked = list(dict.fromkeys(asked))

@@ -35,8 +35,10 @@ def test_each_blob_is_handed_out_once_whichever_replica_pushed_it() -> None:
     sub.page_arrived(A, page(b"a1", one))
     sub.page_arrived(B, page(b"b1", one, two))
     assert [b.blob for b in sub.take()] == [b"one", b"two"]
+    # who pushed each (a blob one node alone returned is that node's word: dna_peer.inbox)
+    assert sub.sources == {one.blob_id: {A, B}, two.blob_id: {B}}
     sub.page_arrived(A, page(b"a2", two))  # A's copy of what B brought first
-    assert sub.take() == []
+    assert sub.take() == [] and sub.sources == {}
     assert sub.cursors == {A: b"a2", B: b"b1"}
     assert sub.copies == 4
 

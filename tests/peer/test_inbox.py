@@ -20,7 +20,15 @@ from dna_core.crypto import Identity, PublicKeySet, seal
 from dna_core.errors import UnavailableError
 from dna_core.wire.gen.dna.v1 import envelope_pb2 as pb
 from dna_peer import inbox, keyserver
-from dna_peer.cache import DEFERRED, DEFERRED_EXPIRED, RECOVERING, Cache, Contact
+from dna_peer.cache import (
+    DEFERRED,
+    DEFERRED_EXPIRED,
+    RECOVERING,
+    Cache,
+    Contact,
+    Message,
+    Outgoing,
+)
 from dna_peer.inbox import (
     MAX_PEER_LOOKUPS,
     MAX_SENDER_LOOKUPS,
@@ -142,6 +150,54 @@ def test_a_stranger_s_text_is_pinned_stored_and_owes_a_receipt(
         assert report.held == [blob_id] and s.owner.lookups == []
         await s.handle(sealed(alice, bob, text("hi"), s.clock()))  # handled: no new receipt
         assert s.cache.message_count() == 2 and len(report.receipts_due[0].message_ids) == 2
+
+    asyncio.run(go())
+
+
+def test_strangers_are_message_requests_kept_at_most_max_strangers(
+    bob_inbox: Setup, alice: Identity, bob: Identity
+) -> None:
+    """Each stranger's first message pinned it and opened a conversation, with no bound: a
+    put with proof of work apiece grew bob's contacts and conversations without end. Now at
+    ``max_strangers`` requests the one idle longest is forgotten (pin, conversation,
+    messages) before the next is pinned; a contact bob added, one he wrote to, and one with
+    a message of his still queued are never requests, however old. A forgotten stranger that
+    writes again is a request again. Fails without the bound (checked: 6 strangers kept)."""
+
+    async def go() -> None:
+        s = bob_inbox
+        s.inbox = Inbox(s.cache, s.owner, clock=s.clock, max_strangers=3)
+        added, written, queued = Identity.generate(), Identity.generate(), Identity.generate()
+        s.cache.pin(Contact(added.fingerprint, added.public, None, False, s.clock(),
+                            added.fingerprint, chosen=True))  # fmt: skip
+        for peer in (written, queued):
+            await s.handle(sealed(peer, bob, text("hello bob"), s.clock()))
+        reply = Message(os.urandom(32), written.fingerprint, bob.fingerprint,
+                        written.fingerprint, s.clock(), "hi!", outgoing=True)  # fmt: skip
+        s.cache.add_message(reply)
+        s.cache.queue_outgoing(Outgoing(os.urandom(32), queued.fingerprint, "hi!", b"sealed",
+                                        s.clock(), os.getpid()))  # fmt: skip
+        strangers = [Identity.generate() for _ in range(6)]
+        for stranger in strangers:
+            s.clock.now += 1_000
+            await s.handle(sealed(stranger, bob, text("buy now"), s.clock()))
+        kept = [x.fingerprint for x in strangers if s.cache.contact(x.fingerprint)]
+        assert kept == [x.fingerprint for x in strangers[3:]] and s.cache.strangers() == 3
+        for peer in (added, written, queued):  # old, but not requests: never forgotten
+            assert s.cache.contact(peer.fingerprint) is not None
+        senders = {m.sender for m in s.cache.messages()}
+        assert not senders & {x.fingerprint for x in strangers[:3]}  # their messages too
+        assert s.cache.search_count("buy") == 3  # and their text from the search index
+        assert {c.id for c in s.cache.conversations()} == {
+            added.fingerprint, written.fingerprint, queued.fingerprint, *kept}  # fmt: skip
+        s.clock.now += 1_000
+        await s.handle(sealed(strangers[0], bob, text("again"), s.clock()))
+        assert s.cache.contact(strangers[0].fingerprint) is not None  # a request again
+        assert s.cache.contact(strangers[3].fingerprint) is None  # the one idle longest now
+        # The daily upkeep: requests idle past the replay window go, whatever their number.
+        gone = s.cache.forget_strangers(keep=10, idle_before_ms=s.clock.now + 1)
+        assert gone == 3 and s.cache.strangers() == 0
+        assert len(s.cache.contacts()) == 3 and s.cache.message_count() == 3
 
     asyncio.run(go())
 
@@ -337,6 +393,50 @@ def test_deferred_blobs_are_bounded_held_here_and_expire(
         assert all(s.cache.blob_outcome(b) == DEFERRED_EXPIRED for b in waiting)
         await s.next_round().retry_deferred()
         assert s.owner.lookups == [] and s.inbox.report.held == []
+
+    asyncio.run(go())
+
+
+def test_one_hostile_storage_node_fills_only_its_share_and_takes_only_its_turn(
+    bob_inbox: Setup, bob: Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A storage node can make envelopes up, each naming a new sender, and return them in
+    every fetch: they were deferred (and acknowledged) up to the bound of all deferred
+    blobs, so one node filled it each round (an honest stranger's key-less message was then
+    dropped) and, first in first out, its senders took every round's lookups. Now a blob one
+    node alone returned is deferred within that node's share, beyond it left on the nodes
+    (not recorded, not acknowledged: a replica that holds it returns it again); what
+    several nodes returned has the rest of the bound; and each round's lookups are taken
+    from each source in turn. Fails without the shares (checked: the honest messages are
+    dropped at the bound and wait behind the hostile node's senders)."""
+    monkeypatch.setattr(inbox, "DEFERRED_MAX_BLOBS", 6)
+    monkeypatch.setattr(inbox, "DEFERRED_NODE_BLOBS", 4)
+    monkeypatch.setattr(inbox, "MAX_SENDER_LOOKUPS", 2)
+    hostile, honest, other = os.urandom(32), os.urandom(32), os.urandom(32)
+
+    async def go() -> None:
+        s = bob_inbox
+        fakes = [sealed(Identity.generate(), bob, text("made up"), s.clock(), keys=False)
+                 for _ in range(7)]  # fmt: skip
+        for blob in fakes:
+            blob_id = hashlib.sha256(blob).digest()
+            await s.inbox.handle_blob(blob_id, blob, look_up=False, returned_by={hostile})
+        assert s.inbox.report.deferred == 4 and s.inbox.report.left == 3
+        left = [hashlib.sha256(b).digest() for b in fakes[4:]]
+        assert all(s.cache.blob_outcome(b) is None for b in left)  # not recorded
+        assert not set(left) & set(s.inbox.report.held)  # nor acknowledged: on the nodes
+        strangers = [Identity.generate() for _ in range(2)]
+        s.owner.published |= {x.fingerprint: x.public for x in strangers}
+        for stranger, nodes in zip(strangers, [{honest, other}, {honest}], strict=True):
+            blob = sealed(stranger, bob, text("hello, keys not inside"), s.clock(), keys=False)
+            await s.inbox.handle_blob(hashlib.sha256(blob).digest(), blob, look_up=False,
+                                      returned_by=nodes)  # fmt: skip
+        assert s.inbox.report.deferred == 6 and s.reasons() == []  # within the bound
+        await s.inbox.retry_deferred()  # 2 lookups: one per source, not the 2 oldest fakes
+        assert len(s.owner.lookups) == 2 and strangers[0].fingerprint in s.owner.lookups
+        await s.next_round().retry_deferred()
+        bodies = [m.body for m in s.cache.messages()]
+        assert bodies == ["hello, keys not inside"] * 2  # both strangers' messages arrived
 
     asyncio.run(go())
 

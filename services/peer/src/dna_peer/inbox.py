@@ -22,7 +22,7 @@ injected clock, so it runs without a network (tests/peer/test_inbox.py).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -67,6 +67,18 @@ MAX_PEER_LOOKUPS = 64
 # default mailbox quota (docs/storage.md), what honest replicas could hold of it at once.
 DEFERRED_MAX_BLOBS = 10_000
 DEFERRED_MAX_BYTES = 64 * 1024 * 1024
+# Of those, the blobs that one storage node alone returned (a fetch's or a take's `sources`),
+# per node: a fifth (a mailbox has 5 replicas). A hostile node can make envelopes up, each
+# naming a new sender; bounded by its own share, it cannot fill the deferred blobs, and the
+# senders' turns are taken from each source in turn (`Cache.deferred_blobs`), so it cannot
+# take a round's lookups either. A lone node's blob beyond its share is left on the nodes.
+DEFERRED_NODE_BLOBS = DEFERRED_MAX_BLOBS // 5
+DEFERRED_NODE_BYTES = DEFERRED_MAX_BYTES // 5
+# Message requests (conversations of strangers: pinned because they wrote first, never
+# added nor written to) kept at most; pinning one more forgets the tenth idle longest, with
+# their messages (`Cache.forget_strangers`). Each costs its sender a put with proof of work, so
+# without a bound anyone could grow the contacts and conversations tables without end.
+MAX_STRANGERS = 2_000
 Apply = Callable[[], str]  # the cache writes of one blob; returns its outcome
 Clock = Callable[[], int]  # wall-clock milliseconds
 OnMessage = Callable[[Message], None]  # a new message, opened, before its commit is durable
@@ -122,6 +134,7 @@ class SyncReport:
     receipts: int = 0
     rejected: list[tuple[bytes, str]] = field(default_factory=list)
     deferred: int = 0  # blobs that waited for a sender lookup (at the round's end, or later)
+    left: int = 0  # one node's blobs past its share of the deferred: left on the nodes
     held: list[bytes] = field(default_factory=list)  # blobs to acknowledge
     deleted: int = 0
     cleanup_error: str | None = None  # storage nodes refused to delete (the user must know)
@@ -144,11 +157,14 @@ class Inbox:
         identity: Identity | None = None,
         on_message: OnMessage | None = None,
         acknowledge: bool = False,
+        max_strangers: int = MAX_STRANGERS,
     ) -> None:
         self.cache, self.owner, self.clock = cache, owner, clock
         self.identity = identity or owner.identity
         self.acknowledge = acknowledge  # note this device's acks with each blob's commit
         self.on_message = on_message
+        self.max_strangers = max(1, max_strangers)
+        self._strangers: int | None = None  # message requests in the cache, once counted
         self.report = SyncReport()
         self._guard = ReplayGuard()
         self._receipts: dict[bytes, ReceiptDue] = {}  # per sender: the batch being filled
@@ -156,12 +172,22 @@ class Inbox:
         self._sender_lookups = self._peer_lookups = 0  # each within its own budget
         self._formers: dict[bytes, PublicKeySet] | None = None  # owner.former_keys(), once
         self._may_look_up = True  # handle_blob's look_up
-        self._deferred_usage: tuple[int, int] | None = None  # (blobs, bytes), at the 1st defer
+        self._deferred_usage: dict[bytes | None, tuple[int, int]] = {}  # all (None), per node
 
-    async def handle_blob(self, blob_id: bytes, blob: bytes, *, look_up: bool = True) -> None:
+    async def handle_blob(
+        self,
+        blob_id: bytes,
+        blob: bytes,
+        *,
+        look_up: bool = True,
+        returned_by: Collection[bytes] | None = None,
+    ) -> None:
         """Open, check and apply one blob. Without ``look_up`` a sender that needs a lookup
         is not looked up here: its blob joins the deferred ones, which `retry_deferred`
-        takes after the round's new blobs, so no lookup delays a contact's message."""
+        takes after the round's new blobs, so no lookup delays a contact's message.
+        ``returned_by``: the storage nodes that returned it (None: not from a mailbox
+        fetch, or not known); a blob only one returned is deferred within that node's
+        share (DEFERRED_NODE_BLOBS)."""
         known = self.cache.blob_outcome(blob_id)
         if known is not None and (known != DEFERRED or not look_up):
             return  # handled in an earlier sync (or by another replica's copy), or waiting
@@ -175,7 +201,8 @@ class Inbox:
             return
         except _NotLookedUpError as over:
             if not was_deferred:
-                self._defer(blob_id, blob, over.sender)
+                lone = next(iter(returned_by)) if returned_by and len(returned_by) == 1 else None
+                self._defer(blob_id, blob, over.sender, lone)
             return
         trace.mark("peer.opened", blob_id)
         new = len(self.report.new_messages)
@@ -218,18 +245,38 @@ class Inbox:
             handled += self.cache.blob_outcome(blob_id) not in (None, DEFERRED)
         return handled
 
-    def _defer(self, blob_id: bytes, blob: bytes, sender: bytes) -> None:
+    def _defer(self, blob_id: bytes, blob: bytes, sender: bytes, lone: bytes | None) -> None:
         """Keep the blob for a later round, here: recorded as deferred and acknowledged
         (this device holds it, so the replicas may delete it: it holds no mailbox quota),
         handled by `retry_deferred` once its sender's turn comes. The sender is not
         authenticated yet (its keys are what is missing), so anyone who can seal to this
         identity, or a storage node making envelopes up, can name a new one with every
         blob: what is deferred is bounded in all (DEFERRED_MAX_BLOBS, DEFERRED_MAX_BYTES),
-        and a blob beyond that is dropped, as it was before deferring."""
-        if self._deferred_usage is None:
-            self._deferred_usage = self.cache.deferred_usage()
-        count, size = self._deferred_usage
-        if count >= DEFERRED_MAX_BLOBS or size + len(blob) > DEFERRED_MAX_BYTES:
+        and a blob beyond that is dropped, as it was before deferring. A blob that one node
+        alone returned (``lone``) is that node's word only: within the node's share of the
+        bound, else left on the nodes (not recorded, not acknowledged: another replica that
+        holds it returns it, and it is deferred then), so a hostile node filling its share
+        loses nobody's message and holds none of the bound the others need."""
+        count, size = self._usage(None)
+        if lone is not None:
+            mine, mine_size = self._usage(lone)
+            if (
+                mine >= DEFERRED_NODE_BLOBS
+                or mine_size + len(blob) > DEFERRED_NODE_BYTES
+                or count >= DEFERRED_MAX_BLOBS
+                or size + len(blob) > DEFERRED_MAX_BYTES
+            ):
+                log.info(
+                    "mailbox blob %s left on the nodes: unknown sender %s, returned by"
+                    " node %s alone, whose share of the deferred blobs is full",
+                    blob_id.hex()[:16],
+                    sender.hex()[:16],
+                    lone.hex()[:16],
+                )
+                self.report.left += 1
+                return
+            self._deferred_usage[lone] = (mine + 1, mine_size + len(blob))
+        elif count >= DEFERRED_MAX_BLOBS or size + len(blob) > DEFERRED_MAX_BYTES:
             self._reject(blob_id, f"unknown sender {sender.hex()[:16]}, not looked up: the"
                          f" blobs waiting for a lookup are at their limit ({count} blobs,"
                          f" {size} bytes)")  # fmt: skip
@@ -238,10 +285,17 @@ class Inbox:
                  " senders a round)", blob_id.hex()[:16], sender.hex()[:16],
                  MAX_SENDER_LOOKUPS)  # fmt: skip
         with self.cache.transaction():
-            self.cache.defer_blob(self.identity.fingerprint, blob_id, blob, sender, self.clock())
+            self.cache.defer_blob(self.identity.fingerprint, blob_id, blob, sender, self.clock(),
+                                  lone)  # fmt: skip
             self._hold(blob_id)
-        self._deferred_usage = (count + 1, size + len(blob))
+        self._deferred_usage[None] = (count + 1, size + len(blob))
         self.report.deferred += 1
+
+    def _usage(self, source: bytes | None) -> tuple[int, int]:
+        """(blobs, bytes) deferred in all (None) or by ``source`` alone, read once a round."""
+        if source not in self._deferred_usage:
+            self._deferred_usage[source] = self.cache.deferred_usage(source)
+        return self._deferred_usage[source]
 
     def _reject(self, blob_id: bytes, reason: str, *, acknowledged: bool = False) -> None:
         log.warning("dropped mailbox blob %s: %s", blob_id.hex()[:16], reason)
@@ -418,7 +472,19 @@ class Inbox:
         due.message_ids.append(message_id)
 
     def _pin_stranger(self, keys: PublicKeySet) -> Contact:
-        """First contact from someone not in the address book: pin the keys (TOFU)."""
+        """First contact from someone not in the address book: pin the keys (TOFU), as a
+        message request; at ``max_strangers`` of them the tenth idle longest is forgotten
+        first (pins, conversations and messages: their next message is a request again),
+        so the scans that takes are made once per tenth of the bound, not per stranger."""
+        if self._strangers is None:
+            self._strangers = self.cache.strangers()  # once a round: a scan (29 ms at 2,500)
+        if self._strangers >= self.max_strangers:
+            keep = self.max_strangers - max(1, self.max_strangers // 10)  # room for a tenth
+            gone = self.cache.forget_strangers(keep=keep, idle_before_ms=0)
+            self._strangers -= gone
+            log.info("forgot %d message request(s) idle longest (%d kept at most)", gone,
+                     self.max_strangers)  # fmt: skip
+        self._strangers += 1
         contact = Contact(keys.fingerprint, keys, None, False, self.clock(), keys.fingerprint)
         self.cache.pin(contact)
         return contact

@@ -51,7 +51,7 @@ from dna_peer.cache import (
 )
 from dna_peer.direct.link import IceConfig
 from dna_peer.direct.service import DirectService
-from dna_peer.inbox import Inbox, OnMessage, ReceiptDue, SyncReport
+from dna_peer.inbox import MAX_STRANGERS, Inbox, OnMessage, ReceiptDue, SyncReport
 from dna_peer.keyserver import now_ms
 from dna_peer.network import join_overlay
 from dna_peer.presence import Presence, lookup_presence
@@ -153,6 +153,8 @@ class Peer:
     # Mailbox sessions (one stream per replica, push): for a device that stays online.
     # A one-shot command (`dna send`) makes one or two calls per replica: unary is enough.
     sessions: bool = True
+    # Message requests (strangers' conversations) kept at most (`inbox.MAX_STRANGERS`).
+    max_strangers: int = MAX_STRANGERS
     mail: MailboxClient = field(init=False)
     _checked_ms: int = field(default=0, init=False)  # when the own records were last looked up
     _deletes_refused_until: float = field(init=False, default=0.0)  # monotonic
@@ -234,6 +236,8 @@ class Peer:
             now = self.cache.pruning_now_ms(now_ms(), slack_ms=DAY_MS)  # (a clock step ahead)
             self.cache.prune(envelopes_before_ms=now - REPLAY_WINDOW_MS,
                              deleted_blobs_before_ms=now - BLOB_MEMORY_MS)  # fmt: skip
+            self.cache.forget_strangers(keep=self.max_strangers,
+                                        idle_before_ms=now - REPLAY_WINDOW_MS)  # fmt: skip
             self.cache.drop_expired_offers(now_ms())
             self.cache.set_state(PRUNED, str(now_ms()).encode())
 
@@ -672,7 +676,8 @@ class Peer:
         away from); with ``acknowledge``, it notes this device's acknowledgement of each
         blob it holds with the blob (the own mailbox's blobs, which deletes wait for)."""
         return Inbox(self.cache, self, clock=now_ms, identity=identity,
-                     on_message=self.on_message, acknowledge=acknowledge)  # fmt: skip
+                     on_message=self.on_message, acknowledge=acknowledge,
+                     max_strangers=self.max_strangers)  # fmt: skip
 
     async def _send_receipts(self, receipts: Sequence[ReceiptDue]) -> None:
         """The delivery receipts a sync owes, best effort: the messages are already held,
@@ -854,7 +859,8 @@ class Peer:
             for stored in blobs:
                 trace.mark("peer.taken", stored.blob_id)
             for i, stored in enumerate(blobs, 1):
-                await inbox.handle_blob(stored.blob_id, stored.blob, look_up=False)
+                await inbox.handle_blob(stored.blob_id, stored.blob, look_up=False,
+                                        returned_by=pushed.sources.get(stored.blob_id))  # fmt: skip
                 if progress:
                     progress(i, len(blobs))
                 trace.mark("peer.progress", stored.blob_id)
@@ -867,7 +873,8 @@ class Peer:
         while True:
             blobs, state = await self.mail.fetch(inbox.identity, state)
             for i, stored in enumerate(blobs, 1):
-                await inbox.handle_blob(stored.blob_id, stored.blob, look_up=False)
+                await inbox.handle_blob(stored.blob_id, stored.blob, look_up=False,
+                                        returned_by=state.sources.get(stored.blob_id))  # fmt: skip
                 if progress:
                     progress(done + i, done + len(blobs))
             done += len(blobs)

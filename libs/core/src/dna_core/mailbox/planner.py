@@ -386,6 +386,10 @@ class FetchState:
 
     cursors: dict[bytes, bytes] = field(default_factory=dict)
     more: bool = False
+    # The nodes that returned each blob of the last fetch (not saved with the cursors): a
+    # blob only one node returned is only that node's word (dna_peer.inbox bounds per node
+    # what it keeps of such blobs).
+    sources: dict[bytes, set[bytes]] = field(default_factory=dict)
 
 
 class _Read(Enum):
@@ -416,6 +420,7 @@ class ReadPlan:
         self.failed: set[bytes] = set()
         self._finished = False
         state.more = False
+        state.sources = {}
 
     @property
     def finished(self) -> bool:
@@ -461,6 +466,7 @@ class ReadPlan:
             return False
         self.answered = True
         for blob in blobs:
+            self.state.sources.setdefault(blob.blob_id, set()).add(node_id)
             if blob.blob_id not in self._merged:
                 self._merged[blob.blob_id] = blob
                 self._bytes += len(blob.blob)

@@ -173,6 +173,9 @@ class Subscription:
     _seen: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     copies: int = 0  # blob copies received from every node (each replica sends its own)
+    # The nodes that pushed each blob of the last take (a blob only one node returned is
+    # only that node's word: dna_peer.inbox bounds what it keeps of such blobs per node).
+    sources: dict[bytes, set[bytes]] = field(default_factory=dict)
 
     def page_arrived(self, node_id: bytes, page: mailbox_pb2.FetchResponse | None) -> None:
         if page is None:  # the node's session ended
@@ -202,11 +205,18 @@ class Subscription:
         already handed out is dropped); ``cursors`` move past them."""
         pages, self._pages = self._pages, []
         blobs: list[StoredBlob] = []
+        self.sources = {}
         for node_id, page in pages:
             for stored in page.blobs:
-                if blob_id(stored.blob) != stored.blob_id or stored.blob_id in self._seen:
-                    continue  # altered by the replica, or another replica's copy
+                if blob_id(stored.blob) != stored.blob_id:
+                    continue  # altered by the replica
+                if stored.blob_id in self.sources:  # another replica's copy, this take
+                    self.sources[stored.blob_id].add(node_id)
+                    continue
+                if stored.blob_id in self._seen:
+                    continue  # another replica's copy of a blob an earlier take handed out
                 self._seen[stored.blob_id] = None
+                self.sources[stored.blob_id] = {node_id}
                 blobs.append(fetched_blob(self.box, stored))
             self.cursors[node_id] = page.next_cursor
         while len(self._seen) > SEEN_IDS:
