@@ -370,8 +370,9 @@ def drive_read(
             else:
                 blobs, cursor, more = node.page(plan.state.cursors.get(c.node_id, b""), limit)
                 reported |= {b.blob_id for b in blobs}
-                for b in blobs if returned is not None else ():
-                    returned.setdefault(b.blob_id, set()).add(c.node_id)
+                if returned is not None:
+                    for b in blobs:
+                        returned.setdefault(b.blob_id, set()).add(c.node_id)
                 assert plan.on_page(c.node_id, blobs, cursor, more)
     raise AssertionError("the fetch did not finish")
 
