@@ -24,7 +24,6 @@ import asyncio
 import hashlib
 import inspect
 import os
-import sqlite3
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -39,6 +38,8 @@ from dna_storage.admission import Admission
 from dna_storage.backends.redis import RedisBackend
 from dna_storage.backends.sqlite import SqliteBackend
 from dna_storage.mailbox_service import MailboxService
+
+from bench.tombstone_bytes import sqlite_used
 
 DAY_MS = 86_400_000
 SOURCE = "203.0.113.7"
@@ -95,15 +96,6 @@ async def cleanup(backend: Any, blobs: int) -> tuple[float, int]:
     for request in requests:
         deleted += await delete(service, request)
     return time.perf_counter() - start, deleted
-
-
-def sqlite_used(path: Path) -> int:
-    with sqlite3.connect(path) as conn:
-        pages, free, size = (
-            conn.execute(f"PRAGMA {name}").fetchone()[0]
-            for name in ("page_count", "freelist_count", "page_size")
-        )
-    return int((pages - free) * size)
 
 
 async def on_sqlite(run: Callable[[Any], Awaitable[Any]]) -> tuple[Any, int]:

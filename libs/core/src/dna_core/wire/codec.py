@@ -21,15 +21,7 @@ M = TypeVar("M", bound=Message)
 
 def decode_message(cls: type[M], data: bytes, *, max_size: int, what: str) -> M:
     """Parse ``data`` as ``cls`` or raise MalformedError; refuses more than ``max_size`` bytes."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise MalformedError(f"{what}: expected bytes, got {type(data).__name__}")
-    if len(data) > max_size:
-        raise MalformedError(f"{what}: {len(data)} bytes exceeds the {max_size}-byte cap")
-    msg = cls()
-    try:
-        msg.ParseFromString(bytes(data))
-    except (DecodeError, RecursionError, ValueError) as exc:
-        raise MalformedError(f"{what}: not a valid protobuf encoding") from exc
+    msg = _parsed(cls, data, max_size, what)
     msg.DiscardUnknownFields()
     if msg.SerializeToString(deterministic=True) != data:
         raise MalformedError(f"{what}: non-canonical encoding or unknown fields")
@@ -56,6 +48,17 @@ def decode_extensible(
     canonically, puts them last). A message type named in ``closed`` (by full name, such
     as a key set, whose bytes are its identity) may carry no unknown field anywhere in
     the tree. Raises MalformedError as `decode_message`."""
+    msg = _parsed(cls, data, max_size, what)
+    if msg.SerializeToString(deterministic=True) != data:
+        raise MalformedError(f"{what}: non-canonical encoding")
+    if closed:
+        _refuse_unknown_in(msg, closed, what)
+    msg.DiscardUnknownFields()
+    return msg
+
+
+def _parsed(cls: type[M], data: bytes, max_size: int, what: str) -> M:
+    """``data`` parsed as ``cls``, unknown fields kept: the checks both decoders share."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise MalformedError(f"{what}: expected bytes, got {type(data).__name__}")
     if len(data) > max_size:
@@ -65,11 +68,6 @@ def decode_extensible(
         msg.ParseFromString(bytes(data))
     except (DecodeError, RecursionError, ValueError) as exc:
         raise MalformedError(f"{what}: not a valid protobuf encoding") from exc
-    if msg.SerializeToString(deterministic=True) != data:
-        raise MalformedError(f"{what}: non-canonical encoding")
-    if closed:
-        _refuse_unknown_in(msg, closed, what)
-    msg.DiscardUnknownFields()
     return msg
 
 
