@@ -776,6 +776,25 @@ def test_ctrl_c_at_any_moment_is_a_quiet_exit(tmp_path: Path) -> None:
             assert "Traceback" not in err, (delay, err)
 
 
+@pytest.mark.parametrize("step", ["build_parser", "_log_to_stderr", "_settle"])
+def test_ctrl_c_in_any_step_before_the_command_is_a_quiet_exit(
+    step: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The moments the timed test above can only hit by luck (CI caught Ctrl-C inside
+    argparse's regex, before `_run` had its handler): each step raises it here."""
+    from dna_peer import cli, launch
+
+    def interrupted(*_args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, step, interrupted)
+    monkeypatch.setattr("sys.argv", ["dna", "--home", "/nonexistent", "sync"])
+    with pytest.raises(SystemExit) as exit_:
+        launch.main()
+    assert exit_.value.code == 130
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_the_same_text_sent_twice_at_once_is_two_messages(testnet: Testnet, tmp_path: Path) -> None:
     """The outbox reuses a queued message only when the send that queued it is gone: two
     `dna send` of the same text running at the same time are two messages."""

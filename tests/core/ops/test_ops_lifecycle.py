@@ -143,3 +143,20 @@ def test_cancelled_wait_still_stops() -> None:
 
     asyncio.run(main())
     assert steps == ["start", "stop"]
+
+
+def test_ctrl_c_while_parsing_or_in_a_one_shot_command_exits_130() -> None:
+    """Before a service installs its own SIGINT handler (argparse, config loading) or in a
+    command that has none (`config check`, backups): 130 and no traceback, like a shell."""
+    import argparse
+
+    from dna_core.ops.cli import run
+
+    def interrupted(*_args: object) -> None:
+        raise KeyboardInterrupt
+
+    parser = argparse.ArgumentParser(prog="dna-node")
+    parser.set_defaults(handler=interrupted)
+    assert run(parser, []) == 130
+    parser.parse_args = interrupted  # type: ignore[assignment,method-assign]
+    assert run(parser, []) == 130

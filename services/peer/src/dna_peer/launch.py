@@ -1,8 +1,9 @@
 """The `dna` command's entry point (pyproject `[project.scripts]`).
 
 Loading the program takes a moment (protobuf, gRPC, the crypto libraries: a few tenths of
-a second, seconds on a loaded machine). Ctrl-C in that moment exits as Ctrl-C does later
-(status 130, no traceback), instead of printing the import that was interrupted.
+a second, seconds on a loaded machine), and so does building and reading the command line.
+Ctrl-C at any of those moments exits as Ctrl-C does later (status 130, no traceback),
+instead of printing the import or the argparse regex that was interrupted.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 def main() -> None:
     try:
         from dna_peer.cli import main as run
+
+        run()
     except KeyboardInterrupt:
         sys.exit(130)
-    run()

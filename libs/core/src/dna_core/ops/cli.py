@@ -52,9 +52,10 @@ def _keygen(args: argparse.Namespace) -> None:
 
 
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
-    """Parse and dispatch; a DnaError or OSError becomes one clear line and exit code 1."""
-    args = parser.parse_args(argv)
+    """Parse and dispatch; a DnaError or OSError becomes one clear line and exit code 1, and
+    Ctrl-C before the service has its own handler (or in a one-shot command) exits 130."""
     try:
+        args = parser.parse_args(argv)
         args.handler(args)
         sys.stdout.flush()
     except BrokenPipeError:  # `... | head`: the reader has what it wanted
@@ -63,4 +64,6 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
     except (DnaError, OSError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     return 0
