@@ -10,8 +10,9 @@ its asyncio adapter. They feed it events, each with ``now``:
 * an operation is wanted: ``ping``, ``check_liveness``, ``lookup``, ``refresh``;
 
 and carry out what it queues, taken with ``poll()``: ``Send`` a request datagram to an
-address, ``StartTimer``; the ends of operations (``PingDone``, ``LookupDone``); and what
-adapters count (``RequestEnded``, ``Rejected``). Answering requests is not here: the
+address, ``StartTimer``; the ends of operations (``PingDone``, ``LookupDone``); a contact
+new to the routing table (``ContactAdded``, for store-on-join); and what adapters count
+(``RequestEnded``, ``Rejected``). Answering requests is not here: the
 ``Responder`` (bytes, tokens, amplification) or the simulator's answerer does it.
 
 Invariants:
@@ -74,7 +75,14 @@ from dna_core.overlay.contact import (
     subnet_cap_exempt,
     subnet_of,
 )
-from dna_core.overlay.kbucket import GOOD_FOR, TABLE_SUBNET_LIMIT, K, Observed, RoutingTable
+from dna_core.overlay.kbucket import (
+    GOOD_FOR,
+    TABLE_SUBNET_LIMIT,
+    Admission,
+    K,
+    Observed,
+    RoutingTable,
+)
 from dna_core.overlay.lookup import ClosestPeersIter, DisjointLookup, Finished, Query
 from dna_core.overlay.protocol import (
     PONG_DOMAIN,
@@ -188,7 +196,15 @@ class Rejected:
     reason: str  # "unsolicited_response", "key_unproven" or "another_node"
 
 
-Command = Send | StartTimer | PingDone | LookupDone | RequestEnded | Rejected
+@dataclass(frozen=True, slots=True)
+class ContactAdded:
+    """``contact`` entered the routing table, not known there before (not a refresh of an
+    entry): a node holding records may owe it some (store-on-join, ``handoff.py``)."""
+
+    contact: Contact
+
+
+Command = Send | StartTimer | PingDone | LookupDone | RequestEnded | Rejected | ContactAdded
 
 
 # -- operations in flight -----------------------------------------------------------------
@@ -559,6 +575,8 @@ class OverlayBehaviour:
         a full bucket's oldest contact gets its liveness check, or the bucket would wait
         for it forever."""
         observed = self.table.observe(contact, now)
+        if observed.admission is Admission.INSERTED:
+            self._out.append(ContactAdded(contact))
         if observed.check is not None:
             self.check_liveness(observed.check, now)
         return observed

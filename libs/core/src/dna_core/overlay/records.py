@@ -309,6 +309,10 @@ class RecordStore:
             return None
         return held.record
 
+    def keys(self) -> Iterable[bytes]:
+        """The keys held (a live view: not to be iterated across a change)."""
+        return self._held.keys()
+
     def source_of(self, key: bytes) -> str | None:
         held = self._held.get(key)
         return None if held is None else held.source
