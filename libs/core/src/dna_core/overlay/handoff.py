@@ -125,15 +125,15 @@ class _Pace:
 
     __slots__ = ("contact", "keys", "stamp", "tokens")
 
-    def __init__(self, contact: Contact, now: float) -> None:
+    def __init__(self, contact: Contact, burst: float, now: float) -> None:
         self.contact = contact
         self.keys: deque[bytes] = deque()
-        self.tokens = float(HANDOFF_BURST)
+        self.tokens = burst
         self.stamp = now
 
-    def refill(self, now: float) -> None:
+    def refill(self, now: float, burst: float, rate: float) -> None:
         elapsed = max(0.0, now - self.stamp)
-        self.tokens = min(float(HANDOFF_BURST), self.tokens + elapsed * HANDOFF_RATE_PER_S)
+        self.tokens = min(burst, self.tokens + elapsed * rate)
         self.stamp = now
 
 
@@ -141,16 +141,18 @@ class HandoffQueue:
     """Handoffs waiting to be sent, paced per newcomer, bounded per newcomer and in all.
 
     Invariants: at most ``max_queued`` handoffs held and ``max_per_newcomer`` of one
-    newcomer; a newcomer gets at most ``HANDOFF_BURST`` at once, then
-    ``HANDOFF_RATE_PER_S`` a second (a token bucket); the oldest handoff is dropped for a
+    newcomer; a newcomer gets at most ``burst`` at once, then ``rate_per_s`` a second (a
+    token bucket); the oldest handoff is dropped for a
     newer one when the queue is full, and every handoff offered is either taken once or
     dropped once (``dropped``).
     """
 
     def __init__(
-        self, *, max_queued: int = MAX_QUEUED, max_per_newcomer: int = MAX_PER_NEWCOMER
-    ) -> None:
+        self, *, max_queued: int = MAX_QUEUED, max_per_newcomer: int = MAX_PER_NEWCOMER,
+        burst: int = HANDOFF_BURST, rate_per_s: float = HANDOFF_RATE_PER_S,
+    ) -> None:  # fmt: skip
         self.max_queued, self.max_per_newcomer = max_queued, max_per_newcomer
+        self.burst, self.rate = float(burst), rate_per_s
         self._paces: dict[bytes, _Pace] = {}  # by newcomer ID
         # Every queued (newcomer ID, key), oldest first: the globally oldest is also its
         # newcomer's oldest, as each newcomer's keys queue in the same order.
@@ -169,7 +171,7 @@ class HandoffQueue:
         its share, or the oldest of the queue to make room)."""
         pace = self._paces.get(newcomer.node_id)
         if pace is None:
-            pace = self._paces[newcomer.node_id] = _Pace(newcomer, now)
+            pace = self._paces[newcomer.node_id] = _Pace(newcomer, self.burst, now)
         dropped = 0
         for key in keys:
             entry = (newcomer.node_id, key)
@@ -193,7 +195,7 @@ class HandoffQueue:
         """The handoffs to send now, each newcomer's within its bucket."""
         out: list[Handoff] = []
         for node_id, pace in list(self._paces.items()):
-            pace.refill(now)
+            pace.refill(now, self.burst, self.rate)
             while pace.keys and pace.tokens >= 1.0:
                 pace.tokens -= 1.0
                 key = pace.keys.popleft()
@@ -208,7 +210,7 @@ class HandoffQueue:
         if not self._paces:
             return None
         lacking = min(max(0.0, 1.0 - pace.tokens) for pace in self._paces.values())
-        return now + lacking / HANDOFF_RATE_PER_S
+        return now + lacking / self.rate
 
     def _drop_oldest(self) -> None:
         node_id, key = next(iter(self._order))

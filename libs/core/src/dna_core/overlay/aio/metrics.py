@@ -27,6 +27,13 @@ class OverlayMetrics:
             ["reason"],
             registry=registry,
         )
+        self.handoffs = Counter(
+            "dna_overlay_handoffs",
+            "Records handed to nodes new to the routing table (store-on-join), by outcome:"
+            " sent (taken), refused (not taken, not retried), dropped (the queue was full)",
+            ["outcome"],
+            registry=registry,
+        )
         self.lookup_seconds = Histogram(
             "dna_overlay_lookup_seconds",
             "Iterative lookup latency",

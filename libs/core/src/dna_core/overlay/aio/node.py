@@ -30,6 +30,7 @@ from dna_core.errors import ProtocolError, UnavailableError
 from dna_core.overlay.behaviour import (
     BehaviourConfig,
     Command,
+    ContactAdded,
     Lookup,
     LookupDone,
     OverlayBehaviour,
@@ -42,6 +43,8 @@ from dna_core.overlay.behaviour import (
 )
 from dna_core.overlay.codec import ContactCache, Datagram, decode_datagram, encode_datagram
 from dna_core.overlay.contact import Contact, Endpoint, closest_first, spread_over_subnets
+from dna_core.overlay.handoff import Handoff, HandoffQueue
+from dna_core.overlay.handoff import plan as plan_handoffs
 from dna_core.overlay.protocol import PONG_DOMAIN, Addr, Responder
 from dna_core.overlay.records import (
     DEFAULT_IDENTITY_POW_BITS,
@@ -54,7 +57,7 @@ from dna_core.tasks import stop_tasks
 from dna_core.wire.gen.dna.v1 import common_pb2
 
 from .metrics import OverlayMetrics
-from .records_rpc import ChannelPool, RecordClient
+from .records_rpc import ChannelPool, RecordClient, wall_ms
 
 log = logging.getLogger("dna.overlay")
 HandleT = TypeVar("HandleT", bound=Hashable)
@@ -157,6 +160,10 @@ class OverlayNode:
         self._timers: dict[int, asyncio.TimerHandle] = {}  # by id() of the behaviour's timer
         self._pings: dict[PingOp, asyncio.Future[Contact | None]] = {}
         self._lookups: dict[Lookup, asyncio.Future[Closest]] = {}
+        # Store-on-join: records owed to nodes new to the table, paced (`handoff.py`).
+        self.handoffs = HandoffQueue()
+        self._handoffs_queued = asyncio.Event()
+        self._handoff_sender: asyncio.Task[object] | None = None
         self.channels = ChannelPool()
         self.records = RecordClient(
             self.channels, puzzle_bits=config.puzzle_bits, timeout=config.rpc_timeout,
@@ -266,12 +273,59 @@ class OverlayNode:
             self.metrics.lookup_seconds.observe(lookup.ended - lookup.started)
             found = Closest(lookup.result(), lookup.exhaustive, lookup.missed)
             _resolve(self._lookups, lookup, found)
+        elif isinstance(command, ContactAdded):
+            self._contact_added(command.contact)
         elif isinstance(command, RequestEnded):
             self.metrics.rpcs.labels(
                 direction="out", method=command.method, outcome=command.outcome
             ).inc()
         elif isinstance(command, Rejected):
             self.metrics.rejected.labels(reason=command.reason).inc()
+
+    # -- store-on-join ----------------------------------------------------------
+
+    def _contact_added(self, contact: Contact) -> None:
+        """Queue the records ``contact``, new to the table, is now a replica of and this
+        node hands it (`handoff.plan`); the queue paces and bounds them."""
+        store, local = self.store, self.contact
+        if store is None or local is None or self.config.client_mode or not len(store):
+            return
+        keys = plan_handoffs(
+            local, contact, store.keys(), self.table.closest, k=self.config.k,
+            replicas=self.config.record_replicas, loopback_exempt=self.config.allow_loopback,
+        )  # fmt: skip
+        if not keys:
+            return
+        dropped = self.handoffs.offer(contact, keys, time.monotonic())
+        if dropped:
+            self.metrics.handoffs.labels(outcome="dropped").inc(dropped)
+        self._handoffs_queued.set()
+        if self._handoff_sender is None or self._handoff_sender.done():
+            self._handoff_sender = self.spawn(self._send_handoffs())
+
+    async def _send_handoffs(self) -> None:
+        """Send what the queue lets out, until it is empty."""
+        while True:
+            self._handoffs_queued.clear()
+            now = time.monotonic()
+            for handoff in self.handoffs.take(now):
+                self.spawn(self._hand_off(handoff))
+            due = self.handoffs.next_due(now)
+            if due is None:
+                return
+            with contextlib.suppress(TimeoutError):  # (or a newcomer was queued meanwhile)
+                async with asyncio.timeout(max(0.0, due - now)):
+                    await self._handoffs_queued.wait()
+
+    async def _hand_off(self, handoff: Handoff) -> None:
+        """An ordinary store of the record to the newcomer; a refusal (its rate limit, its
+        store full) or no answer is counted, not retried: the republish is the backstop."""
+        assert self.store is not None
+        record = self.store.get(handoff.key, wall_ms())
+        if record is None:
+            return  # expired or gone meanwhile
+        taken = await self.records.store(record.raw, [handoff.newcomer])
+        self.metrics.handoffs.labels(outcome="sent" if taken else "refused").inc()
 
     def _on_timer(self, timer: object) -> None:
         self._timers.pop(id(timer), None)
