@@ -14,9 +14,9 @@ from dna_core.overlay.handoff import (
     HANDOFF_SENDERS,
     MAX_PER_NEWCOMER,
     HandoffQueue,
+    handoff_senders,
     hands_off,
     plan,
-    senders,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -63,7 +63,7 @@ def test_holders_that_agree_on_the_replicas_send_each_newcomer_two(
     newcomer = replicas[place]
     given_by = givers(contacts, newcomer, key)
     assert given_by == [
-        c for c in closest(contacts, key, K) if c in senders(newcomer.node_id, replicas)
+        c for c in closest(contacts, key, K) if c in handoff_senders(newcomer.node_id, replicas)
     ]
     assert len(given_by) == HANDOFF_SENDERS
     assert all(c in replicas for c in given_by)
@@ -98,7 +98,7 @@ def test_an_attackers_ground_ids_nearest_the_key_never_are_both_senders() -> Non
         for newcomer in replicas:
             if newcomer in attacker:
                 continue
-            picked = senders(newcomer.node_id, replicas)
+            picked = handoff_senders(newcomer.node_id, replicas)
             assert any(c not in attacker for c in picked), (seed, picked)
 
 

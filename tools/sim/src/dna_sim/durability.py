@@ -3,6 +3,7 @@
     dna-sim durability --nodes 5000 --records 2000 --rounds 24 --churn 0.1,0.3,0.5 \\
         --replicas 5,8,12,20 --seed 7
     dna-sim durability --crowd 0.1 --sybils 8 --placement spread,closest --replicas 8
+    dna-sim durability --replicas 8 --sybils 2 --suppress --store-on-join
 
 The model follows what the nodes do (``docs/overlay.md``, records), with the nodes'
 own choice of holders (``PLACEMENTS``: the functions ``dna_core`` calls, not copies):
@@ -16,6 +17,11 @@ own choice of holders (``PLACEMENTS``: the functions ``dna_core`` calls, not cop
   the world and offline until then, come online holding nothing; then every online node
   holding a record puts it again (the server's upkeep, ``republish_due``, calls
   ``put_record``): the same choice among the k now closest;
+* with ``store_on_join``, right after the churn each newcomer that is now one of a
+  record's R gets it from the holders `handoff_senders` names (if one is honest and
+  holds it), as ``OverlayNode`` does when a contact enters its table, seconds after it
+  joined (the model lumps an hour's joins into one moment, so a newcomer that joined
+  and another that left within it are both in it);
 * a record is **durable** while an online honest node holds it, and **findable** when
   one of the ``holders`` (5) nodes ``get_record`` asks after its lookup holds it: the
   same choice, of 5, among the k closest (``findable_asking_r``: had it asked all R;
@@ -63,6 +69,7 @@ from dna_core.overlay import (
     Contact,
     Endpoint,
     RepublishClock,
+    handoff_senders,
 )
 
 from dna_sim.xor import xor_closest
@@ -107,6 +114,7 @@ class Subnets:
 def simulate(
     *, nodes: int, records: int, rounds: int, churn: float, replicas: int, seed: int,
     placement: str = "spread", subnets: Subnets | None = None, max_silence: int = MAX_SILENCE,
+    store_on_join: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """One churn run: the durable and findable fractions round by round."""
     subnets = subnets or Subnets()
@@ -125,12 +133,15 @@ def simulate(
     held = [puts(lookup(key, s)) for key, s in zip(keys, sybils, strict=True)]
     durable: list[float] = []
     asked: dict[str, list[float]] = {"get": [], "r": [], "closest": []}
+    handed = 0
     for round_ in range(rounds):
-        gone = net.churn(leaving)
+        gone, joined = net.churn(leaving)
         for holders in held:
             holders.difference_update(gone)
         lookup = net.lookup()
         found = [lookup(key, s) for key, s in zip(keys, sybils, strict=True)]
+        if store_on_join:
+            handed += sum(puts.hand_over(f, h, joined) for f, h in zip(found, held, strict=True))
         durable.append(sum(1 for h in held if h) / records)
         for name, figures in asked.items():
             hits = sum(puts.asked(name, f, h) for f, h in zip(found, held, strict=True))
@@ -157,6 +168,8 @@ def simulate(
         "sybils": subnets.sybils,
         "suppress": subnets.suppress,
         "max_silence": max_silence,
+        "store_on_join": store_on_join,
+        "handoffs_per_record_round": round(handed / (records * rounds), 4),
         "durable_final": round(durable[-1], 6),
         "findable_min": round(min(asked["get"]), 6),
         "findable_mean": round(sum(asked["get"]) / rounds, 6),
@@ -218,13 +231,15 @@ class _Network:
         self.offline = sorted(set(range(len(honest))) - self.up)
         rng.shuffle(self.offline)  # the order in which new nodes come online
 
-    def churn(self, leaving: int) -> set[int]:
-        """``leaving`` online nodes leave for good, as many new ones join; who left."""
+    def churn(self, leaving: int) -> tuple[set[int], set[int]]:
+        """``leaving`` online nodes leave for good, as many new ones join; who left, who
+        joined."""
         gone = set(self.rng.sample(sorted(self.up), leaving))
+        joined = set(self.offline[:leaving])
         self.up -= gone
-        self.up.update(self.offline[:leaving])
+        self.up.update(joined)
         self.offline = self.offline[leaving:]
-        return gone
+        return gone, joined
 
     def lookup(self) -> _Lookup:
         return _Lookup(self.honest, self.up)
@@ -248,6 +263,29 @@ class _Puts:
         self.made += 1
         self.crowded += Counter(c.subnet for c in chosen).most_common(1)[0][1] > 2
         return self.holding(chosen)
+
+    def hand_over(self, found: list[Contact], held: set[int], joined: set[int]) -> int:
+        """Store-on-join (`handoff.py`): each node that joined this round and is now one
+        of the record's R (the put's choice among the k closest) gets it from its
+        senders (`handoff_senders`), if one of them is an honest holder (a Sybil sender
+        keeps it). Every holder sees the same k (lookups are exact), so exactly the
+        senders send; only holders from before this round's joins (newcomers that
+        joined in one hour do not pass it on among themselves: conservative). Adds the
+        newcomers to ``held``; returns the stores sent."""
+        if not held:
+            return 0
+        chosen = self.place(found, self.replicas)
+        before = set(held)  # (a newcomer handed it now sends nothing this round)
+        sent = 0
+        for newcomer in chosen:
+            at = self.index.get(newcomer.key)
+            if at is None or at not in joined or at in held:
+                continue
+            givers = self.holding(handoff_senders(newcomer.node_id, chosen)) & before
+            if givers:
+                sent += len(givers)
+                held.add(at)
+        return sent
 
     def asked(self, get: str, found: list[Contact], held: set[int]) -> bool:
         """Whether a get finds the record: ``get`` is what ``get_record`` asks (the
@@ -355,6 +393,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="the Sybils' stores stand for the honest holders' republishes")  # fmt: skip
     p.add_argument("--max-silence", type=int, default=MAX_SILENCE,
                    help="intervals a holder goes at most without republishing")  # fmt: skip
+    p.add_argument("--store-on-join", action="store_true",
+                   help="holders hand a record to a node joining among its R")  # fmt: skip
     p.add_argument("--seed", type=int, default=7)
     return p
 
@@ -380,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
                 row = simulate(
                     nodes=args.nodes, records=args.records, rounds=args.rounds, churn=churn,
                     replicas=replicas, seed=args.seed, placement=placement, subnets=subnets,
-                    max_silence=args.max_silence,
+                    max_silence=args.max_silence, store_on_join=args.store_on_join,
                 )  # fmt: skip
                 rows.append(row)
                 line = json.dumps({"bench": "sim.durability", **row}, separators=(",", ":"))

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from dna_core.overlay.behaviour import (
     SUSPECT_SECONDS,
     BehaviourConfig,
+    ContactAdded,
     Lookup,
     LookupDone,
     OverlayBehaviour,
@@ -37,6 +38,7 @@ from dna_core.overlay.codec import (
     contact_to_proto,
 )
 from dna_core.overlay.contact import ID_BITS, ID_BYTES, Contact, Endpoint, distance
+from dna_core.overlay.handoff import handoff_senders
 from dna_core.overlay.kbucket import Admission, Observed, RoutingTable
 from dna_core.overlay.lookup import ClosestPeersIter, DisjointLookup, Finished, Query, Wait
 from dna_core.overlay.protocol import Addr, closer_nodes, proven_contact
@@ -110,6 +112,7 @@ __all__ = [
     "Closest",
     "ClosestPeersIter",
     "Contact",
+    "ContactAdded",
     "Datagram",
     "DisjointLookup",
     "Endpoint",
@@ -140,6 +143,7 @@ __all__ = [
     "contact_from_proto",
     "contact_to_proto",
     "distance",
+    "handoff_senders",
     "identity_payload",
     "identity_proof",
     "local_host_for",

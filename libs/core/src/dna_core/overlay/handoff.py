@@ -12,7 +12,7 @@ it never had in its routing table (``ContactAdded``):
   makes (`spread_over_subnets` over the k closest to the key), over this node's own view
   (its table's k closest, itself included). The node must be a replica by the same
   choice, or it is not a holder the others count on;
-* who of the other replicas hands it over (`senders`): the first ``HANDOFF_SENDERS`` (2)
+* who of the other replicas hands it over (`handoff_senders`): the first ``HANDOFF_SENDERS`` (2)
   of distinct subnets in an order drawn per newcomer, ``SHA-256(label ‖ newcomer ID ‖
   holder ID)``. Not the paper's "the one closest to the key": IDs ground near a key are
   closest, so an attacker holding 2 replicas would always be the one asked and never
@@ -57,7 +57,7 @@ def handoff_rank(newcomer: bytes, holder: bytes) -> bytes:
     return hashlib.sha256(_ORDER_LABEL + newcomer + holder).digest()
 
 
-def senders(
+def handoff_senders(
     newcomer: bytes, replicas: Sequence[Contact], *, loopback_exempt: bool = False
 ) -> list[Contact]:
     """Of a record's ``replicas`` (the newcomer among them or not), those who hand it to
@@ -77,7 +77,7 @@ def hands_off(
     replicas: int, loopback_exempt: bool = False,
 ) -> bool:  # fmt: skip
     """Whether ``local``, holding the record at ``key``, hands it to ``newcomer``: both are
-    among its replicas in ``local``'s view, and ``local`` is one of the ``senders``. The
+    among its replicas in ``local``'s view, and ``local`` is one of the ``handoff_senders``. The
     view: the ``k`` nearest the key of ``known`` (the contacts it knows closest to the key,
     the newcomer among them) and ``local`` itself; the replicas: what a put chooses
     there (``spread_over_subnets``)."""
@@ -88,7 +88,7 @@ def hands_off(
     ids = {c.node_id for c in chosen}
     if newcomer.node_id not in ids or local.node_id not in ids:
         return False
-    picked = senders(newcomer.node_id, chosen, loopback_exempt=loopback_exempt)
+    picked = handoff_senders(newcomer.node_id, chosen, loopback_exempt=loopback_exempt)
     return any(c.node_id == local.node_id for c in picked)
 
 
