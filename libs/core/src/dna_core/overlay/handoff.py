@@ -24,6 +24,9 @@ it never had in its routing table (``ContactAdded``):
 * which of the records to look at: the ``MAX_PER_NEWCOMER`` held keys nearest the
   newcomer (one XOR each), not every record the node holds (20,000 routing-table
   look-ups a newcomer): a newcomer is a replica of keys near its own ID;
+* for how many newcomers: ``PLAN_RATE_PER_S`` a second after a burst of ``PLAN_BURST``
+  (`PlanBudget`); a flood of newcomers beyond that is not planned for (and counted), so
+  its CPU cost is bounded too;
 * when to send (`HandoffQueue`): each newcomer's handoffs at most ``HANDOFF_BURST`` at
   once, then ``HANDOFF_RATE_PER_S`` a second, under the receiver's per-source token
   bucket for stores (`dna_core.ratelimit`: 30, then 1 a second; a repeat is not charged)
@@ -43,12 +46,18 @@ from dataclasses import dataclass
 
 from dna_core.crypto import primitives as p
 from dna_core.overlay.contact import Contact, id_int, spread_over_subnets
+from dna_core.ratelimit import TokenBucket
 
 HANDOFF_SENDERS = 2  # holders of distinct subnets that hand one newcomer one record
 MAX_PER_NEWCOMER = 64  # held keys looked at, and handoffs queued, for one newcomer
 MAX_QUEUED = 4096  # handoffs queued in all; the oldest is dropped for a new one
 HANDOFF_BURST = 10  # sent to one newcomer at once (its store bucket: 30)
 HANDOFF_RATE_PER_S = 0.5  # then at most this many a second (its bucket refills 1/s)
+# Newcomers planned for (`plan`: a scan of the held keys, ~18 ms at 20,000 records): at
+# most this many at once, then this many a second; beyond, a newcomer gets nothing from
+# this node until the republish. An honest table takes in a few newcomers a minute
+# (10,000 nodes, 30% replaced an hour: ~80 an hour of a ~260-contact table).
+PLAN_BURST, PLAN_RATE_PER_S = 50, 5.0
 _ORDER_LABEL = p.label("handoff-order")
 
 
@@ -112,6 +121,16 @@ def plan(
     ]
 
 
+class PlanBudget:
+    """How many newcomers a node plans handoffs for (module docstring): a token bucket."""
+
+    def __init__(self, burst: int = PLAN_BURST, rate_per_s: float = PLAN_RATE_PER_S) -> None:
+        self._bucket = TokenBucket(rate_per_s, burst)
+
+    def allow(self, now: float) -> bool:
+        return self._bucket.take(now) == 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class Handoff:
     """Send the record held at ``key`` to ``newcomer`` (an ordinary store)."""
@@ -123,18 +142,12 @@ class Handoff:
 class _Pace:
     """One newcomer's queue and token bucket."""
 
-    __slots__ = ("contact", "keys", "stamp", "tokens")
+    __slots__ = ("bucket", "contact", "keys")
 
-    def __init__(self, contact: Contact, burst: float, now: float) -> None:
+    def __init__(self, contact: Contact, burst: float, rate: float) -> None:
         self.contact = contact
         self.keys: deque[bytes] = deque()
-        self.tokens = burst
-        self.stamp = now
-
-    def refill(self, now: float, burst: float, rate: float) -> None:
-        elapsed = max(0.0, now - self.stamp)
-        self.tokens = min(burst, self.tokens + elapsed * rate)
-        self.stamp = now
+        self.bucket = TokenBucket(rate, burst)
 
 
 class HandoffQueue:
@@ -171,7 +184,7 @@ class HandoffQueue:
         its share, or the oldest of the queue to make room)."""
         pace = self._paces.get(newcomer.node_id)
         if pace is None:
-            pace = self._paces[newcomer.node_id] = _Pace(newcomer, self.burst, now)
+            pace = self._paces[newcomer.node_id] = _Pace(newcomer, self.burst, self.rate)
         dropped = 0
         for key in keys:
             entry = (newcomer.node_id, key)
@@ -195,9 +208,7 @@ class HandoffQueue:
         """The handoffs to send now, each newcomer's within its bucket."""
         out: list[Handoff] = []
         for node_id, pace in list(self._paces.items()):
-            pace.refill(now, self.burst, self.rate)
-            while pace.keys and pace.tokens >= 1.0:
-                pace.tokens -= 1.0
+            while pace.keys and pace.bucket.take(now) == 0.0:
                 key = pace.keys.popleft()
                 del self._order[(node_id, key)]
                 out.append(Handoff(pace.contact, key))
@@ -209,8 +220,7 @@ class HandoffQueue:
         """When ``take`` next has something to hand out (None: nothing is queued)."""
         if not self._paces:
             return None
-        lacking = min(max(0.0, 1.0 - pace.tokens) for pace in self._paces.values())
-        return now + lacking / self.rate
+        return now + min(pace.bucket.peek(now) for pace in self._paces.values())
 
     def _drop_oldest(self) -> None:
         node_id, key = next(iter(self._order))

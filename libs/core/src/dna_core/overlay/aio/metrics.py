@@ -30,7 +30,8 @@ class OverlayMetrics:
         self.handoffs = Counter(
             "dna_overlay_handoffs",
             "Records handed to nodes new to the routing table (store-on-join), by outcome:"
-            " sent (taken), refused (not taken, not retried), dropped (the queue was full)",
+            " sent (taken), refused (not taken, not retried), dropped (the queue was full);"
+            " unplanned counts newcomers over the planning rate, given nothing",
             ["outcome"],
             registry=registry,
         )

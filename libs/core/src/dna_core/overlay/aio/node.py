@@ -43,7 +43,7 @@ from dna_core.overlay.behaviour import (
 )
 from dna_core.overlay.codec import ContactCache, Datagram, decode_datagram, encode_datagram
 from dna_core.overlay.contact import Contact, Endpoint, closest_first, spread_over_subnets
-from dna_core.overlay.handoff import Handoff, HandoffQueue
+from dna_core.overlay.handoff import Handoff, HandoffQueue, PlanBudget
 from dna_core.overlay.handoff import plan as plan_handoffs
 from dna_core.overlay.protocol import PONG_DOMAIN, Addr, Responder
 from dna_core.overlay.records import (
@@ -162,6 +162,7 @@ class OverlayNode:
         self._lookups: dict[Lookup, asyncio.Future[Closest]] = {}
         # Store-on-join: records owed to nodes new to the table, paced (`handoff.py`).
         self.handoffs = HandoffQueue()
+        self.handoff_plans = PlanBudget()
         self._handoffs_queued = asyncio.Event()
         self._handoff_sender: asyncio.Task[object] | None = None
         self.channels = ChannelPool()
@@ -290,13 +291,17 @@ class OverlayNode:
         store, local = self.store, self.contact
         if store is None or local is None or self.config.client_mode or not len(store):
             return
+        now = time.monotonic()
+        if not self.handoff_plans.allow(now):
+            self.metrics.handoffs.labels(outcome="unplanned").inc()
+            return
         keys = plan_handoffs(
             local, contact, store.keys(), self.table.closest, k=self.config.k,
             replicas=self.config.record_replicas, loopback_exempt=self.config.allow_loopback,
         )  # fmt: skip
         if not keys:
             return
-        dropped = self.handoffs.offer(contact, keys, time.monotonic())
+        dropped = self.handoffs.offer(contact, keys, now)
         if dropped:
             self.metrics.handoffs.labels(outcome="dropped").inc(dropped)
         self._handoffs_queued.set()
