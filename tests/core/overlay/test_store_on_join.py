@@ -178,11 +178,15 @@ async def _flood(tmp_path: Path) -> None:
             assert len(queue) <= 8
             assert queue.dropped > 0
             assert metric(holder, "dropped") == queue.dropped
-            await asyncio.sleep(1.0)  # the first handoff of each newcomer fails
-            refused = metric(holder, "refused")
-            assert refused >= 1 and metric(holder, "sent") == 0
+            while metric(holder, "refused") < 1:  # the first handoff of a newcomer fails
+                assert time.monotonic() < deadline + 10.0, "no handoff was refused"
+                await asyncio.sleep(0.05)
             await asyncio.sleep(1.0)
-            assert metric(holder, "refused") == refused  # not retried
+            # Each newcomer was let one handoff (then 0.001 a second): counted once, a
+            # refusal never retried, whatever was still in flight above.
+            assert metric(holder, "sent") == 0
+            assert metric(holder, "refused") <= len(sybils)
+            assert len(queue) <= 8
         finally:
             for sybil in sybils:
                 await sybil.stop()
