@@ -31,6 +31,7 @@ from dna_core.overlay.behaviour import (
     TOKENS_PER_SUBNET,
     BehaviourConfig,
     Command,
+    ContactAdded,
     Lookup,
     LookupDone,
     OverlayBehaviour,
@@ -187,7 +188,8 @@ def test_a_full_bucket_pings_its_oldest_contact_and_a_silent_one_is_replaced() -
     assert check.addr == oldest.endpoint.udp and isinstance(check.datagram.body, Ping)
     assert newcomer.node_id not in b.table  # it waits while the check runs
     b.on_timer(deadline.timer, deadline.when)
-    assert b.poll() == [RequestEnded("ping", "timeout")]
+    # (and the newcomer entering from the replacement cache is announced: store-on-join)
+    assert b.poll() == [RequestEnded("ping", "timeout"), ContactAdded(newcomer)]
     assert oldest.node_id not in b.table and newcomer.node_id in b.table
 
 

@@ -384,13 +384,14 @@ def test_full_bucket_keeps_live_contact_and_caches_newcomer() -> None:
     got = table.observe(c, 3.0)
     assert got.admission is Admission.CHECK_PENDING and got.check == a  # least recently seen
     assert table.observe(far(4, 4), 3.5).admission is Admission.CACHED  # one check at a time
-    table.on_check_result(a.node_id, True, 4.0)
+    assert table.on_check_result(a.node_id, True, 4.0) == []  # alive: nobody enters
     assert {x.node_id for x in table.contacts()} == {a.node_id, b.node_id}
     # a is now the most recently seen: the next check goes to b
     got = table.observe(c, 5.0)
     assert got.admission is Admission.CHECK_PENDING and got.check == b
-    table.on_check_result(b.node_id, False, 6.0)
-    # b's slot goes to the most recently heard newcomer (c was re-heard after 4)
+    # b's slot goes to the most recently heard newcomer (c was re-heard after 4), and the
+    # table says so (store-on-join hands it its records)
+    assert table.on_check_result(b.node_id, False, 6.0) == [c]
     assert {x.node_id for x in table.contacts()} == {a.node_id, c.node_id}
     check_structure(table)
 
@@ -401,9 +402,9 @@ def test_replacements_promoted_most_recent_first() -> None:
     r1, r2, r3 = far(11, 11), far(12, 12), far(13, 13)
     for i, x in enumerate((a, b, r1, r2, r3)):
         table.observe(x, float(i))
-    table.on_failure(a.node_id, 10.0)  # a replacement waits: evicted at once
+    assert table.on_failure(a.node_id, 10.0) == [r3]  # a replacement waits: evicted at once
     assert table.get(r3.node_id) == r3 and table.get(a.node_id) is None
-    table.on_failure(b.node_id, 11.0)
+    assert table.on_failure(b.node_id, 11.0) == [r2]
     assert table.get(r2.node_id) == r2 and table.get(b.node_id) is None
     assert table.get(r1.node_id) is None
     check_structure(table)

@@ -199,7 +199,9 @@ class Rejected:
 @dataclass(frozen=True, slots=True)
 class ContactAdded:
     """``contact`` entered the routing table, not known there before (not a refresh of an
-    entry): a node holding records may owe it some (store-on-join, ``handoff.py``)."""
+    entry), as a newcomer to a bucket with room or from a bucket's replacement cache in
+    place of a dead entry: a node holding records may owe it some (store-on-join,
+    ``handoff.py``)."""
 
     contact: Contact
 
@@ -616,7 +618,8 @@ class OverlayBehaviour:
                 if not lookup.awaiting and not lookup.done:
                     self._end(lookup, now)
         if op.check is not None:
-            self.table.on_check_result(op.check.node_id, contact is not None, now)
+            promoted = self.table.on_check_result(op.check.node_id, contact is not None, now)
+            self._out.extend(ContactAdded(c) for c in promoted)
         if op.asked:
             self._out.append(PingDone(op, contact))
 
@@ -777,7 +780,7 @@ class OverlayBehaviour:
         return bool(lookup.awaiting)
 
     def _suspect(self, q: _Query, now: float) -> None:
-        self.table.on_failure(q.peer, now)
+        self._out.extend(ContactAdded(c) for c in self.table.on_failure(q.peer, now))
         self._suspects.remember(q.peer, now + SUSPECT_SECONDS, q.subnet)
 
     def _subnet_of(self, ip: str) -> str | None:

@@ -200,11 +200,12 @@ class RoutingTable:
         bucket.pending = oldest.contact.node_id
         return Observed(Admission.CHECK_PENDING, oldest.contact)
 
-    def on_check_result(self, node_id: bytes, alive: bool, now: float) -> None:
-        """The liveness check asked for by ``observe`` finished."""
+    def on_check_result(self, node_id: bytes, alive: bool, now: float) -> list[Contact]:
+        """The liveness check asked for by ``observe`` finished; returns the contacts that
+        entered the table from the replacement cache in place of a dead one."""
         bucket = self._existing(node_id)
         if bucket is None:
-            return
+            return []
         if bucket.pending == node_id:
             bucket.pending = None
         if alive:
@@ -212,21 +213,23 @@ class RoutingTable:
             if entry is not None:
                 entry.last_seen, entry.failures = now, 0
                 bucket.entries[node_id] = bucket.entries.pop(node_id)  # to the end
-        else:
-            self._evict(bucket, node_id, now)
+            return []
+        return self._evict(bucket, node_id, now)
 
-    def on_failure(self, node_id: bytes, now: float) -> None:
-        """A request to ``node_id`` failed or timed out."""
+    def on_failure(self, node_id: bytes, now: float) -> list[Contact]:
+        """A request to ``node_id`` failed or timed out; returns the contacts that entered
+        the table from the replacement cache in its place, if it was evicted."""
         bucket = self._existing(node_id)
         if bucket is None:
-            return
+            return []
         entry = bucket.entries.get(node_id)
         if entry is None:
             bucket.replacements.pop(node_id, None)
-            return
+            return []
         entry.failures += 1
         if bucket.replacements or entry.failures >= self.max_failures:
-            self._evict(bucket, node_id, now)
+            return self._evict(bucket, node_id, now)
+        return []
 
     def remove(self, node_id: bytes) -> bool:
         """Forget a contact; its slot waits for the next node heard from."""
@@ -293,12 +296,16 @@ class RoutingTable:
             self._low += 1
         return True
 
-    def _evict(self, bucket: _Bucket, node_id: bytes, now: float) -> None:
+    def _evict(self, bucket: _Bucket, node_id: bytes, now: float) -> list[Contact]:
+        """Drop ``node_id``; the most recently heard replacements take its place (returned)."""
         self._drop(bucket, node_id)
+        promoted = []
         while bucket.replacements and len(bucket.entries) < self.k:
             _, candidate = bucket.replacements.popitem()  # most recently heard
             if self._subnet_allows(bucket, candidate):
                 self._insert(bucket, candidate, now)
+                promoted.append(candidate)
+        return promoted
 
     def _count(self, contact: Contact, change: int) -> None:
         """Keep the table-wide counts of ``contact``'s subnet and block (an exempt one is
