@@ -128,6 +128,14 @@ def check_text(body: str) -> None:
         )
 
 
+def check_max_strangers(value: int) -> int:
+    """``value`` if it can bound the message requests (`Peer.max_strangers`): at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DnaError(f"max_strangers is {value!r}: the message requests kept, a whole"
+                       " number of at least 1")  # fmt: skip
+    return value
+
+
 class KeyChangedError(DnaError):
     """A contact's key changed without a rotation statement signed by the pinned key."""
 
@@ -176,6 +184,7 @@ class Peer:
     )  # (new identity, re-encrypt the cache): Profile.replace_identity
 
     def __post_init__(self) -> None:
+        check_max_strangers(self.max_strangers)
         self.mail = MailboxClient(self.node, pow_bits=self.pow_bits, sessions=self.sessions)
         if self.cache.add_device(self.device.device_id, self.device.name, now_ms()):
             log.info("device %s registered in its cache", self.device.device_id.hex()[:8])
@@ -1260,10 +1269,13 @@ async def open_peer(
     pow_bits: int = 12,
     sessions: bool = True,
     check: Callable[[Cache], object] | None = None,
+    max_strangers: int = MAX_STRANGERS,
 ) -> Peer:
     """Unlock the profile's identity and cache, run ``check`` on the cache (what can be
     refused from this device's data alone, such as an unknown contact, is refused before
-    any wait for the network), and join the overlay."""
+    any wait for the network), and join the overlay. ``max_strangers``: `Peer.max_strangers`
+    (`dna`: $DNA_MAX_STRANGERS)."""
+    check_max_strangers(max_strangers)  # before the passphrase is tried or the network joined
     identity = profile.unlock(passphrase)
     cache = profile.open_cache(identity)
     try:
@@ -1273,7 +1285,7 @@ async def open_peer(
     except BaseException:
         cache.close()
         raise
-    peer = Peer(identity, cache, node, profile.device(), pow_bits, seeds, sessions)
+    peer = Peer(identity, cache, node, profile.device(), pow_bits, seeds, sessions, max_strangers)
     peer.save_identity = lambda new, rekey: profile.replace_identity(new, passphrase, rekey)
     if cache.get_state(HISTORY_WANTED) is not None:  # a lost cache (Profile.open_cache):
         try:  # the other devices post their history; unsent, it is asked at the next open
