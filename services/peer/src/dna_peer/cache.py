@@ -29,7 +29,10 @@ from dna_core.crypto import Identity, PublicKeySet
 from dna_core.crypto import primitives as p
 from dna_core.errors import DnaError, WrongPassphraseError
 
-SCHEMA_VERSION = 3  # 3: deferred_blobs
+# The cache's layout (`PRAGMA user_version`); a cache of a later one is refused (Cache.open).
+# Bump it with every change an older `dna` would misread: 2 `contacts.chosen`; 3
+# `deferred_blobs`, whose blobs an older `dna` takes as handled and never opens.
+SCHEMA_VERSION = 3
 PAGE_BYTES = 4096  # SQLCipher 4's page size: a whole cache file is a multiple of it
 MAX_ROTATION_HOPS = 8  # rotations followed for one contact (a chain, never a cycle, ends)
 # State key (`set_state`) written by the peer and cleared by the inbox: this device lost its
@@ -160,6 +163,13 @@ CREATE TABLE IF NOT EXISTS outbox(
 class CacheDamagedError(DnaError):
     """The cache file is cut short or its pages are malformed (a crash or a disk fault),
     not under another key: nothing in it is touched."""
+
+
+class CacheNewerError(DnaError):
+    """The cache was written by a newer `dna` (a later SCHEMA_VERSION): refused, untouched.
+    Opened, its newer state would be silently left alone (the blobs a newer `dna` deferred
+    for their sender's lookup are acknowledged, so deleted from the replicas: this one
+    would never open them), and its version lowered to this one's."""
 
 
 class CacheWriteError(DnaError):
@@ -306,6 +316,15 @@ class Cache:
                 f"{path}: cannot open the cache (wrong key or not a cache file: not this"
                 f" device's cache); the identity and its key file are fine. {_aside(path)}"
             ) from None
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            conn.close()
+            raise CacheNewerError(
+                f"{path}: the cache was written by a newer dna (cache version {version}; this"
+                f" dna reads up to {SCHEMA_VERSION}): run that dna (or a later one). Nothing"
+                " was changed; this one would leave what it cannot read there, such as the"
+                " messages waiting for their sender's lookup, unread for good"
+            )
         try:
             _set_up(conn, lost_ms if tables == 0 else None)
         except sqlcipher.Error as exc:
