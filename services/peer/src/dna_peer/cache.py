@@ -52,6 +52,10 @@ OFFER_HOLD_MS = 2 * 3_600_000
 DEFERRED = "deferred"
 DEFERRED_EXPIRED = "rejected: deferred past the replay window (its sender never looked up)"
 DEFERRED_DROPPED = "rejected: deferred for a mailbox no longer read (its grace period ended)"
+DEFERRED_EVICTED = (
+    "rejected: deferred, then evicted for another source's blob (its source"
+    " held the most of the full deferred blobs)"
+)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS contacts(
   fingerprint BLOB PRIMARY KEY,
@@ -753,12 +757,19 @@ class Cache:
                 (blob_id, DEFERRED, now_ms),
             )
 
-    def deferred_usage(self, source: bytes | None = None) -> tuple[int, int]:
-        """(blobs, bytes) deferred, every mailbox together; with ``source``, those that
-        node alone returned."""
-        sql = "SELECT count(*), coalesce(sum(length(blob)), 0) FROM deferred_blobs"
-        rows = self._rows(sql + " WHERE source = ?", (source,)) if source else self._rows(sql)
-        return int(rows[0][0]), int(rows[0][1])
+    def deferred_rows(self) -> list[tuple[bytes | None, bytes, int]]:
+        """(source, blob ID, size) of every blob deferred, every mailbox together, oldest
+        first (`deferral.DeferredRoom`)."""
+        rows = self._rows("SELECT source, blob_id, length(blob) FROM deferred_blobs ORDER BY seq")
+        return [(None if r[0] is None else bytes(r[0]), bytes(r[1]), int(r[2])) for r in rows]
+
+    def evict_deferred(self, blob_id: bytes) -> None:
+        """A deferred blob pushed out for another source's (`deferral`): recorded rejected
+        (it was acknowledged when deferred: the replicas may have deleted it)."""
+        with self.transaction():
+            self._db.execute("UPDATE blobs SET outcome = ? WHERE blob_id = ? AND outcome = ?",
+                             (DEFERRED_EVICTED, blob_id, DEFERRED))  # fmt: skip
+            self._db.execute("DELETE FROM deferred_blobs WHERE blob_id = ?", (blob_id,))
 
     def deferred_blobs(self, mailbox: bytes, senders: int) -> list[tuple[bytes, bytes]]:
         """(blob ID, blob) deferred for ``mailbox``: every one of ``senders`` senders, taken
