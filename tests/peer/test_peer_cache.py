@@ -79,6 +79,26 @@ def test_a_cache_from_a_newer_dna_is_refused_and_left_as_it_is(
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # deferred blob kept
 
 
+def test_a_schema_3_cache_gets_blob_mailboxes_and_a_rotation_claims_its_blobs(
+    tmp_path: Path, me: Identity, cache: Cache
+) -> None:
+    """Schema 4 records which mailbox each blob came from (`blobs.mailbox`). A cache from
+    before gets the column, empty; the next rotation counts those blobs as the mailbox it
+    rotated away from, so its grace period's end forgets them with the rest."""
+    old, other = b"o" * 32, b"n" * 32
+    cache.record_blob(b"x" * 32, "message", 1)  # as schema 3 recorded it: no mailbox
+    cache.record_blob(b"y" * 32, "message", 1, other)
+    cache._db.execute("ALTER TABLE blobs DROP COLUMN mailbox")  # (y's goes with it)
+    cache._db.execute("PRAGMA user_version = 3")
+    cache.close()
+    reopened = Cache.open(tmp_path / "cache.db", cache_key(me, DEVICE_A))
+    assert reopened._rows("PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    reopened.record_blob(b"z" * 32, "message", 2, other)
+    reopened.claim_untagged_blobs(old)
+    reopened.forget_mailbox(old)
+    assert reopened.undeleted_blobs() == [b"z" * 32]
+
+
 @pytest.mark.parametrize("keep", [0.5, 2 * PAGE_BYTES, 1000])
 def test_a_cache_cut_short_is_a_damaged_cache_not_a_wrong_key(
     tmp_path: Path, me: Identity, cache: Cache, bob: Identity, keep: float

@@ -210,7 +210,7 @@ class Inbox:
         with self.cache.transaction():
             outcome = apply()
             self.cache.remember_envelope(opened.message_id, opened.header.timestamp_ms)
-            self.cache.record_blob(blob_id, outcome, self.clock())
+            self.cache.record_blob(blob_id, outcome, self.clock(), self.identity.fingerprint)
             if outcome != "ack" and not was_deferred:
                 self._hold(blob_id)
             self._tell_new(self.report.new_messages[new:])
@@ -311,7 +311,8 @@ class Inbox:
     def _reject(self, blob_id: bytes, reason: str, *, acknowledged: bool = False) -> None:
         log.warning("dropped mailbox blob %s: %s", blob_id.hex()[:16], reason)
         with self.cache.transaction():
-            self.cache.record_blob(blob_id, f"rejected: {reason}", self.clock())
+            self.cache.record_blob(blob_id, f"rejected: {reason}", self.clock(),
+                                   self.identity.fingerprint)  # fmt: skip
             if not acknowledged:
                 self._hold(blob_id)
         self._handled(blob_id)

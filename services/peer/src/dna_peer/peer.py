@@ -790,6 +790,7 @@ class Peer:
                         "cursors": _hex_map(self.cache.cursors())})  # fmt: skip
         with self.cache.transaction():
             self.cache.set_state(RETIRED, json.dumps(retired).encode())
+            self.cache.claim_untagged_blobs(old.fingerprint)
             self.cache.clear_cursors()
             if name_move is not None:
                 self.cache.set_state(NAME_MOVE, name_move)
@@ -826,9 +827,13 @@ class Peer:
         entries = json.loads(self.cache.get_state(RETIRED) or b"[]")
         live = [e for e in entries if e["until_ms"] > now_ms()]
         if len(live) < len(entries):  # past the grace period: forget the old keys
-            self.cache.set_state(RETIRED, json.dumps(live).encode())
-            for gone in (e for e in entries if e not in live):  # and what waited there
-                self.cache.drop_deferred(Identity(bytes.fromhex(gone["seeds"])).fingerprint)
+            # ... and what served only their mailbox, in one transaction: a crash part way
+            # keeps the old keys' entry, so the next call does it all again (before, the
+            # keys went first and a crash left their deferred blobs for good)
+            with self.cache.transaction():
+                self.cache.set_state(RETIRED, json.dumps(live).encode())
+                for gone in (e for e in entries if e not in live):
+                    self.cache.forget_mailbox(Identity(bytes.fromhex(gone["seeds"])).fingerprint)
         return [Identity(bytes.fromhex(e["seeds"])) for e in live]
 
     async def _drain_retired(self, old: Identity) -> SyncReport:
