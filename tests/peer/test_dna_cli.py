@@ -639,6 +639,27 @@ def test_texts_at_the_limit_with_the_line_breaks_editors_add(
     assert (name, unread) == (alice_name, "1") and preview == "w" * (PREVIEW_CHARS - 1) + "…"
 
 
+def test_dna_max_strangers_bounds_the_message_requests(testnet: Testnet, tmp_path: Path) -> None:
+    """`Peer.max_strangers` (message requests kept) is set for `dna` by $DNA_MAX_STRANGERS,
+    as the other settings are by the environment, and checked before anything runs. Three
+    strangers write to bob, who keeps two: pinning the third forgot the one idle longest.
+    Fails without the setting (checked: `dna` had no way to set it, all 3 were kept)."""
+    suffix = os.urandom(3).hex()
+    bob = tmp_path / "bob"
+    ok(dna(bob, "--json", "identity", "create", "--name", f"bo{suffix}", net=testnet))
+    for bad in ("0", "-3", "many", ""):
+        one_line_error(dna(bob, "sync", net=testnet, env={"DNA_MAX_STRANGERS": bad}),
+                       "DNA_MAX_STRANGERS", "at least 1")  # fmt: skip
+    for i in range(3):
+        stranger = tmp_path / f"stranger{i}"
+        ok(dna(stranger, "--json", "identity", "create", "--offline"))
+        ok(dna(stranger, "--json", "contacts", "add", f"bo{suffix}", net=testnet))
+        ok(dna(stranger, "--json", "send", f"bo{suffix}", f"hello from {i}", net=testnet))
+    requests = ok(dna(bob, "--json", "inbox", net=testnet, env={"DNA_MAX_STRANGERS": "2"}))
+    assert len(requests) == 2, requests  # which one went depends on the fetch's order
+    assert {c["last"] for c in requests} < {f"hello from {i}" for i in range(3)}
+
+
 def test_contact_names_and_fingerprints_that_are_neither(testnet: Testnet, tmp_path: Path) -> None:
     alice, bob, _alice_name, bob_name = _pair(testnet, tmp_path)
     bob_fp = ok(dna(bob, "--json", "identity", "show"))["fingerprint"]

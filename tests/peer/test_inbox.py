@@ -441,6 +441,47 @@ def test_one_hostile_storage_node_fills_only_its_share_and_takes_only_its_turn(
     asyncio.run(go())
 
 
+def test_colluding_storage_nodes_hold_their_fair_share_not_the_whole_bound(
+    bob_inbox: Setup, bob: Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three hostile nodes, each within its own share, made envelopes up until together
+    they held the whole bound of the deferred blobs: then an honest stranger's key-less
+    message, returned by two nodes, was dropped (`at their limit`), and an honest node's
+    own left on the nodes. Now when full a newcomer evicts the oldest blob of the source
+    holding the most, if it holds two more (`deferral`): both honest messages are
+    deferred, looked up and arrive, and each hostile node keeps its fair share. Fails
+    without it (checked: the stranger's message dropped at the limit)."""
+    monkeypatch.setattr(inbox, "DEFERRED_MAX_BLOBS", 6)
+    monkeypatch.setattr(inbox, "DEFERRED_NODE_BLOBS", 2)
+    hostile = [os.urandom(32) for _ in range(3)]
+    honest, other = os.urandom(32), os.urandom(32)
+
+    async def go() -> None:
+        s = bob_inbox
+        for node in hostile:
+            for _ in range(3):  # the third is past its share: left on the nodes
+                blob = sealed(Identity.generate(), bob, text("made up"), s.clock(), keys=False)
+                await s.inbox.handle_blob(hashlib.sha256(blob).digest(), blob, look_up=False,
+                                          returned_by={node})  # fmt: skip
+        assert s.inbox.report.deferred == 6 and s.cache.deferred_count(bob.fingerprint) == 6
+        strangers = [Identity.generate() for _ in range(2)]
+        s.owner.published |= {x.fingerprint: x.public for x in strangers}
+        for stranger, nodes in zip(strangers, [{honest, other}, {honest}], strict=True):
+            blob = sealed(stranger, bob, text("hello, keys not inside"), s.clock(), keys=False)
+            await s.inbox.handle_blob(hashlib.sha256(blob).digest(), blob, look_up=False,
+                                      returned_by=nodes)  # fmt: skip
+        assert not [r for r in s.reasons() if "at their limit" in r]
+        assert s.inbox.report.deferred == 8 and s.cache.deferred_count(bob.fingerprint) == 6
+        evicted = [r for r in s.reasons() if "evicted" in r]
+        assert len(evicted) == 2  # one each from two of the fullest hostile nodes
+        for _ in range(3):
+            await s.next_round().retry_deferred()
+        bodies = [m.body for m in s.cache.messages()]
+        assert bodies == ["hello, keys not inside"] * 2  # both honest messages arrived
+
+    asyncio.run(go())
+
+
 def test_a_flood_needing_lookups_never_delays_a_contact_s_message(
     bob_inbox: Setup, alice: Identity, bob: Identity
 ) -> None:

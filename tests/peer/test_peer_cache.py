@@ -14,8 +14,10 @@ from dna_core.errors import WrongPassphraseError
 from dna_peer.cache import (
     OFFER_HOLD_MS,
     PAGE_BYTES,
+    SCHEMA_VERSION,
     Cache,
     CacheDamagedError,
+    CacheNewerError,
     Contact,
     Message,
     cache_key,
@@ -56,6 +58,45 @@ def test_nothing_readable_on_disk_and_a_wrong_key_changes_nothing(
     reopened = Cache.open(path, cache_key(me, DEVICE_A))
     assert [m.body for m in reopened.messages()] == ["attack at dawn"]
     assert reopened.integrity_check() == "ok"
+
+
+def test_a_cache_from_a_newer_dna_is_refused_and_left_as_it_is(
+    tmp_path: Path, me: Identity, cache: Cache
+) -> None:
+    """A downgrade: a cache written by a later schema opened by this `dna`. It took it as
+    its own (made its tables, wrote its own version over the newer one) and silently left
+    what it could not read: schema 3's deferred blobs, under an older `dna`, were taken as
+    handled (their outcome is `deferred`), acknowledged already, so deleted from the
+    replicas, and never opened. Now a newer version is refused with one clear error and
+    the file is untouched. Fails without the check (checked: it opened, version lowered)."""
+    cache.defer_blob(me.fingerprint, b"d" * 32, b"sealed", b"s" * 32, 1, None)
+    cache._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    cache.close()
+    path = tmp_path / "cache.db"
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(CacheNewerError, match=f"newer dna .*version {SCHEMA_VERSION + 1}"):
+        Cache.open(path, cache_key(me, DEVICE_A))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # deferred blob kept
+
+
+def test_a_schema_3_cache_gets_blob_mailboxes_and_a_rotation_claims_its_blobs(
+    tmp_path: Path, me: Identity, cache: Cache
+) -> None:
+    """Schema 4 records which mailbox each blob came from (`blobs.mailbox`). A cache from
+    before gets the column, empty; the next rotation counts those blobs as the mailbox it
+    rotated away from, so its grace period's end forgets them with the rest."""
+    old, other = b"o" * 32, b"n" * 32
+    cache.record_blob(b"x" * 32, "message", 1)  # as schema 3 recorded it: no mailbox
+    cache.record_blob(b"y" * 32, "message", 1, other)
+    cache._db.execute("ALTER TABLE blobs DROP COLUMN mailbox")  # (y's goes with it)
+    cache._db.execute("PRAGMA user_version = 3")
+    cache.close()
+    reopened = Cache.open(tmp_path / "cache.db", cache_key(me, DEVICE_A))
+    assert reopened._rows("PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    reopened.record_blob(b"z" * 32, "message", 2, other)
+    reopened.claim_untagged_blobs(old)
+    reopened.forget_mailbox(old)
+    assert reopened.undeleted_blobs() == [b"z" * 32]
 
 
 @pytest.mark.parametrize("keep", [0.5, 2 * PAGE_BYTES, 1000])

@@ -147,6 +147,82 @@ def test_the_old_mailbox_is_forgotten_after_the_grace_period(tmp_path: Path, bob
     asyncio.run(go())
 
 
+def text_to(sender: Identity, to: Identity, body: str) -> bytes:
+    payload = envelope_pb2.Payload(text=envelope_pb2.Text(body=body)).SerializeToString()
+    return seal(sender, to.public, payload, now_ms=now_ms(), include_sender_keys=True)
+
+
+def ack_from(device_id: bytes, to: Identity, blob_ids: list[bytes]) -> bytes:
+    ack = envelope_pb2.DeviceAck(device_id=device_id, blob_ids=blob_ids)
+    payload = envelope_pb2.Payload(ack=ack).SerializeToString()
+    return seal(to, to.public, payload, now_ms=now_ms(), include_sender_keys=True)
+
+
+async def handle_in(peer: Peer, blob: bytes, mailbox: Identity | None = None) -> bytes:
+    """One blob of the own mailbox (acknowledged, as a sync does) or of ``mailbox``'s."""
+    blob_id = hashlib.sha256(blob).digest()
+    inbox = peer._inbox(mailbox, acknowledge=mailbox is None)
+    await inbox.handle_blob(blob_id, blob)
+    return blob_id
+
+
+def test_what_served_only_the_old_mailbox_goes_at_the_grace_period_s_end(
+    tmp_path: Path, alice: Identity, bob: Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rotation with a second device: the old mailbox's blobs that device had not
+    acknowledged yet, those drained from it during the grace period, and what waited there
+    stayed in the cache forever: nothing is deleted in the old mailbox, so they were never
+    deleted, never pruned, and an acknowledgement blob in the new mailbox that covered one
+    of them was never deletable either. Now at the grace period's end they count as
+    deleted (one transaction with forgetting the old keys: a crash part way keeps the keys'
+    entry and the next call does it all), and the daily prune forgets them; the new
+    mailbox's rows are untouched. Fails without it (checked: the old blobs stayed
+    undeleted after the grace period)."""
+    laptop = b"L" * 16
+
+    async def go() -> None:
+        async with bob_peer(tmp_path, bob) as peer:
+            pin(peer, alice, "alice")
+            peer.cache.add_device(laptop, "laptop", now_ms())  # deletes wait for it too
+            before = await handle_in(peer, text_to(alice, bob, "before the rotation"))
+            new = Identity.generate()
+            peer._adopt(new)  # this device's switch (`rotate`, step 4)
+            during = await handle_in(peer, text_to(alice, bob, "to the old keys"), bob)
+            peer.cache.defer_blob(bob.fingerprint, b"d" * 32, b"blob", b"s" * 32, now_ms())
+            ack = await handle_in(peer, ack_from(laptop, new, [during]))  # in the new mailbox
+            kept = await handle_in(peer, text_to(alice, new, "to the new keys"))
+            old_rows = {before, during, b"d" * 32}
+            assert old_rows | {kept, ack} <= set(peer.cache.undeleted_blobs())
+            assert ack not in peer.cache.deletable_blobs(now_ms())  # waits on `during`
+
+            (entry,) = json.loads(peer.cache.get_state(RETIRED) or b"")
+            peer.cache.set_state(RETIRED, json.dumps([{**entry, "until_ms": now_ms()}]).encode())
+            real = peer.cache.drop_deferred
+
+            def crash(mailbox: bytes) -> int:
+                real(mailbox)
+                raise KeyboardInterrupt  # killed part way through the prune
+
+            monkeypatch.setattr(peer.cache, "drop_deferred", crash)
+            with pytest.raises(KeyboardInterrupt):
+                peer.retired()
+            assert json.loads(peer.cache.get_state(RETIRED) or b"") != []  # the keys kept
+            assert peer.cache.deferred_count(bob.fingerprint) == 1  # nothing half done
+            monkeypatch.undo()
+
+            assert peer.retired() == []
+            undeleted = set(peer.cache.undeleted_blobs())
+            assert not old_rows & undeleted and kept in undeleted
+            assert peer.cache.deletable_blobs(now_ms()) == [ack]  # it covered only `during`
+            peer.cache.mark_deleted([ack])
+            peer.cache.prune(envelopes_before_ms=0, deleted_blobs_before_ms=now_ms() + 1)
+            assert [peer.cache.blob_outcome(b) for b in (*old_rows, ack)] == [None] * 4
+            assert peer.cache.blob_outcome(kept) is not None
+            assert not peer.cache.acked_by(laptop)  # its acknowledgements went with them
+
+    asyncio.run(go())
+
+
 def test_the_old_keys_write_no_more_to_the_new_mailbox(tmp_path: Path, bob: Identity) -> None:
     """After the rotation, a text signed by bob's old keys in his new mailbox (whoever
     holds them: a stolen device, a leaked backup) was shown as a stranger's: pinned, a

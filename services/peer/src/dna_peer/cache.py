@@ -29,7 +29,11 @@ from dna_core.crypto import Identity, PublicKeySet
 from dna_core.crypto import primitives as p
 from dna_core.errors import DnaError, WrongPassphraseError
 
-SCHEMA_VERSION = 3  # 3: deferred_blobs
+# The cache's layout (`PRAGMA user_version`); a cache of a later one is refused (Cache.open).
+# Bump it with every change an older `dna` would misread: 2 `contacts.chosen`; 3
+# `deferred_blobs`, whose blobs an older `dna` takes as handled and never opens; 4
+# `blobs.mailbox`, so a mailbox rotated away from is forgotten at its grace period's end.
+SCHEMA_VERSION = 4
 PAGE_BYTES = 4096  # SQLCipher 4's page size: a whole cache file is a multiple of it
 MAX_ROTATION_HOPS = 8  # rotations followed for one contact (a chain, never a cycle, ends)
 # State key (`set_state`) written by the peer and cleared by the inbox: this device lost its
@@ -49,6 +53,10 @@ OFFER_HOLD_MS = 2 * 3_600_000
 DEFERRED = "deferred"
 DEFERRED_EXPIRED = "rejected: deferred past the replay window (its sender never looked up)"
 DEFERRED_DROPPED = "rejected: deferred for a mailbox no longer read (its grace period ended)"
+DEFERRED_EVICTED = (
+    "rejected: deferred, then evicted for another source's blob (its source"
+    " held the most of the full deferred blobs)"
+)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS contacts(
   fingerprint BLOB PRIMARY KEY,
@@ -103,7 +111,8 @@ CREATE TABLE IF NOT EXISTS blobs(
   blob_id BLOB PRIMARY KEY,
   outcome TEXT NOT NULL,
   seen_ms INTEGER NOT NULL,
-  deleted INTEGER NOT NULL DEFAULT 0
+  deleted INTEGER NOT NULL DEFAULT 0,
+  mailbox BLOB -- the fingerprint whose mailbox it came from; NULL: from before schema 4
 );
 CREATE TABLE IF NOT EXISTS envelopes_seen(
   message_id BLOB PRIMARY KEY,
@@ -160,6 +169,13 @@ CREATE TABLE IF NOT EXISTS outbox(
 class CacheDamagedError(DnaError):
     """The cache file is cut short or its pages are malformed (a crash or a disk fault),
     not under another key: nothing in it is touched."""
+
+
+class CacheNewerError(DnaError):
+    """The cache was written by a newer `dna` (a later SCHEMA_VERSION): refused, untouched.
+    Opened, its newer state would be silently left alone (the blobs a newer `dna` deferred
+    for their sender's lookup are acknowledged, so deleted from the replicas: this one
+    would never open them), and its version lowered to this one's."""
 
 
 class CacheWriteError(DnaError):
@@ -306,6 +322,15 @@ class Cache:
                 f"{path}: cannot open the cache (wrong key or not a cache file: not this"
                 f" device's cache); the identity and its key file are fine. {_aside(path)}"
             ) from None
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            conn.close()
+            raise CacheNewerError(
+                f"{path}: the cache was written by a newer dna (cache version {version}; this"
+                f" dna reads up to {SCHEMA_VERSION}): run that dna (or a later one). Nothing"
+                " was changed; this one would leave what it cannot read there, such as the"
+                " messages waiting for their sender's lookup, unread for good"
+            )
         try:
             _set_up(conn, lost_ms if tables == 0 else None)
         except sqlcipher.Error as exc:
@@ -697,15 +722,18 @@ class Cache:
         rows = self._rows("SELECT outcome FROM blobs WHERE blob_id = ?", (blob_id,))
         return str(rows[0][0]) if rows else None
 
-    def record_blob(self, blob_id: bytes, outcome: str, now_ms: int) -> None:
-        """The blob is handled (``outcome``); if it was deferred, it no longer is (its
-        DEFERRED outcome becomes this one; it keeps the time it was first seen)."""
+    def record_blob(
+        self, blob_id: bytes, outcome: str, now_ms: int, mailbox: bytes | None = None
+    ) -> None:
+        """The blob, from ``mailbox``'s mailbox (a fingerprint), is handled (``outcome``);
+        if it was deferred, it no longer is (its DEFERRED outcome becomes this one; it keeps
+        the time it was first seen)."""
         with self.transaction():
             self._db.execute(
-                "INSERT INTO blobs(blob_id, outcome, seen_ms) VALUES (?, ?, ?)"
+                "INSERT INTO blobs(blob_id, outcome, seen_ms, mailbox) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT(blob_id) DO UPDATE SET outcome = excluded.outcome"
                 " WHERE blobs.outcome = ?",
-                (blob_id, outcome, now_ms, DEFERRED),
+                (blob_id, outcome, now_ms, mailbox, DEFERRED),
             )
             self._db.execute("DELETE FROM deferred_blobs WHERE blob_id = ?", (blob_id,))
 
@@ -730,16 +758,24 @@ class Cache:
                 (blob_id, mailbox, sender, blob, now_ms, source),
             )
             self._db.execute(
-                "INSERT OR IGNORE INTO blobs(blob_id, outcome, seen_ms) VALUES (?, ?, ?)",
-                (blob_id, DEFERRED, now_ms),
+                "INSERT OR IGNORE INTO blobs(blob_id, outcome, seen_ms, mailbox)"
+                " VALUES (?, ?, ?, ?)",
+                (blob_id, DEFERRED, now_ms, mailbox),
             )
 
-    def deferred_usage(self, source: bytes | None = None) -> tuple[int, int]:
-        """(blobs, bytes) deferred, every mailbox together; with ``source``, those that
-        node alone returned."""
-        sql = "SELECT count(*), coalesce(sum(length(blob)), 0) FROM deferred_blobs"
-        rows = self._rows(sql + " WHERE source = ?", (source,)) if source else self._rows(sql)
-        return int(rows[0][0]), int(rows[0][1])
+    def deferred_rows(self) -> list[tuple[bytes | None, bytes, int]]:
+        """(source, blob ID, size) of every blob deferred, every mailbox together, oldest
+        first (`deferral.DeferredRoom`)."""
+        rows = self._rows("SELECT source, blob_id, length(blob) FROM deferred_blobs ORDER BY seq")
+        return [(None if r[0] is None else bytes(r[0]), bytes(r[1]), int(r[2])) for r in rows]
+
+    def evict_deferred(self, blob_id: bytes) -> None:
+        """A deferred blob pushed out for another source's (`deferral`): recorded rejected
+        (it was acknowledged when deferred: the replicas may have deleted it)."""
+        with self.transaction():
+            self._db.execute("UPDATE blobs SET outcome = ? WHERE blob_id = ? AND outcome = ?",
+                             (DEFERRED_EVICTED, blob_id, DEFERRED))  # fmt: skip
+            self._db.execute("DELETE FROM deferred_blobs WHERE blob_id = ?", (blob_id,))
 
     def deferred_blobs(self, mailbox: bytes, senders: int) -> list[tuple[bytes, bytes]]:
         """(blob ID, blob) deferred for ``mailbox``: every one of ``senders`` senders, taken
@@ -775,6 +811,24 @@ class Cache:
                     "DELETE FROM deferred_blobs WHERE mailbox = ?", (mailbox,)
                 ).rowcount
             )
+
+    def claim_untagged_blobs(self, mailbox: bytes) -> None:
+        """The blobs recorded before `blobs.mailbox` (schema 4) counted as ``mailbox``'s:
+        at a rotation, the mailbox rotated away from (they came from it, or from one
+        before it, whose grace period ends sooner: never forgotten early)."""
+        self._write("UPDATE blobs SET mailbox = ? WHERE mailbox IS NULL", (mailbox,))
+
+    def forget_mailbox(self, mailbox: bytes) -> None:
+        """A mailbox rotated away from whose grace period ended (no longer read): what
+        was deferred for it is dropped (`drop_deferred`), and its blobs count as deleted
+        (nothing is deleted there: they expired with their TTL, within the grace period),
+        so the acknowledgements waiting for them end, an acknowledgement blob that only
+        covered them can be deleted, and the daily prune forgets them (before, they stayed
+        undeleted forever). One transaction with the caller's (`Peer.retired`)."""
+        with self.transaction():
+            self.drop_deferred(mailbox)
+            self._db.execute("UPDATE blobs SET deleted = 1 WHERE mailbox = ? AND deleted = 0",
+                             (mailbox,))  # fmt: skip
 
     def seen_envelope(self, message_id: bytes) -> bool:
         return bool(self._rows("SELECT 1 FROM envelopes_seen WHERE message_id = ?", (message_id,)))
@@ -900,10 +954,11 @@ class Cache:
     def deletable_blobs(self, now_ms: int) -> list[bytes]:
         """Blobs every known device, and every device a live link offer may make,
         acknowledged, and acknowledgements that only cover such blobs (once every device
-        holds a blob, nobody needs to hear who holds it). Only the acknowledgements of
-        those devices count. The blobs done are worked out once (a CTE materialized): as a
-        subquery they were worked out again for every acknowledgement blob's row, 7.9 s for
-        a cache of 20,000 blobs and two devices, on every sync and `watch` round."""
+        holds a blob, or it is deleted, nobody needs to hear who holds it). Only the
+        acknowledgements of those devices count. The blobs done are worked out once (a CTE
+        materialized): as a subquery they were worked out again for every acknowledgement
+        blob's row, 7.9 s for a cache of 20,000 blobs and two devices, on every sync and
+        `watch` round."""
         rows = self._rows(
             "WITH waited(device_id) AS ("
             "  SELECT device_id FROM devices UNION"
@@ -911,7 +966,8 @@ class Cache:
             " done(blob_id) AS MATERIALIZED ("
             "  SELECT blob_id FROM acks WHERE device_id IN (SELECT device_id FROM waited)"
             "  GROUP BY blob_id"
-            "  HAVING count(DISTINCT device_id) >= (SELECT count(*) FROM waited))"
+            "  HAVING count(DISTINCT device_id) >= (SELECT count(*) FROM waited)"
+            "  UNION SELECT blob_id FROM blobs WHERE deleted = 1)"
             " SELECT blob_id FROM blobs WHERE deleted = 0 AND blob_id IN (SELECT blob_id FROM done)"
             " UNION SELECT a.ack_blob FROM ack_blobs a LEFT JOIN done d ON d.blob_id = a.covers"
             "  WHERE a.ack_blob IN (SELECT blob_id FROM blobs WHERE deleted = 0)"
@@ -985,6 +1041,7 @@ def _set_up(conn: Any, lost_ms: int | None) -> None:
         conn.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS), so no transaction needed
         _add_chosen(conn)
         _add_deferred_source(conn)
+        _add_blob_mailbox(conn)
     else:  # the values as the state table holds them (set_state: bytes)
         marks = (f"INSERT OR REPLACE INTO state(key, value) VALUES ('{RECOVERING}',"
                  f" x'{str(lost_ms).encode().hex()}'), ('{HISTORY_WANTED}', x'');")  # fmt: skip
@@ -998,6 +1055,14 @@ def _add_deferred_source(conn: Any) -> None:
     columns = {row[1] for row in conn.execute("PRAGMA table_info(deferred_blobs)")}
     if "source" not in columns:
         conn.execute("ALTER TABLE deferred_blobs ADD COLUMN source BLOB")
+
+
+def _add_blob_mailbox(conn: Any) -> None:
+    """A cache from before `blobs.mailbox` (schema 4): the column, NULL for the blobs
+    recorded then (the next rotation counts them as the old mailbox's)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(blobs)")}
+    if "mailbox" not in columns:
+        conn.execute("ALTER TABLE blobs ADD COLUMN mailbox BLOB")
 
 
 def _add_chosen(conn: Any) -> None:

@@ -51,6 +51,7 @@ from rich.text import Text
 
 from dna_peer.armor import LOCKED_KEY_FILE, PUBLIC, armor, dearmor, is_armored
 from dna_peer.cache import RECOVERING, Cache, Contact, Message
+from dna_peer.inbox import MAX_STRANGERS
 from dna_peer.keyserver import (
     DISPLAY_NAME_MAX,
     NameTakenError,
@@ -87,6 +88,7 @@ from dna_peer.terminal import (
 )
 
 PASSPHRASE_ENV = "DNA_PASSPHRASE"
+MAX_STRANGERS_ENV = "DNA_MAX_STRANGERS"  # Peer.max_strangers: message requests kept at most
 Info = dict[str, Any]
 
 
@@ -184,7 +186,8 @@ def _with_peer(
         try:
             with phase_line("unlocking, joining the network…", enabled=not args.json):
                 peer = await open_peer(args.profile, passphrase, args.seeds, check=known,
-                                       sessions=args.command == "watch")  # fmt: skip
+                                       sessions=args.command == "watch",
+                                       max_strangers=args.max_strangers)  # fmt: skip
         except NetworkUnreachableError as exc:
             if unreachable is None:
                 raise
@@ -358,7 +361,7 @@ def _accept(args: argparse.Namespace) -> None:
     async def run() -> None:
         # the passphrase is asked once the code found its offer (a wrong code fails first)
         peer = await accept_link(args.profile, args.code, lambda: _passphrase(confirm=True),
-                                 args.seeds)  # fmt: skip
+                                 args.seeds, max_strangers=args.max_strangers)  # fmt: skip
         try:
             report = await peer.sync()
             _emit(args, {"fingerprint": peer.fingerprint.hex(), "device": peer.device.name,
@@ -787,6 +790,8 @@ environment:
   DNA_STUN, DNA_TURN  host:port of the STUN and TURN servers for direct messages
                   (DNA_TURN_USER, DNA_TURN_PASSWORD: the TURN credentials)
   DNA_DIRECT=0    never the direct path: every message through the storage nodes
+  DNA_MAX_STRANGERS  message requests (strangers who wrote first) kept at most
+                  (default 2000); pinning one more forgets the tenth idle longest
   NO_COLOR        no colours (neither are used when the output is not a terminal)
 
 The global options (--json, -v, --home, --bootstrap) go before or after the
@@ -1045,6 +1050,20 @@ def _settle(args: argparse.Namespace) -> None:
     args.profile = _profile(args.home)
     if _joins_network(args):
         args.seeds = parse_seeds(args.bootstrap) if args.bootstrap is not None else default_seeds()
+        args.max_strangers = _max_strangers()
+
+
+def _max_strangers() -> int:
+    """$DNA_MAX_STRANGERS (`Peer.max_strangers`), else the default (`inbox.MAX_STRANGERS`):
+    a whole number of at least 1, checked before anything runs."""
+    text = os.environ.get(MAX_STRANGERS_ENV)
+    if text is None:
+        return MAX_STRANGERS
+    value = int(text) if text.strip().isascii() and text.strip().isdigit() else 0
+    if value < 1:
+        raise DnaError(f"{MAX_STRANGERS_ENV}={text!r}: the message requests kept at most, a"
+                       f" whole number of at least 1 (default {MAX_STRANGERS})")  # fmt: skip
+    return value
 
 
 def _joins_network(args: argparse.Namespace) -> bool:

@@ -37,7 +37,8 @@ from dna_core.errors import (
 )
 
 from dna_peer import keyserver
-from dna_peer.cache import DEFERRED, RECOVERING, Cache, Contact, Message
+from dna_peer.cache import DEFERRED, DEFERRED_EVICTED, RECOVERING, Cache, Contact, Message
+from dna_peer.deferral import DeferredRoom, Limits
 from dna_peer.payloads import (
     ContactCard,
     DeviceAck,
@@ -172,7 +173,7 @@ class Inbox:
         self._sender_lookups = self._peer_lookups = 0  # each within its own budget
         self._formers: dict[bytes, PublicKeySet] | None = None  # owner.former_keys(), once
         self._may_look_up = True  # handle_blob's look_up
-        self._deferred_usage: dict[bytes | None, tuple[int, int]] = {}  # all (None), per node
+        self._room: DeferredRoom | None = None  # the deferred blobs by source, once read
 
     async def handle_blob(
         self,
@@ -209,11 +210,12 @@ class Inbox:
         with self.cache.transaction():
             outcome = apply()
             self.cache.remember_envelope(opened.message_id, opened.header.timestamp_ms)
-            self.cache.record_blob(blob_id, outcome, self.clock())
+            self.cache.record_blob(blob_id, outcome, self.clock(), self.identity.fingerprint)
             if outcome != "ack" and not was_deferred:
                 self._hold(blob_id)
             self._tell_new(self.report.new_messages[new:])
             trace.mark("peer.told", blob_id)
+        self._handled(blob_id)
         trace.mark("peer.committed", blob_id)
 
     def _tell_new(self, messages: list[Message]) -> None:
@@ -252,57 +254,68 @@ class Inbox:
         authenticated yet (its keys are what is missing), so anyone who can seal to this
         identity, or a storage node making envelopes up, can name a new one with every
         blob: what is deferred is bounded in all (DEFERRED_MAX_BLOBS, DEFERRED_MAX_BYTES),
-        and a blob beyond that is dropped, as it was before deferring. A blob that one node
-        alone returned (``lone``) is that node's word only: within the node's share of the
-        bound, else left on the nodes (not recorded, not acknowledged: another replica that
-        holds it returns it, and it is deferred then), so a hostile node filling its share
-        loses nobody's message and holds none of the bound the others need."""
-        count, size = self._usage(None)
-        if lone is not None:
-            mine, mine_size = self._usage(lone)
-            if (
-                mine >= DEFERRED_NODE_BLOBS
-                or mine_size + len(blob) > DEFERRED_NODE_BYTES
-                or count >= DEFERRED_MAX_BLOBS
-                or size + len(blob) > DEFERRED_MAX_BYTES
-            ):
-                log.info(
-                    "mailbox blob %s left on the nodes: unknown sender %s, returned by"
-                    " node %s alone, whose share of the deferred blobs is full",
-                    blob_id.hex()[:16],
-                    sender.hex()[:16],
-                    lone.hex()[:16],
-                )
-                self.report.left += 1
-                return
-            self._deferred_usage[lone] = (mine + 1, mine_size + len(blob))
-        elif count >= DEFERRED_MAX_BLOBS or size + len(blob) > DEFERRED_MAX_BYTES:
+        and shared fairly between the sources (`deferral`): when full, a newcomer evicts
+        the oldest blob of the source holding the most, if it holds two more than the
+        newcomer's, else the newcomer is refused: dropped, as it was before deferring. A
+        blob that one node alone returned (``lone``) is that node's word only: within the
+        node's share of the bound, and when refused left on the nodes (not recorded, not
+        acknowledged: another replica that holds it returns it, and it is deferred then),
+        so hostile nodes, alone or colluding, hold their fair share and lose nobody's
+        message the rest would hold."""
+        room = self._deferral_room()
+        victims = room.plan(lone, len(blob))
+        if victims is None and lone is not None:
+            log.info(
+                "mailbox blob %s left on the nodes: unknown sender %s, returned by node %s"
+                " alone, which holds its share of the deferred blobs",
+                blob_id.hex()[:16],
+                sender.hex()[:16],
+                lone.hex()[:16],
+            )
+            self.report.left += 1
+            return
+        if victims is None:
             self._reject(blob_id, f"unknown sender {sender.hex()[:16]}, not looked up: the"
-                         f" blobs waiting for a lookup are at their limit ({count} blobs,"
-                         f" {size} bytes)")  # fmt: skip
+                         f" blobs waiting for a lookup are at their limit ({room.count} blobs,"
+                         f" {room.size} bytes)")  # fmt: skip
             return
         log.info("mailbox blob %s deferred: unknown sender %s, looked up in its turn (%d"
                  " senders a round)", blob_id.hex()[:16], sender.hex()[:16],
                  MAX_SENDER_LOOKUPS)  # fmt: skip
         with self.cache.transaction():
+            for victim in victims:
+                self.cache.evict_deferred(victim)
             self.cache.defer_blob(self.identity.fingerprint, blob_id, blob, sender, self.clock(),
                                   lone)  # fmt: skip
             self._hold(blob_id)
-        self._deferred_usage[None] = (count + 1, size + len(blob))
+        for victim in victims:
+            log.warning("dropped mailbox blob %s: %s", victim.hex()[:16], DEFERRED_EVICTED)
+            room.remove(victim)
+            self.report.rejected.append((victim, DEFERRED_EVICTED))
+        room.add(lone, blob_id, len(blob))
         self.report.deferred += 1
 
-    def _usage(self, source: bytes | None) -> tuple[int, int]:
-        """(blobs, bytes) deferred in all (None) or by ``source`` alone, read once a round."""
-        if source not in self._deferred_usage:
-            self._deferred_usage[source] = self.cache.deferred_usage(source)
-        return self._deferred_usage[source]
+    def _deferral_room(self) -> DeferredRoom:
+        """The deferred blobs by source (`deferral`), read once a round."""
+        if self._room is None:
+            limits = Limits(DEFERRED_MAX_BLOBS, DEFERRED_MAX_BYTES, DEFERRED_NODE_BLOBS,
+                            DEFERRED_NODE_BYTES)  # fmt: skip
+            self._room = DeferredRoom(limits, self.cache.deferred_rows())
+        return self._room
+
+    def _handled(self, blob_id: bytes) -> None:
+        """The blob is no longer deferred (handled or refused), for the room's count."""
+        if self._room is not None:
+            self._room.remove(blob_id)
 
     def _reject(self, blob_id: bytes, reason: str, *, acknowledged: bool = False) -> None:
         log.warning("dropped mailbox blob %s: %s", blob_id.hex()[:16], reason)
         with self.cache.transaction():
-            self.cache.record_blob(blob_id, f"rejected: {reason}", self.clock())
+            self.cache.record_blob(blob_id, f"rejected: {reason}", self.clock(),
+                                   self.identity.fingerprint)  # fmt: skip
             if not acknowledged:
                 self._hold(blob_id)
+        self._handled(blob_id)
         self.report.rejected.append((blob_id, reason))
 
     def _hold(self, blob_id: bytes) -> None:

@@ -34,10 +34,11 @@ from dna_core.mailbox import MailboxClient
 from dna_core.wire import envelope_pb2
 
 from dna_peer.cache import OFFER_HOLD_MS, Cache
+from dna_peer.inbox import MAX_STRANGERS
 from dna_peer.keyserver import now_ms
 from dna_peer.network import join_overlay
 from dna_peer.payloads import DeviceLink, decode_payload
-from dna_peer.peer import USED_LINK_OFFER, Peer
+from dna_peer.peer import USED_LINK_OFFER, Peer, check_max_strangers
 from dna_peer.profile import DEVICE_ID_SIZE, Device, Profile
 
 CODE_BYTES = 10  # 80 bits, 16 base32 characters
@@ -124,11 +125,14 @@ async def accept_link(
     *,
     timeout: float = LINK_WAIT_S,
     pow_bits: int = 12,
+    max_strangers: int = MAX_STRANGERS,
 ) -> Peer:
     """On the new device: fetch the offer, check it, and create the profile from it.
 
     ``passphrase`` (for the new profile) may be a function: it is asked only once an
-    offer was found, so a wrong or used code fails before anyone types a passphrase."""
+    offer was found, so a wrong or used code fails before anyone types a passphrase.
+    ``max_strangers``: `Peer.max_strangers`."""
+    check_max_strangers(max_strangers)
     profile.ensure_absent()  # not after a minute of waiting for the offer
     temp = link_identity(code)
     node = await join_overlay(seeds)
@@ -147,7 +151,8 @@ async def accept_link(
         # the offer for the next try (a profile cut short is cleared by it), never neither.
         device = profile.create(identity, secret, Device(link.device_id, link.device_name),
                                 known_devices)  # fmt: skip
-        peer = Peer(identity, profile.open_cache(identity), node, device, pow_bits, seeds)
+        peer = Peer(identity, profile.open_cache(identity), node, device, pow_bits, seeds,
+                    max_strangers=max_strangers)  # fmt: skip
         peer.save_identity = lambda new, rekey: profile.replace_identity(new, secret, rekey)
     except BaseException:
         await node.stop()

@@ -128,6 +128,14 @@ def check_text(body: str) -> None:
         )
 
 
+def check_max_strangers(value: int) -> int:
+    """``value`` if it can bound the message requests (`Peer.max_strangers`): at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DnaError(f"max_strangers is {value!r}: the message requests kept, a whole"
+                       " number of at least 1")  # fmt: skip
+    return value
+
+
 class KeyChangedError(DnaError):
     """A contact's key changed without a rotation statement signed by the pinned key."""
 
@@ -176,6 +184,7 @@ class Peer:
     )  # (new identity, re-encrypt the cache): Profile.replace_identity
 
     def __post_init__(self) -> None:
+        check_max_strangers(self.max_strangers)
         self.mail = MailboxClient(self.node, pow_bits=self.pow_bits, sessions=self.sessions)
         if self.cache.add_device(self.device.device_id, self.device.name, now_ms()):
             log.info("device %s registered in its cache", self.device.device_id.hex()[:8])
@@ -781,6 +790,7 @@ class Peer:
                         "cursors": _hex_map(self.cache.cursors())})  # fmt: skip
         with self.cache.transaction():
             self.cache.set_state(RETIRED, json.dumps(retired).encode())
+            self.cache.claim_untagged_blobs(old.fingerprint)
             self.cache.clear_cursors()
             if name_move is not None:
                 self.cache.set_state(NAME_MOVE, name_move)
@@ -817,9 +827,13 @@ class Peer:
         entries = json.loads(self.cache.get_state(RETIRED) or b"[]")
         live = [e for e in entries if e["until_ms"] > now_ms()]
         if len(live) < len(entries):  # past the grace period: forget the old keys
-            self.cache.set_state(RETIRED, json.dumps(live).encode())
-            for gone in (e for e in entries if e not in live):  # and what waited there
-                self.cache.drop_deferred(Identity(bytes.fromhex(gone["seeds"])).fingerprint)
+            # ... and what served only their mailbox, in one transaction: a crash part way
+            # keeps the old keys' entry, so the next call does it all again (before, the
+            # keys went first and a crash left their deferred blobs for good)
+            with self.cache.transaction():
+                self.cache.set_state(RETIRED, json.dumps(live).encode())
+                for gone in (e for e in entries if e not in live):
+                    self.cache.forget_mailbox(Identity(bytes.fromhex(gone["seeds"])).fingerprint)
         return [Identity(bytes.fromhex(e["seeds"])) for e in live]
 
     async def _drain_retired(self, old: Identity) -> SyncReport:
@@ -1260,10 +1274,13 @@ async def open_peer(
     pow_bits: int = 12,
     sessions: bool = True,
     check: Callable[[Cache], object] | None = None,
+    max_strangers: int = MAX_STRANGERS,
 ) -> Peer:
     """Unlock the profile's identity and cache, run ``check`` on the cache (what can be
     refused from this device's data alone, such as an unknown contact, is refused before
-    any wait for the network), and join the overlay."""
+    any wait for the network), and join the overlay. ``max_strangers``: `Peer.max_strangers`
+    (`dna`: $DNA_MAX_STRANGERS)."""
+    check_max_strangers(max_strangers)  # before the passphrase is tried or the network joined
     identity = profile.unlock(passphrase)
     cache = profile.open_cache(identity)
     try:
@@ -1273,7 +1290,7 @@ async def open_peer(
     except BaseException:
         cache.close()
         raise
-    peer = Peer(identity, cache, node, profile.device(), pow_bits, seeds, sessions)
+    peer = Peer(identity, cache, node, profile.device(), pow_bits, seeds, sessions, max_strangers)
     peer.save_identity = lambda new, rekey: profile.replace_identity(new, passphrase, rekey)
     if cache.get_state(HISTORY_WANTED) is not None:  # a lost cache (Profile.open_cache):
         try:  # the other devices post their history; unsent, it is asked at the next open

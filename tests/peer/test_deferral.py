@@ -1,0 +1,76 @@
+"""The deferred blobs' room shared fairly between sources (`dna_peer.deferral`): sans-I/O,
+properties over any arrival order (hypothesis prints the failing example to replay)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from dna_peer.deferral import MAX_EVICTIONS, SEVERAL, DeferredRoom, Limits, Source
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+LIMITS = Limits(blobs=30, bytes=10_000, node_blobs=10, node_bytes=10_000)
+SOURCES: list[Source] = [SEVERAL, *(bytes([i]) * 32 for i in range(1, 7))]
+
+
+def arrive(room: DeferredRoom, source: Source, blob_id: bytes, size: int) -> list[bytes] | None:
+    """What `Inbox._defer` does with the plan: evict, then add (None: refused)."""
+    victims = room.plan(source, size)
+    if victims is not None:
+        for victim in victims:
+            room.remove(victim)
+        room.add(source, blob_id, size)
+    return victims
+
+
+# Bursts: a source sends 1-15 blobs in a row (a flood, or a fetch's page from one node).
+BURSTS = st.lists(
+    st.tuples(st.sampled_from(range(len(SOURCES))), st.integers(1, 15)), max_size=40
+).map(lambda bursts: [i for i, n in bursts for _ in range(n)])
+
+
+@settings(max_examples=300, deadline=None)
+@given(BURSTS)
+def test_every_source_keeps_its_fair_share_whatever_the_others_send(order: list[int]) -> None:
+    """Blobs of one size arrive from any sources in any order. Always: the bounds hold; a
+    source refused holds its node share or no less than its fair share less one (the bound
+    / the sources present - 1); and no source is evicted below that. So colluding nodes,
+    each within its share, cannot push an honest source's blobs out."""
+    room = DeferredRoom(LIMITS)
+    sent: Counter[Source] = Counter()
+    for n, index in enumerate(order):
+        source = SOURCES[index]
+        sent[source] += 1
+        present = len(sent)
+        fair = LIMITS.blobs // present - 1
+        before = {s: room.held(s)[0] for s in sent}
+        victims = arrive(room, source, n.to_bytes(4, "big"), 10)
+        assert room.count <= LIMITS.blobs and room.size <= LIMITS.bytes
+        if victims is None:
+            held = before[source]
+            assert held >= fair or (source is not SEVERAL and held >= LIMITS.node_blobs)
+        for other in sent:
+            if other != source and room.held(other)[0] < before[other]:
+                assert room.held(other)[0] >= fair  # evicted only down to its fair share
+        for other in sent:
+            if other is not SEVERAL:
+                assert room.held(other)[0] <= LIMITS.node_blobs
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(range(len(SOURCES))),
+                          st.integers(1, 3_000)), max_size=120))  # fmt: skip
+def test_bytes_bound_and_a_refusal_changes_nothing(arrivals: list[tuple[int, int]]) -> None:
+    """Blobs of any size: the byte bound holds, a newcomer evicts at most MAX_EVICTIONS,
+    each eviction from another source than its own, and a refused plan changes nothing."""
+    room = DeferredRoom(LIMITS)
+    for n, (index, size) in enumerate(arrivals):
+        source = SOURCES[index]
+        state = (room.count, room.size, {s: room.held(s) for s in SOURCES})
+        plan = room.plan(source, size)
+        assert (room.count, room.size, {s: room.held(s) for s in SOURCES}) == state
+        victims = arrive(room, source, n.to_bytes(4, "big"), size)
+        assert room.count <= LIMITS.blobs and room.size <= LIMITS.bytes
+        if victims is not None:
+            assert victims == plan and len(victims) <= MAX_EVICTIONS
+            assert room.held(source)[0] == state[2][source][0] + 1  # none of its own
