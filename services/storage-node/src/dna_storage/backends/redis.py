@@ -29,12 +29,15 @@ Layout (``P`` = prefix, IDs hex-encoded, ``M`` = mailbox, ``B`` = blob ID):
 * ``P z:M`` hash B -> size; ``P u:M`` hash ``bytes`` (usage without reading payloads)
 * ``P eh:M`` hash hour of expiry (expires_ms // ``EXPIRY_HOUR_MS``) -> bytes of the blobs
   expiring in it: usage subtracts the hours gone without reading each expired blob (layout 3)
+* ``P tu:M`` hash B -> 1: the tombstones stored where the node held neither the blob nor a
+  live tombstone of a held ID, counted node-wide in ``P totals`` ``unheld_tombstones``
 * ``P ti:M`` zset B -> tombstone expires_ms; ``P q:M`` seq counter (INCR, never reset)
 * ``P l:M`` / ``P tl:M`` zsets of the blob / tombstone IDs, score 0: by ID (``ZRANGE BYLEX``),
   so a sync list page reads its page, not the whole mailbox (layout 3)
 * ``P x`` zset ``b:M:B`` / ``t:M:B`` -> expires_ms: the node-wide GC queue
 * ``P m`` zset of mailbox IDs, score 0 (lexicographic range scans for digests)
-* ``P totals`` hash ``blobs``, ``bytes``, ``signed_deletes``, ``signed_delete_bytes``
+* ``P totals`` hash ``blobs``, ``bytes``, ``signed_deletes``, ``signed_delete_bytes``,
+  ``unheld_tombstones``
 * ``P incarnation`` 8 random bytes, set when the first call finds none (fetch cursors)
 * ``P gc_time`` the time GC last expired against (``save_gc_time``: a restart resumes it)
 * ``P layout`` ``LAYOUT``: 2 once no key holds a native TTL, 3 once every mailbox has its
@@ -172,7 +175,20 @@ local function ref_tomb(mb, id, h, auth)
   end
   redis.call('HSETNX', skey(h), 'a', auth)  -- again if its key vanished
 end
+-- The node-wide count of tombstones for IDs not held follows ``tu:M`` (HDEL says whether the
+-- tombstone was one), so it stays exact whatever else of the tombstone vanished.
+local function mark_unheld(mb, id)
+  if redis.call('HSET', P .. 'tu:' .. mb, id, 1) == 1 then
+    redis.call('HINCRBY', P .. 'totals', 'unheld_tombstones', 1)
+  end
+end
+local function unmark_unheld(mb, id)
+  if redis.call('HDEL', P .. 'tu:' .. mb, id) == 1 then
+    redis.call('HINCRBY', P .. 'totals', 'unheld_tombstones', -1)
+  end
+end
 local function drop_tomb(mb, id)
+  unmark_unheld(mb, id)
   unref_tomb(mb, id)
   redis.call('ZREM', P .. 'ti:' .. mb, id)
   redis.call('ZREM', P .. 'tl:' .. mb, id)
@@ -183,7 +199,7 @@ local function prune_mailbox(mb)
   if redis.call('ZCARD', P .. 'e:' .. mb) == 0 and redis.call('ZCARD', P .. 'ti:' .. mb) == 0 then
     redis.call('ZREM', P .. 'm', mb)
     redis.call('DEL', P .. 'u:' .. mb, P .. 'z:' .. mb, P .. 's:' .. mb, P .. 'tr:' .. mb,
-      P .. 'l:' .. mb, P .. 'tl:' .. mb, P .. 'eh:' .. mb)
+      P .. 'l:' .. mb, P .. 'tl:' .. mb, P .. 'eh:' .. mb, P .. 'tu:' .. mb)
   end
 end
 """
@@ -247,6 +263,11 @@ local function delete_one(mb, id, deleted, expires, h)
   end
   local old = redis.call('ZSCORE', P .. 'ti:' .. mb, id)
   if (not old) or tonumber(old) < tonumber(expires) then
+    -- held neither as a live blob nor as a live tombstone of a held ID (the service's
+    -- ``held``): counted against the node's bound for such tombstones
+    local was = redis.call('HEXISTS', P .. 'tu:' .. mb, id) == 1
+    local unheld = removed == 0 and ((not old) or tonumber(old) <= now or was)
+    if unheld then mark_unheld(mb, id) else unmark_unheld(mb, id) end
     unref_tomb(mb, id)
     redis.call('DEL', tkey(mb, id))
     ref_tomb(mb, id, h, auths[h])
@@ -906,6 +927,11 @@ class RedisBackend:
     async def tombstones(self, mailbox_id: bytes) -> int:
         """The size of the mailbox's tombstone expiry index."""
         return int(await self._r.zcard(self._key("ti", mailbox_id)))
+
+    async def unheld_tombstones(self) -> int:
+        """``P totals`` ``unheld_tombstones`` (the write scripts keep it, with ``tu:M``)."""
+        count = await self._r.hget(self._p + "totals", "unheld_tombstones")
+        return int(count or 0)
 
     async def totals(self) -> Usage:
         """Everything held, expired-but-not-yet-collected blobs included (it is memory used)."""

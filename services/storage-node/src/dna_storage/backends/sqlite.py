@@ -58,7 +58,9 @@ from dna_storage.backends.common import (
 # 5: tombstones counted per mailbox, the mailboxes held counted in ``totals``
 # 6: each mailbox's blobs and bytes per hour of expiry (``expiry_hours``: usage in O(1)),
 #    a mailbox's live IDs read from an index (``blobs_live``, for ``blobs_usage``)
-SCHEMA_VERSION = 6
+# 7: each tombstone says whether it was stored for an ID the node held neither way
+#    (``unheld``), counted node-wide in ``totals`` (``unheld_tombstones``)
+SCHEMA_VERSION = 7
 # The width of an ``expiry_hours`` bucket: usage reads the whole hours that expired from
 # the buckets and the blobs of the current hour from the rows.
 EXPIRY_HOUR_MS = 3_600_000
@@ -113,7 +115,8 @@ CREATE TABLE IF NOT EXISTS tombstones (
     blob_id BLOB NOT NULL,
     deleted_ms INTEGER NOT NULL,
     expires_ms INTEGER NOT NULL,
-    auth_digest BLOB NOT NULL          -- signed_deletes.digest: its authorization
+    auth_digest BLOB NOT NULL,         -- signed_deletes.digest: its authorization
+    unheld INTEGER NOT NULL DEFAULT 0  -- 1: stored where no blob or live tombstone was
 );
 CREATE UNIQUE INDEX IF NOT EXISTS tombstones_id ON tombstones (mailbox_id, blob_id);
 CREATE INDEX IF NOT EXISTS tombstones_expiry ON tombstones (expires_ms, mailbox_id, blob_id);
@@ -129,7 +132,8 @@ CREATE TABLE IF NOT EXISTS totals (     -- kept by triggers: O(1) metrics on a m
     bytes INTEGER NOT NULL,
     signed_deletes INTEGER NOT NULL DEFAULT 0,
     signed_delete_bytes INTEGER NOT NULL DEFAULT 0,
-    mailboxes INTEGER NOT NULL DEFAULT 0  -- with a blob or a tombstone: `mailboxes()`
+    mailboxes INTEGER NOT NULL DEFAULT 0, -- with a blob or a tombstone: `mailboxes()`
+    unheld_tombstones INTEGER NOT NULL DEFAULT 0  -- tombstones.unheld summed: the node's bound
 );
 INSERT OR IGNORE INTO totals (id, blobs, bytes) VALUES (0, 0, 0);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
@@ -186,6 +190,14 @@ CREATE TRIGGER IF NOT EXISTS mailbox_tombstone_added AFTER INSERT ON tombstones 
 END;
 CREATE TRIGGER IF NOT EXISTS mailbox_tombstone_removed AFTER DELETE ON tombstones BEGIN
     UPDATE mailboxes SET tombstones = tombstones - 1 WHERE mailbox_id = OLD.mailbox_id;
+END;
+CREATE TRIGGER IF NOT EXISTS unheld_tombstone_added AFTER INSERT ON tombstones
+WHEN NEW.unheld = 1 BEGIN
+    UPDATE totals SET unheld_tombstones = unheld_tombstones + 1 WHERE id = 0;
+END;
+CREATE TRIGGER IF NOT EXISTS unheld_tombstone_removed AFTER DELETE ON tombstones
+WHEN OLD.unheld = 1 BEGIN
+    UPDATE totals SET unheld_tombstones = unheld_tombstones - 1 WHERE id = 0;
 END;
 CREATE TRIGGER IF NOT EXISTS mailbox_held_changed AFTER UPDATE OF blobs, tombstones
 ON mailboxes WHEN (OLD.blobs > 0 OR OLD.tombstones > 0) != (NEW.blobs > 0 OR NEW.tombstones > 0)
@@ -256,6 +268,13 @@ CREATE TABLE expiry_hours (
 INSERT INTO expiry_hours
     SELECT mailbox_id, expires_ms / 3600000, count(*), sum(size) FROM blobs GROUP BY 1, 2;
 DROP INDEX blobs_usage;
+""",
+    # Tombstones for IDs not held, counted node-wide (MAILBOX_COUNTERS' triggers). Which of
+    # the tombstones already stored were is not known: they count as held (0) and leave
+    # within a tombstone lifetime; ADD COLUMN with a default rewrites no row.
+    6: """
+ALTER TABLE tombstones ADD COLUMN unheld INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE totals ADD COLUMN unheld_tombstones INTEGER NOT NULL DEFAULT 0;
 """,
 }
 
@@ -687,6 +706,13 @@ class SqliteBackend:
         ).fetchone())  # fmt: skip
         return 0 if row is None else int(row[0])
 
+    async def unheld_tombstones(self) -> int:
+        """``totals.unheld_tombstones`` (triggers keep it)."""
+        count: int = await self._reader.submit(
+            lambda c: c.execute("SELECT unheld_tombstones FROM totals WHERE id = 0").fetchone()[0]
+        )
+        return count
+
     async def totals(self) -> Usage:
         """Everything held, expired-but-not-yet-collected blobs included (it is disk used)."""
         row = await self._reader.submit(
@@ -828,18 +854,28 @@ def _delete_one(
     if expires <= now_ms:
         return removed
     row = conn.execute(
-        "SELECT expires_ms, auth_digest FROM tombstones WHERE mailbox_id = ? AND blob_id = ?", key
+        "SELECT expires_ms, auth_digest, unheld FROM tombstones"
+        " WHERE mailbox_id = ? AND blob_id = ?",
+        key,
     ).fetchone()
     if row is None or row[0] < expires:
         conn.execute("DELETE FROM tombstones WHERE mailbox_id = ? AND blob_id = ?", key)
         if row is not None:  # its last reference going drops the signed delete it named
             stored.discard(row[1])
-        _insert_tombstone(conn, tomb, digest, expires, stored)
+        # Held neither as a live blob nor as a live tombstone of a held ID: counted against
+        # the node's bound (``unheld_tombstones``), as the service's ``held`` judged it.
+        unheld = removed == 0 and (row is None or row[0] <= now_ms or row[2] == 1)
+        _insert_tombstone(conn, tomb, digest, expires, stored, unheld)
     return removed
 
 
 def _insert_tombstone(
-    conn: sqlite3.Connection, tomb: Tombstone, digest: bytes, expires: int, stored: set[bytes]
+    conn: sqlite3.Connection,
+    tomb: Tombstone,
+    digest: bytes,
+    expires: int,
+    stored: set[bytes],
+    unheld: bool,
 ) -> None:
     """The signed delete once (its first tombstone stores it: the first of the batch sends
     its bytes, the others know it is there), then the row referencing it; the
@@ -852,9 +888,10 @@ def _insert_tombstone(
         )
         stored.add(digest)
     conn.execute(
-        "INSERT INTO tombstones (mailbox_id, blob_id, deleted_ms, expires_ms, auth_digest)"
-        " VALUES (?, ?, ?, ?, ?)",
-        (tomb.mailbox_id, tomb.blob_id, tomb.deleted_ms, expires, digest),
+        "INSERT INTO tombstones"
+        " (mailbox_id, blob_id, deleted_ms, expires_ms, auth_digest, unheld)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (tomb.mailbox_id, tomb.blob_id, tomb.deleted_ms, expires, digest, int(unheld)),
     )
 
 
