@@ -41,7 +41,10 @@ Layout (``P`` = prefix, IDs hex-encoded, ``M`` = mailbox, ``B`` = blob ID):
 * ``P incarnation`` 8 random bytes, set when the first call finds none (fetch cursors)
 * ``P gc_time`` the time GC last expired against (``save_gc_time``: a restart resumes it)
 * ``P layout`` ``LAYOUT``: 2 once no key holds a native TTL, 3 once every mailbox has its
-  ID indexes (``l:``, ``tl:``); a node refuses a store of a layout newer than its own
+  ID indexes (``l:``, ``tl:``), 4 once tombstones for IDs not held are counted; a node
+  refuses a store of a layout newer than its own
+* ``P checked`` the node-wide counters (``totals`` and the size of ``x``) as a node of this
+  layout last left them: a connect that finds them so skips the full index check
 
 Every write is one Lua script (atomic: a put cannot slip past a concurrent delete, and a
 duplicate never takes a seq). Scripts build key names from the prefix, so this backend targets
@@ -106,7 +109,9 @@ _PIPELINE_CHUNK = 256  # commands per pipeline round trip
 # The key layout's version (``P layout``; absent: 1). 2: no key has a native TTL (in 1, blob,
 # tombstone and signed delete keys had a PEXPIREAT, the Redis server's clock). 3: each mailbox's
 # blob and tombstone IDs are indexed by ID (``l:M``, ``tl:M``: sync list pages read a page).
-LAYOUT = 3
+# 4: tombstones stored for IDs not held are marked (``tu:M``) and counted, and every write
+# leaves ``P checked`` (a node of layout 3 would keep neither, and refuses a layout 4 store).
+LAYOUT = 4
 _SCAN_CHUNK = 64  # index entries per fetch round trip (beyond limit + 1)
 _ID_CHUNK = 4096  # IDs per round trip when a mailbox's whole ID index is read (repair)
 WRITE_CHUNK = 100  # tombstones (or IDs forgotten) per script: each holds the whole server
@@ -195,6 +200,21 @@ local function drop_tomb(mb, id)
   redis.call('ZREM', P .. 'x', 't:' .. mb .. ':' .. id)
   redis.call('DEL', tkey(mb, id))
 end
+-- What a node of this layout last left the store as: the node-wide counters every layout
+-- keeps (an older node writing here changes them), set by each write script that found
+-- them as last left and by the full index check (``RedisBackend._index_ids``). A connect
+-- that finds them so skips that check (O(1)); one that does not (an older node wrote, or
+-- a check was cut short) runs it.
+local function written_state()
+  local t = redis.call('HMGET', P .. 'totals', 'blobs', 'bytes', 'signed_deletes',
+    'signed_delete_bytes')
+  local parts = {}
+  for i = 1, 4 do parts[i] = tostring(tonumber(t[i] or '0')) end
+  parts[5] = tostring(redis.call('ZCARD', P .. 'x'))
+  return table.concat(parts, ' ')
+end
+local function as_left() return redis.call('GET', P .. 'checked') == written_state() end
+local function leave(was) if was then redis.call('SET', P .. 'checked', written_state()) end end
 local function prune_mailbox(mb)
   if redis.call('ZCARD', P .. 'e:' .. mb) == 0 and redis.call('ZCARD', P .. 'ti:' .. mb) == 0 then
     redis.call('ZREM', P .. 'm', mb)
@@ -233,10 +253,12 @@ local function put_one(mb, id, blob, stored, expires, proof)
   redis.call('ZADD', P .. 'm', 0, mb)
   return 0
 end
+local was = as_left()
 local out = {}
 for i = 3, #ARGV, 6 do
   out[#out + 1] = put_one(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5])
 end
+leave(was)
 return out
 """
 
@@ -279,15 +301,18 @@ local function delete_one(mb, id, deleted, expires, h)
   end
   return removed
 end
+local was = as_left()
 local removed = 0
 for i = first, #ARGV, 5 do
   removed = removed + delete_one(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
 end
+leave(was)
 return removed
 """
 
 # ARGV: prefix, now, limit. Oldest expiry first; ties: blobs ('b:') before tombstones ('t:').
 _EXPIRE = """
+local was = as_left()
 local items = redis.call('ZRANGEBYSCORE', P .. 'x', '-inf', ARGV[2], 'LIMIT', 0, ARGV[3])
 for _, item in ipairs(items) do
   local kind, mb, id = string.match(item, '^(%a):(%x*):(%x*)$')
@@ -295,6 +320,7 @@ for _, item in ipairs(items) do
   redis.call('ZREM', P .. 'x', item)
   prune_mailbox(mb)
 end
+leave(was)
 return #items
 """
 
@@ -302,6 +328,7 @@ return #items
 # Drops them without a tombstone; the seq counter stays. Returns how many were held.
 _FORGET = """
 local mb, blobs = ARGV[2], tonumber(ARGV[3])
+local was = as_left()
 local removed = 0
 for i = 4, #ARGV do
   local id = ARGV[i]
@@ -314,6 +341,7 @@ for i = 4, #ARGV do
   end
 end
 prune_mailbox(mb)
+leave(was)
 return removed
 """
 
@@ -321,6 +349,7 @@ return removed
 # Drops them only if the key is still missing (a concurrent re-put may have restored it).
 _CLEAN = """
 local mb = ARGV[2]
+local was = as_left()
 local cleaned = 0
 for i = 3, #ARGV do
   if redis.call('EXISTS', bkey(mb, ARGV[i])) == 0 then
@@ -329,6 +358,7 @@ for i = 3, #ARGV do
   end
 end
 prune_mailbox(mb)
+leave(was)
 return cleaned
 """
 
@@ -446,6 +476,8 @@ class RedisBackend:
         self._forget = client.register_script(_PRELUDE + _FORGET)
         self._usage = client.register_script(_PRELUDE + _USAGE)
         self._index_check = client.register_script(_PRELUDE + _INDEX_CHECK)
+        self._as_left = client.register_script(_PRELUDE + "return as_left() and 1 or 0")
+        self._leave = client.register_script(_PRELUDE + "leave(true)")
 
     @classmethod
     async def connect(cls, url: str, *, prefix: str = "dna:") -> RedisBackend:
@@ -490,17 +522,20 @@ class RedisBackend:
             )
         if layout < 2:
             await self._remove_native_expiry()
-        await self._index_ids()
+        if layout < LAYOUT or not await self._as_left(keys=[], args=[self._p]):
+            await self._index_ids()
+            await self._leave(keys=[], args=[self._p])  # only once the check is complete
         if layout < LAYOUT:
             await self._r.set(self._p + "layout", LAYOUT)
 
     async def _index_ids(self) -> None:
         """Layout 3: each mailbox's blob and tombstone IDs indexed by ID (``l:M``, ``tl:M``).
-        Run at every connect, not only the upgrade: a node of layout 2 started on the store
-        (a downgrade) writes without the index, so a mailbox whose ID index and expiry index
-        differ in size has its ID index rebuilt from the expiry index (four ``ZCARD`` per
-        mailbox, in a script per 4,096: 0.22 s per 10,000 mailboxes, and the rebuild reads only
-        the mailboxes that need it)."""
+        Run at the upgrade, and at a connect after a node of layout 2 started on the store
+        (a downgrade: it writes without the index, and does not keep ``P checked``), or
+        after a check cut short (it sets ``P checked`` only at its end). A mailbox whose ID
+        index and expiry index differ in size has its ID index rebuilt from the expiry
+        index (four ``ZCARD`` per mailbox, in a script per 4,096: 0.22 s per 10,000
+        mailboxes, and the rebuild reads only the mailboxes that need it)."""
         mailboxes: list[str] = []
         async for member, _ in self._r.zscan_iter(self._p + "m", count=_ID_CHUNK):
             mailboxes.append(member.decode() if isinstance(member, bytes) else member)
