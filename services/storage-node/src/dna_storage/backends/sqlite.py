@@ -69,6 +69,10 @@ MAX_JOBS_PER_COMMIT = 256  # bounds one transaction's size and the latency it ad
 # so the writer is held ~40 ms at once, not 0.4-0.9 s (blobs of 60 KB dropped with them).
 WRITE_CHUNK = 100
 _IN_CHUNK = 500  # IDs per `IN (...)` query, well under SQLite's variable limit
+# A mailbox holding more expired blobs (GC has not reached) than live ones, and no more live
+# ones than this, is paged from its live blobs (``blobs_live``, by expiry), not by stepping
+# through its seqs past every expired row: 100,000 expired took 46 ms a fetch.
+_FEW_LIVE = 4096
 BUSY_TIMEOUT_MS = 10_000  # how long a call waits for a lock another process holds on the file
 # Primary result codes of a file that cannot be reached now (``_storage_error``).
 _UNAVAILABLE = (
@@ -950,11 +954,7 @@ def _page(
     conn: sqlite3.Connection, box: bytes, cursor: int, limit: int, now_ms: int, max_bytes: int
 ) -> Page:
     """The rows of a fetch, read one at a time and stopped at ``limit`` or ``max_bytes``."""
-    rows = conn.execute(
-        f"SELECT {_BLOB_COLUMNS} FROM blobs WHERE mailbox_id = ? AND seq > ?"
-        " AND expires_ms > ? ORDER BY seq LIMIT ?",
-        (box, cursor, now_ms, limit + 1),
-    )
+    rows = _page_rows(conn, box, cursor, limit, now_ms)
     taken: list[StoredBlob] = []
     size = 0
     for row in rows:
@@ -964,6 +964,33 @@ def _page(
         taken.append(StoredBlob(row[0], row[1], row[2], row[3], row[4], row[5], decode_pow(row[6])))
         size += len(row[2])
     return Page(taken, taken[-1].seq if taken else cursor, False)
+
+
+def _page_rows(
+    conn: sqlite3.Connection, box: bytes, cursor: int, limit: int, now_ms: int
+) -> Iterable[tuple[Any, ...]]:
+    """A page's rows (``_BLOB_COLUMNS``) in seq order, read as they are used: by the seq
+    index, or, for a mailbox of few live blobs behind an expired backlog (``_FEW_LIVE``),
+    the page's seqs first from its live blobs' index entries (O(live), not O(expired)),
+    then each row by its seq."""
+    held = conn.execute("SELECT blobs FROM mailboxes WHERE mailbox_id = ?", (box,)).fetchone()
+    live = _usage(conn, box, now_ms)[0] if held is not None else 0
+    if held is not None and live <= _FEW_LIVE and held[0] - live > live:
+        seqs = [
+            row[0]
+            for row in conn.execute(
+                "SELECT seq FROM blobs INDEXED BY blobs_live WHERE mailbox_id = ?"
+                " AND expires_ms > ? AND seq > ? ORDER BY seq LIMIT ?",
+                (box, now_ms, cursor, limit + 1),
+            )
+        ]
+        by_seq = f"SELECT {_BLOB_COLUMNS} FROM blobs WHERE mailbox_id = ? AND seq = ?"
+        return (row for seq in seqs if (row := conn.execute(by_seq, (box, seq)).fetchone()))
+    return conn.execute(
+        f"SELECT {_BLOB_COLUMNS} FROM blobs WHERE mailbox_id = ? AND seq > ?"
+        " AND expires_ms > ? ORDER BY seq LIMIT ?",
+        (box, cursor, now_ms, limit + 1),
+    )
 
 
 def _blobs_by_id(
