@@ -84,6 +84,40 @@ def test_group_commit_batches_concurrent_writes(tmp_path: Path) -> None:
     assert 1 <= commits < n / 4, f"{commits} commits for {n} concurrent puts"
 
 
+def test_a_transaction_is_capped_by_work_and_a_small_put_does_not_wait_for_it(
+    tmp_path: Path,
+) -> None:
+    """16 batches of 4 x 1 MiB queued at once, then one small put: the writer's groups stop
+    at ``MAX_WORK_PER_COMMIT`` (8 MiB: 8 commits at least, not one of 64 MiB holding every
+    put until it ends), and the small put joins the first group formed after it, answered
+    before most of the large ones. Fails without the work cap (checked: 1 commit, the
+    small put answered last)."""
+
+    async def main() -> None:
+        b = await SqliteBackend.open(tmp_path / "mail.db")
+        try:
+            box = b"\x03" * 32
+            mib = 1024 * 1024
+            large = [[blob(4 * i + j, box, size=mib) for j in range(4)] for i in range(16)]
+            done: list[str] = []
+
+            async def put(name: str, batch: list[StoredBlob]) -> None:
+                await b.put_many(batch, T0)
+                done.append(name)
+
+            before = b.commits
+            tasks = [asyncio.create_task(put(f"large {i}", x)) for i, x in enumerate(large)]
+            tasks.append(asyncio.create_task(put("small", [blob(999, box)])))
+            await asyncio.gather(*tasks)
+            assert b.commits - before >= 8
+            assert done.index("small") < 8, done
+            assert (await b.usage(box, T0)).blobs == 65
+        finally:
+            await b.close()
+
+    asyncio.run(main())
+
+
 def test_sequential_writes_commit_one_by_one(tmp_path: Path) -> None:
     async def main() -> None:
         b = await SqliteBackend.open(tmp_path / "mail.db")

@@ -23,6 +23,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,13 @@ SCHEMA_VERSION = 7
 # the buckets and the blobs of the current hour from the rows.
 EXPIRY_HOUR_MS = 3_600_000
 MAX_JOBS_PER_COMMIT = 256  # bounds one transaction's size and the latency it adds
+# ... and its work: a job's is the bytes it writes (payloads and signed deletes) plus
+# ``ROW_WORK`` a row. 32 writers of 4 MiB batches made transactions of ~128 MiB, and a
+# 100 B put waited 2.9-3.5 s for its group; a transaction now stops at this much, and a
+# small job (``SMALL_WORK``) still joins the one being formed, ahead of large ones queued.
+MAX_WORK_PER_COMMIT = 8 * 1024 * 1024
+SMALL_WORK = 64 * 1024
+ROW_WORK = 512
 # Tombstones (or IDs forgotten) per writer job: a delete of 1,000 is 10 jobs, one at a time,
 # so the writer is held ~40 ms at once, not 0.4-0.9 s (blobs of 60 KB dropped with them).
 WRITE_CHUNK = 100
@@ -300,6 +308,7 @@ class _Job:
     fn: Callable[[sqlite3.Connection], Any]
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
+    work: int = ROW_WORK  # bytes written, about (``MAX_WORK_PER_COMMIT``)
 
 
 _STOP = object()
@@ -402,8 +411,10 @@ def _statements(script: str) -> list[str]:
 class _Worker:
     """One thread owning one connection, fed by a queue.
 
-    The writer (``group_commit=True``) runs every job it can drain from the queue in a single
-    transaction; the reader runs each job in its own read transaction (one snapshot per call).
+    The writer (``group_commit=True``) runs the jobs it can drain from the queue in a single
+    transaction, up to ``MAX_JOBS_PER_COMMIT`` and ``MAX_WORK_PER_COMMIT`` (small jobs join
+    it past the work cap, those left wait in ``_pending`` for the next, oldest first); the
+    reader runs each job in its own read transaction (one snapshot per call).
     """
 
     name: str
@@ -413,6 +424,8 @@ class _Worker:
     _queue: queue.SimpleQueue[_Job | object] = field(default_factory=queue.SimpleQueue)
     _thread: threading.Thread | None = None
     _closed: bool = False
+    _pending: deque[_Job] = field(default_factory=deque)  # the writer thread's alone
+    _stopping: bool = False
 
     async def start(self) -> None:
         """Start the thread and wait until its connection is open (or raise why not)."""
@@ -425,12 +438,14 @@ class _Worker:
         self._thread.start()
         await ready
 
-    def submit(self, fn: Callable[[sqlite3.Connection], Any]) -> asyncio.Future[Any]:
+    def submit(
+        self, fn: Callable[[sqlite3.Connection], Any], work: int = ROW_WORK
+    ) -> asyncio.Future[Any]:
         if self._closed:
             raise RuntimeError("storage backend is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.put(_Job(fn, future, loop))
+        self._queue.put(_Job(fn, future, loop, work))
         return future
 
     async def stop(self) -> None:
@@ -459,6 +474,8 @@ class _Worker:
             conn.close()
 
     def _fail_queued(self) -> None:
+        while self._pending:
+            _deliver(self._pending.popleft(), None, RuntimeError("storage backend is closed"))
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -468,24 +485,49 @@ class _Worker:
                 _deliver(item, None, RuntimeError("storage backend is closed"))
 
     def _next_batch(self) -> list[_Job] | None:
-        """Block for one job, then take whatever else is already waiting (the group)."""
+        """The writer's next group (``_next_group``); the reader's next job, alone."""
+        if self.group_commit:
+            return self._next_group()
         first = self._queue.get()
         if first is _STOP:
             return None
         assert isinstance(first, _Job)
-        batch = [first]
-        limit = MAX_JOBS_PER_COMMIT if self.group_commit else 1
-        while len(batch) < limit:
+        return [first]
+
+    def _next_group(self) -> list[_Job] | None:
+        """The writer's next transaction: the oldest job waiting (blocking for one), then
+        those after it while they fit the caps, and small ones past the work cap; the
+        others stay pending, in order. None once stopped and nothing is left."""
+        pending = self._pending
+        if not pending:
+            first = None if self._stopping else self._queue.get()
+            if first is None or first is _STOP:
+                return None
+            assert isinstance(first, _Job)
+            pending.append(first)
+        while not self._stopping:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
             if item is _STOP:
-                self._queue.put(_STOP)  # seen again after this batch
-                break
-            assert isinstance(item, _Job)
-            batch.append(item)
-        return batch
+                self._stopping = True  # what is queued before it still runs
+            else:
+                assert isinstance(item, _Job)
+                pending.append(item)
+        group: list[_Job] = []
+        work = 0
+        left: deque[_Job] = deque()
+        for job in pending:
+            room = len(group) < MAX_JOBS_PER_COMMIT
+            fits = work + job.work <= MAX_WORK_PER_COMMIT or job.work <= SMALL_WORK
+            if not group or (room and fits):
+                group.append(job)
+                work += job.work
+            else:
+                left.append(job)
+        self._pending = left
+        return group
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         """One transaction for the whole group; answers go out only after COMMIT."""
@@ -583,8 +625,9 @@ class SqliteBackend:
         if not blobs:
             return []
         batch = list(blobs)
+        work = sum(len(b.blob) + ROW_WORK for b in batch)
         result: list[PutOutcome] = await self._writer.submit(
-            lambda c: [_put_one(c, b, now_ms) for b in batch]
+            lambda c: [_put_one(c, b, now_ms) for b in batch], work
         )
         return result
 
@@ -600,7 +643,8 @@ class SqliteBackend:
         for i in range(0, len(batch), WRITE_CHUNK):
             part, part_digests = batch[i : i + WRITE_CHUNK], digests[i : i + WRITE_CHUNK]
             job = functools.partial(_delete_batch, batch=part, digests=part_digests, now_ms=now_ms)
-            removed += await self._writer.submit(job)
+            work = ROW_WORK * len(part) + sum(len(a) for a in {t.authorization for t in part})
+            removed += await self._writer.submit(job, work)
         return removed
 
     async def expire(self, now_ms: int, limit: int) -> int:
