@@ -69,8 +69,8 @@ async def run(args: argparse.Namespace) -> None:
         backend = await SqliteBackend.open(Path(tmp) / "wait.db")
         try:
             end = time.perf_counter() + args.seconds
-            tasks = [writer(backend, n, args, end) for n in range(args.writers)]
-            *written, waits = await asyncio.gather(*tasks, probe(backend, end))
+            writers = [writer(backend, n, args, end) for n in range(args.writers)]
+            written, waits = await asyncio.gather(asyncio.gather(*writers), probe(backend, end))
         finally:
             await backend.close()
     waits.sort()
