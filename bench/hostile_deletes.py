@@ -1,7 +1,7 @@
 """What a node stores for hostile deletes, and what the owner's cleanup takes.
 
 ``uv run python -m bench.hostile_deletes [--deletes 20] [--ids 1000] [--cleanup 10000]
-[--redis-url URL]``
+[--sources 1] [--node-max N] [--redis-url URL]``
 
 Through the node's own delete path (``MailboxService.delete_one``, as the unary `Delete`
 and sessions call it; no gRPC) with the default admission, over a real backend:
@@ -10,6 +10,10 @@ and sessions call it; no gRPC) with the default admission, over a real backend:
   each from a fresh identity (a mailbox costs nothing to make), sent back to back from one
   source address, none retried; printed: the bytes sent (the requests), those admitted,
   and what the store grew by (SQLite pages in use; Redis ``used_memory``);
+* many mailboxes: the same with ``--sources`` N, each delete from the next of N source
+  addresses (an attacker with many addresses, each within its rate, and many mailboxes,
+  each within its bound): only the node's bound (``node_max_tombstones_unheld``, set
+  with ``--node-max``) stops it;
 * cleanup: ``--cleanup`` blobs put into one mailbox, then deleted by their owner in
   batches of 200 (``DELETE_BATCH_IDS``) from one source, timed.
 
@@ -34,7 +38,7 @@ from dna_core.crypto import Identity
 from dna_core.errors import ProtocolError
 from dna_core.mailbox import StoredBlob, mailbox_id, sign_delete
 from dna_core.wire import mailbox_pb2
-from dna_storage.admission import Admission
+from dna_storage.admission import Admission, AdmissionConfig
 from dna_storage.backends.redis import RedisBackend
 from dna_storage.backends.sqlite import SqliteBackend
 from dna_storage.mailbox_service import MailboxService
@@ -50,25 +54,38 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-async def delete(service: MailboxService, request: mailbox_pb2.DeleteRequest) -> int:
+def admission(node_max: int) -> Admission:
+    """The default admission, with the node's bound for tombstones of IDs not held set to
+    ``node_max`` when given (0: the default; an older node has none)."""
+    if not node_max:
+        return Admission()
+    return Admission(AdmissionConfig(node_max_tombstones_unheld=node_max))
+
+
+async def delete(
+    service: MailboxService, request: mailbox_pb2.DeleteRequest, source: str = SOURCE
+) -> int:
     """``delete_one`` of this node version (with the source address if it takes one)."""
     takes_source = "source_ip" in inspect.signature(service.delete_one).parameters
     call: Any = service.delete_one
-    args = (request, SOURCE, now_ms()) if takes_source else (request, now_ms())
+    args = (request, source, now_ms()) if takes_source else (request, now_ms())
     answer = await call(*args)
     return int(answer.deleted)
 
 
-async def hostile(backend: Any, deletes: int, ids: int) -> tuple[int, int, int]:
+async def hostile(
+    backend: Any, deletes: int, ids: int, sources: int, node_max: int
+) -> tuple[int, int, int]:
     """(bytes sent, deletes admitted, refused)."""
-    service = MailboxService(backend, Admission())
+    service = MailboxService(backend, admission(node_max))
     sent = admitted = refused = 0
-    for _ in range(deletes):
+    for i in range(deletes):
         owner = Identity.generate()
         raw = sign_delete(owner, [os.urandom(32) for _ in range(ids)], now_ms=now_ms())
         sent += len(raw)
+        source = SOURCE if sources <= 1 else f"198.51.{i % sources // 256}.{i % sources % 256}"
         try:
-            await delete(service, mailbox_pb2.DeleteRequest.FromString(raw))
+            await delete(service, mailbox_pb2.DeleteRequest.FromString(raw), source)
             admitted += 1
         except ProtocolError:
             refused += 1
@@ -128,10 +145,13 @@ Store = Callable[[Callable[[Any], Awaitable[Any]]], Awaitable[tuple[Any, int]]]
 
 
 async def report(name: str, store: Store, args: argparse.Namespace) -> None:
-    (sent, ok, refused), grew = await store(lambda b: hostile(b, args.deletes, args.ids))
+    (sent, ok, refused), grew = await store(
+        lambda b: hostile(b, args.deletes, args.ids, args.sources, args.node_max)
+    )
     print(
-        f"{name} hostile: {args.deletes} deletes x {args.ids} random IDs, {sent:,} bytes "
-        f"sent, {ok} admitted, {refused} refused; store grew {grew:,} bytes "
+        f"{name} hostile: {args.deletes} deletes x {args.ids} random IDs from "
+        f"{max(args.sources, 1)} source(s), node bound {args.node_max or 'default'}: "
+        f"{sent:,} bytes sent, {ok} admitted, {refused} refused; store grew {grew:,} bytes "
         f"({grew / sent:.1f}x what was sent)"
     )
     (seconds, deleted), _ = await store(lambda b: cleanup(b, args.cleanup))
@@ -146,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--deletes", type=int, default=20)
     parser.add_argument("--ids", type=int, default=1000)
     parser.add_argument("--cleanup", type=int, default=10_000)
+    parser.add_argument("--sources", type=int, default=1, help="source addresses, in turn")
+    parser.add_argument("--node-max", type=int, default=0, help="node_max_tombstones_unheld")
     parser.add_argument("--redis-url", default="")
     args = parser.parse_args(argv)
     asyncio.run(report("sqlite", on_sqlite, args))

@@ -41,6 +41,18 @@ class Stores:
         self._opened.append(backend)
         return backend
 
+    async def reopen(self, backend: MailboxBackend) -> MailboxBackend:
+        """Close ``backend`` and open its store again (a node restart)."""
+        await backend.close()
+        again: MailboxBackend
+        if isinstance(backend, SqliteBackend):
+            again = await SqliteBackend.open(backend.path)
+        else:
+            assert isinstance(backend, RedisBackend)
+            again = await RedisBackend.connect(self._redis_url(), prefix=backend._p)
+        self._opened.append(again)
+        return again
+
     def close(self) -> None:
         try:
             for backend in self._opened:

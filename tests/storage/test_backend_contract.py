@@ -624,6 +624,58 @@ def test_mailboxes_counts_those_holding_blobs_or_tombstones(stores: Stores, kind
     run_scenario(stores, kind, scenario)
 
 
+def test_tombstones_for_ids_not_held_are_counted_node_wide(stores: Stores, kind: str) -> None:
+    """A counter (the node's bound for such deletes), kept by every way a tombstone comes
+    and goes: a tombstone of a held blob or replacing a held one's is not counted."""
+
+    async def scenario(b: MailboxBackend) -> None:
+        x, y = blob(mbox(0), b"x"), blob(mbox(1), b"y")
+        await b.put_many([x, y], T0)
+        never = [hashlib.sha256(b"never held %d" % i).digest() for i in range(3)]
+        await b.delete([tomb(mbox(0), x.blob_id), tomb(mbox(1), never[0])], T0)
+        await b.delete([tomb(mbox(2), never[1]), tomb(mbox(2), never[2])], T0)
+        assert await b.unheld_tombstones() == 3  # x was held: its tombstone is not counted
+        # a later tombstone replacing one keeps what the first was
+        await b.delete([tomb(mbox(0), x.blob_id, ttl=3 * DAY)], T0)
+        await b.delete([tomb(mbox(1), never[0], ttl=3 * DAY)], T0)
+        assert await b.unheld_tombstones() == 3
+        await b.delete([tomb(mbox(1), y.blob_id)], T0)  # held: not counted
+        await b.forget(mbox(2), [], [never[1]])
+        assert await b.unheld_tombstones() == 2
+        assert await b.expire(T0 + 2 * DAY, 100) > 0  # never[2]'s tombstone and y's
+        assert await b.unheld_tombstones() == 1
+        assert await b.expire(T0 + 100 * DAY, 100) > 0
+        assert await b.unheld_tombstones() == 0
+
+    run_scenario(stores, kind, scenario)
+
+
+def test_a_fetch_past_an_expired_backlog_pages_its_live_blobs(stores: Stores, kind: str) -> None:
+    """More expired blobs (GC not run) than live ones: pages hold the live ones in seq
+    order from any cursor, within the byte budget (the backends then page from the live
+    blobs, not through the backlog)."""
+
+    async def scenario(b: MailboxBackend) -> None:
+        m = mbox(0)
+        held = [blob(m, b"backlog %d" % i, ttl=1000) for i in range(300)]
+        for n in (0, 150, 299):
+            held[n] = blob(m, b"live %d" % n, ttl=DAY)
+        await b.put_many(held, T0)
+        later = T0 + 5000
+        live = await fetch_all(b, m, later, limit=2)
+        assert [x.blob for x in live] == [b"live 0", b"live 150", b"live 299"]
+        assert [x.seq for x in live] == [1, 151, 300]
+        page = await b.fetch(m, 1, 1, later)
+        assert ([x.seq for x in page.blobs], page.next_cursor, page.more) == ([151], 151, True)
+        page = await b.fetch(m, 151, 5, later)
+        assert ([x.seq for x in page.blobs], page.more) == ([300], False)
+        page = await b.fetch(m, 0, 5, later, max_bytes=10)  # one blob at least, then cut
+        assert ([x.seq for x in page.blobs], page.next_cursor, page.more) == ([1], 1, True)
+        assert (await b.fetch(m, 300, 5, later)).blobs == []
+
+    run_scenario(stores, kind, scenario)
+
+
 def test_incarnation_is_stable_and_new_for_a_new_store(stores: Stores, kind: str) -> None:
     """What fetch cursors carry: 8 bytes, the same on every call while the data lives,
     different for a store that starts empty (a wiped node)."""
@@ -684,6 +736,9 @@ class Model:
     blobs: dict[Key, StoredBlob] = field(default_factory=dict)  # physically held
     tombs: dict[Key, Tombstone] = field(default_factory=dict)
     seqs: dict[bytes, int] = field(default_factory=dict)
+    # Tombstones stored where neither a live blob nor a live tombstone of a held ID was
+    # (``unheld_tombstones``: the node's bound for deletes of IDs not held).
+    unheld: set[Key] = field(default_factory=set)
 
     def put(self, b: StoredBlob, now: int) -> PutOutcome:
         key = (b.mailbox_id, b.blob_id)
@@ -706,10 +761,15 @@ class Model:
         old = self.tombs.get(key)
         if expires > now and (old is None or old.expires_ms < expires):
             self.tombs[key] = replace(t, expires_ms=expires)
+            if not live and (old is None or old.expires_ms <= now or key in self.unheld):
+                self.unheld.add(key)
+            else:
+                self.unheld.discard(key)
         return int(live)
 
     def forget(self, mailbox: bytes, blob_ids: list[bytes], tomb_ids: list[bytes]) -> int:
         blobs = sum(self.blobs.pop((mailbox, i), None) is not None for i in set(blob_ids))
+        self.unheld -= {(mailbox, i) for i in tomb_ids}
         return blobs + sum(self.tombs.pop((mailbox, i), None) is not None for i in set(tomb_ids))
 
     def expire(self, now: int, limit: int) -> int:
@@ -721,6 +781,7 @@ class Model:
                 del self.blobs[key]
             else:
                 del self.tombs[key]
+                self.unheld.discard(key)
         return len(victims)
 
     def live(self, mailbox: bytes, now: int) -> list[StoredBlob]:
@@ -804,6 +865,7 @@ async def check_reads(b: MailboxBackend, model: Model, now: int) -> None:
         by_id.get(m, mailbox_digest(m, [], [])) for m in named
     ]
     assert await b.totals() == model.totals()
+    assert await b.unheld_tombstones() == len(model.unheld)
 
 
 @settings(max_examples=20, suppress_health_check=[HealthCheck.function_scoped_fixture])

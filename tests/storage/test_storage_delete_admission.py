@@ -11,6 +11,7 @@ import os
 import time
 
 import pytest
+from dna_core.crypto import Identity
 from dna_core.errors import CapacityError
 from dna_core.mailbox import mailbox_id, sign_delete
 from dna_core.ratelimit import RateLimited
@@ -22,6 +23,7 @@ from storage.storage_harness import Stores
 from support import seeded_identity
 
 OWNER = seeded_identity("delete-admission")
+OTHERS = [seeded_identity(f"delete-admission {i}") for i in range(3)]
 BOX = mailbox_id(OWNER.fingerprint)
 DAY_MS = 86_400_000
 
@@ -30,8 +32,8 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def delete_of(ids: list[bytes]) -> mailbox_pb2.DeleteRequest:
-    return mailbox_pb2.DeleteRequest.FromString(sign_delete(OWNER, ids, now_ms=now_ms()))
+def delete_of(ids: list[bytes], owner: Identity = OWNER) -> mailbox_pb2.DeleteRequest:
+    return mailbox_pb2.DeleteRequest.FromString(sign_delete(owner, ids, now_ms=now_ms()))
 
 
 def random_ids(n: int) -> list[bytes]:
@@ -123,5 +125,41 @@ def test_tombstones_for_ids_not_held_are_bounded_per_mailbox(stores: Stores, kin
         answer = await node.delete_one(delete_of(held), "10.0.0.3", now_ms())
         assert answer.deleted == 200
         assert seen[-2:] == [("delete", "tombstones"), ("delete", "ok")]
+
+    stores.run(main())
+
+
+def test_tombstones_for_ids_not_held_are_bounded_node_wide(stores: Stores, kind: str) -> None:
+    """Many mailboxes from many sources, each within its own bounds, stop at the node's
+    bound, which a restart keeps and GC lowers. Fails without the node's bound (checked:
+    the third mailbox's delete stored 200 more tombstones)."""
+
+    async def main() -> None:
+        backend = await stores.open(kind)
+        seen: list[tuple[str, str]] = []
+        bounds = {"max_tombstones_unheld": 10_000, "node_max_tombstones_unheld": 500}
+        node = service(backend, seen, **bounds)
+        held = await put_blobs(backend, 200)
+        await node.delete_one(delete_of(held), "10.0.0.9", now_ms())  # held: not counted
+        for owner, source in zip(OTHERS[:2], ["10.0.0.1", "10.0.0.2"], strict=True):
+            await node.delete_one(delete_of(random_ids(200), owner), source, now_ms())
+        assert await backend.unheld_tombstones() == 400
+        backend = await stores.reopen(backend)  # a restart: the count is stored
+        node = service(backend, seen, **bounds)
+        with pytest.raises(CapacityError, match="tombstones: the node holds 400") as refused:
+            await node.delete_one(delete_of(random_ids(200), OTHERS[2]), "10.0.0.3", now_ms())
+        assert refused.value.grpc_code == "RESOURCE_EXHAUSTED"
+        assert refused.value.kind == "tombstones"
+        assert await backend.tombstones(mailbox_id(OTHERS[2].fingerprint)) == 0
+        assert node.admission.deletes_per_ip.tokens("10.0.0.3", time.monotonic()) == 1000
+        # the owner's cleanup is never refused by it
+        more = await put_blobs(backend, 200)
+        assert (await node.delete_one(delete_of(more), "10.0.0.3", now_ms())).deleted == 200
+        assert seen[-2:] == [("delete", "tombstones"), ("delete", "ok")]
+        # once GC has removed them, such deletes are taken again
+        assert await backend.expire(now_ms() + 40 * DAY_MS, 10_000) == 800
+        assert await backend.unheld_tombstones() == 0
+        await node.delete_one(delete_of(random_ids(200), OTHERS[2]), "10.0.0.3", now_ms())
+        assert await backend.unheld_tombstones() == 200
 
     stores.run(main())

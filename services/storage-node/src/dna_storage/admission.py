@@ -289,6 +289,10 @@ class AdmissionConfig(ConfigModel):
     max_tombstones_unheld: int = Field(default=20_000, ge=1)
     """A delete naming IDs this node holds neither way is refused (nothing stored) if the
     mailbox would then hold more tombstones than this; a delete of held IDs always passes."""
+    node_max_tombstones_unheld: int = Field(default=1_000_000, ge=1)
+    """The same, node-wide: a delete naming IDs this node holds neither way is refused if
+    the node would then hold more tombstones stored for such IDs (every mailbox's, repair's
+    included) than this; a delete of held IDs always passes."""
     disk_high_water: float = Field(default=0.90, gt=0, le=1)
     """Refuse writes and turn unready above this fraction of the disk used (SQLite)."""
 
@@ -376,16 +380,21 @@ class Admission:
         tombstones are read, so a flood refused for its rate costs no second read."""
         self._delete_rate(source_ip, unheld, now_s)
 
-    def admit_delete(self, *, source_ip: str, unheld: int, tombstones: int, now_s: float) -> None:
+    def admit_delete(
+        self, *, source_ip: str, unheld: int, tombstones: int, node_unheld: int, now_s: float
+    ) -> None:
         """Admit a delete naming ``unheld`` IDs this node holds neither as blobs nor as
         tombstones, or raise why not, changing nothing (docs/storage.md "Deletes").
 
         Only those IDs cost: a delete of held blobs frees room and is never slowed (the
         owner's cleanup). Each unheld ID is a token of the source's delete bucket
         (`RateLimited`, ``rate``); ``tombstones`` (what the mailbox holds) plus ``unheld``
-        must stay within ``max_tombstones_unheld`` (`CapacityError`, ``tombstones``). A
-        mailbox costs nothing to make, so the bound caps what one mailbox can pin and the
-        rate what one source can."""
+        must stay within ``max_tombstones_unheld``, and ``node_unheld`` (the node's
+        tombstones stored for IDs not held, every mailbox's) plus ``unheld`` within
+        ``node_max_tombstones_unheld`` (`CapacityError`, ``tombstones``, both). A mailbox
+        costs nothing to make, so the first bound caps what one mailbox can pin, the rate
+        what one source can, and the node's bound what many sources with many mailboxes
+        can."""
         if unheld <= 0:
             return
         ip_key, cost = self._delete_rate(source_ip, unheld, now_s)
@@ -394,6 +403,14 @@ class Admission:
             raise CapacityError(
                 f"tombstones: the mailbox holds {tombstones} and {unheld} of the IDs named "
                 f"are not held here: over the limit of {limit} for such deletes",
+                kind="tombstones",
+            )
+        node_limit = self.config.node_max_tombstones_unheld
+        if node_unheld + unheld > node_limit:
+            raise CapacityError(
+                f"tombstones: the node holds {node_unheld} tombstones for IDs it did not hold "
+                f"and {unheld} of the IDs named are not held here: over the node's limit of "
+                f"{node_limit} for such deletes",
                 kind="tombstones",
             )
         self.deletes_per_ip.check(ip_key, now_s, cost)

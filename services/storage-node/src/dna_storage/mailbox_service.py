@@ -413,8 +413,8 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
     ) -> None:
         """Return if the node may store a signed delete's tombstones, or raise why not
         (``Admission.admit_delete``): IDs held cost nothing, the others are rated per source
-        and bounded per mailbox, so a delete of random IDs cannot make this node (and every
-        replica repair spreads it to) store much more than it received."""
+        and bounded per mailbox and per node, so a delete of random IDs cannot make this node
+        (and every replica repair spreads it to) store much more than it received."""
         blobs, tombs = await self.backend.held(box, body.blob_ids, now_ms)
         unheld = len(set(body.blob_ids) - blobs - tombs)
         if unheld:
@@ -422,7 +422,8 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
             self.admission.precheck_delete(source_ip=source_ip, unheld=unheld, now_s=now_s)
             self.admission.admit_delete(
                 source_ip=source_ip, unheld=unheld,
-                tombstones=await self.backend.tombstones(box), now_s=now_s,
+                tombstones=await self.backend.tombstones(box),
+                node_unheld=await self.backend.unheld_tombstones(), now_s=now_s,
             )  # fmt: skip
 
     # The node serves `mailbox_stream.MailboxSessionService`, which has sessions; this one

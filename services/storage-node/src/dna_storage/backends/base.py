@@ -188,6 +188,13 @@ class MailboxBackend(Protocol):
         (``AdmissionConfig.max_tombstones_unheld``)."""
         ...
 
+    async def unheld_tombstones(self) -> int:
+        """How many tombstones the node holds that were stored for an ID it held neither as
+        an unexpired blob nor as a live tombstone of a held one (by a delete or by repair;
+        expired ones GC has not reached included): a counter, not a scan, read for a delete
+        naming such IDs (``AdmissionConfig.node_max_tombstones_unheld``)."""
+        ...
+
     async def totals(self) -> Usage:
         """What the whole node holds (for metrics and the disk high-water mark)."""
         ...

@@ -29,16 +29,22 @@ Layout (``P`` = prefix, IDs hex-encoded, ``M`` = mailbox, ``B`` = blob ID):
 * ``P z:M`` hash B -> size; ``P u:M`` hash ``bytes`` (usage without reading payloads)
 * ``P eh:M`` hash hour of expiry (expires_ms // ``EXPIRY_HOUR_MS``) -> bytes of the blobs
   expiring in it: usage subtracts the hours gone without reading each expired blob (layout 3)
+* ``P tu:M`` hash B -> 1: the tombstones stored where the node held neither the blob nor a
+  live tombstone of a held ID, counted node-wide in ``P totals`` ``unheld_tombstones``
 * ``P ti:M`` zset B -> tombstone expires_ms; ``P q:M`` seq counter (INCR, never reset)
 * ``P l:M`` / ``P tl:M`` zsets of the blob / tombstone IDs, score 0: by ID (``ZRANGE BYLEX``),
   so a sync list page reads its page, not the whole mailbox (layout 3)
 * ``P x`` zset ``b:M:B`` / ``t:M:B`` -> expires_ms: the node-wide GC queue
 * ``P m`` zset of mailbox IDs, score 0 (lexicographic range scans for digests)
-* ``P totals`` hash ``blobs``, ``bytes``, ``signed_deletes``, ``signed_delete_bytes``
+* ``P totals`` hash ``blobs``, ``bytes``, ``signed_deletes``, ``signed_delete_bytes``,
+  ``unheld_tombstones``
 * ``P incarnation`` 8 random bytes, set when the first call finds none (fetch cursors)
 * ``P gc_time`` the time GC last expired against (``save_gc_time``: a restart resumes it)
 * ``P layout`` ``LAYOUT``: 2 once no key holds a native TTL, 3 once every mailbox has its
-  ID indexes (``l:``, ``tl:``); a node refuses a store of a layout newer than its own
+  ID indexes (``l:``, ``tl:``), 4 once tombstones for IDs not held are counted; a node
+  refuses a store of a layout newer than its own
+* ``P checked`` the node-wide counters (``totals`` and the size of ``x``) as a node of this
+  layout last left them: a connect that finds them so skips the full index check
 
 Every write is one Lua script (atomic: a put cannot slip past a concurrent delete, and a
 duplicate never takes a seq). Scripts build key names from the prefix, so this backend targets
@@ -103,8 +109,15 @@ _PIPELINE_CHUNK = 256  # commands per pipeline round trip
 # The key layout's version (``P layout``; absent: 1). 2: no key has a native TTL (in 1, blob,
 # tombstone and signed delete keys had a PEXPIREAT, the Redis server's clock). 3: each mailbox's
 # blob and tombstone IDs are indexed by ID (``l:M``, ``tl:M``: sync list pages read a page).
-LAYOUT = 3
+# 4: tombstones stored for IDs not held are marked (``tu:M``) and counted, and every write
+# leaves ``P checked`` (a node of layout 3 would keep neither, and refuses a layout 4 store).
+LAYOUT = 4
 _SCAN_CHUNK = 64  # index entries per fetch round trip (beyond limit + 1)
+# A mailbox holding more expired blobs (GC has not reached) than live ones, and no more live
+# ones than this, is paged from its live blobs (``e:M`` past now), not by walking its seq
+# index past every expired entry: 100,000 expired took 3.5 s a fetch (one round trip per
+# ``_SCAN_CHUNK``).
+_FEW_LIVE = 4096
 _ID_CHUNK = 4096  # IDs per round trip when a mailbox's whole ID index is read (repair)
 WRITE_CHUNK = 100  # tombstones (or IDs forgotten) per script: each holds the whole server
 EXPIRY_HOUR_MS = 3_600_000  # the width of an ``eh:`` bucket (the scripts say 3600000)
@@ -172,18 +185,46 @@ local function ref_tomb(mb, id, h, auth)
   end
   redis.call('HSETNX', skey(h), 'a', auth)  -- again if its key vanished
 end
+-- The node-wide count of tombstones for IDs not held follows ``tu:M`` (HDEL says whether the
+-- tombstone was one), so it stays exact whatever else of the tombstone vanished.
+local function mark_unheld(mb, id)
+  if redis.call('HSET', P .. 'tu:' .. mb, id, 1) == 1 then
+    redis.call('HINCRBY', P .. 'totals', 'unheld_tombstones', 1)
+  end
+end
+local function unmark_unheld(mb, id)
+  if redis.call('HDEL', P .. 'tu:' .. mb, id) == 1 then
+    redis.call('HINCRBY', P .. 'totals', 'unheld_tombstones', -1)
+  end
+end
 local function drop_tomb(mb, id)
+  unmark_unheld(mb, id)
   unref_tomb(mb, id)
   redis.call('ZREM', P .. 'ti:' .. mb, id)
   redis.call('ZREM', P .. 'tl:' .. mb, id)
   redis.call('ZREM', P .. 'x', 't:' .. mb .. ':' .. id)
   redis.call('DEL', tkey(mb, id))
 end
+-- What a node of this layout last left the store as: the node-wide counters every layout
+-- keeps (an older node writing here changes them), set by each write script that found
+-- them as last left and by the full index check (``RedisBackend._index_ids``). A connect
+-- that finds them so skips that check (O(1)); one that does not (an older node wrote, or
+-- a check was cut short) runs it.
+local function written_state()
+  local t = redis.call('HMGET', P .. 'totals', 'blobs', 'bytes', 'signed_deletes',
+    'signed_delete_bytes')
+  local parts = {}
+  for i = 1, 4 do parts[i] = tostring(tonumber(t[i] or '0')) end
+  parts[5] = tostring(redis.call('ZCARD', P .. 'x'))
+  return table.concat(parts, ' ')
+end
+local function as_left() return redis.call('GET', P .. 'checked') == written_state() end
+local function leave(was) if was then redis.call('SET', P .. 'checked', written_state()) end end
 local function prune_mailbox(mb)
   if redis.call('ZCARD', P .. 'e:' .. mb) == 0 and redis.call('ZCARD', P .. 'ti:' .. mb) == 0 then
     redis.call('ZREM', P .. 'm', mb)
     redis.call('DEL', P .. 'u:' .. mb, P .. 'z:' .. mb, P .. 's:' .. mb, P .. 'tr:' .. mb,
-      P .. 'l:' .. mb, P .. 'tl:' .. mb, P .. 'eh:' .. mb)
+      P .. 'l:' .. mb, P .. 'tl:' .. mb, P .. 'eh:' .. mb, P .. 'tu:' .. mb)
   end
 end
 """
@@ -217,10 +258,12 @@ local function put_one(mb, id, blob, stored, expires, proof)
   redis.call('ZADD', P .. 'm', 0, mb)
   return 0
 end
+local was = as_left()
 local out = {}
 for i = 3, #ARGV, 6 do
   out[#out + 1] = put_one(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5])
 end
+leave(was)
 return out
 """
 
@@ -247,6 +290,11 @@ local function delete_one(mb, id, deleted, expires, h)
   end
   local old = redis.call('ZSCORE', P .. 'ti:' .. mb, id)
   if (not old) or tonumber(old) < tonumber(expires) then
+    -- held neither as a live blob nor as a live tombstone of a held ID (the service's
+    -- ``held``): counted against the node's bound for such tombstones
+    local was = redis.call('HEXISTS', P .. 'tu:' .. mb, id) == 1
+    local unheld = removed == 0 and ((not old) or tonumber(old) <= now or was)
+    if unheld then mark_unheld(mb, id) else unmark_unheld(mb, id) end
     unref_tomb(mb, id)
     redis.call('DEL', tkey(mb, id))
     ref_tomb(mb, id, h, auths[h])
@@ -258,15 +306,18 @@ local function delete_one(mb, id, deleted, expires, h)
   end
   return removed
 end
+local was = as_left()
 local removed = 0
 for i = first, #ARGV, 5 do
   removed = removed + delete_one(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
 end
+leave(was)
 return removed
 """
 
 # ARGV: prefix, now, limit. Oldest expiry first; ties: blobs ('b:') before tombstones ('t:').
 _EXPIRE = """
+local was = as_left()
 local items = redis.call('ZRANGEBYSCORE', P .. 'x', '-inf', ARGV[2], 'LIMIT', 0, ARGV[3])
 for _, item in ipairs(items) do
   local kind, mb, id = string.match(item, '^(%a):(%x*):(%x*)$')
@@ -274,6 +325,7 @@ for _, item in ipairs(items) do
   redis.call('ZREM', P .. 'x', item)
   prune_mailbox(mb)
 end
+leave(was)
 return #items
 """
 
@@ -281,6 +333,7 @@ return #items
 # Drops them without a tombstone; the seq counter stays. Returns how many were held.
 _FORGET = """
 local mb, blobs = ARGV[2], tonumber(ARGV[3])
+local was = as_left()
 local removed = 0
 for i = 4, #ARGV do
   local id = ARGV[i]
@@ -293,6 +346,7 @@ for i = 4, #ARGV do
   end
 end
 prune_mailbox(mb)
+leave(was)
 return removed
 """
 
@@ -300,6 +354,7 @@ return removed
 # Drops them only if the key is still missing (a concurrent re-put may have restored it).
 _CLEAN = """
 local mb = ARGV[2]
+local was = as_left()
 local cleaned = 0
 for i = 3, #ARGV do
   if redis.call('EXISTS', bkey(mb, ARGV[i])) == 0 then
@@ -308,6 +363,7 @@ for i = 3, #ARGV do
   end
 end
 prune_mailbox(mb)
+leave(was)
 return cleaned
 """
 
@@ -425,6 +481,8 @@ class RedisBackend:
         self._forget = client.register_script(_PRELUDE + _FORGET)
         self._usage = client.register_script(_PRELUDE + _USAGE)
         self._index_check = client.register_script(_PRELUDE + _INDEX_CHECK)
+        self._as_left = client.register_script(_PRELUDE + "return as_left() and 1 or 0")
+        self._leave = client.register_script(_PRELUDE + "leave(true)")
 
     @classmethod
     async def connect(cls, url: str, *, prefix: str = "dna:") -> RedisBackend:
@@ -469,17 +527,20 @@ class RedisBackend:
             )
         if layout < 2:
             await self._remove_native_expiry()
-        await self._index_ids()
+        if layout < LAYOUT or not await self._as_left(keys=[], args=[self._p]):
+            await self._index_ids()
+            await self._leave(keys=[], args=[self._p])  # only once the check is complete
         if layout < LAYOUT:
             await self._r.set(self._p + "layout", LAYOUT)
 
     async def _index_ids(self) -> None:
         """Layout 3: each mailbox's blob and tombstone IDs indexed by ID (``l:M``, ``tl:M``).
-        Run at every connect, not only the upgrade: a node of layout 2 started on the store
-        (a downgrade) writes without the index, so a mailbox whose ID index and expiry index
-        differ in size has its ID index rebuilt from the expiry index (four ``ZCARD`` per
-        mailbox, in a script per 4,096: 0.22 s per 10,000 mailboxes, and the rebuild reads only
-        the mailboxes that need it)."""
+        Run at the upgrade, and at a connect after a node of layout 2 started on the store
+        (a downgrade: it writes without the index, and does not keep ``P checked``), or
+        after a check cut short (it sets ``P checked`` only at its end). A mailbox whose ID
+        index and expiry index differ in size has its ID index rebuilt from the expiry
+        index (four ``ZCARD`` per mailbox, in a script per 4,096: 0.22 s per 10,000
+        mailboxes, and the rebuild reads only the mailboxes that need it)."""
         mailboxes: list[str] = []
         async for member, _ in self._r.zscan_iter(self._p + "m", count=_ID_CHUNK):
             mailboxes.append(member.decode() if isinstance(member, bytes) else member)
@@ -625,14 +686,12 @@ class RedisBackend:
         and counted in the budget, 50,000 expired blobs of 2 KB GC had not reached made a
         fetch 48 empty pages and 5.6 s."""
         check_limit(limit)
+        entries_after = await self._seq_entries(mailbox_id, cursor, now_ms)
         live: list[StoredBlob] = []
         position, size = cursor, 0
         while len(live) <= limit:
             want = limit + 1 - len(live) + _SCAN_CHUNK
-            reply: list[Any] = await self._r.zrangebyscore(
-                self._key("s", mailbox_id), f"({position}", "+inf", 0, want, withscores=True
-            )
-            entries = [(_unhex(member), int(score)) for member, score in reply]
+            entries = await entries_after(position, want)
             chunk = await self._unexpired(mailbox_id, entries, now_ms)
             over = False
             if max_bytes and chunk:
@@ -649,6 +708,38 @@ class RedisBackend:
             position = entries[-1][1]
         page = live[:limit]
         return Page(page, page[-1].seq if page else cursor, len(live) > limit)
+
+    async def _seq_entries(
+        self, mailbox_id: bytes, cursor: int, now_ms: int
+    ) -> Callable[[int, int], Awaitable[list[tuple[bytes, int]]]]:
+        """Where a fetch reads its (blob ID, seq) entries past a position, ``want`` at a
+        time, in seq order: the seq index, or, for a mailbox of few live blobs behind an
+        expired backlog (``_FEW_LIVE``), its live blobs read once (two counts and, only
+        then, the live IDs and their seqs: O(live), not O(expired))."""
+        expiry = self._key("e", mailbox_id)
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.zcard(expiry)
+            pipe.zcount(expiry, "-inf", now_ms)
+            held, expired = await pipe.execute()
+        few = int(held) - int(expired)
+        if few <= _FEW_LIVE and int(expired) > few:
+            ids: list[Any] = await self._r.zrangebyscore(expiry, f"({now_ms}", "+inf")
+            seqs = await self._r.zmscore(self._key("s", mailbox_id), ids) if ids else []
+            found = [(_unhex(i), int(q)) for i, q in zip(ids, seqs, strict=True) if q is not None]
+            ordered = sorted((e for e in found if e[1] > cursor), key=lambda e: e[1])
+
+            async def from_live(position: int, want: int) -> list[tuple[bytes, int]]:
+                return [e for e in ordered if e[1] > position][:want]
+
+            return from_live
+
+        async def from_index(position: int, want: int) -> list[tuple[bytes, int]]:
+            reply: list[Any] = await self._r.zrangebyscore(
+                self._key("s", mailbox_id), f"({position}", "+inf", 0, want, withscores=True
+            )
+            return [(_unhex(member), int(score)) for member, score in reply]
+
+        return from_index
 
     async def _unexpired(
         self, mailbox_id: bytes, entries: list[tuple[bytes, int]], now_ms: int
@@ -906,6 +997,11 @@ class RedisBackend:
     async def tombstones(self, mailbox_id: bytes) -> int:
         """The size of the mailbox's tombstone expiry index."""
         return int(await self._r.zcard(self._key("ti", mailbox_id)))
+
+    async def unheld_tombstones(self) -> int:
+        """``P totals`` ``unheld_tombstones`` (the write scripts keep it, with ``tu:M``)."""
+        count = await self._r.hget(self._p + "totals", "unheld_tombstones")
+        return int(count or 0)
 
     async def totals(self) -> Usage:
         """Everything held, expired-but-not-yet-collected blobs included (it is memory used)."""

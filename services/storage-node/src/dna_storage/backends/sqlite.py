@@ -23,6 +23,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,15 +59,28 @@ from dna_storage.backends.common import (
 # 5: tombstones counted per mailbox, the mailboxes held counted in ``totals``
 # 6: each mailbox's blobs and bytes per hour of expiry (``expiry_hours``: usage in O(1)),
 #    a mailbox's live IDs read from an index (``blobs_live``, for ``blobs_usage``)
-SCHEMA_VERSION = 6
+# 7: each tombstone says whether it was stored for an ID the node held neither way
+#    (``unheld``), counted node-wide in ``totals`` (``unheld_tombstones``)
+SCHEMA_VERSION = 7
 # The width of an ``expiry_hours`` bucket: usage reads the whole hours that expired from
 # the buckets and the blobs of the current hour from the rows.
 EXPIRY_HOUR_MS = 3_600_000
 MAX_JOBS_PER_COMMIT = 256  # bounds one transaction's size and the latency it adds
+# ... and its work: a job's is the bytes it writes (payloads and signed deletes) plus
+# ``ROW_WORK`` a row. 32 writers of 4 MiB batches made transactions of ~128 MiB, and a
+# 100 B put waited 2.9-3.5 s for its group; a transaction now stops at this much, and a
+# small job (``SMALL_WORK``) still joins the one being formed, ahead of large ones queued.
+MAX_WORK_PER_COMMIT = 8 * 1024 * 1024
+SMALL_WORK = 64 * 1024
+ROW_WORK = 512
 # Tombstones (or IDs forgotten) per writer job: a delete of 1,000 is 10 jobs, one at a time,
 # so the writer is held ~40 ms at once, not 0.4-0.9 s (blobs of 60 KB dropped with them).
 WRITE_CHUNK = 100
 _IN_CHUNK = 500  # IDs per `IN (...)` query, well under SQLite's variable limit
+# A mailbox holding more expired blobs (GC has not reached) than live ones, and no more live
+# ones than this, is paged from its live blobs (``blobs_live``, by expiry), not by stepping
+# through its seqs past every expired row: 100,000 expired took 46 ms a fetch.
+_FEW_LIVE = 4096
 BUSY_TIMEOUT_MS = 10_000  # how long a call waits for a lock another process holds on the file
 # Primary result codes of a file that cannot be reached now (``_storage_error``).
 _UNAVAILABLE = (
@@ -113,7 +127,8 @@ CREATE TABLE IF NOT EXISTS tombstones (
     blob_id BLOB NOT NULL,
     deleted_ms INTEGER NOT NULL,
     expires_ms INTEGER NOT NULL,
-    auth_digest BLOB NOT NULL          -- signed_deletes.digest: its authorization
+    auth_digest BLOB NOT NULL,         -- signed_deletes.digest: its authorization
+    unheld INTEGER NOT NULL DEFAULT 0  -- 1: stored where no blob or live tombstone was
 );
 CREATE UNIQUE INDEX IF NOT EXISTS tombstones_id ON tombstones (mailbox_id, blob_id);
 CREATE INDEX IF NOT EXISTS tombstones_expiry ON tombstones (expires_ms, mailbox_id, blob_id);
@@ -129,7 +144,8 @@ CREATE TABLE IF NOT EXISTS totals (     -- kept by triggers: O(1) metrics on a m
     bytes INTEGER NOT NULL,
     signed_deletes INTEGER NOT NULL DEFAULT 0,
     signed_delete_bytes INTEGER NOT NULL DEFAULT 0,
-    mailboxes INTEGER NOT NULL DEFAULT 0  -- with a blob or a tombstone: `mailboxes()`
+    mailboxes INTEGER NOT NULL DEFAULT 0, -- with a blob or a tombstone: `mailboxes()`
+    unheld_tombstones INTEGER NOT NULL DEFAULT 0  -- tombstones.unheld summed: the node's bound
 );
 INSERT OR IGNORE INTO totals (id, blobs, bytes) VALUES (0, 0, 0);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
@@ -186,6 +202,14 @@ CREATE TRIGGER IF NOT EXISTS mailbox_tombstone_added AFTER INSERT ON tombstones 
 END;
 CREATE TRIGGER IF NOT EXISTS mailbox_tombstone_removed AFTER DELETE ON tombstones BEGIN
     UPDATE mailboxes SET tombstones = tombstones - 1 WHERE mailbox_id = OLD.mailbox_id;
+END;
+CREATE TRIGGER IF NOT EXISTS unheld_tombstone_added AFTER INSERT ON tombstones
+WHEN NEW.unheld = 1 BEGIN
+    UPDATE totals SET unheld_tombstones = unheld_tombstones + 1 WHERE id = 0;
+END;
+CREATE TRIGGER IF NOT EXISTS unheld_tombstone_removed AFTER DELETE ON tombstones
+WHEN OLD.unheld = 1 BEGIN
+    UPDATE totals SET unheld_tombstones = unheld_tombstones - 1 WHERE id = 0;
 END;
 CREATE TRIGGER IF NOT EXISTS mailbox_held_changed AFTER UPDATE OF blobs, tombstones
 ON mailboxes WHEN (OLD.blobs > 0 OR OLD.tombstones > 0) != (NEW.blobs > 0 OR NEW.tombstones > 0)
@@ -257,6 +281,13 @@ INSERT INTO expiry_hours
     SELECT mailbox_id, expires_ms / 3600000, count(*), sum(size) FROM blobs GROUP BY 1, 2;
 DROP INDEX blobs_usage;
 """,
+    # Tombstones for IDs not held, counted node-wide (MAILBOX_COUNTERS' triggers). Which of
+    # the tombstones already stored were is not known: they count as held (0) and leave
+    # within a tombstone lifetime; ADD COLUMN with a default rewrites no row.
+    6: """
+ALTER TABLE tombstones ADD COLUMN unheld INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE totals ADD COLUMN unheld_tombstones INTEGER NOT NULL DEFAULT 0;
+""",
 }
 
 _BLOB_COLUMNS = "mailbox_id, blob_id, blob, stored_ms, expires_ms, seq, pow"
@@ -277,6 +308,7 @@ class _Job:
     fn: Callable[[sqlite3.Connection], Any]
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
+    work: int = ROW_WORK  # bytes written, about (``MAX_WORK_PER_COMMIT``)
 
 
 _STOP = object()
@@ -379,8 +411,10 @@ def _statements(script: str) -> list[str]:
 class _Worker:
     """One thread owning one connection, fed by a queue.
 
-    The writer (``group_commit=True``) runs every job it can drain from the queue in a single
-    transaction; the reader runs each job in its own read transaction (one snapshot per call).
+    The writer (``group_commit=True``) runs the jobs it can drain from the queue in a single
+    transaction, up to ``MAX_JOBS_PER_COMMIT`` and ``MAX_WORK_PER_COMMIT`` (small jobs join
+    it past the work cap, those left wait in ``_pending`` for the next, oldest first); the
+    reader runs each job in its own read transaction (one snapshot per call).
     """
 
     name: str
@@ -390,6 +424,8 @@ class _Worker:
     _queue: queue.SimpleQueue[_Job | object] = field(default_factory=queue.SimpleQueue)
     _thread: threading.Thread | None = None
     _closed: bool = False
+    _pending: deque[_Job] = field(default_factory=deque)  # the writer thread's alone
+    _stopping: bool = False
 
     async def start(self) -> None:
         """Start the thread and wait until its connection is open (or raise why not)."""
@@ -402,12 +438,14 @@ class _Worker:
         self._thread.start()
         await ready
 
-    def submit(self, fn: Callable[[sqlite3.Connection], Any]) -> asyncio.Future[Any]:
+    def submit(
+        self, fn: Callable[[sqlite3.Connection], Any], work: int = ROW_WORK
+    ) -> asyncio.Future[Any]:
         if self._closed:
             raise RuntimeError("storage backend is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.put(_Job(fn, future, loop))
+        self._queue.put(_Job(fn, future, loop, work))
         return future
 
     async def stop(self) -> None:
@@ -436,6 +474,8 @@ class _Worker:
             conn.close()
 
     def _fail_queued(self) -> None:
+        while self._pending:
+            _deliver(self._pending.popleft(), None, RuntimeError("storage backend is closed"))
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -445,24 +485,49 @@ class _Worker:
                 _deliver(item, None, RuntimeError("storage backend is closed"))
 
     def _next_batch(self) -> list[_Job] | None:
-        """Block for one job, then take whatever else is already waiting (the group)."""
+        """The writer's next group (``_next_group``); the reader's next job, alone."""
+        if self.group_commit:
+            return self._next_group()
         first = self._queue.get()
         if first is _STOP:
             return None
         assert isinstance(first, _Job)
-        batch = [first]
-        limit = MAX_JOBS_PER_COMMIT if self.group_commit else 1
-        while len(batch) < limit:
+        return [first]
+
+    def _next_group(self) -> list[_Job] | None:
+        """The writer's next transaction: the oldest job waiting (blocking for one), then
+        those after it while they fit the caps, and small ones past the work cap; the
+        others stay pending, in order. None once stopped and nothing is left."""
+        pending = self._pending
+        if not pending:
+            first = None if self._stopping else self._queue.get()
+            if first is None or first is _STOP:
+                return None
+            assert isinstance(first, _Job)
+            pending.append(first)
+        while not self._stopping:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
             if item is _STOP:
-                self._queue.put(_STOP)  # seen again after this batch
-                break
-            assert isinstance(item, _Job)
-            batch.append(item)
-        return batch
+                self._stopping = True  # what is queued before it still runs
+            else:
+                assert isinstance(item, _Job)
+                pending.append(item)
+        group: list[_Job] = []
+        work = 0
+        left: deque[_Job] = deque()
+        for job in pending:
+            room = len(group) < MAX_JOBS_PER_COMMIT
+            fits = work + job.work <= MAX_WORK_PER_COMMIT or job.work <= SMALL_WORK
+            if not group or (room and fits):
+                group.append(job)
+                work += job.work
+            else:
+                left.append(job)
+        self._pending = left
+        return group
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         """One transaction for the whole group; answers go out only after COMMIT."""
@@ -560,8 +625,9 @@ class SqliteBackend:
         if not blobs:
             return []
         batch = list(blobs)
+        work = sum(len(b.blob) + ROW_WORK for b in batch)
         result: list[PutOutcome] = await self._writer.submit(
-            lambda c: [_put_one(c, b, now_ms) for b in batch]
+            lambda c: [_put_one(c, b, now_ms) for b in batch], work
         )
         return result
 
@@ -577,7 +643,8 @@ class SqliteBackend:
         for i in range(0, len(batch), WRITE_CHUNK):
             part, part_digests = batch[i : i + WRITE_CHUNK], digests[i : i + WRITE_CHUNK]
             job = functools.partial(_delete_batch, batch=part, digests=part_digests, now_ms=now_ms)
-            removed += await self._writer.submit(job)
+            work = ROW_WORK * len(part) + sum(len(a) for a in {t.authorization for t in part})
+            removed += await self._writer.submit(job, work)
         return removed
 
     async def expire(self, now_ms: int, limit: int) -> int:
@@ -686,6 +753,13 @@ class SqliteBackend:
             "SELECT tombstones FROM mailboxes WHERE mailbox_id = ?", (mailbox_id,)
         ).fetchone())  # fmt: skip
         return 0 if row is None else int(row[0])
+
+    async def unheld_tombstones(self) -> int:
+        """``totals.unheld_tombstones`` (triggers keep it)."""
+        count: int = await self._reader.submit(
+            lambda c: c.execute("SELECT unheld_tombstones FROM totals WHERE id = 0").fetchone()[0]
+        )
+        return count
 
     async def totals(self) -> Usage:
         """Everything held, expired-but-not-yet-collected blobs included (it is disk used)."""
@@ -828,18 +902,28 @@ def _delete_one(
     if expires <= now_ms:
         return removed
     row = conn.execute(
-        "SELECT expires_ms, auth_digest FROM tombstones WHERE mailbox_id = ? AND blob_id = ?", key
+        "SELECT expires_ms, auth_digest, unheld FROM tombstones"
+        " WHERE mailbox_id = ? AND blob_id = ?",
+        key,
     ).fetchone()
     if row is None or row[0] < expires:
         conn.execute("DELETE FROM tombstones WHERE mailbox_id = ? AND blob_id = ?", key)
         if row is not None:  # its last reference going drops the signed delete it named
             stored.discard(row[1])
-        _insert_tombstone(conn, tomb, digest, expires, stored)
+        # Held neither as a live blob nor as a live tombstone of a held ID: counted against
+        # the node's bound (``unheld_tombstones``), as the service's ``held`` judged it.
+        unheld = removed == 0 and (row is None or row[0] <= now_ms or row[2] == 1)
+        _insert_tombstone(conn, tomb, digest, expires, stored, unheld)
     return removed
 
 
 def _insert_tombstone(
-    conn: sqlite3.Connection, tomb: Tombstone, digest: bytes, expires: int, stored: set[bytes]
+    conn: sqlite3.Connection,
+    tomb: Tombstone,
+    digest: bytes,
+    expires: int,
+    stored: set[bytes],
+    unheld: bool,
 ) -> None:
     """The signed delete once (its first tombstone stores it: the first of the batch sends
     its bytes, the others know it is there), then the row referencing it; the
@@ -852,9 +936,10 @@ def _insert_tombstone(
         )
         stored.add(digest)
     conn.execute(
-        "INSERT INTO tombstones (mailbox_id, blob_id, deleted_ms, expires_ms, auth_digest)"
-        " VALUES (?, ?, ?, ?, ?)",
-        (tomb.mailbox_id, tomb.blob_id, tomb.deleted_ms, expires, digest),
+        "INSERT INTO tombstones"
+        " (mailbox_id, blob_id, deleted_ms, expires_ms, auth_digest, unheld)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (tomb.mailbox_id, tomb.blob_id, tomb.deleted_ms, expires, digest, int(unheld)),
     )
 
 
@@ -913,11 +998,7 @@ def _page(
     conn: sqlite3.Connection, box: bytes, cursor: int, limit: int, now_ms: int, max_bytes: int
 ) -> Page:
     """The rows of a fetch, read one at a time and stopped at ``limit`` or ``max_bytes``."""
-    rows = conn.execute(
-        f"SELECT {_BLOB_COLUMNS} FROM blobs WHERE mailbox_id = ? AND seq > ?"
-        " AND expires_ms > ? ORDER BY seq LIMIT ?",
-        (box, cursor, now_ms, limit + 1),
-    )
+    rows = _page_rows(conn, box, cursor, limit, now_ms)
     taken: list[StoredBlob] = []
     size = 0
     for row in rows:
@@ -927,6 +1008,33 @@ def _page(
         taken.append(StoredBlob(row[0], row[1], row[2], row[3], row[4], row[5], decode_pow(row[6])))
         size += len(row[2])
     return Page(taken, taken[-1].seq if taken else cursor, False)
+
+
+def _page_rows(
+    conn: sqlite3.Connection, box: bytes, cursor: int, limit: int, now_ms: int
+) -> Iterable[tuple[Any, ...]]:
+    """A page's rows (``_BLOB_COLUMNS``) in seq order, read as they are used: by the seq
+    index, or, for a mailbox of few live blobs behind an expired backlog (``_FEW_LIVE``),
+    the page's seqs first from its live blobs' index entries (O(live), not O(expired)),
+    then each row by its seq."""
+    held = conn.execute("SELECT blobs FROM mailboxes WHERE mailbox_id = ?", (box,)).fetchone()
+    live = _usage(conn, box, now_ms)[0] if held is not None else 0
+    if held is not None and live <= _FEW_LIVE and held[0] - live > live:
+        seqs = [
+            row[0]
+            for row in conn.execute(
+                "SELECT seq FROM blobs INDEXED BY blobs_live WHERE mailbox_id = ?"
+                " AND expires_ms > ? AND seq > ? ORDER BY seq LIMIT ?",
+                (box, now_ms, cursor, limit + 1),
+            )
+        ]
+        by_seq = f"SELECT {_BLOB_COLUMNS} FROM blobs WHERE mailbox_id = ? AND seq = ?"
+        return (row for seq in seqs if (row := conn.execute(by_seq, (box, seq)).fetchone()))
+    return conn.execute(
+        f"SELECT {_BLOB_COLUMNS} FROM blobs WHERE mailbox_id = ? AND seq > ?"
+        " AND expires_ms > ? ORDER BY seq LIMIT ?",
+        (box, cursor, now_ms, limit + 1),
+    )
 
 
 def _blobs_by_id(
