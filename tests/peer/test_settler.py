@@ -190,4 +190,4 @@ def test_closing_settles_what_is_due_at_once() -> None:
         return settled, time.monotonic() - t0
 
     settled, took_s = asyncio.run(main())
-    assert settled == [[b"a"]] and took_s < 1.0
+    assert settled == [[b"a"]] and took_s < 10.0  # not the 30 s quiet (a loaded CI: not 1 s)
