@@ -35,7 +35,7 @@ from dna_peer.peer import DIRECT, STORED, Peer
 from dna_testnet.network import Testnet
 from peers import PASSPHRASE, People
 from process_mark import starts_processes
-from support import BIN, lines, run_script, until_async, wait_for
+from support import BIN, SETTLE_S, lines, run_script, until_async, wait_for
 
 ICE_HOST, TURN_HOST, TURN_PORT = "10.77.1.1", "10.77.2.1", 3478
 # Only the pair's addresses: the machine's own interfaces (eth0, docker0) would give ICE a
@@ -121,7 +121,7 @@ def coturn(ice_interface: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 def _wait_udp_listening(host: str, port: int) -> None:
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + SETTLE_S
     while time.monotonic() < deadline:
         out = subprocess.run(["ss", "-Hlun", f"src {host}:{port}"], capture_output=True,
                              text=True, check=True)  # fmt: skip
@@ -165,7 +165,7 @@ def test_a_new_address_is_published_and_reached_at_the_next_refresh(
         _ip("addr", "add", f"{moved}/24", "dev", PEER_END)
         try:
             direct.republish()
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + SETTLE_S
             while not any(moved in c for c in await _published(alice, contact)):
                 assert time.monotonic() < deadline, "the new address was never published"
                 await asyncio.sleep(0.1)
