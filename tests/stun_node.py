@@ -77,7 +77,7 @@ def stun_node(
         )  # fmt: skip
     node = StunNode(proc, (host, udp_port), f"http://{host}:{http_port}", log)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # 8-14 s under 2 busy loops: room for more
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"dna-stun exited:\n{log.read_text()}")

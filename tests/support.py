@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import importlib.util
@@ -13,10 +14,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import IO
+from typing import IO, TypeVar
 
 from dna_core.crypto import Identity
 from dna_core.crypto.keys import SEEDS_SIZE
@@ -25,6 +26,40 @@ from dna_core.crypto.keys import SEEDS_SIZE
 def seeded_identity(name: str) -> Identity:
     """An identity derived from a name: the same keys every run."""
     return Identity(hashlib.shake_256(f"dna-test-identity/{name}".encode()).digest(SEEDS_SIZE))
+
+
+T = TypeVar("T")
+
+# How long a test waits for what a loaded machine does late (a process up, a gauge set by the
+# node's next pass, a connection closed): CI runs the suite on 2 busy cores. Passing tests
+# never wait it out: they poll and go on at once.
+SETTLE_S = 30.0
+
+
+def until(
+    check: Callable[[], T], what: str, timeout_s: float = SETTLE_S, every_s: float = 0.1
+) -> T:
+    """Poll ``check()`` until it returns something true, and return that; fail naming
+    ``what`` after ``timeout_s``. For state that changes in another process or thread:
+    reading it once after a sleep makes the test's result the machine's load."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what} (last: {value!r})")
+        time.sleep(every_s)
+    return value
+
+
+async def until_async(
+    check: Callable[[], T], what: str, timeout_s: float = SETTLE_S, every_s: float = 0.02
+) -> T:
+    """`until` in an event loop: the loop runs (the awaited tasks progress) between polls."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what} (last: {value!r})")
+        await asyncio.sleep(every_s)
+    return value
 
 
 SEED_VARIABLE = "DNA_TEST_SEED"

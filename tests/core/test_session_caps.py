@@ -7,6 +7,7 @@ import asyncio
 
 import grpc
 from dna_core.rpc_session_server import SharedSlots, SourceCaps
+from support import SETTLE_S
 
 
 def test_source_caps_refuse_over_the_address_cap_then_over_the_node_cap_and_give_back() -> None:
@@ -40,12 +41,12 @@ def test_shared_slots_wait_for_room_per_address_and_in_all() -> None:
         await asyncio.sleep(0)
         assert not second_b.done()  # the node's 3 are taken
         slots.release("a")  # room for "a" again: its waiter takes it, the node is full
-        await asyncio.wait_for(third_a, 1)
+        await asyncio.wait_for(third_a, SETTLE_S)
         await asyncio.sleep(0)
         assert not second_b.done()
         assert (slots.count, slots.held) == (3, {"a": 2, "b": 1})
         slots.release("a", 2)
-        await asyncio.wait_for(second_b, 1)
+        await asyncio.wait_for(second_b, SETTLE_S)
         assert (slots.count, slots.held) == (2, {"b": 2})
         slots.release("b", 2)
         assert (slots.count, slots.held) == (0, {})

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 from dna_core.tasks import stop_tasks
+from support import SETTLE_S
 
 
 async def _retrying_loop(cancels_eaten: int, passes: list[int]) -> None:
@@ -79,7 +80,7 @@ async def _test_the_callers_own_cancel_is_not_swallowed() -> None:
     stopper = asyncio.create_task(stop_tasks([stubborn], recancel_s=0.05))
     await asyncio.sleep(0.1)
     stopper.cancel()
-    done, _ = await asyncio.wait({stopper}, timeout=1)
+    done, _ = await asyncio.wait({stopper}, timeout=SETTLE_S)
     assert stopper in done and stopper.cancelled()
     await stop_tasks([stubborn], recancel_s=0.001)
     assert stubborn.cancelled()

@@ -33,7 +33,7 @@ from dna_storage.backends.common import mailbox_digest
 from dna_storage.replication import MAX_COMPARE, compare_subject, sign_proof
 from dna_testnet.harness import LocalNode
 from dna_testnet.network import UDP_PORT, client_node
-from support import seeded_identity
+from support import seeded_identity, until_async
 
 ADDRESSES = free_ips(1 + 5)
 SEED = (ADDRESSES[0], UDP_PORT)
@@ -49,6 +49,18 @@ def storage(network: list[LocalNode]) -> list[LocalNode]:
 
 def counter(node: LocalNode, name: str, **labels: str) -> float:
     return sample_value(scrape(node), f"{name}_total", **labels)
+
+
+async def passes_end(nodes: list[LocalNode], count: int) -> None:
+    """Until each node has finished ``count`` more repair passes (counted at a pass's end:
+    two mean the pass under way now has ended and a whole one ran after it). Counted, not
+    slept: on a loaded machine a pass takes longer than its 1 s interval."""
+    since = {n.name: counter(n, "dna_storage_repair_passes") for n in nodes}
+    await until_async(
+        lambda: all(counter(n, "dna_storage_repair_passes") >= since[n.name] + count
+                    for n in nodes),
+        f"{count} repair passes of each node", every_s=0.2,
+    )  # fmt: skip
 
 
 def exchanges(node: LocalNode) -> float:
@@ -84,10 +96,10 @@ def test_in_sync_mailboxes_are_skipped_and_a_differing_one_is_repaired(
             sent, replicas = await send(owner, [b"one", b"two"])
             await until_whole(SEED, owner, replicas, sent, REPAIR_BOUND_S)
         everywhere = replicas  # the last owner's: every storage node
-        await asyncio.sleep(2.5)  # passes that started before the last put have ended
+        await passes_end(nodes, 2)  # passes that started before the last put have ended
         before = {n.name: (exchanges(n), counter(n, "dna_storage_repair_compared",
                                                  outcome="same")) for n in nodes}  # fmt: skip
-        await asyncio.sleep(3.5)  # 3 passes of each node
+        await passes_end(nodes, 3)
         for node in nodes:
             listed, same = before[node.name]
             assert exchanges(node) == listed, f"{node.name} exchanged in-sync mailboxes"
@@ -115,9 +127,9 @@ def test_in_sync_mailboxes_are_skipped_and_a_differing_one_is_repaired(
         assert differ > 0, "no compare found the mailbox the restarted replica lacked"
 
         # Whole again: no exchanges at all.
-        await asyncio.sleep(2.5)
+        await passes_end(nodes, 2)
         steady = {n.name: exchanges(n) for n in nodes}
-        await asyncio.sleep(3.5)
+        await passes_end(nodes, 3)
         assert {n.name: exchanges(n) for n in nodes} == steady
 
     asyncio.run(scenario())

@@ -327,7 +327,9 @@ def test_a_pass_compares_slices_ahead_up_to_its_bound_and_looks_up_in_id_order(
                   f"lookups, at most {compares.peak} compares in flight to a peer")  # fmt: skip
             assert compares.peak == COMPARE_AHEAD
             assert set(compares.calls.values()) == {REPAIR_RANGES}  # one a slice, each peer
-            assert took < REPAIR_RANGES * rtt_s / 2  # one slice at a time: >= 12.8 s
+            # one slice at a time takes >= 12.8 s: the bound is that, not half of it (what an
+            # idle machine keeps to, not the requirement); peak checks the pipelining itself
+            assert took < REPAIR_RANGES * rtt_s
             # One serves the pass (a network this small is found whole by one), as one slice
             # at a time: a pass starts from a fresh lookup, then one each REUSE_S it lasts.
             assert lookups == 1

@@ -34,7 +34,7 @@ from dna_core.overlay.aio.server import (
 from dna_core.overlay.records import RecordStore, identity_payload, record_key
 from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2
 from stream_sessions import raw_session, send_oversized, slow_reader, status_of
-from support import seeded_identity
+from support import seeded_identity, until_async
 
 IDENTITY = common_pb2.RECORD_KIND_IDENTITY
 METHOD = "/dna.v1.Overlay/Session"
@@ -145,13 +145,6 @@ def held(sessions: set[RecordSession]) -> list[int]:
     return [max(len(s.unanswered), s.out.qsize()) for s in sessions]
 
 
-async def until(check: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
-        await asyncio.sleep(0.02)
-
-
 def run(tmp_path: Path, work: Callable[[OverlayServer], Awaitable[None]], **records: Any) -> None:
     async def go() -> None:
         async with serving(tmp_path, **records) as server:
@@ -191,7 +184,7 @@ def test_more_requests_than_the_window_cut_the_session(tmp_path: Path) -> None:
         assert details == f"session: more than {window} requests unanswered (the window)"
         assert cuts(server, "window") == before + 1
         assert most <= window  # never more held than the window
-        await until(lambda: not service(server).sessions, "the cut session is let go")
+        await until_async(lambda: not service(server).sessions, "the cut session is let go")
         assert metric(server, "dna_overlay_sessions_open") == 0
         await still_serves(server, key, raw)
 
@@ -256,7 +249,7 @@ def test_garbage_and_oversized_frames_cut_the_session_and_others_are_served(
         await bystander.close()
         await channel.close()
         await still_serves(server, key, raw)
-        await until(lambda: not service(server).sessions, "every session let go")
+        await until_async(lambda: not service(server).sessions, "every session let go")
 
     run(tmp_path, work)
 
@@ -288,7 +281,7 @@ def test_a_client_that_never_reads_is_cut_after_the_stall_limit_holding_at_most_
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
             assert details == f"session: responses left unread for {stall_s:g} s"
         assert cuts(server, "stalled") == clients
-        await until(lambda: not sessions, "the stalled sessions let go")
+        await until_async(lambda: not sessions, "the stalled sessions let go")
         assert metric(server, "dna_overlay_sessions_open") == 0
         await still_serves(server, key, raw)
 
@@ -397,7 +390,7 @@ def test_sessions_over_the_address_cap_are_refused_before_holding_anything(
         assert cuts(server, "source_limit") == 1
         assert metric(server, "dna_overlay_sessions_open") == cap
         held[0].cancel()  # one ends: its place is free again
-        await until(lambda: metric(server, "dna_overlay_sessions_open") < cap, "one ended")
+        await until_async(lambda: metric(server, "dna_overlay_sessions_open") < cap, "one ended")
         again = raw_session(channel, METHOD)
         assert overlay_pb2.OverlaySessionResponse.FromString(await again.read()).HasField("hello")
         await channel.close()

@@ -25,7 +25,7 @@ from dna_core.crypto import Identity, ReplayGuard, open_envelope, pow, seal
 from dna_core.mailbox import blob_id, mailbox_id, put_pow_hash, sign_delete, sign_fetch
 from dna_core.wire.gen.dna.v1 import mailbox_pb2
 from process_mark import starts_processes
-from support import seeded_identity
+from support import SETTLE_S, seeded_identity
 
 IP, FULL_IP = free_ips(2)
 POW_BITS = 8
@@ -111,8 +111,8 @@ def test_put_fetch_open_delete(node: NodeProcess) -> None:
 
 
 def wait_for_gauge(node: NodeProcess, name: str, wanted: float) -> float:
-    """The gauge's value once it reads ``wanted`` or after 5 s (set by each GC pass)."""
-    deadline = time.monotonic() + 5
+    """The gauge's value once it reads ``wanted`` or after SETTLE_S (set by each GC pass)."""
+    deadline = time.monotonic() + SETTLE_S
     while (value := sample_value(scrape(node), name)) != wanted and time.monotonic() < deadline:
         time.sleep(0.1)
     return value

@@ -26,14 +26,16 @@ import pytest
 from dna_core.crypto import seal
 from dna_core.crypto.envelope import decode_envelope
 from dna_core.wire import envelope_pb2
+from dna_peer.direct import service as direct_service
 from dna_peer.direct.link import IceConfig
+from dna_peer.direct.link import dial as real_dial
 from dna_peer.keyserver import now_ms
 from dna_peer.link import accept_link, offer_link
 from dna_peer.peer import DIRECT, STORED, Peer
 from dna_testnet.network import Testnet
 from peers import PASSPHRASE, People
 from process_mark import starts_processes
-from support import BIN, lines, run_script, wait_for
+from support import BIN, SETTLE_S, lines, run_script, until_async, wait_for
 
 ICE_HOST, TURN_HOST, TURN_PORT = "10.77.1.1", "10.77.2.1", 3478
 # Only the pair's addresses: the machine's own interfaces (eth0, docker0) would give ICE a
@@ -119,7 +121,7 @@ def coturn(ice_interface: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 def _wait_udp_listening(host: str, port: int) -> None:
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + SETTLE_S
     while time.monotonic() < deadline:
         out = subprocess.run(["ss", "-Hlun", f"src {host}:{port}"], capture_output=True,
                              text=True, check=True)  # fmt: skip
@@ -163,7 +165,7 @@ def test_a_new_address_is_published_and_reached_at_the_next_refresh(
         _ip("addr", "add", f"{moved}/24", "dev", PEER_END)
         try:
             direct.republish()
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + SETTLE_S
             while not any(moved in c for c in await _published(alice, contact)):
                 assert time.monotonic() < deadline, "the new address was never published"
                 await asyncio.sleep(0.1)
@@ -275,9 +277,10 @@ def test_a_contact_that_leaves_closes_the_link_and_the_next_message_is_stored(
         contact = alice.find_contact(people.name("bob"))
         assert (await alice.send(contact, "while you are here")).path == DIRECT
         assert alice.direct is not None and contact.fingerprint in alice.direct.links
-        link = alice.direct.links[contact.fingerprint]
+        links = alice.direct.links
+        link = links[contact.fingerprint]
         await bob.close()
-        await wait_for_async(lambda: contact.fingerprint not in alice.direct.links, 5.0)
+        await until_async(lambda: contact.fingerprint not in links, "the link let go")
         assert link.closed_by_peer
         sent = await alice.send(contact, "after you left")
         assert sent.path == STORED and sent.stored_on >= 3
@@ -286,27 +289,28 @@ def test_a_contact_that_leaves_closes_the_link_and_the_next_message_is_stored(
     run(testnet, tmp_path, scenario)
 
 
-async def wait_for_async(condition: Any, timeout: float) -> None:
-    """Let the loop run until ``condition()`` holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-
-
 def test_offline_contact_is_reached_by_store_and_forward_without_trying_ice(
-    testnet: Testnet, ice_interface: str, tmp_path: Path
+    testnet: Testnet, ice_interface: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    dialled: list[object] = []
+
+    async def dial(*args: Any, **kwargs: Any) -> Any:  # the real one, counted
+        dialled.append(args)
+        return await real_dial(*args, **kwargs)
+
+    monkeypatch.setattr(direct_service, "dial", dial)
+
     async def scenario(people: People) -> None:
         alice, bob = await _friends(people)
         await bob.go_direct(IceConfig(host_networks=ICE_NETWORKS), listen=True)
         await bob.close()  # withdraws the presence record
         await alice.go_direct(IceConfig(host_networks=ICE_NETWORKS), listen=False)
         contact = alice.find_contact(people.name("bob"))
-        started = time.monotonic()
         sent = await alice.send(contact, "you were here a moment ago")
         assert sent.path == STORED
-        assert time.monotonic() - started < 2.0  # no ICE attempt against a withdrawn record
+        # no ICE attempt against a withdrawn record (counted, not timed: a stored send
+        # alone can take the 2 s this once allowed on a loaded machine)
+        assert dialled == []
         await alice.close()
 
     run(testnet, tmp_path, scenario)

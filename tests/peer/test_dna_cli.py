@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -385,14 +386,26 @@ def test_control_characters_from_a_contact_are_shown_escaped(
         [str(BIN / "dna"), "--home", str(bob), "--bootstrap", seeds, "watch", "--interval", "0.3"],
         stdout=subprocess.PIPE, env={**PASS, "PATH": str(BIN)},
     )  # fmt: skip
+    # if the message never shows, Ctrl-C ends the watch (and the reads below) after a minute
+    watchdog = threading.Timer(60, watcher.send_signal, (signal.SIGINT,))
+    watchdog.start()
+    shown_lines: list[bytes] = []
     try:
         assert watcher.stdout is not None
         assert b"watching" in watcher.stdout.readline()
         ok(dna(alice, "--json", "send", bob_name, evil, net=testnet))
-        time.sleep(3)
+        # read until the message's heading (not for a fixed 3 s: it may take longer)
+        while alice_name.encode() not in b"".join(shown_lines):
+            if not (line := watcher.stdout.readline()):
+                break
+            shown_lines.append(line)
     finally:
+        watchdog.cancel()
         watcher.send_signal(signal.SIGINT)
-        shown = watcher.communicate(timeout=10)[0].decode()
+        watcher.wait(10)
+        # the rest from the same reader (communicate would read the pipe past its buffer)
+        assert watcher.stdout is not None
+        shown = (b"".join(shown_lines) + watcher.stdout.read()).decode()
     assert alice_name in shown, shown
     listing = dna(bob, "inbox", "--offline", net=testnet).stdout
     conversation = dna(bob, "inbox", alice_name, "--offline", net=testnet).stdout

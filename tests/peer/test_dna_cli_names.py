@@ -88,4 +88,5 @@ def test_a_link_code_that_cannot_be_one_is_said_at_once(tmp_path: Path) -> None:
             out.stderr.startswith("dna: error: a link code has")
             and len(out.stderr.splitlines()) == 1
         )
-        assert time.monotonic() - started < 5 and not home.exists()
+        # before the 10 s network wait it took (a `dna` start on a loaded CI can take 5 s)
+        assert time.monotonic() - started < 9 and not home.exists()

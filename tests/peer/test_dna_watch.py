@@ -8,13 +8,12 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from cluster import free_ips, sample_value, scrape
 from dna_testnet.network import Testnet
-from support import dna_watch, lines, run_script, wait_for
+from support import dna_watch, lines, run_script, until, wait_for
 
 pytestmark = pytest.mark.process  # every test runs the dna command
 
@@ -71,13 +70,13 @@ def requests(net: Testnet, method: str, outcomes: tuple[str, ...] = ("ok", "refu
     )
 
 
-def eventually(check: Callable[[], bool], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
+def subscriptions(net: Testnet) -> float:
+    """Mailbox subscriptions live on the storage nodes."""
+    return sum(
+        sample_value(scrape(node), "dna_storage_subscriptions")
+        for node in net.nodes
+        if node.role == "storage"
+    )
 
 
 def test_watch_receives_pushed_messages_without_fetching(tmp_path: Path) -> None:
@@ -96,13 +95,14 @@ def test_watch_receives_pushed_messages_without_fetching(tmp_path: Path) -> None
         out = lines(watcher.stdout)
         dna(bob, net, "send", f"alice{suffix}", "first")
         wait_for(out, "first", 20, seen)
-        time.sleep(1.0)  # the watch is subscribed by now (it subscribes after its sync)
+        # subscribed on every replica (it subscribes after its sync: no fetch after this)
+        until(lambda: subscriptions(net) == 3, "the watch subscribed on the 3 storage nodes")
         before, deletes = requests(net, "fetch"), requests(net, "delete", ("ok",))
         dna(bob, net, "send", f"alice{suffix}", "pushed")
         assert json.loads(wait_for(out, "pushed", 20, seen))["text"] == "pushed"
         assert requests(net, "fetch") == before  # bob's send fetches nothing; the watch neither
         # The round's settling, in the background, deletes the pushed blob from the replicas.
-        assert eventually(lambda: requests(net, "delete", ("ok",)) > deletes, 15)
+        until(lambda: requests(net, "delete", ("ok",)) > deletes, "the pushed blob deleted")
     finally:
         if watcher is not None:
             watcher.send_signal(signal.SIGINT)

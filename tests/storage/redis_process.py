@@ -98,7 +98,7 @@ class RedisProcess:
 
 
 def _wait_for_ping(proc: subprocess.Popen[bytes], url: str) -> bool:
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             with redis.Redis.from_url(url, socket_timeout=0.5) as client:

@@ -140,7 +140,7 @@ def test_up_status_twice_and_down_finds_every_node(tmp_path: Path) -> None:
             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
         )  # fmt: skip
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60  # a node starting on a loaded machine
         while time.monotonic() < deadline and not _ready(STORAGE1):
             time.sleep(0.2)
     finally:

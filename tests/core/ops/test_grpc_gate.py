@@ -19,6 +19,7 @@ from dna_core.ops.relay import TcpRelay
 from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
 from prometheus_client import CollectorRegistry
 from stream_sessions import StallingProxy
+from support import until_async
 
 OVERLAY = overlay_pb2.DESCRIPTOR.services_by_name["Overlay"]
 
@@ -130,27 +131,21 @@ def test_large_answers_left_unread_hold_a_few_slots_and_are_cut() -> None:
                 # The address's 2 slots come to hold answers that cannot be sent (and keep
                 # them: without a guard to drop the connection, until it ends); the kernels'
                 # socket buffers took in a few more, and the rest wait for a slot.
-                for _ in range(100):
-                    if sample("dna_grpc_answers_held") == 2:
-                        break
-                    await asyncio.sleep(0.1)
+                await until_async(lambda: sample("dna_grpc_answers_held") >= 2, "2 answers held")
                 assert sample("dna_grpc_answers_held") == 2
                 assert pages.answered < 10
                 await other_address_is_answered(port, options)
-                for _ in range(60):  # each stuck answer is cut after 2 s; then the waiters
-                    if sample("dna_grpc_answers_refused_total", reason="busy") > 0:
-                        break
-                    await asyncio.sleep(0.25)
+                await until_async(  # each stuck answer is cut after 2 s; then the waiters
+                    lambda: sample("dna_grpc_answers_refused_total", reason="busy") > 0,
+                    "a waiter refused as busy",
+                    every_s=0.25,
+                )
                 assert sample("dna_grpc_answers_refused_total", reason="stalled") >= 2
                 assert sample("dna_grpc_answers_refused_total", reason="busy") > 0
                 for call in calls:
                     call.cancel()
                 await hostile.close()
-            for _ in range(40):
-                if sample("dna_grpc_answers_held") == 0:
-                    break
-                await asyncio.sleep(0.1)
-            assert sample("dna_grpc_answers_held") == 0
+            await until_no_answer_held(sample)
         finally:
             await server.stop(grace=None)
 
@@ -196,10 +191,10 @@ def test_behind_the_guard_an_unread_answer_drops_its_connection_and_every_call_o
                 first = stub.FindValue(overlay_pb2.FindValueRequest())
                 await asyncio.sleep(0.5)  # the others' writes start later: not stalled yet
                 calls = [first] + [stub.FindValue(overlay_pb2.FindValueRequest()) for _ in range(5)]
-                for _ in range(60):
-                    if sample("dna_grpc_answers_refused_total", reason="stalled") > 0:
-                        break
-                    await asyncio.sleep(0.1)
+                await until_async(
+                    lambda: sample("dna_grpc_answers_refused_total", reason="stalled") > 0,
+                    "the stuck answer cut",
+                )
                 await until_no_answer_held(sample)
                 for call in calls:
                     call.cancel()
@@ -216,8 +211,4 @@ def test_behind_the_guard_an_unread_answer_drops_its_connection_and_every_call_o
 
 
 async def until_no_answer_held(sample: Any) -> None:
-    for _ in range(50):
-        if sample("dna_grpc_answers_held") == 0:
-            return
-        await asyncio.sleep(0.1)
-    assert sample("dna_grpc_answers_held") == 0
+    await until_async(lambda: sample("dna_grpc_answers_held") == 0, "no answer held", every_s=0.1)

@@ -24,6 +24,7 @@ from dna_core.overlay.codec import (
 )
 from dna_core.overlay.contact import Contact, Endpoint
 from dna_core.overlay.protocol import PONG_DOMAIN, Addr, proven_contact
+from support import until_async
 
 PUZZLE = 4
 
@@ -41,14 +42,6 @@ async def started(host: str) -> OverlayNode:
 def address_of(node: OverlayNode, contact_id: bytes) -> Addr | None:
     contacts = [c for c in node.table.closest(contact_id, 50) if c.node_id == contact_id]
     return contacts[0].endpoint.udp if contacts else None
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 3.0) -> bool:
-    for _ in range(int(timeout / 0.02)):
-        if check():
-            return True
-        await asyncio.sleep(0.02)
-    return check()
 
 
 class Spoofer:
@@ -109,7 +102,7 @@ def test_joining_nodes_prove_their_keys_and_enter_each_others_tables() -> None:
 async def joining(a: OverlayNode, b: OverlayNode) -> None:
     assert await b.join([a.udp_addr]) >= 1
     assert address_of(b, a.node_id) == a.udp_addr
-    assert await eventually(lambda: address_of(a, b.node_id) == b.udp_addr)
+    await until_async(lambda: address_of(a, b.node_id) == b.udp_addr, "a has b at its address")
 
 
 def test_a_copied_node_id_does_not_move_the_node_to_the_copiers_address() -> None:
@@ -118,7 +111,7 @@ def test_a_copied_node_id_does_not_move_the_node_to_the_copiers_address() -> Non
 
 async def copying(a: OverlayNode, b: OverlayNode) -> None:
     await b.join([a.udp_addr])
-    assert await eventually(lambda: address_of(a, b.node_id) == b.udp_addr)
+    await until_async(lambda: address_of(a, b.node_id) == b.udp_addr, "a has b at its address")
     assert b.contact is not None
     spoofer = Spoofer()
     fake_b = spoofer.posing_as(b.contact)
@@ -128,7 +121,7 @@ async def copying(a: OverlayNode, b: OverlayNode) -> None:
     await spoofer.send(a.udp_addr, claim)
     assert await spoofer.answer_pings(fake_b, 2) == 1  # a challenged the claim (once)...
     rejected = a.metrics.rejected.labels(reason="key_unproven")
-    assert await eventually(lambda: rejected._value.get() >= 1)  # ...and refused the proof
+    await until_async(lambda: rejected._value.get() >= 1, "...and refused the proof")
     assert address_of(a, b.node_id) == b.udp_addr  # b stays where it proved its key
     assert all(c.endpoint.udp != spoofer.addr for c in a.table.closest(b.node_id, 50))
 
