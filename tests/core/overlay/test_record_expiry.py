@@ -297,3 +297,35 @@ def test_a_node_whose_clock_is_set_back_still_takes_fresh_records(tmp_path: Path
             assert len(held(server)) == 2
 
     asyncio.run(scenario())
+
+
+def test_a_record_deleted_at_its_expiry_is_not_rolled_back_even_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """Once upkeep had really deleted an expired record (the clocks ran on, no step), a
+    replay of an older version of its signer, signed earlier with a longer life, was taken
+    and served: a rollback. Now the node remembers the deleted record's signer and seq
+    (IDs only, in its record file too) and refuses the replay as it refuses one against a
+    held record, while running and after a restart. Checked to fail without the fix
+    (stored_seq 3)."""
+    clocks = Clocks(wall=NOW, monotonic=0)
+    alice = Identity.generate()
+    key = record_key(IDENTITY, alice.fingerprint)
+    newer = alice_rec(alice, seq=5, at=NOW, ttl=HOUR_MS)
+    older = alice_rec(alice, seq=3, at=NOW - HOUR_MS, ttl=DAY_MS)  # signed before, lives longer
+
+    async def scenario() -> None:
+        async with serving(tmp_path, clocks) as server:
+            assert server.records is not None
+            request = overlay_pb2.StoreRequest(record=common_pb2.SignedRecord.FromString(newer))
+            assert server.records.store_one(request, SOURCE).stored_seq == 5
+            clocks.wall, clocks.monotonic = NOW + 2 * HOUR_MS, 2 * HOUR_MS  # time passes
+            upkeep(server)
+            assert len(held(server)) == 0 and rows(tmp_path) == 0  # really deleted
+            assert "lower than held 5" in refused_store(server, older)
+        clocks.monotonic = 0  # a new process
+        async with serving(tmp_path, clocks) as server:
+            assert "lower than held 5" in refused_store(server, older)
+            assert held(server).get(key, clocks.wall) is None
+
+    asyncio.run(scenario())

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import resource
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from dna_core.crypto import Identity, sign_record
-from dna_core.errors import DnaError
+from dna_core.crypto.records import VerifiedRecord
+from dna_core.errors import CapacityError, ConflictError, DnaError
 from dna_core.overlay.aio.record_file import RecordFile
 from dna_core.overlay.aio.records_rpc import OverlayService
 from dna_core.overlay.aio.server import OverlayServer, OverlayServiceConfig, RecordsSection
@@ -22,10 +26,10 @@ BITS = 4
 IDENTITY = common_pb2.RECORD_KIND_IDENTITY
 
 
-def identity_rec(who: Identity, ttl: int = HOUR_MS) -> tuple[bytes, bytes]:
+def identity_rec(who: Identity, ttl: int = HOUR_MS, seq: int = 1) -> tuple[bytes, bytes]:
     key = record_key(IDENTITY, who.fingerprint)
     payload = identity_payload(who.fingerprint, "x", pow_bits=BITS, now_ms=NOW)
-    return key, sign_record(who, kind=IDENTITY, key=key, seq=1, now_ms=NOW, ttl_ms=ttl,
+    return key, sign_record(who, kind=IDENTITY, key=key, seq=seq, now_ms=NOW, ttl_ms=ttl,
                             payload=payload)  # fmt: skip
 
 
@@ -102,38 +106,147 @@ def test_a_node_on_a_record_file_damaged_below_its_header_stops_in_one_line(
     assert server.record_file is None  # closed
 
 
-def test_a_write_that_fails_is_logged_once_and_the_store_goes_on(
+def store_request(raw: bytes) -> overlay_pb2.StoreRequest:
+    return overlay_pb2.StoreRequest(record=common_pb2.SignedRecord.FromString(raw))
+
+
+def service_on(path: Path, store: RecordStore | None = None) -> OverlayService:
+    """The Store handler of a node whose record file is ``path`` (as `OverlayServer` builds
+    it), with its store filled from the file as a node's start fills it."""
+    journal = RecordFile(path)
+    if store is None:
+        store = RecordStore(name_pow_bits=BITS, identity_pow_bits=BITS)
+        journal.load_into(store, NOW)
+    return OverlayService(
+        store=store, closest=lambda key, k: [], local=_unused, journal=journal,
+        clock=lambda: NOW,
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def files_limited_to(size: int) -> Iterator[None]:
+    """No file this process writes may grow past ``size`` bytes (RLIMIT_FSIZE; Python
+    ignores SIGXFSZ, so a write past it fails with EFBIG): a full disk, without a mount."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_a_store_whose_write_fails_is_refused_and_a_restart_serves_what_was_acknowledged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A write the file refuses (SQLite's own refusal: the connection made read-only, as a
-    full disk or an I/O error would refuse it) no longer fails the store that caused it,
-    after the store took the record, nor ends the node's upkeep: the record is held and
-    served, the failure logged once for the run of them, the recovery once."""
+    """The disk fills between two versions of alice's identity record: writing the newer
+    one fails (EFBIG, a real failing write). The store used to take it in memory anyway
+    and answer stored_seq 2 while the file kept version 1, so the restarted node served
+    version 1, older than what it had acknowledged. Now the write comes first: the store
+    is refused (RESOURCE_EXHAUSTED, nothing held changes), and once the disk has room
+    the same store is taken and survives a restart. Checked to fail without the fix
+    (stored_seq 2 answered, version 1 reloaded)."""
     caplog.set_level(logging.INFO, "dna.overlay")
     path = tmp_path / "records.sqlite3"
-    journal = RecordFile(path)
-    service = OverlayService(
-        store=RecordStore(name_pow_bits=BITS, identity_pow_bits=BITS),
-        closest=lambda key, k: [], local=_unused, journal=journal, clock=lambda: NOW,
-    )  # fmt: skip
-    journal._db.execute("PRAGMA query_only = ON")  # every write refused from here on
-    stored = []
-    for who in (Identity.generate(), Identity.generate()):
-        key, raw = identity_rec(who)
-        request = overlay_pb2.StoreRequest(record=common_pb2.SignedRecord.FromString(raw))
-        assert service.store_one(request, "192.0.2.1").stored_seq == 1
-        stored.append(key)
-    journal.delete(stored[:1])  # upkeep's expiry: refused too, and not raised
-    assert all(service.store.get(key, NOW) is not None for key in stored)
-    assert journal.write_failures == 3 and rows(path) == 0
+    alice = Identity.generate()
+    key, v1 = identity_rec(alice)
+    _, v2 = identity_rec(alice, seq=2)
+    service = service_on(path)
+    assert service.store_one(store_request(v1), "192.0.2.1").stored_seq == 1
+    full = max(p.stat().st_size for p in tmp_path.iterdir())
+    with files_limited_to(full), pytest.raises(CapacityError) as refused:
+        service.store_one(store_request(v2), "192.0.2.1")
+    assert refused.value.grpc_code == "RESOURCE_EXHAUSTED"
+    assert "the record file refused the write" in refused.value.reason
+    held = service.store.get(key, NOW)
+    assert held is not None and held.raw == v1 and len(service.store) == 1
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "a write failed" in errors[0].getMessage()
+    assert _restarted(path).raw == v1  # what the node acknowledged: version 1
 
-    journal._db.execute("PRAGMA query_only = OFF")  # the disk has room again
-    key, raw = identity_rec(Identity.generate())
-    journal.save(raw, key, "192.0.2.1", NOW + HOUR_MS)
-    assert rows(path) == 1 and "writes succeed again" in caplog.records[-1].getMessage()
+    assert service.store_one(store_request(v2), "192.0.2.1").stored_seq == 2  # room again
+    assert "writes succeed again" in caplog.records[-1].getMessage()
+    assert _restarted(path).raw == v2
+    _journal(service).close()
+
+
+def _restarted(path: Path) -> VerifiedRecord:
+    """The one record a node restarted on ``path`` holds."""
+    store = RecordStore(name_pow_bits=BITS, identity_pow_bits=BITS)
+    reopened = RecordFile(path)
+    assert reopened.load_into(store, NOW) == (1, 0)
+    reopened.close()
+    (key,) = store.keys()
+    held = store.get(key, NOW)
+    assert held is not None
+    return held
+
+
+def _journal(service: OverlayService) -> RecordFile:
+    assert isinstance(service.journal, RecordFile)
+    return service.journal
+
+
+def test_a_store_whose_eviction_cannot_be_written_changes_nothing(tmp_path: Path) -> None:
+    """A store that evicts writes the new row, deletes the evicted one and remembers it in
+    one transaction: refused, neither the store nor the file changes (SQLite's own
+    refusal here: the connection made read-only)."""
+    path = tmp_path / "records.sqlite3"
+    store = RecordStore(name_pow_bits=BITS, identity_pow_bits=BITS, max_records=2)
+    service = service_on(path, store)
+    for _ in range(2):  # one source holds the store: a newcomer from elsewhere evicts one
+        _, raw = identity_rec(Identity.generate())
+        assert service.store_one(store_request(raw), "192.0.2.1").stored_seq == 1
+    before = (list(store.keys()), rows(path))
+    _journal(service)._db.execute("PRAGMA query_only = ON")  # every write refused
+    with pytest.raises(CapacityError, match="the record file refused the write"):
+        service.store_one(store_request(identity_rec(Identity.generate())[1]), "198.51.100.1")
+    assert (list(store.keys()), rows(path)) == before and not list(store.gone_items())
+    _journal(service).forget(list(store.keys()), [], NOW, 10)  # upkeep's: logged, not raised
+    assert _journal(service).write_failures == 2 and rows(path) == 2
+    _journal(service)._db.execute("PRAGMA query_only = OFF")
+    newcomer = identity_rec(Identity.generate())[1]
+    assert service.store_one(store_request(newcomer), "198.51.100.1").stored_seq == 1
+    (evicted,) = [k for k in before[0] if store.get(k, NOW) is None]
+    assert rows(path) == 2 and store.gone(evicted) is not None
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT key FROM gone").fetchall() == [(evicted,)]
+    _journal(service).close()
+
+
+def test_what_was_deleted_is_remembered_across_a_restart(tmp_path: Path) -> None:
+    """What the store remembers of deleted records (against a rollback) is kept in the
+    file: deleted by upkeep, or found expired by the load (it expired while the node was
+    down); a restart used to forget both, and took an older version again."""
+    path = tmp_path / "records.sqlite3"
+    alice, bob = Identity.generate(), Identity.generate()
+    journal = RecordFile(path)
+    store = RecordStore(name_pow_bits=BITS, identity_pow_bits=BITS)
+    for who in (alice, bob):
+        key, raw = identity_rec(who, seq=5, ttl=60_000)
+        journal.save(raw, key, "192.0.2.1", NOW + 60_000)
+    journal.load_into(store, NOW)
+    later = NOW + 120_000
+    alice_key = record_key(IDENTITY, alice.fingerprint)
+    assert len(store.expire_keys(later)) == 2  # upkeep deletes both from memory; the file
+    alice_gone = store.gone(alice_key)  # loses alice's row, keeps bob's (a failed delete)
+    assert alice_gone is not None
+    journal.forget([alice_key], [(alice_key, alice_gone)], later, 10)
     journal.close()
+
+    for restart in range(2):
+        store = RecordStore(name_pow_bits=BITS, identity_pow_bits=BITS)
+        reopened = RecordFile(path)
+        assert reopened.load_into(store, later)[0] == 0
+        reopened.close()
+        assert rows(path) == 0, restart
+        for who in (alice, bob):
+            key = record_key(IDENTITY, who.fingerprint)
+            older = sign_record(
+                who, kind=IDENTITY, key=key, seq=4, now_ms=NOW - HOUR_MS, ttl_ms=24 * HOUR_MS,
+                payload=identity_payload(who.fingerprint, "x", pow_bits=BITS, now_ms=NOW - HOUR_MS),
+            )  # fmt: skip
+            with pytest.raises(ConflictError, match="lower than held 5"):
+                store.put(older, later)
 
 
 def _unused() -> Contact:

@@ -34,6 +34,7 @@ from dna_core.overlay.records import (
     NAME_MOVE_DOMAIN,
     REPUBLISH_JITTER,
     REPUBLISH_PACE,
+    Gone,
     RecordStore,
     RepublishClock,
     StoreResult,
@@ -481,12 +482,73 @@ def test_sequence_rules(alice: Identity) -> None:
     assert s.put(v100, NOW).changed and s.bytes_held == len(v100)
 
 
-def test_rollback_after_expiry_is_accepted(alice: Identity) -> None:
-    """Expiry ends what the store remembers: a lower seq is fine once the holder expired."""
+def test_a_deleted_record_still_refuses_older_versions_until_they_must_have_expired(
+    alice: Identity, bob: Identity
+) -> None:
+    """Once a held record had expired (deleted or not yet), a replay of an older version
+    signed earlier with a longer life (a lower seq, still unexpired) was taken: a rollback.
+    Now the store remembers the signer and seq of what it deleted until the kind's longest
+    lifetime after the record's creation, when every older version has expired too.
+    Checked to fail without the fix (the older version was stored)."""
+    s = store()
+    keys = all_keys(alice, bob)
+    key = record_key(IDENTITY, alice.fingerprint)
+    s.put(identity_rec(alice, seq=5, ttl=HOUR_MS), NOW)
+    older = identity_rec(alice, seq=3, at=NOW - HOUR_MS, ttl=2 * DAY_MS)
+    later = NOW + 2 * HOUR_MS
+    # expired, not yet deleted: already refused, with the live check's reason
+    assert "lower than held 5" in refused(s, older, ConflictError, keys, later).reason
+    assert s.expire(later) == 1 and len(s) == 0 and s.bytes_held == 0
+    assert "lower than held 5" in refused(s, older, ConflictError, keys, later).reason
+    assert s.gone(key) is not None and s.gone(key) == Gone(alice.fingerprint, 5, NOW + MAX_TTL_MS)
+    # another identity's record does not count against alice's
+    assert s.put(identity_rec(bob, seq=1, at=later), later).changed
+    # a newer version is taken, as the same seq is (evicted bytes may come back)
+    assert s.put(identity_rec(alice, seq=5, at=NOW, ttl=3 * HOUR_MS), later).changed
+    # the memory lapses when every older version must have expired: created_ms + 7 days
+    s2 = store()
+    s2.put(identity_rec(alice, seq=5, ttl=HOUR_MS), NOW)
+    s2.expire(NOW + MAX_TTL_MS - 1)
+    assert s2.gone(key) is not None
+    s2.expire(NOW + MAX_TTL_MS)
+    assert s2.gone(key) is None
+
+
+def test_a_lower_seq_after_a_presence_s_deletion_waits_out_the_hour(alice: Identity) -> None:
+    """A presence lives at most an hour: what the store remembers of one lasts that long."""
     s = store()
     s.put(presence_rec(alice, seq=50, ttl=60_000), NOW)
     later = NOW + 60_000
-    assert s.put(presence_rec(alice, seq=1, at=later), later) == StoreResult(1, changed=True)
+    s.expire(later)
+    refused(s, presence_rec(alice, seq=1, at=later), ConflictError, all_keys(alice), later)
+    end = NOW + MAX_PRESENCE_TTL_MS
+    s.expire(end)
+    assert s.put(presence_rec(alice, seq=1, at=end), end) == StoreResult(1, changed=True)
+
+
+def test_what_the_store_remembers_is_bounded_and_evicted_records_count_too() -> None:
+    """At most ``max_gone`` keys (IDs and numbers, no record bytes), the oldest forgotten
+    first and counted; a record evicted for room is remembered as an expired one is."""
+    who = [Identity.generate() for _ in range(3)]
+    s = RecordStore(name_pow_bits=BITS, identity_pow_bits=BITS, max_gone=2, rng=NoLag())
+    for w in who:
+        s.put(identity_rec(w, ttl=HOUR_MS), NOW)
+    s.expire(NOW + HOUR_MS)
+    keys = [record_key(IDENTITY, w.fingerprint) for w in who]
+    assert [s.gone(k) is not None for k in keys] == [False, True, True]
+    assert s.gone_evicted == 1 and len(dict(s.gone_items())) == 2
+
+    full = store(max_records=2)
+    flooder = [Identity.generate() for _ in range(2)]
+    for w in flooder:
+        full.put(identity_rec(w, seq=7), NOW, "198.51.100.1")
+    result = full.put(identity_rec(who[0]), NOW, "203.0.113.1")
+    (victim,) = result.evicted
+    gone = full.gone(victim)
+    assert gone is not None and gone.seq == 7
+    victim_id = next(w for w in flooder if record_key(IDENTITY, w.fingerprint) == victim)
+    older = identity_rec(victim_id, seq=6)
+    refused(full, older, ConflictError, [victim])
 
 
 # -- capacity ----------------------------------------------------------------------------------

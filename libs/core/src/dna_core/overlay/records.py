@@ -14,6 +14,13 @@ What a node accepts, keeps and hands out for a key:
   an unexpired record of another identity is refused (first come, first served),
   unless the new claim carries the holder's signature moving the name to it (after
   the holder rotated its keys);
+* a record the store no longer holds (expired and deleted, or evicted) is remembered by
+  its signer and sequence number alone (`Gone`, at most ``max_gone`` keys, the oldest
+  forgotten first and counted in ``gone_evicted``) until the kind's longest lifetime after
+  its creation has passed: an older version of its signer (a lower ``seq``, signed
+  earlier, so expiring by then) is refused as against a held record. Before, once the
+  held record was deleted, a replay of an older, still unexpired version was taken: a
+  rollback;
 * a key rotation must be cross-signed by the new key;
 * identity, presence and rotation records carry a proof of work over the signer's
   fingerprint (``identity_pow_bits``): room in the overlay costs every fresh identity;
@@ -143,6 +150,40 @@ def name_move_message(name: str, new_fp: bytes) -> bytes:
     return new_fp + name.encode()  # the fingerprint has a fixed length: unambiguous
 
 
+DEFAULT_MAX_GONE = 20_000  # records remembered after deletion (IDs and numbers only)
+
+
+@dataclass(frozen=True, slots=True)
+class Gone:
+    """What the store remembers of a record under a key it no longer holds: enough to
+    refuse an older version of the same signer (a rollback), not the record itself.
+
+    ``until_ms`` is the record's creation plus its kind's longest lifetime. An owner signs
+    its versions in order (``seq`` is their creation time, `dna_peer.keyserver`), so a
+    version with a lower ``seq`` was created no later than this one and has expired by
+    ``until_ms``: after that no replay can roll the key back, and nothing need be kept. The
+    record's own expiry would not do: a version signed an hour earlier with a longer life
+    outlives it."""
+
+    signer: bytes
+    seq: int
+    until_ms: int
+
+    @classmethod
+    def of(cls, rec: VerifiedRecord) -> Gone:
+        body = rec.body
+        return cls(body.signer_fingerprint, body.seq, body.created_ms + _MAX_LIFETIME[body.kind])
+
+    def refuses(self, rec: VerifiedRecord, now_ms: int) -> bool:
+        """Whether ``rec`` is an older version of this one's signer, judged at ``now_ms``."""
+        body = rec.body
+        return (
+            self.until_ms > now_ms
+            and body.signer_fingerprint == self.signer
+            and body.seq < self.seq
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class StoreResult:
     seq: int
@@ -228,6 +269,7 @@ class RecordStore:
         max_bytes: int = DEFAULT_MAX_BYTES,
         groups: Callable[[str], tuple[str, str]] = source_groups,
         rng: random.Random | None = None,
+        max_gone: int = DEFAULT_MAX_GONE,
     ) -> None:
         self.name_pow_bits, self.identity_pow_bits = name_pow_bits, identity_pow_bits
         self.max_records, self.max_bytes = max_records, max_bytes
@@ -239,6 +281,9 @@ class RecordStore:
         self._in_block: dict[str, dict[str, None]] = {}  # block -> its subnets holding any
         self._per_block: dict[str, int] = {}  # block -> records held
         self._bytes = 0
+        self.max_gone = max_gone
+        self._gone: dict[bytes, Gone] = {}  # key -> its last record, oldest remembered first
+        self.gone_evicted = 0  # remembered keys forgotten early for room (max_gone)
 
     def __len__(self) -> int:
         return len(self._held)
@@ -288,6 +333,23 @@ class RecordStore:
         replaced it then, an older one of its signer (a rollback) or another identity's
         claim of its name. The record put is judged unexpired at ``now_ms``, or at
         ``expiry_ms`` when it was ``held_before`` (reloaded from the node's file)."""
+        result = self.judge(data, now_ms, source, expiry_ms=expiry_ms, held_before=held_before)
+        self.commit(result, now_ms, source)
+        return result
+
+    def judge(
+        self,
+        data: bytes,
+        now_ms: int,
+        source: str = "",
+        *,
+        expiry_ms: int | None = None,
+        held_before: bool = False,
+    ) -> StoreResult:
+        """`put` without the change: what it would do (the record to hold, the keys to
+        evict), or a ProtocolError. The caller writes that down first (the record file) and
+        then `commit`s it, so a failed write changes nothing held; nothing may change the
+        store in between."""
         rec = open_record(data, now_ms=now_ms, expiry_ms=expiry_ms if held_before else None)
         check_policy(rec, name_pow_bits=self.name_pow_bits,
                      identity_pow_bits=self.identity_pow_bits)  # fmt: skip
@@ -297,11 +359,52 @@ class RecordStore:
             if held.record.raw == rec.raw:
                 return StoreResult(rec.body.seq, changed=False)
             _check_replaces(held.record, rec)
+        else:
+            self._check_not_rolled_back(rec, held, expired_by)
         victims = self._victims(rec, held, source)
-        for key in victims:
-            self._remove(key)
-        self._replace(rec, now_ms, source)
         return StoreResult(rec.body.seq, changed=True, evicted=tuple(victims), record=rec)
+
+    def commit(self, result: StoreResult, now_ms: int, source: str = "") -> None:
+        """Apply what `judge` returned (nothing for a repeat)."""
+        if result.record is None:
+            return
+        for key in result.evicted:
+            self._forget(key)
+        self._replace(result.record, now_ms, source)
+
+    def _check_not_rolled_back(
+        self, rec: VerifiedRecord, held: _Held | None, expired_by: int
+    ) -> None:
+        """An expired record (still held, or deleted and remembered) stands against an older
+        version of its signer until that must have expired too (`Gone`): refused with the
+        held record's reason."""
+        memories = (None if held is None else Gone.of(held.record), self._gone.get(rec.body.key))
+        for gone in memories:
+            if gone is not None and gone.refuses(rec, expired_by):
+                raise ConflictError(
+                    f"record: sequence {rec.body.seq} is lower than held {gone.seq}"
+                )
+
+    def gone(self, key: bytes) -> Gone | None:
+        """What is remembered of the record deleted under ``key``, if anything."""
+        return self._gone.get(key)
+
+    def goes(self, key: bytes) -> Gone:
+        """What deleting the record held under ``key`` would remember (for the file)."""
+        return Gone.of(self._held[key].record)
+
+    def remember(self, key: bytes, gone: Gone) -> None:
+        """Remember a deleted record (at deletion, or reloaded from the record file); the
+        oldest memory goes when there are ``max_gone``."""
+        self._gone.pop(key, None)
+        self._gone[key] = gone
+        while len(self._gone) > self.max_gone:
+            del self._gone[next(iter(self._gone))]
+            self.gone_evicted += 1
+
+    def gone_items(self) -> Iterable[tuple[bytes, Gone]]:
+        """The remembered keys, oldest first (a live view)."""
+        return self._gone.items()
 
     def get(self, key: bytes, now_ms: int) -> VerifiedRecord | None:
         held = self._held.get(key)
@@ -324,8 +427,16 @@ class RecordStore:
         """Drop every expired record; returns their keys."""
         gone = [k for k, h in self._held.items() if h.record.body.expires_ms <= now_ms]
         for key in gone:
-            self._remove(key)
+            self._forget(key)
+        lapsed = [k for k, g in self._gone.items() if g.until_ms <= now_ms]
+        for key in lapsed:
+            del self._gone[key]
         return gone
+
+    def _forget(self, key: bytes) -> None:
+        """Delete the record held under ``key``, remembering its signer and sequence."""
+        self.remember(key, self.goes(key))
+        self._remove(key)
 
     def republish_due(
         self, now_ms: int, interval_ms: int, tick_ms: int = 60_000

@@ -17,12 +17,21 @@ unread, so no row can make the load fail or allocate more than one record's byte
 below its header (pages overwritten) raises ``sqlite3.DatabaseError`` from the load: the
 node stops at start with one line, as for a file SQLite cannot open.
 
-Once running, a write that fails (a full disk, an I/O error, damage found by a write) is
-logged, not raised: the record is held in memory and served all the same, and the next
-restart lacks only what was not written (its owner republishes it). Raised, it failed the
-store that caused it after the store had taken the record, broke the session carrying
-it, and ended the node's upkeep for good (no more expiry or republishing). The first
-failure of a run of them is logged at ERROR, the recovery at INFO.
+A store is written before the node holds it (`RecordStore.judge`, then `save`, then
+`RecordStore.commit`), in one transaction with the rows of the records it evicts: a write
+that fails (a full disk, an I/O error, damage found by a write) refuses the store
+(`CapacityError`, RESOURCE_EXHAUSTED) and changes nothing, in memory or on disk. Before,
+the store took the record in memory first and only logged the failed write: the node
+acknowledged a version that a restart replaced with the older row still in the file.
+Upkeep's deletions (`forget`) are logged, not raised: memory already dropped what expired,
+and a row left behind is expired when the next load reads it. The first failure of a run
+of them is logged at ERROR, the recovery at INFO.
+
+Table ``gone`` keeps what the store remembers of deleted records (`records.Gone`: key,
+signer, sequence, until when), so a restart does not forget them and take a rollback;
+rows lapse at their ``until_ms`` and at most the store's ``max_gone`` are kept, the newest.
+A record row the load finds expired is remembered the same way (it expired while the node
+was down, or its deletion was not written).
 """
 
 from __future__ import annotations
@@ -32,9 +41,9 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dna_core.crypto.records import MAX_RECORD_BYTES
-from dna_core.errors import ProtocolError
-from dna_core.overlay.records import RecordStore
+from dna_core.crypto.records import MAX_RECORD_BYTES, open_record
+from dna_core.errors import CapacityError, ExpiredError, ProtocolError
+from dna_core.overlay.records import Gone, RecordStore, check_policy
 
 # A row as `save` writes it; any other is refused unread.
 _WELL_FORMED = (
@@ -49,8 +58,18 @@ CREATE TABLE IF NOT EXISTS records (
     source TEXT NOT NULL,
     expires_ms INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value)
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value);
+CREATE TABLE IF NOT EXISTS gone (
+    key BLOB PRIMARY KEY,
+    signer BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    until_ms INTEGER NOT NULL
+)
 """
+_GONE_WELL_FORMED = (
+    "typeof(key) = 'blob' AND length(key) = 32 AND typeof(signer) = 'blob'"
+    " AND length(signer) = 32 AND typeof(seq) = 'integer' AND typeof(until_ms) = 'integer'"
+)
 EXPIRY_TIME = "expiry_ms"  # the meta row: the latest time upkeep expired records against
 
 
@@ -64,12 +83,46 @@ class RecordFile:
         self._db.executescript(_SCHEMA)
         self.write_failures = 0  # writes that failed since the file was opened
         self._failing = False  # the last write failed
+        self.last_failure = ""  # why the last failed write failed
 
-    def save(self, raw: bytes, key: bytes, source: str, expires_ms: int) -> None:
-        self._write(lambda db: db.execute(
-            "INSERT OR REPLACE INTO records (key, raw, source, expires_ms) VALUES (?, ?, ?, ?)",
-            (key, raw, source, expires_ms),
-        ))  # fmt: skip
+    def save(
+        self, raw: bytes, key: bytes, source: str, expires_ms: int,
+        evicted: Sequence[tuple[bytes, Gone]] = (),
+    ) -> None:  # fmt: skip
+        """Write a record the store is about to take, and delete (remembering them) the
+        records it evicts, in one transaction; raises `CapacityError` if the file refuses
+        it, having changed nothing: the store must then not take the record."""
+
+        def write(db: sqlite3.Connection) -> None:
+            _forget_rows(db, evicted)
+            db.execute(
+                "INSERT OR REPLACE INTO records (key, raw, source, expires_ms) VALUES (?, ?, ?, ?)",
+                (key, raw, source, expires_ms),
+            )
+
+        if not self._write(write):
+            raise CapacityError(
+                f"record store: the record file refused the write ({self.last_failure}); not stored"
+            )
+
+    def forget(
+        self, keys: Sequence[bytes], gone: Sequence[tuple[bytes, Gone]], now_ms: int, most: int
+    ) -> None:
+        """Delete the rows of records the store deleted (``keys``), remembering ``gone``
+        (table ``gone``); drop memories lapsed by ``now_ms`` and all but the newest
+        ``most``."""
+
+        def write(db: sqlite3.Connection) -> None:
+            db.executemany("DELETE FROM records WHERE key = ?", [(key,) for key in keys])
+            _forget_rows(db, gone)
+            db.execute("DELETE FROM gone WHERE until_ms <= ?", (now_ms,))
+            db.execute(
+                "DELETE FROM gone WHERE rowid NOT IN"
+                " (SELECT rowid FROM gone ORDER BY rowid DESC LIMIT ?)",
+                (most,),
+            )
+
+        self._write(write)
 
     def expiry_time(self) -> int | None:
         """The latest time an earlier run expired records against, if it saved one."""
@@ -88,30 +141,49 @@ class RecordFile:
             rows = [(k,) for k in keys]
             self._write(lambda db: db.executemany("DELETE FROM records WHERE key = ?", rows))
 
-    def _write(self, write: Callable[[sqlite3.Connection], object]) -> None:
+    def _write(self, write: Callable[[sqlite3.Connection], object]) -> bool:
+        """Run ``write`` in one transaction; whether it was written (a failure is counted,
+        logged once for a run of them, and rolled back)."""
         try:
-            write(self._db)
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                write(self._db)
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
         except (sqlite3.Error, OSError) as exc:
             self.write_failures += 1
+            self.last_failure = str(exc)
             if not self._failing:
                 log.error(
-                    "record file %s: a write failed (%s); records are held and served, a "
-                    "restart loses what was not written until it is republished",
+                    "record file %s: a write failed (%s); stores are refused until writes "
+                    "succeed again, and what expired meanwhile is deleted at the next load",
                     self.path, exc,
                 )  # fmt: skip
             self._failing = True
-            return
+            return False
         if self._failing:
             log.info("record file %s: writes succeed again", self.path)
             self._failing = False
+        return True
 
     def load_into(
         self, store: RecordStore, now_ms: int, expiry_ms: int | None = None
     ) -> tuple[int, int]:
         """Verify every saved record again into ``store`` at wall time ``now_ms``, expiry
         judged at ``expiry_ms`` (default ``now_ms``); returns (loaded, dropped)."""
+        expired_by = now_ms if expiry_ms is None else expiry_ms
+        self._db.execute(f"DELETE FROM gone WHERE NOT ({_GONE_WELL_FORMED})")
+        self._db.execute("DELETE FROM gone WHERE until_ms <= ?", (expired_by,))
+        for key, signer, seq, until_ms in self._db.execute(
+            "SELECT key, signer, seq, until_ms FROM gone ORDER BY rowid"
+        ):
+            store.remember(bytes(key), Gone(bytes(signer), int(seq), int(until_ms)))
         malformed = self._db.execute(f"DELETE FROM records WHERE NOT ({_WELL_FORMED})")
         dropped: list[bytes] = []
+        remembered: list[tuple[bytes, Gone]] = []
         loaded = 0
         rows = self._db.execute(
             f"SELECT key, raw, source FROM records WHERE {_WELL_FORMED} ORDER BY rowid"
@@ -121,6 +193,12 @@ class RecordFile:
                 result = store.put(
                     bytes(raw), now_ms, str(source), expiry_ms=expiry_ms, held_before=True
                 )
+            except ExpiredError:
+                dropped.append(bytes(key))
+                gone = _expired_memory(store, bytes(key), bytes(raw), now_ms, expired_by)
+                if gone is not None:
+                    remembered.append((bytes(key), gone))
+                continue
             except ProtocolError:
                 dropped.append(bytes(key))
                 continue
@@ -129,8 +207,35 @@ class RecordFile:
                 continue
             loaded += 1
             dropped.extend(result.evicted)
-        self.delete(dropped)
+        self.forget(dropped, remembered, expired_by, store.max_gone)
         return loaded, len(dropped) + malformed.rowcount
 
     def close(self) -> None:
         self._db.close()
+
+
+def _forget_rows(db: sqlite3.Connection, gone: Sequence[tuple[bytes, Gone]]) -> None:
+    db.executemany("DELETE FROM records WHERE key = ?", [(key,) for key, _ in gone])
+    db.executemany(
+        "INSERT OR REPLACE INTO gone (key, signer, seq, until_ms) VALUES (?, ?, ?, ?)",
+        [(key, g.signer, g.seq, g.until_ms) for key, g in gone],
+    )
+
+
+def _expired_memory(
+    store: RecordStore, key: bytes, raw: bytes, now_ms: int, expired_by: int
+) -> Gone | None:
+    """What to remember of a saved record that expired while the node was down (or whose
+    deletion was not written), if it verifies apart from its expiry and is filed under
+    its own key: forgotten, an older version of it was taken after the restart."""
+    try:
+        rec = open_record(raw, now_ms=now_ms, key=key, expiry_ms=-1)
+        check_policy(rec, name_pow_bits=store.name_pow_bits,
+                     identity_pow_bits=store.identity_pow_bits)  # fmt: skip
+    except ProtocolError:
+        return None
+    gone = Gone.of(rec)
+    if gone.until_ms <= expired_by:
+        return None
+    store.remember(key, gone)
+    return gone

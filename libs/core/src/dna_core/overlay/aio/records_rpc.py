@@ -38,6 +38,7 @@ from dna_core.overlay.contact import Contact
 from dna_core.overlay.records import (
     DEFAULT_IDENTITY_POW_BITS,
     DEFAULT_NAME_POW_BITS,
+    Gone,
     RecordStore,
     StoreResult,
     check_policy,
@@ -80,9 +81,12 @@ DEFAULT_SOURCE_MAX_KEYS = 65_536
 class RecordJournal(Protocol):
     """Where a node keeps its records across restarts (`record_file.RecordFile`)."""
 
-    def save(self, raw: bytes, key: bytes, source: str, expires_ms: int) -> None: ...
-
-    def delete(self, keys: Sequence[bytes]) -> None: ...
+    def save(
+        self, raw: bytes, key: bytes, source: str, expires_ms: int,
+        evicted: Sequence[tuple[bytes, Gone]] = (),
+    ) -> None:  # fmt: skip
+        """Write a record about to be held and delete the evicted ones, all or nothing;
+        a ProtocolError (nothing written) refuses the store."""
 
 
 class OverlayService(overlay_pb2_grpc.OverlayServicer):
@@ -237,10 +241,15 @@ class OverlayService(overlay_pb2_grpc.OverlayServicer):
                 wait,
             )
         verify_at, expired_by = self._judged_at(now_ms)
-        result = self.store.put(raw, verify_at, source, expiry_ms=expired_by)
+        result = self.store.judge(raw, verify_at, source, expiry_ms=expired_by)
         if self.journal is not None and result.record is not None:
-            self.journal.delete(result.evicted)
-            self.journal.save(raw, result.record.body.key, source, result.record.body.expires_ms)
+            # Written before the store holds it: a write that fails refuses the store and
+            # changes nothing. Held first, a restart after a failed write served the older
+            # row still in the file, a version older than the one acknowledged.
+            evicted = [(key, self.store.goes(key)) for key in result.evicted]
+            body = result.record.body
+            self.journal.save(raw, body.key, source, body.expires_ms, evicted)
+        self.store.commit(result, verify_at, source)
         if result.evicted:
             self.on_evicted(len(result.evicted))
         return result

@@ -669,7 +669,10 @@ class OverlayServer:
         refuse it)."""
         wall = self.wall_ms()
         record_file = _require(self.record_file)
-        record_file.delete(store.expire_keys(self._expiry_now(wall)))
+        deleted_to = self._expiry_now(wall)
+        expired = store.expire_keys(deleted_to)
+        remembered = [(key, gone) for key in expired if (gone := store.gone(key)) is not None]
+        record_file.forget(expired, remembered, deleted_to, store.max_gone)
         record_file.save_expiry_time(_require(self.expiry_clock.high_ms))
         return store.republish_due(wall, interval_ms, int(UPKEEP_S * 1000))
 
