@@ -66,29 +66,50 @@ def stun_node(
     root: Path, host: str = "127.0.0.1", extra_relay: str = "",
     allowed: tuple[str, ...] = ("127.0.0.0/8",),
 ) -> Iterator[StunNode]:  # fmt: skip
-    udp_port, http_port = free_port(host), free_port(host, socket.SOCK_STREAM)
-    config, log = root / "stun.toml", root / "stun.log"
-    config.write_text(stun_toml(host, udp_port, http_port, extra_relay, allowed))
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "dna-stun"), "run", "--config", str(config)],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={k: v for k, v in os.environ.items() if not k.startswith("DNA_")},
-        )  # fmt: skip
-    node = StunNode(proc, (host, udp_port), f"http://{host}:{http_port}", log)
+    node = _started(root, host, extra_relay, allowed)
     try:
-        deadline = time.monotonic() + 60  # 8-14 s under 2 busy loops: room for more
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"dna-stun exited:\n{log.read_text()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{node.http}/readyz", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"dna-stun not ready:\n{log.read_text()}")
-            time.sleep(0.1)
         yield node
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        if node.proc.poll() is None:
+            node.proc.kill()
+            node.proc.wait(10)
+
+
+# How dna-stun names a port it cannot bind (tests/stun/test_start_errors.py checks it).
+TAKEN = "Address already in use"
+
+
+def _started(root: Path, host: str, extra_relay: str, allowed: tuple[str, ...]) -> StunNode:
+    """A ready dna-stun. Its ports are picked free, then bound by the node a moment later:
+    one taken meanwhile (an outgoing connection's ephemeral port) means another try."""
+    for attempt in range(3):
+        udp_port, http_port = free_port(host), free_port(host, socket.SOCK_STREAM)
+        config, log = root / "stun.toml", root / f"stun-{attempt}.log"
+        config.write_text(stun_toml(host, udp_port, http_port, extra_relay, allowed))
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                [str(BIN / "dna-stun"), "run", "--config", str(config)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={k: v for k, v in os.environ.items() if not k.startswith("DNA_")},
+            )  # fmt: skip
+        node = StunNode(proc, (host, udp_port), f"http://{host}:{http_port}", log)
+        if _ready(node):
+            return node
+        if TAKEN not in log.read_text():
+            raise RuntimeError(f"dna-stun exited:\n{log.read_text()}")
+    raise RuntimeError(f"dna-stun found no free port in 3 tries:\n{log.read_text()}")
+
+
+def _ready(node: StunNode) -> bool:
+    """Wait for /readyz (True), or the process's exit (False)."""
+    deadline = time.monotonic() + 60  # 8-14 s under 2 busy loops: room for more
+    while node.proc.poll() is None:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{node.http}/readyz", timeout=1).status_code == 200:
+                return True
+        if time.monotonic() > deadline:
+            node.proc.kill()
+            node.proc.wait(10)
+            raise RuntimeError(f"dna-stun not ready:\n{node.log.read_text()}")
+        time.sleep(0.1)
+    return False

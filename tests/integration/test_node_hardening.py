@@ -8,7 +8,6 @@ import asyncio
 import resource
 import select
 import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from grpc_health.v1 import health_pb2  # type: ignore[import-untyped]
 from grpc_reflection.v1alpha import reflection_pb2  # type: ignore[import-untyped]
 from process_mark import starts_processes
+from storage.redis_process import start_redis
 from support import SETTLE_S, until
 
 IP, UNGUARDED_IP, REDIS_NODE_IP = free_ips(3)  # the nodes
@@ -289,16 +289,9 @@ REDIS_PASSWORD = "hunter2-not-for-logs"
 @starts_processes
 def redis_with_password(tmp_path: Path) -> Iterator[str]:
     """A real redis-server that requires a password; yields the URL carrying it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--requirepass", REDIS_PASSWORD, "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc, url = start_redis(tmp_path, password=REDIS_PASSWORD)
     try:
-        yield f"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0"
+        yield url
     finally:
         proc.terminate()
         proc.wait(10)

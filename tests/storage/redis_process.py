@@ -36,14 +36,15 @@ def _redis_binary() -> str:
     return binary
 
 
-def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """Start redis-server durably configured (AOF, fsync always) and wait for PING.
+def start_redis(workdir: Path, password: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """Start redis-server durably configured (AOF, fsync always) and wait for PING; with
+    ``password``, one that requires it (the URL carries it).
 
     A server that exits at once most likely lost the race for its port: try another.
     """
     for _ in range(3):
         port = _free_port()
-        proc, url = _redis_on(workdir, port)
+        proc, url = _redis_on(workdir, port, password=password)
         if _wait_for_ping(proc, url):
             return proc, url
         proc.kill()
@@ -52,16 +53,18 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def _redis_on(
-    workdir: Path, port: int, appendfsync: str = "always"
+    workdir: Path, port: int, appendfsync: str = "always", password: str | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
+    auth = ["--requirepass", password] if password else []
     with (workdir / "redis.log").open("ab") as log:
         proc = subprocess.Popen(
             [_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", appendfsync, "--dir", str(workdir)],
+             "--appendonly", "yes", "--appendfsync", appendfsync, "--dir", str(workdir),
+             *auth],
             stdout=log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
-    return proc, f"redis://127.0.0.1:{port}/0"
+    return proc, f"redis://{f':{password}@' if password else ''}127.0.0.1:{port}/0"
 
 
 class RedisProcess:

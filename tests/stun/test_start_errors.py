@@ -6,7 +6,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from stun_node import free_port, stun_toml
+from stun_node import TAKEN, free_port, stun_toml
 from support import run_script
 
 pytestmark = pytest.mark.process  # every test starts dna-stun
@@ -31,6 +31,7 @@ def test_a_taken_udp_port_is_named(tmp_path: Path) -> None:
     assert out.returncode == 1
     line = _one_line(out.stdout + out.stderr)
     assert line.startswith(f"dna-stun: error: cannot listen on UDP {HOST}:{port}"), line
+    assert TAKEN in line, line  # what the harness retries on
 
 
 def test_a_bad_setting_is_named(tmp_path: Path) -> None:
