@@ -42,6 +42,7 @@ STUN_PORT = 3478
 # The testnet's STUN/TURN credentials: one static user, and the shared secret that mints
 # time-limited ones (docs/nat.md). Public for a testnet; a real deployment keeps its own.
 TESTNET_TURN_USER, TESTNET_TURN_PASSWORD = "testnet", "testnet"
+TESTNET_USER_ALLOCATIONS = 1000  # the relay's default in all (every peer is that user)
 TESTNET_TURN_SECRET = "dna-testnet-turn-secret"
 PUZZLE_BITS = 4  # the static ID puzzle: cheap on a testnet (a public network uses 8)
 # Every client of a local testnet comes from 127.0.0.1 (and every client of the compose
@@ -198,6 +199,8 @@ def stun_toml(
         f'log_level = "info"\n[server]\nhost = "{host}"\nudp_port = {STUN_PORT}\n{server_toml}'
         f'[auth]\nrealm = "dna-testnet"\nusers = ["{TESTNET_TURN_USER}:{TESTNET_TURN_PASSWORD}"]\n'
         f'auth_secret = "{TESTNET_TURN_SECRET}"\n[relay]\nallowed_peers = [{allowed}]\n'
-        f"{relay_toml}"
+        # Every peer of a testnet signs in as the one user above: its quota (10 by
+        # default, for one person's devices) would let the 11th peer online relay nothing.
+        f"max_allocations_per_user = {TESTNET_USER_ALLOCATIONS}\n{relay_toml}"
         f'[ops]\nhttp_host = "{http_host}"\nhttp_port = {HTTP_PORT}\n'
     )
