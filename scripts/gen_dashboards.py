@@ -250,6 +250,21 @@ def overlay_dashboard() -> db.Dashboard:
             query(f"dna_overlay_record_bytes{{{SEL}}}", "{{instance}}"),
         )
     )
+    d = d.with_panel(
+        series(
+            "Deleted records remembered",
+            "Keys of deleted records each node remembers so an older version is not taken "
+            "back (a rollback), at most 20,000; and keys forgotten early per second to stay "
+            "within that: once they move, such keys can be rolled back.",
+            "none",
+            query(f"dna_overlay_records_gone{{{SEL}}}", "{{instance}}"),
+            query(
+                f"rate(dna_overlay_records_gone_dropped_total{{{SEL}}}[{RATE}])",
+                "forgotten/s {{instance}}",
+                "B",
+            ),
+        )
+    )
     d = d.with_row(db.Row("Load shedding"))
     d = d.with_panel(
         series(
@@ -482,6 +497,24 @@ def storage_dashboard() -> db.Dashboard:
             query(f"sum(rate(dna_storage_gc_removed_total{{{SEL}}}[{RATE}]))", "removed/s"),
             query(f"sum(dna_storage_mailboxes{{{SEL}}})", "mailboxes held", "B"),
             width=8,
+        )
+    )
+    d = d.with_panel(
+        series(
+            "Tombstones for IDs not held",
+            "Tombstones each node stores for IDs it held neither as a blob nor as a "
+            "tombstone (updated every GC interval); deletes naming such IDs are refused "
+            "past admission.node_max_tombstones_unheld (1,000,000 by default). Refusals "
+            "per second, this bound's and the per-mailbox max_tombstones_unheld's together.",
+            "none",
+            query(f"dna_storage_tombstones_unheld{{{SEL}}}", "{{instance}}"),
+            query(
+                f'sum(rate(dna_storage_requests_total{{method="delete",outcome="tombstones",'
+                f"{SEL}}}[{RATE}]))",
+                "refused/s",
+                "B",
+            ),
+            width=24,
         )
     )
     d = d.with_row(db.Row("Disk"))

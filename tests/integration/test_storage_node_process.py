@@ -31,12 +31,14 @@ IP, FULL_IP = free_ips(2)
 POW_BITS = 8
 ALICE, BOB = seeded_identity("storage-alice"), seeded_identity("storage-bob")
 CAROL = seeded_identity("storage-carol")
+DAVE, ERIN = seeded_identity("storage-dave"), seeded_identity("storage-erin")
 STORAGE_TOML = f"""
 gc_interval_s = 0.2  # more of [storage]: the holdings gauges follow within a test
 [admission]
 pow_base_bits = {POW_BITS}
 ip_rate_per_s = 5.0
 ip_burst = 30.0
+node_max_tombstones_unheld = 3  # reached within a test
 """
 
 
@@ -110,10 +112,13 @@ def test_put_fetch_open_delete(node: NodeProcess) -> None:
     assert wait_for_gauge(node, "dna_storage_signed_delete_bytes", stored) == stored
 
 
-def wait_for_gauge(node: NodeProcess, name: str, wanted: float) -> float:
-    """The gauge's value once it reads ``wanted`` or after SETTLE_S (set by each GC pass)."""
+def wait_for_gauge(node: NodeProcess, name: str, wanted: float, **labels: str) -> float:
+    """The series' value once it reads ``wanted`` or after SETTLE_S (gauges of holdings are
+    set by each GC pass)."""
     deadline = time.monotonic() + SETTLE_S
-    while (value := sample_value(scrape(node), name)) != wanted and time.monotonic() < deadline:
+    while (value := sample_value(scrape(node), name, **labels)) != wanted:
+        if time.monotonic() >= deadline:
+            break
         time.sleep(0.1)
     return value
 
@@ -227,6 +232,24 @@ def test_data_survives_sigkill_and_holds_no_plaintext(node: NodeProcess, tmp_pat
     assert files, "the data directory holds the mailbox database"
     for path in files:
         assert secret not in path.read_bytes(), path
+
+
+def test_tombstones_for_ids_not_held_are_shown_and_bounded_node_wide(node: NodeProcess) -> None:
+    """The node's count of tombstones for IDs it did not hold is a gauge, so an operator
+    sees it approach ``node_max_tombstones_unheld`` (3 here); a delete past the bound is
+    refused and counted as the per-mailbox bound's refusals are (outcome "tombstones")."""
+    unheld = [blob_id(f"never put {i}".encode()) for i in range(3)]
+    delete = mailbox_pb2.DeleteRequest.FromString(sign_delete(DAVE, unheld, now_ms=now_ms()))
+    assert not isinstance(call("Delete", delete), grpc.aio.AioRpcError)
+    assert wait_for_gauge(node, "dna_storage_tombstones_unheld", 3) == 3
+    refusals = {"method": "delete", "outcome": "tombstones"}
+    before = sample_value(scrape(node), "dna_storage_requests_total", **refusals)
+    one_more = sign_delete(ERIN, [blob_id(b"never put either")], now_ms=now_ms())
+    result = call("Delete", mailbox_pb2.DeleteRequest.FromString(one_more))
+    why = refused(result, grpc.StatusCode.RESOURCE_EXHAUSTED).details() or ""
+    assert "the node holds 3" in why, why  # the node's bound, not the mailbox's
+    assert wait_for_gauge(node, "dna_storage_requests_total", before + 1, **refusals) == before + 1
+    assert sample_value(scrape(node), "dna_storage_tombstones_unheld") == 3  # nothing stored
 
 
 def test_metrics_count_outcomes_and_holdings(node: NodeProcess) -> None:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from dna_core.crypto import Identity, sign_record
 from dna_core.crypto.records import VerifiedRecord
@@ -329,3 +330,38 @@ def test_a_record_deleted_at_its_expiry_is_not_rolled_back_even_after_a_restart(
             assert held(server).get(key, clocks.wall) is None
 
     asyncio.run(scenario())
+
+
+def test_the_memory_of_deleted_records_and_what_it_forgot_are_exported(tmp_path: Path) -> None:
+    """Operators see how many deleted records' keys the node remembers against rollback
+    (`dna_overlay_records_gone`) and how many it forgot early at ``max_gone``
+    (`dna_overlay_records_gone_dropped_total`: from then on such a key can be rolled back),
+    read from the node's own registry, the one its /metrics serves."""
+    clocks = Clocks(wall=NOW, monotonic=0)
+
+    def sample(server: OverlayServer, name: str) -> float | None:
+        return server.registry.get_sample_value(name)
+
+    async def scenario() -> None:
+        async with serving(tmp_path, clocks) as server:
+            held(server).max_gone = 2  # the bound reached with three records
+            for _ in range(3):
+                store(server, identity_rec())
+            assert sample(server, "dna_overlay_records_gone") == 0
+            assert sample(server, "dna_overlay_records_gone_dropped_total") == 0
+            clocks.wall, clocks.monotonic = NOW + 2 * HOUR_MS, 2 * HOUR_MS  # all expired
+            upkeep(server)
+            assert len(held(server)) == 0
+            assert sample(server, "dna_overlay_records_gone") == 2
+            assert sample(server, "dna_overlay_records_gone_dropped_total") == 1
+            metrics = (await asyncio.to_thread(scrape_ops, server)).splitlines()
+            assert "dna_overlay_records_gone 2.0" in metrics
+            assert "dna_overlay_records_gone_dropped_total 1.0" in metrics
+
+    asyncio.run(scenario())
+
+
+def scrape_ops(server: OverlayServer) -> str:
+    """The node's /metrics page, over HTTP."""
+    assert server.ops is not None
+    return httpx.get(f"http://127.0.0.1:{server.ops.port}/metrics", timeout=5).text

@@ -181,6 +181,13 @@ class StorageMetrics:
         )
         self.mailboxes = Gauge("dna_storage_mailboxes", "Mailboxes holding blobs or tombstones",
                                registry=registry)  # fmt: skip
+        self.tombstones_unheld = Gauge(
+            "dna_storage_tombstones_unheld",
+            "Tombstones stored for IDs the node held neither as a blob nor as a tombstone, "
+            "every mailbox's, as of the last GC pass (deletes are admitted up to "
+            "admission.node_max_tombstones_unheld)",
+            registry=registry,
+        )
         self.gc_removed = Counter(
             "dna_storage_gc_removed", "Expired blobs and tombstones removed", registry=registry
         )
@@ -469,6 +476,7 @@ class StorageNode:
         self.metrics.mailboxes.set(self._mailboxes)
         self.metrics.bytes.set(totals.bytes)
         self.metrics.signed_delete_bytes.set((await backend.signed_deletes()).bytes)
+        self.metrics.tombstones_unheld.set(await backend.unheld_tombstones())
 
     def _check_disk(self) -> None:
         """Over the high-water mark the node refuses writes and turns unready, but keeps

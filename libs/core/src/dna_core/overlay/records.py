@@ -402,6 +402,11 @@ class RecordStore:
             del self._gone[next(iter(self._gone))]
             self.gone_evicted += 1
 
+    @property
+    def gone_count(self) -> int:
+        """How many keys of deleted records are remembered (at most ``max_gone``)."""
+        return len(self._gone)
+
     def gone_items(self) -> Iterable[tuple[bytes, Gone]]:
         """The remembered keys, oldest first (a live view)."""
         return self._gone.items()

@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from dna_core.overlay.records import DEFAULT_MAX_GONE, RecordStore
 
 
 class OverlayMetrics:
@@ -40,4 +45,29 @@ class OverlayMetrics:
             "Iterative lookup latency",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=registry,
+        )
+
+
+class GoneCollector(Collector):
+    """The record store's memory of deleted records (`RecordStore.remember`), read at
+    scrape time: how many keys it remembers against rollback, and how many it forgot
+    early for room (``max_gone``). A key forgotten early can be rolled back to an older,
+    still unexpired version, so the counter moving says the bound is reached."""
+
+    def __init__(self, store: RecordStore) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[Any]:
+        store = self._store
+        yield GaugeMetricFamily(
+            "dna_overlay_records_gone",
+            "Keys of deleted records remembered against rollback (at most "
+            f"{DEFAULT_MAX_GONE:,}, the oldest forgotten first)",
+            store.gone_count,
+        )
+        yield CounterMetricFamily(
+            "dna_overlay_records_gone_dropped",
+            "Remembered keys of deleted records forgotten early, the oldest first, to stay"
+            " within the bound (a replay of an older version is then no longer refused)",
+            store.gone_evicted,
         )

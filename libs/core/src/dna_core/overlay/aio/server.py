@@ -61,6 +61,7 @@ from dna_core.rpc_session_server import SourceCaps
 from dna_core.tasks import stop_tasks
 from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2
 
+from .metrics import GoneCollector
 from .node import NodeConfig, OverlayNode
 from .record_file import RecordFile
 from .records_rpc import (
@@ -563,6 +564,7 @@ class OverlayServer:
         )
         Gauge("dna_overlay_record_bytes", "Bytes of records held",
               registry=self.registry).set_function(lambda: store.bytes_held)  # fmt: skip
+        self.registry.register(GoneCollector(store))
         return OverlayService(
             store=store,
             closest=node.table.closest,
