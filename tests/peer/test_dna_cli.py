@@ -1055,3 +1055,15 @@ def test_a_new_users_mistakes_are_one_clear_line_each(tmp_path: Path) -> None:
     # is made or the network joined
     long = dna(home, *down, "identity", "rotate", "--reason", "x" * 3000)
     assert long.returncode == 2 and "at most 200 printable characters" in long.stderr, long
+
+
+def test_a_dna_max_strangers_too_long_to_convert_is_refused_in_one_line(tmp_path: Path) -> None:
+    """$DNA_MAX_STRANGERS of 5,000 digits: Python refuses to convert it (ValueError past
+    4,300 digits), which escaped as a traceback; it is refused as any bad value, before
+    anything runs (no network needed)."""
+    home = tmp_path / "me"
+    ok(dna(home, "--json", "identity", "create", "--offline"))
+    for bad in ("9" * 5000, "1" * 19):
+        refused = dna(home, "sync", "--bootstrap", "127.0.0.1:9", env={"DNA_MAX_STRANGERS": bad})
+        one_line_error(refused, "DNA_MAX_STRANGERS", "at least 1", "18 digits")
+    assert ok(dna(home, "--json", "identity", "show"))["fingerprint"]

@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
     "text",
     [
         pytest.param(
-            stun_toml("127.0.0.11", http_host="127.0.0.11", allowed_peers=("127.0.0.0/8",)),
+            # (a configuration read, nothing bound: a documentation address, not one of
+            # the harness's loopback addresses)
+            stun_toml("192.0.2.11", http_host="192.0.2.11", allowed_peers=("192.0.2.0/24",)),
             id="local",
         ),
         pytest.param((ROOT / "deploy/compose/nodes/stun1.toml").read_text(), id="compose"),

@@ -251,3 +251,36 @@ def test_what_was_deleted_is_remembered_across_a_restart(tmp_path: Path) -> None
 
 def _unused() -> Contact:
     raise AssertionError("not asked for in these tests")
+
+
+def test_what_the_load_evicts_is_remembered_in_the_file_too(tmp_path: Path) -> None:
+    """A load into a smaller store (max_records lowered) evicts records; the store
+    remembers them against a rollback, and the file must too: it deleted their rows but
+    kept no memory, so the restart after took an older version of the evicted record."""
+    path = tmp_path / "records.sqlite3"
+    journal = RecordFile(path)
+    owners = [Identity.generate() for _ in range(3)]
+    for who, source in zip(owners, ["192.0.2.1", "192.0.2.1", "198.51.100.1"], strict=True):
+        key, raw = identity_rec(who, seq=5)
+        journal.save(raw, key, source, NOW + HOUR_MS)
+    journal.close()
+    small = RecordStore(name_pow_bits=BITS, identity_pow_bits=BITS, max_records=2)
+    reopened = RecordFile(path)
+    assert reopened.load_into(small, NOW) == (3, 1)  # the third evicts one of the first two
+    reopened.close()
+    (evicted,) = [
+        who for who in owners if small.get(record_key(IDENTITY, who.fingerprint), NOW) is None
+    ]
+    assert small.gone(record_key(IDENTITY, evicted.fingerprint)) is not None
+
+    store = RecordStore(name_pow_bits=BITS, identity_pow_bits=BITS)
+    again = RecordFile(path)
+    assert again.load_into(store, NOW) == (2, 0)
+    again.close()
+    key = record_key(IDENTITY, evicted.fingerprint)
+    older = sign_record(
+        evicted, kind=IDENTITY, key=key, seq=4, now_ms=NOW - HOUR_MS, ttl_ms=24 * HOUR_MS,
+        payload=identity_payload(evicted.fingerprint, "x", pow_bits=BITS, now_ms=NOW - HOUR_MS),
+    )  # fmt: skip
+    with pytest.raises(ConflictError, match="lower than held 5"):
+        store.put(older, NOW)

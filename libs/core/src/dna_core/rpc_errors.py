@@ -34,12 +34,14 @@ def remote_error(err: grpc.aio.AioRpcError) -> RemoteError:
 
 def retry_after_ms(metadata: Iterable[tuple[str, str | bytes]] | None) -> int:
     """The ``retry-after-ms`` trailer a rate-limited call carries, or 0 (none, or not a
-    positive whole number: a malformed hint is no hint)."""
+    positive whole number of at most 18 digits: a malformed hint is no hint)."""
     for key, value in metadata or ():
         if key == "retry-after-ms":
             text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-            # isdigit alone takes '²' and other digits int() refuses
-            return int(text) if text.isascii() and text.isdigit() else 0
+            # isdigit alone takes '²' and other digits int() refuses; past 4,300 digits
+            # int() raises (ValueError), and no wait needs more than 18 (10^18 ms: 30 million years)
+            well_formed = text.isascii() and text.isdigit() and len(text) <= 18
+            return int(text) if well_formed else 0
     return 0
 
 

@@ -1059,10 +1059,14 @@ def _max_strangers() -> int:
     text = os.environ.get(MAX_STRANGERS_ENV)
     if text is None:
         return MAX_STRANGERS
-    value = int(text) if text.strip().isascii() and text.strip().isdigit() else 0
+    digits = text.strip()
+    # (at most 18 digits: Python refuses to convert more than 4,300 with a ValueError, and
+    # no count of message requests kept needs more than this)
+    value = int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 18 else 0
     if value < 1:
         raise DnaError(f"{MAX_STRANGERS_ENV}={text!r}: the message requests kept at most, a"
-                       f" whole number of at least 1 (default {MAX_STRANGERS})")  # fmt: skip
+                       f" whole number of at least 1, of at most 18 digits (default"
+                       f" {MAX_STRANGERS})")  # fmt: skip
     return value
 
 

@@ -24,9 +24,9 @@ the round's own deferrals and evictions; `plan` decides without changing anythin
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import islice
 
 Source = bytes | None  # a storage node's ID, or SEVERAL
 SEVERAL: Source = None  # two or more nodes returned the blob (or not from a fetch)
@@ -43,7 +43,9 @@ class Limits:
 
 @dataclass(slots=True)
 class _Held:
-    blobs: deque[tuple[bytes, int]] = field(default_factory=deque)  # (blob ID, size), oldest first
+    # blob ID -> size, oldest first: a blob handled leaves in O(1) whatever its place (a
+    # list scanned for it took 2.7 s to remove 10,000 one source deferred, newest first)
+    blobs: dict[bytes, int] = field(default_factory=dict)
     size: int = 0
 
 
@@ -82,7 +84,8 @@ class DeferredRoom:
             if fullest is None or len(victims) >= MAX_EVICTIONS:
                 return None
             (victim,) = fullest
-            blob_id, victim_size = self._by_source[victim].blobs[taken.get(victim, 0)]
+            oldest = self._by_source[victim].blobs.items()
+            blob_id, victim_size = next(islice(oldest, taken.get(victim, 0), None))
             taken[victim] = taken.get(victim, 0) + 1
             victims.append(blob_id)
             count, total = count - 1, total - victim_size
@@ -101,8 +104,10 @@ class DeferredRoom:
         return best
 
     def add(self, source: Source, blob_id: bytes, size: int) -> None:
+        if blob_id in self._source_of:
+            return  # deferred once (the cache keeps one row a blob): counted once
         held = self._by_source.setdefault(source, _Held())
-        held.blobs.append((blob_id, size))
+        held.blobs[blob_id] = size
         held.size += size
         self._source_of[blob_id] = source
         self.count += 1
@@ -114,12 +119,9 @@ class DeferredRoom:
             return
         source = self._source_of.pop(blob_id)
         held = self._by_source[source]
-        for i, (known, size) in enumerate(held.blobs):
-            if known == blob_id:
-                del held.blobs[i]
-                held.size -= size
-                self.count -= 1
-                self.size -= size
-                break
+        size = held.blobs.pop(blob_id)
+        held.size -= size
+        self.count -= 1
+        self.size -= size
         if not held.blobs:
             del self._by_source[source]

@@ -207,6 +207,9 @@ class RecordFile:
                 continue
             loaded += 1
             dropped.extend(result.evicted)
+            # remembered by the store (`RecordStore.commit`): by the file too, or the next
+            # restart forgets them and takes an older version
+            remembered.extend((k, g) for k in result.evicted if (g := store.gone(k)) is not None)
         self.forget(dropped, remembered, expired_by, store.max_gone)
         return loaded, len(dropped) + malformed.rowcount
 
