@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 from dna_core.crypto import sign_record
 from dna_core.crypto.node import NodeIdentity
 from dna_core.ops.config import OpsSection
@@ -30,7 +32,7 @@ from dna_core.overlay.contact import id_int
 from dna_core.overlay.handoff import HANDOFF_SENDERS, HandoffQueue
 from dna_core.overlay.records import identity_payload, record_key
 from dna_core.wire.gen.dna.v1 import common_pb2
-from support import seeded_identity
+from support import seeded_identity, until_async
 
 IDENTITY = common_pb2.RECORD_KIND_IDENTITY
 BOOTSTRAP = common_pb2.NODE_ROLE_BOOTSTRAP
@@ -129,6 +131,12 @@ async def _join(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, "the newcomer never got the record"
                 await asyncio.sleep(0.05)
             assert store.get(key, time.time_ns() // 1_000_000).raw == raw  # type: ignore[union-attr]
+            # (a sender counts its handoff when the newcomer's answer is back: after the
+            # newcomer holds the record)
+            sent = await until_async(
+                lambda: sum(metric(h, "sent") for h in holders), "a handoff counted sent"
+            )
+            await asyncio.sleep(0.5)  # (a third sender's handoff would be counted by now)
             sent = sum(metric(h, "sent") for h in holders)
             # Not every holder sends: the two senders (more only where views differ).
             assert 1 <= sent <= HANDOFF_SENDERS, sent
@@ -190,3 +198,62 @@ async def _flood(tmp_path: Path) -> None:
         finally:
             for sybil in sybils:
                 await sybil.stop()
+
+
+def test_a_restarted_holder_hands_nothing_to_the_nodes_it_meets_while_joining(
+    tmp_path: Path,
+) -> None:
+    """A holder restarted with its record file meets every node again as new to its table,
+    and its table is too sparse then to tell who is a replica: nothing is handed over
+    until its own join lookup is done (a restart of every node would otherwise have each
+    flood its first contacts). The node it meets after that is handed the record."""
+    asyncio.run(_restart(tmp_path))
+
+
+async def _restart(tmp_path: Path) -> None:
+    async with network(tmp_path, HOLDERS) as holders:
+        records = []
+        for i in range(20):
+            who = seeded_identity(f"restart-{i}")
+            key = record_key(IDENTITY, who.fingerprint)
+            now = time.time_ns() // 1_000_000
+            payload = identity_payload(who.fingerprint, "r", pow_bits=0, now_ms=now)
+            records.append(sign_record(who, kind=IDENTITY, key=key, seq=1, now_ms=now,
+                                       ttl_ms=3_600_000, payload=payload))  # fmt: skip
+            assert await node(holders[0]).put_record(records[-1], key) >= 1
+        seed = f"127.0.0.1:{node(holders[0]).udp_addr[1]}"
+        await holders[-1].stop()
+        restarted = await started(config(tmp_path / f"n{HOLDERS - 1}", (seed,)))
+        try:
+            await until_joined([restarted])
+            held = node(restarted).store
+            assert held is not None and len(held) > 0  # (from its record file)
+            assert node(restarted).handoffs_open
+            await asyncio.sleep(0.5)  # (a handoff queued while joining would be sent by now)
+            queued = len(node(restarted).handoffs)
+            assert (metric(restarted, "sent"), metric(restarted, "refused"), queued) == (0, 0, 0)
+        finally:
+            await restarted.stop()
+
+
+def test_what_a_spawned_node_task_raises_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """Nobody awaits a node's spawned tasks (handoffs, republishes): an exception in one
+    is logged when the task ends, not lost."""
+
+    async def main() -> None:
+        overlay = OverlayNode(NodeIdentity.generate(4)[0], NodeConfig(allow_loopback=True))
+
+        async def broken() -> None:
+            raise RuntimeError("handoff went wrong")
+
+        task = overlay.spawn(broken())
+        with contextlib.suppress(RuntimeError):
+            await task
+        await asyncio.sleep(0)  # (done callbacks run on the next loop turn)
+
+    with caplog.at_level(logging.ERROR, logger="dna.overlay"):
+        asyncio.run(main())
+    assert any(
+        r.message == "a node task failed" and "handoff went wrong" in str(r.exc_info)
+        for r in caplog.records
+    ), caplog.records

@@ -165,6 +165,11 @@ class OverlayNode:
         self.handoff_plans = PlanBudget()
         self._handoffs_queued = asyncio.Event()
         self._handoff_sender: asyncio.Task[object] | None = None
+        # Closed until this node's own table is filled (`join`'s lookup of its own ID, or
+        # a seed's start): before, every contact met is new to it, and a table that sparse
+        # makes each look like a replica of every key it holds (a restart would hand its
+        # first contacts records they are no replica of).
+        self.handoffs_open = False
         self.channels = ChannelPool()
         self.records = RecordClient(
             self.channels, puzzle_bits=config.puzzle_bits, timeout=config.rpc_timeout,
@@ -222,8 +227,15 @@ class OverlayNode:
     def spawn(self, coro: Awaitable[object]) -> asyncio.Task[object]:
         task: asyncio.Task[object] = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task[object]) -> None:
+        """Forget the task; log what it raised (nobody awaits a spawned task, and asyncio
+        reports an exception never retrieved only when the task is garbage-collected)."""
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("a node task failed", exc_info=exc)
 
     # -- datagram I/O ---------------------------------------------------------
 
@@ -290,6 +302,8 @@ class OverlayNode:
         node hands it (`handoff.plan`); the queue paces and bounds them."""
         store, local = self.store, self.contact
         if store is None or local is None or self.config.client_mode or not len(store):
+            return
+        if not self.handoffs_open:
             return
         now = time.monotonic()
         if not self.handoff_plans.allow(now):
@@ -362,6 +376,7 @@ class OverlayNode:
         if not any(answers):
             return 0
         await self.find_node(self.node_id)
+        self.handoffs_open = True
         return len(self.table)
 
     async def find_node(self, target: bytes, *, paths: int = 1) -> list[Contact]:

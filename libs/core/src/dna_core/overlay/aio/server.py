@@ -625,6 +625,7 @@ class OverlayServer:
         while True:
             seeds, unresolved = await self._other_seeds()
             if not seeds and not unresolved:
+                node.handoffs_open = True  # (its first contacts are the ones joining)
                 break  # no other bootstrap configured: this node seeds the network
             if seeds and await node.join(seeds):
                 break
