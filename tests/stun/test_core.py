@@ -753,6 +753,34 @@ def test_channel_bind_rules() -> None:
     assert bind(0x4002, ("10.0.0.1", 1)) == 403
 
 
+def test_an_expired_channel_binding_can_be_bound_anew_before_the_sweep() -> None:
+    # RFC 8656 section 12: once a binding expires, its number and its peer are free. Before,
+    # the unswept leftover answered 400 "channel in use" until the next sweep.
+    core = make_core(Limits(default_lifetime=3600))
+    client = Client("alice", "pw")
+    allocate(core, client)
+
+    def bind(number: int, peer: tuple[str, int], now: float) -> int | None:
+        number_attr = [(attr.CHANNEL_NUMBER, attr.channel_number(number))]
+        request = client.request(Method.CHANNEL_BIND, number_attr, peers=(peer,))
+        reply = ask(core, client, request, now)
+        if error_code(reply) == 438:  # a stale nonce: the reply carries a fresh one
+            reply = ask(core, client, client.request(Method.CHANNEL_BIND, number_attr,
+                                                     peers=(peer,)), now)  # fmt: skip
+        return error_code(reply)
+
+    other = ("203.0.113.78", 1)
+    assert bind(0x4000, PEER, NOW) is None and bind(0x4001, other, NOW) is None
+    later = NOW + 601  # both bindings are over; the sweep has not run
+    assert bind(0x4000, other, later) is None  # the number, to another peer
+    assert bind(0x4002, PEER, later) is None  # the peer, to another number
+    channels = core.by_client[CLIENT].channels
+    assert channels == {0x4000: (other, later + 600), 0x4002: (PEER, later + 600)}
+    assert core.by_client[CLIENT].peer_channels == {other: 0x4000, PEER: 0x4002}
+    assert "channel_in_use" not in core.stats.refusals
+    assert bind(0x4001, PEER, later) == 400  # a live binding still holds its peer
+
+
 # --- bad input never raises and changes no state ----------------------------------------------
 
 

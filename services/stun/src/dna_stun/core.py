@@ -720,6 +720,7 @@ class TurnCore:
         if not CHANNEL_MIN <= number <= CHANNEL_MAX:
             raise self._refuse(message, auth, 400, "Bad Request", "bad_channel")
         peer = self._peer(message, auth, alloc, peer_raw)
+        self._unbind_expired(alloc, number, peer, now)
         bound = alloc.channels.get(number)
         other = alloc.peer_channels.get(peer)
         if (bound is not None and bound[0] != peer) or (other is not None and other != number):
@@ -732,6 +733,18 @@ class TurnCore:
         alloc.channels[number] = (peer, now + CHANNEL_LIFETIME)
         alloc.peer_channels[peer] = number
         return self._signed(message, auth, [])
+
+    @staticmethod
+    def _unbind_expired(alloc: Allocation, number: int, peer: Addr, now: float) -> None:
+        """Forget an expired binding of ``number`` or of ``peer`` that the sweep has not
+        reached yet: RFC 8656 section 12 lets either be bound anew once it has expired, and
+        before, the leftover answered "channel in use" until the next sweep."""
+        for stale in (number, alloc.peer_channels.get(peer)):
+            bound = None if stale is None else alloc.channels.get(stale)
+            if stale is not None and bound is not None and bound[1] <= now:
+                del alloc.channels[stale]
+                if alloc.peer_channels.get(bound[0]) == stale:
+                    del alloc.peer_channels[bound[0]]
 
     # --- bookkeeping -------------------------------------------------------------------------
 
