@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cluster import sample_value, scrape
 from dna_core.crypto import Identity, seal
 from dna_core.overlay.records import record_key
 from dna_core.wire.gen.dna.v1 import envelope_pb2
@@ -136,6 +137,37 @@ def test_a_linked_device_converges_and_read_state_syncs(testnet: Testnet, tmp_pa
         got = await alice.sync()
         assert [m.body for m in got.new_messages] == ["sent from the laptop"]
         await asyncio.gather(alice.close(), phone.close(), laptop.close())
+
+    run(testnet, tmp_path, scenario)
+
+
+def test_a_linked_device_keeps_no_session_of_the_code_s_mailbox(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    """`accept_link` fetches the offer with a mailbox client of its own (the code's
+    throwaway mailbox), which it never closed: the new device kept its sessions to those
+    replicas open, as long as it ran. Now the storage nodes' open sessions, once the link
+    is done, are the new device's own. Fails without the fix (checked: the storage nodes
+    held the throwaway client's sessions beside the new device's)."""
+    storage = [n for n in testnet.nodes if n.role == "storage"]
+
+    def sessions_open() -> int:
+        return round(sum(sample_value(scrape(n), "dna_storage_sessions_open") for n in storage))
+
+    async def scenario(people: People) -> None:
+        phone = await people.new("bob")
+        offer = await offer_link(phone, "laptop")
+        await phone.mail.drain()
+        before = sessions_open()
+        laptop = await accept_link(people.profile("laptop"), offer.code, PASSPHRASE,
+                                   people.seeds)  # fmt: skip
+        await laptop.mail.drain()
+        own = len(laptop.mail.session_pool or [])
+        deadline = time.monotonic() + 10
+        while sessions_open() - before != own and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)  # a stream's end reaches the node a moment later
+        assert sessions_open() - before == own
+        await asyncio.gather(phone.close(), laptop.close())
 
     run(testnet, tmp_path, scenario)
 
