@@ -102,3 +102,47 @@ def test_a_blob_added_twice_is_counted_once() -> None:
     )  # fmt: skip
     room.remove(b"a")
     assert (room.count, room.size) == (0, 0)
+
+
+HOSTILE = [bytes([0xF0 + i]) * 32 for i in range(3)]
+HONEST = [bytes([i]) * 32 for i in range(1, 4)]
+RETURNERS = st.tuples(st.sets(st.sampled_from(HOSTILE)), st.sets(st.sampled_from(HONEST))).filter(
+    lambda sets: bool(sets[0] or sets[1])
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(RETURNERS, max_size=150))
+def test_colluding_nodes_hold_their_shares_and_honest_blobs_keep_theirs(
+    arrivals: list[tuple[set[bytes], set[bytes]]],
+) -> None:
+    """Blobs returned by any set of nodes, hostile ones among them (`place`). Always: a
+    blob is counted against a node that returned it; the made-up blobs (returned by
+    hostile nodes alone, in any collusion) hold at most the hostile nodes' shares, never
+    a "several nodes" room beside them; and a blob that an honest node returned is refused
+    only when each honest node that returned it holds its share, or no less than its fair
+    share less one (the bound / the sources holding blobs - 1), whatever hostile nodes
+    returned it too."""
+    room = DeferredRoom(LIMITS)
+    made_up: set[bytes] = set()
+    for n, (hostile, honest) in enumerate(arrivals):
+        blob_id, returned_by = n.to_bytes(4, "big"), hostile | honest
+        before = {node: room.held(node)[0] for node in HOSTILE + HONEST}
+        placed = room.place(returned_by, 10)
+        if placed is None:
+            for node in honest:
+                sources = sum(1 for held in before.values() if held) + (before[node] == 0)
+                fair = LIMITS.blobs // sources - 1
+                assert room.share_full(node, 10) or before[node] >= fair
+            continue
+        source, victims = placed
+        assert source in returned_by
+        for victim in victims:
+            room.remove(victim)
+            made_up.discard(victim)
+        room.add(source, blob_id, 10)
+        if not honest:
+            made_up.add(blob_id)
+        assert len(made_up) <= len(HOSTILE) * LIMITS.node_blobs
+        assert sum(room.held(node)[0] for node in HOSTILE) <= len(HOSTILE) * LIMITS.node_blobs
+        assert room.count <= LIMITS.blobs

@@ -405,8 +405,8 @@ def test_one_hostile_storage_node_fills_only_its_share_and_takes_only_its_turn(
     blobs, so one node filled it each round (an honest stranger's key-less message was then
     dropped) and, first in first out, its senders took every round's lookups. Now a blob one
     node alone returned is deferred within that node's share, beyond it left on the nodes
-    (not recorded, not acknowledged: a replica that holds it returns it again); what
-    several nodes returned has the rest of the bound; and each round's lookups are taken
+    (not recorded, not acknowledged: a replica that holds it returns it again); the other
+    nodes' blobs have the rest of the bound; and each round's lookups are taken
     from each source in turn. Fails without the shares (checked: the honest messages are
     dropped at the bound and wait behind the hostile node's senders)."""
     monkeypatch.setattr(inbox, "DEFERRED_MAX_BLOBS", 6)
@@ -466,7 +466,7 @@ def test_colluding_storage_nodes_hold_their_fair_share_not_the_whole_bound(
         assert s.inbox.report.deferred == 6 and s.cache.deferred_count(bob.fingerprint) == 6
         strangers = [Identity.generate() for _ in range(2)]
         s.owner.published |= {x.fingerprint: x.public for x in strangers}
-        for stranger, nodes in zip(strangers, [{honest, other}, {honest}], strict=True):
+        for stranger, nodes in zip(strangers, [{honest}, {honest, other}], strict=True):
             blob = sealed(stranger, bob, text("hello, keys not inside"), s.clock(), keys=False)
             await s.inbox.handle_blob(hashlib.sha256(blob).digest(), blob, look_up=False,
                                       returned_by=nodes)  # fmt: skip
@@ -478,6 +478,46 @@ def test_colluding_storage_nodes_hold_their_fair_share_not_the_whole_bound(
             await s.next_round().retry_deferred()
         bodies = [m.body for m in s.cache.messages()]
         assert bodies == ["hello, keys not inside"] * 2  # both honest messages arrived
+
+    asyncio.run(go())
+
+
+def test_hostile_nodes_returning_the_same_made_up_blobs_hold_only_their_shares(
+    bob_inbox: Setup, bob: Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two hostile replicas return the same made-up envelopes, each naming a new sender:
+    counted as "several nodes", one source with the honest blobs several nodes returned,
+    they filled the whole bound, and then an honest stranger's key-less message, which
+    the hostile nodes returned too beside three honest ones, was dropped (`at their
+    limit`). Now a blob counts against the node holding the least among those that
+    returned it: the made-up ones fill the two hostile shares and no more (the rest are
+    left on the nodes that made them up), and the honest messages are counted against
+    the honest nodes, deferred, looked up and arrive. Fails without it (checked: the
+    flood took the bound and the honest messages were dropped at the limit)."""
+    monkeypatch.setattr(inbox, "DEFERRED_MAX_BLOBS", 10)
+    monkeypatch.setattr(inbox, "DEFERRED_NODE_BLOBS", 2)
+    hostile = {os.urandom(32), os.urandom(32)}
+    honest = {os.urandom(32) for _ in range(3)}
+
+    async def go() -> None:
+        s = bob_inbox
+        for _ in range(12):
+            blob = sealed(Identity.generate(), bob, text("made up"), s.clock(), keys=False)
+            await s.inbox.handle_blob(hashlib.sha256(blob).digest(), blob, look_up=False,
+                                      returned_by=hostile)  # fmt: skip
+        assert s.cache.deferred_count(bob.fingerprint) == 4  # 2 shares of 2
+        assert s.inbox.report.left == 8 and s.reasons() == []  # left on their makers
+        strangers = [Identity.generate() for _ in range(3)]
+        s.owner.published |= {x.fingerprint: x.public for x in strangers}
+        for stranger in strangers:
+            blob = sealed(stranger, bob, text("hello, keys not inside"), s.clock(), keys=False)
+            await s.inbox.handle_blob(hashlib.sha256(blob).digest(), blob, look_up=False,
+                                      returned_by=hostile | honest)  # fmt: skip
+        assert s.cache.deferred_count(bob.fingerprint) == 7 and s.reasons() == []
+        for _ in range(4):
+            await s.next_round().retry_deferred()
+        bodies = [m.body for m in s.cache.messages()]
+        assert bodies == ["hello, keys not inside"] * 3  # every honest message arrived
 
     asyncio.run(go())
 

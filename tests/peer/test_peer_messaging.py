@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cluster import sample_value, scrape
 from dna_core.crypto import Identity, seal
 from dna_core.overlay.records import record_key
 from dna_core.wire.gen.dna.v1 import envelope_pb2
@@ -29,6 +30,7 @@ from dna_peer.peer import (
     PUBLISHED,
     RECOVERY_WAIT_MS,
     REPUBLISH_AFTER_MS,
+    RETIRED,
     KeyChangedError,
     Peer,
     UnknownContactError,
@@ -139,6 +141,37 @@ def test_a_linked_device_converges_and_read_state_syncs(testnet: Testnet, tmp_pa
     run(testnet, tmp_path, scenario)
 
 
+def test_a_linked_device_keeps_no_session_of_the_code_s_mailbox(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    """`accept_link` fetches the offer with a mailbox client of its own (the code's
+    throwaway mailbox), which it never closed: the new device kept its sessions to those
+    replicas open, as long as it ran. Now the storage nodes' open sessions, once the link
+    is done, are the new device's own. Fails without the fix (checked: the storage nodes
+    held the throwaway client's sessions beside the new device's)."""
+    storage = [n for n in testnet.nodes if n.role == "storage"]
+
+    def sessions_open() -> int:
+        return round(sum(sample_value(scrape(n), "dna_storage_sessions_open") for n in storage))
+
+    async def scenario(people: People) -> None:
+        phone = await people.new("bob")
+        offer = await offer_link(phone, "laptop")
+        await phone.mail.drain()
+        before = sessions_open()
+        laptop = await accept_link(people.profile("laptop"), offer.code, PASSPHRASE,
+                                   people.seeds)  # fmt: skip
+        await laptop.mail.drain()
+        own = len(laptop.mail.session_pool or [])
+        deadline = time.monotonic() + 10
+        while sessions_open() - before != own and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)  # a stream's end reaches the node a moment later
+        assert sessions_open() - before == own
+        await asyncio.gather(phone.close(), laptop.close())
+
+    run(testnet, tmp_path, scenario)
+
+
 @pytest.mark.parametrize("loss", ["deleted", "emptied"])
 def test_a_lost_cache_is_rebuilt_from_another_device(
     testnet: Testnet, tmp_path: Path, loss: str
@@ -241,6 +274,55 @@ def test_a_changed_key_is_refused_and_a_signed_rotation_followed(
         await asyncio.gather(alice.close(), bob.close())
 
     run(testnet, tmp_path, scenario)
+
+
+def test_a_retired_identity_s_mailbox_client_is_closed_when_its_grace_period_ends(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    """A rotation keeps the old identity's `MailboxClient` (its sessions to the replicas)
+    aside; it stayed open until the peer closed, so a `dna watch` running across rotations
+    kept every one's sessions for good. Now it is closed at the first round after its
+    grace period ends, while the old mailboxes still in theirs are drained as before, by
+    the live client: here, and after a restart (which holds no retired client at all).
+    Fails without the fix (checked: the first rotation's client still held its sessions)."""
+
+    async def scenario(people: People) -> None:
+        alice, bob = await people.new("alice"), await people.new("bob")
+        first = bob.identity
+        await bob.rotate("one")
+        second = bob.identity
+        await bob.rotate("two")
+        retired = dict(bob._retired_mail)
+        assert set(retired) == {first.fingerprint, second.fingerprint}
+        sessions = {fp: list(mail.session_pool._sessions.values())  # type: ignore[union-attr]
+                    for fp, mail in retired.items()}  # fmt: skip
+        assert all(sessions.values())  # the notices went through each one's sessions
+
+        entries = json.loads(bob.cache.get_state(RETIRED) or b"")
+        ended = [{**e, "until_ms": now_ms()} if e["seeds"] == first.seeds().hex() else e
+                 for e in entries]  # fmt: skip
+        bob.cache.set_state(RETIRED, json.dumps(ended).encode())
+        await alice.mail.put(second.fingerprint, to_old_keys(alice, second, "still read"))
+        report = await bob.sync()
+        assert "still read" in [m.body for m in report.new_messages]  # by the live client
+        assert set(bob._retired_mail) == {second.fingerprint}
+        assert len(retired[first.fingerprint].session_pool or []) == 0
+        assert all(s._call.done() for s in sessions[first.fingerprint])  # streams ended
+        assert not any(s._call.done() for s in sessions[second.fingerprint])
+
+        await bob.close()  # a restart inside the second one's grace period
+        bob = await people.open("bob")
+        assert bob._retired_mail == {}  # nothing to close: the live client drains
+        await alice.mail.put(second.fingerprint, to_old_keys(alice, second, "after a restart"))
+        assert [m.body for m in (await bob.sync()).new_messages] == ["after a restart"]
+        await asyncio.gather(alice.close(), bob.close())
+
+    run(testnet, tmp_path, scenario)
+
+
+def to_old_keys(sender: Peer, to: Identity, body: str) -> bytes:
+    payload = envelope_pb2.Payload(text=envelope_pb2.Text(body=body)).SerializeToString()
+    return seal(sender.identity, to.public, payload, now_ms=now_ms(), include_sender_keys=True)
 
 
 def test_a_message_over_the_lookup_budget_is_held_in_the_cache_until_handled(

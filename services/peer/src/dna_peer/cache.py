@@ -749,8 +749,9 @@ class Cache:
         """Keep a blob a round could not handle yet (its unknown sender was not looked up:
         over the round's budget), to be handled by a later round (`deferred_blobs`). It is
         recorded as DEFERRED, so this device acknowledges it (it holds it, here) and the
-        replicas can delete it: a deferred blob holds no mailbox quota. ``source``: the one
-        storage node that returned it (None: several did)."""
+        replicas can delete it: a deferred blob holds no mailbox quota. ``source``: the
+        storage node it is counted against, one that returned it (`deferral`; None: from no
+        fetch, or, deferred before 2026-12-05, from several nodes)."""
         with self.transaction():
             self._db.execute(
                 "INSERT OR IGNORE INTO deferred_blobs(blob_id, mailbox, sender, blob,"
@@ -779,8 +780,8 @@ class Cache:
 
     def deferred_blobs(self, mailbox: bytes, senders: int) -> list[tuple[bytes, bytes]]:
         """(blob ID, blob) deferred for ``mailbox``: every one of ``senders`` senders, taken
-        in turn from each source (the blobs several nodes returned, and each node's that it
-        alone returned), first in first out within each: one node's made-up senders take
+        in turn from each source (each node's: those counted against it, `deferral`), first
+        in first out within each: one node's made-up senders take
         at most their turn of a round's lookups, however many it deferred first. A sender's
         source is its first blob's."""
         rows = self._rows(

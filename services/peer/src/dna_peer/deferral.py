@@ -1,11 +1,20 @@
 """Who may hold room among the deferred blobs (`Cache.deferred_blobs`): sans-I/O.
 
 A blob waits there for its unknown sender's lookup. Its sender is not authenticated yet,
-so what it holds is counted by where it came from, its **source**: the one storage node
-that alone returned it, or `SEVERAL` (two or more nodes returned it). The invariants kept:
+so what it holds is counted by where it came from, its **source**: one storage node that
+returned it, the one holding the least among them (`place`), or `SEVERAL` for a blob that
+came from no fetch (and, deferred before 2026-12-05, one several nodes returned: those
+were counted together). Nothing here can tell an honest node from a hostile one, so a
+"several nodes" source of their own let two or more hostile nodes returning the same
+made-up blobs take the fair share of the honest blobs several nodes returned. Counted
+against the least-held node that returned it, a made-up blob (it exists on its makers
+only) takes room within the hostile nodes' shares alone, however they collude, and an
+honest blob finds room while one honest node that returned it has some, whatever hostile
+nodes returned it too. (Counted against every node that returned it, a hostile node
+returning every blob, its share full, would have refused them all.) The invariants kept:
 
 * at most ``limits.blobs`` blobs and ``limits.bytes`` bytes in all, and at most
-  ``limits.node_blobs`` / ``limits.node_bytes`` of one node's word (a node's share);
+  ``limits.node_blobs`` / ``limits.node_bytes`` counted against one node (its share);
 * when a blob does not fit, the oldest blobs of the source holding the most are evicted to
   make room, but only from a source holding at least two more than the newcomer's: then
   it does not become the fullest by taking. A source is refused only when no other holds
@@ -13,23 +22,24 @@ that alone returned it, or `SEVERAL` (two or more nodes returned it). The invari
   holds at least ``limits.blobs / n - 1`` (its fair share, less one); a source never
   loses a blob below that either (it is evicted from only as the fullest). So colluding
   nodes, each within its share, fill the whole bound no more: each holds its fair share,
-  as do the blobs several nodes returned and an honest node's own (the shape of the
-  overlay's `RecordStore`, which evicts from the fullest source the same way);
+  as does each honest node (the shape of the overlay's `RecordStore`, which evicts from
+  the fullest source the same way);
 * a newcomer evicts at most ``MAX_EVICTIONS`` blobs (bytes may need several): beyond that,
   or when nobody holds two more, it is refused and nothing changes.
 
 `DeferredRoom` is worked out from the table once a round (`Inbox`) and kept up to date by
-the round's own deferrals and evictions; `plan` decides without changing anything.
+the round's own deferrals and evictions; `place` and `plan` decide without changing
+anything.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from itertools import islice
 
 Source = bytes | None  # a storage node's ID, or SEVERAL
-SEVERAL: Source = None  # two or more nodes returned the blob (or not from a fetch)
+SEVERAL: Source = None  # not from a fetch (or, deferred before 2026-12-05, several nodes')
 MAX_EVICTIONS = 8  # blobs one newcomer may evict (a big one, when bytes bind)
 
 
@@ -66,13 +76,34 @@ class DeferredRoom:
         held = self._by_source.get(source)
         return (0, 0) if held is None else (len(held.blobs), held.size)
 
+    def place(
+        self, returned_by: Collection[bytes] | None, size: int
+    ) -> tuple[Source, list[bytes]] | None:
+        """(the source to count a blob of ``size`` against, the blob IDs to evict so it
+        fits): the node among ``returned_by`` holding the fewest blobs (then bytes, then
+        the lower ID) whose `plan` takes it; `SEVERAL` when it came from no fetch
+        (``returned_by`` None or empty); None: every returner refuses it. Changes nothing."""
+        if not returned_by:
+            victims = self.plan(SEVERAL, size)
+            return None if victims is None else (SEVERAL, victims)
+        for node in sorted(returned_by, key=lambda n: (*self.held(n), n)):
+            victims = self.plan(node, size)
+            if victims is not None:
+                return node, victims
+        return None
+
+    def share_full(self, source: Source, size: int) -> bool:
+        """Does ``source`` hold its whole share, for a blob of ``size`` more? (SEVERAL has
+        none: only the bound holds it.)"""
+        if source is None:
+            return False
+        mine, mine_size = self.held(source)
+        return mine >= self.limits.node_blobs or mine_size + size > self.limits.node_bytes
+
     def plan(self, source: Source, size: int) -> list[bytes] | None:
         """The blob IDs to evict so that a blob of ``size`` from ``source`` fits (module
         docstring); None: it is refused. Changes nothing."""
-        mine, mine_size = self.held(source)
-        if source is not SEVERAL and (
-            mine >= self.limits.node_blobs or mine_size + size > self.limits.node_bytes
-        ):
+        if self.share_full(source, size):
             return None  # its share is full: it may not take anyone's room
         if size > self.limits.bytes:
             return None

@@ -3,8 +3,8 @@
 Two identities are made, bob's is locked at rest and reopened, alice publishes a
 signed identity record, pays proof of work for a mailbox write, seals a message
 to bob; bob opens it; a replay and a tampered copy are refused. Sizes and timings
-are printed at each step. (The local testnet replaces this once the overlay and
-storage nodes exist.)
+are printed at each step. No network: `dna-testnet demo` runs the networked flow
+(a testnet, a mailbox, presence and the direct path).
 """
 
 from __future__ import annotations

@@ -68,11 +68,13 @@ MAX_PEER_LOOKUPS = 64
 # default mailbox quota (docs/storage.md), what honest replicas could hold of it at once.
 DEFERRED_MAX_BLOBS = 10_000
 DEFERRED_MAX_BYTES = 64 * 1024 * 1024
-# Of those, the blobs that one storage node alone returned (a fetch's or a take's `sources`),
-# per node: a fifth (a mailbox has 5 replicas). A hostile node can make envelopes up, each
-# naming a new sender; bounded by its own share, it cannot fill the deferred blobs, and the
-# senders' turns are taken from each source in turn (`Cache.deferred_blobs`), so it cannot
-# take a round's lookups either. A lone node's blob beyond its share is left on the nodes.
+# Of those, the blobs counted against one storage node (each against the one, among those
+# that returned it, holding the least: a fetch's or a take's `sources`), per node: a fifth (a
+# mailbox has 5 replicas). A hostile node can make envelopes up, each naming a new sender;
+# bounded by its own share (hostile nodes returning the same ones: by theirs), it cannot
+# fill the deferred blobs, and the senders' turns are taken from each source in turn
+# (`Cache.deferred_blobs`), so it cannot take a round's lookups either. A lone node's blob
+# beyond its share is left on the nodes.
 DEFERRED_NODE_BLOBS = DEFERRED_MAX_BLOBS // 5
 DEFERRED_NODE_BYTES = DEFERRED_MAX_BYTES // 5
 # Message requests (conversations of strangers: pinned because they wrote first, never
@@ -135,7 +137,7 @@ class SyncReport:
     receipts: int = 0
     rejected: list[tuple[bytes, str]] = field(default_factory=list)
     deferred: int = 0  # blobs that waited for a sender lookup (at the round's end, or later)
-    left: int = 0  # one node's blobs past its share of the deferred: left on the nodes
+    left: int = 0  # blobs past their nodes' shares of the deferred: left on the nodes
     held: list[bytes] = field(default_factory=list)  # blobs to acknowledge
     deleted: int = 0
     cleanup_error: str | None = None  # storage nodes refused to delete (the user must know)
@@ -187,8 +189,8 @@ class Inbox:
         is not looked up here: its blob joins the deferred ones, which `retry_deferred`
         takes after the round's new blobs, so no lookup delays a contact's message.
         ``returned_by``: the storage nodes that returned it (None: not from a mailbox
-        fetch, or not known); a blob only one returned is deferred within that node's
-        share (DEFERRED_NODE_BLOBS)."""
+        fetch, or not known); a blob is deferred within the share (DEFERRED_NODE_BLOBS)
+        of one node that returned it (`_defer`)."""
         known = self.cache.blob_outcome(blob_id)
         if known is not None and (known != DEFERRED or not look_up):
             return  # handled in an earlier sync (or by another replica's copy), or waiting
@@ -202,8 +204,7 @@ class Inbox:
             return
         except _NotLookedUpError as over:
             if not was_deferred:
-                lone = next(iter(returned_by)) if returned_by and len(returned_by) == 1 else None
-                self._defer(blob_id, blob, over.sender, lone)
+                self._defer(blob_id, blob, over.sender, returned_by)
             return
         trace.mark("peer.opened", blob_id)
         new = len(self.report.new_messages)
@@ -247,7 +248,9 @@ class Inbox:
             handled += self.cache.blob_outcome(blob_id) not in (None, DEFERRED)
         return handled
 
-    def _defer(self, blob_id: bytes, blob: bytes, sender: bytes, lone: bytes | None) -> None:
+    def _defer(
+        self, blob_id: bytes, blob: bytes, sender: bytes, returned_by: Collection[bytes] | None
+    ) -> None:
         """Keep the blob for a later round, here: recorded as deferred and acknowledged
         (this device holds it, so the replicas may delete it: it holds no mailbox quota),
         handled by `retry_deferred` once its sender's turn comes. The sender is not
@@ -257,43 +260,55 @@ class Inbox:
         and shared fairly between the sources (`deferral`): when full, a newcomer evicts
         the oldest blob of the source holding the most, if it holds two more than the
         newcomer's, else the newcomer is refused: dropped, as it was before deferring. A
-        blob that one node alone returned (``lone``) is that node's word only: within the
-        node's share of the bound, and when refused left on the nodes (not recorded, not
-        acknowledged: another replica that holds it returns it, and it is deferred then),
-        so hostile nodes, alone or colluding, hold their fair share and lose nobody's
-        message the rest would hold."""
+        blob is counted against one node that returned it, the one holding the least
+        (`DeferredRoom.place`), within that node's share of the bound; a blob that one node
+        alone returned is that node's word only, and when refused left on the nodes (not
+        recorded, not acknowledged: another replica that holds it returns it, and it is
+        deferred then), as is one whose nodes all hold their shares, so hostile nodes,
+        alone or colluding, hold their fair shares and lose nobody's message the rest
+        would hold."""
         room = self._deferral_room()
-        victims = room.plan(lone, len(blob))
-        if victims is None and lone is not None:
-            log.info(
-                "mailbox blob %s left on the nodes: unknown sender %s, returned by node %s"
-                " alone, which holds its share of the deferred blobs",
-                blob_id.hex()[:16],
-                sender.hex()[:16],
-                lone.hex()[:16],
-            )
-            self.report.left += 1
-            return
-        if victims is None:
-            self._reject(blob_id, f"unknown sender {sender.hex()[:16]}, not looked up: the"
-                         f" blobs waiting for a lookup are at their limit ({room.count} blobs,"
-                         f" {room.size} bytes)")  # fmt: skip
+        placed = room.place(returned_by, len(blob))
+        if placed is None:
+            self._refuse_deferral(blob_id, len(blob), sender, returned_by or (), room)
             return
         log.info("mailbox blob %s deferred: unknown sender %s, looked up in its turn (%d"
                  " senders a round)", blob_id.hex()[:16], sender.hex()[:16],
                  MAX_SENDER_LOOKUPS)  # fmt: skip
+        source, victims = placed
         with self.cache.transaction():
             for victim in victims:
                 self.cache.evict_deferred(victim)
             self.cache.defer_blob(self.identity.fingerprint, blob_id, blob, sender, self.clock(),
-                                  lone)  # fmt: skip
+                                  source)  # fmt: skip
             self._hold(blob_id)
         for victim in victims:
             log.warning("dropped mailbox blob %s: %s", victim.hex()[:16], DEFERRED_EVICTED)
             room.remove(victim)
             self.report.rejected.append((victim, DEFERRED_EVICTED))
-        room.add(lone, blob_id, len(blob))
+        room.add(source, blob_id, len(blob))
         self.report.deferred += 1
+
+    def _refuse_deferral(
+        self, blob_id: bytes, size: int, sender: bytes, returned_by: Collection[bytes],
+        room: DeferredRoom,
+    ) -> None:  # fmt: skip
+        """A blob `_defer` has no room for: left on the nodes (not recorded, not
+        acknowledged) when one node alone returned it, or each node that did holds its
+        share: a replica that has not returned it yet (one down now) returns it later, and
+        colluding nodes' made-up blobs leave no row behind; else dropped (recorded with the
+        reason, and acknowledged), as at the bound before deferring."""
+        if len(returned_by) == 1 or (
+            returned_by and all(room.share_full(node, size) for node in returned_by)
+        ):
+            log.info("mailbox blob %s left on the nodes: unknown sender %s, returned by %d"
+                     " node(s), each holding its share of the deferred blobs",
+                     blob_id.hex()[:16], sender.hex()[:16], len(returned_by))  # fmt: skip
+            self.report.left += 1
+            return
+        self._reject(blob_id, f"unknown sender {sender.hex()[:16]}, not looked up: the blobs"
+                     f" waiting for a lookup are at their limit ({room.count} blobs,"
+                     f" {room.size} bytes)")  # fmt: skip
 
     def _deferral_room(self) -> DeferredRoom:
         """The deferred blobs by source (`deferral`), read once a round."""

@@ -138,7 +138,10 @@ async def accept_link(
     node = await join_overlay(seeds)
     try:
         mail = MailboxClient(node, pow_bits=pow_bits)
-        link, identity, blob_ids = await _receive_offer(mail, temp, code, timeout)
+        try:
+            link, identity, blob_ids = await _receive_offer(mail, temp, code, timeout)
+        finally:  # its sessions: the peer made below has its own client
+            await mail.close()
         secret = passphrase() if callable(passphrase) else passphrase
 
         def known_devices(cache: Cache) -> None:  # before the key file: all or nothing

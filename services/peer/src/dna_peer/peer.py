@@ -176,7 +176,12 @@ class Peer:
     # Message IDs a send or a sync of this process has on the way now: another send of the
     # same text is another message, and a sync does not deliver the same one beside it.
     _delivering: set[bytes] = field(default_factory=set, init=False, repr=False)
-    _retired_mail: list[MailboxClient] = field(init=False, default_factory=list)
+    # The mailbox clients of identities this device rotated away from while running, by
+    # their fingerprint: idle (the live `mail` drains their old mailboxes, as it does after
+    # a restart), kept until their grace period ends so that what they still had on the way
+    # (writes past their quorum, a watch's subscription) ends cleanly; then closed
+    # (`_close_retired_mail`), so a long `dna watch` keeps no sessions of a rotation past it.
+    _retired_mail: dict[bytes, MailboxClient] = field(init=False, default_factory=dict)
     # Writes a new identity to the profile's key file (set by open_peer, which holds the
     # passphrase); without it this device cannot follow a rotation.
     save_identity: Callable[[Identity, Callable[[], None]], None] | None = field(
@@ -194,8 +199,8 @@ class Peer:
             await self.direct.stop()  # withdraws the presence record, if it published one
         if self._mirrors:
             await asyncio.gather(*self._mirrors, return_exceptions=True)
-        await self.mail.drain()  # let writes past their quorum reach the other replicas
-        for mail in (self.mail, *self._retired_mail):
+        for mail in (self.mail, *self._retired_mail.values()):
+            await mail.drain()  # let writes past their quorum reach the other replicas
             await mail.close()  # their sessions
         await self.node.stop()
         self.cache.close()
@@ -237,7 +242,9 @@ class Peer:
 
     async def daily_upkeep(self) -> None:
         """Republish the records and prune the cache's bookkeeping, once a day (and delete
-        the link offer this device was made from, if that is still to do)."""
+        the link offer this device was made from, if that is still to do); close the
+        mailbox clients of retired identities whose grace period ended, every time."""
+        await self._close_retired_mail()
         await self.delete_used_link_offer()
         await self.republish_if_due()
         last = int(self.cache.get_state(PRUNED) or b"0")
@@ -796,7 +803,7 @@ class Peer:
                 self.cache.set_state(NAME_MOVE, name_move)
         self.save_identity(new, lambda: self.cache.rekey(cache_key(new, self.device.device_id)))
         self.identity = new
-        self._retired_mail.append(self.mail)  # its sessions end with the peer (close)
+        self._retired_mail[old.fingerprint] = self.mail  # closed when its grace period ends
         self.mail = MailboxClient(self.node, pow_bits=self.pow_bits, sessions=self.sessions)
         log.warning("identity rotated: %s -> %s", old.fingerprint.hex()[:16],
                     new.fingerprint.hex()[:16])  # fmt: skip
@@ -835,6 +842,16 @@ class Peer:
                 for gone in (e for e in entries if e not in live):
                     self.cache.forget_mailbox(Identity(bytes.fromhex(gone["seeds"])).fingerprint)
         return [Identity(bytes.fromhex(e["seeds"])) for e in live]
+
+    async def _close_retired_mail(self) -> None:
+        """Close the mailbox clients of the identities whose grace period ended (`retired`
+        forgets them, whoever called it first). Before, they stayed open until the peer
+        closed: a `dna watch` running across rotations kept each one's sessions for good."""
+        live = {old.fingerprint for old in self.retired()}
+        for fingerprint in [fp for fp in self._retired_mail if fp not in live]:
+            mail = self._retired_mail.pop(fingerprint)
+            await mail.drain()
+            await mail.close()
 
     async def _drain_retired(self, old: Identity) -> SyncReport:
         """Read what still arrives at an old mailbox. Nothing is deleted there: the blobs
