@@ -36,7 +36,8 @@ class OverlayMetrics:
             "dna_overlay_handoffs",
             "Records handed to nodes new to the routing table (store-on-join), by outcome:"
             " sent (taken), refused (not taken, not retried), dropped (the queue was full);"
-            " unplanned counts newcomers over the planning rate, given nothing",
+            " unplanned counts newcomers over the planning rate, given nothing; recent"
+            " those back within a republish interval of their last plan, given nothing",
             ["outcome"],
             registry=registry,
         )

@@ -499,6 +499,7 @@ class OverlayServer:
             role=self.role, puzzle_bits=cfg.node.puzzle_bits, k=cfg.overlay.k,
             alpha=cfg.overlay.alpha, allow_loopback=cfg.overlay.allow_loopback,
             refresh_interval=cfg.overlay.refresh_interval,
+            republish_interval=cfg.overlay.republish_interval,
             name_pow_bits=cfg.overlay.name_pow_bits,
             identity_pow_bits=cfg.records.identity_pow_bits,
             datagram_rate_per_s=cfg.overlay.datagram_rate_per_s,
