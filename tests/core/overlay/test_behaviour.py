@@ -476,6 +476,7 @@ class Harness:
     sent: list[Send] = field(default_factory=list)
     ended: list[RequestEnded] = field(default_factory=list)
     done: list[Command] = field(default_factory=list)
+    added: list[Contact] = field(default_factory=list)  # announced new to the table
     _heap: list[tuple[float, int, Callable[[float], None]]] = field(default_factory=list)
     _seq: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -494,6 +495,8 @@ class Harness:
                 self.ended.append(command)
             elif isinstance(command, LookupDone | PingDone):
                 self.done.append(command)
+            elif isinstance(command, ContactAdded):
+                self.added.append(command.contact)
 
     def run(self, until: float | None = None) -> None:
         self.flush()
@@ -600,6 +603,25 @@ def test_a_peer_that_fails_is_suspect_and_skipped_until_its_suspicion_runs_out()
     h.lookup(target)
     h.run()
     assert dead.endpoint.udp in {s.addr for s in h.sent}  # asked again
+
+
+def test_a_newcomer_taking_a_failed_contact_s_place_is_announced() -> None:
+    """Every way into the table announces the contact (`ContactAdded`, store-on-join): a
+    newcomer that waited in the replacement cache (its bucket's contacts heard lately, so
+    nobody was pinged) enters when a lookup's query to one of them fails, and is
+    announced as one that found room (the liveness check's way: the test above)."""
+    b = behaviour(k=2)
+    members = full_bucket(b, at=NOW)
+    newcomer, out = newcomer_at(b, NOW + 1)
+    assert not of_type(out, Send) and newcomer.node_id not in b.table  # waiting, unpinged
+    net = Network([*members, newcomer])
+    net.dead.add(members[0].endpoint.udp)
+    h = Harness(b, net, now=NOW + 2)
+    h.lookup(far_id(50))
+    h.run()
+    assert members[0].endpoint.udp in {s.addr for s in h.sent}
+    assert members[0].node_id not in b.table and h.added == [newcomer]
+    assert newcomer.node_id in b.table
 
 
 def test_suspects_are_asked_when_fewer_than_alpha_others_remain() -> None:

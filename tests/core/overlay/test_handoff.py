@@ -15,8 +15,10 @@ from dna_core.overlay.handoff import (
     MAX_PER_NEWCOMER,
     PLAN_BURST,
     PLAN_RATE_PER_S,
+    REPLAN_MEMORY,
     HandoffQueue,
     PlanBudget,
+    RecentlyPlanned,
     handoff_senders,
     hands_off,
     plan,
@@ -214,3 +216,22 @@ def test_newcomers_are_planned_for_at_a_bounded_rate() -> None:
     budget = PlanBudget()
     assert sum(budget.allow(0.0) for _ in range(1000)) == PLAN_BURST
     assert sum(budget.allow(1.0) for _ in range(1000)) == int(PLAN_RATE_PER_S)
+
+
+def test_a_newcomer_planned_for_is_not_planned_again_within_the_interval() -> None:
+    """A flapping newcomer (out of the table and back) is planned for once a republish
+    interval, not at each return; at most ``REPLAN_MEMORY`` are remembered, the least
+    recently planned forgotten first (then planned again: within the `PlanBudget`)."""
+    recent = RecentlyPlanned(hold_s=3600.0)
+    a, b = b"\xaa" * 32, b"\xbb" * 32
+    assert not recent.recent(a, 0.0)
+    recent.planned(a, 0.0)
+    assert recent.recent(a, 1.0) and recent.recent(a, 3599.0) and not recent.recent(b, 1.0)
+    assert not recent.recent(a, 3600.0)  # an interval on: the republish has come since
+    recent.planned(a, 3600.0)
+    for i in range(REPLAN_MEMORY - 1):
+        recent.planned(i.to_bytes(32, "big"), 3601.0)
+    assert len(recent) == REPLAN_MEMORY and recent.recent(a, 3602.0)
+    recent.planned(b, 3602.0)  # one more: the least recently planned (a) goes
+    assert len(recent) == REPLAN_MEMORY and not recent.recent(a, 3603.0)
+    assert recent.recent(b, 3603.0) and recent.recent((0).to_bytes(32, "big"), 3603.0)

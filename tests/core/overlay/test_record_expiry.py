@@ -22,7 +22,7 @@ import pytest
 from dna_core.crypto import Identity, sign_record
 from dna_core.crypto.records import VerifiedRecord
 from dna_core.errors import ConflictError
-from dna_core.ops.config import OpsSection
+from dna_core.ops.config import ConfigError, OpsSection, load_config
 from dna_core.overlay.aio.record_file import RecordFile
 from dna_core.overlay.aio.server import (
     NodeSection,
@@ -31,7 +31,7 @@ from dna_core.overlay.aio.server import (
     OverlayServiceConfig,
     RecordsSection,
 )
-from dna_core.overlay.records import RecordStore, identity_payload, record_key
+from dna_core.overlay.records import DEFAULT_MAX_GONE, RecordStore, identity_payload, record_key
 from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2
 
 NOW = 1_780_000_000_000
@@ -56,11 +56,16 @@ def identity_rec(ttl: int = HOUR_MS) -> tuple[bytes, bytes]:
 
 
 @contextlib.asynccontextmanager
-async def serving(tmp_path: Path, clocks: Clocks) -> AsyncIterator[OverlayServer]:
+async def serving(
+    tmp_path: Path, clocks: Clocks, max_gone: int = DEFAULT_MAX_GONE
+) -> AsyncIterator[OverlayServer]:
+    records = RecordsSection(
+        path=tmp_path / "records.sqlite3", identity_pow_bits=0, max_gone=max_gone
+    )
     config = OverlayServiceConfig(
         node=NodeSection(udp_port=0, grpc_port=0, key_file=tmp_path / "node.key"),
         overlay=OverlaySection(allow_loopback=True),
-        records=RecordsSection(path=tmp_path / "records.sqlite3", identity_pow_bits=0),
+        records=records,
         ops=OpsSection(http_port=0),
     )
     server = OverlayServer(config, role=common_pb2.NODE_ROLE_BOOTSTRAP)
@@ -336,15 +341,16 @@ def test_the_memory_of_deleted_records_and_what_it_forgot_are_exported(tmp_path:
     """Operators see how many deleted records' keys the node remembers against rollback
     (`dna_overlay_records_gone`) and how many it forgot early at ``max_gone``
     (`dna_overlay_records_gone_dropped_total`: from then on such a key can be rolled back),
-    read from the node's own registry, the one its /metrics serves."""
+    read from the node's own registry, the one its /metrics serves. The bound is the
+    node's ``[records] max_gone`` (the store was built without it: 20,000 whatever the
+    config said; checked to fail so)."""
     clocks = Clocks(wall=NOW, monotonic=0)
 
     def sample(server: OverlayServer, name: str) -> float | None:
         return server.registry.get_sample_value(name)
 
     async def scenario() -> None:
-        async with serving(tmp_path, clocks) as server:
-            held(server).max_gone = 2  # the bound reached with three records
+        async with serving(tmp_path, clocks, max_gone=2) as server:  # reached with three
             for _ in range(3):
                 store(server, identity_rec())
             assert sample(server, "dna_overlay_records_gone") == 0
@@ -359,6 +365,18 @@ def test_the_memory_of_deleted_records_and_what_it_forgot_are_exported(tmp_path:
             assert "dna_overlay_records_gone_dropped_total 1.0" in metrics
 
     asyncio.run(scenario())
+
+
+def test_max_gone_is_configured_and_checked(tmp_path: Path) -> None:
+    """``[records] max_gone`` is read from the node's config; below 1 it is refused at
+    start, naming the key."""
+    path = tmp_path / "node.toml"
+    path.write_text("[node]\nkey_file = 'node.key'\n[records]\nmax_gone = 7\n")
+    loaded = load_config(OverlayServiceConfig, path, env_prefix="DNA", env={})
+    assert loaded.records.max_gone == 7
+    path.write_text("[node]\nkey_file = 'node.key'\n[records]\nmax_gone = 0\n")
+    with pytest.raises(ConfigError, match=r"records\.max_gone"):
+        load_config(OverlayServiceConfig, path, env_prefix="DNA", env={})
 
 
 def scrape_ops(server: OverlayServer) -> str:

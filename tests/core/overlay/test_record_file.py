@@ -201,7 +201,7 @@ def test_a_store_whose_eviction_cannot_be_written_changes_nothing(tmp_path: Path
     with pytest.raises(CapacityError, match="the record file refused the write"):
         service.store_one(store_request(identity_rec(Identity.generate())[1]), "198.51.100.1")
     assert (list(store.keys()), rows(path)) == before and not list(store.gone_items())
-    _journal(service).forget(list(store.keys()), [], NOW, 10)  # upkeep's: logged, not raised
+    _journal(service).forget(list(store.keys()), [], NOW)  # upkeep's: logged, not raised
     assert _journal(service).write_failures == 2 and rows(path) == 2
     _journal(service)._db.execute("PRAGMA query_only = OFF")
     newcomer = identity_rec(Identity.generate())[1]
@@ -230,7 +230,7 @@ def test_what_was_deleted_is_remembered_across_a_restart(tmp_path: Path) -> None
     assert len(store.expire_keys(later)) == 2  # upkeep deletes both from memory; the file
     alice_gone = store.gone(alice_key)  # loses alice's row, keeps bob's (a failed delete)
     assert alice_gone is not None
-    journal.forget([alice_key], [(alice_key, alice_gone)], later, 10)
+    journal.forget([alice_key], [(alice_key, alice_gone)], later)
     journal.close()
 
     for restart in range(2):
@@ -284,3 +284,88 @@ def test_what_the_load_evicts_is_remembered_in_the_file_too(tmp_path: Path) -> N
     )  # fmt: skip
     with pytest.raises(ConflictError, match="lower than held 5"):
         store.put(older, NOW)
+
+
+def gone_rows(path: Path) -> dict[bytes, str]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return {bytes(k): str(s) for k, s in db.execute("SELECT key, source FROM gone")}
+
+
+def test_the_file_keeps_the_memories_the_store_keeps_after_a_flood(tmp_path: Path) -> None:
+    """Memories forgotten for room (the source holding the most loses its oldest,
+    `records.GoneMemory`) leave the file at the next upkeep, and only they: the file used
+    to keep the newest ``max_gone`` rows, so after a flood from one /24 a restart forgot
+    the honest memory that memory had kept, and took a rollback of it."""
+    path = tmp_path / "records.sqlite3"
+    journal = RecordFile(path)
+    honest, flooders = Identity.generate(), [Identity.generate() for _ in range(4)]
+    key, raw = identity_rec(honest, seq=5, ttl=60_000)
+    journal.save(raw, key, "203.0.113.1", NOW + 60_000)
+    for i, who in enumerate(flooders):  # expire after the honest one: its memory is oldest
+        k, r = identity_rec(who, ttl=120_000)
+        journal.save(r, k, f"198.51.100.{i}", NOW + 120_000)
+    store = RecordStore(name_pow_bits=BITS, identity_pow_bits=BITS, max_gone=3)
+    assert journal.load_into(store, NOW) == (5, 0)
+    for later in (NOW + 60_000, NOW + 120_000):  # two upkeeps
+        expired = store.expire_keys(later)
+        remembered = [(k, g) for k in expired if (g := store.gone(k)) is not None]
+        journal.forget(expired, remembered, later, store.take_forgotten())
+    assert gone_rows(path) == {k: g.source for k, g in store.gone_items()}
+    assert store.gone(key) is not None and store.gone_evicted == 2
+    journal.close()
+
+    restarted = RecordStore(name_pow_bits=BITS, identity_pow_bits=BITS, max_gone=3)
+    reopened = RecordFile(path)
+    reopened.load_into(restarted, NOW + 120_000)
+    reopened.close()
+    assert dict(restarted.gone_items()) == dict(store.gone_items())
+    older = sign_record(
+        honest, kind=IDENTITY, key=key, seq=4, now_ms=NOW - HOUR_MS, ttl_ms=24 * HOUR_MS,
+        payload=identity_payload(honest.fingerprint, "x", pow_bits=BITS, now_ms=NOW - HOUR_MS),
+    )  # fmt: skip
+    with pytest.raises(ConflictError, match="lower than held 5"):
+        restarted.put(older, NOW + 120_000)
+
+
+def test_a_smaller_max_gone_at_load_deletes_the_rows_it_forgot(tmp_path: Path) -> None:
+    """A load into a store remembering fewer (``max_gone`` lowered) forgets for room as at
+    run time, and the file deletes those rows, not others."""
+    path = tmp_path / "records.sqlite3"
+    journal = RecordFile(path)
+    who = [Identity.generate() for _ in range(3)]
+    sources = ["192.0.2.1", "192.0.2.2", "203.0.113.1"]
+    for w, source in zip(who, sources, strict=True):
+        key, raw = identity_rec(w, seq=5, ttl=60_000)
+        journal.save(raw, key, source, NOW + 60_000)
+    journal.load_into(RecordStore(name_pow_bits=BITS, identity_pow_bits=BITS), NOW + 60_000)
+    journal.close()  # (the load found all three expired and remembered them)
+    keys = [record_key(IDENTITY, w.fingerprint) for w in who]
+    assert gone_rows(path) == dict(zip(keys, sources, strict=True))
+    small = RecordStore(name_pow_bits=BITS, identity_pow_bits=BITS, max_gone=2)
+    reopened = RecordFile(path)
+    reopened.load_into(small, NOW + 60_000)
+    reopened.close()
+    assert gone_rows(path) == {keys[1]: "192.0.2.2", keys[2]: "203.0.113.1"}
+    assert {k for k, _ in small.gone_items()} == {keys[1], keys[2]}
+
+
+def test_a_file_from_before_memories_had_a_source_opens(tmp_path: Path) -> None:
+    """A record file written before table ``gone`` had its ``source`` column gets the
+    column (empty: those memories count as one source's) and keeps its memories."""
+    path = tmp_path / "records.sqlite3"
+    alice = Identity.generate()
+    key = record_key(IDENTITY, alice.fingerprint)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(
+            "CREATE TABLE gone (key BLOB PRIMARY KEY, signer BLOB NOT NULL,"
+            " seq INTEGER NOT NULL, until_ms INTEGER NOT NULL)"
+        )
+        db.execute("INSERT INTO gone VALUES (?, ?, 5, ?)", (key, alice.fingerprint, NOW + HOUR_MS))
+        db.commit()
+    store = RecordStore(name_pow_bits=BITS, identity_pow_bits=BITS)
+    reopened = RecordFile(path)
+    reopened.load_into(store, NOW)
+    reopened.close()
+    gone = store.gone(key)
+    assert gone is not None and (gone.seq, gone.source) == (5, "")
+    assert gone_rows(path) == {key: ""}

@@ -551,6 +551,68 @@ def test_what_the_store_remembers_is_bounded_and_evicted_records_count_too() -> 
     refused(full, older, ConflictError, [victim])
 
 
+def older_identity(who: Identity, seq: int) -> bytes:
+    """A version of ``who``'s identity signed an hour before NOW that lives a day: still
+    valid when a later one (created NOW, living an hour) has been deleted."""
+    return identity_rec(who, seq=seq, at=NOW - HOUR_MS, ttl=DAY_MS)
+
+
+def test_a_flood_of_deleted_records_forgets_its_own_memories_not_the_others() -> None:
+    """An attacker with many addresses gets many short-lived records of its own deleted (name
+    claims here: one signing key, names and keys cost nothing) to push the memory of an
+    honest record out, then replays an older version of it. The memory held ``max_gone``
+    keys, the oldest forgotten first: the honest memories went, and the replay was taken.
+    Now the source holding the most memories loses its own oldest first (by /24; by /32,
+    then /48 for IPv6), so the flood forgets only its own. Checked to fail without the
+    fix (the oldest-first memory took every replay)."""
+    honest = {w: src for w, src in zip(
+        [Identity.generate() for _ in range(4)],
+        ["203.0.113.1", "192.0.2.1", "2001:db8:1::/64", ""], strict=True,
+    )}  # fmt: skip
+    s = RecordStore(name_pow_bits=BITS, identity_pow_bits=BITS, max_gone=10, rng=NoLag())
+    for who, source in honest.items():
+        s.put(identity_rec(who, seq=5, ttl=HOUR_MS), NOW, source)
+    attacker = Identity.generate()
+    at = NOW + HOUR_MS  # the honest records expire first: theirs are the oldest memories
+    flood = {  # 30 addresses of one IPv4 /24, and one /48 in the honest IPv6 record's /32
+        f"flood{i}": f"198.51.100.{i}" if i % 2 else f"2001:db8:2:{i:x}::/64" for i in range(30)
+    }
+    for name, source in flood.items():
+        s.put(name_rec(attacker, name, at=at, ttl=60_000), at, source)
+    later = at + 60_000
+    s.expire(later)
+    assert s.gone_count == 10 and s.gone_evicted == 24
+    for who in honest:
+        refused(s, older_identity(who, seq=4), ConflictError, all_keys(who), later)
+    # each flooding subnet keeps its newest: /24 198.51.100 and three IPv6 /48s share the rest
+    kept = [k for k, _ in s.gone_items() if k not in [record_key(IDENTITY, w.fingerprint)
+                                                      for w in honest]]  # fmt: skip
+    assert len(kept) == 6 and name_key("flood29") in kept
+
+
+def test_memories_of_deleted_records_count_where_they_were_stored_from() -> None:
+    """A deleted record's memory carries its source (evicted for room, or expired), and the
+    fair eviction counts it there: many subnets each keep their share, the fullest loses
+    its oldest; the store's counters and `take_forgotten` say what went."""
+    s = RecordStore(name_pow_bits=BITS, identity_pow_bits=BITS, max_gone=4, rng=NoLag())
+    who = [Identity.generate() for _ in range(6)]
+    sources = ["203.0.113.1", "203.0.113.2", "203.0.113.3", "192.0.2.1", "203.0.113.4",
+               "198.51.100.1"]  # fmt: skip
+    for w, source in zip(who, sources, strict=True):
+        s.put(identity_rec(w, ttl=HOUR_MS), NOW, source)
+    s.expire(NOW + HOUR_MS)
+    keys = [record_key(IDENTITY, w.fingerprint) for w in who]
+    assert {k: g.source for k, g in s.gone_items()} == {
+        keys[2]: "203.0.113.3", keys[3]: "192.0.2.1", keys[4]: "203.0.113.4",
+        keys[5]: "198.51.100.1",
+    }  # fmt: skip
+    assert s.gone_evicted == 2
+    # remembered again after being forgotten: no longer one for the file to delete
+    s.remember(keys[0], Gone(who[0].fingerprint, 1, NOW + MAX_TTL_MS, ""))
+    assert s.gone(keys[2]) is None and s.gone_evicted == 3  # 203.0.113 held the most
+    assert s.take_forgotten() == [keys[1], keys[2]] and s.take_forgotten() == []
+
+
 # -- capacity ----------------------------------------------------------------------------------
 
 

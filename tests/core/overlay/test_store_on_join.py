@@ -200,6 +200,44 @@ async def _flood(tmp_path: Path) -> None:
                 await sybil.stop()
 
 
+def test_a_flapping_newcomer_gets_one_burst_an_interval(tmp_path: Path) -> None:
+    """A newcomer that leaves the holder's table (evicted: two failed requests) and comes
+    back was planned for again and handed a new burst each time. Now a newcomer planned
+    for is not planned again within the republish interval (counted as ``recent``).
+    Checked to fail without the fix (a second round of handoffs was refused)."""
+    asyncio.run(_flap(tmp_path))
+
+
+async def _flap(tmp_path: Path) -> None:
+    async with network(tmp_path, 1) as (holder,):
+        store = node(holder).store
+        assert store is not None
+        for i in range(10):  # each newcomer is a replica of all: nobody else holds them
+            who = seeded_identity(f"flap-{i}")
+            k = record_key(IDENTITY, who.fingerprint)
+            now = time.time_ns() // 1_000_000
+            payload = identity_payload(who.fingerprint, "x", pow_bits=0, now_ms=now)
+            store.put(sign_record(who, kind=IDENTITY, key=k, seq=1, now_ms=now,
+                                  ttl_ms=3_600_000, payload=payload), now)  # fmt: skip
+        node(holder).handoffs = HandoffQueue(burst=100)  # all at once: the count settles
+        flapper = OverlayNode(
+            NodeIdentity.generate(4)[0], NodeConfig(allow_loopback=True, puzzle_bits=4)
+        )
+        try:
+            await flapper.start(grpc_port=1)  # (port 1: nothing listens, handoffs fail)
+            table = node(holder).table
+            for rejoin in range(3):
+                for _ in range(2):  # (the second with the token: a proven address is observed)
+                    assert await flapper.ping(node(holder).udp_addr)
+                await until_async(lambda: flapper.node_id in table, f"in the table ({rejoin})")
+                await until_async(lambda: metric(holder, "refused") >= 10, "handoffs refused")
+                table.remove(flapper.node_id)  # it left (as two failures evict it)
+            await asyncio.sleep(0.5)  # (a second burst's refusals would be counted by now)
+            assert metric(holder, "refused") == 10 and metric(holder, "recent") == 2
+        finally:
+            await flapper.stop()
+
+
 def test_a_restarted_holder_hands_nothing_to_the_nodes_it_meets_while_joining(
     tmp_path: Path,
 ) -> None:

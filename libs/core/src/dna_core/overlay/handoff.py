@@ -27,6 +27,10 @@ it never had in its routing table (``ContactAdded``):
 * for how many newcomers: ``PLAN_RATE_PER_S`` a second after a burst of ``PLAN_BURST``
   (`PlanBudget`); a flood of newcomers beyond that is not planned for (and counted), so
   its CPU cost is bounded too;
+* how often for one newcomer: once a republish interval (`RecentlyPlanned`, the last
+  ``REPLAN_MEMORY`` planned IDs). A node that leaves the table and comes back (a flapping
+  one: evicted after two failures, observed again) got a new plan and a new burst every
+  time; what it missed since the first, the republish brings;
 * when to send (`HandoffQueue`): each newcomer's handoffs at most ``HANDOFF_BURST`` at
   once, then ``HANDOFF_RATE_PER_S`` a second, under the receiver's per-source token
   bucket for stores (`dna_core.ratelimit`: 30, then 1 a second; a repeat is not charged)
@@ -58,6 +62,7 @@ HANDOFF_RATE_PER_S = 0.5  # then at most this many a second (its bucket refills 
 # this node until the republish. An honest table takes in a few newcomers a minute
 # (10,000 nodes, 30% replaced an hour: ~80 an hour of a ~260-contact table).
 PLAN_BURST, PLAN_RATE_PER_S = 50, 5.0
+REPLAN_MEMORY = 1024  # newcomers remembered as planned for (`RecentlyPlanned`)
 _ORDER_LABEL = p.label("handoff-order")
 
 
@@ -129,6 +134,31 @@ class PlanBudget:
 
     def allow(self, now: float) -> bool:
         return self._bucket.take(now) == 0.0
+
+
+class RecentlyPlanned:
+    """The newcomers planned for within the last ``hold_s`` (the republish interval), at
+    most ``most`` of them, the least recently planned forgotten first (module docstring).
+    Forgetting early costs only a plan within the `PlanBudget`, so a flood of IDs that
+    pushes an honest one out does no worse than the flood alone."""
+
+    def __init__(self, hold_s: float, most: int = REPLAN_MEMORY) -> None:
+        self.hold_s, self.most = hold_s, most
+        self._at: dict[bytes, float] = {}  # node ID -> when planned, oldest first
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def recent(self, node_id: bytes, now: float) -> bool:
+        """Whether ``node_id`` was planned for within ``hold_s`` of ``now``."""
+        at = self._at.get(node_id)
+        return at is not None and now - at < self.hold_s
+
+    def planned(self, node_id: bytes, now: float) -> None:
+        self._at.pop(node_id, None)
+        self._at[node_id] = now
+        while len(self._at) > self.most:
+            del self._at[next(iter(self._at))]
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,8 +15,9 @@ What a node accepts, keeps and hands out for a key:
   unless the new claim carries the holder's signature moving the name to it (after
   the holder rotated its keys);
 * a record the store no longer holds (expired and deleted, or evicted) is remembered by
-  its signer and sequence number alone (`Gone`, at most ``max_gone`` keys, the oldest
-  forgotten first and counted in ``gone_evicted``) until the kind's longest lifetime after
+  its signer and sequence number alone (`Gone`, at most ``max_gone`` keys; beyond that the
+  oldest memory of the source holding the most is forgotten, `GoneMemory`, and counted in
+  ``gone_evicted``) until the kind's longest lifetime after
   its creation has passed: an older version of its signer (a lower ``seq``, signed
   earlier, so expiring by then) is refused as against a held record. Before, once the
   held record was deleted, a replay of an older, still unexpired version was taken: a
@@ -163,16 +164,19 @@ class Gone:
     version with a lower ``seq`` was created no later than this one and has expired by
     ``until_ms``: after that no replay can roll the key back, and nothing need be kept. The
     record's own expiry would not do: a version signed an hour earlier with a longer life
-    outlives it."""
+    outlives it. ``source`` is the address the record was stored from: its memory counts
+    in that source's share (`GoneMemory`)."""
 
     signer: bytes
     seq: int
     until_ms: int
+    source: str = ""
 
     @classmethod
-    def of(cls, rec: VerifiedRecord) -> Gone:
+    def of(cls, rec: VerifiedRecord, source: str = "") -> Gone:
         body = rec.body
-        return cls(body.signer_fingerprint, body.seq, body.created_ms + _MAX_LIFETIME[body.kind])
+        until = body.created_ms + _MAX_LIFETIME[body.kind]
+        return cls(body.signer_fingerprint, body.seq, until, source)
 
     def refuses(self, rec: VerifiedRecord, now_ms: int) -> bool:
         """Whether ``rec`` is an older version of this one's signer, judged at ``now_ms``."""
@@ -182,6 +186,115 @@ class Gone:
             and body.signer_fingerprint == self.signer
             and body.seq < self.seq
         )
+
+
+class _Tally:
+    """How many each group holds, and one of the fullest, both in O(1) (counts move by one:
+    an LFU's buckets)."""
+
+    def __init__(self) -> None:
+        self.count: dict[str, int] = {}
+        self._with: dict[int, dict[str, None]] = {}  # count -> the groups holding that many
+        self._top = 0
+
+    def add(self, group: str) -> None:
+        n = self.count.get(group, 0)
+        self._move(group, n, n + 1)
+        self._top = max(self._top, n + 1)
+
+    def remove(self, group: str) -> None:
+        n = self.count[group]
+        self._move(group, n, n - 1)
+        while self._top and not self._with.get(self._top):
+            self._top -= 1
+
+    def fullest(self) -> str:
+        return next(iter(self._with[self._top]))
+
+    def _move(self, group: str, old: int, new: int) -> None:
+        if old:
+            groups = self._with[old]
+            del groups[group]
+            if not groups:
+                del self._with[old]
+        if new:
+            self._with.setdefault(new, {})[group] = None
+            self.count[group] = new
+        else:
+            del self.count[group]
+
+
+class GoneMemory:
+    """The store's memories of deleted records (`Gone`), at most ``most``. When one more
+    comes, the oldest memory of the source holding the most goes: the fullest block, then
+    its fullest subnet (`contact.source_groups`, as the store's records and the routing
+    table count: an IPv4 /24; an IPv6 /32, then its /48s). A flood of short-lived records
+    from one place, left to expire, then forgets only its own memories, not those of
+    records stored from elsewhere. Oldest first by source, not overall: signing keys cost
+    nothing and the per-source store rate is per address (or IPv6 /64), so only the
+    source's subnet is scarce. Keys forgotten for room are kept for the record file
+    (`take_forgotten`), which deletes their rows."""
+
+    def __init__(self, most: int, groups: Callable[[str], tuple[str, str]]) -> None:
+        self.most, self.groups = most, groups
+        self._gone: dict[bytes, Gone] = {}  # key -> its memory, oldest remembered first
+        self._blocks = _Tally()
+        self._subnets: dict[str, _Tally] = {}  # block -> its subnets' counts
+        self._by_subnet: dict[str, dict[bytes, None]] = {}  # subnet -> its keys, oldest first
+        self._forgotten: dict[bytes, None] = {}  # dropped for room, not yet taken
+        self.evicted = 0  # keys forgotten early for room
+
+    def __len__(self) -> int:
+        return len(self._gone)
+
+    def get(self, key: bytes) -> Gone | None:
+        return self._gone.get(key)
+
+    def items(self) -> Iterable[tuple[bytes, Gone]]:
+        return self._gone.items()
+
+    def add(self, key: bytes, gone: Gone) -> None:
+        self.drop(key)
+        self._forgotten.pop(key, None)
+        self._gone[key] = gone
+        block, subnet = self.groups(gone.source)
+        self._blocks.add(block)
+        self._subnets.setdefault(block, _Tally()).add(subnet)
+        self._by_subnet.setdefault(subnet, {})[key] = None
+        while len(self._gone) > self.most:
+            self._evict()
+
+    def drop(self, key: bytes) -> None:
+        gone = self._gone.pop(key, None)
+        if gone is None:
+            return
+        block, subnet = self.groups(gone.source)
+        keys = self._by_subnet[subnet]
+        del keys[key]
+        if not keys:
+            del self._by_subnet[subnet]
+        self._blocks.remove(block)
+        subnets = self._subnets[block]
+        subnets.remove(subnet)
+        if not subnets.count:
+            del self._subnets[block]
+
+    def lapse(self, now_ms: int) -> None:
+        """Forget what every older version must have expired by ``now_ms`` (`Gone`)."""
+        for key in [k for k, g in self._gone.items() if g.until_ms <= now_ms]:
+            self.drop(key)
+
+    def take_forgotten(self) -> list[bytes]:
+        """The keys forgotten for room since the last call."""
+        keys, self._forgotten = list(self._forgotten), {}
+        return keys
+
+    def _evict(self) -> None:
+        subnet = self._subnets[self._blocks.fullest()].fullest()
+        key = next(iter(self._by_subnet[subnet]))
+        self.drop(key)
+        self._forgotten[key] = None
+        self.evicted += 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,9 +394,7 @@ class RecordStore:
         self._in_block: dict[str, dict[str, None]] = {}  # block -> its subnets holding any
         self._per_block: dict[str, int] = {}  # block -> records held
         self._bytes = 0
-        self.max_gone = max_gone
-        self._gone: dict[bytes, Gone] = {}  # key -> its last record, oldest remembered first
-        self.gone_evicted = 0  # remembered keys forgotten early for room (max_gone)
+        self._gone = GoneMemory(max_gone, groups)  # what it remembers of deleted records
 
     def __len__(self) -> int:
         return len(self._held)
@@ -391,16 +502,23 @@ class RecordStore:
 
     def goes(self, key: bytes) -> Gone:
         """What deleting the record held under ``key`` would remember (for the file)."""
-        return Gone.of(self._held[key].record)
+        held = self._held[key]
+        return Gone.of(held.record, held.source)
 
     def remember(self, key: bytes, gone: Gone) -> None:
-        """Remember a deleted record (at deletion, or reloaded from the record file); the
-        oldest memory goes when there are ``max_gone``."""
-        self._gone.pop(key, None)
-        self._gone[key] = gone
-        while len(self._gone) > self.max_gone:
-            del self._gone[next(iter(self._gone))]
-            self.gone_evicted += 1
+        """Remember a deleted record (at deletion, or reloaded from the record file); with
+        ``max_gone`` remembered, the oldest memory of the source holding the most goes
+        (`GoneMemory`)."""
+        self._gone.add(key, gone)
+
+    @property
+    def max_gone(self) -> int:
+        return self._gone.most
+
+    @property
+    def gone_evicted(self) -> int:
+        """Remembered keys forgotten early for room (``max_gone``)."""
+        return self._gone.evicted
 
     @property
     def gone_count(self) -> int:
@@ -410,6 +528,11 @@ class RecordStore:
     def gone_items(self) -> Iterable[tuple[bytes, Gone]]:
         """The remembered keys, oldest first (a live view)."""
         return self._gone.items()
+
+    def take_forgotten(self) -> list[bytes]:
+        """The remembered keys forgotten for room since the last call: the record file
+        deletes their rows (`RecordFile.forget`), so a restart remembers what memory did."""
+        return self._gone.take_forgotten()
 
     def get(self, key: bytes, now_ms: int) -> VerifiedRecord | None:
         held = self._held.get(key)
@@ -433,9 +556,7 @@ class RecordStore:
         gone = [k for k, h in self._held.items() if h.record.body.expires_ms <= now_ms]
         for key in gone:
             self._forget(key)
-        lapsed = [k for k, g in self._gone.items() if g.until_ms <= now_ms]
-        for key in lapsed:
-            del self._gone[key]
+        self._gone.lapse(now_ms)
         return gone
 
     def _forget(self, key: bytes) -> None:

@@ -36,7 +36,8 @@ class OverlayMetrics:
             "dna_overlay_handoffs",
             "Records handed to nodes new to the routing table (store-on-join), by outcome:"
             " sent (taken), refused (not taken, not retried), dropped (the queue was full);"
-            " unplanned counts newcomers over the planning rate, given nothing",
+            " unplanned counts newcomers over the planning rate, given nothing; recent"
+            " those back within a republish interval of their last plan, given nothing",
             ["outcome"],
             registry=registry,
         )
@@ -51,7 +52,8 @@ class OverlayMetrics:
 class GoneCollector(Collector):
     """The record store's memory of deleted records (`RecordStore.remember`), read at
     scrape time: how many keys it remembers against rollback, and how many it forgot
-    early for room (``max_gone``). A key forgotten early can be rolled back to an older,
+    early for room (``max_gone``; the source holding the most loses its oldest). A key
+    forgotten early can be rolled back to an older,
     still unexpired version, so the counter moving says the bound is reached."""
 
     def __init__(self, store: RecordStore) -> None:
@@ -61,13 +63,14 @@ class GoneCollector(Collector):
         store = self._store
         yield GaugeMetricFamily(
             "dna_overlay_records_gone",
-            "Keys of deleted records remembered against rollback (at most "
-            f"{DEFAULT_MAX_GONE:,}, the oldest forgotten first)",
+            "Keys of deleted records remembered against rollback (at most max_gone, "
+            f"{DEFAULT_MAX_GONE:,} by default, the source holding the most losing its oldest)",
             store.gone_count,
         )
         yield CounterMetricFamily(
             "dna_overlay_records_gone_dropped",
-            "Remembered keys of deleted records forgotten early, the oldest first, to stay"
-            " within the bound (a replay of an older version is then no longer refused)",
+            "Remembered keys of deleted records forgotten early, the oldest of the source"
+            " holding the most first, to stay within the bound (a replay of an older"
+            " version is then no longer refused)",
             store.gone_evicted,
         )

@@ -43,7 +43,7 @@ from dna_core.overlay.behaviour import (
 )
 from dna_core.overlay.codec import ContactCache, Datagram, decode_datagram, encode_datagram
 from dna_core.overlay.contact import Contact, Endpoint, closest_first, spread_over_subnets
-from dna_core.overlay.handoff import Handoff, HandoffQueue, PlanBudget
+from dna_core.overlay.handoff import Handoff, HandoffQueue, PlanBudget, RecentlyPlanned
 from dna_core.overlay.handoff import plan as plan_handoffs
 from dna_core.overlay.protocol import PONG_DOMAIN, Addr, Responder
 from dna_core.overlay.records import (
@@ -91,6 +91,7 @@ class NodeConfig:
     udp_rcvbuf: int = 4 << 20
     fast_holders: int = 2  # get_record asks this many known closest nodes before a lookup
     record_replicas: int = RECORD_REPLICAS  # put_record stores on this many closest nodes
+    republish_interval: float = 3600.0  # store-on-join plans for a newcomer once in this
     name_pow_bits: int = DEFAULT_NAME_POW_BITS  # readers check name claims as stores do
     identity_pow_bits: int = DEFAULT_IDENTITY_POW_BITS  # and identity records' proofs
     record_sessions: bool = True  # stores and find-values on record sessions, else unary
@@ -163,6 +164,7 @@ class OverlayNode:
         # Store-on-join: records owed to nodes new to the table, paced (`handoff.py`).
         self.handoffs = HandoffQueue()
         self.handoff_plans = PlanBudget()
+        self.handoffs_planned = RecentlyPlanned(config.republish_interval)
         self._handoffs_queued = asyncio.Event()
         self._handoff_sender: asyncio.Task[object] | None = None
         # Closed until this node's own table is filled (`join`'s lookup of its own ID, or
@@ -306,9 +308,13 @@ class OverlayNode:
         if not self.handoffs_open:
             return
         now = time.monotonic()
+        if self.handoffs_planned.recent(contact.node_id, now):
+            self.metrics.handoffs.labels(outcome="recent").inc()
+            return  # back within an interval of its last plan: the republish brings the rest
         if not self.handoff_plans.allow(now):
             self.metrics.handoffs.labels(outcome="unplanned").inc()
             return
+        self.handoffs_planned.planned(contact.node_id, now)
         keys = plan_handoffs(
             local, contact, store.keys(), self.table.closest, k=self.config.k,
             replicas=self.config.record_replicas, loopback_exempt=self.config.allow_loopback,

@@ -28,9 +28,13 @@ and a row left behind is expired when the next load reads it. The first failure 
 of them is logged at ERROR, the recovery at INFO.
 
 Table ``gone`` keeps what the store remembers of deleted records (`records.Gone`: key,
-signer, sequence, until when), so a restart does not forget them and take a rollback;
-rows lapse at their ``until_ms`` and at most the store's ``max_gone`` are kept, the newest.
-A record row the load finds expired is remembered the same way (it expired while the node
+signer, sequence, until when, and the source the record was stored from, whose share the
+memory counts in), so a restart does not forget them and take a rollback; rows lapse at
+their ``until_ms``, and the rows of memories the store forgot for room
+(`RecordStore.take_forgotten`, at most ``max_gone`` kept, `records.GoneMemory`) are
+deleted by the next upkeep (a minute), so the file keeps what memory keeps. A file from
+before the ``source`` column gets it, empty: those memories count as one source's. A
+record row the load finds expired is remembered the same way (it expired while the node
 was down, or its deletion was not written).
 """
 
@@ -63,12 +67,14 @@ CREATE TABLE IF NOT EXISTS gone (
     key BLOB PRIMARY KEY,
     signer BLOB NOT NULL,
     seq INTEGER NOT NULL,
-    until_ms INTEGER NOT NULL
+    until_ms INTEGER NOT NULL,
+    source TEXT NOT NULL DEFAULT ''
 )
 """
 _GONE_WELL_FORMED = (
     "typeof(key) = 'blob' AND length(key) = 32 AND typeof(signer) = 'blob'"
     " AND length(signer) = 32 AND typeof(seq) = 'integer' AND typeof(until_ms) = 'integer'"
+    " AND typeof(source) = 'text'"
 )
 EXPIRY_TIME = "expiry_ms"  # the meta row: the latest time upkeep expired records against
 
@@ -81,6 +87,9 @@ class RecordFile:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: survives a crash, not power loss
         self._db.executescript(_SCHEMA)
+        gone_columns = {row[1] for row in self._db.execute("PRAGMA table_info(gone)")}
+        if "source" not in gone_columns:  # a file written before memories had a source
+            self._db.execute("ALTER TABLE gone ADD COLUMN source TEXT NOT NULL DEFAULT ''")
         self.write_failures = 0  # writes that failed since the file was opened
         self._failing = False  # the last write failed
         self.last_failure = ""  # why the last failed write failed
@@ -106,21 +115,18 @@ class RecordFile:
             )
 
     def forget(
-        self, keys: Sequence[bytes], gone: Sequence[tuple[bytes, Gone]], now_ms: int, most: int
-    ) -> None:
+        self, keys: Sequence[bytes], gone: Sequence[tuple[bytes, Gone]], now_ms: int,
+        forgotten: Sequence[bytes] = (),
+    ) -> None:  # fmt: skip
         """Delete the rows of records the store deleted (``keys``), remembering ``gone``
-        (table ``gone``); drop memories lapsed by ``now_ms`` and all but the newest
-        ``most``."""
+        (table ``gone``); drop memories lapsed by ``now_ms`` and those the store forgot
+        for room (``forgotten``, `RecordStore.take_forgotten`)."""
 
         def write(db: sqlite3.Connection) -> None:
             db.executemany("DELETE FROM records WHERE key = ?", [(key,) for key in keys])
             _forget_rows(db, gone)
             db.execute("DELETE FROM gone WHERE until_ms <= ?", (now_ms,))
-            db.execute(
-                "DELETE FROM gone WHERE rowid NOT IN"
-                " (SELECT rowid FROM gone ORDER BY rowid DESC LIMIT ?)",
-                (most,),
-            )
+            db.executemany("DELETE FROM gone WHERE key = ?", [(key,) for key in forgotten])
 
         self._write(write)
 
@@ -177,10 +183,10 @@ class RecordFile:
         expired_by = now_ms if expiry_ms is None else expiry_ms
         self._db.execute(f"DELETE FROM gone WHERE NOT ({_GONE_WELL_FORMED})")
         self._db.execute("DELETE FROM gone WHERE until_ms <= ?", (expired_by,))
-        for key, signer, seq, until_ms in self._db.execute(
-            "SELECT key, signer, seq, until_ms FROM gone ORDER BY rowid"
+        for key, signer, seq, until_ms, source in self._db.execute(
+            "SELECT key, signer, seq, until_ms, source FROM gone ORDER BY rowid"
         ):
-            store.remember(bytes(key), Gone(bytes(signer), int(seq), int(until_ms)))
+            store.remember(bytes(key), Gone(bytes(signer), int(seq), int(until_ms), str(source)))
         malformed = self._db.execute(f"DELETE FROM records WHERE NOT ({_WELL_FORMED})")
         dropped: list[bytes] = []
         remembered: list[tuple[bytes, Gone]] = []
@@ -195,7 +201,8 @@ class RecordFile:
                 )
             except ExpiredError:
                 dropped.append(bytes(key))
-                gone = _expired_memory(store, bytes(key), bytes(raw), now_ms, expired_by)
+                gone = _expired_memory(store, bytes(key), bytes(raw), str(source), now_ms,
+                                       expired_by)  # fmt: skip
                 if gone is not None:
                     remembered.append((bytes(key), gone))
                 continue
@@ -210,7 +217,7 @@ class RecordFile:
             # remembered by the store (`RecordStore.commit`): by the file too, or the next
             # restart forgets them and takes an older version
             remembered.extend((k, g) for k in result.evicted if (g := store.gone(k)) is not None)
-        self.forget(dropped, remembered, expired_by, store.max_gone)
+        self.forget(dropped, remembered, expired_by, store.take_forgotten())
         return loaded, len(dropped) + malformed.rowcount
 
     def close(self) -> None:
@@ -220,13 +227,13 @@ class RecordFile:
 def _forget_rows(db: sqlite3.Connection, gone: Sequence[tuple[bytes, Gone]]) -> None:
     db.executemany("DELETE FROM records WHERE key = ?", [(key,) for key, _ in gone])
     db.executemany(
-        "INSERT OR REPLACE INTO gone (key, signer, seq, until_ms) VALUES (?, ?, ?, ?)",
-        [(key, g.signer, g.seq, g.until_ms) for key, g in gone],
+        "INSERT OR REPLACE INTO gone (key, signer, seq, until_ms, source) VALUES (?, ?, ?, ?, ?)",
+        [(key, g.signer, g.seq, g.until_ms, g.source) for key, g in gone],
     )
 
 
 def _expired_memory(
-    store: RecordStore, key: bytes, raw: bytes, now_ms: int, expired_by: int
+    store: RecordStore, key: bytes, raw: bytes, source: str, now_ms: int, expired_by: int
 ) -> Gone | None:
     """What to remember of a saved record that expired while the node was down (or whose
     deletion was not written), if it verifies apart from its expiry and is filed under
@@ -237,7 +244,7 @@ def _expired_memory(
                      identity_pow_bits=store.identity_pow_bits)  # fmt: skip
     except ProtocolError:
         return None
-    gone = Gone.of(rec)
+    gone = Gone.of(rec, source)
     if gone.until_ms <= expired_by:
         return None
     store.remember(key, gone)

@@ -52,6 +52,7 @@ from dna_core.overlay.protocol import Addr
 from dna_core.overlay.records import (
     DEFAULT_IDENTITY_POW_BITS,
     DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_GONE,
     DEFAULT_MAX_RECORDS,
     DEFAULT_NAME_POW_BITS,
     RecordStore,
@@ -178,6 +179,10 @@ class RecordsSection(ConfigModel):
     per /48 within it) is evicted."""
     max_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1)
     """Bytes of records held at most (64 MiB: a full store measured 256 MB RSS)."""
+    max_gone: int = Field(default=DEFAULT_MAX_GONE, ge=1)
+    """Deleted records remembered at most (key, signer, sequence: no record bytes), so
+    that an older version of one is refused (no rollback); beyond it the oldest memory of
+    the source holding the most is forgotten (per /24; IPv6: per /32, then per /48)."""
     source_rate_per_s: float = Field(default=DEFAULT_SOURCE_RATE_PER_S, gt=0)
     """New records per second from one source address (IPv6: per /64)..."""
     source_burst: float = Field(default=DEFAULT_SOURCE_BURST, ge=1)
@@ -461,6 +466,7 @@ class OverlayServer:
             name_pow_bits=cfg.overlay.name_pow_bits,
             identity_pow_bits=cfg.records.identity_pow_bits,
             max_records=cfg.records.max_records, max_bytes=cfg.records.max_bytes,
+            max_gone=cfg.records.max_gone,
             groups=functools.partial(source_groups, allow_loopback=cfg.overlay.allow_loopback),
         )  # fmt: skip
         path = cfg.records_path()
@@ -493,6 +499,7 @@ class OverlayServer:
             role=self.role, puzzle_bits=cfg.node.puzzle_bits, k=cfg.overlay.k,
             alpha=cfg.overlay.alpha, allow_loopback=cfg.overlay.allow_loopback,
             refresh_interval=cfg.overlay.refresh_interval,
+            republish_interval=cfg.overlay.republish_interval,
             name_pow_bits=cfg.overlay.name_pow_bits,
             identity_pow_bits=cfg.records.identity_pow_bits,
             datagram_rate_per_s=cfg.overlay.datagram_rate_per_s,
@@ -675,7 +682,7 @@ class OverlayServer:
         deleted_to = self._expiry_now(wall)
         expired = store.expire_keys(deleted_to)
         remembered = [(key, gone) for key in expired if (gone := store.gone(key)) is not None]
-        record_file.forget(expired, remembered, deleted_to, store.max_gone)
+        record_file.forget(expired, remembered, deleted_to, store.take_forgotten())
         record_file.save_expiry_time(_require(self.expiry_clock.high_ms))
         return store.republish_due(wall, interval_ms, int(UPKEEP_S * 1000))
 
