@@ -78,11 +78,13 @@ from dna_storage.backends.base import (
     StoreUnavailableError,
     SyncIndex,
     Tombstone,
+    TombstoneBounds,
     Usage,
 )
 from dna_storage.backends.common import (
     check_limit,
     decode_pow,
+    delete_steps,
     encode_pow,
     in_range,
     mailbox_digest,
@@ -267,44 +269,82 @@ leave(was)
 return out
 """
 
-# ARGV: prefix, now, n, n x (digest, signed delete), then (mailbox, blob_id, deleted_ms,
-# expires_ms, digest) each: a signed delete crosses once, however many tombstones it has.
-# Returns how many live blobs were dropped.
+# ARGV: prefix, now, the mailbox's and the node's bounds for tombstones for IDs not held (0:
+# none, ``TombstoneBounds``), n, n x (digest, signed delete), then (mailbox, blob_id,
+# deleted_ms, expires_ms, digest) each: a signed delete crosses once, however many tombstones
+# it has. Returns {live blobs dropped}; or, over a bound, {-1, scope (0 the mailbox's, 1 the
+# node's), what the mailbox or the node holds, the tombstones for IDs not held it would add},
+# having written nothing: the script judges every tombstone before it writes any.
 _DELETE = """
 local now = tonumber(ARGV[2])
-local auths, first = {}, 4 + 2 * tonumber(ARGV[3])
-for i = 4, first - 1, 2 do auths[ARGV[i]] = ARGV[i + 1] end
-local function delete_one(mb, id, deleted, expires, h)
+local box_bound, node_bound = tonumber(ARGV[3]), tonumber(ARGV[4])
+local auths, first = {}, 6 + 2 * tonumber(ARGV[5])
+for i = 6, first - 1, 2 do auths[ARGV[i]] = ARGV[i + 1] end
+-- What a tombstone does, read-only: whether it drops a live blob, its expiry (extended to
+-- outlive that blob), whether it is stored, whether it is for an ID held neither as a live
+-- blob nor as a live tombstone of a held ID (the service's ``held``), and whether the one
+-- it replaces was counted so.
+local function judge(mb, id, expires)
   local removed = 0
   local held = redis.call('ZSCORE', P .. 'e:' .. mb, id)
-  if held then
-    if tonumber(held) > now and redis.call('EXISTS', bkey(mb, id)) == 1 then
-      removed = 1
-      if tonumber(held) > tonumber(expires) then expires = held end
-    end
-    drop_blob(mb, id)
+  if held and tonumber(held) > now and redis.call('EXISTS', bkey(mb, id)) == 1 then
+    removed = 1
+    if tonumber(held) > tonumber(expires) then expires = held end
   end
-  if tonumber(expires) <= now then
+  if tonumber(expires) <= now then return removed, expires, false, false, false end
+  local old = redis.call('ZSCORE', P .. 'ti:' .. mb, id)
+  if old and tonumber(old) >= tonumber(expires) then
+    return removed, expires, false, false, false
+  end
+  local was = redis.call('HEXISTS', P .. 'tu:' .. mb, id) == 1
+  local unheld = removed == 0 and ((not old) or tonumber(old) <= now or was)
+  return removed, expires, true, unheld, was
+end
+local function delete_one(mb, id, deleted, expires, h)
+  local removed, stored, unheld
+  removed, expires, stored, unheld = judge(mb, id, expires)
+  if redis.call('ZSCORE', P .. 'e:' .. mb, id) then drop_blob(mb, id) end
+  if not stored then
     prune_mailbox(mb)
     return removed
   end
-  local old = redis.call('ZSCORE', P .. 'ti:' .. mb, id)
-  if (not old) or tonumber(old) < tonumber(expires) then
-    -- held neither as a live blob nor as a live tombstone of a held ID (the service's
-    -- ``held``): counted against the node's bound for such tombstones
-    local was = redis.call('HEXISTS', P .. 'tu:' .. mb, id) == 1
-    local unheld = removed == 0 and ((not old) or tonumber(old) <= now or was)
-    if unheld then mark_unheld(mb, id) else unmark_unheld(mb, id) end
-    unref_tomb(mb, id)
-    redis.call('DEL', tkey(mb, id))
-    ref_tomb(mb, id, h, auths[h])
-    redis.call('HSET', tkey(mb, id), 'd', deleted, 'e', expires)
-    redis.call('ZADD', P .. 'ti:' .. mb, expires, id)
-    redis.call('ZADD', P .. 'tl:' .. mb, 0, id)
-    redis.call('ZADD', P .. 'x', expires, 't:' .. mb .. ':' .. id)
-    redis.call('ZADD', P .. 'm', 0, mb)
-  end
+  if unheld then mark_unheld(mb, id) else unmark_unheld(mb, id) end
+  unref_tomb(mb, id)
+  redis.call('DEL', tkey(mb, id))
+  ref_tomb(mb, id, h, auths[h])
+  redis.call('HSET', tkey(mb, id), 'd', deleted, 'e', expires)
+  redis.call('ZADD', P .. 'ti:' .. mb, expires, id)
+  redis.call('ZADD', P .. 'tl:' .. mb, 0, id)
+  redis.call('ZADD', P .. 'x', expires, 't:' .. mb .. ':' .. id)
+  redis.call('ZADD', P .. 'm', 0, mb)
   return removed
+end
+-- How much each mailbox's, and the node's, count of tombstones for IDs not held would grow
+-- (an ID named twice counted at its first: the second finds the first's tombstone live).
+local function growth()
+  local grown, node, seen = {}, 0, {}
+  for i = first, #ARGV, 5 do
+    local mb, id = ARGV[i], ARGV[i + 1]
+    if not seen[mb .. id] then
+      local _, _, stored, unheld, was = judge(mb, id, ARGV[i + 3])
+      if stored then
+        seen[mb .. id] = true
+        local d = (unheld and 1 or 0) - (was and 1 or 0)
+        grown[mb] = (grown[mb] or 0) + d
+        node = node + d
+      end
+    end
+  end
+  return grown, node
+end
+if box_bound > 0 or node_bound > 0 then
+  local grown, node = growth()
+  for mb, d in pairs(grown) do
+    local held = redis.call('ZCARD', P .. 'ti:' .. mb)
+    if box_bound > 0 and d > 0 and held + d > box_bound then return {-1, 0, held, d} end
+  end
+  local held = tonumber(redis.call('HGET', P .. 'totals', 'unheld_tombstones') or '0')
+  if node_bound > 0 and node > 0 and held + node > node_bound then return {-1, 1, held, node} end
 end
 local was = as_left()
 local removed = 0
@@ -312,7 +352,7 @@ for i = first, #ARGV, 5 do
   removed = removed + delete_one(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
 end
 leave(was)
-return removed
+return {removed}
 """
 
 # ARGV: prefix, now, limit. Oldest expiry first; ties: blobs ('b:') before tombstones ('t:').
@@ -637,21 +677,32 @@ class RedisBackend:
         codes = await self._write(self._put, args)
         return [_OUTCOMES[int(c)] for c in codes]
 
-    async def delete(self, tombstones: Sequence[Tombstone], now_ms: int) -> int:
+    async def delete(
+        self, tombstones: Sequence[Tombstone], now_ms: int, bounds: TombstoneBounds | None = None
+    ) -> int:
         """One script per ``WRITE_CHUNK`` tombstones: a script holds the whole Redis server,
-        every other client's call waiting (1,000 in one: 47 ms)."""
+        every other client's call waiting (1,000 in one: 47 ms). With ``bounds``, those for
+        IDs not held first, in one script (``delete_steps``), each script judging them
+        against the bounds before it writes anything."""
         digests = per_authorization([t.authorization for t in tombstones], _auth_digest)
+        held = None if bounds is None else self.held
         pairs = list(zip(tombstones, digests, strict=True))
+        limits = [0, 0] if bounds is None else [bounds.mailbox, bounds.node]
         removed = 0
-        for i in range(0, len(pairs), WRITE_CHUNK):
-            part = pairs[i : i + WRITE_CHUNK]
+        for part in await delete_steps(pairs, WRITE_CHUNK, now_ms, held):
             auths = {digest: t.authorization for t, digest in part}
-            args: list[Any] = [self._p, now_ms, len(auths)]
+            args: list[Any] = [self._p, now_ms, *limits, len(auths)]
             for digest, auth in auths.items():
                 args += [digest, auth]
             for t, digest in part:
                 args += [_hex(t.mailbox_id), _hex(t.blob_id), t.deleted_ms, t.expires_ms, digest]
-            removed += int(await self._write(self._delete, args))
+            reply = await self._write(self._delete, args)
+            if int(reply[0]) < 0:
+                assert bounds is not None  # the script refuses only against bounds given
+                _, scope, holds, unheld = map(int, reply)
+                check = bounds.check_mailbox if scope == 0 else bounds.check_node
+                check(holds, unheld)  # raises: the same refusal as the admission's
+            removed += int(reply[0])
         return removed
 
     async def expire(self, now_ms: int, limit: int) -> int:
