@@ -43,8 +43,9 @@ Layout (``P`` = prefix, IDs hex-encoded, ``M`` = mailbox, ``B`` = blob ID):
 * ``P layout`` ``LAYOUT``: 2 once no key holds a native TTL, 3 once every mailbox has its
   ID indexes (``l:``, ``tl:``), 4 once tombstones for IDs not held are counted; a node
   refuses a store of a layout newer than its own
-* ``P checked`` the node-wide counters (``totals`` and the size of ``x``) as a node of this
-  layout last left them: a connect that finds them so skips the full index check
+* ``P checked`` the node-wide counters (``totals``, the size of ``x`` and its first and last
+  entries) as a node of this layout last left them: a connect that finds them so skips the
+  full index check
 
 Every write is one Lua script (atomic: a put cannot slip past a concurrent delete, and a
 duplicate never takes a seq). Scripts build key names from the prefix, so this backend targets
@@ -199,6 +200,13 @@ local function unmark_unheld(mb, id)
     redis.call('HINCRBY', P .. 'totals', 'unheld_tombstones', -1)
   end
 end
+-- A mark naming no tombstone is one an older node's GC left (layout 2 kept no marks): not
+-- counted since the full check (``RedisBackend._index_ids``), so dropped without counting.
+local function drop_stale_mark(mb, id)
+  if not redis.call('ZSCORE', P .. 'ti:' .. mb, id) then
+    redis.call('HDEL', P .. 'tu:' .. mb, id)
+  end
+end
 local function drop_tomb(mb, id)
   unmark_unheld(mb, id)
   unref_tomb(mb, id)
@@ -212,12 +220,19 @@ end
 -- them as last left and by the full index check (``RedisBackend._index_ids``). A connect
 -- that finds them so skips that check (O(1)); one that does not (an older node wrote, or
 -- a check was cut short) runs it.
+-- The GC queue's first and last entries are in it too: an older node's GC takes the first
+-- and its delete adds a last one (expiring a tombstone lifetime from now, after every
+-- entry before it), so writes that balance the counts (a put and a GC) still show.
 local function written_state()
   local t = redis.call('HMGET', P .. 'totals', 'blobs', 'bytes', 'signed_deletes',
     'signed_delete_bytes')
   local parts = {}
   for i = 1, 4 do parts[i] = tostring(tonumber(t[i] or '0')) end
   parts[5] = tostring(redis.call('ZCARD', P .. 'x'))
+  for _, ends in ipairs({{0, 0}, {-1, -1}}) do
+    local item = redis.call('ZRANGE', P .. 'x', ends[1], ends[2], 'WITHSCORES')
+    parts[#parts + 1] = (item[1] or '') .. '@' .. (item[2] or '')
+  end
   return table.concat(parts, ' ')
 end
 local function as_left() return redis.call('GET', P .. 'checked') == written_state() end
@@ -296,7 +311,7 @@ local function judge(mb, id, expires)
   if old and tonumber(old) >= tonumber(expires) then
     return removed, expires, false, false, false
   end
-  local was = redis.call('HEXISTS', P .. 'tu:' .. mb, id) == 1
+  local was = old and redis.call('HEXISTS', P .. 'tu:' .. mb, id) == 1
   local unheld = removed == 0 and ((not old) or tonumber(old) <= now or was)
   return removed, expires, true, unheld, was
 end
@@ -308,6 +323,7 @@ local function delete_one(mb, id, deleted, expires, h)
     prune_mailbox(mb)
     return removed
   end
+  drop_stale_mark(mb, id)
   if unheld then mark_unheld(mb, id) else unmark_unheld(mb, id) end
   unref_tomb(mb, id)
   redis.call('DEL', tkey(mb, id))
@@ -448,6 +464,22 @@ return stale
 """
 
 
+# ARGV: prefix, then mailboxes. Drops each mailbox's marks of tombstones for IDs not held
+# (``tu:M``) that name no tombstone (an older node's GC removed it and kept no marks), and
+# returns how many marks are left: the node-wide count, summed over every mailbox.
+_UNHELD_RECOUNT = """
+local count = 0
+for i = 2, #ARGV do
+  local mb = ARGV[i]
+  for _, id in ipairs(redis.call('HKEYS', P .. 'tu:' .. mb)) do
+    drop_stale_mark(mb, id)
+  end
+  count = count + redis.call('HLEN', P .. 'tu:' .. mb)
+end
+return count
+"""
+
+
 async def durability_problems(client: aioredis.Redis) -> list[str]:
     """What in the server's configuration breaks "an acknowledged write is durable"."""
     problems = []
@@ -521,6 +553,7 @@ class RedisBackend:
         self._forget = client.register_script(_PRELUDE + _FORGET)
         self._usage = client.register_script(_PRELUDE + _USAGE)
         self._index_check = client.register_script(_PRELUDE + _INDEX_CHECK)
+        self._unheld_recount = client.register_script(_PRELUDE + _UNHELD_RECOUNT)
         self._as_left = client.register_script(_PRELUDE + "return as_left() and 1 or 0")
         self._leave = client.register_script(_PRELUDE + "leave(true)")
 
@@ -580,19 +613,25 @@ class RedisBackend:
         after a check cut short (it sets ``P checked`` only at its end). A mailbox whose ID
         index and expiry index differ in size has its ID index rebuilt from the expiry
         index (four ``ZCARD`` per mailbox, in a script per 4,096: 0.22 s per 10,000
-        mailboxes, and the rebuild reads only the mailboxes that need it)."""
+        mailboxes, and the rebuild reads only the mailboxes that need it). The node's count
+        of tombstones for IDs not held is counted again from the marks (``tu:M``), those of
+        tombstones an older node's GC removed dropped: it kept the count too high by them."""
         mailboxes: list[str] = []
+        unheld = 0
         async for member, _ in self._r.zscan_iter(self._p + "m", count=_ID_CHUNK):
             mailboxes.append(member.decode() if isinstance(member, bytes) else member)
             if len(mailboxes) >= _ID_CHUNK:
-                await self._reindex(mailboxes)
-        await self._reindex(mailboxes)
+                unheld += await self._reindex(mailboxes)
+        unheld += await self._reindex(mailboxes)
+        await self._r.hset(self._p + "totals", "unheld_tombstones", unheld)
 
-    async def _reindex(self, mailboxes: list[str]) -> None:
+    async def _reindex(self, mailboxes: list[str]) -> int:
         """Rebuild the ID indexes of those of ``mailboxes`` that differ from their expiry
-        indexes (``_index_ids``; compared by one script per chunk), and empty the list."""
+        indexes (``_index_ids``; compared by one script per chunk), and empty the list;
+        returns their tombstones for IDs not held."""
         if not mailboxes:
-            return
+            return 0
+        unheld = int(await self._unheld_recount(keys=[], args=[self._p, *mailboxes]))
         stale: list[Any] = await self._index_check(keys=[], args=[self._p, *mailboxes])
         for item in stale:
             mailbox, expiry, index = (item.decode() if isinstance(item, bytes) else item).split()
@@ -606,6 +645,7 @@ class RedisBackend:
                     f"{self._p}{index}:{mailbox}", dict.fromkeys(ids[i : i + _ID_CHUNK], 0)
                 )
         mailboxes.clear()
+        return unheld
 
     async def _recount_hours(self, mailbox: str) -> None:
         """Rebuild a mailbox's bytes per hour of expiry (``eh:M``) from its expiry index and
