@@ -503,11 +503,18 @@ def storage_dashboard() -> db.Dashboard:
         series(
             "Tombstones for IDs not held",
             "Tombstones each node stores for IDs it held neither as a blob nor as a "
-            "tombstone (updated every GC interval); deletes naming such IDs are refused "
-            "past admission.node_max_tombstones_unheld (1,000,000 by default). Refusals "
-            "per second, this bound's and the per-mailbox max_tombstones_unheld's together.",
+            "tombstone (updated every GC interval), and the bound it runs with: deletes "
+            "naming such IDs are refused past admission.node_max_tombstones_unheld "
+            "(1,000,000 by default; alert DnaStorageTombstonesUnheldNearLimit at 80%). "
+            "Refusals per second, this bound's and the per-mailbox max_tombstones_unheld's "
+            "together.",
             "none",
             query(f"dna_storage_tombstones_unheld{{{SEL}}}", "{{instance}}"),
+            query(
+                f'dna_storage_limit{{limit="node_max_tombstones_unheld",{SEL}}}',
+                "limit {{instance}}",
+                "C",
+            ),
             query(
                 f'sum(rate(dna_storage_requests_total{{method="delete",outcome="tombstones",'
                 f"{SEL}}}[{RATE}]))",

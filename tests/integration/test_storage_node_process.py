@@ -272,6 +272,13 @@ def test_metrics_count_outcomes_and_holdings(node: NodeProcess) -> None:
     assert "\ndna_storage_disk_high_water_ratio 0.9\n" in text
     used = sample_value(scrape(node), "dna_storage_disk_used_ratio")
     assert 0 < used < 1, used  # a real reading of the tmp file system, not the default 0
+    # the limits it runs with, by configuration key: set ones and defaults
+    samples = scrape(node)
+    for limit, value in [
+        ("node_max_tombstones_unheld", 3), ("ip_burst", 30), ("max_tombstones_unheld", 20_000),
+        ("quota_max_bytes", 64 * 1024 * 1024), ("disk_high_water", 0.9), ("sessions_max", 4096),
+    ]:  # fmt: skip
+        assert sample_value(samples, "dna_storage_limit", limit=limit) == value, limit
 
 
 @pytest.mark.process  # starts a process itself

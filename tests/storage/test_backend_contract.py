@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 from dna_core.crypto.pow import Proof
+from dna_core.errors import CapacityError
 from dna_core.wire.gen.dna.v1 import mailbox_pb2
 from dna_storage import replication
 from dna_storage.backends.base import (
@@ -25,6 +26,7 @@ from dna_storage.backends.base import (
     StoredBlob,
     SyncIndex,
     Tombstone,
+    TombstoneBounds,
     Usage,
 )
 from dna_storage.backends.common import mailbox_digest
@@ -579,6 +581,49 @@ def test_a_batch_replacing_its_own_tombstone_keeps_the_signed_delete(
         assert await b.get_tombstones(m, [first.blob_id], T0) == [later]
         assert await b.forget(m, [], [first.blob_id]) == 1
         assert await b.signed_deletes() == Usage(0, 0)
+
+    run_scenario(stores, kind, scenario)
+
+
+def test_a_bounded_delete_over_its_bounds_is_refused_whole(stores: Stores, kind: str) -> None:
+    """``TombstoneBounds`` judged where the delete is written (concurrent deletes each passed
+    the service's check against counts read before any was stored): a delete whose
+    tombstones for IDs not held would pass a bound is refused whole, its held blobs kept
+    too, though it spans several write steps (300 tombstones, the 200 not held written
+    first, in one step); one within them is stored; repair's (no bounds) is not judged."""
+
+    async def scenario(b: MailboxBackend) -> None:
+        m = mbox(0)
+        blobs = [blob(m, b"held %d" % n) for n in range(100)]
+        await b.put_many(blobs, T0)
+        auth = b"one signed delete"
+        gone = [hashlib.sha256(b"not held %d" % n).digest() for n in range(200)]
+        unheld = [Tombstone(m, i, T0, T0 + 2 * DAY, auth) for i in gone]
+        held = [Tombstone(m, x.blob_id, T0, T0 + 2 * DAY, auth) for x in blobs]
+        batch = held[:50] + unheld + held[50:]
+        usage = await b.usage(m, T0)
+        for bounds, why in [
+            (TombstoneBounds(mailbox=199, node=10**6), "the mailbox holds 0 and 200"),
+            (TombstoneBounds(mailbox=10**6, node=199), "the node holds 0 tombstones"),
+        ]:
+            with pytest.raises(CapacityError, match=why) as refused:
+                await b.delete(batch, T0, bounds)
+            assert refused.value.kind == "tombstones"
+            assert (await b.tombstones(m), await b.unheld_tombstones()) == (0, 0)
+            assert await b.usage(m, T0) == usage
+            assert await b.signed_deletes() == Usage(0, 0)
+        at_the_bounds = TombstoneBounds(mailbox=200, node=200)
+        assert await b.delete(batch, T0, at_the_bounds) == 100
+        assert (await b.tombstones(m), await b.unheld_tombstones()) == (300, 200)
+        assert await b.usage(m, T0) == Usage(0, 0)
+        assert await b.delete(batch, T0 + 1, at_the_bounds) == 0  # a replay: all held now
+        # the node's bound counts every mailbox's tombstones for IDs not held
+        other = [Tombstone(mbox(1), gone[0], T0, T0 + 2 * DAY, auth)]
+        with pytest.raises(CapacityError, match="the node holds 200 tombstones"):
+            await b.delete(other, T0, TombstoneBounds(mailbox=10**6, node=200))
+        assert await b.tombstones(mbox(1)) == 0
+        await b.delete(other, T0)  # repair's: not bounded here
+        assert await b.unheld_tombstones() == 201
 
     run_scenario(stores, kind, scenario)
 

@@ -190,6 +190,24 @@ def test_bucket_refusal_changes_nothing() -> None:
     assert [bucket.tokens(T0 + dt) for dt in (0.0, 0.25, 0.5, 3.0)] == before
 
 
+def test_a_refund_gives_back_what_a_take_spent_never_past_the_burst() -> None:
+    """A delete refused at the write (its bound reached meanwhile) gives its tokens back:
+    the bucket is as if the take had not happened, or fuller, never above the burst."""
+    bucket = TokenBucket(rate=2.0, burst=4.0)
+    bucket.take(T0, cost=3.0)
+    bucket.refund(T0, 3.0)
+    assert bucket.tokens(T0) == 4.0
+    bucket.take(T0, cost=3.0)
+    bucket.refund(T0 + 1.0, 3.0)  # 1 token left, 2 refilled meanwhile, 3 given back
+    assert bucket.tokens(T0 + 1.0) == 4.0
+    limiter = RateLimiter(rate=2.0, burst=4.0, max_keys=2)
+    assert limiter.check("a", T0, 4.0) == 0.0
+    limiter.refund("a", T0, 4.0)
+    assert limiter.tokens("a", T0) == 4.0
+    limiter.refund("never seen", T0, 4.0)  # nothing to give back to: no key inserted
+    assert "never seen" not in limiter
+
+
 def test_clock_going_backwards_neither_refills_nor_crashes() -> None:
     bucket = TokenBucket(rate=2.0, burst=2.0)
     bucket.take(T0)

@@ -6,6 +6,7 @@ SQLite and Redis backends, signed deletes from a real identity."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import time
@@ -161,5 +162,71 @@ def test_tombstones_for_ids_not_held_are_bounded_node_wide(stores: Stores, kind:
         assert await backend.unheld_tombstones() == 0
         await node.delete_one(delete_of(random_ids(200), OTHERS[2]), "10.0.0.3", now_ms())
         assert await backend.unheld_tombstones() == 200
+
+    stores.run(main())
+
+
+def test_concurrent_deletes_stay_within_the_node_bound(stores: Stores, kind: str) -> None:
+    """20 deletes of 200 IDs not held, each from its own source into its own mailbox, all
+    at once against a node bound of 1,000: exactly 5 are stored, the others are refused
+    whole (``tombstones``), store nothing and spend no token. Fails without the bound
+    judged again at the write (checked: all 20 passed the admission against counts read
+    before any was stored, and the node held 4,000)."""
+
+    async def main() -> None:
+        backend = await stores.open(kind)
+        seen: list[tuple[str, str]] = []
+        node = service(backend, seen, node_max_tombstones_unheld=1000)
+        owners = [seeded_identity(f"concurrent deletes {i}") for i in range(20)]
+        sources = [f"10.0.1.{i}" for i in range(20)]
+        answers = await asyncio.gather(
+            *(
+                node.delete_one(delete_of(random_ids(200), owner), source, now_ms())
+                for owner, source in zip(owners, sources, strict=True)
+            ),
+            return_exceptions=True,
+        )
+        refused = [a for a in answers if isinstance(a, BaseException)]
+        assert len(refused) == 15
+        for error in refused:
+            assert isinstance(error, CapacityError), error
+            assert error.kind == "tombstones"
+            assert "over the node's limit of 1000" in str(error)
+        assert await backend.unheld_tombstones() == 1000
+        held = [await backend.tombstones(mailbox_id(o.fingerprint)) for o in owners]
+        assert sorted(held) == [0] * 15 + [200] * 5
+        for source, answer in zip(sources, answers, strict=True):
+            if isinstance(answer, BaseException):  # the refusal gave its tokens back
+                assert node.admission.deletes_per_ip.tokens(source, time.monotonic()) == 1000
+        assert sorted(seen) == [("delete", "ok")] * 5 + [("delete", "tombstones")] * 15
+
+    stores.run(main())
+
+
+def test_concurrent_deletes_stay_within_the_mailbox_bound(stores: Stores, kind: str) -> None:
+    """20 deletes of 200 IDs not held into one mailbox, each from its own source, all at
+    once against a mailbox bound of 1,000: exactly 5 are stored, the others refused whole.
+    Fails without the bound judged again at the write (checked: the mailbox held 4,000)."""
+
+    async def main() -> None:
+        backend = await stores.open(kind)
+        seen: list[tuple[str, str]] = []
+        node = service(backend, seen, max_tombstones_unheld=1000)
+        answers = await asyncio.gather(
+            *(
+                node.delete_one(delete_of(random_ids(200)), f"10.0.2.{i}", now_ms())
+                for i in range(20)
+            ),
+            return_exceptions=True,
+        )
+        refused = [a for a in answers if isinstance(a, BaseException)]
+        assert len(refused) == 15
+        for error in refused:
+            assert isinstance(error, CapacityError), error
+            assert error.kind == "tombstones"
+            assert "over the limit of 1000" in str(error)
+        assert await backend.tombstones(BOX) == 1000
+        assert await backend.unheld_tombstones() == 1000
+        assert sorted(seen) == [("delete", "ok")] * 5 + [("delete", "tombstones")] * 15
 
     stores.run(main())

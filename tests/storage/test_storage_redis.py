@@ -28,7 +28,7 @@ from dna_storage.backends.redis import (
     StoreLayoutError,
     durability_problems,
 )
-from storage.redis_layout2 import put_as_layout_2
+from storage.redis_layout2 import expire_as_layout_2, put_as_layout_2
 from storage.redis_process import RedisProcess
 from storage.storage_harness import listing
 
@@ -513,6 +513,69 @@ def test_a_connect_to_a_store_as_this_layout_left_it_checks_no_mailbox(redis_url
             before = zcards(await raw.info("commandstats"))
             b = await RedisBackend.connect(redis_url, prefix="checked:")
             assert zcards(await raw.info("commandstats")) - before < 10
+        finally:
+            await raw.aclose()
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_a_layout_2_gc_leaves_no_count_of_tombstones_for_ids_not_held_too_high(
+    redis_url: str,
+) -> None:
+    """A layout 2 node's GC removes tombstones for IDs not held without their marks
+    (``tu:M``) or the node's count of them: the next connect, seeing the store not as it
+    left it, counts them again from the marks of tombstones still held, and a later
+    delete of such an ID counts its new tombstone. Fails without the recount (checked: the
+    count stayed at 3, and the later delete left it there, where 1 is held)."""
+
+    async def main() -> None:
+        b = await RedisBackend.connect(redis_url, prefix="recount:")
+        raw = aioredis.Redis.from_url(redis_url)
+        try:
+            other = hashlib.sha256(b"another mailbox").digest()
+            ids = [hashlib.sha256(b"not held %d" % n).digest() for n in range(3)]
+            await b.put_many([blob(b"kept", ttl=9000)], T0)
+            tombs = [Tombstone(M, i, T0, T0 + 2000, b"auth") for i in ids[:2]]
+            await b.delete([*tombs, Tombstone(other, ids[2], T0, T0 + 2000, b"auth")], T0)
+            assert await b.unheld_tombstones() == 3
+            await b.close()
+            assert await expire_as_layout_2(raw, "recount:", T0 + 3000, 100) == 3
+            b = await RedisBackend.connect(redis_url, prefix="recount:")
+            assert await b.unheld_tombstones() == 0
+            # the mailbox the old GC emptied kept its marks: a delete of one counts anew
+            await b.delete([Tombstone(other, ids[2], T0 + 3000, T0 + 5000, b"auth")], T0 + 3000)
+            assert await b.unheld_tombstones() == 1
+            assert await b.expire(T0 + 6000, 100) == 1
+            assert await b.unheld_tombstones() == 0
+        finally:
+            await raw.aclose()
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_layout_2_writes_that_balance_the_counters_are_still_seen(redis_url: str) -> None:
+    """A layout 2 node's put and GC pass that leave the node-wide counters as they were
+    (one blob of the same size in, one out of another mailbox): the connect after still
+    sees the store was written (the GC queue's first entry changed) and indexes the new
+    blob by ID, so a sync list shows it. Fails with the counters alone in ``P checked``
+    (checked: the blob put was missing from the sync list)."""
+
+    async def main() -> None:
+        b = await RedisBackend.connect(redis_url, prefix="balanced:")
+        raw = aioredis.Redis.from_url(redis_url)
+        try:
+            other = hashlib.sha256(b"another mailbox").digest()
+            gone = blob(b"gone 1", ttl=1000)
+            late = replace(blob(b"late 2", ttl=9000), mailbox_id=other)
+            await b.put_many([gone], T0)
+            await b.close()
+            await put_as_layout_2(raw, "balanced:", late, T0)
+            assert await expire_as_layout_2(raw, "balanced:", T0 + 2000, 100) == 1
+            b = await RedisBackend.connect(redis_url, prefix="balanced:")
+            assert await b.totals() == Usage(1, len(late.blob))  # as before the two
+            assert (await b.sync_index(other, T0 + 2000, limit=10)).blob_ids == [late.blob_id]
         finally:
             await raw.aclose()
             await b.close()

@@ -98,6 +98,12 @@ class TokenBucket:
         self._last = now if self._last is None else max(self._last, now)
         return 0.0
 
+    def refund(self, now: float, cost: float) -> None:
+        """Give back ``cost`` tokens a `take` spent for work that was then not done (never
+        past ``burst``): the bucket is as if that `take` had not happened, or fuller."""
+        self._tokens = min(self._burst, self.tokens(now) + cost)
+        self._last = now if self._last is None else max(self._last, now)
+
 
 Key = str | bytes
 
@@ -175,6 +181,13 @@ class RateLimiter:
         if len(self._buckets) > self._max_keys:
             self._buckets.popitem(last=False)
         return wait
+
+    def refund(self, key: Key, now: float, cost: float) -> None:
+        """`TokenBucket.refund` for ``key`` (nothing for a key no longer held: it comes back
+        with a full bucket anyway)."""
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket.refund(now, cost)
 
 
 @functools.lru_cache(maxsize=4096)  # a pure function, asked once per put

@@ -55,7 +55,7 @@ from dna_core.ops.config import ConfigModel
 from dna_core.ratelimit import RateLimited, RateLimiter, TokenBucket, source_key
 from pydantic import Field, model_validator
 
-from dna_storage.backends.base import Usage
+from dna_storage.backends.base import TombstoneBounds, Usage
 
 __all__ = [
     "Admission",
@@ -325,6 +325,9 @@ class Admission:
             c.pow_base_bits, c.pow_max_bits, c.pow_target_puts_per_s, c.pow_window_s
         )
         self.quota = Quota(c.quota_max_blobs, c.quota_max_bytes)
+        self.tombstone_bounds = TombstoneBounds(
+            c.max_tombstones_unheld, c.node_max_tombstones_unheld
+        )
         self.high_water = HighWaterMark(c.disk_high_water)
 
     @property
@@ -394,26 +397,24 @@ class Admission:
         ``node_max_tombstones_unheld`` (`CapacityError`, ``tombstones``, both). A mailbox
         costs nothing to make, so the first bound caps what one mailbox can pin, the rate
         what one source can, and the node's bound what many sources with many mailboxes
-        can."""
+        can. The counts are read before the write, so the backend judges the bounds again
+        where it writes (``tombstone_bounds``, ``MailboxBackend.delete``): a refusal there
+        gives the tokens back (``refund_delete``)."""
         if unheld <= 0:
             return
         ip_key, cost = self._delete_rate(source_ip, unheld, now_s)
-        limit = self.config.max_tombstones_unheld
-        if tombstones + unheld > limit:
-            raise CapacityError(
-                f"tombstones: the mailbox holds {tombstones} and {unheld} of the IDs named "
-                f"are not held here: over the limit of {limit} for such deletes",
-                kind="tombstones",
-            )
-        node_limit = self.config.node_max_tombstones_unheld
-        if node_unheld + unheld > node_limit:
-            raise CapacityError(
-                f"tombstones: the node holds {node_unheld} tombstones for IDs it did not hold "
-                f"and {unheld} of the IDs named are not held here: over the node's limit of "
-                f"{node_limit} for such deletes",
-                kind="tombstones",
-            )
+        self.tombstone_bounds.check(tombstones, node_unheld, unheld)
         self.deletes_per_ip.check(ip_key, now_s, cost)
+
+    def refund_delete(self, *, source_ip: str, unheld: int, now_s: float) -> None:
+        """Give back what ``admit_delete`` spent for a delete the backend then refused
+        (``TombstoneBounds`` judged again at the write: concurrent deletes had filled the
+        bound meanwhile), so a refused delete spends no token."""
+        if unheld <= 0:
+            return
+        ip_key = source_key(source_ip, ipv6_prefix_len=self.config.ipv6_prefix_len)
+        cost = min(float(unheld), self.deletes_per_ip.burst)
+        self.deletes_per_ip.refund(ip_key, now_s, cost)
 
     def _delete_rate(self, source_ip: str, unheld: int, now_s: float) -> tuple[str, float]:
         """The source's key and the delete's cost in tokens, or raise `RateLimited`."""

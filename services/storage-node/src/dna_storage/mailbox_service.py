@@ -30,6 +30,7 @@ from dna_core import trace
 from dna_core.crypto import pow
 from dna_core.crypto.pow import Proof
 from dna_core.errors import (
+    CapacityError,
     ConflictError,
     ExpiredError,
     MalformedError,
@@ -394,7 +395,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         signed by the owner, then admitted by what it would store (``_admit_delete``)."""
         try:
             owner, body = verify_delete(request, now_ms=now_ms, nonces=self.nonces)
-            await self._admit_delete(owner.mailbox_id, body, source_ip, now_ms)
+            unheld = await self._admit_delete(owner.mailbox_id, body, source_ip, now_ms)
         except ProtocolError as exc:
             self.count_refusal("delete", exc)
             raise
@@ -404,17 +405,30 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
             Tombstone(owner.mailbox_id, bid, now_ms, expires, authorization)
             for bid in body.blob_ids
         ]
-        deleted = await self.backend.delete(tombstones, now_ms)
+        try:
+            # The bounds again, where the write happens: concurrent deletes each passed the
+            # admission against counts read before any of them was stored.
+            bounds = self.admission.tombstone_bounds
+            deleted = await self.backend.delete(tombstones, now_ms, bounds)
+        except CapacityError as exc:
+            if exc.kind != "tombstones":
+                raise
+            now_s = self.monotonic()
+            self.admission.refund_delete(source_ip=source_ip, unheld=unheld, now_s=now_s)
+            self.count_refusal("delete", exc)
+            raise
         self.on_outcome("delete", "ok")
         return mailbox_pb2.DeleteResponse(deleted=deleted)
 
     async def _admit_delete(
         self, box: bytes, body: mailbox_pb2.DeleteBody, source_ip: str, now_ms: int
-    ) -> None:
-        """Return if the node may store a signed delete's tombstones, or raise why not
-        (``Admission.admit_delete``): IDs held cost nothing, the others are rated per source
-        and bounded per mailbox and per node, so a delete of random IDs cannot make this node
-        (and every replica repair spreads it to) store much more than it received."""
+    ) -> int:
+        """Return how many IDs of a signed delete the node holds neither way if it may store
+        its tombstones, or raise why not (``Admission.admit_delete``): IDs held cost nothing,
+        the others are rated per source and bounded per mailbox and per node, so a delete of
+        random IDs cannot make this node (and every replica repair spreads it to) store much
+        more than it received. The bounds are checked here against counts read before the
+        write (the fast path: a refusal costs no write) and again by the backend's write."""
         blobs, tombs = await self.backend.held(box, body.blob_ids, now_ms)
         unheld = len(set(body.blob_ids) - blobs - tombs)
         if unheld:
@@ -425,6 +439,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
                 tombstones=await self.backend.tombstones(box),
                 node_unheld=await self.backend.unheld_tombstones(), now_s=now_s,
             )  # fmt: skip
+        return unheld
 
     # The node serves `mailbox_stream.MailboxSessionService`, which has sessions; this one
     # (tests of the unary calls) says it has none, as an older node does.

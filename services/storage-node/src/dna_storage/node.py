@@ -160,6 +160,24 @@ async def open_backend(section: StorageSection) -> MailboxBackend:
         raise cannot_open(path, exc.__cause__ or exc) from None
 
 
+# [storage] keys that bound what the node takes, exported beside [admission]'s (``limit``).
+STORAGE_LIMITS = (
+    "max_ttl_days", "sync_rate_per_s", "sync_burst", "sessions_max", "sessions_max_per_source",
+    "session_pages_max", "session_pages_per_source", "subscriptions_max_per_source",
+)  # fmt: skip
+
+
+def configured_limits(config: StorageNodeConfig) -> dict[str, float]:
+    """The limits a node runs with, by configuration key: every number of [admission] (a
+    key added there is exported with no change here) and ``STORAGE_LIMITS``."""
+    limits = {
+        name: float(value)
+        for name, value in config.admission
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
+    return limits | {name: float(getattr(config.storage, name)) for name in STORAGE_LIMITS}
+
+
 class StorageMetrics:
     """The storage node's own series, in the node's registry (docs/storage.md)."""
 
@@ -205,6 +223,14 @@ class StorageMetrics:
         self.disk_high_water = Gauge(
             "dna_storage_disk_high_water_ratio",
             "The configured disk high-water mark (admission.disk_high_water)",
+            registry=registry,
+        )
+        self.limit = Gauge(
+            "dna_storage_limit",
+            "A limit the node runs with, by its configuration key (every number of "
+            "[admission], and [storage]'s caps on TTL, sessions, subscriptions and repair "
+            "sync): set at start, to read beside the usage gauges",
+            ["limit"],
             registry=registry,
         )
         self.refusing_writes = Gauge(
@@ -340,6 +366,8 @@ class StorageNode:
         )
         self.metrics = StorageMetrics(self.server.registry)
         self.metrics.disk_high_water.set(self.config.admission.disk_high_water)
+        for name, value in configured_limits(self.config).items():
+            self.metrics.limit.labels(name).set(value)
         self.metrics.refusing_writes.set_function(lambda: float(self.admission.high_water.tripped))
         try:
             await self.server.start()

@@ -39,7 +39,8 @@ from dna_core.mailbox import StoredBlob, Tombstone
 # clients), named here too so that a backend finds its whole interface in one module.
 __all__ = [
     "WRITE_METHODS", "MailboxBackend", "MailboxDigest", "Page", "PutOutcome",
-    "StorageFullError", "StoreUnavailableError", "StoredBlob", "SyncIndex", "Tombstone", "Usage",
+    "StorageFullError", "StoreUnavailableError", "StoredBlob", "SyncIndex", "Tombstone",
+    "TombstoneBounds", "Usage",
 ]  # fmt: skip
 
 
@@ -97,6 +98,42 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class TombstoneBounds:
+    """What a delete's tombstones for IDs held neither way may grow to (docs/storage.md
+    "Deletes"; ``AdmissionConfig.max_tombstones_unheld`` and ``node_max_tombstones_unheld``).
+    The service checks them before the write (a cheap read, the fast path) and the backend
+    again where it writes (``MailboxBackend.delete``): concurrent deletes each passed the
+    first against counts read before any of them was stored, and together went past it."""
+
+    mailbox: int  # the mailbox's tombstones plus those for IDs not held
+    node: int  # the node's tombstones for IDs not held plus those for IDs not held
+
+    def check(self, mailbox_tombstones: int, node_unheld: int, unheld: int) -> None:
+        """Raise `CapacityError` (``tombstones``) if storing ``unheld`` more tombstones for
+        IDs not held, in one mailbox, would pass a bound, given what the mailbox and the
+        node hold."""
+        self.check_mailbox(mailbox_tombstones, unheld)
+        self.check_node(node_unheld, unheld)
+
+    def check_mailbox(self, tombstones: int, unheld: int) -> None:
+        if unheld > 0 and tombstones + unheld > self.mailbox:
+            raise CapacityError(
+                f"tombstones: the mailbox holds {tombstones} and {unheld} of the IDs "
+                f"named are not held here: over the limit of {self.mailbox} for such deletes",
+                kind="tombstones",
+            )
+
+    def check_node(self, node_unheld: int, unheld: int) -> None:
+        if unheld > 0 and node_unheld + unheld > self.node:
+            raise CapacityError(
+                f"tombstones: the node holds {node_unheld} tombstones for IDs it did not hold "
+                f"and {unheld} of the IDs named are not held here: over the node's limit of "
+                f"{self.node} for such deletes",
+                kind="tombstones",
+            )
+
+
+@dataclass(frozen=True, slots=True)
 class SyncIndex:
     """What a mailbox holds, without payloads or authorizations: what a sync list page
     is cut from (a tombstone's signed delete can be tens of kilobytes)."""
@@ -134,10 +171,19 @@ class MailboxBackend(Protocol):
         """The unexpired blobs among ``blob_ids`` (for replica pulls)."""
         ...
 
-    async def delete(self, tombstones: Sequence[Tombstone], now_ms: int) -> int:
+    async def delete(
+        self, tombstones: Sequence[Tombstone], now_ms: int, bounds: TombstoneBounds | None = None
+    ) -> int:
         """Store tombstones, drop the blobs they name; returns blobs removed. Applied in
         bounded steps (the writer is not held for a whole 1,000-ID delete): a failure may
-        leave the earlier steps applied, which a retry repeats harmlessly."""
+        leave the earlier steps applied, which a retry repeats harmlessly.
+
+        With ``bounds`` (a client's delete; repair passes none), the tombstones for IDs held
+        neither way are stored only within them, judged atomically with the write, or
+        `CapacityError` (``tombstones``) is raised. Those IDs (as ``held`` reads them) go in
+        the first step, whole, so a refusal stores nothing; an ID held then and gone by its
+        later step (expired meanwhile) is judged in that step, and a refusal there leaves
+        the earlier steps applied, as any failure does."""
         ...
 
     async def forget(

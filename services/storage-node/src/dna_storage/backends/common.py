@@ -22,14 +22,16 @@ The interface (``base.py``) leaves a few things open; these are the answers both
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
 
 from dna_core.crypto.pow import MAX_PARTS, Proof
 
-from dna_storage.backends.base import MailboxDigest
+from dna_storage.backends.base import MailboxDigest, Tombstone
 
 D = TypeVar("D")
+# ``MailboxBackend.held``: (mailbox, IDs, now_ms) -> (held as blobs, held as tombstones)
+HeldReader = Callable[[bytes, Sequence[bytes], int], Awaitable[tuple[set[bytes], set[bytes]]]]
 DIGEST_DOMAIN = b"dna-mailbox-digest/v1"
 _POW_SIZE = 17  # difficulty (1 byte), timestamp_ms (8), nonce (8); then 8 per more nonce
 _MAX_POW_SIZE = _POW_SIZE + 8 * (MAX_PARTS - 1)
@@ -103,3 +105,25 @@ def per_authorization(authorizations: Sequence[bytes], digest: Callable[[bytes],
             known = memo[auth] = digest(auth)
         out.append(known)
     return out
+
+
+async def delete_steps(
+    items: Sequence[tuple[Tombstone, D]], chunk: int, now_ms: int, held: HeldReader | None
+) -> list[list[tuple[Tombstone, D]]]:
+    """The steps a delete is written in, ``chunk`` tombstones each (one step holds the
+    writer, or the Redis server, at a time). With ``held`` (a delete bounded by
+    ``TombstoneBounds``, of more than one step), the tombstones for IDs held neither way come
+    first, all in one step: the bounds are judged on them at once, so a refusal stores none
+    of the delete. They drop no blob, so the step is cheap whatever its size (the chunks are
+    for blobs dropped: 1,000 of 60 KB held SQLite's writer 0.4-0.9 s)."""
+    if held is None or len(items) <= chunk:
+        return [list(items[i : i + chunk]) for i in range(0, len(items), chunk)]
+    not_held: set[tuple[bytes, bytes]] = set()
+    for box in unique(t.mailbox_id for t, _ in items):
+        ids = [t.blob_id for t, _ in items if t.mailbox_id == box]
+        blobs, tombs = await held(box, ids, now_ms)
+        not_held.update((box, i) for i in ids if i not in blobs and i not in tombs)
+    first = [p for p in items if (p[0].mailbox_id, p[0].blob_id) in not_held]
+    rest = [p for p in items if (p[0].mailbox_id, p[0].blob_id) not in not_held]
+    steps = [rest[i : i + chunk] for i in range(0, len(rest), chunk)]
+    return [first, *steps] if first else steps

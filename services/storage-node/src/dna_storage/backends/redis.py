@@ -43,8 +43,9 @@ Layout (``P`` = prefix, IDs hex-encoded, ``M`` = mailbox, ``B`` = blob ID):
 * ``P layout`` ``LAYOUT``: 2 once no key holds a native TTL, 3 once every mailbox has its
   ID indexes (``l:``, ``tl:``), 4 once tombstones for IDs not held are counted; a node
   refuses a store of a layout newer than its own
-* ``P checked`` the node-wide counters (``totals`` and the size of ``x``) as a node of this
-  layout last left them: a connect that finds them so skips the full index check
+* ``P checked`` the node-wide counters (``totals``, the size of ``x`` and its first and last
+  entries) as a node of this layout last left them: a connect that finds them so skips the
+  full index check
 
 Every write is one Lua script (atomic: a put cannot slip past a concurrent delete, and a
 duplicate never takes a seq). Scripts build key names from the prefix, so this backend targets
@@ -78,11 +79,13 @@ from dna_storage.backends.base import (
     StoreUnavailableError,
     SyncIndex,
     Tombstone,
+    TombstoneBounds,
     Usage,
 )
 from dna_storage.backends.common import (
     check_limit,
     decode_pow,
+    delete_steps,
     encode_pow,
     in_range,
     mailbox_digest,
@@ -197,6 +200,13 @@ local function unmark_unheld(mb, id)
     redis.call('HINCRBY', P .. 'totals', 'unheld_tombstones', -1)
   end
 end
+-- A mark naming no tombstone is one an older node's GC left (layout 2 kept no marks): not
+-- counted since the full check (``RedisBackend._index_ids``), so dropped without counting.
+local function drop_stale_mark(mb, id)
+  if not redis.call('ZSCORE', P .. 'ti:' .. mb, id) then
+    redis.call('HDEL', P .. 'tu:' .. mb, id)
+  end
+end
 local function drop_tomb(mb, id)
   unmark_unheld(mb, id)
   unref_tomb(mb, id)
@@ -210,12 +220,19 @@ end
 -- them as last left and by the full index check (``RedisBackend._index_ids``). A connect
 -- that finds them so skips that check (O(1)); one that does not (an older node wrote, or
 -- a check was cut short) runs it.
+-- The GC queue's first and last entries are in it too: an older node's GC takes the first
+-- and its delete adds a last one (expiring a tombstone lifetime from now, after every
+-- entry before it), so writes that balance the counts (a put and a GC) still show.
 local function written_state()
   local t = redis.call('HMGET', P .. 'totals', 'blobs', 'bytes', 'signed_deletes',
     'signed_delete_bytes')
   local parts = {}
   for i = 1, 4 do parts[i] = tostring(tonumber(t[i] or '0')) end
   parts[5] = tostring(redis.call('ZCARD', P .. 'x'))
+  for _, ends in ipairs({{0, 0}, {-1, -1}}) do
+    local item = redis.call('ZRANGE', P .. 'x', ends[1], ends[2], 'WITHSCORES')
+    parts[#parts + 1] = (item[1] or '') .. '@' .. (item[2] or '')
+  end
   return table.concat(parts, ' ')
 end
 local function as_left() return redis.call('GET', P .. 'checked') == written_state() end
@@ -267,44 +284,83 @@ leave(was)
 return out
 """
 
-# ARGV: prefix, now, n, n x (digest, signed delete), then (mailbox, blob_id, deleted_ms,
-# expires_ms, digest) each: a signed delete crosses once, however many tombstones it has.
-# Returns how many live blobs were dropped.
+# ARGV: prefix, now, the mailbox's and the node's bounds for tombstones for IDs not held (0:
+# none, ``TombstoneBounds``), n, n x (digest, signed delete), then (mailbox, blob_id,
+# deleted_ms, expires_ms, digest) each: a signed delete crosses once, however many tombstones
+# it has. Returns {live blobs dropped}; or, over a bound, {-1, scope (0 the mailbox's, 1 the
+# node's), what the mailbox or the node holds, the tombstones for IDs not held it would add},
+# having written nothing: the script judges every tombstone before it writes any.
 _DELETE = """
 local now = tonumber(ARGV[2])
-local auths, first = {}, 4 + 2 * tonumber(ARGV[3])
-for i = 4, first - 1, 2 do auths[ARGV[i]] = ARGV[i + 1] end
-local function delete_one(mb, id, deleted, expires, h)
+local box_bound, node_bound = tonumber(ARGV[3]), tonumber(ARGV[4])
+local auths, first = {}, 6 + 2 * tonumber(ARGV[5])
+for i = 6, first - 1, 2 do auths[ARGV[i]] = ARGV[i + 1] end
+-- What a tombstone does, read-only: whether it drops a live blob, its expiry (extended to
+-- outlive that blob), whether it is stored, whether it is for an ID held neither as a live
+-- blob nor as a live tombstone of a held ID (the service's ``held``), and whether the one
+-- it replaces was counted so.
+local function judge(mb, id, expires)
   local removed = 0
   local held = redis.call('ZSCORE', P .. 'e:' .. mb, id)
-  if held then
-    if tonumber(held) > now and redis.call('EXISTS', bkey(mb, id)) == 1 then
-      removed = 1
-      if tonumber(held) > tonumber(expires) then expires = held end
-    end
-    drop_blob(mb, id)
+  if held and tonumber(held) > now and redis.call('EXISTS', bkey(mb, id)) == 1 then
+    removed = 1
+    if tonumber(held) > tonumber(expires) then expires = held end
   end
-  if tonumber(expires) <= now then
+  if tonumber(expires) <= now then return removed, expires, false, false, false end
+  local old = redis.call('ZSCORE', P .. 'ti:' .. mb, id)
+  if old and tonumber(old) >= tonumber(expires) then
+    return removed, expires, false, false, false
+  end
+  local was = old and redis.call('HEXISTS', P .. 'tu:' .. mb, id) == 1
+  local unheld = removed == 0 and ((not old) or tonumber(old) <= now or was)
+  return removed, expires, true, unheld, was
+end
+local function delete_one(mb, id, deleted, expires, h)
+  local removed, stored, unheld
+  removed, expires, stored, unheld = judge(mb, id, expires)
+  if redis.call('ZSCORE', P .. 'e:' .. mb, id) then drop_blob(mb, id) end
+  if not stored then
     prune_mailbox(mb)
     return removed
   end
-  local old = redis.call('ZSCORE', P .. 'ti:' .. mb, id)
-  if (not old) or tonumber(old) < tonumber(expires) then
-    -- held neither as a live blob nor as a live tombstone of a held ID (the service's
-    -- ``held``): counted against the node's bound for such tombstones
-    local was = redis.call('HEXISTS', P .. 'tu:' .. mb, id) == 1
-    local unheld = removed == 0 and ((not old) or tonumber(old) <= now or was)
-    if unheld then mark_unheld(mb, id) else unmark_unheld(mb, id) end
-    unref_tomb(mb, id)
-    redis.call('DEL', tkey(mb, id))
-    ref_tomb(mb, id, h, auths[h])
-    redis.call('HSET', tkey(mb, id), 'd', deleted, 'e', expires)
-    redis.call('ZADD', P .. 'ti:' .. mb, expires, id)
-    redis.call('ZADD', P .. 'tl:' .. mb, 0, id)
-    redis.call('ZADD', P .. 'x', expires, 't:' .. mb .. ':' .. id)
-    redis.call('ZADD', P .. 'm', 0, mb)
-  end
+  drop_stale_mark(mb, id)
+  if unheld then mark_unheld(mb, id) else unmark_unheld(mb, id) end
+  unref_tomb(mb, id)
+  redis.call('DEL', tkey(mb, id))
+  ref_tomb(mb, id, h, auths[h])
+  redis.call('HSET', tkey(mb, id), 'd', deleted, 'e', expires)
+  redis.call('ZADD', P .. 'ti:' .. mb, expires, id)
+  redis.call('ZADD', P .. 'tl:' .. mb, 0, id)
+  redis.call('ZADD', P .. 'x', expires, 't:' .. mb .. ':' .. id)
+  redis.call('ZADD', P .. 'm', 0, mb)
   return removed
+end
+-- How much each mailbox's, and the node's, count of tombstones for IDs not held would grow
+-- (an ID named twice counted at its first: the second finds the first's tombstone live).
+local function growth()
+  local grown, node, seen = {}, 0, {}
+  for i = first, #ARGV, 5 do
+    local mb, id = ARGV[i], ARGV[i + 1]
+    if not seen[mb .. id] then
+      local _, _, stored, unheld, was = judge(mb, id, ARGV[i + 3])
+      if stored then
+        seen[mb .. id] = true
+        local d = (unheld and 1 or 0) - (was and 1 or 0)
+        grown[mb] = (grown[mb] or 0) + d
+        node = node + d
+      end
+    end
+  end
+  return grown, node
+end
+if box_bound > 0 or node_bound > 0 then
+  local grown, node = growth()
+  for mb, d in pairs(grown) do
+    local held = redis.call('ZCARD', P .. 'ti:' .. mb)
+    if box_bound > 0 and d > 0 and held + d > box_bound then return {-1, 0, held, d} end
+  end
+  local held = tonumber(redis.call('HGET', P .. 'totals', 'unheld_tombstones') or '0')
+  if node_bound > 0 and node > 0 and held + node > node_bound then return {-1, 1, held, node} end
 end
 local was = as_left()
 local removed = 0
@@ -312,7 +368,7 @@ for i = first, #ARGV, 5 do
   removed = removed + delete_one(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
 end
 leave(was)
-return removed
+return {removed}
 """
 
 # ARGV: prefix, now, limit. Oldest expiry first; ties: blobs ('b:') before tombstones ('t:').
@@ -408,6 +464,22 @@ return stale
 """
 
 
+# ARGV: prefix, then mailboxes. Drops each mailbox's marks of tombstones for IDs not held
+# (``tu:M``) that name no tombstone (an older node's GC removed it and kept no marks), and
+# returns how many marks are left: the node-wide count, summed over every mailbox.
+_UNHELD_RECOUNT = """
+local count = 0
+for i = 2, #ARGV do
+  local mb = ARGV[i]
+  for _, id in ipairs(redis.call('HKEYS', P .. 'tu:' .. mb)) do
+    drop_stale_mark(mb, id)
+  end
+  count = count + redis.call('HLEN', P .. 'tu:' .. mb)
+end
+return count
+"""
+
+
 async def durability_problems(client: aioredis.Redis) -> list[str]:
     """What in the server's configuration breaks "an acknowledged write is durable"."""
     problems = []
@@ -481,6 +553,7 @@ class RedisBackend:
         self._forget = client.register_script(_PRELUDE + _FORGET)
         self._usage = client.register_script(_PRELUDE + _USAGE)
         self._index_check = client.register_script(_PRELUDE + _INDEX_CHECK)
+        self._unheld_recount = client.register_script(_PRELUDE + _UNHELD_RECOUNT)
         self._as_left = client.register_script(_PRELUDE + "return as_left() and 1 or 0")
         self._leave = client.register_script(_PRELUDE + "leave(true)")
 
@@ -540,19 +613,25 @@ class RedisBackend:
         after a check cut short (it sets ``P checked`` only at its end). A mailbox whose ID
         index and expiry index differ in size has its ID index rebuilt from the expiry
         index (four ``ZCARD`` per mailbox, in a script per 4,096: 0.22 s per 10,000
-        mailboxes, and the rebuild reads only the mailboxes that need it)."""
+        mailboxes, and the rebuild reads only the mailboxes that need it). The node's count
+        of tombstones for IDs not held is counted again from the marks (``tu:M``), those of
+        tombstones an older node's GC removed dropped: it kept the count too high by them."""
         mailboxes: list[str] = []
+        unheld = 0
         async for member, _ in self._r.zscan_iter(self._p + "m", count=_ID_CHUNK):
             mailboxes.append(member.decode() if isinstance(member, bytes) else member)
             if len(mailboxes) >= _ID_CHUNK:
-                await self._reindex(mailboxes)
-        await self._reindex(mailboxes)
+                unheld += await self._reindex(mailboxes)
+        unheld += await self._reindex(mailboxes)
+        await self._r.hset(self._p + "totals", "unheld_tombstones", unheld)
 
-    async def _reindex(self, mailboxes: list[str]) -> None:
+    async def _reindex(self, mailboxes: list[str]) -> int:
         """Rebuild the ID indexes of those of ``mailboxes`` that differ from their expiry
-        indexes (``_index_ids``; compared by one script per chunk), and empty the list."""
+        indexes (``_index_ids``; compared by one script per chunk), and empty the list;
+        returns their tombstones for IDs not held."""
         if not mailboxes:
-            return
+            return 0
+        unheld = int(await self._unheld_recount(keys=[], args=[self._p, *mailboxes]))
         stale: list[Any] = await self._index_check(keys=[], args=[self._p, *mailboxes])
         for item in stale:
             mailbox, expiry, index = (item.decode() if isinstance(item, bytes) else item).split()
@@ -566,6 +645,7 @@ class RedisBackend:
                     f"{self._p}{index}:{mailbox}", dict.fromkeys(ids[i : i + _ID_CHUNK], 0)
                 )
         mailboxes.clear()
+        return unheld
 
     async def _recount_hours(self, mailbox: str) -> None:
         """Rebuild a mailbox's bytes per hour of expiry (``eh:M``) from its expiry index and
@@ -637,21 +717,32 @@ class RedisBackend:
         codes = await self._write(self._put, args)
         return [_OUTCOMES[int(c)] for c in codes]
 
-    async def delete(self, tombstones: Sequence[Tombstone], now_ms: int) -> int:
+    async def delete(
+        self, tombstones: Sequence[Tombstone], now_ms: int, bounds: TombstoneBounds | None = None
+    ) -> int:
         """One script per ``WRITE_CHUNK`` tombstones: a script holds the whole Redis server,
-        every other client's call waiting (1,000 in one: 47 ms)."""
+        every other client's call waiting (1,000 in one: 47 ms). With ``bounds``, those for
+        IDs not held first, in one script (``delete_steps``), each script judging them
+        against the bounds before it writes anything."""
         digests = per_authorization([t.authorization for t in tombstones], _auth_digest)
+        held = None if bounds is None else self.held
         pairs = list(zip(tombstones, digests, strict=True))
+        limits = [0, 0] if bounds is None else [bounds.mailbox, bounds.node]
         removed = 0
-        for i in range(0, len(pairs), WRITE_CHUNK):
-            part = pairs[i : i + WRITE_CHUNK]
+        for part in await delete_steps(pairs, WRITE_CHUNK, now_ms, held):
             auths = {digest: t.authorization for t, digest in part}
-            args: list[Any] = [self._p, now_ms, len(auths)]
+            args: list[Any] = [self._p, now_ms, *limits, len(auths)]
             for digest, auth in auths.items():
                 args += [digest, auth]
             for t, digest in part:
                 args += [_hex(t.mailbox_id), _hex(t.blob_id), t.deleted_ms, t.expires_ms, digest]
-            removed += int(await self._write(self._delete, args))
+            reply = await self._write(self._delete, args)
+            if int(reply[0]) < 0:
+                assert bounds is not None  # the script refuses only against bounds given
+                _, scope, holds, unheld = map(int, reply)
+                check = bounds.check_mailbox if scope == 0 else bounds.check_node
+                check(holds, unheld)  # raises: the same refusal as the admission's
+            removed += int(reply[0])
         return removed
 
     async def expire(self, now_ms: int, limit: int) -> int:

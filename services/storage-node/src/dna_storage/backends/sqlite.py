@@ -41,11 +41,13 @@ from dna_storage.backends.base import (
     StoreUnavailableError,
     SyncIndex,
     Tombstone,
+    TombstoneBounds,
     Usage,
 )
 from dna_storage.backends.common import (
     check_limit,
     decode_pow,
+    delete_steps,
     encode_pow,
     in_range,
     mailbox_digest,
@@ -631,18 +633,29 @@ class SqliteBackend:
         )
         return result
 
-    async def delete(self, tombstones: Sequence[Tombstone], now_ms: int) -> int:
+    async def delete(
+        self, tombstones: Sequence[Tombstone], now_ms: int, bounds: TombstoneBounds | None = None
+    ) -> int:
         """``WRITE_CHUNK`` tombstones per writer job, each job submitted once the last is
         committed: the writes queued meanwhile go between them. One job of 1,000 held the
-        writer, and every put waiting for it, for 0.4-0.9 s (blobs of 60 KB)."""
+        writer, and every put waiting for it, for 0.4-0.9 s (blobs of 60 KB). With
+        ``bounds``, those for IDs not held first, in one job (``delete_steps``), each job
+        judged against them inside its savepoint, after the jobs before it in the group
+        (``_delete_batch``)."""
         if not tombstones:
             return 0
         batch = list(tombstones)
         digests = per_authorization([t.authorization for t in batch], auth_digest)
+        held = None if bounds is None else self.held
+        pairs = list(zip(batch, digests, strict=True))
+        steps = await delete_steps(pairs, WRITE_CHUNK, now_ms, held)
         removed = 0
-        for i in range(0, len(batch), WRITE_CHUNK):
-            part, part_digests = batch[i : i + WRITE_CHUNK], digests[i : i + WRITE_CHUNK]
-            job = functools.partial(_delete_batch, batch=part, digests=part_digests, now_ms=now_ms)
+        for step in steps:
+            part = [t for t, _ in step]
+            job = functools.partial(
+                _delete_batch, batch=part, digests=[d for _, d in step], now_ms=now_ms,
+                bounds=bounds,
+            )  # fmt: skip
             work = ROW_WORK * len(part) + sum(len(a) for a in {t.authorization for t in part})
             removed += await self._writer.submit(job, work)
         return removed
@@ -875,21 +888,51 @@ def _held_expiry(conn: sqlite3.Connection, key: tuple[bytes, bytes]) -> int | No
 
 
 def _delete_batch(
-    conn: sqlite3.Connection, batch: list[Tombstone], digests: list[bytes], now_ms: int
+    conn: sqlite3.Connection,
+    batch: list[Tombstone],
+    digests: list[bytes],
+    now_ms: int,
+    bounds: TombstoneBounds | None = None,
 ) -> int:
-    """``_delete_one`` each, the batch's signed deletes stored once each (``stored``)."""
+    """``_delete_one`` each, the batch's signed deletes stored once each (``stored``).
+    With ``bounds``, the tombstones it stored for IDs not held are judged against them
+    after the writes (the counts then include every job committed or run before it, this
+    group's too): over them, `CapacityError` rolls this job back (its savepoint) alone."""
     stored: set[bytes] = set()
-    return sum(
-        _delete_one(conn, tomb, digest, now_ms, stored)
-        for tomb, digest in zip(batch, digests, strict=True)
-    )
+    before = {} if bounds is None else _mailbox_tombstones(conn, batch)
+    removed = 0
+    grown: dict[bytes, int] = {}  # tombstones for IDs not held, added per mailbox
+    for tomb, digest in zip(batch, digests, strict=True):
+        dropped, unheld = _delete_one(conn, tomb, digest, now_ms, stored)
+        removed += dropped
+        grown[tomb.mailbox_id] = grown.get(tomb.mailbox_id, 0) + unheld
+    if bounds is not None:
+        for box, unheld in grown.items():
+            bounds.check_mailbox(before[box], unheld)
+        node = conn.execute("SELECT unheld_tombstones FROM totals WHERE id = 0").fetchone()[0]
+        node_grown = sum(grown.values())
+        bounds.check_node(node - node_grown, node_grown)
+    return removed
+
+
+def _mailbox_tombstones(conn: sqlite3.Connection, batch: list[Tombstone]) -> dict[bytes, int]:
+    """The tombstones each mailbox of ``batch`` holds (``mailboxes.tombstones``)."""
+    counts = {}
+    for box in unique(t.mailbox_id for t in batch):
+        row = conn.execute(
+            "SELECT tombstones FROM mailboxes WHERE mailbox_id = ?", (box,)
+        ).fetchone()
+        counts[box] = 0 if row is None else int(row[0])
+    return counts
 
 
 def _delete_one(
     conn: sqlite3.Connection, tomb: Tombstone, digest: bytes, now_ms: int, stored: set[bytes]
-) -> int:
+) -> tuple[int, int]:
     """Drop the blob; store the tombstone, extended to outlive it (common.py rules).
-    ``stored``: the signed deletes this batch knows to be in ``signed_deletes``."""
+    ``stored``: the signed deletes this batch knows to be in ``signed_deletes``. Returns
+    the live blobs dropped (0 or 1) and how much the node's count of tombstones for IDs not
+    held grew (-1, a counted one replaced by one of a held blob; 0; 1)."""
     key = (tomb.mailbox_id, tomb.blob_id)
     expires = tomb.expires_ms
     removed = 0
@@ -900,7 +943,7 @@ def _delete_one(
             removed = 1
             expires = max(expires, held)
     if expires <= now_ms:
-        return removed
+        return removed, 0
     row = conn.execute(
         "SELECT expires_ms, auth_digest, unheld FROM tombstones"
         " WHERE mailbox_id = ? AND blob_id = ?",
@@ -914,7 +957,8 @@ def _delete_one(
         # the node's bound (``unheld_tombstones``), as the service's ``held`` judged it.
         unheld = removed == 0 and (row is None or row[0] <= now_ms or row[2] == 1)
         _insert_tombstone(conn, tomb, digest, expires, stored, unheld)
-    return removed
+        return removed, int(unheld) - (0 if row is None else int(row[2]))
+    return removed, 0
 
 
 def _insert_tombstone(
