@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from dna_core.crypto import seal
 from dna_core.crypto.envelope import decode_envelope
@@ -35,6 +36,7 @@ from dna_peer.peer import DIRECT, STORED, Peer
 from dna_testnet.network import Testnet
 from peers import PASSPHRASE, People
 from process_mark import starts_processes
+from stun_node import StunNode, stun_node
 from support import BIN, SETTLE_S, lines, run_script, until_async, wait_for
 
 ICE_HOST, TURN_HOST, TURN_PORT = "10.77.1.1", "10.77.2.1", 3478
@@ -178,6 +180,78 @@ def test_a_new_address_is_published_and_reached_at_the_next_refresh(
         await bob.close()
 
     run(testnet, tmp_path, scenario)
+
+
+def _restarted(relay: StunNode) -> StunNode:
+    """The relay SIGKILLed and started again from its file, on the same ports: every
+    allocation it held is gone."""
+    relay.proc.kill()
+    relay.proc.wait(10)
+    config = relay.log.parent / "stun.toml"
+    with relay.log.open("ab") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "dna-stun"), "run", "--config", str(config)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    deadline = time.monotonic() + SETTLE_S
+    while not _answers(relay):  # the old process is gone: the new one answers
+        assert proc.poll() is None and time.monotonic() < deadline, relay.log.read_text()
+        time.sleep(0.1)
+    return StunNode(proc, relay.udp, relay.http, relay.log)
+
+
+def _answers(relay: StunNode) -> bool:
+    try:
+        return httpx.get(f"{relay.http}/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_a_relay_that_restarts_is_published_anew_at_the_next_refresh(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    """A device online through a TURN relay (the local testnet's peers, relay-only) when
+    the relay restarts: its allocation is gone. The refresh found the addresses unchanged
+    and signed the record with the dead relayed candidate again, for as long as the device
+    stayed online (a `dna watch` across a testnet restart: every contact's send failed ICE,
+    then took the mailbox). Now the refresh finds the allocation lost, gathers a new one and
+    publishes that, and contacts reach the device directly again."""
+    (tmp_path / "relay").mkdir()
+    with stun_node(tmp_path / "relay") as relay:
+
+        async def scenario(people: People) -> None:
+            alice, bob = await _friends(people)
+            config = IceConfig(turn=relay.udp, turn_username="u", turn_password="p",
+                               relay_only=True)  # fmt: skip
+            direct = await bob.go_direct(config, listen=True)
+            await alice.go_direct(config, listen=False)
+            contact = alice.find_contact(people.name("bob"))
+            assert (await alice.send(contact, "before")).path == DIRECT
+            before = await _published(alice, contact)
+            assert direct.listener is not None and not await direct.listener.relay_lost()
+            restarted = _restarted(relay)
+            try:
+                direct.republish()
+                deadline = time.monotonic() + SETTLE_S
+                while (now := await _published(alice, contact)) in ((), before):
+                    assert time.monotonic() < deadline, f"still published: {now}"
+                    await asyncio.sleep(0.2)
+                # alice's link from before runs through the lost allocations too: the
+                # first send finds it dead and falls back to the mailbox; the next dials
+                # the new record
+                first = await alice.send(contact, "after the relay restarted")
+                if first.path != DIRECT:
+                    await bob.sync()
+                assert _held(bob, first.message_id) == 1
+                sent = await alice.send(contact, "and again")
+                assert sent.path == DIRECT and _held(bob, sent.message_id) == 1
+            finally:
+                await alice.close()
+                await bob.close()
+                restarted.proc.kill()
+                restarted.proc.wait(10)
+
+        run(testnet, tmp_path, scenario)
 
 
 async def _published(alice: Peer, contact: Any) -> tuple[str, ...]:

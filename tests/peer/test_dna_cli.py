@@ -620,6 +620,45 @@ def test_a_damaged_profile_is_one_line_with_the_way_back(tmp_path: Path) -> None
     assert ok(dna(home, "--json", "identity", "show"))["fingerprint"] == fingerprint
 
 
+# Root reads and writes whatever the modes say: without these capabilities, the modes
+# bind it as they bind anyone (tests run as root here, and as a user elsewhere).
+BOUND_BY_MODES = (
+    ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+    if os.geteuid() == 0
+    else []
+)
+
+
+def test_a_cache_this_user_may_not_write_is_said_as_such_and_left_whole(tmp_path: Path) -> None:
+    """A cache.db (or its directory) the user may not read and write was "damaged: move it
+    aside" (mode 000), "not this device's cache" (a read-only directory) or an internal
+    error (a read-only file): moving it aside loses the history, and nothing was wrong with
+    it. Now one line saying so, the file untouched, and the same command works once the
+    modes are given back."""
+    home = tmp_path / "me"
+    ok(dna(home, "--json", "identity", "create", "--offline"))
+    assert nothing_found(home)  # the cache made, and closed
+    cache = home / "cache.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DNA_")} | PASS
+    for target, mode in ((cache, 0o000), (cache, 0o400), (home, 0o500)):
+        before = cache.read_bytes()
+        target.chmod(mode)
+        try:
+            for args in (["search", "x"], ["contacts", "list"], ["inbox", "--offline"]):
+                out = subprocess.run(
+                    [*BOUND_BY_MODES, str(BIN / "dna"), "--home", str(home), *args],
+                    check=False, capture_output=True, text=True, timeout=120, env=env,
+                    stdin=subprocess.DEVNULL,
+                )  # fmt: skip
+                one_line_error(out, "no permission to read and write", "do not move it aside")
+                for wrong in ("internal error", "the cache is damaged", "wrong key", "mv "):
+                    assert wrong not in out.stderr, (target, oct(mode), out.stderr)
+        finally:
+            target.chmod(0o700 if target == home else 0o600)
+        assert cache.read_bytes() == before, (target, oct(mode))
+        assert nothing_found(home), (target, oct(mode))
+
+
 def test_texts_at_the_limit_with_the_line_breaks_editors_add(
     testnet: Testnet, tmp_path: Path
 ) -> None:

@@ -178,20 +178,57 @@ class CacheNewerError(DnaError):
     would never open them), and its version lowered to this one's."""
 
 
+class CacheAccessError(DnaError):
+    """This user may not read and write the cache file, its journal files or its directory
+    (modes, another owner, a read-only mount): said before anything is opened, so nothing
+    is touched, and not taken for a damaged cache or another key, whose way back (move the
+    file aside) would lose the history."""
+
+
 class CacheWriteError(DnaError):
     """The disk refused a write to the cache (full, or failing): the transaction was rolled
     back, so nothing of the step is kept and it can be run again once there is room."""
 
 
-def _cannot_write(path: Path, error: sqlcipher.Error) -> CacheWriteError | None:
-    """SQLITE_FULL or SQLITE_IOERR (any of its extended codes) as one clear error, None
-    for any other error (a defect, reported as one)."""
+def _cannot_write(path: Path, error: sqlcipher.Error) -> DnaError | None:
+    """SQLITE_FULL or SQLITE_IOERR (any of its extended codes), or a write refused for want
+    of access, as one clear error, None for any other error (a defect, reported as one)."""
     code = getattr(error, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in _NO_ACCESS_CODES:
+        return _no_access(path) or CacheAccessError(
+            f"{path}: cannot write the cache ({error}: no write access, or a read-only"
+            " mount); nothing of this step was kept: give this user write access and run"
+            " it again"
+        )
     if code is None or code & 0xFF not in (sqlcipher.SQLITE_FULL, sqlcipher.SQLITE_IOERR):
         return None
     return CacheWriteError(
         f"{path}: cannot write the cache ({error}: the disk is full or failing); nothing of"
         " this step was kept: free some space (or mend the disk) and run it again"
+    )
+
+
+# A write SQLite refuses for want of access (the file or its directory made read-only
+# while the cache is open; a mount turned read-only): not a defect of dna.
+_NO_ACCESS_CODES = (sqlcipher.SQLITE_READONLY, sqlcipher.SQLITE_CANTOPEN, sqlcipher.SQLITE_PERM)
+
+
+def _no_access(path: Path) -> CacheAccessError | None:
+    """Why this process cannot use the cache at ``path``, if it cannot: SQLite needs to read
+    and write the file and its WAL files, and to make those in the directory, but says
+    only "unable to open database file", "file is not a database" (SQLCipher) or "attempt
+    to write a readonly database" (a defect, to the CLI)."""
+    names = [path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")]
+    denied = [str(p) for p in names if p.exists() and not os.access(p, os.R_OK | os.W_OK)]
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        denied.append(f"{path.parent} (to make the cache's journal files)")
+    if not denied:
+        return None
+    return CacheAccessError(
+        f"{path}: cannot open the cache: no permission to read and write {', '.join(denied)};"
+        " nothing was changed (the cache is not damaged: do not move it aside). Give this"
+        " user read and write access (chmod, chown; or mount the disk read-write) and run"
+        " it again"
     )
 
 
@@ -296,6 +333,8 @@ class Cache:
         for a whole one and asks nobody for the history."""
         path.parent.mkdir(parents=True, exist_ok=True)
         _create_owner_only(path)
+        if (denied := _no_access(path)) is not None:
+            raise denied
         try:
             conn = sqlcipher.connect(str(path), isolation_level=None, check_same_thread=False)
         except sqlcipher.OperationalError as exc:  # not a file (a directory), no access

@@ -58,6 +58,7 @@ log = logging.getLogger("dna.peer.direct")
 FIRST_RTO_S = 0.25
 MAX_RTO_S = 2.0
 REFUSED_KEPT = 8  # reasons a link keeps for its log line (`DirectService`)
+RELAY_PROBE_S = 5.0  # a TURN refresh's round trip, retransmissions included
 OnReceived = Callable[[PublicKeySet, bytes, bytes], Awaitable[None]]  # (sender, id, payload)
 
 
@@ -311,6 +312,32 @@ class Listener:
             if local is not None and local.type == "relay":
                 protocol.transport.sendto(b"", (local.host, local.port))  # binds a channel
 
+    async def relay_lost(self, timeout: float = RELAY_PROBE_S) -> bool:
+        """Whether the TURN allocation this listener publishes is gone (the relay restarted,
+        or was away when the listener gathered), so a caller can never reach its relayed
+        candidate: each open one is asked to refresh (one round trip; a relay that lost it
+        answers 437, a relay that is down does not answer). False without TURN."""
+        if self.config.turn is None:
+            return False
+        relays = [_turn_client(protocol) for protocol in self.agent._protocols
+                  if protocol.local_candidate is not None
+                  and protocol.local_candidate.type == "relay"]  # fmt: skip
+        if not relays:
+            return True  # gathered without its relay: try again
+        for client in relays:
+            if client is None or client.transport.is_closing():  # its own refresh failed
+                return True
+            refresh = aioice.stun.Message(message_method=aioice.stun.Method.REFRESH,
+                                          message_class=aioice.stun.Class.REQUEST)  # fmt: skip
+            refresh.attributes["LIFETIME"] = client.lifetime
+            try:
+                async with asyncio.timeout(timeout):
+                    await client.request_with_retry(refresh)
+            except (aioice.stun.TransactionError, ConnectionError, OSError, TimeoutError) as exc:
+                log.info("TURN allocation %s lost: %s", client.relayed_address, exc)
+                return True
+        return False
+
     def candidates(self) -> tuple[str, ...]:
         """The candidates to publish, most useful first (a record that cannot hold them
         all keeps the head: `presence.fit_reach`): the best host candidate of each family,
@@ -319,6 +346,13 @@ class Listener:
 
     async def close(self) -> None:
         await self.agent.close()
+
+
+def _turn_client(protocol: Any) -> Any:
+    """The TURN client (aioice's `TurnClientMixin`) under a relayed candidate's transport,
+    None if aioice no longer keeps it where 0.13 does (then the allocation counts as
+    lost: a new listener is gathered, never a dead one kept)."""
+    return getattr(protocol.transport, "_TurnTransport__inner_protocol", None)
 
 
 async def dial(

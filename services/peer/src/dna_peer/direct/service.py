@@ -171,7 +171,7 @@ class DirectService:
                 async with asyncio.timeout(self.refresh_s):
                     await self._republish.wait()
             self._republish.clear()
-            await self._follow_address_change()
+            await self._replace_stale_listener()
             try:
                 await self.publish()
             except DnaError as exc:
@@ -189,19 +189,27 @@ class DirectService:
             raise
         return listener
 
-    async def _follow_address_change(self) -> None:
+    async def _replace_stale_listener(self) -> None:
         """Before a refresh: a listener gathered on addresses the device no longer has, or
         without ones it has now (another network; a temporary IPv6 address rotated out, a
-        new one in) is replaced, so the record says where the device is. A caller that read
-        the old record and dials the old listener now fails ICE and takes the mailbox."""
+        new one in), or whose TURN allocation is gone (the relay restarted: before, the
+        record named the dead allocation for as long as the device stayed online, and every
+        contact's send failed ICE, then took the mailbox) is replaced, so the record says
+        where the device is. A caller that read the old record and dials the old listener
+        now fails ICE and takes the mailbox."""
         old = self.listener
-        if old is None or old.called or self.config.host_addresses() == old.addresses:
+        if old is None or old.called:
+            return
+        moved = self.config.host_addresses() != old.addresses
+        if not moved and not await old.relay_lost():
             return
         fresh = await self._gathered_listener()
         if old.called or self.listener is not old:  # a caller came: its answer made one
             await fresh.close()
             return
-        log.info("addresses changed (%s -> %s): a new listener", old.addresses, fresh.addresses)
+        log.info("%s: a new listener",
+                 f"addresses changed ({old.addresses} -> {fresh.addresses})" if moved
+                 else "TURN allocation lost")  # fmt: skip
         self.listener = fresh
         await old.close()
 
