@@ -20,7 +20,7 @@ from dna_core.overlay.codec import Datagram, FindNode, Nodes, decode_datagram, e
 from dna_core.overlay.records import identity_payload, record_key
 from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
 from process_mark import starts_processes
-from support import seeded_identity
+from support import SETTLE_S, seeded_identity
 
 IP = free_ips(1)[0]
 
@@ -141,21 +141,21 @@ def test_bad_records_over_grpc_get_clear_statuses(node: NodeProcess, tmp_path: P
                 overlay_pb2.StoreRequest(record=common_pb2.SignedRecord(body=b"\xff\xff")),
             ):
                 with pytest.raises(grpc.aio.AioRpcError) as err:
-                    await stub.Store(req, timeout=3)
+                    await stub.Store(req, timeout=SETTLE_S)
                 assert err.value.details()
                 codes.append(err.value.code())
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await stub.FindValue(overlay_pb2.FindValueRequest(key=b"short"), timeout=3)
+                await stub.FindValue(overlay_pb2.FindValueRequest(key=b"short"), timeout=SETTLE_S)
             codes.append(err.value.code())
             raw: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
                 "/dna.v1.Overlay/Store"
             )
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await raw(b"\xff\xff\xff garbage", timeout=3)
+                await raw(b"\xff\xff\xff garbage", timeout=SETTLE_S)
             codes.append(err.value.code())
             stored = await stub.Store(
                 overlay_pb2.StoreRequest(record=common_pb2.SignedRecord.FromString(good)),
-                timeout=3,
+                timeout=SETTLE_S,
             )
             assert stored.stored_seq == 1
             return codes
