@@ -23,6 +23,7 @@ from dna_testnet.topology import NodeSpec, Topology
 from process_mark import starts_processes
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+from support import SETTLE_S
 
 NodeProcess = LocalNode
 __all__ = [
@@ -148,7 +149,9 @@ async def held_by(
             sign_fetch(owner, cursor=cursor, limit=1000, now_ms=time.time_ns() // 10**6)
         )
         try:
-            page = await stub.Fetch(req, timeout=3)
+            # strict: the caller asserts on this answer once, so a loaded node gets SETTLE_S;
+            # else the caller polls, and a node that does not answer soon holds nothing yet
+            page = await stub.Fetch(req, timeout=SETTLE_S if strict else 3)
         except grpc.aio.AioRpcError:
             if strict:
                 raise

@@ -31,6 +31,7 @@ from dna_peer.direct.link import REFUSED_KEPT, DirectLink, IceConfig, NotTaken
 from dna_peer.direct.service import DIRECT_BURST, DIRECT_RATE_PER_S, DirectService
 from hypothesis import given
 from hypothesis import strategies as st
+from support import until_async
 
 
 def pins(*keys: PublicKeySet) -> dict[bytes, PublicKeySet]:
@@ -286,10 +287,7 @@ def test_a_peer_sending_garbage_forever_fills_neither_the_log_nor_the_memory(
         link = DirectLink.accept(agent, bob, pins(alice.public).get, never)  # type: ignore[arg-type]
         for n in range(1000):
             agent.inbound.put_nowait(b"\xff" * 20 if n % 2 else oversized(n))
-        while not agent.inbound.empty():
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.01)  # the last one handled
-        assert link.channel.refusals == 1000
+        await until_async(lambda: link.channel.refusals == 1000, "every frame refused")
         assert 0 < len(link.refused) <= REFUSED_KEPT
         await link.close()
 

@@ -32,7 +32,7 @@ from dna_storage.mailbox_stream import (
     Subscribers,
 )
 from prometheus_client import CollectorRegistry
-from support import SETTLE_S, seeded_identity
+from support import SETTLE_S, seeded_identity, until_async
 
 ALICE, BOB = seeded_identity("push-alice"), seeded_identity("push-bob")
 POW_BITS = 4
@@ -162,8 +162,11 @@ def test_an_unsubscribed_pump_whose_cancel_was_lost_pushes_nothing(tmp_path: Pat
                 outcome = await session.put(put_request(b"wakes the pump"))
                 assert outcome.code == 0, outcome
                 await asyncio.wait_for(reads.reading.wait(), 5)  # the pump is reading
-                await session.unsubscribe(sub_id)
-                await asyncio.sleep(0.2)  # the unsubscribe reached the node: pump cancelled
+                await session.unsubscribe(sub_id)  # sent, not answered: wait for the node
+                await until_async(
+                    lambda: registry.get_sample_value("dna_storage_subscriptions") == 0,
+                    "the unsubscribe reached the node (the pump cancelled)",
+                )
                 reads.gate.set()
                 await asyncio.sleep(0.5)
                 # nothing pushed for a subscription gone
