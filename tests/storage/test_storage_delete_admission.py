@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import os
 import time
+from collections.abc import Sequence
 
 import pytest
 from dna_core.crypto import Identity
@@ -228,5 +229,43 @@ def test_concurrent_deletes_stay_within_the_mailbox_bound(stores: Stores, kind: 
         assert await backend.tombstones(BOX) == 1000
         assert await backend.unheld_tombstones() == 1000
         assert sorted(seen) == [("delete", "ok")] * 5 + [("delete", "tombstones")] * 15
+
+    stores.run(main())
+
+
+def test_a_delete_refused_after_its_first_step_keeps_its_tokens_spent(
+    stores: Stores, kind: str
+) -> None:
+    """A delete written in steps whose later step the backend refuses (an ID held when its
+    steps were planned was dropped before its own: a hand-off copy forgotten meanwhile, as
+    here) leaves its first step applied, the 200 tombstones for IDs not held: what they cost
+    stays spent, or a source gets tombstones stored for free. Fails with every refusal at
+    the write refunded (checked: the source got its 200 tokens back)."""
+
+    async def main() -> None:
+        backend = await stores.open(kind)
+        seen: list[tuple[str, str]] = []
+        node = service(backend, seen, max_tombstones_unheld=200, delete_ip_rate_per_s=1)
+        held = await put_blobs(backend, 150)
+        read_held = backend.held
+        reads = 0
+
+        async def held_then_forgotten(
+            box: bytes, ids: Sequence[bytes], at_ms: int
+        ) -> tuple[set[bytes], set[bytes]]:
+            nonlocal reads
+            found = await read_held(box, ids, at_ms)
+            reads += 1
+            if reads == 2:  # the backend planning its steps, after the admission's read
+                await backend.forget(BOX, [held[0]], [])
+            return found
+
+        backend.held = held_then_forgotten  # type: ignore[method-assign]
+        with pytest.raises(CapacityError, match="over the limit of 200") as refused:
+            await node.delete_one(delete_of(random_ids(200) + held), "10.0.3.1", now_ms())
+        assert refused.value.kind == "tombstones"
+        assert await backend.tombstones(BOX) == 200  # the first step stays applied
+        assert node.admission.deletes_per_ip.tokens("10.0.3.1", time.monotonic()) < 900
+        assert seen == [("delete", "tombstones")]
 
     stores.run(main())

@@ -30,7 +30,6 @@ from dna_core import trace
 from dna_core.crypto import pow
 from dna_core.crypto.pow import Proof
 from dna_core.errors import (
-    CapacityError,
     ConflictError,
     ExpiredError,
     MalformedError,
@@ -63,6 +62,7 @@ from dna_storage.backends.base import (
     PutOutcome,
     StoredBlob,
     Tombstone,
+    TombstoneBoundError,
     Usage,
 )
 from dna_storage.replication import (
@@ -410,11 +410,10 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
             # admission against counts read before any of them was stored.
             bounds = self.admission.tombstone_bounds
             deleted = await self.backend.delete(tombstones, now_ms, bounds)
-        except CapacityError as exc:
-            if exc.kind != "tombstones":
-                raise
-            now_s = self.monotonic()
-            self.admission.refund_delete(source_ip=source_ip, unheld=unheld, now_s=now_s)
+        except TombstoneBoundError as exc:
+            if not exc.stored_some:  # else its first step, what it was charged for, stays
+                now_s = self.monotonic()
+                self.admission.refund_delete(source_ip=source_ip, unheld=unheld, now_s=now_s)
             self.count_refusal("delete", exc)
             raise
         self.on_outcome("delete", "ok")

@@ -40,7 +40,7 @@ from dna_core.mailbox import StoredBlob, Tombstone
 __all__ = [
     "WRITE_METHODS", "MailboxBackend", "MailboxDigest", "Page", "PutOutcome",
     "StorageFullError", "StoreUnavailableError", "StoredBlob", "SyncIndex", "Tombstone",
-    "TombstoneBounds", "Usage",
+    "TombstoneBoundError", "TombstoneBounds", "Usage",
 ]  # fmt: skip
 
 
@@ -133,6 +133,18 @@ class TombstoneBounds:
             )
 
 
+class TombstoneBoundError(CapacityError):
+    """``TombstoneBounds`` refused a delete where it is written (``MailboxBackend.delete``).
+    ``stored_some``: steps of it before the refused one were applied (an ID held when its
+    steps were planned was gone by its own), so what the delete cost stays spent."""
+
+    kind = "tombstones"
+
+    def __init__(self, reason: str, *, stored_some: bool) -> None:
+        super().__init__(reason)
+        self.stored_some = stored_some
+
+
 @dataclass(frozen=True, slots=True)
 class SyncIndex:
     """What a mailbox holds, without payloads or authorizations: what a sync list page
@@ -180,10 +192,10 @@ class MailboxBackend(Protocol):
 
         With ``bounds`` (a client's delete; repair passes none), the tombstones for IDs held
         neither way are stored only within them, judged atomically with the write, or
-        `CapacityError` (``tombstones``) is raised. Those IDs (as ``held`` reads them) go in
-        the first step, whole, so a refusal stores nothing; an ID held then and gone by its
-        later step (expired meanwhile) is judged in that step, and a refusal there leaves
-        the earlier steps applied, as any failure does."""
+        `TombstoneBoundError` is raised. Those IDs (as ``held`` reads them) go in the first
+        step, whole, so a refusal stores nothing; an ID held then and gone by its later step
+        (expired, or forgotten, meanwhile) is judged in that step, and a refusal there
+        leaves the earlier steps applied, as any failure does (``stored_some``)."""
         ...
 
     async def forget(

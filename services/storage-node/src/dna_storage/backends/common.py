@@ -21,13 +21,15 @@ The interface (``base.py``) leaves a few things open; these are the answers both
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 from dna_core.crypto.pow import MAX_PARTS, Proof
+from dna_core.errors import CapacityError
 
-from dna_storage.backends.base import MailboxDigest, Tombstone
+from dna_storage.backends.base import MailboxDigest, Tombstone, TombstoneBoundError
 
 D = TypeVar("D")
 # ``MailboxBackend.held``: (mailbox, IDs, now_ms) -> (held as blobs, held as tombstones)
@@ -127,3 +129,17 @@ async def delete_steps(
     rest = [p for p in items if (p[0].mailbox_id, p[0].blob_id) not in not_held]
     steps = [rest[i : i + chunk] for i in range(0, len(rest), chunk)]
     return [first, *steps] if first else steps
+
+
+@contextlib.contextmanager
+def refused_at_step(step: int) -> Iterator[None]:
+    """Around the write of a delete's ``step`` (0 its first): a refusal by its
+    `TombstoneBounds` is raised as `TombstoneBoundError`, saying whether the steps before it
+    were applied (then the service keeps what the delete cost spent: a source would get
+    the earlier steps' tombstones for free)."""
+    try:
+        yield
+    except CapacityError as exc:
+        if exc.kind != "tombstones" or isinstance(exc, TombstoneBoundError):
+            raise
+        raise TombstoneBoundError(exc.reason, stored_some=step > 0) from exc

@@ -90,6 +90,7 @@ from dna_storage.backends.common import (
     in_range,
     mailbox_digest,
     per_authorization,
+    refused_at_step,
     unique,
 )
 
@@ -729,7 +730,7 @@ class RedisBackend:
         pairs = list(zip(tombstones, digests, strict=True))
         limits = [0, 0] if bounds is None else [bounds.mailbox, bounds.node]
         removed = 0
-        for part in await delete_steps(pairs, WRITE_CHUNK, now_ms, held):
+        for n, part in enumerate(await delete_steps(pairs, WRITE_CHUNK, now_ms, held)):
             auths = {digest: t.authorization for t, digest in part}
             args: list[Any] = [self._p, now_ms, *limits, len(auths)]
             for digest, auth in auths.items():
@@ -741,7 +742,8 @@ class RedisBackend:
                 assert bounds is not None  # the script refuses only against bounds given
                 _, scope, holds, unheld = map(int, reply)
                 check = bounds.check_mailbox if scope == 0 else bounds.check_node
-                check(holds, unheld)  # raises: the same refusal as the admission's
+                with refused_at_step(n):
+                    check(holds, unheld)  # raises: the same refusal as the admission's
             removed += int(reply[0])
         return removed
 

@@ -52,6 +52,7 @@ from dna_storage.backends.common import (
     in_range,
     mailbox_digest,
     per_authorization,
+    refused_at_step,
     unique,
 )
 
@@ -650,14 +651,15 @@ class SqliteBackend:
         pairs = list(zip(batch, digests, strict=True))
         steps = await delete_steps(pairs, WRITE_CHUNK, now_ms, held)
         removed = 0
-        for step in steps:
+        for n, step in enumerate(steps):
             part = [t for t, _ in step]
             job = functools.partial(
                 _delete_batch, batch=part, digests=[d for _, d in step], now_ms=now_ms,
                 bounds=bounds,
             )  # fmt: skip
             work = ROW_WORK * len(part) + sum(len(a) for a in {t.authorization for t in part})
-            removed += await self._writer.submit(job, work)
+            with refused_at_step(n):
+                removed += await self._writer.submit(job, work)
         return removed
 
     async def expire(self, now_ms: int, limit: int) -> int:
