@@ -260,7 +260,7 @@ def test_a_delete_refused_after_its_first_step_keeps_its_tokens_spent(
                 await backend.forget(BOX, [held[0]], [])
             return found
 
-        backend.held = held_then_forgotten  # type: ignore[method-assign]
+        backend.held = held_then_forgotten  # type: ignore[method-assign, assignment]
         with pytest.raises(CapacityError, match="over the limit of 200") as refused:
             await node.delete_one(delete_of(random_ids(200) + held), "10.0.3.1", now_ms())
         assert refused.value.kind == "tombstones"
