@@ -24,8 +24,10 @@ from typing import Any
 
 import httpx
 import pytest
+from cluster import free_ips
 from dna_core.crypto import seal
 from dna_core.crypto.envelope import decode_envelope
+from dna_core.errors import DnaError
 from dna_core.wire import envelope_pb2
 from dna_peer.direct import service as direct_service
 from dna_peer.direct.link import IceConfig
@@ -250,6 +252,62 @@ def test_a_relay_that_restarts_is_published_anew_at_the_next_refresh(
                 restarted.proc.wait(10)
 
         run(testnet, tmp_path, scenario)
+
+
+def test_a_watch_back_from_an_outage_republishes_its_presence_at_once(
+    ice_interface: str, tmp_path: Path
+) -> None:
+    """A `watch` whose network went away and came back: its presence puts failed
+    meanwhile, and the record stayed as it was (or expired) until the next refresh, up to
+    a minute later. Now "network back" republishes at once (the refresh is set far off
+    here, so only that can publish)."""
+    net = Testnet(tmp_path / "net", bootstraps=1, storage=3, addresses=free_ips(4))
+    net.up()
+    try:
+
+        async def scenario(people: People) -> None:
+            alice, bob = await _friends(people)
+            direct = await bob.go_direct(IceConfig(host_networks=ICE_NETWORKS), listen=True)
+            direct.refresh_s = 3600.0
+            contact = alice.find_contact(people.name("bob"))
+            heard: list[tuple[str, int]] = []
+            watch = asyncio.create_task(
+                bob.watch(lambda report: None, interval=0.2,
+                          on_network=lambda text: heard.append((text, now_ms())))
+            )  # fmt: skip
+            try:
+                await asyncio.to_thread(net.down)
+                await until_async(lambda: heard, "the watch saw the network go")
+                await asyncio.to_thread(net.up)
+                await alice.reconnect()
+                back = await until_async(
+                    lambda: [ms for text, ms in heard if text.startswith("network back")],
+                    "the watch saw the network come back",
+                )
+                deadline = time.monotonic() + SETTLE_S  # the refresh is an hour off
+                while (seen := await _last_seen(alice, contact)) < back[0]:
+                    assert time.monotonic() < deadline, f"signed at {seen}, back at {back[0]}"
+                    await asyncio.sleep(0.2)
+                assert await _published(alice, contact)
+            finally:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
+                await alice.close()
+                await bob.close()
+
+        asyncio.run(scenario(People(tmp_path, net.seeds)))
+    finally:
+        net.down()
+
+
+async def _last_seen(alice: Peer, contact: Any) -> int:
+    """When the contact's presence record alice finds was signed (0: none, or no answer)."""
+    try:
+        presence = await alice.presence_of(contact)
+    except DnaError:
+        return 0
+    return 0 if presence is None else presence.last_seen_ms
 
 
 async def _published(alice: Peer, contact: Any) -> tuple[str, ...]:
