@@ -346,9 +346,10 @@ def test_present_contact_gets_the_message_directly_exactly_once(
 def test_a_copy_that_also_reaches_the_mailbox_is_dropped_as_a_replay(
     testnet: Testnet, ice_interface: str, tmp_path: Path
 ) -> None:
-    """The ACK of a direct delivery is lost, the sender falls back and puts the same
-    envelope (one message ID) on the mailbox: the recipient keeps one copy, and the
-    mailbox copy is refused as a replay, with the reason logged."""
+    """The ACK of a direct delivery is lost, the sender resends it (on the link, or on a
+    new link after a redial) and falls back to put the same envelope (one message ID) on
+    the mailbox: the recipient keeps one copy, and the mailbox copy is refused as a replay,
+    with the reason logged."""
 
     async def scenario(people: People) -> None:
         alice, bob = await _friends(people)
@@ -361,6 +362,12 @@ def test_a_copy_that_also_reaches_the_mailbox_is_dropped_as_a_replay(
         message_id = decode_envelope(envelope).message_id
         assert await direct.send(contact, message_id, envelope)
         assert await direct.send(contact, message_id, envelope)  # resent: acked, not re-held
+        # a redial (the link taken for dead) is a new channel, without the old one's IDs:
+        # the inbox knows the envelope, acknowledges it and holds it once still
+        old = direct.links[contact.fingerprint]
+        await direct._drop(contact.fingerprint, old)
+        assert await direct.send(contact, message_id, envelope)
+        assert direct.links[contact.fingerprint] is not old
         await alice._put(bob.fingerprint, envelope)  # the fallback after a lost ACK
         report = await bob.sync()
         assert report.new_messages == []
