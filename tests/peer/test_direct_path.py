@@ -24,8 +24,10 @@ from typing import Any
 
 import httpx
 import pytest
+from cluster import free_ips
 from dna_core.crypto import seal
 from dna_core.crypto.envelope import decode_envelope
+from dna_core.errors import DnaError
 from dna_core.wire import envelope_pb2
 from dna_peer.direct import service as direct_service
 from dna_peer.direct.link import IceConfig
@@ -237,12 +239,10 @@ def test_a_relay_that_restarts_is_published_anew_at_the_next_refresh(
                     assert time.monotonic() < deadline, f"still published: {now}"
                     await asyncio.sleep(0.2)
                 # alice's link from before runs through the lost allocations too: the
-                # first send finds it dead and falls back to the mailbox; the next dials
-                # the new record
+                # first send finds it dead and dials the new record (before, it took the
+                # mailbox, and only the next send dialled)
                 first = await alice.send(contact, "after the relay restarted")
-                if first.path != DIRECT:
-                    await bob.sync()
-                assert _held(bob, first.message_id) == 1
+                assert first.path == DIRECT and _held(bob, first.message_id) == 1
                 sent = await alice.send(contact, "and again")
                 assert sent.path == DIRECT and _held(bob, sent.message_id) == 1
             finally:
@@ -252,6 +252,62 @@ def test_a_relay_that_restarts_is_published_anew_at_the_next_refresh(
                 restarted.proc.wait(10)
 
         run(testnet, tmp_path, scenario)
+
+
+def test_a_watch_back_from_an_outage_republishes_its_presence_at_once(
+    ice_interface: str, tmp_path: Path
+) -> None:
+    """A `watch` whose network went away and came back: its presence puts failed
+    meanwhile, and the record stayed as it was (or expired) until the next refresh, up to
+    a minute later. Now "network back" republishes at once (the refresh is set far off
+    here, so only that can publish)."""
+    net = Testnet(tmp_path / "net", bootstraps=1, storage=3, addresses=free_ips(4))
+    net.up()
+    try:
+
+        async def scenario(people: People) -> None:
+            alice, bob = await _friends(people)
+            direct = await bob.go_direct(IceConfig(host_networks=ICE_NETWORKS), listen=True)
+            direct.refresh_s = 3600.0
+            contact = alice.find_contact(people.name("bob"))
+            heard: list[tuple[str, int]] = []
+            watch = asyncio.create_task(
+                bob.watch(lambda report: None, interval=0.2,
+                          on_network=lambda text: heard.append((text, now_ms())))
+            )  # fmt: skip
+            try:
+                await asyncio.to_thread(net.down)
+                await until_async(lambda: heard, "the watch saw the network go")
+                await asyncio.to_thread(net.up)
+                await alice.reconnect()
+                back = await until_async(
+                    lambda: [ms for text, ms in heard if text.startswith("network back")],
+                    "the watch saw the network come back",
+                )
+                deadline = time.monotonic() + SETTLE_S  # the refresh is an hour off
+                while (seen := await _last_seen(alice, contact)) < back[0]:
+                    assert time.monotonic() < deadline, f"signed at {seen}, back at {back[0]}"
+                    await asyncio.sleep(0.2)
+                assert await _published(alice, contact)
+            finally:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
+                await alice.close()
+                await bob.close()
+
+        asyncio.run(scenario(People(tmp_path, net.seeds)))
+    finally:
+        net.down()
+
+
+async def _last_seen(alice: Peer, contact: Any) -> int:
+    """When the contact's presence record alice finds was signed (0: none, or no answer)."""
+    try:
+        presence = await alice.presence_of(contact)
+    except DnaError:
+        return 0
+    return 0 if presence is None else presence.last_seen_ms
 
 
 async def _published(alice: Peer, contact: Any) -> tuple[str, ...]:
@@ -290,9 +346,10 @@ def test_present_contact_gets_the_message_directly_exactly_once(
 def test_a_copy_that_also_reaches_the_mailbox_is_dropped_as_a_replay(
     testnet: Testnet, ice_interface: str, tmp_path: Path
 ) -> None:
-    """The ACK of a direct delivery is lost, the sender falls back and puts the same
-    envelope (one message ID) on the mailbox: the recipient keeps one copy, and the
-    mailbox copy is refused as a replay, with the reason logged."""
+    """The ACK of a direct delivery is lost, the sender resends it (on the link, or on a
+    new link after a redial) and falls back to put the same envelope (one message ID) on
+    the mailbox: the recipient keeps one copy, and the mailbox copy is refused as a replay,
+    with the reason logged."""
 
     async def scenario(people: People) -> None:
         alice, bob = await _friends(people)
@@ -305,6 +362,12 @@ def test_a_copy_that_also_reaches_the_mailbox_is_dropped_as_a_replay(
         message_id = decode_envelope(envelope).message_id
         assert await direct.send(contact, message_id, envelope)
         assert await direct.send(contact, message_id, envelope)  # resent: acked, not re-held
+        # a redial (the link taken for dead) is a new channel, without the old one's IDs:
+        # the inbox knows the envelope, acknowledges it and holds it once still
+        old = direct.links[contact.fingerprint]
+        await direct._drop(contact.fingerprint, old)
+        assert await direct.send(contact, message_id, envelope)
+        assert direct.links[contact.fingerprint] is not old
         await alice._put(bob.fingerprint, envelope)  # the fallback after a lost ACK
         report = await bob.sync()
         assert report.new_messages == []

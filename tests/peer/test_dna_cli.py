@@ -29,6 +29,7 @@ from dna_peer.network import join_overlay
 from dna_peer.peer import MAX_TEXT_BYTES
 from dna_peer.profile import Profile
 from dna_testnet.network import Testnet
+from dna_testnet.topology import TESTNET
 from support import BIN, dna_watch, lines, on_a_terminal, run_script, wait_for
 
 pytestmark = pytest.mark.process  # every test runs the dna command
@@ -298,7 +299,11 @@ def test_bad_settings_and_files_are_one_line_errors_that_write_nothing(tmp_path:
 
 
 def test_a_closed_pipe_is_a_quiet_exit(tmp_path: Path) -> None:
-    for cmd in (["dna-testnet", "--dir", str(tmp_path), "status"],
+    net = tmp_path / "net"
+    net.mkdir()
+    for node in Testnet(net, stun=len(TESTNET.relays)).members:  # a testnet that ran there
+        node.write_config()
+    for cmd in (["dna-testnet", "--dir", str(net), "status"],
                 ["dna", "demo"]):  # fmt: skip
         proc = subprocess.Popen([str(BIN / cmd[0]), *cmd[1:]], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)  # fmt: skip

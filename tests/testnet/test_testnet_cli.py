@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from dna_testnet.network import Testnet
-from dna_testnet.topology import GRPC_PORT
+from dna_testnet.topology import GRPC_PORT, TESTNET
 from support import BIN, on_a_terminal
 
 # Where `dna-testnet up` puts storage1 (its addresses are fixed, so `down` finds them).
@@ -162,8 +162,45 @@ def _on_a_terminal(*args: str, env: dict[str, str]) -> str:
     return on_a_terminal([str(BIN / "dna-testnet"), *args], {**base, **env})
 
 
+def stopped_testnet(root: Path) -> Path:
+    """A state directory as a testnet leaves it that ran there and is down: its nodes'
+    config files (what `status` takes for a testnet started there)."""
+    root.mkdir(parents=True)
+    for node in Testnet(root, stun=len(TESTNET.relays)).members:
+        node.write_config()
+    return root
+
+
+def test_status_is_about_its_directory(tmp_path: Path) -> None:
+    """`status --dir` of a directory no testnet ever started in listed another directory's
+    running testnet (same addresses) as its own, ready, PID "?": it found the nodes by
+    address. Now it says there is none (one line, exit 1, nothing made), and a directory
+    whose testnet is down says its addresses are taken, no node up, ready or with a PID."""
+    up = run("up", cwd=tmp_path)
+    try:
+        assert up.returncode == 0, up.stderr
+        nowhere = tmp_path / "nowhere"
+        none = run("--dir", str(nowhere), "status", cwd=tmp_path)
+        assert none.returncode == 1 and none.stdout == "", none.stdout
+        assert none.stderr == (f"dna-testnet: error: no testnet in {nowhere}: start one with"
+                               f" `dna-testnet up --dir {nowhere}`\n")  # fmt: skip
+        assert not nowhere.exists()
+        other = str(stopped_testnet(tmp_path / "other"))
+        nodes = json.loads(run("--json", "--dir", other, "status", cwd=tmp_path).stdout)
+        assert len(nodes) == 10, nodes
+        assert all(n["taken"] and not n["up"] and not n["ready"] and n["pid"] is None
+                   and "contacts" not in n for n in nodes), nodes  # fmt: skip
+        table = run("--dir", other, "status", cwd=tmp_path)
+        rows = [line.split() for line in table.stdout.splitlines()[1:]]
+        assert len(rows) == 10 and all(r[3:5] == ["-", "taken"] for r in rows), table.stdout
+        assert "another process answers on its address" in table.stderr, table.stderr
+    finally:
+        run("down", cwd=tmp_path)
+
+
 def test_tables_are_coloured_only_on_a_terminal_without_no_color(tmp_path: Path) -> None:
-    args = ("--dir", str(tmp_path / "net"), "status")  # nothing runs: every node "down"
+    net = stopped_testnet(tmp_path / "net")
+    args = ("--dir", str(net), "status")  # nothing runs: every node "down"
     coloured = _on_a_terminal(*args, env={})
     assert "\x1b[" in coloured and "down" in coloured and "─" in coloured  # colour, lines
     plain = _on_a_terminal(*args, env={"NO_COLOR": "1"})

@@ -1027,7 +1027,8 @@ class Peer:
         A failed sync means the network (or the way to it) is down: ``on_network`` hears
         it once when it goes and once when it comes back, and meanwhile the overlay is
         rejoined through the seeds before each retry, since an outage longer than a few
-        lookups empties the routing table and nothing else would ever refill it."""
+        lookups empties the routing table and nothing else would ever refill it. Back, a
+        device on the direct path republishes its presence record at once."""
         down_since: float | None = None
         pushed: Subscription | None = None
         synced_at = 0.0
@@ -1061,6 +1062,7 @@ class Peer:
                 if down_since is not None:
                     _tell(on_network, f"network back after {time.monotonic() - down_since:.0f} s")
                     down_since = None
+                    self._republish_presence()
                 if report.new_messages or report.receipts:
                     on_report(report)
                 if pushed is None:
@@ -1068,6 +1070,14 @@ class Peer:
         finally:
             await settler.close()
             await _unsubscribe(pushed)
+
+    def _republish_presence(self) -> None:
+        """Back online: the presence record (refreshed every minute, its puts failing
+        meanwhile) is signed and put now, on a listener gathered anew if the outage took the
+        addresses or the TURN allocation, not at the next refresh up to a minute later,
+        while contacts found the device offline or dialled where it no longer is."""
+        if self.direct is not None and self.direct.listening:
+            self.direct.republish()
 
     async def subscribe(self, old: Subscription | None = None) -> Subscription | None:
         """A subscription to the own mailbox from the saved cursors (ending ``old``), or

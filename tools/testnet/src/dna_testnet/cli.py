@@ -5,6 +5,7 @@ up       start 3 bootstrap and 6 storage nodes and a STUN/TURN relay (state in -
          crash or a kill), with their keys and data; one that cannot start stops
          those this `up` started and says why
 status   one line per node: role, address, PID, health, routing table, records, blobs
+         (of --dir's testnet: exit 1 if none ever started there)
 down     stop every node of --dir (also ones restarted by hand), saying which
 demo     up, the store-and-forward flow, down (in a temporary directory)
 resilience  the resilience scenarios on the compose testnet (docs/resilience.md): each
@@ -23,7 +24,7 @@ import httpx
 from dna_peer.terminal import console, quiet_broken_pipe, table
 
 from dna_testnet.demo import run_demo
-from dna_testnet.network import LocalNode, Testnet
+from dna_testnet.network import LocalNode, NoTestnetError, Testnet
 from dna_testnet.resilience.suite import add_arguments, run_suite
 from dna_testnet.topology import TESTNET
 
@@ -45,9 +46,15 @@ def _stored_blobs(node: LocalNode) -> int | None:
 
 
 def _node_row(node: LocalNode, pid: int | None) -> dict[str, Any]:
+    """What the node of this directory does. With no process running its config file,
+    whatever answers on its address is not it (a testnet from another directory, the
+    same addresses): ``taken``, and nothing of that process's is reported as this node's."""
     ip, port = node.udp
     row: dict[str, Any] = {"node": node.name, "role": node.role, "udp": f"{ip}:{port}",
-                           "pid": pid, "up": False, "ready": False}  # fmt: skip
+                           "pid": pid, "up": False, "ready": False, "taken": False}  # fmt: skip
+    if pid is None:
+        row["taken"] = node.answers()
+        return row
     try:
         info = node.status()
         row.update(up=True, ready=node.is_ready())
@@ -63,6 +70,9 @@ def _node_row(node: LocalNode, pid: int | None) -> dict[str, Any]:
 
 
 def _status(net: Testnet, as_json: bool) -> None:
+    if not net.started_here():
+        raise NoTestnetError(f"no testnet in {net.root}: start one with"
+                             f" `dna-testnet up --dir {net.root}`")  # fmt: skip
     pids = net.running()
     rows = [_node_row(node, pids.get(node.name)) for node in net.members]
     if as_json:
@@ -72,7 +82,8 @@ def _status(net: Testnet, as_json: bool) -> None:
     grid = table(out, "node", "role", "udp", "pid", "ready", "contacts", "records", "blobs")
     for r in rows:
         if not r["up"]:
-            state = "[red]down[/red]" if r["pid"] is None else "[yellow]starting[/yellow]"
+            state = ("[yellow]taken[/yellow]" if r["taken"] else "[red]down[/red]"
+                     if r["pid"] is None else "[yellow]starting[/yellow]")  # fmt: skip
             grid.add_row(r["node"], r["role"], r["udp"], str(r["pid"] or "-"), state, "-", "-",
                          "-")  # fmt: skip
             continue
@@ -82,6 +93,12 @@ def _status(net: Testnet, as_json: bool) -> None:
                      str(r.get("contacts", "-")), str(r.get("records", "-")),
                      "-" if blobs is None else str(blobs))  # fmt: skip
     out.print(grid)
+    if any(r["taken"] for r in rows):
+        print(
+            f"taken: not running from {net.root}; another process answers on its address"
+            " (a testnet from another directory?)",
+            file=sys.stderr,
+        )
 
 
 def _say_started(net: Testnet, started: list[str]) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "HTTP_PORT",
     "UDP_PORT",
     "LocalNode",
+    "NoTestnetError",
     "Testnet",
     "TestnetRunningError",
     "client_node",
@@ -37,6 +38,10 @@ __all__ = [
 
 class TestnetRunningError(RuntimeError):
     """`up` while another testnet's nodes answer on these addresses."""
+
+
+class NoTestnetError(RuntimeError):
+    """`status` of a directory no testnet ever started in."""
 
     __test__ = False
 
@@ -125,6 +130,11 @@ class Testnet:
         next `up` starts from what ran before it."""
         for node in nodes:
             node.stop(5.0)
+
+    def started_here(self) -> bool:
+        """A testnet started in this state directory once: a node's config file (written
+        as it starts, kept by `down`, like its keys and data)."""
+        return any(node.config_path.exists() for node in self.members)
 
     def running(self) -> dict[str, int]:
         """Node name -> PID of every live process running one of this testnet's config files,

@@ -5,8 +5,9 @@
 recently), refreshes the record every ``REFRESH_MS``, answers a contact that dials the
 listener (then publishes a fresh listener), and withdraws the record on `stop`. `send`
 is the sender's side: use a link that is up, or look up the contact's presence, dial
-it and handshake; any failure or the deadline returns False and the caller falls back
-to store-and-forward with the same envelope.
+it and handshake (also once after a link from before got no ACK); any failure or the
+deadline returns False and the caller falls back to store-and-forward with the same
+envelope.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ from dna_peer.profile import Device
 
 log = logging.getLogger("dna.peer.direct")
 DIRECT_TIMEOUT_S = 4.0  # ICE, handshake and ACK together; then store-and-forward
+# An ACK over a link that is up takes a round trip; a link from before silent this long
+# (three transmissions) is taken for dead and the contact dialled again in the rest.
+OLD_LINK_S = 1.5
 # Messages taken from one contact over the direct path, which has no proof of work and no
 # quota; past this, no ACK: the sender's message takes the mailbox. Twice a storage node's
 # rate into a whole mailbox and a burst of 200: an online device is where a burst belongs
@@ -282,31 +286,50 @@ class DirectService:
 
     async def send(self, contact: Contact, message_id: bytes, envelope: bytes) -> bool:
         """Deliver ``envelope`` over the direct path within the deadline: True once the
-        contact's device acknowledged it (stored), False if there is no path now."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout_s
+        contact's device acknowledged it (stored), False if there is no path now.
+
+        A link from before that gets no ACK within ``OLD_LINK_S`` is dropped and the
+        contact dialled once more from its presence record as it is now, in what is left
+        of the deadline: its end may have moved (a restart, a new address, a relay that
+        restarted and lost both ends' allocations), and before, that send took the mailbox
+        though the contact was online at the new record. The redial carries the same
+        message ID: a copy the old link did deliver (its ACK lost) is acknowledged again
+        by the contact's device and not shown twice (the channel's and the inbox's replay
+        memory)."""
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        old = self.links.get(contact.fingerprint)
+        if old is not None and not old.closed:
+            if await old.send(message_id, envelope, timeout=min(OLD_LINK_S, self._left(deadline))):
+                return True
+            log.info("direct link to %s lost; dialling its presence again",
+                     contact.fingerprint.hex()[:16])  # fmt: skip
+            await self._drop(contact.fingerprint, old)
         try:
-            async with asyncio.timeout(self.timeout_s):
-                link = await self._link_to(contact)
+            async with asyncio.timeout(self._left(deadline)):
+                link = await self._dial(contact)
         except (DnaError, TimeoutError, OSError) as exc:  # DirectError, a network error, ...
             log.info("no direct path to %s: %s", contact.fingerprint.hex()[:16], exc)
             return False
         if link is None:
             return False
-        left = max(0.1, deadline - loop.time())
-        if await link.send(message_id, envelope, timeout=left):
+        if await link.send(message_id, envelope, timeout=max(0.1, self._left(deadline))):
             return True
-        # The contact's end went away (a restart, a new address): the next message
-        # looks its presence up again instead of waiting on this link.
+        # The contact's end went away: the next message dials again instead of waiting
+        # on this link.
         log.info("direct link to %s lost; falling back", contact.fingerprint.hex()[:16])
-        self._forget(contact.fingerprint, link)
-        await link.close()
+        await self._drop(contact.fingerprint, link)
         return False
 
-    async def _link_to(self, contact: Contact) -> DirectLink | None:
-        link = self.links.get(contact.fingerprint)
-        if link is not None and not link.closed:
-            return link
+    @staticmethod
+    def _left(deadline: float) -> float:
+        return max(0.0, deadline - asyncio.get_running_loop().time())
+
+    async def _drop(self, fingerprint: bytes, link: DirectLink) -> None:
+        self._forget(fingerprint, link)
+        await link.close()
+
+    async def _dial(self, contact: Contact) -> DirectLink | None:
+        """A new link from the contact's presence record, None when it has none to dial."""
         presence = await lookup_presence(self.owner.node, contact.keys, self.owner.identity,
                                          now_ms=now_ms())  # fmt: skip
         if presence is None or presence.reach is None or not presence.reach.candidates:
