@@ -572,8 +572,9 @@ def test_the_cli_shows_who_is_online_and_sends_directly(
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**ENV, "PATH": str(BIN)},
     )  # fmt: skip
     try:
-        assert watcher.stdout is not None
+        assert watcher.stdout is not None and watcher.stderr is not None
         out, seen = lines(watcher.stdout), list[str]()
+        err = lines(watcher.stderr)  # drained: a full pipe would block the watch's exit
         deadline = time.monotonic() + 30
         while not cli(alice, testnet, "contacts", "list", "--online")[0]["online"]:
             assert time.monotonic() < deadline, "bob never showed up online"
@@ -584,7 +585,12 @@ def test_the_cli_shows_who_is_online_and_sends_directly(
         assert shown["from"]["name"] == people.name("alice")
     finally:
         watcher.send_signal(signal.SIGINT)
-        assert watcher.wait(30) == 0
+        try:
+            assert watcher.wait(30) == 0
+        except subprocess.TimeoutExpired as exc:
+            watcher.kill()
+            log = list(err.queue)
+            raise AssertionError(f"dna watch did not stop on SIGINT; its log: {log}") from exc
     (after,) = cli(alice, testnet, "contacts", "list", "--online")
     assert after["online"] is False  # withdrawn, not left to expire
 

@@ -90,9 +90,10 @@ def test_watch_receives_pushed_messages_without_fetching(tmp_path: Path) -> None
         dna(bob, net, "identity", "create", "--name", f"bob{suffix}")
         dna(bob, net, "contacts", "add", f"alice{suffix}")
         watcher = dna_watch(alice, net.seeds, PASS, stderr=subprocess.PIPE)
-        assert watcher.stdout is not None
+        assert watcher.stdout is not None and watcher.stderr is not None
         seen: list[str] = []
         out = lines(watcher.stdout)
+        lines(watcher.stderr)  # drained: a full pipe would block the watch
         dna(bob, net, "send", f"alice{suffix}", "first")
         wait_for(out, "first", 20, seen)
         # subscribed on every replica (it subscribes after its sync: no fetch after this)

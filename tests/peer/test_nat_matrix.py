@@ -369,6 +369,8 @@ def test_one_message_exactly_once_on_the_expected_path(
             dna(SITES[cell.bob], bob, "watch", "--interval", "0.5"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(SITES[cell.bob]),
         )  # fmt: skip
+        assert watcher.stderr is not None
+        lines(watcher.stderr)  # drained: a full pipe would block the watch
         try:
             sent = _send_when_online(cell, people, watcher)
             print(f"{name}: {sent['path']} {sent.get('route', '')} {sent.get('route_ip', '')}")
