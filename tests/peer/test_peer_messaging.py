@@ -141,6 +141,9 @@ def test_a_linked_device_converges_and_read_state_syncs(testnet: Testnet, tmp_pa
     run(testnet, tmp_path, scenario)
 
 
+REPAIR_SESSIONS_SLACK = 2
+
+
 def test_a_linked_device_keeps_no_session_of_the_code_s_mailbox(
     testnet: Testnet, tmp_path: Path
 ) -> None:
@@ -163,10 +166,14 @@ def test_a_linked_device_keeps_no_session_of_the_code_s_mailbox(
                                    people.seeds)  # fmt: skip
         await laptop.mail.drain()
         own = len(laptop.mail.session_pool or [])
+        assert own > 0
         deadline = time.monotonic() + 10
-        while sessions_open() - before != own and time.monotonic() < deadline:
+        while sessions_open() - before > own and time.monotonic() < deadline:
             await asyncio.sleep(0.2)  # a stream's end reaches the node a moment later
-        assert sessions_open() - before == own
+        # The gauge also counts the storage nodes' sessions to each other (repair), which
+        # open on their own schedule: one opened meanwhile failed CI (7 against 6). The
+        # code's client held a session to each of its mailbox's 5 replicas.
+        assert sessions_open() - before <= own + REPAIR_SESSIONS_SLACK
         await asyncio.gather(phone.close(), laptop.close())
 
     run(testnet, tmp_path, scenario)
