@@ -412,15 +412,19 @@ class Admission:
         bound meanwhile), so a refused delete spends no token."""
         if unheld <= 0:
             return
-        ip_key = source_key(source_ip, ipv6_prefix_len=self.config.ipv6_prefix_len)
-        cost = min(float(unheld), self.deletes_per_ip.burst)
+        ip_key, cost = self._delete_cost(source_ip, unheld)
         self.deletes_per_ip.refund(ip_key, now_s, cost)
+
+    def _delete_cost(self, source_ip: str, unheld: int) -> tuple[str, float]:
+        """The source's key and the delete's cost in tokens: what ``admit_delete`` spends
+        and ``refund_delete`` gives back, one formula."""
+        ip_key = source_key(source_ip, ipv6_prefix_len=self.config.ipv6_prefix_len)
+        return ip_key, min(float(max(unheld, 1)), self.deletes_per_ip.burst)
 
     def _delete_rate(self, source_ip: str, unheld: int, now_s: float) -> tuple[str, float]:
         """The source's key and the delete's cost in tokens, or raise `RateLimited`."""
-        ip_key = source_key(source_ip, ipv6_prefix_len=self.config.ipv6_prefix_len)
+        ip_key, cost = self._delete_cost(source_ip, unheld)
         limiter = self.deletes_per_ip
-        cost = min(float(max(unheld, 1)), limiter.burst)
         wait = limiter.peek(ip_key, now_s, cost)
         if wait > 0:
             raise RateLimited(
