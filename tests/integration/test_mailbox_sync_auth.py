@@ -164,8 +164,12 @@ def test_a_node_outside_the_replica_set_can_neither_read_nor_fill_a_mailbox(
             if not isinstance(pushed, grpc.aio.AioRpcError):
                 assert isinstance(pushed, mailbox_pb2.SyncPushResponse)
                 assert pushed.stored == 0
+            # BOX also holds what the module's other tests put (and repair spreads),
+            # so "nothing stored" is: none of the junk, and the message still there
             held = await held_by(client, BOB, replica, strict=True)
-            assert held == {sent}, "an outsider's push must store nothing"
+            assert sent in held and not held & {blob_id(j) for j in junk}, (
+                "an outsider's push must store nothing"
+            )
         await node.stop()
         await client.stop()
 
@@ -358,7 +362,7 @@ def test_on_a_session_a_node_outside_the_replica_set_is_refused_as_on_the_unary_
             assert pushed.sync_push == await stub.SyncPush(signed_push, timeout=5)
             # ours, and whatever the replicas' own repair sent it meanwhile (over sessions)
             assert session_sync_ops(by_id[replica.node_id]) >= served_before + 3
-            assert await held_by(client, BOB, replica, strict=True) == held, "a refusal stored"
+            stored_nothing(await held_by(client, BOB, replica, strict=True), held, junk.blob_id)
             await session.close()
         await node.stop()
         await client.stop()
@@ -437,14 +441,23 @@ def test_a_malformed_or_unsigned_sync_op_on_a_session_is_refused_and_stores_noth
         for op, unary, request, code in bad:
             refusal = await refusals_match(session, unary, op, request)
             assert refusal.code == code.value[0], (op, refusal)
-            assert await held_by(client, BOB, replica, strict=True) == held, refusal.reason
+            now = await held_by(client, BOB, replica, strict=True)
+            stored_nothing(now, held, blob.blob_id, refusal.reason)
         good = await session.request(sync_push=signed(push(), "SyncPush"))
         assert good.sync_push.stored == 1
-        assert await held_by(client, BOB, replica, strict=True) == held | {blob.blob_id}
+        assert await held_by(client, BOB, replica, strict=True) >= held | {blob.blob_id}
         await session.close()
         await client.stop()
 
     asyncio.run(scenario())
+
+
+def stored_nothing(now: set[bytes], before: set[bytes], refused: bytes, why: str = "") -> None:
+    """A refused push stored nothing and removed nothing: the replica holds what it held
+    before, maybe more (the replicas' repair brings it what the module's other tests put
+    to BOX, at its own pace), but not the refused blob."""
+    assert now >= before, ("a refusal removed blobs", why)
+    assert refused not in now, ("a refusal stored", why)
 
 
 def node_id_of(node: NodeProcess) -> bytes:
