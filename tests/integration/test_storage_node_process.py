@@ -215,7 +215,7 @@ def puts_at_once(requests: list[mailbox_pb2.PutRequest], source: str) -> list[An
     address). Together: sent one by one, each on a channel of its own, a loaded machine
     spaces them so that the bucket refills (5/s) between them and no flood is seen."""
 
-    async def one(stub: mailbox_pb2_grpc.MailboxStub, request: mailbox_pb2.PutRequest) -> Any:
+    async def one(stub: mailbox_pb2_grpc.MailboxAsyncStub, request: mailbox_pb2.PutRequest) -> Any:
         try:
             return await stub.Put(request, timeout=SETTLE_S)
         except grpc.aio.AioRpcError as err:
