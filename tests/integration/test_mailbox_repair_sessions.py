@@ -35,7 +35,7 @@ from dna_core.mailbox.client import MailboxClient
 from dna_core.overlay.contact import Contact, distance
 from process_mark import starts_processes
 from prometheus_client.samples import Sample
-from support import seeded_identity
+from support import seeded_identity, until_async
 
 STORAGE = 5
 ADDRESSES = free_ips(1 + STORAGE + 1)  # the bootstrap, 5 storage nodes, the older node
@@ -96,6 +96,21 @@ def exchanged_unary(node: NodeProcess) -> float:
                for m in ("SyncList", "SyncPull", "SyncPush"))  # fmt: skip
 
 
+def passes(node: NodeProcess) -> float:
+    return total(scrape(node), "dna_storage_repair_passes_total")
+
+
+async def passes_end(nodes: list[NodeProcess], count: int) -> None:
+    """Until each node has ended ``count`` more repair passes (counted at a pass's end, so
+    ``count - 1`` whole ones ran). Counted, not slept: on a loaded machine a pass takes
+    longer than its 1 s interval, and a window of seconds may hold no pass at all."""
+    since = {n.name: passes(n) for n in nodes}
+    await until_async(
+        lambda: all(passes(n) >= since[n.name] + count for n in nodes),
+        f"{count} repair passes of each node", timeout_s=2 * REPAIR_BOUND_S, every_s=0.2,
+    )  # fmt: skip
+
+
 def served_on_sessions(node: NodeProcess, op: str) -> float:
     return total(scrape(node), "dna_storage_session_requests_total", op=op)
 
@@ -141,7 +156,7 @@ def test_two_wiped_replicas_are_repaired_over_sessions(network: list[NodeProcess
         # Whole and steady: a pass is one SyncCompare per peer (unary: docs/storage.md
         # "Range compare"), and no exchange goes over the unary calls.
         before = {n.name: (calls(n, "unary"), exchanged_unary(n)) for n in storage(network)}
-        await asyncio.sleep(3.5)  # 3 passes
+        await passes_end(storage(network), 4)  # 3 whole passes each
         for node in storage(network):
             unary, exchanged = before[node.name]
             assert calls(node, "unary") > unary, node.name
