@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
+import pytest
 from cluster import (
+    FAST_REPAIR,
     GRPC_PORT,
     UDP_PORT,
     NodeProcess,
@@ -22,8 +25,10 @@ from cluster import (
     free_ips,
     held_by,
     now_ms,
+    running,
     sample_value,
     scrape,
+    storage_network,
     storage_network_fixture,
     wait_ready,
 )
@@ -32,6 +37,7 @@ from dna_core.mailbox import mailbox_id, put_pow_hash
 from dna_core.mailbox.client import MailboxClient
 from dna_core.overlay.contact import Contact
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
+from process_mark import starts_processes
 from support import seeded_identity
 
 STORAGE = 7
@@ -42,6 +48,18 @@ ALICE = seeded_identity("handoff-alice")
 HISTOGRAM = "dna_storage_mailbox_replicas"
 
 network = storage_network_fixture("handoff", ADDRESSES)
+# The histogram test needs nodes that never held a mailbox (every observation its own
+# mailbox's): a network of its own, which no other test writes to, whatever the order.
+FRESH_ADDRESSES = free_ips(1 + STORAGE)
+FRESH_SEED = (FRESH_ADDRESSES[0], UDP_PORT)
+
+
+@pytest.fixture
+@starts_processes
+def fresh_network(tmp_path: Path) -> Iterator[list[NodeProcess]]:
+    """The histogram test's network, stopped when it ends (not with the module)."""
+    with running(storage_network(tmp_path, STORAGE, FAST_REPAIR, FRESH_ADDRESSES)) as nodes:
+        yield nodes
 
 
 def by_node_id(network: list[NodeProcess]) -> dict[bytes, NodeProcess]:
@@ -72,8 +90,10 @@ async def put_on_one_node(replica: Contact, owner: Identity) -> None:
         await mailbox_pb2_grpc.MailboxStub(channel).Put(request, timeout=5)
 
 
-async def closest_storage(owner: Identity, count: int = 5) -> list[Contact]:
-    client = await client_node([SEED])
+async def closest_storage(
+    owner: Identity, count: int = 5, seed: tuple[str, int] = SEED
+) -> list[Contact]:
+    client = await client_node([seed])
     try:
         return await MailboxClient(client).storage_nodes(mailbox_id(owner.fingerprint), count)
     finally:
@@ -90,13 +110,13 @@ def until(check: Callable[[], bool], what: str) -> float:
 
 
 def test_replica_histogram_counts_the_replicas_holding_each_mailbox(
-    network: list[NodeProcess],
+    fresh_network: list[NodeProcess],
 ) -> None:
     """Fresh network: no node held a mailbox yet, so every observation is this mailbox's."""
     bob = seeded_identity("handoff-histogram-bob")
-    storage = asyncio.run(closest_storage(bob, STORAGE))
+    storage = asyncio.run(closest_storage(bob, STORAGE, FRESH_SEED))
     assert len(storage) == STORAGE
-    nodes = by_node_id(network)
+    nodes = by_node_id(fresh_network)
     replicas = [nodes[c.node_id] for c in storage[:5]]
     outside = [nodes[c.node_id] for c in storage[5:]]
     assert all(replica_histogram(n)["count"] == 0 for n in replicas + outside)
