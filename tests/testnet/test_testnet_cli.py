@@ -198,6 +198,22 @@ def test_status_is_about_its_directory(tmp_path: Path) -> None:
         run("down", cwd=tmp_path)
 
 
+@pytest.mark.parametrize("command", ["down", "status"])
+def test_a_directory_with_no_testnet_is_an_error(tmp_path: Path, command: str) -> None:
+    """`down --dir` of a path no testnet ever started in (a typo, a directory that does not
+    exist) said "no testnet running" and exited 0, as if it had stopped one; now it is the
+    error `status` gives: one line, exit 1 (plain and --json), nothing made."""
+    nowhere = tmp_path / "nowhere"
+    plain = run("--dir", str(nowhere), command, cwd=tmp_path)
+    assert plain.returncode == 1 and plain.stdout == "", plain.stdout
+    assert plain.stderr == (f"dna-testnet: error: no testnet in {nowhere}: start one with"
+                            f" `dna-testnet up --dir {nowhere}`\n")  # fmt: skip
+    as_json = run("--json", "--dir", str(nowhere), command, cwd=tmp_path)
+    assert as_json.returncode == 1 and as_json.stdout == "", as_json.stdout
+    assert "no testnet in" in json.loads(as_json.stderr)["error"]
+    assert not nowhere.exists()
+
+
 def test_tables_are_coloured_only_on_a_terminal_without_no_color(tmp_path: Path) -> None:
     net = stopped_testnet(tmp_path / "net")
     args = ("--dir", str(net), "status")  # nothing runs: every node "down"

@@ -7,6 +7,7 @@ up       start 3 bootstrap and 6 storage nodes and a STUN/TURN relay (state in -
 status   one line per node: role, address, PID, health, routing table, records, blobs
          (of --dir's testnet: exit 1 if none ever started there)
 down     stop every node of --dir (also ones restarted by hand), saying which
+         (exit 1 if no testnet ever started there)
 demo     up, the store-and-forward flow, down (in a temporary directory)
 resilience  the resilience scenarios on the compose testnet (docs/resilience.md): each
          prints its seed and figures; exit 1 if any message was lost or duplicated
@@ -69,10 +70,16 @@ def _node_row(node: LocalNode, pid: int | None) -> dict[str, Any]:
     return row
 
 
-def _status(net: Testnet, as_json: bool) -> None:
+def _require_started(net: Testnet) -> None:
+    """`status` and `down` are about a testnet of ``net.root``: a directory none ever
+    started in (a typo, a path that does not exist) is an error, not an empty network."""
     if not net.started_here():
         raise NoTestnetError(f"no testnet in {net.root}: start one with"
                              f" `dna-testnet up --dir {net.root}`")  # fmt: skip
+
+
+def _status(net: Testnet, as_json: bool) -> None:
+    _require_started(net)
     pids = net.running()
     rows = [_node_row(node, pids.get(node.name)) for node in net.members]
     if as_json:
@@ -113,6 +120,7 @@ def _say_started(net: Testnet, started: list[str]) -> None:
 
 
 def _down(net: Testnet, as_json: bool) -> None:
+    _require_started(net)
     stopped = net.down()
     if as_json:
         print(json.dumps({"stopped": [{"node": n, "pid": p} for n, p in stopped.items()]}))
