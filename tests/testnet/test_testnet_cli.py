@@ -214,6 +214,22 @@ def test_a_directory_with_no_testnet_is_an_error(tmp_path: Path, command: str) -
     assert not nowhere.exists()
 
 
+def test_a_dir_that_is_empty_or_a_file_is_a_usage_error(tmp_path: Path) -> None:
+    """`--dir ""` (an unset variable) started the testnet in the current directory, its
+    files among the user's; `--dir FILE` failed with "[Errno 17] File exists" after
+    saying it stopped the nodes it had started. Both are usage errors now, nothing made."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    empty = run("--dir", "", "up", cwd=tmp_path)  # one check of --dir for every command
+    assert empty.returncode == 2 and "--dir: empty path" in empty.stderr, empty.stderr
+    for command in ("up", "down"):
+        file = run("--dir", str(a_file), command, cwd=tmp_path)
+        assert file.returncode == 2, file.stderr
+        assert f"--dir: {a_file} is not a directory" in file.stderr, file.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert a_file.read_text() == "mine"
+
+
 def test_tables_are_coloured_only_on_a_terminal_without_no_color(tmp_path: Path) -> None:
     net = stopped_testnet(tmp_path / "net")
     args = ("--dir", str(net), "status")  # nothing runs: every node "down"

@@ -131,6 +131,17 @@ def _down(net: Testnet, as_json: bool) -> None:
         print(f"no testnet running in {net.root}")
 
 
+def _state_dir(value: str) -> Path:
+    """--dir: an empty value (an unset variable) would put the testnet's files in the
+    current directory, and a file in its place fails only once nodes start."""
+    if not value:
+        raise argparse.ArgumentTypeError("empty path (an unset variable?); `--dir .` is here")
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value} is not a directory")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dna-testnet", description=__doc__, epilog=EXAMPLES,
@@ -140,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what to do (see above)")  # fmt: skip
     parser.add_argument(
         "--dir",
-        type=Path,
+        type=_state_dir,
         default=Path(".dna-testnet"),
         help="state directory: configs, keys, data, logs (default .dna-testnet)",
     )
