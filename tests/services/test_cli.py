@@ -30,3 +30,21 @@ def test_service_keygen_mints_a_puzzle_solving_key(service: str, tmp_path: Path)
     assert puzzle_bits(bytes.fromhex(info["node_id"])) >= 6
     assert keyfile.stat().st_mode & 0o777 == 0o600
     assert run_script(service, "--version").stdout.startswith(service)
+
+
+@pytest.mark.parametrize("service", ["dna-bootstrap", "dna-storage-node"])
+def test_keygen_refuses_a_bad_puzzle_and_an_existing_key_file(service: str, tmp_path: Path) -> None:
+    """`--puzzle-bits -3` (or 99) ended in a ValueError traceback from the minting; an
+    existing --out said "[Errno 17] File exists" only after minting a key to throw away."""
+    keyfile = tmp_path / "node.key"
+    for bits in ("-3", "33", "eight"):
+        out = run_script(service, "keygen", "--out", str(keyfile), "--puzzle-bits", bits)
+        assert out.returncode == 2, out.stderr
+        assert f"--puzzle-bits: {bits!r} is not 0-32" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr and not keyfile.exists()
+    keyfile.write_bytes(b"the operator's key")
+    out = run_script(service, "keygen", "--out", str(keyfile), "--puzzle-bits", "0")
+    assert out.returncode == 1 and out.stdout == "", out.stdout
+    assert out.stderr == (f"{service}: error: {keyfile} exists: a node key is never"
+                          " overwritten\n")  # fmt: skip
+    assert keyfile.read_bytes() == b"the operator's key"

@@ -113,6 +113,9 @@ def test_a_bad_setting_is_one_line_naming_it(
          "admission.disk_high_water: input should be less than or equal to 1, got 1.5"),
         ("dna-storage-node", "DNA_STORAGE__STORAGE__BACKEND", "mysql",
          "storage.backend: input should be 'sqlite' or 'redis', got 'mysql'"),
+        # a node-ID puzzle no key can be minted for (a traceback from the minting, before)
+        ("dna-storage-node", "DNA_STORAGE__NODE__PUZZLE_BITS", "99",
+         "node.puzzle_bits: input should be less than or equal to 32, got 99"),
     ],
 )  # fmt: skip
 def test_a_bad_environment_variable_is_one_line_naming_it_and_the_key(

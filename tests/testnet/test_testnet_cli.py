@@ -198,6 +198,38 @@ def test_status_is_about_its_directory(tmp_path: Path) -> None:
         run("down", cwd=tmp_path)
 
 
+@pytest.mark.parametrize("command", ["down", "status"])
+def test_a_directory_with_no_testnet_is_an_error(tmp_path: Path, command: str) -> None:
+    """`down --dir` of a path no testnet ever started in (a typo, a directory that does not
+    exist) said "no testnet running" and exited 0, as if it had stopped one; now it is the
+    error `status` gives: one line, exit 1 (plain and --json), nothing made."""
+    nowhere = tmp_path / "nowhere"
+    plain = run("--dir", str(nowhere), command, cwd=tmp_path)
+    assert plain.returncode == 1 and plain.stdout == "", plain.stdout
+    assert plain.stderr == (f"dna-testnet: error: no testnet in {nowhere}: start one with"
+                            f" `dna-testnet up --dir {nowhere}`\n")  # fmt: skip
+    as_json = run("--json", "--dir", str(nowhere), command, cwd=tmp_path)
+    assert as_json.returncode == 1 and as_json.stdout == "", as_json.stdout
+    assert "no testnet in" in json.loads(as_json.stderr)["error"]
+    assert not nowhere.exists()
+
+
+def test_a_dir_that_is_empty_or_a_file_is_a_usage_error(tmp_path: Path) -> None:
+    """`--dir ""` (an unset variable) started the testnet in the current directory, its
+    files among the user's; `--dir FILE` failed with "[Errno 17] File exists" after
+    saying it stopped the nodes it had started. Both are usage errors now, nothing made."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    empty = run("--dir", "", "up", cwd=tmp_path)  # one check of --dir for every command
+    assert empty.returncode == 2 and "--dir: empty path" in empty.stderr, empty.stderr
+    for command in ("up", "down"):
+        file = run("--dir", str(a_file), command, cwd=tmp_path)
+        assert file.returncode == 2, file.stderr
+        assert f"--dir: {a_file} is not a directory" in file.stderr, file.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert a_file.read_text() == "mine"
+
+
 def test_tables_are_coloured_only_on_a_terminal_without_no_color(tmp_path: Path) -> None:
     net = stopped_testnet(tmp_path / "net")
     args = ("--dir", str(net), "status")  # nothing runs: every node "down"

@@ -7,6 +7,7 @@ up       start 3 bootstrap and 6 storage nodes and a STUN/TURN relay (state in -
 status   one line per node: role, address, PID, health, routing table, records, blobs
          (of --dir's testnet: exit 1 if none ever started there)
 down     stop every node of --dir (also ones restarted by hand), saying which
+         (exit 1 if no testnet ever started there)
 demo     up, the store-and-forward flow, down (in a temporary directory)
 resilience  the resilience scenarios on the compose testnet (docs/resilience.md): each
          prints its seed and figures; exit 1 if any message was lost or duplicated
@@ -69,10 +70,16 @@ def _node_row(node: LocalNode, pid: int | None) -> dict[str, Any]:
     return row
 
 
-def _status(net: Testnet, as_json: bool) -> None:
+def _require_started(net: Testnet) -> None:
+    """`status` and `down` are about a testnet of ``net.root``: a directory none ever
+    started in (a typo, a path that does not exist) is an error, not an empty network."""
     if not net.started_here():
         raise NoTestnetError(f"no testnet in {net.root}: start one with"
                              f" `dna-testnet up --dir {net.root}`")  # fmt: skip
+
+
+def _status(net: Testnet, as_json: bool) -> None:
+    _require_started(net)
     pids = net.running()
     rows = [_node_row(node, pids.get(node.name)) for node in net.members]
     if as_json:
@@ -113,6 +120,7 @@ def _say_started(net: Testnet, started: list[str]) -> None:
 
 
 def _down(net: Testnet, as_json: bool) -> None:
+    _require_started(net)
     stopped = net.down()
     if as_json:
         print(json.dumps({"stopped": [{"node": n, "pid": p} for n, p in stopped.items()]}))
@@ -121,6 +129,17 @@ def _down(net: Testnet, as_json: bool) -> None:
         print(f"stopped {len(stopped)} nodes of {net.root}: {names}")
     else:
         print(f"no testnet running in {net.root}")
+
+
+def _state_dir(value: str) -> Path:
+    """--dir: an empty value (an unset variable) would put the testnet's files in the
+    current directory, and a file in its place fails only once nodes start."""
+    if not value:
+        raise argparse.ArgumentTypeError("empty path (an unset variable?); `--dir .` is here")
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value} is not a directory")
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what to do (see above)")  # fmt: skip
     parser.add_argument(
         "--dir",
-        type=Path,
+        type=_state_dir,
         default=Path(".dna-testnet"),
         help="state directory: configs, keys, data, logs (default .dna-testnet)",
     )

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dna_core import __version__
-from dna_core.crypto.node import DEFAULT_PUZZLE_BITS
+from dna_core.crypto.node import DEFAULT_PUZZLE_BITS, MAX_PUZZLE_BITS
 from dna_core.errors import DnaError
 from dna_core.ops.node_key import create_node_key
 
@@ -29,12 +29,26 @@ def service_parser(
         return parser, sub
     keygen = sub.add_parser("keygen", help="mint a node key that solves the ID puzzle")
     keygen.add_argument("--out", type=Path, required=True, help="where to write the key (0600)")
-    keygen.add_argument("--puzzle-bits", type=int, default=DEFAULT_PUZZLE_BITS)
+    keygen.add_argument(
+        "--puzzle-bits", type=_puzzle_bits, default=DEFAULT_PUZZLE_BITS,
+        help=f"leading zero bits of the node ID, 0-{MAX_PUZZLE_BITS} (default"
+        f" {DEFAULT_PUZZLE_BITS}; the network's [node] puzzle_bits)",
+    )  # fmt: skip
     keygen.set_defaults(handler=_keygen)
     return parser, sub
 
 
+def _puzzle_bits(value: str) -> int:
+    """A usage error, not a traceback from deep in the minting."""
+    bits = int(value) if value.lstrip("-").isdigit() else -1
+    if not 0 <= bits <= MAX_PUZZLE_BITS:
+        raise argparse.ArgumentTypeError(f"{value!r} is not 0-{MAX_PUZZLE_BITS}")
+    return bits
+
+
 def _keygen(args: argparse.Namespace) -> None:
+    if args.out.exists():  # before minting, which takes minutes at a high puzzle
+        raise FileExistsError(f"{args.out} exists: a node key is never overwritten")
     started = time.perf_counter()
     node, attempts = create_node_key(args.out, args.puzzle_bits)
     print(

@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollecto
 from pydantic import Field, field_validator
 
 from dna_core import __version__
+from dna_core.crypto.node import MAX_PUZZLE_BITS
 from dna_core.crypto.records import VerifiedRecord
 from dna_core.errors import cannot_open
 from dna_core.expiry import ExpiryClock
@@ -104,7 +105,7 @@ class NodeSection(ConfigModel):
     # Where the node's private key lives is nobody's business but the operator's.
     key_file: Annotated[ConfigPath, Secret()] = Path("node.key")
     """The node's Ed25519 seed (mode 0600), minted on first start if absent."""
-    puzzle_bits: int = Field(default=8, ge=0)
+    puzzle_bits: int = Field(default=8, ge=0, le=MAX_PUZZLE_BITS)
     """The static node-ID puzzle; must match the network."""
 
     @field_validator("host")
