@@ -324,9 +324,6 @@ def test_a_client_that_never_reads_is_cut_and_costs_bounded_memory(
         samples = scrape(node)
         before = sample_value(samples, "dna_storage_session_refusals_total", reason="stalled")
         rss_before = sample_value(samples, "process_resident_memory_bytes")
-        # the other storage nodes' repair sessions: at most one each, opened the first time
-        # a mailbox differs between them (range compare), so one may open meanwhile
-        open_before = sample_value(samples, "dna_storage_sessions_open")
         clients = [slow_reader(node) for _ in range(5)]
         for _, call in clients:  # five clients, each asking for 24 MiB and reading none of it
             for i in range(WINDOW - 4):
@@ -334,19 +331,24 @@ def test_a_client_that_never_reads_is_cut_and_costs_bounded_memory(
         for _ in range(60):  # each is cut STALL_S after its first response got stuck
             samples = scrape(node)
             stalled = sample_value(samples, "dna_storage_session_refusals_total", reason="stalled")
-            if stalled == before + 5:
+            if stalled >= before + 5:
                 break
             await asyncio.sleep(0.5)
-        assert stalled == before + 5
-        # the five cut sessions are gone once their tasks have ended (the cut is counted
-        # first): what is left is repair's, one per other node
+        # at least: a repair session whose node's loop was held up for STALL_S on a busy
+        # machine is cut the same way (each client's own cut is checked below)
+        assert stalled >= before + 5
+        # The five cut sessions are gone once their tasks have ended (the cut is counted
+        # first): what is left is repair's, at most one from each other node (a session
+        # left counted after its client went away was the bug this bound caught). Not
+        # compared with the count before: repair's sessions come and go (one replaced,
+        # or the test client's own session still closing, moved it both ways).
         deadline = time.monotonic() + SETTLE_S
         while sample_value(samples, "dna_storage_sessions_open") > STORAGE - 1:
             if time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.25)
             samples = scrape(node)
-        assert open_before <= sample_value(samples, "dna_storage_sessions_open") <= STORAGE - 1
+        assert 0 <= sample_value(samples, "dna_storage_sessions_open") <= STORAGE - 1
         growth = sample_value(samples, "process_resident_memory_bytes") - rss_before
         assert growth < 96 * 1024 * 1024  # far below the 120 MiB the clients asked for
         for channel, call in clients:

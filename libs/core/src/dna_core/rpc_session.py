@@ -307,6 +307,9 @@ class SessionPool(Generic[S]):
         return session
 
     async def close(self) -> None:
+        # An open still under way would put its session here after the close, its stream
+        # open until the channel's end: it ends first (bounded by the open's timeouts).
+        await self._opening.settled()
         sessions, self._sessions = list(self._sessions.values()), OrderedDict()
         for session in sessions:
             await session.close()

@@ -160,7 +160,7 @@ class ServerSession:
         self.out: asyncio.Queue[Outgoing] = asyncio.Queue()  # bounded by the window
         self.tasks: set[asyncio.Task[None]] = set()  # the subclass's work (``spawn``)
         self.writing: asyncio.Future[Any] | None = None  # the response being written
-        self.closed = False
+        self.closing: asyncio.Task[None] | None = None  # ``_close``'s work, once started
 
     # -- what a subclass gives ---------------------------------------------------------
 
@@ -259,16 +259,29 @@ class ServerSession:
         while self.tasks:
             await asyncio.wait(set(self.tasks))
         written = asyncio.ensure_future(self.out.join())  # every answer out, then done
-        await asyncio.wait((written, writer), return_when=asyncio.FIRST_COMPLETED)
-        written.cancel()
+        try:
+            await asyncio.wait((written, writer), return_when=asyncio.FIRST_COMPLETED)
+        finally:  # cancelled too: ``_close`` empties the queue without a task_done, so the
+            written.cancel()  # join would wait forever, holding the queue
         if writer.done():
             writer.result()  # a cut while answering
         writer.cancel()
 
     async def _close(self, *tasks: asyncio.Task[None]) -> None:
-        if self.closed:
-            return
-        self.closed = True
+        """Stop the session's tasks, then give back what it holds (``opened``, ``_ended``):
+        once, and to the end even if the call is cancelled meanwhile. grpc cancels the call
+        when its client goes away, and that comes while the session is closing when the
+        client had closed its side first (the end of its requests, then its cancel): the
+        close was cut short after its first wait, the next call of it found it started,
+        and the session stayed counted open and kept its page slots for the life of the
+        node (a storage node under load counted one more mailbox session than it had)."""
+        if self.closing is None:
+            self.closing = asyncio.create_task(self._close_once(tasks))
+            _CLOSING.add(self.closing)  # a task only the loop holds may be collected
+            self.closing.add_done_callback(_CLOSING.discard)
+        await asyncio.shield(self.closing)
+
+    async def _close_once(self, tasks: tuple[asyncio.Task[None], ...]) -> None:
         self._ending()
         await stop_tasks((*tasks, *self.tasks))
         while not self.out.empty():  # responses never to be written
@@ -311,6 +324,10 @@ class ServerSession:
             write.result()
             written()
             self.out.task_done()
+
+
+# The closes under way whose session's call was cancelled meanwhile (``_close``).
+_CLOSING: set[asyncio.Task[None]] = set()
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

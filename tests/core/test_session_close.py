@@ -1,0 +1,120 @@
+"""A stream session's close (``dna_core.rpc_session_server.ServerSession``) gives back what
+the session holds once its client is gone, however the end comes: on the Overlay service's
+record sessions (the loop the mailbox's sessions share), on a real grpc.aio server in this
+process, behind the gRPC gate."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import grpc
+from dna_core.ops.grpc_gate import GrpcGate
+from dna_core.overlay.aio.records_rpc import OverlayService
+from dna_core.overlay.aio.records_session import OverlaySession
+from dna_core.overlay.aio.server import OVERLAY_DESCRIPTOR
+from dna_core.overlay.contact import Contact
+from dna_core.overlay.records import RecordStore
+from dna_core.rpc_session import SessionPool
+from dna_core.wire.gen.dna.v1 import overlay_pb2
+from prometheus_client import CollectorRegistry
+from stream_sessions import raw_session
+from support import SETTLE_S
+
+CLIENTS = 100  # without the fix, about 1 in 10 stayed counted (measured: 18 and 22 of 200)
+
+
+def test_a_client_that_closes_its_side_then_cancels_leaves_no_session_counted() -> None:
+    """grpc cancels the call when the client cancels, and with the end of the requests
+    seen first that cancel comes while the session is closing: the close was cut short
+    before the gauge and the session's slots were given back, for the node's life."""
+
+    async def go() -> None:
+        registry = CollectorRegistry()
+        service = OverlayService(
+            store=RecordStore(), closest=lambda key, k: [], local=_unused, registry=registry
+        )
+        server = grpc.aio.server()
+        GrpcGate(max_message=4 << 20).add(server, service, OVERLAY_DESCRIPTOR)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        try:
+            for _ in range(CLIENTS):
+                call = raw_session(channel, "/dna.v1.Overlay/Session")
+                assert await call.read() is not grpc.aio.EOF  # the hello: the session runs
+                await call.done_writing()
+                reading = asyncio.ensure_future(call.read())  # as a client's reader is
+                await asyncio.sleep(0)
+                call.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                    await reading
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + SETTLE_S
+            while _open(registry) > 0 and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            assert _open(registry) == 0
+            assert service.session_caps.count == 0  # the per-address caps given back too
+        finally:
+            await channel.close()
+            await server.stop(None)
+
+    asyncio.run(go())
+
+
+def test_a_pool_closed_while_a_session_opens_leaves_no_stream_open() -> None:
+    """The client's side (``dna_core.rpc_session.SessionPool.close``): a session whose
+    open was under way when its pool was closed (a client closing while a request waits
+    for a busy node's hello) is closed too; before, it was put in the closed pool once
+    the hello came, and its stream stayed open as long as the channel."""
+
+    async def go() -> None:
+        started, ended = asyncio.Event(), asyncio.Event()
+
+        async def slow_hello(requests: Any, context: Any) -> None:
+            started.set()
+            try:
+                await asyncio.sleep(0.5)  # a busy node
+                hello = overlay_pb2.OverlaySessionHello(window=4)
+                await context.write(overlay_pb2.OverlaySessionResponse(hello=hello))
+                async for _ in requests:
+                    pass
+            finally:
+                ended.set()  # the client cancelled (or ended) the call
+
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "dna.v1.Overlay", {"Session": grpc.stream_stream_rpc_method_handler(
+                slow_hello,
+                request_deserializer=overlay_pb2.OverlaySessionRequest.FromString,
+                response_serializer=overlay_pb2.OverlaySessionResponse.SerializeToString,
+            )},
+        ),))  # fmt: skip
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        pool: SessionPool[OverlaySession] = SessionPool(
+            lambda target: channel, 5.0, make=OverlaySession
+        )
+        try:
+            opening = asyncio.create_task(pool.get(f"127.0.0.1:{port}"))
+            await asyncio.wait_for(started.wait(), SETTLE_S)
+            await pool.close()
+            with contextlib.suppress(Exception):
+                await opening
+            await asyncio.wait_for(ended.wait(), SETTLE_S)  # the node's side ended
+            assert len(pool) == 0
+        finally:
+            await channel.close()
+            await server.stop(None)
+
+    asyncio.run(go())
+
+
+def _open(registry: CollectorRegistry) -> float:
+    return registry.get_sample_value("dna_overlay_sessions_open") or 0.0
+
+
+def _unused() -> Contact:
+    raise AssertionError("not asked")
