@@ -17,7 +17,9 @@ last word in each bracket is the error's ``kind``, the service's metrics label):
                        per source address and per mailbox
 5. PoW hash and age -> `VerificationError` (PERMISSION_DENIED) or `ExpiredError`
                        (FAILED_PRECONDITION), from `dna_core.crypto.pow.verify` (``pow``)
-6. mailbox quota    -> `CapacityError` (RESOURCE_EXHAUSTED; ``quota``)
+6. mailbox quota    -> `CapacityError` (RESOURCE_EXHAUSTED; ``quota``); judged again by the
+                       backend where it writes (``MailboxBackend.put_many``), whose refusal
+                       gives the tokens back (``refund_put``)
 
 Why this order: cheapest first, so junk is turned away before it costs anything. 1-3 are
 integer comparisons (3 after summing the PoW policy's small ring of load counters); 4 parses
