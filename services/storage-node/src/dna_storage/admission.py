@@ -17,7 +17,9 @@ last word in each bracket is the error's ``kind``, the service's metrics label):
                        per source address and per mailbox
 5. PoW hash and age -> `VerificationError` (PERMISSION_DENIED) or `ExpiredError`
                        (FAILED_PRECONDITION), from `dna_core.crypto.pow.verify` (``pow``)
-6. mailbox quota    -> `CapacityError` (RESOURCE_EXHAUSTED; ``quota``)
+6. mailbox quota    -> `CapacityError` (RESOURCE_EXHAUSTED; ``quota``); judged again by the
+                       backend where it writes (``MailboxBackend.put_many``), whose refusal
+                       gives the tokens back (``refund_put``)
 
 Why this order: cheapest first, so junk is turned away before it costs anything. 1-3 are
 integer comparisons (3 after summing the PoW policy's small ring of load counters); 4 parses
@@ -42,7 +44,6 @@ Invariants kept:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from dna_core.crypto import pow
 from dna_core.crypto.pow import Proof
@@ -55,7 +56,7 @@ from dna_core.ops.config import ConfigModel
 from dna_core.ratelimit import RateLimited, RateLimiter, TokenBucket, source_key
 from pydantic import Field, model_validator
 
-from dna_storage.backends.base import TombstoneBounds, Usage
+from dna_storage.backends.base import Quota, TombstoneBounds, Usage
 
 __all__ = [
     "Admission",
@@ -178,32 +179,6 @@ class PowPolicy:
 # --- quota and disk --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Quota:
-    """Per-mailbox limits on what is held: blob count and total blob bytes."""
-
-    max_blobs: int
-    max_bytes: int
-
-    def __post_init__(self) -> None:
-        if self.max_blobs < 1 or self.max_bytes < 1:
-            raise ValueError("quota limits must be >= 1")
-
-    def check_quota(self, usage_blobs: int, usage_bytes: int, new_bytes: int) -> None:
-        """Raise `CapacityError` unless one more blob of ``new_bytes`` fits the mailbox."""
-        if usage_blobs + 1 > self.max_blobs:
-            raise CapacityError(
-                f"mailbox quota: holds {usage_blobs} blobs, the limit is {self.max_blobs}",
-                kind="quota",
-            )
-        if usage_bytes + new_bytes > self.max_bytes:
-            raise CapacityError(
-                f"mailbox quota: {usage_bytes} bytes held + {new_bytes} new "
-                f"is over the limit of {self.max_bytes} bytes",
-                kind="quota",
-            )
-
-
 class HighWaterMark:
     """Trips when the disk is ``limit_fraction`` full; clears below ``resume_fraction``.
 
@@ -309,10 +284,13 @@ class AdmissionConfig(ConfigModel):
 class Admission:
     """The admission decision for puts: composes the checks above in cheapest-first order.
 
-    Quota caveat: ``usage`` is read by the caller before the put is stored, so puts to one
-    mailbox admitted concurrently can overshoot the quota by the number in flight, unless
-    the adapter counts its in-flight puts into ``usage``.
-    A put of a blob already held is judged like a new one (conservative at the limit).
+    Quota: ``usage`` is read by the caller before the put is stored, so puts to one
+    mailbox admitted together each pass against the same usage; the check here is the
+    fast path (a flood is refused before any write), and the backend judges ``quota``
+    again where it writes (``MailboxBackend.put_many``). A put it refuses there
+    (``PutOutcome.OVER_QUOTA``) gets its tokens back (``refund_put``).
+    A put of a blob already held is judged like a new one here (conservative at the
+    limit); the backend lets it through (it stores nothing).
     """
 
     def __init__(self, config: AdmissionConfig | None = None) -> None:
@@ -377,6 +355,15 @@ class Admission:
         self.per_ip.check(ip_key, now_s)
         self.per_mailbox.check(mailbox_id, now_s)
         self.pow.record_put(now_s)
+
+    def refund_put(self, *, source_ip: str, mailbox_id: bytes, now_s: float) -> None:
+        """Give back the rate tokens ``admit_put`` spent for a put the backend then refused
+        for the quota (judged again at the write: puts admitted meanwhile had filled the
+        mailbox), so a put refused for the quota spends no token wherever it was refused.
+        The put stays counted in the proof-of-work load: it did cost the node its work."""
+        ip_key = source_key(source_ip, ipv6_prefix_len=self.config.ipv6_prefix_len)
+        self.per_ip.refund(ip_key, now_s, 1.0)
+        self.per_mailbox.refund(mailbox_id, now_s, 1.0)
 
     def precheck_delete(self, *, source_ip: str, unheld: int, now_s: float) -> None:
         """``admit_delete``'s rate check alone (no state change): run before the mailbox's

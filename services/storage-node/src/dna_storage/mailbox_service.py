@@ -60,6 +60,7 @@ from dna_storage.backends.base import (
     MailboxBackend,
     Page,
     PutOutcome,
+    Quota,
     StoredBlob,
     Tombstone,
     TombstoneBoundError,
@@ -126,8 +127,10 @@ def _cut_by_bytes(page: Page, budget: int) -> tuple[list[StoredBlob], int, bool]
     return taken, page.next_cursor, page.more
 
 
-def _not_stored(outcome: PutOutcome) -> ProtocolError | None:
+def _not_stored(outcome: PutOutcome, quota: Quota) -> ProtocolError | None:
     """Why an admitted put was still not stored (a duplicate was stored before: fine)."""
+    if outcome is PutOutcome.OVER_QUOTA:
+        return quota.refused_at_write()
     if outcome is PutOutcome.TOMBSTONED:
         return ConflictError("blob was deleted by its owner", kind="deleted")
     if outcome is PutOutcome.EXPIRED:
@@ -213,7 +216,8 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         try:
             blob = await self._admit(request, source_ip, now_ms, {})
             outcome = await (store or self._store_alone)(blob, now_ms)
-            if (why := _not_stored(outcome)) is not None:
+            self._refund_if_over_quota(outcome, source_ip, blob.mailbox_id)
+            if (why := _not_stored(outcome, self.admission.quota)) is not None:
                 raise why
         except ProtocolError as exc:
             self.count_refusal("put", exc)
@@ -224,8 +228,16 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         )
 
     async def _store_alone(self, blob: StoredBlob, now_ms: int) -> PutOutcome:
-        (outcome,) = await self.backend.put_many([blob], now_ms)
+        (outcome,) = await self.backend.put_many([blob], now_ms, self.admission.quota)
         return outcome
+
+    def _refund_if_over_quota(self, outcome: PutOutcome, source_ip: str, box: bytes) -> None:
+        """A put the backend refused for the quota (judged again where it writes, after
+        puts admitted meanwhile) stored nothing: its rate tokens are given back, as a put
+        refused for the quota at admission spends none."""
+        if outcome is PutOutcome.OVER_QUOTA:
+            now_s = self.monotonic()
+            self.admission.refund_put(source_ip=source_ip, mailbox_id=box, now_s=now_s)
 
     async def PutMany(  # noqa: N802
         self, request: mailbox_pb2.PutManyRequest, context: Ctx
@@ -270,7 +282,9 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
             outcomes.append(mailbox_pb2.PutOutcome())
             admitted.append((outcomes[-1], blob))
         try:
-            stored = await self.backend.put_many([blob for _, blob in admitted], now_ms)
+            stored = await self.backend.put_many(
+                [blob for _, blob in admitted], now_ms, self.admission.quota
+            )
         except ProtocolError as exc:  # the store: full, unavailable, damaged
             # Each admitted put answers it, as its own Put would have; the puts refused
             # before keep their reasons. Failing the whole call reported a put refused for
@@ -279,7 +293,8 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
                 result.CopyFrom(self._refused(exc))
             return mailbox_pb2.PutManyResponse(outcomes=outcomes)
         for (result, blob), outcome in zip(admitted, stored, strict=True):
-            if (why := _not_stored(outcome)) is not None:
+            self._refund_if_over_quota(outcome, source, blob.mailbox_id)
+            if (why := _not_stored(outcome, self.admission.quota)) is not None:
                 result.CopyFrom(self._refused(why))
                 continue
             result.blob_id, result.expires_ms = blob.blob_id, blob.expires_ms

@@ -42,7 +42,7 @@ from dna_core.rpc_session_server import ServerSession, SharedSlots, SourceCaps
 from dna_core.wire import mailbox_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from dna_storage.backends.base import MailboxBackend, PutOutcome, StoredBlob
+from dna_storage.backends.base import MailboxBackend, PutOutcome, Quota, StoredBlob
 from dna_storage.mailbox_service import Ctx, MailboxService, peer_ip, request_status
 
 log = logging.getLogger("dna.storage.session")
@@ -124,10 +124,12 @@ class NotifyingBackend:
     def __init__(self, backend: MailboxBackend, subscribers: Subscribers) -> None:
         self._backend, self._subscribers = backend, subscribers
 
-    async def put_many(self, blobs: Sequence[StoredBlob], now_ms: int) -> list[PutOutcome]:
+    async def put_many(
+        self, blobs: Sequence[StoredBlob], now_ms: int, quota: Quota | None = None
+    ) -> list[PutOutcome]:
         for blob in blobs:
             trace.mark("node.write", blob.blob_id)
-        outcomes = await self._backend.put_many(blobs, now_ms)
+        outcomes = await self._backend.put_many(blobs, now_ms, quota)
         stored = {b.mailbox_id for b, o in zip(blobs, outcomes, strict=True)
                   if o is PutOutcome.STORED}  # fmt: skip
         for blob in blobs:
@@ -142,10 +144,11 @@ class NotifyingBackend:
 class GroupWriter:
     """Session puts, written in groups with no timer: a put that finds no write in flight
     goes at once, the ones admitted meanwhile together when it returns (SQLite commits a
-    group as one transaction, as it does a PutMany)."""
+    group as one transaction, as it does a PutMany). Each judged against ``quota`` where it
+    is written (``MailboxBackend.put_many``)."""
 
-    def __init__(self, backend: MailboxBackend) -> None:
-        self._backend = backend
+    def __init__(self, backend: MailboxBackend, quota: Quota) -> None:
+        self._backend, self._quota = backend, quota
         self._waiting: list[tuple[StoredBlob, int, asyncio.Future[PutOutcome]]] = []
         self._writer: asyncio.Task[None] | None = None
 
@@ -162,7 +165,8 @@ class GroupWriter:
                 group, self._waiting = self._waiting[:MAX_GROUP], self._waiting[MAX_GROUP:]
                 now_ms = max(now for _, now, _ in group)
                 try:
-                    outcomes = await self._backend.put_many([b for b, _, _ in group], now_ms)
+                    blobs = [b for b, _, _ in group]
+                    outcomes = await self._backend.put_many(blobs, now_ms, self._quota)
                 except Exception as exc:  # each put answers it (a full disk, a bug)
                     for _, _, future in group:
                         if not future.done():
@@ -201,7 +205,7 @@ class SessionRules:
         node_pages: SharedSlots | None = None,
     ) -> None:
         self.service, self.subscribers, self.metrics = service, subscribers, metrics
-        self.writer = GroupWriter(service.backend)
+        self.writer = GroupWriter(service.backend, service.admission.quota)
         self.window, self.stall_s = window, stall_s
         self.sessions = sessions or SourceCaps("session", SESSIONS_PER_SOURCE, SESSIONS)
         self.subscriptions = subscriptions or SourceCaps(

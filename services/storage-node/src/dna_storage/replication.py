@@ -299,7 +299,11 @@ async def accept(
     if good_tombs:
         await backend.delete(good_tombs, now)
     good_blobs = await _within_quota(backend, box, good_blobs, rules.quota, now, refused)
-    outcomes = await backend.put_many(good_blobs, now) if good_blobs else []
+    # The quota again where the blobs are written: pushes, pulls and puts to the mailbox
+    # running at once each passed ``_within_quota`` against usage read before the others.
+    outcomes = await backend.put_many(good_blobs, now, rules.quota) if good_blobs else []
+    if over := sum(o is PutOutcome.OVER_QUOTA for o in outcomes):
+        refused["mailbox quota"] = refused.get("mailbox quota", 0) + over
     if refused:
         log.warning("refused synced items", extra={"mailbox": box.hex(), "refused": refused})
     held = {b.blob_id for b, o in zip(good_blobs, outcomes, strict=True) if _held(o)}

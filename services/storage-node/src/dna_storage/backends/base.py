@@ -38,7 +38,7 @@ from dna_core.mailbox import StoredBlob, Tombstone
 # StoredBlob and Tombstone are the mailbox domain's (dna_core.mailbox.codec, shared with
 # clients), named here too so that a backend finds its whole interface in one module.
 __all__ = [
-    "WRITE_METHODS", "MailboxBackend", "MailboxDigest", "Page", "PutOutcome",
+    "WRITE_METHODS", "MailboxBackend", "MailboxDigest", "Page", "PutOutcome", "Quota",
     "StorageFullError", "StoreUnavailableError", "StoredBlob", "SyncIndex", "Tombstone",
     "TombstoneBoundError", "TombstoneBounds", "Usage",
 ]  # fmt: skip
@@ -82,6 +82,7 @@ class PutOutcome(enum.Enum):
     DUPLICATE = "duplicate"
     TOMBSTONED = "tombstoned"
     EXPIRED = "expired"
+    OVER_QUOTA = "quota"  # ``put_many`` with a ``Quota``: no room left, nothing stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +96,49 @@ class Page:
 class Usage:
     blobs: int
     bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """Per-mailbox limits on what is held: blob count and total blob bytes
+    (``AdmissionConfig.quota_max_blobs``, ``quota_max_bytes``). The service checks them
+    before the write against the usage it read (the fast path: a flood is refused before
+    any write) and the backend again where it writes (``MailboxBackend.put_many``): puts
+    admitted together each passed the first against usage read before any was stored."""
+
+    max_blobs: int
+    max_bytes: int
+
+    def __post_init__(self) -> None:
+        if self.max_blobs < 1 or self.max_bytes < 1:
+            raise ValueError("quota limits must be >= 1")
+
+    def fits(self, usage_blobs: int, usage_bytes: int, new_bytes: int) -> bool:
+        """Whether one more blob of ``new_bytes`` fits a mailbox holding this much."""
+        return usage_blobs < self.max_blobs and usage_bytes + new_bytes <= self.max_bytes
+
+    def check_quota(self, usage_blobs: int, usage_bytes: int, new_bytes: int) -> None:
+        """Raise `CapacityError` unless one more blob of ``new_bytes`` fits the mailbox."""
+        if usage_blobs + 1 > self.max_blobs:
+            raise CapacityError(
+                f"mailbox quota: holds {usage_blobs} blobs, the limit is {self.max_blobs}",
+                kind="quota",
+            )
+        if usage_bytes + new_bytes > self.max_bytes:
+            raise CapacityError(
+                f"mailbox quota: {usage_bytes} bytes held + {new_bytes} new "
+                f"is over the limit of {self.max_bytes} bytes",
+                kind="quota",
+            )
+
+    def refused_at_write(self) -> CapacityError:
+        """The refusal of a put the backend found no room for (``PutOutcome.OVER_QUOTA``):
+        the admission's, with what the backend knew (puts written meanwhile filled it)."""
+        return CapacityError(
+            f"mailbox quota: puts stored meanwhile filled the mailbox to its limit "
+            f"({self.max_blobs} blobs, {self.max_bytes} bytes)",
+            kind="quota",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,8 +207,15 @@ class MailboxDigest:
 
 
 class MailboxBackend(Protocol):
-    async def put_many(self, blobs: Sequence[StoredBlob], now_ms: int) -> list[PutOutcome]:
-        """Store blobs durably in one transaction (group commit); one outcome per blob."""
+    async def put_many(
+        self, blobs: Sequence[StoredBlob], now_ms: int, quota: Quota | None = None
+    ) -> list[PutOutcome]:
+        """Store blobs durably in one transaction (group commit); one outcome per blob.
+
+        With ``quota`` (a client's put, or a replica's), a blob that would be stored is
+        judged against it atomically with the write, counting what the mailbox holds
+        then (every put written before it, this call's earlier blobs included): over it,
+        that blob is ``OVER_QUOTA`` and nothing of it is stored; the others go on."""
         ...
 
     async def fetch(

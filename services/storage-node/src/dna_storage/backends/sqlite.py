@@ -35,6 +35,7 @@ from dna_storage.backends.base import (
     MailboxDigest,
     Page,
     PutOutcome,
+    Quota,
     StorageFullError,
     StoreDamagedError,
     StoredBlob,
@@ -624,13 +625,17 @@ class SqliteBackend:
         """Write transactions committed so far (group commit makes this < writes)."""
         return self._writer.commits
 
-    async def put_many(self, blobs: Sequence[StoredBlob], now_ms: int) -> list[PutOutcome]:
+    async def put_many(
+        self, blobs: Sequence[StoredBlob], now_ms: int, quota: Quota | None = None
+    ) -> list[PutOutcome]:
+        """One writer job; with ``quota``, each blob judged against it in the job, after
+        the jobs before it in the group (``_put_batch``)."""
         if not blobs:
             return []
         batch = list(blobs)
         work = sum(len(b.blob) + ROW_WORK for b in batch)
         result: list[PutOutcome] = await self._writer.submit(
-            lambda c: [_put_one(c, b, now_ms) for b in batch], work
+            functools.partial(_put_batch, blobs=batch, now_ms=now_ms, quota=quota), work
         )
         return result
 
@@ -822,8 +827,50 @@ class SqliteBackend:
 # --- work done on the writer connection ------------------------------------------------------
 
 
-def _put_one(conn: sqlite3.Connection, blob: StoredBlob, now_ms: int) -> PutOutcome:
-    """Decide and apply one put, in the order EXPIRED, TOMBSTONED, DUPLICATE, STORED."""
+def _put_batch(
+    conn: sqlite3.Connection, blobs: list[StoredBlob], now_ms: int, quota: Quota | None
+) -> list[PutOutcome]:
+    """``_put_one`` each. With ``quota``, a mailbox's usage is read once in the job (on the
+    writer's connection: every job before it, this group's too, counted) and counted
+    forward over the blobs this job stores."""
+    room: _Room | None = None if quota is None else _Room(quota)
+    return [_put_one(conn, b, now_ms, room) for b in blobs]
+
+
+@dataclass(slots=True)
+class _Room:
+    """What each mailbox of a put job holds, for its quota: read at its first blob, counted
+    forward. First the ``mailboxes`` row's counters, which count expired blobs GC has not
+    reached too: a blob that fits them fits (one read; ``_usage``'s three cost the writer
+    ~25 us a put); one that does not is judged against ``_usage`` (what the admission reads),
+    read then, on this connection: this job's blobs stored so far included."""
+
+    quota: Quota
+    usage: dict[bytes, tuple[int, int, bool]] = field(default_factory=dict)  # blobs, bytes, exact
+
+    def take(self, conn: sqlite3.Connection, blob: StoredBlob, now_ms: int) -> bool:
+        """Whether ``blob`` fits its mailbox's quota; if it does, it is counted."""
+        box, size = blob.mailbox_id, len(blob.blob)
+        held = self.usage.get(box)
+        if held is None:
+            row = conn.execute(
+                "SELECT blobs, bytes FROM mailboxes WHERE mailbox_id = ?", (box,)
+            ).fetchone()
+            held = (0, 0, True) if row is None else (int(row[0]), int(row[1]), False)
+        if not held[2] and not self.quota.fits(held[0], held[1], size):
+            held = (*_usage(conn, box, now_ms), True)
+        if not self.quota.fits(held[0], held[1], size):
+            self.usage[box] = held
+            return False
+        self.usage[box] = (held[0] + 1, held[1] + size, held[2])
+        return True
+
+
+def _put_one(
+    conn: sqlite3.Connection, blob: StoredBlob, now_ms: int, room: _Room | None = None
+) -> PutOutcome:
+    """Decide and apply one put, in the order EXPIRED, TOMBSTONED, DUPLICATE, OVER_QUOTA
+    (with ``room``), STORED. Every check reads before the put writes anything."""
     key = (blob.mailbox_id, blob.blob_id)
     if blob.expires_ms <= now_ms:
         return PutOutcome.EXPIRED
@@ -833,9 +880,12 @@ def _put_one(conn: sqlite3.Connection, blob: StoredBlob, now_ms: int) -> PutOutc
     ).fetchone():
         return PutOutcome.TOMBSTONED
     held = _held_expiry(conn, key)
+    if held is not None and held > now_ms:
+        return PutOutcome.DUPLICATE
+    # An expired copy replaced below is not in the usage (``_usage`` leaves it out).
+    if room is not None and not room.take(conn, blob, now_ms):
+        return PutOutcome.OVER_QUOTA
     if held is not None:
-        if held > now_ms:
-            return PutOutcome.DUPLICATE
         conn.execute("DELETE FROM blobs WHERE mailbox_id = ? AND blob_id = ?", key)
     seq = conn.execute(
         "INSERT INTO mailboxes (mailbox_id, last_seq) VALUES (?, 1) ON CONFLICT (mailbox_id)"
