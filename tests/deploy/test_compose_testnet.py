@@ -149,12 +149,24 @@ def testnet(images: str) -> Iterator[Compose]:
         print(f"every container healthy after {time.monotonic() - start:.0f} s")
         yield compose
     finally:
-        for service in [*STORAGE, *PEERS]:
-            print(f"--- {service}\n{compose.logs(service)[-2000:]}")
-        compose.run("--profile", "monitoring", "down", "-v", "--remove-orphans", timeout=300)
+        try:
+            _print_logs(compose, [*STORAGE, *PEERS])
+        finally:  # a failed `up` must not leave its networks: the next project's overlap them
+            compose.run("--profile", "monitoring", "down", "-v", "--remove-orphans", timeout=300)
     project = f"label=com.docker.compose.project={PROJECT}"
     leftovers = docker("volume", "ls", "-q", "--filter", project)
     assert leftovers.split() == [], leftovers
+
+
+def _print_logs(compose: Compose, services: list[str]) -> None:
+    """Each service's last log lines, for the report; a service whose container was never
+    created (a failed `up`) says so instead of ending the dump."""
+    for service in services:
+        try:
+            tail = compose.logs(service)[-2000:]
+        except DockerError as err:
+            tail = str(err)
+        print(f"--- {service}\n{tail}")
 
 
 def _received(compose: Compose, peer: str) -> list[dict[str, Any]]:

@@ -68,13 +68,16 @@ CONTAINER_PATHS = NodePaths(
 # seconds of a write (the compose test and a look at the dashboards both want that).
 COMPOSE_STORAGE = "repair_interval_s = 10.0\n"
 # The image's check, more often while starting; a long timeout because a busy machine
-# (2 cores, 20 containers) can take seconds to start a check's Python.
+# (2 cores, 20 containers) can take seconds to start a check's Python. A long start period
+# costs nothing (the first check that passes makes the container healthy), and compose
+# 1.29 gives up on the whole `up` when a dependency is unhealthy: on a machine at load 60
+# a node took over 60 s to come up, and its dependents were never started.
 NODE_HEALTHCHECK = {
     "test": ["CMD", "python3", "-I", "-S", "/usr/local/lib/dna/healthcheck.py"],
     "interval": "3s",
     "timeout": "10s",
     "retries": 3,
-    "start_period": "60s",
+    "start_period": "180s",
 }
 # The peer image's check (dna-conversation's ready file), looked at more often: it is cheap.
 PEER_HEALTHCHECK = {
@@ -82,7 +85,7 @@ PEER_HEALTHCHECK = {
     "interval": "2s",
     "timeout": "10s",
     "retries": 3,
-    "start_period": "120s",
+    "start_period": "180s",
 }
 # The relays' relay ports: a narrow range, so a firewall or a `ports:` mapping can name it.
 RELAY_PORT_MIN, RELAY_PORT_MAX = 49152, 49251
