@@ -25,7 +25,7 @@ def test_source_caps_refuse_over_the_address_cap_then_over_the_node_cap_and_give
     assert caps.take("c") is None  # a place given back is taken again
     for source in ("a", "b", "c"):
         caps.give(source)
-    assert (caps.count, caps.live) == (0, {})
+    assert (caps.count, caps.live.by_source()) == (0, {})
 
 
 def test_shared_slots_wait_for_room_per_address_and_in_all() -> None:
@@ -44,11 +44,11 @@ def test_shared_slots_wait_for_room_per_address_and_in_all() -> None:
         await asyncio.wait_for(third_a, SETTLE_S)
         await asyncio.sleep(0)
         assert not second_b.done()
-        assert (slots.count, slots.held) == (3, {"a": 2, "b": 1})
+        assert (slots.count, slots.held.by_source()) == (3, {"a": 2, "b": 1})
         slots.release("a", 2)
         await asyncio.wait_for(second_b, SETTLE_S)
-        assert (slots.count, slots.held) == (2, {"b": 2})
+        assert (slots.count, slots.held.by_source()) == (2, {"b": 2})
         slots.release("b", 2)
-        assert (slots.count, slots.held) == (0, {})
+        assert (slots.count, slots.held.by_source()) == (0, {})
 
     asyncio.run(scenario())

@@ -384,6 +384,58 @@ def test_grpc_peers_give_their_address_and_ipv6_ones_group_by_64() -> None:
     assert grpc_peer_ip("unknown") == "unknown"
 
 
+def site_hosts(site: str, count: int) -> list[str]:
+    """One address in each of ``count`` /64s of the /48 ``site`` ("2001:db8:a")."""
+    return [f"{site}:{subnet:x}::1" for subnet in range(count)]
+
+
+def test_puts_from_many_64s_of_one_48_stop_at_the_site_budget() -> None:
+    adm = Admission(SMALL)  # 3 puts per /64 at once; the /48: 8 times that
+    flood = [ip for ip in site_hosts("2001:db8:a", 50) for _ in range(3)]
+    outcomes = [
+        admitted(functools.partial(put, adm, ip=ip, mailbox=mbox(n))) for n, ip in enumerate(flood)
+    ]
+    assert outcomes.count(True) == 24  # 8 x 3, not 50 x 3
+    with pytest.raises(RateLimited, match=r"source's IPv6 /48 .* over 8 puts/s \(burst 24\)"):
+        put(adm, ip="2001:db8:a:ffff::1", mailbox=mbox(999))
+    other_site = [functools.partial(put, adm, ip="2001:db8:b:1::1", mailbox=mbox(1000 + n))
+                  for n in range(3)]  # fmt: skip
+    assert all(admitted(call) for call in other_site)  # another /48: its own budget
+    ipv4 = [
+        functools.partial(put, adm, ip=f"198.51.100.{n}", mailbox=mbox(2000 + n)) for n in range(50)
+    ]
+    assert all(admitted(call) for call in ipv4)  # IPv4 addresses: no site tier
+
+
+def test_the_site_share_and_prefix_are_configurable() -> None:
+    one = Admission(SMALL.model_copy(update={"ipv6_site_share": 1}))
+    flood = [ip for ip in site_hosts("2001:db8:a", 4) for _ in range(3)]
+    outcomes = [
+        admitted(functools.partial(put, one, ip=ip, mailbox=mbox(n))) for n, ip in enumerate(flood)
+    ]
+    assert outcomes.count(True) == 3  # the whole /48 shares one /64's budget
+    off = Admission(SMALL.model_copy(update={"ipv6_site_prefix_len": 64}))  # no second tier
+    outcomes = [
+        admitted(functools.partial(put, off, ip=ip, mailbox=mbox(n))) for n, ip in enumerate(flood)
+    ]
+    assert outcomes.count(True) == 12
+    with pytest.raises(ValidationError, match="ipv6_site_share"):
+        AdmissionConfig(ipv6_site_share=0)
+
+
+def test_deletes_from_many_64s_of_one_48_stop_at_the_site_budget() -> None:
+    adm = Admission(SMALL)  # one full delete (1,000 IDs not held) per /64 at once
+
+    def delete(ip: str) -> None:
+        adm.admit_delete(source_ip=ip, unheld=1000, tombstones=0, node_unheld=0, now_s=T0)
+
+    outcomes = [admitted(functools.partial(delete, ip)) for ip in site_hosts("2001:db8:a", 30)]
+    assert outcomes.count(True) == 8
+    with pytest.raises(RateLimited, match=r"source's IPv6 /48 .* deleted IDs/s"):
+        adm.precheck_delete(source_ip="2001:db8:a:ffff::1", unheld=1, now_s=T0)
+    delete("2001:db8:b::1")  # another /48: admitted
+
+
 # --- PowPolicy -------------------------------------------------------------------------------
 
 

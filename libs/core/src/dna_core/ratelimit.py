@@ -13,11 +13,22 @@ import functools
 import ipaddress
 import math
 import urllib.parse
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
 
 from dna_core.errors import CapacityError
 
-__all__ = ["RateLimited", "RateLimiter", "TokenBucket", "grpc_peer_ip", "source_key"]
+__all__ = [
+    "SITE_TIER",
+    "SOURCE_TIER",
+    "RateLimited",
+    "RateLimiter",
+    "SiteTier",
+    "SourceCounts",
+    "TokenBucket",
+    "grpc_peer_ip",
+    "source_key",
+]
 
 # Float rounding tolerance, in tokens. A client that waits exactly the retry-after it was
 # given must be admitted, but `now + wait - last` rounds at the ulp of `now` (~2e-9 s for a
@@ -107,6 +118,50 @@ class TokenBucket:
 
 Key = str | bytes
 
+# Which tier refused: the source's own key (an IPv4 address, an IPv6 /64) or its site's.
+SOURCE_TIER = "source"
+SITE_TIER = "site"
+
+
+@dataclass(frozen=True)
+class SiteTier:
+    """The second, aggregate tier of every per-source limit: the IPv6 site (``prefix_len``,
+    a /48) a source key belongs to gets ``share`` times the budget of one source key.
+
+    Without it a /48, what any customer site is assigned (RIPE-690 section 4.2), holds
+    65,536 /64s and so 65,536 times every per-/64 budget. ``share`` is 8, as in the libp2p
+    resource manager (8 connections per /56, 8 * 8 per /48): a site may run 8 /64s at full
+    rate at once, which leaves room for an office's few subnets (the hosts of one LAN share
+    one /64 and its budget anyway), while what a /48 can take is bounded whatever number of
+    /64s it uses. A single /64 never reaches its site's budget (it is ``share`` >= 1 times
+    its own), so a source alone in its /48, loopback included, is judged as before.
+    IPv4 keys, and IPv6 keys already grouped at ``prefix_len`` or wider, have no site tier.
+    """
+
+    prefix_len: int = 48
+    share: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.prefix_len <= 128 or self.share < 1:
+            raise ValueError(f"site tier: prefix_len in [0, 128], share >= 1; got {self}")
+
+    def of(self, key: Key) -> str | None:
+        """The site key of source key ``key`` (`source_key`'s ``net/len``), or None."""
+        return _site_key(key, self.prefix_len) if isinstance(key, str) else None
+
+
+@functools.lru_cache(maxsize=4096)  # a pure function, asked once per request
+def _site_key(key: str, prefix_len: int) -> str | None:
+    if "/" not in key:
+        return None  # an IPv4 address, or what was not an address at all
+    try:
+        network = ipaddress.IPv6Network(key)
+    except ValueError:
+        return None
+    if network.prefixlen <= prefix_len:
+        return None
+    return str(network.supernet(new_prefix=prefix_len))
+
 
 class RateLimiter:
     """One `TokenBucket` per key (a source address string, a mailbox ID), at most ``max_keys``.
@@ -121,9 +176,15 @@ class RateLimiter:
 
     Recency is refreshed by every `check` (admitted or not): a key hammering the limiter
     holds the emptiest bucket, the one most worth remembering. `peek` touches nothing.
+
+    With a ``site`` tier (source limiters), a source key is also charged to its site's
+    bucket (``share`` times the rate and burst, `SiteTier`): `check` spends both or
+    neither, and the retry-after is the longer of the two waits.
     """
 
-    def __init__(self, rate: float, burst: float, max_keys: int) -> None:
+    def __init__(
+        self, rate: float, burst: float, max_keys: int, site: SiteTier | None = None
+    ) -> None:
         TokenBucket(rate, burst)  # validates rate and burst
         if max_keys < 1:
             raise ValueError(f"max_keys must be >= 1, got {max_keys}")
@@ -131,6 +192,10 @@ class RateLimiter:
         self._burst = burst
         self._max_keys = max_keys
         self._buckets: OrderedDict[Key, TokenBucket] = OrderedDict()
+        self.site = site
+        self._sites = (
+            None if site is None else RateLimiter(rate * site.share, burst * site.share, max_keys)
+        )
 
     @property
     def rate(self) -> float:
@@ -161,6 +226,58 @@ class RateLimiter:
 
     def peek(self, key: Key, now: float, cost: float = 1.0) -> float:
         """What `check` would return, changing nothing (not even recency)."""
+        return self.refusal(key, now, cost)[0]
+
+    def refusal(self, key: Key, now: float, cost: float = 1.0) -> tuple[float, str]:
+        """`peek`, and the tier that makes the wait (`SOURCE_TIER` or `SITE_TIER`; the
+        source's when neither does)."""
+        wait = self._peek_own(key, now, cost)
+        site = self._site_of(key)
+        if site is not None and self._sites is not None:
+            site_wait = self._sites.peek(site, now, cost)
+            if site_wait > wait:
+                return site_wait, SITE_TIER
+        return wait, SOURCE_TIER
+
+    def check(self, key: Key, now: float, cost: float = 1.0) -> float:
+        """Spend ``cost`` tokens of ``key`` (at most ``burst``), and as many of its site's,
+        and return 0.0; or return the retry-after in seconds and spend nothing."""
+        site = self._site_of(key)
+        if site is None or self._sites is None:
+            return self._check_own(key, now, cost)
+        wait = self.peek(key, now, cost)
+        if wait > 0:
+            self._touch(key)
+            self._sites._touch(site)
+            return wait
+        self._sites._check_own(site, now, cost)
+        return self._check_own(key, now, cost)
+
+    def refund(self, key: Key, now: float, cost: float) -> None:
+        """`TokenBucket.refund` for ``key`` and its site (nothing for a key no longer held:
+        it comes back with a full bucket anyway)."""
+        site = self._site_of(key)
+        if site is not None and self._sites is not None:
+            self._sites.refund(site, now, cost)
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket.refund(now, cost)
+
+    def budget(self, tier: str) -> tuple[str, float, float]:
+        """Who ``tier`` limits, in words for a refusal, and its rate and burst."""
+        if tier == SITE_TIER and self._sites is not None and self.site is not None:
+            who = f"source's IPv6 /{self.site.prefix_len} (all its addresses)"
+            return who, self._sites.rate, self._sites.burst
+        return "source", self._rate, self._burst
+
+    def _site_of(self, key: Key) -> str | None:
+        return None if self.site is None else self.site.of(key)
+
+    def _touch(self, key: Key) -> None:
+        if key in self._buckets:
+            self._buckets.move_to_end(key)
+
+    def _peek_own(self, key: Key, now: float, cost: float) -> float:
         bucket = self._buckets.get(key)
         return (
             TokenBucket(self._rate, self._burst).peek(now, cost)
@@ -168,9 +285,7 @@ class RateLimiter:
             else (bucket.peek(now, cost))
         )
 
-    def check(self, key: Key, now: float, cost: float = 1.0) -> float:
-        """Spend ``cost`` tokens of ``key`` (at most ``burst``) and return 0.0, or return
-        the retry-after in seconds."""
+    def _check_own(self, key: Key, now: float, cost: float) -> float:
         bucket = self._buckets.get(key)
         if bucket is not None:
             self._buckets.move_to_end(key)
@@ -182,12 +297,59 @@ class RateLimiter:
             self._buckets.popitem(last=False)
         return wait
 
-    def refund(self, key: Key, now: float, cost: float) -> None:
-        """`TokenBucket.refund` for ``key`` (nothing for a key no longer held: it comes back
-        with a full bucket anyway)."""
-        bucket = self._buckets.get(key)
-        if bucket is not None:
-            bucket.refund(now, cost)
+
+class SourceCounts:
+    """How many of something (connections, sessions, slots) each source key holds, and
+    each site (`SiteTier`): at most ``per_source`` per key, ``share`` times that per site.
+    `over` says which tier one more would exceed; `add` and `remove` count."""
+
+    def __init__(self, per_source: int, site: SiteTier | None = None) -> None:
+        self.site = site if site is not None else SiteTier()
+        self.per_source = per_source
+        self.per_site = per_source * self.site.share
+        self._by_source: Counter[str] = Counter()
+        self._by_site: Counter[str] = Counter()
+
+    def held(self, key: str) -> int:
+        return self._by_source[key]
+
+    def by_source(self) -> dict[str, int]:
+        """What each source key holds (those holding something)."""
+        return dict(self._by_source)
+
+    def held_by_site(self, key: str) -> int:
+        """What ``key``'s site holds (``key``'s own count when it has no site tier)."""
+        site = self.site.of(key)
+        return self._by_source[key] if site is None else self._by_site[site]
+
+    def over(self, key: str, count: int = 1) -> str | None:
+        """`SOURCE_TIER` or `SITE_TIER` if ``count`` more for ``key`` would exceed that
+        tier's cap, else None."""
+        if self._by_source[key] + count > self.per_source:
+            return SOURCE_TIER
+        site = self.site.of(key)
+        if site is not None and self._by_site[site] + count > self.per_site:
+            return SITE_TIER
+        return None
+
+    def add(self, key: str, count: int = 1) -> None:
+        self._by_source[key] += count
+        if (site := self.site.of(key)) is not None:
+            self._by_site[site] += count
+
+    def remove(self, key: str, count: int = 1) -> None:
+        """Count ``count`` fewer for ``key`` (never below none)."""
+        _decrease(self._by_source, key, count)
+        if (site := self.site.of(key)) is not None:
+            _decrease(self._by_site, site, count)
+
+
+def _decrease(counts: Counter[str], key: str, count: int) -> None:
+    left = counts[key] - count
+    if left > 0:
+        counts[key] = left
+    else:
+        del counts[key]
 
 
 @functools.lru_cache(maxsize=4096)  # a pure function, asked once per put

@@ -25,6 +25,7 @@ import grpc
 from prometheus_client import Counter, Gauge
 
 from dna_core.errors import MalformedError
+from dna_core.ratelimit import SITE_TIER, SiteTier, SourceCounts
 from dna_core.tasks import stop_tasks
 
 log = logging.getLogger("dna.session")
@@ -42,19 +43,30 @@ def nothing() -> None:
 
 class SourceCaps:
     """How many of something (sessions, subscriptions) live at once per source address
-    (``ratelimit.source_key``: IPv6 per prefix) and in all: ``take`` one or say why not.
-    Without it, one address could open a session per stream of each of its connections
-    (the connection guard's 64 per source, grpcio's 100 streams each), each holding its
-    window and pages."""
+    (``ratelimit.source_key``: IPv6 per prefix), per IPv6 site (``share`` times as many
+    for all the /64s of a /48, `ratelimit.SiteTier`) and in all: ``take`` one or say why
+    not. Without it, one address could open a session per stream of each of its
+    connections (the connection guard's 64 per source, grpcio's 100 streams each), each
+    holding its window and pages; without the site tier, one /48 could open that per /64."""
 
-    def __init__(self, what: str, per_source: int, total: int) -> None:
+    def __init__(
+        self, what: str, per_source: int, total: int, site: SiteTier | None = None
+    ) -> None:
         self.what, self.per_source, self.total = what, per_source, total
-        self.live: dict[str, int] = {}
+        self.live = SourceCounts(per_source, site)
         self.count = 0
 
     def take(self, source: str) -> SessionCutError | None:
         """Count one more for ``source``, or the refusal (RESOURCE_EXHAUSTED) if over."""
-        if self.live.get(source, 0) >= self.per_source:
+        tier = self.live.over(source)
+        if tier == SITE_TIER:
+            return SessionCutError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.what}: {self.live.per_site} open from this address's IPv6 "
+                f"/{self.live.site.prefix_len} (the limit)",
+                "site_limit",
+            )
+        if tier is not None:
             return SessionCutError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{self.what}: {self.per_source} open from this address (the limit)",
@@ -66,33 +78,30 @@ class SourceCaps:
                 f"{self.what}: {self.total} open on this node (the limit)",
                 "node_limit",
             )
-        self.live[source] = self.live.get(source, 0) + 1
+        self.live.add(source)
         self.count += 1
         return None
 
     def give(self, source: str) -> None:
-        left = self.live.get(source, 0) - 1
-        if left > 0:
-            self.live[source] = left
-        else:
-            self.live.pop(source, None)
+        self.live.remove(source)
         self.count -= 1
 
 
 class SharedSlots:
     """Slots every session of a node draws from, at most ``per_source`` held by the
-    sessions of one address and ``total`` by all: what bounds the node's memory for
-    sessions as a whole (each session also has its own few). ``acquire`` waits for a
-    slot; ``release`` is plain (called once an answer is written)."""
+    sessions of one address, ``share`` times that by those of one IPv6 site (`SourceCaps`)
+    and ``total`` by all: what bounds the node's memory for sessions as a whole (each
+    session also has its own few). ``acquire`` waits for a slot; ``release`` is plain
+    (called once an answer is written)."""
 
-    def __init__(self, per_source: int, total: int) -> None:
+    def __init__(self, per_source: int, total: int, site: SiteTier | None = None) -> None:
         self.per_source, self.total = per_source, total
-        self.held: dict[str, int] = {}
+        self.held = SourceCounts(per_source, site)
         self.count = 0
         self._waiters: list[asyncio.Future[None]] = []
 
     def _fits(self, source: str) -> bool:
-        return self.count < self.total and self.held.get(source, 0) < self.per_source
+        return self.count < self.total and self.held.over(source) is None
 
     async def acquire(self, source: str) -> None:
         await self.until_free(source)
@@ -102,7 +111,7 @@ class SharedSlots:
         """Take a slot now if ``source`` may have one (no waiting); whether it did."""
         if not self._fits(source):
             return False
-        self.held[source] = self.held.get(source, 0) + 1
+        self.held.add(source)
         self.count += 1
         return True
 
@@ -120,11 +129,7 @@ class SharedSlots:
     def release(self, source: str, count: int = 1) -> None:
         if count <= 0:
             return
-        left = self.held.get(source, 0) - count
-        if left > 0:
-            self.held[source] = left
-        else:
-            self.held.pop(source, None)
+        self.held.remove(source, count)
         self.count -= count
         for waiter in self._waiters:  # each checks again whether it fits now
             if not waiter.done():

@@ -53,7 +53,7 @@ from dna_core.errors import (
     VerificationError,
 )
 from dna_core.ops.config import ConfigModel
-from dna_core.ratelimit import RateLimited, RateLimiter, TokenBucket, source_key
+from dna_core.ratelimit import RateLimited, RateLimiter, SiteTier, TokenBucket, source_key
 from pydantic import Field, model_validator
 
 from dna_storage.backends.base import Quota, TombstoneBounds, Usage
@@ -237,6 +237,14 @@ class AdmissionConfig(ConfigModel):
     """Source addresses tracked (the least recently seen are forgotten)."""
     ipv6_prefix_len: int = Field(default=64, ge=0, le=128)
     """IPv6 sources are grouped by this prefix."""
+    ipv6_site_prefix_len: int = Field(default=48, ge=0, le=128)
+    """Every per-source limit of the node (put and delete rates, sessions, subscriptions,
+    page slots) has a second tier: all the sources of one IPv6 site, this prefix (a /48,
+    what a customer site is assigned), share one budget, so a site cannot multiply its
+    budget by using many /64s. No second tier if it is not shorter than ipv6_prefix_len."""
+    ipv6_site_share: int = Field(default=8, ge=1)
+    """A site's budget is this many times one source's: 8 sources of a site at full rate
+    at once (as the libp2p resource manager allows a /48 8 times a /56's connections)."""
     mailbox_rate_per_s: float = Field(default=10.0, gt=0)
     """Puts per second into one mailbox..."""
     mailbox_burst: float = Field(default=50.0, ge=1)
@@ -271,6 +279,11 @@ class AdmissionConfig(ConfigModel):
     disk_high_water: float = Field(default=0.90, gt=0, le=1)
     """Refuse writes and turn unready above this fraction of the disk used (SQLite)."""
 
+    @property
+    def site_tier(self) -> SiteTier:
+        """The second tier of the per-source limits (`dna_core.ratelimit.SiteTier`)."""
+        return SiteTier(self.ipv6_site_prefix_len, self.ipv6_site_share)
+
     @model_validator(mode="after")
     def _base_bits_at_most_max(self) -> AdmissionConfig:
         if self.pow_base_bits > self.pow_max_bits:
@@ -296,9 +309,12 @@ class Admission:
     def __init__(self, config: AdmissionConfig | None = None) -> None:
         c = config if config is not None else AdmissionConfig()
         self.config = c
-        self.per_ip = RateLimiter(c.ip_rate_per_s, c.ip_burst, c.ip_max_keys)
+        site = c.site_tier
+        self.per_ip = RateLimiter(c.ip_rate_per_s, c.ip_burst, c.ip_max_keys, site)
         self.per_mailbox = RateLimiter(c.mailbox_rate_per_s, c.mailbox_burst, c.mailbox_max_keys)
-        self.deletes_per_ip = RateLimiter(c.delete_ip_rate_per_s, c.delete_ip_burst, c.ip_max_keys)
+        self.deletes_per_ip = RateLimiter(
+            c.delete_ip_rate_per_s, c.delete_ip_burst, c.ip_max_keys, site
+        )
         self.pow = PowPolicy(
             c.pow_base_bits, c.pow_max_bits, c.pow_target_puts_per_s, c.pow_window_s
         )
@@ -411,12 +427,12 @@ class Admission:
     def _delete_rate(self, source_ip: str, unheld: int, now_s: float) -> tuple[str, float]:
         """The source's key and the delete's cost in tokens, or raise `RateLimited`."""
         ip_key, cost = self._delete_cost(source_ip, unheld)
-        limiter = self.deletes_per_ip
-        wait = limiter.peek(ip_key, now_s, cost)
+        wait, tier = self.deletes_per_ip.refusal(ip_key, now_s, cost)
         if wait > 0:
+            who, rate, burst = self.deletes_per_ip.budget(tier)
             raise RateLimited(
-                f"rate limit: source over {limiter.rate:g} deleted IDs/s not held here "
-                f"(burst {limiter.burst:g}); retry after {wait:.3f} s",
+                f"rate limit: {who} over {rate:g} deleted IDs/s not held here "
+                f"(burst {burst:g}); retry after {wait:.3f} s",
                 wait,
             )
         return ip_key, cost
@@ -443,14 +459,16 @@ class Admission:
             raise PowRequired(f"proof of work: {required} bits required, proof {have}", required)
         # 4. Rate limits: peeked, both of them, and spent only at the end of admit_put.
         ip_key = source_key(source_ip, ipv6_prefix_len=c.ipv6_prefix_len)
-        ip_wait = self.per_ip.peek(ip_key, now_s)
+        ip_wait, tier = self.per_ip.refusal(ip_key, now_s)
         mailbox_wait = self.per_mailbox.peek(mailbox_id, now_s)
         if ip_wait > 0 or mailbox_wait > 0:
-            which = "source" if ip_wait >= mailbox_wait else "mailbox"
-            limiter = self.per_ip if which == "source" else self.per_mailbox
+            if ip_wait >= mailbox_wait:
+                which, rate, burst = self.per_ip.budget(tier)
+            else:
+                which, rate, burst = "mailbox", self.per_mailbox.rate, self.per_mailbox.burst
             wait = max(ip_wait, mailbox_wait)  # the retry has to pass both
             raise RateLimited(
-                f"rate limit: {which} over {limiter.rate:g} puts/s (burst {limiter.burst:g}); "
+                f"rate limit: {which} over {rate:g} puts/s (burst {burst:g}); "
                 f"retry after {wait:.3f} s",
                 wait,
             )

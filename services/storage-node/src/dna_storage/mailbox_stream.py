@@ -82,9 +82,10 @@ class SessionMetrics:
         self.refusals = Counter(
             "dna_storage_session_refusals",
             "Sessions cut (window, duplicate_id, malformed, stalled), refused at opening "
-            "(source_limit, node_limit) and subscriptions refused (subscribe_denied, "
-            "subscriptions: over 8 on a session, subscriptions_source_limit, "
-            "subscriptions_node_limit), by reason",
+            "(source_limit, site_limit: the source's IPv6 /48, node_limit) and subscriptions "
+            "refused (subscribe_denied, subscriptions: over 8 on a session, "
+            "subscriptions_source_limit, subscriptions_site_limit, subscriptions_node_limit), "
+            "by reason",
             ["reason"],
             registry=registry,
         )

@@ -340,19 +340,20 @@ class StorageNode:
             )  # fmt: skip
             rules.append(service.sync_rules)
             assert self.server is not None
+            site = self.config.admission.site_tier
             service.session_rules = SessionRules(
                 service, subscribers, SessionMetrics(self.server.registry),
                 window=section.session_window, stall_s=section.session_stall_s,
                 sessions=SourceCaps(
-                    "session", section.sessions_max_per_source, section.sessions_max
+                    "session", section.sessions_max_per_source, section.sessions_max, site
                 ),
                 subscriptions=SourceCaps(
                     "subscriptions", section.subscriptions_max_per_source,
-                    section.sessions_max * MAX_SUBSCRIPTIONS,
+                    section.sessions_max * MAX_SUBSCRIPTIONS, site,
                 ),
                 ipv6_prefix_len=self.config.admission.ipv6_prefix_len,
                 node_pages=SharedSlots(
-                    section.session_pages_per_source, section.session_pages_max
+                    section.session_pages_per_source, section.session_pages_max, site
                 ),
             )  # fmt: skip
             return [register(service, MAILBOX_DESCRIPTOR)]

@@ -120,7 +120,8 @@ class AnswerSlots:
             self.refused.labels(reason="busy").inc()
             raise CapacityError(
                 f"busy: no room for another large answer within {self.stall_s:g} s "
-                f"({self.slots.per_source} per address, {self.slots.total} in all); retry"
+                f"({self.slots.per_source} per address, {self.slots.held.per_site} per IPv6 "
+                f"/{self.slots.held.site.prefix_len}, {self.slots.total} in all); retry"
             ) from None
 
     async def _write(self, context: Ctx, response: Any, on_stall: Callable[[], object]) -> None:

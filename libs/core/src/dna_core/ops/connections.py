@@ -6,23 +6,31 @@ able to hold them all. The adapters (the ops HTTP server, the gRPC port's `TcpRe
 is closed at once, before it costs a buffer.
 
 Sources are grouped as the rate limiters group them (`dna_core.ratelimit.source_key`): an
-IPv6 host owns a whole /64, so per-address caps would be worth nothing against it. The
-invariant: after any sequence of calls, ``open`` equals the admitted connections not yet
-released, and no source holds more than ``max_per_source`` of them.
+IPv6 host owns a whole /64, so per-address caps would be worth nothing against it, and
+a site owns a whole /48 of them, so the /64s of one /48 together hold at most ``share``
+times the per-source cap (`dna_core.ratelimit.SiteTier`). The invariant: after any
+sequence of calls, ``open`` equals the admitted connections not yet released, no source
+holds more than ``max_per_source`` of them and no site more than its share.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
-from dna_core.ratelimit import source_key
+from dna_core.ratelimit import SITE_TIER, SiteTier, SourceCounts, source_key
 
-__all__ = ["OVER_SOURCE_CAP", "OVER_TOTAL_CAP", "ConnectionCaps", "ConnectionLimits"]
+__all__ = [
+    "OVER_SITE_CAP",
+    "OVER_SOURCE_CAP",
+    "OVER_TOTAL_CAP",
+    "ConnectionCaps",
+    "ConnectionLimits",
+]
 
 # Why a connection was refused: the ``reason`` label of the refusal counters.
 OVER_TOTAL_CAP = "total_cap"
 OVER_SOURCE_CAP = "source_cap"
+OVER_SITE_CAP = "site_cap"  # the source's IPv6 /48 holds its share already
 
 
 @dataclass(frozen=True)
@@ -38,9 +46,9 @@ class ConnectionLimits:
 class ConnectionCaps:
     """Counts open connections by source; `admit` says whether one more fits."""
 
-    def __init__(self, limits: ConnectionLimits) -> None:
+    def __init__(self, limits: ConnectionLimits, site: SiteTier | None = None) -> None:
         self.limits = limits
-        self._by_source: Counter[str] = Counter()
+        self._by_source = SourceCounts(limits.max_connections_per_source, site)
         self._open = 0
 
     @property
@@ -49,26 +57,26 @@ class ConnectionCaps:
         return self._open
 
     def held_by(self, source: str) -> int:
-        return self._by_source[source_key(source)]
+        return self._by_source.held(source_key(source))
 
     def admit(self, source: str) -> str | None:
         """Count one more connection from ``source`` (an IP address) and return None, or
-        return why it does not fit (`OVER_TOTAL_CAP`, `OVER_SOURCE_CAP`) and count nothing."""
+        return why it does not fit (`OVER_TOTAL_CAP`, `OVER_SOURCE_CAP`, `OVER_SITE_CAP`)
+        and count nothing."""
         key = source_key(source)
         if self._open >= self.limits.max_connections:
             return OVER_TOTAL_CAP
-        if self._by_source[key] >= self.limits.max_connections_per_source:
-            return OVER_SOURCE_CAP
-        self._by_source[key] += 1
+        tier = self._by_source.over(key)
+        if tier is not None:
+            return OVER_SITE_CAP if tier == SITE_TIER else OVER_SOURCE_CAP
+        self._by_source.add(key)
         self._open += 1
         return None
 
     def release(self, source: str) -> None:
         """One admitted connection from ``source`` closed."""
         key = source_key(source)
-        if self._by_source[key] <= 0:
+        if self._by_source.held(key) <= 0:
             raise ValueError(f"release of {source!r}, which holds no admitted connection")
-        self._by_source[key] -= 1
+        self._by_source.remove(key)
         self._open -= 1
-        if not self._by_source[key]:
-            del self._by_source[key]

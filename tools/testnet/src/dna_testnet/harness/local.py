@@ -104,7 +104,8 @@ class LocalNode:
             )
 
     def http(self, path: str) -> httpx.Response:
-        return httpx.get(f"http://{self.ip}:{HTTP_PORT}{path}", timeout=2.0)
+        host = f"[{self.ip}]" if ":" in self.ip else self.ip  # an IPv6 node's address
+        return httpx.get(f"http://{host}:{HTTP_PORT}{path}", timeout=2.0)
 
     def status(self) -> dict[str, Any]:
         data: dict[str, Any] = self.http("/status").json()

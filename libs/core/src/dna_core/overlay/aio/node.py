@@ -52,7 +52,7 @@ from dna_core.overlay.records import (
     RecordStore,
 )
 from dna_core.overlay.tokens import AddressTokens
-from dna_core.ratelimit import RateLimiter, source_key
+from dna_core.ratelimit import SITE_TIER, RateLimiter, SiteTier, source_key
 from dna_core.tasks import stop_tasks
 from dna_core.wire.gen.dna.v1 import common_pb2
 
@@ -151,7 +151,10 @@ class OverlayNode:
         self.tokens = AddressTokens(os.urandom(32))
         self.contacts = ContactCache()
         self.datagram_limit = RateLimiter(
-            config.datagram_rate_per_s, config.datagram_burst, config.datagram_sources_max
+            config.datagram_rate_per_s,
+            config.datagram_burst,
+            config.datagram_sources_max,
+            site=SiteTier(),
         )
         self.metrics = OverlayMetrics(registry or CollectorRegistry(), lambda: len(self.table))
         self.contact: Contact | None = None
@@ -243,9 +246,13 @@ class OverlayNode:
 
     def _on_datagram(self, data: bytes, addr: Addr) -> None:
         now = time.monotonic()
-        if self.datagram_limit.check(source_key(addr[0]), now):
-            self.metrics.rejected.labels(reason="datagram_rate").inc()
-            return  # before any decoding: a flood costs the node a bucket check each
+        source = source_key(addr[0])
+        if self.datagram_limit.check(source, now):
+            # before any decoding: a flood costs the node a bucket check each
+            tier = self.datagram_limit.refusal(source, now)[1]
+            reason = "datagram_site_rate" if tier == SITE_TIER else "datagram_rate"
+            self.metrics.rejected.labels(reason=reason).inc()
+            return
         try:
             dgram = decode_datagram(data, puzzle_bits=self.config.puzzle_bits, cache=self.contacts)
         except ProtocolError as exc:

@@ -44,7 +44,7 @@ from dna_core.overlay.records import (
     check_policy,
     select_best,
 )
-from dna_core.ratelimit import RateLimited, RateLimiter, grpc_peer_ip, source_key
+from dna_core.ratelimit import RateLimited, RateLimiter, SiteTier, grpc_peer_ip, source_key
 from dna_core.rpc_errors import call
 from dna_core.rpc_session import NoSession, SessionPool, status_error
 from dna_core.rpc_session_server import SourceCaps
@@ -121,7 +121,10 @@ class OverlayService(overlay_pb2_grpc.OverlayServicer):
         self.used_time = used_time
         if limiter is None:
             limiter = RateLimiter(
-                DEFAULT_SOURCE_RATE_PER_S, DEFAULT_SOURCE_BURST, DEFAULT_SOURCE_MAX_KEYS
+                DEFAULT_SOURCE_RATE_PER_S,
+                DEFAULT_SOURCE_BURST,
+                DEFAULT_SOURCE_MAX_KEYS,
+                site=SiteTier(),
             )
         self.limiter = limiter
         self.on_rejected, self.on_evicted = on_rejected, on_evicted
@@ -233,11 +236,13 @@ class OverlayService(overlay_pb2_grpc.OverlayServicer):
         repeated = self.store.repeat(raw, now_ms, fellow, source)
         if repeated is not None:
             return repeated
-        wait = self.limiter.check(source, self.monotonic())
+        now = self.monotonic()
+        wait = self.limiter.check(source, now)
         if wait > 0:
+            who, rate, burst = self.limiter.budget(self.limiter.refusal(source, now)[1])
             raise RateLimited(
-                f"record store: source over {self.limiter.rate:g} records/s "
-                f"(burst {self.limiter.burst:g}); retry after {wait:.1f} s",
+                f"record store: {who} over {rate:g} records/s (burst {burst:g}); "
+                f"retry after {wait:.1f} s",
                 wait,
             )
         verify_at, expired_by = self._judged_at(now_ms)

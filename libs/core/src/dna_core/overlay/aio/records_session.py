@@ -68,7 +68,7 @@ class RecordSessionMetrics:
         self.cuts = Counter(
             "dna_overlay_session_cuts",
             "Overlay record sessions cut (window, duplicate_id, malformed, stalled) or refused "
-            "at opening (source_limit, node_limit), by reason",
+            "at opening (source_limit, site_limit: the source's IPv6 /48, node_limit), by reason",
             ["reason"],
             registry=registry,
         )

@@ -58,7 +58,7 @@ from dna_core.overlay.records import (
     DEFAULT_NAME_POW_BITS,
     RecordStore,
 )
-from dna_core.ratelimit import RateLimiter
+from dna_core.ratelimit import RateLimiter, SiteTier
 from dna_core.rpc_session_server import SourceCaps
 from dna_core.tasks import stop_tasks
 from dna_core.wire.gen.dna.v1 import common_pb2, overlay_pb2
@@ -579,7 +579,10 @@ class OverlayServer:
             local=lambda: _require(node.contact),
             k=self.config.overlay.k,
             limiter=RateLimiter(
-                records.source_rate_per_s, records.source_burst, records.source_max_keys
+                records.source_rate_per_s,
+                records.source_burst,
+                records.source_max_keys,
+                site=SiteTier(),
             ),
             journal=self.record_file,
             clock=self.wall_ms,  # reads hide what the wall clock calls expired
