@@ -331,7 +331,7 @@ class ServerSession:
             self.out.task_done()
 
 
-# The closes under way whose session's call was cancelled meanwhile (``_close``).
+# The sessions' closes under way (``_close``): the loop holds a task only weakly.
 _CLOSING: set[asyncio.Task[None]] = set()
 
 
