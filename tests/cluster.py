@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +36,7 @@ __all__ = [
     "client_node",
     "free_ips",
     "held_by",
+    "idle_connections",
     "mailbox_call",
     "make_cluster",
     "node_process",
@@ -66,6 +69,20 @@ def free_ips(count: int) -> list[str]:
     """Addresses for what is not a node (a client's source address, a node started by hand
     with `dna-storage-node`), from the same allocator."""
     return LOOPBACK.take(count)
+
+
+def idle_connections(source: str, target: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` TCP connections from ``source`` to ``target``:``port`` that never send a
+    byte (non-blocking: a test reads whether the node closed them)."""
+    family = socket.AF_INET6 if ipaddress.ip_address(target).version == 6 else socket.AF_INET
+    conns = []
+    for _ in range(count):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.bind((source, 0))
+        sock.connect((target, port))
+        sock.setblocking(False)
+        conns.append(sock)
+    return conns
 
 
 def stop_all(nodes: list[LocalNode]) -> None:

@@ -11,8 +11,29 @@ from typing import Any
 
 import grpc
 import pytest
+from dna_core.ops.grpc_gate import GrpcGate
+from dna_core.overlay.aio.records_rpc import OverlayService
+from dna_core.overlay.aio.server import OVERLAY_DESCRIPTOR
+from dna_core.overlay.contact import Contact
+from dna_core.overlay.records import RecordStore
+from prometheus_client import CollectorRegistry
 
 OVERSIZED = 5 * 1024 * 1024  # a frame over the nodes' 4 MiB message limit
+
+
+def overlay_server(registry: CollectorRegistry) -> tuple[grpc.aio.Server, OverlayService]:
+    """An in-process Overlay service with an empty store, behind the gRPC gate, on a server
+    with no port yet: its sessions and calls alone (it knows no other node)."""
+    service = OverlayService(
+        store=RecordStore(), closest=lambda key, k: [], local=_no_overlay, registry=registry
+    )
+    server = grpc.aio.server()
+    GrpcGate(max_message=4 << 20).add(server, service, OVERLAY_DESCRIPTOR)
+    return server, service
+
+
+def _no_overlay() -> Contact:
+    raise AssertionError("not asked")
 
 
 def raw_session(channel: grpc.aio.Channel, method: str) -> Any:

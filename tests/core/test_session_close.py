@@ -10,16 +10,11 @@ import contextlib
 from typing import Any
 
 import grpc
-from dna_core.ops.grpc_gate import GrpcGate
-from dna_core.overlay.aio.records_rpc import OverlayService
 from dna_core.overlay.aio.records_session import OverlaySession
-from dna_core.overlay.aio.server import OVERLAY_DESCRIPTOR
-from dna_core.overlay.contact import Contact
-from dna_core.overlay.records import RecordStore
 from dna_core.rpc_session import SessionPool
 from dna_core.wire.gen.dna.v1 import overlay_pb2
 from prometheus_client import CollectorRegistry
-from stream_sessions import raw_session
+from stream_sessions import overlay_server, raw_session
 from support import SETTLE_S
 
 CLIENTS = 100  # without the fix, about 1 in 10 stayed counted (measured: 18 and 22 of 200)
@@ -32,11 +27,7 @@ def test_a_client_that_closes_its_side_then_cancels_leaves_no_session_counted() 
 
     async def go() -> None:
         registry = CollectorRegistry()
-        service = OverlayService(
-            store=RecordStore(), closest=lambda key, k: [], local=_unused, registry=registry
-        )
-        server = grpc.aio.server()
-        GrpcGate(max_message=4 << 20).add(server, service, OVERLAY_DESCRIPTOR)
+        server, service = overlay_server(registry)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -114,7 +105,3 @@ def test_a_pool_closed_while_a_session_opens_leaves_no_stream_open() -> None:
 
 def _open(registry: CollectorRegistry) -> float:
     return registry.get_sample_value("dna_overlay_sessions_open") or 0.0
-
-
-def _unused() -> Contact:
-    raise AssertionError("not asked")

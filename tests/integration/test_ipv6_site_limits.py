@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from cluster import GRPC_PORT, NodeProcess, sample_value, scrape, wait_ready
+from cluster import GRPC_PORT, NodeProcess, idle_connections, sample_value, scrape, wait_ready
 from dna_core.overlay.codec import Datagram, FindNode, encode_datagram
 from dna_testnet.network import UDP_PORT
 from process_mark import starts_processes
@@ -61,14 +61,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
 
 def open_idle(source: str, count: int) -> list[socket.socket]:
     """``count`` TCP connections to the node's gRPC port from ``source``, never sending."""
-    conns = []
-    for _ in range(count):
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        sock.bind((source, 0))
-        sock.connect((NODE_IP, GRPC_PORT))
-        sock.setblocking(False)
-        conns.append(sock)
-    return conns
+    return idle_connections(source, NODE_IP, GRPC_PORT, count)
 
 
 def closed_by_node(sock: socket.socket) -> bool:

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cluster import GRPC_PORT, NodeProcess, free_ips, sample_value, scrape, wait_ready
+from cluster import (
+    GRPC_PORT,
+    NodeProcess,
+    free_ips,
+    idle_connections,
+    sample_value,
+    scrape,
+    wait_ready,
+)
 from dna_core.ops.relay import TcpRelay
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, overlay_pb2
 from dna_testnet.network import HTTP_PORT
@@ -141,14 +149,7 @@ def open_idle(
     port: int, count: int, source: str = FLOODER, target: str = IP
 ) -> list[socket.socket]:
     """``count`` TCP connections from ``source`` that never send a byte."""
-    conns = []
-    for _ in range(count):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind((source, 0))
-        sock.connect((target, port))
-        sock.setblocking(False)
-        conns.append(sock)
-    return conns
+    return idle_connections(source, target, port, count)
 
 
 def closed_by_node(sock: socket.socket) -> bool:

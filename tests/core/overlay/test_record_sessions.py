@@ -7,25 +7,18 @@ import asyncio
 import os
 import socket
 
-import grpc
 import pytest
 from dna_core.errors import UnavailableError
-from dna_core.ops.grpc_gate import GrpcGate
-from dna_core.overlay.aio.records_rpc import ChannelPool, OverlayService, RecordClient
-from dna_core.overlay.aio.server import OVERLAY_DESCRIPTOR
+from dna_core.overlay.aio.records_rpc import ChannelPool, RecordClient
 from dna_core.overlay.contact import Contact, Endpoint
-from dna_core.overlay.records import RecordStore
 from prometheus_client import CollectorRegistry
+from stream_sessions import overlay_server
 
 
 def test_the_pool_keeps_at_most_its_size_of_sessions_closing_the_least_recent() -> None:
     async def go() -> None:
         registry = CollectorRegistry()
-        service = OverlayService(
-            store=RecordStore(), closest=lambda key, k: [], local=_unused, registry=registry
-        )
-        server = grpc.aio.server()
-        GrpcGate(max_message=4 << 20).add(server, service, OVERLAY_DESCRIPTOR)
+        server, _ = overlay_server(registry)
         ports = [server.add_insecure_port("127.0.0.1:0") for _ in range(3)]  # 3 targets
         await server.start()
         nodes = [Contact(os.urandom(32), b"", (Endpoint("127.0.0.1", p, p),)) for p in ports]
@@ -62,22 +55,13 @@ def test_the_pool_keeps_at_most_its_size_of_sessions_closing_the_least_recent() 
     asyncio.run(go())
 
 
-def _unused() -> Contact:
-    raise AssertionError("not asked")
-
-
 def test_find_value_says_nobody_answered_apart_from_nothing_found() -> None:
     """None meant both "the holders hold nothing" and "no holder answered": a reader took a
     network fault for an unpublished key (an honest sender's message refused). One node
     answering empty is None; none answering (a closed port, no node) is UnavailableError."""
 
     async def go() -> None:
-        service = OverlayService(
-            store=RecordStore(), closest=lambda key, k: [], local=_unused,
-            registry=CollectorRegistry(),
-        )  # fmt: skip
-        server = grpc.aio.server()
-        GrpcGate(max_message=4 << 20).add(server, service, OVERLAY_DESCRIPTOR)
+        server, _ = overlay_server(CollectorRegistry())
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         closed = socket.socket()
