@@ -715,6 +715,11 @@ def test_dna_max_strangers_bounds_the_message_requests(testnet: Testnet, tmp_pat
     requests = ok(dna(bob, "--json", "inbox", net=testnet, env={"DNA_MAX_STRANGERS": "2"}))
     assert len(requests) == 2, requests  # which one went depends on the fetch's order
     assert {c["last"] for c in requests} < {f"hello from {i}" for i in range(3)}
+    # a request is answered by the fingerprint `dna inbox` shows for it (16 digits)
+    shown = requests[0]["contact"]["fingerprint"][:16]
+    ok(dna(bob, "--json", "send", shown, "hello stranger", net=testnet))
+    texts = [m["text"] for m in ok(dna(bob, "--json", "inbox", shown, net=testnet))]
+    assert texts[-1] == "hello stranger", texts
 
 
 def test_contact_names_and_fingerprints_that_are_neither(testnet: Testnet, tmp_path: Path) -> None:
