@@ -95,15 +95,20 @@ BIN = Path(sys.executable).parent
 
 
 def run_script(
-    cmd: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+    cmd: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a console script as a person would, with no terminal: secrets and settings come
-    only from ``env`` (the test's own DNA_* variables are dropped)."""
+    only from ``env`` (the test's own DNA_* variables are dropped); ``cwd`` is where the
+    paths a configuration leaves relative land (the default data directories)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("DNA_")}
     return subprocess.run(
         [str(BIN / cmd), *args],
         check=False, capture_output=True, text=True, timeout=timeout,
-        env={**base, **(env or {})}, stdin=subprocess.DEVNULL,
+        env={**base, **(env or {})}, stdin=subprocess.DEVNULL, cwd=cwd,
     )  # fmt: skip
 
 

@@ -45,7 +45,9 @@ def one_line_error(out: subprocess.CompletedProcess[str], prog: str) -> str:
 def run(
     prog: str, path: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return run_script(prog, "run", "--config", str(path), env=env, timeout=30)
+    # in the test's directory: a node that fails after opening its store (default data
+    # directory, relative) must not leave it in the repository
+    return run_script(prog, "run", "--config", str(path), env=env, timeout=30, cwd=path.parent)
 
 
 @pytest.fixture(scope="module")
