@@ -120,3 +120,19 @@ def test_shared_slots_hold_a_site_to_its_share_and_wake_it_when_one_is_freed() -
         assert slots.held.by_source() == {a1: 1, a2: 1, keys_in(SITE_B, 1)[0]: 1}
 
     asyncio.run(scenario())
+
+
+def test_an_ipv6_address_carrying_a_client_s_ipv4_counts_as_that_ipv4_address() -> None:
+    """6to4, Teredo and NAT64 addresses stand for an IPv4 client: one IPv4 address held a
+    whole 6to4 /48 (a site's budget besides its IPv4 one), and every client of one
+    translator shared one /64's budget. Fails without `_carried_ipv4` (checked)."""
+    assert source_key("2002:cb00:7101:5::1") == "203.0.113.1"  # 6to4: 2002:<IPv4>::/48
+    assert source_key("2002:CB00:7101::1") == "203.0.113.1"  # however it is written
+    # Teredo: server 65.54.227.120, client 192.0.2.45 (its bits inverted in the address)
+    assert source_key("2001:0:4136:e378:8000:63bf:3fff:fdd2") == "192.0.2.45"
+    assert source_key("64:ff9b::203.0.113.9") == "203.0.113.9"  # NAT64 well-known prefix
+    assert source_key("64:ff9b::cb00:7109") == source_key("64:ff9b::203.0.113.9")
+    assert source_key("::ffff:198.51.100.7") == "198.51.100.7"  # IPv4-mapped, as before
+    assert SiteTier().of(source_key("2002:cb00:7101:5::1")) is None  # IPv4: no site tier
+    assert source_key("2001:db8:a:7::1") == "2001:db8:a:7::/64"  # plain IPv6 unchanged
+    assert source_key("64:ff9b:1::1") == "64:ff9b:1::/64"  # RFC 8215's local prefix: as IPv6

@@ -358,20 +358,42 @@ def source_key(source_ip: str, *, ipv6_prefix_len: int = 64) -> str:
 
     An IPv6 host is routinely given a whole /64 (RFC 4291 §2.5.4, SLAAC), so per-address
     limits would be per-/64 anyway for an honest host and worthless against a dishonest
-    one: IPv6 addresses are grouped by ``ipv6_prefix_len``. IPv4-mapped IPv6 addresses
-    count as their IPv4 address. Anything that is not an IP address is used as given.
+    one: IPv6 addresses are grouped by ``ipv6_prefix_len``. An IPv6 address that carries
+    the client's IPv4 address counts as that IPv4 address (`_carried_ipv4`). Anything that
+    is not an IP address is used as given.
     """
     try:
         addr = ipaddress.ip_address(source_ip)
     except ValueError:
         return source_ip
     if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
+        carried = _carried_ipv4(addr)
+        if carried is not None:
+            return str(carried)
         host_bits = 128 - ipv6_prefix_len
         network = (int(addr) >> host_bits) << host_bits  # drops any %scope too
         return f"{ipaddress.IPv6Address(network)}/{ipv6_prefix_len}"
     return str(addr)
+
+
+NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052's well-known prefix
+
+
+def _carried_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address of the client an IPv6 address stands for, if it carries one:
+    IPv4-mapped (RFC 4291), 6to4 (RFC 3056), Teredo's client (RFC 4380) and the NAT64
+    well-known prefix (RFC 6052). Grouped as IPv6, one IPv4 address held a whole 6to4 /48
+    (a site's budget besides its own IPv4 one), and every client of one NAT64 translator
+    or Teredo server shared one /64's."""
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    if addr.teredo is not None:
+        return addr.teredo[1]
+    if addr in NAT64_PREFIX:
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    return None
 
 
 def grpc_peer_ip(peer: str) -> str:
