@@ -393,7 +393,8 @@ def test_sessions_over_the_address_cap_are_refused_before_holding_anything(
         await until_async(lambda: metric(server, "dna_overlay_sessions_open") < cap, "one ended")
         again = raw_session(channel, METHOD)
         assert overlay_pb2.OverlaySessionResponse.FromString(await again.read()).HasField("hello")
-        await channel.close()
+        await channel.close()  # its sessions end on the node a moment later: then it serves
+        await until_async(lambda: metric(server, "dna_overlay_sessions_open") == 0, "all ended")
         await still_serves(server, key, raw)
 
     run(tmp_path, work, sessions_max_per_source=cap)

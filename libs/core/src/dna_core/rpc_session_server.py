@@ -195,11 +195,7 @@ class ServerSession:
             self.cuts.labels(reason=refusal.kind).inc()
             await self._abort(refusal)
             return
-        try:
-            await self._run(requests)
-        finally:
-            if self.caps is not None:
-                self.caps.give(self.source)
+        await self._run(requests)  # its close gives the address's place back
 
     async def _run(self, requests: AsyncIterator[Any]) -> None:
         self.opened.inc()
@@ -287,12 +283,21 @@ class ServerSession:
         await asyncio.shield(self.closing)
 
     async def _close_once(self, tasks: tuple[asyncio.Task[None], ...]) -> None:
-        self._ending()
-        await stop_tasks((*tasks, *self.tasks))
-        while not self.out.empty():  # responses never to be written
-            self.out.get_nowait()
-        self.opened.dec()
-        self._ended()
+        try:
+            self._ending()
+            await stop_tasks((*tasks, *self.tasks))
+            while not self.out.empty():  # responses never to be written
+                self.out.get_nowait()
+            self.opened.dec()
+            self._ended()
+        finally:
+            # The address's place, in the same step as the gauge: given back by the
+            # handler, after the close's task had ended, a client that saw the session
+            # gone (the gauge) and opened another was refused as over its cap meanwhile;
+            # and a handler cancelled twice ended before its close, freeing the place
+            # while the session's work still ran.
+            if self.caps is not None:
+                self.caps.give(self.source)
 
     async def _read(self, requests: AsyncIterator[Any]) -> None:
         try:
