@@ -37,6 +37,8 @@ from hypothesis import strategies as st
 from support import single_byte_tampers
 
 NOW = 1_780_000_000_000
+BOX, OTHER, THIRD = b"a" * 32, b"b" * 32, b"c" * 32
+NONCE = b"n" * 16
 
 
 def _fetch(data: bytes) -> mailbox_pb2.FetchRequest:
@@ -129,10 +131,49 @@ def test_limits_are_enforced(alice: Identity) -> None:
 def test_nonce_cache_forgets_outside_the_window_and_stays_bounded() -> None:
     cache = NonceCache(window_ms=1000, max_size=3)
     for i in range(5):
-        cache.check(bytes([i]), NOW, NOW)
+        cache.check(bytes([i]) * 32, NONCE, NOW, NOW)
     assert len(cache) == 3
-    cache.check(b"late", NOW + 5000, NOW + 5000)
-    assert len(cache) == 1  # everything older than two windows is gone
+    cache.check(BOX, NONCE, NOW + 5000, NOW + 5000)
+    assert len(cache) == 1  # everything older than the window is gone
+
+
+def test_a_nonce_the_full_cache_forgot_is_still_refused_within_its_window() -> None:
+    """Past its bound the cache forgets its oldest nonce, and that nonce's mailbox refuses
+    what is timestamped at or before it (it may be the forgotten one, replayed); other
+    mailboxes, and the owner's later requests, pass."""
+    forgotten: list[None] = []
+    cache = NonceCache(window_ms=1000, max_size=2, on_forgotten=lambda: forgotten.append(None))
+    cache.check(BOX, NONCE, NOW, NOW)
+    cache.check(OTHER, NONCE, NOW + 10, NOW + 10)
+    cache.check(OTHER, b"m" * 16, NOW + 20, NOW + 20)  # BOX's nonce is forgotten
+    assert len(forgotten) == 1
+    with pytest.raises(ReplayError):
+        cache.check(BOX, NONCE, NOW, NOW + 30)  # the replay
+    with pytest.raises(ReplayError):
+        cache.check(BOX, b"x" * 16, NOW - 5, NOW + 30)  # signed before the forgotten one
+    cache.check(BOX, b"y" * 16, NOW + 1, NOW + 30)  # the owner's next request
+    cache.check(THIRD, b"z" * 16, NOW - 500, NOW + 30)  # other mailboxes: as before
+
+
+def test_past_max_size_floors_the_oldest_floor_holds_for_every_mailbox() -> None:
+    cache = NonceCache(window_ms=1000, max_size=1)
+    cache.check(BOX, NONCE, NOW, NOW)
+    cache.check(OTHER, NONCE, NOW + 10, NOW + 10)  # BOX's floor: NOW
+    cache.check(THIRD, NONCE, NOW + 20, NOW + 20)  # OTHER's floor; BOX's is everyone's
+    with pytest.raises(ReplayError):
+        cache.check(BOX, NONCE, NOW, NOW + 30)
+    with pytest.raises(ReplayError):
+        cache.check(bytes(32), NONCE, NOW, NOW + 30)  # any mailbox, at or before it
+    cache.check(bytes(32), NONCE, NOW + 1, NOW + 30)
+
+
+def test_floors_leave_with_the_window() -> None:
+    cache = NonceCache(window_ms=1000, max_size=1)
+    cache.check(BOX, NONCE, NOW, NOW)
+    cache.check(OTHER, NONCE, NOW, NOW)  # BOX's floor: NOW
+    assert cache.floors == 1
+    cache.check(THIRD, NONCE, NOW + 1001, NOW + 1001)  # nothing in the window needs it
+    assert cache.floors == 0
 
 
 @given(blob=st.binary(max_size=2048))

@@ -22,6 +22,7 @@ from typing import Any, Literal, cast
 
 from dna_core.errors import DnaError, cannot_open
 from dna_core.expiry import ExpiryClock
+from dna_core.mailbox import NonceCache
 from dna_core.ops.config import ConfigModel, ConfigPath, SecretStr
 from dna_core.ops.grpc_gate import ServiceRegistrar
 from dna_core.overlay import OverlayNode, OverlayServer, OverlayServiceConfig
@@ -233,6 +234,13 @@ class StorageMetrics:
             ["limit"],
             registry=registry,
         )
+        self.nonces_forgotten = Counter(
+            "dna_storage_nonces_forgotten",
+            "Request nonces the node forgot inside their 5-minute window, its nonce cache "
+            "full: each makes its mailbox refuse requests timestamped at or before it as "
+            "replays (a steady rise is a flood of fresh fetches)",
+            registry=registry,
+        )
         self.refusing_writes = Gauge(
             "dna_storage_refusing_writes",
             "1 while the node refuses writes (over the high-water mark, or a write found "
@@ -333,6 +341,7 @@ class StorageNode:
                 sync_puzzle_bits=self.config.node.puzzle_bits,
                 replica_view=self.replica_view,
                 node_id=node.node_id,
+                nonces=NonceCache(on_forgotten=self.metrics.nonces_forgotten.inc),
                 batches_at_once=section.put_batches_at_once,
                 on_outcome=lambda method, outcome: self.metrics.requests.labels(
                     method=method, outcome=outcome

@@ -38,7 +38,7 @@ from __future__ import annotations
 import hmac
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes
@@ -79,36 +79,77 @@ class OwnerRequest:
 
 
 class NonceCache:
-    """Nonces seen within the time window, bounded: entries older than the window
-    are dropped (their requests fail the timestamp check anyway); past ``max_size``
-    the oldest go first, which can only shorten the window, never admit a replay
-    whose timestamp is already outside it."""
+    """Nonces seen within the time window, bounded by ``max_size``.
 
-    def __init__(self, *, window_ms: int = WINDOW_MS, max_size: int = 1_000_000) -> None:
-        self.window_ms, self.max_size = window_ms, max_size
-        self._seen: OrderedDict[bytes, int] = OrderedDict()
+    A nonce whose request's timestamp left the window is dropped (a replay of it fails the
+    timestamp check anyway). Past ``max_size`` the oldest go first, though still inside
+    their window, and each one's mailbox keeps a *floor*: the latest timestamp among its
+    forgotten requests. A request of that mailbox timestamped at or before its floor is
+    refused as a replay, since its nonce may be one forgotten; the owner's next request,
+    timestamped later, passes. Until 2026-12-05 the oldest were simply forgotten: anyone
+    signing fetches of a mailbox of their own (an identity costs nothing) could push a
+    captured request's nonce out and replay it within its window, a fetch or a subscription
+    of someone else's mailbox. The floors are bounded by ``max_size`` too; past it the
+    oldest floor is dropped into one floor for every mailbox (``_shared_floor``), which
+    refuses all requests timestamped before it, honest ones too, until their owners sign
+    again: that takes more than ``max_size`` mailboxes' requests forgotten within two
+    windows, a signature verified for each."""
+
+    def __init__(
+        self, *, window_ms: int = WINDOW_MS, max_size: int = 1_000_000,
+        on_forgotten: Callable[[], None] = lambda: None,
+    ) -> None:  # fmt: skip
+        self.window_ms, self.max_size, self.on_forgotten = window_ms, max_size, on_forgotten
+        self._seen: OrderedDict[bytes, int] = OrderedDict()  # mailbox || nonce -> timestamp
+        self._floors: OrderedDict[bytes, int] = OrderedDict()  # mailbox -> floor, last raised last
+        self._shared_floor = -1
 
     def __len__(self) -> int:
         return len(self._seen)
 
-    def check(self, key: bytes, timestamp_ms: int, now_ms: int) -> None:
-        """Raise ExpiredError/ReplayError, or remember ``key`` (mailbox || nonce)."""
+    @property
+    def floors(self) -> int:
+        """How many mailboxes keep a floor."""
+        return len(self._floors)
+
+    def check(self, mailbox: bytes, nonce: bytes, timestamp_ms: int, now_ms: int) -> None:
+        """Raise ExpiredError/ReplayError, or remember the request's nonce."""
+        if len(nonce) != NONCE_SIZE:
+            raise MalformedError(f"request nonce must be {NONCE_SIZE} bytes")
         if abs(timestamp_ms - now_ms) > self.window_ms:
             raise ExpiredError("request timestamp outside the accepted window")
         self._forget(now_ms)
+        key = mailbox + nonce
         if key in self._seen:
             raise ReplayError("request nonce already used (replay)")
-        self._seen[key] = now_ms
+        if timestamp_ms <= max(self._shared_floor, self._floors.get(mailbox, -1)):
+            raise ReplayError(
+                "request older than a nonce this node had to forget (its cache was full):"
+                " it may be a replay; sign a new one"
+            )
+        self._seen[key] = timestamp_ms
         while len(self._seen) > self.max_size:
-            self._seen.popitem(last=False)
+            old, old_ms = self._seen.popitem(last=False)
+            self._raise_floor(old[:-NONCE_SIZE], old_ms)
+
+    def _raise_floor(self, mailbox: bytes, timestamp_ms: int) -> None:
+        self.on_forgotten()
+        self._floors[mailbox] = max(timestamp_ms, self._floors.pop(mailbox, -1))
+        while len(self._floors) > self.max_size:
+            _, floor = self._floors.popitem(last=False)
+            self._shared_floor = max(self._shared_floor, floor)
 
     def _forget(self, now_ms: int) -> None:
-        cutoff = now_ms - 2 * self.window_ms
-        while self._seen:
-            key, seen_ms = next(iter(self._seen.items()))
-            if seen_ms >= cutoff:
-                break
-            del self._seen[key]
+        """Drop what no request inside the window can need: nonces and floors timestamped
+        before it (in insertion order, so one stamped ahead holds back those after it, at
+        most two windows from their arrival)."""
+        cutoff = now_ms - self.window_ms
+        for memory in (self._seen, self._floors):
+            while memory:
+                key, timestamp_ms = next(iter(memory.items()))
+                if timestamp_ms >= cutoff:
+                    break
+                del memory[key]
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,7 +324,7 @@ def _verify_session(
         raise VerificationError("fetch: the session is for another mailbox")
     if not hmac.compare_digest(session.mac(request.body), request.mac):
         raise VerificationError("fetch: session MAC does not verify")
-    nonces.check(body.mailbox_id + body.nonce, body.timestamp_ms, now_ms)
+    nonces.check(body.mailbox_id, body.nonce, body.timestamp_ms, now_ms)
     assert session.owner is not None  # a node's sessions always know their owner
     return OwnerRequest(body.mailbox_id, session.owner, body.timestamp_ms, body.nonce)
 
@@ -352,5 +393,5 @@ def _verify(
         raise VerificationError(f"{domain.decode()}: signer does not own this mailbox")
     signature.verify(owner, domain, raw, auth.signature)
     if nonces is not None:
-        nonces.check(body.mailbox_id + body.nonce, body.timestamp_ms, now_ms)
+        nonces.check(body.mailbox_id, body.nonce, body.timestamp_ms, now_ms)
     return OwnerRequest(body.mailbox_id, owner, body.timestamp_ms, body.nonce)
