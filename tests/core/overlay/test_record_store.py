@@ -38,8 +38,10 @@ from dna_core.overlay.records import (
     RecordStore,
     RepublishClock,
     StoreResult,
+    Verdict,
     identity_payload,
     identity_proof,
+    judge_answers,
     name_key,
     name_move_message,
     name_pow_hash,
@@ -1227,6 +1229,35 @@ def test_a_name_move_not_signed_by_its_holder_is_refused(alice: Identity, bob: I
     mallory = Identity.generate()
     refused(s, moved_claim(mallory, "alice", bob), VerificationError, keys, NOW + 1)
     refused(s, moved_claim(bob, "alice", alice, seq=1), ConflictError, keys, NOW + 1)
+
+
+def test_readers_believe_a_name_by_its_holders_not_by_the_highest_seq(
+    alice: Identity, bob: Identity, carol: Identity
+) -> None:
+    """Two identities' claims of one name (one node took Bob's first): the claim most
+    holders answered with wins, whatever either's seq, and the verdict says holders
+    disagreed; a tie goes to `select_best` and is contested too."""
+    own = opened(name_rec(alice, "alice", seq=5))
+    squat = opened(name_rec(bob, "alice", seq=2**63))
+    verdict = judge_answers([[own], [squat], [own]])
+    assert verdict == Verdict(own, contested=True)
+    assert judge_answers([[squat], [own], [own], [own, squat]]).best == own
+    assert judge_answers([[own], [squat]]) == Verdict(squat, contested=True)
+    assert judge_answers([[own], [own], []]) == Verdict(own)
+    later = opened(name_rec(alice, "alice", seq=6, at=NOW + 1))
+    assert judge_answers([[own], [later]]) == Verdict(later)  # one signer: highest seq
+    assert judge_answers([[], []]) == Verdict(None)
+
+
+def test_readers_follow_a_name_moved_by_its_holder(alice: Identity, bob: Identity) -> None:
+    """A claim carrying the other answer's signer's `moved_by` replaces it, however few
+    holders have the move yet; one signed by someone else moves nothing."""
+    old = opened(name_rec(alice, "alice"))
+    new_alice = Identity.generate()
+    moved = opened(moved_claim(new_alice, "alice", alice))
+    assert judge_answers([[old], [old], [moved]]) == Verdict(moved)
+    forged = opened(moved_claim(new_alice, "alice", bob, seq=2**63))
+    assert judge_answers([[old], [old], [forged]]) == Verdict(old, contested=True)
 
 
 # -- a record hidden by a stepped clock ------------------------------------------------------

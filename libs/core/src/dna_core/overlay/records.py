@@ -49,7 +49,9 @@ What a node accepts, keeps and hands out for a key:
 Readers apply the same per-record rules (`check_policy`) to every answer before
 `select_best` picks one: otherwise a single dishonest node could answer with a
 record no honest node would hold (a name claim without its proof of work, a
-rotation without its cross-signature) and a higher sequence number, and win.
+rotation without its cross-signature) and a higher sequence number, and win. Between
+two identities' claims of a name a sequence number decides nothing (each signer picks
+its own): `judge_answers` goes by the holders instead.
 """
 
 from __future__ import annotations
@@ -797,3 +799,59 @@ def select_best(records: Iterable[VerifiedRecord]) -> VerifiedRecord | None:
     """Of several verified answers for one key: highest seq, then latest, then lowest bytes
     (a total order, so every reader picks the same record whatever order answers came in)."""
     return min(records, key=lambda r: (-r.body.seq, -r.body.created_ms, r.raw), default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What a reader believes of the holders' answers for one key: ``best`` (None: none
+    held a valid record), and whether holders disagreed on whose it is (``contested``:
+    then ``best`` is the signer most of them answered with, so a reader that asked few
+    asks more before believing it)."""
+
+    best: VerifiedRecord | None
+    contested: bool = False
+
+
+def judge_answers(answers: Iterable[Iterable[VerifiedRecord]]) -> Verdict:
+    """Of the verified records each holder answered for one key, the one to believe.
+
+    One signer: its highest seq (`select_best`). Several signers happen only at a name
+    (every other kind lives at its signer's own key), and a sequence number does not
+    choose between them: each signer numbers its own records, and a claim numbered 2^63
+    costs no more than one numbered now, so by seq alone one node holding another
+    identity's claim (taken first there, as any node that never held the name's does)
+    resolved the name to it for every reader that asked it. So a signer whose name another
+    answer's claim moved (``moved_by``, signed by that signer) drops out, as holders replace
+    it; of those left, the signer the most holders answered with wins, then `select_best`
+    among its records (and among tied signers'), and the verdict is contested."""
+    answers = [list(answer) for answer in answers]
+    records = [r for answer in answers for r in answer]
+    signers = {r.body.signer_fingerprint: r.signer for r in records}
+    if len(signers) <= 1:
+        return Verdict(select_best(records))
+    moved = {fp for fp, keys in signers.items() if any(_moved_from(keys, r) for r in records)}
+    left = [r for r in records if r.body.signer_fingerprint not in moved] or records
+    votes = Counter(fp for answer in answers for fp in {r.body.signer_fingerprint for r in answer})
+    standing = {r.body.signer_fingerprint for r in left}
+    if len(standing) == 1:
+        return Verdict(select_best(left))
+    most = max(votes[fp] for fp in standing)
+    return Verdict(
+        select_best(r for r in left if votes[r.body.signer_fingerprint] == most), contested=True
+    )
+
+
+def _moved_from(old: PublicKeySet, rec: VerifiedRecord) -> bool:
+    """Whether ``rec`` is a name claim that ``old`` signed its name over to."""
+    if rec.body.kind != common_pb2.RECORD_KIND_NAME_CLAIM or rec.signer == old:
+        return False
+    claim = decode_message(records_pb2.NameClaim, rec.body.payload, max_size=MAX_CLAIM_BYTES,
+                           what="name claim")  # fmt: skip
+    if not claim.moved_by:
+        return False
+    message = name_move_message(claim.name, bytes(claim.fingerprint))
+    try:
+        signature.verify(old, NAME_MOVE_DOMAIN, message, claim.moved_by)
+    except VerificationError:
+        return False
+    return True

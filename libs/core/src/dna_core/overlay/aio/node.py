@@ -419,15 +419,17 @@ class OverlayNode:
         First from the ``fast_holders`` nodes this node already knows closest, of distinct
         subnets (`first_asked`): they usually hold it, and asking them costs no lookup (OpenDHT and
         the kademlia package also stop at the first holder). Only when none of them
-        answers with a valid record are the k closest looked up and ``holders`` asked.
+        answers with a valid record, or they disagree on whose it is (a name claimed by two
+        identities: `records.judge_answers`), are the k closest looked up and ``holders``
+        asked.
         None: the holders that answered hold none; `UnavailableError`: none answered.
         """
         known = self.first_asked(key)
         if known:
             with contextlib.suppress(UnavailableError):  # the lookup's holders may answer
-                found = await self.records.find_value(key, known)
-                if found is not None:
-                    return found
+                verdict = await self.records.judge(key, known)
+                if verdict.best is not None and not verdict.contested:
+                    return verdict.best
         closest = await self.find_node(key)
         return await self.records.find_value(key, self._spread(closest, holders))
 

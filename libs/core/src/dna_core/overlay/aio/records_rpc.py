@@ -41,8 +41,9 @@ from dna_core.overlay.records import (
     Gone,
     RecordStore,
     StoreResult,
+    Verdict,
     check_policy,
-    select_best,
+    judge_answers,
 )
 from dna_core.ratelimit import RateLimited, RateLimiter, SiteTier, grpc_peer_ip, source_key
 from dna_core.rpc_errors import call
@@ -414,10 +415,16 @@ class RecordClient:
         return sum(isinstance(r, overlay_pb2.StoreResponse) for r in results)
 
     async def find_value(self, key: bytes, holders: Sequence[Contact]) -> VerifiedRecord | None:
-        """Ask ``holders`` in parallel; verify every answer and keep the best. None: those
-        that answered hold no valid record. `UnavailableError` when none answered (or there
-        was none to ask): "not published" and "nobody could say" are different answers, and
-        a reader that took the second for the first refused an honest sender's message."""
+        """Ask ``holders`` in parallel; verify every answer and keep the one to believe
+        (`judge`). None: those that answered hold no valid record. `UnavailableError`
+        when none answered (or there was none to ask): "not published" and "nobody could
+        say" are different answers, and a reader that took the second for the first
+        refused an honest sender's message."""
+        return (await self.judge(key, holders)).best
+
+    async def judge(self, key: bytes, holders: Sequence[Contact]) -> Verdict:
+        """`find_value`, saying too whether the holders disagreed on whose record it is
+        (`records.judge_answers`)."""
         msg = overlay_pb2.FindValueRequest(key=key)
         answers = await asyncio.gather(
             *(self._ask(c, "find_value", msg) for c in holders), return_exceptions=True
@@ -426,20 +433,21 @@ class RecordClient:
             raise UnavailableError(
                 "UNAVAILABLE", f"find-value: none of the {len(holders)} nodes asked answered"
             )
-        found = []
-        seen: set[bytes] = set()  # holders mostly return the same bytes: verify them once
+        # Holders mostly return the same bytes: verify them once.
+        verified: dict[bytes, VerifiedRecord | None] = {}
+        per_holder = []
         for answer in answers:
             if not isinstance(answer, overlay_pb2.FindValueResponse):
                 continue
+            held = []
             for rec in answer.records[:4]:
                 raw = encode_message(rec)
-                if raw in seen:
-                    continue
-                seen.add(raw)
-                verified = self._verify(raw, key)
-                if verified is not None:
-                    found.append(verified)
-        return select_best(found)
+                if raw not in verified:
+                    verified[raw] = self._verify(raw, key)
+                if (good := verified[raw]) is not None:
+                    held.append(good)
+            per_holder.append(held)
+        return judge_answers(per_holder)
 
     def _verify(self, raw: bytes, key: bytes) -> VerifiedRecord | None:
         """The record if an honest node could hold it at ``key`` (signature, size, expiry
