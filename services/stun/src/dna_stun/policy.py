@@ -4,7 +4,8 @@ A TURN server relays to any address a client names, so left open it is a proxy i
 server's own network: its loopback services, its cloud metadata endpoint (169.254.169.254),
 the private networks behind it. By default every such range is refused, in each of the
 disguises an IPv6 address can give an IPv4 one (mapped ``::ffff:a.b.c.d``, compatible
-``::a.b.c.d``, 6to4 ``2002:aabb:ccdd::``, NAT64 ``64:ff9b::a.b.c.d``), and so are ``0.0.0.0``
+``::a.b.c.d``, 6to4 ``2002:aabb:ccdd::``, NAT64 ``64:ff9b::a.b.c.d``, Teredo's client; the
+local-use NAT64 prefix ``64:ff9b:1::/48`` is refused whole), and so are ``0.0.0.0``
 and ``::``, which the kernel delivers to the host itself (CVE-2020-26262), and the server's
 own addresses (where its ssh, ops port or a database may listen) except its relay port range,
 so two clients of one server can still relay to each other (both behind symmetric NATs).
@@ -37,6 +38,7 @@ DEFAULT_DENIED: tuple[str, ...] = (
     "240.0.0.0/4",  # reserved, and the broadcast address
     "::/128",  # unspecified: reaches the host itself (CVE-2020-26262)
     "::1/128",
+    "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215): a site's translator, to its private IPv4 too
     "fc00::/7",  # unique local
     "fe80::/10",  # link local
     "ff00::/8",  # multicast
@@ -49,10 +51,13 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 def embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 address carries (mapped, compatible, 6to4, NAT64), if any."""
+    """The IPv4 address an IPv6 address carries (mapped, compatible, 6to4, NAT64, Teredo's
+    client, as `dna_core.ratelimit` reads a source), if any."""
     if ip.version == 4:
         return None
     assert isinstance(ip, ipaddress.IPv6Address)
+    if ip.teredo is not None:  # a relay host running a Teredo client sends there in IPv4
+        return ip.teredo[1]
     if ip in _MAPPED or ip in _NAT64 or (ip in _COMPATIBLE and int(ip) > 1):
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     if ip in _SIX_TO_FOUR:
