@@ -4,9 +4,7 @@ and other digits ``int()`` refuses, which turned a bad setting into a traceback.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
-from typing import Any
 
 import pytest
 from dna_core.errors import DnaError
@@ -25,6 +23,7 @@ from dna_core.wire.gen.dna.v1 import common_pb2
 from dna_peer.network import parse_seeds
 from dna_stun.config import StunServiceConfig
 from dna_stun.service import StunServer
+from support import status_once_started
 
 
 @pytest.mark.parametrize("port", ["²", "١٢", "7400²", "-1", "", "99999"])
@@ -65,15 +64,7 @@ def test_the_status_page_of_a_node_on_ipv6_brackets_its_addresses(tmp_path: Path
         ops=OpsSection(http_host="::1", http_port=0),
     )
 
-    async def status() -> dict[str, Any]:
-        server = OverlayServer(config, role=common_pb2.NODE_ROLE_BOOTSTRAP)
-        await server.start()
-        try:
-            return server.status()
-        finally:
-            await server.stop()
-
-    shown = asyncio.run(status())
+    shown = status_once_started(lambda: OverlayServer(config, role=common_pb2.NODE_ROLE_BOOTSTRAP))
     for listener in ("udp", "grpc", "http"):
         host, port = parse_addr(shown[listener])
         assert shown[listener] == f"[::1]:{port}" and host == "::1" and port > 0, shown
@@ -84,15 +75,7 @@ def test_the_relay_status_page_on_ipv6_brackets_its_addresses() -> None:
         {"server": {"host": "::1", "udp_port": 0}, "ops": {"http_host": "::1", "http_port": 0}}
     )
 
-    async def status() -> dict[str, Any]:
-        server = StunServer(config)
-        await server.start()
-        try:
-            return server.status()
-        finally:
-            await server.stop()
-
-    shown = asyncio.run(status())
+    shown = status_once_started(lambda: StunServer(config))
     for listener in ("udp", "http"):
         host, port = parse_addr(shown[listener])
         assert shown[listener] == f"[::1]:{port}" and host == "::1" and port > 0, shown
