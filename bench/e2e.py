@@ -96,6 +96,7 @@ from typing import TYPE_CHECKING, Any
 
 from dna_core import trace
 from dna_core.crypto import Identity, PublicKeySet, seal
+from dna_core.hostport import host_port
 from dna_core.mailbox import REPLICAS, WRITE_QUORUM
 from dna_core.ops.heap import freeze_startup_heap
 from dna_core.wire.gen.dna.v1 import envelope_pb2
@@ -220,9 +221,9 @@ class RecipientProcess:
         with (self.root / "recipient.log").open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "bench.e2e_recipient", "--root", str(self.root),
-                "--seeds", ",".join(f"{h}:{p}" for h, p in self.seeds),
+                "--seeds", ",".join(host_port(h, p) for h, p in self.seeds),
                 "--recipients", str(self.count), *self._receiving(),
-                "--turn", f"{self.turn[0]}:{self.turn[1]}", "--turn-user", TESTNET_TURN_USER,
+                "--turn", host_port(*self.turn), "--turn-user", TESTNET_TURN_USER,
                 "--turn-password", TESTNET_TURN_PASSWORD,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
                 cwd=Path(__file__).resolve().parents[1], limit=1 << 22,
@@ -884,7 +885,7 @@ async def run_in(root: Path, cfg: Config) -> int:
             "receiving": cfg.receiving,
             "recipient_setup_s": recipient.setup_s, "baselines": setup, "floor": floor_parts,
             "ready_s": round(time.perf_counter() - t0, 2), "direct": first_direct,
-            "relay": f"{turn[0]}:{turn[1]}", "relay_pid": relay_pid,
+            "relay": host_port(*turn), "relay_pid": relay_pid,
             "loadavg": harness.loadavg(),
         }})  # fmt: skip
         bench_run = Run(cfg, ours, opendht)

@@ -85,6 +85,7 @@ from pathlib import Path
 from typing import Any
 
 from dna_core.crypto.node import NodeIdentity
+from dna_core.hostport import host_port
 from dna_core.overlay.aio import RECORD_REPLICAS, NodeConfig, OverlayNode
 from dna_core.overlay.contact import Contact
 from dna_core.overlay.protocol import Addr
@@ -202,7 +203,7 @@ class OverlayFleet:
             "--puzzle-bits", str(self.puzzle_bits), "--k", str(K), "--rcvbuf", str(self.rcvbuf),
         ]  # fmt: skip
         if boot is not None:
-            argv += ["--bootstrap", f"{boot[0]}:{boot[1]}"]
+            argv += ["--bootstrap", host_port(*boot)]
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.PIPE,

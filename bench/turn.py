@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dna_core.hostport import host_port
 from dna_stun import attributes as attr
 from dna_stun.message import Class, Method, channel_data, encode, long_term_key, parse
 from dna_testnet.harness import LOOPBACK
@@ -349,7 +350,7 @@ def run(rounds: int, seconds: float) -> int:
     budget = Deadline(BUDGET_S)  # from before the servers start: the whole run stays under 60 s
     with scratch_dir("turn") as root, servers(root) as running:
         sessions = {s.name: TurnSession(s.addr) for s in running}
-        detail({"servers": {s.name: f"{s.addr[0]}:{s.addr[1]}" for s in running},
+        detail({"servers": {s.name: host_port(*s.addr) for s in running},
                 "window": WINDOW, "seconds_per_figure": seconds})  # fmt: skip
         for server in running:  # warm up: first packets, caches, the allocation's state
             sessions[server.name].flow("up", 120, min(0.3, seconds))

@@ -533,7 +533,11 @@ def storage_dashboard() -> db.Dashboard:
             "(alerts DnaStorageDiskNearHighWater, DnaStorageRefusingWrites).",
             "percentunit",
             query(f"dna_storage_disk_used_ratio{{{SEL}}}", "used {{instance}}"),
-            query(f"dna_storage_disk_high_water_ratio{{{SEL}}}", "high-water {{instance}}", "B"),
+            query(
+                f'dna_storage_limit{{limit="disk_high_water",{SEL}}}',
+                "high-water {{instance}}",
+                "B",
+            ),
         )
     )
     return d.with_panel(

@@ -10,6 +10,7 @@ import os
 import pty
 import queue
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import IO, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
 from dna_core.crypto import Identity
 from dna_core.crypto.keys import SEEDS_SIZE
@@ -176,3 +177,53 @@ def wait_for(found: queue.Queue[str], text: str, timeout: float, seen: list[str]
         if text in line:
             return line
     raise AssertionError(f"no line with {text!r} within {timeout} s; saw {seen}")
+
+
+class Startable(Protocol):
+    """A whole server as its tests drive it: an overlay node's or the relay's."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def status(self) -> dict[str, Any]: ...
+
+
+def status_once_started(make: Callable[[], Startable]) -> dict[str, Any]:
+    """The /status of the server ``make()`` builds (in the loop), once it has started; then
+    it is stopped."""
+
+    async def go() -> dict[str, Any]:
+        server = make()
+        await server.start()
+        try:
+            return server.status()
+        finally:
+            await server.stop()
+
+    return asyncio.run(go())
+
+
+def udp_socket(host: str) -> socket.socket:
+    """A non-blocking UDP socket bound to ``host`` (IPv4 or IPv6) on a free port, for an event
+    loop's ``sock_recv`` and ``sock_sendto``."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host, 0))
+    sock.setblocking(False)
+    return sock
+
+
+async def datagrams_within(socks: Iterable[socket.socket], within: float) -> int:
+    """How many datagrams ``socks`` receive, together, within ``within`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+
+    async def count(sock: socket.socket) -> int:
+        got = 0
+        while (left := deadline - loop.time()) > 0:
+            try:
+                await asyncio.wait_for(loop.sock_recv(sock, 4096), left)
+            except TimeoutError:
+                break
+            got += 1
+        return got
+
+    return sum(await asyncio.gather(*(count(s) for s in socks)))

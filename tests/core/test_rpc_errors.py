@@ -34,11 +34,12 @@ class Refusing(overlay_pb2_grpc.OverlayServicer):
         raise AssertionError("abort returns only by raising")
 
 
-def test_a_refusal_from_a_real_server_is_a_refused_error() -> None:
+def ping_refused_by(servicer: overlay_pb2_grpc.OverlayServicer) -> RemoteError:
+    """What `call` raises for a Ping that a real server running ``servicer`` refuses."""
+
     async def main() -> RemoteError:
         server = grpc.aio.server()
-        # The generated base answers the other methods UNIMPLEMENTED; the stubs call it abstract.
-        overlay_pb2_grpc.add_OverlayServicer_to_server(Refusing(), server)  # type: ignore[abstract]
+        overlay_pb2_grpc.add_OverlayServicer_to_server(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
@@ -49,7 +50,12 @@ def test_a_refusal_from_a_real_server_is_a_refused_error() -> None:
         finally:
             await server.stop(grace=None)
 
-    err = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_a_refusal_from_a_real_server_is_a_refused_error() -> None:
+    # The generated base answers the other methods UNIMPLEMENTED; the stubs call it abstract.
+    err = ping_refused_by(Refusing())  # type: ignore[abstract]
     assert isinstance(err, RefusedError)
     assert (err.grpc_code, err.details) == ("PERMISSION_DENIED", "not you")
 
@@ -87,20 +93,7 @@ class RateLimiting(overlay_pb2_grpc.OverlayServicer):
 
 
 def test_a_rate_refusal_from_a_real_server_carries_its_retry_after() -> None:
-    async def main() -> RemoteError:
-        server = grpc.aio.server()
-        overlay_pb2_grpc.add_OverlayServicer_to_server(RateLimiting(), server)  # type: ignore[abstract]
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                with pytest.raises(RemoteError) as raised:
-                    await call(overlay_pb2_grpc.OverlayStub(channel).Ping(PING, timeout=5))
-                return raised.value
-        finally:
-            await server.stop(grace=None)
-
-    err = asyncio.run(main())
+    err = ping_refused_by(RateLimiting())  # type: ignore[abstract]
     assert isinstance(err, UnavailableError)
     assert (err.grpc_code, err.retry_after_ms) == ("RESOURCE_EXHAUSTED", 250)
 

@@ -7,15 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+import os
+from typing import Any, cast
 
 import grpc
+import pytest
+from dna_core.errors import ClosedError
+from dna_core.mailbox.client import MailboxClient
+from dna_core.overlay.aio.node import Closest, NodeConfig, OverlayNode
+from dna_core.overlay.aio.records_rpc import ChannelPool, RecordClient
 from dna_core.overlay.aio.records_session import OverlaySession
+from dna_core.overlay.contact import Contact, Endpoint
 from dna_core.rpc_session import SessionPool
 from dna_core.wire.gen.dna.v1 import overlay_pb2
+from dna_core.wire.gen.dna.v1.common_pb2 import NODE_ROLE_STORAGE
 from prometheus_client import CollectorRegistry
 from stream_sessions import overlay_server, raw_session
-from support import SETTLE_S
+from support import SETTLE_S, seeded_identity
 
 CLIENTS = 100  # without the fix, about 1 in 10 stayed counted (measured: 18 and 22 of 200)
 
@@ -98,6 +106,114 @@ def test_a_pool_closed_while_a_session_opens_leaves_no_stream_open() -> None:
             assert len(pool) == 0
         finally:
             await channel.close()
+            await server.stop(None)
+
+    asyncio.run(go())
+
+
+class CallLog(grpc.GenericRpcHandler):
+    """A node that serves nothing and notes every call that reaches it (session or unary)."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> None:
+        self.methods.append(handler_call_details.method)  # then UNIMPLEMENTED
+
+
+class OneNodeLookup:
+    """An overlay node whose every lookup finds one storage node (``contact``)."""
+
+    def __init__(self, contact: Contact) -> None:
+        self.contact, self.lookups = contact, 0
+        self.config = NodeConfig(allow_loopback=True)
+        self.channels = ChannelPool()
+
+    async def find_closest(self, target: bytes) -> Closest:
+        self.lookups += 1
+        return Closest([self.contact], exhaustive=True)
+
+
+async def _call_log_server() -> tuple[grpc.aio.Server, CallLog, Contact]:
+    log = CallLog()
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((log,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    contact = Contact(os.urandom(32), b"", (Endpoint("127.0.0.1", port, port),), NODE_ROLE_STORAGE)
+    return server, log, contact
+
+
+def test_a_closed_pool_opens_no_session_after_its_close() -> None:
+    """A `get` after `SessionPool.close` opened a new session (and kept it: nothing would
+    close it again); now it raises ClosedError and no stream reaches the node."""
+
+    async def go() -> None:
+        server, log, contact = await _call_log_server()
+        channels = ChannelPool()
+        pool: SessionPool[OverlaySession] = SessionPool(channels.get, 5.0, make=OverlaySession)
+        try:
+            await pool.close()
+            with pytest.raises(ClosedError):
+                await pool.get(contact.endpoint.grpc_target)
+            with pytest.raises(ClosedError):
+                await pool.call(contact.endpoint.grpc_target, lambda s: s.exchange({}))
+            assert log.methods == [] and len(pool) == 0
+        finally:
+            await channels.close()
+            await server.stop(None)
+
+    asyncio.run(go())
+
+
+def test_a_closed_mailbox_client_sends_nothing() -> None:
+    """`MailboxClient.close` closed its session pool only: a put, fetch or delete after it
+    looked the mailbox up and went to the node (a session, or the unary calls when the
+    pool refused); now each raises ClosedError before any lookup or call."""
+
+    async def go() -> None:
+        server, log, contact = await _call_log_server()
+        node = OneNodeLookup(contact)
+        owner = seeded_identity("closed-client")
+        try:
+            for sessions in (True, False):
+                mail = MailboxClient(cast(OverlayNode, node), pow_bits=1, sessions=sessions)
+                await mail.close()
+                with pytest.raises(ClosedError):
+                    await mail.put(owner.fingerprint, b"blob")
+                with pytest.raises(ClosedError):
+                    await mail.fetch(owner)
+                with pytest.raises(ClosedError):
+                    await mail.delete(owner, [os.urandom(32)])
+                if sessions:
+                    with pytest.raises(ClosedError):
+                        await mail.subscribe(owner)
+            assert node.lookups == 0 and log.methods == []
+        finally:
+            await node.channels.close()
+            await server.stop(None)
+
+    asyncio.run(go())
+
+
+def test_a_closed_record_client_sends_nothing() -> None:
+    """`RecordClient.close` closed its sessions, and a store or find-value after it went
+    to the nodes anyway (a new session, or the unary call); now it raises ClosedError."""
+
+    async def go() -> None:
+        server, log, contact = await _call_log_server()
+        channels = ChannelPool()
+        try:
+            for sessions in (True, False):
+                client = RecordClient(channels, puzzle_bits=4, sessions=sessions)
+                await client.close()
+                with pytest.raises(ClosedError):
+                    await client.find_value(os.urandom(32), [contact])
+                with pytest.raises(ClosedError):
+                    await client.store(b"", [contact])  # an empty record: the node judges it
+            assert log.methods == []
+        finally:
+            await channels.close()
             await server.stop(None)
 
     asyncio.run(go())

@@ -128,8 +128,7 @@ def test_storage_dashboard_covers_the_storage_health_figures() -> None:
         "dna_storage_repair_last_pass_timestamp_seconds",  # repair lag
         "dna_storage_requests_total",  # refusals by reason
         "dna_storage_gc_removed_total",  # GC
-        "dna_storage_disk_used_ratio",  # disk high-water
-        "dna_storage_disk_high_water_ratio",
+        "dna_storage_disk_used_ratio",  # disk high-water, beside its dna_storage_limit
         "dna_storage_tombstones_unheld",  # beside its bound
         "dna_storage_limit",
     ):

@@ -17,7 +17,7 @@ from cluster import GRPC_PORT, NodeProcess, idle_connections, sample_value, scra
 from dna_core.overlay.codec import Datagram, FindNode, encode_datagram
 from dna_testnet.network import UDP_PORT
 from process_mark import starts_processes
-from support import until
+from support import datagrams_within, udp_socket, until
 
 NODE_IP = "fd00:5e:ff::1"
 SITE = "fd00:5e:a"  # the flooder's /48
@@ -104,52 +104,27 @@ def _find_node(rng: random.Random) -> bytes:
     return encode_datagram(Datagram(rng.getrandbits(64), FindNode(rng.randbytes(32))))
 
 
-async def _answers(socks: list[socket.socket], within: float) -> int:
-    """How many datagrams ``socks`` receive within ``within`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-
-    async def count(sock: socket.socket) -> int:
-        got = 0
-        while (left := deadline - loop.time()) > 0:
-            try:
-                await asyncio.wait_for(loop.sock_recv(sock, 4096), left)
-            except TimeoutError:
-                break
-            got += 1
-        return got
-
-    return sum(await asyncio.gather(*(count(s) for s in socks)))
-
-
-def _udp(source: str) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    sock.bind((source, 0))
-    sock.setblocking(False)
-    return sock
-
-
 def test_datagrams_from_many_64s_of_one_48_get_the_site_budget(node: NodeProcess) -> None:
     site_burst = SHARE * DATAGRAM_BURST  # 16, against 24 x 2 = 48 without the tier
     rejected = "dna_overlay_rejected_total"
     before = sample_value(scrape(node), rejected, reason="datagram_site_rate")
     rng = random.Random(48)
-    flooders = [_udp(host) for host in FLOOD_HOSTS]
-    other = _udp(OTHER_SITE_HOST)
+    flooders = [udp_socket(host) for host in FLOOD_HOSTS]
+    other = udp_socket(OTHER_SITE_HOST)
     try:
         started = time.monotonic()
         for sock in flooders:
             for _ in range(DATAGRAM_BURST * 5):
                 sock.sendto(_find_node(rng), (NODE_IP, UDP_PORT))
         sent_s = time.monotonic() - started
-        answered = asyncio.run(_answers(flooders, ANSWER_WINDOW_S))
+        answered = asyncio.run(datagrams_within(flooders, ANSWER_WINDOW_S))
         # the site's burst, and its rate (8/s) for as long as an answer could come: 24 at
         # most, where each /64's own burst came to 48
         assert 0 < answered <= site_burst + SHARE * (sent_s + ANSWER_WINDOW_S), answered
         dropped = sample_value(scrape(node), rejected, reason="datagram_site_rate") - before
         assert dropped >= len(flooders) * DATAGRAM_BURST - answered, dropped
         other.sendto(_find_node(rng), (NODE_IP, UDP_PORT))
-        assert asyncio.run(_answers([other], 2.0)) == 1  # another /48: answered
+        assert asyncio.run(datagrams_within([other], 2.0)) == 1  # another /48: answered
     finally:
         for sock in [*flooders, other]:
             sock.close()

@@ -11,6 +11,7 @@ from dna_stun.config import StunServiceConfig
 from dna_stun.core import AUTH_FAILURE_REASONS, DIRECTIONS, REFUSAL_REASONS, REQUEST_KINDS
 from dna_stun.service import StunServer
 from prometheus_client import generate_latest
+from support import status_once_started
 
 OPERATIONS = Path(__file__).parents[2] / "docs" / "operations.md"
 LABELLED = {
@@ -69,15 +70,7 @@ def test_status_lists_the_warnings_logged_at_start() -> None:
         {"server": {"udp_port": 0}, "ops": {"http_host": "127.0.0.1", "http_port": 0}}
     )
 
-    async def status() -> dict[str, object]:
-        server = StunServer(config)
-        await server.start()
-        try:
-            return server.status()
-        finally:
-            await server.stop()
-
-    warnings = asyncio.run(status())["warnings"]
+    warnings = status_once_started(lambda: StunServer(config))["warnings"]
     assert isinstance(warnings, list)
     assert any("every TURN request will be refused" in w for w in warnings), warnings
     assert any("other machines cannot reach it" in w for w in warnings), warnings

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from collections.abc import Awaitable, Callable
 
 from cluster import free_ips
@@ -24,7 +23,7 @@ from dna_core.overlay.codec import (
 )
 from dna_core.overlay.contact import Contact, Endpoint
 from dna_core.overlay.protocol import PONG_DOMAIN, Addr, proven_contact
-from support import until_async
+from support import udp_socket, until_async
 
 PUZZLE = 4
 
@@ -48,9 +47,7 @@ class Spoofer:
     """A raw UDP socket that answers pings with a proof made by its own key."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.setblocking(False)
+        self.sock = udp_socket("127.0.0.1")
         self.addr: Addr = self.sock.getsockname()
         self.key = NodeIdentity.generate(PUZZLE)[0]
 

@@ -110,5 +110,10 @@ class RefusedError(RemoteError):
     """The node answered and refused the request: asked again, it would refuse again."""
 
 
+class ClosedError(DnaError):
+    """A client (or its pool) was used after its ``close``: this caller broke the contract,
+    no node did. Nothing was sent and no stream opened."""
+
+
 class WrongPassphraseError(DnaError):
     """The passphrase does not open this key file (or the file was altered)."""

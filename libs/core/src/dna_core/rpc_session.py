@@ -27,7 +27,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 
-from dna_core.errors import RefusedError, RemoteError, UnavailableError
+from dna_core.errors import ClosedError, RefusedError, RemoteError, UnavailableError
 from dna_core.rpc_errors import UNAVAILABLE_CODES, remote_error
 from dna_core.singleflight import SingleFlight
 from dna_core.tasks import stop_tasks
@@ -219,7 +219,11 @@ class SessionPool(Generic[S]):
     """A client's sessions, one per node (by gRPC target), opened on first use with
     ``make(channel, timeout)``. With ``max_sessions``, at most that many are kept: the
     least recently used is closed (a client that meets thousands of nodes, as the
-    overlay's record client does, keeps no stream to each)."""
+    overlay's record client does, keeps no stream to each).
+
+    Once ``close`` has begun the pool is closed for good: a `get` (so a `call`) raises
+    `ClosedError` at once and opens no stream, and an open that was under way closes the
+    session it made instead of keeping it."""
 
     def __init__(
         self,
@@ -237,12 +241,15 @@ class SessionPool(Generic[S]):
         self._opening: SingleFlight[str, S] = SingleFlight()  # by target
         self._unsupported: dict[str, float] = {}  # target -> monotonic time to try again
         self._closing: set[asyncio.Task[None]] = set()
+        self.closed = False
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     async def get(self, target: str) -> S:
-        """The open session to ``target``; `NoSession` when it serves none (recently)."""
+        """The open session to ``target``; `NoSession` when it serves none (recently),
+        `ClosedError` once the pool is closed."""
+        self._check_open()
         if time.monotonic() < self._unsupported.get(target, 0.0):
             raise NoSession
         session = self._sessions.get(target)
@@ -276,6 +283,9 @@ class SessionPool(Generic[S]):
                 raise
             self._discard(target)
             session = await self._start(target)
+        if self.closed:  # closed while the hello was awaited: keep no stream open
+            await session.close()
+            self._check_open()
         old = self._sessions.pop(target, None)
         if old is not None:
             await old.close()
@@ -297,7 +307,12 @@ class SessionPool(Generic[S]):
             now = time.monotonic()
             self._unsupported = {t: at for t, at in self._unsupported.items() if at > now}
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ClosedError("session pool: used after its close (no stream opened)")
+
     async def _start(self, target: str) -> S:
+        self._check_open()  # a retry on a fresh channel after the close began
         session = self._make(self._channels(target), self.timeout)
         try:
             await session.open()
@@ -307,8 +322,10 @@ class SessionPool(Generic[S]):
         return session
 
     async def close(self) -> None:
-        # An open still under way would put its session here after the close, its stream
-        # open until the channel's end: it ends first (bounded by the open's timeouts).
+        # Closed first, so nothing starts a session from here on; an open still under way
+        # closes the session it made (`_open`), and ends before this (bounded by the
+        # open's timeouts).
+        self.closed = True
         await self._opening.settled()
         sessions, self._sessions = list(self._sessions.values()), OrderedDict()
         for session in sessions:

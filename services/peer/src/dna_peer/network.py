@@ -7,6 +7,7 @@ import os
 
 from dna_core.crypto.node import NodeIdentity
 from dna_core.errors import DnaError
+from dna_core.hostport import host_port
 from dna_core.overlay import NodeConfig, OverlayNode, local_host_for, resolve_seeds, seed_family
 
 from dna_peer.direct.link import IceConfig
@@ -67,7 +68,7 @@ async def join_overlay(
         await node.stop()
         names = f" ({', '.join(unresolved)} did not resolve)" if unresolved else ""
         raise NetworkUnreachableError(
-            f"no bootstrap node answered among {', '.join(f'{h}:{p}' for h, p in seeds)}"
+            f"no bootstrap node answered among {', '.join(host_port(h, p) for h, p in seeds)}"
             f"{names} (is the network up? `dna-testnet up` starts a local one)"
         )
     await node.refresh(0)

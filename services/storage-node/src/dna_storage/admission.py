@@ -19,7 +19,7 @@ last word in each bracket is the error's ``kind``, the service's metrics label):
                        (FAILED_PRECONDITION), from `dna_core.crypto.pow.verify` (``pow``)
 6. mailbox quota    -> `CapacityError` (RESOURCE_EXHAUSTED; ``quota``); judged again by the
                        backend where it writes (``MailboxBackend.put_many``), whose refusal
-                       gives the tokens back (``refund_put``)
+                       gives the mailbox's token back, not the source's (``refund_put``)
 
 Why this order: cheapest first, so junk is turned away before it costs anything. 1-3 are
 integer comparisons (3 after summing the PoW policy's small ring of load counters); 4 parses
@@ -38,7 +38,9 @@ Invariants kept:
 * memory is bounded by configuration: ``max_keys`` buckets per limiter, ``window_s``
   counters in the PoW policy;
 * over any interval ``[t0, t1]`` a key is admitted at most ``burst + rate * (t1 - t0)``
-  puts (the token-bucket bound, property-tested).
+  puts (the token-bucket bound, property-tested): a source's puts whatever their write
+  then did, so its writer jobs too; a mailbox's puts stored (``refund_put`` gives its
+  token back for one the write refused).
 """
 
 from __future__ import annotations
@@ -301,7 +303,8 @@ class Admission:
     mailbox admitted together each pass against the same usage; the check here is the
     fast path (a flood is refused before any write), and the backend judges ``quota``
     again where it writes (``MailboxBackend.put_many``). A put it refuses there
-    (``PutOutcome.OVER_QUOTA``) gets its tokens back (``refund_put``).
+    (``PutOutcome.OVER_QUOTA``) gets its mailbox token back, not its source's
+    (``refund_put``: the writer job was done).
     A put of a blob already held is judged like a new one here (conservative at the
     limit); the backend lets it through (it stores nothing).
     """
@@ -372,13 +375,14 @@ class Admission:
         self.per_mailbox.check(mailbox_id, now_s)
         self.pow.record_put(now_s)
 
-    def refund_put(self, *, source_ip: str, mailbox_id: bytes, now_s: float) -> None:
-        """Give back the rate tokens ``admit_put`` spent for a put the backend then refused
-        for the quota (judged again at the write: puts admitted meanwhile had filled the
-        mailbox), so a put refused for the quota spends no token wherever it was refused.
-        The put stays counted in the proof-of-work load: it did cost the node its work."""
-        ip_key = source_key(source_ip, ipv6_prefix_len=self.config.ipv6_prefix_len)
-        self.per_ip.refund(ip_key, now_s, 1.0)
+    def refund_put(self, *, mailbox_id: bytes, now_s: float) -> None:
+        """Give back the mailbox's rate token ``admit_put`` spent for a put the backend
+        then refused for the quota (judged again at the write: puts admitted meanwhile had
+        filled the mailbox): the mailbox's budget, shared by all its senders, pays only
+        for what it stored. The source's token stays spent: its put cost the node a writer
+        job (which a refusal at admission does not), and given back it let a client that
+        keeps its mailbox one short of full have more writer jobs than its rate. The put
+        stays counted in the proof-of-work load too: it did cost the node its work."""
         self.per_mailbox.refund(mailbox_id, now_s, 1.0)
 
     def precheck_delete(self, *, source_ip: str, unheld: int, now_s: float) -> None:

@@ -194,6 +194,7 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
             self.retention.max_ttl_s * 1000, admission.quota,
         )  # fmt: skip
         self.node_id = node_id  # None: refuse fetches addressed to named nodes
+        self._writes: set[asyncio.Future[list[PutOutcome]]] = set()  # see `_write`
 
     async def Put(  # noqa: N802 (gRPC method names)
         self, request: mailbox_pb2.PutRequest, context: Ctx
@@ -213,10 +214,14 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         """One put, as `Put` and a session judge it, or raise why not (counted).
         ``store`` writes the admitted blob (default: a backend call of its own; a session
         passes its group writer)."""
+        write = store or self._store_alone
         try:
             blob = await self._admit(request, source_ip, now_ms, {})
-            outcome = await (store or self._store_alone)(blob, now_ms)
-            self._refund_if_over_quota(outcome, source_ip, blob.mailbox_id)
+
+            async def one() -> list[PutOutcome]:
+                return [await write(blob, now_ms)]
+
+            (outcome,) = await self._write(one(), [blob])
             if (why := _not_stored(outcome, self.admission.quota)) is not None:
                 raise why
         except ProtocolError as exc:
@@ -231,13 +236,29 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         (outcome,) = await self.backend.put_many([blob], now_ms, self.admission.quota)
         return outcome
 
-    def _refund_if_over_quota(self, outcome: PutOutcome, source_ip: str, box: bytes) -> None:
-        """A put the backend refused for the quota (judged again where it writes, after
-        puts admitted meanwhile) stored nothing: its rate tokens are given back, as a put
-        refused for the quota at admission spends none."""
-        if outcome is PutOutcome.OVER_QUOTA:
-            now_s = self.monotonic()
-            self.admission.refund_put(source_ip=source_ip, mailbox_id=box, now_s=now_s)
+    async def _write(
+        self, write: Awaitable[list[PutOutcome]], blobs: list[StoredBlob]
+    ) -> list[PutOutcome]:
+        """``write``'s outcomes for ``blobs``; each put the backend refused for the quota
+        (judged again where it writes, after puts admitted meanwhile) gives the mailbox's
+        rate token back (``Admission.refund_put``: the source's stays spent). The write
+        runs to its end even when its caller goes away meanwhile (a session reset, a
+        cancelled call): a job handed to the writer is done anyway, and the mailbox's
+        token of a put it refused is given back all the same."""
+        task = asyncio.ensure_future(write)
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        task.add_done_callback(lambda done: self._refund_over_quota(done, blobs))
+        return await asyncio.shield(task)
+
+    def _refund_over_quota(
+        self, done: asyncio.Future[list[PutOutcome]], blobs: list[StoredBlob]
+    ) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return  # nothing known stored or refused: the caller (if any) sees why
+        for blob, outcome in zip(blobs, done.result(), strict=True):
+            if outcome is PutOutcome.OVER_QUOTA:
+                self.admission.refund_put(mailbox_id=blob.mailbox_id, now_s=self.monotonic())
 
     async def PutMany(  # noqa: N802
         self, request: mailbox_pb2.PutManyRequest, context: Ctx
@@ -282,8 +303,9 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
             outcomes.append(mailbox_pb2.PutOutcome())
             admitted.append((outcomes[-1], blob))
         try:
-            stored = await self.backend.put_many(
-                [blob for _, blob in admitted], now_ms, self.admission.quota
+            blobs = [blob for _, blob in admitted]
+            stored = await self._write(
+                self.backend.put_many(blobs, now_ms, self.admission.quota), blobs
             )
         except ProtocolError as exc:  # the store: full, unavailable, damaged
             # Each admitted put answers it, as its own Put would have; the puts refused
@@ -293,7 +315,6 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
                 result.CopyFrom(self._refused(exc))
             return mailbox_pb2.PutManyResponse(outcomes=outcomes)
         for (result, blob), outcome in zip(admitted, stored, strict=True):
-            self._refund_if_over_quota(outcome, source, blob.mailbox_id)
             if (why := _not_stored(outcome, self.admission.quota)) is not None:
                 result.CopyFrom(self._refused(why))
                 continue

@@ -221,11 +221,6 @@ class StorageMetrics:
             "(every GC interval; SQLite only: 0 on Redis)",
             registry=registry,
         )
-        self.disk_high_water = Gauge(
-            "dna_storage_disk_high_water_ratio",
-            "The configured disk high-water mark (admission.disk_high_water)",
-            registry=registry,
-        )
         self.limit = Gauge(
             "dna_storage_limit",
             "A limit the node runs with, by its configuration key (every number of "
@@ -375,7 +370,6 @@ class StorageNode:
             extra_status=self._status,
         )
         self.metrics = StorageMetrics(self.server.registry)
-        self.metrics.disk_high_water.set(self.config.admission.disk_high_water)
         for name, value in configured_limits(self.config).items():
             self.metrics.limit.labels(name).set(value)
         self.metrics.refusing_writes.set_function(lambda: float(self.admission.high_water.tripped))

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from dna_core import __version__
+from dna_core.hostport import host_port
 from dna_core.interfaces import interface_addresses
 from dna_core.ops.config import dump_config
 from dna_core.ops.http import HttpLimits, OpsServer, build_ops_app
@@ -292,7 +293,7 @@ class StunServer:
             try:
                 await self._ops.start(cfg.ops.http_host, cfg.ops.http_port)
             except OSError as exc:
-                where = f"HTTP {cfg.ops.http_host}:{cfg.ops.http_port}"
+                where = f"HTTP {host_port(cfg.ops.http_host, cfg.ops.http_port)}"
                 raise OSError(f"cannot listen on {where}: {exc.strerror or exc}") from None
         except BaseException:
             await self._close()
@@ -325,7 +326,8 @@ class StunServer:
         try:
             sock = _udp_socket(host, port)
         except OSError as exc:
-            raise OSError(f"cannot listen on UDP {host}:{port}: {exc.strerror or exc}") from None
+            where = host_port(host, port)
+            raise OSError(f"cannot listen on UDP {where}: {exc.strerror or exc}") from None
         if port == 0:  # a test's ephemeral port: refuse relaying to it too
             self.core.policy.add_own_endpoint(sock.getsockname()[:2])
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, sock)
@@ -435,10 +437,10 @@ class StunServer:
             "config": dump_config(self.config),
         }
         if self.udp_addr is not None:
-            info["udp"] = f"{self.udp_addr[0]}:{self.udp_addr[1]}"
+            info["udp"] = host_port(*self.udp_addr)
             if self.udp_addr6 is not None:
-                info["udp6"] = f"[{self.udp_addr6[0]}]:{self.udp_addr6[1]}"
-            info["http"] = f"{self.config.ops.http_host}:{self.http_port}"
+                info["udp6"] = host_port(*self.udp_addr6)
+            info["http"] = host_port(self.config.ops.http_host, self.http_port)
         if core is not None:
             info["allocations"] = len(core.by_client)
             info["refusals"] = dict(core.stats.refusals)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from dna_core.hostport import host_port
 from dna_peer.terminal import console, quiet_broken_pipe, table
 
 from dna_testnet.demo import run_demo
@@ -51,7 +52,7 @@ def _node_row(node: LocalNode, pid: int | None) -> dict[str, Any]:
     whatever answers on its address is not it (a testnet from another directory, the
     same addresses): ``taken``, and nothing of that process's is reported as this node's."""
     ip, port = node.udp
-    row: dict[str, Any] = {"node": node.name, "role": node.role, "udp": f"{ip}:{port}",
+    row: dict[str, Any] = {"node": node.name, "role": node.role, "udp": host_port(ip, port),
                            "pid": pid, "up": False, "ready": False, "taken": False}  # fmt: skip
     if pid is None:
         row["taken"] = node.answers()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dna_core.hostport import host_port
 from dna_peer.network import STUN_ENV, TURN_ENV, TURN_PASSWORD_ENV, TURN_USER_ENV
 
 from dna_testnet.topology import (
@@ -143,7 +144,7 @@ def peer_lan(topology: Topology, peer: str) -> PeerLan:
 
 
 def seeds(topology: Topology) -> list[str]:
-    return [f"{node_address(topology, n.name)}:{UDP_PORT}" for n in topology.bootstraps]
+    return [host_port(node_address(topology, n.name), UDP_PORT) for n in topology.bootstraps]
 
 
 def redis_url(topology: Topology, spec: NodeSpec) -> str | None:
@@ -364,7 +365,7 @@ def _ice_environment(topology: Topology) -> dict[str, str]:
     peers behind the NAT routers connect directly (a symmetric NAT through the relay)."""
     if not topology.relays:
         return {}
-    relay = f"{relay_address(topology, topology.relays[0].name)}:{STUN_PORT}"
+    relay = host_port(relay_address(topology, topology.relays[0].name), STUN_PORT)
     return {STUN_ENV: relay, TURN_ENV: relay, TURN_USER_ENV: TESTNET_TURN_USER,
             TURN_PASSWORD_ENV: TESTNET_TURN_PASSWORD}  # fmt: skip
 

@@ -44,6 +44,7 @@ from dna_core import trace
 from dna_core.crypto import Identity
 from dna_core.crypto import pow as pow_
 from dna_core.errors import (
+    ClosedError,
     ProtocolError,
     RemoteError,
     UnavailableError,
@@ -200,7 +201,7 @@ class NodeBatcher:
     async def _call(self, requests: list[mailbox_pb2.PutRequest]) -> list[Outcome]:
         try:
             response = await self._send(mailbox_pb2.PutManyRequest(puts=requests))
-        except RemoteError:
+        except (RemoteError, ClosedError):  # ClosedError: its client closed meanwhile
             return [None] * len(requests)
         if len(response.outcomes) != len(requests):  # a broken node: trust none of it
             return [None] * len(requests)
@@ -240,6 +241,7 @@ class MailboxClient:
         self.session_pool = (
             SessionPool(node.channels.get, timeout, node.channels.discard) if sessions else None
         )
+        self.closed = False  # after `close`, every operation raises ClosedError at once
 
     async def storage_nodes(self, box: bytes, count: int) -> list[Contact]:
         """The first ``count`` candidates of a mailbox from a fresh lookup: its replicas
@@ -292,6 +294,7 @@ class MailboxClient:
         By default the call returns when every replica (or its hand-off stand-in) has
         answered; with ``return_at_quorum`` it returns as soon as W have, and the rest of
         the write goes on in the background (`drain` waits for it)."""
+        self._check_open()
         box = mailbox_id(recipient_fp)
         candidates = await self.candidates(box)
         if len(candidates) < self.write_quorum:
@@ -390,7 +393,9 @@ class MailboxClient:
         """``work`` on the session to a node; `NoSession` when sessions are off or the
         node serves none (use the unary calls), `RemoteError` when it failed. Callers
         fall back to the unary call on `UnavailableError` too: a session that cannot be
-        opened or died must never make a node less reachable than its unary calls do."""
+        opened or died must never make a node less reachable than its unary calls do.
+        `ClosedError` (not a fallback) once the client is closed."""
+        self._check_open()
         if self.session_pool is None:
             raise NoSession
         return await self.session_pool.call(contact.endpoint.grpc_target, work)
@@ -434,6 +439,7 @@ class MailboxClient:
         its session (restarted, or the session expired there) is asked again, signed.
         No node found, or none answering, is `UnreachableError`, not an empty mailbox.
         """
+        self._check_open()
         state = state or FetchState()
         box = mailbox_id(owner.fingerprint)
         candidates = await self.candidates(box)
@@ -527,6 +533,7 @@ class MailboxClient:
         the tombstones' authorization. A batch counts as deleted once W nodes accepted it;
         a batch the nodes refused stops the run (the next one would be refused alike: a
         wrong clock, a changed limit) and says why."""
+        self._check_open()
         box = mailbox_id(owner.fingerprint)
         candidates = await self.candidates(box)
         result = DeleteResult()
@@ -596,6 +603,7 @@ class MailboxClient:
         returned `Subscription` (``wait``, ``take``; ``resubscribe`` the nodes it
         ``dropped``). `UnreachableError` when no replica took the subscription (sessions
         off, or no node serving them: poll with `fetch` instead)."""
+        self._check_open()
         if self.session_pool is None:
             raise UnreachableError("sessions are off: no subscriptions")
         box = mailbox_id(owner.fingerprint)
@@ -616,6 +624,7 @@ class MailboxClient:
     async def _subscribe_nodes(
         self, owner: Identity, subscription: Subscription, nodes: list[tuple[bytes, str]]
     ) -> list[bytes]:
+        self._check_open()
         assert self.session_pool is not None
 
         def request(node_ids: Sequence[bytes]) -> mailbox_pb2.FetchRequest:
@@ -625,7 +634,15 @@ class MailboxClient:
 
         return await subscribe_nodes(subscription, self.session_pool, nodes, request)
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ClosedError("mailbox client: used after its close")
+
     async def close(self) -> None:
-        """End the sessions (the overlay node's channels stay its own)."""
+        """End the sessions (the overlay node's channels stay its own). The client is
+        closed for good: what starts later raises `ClosedError`, opening no session and
+        making no unary call; a call under way when the close came fails or returns as
+        its node's would."""
+        self.closed = True
         if self.session_pool is not None:
             await self.session_pool.close()

@@ -27,6 +27,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, cast
 
+from dna_core.hostport import host_port
 from dna_core.ops.connections import ConnectionCaps
 from dna_core.ops.listen import tcp_listener
 from dna_core.ratelimit import grpc_peer_ip
@@ -248,7 +249,7 @@ class TcpRelay:
         if self._server is None:
             raise RuntimeError("TcpRelay is not started")
         host = self._server.sockets[0].getsockname()[0]
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        return host_port(host, self.port)
 
     @property
     def open(self) -> int:

@@ -22,6 +22,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from dna_core.hostport import host_port
+
 ID_BITS = 256
 ID_BYTES = ID_BITS // 8
 
@@ -188,7 +190,7 @@ class Endpoint:
     @property
     def grpc_target(self) -> str:
         port = self.grpc_port or self.udp_port
-        return f"[{self.ip}]:{port}" if ":" in self.ip else f"{self.ip}:{port}"
+        return host_port(self.ip, port)
 
     def subnet(self) -> str:
         return subnet_of(self.ip)

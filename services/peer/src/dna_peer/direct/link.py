@@ -39,6 +39,7 @@ import aioice.stun
 from aioice.candidate import candidate_foundation, candidate_priority
 from dna_core.crypto import Identity, PublicKeySet
 from dna_core.errors import DnaError
+from dna_core.hostport import host_port
 from dna_core.interfaces import interface_addresses
 from dna_core.tasks import stop_tasks
 
@@ -398,8 +399,8 @@ def remote_candidates(
             log.info("a contact's candidate is malformed: %r", line[:80])
             continue
         if not candidates.dialable(candidate.host, local_servers) or not 0 < candidate.port < 65536:
-            log.info("not checking toward a contact's candidate %s:%s", candidate.host,
-                     candidate.port)  # fmt: skip
+            where = host_port(candidate.host, candidate.port)
+            log.info("not checking toward a contact's candidate %s", where)
             continue
         chosen.append(candidate)
         if len(chosen) == MAX_REMOTE_CANDIDATES:

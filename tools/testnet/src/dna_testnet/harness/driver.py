@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar, runtime_checkable
 
+from dna_core.hostport import host_port
+
 from dna_testnet.topology import GRPC_PORT, HTTP_PORT, UDP_PORT, NodeSpec, Topology
 
 __all__ = ["Cluster", "Driver", "NodeAddress", "NotReadyError"]
@@ -39,11 +41,11 @@ class NodeAddress:
     @property
     def seed(self) -> str:
         """As a node's configuration lists a bootstrap node: ``host:udp_port``."""
-        return f"{self.host}:{self.udp_port}"
+        return host_port(self.host, self.udp_port)
 
     @property
     def grpc_target(self) -> str:
-        return f"{self.host}:{self.grpc_port}"
+        return host_port(self.host, self.grpc_port)
 
 
 class NotReadyError(RuntimeError):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from dna_core.hostport import host_port
 
 from dna_testnet.harness.addresses import LOOPBACK, LoopbackAllocator
 from dna_testnet.harness.driver import Cluster, NodeAddress, NotReadyError
@@ -104,8 +105,7 @@ class LocalNode:
             )
 
     def http(self, path: str) -> httpx.Response:
-        host = f"[{self.ip}]" if ":" in self.ip else self.ip  # an IPv6 node's address
-        return httpx.get(f"http://{host}:{HTTP_PORT}{path}", timeout=2.0)
+        return httpx.get(f"http://{host_port(self.ip, HTTP_PORT)}{path}", timeout=2.0)
 
     def status(self) -> dict[str, Any]:
         data: dict[str, Any] = self.http("/status").json()
@@ -274,7 +274,7 @@ def local_cluster(
     unknown = [name for name in seed_names if name not in by_name]
     if unknown:
         raise ValueError(f"seeds {unknown} are not nodes of the topology")
-    listed = [f"{by_name[name]}:{UDP_PORT}" for name in seed_names]
+    listed = [host_port(by_name[name], UDP_PORT) for name in seed_names]
     nodes = [
         LocalNode(
             spec.name,

@@ -21,7 +21,13 @@ from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry
 
 from dna_core.crypto.records import VerifiedRecord, open_record
-from dna_core.errors import MalformedError, ProtocolError, RemoteError, UnavailableError
+from dna_core.errors import (
+    ClosedError,
+    MalformedError,
+    ProtocolError,
+    RemoteError,
+    UnavailableError,
+)
 from dna_core.ops.answers import large_answer
 from dna_core.overlay.aio.records_session import (
     SESSIONS,
@@ -375,6 +381,7 @@ class RecordClient:
                 max_sessions=pool.size,  # a session lives on its channel: as many
             )  # fmt: skip
         self.unary_calls = 0  # requests that went as unary calls (no session to the node)
+        self.closed = False  # after `close`, store and find-value raise ClosedError at once
 
     def _stub(self, contact: Contact) -> overlay_pb2_grpc.OverlayAsyncStub:
         return overlay_pb2_grpc.OverlayStub(self.pool.get(contact.endpoint.grpc_target))
@@ -382,6 +389,7 @@ class RecordClient:
     async def _ask(self, contact: Contact, op: str, request: Message) -> Any:
         """``request`` (the unary message of ``op``: "store", "find_value") to ``contact``,
         on its session if it has one: the answer, or the unary call's `RemoteError`."""
+        self._check_open()  # a request racing the close: not the unary call instead
         target = contact.endpoint.grpc_target
         if self.sessions is not None:
             try:
@@ -403,11 +411,18 @@ class RecordClient:
         return await call(stub.FindValue(request, timeout=self.timeout))
 
     async def close(self) -> None:
+        """End the record sessions; the client is closed for good (`ClosedError`)."""
+        self.closed = True
         if self.sessions is not None:
             await self.sessions.close()
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ClosedError("record client: used after its close")
+
     async def store(self, record: bytes, replicas: Sequence[Contact]) -> int:
         """Send ``record`` to every replica; returns how many accepted it."""
+        self._check_open()
         msg = overlay_pb2.StoreRequest(record=common_pb2.SignedRecord.FromString(record))
         results = await asyncio.gather(
             *(self._ask(c, "store", msg) for c in replicas), return_exceptions=True
@@ -425,6 +440,7 @@ class RecordClient:
     async def judge(self, key: bytes, holders: Sequence[Contact]) -> Verdict:
         """`find_value`, saying too whether the holders disagreed on whose record it is
         (`records.judge_answers`)."""
+        self._check_open()
         msg = overlay_pb2.FindValueRequest(key=key)
         answers = await asyncio.gather(
             *(self._ask(c, "find_value", msg) for c in holders), return_exceptions=True
@@ -462,6 +478,7 @@ class RecordClient:
         return rec
 
     async def ping(self, contact: Contact) -> Contact | None:
+        self._check_open()
         try:
             resp = await call(
                 self._stub(contact).Ping(overlay_pb2.OverlayPingRequest(), timeout=self.timeout)

@@ -12,6 +12,7 @@ import ipaddress
 import socket
 from collections.abc import Sequence
 
+from dna_core.hostport import host_port
 from dna_core.overlay.protocol import Addr
 
 __all__ = ["local_host_for", "resolve_seeds", "seed_family"]
@@ -37,7 +38,7 @@ async def resolve_seeds(
         try:
             infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
         except OSError:  # socket.gaierror: no such name, no DNS answer
-            unresolved.append(f"{host}:{port}")
+            unresolved.append(host_port(host, port))
             continue
         for info in infos:
             addr = (str(info[4][0]), port)

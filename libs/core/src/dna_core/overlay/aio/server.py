@@ -29,6 +29,7 @@ from dna_core.crypto.node import MAX_PUZZLE_BITS
 from dna_core.crypto.records import VerifiedRecord
 from dna_core.errors import cannot_open
 from dna_core.expiry import ExpiryClock
+from dna_core.hostport import host_port
 from dna_core.ops.answers import ANSWER_STALL_S, ANSWERS_MAX, ANSWERS_PER_SOURCE, AnswerSlots
 from dna_core.ops.config import (
     ConfigModel,
@@ -442,12 +443,12 @@ class OverlayServer:
         )
         try:
             grpc_port = await self._start_grpc(node, store)
-            udp = f"UDP {cfg.node.host}:{cfg.node.udp_port}"
+            udp = f"UDP {host_port(cfg.node.host, cfg.node.udp_port)}"
             await _listen(udp, node.start(grpc_port=grpc_port))
             self.ops = OpsServer(
                 self._ops_app(), log=self.log, limits=cfg.connections.http_limits()
             )
-            http = f"HTTP {cfg.ops.http_host}:{cfg.ops.http_port}"
+            http = f"HTTP {host_port(cfg.ops.http_host, cfg.ops.http_port)}"
             await _listen(http, self.ops.start(cfg.ops.http_host, cfg.ops.http_port))
         except BaseException:
             await self._close_listeners()
@@ -534,7 +535,7 @@ class OverlayServer:
             names += self._extra(gate.registrar(server), node)
         self.health = add_health_and_reflection(server, names, gate)
         host, wanted = self.config.node.host, self.config.node.grpc_port
-        address = f"gRPC {host}:{wanted}"
+        address = f"gRPC {host_port(host, wanted)}"
         if self.guard is not None:
             await server.start()
             return await _listen(address, self.guard.start(host, wanted))
@@ -542,7 +543,7 @@ class OverlayServer:
             # grpcio reports a failed bind as a C-level log line and a bare "Failed to bind":
             # a bind of our own first gives the reason (in use, not an address of this host).
             await _listen(address, _probe_tcp(host, wanted))
-        port = _bind_grpc(server, f"{host}:{wanted}")
+        port = _bind_grpc(server, host_port(host, wanted))
         await server.start()
         return port
 
@@ -755,9 +756,9 @@ class OverlayServer:
             ep = node.contact.endpoint
             info |= {
                 "node_id": node.node_id.hex(),
-                "udp": f"{ep.ip}:{ep.udp_port}",
+                "udp": host_port(ep.ip, ep.udp_port),
                 "grpc": ep.grpc_target,
-                "http": f"{self.config.ops.http_host}:{self.ops.port if self.ops else 0}",
+                "http": host_port(self.config.ops.http_host, self.ops.port if self.ops else 0),
                 "routing_table_size": len(node.table),
                 "buckets": node.table.bucket_sizes(),
                 "records": len(node.store) if node.store is not None else 0,
