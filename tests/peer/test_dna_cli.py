@@ -1106,6 +1106,18 @@ def test_a_new_users_mistakes_are_one_clear_line_each(tmp_path: Path) -> None:
     assert long.returncode == 2 and "at most 200 printable characters" in long.stderr, long
 
 
+def test_a_home_with_no_identity_is_said_before_any_passphrase_is_asked(tmp_path: Path) -> None:
+    """A new user (or a mistyped DNA_HOME) with no DNA_PASSPHRASE: before, `dna inbox` asked
+    for a passphrase on a terminal and threw the answer away, and with no terminal called for
+    DNA_PASSPHRASE, never saying that there was no identity to unlock."""
+    nobody = tmp_path / "nobody"
+    down = "127.0.0.250:7400"  # nothing answers there: the network is never reached
+    for args in (["inbox"], ["send", "bob", "hi"], ["contacts", "list"], ["search", "hi"]):
+        out = run_script("dna", "--home", str(nobody), "--bootstrap", down, *args)
+        one_line_error(out, f"no identity in {nobody}: run `dna identity create` first")
+    assert not nobody.exists()
+
+
 def test_a_dna_max_strangers_too_long_to_convert_is_refused_in_one_line(tmp_path: Path) -> None:
     """$DNA_MAX_STRANGERS of 5,000 digits: Python refuses to convert it (ValueError past
     4,300 digits), which escaped as a traceback; it is refused as any bad value, before

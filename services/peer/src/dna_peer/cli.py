@@ -108,6 +108,14 @@ def _passphrase(confirm: bool) -> str:
     return first
 
 
+def _own_passphrase(profile: Profile) -> str:
+    """The passphrase of ``profile``'s key file, asked only once there is one: a home with no
+    identity (a new user, a mistyped DNA_HOME) is said as such, not met with a prompt whose
+    answer is thrown away (or, with no terminal, a call for DNA_PASSPHRASE)."""
+    profile.read_keyfile()
+    return _passphrase(confirm=False)
+
+
 def _utf8(text: str, source: str) -> str:
     """``text`` unless it holds bytes that are not UTF-8 (an environment variable or a
     terminal in another encoding: Python keeps them as surrogates, which no key derivation
@@ -182,7 +190,7 @@ def _with_peer(
             find_contact(cache, contact)
 
     async def run() -> None:
-        passphrase = _passphrase(confirm=False)
+        passphrase = _own_passphrase(args.profile)
         try:
             with phase_line("unlocking, joining the network…", enabled=not args.json):
                 peer = await open_peer(args.profile, passphrase, args.seeds, check=known,
@@ -210,7 +218,7 @@ def _with_cache(args: argparse.Namespace, work: Callable[[Cache], object]) -> No
     """Unlock and open the cache alone, no network: what needs only this device's data
     works with the network down (search, inbox --offline, contacts forget)."""
     with args.profile.in_use():
-        cache = args.profile.open_cache(args.profile.unlock(_passphrase(confirm=False)))
+        cache = args.profile.open_cache(args.profile.unlock(_own_passphrase(args.profile)))
         try:
             work(cache)
         finally:
