@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cluster import make_cluster, running
 from dna_core import __version__
 from dna_core.crypto import Identity, PublicKeySet, seal
 from dna_core.mailbox import MailboxClient
@@ -1116,6 +1117,25 @@ def test_a_home_with_no_identity_is_said_before_any_passphrase_is_asked(tmp_path
         out = run_script("dna", "--home", str(nobody), "--bootstrap", down, *args)
         one_line_error(out, f"no identity in {nobody}: run `dna identity create` first")
     assert not nobody.exists()
+
+
+def test_a_send_that_finds_no_storage_node_says_the_message_is_kept(tmp_path: Path) -> None:
+    """A lone bootstrap node (one restarted knows no node for up to a minute, docs/overlay.md):
+    the send fails, and says that the sealed message waits in this device's outbox for the
+    next sync. Before, the line was only `only 0 storage nodes found for the mailbox`, and a
+    user took the message as lost and wrote it again."""
+    home = tmp_path / "me"
+    ok(dna(home, "--json", "identity", "create", "--offline"))
+    bob = pin_offline(home, "bob")
+    with running(make_cluster(tmp_path / "net", 1, bootstraps=1)) as (lone,):
+        out = dna(home, "--bootstrap", f"{lone.ip}:7400", "send", "bob", "hello")
+    one_line_error(out, "only 0 storage nodes found", "kept on this device", "`dna sync`")
+    profile = Profile(home)
+    cache = profile.open_cache(profile.unlock(PASS["DNA_PASSPHRASE"]))
+    try:
+        assert [q.body for q in cache.outgoing(bob.fingerprint)] == ["hello"]
+    finally:
+        cache.close()
 
 
 def test_a_dna_max_strangers_too_long_to_convert_is_refused_in_one_line(tmp_path: Path) -> None:

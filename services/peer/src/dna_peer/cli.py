@@ -483,6 +483,14 @@ def _contacts_forget(args: argparse.Namespace) -> None:
 # -- messages -----------------------------------------------------------------------
 
 
+# A failed send leaves the sealed message in the outbox (Peer.send): said, so that the user
+# neither thinks it lost nor writes it again (the same text again takes the same message).
+KEPT_TO_SEND = (
+    "the message is kept on this device: the next `dna sync`, `dna inbox` or `dna watch`"
+    " sends it (or this `dna send` again, once the network answers)"
+)
+
+
 def _send(args: argparse.Namespace) -> None:
     body = _message_text(args)
     check_text(body)  # before the passphrase, the network and the contact
@@ -493,7 +501,12 @@ def _send(args: argparse.Namespace) -> None:
             await peer.go_direct(ice_config(), listen=False)
         with phase_line("sealing; direct if they are online, else storing on the replicas…",
                         enabled=not args.json):  # fmt: skip
-            sent = await peer.send(contact, body)
+            try:
+                sent = await peer.send(contact, body)
+            except DnaError as exc:
+                if any(q.body == body for q in peer.cache.outgoing(contact.fingerprint)):
+                    exc.args = (f"{exc}; {KEPT_TO_SEND}",)
+                raise
         info: Info = {"to": _party(peer.cache, contact.fingerprint),
                       "message_id": sent.message_id.hex(), "path": sent.path,
                       "replicas": sent.stored_on}  # fmt: skip
