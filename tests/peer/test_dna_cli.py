@@ -1138,6 +1138,17 @@ def test_a_send_that_finds_no_storage_node_says_the_message_is_kept(tmp_path: Pa
         cache.close()
 
 
+def test_published_on_counts_nodes_not_storage_nodes(testnet: Testnet, tmp_path: Path) -> None:
+    """An identity record is stored by bootstrap and storage nodes alike: on a network of 3
+    and 6 it said `published on: 9 storage nodes` (an operator with 3 storage nodes saw 4)."""
+    suffix = str(time.time_ns())[-6:]
+    out = dna(tmp_path / "me", "identity", "create", "--name", f"pub{suffix}", net=testnet)
+    assert out.returncode == 0, out.stderr
+    (line,) = [line for line in out.stdout.splitlines() if "published on:" in line]
+    count = int(line.split(":")[1].split()[0])
+    assert 1 <= count <= 9 and line.endswith(f"published on: {count} nodes"), line
+
+
 def test_a_dna_max_strangers_too_long_to_convert_is_refused_in_one_line(tmp_path: Path) -> None:
     """$DNA_MAX_STRANGERS of 5,000 digits: Python refuses to convert it (ValueError past
     4,300 digits), which escaped as a traceback; it is refused as any bad value, before

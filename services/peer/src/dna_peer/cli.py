@@ -154,7 +154,9 @@ def _emit(args: argparse.Namespace, info: Info) -> None:
             print(f"{label:>{width}}: {printable(text)}")
 
 
-_UNITS = {"published_on": "storage nodes", "replicas": "storage nodes (of 5)"}
+# Records (identity, name) are kept by every overlay node, bootstrap nodes too; messages
+# only by the storage nodes of the mailbox.
+_UNITS = {"published_on": "nodes", "replicas": "storage nodes (of 5)"}
 
 
 def _human(key: str, value: object) -> str | None:
