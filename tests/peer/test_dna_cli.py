@@ -1149,6 +1149,19 @@ def test_published_on_counts_nodes_not_storage_nodes(testnet: Testnet, tmp_path:
     assert 1 <= count <= 9 and line.endswith(f"published on: {count} nodes"), line
 
 
+def test_a_create_whose_publish_finds_no_network_says_the_identity_was_created(
+    tmp_path: Path,
+) -> None:
+    """`dna identity create` (no name to check first) with the network down: the identity is
+    written, then the publish fails. It said only `no bootstrap node answered …`, and the
+    same create run again was refused as `… exists; refusing to overwrite an identity`."""
+    home = tmp_path / "me"
+    out = dna(home, "--bootstrap", "127.0.0.250:7400", "identity", "create")
+    one_line_error(out, "no bootstrap node answered", f"was created in {home}",
+                   "run `dna identity publish` once the network answers")  # fmt: skip
+    assert ok(dna(home, "--json", "identity", "show"))["fingerprint"][:16] in out.stderr
+
+
 def test_a_dna_max_strangers_too_long_to_convert_is_refused_in_one_line(tmp_path: Path) -> None:
     """$DNA_MAX_STRANGERS of 5,000 digits: Python refuses to convert it (ValueError past
     4,300 digits), which escaped as a traceback; it is refused as any bad value, before
