@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cluster import make_cluster, running
 from dna_core import __version__
 from dna_core.crypto import Identity, PublicKeySet, seal
 from dna_core.mailbox import MailboxClient
@@ -1104,6 +1105,61 @@ def test_a_new_users_mistakes_are_one_clear_line_each(tmp_path: Path) -> None:
     # is made or the network joined
     long = dna(home, *down, "identity", "rotate", "--reason", "x" * 3000)
     assert long.returncode == 2 and "at most 200 printable characters" in long.stderr, long
+
+
+def test_a_home_with_no_identity_is_said_before_any_passphrase_is_asked(tmp_path: Path) -> None:
+    """A new user (or a mistyped DNA_HOME) with no DNA_PASSPHRASE: before, `dna inbox` asked
+    for a passphrase on a terminal and threw the answer away, and with no terminal called for
+    DNA_PASSPHRASE, never saying that there was no identity to unlock."""
+    nobody = tmp_path / "nobody"
+    down = "127.0.0.250:7400"  # nothing answers there: the network is never reached
+    for args in (["inbox"], ["send", "bob", "hi"], ["contacts", "list"], ["search", "hi"]):
+        out = run_script("dna", "--home", str(nobody), "--bootstrap", down, *args)
+        one_line_error(out, f"no identity in {nobody}: run `dna identity create` first")
+    assert not nobody.exists()
+
+
+def test_a_send_that_finds_no_storage_node_says_the_message_is_kept(tmp_path: Path) -> None:
+    """A lone bootstrap node (one restarted knows no node for up to a minute, docs/overlay.md):
+    the send fails, and says that the sealed message waits in this device's outbox for the
+    next sync. Before, the line was only `only 0 storage nodes found for the mailbox`, and a
+    user took the message as lost and wrote it again."""
+    home = tmp_path / "me"
+    ok(dna(home, "--json", "identity", "create", "--offline"))
+    bob = pin_offline(home, "bob")
+    with running(make_cluster(tmp_path / "net", 1, bootstraps=1)) as (lone,):
+        out = dna(home, "--bootstrap", f"{lone.ip}:7400", "send", "bob", "hello")
+    one_line_error(out, "only 0 storage nodes found", "kept on this device", "`dna sync`")
+    profile = Profile(home)
+    cache = profile.open_cache(profile.unlock(PASS["DNA_PASSPHRASE"]))
+    try:
+        assert [q.body for q in cache.outgoing(bob.fingerprint)] == ["hello"]
+    finally:
+        cache.close()
+
+
+def test_published_on_counts_nodes_not_storage_nodes(testnet: Testnet, tmp_path: Path) -> None:
+    """An identity record is stored by bootstrap and storage nodes alike: on a network of 3
+    and 6 it said `published on: 9 storage nodes` (an operator with 3 storage nodes saw 4)."""
+    suffix = str(time.time_ns())[-6:]
+    out = dna(tmp_path / "me", "identity", "create", "--name", f"pub{suffix}", net=testnet)
+    assert out.returncode == 0, out.stderr
+    (line,) = [line for line in out.stdout.splitlines() if "published on:" in line]
+    count = int(line.split(":")[1].split()[0])
+    assert 1 <= count <= 9 and line.endswith(f"published on: {count} nodes"), line
+
+
+def test_a_create_whose_publish_finds_no_network_says_the_identity_was_created(
+    tmp_path: Path,
+) -> None:
+    """`dna identity create` (no name to check first) with the network down: the identity is
+    written, then the publish fails. It said only `no bootstrap node answered …`, and the
+    same create run again was refused as `… exists; refusing to overwrite an identity`."""
+    home = tmp_path / "me"
+    out = dna(home, "--bootstrap", "127.0.0.250:7400", "identity", "create")
+    one_line_error(out, "no bootstrap node answered", f"was created in {home}",
+                   "run `dna identity publish` once the network answers")  # fmt: skip
+    assert ok(dna(home, "--json", "identity", "show"))["fingerprint"][:16] in out.stderr
 
 
 def test_a_dna_max_strangers_too_long_to_convert_is_refused_in_one_line(tmp_path: Path) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from dna_core.crypto.node import puzzle_bits
-from support import run_script
+from support import BIN, run_script
 
 pytestmark = pytest.mark.process  # every test runs a service's command
 
@@ -48,3 +51,24 @@ def test_keygen_refuses_a_bad_puzzle_and_an_existing_key_file(service: str, tmp_
     assert out.stderr == (f"{service}: error: {keyfile} exists: a node key is never"
                           " overwritten\n")  # fmt: skip
     assert keyfile.read_bytes() == b"the operator's key"
+
+
+@pytest.mark.parametrize(
+    "command", ["dna-bootstrap", "dna-storage-node", "dna-stun", "dna-testnet"]
+)
+def test_ctrl_c_while_a_command_loads_is_a_quiet_exit(command: str) -> None:
+    """SIGINT while the command still imports its modules (a few tenths of a second, seconds
+    on a loaded machine): status 130 and no traceback, as docs/operations.md ("Shutdown")
+    says. It printed the traceback of the import it interrupted."""
+    interrupted = 0
+    for delay in (0.15, 0.3, 0.5):  # before 0.1 s: Python's own start-up (site)
+        proc = subprocess.Popen([str(BIN / command), "--help"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+        assert "Traceback" not in err, (delay, err)
+        # 130, or killed by the signal before Python set its handler; 0: it was done
+        assert proc.returncode in (0, 130, -signal.SIGINT), (delay, proc.returncode, err)
+        interrupted += proc.returncode != 0
+    assert interrupted, "every run ended before its SIGINT: no moment of loading was tried"

@@ -108,6 +108,14 @@ def _passphrase(confirm: bool) -> str:
     return first
 
 
+def _own_passphrase(profile: Profile) -> str:
+    """The passphrase of ``profile``'s key file, asked only once there is one: a home with no
+    identity (a new user, a mistyped DNA_HOME) is said as such, not met with a prompt whose
+    answer is thrown away (or, with no terminal, a call for DNA_PASSPHRASE)."""
+    profile.read_keyfile()
+    return _passphrase(confirm=False)
+
+
 def _utf8(text: str, source: str) -> str:
     """``text`` unless it holds bytes that are not UTF-8 (an environment variable or a
     terminal in another encoding: Python keeps them as surrogates, which no key derivation
@@ -146,7 +154,9 @@ def _emit(args: argparse.Namespace, info: Info) -> None:
             print(f"{label:>{width}}: {printable(text)}")
 
 
-_UNITS = {"published_on": "storage nodes", "replicas": "storage nodes (of 5)"}
+# Records (identity, name) are kept by every overlay node, bootstrap nodes too; messages
+# only by the storage nodes of the mailbox.
+_UNITS = {"published_on": "nodes", "replicas": "storage nodes (of 5)"}
 
 
 def _human(key: str, value: object) -> str | None:
@@ -182,7 +192,7 @@ def _with_peer(
             find_contact(cache, contact)
 
     async def run() -> None:
-        passphrase = _passphrase(confirm=False)
+        passphrase = _own_passphrase(args.profile)
         try:
             with phase_line("unlocking, joining the network…", enabled=not args.json):
                 peer = await open_peer(args.profile, passphrase, args.seeds, check=known,
@@ -210,7 +220,7 @@ def _with_cache(args: argparse.Namespace, work: Callable[[Cache], object]) -> No
     """Unlock and open the cache alone, no network: what needs only this device's data
     works with the network down (search, inbox --offline, contacts forget)."""
     with args.profile.in_use():
-        cache = args.profile.open_cache(args.profile.unlock(_passphrase(confirm=False)))
+        cache = args.profile.open_cache(args.profile.unlock(_own_passphrase(args.profile)))
         try:
             work(cache)
         finally:
@@ -240,6 +250,13 @@ def _create(args: argparse.Namespace) -> None:
     except NameTakenError as exc:  # claimed by someone else since the check above
         raise DnaError(f"{exc}; your identity was created without a name: pick one with "
                        "`dna identity publish --name`") from exc  # fmt: skip
+    except DnaError as exc:  # the network went away (or never answered: no name to check)
+        # The identity is written: a create run again would be refused as overwriting it.
+        publish = "dna identity publish" + (f" --name {args.name}" if args.name else "")
+        exc.args = (f"{exc}; your identity {identity.fingerprint.hex()[:16]}… was created in"
+                    f" {args.profile.home} but not published: run `{publish}` once the"
+                    " network answers",)  # fmt: skip
+        raise
 
 
 def _publish(args: argparse.Namespace) -> None:
@@ -475,6 +492,14 @@ def _contacts_forget(args: argparse.Namespace) -> None:
 # -- messages -----------------------------------------------------------------------
 
 
+# A failed send leaves the sealed message in the outbox (Peer.send): said, so that the user
+# neither thinks it lost nor writes it again (the same text again takes the same message).
+KEPT_TO_SEND = (
+    "the message is kept on this device: the next `dna sync`, `dna inbox` or `dna watch`"
+    " sends it (or this `dna send` again, once the network answers)"
+)
+
+
 def _send(args: argparse.Namespace) -> None:
     body = _message_text(args)
     check_text(body)  # before the passphrase, the network and the contact
@@ -485,7 +510,12 @@ def _send(args: argparse.Namespace) -> None:
             await peer.go_direct(ice_config(), listen=False)
         with phase_line("sealing; direct if they are online, else storing on the replicas…",
                         enabled=not args.json):  # fmt: skip
-            sent = await peer.send(contact, body)
+            try:
+                sent = await peer.send(contact, body)
+            except DnaError as exc:
+                if any(q.body == body for q in peer.cache.outgoing(contact.fingerprint)):
+                    exc.args = (f"{exc}; {KEPT_TO_SEND}",)
+                raise
         info: Info = {"to": _party(peer.cache, contact.fingerprint),
                       "message_id": sent.message_id.hex(), "path": sent.path,
                       "replicas": sent.stored_on}  # fmt: skip
