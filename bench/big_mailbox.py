@@ -55,7 +55,9 @@ async def store(stub: Any, owner: Identity, total: int) -> dict[str, Any]:
     box = mailbox_id(owner.fingerprint)
     sender = Identity.generate()
     starts = list(range(0, total, PUT_BATCH))
-    stored, refused, waits = 0, [], []
+    stored = 0
+    refused: list[str] = []
+    waits: list[float] = []
 
     async def writer() -> None:
         nonlocal stored
