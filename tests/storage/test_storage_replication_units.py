@@ -464,3 +464,97 @@ def test_list_pages_read_their_part_of_the_index_and_are_those_of_the_whole(
         assert backend.most <= 2 * (MAX_SYNC_IDS + 2), backend.most
 
     stores.run(scenario())
+
+
+# --- a blob several peers list is pulled from one of them, not from each -----------------------
+
+
+class ListingPeers:
+    """Fake sync calls of peers that each list ``blobs``; ``withholding`` peers answer a pull
+    with nothing (or fail it, ``failing``). Notes the IDs each peer was asked to pull."""
+
+    def __init__(
+        self, blobs: list[mailbox_pb2.StoredBlob], *, withholding: int = 0, failing: int = 0
+    ) -> None:
+        self.blobs = {b.blob_id: b for b in blobs}
+        self.contacts = [contact_of(NodeIdentity.generate(0)[0]) for _ in range(4)]
+        self.withholding = {c.node_id for c in self.contacts[:withholding]}
+        self.failing = {c.node_id for c in self.contacts[withholding : withholding + failing]}
+        self.asked: dict[bytes, list[bytes]] = {c.node_id: [] for c in self.contacts}
+
+    def install(self, r: Repairer) -> None:
+        async def sync_list(
+            peer: Contact, box: bytes, request: mailbox_pb2.SyncListRequest
+        ) -> mailbox_pb2.SyncListResponse:
+            return mailbox_pb2.SyncListResponse(blob_ids=sorted(self.blobs))
+
+        async def sync_pull(
+            peer: Contact, box: bytes, request: mailbox_pb2.SyncPullRequest
+        ) -> mailbox_pb2.SyncPullResponse:
+            self.asked[peer.node_id] += request.blob_ids
+            if peer.node_id in self.failing:
+                raise remote_error(
+                    grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "gone")
+                )
+            served = [] if peer.node_id in self.withholding else request.blob_ids
+            return mailbox_pb2.SyncPullResponse(
+                blobs=[self.blobs[i] for i in served], answered=len(request.blob_ids)
+            )
+
+        async def sync_push(
+            peer: Contact, box: bytes, request: mailbox_pb2.SyncPushRequest
+        ) -> mailbox_pb2.SyncPushResponse:
+            return mailbox_pb2.SyncPushResponse(blob_ids=[b.blob_id for b in request.blobs])
+
+        r._sync_list = sync_list  # type: ignore[method-assign]
+        r._sync_pull = sync_pull  # type: ignore[method-assign]
+        r._sync_push = sync_push  # type: ignore[method-assign]
+
+
+def contact_of(identity: NodeIdentity) -> Contact:
+    return Contact(identity.node_id, identity.public_key, (Endpoint("127.0.0.1", 1),))
+
+
+def pulled_from_peers(tmp_path: Path, peers_of: Any) -> tuple[ListingPeers, set[bytes]]:
+    """One ``sync_mailbox`` of a node holding nothing with 4 peers listing the same 3 blobs
+    (``peers_of(blobs)`` makes them): the peers, and what the node holds afterwards."""
+
+    async def scenario() -> tuple[ListingPeers, set[bytes]]:
+        backend = await SqliteBackend.open(tmp_path / "pulls.sqlite3")
+        r = repairer()
+        r.backend = backend
+        peers = peers_of([synced(b"missed %d" % i, pow_at=now_ms()) for i in range(3)])
+        peers.install(r)
+        try:
+            await r.sync_mailbox(BOX, MailboxPlan(BOX, peers.contacts, rightful=True))
+            held = set((await backend.sync_index(BOX, now_ms())).blob_ids)
+        finally:
+            await backend.close()
+        return peers, held
+
+    return asyncio.run(scenario())
+
+
+def test_a_blob_every_peer_lists_is_pulled_once_not_from_each(tmp_path: Path) -> None:
+    """A node that was down while blobs arrived lacks them at its 4 peers at once: its
+    exchanges with them, run together against one snapshot of its holdings, pulled each
+    blob from all 4 (4 SyncPulls, 4 times the bytes and checks; measured with 10,000
+    mailboxes: 15,095 pulls for 3,757 blobs). Checked to fail without the fix (12 IDs asked)."""
+    peers, held = pulled_from_peers(tmp_path, ListingPeers)
+    assert held == set(peers.blobs)
+    assert sorted(i for asked in peers.asked.values() for i in asked) == sorted(peers.blobs)
+
+
+@pytest.mark.parametrize(("withholding", "failing"), [(1, 0), (0, 1), (2, 1)])
+def test_a_blob_a_peer_did_not_deliver_is_pulled_from_another_that_listed_it(
+    tmp_path: Path, withholding: int, failing: int
+) -> None:
+    """The peer a blob was first asked of answers without it, or fails: the same sync asks
+    the next peer that listed it, so a peer listing what it does not serve cannot keep a
+    blob from this node by answering first."""
+    peers, held = pulled_from_peers(
+        tmp_path, lambda blobs: ListingPeers(blobs, withholding=withholding, failing=failing)
+    )
+    assert held == set(peers.blobs)
+    honest = [c.node_id for c in peers.contacts[withholding + failing :]]
+    assert sum(len(peers.asked[n]) for n in honest) == len(peers.blobs)

@@ -46,7 +46,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -720,6 +720,40 @@ class Holdings:
         return blob_id in self.blob_ids or blob_id in self.tombstone_ids
 
 
+class PullClaims:
+    """Which peer each blob one mailbox's sync pulls is asked of. The exchanges with the
+    peers run at once, each against the same snapshot of what this node holds, so a blob
+    every peer lists was pulled from each of them: a node that missed a mailbox's blobs
+    while it was down took each one 4 times from 4 peers (4 SyncPulls, 4 times the bytes and
+    the checks), and its repair ran at the peers' rate for twice the calls it needed. Now the
+    first exchange to list a blob claims it; one its pull did not deliver (the peer failed,
+    or did not serve it) is asked of another peer that listed it once the exchanges are
+    done (``unsettled``), so a peer that lists what it does not serve delays it, never
+    withholds it."""
+
+    def __init__(self) -> None:
+        self._claimed: dict[bytes, bytes] = {}  # blob ID -> the node ID it was asked of
+        self._settled: set[bytes] = set()
+
+    def claim(self, peer: bytes, blob_ids: Iterable[bytes]) -> list[bytes]:
+        """Those of ``blob_ids`` no other exchange pulls, now pulled from ``peer``."""
+        mine = [b for b in blob_ids if b not in self._claimed]
+        self._claimed.update(dict.fromkeys(mine, peer))
+        return mine
+
+    def settle(self, blob_ids: Iterable[bytes]) -> None:
+        """Held here now (stored, held already, or deleted)."""
+        self._settled.update(blob_ids)
+
+    def unsettled(self, peer: bytes, listed: frozenset[bytes]) -> list[bytes]:
+        """Blobs ``peer`` listed that another peer was asked for and did not deliver; they
+        are claimed for ``peer`` now."""
+        left = sorted(b for b in listed & self._claimed.keys()
+                      if b not in self._settled and self._claimed[b] != peer)  # fmt: skip
+        self._claimed.update(dict.fromkeys(left, peer))
+        return left
+
+
 def copies(ours: Holdings, peers: Sequence[Holdings]) -> tuple[dict[bytes, int], dict[bytes, int]]:
     """For each blob and each tombstone we hold, how many of ``peers`` hold it too."""
     blobs = {b: sum(p.settles_blob(b) for p in peers) for b in ours.blob_ids}
@@ -1115,10 +1149,14 @@ class Repairer:
         # 100,000 tombstones.
         index = await self.backend.sync_index(box, _now_ms())
         ours = Holdings(frozenset(index.blob_ids), frozenset(t for t, _ in index.tombstones))
-        exchange = self._sync_with if rightful else self._hand_off
-        views = await asyncio.gather(
-            *(self._guarded(peer, box, exchange(peer, box, ours)) for peer in peers)
-        )
+        claims = PullClaims()
+        views = await asyncio.gather(*(
+            self._guarded(peer, box, self._sync_with(peer, box, ours, claims) if rightful
+                          else self._hand_off(peer, box, ours))
+            for peer in peers
+        ))  # fmt: skip
+        if rightful:
+            await self._pull_unsettled(box, claims, peers, views)
         answered = [v for v in views if v is not None] + [ours] * agreeing
         blob_copies, tomb_copies = copies(ours, answered)
         least = min((*blob_copies.values(), *tomb_copies.values()), default=None)
@@ -1153,6 +1191,25 @@ class Repairer:
             extra={"mailbox": box.hex(), "peer": peer.node_id.hex()},
         )  # fmt: skip
         return None
+
+    async def _pull_unsettled(
+        self,
+        box: bytes,
+        claims: PullClaims,
+        peers: Sequence[Contact],
+        views: Sequence[Holdings | None],
+    ) -> None:
+        """What a pull of the exchanges did not deliver, from the other peers that listed it,
+        one after the other until none is left."""
+        for peer, view in zip(peers, views, strict=True):
+            if view is not None and (left := claims.unsettled(peer.node_id, view.blob_ids)):
+                await self._guarded(peer, box, self._pull_held(peer, box, left, claims))
+
+    async def _pull_held(
+        self, peer: Contact, box: bytes, missing: list[bytes], claims: PullClaims
+    ) -> Holdings:
+        await self._pull(peer, box, missing, claims)
+        return Holdings(frozenset(), frozenset())
 
     async def _drop_handoff(self, box: bytes, blob_ids: list[bytes], tomb_ids: list[bytes]) -> None:
         """A node outside the replica set holds a mailbox only as a hinted hand-off copy:
@@ -1266,9 +1323,12 @@ class Repairer:
         getattr(request, "from").CopyFrom(proof)
         return request
 
-    async def _sync_with(self, peer: Contact, box: bytes, ours: Holdings) -> Holdings:
+    async def _sync_with(
+        self, peer: Contact, box: bytes, ours: Holdings, claims: PullClaims
+    ) -> Holdings:
         """List, pull and push with one replica, a page of the peer's listing at a time,
-        until the whole mailbox is done; what the peer held before this exchange."""
+        until the whole mailbox is done; what the peer held before this exchange. Pulls
+        only the blobs no exchange with another peer pulls (``claims``)."""
         held_blobs: set[bytes] = set()
         held_tombs: set[bytes] = set()
         after = b""
@@ -1288,7 +1348,7 @@ class Repairer:
 
             if not full:
                 try:
-                    await self._take(peer, box, ours, theirs, page)
+                    await self._take(peer, box, ours, theirs, page, claims)
                 except StorageFullError:  # what the peer lacks still goes to it
                     full = True
                     self.metrics.failures.labels(reason="store_disk").inc()
@@ -1311,10 +1371,13 @@ class Repairer:
         ours: Holdings,
         theirs: Holdings,
         page: mailbox_pb2.SyncListResponse,
+        claims: PullClaims,
     ) -> None:
-        """Pull the blobs of a list page this node lacks, and store its tombstones."""
+        """Pull the blobs of a list page this node lacks that no other exchange pulls, and
+        store its tombstones."""
         dead = theirs.tombstone_ids | ours.tombstone_ids
-        await self._pull(peer, box, sorted(theirs.blob_ids - ours.blob_ids - dead))
+        lacking = sorted(theirs.blob_ids - ours.blob_ids - dead)
+        await self._pull(peer, box, claims.claim(peer.node_id, lacking), claims)
         new_tombs = [t for t in page.tombstones if t.blob_id not in ours.tombstone_ids]
         if new_tombs:
             got = await accept(self.backend, box, [], new_tombs, self.rules)
@@ -1442,10 +1505,12 @@ class Repairer:
                 out_blobs.append(blob)
         return out_tombs, out_blobs
 
-    async def _pull(self, peer: Contact, box: bytes, missing: list[bytes]) -> None:
+    async def _pull(
+        self, peer: Contact, box: bytes, missing: list[bytes], claims: PullClaims
+    ) -> None:
         """Pull ``missing`` blobs: each answer is bounded in bytes (a smaller bound asked
         for after a RESOURCE_EXHAUSTED), and the next request asks for what it did not
-        answer."""
+        answer. What is held here afterwards is settled in ``claims``."""
         done, budget = 0, SYNC_BYTES
         while done < len(missing):
             ids = missing[done : done + MAX_SYNC_IDS]
@@ -1461,6 +1526,7 @@ class Repairer:
             if answer.blobs:
                 got = await accept(self.backend, box, answer.blobs, [], self.rules)
                 self.metrics.pulled.inc(got.stored)
+                claims.settle(got.held_blobs | got.held_tombstones)
 
     def _smaller(self, err: RemoteError, budget: int) -> int:
         """The next piece's bound after ``err``: half, when the piece was refused as too
