@@ -24,9 +24,7 @@ import time
 from pathlib import Path
 
 from dna_core.crypto import Identity
-from dna_core.mailbox import blob_id, mailbox_id
-from dna_core.mailbox.client import MailboxClient
-from dna_core.mailbox.planner import FetchState
+from dna_core.mailbox import FetchState, MailboxClient, blob_id, mailbox_id
 from dna_storage.backends.base import StoredBlob
 from dna_storage.backends.sqlite import SqliteBackend
 from dna_testnet.harness import LocalNode, local_cluster, wait_ready
