@@ -330,6 +330,8 @@ def test_two_people_and_a_second_device(testnet: Testnet, tmp_path: Path) -> Non
     assert len(added["safety_number"].split()) == 12 and added["verified"] is False
     unknown = dna(alice, "send", "nobody", "hi", net=testnet)
     assert unknown.returncode == 1 and "no contact 'nobody'" in unknown.stderr
+    # one's own name: not "add one with `dna contacts add`", which refuses it as you
+    one_line_error(dna(alice, "send", f"alice{suffix}", "hi", net=testnet), "is you")
     sent = ok(dna(alice, "--json", "send", f"bob{suffix}", "hello", "bob", net=testnet))
     assert sent["replicas"] >= 3
 

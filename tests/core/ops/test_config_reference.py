@@ -169,6 +169,18 @@ def test_the_schema_is_self_contained_and_draft_7_valid(role: Role) -> None:
 
 
 @pytest.mark.parametrize("role", ROLES, ids=lambda role: role.name)
+def test_a_default_that_stands_for_unset_is_printed_as_unset(role: Role) -> None:
+    """`print-default-config` printed the record file's unset path as `path = "."`, which an
+    operator reads as "the working directory" (it meant records.sqlite3 in the node's data
+    directory); the file still reads back as the defaults."""
+    printed = default_toml(role.config)
+    assert 'path = "."' not in printed
+    if role.name != "stun":
+        assert "# path: unset (the node derives it: docs/configuration.md)" in printed
+    assert role.config.model_validate(tomllib.loads(printed)) == role.config()
+
+
+@pytest.mark.parametrize("role", ROLES, ids=lambda role: role.name)
 def test_the_schema_accepts_the_default_config(role: Role) -> None:
     assert schema_errors(role, tomllib.loads(default_toml(role.config))) == []
 

@@ -1203,7 +1203,16 @@ def find_contact(cache: Cache, query: str) -> Contact:
     found = cache.contact(fingerprint) if fingerprint else None
     if found is not None:
         return found
+    if _is_own_name(cache, query):  # `contacts add` refuses it: do not send the user there
+        raise UnknownContactError(f"{query!r} is you: your own devices sync through `dna sync`")
     raise UnknownContactError(f"no contact {query!r}: add one with `dna contacts add NAME`")
+
+
+def _is_own_name(cache: Cache, query: str) -> bool:
+    """Whether ``query`` is the name this identity last published (from the cache)."""
+    raw = cache.get_state(PUBLISHED)
+    name = json.loads(raw).get("name") if raw else None
+    return name is not None and name == _as_name(query)
 
 
 def _pinned_prefix(cache: Cache, query: str, shortest: int) -> bytes | None:

@@ -517,11 +517,15 @@ def default_toml(cls: type[ConfigModel]) -> str:
 def _toml_section(obj: BaseModel, name: str) -> list[str]:
     scalars = [f"[{name}]"] if name else []
     sections: list[str] = []
-    for field_name in type(obj).model_fields:
+    for field_name, field in type(obj).model_fields.items():
         value = getattr(obj, field_name)
         if isinstance(value, BaseModel):
             key = f"{name}.{field_name}" if name else field_name
             sections += ["", *_toml_section(value, key)]
+        elif field.json_schema_extra is no_default_shown:
+            # Its default stands for "unset" and has no honest value to print: a record
+            # file's Path("") printed as `path = "."`, which reads as "the working directory".
+            scalars.append(f"# {field_name}: unset (the node derives it: docs/configuration.md)")
         else:
             scalars.append(f"{field_name} = {_toml_literal(value)}")
     return scalars + sections
