@@ -32,15 +32,14 @@ from cluster import (
     NodeProcess,
     client_node,
     free_ips,
-    held_by,
     running,
     storage_network,
+    until_all_whole,
     wait_ready,
 )
-from dna_core.crypto import Identity, seal
+from dna_core.crypto import seal
 from dna_core.mailbox import mailbox_id
 from dna_core.mailbox.client import MailboxClient
-from dna_core.overlay.contact import Contact
 from process_mark import starts_processes
 from support import seeded_identity
 
@@ -122,36 +121,11 @@ def test_replica_loss_and_repair(
             for node in lost:
                 node.start()
             wait_ready(lost)
-            repair_times.append(await _until_whole(owners, replicas, acked))
+            sent = [(o, replicas[o.fingerprint], acked[o.fingerprint]) for o in owners]
+            took = await until_all_whole(SEED, sent, REPAIR_BOUND_S)
+            repair_times.append(round(took, 1))
         return repair_times
 
     times = asyncio.run(scenario())
     print(f"{messages} messages, {mailboxes} mailboxes: every mailbox whole again after {times} s")
     assert max(times) <= REPAIR_BOUND_S
-
-
-async def _until_whole(
-    owners: list[Identity],
-    replicas: dict[bytes, list[Contact]],
-    acked: dict[bytes, set[bytes]],
-) -> float:
-    client = await client_node([SEED])
-    started = time.monotonic()
-
-    async def whole(owner: Identity) -> bool:
-        held = await asyncio.gather(
-            *(held_by(client, owner, r) for r in replicas[owner.fingerprint])
-        )
-        return all(h >= acked[owner.fingerprint] for h in held)
-
-    try:
-        pending = list(owners)
-        while pending and time.monotonic() - started < REPAIR_BOUND_S:
-            done = await asyncio.gather(*(whole(owner) for owner in pending))
-            pending = [owner for owner, ok in zip(pending, done, strict=True) if not ok]
-            if pending:
-                await asyncio.sleep(0.5)
-        assert not pending, f"{len(pending)} mailboxes not back to 5 replicas"
-        return round(time.monotonic() - started, 1)
-    finally:
-        await client.stop()
