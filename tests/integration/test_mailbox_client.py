@@ -417,7 +417,7 @@ def test_a_delete_refused_with_retry_after_is_sent_again_once_it_has_passed(
     def took(batch: bytes) -> int:  # nodes that took the batch in the end
         return sum(sent[-1] == (None, 0) for (_, first), sent in answers.items() if first == batch)
 
-    # then took it, unless W others had (a batch at W is not waited out for the rest)
+    # then took it, unless W others had (a hand-off candidate is not waited for then)
     assert all(sent[-1] == (None, 0) or took(batch) >= 3 for (_, batch), sent in refused.items()), (
         refused
     )
