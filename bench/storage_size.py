@@ -70,8 +70,9 @@ def free_port() -> int:
         return port
 
 
-def start_redis(root: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
+def start_redis(root: Path, port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """A ``redis-server`` on ``port`` (a free one by default) keeping its AOF in ``root``."""
+    port = port or free_port()
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(root),

@@ -411,9 +411,16 @@ def test_a_delete_refused_with_retry_after_is_sent_again_once_it_has_passed(
             assert result.deleted == batch and result.refusals == []
 
     with_client(work)
-    refused = [sent for sent in answers.values() if any(after for _, after in sent)]
+    refused = {key: sent for key, sent in answers.items() if any(after for _, after in sent)}
     assert refused, answers  # a node refused a batch for its rate at least once
-    assert all(sent[-1] == (None, 0) for sent in refused), refused  # then took it
+
+    def took(batch: bytes) -> int:  # nodes that took the batch in the end
+        return sum(sent[-1] == (None, 0) for (_, first), sent in answers.items() if first == batch)
+
+    # then took it, unless W others had (a hand-off candidate is not waited for then)
+    assert all(sent[-1] == (None, 0) or took(batch) >= 3 for (_, batch), sent in refused.items()), (
+        refused
+    )
 
 
 def record_delete_answers(
