@@ -28,9 +28,7 @@ from pathlib import Path
 
 from dna_core.crypto import Identity, seal
 from dna_core.errors import DnaError
-from dna_core.mailbox import blob_id
-from dna_core.mailbox.client import MailboxClient
-from dna_core.mailbox.planner import FetchState
+from dna_core.mailbox import FetchState, MailboxClient, blob_id
 from dna_testnet.harness import LocalNode, local_cluster, wait_ready
 from dna_testnet.network import UDP_PORT, client_node
 from dna_testnet.topology import NodeSpec, Topology
