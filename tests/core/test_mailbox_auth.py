@@ -155,16 +155,30 @@ def test_a_nonce_the_full_cache_forgot_is_still_refused_within_its_window() -> N
     cache.check(THIRD, b"z" * 16, NOW - 500, NOW + 30)  # other mailboxes: as before
 
 
-def test_past_max_size_floors_the_oldest_floor_holds_for_every_mailbox() -> None:
+def test_past_max_size_the_oldest_floor_holds_for_its_bucket_only() -> None:
     cache = NonceCache(window_ms=1000, max_size=1)
     cache.check(BOX, NONCE, NOW, NOW)
     cache.check(OTHER, NONCE, NOW + 10, NOW + 10)  # BOX's floor: NOW
-    cache.check(THIRD, NONCE, NOW + 20, NOW + 20)  # OTHER's floor; BOX's is everyone's
+    cache.check(THIRD, NONCE, NOW + 20, NOW + 20)  # OTHER's floor; BOX's folds into "aa"
     with pytest.raises(ReplayError):
         cache.check(BOX, NONCE, NOW, NOW + 30)
     with pytest.raises(ReplayError):
-        cache.check(bytes(32), NONCE, NOW, NOW + 30)  # any mailbox, at or before it
-    cache.check(bytes(32), NONCE, NOW + 1, NOW + 30)
+        cache.check(b"aa" + bytes(30), NONCE, NOW, NOW + 30)  # BOX's bucket, at or before it
+    cache.check(b"aa" + bytes(30), NONCE, NOW + 1, NOW + 30)
+    cache.check(bytes(32), b"m" * 16, NOW, NOW + 30)  # another bucket: as before
+
+
+def test_a_floor_stamped_ahead_holds_back_its_bucket_not_every_mailbox() -> None:
+    """A flooder stamps its own requests a window ahead; folded, the floor refuses the
+    requests of its bucket until that time (a shared floor refused everyone's)."""
+    cache = NonceCache(window_ms=1000, max_size=1)
+    cache.check(BOX, NONCE, NOW + 1000, NOW)  # stamped a window ahead
+    cache.check(OTHER, NONCE, NOW, NOW)  # BOX's floor: NOW + 1000
+    cache.check(THIRD, NONCE, NOW, NOW)  # OTHER's floor; BOX's folds into "aa"
+    with pytest.raises(ReplayError):
+        cache.check(b"aa" + bytes(30), b"m" * 16, NOW + 5, NOW + 5)
+    for mailbox in (bytes(32), b"ab" + bytes(30), OTHER[:1] + b"x" * 31):
+        cache.check(mailbox, b"m" * 16, NOW + 5, NOW + 5)
 
 
 def test_floors_leave_with_the_window() -> None:

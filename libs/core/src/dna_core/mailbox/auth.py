@@ -90,10 +90,14 @@ class NonceCache:
     signing fetches of a mailbox of their own (an identity costs nothing) could push a
     captured request's nonce out and replay it within its window, a fetch or a subscription
     of someone else's mailbox. The floors are bounded by ``max_size`` too; past it the
-    oldest floor is dropped into one floor for every mailbox (``_shared_floor``), which
-    refuses all requests timestamped before it, honest ones too, until their owners sign
-    again: that takes more than ``max_size`` mailboxes' requests forgotten within two
-    windows, a signature verified for each."""
+    oldest floor is folded into its *bucket's* floor (mailboxes that share their first two
+    bytes: 1/65,536 of them), which refuses requests of that bucket timestamped at or
+    before it, honest ones too, until the floor's time has passed (a floor may lie up to a
+    window ahead: requests are accepted stamped that far in the future). That takes more
+    than ``max_size`` mailboxes' requests forgotten within two windows, a signature
+    verified for each, and harms one bucket per folded floor; until 2026-12-05 one shared
+    floor held for every mailbox, so a flooder's own future-stamped requests refused
+    everyone's for up to a window at each overflow."""
 
     def __init__(
         self, *, window_ms: int = WINDOW_MS, max_size: int = 1_000_000,
@@ -102,7 +106,7 @@ class NonceCache:
         self.window_ms, self.max_size, self.on_forgotten = window_ms, max_size, on_forgotten
         self._seen: OrderedDict[bytes, int] = OrderedDict()  # mailbox || nonce -> timestamp
         self._floors: OrderedDict[bytes, int] = OrderedDict()  # mailbox -> floor, last raised last
-        self._shared_floor = -1
+        self._bucket_floors = [-1] * FLOOR_BUCKETS  # folded floors, by `_bucket`
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -122,7 +126,9 @@ class NonceCache:
         key = mailbox + nonce
         if key in self._seen:
             raise ReplayError("request nonce already used (replay)")
-        if timestamp_ms <= max(self._shared_floor, self._floors.get(mailbox, -1)):
+        if timestamp_ms <= max(
+            self._bucket_floors[_bucket(mailbox)], self._floors.get(mailbox, -1)
+        ):
             raise ReplayError(
                 "request older than a nonce this node had to forget (its cache was full):"
                 " it may be a replay; sign a new one"
@@ -136,8 +142,9 @@ class NonceCache:
         self.on_forgotten()
         self._floors[mailbox] = max(timestamp_ms, self._floors.pop(mailbox, -1))
         while len(self._floors) > self.max_size:
-            _, floor = self._floors.popitem(last=False)
-            self._shared_floor = max(self._shared_floor, floor)
+            folded, floor = self._floors.popitem(last=False)
+            bucket = _bucket(folded)
+            self._bucket_floors[bucket] = max(self._bucket_floors[bucket], floor)
 
     def _forget(self, now_ms: int) -> None:
         """Drop what no request inside the window can need: nonces and floors timestamped
@@ -150,6 +157,13 @@ class NonceCache:
                 if timestamp_ms >= cutoff:
                     break
                 del memory[key]
+
+
+FLOOR_BUCKETS = 1 << 16  # a folded floor holds for the mailboxes of its bucket only
+
+
+def _bucket(mailbox: bytes) -> int:
+    return int.from_bytes(mailbox[:2].ljust(2, b"\0"), "big")
 
 
 @dataclass(frozen=True, slots=True)
