@@ -20,6 +20,7 @@ proof of work's timestamp (within its window); sync times in ``SyncRules``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -81,6 +82,8 @@ from dna_storage.replication import (
     pull_answer,
     verify_proof,
 )
+
+log = logging.getLogger("dna.storage")
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 SyncRequest = (
@@ -250,6 +253,15 @@ class MailboxService(mailbox_pb2_grpc.MailboxServicer):
         task.add_done_callback(self._writes.discard)
         task.add_done_callback(lambda done: self._refund_over_quota(done, blobs))
         return await asyncio.shield(task)
+
+    async def drain(self) -> None:
+        """Wait for the writes whose callers went away (`_write`): at stop, before the
+        backend closes under them (their refunds are due, their failures logged there)."""
+        for outcome in await asyncio.gather(*self._writes, return_exceptions=True):
+            if isinstance(outcome, BaseException) and not isinstance(
+                outcome, asyncio.CancelledError
+            ):
+                log.warning("a write left by its caller failed at stop: %s", outcome)
 
     def _refund_over_quota(
         self, done: asyncio.Future[list[PutOutcome]], blobs: list[StoredBlob]

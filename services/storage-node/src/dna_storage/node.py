@@ -301,6 +301,7 @@ class StorageNode:
         self._tasks: list[asyncio.Task[None]] = []
         self.repairer: Repairer | None = None
         self.replica_view: ReplicaView | None = None  # who may sync with this node
+        self.mailbox_rpc: MailboxSessionService | None = None  # its writes end before the backend
         self._full_by_write = False  # a write found no room since the last disk reading
         self._held = Usage(0, 0)  # blobs and bytes held, as of the last GC pass
         self._mailboxes = 0  # mailboxes held, likewise
@@ -343,6 +344,7 @@ class StorageNode:
                 ).inc(),
             )  # fmt: skip
             rules.append(service.sync_rules)
+            self.mailbox_rpc = service
             assert self.server is not None
             site = self.config.admission.site_tier
             service.session_rules = SessionRules(
@@ -564,5 +566,7 @@ class StorageNode:
             await self.repairer.close()
         if self.server is not None:
             await self.server.stop()
+        if self.mailbox_rpc is not None:
+            await self.mailbox_rpc.drain()
         if self.backend is not None:
             await self.backend.close()
