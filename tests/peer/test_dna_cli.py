@@ -1160,7 +1160,7 @@ def test_a_create_whose_publish_finds_no_network_says_the_identity_was_created(
     home = tmp_path / "me"
     out = dna(home, "--bootstrap", "127.0.0.250:7400", "identity", "create")
     one_line_error(out, "no bootstrap node answered", f"was created in {home}",
-                   "run `dna identity publish` once the network answers")  # fmt: skip
+                   "run `dna identity publish` when what stopped it is put right")  # fmt: skip
     assert ok(dna(home, "--json", "identity", "show"))["fingerprint"][:16] in out.stderr
 
 

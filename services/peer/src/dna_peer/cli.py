@@ -250,12 +250,12 @@ def _create(args: argparse.Namespace) -> None:
     except NameTakenError as exc:  # claimed by someone else since the check above
         raise DnaError(f"{exc}; your identity was created without a name: pick one with "
                        "`dna identity publish --name`") from exc  # fmt: skip
-    except DnaError as exc:  # the network went away (or never answered: no name to check)
+    except DnaError as exc:  # the network went away, or refused the publish
         # The identity is written: a create run again would be refused as overwriting it.
         publish = "dna identity publish" + (f" --name {args.name}" if args.name else "")
         exc.args = (f"{exc}; your identity {identity.fingerprint.hex()[:16]}… was created in"
-                    f" {args.profile.home} but not published: run `{publish}` once the"
-                    " network answers",)  # fmt: skip
+                    f" {args.profile.home} but not published: run `{publish}` when what"
+                    " stopped it is put right",)  # fmt: skip
         raise
 
 
