@@ -768,6 +768,29 @@ def test_a_restored_device_asks_for_the_history_whatever_it_runs_first(
         assert texts == ["one", "two"], (device, texts)
 
 
+def test_a_restored_device_skips_contacts_rotations_calmly_and_leaves_them_for_the_others(
+    testnet: Testnet, tmp_path: Path
+) -> None:
+    """Alice rotates her keys while bob's device is away; bob restores his identity on a
+    new device (no pins yet). Its `dna inbox` printed "dna: WARNING dropped mailbox blob
+    …: rotation: not from a pinned contact" for alice's notice. Now one calm line says
+    that there was nothing to update, and the notice is not taken from bob's first
+    device, which has the pin: its next sync moves alice's pin to her new keys."""
+    alice, bob, alice_name, _ = _pair(testnet, tmp_path)
+    backup = tmp_path / "bob.backup"
+    ok(dna(bob, "--json", "identity", "export", "--private", "--out", str(backup)))
+    rotated = ok(dna(alice, "--json", "identity", "rotate", net=testnet))
+    restored = tmp_path / "restored"
+    ok(dna(restored, "--json", "identity", "import", str(backup)))
+    shown = dna(restored, "inbox", net=testnet)
+    assert shown.returncode == 0, shown.stderr
+    assert "WARNING" not in shown.stderr and "dropped" not in shown.stderr, shown.stderr
+    assert shown.stderr.count("key rotation notice(s) from people who are not contacts") == 1
+    ok(dna(bob, "--json", "sync", net=testnet))  # the first device still gets the notice
+    (contact,) = ok(dna(bob, "--json", "contacts", "list"))
+    assert contact["name"] == alice_name and contact["fingerprint"] == rotated["fingerprint"]
+
+
 @contextlib.contextmanager
 def storage_paused(testnet: Testnet, count: int) -> Iterator[None]:
     """``count`` storage nodes SIGSTOPped (they hold their sockets but answer nothing), so a

@@ -198,12 +198,13 @@ def test_a_rotation_killed_after_the_switch_still_moves_the_name(
     ok(dna(alice, "identity", "create", "--name", name, net=testnet))
     seeds = ",".join(f"{h}:{p}" for h, p in testnet.seeds)
     rotating = subprocess.Popen(
-        [str(BIN / "dna"), "--home", str(alice), "--bootstrap", seeds, "identity", "rotate"],
+        [str(BIN / "dna"), "--home", str(alice), "--bootstrap", seeds, "-v", "identity", "rotate"],
         stderr=subprocess.PIPE, text=True, env={**PASS, "PATH": str(BIN)},
     )  # fmt: skip
     assert rotating.stderr is not None
     try:
-        while "identity rotated" not in rotating.stderr.readline():  # logged by the switch
+        # logged by the switch (an informational line: shown with -v)
+        while "INFO identity rotated" not in rotating.stderr.readline():
             assert rotating.poll() is None, "rotate ended before switching"
     finally:
         rotating.kill()

@@ -84,12 +84,30 @@ FORGED: dict[str, tuple[Forge, str]] = {
         lambda a, b, m: notice(a, b, keyserver.rotation_record(m, Identity.generate())),
         "rotation: the statement is not signed by the rotating key",
     ),
-    "from a stranger": (
-        lambda a, b, m: notice(m, b, keyserver.rotation_record(m, Identity.generate())),
-        "rotation: not from a pinned contact",
-    ),
     "not a record": (lambda a, b, m: notice(a, b, b"\x00garbage"), ""),
 }
+
+
+def test_a_rotation_from_someone_not_pinned_here_changes_nothing_without_a_warning(
+    tmp_path: Path, alice: Identity, bob: Identity, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A device restored with `dna identity import` has no pins yet: every contact's
+    rotation still in the mailbox was refused with a WARNING each ("not from a pinned
+    contact"), though nothing was wrong. Now it is handled as what it is: nothing to move
+    (no pin made, nothing refused), counted for one line in `dna inbox`; and acknowledged
+    like any blob, so another device that has the pin still gets it (deletes wait for
+    every device's acknowledgement)."""
+
+    async def go() -> None:
+        async with bob_peer(tmp_path, bob) as peer:
+            blob = notice(alice, bob, keyserver.rotation_record(alice, Identity.generate()))
+            with caplog.at_level("WARNING"):
+                inbox = await handle(peer, blob)
+            assert inbox.report.rejected == [] and inbox.report.unpinned_rotations == 1
+            assert peer.cache.contacts() == [] and caplog.records == []
+            assert inbox.report.held == [hashlib.sha256(blob).digest()]
+
+    asyncio.run(go())
 
 
 def test_forged_rotation_notices_are_dropped_and_change_nothing(

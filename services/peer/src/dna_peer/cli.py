@@ -51,7 +51,7 @@ from rich.text import Text
 
 from dna_peer.armor import LOCKED_KEY_FILE, PUBLIC, armor, dearmor, is_armored
 from dna_peer.cache import RECOVERING, Cache, Contact, Message
-from dna_peer.inbox import MAX_STRANGERS
+from dna_peer.inbox import MAX_STRANGERS, SyncReport
 from dna_peer.keyserver import (
     DISPLAY_NAME_MAX,
     NameTakenError,
@@ -614,10 +614,11 @@ def _inbox(args: argparse.Namespace) -> None:
         phase = "looking up your mailbox replicas, fetching…"
         try:
             with progress_bar(phase, "blobs", enabled=not args.json) as update:
-                await peer.sync(progress=update)
+                report = await peer.sync(progress=update)
         except UnreachableError as exc:
             _not_synced(args, exc, peer.cache)
             return
+        _tell_unpinned_rotations(args, report)
         contact = _show_inbox(args, peer.cache)
         if contact is not None:
             await peer.mark_read(contact)  # what was shown is read, on every device
@@ -625,6 +626,17 @@ def _inbox(args: argparse.Namespace) -> None:
     # No contact check before the sync: the sync may bring the contact (a card from
     # another device, the history a new device waits for).
     _with_peer(args, work, unreachable=lambda exc, cache: _not_synced(args, exc, cache))
+
+
+def _tell_unpinned_rotations(args: argparse.Namespace, report: SyncReport) -> None:
+    """One calm line for the key rotations of people this device has no pin for (on a
+    restored device, every contact's still in the mailbox): nothing was refused, and the
+    devices that have the pins still get them (`Inbox._plan_contact_rotation`)."""
+    if report.unpinned_rotations and not args.json:
+        print(f"dna: {report.unpinned_rotations} key rotation notice(s) from people who are"
+              " not contacts on this device: nothing to update (your other devices send"
+              " their contacts; `dna contacts add` finds anyone's current keys)",
+              file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _not_synced(args: argparse.Namespace, why: DnaError, cache: Cache) -> None:
@@ -770,6 +782,7 @@ def _sync(args: argparse.Namespace) -> None:
         phase = "looking up your mailbox replicas, fetching…"
         with progress_bar(phase, "blobs", enabled=not args.json) as update:
             report = await peer.sync(progress=update)
+        _tell_unpinned_rotations(args, report)
         _emit(args, {"new_messages": len(report.new_messages), "receipts": report.receipts,
                      "rejected": len(report.rejected), "deleted_from_network": report.deleted,
                      "messages_in_cache": peer.cache.message_count()})  # fmt: skip

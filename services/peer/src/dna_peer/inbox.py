@@ -82,6 +82,8 @@ DEFERRED_NODE_BYTES = DEFERRED_MAX_BYTES // 5
 # their messages (`Cache.forget_strangers`). Each costs its sender a put with proof of work, so
 # without a bound anyone could grow the contacts and conversations tables without end.
 MAX_STRANGERS = 2_000
+# A blob's outcome: a rotation statement from someone not pinned here (nothing to move).
+UNPINNED_ROTATION = "rotation: not a contact here, nothing to move"
 Apply = Callable[[], str]  # the cache writes of one blob; returns its outcome
 Clock = Callable[[], int]  # wall-clock milliseconds
 OnMessage = Callable[[Message], None]  # a new message, opened, before its commit is durable
@@ -145,6 +147,8 @@ class SyncReport:
     receipts_due: list[ReceiptDue] = field(default_factory=list)  # best effort
     history_wanted: bool = False  # another device lost its cache: post the history
     rotated_to: Identity | None = None  # another device rotated the identity: move over
+    # Rotations from identities this device has no pin for (none to move: a restored device)
+    unpinned_rotations: int = 0
 
 
 class Inbox:
@@ -526,9 +530,18 @@ class Inbox:
 
     def _plan_contact_rotation(self, sender: PublicKeySet, rotation: Rotation) -> Apply:
         """A pinned contact rotated: its statement (signed by the pinned key, cross-signed
-        by the new one) moves the pin, the name and the conversation, with no warning."""
+        by the new one) moves the pin, the name and the conversation, with no warning.
+
+        From someone this device has no pin for, there is nothing to move: handled as
+        such (counted in `SyncReport.unpinned_rotations`, not refused with a warning per
+        blob). That is the normal case on a device restored with `dna identity import` (an
+        empty cache: no pins yet), and for a rotation sent to all of a contact's
+        correspondents. It is acknowledged like every blob, so it leaves the replicas only
+        once every device of this identity acknowledged it too: a device that has the pin
+        still moves it. Adding the contact later finds its current keys (the name, or
+        `refresh_contact` following the published rotation)."""
         if self.cache.contact(sender.fingerprint) is None:
-            raise VerificationError("rotation: not from a pinned contact")
+            return self._plan_unpinned_rotation(sender)
         new_keys = keyserver.rotation_statement_target(
             rotation.statement, sender.fingerprint, now_ms=self.clock()
         )
@@ -540,6 +553,15 @@ class Inbox:
                 log.info("%s rotated keys to %s (their statement, signed by the pinned key)",
                          pinned.name, new_keys.fingerprint.hex()[:16])  # fmt: skip
             return "rotation"
+
+        return apply
+
+    def _plan_unpinned_rotation(self, sender: PublicKeySet) -> Apply:
+        def apply() -> str:
+            log.info("%s… rotated keys, but is not a contact on this device: nothing to move",
+                     sender.fingerprint.hex()[:16])  # fmt: skip
+            self.report.unpinned_rotations += 1
+            return UNPINNED_ROTATION
 
         return apply
 

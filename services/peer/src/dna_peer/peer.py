@@ -753,7 +753,7 @@ class Peer:
         # The name's hand-over is kept with the switch itself: a rotation cut short after
         # it (Ctrl-C, the network) still moves the name at the next republish, instead of
         # finding it "taken" by its own old keys and publishing without it.
-        self._adopt(new, name_move=self._name_move_to(old, new))
+        self._adopt(new, name_move=self._name_move_to(old, new), asked_here=True)
         self.cache.clear_state(ROTATING)
         await self._publish_after_rotation()
         return new
@@ -785,10 +785,14 @@ class Peer:
             return False
         return Identity(bytes.fromhex(json.loads(raw)["seeds"])).fingerprint != self.fingerprint
 
-    def _adopt(self, new: Identity, *, name_move: bytes | None = None) -> None:
+    def _adopt(
+        self, new: Identity, *, name_move: bytes | None = None, asked_here: bool = False
+    ) -> None:
         """Switch this device to ``new``: the old identity is kept (in the cache) to drain
         its mailbox; cache and key file move to the new keys; the new mailbox starts from
-        no cursors."""
+        no cursors. ``asked_here``: the user rotated on this device (`dna identity rotate`
+        says so itself: an informational line); else another device did, a warning (a
+        rotation the user did not make there is someone else holding the keys)."""
         if self.save_identity is None:
             raise DnaError("this device cannot change identity: no key file to write")
         old = self.identity
@@ -805,8 +809,13 @@ class Peer:
         self.identity = new
         self._retired_mail[old.fingerprint] = self.mail  # closed when its grace period ends
         self.mail = MailboxClient(self.node, pow_bits=self.pow_bits, sessions=self.sessions)
-        log.warning("identity rotated: %s -> %s", old.fingerprint.hex()[:16],
-                    new.fingerprint.hex()[:16])  # fmt: skip
+        if asked_here:
+            log.info("identity rotated: %s -> %s", old.fingerprint.hex()[:16],
+                     new.fingerprint.hex()[:16])  # fmt: skip
+        else:
+            log.warning("another device of yours rotated this identity: %s -> %s (this device"
+                        " follows)", old.fingerprint.hex()[:16],
+                        new.fingerprint.hex()[:16])  # fmt: skip
 
     def _name_move_to(self, old: Identity, new: Identity) -> bytes | None:
         """The old keys' signature handing the published name over to ``new`` (None
@@ -1177,6 +1186,7 @@ def _merge(into: SyncReport, more: SyncReport) -> None:
     into.receipts += more.receipts
     into.rejected += more.rejected
     into.deferred += more.deferred
+    into.unpinned_rotations += more.unpinned_rotations
     into.deleted += more.deleted
     into.cleanup_error = into.cleanup_error or more.cleanup_error
 
