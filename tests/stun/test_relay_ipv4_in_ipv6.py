@@ -10,6 +10,7 @@ asking for permissions."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 
 import pytest
@@ -35,6 +36,30 @@ def test_teredo_peers_with_a_public_client_address_still_pass() -> None:
     public_client = "2001:0:cb00:7101::3afe:8cf6"  # client 197.1.115.9
     assert RelayPolicy().check(public_client, 5000) is None
     assert RelayPolicy().check(GLOBAL_PEER, 5000) is None
+
+
+def teredo(server: str, client: str, client_port: int) -> str:
+    """The Teredo address (RFC 4380) of a client at ``client``:``client_port`` (both
+    obfuscated: bits inverted) served by ``server``."""
+    low = ((client_port ^ 0xFFFF) << 32) | (int(ipaddress.IPv4Address(client)) ^ 0xFFFFFFFF)
+    high = (0x20010000 << 96) | (int(ipaddress.IPv4Address(server)) << 64)
+    return str(ipaddress.IPv6Address(high | low))
+
+
+def test_a_teredo_client_is_judged_at_its_own_port_and_its_server_too() -> None:
+    """From the review: the server's own endpoint was judged by the outer port only, so a
+    Teredo address carrying the server's IPv4 and its TURN port passed at any outer port;
+    and the Teredo server (where the client's bubbles go) was never judged. Fails without
+    it (checked)."""
+    policy = RelayPolicy()
+    policy.add_own_endpoint(("198.51.100.1", 3478))
+    assert policy.check(teredo("203.0.113.5", "197.1.115.9", 40000), 50000) is None
+    at_own_turn_port = teredo("203.0.113.5", "198.51.100.1", 3478)
+    assert policy.check(at_own_turn_port, 50000) == "forbidden_peer"
+    own_ssh = teredo("203.0.113.5", "198.51.100.1", 22)
+    assert policy.check(own_ssh, 50000) == "forbidden_peer"
+    private_server = teredo("10.0.0.1", "197.1.115.9", 40000)
+    assert policy.check(private_server, 50000) == "forbidden_peer"
 
 
 def test_a_relay_refuses_permissions_for_them_with_403() -> None:

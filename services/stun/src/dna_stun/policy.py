@@ -65,6 +65,22 @@ def embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
     return None
 
 
+TEREDO_SERVER_PORT = 3544  # where a Teredo client's bubbles go (RFC 4380)
+
+
+def _forms(ip: IPAddress, port: int) -> list[tuple[IPAddress, int]]:
+    """Every (address, port) a datagram to ``ip``:``port`` may reach: the address itself and
+    the IPv4 one it carries; for Teredo, the client's own port (obfuscated beside its
+    address, not the outer one) and the Teredo server, which gets the client's bubbles."""
+    forms: list[tuple[IPAddress, int]] = [(ip, port)]
+    if isinstance(ip, ipaddress.IPv6Address) and ip.teredo is not None:
+        server, client = ip.teredo
+        client_port = ((int(ip) >> 32) & 0xFFFF) ^ 0xFFFF
+        return [*forms, (client, client_port), (server, TEREDO_SERVER_PORT)]
+    inner = embedded_ipv4(ip)
+    return forms if inner is None else [*forms, (inner, port)]
+
+
 def _networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
 
@@ -118,18 +134,12 @@ class RelayPolicy:
             ip = ipaddress.ip_address(host)
         except ValueError:
             return "forbidden_peer"
-        # Every form of the address is checked: the IPv6 one and the IPv4 one it carries.
-        forms: list[IPAddress] = [ip]
-        inner = embedded_ipv4(ip)
-        if inner is not None:
-            forms.append(inner)
-        if port == 0 or any(
-            (str(f), port) in self.own_endpoints or (f.version, port) in self._any_address_ports
-            for f in forms
-        ):
-            return "forbidden_peer"
-        to_relay = self.relay_ports[0] <= port <= self.relay_ports[1]
-        for form in forms:
+        for form, form_port in _forms(ip, port):
+            if form_port == 0 or (str(form), form_port) in self.own_endpoints:
+                return "forbidden_peer"
+            if (form.version, form_port) in self._any_address_ports:
+                return "forbidden_peer"
+            to_relay = self.relay_ports[0] <= form_port <= self.relay_ports[1]
             if str(form) in self.own_ips and not to_relay:
                 return "forbidden_peer"
             reason = self._address_reason(form)
