@@ -26,6 +26,7 @@ from cluster import (
     UDP_PORT,
     NodeProcess,
     free_ips,
+    held_by,
     running,
     sample_value,
     scrape,
@@ -33,6 +34,7 @@ from cluster import (
 )
 from dna_core.crypto import seal
 from dna_core.mailbox import FetchState, mailbox_id
+from dna_core.mailbox import client as client_module
 from dna_core.overlay.contact import Contact, Endpoint
 from dna_core.wire.gen.dna.v1 import common_pb2, envelope_pb2, mailbox_pb2, mailbox_pb2_grpc
 from dna_peer.keyserver import now_ms
@@ -67,6 +69,7 @@ class HostileReplica(mailbox_pb2_grpc.MailboxServicer):
         self.fakes = [os.urandom(200) for _ in range(FAKES)]
         self.forged: list[bytes] = []
         self.deleted: set[bytes] = set()
+        self.refuse_deletes = False
 
     @property
     def fake_ids(self) -> set[bytes]:
@@ -89,11 +92,13 @@ class HostileReplica(mailbox_pb2_grpc.MailboxServicer):
     ) -> mailbox_pb2.DeleteResponse:
         body = mailbox_pb2.DeleteBody.FromString(request.body)
         self.deleted |= set(body.blob_ids)
+        if self.refuse_deletes:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "refused, whatever it is")
         return mailbox_pb2.DeleteResponse(deleted=len(body.blob_ids))
 
 
-def hostile_contact() -> Contact:
-    endpoint = Endpoint(HOSTILE_IP, UDP_PORT, GRPC_PORT)
+def hostile_contact(ip: str = HOSTILE_IP) -> Contact:
+    endpoint = Endpoint(ip, UDP_PORT, GRPC_PORT)
     return Contact(os.urandom(32), b"k" * 32, (endpoint,), common_pb2.NODE_ROLE_STORAGE)
 
 
@@ -153,6 +158,72 @@ def test_blobs_only_a_hostile_replica_returned_are_deleted_only_there(
             left, _ = await alice.mail.fetch(alice.identity, FetchState())
             assert [b.blob_id for b in left] == []
             await asyncio.gather(alice.close(), bob.close())
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def test_a_delete_refused_for_its_tombstones_says_so(
+    network: list[NodeProcess], tmp_path: Path
+) -> None:
+    """An owner deleting more IDs the nodes never held than CAP: each honest node refuses
+    it (its tombstone bound), over the session, and the owner is told that. Before, the
+    client sent the refused request again as a unary call, whose nonce the node had spent:
+    the owner read "nonce already used (replay)" (and, over unary calls, nothing at all: the
+    refusal counted as a node not answering)."""
+
+    async def scenario() -> None:
+        who = People(tmp_path, [(ADDRESSES[0], UDP_PORT)])
+        carol = await who.new("carol", publish=False)
+        result = await carol.mail.delete(carol.identity, [os.urandom(32) for _ in range(CAP + 1)])
+        assert result.deleted == []
+        assert result.refusals, "the refusal is said"
+        assert all("RESOURCE_EXHAUSTED" in r and "tombstones" in r for r in result.refusals), (
+            result.refusals
+        )
+        await carol.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_node_refusing_a_delete_batch_does_not_stop_the_run_at_the_others(
+    network: list[NodeProcess], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Candidates: a node refusing every delete, two honest replicas, two down. The first
+    batch reaches 2 of W = 3 and one node refused it: before, that stopped the run, and the
+    honest replicas never got the next batch; now the refusing node is sent no more and
+    the rest go on (still short of W: not counted deleted, retried by the next clean-up)."""
+    monkeypatch.setattr(client_module, "DELETE_BATCH_IDS", 2)
+
+    async def scenario() -> None:
+        server = grpc.aio.server()
+        refuser = HostileReplica()
+        refuser.refuse_deletes = True
+        mailbox_pb2_grpc.add_MailboxServicer_to_server(refuser, server)
+        server.add_insecure_port(f"{HOSTILE_IP}:{GRPC_PORT}")
+        await server.start()
+        try:
+            who = People(tmp_path, [(ADDRESSES[0], UDP_PORT)])
+            dave, erin = await who.new("dave", publish=False), await who.new("erin", publish=False)
+            ids = []
+            for i in range(4):
+                envelope = seal(erin.identity, dave.identity.public, text(f"m{i}"),
+                                now_ms=now_ms(), include_sender_keys=True)  # fmt: skip
+                ids.append((await erin.mail.put(dave.fingerprint, envelope)).blob_id)
+            box = mailbox_id(dave.fingerprint)
+            honest = (await dave.mail.candidates(box))[:2]
+            down = [hostile_contact(ip) for ip in free_ips(2)]  # nothing listens there
+            dave.mail.replica_sets.put(box, [hostile_contact(), *honest, *down], ttl_s=3600)
+
+            result = await dave.mail.delete(dave.identity, ids)
+
+            assert result.deleted == []  # 2 of W each time
+            assert any("FAILED_PRECONDITION" in r for r in result.refusals), result.refusals
+            assert refuser.deleted == set(ids[:2])  # the first batch only
+            for replica in honest:  # every batch, the second too
+                assert not await held_by(dave.node, dave.identity, replica, strict=True) & set(ids)
+            await asyncio.gather(dave.close(), erin.close())
         finally:
             await server.stop(None)
 

@@ -94,6 +94,7 @@ from dna_core.mailbox.session import (
 from dna_core.overlay.aio.node import OverlayNode, find_enough
 from dna_core.overlay.contact import Contact
 from dna_core.rpc_errors import call
+from dna_core.rpc_session import AnsweredUnavailableError
 from dna_core.singleflight import SingleFlight
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 
@@ -591,15 +592,20 @@ class MailboxClient:
         self, contact: Contact, request: mailbox_pb2.DeleteRequest
     ) -> tuple[str | None, int]:
         """None when the node accepted; else why not (``_UNREACHABLE`` first when it did
-        not answer or could not do it now); and the node's retry-after in ms (0: none)."""
+        not answer or could not do it now; a refusal for its bounds, RESOURCE_EXHAUSTED with
+        no retry-after, is a refusal: asked again, it refuses again); and the node's
+        retry-after in ms (0: none). A refusal the node answered on the session is not sent
+        again as a unary call: the node spent its nonce, and the replay it refused hid why."""
         try:
             try:
                 await self._on_session(contact, lambda s: s.request(delete=request))
             except (NoSession, UnavailableError) as err:  # no session: the unary call
-                if isinstance(err, UnavailableError) and err.retry_after_ms:
-                    raise  # the node answered "retry after": not a missing session
+                if isinstance(err, AnsweredUnavailableError):
+                    raise  # the node answered (its bound, "retry after"): not a missing session
                 await call(self._stub(contact).Delete(request, timeout=self.timeout))
         except UnavailableError as err:
+            if err.grpc_code == "RESOURCE_EXHAUSTED" and not err.retry_after_ms:
+                return str(err), 0  # its bounds (tombstones, disk), not a passing load
             return f"{_UNREACHABLE}: {err.grpc_code}", err.retry_after_ms
         except RemoteError as err:
             return str(err), 0  # "CODE: details"
