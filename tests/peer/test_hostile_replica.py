@@ -13,11 +13,13 @@ message is shown, and deleted everywhere."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -76,7 +78,7 @@ class HostileReplica(mailbox_pb2_grpc.MailboxServicer):
         return {hashlib.sha256(f).digest() for f in self.fakes}
 
     async def Fetch(  # noqa: N802 (gRPC's name)
-        self, request: mailbox_pb2.FetchRequest, context: grpc.aio.ServicerContext
+        self, request: mailbox_pb2.FetchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> mailbox_pb2.FetchResponse:
         now = now_ms()
         blobs = [mailbox_pb2.StoredBlob(blob_id=hashlib.sha256(f).digest(), blob=f,
@@ -88,13 +90,26 @@ class HostileReplica(mailbox_pb2_grpc.MailboxServicer):
         return mailbox_pb2.FetchResponse(blobs=blobs, next_cursor=b"end", more=False)
 
     async def Delete(  # noqa: N802
-        self, request: mailbox_pb2.DeleteRequest, context: grpc.aio.ServicerContext
+        self, request: mailbox_pb2.DeleteRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> mailbox_pb2.DeleteResponse:
         body = mailbox_pb2.DeleteBody.FromString(request.body)
         self.deleted |= set(body.blob_ids)
         if self.refuse_deletes:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "refused, whatever it is")
         return mailbox_pb2.DeleteResponse(deleted=len(body.blob_ids))
+
+
+@contextlib.asynccontextmanager
+async def serving(replica: HostileReplica) -> AsyncIterator[None]:
+    """``replica`` serving gRPC on HOSTILE_IP while the block runs."""
+    server = grpc.aio.server()
+    mailbox_pb2_grpc.add_MailboxServicer_to_server(replica, server)
+    server.add_insecure_port(f"{HOSTILE_IP}:{GRPC_PORT}")
+    await server.start()
+    try:
+        yield
+    finally:
+        await server.stop(None)
 
 
 def hostile_contact(ip: str = HOSTILE_IP) -> Contact:
@@ -130,12 +145,8 @@ def test_blobs_only_a_hostile_replica_returned_are_deleted_only_there(
     owner's real delete in the same batch failed, and the sync said so."""
 
     async def scenario() -> None:
-        server = grpc.aio.server()
-        hostile = HostileReplica()
-        mailbox_pb2_grpc.add_MailboxServicer_to_server(hostile, server)
-        server.add_insecure_port(f"{HOSTILE_IP}:{GRPC_PORT}")
-        await server.start()
-        try:
+        hostile = HostileReplica()  # type: ignore[abstract]  # the base: UNIMPLEMENTED
+        async with serving(hostile):
             who = People(tmp_path, [(ADDRESSES[0], UDP_PORT)])
             alice, bob = await who.new("alice", publish=False), await who.new("bob", publish=False)
             envelope = seal(bob.identity, alice.identity.public, text("the real one"),
@@ -158,8 +169,6 @@ def test_blobs_only_a_hostile_replica_returned_are_deleted_only_there(
             left, _ = await alice.mail.fetch(alice.identity, FetchState())
             assert [b.blob_id for b in left] == []
             await asyncio.gather(alice.close(), bob.close())
-        finally:
-            await server.stop(None)
 
     asyncio.run(scenario())
 
@@ -197,13 +206,9 @@ def test_a_node_refusing_a_delete_batch_does_not_stop_the_run_at_the_others(
     monkeypatch.setattr(client_module, "DELETE_BATCH_IDS", 2)
 
     async def scenario() -> None:
-        server = grpc.aio.server()
-        refuser = HostileReplica()
+        refuser = HostileReplica()  # type: ignore[abstract]  # the base: UNIMPLEMENTED
         refuser.refuse_deletes = True
-        mailbox_pb2_grpc.add_MailboxServicer_to_server(refuser, server)
-        server.add_insecure_port(f"{HOSTILE_IP}:{GRPC_PORT}")
-        await server.start()
-        try:
+        async with serving(refuser):
             who = People(tmp_path, [(ADDRESSES[0], UDP_PORT)])
             dave, erin = await who.new("dave", publish=False), await who.new("erin", publish=False)
             ids = []
@@ -224,7 +229,5 @@ def test_a_node_refusing_a_delete_batch_does_not_stop_the_run_at_the_others(
             for replica in honest:  # every batch, the second too
                 assert not await held_by(dave.node, dave.identity, replica, strict=True) & set(ids)
             await asyncio.gather(dave.close(), erin.close())
-        finally:
-            await server.stop(None)
 
     asyncio.run(scenario())
