@@ -64,14 +64,16 @@ def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProce
 
 class HostileReplica(mailbox_pb2_grpc.MailboxServicer):
     """Answers a fetch with ``fakes`` (they hash to their IDs; nothing else about them is
-    true) and, under each ID of ``forged``, an altered copy; accepts every delete and keeps
-    the IDs it named. Serves no sessions (the base class: UNIMPLEMENTED), as an older node."""
+    true) and, under each ID of ``forged``, an altered copy; keeps the IDs every delete named
+    and accepts it, but with ``refuse_deletes`` refuses one naming its fakes (or any, when
+    it has none). Serves no sessions (the base class: UNIMPLEMENTED), as an older node."""
 
     def __init__(self) -> None:
         self.fakes = [os.urandom(200) for _ in range(FAKES)]
         self.forged: list[bytes] = []
         self.deleted: set[bytes] = set()
         self.refuse_deletes = False
+        self.delete_calls = 0
 
     @property
     def fake_ids(self) -> set[bytes]:
@@ -94,7 +96,8 @@ class HostileReplica(mailbox_pb2_grpc.MailboxServicer):
     ) -> mailbox_pb2.DeleteResponse:
         body = mailbox_pb2.DeleteBody.FromString(request.body)
         self.deleted |= set(body.blob_ids)
-        if self.refuse_deletes:
+        self.delete_calls += 1
+        if self.refuse_deletes and (set(body.blob_ids) & self.fake_ids or not self.fakes):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "refused, whatever it is")
         return mailbox_pb2.DeleteResponse(deleted=len(body.blob_ids))
 
@@ -173,6 +176,40 @@ def test_blobs_only_a_hostile_replica_returned_are_deleted_only_there(
     asyncio.run(scenario())
 
 
+def test_a_hostile_replica_refusing_the_deletes_of_its_blobs_holds_back_nothing(
+    network: list[NodeProcess], tmp_path: Path
+) -> None:
+    """The hostile node refuses the deletes of the blobs it made up: that is its affair,
+    not an error the owner sees (which would also hold the clean-up back for
+    DELETE_RETRY_S), and they are not sent again at the next clean-up (it makes more up at
+    every fetch: the owner would send a longer list every time)."""
+
+    async def scenario() -> None:
+        hostile = HostileReplica()  # type: ignore[abstract]  # the base: UNIMPLEMENTED
+        hostile.refuse_deletes = True
+        async with serving(hostile):
+            who = People(tmp_path, [(ADDRESSES[0], UDP_PORT)])
+            frank, gina = (
+                await who.new("frank", publish=False),
+                await who.new("gina", publish=False),
+            )
+            await gina.send_payload(frank.identity.public, text("hi"), with_keys=True)
+            await put_first(frank, hostile_contact())
+            report = await frank.sync()
+            assert [m.body for m in report.new_messages] == ["hi"]
+            assert report.cleanup_error is None, report.cleanup_error
+            # The real blob's delete (accepted), then the fakes' (refused), once each.
+            assert hostile.deleted - hostile.fake_ids and hostile.deleted >= hostile.fake_ids
+            assert hostile.delete_calls == 2
+            await put_first(frank, hostile_contact())
+            report = await frank.sync()
+            assert report.cleanup_error is None and hostile.delete_calls == 2
+            assert unheld_tombstones(network) == [0.0] * 5
+            await asyncio.gather(frank.close(), gina.close())
+
+    asyncio.run(scenario())
+
+
 def test_a_delete_refused_for_its_tombstones_says_so(
     network: list[NodeProcess], tmp_path: Path
 ) -> None:
@@ -207,7 +244,7 @@ def test_a_node_refusing_a_delete_batch_does_not_stop_the_run_at_the_others(
 
     async def scenario() -> None:
         refuser = HostileReplica()  # type: ignore[abstract]  # the base: UNIMPLEMENTED
-        refuser.refuse_deletes = True
+        refuser.refuse_deletes, refuser.fakes = True, []  # refuses every delete
         async with serving(refuser):
             who = People(tmp_path, [(ADDRESSES[0], UDP_PORT)])
             dave, erin = await who.new("dave", publish=False), await who.new("erin", publish=False)

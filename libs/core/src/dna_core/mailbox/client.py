@@ -527,8 +527,10 @@ class MailboxClient:
 
         With ``at`` (node IDs: the nodes that returned blobs which did not verify), only
         those of the candidates are sent the deletes, and a batch counts as deleted once
-        one of them accepted it (none of them a candidate now: nothing is sent, and the
-        blobs count as deleted; they expire there). Such a blob is only its nodes' word: a
+        one of them accepted it, or all of them answered (a refusal is not asked again:
+        a hostile node refusing the deletes of the blobs it makes up must not make the
+        owner send them at every clean-up); none of them a candidate now: nothing is sent,
+        and the blobs count as deleted (they expire there). Such a blob is only its nodes' word: a
         tombstone elsewhere would be one for an ID that node never held, charged to the
         owner's delete rate and to the mailbox's tombstones (docs/storage.md "Deletes").
 
@@ -554,8 +556,9 @@ class MailboxClient:
             if any(errors):
                 self.replica_sets.forget(box)
             refused = {i for i, e in enumerate(errors) if e and not e.startswith(_UNREACHABLE)}
-            if errors.count(None) >= needed:
-                result.deleted.extend(batch)
+            answered = errors.count(None) + len(refused) == len(errors)
+            if errors.count(None) >= needed or (at is not None and answered):
+                result.deleted.extend(batch)  # (at: each node has had its say: not again)
             else:  # said only for what stays: a batch others deleted is done
                 refusals |= dict.fromkeys(sorted({errors[i] or "" for i in refused}))
             candidates = [c for i, c in enumerate(candidates) if i not in refused]
