@@ -529,10 +529,11 @@ class MailboxClient:
         those of the candidates are sent the deletes, and a batch counts as deleted once
         one of them accepted it, or all of them answered (a refusal is not asked again:
         a hostile node refusing the deletes of the blobs it makes up must not make the
-        owner send them at every clean-up); none of them a candidate now: nothing is sent,
-        and the blobs count as deleted (they expire there). Such a blob is only its nodes' word: a
-        tombstone elsewhere would be one for an ID that node never held, charged to the
-        owner's delete rate and to the mailbox's tombstones (docs/storage.md "Deletes").
+        owner send them at every clean-up); none of them a candidate now: nothing is
+        sent, and the blobs count as deleted (they expire there). Such a blob is only its
+        nodes' word: a tombstone elsewhere would be one for an ID that node never held,
+        charged to the owner's delete rate and to the mailbox's tombstones
+        (docs/storage.md "Deletes").
 
         A node that refuses a batch (its tombstone bound, a wrong clock) is not sent the
         rest of the run, which goes on at the others while enough are left to count a batch
