@@ -482,3 +482,24 @@ def test_fetching_again_from_the_cursors_gets_every_blob_and_nothing_twice(
     assert set(second) == {stored(n, 2).blob_id for n in late}  # the old ones not again
     for ids in per_node.values():
         assert len(ids) == len(set(ids))  # no node's blob passed its cursor twice
+
+
+def test_an_altered_copy_answered_first_never_shadows_the_intact_one() -> None:
+    """Blob IDs are content-addressed: a node answering first with an altered copy under a
+    real blob's ID (or made-up bytes under any ID) is dropped in the merge, before its ID
+    is deduplicated, and is not counted among the nodes that returned the blob (where a
+    blob that does not open is deleted). Without the check the first copy won: the peer
+    rejected it, and the real message was never shown (and, rejected, deleted)."""
+    cands = contacts(3)
+    real = stored(1, 1)
+    altered = StoredBlob(real.mailbox_id, real.blob_id, b"altered" + real.blob, 1, 10)
+    garbage = StoredBlob(real.mailbox_id, b"\x07" * 32, b"not what the ID says", 1, 10)
+    plan = ReadPlan(cands, FetchState(), replicas=3)
+    assert plan.next() == Ask(tuple(cands))
+    hostile, honest, other = (c.node_id for c in cands)
+    assert plan.on_page(hostile, [altered, garbage], b"h", more=False)
+    assert plan.on_page(honest, [real], b"r", more=False)
+    assert plan.on_page(other, [], b"", more=False)
+    assert plan.next() == Finished()
+    assert plan.result() == [real]
+    assert plan.state.sources == {real.blob_id: {honest}}

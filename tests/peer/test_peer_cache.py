@@ -365,3 +365,27 @@ def test_what_every_send_and_sync_asks_of_the_messages_reads_no_whole_table(
     assert cache.has_our_keys(bob.fingerprint) and cache.last_written()
     assert full_scans(cache, lambda: cache.has_our_keys(os.urandom(32))) == []
     assert full_scans(cache, cache.last_written) == []
+
+
+def test_blobs_that_did_not_open_are_listed_with_the_nodes_that_returned_them(
+    cache: Cache,
+) -> None:
+    """A rejected blob and a deferred one are unverified, each with its nodes (deleted there
+    only); one that opened is not, nor a deferred one once it opened; deleting one forgets
+    its nodes."""
+    cache.record_blob(b"ok", "message", 1)
+    cache.record_blob(b"bad", "rejected: malformed envelope", 1)
+    cache.record_sources(b"bad", [b"n1", b"n2"])
+    cache.record_blob(b"old", "rejected: from before the nodes were noted", 1)
+    cache.defer_blob(b"m" * 32, b"wait", b"blob", b"s" * 32, 1, b"n3")
+    cache.record_sources(b"wait", [b"n3"])
+    wanted = [b"ok", b"bad", b"old", b"wait", b"unknown"]
+    assert cache.unverified_blobs(wanted) == {
+        b"bad": frozenset({b"n1", b"n2"}), b"old": frozenset(), b"wait": frozenset({b"n3"}),
+    }  # fmt: skip
+    cache.record_blob(b"wait", "message", 2)  # it opened: deleted everywhere
+    cache.mark_deleted([b"bad"])
+    assert cache.unverified_blobs(wanted) == {b"old": frozenset()}
+    cache.record_blob(b"bad2", "rejected: x", 3)
+    cache.record_sources(b"bad2", [b"n1"])
+    assert cache.unverified_blobs([b"bad", b"bad2"]) == {b"bad2": frozenset({b"n1"})}

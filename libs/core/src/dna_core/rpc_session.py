@@ -59,11 +59,18 @@ class NoSession(Exception):  # noqa: N818 (a signal, not an error: use the unary
     """The node serves no sessions."""
 
 
+class AnsweredUnavailableError(UnavailableError):
+    """The node answered the request with a refusal it may lift later (its rate, its room,
+    its load): unlike a session that failed, it saw the request, so the same request sent
+    again (a unary call) is refused as a replay of its nonce, which hides why."""
+
+
 def status_error(status: RequestStatusLike) -> RemoteError:
-    """A request's refusal on a session, as the unary call's failure would be raised."""
+    """A request's refusal on a session, as the unary call's failure would be raised (one
+    it may lift later: `AnsweredUnavailableError`)."""
     code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
     if code in UNAVAILABLE_CODES:
-        return UnavailableError(code.name, status.reason, status.retry_after_ms)
+        return AnsweredUnavailableError(code.name, status.reason, status.retry_after_ms)
     return RefusedError(code.name, status.reason)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,13 @@ CREATE TABLE IF NOT EXISTS blobs(
   seen_ms INTEGER NOT NULL,
   deleted INTEGER NOT NULL DEFAULT 0,
   mailbox BLOB -- the fingerprint whose mailbox it came from; NULL: from before schema 4
+);
+-- The storage nodes that returned a blob that did not verify here (rejected, or deferred for
+-- its sender's keys): its delete goes to them only (`unverified_blobs`).
+CREATE TABLE IF NOT EXISTS blob_sources(
+  blob_id BLOB NOT NULL,
+  node_id BLOB NOT NULL,
+  PRIMARY KEY (blob_id, node_id)
 );
 CREATE TABLE IF NOT EXISTS envelopes_seen(
   message_id BLOB PRIMARY KEY,
@@ -867,6 +874,8 @@ class Cache:
         undeleted forever). One transaction with the caller's (`Peer.retired`)."""
         with self.transaction():
             self.drop_deferred(mailbox)
+            self._db.execute("DELETE FROM blob_sources WHERE blob_id IN (SELECT blob_id FROM"
+                             " blobs WHERE mailbox = ? AND deleted = 0)", (mailbox,))  # fmt: skip
             self._db.execute("UPDATE blobs SET deleted = 1 WHERE mailbox = ? AND deleted = 0",
                              (mailbox,))  # fmt: skip
 
@@ -1024,6 +1033,33 @@ class Cache:
         with self.transaction():
             for blob in blob_ids:
                 self._db.execute("UPDATE blobs SET deleted = 1 WHERE blob_id = ?", (blob,))
+                self._db.execute("DELETE FROM blob_sources WHERE blob_id = ?", (blob,))
+
+    def record_sources(self, blob_id: bytes, node_ids: Collection[bytes]) -> None:
+        """The storage nodes that returned ``blob_id``, a blob that did not verify here."""
+        with self.transaction():
+            for node in node_ids:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO blob_sources(blob_id, node_id) VALUES (?, ?)",
+                    (blob_id, node),
+                )
+
+    def unverified_blobs(self, blob_ids: Collection[bytes]) -> dict[bytes, frozenset[bytes]]:
+        """Of ``blob_ids``, those that did not verify here (rejected, or deferred: not
+        opened yet), each with the storage nodes that returned it (`record_sources`; empty:
+        not known, as for a blob handled before 2026-12-05). Such a blob is only its nodes'
+        word: a hostile node makes them up for free, and a delete of one elsewhere stores a
+        tombstone for an ID that node never held (`Peer._clean_up`)."""
+        wanted = set(blob_ids)
+        rows = self._rows(
+            "SELECT blob_id FROM blobs WHERE deleted = 0 AND (outcome = ? OR outcome LIKE"
+            " 'rejected:%')", (DEFERRED,),
+        )  # fmt: skip
+        found = {bytes(r[0]): set[bytes]() for r in rows if bytes(r[0]) in wanted}
+        for blob, node in self._rows("SELECT blob_id, node_id FROM blob_sources"):
+            if (sources := found.get(bytes(blob))) is not None:
+                sources.add(bytes(node))
+        return {blob: frozenset(nodes) for blob, nodes in found.items()}
 
 
 # Message requests (`Cache.forget_strangers`): conversations whose contacts are all

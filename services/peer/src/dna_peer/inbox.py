@@ -204,7 +204,7 @@ class Inbox:
             opened = await self._open(blob)
             apply = await self._plan(opened, decode_payload(opened.payload), blob_id)
         except ProtocolError as err:
-            self._reject(blob_id, err.reason, acknowledged=was_deferred)
+            self._reject(blob_id, err.reason, acknowledged=was_deferred, returned_by=returned_by)
             return
         except _NotLookedUpError as over:
             if not was_deferred:
@@ -285,6 +285,7 @@ class Inbox:
                 self.cache.evict_deferred(victim)
             self.cache.defer_blob(self.identity.fingerprint, blob_id, blob, sender, self.clock(),
                                   source)  # fmt: skip
+            self.cache.record_sources(blob_id, returned_by or ())  # its delete: there only
             self._hold(blob_id)
         for victim in victims:
             log.warning("dropped mailbox blob %s: %s", victim.hex()[:16], DEFERRED_EVICTED)
@@ -312,7 +313,7 @@ class Inbox:
             return
         self._reject(blob_id, f"unknown sender {sender.hex()[:16]}, not looked up: the blobs"
                      f" waiting for a lookup are at their limit ({room.count} blobs,"
-                     f" {room.size} bytes)")  # fmt: skip
+                     f" {room.size} bytes)", returned_by=returned_by)  # fmt: skip
 
     def _deferral_room(self) -> DeferredRoom:
         """The deferred blobs by source (`deferral`), read once a round."""
@@ -327,11 +328,18 @@ class Inbox:
         if self._room is not None:
             self._room.remove(blob_id)
 
-    def _reject(self, blob_id: bytes, reason: str, *, acknowledged: bool = False) -> None:
+    def _reject(
+        self, blob_id: bytes, reason: str, *, acknowledged: bool = False,
+        returned_by: Collection[bytes] | None = None,
+    ) -> None:  # fmt: skip
+        """Drop the blob for good: recorded with ``reason``, acknowledged like any other,
+        and the nodes that returned it noted: its delete goes to them only (unverified, it
+        is only their word: `Cache.unverified_blobs`)."""
         log.warning("dropped mailbox blob %s: %s", blob_id.hex()[:16], reason)
         with self.cache.transaction():
             self.cache.record_blob(blob_id, f"rejected: {reason}", self.clock(),
                                    self.identity.fingerprint)  # fmt: skip
+            self.cache.record_sources(blob_id, returned_by or ())
             if not acknowledged:
                 self._hold(blob_id)
         self._handled(blob_id)

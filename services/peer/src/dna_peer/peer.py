@@ -27,6 +27,7 @@ from dna_core.crypto import primitives as p
 from dna_core.crypto.envelope import MAX_PAYLOAD_BYTES, decode_envelope
 from dna_core.errors import DnaError, MalformedError, UnavailableError
 from dna_core.mailbox import (
+    DeleteResult,
     FetchState,
     MailboxClient,
     QuorumError,
@@ -682,8 +683,7 @@ class Peer:
         so the other devices get every message from it instead of from the blobs."""
         log.warning("own mailbox full (%s): deleting what this device holds, then posting"
                     " the history to the other devices", full)  # fmt: skip
-        result = await self.mail.delete(self.identity, self.cache.undeleted_blobs())
-        self.cache.mark_deleted(result.deleted)
+        result = await self._delete(self.cache.undeleted_blobs())
         if result.deleted:
             await self.send_history()
 
@@ -950,8 +950,7 @@ class Peer:
         deletable = self.cache.deletable_blobs(now_ms())
         if not deletable or time.monotonic() < self._deletes_refused_until:
             return 0, None
-        result = await self.mail.delete(self.identity, deletable)
-        self.cache.mark_deleted(result.deleted)
+        result = await self._delete(deletable)
         if not result.refusals:
             return len(result.deleted), None
         self._deletes_refused_until = time.monotonic() + DELETE_RETRY_S
@@ -962,6 +961,34 @@ class Peer:
         )
         log.warning("%s", error)
         return len(result.deleted), error
+
+    async def _delete(self, blob_ids: list[bytes]) -> DeleteResult:
+        """Delete held blobs from the own mailbox, and note the deleted ones. A blob that
+        verified here (it opened: a real envelope for this mailbox) is deleted on every
+        candidate node; one that did not (rejected, or deferred unopened) only on the nodes
+        that returned it (`Cache.unverified_blobs`), and nowhere when they are not known: a
+        hostile replica makes such blobs up for free, and their deletes everywhere made the
+        honest replicas store tombstones for IDs they never held, charged to the owner's
+        delete rate and to the mailbox's tombstone bound, until the owner's real deletes
+        were refused (docs/storage.md "Deletes"). Refusals of those deletes are logged, not
+        the owner's error: a hostile node refusing them must not hold back the clean-up
+        (`DELETE_RETRY_S`)."""
+        unverified = self.cache.unverified_blobs(blob_ids)
+        by_nodes: dict[frozenset[bytes], list[bytes]] = {}
+        for blob, nodes in unverified.items():
+            by_nodes.setdefault(nodes, []).append(blob)
+        verified = [b for b in blob_ids if b not in unverified]
+        result = await self.mail.delete(self.identity, verified) if verified else DeleteResult()
+        self.cache.mark_deleted(result.deleted)
+        self.cache.mark_deleted(by_nodes.pop(frozenset(), []))  # expire on their nodes
+        for nodes, blobs in by_nodes.items():
+            done = await self.mail.delete(self.identity, blobs, at=nodes)
+            self.cache.mark_deleted(done.deleted)
+            result.deleted += done.deleted
+            if done.refusals:  # their nodes' affair (a hostile one refuses): not the owner's
+                log.info("storage nodes refused to delete %d blobs that did not open (%s)",
+                         len(blobs), "; ".join(done.refusals))  # fmt: skip
+        return result
 
     async def delete_used_link_offer(self) -> bool:
         """Delete the link offer this device was made from (noted in its cache with the

@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -48,7 +48,6 @@ from dna_core.errors import (
     ProtocolError,
     RemoteError,
     UnavailableError,
-    VerificationError,
 )
 from dna_core.mailbox.auth import (
     MAX_DELETE_IDS,
@@ -59,7 +58,7 @@ from dna_core.mailbox.auth import (
     sign_delete,
     sign_fetch,
 )
-from dna_core.mailbox.codec import StoredBlob, fetched_blob, put_request
+from dna_core.mailbox.codec import StoredBlob, put_request
 from dna_core.mailbox.ids import blob_id, mailbox_id, put_pow_hash
 from dna_core.mailbox.planner import (
     FETCH_BUDGET_BYTES,
@@ -96,6 +95,7 @@ from dna_core.mailbox.session import (
 from dna_core.overlay.aio.node import OverlayNode, find_enough
 from dna_core.overlay.contact import Contact
 from dna_core.rpc_errors import call
+from dna_core.rpc_session import AnsweredUnavailableError
 from dna_core.singleflight import SingleFlight
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 
@@ -208,13 +208,10 @@ class NodeBatcher:
         return list(response.outcomes)
 
 
-def _fetched(box: bytes, blobs: Iterable[mailbox_pb2.StoredBlob]) -> list[StoredBlob]:
-    """A page's blobs that hash to their IDs (a replica cannot alter a blob)."""
-    good = []
-    for stored in blobs:
-        with contextlib.suppress(VerificationError):
-            good.append(fetched_blob(box, stored))
-    return good
+def _page_blobs(box: bytes, blobs: Iterable[mailbox_pb2.StoredBlob]) -> list[StoredBlob]:
+    """A page's blobs as the node sent them: the plan's merge checks that each hashes to
+    its ID (``ReadPlan.on_page``), before it counts its node as one that returned it."""
+    return [StoredBlob(box, b.blob_id, b.blob, b.stored_ms, b.expires_ms) for b in blobs]
 
 
 class MailboxClient:
@@ -478,7 +475,7 @@ class MailboxClient:
             else:
                 plan.on_failure(node_id)
             return
-        plan.on_page(node_id, _fetched(box, answer.blobs), answer.next_cursor, answer.more)
+        plan.on_page(node_id, _page_blobs(box, answer.blobs), answer.next_cursor, answer.more)
         if answer.HasField("session"):
             with contextlib.suppress(ProtocolError):  # a bad grant: sign next time
                 self._sessions[key] = open_session(owner, answer.session)
@@ -526,29 +523,54 @@ class MailboxClient:
             return err
         return response
 
-    async def delete(self, owner: Identity, blob_ids: Sequence[bytes]) -> DeleteResult:
+    async def delete(
+        self, owner: Identity, blob_ids: Sequence[bytes], *, at: Collection[bytes] | None = None
+    ) -> DeleteResult:
         """Tombstone blobs on the replicas and the hand-off candidates (a hand-off copy
         must not outlive the delete), ``DELETE_BATCH_IDS`` per signed request. One
         request serves every node: it names none, and every replica receives it anyway as
-        the tombstones' authorization. A batch counts as deleted once W nodes accepted it;
-        a batch the nodes refused stops the run (the next one would be refused alike: a
-        wrong clock, a changed limit) and says why."""
+        the tombstones' authorization. A batch counts as deleted once W nodes accepted it.
+
+        With ``at`` (node IDs: the nodes that returned blobs which did not verify), only
+        those of the candidates are sent the deletes, and a batch counts as deleted once
+        one of them accepted it, or all of them answered (a refusal is not asked again:
+        a hostile node refusing the deletes of the blobs it makes up must not make the
+        owner send them at every clean-up); none of them a candidate now: nothing is
+        sent, and the blobs count as deleted (they expire there). Such a blob is only its
+        nodes' word: a tombstone elsewhere would be one for an ID that node never held,
+        charged to the owner's delete rate and to the mailbox's tombstones
+        (docs/storage.md "Deletes").
+
+        A node that refuses a batch (its tombstone bound, a wrong clock) is not sent the
+        rest of the run, which goes on at the others while enough are left to count a batch
+        deleted; the refusals of the batches not deleted are said in the result. Before, a
+        batch one node refused while others were down stopped the whole run, so one
+        replica refusing stopped every delete of the owner's."""
         self._check_open()
         box = mailbox_id(owner.fingerprint)
         candidates = await self.candidates(box)
+        needed = self.write_quorum
+        if at is not None:
+            candidates, needed = [c for c in candidates if c.node_id in at], 1
+            if not candidates:  # none of them a node of the mailbox now: the blobs expire there
+                return DeleteResult(deleted=list(blob_ids))
         result = DeleteResult()
+        refusals: dict[str, None] = {}
         for start in range(0, len(blob_ids), DELETE_BATCH_IDS):
+            if len(candidates) < needed:
+                break  # too few nodes left that accept: the rest would not count either
             batch = list(blob_ids[start : start + DELETE_BATCH_IDS])
             errors = await self._delete_batch(owner, batch, candidates)
             if any(errors):
                 self.replica_sets.forget(box)
-            if errors.count(None) >= self.write_quorum:
-                result.deleted.extend(batch)
-                continue
-            refusals = sorted({e for e in errors if e and not e.startswith(_UNREACHABLE)})
-            if refusals:
-                result.refusals.extend(refusals)
-                break
+            refused = {i for i, e in enumerate(errors) if e and not e.startswith(_UNREACHABLE)}
+            answered = errors.count(None) + len(refused) == len(errors)
+            if errors.count(None) >= needed or (at is not None and answered):
+                result.deleted.extend(batch)  # (at: each node has had its say: not again)
+            else:  # said only for what stays: a batch others deleted is done
+                refusals |= dict.fromkeys(sorted({errors[i] or "" for i in refused}))
+            candidates = [c for i, c in enumerate(candidates) if i not in refused]
+        result.refusals = list(refusals)
         return result
 
     async def _delete_batch(
@@ -587,15 +609,20 @@ class MailboxClient:
         self, contact: Contact, request: mailbox_pb2.DeleteRequest
     ) -> tuple[str | None, int]:
         """None when the node accepted; else why not (``_UNREACHABLE`` first when it did
-        not answer or could not do it now); and the node's retry-after in ms (0: none)."""
+        not answer or could not do it now; a refusal for its bounds, RESOURCE_EXHAUSTED with
+        no retry-after, is a refusal: asked again, it refuses again); and the node's
+        retry-after in ms (0: none). A refusal the node answered on the session is not sent
+        again as a unary call: the node spent its nonce, and the replay it refused hid why."""
         try:
             try:
                 await self._on_session(contact, lambda s: s.request(delete=request))
             except (NoSession, UnavailableError) as err:  # no session: the unary call
-                if isinstance(err, UnavailableError) and err.retry_after_ms:
-                    raise  # the node answered "retry after": not a missing session
+                if isinstance(err, AnsweredUnavailableError):
+                    raise  # the node answered (its bound, "retry after"): not a missing session
                 await call(self._stub(contact).Delete(request, timeout=self.timeout))
         except UnavailableError as err:
+            if err.grpc_code == "RESOURCE_EXHAUSTED" and not err.retry_after_ms:
+                return str(err), 0  # its bounds (tombstones, disk), not a passing load
             return f"{_UNREACHABLE}: {err.grpc_code}", err.retry_after_ms
         except RemoteError as err:
             return str(err), 0  # "CODE: details"

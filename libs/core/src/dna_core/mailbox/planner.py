@@ -46,6 +46,7 @@ from enum import Enum
 
 from dna_core.errors import DnaError
 from dna_core.mailbox.codec import StoredBlob
+from dna_core.mailbox.ids import blob_id
 from dna_core.overlay.contact import Contact, spread_depth, spread_over_subnets
 from dna_core.wire.gen.dna.v1 import common_pb2
 
@@ -459,13 +460,19 @@ class ReadPlan:
     def on_page(
         self, node_id: bytes, blobs: Iterable[StoredBlob], next_cursor: bytes, more: bool
     ) -> bool:
-        """The node's page: its blobs (each already checked to hash to its ID, see
-        ``codec.fetched_blob``), its next cursor and whether it has more past it."""
+        """The node's page: its blobs, its next cursor and whether it has more past it.
+        A blob that does not hash to its ID is dropped here, before the merge: blob IDs
+        are content-addressed, so a node answering first with an altered copy under a real
+        blob's ID (or garbage under any ID) can neither shadow another node's intact copy
+        nor be counted among the nodes that returned it (``state.sources``: where a blob
+        that does not open is deleted, dna_peer.inbox)."""
         contact = self._asked(node_id)
         if contact is None:
             return False
         self.answered = True
         for blob in blobs:
+            if blob_id(blob.blob) != blob.blob_id:
+                continue  # altered by its node; another node may hold it intact
             self.state.sources.setdefault(blob.blob_id, set()).add(node_id)
             if blob.blob_id not in self._merged:
                 self._merged[blob.blob_id] = blob
