@@ -389,3 +389,94 @@ def test_blobs_that_did_not_open_are_listed_with_the_nodes_that_returned_them(
     cache.record_blob(b"bad2", "rejected: x", 3)
     cache.record_sources(b"bad2", [b"n1"])
     assert cache.unverified_blobs([b"bad", b"bad2"]) == {b"bad2": frozenset({b"n1"})}
+
+
+def unread_from_the_rows(cache: Cache) -> dict[bytes, int]:
+    """Each conversation's unread messages counted from its rows (what the list showed)."""
+    rows = cache._rows(
+        "SELECT c.id, (SELECT count(*) FROM messages m WHERE m.conversation = c.id"
+        " AND m.outgoing = 0 AND m.timestamp_ms > c.read_up_to_ms) FROM conversations c"
+    )
+    return {bytes(r[0]): r[1] for r in rows}
+
+
+def listed_unread(cache: Cache) -> dict[bytes, int]:
+    return {c.id: c.unread for c in cache.conversations()}
+
+
+def test_unread_counts_stay_exact_through_adds_reads_moves_deletes_and_restarts(
+    tmp_path: Path, me: Identity, bob: Identity, carol: Identity
+) -> None:
+    """The list shows a count kept with each write (`conversations.unread`): it must say
+    what the rows say after every kind of write, and after the cache is opened again."""
+    path, key = tmp_path / "cache.db", cache_key(me, DEVICE_A)
+    cache = Cache.open(path, key)
+    cache.pin(Contact(bob.fingerprint, bob.public, "bob", False, 1, bob.fingerprint))
+    for ts in (10, 20, 30):
+        cache.add_message(incoming(bob, me, f"m{ts}", ts, bytes([ts]) * 16))
+    cache.add_message(Message(b"o" * 16, bob.fingerprint, me.fingerprint, bob.fingerprint, 40,
+                              "mine", outgoing=True))  # fmt: skip
+    assert listed_unread(cache) == {bob.fingerprint: 3}
+    cache.mark_read(bob.fingerprint, 20)
+    cache.add_message(incoming(bob, me, "late, already read", 15, b"l" * 16))
+    cache.add_message(incoming(bob, me, "new", 50, b"n" * 16))
+    assert listed_unread(cache) == unread_from_the_rows(cache) == {bob.fingerprint: 2}
+    # a stranger (carol's keys, first) pinned when writing, then bob's rotation to them:
+    # carol's messages move into bob's conversation
+    cache.add_message(incoming(carol, me, "hi", 5, b"c" * 16))
+    cache.add_message(incoming(carol, me, "there", 60, b"d" * 16))
+    cache.pin(Contact(carol.fingerprint, carol.public, None, False, 1, carol.fingerprint))
+    assert listed_unread(cache) == {bob.fingerprint: 2, carol.fingerprint: 2}
+    bob_contact = cache.contact(bob.fingerprint)
+    assert bob_contact is not None
+    cache.replace_contact(bob_contact, carol.public, 70)
+    assert listed_unread(cache) == unread_from_the_rows(cache) == {bob.fingerprint: 3}
+    cache.close()
+    cache = Cache.open(path, key)
+    assert listed_unread(cache) == {bob.fingerprint: 3}
+    cache.mark_read(bob.fingerprint, 60)
+    assert listed_unread(cache) == {bob.fingerprint: 0}
+    # a message request forgotten: its messages and its count go
+    dave = Identity.generate()
+    cache.add_message(incoming(dave, me, "buy now", 80, b"s" * 16))
+    cache.pin(Contact(dave.fingerprint, dave.public, None, False, 80, dave.fingerprint))
+    assert listed_unread(cache) == {bob.fingerprint: 0, dave.fingerprint: 1}
+    assert cache.forget_strangers(keep=0, idle_before_ms=100) == 1
+    assert listed_unread(cache) == unread_from_the_rows(cache) == {bob.fingerprint: 0}
+
+
+def test_a_cache_from_before_the_unread_count_gets_it_from_its_rows(
+    tmp_path: Path, me: Identity, cache: Cache, bob: Identity, carol: Identity
+) -> None:
+    """The cache keeps the count (`conversations.unread`); one from before has none:
+    opened, it is counted once from the rows, and kept from then on. (The version stays
+    4: the triggers are in the file, so an older `dna` writing to it keeps the count.)"""
+    for ts in (10, 20, 30):
+        cache.add_message(incoming(bob, me, f"m{ts}", ts, bytes([ts]) * 16))
+        cache.add_message(incoming(carol, me, f"m{ts}", ts, bytes([ts + 1]) * 16))
+    cache.mark_read(carol.fingerprint, 20)
+    for name in ("add", "delete", "move", "conversation", "read"):  # as it was before
+        cache._db.execute(f"DROP TRIGGER unread_on_{name}")
+    cache._db.execute("ALTER TABLE conversations DROP COLUMN unread")
+    cache.close()
+    reopened = Cache.open(tmp_path / "cache.db", cache_key(me, DEVICE_A))
+    assert reopened._rows("PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert listed_unread(reopened) == {bob.fingerprint: 3, carol.fingerprint: 1}
+    reopened.add_message(incoming(carol, me, "more", 40, b"x" * 16))
+    reopened.mark_read(bob.fingerprint, 30)
+    assert listed_unread(reopened) == unread_from_the_rows(reopened)
+    assert listed_unread(reopened) == {bob.fingerprint: 0, carol.fingerprint: 2}
+
+
+def test_the_conversation_list_does_not_count_the_unread_messages(
+    cache: Cache, me: Identity, bob: Identity
+) -> None:
+    """The list counted each conversation's unread messages from its rows: 80 ms at
+    10,000 unread (`bench.peer_cache_size`), on every `dna inbox` and every sync that
+    shows it. Now it reads a count kept with each write: the same few steps at any
+    number unread."""
+    with cache.transaction():
+        for n in range(5_000):
+            cache.add_message(incoming(bob, me, "unread", n + 1, os.urandom(16)))
+    assert cache.conversations()[0].unread == 5_000
+    assert vm_steps(cache, cache.conversations) == 0  # under 1,000 steps (was 30,000)

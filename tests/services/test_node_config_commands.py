@@ -39,6 +39,8 @@ def test_the_default_config_reads_back_as_the_defaults(
     checked = run_script(prog, "check-config", "--config", str(path))
     assert checked.returncode == 0, checked.stderr
     assert json.loads(checked.stdout)["node"]["key_file"] == "***"
+    # unset, as printed (a commented-out key): not ".", the working directory (it was)
+    assert json.loads(checked.stdout)["records"]["path"] is None
     assert "warning: node.host is 127.0.0.1" in checked.stderr  # left at its default
 
 
@@ -79,6 +81,9 @@ def test_a_node_without_host_warns_that_nobody_else_can_reach_it(tmp_path: Path)
         proc.terminate()
         proc.wait(15)
     assert status["role"] == "bootstrap"
+    # the record file: unset in the config (it showed "."), the one used beside it
+    assert status["config"]["records"]["path"] is None
+    assert status["record_file"] == str(Path("bootstrap-data") / "records.sqlite3")
     assert any("node.host is 127.0.0.1" in w for w in status["warnings"])
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert any(

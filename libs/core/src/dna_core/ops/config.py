@@ -504,7 +504,20 @@ def dump_config(obj: BaseModel) -> dict[str, Any]:
     """A JSON-ready dict of a config object for ``/status``; secret fields are masked."""
     if not isinstance(obj, BaseModel):
         raise TypeError(f"dump_config needs a config model, got {type(obj).__name__}")
-    return obj.model_dump(mode="json")
+    return _unset_as_null(obj, obj.model_dump(mode="json"))
+
+
+def _unset_as_null(obj: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
+    """A default that stands for "unset" (``no_default_shown``) left at it is shown as null,
+    as ``default_toml`` shows it unset: a record file's Path("") was shown as ".", the
+    working directory, which no node uses (``/status`` shows the file used, `record_file`)."""
+    for name, field in type(obj).model_fields.items():
+        value = getattr(obj, name)
+        if isinstance(value, BaseModel) and isinstance(dumped.get(name), dict):
+            _unset_as_null(value, dumped[name])
+        elif field.json_schema_extra is no_default_shown and value == field.default:
+            dumped[name] = None
+    return dumped
 
 
 def default_toml(cls: type[ConfigModel]) -> str:
