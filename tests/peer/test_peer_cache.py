@@ -4,6 +4,7 @@ and the acknowledgement rule that decides what may be deleted from the network."
 from __future__ import annotations
 
 import os
+import threading
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -480,3 +481,32 @@ def test_the_conversation_list_does_not_count_the_unread_messages(
             cache.add_message(incoming(bob, me, "unread", n + 1, os.urandom(16)))
     assert cache.conversations()[0].unread == 5_000
     assert vm_steps(cache, cache.conversations) == 0  # under 1,000 steps (was 30,000)
+
+
+def test_an_old_cache_opened_by_several_dna_at_once_gets_each_column_once(
+    tmp_path: Path, me: Identity, cache: Cache
+) -> None:
+    """Two `dna` (a `watch` and a `send`) opening a cache from before a column: each looked
+    for it outside any transaction, both saw it missing, and the second failed on "duplicate
+    column". Now the columns are looked for and added in one transaction. Fails without it
+    (checked: "duplicate column name")."""
+    cache._db.execute("ALTER TABLE deferred_blobs DROP COLUMN source")
+    cache._db.execute("ALTER TABLE blobs DROP COLUMN mailbox")
+    cache.close()
+    start, errors = threading.Barrier(6), []
+
+    def open_it() -> None:
+        start.wait()
+        try:
+            Cache.open(tmp_path / "cache.db", cache_key(me, DEVICE_A)).close()
+        except Exception as exc:  # each opener's failure is the finding
+            errors.append(exc)
+
+    openers = [threading.Thread(target=open_it) for _ in range(6)]
+    for opener in openers:
+        opener.start()
+    for opener in openers:
+        opener.join()
+    assert errors == []
+    reopened = Cache.open(tmp_path / "cache.db", cache_key(me, DEVICE_A))
+    assert "mailbox" in {row[1] for row in reopened._rows("PRAGMA table_info(blobs)")}

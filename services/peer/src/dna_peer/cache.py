@@ -1155,10 +1155,7 @@ def _set_up(conn: Any, lost_ms: int | None) -> None:
     conn.execute("PRAGMA foreign_keys = ON")
     if lost_ms is None:
         conn.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS), so no transaction needed
-        _add_chosen(conn)
-        _add_deferred_source(conn)
-        _add_blob_mailbox(conn)
-        _add_unread_count(conn)
+        _add_columns(conn)
     else:  # the values as the state table holds them (set_state: bytes)
         marks = (f"INSERT OR REPLACE INTO state(key, value) VALUES ('{RECOVERING}',"
                  f" x'{str(lost_ms).encode().hex()}'), ('{HISTORY_WANTED}', x'');")  # fmt: skip
@@ -1167,56 +1164,62 @@ def _set_up(conn: Any, lost_ms: int | None) -> None:
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
-def _add_deferred_source(conn: Any) -> None:
-    """A cache from before `deferred_blobs.source`: the column, NULL for the blobs deferred
-    then (each counted as several nodes' word, as every one was)."""
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(deferred_blobs)")}
-    if "source" not in columns:
-        conn.execute("ALTER TABLE deferred_blobs ADD COLUMN source BLOB")
-
-
-def _add_blob_mailbox(conn: Any) -> None:
-    """A cache from before `blobs.mailbox` (schema 4): the column, NULL for the blobs
-    recorded then (the next rotation counts them as the old mailbox's)."""
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(blobs)")}
-    if "mailbox" not in columns:
-        conn.execute("ALTER TABLE blobs ADD COLUMN mailbox BLOB")
-
-
-def _add_unread_count(conn: Any) -> None:
-    """A cache from before `conversations.unread`: the column, counted once from
-    the rows, and the triggers that keep it, in one transaction (no write between them goes
-    uncounted); a cache that has them is left as it is."""
+def _add_columns(conn: Any) -> None:
+    """What a cache from before each column lacks, in one transaction: each column is looked
+    for inside it, so two `dna` opening an old cache at once add it once (checked outside,
+    both saw it missing and the second failed on "duplicate column"), and no write between
+    adding a count and its triggers goes uncounted."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(conversations)")}
-        if "unread" not in columns:
-            conn.execute("ALTER TABLE conversations ADD COLUMN unread INTEGER NOT NULL DEFAULT 0")
-            conn.execute(
-                "UPDATE conversations SET unread = (SELECT count(*) FROM messages m"
-                " WHERE m.conversation = conversations.id AND m.outgoing = 0"
-                " AND m.timestamp_ms > conversations.read_up_to_ms)"
-            )
-        for trigger in _UNREAD_COUNT:
-            conn.execute(trigger)
+        _add_chosen(conn)
+        _add_deferred_source(conn)
+        _add_blob_mailbox(conn)
+        _add_unread_count(conn)
     except BaseException:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
 
 
+def _columns(conn: Any, table: str) -> set[str]:
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+
+
+def _add_deferred_source(conn: Any) -> None:
+    """A cache from before `deferred_blobs.source`: the column, NULL for the blobs deferred
+    then (each counted as several nodes' word, as every one was)."""
+    if "source" not in _columns(conn, "deferred_blobs"):
+        conn.execute("ALTER TABLE deferred_blobs ADD COLUMN source BLOB")
+
+
+def _add_blob_mailbox(conn: Any) -> None:
+    """A cache from before `blobs.mailbox` (schema 4): the column, NULL for the blobs
+    recorded then (the next rotation counts them as the old mailbox's)."""
+    if "mailbox" not in _columns(conn, "blobs"):
+        conn.execute("ALTER TABLE blobs ADD COLUMN mailbox BLOB")
+
+
+def _add_unread_count(conn: Any) -> None:
+    """A cache from before `conversations.unread`: the column, counted once from the rows,
+    and the triggers that keep it; a cache that has them is left as it is."""
+    if "unread" not in _columns(conn, "conversations"):
+        conn.execute("ALTER TABLE conversations ADD COLUMN unread INTEGER NOT NULL DEFAULT 0")
+        conn.execute(
+            "UPDATE conversations SET unread = (SELECT count(*) FROM messages m"
+            " WHERE m.conversation = conversations.id AND m.outgoing = 0"
+            " AND m.timestamp_ms > conversations.read_up_to_ms)"
+        )
+    for trigger in _UNREAD_COUNT:
+        conn.execute(trigger)
+
+
 def _add_chosen(conn: Any) -> None:
     """A cache from before `Contact.chosen` (schema 1): the column, set for the contacts
     named or verified; one added by fingerprint alone is chosen again by adding it again
     (until then, or until this identity writes to it, it is not told where we are)."""
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(contacts)")}
-    if "chosen" not in columns:
-        conn.executescript(
-            "BEGIN IMMEDIATE;"
-            "ALTER TABLE contacts ADD COLUMN chosen INTEGER NOT NULL DEFAULT 0;"
-            "UPDATE contacts SET chosen = 1 WHERE name IS NOT NULL OR verified = 1;"
-            "COMMIT;"
-        )
+    if "chosen" not in _columns(conn, "contacts"):
+        conn.execute("ALTER TABLE contacts ADD COLUMN chosen INTEGER NOT NULL DEFAULT 0")
+        conn.execute("UPDATE contacts SET chosen = 1 WHERE name IS NOT NULL OR verified = 1")
 
 
 def _create_owner_only(path: Path) -> None:
