@@ -345,6 +345,7 @@ class MailboxClient:
                 done, _ = await asyncio.wait(
                     in_flight, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
+                self._check_open()  # closed meanwhile: its batchers answer None, not a failure
                 for sent in done:
                     self._report(plan, box, in_flight.pop(sent), sent.result(), loop.time())
                 if plan.quorum_reached and not quorum.done():
