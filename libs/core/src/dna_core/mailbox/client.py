@@ -345,7 +345,10 @@ class MailboxClient:
                 done, _ = await asyncio.wait(
                     in_flight, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
-                self._check_open()  # closed meanwhile: its batchers answer None, not a failure
+                if self.closed:  # its batchers answer None: not the nodes failing
+                    if quorum.done():  # its caller has its answer: end quietly
+                        break
+                    raise ClosedError("mailbox client: closed during the write")
                 for sent in done:
                     self._report(plan, box, in_flight.pop(sent), sent.result(), loop.time())
                 if plan.quorum_reached and not quorum.done():
