@@ -18,8 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from dna_core.mailbox import mailbox_id, put_pow_hash, sign_delete, sign_fetch
 from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 from dna_testnet.network import GRPC_PORT, LocalNode, wait_ready
 
-from bench.harness import memory_mb, now_ms
+from bench.harness import memory_mb, now_ms, run_in_scratch, stop_fleet
 from bench.storage_size import CHANNEL, NODE_IP, NODE_TOML, redis_memory, start_redis
 
 PUT_BATCH = 64
@@ -148,10 +146,7 @@ async def run(args: argparse.Namespace, root: Path) -> None:
         print(node.tail(60), flush=True)
         raise
     finally:
-        node.kill()
-        if redis_proc is not None:
-            redis_proc.kill()
-            redis_proc.wait()
+        stop_fleet([node], redis_proc)
 
 
 def main() -> None:
@@ -159,11 +154,7 @@ def main() -> None:
     parser.add_argument("--blobs", type=int, default=20_000)
     parser.add_argument("--backend", choices=("sqlite", "redis"), default="sqlite")
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="dna-big-"))
-    try:
-        asyncio.run(run(args, root))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    run_in_scratch("big", lambda root: run(args, root))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ import asyncio
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from dna_testnet.harness import LocalNode, local_cluster, wait_ready
 from dna_testnet.network import UDP_PORT, client_node
 from dna_testnet.topology import NodeSpec, Topology
 
-from bench.harness import memory_mb, now_ms
+from bench.harness import memory_mb, now_ms, run_in_scratch
 
 BLOB_BYTES = 3_000
 DAY_MS = 86_400_000
@@ -110,11 +108,7 @@ def main() -> None:
     parser.add_argument("--blobs", type=int, default=20_000)
     parser.add_argument("--missing", type=int, default=2_000)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="dna-client-big-"))
-    try:
-        asyncio.run(run(args, root))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    run_in_scratch("client-big", lambda root: run(args, root))
 
 
 if __name__ == "__main__":

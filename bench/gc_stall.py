@@ -19,8 +19,6 @@ import asyncio
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ from dna_storage.backends.redis import RedisBackend
 from dna_storage.backends.sqlite import SqliteBackend
 from dna_testnet.network import GRPC_PORT, LocalNode, wait_ready
 
-from bench.harness import now_ms
+from bench.harness import now_ms, run_in_scratch, stop_fleet
 from bench.storage_size import CHANNEL, NODE_IP, start_redis
 
 EXPIRED_BYTES = 2_000
@@ -155,10 +153,7 @@ async def run(args: argparse.Namespace, root: Path) -> None:
         print(node.tail(30), flush=True)
         raise
     finally:
-        node.kill()
-        if redis_proc is not None:
-            redis_proc.kill()
-            redis_proc.wait()
+        stop_fleet([node], redis_proc)
 
 
 def main() -> None:
@@ -168,11 +163,7 @@ def main() -> None:
     parser.add_argument("--puts", type=int, default=3_000)
     parser.add_argument("--seconds", type=float, default=20.0)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="dna-gc-"))
-    try:
-        asyncio.run(run(args, root))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    run_in_scratch("gc", lambda root: run(args, root))
 
 
 if __name__ == "__main__":

@@ -41,12 +41,22 @@ import random
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterator, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Coroutine,
+    Hashable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -287,6 +297,22 @@ def scratch_dir(bench: str) -> Iterator[Path]:
         yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def run_in_scratch(bench: str, run: Callable[[Path], Coroutine[Any, Any, None]]) -> None:
+    """``run`` in a fresh `scratch_dir`, for the benches driven from the command line alone."""
+    with scratch_dir(bench) as root:
+        asyncio.run(run(root))
+
+
+def stop_fleet(nodes: Iterable[Any], redis: subprocess.Popen[bytes] | None = None) -> None:
+    """Kill the nodes still running (testnet `LocalNode`s) and the Redis server, if any."""
+    for node in nodes:
+        if node.alive():
+            node.kill()
+    if redis is not None:
+        redis.kill()
+        redis.wait()
 
 
 def run_main(name: str, bench: Callable[[], Coroutine[Any, Any, int]], watchdog_s: float) -> int:

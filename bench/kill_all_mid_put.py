@@ -19,10 +19,8 @@ import argparse
 import asyncio
 import contextlib
 import json
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +31,7 @@ from dna_testnet.harness import LocalNode, local_cluster, wait_ready
 from dna_testnet.network import UDP_PORT, client_node
 from dna_testnet.topology import NodeSpec, Topology
 
-from bench.harness import now_ms
+from bench.harness import now_ms, run_in_scratch, stop_fleet
 from bench.storage_size import start_redis
 
 WRITERS = 32
@@ -123,12 +121,7 @@ async def run(args: argparse.Namespace, root: Path) -> None:
             "fetched_not_acked": len(fetched - acked), "ready_s": ready_s,
         }), flush=True)  # fmt: skip
     finally:
-        for node in nodes:
-            if node.alive():
-                node.kill()
-        if redis is not None:
-            redis.kill()
-            redis.wait()
+        stop_fleet(nodes, redis)
 
 
 def main() -> None:
@@ -136,11 +129,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=("sqlite", "redis"), default="sqlite")
     parser.add_argument("--kill-after", type=float, default=4.0)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="dna-kill-all-"))
-    try:
-        asyncio.run(run(args, root))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    run_in_scratch("kill-all", lambda root: run(args, root))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ import argparse
 import asyncio
 import json
 import pickle
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from dna_storage.backends.sqlite import SqliteBackend
 from dna_testnet.harness import LocalNode, local_cluster
 from dna_testnet.topology import NodeSpec, Topology
 
-from bench.harness import memory_mb, now_ms
+from bench.harness import memory_mb, now_ms, run_in_scratch
 
 DAY_MS = 86_400_000
 TOML = "repair_interval_s = 5.0\ngc_interval_s = 2.0\n[admission]\npow_base_bits = 8\n"
@@ -114,11 +112,7 @@ def main() -> None:
     parser.add_argument("--bound-s", type=float, default=300.0)
     parser.add_argument("--cache", default="/tmp/restart_repair_blobs.pickle")
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="dna-restart-"))
-    try:
-        asyncio.run(run(args, root))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    run_in_scratch("restart", lambda root: run(args, root))
 
 
 if __name__ == "__main__":

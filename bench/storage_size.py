@@ -29,7 +29,6 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from dna_storage.backends.sqlite import SqliteBackend
 from dna_testnet.harness import LOOPBACK
 from dna_testnet.network import GRPC_PORT, LocalNode, wait_ready
 
-from bench.harness import memory_mb, now_ms
+from bench.harness import memory_mb, now_ms, run_in_scratch, stop_fleet
 
 (NODE_IP,) = LOOPBACK.take(1)
 PER_MAILBOX = 200  # 200 x ~200 KiB: within the default 64 MiB mailbox quota
@@ -191,10 +190,7 @@ async def run(args: argparse.Namespace, root: Path) -> None:
         print(node.tail(60), flush=True)
         raise
     finally:
-        node.kill()
-        if redis_proc is not None:
-            redis_proc.kill()
-            redis_proc.wait()
+        stop_fleet([node], redis_proc)
 
 
 async def huge_mailbox(args: argparse.Namespace, root: Path) -> None:
@@ -246,11 +242,7 @@ def main() -> None:
     parser.add_argument("--huge", type=int, default=0, help="one mailbox of this many blobs")
     parser.add_argument("--slow-s", type=float, default=0.2, help="pause after each page")
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="dna-size-"))
-    try:
-        asyncio.run(huge_mailbox(args, root) if args.huge else run(args, root))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    run_in_scratch("size", lambda root: huge_mailbox(args, root) if args.huge else run(args, root))
 
 
 if __name__ == "__main__":
