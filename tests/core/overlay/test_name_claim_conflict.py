@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 from dna_core.crypto import Identity, sign_record
 from dna_core.crypto import pow as pow_
 from dna_core.ops.config import OpsSection
@@ -108,6 +109,64 @@ def test_a_claim_one_node_took_first_does_not_outvote_the_names_holders(tmp_path
                 taken = await reader.records.store(claim(MALLORY, name, UNREACHABLE_SEQ), [first])
                 assert taken == 1
                 assert await keyserver.claim_name(reader, ALICE, name) == NODES - 1
+                assert await keyserver.lookup_name(reader, name) == ALICE.fingerprint
+            finally:
+                await reader.stop()
+
+    asyncio.run(main())
+
+
+def closest_two(
+    reader: OverlayNode, name: str, servers: list[OverlayServer]
+) -> list[OverlayServer]:
+    """The servers a get of ``name`` asks first (`first_asked`), closest first."""
+    by_id = {node(s).node_id: s for s in servers}
+    return [by_id[c.node_id] for c in reader.first_asked(name_key(name))]
+
+
+def test_a_tie_between_an_owner_and_a_squatter_resolves_to_neither(tmp_path: Path) -> None:
+    """Mallory's claim (2^63) held first by 2 of the 4 nodes, the closest among them, Alice's
+    by the other 2: the fast holders answer one each, and so do the lookup's. A tie
+    between signers is never settled by seq: the name lookup refuses to resolve it. Fails
+    without it (checked: resolved to Mallory, the higher seq)."""
+
+    async def main() -> None:
+        async with network(tmp_path) as servers:
+            reader = await join_overlay([("127.0.0.1", node(servers[0]).udp_addr[1])])
+            try:
+                name = "victim"
+                first = await known_closest(reader, name_key(name), servers)
+                squatted = [first, reader.table.closest(name_key(name), 3)[2]]
+                squat = claim(MALLORY, name, UNREACHABLE_SEQ)
+                assert await reader.records.store(squat, squatted) == 2
+                assert await keyserver.claim_name(reader, ALICE, name) == NODES - 2
+                with pytest.raises(keyserver.NameContestedError, match="victim"):
+                    await keyserver.lookup_name(reader, name)
+            finally:
+                await reader.stop()
+
+    asyncio.run(main())
+
+
+def test_a_squatters_lone_fast_answer_is_not_believed(tmp_path: Path) -> None:
+    """Mallory's claim held first by the closest node, Alice's by the 3 others, and the
+    second fast holder (honest) down: Mallory's is the only answer of the 2 fast holders
+    asked. A name believed from fewer fast holders than were asked goes on to the lookup,
+    whose holders answer Alice's. Fails without it (checked: resolved to Mallory)."""
+
+    async def main() -> None:
+        async with network(tmp_path) as servers:
+            reader = await join_overlay([("127.0.0.1", node(servers[0]).udp_addr[1])])
+            try:
+                name = "victim"
+                first = await known_closest(reader, name_key(name), servers)
+                taken = await reader.records.store(claim(MALLORY, name, UNREACHABLE_SEQ), [first])
+                assert taken == 1
+                assert await keyserver.claim_name(reader, ALICE, name) == NODES - 1
+                squatter, honest = closest_two(reader, name, servers)
+                assert node(squatter).node_id == first.node_id
+                servers.remove(honest)  # stopped here, not again by `network`
+                await honest.stop()
                 assert await keyserver.lookup_name(reader, name) == ALICE.fingerprint
             finally:
                 await reader.stop()

@@ -34,6 +34,7 @@ from dna_core.overlay.records import (
     NAME_MOVE_DOMAIN,
     REPUBLISH_JITTER,
     REPUBLISH_PACE,
+    ContestedError,
     Gone,
     RecordStore,
     RepublishClock,
@@ -1236,17 +1237,31 @@ def test_readers_believe_a_name_by_its_holders_not_by_the_highest_seq(
 ) -> None:
     """Two identities' claims of one name (one node took Bob's first): the claim most
     holders answered with wins, whatever either's seq, and the verdict says holders
-    disagreed; a tie goes to `select_best` and is contested too."""
+    disagreed and how many answered with the winner (``backers``)."""
     own = opened(name_rec(alice, "alice", seq=5))
     squat = opened(name_rec(bob, "alice", seq=2**63))
     verdict = judge_answers([[own], [squat], [own]])
-    assert verdict == Verdict(own, contested=True)
+    assert verdict == Verdict(own, contested=True, backers=2)
     assert judge_answers([[squat], [own], [own], [own, squat]]).best == own
-    assert judge_answers([[own], [squat]]) == Verdict(squat, contested=True)
-    assert judge_answers([[own], [own], []]) == Verdict(own)
+    assert judge_answers([[own], [own], []]) == Verdict(own, backers=2)
     later = opened(name_rec(alice, "alice", seq=6, at=NOW + 1))
-    assert judge_answers([[own], [later]]) == Verdict(later)  # one signer: highest seq
+    assert judge_answers([[own], [later]]) == Verdict(later, backers=2)  # one signer: highest seq
     assert judge_answers([[], []]) == Verdict(None)
+
+
+def test_a_tie_between_signers_is_never_settled_by_seq(alice: Identity, bob: Identity) -> None:
+    """As many holders for each of two signers: no record is believed (``tied``), and
+    `Verdict.believed` says so rather than hand the name to the higher seq. Before
+    2026-12-05 (evening) the tie went to `select_best`: one squatting holder against one
+    honest won."""
+    own = opened(name_rec(alice, "alice", seq=5))
+    squat = opened(name_rec(bob, "alice", seq=2**63))
+    for answers in ([[own], [squat]], [[squat], [own]], [[own, squat]], [[own], [squat], []]):
+        verdict = judge_answers(answers)
+        assert verdict == Verdict(None, contested=True, tied=True, backers=1), answers
+        with pytest.raises(ContestedError):
+            verdict.believed(own.body.key)
+    assert judge_answers([[own], [own]]).believed(own.body.key) == own
 
 
 def test_readers_follow_a_name_moved_by_its_holder(alice: Identity, bob: Identity) -> None:
@@ -1255,9 +1270,9 @@ def test_readers_follow_a_name_moved_by_its_holder(alice: Identity, bob: Identit
     old = opened(name_rec(alice, "alice"))
     new_alice = Identity.generate()
     moved = opened(moved_claim(new_alice, "alice", alice))
-    assert judge_answers([[old], [old], [moved]]) == Verdict(moved)
+    assert judge_answers([[old], [old], [moved]]) == Verdict(moved, backers=1)
     forged = opened(moved_claim(new_alice, "alice", bob, seq=2**63))
-    assert judge_answers([[old], [old], [forged]]) == Verdict(old, contested=True)
+    assert judge_answers([[old], [old], [forged]]) == Verdict(old, contested=True, backers=2)
 
 
 # -- a record hidden by a stepped clock ------------------------------------------------------

@@ -25,6 +25,7 @@ from dna_core.overlay import (
     MAX_TTL_MS,
     NAME_MOVE_DOMAIN,
     ROTATION_ACCEPT_DOMAIN,
+    ContestedError,
     OverlayNode,
     identity_payload,
     identity_proof,
@@ -50,6 +51,12 @@ DISPLAY_NAME_MAX = 64
 
 class NameTakenError(DnaError):
     """The name is claimed by another identity (first come, first served)."""
+
+
+class NameContestedError(ContestedError):
+    """As many of the name's holders answered with one identity's claim as with another's:
+    the name resolves to neither (a claim's sequence number, its signer's choice, cannot
+    settle it). Add the contact by fingerprint, or ask again later."""
 
 
 def now_ms() -> int:
@@ -123,8 +130,17 @@ async def lookup_keys(node: OverlayNode, fingerprint: bytes) -> PublicKeySet | N
 
 
 async def lookup_name(node: OverlayNode, name: str) -> bytes | None:
-    """The fingerprint that claimed ``name`` (None: unclaimed)."""
-    found = await node.get_record(name_key(name))
+    """The fingerprint that claimed ``name`` (None: unclaimed). `NameContestedError`: its
+    holders answered as often with two identities' claims (`OverlayNode.get_record`), and
+    picking one would hand the name to whoever holds half the nodes asked."""
+    try:
+        found = await node.get_record(name_key(name))
+    except ContestedError as exc:
+        raise NameContestedError(
+            f"the name {normalize_name(name)!r} is claimed by several identities, each"
+            " answered by as many of its holders: not resolved (add the contact by"
+            " fingerprint, or try again later)"
+        ) from exc
     if found is None:
         return None
     claim = decode_message(records_pb2.NameClaim, found.body.payload, max_size=MAX_CLAIM_BYTES,

@@ -36,7 +36,13 @@ from dna_core.mailbox import (
     UnreachableError,
     blob_id,
 )
-from dna_core.overlay import OverlayNode, normalize_name, resolve_seeds, seed_family
+from dna_core.overlay import (
+    ContestedError,
+    OverlayNode,
+    normalize_name,
+    resolve_seeds,
+    seed_family,
+)
 from dna_core.wire import envelope_pb2
 
 from dna_peer import keyserver
@@ -295,8 +301,10 @@ class Peer:
             if await self.lookup_keys(self.fingerprint) != self.identity.public:
                 return False
             return name is None or await keyserver.lookup_name(self.node, name) == self.fingerprint
-        except UnavailableError:
-            return False  # nobody could say: publish them again, as when missing
+        except (UnavailableError, ContestedError):
+            # nobody could say, or the name's holders are split: publish them again, as
+            # when missing (holders that lost the claim take it back)
+            return False
 
     async def add_contact(self, query: str) -> Contact:
         """Pin a contact found by name or fingerprint (hex, or the 16-hex prefix the inbox

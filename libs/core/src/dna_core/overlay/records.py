@@ -68,7 +68,13 @@ from dna_core.crypto import pow, signature
 from dna_core.crypto import primitives as p
 from dna_core.crypto.keys import PublicKeySet
 from dna_core.crypto.records import VerifiedRecord, open_record
-from dna_core.errors import CapacityError, ConflictError, MalformedError, VerificationError
+from dna_core.errors import (
+    CapacityError,
+    ConflictError,
+    DnaError,
+    MalformedError,
+    VerificationError,
+)
 from dna_core.overlay.contact import source_groups
 from dna_core.wire import decode_message
 from dna_core.wire.gen.dna.v1 import common_pb2, records_pb2
@@ -784,15 +790,30 @@ def _check_replaces(held: VerifiedRecord, new: VerifiedRecord) -> None:
 def _moves_name(held: VerifiedRecord, new: VerifiedRecord) -> bool:
     """Whether ``new`` is a name claim the holder of ``held`` signed over to it; a move
     signature that does not verify is refused outright (VerificationError)."""
-    if new.body.kind != common_pb2.RECORD_KIND_NAME_CLAIM:
+    move = _name_move(new)
+    if move is None:
         return False
-    claim = decode_message(records_pb2.NameClaim, new.body.payload, max_size=MAX_CLAIM_BYTES,
+    signature.verify(held.signer, NAME_MOVE_DOMAIN, *move)
+    return True
+
+
+def _name_move(rec: VerifiedRecord) -> tuple[bytes, bytes] | None:
+    """The message and signature (``moved_by``) by which ``rec``, a name claim, says its
+    name's former holder moved it over; None: it is no name claim, or carries no move."""
+    if rec.body.kind != common_pb2.RECORD_KIND_NAME_CLAIM:
+        return None
+    claim = decode_message(records_pb2.NameClaim, rec.body.payload, max_size=MAX_CLAIM_BYTES,
                            what="name claim")  # fmt: skip
     if not claim.moved_by:
-        return False
-    message = name_move_message(claim.name, bytes(claim.fingerprint))
-    signature.verify(held.signer, NAME_MOVE_DOMAIN, message, claim.moved_by)
-    return True
+        return None
+    return name_move_message(claim.name, bytes(claim.fingerprint)), claim.moved_by
+
+
+def signers_compete(kind: int) -> bool:
+    """Whether records of ``kind`` by different signers can share a key: a name claim's
+    key is its name's, every other kind's its signer's own (`record_key`). Only there do
+    readers weigh holders against each other (`judge_answers`)."""
+    return kind not in _KIND_LABEL
 
 
 def select_best(records: Iterable[VerifiedRecord]) -> VerifiedRecord | None:
@@ -804,54 +825,79 @@ def select_best(records: Iterable[VerifiedRecord]) -> VerifiedRecord | None:
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """What a reader believes of the holders' answers for one key: ``best`` (None: none
-    held a valid record), and whether holders disagreed on whose it is (``contested``:
-    then ``best`` is the signer most of them answered with, so a reader that asked few
-    asks more before believing it)."""
+    held a valid record, or ``tied``), whether holders disagreed on whose it is
+    (``contested``: then ``best`` is the signer most of them answered with, so a reader
+    that asked few asks more before believing it), whether the most were as many for
+    two signers or more (``tied``: nobody's, since a sequence number, each signer's own
+    choice, cannot settle it), and how many holders answered with ``best``'s signer
+    (``backers``)."""
 
     best: VerifiedRecord | None
     contested: bool = False
+    tied: bool = False
+    backers: int = 0
+
+    def believed(self, key: bytes) -> VerifiedRecord | None:
+        """``best``, or `ContestedError` when tied."""
+        if self.tied:
+            raise ContestedError(
+                f"records at {key.hex()[:16]}…: as many holders answered for each of several"
+                " signers; none is believed"
+            )
+        return self.best
+
+
+class ContestedError(DnaError):
+    """The holders of a key (a name) answered as often with one signer's record as with
+    another's: neither is believed (`Verdict.tied`). Asking again later, when more holders
+    answer, may settle it; a sequence number never does."""
 
 
 def judge_answers(answers: Iterable[Iterable[VerifiedRecord]]) -> Verdict:
     """Of the verified records each holder answered for one key, the one to believe.
 
     One signer: its highest seq (`select_best`). Several signers happen only at a name
-    (every other kind lives at its signer's own key), and a sequence number does not
-    choose between them: each signer numbers its own records, and a claim numbered 2^63
-    costs no more than one numbered now, so by seq alone one node holding another
-    identity's claim (taken first there, as any node that never held the name's does)
-    resolved the name to it for every reader that asked it. So a signer whose name another
-    answer's claim moved (``moved_by``, signed by that signer) drops out, as holders replace
-    it; of those left, the signer the most holders answered with wins, then `select_best`
-    among its records (and among tied signers'), and the verdict is contested."""
+    (every other kind lives at its signer's own key, `signers_compete`), and a sequence
+    number does not choose between them: each signer numbers its own records, and a claim
+    numbered 2^63 costs no more than one numbered now, so by seq alone one node holding
+    another identity's claim (taken first there, as any node that never held the name's
+    does) resolved the name to it for every reader that asked it. So a signer whose name
+    another answer's claim moved (``moved_by``, signed by that signer) drops out, as
+    holders replace it; of those left, the signer the most holders answered with wins,
+    then `select_best` among its records, and the verdict is contested. Signers tied for
+    the most: the verdict is ``tied``, with no ``best`` (before, the tie went to the
+    higher seq, so one squatting holder against one honest won again)."""
     answers = [list(answer) for answer in answers]
-    records = [r for answer in answers for r in answer]
+    votes = Counter(fp for answer in answers for fp in {r.body.signer_fingerprint for r in answer})
+    records = list({r.raw: r for answer in answers for r in answer}.values())  # decoded once
     signers = {r.body.signer_fingerprint: r.signer for r in records}
     if len(signers) <= 1:
-        return Verdict(select_best(records))
-    moved = {fp for fp, keys in signers.items() if any(_moved_from(keys, r) for r in records)}
+        best = select_best(records)
+        return Verdict(best, backers=votes[best.body.signer_fingerprint] if best else 0)
+    moved = _moved_signers(signers, records)
     left = [r for r in records if r.body.signer_fingerprint not in moved] or records
-    votes = Counter(fp for answer in answers for fp in {r.body.signer_fingerprint for r in answer})
     standing = {r.body.signer_fingerprint for r in left}
-    if len(standing) == 1:
-        return Verdict(select_best(left))
     most = max(votes[fp] for fp in standing)
-    return Verdict(
-        select_best(r for r in left if votes[r.body.signer_fingerprint] == most), contested=True
-    )
+    if sum(votes[fp] == most for fp in standing) > 1:
+        return Verdict(None, contested=True, tied=True, backers=most)
+    best = select_best(r for r in left if votes[r.body.signer_fingerprint] == most)
+    return Verdict(best, contested=len(standing) > 1, backers=most)
 
 
-def _moved_from(old: PublicKeySet, rec: VerifiedRecord) -> bool:
-    """Whether ``rec`` is a name claim that ``old`` signed its name over to."""
-    if rec.body.kind != common_pb2.RECORD_KIND_NAME_CLAIM or rec.signer == old:
-        return False
-    claim = decode_message(records_pb2.NameClaim, rec.body.payload, max_size=MAX_CLAIM_BYTES,
-                           what="name claim")  # fmt: skip
-    if not claim.moved_by:
-        return False
-    message = name_move_message(claim.name, bytes(claim.fingerprint))
+def _moved_signers(signers: dict[bytes, PublicKeySet], records: list[VerifiedRecord]) -> set[bytes]:
+    """The signers (by fingerprint) whose name one of ``records`` says they moved to it,
+    with their valid signature: holders replace their claims with it."""
+    moves = [(r.signer, move) for r in records if (move := _name_move(r)) is not None]
+    return {
+        fp
+        for fp, keys in signers.items()
+        if any(by != keys and _verifies(keys, move) for by, move in moves)
+    }
+
+
+def _verifies(keys: PublicKeySet, move: tuple[bytes, bytes]) -> bool:
     try:
-        signature.verify(old, NAME_MOVE_DOMAIN, message, claim.moved_by)
+        signature.verify(keys, NAME_MOVE_DOMAIN, *move)
     except VerificationError:
         return False
     return True

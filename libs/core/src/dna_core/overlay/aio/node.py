@@ -50,6 +50,8 @@ from dna_core.overlay.records import (
     DEFAULT_IDENTITY_POW_BITS,
     DEFAULT_NAME_POW_BITS,
     RecordStore,
+    Verdict,
+    signers_compete,
 )
 from dna_core.overlay.tokens import AddressTokens
 from dna_core.ratelimit import SITE_TIER, RateLimiter, SiteTier, source_key
@@ -420,18 +422,31 @@ class OverlayNode:
         subnets (`first_asked`): they usually hold it, and asking them costs no lookup (OpenDHT and
         the kademlia package also stop at the first holder). Only when none of them
         answers with a valid record, or they disagree on whose it is (a name claimed by two
-        identities: `records.judge_answers`), are the k closest looked up and ``holders``
-        asked.
-        None: the holders that answered hold none; `UnavailableError`: none answered.
+        identities: `records.judge_answers`), or the record is of a kind whose key other
+        signers can claim (a name: `records.signers_compete`) and not every fast holder
+        answered with its signer, are the k closest looked up and ``holders`` asked.
+        None: the holders that answered hold none; `UnavailableError`: none answered;
+        `ContestedError`: as many of them answered with one signer's record as with
+        another's (a name; no sequence number settles that).
         """
         known = self.first_asked(key)
         if known:
             with contextlib.suppress(UnavailableError):  # the lookup's holders may answer
                 verdict = await self.records.judge(key, known)
-                if verdict.best is not None and not verdict.contested:
+                if self._believed_fast(verdict):
                     return verdict.best
         closest = await self.find_node(key)
         return await self.records.find_value(key, self._spread(closest, holders))
+
+    def _believed_fast(self, verdict: Verdict) -> bool:
+        """Whether the fast holders' verdict stands without a lookup. A name's claim only
+        when every one of the ``fast_holders`` answered with its signer: otherwise one
+        squatting holder answering alone (the other down, slow, or not holding it yet) was
+        believed, uncontested, by every reader that asked it."""
+        best = verdict.best
+        if best is None or verdict.contested:
+            return False
+        return not signers_compete(best.body.kind) or verdict.backers >= self.config.fast_holders
 
     def first_asked(self, key: bytes) -> list[Contact]:
         """The ``fast_holders`` a get asks before any lookup: of the k closest known (not

@@ -434,8 +434,9 @@ class RecordClient:
         (`judge`). None: those that answered hold no valid record. `UnavailableError`
         when none answered (or there was none to ask): "not published" and "nobody could
         say" are different answers, and a reader that took the second for the first
-        refused an honest sender's message."""
-        return (await self.judge(key, holders)).best
+        refused an honest sender's message. `ContestedError` when as many answered with
+        one signer's record as with another's (a name: `Verdict.tied`)."""
+        return (await self.judge(key, holders)).believed(key)
 
     async def judge(self, key: bytes, holders: Sequence[Contact]) -> Verdict:
         """`find_value`, saying too whether the holders disagreed on whose record it is
