@@ -668,6 +668,7 @@ def test_a_peer_over_grpc_answering_late_without_the_blobs_cannot_hold_the_repai
             await r.sync_mailbox(BOX, MailboxPlan(BOX, contacts, rightful=True))
             took = time.monotonic() - started
             assert set((await backend.sync_index(BOX, now_ms())).blob_ids) == set(blobs)
+            assert failures(r, "withheld") == 1
         finally:
             await backend.close()
             await node.channels.close()

@@ -857,6 +857,8 @@ class RepairMetrics:
                 "dna_storage_repair_failures",
                 "Sync exchanges with a peer that failed, by reason (the gRPC status, lower "
                 "case; 'split' counts pieces refused as too large and retried in halves; "
+                "'withheld': a pull answer covered blobs the peer did not send, and its "
+                "share went to the other peers; "
                 "'store_disk', 'store_unavailable', 'store_damaged': this node's store "
                 "failed, and a full one still pushed)",
                 ["reason"],
@@ -1606,9 +1608,19 @@ class Repairer:
                 held = got.held_blobs | got.held_tombstones
                 claims.settle(held)
             # A blob it sent that this node refused (over quota, say) was delivered all the same.
-            if not held.union(b.blob_id for b in answer.blobs).issuperset(covered):
-                claims.release(peer.node_id)
+            if missed := set(covered) - held.union(b.blob_id for b in answer.blobs):
+                self._withheld(peer, box, claims, len(missed))
                 return
+
+    def _withheld(self, peer: Contact, box: bytes, claims: PullClaims, missed: int) -> None:
+        """``peer`` answered for ``missed`` blobs it did not send: its claims go to the other
+        peers (counted as ``withheld``, logged once per mailbox sync)."""
+        claims.release(peer.node_id)
+        self.metrics.failures.labels(reason="withheld").inc()
+        log.warning(
+            "sync with %s: answered for %d blobs it did not send; the other peers pull its share",
+            peer.short(), missed, extra={"mailbox": box.hex(), "peer": peer.node_id.hex()},
+        )  # fmt: skip
 
     def _smaller(self, err: RemoteError, budget: int) -> int:
         """The next piece's bound after ``err``: half, when the piece was refused as too
