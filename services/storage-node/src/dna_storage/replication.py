@@ -1614,7 +1614,7 @@ class Repairer:
 
     def _withheld(self, peer: Contact, box: bytes, claims: PullClaims, missed: int) -> None:
         """``peer`` answered for ``missed`` blobs it did not send: its claims go to the other
-        peers (counted as ``withheld``, logged once per mailbox sync)."""
+        peers (counted as ``withheld`` and logged: at most twice a peer in a mailbox sync)."""
         claims.release(peer.node_id)
         self.metrics.failures.labels(reason="withheld").inc()
         log.warning(
