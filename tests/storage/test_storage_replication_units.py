@@ -4,6 +4,7 @@ synced blob or tombstone must pass, and how sync messages are bounded."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -23,7 +24,7 @@ from dna_core.overlay.aio import OverlayNode
 from dna_core.overlay.aio.node import NodeConfig
 from dna_core.overlay.contact import Contact, Endpoint
 from dna_core.rpc_errors import remote_error
-from dna_core.wire.gen.dna.v1 import mailbox_pb2
+from dna_core.wire.gen.dna.v1 import mailbox_pb2, mailbox_pb2_grpc
 from dna_storage.admission import Quota
 from dna_storage.backends.base import MailboxBackend, StoredBlob, SyncIndex, Tombstone
 from dna_storage.backends.common import in_range
@@ -474,9 +475,15 @@ class ListingPeers:
     with nothing (or fail it, ``failing``). Notes the IDs each peer was asked to pull."""
 
     def __init__(
-        self, blobs: list[mailbox_pb2.StoredBlob], *, withholding: int = 0, failing: int = 0
+        self,
+        blobs: list[mailbox_pb2.StoredBlob],
+        *,
+        withholding: int = 0,
+        failing: int = 0,
+        late_s: float = 0.0,
     ) -> None:
         self.blobs = {b.blob_id: b for b in blobs}
+        self.late_s = late_s  # a withholding peer's answers come this late, covering 1 ID
         self.contacts = [contact_of(NodeIdentity.generate(0)[0]) for _ in range(4)]
         self.withholding = {c.node_id for c in self.contacts[:withholding]}
         self.failing = {c.node_id for c in self.contacts[withholding : withholding + failing]}
@@ -496,6 +503,9 @@ class ListingPeers:
                 raise remote_error(
                     grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "gone")
                 )
+            if peer.node_id in self.withholding and self.late_s:
+                await asyncio.sleep(self.late_s)
+                return mailbox_pb2.SyncPullResponse(answered=1)
             served = [] if peer.node_id in self.withholding else request.blob_ids
             return mailbox_pb2.SyncPullResponse(
                 blobs=[self.blobs[i] for i in served], answered=len(request.blob_ids)
@@ -515,15 +525,19 @@ def contact_of(identity: NodeIdentity) -> Contact:
     return Contact(identity.node_id, identity.public_key, (Endpoint("127.0.0.1", 1),))
 
 
-def pulled_from_peers(tmp_path: Path, peers_of: Any) -> tuple[ListingPeers, set[bytes]]:
-    """One ``sync_mailbox`` of a node holding nothing with 4 peers listing the same 3 blobs
-    (``peers_of(blobs)`` makes them): the peers, and what the node holds afterwards."""
+def pulled_from_peers(
+    tmp_path: Path, peers_of: Any, count: int = 3
+) -> tuple[ListingPeers, set[bytes]]:
+    """One ``sync_mailbox`` of a node holding nothing with 4 peers listing the same
+    ``count`` blobs (``peers_of(blobs)`` makes them): the peers, and what the node holds
+    afterwards."""
 
     async def scenario() -> tuple[ListingPeers, set[bytes]]:
         backend = await SqliteBackend.open(tmp_path / "pulls.sqlite3")
         r = repairer()
         r.backend = backend
-        peers = peers_of([synced(b"missed %d" % i, pow_at=now_ms()) for i in range(3)])
+        r.rules = dataclasses.replace(RULES, quota=Quota(max_blobs=count, max_bytes=1 << 20))
+        peers = peers_of([synced(b"missed %d" % i, pow_at=now_ms()) for i in range(count)])
         peers.install(r)
         try:
             await r.sync_mailbox(BOX, MailboxPlan(BOX, peers.contacts, rightful=True))
@@ -558,3 +572,111 @@ def test_a_blob_a_peer_did_not_deliver_is_pulled_from_another_that_listed_it(
     assert held == set(peers.blobs)
     honest = [c.node_id for c in peers.contacts[withholding + failing :]]
     assert sum(len(peers.asked[n]) for n in honest) == len(peers.blobs)
+
+
+def test_a_peer_answering_late_without_the_blobs_holds_the_repair_for_one_call(
+    tmp_path: Path,
+) -> None:
+    """The first peer to list a blob claims it. A peer that lists everything first, then
+    answers each pull just under the timeout covering one ID and delivering nothing, held
+    the blobs it claimed until all exchanges ended: one late call per blob (here 40 x 0.25 s
+    = 10 s; 30,000 blobs at a 10 s timeout: 3.5 days). Now its first such answer gives its
+    claims to the honest peers. Checked to fail without the fix (10.4 s)."""
+    late_s, count = 0.25, 40
+    started = time.monotonic()
+    peers, held = pulled_from_peers(
+        tmp_path, lambda blobs: ListingPeers(blobs, withholding=1, late_s=late_s), count
+    )
+    took = time.monotonic() - started
+    assert held == set(peers.blobs)
+    assert took < 10 * late_s, took  # not count x late_s
+    late = peers.contacts[0].node_id
+    assert len(peers.asked[late]) <= count  # one call, whatever it covered
+    honest = [c.node_id for c in peers.contacts[1:]]
+    assert sum(len(peers.asked[n]) for n in honest) == count  # each blob pulled once
+
+
+class PeerMailbox(mailbox_pb2_grpc.MailboxServicer):
+    """A peer's sync calls on a real gRPC server: it lists ``blobs`` after ``list_s``;
+    ``late_s`` makes it answer each pull that late, covering one ID with no blob."""
+
+    def __init__(
+        self, blobs: dict[bytes, mailbox_pb2.StoredBlob], *, list_s: float, late_s: float = 0.0
+    ) -> None:
+        self.blobs, self.list_s, self.late_s = blobs, list_s, late_s
+        self.asked: list[bytes] = []
+        self.pulls = 0
+
+    async def SyncList(  # noqa: N802 (gRPC method name)
+        self, request: Any, context: Any
+    ) -> mailbox_pb2.SyncListResponse:
+        await asyncio.sleep(self.list_s)
+        return mailbox_pb2.SyncListResponse(blob_ids=sorted(self.blobs))
+
+    async def SyncPull(  # noqa: N802 (gRPC method name)
+        self, request: Any, context: Any
+    ) -> mailbox_pb2.SyncPullResponse:
+        self.pulls += 1
+        self.asked += request.blob_ids
+        if self.late_s:
+            await asyncio.sleep(self.late_s)
+            return mailbox_pb2.SyncPullResponse(answered=1)
+        return mailbox_pb2.SyncPullResponse(
+            blobs=[self.blobs[i] for i in request.blob_ids], answered=len(request.blob_ids)
+        )
+
+    async def SyncPush(  # noqa: N802 (gRPC method name)
+        self, request: Any, context: Any
+    ) -> mailbox_pb2.SyncPushResponse:
+        return mailbox_pb2.SyncPushResponse(blob_ids=[b.blob_id for b in request.blobs])
+
+
+def test_a_peer_over_grpc_answering_late_without_the_blobs_cannot_hold_the_repair(
+    tmp_path: Path,
+) -> None:
+    """As above, over gRPC: 4 peers on real servers list the same 40 blobs; the one that
+    lists first answers each SyncPull 0.25 s late (under the 2 s timeout) covering one ID
+    with no blob. The node gets every blob from the 3 honest peers, each blob once, and the
+    late peer costs one call, not one per blob (10 s). Checked to fail without the fix."""
+    late_s, count = 0.25, 40
+    made = [synced(b"missed %d" % i, pow_at=now_ms()) for i in range(count)]
+    blobs = {b.blob_id: b for b in made}
+    # The other calls answer UNIMPLEMENTED (the generated base); the stubs declare it abstract.
+    peers = [PeerMailbox(blobs, list_s=0.0, late_s=late_s)]  # type: ignore[abstract]
+    peers += [PeerMailbox(blobs, list_s=0.05) for _ in range(3)]  # type: ignore[abstract]
+
+    async def scenario() -> float:
+        servers, contacts = [], []
+        for peer in peers:
+            server = grpc.aio.server()
+            mailbox_pb2_grpc.add_MailboxServicer_to_server(peer, server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            servers.append(server)
+            identity = NodeIdentity.generate(0)[0]
+            contacts.append(Contact(identity.node_id, identity.public_key,
+                                    (Endpoint("127.0.0.1", port),)))  # fmt: skip
+        backend = await SqliteBackend.open(tmp_path / "pulls.sqlite3")
+        identity = NodeIdentity.generate(0)[0]
+        node = OverlayNode(identity, NodeConfig())
+        node.contact = contact_of(identity)
+        rules = dataclasses.replace(RULES, quota=Quota(max_blobs=count, max_bytes=1 << 20))
+        r = Repairer(node, backend, rules=rules, registry=CollectorRegistry(),
+                     timeout_s=2.0, sessions=False)  # fmt: skip
+        try:
+            started = time.monotonic()
+            await r.sync_mailbox(BOX, MailboxPlan(BOX, contacts, rightful=True))
+            took = time.monotonic() - started
+            assert set((await backend.sync_index(BOX, now_ms())).blob_ids) == set(blobs)
+            assert failures(r, "withheld") == 1
+        finally:
+            await backend.close()
+            await node.channels.close()
+            for server in servers:
+                await server.stop(None)
+        return took
+
+    took = asyncio.run(scenario())
+    assert took < 10 * late_s, took  # not count x late_s
+    assert peers[0].pulls == 1  # its first late answer gave up its claims
+    assert sorted(i for p in peers[1:] for i in p.asked) == sorted(blobs)  # each once

@@ -726,18 +726,29 @@ class PullClaims:
     every peer lists was pulled from each of them: a node that missed a mailbox's blobs
     while it was down took each one 4 times from 4 peers (4 SyncPulls, 4 times the bytes and
     the checks), and its repair ran at the peers' rate for twice the calls it needed. Now the
-    first exchange to list a blob claims it; one its pull did not deliver (the peer failed,
-    or did not serve it) is asked of another peer that listed it once the exchanges are
-    done (``unsettled``), so a peer that lists what it does not serve delays it, never
-    withholds it."""
+    first exchange to list a blob claims it.
 
-    def __init__(self) -> None:
+    A peer whose pull answer covers an ID it did not deliver (it withholds, or no longer
+    holds it), or whose exchange failed, gives up every claim it has not delivered at once
+    (``release``) and claims nothing more in this sync: the other peers that listed those
+    blobs pull them as soon as their own exchange is done (``released``), and once every
+    exchange is done what is left is asked of each peer that listed it in turn
+    (``unsettled``). Before, a claimed blob was asked of another peer only after every
+    exchange ended, so a peer that listed all first and answered each pull late with
+    nothing held the repair for one call per blob at its pace (30,000 blobs: hours)."""
+
+    def __init__(self, exchanges: int = 0) -> None:
         self._claimed: dict[bytes, bytes] = {}  # blob ID -> the node ID it was asked of
         self._settled: set[bytes] = set()
+        self._barred: set[bytes] = set()  # peers that gave up their claims
+        self.open = exchanges  # exchanges not yet done
+        self._change = asyncio.Event()
 
     def claim(self, peer: bytes, blob_ids: Iterable[bytes]) -> list[bytes]:
         """Those of ``blob_ids`` no other exchange pulls, now pulled from ``peer``."""
-        mine = [b for b in blob_ids if b not in self._claimed]
+        if peer in self._barred:
+            return []
+        mine = [b for b in blob_ids if self._claimed.get(b, RELEASED) == RELEASED]
         self._claimed.update(dict.fromkeys(mine, peer))
         return mine
 
@@ -745,13 +756,51 @@ class PullClaims:
         """Held here now (stored, held already, or deleted)."""
         self._settled.update(blob_ids)
 
+    def release(self, peer: bytes) -> None:
+        """``peer`` did not deliver what it was asked for: its claims not yet held here go
+        to the other peers now, and it claims nothing more in this sync."""
+        self._barred.add(peer)
+        gone = [b for b, p in self._claimed.items() if p == peer and b not in self._settled]
+        self._claimed.update(dict.fromkeys(gone, RELEASED))
+        self._changed()
+
+    def done(self) -> None:
+        """One exchange is done."""
+        self.open -= 1
+        self._changed()
+
+    def _changed(self) -> None:
+        self._change.set()
+        self._change = asyncio.Event()
+
+    async def changed(self) -> None:
+        """Until the next ``release`` or ``done``."""
+        await self._change.wait()
+
+    def released(self, peer: bytes, listed: frozenset[bytes]) -> list[bytes]:
+        """Blobs ``peer`` listed that another peer gave up; they are claimed for ``peer``."""
+        if peer in self._barred:
+            return []
+        return self._take(peer, listed, lambda owner: owner == RELEASED)
+
     def unsettled(self, peer: bytes, listed: frozenset[bytes]) -> list[bytes]:
         """Blobs ``peer`` listed that another peer was asked for and did not deliver; they
         are claimed for ``peer`` now."""
+        return self._take(peer, listed, lambda owner: owner != peer)
+
+    def barred(self, peer: bytes) -> bool:
+        return peer in self._barred
+
+    def _take(
+        self, peer: bytes, listed: frozenset[bytes], whose: Callable[[bytes], bool]
+    ) -> list[bytes]:
         left = sorted(b for b in listed & self._claimed.keys()
-                      if b not in self._settled and self._claimed[b] != peer)  # fmt: skip
+                      if b not in self._settled and whose(self._claimed[b]))  # fmt: skip
         self._claimed.update(dict.fromkeys(left, peer))
         return left
+
+
+RELEASED = b""  # ``PullClaims``: the claim of no peer, given up by the one it was asked of
 
 
 def copies(ours: Holdings, peers: Sequence[Holdings]) -> tuple[dict[bytes, int], dict[bytes, int]]:
@@ -808,6 +857,8 @@ class RepairMetrics:
                 "dna_storage_repair_failures",
                 "Sync exchanges with a peer that failed, by reason (the gRPC status, lower "
                 "case; 'split' counts pieces refused as too large and retried in halves; "
+                "'withheld': a pull answer covered blobs the peer did not send, and its "
+                "share went to the other peers; "
                 "'store_disk', 'store_unavailable', 'store_damaged': this node's store "
                 "failed, and a full one still pushed)",
                 ["reason"],
@@ -1149,10 +1200,10 @@ class Repairer:
         # 100,000 tombstones.
         index = await self.backend.sync_index(box, _now_ms())
         ours = Holdings(frozenset(index.blob_ids), frozenset(t for t, _ in index.tombstones))
-        claims = PullClaims()
+        claims = PullClaims(len(peers))
         views = await asyncio.gather(*(
-            self._guarded(peer, box, self._sync_with(peer, box, ours, claims) if rightful
-                          else self._hand_off(peer, box, ours))
+            self._exchange(peer, box, ours, claims) if rightful
+            else self._guarded(peer, box, self._hand_off(peer, box, ours))
             for peer in peers
         ))  # fmt: skip
         if rightful:
@@ -1192,6 +1243,30 @@ class Repairer:
         )  # fmt: skip
         return None
 
+    async def _exchange(
+        self, peer: Contact, box: bytes, ours: Holdings, claims: PullClaims
+    ) -> Holdings | None:
+        """``_sync_with`` one replica, then pull from it what the other peers it listed
+        gave up (``PullClaims.released``) until every exchange is done: a peer that does
+        not deliver delays the blobs it claimed by one of its calls, not one per blob."""
+        try:
+            view = await self._guarded(peer, box, self._sync_with(peer, box, ours, claims))
+        finally:
+            claims.done()
+        if view is None:
+            claims.release(peer.node_id)
+            return None
+        while True:
+            left = claims.released(peer.node_id, view.blob_ids)
+            if left:
+                if await self._guarded(peer, box, self._pull_held(peer, box, left, claims)) is None:
+                    claims.release(peer.node_id)
+                    return view
+            elif claims.open == 0:
+                return view
+            else:
+                await claims.changed()
+
     async def _pull_unsettled(
         self,
         box: bytes,
@@ -1200,8 +1275,9 @@ class Repairer:
         views: Sequence[Holdings | None],
     ) -> None:
         """What a pull of the exchanges did not deliver, from the other peers that listed it,
-        one after the other until none is left."""
-        for peer, view in zip(peers, views, strict=True):
+        one after the other until none is left (a peer that gave up its claims last)."""
+        order = sorted(zip(peers, views, strict=True), key=lambda pv: claims.barred(pv[0].node_id))
+        for peer, view in order:
             if view is not None and (left := claims.unsettled(peer.node_id, view.blob_ids)):
                 await self._guarded(peer, box, self._pull_held(peer, box, left, claims))
 
@@ -1510,7 +1586,9 @@ class Repairer:
     ) -> None:
         """Pull ``missing`` blobs: each answer is bounded in bytes (a smaller bound asked
         for after a RESOURCE_EXHAUSTED), and the next request asks for what it did not
-        answer. What is held here afterwards is settled in ``claims``."""
+        answer. What is held here afterwards is settled in ``claims``; an answer covering an
+        ID it did not deliver gives up the peer's claims (``PullClaims.release``) and ends
+        the pull, so the other peers that listed them pull them now."""
         done, budget = 0, SYNC_BYTES
         while done < len(missing):
             ids = missing[done : done + MAX_SYNC_IDS]
@@ -1522,11 +1600,27 @@ class Repairer:
                 continue
             if not 0 < answer.answered <= len(ids):
                 raise RepairError(f"SyncPull answered {answer.answered} of {len(ids)} IDs")
-            done += answer.answered
+            covered, done = ids[: answer.answered], done + answer.answered
+            held: frozenset[bytes] = frozenset()
             if answer.blobs:
                 got = await accept(self.backend, box, answer.blobs, [], self.rules)
                 self.metrics.pulled.inc(got.stored)
-                claims.settle(got.held_blobs | got.held_tombstones)
+                held = got.held_blobs | got.held_tombstones
+                claims.settle(held)
+            # A blob it sent that this node refused (over quota, say) was delivered all the same.
+            if missed := set(covered) - held.union(b.blob_id for b in answer.blobs):
+                self._withheld(peer, box, claims, len(missed))
+                return
+
+    def _withheld(self, peer: Contact, box: bytes, claims: PullClaims, missed: int) -> None:
+        """``peer`` answered for ``missed`` blobs it did not send: its claims go to the other
+        peers (counted as ``withheld`` and logged: at most twice a peer in a mailbox sync)."""
+        claims.release(peer.node_id)
+        self.metrics.failures.labels(reason="withheld").inc()
+        log.warning(
+            "sync with %s: answered for %d blobs it did not send; the other peers pull its share",
+            peer.short(), missed, extra={"mailbox": box.hex(), "peer": peer.node_id.hex()},
+        )  # fmt: skip
 
     def _smaller(self, err: RemoteError, budget: int) -> int:
         """The next piece's bound after ``err``: half, when the piece was refused as too
