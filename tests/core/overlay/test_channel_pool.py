@@ -7,6 +7,8 @@ import contextlib
 import time
 
 import grpc
+import pytest
+from dna_core.errors import ClosedError
 from dna_core.overlay.aio.records_rpc import MAX_RECONNECT_BACKOFF_MS, ChannelPool
 from dna_core.wire.gen.dna.v1 import overlay_pb2, overlay_pb2_grpc
 
@@ -22,6 +24,27 @@ def test_the_pool_keeps_at_most_its_size_and_drops_the_least_recently_used() -> 
         assert pool.get("127.0.0.1:2") is not b  # a fresh channel: b was closed
         await pool.close()
         assert len(pool) == 0
+
+    asyncio.run(go())
+
+
+def test_a_reset_pool_opens_fresh_channels_and_a_closed_one_opens_none() -> None:
+    """`close` served as a reset too (`Peer.reconnect`): a `get` after it opened a channel
+    that nothing would close. Now `reset` drops the channels and the pool goes on, and
+    after `close` a `get` raises ClosedError."""
+
+    async def go() -> None:
+        pool, target = ChannelPool(), "127.0.0.1:1"
+        before = pool.get(target)
+        await pool.reset()
+        assert len(pool) == 0
+        after = pool.get(target)
+        assert after is not before and pool.get(target) is after
+        await pool.close()
+        with pytest.raises(ClosedError):
+            pool.get(target)
+        assert len(pool) == 0
+        await pool.close()  # twice is fine
 
     asyncio.run(go())
 

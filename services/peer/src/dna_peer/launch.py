@@ -3,18 +3,20 @@
 Loading the program takes a moment (protobuf, gRPC, the crypto libraries: a few tenths of
 a second, seconds on a loaded machine), and so does building and reading the command line.
 Ctrl-C at any of those moments exits as Ctrl-C does later (status 130, no traceback),
-instead of printing the import or the argparse regex that was interrupted.
+instead of printing the import or the argparse regex that was interrupted
+(`dna_core.launch.exit_130_on_ctrl_c`, which imports nothing heavy).
 """
 
 from __future__ import annotations
 
-import sys
+from dna_core.launch import exit_130_on_ctrl_c
 
 
 def main() -> None:
-    try:
-        from dna_peer.cli import main as run
+    exit_130_on_ctrl_c(_run)
 
-        run()
-    except KeyboardInterrupt:
-        sys.exit(130)
+
+def _run() -> None:
+    from dna_peer.cli import main as run
+
+    run()

@@ -1179,7 +1179,7 @@ class Peer:
         sets name nodes that may have moved, and gRPC channels that failed sit in their
         reconnect backoff (up to two minutes) refusing calls. True if a seed answered."""
         self.mail.replica_sets.clear()
-        await self.node.channels.close()  # the pool opens new channels on the next call
+        await self.node.channels.reset()  # the pool opens new channels on the next call
         addrs, _ = await resolve_seeds(self.seeds, seed_family(self.seeds))
         if not addrs or not await self.node.join(addrs):
             return False

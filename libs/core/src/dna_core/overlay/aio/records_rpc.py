@@ -295,10 +295,15 @@ class ChannelPool:
     """One gRPC channel per target, reused (a new channel costs a TCP+HTTP/2 handshake),
     at most ``size`` of them: the least recently used is closed (calls still on it get
     ``CLOSE_GRACE_S`` to finish), so a long-lived client that meets thousands of nodes
-    does not keep a connection to each."""
+    does not keep a connection to each.
+
+    `reset` drops every channel and the pool stays in use; `close` ends it for good: a
+    channel a later `get` opened would stay open, since nothing closes the pool again, so
+    such a `get` raises `ClosedError` instead."""
 
     def __init__(self, size: int = MAX_CHANNELS) -> None:
         self.size = size
+        self.closed = False
         self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -306,6 +311,8 @@ class ChannelPool:
         return len(self._channels)
 
     def get(self, target: str) -> grpc.aio.Channel:
+        if self.closed:
+            raise ClosedError("channel pool: used after its close (no channel opened)")
         channel = self._channels.get(target)
         if channel is not None:
             self._channels.move_to_end(target)
@@ -347,9 +354,17 @@ class ChannelPool:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def close(self) -> None:
+    async def reset(self) -> None:
+        """Close every channel now (calls on them fail) and stay usable: the next `get`
+        of a target opens a fresh channel, out of any reconnect backoff the old one was
+        in."""
         channels, self._channels = list(self._channels.values()), OrderedDict()
         await asyncio.gather(*(c.close() for c in channels), *self._closing)
+
+    async def close(self) -> None:
+        """Close every channel; the pool is closed for good (`get` raises `ClosedError`)."""
+        self.closed = True
+        await self.reset()
 
 
 class RecordClient:

@@ -1,0 +1,47 @@
+"""dna_core.launch: Ctrl-C while a console script loads or runs exits 130, no traceback."""
+
+from __future__ import annotations
+
+import sys
+import time
+import types
+import weakref
+
+import pytest
+from dna_core.launch import launch
+
+
+def ctrl_c_in_a_weakref_callback() -> None:
+    """Ctrl-C as it lands in importlib's module-lock callback: Python prints it as
+    "Exception ignored in" and goes on."""
+
+    class Lock:
+        pass
+
+    def on_drop(_ref: object) -> None:
+        raise KeyboardInterrupt
+
+    lock = Lock()
+    ref = weakref.ref(lock, on_drop)
+    del lock  # the callback runs here, its exception goes to sys.unraisablehook
+    end = time.monotonic() + 2
+    while time.monotonic() < end:  # the main thread goes on, out of the callback
+        pass
+    raise AssertionError(f"the Ctrl-C was dropped ({ref})")
+
+
+def ctrl_c() -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("main", [ctrl_c, ctrl_c_in_a_weakref_callback])
+def test_ctrl_c_is_a_quiet_exit_130(
+    main: types.FunctionType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    command = types.ModuleType("a_command")
+    command.main = main  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "a_command", command)
+    with pytest.raises(SystemExit) as exit_:
+        launch("a_command")
+    assert exit_.value.code == 130
+    assert "Traceback" not in capsys.readouterr().err
