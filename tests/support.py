@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -227,3 +228,22 @@ async def datagrams_within(socks: Iterable[socket.socket], within: float) -> int
         return got
 
     return sum(await asyncio.gather(*(count(s) for s in socks)))
+
+
+def ctrl_c_in_a_weakref_callback() -> None:
+    """Ctrl-C as it lands in importlib's module-lock callback: Python prints it as
+    "Exception ignored in" and goes on."""
+
+    class Lock:
+        pass
+
+    def on_drop(_ref: object) -> None:
+        raise KeyboardInterrupt
+
+    lock = Lock()
+    ref = weakref.ref(lock, on_drop)
+    del lock  # the callback runs here, its exception goes to sys.unraisablehook
+    end = time.monotonic() + 2
+    while time.monotonic() < end:  # the main thread goes on, out of the callback
+        pass
+    raise AssertionError(f"the Ctrl-C was dropped ({ref})")

@@ -3,31 +3,11 @@
 from __future__ import annotations
 
 import sys
-import time
 import types
-import weakref
 
 import pytest
 from dna_core.launch import launch
-
-
-def ctrl_c_in_a_weakref_callback() -> None:
-    """Ctrl-C as it lands in importlib's module-lock callback: Python prints it as
-    "Exception ignored in" and goes on."""
-
-    class Lock:
-        pass
-
-    def on_drop(_ref: object) -> None:
-        raise KeyboardInterrupt
-
-    lock = Lock()
-    ref = weakref.ref(lock, on_drop)
-    del lock  # the callback runs here, its exception goes to sys.unraisablehook
-    end = time.monotonic() + 2
-    while time.monotonic() < end:  # the main thread goes on, out of the callback
-        pass
-    raise AssertionError(f"the Ctrl-C was dropped ({ref})")
+from support import ctrl_c_in_a_weakref_callback
 
 
 def ctrl_c() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
+from dna_core.errors import UnavailableError
 from dna_core.mailbox import Subscription
 from dna_core.mailbox.session import _NodeFeed, status_error
 from dna_core.wire.gen.dna.v1 import mailbox_pb2
@@ -72,4 +73,10 @@ def test_a_refusal_on_a_session_is_raised_as_the_unary_call_would_be() -> None:
         "PERMISSION_DENIED",
         "no",
     )
-    assert (type(busy).__name__, busy.grpc_code) == ("UnavailableError", "RESOURCE_EXHAUSTED")
+    # An UnavailableError as the unary call's, marked answered: not re-sent as a unary call
+    # (the node spent its nonce; the replay it would refuse hid why).
+    assert (type(busy).__name__, busy.grpc_code) == (
+        "AnsweredUnavailableError",
+        "RESOURCE_EXHAUSTED",
+    )
+    assert isinstance(busy, UnavailableError)

@@ -14,7 +14,6 @@ import subprocess
 import sysconfig
 import threading
 import time
-import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +32,15 @@ from dna_peer.peer import MAX_TEXT_BYTES
 from dna_peer.profile import Profile
 from dna_testnet.network import Testnet
 from dna_testnet.topology import TESTNET
-from support import BIN, dna_watch, lines, on_a_terminal, run_script, wait_for
+from support import (
+    BIN,
+    ctrl_c_in_a_weakref_callback,
+    dna_watch,
+    lines,
+    on_a_terminal,
+    run_script,
+    wait_for,
+)
 
 pytestmark = pytest.mark.process  # every test runs the dna command
 
@@ -933,19 +940,7 @@ def test_ctrl_c_in_a_weakref_callback_is_a_quiet_exit(
     from dna_peer import cli, launch
 
     def interrupted_in_a_callback(*_args: object) -> None:
-        class Lock:
-            pass
-
-        def on_drop(_ref: object) -> None:
-            raise KeyboardInterrupt
-
-        lock = Lock()
-        ref = weakref.ref(lock, on_drop)
-        del lock  # the callback runs here, its exception goes to sys.unraisablehook
-        end = time.monotonic() + 2
-        while time.monotonic() < end:  # the main thread goes on, out of the callback
-            pass
-        raise AssertionError(f"the Ctrl-C was dropped ({ref})")
+        ctrl_c_in_a_weakref_callback()
 
     monkeypatch.setattr(cli, "build_parser", interrupted_in_a_callback)
     monkeypatch.setattr("sys.argv", ["dna", "--home", "/nonexistent", "sync"])
