@@ -76,8 +76,13 @@ def test_a_full_mailbox_takes_messages_again_once_its_owner_synced(
             await bob.send_payload(alice.identity.public, text("refused"), with_keys=True)
 
         report = await alice.sync()
-        assert len(report.new_messages) == QUOTA
-        assert report.deleted == QUOTA  # in several deletes: one may name 1,000 at most
+        # A refused put may still sit on a replica short of quorum (docs/peer.md, Send): one
+        # the flood's quorum left below the quota (seen once in a loaded run: 1,051).
+        bodies = [m.body for m in report.new_messages]
+        expected = {f"flood {i}" for i in range(QUOTA)}
+        assert expected <= set(bodies) <= expected | {"refused"}
+        assert len(bodies) == len(set(bodies))
+        assert report.deleted == len(bodies)  # in several deletes: one may name 1,000 at most
         assert report.cleanup_error is None
         assert (await alice.mail.fetch(alice.identity))[0] == []
         sent = await bob.send_payload(alice.identity.public, text("after"), with_keys=True)
