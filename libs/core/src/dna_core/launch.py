@@ -4,8 +4,7 @@ Loading a command takes a moment (protobuf, gRPC, the crypto libraries: a few te
 second, seconds on a loaded machine). Ctrl-C meanwhile exits as Ctrl-C does later (status
 130, no traceback), instead of printing the import it interrupted. So this module imports
 nothing heavy, nor does a package whose ``launch`` calls it (`dna_bootstrap.launch`, ...):
-the interruptible part is inside the ``try``. (`dna` enters through `dna_peer.launch`, with
-`exit_130_on_ctrl_c` too.)
+the interruptible part is inside the ``try``.
 
 A Ctrl-C that lands in a weakref callback or a finalizer cannot propagate: Python prints
 "Exception ignored in ..." with its traceback and the program goes on (on a loaded

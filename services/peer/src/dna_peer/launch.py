@@ -4,19 +4,13 @@ Loading the program takes a moment (protobuf, gRPC, the crypto libraries: a few 
 a second, seconds on a loaded machine), and so does building and reading the command line.
 Ctrl-C at any of those moments exits as Ctrl-C does later (status 130, no traceback),
 instead of printing the import or the argparse regex that was interrupted
-(`dna_core.launch.exit_130_on_ctrl_c`, which imports nothing heavy).
+(`dna_core.launch`, which imports nothing heavy).
 """
 
 from __future__ import annotations
 
-from dna_core.launch import exit_130_on_ctrl_c
+from dna_core.launch import launch
 
 
 def main() -> None:
-    exit_130_on_ctrl_c(_run)
-
-
-def _run() -> None:
-    from dna_peer.cli import main as run
-
-    run()
+    launch("dna_peer.cli")
